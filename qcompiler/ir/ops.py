@@ -1,0 +1,515 @@
+"""The QIR op set, declared as data: operands, attributes, a summary and type inference.
+
+Every op has reference semantics in ``qcompiler.runtime.reference`` (the oracle for every
+backend). Float ops follow the ONNX operator of the same meaning; the quantization ops are
+described on their definitions below.
+
+Type inference functions take the operand types, the attributes and, for operands produced by
+``constant`` nodes, their arrays (None otherwise), and return the result types. A dimension
+that cannot be decided is ``?``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from qcompiler.ir.types import ELEMENT_TYPES, ElementType, QuantScheme, TensorType, elem
+
+F32 = ELEMENT_TYPES["f32"]
+I32 = ELEMENT_TYPES["i32"]
+I64 = ELEMENT_TYPES["i64"]
+BOOL = ELEMENT_TYPES["bool"]
+
+
+class TypeInferenceError(ValueError):
+    """Operand types that the op cannot accept (bad shapes or element types)."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    summary: str
+    operands: tuple  # names; "x?" optional, "xs*" variadic (last only)
+    attrs: dict = field(default_factory=dict)  # name -> (kind, required: bool)
+    results: int = 1  # -1: variadic (decided by the node)
+    infer: Optional[Callable] = None
+
+    def operand_range(self) -> tuple[int, int]:
+        if self.operands and self.operands[-1].endswith("*"):
+            return len(self.operands) - 1, 1 << 30
+        required = sum(1 for o in self.operands if not o.endswith("?"))
+        return required, len(self.operands)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _def(name, summary, operands, attrs=None, results=1):
+    def wrap(fn):
+        OPS[name] = OpDef(name, summary, tuple(operands), attrs or {}, results, fn)
+        return fn
+    return wrap
+
+
+# --------------------------------------------------------------------------------------------
+# shape helpers
+# --------------------------------------------------------------------------------------------
+
+
+def broadcast_shapes(*shapes: tuple) -> tuple:
+    """numpy broadcasting over dims that may be symbols or ``?``."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        ints = {d for d in dims if isinstance(d, int) and d != 1}
+        syms = {d for d in dims if isinstance(d, str)}
+        if len(ints) > 1:
+            raise TypeInferenceError(f"shapes {' and '.join(map(str, shapes))} do not broadcast")
+        if ints:
+            out.append(ints.pop())
+        elif len(syms) == 1:
+            out.append(syms.pop())
+        elif syms:
+            out.append("?")
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def _norm_axis(axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise TypeInferenceError(f"{what} {axis} out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def _ints(a) -> Optional[list[int]]:
+    return None if a is None else [int(x) for x in np.asarray(a).reshape(-1)]
+
+
+def _same(types, attrs, consts):
+    return [types[0]]
+
+
+def _float_result(t: TensorType, shape=None) -> TensorType:
+    return TensorType(tuple(t.shape if shape is None else shape), t.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# constants and plumbing
+# --------------------------------------------------------------------------------------------
+
+
+@_def("constant", "A constant tensor: inline `value`, or `name` in the module's side table",
+      [], {"value": ("tensor", False), "name": ("str", False)})
+def _constant(types, attrs, consts):
+    return None  # the declared type is the truth
+
+
+@_def("identity", "Copy of the operand", ["x"])
+def _identity(types, attrs, consts):
+    return [types[0]]
+
+
+@_def("cast", "Element type conversion (ONNX Cast: round to nearest even, saturate fp8)",
+      ["x"], {"to": ("type", True), "saturate": ("int", False)})
+def _cast(types, attrs, consts):
+    return [TensorType(types[0].shape, attrs["to"])]
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise
+# --------------------------------------------------------------------------------------------
+
+
+def _binary(types, attrs, consts):
+    a, b = types
+    if a.dtype != b.dtype:
+        raise TypeInferenceError(f"element types differ: {a.dtype} and {b.dtype}")
+    return [TensorType(broadcast_shapes(a.shape, b.shape), a.dtype)]
+
+
+for _name, _summary in [("add", "a + b"), ("sub", "a - b"), ("mul", "a * b"), ("div", "a / b"),
+                        ("max", "elementwise maximum"), ("min", "elementwise minimum")]:
+    OPS[_name] = OpDef(_name, f"Broadcasting {_summary}", ("a", "b"), {}, 1, _binary)
+
+
+@_def("pow", "Broadcasting a ** b (the exponent may have another float type)", ["a", "b"])
+def _pow(types, attrs, consts):
+    a, b = types
+    return [TensorType(broadcast_shapes(a.shape, b.shape), a.dtype)]
+
+
+@_def("equal", "Broadcasting a == b, boolean result", ["a", "b"])
+def _equal(types, attrs, consts):
+    a, b = types
+    return [TensorType(broadcast_shapes(a.shape, b.shape), BOOL)]
+
+
+@_def("where", "cond ? x : y with broadcasting", ["cond", "x", "y"])
+def _where(types, attrs, consts):
+    c, x, y = types
+    return [TensorType(broadcast_shapes(c.shape, x.shape, y.shape), x.dtype)]
+
+
+for _name, _summary in [("sqrt", "square root"), ("erf", "Gauss error function"),
+                        ("relu", "max(x, 0)"), ("sigmoid", "1 / (1 + exp(-x))"),
+                        ("tanh", "hyperbolic tangent"), ("exp", "e ** x"), ("neg", "-x"),
+                        ("abs", "|x|"), ("reciprocal", "1 / x")]:
+    OPS[_name] = OpDef(_name, f"Elementwise {_summary}", ("x",), {}, 1, _same)
+
+OPS["gelu"] = OpDef("gelu", "GELU, exact (erf) or `approximate=tanh`", ("x",),
+                    {"approximate": ("str", False)}, 1, _same)
+
+
+@_def("softmax", "Softmax along `axis` (ONNX opset 13 semantics)", ["x"], {"axis": ("int", True)})
+def _softmax(types, attrs, consts):
+    _norm_axis(attrs["axis"], types[0].rank)
+    return [types[0]]
+
+
+@_def("layernorm", "Layer normalization over the axes from `axis` on, times scale plus bias",
+      ["x", "scale", "bias?"], {"axis": ("int", True), "epsilon": ("float", True)})
+def _layernorm(types, attrs, consts):
+    _norm_axis(attrs["axis"], types[0].rank)
+    return [types[0]]
+
+
+@_def("reduce_mean", "Mean over `axes` (all when empty, unless noop_with_empty_axes)", ["x"],
+      {"axes": ("ints", True), "keepdims": ("int", True), "noop_with_empty_axes": ("int", False)})
+def _reduce_mean(types, attrs, consts):
+    t = types[0]
+    axes = attrs["axes"]
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        return [t]
+    axes = {_norm_axis(a, t.rank) for a in axes} if axes else set(range(t.rank))
+    if attrs["keepdims"]:
+        shape = [1 if i in axes else d for i, d in enumerate(t.shape)]
+    else:
+        shape = [d for i, d in enumerate(t.shape) if i not in axes]
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+# --------------------------------------------------------------------------------------------
+# shape ops
+# --------------------------------------------------------------------------------------------
+
+
+@_def("reshape", "Reshape to the `shape` operand (0 copies a dim unless allowzero, -1 infers)",
+      ["x", "shape"], {"allowzero": ("int", False)})
+def _reshape(types, attrs, consts):
+    t, shape_c = types[0], consts[1]
+    if shape_c is None:
+        n = types[1].shape[0] if types[1].shape else 0
+        return [TensorType(("?",) * n if isinstance(n, int) else (), t.dtype)]
+    target = _ints(shape_c)
+    out: list = []
+    for i, d in enumerate(target):
+        if d == 0 and not attrs.get("allowzero", 0):
+            if i >= t.rank:
+                raise TypeInferenceError(f"reshape copies dim {i} of a rank-{t.rank} tensor")
+            out.append(t.shape[i])
+        else:
+            out.append(d)
+    if out.count(-1) > 1:
+        raise TypeInferenceError(f"reshape target {target} has more than one -1")
+    if -1 in out:
+        known = [d for d in out if d != -1]
+        total = t.numel()
+        if total is not None and all(isinstance(d, int) for d in known):
+            rest = int(np.prod(known, dtype=np.int64)) if known else 1
+            if rest == 0 or total % rest:
+                raise TypeInferenceError(f"cannot reshape {t.shape} to {target}")
+            out[out.index(-1)] = total // rest
+        else:
+            out[out.index(-1)] = _infer_symbolic_minus_one(t.shape, known)
+    elif t.is_static and all(isinstance(d, int) for d in out):
+        if int(np.prod(out, dtype=np.int64)) != t.numel():
+            raise TypeInferenceError(f"cannot reshape {t.shape} to {target}")
+    return [TensorType(tuple(out), t.dtype)]
+
+
+def _infer_symbolic_minus_one(src: tuple, known: list):
+    """-1 in a reshape of a symbolic shape: cancel equal factors; one symbol left is the answer."""
+    num = list(src)
+    for d in known:
+        if d in num:
+            num.remove(d)
+        elif isinstance(d, int):
+            ints = [x for x in num if isinstance(x, int)]
+            prod = int(np.prod(ints, dtype=np.int64)) if ints else 1
+            if prod % d:
+                return "?"
+            num = [x for x in num if not isinstance(x, int)] + ([prod // d] if prod // d != 1 else [])
+        else:
+            return "?"
+    num = [x for x in num if x != 1]
+    if len(num) == 1:
+        return num[0]
+    return 1 if not num else "?"
+
+
+@_def("transpose", "Permute dimensions by `perm`", ["x"], {"perm": ("ints", True)})
+def _transpose(types, attrs, consts):
+    t, perm = types[0], attrs["perm"]
+    if sorted(perm) != list(range(t.rank)):
+        raise TypeInferenceError(f"perm {perm} is not a permutation of rank {t.rank}")
+    return [TensorType(tuple(t.shape[p] for p in perm), t.dtype)]
+
+
+@_def("concat", "Concatenate along `axis`", ["xs*"], {"axis": ("int", True)})
+def _concat(types, attrs, consts):
+    rank = types[0].rank
+    axis = _norm_axis(attrs["axis"], rank)
+    out = list(types[0].shape)
+    total = 0
+    for t in types:
+        if t.rank != rank:
+            raise TypeInferenceError("concat operands differ in rank")
+        d = t.shape[axis]
+        total = total + d if isinstance(total, int) and isinstance(d, int) else "?"
+    out[axis] = total
+    return [TensorType(tuple(out), types[0].dtype)]
+
+
+@_def("split", "Split along `axis` into pieces of `sizes`", ["x"],
+      {"axis": ("int", True), "sizes": ("ints", True)}, results=-1)
+def _split(types, attrs, consts):
+    t = types[0]
+    axis = _norm_axis(attrs["axis"], t.rank)
+    if isinstance(t.shape[axis], int) and sum(attrs["sizes"]) != t.shape[axis]:
+        raise TypeInferenceError(f"split sizes {attrs['sizes']} do not sum to {t.shape[axis]}")
+    return [TensorType(t.shape[:axis] + (s,) + t.shape[axis + 1:], t.dtype) for s in attrs["sizes"]]
+
+
+@_def("slice", "ONNX Slice by starts, ends, axes, steps operands",
+      ["x", "starts", "ends", "axes?", "steps?"])
+def _slice(types, attrs, consts):
+    t = types[0]
+    starts, ends = _ints(consts[1]), _ints(consts[2])
+    axes = _ints(consts[3]) if len(consts) > 3 and types[3] is not None else None
+    steps = _ints(consts[4]) if len(consts) > 4 and types[4] is not None else None
+    if starts is None or ends is None or (len(types) > 3 and types[3] is not None and axes is None) \
+            or (len(types) > 4 and types[4] is not None and steps is None):
+        return [TensorType(("?",) * t.rank, t.dtype)]
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    out = list(t.shape)
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = _norm_axis(a, t.rank)
+        d = t.shape[a]
+        out[a] = len(range(*slice(s, e, st).indices(d))) if isinstance(d, int) else "?"
+    return [TensorType(tuple(out), t.dtype)]
+
+
+@_def("gather", "ONNX Gather along `axis`", ["x", "indices"], {"axis": ("int", True)})
+def _gather(types, attrs, consts):
+    t, idx = types
+    axis = _norm_axis(attrs["axis"], t.rank)
+    return [TensorType(t.shape[:axis] + idx.shape + t.shape[axis + 1:], t.dtype)]
+
+
+@_def("unsqueeze", "Insert unit dims at `axes` (of the result)", ["x"], {"axes": ("ints", True)})
+def _unsqueeze(types, attrs, consts):
+    t = types[0]
+    rank = t.rank + len(attrs["axes"])
+    axes = sorted(_norm_axis(a, rank) for a in attrs["axes"])
+    out = list(t.shape)
+    for a in axes:
+        out.insert(a, 1)
+    return [TensorType(tuple(out), t.dtype)]
+
+
+@_def("squeeze", "Remove unit dims at `axes` (all unit dims when empty)", ["x"],
+      {"axes": ("ints", True)})
+def _squeeze(types, attrs, consts):
+    t = types[0]
+    axes = {_norm_axis(a, t.rank) for a in attrs["axes"]}
+    if not axes:
+        axes = {i for i, d in enumerate(t.shape) if d == 1}
+    for a in axes:
+        if isinstance(t.shape[a], int) and t.shape[a] != 1:
+            raise TypeInferenceError(f"squeeze of dim {a} of size {t.shape[a]}")
+    return [TensorType(tuple(d for i, d in enumerate(t.shape) if i not in axes), t.dtype)]
+
+
+@_def("shape", "The shape of x as i64 (dims from `start` to `end`)", ["x"],
+      {"start": ("int", False), "end": ("int", False)})
+def _shape(types, attrs, consts):
+    r = types[0].rank
+    start, end = attrs.get("start", 0), attrs.get("end", r)
+    n = len(range(*slice(start, end).indices(r)))
+    return [TensorType((n,), I64)]
+
+
+@_def("expand", "Broadcast x to the `shape` operand", ["x", "shape"])
+def _expand(types, attrs, consts):
+    t, shape_c = types[0], consts[1]
+    if shape_c is None:
+        n = types[1].shape[0]
+        rank = max(n, t.rank) if isinstance(n, int) else t.rank
+        return [TensorType(("?",) * rank, t.dtype)]
+    return [TensorType(broadcast_shapes(t.shape, tuple(_ints(shape_c))), t.dtype)]
+
+
+# --------------------------------------------------------------------------------------------
+# matrix products
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_shape(a: tuple, b: tuple) -> tuple:
+    """numpy.matmul result shape, with symbolic dims."""
+    if len(a) == 0 or len(b) == 0:
+        raise TypeInferenceError("matmul of a scalar")
+    a2 = a if len(a) > 1 else (1,) + a
+    b2 = b if len(b) > 1 else b + (1,)
+    k1, k2 = a2[-1], b2[-2]
+    if isinstance(k1, int) and isinstance(k2, int) and k1 != k2:
+        raise TypeInferenceError(f"matmul inner dims differ: {a} @ {b}")
+    batch = broadcast_shapes(a2[:-2], b2[:-2]) if (len(a2) > 2 or len(b2) > 2) else ()
+    out = batch + (a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
+
+
+@_def("matmul", "numpy-style matrix product", ["a", "b"])
+def _matmul(types, attrs, consts):
+    a, b = types
+    if a.dtype != b.dtype:
+        raise TypeInferenceError(f"matmul element types differ: {a.dtype} and {b.dtype}")
+    return [TensorType(matmul_shape(a.shape, b.shape), a.dtype)]
+
+
+@_def("gemm", "alpha * op(a) @ op(b) + beta * c (ONNX Gemm; canonicalize rewrites it)",
+      ["a", "b", "c?"], {"alpha": ("float", False), "beta": ("float", False),
+                         "trans_a": ("int", False), "trans_b": ("int", False)})
+def _gemm(types, attrs, consts):
+    a, b = types[0], types[1]
+    if a.rank != 2 or b.rank != 2:
+        raise TypeInferenceError(f"gemm takes 2-D operands, not {a.shape} and {b.shape}")
+    a_s = a.shape[::-1] if attrs.get("trans_a", 0) else a.shape
+    b_s = b.shape[::-1] if attrs.get("trans_b", 0) else b.shape
+    return [TensorType(matmul_shape(a_s, b_s), a.dtype)]
+
+
+@_def("matmul_integer", "(a - a_zp) @ (b - b_zp) accumulated in i32 (ONNX MatMulInteger)",
+      ["a", "b", "a_zero_point?", "b_zero_point?"])
+def _matmul_integer(types, attrs, consts):
+    return [TensorType(matmul_shape(types[0].shape, types[1].shape), I32)]
+
+
+@_def("qlinear_matmul",
+      "Quantized matmul with requantized output (ONNX QLinearMatMul)",
+      ["a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point", "y_scale", "y_zero_point"])
+def _qlinear_matmul(types, attrs, consts):
+    return [TensorType(matmul_shape(types[0].shape, types[3].shape), types[7].dtype)]
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------------
+
+
+def check_scheme_operands(scheme: QuantScheme, x: TensorType, scale: TensorType,
+                          zero_point: Optional[TensorType], what: str) -> None:
+    """Scale and zero-point shapes must be those that ``scheme`` implies for ``x``."""
+    want = scheme.scale_shape(x.shape)
+    got = scale.shape
+    if scheme.granularity == "tensor" and got not in ((), (1,)):
+        raise TypeInferenceError(f"{what}: per-tensor scale must be a scalar, not {got}")
+    if scheme.granularity != "tensor":
+        if len(got) != len(want) or any(
+                isinstance(w, int) and isinstance(g, int) and w != g for w, g in zip(want, got)):
+            raise TypeInferenceError(
+                f"{what}: scale shape {got} does not fit {scheme} on a {x.shape} tensor "
+                f"(expected {want})")
+    if zero_point is not None and zero_point.shape != got and not (
+            scheme.granularity == "tensor" and zero_point.shape in ((), (1,))):
+        raise TypeInferenceError(f"{what}: zero point shape {zero_point.shape} != scale shape {got}")
+
+
+@_def("dequantize",
+      "(x - zero_point) * scale per `scheme` (ONNX DequantizeLinear; g_idx picks groups)",
+      ["x", "scale", "zero_point?", "g_idx?"], {"scheme": ("quant", True), "out": ("type", True)})
+def _dequantize(types, attrs, consts):
+    x, scale = types[0], types[1]
+    zp = types[2] if len(types) > 2 else None
+    check_scheme_operands(attrs["scheme"], x, scale, zp, "dequantize")
+    return [TensorType(x.shape, attrs["out"])]
+
+
+@_def("quantize",
+      "saturate(round_half_even(x / scale) + zero_point) per `scheme` (ONNX QuantizeLinear)",
+      ["x", "scale", "zero_point?"], {"scheme": ("quant", True), "saturate": ("int", False)})
+def _quantize(types, attrs, consts):
+    x, scale = types[0], types[1]
+    zp = types[2] if len(types) > 2 else None
+    check_scheme_operands(attrs["scheme"], x, scale, zp, "quantize")
+    return [TensorType(x.shape, attrs["scheme"].dtype)]
+
+
+@_def("dynamic_quantize",
+      "u8 affine quantization with a per-tensor range computed from x (DynamicQuantizeLinear)",
+      ["x"], results=3)
+def _dynamic_quantize(types, attrs, consts):
+    x = types[0]
+    u8 = ELEMENT_TYPES["u8"]
+    return [TensorType(x.shape, u8), TensorType((), x.dtype), TensorType((), u8)]
+
+
+QMATMUL_ACT_MODES = ("float", "dynamic", "static")
+
+
+@_def("qmatmul",
+      "x @ dequant(w) + bias: the fused low-bit-weight matmul (w is [K, N] codes)",
+      ["x", "w", "w_scale", "w_zero_point?", "g_idx?", "x_scale?", "x_zero_point?", "bias?"],
+      {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False)})
+def _qmatmul(types, attrs, consts):
+    """``act`` says how x enters the product:
+
+    - ``float``: x is float; y = x @ dequant(w) in x's float type.
+    - ``dynamic``: x is float and is quantized per ``x_scheme`` at run time (u8 per-tensor as
+      DynamicQuantizeLinear); y = float((xq - xzp) @ (wq - wzp)) * (x_scale * w_scale).
+    - ``static``: x holds codes with the x_scale/x_zero_point operands; y as for ``dynamic``.
+    The integer modes need a per-tensor or per-output-channel (axis 1) weight scheme.
+    """
+    x, w, w_scale = types[0], types[1], types[2]
+    w_zp = types[3] if len(types) > 3 else None
+    scheme: QuantScheme = attrs["w_scheme"]
+    act = attrs["act"]
+    if act not in QMATMUL_ACT_MODES:
+        raise TypeInferenceError(f"qmatmul act must be one of {QMATMUL_ACT_MODES}, not {act!r}")
+    if w.rank != 2:
+        raise TypeInferenceError(f"qmatmul weight must be [K, N], not {w.shape}")
+    if w.dtype != scheme.dtype:
+        raise TypeInferenceError(f"qmatmul weight codes are {w.dtype}, scheme says {scheme.dtype}")
+    if w.layout is None:
+        # A packed layout changes the stored shape; the logical checks apply to row_major only.
+        check_scheme_operands(scheme, w, w_scale, w_zp, "qmatmul weight")
+    if act != "float":
+        if attrs.get("x_scheme") is None:
+            raise TypeInferenceError(f"qmatmul act={act} needs an x_scheme")
+        if scheme.granularity == "group" or (scheme.granularity == "channel" and scheme.axis != 1):
+            raise TypeInferenceError("integer qmatmul needs a per-tensor or per-column weight scale")
+    out_dtype = w_scale.dtype if act != "float" else x.dtype
+    n = w.shape[1] if w.layout is None else w.layout.get("n", "?")
+    shape = matmul_shape(x.shape, (w.shape[0] if w.layout is None else x.shape[-1], n))
+    return [TensorType(shape, out_dtype)]
+
+
+def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[list[TensorType]]:
+    """Result types of ``op`` or None when the op declares its own (constant)."""
+    try:
+        opdef = OPS[op]
+    except KeyError:
+        raise TypeInferenceError(f"unknown op {op!r}") from None
+    return opdef.infer(types, attrs, consts)
+
+
+def elem_type(name) -> ElementType:
+    return elem(name)

@@ -1,0 +1,370 @@
+"""Parser of the textual QIR written by ``qcompiler.ir.printer``.
+
+``parse_module(text, constants)`` rebuilds the module; ``constants`` is the side table (the
+artifact's weights file). Without it, side-table constants are declared by name and type only,
+which is enough to print, verify and transform the graph but not to run it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.ir.core import Function, Module
+from qcompiler.ir.ops import OPS
+from qcompiler.ir.types import ELEMENT_TYPES, Layout, QuantScheme, TensorType, elem
+
+
+class ParseError(ValueError):
+    """Text that is not valid QIR; the message names the line and column."""
+
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+|//[^\n]*)
+  | (?P<arrow>->)
+  | (?P<value>%(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_.]+))
+  | (?P<symbol>@[A-Za-z0-9_.]+)
+  | (?P<hash>\#[a-z]+)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<number>-?(?:(?:inf|nan)\b|[0-9]+(?:\.[0-9]*)?(?:e[-+]?[0-9]+)?))
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*|\?)
+  | (?P<punct>[{}()\[\]<>,:=])
+""", re.VERBOSE)
+
+
+class _Tokens:
+    def __init__(self, text: str):
+        self.text = text
+        self.toks: list[tuple[str, str, int]] = []
+        pos = 0
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise ParseError(f"{self._where(pos)}: unexpected character {text[pos]!r}")
+            if m.lastgroup != "ws":
+                self.toks.append((m.lastgroup, m.group(), pos))
+            pos = m.end()
+        self.i = 0
+
+    def _where(self, pos: int) -> str:
+        line = self.text.count("\n", 0, pos) + 1
+        col = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
+        return f"line {line}, column {col}"
+
+    def peek(self, k: int = 0) -> tuple[str, str, int]:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else ("eof", "", len(self.text))
+
+    def next(self) -> tuple[str, str, int]:
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def error(self, msg: str) -> ParseError:
+        kind, text, pos = self.peek()
+        return ParseError(f"{self._where(pos)}: {msg} (found {text or 'end of input'!r})")
+
+    def expect(self, text: str) -> None:
+        if self.peek()[1] != text:
+            raise self.error(f"expected {text!r}")
+        self.i += 1
+
+    def accept(self, text: str) -> bool:
+        if self.peek()[1] == text:
+            self.i += 1
+            return True
+        return False
+
+    def expect_kind(self, kind: str) -> str:
+        k, text, _ = self.peek()
+        if k != kind:
+            raise self.error(f"expected a {kind}")
+        self.i += 1
+        return text
+
+
+def _value_name(tok: str) -> str:
+    body = tok[1:]
+    return json.loads(body) if body.startswith('"') else body
+
+
+def _number(text: str):
+    if any(c in text for c in ".en") or "inf" in text:
+        return float(text)
+    return int(text)
+
+
+class _Parser:
+    def __init__(self, text: str, constants: Optional[dict]):
+        self.t = _Tokens(text)
+        self.constants = constants
+
+    # -- types -----------------------------------------------------------------------------
+    def elem_type(self):
+        name = self.t.expect_kind("ident")
+        if name not in ELEMENT_TYPES:
+            raise ParseError(f"unknown element type {name!r}")
+        return ELEMENT_TYPES[name]
+
+    def dim(self):
+        kind, text, _ = self.t.next()
+        if kind == "number":
+            return int(text)
+        if kind == "ident":
+            return text
+        raise self.t.error("expected a dimension")
+
+    def tensor_type(self) -> TensorType:
+        if self.t.expect_kind("ident") != "tensor":
+            raise self.t.error("expected 'tensor'")
+        self.t.expect("<")
+        self.t.expect("[")
+        shape = []
+        while not self.t.accept("]"):
+            shape.append(self.dim())
+            if not self.t.accept(","):
+                self.t.expect("]")
+                break
+        self.t.expect(",")
+        dtype = self.elem_type()
+        quant = layout = None
+        while self.t.accept(","):
+            kind, text, _ = self.t.peek()
+            if text == "#quant":
+                quant = self.quant_scheme()
+            elif text == "#layout":
+                layout = self.layout()
+            else:
+                raise self.t.error("expected #quant or #layout")
+        self.t.expect(">")
+        return TensorType(tuple(shape), dtype, quant, layout)
+
+    def quant_scheme(self) -> QuantScheme:
+        self.t.expect("#quant")
+        self.t.expect("<")
+        dtype = self.elem_type()
+        self.t.expect(",")
+        sym = self.t.expect_kind("ident")
+        if sym not in ("symmetric", "affine"):
+            raise self.t.error("expected symmetric or affine")
+        fields: dict = {"dtype": dtype, "symmetric": sym == "symmetric"}
+        while self.t.accept(","):
+            key = self.t.expect_kind("ident")
+            if key == "per_tensor":
+                fields["granularity"] = "tensor"
+            elif key in ("per_channel", "per_group"):
+                fields["granularity"] = "channel" if key == "per_channel" else "group"
+                self.t.expect("(")
+                while True:
+                    k = self.t.expect_kind("ident")
+                    self.t.expect("=")
+                    v = int(self.t.expect_kind("number"))
+                    fields["axis" if k == "axis" else "block_size"] = v
+                    if not self.t.accept(","):
+                        break
+                self.t.expect(")")
+            elif key == "act_order":
+                fields["act_order"] = True
+            elif key in ("scale", "zp"):
+                self.t.expect("=")
+                fields["scale_type" if key == "scale" else "zero_point_type"] = self.elem_type()
+            elif key == "implied_zp":
+                self.t.expect("=")
+                fields["implied_zero_point"] = int(self.t.expect_kind("number"))
+            else:
+                raise ParseError(f"unknown quant scheme field {key!r}")
+        self.t.expect(">")
+        try:
+            return QuantScheme(**fields)
+        except ValueError as e:
+            raise self.t.error(f"bad quant scheme: {e}") from None
+
+    def layout(self) -> Layout:
+        self.t.expect("#layout")
+        self.t.expect("<")
+        name = self.t.expect_kind("ident")
+        params = []
+        while self.t.accept(","):
+            key = self.t.expect_kind("ident")
+            self.t.expect("=")
+            params.append((key, self.layout_param()))
+        self.t.expect(">")
+        return Layout(name, tuple(params))
+
+    def layout_param(self):
+        kind, text, _ = self.t.peek()
+        if text == "[":
+            self.t.next()
+            items = []
+            while not self.t.accept("]"):
+                items.append(self.layout_param())
+                self.t.accept(",")
+            return tuple(items)
+        self.t.next()
+        if kind == "number":
+            return _number(text)
+        if kind == "string":
+            return json.loads(text)
+        return text
+
+    # -- attributes ------------------------------------------------------------------------
+    def attr_value(self):
+        kind, text, _ = self.t.peek()
+        if text == "#quant":
+            return self.quant_scheme()
+        if text == "#layout":
+            return self.layout()
+        if kind == "ident" and text == "dense":
+            self.t.next()
+            self.t.expect("<")
+            items = self.list_value()
+            self.t.expect(">")
+            return ("dense", items)
+        if text == "[":
+            return self.list_value()
+        self.t.next()
+        if kind == "number":
+            return _number(text)
+        if kind == "string":
+            return json.loads(text)
+        if kind == "ident" and text in ELEMENT_TYPES:
+            return elem(text)
+        raise ParseError(f"bad attribute value {text!r}")
+
+    def list_value(self) -> list:
+        self.t.expect("[")
+        items = []
+        while not self.t.accept("]"):
+            kind, text, _ = self.t.next()
+            if kind != "number":
+                raise self.t.error("expected a number in a list")
+            items.append(_number(text))
+            if not self.t.accept(","):
+                self.t.expect("]")
+                break
+        return items
+
+    # -- structure -------------------------------------------------------------------------
+    def module(self) -> Module:
+        self.t.expect("module")
+        name = self.t.expect_kind("symbol")[1:]
+        module = Module(name)
+        self.t.expect("{")
+        while not self.t.accept("}"):
+            module.add_function(self.function(module))
+        if self.t.peek()[0] != "eof":
+            raise self.t.error("text after the end of the module")
+        return module
+
+    def function(self, module: Module) -> Function:
+        self.t.expect("func")
+        fn = Function(self.t.expect_kind("symbol")[1:])
+        env: dict = {}
+        self.t.expect("(")
+        while not self.t.accept(")"):
+            name = _value_name(self.t.expect_kind("value"))
+            self.t.expect(":")
+            env[name] = fn.add_arg(name, self.tensor_type())
+            if not self.t.accept(","):
+                self.t.expect(")")
+                break
+        self.t.expect("->")
+        self.t.expect("(")
+        out_names, out_types = [], []
+        while not self.t.accept(")"):
+            out_names.append(json.loads(self.t.expect_kind("string")))
+            self.t.expect(":")
+            out_types.append(self.tensor_type())
+            if not self.t.accept(","):
+                self.t.expect(")")
+                break
+        self.t.expect("{")
+        while self.t.peek()[1] != "return":
+            self.node(fn, module, env)
+        self.t.expect("return")
+        outs = []
+        while self.t.peek()[1] != "}":
+            outs.append(self.operand(env))
+            if not self.t.accept(","):
+                break
+        self.t.expect("}")
+        if len(outs) != len(out_names):
+            raise ParseError(f"@{fn.name} returns {len(outs)} values but declares {len(out_names)}")
+        fn.set_outputs(outs, out_names)
+        return fn
+
+    def operand(self, env: dict):
+        kind, text, _ = self.t.peek()
+        if text == "none":
+            self.t.next()
+            return None
+        name = _value_name(self.t.expect_kind("value"))
+        if name not in env:
+            raise self.t.error(f"use of undefined value %{name}")
+        return env[name]
+
+    def node(self, fn: Function, module: Module, env: dict) -> None:
+        names = [_value_name(self.t.expect_kind("value"))]
+        while self.t.accept(","):
+            names.append(_value_name(self.t.expect_kind("value")))
+        self.t.expect("=")
+        op = self.t.expect_kind("ident")
+        if op not in OPS:
+            raise self.t.error(f"unknown op {op!r}")
+        self.t.expect("(")
+        operands = []
+        while not self.t.accept(")"):
+            operands.append(self.operand(env))
+            if not self.t.accept(","):
+                self.t.expect(")")
+                break
+        attrs: dict = {}
+        if self.t.accept("{"):
+            while not self.t.accept("}"):
+                key = self.t.expect_kind("ident")
+                self.t.expect("=")
+                attrs[key] = self.attr_value()
+                if not self.t.accept(","):
+                    self.t.expect("}")
+                    break
+        self.t.expect(":")
+        types = [self.tensor_type()]
+        while self.t.accept(","):
+            types.append(self.tensor_type())
+        if len(types) != len(names):
+            raise ParseError(f"{op} defines {len(names)} values but lists {len(types)} types")
+        attrs = self.typed_attrs(op, attrs, types)
+        for n in names:
+            if n in env:
+                raise ParseError(f"value %{n} defined twice")
+        node = fn.make_node(op, operands, types, attrs, names=names)
+        for r in node.results:
+            env[r.name] = r
+        if op == "constant" and "name" in attrs and self.constants is not None:
+            if attrs["name"] not in self.constants:
+                raise ParseError(f"constant {attrs['name']!r} missing from the weights")
+            module.constants[attrs["name"]] = self.constants[attrs["name"]]
+
+    def typed_attrs(self, op: str, attrs: dict, types: list) -> dict:
+        """Give parsed attributes the Python types their op declares (floats, arrays)."""
+        spec = OPS[op].attrs
+        out = {}
+        for k, v in attrs.items():
+            kind = spec.get(k, ("any", False))[0]
+            if isinstance(v, tuple) and v and v[0] == "dense":
+                t = types[0]
+                arr = np.array(v[1], dtype=np.float64 if t.dtype.is_float else np.int64)
+                v = arr.astype(t.dtype.np_dtype).reshape(t.shape)
+            elif kind == "float":
+                v = float(v)
+            elif kind == "floats":
+                v = [float(x) for x in v]
+            out[k] = v
+        return out
+
+
+def parse_module(text: str, constants: Optional[dict] = None) -> Module:
+    """Parse QIR text; ``constants`` supplies the side table (name → array)."""
+    return _Parser(text, constants).module()
