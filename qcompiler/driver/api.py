@@ -1,0 +1,134 @@
+"""The compile driver: frontend → passes → backend → artifact, for the CLI and Python.
+
+    qcompiler.compile("model.onnx", target="ref")         # → CompiledModule (run it)
+    compile_to_dir("model.onnx", "ref", "out/")           # → the artifact directory
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+
+import qcompiler
+from qcompiler.driver.artifact import describe_value, write_artifact
+from qcompiler.ir import Module, verify
+from qcompiler.pipeline import Instrument, PassManager, RecordPasses, VerifyAfterEach
+from qcompiler.registry import get_backend
+from qcompiler.targets import Target, get_target
+
+
+class CompileError(ValueError):
+    """The request cannot be compiled (unknown or unavailable target, bad pipeline ...)."""
+
+
+def import_model(model) -> Module:
+    """A Module from a path (.onnx or .qir), bytes, an onnx.ModelProto or a Module."""
+    if isinstance(model, Module):
+        return model
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".qir"):
+        from qcompiler.ir import parse_module
+
+        with open(model) as f:
+            return parse_module(f.read())
+    from qcompiler.frontends.onnx import load
+
+    return load(model)
+
+
+def resolve_target(name: str) -> Target:
+    try:
+        target = get_target(name)
+    except KeyError as e:
+        raise CompileError(str(e.args[0])) from None
+    if not target.available:
+        raise CompileError(
+            f"target {name!r} is registered but its backend ({target.backend}) is not "
+            f"implemented yet; available targets: "
+            f"{', '.join(t for t, v in qcompiler.targets.all_targets().items() if v.available)}")
+    return target
+
+
+def run_pipeline(module: Module, pipeline: str,
+                 instruments: Sequence[Instrument] = (), verify_each: bool = False,
+                 ) -> tuple[Module, list[dict], str]:
+    """Run a pipeline string; returns the new module, per-pass records and the spec."""
+    recorder = RecordPasses()
+    inst = list(instruments) + [recorder]
+    if verify_each:
+        inst.insert(0, VerifyAfterEach())
+    pm = PassManager.parse(pipeline, inst)
+    out = pm.run(module)
+    verify(out)
+    return out, recorder.records, pm.spec()
+
+
+def _weight_bytes(node) -> int:
+    w = node.operands[1]
+    total = int(np.prod(w.type.shape)) * w.type.dtype.bits // 8
+    for v in (node.operand(2), node.operand(3)):
+        if v is not None and v.type.is_static:
+            total += int(np.prod(v.type.shape, dtype=np.int64)) * max(v.type.dtype.bits, 8) // 8
+    return total
+
+
+def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
+            kernels: list[dict]) -> tuple[dict, str]:
+    qmms = [{"result": n.result.name, "w": list(n.operands[1].type.shape),
+             "w_scheme": str(n.attrs["w_scheme"]), "act": n.attrs["act"],
+             "weight_bytes": _weight_bytes(n)}
+            for n in module.main.nodes if n.op == "qmatmul"]
+    ops: dict[str, int] = {}
+    for n in module.main.nodes:
+        ops[n.op] = ops.get(n.op, 0) + 1
+    report = {"qcompiler": qcompiler.__version__, "source": source, "target": target.name,
+              "pipeline": spec, "passes": records, "op_counts": dict(sorted(ops.items())),
+              "qmatmuls": qmms, "kernels": kernels}
+    lines = [f"qcompiler {qcompiler.__version__}: {source} for target {target.name}",
+             f"pipeline: {spec}", "", "passes:"]
+    for r in records:
+        extra = ", ".join(f"{k}={v}" for k, v in r.items()
+                          if k not in ("pass", "ms", "nodes_before", "nodes_after"))
+        lines.append(f"  {r['pass']:<40} {r['ms']:8.2f} ms  nodes {r['nodes_before']:>4} -> "
+                     f"{r['nodes_after']:<4} {extra}")
+    lines += ["", f"qmatmul kernels: {len(qmms)}"]
+    for q in qmms:
+        lines.append(f"  {q['result']:<24} w {q['w']}  {q['w_scheme']}  act={q['act']}  "
+                     f"{q['weight_bytes']} bytes")
+    lines += ["", "ops: " + ", ".join(f"{k} {v}" for k, v in report["op_counts"].items())]
+    return report, "\n".join(lines) + "\n"
+
+
+def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
+                   passes: Optional[str] = None, instruments: Sequence[Instrument] = (),
+                   verify_each: bool = False) -> tuple[str, Module]:
+    """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None)."""
+    tgt = resolve_target(target)
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    module = import_model(model)
+    module, records, spec = run_pipeline(module, passes or tgt.default_pipeline, instruments,
+                                         verify_each)
+    out_dir = output_dir or tempfile.mkdtemp(prefix="qcompiler_")
+    os.makedirs(out_dir, exist_ok=True)
+    backend = get_backend(tgt.backend)
+    kernels = backend.compile(module, tgt, out_dir)
+    fn = module.main
+    manifest = {
+        "qcompiler": qcompiler.__version__, "target": tgt.name, "backend": backend.name,
+        "pipeline": spec,
+        "inputs": [describe_value(a) for a in fn.args],
+        "outputs": [{**describe_value(v), "name": name}
+                    for name, v in zip(fn.output_names, fn.outputs)],
+        "kernels": kernels,
+    }
+    report, text = _report(module, tgt, spec, records, source, kernels)
+    write_artifact(out_dir, module, manifest, report, text)
+    return out_dir, module
+
+
+def compile(model, target: str = "ref", output_dir: Optional[str] = None,
+            passes: Optional[str] = None, verify_each: bool = False):
+    """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result."""
+    out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each)
+    return qcompiler.load(out_dir)

@@ -1,0 +1,104 @@
+"""``qcompile``: the command line.
+
+    qcompile MODEL [--target T] [-o DIR] [--passes SPEC]
+             [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
+    qcompile --list-passes | --list-targets
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import qcompiler
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="qcompile",
+        description="Compile a quantized model (ONNX) into kernels for a target.")
+    ap.add_argument("model", nargs="?", help="an .onnx model (or a .qir file)")
+    ap.add_argument("-t", "--target", default="ref", help="target name (see --list-targets)")
+    ap.add_argument("-o", "--output", default="qc_out", help="artifact directory (qc_out)")
+    ap.add_argument("--passes", help="pipeline, e.g. 'canonicalize,fuse-dequant' "
+                                     "(default: the target's)")
+    ap.add_argument("--print-ir-after-all", action="store_true",
+                    help="print the IR after every pass (to stderr)")
+    ap.add_argument("--print-ir-before-all", action="store_true",
+                    help="print the imported IR before the first pass (to stderr)")
+    ap.add_argument("--print-ir-after", metavar="NAME", action="append", default=[],
+                    help="print the IR after the named pass (repeatable, or NAME,NAME)")
+    ap.add_argument("--time-passes", action="store_true", help="report the time of each pass")
+    ap.add_argument("--verify-each", action="store_true",
+                    help="run the IR verifier after every pass")
+    ap.add_argument("--emit-ir", action="store_true", help="print the final IR to stdout")
+    ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
+    ap.add_argument("--list-targets", action="store_true", help="list targets and exit")
+    ap.add_argument("--version", action="version", version=f"qcompile {qcompiler.__version__}")
+    return ap
+
+
+def list_passes() -> str:
+    from qcompiler.registry import PASSES, get_pass_class
+    import dataclasses
+
+    lines = []
+    for name in sorted(PASSES):
+        cls = get_pass_class(name)
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        lines.append(f"  {name:<20} {cls.summary()}")
+        if opts:
+            lines.append(f"  {'':<20}   options: {opts}")
+    return "Passes:\n" + "\n".join(lines) + "\n"
+
+
+def list_targets() -> str:
+    from qcompiler.targets import all_targets
+
+    lines = []
+    for t in all_targets().values():
+        status = "" if t.available else f"  [{t.status}: {t.backend} backend not built yet]"
+        lines.append(f"  {t.name:<16} {t.description}{status}")
+    return "Targets:\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list_passes:
+        sys.stdout.write(list_passes())
+        return 0
+    if args.list_targets:
+        sys.stdout.write(list_targets())
+        return 0
+    if not args.model:
+        _parser().error("a MODEL is required (or --list-passes / --list-targets)")
+
+    from qcompiler.driver.api import compile_to_dir
+    from qcompiler.ir import print_module
+    from qcompiler.pipeline import PrintIRAfter, TimePasses
+
+    instruments = []
+    names = {n for item in args.print_ir_after for n in item.split(",") if n}
+    if args.print_ir_after_all or names or args.print_ir_before_all:
+        instruments.append(PrintIRAfter(
+            None if args.print_ir_after_all else names if names else set(),
+            before_all=args.print_ir_before_all))
+    if args.time_passes:
+        instruments.append(TimePasses())
+    try:
+        out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
+                                         instruments, verify_each=args.verify_each)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.stderr.write(f"qcompile: error: {msg}\n")
+        return 1
+    if args.emit_ir:
+        sys.stdout.write(print_module(module))
+    n_qmm = sum(1 for n in module.main.nodes if n.op == "qmatmul")
+    sys.stderr.write(f"qcompile: wrote {out_dir} (target {args.target}, {len(module.main.nodes)} "
+                     f"ops, {n_qmm} qmatmul)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

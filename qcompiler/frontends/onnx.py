@@ -1,0 +1,690 @@
+"""ONNX → QIR.
+
+``load(model)`` takes a path, bytes or an ``onnx.ModelProto`` and returns a Module whose
+``main`` function mirrors the ONNX graph: graph inputs become arguments (symbolic dims kept
+as symbols), initializers and Constant nodes become ``constant`` nodes, and each ONNX node
+becomes one or a few QIR nodes. Quantization ops keep their meaning exactly:
+
+- ``DequantizeLinear`` / ``QuantizeLinear`` (opsets 10–25): ``dequantize`` / ``quantize``
+  with a ``QuantScheme`` read from the operand types and ``axis`` / ``block_size``;
+- ``com.microsoft.MatMulNBits``: its packed [N, blocks, blob] weight is unpacked at import
+  into [K, N] codes, giving ``dequantize(codes, scales, zero_points, g_idx) → matmul (→ add)``,
+  which ``fuse-dequant`` turns into ``qmatmul``;
+- ``QLinearMatMul``, ``MatMulInteger``, ``DynamicQuantizeLinear``: ops of the same name.
+
+Anything else is refused with a ``FrontendError`` that names the op, domain, opset and node.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Optional, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from qcompiler.ir import Function, Module, QuantScheme, TensorType, elem
+from qcompiler.ir.core import Value, constant_node, constant_value
+from qcompiler.ir.ops import TypeInferenceError, infer_types
+
+# ONNX tensor element type → QIR element type name.
+_ONNX_TYPES = {
+    TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
+    TensorProto.DOUBLE: "f64", TensorProto.INT8: "i8", TensorProto.UINT8: "u8",
+    TensorProto.INT16: "i16", TensorProto.UINT16: "u16", TensorProto.INT32: "i32",
+    TensorProto.UINT32: "u32", TensorProto.INT64: "i64", TensorProto.UINT64: "u64",
+    TensorProto.BOOL: "bool", TensorProto.INT4: "i4", TensorProto.UINT4: "u4",
+    TensorProto.FLOAT8E4M3FN: "f8e4m3fn", TensorProto.FLOAT8E5M2: "f8e5m2",
+    TensorProto.FLOAT8E4M3FNUZ: "f8e4m3fnuz", TensorProto.FLOAT8E5M2FNUZ: "f8e5m2fnuz",
+    TensorProto.FLOAT4E2M1: "f4e2m1",
+}
+for _name, _qir in (("INT2", "i2"), ("UINT2", "u2")):
+    if hasattr(TensorProto, _name):
+        _ONNX_TYPES[getattr(TensorProto, _name)] = _qir
+
+
+class FrontendError(ValueError):
+    """The model cannot be imported; the message says which node, op, opset or input."""
+
+
+def _elem_of(onnx_type: int, what: str):
+    try:
+        return elem(_ONNX_TYPES[onnx_type])
+    except KeyError:
+        name = TensorProto.DataType.Name(onnx_type) if onnx_type in TensorProto.DataType.values() \
+            else str(onnx_type)
+        raise FrontendError(f"{what}: element type {name} is not supported") from None
+
+
+def _to_storage(array: np.ndarray, t: TensorType) -> np.ndarray:
+    """ml_dtypes int4/uint4/int2 arrays → one code per int8/uint8 (the QIR storage)."""
+    return np.ascontiguousarray(np.asarray(array).astype(t.dtype.np_dtype))
+
+
+def read_model(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.ModelProto:
+    """Read and decode an ONNX model, with errors that say what is wrong with the file."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        data, where = bytes(model), "the given bytes"
+    else:
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise FrontendError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            data = f.read()
+        where = path
+    if not data:
+        raise FrontendError(f"{where}: empty file, not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FrontendError(f"{where}: not a valid ONNX model (protobuf decode failed: {e}); "
+                            "the file may be truncated or of another format") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise FrontendError(f"{where}: not an ONNX model (no graph in the file)")
+    if not isinstance(model, (bytes, bytearray)) and not isinstance(model, onnx.ModelProto):
+        base = os.path.dirname(os.fspath(model))
+        if any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer):
+            try:
+                onnx.external_data_helper.load_external_data_for_model(proto, base)
+            except Exception as e:
+                raise FrontendError(f"{where}: cannot read its external weights: {e}") from None
+    return proto
+
+
+_SYM = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _dim_symbol(param: str) -> str:
+    s = _SYM.sub("_", param).strip("_") or "d"
+    return s if not s[0].isdigit() else "d" + s
+
+
+def _type_from_value_info(vi, what: str) -> Optional[TensorType]:
+    if not vi.type.HasField("tensor_type"):
+        raise FrontendError(f"{what}: only tensor values are supported")
+    tt = vi.type.tensor_type
+    if tt.elem_type == 0:
+        return None
+    if not tt.HasField("shape"):
+        return None
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(_dim_symbol(d.dim_param))
+        else:
+            dims.append("?")
+    return TensorType(tuple(dims), _elem_of(tt.elem_type, what))
+
+
+# --------------------------------------------------------------------------------------------
+# the importer
+# --------------------------------------------------------------------------------------------
+
+
+class _Importer:
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.module = Module(_dim_symbol(proto.graph.name or "model") or "model")
+        self.fn = Function("main")
+        self.module.add_function(self.fn)
+        self.env: dict[str, Value] = {}
+        self.opsets = {(o.domain or "ai.onnx"): o.version for o in proto.opset_import}
+        if "ai.onnx" not in self.opsets:
+            self.opsets["ai.onnx"] = 1 if proto.graph.node else 21
+        self.hints = self._onnx_shape_hints()
+        self.node: Optional[onnx.NodeProto] = None
+        self.node_index = 0
+
+    # -- context ---------------------------------------------------------------------------
+    def where(self) -> str:
+        n = self.node
+        domain = n.domain or "ai.onnx"
+        name = n.name or f"#{self.node_index}"
+        return (f"node {name!r} (op {n.op_type}, domain {domain}, "
+                f"opset {self.opsets.get(domain, '?')})")
+
+    def fail(self, msg: str) -> FrontendError:
+        return FrontendError(f"{self.where()}: {msg}")
+
+    @property
+    def opset(self) -> int:
+        return self.opsets["ai.onnx"]
+
+    def _onnx_shape_hints(self) -> dict[str, TensorType]:
+        """ONNX's own shape inference, used to sharpen dims that ours leaves unknown."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.proto, data_prop=True)
+        except Exception:
+            return {}
+        out = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            try:
+                t = _type_from_value_info(vi, vi.name)
+            except FrontendError:
+                continue
+            if t is not None:
+                out[vi.name] = t
+        return out
+
+    # -- values ----------------------------------------------------------------------------
+    def get(self, name: str) -> Optional[Value]:
+        if name == "":
+            return None
+        try:
+            return self.env[name]
+        except KeyError:
+            raise self.fail(f"input {name!r} is neither a graph input, an initializer nor "
+                            "the output of an earlier node") from None
+
+    def const(self, value: Optional[Value]) -> Optional[np.ndarray]:
+        return constant_value(self.module, value)
+
+    def need_const(self, value: Optional[Value], what: str) -> np.ndarray:
+        arr = self.const(value)
+        if arr is None:
+            raise self.fail(f"{what} must be a constant (initializer or Constant) to compile")
+        return arr
+
+    def add_constant(self, array: np.ndarray, type: TensorType, hint: str,
+                     value_name: Optional[str] = None) -> Value:
+        return constant_node(self.fn, self.module, array, type, name_hint=hint,
+                             value_name=value_name).result
+
+    def emit(self, op: str, operands: list, attrs: Optional[dict] = None,
+             names: Optional[list[str]] = None, n_results: int = 1) -> list[Value]:
+        """Create a QIR node, inferring result types (sharpened by ONNX's inference)."""
+        attrs = attrs or {}
+        types = [v.type if v is not None else None for v in operands]
+        consts = [self.const(v) for v in operands]
+        try:
+            result_types = infer_types(op, types, attrs, consts)
+        except TypeInferenceError as e:
+            raise self.fail(str(e)) from None
+        if names is None:
+            names = [None] * len(result_types)
+        result_types = [self._sharpen(t, n) for t, n in zip(result_types, names)]
+        fresh = [self.fn.fresh_name(n) if n is not None else None for n in names]
+        node = self.fn.make_node(op, operands, result_types, attrs, names=fresh)
+        for onnx_name, r in zip(names, node.results):
+            if onnx_name is not None:
+                self.env[onnx_name] = r
+        return node.results
+
+    def _sharpen(self, t: TensorType, onnx_name: Optional[str]) -> TensorType:
+        hint = self.hints.get(onnx_name) if onnx_name else None
+        if hint is None or hint.rank != t.rank or hint.dtype != t.dtype:
+            return t
+        dims = tuple(h if d == "?" else d for d, h in zip(t.shape, hint.shape))
+        return t.with_shape(dims)
+
+    def outputs_of(self, n: onnx.NodeProto) -> list[Optional[str]]:
+        return [o if o else None for o in n.output]
+
+    # -- graph -----------------------------------------------------------------------------
+    def run(self) -> Module:
+        g = self.proto.graph
+        init_names = {t.name for t in g.initializer}
+        for vi in g.input:
+            if vi.name in init_names:
+                continue
+            t = _type_from_value_info(vi, f"graph input {vi.name!r}")
+            if t is None:
+                raise FrontendError(f"graph input {vi.name!r} has no element type or shape")
+            self.env[vi.name] = self.fn.add_arg(vi.name, t)
+        for init in g.initializer:
+            self.import_initializer(init)
+        for i, n in enumerate(g.node):
+            self.node, self.node_index = n, i
+            self.import_node(n)
+        self.node = None
+        outs, names = [], []
+        for o in g.output:
+            if o.name not in self.env:
+                raise FrontendError(f"graph output {o.name!r} is produced by no node")
+            outs.append(self.env[o.name])
+            names.append(o.name)
+        self.fn.set_outputs(outs, names)
+        self.fn.remove_dead_nodes()
+        self.module.metadata["onnx"] = {
+            "opsets": dict(self.opsets), "producer": self.proto.producer_name,
+            "ir_version": self.proto.ir_version}
+        return self.module
+
+    def import_initializer(self, init: TensorProto) -> None:
+        what = f"initializer {init.name!r}"
+        dtype = _elem_of(init.data_type, what)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as e:
+            raise FrontendError(f"{what}: cannot read its data: {e}") from None
+        t = TensorType(tuple(int(d) for d in arr.shape), dtype)
+        self.env[init.name] = self.add_constant(_to_storage(arr, t), t, init.name,
+                                                value_name=self.fn.fresh_name(init.name))
+
+    def import_node(self, n: onnx.NodeProto) -> None:
+        domain = n.domain or "ai.onnx"
+        key = (domain, n.op_type)
+        if domain not in self.opsets:
+            raise self.fail(f"domain {domain!r} is not imported by the model's opset_import")
+        handler = _HANDLERS.get(key)
+        if handler is None:
+            supported = ", ".join(sorted(
+                op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS))
+            raise self.fail(f"unsupported op. Supported ops: {supported}")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        try:
+            handler(self, n, attrs)
+        except FrontendError:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise self.fail(f"{type(e).__name__}: {e}") from None
+
+
+_HANDLERS: dict[tuple[str, str], Callable] = {}
+
+
+def _handles(*op_types: str, domain: str = "ai.onnx"):
+    def wrap(fn):
+        for op in op_types:
+            _HANDLERS[(domain, op)] = fn
+        return fn
+    return wrap
+
+
+def _inputs(imp: _Importer, n: onnx.NodeProto) -> list[Optional[Value]]:
+    return [imp.get(name) for name in n.input]
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+
+@_handles("Identity")
+def _identity(imp, n, attrs):
+    imp.emit("identity", _inputs(imp, n)[:1], names=imp.outputs_of(n))
+
+
+@_handles("Constant")
+def _constant(imp, n, attrs):
+    if "value" in attrs:
+        t = attrs["value"]
+        dtype = _elem_of(t.data_type, imp.where())
+        arr = numpy_helper.to_array(t)
+    else:
+        key = next((k for k in attrs if k.startswith("value_")), None)
+        if key is None:
+            raise imp.fail(f"Constant without a supported value attribute ({list(attrs)})")
+        v = attrs[key]
+        if key in ("value_float", "value_floats"):
+            arr, dtype = np.array(v, np.float32), elem("f32")
+        elif key in ("value_int", "value_ints"):
+            arr, dtype = np.array(v, np.int64), elem("i64")
+        else:
+            raise imp.fail(f"Constant attribute {key} is not supported")
+    t = TensorType(tuple(int(d) for d in arr.shape), dtype)
+    out = n.output[0]
+    imp.env[out] = imp.add_constant(_to_storage(arr, t), t, out,
+                                    value_name=imp.fn.fresh_name(out))
+
+
+@_handles("Cast")
+def _cast(imp, n, attrs):
+    to = _elem_of(attrs["to"], imp.where())
+    a = {"to": to}
+    if attrs.get("saturate", 1) != 1:
+        a["saturate"] = int(attrs["saturate"])
+    imp.emit("cast", _inputs(imp, n)[:1], a, names=imp.outputs_of(n))
+
+
+# -- elementwise ---------------------------------------------------------------------------
+
+_SIMPLE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
+           "Sqrt": "sqrt", "Erf": "erf", "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
+           "Equal": "equal", "Where": "where", "Exp": "exp", "Neg": "neg", "Abs": "abs",
+           "Reciprocal": "reciprocal", "MatMul": "matmul"}
+
+
+@_handles(*_SIMPLE)
+def _simple(imp, n, attrs):
+    imp.emit(_SIMPLE[n.op_type], _inputs(imp, n), names=imp.outputs_of(n))
+
+
+@_handles("Max", "Min")
+def _max_min(imp, n, attrs):
+    xs = _inputs(imp, n)
+    op = n.op_type.lower()
+    acc = xs[0]
+    for i, x in enumerate(xs[1:]):
+        last = i == len(xs) - 2
+        acc = imp.emit(op, [acc, x], names=imp.outputs_of(n) if last else None)[0]
+    if len(xs) == 1:
+        imp.emit("identity", [acc], names=imp.outputs_of(n))
+
+
+@_handles("Gelu")
+def _gelu(imp, n, attrs):
+    approx = attrs.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    a = {"approximate": approx} if approx != "none" else {}
+    imp.emit("gelu", _inputs(imp, n)[:1], a, names=imp.outputs_of(n))
+
+
+@_handles("Gelu", domain="com.microsoft")
+def _ms_gelu(imp, n, attrs):
+    imp.emit("gelu", _inputs(imp, n)[:1], names=imp.outputs_of(n))
+
+
+@_handles("Softmax")
+def _softmax(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    if imp.opset < 13:
+        axis = attrs.get("axis", 1)
+        # Opsets 1-11 flatten to 2-D at `axis`; that equals a 13+ softmax only on the last axis.
+        if axis % max(x.type.rank, 1) != x.type.rank - 1:
+            raise imp.fail(f"Softmax-{imp.opset} with axis={axis} on a rank-{x.type.rank} "
+                           "tensor (flattening semantics) is not supported; only the last axis")
+    else:
+        axis = attrs.get("axis", -1)
+    imp.emit("softmax", [x], {"axis": int(axis)}, names=imp.outputs_of(n))
+
+
+@_handles("LayerNormalization")
+@_handles("LayerNormalization", domain="com.microsoft")
+def _layernorm(imp, n, attrs):
+    xs = _inputs(imp, n)
+    if any(o for o in n.output[1:]):
+        raise imp.fail("LayerNormalization's Mean/InvStdDev outputs are not supported")
+    if attrs.get("stash_type", 1) != 1:
+        raise imp.fail("LayerNormalization stash_type other than float32 is not supported")
+    xs = xs + [None] * (3 - len(xs))
+    imp.emit("layernorm", xs[:3], {"axis": int(attrs.get("axis", -1)),
+                                   "epsilon": float(attrs.get("epsilon", 1e-5))},
+             names=imp.outputs_of(n)[:1])
+
+
+@_handles("ReduceMean")
+def _reduce_mean(imp, n, attrs):
+    xs = _inputs(imp, n)
+    if imp.opset >= 18:
+        axes = [] if len(xs) < 2 or xs[1] is None else \
+            [int(a) for a in imp.need_const(xs[1], "ReduceMean axes")]
+    else:
+        axes = list(attrs.get("axes", []))
+    a = {"axes": axes, "keepdims": int(attrs.get("keepdims", 1))}
+    if attrs.get("noop_with_empty_axes", 0):
+        a["noop_with_empty_axes"] = 1
+    imp.emit("reduce_mean", xs[:1], a, names=imp.outputs_of(n))
+
+
+# -- shape ops -----------------------------------------------------------------------------
+
+
+@_handles("Reshape")
+def _reshape(imp, n, attrs):
+    xs = _inputs(imp, n)
+    if imp.opset < 5:
+        raise imp.fail("Reshape-1 (shape attribute) is not supported; use opset >= 5")
+    a = {"allowzero": 1} if attrs.get("allowzero", 0) else {}
+    imp.emit("reshape", xs[:2], a, names=imp.outputs_of(n))
+
+
+@_handles("Transpose")
+def _transpose(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    perm = list(attrs.get("perm", range(x.type.rank - 1, -1, -1)))
+    imp.emit("transpose", [x], {"perm": [int(p) for p in perm]}, names=imp.outputs_of(n))
+
+
+@_handles("Concat")
+def _concat(imp, n, attrs):
+    imp.emit("concat", _inputs(imp, n), {"axis": int(attrs["axis"])}, names=imp.outputs_of(n))
+
+
+@_handles("Split")
+def _split(imp, n, attrs):
+    xs = _inputs(imp, n)
+    x = xs[0]
+    axis = int(attrs.get("axis", 0))
+    dim = x.type.shape[axis]
+    if imp.opset >= 13 and len(xs) > 1 and xs[1] is not None:
+        sizes = [int(s) for s in imp.need_const(xs[1], "Split sizes")]
+    elif "split" in attrs:
+        sizes = [int(s) for s in attrs["split"]]
+    else:
+        count = int(attrs.get("num_outputs", len(n.output)))
+        if not isinstance(dim, int):
+            raise imp.fail(f"Split into {count} of a symbolic dim {dim} needs explicit sizes")
+        chunk = -(-dim // count)
+        sizes = [min(chunk, dim - i * chunk) for i in range(count)]
+    imp.emit("split", [x], {"axis": axis, "sizes": sizes}, names=imp.outputs_of(n))
+
+
+@_handles("Slice")
+def _slice(imp, n, attrs):
+    xs = _inputs(imp, n)
+    if imp.opset < 10:
+        x = xs[0]
+        starts = np.array(attrs["starts"], np.int64)
+        ends = np.array(attrs["ends"], np.int64)
+        axes = np.array(attrs.get("axes", range(len(starts))), np.int64)
+        i64 = elem("i64")
+        ops = [x] + [imp.add_constant(a, TensorType(a.shape, i64), "slice")
+                     for a in (starts, ends, axes)]
+        imp.emit("slice", ops, names=imp.outputs_of(n))
+        return
+    imp.emit("slice", xs + [None] * (3 - len(xs)) if len(xs) < 3 else xs,
+             names=imp.outputs_of(n))
+
+
+@_handles("Gather")
+def _gather(imp, n, attrs):
+    imp.emit("gather", _inputs(imp, n), {"axis": int(attrs.get("axis", 0))},
+             names=imp.outputs_of(n))
+
+
+@_handles("Unsqueeze", "Squeeze")
+def _unsqueeze(imp, n, attrs):
+    xs = _inputs(imp, n)
+    if imp.opset >= 13:
+        axes = [] if len(xs) < 2 or xs[1] is None else \
+            [int(a) for a in imp.need_const(xs[1], f"{n.op_type} axes")]
+    else:
+        axes = [int(a) for a in attrs.get("axes", [])]
+    if n.op_type == "Unsqueeze" and not axes:
+        raise imp.fail("Unsqueeze needs axes")
+    imp.emit(n.op_type.lower(), xs[:1], {"axes": axes}, names=imp.outputs_of(n))
+
+
+@_handles("Shape")
+def _shape(imp, n, attrs):
+    a = {}
+    if "start" in attrs and attrs["start"] != 0:
+        a["start"] = int(attrs["start"])
+    if "end" in attrs:
+        a["end"] = int(attrs["end"])
+    imp.emit("shape", _inputs(imp, n)[:1], a, names=imp.outputs_of(n))
+
+
+@_handles("Expand")
+def _expand(imp, n, attrs):
+    imp.emit("expand", _inputs(imp, n), names=imp.outputs_of(n))
+
+
+# -- matrix products -----------------------------------------------------------------------
+
+
+@_handles("Gemm")
+def _gemm(imp, n, attrs):
+    xs = _inputs(imp, n)
+    a = {}
+    for onnx_name, qir_name in (("alpha", "alpha"), ("beta", "beta"),
+                                ("transA", "trans_a"), ("transB", "trans_b")):
+        if onnx_name in attrs:
+            a[qir_name] = attrs[onnx_name]
+    if imp.opset < 7 and attrs.get("broadcast", 0) == 0 and len(xs) > 2:
+        raise imp.fail("Gemm before opset 7 without broadcast is not supported")
+    imp.emit("gemm", xs + [None] * (3 - len(xs)), a, names=imp.outputs_of(n))
+
+
+@_handles("MatMulInteger")
+def _matmul_integer(imp, n, attrs):
+    xs = _inputs(imp, n)
+    imp.emit("matmul_integer", xs + [None] * (4 - len(xs)), names=imp.outputs_of(n))
+
+
+@_handles("QLinearMatMul")
+def _qlinear_matmul(imp, n, attrs):
+    imp.emit("qlinear_matmul", _inputs(imp, n), names=imp.outputs_of(n))
+
+
+# -- quantization --------------------------------------------------------------------------
+
+
+def scheme_for(x_type, scale: Value, zero_point: Optional[Value], axis: int, block_size: int,
+               what: str, act_order: bool = False) -> QuantScheme:
+    """The QuantScheme of ONNX Q/DQ operands: granularity from the scale's rank and block size."""
+    dtype = x_type.dtype
+    if scale.type.rank == 0 or (scale.type.rank == 1 and scale.type.shape == (1,)
+                                and block_size == 0 and x_type.rank != 1):
+        gran = {"granularity": "tensor"}
+    elif block_size:
+        gran = {"granularity": "group", "axis": axis % max(x_type.rank, 1),
+                "block_size": int(block_size)}
+    else:
+        if scale.type.rank != 1:
+            raise FrontendError(f"{what}: per-axis scale must be 1-D, not {scale.type.shape}")
+        gran = {"granularity": "channel", "axis": axis % max(x_type.rank, 1)}
+    if zero_point is None:
+        zp = {"symmetric": True}
+    else:
+        zp = {"symmetric": False, "zero_point_type": zero_point.type.dtype}
+    return QuantScheme(dtype=dtype, scale_type=scale.type.dtype, act_order=act_order,
+                       **gran, **zp)
+
+
+@_handles("DequantizeLinear")
+def _dequantize(imp, n, attrs):
+    xs = _inputs(imp, n) + [None, None]
+    x, scale, zp = xs[0], xs[1], xs[2]
+    axis = int(attrs.get("axis", 1))
+    if imp.opset < 13 and scale.type.rank not in (0,) and scale.type.shape != (1,):
+        raise imp.fail(f"DequantizeLinear-{imp.opset} takes a per-tensor scale only")
+    scheme = scheme_for(x.type, scale, zp, axis, int(attrs.get("block_size", 0)), imp.where())
+    out = scale.type.dtype
+    if attrs.get("output_dtype"):
+        out = _elem_of(attrs["output_dtype"], imp.where())
+    imp.emit("dequantize", [x, scale, zp], {"scheme": scheme, "out": out},
+             names=imp.outputs_of(n))
+
+
+@_handles("QuantizeLinear")
+def _quantize(imp, n, attrs):
+    xs = _inputs(imp, n) + [None, None]
+    x, scale, zp = xs[0], xs[1], xs[2]
+    axis = int(attrs.get("axis", 1))
+    if attrs.get("precision", 0) not in (0, None):
+        prec = _elem_of(attrs["precision"], imp.where())
+        if prec != scale.type.dtype and prec.name != "f32":
+            raise imp.fail(f"QuantizeLinear precision={prec} is not supported (only f32)")
+    if zp is not None:
+        dtype = zp.type.dtype
+    elif attrs.get("output_dtype"):
+        dtype = _elem_of(attrs["output_dtype"], imp.where())
+    else:
+        dtype = elem("u8")
+    fake_x = x.type.replace(dtype=dtype)
+    scheme = scheme_for(fake_x, scale, zp, axis, int(attrs.get("block_size", 0)), imp.where())
+    a = {"scheme": scheme}
+    if attrs.get("saturate", 1) != 1:
+        a["saturate"] = int(attrs["saturate"])
+    imp.emit("quantize", [x, scale, zp], a, names=imp.outputs_of(n))
+
+
+@_handles("DynamicQuantizeLinear")
+def _dynamic_quantize(imp, n, attrs):
+    imp.emit("dynamic_quantize", _inputs(imp, n)[:1], names=imp.outputs_of(n))
+
+
+def unpack_lsb_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Codes packed LSB-first along the last axis (MatMulNBits, ONNX int4) → uint8 codes."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    codes = (packed[..., :, None] >> shifts) & mask
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
+
+
+@_handles("MatMulNBits", domain="com.microsoft")
+def _matmul_nbits(imp, n, attrs):
+    xs = _inputs(imp, n) + [None] * 6
+    a, b, scales, zps, g_idx, bias = xs[:6]
+    K, N = int(attrs["K"]), int(attrs["N"])
+    bits, block = int(attrs.get("bits", 4)), int(attrs["block_size"])
+    if bits not in (2, 4, 8):
+        raise imp.fail(f"bits={bits} is not supported (2, 4 or 8)")
+    if block < 16 or block & (block - 1):
+        raise imp.fail(f"block_size={block} must be a power of two >= 16")
+    if attrs.get("weight_prepacked", 0):
+        raise imp.fail("weight_prepacked (GPU-specific layouts) is not supported")
+    nblk = -(-K // block)
+    packed = imp.need_const(b, "MatMulNBits B")
+    if packed.size != N * nblk * block * bits // 8:
+        raise imp.fail(f"B has {packed.size} bytes; K={K}, N={N}, bits={bits}, "
+                       f"block_size={block} need {N * nblk * block * bits // 8}")
+    codes = unpack_lsb_first(packed.reshape(N, nblk * block * bits // 8), bits, K).T  # [K, N]
+    s_arr = imp.need_const(scales, "MatMulNBits scales").reshape(N, nblk)
+    s = imp.add_constant(np.ascontiguousarray(s_arr.T), TensorType((nblk, N), scales.type.dtype),
+                         f"{n.input[2]}.t")
+    act_order, g = False, None
+    if g_idx is not None:
+        g_arr = imp.need_const(g_idx, "MatMulNBits g_idx").astype(np.int32).reshape(-1)
+        if g_arr.shape != (K,) or g_arr.min() < 0 or g_arr.max() >= nblk:
+            raise imp.fail(f"g_idx must be {K} group indices in [0, {nblk})")
+        if not np.array_equal(g_arr, np.arange(K) // block):
+            act_order = True
+            g = imp.add_constant(g_arr, TensorType((K,), elem("i32")), "g_idx")
+    common = dict(scale_type=scales.type.dtype, granularity="group", axis=0, block_size=block,
+                  act_order=act_order)
+    zp = None
+    if zps is None:
+        # No zero points means an implied 2^(bits-1): store signed codes, exactly equal.
+        w_type = elem(f"i{bits}")
+        codes = (codes.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+        scheme = QuantScheme(dtype=w_type, **common)
+    else:
+        w_type = elem(f"u{bits}")
+        z_arr = imp.need_const(zps, "MatMulNBits zero_points")
+        if zps.type.dtype.name == "u8":
+            z_codes = unpack_lsb_first(z_arr.reshape(N, -1), bits, nblk)  # [N, nblk]
+            zp = imp.add_constant(np.ascontiguousarray(z_codes.T), TensorType((nblk, N), w_type),
+                                  f"{n.input[3]}.codes")
+        else:
+            zp = imp.add_constant(np.ascontiguousarray(z_arr.reshape(N, nblk).T),
+                                  TensorType((nblk, N), zps.type.dtype), f"{n.input[3]}.t")
+        scheme = QuantScheme(dtype=w_type, symmetric=False, zero_point_type=zp.type.dtype,
+                             **common)
+    w = imp.add_constant(np.ascontiguousarray(codes), TensorType((K, N), w_type),
+                         f"{n.input[1]}.codes")
+    out = imp.outputs_of(n)[0]
+    deq = imp.emit("dequantize", [w, s, zp, g], {"scheme": scheme, "out": a.type.dtype})[0]
+    if bias is None:
+        imp.emit("matmul", [a, deq], names=[out])
+    else:
+        y = imp.emit("matmul", [a, deq])[0]
+        imp.emit("add", [y, bias], names=[out])
+
+
+def supported_ops() -> list[str]:
+    """Every (domain, op_type) the importer accepts, as ``op`` or ``domain.op``."""
+    return sorted(op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS)
+
+
+def load(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> Module:
+    """Import an ONNX model (path, bytes or ModelProto) as a QIR module."""
+    proto = read_model(model)
+    return _Importer(proto).run()
