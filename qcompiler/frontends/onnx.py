@@ -59,7 +59,8 @@ def _elem_of(onnx_type: int, what: str):
 
 def _to_storage(array: np.ndarray, t: TensorType) -> np.ndarray:
     """ml_dtypes int4/uint4/int2 arrays → one code per int8/uint8 (the QIR storage)."""
-    return np.ascontiguousarray(np.asarray(array).astype(t.dtype.np_dtype))
+    # astype(order="C"), not ascontiguousarray: the latter turns a 0-d array into 1-d.
+    return np.asarray(array).astype(t.dtype.np_dtype, order="C")
 
 
 def read_model(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.ModelProto:

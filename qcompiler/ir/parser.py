@@ -300,10 +300,9 @@ class _Parser:
         if text == "none":
             self.t.next()
             return None
-        name = _value_name(self.t.expect_kind("value"))
-        if name not in env:
-            raise self.t.error(f"use of undefined value %{name}")
-        return env[name]
+        if kind == "value" and _value_name(text) not in env:
+            raise self.t.error(f"use of undefined value %{_value_name(text)}")
+        return env[_value_name(self.t.expect_kind("value"))]
 
     def node(self, fn: Function, module: Module, env: dict) -> None:
         names = [_value_name(self.t.expect_kind("value"))]

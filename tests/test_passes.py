@@ -1,0 +1,181 @@
+"""Pass manager, registry, and the first passes (numerics checked with the reference)."""
+import io
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.driver.api import run_pipeline
+from qcompiler.frontends.onnx import load
+from qcompiler.ir import print_module, parse_module
+from qcompiler.pipeline import (PassError, PassManager, PrintIRAfter, TimePasses,
+                                VerifyAfterEach, parse_pipeline)
+from qcompiler.registry import PASSES, get_pass_class
+from qcompiler.runtime.reference import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from make_example_model import float_mlp  # noqa: E402
+
+
+def test_registry_keys_are_the_pass_names():
+    for key in PASSES:
+        cls = get_pass_class(key)
+        assert cls.name == key
+        assert cls.summary(), f"pass {key} has no one-line summary"
+
+
+def test_pipeline_strings():
+    ps = parse_pipeline("canonicalize, quantize-weights{bits=3,group=64,symmetric=true},"
+                        "fuse-dequant")
+    assert [p.name for p in ps] == ["canonicalize", "quantize-weights", "fuse-dequant"]
+    assert (ps[1].bits, ps[1].group, ps[1].symmetric) == (3, 64, True)
+    assert PassManager(ps).spec() == ("canonicalize,quantize-weights{bits=3,group=64,"
+                                      "symmetric=true},fuse-dequant")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("canonicalize,nope", "unknown pass 'nope'"),
+    ("quantize-weights{bitz=4}", "has no option 'bitz'"),
+    ("quantize-weights{bits=four}", "not a int"),
+    ("quantize-weights{bits}", "key=value"),
+])
+def test_pipeline_errors(spec, message):
+    with pytest.raises(PassError, match=message):
+        parse_pipeline(spec)
+
+
+def test_bad_option_values_are_refused():
+    m = load(float_mlp())
+    with pytest.raises(PassError, match="bits=5"):
+        PassManager.parse("quantize-weights{bits=5}").run(m)
+
+
+def test_pass_manager_leaves_input_untouched_and_instruments_report():
+    m = load(float_mlp())
+    before = print_module(m)
+    out, err = io.StringIO(), io.StringIO()
+    pm = PassManager.parse("canonicalize,quantize-weights,fuse-dequant",
+                           [VerifyAfterEach(), PrintIRAfter(None, out), TimePasses(err)])
+    result = pm.run(m)
+    assert print_module(m) == before
+    assert out.getvalue().count("// ----- IR after") == 3
+    assert "// ----- IR after fuse-dequant -----" in out.getvalue()
+    assert "pass execution timing report" in err.getvalue()
+    assert sum(n.op == "qmatmul" for n in result.main.nodes) == 3
+
+
+def _gemm_model(trans_b: int, alpha: float, beta: float, quantized: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(7)
+    K, N = 48, 24
+    w = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    c = rng.standard_normal(N).astype(np.float32)
+    inits = [numpy_helper.from_array(c, "c")]
+    nodes = []
+    if quantized:
+        # Per-output-channel int8 weight stored the way Gemm(transB=1) reads it: [N, K].
+        axis = 0 if trans_b else 1
+        scale = (np.abs(w).max(axis=1 - axis) / 127).astype(np.float32)
+        q = np.clip(np.rint(w / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
+        inits += [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(scale, "ws")]
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=axis))
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+    nodes.append(helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=trans_b, alpha=alpha,
+                                  beta=beta))
+    g = helper.make_graph(nodes, "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", N])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("trans_b, alpha, beta, quantized", [
+    (0, 1.0, 1.0, False), (1, 0.5, 2.0, False), (1, 1.0, 1.0, True), (0, 2.0, 0.0, True)])
+def test_canonicalize_gemm_orientation(trans_b, alpha, beta, quantized):
+    m = load(_gemm_model(trans_b, alpha, beta, quantized))
+    x = np.random.default_rng(8).standard_normal((5, 48)).astype(np.float32)
+    want = run(m, {"x": x})["y"]
+    out, _, _ = run_pipeline(m, "canonicalize,fuse-dequant,canonicalize", verify_each=True)
+    ops = [n.op for n in out.main.nodes]
+    assert "gemm" not in ops and "transpose" not in ops
+    if quantized:
+        assert ops.count("qmatmul") == 1 and "dequantize" not in ops
+        w = next(n for n in out.main.nodes if n.op == "qmatmul").operands[1]
+        assert w.type.shape == (48, 24)  # stored [K, N] whatever the ONNX orientation
+    np.testing.assert_allclose(run(out, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_canonicalize_folds_constants_and_identities():
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Constant", [], ["two"], value_float=2.0),
+             helper.make_node("Mul", ["k", "two"], ["k2"]),
+             helper.make_node("Identity", ["k2"], ["k3"]),
+             helper.make_node("Reshape", ["x", "s"], ["xr"]),
+             helper.make_node("Add", ["xr", "k3"], ["y"])]
+    k = rng.standard_normal(6).astype(np.float32)
+    g = helper.make_graph(nodes, "fold",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])],
+                          [numpy_helper.from_array(k, "k")])
+    m = load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    out, _, _ = run_pipeline(m, "canonicalize", verify_each=True)
+    assert [n.op for n in out.main.nodes] == ["constant", "add"]
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})["y"], x + 2 * k, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, group_axis, symmetric", [
+    (32, "k", False), (32, "k", True), (0, "k", False), (16, "n", True), (48, "k", False)])
+def test_quantize_weights_is_round_to_nearest(bits, group, group_axis, symmetric):
+    model = float_mlp(sizes=(80, 64, 48), seed=bits)
+    m = load(model)
+    spec = (f"canonicalize,quantize-weights{{bits={bits},group={group},"
+            f"group_axis={group_axis},symmetric={str(symmetric).lower()}}},fuse-dequant")
+    out, records, _ = run_pipeline(m, spec, verify_each=True)
+    qmms = [n for n in out.main.nodes if n.op == "qmatmul"]
+    assert len(qmms) == 2
+    from qcompiler.runtime.numerics import dequantize
+
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node, wname in zip(qmms, ["fc0.weight", "fc1.weight"]):
+        scheme = node.attrs["w_scheme"]
+        assert scheme.bits == bits and scheme.symmetric == symmetric
+        codes = out.constants[node.operands[1].producer.attrs["name"]]
+        lo, hi = scheme.dtype.int_range()
+        assert codes.min() >= lo and codes.max() <= hi
+        scale = _const(out, node.operands[2])
+        zp = _const(out, node.operand(3))
+        deq = dequantize(codes, scale, zp, scheme, np.float32)
+        w = weights[wname]
+        # Round to nearest: every weight is within half a step of its dequantized value
+        # (symmetric clips nothing: the largest magnitude maps to the largest code).
+        from qcompiler.runtime.numerics import expand_scale
+
+        step = np.abs(expand_scale(scale, w.shape, scheme))
+        assert np.all(np.abs(deq - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    x = np.random.default_rng(1).standard_normal((3, 80)).astype(np.float32)
+    got = run(out, {"x": x})["y"]
+    want = run(m, {"x": x})["y"]
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < {2: 1.5, 3: 0.5, 4: 0.25, 8: 0.02}[bits]  # 2-bit symmetric has 3 levels
+
+
+def _const(module, v):
+    if v is None:
+        return None
+    node = v.producer
+    return node.attrs["value"] if "value" in node.attrs else module.constants[node.attrs["name"]]
+
+
+def test_fuse_dequant_output_roundtrips():
+    m = load(os.path.join(ROOT, "examples", "mlp_int4.onnx"))
+    out, _, _ = run_pipeline(m, "canonicalize,fuse-dequant,canonicalize", verify_each=True)
+    text = print_module(out)
+    assert print_module(parse_module(text, out.constants)) == text
+    assert text.count("qmatmul(") == 3
