@@ -64,9 +64,17 @@ def _format_option(v) -> str:
 
 
 def register_pass(name: str):
-    """Class decorator: give the pass its name. The registry lists it (``registry.PASSES``)."""
+    """Class decorator: name the pass and make it known to pipeline strings.
+
+    Built-in passes are also listed in ``registry.PASSES`` so that they load lazily; a pass
+    defined elsewhere (a user's module) is added there when its class is defined.
+    """
     def wrap(cls):
         cls.name = name
+        spec = f"{cls.__module__}:{cls.__qualname__}"
+        known = PASSES.setdefault(name, cls)
+        if known is not cls and known != spec:
+            raise PassError(f"pass name {name!r} is already registered by {known}")
         return cls
     return wrap
 

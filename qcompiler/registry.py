@@ -1,14 +1,15 @@
 """The registries: every pass, target and backend, listed once, imported lazily.
 
-Adding a pass means adding its file under ``passes/`` and one line here; a test checks that
-each key equals the registered object's own name.
+Adding a built-in pass means adding its file under ``passes/`` and one line here; a test
+checks that each key equals the registered object's own name. Passes defined outside the
+package register themselves with ``@register_pass`` when their class is defined.
 """
 from __future__ import annotations
 
 import importlib
 
-# pass name -> "module:Class"
-PASSES: dict[str, str] = {
+# pass name -> "module:Class" (built-in, loaded lazily) or the class (registered at run time)
+PASSES: dict[str, object] = {
     "canonicalize": "qcompiler.passes.canonicalize:CanonicalizePass",
     "fuse-dequant": "qcompiler.passes.fuse_dequant:FuseDequantPass",
     "quantize-weights": "qcompiler.passes.quantize_weights:QuantizeWeightsPass",
@@ -27,9 +28,10 @@ def _load(spec: str):
 
 def get_pass_class(name: str):
     try:
-        return _load(PASSES[name])
+        entry = PASSES[name]
     except KeyError:
         raise KeyError(f"unknown pass {name!r}; registered: {', '.join(sorted(PASSES))}") from None
+    return _load(entry) if isinstance(entry, str) else entry
 
 
 def get_backend(name: str):

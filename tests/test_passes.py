@@ -179,3 +179,33 @@ def test_fuse_dequant_output_roundtrips():
     text = print_module(out)
     assert print_module(parse_module(text, out.constants)) == text
     assert text.count("qmatmul(") == 3
+
+
+def test_a_user_pass_registers_by_name_and_runs_in_pipelines():
+    from dataclasses import dataclass
+
+    from qcompiler.ir.rewrite import RewritePattern, apply_patterns
+    from qcompiler.pipeline import Pass, register_pass
+
+    class DropGelu(RewritePattern):
+        op = "gelu"
+
+        def rewrite(self, node, rw):
+            rw.replace(node, [node.operands[0]])
+            return True
+
+    @register_pass("test-drop-gelu")
+    @dataclass
+    class DropGeluPass(Pass):
+        """Remove every gelu (test only)."""
+
+        def run(self, module):
+            apply_patterns(module, [DropGelu()])
+            return module
+
+    m = load(float_mlp())
+    out = PassManager.parse("canonicalize,test-drop-gelu", [VerifyAfterEach()]).run(m)
+    assert not any(n.op == "gelu" for n in out.main.nodes)
+    assert any(n.op == "gelu" for n in m.main.nodes)
+    with pytest.raises(PassError, match="already registered"):
+        register_pass("canonicalize")(type("Other", (Pass,), {}))
