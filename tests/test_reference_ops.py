@@ -203,6 +203,7 @@ DQ_CASES = [
     ("i8", None, (5, 7), "tensor", None, None, np.float16),  # fp16 scale -> fp16 out
     ("u16", "u16", (4, 9), "tensor", None, None, np.float32),
     ("i16", "i16", (4, 9), "channel", 1, None, np.float32),
+    ("u8", "u8", (4, 9), "tensor", None, None, ml_dtypes.bfloat16),  # bf16 scale -> bf16
 ]
 
 
@@ -279,6 +280,21 @@ def test_quantize_float8_saturate_matches_onnx(et, tp, saturate):
     (dq,) = run_op("dequantize", [Arg("c", y), Const(scale)],
                    {"scheme": scheme(et), "out": elem("f32")})
     (want_dq,) = onnx_run("DequantizeLinear", [y, scale])
+    np.testing.assert_array_equal(dq, want_dq)
+
+
+@pytest.mark.parametrize("et,tp,opset", [("i2", TensorProto.INT2, 25),
+                                          ("f4e2m1", TensorProto.FLOAT4E2M1, 23)])
+def test_quantize_int2_and_float4_match_onnx(et, tp, opset):
+    rng = rng_for(et)
+    x = np.concatenate([randn(rng, 30) * 3, np.array([20.0, -20.0], np.float32)])
+    scale = np.array(0.7, np.float32)
+    (y,) = run_op("quantize", [Arg("x", x), Const(scale)], {"scheme": scheme(et)})
+    (want,) = onnx_run("QuantizeLinear", [x, scale], opset=opset, output_dtype=tp)
+    np.testing.assert_array_equal(y.astype(np.float32), want.astype(np.float32))
+    (dq,) = run_op("dequantize", [Arg("c", y, et), Const(scale)],
+                   {"scheme": scheme(et), "out": elem("f32")})
+    (want_dq,) = onnx_run("DequantizeLinear", [want, scale], opset=opset)
     np.testing.assert_array_equal(dq, want_dq)
 
 

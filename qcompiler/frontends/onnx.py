@@ -11,6 +11,8 @@ becomes one or a few QIR nodes. Quantization ops keep their meaning exactly:
   into [K, N] codes, giving ``dequantize(codes, scales, zero_points, g_idx) → matmul (→ add)``,
   which ``fuse-dequant`` turns into ``qmatmul``;
 - ``QLinearMatMul``, ``MatMulInteger``, ``DynamicQuantizeLinear``: ops of the same name.
+- ``com.microsoft.QLinearAdd`` (``quantize_static`` QOperator bias adds): ``quantize(
+  dequantize(A) + dequantize(B))``.
 
 Anything else is refused with a ``FrontendError`` that names the op, domain, opset and node.
 """
@@ -541,6 +543,36 @@ def _matmul_integer(imp, n, attrs):
 @_handles("QLinearMatMul")
 def _qlinear_matmul(imp, n, attrs):
     imp.emit("qlinear_matmul", _inputs(imp, n), names=imp.outputs_of(n))
+
+
+@_handles("QLinearAdd", domain="com.microsoft")
+def _qlinear_add(imp, n, attrs):
+    """``C = quantize(dequantize(A) + dequantize(B), C_scale, C_zero_point)``, per tensor.
+
+    What ``quantize_static(QOperator)`` writes for a bias Add. ORT evaluates the same sum in
+    float with the scale ratios folded, so a code may differ by one where the sum is a tie.
+    """
+    xs = _inputs(imp, n) + [None] * 8
+    a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp = xs[:8]
+    if a is None or b is None or a_s is None or b_s is None or c_s is None:
+        raise imp.fail("QLinearAdd needs A, A_scale, B, B_scale and C_scale")
+    if a.type.dtype.name not in ("u8", "i8") or b.type.dtype != a.type.dtype:
+        raise imp.fail(f"QLinearAdd takes u8 or i8 A and B of one type, not "
+                       f"{a.type.dtype} and {b.type.dtype}")
+    for what, s in (("A_scale", a_s), ("B_scale", b_s), ("C_scale", c_s)):
+        if s.type.shape not in ((), (1,)):
+            raise imp.fail(f"QLinearAdd {what} must be a scalar, not {s.type.shape}")
+
+    def per_tensor(dtype, scale, zp):
+        return QuantScheme(dtype=dtype, scale_type=scale.type.dtype, symmetric=zp is None,
+                           zero_point_type=None if zp is None else zp.type.dtype)
+
+    real = [imp.emit("dequantize", [x, s, zp],
+                     {"scheme": per_tensor(x.type.dtype, s, zp), "out": s.type.dtype})[0]
+            for x, s, zp in ((a, a_s, a_zp), (b, b_s, b_zp))]
+    y = imp.emit("add", real)[0]
+    imp.emit("quantize", [y, c_s, c_zp], {"scheme": per_tensor(a.type.dtype, c_s, c_zp)},
+             names=imp.outputs_of(n))
 
 
 # -- quantization --------------------------------------------------------------------------

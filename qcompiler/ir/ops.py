@@ -151,6 +151,8 @@ def _equal(types, attrs, consts):
 @_def("where", "cond ? x : y with broadcasting", ["cond", "x", "y"])
 def _where(types, attrs, consts):
     c, x, y = types
+    if x.dtype != y.dtype:
+        raise TypeInferenceError(f"where branches differ in element type: {x.dtype} and {y.dtype}")
     return [TensorType(broadcast_shapes(c.shape, x.shape, y.shape), x.dtype)]
 
 
@@ -440,7 +442,15 @@ def _dequantize(types, attrs, consts):
     x, scale = types[0], types[1]
     zp = types[2] if len(types) > 2 else None
     check_scheme_operands(attrs["scheme"], x, scale, zp, "dequantize")
+    _check_g_idx(attrs["scheme"], types[3] if len(types) > 3 else None, "dequantize")
     return [TensorType(x.shape, attrs["out"])]
+
+
+def _check_g_idx(scheme: QuantScheme, g_idx: Optional[TensorType], what: str) -> None:
+    if scheme.act_order and g_idx is None:
+        raise TypeInferenceError(f"{what}: an act_order scheme needs the g_idx operand")
+    if g_idx is not None and not scheme.act_order:
+        raise TypeInferenceError(f"{what}: g_idx given but the scheme is not act_order")
 
 
 @_def("quantize",
@@ -491,6 +501,7 @@ def _qmatmul(types, attrs, consts):
     if w.layout is None:
         # A packed layout changes the stored shape; the logical checks apply to row_major only.
         check_scheme_operands(scheme, w, w_scale, w_zp, "qmatmul weight")
+    _check_g_idx(scheme, types[4] if len(types) > 4 else None, "qmatmul")
     if act != "float":
         if attrs.get("x_scheme") is None:
             raise TypeInferenceError(f"qmatmul act={act} needs an x_scheme")
