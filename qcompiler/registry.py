@@ -13,11 +13,14 @@ PASSES: dict[str, object] = {
     "canonicalize": "qcompiler.passes.canonicalize:CanonicalizePass",
     "fuse-dequant": "qcompiler.passes.fuse_dequant:FuseDequantPass",
     "quantize-weights": "qcompiler.passes.quantize_weights:QuantizeWeightsPass",
+    "hls-fixed-point": "qcompiler.passes.hls_fixed_point:HLSFixedPointPass",
+    "hls-parallelism": "qcompiler.passes.hls_parallelism:HLSParallelismPass",
 }
 
 # backend name -> "module:Class"
 BACKENDS: dict[str, str] = {
     "reference": "qcompiler.codegen.reference.backend:ReferenceBackend",
+    "hls": "qcompiler.codegen.hls.backend:HLSBackend",
 }
 
 

@@ -75,8 +75,13 @@ def read_model(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.M
         path = os.fspath(model)
         if not os.path.exists(path):
             raise FrontendError(f"{path}: no such file")
-        with open(path, "rb") as f:
-            data = f.read()
+        if os.path.isdir(path):
+            raise FrontendError(f"{path}: is a directory, not an ONNX model file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:  # permissions, special files ...
+            raise FrontendError(f"{path}: cannot read the file: {e.strerror or e}") from None
         where = path
     if not data:
         raise FrontendError(f"{where}: empty file, not an ONNX model")
@@ -280,6 +285,7 @@ class _Importer:
             supported = ", ".join(sorted(
                 op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS))
             raise self.fail(f"unsupported op. Supported ops: {supported}")
+        self.check_required_inputs(n, domain)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         try:
             handler(self, n, attrs)
@@ -287,6 +293,28 @@ class _Importer:
             raise
         except (ValueError, TypeError, IndexError, KeyError) as e:
             raise self.fail(f"{type(e).__name__}: {e}") from None
+
+    def check_required_inputs(self, n: onnx.NodeProto, domain: str) -> None:
+        """Inputs that ONNX's schema (at the model's opset) requires must be given.
+
+        Handlers read operands positionally; a missing scale or weight would otherwise fail
+        deep inside them. Contrib domains have no schema in onnx and check for themselves.
+        """
+        if domain != "ai.onnx":
+            return
+        try:
+            schema = onnx.defs.get_schema(n.op_type, self.opset, "")
+        except onnx.defs.SchemaError:
+            return
+        single = onnx.defs.OpSchema.FormalParameterOption.Single
+        for i, formal in enumerate(schema.inputs):
+            if formal.option == single and (i >= len(n.input) or not n.input[i]):
+                raise self.fail(f"required input #{i} ({formal.name}) of {n.op_type}-"
+                                f"{schema.since_version} is missing")
+        given = sum(1 for name in n.input if name)
+        if given < schema.min_input:
+            raise self.fail(f"{n.op_type}-{schema.since_version} takes at least "
+                            f"{schema.min_input} inputs, the node has {given}")
 
 
 _HANDLERS: dict[tuple[str, str], Callable] = {}
@@ -582,9 +610,14 @@ def scheme_for(x_type, scale: Value, zero_point: Optional[Value], axis: int, blo
                what: str, act_order: bool = False) -> QuantScheme:
     """The QuantScheme of ONNX Q/DQ operands: granularity from the scale's rank and block size."""
     dtype = x_type.dtype
-    if scale.type.rank == 0 or (scale.type.rank == 1 and scale.type.shape == (1,)
-                                and block_size == 0 and x_type.rank != 1):
+    if scale.type.rank == 0 or (scale.type.shape == (1,) and block_size == 0):
+        # A 1-element 1-D scale is per-tensor whatever x's rank (ONNX; onnxruntime's
+        # IsScalarOr1ElementVector): per-axis on a 1-D x of N > 1 would need N scales.
         gran = {"granularity": "tensor"}
+    elif not -x_type.rank <= axis < x_type.rank:
+        # ONNX's range is [-r, r-1]; `axis % r` would silently quantize another axis.
+        raise FrontendError(f"{what}: axis={axis} is out of range for a rank-{x_type.rank} "
+                            "input")
     elif block_size:
         gran = {"granularity": "group", "axis": axis % max(x_type.rank, 1),
                 "block_size": int(block_size)}

@@ -478,7 +478,8 @@ QMATMUL_ACT_MODES = ("float", "dynamic", "static")
 @_def("qmatmul",
       "x @ dequant(w) + bias: the fused low-bit-weight matmul (w is [K, N] codes)",
       ["x", "w", "w_scale", "w_zero_point?", "g_idx?", "x_scale?", "x_zero_point?", "bias?"],
-      {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False)})
+      {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False),
+       "config": ("dict", False)})
 def _qmatmul(types, attrs, consts):
     """``act`` says how x enters the product:
 
@@ -487,6 +488,8 @@ def _qmatmul(types, attrs, consts):
       DynamicQuantizeLinear); y = float((xq - xzp) @ (wq - wzp)) * (x_scale * w_scale).
     - ``static``: x holds codes with the x_scale/x_zero_point operands; y as for ``dynamic``.
     The integer modes need a per-tensor or per-output-channel (axis 1) weight scheme.
+    ``config`` holds the parameters a backend's passes decided (tiles, fixed-point formats);
+    it never changes the result beyond the numerics that backend documents.
     """
     x, w, w_scale = types[0], types[1], types[2]
     w_zp = types[3] if len(types) > 3 else None

@@ -224,6 +224,17 @@ class _Parser:
             return ("dense", items)
         if text == "[":
             return self.list_value()
+        if text == "{":
+            self.t.next()
+            items = {}
+            while not self.t.accept("}"):
+                key = self.t.expect_kind("ident")
+                self.t.expect("=")
+                items[key] = self.attr_value()
+                if not self.t.accept(","):
+                    self.t.expect("}")
+                    break
+            return items
         self.t.next()
         if kind == "number":
             return _number(text)

@@ -55,6 +55,9 @@ def format_attr(v, dtype=None) -> str:
         return format_dense(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_attr(x) for x in v) + "]"
+    if isinstance(v, dict):
+        # Decided parameters of a backend (tile shapes, fixed-point formats ...), sorted.
+        return "{" + ", ".join(f"{k} = {format_attr(v[k])}" for k in sorted(v)) + "}"
     raise TypeError(f"cannot print attribute value {v!r}")
 
 

@@ -23,6 +23,7 @@ _ATTR_KINDS = {
     "quant": lambda v: isinstance(v, QuantScheme),
     "layout": lambda v: isinstance(v, Layout),
     "tensor": lambda v: isinstance(v, np.ndarray),
+    "dict": lambda v: isinstance(v, dict),
 }
 
 

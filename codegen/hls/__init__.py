@@ -1,0 +1,1 @@
+"""The Vitis HLS backend: C++ kernels, project scripts and analytical resource estimates."""

@@ -1,0 +1,174 @@
+"""The FPGA HLS backend: Vitis HLS C++ for a chain of quantized layers, and its C simulation.
+
+Stages: QIR with decided ``config`` (hls-fixed-point, hls-parallelism) → ``LayerData`` (exact
+integer codes, ``numerics.py``) → C++ sources, test bench, ``hls_config.cfg`` and Tcl from the
+templates → C simulation with g++ and the ap_types headers of the installed ``hls4ml`` package.
+Templates receive decided values only; emitting and building are separate steps.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+import jinja2
+import numpy as np
+
+import qcompiler
+from qcompiler.codegen import Backend
+from qcompiler.codegen.hls import cost_model
+from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, simulate
+from qcompiler.passes.hls_fixed_point import design_layers
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+TB_ROWS = 4  # rows of test data written for the vendor flow's csim/cosim
+CXXFLAGS = ["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-label",
+            "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+
+
+class HLSError(RuntimeError):
+    """The design cannot be emitted or simulated; the message says what is missing."""
+
+
+def find_ap_types() -> str:
+    """The Xilinx ap_types headers shipped inside the hls4ml package (never copied here)."""
+    try:
+        import hls4ml  # noqa: F401  (only its data files are used)
+    except ImportError:
+        raise HLSError("the C simulation needs the ap_types headers of the hls4ml package: "
+                       "pip install 'qcompiler[hls]' (hls4ml==1.3.0)") from None
+    path = os.path.join(os.path.dirname(hls4ml.__file__), "templates", "vivado", "ap_types")
+    if not os.path.exists(os.path.join(path, "ap_fixed.h")):
+        raise HLSError(f"hls4ml is installed but {path}/ap_fixed.h is missing")
+    return path
+
+
+def top_name(module) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in module.name)
+    return f"qc_{name}"
+
+
+def design(module) -> list[LayerData]:
+    layers = []
+    for i, (node, _relu) in enumerate(design_layers(module)):
+        cfg = node.attrs.get("config", {})
+        missing = [k for k in ("x_width", "pe", "simd") if k not in cfg]
+        if missing:
+            raise HLSError(f"%{node.result.name}: config lacks {missing}; the pipeline must run "
+                           "hls-fixed-point and hls-parallelism")
+        layers.append(prepare_layer(module, node, f"layer{i}"))
+    for a, b in zip(layers, layers[1:]):
+        if (a.cfg["y_width"], a.cfg["y_int"]) != (b.cfg["x_width"], b.cfg["x_int"]):
+            raise HLSError(f"{a.name} output and {b.name} input formats differ")
+    return layers
+
+
+def _rows(values, per_line: int = 8, fmt=str) -> list[str]:
+    items = [fmt(v) for v in values]
+    return [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
+
+
+def render(layers: list[LayerData], top: str, target) -> dict[str, str]:
+    """File name → source text. Deterministic: same design, same bytes."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    views = []
+    for l in layers:
+        views.append({
+            "name": l.name, "cfg": l.cfg, "inv_perm": l.inv_perm,
+            "words_hex": [", ".join(f"0x{int(w):08x}" for w in row) for row in l.words],
+            "scale_rows": [", ".join(str(int(v)) for v in row) for row in l.scale_raw],
+            "zp_rows": [", ".join(str(int(v)) for v in row) for row in l.zp],
+            "bias_list": ", ".join(f"{int(v)}" for v in l.bias_raw),
+            "inv_perm_list": "" if l.inv_perm is None else ", ".join(str(int(v)) for v in l.inv_perm),
+        })
+    ctx = {"layers": views, "top": top, "version": qcompiler.__version__,
+           "target": target.name, "part": target.params["part"],
+           "clock_mhz": target.params["clock_mhz"],
+           "period_ns": round(1000.0 / target.params["clock_mhz"], 3), "rows": TB_ROWS}
+    files = {f"{top}.h": "kernel.h.j2", f"{top}.cpp": "kernel.cpp.j2",
+             f"{top}_weights.h": "weights.h.j2", f"{top}_tb.cpp": "tb.cpp.j2",
+             "hls_config.cfg": "hls_config.cfg.j2", "run_hls.tcl": "run_hls.tcl.j2"}
+    return {name: env.get_template(tpl).render(**ctx) for name, tpl in files.items()}
+
+
+def build_csim(kernels_dir: str, top: str, extra_flags: tuple = ()) -> str:
+    """Compile the C simulation; returns the executable's path (rebuilt when sources change)."""
+    exe = os.path.join(kernels_dir, "build", f"{top}_csim" + "".join(
+        f.replace("-", "_").replace("=", "_") for f in extra_flags))
+    sources = [os.path.join(kernels_dir, f"{top}.cpp"), os.path.join(kernels_dir, f"{top}_tb.cpp")]
+    newest = max(os.path.getmtime(p) for p in sources + [
+        os.path.join(kernels_dir, f"{top}.h"), os.path.join(kernels_dir, f"{top}_weights.h")])
+    if os.path.exists(exe) and os.path.getmtime(exe) >= newest:
+        return exe
+    os.makedirs(os.path.dirname(exe), exist_ok=True)
+    cmd = ["g++", *CXXFLAGS, *extra_flags, "-isystem", find_ap_types(), "-I", kernels_dir,
+           *sources, "-o", exe]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise HLSError(f"g++ failed building the C simulation:\n{' '.join(cmd)}\n{proc.stderr}")
+    return exe
+
+
+def run_csim(exe: str, x: np.ndarray, expected: np.ndarray = None) -> np.ndarray:
+    """Run the C simulation on rows ``x [M, K]``; returns float64 outputs [M, N]."""
+    x = np.ascontiguousarray(x, np.float32)
+    with tempfile.TemporaryDirectory(prefix="qc_csim_") as tmp:
+        xin, yout = os.path.join(tmp, "x.bin"), os.path.join(tmp, "y.bin")
+        x.tofile(xin)
+        args = [exe, xin, str(x.shape[0]), yout]
+        if expected is not None:
+            exp = os.path.join(tmp, "expected.bin")
+            np.ascontiguousarray(expected, np.float64).tofile(exp)
+            args.append(exp)
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode:
+            raise HLSError(f"C simulation failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+        return np.fromfile(yout, np.float64).reshape(x.shape[0], -1)
+
+
+class HLSBackend(Backend):
+    name = "hls"
+
+    def compile(self, module, target, out_dir: str) -> list[dict]:
+        layers = design(module)
+        top = top_name(module)
+        kdir = os.path.join(out_dir, "kernels")
+        os.makedirs(os.path.join(kdir, "tb_data"), exist_ok=True)
+        for name, text in render(layers, top, target).items():
+            with open(os.path.join(kdir, name), "w") as f:
+                f.write(text)
+        # Test data for the vendor flow: fixed-seed inputs and the bit-accurate outputs.
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((TB_ROWS, layers[0].cfg["k"])).astype(np.float32)
+        x.tofile(os.path.join(kdir, "tb_data", "inputs.bin"))
+        simulate(layers, x).tofile(os.path.join(kdir, "tb_data", "expected.bin"))
+        est = cost_model.estimate_design([(l.cfg, l.cfg["pe"], l.cfg["simd"]) for l in layers])
+        return [{
+            "op": "hls_design", "top": top, "impl": "vitis-hls", "part": target.params["part"],
+            "clock_mhz": target.params["clock_mhz"],
+            "sources": sorted(f for f in os.listdir(kdir) if f.endswith((".cpp", ".h"))),
+            "layers": [{"name": l.name, "config": l.cfg} for l in layers],
+            "estimate": est,
+        }]
+
+    def runner(self, module, manifest: dict, out_dir: str):
+        top = manifest["kernels"][0]["top"]
+        kdir = os.path.join(out_dir, "kernels")
+        fn = module.main
+        in_name, out_name = fn.args[0].name, fn.output_names[0]
+        out_dtype = fn.outputs[0].type.dtype.np_dtype
+        exe_cache: list[str] = []
+
+        def run(inputs: dict) -> dict:
+            if set(inputs) != {in_name}:
+                raise ValueError(f"the design takes one input {in_name!r}, got {sorted(inputs)}")
+            x = np.asarray(inputs[in_name])
+            if not exe_cache:
+                exe_cache.append(build_csim(kdir, top))
+            rows = x.reshape(-1, x.shape[-1])
+            y = run_csim(exe_cache[0], rows)
+            return {out_name: y.reshape(*x.shape[:-1], -1).astype(out_dtype)}
+
+        return run

@@ -1,0 +1,178 @@
+"""hls-fixed-point: choose the fixed-point formats of every layer of an FPGA design.
+
+Each ``qmatmul`` gets ``config`` entries that the HLS templates and the bit-accurate model
+(``codegen/hls/numerics.py``) read; nothing about formats is decided later. Per layer:
+
+- ``x``: the layer input, ``ap_fixed<x_width, x_int, AP_RND, AP_SAT>`` with ``frac_bits``
+  fraction bits; the first layer's input range is ``input_range`` (values beyond saturate);
+- ``part``: the exact sum of ``(code - zero_point) * x`` over one group (integer weights need
+  no multiplier by a scale inside the group: one scale multiply per group, as in MixPE);
+- ``scale``: the group scales rounded to ``scale_bits`` significant bits (``scale_frac``
+  fraction bits, chosen per layer from the largest scale), emitted as exact integer codes;
+- ``acc``: ``ap_fixed<acc_width, acc_int>`` (AP_TRN: each ``part * scale`` is floored to
+  ``acc_frac_bits`` fraction bits); bias codes use the same format;
+- ``y``: the layer output (the next layer's ``x``), rounded (AP_RND) and saturated.
+
+Integer bits come from a worst-case interval bound, ``|y_n| <= R_x * sum_k |w_kn| + |b_n|``,
+so no accumulator can overflow; the output format of a layer is the input format of the next.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_value
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+
+# Largest width whose products the bit-accurate model computes exactly in int64.
+MAX_EXACT_BITS = 62
+
+
+def int_bits_for(bound: float) -> int:
+    """Integer bits (sign included) of a signed fixed-point type that holds [-bound, bound]."""
+    return max(1, math.floor(math.log2(bound)) + 2) if bound > 0 else 1
+
+
+def codes_per_word(bits: int) -> int:
+    """Codes in one 32-bit word: a power of two so that every group is whole words."""
+    return 1 << int(math.floor(math.log2(32 // bits)))
+
+
+def design_layers(module: Module) -> list:
+    """The qmatmuls of an FPGA design in order, each with whether a relu follows it.
+
+    The design is a chain: input → qmatmul → [relu] → qmatmul → … → output. Anything else is
+    refused with the op and value it found.
+    """
+    fn = module.main
+    if len(fn.args) != 1 or len(fn.outputs) != 1:
+        raise PassError("an FPGA design takes one input and gives one output; "
+                        f"@main has {len(fn.args)} inputs and {len(fn.outputs)} outputs")
+    layers = []
+    users = fn.users()
+    for node in fn.nodes:
+        if node.op == "constant":
+            continue
+        if node.op == "qmatmul":
+            layers.append([node, False])
+        elif node.op == "relu" and layers and node.operands[0] is layers[-1][0].result \
+                and not layers[-1][1]:
+            layers[-1][1] = True
+        else:
+            raise PassError(f"the HLS backend supports chains of qmatmul and relu; "
+                            f"%{node.results[0].name} = {node.op}(...) is not supported")
+        if len(users.get(node.results[0], [])) > 1:
+            raise PassError(f"%{node.results[0].name} has several users; the HLS backend "
+                            "supports a chain of layers")
+    if not layers:
+        raise PassError("no qmatmul to put on the FPGA (run quantize-weights/fuse-dequant first)")
+    return [(n, relu) for n, relu in layers]
+
+
+def layer_weights(module: Module, node) -> dict:
+    """Codes [K, N], per-group scales and zero points [G, N], bias [N] and g_idx of a qmatmul."""
+    scheme = node.attrs["w_scheme"]
+    where = f"%{node.result.name} = qmatmul"
+    if node.attrs["act"] != "float":
+        raise PassError(f"{where}: the HLS backend takes float activations (act=float)")
+    if not scheme.dtype.is_integer or scheme.bits > 8:
+        raise PassError(f"{where}: weights of type {scheme.dtype} (the HLS backend takes "
+                        "integer codes of 2 to 8 bits)")
+    if node.operands[1].type.layout is not None:
+        raise PassError(f"{where}: the weight already has a layout")
+    codes = constant_value(module, node.operands[1])
+    scale = constant_value(module, node.operands[2])
+    zp = constant_value(module, node.operand(3))
+    g_idx = constant_value(module, node.operand(4))
+    bias = constant_value(module, node.operand(7))
+    if codes is None or scale is None:
+        raise PassError(f"{where}: weights and scales must be constants")
+    if zp is not None and not zp.dtype.kind in "iu":
+        raise PassError(f"{where}: float zero points are not supported by the HLS backend")
+    k, n = codes.shape
+    scale = np.asarray(scale, np.float64)
+    if scheme.granularity == "group" and scheme.axis != 0:
+        raise PassError(f"{where}: groups along N (axis 1) are not supported by the HLS backend")
+    if scheme.granularity == "group":
+        group = scheme.block_size
+        scales = scale.reshape(-1, n)
+        zps = None if zp is None else np.asarray(zp, np.int64).reshape(-1, n)
+    else:
+        group = k  # one scale per column (per-channel) or for the whole tensor
+        scales = np.broadcast_to(scale.reshape(1, -1), (1, n))
+        zps = None if zp is None else np.broadcast_to(np.asarray(zp, np.int64).reshape(1, -1),
+                                                      (1, n))
+    return {"codes": np.asarray(codes, np.int64), "scales": scales, "zps": zps,
+            "bias": None if bias is None else np.asarray(bias, np.float64), "group": group,
+            "g_idx": None if g_idx is None else np.asarray(g_idx, np.int64), "scheme": scheme}
+
+
+def dequantized_abs_colsum(w: dict) -> np.ndarray:
+    """sum_k |w_kn| of the dequantized weight (for the interval bound)."""
+    codes, group = w["codes"], w["group"]
+    k = codes.shape[0]
+    gi = w["g_idx"] if w["g_idx"] is not None else np.arange(k) // group
+    zp = 0 if w["zps"] is None else w["zps"][gi]
+    return np.abs((codes - zp) * w["scales"][gi]).sum(axis=0)
+
+
+@register_pass("hls-fixed-point")
+@dataclass
+class HLSFixedPointPass(Pass):
+    """Choose ap_fixed formats per layer (inputs, partial sums, scales, accumulators)."""
+
+    input_range: float = 8.0  # |model input| assumed at most this (beyond: saturation)
+    frac_bits: int = 10  # fraction bits of every activation (layer inputs and outputs)
+    scale_bits: int = 18  # significant bits of a scale (an 18-bit DSP port)
+    acc_frac_bits: int = 16  # fraction bits of accumulators and biases
+
+    def run(self, module: Module) -> Module:
+        if self.acc_frac_bits <= self.frac_bits:
+            raise PassError("acc_frac_bits must exceed frac_bits (outputs are rounded from it)")
+        x_range = float(self.input_range)
+        x_int = int_bits_for(x_range)
+        for node, relu in design_layers(module):
+            w = layer_weights(module, node)
+            bits = w["scheme"].bits
+            k, n = w["codes"].shape
+            cpw = codes_per_word(bits)
+            group = w["group"]
+            if group % cpw:
+                group_padded = -(-group // cpw) * cpw
+                if w["scheme"].granularity == "group":
+                    raise PassError(f"%{node.result.name}: group {group} is not a multiple of "
+                                    f"{cpw} codes per 32-bit word")
+                group = group_padded
+            groups = -(-k // group)
+            # Worst-case output bound from the input bound.
+            colsum = dequantized_abs_colsum(w)
+            bias = w["bias"] if w["bias"] is not None else np.zeros(n)
+            y_bound = float((x_range * colsum + np.abs(bias)).max())
+            y_range = y_bound
+            part_int = x_int + bits + 1 + max(0, math.ceil(math.log2(group)))
+            max_scale = float(np.abs(w["scales"]).max()) or 1.0
+            scale_int = math.floor(math.log2(max_scale)) + 2  # sign + magnitude < 2^(int-1)
+            scale_frac = self.scale_bits - scale_int
+            acc_int = int_bits_for(y_bound) + 1
+            y_int = int_bits_for(y_range)
+            cfg = {
+                "bits": bits, "signed_codes": int(w["scheme"].dtype.kind == "int"),
+                "codes_per_word": cpw, "group": group, "groups": groups, "k": k,
+                "k_padded": groups * group, "n": n, "words_per_group": group // cpw,
+                "x_width": x_int + self.frac_bits, "x_int": x_int,
+                "part_width": part_int + self.frac_bits, "part_int": part_int,
+                "scale_width": self.scale_bits, "scale_frac": scale_frac,
+                "acc_width": acc_int + self.acc_frac_bits, "acc_int": acc_int,
+                "y_width": y_int + self.frac_bits, "y_int": y_int, "relu": int(relu),
+            }
+            if (cfg["part_width"] + cfg["scale_width"] > MAX_EXACT_BITS
+                    or cfg["acc_width"] > MAX_EXACT_BITS):
+                raise PassError(f"%{node.result.name}: fixed-point widths {cfg} exceed "
+                                f"{MAX_EXACT_BITS} bits; lower input_range or frac_bits")
+            node.attrs["config"] = {**node.attrs.get("config", {}), **cfg}
+            x_range, x_int = y_range, y_int
+        record_stat(module, self.name, layers=len(design_layers(module)))
+        return module

@@ -1,0 +1,67 @@
+"""hls-parallelism: choose PE and SIMD of every layer of an FPGA design within the part's budget.
+
+Needs ``hls-fixed-point`` first: the cost model (``codegen/hls/cost_model.py``) reads the
+widths that pass writes into each qmatmul's ``config``. This pass adds ``pe`` (output channels
+computed in parallel; divides ``n``) and ``simd`` (32-bit weight words per PE per cycle;
+divides ``words_per_group``), chosen by ``choose_parallelism`` so that the DATAFLOW design has
+the smallest interval, then latency, with every resource at most ``utilization`` of the
+target's ``resources``. Values already in ``config`` are recomputed. The design's estimate
+(Vitis csynth report keys, per-layer breakdown) goes to ``module.metadata["hls_estimate"]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qcompiler.codegen.hls.cost_model import RESOURCES, choose_parallelism, estimate_design
+from qcompiler.ir import Module
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+from qcompiler.targets import get_target
+
+
+@register_pass("hls-parallelism")
+@dataclass
+class HLSParallelismPass(Pass):
+    """Choose PE/SIMD per FPGA layer: fastest design within a fraction of the part's budget."""
+
+    target: str = "fpga-u250"
+    utilization: float = 0.8  # the largest fraction of each resource the design may use
+
+    def run(self, module: Module) -> Module:
+        try:
+            tgt = get_target(self.target)
+        except KeyError as e:
+            raise PassError(f"hls-parallelism: {e.args[0]}") from None
+        budget = tgt.params.get("resources")
+        if tgt.backend != "hls" or not budget:
+            raise PassError(f"hls-parallelism: target {self.target!r} is not an FPGA target "
+                            f"(backend {tgt.backend!r}); use an fpga-* target")
+        if not 0 < self.utilization <= 1:
+            raise PassError(f"hls-parallelism: utilization={self.utilization} must be in (0, 1]")
+        nodes = [n for n in module.main.nodes if n.op == "qmatmul"]
+        for node in nodes:
+            if "x_width" not in node.attrs.get("config", {}):
+                raise PassError(f"hls-parallelism: %{node.result.name} has no fixed-point "
+                                "config; run hls-fixed-point first")
+        cfgs = [node.attrs["config"] for node in nodes]
+        try:
+            par = choose_parallelism(cfgs, budget, self.utilization)
+        except ValueError as e:
+            raise PassError(f"hls-parallelism: {e} on {self.target} ({tgt.description})") \
+                from None
+        for node, cfg, (pe, simd) in zip(nodes, cfgs, par):
+            node.attrs["config"] = {**cfg, "pe": pe, "simd": simd}
+        est = estimate_design([(node.attrs["config"], pe, simd)
+                               for node, (pe, simd) in zip(nodes, par)])
+        for node, layer in zip(nodes, est["layers"]):
+            layer["name"] = node.result.name
+        clock_mhz = tgt.params.get("clock_mhz")
+        est.update({
+            "target": tgt.name, "part": tgt.params.get("part"), "clock_mhz": clock_mhz,
+            "TargetClockPeriod": round(1e3 / clock_mhz, 3) if clock_mhz else None,
+            "utilization": self.utilization,
+            **{f"Available{r}": budget.get(r) for r in RESOURCES},
+        })
+        module.metadata["hls_estimate"] = est
+        record_stat(module, self.name, layers=len(nodes), IntervalMin=est["IntervalMin"],
+                    BestLatency=est["BestLatency"], **{r: est[r] for r in RESOURCES})
+        return module
