@@ -562,8 +562,13 @@ def _check_result(node: Node, r: Value, y: np.ndarray) -> None:
         raise TypeError(f"result %{r.name} has shape {y.shape}, its type is {t}")
 
 
-def run(module: Module, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(module: Module, inputs: dict[str, np.ndarray],
+        kernels: Optional[dict[str, Callable]] = None) -> dict[str, np.ndarray]:
     """Run ``module.main`` on ``inputs`` (by argument name); returns outputs by output name.
+
+    ``kernels`` maps a node's first result name to an implementation with the signature of
+    ``OP_IMPLS`` (``impl(node, args, module) -> list[np.ndarray]``): a backend runs the
+    kernels it compiled this way and lets the interpreter run the rest of the graph.
 
     Raises ValueError for missing, unknown or mistyped inputs, and RuntimeError naming the
     node when an op fails. Intermediates are dropped as soon as their last user has run.
@@ -593,8 +598,10 @@ def run(module: Module, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if uses.get(a, 0):
             env[a] = x
 
+    kernels = kernels or {}
     for node in fn.nodes:
-        impl = OP_IMPLS.get(node.op)
+        impl = (kernels.get(node.results[0].name) if node.results else None) \
+            or OP_IMPLS.get(node.op)
         names = ", ".join(f"%{r.name}" for r in node.results)
         if impl is None:
             raise RuntimeError(f"{names} = {node.op}: the reference runtime has no such op")
