@@ -1,11 +1,13 @@
 """Quickstart: compile the shipped 4-bit MLP, run it, and compare with onnxruntime.
 
-    python examples/quickstart.py [--target ref] [--batch 4]
+    python examples/quickstart.py [--target cpu] [--batch 4]
 
 The model (examples/mlp_int4.onnx) is a 3-layer MLP whose weights onnxruntime's own
 quantizer turned into 4-bit MatMulNBits. qcompiler imports it, fuses each dequantize into
-a ``qmatmul``, writes the artifact to qc_out/ and runs it. The CPU backend is not built yet,
-so the default target is ``ref`` (the exact numpy reference).
+a ``qmatmul``, writes the artifact to qc_out/ and runs it. The default target ``cpu`` is this
+machine: each qmatmul becomes a TVM TensorIR kernel compiled by LLVM for the detected CPU
+(``qc_out/kernels/*.so``, with the scheduled TensorIR beside it in ``*.tir.py``); ``--target ref``
+runs the exact numpy reference instead.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ MODEL = os.path.join(HERE, "mlp_int4.onnx")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="compile and run the example model")
-    ap.add_argument("--target", default="ref")
+    ap.add_argument("--target", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("-o", "--output", default="qc_out")
     args = ap.parse_args()

@@ -1,0 +1,135 @@
+"""The CPU backend: one TVM-compiled shared library per qmatmul; numpy runs the rest of the graph.
+
+Stages: QIR after ``cpu-schedule`` and ``cpu-pack-weights`` -> per qmatmul a TensorIR module
+with one scheduled function per batch-size variant (``kernels.py``) -> LLVM for the target's
+-mcpu -> ``kernels/<name>.so`` plus ``kernels/<name>.tir.py`` (the scheduled TensorIR, for
+people). ``runner`` loads the libraries and runs the graph with the reference interpreter,
+substituting the kernels for their qmatmuls (``qcompiler.runtime.reference.run(kernels=...)``).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from qcompiler.codegen import Backend
+from qcompiler.ir.core import constant_value
+from qcompiler.targets import get_target
+
+
+class CPUBackendError(RuntimeError):
+    """The module cannot be compiled or run by the CPU backend; the message says why."""
+
+
+def kernel_file_stem(node) -> str:
+    return "qmm_" + re.sub(r"[^A-Za-z0-9_]", "_", node.result.name)
+
+
+def _problem(target, node):
+    from qcompiler.codegen.cpu import tuning
+
+    lay = node.operands[1].type.layout
+    if lay is None or lay.name not in ("cpu_exact", "cpu_vnni"):
+        raise CPUBackendError(f"%{node.result.name}: weights are not packed for the CPU "
+                              "(run cpu-pack-weights after cpu-schedule)")
+    return tuning.problem_from_layout(lay, node.attrs["config"])
+
+
+def _packed(module, node) -> dict:
+    perm = None
+    lay = node.operands[1].type.layout
+    if lay.get("act_order"):
+        from qcompiler.codegen.cpu import layout
+
+        perm = layout.act_order_permutation(constant_value(module, node.operand(4)),
+                                            lay.get("block"), lay.get("k"))
+    return {"w": constant_value(module, node.operands[1]),
+            "s": constant_value(module, node.operands[2]),
+            "zc": constant_value(module, node.operands[3]),
+            "perm": perm}
+
+
+def _tvm_nodes(module):
+    for node in module.main.nodes:
+        if node.op == "qmatmul" and node.attrs.get("config", {}).get("impl") == "tvm":
+            yield node
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+
+    def compile(self, module, target, out_dir: str) -> list[dict]:
+        from qcompiler.codegen.cpu import runtime
+        from qcompiler.codegen.cpu.host import target_cpu
+
+        kdir = os.path.join(out_dir, "kernels")
+        os.makedirs(kdir, exist_ok=True)
+        calls = []
+        for node in module.main.nodes:
+            if node.op != "qmatmul":
+                continue
+            cfg = node.attrs.get("config", {})
+            record = {"op": "qmatmul", "result": node.result.name,
+                      "x": list(node.operands[0].type.shape),
+                      "w_scheme": str(node.attrs["w_scheme"]), "act": node.attrs["act"],
+                      "config": cfg}
+            if cfg.get("impl") != "tvm":
+                if "impl" not in cfg:
+                    raise CPUBackendError(f"%{node.result.name} has no CPU config; the "
+                                          "pipeline must run cpu-schedule and cpu-pack-weights")
+                calls.append({**record, "impl": "reference"})
+                continue
+            p = _problem(target, node)
+            stem = os.path.join(kdir, kernel_file_stem(node))
+            try:
+                runtime.build_library(p.kernel_shape(), runtime.variant_list(cfg), target, stem,
+                                      write_source=True)
+            except Exception as e:
+                raise CPUBackendError(f"%{node.result.name}: building the kernel failed: "
+                                      f"{type(e).__name__}: {e}") from e
+            calls.append({**record, "impl": "tvm-llvm",
+                          "library": os.path.relpath(stem + ".so", out_dir),
+                          "source": os.path.relpath(stem + ".tir.py", out_dir),
+                          "mcpu": target_cpu(target)["mcpu"],
+                          "functions": [f"qmm_v{i}" for i in range(len(cfg["variants"]))],
+                          "k": p.k, "n": p.n})
+        return calls
+
+    def runner(self, module, manifest: dict, out_dir: str):
+        from qcompiler.codegen.cpu import runtime
+        from qcompiler.runtime.reference import run
+
+        target = get_target(manifest["target"])
+        libs = {c["result"]: c for c in manifest["kernels"] if c.get("impl") == "tvm-llvm"}
+        impls = {}
+        for node in _tvm_nodes(module):
+            call = libs.get(node.result.name)
+            if call is None:
+                raise CPUBackendError(f"manifest lists no library for %{node.result.name}")
+            p = _problem(target, node)
+            kernel = runtime.QmmKernel(os.path.join(out_dir, call["library"]), p,
+                                       runtime.variant_list(node.attrs["config"]),
+                                       _packed(module, node))
+            impls[node.result.name] = _qmatmul_impl(kernel)
+        threads = os.environ.get("QC_CPU_THREADS")
+        if threads:
+            runtime.set_num_threads(int(threads))
+        return lambda inputs: run(module, inputs, kernels=impls)
+
+
+def _qmatmul_impl(kernel):
+    """The interpreter's op signature around a compiled kernel: leading dims, bias, dtype."""
+    def impl(node, args, module):
+        x = np.asarray(args[0])
+        k = kernel.p.k
+        if x.shape[-1] != k:
+            raise ValueError(f"%{node.result.name} = qmatmul: x has shape {x.shape}, the kernel "
+                             f"takes K = {k}")
+        y = kernel(x.reshape(-1, k).astype(np.float32, copy=False))
+        bias = args[7] if len(args) > 7 else None
+        if bias is not None:
+            y = y + np.asarray(bias, np.float32)
+        out_dtype = node.result.type.dtype.np_dtype
+        return [y.reshape(*x.shape[:-1], kernel.p.n).astype(out_dtype, copy=False)]
+    return impl

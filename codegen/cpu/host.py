@@ -1,0 +1,111 @@
+"""The LLVM CPU of a cpu target: the host's is detected from /proc/cpuinfo, never "native".
+
+LLVM 22 (inside TVM 0.27) rejects ``-mcpu=native`` and silently falls back to a generic x86
+without AVX, so the host target names a real CPU: the newest LLVM CPU of the host's vendor
+whose key ISA features the host has. ``llvm_get_system_cpu()`` is not used because under
+virtualization it reports the hypervisor's model (e.g. "rocketlake" for a Sapphire Rapids guest
+with AMX), which can be wrong in both directions.
+"""
+from __future__ import annotations
+
+import functools
+
+# LLVM CPU names, newest first, and the /proc/cpuinfo flags each one needs. Only ISA features
+# that change code generation for our kernels are listed.
+_AVX2 = {"avx", "avx2", "fma", "f16c", "bmi2"}
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
+_VNNI = _AVX512 | {"avx512_vnni"}
+CANDIDATES = {
+    "GenuineIntel": [
+        ("sapphirerapids", _VNNI | {"avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16",
+                                    "avx_vnni", "avx512_vbmi2", "avx512_bitalg"}),
+        ("icelake-server", _VNNI | {"avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq"}),
+        ("cascadelake", _VNNI),
+        ("skylake-avx512", _AVX512),
+        ("haswell", _AVX2),
+    ],
+    "AuthenticAMD": [
+        ("znver5", _VNNI | {"avx512_bf16", "avx_vnni", "avx512_vp2intersect", "avx512_vbmi2"}),
+        ("znver4", _VNNI | {"avx512_bf16", "avx512_vbmi2", "avx512_bitalg"}),
+        ("znver3", _AVX2 | {"vaes", "vpclmulqdq"}),
+        ("znver2", _AVX2),
+        ("haswell", _AVX2),
+    ],
+}
+FALLBACK_CPU = "x86-64"
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set]:
+    """(vendor_id, flags) of the first processor listed."""
+    vendor, flags = "", set()
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "vendor_id" and not vendor:
+                vendor = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            if vendor and flags:
+                break
+    return vendor, flags
+
+
+def choose_mcpu(vendor: str, flags: set, valid=None) -> str:
+    """The newest LLVM CPU of ``vendor`` whose required flags the host has."""
+    for name, needed in CANDIDATES.get(vendor, CANDIDATES["GenuineIntel"]):
+        if needed <= flags and (valid is None or valid(name)):
+            return name
+    return FALLBACK_CPU
+
+
+@functools.cache
+def host_cpu() -> dict:
+    """{"mcpu", "vendor", "features"} of this machine (features: the flags the kernels use)."""
+    vendor, flags = read_cpuinfo()
+    try:
+        from tvm.target import codegen
+
+        valid = codegen.llvm_is_valid_cpu if hasattr(codegen, "llvm_is_valid_cpu") else None
+    except ImportError:
+        valid = None
+    mcpu = choose_mcpu(vendor, flags, _valid_checker(valid))
+    return {"mcpu": mcpu, "vendor": vendor,
+            "features": sorted(flags & (_VNNI | {"avx_vnni", "amx_int8", "avx512_bf16"}))}
+
+
+def _valid_checker(fn):
+    if fn is None:
+        return None
+
+    def valid(name: str) -> bool:
+        try:
+            return bool(fn(name, "x86_64-linux-gnu"))
+        except Exception:  # another signature: trust the table
+            return True
+    return valid
+
+
+def target_cpu(target) -> dict:
+    """{"mcpu", "vector_bits", "vnni"} for a cpu target (``cpu`` is the detected host)."""
+    if target.params.get("mcpu"):
+        feats = set(target.features)
+        mcpu = target.params["mcpu"]
+    else:
+        host = host_cpu()
+        feats = {f.replace("_", "") for f in host["features"]}
+        mcpu = host["mcpu"]
+    vector_bits = target.params.get("vector_bits") or (512 if "avx512f" in feats else 256)
+    vnni = "avx512vnni" in feats and vector_bits == 512
+    return {"mcpu": mcpu, "vector_bits": vector_bits, "vnni": vnni}
+
+
+def tvm_target(target, threads: int = 0):
+    """The TVM LLVM target of a cpu target."""
+    import tvm
+
+    cpu = target_cpu(target)
+    cfg = {"kind": "llvm", "mcpu": cpu["mcpu"]}
+    if threads:
+        cfg["num-cores"] = threads
+    return tvm.target.Target(cfg)

@@ -1,0 +1,195 @@
+"""The CPU weight layouts: how a qmatmul's codes, scales and zero points are stored for the kernels.
+
+Codes are stored as unsigned *container* codes ``u = q - lo`` (``lo`` is the smallest code of
+the type: 0 for unsigned, -2^(bits-1) for signed), several per byte: 2-bit codes in 2-bit
+containers (4 per byte), 3- and 4-bit codes in 4-bit containers (2 per byte), 5- to 8-bit codes
+in bytes. The real weight is ``(u - zc) * s`` with the zero point in container units
+``zc = z - lo`` (the implied zero point of MatMulNBits, or 0 for a symmetric scheme, as ``z``).
+
+Output columns are cut into tiles of ``n_tile`` (N padded with zero codes and zero scales);
+K is padded to whole groups (``k_pad``) with zero codes (the activations are padded with zeros at
+run time, so padding adds exact zeros). Two code layouts:
+
+- ``cpu_exact`` (fp32 activations): ``[N_pad/n_tile, k_pad/r, n_tile]`` 32-bit words with
+  ``r = 32/container_bits``; word ``(kr, j)`` holds the rows ``kr*r + h`` (``h < r``) of column
+  ``j`` at bit ``h*container_bits``. A vector load gives 16 columns; one shift and one
+  and-or (``vpternlogd``) put row h's code into the top mantissa bits of 1.0, i.e. the float
+  ``1 + u/2^cb`` exactly, with no integer-to-float conversion (the kernel's scales absorb the
+  2^cb factor and the 1).
+- ``cpu_vnni`` (int8 activations, AVX-512 VNNI): ``[N_pad/n_tile, k_pad/(4c), n_tile, 4]``
+  bytes; byte ``(kc, j, b)`` holds the row ``k = kc*4c + h*4 + b`` of column ``j`` at bit
+  ``h*container_bits``: after a shift and a mask, each 64 bytes are the 16 columns x 4
+  consecutive rows that one ``vpdpbusd`` multiplies with 4 activation bytes.
+
+Scales (float32) and zero points (uint8, in container units) are
+``[N_pad/n_tile, groups, n_tile]`` (``cpu_tiled``): one contiguous vector per tile and group.
+Groups run along K (``block`` rows each); a per-column or per-tensor scheme is one group of
+all of K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.ir.types import Layout, QuantScheme
+from qcompiler.runtime import numerics
+
+VNNI_LANES = 16  # int32 lanes of one zmm register: the columns one vpdpbusd computes
+VNNI_K = 4       # activation bytes per int32 lane of vpdpbusd
+K_ALIGN_PER_CHANNEL = 32  # K of a one-group (per-column) scheme is padded to this multiple
+
+
+class Unsupported(ValueError):
+    """The CPU kernels cannot compute this qmatmul; the message says why."""
+
+
+def container_bits(bits: int) -> int:
+    if bits <= 2:
+        return 2
+    if bits <= 4:
+        return 4
+    if bits <= 8:
+        return 8
+    raise Unsupported(f"{bits}-bit codes: the CPU kernels take 1- to 8-bit integer codes")
+
+
+def codes_per_byte(bits: int) -> int:
+    return 8 // container_bits(bits)
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Groups along K as the kernels see them: ``groups`` groups of ``block`` rows = ``k_pad``."""
+
+    block: int
+    groups: int
+    k_pad: int
+
+
+def check_scheme(scheme: QuantScheme) -> None:
+    """Raise Unsupported unless the kernels compute this weight scheme."""
+    if not scheme.dtype.is_integer:
+        raise Unsupported(f"{scheme.dtype} codes: the CPU kernels take integer codes")
+    container_bits(scheme.bits)
+    if scheme.granularity == "group" and scheme.axis % 2 != 0:
+        raise Unsupported(f"{scheme}: groups along N (axis 1); the CPU kernels take groups "
+                          "along K (axis 0)")
+    if scheme.granularity == "channel" and scheme.axis % 2 != 1:
+        raise Unsupported(f"{scheme}: one scale per input row (axis 0); the CPU kernels take "
+                          "per-column (axis 1) scales")
+
+
+def blocking(scheme: QuantScheme, k: int, numerics_mode: str) -> Blocking:
+    """The kernels' grouping of K for ``scheme`` (raises Unsupported)."""
+    check_scheme(scheme)
+    if scheme.granularity == "group":
+        block = scheme.block_size
+        words = 32 // container_bits(scheme.bits)
+        if numerics_mode == "exact" and block % words:
+            raise Unsupported(f"group size {block} with {scheme.bits}-bit codes: the exact "
+                              f"path needs groups of a multiple of {words} rows (one word)")
+        if numerics_mode == "int8" and block % (VNNI_K * codes_per_byte(scheme.bits)):
+            raise Unsupported(f"group size {block} with {scheme.bits}-bit codes: the int8 path "
+                              f"needs groups of a multiple of "
+                              f"{VNNI_K * codes_per_byte(scheme.bits)} rows")
+        groups = -(-k // block)
+        return Blocking(block, groups, groups * block)
+    k_pad = -(-k // K_ALIGN_PER_CHANNEL) * K_ALIGN_PER_CHANNEL
+    return Blocking(k_pad, 1, k_pad)
+
+
+def act_order_permutation(g_idx: np.ndarray, block: int, k: int) -> np.ndarray:
+    """Rows sorted by group (stable): the permutation applied offline to w and at run time to x.
+
+    After it, group g must be rows [g*block, (g+1)*block) as in GPTQ's desc_act checkpoints;
+    other g_idx tables (unequal group sizes) are refused.
+    """
+    g_idx = np.asarray(g_idx).reshape(-1).astype(np.int64)
+    if g_idx.shape[0] != k:
+        raise Unsupported(f"g_idx has {g_idx.shape[0]} entries, K is {k}")
+    perm = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(g_idx[perm], np.arange(k) // block):
+        raise Unsupported("act-order g_idx whose groups do not all have block_size rows")
+    return perm.astype(np.int32)
+
+
+def group_params(scheme: QuantScheme, scale: np.ndarray, zero_point: Optional[np.ndarray],
+                 k: int, n: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points in container units, both float32 ``[groups, n]``."""
+    scale = np.asarray(scale, dtype=np.float32)
+    lo = scheme.dtype.int_range()[0]
+    if scheme.granularity == "group":
+        s = numerics.expand_scale(scale, (groups, n), scheme.replace(block_size=1,
+                                                                     act_order=False))
+        z = (np.zeros((groups, n), np.float32) if zero_point is None else
+             numerics.expand_scale(np.asarray(zero_point), (groups, n),
+                                   scheme.replace(block_size=1, act_order=False)))
+    else:
+        s = numerics.expand_scale(scale, (k, n), scheme)[:1]
+        z = (np.zeros((1, n), np.float32) if zero_point is None else
+             numerics.expand_scale(np.asarray(zero_point), (k, n), scheme)[:1])
+    z = np.asarray(z, dtype=np.float32)
+    if zero_point is None and scheme.implied_zero_point is not None:
+        z = np.full_like(z, scheme.implied_zero_point)
+    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(z - lo, np.float32)
+
+
+def zero_codes(zc: np.ndarray) -> np.ndarray:
+    """Zero points in container units as uint8 (the kernels read one byte per group/column)."""
+    zc = np.asarray(zc, np.float32)
+    if zc.size and (np.any(zc != np.round(zc)) or zc.min() < 0 or zc.max() > 255):
+        raise Unsupported("zero points that are not integer codes (float zeros): the CPU "
+                          "kernels take integer zero points")
+    return zc.astype(np.uint8)
+
+
+def container_codes(scheme: QuantScheme, codes: np.ndarray) -> np.ndarray:
+    """Unsigned container codes ``q - lo`` as uint8."""
+    lo = scheme.dtype.int_range()[0]
+    return (np.asarray(codes).astype(np.int16) - lo).astype(np.uint8)
+
+
+def pad_to(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """Zero-pad a 2-D array at the end of each axis."""
+    out = np.zeros(shape, a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
+
+
+def pack_exact(u: np.ndarray, n_tile: int, cbits: int) -> np.ndarray:
+    """``[k_pad, n_pad]`` container codes -> the ``cpu_exact`` words ``[T, k_pad/r, n_tile]``."""
+    r = 32 // cbits
+    k_pad, n_pad = u.shape
+    v = u.astype(np.uint32).reshape(k_pad // r, r, n_pad // n_tile, n_tile)  # [kr, h, T, j]
+    out = np.zeros((n_pad // n_tile, k_pad // r, n_tile), np.uint32)
+    for h in range(r):
+        out |= v[:, h].transpose(1, 0, 2) << np.uint32(h * cbits)
+    return out
+
+
+def pack_vnni(u: np.ndarray, n_tile: int, cbits: int) -> np.ndarray:
+    """``[k_pad, n_pad]`` container codes -> the ``cpu_vnni`` bytes ``[T, k_pad/4c, n_tile, 4]``."""
+    c = 8 // cbits
+    k_pad, n_pad = u.shape
+    # k = kc*4c + h*4 + b  ->  [kc, h, b, T, j]
+    v = u.reshape(k_pad // (VNNI_K * c), c, VNNI_K, n_pad // n_tile, n_tile)
+    out = np.zeros((n_pad // n_tile, k_pad // (VNNI_K * c), n_tile, VNNI_K), np.uint8)
+    for h in range(c):
+        out |= (v[:, h].transpose(2, 0, 3, 1) << (h * cbits)).astype(np.uint8)
+    return out
+
+
+def tile_columns(a: np.ndarray, n_tile: int) -> np.ndarray:
+    """``[groups, n_pad]`` -> ``[n_pad/n_tile, groups, n_tile]``."""
+    g, n_pad = a.shape
+    return np.ascontiguousarray(a.reshape(g, n_pad // n_tile, n_tile).transpose(1, 0, 2))
+
+
+def code_layout(numerics_mode: str, **params) -> Layout:
+    return Layout.make("cpu_vnni" if numerics_mode == "int8" else "cpu_exact", **params)
+
+
+def tiled_layout(n_tile: int) -> Layout:
+    return Layout.make("cpu_tiled", n_tile=n_tile)

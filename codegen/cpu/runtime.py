@@ -1,0 +1,307 @@
+"""Packing, building, loading and calling the CPU kernels; the numpy model of their numerics.
+
+One shared library per qmatmul holds one function per variant (``qmm_v0`` ...); each serves a
+range of batch sizes M (``variant["max_m"]``, 0 = no bound), so M is symbolic: the runner pads
+M to the variant's ``m_block`` and calls the function, nothing is compiled at run time.
+
+Per call the runner prepares the activations in reused 64-byte aligned buffers that TVM
+wraps without copies (act-order permutation of the columns, zero padding of K; for the exact
+path the per-group sums and, with m_block > 1, the k-major copy of each row block; for the
+int8 path the compiled ``qmm_quantize`` prologue quantizes per row and group), calls the
+kernel and the caller adds the bias. Threads: the TVM thread pool, sized by
+``set_num_threads`` or ``TVM_NUM_THREADS`` (the backend's runner reads ``QC_CPU_THREADS``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.codegen.cpu import kernels, layout
+from qcompiler.runtime import numerics
+
+INT8_MAX = 127
+
+
+def default_pool_size() -> None:
+    """Let TVM's thread pool reach every CPU this process may use.
+
+    TVM sizes its pool once, when first used, from TVM_NUM_THREADS or else its count of
+    physical cores, which is 1 on some VMs with 2 vCPUs; ``set_num_threads`` can only shrink
+    it afterwards. An explicit TVM_NUM_THREADS is respected.
+    """
+    if "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
+def set_num_threads(n: int) -> int:
+    """Size the TVM thread pool used by the kernels (0: all of it); returns the size."""
+    default_pool_size()
+    import tvm  # noqa: F401  (loads the runtime that registers the functions)
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(0, int(n))
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+# --------------------------------------------------------------------------------------------
+# packing (shared by the cpu-pack-weights pass and the tuner)
+# --------------------------------------------------------------------------------------------
+
+
+def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
+                 g_idx: Optional[np.ndarray]) -> dict:
+    """Logical ``[K, N]`` codes and their scale/zero point -> the arrays the kernel reads.
+
+    Returns {"w": packed codes, "s": scales (float32), "zc": zero points in container units
+    (uint8), both [tiles, groups, n_tile], "perm": the act-order row permutation or None}.
+    """
+    scheme, bl = p.scheme, p.blocking
+    perm = None
+    if scheme.act_order:
+        perm = layout.act_order_permutation(g_idx, bl.block, p.k)
+        q = np.asarray(q)[perm]
+    s, zc = layout.group_params(scheme, scale, zp, p.k, p.n, bl.groups)
+    u = layout.pad_to(layout.container_codes(scheme, q), (bl.k_pad, p.n_pad))
+    cbits = p.container_bits
+    w = layout.pack_vnni(u, p.n_tile, cbits) if p.numerics == "int8" else \
+        layout.pack_exact(u, p.n_tile, cbits)
+    return {"w": w,
+            "s": layout.tile_columns(layout.pad_to(s, (bl.groups, p.n_pad)), p.n_tile),
+            "zc": layout.tile_columns(layout.pad_to(layout.zero_codes(zc), (bl.groups, p.n_pad)),
+                                      p.n_tile),
+            "perm": perm}
+
+
+# --------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------
+
+
+def scheduled_source(ks: kernels.KernelShape, variants: list[dict]) -> str:
+    """The scheduled TensorIR of all variants as TVMScript (for people and golden tests)."""
+    return kernels.build_module(ks, variants).script()
+
+
+def build_library(ks: kernels.KernelShape, variants: list[dict], target, stem: str,
+                  write_source: bool = False) -> str:
+    """Compile the variants with LLVM for ``target``; write ``stem.so`` (and ``stem.tir.py``)."""
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+
+    mod = kernels.build_module(ks, variants)
+    if write_source:
+        with open(stem + ".tir.py", "w") as f:
+            f.write(f"# Scheduled TensorIR of {os.path.basename(stem)} (TVMScript, "
+                    f"tvm {tvm.__version__}); each function is one variant.\n")
+            f.write(mod.script())
+            f.write("\n")
+    ex = tvm.compile(mod, target=tvm_target(target))
+    path = stem + ".so"
+    ex.export_library(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# calling
+# --------------------------------------------------------------------------------------------
+
+
+def variant_list(config: dict) -> list[dict]:
+    """The variants of a qmatmul config in order (stored as ``{"v0": {...}, "v1": ...}``:
+    the IR's attribute syntax has dicts of dicts but no lists of dicts)."""
+    vs = config["variants"]
+    return [vs[f"v{i}"] for i in range(len(vs))]
+
+
+def choose_variant(variants: list[dict], m: int) -> int:
+    """The first variant whose ``max_m`` bounds m (variants are sorted; 0 = unbounded)."""
+    for i, v in enumerate(variants):
+        if v["max_m"] == 0 or m <= v["max_m"]:
+            return i
+    return len(variants) - 1
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """A numpy array whose data is 64-byte aligned (TVM wraps such arrays without a copy)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+class _Buffers:
+    """The activation and output buffers of one (variant, padded M), wrapped once for TVM."""
+
+    def __init__(self, p, m_pad: int, m_block: int):
+        import tvm
+
+        bl = p.blocking
+        groups = bl.groups
+        self.x = aligned_empty((m_pad, bl.k_pad), np.float32)
+        self.x[:] = 0  # K padding stays zero: padded codes meet zero activations
+        self.xsum = aligned_empty((m_pad, groups), np.float32)
+        arrays = []
+        if p.numerics == "int8":
+            self.xq = aligned_empty((m_pad, bl.k_pad), np.int8)
+            self.x_scale = aligned_empty((m_pad, groups), np.float32)
+            arrays = [self.xq, self.xsum, self.x_scale]
+            shapes = [(m_pad // m_block, m_block, a.shape[1]) for a in arrays]
+        else:
+            # the exact kernel reads x k-major per row block: [m_outer, k_pad, m_block]
+            self.x_kmajor = (self.x if m_block == 1 else
+                             aligned_empty((m_pad // m_block, bl.k_pad, m_block), np.float32))
+            arrays = [self.x_kmajor, self.xsum]
+            shapes = [(m_pad // m_block, bl.k_pad, m_block),
+                      (m_pad // m_block, m_block, groups)]
+        self.y = aligned_empty((m_pad, p.n_pad), np.float32)
+        self.args = [tvm.runtime.from_dlpack(a.reshape(s)) for a, s in zip(arrays, shapes)]
+        if p.numerics == "int8":  # the quantization prologue's 2-D views of the same memory
+            self.quant_args = [tvm.runtime.from_dlpack(a) for a in
+                               (self.x, self.xq, self.x_scale, self.xsum)]
+        self.out = tvm.runtime.from_dlpack(self.y.reshape(m_pad // m_block, m_block, p.n_pad))
+
+
+class QmmKernel:
+    """A loaded qmatmul kernel: ``kernel(x [M, K] float32) -> [M, N] float32`` (no bias)."""
+
+    def __init__(self, lib_path: str, p, variants: list[dict], packed: dict):
+        default_pool_size()
+        import tvm
+
+        self.p = p
+        self.variants = variants
+        self.lib = tvm.runtime.load_module(lib_path)
+        self.funcs = [self.lib[kernels.function_name(i)] for i in range(len(variants))]
+        self.quantize = self.lib[kernels.QUANTIZE_FUNC] if p.numerics == "int8" else None
+        s = np.asarray(packed["s"], np.float64)
+        # The IR stores the codes 2-D ([tiles, bytes of a tile]); the kernel reads them as
+        # [tiles, k_pad/r, n_tile] words (exact) or [tiles, k_pad/4c, n_tile, 4] bytes (int8).
+        c = 8 // p.container_bits
+        bl = p.blocking
+        raw = np.asarray(packed["w"]).view(np.uint8)
+        if p.numerics == "int8":
+            w = raw.reshape(p.n_pad // p.n_tile, bl.k_pad // (4 * c), p.n_tile, 4)
+        else:
+            r = 32 // p.container_bits
+            w = raw.view(np.uint32).reshape(p.n_pad // p.n_tile, bl.k_pad // r, p.n_tile)
+            # codes arrive as f = 1 + u/2^cb: (u - zc) s = 2^cb s (f - 1 - zc/2^cb)
+            s = s * float(1 << p.container_bits)
+        w = np.ascontiguousarray(w)
+        s = np.ascontiguousarray(s, np.float32)
+        zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
+        self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
+        self.perm = packed.get("perm")
+        self._buffers: dict = {}
+
+    def prepare(self, x: np.ndarray):
+        """(variant index, buffers, M): x written into the kernel's activation buffers."""
+        p, bl = self.p, self.p.blocking
+        m = x.shape[0]
+        vi = choose_variant(self.variants, m)
+        mb = self.variants[vi]["m_block"]
+        m_pad = -(-max(m, 1) // mb) * mb
+        buf = self._buffers.get((vi, m_pad))
+        if buf is None:
+            buf = self._buffers[(vi, m_pad)] = _Buffers(p, m_pad, mb)
+        buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
+        buf.x[m:] = 0
+        if p.numerics == "int8":
+            self.quantize(*buf.quant_args)
+        else:
+            np.sum(buf.x.reshape(m_pad, bl.groups, bl.block), axis=-1, out=buf.xsum)
+            if mb > 1:
+                np.copyto(buf.x_kmajor, buf.x.reshape(m_pad // mb, mb, bl.k_pad)
+                          .transpose(0, 2, 1))
+        return vi, buf, m
+
+    def call_prepared(self, prepared) -> None:
+        vi, buf, _ = prepared
+        self.funcs[vi](*buf.args, *self.weights, buf.out)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.p.k:
+            raise ValueError(f"the kernel takes x [M, {self.p.k}], got {x.shape}")
+        prepared = self.prepare(x)
+        self.call_prepared(prepared)
+        m = prepared[2]
+        return prepared[1].y[:m, :self.p.n].copy()
+
+
+def quantize_groups(x_groups: np.ndarray, xq_out: np.ndarray, scale_out: np.ndarray) -> None:
+    """Symmetric int8 per row and group: ``x ~= xq * scale``, scale = max|x| / 127.
+
+    The numpy model of the kernels' ``qmm_quantize`` prologue (the same float32 operations).
+    ``x_groups`` is [M, G, block]; writes ``xq_out`` (same shape, int8) and ``scale_out`` [M, G].
+    ``xq = rint(x * (127 / max|x|))`` lies in [-127, 127] without clipping. An all-zero group
+    gets scale 1 and codes 0 (its terms are zero whatever the scale).
+    """
+    amax = np.max(np.abs(x_groups), axis=-1)
+    np.multiply(amax, np.float32(1.0 / INT8_MAX), out=scale_out)
+    inv = np.divide(np.float32(INT8_MAX), amax, out=np.zeros_like(amax), where=amax > 0)
+    scale_out[amax == 0] = 1.0
+    q = np.multiply(x_groups, inv[..., None])
+    np.rint(q, out=q)
+    xq_out[...] = q
+
+
+def int8_activations(x: np.ndarray, block: int, k_pad: int, perm=None) -> np.ndarray:
+    """x as the int8 path sees it: quantized per row and group of the kernel, dequantized.
+
+    Groups are the kernel's (after the act-order permutation of the columns); the result is
+    in x's own column order, float64.
+    """
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    xp = np.zeros((m, k_pad), np.float32)
+    xp[:, :k] = x if perm is None else x[:, perm]
+    g = xp.reshape(m, k_pad // block, block)
+    xq = np.empty(g.shape, np.int8)
+    scale = np.empty(g.shape[:2], np.float32)
+    quantize_groups(g, xq, scale)
+    xd = (xq.astype(np.float64) * scale.astype(np.float64)[..., None]).reshape(m, k_pad)[:, :k]
+    out = np.empty_like(xd)
+    if perm is None:
+        out[:] = xd
+    else:
+        out[:, perm] = xd
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the numpy model of the numerics, and the tolerance of a comparison
+# --------------------------------------------------------------------------------------------
+
+
+def dequantized(p, q, scale, zp, g_idx) -> np.ndarray:
+    """The float64 weights ``[K, N]`` (exact dequantization)."""
+    wf = numerics.dequantize(q, scale, zp, p.scheme, np.float64, g_idx=g_idx)
+    return np.asarray(wf, np.float64)
+
+
+def numpy_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
+    """What the kernel computes, in float64: x @ dequant(w), x quantized per group for int8."""
+    x = np.asarray(x, np.float32)
+    if p.numerics == "int8":
+        perm = None
+        if p.scheme.act_order:
+            perm = layout.act_order_permutation(g_idx, p.blocking.block, p.k)
+        x64 = int8_activations(x, p.blocking.block, p.blocking.k_pad, perm)
+    else:
+        x64 = x.astype(np.float64)
+    return x64 @ dequantized(p, q, scale, zp, g_idx)
+
+
+def tolerance(p, want: np.ndarray) -> float:
+    """fp32 accumulation error bound for the kernel vs the float64 model of its numerics.
+
+    The sums run over K terms in float32 (and over groups), so the error grows like
+    sqrt(K) ulps of the largest partial sums; 1e-5 relative to max|y| times sqrt(K)/8 covers
+    it with margin while catching any wrong code, scale or group (errors of order max|y|).
+    """
+    scale = float(np.abs(want).max()) if want.size else 1.0
+    return 1e-5 * max(scale, 1e-3) * max(1.0, np.sqrt(p.k) / 8) * 4

@@ -1,0 +1,227 @@
+"""The CPU backend's side of the tuning contract: search space, default, validity, measurement.
+
+A key is ``qcompiler.tuning.key.kernel_key(node, m)``; the int8 path adds ``"numerics":
+"int8"`` to it (the two numerics are different kernels with different best configs; the exact
+path's key is the contract's key unchanged). A config is one kernel variant's knobs:
+
+- ``m_block``: rows computed together (1, 2, 4, 8, 16);
+- ``order``: ``row`` or ``group`` (see ``kernels.py``);
+- ``k_unroll``: rows of a group unrolled, 1, 2 or 4 words of codes (exact path only; the int8
+  path steps 4 rows per instruction).
+
+The column tile (``n_tile``) is not tuned: it is 4 vectors of columns (4 independent
+accumulators), fixed by the packed weight layout that all batch sizes share.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.codegen.cpu import kernels, layout
+from qcompiler.codegen.cpu.host import target_cpu
+
+M_BLOCKS = (1, 2, 4, 8, 16)
+# The group order keeps one group's unpacked float32 codes (block x n_tile) in a stack buffer.
+MAX_GROUP_TILE_BYTES = 64 * 1024
+
+
+def scheme_from_str(text: str):
+    """A QuantScheme from its printed form ``#quant<...>``."""
+    from qcompiler.ir.parser import _Parser
+
+    return _Parser(text, None).quant_scheme()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the kernels need to know about a key on a target."""
+
+    m: int
+    k: int
+    n: int
+    scheme: object  # the logical QuantScheme (None when rebuilt from a packed layout)
+    numerics: str
+    blocking: layout.Blocking
+    n_tile: int
+    lanes: int
+    container_bits: int
+
+    @property
+    def n_pad(self) -> int:
+        return -(-self.n // self.n_tile) * self.n_tile
+
+    def kernel_shape(self) -> kernels.KernelShape:
+        return kernels.KernelShape(
+            numerics=self.numerics, n_pad=self.n_pad, k_pad=self.blocking.k_pad,
+            block=self.blocking.block, groups=self.blocking.groups, n_tile=self.n_tile,
+            container_bits=self.container_bits, lanes=self.lanes)
+
+
+# Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
+VECTORS_PER_TILE = 4
+
+
+def n_tile_for(numerics_mode: str, bits: int, lanes: int) -> int:
+    if numerics_mode == "int8":
+        return layout.VNNI_LANES * VECTORS_PER_TILE
+    return lanes * VECTORS_PER_TILE
+
+
+def problem(target, key: dict) -> Problem:
+    """The Problem of ``key`` (raises layout.Unsupported for what the kernels cannot do)."""
+    numerics_mode = key.get("numerics", "exact")
+    if numerics_mode not in kernels.NUMERICS:
+        raise layout.Unsupported(f"numerics {numerics_mode!r}: choose one of {kernels.NUMERICS}")
+    if key.get("act") != "float":
+        raise layout.Unsupported(f"act={key.get('act')}: the CPU kernels take float activations")
+    if key.get("x_dtype") != "f32":
+        raise layout.Unsupported(f"{key.get('x_dtype')} activations: the CPU kernels take f32")
+    cpu = target_cpu(target)
+    if numerics_mode == "int8" and not cpu["vnni"]:
+        raise layout.Unsupported(f"numerics=int8 needs AVX-512 VNNI; target {target.name} "
+                                 f"(-mcpu={cpu['mcpu']}) has none")
+    scheme = scheme_from_str(key["w_scheme"])
+    bl = layout.blocking(scheme, key["k"], numerics_mode)
+    lanes = cpu["vector_bits"] // 32
+    return Problem(m=key["m"], k=key["k"], n=key["n"], scheme=scheme, numerics=numerics_mode,
+                   blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes),
+                   lanes=lanes, container_bits=layout.container_bits(scheme.bits))
+
+
+def problem_from_layout(code_layout, config: dict) -> Problem:
+    """The Problem of a packed qmatmul, from its weight layout and its config."""
+    block, k_pad = code_layout.get("block"), code_layout.get("k_pad")
+    return Problem(m=1, k=code_layout.get("k"), n=code_layout.get("n"), scheme=None,
+                   numerics=config["numerics"],
+                   blocking=layout.Blocking(block, k_pad // block, k_pad),
+                   n_tile=code_layout.get("n_tile"), lanes=config["lanes"],
+                   container_bits=code_layout.get("container_bits"))
+
+
+def _group_order_fits(p: Problem) -> bool:
+    if p.numerics == "int8":
+        return p.blocking.block * p.n_tile <= MAX_GROUP_TILE_BYTES
+    return p.blocking.block * p.n_tile * 4 <= MAX_GROUP_TILE_BYTES
+
+
+def search_space(target, key: dict) -> dict:
+    p = problem(target, key)
+    space = {"m_block": [b for b in M_BLOCKS if b <= max(p.m, 1) * 2 and b <= 16],
+             "order": ["row", "group"] if _group_order_fits(p) else ["row"]}
+    if p.numerics == "exact":
+        space["order"].append("dequant")  # a workspace tile of up to 512 rows x n_tile floats
+    if p.numerics == "exact":
+        r = 32 // p.container_bits  # whole words: the shift of each unrolled row is constant
+        space["k_unroll"] = [u for u in (r, 2 * r, 4 * r) if p.blocking.block % u == 0]
+        space["col_vectors"] = [v for v in (1, 2, 4) if v <= p.n_tile // p.lanes]
+    return space
+
+
+def default_config(target, key: dict) -> dict:
+    """The heuristic: one row block of registers for few rows; for more rows, unpack once for
+    all row blocks (``group`` order; exact path with more than 32 rows: ``dequant``)."""
+    p = problem(target, key)
+    m = p.m
+    if m <= 1:
+        cfg = {"m_block": 1, "order": "row"}
+    elif m <= 4:
+        cfg = {"m_block": 1 << (m - 1).bit_length(), "order": "row"}
+    elif m <= 32 or p.numerics == "int8":
+        cfg = {"m_block": 8, "order": "group"}  # unpack once per group for all row blocks
+    else:
+        # many rows, exact: dequantize a chunk to float32 once and run plain GEMM steps
+        # (measured faster than per-group scaling from M ~ 64 on)
+        cfg = {"m_block": 8, "order": "dequant"}
+    if cfg["order"] == "group" and not _group_order_fits(p):
+        cfg = {"m_block": 4, "order": "row"}
+    if p.numerics == "exact":
+        r = 32 // p.container_bits
+        cfg["k_unroll"] = 2 * r if p.blocking.block % (2 * r) == 0 else r
+        # About 16 accumulator registers: m_block rows x col_vectors column vectors.
+        vectors = p.n_tile // p.lanes
+        cfg["col_vectors"] = max(1, min(vectors, 16 // cfg["m_block"]))
+    return cfg
+
+
+def check_config(target, key: dict, config: dict):
+    try:
+        space = search_space(target, key)
+    except layout.Unsupported as e:
+        return str(e)
+    for knob, values in space.items():
+        if knob not in config:
+            return f"config lacks {knob!r}"
+        if config[knob] not in values:
+            return f"{knob}={config[knob]!r} is not one of {values}"
+    extra = set(config) - set(space)
+    if extra:
+        return f"unknown knobs {sorted(extra)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------
+
+
+def random_weights(p: Problem, rng) -> dict:
+    """Fresh random codes, scales and zero points of the key's scheme (never zeros)."""
+    s = p.scheme
+    lo, hi = s.dtype.int_range()
+    q = rng.integers(lo, hi + 1, (p.k, p.n)).astype(s.dtype.np_dtype)
+    groups = -(-p.k // s.block_size) if s.granularity == "group" else 1
+    shape = (groups, p.n) if s.granularity == "group" else \
+        ((p.n,) if s.granularity == "channel" else ())
+    scale = (rng.random(shape) * 0.02 + 0.005).astype(np.float32)
+    zp = None
+    if not s.symmetric:
+        zlo, zhi = s.zero_point_type.int_range()
+        zp = rng.integers(zlo, zhi + 1, shape).astype(s.zero_point_type.np_dtype)
+    g_idx = None
+    if s.act_order:
+        g_idx = rng.permutation(np.arange(p.k) // s.block_size).astype(np.int32)
+    return {"q": q, "scale": scale, "zp": zp, "g_idx": g_idx}
+
+
+def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) -> dict:
+    """Build exactly this kernel, check it against numpy on random inputs, time it (µs)."""
+    from qcompiler.tuning.errors import BuildError, WrongResult
+
+    from qcompiler.codegen.cpu import runtime
+
+    reason = check_config(target, key, config)
+    if reason:
+        raise BuildError(f"invalid config {config}: {reason}")
+    p = problem(target, key)
+    rng = np.random.default_rng(0)
+    wts = random_weights(p, rng)
+    packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
+    variant = {**config, "m": p.m, "max_m": 0}
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lib_path = runtime.build_library(p.kernel_shape(), [variant], target,
+                                         os.path.join(workdir, "kernel"))
+        kernel = runtime.QmmKernel(lib_path, p, [variant], packed)
+    except Exception as e:
+        raise BuildError(f"{type(e).__name__}: {e}") from e
+    x = rng.standard_normal((p.m, p.k)).astype(np.float32)
+    got = kernel(x)
+    want = runtime.numpy_model(p, x, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
+    err = float(np.abs(got - want).max()) if got.size else 0.0
+    tol = runtime.tolerance(p, want)
+    if not np.isfinite(err) or err > tol:
+        raise WrongResult(f"max |kernel - numpy| = {err:.3g} > {tol:.3g}")
+    times = []
+    for _ in range(3):
+        kernel.call_prepared(kernel.prepare(x))  # warm up
+    prepared = kernel.prepare(x)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernel.call_prepared(prepared)
+        times.append((time.perf_counter() - t0) * 1e6)
+    times.sort()
+    return {"median": times[len(times) // 2], "min": times[0], "max": times[-1],
+            "runs": len(times)}

@@ -1,0 +1,108 @@
+"""cpu-pack-weights: store each CPU qmatmul's weights in the layout its kernel reads.
+
+Needs ``cpu-schedule`` first (it reads ``config.numerics`` and ``config.n_tile``). For every
+qmatmul with ``config.impl = "tvm"`` the operands become new constants:
+
+- codes (operand 1): container codes packed several per byte, ``#layout<cpu_exact, ...>`` or
+  ``#layout<cpu_vnni, ...>`` with the logical ``k``/``n``, the padded ``k_pad``, the group
+  ``block`` and ``container_bits`` (``codegen/cpu/layout.py`` describes both layouts);
+  with act-order the rows are stored sorted by group (the runner permutes x's columns);
+- scales (operand 2): float32 ``[tiles, groups, n_tile]``, ``#layout<cpu_tiled, ...>``;
+- zero points (operand 3, added for symmetric schemes too): the zero point in container units
+  (``z - lo``; MatMulNBits' implied zero point included) as u8, ``#layout<cpu_tiled>``.
+
+g_idx (operand 4) stays: the permutation is derived from it. The old constants are removed
+when nothing else uses them. Nodes whose config says ``impl = "reference"`` are left as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_node, constant_value
+from qcompiler.ir.types import TensorType, elem
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+
+
+@register_pass("cpu-pack-weights")
+@dataclass
+class CPUPackWeightsPass(Pass):
+    """Pack the weights of each CPU qmatmul into its kernel's layout (shown as #layout<cpu_*>)."""
+
+    target: str = "cpu"
+
+    def run(self, module: Module) -> Module:
+        from qcompiler.codegen.cpu import layout, runtime, tuning
+        from qcompiler.passes.cpu_schedule import node_key
+        from qcompiler.targets import get_target
+
+        tgt = get_target(self.target)
+        fn = module.main
+        packed_bytes = 0
+        for node in list(fn.nodes):
+            if node.op != "qmatmul":
+                continue
+            cfg = node.attrs.get("config", {})
+            if "impl" not in cfg:
+                raise PassError(f"cpu-pack-weights: %{node.result.name} has no CPU config; "
+                                "run cpu-schedule first")
+            if cfg["impl"] != "tvm" or node.operands[1].type.layout is not None:
+                continue
+            try:
+                p = tuning.problem(tgt, node_key(node, 1, cfg["numerics"]))
+            except layout.Unsupported as e:
+                raise PassError(f"cpu-pack-weights: %{node.result.name}: {e}") from None
+            if p.n_tile != cfg["n_tile"]:
+                raise PassError(f"cpu-pack-weights: %{node.result.name}: config n_tile "
+                                f"{cfg['n_tile']} but target {tgt.name} needs {p.n_tile}")
+            q = constant_value(module, node.operands[1])
+            scale = constant_value(module, node.operands[2])
+            zp = constant_value(module, node.operand(3))
+            g_idx = constant_value(module, node.operand(4))
+            packed = runtime.pack_weights(p, q, scale, zp, g_idx)
+            scheme = node.attrs["w_scheme"]
+            bl = p.blocking
+            code_layout = layout.code_layout(
+                p.numerics, codes=scheme.dtype.name, k=p.k, n=p.n, k_pad=bl.k_pad,
+                block=bl.block, n_tile=p.n_tile, container_bits=p.container_bits,
+                act_order=int(scheme.act_order))
+            # The stored elements are bytes now: the scheme describes u8 storage (its
+            # granularity and act-order stay), the layout names the code type; scales and
+            # zero points (in container units) are already applied by the packing.
+            storage_scheme = scheme.replace(dtype=elem("u8"), implied_zero_point=None,
+                                            symmetric=True, zero_point_type=None)
+            # qmatmul weights are 2-D: [tiles, bytes of one column tile].
+            w_bytes = np.ascontiguousarray(packed["w"]).view(np.uint8).reshape(
+                packed["w"].shape[0], -1)
+            w_type = TensorType(tuple(w_bytes.shape), elem("u8"), storage_scheme, code_layout)
+            tiled = layout.tiled_layout(p.n_tile)
+            f32 = elem("f32")
+            base = node.result.name
+            w_node = constant_node(fn, module, w_bytes, w_type, name_hint=f"{base}.w_packed",
+                                   before=node)
+            s_node = constant_node(fn, module, packed["s"],
+                                   TensorType(tuple(packed["s"].shape), f32, None, tiled),
+                                   name_hint=f"{base}.scale_tiled", before=node)
+            z_node = constant_node(fn, module, packed["zc"],
+                                   TensorType(tuple(packed["zc"].shape), elem("u8"), None,
+                                              tiled),
+                                   name_hint=f"{base}.zero_tiled", before=node)
+            ops = list(node.operands) + [None] * (8 - len(node.operands))
+            ops[1], ops[2], ops[3] = w_node.result, s_node.result, z_node.result
+            while ops and ops[-1] is None:
+                ops.pop()
+            node.operands = ops
+            node.attrs["w_scheme"] = storage_scheme
+            packed_bytes += int(packed["w"].nbytes)
+        fn.remove_dead_nodes()
+        for name in [c for c in module.constants if not _used(module, c)]:
+            del module.constants[name]
+        record_stat(module, self.name, packed_weight_bytes=packed_bytes)
+        return module
+
+
+def _used(module: Module, const_name: str) -> bool:
+    return any(n.op == "constant" and n.attrs.get("name") == const_name
+               for f in module.functions for n in f.nodes)

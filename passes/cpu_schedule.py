@@ -1,0 +1,172 @@
+"""cpu-schedule: choose the CPU kernel of every qmatmul: numerics, tile and per-batch variants.
+
+Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``exact``: fp32
+activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
+per row and group to symmetric int8 and VNNI int8 dot products, like accuracy_level 4; needs
+AVX-512 VNNI), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
+``codegen/cpu/tuning.py``).
+
+Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
+``variants``: one kernel variant per batch-size range, chosen for a representative M (the
+static M if the batch is static, else 1, 16 and 128 for M = 1, 2..16 and larger), each with its
+knobs and ``source`` (``heuristic`` or ``tuning-log``); the node's ``source`` says whether any
+came from the log; ``w_scheme`` keeps the logical scheme (cpu-pack-weights rewrites the
+node's to byte storage). A qmatmul the kernels cannot compute (integer activations, nf4/float
+codes, groups along N, per-row scales, float zero points, non-f32 activations, non-constant
+weights, act-order with unequal groups) gets ``impl = "reference"`` and the reason, with a
+warning: the numpy reference runs it, and the manifest says so.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_value
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+from qcompiler.targets import get_target
+
+# (representative M, largest M served; 0 = unbounded) of the variants of a symbolic batch.
+SYMBOLIC_BUCKETS = ((1, 1), (16, 16), (128, 0))
+# The M values keys are looked up at (read by the tuner: each M maps to the smallest bucket
+# that holds it, the largest serves every larger M).
+M_BUCKETS = tuple(m for m, _ in SYMBOLIC_BUCKETS)
+
+
+def node_key(node, m: int, numerics_mode: str) -> dict:
+    """The tuning key of ``node`` at ``m`` rows (the contract's key; int8 adds its numerics)."""
+    from qcompiler.tuning.key import kernel_key as contract_key
+
+    key = contract_key(node, m)
+    if numerics_mode != "exact":
+        key["numerics"] = numerics_mode
+    return key
+
+
+def kernel_key(node, m: int) -> dict:
+    """The key the tuner measures for ``node`` of a compiled module (read by the tuner).
+
+    After cpu-pack-weights the node's ``w_scheme`` describes byte storage; the logical scheme
+    and the numerics are in its config, so the key equals the one cpu-schedule looked up.
+    """
+    cfg = node.attrs.get("config", {})
+    key = node_key(node, m, cfg.get("numerics", "exact"))
+    if "w_scheme" in cfg:
+        key["w_scheme"] = cfg["w_scheme"]
+    return key
+
+
+def batch_rows(node):
+    """The static number of rows of x (product of its leading dims), or None if symbolic."""
+    lead = node.operands[0].type.shape[:-1]
+    if all(isinstance(d, int) for d in lead):
+        return int(np.prod(lead, dtype=np.int64)) if lead else 1
+    return None
+
+
+def unsupported_reason(module: Module, node, target, numerics_mode: str):
+    """Why the CPU kernels cannot compute ``node`` (None if they can)."""
+    from qcompiler.codegen.cpu import layout, tuning
+
+    if node.operands[1].type.layout is not None:
+        return f"weights already in layout {node.operands[1].type.layout}"
+    for i, what in ((1, "weight codes"), (2, "scales"), (3, "zero points"), (4, "g_idx")):
+        v = node.operand(i)
+        if v is not None and constant_value(module, v) is None:
+            return f"the {what} are not a constant"
+    k = node.operands[0].type.shape[-1]
+    n = node.results[0].type.shape[-1]
+    if not isinstance(k, int) or not isinstance(n, int):
+        return f"K={k} and N={n} must be static"
+    try:
+        p = tuning.problem(target, node_key(node, 1, numerics_mode))
+        if p.scheme.act_order:
+            layout.act_order_permutation(constant_value(module, node.operand(4)),
+                                         p.blocking.block, p.k)
+        _, zc = layout.group_params(p.scheme, constant_value(module, node.operands[2]),
+                                    constant_value(module, node.operand(3)), p.k, p.n,
+                                    p.blocking.groups)
+        layout.zero_codes(zc)
+    except layout.Unsupported as e:
+        return str(e)
+    return None
+
+
+@register_pass("cpu-schedule")
+@dataclass
+class CPUSchedulePass(Pass):
+    """Choose numerics, tile and per-batch kernel variants of each qmatmul for a cpu target."""
+
+    target: str = "cpu"
+    numerics: str = "exact"
+    tuning_log: str = ""
+
+    def run(self, module: Module) -> Module:
+        from qcompiler.codegen.cpu import kernels, tuning
+        from qcompiler.codegen.cpu.host import target_cpu
+
+        try:
+            tgt = get_target(self.target)
+        except KeyError as e:
+            raise PassError(f"cpu-schedule: {e.args[0]}") from None
+        if tgt.backend != "cpu":
+            raise PassError(f"cpu-schedule: target {self.target!r} is not a cpu target "
+                            f"(backend {tgt.backend!r})")
+        if self.numerics not in kernels.NUMERICS:
+            raise PassError(f"cpu-schedule: numerics={self.numerics!r}; choose one of "
+                            f"{', '.join(kernels.NUMERICS)}")
+        cpu = target_cpu(tgt)
+        if self.numerics == "int8" and not cpu["vnni"]:
+            raise PassError(f"cpu-schedule: numerics=int8 needs AVX-512 VNNI; target "
+                            f"{tgt.name} (-mcpu={cpu['mcpu']}) has none; use numerics=exact")
+        device = None
+        if self.tuning_log:
+            from qcompiler.tuning.device import device_name
+
+            device = device_name(tgt)
+        counts = {"tvm": 0, "reference": 0, "tuning_log": 0}
+        for node in module.main.nodes:
+            if node.op != "qmatmul":
+                continue
+            if node.attrs["act"] != "float":
+                reason = f"act={node.attrs['act']}: the CPU kernels take float activations"
+            else:
+                reason = unsupported_reason(module, node, tgt, self.numerics)
+            if reason:
+                warnings.warn(f"cpu-schedule: %{node.result.name} runs on the numpy reference: "
+                              f"{reason}", stacklevel=2)
+                node.attrs["config"] = {"impl": "reference", "reason": reason}
+                counts["reference"] += 1
+                continue
+            rows = batch_rows(node)
+            buckets = ((rows, 0),) if rows is not None else SYMBOLIC_BUCKETS
+            variants = []
+            for m, max_m in buckets:
+                key = node_key(node, max(m, 1), self.numerics)
+                cfg, source = None, "heuristic"
+                if self.tuning_log:
+                    from qcompiler.tuning.log import best_config
+
+                    cfg = best_config(self.tuning_log, tgt.name, device, key)
+                    if cfg is not None and tuning.check_config(tgt, key, cfg) is None:
+                        source = "tuning-log"
+                    else:
+                        cfg = None
+                if cfg is None:
+                    cfg = tuning.default_config(tgt, key)
+                variants.append({**cfg, "m": max(m, 1), "max_m": max_m, "source": source})
+                counts["tuning_log"] += source == "tuning-log"
+            p = tuning.problem(tgt, node_key(node, 1, self.numerics))
+            node.attrs["config"] = {
+                "impl": "tvm", "numerics": self.numerics, "n_tile": p.n_tile,
+                "w_scheme": str(node.attrs["w_scheme"]),
+                "lanes": p.lanes, "mcpu": cpu["mcpu"],
+                "source": "tuning-log" if any(v["source"] == "tuning-log" for v in variants)
+                else "heuristic",
+                "variants": {f"v{i}": v for i, v in enumerate(variants)}}
+            counts["tvm"] += 1
+        record_stat(module, self.name, kernels=counts["tvm"], on_reference=counts["reference"],
+                    from_tuning_log=counts["tuning_log"], numerics=self.numerics)
+        return module
