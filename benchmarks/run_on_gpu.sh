@@ -1,0 +1,60 @@
+#!/bin/bash
+# Run on the GPU machine (the device tool runs commands in a copy of this repository):
+#   bash benchmarks/run_on_gpu.sh [tests] [sanitize] [bench] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+# Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
+# networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-/tmp/qc_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/qc_site . \
+  >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+export PYTHONPATH=/tmp/qc_site
+cd /tmp  # import the installed package, not the checkout
+REPO=$OLDPWD
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+for step in "$@"; do
+  case $step in
+    tests)
+      python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
+        "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 "$REPO/benchmarks/sanitize_cuda.py" \
+          >"$OUT/sanitize-$tool.log" 2>&1
+        echo "compute-sanitizer $tool: exit $?"; tail -4 "$OUT/sanitize-$tool.log"
+      done ;;
+    bench)
+      python3 "$REPO/benchmarks/bench_cuda.py" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -50 ;;
+    bench-quick)
+      python3 "$REPO/benchmarks/bench_cuda.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
+    sweep-quick)
+      python3 "$REPO/benchmarks/bench_cuda.py" --quick --sweep --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    profile)
+      ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
+        1,4,2,4,128,2 1,4,2,4,128,7 >"$OUT/ncu-m1.txt" 2>&1
+      ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
+        4,4,2,3,128,1 2,2,2,4,128,1 >"$OUT/ncu-m64.txt" 2>&1
+      echo "ncu: $(grep -c 'qmatmul_kernel' "$OUT/ncu-m1.txt") $(grep -c 'qmatmul_kernel' "$OUT/ncu-m64.txt") kernels profiled" ;;
+    stalls)
+      M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active'
+      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 4096 4096 1 \
+        1,4,2,4,128,8 >"$OUT/ncu-stalls.txt" 2>&1
+      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
+        1,4,2,4,128,2 >>"$OUT/ncu-stalls.txt" 2>&1
+      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
+        4,4,2,3,128,1 >>"$OUT/ncu-stalls.txt" 2>&1
+      grep -E "qmatmul_kernel|stalled|duration|inst_executed|throughput|issue_active|warps_active" "$OUT/ncu-stalls.txt" \
+        | awk '$NF+0 > 0.05 || /qmatmul|duration|inst|throughput|active/' | sed 's/smsp__average_warps_issue_stalled_//' ;;
+    sweep-small)
+      python3 "$REPO/benchmarks/bench_cuda.py" --sweep --ms 1,4,16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20 ;;
+    sweep-ms)
+      python3 "$REPO/benchmarks/bench_cuda.py" --sweep --ms 1,16,64 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -22 ;;
+    tune)
+      python3 "$REPO/benchmarks/tune_smoke_cuda.py" /tmp/qc_tune 2>&1 | tee "$OUT/tune.log" | tail -12 ;;
+    sweep)
+      python3 "$REPO/benchmarks/bench_cuda.py" --sweep --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -50 ;;
+  esac
+done

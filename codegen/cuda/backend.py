@@ -1,0 +1,152 @@
+"""The CUDA backend: one generated .cu per qmatmul (jinja2), nvcc, a shared library each.
+
+Stages: QIR after ``reorder-weights,schedule-unpack,tile`` (every decision is in the weight's
+layout and the node's ``config``) -> ``kernel_params`` (plain values) -> CUDA C++ from
+``templates/qmatmul.cu.j2`` -> ``nvcc`` (``build.py``) -> ``kernels/<symbol>.so`` with a C ABI
+-> ``runtime.py`` (ctypes). Without nvcc the sources are still written; without a GPU the
+libraries are built but not run.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import jinja2
+
+import qcompiler
+from qcompiler.codegen import Backend
+from qcompiler.codegen.cuda import build as nv
+from qcompiler.codegen.cuda.layout import LAYOUT_NAME
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+
+
+class CudaCodegenError(ValueError):
+    """The module is not ready for CUDA code generation; the message names the node."""
+
+
+def kernel_symbol(node) -> str:
+    name = "".join(c if c.isalnum() else "_" for c in node.result.name)
+    return f"qc_qmm_{name}"
+
+
+def kernel_params(node, target_name: str) -> dict:
+    """Every value the template needs, from the node's layout and config (nothing decided here)."""
+    w_t = node.operands[1].type
+    lay = w_t.layout
+    cfg = node.attrs.get("config", {})
+    if lay is None or lay.name != LAYOUT_NAME or "variants" not in cfg:
+        raise CudaCodegenError(
+            f"%{node.result.name}: not packed and tiled for CUDA; the pipeline must end with "
+            "reorder-weights,schedule-unpack,tile")
+    dtype = node.operands[0].type.dtype.name
+    variants = []
+    for i, v in enumerate(sorted(cfg["variants"].values(), key=lambda v: v["m_max"])):
+        variants.append({**v, "name": f"v{i}"})
+    instances = sorted({(v["m_frags"], v["warps_n"], v["warps_k"], v["stages"], v["stage_k"],
+                         v["acc_scale"]) for v in variants})
+    k, k_pad = lay.get("k"), lay.get("k_pad")
+    return {
+        "version": qcompiler.__version__, "node_name": node.result.name, "target": target_name,
+        "symbol": kernel_symbol(node), "dtype": dtype,
+        "scalar_t": "half" if dtype == "f16" else "__nv_bfloat16",
+        "scalar2_t": "half2" if dtype == "f16" else "__nv_bfloat162",
+        "mma_type": "f16" if dtype == "f16" else "bf16",
+        "w_scheme": cfg.get("w_scheme", str(node.attrs["w_scheme"])),
+        "layout": str(lay), "cb": lay.get("container_bits"), "k": k, "n": lay.get("n"),
+        "k_pad": k_pad, "n_pad": lay.get("n_pad"), "group": lay.get("group"),
+        "scale_rows": -(-k_pad // lay.get("group")),
+        "scale_at": cfg["scale_at"], "zero_at": cfg["zero_at"], "unpack": cfg["unpack"],
+        "has_zp": node.operand(3) is not None,
+        "zero_const": max(lay.get("zero_const"), 0),
+        # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
+        "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
+        "variants": variants, "instances": instances,
+        **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
+    }
+
+
+def _bits2(value: float, dtype: str) -> str:
+    """A float as the hex bits of a duplicated 16-bit pair (f16 or bf16)."""
+    import ml_dtypes
+    import numpy as np
+
+    h = np.array(value, np.float16 if dtype == "f16" else ml_dtypes.bfloat16).view(np.uint16)
+    return f"0x{int(h):04x}{int(h):04x}"
+
+
+def zero_constants(unpack: str, dtype: str, zero: int) -> dict:
+    """The magic-number offsets of a constant zero point (see the unpack functions)."""
+    if unpack == "lop3-magic-f16":
+        return {"zlo2": _bits2(1024 + zero, dtype), "zhi2": _bits2(-(64 + zero), dtype),
+                "zero_consts_note": f"(1024 + {zero}) and -(64 + {zero}) in fp16"}
+    if unpack == "shift-magic-bf16":
+        return {"zlo2": _bits2(128 + zero, dtype), "zhi2": "0x00000000",
+                "zero_consts_note": f"128 + {zero} in bf16"}
+    if unpack == "prmt-f16":
+        return {"zlo2": _bits2(1024 + zero, dtype), "zhi2": "0x00000000",
+                "zero_consts_note": f"1024 + {zero} in fp16"}
+    return {"zlo2": "0x00000000", "zhi2": "0x00000000",
+            "zero_consts_note": "unused by the fp32 conversion"}
+
+
+def render(params: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("qmatmul.cu.j2").render(**params)
+
+
+def target_archs(target) -> list[str]:
+    return [target.params["arch"]]
+
+
+def operand_names(node) -> dict:
+    """Constant names of the packed operands (in the artifact's weights file)."""
+    names = {}
+    for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4), ("bias", 7)):
+        v = node.operand(i)
+        if v is not None:
+            names[role] = v.producer.attrs.get("name") if v.producer is not None else None
+    return names
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def compile(self, module, target, out_dir: str) -> list[dict]:
+        kdir = os.path.join(out_dir, "kernels")
+        os.makedirs(kdir, exist_ok=True)
+        records, jobs = [], []
+        for node in module.main.nodes:
+            if node.op != "qmatmul":
+                continue
+            params = kernel_params(node, target.name)
+            src = os.path.join(kdir, params["symbol"] + ".cu")
+            with open(src, "w") as f:
+                f.write(render(params))
+            lib = os.path.join(kdir, params["symbol"] + ".so")
+            jobs.append((src, lib))
+            records.append({
+                "op": "qmatmul", "result": node.result.name, "impl": "cuda",
+                "symbol": params["symbol"], "source": os.path.basename(src),
+                "library": os.path.basename(lib), "x": list(node.operands[0].type.shape),
+                "w_layout": str(node.operands[1].type.layout),
+                "operands": operand_names(node), "config": node.attrs["config"]})
+        with open(os.path.join(kdir, "qc_runtime.cu"), "w") as f, open(nv.RUNTIME_SOURCE) as g:
+            f.write(g.read())
+        jobs.append((os.path.join(kdir, "qc_runtime.cu"), os.path.join(kdir, "qc_runtime.so")))
+        built = nv.find_nvcc() is not None
+        if built:
+            archs = target_archs(target)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                for fut in [pool.submit(nv.build, s, o, archs) for s, o in jobs]:
+                    fut.result()
+        for r in records:
+            r["built"] = built
+        return records
+
+    def runner(self, module, manifest: dict, out_dir: str):
+        from qcompiler.codegen.cuda.runtime import CudaModuleRunner
+
+        return CudaModuleRunner(module, manifest, out_dir)

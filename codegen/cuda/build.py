@@ -1,0 +1,59 @@
+"""Invoking nvcc: generated sources -> shared libraries with a C ABI (kept apart from emitting)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+RUNTIME_SOURCE = os.path.join(TEMPLATES, "qc_runtime.cu.j2")  # plain CUDA, copied as is
+NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+              "--expt-relaxed-constexpr"]
+
+
+class BuildError(RuntimeError):
+    """nvcc failed or is missing; the message holds the command and its output."""
+
+
+def find_nvcc() -> str | None:
+    path = shutil.which("nvcc")
+    if path:
+        return path
+    for cand in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
+        p = os.path.join(cand, "bin", "nvcc") if cand else ""
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+def gencode_flags(arch: str) -> list[str]:
+    """Machine code for the target's arch (``sm_80`` ...) plus its PTX, which the driver
+    compiles for newer GPUs (so cuda-sm80 libraries also run on an H100)."""
+    num = arch.split("_", 1)[1]
+    return [f"-gencode=arch=compute_{num},code=sm_{num}",
+            f"-gencode=arch=compute_{num},code=compute_{num}"]
+
+
+def nvcc_command(source: str, out: str, archs: list[str], compile_only: bool = False) -> list[str]:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    flags = list(NVCC_FLAGS)
+    if compile_only:
+        flags = [f for f in flags if f != "-shared"] + ["-c"]
+    cmd = [nvcc, *flags]
+    for a in archs:
+        cmd += gencode_flags(a)
+    return cmd + [source, "-o", out]
+
+
+def build(source: str, out: str, archs: list[str], compile_only: bool = False) -> str:
+    """Compile ``source`` to ``out`` (a .so, or an object with compile_only); rebuilt only
+    when the source is newer."""
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(source):
+        return out
+    cmd = nvcc_command(source, out, archs, compile_only)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise BuildError(f"nvcc failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}")
+    return out

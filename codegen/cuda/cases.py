@@ -1,0 +1,109 @@
+"""Single-qmatmul modules with random quantized weights: the test and benchmark cases of the
+CUDA backend (GPTQ/AWQ-like formats), and the reference output to compare with."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import Function, constant_node
+from qcompiler.ir.ops import infer_types
+from qcompiler.ir.types import QuantScheme, elem, tensor
+
+
+@dataclass(frozen=True)
+class Case:
+    k: int
+    n: int
+    bits: int = 4
+    signed: bool = False       # signed codes, symmetric (no zero point)
+    zero_point: bool = True    # unsigned codes with a zero-point tensor (affine)
+    group: int = 128           # 0: per-channel
+    act_order: bool = False
+    dtype: str = "f16"
+    bias: bool = False
+    scale_dtype: str = "f16"
+
+    @property
+    def name(self) -> str:
+        w = f"{'i' if self.signed else 'u'}{self.bits}"
+        g = f"g{self.group}" if self.group else "pc"
+        extra = ("_zp" if self.zero_point and not self.signed else "") + \
+            ("_ao" if self.act_order else "") + ("_bias" if self.bias else "")
+        return f"{w}{g}{extra}_{self.dtype}_k{self.k}_n{self.n}"
+
+    def scheme(self) -> QuantScheme:
+        affine = self.zero_point and not self.signed
+        dt = elem(f"{'i' if self.signed else 'u'}{self.bits}")
+        kw = dict(dtype=dt, symmetric=not affine, scale_type=elem(self.scale_dtype),
+                  zero_point_type=dt if affine else None)
+        if self.group:
+            kw.update(granularity="group", axis=0, block_size=self.group,
+                      act_order=self.act_order)
+        else:
+            kw.update(granularity="channel", axis=1)
+        return QuantScheme(**kw)
+
+
+def make_module(case: Case, seed: int = 0) -> Module:
+    """``y[batch, N] = qmatmul(x[batch, K], w)`` with fresh random codes, scales and zeros."""
+    rng = np.random.default_rng(seed)
+    k, n = case.k, case.n
+    scheme = case.scheme()
+    lo, hi = scheme.dtype.int_range()
+    m = Module("qmm")
+    fn = m.add_function(Function("main"))
+    x = fn.add_arg("x", tensor(["batch", k], case.dtype))
+    codes = rng.integers(lo, hi + 1, (k, n)).astype(scheme.dtype.np_dtype)
+    w = constant_node(fn, m, codes, tensor((k, n), scheme.dtype), "w").result
+    groups = -(-k // case.group) if case.group else None
+    sshape = (groups, n) if case.group else (n,)
+    # Scales near 1/(range * sqrt(K)) keep y of order 1 in fp16.
+    scale = (rng.uniform(0.5, 1.5, sshape) / ((hi - lo) * np.sqrt(k))).astype(
+        elem(case.scale_dtype).np_dtype)
+    s = constant_node(fn, m, scale, tensor(sshape, case.scale_dtype), "scales").result
+    zp = None
+    if scheme.zero_point_type is not None:
+        zcodes = rng.integers(lo, hi + 1, sshape).astype(scheme.dtype.np_dtype)
+        zp = constant_node(fn, m, zcodes, tensor(sshape, scheme.dtype), "zeros").result
+    g_idx = None
+    if case.act_order:
+        # GPTQ desc_act: a random permutation of K assigned to groups in order.
+        perm = rng.permutation(k)
+        gi = np.empty(k, np.int64)
+        gi[perm] = np.arange(k) // case.group
+        g_idx = constant_node(fn, m, gi, tensor((k,), "i64"), "g_idx").result
+    bias = None
+    if case.bias:
+        bias = constant_node(fn, m, rng.standard_normal(n).astype(np.float32),
+                             tensor((n,), "f32"), "bias").result
+    operands = [x, w, s, zp, g_idx, None, None, bias]
+    attrs = {"w_scheme": scheme, "act": "float"}
+    types = infer_types("qmatmul", [v.type if v is not None else None for v in operands],
+                        attrs, [None] * 8)
+    node = fn.make_node("qmatmul", operands, types, attrs, names=["y"])
+    fn.set_outputs([node.result], ["y"])
+    return m
+
+
+def random_x(case: Case, m: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, case.k)).astype(elem(case.dtype).np_dtype)
+
+
+def reference(module: Module, x: np.ndarray) -> np.ndarray:
+    from qcompiler.runtime.reference import run
+
+    return run(module, {"x": x})["y"]
+
+
+def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
+    y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(y64)):
+        return float("inf")
+    return float(np.linalg.norm(y64 - r64) / max(np.linalg.norm(r64), 1e-30))
+
+
+# fp16 products rounded once (scale multiply) plus the output rounding: ~1e-3; bf16 ~1e-2.
+TOLERANCE = {"f16": 2e-3, "bf16": 1.5e-2}

@@ -1,0 +1,157 @@
+"""Tuning hooks of the CUDA backend (the tuning contract in DESIGN.md / the tuner).
+
+A config is one kernel variant: ``m_frags`` (M tile = 16 m_frags), ``warps_n`` (n64 warp
+tiles side by side: N tile = 64 warps_n), ``warps_k`` (warps splitting each stage),
+``stages`` (cp.async pipeline depth), ``stage_k`` (K rows per stage: 64 or 128),
+``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
+tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last
+CTA of each tile). ``qcompiler.tuning`` is imported lazily so this works without it.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from qcompiler.codegen.cuda.layout import K_ALIGN, N_ALIGN, pad_to
+
+KNOBS = ("m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
+
+
+def _sm_count(target) -> int:
+    return int(target.params.get("sm_count", 132))
+
+
+def _smem_limit(target) -> int:
+    return int(target.params.get("shared_memory_kib", 164)) * 1024 - 1024
+
+
+def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
+               scale_in_registers: bool = True, has_zp: bool = True) -> int:
+    """Shared memory of one CTA (mirrors ``Tile`` in templates/qmatmul.cu.j2)."""
+    m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
+    sk = config.get("stage_k", 64)
+    srows = sk // group if group < sk else 1
+    stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * 2
+    stage += (srows * n_tile * 2) * (int(scale_in_registers) + int(has_zp))
+    return max(config["stages"] * stage, m_tile * n_tile * 4) + 16
+
+
+def _bits(key: dict) -> int:
+    s = key.get("w_scheme", "")
+    name = s.split("<", 1)[-1].split(",", 1)[0].strip() if s else "u4"
+    try:
+        return int(name.lstrip("iu"))
+    except ValueError:
+        return 4
+
+
+def _group(key: dict) -> int:
+    """The K group size in ``key``'s scheme text; 0 for per-channel/per-tensor."""
+    s = key.get("w_scheme", "")
+    if "block=" not in s:
+        return 0
+    return int(s.split("block=")[1].split(")")[0])
+
+
+def search_space(target, key) -> dict:
+    m = key["m"]
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    return {
+        "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m)],  # no tile beyond M
+        "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0],
+        "warps_k": [1, 2, 4],
+        "stages": [2, 3, 4, 6, 8],
+        "stage_k": [64, 128],
+        "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
+        "split_k": [1, 2, 3, 4, 6, 8, 12, 16],
+    }
+
+
+def default_config(target, key) -> dict:
+    """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
+
+    - M <= 16: M tile 16, 4x2 warps (N tile 256), 4 stages of 128 rows; split K in powers of
+      two (at most 8) while the grid stays within about two CTAs per SM;
+    - M <= 32, and M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows; split
+      at most 4, same bound (one CTA per SM above 32 rows);
+    - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
+      rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
+      stays within one CTA per SM.
+    Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
+    nest with 128.
+    """
+    m, k, n = key["m"], key["k"], key["n"]
+    sms = _sm_count(target)
+    n_blocks = pad_to(n, N_ALIGN) // 64
+    if m <= 16:
+        cfg = {"m_frags": 1, "warps_n": 4, "warps_k": 2, "stages": 4}
+        max_split, ctas_per_sm = 8, 2
+    elif m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
+        # Up to 64 rows on N, K < 16384: two M tiles of 32 that share each weight tile in L2
+        # beat one tile of 64 (measured), whose ~200 registers allow one CTA per SM.
+        cfg = {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4}
+        max_split, ctas_per_sm = 4, 2 if m <= 32 else 1
+    else:
+        cfg = {"m_frags": 4, "warps_n": 4, "warps_k": 2, "stages": 3}
+        max_split, ctas_per_sm = 4, 1
+    group = _group(key)
+    k_pad = pad_to(k, K_ALIGN)
+    cfg["stage_k"] = 128 if k_pad % 128 == 0 and (not group or group % 128 == 0
+                                                  or 128 % group == 0) else 64
+    while n_blocks % cfg["warps_n"]:
+        cfg["warps_n"] //= 2
+    ctas = (n_blocks // cfg["warps_n"]) * math.ceil(m / (16 * cfg["m_frags"]))
+    stages_total = k_pad // cfg["stage_k"]
+    split = 1
+    while (split * 2 <= max_split and ctas * split * 2 <= ctas_per_sm * sms
+           and stages_total // (split * 2) >= 2):
+        split *= 2
+    cfg["split_k"] = split
+    cfg["acc_scale"] = 0
+    while check_config(target, key, cfg) and cfg["stages"] > 2:
+        cfg["stages"] -= 1
+    return cfg
+
+
+def check_config(target, key, config) -> str | None:
+    missing = [k for k in KNOBS if k not in config]
+    if missing:
+        return f"config lacks {missing}"
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    k_tiles = pad_to(key["k"], K_ALIGN) // 64
+    if config["m_frags"] not in (1, 2, 4):
+        return f"m_frags={config['m_frags']} not in (1, 2, 4)"
+    if config["warps_n"] < 1 or n_blocks % config["warps_n"]:
+        return f"warps_n={config['warps_n']} does not divide the {n_blocks} n64 blocks"
+    if config["warps_k"] not in (1, 2, 4):
+        return f"warps_k={config['warps_k']} not in (1, 2, 4)"
+    if config["warps_n"] * config["warps_k"] > 16:
+        return "more than 16 warps per CTA"
+    if not 2 <= config["stages"] <= 8:
+        return f"stages={config['stages']} not in [2, 8]"
+    if config["stage_k"] not in (64, 128):
+        return f"stage_k={config['stage_k']} not in (64, 128)"
+    if pad_to(key["k"], K_ALIGN) % config["stage_k"]:
+        return f"stage_k={config['stage_k']} does not divide K padded to {pad_to(key['k'], 64)}"
+    group = _group(key)
+    if group and not (group % config["stage_k"] == 0 or config["stage_k"] % group == 0):
+        return f"group {group} and stage_k={config['stage_k']} do not nest"
+    if config["acc_scale"] not in (0, 1):
+        return f"acc_scale={config['acc_scale']} not in (0, 1)"
+    if config["acc_scale"] and (config["m_frags"] != 1 or not group):
+        return "acc_scale needs an M tile of 16 (m_frags=1) and group scales"
+    if not 1 <= config["split_k"] <= k_tiles:
+        return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"
+    if smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30) \
+            > _smem_limit(target):
+        return f"needs {smem_bytes(config, key)} bytes of shared memory"
+    return None
+
+
+def measure(target, key, config, workdir, repeats: int = 50) -> dict:
+    """Build this one kernel, check it against the reference on fresh random inputs, time it
+    with CUDA events (median of ``repeats`` launches over weight copies larger than L2)."""
+    from qcompiler.codegen.cuda import bench_support
+
+    os.makedirs(workdir, exist_ok=True)
+    return bench_support.measure_config(target, key, config, workdir, repeats)

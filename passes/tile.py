@@ -1,0 +1,91 @@
+"""tile: decide each packed qmatmul's kernel variants (tile shape, warps, stages, split-K).
+
+Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
+(``M <= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on M. Each
+variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
+(target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
+Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
+(``heuristic`` or ``tuning-log``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qcompiler.codegen.cuda import tuning
+from qcompiler.ir import Module
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+from qcompiler.targets import get_target
+
+M_BUCKETS = (16, 32, 64, 128)  # the last bucket also serves every larger M
+
+
+def kernel_key(node, m: int) -> dict:
+    """The tuning key of a packed node at M rows (qcompiler.tuning.key when present)."""
+    lay = node.operands[1].type.layout
+    try:
+        from qcompiler.tuning.key import kernel_key as tuning_key
+
+        key = tuning_key(node, m)
+    except ImportError:
+        key = {"op": "qmatmul", "m": m, "act": node.attrs["act"],
+               "x_dtype": node.operands[0].type.dtype.name,
+               "has_bias": node.operand(7) is not None,
+               "act_order": bool(lay.get("act_order"))}
+    # The packed node's logical K, N are in its layout, its logical scheme in its config
+    # (the w_scheme attribute describes the packed bytes).
+    key.update({"k": lay.get("k"), "n": lay.get("n"),
+                "w_scheme": node.attrs.get("config", {}).get("w_scheme", key.get("w_scheme"))})
+    return key
+
+
+@register_pass("tile")
+@dataclass
+class TilePass(Pass):
+    """Choose tile shape, warps, stages and split-K per M bucket (tuning log or heuristic)."""
+
+    target: str = "cuda-sm90"
+    tuning_log: str = ""
+
+    def run(self, module: Module) -> Module:
+        try:
+            tgt = get_target(self.target)
+        except KeyError as e:
+            raise PassError(f"tile: {e.args[0]}") from None
+        if tgt.backend != "cuda":
+            raise PassError(f"tile: target {self.target!r} is not a CUDA target")
+        device = None
+        if self.tuning_log:
+            from qcompiler.tuning.device import device_name
+            from qcompiler.tuning.log import best_config
+
+            device = device_name(tgt)
+        count = 0
+        for node in module.main.nodes:
+            if node.op != "qmatmul":
+                continue
+            cfg = node.attrs.get("config", {})
+            if "unpack" not in cfg:
+                raise PassError(f"tile: %{node.result.name} has no unpack schedule; run "
+                                "reorder-weights and schedule-unpack first")
+            variants = {}
+            for m_max in M_BUCKETS:
+                key = kernel_key(node, m_max)
+                chosen, source = None, "heuristic"
+                if self.tuning_log:
+                    chosen = best_config(self.tuning_log, tgt.name, device, key)
+                    if chosen is not None:
+                        chosen = {"acc_scale": 0, **chosen}  # logs written before that knob
+                        why = tuning.check_config(tgt, key, chosen)
+                        if why:
+                            raise PassError(f"tile: the tuning log's config for "
+                                            f"%{node.result.name} M={m_max} is invalid: {why}")
+                        source = "tuning-log"
+                if chosen is None:
+                    chosen = tuning.default_config(tgt, key)
+                # A dict keyed by bucket: the IR's attribute lists hold numbers only.
+                variants[f"m{m_max}"] = {"m_max": m_max, "source": source,
+                                         **{k: int(chosen[k]) for k in tuning.KNOBS}}
+            node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants}
+            count += 1
+        record_stat(module, self.name, tiled=count)
+        return module

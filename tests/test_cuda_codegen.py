@@ -1,0 +1,158 @@
+"""CUDA backend without a GPU: the passes' IR, golden generated sources, nvcc builds of every
+golden for sm_80 and sm_90, artifacts, heuristics and the tuning-log path."""
+import concurrent.futures
+import json
+import os
+
+import pytest
+
+from conftest import check_golden
+from cuda_gpu_util import gpu_reason
+from qcompiler.codegen.cuda import backend, build as nv, tuning
+from qcompiler.codegen.cuda import bench_support as bs
+from qcompiler.codegen.cuda import cases
+from qcompiler.ir import parse_module, print_module
+from qcompiler.pipeline import PassError, PassManager
+from qcompiler.targets import get_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden", "cuda")
+
+# One canonical kernel per unpack strategy (and act-order, per-channel, bias, odd shapes).
+GOLDEN_CASES = {
+    "u4_g128_zp_f16": cases.Case(k=4096, n=4096, bits=4, zero_point=True, group=128),
+    "i4_g32_actorder_bf16": cases.Case(k=1024, n=320, bits=4, signed=True, zero_point=False,
+                                       group=32, act_order=True, dtype="bf16"),
+    "i8_perchannel_bias_f16": cases.Case(k=11008, n=37, bits=8, signed=True, zero_point=False,
+                                         group=0, bias=True),
+    "u8_g64_zp_bf16": cases.Case(k=200, n=130, bits=8, zero_point=True, group=64,
+                                 dtype="bf16"),
+}
+
+
+def _source(case):
+    _, packed, node = bs.pack_case(case)
+    return backend.render(backend.kernel_params(node, "cuda-sm90"))
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_sources(name, update_goldens):
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), _source(GOLDEN_CASES[name]), update_goldens)
+
+
+def test_sources_are_deterministic():
+    case = GOLDEN_CASES["u4_g128_zp_f16"]
+    assert _source(case) == _source(case)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(nv.find_nvcc() is None, reason="nvcc not found")
+def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
+    """nvcc builds each golden kernel for sm_80 and sm_90 (2 jobs at a time, nothing cached)."""
+    jobs = []
+    for name in sorted(GOLDEN_CASES):
+        src = os.path.join(GOLDEN, f"{name}.cu")
+        jobs.append((src, str(tmp_path / f"{name}.so"), ["sm_80", "sm_90"]))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda j: nv.build(*j), jobs))
+    assert all(os.path.getsize(o) > 0 for o in outs)
+
+
+def test_pipeline_ir_shows_the_layout_and_reparses():
+    case = cases.Case(k=256, n=96, bits=4, zero_point=True, group=64, act_order=True, bias=True)
+    _, packed, node = bs.pack_case(case)
+    text = print_module(packed)
+    assert "#layout<cuda_mma_b16, act_order=1, code_bias=0, codes=u4, container_bits=4" in text
+    assert "#layout<group_permuted, rows=4>" in text and "#layout<act_order_perm>" in text
+    assert 'unpack = "lop3-magic-f16"' in text and 'source = "heuristic"' in text
+    assert print_module(parse_module(text, packed.constants)) == text
+
+
+@pytest.mark.parametrize("bits,signed,dtype,want", [
+    (4, False, "f16", "lop3-magic-f16"), (4, True, "bf16", "shift-magic-bf16"),
+    (8, True, "f16", "prmt-f16"), (8, False, "bf16", "shift-mask-f32"),
+    (2, False, "bf16", "shift-magic-bf16"), (3, True, "f16", "lop3-magic-f16")])
+def test_schedule_unpack_choice(bits, signed, dtype, want):
+    case = cases.Case(k=128, n=64, bits=bits, signed=signed, zero_point=not signed, group=64,
+                      dtype=dtype)
+    _, _, node = bs.pack_case(case)
+    cfg = node.attrs["config"]
+    assert cfg["unpack"] == want and cfg["scale_at"] == "registers"
+    assert cfg["zero_at"] == ("constant" if signed else "registers")
+
+
+def test_schedule_unpack_refuses_a_forced_strategy_that_does_not_fit():
+    module = cases.make_module(cases.Case(k=128, n=64, bits=8, group=64))
+    with pytest.raises(PassError, match="lop3-magic-f16 does not fit"):
+        PassManager.parse("reorder-weights,schedule-unpack{unpack=lop3-magic-f16}").run(module)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 8192), (8192, 28672), (37, 11008),
+                                 (130, 200), (64, 64)])
+@pytest.mark.parametrize("target", ["cuda-sm80", "cuda-sm90"])
+def test_default_configs_are_valid(n, k, target):
+    tgt = get_target(target)
+    for m in (1, 16, 32, 64, 128, 512):
+        key = {"m": m, "k": k, "n": n, "x_dtype": "f16",
+               "w_scheme": "#quant<u4, affine, per_group(axis=0, block=128), scale=f16, zp=u4>"}
+        cfg = tuning.default_config(tgt, key)
+        assert tuning.check_config(tgt, key, cfg) is None, (m, cfg)
+        assert all(cfg[k_] in tuning.search_space(tgt, key)[k_] for k_ in tuning.KNOBS)
+
+
+def test_check_config_reasons():
+    tgt = get_target("cuda-sm90")
+    key = {"m": 16, "k": 4096, "n": 4096, "w_scheme": "#quant<u4, symmetric, per_group("
+           "axis=0, block=32), scale=f16>"}
+    good = {"m_frags": 1, "warps_n": 4, "warps_k": 2, "stages": 4, "stage_k": 128,
+            "acc_scale": 1, "split_k": 8}
+    assert tuning.check_config(tgt, key, good) is None
+    assert "warps_n=3" in tuning.check_config(tgt, key, {**good, "warps_n": 3})
+    assert "split_k" in tuning.check_config(tgt, key, {**good, "split_k": 65})
+    assert "acc_scale needs" in tuning.check_config(tgt, key, {**good, "m_frags": 2})
+    assert "shared memory" in tuning.check_config(tgt, key, {**good, "stages": 8, "acc_scale": 0,
+                                                             "m_frags": 4, "warps_n": 8})
+
+
+def test_tile_reads_the_tuning_log(tmp_path):
+    from qcompiler.passes.tile import kernel_key
+    from qcompiler.tuning import log as tlog
+    from qcompiler.tuning.device import device_name
+
+    case = cases.Case(k=1024, n=512, bits=4, zero_point=True, group=128)
+    module = cases.make_module(case)
+    spec = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
+    node = next(n for n in PassManager.parse(spec).run(module).main.nodes if n.op == "qmatmul")
+    tgt = get_target("cuda-sm90")
+    chosen = {"m_frags": 1, "warps_n": 2, "warps_k": 4, "stages": 6, "stage_k": 64,
+              "acc_scale": 1, "split_k": 3}
+    log = str(tmp_path / "log.jsonl")
+    tlog.append(log, tlog.make_record(tgt.name, device_name(tgt), kernel_key(node, 16), chosen,
+                                      {"median": 5.0, "min": 4.0, "max": 6.0, "runs": 10}, "ok"))
+    out = PassManager.parse(spec.replace("}", f",tuning_log={log}}}")).run(module)
+    variants = next(n for n in out.main.nodes if n.op == "qmatmul").attrs["config"]["variants"]
+    assert variants["m16"]["source"] == "tuning-log"
+    assert {k: variants["m16"][k] for k in tuning.KNOBS} == chosen
+    assert variants["m32"]["source"] == "heuristic"
+
+
+def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
+    from qcompiler.driver.api import compile_to_dir
+
+    module = cases.make_module(cases.Case(k=256, n=96, bits=4, zero_point=True, group=64))
+    out_dir, final = compile_to_dir(module, "cuda-sm90", str(tmp_path / "art"))
+    kdir = os.path.join(out_dir, "kernels")
+    manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
+    rec = manifest["kernels"][0]
+    assert manifest["backend"] == "cuda" and rec["impl"] == "cuda"
+    assert os.path.exists(os.path.join(kdir, rec["source"]))
+    assert os.path.exists(os.path.join(kdir, "qc_runtime.cu"))
+    assert rec["built"] == (nv.find_nvcc() is not None)
+    if rec["built"]:
+        assert os.path.exists(os.path.join(kdir, rec["library"]))
+    if gpu_reason():
+        import qcompiler
+        from qcompiler.codegen.cuda.runtime import CudaRuntimeError
+
+        with pytest.raises(CudaRuntimeError, match="no CUDA device|missing"):
+            qcompiler.load(out_dir)

@@ -1,0 +1,131 @@
+"""CUDA kernels on a real GPU against the numpy reference (skipped without a GPU).
+
+Fresh random inputs every run (the seed is printed on failure); outputs are poisoned with NaN
+before each launch so that an unwritten element fails. Tolerances: relative Frobenius error
+(cases.TOLERANCE) — fp16 weights rounded once plus fp16 output rounding; bf16 ~8x coarser.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from cuda_gpu_util import gpu_reason
+from qcompiler.codegen.cuda import bench_support as bs
+from qcompiler.codegen.cuda import cases
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(bool(gpu_reason()), reason=f"GPU tests: {gpu_reason()}")]
+
+# (bits, signed, zero_point, group, act_order, dtype, bias)
+FORMATS = {
+    "u4_zp_g128_f16": (4, False, True, 128, False, "f16", False),
+    "i4_g128_bf16": (4, True, False, 128, False, "bf16", False),
+    "i4_g128_f16": (4, True, False, 128, False, "f16", True),
+    "u4_zp_g32_actorder_f16": (4, False, True, 32, True, "f16", True),
+    "u4_zp_g64_actorder_bf16": (4, False, True, 64, True, "bf16", False),
+    "i8_perchannel_f16": (8, True, False, 0, False, "f16", True),
+    "u8_zp_g64_bf16": (8, False, True, 64, False, "bf16", False),
+    "u8_zp_g128_f16": (8, False, True, 128, False, "f16", False),
+    "u2_zp_g64_f16": (2, False, True, 64, False, "f16", False),
+    "i3_g128_bf16": (3, True, False, 128, False, "bf16", False),
+    "u4_zp_perchannel_bf16": (4, False, True, 0, False, "bf16", True),
+}
+SHAPES = [(512, 256), (11008, 37), (200, 130)]
+MS = [1, 3, 16, 33, 64, 100, 300]
+
+
+def _case(fmt, shape):
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    k, n = shape
+    if group and k % group and ao:
+        pytest.skip("act-order needs K divisible by the group")
+    return cases.Case(k=k, n=n, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias)
+
+
+def _check(kern, built, m, variant=-1):
+    seed = int.from_bytes(os.urandom(4), "little")
+    x = cases.random_x(built.case, m, seed)
+    y = kern.run_numpy(x, variant=variant, poison=True)
+    ref = cases.reference(built.module, x)
+    err = cases.rel_error(y, ref)
+    assert err <= cases.TOLERANCE[built.case.dtype], \
+        f"{built.case.name} M={m} variant={variant} seed={seed}: rel error {err:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}")
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_formats_shapes_and_m(fmt, shape, tmp_path):
+    built = bs.build_case(_case(fmt, shape), str(tmp_path))
+    kern = bs.load_kernel(built)
+    for m in MS:
+        _check(kern, built, m)
+
+
+# Explicit variants: every tile shape, warp split and split-K path, M tails included.
+# (m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k)
+VARIANTS = [dict(zip(("m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale",
+                          "split_k"), v)) for v in [
+    (1, 1, 4, 8, 128, 1, 7),
+    (1, 2, 2, 2, 64, 1, 1),
+    (1, 4, 1, 3, 64, 0, 3),
+    (1, 4, 2, 4, 128, 1, 2),
+    (2, 2, 4, 4, 128, 0, 2),
+    (4, 4, 2, 3, 64, 0, 1),
+    (4, 2, 1, 4, 128, 0, 5),
+    (4, 1, 4, 6, 64, 0, 16),
+]]
+
+
+@pytest.mark.parametrize("fmt", ["u4_zp_g128_f16", "i4_g128_bf16", "u8_zp_g64_bf16"])
+def test_every_variant(fmt, tmp_path):
+    built = bs.build_case(_case(fmt, (1024, 512)), str(tmp_path), variants=VARIANTS)
+    kern = bs.load_kernel(built)
+    for i in range(len(VARIANTS)):
+        for m in (1, 17, 64, 130):
+            _check(kern, built, m, variant=i)
+
+
+def test_artifact_numpy_and_torch_no_copy(tmp_path):
+    """qcompiler.load(DIR).run with numpy arrays and with torch CUDA tensors."""
+    torch = pytest.importorskip("torch")
+    import qcompiler
+    from qcompiler.driver.api import compile_to_dir
+
+    case = cases.Case(k=1024, n=320, bits=4, zero_point=True, group=128, bias=True)
+    module = cases.make_module(case, seed=3)
+    out_dir, _ = compile_to_dir(module, "cuda-sm90", str(tmp_path / "art"))
+    loaded = qcompiler.load(out_dir)
+    x = cases.random_x(case, 5, seed=int.from_bytes(os.urandom(4), "little"))
+    ref = cases.reference(module, x)
+    y = loaded.run({"x": x})["y"]
+    assert cases.rel_error(y, ref) <= cases.TOLERANCE["f16"]
+    xt = torch.from_numpy(x).cuda()
+    yt = loaded.run({"x": xt})["y"]
+    assert yt.is_cuda and yt.dtype == torch.float16
+    assert cases.rel_error(yt.cpu().numpy(), ref) <= cases.TOLERANCE["f16"]
+
+
+def test_sm80_build_runs_here(tmp_path):
+    """Code for cuda-sm80 (SASS sm_80 + PTX) must also run on newer GPUs (PTX JIT)."""
+    case = cases.Case(k=512, n=192, bits=4, zero_point=True, group=64, dtype="bf16")
+    built = bs.build_case(case, str(tmp_path), target="cuda-sm80")
+    kern = bs.load_kernel(built)
+    for m in (1, 40):
+        _check(kern, built, m)
+
+
+def test_f32_onnx_model_end_to_end(tmp_path):
+    """The shipped f32 MatMulNBits MLP compiled for CUDA (kernels in f16) runs whole."""
+    import qcompiler
+    from qcompiler.driver.api import compile_to_dir
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = os.path.join(root, "examples", "mlp_int4.onnx")
+    spec = ("canonicalize,fuse-dequant,canonicalize,reorder-weights{compute_dtype=f16},"
+            "schedule-unpack,tile{target=cuda-sm90}")
+    out_dir, _ = compile_to_dir(model, "cuda-sm90", str(tmp_path / "art"), passes=spec)
+    ref = qcompiler.compile(model, "ref", str(tmp_path / "ref"))
+    x = np.random.default_rng().standard_normal((7, 64)).astype(np.float32)
+    got = qcompiler.load(out_dir).run({"x": x})["y"]
+    assert cases.rel_error(got, ref.run({"x": x})["y"]) < 3e-3
