@@ -7,6 +7,12 @@ divides ``words_per_group``), chosen by ``choose_parallelism`` so that the DATAF
 the smallest interval, then latency, with every resource at most ``utilization`` of the
 target's ``resources``. Values already in ``config`` are recomputed. The design's estimate
 (Vitis csynth report keys, per-layer breakdown) goes to ``module.metadata["hls_estimate"]``.
+
+With ``tuning_log=PATH`` (written by ``qcompile --tune``), every layer takes the best record of
+its kernel key for this target and part instead (``codegen/hls/tuning.py``); when a layer has
+no record, or the logged choices together exceed the budget (records from different designs),
+the whole design falls back to the heuristic. ``config["source"]`` says which one was used:
+``"tuning-log"`` or ``"heuristic"``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class HLSParallelismPass(Pass):
 
     target: str = "fpga-u250"
     utilization: float = 0.8  # the largest fraction of each resource the design may use
+    tuning_log: str = ""  # a tuning log to replay (JSON Lines); empty: the heuristic
 
     def run(self, module: Module) -> Module:
         try:
@@ -43,13 +50,16 @@ class HLSParallelismPass(Pass):
                 raise PassError(f"hls-parallelism: %{node.result.name} has no fixed-point "
                                 "config; run hls-fixed-point first")
         cfgs = [node.attrs["config"] for node in nodes]
-        try:
-            par = choose_parallelism(cfgs, budget, self.utilization)
-        except ValueError as e:
-            raise PassError(f"hls-parallelism: {e} on {self.target} ({tgt.description})") \
-                from None
+        par = self._from_log(tgt, nodes, cfgs, budget) if self.tuning_log else None
+        source = "tuning-log" if par else "heuristic"
+        if par is None:
+            try:
+                par = choose_parallelism(cfgs, budget, self.utilization)
+            except ValueError as e:
+                raise PassError(f"hls-parallelism: {e} on {self.target} ({tgt.description})") \
+                    from None
         for node, cfg, (pe, simd) in zip(nodes, cfgs, par):
-            node.attrs["config"] = {**cfg, "pe": pe, "simd": simd}
+            node.attrs["config"] = {**cfg, "pe": pe, "simd": simd, "source": source}
         est = estimate_design([(node.attrs["config"], pe, simd)
                                for node, (pe, simd) in zip(nodes, par)])
         for node, layer in zip(nodes, est["layers"]):
@@ -63,5 +73,41 @@ class HLSParallelismPass(Pass):
         })
         module.metadata["hls_estimate"] = est
         record_stat(module, self.name, layers=len(nodes), IntervalMin=est["IntervalMin"],
-                    BestLatency=est["BestLatency"], **{r: est[r] for r in RESOURCES})
+                    BestLatency=est["BestLatency"], source=source,
+                    **{r: est[r] for r in RESOURCES})
         return module
+
+    def _from_log(self, tgt, nodes, cfgs, budget):
+        """(pe, simd) per layer from the tuning log, or None (with a warning) to fall back."""
+        import warnings
+
+        from qcompiler.codegen.hls.cost_model import _over_budget
+        from qcompiler.tuning.device import device_name
+        from qcompiler.tuning.key import kernel_key
+        from qcompiler.tuning.log import best_record, read
+
+        records = read(self.tuning_log)
+        device = device_name(tgt)
+        par = []
+        for node, cfg in zip(nodes, cfgs):
+            # per_config=False: each record scores a whole design; take the best design's
+            best = best_record(records, tgt.name, device, kernel_key(node, 1), per_config=False)
+            if best is None:
+                warnings.warn(f"hls-parallelism: {self.tuning_log} has no record for "
+                              f"%{node.result.name} on {tgt.name} ({device}); using the "
+                              "heuristic for the design", stacklevel=2)
+                return None
+            pe, simd = best["config"].get("pe"), best["config"].get("simd")
+            if not (isinstance(pe, int) and isinstance(simd, int) and pe > 0 and simd > 0
+                    and cfg["n"] % pe == 0 and cfg["words_per_group"] % simd == 0):
+                warnings.warn(f"hls-parallelism: logged pe={pe}, simd={simd} do not fit "
+                              f"%{node.result.name}; using the heuristic", stacklevel=2)
+                return None
+            par.append((pe, simd))
+        est = estimate_design([(c, pe, simd) for c, (pe, simd) in zip(cfgs, par)])
+        over = _over_budget(est, budget, self.utilization)
+        if over:
+            warnings.warn(f"hls-parallelism: the logged choices together exceed the budget "
+                          f"({'; '.join(over)}); using the heuristic", stacklevel=2)
+            return None
+        return par

@@ -2,6 +2,7 @@
 
     qcompile MODEL [--target T] [-o DIR] [--passes SPEC]
              [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
+             [--tune [--trials N] [--tune-m M]] [--tuning-log FILE]
     qcompile --list-passes | --list-targets
 """
 from __future__ import annotations
@@ -32,6 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify-each", action="store_true",
                     help="run the IR verifier after every pass")
     ap.add_argument("--emit-ir", action="store_true", help="print the final IR to stdout")
+    ap.add_argument("--tune", action="store_true",
+                    help="autotune every distinct kernel on the target's device first, append "
+                         "to the tuning log, then compile with the best configs")
+    ap.add_argument("--trials", type=int, default=None, metavar="N",
+                    help="candidates per kernel with --tune (32; 500 for FPGA designs)")
+    ap.add_argument("--tune-m", default=None, metavar="M[,M]",
+                    help="rows (M) that symbolic batch dimensions take when tuning (default "
+                         "1; on targets that dispatch on M buckets, every bucket)")
+    ap.add_argument("--tuning-log", metavar="FILE",
+                    help="tuning log (JSON Lines); without --tune, replay its best verified "
+                         "config per kernel (default with --tune: DIR/tuning_log.jsonl)")
     ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
     ap.add_argument("--list-targets", action="store_true", help="list targets and exit")
     ap.add_argument("--version", action="version", version=f"qcompile {qcompiler.__version__}")
@@ -86,8 +98,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.time_passes:
         instruments.append(TimePasses())
     try:
+        tuning_log = args.tuning_log
+        if args.tune:
+            import os
+
+            tuning_log = tuning_log or os.path.join(args.output, "tuning_log.jsonl")
+            tune_m = [int(v) for v in args.tune_m.split(",")] if args.tune_m else None
+            qcompiler.tune(args.model, args.target, output_dir=args.output,
+                           tuning_log=tuning_log, trials=args.trials, m=tune_m,
+                           passes=args.passes)
         out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
-                                         instruments, verify_each=args.verify_each)
+                                         instruments, verify_each=args.verify_each,
+                                         tuning_log=tuning_log)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.stderr.write(f"qcompile: error: {msg}\n")

@@ -1,0 +1,77 @@
+"""The key of a tunable kernel: what must be equal for a tuned config to be reused.
+
+A key describes the kernel's problem (shapes, dtypes, quant scheme, activation mode), never the
+target or the device: those are separate fields of a log record, so that the same key on
+another device is a different entry (``log.best_config`` matches all three).
+"""
+from __future__ import annotations
+
+import json
+
+
+def _static_dim(value, what: str, node) -> int:
+    if not isinstance(value, int):
+        raise ValueError(
+            f"qmatmul {_node_name(node)}: {what} must be a static dimension to tune, not {value!r}"
+        )
+    return value
+
+
+def _node_name(node) -> str:
+    return f"%{node.results[0].name}" if node.results else "<no result>"
+
+
+def kernel_key(node, m: int) -> dict:
+    """The tuning key of a ``qmatmul`` node at a concrete row count ``m``.
+
+    ``k`` is the reduction length (x's last dimension) and ``n`` the output columns (the
+    result's last dimension); both are logical sizes, the same before and after a pass packs
+    the weight into another layout.
+    """
+    if node.op != "qmatmul":
+        raise ValueError(f"kernel_key: only qmatmul nodes are tunable, not {node.op!r}")
+    if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+        raise ValueError(f"qmatmul {_node_name(node)}: m must be a positive int, not {m!r}")
+    x_type = node.operands[0].type
+    w_type = node.operands[1].type
+    k = x_type.shape[-1]
+    if not isinstance(k, int) and w_type.layout is None:
+        k = w_type.shape[0]
+    n = node.results[0].type.shape[-1]
+    if not isinstance(n, int) and w_type.layout is None:
+        n = w_type.shape[1]
+    scheme = node.attrs["w_scheme"]
+    bias = node.operands[7] if len(node.operands) > 7 else None
+    return {
+        "op": "qmatmul",
+        "m": m,
+        "k": _static_dim(k, "k (x's last dimension)", node),
+        "n": _static_dim(n, "n (the result's last dimension)", node),
+        "w_scheme": str(scheme),
+        "act": node.attrs["act"],
+        "x_dtype": x_type.dtype.name,
+        "has_bias": bias is not None,
+        "act_order": bool(scheme.act_order),
+    }
+
+
+def key_id(key: dict) -> str:
+    """The canonical text of a key (sorted JSON, no spaces): equal keys give equal ids."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def scheme_of(key: dict):
+    """The QuantScheme of a key's ``w_scheme`` text (parsed back with the IR parser)."""
+    from qcompiler.ir.parser import _Parser
+
+    return _Parser(key["w_scheme"], None).quant_scheme()
+
+
+def describe(key: dict) -> str:
+    """A short readable label: ``m=1 k=4096 n=4096 u4 g128 act=float``."""
+    scheme = scheme_of(key)
+    gran = {"tensor": "pt", "channel": "pc"}.get(scheme.granularity, f"g{scheme.block_size}")
+    extra = (" bias" if key.get("has_bias") else "")
+    extra += " act_order" if key.get("act_order") else ""
+    return (f"m={key['m']} k={key['k']} n={key['n']} {scheme.dtype.name} {gran} "
+            f"x={key['x_dtype']} act={key['act']}{extra}")

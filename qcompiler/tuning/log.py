@@ -1,0 +1,194 @@
+"""The tuning log: JSON Lines, one record per measured candidate, append-only.
+
+A record (DESIGN.md, "Autotuning logs")::
+
+    {"version": 1, "target": "cuda-sm90", "device": "NVIDIA H100 80GB HBM3", "op": "qmatmul",
+     "key": {...kernel_key...}, "config": {...knobs...},
+     "latency_us": {"median": .., "min": .., "max": .., "runs": ..},
+     "status": "ok" | "compile_error" | "runtime_error" | "wrong_result" | "timeout",
+     "error": null | "message", "time": "2026-11-25T12:00:00+00:00", "qcompiler": "0.1.0"}
+
+Replay (``best_config``) takes only ``status == "ok"`` records of exactly the same target,
+device and key, so a log measured on one GPU is never applied to another; a config measured
+several times counts with the median of its records.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import warnings
+from pathlib import Path
+from typing import Optional
+
+LOG_VERSION = 1
+STATUSES = ("ok", "compile_error", "runtime_error", "wrong_result", "timeout")
+RECORD_FIELDS = ("version", "target", "device", "op", "key", "config", "latency_us", "status",
+                 "error", "time", "qcompiler")
+
+
+class CorruptLogLine(UserWarning):
+    """A line of a tuning log that is not a valid record; it is skipped."""
+
+
+class OtherDeviceRecords(UserWarning):
+    """A tuning log has records of a kernel for other devices only; they are not applied."""
+
+
+def make_record(target_name: str, device_name: str, key: dict, config: dict,
+                latency_us: Optional[dict], status: str, error: Optional[str] = None,
+                time: Optional[str] = None) -> dict:
+    """A complete record; ``time`` defaults to now (UTC, ISO 8601)."""
+    from qcompiler import __version__
+
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    if status == "ok" and not latency_us:
+        raise ValueError("an ok record needs latency_us")
+    return {
+        "version": LOG_VERSION,
+        "target": target_name,
+        "device": device_name,
+        "op": key.get("op", "qmatmul"),
+        "key": key,
+        "config": config,
+        "latency_us": latency_us,
+        "status": status,
+        "error": error,
+        "time": time or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "qcompiler": __version__,
+    }
+
+
+def validate(record) -> Optional[str]:
+    """None if ``record`` is a valid record, else what is wrong with it."""
+    if not isinstance(record, dict):
+        return f"a record is a JSON object, not {type(record).__name__}"
+    missing = [f for f in RECORD_FIELDS if f not in record]
+    if missing:
+        return f"missing fields {missing}"
+    if record["version"] != LOG_VERSION:
+        return f"log version {record['version']!r} (this qcompiler reads {LOG_VERSION})"
+    if record["status"] not in STATUSES:
+        return f"unknown status {record['status']!r}"
+    if not isinstance(record["key"], dict) or not isinstance(record["config"], dict):
+        return "key and config must be JSON objects"
+    if record["status"] == "ok":
+        lat = record["latency_us"]
+        if not isinstance(lat, dict) or not all(
+                isinstance(lat.get(f), (int, float)) for f in ("median", "min", "max")):
+            return "an ok record needs latency_us with numeric median, min and max"
+    return None
+
+
+def append(path, record: dict) -> None:
+    """Append one record as one line. A single ``write`` on an O_APPEND file keeps lines whole
+    when several processes append to the same log."""
+    problem = validate(record)
+    if problem:
+        raise ValueError(f"not a tuning record: {problem}")
+    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def read(path) -> list[dict]:
+    """Every valid record of the log in file order; a missing file is an empty log.
+
+    A corrupt line (bad JSON, a truncated write, a record of another version) is skipped with
+    a ``CorruptLogLine`` warning that names the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                warnings.warn(f"{path}:{lineno}: skipped a corrupt tuning record ({e.msg})",
+                              CorruptLogLine, stacklevel=2)
+                continue
+            problem = validate(record)
+            if problem:
+                warnings.warn(f"{path}:{lineno}: skipped a tuning record: {problem}",
+                              CorruptLogLine, stacklevel=2)
+                continue
+            records.append(record)
+    return records
+
+
+def matching(records: list[dict], target_name: str, device_name: str, key: dict) -> list[dict]:
+    """The records of exactly this target, device and key (any status)."""
+    from qcompiler.tuning.key import key_id
+
+    kid = key_id(key)
+    return [r for r in records
+            if r["target"] == target_name and r["device"] == device_name
+            and key_id(r["key"]) == kid]
+
+
+def config_scores(records: list[dict], target_name: str, device_name: str,
+                  key: dict) -> list[tuple[dict, float, int]]:
+    """(config, score, records) of every config with ok records for this target, device and
+    key, in the order first measured; the score is the median of its records' medians."""
+    by_config: dict[str, list[dict]] = {}
+    for r in matching(records, target_name, device_name, key):
+        if r["status"] == "ok":
+            by_config.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r)
+    return [(group[0]["config"], statistics.median(r["latency_us"]["median"] for r in group),
+             len(group)) for group in by_config.values()]
+
+
+def best_record(records: list[dict], target_name: str, device_name: str, key: dict,
+                per_config: bool = True) -> Optional[dict]:
+    """The ok record of the fastest config for this target, device and key.
+
+    ``per_config``: a config measured several times (the tuner measures the default and the
+    winner again at its end) counts with the median of its records' medians, so that one
+    lucky measurement on a loaded machine does not make it win; with one record per config
+    this is the record of lowest median. False: the single record of lowest median (the
+    FPGA cost model's records score whole designs, each once). Ties go to the config
+    measured first, so replay is deterministic.
+    """
+    ok = [r for r in matching(records, target_name, device_name, key) if r["status"] == "ok"]
+    if not per_config:
+        return min(ok, key=lambda r: r["latency_us"]["median"]) if ok else None
+    scores = config_scores(ok, target_name, device_name, key)
+    if not scores:
+        return None
+    best_config = min(scores, key=lambda t: t[1])[0]
+    return next(r for r in ok if r["config"] == best_config)
+
+
+def best_config(path, target_name: str, device_name: str, key: dict) -> Optional[dict]:
+    """The fastest verified config for exactly this target, device and key (``best_record``),
+    or None when the log has none (the caller then uses its heuristic).
+
+    When the log holds ok records of this target and key measured on other devices only, the
+    fallback is announced (``OtherDeviceRecords`` warning) rather than silent.
+    """
+    records = read(path)
+    best = best_record(records, target_name, device_name, key)
+    if best is not None:
+        return dict(best["config"])
+    from qcompiler.tuning.key import key_id
+
+    kid = key_id(key)
+    others = sorted({r["device"] for r in records
+                     if r["status"] == "ok" and r["target"] == target_name
+                     and key_id(r["key"]) == kid})
+    if others:
+        warnings.warn(f"{path}: the kernel {kid} was tuned for {target_name} on "
+                      f"{', '.join(others)}, not on this device ({device_name}); those records "
+                      "are not applied (the heuristic is used)", OtherDeviceRecords, stacklevel=2)
+    return None
