@@ -377,7 +377,9 @@ def _cast(imp, n, attrs):
 _SIMPLE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
            "Sqrt": "sqrt", "Erf": "erf", "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
            "Equal": "equal", "Where": "where", "Exp": "exp", "Neg": "neg", "Abs": "abs",
-           "Reciprocal": "reciprocal", "MatMul": "matmul"}
+           "Reciprocal": "reciprocal", "MatMul": "matmul", "Greater": "greater",
+           "GreaterOrEqual": "greater_or_equal", "Less": "less", "LessOrEqual": "less_or_equal",
+           "And": "and", "Range": "range", "IsNaN": "isnan"}
 
 
 @_handles(*_SIMPLE)
@@ -450,6 +452,53 @@ def _reduce_mean(imp, n, attrs):
     if attrs.get("noop_with_empty_axes", 0):
         a["noop_with_empty_axes"] = 1
     imp.emit("reduce_mean", xs[:1], a, names=imp.outputs_of(n))
+
+
+@_handles("ReduceSum", "ReduceL2")
+def _reduce_sum_l2(imp, n, attrs):
+    xs = _inputs(imp, n)
+    # axes moved from an attribute to an input at opset 13 (ReduceSum) and 18 (the others).
+    if imp.opset >= (13 if n.op_type == "ReduceSum" else 18):
+        axes = [] if len(xs) < 2 or xs[1] is None else \
+            [int(a) for a in imp.need_const(xs[1], f"{n.op_type} axes")]
+    else:
+        axes = list(attrs.get("axes", []))
+    a = {"axes": axes, "keepdims": int(attrs.get("keepdims", 1))}
+    if attrs.get("noop_with_empty_axes", 0):
+        a["noop_with_empty_axes"] = 1
+    op = "reduce_sum" if n.op_type == "ReduceSum" else "reduce_l2"
+    imp.emit(op, xs[:1], a, names=imp.outputs_of(n))
+
+
+@_handles("Clip")
+def _clip(imp, n, attrs):
+    """min(max(x, lo), hi): exactly ONNX Clip (hi wins where lo > hi; NaN stays NaN)."""
+    xs = _inputs(imp, n) + [None, None]
+    x = xs[0]
+    if imp.opset < 11:
+        bounds = [attrs.get("min"), attrs.get("max")]
+        bounds = [None if b is None else imp.add_constant(
+            np.array(b, x.type.dtype.np_dtype), TensorType((), x.type.dtype), "clip")
+            for b in bounds]
+    else:
+        bounds = xs[1:3]
+    y = x
+    for op, bound in (("max", bounds[0]), ("min", bounds[1])):
+        if bound is not None:
+            y = imp.emit(op, [y, bound])[0]
+    imp.emit("identity", [y], names=imp.outputs_of(n))
+
+
+@_handles("GatherElements")
+def _gather_elements(imp, n, attrs):
+    imp.emit("gather_elements", _inputs(imp, n), {"axis": int(attrs.get("axis", 0))},
+             names=imp.outputs_of(n))
+
+
+@_handles("GatherND")
+def _gather_nd(imp, n, attrs):
+    a = {"batch_dims": int(attrs["batch_dims"])} if attrs.get("batch_dims", 0) else {}
+    imp.emit("gather_nd", _inputs(imp, n), a, names=imp.outputs_of(n))
 
 
 # -- shape ops -----------------------------------------------------------------------------

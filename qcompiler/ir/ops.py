@@ -148,6 +148,16 @@ def _equal(types, attrs, consts):
     return [TensorType(broadcast_shapes(a.shape, b.shape), BOOL)]
 
 
+@_def("isnan", "Elementwise x != x (NaN test), boolean result", ["x"])
+def _isnan(types, attrs, consts):
+    return [TensorType(types[0].shape, BOOL)]
+
+
+for _name, _summary in [("greater", "a > b"), ("greater_or_equal", "a >= b"), ("less", "a < b"),
+                        ("less_or_equal", "a <= b"), ("and", "logical a and b")]:
+    OPS[_name] = OpDef(_name, f"Broadcasting {_summary}, boolean result", ("a", "b"), {}, 1, _equal)
+
+
 @_def("where", "cond ? x : y with broadcasting", ["cond", "x", "y"])
 def _where(types, attrs, consts):
     c, x, y = types
@@ -192,6 +202,11 @@ def _reduce_mean(types, attrs, consts):
     else:
         shape = [d for i, d in enumerate(t.shape) if i not in axes]
     return [TensorType(tuple(shape), t.dtype)]
+
+
+for _name, _summary in [("reduce_sum", "Sum"), ("reduce_l2", "Euclidean norm")]:
+    OPS[_name] = OpDef(_name, f"{_summary} over `axes` (as reduce_mean)", ("x",),
+                       OPS["reduce_mean"].attrs, 1, _reduce_mean)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +326,42 @@ def _gather(types, attrs, consts):
     t, idx = types
     axis = _norm_axis(attrs["axis"], t.rank)
     return [TensorType(t.shape[:axis] + idx.shape + t.shape[axis + 1:], t.dtype)]
+
+
+@_def("gather_elements", "ONNX GatherElements: x[..., indices[i], ...] along `axis`",
+      ["x", "indices"], {"axis": ("int", True)})
+def _gather_elements(types, attrs, consts):
+    t, idx = types
+    _norm_axis(attrs["axis"], t.rank)
+    if idx.rank != t.rank:
+        raise TypeInferenceError(f"gather_elements indices rank {idx.rank} != data rank {t.rank}")
+    return [TensorType(idx.shape, t.dtype)]
+
+
+@_def("gather_nd", "ONNX GatherND: index tuples in the last dim of `indices`", ["x", "indices"],
+      {"batch_dims": ("int", False)})
+def _gather_nd(types, attrs, consts):
+    t, idx = types
+    b = attrs.get("batch_dims", 0)
+    depth = idx.shape[-1] if idx.rank else "?"
+    if not isinstance(depth, int):
+        return [TensorType(("?",) * max(idx.rank - 1, 0), t.dtype)]
+    if idx.rank < 1 or b + depth > t.rank:
+        raise TypeInferenceError(f"gather_nd indices {idx.shape} do not fit data {t.shape} "
+                                 f"with batch_dims={b}")
+    return [TensorType(idx.shape[:-1] + t.shape[b + depth:], t.dtype)]
+
+
+@_def("range", "start, start + delta, ... below limit (ONNX Range); 0-d operands", ["start",
+      "limit", "delta"])
+def _range(types, attrs, consts):
+    if any(t.rank != 0 for t in types):
+        raise TypeInferenceError("range takes 0-d start, limit and delta")
+    n = "?"
+    if all(c is not None for c in consts):
+        start, limit, delta = (np.asarray(c).item() for c in consts)
+        n = max(int(np.ceil((limit - start) / delta)), 0)
+    return [TensorType((n,), types[0].dtype)]
 
 
 @_def("unsqueeze", "Insert unit dims at `axes` (of the result)", ["x"], {"axes": ("ints", True)})
