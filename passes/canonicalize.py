@@ -8,6 +8,9 @@ After this pass:
 - nodes whose operands are all constants are evaluated (except ``dequantize``: folding it
   would undo the quantization), as is ``shape`` of a static tensor;
 - ``identity``, casts to the same type and reshapes to the same static shape disappear;
+- the contraction dimension of a matmul / qmatmul operand is static when the weight's is:
+  ``x[..., ?] @ w[K, N]`` types x's producer result ``[..., K]`` (matmul requires it; a
+  reshape to a shape computed at run time otherwise leaves it unknown, and backends need K);
 - nodes that reach no output are removed.
 """
 from __future__ import annotations
@@ -55,6 +58,24 @@ class FoldShape(RewritePattern):
         start, end = node.attrs.get("start", 0), node.attrs.get("end", t.rank)
         dims = np.array(t.shape[slice(start, end)], np.int64)
         rw.replace(node, [rw.constant(dims, node.result.type, before=node, hint="shape")])
+        return True
+
+
+class RefineContractionDim(RewritePattern):
+    op = "*"
+
+    def rewrite(self, node, rw):
+        if node.op not in ("matmul", "qmatmul") or len(node.operands) < 2:
+            return False
+        x, w = node.operands[0], node.operands[1]
+        if x is None or x.producer is None or w is None or w.type.layout is not None:
+            return False
+        if x.type.rank < 1 or w.type.rank < 2 or isinstance(x.type.shape[-1], int):
+            return False
+        k = w.type.shape[-2]
+        if not isinstance(k, int):
+            return False
+        x.type = x.type.with_shape(tuple(x.type.shape[:-1]) + (k,))
         return True
 
 
@@ -150,7 +171,8 @@ class CanonicalizePass(Pass):
     fold: bool = True  # evaluate nodes whose operands are all constants
 
     def run(self, module: Module) -> Module:
-        patterns = [GemmToMatmul(), TransposeOfDequantize(), FoldShape(), RemoveIdentity(),
+        patterns = [GemmToMatmul(), TransposeOfDequantize(), FoldShape(), RefineContractionDim(),
+                    RemoveIdentity(),
                     RemoveNoopCast(), RemoveNoopReshape()]
         if self.fold:
             patterns.append(FoldConstants())

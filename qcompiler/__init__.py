@@ -11,11 +11,38 @@ artifact directory → runtime (``qcompiler.runtime``).
 __version__ = "0.1.0"
 
 
-def compile(model, target: str = "ref", output_dir=None, **options):
-    """Compile ``model`` (a path or onnx.ModelProto) for ``target`` and load the result."""
-    from qcompiler.driver.api import compile as _compile
+def compile(model, target: str = "ref", output_dir=None, example_inputs=None, **options):
+    """Compile ``model`` for ``target`` and load the result.
 
+    ``model``: an ONNX path / bytes / ModelProto, a .qir file or Module (→ a
+    ``CompiledModule``: ``.run({name: ndarray})``), or a torch.nn.Module / fx.GraphModule /
+    ExportedProgram traced with ``example_inputs`` (→ a callable taking and returning torch
+    tensors, specialized to the input shapes and recompiled for new ones).
+    """
+    from qcompiler.driver.api import compile as _compile
+    from qcompiler.frontends.fx import is_torch_model
+
+    if is_torch_model(model):
+        from qcompiler.frontends.fx import TorchCompiled
+
+        if output_dir is not None:
+            options["output_dir"] = output_dir  # only the first shape compiles into it
+
+        def compile_for(m, inputs):
+            out = _compile(m, target=target, example_inputs=inputs, **options)
+            options.pop("output_dir", None)
+            return out
+        return TorchCompiled(model, compile_for, example_inputs)
     return _compile(model, target=target, output_dir=output_dir, **options)
+
+
+def tune(model, target: str, **options) -> dict:
+    """Autotune every distinct kernel of ``model`` on ``target``'s device; append the results
+    to a tuning log (``qcompiler.tuning.tuner.tune`` lists the options). Compile with
+    ``compile(model, target, tuning_log=...)`` to use them."""
+    from qcompiler.tuning.tuner import tune as _tune
+
+    return _tune(model, target, **options)
 
 
 def load(directory):

@@ -15,12 +15,19 @@ PASSES: dict[str, object] = {
     "quantize-weights": "qcompiler.passes.quantize_weights:QuantizeWeightsPass",
     "hls-fixed-point": "qcompiler.passes.hls_fixed_point:HLSFixedPointPass",
     "hls-parallelism": "qcompiler.passes.hls_parallelism:HLSParallelismPass",
+    "reorder-weights": "qcompiler.passes.reorder_weights:ReorderWeightsPass",
+    "schedule-unpack": "qcompiler.passes.schedule_unpack:ScheduleUnpackPass",
+    "tile": "qcompiler.passes.tile:TilePass",
+    "cpu-schedule": "qcompiler.passes.cpu_schedule:CPUSchedulePass",
+    "cpu-pack-weights": "qcompiler.passes.cpu_pack_weights:CPUPackWeightsPass",
 }
 
 # backend name -> "module:Class"
 BACKENDS: dict[str, str] = {
     "reference": "qcompiler.codegen.reference.backend:ReferenceBackend",
     "hls": "qcompiler.codegen.hls.backend:HLSBackend",
+    "cuda": "qcompiler.codegen.cuda.backend:CudaBackend",
+    "cpu": "qcompiler.codegen.cpu.backend:CPUBackend",
 }
 
 

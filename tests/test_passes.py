@@ -209,3 +209,30 @@ def test_a_user_pass_registers_by_name_and_runs_in_pipelines():
     assert any(n.op == "gelu" for n in m.main.nodes)
     with pytest.raises(PassError, match="already registered"):
         register_pass("canonicalize")(type("Other", (Pass,), {}))
+
+
+def test_canonicalize_makes_the_contraction_dim_static():
+    """x = reshape(a, shape computed at run time) gives x type [?, ?]; matmul with a [K, N]
+    weight requires x's last dim to be K, so canonicalize types it so (backends need K)."""
+    k, n = 12, 5
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["a"], ["a_shape"]),
+        helper.make_node("Reshape", ["a", "a_shape"], ["x"]),   # shape only known at run time
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "refine", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "w")])
+    module = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    matmul = next(nd for nd in module.main.nodes if nd.op == "matmul")
+    assert not isinstance(matmul.operands[0].type.shape[-1], int)
+
+    out, _, _ = run_pipeline(module, "canonicalize", verify_each=True)
+    matmul = next(nd for nd in out.main.nodes if nd.op == "matmul")
+    assert matmul.operands[0].type.shape[-1] == k
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"a": a})["y"], a @ w, rtol=1e-5, atol=1e-6)
+    assert parse_module(print_module(out), out.constants) is not None

@@ -23,10 +23,17 @@ class CompileError(ValueError):
     """The request cannot be compiled (unknown or unavailable target, bad pipeline ...)."""
 
 
-def import_model(model) -> Module:
-    """A Module from a path (.onnx or .qir), bytes, an onnx.ModelProto or a Module."""
+def import_model(model, example_inputs=None) -> Module:
+    """A Module from a path (.onnx or .qir), bytes, an onnx.ModelProto or a Module, or from a
+    torch.nn.Module / fx.GraphModule / ExportedProgram traced with ``example_inputs``."""
     if isinstance(model, Module):
         return model
+    from qcompiler.frontends.fx import is_torch_model  # imports torch only if already loaded
+
+    if is_torch_model(model):
+        from qcompiler.frontends.fx import load as load_torch
+
+        return load_torch(model, example_inputs)
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".qir"):
         from qcompiler.ir import parse_module
 
@@ -75,9 +82,14 @@ def _weight_bytes(node) -> int:
 
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
             kernels: list[dict]) -> tuple[dict, str]:
+    # A backend that packs the weights stores them under a storage scheme (u8 words) and
+    # keeps the model's scheme in config["w_scheme"]: report the model's, and the shape of
+    # the weight as stored.
     qmms = [{"result": n.result.name, "w": list(n.operands[1].type.shape),
-             "w_scheme": str(n.attrs["w_scheme"]), "act": n.attrs["act"],
-             "weight_bytes": _weight_bytes(n)}
+             "w_layout": (n.operands[1].type.layout.name if n.operands[1].type.layout
+                          else "row_major"),
+             "w_scheme": n.attrs.get("config", {}).get("w_scheme", str(n.attrs["w_scheme"])),
+             "act": n.attrs["act"], "weight_bytes": _weight_bytes(n)}
             for n in module.main.nodes if n.op == "qmatmul"]
     ops: dict[str, int] = {}
     for n in module.main.nodes:
@@ -94,21 +106,29 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
                      f"{r['nodes_after']:<4} {extra}")
     lines += ["", f"qmatmul kernels: {len(qmms)}"]
     for q in qmms:
-        lines.append(f"  {q['result']:<24} w {q['w']}  {q['w_scheme']}  act={q['act']}  "
-                     f"{q['weight_bytes']} bytes")
+        lines.append(f"  {q['result']:<24} w {q['w']} ({q['w_layout']})  {q['w_scheme']}  "
+                     f"act={q['act']}  {q['weight_bytes']} bytes")
     lines += ["", "ops: " + ", ".join(f"{k} {v}" for k, v in report["op_counts"].items())]
     return report, "\n".join(lines) + "\n"
 
 
 def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                    passes: Optional[str] = None, instruments: Sequence[Instrument] = (),
-                   verify_each: bool = False) -> tuple[str, Module]:
-    """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None)."""
+                   verify_each: bool = False, tuning_log: Optional[str] = None,
+                   example_inputs=None) -> tuple[str, Module]:
+    """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None).
+
+    ``tuning_log``: replay the best verified configs of that log (``qcompile --tune``) by
+    passing it to the target's config-choosing pass (its ``tuning_pass``)."""
     tgt = resolve_target(target)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    module = import_model(model)
-    module, records, spec = run_pipeline(module, passes or tgt.default_pipeline, instruments,
-                                         verify_each)
+    module = import_model(model, example_inputs)
+    pipeline = passes or tgt.default_pipeline
+    if tuning_log:
+        from qcompiler.tuning.tuner import pipeline_with_tuning_log, tuning_pass_of
+
+        pipeline = pipeline_with_tuning_log(pipeline, tuning_pass_of(tgt), tuning_log)
+    module, records, spec = run_pipeline(module, pipeline, instruments, verify_each)
     out_dir = output_dir or tempfile.mkdtemp(prefix="qcompiler_")
     os.makedirs(out_dir, exist_ok=True)
     backend = get_backend(tgt.backend)
@@ -128,7 +148,9 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
 
 
 def compile(model, target: str = "ref", output_dir: Optional[str] = None,
-            passes: Optional[str] = None, verify_each: bool = False):
+            passes: Optional[str] = None, verify_each: bool = False,
+            tuning_log: Optional[str] = None, example_inputs=None):
     """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result."""
-    out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each)
+    out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
+                                tuning_log=tuning_log, example_inputs=example_inputs)
     return qcompiler.load(out_dir)
