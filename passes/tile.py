@@ -20,17 +20,11 @@ M_BUCKETS = (16, 32, 64, 128)  # the last bucket also serves every larger M
 
 
 def kernel_key(node, m: int) -> dict:
-    """The tuning key of a packed node at M rows (qcompiler.tuning.key when present)."""
-    lay = node.operands[1].type.layout
-    try:
-        from qcompiler.tuning.key import kernel_key as tuning_key
+    """The tuning key of a packed node at M rows (``qcompiler.tuning.key``)."""
+    from qcompiler.tuning.key import kernel_key as tuning_key
 
-        key = tuning_key(node, m)
-    except ImportError:
-        key = {"op": "qmatmul", "m": m, "act": node.attrs["act"],
-               "x_dtype": node.operands[0].type.dtype.name,
-               "has_bias": node.operand(7) is not None,
-               "act_order": bool(lay.get("act_order"))}
+    lay = node.operands[1].type.layout
+    key = tuning_key(node, m)
     # The packed node's logical K, N are in its layout, its logical scheme in its config
     # (the w_scheme attribute describes the packed bytes).
     key.update({"k": lay.get("k"), "n": lay.get("n"),

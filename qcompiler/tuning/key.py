@@ -34,12 +34,13 @@ def kernel_key(node, m: int) -> dict:
         raise ValueError(f"qmatmul {_node_name(node)}: m must be a positive int, not {m!r}")
     x_type = node.operands[0].type
     w_type = node.operands[1].type
-    k = x_type.shape[-1]
-    if not isinstance(k, int) and w_type.layout is None:
-        k = w_type.shape[0]
+    # x's last dim equals the weight's K (matmul requires it): take whichever is static; a
+    # packed weight keeps its logical K and N in its layout.
+    logical = (w_type.shape[0], w_type.shape[1]) if w_type.layout is None else (
+        w_type.layout.get("k"), w_type.layout.get("n"))
+    k = x_type.shape[-1] if isinstance(x_type.shape[-1], int) else logical[0]
     n = node.results[0].type.shape[-1]
-    if not isinstance(n, int) and w_type.layout is None:
-        n = w_type.shape[1]
+    n = n if isinstance(n, int) else logical[1]
     scheme = node.attrs["w_scheme"]
     bias = node.operands[7] if len(node.operands) > 7 else None
     return {
