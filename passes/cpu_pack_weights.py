@@ -36,9 +36,7 @@ class CPUPackWeightsPass(Pass):
     def run(self, module: Module) -> Module:
         from qcompiler.codegen.cpu import layout, runtime, tuning
         from qcompiler.passes.cpu_schedule import node_key
-        from qcompiler.targets import get_target
-
-        tgt = get_target(self.target)
+        tgt = self.backend_target("cpu")
         fn = module.main
         packed_bytes = 0
         for node in list(fn.nodes):

@@ -26,7 +26,6 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import constant_value
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
-from qcompiler.targets import get_target
 
 # (representative M, largest M served; 0 = unbounded) of the variants of a symbolic batch.
 SYMBOLIC_BUCKETS = ((1, 1), (16, 16), (128, 0))
@@ -107,13 +106,7 @@ class CPUSchedulePass(Pass):
         from qcompiler.codegen.cpu import kernels, tuning
         from qcompiler.codegen.cpu.host import target_cpu
 
-        try:
-            tgt = get_target(self.target)
-        except KeyError as e:
-            raise PassError(f"cpu-schedule: {e.args[0]}") from None
-        if tgt.backend != "cpu":
-            raise PassError(f"cpu-schedule: target {self.target!r} is not a cpu target "
-                            f"(backend {tgt.backend!r})")
+        tgt = self.backend_target("cpu")
         if self.numerics not in kernels.NUMERICS:
             raise PassError(f"cpu-schedule: numerics={self.numerics!r}; choose one of "
                             f"{', '.join(kernels.NUMERICS)}")

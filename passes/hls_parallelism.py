@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from qcompiler.codegen.hls.cost_model import RESOURCES, choose_parallelism, estimate_design
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
-from qcompiler.targets import get_target
 
 
 @register_pass("hls-parallelism")
@@ -34,14 +33,10 @@ class HLSParallelismPass(Pass):
     tuning_log: str = ""  # a tuning log to replay (JSON Lines); empty: the heuristic
 
     def run(self, module: Module) -> Module:
-        try:
-            tgt = get_target(self.target)
-        except KeyError as e:
-            raise PassError(f"hls-parallelism: {e.args[0]}") from None
+        tgt = self.backend_target("hls")
         budget = tgt.params.get("resources")
-        if tgt.backend != "hls" or not budget:
-            raise PassError(f"hls-parallelism: target {self.target!r} is not an FPGA target "
-                            f"(backend {tgt.backend!r}); use an fpga-* target")
+        if not budget:
+            raise PassError(f"hls-parallelism: target {self.target!r} has no resource budget")
         if not 0 < self.utilization <= 1:
             raise PassError(f"hls-parallelism: utilization={self.utilization} must be in (0, 1]")
         nodes = [n for n in module.main.nodes if n.op == "qmatmul"]

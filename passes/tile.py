@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from qcompiler.codegen.cuda import tuning
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
-from qcompiler.targets import get_target
 
 M_BUCKETS = (16, 32, 64, 128)  # the last bucket also serves every larger M
 
@@ -41,12 +40,7 @@ class TilePass(Pass):
     tuning_log: str = ""
 
     def run(self, module: Module) -> Module:
-        try:
-            tgt = get_target(self.target)
-        except KeyError as e:
-            raise PassError(f"tile: {e.args[0]}") from None
-        if tgt.backend != "cuda":
-            raise PassError(f"tile: target {self.target!r} is not a CUDA target")
+        tgt = self.backend_target("cuda")
         device = None
         if self.tuning_log:
             from qcompiler.tuning.device import device_name

@@ -43,6 +43,20 @@ class Pass:
         """Apply to a clone: the caller's module is never changed."""
         return self.run(module.clone())
 
+    def backend_target(self, backend: str):
+        """The target named by this pass's ``target`` option; it must be one that ``backend``
+        serves (passes that decide for one backend call this first)."""
+        from qcompiler.targets import get_target
+
+        try:
+            target = get_target(self.target)
+        except KeyError as e:
+            raise PassError(f"{self.name}: {e.args[0]}") from None
+        if target.backend != backend:
+            raise PassError(f"{self.name}: target {self.target!r} is served by the "
+                            f"{target.backend!r} backend, not {backend!r}")
+        return target
+
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
