@@ -114,11 +114,12 @@ class CPUSchedulePass(Pass):
         if self.numerics == "int8" and not cpu["vnni"]:
             raise PassError(f"cpu-schedule: numerics=int8 needs AVX-512 VNNI; target "
                             f"{tgt.name} (-mcpu={cpu['mcpu']}) has none; use numerics=exact")
-        device = None
+        device = replay = None
         if self.tuning_log:
             from qcompiler.tuning.device import device_name
+            from qcompiler.tuning.log import Replay
 
-            device = device_name(tgt)
+            device, replay = device_name(tgt), Replay(self.tuning_log)
         counts = {"tvm": 0, "reference": 0, "tuning_log": 0}
         for node in module.main.nodes:
             if node.op != "qmatmul":
@@ -140,9 +141,7 @@ class CPUSchedulePass(Pass):
                 key = node_key(node, max(m, 1), self.numerics)
                 cfg, source = None, "heuristic"
                 if self.tuning_log:
-                    from qcompiler.tuning.log import best_config
-
-                    cfg = best_config(self.tuning_log, tgt.name, device, key)
+                    cfg = replay.best_config(tgt.name, device, key)
                     if cfg is not None and tuning.check_config(tgt, key, cfg) is None:
                         source = "tuning-log"
                     else:

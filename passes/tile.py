@@ -44,9 +44,9 @@ class TilePass(Pass):
         device = None
         if self.tuning_log:
             from qcompiler.tuning.device import device_name
-            from qcompiler.tuning.log import best_config
+            from qcompiler.tuning.log import Replay
 
-            device = device_name(tgt)
+            device, replay = device_name(tgt), Replay(self.tuning_log)
         count = 0
         for node in module.main.nodes:
             if node.op != "qmatmul":
@@ -60,7 +60,7 @@ class TilePass(Pass):
                 key = kernel_key(node, m_max)
                 chosen, source = None, "heuristic"
                 if self.tuning_log:
-                    chosen = best_config(self.tuning_log, tgt.name, device, key)
+                    chosen = replay.best_config(tgt.name, device, key)
                     if chosen is not None:
                         chosen = {"acc_scale": 0, **chosen}  # logs written before that knob
                         why = tuning.check_config(tgt, key, chosen)

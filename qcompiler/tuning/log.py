@@ -14,6 +14,7 @@ several times counts with the median of its records.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -170,25 +171,57 @@ def best_record(records: list[dict], target_name: str, device_name: str, key: di
     return next(r for r in ok if r["config"] == best_config)
 
 
+# While ``recording_lookups`` is active: the keys asked of ``Replay.best_config``.
+_LOOKUPS: Optional[list] = None
+
+
+@contextlib.contextmanager
+def recording_lookups():
+    """Within it, ``Replay.best_config`` reads no log, answers None (the pass then uses its
+    heuristic) and records every key it is asked for: the tuner learns this way which
+    kernels a pipeline's config-choosing pass looks up. Yields the list of keys."""
+    global _LOOKUPS
+    outer, _LOOKUPS = _LOOKUPS, []
+    try:
+        yield _LOOKUPS
+    finally:
+        _LOOKUPS = outer
+
+
+class Replay:
+    """A tuning log read once, for a pass that looks up the configs of many kernels."""
+
+    def __init__(self, path):
+        self.path = path
+        self.records = [] if _LOOKUPS is not None else read(path)
+
+    def best_config(self, target_name: str, device_name: str, key: dict) -> Optional[dict]:
+        """The fastest verified config for exactly this target, device and key
+        (``best_record``), or None when the log has none (the caller uses its heuristic).
+
+        When the log holds ok records of this target and key measured on other devices only,
+        the fallback is announced (``OtherDeviceRecords`` warning) rather than silent.
+        """
+        if _LOOKUPS is not None:
+            _LOOKUPS.append(dict(key))
+            return None
+        best = best_record(self.records, target_name, device_name, key)
+        if best is not None:
+            return dict(best["config"])
+        from qcompiler.tuning.key import key_id
+
+        kid = key_id(key)
+        others = sorted({r["device"] for r in self.records
+                         if r["status"] == "ok" and r["target"] == target_name
+                         and key_id(r["key"]) == kid})
+        if others:
+            warnings.warn(f"{self.path}: the kernel {kid} was tuned for {target_name} on "
+                          f"{', '.join(others)}, not on this device ({device_name}); those "
+                          "records are not applied (the heuristic is used)",
+                          OtherDeviceRecords, stacklevel=2)
+        return None
+
+
 def best_config(path, target_name: str, device_name: str, key: dict) -> Optional[dict]:
-    """The fastest verified config for exactly this target, device and key (``best_record``),
-    or None when the log has none (the caller then uses its heuristic).
-
-    When the log holds ok records of this target and key measured on other devices only, the
-    fallback is announced (``OtherDeviceRecords`` warning) rather than silent.
-    """
-    records = read(path)
-    best = best_record(records, target_name, device_name, key)
-    if best is not None:
-        return dict(best["config"])
-    from qcompiler.tuning.key import key_id
-
-    kid = key_id(key)
-    others = sorted({r["device"] for r in records
-                     if r["status"] == "ok" and r["target"] == target_name
-                     and key_id(r["key"]) == kid})
-    if others:
-        warnings.warn(f"{path}: the kernel {kid} was tuned for {target_name} on "
-                      f"{', '.join(others)}, not on this device ({device_name}); those records "
-                      "are not applied (the heuristic is used)", OtherDeviceRecords, stacklevel=2)
-    return None
+    """``Replay(path).best_config(...)`` for one lookup."""
+    return Replay(path).best_config(target_name, device_name, key)

@@ -867,8 +867,8 @@ def kernels_of(module, m=None, key_fn=None) -> list[tuple[dict, list[str]]]:
 def looked_up_kernels(model_module, spec: str, target, m=None) -> list[tuple[dict, list[str]]]:
     """The keys the target's config-choosing pass looks up in a tuning log, in order.
 
-    The pipeline runs once with a tuning log whose ``best_config`` records every key asked
-    for (and answers None: the heuristic), so the tuner tunes exactly what replay looks for,
+    The pipeline runs once under ``log.recording_lookups`` (every key the pass asks for is
+    recorded and answered None: the heuristic), so the tuner tunes exactly what replay looks for,
     whatever the pass's M buckets or key details (CUDA's ``tile`` asks per M bucket,
     ``cpu-schedule`` per static M or per bucket of a symbolic batch).
 
@@ -880,19 +880,9 @@ def looked_up_kernels(model_module, spec: str, target, m=None) -> list[tuple[dic
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.key import key_id
 
-    asked: list[dict] = []
-
-    def recording_best_config(path, target_name, device_name, key):
-        asked.append(dict(key))
-        return None
-
     spec = pipeline_with_tuning_log(spec, tuning_pass_of(target), os.devnull)
-    original = tlog.best_config
-    tlog.best_config = recording_best_config
-    try:
+    with tlog.recording_lookups() as asked:
         module, _, _ = run_pipeline(model_module, spec)
-    finally:
-        tlog.best_config = original
     distinct: dict[str, dict] = {}
     for key in asked:
         distinct.setdefault(key_id(key), key)
