@@ -62,7 +62,6 @@ class TilePass(Pass):
                 if self.tuning_log:
                     chosen = replay.best_config(tgt.name, device, key)
                     if chosen is not None:
-                        chosen = {"acc_scale": 0, **chosen}  # logs written before that knob
                         why = tuning.check_config(tgt, key, chosen)
                         if why:
                             raise PassError(f"tile: the tuning log's config for "
