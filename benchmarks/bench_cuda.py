@@ -30,14 +30,20 @@ SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 8192
 MS = [1, 4, 16, 32, 64, 128, 512]
 L2_BYTES = 50 << 20
 
-# Candidate configs for --sweep: (m_frags, warps_n, warps_k, stages, stage_k) x split_k.
-SWEEP = {  # (m_frags, warps_n, warps_k, stages, stage_k, acc_scale)
+# Candidate configs for --sweep. Tiled kernel: (m_frags, warps_n, warps_k, stages, stage_k,
+# acc_scale), each with the splits of SPLITS[m_frags].
+SWEEP = {
     1: [(1, 4, 2, 4, 128, 0), (1, 4, 2, 4, 128, 1), (1, 8, 1, 4, 128, 0), (1, 8, 1, 4, 128, 1),
         (1, 2, 4, 4, 128, 0), (1, 2, 4, 4, 128, 1), (1, 4, 2, 6, 128, 1), (1, 4, 2, 3, 128, 1)],
     2: [(2, 2, 4, 4, 128, 0), (2, 4, 2, 4, 128, 0), (2, 2, 2, 4, 128, 0)],
     4: [(4, 4, 2, 3, 128, 0), (4, 2, 2, 3, 128, 0), (4, 2, 2, 4, 128, 0), (4, 2, 4, 3, 128, 0)],
 }
 SPLITS = {1: [1, 2, 3, 4, 6, 8, 12, 16], 2: [1, 2, 4], 4: [1, 2, 4]}
+# GEMV kernel: (m_frags, warps_n, warps_k, stages), each with GEMV_SPLITS.
+GEMV_SWEEP = [(1, 4, 2, 8), (1, 2, 4, 8), (1, 1, 8, 8), (1, 4, 1, 8), (1, 8, 1, 8),
+              (1, 4, 4, 8), (1, 2, 2, 8), (1, 4, 2, 6), (1, 4, 2, 4),
+              (2, 4, 2, 4), (2, 2, 4, 4), (2, 1, 8, 4), (2, 4, 1, 4), (2, 4, 2, 3)]
+GEMV_SPLITS = [1, 2, 3, 4, 6, 7, 8, 10, 12, 14, 16]
 
 
 def sweep_variants(n: int, k: int) -> list[dict]:
@@ -50,15 +56,25 @@ def sweep_variants(n: int, k: int) -> list[dict]:
             for sk in SPLITS[mf]:
                 if sk > k // sk_rows:
                     continue
-                out.append({"m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st,
-                            "stage_k": sk_rows, "acc_scale": acc, "split_k": sk,
+                out.append({"gemv": 0, "m_frags": mf, "warps_n": wn, "warps_k": wk,
+                            "stages": st, "stage_k": sk_rows, "acc_scale": acc, "split_k": sk,
                             "m_max": 0})  # 0: by index
+    for mf, wn, wk, st in GEMV_SWEEP:
+        if n_blocks % wn:
+            continue
+        for sk in GEMV_SPLITS:
+            if k // 16 < sk * wk * st:
+                continue
+            out.append({"gemv": 1, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st,
+                        "stage_k": 64, "acc_scale": 0, "split_k": sk, "m_max": 0})
     return out
 
 
 def sweep_frags(m: int) -> tuple:
-    """Which M tiles a sweep tries at M rows."""
-    return (1,) if m <= 16 else (2,) if m <= 32 else (2, 4)
+    """Which (gemv, m_frags) a sweep tries at M rows."""
+    if m <= 8:
+        return (1, 1), (1, 2), (0, 1)
+    return ((1, 2), (0, 1)) if m <= 16 else ((0, 2),) if m <= 32 else ((0, 2), (0, 4))
 
 
 def copy_bandwidth() -> float:
@@ -173,13 +189,13 @@ def main():
             best, best_cfg = t_ours, "heuristic"
             if args.sweep:
                 for i, v in enumerate(built.variants):
-                    if v["m_max"] != 0 or v["m_frags"] not in sweep_frags(m):
+                    if v["m_max"] != 0 or (v["gemv"], v["m_frags"]) not in sweep_frags(m):
                         continue
                     kern.bench_variant = i
                     t = bs.time_kernel(kern, m, case, replays=5)["median"]
                     if t < best:
                         best, best_cfg = t, {key: v[key] for key in
-                                             ("m_frags", "warps_n", "warps_k", "stages",
+                                             ("gemv", "m_frags", "warps_n", "warps_k", "stages",
                                               "stage_k", "acc_scale", "split_k")}
                 kern.bench_variant = -1
             row = {"n": n, "k": k, "m": m, "ours_us": round(t_ours, 2),

@@ -1,9 +1,10 @@
 """One launch of each given config on one shape, for Nsight Compute:
 
     ncu --section SpeedOfLight --section WarpStateStats --section Occupancy \\
-        --kernel-name regex:qmatmul_kernel python benchmarks/profile_cuda.py N K M cfg...
+        --kernel-name regex:qmatmul python benchmarks/profile_cuda.py N K M cfg...
 
-cfg = m_frags,warps_n,warps_k,stages,stage_k,acc_scale,split_k (i4 symmetric g128 fp16 weights).
+cfg = gemv,m_frags,warps_n,warps_k,stages,stage_k,acc_scale,split_k (tuning.KNOBS; i4 symmetric
+g128 fp16 weights).
 """
 import sys
 import tempfile

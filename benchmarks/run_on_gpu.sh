@@ -32,21 +32,21 @@ for step in "$@"; do
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --sweep --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     profile)
       ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-        --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
-        1,4,2,4,128,2 1,4,2,4,128,7 >"$OUT/ncu-m1.txt" 2>&1
+        --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
+        0,1,4,2,4,128,0,2 1,1,4,2,8,64,0,7 >"$OUT/ncu-m1.txt" 2>&1
       ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-        --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
-        4,4,2,3,128,1 2,2,2,4,128,1 >"$OUT/ncu-m64.txt" 2>&1
-      echo "ncu: $(grep -c 'qmatmul_kernel' "$OUT/ncu-m1.txt") $(grep -c 'qmatmul_kernel' "$OUT/ncu-m64.txt") kernels profiled" ;;
+        --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
+        0,4,4,2,3,128,0,1 0,2,2,2,4,128,0,1 >"$OUT/ncu-m64.txt" 2>&1
+      echo "ncu: $(grep -c 'qmatmul' "$OUT/ncu-m1.txt") $(grep -c 'qmatmul' "$OUT/ncu-m64.txt") kernels profiled" ;;
     stalls)
       M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active'
-      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 4096 4096 1 \
-        1,4,2,4,128,8 >"$OUT/ncu-stalls.txt" 2>&1
-      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
-        1,4,2,4,128,2 >>"$OUT/ncu-stalls.txt" 2>&1
-      ncu --metrics "$M" --kernel-name regex:qmatmul_kernel python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
-        4,4,2,3,128,1 >>"$OUT/ncu-stalls.txt" 2>&1
-      grep -E "qmatmul_kernel|stalled|duration|inst_executed|throughput|issue_active|warps_active" "$OUT/ncu-stalls.txt" \
+      ncu --metrics "$M" --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 4096 4096 1 \
+        1,1,4,2,8,64,0,16 >"$OUT/ncu-stalls.txt" 2>&1
+      ncu --metrics "$M" --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
+        1,1,4,2,8,64,0,7 >>"$OUT/ncu-stalls.txt" 2>&1
+      ncu --metrics "$M" --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
+        0,4,4,2,3,128,0,1 >>"$OUT/ncu-stalls.txt" 2>&1
+      grep -E "qmatmul|stalled|duration|inst_executed|throughput|issue_active|warps_active" "$OUT/ncu-stalls.txt" \
         | awk '$NF+0 > 0.05 || /qmatmul|duration|inst|throughput|active/' | sed 's/smsp__average_warps_issue_stalled_//' ;;
     sweep-small)
       python3 "$REPO/benchmarks/bench_cuda.py" --sweep --ms 1,4,16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20 ;;

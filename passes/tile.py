@@ -1,7 +1,7 @@
 """tile: decide each packed qmatmul's kernel variants (tile shape, warps, stages, split-K).
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
-(``M <= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on M. Each
+(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on M. Each
 variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
 (target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
@@ -15,7 +15,7 @@ from qcompiler.codegen.cuda import tuning
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
-M_BUCKETS = (16, 32, 64, 128)  # the last bucket also serves every larger M
+M_BUCKETS = (8, 16, 32, 64, 128)  # the last bucket also serves every larger M
 
 
 def kernel_key(node, m: int) -> dict:

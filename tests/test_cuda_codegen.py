@@ -92,7 +92,7 @@ def test_schedule_unpack_refuses_a_forced_strategy_that_does_not_fit():
 @pytest.mark.parametrize("target", ["cuda-sm80", "cuda-sm90"])
 def test_default_configs_are_valid(n, k, target):
     tgt = get_target(target)
-    for m in (1, 16, 32, 64, 128, 512):
+    for m in (1, 8, 9, 16, 32, 64, 128, 512):
         key = {"m": m, "k": k, "n": n, "x_dtype": "f16",
                "w_scheme": "#quant<u4, affine, per_group(axis=0, block=128), scale=f16, zp=u4>"}
         cfg = tuning.default_config(tgt, key)
@@ -104,7 +104,7 @@ def test_check_config_reasons():
     tgt = get_target("cuda-sm90")
     key = {"m": 16, "k": 4096, "n": 4096, "w_scheme": "#quant<u4, symmetric, per_group("
            "axis=0, block=32), scale=f16>"}
-    good = {"m_frags": 1, "warps_n": 4, "warps_k": 2, "stages": 4, "stage_k": 128,
+    good = {"gemv": 0, "m_frags": 1, "warps_n": 4, "warps_k": 2, "stages": 4, "stage_k": 128,
             "acc_scale": 1, "split_k": 8}
     assert tuning.check_config(tgt, key, good) is None
     assert "warps_n=3" in tuning.check_config(tgt, key, {**good, "warps_n": 3})
@@ -112,6 +112,14 @@ def test_check_config_reasons():
     assert "acc_scale needs" in tuning.check_config(tgt, key, {**good, "m_frags": 2})
     assert "shared memory" in tuning.check_config(tgt, key, {**good, "stages": 8, "acc_scale": 0,
                                                              "m_frags": 4, "warps_n": 8})
+    assert "lacks ['gemv']" in tuning.check_config(
+        tgt, key, {k: v for k, v in good.items() if k != "gemv"})
+    gemv = {**good, "gemv": 1, "stage_k": 64, "acc_scale": 0, "warps_k": 8, "warps_n": 2}
+    assert tuning.check_config(tgt, key, gemv) is None
+    assert "does not use stage_k" in tuning.check_config(tgt, key, {**gemv, "stage_k": 128})
+    assert "m_frags 1 or 2" in tuning.check_config(tgt, key, {**gemv, "m_frags": 4})
+    assert "registers" in tuning.check_config(tgt, key, {**gemv, "stages": 8, "m_frags": 2})
+    assert "warps_k=8" in tuning.check_config(tgt, key, {**good, "warps_k": 8})
 
 
 def test_tile_reads_the_tuning_log(tmp_path):
@@ -124,7 +132,7 @@ def test_tile_reads_the_tuning_log(tmp_path):
     spec = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
     node = next(n for n in PassManager.parse(spec).run(module).main.nodes if n.op == "qmatmul")
     tgt = get_target("cuda-sm90")
-    chosen = {"m_frags": 1, "warps_n": 2, "warps_k": 4, "stages": 6, "stage_k": 64,
+    chosen = {"gemv": 0, "m_frags": 1, "warps_n": 2, "warps_k": 4, "stages": 6, "stage_k": 64,
               "acc_scale": 1, "split_k": 3}
     log = str(tmp_path / "log.jsonl")
     tlog.append(log, tlog.make_record(tgt.name, device_name(tgt), kernel_key(node, 16), chosen,

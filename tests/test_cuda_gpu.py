@@ -62,18 +62,23 @@ def test_formats_shapes_and_m(fmt, shape, tmp_path):
         _check(kern, built, m)
 
 
-# Explicit variants: every tile shape, warp split and split-K path, M tails included.
-# (m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k)
-VARIANTS = [dict(zip(("m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale",
+# Explicit variants: every tile shape, warp split and split-K path of both kernels, M tails
+# included. (gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k)
+VARIANTS = [dict(zip(("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale",
                           "split_k"), v)) for v in [
-    (1, 1, 4, 8, 128, 1, 7),
-    (1, 2, 2, 2, 64, 1, 1),
-    (1, 4, 1, 3, 64, 0, 3),
-    (1, 4, 2, 4, 128, 1, 2),
-    (2, 2, 4, 4, 128, 0, 2),
-    (4, 4, 2, 3, 64, 0, 1),
-    (4, 2, 1, 4, 128, 0, 5),
-    (4, 1, 4, 6, 64, 0, 16),
+    (0, 1, 1, 4, 8, 128, 1, 7),
+    (0, 1, 2, 2, 2, 64, 1, 1),
+    (0, 1, 4, 1, 3, 64, 0, 3),
+    (0, 1, 4, 2, 4, 128, 1, 2),
+    (0, 2, 2, 4, 4, 128, 0, 2),
+    (0, 4, 4, 2, 3, 64, 0, 1),
+    (0, 4, 2, 1, 4, 128, 0, 5),
+    (0, 4, 1, 4, 6, 64, 0, 16),
+    (1, 1, 4, 2, 4, 64, 0, 1),
+    (1, 1, 1, 8, 4, 64, 0, 3),
+    (1, 1, 2, 1, 2, 64, 0, 16),
+    (1, 2, 8, 1, 4, 64, 0, 2),
+    (1, 2, 1, 4, 3, 64, 0, 5),
 ]]
 
 

@@ -491,8 +491,9 @@ def test_cuda_tile_pass_replays_the_log_of_its_device_only(tmp_path, monkeypatch
     assert [k["m"] for k, _ in kernels] == list(M_BUCKETS)
     assert all(names == ["y"] for _, names in kernels)
     assert [k["m"] for k, _ in looked_up_kernels(module, target.default_pipeline, target,
-                                                 [1, 20, 700])] == [16, 32, 128]
-    key16 = kernels[0][0]
+                                                 [1, 12, 20, 700])] == [8, 16, 32, 128]
+    key16 = kernels[1][0]
+    assert key16["m"] == 16
     default = cuda_tuning.default_config(target, key16)
     space = Space(cuda_tuning.search_space(target, key16))
     rng = random.Random(0)
@@ -512,7 +513,7 @@ def test_cuda_tile_pass_replays_the_log_of_its_device_only(tmp_path, monkeypatch
         "variants"]
     assert variants["m16"]["source"] == "tuning-log"
     assert {k: variants["m16"][k] for k in cuda_tuning.KNOBS} == tuned
-    assert all(variants[f"m{b}"]["source"] == "heuristic" for b in (32, 64, 128))
+    assert all(variants[f"m{b}"]["source"] == "heuristic" for b in (8, 32, 64, 128))
     monkeypatch.setenv("QC_TUNING_DEVICE", "NVIDIA L4")
     with pytest.warns(tlog.OtherDeviceRecords, match="not on this device .NVIDIA L4"):
         elsewhere, _, _ = run_pipeline(module, replay_spec)

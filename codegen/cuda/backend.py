@@ -43,8 +43,10 @@ def kernel_params(node, target_name: str) -> dict:
     variants = []
     for i, v in enumerate(sorted(cfg["variants"].values(), key=lambda v: v["m_max"])):
         variants.append({**v, "name": f"v{i}"})
-    instances = sorted({(v["m_frags"], v["warps_n"], v["warps_k"], v["stages"], v["stage_k"],
-                         v["acc_scale"]) for v in variants})
+    # One template instance per distinct kernel (split_k is a run-time value).
+    instances = sorted({(v["gemv"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
+                        + ((0, 0) if v["gemv"] else (v["stage_k"], v["acc_scale"]))
+                        for v in variants})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {
         "version": qcompiler.__version__, "node_name": node.result.name, "target": target_name,
@@ -62,6 +64,7 @@ def kernel_params(node, target_name: str) -> dict:
         # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
         "variants": variants, "instances": instances,
+        "has_gemv": any(c[0] for c in instances),
         **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
     }
 

@@ -1,11 +1,18 @@
 """Tuning hooks of the CUDA backend (the tuning contract in DESIGN.md / the tuner).
 
-A config is one kernel variant: ``m_frags`` (M tile = 16 m_frags), ``warps_n`` (n64 warp
-tiles side by side: N tile = 64 warps_n), ``warps_k`` (warps splitting each stage),
-``stages`` (cp.async pipeline depth), ``stage_k`` (K rows per stage: 64 or 128),
-``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
-tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last
-CTA of each tile). ``qcompiler.tuning`` is imported lazily so this works without it.
+A config is one kernel variant. ``gemv`` picks the kernel:
+
+- ``gemv=0``, the tiled tensor-core kernel: ``m_frags`` (M tile = 16 m_frags), ``warps_n``
+  (n64 warp tiles side by side: N tile = 64 warps_n), ``warps_k`` (warps splitting each
+  stage), ``stages`` (cp.async pipeline depth), ``stage_k`` (K rows per stage: 64 or 128),
+  ``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
+  tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last CTA of each tile);
+- ``gemv=1``, the split-K GEMV kernel for small M (weights straight from global memory into
+  registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``, ``warps_k`` (warps splitting the CTA's K
+  range, summed in shared memory), ``stages`` (k16 steps each warp keeps in flight) and
+  ``split_k``; ``stage_k`` and ``acc_scale`` are unused and must be 64 and 0.
+
+``qcompiler.tuning`` is imported lazily so this works without it.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import os
 
 from qcompiler.codegen.cuda.layout import K_ALIGN, N_ALIGN, pad_to
 
-KNOBS = ("m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
+KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale",
+         "split_k")
 
 
 def _sm_count(target) -> int:
@@ -27,8 +35,10 @@ def _smem_limit(target) -> int:
 
 def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
                scale_in_registers: bool = True, has_zp: bool = True) -> int:
-    """Shared memory of one CTA (mirrors ``Tile`` in templates/qmatmul.cu.j2)."""
+    """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in templates/qmatmul.cu.j2)."""
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
+    if config.get("gemv"):
+        return config["warps_k"] * m_tile * n_tile * 4 + 16
     sk = config.get("stage_k", 64)
     srows = sk // group if group < sk else 1
     stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * 2
@@ -57,21 +67,22 @@ def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     return {
-        "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m)],  # no tile beyond M
+        "gemv": [1, 0] if m <= 32 else [0],
+        # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
+        "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8],
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0],
-        "warps_k": [1, 2, 4],
-        "stages": [2, 3, 4, 6, 8],
+        "warps_k": [1, 2, 4, 8] if m <= 32 else [1, 2, 4],
+        "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
         "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
-        "split_k": [1, 2, 3, 4, 6, 8, 12, 16],
+        "split_k": list(range(1, 17)),
     }
 
 
 def default_config(target, key) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
-    - M <= 16: M tile 16, 4x2 warps (N tile 256), 4 stages of 128 rows; split K in powers of
-      two (at most 8) while the grid stays within about two CTAs per SM;
+    - M <= 16: the GEMV kernel (``gemv_default``);
     - M <= 32, and M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows; split
       at most 4, same bound (one CTA per SM above 32 rows);
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
@@ -81,12 +92,11 @@ def default_config(target, key) -> dict:
     nest with 128.
     """
     m, k, n = key["m"], key["k"], key["n"]
+    if m <= 16:
+        return gemv_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
-    if m <= 16:
-        cfg = {"m_frags": 1, "warps_n": 4, "warps_k": 2, "stages": 4}
-        max_split, ctas_per_sm = 8, 2
-    elif m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
+    if m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
         # Up to 64 rows on N, K < 16384: two M tiles of 32 that share each weight tile in L2
         # beat one tile of 64 (measured), whose ~200 registers allow one CTA per SM.
         cfg = {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4}
@@ -108,8 +118,49 @@ def default_config(target, key) -> dict:
         split *= 2
     cfg["split_k"] = split
     cfg["acc_scale"] = 0
+    cfg["gemv"] = 0
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
+    return cfg
+
+
+def gemv_registers(config: dict, cb: int) -> int:
+    """Registers a GEMV thread spends on its ring of loads in flight (per step: the weight
+    words and the x fragments) and on its accumulators."""
+    mf = config["m_frags"]
+    return config["stages"] * (4 * (cb // 4) + 2 * mf) + 16 * mf
+
+
+# Of the 128 registers a GEMV thread may use (16 warps per SM). Measured with ptxas -v: more
+# spills to local memory once zero points and scales of the group are added.
+GEMV_REGISTERS = 64
+
+
+def gemv_default(target, key) -> dict:
+    """The GEMV kernel for M <= 16 (an M tile of 8, or 16 above 8 rows): 4x2 warps (N tile 256, fewer when N is narrow), as many
+    k16 steps in flight as the register ring allows (8 for 4-bit containers), and the split of
+    K that best fills whole waves of CTAs (two 256-thread CTAs per SM), keeping at least a
+    ring's worth of steps per warp; of fills within 3% the smaller split (less partial traffic)."""
+    cb = 8 if _bits(key) > 4 else 4
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    k_steps = pad_to(key["k"], K_ALIGN) // 16
+    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 4, "warps_k": 2,
+           "stages": 8, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+    while gemv_registers(cfg, cb) > GEMV_REGISTERS:
+        cfg["stages"] -= 1
+    while n_blocks % cfg["warps_n"]:
+        cfg["warps_n"] //= 2
+    cfg["warps_k"] = 8 // cfg["warps_n"]
+    slots = 2 * _sm_count(target)
+    ctas = (n_blocks // cfg["warps_n"]) * math.ceil(key["m"] / (8 * cfg["m_frags"]))
+    fills = {}
+    for split in range(1, 17):
+        if split > 1 and k_steps // (split * cfg["warps_k"]) < cfg["stages"]:
+            break
+        total = ctas * split
+        fills[split] = total / (math.ceil(total / slots) * slots)
+    best = max(fills.values())
+    cfg["split_k"] = min(s for s, f in fills.items() if f >= 0.97 * best)
     return cfg
 
 
@@ -119,12 +170,23 @@ def check_config(target, key, config) -> str | None:
         return f"config lacks {missing}"
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_tiles = pad_to(key["k"], K_ALIGN) // 64
+    if config["gemv"] not in (0, 1):
+        return f"gemv={config['gemv']} not in (0, 1)"
+    if config["gemv"]:
+        cb = 8 if _bits(key) > 4 else 4
+        if config["m_frags"] not in (1, 2):
+            return f"the GEMV kernel takes m_frags 1 or 2, not {config['m_frags']}"
+        if config["stage_k"] != 64 or config["acc_scale"] != 0:
+            return "the GEMV kernel does not use stage_k or acc_scale (they must be 64 and 0)"
+        if gemv_registers(config, cb) > GEMV_REGISTERS:
+            return (f"stages={config['stages']} needs {gemv_registers(config, cb)} registers for "
+                    f"loads in flight and accumulators (at most {GEMV_REGISTERS})")
     if config["m_frags"] not in (1, 2, 4):
         return f"m_frags={config['m_frags']} not in (1, 2, 4)"
     if config["warps_n"] < 1 or n_blocks % config["warps_n"]:
         return f"warps_n={config['warps_n']} does not divide the {n_blocks} n64 blocks"
-    if config["warps_k"] not in (1, 2, 4):
-        return f"warps_k={config['warps_k']} not in (1, 2, 4)"
+    if config["warps_k"] not in ((1, 2, 4, 8) if config["gemv"] else (1, 2, 4)):
+        return f"warps_k={config['warps_k']} not in (1, 2, 4; 8 for the GEMV kernel)"
     if config["warps_n"] * config["warps_k"] > 16:
         return "more than 16 warps per CTA"
     if not 2 <= config["stages"] <= 8:

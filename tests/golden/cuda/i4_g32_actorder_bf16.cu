@@ -4,7 +4,7 @@
 // Weights: #quant<i4, symmetric, per_group(axis=0, block=32), scale=f16, act_order>
 // Layout: #layout<cuda_mma_b16, act_order=1, code_bias=8, codes=i4, container_bits=4, group=32, interleave=kodd_h_k8, k=1024, k_pad=1024, n=320, n_pad=320, scale_at=registers, zero_const=8> (codegen/cuda/layout.py), 4-bit containers, K 1024 -> 1024,
 // N 320 -> 320. Unpack: shift-magic-bf16; scales applied in the registers; zero point: constant.
-// Variants (M buckets): v0 (M <= 16: m_frags 1, warps 1x2, stages 4 of 128 rows, split_k 4), v1 (M <= 32: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v2 (M <= 64: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v3 (M <= 128: m_frags 4, warps 1x2, stages 3 of 128 rows, split_k 4).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x8, 8 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x8, 4 k16 steps in flight, split_k 2), v2 (M <= 32: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v3 (M <= 64: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v4 (M <= 128: m_frags 4, warps 1x2, stages 3 of 128 rows, split_k 4).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -90,22 +90,79 @@ __device__ __forceinline__ scalar_t from_float(float v) { return __float2bfloat1
 __device__ __forceinline__ scalar2_t dup(scalar_t v) { return __bfloat162bfloat162(v); }
 
 // ---- unpack: one n16 tile's codes -> B fragments b[0..3] = (b0b1, b2b3) of n8 halves 0, 1.
-// z[h], s[h]: zero point and scale of the lane's column in n8 half h; APPLY_SCALE false leaves
-// the exact integers (c - z) for a scale applied later (epilogue or accumulator).
+// zero_offsets(z) turns the zero points z[h] of the lane's columns in n8 halves h = 0, 1 into
+// the offsets the conversion subtracts; s2[h] is the scale of half h, duplicated. APPLY_SCALE
+// false leaves the exact integers (c - z) for a scale applied later (epilogue or accumulator).
 // bf16 has 7 mantissa bits, too few for 16c: each nibble pair is shifted down and OR-ed with
 // 0x4300 (128.0), giving (128 + c0, 128 + c4); (128 + c) - (128 + z) is exact in bf16.
+struct ZeroOffsets { scalar2_t lo[2]; };   // 128 + z per n8 half, once per scale group
+__device__ __forceinline__ ZeroOffsets zero_offsets(const scalar_t* z) {
+  ZeroOffsets o;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (HAS_ZP) o.lo[h] = __hadd2(dup(z[h]), as_s2(0x43004300u));
+    else o.lo[h] = as_s2(ZLO2);
+  }
+  return o;
+}
 template <bool APPLY_SCALE>
-__device__ __forceinline__ void unpack_tile(const uint32_t* q, uint32_t* b, const scalar_t* z,
-                                            const scalar_t* s) {
+__device__ __forceinline__ void unpack_tile(const uint32_t* q, uint32_t* b, const ZeroOffsets& zo,
+                                            const scalar2_t* s2) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int h = i >> 1;
-    scalar2_t zb = as_s2(ZLO2);
-    if constexpr (HAS_ZP) zb = __hadd2(dup(z[h]), as_s2(0x43004300u));    // 128 + z
-    scalar2_t v = __hsub2(as_s2(lop3_and_or(q[0] >> (4 * i), 0x000f000fu, 0x43004300u)), zb);
-    if constexpr (APPLY_SCALE) v = __hmul2(v, dup(s[h]));
+    scalar2_t v = __hsub2(as_s2(lop3_and_or(q[0] >> (4 * i), 0x000f000fu, 0x43004300u)), zo.lo[h]);
+    if constexpr (APPLY_SCALE) v = __hmul2(v, s2[h]);
     b[i] = as_u32(v);
   }
+}
+
+// ---- the end of every kernel: the CTA's fp32 tile to y ---------------------------------
+// tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
+// the epilogue (per-channel scale, bias, rounding) to y. With split-K every CTA writes its fp32
+// partial tile; the last one to finish a tile (atomic counter) sums the partials in split
+// order (deterministic), writes y and resets the tile's counter for the next launch.
+template <int M_TILE, int N_TILE, int THREADS, class TileSum>
+__device__ __forceinline__ void finish_tile(const Params& p, int m0, int n0, int split, int* flag,
+                                            TileSum tile_sum) {
+  const int tid = threadIdx.x;
+  auto epilogue = [&](int m, int n, float v) {
+    if (SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
+    if (p.bias) v += p.bias[n];
+    p.y[(long long)m * N + n] = from_float(v);
+  };
+  if (p.split_k == 1) {
+    for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+      const int m = i / N_TILE, n = i % N_TILE;
+      if (m0 + m < p.M && n0 + n < N) epilogue(m0 + m, n0 + n, tile_sum(i));
+    }
+    return;
+  }
+  for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+    const int m = i / N_TILE, n = i % N_TILE;
+    if (m0 + m < p.M && n0 + n < N)
+      p.partial[((long long)split * p.M + m0 + m) * N + n0 + n] = tile_sum(i);
+  }
+  __threadfence();
+  __syncthreads();
+  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) {
+    const int done = atomicAdd(p.counters + tile_id, 1);
+    *flag = (done == p.split_k - 1);
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+    const int m = i / N_TILE, n = i % N_TILE;
+    if (m0 + m < p.M && n0 + n < N) {
+      float v = 0.0f;
+      for (int s = 0; s < p.split_k; ++s)
+        v += __ldcg(p.partial + ((long long)s * p.M + m0 + m) * N + n0 + n);
+      epilogue(m0 + m, n0 + n, v);
+    }
+  }
+  if (tid == 0) p.counters[tile_id] = 0;
 }
 
 // ---- the kernel ------------------------------------------------------------------------
@@ -278,8 +335,9 @@ qmatmul_kernel(const Params p) {
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         uint32_t b[4];
-        unpack_tile<!SCALE_IN_EPILOGUE && !SCALE_ACC>(q + t * (CB / 4), b, zv + 2 * t,
-                                                       sv + 2 * t);
+        const scalar2_t s2[2] = {dup(sv[2 * t]), dup(sv[2 * t + 1])};
+        unpack_tile<!SCALE_IN_EPILOGUE && !SCALE_ACC>(q + t * (CB / 4), b, zero_offsets(zv + 2 * t),
+                                                       s2);
 #pragma unroll
         for (int mf = 0; mf < M_FRAGS; ++mf) {
           if constexpr (SCALE_ACC) {
@@ -347,47 +405,197 @@ qmatmul_kernel(const Params p) {
     __syncthreads();
   }
 
-  const int n0 = nb0 * 64;
-  auto epilogue = [&](int m, int n, float v) {
-    if (SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
-    if (p.bias) v += p.bias[n];
-    p.y[(long long)m * N + n] = from_float(v);
+  finish_tile<T::M_TILE, T::N_TILE, T::THREADS>(
+      p, m0, nb0 * 64, split, reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16),
+      [&](int i) { return red[i]; });
+}
+
+// ---- the split-K GEMV kernel (small M) ---------------------------------------------------
+// Operands swapped: y^T = w^T x^T, so the weights are the MMA's A operand (16 columns of N
+// per n16 tile) and x^T its B operand (8 rows of M per fragment): a tile of M <= 8 wastes no
+// MMA rows, and a lane's 16-byte load of the packed layout is already its A fragments of one
+// k16 step (b0b1 b2b3 of column g are a0a1 a4a5; of column 8 + g, a2a3 a6a7). Weights go
+// from global memory straight to registers: no shared-memory staging, no barrier in the loop.
+// Warp (wn, wk) owns n64 block nb and a contiguous run of the CTA's k16 steps; DEPTH steps
+// of weights and activations are in flight per warp (a ring of registers). Activations are
+// read from global memory (x is small and read by every CTA: L1/L2 hits). Scales and zero
+// points are read and converted once per group, the next group's a group ahead. The WARPS_K
+// warps of a column block are summed in shared memory, the K splits by the last CTA.
+template <int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+struct GemvTile {
+  static constexpr int THREADS = 32 * WARPS_N * WARPS_K;
+  static constexpr int M_TILE = 8 * M_FRAGS;
+  static constexpr int N_TILE = 64 * WARPS_N;
+  static constexpr int RED_BYTES = WARPS_K * M_TILE * N_TILE * 4;  // one tile per k warp
+  static constexpr int SMEM_BYTES = RED_BYTES + 16;
+  // Registers capped at 128 a thread (the ring is bounded by check_config): 16 warps per SM.
+  static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
+};
+
+// The weight stream is read once: bypass L1 (it keeps x) and fetch 256-byte L2 lines.
+__device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 { %0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+// Two adjacent activations (k, k+1) of row m, or zeros past M or K (K is even here).
+__device__ __forceinline__ uint32_t ld_x_pair(const Params& p, int m, int k) {
+  return (m < p.M && k < p.x_stride)
+             ? __ldg(reinterpret_cast<const unsigned int*>(p.x + (long long)m * p.x_stride + k))
+             : 0u;
+}
+
+template <int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+__global__ void __launch_bounds__(32 * WARPS_N * WARPS_K,
+                                  (GemvTile<M_FRAGS, WARPS_N, WARPS_K, DEPTH>::MIN_BLOCKS))
+qmatmul_gemv_kernel(const Params p) {
+  using T = GemvTile<M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  constexpr int WORDS = CB / 4;                           // 16-byte loads per lane per step
+  constexpr int K_STEPS = K_PAD / 16;
+  constexpr long long W_STEP = (long long)N_BLOCKS * WORDS * 32;  // uint4 between k16 steps
+  constexpr int SCALE_ROWS = (K_PAD + GROUP - 1) / GROUP;
+  constexpr bool GROUP_ROWS = !SCALE_IN_EPILOGUE || HAS_ZP;  // per-group scales or zeros
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WARPS_N, wk = warp / WARPS_N;
+  const int g = lane >> 2, q2 = (lane & 3) * 2;
+  const int m0 = blockIdx.x * T::M_TILE;
+  const int nb = blockIdx.y * WARPS_N + wn;
+  const int split = blockIdx.z;
+  const int cta_begin = (int)(((long long)split * K_STEPS) / p.split_k);
+  const int cta_end = (int)(((long long)(split + 1) * K_STEPS) / p.split_k);
+  const int begin = cta_begin + (cta_end - cta_begin) * wk / WARPS_K;
+  const int end = cta_begin + (cta_end - cta_begin) * (wk + 1) / WARPS_K;
+  const int n_steps = nb < N_BLOCKS ? end - begin : 0;
+  const uint4* wp = p.w + ((long long)begin * N_BLOCKS + nb) * (WORDS * 32) + lane;
+
+  uint4 wbuf[DEPTH][WORDS];        // weights of the steps in flight
+  uint32_t xbuf[DEPTH][M_FRAGS][2];  // x^T fragments (b0b1: k .. k+1, b2b3: k+8 ..) of row g
+  auto issue = [&](int slot, int s) {  // the loads of step s of this warp's run
+#pragma unroll
+    for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
+    const int k = (begin + s) * 16 + q2;
+#pragma unroll
+    for (int mf = 0; mf < M_FRAGS; ++mf) {
+      xbuf[slot][mf][0] = ld_x_pair(p, m0 + mf * 8 + g, k);
+      xbuf[slot][mf][1] = ld_x_pair(p, m0 + mf * 8 + g, k + 8);
+    }
   };
-  if (p.split_k == 1) {
-    for (int i = tid; i < T::M_TILE * T::N_TILE; i += T::THREADS) {
-      const int m = i / T::N_TILE, n = i % T::N_TILE;
-      if (m0 + m < p.M && n0 + n < N) epilogue(m0 + m, n0 + n, red[i]);
-    }
-    return;
-  }
-  // Split-K: every CTA writes its fp32 partial tile; the last one to finish a tile sums the
-  // partials in split order, writes y and resets the tile's counter for the next launch.
-  for (int i = tid; i < T::M_TILE * T::N_TILE; i += T::THREADS) {
-    const int m = i / T::N_TILE, n = i % T::N_TILE;
-    if (m0 + m < p.M && n0 + n < N)
-      p.partial[((long long)split * p.M + m0 + m) * N + n0 + n] = red[i];
-  }
-  __threadfence();
-  __syncthreads();
-  int* flag = reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16);
-  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) {
-    const int done = atomicAdd(p.counters + tile_id, 1);
-    *flag = (done == p.split_k - 1);
-  }
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  for (int i = tid; i < T::M_TILE * T::N_TILE; i += T::THREADS) {
-    const int m = i / T::N_TILE, n = i % T::N_TILE;
-    if (m0 + m < p.M && n0 + n < N) {
-      float v = 0.0f;
-      for (int s = 0; s < p.split_k; ++s)
-        v += __ldcg(p.partial + ((long long)s * p.M + m0 + m) * N + n0 + n);
-      epilogue(m0 + m, n0 + n, v);
+
+  // acc[mf][t]: y^T rows 16t + g (c0 c1) and 16t + g + 8 (c2 c3), columns 8mf + q2 + {0, 1}.
+  float acc[M_FRAGS][4][4];
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mf][t][e] = 0.0f;
+
+  // The lane's 8 columns' zero-point offsets and scales for the current group; the next
+  // group's rows are loaded a group ahead.
+  const long long col = (long long)nb * 64 + g * 8;     // permuted rows: 8 values per g
+  auto ld_row = [&](const scalar_t* base, int row) {
+    return row < SCALE_ROWS && nb < N_BLOCKS
+               ? __ldg(reinterpret_cast<const uint4*>(base + (long long)row * N_PAD + col))
+               : make_uint4(0u, 0u, 0u, 0u);
+  };
+  ZeroOffsets zo[4];
+  scalar2_t s2[4][2];
+  {
+    __align__(16) scalar_t c[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = from_float(ZERO_CONST);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      zo[t] = zero_offsets(c + 2 * t);
+      s2[t][0] = s2[t][1] = dup(from_float(1.0f));
     }
   }
-  if (tid == 0) p.counters[tile_id] = 0;
+  int cur_row = -1;
+  uint4 s_next = make_uint4(0u, 0u, 0u, 0u), z_next = make_uint4(0u, 0u, 0u, 0u);
+  if (GROUP_ROWS && n_steps > 0) {
+    const int row = begin * 16 / GROUP;
+    if (!SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row);
+    if (HAS_ZP) z_next = ld_row(p.zeros, row);
+  }
+
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j)
+    if (j < n_steps) issue(j, j);
+
+  for (int s0 = 0; s0 < n_steps; s0 += DEPTH) {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j) {
+      const int s = s0 + j;
+      if (s < n_steps) {
+        uint32_t q[4 * WORDS];
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) {
+          q[4 * i] = wbuf[j][i].x; q[4 * i + 1] = wbuf[j][i].y;
+          q[4 * i + 2] = wbuf[j][i].z; q[4 * i + 3] = wbuf[j][i].w;
+        }
+        uint32_t xf[M_FRAGS][2];
+#pragma unroll
+        for (int mf = 0; mf < M_FRAGS; ++mf) {
+          xf[mf][0] = xbuf[j][mf][0];
+          xf[mf][1] = xbuf[j][mf][1];
+        }
+        if (s + DEPTH < n_steps) issue(j, s + DEPTH);
+
+        if constexpr (GROUP_ROWS) {
+          const int row = (begin + s) * 16 / GROUP;
+          if (row != cur_row) {  // a new group: the first step, then every GROUP / 16 steps
+            __align__(16) scalar_t sv[8];
+            __align__(16) scalar_t zv[8];
+            *reinterpret_cast<uint4*>(sv) = s_next;
+            *reinterpret_cast<uint4*>(zv) = z_next;
+            if (!SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row + 1);
+            if (HAS_ZP) z_next = ld_row(p.zeros, row + 1);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              if constexpr (HAS_ZP) zo[t] = zero_offsets(zv + 2 * t);
+              if constexpr (!SCALE_IN_EPILOGUE) {
+                s2[t][0] = dup(sv[2 * t]);
+                s2[t][1] = dup(sv[2 * t + 1]);
+              }
+            }
+            cur_row = row;
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          uint32_t b[4];
+          unpack_tile<!SCALE_IN_EPILOGUE>(q + t * WORDS, b, zo[t], s2[t]);
+          const uint32_t a[4] = {b[0], b[2], b[1], b[3]};  // B fragments of w -> A of w^T
+#pragma unroll
+          for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816(acc[mf][t], a, xf[mf][0], xf[mf][1]);
+        }
+      }
+    }
+  }
+
+  // Each k warp's tile to its own slice of shared memory ([wk][m][n]), then one barrier.
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = mf * 8 + q2 + (e & 1);
+        const int n = wn * 64 + t * 16 + g + (e >> 1) * 8;
+        red[(wk * T::M_TILE + m) * T::N_TILE + n] = acc[mf][t][e];
+      }
+  __syncthreads();
+  finish_tile<T::M_TILE, T::N_TILE, T::THREADS>(
+      p, m0, blockIdx.y * T::N_TILE, split, reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16),
+      [&](int i) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS_K; ++w) v += red[w * T::M_TILE * T::N_TILE + i];  // fixed order
+        return v;
+      });
 }
 
 // x'[m, k] = x[m, perm[k]] for k < K, 0 up to K_PAD: the act-order permutation of K (and the
@@ -417,6 +625,22 @@ cudaError_t launch(Params p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+cudaError_t launch_gemv(Params p, cudaStream_t stream) {
+  using T = GemvTile<M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  auto kernel = qmatmul_gemv_kernel<M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  static bool smem_set = false;
+  if (!smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           T::SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
+  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // Workspace: [counters | split-K partials | prepared x], each 256-byte aligned.
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 size_t counters_bytes(int M, int m_tile, int warps_n) {
@@ -425,18 +649,21 @@ size_t counters_bytes(int M, int m_tile, int warps_n) {
 }
 
 struct Variant {
-  int m_max, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
+  int m_max, gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
 };
 const Variant VARIANTS[] = {
-    {16, 1, 1, 2, 4, 128, 0, 4},  // v0
-    {32, 2, 1, 4, 4, 128, 0, 4},  // v1
-    {64, 2, 1, 4, 4, 128, 0, 4},  // v2
-    {128, 4, 1, 2, 3, 128, 0, 4},  // v3
+    {8, 1, 1, 1, 8, 8, 64, 0, 1},  // v0
+    {16, 1, 2, 1, 8, 4, 64, 0, 2},  // v1
+    {32, 0, 2, 1, 4, 4, 128, 0, 4},  // v2
+    {64, 0, 2, 1, 4, 4, 128, 0, 4},  // v3
+    {128, 0, 4, 1, 2, 3, 128, 0, 4},  // v4
 };
-constexpr int N_VARIANTS = 4;
+constexpr int N_VARIANTS = 5;
+
+int m_tile(const Variant& v) { return (v.gemv ? 8 : 16) * v.m_frags; }  // rows of x per CTA
 
 size_t workspace_bytes(const Variant& v, int M) {
-  size_t bytes = counters_bytes(M, 16 * v.m_frags, v.warps_n);
+  size_t bytes = counters_bytes(M, m_tile(v), v.warps_n);
   if (v.split_k > 1) bytes += align256(sizeof(float) * (size_t)v.split_k * M * N);
   if (PREP_X) bytes += align256(sizeof(scalar_t) * (size_t)M * K_PAD);
   return bytes;
@@ -457,7 +684,7 @@ cudaError_t run_variant(const Variant& v, const void* x, void* y, const void* w,
   p.split_k = v.split_k;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   p.counters = reinterpret_cast<int*>(ws);
-  ws += counters_bytes(M, 16 * v.m_frags, v.warps_n);
+  ws += counters_bytes(M, m_tile(v), v.warps_n);
   p.partial = reinterpret_cast<float*>(ws);
   if (v.split_k > 1) ws += align256(sizeof(float) * (size_t)v.split_k * M * N);
   if (PREP_X) {
@@ -470,15 +697,16 @@ cudaError_t run_variant(const Variant& v, const void* x, void* y, const void* w,
     p.x = xp;
     p.x_stride = K_PAD;
   }
-  if (v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 4 &&
-      v.stage_k == 128 && v.acc_scale == 0)
-    return launch<1, 1, 2, 4, 8, false>(p, stream);
-  if (v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 4 &&
+  if (v.gemv == 0 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 4 &&
       v.stage_k == 128 && v.acc_scale == 0)
     return launch<2, 1, 4, 4, 8, false>(p, stream);
-  if (v.m_frags == 4 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 3 &&
+  if (v.gemv == 0 && v.m_frags == 4 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 3 &&
       v.stage_k == 128 && v.acc_scale == 0)
     return launch<4, 1, 2, 3, 8, false>(p, stream);
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 8)
+    return launch_gemv<1, 1, 8, 8>(p, stream);
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 4)
+    return launch_gemv<2, 1, 8, 4>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 
