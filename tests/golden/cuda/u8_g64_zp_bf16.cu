@@ -637,12 +637,14 @@ cudaError_t launch_gemv(Params p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Workspace: [counters | split-K partials | prepared x], each 256-byte aligned.
+// Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned.
+// The counters have a fixed place and size whatever M and the variant: the caller zeroes the
+// workspace once, every launch leaves its counters at zero, and no call's partials or x can
+// land on a later call's counters. A grid with more tiles than counters (a large M, which
+// needs no split of K to fill the GPU) runs without split-K.
+constexpr int MAX_COUNTERS = 16384;
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
-size_t counters_bytes(int M, int m_tile, int warps_n) {
-  return align256(sizeof(int) * (size_t)((M + m_tile - 1) / m_tile) *
-                  ((N_BLOCKS + warps_n - 1) / warps_n));
-}
+constexpr size_t COUNTERS_BYTES = MAX_COUNTERS * sizeof(int);
 
 struct Variant {
   int m_max, gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
@@ -658,9 +660,16 @@ constexpr int N_VARIANTS = 5;
 
 int m_tile(const Variant& v) { return (v.gemv ? 8 : 16) * v.m_frags; }  // rows of x per CTA
 
+// The K splits a call with M rows runs: the variant's, or 1 past the counters' capacity.
+int splits(const Variant& v, int M) {
+  const long long tiles = (long long)((M + m_tile(v) - 1) / m_tile(v)) *
+                          ((N_BLOCKS + v.warps_n - 1) / v.warps_n);
+  return tiles <= MAX_COUNTERS ? v.split_k : 1;
+}
+
 size_t workspace_bytes(const Variant& v, int M) {
-  size_t bytes = counters_bytes(M, m_tile(v), v.warps_n);
-  if (v.split_k > 1) bytes += align256(sizeof(float) * (size_t)v.split_k * M * N);
+  size_t bytes = COUNTERS_BYTES;
+  if (splits(v, M) > 1) bytes += align256(sizeof(float) * (size_t)splits(v, M) * M * N);
   if (PREP_X) bytes += align256(sizeof(scalar_t) * (size_t)M * K_PAD);
   return bytes;
 }
@@ -677,12 +686,12 @@ cudaError_t run_variant(const Variant& v, const void* x, void* y, const void* w,
   p.bias = bias;
   p.M = M;
   p.x_stride = K;
-  p.split_k = v.split_k;
+  p.split_k = splits(v, M);
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   p.counters = reinterpret_cast<int*>(ws);
-  ws += counters_bytes(M, m_tile(v), v.warps_n);
+  ws += COUNTERS_BYTES;
   p.partial = reinterpret_cast<float*>(ws);
-  if (v.split_k > 1) ws += align256(sizeof(float) * (size_t)v.split_k * M * N);
+  if (p.split_k > 1) ws += align256(sizeof(float) * (size_t)p.split_k * M * N);
   if (PREP_X) {
     scalar_t* xp = reinterpret_cast<scalar_t*>(ws);
     const long long total = (long long)M * K_PAD;
