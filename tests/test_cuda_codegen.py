@@ -120,6 +120,7 @@ def test_check_config_reasons():
     assert "m_frags 1 or 2" in tuning.check_config(tgt, key, {**gemv, "m_frags": 4})
     assert "registers" in tuning.check_config(tgt, key, {**gemv, "stages": 8, "m_frags": 2})
     assert "warps_k=8" in tuning.check_config(tgt, key, {**good, "warps_k": 8})
+    assert tuning.check_config(tgt, key, {**gemv, "warps_k": 16, "warps_n": 1}) is None
 
 
 def test_tile_reads_the_tuning_log(tmp_path):

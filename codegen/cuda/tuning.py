@@ -71,7 +71,7 @@ def search_space(target, key) -> dict:
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
         "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8],
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0],
-        "warps_k": [1, 2, 4, 8] if m <= 32 else [1, 2, 4],
+        "warps_k": [1, 2, 4, 8, 16] if m <= 32 else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
         "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
@@ -137,30 +137,28 @@ GEMV_REGISTERS = 64
 
 
 def gemv_default(target, key) -> dict:
-    """The GEMV kernel for M <= 16 (an M tile of 8, or 16 above 8 rows): 4x2 warps (N tile 256, fewer when N is narrow), as many
-    k16 steps in flight as the register ring allows (8 for 4-bit containers), and the split of
-    K that best fills whole waves of CTAs (two 256-thread CTAs per SM), keeping at least a
-    ring's worth of steps per warp; of fills within 3% the smaller split (less partial traffic)."""
+    """The GEMV kernel for M <= 16 (an M tile of 8, or 16 above 8 rows), fitted to sweeps on an
+    H100 (2026-11-25, 4096x4096 to 28672x8192): one n64 block per CTA (warps_n 1) with 16 warps
+    splitting K when there are fewer blocks than 1.5 per SM, else 8; as many k16 steps in
+    flight as the register budget allows (8 for 4-bit containers at M <= 8); split K across
+    CTAs only while the grid covers less than half the SMs (narrow N), keeping at least a
+    ring's worth of steps per warp."""
     cb = 8 if _bits(key) > 4 else 4
+    sms = _sm_count(target)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
-    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 4, "warps_k": 2,
-           "stages": 8, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 1,
+           "warps_k": 16 if n_blocks < 1.5 * sms else 8, "stages": 8, "stage_k": 64,
+           "acc_scale": 0, "split_k": 1}
     while gemv_registers(cfg, cb) > GEMV_REGISTERS:
         cfg["stages"] -= 1
-    while n_blocks % cfg["warps_n"]:
-        cfg["warps_n"] //= 2
-    cfg["warps_k"] = 8 // cfg["warps_n"]
-    slots = 2 * _sm_count(target)
-    ctas = (n_blocks // cfg["warps_n"]) * math.ceil(key["m"] / (8 * cfg["m_frags"]))
-    fills = {}
-    for split in range(1, 17):
-        if split > 1 and k_steps // (split * cfg["warps_k"]) < cfg["stages"]:
-            break
-        total = ctas * split
-        fills[split] = total / (math.ceil(total / slots) * slots)
-    best = max(fills.values())
-    cfg["split_k"] = min(s for s, f in fills.items() if f >= 0.97 * best)
+    while cfg["warps_k"] > 1 and k_steps // cfg["warps_k"] < cfg["stages"]:
+        cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
+    split = 1
+    while (split * 2 <= 16 and n_blocks * split * 2 <= sms // 2
+           and k_steps // (split * 2 * cfg["warps_k"]) >= cfg["stages"]):
+        split *= 2
+    cfg["split_k"] = split
     return cfg
 
 
@@ -185,8 +183,8 @@ def check_config(target, key, config) -> str | None:
         return f"m_frags={config['m_frags']} not in (1, 2, 4)"
     if config["warps_n"] < 1 or n_blocks % config["warps_n"]:
         return f"warps_n={config['warps_n']} does not divide the {n_blocks} n64 blocks"
-    if config["warps_k"] not in ((1, 2, 4, 8) if config["gemv"] else (1, 2, 4)):
-        return f"warps_k={config['warps_k']} not in (1, 2, 4; 8 for the GEMV kernel)"
+    if config["warps_k"] not in ((1, 2, 4, 8, 16) if config["gemv"] else (1, 2, 4)):
+        return f"warps_k={config['warps_k']} not in (1, 2, 4; 8, 16 for the GEMV kernel)"
     if config["warps_n"] * config["warps_k"] > 16:
         return "more than 16 warps per CTA"
     if not 2 <= config["stages"] <= 8:

@@ -4,7 +4,7 @@
 // Weights: #quant<i4, symmetric, per_group(axis=0, block=32), scale=f16, act_order>
 // Layout: #layout<cuda_mma_b16, act_order=1, code_bias=8, codes=i4, container_bits=4, group=32, interleave=kodd_h_k8, k=1024, k_pad=1024, n=320, n_pad=320, scale_at=registers, zero_const=8> (codegen/cuda/layout.py), 4-bit containers, K 1024 -> 1024,
 // N 320 -> 320. Unpack: shift-magic-bf16; scales applied in the registers; zero point: constant.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x8, 8 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x8, 4 k16 steps in flight, split_k 2), v2 (M <= 32: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v3 (M <= 64: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v4 (M <= 128: m_frags 4, warps 1x2, stages 3 of 128 rows, split_k 4).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x8, 8 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v3 (M <= 64: m_frags 2, warps 1x4, stages 4 of 128 rows, split_k 4), v4 (M <= 128: m_frags 4, warps 1x2, stages 3 of 128 rows, split_k 4).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -439,13 +439,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
   return v;
 }
-// Two adjacent activations (k, k+1) of row m, or zeros past M or K (K is even here).
-__device__ __forceinline__ uint32_t ld_x_pair(const Params& p, int m, int k) {
-  return (m < p.M && k < p.x_stride)
-             ? __ldg(reinterpret_cast<const unsigned int*>(p.x + (long long)m * p.x_stride + k))
-             : 0u;
-}
-
 template <int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
 __global__ void __launch_bounds__(32 * WARPS_N * WARPS_K,
                                   (GemvTile<M_FRAGS, WARPS_N, WARPS_K, DEPTH>::MIN_BLOCKS))
@@ -470,16 +463,28 @@ qmatmul_gemv_kernel(const Params p) {
   const int n_steps = nb < N_BLOCKS ? end - begin : 0;
   const uint4* wp = p.w + ((long long)begin * N_BLOCKS + nb) * (WORDS * 32) + lane;
 
-  uint4 wbuf[DEPTH][WORDS];        // weights of the steps in flight
+  // x rows m0 + 8 mf + g of this lane (rows past M read nothing); a step's K columns are
+  // past the end of x only without the prepared copy and when K is not a multiple of 64.
+  constexpr bool K_TAIL = !PREP_X && K % 64 != 0;
+  const scalar_t* xrow[M_FRAGS];
+  bool xok[M_FRAGS];
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf) {
+    const int r = m0 + mf * 8 + g;
+    xok[mf] = r < p.M;
+    xrow[mf] = p.x + (long long)(xok[mf] ? r : 0) * p.x_stride + q2;
+  }
+  uint4 wbuf[DEPTH][WORDS];          // weights of the steps in flight
   uint32_t xbuf[DEPTH][M_FRAGS][2];  // x^T fragments (b0b1: k .. k+1, b2b3: k+8 ..) of row g
   auto issue = [&](int slot, int s) {  // the loads of step s of this warp's run
 #pragma unroll
     for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
-    const int k = (begin + s) * 16 + q2;
+    const int k = (begin + s) * 16;
 #pragma unroll
     for (int mf = 0; mf < M_FRAGS; ++mf) {
-      xbuf[slot][mf][0] = ld_x_pair(p, m0 + mf * 8 + g, k);
-      xbuf[slot][mf][1] = ld_x_pair(p, m0 + mf * 8 + g, k + 8);
+      const unsigned int* px = reinterpret_cast<const unsigned int*>(xrow[mf] + k);
+      xbuf[slot][mf][0] = xok[mf] && (!K_TAIL || k < K) ? __ldg(px) : 0u;
+      xbuf[slot][mf][1] = xok[mf] && (!K_TAIL || k + 8 < K) ? __ldg(px + 4) : 0u;
     }
   };
 
@@ -495,9 +500,9 @@ qmatmul_gemv_kernel(const Params p) {
   // The lane's 8 columns' zero-point offsets and scales for the current group; the next
   // group's rows are loaded a group ahead.
   const long long col = (long long)nb * 64 + g * 8;     // permuted rows: 8 values per g
-  auto ld_row = [&](const scalar_t* base, int row) {
-    return row < SCALE_ROWS && nb < N_BLOCKS
-               ? __ldg(reinterpret_cast<const uint4*>(base + (long long)row * N_PAD + col))
+  auto ld_row = [&](const scalar_t* base, int r) {
+    return r < SCALE_ROWS && nb < N_BLOCKS
+               ? __ldg(reinterpret_cast<const uint4*>(base + (long long)r * N_PAD + col))
                : make_uint4(0u, 0u, 0u, 0u);
   };
   ZeroOffsets zo[4];
@@ -512,67 +517,67 @@ qmatmul_gemv_kernel(const Params p) {
       s2[t][0] = s2[t][1] = dup(from_float(1.0f));
     }
   }
-  int cur_row = -1;
+  int row = begin * 16 / GROUP, next_group = 0;  // next_group: the step that starts a group
   uint4 s_next = make_uint4(0u, 0u, 0u, 0u), z_next = make_uint4(0u, 0u, 0u, 0u);
   if (GROUP_ROWS && n_steps > 0) {
-    const int row = begin * 16 / GROUP;
     if (!SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row);
     if (HAS_ZP) z_next = ld_row(p.zeros, row);
   }
 
+  // Step s of the run from ring slot j; `refill`: then load step s + DEPTH into the slot.
+  auto step = [&](int j, int s, bool refill) {
+    uint32_t q[4 * WORDS];
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) {
+      q[4 * i] = wbuf[j][i].x; q[4 * i + 1] = wbuf[j][i].y;
+      q[4 * i + 2] = wbuf[j][i].z; q[4 * i + 3] = wbuf[j][i].w;
+    }
+    const uint32_t (&xf)[M_FRAGS][2] = xbuf[j];
+    if constexpr (GROUP_ROWS) {
+      if (s == next_group) {  // a new group: the first step, then every GROUP / 16 steps
+        __align__(16) scalar_t sv[8];
+        __align__(16) scalar_t zv[8];
+        *reinterpret_cast<uint4*>(sv) = s_next;
+        *reinterpret_cast<uint4*>(zv) = z_next;
+        if (!SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row + 1);
+        if (HAS_ZP) z_next = ld_row(p.zeros, row + 1);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          if constexpr (HAS_ZP) zo[t] = zero_offsets(zv + 2 * t);
+          if constexpr (!SCALE_IN_EPILOGUE) {
+            s2[t][0] = dup(sv[2 * t]);
+            s2[t][1] = dup(sv[2 * t + 1]);
+          }
+        }
+        ++row;
+        next_group = row * (GROUP / 16) - begin;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      uint32_t b[4];
+      unpack_tile<!SCALE_IN_EPILOGUE>(q + t * WORDS, b, zo[t], s2[t]);
+      const uint32_t a[4] = {b[0], b[2], b[1], b[3]};  // B fragments of w -> A of w^T
+#pragma unroll
+      for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816(acc[mf][t], a, xf[mf][0], xf[mf][1]);
+    }
+    // Refill the slot last: its registers are free by now (no copies to keep them apart).
+    if (refill) issue(j, s + DEPTH);
+  };
+
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue(j, j);
-
-  for (int s0 = 0; s0 < n_steps; s0 += DEPTH) {
+  // Whole rounds of the ring without bounds checks, then the last steps with them.
+  int s0 = 0;
+  for (; s0 + 2 * DEPTH <= n_steps; s0 += DEPTH) {
 #pragma unroll
-    for (int j = 0; j < DEPTH; ++j) {
-      const int s = s0 + j;
-      if (s < n_steps) {
-        uint32_t q[4 * WORDS];
+    for (int j = 0; j < DEPTH; ++j) step(j, s0 + j, true);
+  }
+  for (; s0 < n_steps; s0 += DEPTH) {
 #pragma unroll
-        for (int i = 0; i < WORDS; ++i) {
-          q[4 * i] = wbuf[j][i].x; q[4 * i + 1] = wbuf[j][i].y;
-          q[4 * i + 2] = wbuf[j][i].z; q[4 * i + 3] = wbuf[j][i].w;
-        }
-        uint32_t xf[M_FRAGS][2];
-#pragma unroll
-        for (int mf = 0; mf < M_FRAGS; ++mf) {
-          xf[mf][0] = xbuf[j][mf][0];
-          xf[mf][1] = xbuf[j][mf][1];
-        }
-        if (s + DEPTH < n_steps) issue(j, s + DEPTH);
-
-        if constexpr (GROUP_ROWS) {
-          const int row = (begin + s) * 16 / GROUP;
-          if (row != cur_row) {  // a new group: the first step, then every GROUP / 16 steps
-            __align__(16) scalar_t sv[8];
-            __align__(16) scalar_t zv[8];
-            *reinterpret_cast<uint4*>(sv) = s_next;
-            *reinterpret_cast<uint4*>(zv) = z_next;
-            if (!SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row + 1);
-            if (HAS_ZP) z_next = ld_row(p.zeros, row + 1);
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-              if constexpr (HAS_ZP) zo[t] = zero_offsets(zv + 2 * t);
-              if constexpr (!SCALE_IN_EPILOGUE) {
-                s2[t][0] = dup(sv[2 * t]);
-                s2[t][1] = dup(sv[2 * t + 1]);
-              }
-            }
-            cur_row = row;
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          uint32_t b[4];
-          unpack_tile<!SCALE_IN_EPILOGUE>(q + t * WORDS, b, zo[t], s2[t]);
-          const uint32_t a[4] = {b[0], b[2], b[1], b[3]};  // B fragments of w -> A of w^T
-#pragma unroll
-          for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816(acc[mf][t], a, xf[mf][0], xf[mf][1]);
-        }
-      }
-    }
+    for (int j = 0; j < DEPTH; ++j)
+      if (s0 + j < n_steps) step(j, s0 + j, s0 + j + DEPTH < n_steps);
   }
 
   // Each k warp's tile to its own slice of shared memory ([wk][m][n]), then one barrier.
@@ -655,7 +660,7 @@ struct Variant {
 };
 const Variant VARIANTS[] = {
     {8, 1, 1, 1, 8, 8, 64, 0, 1},  // v0
-    {16, 1, 2, 1, 8, 4, 64, 0, 2},  // v1
+    {16, 1, 2, 1, 16, 4, 64, 0, 1},  // v1
     {32, 0, 2, 1, 4, 4, 128, 0, 4},  // v2
     {64, 0, 2, 1, 4, 4, 128, 0, 4},  // v3
     {128, 0, 4, 1, 2, 3, 128, 0, 4},  // v4
@@ -714,8 +719,8 @@ cudaError_t run_variant(const Variant& v, const void* x, void* y, const void* w,
     return launch<4, 1, 2, 3, 8, false>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 8)
     return launch_gemv<1, 1, 8, 8>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 4)
-    return launch_gemv<2, 1, 8, 4>(p, stream);
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+    return launch_gemv<2, 1, 16, 4>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 
