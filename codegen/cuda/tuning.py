@@ -138,24 +138,22 @@ GEMV_REGISTERS = 64
 
 def gemv_default(target, key) -> dict:
     """The GEMV kernel for M <= 16 (an M tile of 8, or 16 above 8 rows), fitted to sweeps on an
-    H100 (2026-11-25, 4096x4096 to 28672x8192): one n64 block per CTA (warps_n 1) with 16 warps
-    splitting K when there are fewer blocks than 1.5 per SM, else 8; as many k16 steps in
-    flight as the register budget allows (8 for 4-bit containers at M <= 8); split K across
-    CTAs only while the grid covers less than half the SMs (narrow N), keeping at least a
-    ring's worth of steps per warp."""
+    H100 (benchmarks/results/cuda-20261125-1412.json): one n64 block per CTA (warps_n 1) with 8
+    warps splitting K; as many k16 steps in flight as the register budget allows (8 for
+    4-bit containers at M <= 8); K split across CTAs (powers of two, at most 16) while the grid
+    stays within two CTAs per SM, keeping at least a ring's worth of steps per warp."""
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
-    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 1,
-           "warps_k": 16 if n_blocks < 1.5 * sms else 8, "stages": 8, "stage_k": 64,
-           "acc_scale": 0, "split_k": 1}
+    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 1, "warps_k": 8,
+           "stages": 8, "stage_k": 64, "acc_scale": 0, "split_k": 1}
     while gemv_registers(cfg, cb) > GEMV_REGISTERS:
         cfg["stages"] -= 1
     while cfg["warps_k"] > 1 and k_steps // cfg["warps_k"] < cfg["stages"]:
         cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
     split = 1
-    while (split * 2 <= 16 and n_blocks * split * 2 <= sms // 2
+    while (split * 2 <= 16 and n_blocks * split * 2 <= 2 * sms
            and k_steps // (split * 2 * cfg["warps_k"]) >= cfg["stages"]):
         split *= 2
     cfg["split_k"] = split
