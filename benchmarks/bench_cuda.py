@@ -73,7 +73,7 @@ def sweep_frags(m: int) -> tuple:
     """Which (gemv, m_frags) a sweep tries at M rows."""
     if m <= 8:
         return (1, 1), (1, 2), (0, 1)
-    return ((1, 2), (0, 1)) if m <= 16 else ((1, 2), (0, 2)) if m <= 32 else ((0, 2), (0, 4))
+    return ((1, 2), (0, 1)) if m <= 16 else ((1, 2), (0, 2)) if m <= 64 else ((0, 2), (0, 4))
 
 
 def copy_bandwidth() -> float:

@@ -82,9 +82,9 @@ def search_space(target, key) -> dict:
 def default_config(target, key) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
-    - M <= 16: the GEMV kernel (``gemv_default``);
-    - M <= 32, and M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows; split
-      at most 4, same bound (one CTA per SM above 32 rows);
+    - M <= 32: the GEMV kernel (``gemv_default``);
+    - M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows; split
+      at most 4 while the grid stays within one CTA per SM;
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
       stays within one CTA per SM.
@@ -92,15 +92,15 @@ def default_config(target, key) -> dict:
     nest with 128.
     """
     m, k, n = key["m"], key["k"], key["n"]
-    if m <= 16:
+    if m <= 32:
         return gemv_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
-    if m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
+    if m <= 64 and n_blocks < 256 and k < 16384:
         # Up to 64 rows on N, K < 16384: two M tiles of 32 that share each weight tile in L2
         # beat one tile of 64 (measured), whose ~200 registers allow one CTA per SM.
         cfg = {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4}
-        max_split, ctas_per_sm = 4, 2 if m <= 32 else 1
+        max_split, ctas_per_sm = 4, 1
     else:
         cfg = {"m_frags": 4, "warps_n": 4, "warps_k": 2, "stages": 3}
         max_split, ctas_per_sm = 4, 1
@@ -137,24 +137,36 @@ GEMV_REGISTERS = 64
 
 
 def gemv_default(target, key) -> dict:
-    """The GEMV kernel for M <= 16 (an M tile of 8, or 16 above 8 rows), fitted to sweeps on an
-    H100 (benchmarks/results/cuda-20261125-1412.json): one n64 block per CTA (warps_n 1) with 8
-    warps splitting K; as many k16 steps in flight as the register budget allows (8 for
-    4-bit containers at M <= 8); K split across CTAs (powers of two, at most 16) while the grid
-    stays within two CTAs per SM, keeping at least a ring's worth of steps per warp."""
+    """The GEMV kernel for M <= 32 (M tiles of 8 rows up to 8, else 16), fitted to sweeps on an
+    H100 (benchmarks/results/cuda-20261125-141[2-7]*.json):
+
+    - warps: 16 per CTA. At M <= 8, or with fewer than 128 n64 blocks, one block per CTA and
+      16 warps splitting K; else two blocks side by side (they share x in L1) and 8 k warps
+      (8 when the blocks are more than 1.5 per SM);
+    - as many k16 steps in flight as the register budget allows (8 for 4-bit containers at
+      M <= 8, 4 at 16 rows);
+    - split K across CTAs only while the grid holds at most 2048 warps and every warp keeps
+      at least 16 steps (long K over few columns); the fix-up costs more than it gains on
+      shapes that already fill the GPU.
+    """
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
-    cfg = {"gemv": 1, "m_frags": 1 if key["m"] <= 8 else 2, "warps_n": 1, "warps_k": 8,
-           "stages": 8, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+    mf = 1 if key["m"] <= 8 else 2
+    cfg = {"gemv": 1, "m_frags": mf, "warps_n": 1, "warps_k": 16, "stages": 8, "stage_k": 64,
+           "acc_scale": 0, "split_k": 1}
+    if n_blocks >= 1.5 * sms:
+        cfg["warps_k"] = 8
+    if mf == 2 and n_blocks >= 128 and n_blocks % 2 == 0:
+        cfg["warps_n"], cfg["warps_k"] = 2, 8
     while gemv_registers(cfg, cb) > GEMV_REGISTERS:
         cfg["stages"] -= 1
     while cfg["warps_k"] > 1 and k_steps // cfg["warps_k"] < cfg["stages"]:
         cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
     split = 1
-    while (split * 2 <= 16 and n_blocks * split * 2 <= 2 * sms
-           and k_steps // (split * 2 * cfg["warps_k"]) >= cfg["stages"]):
+    while (split * 2 <= 16 and n_blocks * cfg["warps_k"] * split * 2 <= 2048
+           and k_steps // (cfg["warps_k"] * split * 2) >= 16):
         split *= 2
     cfg["split_k"] = split
     return cfg
