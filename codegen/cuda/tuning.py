@@ -67,11 +67,11 @@ def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     return {
-        "gemv": [1, 0] if m <= 32 else [0],
+        "gemv": [1, 0] if m <= 64 else [0],
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
         "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8],
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0],
-        "warps_k": [1, 2, 4, 8, 16] if m <= 32 else [1, 2, 4],
+        "warps_k": [1, 2, 4, 8, 16] if m <= 64 else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
         "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
@@ -82,9 +82,11 @@ def search_space(target, key) -> dict:
 def default_config(target, key) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
-    - M <= 32: the GEMV kernel (``gemv_default``);
-    - M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows; split
-      at most 4 while the grid stays within one CTA per SM;
+    - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
+      up to 32 rows, and up to 64 when N <= 8192 (its M tiles of 16 re-read the weights from
+      L2; on larger weights the tiled kernel's reuse wins);
+    - M <= 32, and M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows;
+      split at most 4, same bound (one CTA per SM above 32 rows);
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
       stays within one CTA per SM.
@@ -92,15 +94,15 @@ def default_config(target, key) -> dict:
     nest with 128.
     """
     m, k, n = key["m"], key["k"], key["n"]
-    if m <= 32:
+    if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192):
         return gemv_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
-    if m <= 64 and n_blocks < 256 and k < 16384:
+    if m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
         # Up to 64 rows on N, K < 16384: two M tiles of 32 that share each weight tile in L2
         # beat one tile of 64 (measured), whose ~200 registers allow one CTA per SM.
         cfg = {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4}
-        max_split, ctas_per_sm = 4, 1
+        max_split, ctas_per_sm = 4, 2 if m <= 32 else 1
     else:
         cfg = {"m_frags": 4, "warps_n": 4, "warps_k": 2, "stages": 3}
         max_split, ctas_per_sm = 4, 1
@@ -137,8 +139,8 @@ GEMV_REGISTERS = 64
 
 
 def gemv_default(target, key) -> dict:
-    """The GEMV kernel for M <= 32 (M tiles of 8 rows up to 8, else 16), fitted to sweeps on an
-    H100 (benchmarks/results/cuda-20261125-141[2-7]*.json):
+    """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16), fitted to sweeps on an
+    H100 (benchmarks/results/cuda-20261125-14{12,17,22}*.json):
 
     - warps: 16 per CTA. At M <= 8, or with fewer than 128 n64 blocks, one block per CTA and
       16 warps splitting K; else two blocks side by side (they share x in L1) and 8 k warps

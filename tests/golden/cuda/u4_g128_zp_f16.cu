@@ -4,7 +4,7 @@
 // Weights: #quant<u4, affine, per_group(axis=0, block=128), scale=f16, zp=u4>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=0, codes=u4, container_bits=4, group=128, interleave=kodd_h_k8, k=4096, k_pad=4096, n=4096, n_pad=4096, scale_at=registers, zero_const=-1> (codegen/cuda/layout.py), 4-bit containers, K 4096 -> 4096,
 // N 4096 -> 4096. Unpack: lop3-magic-f16; scales applied in the registers; zero point: registers.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 8 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v3 (M <= 64: m_frags 2, warps 2x4, stages 4 of 128 rows, split_k 2), v4 (M <= 128: m_frags 4, warps 4x2, stages 3 of 128 rows, split_k 4).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 8 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 1), v4 (M <= 128: m_frags 4, warps 4x2, stages 3 of 128 rows, split_k 4).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -677,7 +677,7 @@ const Variant VARIANTS[] = {
     {8, 1, 1, 1, 16, 8, 64, 0, 1},  // v0
     {16, 1, 2, 1, 16, 4, 64, 0, 1},  // v1
     {32, 1, 2, 1, 16, 4, 64, 0, 1},  // v2
-    {64, 0, 2, 2, 4, 4, 128, 0, 2},  // v3
+    {64, 1, 2, 1, 16, 4, 64, 0, 1},  // v3
     {128, 0, 4, 4, 2, 3, 128, 0, 4},  // v4
 };
 constexpr int N_VARIANTS = 5;
@@ -726,9 +726,6 @@ cudaError_t run_variant(const Variant& v, const void* x, void* y, const void* w,
     p.x = xp;
     p.x_stride = K_PAD;
   }
-  if (v.gemv == 0 && v.m_frags == 2 && v.warps_n == 2 && v.warps_k == 4 && v.stages == 4 &&
-      v.stage_k == 128 && v.acc_scale == 0)
-    return launch<2, 2, 4, 4, 8, false>(p, stream);
   if (v.gemv == 0 && v.m_frags == 4 && v.warps_n == 4 && v.warps_k == 2 && v.stages == 3 &&
       v.stage_k == 128 && v.acc_scale == 0)
     return launch<4, 4, 2, 3, 8, false>(p, stream);
