@@ -9,6 +9,7 @@ Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from qcompiler.codegen.cuda import tuning
@@ -61,6 +62,14 @@ class TilePass(Pass):
                 chosen, source = None, "heuristic"
                 if self.tuning_log:
                     chosen = replay.best_config(tgt.name, device, key)
+                    missing = [k for k in tuning.KNOBS if chosen is not None and k not in chosen]
+                    if missing:
+                        # Tuned before these knobs existed (e.g. gemv): its kernel choice is
+                        # stale, not wrong; the heuristic is the better default.
+                        warnings.warn(f"tile: the tuning log's config for %{node.result.name} "
+                                      f"M={m_max} predates the knobs {missing}; using the "
+                                      "heuristic (tune again to replace it)", stacklevel=2)
+                        chosen = None
                     if chosen is not None:
                         why = tuning.check_config(tgt, key, chosen)
                         if why:
