@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [sanitize] [bench] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [tests] [sanitize] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -26,6 +26,8 @@ for step in "$@"; do
       done ;;
     bench)
       python3 "$REPO/benchmarks/bench_cuda.py" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -50 ;;
+    bench-nopdl)
+      QC_CUDA_PDL=0 python3 "$REPO/benchmarks/bench_cuda.py" --quick --out "$OUT/nopdl" 2>&1 | tee "$OUT/bench-nopdl.log" | tail -12 ;;
     bench-quick)
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
     sweep-quick)

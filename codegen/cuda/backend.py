@@ -17,6 +17,7 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
+from qcompiler.targets import get_target
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -65,6 +66,10 @@ def kernel_params(node, target_name: str) -> dict:
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
         "variants": variants, "instances": instances,
         "has_gemv": any(c[0] for c in instances),
+        # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
+        # QC_CUDA_PDL=0 turns it off (to measure what it gains).
+        "pdl": "pdl" in get_target(target_name).features
+               and os.environ.get("QC_CUDA_PDL", "1") != "0",
         **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
     }
 

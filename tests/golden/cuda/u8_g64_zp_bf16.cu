@@ -428,6 +428,20 @@ struct GemvTile {
   static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
 };
 
+// Programmatic dependent launch (used on sm_90 code): a kernel may start before the
+// previous one in the stream has finished. Everything up to wait_for_inputs() reads
+// constants only; everything after sees the previous kernel's writes complete.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The weight stream is read once: bypass L1 (it keeps x) and fetch 256-byte L2 lines.
 __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
   uint4 v;
@@ -472,9 +486,12 @@ qmatmul_gemv_kernel(const Params p) {
   }
   uint4 wbuf[DEPTH][WORDS];          // weights of the steps in flight
   uint32_t xbuf[DEPTH][M_FRAGS][2];  // x^T fragments (b0b1: k .. k+1, b2b3: k+8 ..) of row g
-  auto issue = [&](int slot, int s) {  // the loads of step s of this warp's run
+  // The loads of step s of this warp's run: weights (constants), then x (the input).
+  auto issue_w = [&](int slot, int s) {
 #pragma unroll
     for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
+  };
+  auto issue_x = [&](int slot, int s) {
     const int k = (begin + s) * 16;
 #pragma unroll
     for (int mf = 0; mf < M_FRAGS; ++mf) {
@@ -558,12 +575,21 @@ qmatmul_gemv_kernel(const Params p) {
       for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816(acc[mf][t], a, xf[mf][0], xf[mf][1]);
     }
     // Refill the slot last: its registers are free by now (no copies to keep them apart).
-    if (refill) issue(j, s + DEPTH);
+    if (refill) {
+      issue_w(j, s + DEPTH);
+      issue_x(j, s + DEPTH);
+    }
   };
 
+  // The first ring of weights is requested before waiting for the previous kernel (x may be
+  // its output): with programmatic dependent launch that wait overlaps the other's tail.
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j)
-    if (j < n_steps) issue(j, j);
+    if (j < n_steps) issue_w(j, j);
+  wait_for_inputs();
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j)
+    if (j < n_steps) issue_x(j, j);
   // Whole rounds of the ring without bounds checks, then the last steps with them.
   int s0 = 0;
   for (; s0 + 2 * DEPTH <= n_steps; s0 += DEPTH) {
@@ -575,6 +601,8 @@ qmatmul_gemv_kernel(const Params p) {
     for (int j = 0; j < DEPTH; ++j)
       if (s0 + j < n_steps) step(j, s0 + j, s0 + j + DEPTH < n_steps);
   }
+
+  allow_next_launch();  // the next kernel may start and prefetch its weights meanwhile
 
   // Each k warp's tile to its own slice of shared memory ([wk][m][n]), then one barrier.
   float* red = reinterpret_cast<float*>(smem);
@@ -638,8 +666,28 @@ cudaError_t launch_gemv(Params p, cudaStream_t stream) {
     smem_set = true;
   }
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
-  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
-  return cudaGetLastError();
+  // Only code built for sm_90 or later waits for its inputs (above), so only that code may be
+  // launched early (code JIT-compiled from compute_80 PTX would not wait).
+  static int early = -1;
+  if (early < 0) {
+    cudaFuncAttributes fa;
+    early = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
+  }
+  if (!early) {
+    kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(T::THREADS);
+  config.dynamicSmemBytes = T::SMEM_BYTES;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 // Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned.
