@@ -1,8 +1,9 @@
-"""tile: decide each packed qmatmul's kernel variants (tile shape, warps, stages, split-K).
+"""tile: decide each packed qmatmul's kernel variants (kernel, tile, warps, stages, split-K).
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
-(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on M. Each
-variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
+(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on
+M. A variant picks the kernel (``gemv``: the split-K GEMV kernel or the tiled one) and its
+parameters. Each variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
 (target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
 (``heuristic`` or ``tuning-log``).

@@ -8,9 +8,10 @@ A config is one kernel variant. ``gemv`` picks the kernel:
   ``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
   tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last CTA of each tile);
 - ``gemv=1``, the split-K GEMV kernel for small M (weights straight from global memory into
-  registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``, ``warps_k`` (warps splitting the CTA's K
-  range, summed in shared memory), ``stages`` (k16 steps each warp keeps in flight) and
-  ``split_k``; ``stage_k`` and ``acc_scale`` are unused and must be 64 and 0.
+  registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``,
+  ``warps_k`` (warps splitting the CTA's K range, summed in shared memory), ``stages`` (k16
+  steps each warp keeps in flight) and ``split_k``; ``stage_k`` and ``acc_scale`` are unused
+  and must be 64 and 0.
 
 ``qcompiler.tuning`` is imported lazily so this works without it.
 """
@@ -37,8 +38,8 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
                scale_in_registers: bool = True, has_zp: bool = True) -> int:
     """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in templates/qmatmul.cu.j2)."""
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
-    if config.get("gemv"):
-        return config["warps_k"] * m_tile * n_tile * 4 + 16
+    if config.get("gemv"):  # one fp32 tile of 8 m_frags rows per k warp
+        return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16
     sk = config.get("stage_k", 64)
     srows = sk // group if group < sk else 1
     stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * 2
@@ -142,9 +143,9 @@ def gemv_default(target, key) -> dict:
     """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16), fitted to sweeps on an
     H100 (benchmarks/results/cuda-20261125-14{12,17,22}*.json):
 
-    - warps: 16 per CTA. At M <= 8, or with fewer than 128 n64 blocks, one block per CTA and
-      16 warps splitting K; else two blocks side by side (they share x in L1) and 8 k warps
-      (8 when the blocks are more than 1.5 per SM);
+    - warps: one n64 block per CTA with 16 warps splitting K (8 when there are at least 1.5
+      blocks per SM); at more than 8 rows with at least 128 blocks, two blocks side by side
+      (they share x in L1) with 8 k warps;
     - as many k16 steps in flight as the register budget allows (8 for 4-bit containers at
       M <= 8, 4 at 16 rows);
     - split K across CTAs only while the grid holds at most 2048 warps and every warp keeps

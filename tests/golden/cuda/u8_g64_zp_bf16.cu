@@ -428,9 +428,9 @@ struct GemvTile {
   static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
 };
 
-// Programmatic dependent launch (used on sm_90 code): a kernel may start before the
-// previous one in the stream has finished. Everything up to wait_for_inputs() reads
-// constants only; everything after sees the previous kernel's writes complete.
+// Programmatic dependent launch (used by sm_90 code): a kernel may start
+// before the previous one in the stream has finished. Everything up to wait_for_inputs()
+// reads constants only; everything after sees the previous kernel's writes complete.
 __device__ __forceinline__ void wait_for_inputs() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -449,6 +449,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
   return v;
 }
+
 template <int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
 __global__ void __launch_bounds__(32 * WARPS_N * WARPS_K,
                                   (GemvTile<M_FRAGS, WARPS_N, WARPS_K, DEPTH>::MIN_BLOCKS))
