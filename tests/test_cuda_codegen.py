@@ -123,23 +123,32 @@ def test_check_config_reasons():
     assert tuning.check_config(tgt, key, {**gemv, "warps_k": 16, "warps_n": 1}) is None
 
 
-def test_tile_reads_the_tuning_log(tmp_path):
+TILE_SPEC = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
+
+
+def _tile_with_log(tmp_path, config_m16: dict) -> dict:
+    """Run the CUDA pipeline with a tuning log holding ``config_m16`` for the M <= 16 bucket;
+    returns the node's variants."""
     from qcompiler.passes.tile import kernel_key
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.device import device_name
 
-    case = cases.Case(k=1024, n=512, bits=4, zero_point=True, group=128)
-    module = cases.make_module(case)
-    spec = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
-    node = next(n for n in PassManager.parse(spec).run(module).main.nodes if n.op == "qmatmul")
+    module = cases.make_module(cases.Case(k=1024, n=512, bits=4, zero_point=True, group=128))
+    node = next(n for n in PassManager.parse(TILE_SPEC).run(module).main.nodes
+                if n.op == "qmatmul")
     tgt = get_target("cuda-sm90")
+    log = str(tmp_path / "log.jsonl")
+    tlog.append(log, tlog.make_record(tgt.name, device_name(tgt), kernel_key(node, 16),
+                                      config_m16, {"median": 5.0, "min": 4.0, "max": 6.0,
+                                                   "runs": 10}, "ok"))
+    out = PassManager.parse(TILE_SPEC.replace("}", f",tuning_log={log}}}")).run(module)
+    return next(n for n in out.main.nodes if n.op == "qmatmul").attrs["config"]["variants"]
+
+
+def test_tile_reads_the_tuning_log(tmp_path):
     chosen = {"gemv": 0, "m_frags": 1, "warps_n": 2, "warps_k": 4, "stages": 6, "stage_k": 64,
               "acc_scale": 1, "split_k": 3}
-    log = str(tmp_path / "log.jsonl")
-    tlog.append(log, tlog.make_record(tgt.name, device_name(tgt), kernel_key(node, 16), chosen,
-                                      {"median": 5.0, "min": 4.0, "max": 6.0, "runs": 10}, "ok"))
-    out = PassManager.parse(spec.replace("}", f",tuning_log={log}}}")).run(module)
-    variants = next(n for n in out.main.nodes if n.op == "qmatmul").attrs["config"]["variants"]
+    variants = _tile_with_log(tmp_path, chosen)
     assert variants["m16"]["source"] == "tuning-log"
     assert {k: variants["m16"][k] for k in tuning.KNOBS} == chosen
     assert variants["m32"]["source"] == "heuristic"
@@ -147,23 +156,10 @@ def test_tile_reads_the_tuning_log(tmp_path):
 
 def test_tile_falls_back_on_a_log_from_before_a_knob(tmp_path):
     """A record tuned before the gemv knob existed is stale: a warning, then the heuristic."""
-    from qcompiler.passes.tile import kernel_key
-    from qcompiler.tuning import log as tlog
-    from qcompiler.tuning.device import device_name
-
-    case = cases.Case(k=1024, n=512, bits=4, zero_point=True, group=128)
-    module = cases.make_module(case)
-    spec = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
-    node = next(n for n in PassManager.parse(spec).run(module).main.nodes if n.op == "qmatmul")
-    tgt = get_target("cuda-sm90")
     old = {"m_frags": 1, "warps_n": 2, "warps_k": 4, "stages": 6, "stage_k": 64,
            "acc_scale": 1, "split_k": 3}
-    log = str(tmp_path / "log.jsonl")
-    tlog.append(log, tlog.make_record(tgt.name, device_name(tgt), kernel_key(node, 16), old,
-                                      {"median": 5.0, "min": 4.0, "max": 6.0, "runs": 10}, "ok"))
     with pytest.warns(UserWarning, match=r"predates the knobs \['gemv'\]"):
-        out = PassManager.parse(spec.replace("}", f",tuning_log={log}}}")).run(module)
-    variants = next(n for n in out.main.nodes if n.op == "qmatmul").attrs["config"]["variants"]
+        variants = _tile_with_log(tmp_path, old)
     assert variants["m16"]["source"] == "heuristic" and variants["m16"]["gemv"] == 1
 
 
