@@ -95,7 +95,7 @@ __device__ __forceinline__ scalar2_t dup(scalar_t v) { return __bfloat162bfloat1
 // false leaves the exact integers (c - z) for a scale applied later (epilogue or accumulator).
 // bf16 has 7 mantissa bits, too few for 16c: each nibble pair is shifted down and OR-ed with
 // 0x4300 (128.0), giving (128 + c0, 128 + c4); (128 + c) - (128 + z) is exact in bf16.
-struct ZeroOffsets { scalar2_t lo[2]; };   // 128 + z per n8 half, once per scale group
+struct ZeroOffsets { scalar2_t lo[2]; };   // 128 + z per n8 half
 __device__ __forceinline__ ZeroOffsets zero_offsets(const scalar_t* z) {
   ZeroOffsets o;
 #pragma unroll

@@ -93,7 +93,7 @@ __device__ __forceinline__ scalar2_t dup(scalar_t v) { return __half2half2(v); }
 // the offsets the conversion subtracts; s2[h] is the scale of half h, duplicated. APPLY_SCALE
 // false leaves the exact integers (c - z) for a scale applied later (epilogue or accumulator).
 // PRMT puts each byte under 0x64: the fp16 pair (1024 + c_k, 1024 + c_k+1), exact.
-struct ZeroOffsets { scalar2_t lo[2]; };   // 1024 + z per n8 half, once per scale group
+struct ZeroOffsets { scalar2_t lo[2]; };   // 1024 + z per n8 half
 __device__ __forceinline__ ZeroOffsets zero_offsets(const scalar_t* z) {
   ZeroOffsets o;
 #pragma unroll

@@ -97,7 +97,7 @@ __device__ __forceinline__ scalar2_t dup(scalar_t v) { return __half2half2(v); }
 // the high nibbles come out as 1024 + 16c and take an FMA by 1/16. (1024 + c) - (1024 + z)
 // is exact in fp16, so the only rounding is the product with the scale.
 // Offsets of one n16 tile (n8 halves h = 0, 1): 1024 + z for the low nibbles, -(64 + z) for
-// the high ones; computed once per scale group, not per k16 step.
+// the high ones (the GEMV kernel computes them once per scale group).
 struct ZeroOffsets { scalar2_t lo[2], hi[2]; };
 __device__ __forceinline__ ZeroOffsets zero_offsets(const scalar_t* z) {
   ZeroOffsets o;
