@@ -99,13 +99,13 @@ def _packed_node(target, n: int, k: int):
 def _dry_run(target, shapes, buckets) -> int:
     from qcompiler.passes import tile as tile_pass
     from qcompiler.tuning.tuner import Space, tuning_module_for
-    from qcompiler.tuning.key import describe
+    from qcompiler.tuning.key import describe, kernel_key
 
     module = tuning_module_for(target)
     for n, k in shapes:
         node = _packed_node(target, n, k)
         for bucket in buckets:
-            key = tile_pass.kernel_key(node, bucket)
+            key = kernel_key(node, bucket)
             space = module.search_space(target, key)
             size = Space(space).size
             default = module.default_config(target, key)
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     from qcompiler.passes import tile as tile_pass
     from qcompiler.targets import get_target
     from qcompiler.tuning.device import NO_CUDA_DEVICE, device_name
+    from qcompiler.tuning.key import kernel_key
     from qcompiler.tuning.progress import Progress, summary_table
     from qcompiler.tuning.tuner import tune_key
 
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     for n, k in shapes:
         node = _packed_node(target, n, k)
         for bucket in buckets:
-            key = tile_pass.kernel_key(node, bucket)
+            key = kernel_key(node, bucket)
             start = time.monotonic()
             result = tune_key(target, key, log_path=log_path,
                               workdir=os.path.join(args.workdir, f"n{n}_k{k}_m{bucket}"),

@@ -44,19 +44,6 @@ def node_key(node, m: int, numerics_mode: str) -> dict:
     return key
 
 
-def kernel_key(node, m: int) -> dict:
-    """The key the tuner measures for ``node`` of a compiled module (read by the tuner).
-
-    After cpu-pack-weights the node's ``w_scheme`` describes byte storage; the logical scheme
-    and the numerics are in its config, so the key equals the one cpu-schedule looked up.
-    """
-    cfg = node.attrs.get("config", {})
-    key = node_key(node, m, cfg.get("numerics", "exact"))
-    if "w_scheme" in cfg:
-        key["w_scheme"] = cfg["w_scheme"]
-    return key
-
-
 def batch_rows(node):
     """The static number of rows of x (product of its leading dims), or None if symbolic."""
     lead = node.operands[0].type.shape[:-1]

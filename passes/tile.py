@@ -3,8 +3,9 @@
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
 (``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on
 M. A variant picks the kernel (``gemv``: the split-K GEMV kernel or the tiled one) and its
-parameters. Each variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
-(target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
+parameters. Each variant comes from the tuning log when ``tuning_log`` is given and holds a
+record for that (target, device, kernel key), else from the heuristic
+``codegen/cuda/tuning.default_config``.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
 (``heuristic`` or ``tuning-log``).
 """
@@ -16,27 +17,15 @@ from dataclasses import dataclass
 from qcompiler.codegen.cuda import tuning
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+from qcompiler.tuning.key import kernel_key
 
 M_BUCKETS = (8, 16, 32, 64, 128)  # the last bucket also serves every larger M
-
-
-def kernel_key(node, m: int) -> dict:
-    """The tuning key of a packed node at M rows (``qcompiler.tuning.key``)."""
-    from qcompiler.tuning.key import kernel_key as tuning_key
-
-    lay = node.operands[1].type.layout
-    key = tuning_key(node, m)
-    # The packed node's logical K, N are in its layout, its logical scheme in its config
-    # (the w_scheme attribute describes the packed bytes).
-    key.update({"k": lay.get("k"), "n": lay.get("n"),
-                "w_scheme": node.attrs.get("config", {}).get("w_scheme", key.get("w_scheme"))})
-    return key
 
 
 @register_pass("tile")
 @dataclass
 class TilePass(Pass):
-    """Choose tile shape, warps, stages and split-K per M bucket (tuning log or heuristic)."""
+    """Choose the kernel, tile, warps, stages and split-K per M bucket (log or heuristic)."""
 
     target: str = "cuda-sm90"
     tuning_log: str = ""

@@ -129,9 +129,9 @@ TILE_SPEC = "reorder-weights,schedule-unpack,tile{target=cuda-sm90}"
 def _tile_with_log(tmp_path, config_m16: dict) -> dict:
     """Run the CUDA pipeline with a tuning log holding ``config_m16`` for the M <= 16 bucket;
     returns the node's variants."""
-    from qcompiler.passes.tile import kernel_key
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.device import device_name
+    from qcompiler.tuning.key import kernel_key
 
     module = cases.make_module(cases.Case(k=1024, n=512, bits=4, zero_point=True, group=128))
     node = next(n for n in PassManager.parse(TILE_SPEC).run(module).main.nodes

@@ -310,6 +310,21 @@ def _loops_below(sch, block, depth: int) -> list:
     return list(sch.get_loops(block)[depth:])
 
 
+def _schedule_output(sch, y, g, ii, j, acc, lanes: int, unroll_rows: bool) -> None:
+    """The output block of both schedules: columns in unrolled vectors of ``lanes``, the row
+    block unrolled if asked, and the zero-init of y and the accumulator's write-back
+    vectorized."""
+    j_hi, j_lo = sch.split(j, [None, lanes])
+    if unroll_rows:
+        sch.unroll(ii)
+    sch.unroll(j_hi)
+    sch.vectorize(j_lo)
+    y_init = sch.decompose_reduction(y, g)
+    sch.vectorize(sch.get_loops(y_init)[-1])
+    if acc is not None:
+        sch.vectorize(sch.get_loops(acc)[-1])
+
+
 def schedule_exact(ks: KernelShape, variant: dict):
     """The scheduled exact-path PrimFunc (a tvm.s_tir.Schedule)."""
     import tvm
@@ -365,15 +380,7 @@ def schedule_exact(ks: KernelShape, variant: dict):
         u_hi, u_lo = sch.split(u_cols, [None, ks.lanes])
         sch.unroll(u_hi)
         sch.vectorize(u_lo)
-    j_hi, j_lo = sch.split(j, [None, ks.lanes])
-    if mb > 1:
-        sch.unroll(ii)
-    sch.unroll(j_hi)
-    sch.vectorize(j_lo)
-    y_init = sch.decompose_reduction(y, g)
-    sch.vectorize(sch.get_loops(y_init)[-1])
-    if acc is not None:
-        sch.vectorize(sch.get_loops(acc)[-1])
+    _schedule_output(sch, y, g, ii, j, acc, ks.lanes, unroll_rows=mb > 1)
     return sch
 
 
@@ -417,15 +424,7 @@ def schedule_int8(ks: KernelShape, variant: dict):
     u_kc, u_h = sch.split(u_loops[-3], [None, ks.per_byte])
     sch.unroll(u_h)
     sch.vectorize(sch.fuse(*u_loops[-2:]))  # n_tile columns x 4 rows
-    j_hi, j_lo = sch.split(j, [None, 16])
-    if mb > 1 and order == "row":
-        sch.unroll(ii)
-    sch.unroll(j_hi)
-    sch.vectorize(j_lo)
-    y_init = sch.decompose_reduction(y, g)
-    sch.vectorize(sch.get_loops(y_init)[-1])
-    if acc is not None:
-        sch.vectorize(sch.get_loops(acc)[-1])
+    _schedule_output(sch, y, g, ii, j, acc, 16, unroll_rows=mb > 1 and order == "row")
     return sch
 
 

@@ -17,6 +17,7 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
+from qcompiler.ir import logical_w_scheme
 from qcompiler.targets import get_target
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -55,7 +56,7 @@ def kernel_params(node, target_name: str) -> dict:
         "scalar_t": "half" if dtype == "f16" else "__nv_bfloat16",
         "scalar2_t": "half2" if dtype == "f16" else "__nv_bfloat162",
         "mma_type": "f16" if dtype == "f16" else "bf16",
-        "w_scheme": cfg.get("w_scheme", str(node.attrs["w_scheme"])),
+        "w_scheme": logical_w_scheme(node),
         "layout": str(lay), "cb": lay.get("container_bits"), "k": k, "n": lay.get("n"),
         "k_pad": k_pad, "n_pad": lay.get("n_pad"), "group": lay.get("group"),
         "scale_rows": -(-k_pad // lay.get("group")),

@@ -169,15 +169,12 @@ def kern_bytes(kern) -> int:
 
 
 def case_from_key(key: dict) -> cases.Case:
-    """The random test case of a tuning key (format parsed from ``w_scheme``'s text)."""
-    s = key["w_scheme"]
-    inner = s[s.index("<") + 1:s.rindex(">")]
-    parts = [p.strip() for p in inner.split(",")]
-    dt = parts[0]
-    group = 0
-    if "per_group" in inner:
-        group = int(inner.split("block=")[1].split(")")[0])
-    return cases.Case(k=key["k"], n=key["n"], bits=int(dt[1:]), signed=dt.startswith("i"),
-                      zero_point="zp=" in inner, group=group,
+    """The random test case of a tuning key (its scheme parsed back from ``w_scheme``)."""
+    from qcompiler.tuning.key import scheme_of
+
+    s = scheme_of(key)
+    return cases.Case(k=key["k"], n=key["n"], bits=s.dtype.bits, signed=s.dtype.kind == "int",
+                      zero_point=s.zero_point_type is not None,
+                      group=s.block_size if s.granularity == "group" else 0,
                       act_order=bool(key.get("act_order")), dtype=key["x_dtype"],
                       bias=bool(key.get("has_bias")))

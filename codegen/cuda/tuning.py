@@ -17,6 +17,7 @@ A config is one kernel variant. ``gemv`` picks the kernel:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,21 +48,21 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
     return max(config["stages"] * stage, m_tile * n_tile * 4) + 16
 
 
+@functools.lru_cache(maxsize=256)
+def _scheme(text: str):
+    from qcompiler.tuning.key import scheme_of
+
+    return scheme_of({"w_scheme": text})
+
+
 def _bits(key: dict) -> int:
-    s = key.get("w_scheme", "")
-    name = s.split("<", 1)[-1].split(",", 1)[0].strip() if s else "u4"
-    try:
-        return int(name.lstrip("iu"))
-    except ValueError:
-        return 4
+    return _scheme(key["w_scheme"]).dtype.bits
 
 
 def _group(key: dict) -> int:
-    """The K group size in ``key``'s scheme text; 0 for per-channel/per-tensor."""
-    s = key.get("w_scheme", "")
-    if "block=" not in s:
-        return 0
-    return int(s.split("block=")[1].split(")")[0])
+    """The K group size of ``key``'s scheme; 0 for per-channel/per-tensor."""
+    s = _scheme(key["w_scheme"])
+    return s.block_size if s.granularity == "group" else 0
 
 
 def search_space(target, key) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 
 import qcompiler
 from qcompiler.driver.artifact import describe_value, write_artifact
-from qcompiler.ir import Module, verify
+from qcompiler.ir import Module, logical_w_scheme, verify
 from qcompiler.pipeline import Instrument, PassManager, RecordPasses, VerifyAfterEach
 from qcompiler.registry import get_backend
 from qcompiler.targets import Target, get_target
@@ -82,13 +82,12 @@ def _weight_bytes(node) -> int:
 
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
             kernels: list[dict]) -> tuple[dict, str]:
-    # A backend that packs the weights stores them under a storage scheme (u8 words) and
-    # keeps the model's scheme in config["w_scheme"]: report the model's, and the shape of
-    # the weight as stored.
+    # Report the model's weight scheme (a backend that packs the weights stores them under a
+    # storage scheme) and the shape of the weight as stored.
     qmms = [{"result": n.result.name, "w": list(n.operands[1].type.shape),
              "w_layout": (n.operands[1].type.layout.name if n.operands[1].type.layout
                           else "row_major"),
-             "w_scheme": n.attrs.get("config", {}).get("w_scheme", str(n.attrs["w_scheme"])),
+             "w_scheme": logical_w_scheme(n),
              "act": n.attrs["act"], "weight_bytes": _weight_bytes(n)}
             for n in module.main.nodes if n.op == "qmatmul"]
     ops: dict[str, int] = {}

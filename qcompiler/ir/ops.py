@@ -567,6 +567,13 @@ def _qmatmul(types, attrs, consts):
     return [TensorType(shape, out_dtype)]
 
 
+def logical_w_scheme(node) -> str:
+    """The model's weight scheme of a qmatmul, as text. A backend pass that packs the weight
+    (reorder-weights, cpu-pack-weights) sets ``w_scheme`` to the storage scheme (u8 words)
+    and keeps the model's in ``config["w_scheme"]``."""
+    return node.attrs.get("config", {}).get("w_scheme", str(node.attrs["w_scheme"]))
+
+
 def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[list[TensorType]]:
     """Result types of ``op`` or None when the op declares its own (constant)."""
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from qcompiler.ir.ops import logical_w_scheme
+
 
 def _static_dim(value, what: str, node) -> int:
     if not isinstance(value, int):
@@ -48,7 +50,7 @@ def kernel_key(node, m: int) -> dict:
         "m": m,
         "k": _static_dim(k, "k (x's last dimension)", node),
         "n": _static_dim(n, "n (the result's last dimension)", node),
-        "w_scheme": str(scheme),
+        "w_scheme": logical_w_scheme(node),  # the model's, also after a pass packed w
         "act": node.attrs["act"],
         "x_dtype": x_type.dtype.name,
         "has_bias": bias is not None,
