@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional, TextIO
 
+from qcompiler.errors import InputError
 from qcompiler.ir import Module, print_module, verify
 from qcompiler.registry import PASSES, get_pass_class
 
 
-class PassError(ValueError):
+class PassError(InputError):
     """A pass could not be built (bad name or option) or could not apply."""
 
 

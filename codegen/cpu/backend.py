@@ -14,11 +14,12 @@ import re
 import numpy as np
 
 from qcompiler.codegen import Backend
+from qcompiler.errors import QCompilerError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
 
 
-class CPUBackendError(RuntimeError):
+class CPUBackendError(QCompilerError, RuntimeError):
     """The module cannot be compiled or run by the CPU backend; the message says why."""
 
 

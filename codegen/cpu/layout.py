@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.ir.types import Layout, QuantScheme
+from qcompiler.errors import InputError
 from qcompiler.runtime import numerics
 
 VNNI_LANES = 16  # int32 lanes of one zmm register: the columns one vpdpbusd computes
@@ -41,7 +42,7 @@ VNNI_K = 4       # activation bytes per int32 lane of vpdpbusd
 K_ALIGN_PER_CHANNEL = 32  # K of a one-group (per-column) scheme is padded to this multiple
 
 
-class Unsupported(ValueError):
+class Unsupported(InputError):
     """The CPU kernels cannot compute this qmatmul; the message says why."""
 
 

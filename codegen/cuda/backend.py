@@ -17,13 +17,14 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
+from qcompiler.errors import InputError
 from qcompiler.ir import logical_w_scheme
 from qcompiler.targets import get_target
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
-class CudaCodegenError(ValueError):
+class CudaCodegenError(InputError):
     """The module is not ready for CUDA code generation; the message names the node."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from qcompiler.errors import QCompilerError
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 RUNTIME_SOURCE = os.path.join(TEMPLATES, "qc_runtime.cu.j2")  # plain CUDA, copied as is
@@ -11,7 +12,7 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo"
               "--expt-relaxed-constexpr"]
 
 
-class BuildError(RuntimeError):
+class BuildError(QCompilerError, RuntimeError):
     """nvcc failed or is missing; the message holds the command and its output."""
 
 

@@ -15,11 +15,12 @@ import os
 import numpy as np
 
 from qcompiler.ir.core import constant_value
+from qcompiler.errors import QCompilerError
 
 c_void_p, c_size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 
 
-class CudaRuntimeError(RuntimeError):
+class CudaRuntimeError(QCompilerError, RuntimeError):
     pass
 
 

@@ -18,6 +18,7 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
 from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, simulate
+from qcompiler.errors import QCompilerError
 from qcompiler.passes.hls_fixed_point import design_layers
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -26,7 +27,7 @@ CXXFLAGS = ["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-l
             "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 
 
-class HLSError(RuntimeError):
+class HLSError(QCompilerError, RuntimeError):
     """The design cannot be emitted or simulated; the message says what is missing."""
 
 

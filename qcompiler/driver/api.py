@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import qcompiler
+from qcompiler.errors import InputError
 from qcompiler.driver.artifact import describe_value, write_artifact
 from qcompiler.ir import Module, logical_w_scheme, verify
 from qcompiler.pipeline import Instrument, PassManager, RecordPasses, VerifyAfterEach
@@ -19,7 +20,7 @@ from qcompiler.registry import get_backend
 from qcompiler.targets import Target, get_target
 
 
-class CompileError(ValueError):
+class CompileError(InputError):
     """The request cannot be compiled (unknown or unavailable target, bad pipeline ...)."""
 
 

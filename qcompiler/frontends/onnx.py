@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from qcompiler.errors import InputError
 from qcompiler.ir import Function, Module, QuantScheme, TensorType, elem
 from qcompiler.ir.core import Value, constant_node, constant_value
 from qcompiler.ir.ops import TypeInferenceError, infer_types
@@ -46,7 +47,7 @@ for _name, _qir in (("INT2", "i2"), ("UINT2", "u2")):
         _ONNX_TYPES[getattr(TensorProto, _name)] = _qir
 
 
-class FrontendError(ValueError):
+class FrontendError(InputError):
     """The model cannot be imported; the message says which node, op, opset or input."""
 
 

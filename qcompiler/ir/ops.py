@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from qcompiler.errors import InputError
 from qcompiler.ir.types import ELEMENT_TYPES, ElementType, QuantScheme, TensorType, elem
 
 F32 = ELEMENT_TYPES["f32"]
@@ -23,7 +24,7 @@ I64 = ELEMENT_TYPES["i64"]
 BOOL = ELEMENT_TYPES["bool"]
 
 
-class TypeInferenceError(ValueError):
+class TypeInferenceError(InputError):
     """Operand types that the op cannot accept (bad shapes or element types)."""
 
 

@@ -12,12 +12,13 @@ from typing import Optional
 
 import numpy as np
 
+from qcompiler.errors import InputError
 from qcompiler.ir.core import Function, Module
 from qcompiler.ir.ops import OPS
 from qcompiler.ir.types import ELEMENT_TYPES, Layout, QuantScheme, TensorType, elem
 
 
-class ParseError(ValueError):
+class ParseError(InputError):
     """Text that is not valid QIR; the message names the line and column."""
 
 

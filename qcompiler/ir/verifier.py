@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcompiler.errors import InputError
 from qcompiler.ir.core import Function, Module, Node, constant_value
 from qcompiler.ir.ops import OPS, TypeInferenceError
 from qcompiler.ir.printer import format_node
@@ -27,7 +28,7 @@ _ATTR_KINDS = {
 }
 
 
-class VerificationError(ValueError):
+class VerificationError(InputError):
     """The IR breaks an invariant; the message names where."""
 
 

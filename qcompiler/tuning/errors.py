@@ -3,9 +3,10 @@
 ``BuildError`` -> ``compile_error``; ``WrongResult`` -> ``wrong_result``; any other exception
 -> ``runtime_error``; a child process past its time limit -> ``timeout``.
 """
+from qcompiler.errors import QCompilerError
 
 
-class TuningError(Exception):
+class TuningError(QCompilerError):
     """Base of the errors that a measurement reports on purpose."""
 
 
