@@ -8,6 +8,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
+def pytest_configure(config):
+    # Tests never touch the user's build cache (~/.cache/qcompiler): one temp dir per session
+    # (per xdist worker), removed at the end.
+    import tempfile
+
+    config._qc_cache_dir = tempfile.mkdtemp(prefix="qc_test_cache_")
+    os.environ["QC_CACHE_DIR"] = config._qc_cache_dir
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache_dir = getattr(config, "_qc_cache_dir", None)
+    if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-goldens", action="store_true",
                      help="rewrite golden files from the current output (review the diff)")
