@@ -38,8 +38,14 @@ def import_model(model, example_inputs=None) -> Module:
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".qir"):
         from qcompiler.ir import parse_module
 
-        with open(model) as f:
-            return parse_module(f.read())
+        path = os.fspath(model)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:  # missing, a directory, not text ...
+            raise InputError(f"{path}: cannot read the QIR file: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        return parse_module(text)
     from qcompiler.frontends.onnx import load
 
     return load(model)
@@ -130,7 +136,11 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
         pipeline = pipeline_with_tuning_log(pipeline, tuning_pass_of(tgt), tuning_log)
     module, records, spec = run_pipeline(module, pipeline, instruments, verify_each)
     out_dir = output_dir or tempfile.mkdtemp(prefix="qcompiler_")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission ...
+        raise InputError(f"{out_dir}: cannot create the output directory: "
+                         f"{e.strerror or e}") from None
     backend = get_backend(tgt.backend)
     kernels = backend.compile(module, tgt, out_dir)
     fn = module.main

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Optional
 
 import qcompiler
+from qcompiler.errors import ConfigError, QCompilerError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tuning-log", metavar="FILE",
                     help="tuning log (JSON Lines); without --tune, replay its best verified "
                          "config per kernel (default with --tune: DIR/tuning_log.jsonl)")
+    ap.add_argument("--debug", action="store_true",
+                    help="on an error, print the full Python traceback too")
     ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
     ap.add_argument("--list-targets", action="store_true", help="list targets and exit")
     ap.add_argument("--version", action="version", version=f"qcompile {qcompiler.__version__}")
@@ -72,6 +76,45 @@ def list_targets() -> str:
         status = "" if t.available else f"  [{t.status}: {t.backend} backend not built yet]"
         lines.append(f"  {t.name:<16} {t.description}{status}")
     return "Targets:\n" + "\n".join(lines) + "\n"
+
+
+def _tune_m(spec: Optional[str]) -> Optional[list[int]]:
+    """--tune-m M[,M]: positive row counts."""
+    if not spec:
+        return None
+    try:
+        rows = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--tune-m {spec!r}: expected positive integers M[,M]") from None
+    if any(m < 1 for m in rows):
+        raise ConfigError(f"--tune-m {spec!r}: rows must be >= 1")
+    return rows
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """Messages are meant to be one line; keep the CLI's output one line even if one is not."""
+    text = " ".join(text.split("\n")).strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _report_error(e: QCompilerError, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    # A KeyError's str() quotes its message; its first argument is the message itself.
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    sys.stderr.write(f"qcompile: error: {_one_line(str(msg))}\n")
+    return 1
+
+
+def _report_internal_error(e: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+        sys.stderr.write(f"qcompile: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                         "(this is a bug in qcompiler)\n")
+    else:
+        sys.stderr.write(f"qcompile: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                         "(this is a bug in qcompiler; rerun with --debug for the traceback)\n")
+    return 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -103,17 +146,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             import os
 
             tuning_log = tuning_log or os.path.join(args.output, "tuning_log.jsonl")
-            tune_m = [int(v) for v in args.tune_m.split(",")] if args.tune_m else None
+            tune_m = _tune_m(args.tune_m)
             qcompiler.tune(args.model, args.target, output_dir=args.output,
                            tuning_log=tuning_log, trials=args.trials, m=tune_m,
                            passes=args.passes)
         out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
                                          instruments, verify_each=args.verify_each,
                                          tuning_log=tuning_log)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.stderr.write(f"qcompile: error: {msg}\n")
-        return 1
+    except QCompilerError as e:  # bad input, refused on purpose: one line, exit 1
+        return _report_error(e, args.debug)
+    except Exception as e:  # anything else escaping the compiler is a bug: exit 2
+        return _report_internal_error(e, args.debug)
     if args.emit_ir:
         sys.stdout.write(print_module(module))
     n_qmm = sum(1 for n in module.main.nodes if n.op == "qmatmul")
