@@ -9,7 +9,7 @@
 
 A backend's tuning module (``qcompiler.codegen.<backend>.tuning``) provides
 ``search_space``, ``default_config``, ``check_config`` and ``measure`` (the contract in
-DESIGN.md); it may add ``build(target, key, config, workdir)``: then the tuner builds each
+docs/tuning-log.md); it may add ``build(target, key, config, workdir)``: then the tuner builds each
 batch of candidates in parallel worker processes and ``measure`` (one at a time, so that
 timings do not disturb each other) finds the build in ``workdir``.
 

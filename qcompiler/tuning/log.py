@@ -1,6 +1,6 @@
 """The tuning log: JSON Lines, one record per measured candidate, append-only.
 
-A record (DESIGN.md, "Autotuning logs")::
+A record (docs/tuning-log.md)::
 
     {"version": 1, "target": "cuda-sm90", "device": "NVIDIA H100 80GB HBM3", "op": "qmatmul",
      "key": {...kernel_key...}, "config": {...knobs...},
