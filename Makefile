@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # Extras installed into the development virtualenv: the CPU backend, onnxruntime, test tools.
 EXTRAS ?= cpu,test
 
-.PHONY: demo test venv goldens example clean
+.PHONY: demo test venv goldens docs example clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,13 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 tests
 
-# Regenerate golden files (then review `git diff tests/golden`).
+# Regenerate golden files and the generated docs pages (then review `git diff tests/golden docs`).
 goldens: venv
 	$(PY) -m pytest -q tests --update-goldens
+
+# Regenerate docs/passes.md, ops.md and targets.md from the registries.
+docs: venv
+	$(PY) -m qcompiler.driver.reference_docs docs
 
 # Rebuild the shipped example model from its script (deterministic).
 example: venv
