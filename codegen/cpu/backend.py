@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from qcompiler.codegen import Backend
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import ArtifactError, QCompilerError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
 
@@ -51,6 +51,22 @@ def _packed(module, node) -> dict:
             "perm": perm}
 
 
+def _check_numerics_on_target(target, node) -> None:
+    """Refuse an int8 (VNNI) config for a target without AVX-512 VNNI before LLVM sees it.
+
+    cpu-schedule refuses numerics=int8 there, but a config can also come from ``.qir`` text or
+    a module scheduled for another target; LLVM then aborts the process (exit 134) instead of
+    raising."""
+    from qcompiler.codegen.cpu.host import target_cpu
+
+    numerics_mode = node.attrs["config"].get("numerics", "exact")
+    cpu = target_cpu(target)
+    if numerics_mode == "int8" and not cpu["vnni"]:
+        raise CPUBackendError(f"%{node.result.name}: numerics=int8 needs AVX-512 VNNI; target "
+                              f"{target.name} (-mcpu={cpu['mcpu']}) has none; reschedule with "
+                              "cpu-schedule{numerics=exact}")
+
+
 def _tvm_nodes(module):
     for node in module.main.nodes:
         if node.op == "qmatmul" and node.attrs.get("config", {}).get("impl") == "tvm":
@@ -81,6 +97,7 @@ class CPUBackend(Backend):
                                           "pipeline must run cpu-schedule and cpu-pack-weights")
                 calls.append({**record, "impl": "reference"})
                 continue
+            _check_numerics_on_target(target, node)
             p = _problem(target, node)
             stem = os.path.join(kdir, kernel_file_stem(node))
             try:
@@ -99,17 +116,24 @@ class CPUBackend(Backend):
 
     def runner(self, module, manifest: dict, out_dir: str):
         from qcompiler.codegen.cpu import runtime
+        from qcompiler.driver.artifact import artifact_path
         from qcompiler.runtime.reference import run
 
-        target = get_target(manifest["target"])
-        libs = {c["result"]: c for c in manifest["kernels"] if c.get("impl") == "tvm-llvm"}
+        try:
+            target = get_target(manifest["target"])
+        except KeyError:
+            raise ArtifactError(f"manifest.json: unknown target {manifest['target']!r}") from None
+        libs = {c["result"]: (i, c) for i, c in enumerate(manifest["kernels"])
+                if c.get("impl") == "tvm-llvm"}
         impls = {}
         for node in _tvm_nodes(module):
-            call = libs.get(node.result.name)
-            if call is None:
+            if node.result.name not in libs:
                 raise CPUBackendError(f"manifest lists no library for %{node.result.name}")
+            i, call = libs[node.result.name]
+            # Inside the artifact and hash-verified by load, or refused before dlopen.
+            library = artifact_path(out_dir, manifest, call["library"], f"kernels[{i}].library")
             p = _problem(target, node)
-            kernel = runtime.QmmKernel(os.path.join(out_dir, call["library"]), p,
+            kernel = runtime.QmmKernel(library, p,
                                        runtime.variant_list(node.attrs["config"]),
                                        _packed(module, node))
             impls[node.result.name] = _qmatmul_impl(kernel)

@@ -5,7 +5,10 @@
   ``run_device(x_ptr, y_ptr, M, stream)`` for device pointers (torch tensors: no copy), and
   ``__call__(node, args, module)`` with the reference interpreter's kernel signature (numpy in,
   numpy out) so that whole graphs run with the other ops on the host.
-- ``CudaModuleRunner``: what ``qcompiler.load(DIR).run`` calls for a CUDA artifact.
+- ``CudaModuleRunner``: what ``qcompiler.load(DIR).run`` calls for a CUDA artifact. It checks
+  the artifact's library paths at load but touches the device (dlopen, device query, weight
+  upload) only on the first run, so that an artifact loads on a machine without a GPU and its
+  ``run`` raises ``CudaDeviceUnavailableError`` (a ``DeviceUnavailableError``).
 """
 from __future__ import annotations
 
@@ -15,13 +18,17 @@ import os
 import numpy as np
 
 from qcompiler.ir.core import constant_value
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import ArtifactError, DeviceUnavailableError, QCompilerError
 
 c_void_p, c_size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 
 
 class CudaRuntimeError(QCompilerError, RuntimeError):
     pass
+
+
+class CudaDeviceUnavailableError(DeviceUnavailableError, CudaRuntimeError):
+    """No CUDA device (or driver) here; callers catching CudaRuntimeError still catch it."""
 
 
 class CudaRuntime:
@@ -31,7 +38,10 @@ class CudaRuntime:
         if not os.path.exists(lib_path):
             raise CudaRuntimeError(f"{lib_path} is missing: the artifact was compiled where "
                                    "nvcc was not found; compile it again where nvcc exists")
-        self.lib = ctypes.CDLL(lib_path)
+        try:
+            self.lib = ctypes.CDLL(lib_path)
+        except OSError as e:  # e.g. no CUDA runtime library (libcudart) on this machine
+            raise CudaDeviceUnavailableError(f"cannot load {lib_path}: {e}") from None
         lib = self.lib
         lib.qc_malloc.argtypes = [ctypes.POINTER(c_void_p), c_size_t]
         lib.qc_free.argtypes = [c_void_p]
@@ -44,7 +54,7 @@ class CudaRuntime:
         n = c_int(0)
         err = lib.qc_device_count(ctypes.byref(n))
         if err or n.value == 0:
-            raise CudaRuntimeError("no CUDA device is available to run this artifact "
+            raise CudaDeviceUnavailableError("no CUDA device is available to run this artifact "
                                    f"({self.error(err) if err else 'device count 0'})")
 
     def error(self, err: int) -> str:
@@ -173,29 +183,61 @@ def _is_torch_cuda(v) -> bool:
 class CudaModuleRunner:
     """``run({name: array})``: numpy arrays (copied to and from the device per kernel call) or
     torch CUDA tensors (used in place, results as torch tensors) when the graph holds only
-    qmatmuls; other graphs run their remaining ops with the numpy reference."""
+    qmatmuls; other graphs run their remaining ops with the numpy reference.
+
+    The constructor only resolves the libraries' paths (inside the artifact, listed in its
+    verified files); the device is touched on the first call (``load_device``)."""
 
     def __init__(self, module, manifest: dict, out_dir: str):
-        kdir = os.path.join(out_dir, "kernels")
+        from qcompiler.driver.artifact import KERNELS_DIR, artifact_path
+
         self.module = module
-        self.rt = CudaRuntime(os.path.join(kdir, "qc_runtime.so"))
+        self.target = manifest["target"]
         nodes = {n.result.name: n for n in module.main.nodes if n.op == "qmatmul"}
+        self.plan = []  # (result, library path or None when not built, symbol, node)
+        for i, rec in enumerate(manifest["kernels"]):
+            if rec.get("impl") != "cuda":
+                continue
+            node = nodes.get(rec["result"])
+            if node is None:
+                raise ArtifactError(f"manifest.json: kernels[{i}].result = {rec['result']!r} is "
+                                    "no qmatmul of module.qir")
+            lib = (artifact_path(out_dir, manifest, rec["library"], f"kernels[{i}].library",
+                                 under=KERNELS_DIR) if rec["built"] else None)
+            self.plan.append((rec["result"], lib, rec["symbol"], node))
+        built = all(lib is not None for _, lib, _, _ in self.plan)
+        self.runtime_library = (artifact_path(out_dir, manifest, "qc_runtime.so",
+                                              "the CUDA runtime library", under=KERNELS_DIR)
+                                if built else None)
+        self.rt = None
         self.kernels: dict[str, QmmKernel] = {}
-        for rec in manifest["kernels"]:
-            node = nodes[rec["result"]]
-            arrays = {role: constant_value(module, node.operand(i))
-                      for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4),
-                                      ("bias", 7))}
-            lib = os.path.join(kdir, rec["library"])
-            if not os.path.exists(lib):
-                raise CudaRuntimeError(f"{lib} is missing: compile the artifact where nvcc exists")
-            self.kernels[rec["result"]] = QmmKernel(
-                self.rt, lib, rec["symbol"], arrays, node.result.type.shape[-1],
-                node.result.type.dtype.np_dtype)
         fn = module.main
         self.device_only = all(n.op in ("constant", "qmatmul") for n in fn.nodes)
 
+    def load_device(self) -> None:
+        """dlopen the libraries, find a device and upload the weights (once)."""
+        if self.rt is not None:
+            return
+        if self.runtime_library is None:
+            raise CudaRuntimeError(f"this artifact ({self.target}) has no built libraries: it "
+                                   "was compiled where nvcc was not found; compile it again "
+                                   "where nvcc exists")
+        try:
+            rt = CudaRuntime(self.runtime_library)
+        except CudaDeviceUnavailableError as e:
+            raise CudaDeviceUnavailableError(
+                f"this artifact targets {self.target}; no CUDA device here: {e}") from None
+        kernels = {}
+        for result, lib, symbol, node in self.plan:
+            arrays = {role: constant_value(self.module, node.operand(i))
+                      for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4),
+                                      ("bias", 7))}
+            kernels[result] = QmmKernel(rt, lib, symbol, arrays, node.result.type.shape[-1],
+                                        node.result.type.dtype.np_dtype)
+        self.rt, self.kernels = rt, kernels
+
     def __call__(self, inputs: dict) -> dict:
+        self.load_device()
         if inputs and all(_is_torch_cuda(v) for v in inputs.values()):
             if self.device_only:
                 return self._run_torch(inputs)

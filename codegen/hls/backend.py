@@ -8,8 +8,11 @@ Templates receive decided values only; emitting and building are separate steps.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import tempfile
+import weakref
 
 import jinja2
 import numpy as np
@@ -18,7 +21,7 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
 from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, simulate
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import ArtifactError, QCompilerError
 from qcompiler.passes.hls_fixed_point import design_layers
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -155,19 +158,45 @@ class HLSBackend(Backend):
         }]
 
     def runner(self, module, manifest: dict, out_dir: str):
-        top = manifest["kernels"][0]["top"]
-        kdir = os.path.join(out_dir, "kernels")
+        from qcompiler.driver.artifact import KERNELS_DIR, read_verified_bytes
+
+        designs = [(i, r) for i, r in enumerate(manifest["kernels"]) if r["op"] == "hls_design"]
+        if len(designs) != 1:
+            raise ArtifactError(f"manifest.json: 'kernels' holds {len(designs)} hls_design "
+                                "records; an FPGA artifact has one")
+        index, record = designs[0]
+        top = record["top"]
+        # The top-level name becomes file names and g++ arguments: a C identifier only.
+        if not isinstance(top, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", top):
+            raise ArtifactError(f"manifest.json: kernels[{index}].top = {top!r} is not a C "
+                                "identifier")
+        sources = [f"{top}.cpp", f"{top}_tb.cpp", f"{top}.h", f"{top}_weights.h"]
+        # Read and checked now (inside the artifact, listed, sha256); the build uses these bytes.
+        source_bytes = {name: read_verified_bytes(out_dir, manifest, name,
+                                                  f"kernels[{index}] source", under=KERNELS_DIR)
+                        for name in sources}
         fn = module.main
         in_name, out_name = fn.args[0].name, fn.output_names[0]
         out_dtype = fn.outputs[0].type.dtype.np_dtype
         exe_cache: list[str] = []
+
+        def build() -> str:
+            # The simulation is built from the verified bytes in a private directory: nothing
+            # from the artifact directory runs unless the manifest lists and hashes it (a
+            # prebuilt executable planted beside the sources would not be).
+            build_dir = tempfile.mkdtemp(prefix=f"qc_csim_{top}_")
+            weakref.finalize(run, shutil.rmtree, build_dir, True)
+            for name, data in source_bytes.items():
+                with open(os.path.join(build_dir, name), "wb") as f:
+                    f.write(data)
+            return build_csim(build_dir, top)
 
         def run(inputs: dict) -> dict:
             if set(inputs) != {in_name}:
                 raise ValueError(f"the design takes one input {in_name!r}, got {sorted(inputs)}")
             x = np.asarray(inputs[in_name])
             if not exe_cache:
-                exe_cache.append(build_csim(kdir, top))
+                exe_cache.append(build())
             rows = x.reshape(-1, x.shape[-1])
             y = run_csim(exe_cache[0], rows)
             return {out_name: y.reshape(*x.shape[:-1], -1).astype(out_dtype)}

@@ -1,4 +1,11 @@
-"""``qcompiler.load(DIR)``: read an artifact and run it on its target's device."""
+"""``qcompiler.load(DIR)``: read an artifact and run it on its target's device.
+
+Loading checks the artifact before any of its code is loaded (``read_artifact``: format
+version, manifest structure, every file's sha256, the weights); the backend's runner then opens
+only files the manifest lists, inside DIR. A device the artifact needs but this machine lacks
+(a CUDA artifact without a GPU) is not an error at load: ``run`` raises
+``DeviceUnavailableError``.
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +13,8 @@ import os
 import numpy as np
 
 from qcompiler.driver.artifact import read_artifact
-from qcompiler.registry import get_backend
+from qcompiler.errors import ArtifactError, InputError
+from qcompiler.registry import BACKENDS, get_backend
 
 
 class CompiledModule:
@@ -16,8 +24,11 @@ class CompiledModule:
         self.directory = os.fspath(directory)
         self.module, self.manifest = read_artifact(self.directory)
         self.target = self.manifest["target"]
-        self._run = get_backend(self.manifest["backend"]).runner(
-            self.module, self.manifest, self.directory)
+        backend = self.manifest["backend"]
+        if backend not in BACKENDS:
+            raise ArtifactError(f"manifest.json: unknown backend {backend!r}; this qcompiler "
+                                f"has {', '.join(BACKENDS)}")
+        self._run = get_backend(backend).runner(self.module, self.manifest, self.directory)
 
     @property
     def input_names(self) -> list[str]:
@@ -29,7 +40,7 @@ class CompiledModule:
 
     def run(self, inputs: dict) -> dict[str, np.ndarray]:
         if not isinstance(inputs, dict):
-            raise TypeError("run() takes a dict {input name: array}")
+            raise InputError("run() takes a dict {input name: array}")
         return self._run(inputs)
 
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
