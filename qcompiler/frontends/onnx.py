@@ -51,6 +51,14 @@ class FrontendError(InputError):
     """The model cannot be imported; the message says which node, op, opset or input."""
 
 
+# The opset versions the importer is tested with, per domain (inclusive). ai.onnx: from 7,
+# the oldest opset onnxruntime guarantees, to the newest the installed onnx defines (the
+# conformance cases are built at that opset). com.microsoft has one version.
+OPSET_RANGES = {"ai.onnx": (7, onnx.defs.onnx_opset_version()), "com.microsoft": (1, 1)}
+# IR 3 introduced opset_import; the newest is what the installed onnx writes.
+IR_VERSION_RANGE = (3, onnx.IR_VERSION)
+
+
 def _elem_of(onnx_type: int, what: str):
     try:
         return elem(_ONNX_TYPES[onnx_type])
@@ -146,9 +154,31 @@ class _Importer:
         self.opsets = {(o.domain or "ai.onnx"): o.version for o in proto.opset_import}
         if "ai.onnx" not in self.opsets:
             self.opsets["ai.onnx"] = 1 if proto.graph.node else 21
+        self.check_versions()
         self.hints = self._onnx_shape_hints()
         self.node: Optional[onnx.NodeProto] = None
         self.node_index = 0
+
+    def check_versions(self) -> None:
+        """ir_version and each imported opset must lie in the range the importer knows."""
+        lo, hi = IR_VERSION_RANGE
+        if not lo <= self.proto.ir_version <= hi:
+            raise FrontendError(f"model ir_version {self.proto.ir_version} is not supported "
+                                f"(supported: {lo}..{hi})")
+        seen = set()
+        for o in self.proto.opset_import:
+            domain = o.domain or "ai.onnx"
+            if domain in seen:
+                raise FrontendError(f"opset_import lists domain {domain!r} twice")
+            seen.add(domain)
+        used = {n.domain or "ai.onnx" for n in self.proto.graph.node}
+        for domain, version in self.opsets.items():
+            if domain not in OPSET_RANGES:
+                continue  # a domain no node uses is harmless; one that is used fails per node
+            lo, hi = OPSET_RANGES[domain]
+            if not lo <= version <= hi and (domain == "ai.onnx" or domain in used):
+                raise FrontendError(f"opset {version} of domain {domain!r} is not supported "
+                                    f"(supported: {lo}..{hi})")
 
     # -- context ---------------------------------------------------------------------------
     def where(self) -> str:
@@ -229,15 +259,49 @@ class _Importer:
         hint = self.hints.get(onnx_name) if onnx_name else None
         if hint is None or hint.rank != t.rank or hint.dtype != t.dtype:
             return t
-        dims = tuple(h if d == "?" else d for d, h in zip(t.shape, hint.shape))
+        # A hint of a non-positive size comes from a bad declaration: keep "?" then.
+        dims = tuple(h if d == "?" and not (isinstance(h, int) and h <= 0) else d
+                     for d, h in zip(t.shape, hint.shape))
         return t.with_shape(dims)
 
     def outputs_of(self, n: onnx.NodeProto) -> list[Optional[str]]:
         return [o if o else None for o in n.output]
 
     # -- graph -----------------------------------------------------------------------------
+    def check_unique_names(self) -> None:
+        """Every value has one definition, as onnxruntime requires.
+
+        onnxruntime refuses a name defined twice by graph inputs or node outputs (or a node
+        output that redefines an input or initializer). It takes the last of duplicate
+        initializers with a warning; we refuse them, as the model is ambiguous. An
+        initializer that is also a graph input (IR < 4 style; an overridable default in
+        onnxruntime) is imported as the constant it defaults to.
+        """
+        g = self.proto.graph
+        defined: dict[str, str] = {}
+        for vi in g.input:
+            if vi.name in defined:
+                raise FrontendError(f"graph input {vi.name!r} is declared twice")
+            defined[vi.name] = "a graph input"
+        inits: set[str] = set()
+        for t in g.initializer:
+            if t.name in inits:
+                raise FrontendError(f"initializer {t.name!r} is defined twice")
+            inits.add(t.name)
+            defined.setdefault(t.name, "an initializer")
+        for i, n in enumerate(g.node):
+            for o in n.output:
+                if not o:
+                    continue
+                if o in defined:
+                    self.node, self.node_index = n, i
+                    raise self.fail(f"output {o!r} is already defined as {defined[o]}")
+                defined[o] = f"an output of node {n.name or f'#{i}'!r}"
+        self.node = None
+
     def run(self) -> Module:
         g = self.proto.graph
+        self.check_unique_names()
         init_names = {t.name for t in g.initializer}
         for vi in g.input:
             if vi.name in init_names:
@@ -245,6 +309,9 @@ class _Importer:
             t = _type_from_value_info(vi, f"graph input {vi.name!r}")
             if t is None:
                 raise FrontendError(f"graph input {vi.name!r} has no element type or shape")
+            if any(isinstance(d, int) and d <= 0 for d in t.shape):
+                raise FrontendError(f"graph input {vi.name!r} has shape {list(t.shape)}: "
+                                    "dims must be >= 1")
             self.env[vi.name] = self.fn.add_arg(vi.name, t)
         for init in g.initializer:
             self.import_initializer(init)
@@ -683,11 +750,23 @@ def scheme_for(x_type, scale: Value, zero_point: Optional[Value], axis: int, blo
                        **gran, **zp)
 
 
+def _check_qdq_operands(imp, quantized, scale: Value, zp: Optional[Value],
+                        block_size: int) -> None:
+    """Element types of Q/DQ's auxiliary tensors (their shapes: ``infer_types``)."""
+    if not scale.type.dtype.is_float:
+        raise imp.fail(f"scale must be a float tensor, not {scale.type.dtype}")
+    if zp is not None and zp.type.dtype != quantized:
+        raise imp.fail(f"zero point is {zp.type.dtype} but the quantized tensor is {quantized}")
+    if block_size < 0:
+        raise imp.fail(f"block_size={block_size} must be >= 0")
+
+
 @_handles("DequantizeLinear")
 def _dequantize(imp, n, attrs):
     xs = _inputs(imp, n) + [None, None]
     x, scale, zp = xs[0], xs[1], xs[2]
     axis = int(attrs.get("axis", 1))
+    _check_qdq_operands(imp, x.type.dtype, scale, zp, int(attrs.get("block_size", 0)))
     if imp.opset < 13 and scale.type.rank not in (0,) and scale.type.shape != (1,):
         raise imp.fail(f"DequantizeLinear-{imp.opset} takes a per-tensor scale only")
     scheme = scheme_for(x.type, scale, zp, axis, int(attrs.get("block_size", 0)), imp.where())
@@ -713,6 +792,7 @@ def _quantize(imp, n, attrs):
         dtype = _elem_of(attrs["output_dtype"], imp.where())
     else:
         dtype = elem("u8")
+    _check_qdq_operands(imp, dtype, scale, zp, int(attrs.get("block_size", 0)))
     fake_x = x.type.replace(dtype=dtype)
     scheme = scheme_for(fake_x, scale, zp, axis, int(attrs.get("block_size", 0)), imp.where())
     a = {"scheme": scheme}
@@ -735,35 +815,76 @@ def unpack_lsb_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
 
 
+# What onnxruntime's CPU kernel accepts (its MatMulNBits constructor and PrePack checks).
+MATMUL_NBITS_BITS = (2, 4, 8)
+MATMUL_NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _shape_is(value: Value, *shapes: tuple) -> bool:
+    return value.type.shape in shapes
+
+
 @_handles("MatMulNBits", domain="com.microsoft")
 def _matmul_nbits(imp, n, attrs):
     xs = _inputs(imp, n) + [None] * 6
     a, b, scales, zps, g_idx, bias = xs[:6]
+    for attr in ("K", "N", "block_size"):
+        if attr not in attrs:
+            raise imp.fail(f"attribute {attr} is required")
     K, N = int(attrs["K"]), int(attrs["N"])
     bits, block = int(attrs.get("bits", 4)), int(attrs["block_size"])
-    if bits not in (2, 4, 8):
+    if K < 1 or N < 1:
+        raise imp.fail(f"K={K} and N={N} must be >= 1")
+    if bits not in MATMUL_NBITS_BITS:
         raise imp.fail(f"bits={bits} is not supported (2, 4 or 8)")
-    if block < 16 or block & (block - 1):
-        raise imp.fail(f"block_size={block} must be a power of two >= 16")
+    if block not in MATMUL_NBITS_BLOCK_SIZES:
+        raise imp.fail(f"block_size={block} is not supported (16, 32, 64, 128 or 256)")
     if attrs.get("weight_prepacked", 0):
         raise imp.fail("weight_prepacked (GPU-specific layouts) is not supported")
+    if a is None or b is None or scales is None:
+        raise imp.fail("MatMulNBits needs A, B and scales")
+    act = a.type.dtype
+    if act.name not in ("f32", "f16", "bf16"):
+        raise imp.fail(f"A must be f32, f16 or bf16, not {act}")
+    if a.type.rank < 1 or (isinstance(a.type.shape[-1], int) and a.type.shape[-1] != K):
+        raise imp.fail(f"A has shape {list(a.type.shape)}; its last dim must be K={K}")
     nblk = -(-K // block)
+    blob = block * bits // 8
+    if b.type.dtype.name != "u8" or not _shape_is(b, (N, nblk, blob)):
+        raise imp.fail(f"B is {b.type}; K={K}, N={N}, bits={bits}, block_size={block} need "
+                       f"u8 [{N}, {nblk}, {blob}]")
+    if scales.type.dtype != act or not _shape_is(scales, (N * nblk,), (N, nblk)):
+        raise imp.fail(f"scales is {scales.type}; need {act} [{N * nblk}] or [{N}, {nblk}]")
+    if zps is not None:
+        if zps.type.dtype.name == "u8":
+            zp_bytes = -(-nblk * bits // 8)
+            if not _shape_is(zps, (N * zp_bytes,), (N, zp_bytes)):
+                raise imp.fail(f"packed u8 zero_points has shape {list(zps.type.shape)}; "
+                               f"need [{N * zp_bytes}] or [{N}, {zp_bytes}]")
+        elif zps.type.dtype.name in ("f32", "f16", "bf16"):
+            if not _shape_is(zps, (N * nblk,), (N, nblk)):
+                raise imp.fail(f"float zero_points has shape {list(zps.type.shape)}; "
+                               f"need [{N * nblk}] or [{N}, {nblk}]")
+        else:
+            raise imp.fail(f"zero_points must be u8 (packed) or float, not {zps.type.dtype}")
+    if g_idx is not None and (g_idx.type.dtype.name != "i32" or not _shape_is(g_idx, (K,))):
+        raise imp.fail(f"g_idx is {g_idx.type}; need i32 [{K}]")
+    if bias is not None and (bias.type.dtype != act or not _shape_is(bias, (N,))):
+        raise imp.fail(f"bias is {bias.type}; need {act} [{N}]")
     packed = imp.need_const(b, "MatMulNBits B")
-    if packed.size != N * nblk * block * bits // 8:
-        raise imp.fail(f"B has {packed.size} bytes; K={K}, N={N}, bits={bits}, "
-                       f"block_size={block} need {N * nblk * block * bits // 8}")
-    codes = unpack_lsb_first(packed.reshape(N, nblk * block * bits // 8), bits, K).T  # [K, N]
+    codes = unpack_lsb_first(packed.reshape(N, nblk * blob), bits, K).T  # [K, N]
     s_arr = imp.need_const(scales, "MatMulNBits scales").reshape(N, nblk)
     s = imp.add_constant(np.ascontiguousarray(s_arr.T), TensorType((nblk, N), scales.type.dtype),
                          f"{n.input[2]}.t")
     act_order, g = False, None
     if g_idx is not None:
-        g_arr = imp.need_const(g_idx, "MatMulNBits g_idx").astype(np.int32).reshape(-1)
-        if g_arr.shape != (K,) or g_arr.min() < 0 or g_arr.max() >= nblk:
-            raise imp.fail(f"g_idx must be {K} group indices in [0, {nblk})")
+        g_arr = imp.need_const(g_idx, "MatMulNBits g_idx").reshape(-1)
+        if g_arr.min() < 0 or g_arr.max() >= nblk:
+            raise imp.fail(f"g_idx values must lie in [0, {nblk}), found {int(g_arr.min())}.."
+                           f"{int(g_arr.max())}")
         if not np.array_equal(g_arr, np.arange(K) // block):
             act_order = True
-            g = imp.add_constant(g_arr, TensorType((K,), elem("i32")), "g_idx")
+            g = imp.add_constant(g_arr.astype(np.int32), TensorType((K,), elem("i32")), "g_idx")
     common = dict(scale_type=scales.type.dtype, granularity="group", axis=0, block_size=block,
                   act_order=act_order)
     zp = None
