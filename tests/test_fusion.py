@@ -105,9 +105,11 @@ def test_evaluate_comparisons_where_cast_and_literal_types():
     rng = RNG(3)
     x = rng.standard_normal((2, 7)).astype(np.float16)
     mask = rng.random((2, 7)) > 0.5
-    # A boolean mask turned into an additive one: literals take the result type (f16).
-    y = evaluate("t0 = where(x0, 0.0, -65504.0); return t0", [mask], np.float16)
-    np.testing.assert_array_equal(y, np.where(mask, 0, -65504).astype(np.float16))
+    # A boolean mask turned into an additive one: literals without a float operand are f32.
+    body = parse_body("t0 = where(x0, 0.0, -3.4e+38); return t0")
+    assert result_element_type(body, [elem("bool")]) == elem("f32")
+    y = evaluate(body, [mask], np.float32)
+    np.testing.assert_array_equal(y, np.where(mask, 0, -3.4e38).astype(np.float32))
     # Comparisons give bool; cast converts; a literal next to an f16 operand is f16.
     y = evaluate("t0 = greater(x0, 0.25); t1 = cast<f16>(t0); t2 = mul(t1, x0); return t2",
                  [x], np.float16)

@@ -14,13 +14,14 @@ or ``tanh``; ``cast`` takes an element type name (``f16``, ``bool``); no other o
 Element types, statement by statement (what type inference and ``evaluate`` both follow):
 
 - a float literal is a 0-d scalar of the statement's float type: the element type of the
-  statement's first float operand (for ``where``: of its two branches), or, when it has none,
-  the body's result type if that is a float type, else f32;
+  statement's first float operand (for ``where``: of its two branches), or f32 when it has
+  none (a pass that wants another type passes the constant as an operand instead);
 - equal, greater, greater_or_equal, less, less_or_equal, and, isnan give bool; cast gives its
   attribute's type; where gives its branches' type; every other op its first operand's type.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -87,6 +88,12 @@ def parse_body(text: str) -> Body:
     """Parse and check a body (ops, arities, attributes, temporaries defined before use)."""
     if not isinstance(text, str):
         raise InputError(f"elementwise body must be a string, not {type(text).__name__}")
+    return _parse_body(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_body(text: str) -> Body:
+    # Cached: the interpreter and type inference parse the same few bodies over and over.
     parts = [re.sub(r"\s+", "", p) for p in text.split(";")]
     if parts and parts[-1] == "":
         parts.pop()  # a trailing ";" after the return
@@ -157,13 +164,13 @@ def _is_float_dtype(dtype: np.dtype) -> bool:
     return not (np.issubdtype(dtype, np.integer) or dtype == np.bool_)
 
 
-def _literal_dtype(stmt: Stmt, arg_dtypes: list, out_dtype: np.dtype) -> np.dtype:
+def _literal_dtype(stmt: Stmt, arg_dtypes: list) -> np.dtype:
     """The float type of the statement's literals (module docstring)."""
     candidates = arg_dtypes[1:] if stmt.op == "where" else arg_dtypes
     for d in candidates:
         if d is not None and _is_float_dtype(d):
             return d
-    return out_dtype if _is_float_dtype(out_dtype) else np.dtype(np.float32)
+    return np.dtype(np.float32)
 
 
 def _stmt_dtype(stmt: Stmt, arg_dtypes: list) -> np.dtype:
@@ -176,10 +183,10 @@ def _stmt_dtype(stmt: Stmt, arg_dtypes: list) -> np.dtype:
     return arg_dtypes[0]
 
 
-def _arg_dtypes(stmt: Stmt, env_dtypes: dict, out_dtype: np.dtype) -> list:
+def _arg_dtypes(stmt: Stmt, env_dtypes: dict) -> list:
     """Element dtypes of the statement's arguments, literals included."""
     known = [env_dtypes[a] if isinstance(a, str) else None for a in stmt.args]
-    lit = _literal_dtype(stmt, known, out_dtype)
+    lit = _literal_dtype(stmt, known)
     return [d if d is not None else lit for d in known]
 
 
@@ -189,18 +196,12 @@ def _operand_env(body: Body, count: int, what: str) -> None:
         raise InputError(f"{what}: the body reads x{need - 1} but there are {count} operands")
 
 
-def result_element_type(body: Body, operand_types: list[ElementType],
-                        declared: Optional[ElementType] = None) -> ElementType:
-    """The element type the body computes from operands of ``operand_types``.
-
-    ``declared`` (the node's declared result type) decides the type of literals in statements
-    without a float operand, as in ``evaluate``.
-    """
+def result_element_type(body: Body, operand_types: list[ElementType]) -> ElementType:
+    """The element type the body computes from operands of ``operand_types``."""
     _operand_env(body, len(operand_types), "elementwise body")
-    out_dtype = declared.np_dtype if declared is not None else np.dtype(np.float32)
     env = {f"x{i}": t.np_dtype for i, t in enumerate(operand_types)}
     for s in body.stmts:
-        env[s.dst] = _stmt_dtype(s, _arg_dtypes(s, env, out_dtype))
+        env[s.dst] = _stmt_dtype(s, _arg_dtypes(s, env))
     return elem_from_numpy(env[body.result])
 
 
@@ -246,7 +247,7 @@ def evaluate(body: Union[Body, str], operands: list, out_dtype) -> np.ndarray:
     env: dict = {f"x{i}": a for i, a in enumerate(arrays)}
     dtypes: dict = {k: a.dtype for k, a in env.items()}
     for s in body.stmts:
-        arg_dtypes = _arg_dtypes(s, dtypes, out_dtype)
+        arg_dtypes = _arg_dtypes(s, dtypes)
         args = [env[a] if isinstance(a, str) else np.asarray(a, dtype=d)
                 for a, d in zip(s.args, arg_dtypes)]
         result_dtype = _stmt_dtype(s, arg_dtypes)

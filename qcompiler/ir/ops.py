@@ -38,9 +38,9 @@ class OpDef:
     infer: Optional[Callable] = None
 
     def operand_range(self) -> tuple[int, int]:
+        required = sum(1 for o in self.operands if not o.endswith(("?", "*")))
         if self.operands and self.operands[-1].endswith("*"):
-            return len(self.operands) - 1, 1 << 30
-        required = sum(1 for o in self.operands if not o.endswith("?"))
+            return required, 1 << 30
         return required, len(self.operands)
 
 
@@ -188,6 +188,66 @@ def _softmax(types, attrs, consts):
 def _layernorm(types, attrs, consts):
     _norm_axis(attrs["axis"], types[0].rank)
     return [types[0]]
+
+
+@_def("rmsnorm", "x / sqrt(mean(x^2 over the axes from `axis` on) + epsilon) * scale",
+      ["x", "scale"], {"axis": ("int", True), "epsilon": ("float", True)})
+def _rmsnorm(types, attrs, consts):
+    """ONNX RMSNormalization (opset 23, stash_type 1: f16/bf16 computed in f32)."""
+    x, scale = types
+    axis = _norm_axis(attrs["axis"], x.rank)
+    broadcast_shapes(x.shape[axis:], scale.shape)
+    if scale.rank > x.rank - axis:
+        raise TypeInferenceError(f"rmsnorm scale {scale.shape} has more dims than the "
+                                 f"normalized {x.shape[axis:]}")
+    return [x]
+
+
+@_def("fused_elementwise", "Several elementwise ops as one: `body` over operands x0, x1, ...",
+      ["xs*"], {"body": ("str", True)})
+def _fused_elementwise(types, attrs, consts):
+    """The operands broadcast together; the body (``qcompiler.ir.elementwise_body``) gives the
+    element type; statement semantics are those of the QIR ops of the same names."""
+    from qcompiler.ir.elementwise_body import parse_body, result_element_type
+
+    if not types or any(t is None for t in types):
+        raise TypeInferenceError("fused_elementwise needs operands, none of them none")
+    body = parse_body(attrs["body"])
+    return [TensorType(broadcast_shapes(*(t.shape for t in types)),
+                       result_element_type(body, [t.dtype for t in types]))]
+
+
+@_def("attention", "softmax(q @ k^T * scale + mask, axis=-1) @ v, grouped-query, optional causal",
+      ["q", "k", "v", "mask?"], {"scale": ("float", True), "causal": ("int", True)})
+def _attention(types, attrs, consts):
+    """q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] -> [B, Hq, Sq, Dv]; query head
+    h reads kv head h // (Hq / Hkv). ``mask`` (float, broadcastable to [B, Hq, Sq, Skv]) is added
+    to the scaled scores; ``causal=1`` masks key j for query i when j > i + (Skv - Sq)."""
+    q, k, v = types[0], types[1], types[2]
+    mask = types[3] if len(types) > 3 else None
+    if q.rank != 4 or k.rank != 4 or v.rank != 4:
+        raise TypeInferenceError(f"attention takes 4-D q, k, v, not {q.shape}, {k.shape}, "
+                                 f"{v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeInferenceError(f"attention q, k, v element types differ: {q.dtype}, "
+                                 f"{k.dtype}, {v.dtype}")
+    b = broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])[0]
+    for what, d1, d2 in (("head dim", q.shape[3], k.shape[3]), ("kv length", k.shape[2], v.shape[2]),
+                         ("kv heads", k.shape[1], v.shape[1])):
+        if isinstance(d1, int) and isinstance(d2, int) and d1 != d2:
+            raise TypeInferenceError(f"attention {what} differs: {d1} and {d2}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hkv, int) and (hkv == 0 or hq % hkv):
+        raise TypeInferenceError(f"attention query heads {hq} are not a multiple of kv heads {hkv}")
+    if attrs["causal"] not in (0, 1):
+        raise TypeInferenceError(f"attention causal must be 0 or 1, not {attrs['causal']}")
+    if mask is not None:
+        if not mask.dtype.is_float:
+            raise TypeInferenceError(f"attention mask must be float (additive), not {mask.dtype}")
+        if mask.rank > 4:
+            raise TypeInferenceError(f"attention mask {mask.shape} has more than 4 dims")
+        broadcast_shapes(mask.shape, (b, hq, q.shape[2], k.shape[2]))
+    return [TensorType((b, hq, q.shape[2], v.shape[3]), q.dtype)]
 
 
 @_def("reduce_mean", "Mean over `axes` (all when empty, unless noop_with_empty_axes)", ["x"],
@@ -529,9 +589,10 @@ QMATMUL_ACT_MODES = ("float", "dynamic", "static")
 
 @_def("qmatmul",
       "x @ dequant(w) + bias: the fused low-bit-weight matmul (w is [K, N] codes)",
-      ["x", "w", "w_scale", "w_zero_point?", "g_idx?", "x_scale?", "x_zero_point?", "bias?"],
+      ["x", "w", "w_scale", "w_zero_point?", "g_idx?", "x_scale?", "x_zero_point?", "bias?",
+       "epilogue_args*"],
       {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False),
-       "config": ("dict", False)})
+       "config": ("dict", False), "epilogue": ("str", False)})
 def _qmatmul(types, attrs, consts):
     """``act`` says how x enters the product:
 
@@ -542,6 +603,9 @@ def _qmatmul(types, attrs, consts):
     The integer modes need a per-tensor or per-output-channel (axis 1) weight scheme.
     ``config`` holds the parameters a backend's passes decided (tiles, fixed-point formats);
     it never changes the result beyond the numerics that backend documents.
+    ``epilogue`` (a ``fused_elementwise`` body) is applied to the product: its ``x0`` is
+    x @ dequant(w) + bias in the type above, ``x1, x2, ...`` the operands after the eight
+    fixed ones (absent fixed operands are none); the result is what the body gives.
     """
     x, w, w_scale = types[0], types[1], types[2]
     w_zp = types[3] if len(types) > 3 else None
@@ -565,7 +629,28 @@ def _qmatmul(types, attrs, consts):
     out_dtype = w_scale.dtype if act != "float" else x.dtype
     n = w.shape[1] if w.layout is None else w.layout.get("n", "?")
     shape = matmul_shape(x.shape, (w.shape[0] if w.layout is None else x.shape[-1], n))
-    return [TensorType(shape, out_dtype)]
+    return [_apply_epilogue_type(TensorType(shape, out_dtype), types[8:], attrs.get("epilogue"))]
+
+
+def _apply_epilogue_type(product: TensorType, extra: list, epilogue: Optional[str]) -> TensorType:
+    from qcompiler.ir.elementwise_body import parse_body, result_element_type
+
+    if epilogue is None:
+        if extra:
+            raise TypeInferenceError(f"qmatmul has {len(extra)} epilogue operands but no epilogue")
+        return product
+    if any(t is None for t in extra):
+        raise TypeInferenceError("qmatmul epilogue operands must not be none")
+    body = parse_body(epilogue)
+    if body.operand_count() > 1 + len(extra):
+        raise TypeInferenceError(f"qmatmul epilogue reads x{body.operand_count() - 1}, "
+                                 f"but there are {len(extra)} epilogue operands")
+    shape = broadcast_shapes(product.shape, *(t.shape for t in extra))
+    if len(shape) != product.rank:
+        raise TypeInferenceError(f"qmatmul epilogue operands {[t.shape for t in extra]} would "
+                                 f"change the rank of the product {product.shape}")
+    dtype = result_element_type(body, [product.dtype] + [t.dtype for t in extra])
+    return TensorType(shape, dtype)
 
 
 def logical_w_scheme(node) -> str:

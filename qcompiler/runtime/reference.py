@@ -196,6 +196,50 @@ def _layernorm(node, args, module):
     return [y.astype(x.dtype)]
 
 
+def _rmsnorm(node, args, module):
+    """ONNX RMSNormalization (stash_type=1: f16/bf16 computed in float32)."""
+    x, scale = args
+    ct = _compute_dtype(x.dtype)
+    axes = tuple(range(node.attrs["axis"] % x.ndim, x.ndim))
+    v = x.astype(ct)
+    mean_square = np.mean(v * v, axis=axes, keepdims=True, dtype=ct)
+    rms = np.sqrt(mean_square + ct.type(node.attrs["epsilon"]))
+    return [((v / rms) * scale.astype(ct)).astype(x.dtype)]
+
+
+def _fused_elementwise(node, args, module):
+    from qcompiler.ir.elementwise_body import evaluate
+
+    return [evaluate(node.attrs["body"], args, _result_dtype(node))]
+
+
+def _attention(node, args, module):
+    """softmax(q @ k^T * scale + mask) @ v in float32 (float64 stays), kv heads shared by
+    groups of query heads. Causal positions get float's lowest value (as onnxruntime's
+    decomposed graphs' -3.4e38), so a fully masked row is uniform; an additive -inf mask over a
+    whole row gives NaN, as softmax does."""
+    q, k, v = args[0], args[1], args[2]
+    mask = _arg(args, 3)
+    ct = _compute_dtype(q.dtype)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = np.repeat(k, groups, axis=1)
+        v = np.repeat(v, groups, axis=1)
+    scores = np.matmul(q.astype(ct), np.swapaxes(k.astype(ct), -1, -2)) * ct.type(
+        node.attrs["scale"])
+    if mask is not None:
+        scores = scores + mask.astype(ct)
+    if node.attrs["causal"]:
+        sq, skv = q.shape[2], k.shape[2]
+        allowed = np.arange(skv)[None, :] <= np.arange(sq)[:, None] + (skv - sq)
+        scores = np.where(allowed, scores, np.finfo(ct).min)
+    with np.errstate(invalid="ignore"):
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs = probs / probs.sum(axis=-1, keepdims=True)
+    return [np.matmul(probs, v.astype(ct)).astype(_result_dtype(node))]
+
+
 def _reduce_mean(node, args, module):
     x = args[0]
     axes = list(node.attrs["axes"])
@@ -477,6 +521,31 @@ def _is_u8_per_tensor_affine(s: Optional[QuantScheme]) -> bool:
 
 
 def _qmatmul(node, args, module):
+    """The product (below), then the node's epilogue if it has one."""
+    return _apply_epilogue(node, _qmatmul_product(node, args, module)[0], args)
+
+
+def qmatmul_product_dtype(node: Node) -> np.dtype:
+    """The element type of x @ dequant(w) + bias, before any epilogue."""
+    if node.attrs["act"] == "float":
+        return node.operands[0].type.dtype.np_dtype
+    return node.operands[2].type.dtype.np_dtype
+
+
+def _apply_epilogue(node: Node, product: np.ndarray, args: list) -> list:
+    """qmatmul's ``epilogue`` on the product (``x0``) and the operands after the eight fixed
+    ones; the one place where it is applied, to the reference product and to a backend's
+    kernel output alike (``run(kernels=...)``)."""
+    body = node.attrs.get("epilogue")
+    if body is None:
+        return [product]
+    from qcompiler.ir.elementwise_body import evaluate
+
+    product = np.asarray(product).astype(qmatmul_product_dtype(node), copy=False)
+    return [evaluate(body, [product] + list(args[8:]), _result_dtype(node))]
+
+
+def _qmatmul_product(node, args, module):
     """x @ dequant(w) + bias; see qcompiler.ir.ops._qmatmul for the three ``act`` modes."""
     x, w, w_scale = args[0], args[1], args[2]
     w_zp, g_idx = _arg(args, 3), _arg(args, 4)
@@ -489,7 +558,7 @@ def _qmatmul(node, args, module):
             f"the reference qmatmul reads row-major [K, N] codes, not {w_type.layout}")
     if w.ndim != 2:
         raise ValueError(f"qmatmul weight must be [K, N], not {w.shape}")
-    out_dtype = _result_dtype(node)
+    out_dtype = qmatmul_product_dtype(node)
 
     if act == "float":
         # Dequantize in float32 and round to x's type (an f16 model stores f16 weights),
@@ -575,6 +644,9 @@ OP_IMPLS: dict[str, Callable] = {
     "gelu": _gelu,
     "softmax": _softmax,
     "layernorm": _layernorm,
+    "rmsnorm": _rmsnorm,
+    "fused_elementwise": _fused_elementwise,
+    "attention": _attention,
     "reduce_mean": _reduce_mean,
     "reduce_sum": _reduce(_sum),
     "reduce_l2": _reduce(_l2),
@@ -640,6 +712,14 @@ def _check_result(node: Node, r: Value, y: np.ndarray) -> None:
         raise TypeError(f"result %{r.name} has shape {y.shape}, its type is {t}")
 
 
+def _with_epilogue(kernel: Callable) -> Callable:
+    """A backend's qmatmul kernel computes the product; the interpreter applies the epilogue."""
+    def impl(node, args, module):
+        outs = kernel(node, args, module)
+        return _apply_epilogue(node, outs[0], args) if "epilogue" in node.attrs else outs
+    return impl
+
+
 def run(module: Module, inputs: dict[str, np.ndarray],
         kernels: Optional[dict[str, Callable]] = None) -> dict[str, np.ndarray]:
     """Run ``module.main`` on ``inputs`` (by argument name); returns outputs by output name.
@@ -678,8 +758,9 @@ def run(module: Module, inputs: dict[str, np.ndarray],
 
     kernels = kernels or {}
     for node in fn.nodes:
-        impl = (kernels.get(node.results[0].name) if node.results else None) \
-            or OP_IMPLS.get(node.op)
+        kernel = kernels.get(node.results[0].name) if node.results else None
+        impl = _with_epilogue(kernel) if kernel is not None and node.op == "qmatmul" \
+            else kernel or OP_IMPLS.get(node.op)
         names = ", ".join(f"%{r.name}" for r in node.results)
         if impl is None:
             raise RuntimeError(f"{names} = {node.op}: the reference runtime has no such op")
