@@ -23,9 +23,26 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from qcompiler.errors import InputError, QCompilerError
 from qcompiler.ir.core import Function, Module, Node, Value
 from qcompiler.ir.types import QuantScheme, TensorType
 from qcompiler.runtime import numerics
+
+
+
+class RunInputError(InputError):
+    """run() inputs are missing, unknown, or of the wrong dtype, rank or shape."""
+
+
+class OpFailedError(QCompilerError, RuntimeError):
+    """An op refused the data it was given at run time (an index out of range, sizes that do
+    not add up ...); the message names the node."""
+
+
+# Exceptions an op raises when the data it is given is out of its domain; any other
+# exception escaping an op is a bug and is passed on as it is.
+_DATA_ERRORS = (ValueError, IndexError, KeyError, ZeroDivisionError, FloatingPointError,
+                OverflowError, NotImplementedError, MemoryError)
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
@@ -684,21 +701,22 @@ def _check_input(v: Value, x: np.ndarray, sizes: dict) -> None:
     t: TensorType = v.type
     want = t.dtype.np_dtype
     if x.dtype != want:
-        raise ValueError(f"input %{v.name}: expected {t} (numpy {want}), got dtype {x.dtype}")
+        raise RunInputError(f"input %{v.name}: expected {t} (numpy {want}), got dtype "
+                            f"{x.dtype}")
     if x.ndim != t.rank:
-        raise ValueError(f"input %{v.name}: expected {t}, got rank {x.ndim} shape {x.shape}")
+        raise RunInputError(f"input %{v.name}: expected {t}, got rank {x.ndim} shape {x.shape}")
     for i, (d, n) in enumerate(zip(t.shape, x.shape)):
         if isinstance(d, int):
             if d != n:
-                raise ValueError(f"input %{v.name}: expected {t}, got shape {x.shape}")
+                raise RunInputError(f"input %{v.name}: expected {t}, got shape {x.shape}")
         elif d != "?":
             if sizes.setdefault(d, n) != n:
-                raise ValueError(f"input %{v.name}: dim {i} is {d} = {sizes[d]} elsewhere, "
+                raise RunInputError(f"input %{v.name}: dim {i} is {d} = {sizes[d]} elsewhere, "
                                  f"got {n} (shape {x.shape})")
     if t.dtype.bits < 8 and t.dtype.kind in ("int", "uint", "ternary", "nf4") and x.size:
         lo, hi = t.dtype.int_range()
         if x.min() < lo or x.max() > hi:
-            raise ValueError(f"input %{v.name}: {t.dtype} codes must lie in [{lo}, {hi}]")
+            raise RunInputError(f"input %{v.name}: {t.dtype} codes must lie in [{lo}, {hi}]")
 
 
 def _check_result(node: Node, r: Value, y: np.ndarray) -> None:
@@ -728,15 +746,19 @@ def run(module: Module, inputs: dict[str, np.ndarray],
     ``OP_IMPLS`` (``impl(node, args, module) -> list[np.ndarray]``): a backend runs the
     kernels it compiled this way and lets the interpreter run the rest of the graph.
 
-    Raises ValueError for missing, unknown or mistyped inputs, and RuntimeError naming the
-    node when an op fails. Intermediates are dropped as soon as their last user has run.
+    Raises RunInputError (a ValueError) for missing, unknown or mistyped inputs, and
+    OpFailedError (a RuntimeError) naming the node when an op refuses its data.
+    Intermediates are dropped as soon as their last user has run.
     """
     fn: Function = module.main
     arg_names = [a.name for a in fn.args]
     missing = [n for n in arg_names if n not in inputs]
     extra = [n for n in inputs if n not in arg_names]
+    if not isinstance(inputs, dict):
+        raise RunInputError(f"@{fn.name}: inputs must be a dict {{name: array}}, not "
+                            f"{type(inputs).__name__}")
     if missing or extra:
-        raise ValueError(f"@{fn.name} inputs: missing {missing}, unknown {extra} "
+        raise RunInputError(f"@{fn.name} inputs: missing {missing}, unknown {extra} "
                          f"(expected {', '.join(f'%{a.name}: {a.type}' for a in fn.args)})")
 
     # Remaining uses of each value; outputs hold one use that is never released.
@@ -751,7 +773,10 @@ def run(module: Module, inputs: dict[str, np.ndarray],
     env: dict[Value, np.ndarray] = {}
     sizes: dict = {}
     for a in fn.args:
-        x = np.asarray(inputs[a.name])
+        try:
+            x = np.asarray(inputs[a.name])
+        except (ValueError, TypeError) as e:  # ragged lists and other non-arrays
+            raise RunInputError(f"input %{a.name}: not an array: {e}") from None
         _check_input(a, x, sizes)
         if uses.get(a, 0):
             env[a] = x
@@ -763,7 +788,7 @@ def run(module: Module, inputs: dict[str, np.ndarray],
             else kernel or OP_IMPLS.get(node.op)
         names = ", ".join(f"%{r.name}" for r in node.results)
         if impl is None:
-            raise RuntimeError(f"{names} = {node.op}: the reference runtime has no such op")
+            raise OpFailedError(f"{names} = {node.op}: the reference runtime has no such op")
         try:
             args = [env[v] if v is not None else None for v in node.operands]
             outs = impl(node, args, module)
@@ -773,7 +798,13 @@ def run(module: Module, inputs: dict[str, np.ndarray],
             outs = [np.asarray(y) for y in outs]
             for r, y in zip(node.results, outs):
                 _check_result(node, r, y)
-        except Exception as e:
+        except QCompilerError:
+            raise
+        except _DATA_ERRORS as e:
+            msg = " ".join(str(e).split())[:300]
+            raise OpFailedError(f"{names} = {node.op}(...) failed: {type(e).__name__}: "
+                                f"{msg}") from e
+        except Exception as e:  # a bug in an op or in type inference: keep it visible
             raise RuntimeError(f"{names} = {node.op}(...) failed: "
                                f"{type(e).__name__}: {e}") from e
         for v in node.operands:
