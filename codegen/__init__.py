@@ -2,8 +2,10 @@
 
 A backend turns the final QIR into the artifact's ``kernels/`` and runs it:
 
-- ``compile(module, target, out_dir) -> list[dict]``: emit and build kernels; one record per
-  kernel call, in program order (written to manifest.json);
+- ``compile(module, target, out_dir, builder=None) -> list[dict]``: emit and build kernels;
+  one record per kernel call, in program order (written to manifest.json). ``builder``
+  (``qcompiler.codegen.build.Builder``) builds each distinct kernel once, through the build
+  cache and in parallel, and keeps the build's report;
 - ``runner(module, manifest, out_dir) -> callable``: a function ``{name: array} -> {name: array}``.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 class Backend:
     name = "backend"
 
-    def compile(self, module, target, out_dir: str) -> list[dict]:  # pragma: no cover
+    def compile(self, module, target, out_dir: str,
+                builder=None) -> list[dict]:  # pragma: no cover
         raise NotImplementedError
 
     def runner(self, module, manifest: dict, out_dir: str):  # pragma: no cover

@@ -1,15 +1,17 @@
-"""The CPU backend: one TVM-compiled shared library per qmatmul; numpy runs the rest of the graph.
+"""The CPU backend: a TVM-compiled library per distinct qmatmul kernel; numpy runs the rest.
 
 Stages: QIR after ``cpu-schedule`` and ``cpu-pack-weights`` -> per qmatmul a TensorIR module
 with one scheduled function per batch-size variant (``kernels.py``) -> LLVM for the target's
--mcpu -> ``kernels/<name>.so`` plus ``kernels/<name>.tir.py`` (the scheduled TensorIR, for
-people). ``runner`` loads the libraries and runs the graph with the reference interpreter,
-substituting the kernels for their qmatmuls (``qcompiler.runtime.reference.run(kernels=...)``).
+-mcpu -> ``kernels/qmm_<key>.so`` plus ``kernels/qmm_<key>.tir.py`` (the scheduled TensorIR,
+for people), one per distinct kernel: the key hashes the TensorIR text and the LLVM target
+(``qcompiler.codegen.build``), so nodes of one shape and config share a library, and a library
+built by an earlier compile comes from the build cache. ``runner`` loads the libraries and
+runs the graph with the reference interpreter, substituting the kernels for their qmatmuls
+(``qcompiler.runtime.reference.run(kernels=...)``).
 """
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
@@ -21,10 +23,6 @@ from qcompiler.targets import get_target
 
 class CPUBackendError(QCompilerError, RuntimeError):
     """The module cannot be compiled or run by the CPU backend; the message says why."""
-
-
-def kernel_file_stem(node) -> str:
-    return "qmm_" + re.sub(r"[^A-Za-z0-9_]", "_", node.result.name)
 
 
 def _problem(target, node):
@@ -76,13 +74,21 @@ def _tvm_nodes(module):
 class CPUBackend(Backend):
     name = "cpu"
 
-    def compile(self, module, target, out_dir: str) -> list[dict]:
+    def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
+        """Emit and build the kernels: one library per distinct kernel key (nodes with the
+        same scheduled TensorIR share it), from ``builder``'s cache or built in parallel."""
+        import functools
+
+        from qcompiler.codegen.build import Builder, KernelBuild, file_name
         from qcompiler.codegen.cpu import runtime
         from qcompiler.codegen.cpu.host import target_cpu
 
+        builder = builder or Builder()
         kdir = os.path.join(out_dir, "kernels")
         os.makedirs(kdir, exist_ok=True)
         calls = []
+        builds: dict[str, KernelBuild] = {}   # by key, in first-use order
+        sources: dict[str, tuple] = {}        # (shape, variants) -> (source, key): once each
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
@@ -99,19 +105,34 @@ class CPUBackend(Backend):
                 continue
             _check_numerics_on_target(target, node)
             p = _problem(target, node)
-            stem = os.path.join(kdir, kernel_file_stem(node))
-            try:
-                runtime.build_library(p.kernel_shape(), runtime.variant_list(cfg), target, stem,
-                                      write_source=True)
-            except Exception as e:
-                raise CPUBackendError(f"%{node.result.name}: building the kernel failed: "
-                                      f"{type(e).__name__}: {e}") from e
+            ks, variants = p.kernel_shape(), runtime.variant_list(cfg)
+            shape_id = repr((ks, variants))
+            if shape_id not in sources:
+                try:
+                    source = runtime.scheduled_source(ks, variants)
+                except Exception as e:
+                    raise CPUBackendError(f"%{node.result.name}: scheduling the kernel failed: "
+                                          f"{type(e).__name__}: {e}") from e
+                sources[shape_id] = (source, runtime.kernel_build_key(source, target))
+            source, key = sources[shape_id]
+            if key not in builds:
+                library = file_name("qmm", key, ".so")
+                builds[key] = KernelBuild(
+                    key, library, functools.partial(runtime.compile_library, ks, variants, target))
+                stem = library[:-len(".so")]
+                with open(os.path.join(kdir, stem + ".tir.py"), "w") as f:
+                    f.write(runtime.source_file_text(stem, source))
+            build = builds[key]
+            build.nodes.append(node.result.name)
+            stem = os.path.join(kdir, build.library[:-len(".so")])
             calls.append({**record, "impl": "tvm-llvm",
                           "library": os.path.relpath(stem + ".so", out_dir),
                           "source": os.path.relpath(stem + ".tir.py", out_dir),
+                          "kernel_key": key,
                           "mcpu": target_cpu(target)["mcpu"],
                           "functions": [f"qmm_v{i}" for i in range(len(cfg["variants"]))],
                           "k": p.k, "n": p.n})
+        builder.build_many(list(builds.values()), kdir)
         return calls
 
     def runner(self, module, manifest: dict, out_dir: str):

@@ -84,24 +84,52 @@ def scheduled_source(ks: kernels.KernelShape, variants: list[dict]) -> str:
     return kernels.build_module(ks, variants).script()
 
 
-def build_library(ks: kernels.KernelShape, variants: list[dict], target, stem: str,
-                  write_source: bool = False) -> str:
-    """Compile the variants with LLVM for ``target``; write ``stem.so`` (and ``stem.tir.py``)."""
+def llvm_target_string(target) -> str:
+    """The TVM LLVM target of ``target`` as text (part of a kernel's build key)."""
+    from qcompiler.codegen.cpu.host import tvm_target
+
+    return str(tvm_target(target))
+
+
+def kernel_build_key(source: str, target) -> str:
+    """The build key of a kernel (``qcompiler.codegen.build.kernel_key``): its scheduled
+    TensorIR text, the LLVM target string and the TVM version."""
+    import tvm
+
+    from qcompiler.codegen.build import kernel_key
+
+    return kernel_key(source, llvm_target_string(target), f"tvm {tvm.__version__}")
+
+
+def source_file_text(name: str, source: str) -> str:
+    """The readable ``<name>.tir.py`` written beside a library."""
+    import tvm
+
+    return (f"# Scheduled TensorIR of {name} (TVMScript, tvm {tvm.__version__}); each function "
+            f"is one variant.\n{source}\n")
+
+
+def compile_library(ks: kernels.KernelShape, variants: list[dict], target, path: str) -> str:
+    """Compile the variants with LLVM for ``target`` into the shared library ``path``.
+
+    Module-level and with picklable arguments: ``qcompiler.codegen.build`` may run it in a
+    worker process (``functools.partial(compile_library, ks, variants, target)``)."""
     import tvm
 
     from qcompiler.codegen.cpu.host import tvm_target
 
-    mod = kernels.build_module(ks, variants)
-    if write_source:
-        with open(stem + ".tir.py", "w") as f:
-            f.write(f"# Scheduled TensorIR of {os.path.basename(stem)} (TVMScript, "
-                    f"tvm {tvm.__version__}); each function is one variant.\n")
-            f.write(mod.script())
-            f.write("\n")
-    ex = tvm.compile(mod, target=tvm_target(target))
-    path = stem + ".so"
+    ex = tvm.compile(kernels.build_module(ks, variants), target=tvm_target(target))
     ex.export_library(path)
     return path
+
+
+def build_library(ks: kernels.KernelShape, variants: list[dict], target, stem: str,
+                  write_source: bool = False) -> str:
+    """Compile the variants with LLVM for ``target``; write ``stem.so`` (and ``stem.tir.py``)."""
+    if write_source:
+        with open(stem + ".tir.py", "w") as f:
+            f.write(source_file_text(os.path.basename(stem), scheduled_source(ks, variants)))
+    return compile_library(ks, variants, target, stem + ".so")
 
 
 # --------------------------------------------------------------------------------------------

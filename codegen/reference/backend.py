@@ -11,7 +11,7 @@ from qcompiler.codegen import Backend
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def compile(self, module, target, out_dir: str) -> list[dict]:
+    def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
         # One record per qmatmul, so that manifests of all backends list the same calls.
         calls = []
         for node in module.main.nodes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -88,7 +89,7 @@ def _weight_bytes(node) -> int:
 
 
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
-            kernels: list[dict]) -> tuple[dict, str]:
+            kernels: list[dict], build: dict, seconds: dict) -> tuple[dict, str]:
     # Report the model's weight scheme (a backend that packs the weights stores them under a
     # storage scheme) and the shape of the weight as stored.
     qmms = [{"result": n.result.name, "w": list(n.operands[1].type.shape),
@@ -102,7 +103,7 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
         ops[n.op] = ops.get(n.op, 0) + 1
     report = {"qcompiler": qcompiler.__version__, "source": source, "target": target.name,
               "pipeline": spec, "passes": records, "op_counts": dict(sorted(ops.items())),
-              "qmatmuls": qmms, "kernels": kernels}
+              "qmatmuls": qmms, "kernels": kernels, "build": build, "seconds": seconds}
     lines = [f"qcompiler {qcompiler.__version__}: {source} for target {target.name}",
              f"pipeline: {spec}", "", "passes:"]
     for r in records:
@@ -114,6 +115,13 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
     for q in qmms:
         lines.append(f"  {q['result']:<24} w {q['w']} ({q['w_layout']})  {q['w_scheme']}  "
                      f"act={q['act']}  {q['weight_bytes']} bytes")
+    lines += ["", f"backend build: {build['kernels']} distinct kernels, {build['built']} built, "
+                  f"{build['cache_hits']} from the cache, {build['jobs']} jobs, "
+                  f"{build['seconds']:.2f} s (cache: {build['cache'] or 'off'})"]
+    for b in build["per_kernel"]:
+        lines.append(f"  {b['library']:<24} {b['cache']:<15} {b['seconds']:8.3f} s  "
+                     f"{len(b['nodes'])} nodes: {', '.join(b['nodes'])}")
+    lines += ["", "time: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())]
     lines += ["", "ops: " + ", ".join(f"{k} {v}" for k, v in report["op_counts"].items())]
     return report, "\n".join(lines) + "\n"
 
@@ -121,20 +129,31 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
 def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                    passes: Optional[str] = None, instruments: Sequence[Instrument] = (),
                    verify_each: bool = False, tuning_log: Optional[str] = None,
-                   example_inputs=None) -> tuple[str, Module]:
+                   example_inputs=None, cache=True, jobs: Optional[int] = None,
+                   progress: Optional[bool] = None) -> tuple[str, Module]:
     """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None).
 
     ``tuning_log``: replay the best verified configs of that log (``qcompile --tune``) by
-    passing it to the target's config-choosing pass (its ``tuning_pass``)."""
+    passing it to the target's config-choosing pass (its ``tuning_pass``).
+    ``cache``: reuse and fill the build cache (``qcompiler.codegen.build.cache_dir()``;
+    False: neither read nor write it; a path: that directory). ``jobs``: kernels built in
+    parallel (default: the usable CPUs). ``progress``: the build counter on stderr (default:
+    when stderr is a terminal)."""
+    from qcompiler.codegen.build import Builder
+
+    start = time.perf_counter()
+    builder = Builder(cache, jobs, progress)
     tgt = resolve_target(target)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     module = import_model(model, example_inputs)
+    imported = time.perf_counter()
     pipeline = passes or tgt.default_pipeline
     if tuning_log:
         from qcompiler.tuning.tuner import pipeline_with_tuning_log, tuning_pass_of
 
         pipeline = pipeline_with_tuning_log(pipeline, tuning_pass_of(tgt), tuning_log)
     module, records, spec = run_pipeline(module, pipeline, instruments, verify_each)
+    passes_done = time.perf_counter()
     out_dir = output_dir or tempfile.mkdtemp(prefix="qcompiler_")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -142,7 +161,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
         raise InputError(f"{out_dir}: cannot create the output directory: "
                          f"{e.strerror or e}") from None
     backend = get_backend(tgt.backend)
-    kernels = backend.compile(module, tgt, out_dir)
+    kernels = backend.compile(module, tgt, out_dir, builder)
+    backend_done = time.perf_counter()
     fn = module.main
     manifest = {
         "qcompiler": qcompiler.__version__, "target": tgt.name, "backend": backend.name,
@@ -152,15 +172,25 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                     for name, v in zip(fn.output_names, fn.outputs)],
         "kernels": kernels,
     }
-    report, text = _report(module, tgt, spec, records, source, kernels)
+    # Wall-clock seconds of each stage; "backend" includes emitting and building the kernels
+    # (the build alone is report["build"]["seconds"]).
+    seconds = {"import": imported - start, "passes": passes_done - imported,
+               "backend": backend_done - passes_done,
+               "total": time.perf_counter() - start}
+    seconds = {k: round(v, 3) for k, v in seconds.items()}
+    report, text = _report(module, tgt, spec, records, source, kernels, builder.report(),
+                           seconds)
     write_artifact(out_dir, module, manifest, report, text)
     return out_dir, module
 
 
 def compile(model, target: str = "ref", output_dir: Optional[str] = None,
             passes: Optional[str] = None, verify_each: bool = False,
-            tuning_log: Optional[str] = None, example_inputs=None):
-    """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result."""
+            tuning_log: Optional[str] = None, example_inputs=None, cache=True,
+            jobs: Optional[int] = None, progress: Optional[bool] = None):
+    """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result
+    (``cache``, ``jobs``, ``progress``: see ``compile_to_dir``)."""
     out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
-                                tuning_log=tuning_log, example_inputs=example_inputs)
+                                tuning_log=tuning_log, example_inputs=example_inputs,
+                                cache=cache, jobs=jobs, progress=progress)
     return qcompiler.load(out_dir)
