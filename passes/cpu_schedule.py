@@ -128,11 +128,10 @@ class CPUSchedulePass(Pass):
                 key = node_key(node, max(m, 1), self.numerics)
                 cfg, source = None, "heuristic"
                 if self.tuning_log:
-                    cfg = replay.best_config(tgt.name, device, key)
-                    if cfg is not None and tuning.check_config(tgt, key, cfg) is None:
-                        source = "tuning-log"
-                    else:
-                        cfg = None
+                    # A logged config that fails the validator is skipped with a warning.
+                    cfg = replay.best_config(tgt.name, device, key, check=lambda c, key=key:
+                                             tuning.check_config(tgt, key, c))
+                    source = "tuning-log" if cfg is not None else source
                 if cfg is None:
                     cfg = tuning.default_config(tgt, key)
                 variants.append({**cfg, "m": max(m, 1), "max_m": max_m, "source": source})

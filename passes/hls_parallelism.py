@@ -79,9 +79,10 @@ class HLSParallelismPass(Pass):
         from qcompiler.codegen.hls.cost_model import _over_budget
         from qcompiler.tuning.device import device_name
         from qcompiler.tuning.key import kernel_key
-        from qcompiler.tuning.log import best_record, read
+        from qcompiler.codegen.hls.config import check_parallelism
+        from qcompiler.tuning.log import Replay, best_record
 
-        records = read(self.tuning_log)
+        records = Replay(self.tuning_log).records  # a missing file is an InputError
         device = device_name(tgt)
         par = []
         for node, cfg in zip(nodes, cfgs):
@@ -93,10 +94,11 @@ class HLSParallelismPass(Pass):
                               "heuristic for the design", stacklevel=2)
                 return None
             pe, simd = best["config"].get("pe"), best["config"].get("simd")
-            if not (isinstance(pe, int) and isinstance(simd, int) and pe > 0 and simd > 0
-                    and cfg["n"] % pe == 0 and cfg["words_per_group"] % simd == 0):
-                warnings.warn(f"hls-parallelism: logged pe={pe}, simd={simd} do not fit "
-                              f"%{node.result.name}; using the heuristic", stacklevel=2)
+            problem = check_parallelism(cfg, pe, simd)  # the backend's validator
+            if problem:
+                warnings.warn(f"hls-parallelism: logged pe={pe!r}, simd={simd!r} do not fit "
+                              f"%{node.result.name} ({problem}); using the heuristic",
+                              stacklevel=2)
                 return None
             par.append((pe, simd))
         est = estimate_design([(c, pe, simd) for c, (pe, simd) in zip(cfgs, par)])

@@ -5,13 +5,13 @@ Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bu
 M. A variant picks the kernel (``gemv``: the split-K GEMV kernel or the tiled one) and its
 parameters. Each variant comes from the tuning log when ``tuning_log`` is given and holds a
 record for that (target, device, kernel key), else from the heuristic
-``codegen/cuda/tuning.default_config``.
+``codegen/cuda/tuning.default_config``. A logged config that fails the backend's validator
+(``codegen/cuda/config.py``) is skipped with a warning.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
 (``heuristic`` or ``tuning-log``).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from qcompiler.codegen.cuda import tuning
@@ -20,6 +20,19 @@ from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.tuning.key import kernel_key
 
 M_BUCKETS = (8, 16, 32, 64, 128)  # the last bucket also serves every larger M
+
+
+def _log_check(target, key):
+    """The validator applied to a tuning log's configs (a rejected record is skipped with a
+    warning and the heuristic or the next best record is used)."""
+    def check(config: dict):
+        missing = [k for k in tuning.KNOBS if k not in config]
+        if missing:
+            # Tuned before these knobs existed (e.g. gemv): its kernel choice is stale, not
+            # wrong; the heuristic is the better default.
+            return f"its config predates the knobs {missing} (tune again to replace it)"
+        return tuning.check_config(target, key, config)
+    return check
 
 
 @register_pass("tile")
@@ -51,21 +64,9 @@ class TilePass(Pass):
                 key = kernel_key(node, m_max)
                 chosen, source = None, "heuristic"
                 if self.tuning_log:
-                    chosen = replay.best_config(tgt.name, device, key)
-                    missing = [k for k in tuning.KNOBS if chosen is not None and k not in chosen]
-                    if missing:
-                        # Tuned before these knobs existed (e.g. gemv): its kernel choice is
-                        # stale, not wrong; the heuristic is the better default.
-                        warnings.warn(f"tile: the tuning log's config for %{node.result.name} "
-                                      f"M={m_max} predates the knobs {missing}; using the "
-                                      "heuristic (tune again to replace it)", stacklevel=2)
-                        chosen = None
-                    if chosen is not None:
-                        why = tuning.check_config(tgt, key, chosen)
-                        if why:
-                            raise PassError(f"tile: the tuning log's config for "
-                                            f"%{node.result.name} M={m_max} is invalid: {why}")
-                        source = "tuning-log"
+                    chosen = replay.best_config(tgt.name, device, key,
+                                                check=_log_check(tgt, key))
+                    source = "tuning-log" if chosen is not None else source
                 if chosen is None:
                     chosen = tuning.default_config(tgt, key)
                 # A dict keyed by bucket: the IR's attribute lists hold numbers only.

@@ -147,19 +147,11 @@ def default_config(target, key: dict) -> dict:
 
 
 def check_config(target, key: dict, config: dict):
-    try:
-        space = search_space(target, key)
-    except layout.Unsupported as e:
-        return str(e)
-    for knob, values in space.items():
-        if knob not in config:
-            return f"config lacks {knob!r}"
-        if config[knob] not in values:
-            return f"{knob}={config[knob]!r} is not one of {values}"
-    extra = set(config) - set(space)
-    if extra:
-        return f"unknown knobs {sorted(extra)}"
-    return None
+    """None if ``config`` is a valid variant for ``key``, else why: the backend's validator
+    (``config.check_knobs``: exactly the space's knobs, each of its type and allowed)."""
+    from qcompiler.codegen.cpu.config import check_knobs
+
+    return check_knobs(target, key, config)
 
 
 # --------------------------------------------------------------------------------------------

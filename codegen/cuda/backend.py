@@ -16,6 +16,7 @@ import jinja2
 import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
+from qcompiler.codegen.cuda.config import validate as validate_config
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
 from qcompiler.errors import InputError
 from qcompiler.ir import logical_w_scheme
@@ -29,8 +30,32 @@ class CudaCodegenError(InputError):
 
 
 def kernel_symbol(node) -> str:
-    name = "".join(c if c.isalnum() else "_" for c in node.result.name)
-    return f"qc_qmm_{name}"
+    """``qc_qmm_<name>``, a C identifier and file name for any value name: characters outside
+    ``[A-Za-z0-9_]`` become ``_`` and then a hash of the name keeps two names apart that map
+    to the same text (``a.b`` and ``a_b``); long names are cut, with the hash."""
+    return safe_identifier("qc_qmm_", node.result.name)
+
+
+def safe_identifier(prefix: str, name: str, max_len: int = 64) -> str:
+    """``prefix + name`` if that is ``[A-Za-z_][A-Za-z0-9_]*`` of at most ``max_len``
+    characters, else a stable sanitized form with an 8-digit hash of ``name``."""
+    import hashlib
+    import re
+
+    text = prefix + name
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) and len(text) <= max_len:
+        return text
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    body = re.sub(r"[^A-Za-z0-9_]", "_", name.encode("ascii", "replace").decode("ascii"))
+    return f"{prefix}{body[:max_len - len(prefix) - 9]}_{digest}"
+
+
+def comment_text(text: str) -> str:
+    """``text`` safe inside a ``//`` comment: printable ASCII only (anything else is escaped,
+    so a newline cannot end the comment), and no trailing backslash (a line splice)."""
+    out = "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+                  for c in str(text))
+    return out + " " if out.endswith("\\") else out
 
 
 def kernel_params(node, target_name: str) -> dict:
@@ -52,13 +77,14 @@ def kernel_params(node, target_name: str) -> dict:
                         for v in variants})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {
-        "version": qcompiler.__version__, "node_name": node.result.name, "target": target_name,
+        "version": qcompiler.__version__, "node_name": comment_text(node.result.name),
+        "target": target_name,
         "symbol": kernel_symbol(node), "dtype": dtype,
         "scalar_t": "half" if dtype == "f16" else "__nv_bfloat16",
         "scalar2_t": "half2" if dtype == "f16" else "__nv_bfloat162",
         "mma_type": "f16" if dtype == "f16" else "bf16",
-        "w_scheme": logical_w_scheme(node),
-        "layout": str(lay), "cb": lay.get("container_bits"), "k": k, "n": lay.get("n"),
+        "w_scheme": comment_text(logical_w_scheme(node)),
+        "layout": comment_text(lay), "cb": lay.get("container_bits"), "k": k, "n": lay.get("n"),
         "k_pad": k_pad, "n_pad": lay.get("n_pad"), "group": lay.get("group"),
         "scale_rows": -(-k_pad // lay.get("group")),
         "scale_at": cfg["scale_at"], "zero_at": cfg["zero_at"], "unpack": cfg["unpack"],
@@ -131,6 +157,7 @@ class CudaBackend(Backend):
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
+            validate_config(node.attrs.get("config"), node, target)  # whatever its source
             params = kernel_params(node, target.name)
             src = os.path.join(kdir, params["symbol"] + ".cu")
             with open(src, "w") as f:

@@ -1,4 +1,4 @@
-"""Tuning hooks of the CUDA backend (the tuning contract in DESIGN.md / the tuner).
+"""Tuning hooks of the CUDA backend (the tuning contract: docs/tuning-log.md and the tuner).
 
 A config is one kernel variant. ``gemv`` picks the kernel:
 
@@ -21,10 +21,8 @@ import functools
 import math
 import os
 
+from qcompiler.codegen.cuda.config import KNOBS  # noqa: F401  (the knobs of a variant)
 from qcompiler.codegen.cuda.layout import K_ALIGN, N_ALIGN, pad_to
-
-KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale",
-         "split_k")
 
 
 def _sm_count(target) -> int:
@@ -177,49 +175,11 @@ def gemv_default(target, key) -> dict:
 
 
 def check_config(target, key, config) -> str | None:
-    missing = [k for k in KNOBS if k not in config]
-    if missing:
-        return f"config lacks {missing}"
-    n_blocks = pad_to(key["n"], N_ALIGN) // 64
-    k_tiles = pad_to(key["k"], K_ALIGN) // 64
-    if config["gemv"] not in (0, 1):
-        return f"gemv={config['gemv']} not in (0, 1)"
-    if config["gemv"]:
-        cb = 8 if _bits(key) > 4 else 4
-        if config["m_frags"] not in (1, 2):
-            return f"the GEMV kernel takes m_frags 1 or 2, not {config['m_frags']}"
-        if config["stage_k"] != 64 or config["acc_scale"] != 0:
-            return "the GEMV kernel does not use stage_k or acc_scale (they must be 64 and 0)"
-        if gemv_registers(config, cb) > GEMV_REGISTERS:
-            return (f"stages={config['stages']} needs {gemv_registers(config, cb)} registers for "
-                    f"loads in flight and accumulators (at most {GEMV_REGISTERS})")
-    if config["m_frags"] not in (1, 2, 4):
-        return f"m_frags={config['m_frags']} not in (1, 2, 4)"
-    if config["warps_n"] < 1 or n_blocks % config["warps_n"]:
-        return f"warps_n={config['warps_n']} does not divide the {n_blocks} n64 blocks"
-    if config["warps_k"] not in ((1, 2, 4, 8, 16) if config["gemv"] else (1, 2, 4)):
-        return f"warps_k={config['warps_k']} not in (1, 2, 4; 8, 16 for the GEMV kernel)"
-    if config["warps_n"] * config["warps_k"] > 16:
-        return "more than 16 warps per CTA"
-    if not 2 <= config["stages"] <= 8:
-        return f"stages={config['stages']} not in [2, 8]"
-    if config["stage_k"] not in (64, 128):
-        return f"stage_k={config['stage_k']} not in (64, 128)"
-    if pad_to(key["k"], K_ALIGN) % config["stage_k"]:
-        return f"stage_k={config['stage_k']} does not divide K padded to {pad_to(key['k'], 64)}"
-    group = _group(key)
-    if group and not (group % config["stage_k"] == 0 or config["stage_k"] % group == 0):
-        return f"group {group} and stage_k={config['stage_k']} do not nest"
-    if config["acc_scale"] not in (0, 1):
-        return f"acc_scale={config['acc_scale']} not in (0, 1)"
-    if config["acc_scale"] and (config["m_frags"] != 1 or not group):
-        return "acc_scale needs an M tile of 16 (m_frags=1) and group scales"
-    if not 1 <= config["split_k"] <= k_tiles:
-        return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"
-    if smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30) \
-            > _smem_limit(target):
-        return f"needs {smem_bytes(config, key)} bytes of shared memory"
-    return None
+    """None if ``config`` is a valid variant for ``key``, else why: the backend's validator
+    (``config.check_knobs``: plain-int knobs, ranges, registers, shared memory)."""
+    from qcompiler.codegen.cuda.config import check_knobs
+
+    return check_knobs(target, key, config)
 
 
 def measure(target, key, config, workdir, repeats: int = 50) -> dict:

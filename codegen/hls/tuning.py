@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from qcompiler.codegen.hls.config import check_parallelism
 from qcompiler.codegen.hls.cost_model import (RESOURCES, _divisors, _over_budget,
                                               choose_parallelism, estimate_design)
 
@@ -80,10 +81,9 @@ def search_space(target, key: dict) -> dict:
 def check_config(target, key: dict, config: dict) -> Optional[str]:
     cfg = nominal_layer_config(key)
     pe, simd = config.get("pe"), config.get("simd")
-    if not isinstance(pe, int) or pe < 1 or cfg["n"] % pe:
-        return f"pe={pe!r} must divide n={cfg['n']}"
-    if not isinstance(simd, int) or simd < 1 or cfg["words_per_group"] % simd:
-        return f"simd={simd!r} must divide words_per_group={cfg['words_per_group']}"
+    problem = check_parallelism(cfg, pe, simd)  # the backend's validator: plain ints that divide
+    if problem:
+        return problem
     over = _over_budget(estimate_design([(cfg, pe, simd)]), _budget(target), DEFAULT_UTILIZATION)
     return f"over budget: {'; '.join(over)}" if over else None
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import statistics
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 LOG_VERSION = 1
 STATUSES = ("ok", "compile_error", "runtime_error", "wrong_result", "timeout")
@@ -35,6 +36,10 @@ class CorruptLogLine(UserWarning):
 
 class OtherDeviceRecords(UserWarning):
     """A tuning log has records of a kernel for other devices only; they are not applied."""
+
+
+class RejectedConfig(UserWarning):
+    """A record's config fails the backend's validator on replay; it is not applied."""
 
 
 def make_record(target_name: str, device_name: str, key: dict, config: dict,
@@ -62,23 +67,38 @@ def make_record(target_name: str, device_name: str, key: dict, config: dict,
     }
 
 
+def _flat(obj) -> bool:
+    """A JSON object of scalars (no nesting): what every key and config is."""
+    return isinstance(obj, dict) and all(
+        isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str)))
+        for k, v in obj.items())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def validate(record) -> Optional[str]:
-    """None if ``record`` is a valid record, else what is wrong with it."""
+    """None if ``record`` is a valid record, else what is wrong with it (never raises)."""
     if not isinstance(record, dict):
         return f"a record is a JSON object, not {type(record).__name__}"
     missing = [f for f in RECORD_FIELDS if f not in record]
     if missing:
         return f"missing fields {missing}"
-    if record["version"] != LOG_VERSION:
-        return f"log version {record['version']!r} (this qcompiler reads {LOG_VERSION})"
+    if type(record["version"]) is not int or record["version"] != LOG_VERSION:
+        return f"log version {record['version']!r:.40} (this qcompiler reads {LOG_VERSION})"
+    for field in ("target", "device", "op", "status"):
+        if not isinstance(record[field], str):
+            return f"{field} must be a string"
     if record["status"] not in STATUSES:
-        return f"unknown status {record['status']!r}"
-    if not isinstance(record["key"], dict) or not isinstance(record["config"], dict):
-        return "key and config must be JSON objects"
+        return f"unknown status {record['status']!r:.40}"
+    if not _flat(record["key"]) or not _flat(record["config"]):
+        return "key and config must be JSON objects of numbers, strings and booleans"
     if record["status"] == "ok":
         lat = record["latency_us"]
         if not isinstance(lat, dict) or not all(
-                isinstance(lat.get(f), (int, float)) for f in ("median", "min", "max")):
+                _number(lat.get(f)) for f in ("median", "min", "max")):
             return "an ok record needs latency_us with numeric median, min and max"
     return None
 
@@ -100,10 +120,12 @@ def append(path, record: dict) -> None:
 
 
 def read(path) -> list[dict]:
-    """Every valid record of the log in file order; a missing file is an empty log.
+    """Every valid record of the log in file order; a missing file is an empty log (the tuner
+    creates it; replay refuses a missing file, see ``Replay``).
 
-    A corrupt line (bad JSON, a truncated write, a record of another version) is skipped with
-    a ``CorruptLogLine`` warning that names the file and line.
+    A corrupt line (bad JSON, nesting too deep, a truncated write, a record of another
+    version, fields of the wrong type) is skipped with a ``CorruptLogLine`` warning that
+    names the file and line.
     """
     path = Path(path)
     if not path.exists():
@@ -115,8 +137,11 @@ def read(path) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                warnings.warn(f"{path}:{lineno}: skipped a corrupt tuning record ({e.msg})",
+            except (ValueError, RecursionError) as e:
+                # ValueError: bad JSON (JSONDecodeError) or a number too long to convert;
+                # RecursionError: nesting deeper than the parser's stack.
+                why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+                warnings.warn(f"{path}:{lineno}: skipped a corrupt tuning record ({why})",
                               CorruptLogLine, stacklevel=2)
                 continue
             problem = validate(record)
@@ -189,29 +214,55 @@ def recording_lookups():
 
 
 class Replay:
-    """A tuning log read once, for a pass that looks up the configs of many kernels."""
+    """A tuning log read once, for a pass that looks up the configs of many kernels.
+
+    A missing file is an ``InputError`` ("tuning log FILE does not exist"): replay never
+    treats a mistyped path as an empty log (``qcompile --tune`` creates the file first).
+    """
 
     def __init__(self, path):
         self.path = path
-        self.records = [] if _LOOKUPS is not None else read(path)
+        if _LOOKUPS is not None:
+            self.records = []
+            return
+        if not Path(path).is_file():
+            from qcompiler.errors import InputError
 
-    def best_config(self, target_name: str, device_name: str, key: dict) -> Optional[dict]:
+            raise InputError(f"tuning log {path} does not exist")
+        self.records = read(path)
+
+    def best_config(self, target_name: str, device_name: str, key: dict,
+                    check: Optional[Callable[[dict], Optional[str]]] = None) -> Optional[dict]:
         """The fastest verified config for exactly this target, device and key
         (``best_record``), or None when the log has none (the caller uses its heuristic).
 
-        When the log holds ok records of this target and key measured on other devices only,
-        the fallback is announced (``OtherDeviceRecords`` warning) rather than silent.
+        ``check`` is the backend's validator (config -> None or what is wrong): a record whose
+        config fails it is skipped with a ``RejectedConfig`` warning and the next best valid
+        one is taken. When the log holds ok records of this target and key measured on other
+        devices only, the fallback is announced (``OtherDeviceRecords`` warning).
         """
         if _LOOKUPS is not None:
             _LOOKUPS.append(dict(key))
             return None
-        best = best_record(self.records, target_name, device_name, key)
-        if best is not None:
-            return dict(best["config"])
         from qcompiler.tuning.key import key_id
 
         kid = key_id(key)
-        others = sorted({r["device"] for r in self.records
+        records = self.records
+        if check is not None:
+            records = []
+            for r in self.records:
+                if r["status"] == "ok" and r["target"] == target_name \
+                        and r["device"] == device_name and key_id(r["key"]) == kid:
+                    problem = check(dict(r["config"]))
+                    if problem:
+                        warnings.warn(f"{self.path}: a record of the kernel {kid} is not used: "
+                                      f"{problem}", RejectedConfig, stacklevel=2)
+                        continue
+                records.append(r)
+        best = best_record(records, target_name, device_name, key)
+        if best is not None:
+            return dict(best["config"])
+        others = sorted({r["device"] for r in records
                          if r["status"] == "ok" and r["target"] == target_name
                          and key_id(r["key"]) == kid})
         if others:

@@ -1,0 +1,196 @@
+"""The CUDA backend's config validator: one check for every source of a qmatmul's config.
+
+A config reaches ``codegen/cuda/backend.py`` from the passes (``schedule-unpack``, ``tile``),
+from a tuning log (replayed by ``tile``) or from ``.qir`` text read back by the parser. All
+three go through ``validate`` before anything is rendered, so the template only ever sees
+the values below:
+
+- ``unpack`` / ``scale_at`` / ``zero_at``: one of a fixed set of strings (they select code in
+  the template; any other string is refused, never interpolated);
+- ``variants``: one dict per M bucket with the knobs of ``tuning.KNOBS``, each a plain int
+  (``True``, ``1.0`` and ``"2"`` are not ints), ``m_max`` >= 1 and a ``source`` string; the
+  knobs must also pass ``check_knobs`` (the ranges and the shared-memory and register limits
+  that the tuner's ``check_config`` applies);
+- the packed weight's layout parameters that the template prints as code: plain ints.
+
+``ConfigError`` names the node and the knob.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from qcompiler.errors import ConfigError
+
+UNPACKS = ("lop3-magic-f16", "shift-magic-bf16", "prmt-f16", "shift-mask-f32")
+SCALE_AT = ("registers", "epilogue")
+ZERO_AT = ("registers", "constant")
+SOURCES = ("heuristic", "tuning-log", "explicit")
+KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
+X_DTYPES = ("f16", "bf16")
+# Layout parameters the template prints as C++ numbers.
+LAYOUT_INTS = ("container_bits", "k", "n", "k_pad", "n_pad", "group", "zero_const",
+               "act_order")
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel variant (an M bucket) with decided knobs."""
+
+    m_max: int
+    source: str
+    gemv: int
+    m_frags: int
+    warps_n: int
+    warps_k: int
+    stages: int
+    stage_k: int
+    acc_scale: int
+    split_k: int
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    unpack: str
+    scale_at: str
+    zero_at: str
+    variants: tuple[Variant, ...]
+
+
+def is_int(value) -> bool:
+    """A plain int: bool is not an int here, nor 1.0, nor "2"."""
+    return type(value) is int
+
+
+def knob_types(config: dict, knobs=KNOBS) -> Optional[str]:
+    """None if every knob is present and a plain int, else what is wrong (names the knob)."""
+    if not isinstance(config, dict):
+        return f"a config is a dict of knobs, not {type(config).__name__}"
+    missing = [k for k in knobs if k not in config]
+    if missing:
+        return f"config lacks {missing}"
+    for knob in knobs:
+        if not is_int(config[knob]):
+            return f"{knob}={config[knob]!r} is not an int"
+    return None
+
+
+def check_knobs(target, key: dict, config: dict) -> Optional[str]:
+    """None if ``config`` is a valid kernel variant for ``key`` on ``target``, else why.
+
+    The tuner's ``tuning.check_config`` is this function: tuning logs, passes and ``.qir``
+    text are held to the same rules.
+    """
+    from qcompiler.codegen.cuda.layout import K_ALIGN, N_ALIGN, pad_to
+    from qcompiler.codegen.cuda.tuning import (GEMV_REGISTERS, _bits, _group, _smem_limit,
+                                               gemv_registers, smem_bytes)
+
+    problem = knob_types(config)
+    if problem:
+        return problem
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    k_tiles = pad_to(key["k"], K_ALIGN) // 64
+    if config["gemv"] not in (0, 1):
+        return f"gemv={config['gemv']} not in (0, 1)"
+    if config["gemv"]:
+        cb = 8 if _bits(key) > 4 else 4
+        if config["m_frags"] not in (1, 2):
+            return f"the GEMV kernel takes m_frags 1 or 2, not {config['m_frags']}"
+        if config["stage_k"] != 64 or config["acc_scale"] != 0:
+            return "the GEMV kernel does not use stage_k or acc_scale (they must be 64 and 0)"
+        if gemv_registers(config, cb) > GEMV_REGISTERS:
+            return (f"stages={config['stages']} needs {gemv_registers(config, cb)} registers for "
+                    f"loads in flight and accumulators (at most {GEMV_REGISTERS})")
+    if config["m_frags"] not in (1, 2, 4):
+        return f"m_frags={config['m_frags']} not in (1, 2, 4)"
+    if config["warps_n"] < 1 or n_blocks % config["warps_n"]:
+        return f"warps_n={config['warps_n']} does not divide the {n_blocks} n64 blocks"
+    if config["warps_k"] not in ((1, 2, 4, 8, 16) if config["gemv"] else (1, 2, 4)):
+        return f"warps_k={config['warps_k']} not in (1, 2, 4; 8, 16 for the GEMV kernel)"
+    if config["warps_n"] * config["warps_k"] > 16:
+        return "more than 16 warps per CTA"
+    if not 2 <= config["stages"] <= 8:
+        return f"stages={config['stages']} not in [2, 8]"
+    if config["stage_k"] not in (64, 128):
+        return f"stage_k={config['stage_k']} not in (64, 128)"
+    if pad_to(key["k"], K_ALIGN) % config["stage_k"]:
+        return f"stage_k={config['stage_k']} does not divide K padded to {pad_to(key['k'], 64)}"
+    group = _group(key)
+    if group and not (group % config["stage_k"] == 0 or config["stage_k"] % group == 0):
+        return f"group {group} and stage_k={config['stage_k']} do not nest"
+    if config["acc_scale"] not in (0, 1):
+        return f"acc_scale={config['acc_scale']} not in (0, 1)"
+    if config["acc_scale"] and (config["m_frags"] != 1 or not group):
+        return "acc_scale needs an M tile of 16 (m_frags=1) and group scales"
+    if not 1 <= config["split_k"] <= k_tiles:
+        return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"
+    if smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30) \
+            > _smem_limit(target):
+        return f"needs {smem_bytes(config, key)} bytes of shared memory"
+    return None
+
+
+def _node(node) -> str:
+    return f"%{node.result.name}" if node is not None else "qmatmul"
+
+
+def _choice(config: dict, knob: str, allowed: tuple, where: str) -> str:
+    value = config.get(knob)
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: config {knob}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def validate(config, node, target=None) -> CudaConfig:
+    """The typed config of a packed, tiled qmatmul ``node``; ``ConfigError`` naming the node
+    and the knob when any value is not one the kernels were written for.
+
+    ``target`` (a Target) enables the shared-memory limit of ``check_knobs``; without it the
+    target named by the config is used.
+    """
+    from qcompiler.targets import get_target
+    from qcompiler.tuning.key import kernel_key
+
+    where = _node(node)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config is {type(config).__name__}, not a dict")
+    unpack = _choice(config, "unpack", UNPACKS, where)
+    scale_at = _choice(config, "scale_at", SCALE_AT, where)
+    zero_at = _choice(config, "zero_at", ZERO_AT, where)
+    x_dtype = node.operands[0].type.dtype.name
+    if x_dtype not in X_DTYPES:
+        raise ConfigError(f"{where}: the CUDA kernels take f16 or bf16 activations, not {x_dtype}")
+    lay = node.operands[1].type.layout
+    for param in LAYOUT_INTS:
+        if lay is None or not is_int(lay.get(param)):
+            raise ConfigError(f"{where}: weight layout parameter {param}="
+                              f"{None if lay is None else lay.get(param)!r} is not an int")
+    if target is None:
+        name = config.get("target")
+        if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: config target={name!r} is not a target name")
+        try:
+            target = get_target(name)
+        except Exception:
+            raise ConfigError(f"{where}: config target={name!r} is not a known target") from None
+    raw = config.get("variants")
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: config variants must be a non-empty dict of M buckets")
+    variants = []
+    for bucket, v in raw.items():
+        at = f"{where} variant {bucket!r}"
+        if not isinstance(v, dict):
+            raise ConfigError(f"{at}: a variant is a dict of knobs, not {type(v).__name__}")
+        if not is_int(v.get("m_max")) or v["m_max"] < 1:
+            raise ConfigError(f"{at}: m_max={v.get('m_max')!r} is not a positive int")
+        source = v.get("source")
+        if not isinstance(source, str) or source not in SOURCES:
+            raise ConfigError(f"{at}: source={source!r} is not one of {', '.join(SOURCES)}")
+        problem = check_knobs(target, kernel_key(node, min(v["m_max"], 1 << 20)), v)
+        if problem:
+            raise ConfigError(f"{at}: {problem}")
+        variants.append(Variant(m_max=v["m_max"], source=source,
+                                **{k: v[k] for k in KNOBS}))
+    return CudaConfig(unpack, scale_at, zero_at, tuple(sorted(variants, key=lambda v: v.m_max)))
