@@ -36,6 +36,21 @@ def compile(model, target: str = "ref", output_dir=None, example_inputs=None, **
     return _compile(model, target=target, output_dir=output_dir, **options)
 
 
+def compile_to_dir(model, target: str = "ref", output_dir=None, **options):
+    """Compile ``model`` for ``target`` into an artifact directory without loading it; returns
+    ``(directory, final Module)``. ``output_dir`` None: a new temp directory.
+
+    Options: ``passes`` (a pipeline string instead of the target's default pipeline),
+    ``tuning_log``, ``verify_each``, ``instruments``, ``example_inputs`` (torch models). The
+    directory holds module.qir, weights.safetensors, kernels/, manifest.json (format version,
+    the sha256 of every file) and report.json/.txt; ``load(directory)`` runs it, here or on
+    another machine with the target's device (see docs/ for the artifact format).
+    """
+    from qcompiler.driver.api import compile_to_dir as _compile_to_dir
+
+    return _compile_to_dir(model, target, output_dir, **options)
+
+
 def tune(model, target: str, **options) -> dict:
     """Autotune every distinct kernel of ``model`` on ``target``'s device; append the results
     to a tuning log (``qcompiler.tuning.tuner.tune`` lists the options). Compile with
@@ -46,7 +61,12 @@ def tune(model, target: str, **options) -> dict:
 
 
 def load(directory):
-    """Load a compiled artifact directory; ``.run({name: array})`` runs it."""
+    """Load a compiled artifact directory; ``.run({name: array})`` runs it.
+
+    The artifact is checked first (format version, manifest structure, the sha256 of every
+    file, the weights' types and code ranges; only files inside the directory that the manifest
+    lists are opened): ``qcompiler.errors.ArtifactError`` otherwise. An artifact whose device is
+    absent here (CUDA without a GPU) loads, and its ``run`` raises ``DeviceUnavailableError``."""
     from qcompiler.runtime.loader import load as _load
 
     return _load(directory)
