@@ -2,13 +2,14 @@
 
     qcompile MODEL [--target T] [-o DIR] [--passes SPEC]
              [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
-             [--tune [--trials N] [--tune-m M]] [--tuning-log FILE]
+             [--tune [--trials N] [--tune-m M]] [--tuning-log FILE] [-j N] [--no-cache]
     qcompile --list-passes | --list-targets
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from typing import Optional
 
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tuning-log", metavar="FILE",
                     help="tuning log (JSON Lines); without --tune, replay its best verified "
                          "config per kernel (default with --tune: DIR/tuning_log.jsonl)")
+    ap.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                    help="kernels built in parallel (default: the usable CPUs); also the "
+                         "tuner's parallel candidate builds")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="build every kernel: neither read nor write the build cache "
+                         "($QC_CACHE_DIR, else $XDG_CACHE_HOME/qcompiler or ~/.cache/qcompiler)")
     ap.add_argument("--debug", action="store_true",
                     help="on an error, print the full Python traceback too")
     ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
@@ -118,6 +125,7 @@ def _report_internal_error(e: Exception, debug: bool) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    start = time.perf_counter()
     args = _parser().parse_args(argv)
     if args.list_passes:
         sys.stdout.write(list_passes())
@@ -149,10 +157,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             tune_m = _tune_m(args.tune_m)
             qcompiler.tune(args.model, args.target, output_dir=args.output,
                            tuning_log=tuning_log, trials=args.trials, m=tune_m,
-                           passes=args.passes)
+                           passes=args.passes, workers=args.jobs)
         out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
                                          instruments, verify_each=args.verify_each,
-                                         tuning_log=tuning_log)
+                                         tuning_log=tuning_log, cache=not args.no_cache,
+                                         jobs=args.jobs)
     except QCompilerError as e:  # bad input, refused on purpose: one line, exit 1
         return _report_error(e, args.debug)
     except Exception as e:  # anything else escaping the compiler is a bug: exit 2
@@ -161,8 +170,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.write(print_module(module))
     n_qmm = sum(1 for n in module.main.nodes if n.op == "qmatmul")
     sys.stderr.write(f"qcompile: wrote {out_dir} (target {args.target}, {len(module.main.nodes)} "
-                     f"ops, {n_qmm} qmatmul)\n")
+                     f"ops, {n_qmm} qmatmul{_build_summary(out_dir)}) in "
+                     f"{time.perf_counter() - start:.2f} s\n")
     return 0
+
+
+def _build_summary(out_dir: str) -> str:
+    """``; 3 kernels built, 2 cached`` from the compile's report.json ('' when none built)."""
+    import json
+    import os
+
+    from qcompiler.driver.artifact import REPORT_FILE
+
+    with open(os.path.join(out_dir, REPORT_FILE)) as f:
+        build = json.load(f).get("build", {})
+    if not build.get("kernels"):
+        return ""
+    return (f"; {build['kernels']} distinct kernels: {build['built']} built, "
+            f"{build['cache_hits']} cached, {build['seconds']:.2f} s")
 
 
 if __name__ == "__main__":
