@@ -4,7 +4,9 @@ the ref target with its default pipeline and checked against onnxruntime.
 Formats (tests/onnx_models.FORMATS): MatMulNBits 4-bit (block 32 asym, block 128 sym), 2-bit
 and 8-bit; QDQ blocked int4 (sym/asym); QDQ int8 static per-channel; QOperator
 (QLinearMatMul + com.microsoft QLinearAdd, imported as dequantize/add/quantize); dynamic int8
-(per tensor / per channel).
+(per tensor / per channel). The integer formats use weights that onnxruntime multiplies exactly
+on every x86 host (7-bit i8 or u8; tests/onnx_models.py says why), so the bounds below hold
+with or without VNNI.
 
 Tolerances (the arithmetic behind them):
 
@@ -40,6 +42,7 @@ import qcompiler
 from qcompiler.driver.api import run_pipeline
 from qcompiler.driver.artifact import MODULE_FILE, WEIGHTS_FILE, read_weights
 from qcompiler.frontends.onnx import load
+from qcompiler.ir.core import constant_value
 from qcompiler.ir import parse_module, print_module
 from qcompiler.runtime.reference import run
 from qcompiler.targets import get_target
@@ -136,6 +139,27 @@ def _output_scale(model: onnx.ModelProto) -> float:
     dq = next(n for n in g.node if g.output[0].name in n.output)
     assert dq.op_type == "DequantizeLinear", dq.op_type
     return float(inits[dq.input[1]])
+
+
+# i8 weights at most this large keep onnxruntime's u8 x s8 int16 pair sums (vpmaddubsw on
+# AVX2-only hosts) from saturating: 2 * 255 * 64 = 32640 <= 32767.
+MAX_EXACT_I8_CODE = 64
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FORMATS.items() if f.act != "float"))
+def test_integer_formats_are_exact_in_onnxruntime_on_every_x86(name):
+    """The premise of the integer bounds below on hosts without VNNI: every weight code is u8
+    (u8 x u8 widens to int16 in onnxruntime) or an i8 code within 7 bits (reduce_range)."""
+    fmt = FORMATS[name]
+    module, _, _ = run_pipeline(load(fmt.build()), DEFAULT_PIPELINE)
+    qmms = [n for n in module.main.nodes if n.op == "qmatmul"]
+    assert len(qmms) == N_LAYERS
+    for q in qmms:
+        codes = constant_value(module, q.operands[1])
+        dtype = q.attrs["w_scheme"].dtype.name
+        assert dtype == fmt.w_dtype and dtype in ("u8", "i8"), (name, dtype)
+        if dtype == "i8":
+            assert int(np.abs(codes.astype(np.int32)).max()) <= MAX_EXACT_I8_CODE, name
 
 
 @pytest.mark.parametrize("batch", [1, 5])

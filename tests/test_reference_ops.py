@@ -480,6 +480,12 @@ def test_qmatmul_dynamic_matches_composed_onnx(per_column, evaluator):
     x = randn(rng, 6, K) * 2
     if per_column:
         w = codes(rng, (K, N), "i8")
+        if evaluator == "ort":
+            # onnxruntime on x86 without VNNI (AVX2: vpmaddubsw) sums pairs of u8 x s8
+            # products in saturating int16; 7-bit weights (what quantize_dynamic writes with
+            # reduce_range) keep every pair <= 2 * 255 * 64 = 32640, exact on every host.
+            # onnx.reference keeps the full i8 range.
+            w = (w // 2).astype(np.int8)
         w_s = rng.uniform(0.01, 0.05, size=(N,)).astype(np.float32)
         w_zp = np.zeros((N,), np.int8)
         sch = scheme("i8", granularity="channel", axis=1)

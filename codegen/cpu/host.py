@@ -5,10 +5,23 @@ without AVX, so the host target names a real CPU: the newest LLVM CPU of the hos
 whose key ISA features the host has. ``llvm_get_system_cpu()`` is not used because under
 virtualization it reports the hypervisor's model (e.g. "rocketlake" for a Sapphire Rapids guest
 with AMX), which can be wrong in both directions.
+
+``QC_HOST_ISA`` (testing) overrides what detection reports for the ``cpu`` target:
+
+- ``avx2``: behave as an AVX2-only x86 host (Haswell, Zen 3): the detected flags lose every
+  ``avx512*``, ``*vnni*`` and ``amx*`` flag, so the -mcpu becomes haswell (Intel) or znver3 /
+  znver2 (AMD), vectors are 256 bits and the int8 (VNNI) path is refused. On an AVX-512 machine
+  this runs the code path a Zen 3 takes, on code this machine can execute.
+- ``avx512``: require AVX-512 (the real detection, unchanged); refused with ``HostISAError`` on
+  a host without it, since its code could not run there.
+- unset or empty: the real detection.
 """
 from __future__ import annotations
 
 import functools
+import os
+
+from qcompiler.errors import ConfigError
 
 # LLVM CPU names, newest first, and the /proc/cpuinfo flags each one needs. Only ISA features
 # that change code generation for our kernels are listed.
@@ -34,6 +47,15 @@ CANDIDATES = {
 }
 FALLBACK_CPU = "x86-64"
 
+HOST_ISA_ENV = "QC_HOST_ISA"
+HOST_ISA_CHOICES = ("avx2", "avx512")
+# The flag families an AVX2-only host (Haswell, Zen 3) lacks: what QC_HOST_ISA=avx2 removes.
+_NOT_ON_AVX2_HOSTS = ("avx512", "avx_vnni", "amx")
+
+
+class HostISAError(ConfigError):
+    """QC_HOST_ISA has a value we do not know, or names an ISA this host cannot execute."""
+
 
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set]:
     """(vendor_id, flags) of the first processor listed."""
@@ -51,6 +73,40 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set]:
     return vendor, flags
 
 
+def host_isa_override() -> str | None:
+    """The value of QC_HOST_ISA (None when unset or empty); an unknown value is refused."""
+    isa = os.environ.get(HOST_ISA_ENV, "").strip().lower()
+    if not isa:
+        return None
+    if isa not in HOST_ISA_CHOICES:
+        raise HostISAError(f"{HOST_ISA_ENV}={isa!r}: choose one of "
+                           f"{', '.join(HOST_ISA_CHOICES)} (or leave it unset)")
+    return isa
+
+
+def mask_flags(flags: set, isa: str | None) -> set:
+    """``flags`` as an ``isa`` host would report them (``None``: unchanged)."""
+    if isa == "avx2":
+        return {f for f in flags if not f.startswith(_NOT_ON_AVX2_HOSTS)}
+    return set(flags)
+
+
+def host_flags() -> tuple[str, set]:
+    """(vendor, flags) of this machine as the compiler sees it: QC_HOST_ISA applied."""
+    return _host_flags(host_isa_override())
+
+
+@functools.cache
+def _host_flags(isa: str | None) -> tuple[str, frozenset]:
+    # Cached per QC_HOST_ISA value, so a test may change the variable (monkeypatch.setenv)
+    # and the next lookup sees it without clearing any cache.
+    vendor, flags = read_cpuinfo()
+    if isa == "avx512" and not _AVX512 <= flags:
+        raise HostISAError(f"{HOST_ISA_ENV}=avx512: this host lacks "
+                           f"{', '.join(sorted(_AVX512 - flags))}; AVX-512 code cannot run here")
+    return vendor, frozenset(mask_flags(flags, isa))
+
+
 def choose_mcpu(vendor: str, flags: set, valid=None) -> str:
     """The newest LLVM CPU of ``vendor`` whose required flags the host has."""
     for name, needed in CANDIDATES.get(vendor, CANDIDATES["GenuineIntel"]):
@@ -59,10 +115,15 @@ def choose_mcpu(vendor: str, flags: set, valid=None) -> str:
     return FALLBACK_CPU
 
 
-@functools.cache
 def host_cpu() -> dict:
-    """{"mcpu", "vendor", "features"} of this machine (features: the flags the kernels use)."""
-    vendor, flags = read_cpuinfo()
+    """{"mcpu", "vendor", "features", "isa_override"} of this machine (features: the flags the
+    kernels use), as QC_HOST_ISA makes it look."""
+    return _host_cpu(host_isa_override())
+
+
+@functools.cache
+def _host_cpu(isa: str | None) -> dict:
+    vendor, flags = _host_flags(isa)
     try:
         from tvm.target import codegen
 
@@ -71,7 +132,8 @@ def host_cpu() -> dict:
         valid = None
     mcpu = choose_mcpu(vendor, flags, _valid_checker(valid))
     return {"mcpu": mcpu, "vendor": vendor,
-            "features": sorted(flags & (_VNNI | {"avx_vnni", "amx_int8", "avx512_bf16"}))}
+            "features": sorted(flags & (_VNNI | {"avx_vnni", "amx_int8", "avx512_bf16"})),
+            "isa_override": isa}
 
 
 def _valid_checker(fn):
