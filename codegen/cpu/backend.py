@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from qcompiler.codegen import Backend
+from qcompiler.codegen.cpu.config import validate as validate_config
 from qcompiler.errors import ArtifactError, QCompilerError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
@@ -104,6 +105,7 @@ class CPUBackend(Backend):
                 calls.append({**record, "impl": "reference"})
                 continue
             _check_numerics_on_target(target, node)
+            validate_config(cfg, node, target)  # whatever its source: pass, log or .qir
             p = _problem(target, node)
             ks, variants = p.kernel_shape(), runtime.variant_list(cfg)
             shape_id = repr((ks, variants))
