@@ -14,6 +14,9 @@ from __future__ import annotations
 class Backend:
     name = "backend"
 
+    def prepare(self, target) -> None:
+        """Called before the passes run (e.g. import a toolchain the passes will query)."""
+
     def compile(self, module, target, out_dir: str,
                 builder=None) -> list[dict]:  # pragma: no cover
         raise NotImplementedError

@@ -75,6 +75,11 @@ def _tvm_nodes(module):
 class CPUBackend(Backend):
     name = "cpu"
 
+    def prepare(self, target) -> None:
+        from qcompiler.codegen.cpu import runtime
+
+        runtime.import_tvm()  # before cpu-schedule asks TVM about the host's CPU
+
     def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
         """Emit and build the kernels: one library per distinct kernel key (nodes with the
         same scheduled TensorIR share it), from ``builder``'s cache or built in parallel."""

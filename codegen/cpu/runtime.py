@@ -14,6 +14,7 @@ kernel and the caller adds the bias. Threads: the TVM thread pool, sized by
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -33,6 +34,23 @@ def default_pool_size() -> None:
     """
     if "TVM_NUM_THREADS" not in os.environ:
         os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
+def import_tvm() -> None:
+    """Import TVM without the torch import that tvm_ffi adds when torch is installed.
+
+    tvm_ffi imports torch first thing (a workaround for a symbol clash seen on Windows only),
+    which took 3 of the 4.6 s of a whole warm MiniLM compile here. The kernels never use
+    torch; a process that imported torch itself keeps it, and torch imported later works.
+    """
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi expects
+    try:
+        import tvm  # noqa: F401
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
 
 def set_num_threads(n: int) -> int:

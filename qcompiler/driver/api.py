@@ -145,6 +145,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     builder = Builder(cache, jobs, progress)
     tgt = resolve_target(target)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    backend = get_backend(tgt.backend)
+    backend.prepare(tgt)
     module = import_model(model, example_inputs)
     imported = time.perf_counter()
     pipeline = passes or tgt.default_pipeline
@@ -160,7 +162,6 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     except OSError as e:  # a file in the way, no permission ...
         raise InputError(f"{out_dir}: cannot create the output directory: "
                          f"{e.strerror or e}") from None
-    backend = get_backend(tgt.backend)
     kernels = backend.compile(module, tgt, out_dir, builder)
     backend_done = time.perf_counter()
     fn = module.main
