@@ -180,6 +180,15 @@ def _is_torch_cuda(v) -> bool:
     return type(v).__module__.startswith("torch") and getattr(v, "is_cuda", False)
 
 
+def _in_kernels_dir(library, index: int) -> str:
+    """A record's library name as a path relative to the artifact directory (the records name
+    it relative to kernels/ or, like the CPU backend's, with the kernels/ prefix)."""
+    from qcompiler.driver.artifact import KERNELS_DIR, checked_relpath
+
+    rel = checked_relpath(library, f"kernels[{index}].library")
+    return rel if rel.startswith(KERNELS_DIR + "/") else f"{KERNELS_DIR}/{rel}"
+
+
 class CudaModuleRunner:
     """``run({name: array})``: numpy arrays (copied to and from the device per kernel call) or
     torch CUDA tensors (used in place, results as torch tensors) when the graph holds only
@@ -202,13 +211,12 @@ class CudaModuleRunner:
             if node is None:
                 raise ArtifactError(f"manifest.json: kernels[{i}].result = {rec['result']!r} is "
                                     "no qmatmul of module.qir")
-            lib = (artifact_path(out_dir, manifest, rec["library"], f"kernels[{i}].library",
-                                 under=KERNELS_DIR) if rec["built"] else None)
+            lib = (artifact_path(out_dir, manifest, _in_kernels_dir(rec["library"], i),
+                                 f"kernels[{i}].library") if rec["built"] else None)
             self.plan.append((rec["result"], lib, rec["symbol"], node))
         built = all(lib is not None for _, lib, _, _ in self.plan)
-        self.runtime_library = (artifact_path(out_dir, manifest, "qc_runtime.so",
-                                              "the CUDA runtime library", under=KERNELS_DIR)
-                                if built else None)
+        self.runtime_library = (artifact_path(out_dir, manifest, f"{KERNELS_DIR}/qc_runtime.so",
+                                              "the CUDA runtime library") if built else None)
         self.rt = None
         self.kernels: dict[str, QmmKernel] = {}
         fn = module.main
