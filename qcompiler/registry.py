@@ -20,6 +20,10 @@ PASSES: dict[str, object] = {
     "tile": "qcompiler.passes.tile:TilePass",
     "cpu-schedule": "qcompiler.passes.cpu_schedule:CPUSchedulePass",
     "cpu-pack-weights": "qcompiler.passes.cpu_pack_weights:CPUPackWeightsPass",
+    "fuse-attention": "qcompiler.passes.fuse_attention:FuseAttentionPass",
+    "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
+    "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
+    "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",
 }
 
 # backend name -> "module:Class"

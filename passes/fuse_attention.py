@@ -1,0 +1,220 @@
+"""fuse-attention: decomposed scaled-dot-product attention becomes one ``attention`` op.
+
+Recognized (what the ONNX and FX frontends produce from BERT, GPT-2 and Llama)::
+
+    scores = matmul(q, kt)                         kt = k transposed in its last two dims
+    scores = mul(scores, c) | div(scores, c)       optional; or c folded into q (mul(q, c))
+    scores = add(scores, mask)                     optional additive float mask, or
+           | where(keep, scores, -big)             a boolean one (-inf, -3.4e38 ...)
+    probs  = softmax(scores, axis=-1)
+    out    = matmul(probs, v)
+
+k and v may be kv heads repeated over query-head groups (grouped-query attention):
+``reshape(expand(unsqueeze(k0, axes=[2])))`` from [B, Hkv, S, D] to [B, Hkv * r, S, D]; the
+attention op then reads k0 and v0 directly. A boolean mask becomes the additive
+``where(keep, 0, -big)``, which adds exactly what the where selected (finite scores plus 0,
+or plus -big). A constant mask that is exactly the lower triangle aligned to the bottom right
+(key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask.
+Intermediates must have no other use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import Value
+from qcompiler.ir.ops import TypeInferenceError, infer_types
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+# An additive fill at or below this hides a key (onnxruntime and torch use -3.4e38 or -inf).
+_HIDDEN = -1e30
+
+
+def _producer(v: Optional[Value], op: str):
+    if v is None or v.producer is None or v.producer.op != op:
+        return None
+    return v.producer
+
+
+def _scalar(rw: Rewriter, v: Value) -> Optional[float]:
+    """The value of a one-element float constant, else None."""
+    c = rw.const(v)
+    if c is None or c.size != 1 or not v.type.dtype.is_float:
+        return None
+    return float(np.asarray(c).astype(np.float64).reshape(()))
+
+
+def _scaled_operand(rw: Rewriter, v: Value) -> tuple[Value, float]:
+    """v = mul(x, c) with a scalar constant c and no other use: (x, c); else (v, 1)."""
+    node = _producer(v, "mul")
+    if node is None or not rw.single_use(v):
+        return v, 1.0
+    for a, b in (node.operands, node.operands[::-1]):
+        c = _scalar(rw, b)
+        if c is not None and a.type.shape == v.type.shape:
+            return a, c
+    return v, 1.0
+
+
+def _untransposed(rw: Rewriter, kt: Value, before) -> Value:
+    """k from kt = k with its last two dims swapped (a new transpose unless one cancels)."""
+    rank = kt.type.rank
+    node = _producer(kt, "transpose")
+    if node is not None:
+        perm = list(node.attrs["perm"])
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        if perm == list(range(rank)):
+            return node.operands[0]
+        return rw.create("transpose", [node.operands[0]], {"perm": perm}, before=before,
+                         hint="attn_k").result
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return rw.create("transpose", [kt], {"perm": perm}, before=before, hint="attn_k").result
+
+
+def _shared_heads(rw: Rewriter, v: Value) -> Value:
+    """k0 when v = reshape(expand(unsqueeze(k0, [2]))) repeats the kv heads of k0, else v."""
+    reshape = _producer(v, "reshape")
+    expand = _producer(reshape.operands[0], "expand") if reshape else None
+    unsq = _producer(expand.operands[0], "unsqueeze") if expand else None
+    if unsq is None or list(unsq.attrs["axes"]) not in ([2], [-3]):
+        return v
+    k0 = unsq.operands[0]
+    five = expand.result.type.shape
+    if k0.type.rank != 4 or len(five) != 5 or v.type.rank != 4:
+        return v
+    b, hkv, s, d = k0.type.shape
+    if not (five[0] == b and five[1] == hkv and five[3] == s and five[4] == d):
+        return v
+    rep = five[2]
+    hq = v.type.shape[1]
+    if not (isinstance(rep, int) and isinstance(hkv, int) and hq == hkv * rep):
+        return v
+    if v.type.shape != (b, hq, s, d):
+        return v
+    return k0
+
+
+def _causal_constant(rw: Rewriter, mask: Value, keep: bool) -> bool:
+    """True when a constant mask hides exactly the keys j > i + (Skv - Sq).
+
+    ``keep``: the mask is boolean (True keeps a key); else it is additive (0 keeps, a value
+    at or below -1e30 hides)."""
+    c = rw.const(mask)
+    if c is None or c.ndim < 2 or any(d != 1 for d in c.shape[:-2]):
+        return False
+    c = np.asarray(c).reshape(c.shape[-2:])
+    sq, skv = c.shape
+    allowed = np.arange(skv)[None, :] <= np.arange(sq)[:, None] + (skv - sq)
+    if keep:
+        return bool(np.array_equal(c.astype(bool), allowed))
+    c = c.astype(np.float64)
+    return bool(np.all(c[allowed] == 0) and np.all(c[~allowed] <= _HIDDEN))
+
+
+class FuseAttention(RewritePattern):
+    op = "matmul"
+
+    def rewrite(self, node, rw):
+        probs, v = node.operands
+        softmax = _producer(probs, "softmax")
+        if softmax is None or not rw.single_use(probs) or v.type.rank != 4:
+            return False
+        if softmax.attrs["axis"] not in (-1, probs.type.rank - 1):
+            return False
+        scores = softmax.operands[0]
+        if not rw.single_use(scores):
+            return False
+        mask, causal, scores = self._mask(rw, scores)
+        if scores is None:
+            return False
+        scale, scores = self._scale(rw, scores)
+        qk = _producer(scores, "matmul")
+        if qk is None or not rw.single_use(qk.result):
+            return False
+        q, kt = qk.operands
+        if q.type.rank != 4 or kt.type.rank != 4:
+            return False
+        q, q_scale = _scaled_operand(rw, q)
+        kt, k_scale = _scaled_operand(rw, kt)
+        k = _shared_heads(rw, _untransposed(rw, kt, node))
+        v = _shared_heads(rw, v)
+        if isinstance(mask, tuple):  # a boolean mask: where(keep, 0, fill) is its additive form
+            keep, fill = mask
+            zero = rw.constant(np.zeros((), fill.type.dtype.np_dtype), fill.type.with_shape(()),
+                               before=node, hint="attn_mask_zero")
+            mask = rw.create("where", [keep, zero, fill], before=node, hint="attn_mask").result
+        operands = [q, k, v] + ([mask] if mask is not None else [])
+        attrs = {"scale": float(scale * q_scale * k_scale), "causal": int(causal)}
+        try:
+            inferred = infer_types("attention", [o.type for o in operands], attrs, [None] * 4)[0]
+        except TypeInferenceError:
+            return False  # e.g. a mask of more dims; the new transpose/where die unused
+        if inferred.dtype != node.result.type.dtype or inferred.rank != 4:
+            return False
+        fused = rw.create("attention", operands, attrs, before=node, hint="attention",
+                          result_types=[node.result.type])
+        rw.replace(node, [fused.result])
+        return True
+
+    def _mask(self, rw: Rewriter, scores: Value):
+        """(mask, causal, the scores before masking), or (.., .., None) when nothing matches.
+        mask: None, an additive float value, or (keep, fill) of a boolean where."""
+        add = _producer(scores, "add")
+        if add is not None:
+            for s, m in (add.operands, add.operands[::-1]):
+                if _reaches_qk(rw, s) and rw.single_use(s) and m.type.dtype.is_float:
+                    if _causal_constant(rw, m, keep=False):
+                        return None, True, s
+                    return m, False, s
+            return None, False, None
+        where = _producer(scores, "where")
+        if where is not None:
+            keep, s, fill = where.operands
+            hidden = _scalar(rw, fill)
+            if hidden is None or hidden > _HIDDEN or not _reaches_qk(rw, s) \
+                    or not rw.single_use(s):
+                return None, False, None
+            if _causal_constant(rw, keep, keep=True):
+                return None, True, s
+            return (keep, fill), False, s
+        return None, False, scores
+
+    def _scale(self, rw: Rewriter, scores: Value) -> tuple[float, Value]:
+        """(scale, q kᵀ) from scores = mul(q kᵀ, c) | mul(c, q kᵀ) | div(q kᵀ, c) | q kᵀ."""
+        node = scores.producer
+        if node is None or node.op not in ("mul", "div"):
+            return 1.0, scores
+        pairs = [node.operands] if node.op == "div" else [node.operands, node.operands[::-1]]
+        for s, c in pairs:
+            value = _scalar(rw, c)
+            if value is not None and _producer(s, "matmul") is not None and rw.single_use(s):
+                return (1.0 / value if node.op == "div" else value), s
+        return 1.0, scores
+
+
+def _reaches_qk(rw: Rewriter, v: Value) -> bool:
+    """v is q kᵀ, possibly scaled by a scalar constant (tells the scores from the mask)."""
+    if _producer(v, "matmul") is not None:
+        return True
+    node = v.producer
+    if node is None or node.op not in ("mul", "div"):
+        return False
+    pairs = [node.operands] if node.op == "div" else [node.operands, node.operands[::-1]]
+    return any(_producer(s, "matmul") is not None and _scalar(rw, c) is not None
+               for s, c in pairs)
+
+
+@register_pass("fuse-attention")
+@dataclass
+class FuseAttentionPass(Pass):
+    """Decomposed attention (q kᵀ, scale, mask, softmax, · v; shared kv heads) → one attention op."""
+
+    def run(self, module: Module) -> Module:
+        fused = apply_patterns(module, [FuseAttention()])
+        record_stat(module, self.name, attention=fused)
+        return module
