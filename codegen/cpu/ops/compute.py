@@ -1,0 +1,690 @@
+"""The computation of each op kernel, in TVM TE: placeholders for the operands, one
+``te.compute`` per result (plus named intermediate stages that the schedule places).
+
+Every builder returns a ``Kernel``: the placeholders of all operands that are not ``none`` (in
+order; operands whose values are baked into the code, such as slice bounds or a reshape's
+shape, are still parameters, unused, so that a caller passes every operand), the result
+tensors, the schedule kind and the values baked into the code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from qcompiler.codegen.cpu.ops import scalar
+from qcompiler.codegen.cpu.ops.common import (Dims, broadcast_index, compute_dtype,
+                                              constant_operand, dtype_of, is_float_dtype,
+                                              tvm_dtype, unsupported)
+from qcompiler.ir.core import Node
+from qcompiler.ir.types import elem
+
+
+@dataclass
+class Kernel:
+    inputs: list
+    outputs: list
+    kind: str  # injective | rows | reduce | matmul | attention
+    rows: int = 0  # rows kind: leading output dims that index one row (one iteration)
+    baked: dict = field(default_factory=dict)
+
+
+BUILDERS: dict[str, Callable] = {}
+
+
+def _builder(*ops):
+    def wrap(fn):
+        for op in ops:
+            BUILDERS[op] = fn
+        return fn
+    return wrap
+
+
+class _Ctx:
+    """Dims and placeholders of one node."""
+
+    def __init__(self, node: Node, module=None):
+        from tvm import te
+
+        self.node = node
+        self.module = module
+        self.dims = Dims()
+        self.inputs = []
+        self.by_operand = {}
+        for i, v in enumerate(node.operands):
+            if v is None:
+                continue
+            p = te.placeholder(self.dims.shape(v.type), tvm_dtype(v.type.dtype, node),
+                               name=f"in{i}")
+            self.inputs.append(p)
+            self.by_operand[i] = p
+        self.out_shapes = [self.dims.shape(r.type) for r in node.results]
+        self.out_dtypes = [tvm_dtype(r.type.dtype, node) for r in node.results]
+
+    def operand(self, i):
+        return self.by_operand[i]
+
+    def has(self, i) -> bool:
+        return i in self.by_operand
+
+    def otype(self, i):
+        return self.node.operands[i].type
+
+    @property
+    def rtype(self):
+        return self.node.results[0].type
+
+
+def _i64(v):
+    from tvm import tirx
+
+    return tirx.IntImm("int64", int(v)) if isinstance(v, (int, np.integer)) else v
+
+
+def _load_bcast(ctx: _Ctx, i: int, out_index: list):
+    p = ctx.operand(i)
+    idx = broadcast_index(ctx.otype(i), list(p.shape), ctx.rtype, out_index)
+    return p[tuple(idx)] if idx else p[()]
+
+
+def _compute(shape, fn, name):
+    """te.compute that also accepts rank-0 results."""
+    from tvm import te
+
+    if not shape:
+        return te.compute((), lambda: fn([]), name=name)
+    return te.compute(shape, lambda *i: fn(list(i)), name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise
+# --------------------------------------------------------------------------------------------
+
+
+@_builder(*scalar.ELEMENTWISE_OPS)
+def _elementwise(ctx: _Ctx) -> Kernel:
+    node = ctx.node
+    out_dtype = ctx.out_dtypes[0]
+    attr = node.attrs.get("approximate", "none") if node.op == "gelu" else None
+    n = len(node.operands)
+
+    def fn(i):
+        args = [_load_bcast(ctx, k, i) for k in range(n)]
+        return scalar.apply(node.op, attr, args, out_dtype)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("cast")
+def _cast(ctx: _Ctx) -> Kernel:
+    src, dst = ctx.otype(0).dtype, ctx.rtype.dtype
+    if src.kind == "nf4" or "f8" in src.name or "f4" in src.name or "f8" in dst.name \
+            or "f4" in dst.name:
+        raise unsupported(ctx.node, f"cast {src} -> {dst}")
+    out = _compute(ctx.out_shapes[0],
+                   lambda i: scalar.cast(ctx.operand(0)[tuple(i)] if i else ctx.operand(0)[()],
+                                         src, dst, ctx.out_dtypes[0]), "out")
+    return Kernel(ctx.inputs, [out], "injective")
+
+
+def _literal_dtype(stmt, arg_dtypes):
+    candidates = arg_dtypes[1:] if stmt.op == "where" else arg_dtypes
+    for d in candidates:
+        if d is not None and is_float_dtype(d):
+            return d
+    return "float32"
+
+
+def _stmt_dtype(stmt, arg_dtypes, node):
+    from qcompiler.ir.elementwise_body import BOOL_RESULT_OPS
+
+    if stmt.op in BOOL_RESULT_OPS:
+        return "bool"
+    if stmt.op == "cast":
+        return tvm_dtype(elem(stmt.attr), node)
+    if stmt.op == "where":
+        return arg_dtypes[1]
+    return arg_dtypes[0]
+
+
+def body_value(node: Node, text: str, operands: list, out_dtype: str):
+    """The value of an elementwise body on loaded ``operands`` (x0, x1, ...), statement by
+    statement rounded to each statement's element type (as ``elementwise_body.evaluate``)."""
+    from tvm import tirx
+
+    from qcompiler.ir.elementwise_body import parse_body
+
+    body = parse_body(text)
+    env = {f"x{i}": v for i, v in enumerate(operands)}
+    elems = {f"x{i}": None for i in range(len(operands))}
+    for s in body.stmts:
+        known = [dtype_of(env[a]) if isinstance(a, str) else None for a in s.args]
+        lit = _literal_dtype(s, known)
+        args = [env[a] if isinstance(a, str) else tirx.const(float(a), lit) for a in s.args]
+        arg_dtypes = [dtype_of(a) for a in args]
+        dtype = _stmt_dtype(s, arg_dtypes, node)
+        if s.op == "cast":
+            src = elems.get(s.args[0]) if isinstance(s.args[0], str) else None
+            src = src or _elem_of(arg_dtypes[0])
+            value = scalar.cast(args[0], src, elem(s.attr), dtype)
+            elems[s.dst] = elem(s.attr)
+        else:
+            value = scalar.apply(s.op, s.attr, args, dtype)
+        env[s.dst] = value
+    y = env[body.result]
+    return y if dtype_of(y) == out_dtype else y.astype(out_dtype)
+
+
+def _elem_of(dtype: str):
+    names = {"bool": "bool", "int8": "i8", "uint8": "u8", "int16": "i16", "uint16": "u16",
+             "int32": "i32", "uint32": "u32", "int64": "i64", "uint64": "u64",
+             "float16": "f16", "float32": "f32", "float64": "f64", "bfloat16": "bf16"}
+    return elem(names[dtype])
+
+
+@_builder("fused_elementwise")
+def _fused(ctx: _Ctx) -> Kernel:
+    node = ctx.node
+    n = len(node.operands)
+
+    def fn(i):
+        args = [_load_bcast(ctx, k, i) for k in range(n)]
+        return body_value(node, node.attrs["body"], args, ctx.out_dtypes[0])
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+# --------------------------------------------------------------------------------------------
+# row reductions: softmax, layernorm, rmsnorm
+# --------------------------------------------------------------------------------------------
+
+
+def _row_split(ctx: _Ctx, axis: int):
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axis = axis % rank if rank else 0
+    return x, rank, axis
+
+
+def _reduce_axes(shape, names):
+    from tvm import te
+
+    return [te.reduce_axis((0, d), name=n) for d, n in zip(shape, names)]
+
+
+@_builder("softmax")
+def _softmax(ctx: _Ctx) -> Kernel:
+    from tvm import te
+
+    x, rank, axis = _row_split(ctx, ctx.node.attrs["axis"])
+    ct = compute_dtype(dtype_of(x))
+    shape = list(x.shape)
+    red_shape = shape[:axis] + shape[axis + 1:]
+
+    def at(i, k):  # full index from the row index (without axis) and k
+        return tuple(i[:axis]) + (k,) + tuple(i[axis:])
+
+    k1 = te.reduce_axis((0, shape[axis]), name="k1")
+    row_max = te.compute(red_shape, lambda *i: te.max(x[at(i, k1)].astype(ct), axis=k1),
+                         name="row_max")
+    ex = te.compute(shape, lambda *i: te.exp(
+        x[i].astype(ct) - row_max[tuple(i[:axis]) + tuple(i[axis + 1:])]), name="exp")
+    k2 = te.reduce_axis((0, shape[axis]), name="k2")
+    row_sum = te.compute(red_shape, lambda *i: te.sum(ex[at(i, k2)], axis=k2), name="row_sum")
+    out = te.compute(shape, lambda *i: (ex[i] / row_sum[tuple(i[:axis]) + tuple(i[axis + 1:])])
+                     .astype(ctx.out_dtypes[0]), name="out")
+    return Kernel(ctx.inputs, [out], "rows", rows=axis)
+
+
+def _norm_parts(ctx: _Ctx):
+    x, rank, axis = _row_split(ctx, ctx.node.attrs["axis"])
+    shape = list(x.shape)
+    return x, shape, axis, shape[:axis], shape[axis:], compute_dtype(dtype_of(x))
+
+
+def _count(dims, ct):
+    from tvm import tirx
+
+    n = tirx.IntImm("int64", 1)
+    for d in dims:
+        n = n * d
+    return n.astype(ct)
+
+
+def _param_bcast(ctx: _Ctx, i: int, index: list, ct: str):
+    p = ctx.operand(i)
+    idx = broadcast_index(ctx.otype(i), list(p.shape), ctx.otype(0), index)
+    return (p[tuple(idx)] if idx else p[()]).astype(ct)
+
+
+@_builder("layernorm")
+def _layernorm(ctx: _Ctx) -> Kernel:
+    from tvm import te, tirx
+
+    x, shape, axis, rows, cols, ct = _norm_parts(ctx)
+    eps = tirx.const(ctx.node.attrs["epsilon"], ct)
+    n = _count(cols, ct)
+    ks = _reduce_axes(cols, [f"k{j}" for j in range(len(cols))])
+    mean = te.compute(rows, lambda *r: te.sum(x[tuple(r) + tuple(ks)].astype(ct), axis=ks) / n,
+                      name="mean")
+    ks2 = _reduce_axes(cols, [f"j{j}" for j in range(len(cols))])
+
+    def sq(r, c):
+        d = x[tuple(r) + tuple(c)].astype(ct) - mean[tuple(r)]
+        return d * d
+
+    var = te.compute(rows, lambda *r: te.sum(sq(r, ks2), axis=ks2) / n, name="var")
+    inv_std = te.compute(rows, lambda *r: tirx.const(1, ct) / te.sqrt(var[tuple(r)] + eps),
+                         name="inv_std")
+
+    def fn(*i):
+        r = tuple(i[:axis])
+        y = (x[i].astype(ct) - mean[r]) * inv_std[r] * _param_bcast(ctx, 1, list(i), ct)
+        if ctx.has(2):
+            y = y + _param_bcast(ctx, 2, list(i), ct)
+        return y.astype(ctx.out_dtypes[0])
+
+    out = te.compute(shape, fn, name="out")
+    return Kernel(ctx.inputs, [out], "rows", rows=axis)
+
+
+@_builder("rmsnorm")
+def _rmsnorm(ctx: _Ctx) -> Kernel:
+    from tvm import te, tirx
+
+    x, shape, axis, rows, cols, ct = _norm_parts(ctx)
+    eps = tirx.const(ctx.node.attrs["epsilon"], ct)
+    n = _count(cols, ct)
+    ks = _reduce_axes(cols, [f"k{j}" for j in range(len(cols))])
+
+    def sq(r):
+        v = x[tuple(r) + tuple(ks)].astype(ct)
+        return v * v
+
+    rms = te.compute(rows, lambda *r: te.sqrt(te.sum(sq(r), axis=ks) / n + eps), name="rms")
+    out = te.compute(shape, lambda *i: (x[i].astype(ct) / rms[tuple(i[:axis])]
+                                        * _param_bcast(ctx, 1, list(i), ct))
+                     .astype(ctx.out_dtypes[0]), name="out")
+    return Kernel(ctx.inputs, [out], "rows", rows=axis)
+
+
+# --------------------------------------------------------------------------------------------
+# reduce_mean / reduce_sum / reduce_l2
+# --------------------------------------------------------------------------------------------
+
+
+@_builder("reduce_mean", "reduce_sum", "reduce_l2")
+def _reduce(ctx: _Ctx) -> Kernel:
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axes = list(node.attrs["axes"])
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        out = _compute(ctx.out_shapes[0], lambda i: x[tuple(i)] if i else x[()], "out")
+        return Kernel(ctx.inputs, [out], "injective")
+    axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
+    keep = bool(node.attrs["keepdims"])
+    dtype = dtype_of(x)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+    ks = _reduce_axes([x.shape[a] for a in axes], [f"k{a}" for a in axes])
+
+    def full_index(i):
+        """x's index from the result index i and the reduce axes."""
+        idx, it, kt = [], iter(i), iter(ks)
+        for d in range(rank):
+            if d in axes:
+                if keep:
+                    next(it)  # the kept unit dim
+                idx.append(next(kt))
+            else:
+                idx.append(next(it))
+        return tuple(idx)
+
+    def term(i):
+        v = x[full_index(i)].astype(ct)
+        return v * v if node.op == "reduce_l2" else v
+
+    def fn(i):
+        total = te.sum(term(i), axis=ks)
+        return total
+
+    acc = _compute(ctx.out_shapes[0], fn, "acc")
+    count = tirx.IntImm("int64", 1)
+    for a in axes:
+        count = count * x.shape[a]
+
+    def finish(i):
+        v = acc[tuple(i)] if i else acc[()]
+        if node.op == "reduce_l2":
+            v = te.sqrt(v) if is_float_dtype(ct) else \
+                te.sqrt(v.astype("float64")).astype(ct)
+        elif node.op == "reduce_mean":
+            v = v / count.astype(ct) if is_float_dtype(ct) else tirx.truncdiv(v, count.astype(ct))
+        return v.astype(ctx.out_dtypes[0])
+
+    out = _compute(ctx.out_shapes[0], finish, "out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+# --------------------------------------------------------------------------------------------
+# data movement
+# --------------------------------------------------------------------------------------------
+
+
+def _flat_copy(ctx: _Ctx) -> Kernel:
+    """out (any shape with the same element count) = x in row-major order."""
+    from tvm import tirx
+
+    x = ctx.operand(0)
+    in_shape = list(x.shape)
+    out_shape = ctx.out_shapes[0]
+    if [str(a) for a in in_shape] == [str(b) for b in out_shape]:
+        out = _compute(out_shape, lambda i: x[tuple(i)] if i else x[()], "out")
+        return Kernel(ctx.inputs, [out], "injective")
+
+    def fn(i):
+        flat = tirx.IntImm("int64", 0)
+        for d, e in zip(i, out_shape):
+            flat = flat * e + d
+        idx = []
+        for e in reversed(in_shape):
+            idx.append(tirx.floormod(flat, e))
+            flat = tirx.floordiv(flat, e)
+        return x[tuple(reversed(idx))] if in_shape else x[()]
+
+    return Kernel(ctx.inputs, [_compute(out_shape, fn, "out")], "injective")
+
+
+BUILDERS["identity"] = _flat_copy
+BUILDERS["reshape"] = _flat_copy
+BUILDERS["squeeze"] = _flat_copy
+BUILDERS["unsqueeze"] = _flat_copy
+
+
+@_builder("expand")
+def _expand(ctx: _Ctx) -> Kernel:
+    out = _compute(ctx.out_shapes[0], lambda i: _load_bcast(ctx, 0, i), "out")
+    return Kernel(ctx.inputs, [out], "injective")
+
+
+@_builder("transpose")
+def _transpose(ctx: _Ctx) -> Kernel:
+    perm = list(ctx.node.attrs["perm"])
+    x = ctx.operand(0)
+
+    def fn(i):
+        idx = [None] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            idx[in_axis] = i[out_axis]
+        return x[tuple(idx)]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("concat")
+def _concat(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    xs = ctx.inputs
+    rank = len(xs[0].shape)
+    axis = ctx.node.attrs["axis"] % rank
+
+    def fn(i):
+        offsets, start = [], tirx.IntImm("int64", 0)
+        for x in xs:
+            offsets.append(start)
+            start = start + x.shape[axis]
+        value = None
+        for x, off in reversed(list(zip(xs, offsets))):
+            idx = list(i)
+            idx[axis] = i[axis] - off
+            load = x[tuple(idx)]
+            value = load if value is None else tirx.if_then_else(i[axis] >= off, load, value)
+        return value
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("split")
+def _split(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    x = ctx.operand(0)
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    outs, off = [], 0
+    for k, (shape, size) in enumerate(zip(ctx.out_shapes, ctx.node.attrs["sizes"])):
+        def fn(i, off=off):
+            idx = list(i)
+            idx[axis] = i[axis] + tirx.IntImm("int64", off)
+            return x[tuple(idx)]
+        outs.append(_compute(shape, fn, f"out{k}"))
+        off += int(size)
+    return Kernel(ctx.inputs, outs, "injective")
+
+
+def _slice_start(s: int, step: int, d):
+    """Python's slice.indices start for dim d (an int64 expression when d is symbolic)."""
+    from tvm import tirx
+
+    if isinstance(d, tirx.IntImm):
+        return slice(s, None, step).indices(int(d))[0]
+    s64 = tirx.IntImm("int64", s)
+    if step > 0:
+        v = d + s64 if s < 0 else s64
+        return tirx.max(tirx.min(v, d), tirx.IntImm("int64", 0))
+    v = d + s64 if s < 0 else s64
+    return tirx.max(tirx.min(v, d - 1), tirx.IntImm("int64", -1))
+
+
+@_builder("slice")
+def _slice(ctx: _Ctx) -> Kernel:
+    node = ctx.node
+    consts = [constant_operand(node, i, ctx.module) for i in range(1, len(node.operands))]
+    for i, c in enumerate(consts, start=1):
+        if node.operand(i) is not None and c is None:
+            raise unsupported(node, f"slice operand {i} is not a constant")
+    starts = [int(v) for v in consts[0].reshape(-1)]
+    axes = [int(v) for v in consts[2].reshape(-1)] if len(consts) > 2 and consts[2] is not None \
+        else list(range(len(starts)))
+    steps = [int(v) for v in consts[3].reshape(-1)] if len(consts) > 3 and consts[3] is not None \
+        else [1] * len(starts)
+    if 0 in steps:
+        raise unsupported(node, "slice step 0")
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    begin = {a % rank: (s, st) for s, a, st in zip(starts, axes, steps)}
+
+    def fn(i):
+        idx = list(i)
+        for a, (s, st) in begin.items():
+            idx[a] = _i64(_slice_start(s, st, x.shape[a])) + i[a] * st
+        return x[tuple(idx)]
+
+    baked = {"starts": starts, "axes": axes, "steps": steps,
+             "ends": [int(v) for v in consts[1].reshape(-1)]}
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked=baked)
+
+
+def _wrap_index(i, dim):
+    """ONNX negative index -> dim + i; clamped into [0, dim) so a bad index cannot read
+    outside the buffer (the reference raises on it)."""
+    from tvm import tirx
+
+    i = i.astype("int64")
+    i = tirx.Select(i < tirx.IntImm("int64", 0), i + dim, i)
+    return tirx.max(tirx.min(i, dim - 1), tirx.IntImm("int64", 0))
+
+
+@_builder("gather")
+def _gather(ctx: _Ctx) -> Kernel:
+    x, ind = ctx.operand(0), ctx.operand(1)
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+    q = len(ind.shape)
+
+    def fn(i):
+        pos = ind[tuple(i[axis:axis + q])] if q else ind[()]
+        idx = list(i[:axis]) + [_wrap_index(pos, x.shape[axis])] + list(i[axis + q:])
+        return x[tuple(idx)]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("gather_elements")
+def _gather_elements(ctx: _Ctx) -> Kernel:
+    x, ind = ctx.operand(0), ctx.operand(1)
+    axis = ctx.node.attrs["axis"] % len(x.shape)
+
+    def fn(i):
+        idx = list(i)
+        idx[axis] = _wrap_index(ind[tuple(i)], x.shape[axis])
+        return x[tuple(idx)]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("gather_nd")
+def _gather_nd(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    x, ind = ctx.operand(0), ctx.operand(1)
+    b = ctx.node.attrs.get("batch_dims", 0)
+    depth = ctx.otype(1).shape[-1]
+    if not isinstance(depth, int):
+        raise unsupported(ctx.node, "gather_nd index depth is not static")
+    lead = len(ind.shape) - 1  # result dims taken from indices (batch included)
+
+    def fn(i):
+        head = list(i[:lead])
+        pos = [_wrap_index(ind[tuple(head) + (tirx.IntImm("int64", k),)], x.shape[b + k])
+               for k in range(depth)]
+        return x[tuple(head[:b] + pos + list(i[lead:]))]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("range")
+def _range(ctx: _Ctx) -> Kernel:
+    start, delta = ctx.operand(0), ctx.operand(2)
+    dtype = ctx.out_dtypes[0]
+    ct = "float64" if is_float_dtype(dtype) else "int64"
+
+    def fn(i):
+        return (start[()].astype(ct) + i[0].astype(ct) * delta[()].astype(ct)).astype(dtype)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("shape")
+def _shape(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    x = ctx.operand(0)
+    r = len(x.shape)
+    start = ctx.node.attrs.get("start", 0)
+    end = ctx.node.attrs.get("end", r)
+    dims = [x.shape[k] for k in range(*slice(start, end).indices(r))]
+
+    def fn(i):
+        value = tirx.IntImm("int64", 0)
+        for k, d in reversed(list(enumerate(dims))):
+            value = tirx.Select(i[0] == k, d, value)
+        return value
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+# --------------------------------------------------------------------------------------------
+# matmul and attention
+# --------------------------------------------------------------------------------------------
+
+
+@_builder("matmul")
+def _matmul(ctx: _Ctx) -> Kernel:
+    from tvm import te
+
+    a, b = ctx.operand(0), ctx.operand(1)
+    ta, tb = ctx.otype(0), ctx.otype(1)
+    if ta.rank < 2 or tb.rank < 2:
+        raise unsupported(ctx.node, "matmul of a 1-D operand")
+    dtype = dtype_of(a)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+    out_shape = ctx.out_shapes[0]
+    batch = len(out_shape) - 2
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+
+    def operand_index(p, t, i, last2):
+        lead = broadcast_index(t.with_shape(t.shape[:-2]), list(p.shape[:-2]),
+                               ctx.rtype.with_shape(ctx.rtype.shape[:-2]), list(i[:batch]))
+        return tuple(lead) + last2
+
+    acc = te.compute(out_shape, lambda *i: te.sum(
+        a[operand_index(a, ta, i, (i[batch], k))].astype(ct)
+        * b[operand_index(b, tb, i, (k, i[batch + 1]))].astype(ct), axis=k), name="acc")
+    outs = acc
+    if ct != ctx.out_dtypes[0]:
+        outs = te.compute(out_shape, lambda *i: acc[i].astype(ctx.out_dtypes[0]), name="out")
+    return Kernel(ctx.inputs, [outs], "matmul", rows=batch + 1)
+
+
+@_builder("attention")
+def _attention(ctx: _Ctx) -> Kernel:
+    from tvm import te, tirx
+
+    q, k, v = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    ct = compute_dtype(dtype_of(q))
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    Dv = v.shape[3]
+    group = tirx.floordiv(Hq, Hkv)
+    scale = tirx.const(ctx.node.attrs["scale"], ct)
+    causal = bool(ctx.node.attrs["causal"])
+    lowest = tirx.const(scalar.F32_LOWEST if ct == "float32" else float(np.finfo(np.float64).min),
+                        ct)
+    row = [B, Hq, Sq]
+    d = te.reduce_axis((0, D), name="d")
+
+    def score(b, h, i, j):
+        s = te.sum(q[b, h, i, d].astype(ct) * k[b, tirx.floordiv(h, group), j, d].astype(ct),
+                   axis=d) * scale
+        return s
+
+    scores = te.compute(row + [Skv], lambda b, h, i, j: score(b, h, i, j), name="scores")
+
+    def masked(b, h, i, j):
+        s = scores[b, h, i, j]
+        if ctx.has(3):
+            s = s + _param_bcast_to(ctx, 3, [b, h, i, j], ct)
+        if causal:
+            s = tirx.Select(j > i + (Skv - Sq), lowest, s)
+        return s
+
+    logits = te.compute(row + [Skv], masked, name="logits")
+    j1 = te.reduce_axis((0, Skv), name="j1")
+    row_max = te.compute(row, lambda b, h, i: te.max(logits[b, h, i, j1], axis=j1),
+                         name="row_max")
+    ex = te.compute(row + [Skv], lambda b, h, i, j: te.exp(logits[b, h, i, j] - row_max[b, h, i]),
+                    name="exp")
+    j2 = te.reduce_axis((0, Skv), name="j2")
+    row_sum = te.compute(row, lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
+    probs = te.compute(row + [Skv], lambda b, h, i, j: ex[b, h, i, j] / row_sum[b, h, i],
+                       name="probs")
+    j3 = te.reduce_axis((0, Skv), name="j3")
+    acc = te.compute(row + [Dv], lambda b, h, i, e: te.sum(
+        probs[b, h, i, j3] * v[b, tirx.floordiv(h, group), j3, e].astype(ct), axis=j3),
+        name="acc")
+    out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(ctx.out_dtypes[0]),
+                     name="out")
+    return Kernel(ctx.inputs, [out], "attention", rows=3)
+
+
+def _param_bcast_to(ctx: _Ctx, i: int, index: list, ct: str):
+    """The mask operand broadcast (numpy rules) to the scores [B, Hq, Sq, Skv]."""
+    p = ctx.operand(i)
+    tq, tk = ctx.otype(0), ctx.otype(1)
+    scores_type = tq.with_shape((tq.shape[0], tq.shape[1], tq.shape[2], tk.shape[2]))
+    idx = broadcast_index(ctx.otype(i), list(p.shape), scores_type, index)
+    return (p[tuple(idx)] if idx else p[()]).astype(ct)

@@ -1,0 +1,43 @@
+"""``primfunc_for(node)``: the scheduled TensorIR kernel of one QIR node.
+
+Destination-passing: the function's parameters are the node's operands that are not ``none``
+(in order), then its results; it writes the results and returns nothing. Dims come from the
+types: a symbol is one int64 var shared by name (one kernel serves every size), ``?`` a var
+of its own.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from qcompiler.codegen.cpu.ops.common import kernel_name, unsupported
+from qcompiler.codegen.cpu.ops.compute import BUILDERS, _Ctx
+from qcompiler.codegen.cpu.ops.schedule import ScheduleParams, params_for, schedule
+from qcompiler.ir.core import Node
+
+SUPPORTED_OPS = frozenset(BUILDERS)
+
+
+def default_params() -> ScheduleParams:
+    from qcompiler.targets import get_target
+
+    return params_for(get_target("cpu"))
+
+
+def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=None):
+    """(kernel_name, scheduled tvm PrimFunc) of ``node``.
+
+    ``params``: the schedule's decided parameters (default: the host's ``cpu`` target);
+    ``module``: where to find constants stored in the side table (slice bounds).
+    Raises CPUBackendError naming the node and op when the op has no CPU kernel.
+    """
+    from tvm import te
+
+    builder = BUILDERS.get(node.op)
+    if builder is None:
+        raise unsupported(node, "op not in the CPU op kernel library")
+    ctx = _Ctx(node, module)
+    kernel = builder(ctx)
+    name = kernel_name(node, kernel.baked)
+    func = te.create_prim_func(kernel.inputs + kernel.outputs)
+    func = schedule(func, kernel, params or default_params())
+    return name, func.with_attr("global_symbol", name)

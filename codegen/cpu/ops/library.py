@@ -1,0 +1,110 @@
+"""One shared library for all op kernels of a model, and its loader.
+
+``build_ops_library(nodes, target, path)`` puts every distinct kernel (by kernel name; equal
+names are checked to be structurally equal functions) into one IRModule, compiles it with
+LLVM for the target's -mcpu and exports ``path`` (.so). ``OpsLibrary(path)[name]`` is a
+callable taking numpy arrays (operands, then results) that TVM wraps without copying.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from qcompiler.codegen.cpu.backend import CPUBackendError
+from qcompiler.codegen.cpu.ops.kernel import primfunc_for
+from qcompiler.codegen.cpu.ops.schedule import params_for
+from qcompiler.codegen.cpu.runtime import default_pool_size
+
+
+def build_ops_library(nodes: Iterable, target, path: str, module=None) -> dict:
+    """Compile the kernels of ``nodes`` into one library at ``path``.
+
+    ``target``: a cpu Target (or its name). Returns {first result name of each node: kernel
+    name}. Raises CPUBackendError for a node whose op has no kernel (the caller lists it as
+    a host fallback and leaves it out).
+    """
+    import tvm
+    import tvm_ffi
+
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.targets import get_target
+
+    if isinstance(target, str):
+        target = get_target(target)
+    params = params_for(target)
+    funcs: dict = {}
+    names: dict = {}
+    for node in nodes:
+        name, func = primfunc_for(node, params, module)
+        if name in funcs:
+            if not tvm_ffi.structural_equal(funcs[name], func):
+                raise CPUBackendError(f"%{node.results[0].name} = {node.op}: kernel {name} "
+                                      "differs from an earlier kernel of the same name")
+        else:
+            funcs[name] = func
+        names[node.results[0].name] = name
+    if not funcs:
+        raise CPUBackendError("no op kernels to build")
+    ex = tvm.compile(tvm.IRModule(funcs), target=tvm_target(target))
+    ex.export_library(path)
+    return names
+
+
+def _aligned(a: np.ndarray) -> bool:
+    return a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+
+
+class OpsLibrary:
+    """The loaded library: ``lib[kernel_name](*operands, *results)``."""
+
+    def __init__(self, path: str):
+        default_pool_size()
+        import tvm
+
+        self.module = tvm.runtime.load_module(path)
+        self._calls: dict = {}
+
+    def __contains__(self, name: str) -> bool:
+        return self.module.implements_function(name) if hasattr(
+            self.module, "implements_function") else name in self.names()
+
+    def names(self) -> list:
+        return [n for n in self._calls]
+
+    def function(self, name: str):
+        """The raw TVM function (takes tvm tensors from ``wrap`` or numpy arrays)."""
+        try:
+            return self.module[name]
+        except Exception:
+            raise CPUBackendError(f"the op library has no kernel {name}") from None
+
+    def __getitem__(self, name: str):
+        call = self._calls.get(name)
+        if call is None:
+            fn = self.function(name)
+
+            def call(*arrays):
+                fn(*[wrap(a) for a in arrays])
+
+            self._calls[name] = call
+        return call
+
+
+def wrap(a: np.ndarray):
+    """A tvm tensor viewing ``a`` (no copy) when it is 64-byte aligned and contiguous;
+    otherwise the array itself (TVM reads a numpy array through DLPack, also without a copy)."""
+    import tvm
+
+    if isinstance(a, np.ndarray) and _aligned(a):
+        return tvm.runtime.from_dlpack(a)
+    return a
+
+
+def aligned_like(shape, dtype) -> np.ndarray:
+    from qcompiler.codegen.cpu.runtime import aligned_empty
+
+    return aligned_empty(tuple(shape), dtype)
+
+
+__all__ = ["build_ops_library", "OpsLibrary", "wrap", "aligned_like"]

@@ -1,0 +1,222 @@
+"""Scalar semantics of the QIR elementwise ops as TIR expressions (one element at a time).
+
+Each function takes the loaded operand values (in their storage dtypes) and returns the value
+in the op's result dtype, with the reference runtime's numerics:
+
+- float math on f16/bf16 is done in float32 and rounded once per op (numpy's f16 ufuncs do
+  the same for + - * /; for exp/tanh/... numpy's own f16 loops are within an ulp of it);
+- gelu (both forms) and erf are computed in float64 and rounded once, as the reference does
+  (erf is libm's ``erf``: LLVM's float ``erff`` is 1 ulp off scipy's, the double one exact);
+- integer division truncates toward zero; division by zero gives 0 (numpy's result, and no
+  SIGFPE);
+- max/min/relu propagate NaN (numpy maximum/minimum);
+- cast follows ``qcompiler.runtime.numerics.cast``: float -> int truncates and saturates,
+  NaN -> 0; int -> int wraps modulo 2^bits (within the sub-byte width for i4/u4 ...);
+  -> bool is ``x != 0``.
+"""
+from __future__ import annotations
+
+import math
+
+from qcompiler.codegen.cpu.ops.common import compute_dtype, dtype_of, is_float_dtype
+from qcompiler.ir.types import ElementType
+
+F32_LOWEST = -3.4028234663852886e38
+
+
+def _c(value, dtype):
+    from tvm import tirx
+
+    return tirx.const(value, dtype)
+
+
+def to_compute(x):
+    """x in its compute type (float32 for f16/bf16/f32; ints unchanged)."""
+    if is_float_dtype(dtype_of(x)):
+        ct = compute_dtype(dtype_of(x))
+        return x if dtype_of(x) == ct else x.astype(ct)
+    return x
+
+
+def _isnan(x):
+    from tvm import tirx
+
+    return tirx.isnan(x) if is_float_dtype(dtype_of(x)) else tirx.const(False, "bool")
+
+
+def maximum(a, b):
+    """numpy.maximum: NaN in either operand gives NaN."""
+    from tvm import tirx
+
+    if not is_float_dtype(dtype_of(a)):
+        return tirx.max(a, b)
+    return tirx.Select(_isnan(a), a, tirx.Select(_isnan(b), b, tirx.max(a, b)))
+
+
+def minimum(a, b):
+    from tvm import tirx
+
+    if not is_float_dtype(dtype_of(a)):
+        return tirx.min(a, b)
+    return tirx.Select(_isnan(a), a, tirx.Select(_isnan(b), b, tirx.min(a, b)))
+
+
+def int_div(a, b):
+    """C / ONNX integer division (toward zero); x / 0 = 0 and MIN / -1 wraps, as numpy."""
+    from tvm import tirx
+
+    dtype = dtype_of(a)
+    zero = _c(0, dtype)
+    one = _c(1, dtype)
+    safe = tirx.Select(b == zero, one, b)
+    if dtype.startswith("int"):
+        safe = tirx.Select(b == _c(-1, dtype), one, safe)
+        q = tirx.Select(b == _c(-1, dtype), zero - a, tirx.truncdiv(a, safe))
+    else:
+        q = tirx.truncdiv(a, safe)
+    return tirx.Select(b == zero, zero, q)
+
+
+def sigmoid(x):
+    """The reference's stable form: x > 0 ? 1 / (1 + e^-x) : e^x / (1 + e^x)."""
+    from tvm import tirx
+
+    one = _c(1.0, dtype_of(x))
+    ex = tirx.exp(x)
+    return tirx.Select(x > _c(0.0, dtype_of(x)), one / (one + tirx.exp(-x)), ex / (one + ex))
+
+
+def gelu(x, approximate: str):
+    from tvm import tirx
+
+    v = x.astype("float64")
+    half, one = _c(0.5, "float64"), _c(1.0, "float64")
+    if approximate == "tanh":
+        inner = _c(math.sqrt(2.0 / math.pi), "float64") * (v + _c(0.044715, "float64") * v * v * v)
+        return half * v * (one + tirx.tanh(inner))
+    return half * v * (one + tirx.erf(v / _c(math.sqrt(2.0), "float64")))
+
+
+def cast(x, src: ElementType, dst: ElementType, dst_dtype: str):
+    """numerics.cast of one element from ``src`` to ``dst`` (stored as ``dst_dtype``)."""
+    from tvm import tirx
+
+    src_dtype = dtype_of(x)
+    if dst.kind == "bool":
+        return x != _c(0, src_dtype) if src_dtype != "bool" else x
+    if dst.kind in ("int", "uint", "ternary"):
+        lo, hi = dst.int_range()
+        if is_float_dtype(src_dtype):
+            # Truncate toward zero, saturate to the range, NaN -> 0 (compared in float64,
+            # where every f16/f32 value is exact and the bounds round outward harmlessly).
+            v = x.astype("float64")
+            inner = tirx.Select(v <= _c(float(lo), "float64"), _c(lo, dst_dtype),
+                                tirx.Select(v >= _c(float(hi), "float64"), _c(hi, dst_dtype),
+                                            v.astype(dst_dtype)))
+            return tirx.Select(tirx.isnan(v), _c(0, dst_dtype), inner)
+        if dst.kind == "ternary":
+            v = x.astype("int64")
+            return tirx.max(tirx.min(v, _c(1, "int64")), _c(-1, "int64")).astype(dst_dtype)
+        if dst.bits >= 8:
+            return x.astype(dst_dtype)  # wraps, as numpy astype / ONNX
+        v = x.astype("int64") & _c((1 << dst.bits) - 1, "int64")
+        if dst.kind == "int":
+            v = tirx.Select(v >= _c(1 << (dst.bits - 1), "int64"), v - _c(1 << dst.bits, "int64"), v)
+        return v.astype(dst_dtype)
+    return x.astype(dst_dtype)
+
+
+UNARY_FLOAT = ("sqrt", "erf", "sigmoid", "tanh", "exp", "reciprocal", "gelu", "silu")
+COMPARISONS = ("equal", "greater", "greater_or_equal", "less", "less_or_equal")
+
+
+def apply(op: str, attr, args: list, out_dtype: str):
+    """The value of ``op`` on loaded ``args`` in ``out_dtype`` (the QIR op's result type).
+
+    ``attr``: gelu's approximation (``none``/``tanh``); cast takes its own path (``cast``).
+    """
+    from tvm import tirx
+
+    if op in COMPARISONS:
+        a, b = args
+        ct = dtype_of(a) if dtype_of(a) == dtype_of(b) else "float64"
+        a, b = a.astype(ct), b.astype(ct)
+        return {"equal": lambda: a == b, "greater": lambda: a > b,
+                "greater_or_equal": lambda: a >= b, "less": lambda: a < b,
+                "less_or_equal": lambda: a <= b}[op]()
+    if op == "and":
+        a, b = args
+        return tirx.And(_truth(a), _truth(b))
+    if op == "isnan":
+        return _isnan(args[0])
+    if op == "where":
+        cond, a, b = args
+        return tirx.Select(_truth(cond), a.astype(out_dtype), b.astype(out_dtype))
+    if op == "erf":
+        v = tirx.erf(args[0].astype("float64"))
+        return v.astype("float32").astype(out_dtype)
+    if op == "gelu":
+        return gelu(args[0], attr or "none").astype(out_dtype)
+
+    xs = [to_compute(a) for a in args]
+    ct = dtype_of(xs[0])
+    if op == "pow":
+        base = xs[0]
+        expo = xs[1].astype(ct) if is_float_dtype(ct) else xs[1]
+        if not is_float_dtype(ct):
+            return tirx.pow(base.astype("float64"), expo.astype("float64")).astype(out_dtype)
+        return tirx.pow(base, expo).astype(out_dtype)
+    xs = [x if dtype_of(x) == ct else x.astype(ct) for x in xs]
+    floating = is_float_dtype(ct)
+    if op == "add":
+        r = xs[0] + xs[1]
+    elif op == "sub":
+        r = xs[0] - xs[1]
+    elif op == "mul":
+        r = xs[0] * xs[1]
+    elif op == "div":
+        r = xs[0] / xs[1] if floating else int_div(xs[0], xs[1])
+    elif op == "max":
+        r = maximum(xs[0], xs[1])
+    elif op == "min":
+        r = minimum(xs[0], xs[1])
+    elif op == "relu":
+        r = maximum(xs[0], _c(0, ct))
+    elif op == "neg":
+        r = _c(0, ct) - xs[0]
+    elif op == "abs":
+        r = tirx.abs(xs[0])
+    elif op == "sqrt":
+        r = tirx.sqrt(xs[0])
+    elif op == "exp":
+        r = tirx.exp(xs[0])
+    elif op == "tanh":
+        r = tirx.tanh(xs[0])
+    elif op == "sigmoid":
+        r = sigmoid(xs[0])
+    elif op == "silu":
+        # mul(x, sigmoid(x)) with the sigmoid rounded to the result type first, as the
+        # body evaluator runs it (one rounding in f32)
+        sig = sigmoid(xs[0])
+        if dtype_of(sig) != out_dtype:
+            sig = sig.astype(out_dtype).astype(ct)
+        r = xs[0] * sig
+    elif op == "reciprocal":
+        r = _c(1, ct) / xs[0]
+    elif op == "identity":
+        r = xs[0]
+    else:
+        raise KeyError(op)
+    return r if dtype_of(r) == out_dtype else r.astype(out_dtype)
+
+
+def _truth(x):
+    from tvm import tirx
+
+    return x if dtype_of(x) == "bool" else x != tirx.const(0, dtype_of(x))
+
+
+ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf", "relu",
+                   "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
+                   "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
+                   "isnan", "silu", "identity")
