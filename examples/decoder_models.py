@@ -1,0 +1,230 @@
+"""Decoder-only language models with random weights, for tests and benchmarks.
+
+    .venv/bin/python examples/decoder_models.py --arch llama --layers 2 --out /tmp/llama.onnx
+
+- ``gpt2(...)``: the Hugging Face GPT-2 architecture (``transformers.GPT2LMHeadModel``, eager
+  attention, no cache): learned positions, LayerNorm, GELU (tanh) MLP, causal attention.
+- ``llama(...)``: a Llama-architecture model written out here with an explicit KV cache as
+  inputs and outputs, so that one decode step exports as a plain graph: RMSNorm, rotary
+  embeddings (cos/sin tables indexed by the position ids, so no Cos/Sin at run time),
+  grouped-query attention (``kv_heads < heads``, k/v repeated over heads as Hugging Face's
+  ``repeat_kv`` does), SwiGLU MLP, causal masking against the cache.
+  ``forward(input_ids [B, S], position_ids [B, S], past_k, past_v)`` with the caches stacked
+  over layers: ``[layers, B, kv_heads, P, head_dim]``; returns logits and the caches with the
+  new keys/values appended (``[layers, B, kv_heads, P + S, head_dim]``). ``with_cache=False``
+  builds the prefill model without cache inputs.
+
+``export_onnx`` writes either through ``torch.onnx.export`` with ``dynamo=True`` or ``False``.
+Weights are random (seeded): these models measure speed and check numerics; they say nothing
+of accuracy on text.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+TINYLLAMA = dict(vocab=32000, hidden=2048, heads=32, kv_heads=4, intermediate=5632)
+SMALL_LLAMA = dict(vocab=256, hidden=64, heads=4, kv_heads=2, intermediate=160)
+
+
+def gpt2(layers: int = 12, hidden: int = 768, heads: int = 12, vocab: int = 50257,
+         positions: int = 1024, seed: int = 0):
+    """A GPT-2 LM (transformers) with random weights, eval mode, eager attention."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab,
+                     n_positions=positions, use_cache=False, attn_implementation="eager")
+    model = GPT2LMHeadModel(cfg).eval()
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids).logits
+
+    return LogitsOnly(model).eval()
+
+
+def llama(layers: int = 4, vocab: int = 32000, hidden: int = 2048, heads: int = 32,
+          kv_heads: int = 4, intermediate: int = 5632, max_positions: int = 2048,
+          rope_theta: float = 10000.0, eps: float = 1e-5, with_cache: bool = True,
+          seed: int = 0):
+    """A Llama-architecture LM with random weights (see the module docstring)."""
+    import torch
+    from torch import nn
+
+    head_dim = hidden // heads
+    groups = heads // kv_heads
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(hidden))
+
+        def forward(self, x):
+            var = x.pow(2).mean(-1, keepdim=True)
+            return x * torch.rsqrt(var + eps) * self.weight
+
+    def rotate_half(x):
+        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def repeat_kv(x):  # [B, KV, T, D] -> [B, KV * groups, T, D]
+        b, kv, t, d = x.shape
+        x = x[:, :, None, :, :].expand(b, kv, groups, t, d)
+        return x.reshape(b, kv * groups, t, d)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_norm = RMSNorm()
+            self.q = nn.Linear(hidden, heads * head_dim, bias=False)
+            self.k = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+            self.v = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+            self.o = nn.Linear(heads * head_dim, hidden, bias=False)
+            self.post_norm = RMSNorm()
+            self.gate = nn.Linear(hidden, intermediate, bias=False)
+            self.up = nn.Linear(hidden, intermediate, bias=False)
+            self.down = nn.Linear(intermediate, hidden, bias=False)
+
+        def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+            b, s, _ = x.shape
+            h = self.input_norm(x)
+            q = self.q(h).view(b, s, heads, head_dim).transpose(1, 2)
+            k = self.k(h).view(b, s, kv_heads, head_dim).transpose(1, 2)
+            v = self.v(h).view(b, s, kv_heads, head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            if past_k is not None:
+                k = torch.cat([past_k, k], dim=2)
+                v = torch.cat([past_v, v], dim=2)
+            scores = torch.matmul(q, repeat_kv(k).transpose(2, 3)) / math.sqrt(head_dim)
+            probs = torch.softmax(scores + mask, dim=-1)
+            attn = torch.matmul(probs, repeat_kv(v)).transpose(1, 2).reshape(b, s, hidden)
+            x = x + self.o(attn)
+            h = self.post_norm(x)
+            x = x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+            return x, k, v
+
+    class Llama(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(vocab, hidden)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.norm = RMSNorm()
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+            inv = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            ang = torch.outer(torch.arange(max_positions).float(), inv)
+            ang = torch.cat([ang, ang], dim=-1)
+            self.register_buffer("cos_table", ang.cos(), persistent=False)
+            self.register_buffer("sin_table", ang.sin(), persistent=False)
+
+        def _run(self, input_ids, position_ids, past_k, past_v):
+            x = self.embed(input_ids)
+            cos = self.cos_table[position_ids].unsqueeze(1)  # [B, 1, S, D]
+            sin = self.sin_table[position_ids].unsqueeze(1)
+            s = input_ids.shape[1]
+            past = 0 if past_k is None else past_k.shape[3]
+            # key j is visible to query i when j <= past + i (causal against the cache)
+            qpos = torch.arange(s, device=input_ids.device)[:, None] + past
+            kpos = torch.arange(past + s, device=input_ids.device)[None, :]
+            mask = torch.where(kpos <= qpos, 0.0, -3.4028234663852886e38)
+            new_k, new_v = [], []
+            for i, block in enumerate(self.blocks):
+                pk = None if past_k is None else past_k[i]
+                pv = None if past_v is None else past_v[i]
+                x, k, v = block(x, cos, sin, mask, pk, pv)
+                new_k.append(k)
+                new_v.append(v)
+            logits = self.lm_head(self.norm(x))
+            return logits, torch.stack(new_k), torch.stack(new_v)
+
+    class LlamaWithCache(Llama):
+        def forward(self, input_ids, position_ids, past_k, past_v):
+            return self._run(input_ids, position_ids, past_k, past_v)
+
+    class LlamaPrefill(Llama):
+        def forward(self, input_ids, position_ids):
+            return self._run(input_ids, position_ids, None, None)[0]
+
+    return (LlamaWithCache if with_cache else LlamaPrefill)().eval()
+
+
+def llama_inputs(model_cfg: dict, layers: int, batch: int, seq: int, past: int,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for ``llama``: token ids, positions continuing after ``past`` cached tokens, and
+    random caches (``past`` may be 0 only for the prefill model, which takes no caches)."""
+    rng = np.random.default_rng(seed)
+    head_dim = model_cfg["hidden"] // model_cfg["heads"]
+    feeds = {"input_ids": rng.integers(0, model_cfg["vocab"], (batch, seq), dtype=np.int64),
+             "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64),
+                                             (batch, seq)).copy()}
+    if past:
+        shape = (layers, batch, model_cfg["kv_heads"], past, head_dim)
+        feeds["past_k"] = rng.standard_normal(shape).astype(np.float32)
+        feeds["past_v"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def export_onnx(model, feeds: dict[str, np.ndarray], path: str, dynamo: bool = True,
+                dynamic: bool = True) -> str:
+    """Export with ``torch.onnx.export``; batch and sequence dims dynamic when ``dynamic``."""
+    import onnx
+    import torch
+
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    names = list(feeds)
+    kwargs = {}
+    if dynamic:
+        if dynamo:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+            past = torch.export.Dim("past")
+            shapes = []
+            for n in names:
+                shapes.append({1: batch, 3: past} if n.startswith("past_")
+                              else {0: batch, 1: seq})
+            # past_* are [layers, B, KV, P, D]: B is dim 1 there.
+            kwargs["dynamic_shapes"] = tuple(shapes)
+        else:
+            kwargs["dynamic_axes"] = {n: ({1: "batch", 3: "past"} if n.startswith("past_")
+                                          else {0: "batch", 1: "seq"}) for n in names}
+    torch.onnx.export(model, args, path, dynamo=dynamo, input_names=names,
+                      opset_version=18 if dynamo else 17, **kwargs)
+    proto = onnx.load(path)
+    # onnx 1.23 stamps IR 14; onnxruntime 1.31 reads IR <= 13.
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(
+        proto.opset_import, ignore_unknown=True))
+    onnx.save(proto, path)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=["gpt2", "llama"], default="llama")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="tiny widths (tests)")
+    ap.add_argument("--legacy-exporter", action="store_true", help="torch.onnx dynamo=False")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.arch == "gpt2":
+        model = gpt2(layers=a.layers, hidden=64 if a.small else 768, heads=4 if a.small else 12,
+                     vocab=256 if a.small else 50257)
+        feeds = {"input_ids": np.zeros((1, 8), np.int64) + 3}
+    else:
+        cfg = SMALL_LLAMA if a.small else TINYLLAMA
+        model = llama(layers=a.layers, **cfg)
+        feeds = llama_inputs(cfg, a.layers, 1, 1, 8)
+    export_onnx(model, feeds, a.out, dynamo=not a.legacy_exporter)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
