@@ -40,6 +40,17 @@ class Value:
         return f"%{self.name}: {self.type}"
 
 
+def operand_index(op: str, name: str) -> int:
+    """The position of the operand ``name`` in the definition of ``op`` (see ir/ops.py)."""
+    from qcompiler.ir.ops import OPS  # ops imports this module's types: import late
+
+    names = [o.rstrip("?*") for o in OPS[op].operands]
+    try:
+        return names.index(name)
+    except ValueError:
+        raise KeyError(f"op {op!r} has no operand {name!r} (operands: {', '.join(names)})") from None
+
+
 class Node:
     """One operation: ``results = op(operands) {attrs}``."""
 
@@ -60,6 +71,20 @@ class Node:
 
     def operand(self, i: int) -> Optional[Value]:
         return self.operands[i] if i < len(self.operands) else None
+
+    def arg(self, name: str) -> Optional[Value]:
+        """The operand that the op's definition names ``name`` (``node.arg("bias")`` of a
+        qmatmul), or None when it is absent. Prefer this to positional ``operand(i)``."""
+        return self.operand(operand_index(self.op, name))
+
+    def variadic_args(self) -> list:
+        """The operands of the op's trailing variadic operand (``xs*``), possibly empty."""
+        from qcompiler.ir.ops import OPS
+
+        names = OPS[self.op].operands
+        if not names or not names[-1].endswith("*"):
+            return []
+        return list(self.operands[len(names) - 1:])
 
     def __repr__(self) -> str:
         return f"<Node {self.op} -> {', '.join(r.name for r in self.results)}>"
