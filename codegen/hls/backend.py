@@ -20,7 +20,8 @@ import numpy as np
 import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
-from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, simulate
+from qcompiler.codegen.hls.config import validate as validate_config
+from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, prepare_run_input, simulate
 from qcompiler.errors import ArtifactError, QCompilerError
 from qcompiler.passes.hls_fixed_point import design_layers
 
@@ -48,8 +49,11 @@ def find_ap_types() -> str:
 
 
 def top_name(module) -> str:
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in module.name)
-    return f"qc_{name}"
+    """``qc_<module name>``: a C identifier, file name and Tcl word for any module name (see
+    ``cuda.backend.safe_identifier``: sanitized, with a hash when that changed the name)."""
+    from qcompiler.codegen.cuda.backend import safe_identifier
+
+    return safe_identifier("qc_", module.name)
 
 
 def design(module) -> list[LayerData]:
@@ -60,6 +64,7 @@ def design(module) -> list[LayerData]:
         if missing:
             raise HLSError(f"%{node.result.name}: config lacks {missing}; the pipeline must run "
                            "hls-fixed-point and hls-parallelism")
+        validate_config(cfg, node)  # whatever its source: passes, tuning log or .qir text
         layers.append(prepare_layer(module, node, f"layer{i}"))
     for a, b in zip(layers, layers[1:]):
         if (a.cfg["y_width"], a.cfg["y_int"]) != (b.cfg["x_width"], b.cfg["x_int"]):
@@ -194,9 +199,8 @@ class HLSBackend(Backend):
             return build_csim(build_dir, top)
 
         def run(inputs: dict) -> dict:
-            if set(inputs) != {in_name}:
-                raise ValueError(f"the design takes one input {in_name!r}, got {sorted(inputs)}")
-            x = np.asarray(inputs[in_name])
+            # Checked inputs (InputError naming the input); saturation counted and reported.
+            x, module.last_run_stats = prepare_run_input(module, inputs)
             if not exe_cache:
                 exe_cache.append(build())
             rows = x.reshape(-1, x.shape[-1])

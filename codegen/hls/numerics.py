@@ -14,12 +14,18 @@ overflows). The C++ does the same with ap_fixed:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from qcompiler.errors import InputError
 from qcompiler.passes.hls_fixed_point import layer_weights
+
+
+class InputSaturated(UserWarning):
+    """Run-time inputs beyond the design's fixed-point input range were saturated."""
 
 
 @dataclass
@@ -80,6 +86,82 @@ def quantize_input(x: np.ndarray, width: int, int_bits: int) -> np.ndarray:
     raw = np.floor(np.asarray(x, np.float64) * 2.0 ** frac + 0.5)
     lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
     return np.clip(raw, lo, hi).astype(np.int64)
+
+
+def input_bounds(width: int, int_bits: int) -> tuple[float, float]:
+    """The smallest and largest value of ap_fixed<width, int_bits>."""
+    step = 2.0 ** -(width - int_bits)
+    return -(1 << (width - 1)) * step, ((1 << (width - 1)) - 1) * step
+
+
+def saturated_count(x: np.ndarray, width: int, int_bits: int) -> int:
+    """How many values of ``x`` ``quantize_input`` saturates (their rounded raw value lies
+    beyond the format's range)."""
+    frac = width - int_bits
+    raw = np.floor(np.asarray(x, np.float64) * 2.0 ** frac + 0.5)
+    lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+    return int(np.count_nonzero((raw < lo) | (raw > hi)))
+
+
+def check_run_inputs(module, inputs) -> tuple[str, np.ndarray]:
+    """The design's one input checked (name, float dtype, rank, static dims, batch >= 1,
+    finite values): ``(name, array)``, else ``InputError`` naming the input."""
+    arg = module.main.args[0]
+    name, shape = arg.name, list(arg.type.shape)
+    if not isinstance(inputs, dict) or set(inputs) != {name}:
+        got = sorted(map(str, inputs)) if isinstance(inputs, dict) else type(inputs).__name__
+        raise InputError(f"the design takes one input {name!r}, got {got}")
+    try:
+        x = np.asarray(inputs[name])
+    except Exception as e:
+        raise InputError(f"input {name!r}: not an array ({type(e).__name__})") from None
+    if x.dtype.kind != "f":
+        raise InputError(f"input {name!r}: dtype {x.dtype}; the design takes floating-point "
+                         f"values ({arg.type.dtype.name})")
+    if x.ndim != len(shape):
+        raise InputError(f"input {name!r}: rank {x.ndim} (shape {list(x.shape)}); the design "
+                         f"takes rank {len(shape)} {shape}")
+    for axis, (got, want) in enumerate(zip(x.shape, shape)):
+        if isinstance(want, int) and got != want:
+            raise InputError(f"input {name!r}: shape {list(x.shape)}; dimension {axis} must be "
+                             f"{want} ({shape})")
+    if x.size == 0:
+        raise InputError(f"input {name!r}: shape {list(x.shape)} holds no rows; the batch must "
+                         "be at least 1")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = x[~finite]
+        raise InputError(f"input {name!r}: {int(np.isnan(bad).sum())} NaN and "
+                         f"{int(np.isinf(bad).sum())} infinite values; the design takes finite "
+                         "values")
+    return name, x
+
+
+def report_saturation(name: str, x: np.ndarray, cfg: dict) -> int:
+    """Count the values of the design's input ``x`` beyond the first layer's input format
+    (``cfg``: its config) and warn once (``InputSaturated``) when there are any."""
+    count = saturated_count(x, cfg["x_width"], cfg["x_int"])
+    if count:
+        lo, hi = input_bounds(cfg["x_width"], cfg["x_int"])
+        warnings.warn(f"input {name!r}: {count} of {x.size} values lie beyond the design's "
+                      f"fixed-point input range [{lo:g}, {hi:g}] and were saturated; recompile "
+                      "with hls-fixed-point{input_range=...} or {calibration=<.npz>}",
+                      InputSaturated, stacklevel=3)
+    return count
+
+
+def prepare_run_input(module, inputs) -> tuple[np.ndarray, dict]:
+    """What the FPGA runner feeds the C simulation, and the run's stats: the checked input
+    (``check_run_inputs``), its saturated values counted and reported (``report_saturation``),
+    and values far beyond the range clipped to just past it (they saturate the same way, and
+    no float becomes inf on the way to float32). Stats: ``{"saturated": {name: count}}``."""
+    from qcompiler.passes.hls_fixed_point import design_layers
+
+    name, x = check_run_inputs(module, inputs)
+    cfg = design_layers(module)[0][0].attrs["config"]
+    count = report_saturation(name, x, cfg)
+    lo, hi = input_bounds(cfg["x_width"], cfg["x_int"])
+    return np.clip(x, lo - 1, hi + 1), {"saturated": {name: count}}
 
 
 def simulate_layer(layer: LayerData, x_raw: np.ndarray) -> np.ndarray:
