@@ -18,6 +18,7 @@ Anything else is refused with a ``FrontendError`` that names the op, domain, ops
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from typing import Callable, Optional, Union
@@ -139,6 +140,36 @@ def _type_from_value_info(vi, what: str) -> Optional[TensorType]:
     return TensorType(tuple(dims), _elem_of(tt.elem_type, what))
 
 
+def check_text_fields(proto: onnx.ModelProto) -> None:
+    """Every name in the graph is text. protobuf hands a string field that is not valid UTF-8
+    (a damaged file) back as bytes, which no later step expects."""
+    g = proto.graph
+
+    def texts():
+        yield "graph name", g.name
+        for o in proto.opset_import:
+            yield "opset_import domain", o.domain
+        for kind, infos in (("graph input", g.input), ("graph output", g.output),
+                            ("value_info", g.value_info)):
+            for vi in infos:
+                yield kind, vi.name
+                if vi.type.HasField("tensor_type"):
+                    for d in vi.type.tensor_type.shape.dim:
+                        yield f"{kind} dim", d.dim_param
+        for t in g.initializer:
+            yield "initializer name", t.name
+        for i, n in enumerate(g.node):
+            for value in [n.name, n.op_type, n.domain, *n.input, *n.output]:
+                yield f"node #{i}", value
+            for a in n.attribute:
+                yield f"node #{i} attribute", a.name
+
+    for what, value in texts():
+        if not isinstance(value, str):
+            raise FrontendError(f"{what} {bytes(value)[:40]!r} is not valid UTF-8 text; the "
+                                "file may be damaged")
+
+
 # --------------------------------------------------------------------------------------------
 # the importer
 # --------------------------------------------------------------------------------------------
@@ -154,7 +185,11 @@ class _Importer:
         self.opsets = {(o.domain or "ai.onnx"): o.version for o in proto.opset_import}
         if "ai.onnx" not in self.opsets:
             self.opsets["ai.onnx"] = 1 if proto.graph.node else 21
+        check_text_fields(proto)
         self.check_versions()
+        # Before onnx's shape inference: its C++ aborts the process on some bad declarations.
+        self.check_unique_names()
+        self.check_declared_dims()
         self.hints = self._onnx_shape_hints()
         self.node: Optional[onnx.NodeProto] = None
         self.node_index = 0
@@ -299,9 +334,26 @@ class _Importer:
                 defined[o] = f"an output of node {n.name or f'#{i}'!r}"
         self.node = None
 
+    def check_declared_dims(self) -> None:
+        """No negative dims anywhere; graph inputs have dims >= 1."""
+        g = self.proto.graph
+        for what, infos in (("graph input", g.input), ("graph output", g.output),
+                            ("value_info", g.value_info)):
+            for vi in infos:
+                if not vi.type.HasField("tensor_type"):
+                    continue
+                dims = [d.dim_value for d in vi.type.tensor_type.shape.dim
+                        if d.HasField("dim_value")]
+                lowest = 1 if what == "graph input" else 0
+                if any(d < lowest for d in dims):
+                    raise FrontendError(f"{what} {vi.name!r} declares dims {dims}: each must "
+                                        f"be >= {lowest}")
+        for t in g.initializer:
+            if any(d < 0 for d in t.dims):
+                raise FrontendError(f"initializer {t.name!r} has negative dims {list(t.dims)}")
+
     def run(self) -> Module:
         g = self.proto.graph
-        self.check_unique_names()
         init_names = {t.name for t in g.initializer}
         for vi in g.input:
             if vi.name in init_names:
@@ -309,9 +361,6 @@ class _Importer:
             t = _type_from_value_info(vi, f"graph input {vi.name!r}")
             if t is None:
                 raise FrontendError(f"graph input {vi.name!r} has no element type or shape")
-            if any(isinstance(d, int) and d <= 0 for d in t.shape):
-                raise FrontendError(f"graph input {vi.name!r} has shape {list(t.shape)}: "
-                                    "dims must be >= 1")
             self.env[vi.name] = self.fn.add_arg(vi.name, t)
         for init in g.initializer:
             self.import_initializer(init)
@@ -350,9 +399,14 @@ class _Importer:
             raise self.fail(f"domain {domain!r} is not imported by the model's opset_import")
         handler = _HANDLERS.get(key)
         if handler is None:
-            supported = ", ".join(sorted(
-                op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS))
-            raise self.fail(f"unsupported op. Supported ops: {supported}")
+            # The whole list would make the message a screenful: name the closest ones.
+            names = supported_ops()
+            close = difflib.get_close_matches(
+                n.op_type if domain == "ai.onnx" else f"{domain}.{n.op_type}", names, n=4,
+                cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise self.fail(f"unsupported op ({len(names)} ops are supported, listed by "
+                            f"qcompiler.frontends.onnx.supported_ops(){hint})")
         self.check_required_inputs(n, domain)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         try:

@@ -22,6 +22,20 @@ class ParseError(InputError):
     """Text that is not valid QIR; the message names the line and column."""
 
 
+MAX_NESTING = 64  # brackets inside attribute values and layouts; deeper text is refused
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A name for an error message, cut to keep the message one short line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A token or name for an error message: quoted and cut to keep the message one line."""
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit] + "...'"
+
+
 _TOKEN = re.compile(r"""
     (?P<ws>\s+|//[^\n]*)
   | (?P<arrow>->)
@@ -65,7 +79,7 @@ class _Tokens:
 
     def error(self, msg: str) -> ParseError:
         kind, text, pos = self.peek()
-        return ParseError(f"{self._where(pos)}: {msg} (found {text or 'end of input'!r})")
+        return ParseError(f"{self._where(pos)}: {msg} (found {_short(text or 'end of input')})")
 
     def expect(self, text: str) -> None:
         if self.peek()[1] != text:
@@ -86,9 +100,20 @@ class _Tokens:
         return text
 
 
+def _json_string(text: str) -> str:
+    """A quoted string token; a bad escape is a parse error, not a JSONDecodeError."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ParseError(f"bad string {_short(text)}: {e}") from None
+    if not isinstance(value, str):
+        raise ParseError(f"bad string {_short(text)}")
+    return value
+
+
 def _value_name(tok: str) -> str:
     body = tok[1:]
-    return json.loads(body) if body.startswith('"') else body
+    return _json_string(body) if body.startswith('"') else body
 
 
 def _number(text: str):
@@ -101,6 +126,24 @@ class _Parser:
     def __init__(self, text: str, constants: Optional[dict]):
         self.t = _Tokens(text)
         self.constants = constants
+        self.depth = 0  # nesting of attribute values and layout parameters
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.t.error(f"nested deeper than {MAX_NESTING} levels")
+
+    def int_number(self, what: str, lowest: Optional[int] = None) -> int:
+        """An integer token (a dimension, an axis, a block size)."""
+        try:
+            value = int(self.t.expect_kind("number"))
+        except ValueError:
+            self.t.i -= 1
+            raise self.t.error(f"{what} must be an integer") from None
+        if lowest is not None and value < lowest:
+            self.t.i -= 1
+            raise self.t.error(f"{what} must be >= {lowest}")
+        return value
 
     # -- types -----------------------------------------------------------------------------
     def elem_type(self):
@@ -110,11 +153,13 @@ class _Parser:
         return ELEMENT_TYPES[name]
 
     def dim(self):
-        kind, text, _ = self.t.next()
+        kind, text, _ = self.t.peek()
         if kind == "number":
-            return int(text)
+            return self.int_number("a dimension", lowest=0)
+        self.t.next()
         if kind == "ident":
             return text
+        self.t.i -= 1
         raise self.t.error("expected a dimension")
 
     def tensor_type(self) -> TensorType:
@@ -140,7 +185,10 @@ class _Parser:
             else:
                 raise self.t.error("expected #quant or #layout")
         self.t.expect(">")
-        return TensorType(tuple(shape), dtype, quant, layout)
+        try:
+            return TensorType(tuple(shape), dtype, quant, layout)
+        except ValueError as e:
+            raise self.t.error(f"bad tensor type: {e}") from None
 
     def quant_scheme(self) -> QuantScheme:
         self.t.expect("#quant")
@@ -161,7 +209,7 @@ class _Parser:
                 while True:
                     k = self.t.expect_kind("ident")
                     self.t.expect("=")
-                    v = int(self.t.expect_kind("number"))
+                    v = self.int_number(k)
                     fields["axis" if k == "axis" else "block_size"] = v
                     if not self.t.accept(","):
                         break
@@ -173,13 +221,13 @@ class _Parser:
                 fields["scale_type" if key == "scale" else "zero_point_type"] = self.elem_type()
             elif key == "implied_zp":
                 self.t.expect("=")
-                fields["implied_zero_point"] = int(self.t.expect_kind("number"))
+                fields["implied_zero_point"] = self.int_number("implied_zp")
             else:
-                raise ParseError(f"unknown quant scheme field {key!r}")
+                raise ParseError(f"unknown quant scheme field {_short(key)}")
         self.t.expect(">")
         try:
             return QuantScheme(**fields)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise self.t.error(f"bad quant scheme: {e}") from None
 
     def layout(self) -> Layout:
@@ -192,22 +240,29 @@ class _Parser:
             self.t.expect("=")
             params.append((key, self.layout_param()))
         self.t.expect(">")
-        return Layout(name, tuple(params))
+        try:
+            return Layout(name, tuple(params))
+        except (ValueError, TypeError) as e:
+            raise self.t.error(f"bad layout: {e}") from None
 
     def layout_param(self):
         kind, text, _ = self.t.peek()
         if text == "[":
             self.t.next()
+            self.enter()
             items = []
             while not self.t.accept("]"):
+                if self.t.peek()[0] == "eof":
+                    raise self.t.error("expected ']'")
                 items.append(self.layout_param())
                 self.t.accept(",")
+            self.depth -= 1
             return tuple(items)
         self.t.next()
         if kind == "number":
             return _number(text)
         if kind == "string":
-            return json.loads(text)
+            return _json_string(text)
         return text
 
     # -- attributes ------------------------------------------------------------------------
@@ -227,6 +282,7 @@ class _Parser:
             return self.list_value()
         if text == "{":
             self.t.next()
+            self.enter()
             items = {}
             while not self.t.accept("}"):
                 key = self.t.expect_kind("ident")
@@ -235,15 +291,17 @@ class _Parser:
                 if not self.t.accept(","):
                     self.t.expect("}")
                     break
+            self.depth -= 1
             return items
         self.t.next()
         if kind == "number":
             return _number(text)
         if kind == "string":
-            return json.loads(text)
+            return _json_string(text)
         if kind == "ident" and text in ELEMENT_TYPES:
             return elem(text)
-        raise ParseError(f"bad attribute value {text!r}")
+        self.t.i -= 1
+        raise self.t.error("bad attribute value")
 
     def list_value(self) -> list:
         self.t.expect("[")
@@ -286,7 +344,7 @@ class _Parser:
         self.t.expect("(")
         out_names, out_types = [], []
         while not self.t.accept(")"):
-            out_names.append(json.loads(self.t.expect_kind("string")))
+            out_names.append(_json_string(self.t.expect_kind("string")))
             self.t.expect(":")
             out_types.append(self.tensor_type())
             if not self.t.accept(","):
@@ -303,7 +361,8 @@ class _Parser:
                 break
         self.t.expect("}")
         if len(outs) != len(out_names):
-            raise ParseError(f"@{fn.name} returns {len(outs)} values but declares {len(out_names)}")
+            raise ParseError(f"@{_cut(fn.name)} returns {len(outs)} values but declares "
+                             f"{len(out_names)}")
         fn.set_outputs(outs, out_names)
         return fn
 
@@ -313,7 +372,7 @@ class _Parser:
             self.t.next()
             return None
         if kind == "value" and _value_name(text) not in env:
-            raise self.t.error(f"use of undefined value %{_value_name(text)}")
+            raise self.t.error(f"use of undefined value %{_cut(_value_name(text))}")
         return env[_value_name(self.t.expect_kind("value"))]
 
     def node(self, fn: Function, module: Module, env: dict) -> None:
@@ -323,7 +382,7 @@ class _Parser:
         self.t.expect("=")
         op = self.t.expect_kind("ident")
         if op not in OPS:
-            raise self.t.error(f"unknown op {op!r}")
+            raise self.t.error(f"unknown op {_short(op)}")
         self.t.expect("(")
         operands = []
         while not self.t.accept(")"):
@@ -349,13 +408,13 @@ class _Parser:
         attrs = self.typed_attrs(op, attrs, types)
         for n in names:
             if n in env:
-                raise ParseError(f"value %{n} defined twice")
+                raise ParseError(f"value %{_cut(n)} defined twice")
         node = fn.make_node(op, operands, types, attrs, names=names)
         for r in node.results:
             env[r.name] = r
         if op == "constant" and "name" in attrs and self.constants is not None:
             if attrs["name"] not in self.constants:
-                raise ParseError(f"constant {attrs['name']!r} missing from the weights")
+                raise ParseError(f"constant {_short(str(attrs['name']))} missing from the weights")
             module.constants[attrs["name"]] = self.constants[attrs["name"]]
 
     def typed_attrs(self, op: str, attrs: dict, types: list) -> dict:
@@ -365,9 +424,7 @@ class _Parser:
         for k, v in attrs.items():
             kind = spec.get(k, ("any", False))[0]
             if isinstance(v, tuple) and v and v[0] == "dense":
-                t = types[0]
-                arr = np.array(v[1], dtype=np.float64 if t.dtype.is_float else np.int64)
-                v = arr.astype(t.dtype.np_dtype).reshape(t.shape)
+                v = self.dense(op, v[1], types[0])
             elif kind == "float":
                 v = float(v)
             elif kind == "floats":
@@ -376,6 +433,31 @@ class _Parser:
         return out
 
 
+    @staticmethod
+    def dense(op: str, items: list, t: TensorType) -> np.ndarray:
+        """``dense<[...]>`` values as an array of the result type (sizes and ranges checked)."""
+        if not t.is_static:
+            raise ParseError(f"{op}: dense values need a static type, not {t}")
+        size = int(np.prod(t.shape, dtype=np.int64))
+        if len(items) != size:
+            raise ParseError(f"{op}: dense has {len(items)} values, {t} holds {size}")
+        if t.dtype.is_float:
+            arr = np.array(items, dtype=np.float64)
+        else:
+            if any(isinstance(x, float) for x in items):
+                raise ParseError(f"{op}: dense values of {t.dtype} must be integers")
+            info = np.iinfo(t.dtype.np_dtype) if t.dtype.np_dtype.kind in "iu" else None
+            if info is not None and items and (min(items) < info.min or max(items) > info.max):
+                raise ParseError(f"{op}: dense values outside the range of {t.dtype}")
+            arr = np.array(items, dtype=np.int64)
+        return arr.astype(t.dtype.np_dtype).reshape(t.shape)
+
+
 def parse_module(text: str, constants: Optional[dict] = None) -> Module:
     """Parse QIR text; ``constants`` supplies the side table (name → array)."""
-    return _Parser(text, constants).module()
+    if not isinstance(text, str):
+        raise ParseError(f"QIR text must be a str, not {type(text).__name__}")
+    try:
+        return _Parser(text, constants).module()
+    except RecursionError:  # a backstop; nesting is bounded by MAX_NESTING where it recurses
+        raise ParseError("QIR text nested too deeply to parse") from None

@@ -751,12 +751,12 @@ def run(module: Module, inputs: dict[str, np.ndarray],
     Intermediates are dropped as soon as their last user has run.
     """
     fn: Function = module.main
-    arg_names = [a.name for a in fn.args]
-    missing = [n for n in arg_names if n not in inputs]
-    extra = [n for n in inputs if n not in arg_names]
     if not isinstance(inputs, dict):
         raise RunInputError(f"@{fn.name}: inputs must be a dict {{name: array}}, not "
                             f"{type(inputs).__name__}")
+    arg_names = [a.name for a in fn.args]
+    missing = [n for n in arg_names if n not in inputs]
+    extra = [n for n in inputs if n not in arg_names]
     if missing or extra:
         raise RunInputError(f"@{fn.name} inputs: missing {missing}, unknown {extra} "
                          f"(expected {', '.join(f'%{a.name}: {a.type}' for a in fn.args)})")
