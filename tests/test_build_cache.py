@@ -1,0 +1,317 @@
+"""Kernels built once per key, the build cache across compiles, parallel builds, progress.
+
+The model: a 4-bit MatMulNBits MLP 64 -> 64 -> 64 -> 64 -> 128, so three qmatmuls have one
+shape and config (one shared library) and the last is a second kernel (an N of 32 would not
+do: the kernels pad N to a whole column tile, 64 with AVX-512, so it shares the library). Every compile here
+passes its cache explicitly or points QC_CACHE_DIR at a temp dir (conftest already keeps the
+whole session off the user's cache).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import unittest.mock
+
+import numpy as np
+import onnx
+import pytest
+
+import qcompiler
+from qcompiler.codegen import build
+from qcompiler.driver.api import compile_to_dir, import_model, run_pipeline
+from qcompiler.runtime.reference import run as reference_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = (64, 64, 64, 64, 128)
+REPEATED = 3  # the three 64 x 64 layers
+
+
+def _cpu_available() -> bool:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_tvm = pytest.mark.skipif(not _cpu_available(), reason="the cpu target needs TVM")
+
+
+@pytest.fixture(scope="module")
+def repeated_model(tmp_path_factory) -> str:
+    from onnx_models import IR_VERSION, _examples_module
+
+    examples = _examples_module()
+    model = examples.quantize_matmul_nbits(examples.float_mlp(SIZES, seed=3), bits=4,
+                                           block_size=32, symmetric=False, accuracy_level=0)
+    model.ir_version = IR_VERSION
+    path = str(tmp_path_factory.mktemp("model") / "repeated.onnx")
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_compile(repeated_model, tmp_path_factory):
+    """The repeated model compiled once (jobs=1) into an empty cache: (artifact, cache)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    out = str(tmp_path_factory.mktemp("first"))
+    compile_to_dir(repeated_model, "cpu", out, cache=cache, jobs=1)
+    return out, cache
+
+
+def _json(out: str, name: str) -> dict:
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def _libraries(out: str) -> list[str]:
+    return sorted(f for f in os.listdir(os.path.join(out, "kernels")) if f.endswith(".so"))
+
+
+def _outputs(out: str, x: np.ndarray) -> np.ndarray:
+    return qcompiler.load(out).run({"x": x})["y"]
+
+
+def _x(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, SIZES[0])).astype(np.float32)
+
+
+def _tree(path: str) -> dict[str, bytes]:
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), path)] = f.read()
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# end to end on the cpu target
+# --------------------------------------------------------------------------------------------
+
+
+@needs_tvm
+def test_identical_layers_share_one_library(first_compile, repeated_model):
+    out, cache = first_compile
+    calls = [c for c in _json(out, "manifest.json")["kernels"] if c["impl"] == "tvm-llvm"]
+    assert len(calls) == len(SIZES) - 1
+    libraries = [c["library"] for c in calls]
+    assert len(set(libraries[:REPEATED])) == 1      # the three 64 x 64 layers: one library
+    assert libraries[REPEATED] != libraries[0]
+    assert len({c["kernel_key"] for c in calls}) == 2
+    for c in calls:  # the file name comes from the key; the runner reads the path as written
+        assert c["library"] == f"kernels/qmm_{c['kernel_key'][:12]}.so"
+        assert c["source"] == f"kernels/qmm_{c['kernel_key'][:12]}.tir.py"
+    assert _libraries(out) == sorted({os.path.basename(p) for p in libraries})
+    b = _json(out, "report.json")["build"]
+    assert (b["kernels"], b["built"], b["cache_hits"], b["jobs"]) == (2, 2, 0, 1)
+    nodes = {r["library"]: r["nodes"] for r in b["per_kernel"]}
+    assert sorted(len(v) for v in nodes.values()) == [1, REPEATED]
+    assert "backend build: 2 distinct kernels, 2 built, 0 from the cache" in \
+        open(os.path.join(out, "report.txt")).read()
+    # every node still computes its own layer: compare with the reference interpreter
+    ref_module, _, _ = run_pipeline(import_model(repeated_model), "canonicalize,fuse-dequant")
+    for rows in (1, 5):
+        x = _x(rows, seed=rows)
+        want = reference_run(ref_module, {"x": x})["y"]
+        got = _outputs(out, x)
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+@needs_tvm
+def test_second_compile_with_the_same_cache_builds_nothing(first_compile, repeated_model,
+                                                          tmp_path):
+    first, cache = first_compile
+    out = str(tmp_path / "second")
+    compile_to_dir(repeated_model, "cpu", out, cache=cache, jobs=2)
+    b = _json(out, "report.json")["build"]
+    assert (b["kernels"], b["built"], b["cache_hits"]) == (2, 0, 2)
+    assert all(r["cache"] == "hit" for r in b["per_kernel"])
+    # the artifact is self-contained: the libraries were copied in, bytes as built
+    assert _libraries(out) == _libraries(first)
+    for name in _libraries(out):
+        assert not os.path.islink(os.path.join(out, "kernels", name))
+    assert _tree(os.path.join(out, "kernels")) == _tree(os.path.join(first, "kernels"))
+    x = _x(3, seed=11)
+    np.testing.assert_array_equal(_outputs(out, x), _outputs(first, x))
+
+
+@needs_tvm
+def test_no_cache_builds_and_neither_reads_nor_writes_the_cache(first_compile, repeated_model,
+                                                                tmp_path):
+    """`qcompile --no-cache -j 1` with QC_CACHE_DIR at a full cache: builds, leaves it as is."""
+    _, cache = first_compile
+    before = _tree(cache)
+    out = str(tmp_path / "nocache")
+    env = {**os.environ, "QC_CACHE_DIR": cache}
+    proc = subprocess.run([sys.executable, "-m", "qcompiler.driver.cli", repeated_model,
+                           "--target", "cpu", "-o", out, "--no-cache", "-j", "1"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "2 distinct kernels: 2 built, 0 cached" in last and last.endswith(" s")
+    b = _json(out, "report.json")["build"]
+    assert (b["built"], b["cache_hits"], b["cache"]) == (2, 0, None)
+    assert _tree(cache) == before
+
+
+@needs_tvm
+def test_api_cache_false_and_jobs_2_give_the_artifact_of_jobs_1(first_compile, repeated_model,
+                                                                 tmp_path, monkeypatch):
+    """cache=False writes nothing to QC_CACHE_DIR; two parallel builds give the same kernels
+    and the same manifest as the serial build of the first compile."""
+    first, _ = first_compile
+    user_cache = tmp_path / "user_cache"
+    monkeypatch.setenv("QC_CACHE_DIR", str(user_cache))
+    out = str(tmp_path / "jobs2")
+    compile_to_dir(repeated_model, "cpu", out, cache=False, jobs=2)
+    assert not user_cache.exists()
+    b = _json(out, "report.json")["build"]
+    assert (b["built"], b["jobs"]) == (2, 2)
+    assert _tree(os.path.join(out, "kernels")) == _tree(os.path.join(first, "kernels"))
+    assert _json(out, "manifest.json") == _json(first, "manifest.json")
+
+
+@needs_tvm
+def test_truncated_cache_entry_is_rebuilt_not_loaded(first_compile, repeated_model, tmp_path):
+    first, cache = first_compile
+    broken = str(tmp_path / "cache")
+    shutil.copytree(cache, broken)
+    entries = sorted(os.listdir(os.path.join(broken, "kernels")))
+    assert len(entries) == 2
+    victim = os.path.join(broken, "kernels", entries[0])
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    out = str(tmp_path / "out")
+    compile_to_dir(repeated_model, "cpu", out, cache=broken, jobs=1)
+    states = sorted(r["cache"] for r in _json(out, "report.json")["build"]["per_kernel"])
+    assert states == ["hit", "rebuilt-corrupt"]
+    assert os.path.getsize(victim) == size  # the entry was written again, whole
+    assert _tree(os.path.join(out, "kernels")) == _tree(os.path.join(first, "kernels"))
+    x = _x(2, seed=5)
+    np.testing.assert_array_equal(_outputs(out, x), _outputs(first, x))
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces, without TVM
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_entry_round_trip_and_corruption(tmp_path):
+    cache = build.BuildCache(str(tmp_path / "c"))
+    lib = tmp_path / "lib.so"
+    data = os.urandom(4096)
+    lib.write_bytes(data)
+    key = build.kernel_key("source", "flags", "tool 1")
+    assert cache.fetch(key, str(tmp_path / "miss.so")) == "miss"
+    cache.store(key, str(lib))
+    assert cache.fetch(key, str(tmp_path / "hit.so")) == "hit"
+    assert (tmp_path / "hit.so").read_bytes() == data
+    entry = tmp_path / "c" / "kernels" / f"{key}.entry"
+    raw = entry.read_bytes()
+    # one flipped byte: same size, other hash
+    entry.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+    assert cache.fetch(key, str(tmp_path / "bad.so")) == "corrupt"
+    entry.write_bytes(raw[: len(raw) // 3])
+    assert cache.fetch(key, str(tmp_path / "bad.so")) == "corrupt"
+    entry.write_bytes(b"")
+    assert cache.fetch(key, str(tmp_path / "bad.so")) == "corrupt"
+    assert not (tmp_path / "bad.so").exists()
+    assert not [f for f in os.listdir(tmp_path / "c" / "kernels") if f.endswith(".tmp")]
+    assert build.BuildCache(None).fetch(key, str(tmp_path / "x.so")) == "miss"
+
+
+def test_kernel_key_covers_source_flags_tool_and_version(monkeypatch):
+    base = build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.27")
+    assert base == build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.27")
+    others = {build.kernel_key("src2", "llvm -mcpu=znver3", "tvm 0.27"),
+              build.kernel_key("src", "llvm -mcpu=sapphirerapids", "tvm 0.27"),
+              build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.28")}
+    monkeypatch.setattr(qcompiler, "__version__", "99.0")
+    others.add(build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.27"))
+    assert len(others) == 4 and base not in others
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("QC_CACHE_DIR", str(tmp_path / "explicit"))
+    assert build.cache_dir() == str(tmp_path / "explicit")
+    monkeypatch.delenv("QC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.cache_dir() == str(tmp_path / "xdg" / "qcompiler")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert build.cache_dir() == str(tmp_path / "home" / ".cache" / "qcompiler")
+
+
+def _write_bytes(payload: bytes, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+
+
+def _fail(path: str) -> None:
+    raise OSError("linker exploded")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_builder_builds_misses_in_parallel_and_counts_hits(tmp_path, jobs):
+    import functools
+
+    cache = str(tmp_path / "cache")
+    builds = [build.KernelBuild(build.kernel_key(f"src{i}", "", ""), f"k{i}.so",
+                                functools.partial(_write_bytes, bytes([i]) * 100), [f"n{i}"])
+              for i in range(3)]
+    first = build.Builder(cache, jobs=jobs, progress=False)
+    first.build_many(builds, str(tmp_path / "a"))
+    assert first.report()["built"] == 3
+    for i in range(3):
+        assert (tmp_path / "a" / f"k{i}.so").read_bytes() == bytes([i]) * 100
+    terminal = _Terminal()
+    second = build.Builder(cache, jobs=jobs, progress=True)
+    with unittest.mock.patch.object(sys, "stderr", terminal):
+        second.build_many(builds, str(tmp_path / "b"))
+    r = second.report()
+    assert (r["built"], r["cache_hits"], r["kernels"]) == (0, 3, 3)
+    assert terminal.getvalue().rstrip().endswith("building kernels 3/3 (3 cached)")
+
+
+def test_progress_is_silent_off_a_terminal():
+    stream = io.StringIO()
+    bar = build.Progress(2, stream=stream)
+    bar.step(cached=True)
+    bar.step(cached=False)
+    bar.close()
+    assert stream.getvalue() == ""
+    tty = _Terminal()
+    bar = build.Progress(2, stream=tty)
+    bar.step(cached=True)
+    bar.step(cached=False)
+    bar.close()
+    assert tty.getvalue() == ("\rbuilding kernels 1/2 (1 cached)"
+                              "\rbuilding kernels 2/2 (1 cached)\n")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_build_names_its_kernel_and_nodes(tmp_path, jobs):
+    import functools
+
+    builds = [build.KernelBuild("a" * 64, "ok.so", functools.partial(_write_bytes, b"x"), ["y0"]),
+              build.KernelBuild("b" * 64, "bad.so", _fail, ["y1", "y2"])]
+    with pytest.raises(build.KernelBuildError, match=r"bad\.so \(for %y1, %y2\).*linker"):
+        build.Builder(False, jobs=jobs, progress=False).build_many(builds, str(tmp_path))
+
+
+def test_jobs_below_one_is_refused():
+    from qcompiler.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="jobs=0"):
+        build.Builder(False, jobs=0)
