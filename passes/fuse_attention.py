@@ -119,6 +119,9 @@ def _causal_constant(rw: Rewriter, mask: Value, keep: bool) -> bool:
 class FuseAttention(RewritePattern):
     op = "matmul"
 
+    def __init__(self):
+        self.additive_masks: dict = {}
+
     def rewrite(self, node, rw):
         probs, v = node.operands
         softmax = _producer(probs, "softmax")
@@ -144,10 +147,7 @@ class FuseAttention(RewritePattern):
         k = _shared_heads(rw, _untransposed(rw, kt, node))
         v = _shared_heads(rw, v)
         if isinstance(mask, tuple):  # a boolean mask: where(keep, 0, fill) is its additive form
-            keep, fill = mask
-            zero = rw.constant(np.zeros((), fill.type.dtype.np_dtype), fill.type.with_shape(()),
-                               before=node, hint="attn_mask_zero")
-            mask = rw.create("where", [keep, zero, fill], before=node, hint="attn_mask").result
+            mask = self._additive(rw, *mask, before=node)
         operands = [q, k, v] + ([mask] if mask is not None else [])
         attrs = {"scale": float(scale * q_scale * k_scale), "causal": int(causal)}
         try:
@@ -160,6 +160,16 @@ class FuseAttention(RewritePattern):
                           result_types=[node.result.type])
         rw.replace(node, [fused.result])
         return True
+
+    def _additive(self, rw: Rewriter, keep: Value, fill: Value, before) -> Value:
+        """where(keep, 0, fill), made once per mask (the layers of a model share it)."""
+        key = (keep, _scalar(rw, fill), str(fill.type.dtype))
+        if key not in self.additive_masks:
+            zero = rw.constant(np.zeros((), fill.type.dtype.np_dtype), fill.type.with_shape(()),
+                               before=before, hint="attn_mask_zero")
+            self.additive_masks[key] = rw.create("where", [keep, zero, fill], before=before,
+                                                 hint="attn_mask").result
+        return self.additive_masks[key]
 
     def _mask(self, rw: Rewriter, scores: Value):
         """(mask, causal, the scores before masking), or (.., .., None) when nothing matches.

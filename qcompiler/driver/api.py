@@ -16,6 +16,7 @@ import qcompiler
 from qcompiler.errors import InputError
 from qcompiler.driver.artifact import describe_value, write_artifact
 from qcompiler.ir import Module, logical_w_scheme, verify
+from qcompiler.ir.elementwise_body import parse_body
 from qcompiler.pipeline import Instrument, PassManager, RecordPasses, VerifyAfterEach
 from qcompiler.registry import get_backend
 from qcompiler.targets import Target, get_target
@@ -88,6 +89,23 @@ def _weight_bytes(node) -> int:
     return total
 
 
+def _fused_nodes(module: Module) -> list[dict]:
+    """The fused nodes: kind, size (statements of a body; operands of attention and rmsnorm)
+    and what they compute (the body, or the op's attributes)."""
+    out = []
+    for n in module.main.nodes:
+        if n.op == "fused_elementwise" or (n.op == "qmatmul" and "epilogue" in n.attrs):
+            text = n.attrs["body"] if n.op == "fused_elementwise" else n.attrs["epilogue"]
+            kind = "fused_elementwise" if n.op == "fused_elementwise" else "qmatmul+epilogue"
+            out.append({"result": n.result.name, "kind": kind,
+                        "size": len(parse_body(text).stmts), "what": text})
+        elif n.op in ("attention", "rmsnorm"):
+            what = ", ".join(f"{k}={v}" for k, v in sorted(n.attrs.items()))
+            out.append({"result": n.result.name, "kind": n.op,
+                        "size": sum(v is not None for v in n.operands), "what": what})
+    return out
+
+
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
             kernels: list[dict], build: dict, seconds: dict) -> tuple[dict, str]:
     # Report the model's weight scheme (a backend that packs the weights stores them under a
@@ -101,8 +119,13 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
     ops: dict[str, int] = {}
     for n in module.main.nodes:
         ops[n.op] = ops.get(n.op, 0) + 1
+    fused = _fused_nodes(module)
+    fused_counts: dict[str, int] = {}
+    for f in fused:
+        fused_counts[f["kind"]] = fused_counts.get(f["kind"], 0) + 1
     report = {"qcompiler": qcompiler.__version__, "source": source, "target": target.name,
               "pipeline": spec, "passes": records, "op_counts": dict(sorted(ops.items())),
+              "fused_counts": dict(sorted(fused_counts.items())), "fused": fused,
               "qmatmuls": qmms, "kernels": kernels, "build": build, "seconds": seconds}
     lines = [f"qcompiler {qcompiler.__version__}: {source} for target {target.name}",
              f"pipeline: {spec}", "", "passes:"]
@@ -115,6 +138,10 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
     for q in qmms:
         lines.append(f"  {q['result']:<24} w {q['w']} ({q['w_layout']})  {q['w_scheme']}  "
                      f"act={q['act']}  {q['weight_bytes']} bytes")
+    lines += ["", "fused groups: " + (", ".join(f"{k} {v}" for k, v in sorted(
+        fused_counts.items())) or "none")]
+    for f in fused:
+        lines.append(f"  {f['result']:<24} {f['kind']:<20} size {f['size']}  {f['what']}")
     lines += ["", f"backend build: {build['kernels']} distinct kernels, {build['built']} built, "
                   f"{build['cache_hits']} from the cache, {build['jobs']} jobs, "
                   f"{build['seconds']:.2f} s (cache: {build['cache'] or 'off'})"]

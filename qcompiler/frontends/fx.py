@@ -822,12 +822,12 @@ def _rms_norm(imp, x, normalized_shape, weight=None, eps=None):
     v = imp.value(x, dtype)
     if eps is None:
         eps = torch.finfo(imp.meta_val().dtype).eps
-    axes = list(range(-len(normalized_shape), 0))
-    ms = imp.emit("reduce_mean", [imp.emit("mul", [v, v])], {"axes": axes, "keepdims": 1})
-    inv = imp.emit("reciprocal", [imp.emit("sqrt", [imp.emit("add", [ms, imp.value(
-        float(eps), dtype)])])])
-    y = imp.emit("mul", [v, inv])
-    return y if weight is None else imp.emit("mul", [y, imp.value(weight, dtype)])
+    if weight is None:
+        weight = _Const(torch.ones(list(normalized_shape), dtype=imp.meta_val().dtype),
+                        "rms_scale")
+    # One rmsnorm op (f16/bf16 computed in f32, as ONNX RMSNormalization with stash_type 1).
+    return imp.emit("rmsnorm", [v, imp.value(weight, dtype)],
+                    {"axis": -len(normalized_shape), "epsilon": float(eps)})
 
 
 @_aten("batch_norm", "_native_batch_norm_legit_no_training")
