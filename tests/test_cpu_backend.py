@@ -27,8 +27,12 @@ from qcompiler.targets import get_target  # noqa: E402
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "cpu")
 MLP = os.path.join(ROOT, "examples", "mlp_int4.onnx")
-HAS_VNNI = host.target_cpu(get_target("cpu"))["vnni"]
-needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the int8 path needs AVX-512 VNNI")
+HOST = host.target_cpu(get_target("cpu"))
+HAS_VNNI = HOST["vnni"]
+_ISA_NOTE = (f"; {host.HOST_ISA_ENV}={host.host_isa_override()}" if host.host_isa_override()
+             else "")
+needs_vnni = pytest.mark.skipif(
+    not HAS_VNNI, reason=f"the int8 path needs AVX-512 VNNI (host -mcpu={HOST['mcpu']}{_ISA_NOTE})")
 
 
 def pipeline(target="cpu", numerics="exact", tuning_log=""):
@@ -126,6 +130,78 @@ def test_mcpu_from_cpuinfo_flags(vendor, flags, want):
     assert host.choose_mcpu(vendor, flags) == want
 
 
+SPR_FLAGS = host.CANDIDATES["GenuineIntel"][0][1] | {"sse4_2", "amx_tile", "avx512_vpopcntdq"}
+ZEN4_FLAGS = host.CANDIDATES["AuthenticAMD"][1][1] | {"vaes", "vpclmulqdq", "avx512ifma"}
+
+
+@pytest.mark.parametrize("vendor,flags,want", [
+    ("GenuineIntel", SPR_FLAGS, "haswell"), ("AuthenticAMD", ZEN4_FLAGS, "znver3")])
+def test_avx2_mask_is_a_haswell_or_zen3(vendor, flags, want):
+    masked = host.mask_flags(flags, "avx2")
+    assert host._AVX2 <= masked
+    assert not {f for f in masked if "avx512" in f or "vnni" in f or f.startswith("amx")}
+    assert host.choose_mcpu(vendor, masked) == want
+    assert host.mask_flags(flags, None) == flags == host.mask_flags(flags, "avx512")
+
+
+@pytest.fixture
+def fake_cpuinfo(monkeypatch):
+    """Replace /proc/cpuinfo with (vendor, flags); the detection caches are cleared around."""
+    def install(vendor, flags):
+        monkeypatch.setattr(host, "read_cpuinfo", lambda path="/proc/cpuinfo": (vendor, flags))
+        host._host_flags.cache_clear()
+        host._host_cpu.cache_clear()
+    yield install
+    host._host_flags.cache_clear()
+    host._host_cpu.cache_clear()
+
+
+def test_host_isa_avx2_takes_the_zen3_path(monkeypatch, fake_cpuinfo):
+    """QC_HOST_ISA=avx2 on an AVX-512 VNNI host: 256-bit vectors, no VNNI, an AVX2 -mcpu."""
+    fake_cpuinfo("AuthenticAMD", ZEN4_FLAGS)
+    monkeypatch.delenv(host.HOST_ISA_ENV, raising=False)
+    cpu = host.target_cpu(get_target("cpu"))
+    assert cpu == {"mcpu": "znver4", "vector_bits": 512, "vnni": True}
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    assert host.target_cpu(get_target("cpu")) == {"mcpu": "znver3", "vector_bits": 256,
+                                                  "vnni": False}
+    assert host.host_cpu()["isa_override"] == "avx2"
+    assert not [f for f in host.host_cpu()["features"] if "avx512" in f or "vnni" in f]
+
+
+def test_host_isa_avx512_refused_without_avx512(monkeypatch, fake_cpuinfo):
+    fake_cpuinfo("AuthenticAMD", host.CANDIDATES["AuthenticAMD"][2][1])  # a Zen 3
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx512")
+    with pytest.raises(host.HostISAError, match="QC_HOST_ISA=avx512.*avx512f"):
+        host.host_cpu()
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    assert host.host_cpu()["mcpu"] == "znver3"
+
+
+def test_host_isa_unknown_value_refused(monkeypatch):
+    from qcompiler.errors import ConfigError
+
+    monkeypatch.setenv(host.HOST_ISA_ENV, "sse4")
+    with pytest.raises(ConfigError, match="QC_HOST_ISA='sse4'.*avx2, avx512"):
+        host.target_cpu(get_target("cpu"))
+
+
+def test_host_isa_avx2_compiles_and_runs_on_this_host(tmp_path, monkeypatch):
+    """The cpu target under QC_HOST_ISA=avx2: cpu-schedule picks the 256-bit tile, LLVM gets
+    an AVX2 -mcpu, and the kernel (AVX2 code runs on any x86-64 host here) is exact."""
+    if not host._AVX2 <= host.read_cpuinfo()[1]:
+        pytest.skip("this CPU lacks AVX2")
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    k, n = 96, 40
+    module = qmm_module(k, n, 4, 32, batch="batch", seed=9)
+    compiled, out = compile_module(module, tmp_path)
+    assert "#layout<cpu_tiled, n_tile=32>" in open(os.path.join(out, "module.qir")).read()
+    assert compiled.manifest["kernels"][0]["mcpu"] in ("haswell", "znver3", "znver2")
+    for m in (1, 5):
+        x = rand_x(m, k, seed=m)
+        assert_close_fp32(compiled.run({"x": x})["y"], reference_run(module, {"x": x})["y"], k)
+
+
 # --------------------------------------------------------------------------------------------
 # end to end
 # --------------------------------------------------------------------------------------------
@@ -151,11 +227,16 @@ def test_mlp_end_to_end_symbolic_batch(tmp_path):
         assert_close_fp32(got, want, 128)
 
 
+# The exact path's column tile: 4 vectors of f32 columns, by the detected vector width.
+N_TILE_BY_VECTOR_BITS = {256: 32, 512: 64}
+
+
 def test_printed_ir_shows_the_cpu_layout(tmp_path):
     _, out = compile_module(qmm_module(64, 32, 4, 32), tmp_path)
     text = open(os.path.join(out, "module.qir")).read()
     assert "#layout<cpu_exact," in text and "codes=u4" in text
-    assert "#layout<cpu_tiled, n_tile=64>" in text
+    n_tile = N_TILE_BY_VECTOR_BITS[host.target_cpu(get_target("cpu"))["vector_bits"]]
+    assert f"#layout<cpu_tiled, n_tile={n_tile}>" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +349,7 @@ def test_every_schedule_is_correct(tmp_path, numerics, config):
     """Each point of the search space computes the same thing (M=5 is no multiple of m_block,
     K=272 pads to whole groups of 32, N=70 pads to whole tiles)."""
     if numerics == "int8" and not HAS_VNNI:
-        pytest.skip("the int8 path needs AVX-512 VNNI")
+        pytest.skip(f"the int8 path needs AVX-512 VNNI (host -mcpu={HOST['mcpu']}{_ISA_NOTE})")
     tgt = get_target("cpu")
     key = {"op": "qmatmul", "m": 5, "k": 272, "n": 70, "act": "float", "x_dtype": "f32",
            "w_scheme": "#quant<u4, affine, per_group(axis=0, block=32), scale=f32, zp=u4>",
@@ -327,7 +408,9 @@ def test_one_and_two_threads(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-HOST_FLAGS = host.read_cpuinfo()[1]
+# The flags as the compiler sees them: under QC_HOST_ISA=avx2 the AVX-512 target is skipped,
+# as on a Zen 3.
+HOST_FLAGS = host.host_flags()[1]
 
 
 @pytest.mark.parametrize("target", [
@@ -349,6 +432,27 @@ def test_int8_refused_without_vnni(tmp_path):
     with pytest.raises(PassError, match="VNNI"):
         compile_module(qmm_module(64, 16, 4, 32), tmp_path, numerics="int8",
                        target="cpu-x86-avx2")
+
+
+def test_int8_refused_on_a_host_without_vnni(tmp_path, monkeypatch):
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    with pytest.raises(PassError, match="VNNI.*-mcpu=(haswell|znver)"):
+        compile_module(qmm_module(64, 16, 4, 32), tmp_path, numerics="int8")
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-x86-avx2"])
+def test_int8_config_never_reaches_llvm_without_vnni(tmp_path, monkeypatch, target):
+    """An int8 config scheduled for a VNNI target (as a .qir file or tuning log can carry it)
+    is refused by the backend, naming the node, before LLVM (which aborts the process)."""
+    from qcompiler.codegen.cpu.backend import CPUBackend, CPUBackendError
+
+    scheduled, _, _ = run_pipeline(qmm_module(64, 16, 4, 32), pipeline("cpu-x86-avx512", "int8"))
+    node = next(n for n in scheduled.main.nodes if n.op == "qmatmul")
+    assert node.attrs["config"]["numerics"] == "int8"
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    with pytest.raises(CPUBackendError, match=r"%y: numerics=int8 needs AVX-512 VNNI"):
+        CPUBackend().compile(scheduled, get_target(target), str(tmp_path / "out"))
+    assert not [f for f in os.listdir(tmp_path / "out" / "kernels") if f.endswith(".so")]
 
 
 def test_bad_numerics_option(tmp_path):
