@@ -41,7 +41,13 @@ def tvm_dtype(et: ElementType, node: Node) -> str:
 
 def dtype_of(value) -> str:
     """The dtype of a TIR expression (``.ty`` in TVM 0.27) or of a te tensor."""
-    return str(value.ty) if hasattr(value, "ty") else str(value.dtype)
+    from tvm import te
+
+    if isinstance(value, te.Tensor):
+        return str(value.dtype)
+    if hasattr(value, "asobject"):  # a te TensorSlice (an element load)
+        value = value.asobject()
+    return str(value.ty)
 
 
 def is_float_dtype(dtype) -> bool:

@@ -85,7 +85,7 @@ def _i64(v):
 def _load_bcast(ctx: _Ctx, i: int, out_index: list):
     p = ctx.operand(i)
     idx = broadcast_index(ctx.otype(i), list(p.shape), ctx.rtype, out_index)
-    return p[tuple(idx)] if idx else p[()]
+    return (p[tuple(idx)] if idx else p[()]).asobject()
 
 
 def _compute(shape, fn, name):
@@ -123,8 +123,8 @@ def _cast(ctx: _Ctx) -> Kernel:
             or "f4" in dst.name:
         raise unsupported(ctx.node, f"cast {src} -> {dst}")
     out = _compute(ctx.out_shapes[0],
-                   lambda i: scalar.cast(ctx.operand(0)[tuple(i)] if i else ctx.operand(0)[()],
-                                         src, dst, ctx.out_dtypes[0]), "out")
+                   lambda i: scalar.cast(_load_bcast(ctx, 0, i), src, dst, ctx.out_dtypes[0]),
+                   "out")
     return Kernel(ctx.inputs, [out], "injective")
 
 
@@ -266,21 +266,21 @@ def _layernorm(ctx: _Ctx) -> Kernel:
     eps = tirx.const(ctx.node.attrs["epsilon"], ct)
     n = _count(cols, ct)
     ks = _reduce_axes(cols, [f"k{j}" for j in range(len(cols))])
-    mean = te.compute(rows, lambda *r: te.sum(x[tuple(r) + tuple(ks)].astype(ct), axis=ks) / n,
-                      name="mean")
+    # Reductions must be whole stages in TE: sums here, the divisions in their consumers.
+    total = te.compute(rows, lambda *r: te.sum(x[tuple(r) + tuple(ks)].astype(ct), axis=ks),
+                       name="total")
     ks2 = _reduce_axes(cols, [f"j{j}" for j in range(len(cols))])
 
     def sq(r, c):
-        d = x[tuple(r) + tuple(c)].astype(ct) - mean[tuple(r)]
+        d = x[tuple(r) + tuple(c)].astype(ct) - total[tuple(r)] / n
         return d * d
 
-    var = te.compute(rows, lambda *r: te.sum(sq(r, ks2), axis=ks2) / n, name="var")
-    inv_std = te.compute(rows, lambda *r: tirx.const(1, ct) / te.sqrt(var[tuple(r)] + eps),
-                         name="inv_std")
+    sq_sum = te.compute(rows, lambda *r: te.sum(sq(r, ks2), axis=ks2), name="sq_sum")
 
     def fn(*i):
         r = tuple(i[:axis])
-        y = (x[i].astype(ct) - mean[r]) * inv_std[r] * _param_bcast(ctx, 1, list(i), ct)
+        inv_std = tirx.const(1, ct) / te.sqrt(sq_sum[r] / n + eps)
+        y = (x[i].astype(ct) - total[r] / n) * inv_std * _param_bcast(ctx, 1, list(i), ct)
         if ctx.has(2):
             y = y + _param_bcast(ctx, 2, list(i), ct)
         return y.astype(ctx.out_dtypes[0])
@@ -302,8 +302,8 @@ def _rmsnorm(ctx: _Ctx) -> Kernel:
         v = x[tuple(r) + tuple(ks)].astype(ct)
         return v * v
 
-    rms = te.compute(rows, lambda *r: te.sqrt(te.sum(sq(r), axis=ks) / n + eps), name="rms")
-    out = te.compute(shape, lambda *i: (x[i].astype(ct) / rms[tuple(i[:axis])]
+    sq_sum = te.compute(rows, lambda *r: te.sum(sq(r), axis=ks), name="sq_sum")
+    out = te.compute(shape, lambda *i: (x[i].astype(ct) / te.sqrt(sq_sum[tuple(i[:axis])] / n + eps)
                                         * _param_bcast(ctx, 1, list(i), ct))
                      .astype(ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "rows", rows=axis)
@@ -648,14 +648,13 @@ def _attention(ctx: _Ctx) -> Kernel:
     d = te.reduce_axis((0, D), name="d")
 
     def score(b, h, i, j):
-        s = te.sum(q[b, h, i, d].astype(ct) * k[b, tirx.floordiv(h, group), j, d].astype(ct),
-                   axis=d) * scale
-        return s
+        return te.sum(q[b, h, i, d].astype(ct) * k[b, tirx.floordiv(h, group), j, d].astype(ct),
+                      axis=d)
 
     scores = te.compute(row + [Skv], lambda b, h, i, j: score(b, h, i, j), name="scores")
 
     def masked(b, h, i, j):
-        s = scores[b, h, i, j]
+        s = scores[b, h, i, j] * scale
         if ctx.has(3):
             s = s + _param_bcast_to(ctx, 3, [b, h, i, j], ct)
         if causal:

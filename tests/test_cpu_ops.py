@@ -1,0 +1,357 @@
+"""The CPU op kernels (codegen/cpu/ops) against the reference implementation of each node.
+
+One library for the whole module (build time matters on 2 cores): every node below is built
+into it once; each test runs its kernels on fresh random inputs (negative values included,
+never zeros) at symbolic sizes 7 and 13 (and 33 for the second symbol), or at its static
+shape, and compares with ``qcompiler.runtime.reference.OP_IMPLS`` of the same node.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
+from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
+from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
+from qcompiler.ir.core import Function, Module, constant_node  # noqa: E402
+from qcompiler.ir.types import elem, tensor  # noqa: E402
+from qcompiler.runtime.reference import OP_IMPLS  # noqa: E402
+
+SIZES = ({"batch": 7, "seq": 33}, {"batch": 13, "seq": 13})
+
+
+class Graph:
+    """Nodes to build, each with its own arguments, by test name."""
+
+    def __init__(self):
+        self.module = Module("ops")
+        self.fn = self.module.add_function(Function("main"))
+        self.nodes: dict = {}
+        self.low: dict = {}  # arg -> (lo, hi) for integer inputs
+
+    def arg(self, shape, dtype, low=None):
+        v = self.fn.add_arg(self.fn.fresh_name("a"), tensor(shape, dtype))
+        if low is not None:
+            self.low[v.name] = low
+        return v
+
+    def const(self, values, dtype="i64"):
+        return constant_node(self.fn, self.module, np.asarray(values, elem(dtype).np_dtype)).result
+
+    def add(self, key, op, operands, result_types, attrs=None):
+        node = self.fn.make_node(op, operands, [tensor(*t) for t in result_types], attrs)
+        self.nodes.setdefault(key, []).append(node)
+        return node
+
+
+def _make_graph() -> Graph:
+    g = Graph()
+    B, S = "batch", "seq"
+    # elementwise, broadcasting [batch, 13] with [13] and [batch, 1]
+    for op in ("add", "sub", "mul", "div", "max", "min"):
+        g.add("binary", op, [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
+    g.add("binary", "add", [g.arg([B, 1], "f32"), g.arg([1, S], "f32")], [([B, S], "f32")])
+    g.add("binary", "pow", [g.arg([B, 13], "f32", low="positive"), g.arg([13], "f32")],
+          [([B, 13], "f32")])
+    g.add("binary", "add", [g.arg([B, 13], "f16"), g.arg([B, 13], "f16")], [([B, 13], "f16")])
+    g.add("binary", "mul", [g.arg([B, 13], "bf16"), g.arg([13], "bf16")], [([B, 13], "bf16")])
+    g.add("static", "add", [g.arg([7, 64], "f32"), g.arg([64], "f32")], [([7, 64], "f32")])
+    g.add("static", "mul", [g.arg([64, 128], "f32"), g.arg([64, 128], "f32")],
+          [([64, 128], "f32")])
+    for op in ("sqrt", "erf", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal"):
+        g.add("unary", op, [g.arg([B, S], "f32", low="positive" if op == "sqrt" else None)],
+              [([B, S], "f32")])
+    g.add("unary", "gelu", [g.arg([B, S], "f32")], [([B, S], "f32")], {"approximate": "none"})
+    g.add("unary", "gelu", [g.arg([B, S], "f32")], [([B, S], "f32")], {"approximate": "tanh"})
+    g.add("unary_f16", "gelu", [g.arg([B, S], "f16")], [([B, S], "f16")])
+    g.add("unary_f16", "exp", [g.arg([B, S], "f16")], [([B, S], "f16")])
+    # integer and boolean ops: exact
+    g.add("exact", "div", [g.arg([B, 13], "i32", low=(-50, 50)),
+                           g.arg([B, 13], "i32", low=(-7, 7))], [([B, 13], "i32")])
+    g.add("exact", "add", [g.arg([B, 13], "i64", low=(-2**40, 2**40)),
+                           g.arg([13], "i64", low=(-2**40, 2**40))], [([B, 13], "i64")])
+    for op in ("equal", "greater", "greater_or_equal", "less", "less_or_equal"):
+        g.add("exact", op, [g.arg([B, 13], "i32", low=(-3, 3)), g.arg([13], "i32", low=(-3, 3))],
+              [([B, 13], "bool")])
+    g.add("exact", "less", [g.arg([B, 13], "f32"), g.arg([B, 1], "f32")], [([B, 13], "bool")])
+    g.add("exact", "and", [g.arg([B, 13], "bool"), g.arg([B, 13], "bool")], [([B, 13], "bool")])
+    g.add("exact", "isnan", [g.arg([B, 13], "f32", low="nan")], [([B, 13], "bool")])
+    g.add("exact", "where", [g.arg([B, 13], "bool"), g.arg([B, 13], "f32"), g.arg([13], "f32")],
+          [([B, 13], "f32")])
+    for src, dst, low in (("f32", "i8", (-300.0, 300.0)), ("f32", "u8", (-300.0, 300.0)),
+                          ("f32", "i32", None), ("f32", "f16", None), ("f32", "bf16", None),
+                          ("i32", "u4", (-40, 40)), ("i32", "i4", (-40, 40)),
+                          ("i64", "i8", (-1000, 1000)), ("f32", "bool", (-2.0, 2.0)),
+                          ("i32", "f32", (-10**6, 10**6)), ("f16", "f32", None)):
+        a = g.arg([B, S], src, low=low)
+        g.add("exact", "cast", [a], [([B, S], dst)], {"to": elem(dst)})
+    # fused bodies
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([S], "f32")],
+          [([B, S], "f32")], {"body": "t0 = add(x0, x1); t1 = gelu<none>(t0); "
+                                      "t2 = mul(t1, 0.5); return t2"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([B, S], "f32")],
+          [([B, S], "f32")], {"body": "t0 = silu(x0); t1 = mul(t0, x1); return t1"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f16"), g.arg([B, 1], "f16")],
+          [([B, S], "f32")], {"body": "t0 = sub(x0, x1); t1 = tanh(t0); t2 = cast<f32>(t1); "
+                                      "t3 = max(t2, -0.25); return t3"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([B, S], "f32")],
+          [([B, S], "f32")], {"body": "t0 = greater(x0, x1); t1 = where(t0, x0, -3.4e+38); "
+                                      "t2 = exp(t1); return t2"})
+    # row reductions
+    g.add("rows", "softmax", [g.arg([B, S], "f32")], [([B, S], "f32")], {"axis": -1})
+    g.add("rows", "softmax", [g.arg([B, 7, 13], "f32")], [([B, 7, 13], "f32")], {"axis": 1})
+    g.add("rows", "softmax", [g.arg([13, 33], "f32")], [([13, 33], "f32")], {"axis": 1})
+    g.add("rows", "softmax", [g.arg([B, S], "f16")], [([B, S], "f16")], {"axis": -1})
+    g.add("rows", "layernorm", [g.arg([B, 33], "f32"), g.arg([33], "f32"), g.arg([33], "f32")],
+          [([B, 33], "f32")], {"axis": -1, "epsilon": 1e-5})
+    g.add("rows", "layernorm", [g.arg([B, 7, 13], "f16"), g.arg([7, 13], "f16")],
+          [([B, 7, 13], "f16")], {"axis": 1, "epsilon": 1e-3})
+    g.add("rows", "rmsnorm", [g.arg([B, S], "f32"), g.arg([S], "f32")], [([B, S], "f32")],
+          {"axis": -1, "epsilon": 1e-6})
+    g.add("rows", "rmsnorm", [g.arg([B, 33], "bf16"), g.arg([33], "bf16")], [([B, 33], "bf16")],
+          {"axis": 1, "epsilon": 1e-6})
+    g.add("rows", "reduce_mean", [g.arg([B, S], "f32")], [([B, 1], "f32")],
+          {"axes": [-1], "keepdims": 1})
+    g.add("rows", "reduce_sum", [g.arg([B, 7, 13], "f32")], [([B, 13], "f32")],
+          {"axes": [1], "keepdims": 0})
+    g.add("rows", "reduce_l2", [g.arg([B, 7], "f32")], [((), "f32")],
+          {"axes": [], "keepdims": 0})
+    g.add("exact", "reduce_sum", [g.arg([B, 13], "i32", low=(-100, 100))], [([13], "i32")],
+          {"axes": [0], "keepdims": 0})
+    g.add("exact", "reduce_mean", [g.arg([B, 13], "i32", low=(-100, 100))], [([B], "i32")],
+          {"axes": [1], "keepdims": 0})
+    # data movement: exact
+    g.add("copy", "transpose", [g.arg([B, 7, 13], "f32")], [([B, 13, 7], "f32")],
+          {"perm": [0, 2, 1]})
+    g.add("copy", "transpose", [g.arg([2, B, 3, 5], "f16")], [([3, 5, 2, B], "f16")],
+          {"perm": [2, 3, 0, 1]})
+    g.add("copy", "concat", [g.arg([B, 7], "f32"), g.arg([B, S], "f32"), g.arg([B, 1], "f32")],
+          [([B, "?"], "f32")], {"axis": 1})
+    g.add("copy", "split", [g.arg([B, 20], "f32")], [([B, 7], "f32"), ([B, 13], "f32")],
+          {"axis": 1, "sizes": [7, 13]})
+    x = g.arg([B, S], "f32")
+    g.add("copy", "slice", [x, g.const([1, -20]), g.const([-1, 1000]), g.const([0, 1]),
+                            g.const([1, 2])], [(["?", "?"], "f32")])
+    g.add("copy", "slice", [g.arg([B, 33], "f32"), g.const([-2]), g.const([-1000]),
+                            g.const([1]), g.const([-3])], [([B, 11], "f32")])
+    g.add("copy", "gather", [g.arg([50, 13], "f32"), g.arg([B, 7], "i64", low=(-50, 50))],
+          [([B, 7, 13], "f32")], {"axis": 0})
+    g.add("copy", "gather", [g.arg([B, 13], "f16"), g.arg([5], "i32", low=(-13, 13))],
+          [([B, 5], "f16")], {"axis": 1})
+    g.add("copy", "gather_elements", [g.arg([B, 13], "f32"), g.arg([B, 7], "i64", low=(-13, 13))],
+          [([B, 7], "f32")], {"axis": 1})
+    g.add("copy", "gather_nd", [g.arg([B, 5, 13], "f32"), g.arg([B, 4, 1], "i64", low=(-5, 5))],
+          [([B, 4, 13], "f32")], {"batch_dims": 1})
+    g.add("copy", "gather_nd", [g.arg([6, 5, 3], "f32"), g.arg([B, 2], "i64", low=(-5, 5))],
+          [([B, 3], "f32")], {"batch_dims": 0})
+    g.add("copy", "expand", [g.arg([1, 13], "f32"), g.const([7, 1])], [([7, 13], "f32")])
+    g.add("copy", "expand", [g.arg([B, 1], "i32", low=(-9, 9)), g.const([1, 13])],
+          [([B, 13], "i32")])
+    g.add("copy", "reshape", [g.arg([B, 7, 13], "f32"), g.const([0, -1])], [([B, 91], "f32")])
+    g.add("copy", "unsqueeze", [g.arg([B, 13], "f32")], [([B, 1, 13], "f32")], {"axes": [1]})
+    g.add("copy", "shape", [g.arg([B, 7, S], "f32")], [([2], "i64")], {"start": 1})
+    # matmul and attention
+    g.add("matmul", "matmul", [g.arg([B, 7, 13], "f32"), g.arg([13, S], "f32")],
+          [([B, 7, S], "f32")])
+    g.add("matmul", "matmul", [g.arg([2, B, 13], "f32"), g.arg([2, 13, 7], "f32")],
+          [([2, B, 7], "f32")])
+    g.add("matmul", "matmul", [g.arg([B, 1, 7, 13], "f16"), g.arg([1, 3, 13, 5], "f16")],
+          [([B, 3, 7, 5], "f16")])
+    # GQA (4 query heads over 2 kv heads), causal, additive padding mask
+    g.add("attention", "attention",
+          [g.arg([B, 4, S, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),
+           g.arg([B, 1, 1, S], "f32", low="mask")],
+          [([B, 4, S, 5], "f32")], {"scale": 0.35, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 4, 7, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 8], "f32")],
+          [([B, 4, 7, 8], "f32")], {"scale": 0.125, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 6, 1, 16], "f16"), g.arg([B, 2, S, 16], "f16"), g.arg([B, 2, S, 16], "f16")],
+          [([B, 6, 1, 16], "f16")], {"scale": 0.25, "causal": 0})
+    # range: the result's length is only known at run time
+    g.add("range", "range", [g.arg([], "f32"), g.arg([], "f32"), g.arg([], "f32")],
+          [(["?"], "f32")])
+    g.add("range", "range", [g.arg([], "i64"), g.arg([], "i64"), g.arg([], "i64")],
+          [(["?"], "i64")])
+    # two identical nodes: one kernel
+    g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
+    return g
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    g = _make_graph()
+    nodes = [n for ns in g.nodes.values() for n in ns]
+    path = str(tmp_path_factory.mktemp("ops") / "ops.so")
+    names = build_ops_library(nodes, "cpu", path, module=g.module)
+    return g, names, OpsLibrary(path)
+
+
+def _random(v, sizes, rng, low):
+    t = v.type
+    shape = tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
+    dtype = t.dtype.np_dtype
+    if t.dtype.kind == "bool":
+        return rng.random(shape) < 0.5
+    if t.dtype.kind in ("int", "uint"):
+        lo, hi = low or (-100, 100)
+        x = rng.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+        return x
+    if low == "positive":
+        x = rng.uniform(0.1, 3.0, size=shape)
+    elif low == "mask":  # additive padding mask: 0 or -inf / the ONNX -3.4e38
+        x = np.where(rng.random(shape) < 0.3, -3.4e38, 0.0)
+        x.reshape(-1)[0] = -np.inf
+    elif isinstance(low, tuple):
+        x = rng.uniform(*low, size=shape)
+    else:
+        x = rng.standard_normal(shape) * 2.0
+        x[x == 0] = 0.5
+    x = x.astype(dtype)
+    if low == "nan":
+        x.reshape(-1)[::3] = np.nan
+    return x
+
+
+def _inputs(g: Graph, node, sizes, rng):
+    args = []
+    for v in node.operands:
+        if v.producer is not None:  # a constant
+            args.append(np.asarray(v.producer.attrs["value"]))
+        else:
+            args.append(_random(v, sizes, rng, g.low.get(v.name)))
+    if node.op == "range":
+        start = rng.uniform(-5, 5) if args[0].dtype.kind == "f" else rng.integers(-20, 5)
+        delta = rng.uniform(0.3, 1.5) if args[0].dtype.kind == "f" else rng.integers(1, 4)
+        n = rng.integers(5, 40)
+        args = [np.asarray(start, args[0].dtype), np.asarray(start + delta * n, args[0].dtype),
+                np.asarray(delta, args[0].dtype)]
+    return args
+
+
+def _run(built, node, sizes, rng):
+    g, names, lib = built
+    args = _inputs(g, node, sizes, rng)
+    want = OP_IMPLS[node.op](node, args, g.module)
+    outs = [aligned_empty(w.shape, w.dtype) for w in want]
+    for o in outs:
+        o[...] = np.asarray(7, o.dtype) if o.dtype != np.bool_ else True
+    kernel_args = [a for a, v in zip(args, node.operands) if v is not None]
+    lib[names[node.results[0].name]](*[np.ascontiguousarray(a) for a in kernel_args], *outs)
+    return outs, want
+
+
+def _f32_view(x):
+    return np.asarray(x).astype(np.float64)
+
+
+def assert_ulps(got, want, ulps, what):
+    """|got - want| within ``ulps`` units in the last place of the result type."""
+    want = np.asarray(want)
+    dtype = want.dtype
+    g, w = _f32_view(got), _f32_view(want)
+    nan = np.isnan(w)
+    assert (np.isnan(g) == nan).all(), f"{what}: NaN positions differ"
+    spacing = np.spacing(np.abs(w[~nan]).astype(dtype)).astype(np.float64)
+    tiny = float(np.finfo(dtype).tiny) if dtype.kind == "f" else 0.0
+    err = np.abs(g[~nan] - w[~nan])
+    bad = err > ulps * spacing + tiny
+    assert not bad.any(), f"{what}: {bad.sum()} elements off by more than {ulps} ulp " \
+        f"(max err {err.max()}, e.g. got {g[~nan][bad][:3]} want {w[~nan][bad][:3]})"
+
+
+def _check(built, key, compare, sizes_list=SIZES, seed=0):
+    g = built[0]
+    rng = np.random.default_rng(seed)
+    for sizes in sizes_list:
+        for node in g.nodes[key]:
+            outs, want = _run(built, node, sizes, rng)
+            for got, w in zip(outs, want):
+                what = f"{node.op} {node.results[0].type} at {sizes}"
+                assert got.shape == w.shape, what
+                compare(got, w, what)
+
+
+def test_binary_elementwise(built):
+    # + - * / max min round exactly as numpy; pow is libm's powf (within 2 ulp of numpy's)
+    _check(built, "binary",
+           lambda got, w, what: assert_ulps(got, w, 2 if what.startswith("pow") else 0, what))
+
+
+def test_static_shapes_use_vector_width(built):
+    _check(built, "static", lambda got, w, what: assert_ulps(got, w, 0, what), sizes_list=[{}])
+
+
+def test_unary_elementwise_few_ulp(built):
+    # libm's expf/tanhf against numpy's own loops: within 2 ulp; gelu and erf are exact
+    _check(built, "unary", lambda got, w, what: assert_ulps(got, w, 2, what))
+    _check(built, "unary_f16", lambda got, w, what: assert_ulps(got, w, 1, what))
+
+
+def test_integer_bool_and_cast_ops_exact(built):
+    def exact(got, w, what):
+        assert got.dtype == w.dtype, what
+        np.testing.assert_array_equal(got, w, err_msg=what)
+
+    _check(built, "exact", exact)
+
+
+def test_fused_elementwise_bodies(built):
+    _check(built, "fused", lambda got, w, what: assert_ulps(got, w, 2, what))
+
+
+def test_row_reductions(built):
+    def close(got, w, what):
+        tol = 1e-5 if w.dtype == np.float32 else 8e-3
+        np.testing.assert_allclose(_f32_view(got), _f32_view(w), rtol=tol, atol=tol * 1e-1,
+                                   err_msg=what)
+
+    _check(built, "rows", close)
+
+
+def test_data_movement_exact(built):
+    _check(built, "copy", lambda got, w, what: np.testing.assert_array_equal(got, w, what))
+
+
+def test_matmul(built):
+    def close(got, w, what):
+        tol = 1e-5 if w.dtype == np.float32 else 2e-3
+        scale = np.abs(_f32_view(w)).max()
+        np.testing.assert_allclose(_f32_view(got), _f32_view(w), rtol=tol, atol=tol * scale,
+                                   err_msg=what)
+
+    _check(built, "matmul", close)
+
+
+def test_attention_gqa_causal_mask(built):
+    def close(got, w, what):
+        tol = 1e-5 if w.dtype == np.float32 else 2e-3
+        np.testing.assert_allclose(_f32_view(got), _f32_view(w), rtol=tol, atol=tol,
+                                   err_msg=what)
+        assert np.isfinite(_f32_view(got)).any(), what
+
+    _check(built, "attention", close)
+
+
+def test_range_has_run_time_length(built):
+    _check(built, "range", lambda got, w, what: assert_ulps(got, w, 0, what), seed=3)
+
+
+def test_identical_nodes_share_one_kernel(built):
+    g, names, _ = built
+    first = g.nodes["binary"][0]
+    dup = g.nodes["dedup"][0]
+    assert names[first.results[0].name] == names[dup.results[0].name]
+    assert names[first.results[0].name] != names[g.nodes["binary"][1].results[0].name]
+    _check(built, "dedup", lambda got, w, what: assert_ulps(got, w, 0, what))
+
+
+def test_unsupported_op_names_node_and_op():
+    fn = Function("main")
+    a = fn.add_arg("a", tensor(["batch", 4], "f32"))
+    node = fn.make_node("dynamic_quantize", [a], [tensor(["batch", 4], "u8"), tensor([], "f32"),
+                                                  tensor([], "u8")], names=["q", "s", "z"])
+    with pytest.raises(CPUBackendError, match=r"%q, %s, %z = dynamic_quantize"):
+        primfunc_for(node)
