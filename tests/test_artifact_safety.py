@@ -492,7 +492,7 @@ CUDA_F16_PIPELINE = ("canonicalize,fuse-dequant,canonicalize,reorder-weights{com
                      "schedule-unpack,tile{target=cuda-sm90}")
 
 
-def test_cuda_artifact_loads_without_a_gpu_and_run_says_why(tmp_path):
+def test_cuda_artifact_loads_without_a_gpu_and_run_says_why(tmp_path, evil_library):
     from cuda_gpu_util import gpu_reason
     from qcompiler.codegen.cuda.build import find_nvcc
 
@@ -509,9 +509,19 @@ def test_cuda_artifact_loads_without_a_gpu_and_run_says_why(tmp_path):
         m.run({"x": x})
     with pytest.raises(DeviceUnavailableError, match="targets cuda-sm90"):
         qcompiler.load(out).run({"x": x})  # again, from the directory
-    # The integrity checks still run at load.
+    # The checks still run at load: a library outside the artifact, then a changed file.
+    lib, marker = evil_library
     manifest = read_manifest(out)
     assert "kernels/qc_runtime.so" in manifest["files"]
+    for name, message in ((lib, "absolute path"), ("../../outside/evil.so", "leads out")):
+        bad = copy_artifact(out, tmp_path, "bad")
+        changed = read_manifest(bad)
+        changed["kernels"][0]["library"] = name
+        write_manifest(bad, changed)
+        with pytest.raises(ArtifactError, match=rf"kernels\[0\]\.library = .*{message}"):
+            qcompiler.load(bad)
+        shutil.rmtree(bad)
+    assert not marker.exists()
     flip_byte(os.path.join(out, "kernels", "qc_runtime.so"))
     with pytest.raises(ArtifactError, match="kernels/qc_runtime.so was changed"):
         qcompiler.load(out)
