@@ -1,0 +1,25 @@
+"""The executable plan: QIR lowered to kernel calls over planned buffers.
+
+    plan = lower(module, buckets={"batch": [1, 8, 32]})   # steps + a memory plan per bucket
+    print(format_plan(plan, {"batch": 8}))
+    outputs = PlanExecutor(plan, module).run({"x": x})     # reference ops as the default steps
+
+``lower.py`` (steps, buffers, views, host shape functions), ``memory.py`` (liveness, in-place
+reuse, arena offsets per shape bucket), ``shapes.py`` (concrete shapes and shape functions for
+concrete dims), ``executor.py`` (runs a plan), ``printer.py``, ``plan.py`` (the data, JSON).
+"""
+from qcompiler.plan.executor import PlanExecutor, reference_step  # noqa: F401
+from qcompiler.plan.lower import lower, lower_steps  # noqa: F401
+from qcompiler.plan.memory import (DEFAULT_BUCKET_BOUNDS, liveness, plan_memory,  # noqa: F401
+                                   resolve_buckets, select_bucket)
+from qcompiler.plan.plan import (Buffer, MemoryPlan, Plan, PlanError, Step,  # noqa: F401
+                                 plan_from_json, plan_to_json)
+from qcompiler.plan.printer import format_plan  # noqa: F401
+
+
+def plan_report(plan: Plan) -> list[dict]:
+    """Per bucket: the figures report.json and report.txt show."""
+    return [{"bucket": dict(m.bounds), "peak_arena_bytes": m.peak_bytes,
+             "intermediate_bytes": m.intermediate_bytes, "kernels": plan.count("kernel"),
+             "host_shape_functions": plan.count("host"), "views": plan.count("view"),
+             "in_place": len(m.inplace)} for m in plan.buckets]

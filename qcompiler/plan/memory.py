@@ -1,0 +1,222 @@
+"""Memory planning: liveness, in-place reuse and arena offsets per shape bucket.
+
+- Liveness: an arena buffer lives from the step that writes it to the last step that reads it
+  or any view of it (views and host steps read no bytes: a view is an alias, and ``shape``
+  reads only a shape).
+- In-place: an elementwise step may write its output over an operand whose bytes die at that
+  step when both have the same byte size for every dims (equal symbolic element counts and the
+  same element size): then out[i] depends only on in[i], which nobody reads afterwards. The
+  output joins that operand's slot; a chain of elementwise ops runs in one slot.
+- Placement: slots sorted by size (largest first), each put at the best-fitting gap between
+  the slots already placed whose lifetimes overlap it, else above them (the greedy-by-size
+  planner of TFLite's arena planner and tinygrad's memory_planner); offsets and sizes are
+  multiples of 64 bytes. Weights, inputs, outputs and host values are never in the arena.
+- Shape buckets: one memory plan per bucket, sized at the bucket's upper bounds. The plan is
+  valid for every shape within them because every buffer's size is monotone in the dims
+  (products of dims, min/max of dims): the executor checks that for each signature it serves
+  (``PlanExecutor`` raises if a buffer outgrows its bucket's size).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.errors import ConfigError
+from qcompiler.ir import Module, elem
+from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan
+from qcompiler.plan.shapes import ConstantCache, resolve
+
+# Default upper bounds per input symbol when no buckets are declared: a single row/token, a
+# small batch and a typical sequence. Beyond them the executor plans for the exact dims (and
+# warns). A model without symbols has one bucket, {}.
+DEFAULT_BUCKET_BOUNDS = (1, 16, 128)
+
+# Ops whose output element i depends only on element i of each same-sized operand.
+ELEMENTWISE_OPS = frozenset({
+    "add", "sub", "mul", "div", "max", "min", "pow", "equal", "where", "isnan", "greater",
+    "greater_or_equal", "less", "less_or_equal", "and", "sqrt", "erf", "relu", "sigmoid",
+    "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "cast", "identity", "fused_elementwise",
+})
+
+
+def align(n: int) -> int:
+    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
+
+
+# --------------------------------------------------------------------------------------------
+# buckets
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_buckets(spec, symbols: list) -> list[dict]:
+    """Bucket bounds from a spec: None (defaults), {symbol: [bound, ...]} (every combination),
+    or a list of {symbol: bound}. Every bucket bounds every symbol of the inputs."""
+    if not symbols:
+        return [{}]
+    if spec is None:
+        spec = {s: list(DEFAULT_BUCKET_BOUNDS) for s in symbols}
+    if isinstance(spec, dict):
+        _check_symbols(spec, symbols, "buckets")
+        lists = []
+        for s in symbols:
+            values = spec[s] if isinstance(spec[s], (list, tuple)) else [spec[s]]
+            lists.append([_bound(v, s) for v in values])
+        buckets = [dict(zip(symbols, combo)) for combo in itertools.product(*lists)]
+    elif isinstance(spec, (list, tuple)):
+        buckets = []
+        for b in spec:
+            if not isinstance(b, dict):
+                raise ConfigError(f"buckets: each bucket is a dict {{symbol: bound}}, got {b!r}")
+            _check_symbols(b, symbols, f"bucket {b}")
+            buckets.append({s: _bound(b[s], s) for s in symbols})
+    else:
+        raise ConfigError(f"buckets: expected a dict of lists or a list of dicts, got "
+                          f"{type(spec).__name__}")
+    unique = {tuple(b[s] for s in symbols): b for b in buckets}
+    return [unique[k] for k in sorted(unique)]
+
+
+def _check_symbols(spec: dict, symbols: list, what: str) -> None:
+    missing = [s for s in symbols if s not in spec]
+    extra = [s for s in spec if s not in symbols]
+    if missing or extra:
+        raise ConfigError(f"{what}: missing bounds for {missing}, unknown symbols {extra} "
+                          f"(the inputs' symbols are {symbols})")
+
+
+def _bound(v, symbol: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ConfigError(f"buckets: bound {v!r} of {symbol} is not a positive integer")
+    return int(v)
+
+
+def select_bucket(plan: Plan, dims: dict) -> Optional[MemoryPlan]:
+    """The bucket with the smallest arena that covers ``dims``; None beyond every bucket."""
+    covering = [b for b in plan.buckets
+                if all(dims.get(s, 0) <= bound for s, bound in b.bounds.items())]
+    if not covering:
+        return None
+    return min(covering, key=lambda b: (b.peak_bytes, sorted(b.bounds.items())))
+
+
+# --------------------------------------------------------------------------------------------
+# liveness and in-place reuse (independent of the dims)
+# --------------------------------------------------------------------------------------------
+
+
+def liveness(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Arena buffer -> (step that writes it, last step that reads it or a view of it)."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, step in enumerate(plan.steps):
+        if step.kind in ("view", "host"):
+            continue
+        for name in step.inputs:
+            if name is None:
+                continue
+            root = plan.buffers[name].alias_of or name
+            if plan.buffers[root].kind == "arena":
+                last[root] = i
+        for name in step.outputs:
+            if plan.buffers[name].kind == "arena":
+                first[name] = i
+                last.setdefault(name, i)
+    return {name: (first[name], max(last[name], first[name])) for name in first}
+
+
+def symbolic_numel(shape: tuple) -> Optional[tuple]:
+    """(product of the int dims, sorted symbols): equal for two shapes of equal size at every
+    dims; None when a dim is unknown (``?``)."""
+    n, syms = 1, []
+    for d in shape:
+        if isinstance(d, int):
+            n *= d
+        elif d == "?":
+            return None
+        else:
+            syms.append(d)
+    return (n, tuple(sorted(syms))) if n else (0, ())
+
+
+def inplace_pairs(plan: Plan, live: dict) -> dict[str, str]:
+    """Output buffer -> the operand buffer (a root) whose bytes it takes over."""
+    out: dict[str, str] = {}
+    for i, step in enumerate(plan.steps):
+        if step.kind != "kernel" or step.op not in ELEMENTWISE_OPS or len(step.outputs) != 1:
+            continue
+        dst = plan.buffers[step.outputs[0]]
+        if dst.kind != "arena":
+            continue
+        want = symbolic_numel(dst.shape)
+        if want is None:
+            continue
+        for name in step.inputs:
+            if name is None:
+                continue
+            src = plan.buffers[name]
+            root = src.alias_of or name
+            if plan.buffers[root].kind != "arena" or live[root][1] != i:
+                continue
+            if (symbolic_numel(src.shape) == want
+                    and elem(src.dtype).np_dtype.itemsize == elem(dst.dtype).np_dtype.itemsize):
+                out[dst.name] = root
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# placement
+# --------------------------------------------------------------------------------------------
+
+
+def nbytes(shape: tuple, dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * elem(dtype).np_dtype.itemsize
+
+
+def place(slots: dict) -> tuple[dict, int]:
+    """Greedy best fit. ``slots``: name -> (first, last, bytes). Returns offsets and the peak."""
+    order = sorted(slots, key=lambda s: (-slots[s][2], slots[s][0], s))
+    placed: list[tuple[int, int, int, int]] = []  # offset, aligned size, first, last
+    offsets: dict[str, int] = {}
+    for name in order:
+        first, last, size = slots[name]
+        size = align(size)
+        overlapping = sorted((o, sz) for o, sz, f, l in placed if f <= last and first <= l)
+        best, end = None, 0
+        for o, sz in overlapping:
+            gap = o - end
+            if gap >= size and (best is None or gap < best[1]):
+                best = (end, gap)
+            end = max(end, o + sz)
+        offsets[name] = best[0] if best else end
+        placed.append((offsets[name], size, first, last))
+    peak = max((o + sz for o, sz, _, _ in placed), default=0)
+    return offsets, peak
+
+
+def plan_memory(plan: Plan, module: Module, bounds: dict,
+                constants: Optional[ConstantCache] = None) -> MemoryPlan:
+    """The arena plan for dims ``bounds`` (a bucket's upper bounds, or exact dims)."""
+    shapes = {name: tuple(bounds[d] if isinstance(d, str) else d
+                          for d in plan.buffers[name].shape) for name in plan.inputs}
+    resolved = resolve(plan, module, shapes, constants)
+    live = liveness(plan)
+    inplace = inplace_pairs(plan, live)
+    sizes = {name: nbytes(resolved.shapes[name], plan.buffers[name].dtype) for name in live}
+
+    slot_of: dict[str, str] = {}
+    for name in live:  # steps write in order, so an in-place source has its slot already
+        slot_of[name] = slot_of[inplace[name]] if name in inplace else name
+    slots: dict[str, tuple[int, int, int]] = {}
+    for name, (first, last) in live.items():
+        s = slot_of[name]
+        f, l, size = slots.get(s, (first, last, 0))
+        slots[s] = (min(f, first), max(l, last), max(size, sizes[name]))
+    slot_offsets, peak = place(slots)
+    offsets = {name: slot_offsets[slot_of[name]] for name in live}
+    for b in plan.buffers.values():
+        if b.kind == "view" and b.alias_of in offsets:
+            offsets[b.name] = offsets[b.alias_of]
+    return MemoryPlan(dict(bounds), offsets, sizes, inplace, peak, sum(sizes.values()))

