@@ -157,7 +157,7 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                    passes: Optional[str] = None, instruments: Sequence[Instrument] = (),
                    verify_each: bool = False, tuning_log: Optional[str] = None,
                    example_inputs=None, cache=True, jobs: Optional[int] = None,
-                   progress: Optional[bool] = None) -> tuple[str, Module]:
+                   progress: Optional[bool] = None, buckets=None) -> tuple[str, Module]:
     """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None).
 
     ``tuning_log``: replay the best verified configs of that log (``qcompile --tune``) by
@@ -165,7 +165,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     ``cache``: reuse and fill the build cache (``qcompiler.codegen.build.cache_dir()``;
     False: neither read nor write it; a path: that directory). ``jobs``: kernels built in
     parallel (default: the usable CPUs). ``progress``: the build counter on stderr (default:
-    when stderr is a terminal)."""
+    when stderr is a terminal). ``buckets``: the shape buckets of the executable plan
+    (``qcompiler.plan.resolve_buckets``; None: its defaults)."""
     from qcompiler.codegen.build import Builder
 
     start = time.perf_counter()
@@ -200,6 +201,9 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                     for name, v in zip(fn.output_names, fn.outputs)],
         "kernels": kernels,
     }
+    from qcompiler.plan import artifact_plan
+
+    manifest["plan"], plan_entry, plan_lines = artifact_plan(module, buckets)
     # Wall-clock seconds of each stage; "backend" includes emitting and building the kernels
     # (the build alone is report["build"]["seconds"]).
     seconds = {"import": imported - start, "passes": passes_done - imported,
@@ -208,6 +212,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     seconds = {k: round(v, 3) for k, v in seconds.items()}
     report, text = _report(module, tgt, spec, records, source, kernels, builder.report(),
                            seconds)
+    report["plan"] = plan_entry
+    text += "\n".join(plan_lines) + "\n"
     write_artifact(out_dir, module, manifest, report, text)
     return out_dir, module
 
@@ -215,10 +221,10 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
 def compile(model, target: str = "ref", output_dir: Optional[str] = None,
             passes: Optional[str] = None, verify_each: bool = False,
             tuning_log: Optional[str] = None, example_inputs=None, cache=True,
-            jobs: Optional[int] = None, progress: Optional[bool] = None):
+            jobs: Optional[int] = None, progress: Optional[bool] = None, buckets=None):
     """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result
     (``cache``, ``jobs``, ``progress``: see ``compile_to_dir``)."""
     out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
                                 tuning_log=tuning_log, example_inputs=example_inputs,
-                                cache=cache, jobs=jobs, progress=progress)
+                                cache=cache, jobs=jobs, progress=progress, buckets=buckets)
     return qcompiler.load(out_dir)

@@ -23,3 +23,21 @@ def plan_report(plan: Plan) -> list[dict]:
              "intermediate_bytes": m.intermediate_bytes, "kernels": plan.count("kernel"),
              "host_shape_functions": plan.count("host"), "views": plan.count("view"),
              "in_place": len(m.inplace)} for m in plan.buckets]
+
+
+def artifact_plan(module, buckets=None) -> tuple:
+    """(plan JSON or None, report entry, report.txt lines) for an artifact. A graph that cannot
+    be planned (PlanError) still compiles: the report says why it has no plan."""
+    try:
+        plan = lower(module, buckets)
+    except PlanError as e:
+        return None, {"error": str(e)}, ["", f"plan: none ({e})"]
+    rows = plan_report(plan)
+    lines = ["", f"plan: {plan.count('kernel')} kernels, {plan.count('host')} host shape "
+                 f"functions, {plan.count('view')} views, {plan.count('copy')} copies "
+                 "(qcompile --print-plan shows it)"]
+    for r in rows:
+        bucket = "{" + ", ".join(f"{k}: {v}" for k, v in r["bucket"].items()) + "}"
+        lines.append(f"  bucket {bucket:<28} arena peak {r['peak_arena_bytes']:>12} B   "
+                     f"intermediates {r['intermediate_bytes']:>12} B")
+    return plan_to_json(plan), {"buckets": rows}, lines
