@@ -25,6 +25,58 @@ def pytest_unconfigure(config):
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+# The ISA flags that choose a code path (ours or onnxruntime's), printed in the header.
+HEADER_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+                "amx_int8")
+
+
+def pytest_report_header(config):
+    """The CI log says which ISA paths ran: the CPU, its flags, the LLVM -mcpu of target
+    ``cpu``, whether the int8 (VNNI) path runs, and whether QC_HOST_ISA is in force."""
+    from qcompiler.codegen.cpu import host
+    from qcompiler.errors import QCompilerError
+    from qcompiler.targets import get_target
+    from qcompiler.tuning.device import cpu_name
+
+    try:
+        vendor, flags = host.read_cpuinfo()
+    except OSError as e:
+        return [f"cpu: {cpu_name()}; /proc/cpuinfo unreadable ({e.strerror}): ISA unknown"]
+    def marks(fs):
+        return " ".join(("+" if f in fs else "-") + f for f in HEADER_FLAGS)
+
+    lines = [f"cpu: {cpu_name()} ({vendor or 'unknown vendor'})",
+             f"cpu flags: {marks(flags)}"]
+    try:
+        isa = host.host_isa_override()
+        seen = host.host_flags()[1]
+        cpu = host.target_cpu(get_target("cpu"))
+    except QCompilerError as e:
+        return lines + [f"{host.HOST_ISA_ENV} refused: {e}"]
+    if isa:
+        lines.append(f"{host.HOST_ISA_ENV}={isa} in force: compiling as for {marks(seen)}")
+    else:
+        lines.append(f"{host.HOST_ISA_ENV}: unset (real detection)")
+    int8 = ("runs" if cpu["vnni"] else "skipped (no AVX-512 VNNI"
+            + (f" under {host.HOST_ISA_ENV}={isa})" if isa else ")"))
+    lines.append(f"target cpu: -mcpu={cpu['mcpu']}, {cpu['vector_bits']}-bit vectors; "
+                 f"int8 VNNI path: {int8}")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session):
+    # pytest shows report headers only at verbosity >= 0; `make test` runs -q, and CI's log
+    # must still say which ISA paths ran. (xdist workers: the controller prints it.)
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if (reporter is None or config.get_verbosity() >= 0 or hasattr(config, "workerinput")
+            or config.getoption("no_header", False)):
+        return
+    for line in pytest_report_header(config):
+        reporter.write_line(line)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-goldens", action="store_true",
                      help="rewrite golden files from the current output (review the diff)")

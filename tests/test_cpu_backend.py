@@ -591,3 +591,23 @@ def test_tuning_log_replay(tmp_path):
     x = rand_x(16, 256)
     assert_close_fp32(qcompiler.load(out).run({"x": x})["y"],
                       reference_run(module, {"x": x})["y"], 256)
+
+
+# --------------------------------------------------------------------------------------------
+# the CI log's header (tests/conftest.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_header_says_which_isa_paths_run(monkeypatch):
+    from conftest import pytest_report_header
+
+    monkeypatch.delenv(host.HOST_ISA_ENV, raising=False)
+    text = "\n".join(pytest_report_header(None))
+    assert "QC_HOST_ISA: unset" in text and f"-mcpu={host.host_cpu()['mcpu']}" in text
+    assert ("int8 VNNI path: runs" in text) == host.target_cpu(get_target("cpu"))["vnni"]
+    if not host._AVX2 <= host.read_cpuinfo()[1]:
+        return
+    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
+    text = "\n".join(pytest_report_header(None))
+    assert "QC_HOST_ISA=avx2 in force" in text and "-avx512f" in text
+    assert "256-bit vectors; int8 VNNI path: skipped" in text
