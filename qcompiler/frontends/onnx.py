@@ -31,6 +31,7 @@ from qcompiler.errors import InputError
 from qcompiler.ir import Function, Module, QuantScheme, TensorType, elem
 from qcompiler.ir.core import Value, constant_node, constant_value
 from qcompiler.ir.ops import TypeInferenceError, infer_types
+from qcompiler.ir.verifier import missing_operand
 
 # ONNX tensor element type → QIR element type name.
 _ONNX_TYPES = {
@@ -177,6 +178,7 @@ def check_text_fields(proto: onnx.ModelProto) -> None:
 
 class _Importer:
     def __init__(self, proto: onnx.ModelProto):
+        check_text_fields(proto)
         self.proto = proto
         self.module = Module(_dim_symbol(proto.graph.name or "model") or "model")
         self.fn = Function("main")
@@ -185,7 +187,6 @@ class _Importer:
         self.opsets = {(o.domain or "ai.onnx"): o.version for o in proto.opset_import}
         if "ai.onnx" not in self.opsets:
             self.opsets["ai.onnx"] = 1 if proto.graph.node else 21
-        check_text_fields(proto)
         self.check_versions()
         # Before onnx's shape inference: its C++ aborts the process on some bad declarations.
         self.check_unique_names()
@@ -274,6 +275,10 @@ class _Importer:
              names: Optional[list[str]] = None, n_results: int = 1) -> list[Value]:
         """Create a QIR node, inferring result types (sharpened by ONNX's inference)."""
         attrs = attrs or {}
+        for i, v in enumerate(operands):
+            formal = missing_operand(op, i) if v is None else None
+            if formal is not None:
+                raise self.fail(f"{op}: operand #{i} ({formal}) is missing")
         types = [v.type if v is not None else None for v in operands]
         consts = [self.const(v) for v in operands]
         try:

@@ -6,6 +6,8 @@ rank and element type, and equal sizes wherever both sides know a size.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from qcompiler.errors import InputError
@@ -32,6 +34,18 @@ class VerificationError(InputError):
     """The IR breaks an invariant; the message names where."""
 
 
+def missing_operand(op: str, i: int) -> Optional[str]:
+    """The formal name of operand ``i`` of ``op`` if that operand may not be none: required
+    ones and the members of a variadic list (``xs*``) must be given; ``name?`` may be none."""
+    formals = OPS[op].operands
+    if not formals:
+        return None
+    formal = formals[min(i, len(formals) - 1)]
+    if i >= len(formals) and not formal.endswith("*"):
+        return None  # past the end: the operand count check reports it
+    return None if formal.endswith("?") else formal
+
+
 def _compatible(declared: TensorType, inferred: TensorType) -> bool:
     if declared.dtype != inferred.dtype or declared.rank != inferred.rank:
         return False
@@ -52,8 +66,9 @@ def verify_node(fn: Function, module: Module, node: Node) -> None:
             f"{where}: {node.op} takes {lo}..{hi if hi < 1 << 30 else 'any'} operands, "
             f"got {len(node.operands)}")
     for i, v in enumerate(node.operands):
-        if v is None and i < lo and not opdef.operands[min(i, len(opdef.operands) - 1)].endswith("?"):
-            raise VerificationError(f"{where}: required operand {opdef.operands[i]} is none")
+        formal = missing_operand(node.op, i) if v is None else None
+        if formal is not None:
+            raise VerificationError(f"{where}: required operand {formal} is none")
     for name, (kind, required) in opdef.attrs.items():
         if name not in node.attrs:
             if required:

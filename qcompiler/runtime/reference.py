@@ -719,6 +719,10 @@ def _check_input(v: Value, x: np.ndarray, sizes: dict) -> None:
             raise RunInputError(f"input %{v.name}: {t.dtype} codes must lie in [{lo}, {hi}]")
 
 
+class ResultShapeError(TypeError):
+    """An op's result does not have its declared shape."""
+
+
 def _check_result(node: Node, r: Value, y: np.ndarray) -> None:
     t = r.type
     if y.dtype != t.dtype.np_dtype:
@@ -727,7 +731,7 @@ def _check_result(node: Node, r: Value, y: np.ndarray) -> None:
     if t.layout is not None and t.layout.name != "row_major":
         return  # a packed layout's stored shape is the backend's business
     if y.ndim != t.rank or any(isinstance(d, int) and d != n for d, n in zip(t.shape, y.shape)):
-        raise TypeError(f"result %{r.name} has shape {y.shape}, its type is {t}")
+        raise ResultShapeError(f"result %{r.name} has shape {y.shape}, its type is {t}")
 
 
 def _with_epilogue(kernel: Callable) -> Callable:
@@ -772,6 +776,7 @@ def run(module: Module, inputs: dict[str, np.ndarray],
 
     env: dict[Value, np.ndarray] = {}
     sizes: dict = {}
+    unknown_dims = any(not isinstance(d, int) for a in fn.args for d in a.type.shape)
     for a in fn.args:
         try:
             x = np.asarray(inputs[a.name])
@@ -800,6 +805,13 @@ def run(module: Module, inputs: dict[str, np.ndarray],
                 _check_result(node, r, y)
         except QCompilerError:
             raise
+        except ResultShapeError as e:
+            if not unknown_dims:
+                raise RuntimeError(f"{names} = {node.op}(...) failed: {e}") from e
+            # An argument declared with symbolic or unknown dims was given a size that the
+            # graph constrains otherwise: the inputs are wrong, not the interpreter.
+            raise OpFailedError(f"{names} = {node.op}(...) failed: {e}; the inputs do not "
+                                "fit the shapes the graph was compiled for") from e
         except _DATA_ERRORS as e:
             msg = " ".join(str(e).split())[:300]
             raise OpFailedError(f"{names} = {node.op}(...) failed: {type(e).__name__}: "
