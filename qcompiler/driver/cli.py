@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify-each", action="store_true",
                     help="run the IR verifier after every pass")
     ap.add_argument("--emit-ir", action="store_true", help="print the final IR to stdout")
+    ap.add_argument("--print-plan", action="store_true",
+                    help="print the executable plan (steps, buffers, arena offsets of the first "
+                         "shape bucket, every bucket's peak) to stdout")
+    ap.add_argument("--buckets", metavar="SYM=N,N;SYM=N",
+                    help="shape buckets of the plan: upper bounds per input symbol, every "
+                         "combination planned, e.g. 'batch=1,8,32;seq=16,128,512' (default: "
+                         "1,16,128 per symbol)")
     ap.add_argument("--tune", action="store_true",
                     help="autotune every distinct kernel on the target's device first, append "
                          "to the tuning log, then compile with the best configs")
@@ -96,6 +103,36 @@ def _tune_m(spec: Optional[str]) -> Optional[list[int]]:
     if any(m < 1 for m in rows):
         raise ConfigError(f"--tune-m {spec!r}: rows must be >= 1")
     return rows
+
+
+def _buckets(spec: Optional[str]) -> Optional[dict]:
+    """--buckets 'batch=1,8;seq=16,128' -> {"batch": [1, 8], "seq": [16, 128]}."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(";"):
+        name, _, values = part.partition("=")
+        try:
+            out[name.strip()] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--buckets {spec!r}: expected SYM=N,N;SYM=N") from None
+    return out
+
+
+def _plan_text(out_dir: str) -> str:
+    """The plan stored in the artifact's manifest, printed (or why there is none)."""
+    import json
+    import os
+
+    from qcompiler.plan import format_plan, plan_from_json
+
+    with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
+        data = json.load(f).get("plan")
+    if data is None:
+        with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
+            why = json.load(f).get("plan", {}).get("error", "unknown")
+        return f"no plan: {why}\n"
+    return format_plan(plan_from_json(data))
 
 
 def _one_line(text: str, limit: int = 2000) -> str:
@@ -161,13 +198,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
                                          instruments, verify_each=args.verify_each,
                                          tuning_log=tuning_log, cache=not args.no_cache,
-                                         jobs=args.jobs)
+                                         jobs=args.jobs, buckets=_buckets(args.buckets))
     except QCompilerError as e:  # bad input, refused on purpose: one line, exit 1
         return _report_error(e, args.debug)
     except Exception as e:  # anything else escaping the compiler is a bug: exit 2
         return _report_internal_error(e, args.debug)
     if args.emit_ir:
         sys.stdout.write(print_module(module))
+    if args.print_plan:
+        sys.stdout.write(_plan_text(out_dir))
     n_qmm = sum(1 for n in module.main.nodes if n.op == "qmatmul")
     sys.stderr.write(f"qcompile: wrote {out_dir} (target {args.target}, {len(module.main.nodes)} "
                      f"ops, {n_qmm} qmatmul{_build_summary(out_dir)}) in "
