@@ -4,7 +4,10 @@ Each ``qmatmul`` gets ``config`` entries that the HLS templates and the bit-accu
 (``codegen/hls/numerics.py``) read; nothing about formats is decided later. Per layer:
 
 - ``x``: the layer input, ``ap_fixed<x_width, x_int, AP_RND, AP_SAT>`` with ``frac_bits``
-  fraction bits; the first layer's input range is ``input_range`` (values beyond saturate);
+  fraction bits; the first layer's input range is ``input_range``, or with
+  ``calibration=<path.npz>`` (sample model inputs: the array named like the model's input,
+  or the file's only array) the largest |x| of those samples. Values beyond it saturate; the
+  FPGA runner counts them (``module.last_run_stats["saturated"]``) and warns;
 - ``part``: the exact sum of ``(code - zero_point) * x`` over one group (integer weights need
   no multiplier by a scale inside the group: one scale multiply per group, as in MixPE);
 - ``scale``: the group scales rounded to ``scale_bits`` significant bits (``scale_frac``
@@ -119,6 +122,38 @@ def dequantized_abs_colsum(w: dict) -> np.ndarray:
     return np.abs((codes - zp) * w["scales"][gi]).sum(axis=0)
 
 
+def calibrated_range(path: str, input_name: str) -> float:
+    """max |x| of the calibration data in ``path`` (a ``.npz`` of sample model inputs: the
+    array named like the model's input, or its only array). Non-finite samples are refused."""
+    import os
+
+    from qcompiler.errors import InputError
+
+    if not os.path.isfile(path):
+        raise InputError(f"hls-fixed-point: calibration file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = list(data.files)
+            name = input_name if input_name in names else (names[0] if len(names) == 1
+                                                            else None)
+            if name is None:
+                raise InputError(f"hls-fixed-point: calibration file {path} holds {names}; "
+                                 f"name the array {input_name!r} (the model input)")
+            samples = np.asarray(data[name])
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"hls-fixed-point: calibration file {path} is not a readable .npz "
+                         f"of arrays ({type(e).__name__})") from None
+    if samples.dtype.kind not in "fiu" or samples.size == 0:
+        raise InputError(f"hls-fixed-point: calibration array {name!r} in {path} has no "
+                         f"numbers (dtype {samples.dtype}, shape {list(samples.shape)})")
+    if not np.isfinite(samples).all():
+        raise InputError(f"hls-fixed-point: calibration array {name!r} in {path} holds NaN or "
+                         "infinite values")
+    return float(np.abs(samples.astype(np.float64)).max())
+
+
 @register_pass("hls-fixed-point")
 @dataclass
 class HLSFixedPointPass(Pass):
@@ -128,11 +163,19 @@ class HLSFixedPointPass(Pass):
     frac_bits: int = 10  # fraction bits of every activation (layer inputs and outputs)
     scale_bits: int = 18  # significant bits of a scale (an 18-bit DSP port)
     acc_frac_bits: int = 16  # fraction bits of accumulators and biases
+    calibration: str = ""  # a .npz of sample model inputs: its max |x| replaces input_range
 
     def run(self, module: Module) -> Module:
         if self.acc_frac_bits <= self.frac_bits:
             raise PassError("acc_frac_bits must exceed frac_bits (outputs are rounded from it)")
         x_range = float(self.input_range)
+        if self.calibration:
+            # Whatever the calibration data reaches is held exactly (one ulp above its max).
+            x_range = calibrated_range(self.calibration, module.main.args[0].name) \
+                + 2.0 ** -self.frac_bits
+        if not (math.isfinite(x_range) and x_range > 0):
+            raise PassError(f"hls-fixed-point: input_range={x_range} must be a positive number")
+        input_range = x_range
         x_int = int_bits_for(x_range)
         for node, relu in design_layers(module):
             w = layer_weights(module, node)
@@ -174,5 +217,7 @@ class HLSFixedPointPass(Pass):
                                 f"{MAX_EXACT_BITS} bits; lower input_range or frac_bits")
             node.attrs["config"] = {**node.attrs.get("config", {}), **cfg}
             x_range, x_int = y_range, y_int
-        record_stat(module, self.name, layers=len(design_layers(module)))
+        record_stat(module, self.name, layers=len(design_layers(module)),
+                    input_range=input_range,
+                    input_range_from="calibration" if self.calibration else "input_range")
         return module

@@ -13,6 +13,7 @@ kernel and the caller adds the bias. Threads: the TVM thread pool, sized by
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
@@ -211,6 +212,20 @@ class _Buffers:
         self.out = tvm.runtime.from_dlpack(self.y.reshape(m_pad // m_block, m_block, p.n_pad))
 
 
+# Largest |scale| given to a kernel: the exact path's intermediate sums reach about
+# |scale| x 2 x sum|x| (its codes are 1 + u/2^cb), so keep 2^24 below the float32 limit.
+SCALE_LIMIT = float(np.finfo(np.float32).max) / 2.0 ** 24
+
+
+def output_factor(scales: np.ndarray) -> float:
+    """The power of two the exact kernel's output is multiplied by: 1 unless the largest
+    scale (float64, with its 2^cb factor) exceeds ``SCALE_LIMIT``, then 2^e bringing it below."""
+    top = float(np.max(np.abs(scales), initial=0.0))
+    if not np.isfinite(top) or top <= SCALE_LIMIT:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(top / SCALE_LIMIT))
+
+
 class QmmKernel:
     """A loaded qmatmul kernel: ``kernel(x [M, K] float32) -> [M, N] float32`` (no bias)."""
 
@@ -234,8 +249,13 @@ class QmmKernel:
         else:
             r = 32 // p.container_bits
             w = raw.view(np.uint32).reshape(p.n_pad // p.n_tile, bl.k_pad // r, p.n_tile)
-            # codes arrive as f = 1 + u/2^cb: (u - zc) s = 2^cb s (f - 1 - zc/2^cb)
+            # codes arrive as f = 1 + u/2^cb: (u - zc) s = 2^cb s (f - 1 - zc/2^cb). The 2^cb
+            # goes into the scales (float64 here). Scales near the float32 limit (either path):
+            # the kernel runs on scales / 2^e and its output is multiplied by 2^e (powers of
+            # two: exact), so no intermediate overflows where the result is finite.
             s = s * float(1 << p.container_bits)
+        self.out_factor = output_factor(s)
+        s = s / self.out_factor
         w = np.ascontiguousarray(w)
         s = np.ascontiguousarray(s, np.float32)
         zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
@@ -275,7 +295,10 @@ class QmmKernel:
         prepared = self.prepare(x)
         self.call_prepared(prepared)
         m = prepared[2]
-        return prepared[1].y[:m, :self.p.n].copy()
+        y = prepared[1].y[:m, :self.p.n].copy()
+        if self.out_factor != 1.0:
+            y *= np.float32(self.out_factor)
+        return y
 
 
 def quantize_groups(x_groups: np.ndarray, xq_out: np.ndarray, scale_out: np.ndarray) -> None:
