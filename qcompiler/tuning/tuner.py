@@ -43,6 +43,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Optional
+from pathlib import Path
 
 STRATEGIES = ("evolutionary", "random")
 DEFAULT_TRIALS = 32               # measured candidates per kernel
@@ -939,6 +940,9 @@ def tune(model, target: str, *, output_dir="qc_tune", tuning_log=None,
                          "the device; replaying a log with --tuning-log needs none)")
     start = time.monotonic()
     if tgt.backend == "hls":
+    # --tune creates the log (replay refuses a missing file), even when nothing is measured.
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(log_path).touch()
         from qcompiler.codegen.hls.tuning import tune_design
         from qcompiler.tuning.key import kernel_key
 
