@@ -270,3 +270,30 @@ def test_bucket_specs():
                       ({"b": [1], "s": [2], "q": [1]}, "q"), ("b=1", "dict")]:
         with pytest.raises(ConfigError, match=what):
             resolve_buckets(bad, ["b", "s"])
+
+
+def test_artifact_carries_the_plan_and_the_cli_prints_it(tmp_path, capsys):
+    from qcompiler.driver.api import compile_to_dir
+    from qcompiler.driver.cli import main
+
+    model = os.path.join(ROOT, "examples", "mlp_int4.onnx")
+    out, module = compile_to_dir(model, "ref", str(tmp_path / "a"), buckets={"batch": [2, 64]})
+    with open(tmp_path / "a" / "manifest.json") as f:
+        plan = plan_from_json(json.load(f)["plan"])
+    with open(tmp_path / "a" / "report.json") as f:
+        rows = json.load(f)["plan"]["buckets"]
+    assert [r["bucket"] for r in rows] == [{"batch": 2}, {"batch": 64}]
+    assert rows[1]["peak_arena_bytes"] == plan.bucket({"batch": 64}).peak_bytes == 64 * 128 * 4 * 2
+    assert rows[1]["intermediate_bytes"] == 64 * 128 * 4 * 4
+    assert rows[0]["kernels"] == 5 and rows[0]["host_shape_functions"] == 0
+    with open(tmp_path / "a" / "report.txt") as f:
+        assert "bucket {batch: 64}" in f.read()
+    rng = np.random.default_rng(7)
+    _check_against_reference(module, plan, [_mlp_inputs(rng, 50)])
+
+    assert main([model, "-o", str(tmp_path / "b"), "--print-plan", "--buckets", "batch=8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("plan @main for bucket {batch: 8}:")
+    assert "in place of %" in text
+    assert main([model, "-o", str(tmp_path / "c"), "--buckets", "batch=0"]) == 1
+    assert "bound 0 of batch" in capsys.readouterr().err
