@@ -123,3 +123,373 @@ def test_evaluate_comparisons_where_cast_and_literal_types():
 def test_evaluate_checks_operand_count():
     with pytest.raises(InputError, match="reads x2"):
         evaluate("t0 = add(x0, x2); return t0", [np.ones(2, np.float32)] * 2, np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+FUSION = "fuse-attention,fuse-rmsnorm,fuse-epilogue,fuse-elementwise"
+
+
+def _module(text: str, **constants):
+    from qcompiler.ir import parse_module, verify
+
+    m = parse_module(text, constants)
+    verify(m)
+    return m
+
+
+def _passes(module, spec: str):
+    from qcompiler.driver.api import run_pipeline
+
+    return run_pipeline(module, spec, verify_each=True)[0]
+
+
+def _ops(module) -> dict:
+    counts: dict = {}
+    for n in module.main.nodes:
+        counts[n.op] = counts.get(n.op, 0) + 1
+    return counts
+
+
+def _random_inputs(module, rng, sizes=None) -> dict:
+    """Fresh random inputs by argument type (never zeros); symbolic dims from ``sizes``."""
+    feeds = {}
+    for a in module.main.args:
+        shape = [d if isinstance(d, int) else sizes[d] for d in a.type.shape]
+        dt = a.type.dtype.np_dtype
+        if a.type.dtype.name == "bool":
+            feeds[a.name] = rng.random(shape) > 0.3
+        elif np.issubdtype(dt, np.integer):
+            feeds[a.name] = rng.integers(1, 60, shape).astype(dt)
+        else:
+            feeds[a.name] = (rng.standard_normal(shape) + 0.05).astype(dt)
+    return feeds
+
+
+def _same_outputs(before, after, feeds, rtol=2e-5, atol=2e-6):
+    want = reference.run(before, feeds)
+    got = reference.run(after, feeds)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_allclose(got[k].astype(np.float64), want[k].astype(np.float64),
+                                   rtol=rtol, atol=atol, err_msg=k)
+    return got
+
+
+def _roundtrip(module):
+    from qcompiler.ir import parse_module, print_module
+
+    text = print_module(module)
+    assert print_module(parse_module(text, module.constants)) == text
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# the new ops' reference semantics (the oracle), against torch
+# --------------------------------------------------------------------------------------------
+
+ATTENTION = """module @m {{
+  func @main(%q: tensor<{q}, {t}>, %k: tensor<{k}, {t}>, %v: tensor<{v}, {t}>{mask_arg}) -> ("y": tensor<{y}, {t}>) {{
+    %y = attention(%q, %k, %v{mask}) {{causal = {causal}, scale = {scale}}} : tensor<{y}, {t}>
+    return %y
+  }}
+}}"""
+
+
+def _attention_module(b, hq, hkv, sq, skv, d, dv, causal, mask_shape=None, t="f32", scale=0.3):
+    mask_arg = f", %mask: tensor<{list(mask_shape)}, {t}>" if mask_shape else ""
+    return _module(ATTENTION.format(
+        q=[b, hq, sq, d], k=[b, hkv, skv, d], v=[b, hkv, skv, dv], y=[b, hq, sq, dv], t=t,
+        mask_arg=mask_arg, mask=", %mask" if mask_shape else "", causal=causal, scale=scale))
+
+
+@pytest.mark.parametrize("hq,hkv,sq,skv,d,dv,causal,masked", [
+    (4, 4, 7, 7, 24, 24, 0, False),
+    (4, 2, 7, 7, 24, 16, 1, False),      # GQA, causal, Dv != D
+    (6, 2, 3, 9, 8, 8, 1, True),         # causal aligned to the bottom right, with a mask
+    (2, 1, 5, 5, 24, 24, 0, True),
+])
+def test_attention_reference_matches_torch(hq, hkv, sq, skv, d, dv, causal, masked):
+    import torch
+
+    rng = RNG(10 + hq + sq)
+    m = _attention_module(2, hq, hkv, sq, skv, d, dv, causal, (2, 1, sq, skv) if masked else None)
+    feeds = _random_inputs(m, rng)
+    if masked:
+        feeds["mask"] = np.where(rng.random((2, 1, sq, skv)) > 0.3, 0, -np.inf).astype(np.float32)
+        feeds["mask"][..., 0] = 0  # every row keeps a key
+    got = reference.run(m, feeds)["y"]
+    q, k, v = (torch.from_numpy(feeds[n]) for n in "qkv")
+    mask = torch.from_numpy(feeds["mask"]) if masked else None
+    if causal:
+        keep = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
+        causal_add = torch.zeros(sq, skv).masked_fill(~keep, float("-inf"))
+        mask = causal_add if mask is None else mask + causal_add
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=hq != hkv).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_fully_masked_row_is_uniform_like_onnxruntime():
+    m = _attention_module(1, 2, 2, 3, 3, 4, 4, 0, (1, 1, 3, 3))
+    feeds = _random_inputs(m, RNG(11))
+    feeds["mask"] = np.zeros((1, 1, 3, 3), np.float32)
+    feeds["mask"][0, 0, 1, :] = -3.4e38   # row 1 hides every key
+    y = reference.run(m, feeds)["y"]
+    np.testing.assert_allclose(y[0, :, 1], feeds["v"][0].mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", ["f32", "f16"])
+def test_rmsnorm_reference_matches_torch(t):
+    import torch
+
+    m = _module(f"""module @m {{
+  func @main(%x: tensor<[3, 5, 24], {t}>, %w: tensor<[24], {t}>) -> ("y": tensor<[3, 5, 24], {t}>) {{
+    %y = rmsnorm(%x, %w) {{axis = -1, epsilon = 1e-05}} : tensor<[3, 5, 24], {t}>
+    return %y
+  }}
+}}""")
+    feeds = _random_inputs(m, RNG(12))
+    got = reference.run(m, feeds)["y"]
+    x32 = torch.from_numpy(feeds["x"].astype(np.float32))
+    want = torch.nn.functional.rms_norm(x32, (24,), torch.from_numpy(
+        feeds["w"].astype(np.float32)), eps=1e-5).numpy().astype(feeds["x"].dtype)
+    tol = 1e-6 if t == "f32" else 1e-3
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol,
+                               atol=tol)
+
+
+QMM_RELU_RESIDUAL = """module @m {
+  func @main(%x: tensor<[batch, 32], f32>, %r: tensor<[batch, 8], f32>) -> ("y": tensor<[batch, 8], f32>) {
+    %w = constant() {name = "w"} : tensor<[32, 8], u4>
+    %s = constant() {name = "s"} : tensor<[2, 8], f32>
+    %z = constant() {name = "z"} : tensor<[2, 8], u4>
+    %b = constant() {name = "b"} : tensor<[8], f32>
+    %y = qmatmul(%x, %w, %s, %z, none, none, none, %b, %r) {act = "float", epilogue = "t0 = relu(x0); t1 = add(t0, x1); return t1", w_scheme = #quant<u4, affine, per_group(axis=0, block=16), scale=f32, zp=u4>} : tensor<[batch, 8], f32>
+    return %y
+  }
+}"""
+
+
+def _qmm_constants(rng, k=32, n=8, groups=2):
+    return {"w": rng.integers(0, 16, (k, n)).astype(np.uint8),
+            "s": rng.uniform(0.01, 0.1, (groups, n)).astype(np.float32),
+            "z": rng.integers(0, 16, (groups, n)).astype(np.uint8),
+            "b": rng.standard_normal(n).astype(np.float32)}
+
+
+def test_qmatmul_epilogue_reference_and_substituted_kernel():
+    rng = RNG(13)
+    consts = _qmm_constants(rng)
+    m = _module(QMM_RELU_RESIDUAL, **consts)
+    text = _roundtrip(m)
+    assert 'epilogue = "t0 = relu(x0); t1 = add(t0, x1); return t1"' in text
+    feeds = _random_inputs(m, rng, {"batch": 5})
+    w = (consts["w"].astype(np.float32) - np.repeat(consts["z"], 16, 0)) \
+        * np.repeat(consts["s"], 16, 0)
+    product = feeds["x"] @ w + consts["b"]
+    want = np.maximum(product, 0) + feeds["r"]
+    np.testing.assert_allclose(reference.run(m, feeds)["y"], want, rtol=1e-5, atol=1e-5)
+
+    # A backend kernel computes only the product; run() applies the epilogue to its output.
+    calls = []
+
+    def kernel(node, args, module):
+        calls.append(len(args))
+        return [(args[0] @ w + args[7]).astype(np.float32)]
+
+    got = reference.run(m, feeds, kernels={"y": kernel})["y"]
+    assert calls == [9]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ('epilogue = "t0 = add(x0, x2); return t0"', "reads x2"),
+    ('epilogue = "t0 = frob(x0); return t0"', "unknown op 'frob'"),
+])
+def test_qmatmul_epilogue_errors_name_the_problem(bad, words):
+    from qcompiler.ir import VerificationError
+
+    text = QMM_RELU_RESIDUAL.replace(
+        'epilogue = "t0 = relu(x0); t1 = add(t0, x1); return t1"', bad)
+    with pytest.raises((VerificationError, InputError), match=words):
+        _module(text, **_qmm_constants(RNG(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# the passes on small hand-built graphs
+# --------------------------------------------------------------------------------------------
+
+
+def test_fuse_elementwise_groups_chains_and_respects_outside_uses():
+    m = _module("""module @m {
+  func @main(%x: tensor<[4, 7], f32>, %b: tensor<[7], f32>, %c: tensor<[4, 7], f16>) -> ("y": tensor<[4, 7], f32>, "u": tensor<[4, 7], f32>, "h": tensor<[4, 7], f16>) {
+    %half = constant() {value = dense<[0.5]>} : tensor<[], f32>
+    %big = constant() {value = dense<[-3.4e+38]>} : tensor<[], f32>
+    %two = constant() {value = dense<[2.0]>} : tensor<[], f16>
+    %0 = add(%x, %b) : tensor<[4, 7], f32>
+    %1 = gelu(%0) : tensor<[4, 7], f32>
+    %2 = mul(%1, %half) : tensor<[4, 7], f32>
+    %3 = tanh(%2) : tensor<[4, 7], f32>
+    %4 = sigmoid(%2) : tensor<[4, 7], f32>
+    %5 = greater(%3, %half) : tensor<[4, 7], bool>
+    %6 = where(%5, %4, %big) : tensor<[4, 7], f32>
+    %7 = reduce_sum(%3) {axes = [1], keepdims = 1} : tensor<[4, 1], f32>
+    %8 = sub(%6, %7) : tensor<[4, 7], f32>
+    %9 = exp(%x) : tensor<[4, 7], f32>
+    %10 = mul(%c, %two) : tensor<[4, 7], f16>
+    %11 = cast(%10) {to = f32} : tensor<[4, 7], f32>
+    %12 = neg(%11) : tensor<[4, 7], f32>
+    %13 = cast(%12) {to = f16} : tensor<[4, 7], f16>
+    return %8, %9, %13
+  }
+}""")
+    fused = _passes(m, "fuse-elementwise")
+    text = _roundtrip(fused)
+    bodies = [n.attrs["body"] for n in fused.main.nodes if n.op == "fused_elementwise"]
+    # %2 feeds tanh and sigmoid, and %3 also the reduction: each ends a group; the f32 literal
+    # -3.4e38 prints as the float it is.
+    assert sorted(bodies) == sorted([
+        "t0 = add(x0, x1); t1 = gelu<none>(t0); t2 = mul(t1, 0.5); return t2",
+        "t0 = sigmoid(x0); t1 = greater(x1, 0.5); t2 = where(t1, t0, -3.3999999521443642e+38); "
+        "t3 = sub(t2, x2); return t3",
+        "t0 = mul(x0, 2.0); t1 = cast<f32>(t0); t2 = neg(t1); t3 = cast<f16>(t2); return t3",
+    ]), text
+    ops = _ops(fused)
+    assert ops["exp"] == 1 and ops["tanh"] == 1 and ops["fused_elementwise"] == 3
+    _same_outputs(m, fused, _random_inputs(m, RNG(20)), rtol=0, atol=0)
+
+
+def test_fuse_elementwise_keeps_broadcasting_intermediates_out():
+    # %1 is [4, 1]: its result is not the group's shape, so it stays outside the group.
+    m = _module("""module @m {
+  func @main(%x: tensor<[4, 7], f32>, %s: tensor<[4, 1], f32>) -> ("y": tensor<[4, 7], f32>) {
+    %1 = exp(%s) : tensor<[4, 1], f32>
+    %2 = mul(%x, %1) : tensor<[4, 7], f32>
+    %3 = relu(%2) : tensor<[4, 7], f32>
+    return %3
+  }
+}""")
+    fused = _passes(m, "fuse-elementwise")
+    assert _ops(fused) == {"exp": 1, "fused_elementwise": 1}
+    _same_outputs(m, fused, _random_inputs(m, RNG(21)), rtol=0, atol=0)
+
+
+RMS_FORMS = {
+    "pow_reciprocal_weight_first": """
+    %0 = pow(%x, %two) : tensor<[2, 7, 24], f32>
+    %1 = reduce_mean(%0) {axes = [-1], keepdims = 1} : tensor<[2, 7, 1], f32>
+    %2 = add(%1, %eps) : tensor<[2, 7, 1], f32>
+    %3 = sqrt(%2) : tensor<[2, 7, 1], f32>
+    %4 = reciprocal(%3) : tensor<[2, 7, 1], f32>
+    %5 = mul(%x, %4) : tensor<[2, 7, 24], f32>
+    %y = mul(%w, %5) : tensor<[2, 7, 24], f32>""",
+    "mul_div": """
+    %0 = mul(%x, %x) : tensor<[2, 7, 24], f32>
+    %1 = reduce_mean(%0) {axes = [2], keepdims = 1} : tensor<[2, 7, 1], f32>
+    %2 = add(%eps, %1) : tensor<[2, 7, 1], f32>
+    %3 = sqrt(%2) : tensor<[2, 7, 1], f32>
+    %5 = div(%x, %3) : tensor<[2, 7, 24], f32>
+    %y = mul(%5, %w) : tensor<[2, 7, 24], f32>""",
+    "no_weight_two_axes": """
+    %0 = pow(%x, %two) : tensor<[2, 7, 24], f32>
+    %1 = reduce_mean(%0) {axes = [1, 2], keepdims = 1} : tensor<[2, 1, 1], f32>
+    %2 = add(%1, %eps) : tensor<[2, 1, 1], f32>
+    %3 = sqrt(%2) : tensor<[2, 1, 1], f32>
+    %4 = div(%one, %3) : tensor<[2, 1, 1], f32>
+    %y = mul(%4, %x) : tensor<[2, 7, 24], f32>""",
+}
+
+
+@pytest.mark.parametrize("form", sorted(RMS_FORMS))
+def test_fuse_rmsnorm_forms(form):
+    m = _module("""module @m {
+  func @main(%x: tensor<[2, 7, 24], f32>, %w: tensor<[24], f32>) -> ("y": tensor<[2, 7, 24], f32>) {
+    %two = constant() {value = dense<[2.0]>} : tensor<[], f32>
+    %one = constant() {value = dense<[1.0]>} : tensor<[], f32>
+    %eps = constant() {value = dense<[1e-06]>} : tensor<[], f32>""" + RMS_FORMS[form] + """
+    return %y
+  }
+}""")
+    fused = _passes(m, "fuse-rmsnorm")
+    (node,) = [n for n in fused.main.nodes if n.op == "rmsnorm"]
+    assert node.attrs["axis"] == (-2 if form == "no_weight_two_axes" else -1)
+    assert node.attrs["epsilon"] == pytest.approx(1e-6)
+    assert set(_ops(fused)) <= {"rmsnorm", "constant"}
+    _roundtrip(fused)
+    _same_outputs(m, fused, _random_inputs(m, RNG(22)), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_rmsnorm_leaves_shared_intermediates():
+    m = _module("""module @m {
+  func @main(%x: tensor<[2, 24], f32>) -> ("y": tensor<[2, 24], f32>, "ms": tensor<[2, 1], f32>) {
+    %two = constant() {value = dense<[2.0]>} : tensor<[], f32>
+    %eps = constant() {value = dense<[1e-06]>} : tensor<[], f32>
+    %0 = pow(%x, %two) : tensor<[2, 24], f32>
+    %1 = reduce_mean(%0) {axes = [-1], keepdims = 1} : tensor<[2, 1], f32>
+    %2 = add(%1, %eps) : tensor<[2, 1], f32>
+    %3 = sqrt(%2) : tensor<[2, 1], f32>
+    %y = div(%x, %3) : tensor<[2, 24], f32>
+    return %y, %1
+  }
+}""")
+    assert "rmsnorm" not in _ops(_passes(m, "fuse-rmsnorm"))
+
+
+QMM = """module @m {
+  func @main(%x: tensor<[batch, 32], f32>, %r: tensor<[batch, 8], f32>) -> (%OUTS%) {
+    %w = constant() {name = "w"} : tensor<[32, 8], u4>
+    %s = constant() {name = "s"} : tensor<[2, 8], f32>
+    %z = constant() {name = "z"} : tensor<[2, 8], u4>
+    %b = constant() {name = "b"} : tensor<[8], f32>
+    %w2 = constant() {name = "w2"} : tensor<[32, 8], u4>
+    %0 = qmatmul(%x, %w, %s, %z, none, none, none, none) {act = "float", w_scheme = #quant<u4, affine, per_group(axis=0, block=16), scale=f32, zp=u4>} : tensor<[batch, 8], f32>
+    %1 = qmatmul(%x, %w2, %s, %z, none, none, none, %b) {act = "float", w_scheme = #quant<u4, affine, per_group(axis=0, block=16), scale=f32, zp=u4>} : tensor<[batch, 8], f32>
+%BODY%
+  }
+}"""
+
+
+def _qmm_module(outs: str, body: str, rng):
+    consts = _qmm_constants(rng)
+    consts["w2"] = rng.integers(0, 16, (32, 8)).astype(np.uint8)
+    return _module(QMM.replace("%OUTS%", outs).replace("%BODY%", body), **consts)
+
+
+def test_fuse_epilogue_bias_activation_residual_and_swiglu():
+    m = _qmm_module('"y": tensor<[batch, 8], f32>', """
+    %2 = add(%0, %b) : tensor<[batch, 8], f32>
+    %3 = sigmoid(%2) : tensor<[batch, 8], f32>
+    %4 = mul(%2, %3) : tensor<[batch, 8], f32>
+    %5 = mul(%4, %1) : tensor<[batch, 8], f32>
+    %6 = add(%r, %5) : tensor<[batch, 8], f32>
+    return %6""", RNG(23))
+    fused = _passes(m, "fuse-epilogue")
+    text = _roundtrip(fused)
+    qmms = [n for n in fused.main.nodes if n.op == "qmatmul"]
+    assert _ops(fused).keys() == {"constant", "qmatmul"}, text
+    gate = next(n for n in qmms if n.result.name == "0")
+    assert gate.operands[7].name == "b"   # the bias add went into the bias operand
+    assert gate.attrs["epilogue"] == ("t0 = silu(x0); t1 = mul(t0, x1); t2 = add(x2, t1); "
+                                      "return t2")
+    assert [v.name for v in gate.operands[8:]] == ["1", "r"]
+    assert fused.main.outputs[0] is gate.result
+    got = _same_outputs(m, fused, _random_inputs(m, RNG(24), {"batch": 3}), rtol=1e-6, atol=1e-6)
+    assert np.abs(got["y"]).max() > 0.1
+
+
+def test_fuse_epilogue_stops_at_values_used_elsewhere():
+    m = _qmm_module('"y": tensor<[batch, 8], f32>, "g": tensor<[batch, 8], f32>', """
+    %2 = gelu(%0) {approximate = "tanh"} : tensor<[batch, 8], f32>
+    %3 = relu(%2) : tensor<[batch, 8], f32>
+    %4 = add(%2, %1) : tensor<[batch, 8], f32>
+    %5 = add(%3, %4) : tensor<[batch, 8], f32>
+    return %5, %1""", RNG(25))
+    fused = _passes(m, "fuse-epilogue")
+    qmms = {n.result.name: n for n in fused.main.nodes if n.op == "qmatmul"}
+    assert qmms["0"].attrs["epilogue"] == "t0 = gelu<tanh>(x0); return t0"
+    assert "epilogue" not in qmms["1"].attrs   # %1 is an output too
+    assert _ops(fused)["add"] == 2 and _ops(fused)["relu"] == 1
+    _same_outputs(m, fused, _random_inputs(m, RNG(26), {"batch": 2}), rtol=1e-6, atol=1e-6)
