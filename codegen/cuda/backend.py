@@ -8,7 +8,6 @@ libraries are built but not run.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 import jinja2
@@ -27,6 +26,10 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 
 class CudaCodegenError(InputError):
     """The module is not ready for CUDA code generation; the message names the node."""
+
+
+# The symbol the sources are rendered with to take their key (the real one names the key).
+SHARED_SYMBOL = "qc_qmm"
 
 
 def kernel_symbol(node) -> str:
@@ -150,35 +153,60 @@ def operand_names(node) -> dict:
 class CudaBackend(Backend):
     name = "cuda"
 
-    def compile(self, module, target, out_dir: str) -> list[dict]:
+    def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
+        """One .cu and library per distinct kernel: nodes whose sources differ only in their
+        names share ``qc_qmm_<key>`` (the key hashes the source rendered without names, the
+        nvcc flags and archs, nvcc's version); libraries come from ``builder``'s cache or are
+        built in parallel. Without nvcc the sources are written and nothing is built."""
+        import functools
+
+        from qcompiler.codegen.build import Builder, KernelBuild, kernel_key
+
+        builder = builder or Builder()
         kdir = os.path.join(out_dir, "kernels")
         os.makedirs(kdir, exist_ok=True)
-        records, jobs = [], []
+        archs = target_archs(target)
+        flags = " ".join(nv.NVCC_FLAGS + [f for a in archs for f in nv.gencode_flags(a)])
+        tool = nv.nvcc_version()
+        records = []
+        kernels: dict[str, dict] = {}   # key -> {"params", "nodes"}, in first-use order
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
             validate_config(node.attrs.get("config"), node, target)  # whatever its source
             params = kernel_params(node, target.name)
-            src = os.path.join(kdir, params["symbol"] + ".cu")
-            with open(src, "w") as f:
-                f.write(render(params))
-            lib = os.path.join(kdir, params["symbol"] + ".so")
-            jobs.append((src, lib))
+            # Names are the only per-node text: the key is taken without them.
+            unnamed = render({**params, "symbol": SHARED_SYMBOL, "node_name": ""})
+            key = kernel_key(unnamed, flags, tool)
+            kernel = kernels.setdefault(key, {"params": params, "nodes": []})
+            kernel["nodes"].append(node.result.name)
+            symbol = f"qc_qmm_{key[:12]}"
             records.append({
                 "op": "qmatmul", "result": node.result.name, "impl": "cuda",
-                "symbol": params["symbol"], "source": os.path.basename(src),
-                "library": os.path.basename(lib), "x": list(node.operands[0].type.shape),
+                "symbol": symbol, "source": symbol + ".cu", "library": symbol + ".so",
+                "kernel_key": key, "x": list(node.operands[0].type.shape),
                 "w_layout": str(node.operands[1].type.layout),
                 "operands": operand_names(node), "config": node.attrs["config"]})
-        with open(os.path.join(kdir, "qc_runtime.cu"), "w") as f, open(nv.RUNTIME_SOURCE) as g:
-            f.write(g.read())
-        jobs.append((os.path.join(kdir, "qc_runtime.cu"), os.path.join(kdir, "qc_runtime.so")))
+        builds = []
+        for key, kernel in kernels.items():
+            symbol = f"qc_qmm_{key[:12]}"
+            text = render({**kernel["params"], "symbol": symbol,
+                           "node_name": comment_text(", %".join(kernel["nodes"]))})
+            src = os.path.join(kdir, symbol + ".cu")
+            with open(src, "w") as f:
+                f.write(text)
+            builds.append(KernelBuild(key, symbol + ".so",
+                                      functools.partial(nv.build_library, src, archs),
+                                      kernel["nodes"]))
+        rt_src = os.path.join(kdir, "qc_runtime.cu")
+        with open(rt_src, "w") as f, open(nv.RUNTIME_SOURCE) as g:
+            rt_text = g.read()
+            f.write(rt_text)
+        builds.append(KernelBuild(kernel_key(rt_text, flags, tool), "qc_runtime.so",
+                                  functools.partial(nv.build_library, rt_src, archs), []))
         built = nv.find_nvcc() is not None
         if built:
-            archs = target_archs(target)
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                for fut in [pool.submit(nv.build, s, o, archs) for s, o in jobs]:
-                    fut.result()
+            builder.build_many(builds, kdir)
         for r in records:
             r["built"] = built
         return records

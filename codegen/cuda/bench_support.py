@@ -54,12 +54,12 @@ def build_case(case: cases.Case, workdir: str, target: str = "cuda-sm90",
         with open(src, "w") as f:
             f.write(text)
     archs = archs or backend.target_archs(tgt)
-    lib = nv.build(src, src[:-3] + ".so", archs)
+    lib = nv.build_cached(src, src[:-3] + ".so", archs)
     rt_src = os.path.join(workdir, "qc_runtime.cu")
     if not os.path.exists(rt_src):
         with open(rt_src, "w") as f, open(nv.RUNTIME_SOURCE) as g:
             f.write(g.read())
-    rt_lib = nv.build(rt_src, os.path.join(workdir, "qc_runtime.so"), archs)
+    rt_lib = nv.build_cached(rt_src, os.path.join(workdir, "qc_runtime.so"), archs)
     return Built(case, module, packed, node, lib, rt_lib, params["variants"])
 
 

@@ -1,6 +1,7 @@
 """Invoking nvcc: generated sources -> shared libraries with a C ABI (kept apart from emitting)."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -58,3 +59,46 @@ def build(source: str, out: str, archs: list[str], compile_only: bool = False) -
     if proc.returncode:
         raise BuildError(f"nvcc failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}")
     return out
+
+
+def build_library(source: str, archs: list[str], out: str) -> str:
+    """Compile ``source`` to the shared library ``out``, always (``qcompiler.codegen.build``
+    decides what needs building; this is its picklable build step)."""
+    cmd = nvcc_command(source, out, archs)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise BuildError(f"nvcc failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}")
+    return out
+
+
+@functools.cache
+def nvcc_version() -> str:
+    """The last line of ``nvcc --version`` (part of every CUDA kernel's build key); "none"
+    without nvcc."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return "none"
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    return f"nvcc {lines[-1] if lines else proc.returncode}"
+
+
+def build_cached(source: str, out: str, archs: list[str]) -> str:
+    """``build`` through the build cache (``qcompiler.codegen.build``): a library already up to
+    date in place is kept, else one built before for the same source text, flags and nvcc
+    is copied from the cache, else nvcc runs and the cache keeps the result."""
+    from qcompiler.codegen.build import Builder, KernelBuild, kernel_key
+
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(source):
+        return out
+    with open(source) as f:
+        text = f.read()
+    flags = " ".join(NVCC_FLAGS + [f for a in archs for f in gencode_flags(a)])
+    kernel = KernelBuild(kernel_key(text, flags, nvcc_version()), os.path.basename(out),
+                         functools.partial(build_library, source, archs))
+    try:
+        Builder(jobs=1, progress=False).build_many([kernel], os.path.dirname(out) or ".")
+    except QCompilerError as e:  # the tuner files nvcc's failures as compile errors
+        raise BuildError(str(e)) from None
+    return out
+

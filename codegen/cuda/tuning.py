@@ -182,6 +182,23 @@ def check_config(target, key, config) -> str | None:
     return check_knobs(target, key, config)
 
 
+def build(target, key, config, workdir) -> str:
+    """The tuner's build step, run for a batch of candidates in parallel worker processes:
+    nvcc (or the build cache) for this candidate into ``workdir``, where ``measure`` finds
+    the library up to date."""
+    from qcompiler.codegen.cuda import bench_support
+    from qcompiler.codegen.cuda import build as nv
+    from qcompiler.tuning.errors import BuildError
+
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        built = bench_support.build_case(bench_support.case_from_key(key), workdir,
+                                         target.name, variants=[config])
+    except nv.BuildError as e:
+        raise BuildError(str(e)) from None
+    return built.lib
+
+
 def measure(target, key, config, workdir, repeats: int = 50) -> dict:
     """Build this one kernel, check it against the reference on fresh random inputs, time it
     with CUDA events (median of ``repeats`` launches over weight copies larger than L2)."""
