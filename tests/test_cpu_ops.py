@@ -136,15 +136,15 @@ def _make_graph() -> Graph:
                             g.const([1, 2])], [(["?", "?"], "f32")])
     g.add("copy", "slice", [g.arg([B, 33], "f32"), g.const([-2]), g.const([-1000]),
                             g.const([1]), g.const([-3])], [([B, 11], "f32")])
-    g.add("copy", "gather", [g.arg([50, 13], "f32"), g.arg([B, 7], "i64", low=(-50, 50))],
+    g.add("copy", "gather", [g.arg([50, 13], "f32"), g.arg([B, 7], "i64", low=(-50, 49))],
           [([B, 7, 13], "f32")], {"axis": 0})
-    g.add("copy", "gather", [g.arg([B, 13], "f16"), g.arg([5], "i32", low=(-13, 13))],
+    g.add("copy", "gather", [g.arg([B, 13], "f16"), g.arg([5], "i32", low=(-13, 12))],
           [([B, 5], "f16")], {"axis": 1})
-    g.add("copy", "gather_elements", [g.arg([B, 13], "f32"), g.arg([B, 7], "i64", low=(-13, 13))],
+    g.add("copy", "gather_elements", [g.arg([B, 13], "f32"), g.arg([B, 7], "i64", low=(-13, 12))],
           [([B, 7], "f32")], {"axis": 1})
-    g.add("copy", "gather_nd", [g.arg([B, 5, 13], "f32"), g.arg([B, 4, 1], "i64", low=(-5, 5))],
+    g.add("copy", "gather_nd", [g.arg([B, 5, 13], "f32"), g.arg([B, 4, 1], "i64", low=(-5, 4))],
           [([B, 4, 13], "f32")], {"batch_dims": 1})
-    g.add("copy", "gather_nd", [g.arg([6, 5, 3], "f32"), g.arg([B, 2], "i64", low=(-5, 5))],
+    g.add("copy", "gather_nd", [g.arg([6, 5, 3], "f32"), g.arg([B, 2], "i64", low=(-5, 4))],
           [([B, 3], "f32")], {"batch_dims": 0})
     g.add("copy", "expand", [g.arg([1, 13], "f32"), g.const([7, 1])], [([7, 13], "f32")])
     g.add("copy", "expand", [g.arg([B, 1], "i32", low=(-9, 9)), g.const([1, 13])],
@@ -207,7 +207,7 @@ def _random(v, sizes, rng, low):
     elif isinstance(low, tuple):
         x = rng.uniform(*low, size=shape)
     else:
-        x = rng.standard_normal(shape) * 2.0
+        x = np.asarray(rng.standard_normal(shape) * 2.0)
         x[x == 0] = 0.5
     x = x.astype(dtype)
     if low == "nan":
@@ -239,8 +239,14 @@ def _run(built, node, sizes, rng):
     for o in outs:
         o[...] = np.asarray(7, o.dtype) if o.dtype != np.bool_ else True
     kernel_args = [a for a, v in zip(args, node.operands) if v is not None]
-    lib[names[node.results[0].name]](*[np.ascontiguousarray(a) for a in kernel_args], *outs)
+    lib[names[node.results[0].name]](*[_aligned_copy(a) for a in kernel_args], *outs)
     return outs, want
+
+
+def _aligned_copy(a):
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def _f32_view(x):
@@ -259,7 +265,8 @@ def assert_ulps(got, want, ulps, what):
     err = np.abs(g[~nan] - w[~nan])
     bad = err > ulps * spacing + tiny
     assert not bad.any(), f"{what}: {bad.sum()} elements off by more than {ulps} ulp " \
-        f"(max err {err.max()}, e.g. got {g[~nan][bad][:3]} want {w[~nan][bad][:3]})"
+        f"(worst {(err / spacing).max():.1f} ulp, e.g. got {g[~nan][bad][:3]} " \
+        f"want {w[~nan][bad][:3]})"
 
 
 def _check(built, key, compare, sizes_list=SIZES, seed=0):
@@ -299,7 +306,8 @@ def test_integer_bool_and_cast_ops_exact(built):
 
 
 def test_fused_elementwise_bodies(built):
-    _check(built, "fused", lambda got, w, what: assert_ulps(got, w, 2, what))
+    # libm's expf (1 ulp from numpy's) then a division and two products: a few ulp
+    _check(built, "fused", lambda got, w, what: assert_ulps(got, w, 4, what))
 
 
 def test_row_reductions(built):

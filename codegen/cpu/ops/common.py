@@ -16,9 +16,11 @@ from qcompiler.codegen.cpu.backend import CPUBackendError
 from qcompiler.ir.core import Node, Value
 from qcompiler.ir.types import ElementType, TensorType
 
-# QIR storage dtype -> TVM dtype. float8 / float4 / nf4 codes have no TVM kernel here.
+# QIR storage dtype -> TVM dtype of the kernel's buffers. float8 / float4 / nf4 codes have no
+# kernel here. bool buffers are uint8 (0/1): this numpy's DLPack cannot export bool arrays, so
+# the caller passes them as uint8 views (library.wrap), and TVM would refuse uint8 for bool.
 _TVM_DTYPES = {
-    "bool": "bool", "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16",
+    "bool": "uint8", "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16",
     "int32": "int32", "uint32": "uint32", "int64": "int64", "uint64": "uint64",
     "float16": "float16", "float32": "float32", "float64": "float64", "bfloat16": "bfloat16",
 }

@@ -437,12 +437,15 @@ def _concat(ctx: _Ctx) -> Kernel:
         for x in xs:
             offsets.append(start)
             start = start + x.shape[axis]
-        value = None
-        for x, off in reversed(list(zip(xs, offsets))):
+
+        def load(k):
             idx = list(i)
-            idx[axis] = i[axis] - off
-            load = x[tuple(idx)]
-            value = load if value is None else tirx.if_then_else(i[axis] >= off, load, value)
+            idx[axis] = i[axis] - offsets[k]
+            return xs[k][tuple(idx)]
+
+        value = load(len(xs) - 1)
+        for k in range(len(xs) - 2, -1, -1):  # if_then_else reads only the branch taken
+            value = tirx.if_then_else(i[axis] < offsets[k + 1], load(k), value)
         return value
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")

@@ -15,6 +15,9 @@ from qcompiler.codegen.cpu.backend import CPUBackendError
 from qcompiler.codegen.cpu.ops.kernel import primfunc_for
 from qcompiler.codegen.cpu.ops.schedule import params_for
 from qcompiler.codegen.cpu.runtime import default_pool_size
+from qcompiler.ir.types import elem
+
+BFLOAT16 = elem("bf16").np_dtype
 
 
 def build_ops_library(nodes: Iterable, target, path: str, module=None) -> dict:
@@ -93,10 +96,23 @@ class OpsLibrary:
 
 def wrap(a: np.ndarray):
     """A tvm tensor viewing ``a`` (no copy) when it is 64-byte aligned and contiguous;
-    otherwise the array itself (TVM reads a numpy array through DLPack, also without a copy)."""
+    otherwise the array itself (TVM reads a numpy array through DLPack, also without a copy).
+
+    numpy's DLPack has no bool and no bfloat16: bool arrays go as uint8 (the kernels' bool
+    buffers are uint8), bfloat16 ones as a uint16 tensor re-typed in place (aligned only).
+    """
     import tvm
 
-    if isinstance(a, np.ndarray) and _aligned(a):
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype == np.bool_:
+        a = a.view(np.uint8)
+    if a.dtype == BFLOAT16:
+        if not _aligned(a):
+            raise CPUBackendError("bfloat16 arrays must be 64-byte aligned and contiguous to "
+                                  "reach a CPU op kernel (codegen.cpu.runtime.aligned_empty)")
+        return tvm.runtime.from_dlpack(a.view(np.uint16))._create_view(a.shape, "bfloat16")
+    if _aligned(a):
         return tvm.runtime.from_dlpack(a)
     return a
 

@@ -103,7 +103,7 @@ def cast(x, src: ElementType, dst: ElementType, dst_dtype: str):
 
     src_dtype = dtype_of(x)
     if dst.kind == "bool":
-        return x != _c(0, src_dtype) if src_dtype != "bool" else x
+        return (x != _c(0, src_dtype) if src_dtype != "bool" else x).astype(dst_dtype)
     if dst.kind in ("int", "uint", "ternary"):
         lo, hi = dst.int_range()
         if is_float_dtype(src_dtype):
@@ -141,14 +141,15 @@ def apply(op: str, attr, args: list, out_dtype: str):
         a, b = args
         ct = dtype_of(a) if dtype_of(a) == dtype_of(b) else "float64"
         a, b = a.astype(ct), b.astype(ct)
-        return {"equal": lambda: a == b, "greater": lambda: a > b,
-                "greater_or_equal": lambda: a >= b, "less": lambda: a < b,
-                "less_or_equal": lambda: a <= b}[op]()
+        r = {"equal": lambda: a == b, "greater": lambda: a > b,
+             "greater_or_equal": lambda: a >= b, "less": lambda: a < b,
+             "less_or_equal": lambda: a <= b}[op]()
+        return r.astype(out_dtype)
     if op == "and":
         a, b = args
-        return tirx.And(_truth(a), _truth(b))
+        return tirx.And(_truth(a), _truth(b)).astype(out_dtype)
     if op == "isnan":
-        return _isnan(args[0])
+        return _isnan(args[0]).astype(out_dtype)
     if op == "where":
         cond, a, b = args
         return tirx.Select(_truth(cond), a.astype(out_dtype), b.astype(out_dtype))
@@ -191,7 +192,8 @@ def apply(op: str, attr, args: list, out_dtype: str):
     elif op == "exp":
         r = tirx.exp(xs[0])
     elif op == "tanh":
-        r = tirx.tanh(xs[0])
+        # TVM lowers tanh through exp, which loses bits near 0: do it in float64
+        r = tirx.tanh(xs[0].astype("float64")).astype(ct)
     elif op == "sigmoid":
         r = sigmoid(xs[0])
     elif op == "silu":
