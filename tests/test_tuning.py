@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import qcompiler
+from qcompiler.errors import InputError
 from qcompiler.targets import get_target
 from qcompiler.tuning import log as tlog
 from qcompiler.tuning.device import NO_CUDA_DEVICE, device_name
@@ -126,7 +127,8 @@ def test_log_appends_valid_records_and_replays_the_fastest_ok(tmp_path):
     with pytest.warns(tlog.OtherDeviceRecords, match="dev-A, dev-B, not on this device"):
         assert tlog.best_config(path, "cpu", "dev-C", KEY) is None
     assert tlog.best_config(path, "cuda-sm90", "dev-A", KEY) is None
-    assert tlog.best_config(tmp_path / "missing.jsonl", "cpu", "dev-A", KEY) is None
+    with pytest.raises(InputError, match="missing.jsonl does not exist"):  # replay: no silent
+        tlog.best_config(tmp_path / "missing.jsonl", "cpu", "dev-A", KEY)  # empty log (#18)
     with pytest.raises(ValueError, match="status"):
         tlog.make_record("cpu", "d", KEY, {}, None, "fine")
 

@@ -6,10 +6,11 @@ For every key (``key.kernel_key``) the tuner
    ``qcompiler/tuning/__init__.py``) for the search space and the heuristic default;
 2. proposes candidates: first the default, then a model-guided evolutionary search
    (``EvolutionarySearch``) or, for comparison, plain random search (``RandomSearch``);
-3. builds each batch in parallel worker processes when the backend has a ``build`` function,
-   then measures the candidates one at a time (so that they do not disturb each other's
-   timing), each call in a child process under a time limit: a candidate that hangs or
-   crashes is killed with its worker, recorded, and the tuner goes on;
+3. builds each batch in parallel worker processes when the backend has a ``build`` function
+   (the CPU and CUDA backends build through ``qcompiler.codegen.build``, the compile's key
+   and cache, so a config measured again is not compiled again), then measures the
+   candidates one at a time (so that they do not disturb each other's timing), each call in
+   a child process under a time limit: a candidate that hangs or crashes is killed with its worker, recorded, and the tuner goes on;
 4. appends one record per measured candidate to the log (``log.append``), ok or not;
 5. stops when the trial budget is spent, the space is exhausted, ``patience`` trials in a
    row brought no improvement of at least ``min_improvement`` (early stopping), or the time
@@ -676,13 +677,14 @@ def tune_key(target, key: dict, *, log_path, workdir, trials: int = 32,
     the records of other keys (``prior_from_log``), train the cost model.
     ``module``: the backend tuning module (default: the target's); ``build_workers``:
     processes building candidates in parallel when the module has ``build`` (default: the
-    CPU count less one); ``timeout_s``: limit of one ``measure`` call (``build_timeout_s``
-    of one ``build``); ``time_budget_s``: stop starting new batches after this long;
+    usable CPUs, as for a compile's ``jobs``; measuring waits until a batch is built);
+    ``timeout_s``: limit of one ``measure`` call (``build_timeout_s`` of one ``build``); ``time_budget_s``: stop starting new batches after this long;
     ``confirm``: rounds in which the default and the ``confirm_top`` fastest configs are
     measured again, back to back (alternating order), so that a lucky measurement during the
     search does not decide alone; the records go to the log, and replay judges a config by
     the median of its records (``log.best_record``). 0 skips it.
     """
+    from qcompiler.codegen.build import default_jobs
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.device import device_name
 
@@ -706,7 +708,7 @@ def tune_key(target, key: dict, *, log_path, workdir, trials: int = 32,
                                  origin="log"))
         prior = prior_from_log(records, target.name, device, key)
     has_build = callable(getattr(module, "build", None))
-    workers = build_workers or max(1, (os.cpu_count() or 2) - 1)
+    workers = build_workers or default_jobs()
     key_dir = os.path.join(os.fspath(workdir), _key_hash(key))
     measure_kwargs = {} if repeats is None else {"repeats": repeats}
     build_pool = WorkerPool(module, workers) if has_build else None
@@ -938,8 +940,6 @@ def tune(model, target: str, *, output_dir="qc_tune", tuning_log=None,
     if tgt.backend == "cuda" and device == NO_CUDA_DEVICE:
         raise ValueError(f"cannot tune for {tgt.name}: no CUDA device here (tuning measures on "
                          "the device; replaying a log with --tuning-log needs none)")
-    start = time.monotonic()
-    if tgt.backend == "hls":
     # --tune creates the log (replay refuses a missing file), even when nothing is measured.
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     Path(log_path).touch()
