@@ -10,7 +10,8 @@ For every key (``key.kernel_key``) the tuner
    (the CPU and CUDA backends build through ``qcompiler.codegen.build``, the compile's key
    and cache, so a config measured again is not compiled again), then measures the
    candidates one at a time (so that they do not disturb each other's timing), each call in
-   a child process under a time limit: a candidate that hangs or crashes is killed with its worker, recorded, and the tuner goes on;
+   a child process under a time limit: a candidate that hangs or crashes is killed with its
+   worker, recorded, and the tuner goes on;
 4. appends one record per measured candidate to the log (``log.append``), ok or not;
 5. stops when the trial budget is spent, the space is exhausted, ``patience`` trials in a
    row brought no improvement of at least ``min_improvement`` (early stopping), or the time
@@ -678,7 +679,8 @@ def tune_key(target, key: dict, *, log_path, workdir, trials: int = 32,
     ``module``: the backend tuning module (default: the target's); ``build_workers``:
     processes building candidates in parallel when the module has ``build`` (default: the
     usable CPUs, as for a compile's ``jobs``; measuring waits until a batch is built);
-    ``timeout_s``: limit of one ``measure`` call (``build_timeout_s`` of one ``build``); ``time_budget_s``: stop starting new batches after this long;
+    ``timeout_s``: limit of one ``measure`` call (``build_timeout_s`` of one ``build``);
+    ``time_budget_s``: stop starting new batches after this long;
     ``confirm``: rounds in which the default and the ``confirm_top`` fastest configs are
     measured again, back to back (alternating order), so that a lucky measurement during the
     search does not decide alone; the records go to the log, and replay judges a config by
