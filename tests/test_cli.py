@@ -119,3 +119,98 @@ def test_golden_ir_of_the_example(update_goldens):
                  update_goldens)
     compiled, _, _ = run_pipeline(imported, "canonicalize,fuse-dequant,canonicalize")
     check_golden(os.path.join(GOLDEN, "mlp_int4.ref.qir"), print_module(compiled), update_goldens)
+
+
+# --------------------------------------------------------------------------------------------
+# errors: a QCompilerError is one line and exit 1; anything else is a bug (exit 2)
+# --------------------------------------------------------------------------------------------
+
+
+def _one_error_line(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def _mnb_k0_file(tmp_path) -> str:
+    """MatMulNBits with K = 0 (onnxruntime accepts it; TVM once failed with 322 lines)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["y"], name="mnb_k0",
+                            domain="com.microsoft", K=0, N=8, bits=4, block_size=32)
+    graph = helper.make_graph(
+        [node], "k0", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((8, 0, 16), np.uint8), "B"),
+         numpy_helper.from_array(np.zeros((8, 0), np.float32), "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    path = str(tmp_path / "k0.onnx")
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["ref", "cpu"])
+def test_matmul_nbits_k0_is_one_line(tmp_path, capsys, target):
+    assert main([_mnb_k0_file(tmp_path), "--target", target, "-o", str(tmp_path / "o")]) == 1
+    err = _one_error_line(capsys, "qcompile: error: ")
+    assert "mnb_k0" in err and "K=0" in err
+
+
+def test_missing_qir_file(tmp_path, capsys):
+    path = str(tmp_path / "missing.qir")
+    assert main([path, "-o", str(tmp_path / "o")]) == 1
+    assert path in _one_error_line(capsys, "qcompile: error: ")
+
+
+def test_deeply_nested_qir_is_a_parse_error(tmp_path, capsys):
+    path = tmp_path / "deep.qir"
+    path.write_text("module @m {\n func @main() -> () {\n %c = constant() {value = "
+                    + "{a = " * 100000 + "1" + "}" * 100000 + "} : tensor<[], f32>\n"
+                    " return\n }\n}\n")
+    assert main([str(path), "-o", str(tmp_path / "o")]) == 1
+    assert "nested deeper" in _one_error_line(capsys, "qcompile: error: ")
+
+
+def test_output_directory_blocked_by_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([EXAMPLE, "-o", str(blocker / "out")]) == 1
+    assert "cannot create the output directory" in _one_error_line(capsys, "qcompile: error: ")
+
+
+def test_bad_tune_m(tmp_path, capsys):
+    assert main([EXAMPLE, "--tune", "--tune-m", "a,2", "-o", str(tmp_path / "o")]) == 1
+    assert "--tune-m" in _one_error_line(capsys, "qcompile: error: ")
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """compile_to_dir fails the way a bug would: with a builtin exception."""
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("division by zero in a pass")
+    monkeypatch.setattr("qcompiler.driver.api.compile_to_dir", boom)
+
+
+def test_internal_error_is_exit_2_without_a_traceback(tmp_path, capsys, broken_compiler):
+    assert main([EXAMPLE, "-o", str(tmp_path / "o")]) == 2
+    err = _one_error_line(capsys, "qcompile: internal error: ZeroDivisionError: ")
+    assert "division by zero in a pass" in err and "this is a bug in qcompiler" in err
+    assert "--debug" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, broken_compiler):
+    assert main([EXAMPLE, "-o", str(tmp_path / "o"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "def boom" not in err and "in boom" in err
+    assert err.rstrip().splitlines()[-1].startswith("qcompile: internal error: ZeroDivision")
+
+
+def test_debug_with_a_user_error_still_exits_1(tmp_path, capsys):
+    path = str(tmp_path / "missing.onnx")
+    assert main([path, "-o", str(tmp_path / "o"), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("qcompile: error: ")
