@@ -83,15 +83,35 @@ class OpsLibrary:
             raise CPUBackendError(f"the op library has no kernel {name}") from None
 
     def __getitem__(self, name: str):
+        """``call(*arrays)``: numpy operands then results, passed without copies.
+
+        Measured per call from Python (a [1, 13] add, this 2-core VM): 11 us through this
+        callable, 7 us for the raw function on numpy arrays, 27 us when every array is first
+        wrapped with from_dlpack (7 us each), 5 us with tensors wrapped once (``bind``).
+        """
         call = self._calls.get(name)
         if call is None:
             fn = self.function(name)
 
             def call(*arrays):
-                fn(*[wrap(a) for a in arrays])
+                fn(*[as_kernel_arg(a) for a in arrays])
 
             self._calls[name] = call
         return call
+
+    def bind(self, name: str, arrays: list):
+        """A no-argument call of kernel ``name`` on ``arrays`` wrapped once (for buffers that
+        stay put, such as a plan's arena): the cheapest call from Python."""
+        fn = self.function(name)
+        tensors = [wrap(a) for a in arrays]
+        return lambda: fn(*tensors)
+
+
+def as_kernel_arg(a):
+    """The cheapest zero-copy argument: numpy itself where DLPack takes its dtype."""
+    if isinstance(a, np.ndarray) and a.dtype in (np.bool_, BFLOAT16):
+        return wrap(a)
+    return a
 
 
 def wrap(a: np.ndarray):
