@@ -178,24 +178,50 @@ def random_weights(p: Problem, rng) -> dict:
     return {"q": q, "scale": scale, "zp": zp, "g_idx": g_idx}
 
 
-def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) -> dict:
-    """Build exactly this kernel, check it against numpy on random inputs, time it (µs)."""
-    from qcompiler.tuning.errors import BuildError, WrongResult
+CANDIDATE_LIBRARY = "kernel.so"
 
+
+def build(target, key: dict, config: dict, workdir: str) -> str:
+    """The tuner's build step (run for a batch of candidates in parallel worker processes):
+    the candidate's library in ``workdir``, through the compile's build path and cache
+    (``qcompiler.codegen.build``), so ``measure`` finds it and a config measured again
+    (confirmation rounds, a second tuning run) is not compiled again."""
+    import functools
+
+    from qcompiler.codegen.build import Builder, KernelBuild
     from qcompiler.codegen.cpu import runtime
+    from qcompiler.tuning.errors import BuildError
 
     reason = check_config(target, key, config)
     if reason:
         raise BuildError(f"invalid config {config}: {reason}")
+    p = problem(target, key)
+    ks, variants = p.kernel_shape(), [{**config, "m": p.m, "max_m": 0}]
+    try:
+        source = runtime.scheduled_source(ks, variants)
+        kernel = KernelBuild(runtime.kernel_build_key(source, target), CANDIDATE_LIBRARY,
+                             functools.partial(runtime.compile_library, ks, variants, target))
+        # jobs=1: the tuner already runs one candidate per worker process
+        Builder(jobs=1, progress=False).build_many([kernel], workdir)
+    except Exception as e:
+        raise BuildError(f"{type(e).__name__}: {e}") from e
+    return os.path.join(workdir, CANDIDATE_LIBRARY)
+
+
+def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) -> dict:
+    """Build exactly this kernel (``build``: found in ``workdir`` or the build cache when the
+    tuner built it already), check it against numpy on random inputs, time it (µs)."""
+    from qcompiler.tuning.errors import BuildError, WrongResult
+
+    from qcompiler.codegen.cpu import runtime
+
+    lib_path = build(target, key, config, workdir)
     p = problem(target, key)
     rng = np.random.default_rng(0)
     wts = random_weights(p, rng)
     packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
     variant = {**config, "m": p.m, "max_m": 0}
     try:
-        os.makedirs(workdir, exist_ok=True)
-        lib_path = runtime.build_library(p.kernel_shape(), [variant], target,
-                                         os.path.join(workdir, "kernel"))
         kernel = runtime.QmmKernel(lib_path, p, [variant], packed)
     except Exception as e:
         raise BuildError(f"{type(e).__name__}: {e}") from e
