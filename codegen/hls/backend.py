@@ -183,7 +183,7 @@ class HLSBackend(Backend):
                                                   f"kernels[{index}] source", under=KERNELS_DIR)
                         for name in sources}
         fn = module.main
-        in_name, out_name = fn.args[0].name, fn.output_names[0]
+        out_name = fn.output_names[0]
         out_dtype = fn.outputs[0].type.dtype.np_dtype
         exe_cache: list[str] = []
 
