@@ -121,7 +121,8 @@ def cast(x, src: ElementType, dst: ElementType, dst_dtype: str):
             return x.astype(dst_dtype)  # wraps, as numpy astype / ONNX
         v = x.astype("int64") & _c((1 << dst.bits) - 1, "int64")
         if dst.kind == "int":
-            v = tirx.Select(v >= _c(1 << (dst.bits - 1), "int64"), v - _c(1 << dst.bits, "int64"), v)
+            wrapped = v - _c(1 << dst.bits, "int64")
+            v = tirx.Select(v >= _c(1 << (dst.bits - 1), "int64"), wrapped, v)
         return v.astype(dst_dtype)
     return x.astype(dst_dtype)
 
