@@ -315,3 +315,40 @@ def test_jobs_below_one_is_refused():
 
     with pytest.raises(ConfigError, match="jobs=0"):
         build.Builder(False, jobs=0)
+
+
+def test_concurrent_writers_never_expose_a_partial_entry(tmp_path):
+    """Two processes storing one key over and over while this one reads: every read is a
+    whole entry (hit) or none (miss), never a corrupt one (temp file + rename)."""
+    import multiprocessing
+
+    root = str(tmp_path / "c")
+    key = build.kernel_key("concurrent", "", "")
+    libs = []
+    for i in range(2):
+        lib = tmp_path / f"lib{i}.so"
+        lib.write_bytes(bytes([i + 1]) * (1 << 20))  # 1 MiB: a write takes a while
+        libs.append(str(lib))
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_store_repeatedly, args=(root, key, lib, 30)) for lib in libs]
+    for w in writers:
+        w.start()
+    seen = set()
+    dest = str(tmp_path / "dest.so")
+    while any(w.is_alive() for w in writers):
+        state = build.BuildCache(root).fetch(key, dest)
+        seen.add(state)
+        if state == "hit":
+            data = open(dest, "rb").read()
+            assert data in (bytes([1]) * (1 << 20), bytes([2]) * (1 << 20))
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert "corrupt" not in seen
+    assert build.BuildCache(root).fetch(key, dest) == "hit"
+
+
+def _store_repeatedly(root: str, key: str, lib: str, times: int) -> None:
+    cache = build.BuildCache(root)
+    for _ in range(times):
+        cache.store(key, lib)
