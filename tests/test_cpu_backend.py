@@ -415,9 +415,9 @@ HOST_FLAGS = host.host_flags()[1]
 
 @pytest.mark.parametrize("target", [
     pytest.param("cpu-x86-avx2", marks=pytest.mark.skipif(
-        not host._AVX2 <= HOST_FLAGS, reason="this CPU lacks AVX2")),
+        not host._AVX2 <= HOST_FLAGS, reason=f"this host lacks AVX2{_ISA_NOTE}")),
     pytest.param("cpu-x86-avx512", marks=pytest.mark.skipif(
-        not host._VNNI <= HOST_FLAGS, reason="this CPU lacks AVX-512 VNNI"))])
+        not host._VNNI <= HOST_FLAGS, reason=f"this host lacks AVX-512 VNNI{_ISA_NOTE}"))])
 def test_fixed_x86_targets(tmp_path, target):
     k, n = 128, 40
     module = qmm_module(k, n, 4, 32, batch=2, seed=4)
