@@ -841,6 +841,20 @@ def compiled_module_for_ref(model: onnx.ModelProto):
     return run_pipeline(load(model), get_target("ref").default_pipeline)[0]
 
 
+def save_case(directory: str, kind: str, seed: int, payload, what: str) -> str:
+    """Write a case to the corpus: ``onnx-SEED.onnx`` or ``qir-MODEL-SEED.qir`` (the QIR
+    text names its large constants; MODEL says which seed model's side table has them)."""
+    os.makedirs(directory, exist_ok=True)
+    if kind == "onnx":
+        path, data = os.path.join(directory, f"onnx-{seed}.onnx"), payload
+    else:
+        model = what.split("/")[0]
+        path, data = os.path.join(directory, f"qir-{model}-{seed}.qir"), payload.encode()
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
 def main(argv: list[str]) -> int:
     """``python tests/test_fuzz.py N [SAVE_DIR]``: N cases of each kind, with a summary."""
     n = int(argv[1]) if len(argv) > 1 else 1000

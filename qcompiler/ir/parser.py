@@ -335,6 +335,8 @@ class _Parser:
         self.t.expect("(")
         while not self.t.accept(")"):
             name = _value_name(self.t.expect_kind("value"))
+            if name in env:
+                raise self.t.error(f"argument %{_cut(name)} declared twice")
             self.t.expect(":")
             env[name] = fn.add_arg(name, self.tensor_type())
             if not self.t.accept(","):
@@ -406,8 +408,8 @@ class _Parser:
         if len(types) != len(names):
             raise ParseError(f"{op} defines {len(names)} values but lists {len(types)} types")
         attrs = self.typed_attrs(op, attrs, types)
-        for n in names:
-            if n in env:
+        for i, n in enumerate(names):
+            if n in env or n in names[:i]:
                 raise ParseError(f"value %{_cut(n)} defined twice")
         node = fn.make_node(op, operands, types, attrs, names=names)
         for r in node.results:
