@@ -297,3 +297,26 @@ def test_artifact_carries_the_plan_and_the_cli_prints_it(tmp_path, capsys):
     assert "in place of %" in text
     assert main([model, "-o", str(tmp_path / "c"), "--buckets", "batch=0"]) == 1
     assert "bound 0 of batch" in capsys.readouterr().err
+
+
+def test_cpu_artifact_runs_over_the_plan_with_qc_plan(tmp_path, monkeypatch):
+    from qcompiler.targets import get_target
+
+    try:
+        if not get_target("cpu").available:
+            pytest.skip("the cpu target is not available here")
+    except KeyError:
+        pytest.skip("no cpu target")
+    import qcompiler
+
+    out = str(tmp_path / "cpu")
+    qcompiler.compile(os.path.join(ROOT, "examples", "mlp_int4.onnx"), "cpu", out,
+                      buckets={"batch": [4]})
+    feeds = _mlp_inputs(np.random.default_rng(8), 3)
+    want = qcompiler.load(out).run(feeds)["y"]          # the interpreter with the kernels
+    monkeypatch.setenv("QC_PLAN", "1")
+    compiled = qcompiler.load(out)
+    got = compiled.run(feeds)["y"]
+    np.testing.assert_array_equal(got, want)
+    with pytest.warns(RuntimeWarning, match="exceed every shape bucket"):
+        compiled.run(_mlp_inputs(np.random.default_rng(9), 9))

@@ -168,6 +168,10 @@ class CPUBackend(Backend):
         threads = os.environ.get("QC_CPU_THREADS")
         if threads:
             runtime.set_num_threads(int(threads))
+        if os.environ.get("QC_PLAN") == "1":  # the executable plan (qcompiler.plan), opt-in
+            from qcompiler.plan.executor import plan_runner
+
+            return plan_runner(module, manifest, impls)
         return lambda inputs: run(module, inputs, kernels=impls)
 
 

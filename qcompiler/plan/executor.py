@@ -253,3 +253,32 @@ class PlanExecutor:
                             "monotone in the dims)")
         off = mem.offsets[root.name]
         return arena[off:off + need].view(dtype).reshape(shape)
+
+
+def interpreter_kernel_step(node, module: Module, kernel) -> StepImpl:
+    """A kernel with the interpreter's signature (``kernel(node, args, module) -> [array]``, as
+    backends hand to ``reference.run(kernels=...)``) as a step: its result copied into the
+    planned output."""
+    def impl(args: list, outs: list) -> None:
+        for y, out in zip(kernel(node, args, module), outs):
+            np.copyto(out, y)
+    return impl
+
+
+def plan_runner(module: Module, manifest: dict, kernels: dict) -> Callable:
+    """``run(inputs)`` over the artifact's plan (``manifest["plan"]``, else lowered now), with
+    the backend's compiled ``kernels`` (by node name, interpreter signature) as steps."""
+    from qcompiler.plan.lower import lower
+    from qcompiler.plan.plan import plan_from_json
+    from qcompiler.runtime import reference
+
+    data = manifest.get("plan")
+    plan = plan_from_json(data) if data else lower(module)
+    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
+    impls = {}
+    for name, kernel in kernels.items():
+        node = nodes[name]
+        if node.op == "qmatmul":  # the kernel computes the product; the epilogue as run() does
+            kernel = reference._with_epilogue(kernel)
+        impls[name] = interpreter_kernel_step(node, module, kernel)
+    return PlanExecutor(plan, module, impls).run
