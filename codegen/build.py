@@ -176,6 +176,9 @@ class Progress:
     def step(self, cached: bool) -> None:
         self.done += 1
         self.cached += int(cached)
+        self.show()
+
+    def show(self) -> None:
         if self.enabled:
             self.stream.write(f"\rbuilding kernels {self.done}/{self.total} "
                               f"({self.cached} cached)")
@@ -216,6 +219,7 @@ class Builder:
         start = time.perf_counter()
         os.makedirs(out_dir, exist_ok=True)
         bar = Progress(len(builds), self.progress)
+        bar.show()
         misses = []
         for b in builds:
             t0 = time.perf_counter()

@@ -175,6 +175,7 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     backend = get_backend(tgt.backend)
     backend.prepare(tgt)
+    prepared = time.perf_counter()
     module = import_model(model, example_inputs)
     imported = time.perf_counter()
     pipeline = passes or tgt.default_pipeline
@@ -206,7 +207,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     manifest["plan"], plan_entry, plan_lines = artifact_plan(module, buckets)
     # Wall-clock seconds of each stage; "backend" includes emitting and building the kernels
     # (the build alone is report["build"]["seconds"]).
-    seconds = {"import": imported - start, "passes": passes_done - imported,
+    seconds = {"toolchain": prepared - start, "frontend": imported - prepared,
+               "passes": passes_done - imported,
                "backend": backend_done - passes_done,
                "total": time.perf_counter() - start}
     seconds = {k: round(v, 3) for k, v in seconds.items()}

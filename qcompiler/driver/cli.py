@@ -203,6 +203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _report_error(e, args.debug)
     except Exception as e:  # anything else escaping the compiler is a bug: exit 2
         return _report_internal_error(e, args.debug)
+    if args.time_passes:  # the passes are part of a compile: say what the rest took
+        sys.stderr.write(_stage_times(out_dir))
     if args.emit_ir:
         sys.stdout.write(print_module(module))
     if args.print_plan:
@@ -212,6 +214,26 @@ def main(argv: Optional[list[str]] = None) -> int:
                      f"ops, {n_qmm} qmatmul{_build_summary(out_dir)}) in "
                      f"{time.perf_counter() - start:.2f} s\n")
     return 0
+
+
+def _stage_times(out_dir: str) -> str:
+    """The compile's stages (frontend, passes, backend with its kernel build) from report.json."""
+    import json
+    import os
+
+    from qcompiler.driver.artifact import REPORT_FILE
+
+    with open(os.path.join(out_dir, REPORT_FILE)) as f:
+        report = json.load(f)
+    seconds, build = report.get("seconds", {}), report.get("build", {})
+    lines = ["===- compile timing report -==="]
+    for stage, value in seconds.items():
+        lines.append(f"  {value * 1e3:9.2f} ms  {stage}")
+    if build.get("kernels"):
+        lines.append(f"  {build['seconds'] * 1e3:9.2f} ms    of it kernel builds: "
+                     f"{build['built']} built, {build['cache_hits']} cached, "
+                     f"{build['jobs']} jobs")
+    return "\n".join(lines) + "\n"
 
 
 def _build_summary(out_dir: str) -> str:
