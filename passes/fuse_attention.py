@@ -7,11 +7,14 @@ Recognized (what the ONNX and FX frontends produce from BERT, GPT-2 and Llama)::
     scores = add(scores, mask)                     optional additive float mask, or
            | where(keep, scores, -big)             a boolean one (-inf, -3.4e38 ...)
     probs  = softmax(scores, axis=-1)
+    probs  = where(isnan(probs), 0, probs)         optional NaN guard (torch's ONNX export),
+                                                   only when the mask cannot be -inf
     out    = matmul(probs, v)
 
 k and v may be kv heads repeated over query-head groups (grouped-query attention):
 ``reshape(expand(unsqueeze(k0, axes=[2])))`` from [B, Hkv, S, D] to [B, Hkv * r, S, D]; the
-attention op then reads k0 and v0 directly. A boolean mask becomes the additive
+attention op then reads k0 and v0 directly. kt may also be k transposed through a 3-D
+reshape (torch's ONNX export), and the scale split between q and kt (sqrt(scale) on each). A boolean mask becomes the additive
 ``where(keep, 0, -big)``, which adds exactly what the where selected (finite scores plus 0,
 or plus -big). A constant mask that is exactly the lower triangle aligned to the bottom right
 (key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask.
@@ -60,9 +63,38 @@ def _scaled_operand(rw: Rewriter, v: Value) -> tuple[Value, float]:
     return v, 1.0
 
 
+def _through_3d(kt: Value) -> Optional[Value]:
+    """k when kt = reshape(transpose(reshape(k, [B*H, S, D]), [0, 2, 1]), [B, H, D, S])
+    (how torch's ONNX exporter transposes k for scaled_dot_product_attention)."""
+    outer = _producer(kt, "reshape")
+    tr = _producer(outer.operands[0], "transpose") if outer else None
+    inner = _producer(tr.operands[0], "reshape") if tr else None
+    if inner is None or list(tr.attrs["perm"]) != [0, 2, 1]:
+        return None
+    k = inner.operands[0]
+    if k.type.rank == 5:  # [B, Hkv, r, S, D]: kv heads repeated straight into the 3-D form
+        k0 = _repeated_heads(k)
+        if k0 is None:
+            return None
+        b, hkv, s, d = k0.type.shape
+        rep = k.type.shape[2]
+        if inner.result.type.shape[1:] == (s, d) and isinstance(hkv, int) \
+                and kt.type.shape == (b, hkv * rep, d, s):
+            return k0
+        return None
+    b, h, s, d = k.type.shape if k.type.rank == 4 else (None,) * 4
+    if k.type.rank != 4 or inner.result.type.shape[1:] != (s, d) \
+            or kt.type.shape != (b, h, d, s):
+        return None
+    return k
+
+
 def _untransposed(rw: Rewriter, kt: Value, before) -> Value:
     """k from kt = k with its last two dims swapped (a new transpose unless one cancels)."""
     rank = kt.type.rank
+    k = _through_3d(kt)
+    if k is not None:
+        return k
     node = _producer(kt, "transpose")
     if node is not None:
         perm = list(node.attrs["perm"])
@@ -76,25 +108,31 @@ def _untransposed(rw: Rewriter, kt: Value, before) -> Value:
     return rw.create("transpose", [kt], {"perm": perm}, before=before, hint="attn_k").result
 
 
+def _repeated_heads(five: Value) -> Optional[Value]:
+    """k0 when five = expand(unsqueeze(k0, [2])) is [B, Hkv, r, S, D] from k0 [B, Hkv, S, D]."""
+    expand = _producer(five, "expand")
+    unsq = _producer(expand.operands[0], "unsqueeze") if expand else None
+    if unsq is None or list(unsq.attrs["axes"]) not in ([2], [-3]):
+        return None
+    k0 = unsq.operands[0]
+    shape = five.type.shape
+    if k0.type.rank != 4 or len(shape) != 5 or not isinstance(shape[2], int):
+        return None
+    b, hkv, s, d = k0.type.shape
+    if not (shape[0] == b and shape[1] == hkv and shape[3] == s and shape[4] == d):
+        return None
+    return k0
+
+
 def _shared_heads(rw: Rewriter, v: Value) -> Value:
     """k0 when v = reshape(expand(unsqueeze(k0, [2]))) repeats the kv heads of k0, else v."""
     reshape = _producer(v, "reshape")
-    expand = _producer(reshape.operands[0], "expand") if reshape else None
-    unsq = _producer(expand.operands[0], "unsqueeze") if expand else None
-    if unsq is None or list(unsq.attrs["axes"]) not in ([2], [-3]):
-        return v
-    k0 = unsq.operands[0]
-    five = expand.result.type.shape
-    if k0.type.rank != 4 or len(five) != 5 or v.type.rank != 4:
+    k0 = _repeated_heads(reshape.operands[0]) if reshape else None
+    if k0 is None or v.type.rank != 4:
         return v
     b, hkv, s, d = k0.type.shape
-    if not (five[0] == b and five[1] == hkv and five[3] == s and five[4] == d):
-        return v
-    rep = five[2]
-    hq = v.type.shape[1]
-    if not (isinstance(rep, int) and isinstance(hkv, int) and hq == hkv * rep):
-        return v
-    if v.type.shape != (b, hq, s, d):
+    rep = reshape.operands[0].type.shape[2]
+    if not isinstance(hkv, int) or v.type.shape != (b, hkv * rep, s, d):
         return v
     return k0
 
@@ -124,8 +162,9 @@ class FuseAttention(RewritePattern):
 
     def rewrite(self, node, rw):
         probs, v = node.operands
+        probs, nan_guard = _without_nan_guard(rw, probs)
         softmax = _producer(probs, "softmax")
-        if softmax is None or not rw.single_use(probs) or v.type.rank != 4:
+        if softmax is None or not (nan_guard or rw.single_use(probs)) or v.type.rank != 4:
             return False
         if softmax.attrs["axis"] not in (-1, probs.type.rank - 1):
             return False
@@ -133,7 +172,7 @@ class FuseAttention(RewritePattern):
         if not rw.single_use(scores):
             return False
         mask, causal, scores = self._mask(rw, scores)
-        if scores is None:
+        if scores is None or nan_guard and not _finite_mask(rw, mask):
             return False
         scale, scores = self._scale(rw, scores)
         qk = _producer(scores, "matmul")
@@ -205,6 +244,36 @@ class FuseAttention(RewritePattern):
             if value is not None and _producer(s, "matmul") is not None and rw.single_use(s):
                 return (1.0 / value if node.op == "div" else value), s
         return 1.0, scores
+
+
+def _without_nan_guard(rw: Rewriter, probs: Value) -> tuple[Value, bool]:
+    """(p, True) when probs = where(isnan(p), 0, p) (torch's ONNX export of SDPA), else
+    (probs, False)."""
+    where = _producer(probs, "where")
+    if where is None or not rw.single_use(probs):
+        return probs, False
+    cond, zero, p = where.operands
+    isnan = _producer(cond, "isnan")
+    if isnan is None or isnan.operands[0] is not p or _scalar(rw, zero) != 0.0:
+        return probs, False
+    if len(rw.users.get(p, [])) != 2 or not rw.single_use(cond):
+        return probs, False
+    return p, True
+
+
+def _finite_mask(rw: Rewriter, mask) -> bool:
+    """The mask cannot hide a whole row with -inf (so softmax gives no NaN to guard against):
+    none, or where(keep, a, b) of finite scalar constants."""
+    if mask is None:
+        return True
+    if isinstance(mask, tuple):
+        fill = _scalar(rw, mask[1])
+        return fill is not None and np.isfinite(fill)
+    where = _producer(mask, "where")
+    if where is None:
+        return False
+    values = [_scalar(rw, v) for v in where.operands[1:]]
+    return all(x is not None and np.isfinite(x) for x in values)
 
 
 def _reaches_qk(rw: Rewriter, v: Value) -> bool:
