@@ -352,3 +352,55 @@ def _store_repeatedly(root: str, key: str, lib: str, times: int) -> None:
     cache = build.BuildCache(root)
     for _ in range(times):
         cache.store(key, lib)
+
+
+def _two_cuda_layers(k: int = 128):
+    """y = qmatmul(qmatmul(x, w0), w1): two layers of one shape, f16 activations."""
+    from qcompiler.codegen.cuda import cases
+    from qcompiler.ir import Function, Module
+    from qcompiler.ir.core import constant_node
+    from qcompiler.ir.ops import infer_types
+    from qcompiler.ir.types import tensor
+
+    case = cases.Case(k=k, n=k, bits=4, zero_point=True, group=64)
+    scheme = case.scheme()
+    lo, hi = scheme.dtype.int_range()
+    rng = np.random.default_rng(7)
+    m = Module("two_layers")
+    fn = m.add_function(Function("main"))
+    h = fn.add_arg("x", tensor(["batch", k], case.dtype))
+    for i in range(2):
+        codes = rng.integers(lo, hi + 1, (k, k)).astype(scheme.dtype.np_dtype)
+        w = constant_node(fn, m, codes, tensor((k, k), scheme.dtype), f"w{i}").result
+        scale = (rng.uniform(0.5, 1.5, (k // 64, k)) / ((hi - lo) * np.sqrt(k))).astype(
+            np.float16)
+        s = constant_node(fn, m, scale, tensor((k // 64, k), "f16"), f"s{i}").result
+        zc = rng.integers(lo, hi + 1, (k // 64, k)).astype(scheme.dtype.np_dtype)
+        z = constant_node(fn, m, zc, tensor((k // 64, k), scheme.dtype), f"z{i}").result
+        operands = [h, w, s, z, None, None, None, None]
+        attrs = {"w_scheme": scheme, "act": "float"}
+        types = infer_types("qmatmul", [v.type if v is not None else None for v in operands],
+                            attrs, [None] * 8)
+        h = fn.make_node("qmatmul", operands, types, attrs, names=[f"y{i}"]).result
+    fn.set_outputs([h], ["y"])
+    return m
+
+
+def test_cuda_layers_of_one_shape_share_one_source_and_library_name(tmp_path, monkeypatch):
+    """Without nvcc (made absent here: building takes long) the sources are still written:
+    one .cu for both layers, its symbol from the key, and both records name it."""
+    from qcompiler.codegen.cuda import build as nv
+
+    monkeypatch.setattr(nv, "find_nvcc", lambda: None)
+    out = str(tmp_path / "cuda")
+    compile_to_dir(_two_cuda_layers(), "cuda-sm90", out, cache=str(tmp_path / "cache"))
+    records = _json(out, "manifest.json")["kernels"]
+    assert [r["result"] for r in records] == ["y0", "y1"]
+    assert len({(r["symbol"], r["source"], r["library"], r["kernel_key"]) for r in records}) == 1
+    symbol = records[0]["symbol"]
+    assert symbol == f"qc_qmm_{records[0]['kernel_key'][:12]}"
+    sources = sorted(f for f in os.listdir(os.path.join(out, "kernels")) if f.endswith(".cu"))
+    assert sources == [symbol + ".cu", "qc_runtime.cu"]
+    text = open(os.path.join(out, "kernels", symbol + ".cu")).read()
+    assert "%y0, %y1" in text.splitlines()[0] and f"{symbol}_run(" in text
+    assert not any(r["built"] for r in records)
