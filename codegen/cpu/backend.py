@@ -1,13 +1,27 @@
-"""The CPU backend: a TVM-compiled library per distinct qmatmul kernel; numpy runs the rest.
+"""The CPU backend: TVM-compiled kernels for the qmatmuls and for every other op of the plan.
 
 Stages: QIR after ``cpu-schedule`` and ``cpu-pack-weights`` -> per qmatmul a TensorIR module
 with one scheduled function per batch-size variant (``kernels.py``) -> LLVM for the target's
 -mcpu -> ``kernels/qmm_<key>.so`` plus ``kernels/qmm_<key>.tir.py`` (the scheduled TensorIR,
 for people), one per distinct kernel: the key hashes the TensorIR text and the LLVM target
 (``qcompiler.codegen.build``), so nodes of one shape and config share a library, and a library
-built by an earlier compile comes from the build cache. ``runner`` loads the libraries and
-runs the graph with the reference interpreter, substituting the kernels for their qmatmuls
-(``qcompiler.runtime.reference.run(kernels=...)``).
+built by an earlier compile comes from the build cache.
+
+Every other kernel step of the executable plan (``qcompiler.plan``: not a view, a host shape
+function or a weight) gets a kernel from the op library (``codegen/cpu/ops``), all of them in
+ONE library per model, ``kernels/ops_<key>.so`` (key over its TVMScript, the LLVM target and
+the versions). A qmatmul's bias and epilogue become an in-place ``fused_elementwise`` kernel
+of that library over the qmatmul's output. A node the op library refuses is a *host fallback*
+(the reference op runs it): listed in the manifest and the reports and warned about once. A
+qmatmul that would run in the interpreter (``impl: reference``: int8 activations, float zero
+points, non-f32 activations ...) refuses the compile with ``HostFallbackError`` unless
+``allow_host_fallback``.
+
+``runner`` runs the plan with ``PlanExecutor``: op kernels bound once per (bucket, input
+signature) to their arena views, qmatmul kernels writing into their out views, host fallbacks
+through the reference op. ``QC_PLAN=0`` runs the whole graph in the reference interpreter
+instead (with only the qmatmul kernels compiled): a debugging aid to tell a plan or op-kernel
+bug from a qmatmul one.
 """
 from __future__ import annotations
 
@@ -17,7 +31,7 @@ import numpy as np
 
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cpu.config import validate as validate_config
-from qcompiler.errors import ArtifactError, QCompilerError
+from qcompiler.errors import ArtifactError, HostFallbackError, QCompilerError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
 
@@ -74,15 +88,19 @@ def _tvm_nodes(module):
 
 class CPUBackend(Backend):
     name = "cpu"
+    host_fallback_option = True  # compile() takes allow_host_fallback (the driver passes it)
 
     def prepare(self, target) -> None:
         from qcompiler.codegen.cpu import runtime
 
         runtime.import_tvm()  # before cpu-schedule asks TVM about the host's CPU
 
-    def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
-        """Emit and build the kernels: one library per distinct kernel key (nodes with the
-        same scheduled TensorIR share it), from ``builder``'s cache or built in parallel."""
+    def compile(self, module, target, out_dir: str, builder=None,
+                allow_host_fallback: bool = False) -> list[dict]:
+        """Emit and build the kernels: one library per distinct qmatmul kernel key (nodes with
+        the same scheduled TensorIR share it) and one op library for the rest of the plan,
+        from ``builder``'s cache or built in parallel. Host fallbacks are records with
+        ``"host_fallback": True``; qmatmul ones raise HostFallbackError unless allowed."""
         import functools
 
         from qcompiler.codegen.build import Builder, KernelBuild, file_name
@@ -107,7 +125,8 @@ class CPUBackend(Backend):
                 if "impl" not in cfg:
                     raise CPUBackendError(f"%{node.result.name} has no CPU config; the "
                                           "pipeline must run cpu-schedule and cpu-pack-weights")
-                calls.append({**record, "impl": "reference"})
+                calls.append({**record, "impl": "reference", "host_fallback": True,
+                              "reason": cfg.get("reason", "no CPU kernel for this qmatmul")})
                 continue
             _check_numerics_on_target(target, node)
             validate_config(cfg, node, target)  # whatever its source: pass, log or .qir
@@ -139,7 +158,25 @@ class CPUBackend(Backend):
                           "mcpu": target_cpu(target)["mcpu"],
                           "functions": [f"qmm_v{i}" for i in range(len(cfg["variants"]))],
                           "k": p.k, "n": p.n})
+        interpreted = [c for c in calls if c.get("host_fallback")]
+        if interpreted and not allow_host_fallback:
+            listed = "; ".join(f"%{c['result']} ({c['reason']})" for c in interpreted[:4])
+            more = f" and {len(interpreted) - 4} more" if len(interpreted) > 4 else ""
+            raise HostFallbackError(
+                f"{len(interpreted)} qmatmul(s) would run in the host interpreter on {target.name}: "
+                f"{listed}{more}; pass allow_host_fallback=True (--allow-host-fallback) to "
+                "run them there")
+        ops_build, ops_calls = _ops_library(module, target, kdir, out_dir)
+        if ops_build is not None:
+            builds[ops_build.key] = ops_build
+        calls += ops_calls
         builder.build_many(list(builds.values()), kdir)
+        fallbacks = [c for c in calls if c.get("host_fallback")]
+        if fallbacks:
+            import warnings
+
+            warnings.warn(f"host fallback: {len(fallbacks)} ops: " + ", ".join(
+                f"%{c['result']} ({c['op']})" for c in fallbacks), RuntimeWarning, stacklevel=2)
         return calls
 
     def runner(self, module, manifest: dict, out_dir: str):
@@ -153,7 +190,7 @@ class CPUBackend(Backend):
             raise ArtifactError(f"manifest.json: unknown target {manifest['target']!r}") from None
         libs = {c["result"]: (i, c) for i, c in enumerate(manifest["kernels"])
                 if c.get("impl") == "tvm-llvm"}
-        impls = {}
+        kernels = {}
         for node in _tvm_nodes(module):
             if node.result.name not in libs:
                 raise CPUBackendError(f"manifest lists no library for %{node.result.name}")
@@ -161,18 +198,17 @@ class CPUBackend(Backend):
             # Inside the artifact and hash-verified by load, or refused before dlopen.
             library = artifact_path(out_dir, manifest, call["library"], f"kernels[{i}].library")
             p = _problem(target, node)
-            kernel = runtime.QmmKernel(library, p,
-                                       runtime.variant_list(node.attrs["config"]),
-                                       _packed(module, node))
-            impls[node.result.name] = _qmatmul_impl(kernel)
+            kernels[node.result.name] = runtime.QmmKernel(
+                library, p, runtime.variant_list(node.attrs["config"]), _packed(module, node))
         threads = os.environ.get("QC_CPU_THREADS")
         if threads:
             runtime.set_num_threads(int(threads))
-        if os.environ.get("QC_PLAN") == "1":  # the executable plan (qcompiler.plan), opt-in
-            from qcompiler.plan.executor import plan_runner
-
-            return plan_runner(module, manifest, impls)
-        return lambda inputs: run(module, inputs, kernels=impls)
+        if os.environ.get("QC_PLAN") == "0" or not manifest.get("plan"):
+            # The reference interpreter with the qmatmul kernels substituted: for debugging
+            # (QC_PLAN=0), and for a graph the compile could not plan (the report says why).
+            impls = {name: _qmatmul_impl(k) for name, k in kernels.items()}
+            return lambda inputs: run(module, inputs, kernels=impls)
+        return _plan_runner(module, manifest, out_dir, kernels)
 
 
 def _qmatmul_impl(kernel):
@@ -190,3 +226,265 @@ def _qmatmul_impl(kernel):
         out_dtype = node.result.type.dtype.np_dtype
         return [y.reshape(*x.shape[:-1], kernel.p.n).astype(out_dtype, copy=False)]
     return impl
+
+
+# --------------------------------------------------------------------------------------------
+# the op library: every plan kernel step that is not a qmatmul, and the qmatmuls' epilogues
+# --------------------------------------------------------------------------------------------
+
+# IRModules of op libraries by build key, for the build (in this process or a forked worker,
+# which inherits this dict: an IRModule is not picklable).
+_OPS_MODULES: dict = {}
+
+
+def epilogue_node(node):
+    """A qmatmul's bias and epilogue as one ``fused_elementwise`` node over its product (x0,
+    float32: the kernel's output), or None when it has neither. Run in place over the
+    qmatmul's output buffer, it leaves the node's result there."""
+    from qcompiler.ir.core import Node, Value
+    from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
+    from qcompiler.ir.types import TensorType, elem
+
+    bias = node.operand(7)
+    text = node.attrs.get("epilogue")
+    if bias is None and text is None:
+        return None
+    r = node.result
+    product = Value(f"{r.name}.product", TensorType(tuple(r.type.shape), elem("f32")))
+    operands = [product]
+    stmts = []
+    if bias is not None:  # t0 = product + bias; the epilogue's x0 is t0, its x1.. shift by one
+        operands.append(bias)
+        stmts.append(Stmt("t0", "add", None, ("x0", "x1")))
+    shift = 1 if bias is not None else 0
+
+    def renamed(a):
+        if not isinstance(a, str) or not shift:
+            return a
+        if a == "x0":
+            return "t0"
+        return f"{a[0]}{int(a[1:]) + shift}"
+
+    result = "t0"
+    if text is not None:
+        body = parse_body(text)
+        stmts += [Stmt(renamed(s.dst), s.op, s.attr, tuple(renamed(a) for a in s.args))
+                  for s in body.stmts]
+        result = renamed(body.result)
+        operands += [v for v in node.operands[8:]]
+    out = Value(f"{r.name}.epilogue", r.type)
+    return Node("fused_elementwise", operands, [out],
+                {"body": format_body(Body(tuple(stmts), result))})
+
+
+def _ops_library(module, target, kdir: str, out_dir: str):
+    """(KernelBuild of the op library or None, manifest records): the library's record and one
+    host-fallback record per node the op library refuses."""
+    import functools
+
+    from qcompiler.codegen.build import KernelBuild, file_name
+    from qcompiler.codegen.cpu import runtime
+    from qcompiler.codegen.cpu.ops.kernel import primfunc_for
+    from qcompiler.codegen.cpu.ops.schedule import params_for
+    from qcompiler.plan.lower import lower_steps
+    from qcompiler.plan.plan import PlanError
+
+    try:
+        plan = lower_steps(module)
+    except PlanError as e:  # the runner interprets the whole graph then
+        return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
+                       "host_fallback": True, "reason": f"no executable plan: {e}"}
+                      for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
+    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
+    params = params_for(target)
+    funcs: dict = {}
+    kernels: dict = {}     # node -> kernel name
+    epilogues: dict = {}   # qmatmul node -> kernel name of its bias + epilogue
+    fallbacks = []
+    for step in plan.steps:
+        if step.kind != "kernel":
+            continue
+        node = nodes[step.node]
+        if node.op == "qmatmul" and node.attrs.get("config", {}).get("impl") != "tvm":
+            continue  # runs in the interpreter (already a host-fallback record)
+        target_node = epilogue_node(node) if node.op == "qmatmul" else node
+        if target_node is None:
+            continue
+        try:
+            name, func = primfunc_for(target_node, params, module, known=funcs)
+        except Exception as e:  # CPUBackendError: no kernel; anything else: a kernel bug
+            reason = str(e) if isinstance(e, CPUBackendError) else f"{type(e).__name__}: {e}"
+            fallbacks.append({"op": node.op + (" epilogue" if node.op == "qmatmul" else ""),
+                              "result": step.node, "impl": "host", "host_fallback": True,
+                              "reason": " ".join(reason.split())[:300]})
+            continue
+        if func is not None:
+            funcs[name] = func
+        (epilogues if node.op == "qmatmul" else kernels)[step.node] = name
+    if not funcs:
+        return None, fallbacks
+    import tvm
+
+    irmod = tvm.IRModule(funcs)
+    source = irmod.script()
+    key = runtime.kernel_build_key(source, target)
+    _OPS_MODULES[key] = irmod
+    library = file_name("ops", key, ".so")
+    stem = library[:-len(".so")]
+    with open(os.path.join(kdir, stem + ".tir.py"), "w") as f:
+        f.write(f"# Scheduled TensorIR of the op library {stem} (TVMScript, tvm "
+                f"{tvm.__version__}): one function per distinct op kernel.\n{source}\n")
+    build = KernelBuild(key, library, functools.partial(_build_ops_library, key, target))
+    build.nodes = [f"{len(kernels)} ops and {len(epilogues)} qmatmul epilogues"]
+    record = {"op": "ops", "result": "", "impl": "tvm-llvm-ops",
+              "library": os.path.relpath(os.path.join(kdir, library), out_dir),
+              "source": os.path.relpath(os.path.join(kdir, stem + ".tir.py"), out_dir),
+              "kernel_key": key, "functions": len(funcs),
+              "kernels": kernels, "epilogues": epilogues}
+    return build, [record] + fallbacks
+
+
+def _build_ops_library(key: str, target, path: str) -> str:
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+
+    ex = tvm.compile(_OPS_MODULES[key], target=tvm_target(target))
+    ex.export_library(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# running: plan steps over the compiled kernels
+# --------------------------------------------------------------------------------------------
+
+
+class OpKernelStep:
+    """A plan step run by one op-library kernel: (operands that are not none, results)."""
+
+    def __init__(self, lib, name: str):
+        self.lib, self.name = lib, name
+        self.fn = lib.function(name)
+
+    def __call__(self, args: list, outs: list) -> None:
+        from qcompiler.codegen.cpu.ops.library import as_kernel_arg
+
+        self.fn(*[as_kernel_arg(a) for a in args if a is not None],
+                *[as_kernel_arg(o) for o in outs])
+
+    def bind(self, args: list, outs: list):
+        """A no-argument call over buffers that stay put (arena views, weights, host values)."""
+        return self.lib.bind(self.name, [a for a in args if a is not None] + list(outs))
+
+
+class QmatmulStep:
+    """A qmatmul step: the kernel writes x @ dequant(w) into the out view (its one copy, out
+    of the kernel's padded output), then the compiled bias + epilogue kernel runs over it in
+    place (into the result buffer from a float32 scratch when the result is not float32)."""
+
+    def __init__(self, node, kernel, lib=None, epilogue: str = None):
+        self.node = node
+        self.kernel = kernel
+        self.k, self.n = kernel.p.k, kernel.p.n
+        self.epilogue = lib.function(epilogue) if epilogue else None
+        self.epilogue_name = epilogue
+        self.lib = lib
+        # bias / epilogue without a compiled kernel (a host fallback): the reference applies it
+        self.host_epilogue = epilogue is None and (node.operand(7) is not None
+                                                   or "epilogue" in node.attrs)
+        self.in_place = node.result.type.dtype.np_dtype == np.float32
+
+    def _epilogue_operands(self, args: list) -> list:
+        extra = [args[7]] if len(args) > 7 and args[7] is not None else []
+        return extra + [a for a in args[8:] if a is not None]
+
+    def _product_buffer(self, out: np.ndarray) -> np.ndarray:
+        if self.in_place:
+            return out
+        from qcompiler.codegen.cpu.runtime import aligned_empty
+
+        return aligned_empty(out.shape, np.float32)
+
+    def _check(self, x: np.ndarray) -> int:
+        if x.shape[-1] != self.k or x.dtype != np.float32:
+            raise CPUBackendError(f"%{self.node.result.name} = qmatmul: x is {x.dtype}"
+                                  f"{list(x.shape)}, the kernel takes float32 [..., {self.k}]")
+        return x.size // self.k
+
+    def __call__(self, args: list, outs: list) -> None:
+        from qcompiler.codegen.cpu.ops.library import as_kernel_arg
+
+        x, out = args[0], outs[0]
+        m = self._check(x)
+        product = self._product_buffer(out)
+        self.kernel.run_into(x.reshape(m, self.k), product.reshape(m, self.n))
+        if self.epilogue is not None:
+            self.epilogue(*[as_kernel_arg(a) for a in [product] + self._epilogue_operands(args)],
+                          as_kernel_arg(out))
+        elif self.host_epilogue:
+            self._host_epilogue(args, product, out)
+
+    def _host_epilogue(self, args, product, out) -> None:
+        from qcompiler.runtime.reference import _apply_epilogue
+
+        y = product
+        if len(args) > 7 and args[7] is not None:
+            y = y + np.asarray(args[7], np.float32)
+        np.copyto(out, _apply_epilogue(self.node, y, args)[0])
+
+    def bind(self, args: list, outs: list):
+        x, out = args[0], outs[0]
+        m = self._check(x)
+        product = self._product_buffer(out)
+        x2, y2 = x.reshape(m, self.k), product.reshape(m, self.n)
+        run_into = self.kernel.run_into
+        if self.epilogue is None:
+            if self.host_epilogue:
+                return lambda: (run_into(x2, y2), self._host_epilogue(args, product, out))
+            return lambda: run_into(x2, y2)
+        epilogue = self.lib.bind(self.epilogue_name,
+                                 [product] + self._epilogue_operands(args) + [out])
+
+        def call():
+            run_into(x2, y2)
+            epilogue()
+        return call
+
+
+def _manifest_dict(rec: dict, key: str, where: str) -> dict:
+    value = rec.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise ArtifactError(f"manifest.json: {where}.{key} must map node names to kernel names")
+    return value
+
+
+def _plan_runner(module, manifest: dict, out_dir: str, qmm_kernels: dict):
+    """``run(inputs)`` over the artifact's plan: op kernels, qmatmul kernels, host fallbacks
+    through the reference op (the executor's default step)."""
+    from qcompiler.codegen.cpu.ops.library import OpsLibrary
+    from qcompiler.driver.artifact import artifact_path
+    from qcompiler.plan.executor import PlanExecutor
+    from qcompiler.plan.plan import plan_from_json
+
+    plan = plan_from_json(manifest["plan"])
+    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
+    lib, kernels, epilogues = None, {}, {}
+    for i, rec in enumerate(manifest["kernels"]):
+        if rec.get("impl") != "tvm-llvm-ops":
+            continue
+        where = f"kernels[{i}]"
+        if not isinstance(rec.get("library"), str):
+            raise ArtifactError(f"manifest.json: {where}.library must be a string")
+        kernels = _manifest_dict(rec, "kernels", where)
+        epilogues = _manifest_dict(rec, "epilogues", where)
+        lib = OpsLibrary(artifact_path(out_dir, manifest, rec["library"], f"{where}.library"))
+    impls = {}
+    for name, kernel_name in kernels.items():
+        if name not in nodes:
+            raise ArtifactError(f"manifest.json: the op library names %{name}, which the "
+                                "module does not define")
+        impls[name] = OpKernelStep(lib, kernel_name)
+    for name, kernel in qmm_kernels.items():
+        impls[name] = QmatmulStep(nodes[name], kernel, lib, epilogues.get(name))
+    return PlanExecutor(plan, module, impls).run

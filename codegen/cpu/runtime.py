@@ -288,16 +288,23 @@ class QmmKernel:
         vi, buf, _ = prepared
         self.funcs[vi](*buf.args, *self.weights, buf.out)
 
+    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """x [M, K] float32 -> ``out`` [M, N] float32 (a plan's out view): the copy of the
+        kernel's padded output into ``out`` (scaled by the output factor) is the only copy."""
+        prepared = self.prepare(x)
+        self.call_prepared(prepared)
+        y = prepared[1].y[:prepared[2], :self.p.n]
+        if self.out_factor != 1.0:
+            np.multiply(y, np.float32(self.out_factor), out=out)
+        else:
+            np.copyto(out, y)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         if x.ndim != 2 or x.shape[1] != self.p.k:
             raise ValueError(f"the kernel takes x [M, {self.p.k}], got {x.shape}")
-        prepared = self.prepare(x)
-        self.call_prepared(prepared)
-        m = prepared[2]
-        y = prepared[1].y[:m, :self.p.n].copy()
-        if self.out_factor != 1.0:
-            y *= np.float32(self.out_factor)
+        y = np.empty((x.shape[0], self.p.n), np.float32)
+        self.run_into(x, y)
         return y
 
 

@@ -106,6 +106,12 @@ def _fused_nodes(module: Module) -> list[dict]:
     return out
 
 
+def host_fallbacks(kernels: list[dict]) -> list[dict]:
+    """The nodes a backend left to the host interpreter: result, op and why."""
+    return [{"result": k["result"], "op": k["op"], "reason": k.get("reason", "")}
+            for k in kernels if k.get("host_fallback")]
+
+
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
             kernels: list[dict], build: dict, seconds: dict) -> tuple[dict, str]:
     # Report the model's weight scheme (a backend that packs the weights stores them under a
@@ -138,6 +144,12 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
     for q in qmms:
         lines.append(f"  {q['result']:<24} w {q['w']} ({q['w_layout']})  {q['w_scheme']}  "
                      f"act={q['act']}  {q['weight_bytes']} bytes")
+    fallbacks = host_fallbacks(kernels)
+    report["host_fallback"] = fallbacks
+    lines += ["", f"host fallback: {len(fallbacks)} ops" + (" (run by the reference "
+                                                             "interpreter)" if fallbacks else "")]
+    for f in fallbacks:
+        lines.append(f"  {f['result']:<24} {f['op']:<20} {f['reason']}")
     lines += ["", "fused groups: " + (", ".join(f"{k} {v}" for k, v in sorted(
         fused_counts.items())) or "none")]
     for f in fused:
@@ -157,7 +169,8 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                    passes: Optional[str] = None, instruments: Sequence[Instrument] = (),
                    verify_each: bool = False, tuning_log: Optional[str] = None,
                    example_inputs=None, cache=True, jobs: Optional[int] = None,
-                   progress: Optional[bool] = None, buckets=None) -> tuple[str, Module]:
+                   progress: Optional[bool] = None, buckets=None,
+                   allow_host_fallback: bool = False) -> tuple[str, Module]:
     """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None).
 
     ``tuning_log``: replay the best verified configs of that log (``qcompile --tune``) by
@@ -166,7 +179,9 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     False: neither read nor write it; a path: that directory). ``jobs``: kernels built in
     parallel (default: the usable CPUs). ``progress``: the build counter on stderr (default:
     when stderr is a terminal). ``buckets``: the shape buckets of the executable plan
-    (``qcompiler.plan.resolve_buckets``; None: its defaults)."""
+    (``qcompiler.plan.resolve_buckets``; None: its defaults). ``allow_host_fallback``: let
+    ops the target cannot run (a CPU qmatmul in int8 activation mode ...) run in the host
+    interpreter instead of refusing the compile with HostFallbackError."""
     from qcompiler.codegen.build import Builder
 
     start = time.perf_counter()
@@ -191,7 +206,9 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     except OSError as e:  # a file in the way, no permission ...
         raise InputError(f"{out_dir}: cannot create the output directory: "
                          f"{e.strerror or e}") from None
-    kernels = backend.compile(module, tgt, out_dir, builder)
+    options = ({"allow_host_fallback": allow_host_fallback}
+               if getattr(backend, "host_fallback_option", False) else {})
+    kernels = backend.compile(module, tgt, out_dir, builder, **options)
     backend_done = time.perf_counter()
     fn = module.main
     manifest = {
@@ -201,6 +218,7 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
         "outputs": [{**describe_value(v), "name": name}
                     for name, v in zip(fn.output_names, fn.outputs)],
         "kernels": kernels,
+        "host_fallback": host_fallbacks(kernels),
     }
     from qcompiler.plan import artifact_plan
 
@@ -223,10 +241,12 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
 def compile(model, target: str = "ref", output_dir: Optional[str] = None,
             passes: Optional[str] = None, verify_each: bool = False,
             tuning_log: Optional[str] = None, example_inputs=None, cache=True,
-            jobs: Optional[int] = None, progress: Optional[bool] = None, buckets=None):
+            jobs: Optional[int] = None, progress: Optional[bool] = None, buckets=None,
+            allow_host_fallback: bool = False):
     """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result
-    (``cache``, ``jobs``, ``progress``: see ``compile_to_dir``)."""
+    (``cache``, ``jobs``, ``progress``, ``allow_host_fallback``: see ``compile_to_dir``)."""
     out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
                                 tuning_log=tuning_log, example_inputs=example_inputs,
-                                cache=cache, jobs=jobs, progress=progress, buckets=buckets)
+                                cache=cache, jobs=jobs, progress=progress, buckets=buckets,
+                                allow_host_fallback=allow_host_fallback)
     return qcompiler.load(out_dir)

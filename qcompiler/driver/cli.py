@@ -3,6 +3,7 @@
     qcompile MODEL [--target T] [-o DIR] [--passes SPEC]
              [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
              [--tune [--trials N] [--tune-m M]] [--tuning-log FILE] [-j N] [--no-cache]
+             [--allow-host-fallback]
     qcompile --list-passes | --list-targets
 """
 from __future__ import annotations
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cache", action="store_true",
                     help="build every kernel: neither read nor write the build cache "
                          "($QC_CACHE_DIR, else $XDG_CACHE_HOME/qcompiler or ~/.cache/qcompiler)")
+    ap.add_argument("--allow-host-fallback", action="store_true",
+                    help="let ops the target cannot run (e.g. a cpu qmatmul with int8 "
+                         "activations) run in the host interpreter instead of failing")
     ap.add_argument("--debug", action="store_true",
                     help="on an error, print the full Python traceback too")
     ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
@@ -198,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
                                          instruments, verify_each=args.verify_each,
                                          tuning_log=tuning_log, cache=not args.no_cache,
-                                         jobs=args.jobs, buckets=_buckets(args.buckets))
+                                         jobs=args.jobs, buckets=_buckets(args.buckets),
+                                         allow_host_fallback=args.allow_host_fallback)
     except QCompilerError as e:  # bad input, refused on purpose: one line, exit 1
         return _report_error(e, args.debug)
     except Exception as e:  # anything else escaping the compiler is a bug: exit 2

@@ -11,10 +11,21 @@ A step implementation is called in destination-passing style, ``impl(args, outs)
 are the operands (None for an absent optional one), ``outs`` the arrays to write. Entries of
 ``step_impls`` (keyed by the step's node name, else by its kernel name) replace the default,
 which runs the reference op (``qcompiler.runtime.reference.OP_IMPLS``) and copies its result
-into the out view, so that every plan runs before each op has a compiled kernel.
+into the out view, so that every plan runs before each op has a compiled kernel. An impl with
+a ``bind(args, outs) -> call()`` method is bound once per signature when none of its arrays
+changes between runs (arena views, weights, host values: a compiled kernel wraps them once);
+steps that read an input or write an output are called with the run's arrays.
+
+``QC_PROFILE=1``: every step is timed; per op kind, the total and per-run milliseconds go to
+stderr at exit (``PlanExecutor.profile()`` returns them).
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import sys
+import time
 import warnings
 from typing import Callable, Optional
 
@@ -35,6 +46,17 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + ARENA_ALIGN, np.uint8)
     skip = (-raw.ctypes.data) % ARENA_ALIGN
     return raw[skip:skip + nbytes]
+
+
+def aligned_array(a: np.ndarray, dtype=None) -> np.ndarray:
+    """``a`` (as ``dtype``) contiguous and 64-byte aligned: itself when it is, else a copy.
+    Compiled kernels assume aligned buffers (an unaligned one can fault in a vector load)."""
+    a = np.asarray(a, dtype)
+    if a.flags.c_contiguous and a.ctypes.data % ARENA_ALIGN == 0:
+        return a
+    out = aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
+    np.copyto(out, a)
+    return out
 
 
 def reference_step(node, module: Module) -> StepImpl:
@@ -66,7 +88,7 @@ class _Prepared:
     """The call list of one input-shape signature."""
 
     def __init__(self, calls, patches, fresh, dynamic_views, outputs):
-        self.calls = calls                  # (impl, args, outs) per step
+        self.calls = calls                  # a no-argument callable per step
         self.patches = patches              # (list, index, buffer name) to bind per run
         self.fresh = fresh                  # output buffer -> (shape, dtype): new per run
         self.dynamic_views = dynamic_views  # view -> (root, shape) over inputs/outputs
@@ -75,14 +97,55 @@ class _Prepared:
     def run(self, arrays: dict) -> dict:
         bound = dict(arrays)
         for name, (shape, dtype) in self.fresh.items():
-            bound[name] = np.empty(shape, dtype)
+            bound[name] = aligned_empty(int(np.prod(shape)) * dtype.itemsize).view(
+                dtype).reshape(shape)
         for name, (root, shape) in self.dynamic_views.items():
             bound[name] = bound[root].reshape(shape)
         for lst, i, name in self.patches:
             lst[i] = bound[name]
-        for impl, args, outs in self.calls:
-            impl(args, outs)
+        for call in self.calls:
+            call()
         return {out: bound[buf] for out, buf in self.outputs.items()}
+
+
+class _Profile:
+    """Seconds per op kind over every run (``QC_PROFILE=1``)."""
+
+    def __init__(self, function: str):
+        self.function = function
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.runs = 0
+        atexit.register(self.print)
+
+    def timed(self, kind: str, call: Callable) -> Callable:
+        seconds, calls, clock = self.seconds, self.calls, time.perf_counter
+        seconds.setdefault(kind, 0.0)
+        calls.setdefault(kind, 0)
+
+        def timed_call():
+            t0 = clock()
+            call()
+            seconds[kind] += clock() - t0
+            calls[kind] += 1
+        return timed_call
+
+    def summary(self) -> dict:
+        runs = max(self.runs, 1)
+        return {k: {"ms_per_run": 1e3 * v / runs, "calls_per_run": self.calls[k] / runs}
+                for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])}
+
+    def print(self) -> None:
+        if not self.runs:
+            return
+        rows = self.summary()
+        total = sum(r["ms_per_run"] for r in rows.values())
+        lines = [f"QC_PROFILE @{self.function}: {self.runs} runs, {total:.3f} ms per run in steps"]
+        for kind, r in rows.items():
+            lines.append(f"  {kind:<24} {r['ms_per_run']:9.3f} ms/run  "
+                         f"{r['calls_per_run']:6.1f} calls/run  "
+                         f"{100 * r['ms_per_run'] / max(total, 1e-12):5.1f} %")
+        print("\n".join(lines), file=sys.stderr)
 
 
 class PlanExecutor:
@@ -104,6 +167,7 @@ class PlanExecutor:
         self._exact: dict[tuple, MemoryPlan] = {}
         self._warned = False
         self._impls: dict[str, StepImpl] = {}
+        self._profile = _Profile(plan.function) if os.environ.get("QC_PROFILE") == "1" else None
         values = {r.name: r for n in module.main.nodes for r in n.results}
         self._weights = {}
         for b in plan.buffers.values():
@@ -111,7 +175,7 @@ class PlanExecutor:
                 continue
             if b.name not in values:
                 raise PlanError(f"the plan names %{b.name}, which the module does not define")
-            self._weights[b.name] = constant_value(module, values[b.name])
+            self._weights[b.name] = aligned_array(constant_value(module, values[b.name]))
 
     # -- inputs ----------------------------------------------------------------------------
     def check_inputs(self, inputs) -> dict:
@@ -150,7 +214,7 @@ class PlanExecutor:
                 lo, hi = et.int_range()
                 if x.min() < lo or x.max() > hi:
                     raise InputError(f"input %{name}: {b.dtype} codes must lie in [{lo}, {hi}]")
-            out[name] = np.ascontiguousarray(x)
+            out[name] = aligned_array(x)  # a copy only when the caller's array is unaligned
         return out
 
     # -- running ---------------------------------------------------------------------------
@@ -163,7 +227,13 @@ class PlanExecutor:
         if self.poison_byte is not None:
             for arena in self._arenas.values():
                 arena.fill(self.poison_byte)
+        if self._profile is not None:
+            self._profile.runs += 1
         return prepared.run(arrays)
+
+    def profile(self) -> Optional[dict]:
+        """Per op kind: milliseconds and calls per run (``QC_PROFILE=1``), else None."""
+        return self._profile.summary() if self._profile is not None else None
 
     __call__ = run
 
@@ -215,7 +285,8 @@ class PlanExecutor:
             if b.kind == "weight":
                 static[b.name] = self._weights[b.name]
             elif b.kind == "host":
-                static[b.name] = resolved.host[b.name]
+                # as the IR types it: compiled kernels read host values as their typed buffers
+                static[b.name] = aligned_array(resolved.host[b.name], elem(b.dtype).np_dtype)
             elif b.kind == "output":
                 src = b.name if b.name in resolved.shapes else None
                 if src is None:  # a copied output: the shape of the value it copies
@@ -235,11 +306,19 @@ class PlanExecutor:
                 continue
             args = [None if n is None else static.get(n) for n in step.inputs]
             outs = [static.get(n) for n in step.outputs]
+            patched = len(patches)
             for lst, names in ((args, step.inputs), (outs, step.outputs)):
                 for i, n in enumerate(names):
                     if n is not None and n not in static:
                         patches.append((lst, i, n))
-            calls.append((self._impl(step), args, outs))
+            impl = self._impl(step)
+            if len(patches) == patched and hasattr(impl, "bind"):
+                call = impl.bind(args, outs)
+            else:  # the lists are patched with the run's arrays before the calls
+                call = functools.partial(impl, args, outs)
+            if self._profile is not None:
+                call = self._profile.timed(step.op, call)
+            calls.append(call)
         return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs))
 
     def _arena_view(self, arena, mem: MemoryPlan, b, root, shape) -> np.ndarray:
@@ -253,32 +332,3 @@ class PlanExecutor:
                             "monotone in the dims)")
         off = mem.offsets[root.name]
         return arena[off:off + need].view(dtype).reshape(shape)
-
-
-def interpreter_kernel_step(node, module: Module, kernel) -> StepImpl:
-    """A kernel with the interpreter's signature (``kernel(node, args, module) -> [array]``, as
-    backends hand to ``reference.run(kernels=...)``) as a step: its result copied into the
-    planned output."""
-    def impl(args: list, outs: list) -> None:
-        for y, out in zip(kernel(node, args, module), outs):
-            np.copyto(out, y)
-    return impl
-
-
-def plan_runner(module: Module, manifest: dict, kernels: dict) -> Callable:
-    """``run(inputs)`` over the artifact's plan (``manifest["plan"]``, else lowered now), with
-    the backend's compiled ``kernels`` (by node name, interpreter signature) as steps."""
-    from qcompiler.plan.lower import lower
-    from qcompiler.plan.plan import plan_from_json
-    from qcompiler.runtime import reference
-
-    data = manifest.get("plan")
-    plan = plan_from_json(data) if data else lower(module)
-    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
-    impls = {}
-    for name, kernel in kernels.items():
-        node = nodes[name]
-        if node.op == "qmatmul":  # the kernel computes the product; the epilogue as run() does
-            kernel = reference._with_epilogue(kernel)
-        impls[name] = interpreter_kernel_step(node, module, kernel)
-    return PlanExecutor(plan, module, impls).run

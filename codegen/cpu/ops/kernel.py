@@ -23,11 +23,14 @@ def default_params() -> ScheduleParams:
     return params_for(get_target("cpu"))
 
 
-def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=None):
+def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=None,
+                 known=()):
     """(kernel_name, scheduled tvm PrimFunc) of ``node``.
 
     ``params``: the schedule's decided parameters (default: the host's ``cpu`` target);
     ``module``: where to find constants stored in the side table (slice bounds).
+    ``known``: kernel names already built (a model's repeated layers): for those the function
+    is (name, None), without the cost of creating and scheduling it again.
     Raises CPUBackendError naming the node and op when the op has no CPU kernel.
     """
     from tvm import te
@@ -38,6 +41,8 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
     ctx = _Ctx(node, module)
     kernel = builder(ctx)
     name = kernel_name(node, kernel.baked)
+    if name in known:
+        return name, None
     func = te.create_prim_func(kernel.inputs + kernel.outputs)
     func = schedule(func, kernel, params or default_params())
     return name, func.with_attr("global_symbol", name)
