@@ -41,7 +41,9 @@ def compile_to_dir(model, target: str = "ref", output_dir=None, **options):
     ``(directory, final Module)``. ``output_dir`` None: a new temp directory.
 
     Options: ``passes`` (a pipeline string instead of the target's default pipeline),
-    ``tuning_log``, ``verify_each``, ``instruments``, ``example_inputs`` (torch models). The
+    ``tuning_log``, ``verify_each``, ``instruments``, ``example_inputs`` (torch models),
+    ``cache`` (the build cache: True, False or a directory), ``jobs`` (parallel kernel
+    builds), ``progress`` (the build counter on stderr; default: on a terminal). The
     directory holds module.qir, weights.safetensors, kernels/, manifest.json (format version,
     the sha256 of every file) and report.json/.txt; ``load(directory)`` runs it, here or on
     another machine with the target's device (see docs/ for the artifact format).
