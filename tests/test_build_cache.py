@@ -2,9 +2,9 @@
 
 The model: a 4-bit MatMulNBits MLP 64 -> 64 -> 64 -> 64 -> 128, so three qmatmuls have one
 shape and config (one shared library) and the last is a second kernel (an N of 32 would not
-do: the kernels pad N to a whole column tile, 64 with AVX-512, so it shares the library). Every compile here
-passes its cache explicitly or points QC_CACHE_DIR at a temp dir (conftest already keeps the
-whole session off the user's cache).
+do: the kernels pad N to a whole column tile, 64 with AVX-512, so it shares the library).
+Every compile here passes its cache explicitly or points QC_CACHE_DIR at a temp dir (conftest
+already keeps the whole session off the user's cache).
 """
 from __future__ import annotations
 
