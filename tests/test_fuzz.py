@@ -191,10 +191,6 @@ def _pick(rng: random.Random, seq):
     return seq[rng.randrange(len(seq))] if seq else None
 
 
-def _m_truncate(m, rng):
-    return None  # handled at the byte level
-
-
 def _m_mnb_attr(m, rng):
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"] or list(m.graph.node)
     n = _pick(rng, nodes)
@@ -700,7 +696,7 @@ def run_inputs_case(seed: int) -> tuple[Outcome, str]:
 # --------------------------------------------------------------------------------------------
 
 # Cases of each kind in CI (QC_FUZZ_CASES=N runs N of each; seeds from QC_FUZZ_SEED, 0).
-DEFAULT_CASES = 600
+DEFAULT_CASES = 400
 
 
 def _cases() -> range:
