@@ -58,6 +58,64 @@ def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
     assert all(os.path.getsize(o) > 0 for o in outs)
 
 
+def test_sources_are_thin_and_include_the_headers():
+    """The generated source sets the decided constants and instantiates the kernels; the
+    device code itself is in the headers (one of each kind a source names exists)."""
+    text = _source(GOLDEN_CASES["u4_g128_zp_f16"])
+    assert len(text.splitlines()) < 150 and "__global__" not in text
+    included = [line.split('"')[1] for line in text.splitlines() if line.startswith("#include \"")]
+    assert set(included) <= set(nv.kernel_headers()) and "qcompiler/gemv.cuh" in included
+    assert "using Unpack = qc::UnpackLop3MagicF16<scalar_t, HAS_ZP, ZLO2, ZHI2>;" in text
+    assert "qc::launch_gemv<Config, 1, 1, 16, 8>" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(nv.find_nvcc() is None, reason="nvcc not found")
+def test_each_header_compiles_on_its_own(tmp_path):
+    """Every header is self-contained: nvcc compiles it alone (as a .cu, nothing before it)
+    for sm_80 and sm_90."""
+    import subprocess
+
+    def compile_alone(rel):
+        out = str(tmp_path / (rel.replace("/", "_") + ".o"))
+        cmd = nv.nvcc_command(nv.kernel_headers()[rel], out, ["sm_80", "sm_90"],
+                              compile_only=True)
+        cmd.insert(cmd.index(nv.kernel_headers()[rel]), "-x")
+        cmd.insert(cmd.index(nv.kernel_headers()[rel]), "cu")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        return rel, proc.returncode, proc.stderr
+
+    headers = sorted(nv.kernel_headers())
+    assert {"qcompiler/unpack.cuh", "qcompiler/mma.cuh", "qcompiler/pipeline.cuh",
+            "qcompiler/tiled.cuh", "qcompiler/gemv.cuh", "qcompiler/splitk.cuh"} <= set(headers)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for rel, rc, err in pool.map(compile_alone, headers):
+            assert rc == 0, f"{rel}:\n{err}"
+            assert "warning" not in err, f"{rel}:\n{err}"
+
+
+def test_kernel_key_covers_the_headers(tmp_path, monkeypatch):
+    """A change of any header changes every qmatmul kernel's key (the build cache never hands
+    out a library built against other headers)."""
+    module = cases.make_module(cases.Case(k=256, n=96, bits=4, zero_point=True, group=64))
+    packed = PassManager.parse(TILE_SPEC).run(module)
+    monkeypatch.setattr(nv, "find_nvcc", lambda: None)  # sources only, nothing built
+
+    def keys(out):
+        records = backend.CudaBackend().compile(packed, get_target("cuda-sm90"), str(out))
+        return [r["kernel_key"] for r in records]
+
+    before = keys(tmp_path / "a")
+    assert before == keys(tmp_path / "b")
+    monkeypatch.setattr(nv, "headers_digest", lambda: "0" * 64)
+    assert set(keys(tmp_path / "c")).isdisjoint(before)
+    # The artifact ships exactly the headers (kernels/include/qcompiler/*.cuh).
+    shipped = {os.path.relpath(os.path.join(root, f), str(tmp_path / "a" / "kernels" / "include"))
+               for root, _, files in os.walk(tmp_path / "a" / "kernels" / "include")
+               for f in files}
+    assert shipped == set(nv.kernel_headers())
+
+
 def test_pipeline_ir_shows_the_layout_and_reparses():
     case = cases.Case(k=256, n=96, bits=4, zero_point=True, group=64, act_order=True, bias=True)
     _, packed, node = bs.pack_case(case)
@@ -165,6 +223,7 @@ def test_tile_falls_back_on_a_log_from_before_a_knob(tmp_path):
 
 def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
     from qcompiler.driver.api import compile_to_dir
+    from qcompiler.driver.artifact import file_sha256
 
     module = cases.make_module(cases.Case(k=256, n=96, bits=4, zero_point=True, group=64))
     out_dir, final = compile_to_dir(module, "cuda-sm90", str(tmp_path / "art"))
@@ -174,6 +233,10 @@ def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
     assert manifest["backend"] == "cuda" and rec["impl"] == "cuda"
     assert os.path.exists(os.path.join(kdir, rec["source"]))
     assert os.path.exists(os.path.join(kdir, "qc_runtime.cu"))
+    # The headers the source includes travel with it and are covered by the manifest's sha256.
+    for rel in nv.kernel_headers():
+        assert manifest["files"]["kernels/include/" + rel] == file_sha256(
+            os.path.join(kdir, "include", rel))
     assert rec["built"] == (nv.find_nvcc() is not None)
     if rec["built"]:
         assert os.path.exists(os.path.join(kdir, rec["library"]))

@@ -2,9 +2,10 @@
 
 Stages: QIR after ``reorder-weights,schedule-unpack,tile`` (every decision is in the weight's
 layout and the node's ``config``) -> ``kernel_params`` (plain values) -> CUDA C++ from
-``templates/qmatmul.cu.j2`` -> ``nvcc`` (``build.py``) -> ``kernels/<symbol>.so`` with a C ABI
--> ``runtime.py`` (ctypes). Without nvcc the sources are still written; without a GPU the
-libraries are built but not run.
+``templates/qmatmul.cu.j2`` (the decided constants and the kernel instances; the kernels
+themselves are the static headers in ``include/qcompiler/``) -> ``nvcc`` (``build.py``) ->
+``kernels/<symbol>.so`` with a C ABI -> ``runtime.py`` (ctypes). Without nvcc the sources are
+still written; without a GPU the libraries are built but not run.
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ class CudaBackend(Backend):
             params = kernel_params(node, target.name)
             # Names are the only per-node text: the key is taken without them.
             unnamed = render({**params, "symbol": SHARED_SYMBOL, "node_name": ""})
-            key = kernel_key(unnamed, flags, tool)
+            key = kernel_key(nv.key_source(unnamed), flags, tool)  # with the headers' digest
             kernel = kernels.setdefault(key, {"params": params, "nodes": []})
             kernel["nodes"].append(node.result.name)
             symbol = f"qc_qmm_{key[:12]}"
@@ -187,6 +188,11 @@ class CudaBackend(Backend):
                 "kernel_key": key, "x": list(node.operands[0].type.shape),
                 "w_layout": str(node.operands[1].type.layout),
                 "operands": operand_names(node), "config": node.attrs["config"]})
+        # The static device code the sources include: the artifact keeps its own copy and its
+        # libraries are built from it (kernels/include), so its sources compile where they are.
+        include_dir = os.path.join(kdir, "include")
+        if kernels:
+            nv.copy_headers(kdir)
         builds = []
         for key, kernel in kernels.items():
             symbol = f"qc_qmm_{key[:12]}"
@@ -196,7 +202,8 @@ class CudaBackend(Backend):
             with open(src, "w") as f:
                 f.write(text)
             builds.append(KernelBuild(key, symbol + ".so",
-                                      functools.partial(nv.build_library, src, archs),
+                                      functools.partial(nv.build_library, src, archs,
+                                                        include_dir=include_dir),
                                       kernel["nodes"]))
         rt_src = os.path.join(kdir, "qc_runtime.cu")
         with open(rt_src, "w") as f, open(nv.RUNTIME_SOURCE) as g:

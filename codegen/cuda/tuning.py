@@ -35,7 +35,7 @@ def _smem_limit(target) -> int:
 
 def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
                scale_in_registers: bool = True, has_zp: bool = True) -> int:
-    """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in templates/qmatmul.cu.j2)."""
+    """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in include/qcompiler/)."""
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
     if config.get("gemv"):  # one fp32 tile of 8 m_frags rows per k warp
         return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16

@@ -1,0 +1,282 @@
+// qcompiler CUDA kernels: the split-K GEMV kernel (small M; weights straight from global
+// memory into registers) and its launch. A template over the configuration C (params.cuh)
+// and the parameters the tile pass decides. Static code, included by the generated .cu.
+#ifndef QCOMPILER_GEMV_CUH
+#define QCOMPILER_GEMV_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "mma.cuh"
+#include "params.cuh"
+#include "pipeline.cuh"
+#include "scalar.cuh"
+#include "splitk.cuh"
+
+namespace qc {
+
+// Operands swapped: y^T = w^T x^T, so the weights are the MMA's A operand (16 columns of N
+// per n16 tile) and x^T its B operand (8 rows of M per fragment): a tile of M <= 8 wastes no
+// MMA rows, and a lane's 16-byte load of the packed layout is already its A fragments of one
+// k16 step (b0b1 b2b3 of column g are a0a1 a4a5; of column 8 + g, a2a3 a6a7). Weights go
+// from global memory straight to registers: no shared-memory staging, no barrier in the loop.
+// Warp (wn, wk) owns n64 block nb and a contiguous run of the CTA's k16 steps; DEPTH steps
+// of weights and activations are in flight per warp (a ring of registers). Activations are
+// read from global memory (x is small and read by every CTA: L1/L2 hits). Scales and zero
+// points are read and converted once per group, the next group's a group ahead. The WARPS_K
+// warps of a column block are summed in shared memory, the K splits by the last CTA.
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+struct GemvTile {
+  static constexpr int THREADS = 32 * WARPS_N * WARPS_K;
+  static constexpr int M_TILE = 8 * M_FRAGS;
+  static constexpr int N_TILE = 64 * WARPS_N;
+  static constexpr int RED_BYTES = WARPS_K * M_TILE * N_TILE * 4;  // one tile per k warp
+  static constexpr int SMEM_BYTES = RED_BYTES + 16;
+  // Registers capped at 128 a thread (the ring is bounded by check_config): 16 warps per SM.
+  static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
+};
+
+// Programmatic dependent launch (C::PDL: sm_90 targets): a kernel may start before the
+// previous one in the stream has finished. Everything up to wait_for_inputs() reads constants
+// only; everything after sees the previous kernel's writes complete. Without PDL, or in code
+// for an arch before sm_90, both are no-ops.
+template <bool PDL>
+__device__ __forceinline__ void wait_for_inputs() {
+  if constexpr (PDL) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  }
+}
+template <bool PDL>
+__device__ __forceinline__ void allow_next_launch() {
+  if constexpr (PDL) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  }
+}
+
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+__global__ void __launch_bounds__(32 * WARPS_N * WARPS_K,
+                                  (GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>::MIN_BLOCKS))
+qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
+  using S = typename C::scalar_t;
+  using S2 = pair_t<S>;
+  using U = typename C::Unpack;
+  using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  constexpr int WORDS = C::CB / 4;                           // 16-byte loads per lane per step
+  constexpr int K_STEPS = C::K_PAD / 16;
+  constexpr long long W_STEP = (long long)C::N_BLOCKS * WORDS * 32;  // uint4 between k16 steps
+  constexpr int SCALE_ROWS = (C::K_PAD + C::GROUP - 1) / C::GROUP;
+  constexpr bool GROUP_ROWS = !C::SCALE_IN_EPILOGUE || C::HAS_ZP;  // per-group scales or zeros
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WARPS_N, wk = warp / WARPS_N;
+  const int g = lane >> 2, q2 = (lane & 3) * 2;
+  const int m0 = blockIdx.x * T::M_TILE;
+  const int nb = blockIdx.y * WARPS_N + wn;
+  const int split = blockIdx.z;
+  const int cta_begin = (int)(((long long)split * K_STEPS) / p.split_k);
+  const int cta_end = (int)(((long long)(split + 1) * K_STEPS) / p.split_k);
+  const int begin = cta_begin + (cta_end - cta_begin) * wk / WARPS_K;
+  const int end = cta_begin + (cta_end - cta_begin) * (wk + 1) / WARPS_K;
+  const int n_steps = nb < C::N_BLOCKS ? end - begin : 0;
+  const uint4* wp = p.w + ((long long)begin * C::N_BLOCKS + nb) * (WORDS * 32) + lane;
+
+  // x rows m0 + 8 mf + g of this lane (rows past M read nothing); a step's K columns are
+  // past the end of x only without the prepared copy and when K is not a multiple of 64.
+  constexpr bool K_TAIL = !C::PREP_X && C::K % 64 != 0;
+  const S* xrow[M_FRAGS];
+  bool xok[M_FRAGS];
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf) {
+    const int r = m0 + mf * 8 + g;
+    xok[mf] = r < p.M;
+    xrow[mf] = p.x + (long long)(xok[mf] ? r : 0) * p.x_stride + q2;
+  }
+  uint4 wbuf[DEPTH][WORDS];          // weights of the steps in flight
+  uint32_t xbuf[DEPTH][M_FRAGS][2];  // x^T fragments (b0b1: k .. k+1, b2b3: k+8 ..) of row g
+  // The loads of step s of this warp's run: weights (constants), then x (the input).
+  auto issue_w = [&](int slot, int s) {
+#pragma unroll
+    for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
+  };
+  auto issue_x = [&](int slot, int s) {
+    const int k = (begin + s) * 16;
+#pragma unroll
+    for (int mf = 0; mf < M_FRAGS; ++mf) {
+      const unsigned int* px = reinterpret_cast<const unsigned int*>(xrow[mf] + k);
+      xbuf[slot][mf][0] = xok[mf] && (!K_TAIL || k < C::K) ? __ldg(px) : 0u;
+      xbuf[slot][mf][1] = xok[mf] && (!K_TAIL || k + 8 < C::K) ? __ldg(px + 4) : 0u;
+    }
+  };
+
+  // acc[mf][t]: y^T rows 16t + g (c0 c1) and 16t + g + 8 (c2 c3), columns 8mf + q2 + {0, 1}.
+  float acc[M_FRAGS][4][4];
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mf][t][e] = 0.0f;
+
+  // The lane's 8 columns' zero-point offsets and scales for the current group; the next
+  // group's rows are loaded a group ahead.
+  const long long col = (long long)nb * 64 + g * 8;     // permuted rows: 8 values per g
+  auto ld_row = [&](const S* base, int r) {
+    return r < SCALE_ROWS && nb < C::N_BLOCKS
+               ? __ldg(reinterpret_cast<const uint4*>(base + (long long)r * C::N_PAD + col))
+               : make_uint4(0u, 0u, 0u, 0u);
+  };
+  typename U::ZeroOffsets zo[4];
+  S2 s2[4][2];
+  {
+    __align__(16) S c[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) c[j] = from_float<S>(C::ZERO_CONST);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      zo[t] = U::zero_offsets(c + 2 * t);
+      s2[t][0] = s2[t][1] = dup(from_float<S>(1.0f));
+    }
+  }
+  int row = begin * 16 / C::GROUP, next_group = 0;  // next_group: the step that starts a group
+  uint4 s_next = make_uint4(0u, 0u, 0u, 0u), z_next = make_uint4(0u, 0u, 0u, 0u);
+  if (GROUP_ROWS && n_steps > 0) {
+    if (!C::SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row);
+    if (C::HAS_ZP) z_next = ld_row(p.zeros, row);
+  }
+
+  // Step s of the run from ring slot j; `refill`: then load step s + DEPTH into the slot.
+  auto step = [&](int j, int s, bool refill) {
+    uint32_t q[4 * WORDS];
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) {
+      q[4 * i] = wbuf[j][i].x; q[4 * i + 1] = wbuf[j][i].y;
+      q[4 * i + 2] = wbuf[j][i].z; q[4 * i + 3] = wbuf[j][i].w;
+    }
+    const uint32_t (&xf)[M_FRAGS][2] = xbuf[j];
+    if constexpr (GROUP_ROWS) {
+      if (s == next_group) {  // a new group: the first step, then every GROUP / 16 steps
+        __align__(16) S sv[8];
+        __align__(16) S zv[8];
+        *reinterpret_cast<uint4*>(sv) = s_next;
+        *reinterpret_cast<uint4*>(zv) = z_next;
+        if (!C::SCALE_IN_EPILOGUE) s_next = ld_row(p.scales, row + 1);
+        if (C::HAS_ZP) z_next = ld_row(p.zeros, row + 1);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          if constexpr (C::HAS_ZP) zo[t] = U::zero_offsets(zv + 2 * t);
+          if constexpr (!C::SCALE_IN_EPILOGUE) {
+            s2[t][0] = dup(sv[2 * t]);
+            s2[t][1] = dup(sv[2 * t + 1]);
+          }
+        }
+        ++row;
+        next_group = row * (C::GROUP / 16) - begin;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      uint32_t b[4];
+      U::template unpack_tile<!C::SCALE_IN_EPILOGUE>(q + t * WORDS, b, zo[t], s2[t]);
+      const uint32_t a[4] = {b[0], b[2], b[1], b[3]};  // B fragments of w -> A of w^T
+#pragma unroll
+      for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816<S>(acc[mf][t], a, xf[mf][0], xf[mf][1]);
+    }
+    // Refill the slot last: its registers are free by now (no copies to keep them apart).
+    if (refill) {
+      issue_w(j, s + DEPTH);
+      issue_x(j, s + DEPTH);
+    }
+  };
+
+  // The first ring of weights is requested before waiting for the previous kernel (x may be
+  // its output): with programmatic dependent launch that wait overlaps the other's tail.
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j)
+    if (j < n_steps) issue_w(j, j);
+  wait_for_inputs<C::PDL>();
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j)
+    if (j < n_steps) issue_x(j, j);
+  // Whole rounds of the ring without bounds checks, then the last steps with them.
+  int s0 = 0;
+  for (; s0 + 2 * DEPTH <= n_steps; s0 += DEPTH) {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j) step(j, s0 + j, true);
+  }
+  for (; s0 < n_steps; s0 += DEPTH) {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j)
+      if (s0 + j < n_steps) step(j, s0 + j, s0 + j + DEPTH < n_steps);
+  }
+
+  allow_next_launch<C::PDL>();  // the next kernel may start and prefetch its weights meanwhile
+
+  // Each k warp's tile to its own slice of shared memory ([wk][m][n]), then one barrier.
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = mf * 8 + q2 + (e & 1);
+        const int n = wn * 64 + t * 16 + g + (e >> 1) * 8;
+        red[(wk * T::M_TILE + m) * T::N_TILE + n] = acc[mf][t][e];
+      }
+  __syncthreads();
+  finish_tile<C, T::M_TILE, T::N_TILE, T::THREADS>(
+      p, m0, blockIdx.y * T::N_TILE, split, reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16),
+      [&](int i) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS_K; ++w) v += red[w * T::M_TILE * T::N_TILE + i];  // fixed order
+        return v;
+      });
+}
+
+// Launch the GEMV kernel for a call's parameters p (early, with PDL, where it may).
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
+  using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  static bool smem_set = false;
+  if (!smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           T::SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
+  if constexpr (C::PDL) {
+    // Only code built for sm_90 or later waits for its inputs (above), so only that code may
+    // be launched early (code JIT-compiled from compute_80 PTX would not wait).
+    static int early = -1;
+    if (early < 0) {
+      cudaFuncAttributes fa;
+      early = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
+    }
+    if (early) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = grid;
+      config.blockDim = dim3(T::THREADS);
+      config.dynamicSmemBytes = T::SMEM_BYTES;
+      config.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      return cudaLaunchKernelEx(&config, kernel, p);
+    }
+  }
+  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace qc
+
+#endif  // QCOMPILER_GEMV_CUH

@@ -1,0 +1,40 @@
+// qcompiler CUDA kernels: the kernels' argument block and the compile-time configuration
+// every kernel template takes. Static code, included by the generated .cu.
+//
+// The configuration C is a struct that the generated .cu defines from what the passes decided
+// (reorder-weights, schedule-unpack; codegen/cuda/backend.py, kernel_params):
+//   using scalar_t                 half or __nv_bfloat16: x, y, scales and zero points
+//   int CB                         bits per weight container (4 or 8)
+//   int K, N, K_PAD, N_PAD         the matmul's K and N, padded (codegen/cuda/layout.py)
+//   int N_BLOCKS                   N_PAD / 64: the n64 warp tiles
+//   int GROUP                      K rows per scale row
+//   bool SCALE_IN_EPILOGUE         per-channel scales, applied to the fp32 sums
+//   bool HAS_ZP                    a zero point per group and column (else ZERO_CONST)
+//   float ZERO_CONST               the constant zero point (after the bias to unsigned)
+//   bool PREP_X                    x is permuted (act-order) or padded first
+//   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
+//   using Unpack                   one of the strategies in unpack.cuh
+// (all static constexpr).
+#ifndef QCOMPILER_PARAMS_CUH
+#define QCOMPILER_PARAMS_CUH
+
+#include <cuda_runtime.h>
+
+namespace qc {
+
+template <class S>
+struct Params {
+  const S* x;              // [M, x_stride]
+  S* y;                    // [M, N]
+  const uint4* w;          // packed codes (codegen/cuda/layout.py)
+  const S* scales;         // [scale rows, N_PAD] (permuted) or [N_PAD] (epilogue)
+  const S* zeros;          // [scale rows, N_PAD] (permuted), zero point after the unsigned bias
+  const float* bias;       // [N] or null
+  float* partial;          // [split_k, M, N] split-K partial sums
+  int* counters;           // one per output tile, zero between launches
+  int M, x_stride, split_k;
+};
+
+}  // namespace qc
+
+#endif  // QCOMPILER_PARAMS_CUH

@@ -1,0 +1,64 @@
+// qcompiler CUDA kernels: the end of every kernel, the CTA's fp32 tile to y (the epilogue and
+// the split-K fix-up). Static code, included by the generated .cu.
+#ifndef QCOMPILER_SPLITK_CUH
+#define QCOMPILER_SPLITK_CUH
+
+#include <cuda_runtime.h>
+
+#include "params.cuh"
+#include "scalar.cuh"
+
+namespace qc {
+
+// tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
+// the epilogue (per-channel scale, bias, rounding) to y. With split-K every CTA writes its fp32
+// partial tile; the last one to finish a tile (atomic counter) sums the partials in split
+// order (deterministic), writes y and resets the tile's counter for the next launch.
+template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum>
+__device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& p, int m0, int n0,
+                                            int split, int* flag, TileSum tile_sum) {
+  using S = typename C::scalar_t;
+  constexpr int N = C::N;
+  const int tid = threadIdx.x;
+  auto epilogue = [&](int m, int n, float v) {
+    if (C::SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
+    if (p.bias) v += p.bias[n];
+    p.y[(long long)m * N + n] = from_float<S>(v);
+  };
+  if (p.split_k == 1) {
+    for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+      const int m = i / N_TILE, n = i % N_TILE;
+      if (m0 + m < p.M && n0 + n < N) epilogue(m0 + m, n0 + n, tile_sum(i));
+    }
+    return;
+  }
+  for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+    const int m = i / N_TILE, n = i % N_TILE;
+    if (m0 + m < p.M && n0 + n < N)
+      p.partial[((long long)split * p.M + m0 + m) * N + n0 + n] = tile_sum(i);
+  }
+  __threadfence();
+  __syncthreads();
+  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) {
+    const int done = atomicAdd(p.counters + tile_id, 1);
+    *flag = (done == p.split_k - 1);
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
+    const int m = i / N_TILE, n = i % N_TILE;
+    if (m0 + m < p.M && n0 + n < N) {
+      float v = 0.0f;
+      for (int s = 0; s < p.split_k; ++s)
+        v += __ldcg(p.partial + ((long long)s * p.M + m0 + m) * N + n0 + n);
+      epilogue(m0 + m, n0 + n, v);
+    }
+  }
+  if (tid == 0) p.counters[tile_id] = 0;
+}
+
+}  // namespace qc
+
+#endif  // QCOMPILER_SPLITK_CUH
