@@ -65,19 +65,22 @@ def _packed(module, node) -> dict:
 
 
 def _check_numerics_on_target(target, node) -> None:
-    """Refuse an int8 (VNNI) config for a target without AVX-512 VNNI before LLVM sees it.
+    """Refuse an int8 VNNI config (16 int32 lanes: vpdpbusd on zmm) for a target without
+    AVX-512 VNNI before LLVM sees it.
 
-    cpu-schedule refuses numerics=int8 there, but a config can also come from ``.qir`` text or
-    a module scheduled for another target; LLVM then aborts the process (exit 134) instead of
+    cpu-schedule never writes one there, but a config can also come from ``.qir`` text or a
+    module scheduled for another target; LLVM then aborts the process (exit 134) instead of
     raising."""
+    from qcompiler.codegen.cpu import layout
     from qcompiler.codegen.cpu.host import target_cpu
 
-    numerics_mode = node.attrs["config"].get("numerics", "exact")
+    cfg = node.attrs["config"]
     cpu = target_cpu(target)
-    if numerics_mode == "int8" and not cpu["vnni"]:
-        raise CPUBackendError(f"%{node.result.name}: numerics=int8 needs AVX-512 VNNI; target "
-                              f"{target.name} (-mcpu={cpu['mcpu']}) has none; reschedule with "
-                              "cpu-schedule{numerics=exact}")
+    if (cfg.get("numerics", "exact") == "int8" and cfg.get("lanes") == layout.VNNI_LANES
+            and not cpu["vnni"]):
+        raise CPUBackendError(f"%{node.result.name}: this numerics=int8 config needs AVX-512 "
+                              f"VNNI; target {target.name} (-mcpu={cpu['mcpu']}) has none; "
+                              "schedule it for this target (cpu-schedule)")
 
 
 def _tvm_nodes(module):
