@@ -2,8 +2,9 @@
 
 Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``exact``: fp32
 activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
-per row and group to symmetric int8 and VNNI int8 dot products, like accuracy_level 4; needs
-AVX-512 VNNI), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
+per row and group to symmetric int8 and int8 dot products, like accuracy_level 4:
+``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the others, chosen from
+the target's ISA features), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
 ``codegen/cpu/tuning.py``).
 
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
@@ -98,9 +99,6 @@ class CPUSchedulePass(Pass):
             raise PassError(f"cpu-schedule: numerics={self.numerics!r}; choose one of "
                             f"{', '.join(kernels.NUMERICS)}")
         cpu = target_cpu(tgt)
-        if self.numerics == "int8" and not cpu["vnni"]:
-            raise PassError(f"cpu-schedule: numerics=int8 needs AVX-512 VNNI; target "
-                            f"{tgt.name} (-mcpu={cpu['mcpu']}) has none; use numerics=exact")
         device = replay = None
         if self.tuning_log:
             from qcompiler.tuning.device import device_name

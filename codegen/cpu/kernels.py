@@ -17,7 +17,10 @@ loop is one shift, one and-or and one FMA per 16 codes. int8 path: ``f(u) = u``,
   ``x ~= xq * x_scale[m, g]``, like MatMulNBits accuracy_level 4 which quantizes per block);
   P is an exact int32 sum computed 16 columns x 4 rows at a time by ``vpdpbusd`` (unsigned
   codes times signed activations, no saturation), tensorized with the intrinsic
-  ``qc_vnni_u8s8_16x4`` defined here; each group's term is multiplied by its x_scale.
+  ``qc_vnni_u8s8_16x4`` defined here; each group's term is multiplied by its x_scale. On
+  targets without VNNI (AVX2: Haswell, Zen 3) the same sum comes 8 columns x 4 rows at a time
+  from ``vpmaddubsw`` + ``vpmaddwd`` (``qc_avx2_u8s8_8x4``; 8-bit containers by nibbles,
+  ``qc_avx2_u8s8_8x4_nibbles``), exact as well: see ``register_avx2_intrins``.
 
 Rows are blocked: the activations arrive as ``[m_outer, m_block, k_pad]`` (int8) or
 ``[m_outer, k_pad, m_block]`` (exact; the runner transposes each row block) with M padded to
@@ -41,9 +44,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qcompiler.codegen.cpu import layout
+
 NUMERICS = ("exact", "int8")
 ORDERS = ("row", "group", "dequant")
 VNNI_INTRIN = "qc_vnni_u8s8_16x4"
+AVX2_INTRIN = "qc_avx2_u8s8_8x4"
+AVX2_NIBBLES_INTRIN = "qc_avx2_u8s8_8x4_nibbles"
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class KernelShape:
 
 
 _registered = False
+_avx2_registered = False
 
 
 def register_vnni_intrin() -> None:
@@ -117,6 +125,102 @@ def register_vnni_intrin() -> None:
         if "already" not in str(e).lower():
             raise
     _registered = True
+
+
+def register_avx2_intrins() -> None:
+    """Register the AVX2 int8 dot products (hosts without VNNI): C[8] += sum_b u8 B[j, b] * s8 A[b].
+
+    ``vpmaddubsw`` multiplies u8 by s8 and adds adjacent pairs into int16 with saturation;
+    ``vpmaddwd`` with ones adds the pairs of pairs into int32 (the AVX2 form of one
+    ``vpdpbusd``, 8 columns x 4 rows per ymm register). The activations lie in [-127, 127],
+    so a pair cannot saturate while the codes are below 128 (2 * 127 * 127 = 32258):
+
+    - ``qc_avx2_u8s8_8x4``: codes of 1- to 4-bit containers (at most 15): one
+      ``vpmaddubsw`` + one ``vpmaddwd`` per 32 weight bytes;
+    - ``qc_avx2_u8s8_8x4_nibbles``: 8-bit containers (codes up to 255 would saturate): the
+      byte is split into its two nibbles, each multiplied as above, and the high one's int16
+      sums are widened with ``vpmaddwd`` by 16 instead of 1 (exact, twice the work).
+    """
+    global _avx2_registered
+    if _avx2_registered:
+        return
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((8, 4), "uint8", offset_factor=1, scope="local"),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:8, 0:4], A[0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((8, 4), "uint8", offset_factor=1, scope="local"),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:8, 0:4], A[0:4])
+            T.writes(C[0:8])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            a_i8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
+            b_i8x32 = T.reinterpret(B.vload([0, 0], dtype="uint8x32"), dtype="int8x32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                b_i8x32, a_i8x32, dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    @T.prim_func(s_tir=True)
+    def impl_nibbles(A: T.Buffer((4,), "int8", offset_factor=1),
+                     B: T.Buffer((8, 4), "uint8", offset_factor=1, scope="local"),
+                     C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:8, 0:4], A[0:4])
+            T.writes(C[0:8])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            a_i8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
+            b = B.vload([0, 0], dtype="uint8x32")
+            low = T.reinterpret(b & T.broadcast(T.uint8(15), 32), dtype="int8x32")
+            high = T.reinterpret(b >> T.broadcast(T.uint8(4), 32), dtype="int8x32")
+            low_pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                low, a_i8x32, dtype="int16x16")
+            high_pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                high, a_i8x32, dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = (
+                C.vload([0], dtype="int32x8")
+                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                          low_pairs, T.broadcast(T.int16(1), 16),
+                                          dtype="int32x8")
+                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                          high_pairs, T.broadcast(T.int16(16), 16),
+                                          dtype="int32x8"))
+
+    for name, body in ((AVX2_INTRIN, impl), (AVX2_NIBBLES_INTRIN, impl_nibbles)):
+        try:
+            TensorIntrin.register(name, desc, body)
+        except Exception as e:  # registered already by another import of this module
+            if "already" not in str(e).lower():
+                raise
+    _avx2_registered = True
+
+
+def int8_intrin(ks: KernelShape) -> str:
+    """The tensor intrinsic of an int8 kernel: vpdpbusd with 16 int32 lanes (AVX-512 VNNI),
+    else the AVX2 pair with 8 (codes below 128 in one step, 8-bit containers by nibbles)."""
+    if ks.lanes == layout.VNNI_LANES:
+        register_vnni_intrin()
+        return VNNI_INTRIN
+    register_avx2_intrins()
+    return AVX2_INTRIN if ks.container_bits <= 4 else AVX2_NIBBLES_INTRIN
 
 
 def _exact_func(ks: KernelShape, m_block: int):
@@ -385,10 +489,11 @@ def schedule_exact(ks: KernelShape, variant: dict):
 
 
 def schedule_int8(ks: KernelShape, variant: dict):
-    """The scheduled int8 (VNNI) PrimFunc (a tvm.s_tir.Schedule)."""
+    """The scheduled int8 PrimFunc (a tvm.s_tir.Schedule): vpdpbusd on VNNI targets, the
+    AVX2 pair elsewhere (``int8_intrin``)."""
     import tvm
 
-    register_vnni_intrin()
+    intrin = int8_intrin(ks)
     mb, order = variant["m_block"], variant["order"]
     sch = tvm.s_tir.Schedule(_int8_func(ks, mb))
     y, part, unpack = sch.get_sblock("y"), sch.get_sblock("partial"), sch.get_sblock("unpack")
@@ -411,11 +516,11 @@ def schedule_int8(ks: KernelShape, variant: dict):
     p_rows = below[0] if mb > 1 else None
     p_cols, p_k = below[-2], below[-1]
     k_out, k_in = sch.split(p_k, [None, 4])
-    # n_tile/16 independent vpdpbusd per 4 rows: separate accumulators hide its latency.
-    c_out, c_in = sch.split(p_cols, [None, 16])
+    # n_tile/lanes independent dot products per 4 rows: separate accumulators hide latency.
+    c_out, c_in = sch.split(p_cols, [None, ks.lanes])
     sch.reorder(*[lp for lp in (k_out, p_rows, c_out, c_in, k_in) if lp is not None])
     sch.decompose_reduction(part, k_out)
-    sch.tensorize(c_in, VNNI_INTRIN)
+    sch.tensorize(c_in, intrin)
     sch.unroll(c_out)
     if p_rows is not None:
         sch.unroll(p_rows)
@@ -424,7 +529,7 @@ def schedule_int8(ks: KernelShape, variant: dict):
     u_kc, u_h = sch.split(u_loops[-3], [None, ks.per_byte])
     sch.unroll(u_h)
     sch.vectorize(sch.fuse(*u_loops[-2:]))  # n_tile columns x 4 rows
-    _schedule_output(sch, y, g, ii, j, acc, 16, unroll_rows=mb > 1 and order == "row")
+    _schedule_output(sch, y, g, ii, j, acc, ks.lanes, unroll_rows=mb > 1 and order == "row")
     return sch
 
 

@@ -19,7 +19,9 @@ run time, so padding adds exact zeros). Two code layouts:
 - ``cpu_vnni`` (int8 activations, AVX-512 VNNI): ``[N_pad/n_tile, k_pad/(4c), n_tile, 4]``
   bytes; byte ``(kc, j, b)`` holds the row ``k = kc*4c + h*4 + b`` of column ``j`` at bit
   ``h*container_bits``: after a shift and a mask, each 64 bytes are the 16 columns x 4
-  consecutive rows that one ``vpdpbusd`` multiplies with 4 activation bytes.
+  consecutive rows that one ``vpdpbusd`` multiplies with 4 activation bytes. AVX2 targets use
+  the same layout with 32-column tiles: each 32 bytes are the 8 columns x 4 rows of one
+  ``vpmaddubsw`` + ``vpmaddwd``.
 
 Scales (float32) and zero points (uint8, in container units) are
 ``[N_pad/n_tile, groups, n_tile]`` (``cpu_tiled``): one contiguous vector per tile and group.
@@ -38,6 +40,7 @@ from qcompiler.errors import InputError
 from qcompiler.runtime import numerics
 
 VNNI_LANES = 16  # int32 lanes of one zmm register: the columns one vpdpbusd computes
+AVX2_INT8_LANES = 8  # int32 lanes of one ymm: the columns one vpmaddubsw + vpmaddwd computes
 VNNI_K = 4       # activation bytes per int32 lane of vpdpbusd
 K_ALIGN_PER_CHANNEL = 32  # K of a one-group (per-column) scheme is padded to this multiple
 
