@@ -429,16 +429,20 @@ def test_fixed_x86_targets(tmp_path, target):
     assert_close_fp32(compiled.run({"x": x})["y"], reference_run(module, {"x": x})["y"], k)
 
 
-def test_int8_refused_without_vnni(tmp_path):
-    with pytest.raises(PassError, match="VNNI"):
-        compile_module(qmm_module(64, 16, 4, 32), tmp_path, numerics="int8",
-                       target="cpu-x86-avx2")
-
-
-def test_int8_refused_on_a_host_without_vnni(tmp_path, monkeypatch):
-    monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
-    with pytest.raises(PassError, match="VNNI.*-mcpu=(haswell|znver)"):
-        compile_module(qmm_module(64, 16, 4, 32), tmp_path, numerics="int8")
+@pytest.mark.parametrize("target,isa", [("cpu-x86-avx2", None), ("cpu", "avx2")])
+def test_int8_without_vnni_takes_the_avx2_path(tmp_path, monkeypatch, target, isa):
+    """numerics=int8 on an AVX2 target or host: the AVX2 dot (8 int32 lanes), end to end
+    (tests/test_cpu_avx2.py checks its kernels in depth)."""
+    if not host._AVX2 <= HOST_FLAGS:
+        pytest.skip(f"this host lacks AVX2{_ISA_NOTE}")
+    if isa:
+        monkeypatch.setenv(host.HOST_ISA_ENV, isa)
+    module = qmm_module(64, 16, 4, 32, batch=3, seed=8)
+    compiled, _ = compile_module(module, tmp_path, numerics="int8", target=target)
+    qmm = next(c for c in compiled.manifest["kernels"] if c["op"] == "qmatmul")
+    assert qmm["config"]["lanes"] == 8 and qmm["mcpu"] in ("haswell", "znver3", "znver2")
+    x = rand_x(3, 64, seed=9)
+    assert_close_fp32(compiled.run({"x": x})["y"], int8_expected(module, x), 64)
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-x86-avx2"])
