@@ -9,10 +9,14 @@ Starting from each qmatmul, the single user of its result is absorbed while it i
   epilogue operand (after qmatmul's eight fixed operands); a one-element constant becomes a
   literal of the body instead.
 
+A reshape of the product that keeps its last dim (``[M, N]`` viewed as ``[B, S, N]``) is
+looked through: the reshape stays after the qmatmul, the absorbed op's other operand is
+reshaped to the product's static shape.
+
 The epilogue is a ``fused_elementwise`` body (``qcompiler.ir.elementwise_body``) whose ``x0``
 is the product. Only values with no other use (and that are not outputs) are absorbed, so the
 product is never needed outside. The qmatmul node keeps its name and moves down to the
-absorbed node's place when an extra operand is defined after it.
+absorbed node's place when an extra operand is defined after it (a topological sort).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.ir import Module
-from qcompiler.ir.core import Function, Node, Value, constant_value
+from qcompiler.ir.core import Function, Node, Value, constant_node, constant_value
 from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -81,26 +85,17 @@ def _bias_fold(fn: Function, module: Module, node: Node, user: Node) -> bool:
         return False
     node.operands.extend([None] * (8 - len(node.operands)))
     node.operands[7] = other
-    _absorb(fn, node, user, before=None)
+    _absorb(fn, node, user)
     return True
 
 
-def _absorb(fn: Function, node: Node, last: Node, before: Optional[Node],
-            also: tuple = ()) -> None:
-    """The qmatmul's result replaces ``last``'s; ``last`` and ``also`` go away."""
-    if before is not None:  # an extra operand is defined after the qmatmul: move it down
-        fn.nodes.remove(node)
-        fn.nodes.insert(fn.nodes.index(before), node)
+def _absorb(fn: Function, node: Node, last: Node, also: tuple = ()) -> None:
+    """The qmatmul's result replaces ``last``'s; ``last`` and ``also`` go away. (An extra
+    operand defined after the qmatmul is ordered by the pass's final topological sort.)"""
     node.result.type = last.result.type
     fn.replace_all_uses(last.result, node.result)
     for dead in (last,) + also:
         fn.erase(dead)
-
-
-def _defined_after(fn: Function, v: Value, node: Node) -> bool:
-    if v.producer is None:
-        return False
-    return fn.nodes.index(v.producer) > fn.nodes.index(node)
 
 
 def extend_once(fn: Function, module: Module, node: Node) -> Optional[str]:
@@ -112,47 +107,79 @@ def extend_once(fn: Function, module: Module, node: Node) -> Optional[str]:
     if len(users) == 2 and {u.op for u in users} == {"sigmoid", "mul"}:
         sig = next(u for u in users if u.op == "sigmoid")
         mul = next(u for u in users if u.op == "mul")
-        if set(map(id, mul.operands)) == {id(y), id(sig.result)} and _users(fn, sig.result) == [mul] \
-                and mul.result.type == y.type:
+        if set(map(id, mul.operands)) == {id(y), id(sig.result)} \
+                and _users(fn, sig.result) == [mul] and mul.result.type == y.type:
             ep = _Epilogue(node)
             ep.add("silu", None, (ep.result,))
             ep.commit()
-            _absorb(fn, node, mul, before=None, also=(sig,))
+            _absorb(fn, node, mul, also=(sig,))
             return "silu"
         return None
     if len(users) != 1:
         return None
     user = users[0]
-    if user.op in _ACTIVATIONS and user.result.type == y.type:
-        ep = _Epilogue(node)
-        attr = None
-        if user.op == "gelu":
-            attr = user.attrs.get("approximate") or "none"
-        ep.add(user.op, attr, (ep.result,))
-        ep.commit()
-        _absorb(fn, node, user, before=None)
-        return user.op
-    if user.op not in _BINARY or user.operands[0] is user.operands[1]:
-        return None
-    if _bias_fold(fn, module, node, user):
+    if user.op == "reshape":
+        return _through_reshape(fn, module, node, user)
+    if user.op in _BINARY and user.operands[0] is not user.operands[1] \
+            and _bias_fold(fn, module, node, user):
         return "bias"
-    if user.result.type.shape != y.type.shape or user.result.type.dtype != y.type.dtype:
+    return _absorb_user(fn, module, node, y, user, None)
+
+
+def _through_reshape(fn: Function, module: Module, node: Node, reshape: Node) -> Optional[str]:
+    """y = qmatmul [M, N] viewed as r = reshape(y) [.., N] (same last dim) and r used once:
+    the user of r joins the epilogue (its other operand reshaped to y's static shape)."""
+    r = reshape.result
+    users = _users(fn, r)
+    y = node.result
+    if not users or len(users) != 1 or r.type.shape[-1:] != y.type.shape[-1:] \
+            or not y.type.is_static:
         return None
-    other = user.operands[1] if user.operands[0] is y else user.operands[0]
-    if other.type.dtype != y.type.dtype:
+    return _absorb_user(fn, module, node, r, users[0], reshape)
+
+
+def _absorb_user(fn: Function, module: Module, node: Node, v: Value, user: Node,
+                 reshape: Optional[Node]) -> Optional[str]:
+    """An activation or a binary op on v (the product, or its reshape) into the epilogue."""
+    if len(user.results) != 1 or user.result.type != v.type:
         return None
     ep = _Epilogue(node)
-    const = constant_value(module, other)
-    if const is not None and const.size == 1 and other.type.dtype.is_float:
-        # A scalar of the product's type: a literal (the body gives literals that type).
-        name = float(np.asarray(const).astype(np.float64).reshape(()))
+    if user.op in _ACTIVATIONS:
+        attr = (user.attrs.get("approximate") or "none") if user.op == "gelu" else None
+        ep.add(user.op, attr, (ep.result,))
+        what = user.op
+    elif user.op in _BINARY and user.operands[0] is not user.operands[1]:
+        other = user.operands[1] if user.operands[0] is v else user.operands[0]
+        if other.type.dtype != v.type.dtype or other.type.shape != v.type.shape \
+                and reshape is not None:
+            return None
+        const = constant_value(module, other)
+        if const is not None and const.size == 1 and other.type.dtype.is_float:
+            # A scalar of the product's type: a literal (the body gives literals that type).
+            name = float(np.asarray(const).astype(np.float64).reshape(()))
+        else:
+            if reshape is not None:
+                other = _reshaped(fn, module, other, node.result.type, before=user)
+            name = ep.extra(other)
+        ep.add(user.op, None, (ep.result, name) if user.operands[0] is v else (name, ep.result))
+        what = "residual" if user.op == "add" else user.op
     else:
-        name = ep.extra(other)
-    args = (ep.result, name) if user.operands[0] is y else (name, ep.result)
-    ep.add(user.op, None, args)
+        return None
     ep.commit()
-    _absorb(fn, node, user, before=user if _defined_after(fn, other, node) else None)
-    return "residual" if user.op == "add" else user.op
+    if reshape is None:
+        _absorb(fn, node, user)
+    else:
+        fn.replace_all_uses(user.result, reshape.result)
+        fn.erase(user)
+    return what
+
+
+def _reshaped(fn: Function, module: Module, v: Value, like, before: Node) -> Value:
+    """reshape(v) to the static shape of ``like`` (a view of the same elements)."""
+    shape = constant_node(fn, module, np.array(like.shape, np.int64), name_hint="epilogue_shape",
+                          before=before)
+    return fn.make_node("reshape", [v, shape.result], [v.type.with_shape(like.shape)], {},
+                        names=[fn.fresh_name(f"{v.name}_view")], before=before).result
 
 
 @register_pass("fuse-epilogue")
@@ -170,6 +197,7 @@ class FuseEpiloguePass(Pass):
                     counts[what] = counts.get(what, 0) + 1
                     absorbed += what != "bias"
                 fused += absorbed > 0
+            fn.topo_sort()  # a qmatmul now reads values defined after it (residual, SwiGLU)
         record_stat(module, self.name, qmatmul_epilogues=fused,
                     **{f"absorbed_{k}": v for k, v in sorted(counts.items())})
         return module
