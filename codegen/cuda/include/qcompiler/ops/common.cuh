@@ -1,0 +1,138 @@
+// qcompiler CUDA op kernels: what every generated op kernel shares (not generated).
+// Element conversion to and from the f32 compute type, numpy-exact scalar semantics,
+// warp/block reductions and the broadcast indexer. The op library's renderer pastes this
+// file at the top of the model's .cu, so a library is one self-contained source.
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <math.h>
+
+namespace qc_ops {
+
+constexpr int kMaxRank = 8;
+constexpr float kF32Lowest = -3.4028234663852886e38f;
+
+// ---- element <-> compute type (f16/bf16/f32 math in f32, f64 stays) ----------------------
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ double to_f(double x) { return x; }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_f<double>(float x) { return x; }
+
+// ---- reductions ----------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Sum / max over a block of `nwarps` warps; every thread gets the result. `scratch` holds
+// 32 floats in shared memory; callers separate two uses with the __syncthreads inside.
+template <typename F>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, int nwarps, F op,
+                                              float identity) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : identity;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+struct SumOp { __device__ float operator()(float a, float b) const { return a + b; } };
+struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+// ---- numpy-exact scalar helpers ------------------------------------------------------------
+// numpy maximum/minimum propagate NaN.
+template <typename C> __device__ __forceinline__ C np_max(C a, C b) {
+  return a != a ? a : (b != b ? b : (a > b ? a : b));
+}
+template <typename C> __device__ __forceinline__ C np_min(C a, C b) {
+  return a != a ? a : (b != b ? b : (a < b ? a : b));
+}
+// The reference's stable sigmoid.
+__device__ __forceinline__ float np_sigmoid(float x) {
+  if (x > 0.f) return 1.f / (1.f + expf(-x));
+  float e = expf(x);
+  return e / (1.f + e);
+}
+__device__ __forceinline__ double np_sigmoid(double x) {
+  if (x > 0.0) return 1.0 / (1.0 + exp(-x));
+  double e = exp(x);
+  return e / (1.0 + e);
+}
+// C / ONNX integer division: toward zero; x / 0 = 0 and MIN / -1 wraps (numpy's results).
+template <typename I> __device__ __forceinline__ I int_div(I a, I b) {
+  if (b == 0) return 0;
+  if ((I)-1 < 0 && b == (I)-1) return (I)(0 - a);
+  return a / b;
+}
+// float -> integer: truncate, saturate to [lo, hi], NaN -> 0 (numerics.cast).
+template <typename I> __device__ __forceinline__ I float_to_int(double v, double lo, double hi) {
+  if (v != v) return 0;
+  if (v <= lo) return (I)lo;
+  if (v >= hi) return (I)hi;
+  return (I)v;
+}
+
+// ---- broadcast indexing ----------------------------------------------------------------------
+// Element strides of an operand over the result's dims (0 where the operand is broadcast).
+struct Strides { int64_t s[kMaxRank]; };
+struct Dims { int64_t d[kMaxRank]; };
+
+// Right-aligned numpy broadcasting of an operand of `rank` dims to a result of `out_rank`.
+inline Strides broadcast_strides(const int64_t* dims, int rank, const int64_t* out, int out_rank) {
+  Strides st;
+  int64_t stride = 1;
+  for (int i = out_rank - 1; i >= 0; --i) {
+    int k = i - (out_rank - rank);
+    if (k < 0) { st.s[i] = 0; continue; }
+    st.s[i] = (dims[k] == 1 && out[i] != 1) ? 0 : stride;
+    if (dims[k] == 1) st.s[i] = 0;
+    stride *= dims[k];
+  }
+  for (int i = out_rank; i < kMaxRank; ++i) st.s[i] = 0;
+  return st;
+}
+inline int64_t numel(const int64_t* dims, int rank) {
+  int64_t n = 1;
+  for (int i = 0; i < rank; ++i) n *= dims[i];
+  return n;
+}
+inline unsigned grid_for(int64_t n, int threads) {
+  int64_t g = (n + threads - 1) / threads;
+  return (unsigned)(g < 1 ? 1 : (g > 65535LL * 32 ? 65535LL * 32 : g));
+}
+
+}  // namespace qc_ops
+
+namespace qc_ops {
+// GELU in double, as the reference (rounded once by the caller).
+__device__ __forceinline__ double gelu_erf(double v) {
+  return 0.5 * v * (1.0 + erf(v / 1.4142135623730951));
+}
+__device__ __forceinline__ double gelu_tanh(double v) {
+  return 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+}
+}  // namespace qc_ops

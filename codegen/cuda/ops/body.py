@@ -1,0 +1,151 @@
+"""An elementwise body (``qcompiler.ir.elementwise_body``) as a CUDA device function.
+
+Every temporary is held in its statement's element type (f16/bf16 ones rounded once per
+statement, as ``elementwise_body.evaluate`` does) and each op computes in f32 (f64 where an
+f64 takes part), with the reference's numerics: NaN-propagating max/min, the stable sigmoid,
+erf and gelu in double, integer division toward zero with x / 0 = 0, saturating float ->
+integer casts with NaN -> 0, integer -> integer casts that wrap.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.codegen.cuda.ops.common import (C_TYPES, FLOAT_TYPES, HALF_TYPES, c_type,
+                                               compute_type, convert, literal, unsupported)
+from qcompiler.ir.elementwise_body import (BOOL_RESULT_OPS, Body, Stmt, _arg_dtypes,
+                                           _stmt_dtype)
+from qcompiler.ir.types import elem, elem_from_numpy
+
+_UNARY_FLOAT = {"sqrt": "sqrt{f}({a})", "exp": "exp{f}({a})", "tanh": "tanh{f}({a})",
+                "abs": "fabs{f}({a})"}
+_COMPARE = {"equal": "==", "greater": ">", "greater_or_equal": ">=", "less": "<",
+            "less_or_equal": "<="}
+
+
+def _op_expr(stmt: Stmt, args: list, arg_types: list, out: str, node) -> str:
+    """The C expression of one statement, already in the result C type ``out``."""
+    op = stmt.op
+    if op == "identity":
+        return convert(args[0], arg_types[0], out)
+    if op == "cast":
+        return _cast_expr(args[0], arg_types[0], stmt.attr, out, node)
+    if op in _COMPARE:
+        ct = arg_types[0] if arg_types[0] == arg_types[1] else "double"
+        ct = "float" if ct in HALF_TYPES else ct
+        a, b = (convert(x, t, ct) for x, t in zip(args, arg_types))
+        return f"(({a}) {_COMPARE[op]} ({b}))"
+    if op == "and":
+        a, b = (convert(x, t, "bool") for x, t in zip(args, arg_types))
+        return f"({a} && {b})"
+    if op == "isnan":
+        if arg_types[0] not in FLOAT_TYPES:
+            return "false"
+        a = convert(args[0], arg_types[0], "double" if arg_types[0] == "double" else "float")
+        return f"(({a}) != ({a}))"
+    if op == "where":
+        c = convert(args[0], arg_types[0], "bool")
+        return f"({c} ? {convert(args[1], arg_types[1], out)} : " \
+               f"{convert(args[2], arg_types[2], out)})"
+    if op in ("erf", "gelu"):
+        v = convert(args[0], arg_types[0], "double")
+        if op == "erf":  # the reference rounds erf(f64) to f32, then to the result type
+            return convert(f"(float)erf({v})", "float", out)
+        if stmt.attr == "tanh":
+            g = f"qc_ops::gelu_tanh({v})"
+        else:
+            g = f"qc_ops::gelu_erf({v})"
+        return convert(g, "double", out)
+    ct = compute_type(arg_types)
+    xs = [convert(x, t, ct) for x, t in zip(args, arg_types)]
+    f = "f" if ct == "float" else ""
+    is_float = ct in ("float", "double")
+    if op == "silu":  # x * sigmoid(x), the sigmoid rounded to the result type first
+        sig = convert(convert(f"qc_ops::np_sigmoid({xs[0]})", ct, out), out, ct)
+        return convert(f"(({xs[0]}) * {sig})", ct, out)
+    binary = {"add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})",
+              "max": "qc_ops::np_max<{c}>({a}, {b})", "min": "qc_ops::np_min<{c}>({a}, {b})"}
+    if op in binary:
+        return convert(binary[op].format(a=xs[0], b=xs[1], c=ct), ct, out)
+    if op == "div":
+        e = f"({xs[0]} / {xs[1]})" if is_float else f"qc_ops::int_div<{ct}>({xs[0]}, {xs[1]})"
+        return convert(e, ct, out)
+    if op == "pow":
+        if is_float:
+            return convert(f"pow{f}({xs[0]}, {xs[1]})", ct, out)
+        return convert(f"pow((double)({xs[0]}), (double)({xs[1]}))", "double", out)
+    if op == "relu":
+        return convert(f"qc_ops::np_max<{ct}>({xs[0]}, ({ct})0)", ct, out)
+    if op == "neg":
+        return convert(f"(({ct})0 - {xs[0]})", ct, out)
+    if op == "reciprocal":
+        return convert(f"(({ct})1 / {xs[0]})", ct, out)
+    if op == "sigmoid":
+        return convert(f"qc_ops::np_sigmoid({xs[0]})", ct, out)
+    if op in _UNARY_FLOAT:
+        if not is_float:
+            if op == "abs":
+                return convert(f"({xs[0]} < 0 ? -{xs[0]} : {xs[0]})", ct, out)
+            raise unsupported(node, f"{op} of an integer type")
+        return convert(_UNARY_FLOAT[op].format(f=f, a=xs[0]), ct, out)
+    raise unsupported(node, f"elementwise op {op}")
+
+
+def _cast_expr(expr: str, src: str, to: str, out: str, node) -> str:
+    dst = elem(to)
+    if dst.is_low_bit and dst.kind != "bool":
+        raise unsupported(node, f"cast to {dst.name}")
+    if dst.kind == "bool":
+        return convert(expr, src, "bool")
+    if dst.kind in ("int", "uint") and src in FLOAT_TYPES:
+        lo, hi = dst.int_range()
+        v = convert(expr, src, "double")
+        return f"qc_ops::float_to_int<{out}>({v}, {float(lo)!r}, {float(hi)!r})"
+    return convert(expr, src, out)
+
+
+def device_function(name: str, body: Body, operand_types: list, out_ctype: str, node) -> str:
+    """``__device__ OUT name(const A0 x0, ...)``: the body on one element of each operand.
+
+    ``operand_types``: the QIR element types of x0, x1, ...; ``out_ctype``: the node's result
+    C type (the body's value is converted to it at the end).
+    """
+    dtypes = {f"x{i}": t.np_dtype for i, t in enumerate(operand_types)}
+    ctypes_ = {k: c_type(elem_from_numpy(d) if d != np.bool_ else elem("bool"), node)
+               for k, d in dtypes.items()}
+    for i, t in enumerate(operand_types):
+        ctypes_[f"x{i}"] = c_type(t, node)
+    lines = []
+    for s in body.stmts:
+        arg_dtypes = _arg_dtypes(s, dtypes)
+        result = np.dtype(_stmt_dtype(s, arg_dtypes)) if s.op != "identity" else arg_dtypes[0]
+        res_c = C_TYPES[_storage(result)]
+        args, types = [], []
+        for a, d in zip(s.args, arg_dtypes):
+            if isinstance(a, str):
+                args.append(a)
+                types.append(ctypes_[a])
+            else:  # a literal of the statement's float type, exact in f32 (or f64)
+                c = C_TYPES[_storage(d)]
+                lit_c = "double" if c == "double" else "float"
+                with np.errstate(over="ignore"):  # -3.4e38 in f16 is -inf, as numpy has it
+                    args.append(literal(float(np.asarray(a, dtype=d)), lit_c))
+                types.append(lit_c)
+        lines.append(f"  const {res_c} {s.dst} = {_op_expr(s, args, types, res_c, node)};")
+        dtypes[s.dst] = result
+        ctypes_[s.dst] = res_c
+    ret = convert(body.result, ctypes_[body.result], out_ctype)
+    params = ", ".join(f"const {ctypes_[f'x{i}']} x{i}" for i in range(len(operand_types)))
+    return (f"__device__ __forceinline__ {out_ctype} {name}({params}) {{\n"
+            + "\n".join(lines) + f"\n  return {ret};\n}}\n")
+
+
+def _storage(dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return "bool"
+    if dtype.name == "bfloat16":
+        return "bfloat16"
+    return dtype.name
+
+
+BOOL_OPS = BOOL_RESULT_OPS

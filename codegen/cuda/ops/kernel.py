@@ -1,0 +1,296 @@
+"""``kernel_source(node)``: the CUDA C++ of one QIR node's op kernel (the ABI in common.py).
+
+Each op family has a template under ``codegen/cuda/templates/ops/``; this module decides its
+parameters (types, ranks, vector width, tile sizes) from the node and renders it. A kernel's
+symbol is ``qc_cu_<op>_<sha1 of its source rendered without names>``, so equal nodes (same op,
+attributes, types and baked values) share one kernel.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+import jinja2
+import numpy as np
+
+from qcompiler.codegen.cuda.ops.body import device_function
+from qcompiler.codegen.cuda.ops.common import (C_SIZES, c_type, node_label, unsupported)
+from qcompiler.ir.core import Node, constant_value
+from qcompiler.ir.elementwise_body import Body, Stmt, parse_body
+from qcompiler.ir.types import elem
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "templates", "ops")
+ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf", "relu",
+                   "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
+                   "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
+                   "isnan", "silu")
+FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
+SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
+    "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
+    "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
+    "attention"))
+MAX_RANK = 8
+NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                          keep_trailing_newline=True, trim_blocks=False)
+
+
+def _data_operands(node: Node) -> list:
+    return [v for v in node.operands if v is not None]
+
+
+def _ranks_check(node: Node) -> None:
+    for v in _data_operands(node) + list(node.results):
+        if v.type.rank > MAX_RANK:
+            raise unsupported(node, f"rank {v.type.rank} > {MAX_RANK}")
+
+
+def _offsets(values) -> list:
+    out, off = [], 0
+    for v in values:
+        out.append(off)
+        off += v.type.rank
+    return out
+
+
+def _render(template: str, node: Node, **params) -> str:
+    return _env.get_template(template).render(symbol=NAME, ns=f"{NAME}_ns",
+                                              label=node.op, **params)
+
+
+def kernel_source(node: Node, module=None) -> tuple[str, str]:
+    """(symbol, CUDA source) of ``node``'s kernel. Raises CudaOpsError naming the node when
+    the op (or one of its types) has no CUDA kernel."""
+    if node.op not in SUPPORTED_OPS:
+        raise unsupported(node, "op not in the CUDA op library")
+    _ranks_check(node)
+    if node.op in ELEMENTWISE_OPS or node.op in ("cast", "fused_elementwise", "expand"):
+        text = _elementwise(node)
+    elif node.op in ("softmax", "layernorm", "rmsnorm"):
+        text = _rows(node)
+    elif node.op.startswith("reduce_"):
+        text = _reduce(node)
+    elif node.op in FLAT_COPY_OPS or node.op in ("transpose", "concat", "split", "slice"):
+        text = _copy(node, module)
+    elif node.op == "gather":
+        text = _gather(node)
+    elif node.op == "matmul":
+        text = _matmul(node)
+    else:
+        text = _attention(node)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    symbol = f"qc_cu_{node.op}_{digest}"
+    return symbol, text.replace(NAME, symbol)
+
+
+# ---- elementwise -------------------------------------------------------------------------------
+
+
+def _body_of(node: Node) -> Body:
+    """The node as an elementwise body over its operands (a one-statement body for plain ops)."""
+    if node.op == "fused_elementwise":
+        return parse_body(node.attrs["body"])
+    if node.op == "cast":
+        return Body((Stmt("t0", "cast", elem(node.attrs["to"]).name, ("x0",)),), "t0")
+    if node.op == "expand":
+        return Body((Stmt("t0", "identity", None, ("x0",)),), "t0")
+    attr = node.attrs.get("approximate", "none") if node.op == "gelu" else None
+    args = tuple(f"x{i}" for i in range(len(node.operands)))
+    return Body((Stmt("t0", node.op, attr, args),), "t0")
+
+
+def _elementwise(node: Node) -> str:
+    operands = node.operands[:1] if node.op == "expand" else node.operands
+    if any(v is None for v in operands):
+        raise unsupported(node, "a missing operand")
+    in_types = [c_type(v.type.dtype, node) for v in operands]
+    out = node.results[0]
+    out_type = c_type(out.type.dtype, node)
+    fn = device_function("body", _body_of(node), [v.type.dtype for v in operands], out_type, node)
+    widest = max(C_SIZES[t] for t in in_types + [out_type])
+    # expand's shape operand is a parameter too (passed, unused): its dims sit before y's
+    ranks = [v.type.rank for v in _data_operands(node)]
+    return _render("elementwise.cu.j2", node, body_fn=fn, rank=out.type.rank, vec=16 // widest,
+                   in_types=in_types, out_type=out_type, in_ranks=ranks[:len(in_types)],
+                   in_offsets=_offsets(_data_operands(node))[:len(in_types)],
+                   out_offset=sum(ranks), out_index=len(ranks))
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+
+
+def _rows(node: Node) -> str:
+    x = node.operands[0]
+    xt = c_type(x.type.dtype, node)
+    if xt not in ("__half", "__nv_bfloat16", "float"):
+        raise unsupported(node, f"{x.type.dtype.name} rows (f16, bf16, f32 only)")
+    rank = x.type.rank
+    if rank == 0:
+        raise unsupported(node, "a 0-d operand")
+    axis = node.attrs["axis"] % rank
+    params = {}
+    operands = _data_operands(node)
+    for role, i in (("scale", 1), ("bias", 2)):
+        v = node.operand(i) if i < len(node.operands) else None
+        params[f"has_{role}"] = v is not None
+        params[f"{role}_type"] = c_type(v.type.dtype, node) if v is not None else ""
+        if v is not None:
+            tail = tuple(x.type.shape[rank - v.type.rank:]) if v.type.rank else ()
+            lead_ones = all(d == 1 for d in v.type.shape[:max(0, v.type.rank - (rank - axis))])
+            if v.type.rank > rank or not lead_ones or any(
+                    a != b and a != 1 for a, b in zip(v.type.shape, tail)) or any(
+                    a == 1 and b != 1 for a, b in zip(v.type.shape, tail)):
+                raise unsupported(node, f"{role} of shape {v.type.shape} (a suffix of x's "
+                                        "normalized dims only)")
+    if node.op == "softmax":
+        cols = x.type.shape[axis]
+    else:
+        cols = 1
+        for d in x.type.shape[axis:]:
+            cols = cols * d if isinstance(d, int) and isinstance(cols, int) else None
+    # a warp per row up to 1024 columns (32 per lane), else a block of 256 threads per row
+    return _render("rows.cu.j2", node, op=node.op, x_type=xt, rank=rank, axis=axis,
+                   eps=repr(float(node.attrs.get("epsilon", 0.0))) + "f",
+                   scale_offset=rank,
+                   scale_rank=operands[1].type.rank if node.op != "softmax" else 0,
+                   n_in=len(operands), warp_max_cols=1024, block_threads=256,
+                   **params)
+
+
+# ---- reductions -------------------------------------------------------------------------------
+
+
+def _reduce(node: Node) -> str:
+    x = node.operands[0]
+    rank = x.type.rank
+    axes = list(node.attrs["axes"])
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        raise unsupported(node, "noop_with_empty_axes (a copy)")
+    axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
+    xt = c_type(x.type.dtype, node)
+    is_float = x.type.dtype.is_float
+    acc = ("double" if xt == "double" else "float") if is_float else \
+        ("uint64_t" if x.type.dtype.kind == "uint" else "int64_t")
+    if is_float:
+        store = "acc" if xt in ("float", "double") else f"qc_ops::from_f<T>(acc)"
+    else:
+        store = "(T)acc"
+    return _render("reduce.cu.j2", node, op=node.op, x_type=xt, acc_type=acc, rank=rank,
+                   is_float=is_float, n_reduced=len(axes), n_kept=rank - len(axes),
+                   reduced_flags=", ".join("true" if k in axes else "false" for k in range(rank))
+                   or "false", store=store)
+
+
+# ---- data movement ------------------------------------------------------------------------------
+
+
+def _ints(node: Node, i: int, module) -> Optional[list]:
+    v = node.operand(i) if i < len(node.operands) else None
+    if v is None:
+        return None
+    arr = constant_value(module, v) if module is not None else None
+    if arr is None and v.producer is not None and v.producer.op == "constant" \
+            and "value" in v.producer.attrs:
+        arr = v.producer.attrs["value"]
+    if arr is None:
+        raise unsupported(node, f"operand {i} is not a constant")
+    return [int(a) for a in np.asarray(arr).reshape(-1)]
+
+
+def _copy(node: Node, module) -> str:
+    x = node.operands[0]
+    xt = c_type(x.type.dtype, node)
+    operands = _data_operands(node)
+    common = dict(x_type=xt, rank=max(x.type.rank, 1), n_in=len(operands), op=node.op,
+                  in_rank=x.type.rank, perm=[], slices=[], axis=0, n_out=len(node.results))
+    if node.op in FLAT_COPY_OPS:
+        return _render("copy.cu.j2", node, mode="flat", **common)
+    if node.op == "transpose":
+        common["perm"] = [int(p) for p in node.attrs["perm"]]
+        return _render("copy.cu.j2", node, mode="transpose", **common)
+    if node.op == "concat":
+        common["axis"] = node.attrs["axis"] % x.type.rank
+        return _render("copy.cu.j2", node, mode="concat", **common)
+    if node.op == "split":
+        common["axis"] = node.attrs["axis"] % x.type.rank
+        return _render("copy.cu.j2", node, mode="split", **common)
+    starts, _ = _ints(node, 1, module), _ints(node, 2, module)
+    axes = _ints(node, 3, module) or list(range(len(starts)))
+    steps = _ints(node, 4, module) or [1] * len(starts)
+    if 0 in steps:
+        raise unsupported(node, "slice step 0")
+    common["slices"] = [(a % x.type.rank, s, st) for s, a, st in zip(starts, axes, steps)]
+    return _render("copy.cu.j2", node, mode="slice", **common)
+
+
+def _gather(node: Node) -> str:
+    x, ids = node.operands
+    return _render("gather.cu.j2", node, x_type=c_type(x.type.dtype, node),
+                   index_type=c_type(ids.type.dtype, node), axis=node.attrs["axis"] % x.type.rank,
+                   x_rank=x.type.rank, ids_rank=ids.type.rank)
+
+
+# ---- matmul and attention --------------------------------------------------------------------
+
+
+def _matmul(node: Node) -> str:
+    a, b = node.operands
+    y = node.results[0]
+    if a.type.rank < 2 or b.type.rank < 2:
+        raise unsupported(node, "matmul of a 1-D operand")
+    at, bt, yt = (c_type(v.type.dtype, node) for v in (a, b, y))
+    if not (a.type.dtype.is_float and b.type.dtype.is_float):
+        raise unsupported(node, "integer matmul")
+    acc = "double" if "double" in (at, bt) else "float"
+    store = "acc[i][j]" if yt in ("float", "double") else "qc_ops::from_f<TY>(acc[i][j])"
+    return _render("matmul.cu.j2", node, a_type=at, b_type=bt, y_type=yt, acc_type=acc,
+                   n_batch=y.type.rank - 2, a_rank=a.type.rank, b_rank=b.type.rank, store=store)
+
+
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90 (sm_80: 163 KB)
+
+
+def attention_tiles(d: int, dv: int, elem_bytes: int) -> dict:
+    """Prefill tile: 4 warps x 4 query rows, 64 keys per tile (32 when the tile would need
+    more than 96 KB of shared memory)."""
+    warps, rows = 4, 4
+    for bn in (64, 32):
+        smem = elem_bytes * (d * (bn + 2) + bn * dv) + 4 * (warps * rows * d + warps * rows * bn)
+        if smem <= 96 * 1024:
+            break
+    return {"warps": warps, "rows": rows, "bn": bn, "kpad": 2, "smem": smem}
+
+
+def _attention(node: Node) -> str:
+    q, k, v = node.operands[:3]
+    mask = node.operand(3) if len(node.operands) > 3 else None
+    y = node.results[0]
+    if q.type.rank != 4 or k.type.rank != 4 or v.type.rank != 4:
+        raise unsupported(node, "attention operands must be [B, H, S, D]")
+    d, dv = q.type.shape[3], v.type.shape[3]
+    if not isinstance(d, int) or not isinstance(dv, int):
+        raise unsupported(node, "a symbolic head dim")
+    xt = c_type(q.type.dtype, node)
+    if xt not in ("__half", "__nv_bfloat16", "float") or c_type(k.type.dtype, node) != xt \
+            or c_type(v.type.dtype, node) != xt:
+        raise unsupported(node, "q, k, v must share one of f16, bf16, f32")
+    if mask is not None and mask.type.rank > 4:
+        raise unsupported(node, "a mask of rank > 4")
+    if d > 256 or dv > 256:
+        raise unsupported(node, "head dim > 256")
+    tiles = attention_tiles(d, dv, C_SIZES[xt])
+    if tiles["smem"] > SMEM_LIMIT:
+        raise unsupported(node, f"needs {tiles['smem']} bytes of shared memory")
+    return _render("attention.cu.j2", node, x_type=xt, y_type=c_type(y.type.dtype, node),
+                   has_mask=mask is not None,
+                   mask_type=c_type(mask.type.dtype, node) if mask is not None else "",
+                   mask_rank=mask.type.rank if mask is not None else 0,
+                   d=d, dv=dv, scale=repr(float(node.attrs["scale"])) + "f",
+                   causal=bool(node.attrs.get("causal", 0)), n_in=len(_data_operands(node)),
+                   **{k2: tiles[k2] for k2 in ("warps", "rows", "bn", "kpad")})
+
+
+__all__ = ["kernel_source", "SUPPORTED_OPS", "node_label"]

@@ -1,0 +1,374 @@
+"""The CUDA op kernels (codegen/cuda/ops) against the reference implementation of each node.
+
+CPU side (CI, no GPU): every kernel renders, equal nodes share one kernel, unsupported nodes
+fail naming the node, and the whole library compiles with nvcc for sm_80 and sm_90 in one
+call (skipped where nvcc is missing). GPU side (marked ``gpu``, skipped without a GPU): one
+library for every node below; each runs on fresh random inputs (never zeros; the seed is in
+the message) at two sets of odd symbolic sizes, results poisoned with NaN before the launch,
+and is compared with ``qcompiler.runtime.reference.OP_IMPLS`` of the same node.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cuda_gpu_util import gpu_reason
+from qcompiler.codegen.cuda.build import find_nvcc
+from qcompiler.codegen.cuda.ops import (CudaOpsError, CudaOpsLibrary, build_cuda_ops_library,
+                                        kernel_source, library_source)
+from qcompiler.ir.core import Function, Module, constant_node
+from qcompiler.ir.types import elem, tensor
+from qcompiler.runtime.reference import OP_IMPLS
+
+SIZES = ({"batch": 7, "seq": 33}, {"batch": 3, "seq": 130})
+
+
+class Graph:
+    """Nodes to build, each with its own arguments, by test name."""
+
+    def __init__(self):
+        self.module = Module("ops")
+        self.fn = self.module.add_function(Function("main"))
+        self.nodes: dict = {}
+        self.low: dict = {}
+
+    def arg(self, shape, dtype, low=None):
+        v = self.fn.add_arg(self.fn.fresh_name("a"), tensor(shape, dtype))
+        if low is not None:
+            self.low[v.name] = low
+        return v
+
+    def const(self, values, dtype="i64"):
+        return constant_node(self.fn, self.module, np.asarray(values, elem(dtype).np_dtype)).result
+
+    def add(self, key, op, operands, result_types, attrs=None):
+        node = self.fn.make_node(op, operands, [tensor(*t) for t in result_types], attrs)
+        self.nodes.setdefault(key, []).append(node)
+        return node
+
+
+def _make_graph() -> Graph:
+    g = Graph()
+    B, S = "batch", "seq"
+    for dt in ("f32", "f16", "bf16"):
+        for op in ("add", "sub", "mul", "div", "max", "min"):
+            g.add("binary", op, [g.arg([B, 13], dt), g.arg([13], dt)], [([B, 13], dt)])
+        g.add("binary", "add", [g.arg([B, 1], dt), g.arg([1, S], dt)], [([B, S], dt)])
+        g.add("binary", "mul", [g.arg([B, S, 64], dt), g.arg([B, S, 64], dt)],
+              [([B, S, 64], dt)])  # the contiguous, vectorized path
+        g.add("binary", "add", [g.arg([B, S, 64], dt), g.arg([], dt)], [([B, S, 64], dt)])
+    g.add("binary", "pow", [g.arg([B, 13], "f32", low="positive"), g.arg([13], "f32")],
+          [([B, 13], "f32")])
+    for dt in ("f32", "f16", "bf16"):
+        for op in ("sqrt", "erf", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal",
+                   "silu"):
+            g.add("unary", op, [g.arg([B, S], dt, low="positive" if op == "sqrt" else None)],
+                  [([B, S], dt)])
+        for approx in ("none", "tanh"):
+            g.add("unary", "gelu", [g.arg([B, S], dt)], [([B, S], dt)], {"approximate": approx})
+    g.add("exact", "div", [g.arg([B, 13], "i32", low=(-50, 50)),
+                           g.arg([B, 13], "i32", low=(-7, 7))], [([B, 13], "i32")])
+    g.add("exact", "add", [g.arg([B, 13], "i64", low=(-2**40, 2**40)),
+                           g.arg([13], "i64", low=(-2**40, 2**40))], [([B, 13], "i64")])
+    for op in ("equal", "greater", "greater_or_equal", "less", "less_or_equal"):
+        g.add("exact", op, [g.arg([B, 13], "i32", low=(-3, 3)), g.arg([13], "i32", low=(-3, 3))],
+              [([B, 13], "bool")])
+    g.add("exact", "less", [g.arg([B, 13], "f16"), g.arg([B, 1], "f16")], [([B, 13], "bool")])
+    g.add("exact", "and", [g.arg([B, 13], "bool"), g.arg([B, 13], "bool")], [([B, 13], "bool")])
+    g.add("exact", "isnan", [g.arg([B, 13], "f32", low="nan")], [([B, 13], "bool")])
+    g.add("exact", "where", [g.arg([B, 13], "bool"), g.arg([B, 13], "bf16"), g.arg([13], "bf16")],
+          [([B, 13], "bf16")])
+    for src, dst, low in (("f32", "i8", (-300.0, 300.0)), ("f32", "u8", (-300.0, 300.0)),
+                          ("f32", "i32", None), ("f32", "f16", None), ("f32", "bf16", None),
+                          ("f16", "f32", None), ("bf16", "f32", None), ("f16", "bf16", None),
+                          ("i64", "i8", (-1000, 1000)), ("f32", "bool", (-2.0, 2.0)),
+                          ("i32", "f32", (-10**6, 10**6)), ("i64", "i64", (-2**40, 2**40)),
+                          ("i64", "i32", (-2**40, 2**40))):
+        g.add("exact", "cast", [g.arg([B, S], src, low=low)], [([B, S], dst)], {"to": elem(dst)})
+    g.add("exact", "expand", [g.arg([B, 1], "i32", low=(-9, 9)), g.const([1, 13])],
+          [([B, 13], "i32")])
+    # fused bodies
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([S], "f32")],
+          [([B, S], "f32")], {"body": "t0 = add(x0, x1); t1 = gelu<none>(t0); "
+                                      "t2 = mul(t1, 0.5); return t2"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S, 64], "bf16"), g.arg([B, S, 64], "bf16")],
+          [([B, S, 64], "bf16")], {"body": "t0 = silu(x0); t1 = mul(t0, x1); return t1"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f16"), g.arg([B, 1], "f16")],
+          [([B, S], "f32")], {"body": "t0 = sub(x0, x1); t1 = tanh(t0); t2 = cast<f32>(t1); "
+                                      "t3 = max(t2, -0.25); return t3"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f16"), g.arg([B, S], "f16")],
+          [([B, S], "f16")], {"body": "t0 = greater(x0, x1); t1 = where(t0, x0, -3.4e+38); "
+                                      "t2 = exp(t1); return t2"})
+    # row reductions
+    for dt in ("f32", "f16", "bf16"):
+        g.add("rows", "softmax", [g.arg([B, S], dt)], [([B, S], dt)], {"axis": -1})
+        g.add("rows", "softmax", [g.arg([B, 3, 1500], dt)], [([B, 3, 1500], dt)], {"axis": -1})
+        g.add("rows", "layernorm", [g.arg([B, S, 384], dt), g.arg([384], dt), g.arg([384], dt)],
+              [([B, S, 384], dt)], {"axis": -1, "epsilon": 1e-5})
+        g.add("rows", "layernorm", [g.arg([B, 2, 2051], dt), g.arg([2051], dt),
+                                    g.arg([2051], dt)],
+              [([B, 2, 2051], dt)], {"axis": -1, "epsilon": 1e-5})
+        g.add("rows", "rmsnorm", [g.arg([B, S, 96], dt), g.arg([96], dt)], [([B, S, 96], dt)],
+              {"axis": -1, "epsilon": 1e-6})
+        g.add("rows", "rmsnorm", [g.arg([B, 4096], dt), g.arg([4096], dt)], [([B, 4096], dt)],
+              {"axis": -1, "epsilon": 1e-6})
+    g.add("rows", "softmax", [g.arg([B, 7, 13], "f32")], [([B, 7, 13], "f32")], {"axis": 1})
+    g.add("rows", "layernorm", [g.arg([B, 7, 13], "f16"), g.arg([7, 13], "f16")],
+          [([B, 7, 13], "f16")], {"axis": 1, "epsilon": 1e-3})
+    g.add("rows", "reduce_mean", [g.arg([B, S], "f32")], [([B, 1], "f32")],
+          {"axes": [-1], "keepdims": 1})
+    g.add("rows", "reduce_sum", [g.arg([B, 7, 13], "bf16")], [([B, 13], "bf16")],
+          {"axes": [1], "keepdims": 0})
+    g.add("rows", "reduce_l2", [g.arg([B, 7], "f32")], [((), "f32")],
+          {"axes": [], "keepdims": 0})
+    g.add("exact", "reduce_sum", [g.arg([B, 13], "i32", low=(-100, 100))], [([13], "i32")],
+          {"axes": [0], "keepdims": 0})
+    # data movement: exact
+    g.add("copy", "transpose", [g.arg([B, S, 4, 16], "f16")], [([B, 4, S, 16], "f16")],
+          {"perm": [0, 2, 1, 3]})
+    g.add("copy", "transpose", [g.arg([2, B, 3, 5], "bf16")], [([3, 5, 2, B], "bf16")],
+          {"perm": [2, 3, 0, 1]})
+    g.add("copy", "concat", [g.arg([B, 7], "f32"), g.arg([B, S], "f32"), g.arg([B, 1], "f32")],
+          [([B, "?"], "f32")], {"axis": 1})
+    g.add("copy", "split", [g.arg([B, 20], "f16")], [([B, 7], "f16"), ([B, 13], "f16")],
+          {"axis": 1, "sizes": [7, 13]})
+    x = g.arg([B, S], "f32")
+    g.add("copy", "slice", [x, g.const([1, -20]), g.const([-1, 1000]), g.const([0, 1]),
+                            g.const([1, 2])], [(["?", "?"], "f32")])
+    g.add("copy", "slice", [g.arg([B, 33], "f16"), g.const([-2]), g.const([-1000]),
+                            g.const([1]), g.const([-3])], [([B, 11], "f16")])
+    g.add("copy", "gather", [g.arg([50, 64], "f16"), g.arg([B, S], "i64", low=(-50, 49))],
+          [([B, S, 64], "f16")], {"axis": 0})
+    g.add("copy", "gather", [g.arg([50, 13], "f32"), g.arg([B, 7], "i64", low=(-50, 49))],
+          [([B, 7, 13], "f32")], {"axis": 0})
+    g.add("copy", "gather", [g.arg([B, 13], "bf16"), g.arg([5], "i32", low=(-13, 12))],
+          [([B, 5], "bf16")], {"axis": 1})
+    g.add("copy", "expand", [g.arg([1, 13], "f16"), g.const([7, 1])], [([7, 13], "f16")])
+    g.add("copy", "reshape", [g.arg([B, 7, 13], "f32"), g.const([0, -1])], [([B, 91], "f32")])
+    # matmul
+    g.add("matmul", "matmul", [g.arg([B, 7, 13], "f32"), g.arg([13, S], "f32")],
+          [([B, 7, S], "f32")])
+    g.add("matmul", "matmul", [g.arg([B, 1, 70, 33], "f16"), g.arg([1, 3, 33, 45], "f16")],
+          [([B, 3, 70, 45], "f16")])
+    g.add("matmul", "matmul", [g.arg([B, 40, 64], "bf16"), g.arg([B, 64, 40], "bf16")],
+          [([B, 40, 40], "bf16")])
+    # attention: GQA (4 query heads over 2 kv heads), causal, additive padding mask
+    for dt in ("f16", "bf16", "f32"):
+        g.add("attention", "attention",
+              [g.arg([B, 4, S, 64], dt), g.arg([B, 2, S, 64], dt), g.arg([B, 2, S, 64], dt),
+               g.arg([B, 1, 1, S], dt, low="mask")],
+              [([B, 4, S, 64], dt)], {"scale": 0.125, "causal": 1})
+        g.add("attention", "attention",
+              [g.arg([B, 8, S, 128], dt), g.arg([B, 2, S, 128], dt), g.arg([B, 2, S, 128], dt)],
+              [([B, 8, S, 128], dt)], {"scale": 0.0884, "causal": 1})
+        # decode: one query row against a long KV (split over the KV length)
+        g.add("attention", "attention",
+              [g.arg([B, 6, 1, 128], dt), g.arg([B, 2, "kv", 128], dt),
+               g.arg([B, 2, "kv", 128], dt), g.arg([B, 1, 1, "kv"], dt, low="mask")],
+              [([B, 6, 1, 128], dt)], {"scale": 0.0884, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 4, 7, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 5], "f32")],
+          [([B, 4, 7, 5], "f32")], {"scale": 0.35, "causal": 1})  # Skv > Sq, Dv != D, odd
+    g.add("attention", "attention",
+          [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
+           g.arg([B, 2, 9, 32], "f16")],
+          [([B, 2, "seq", 32], "f16")], {"scale": 0.2, "causal": 1})  # rows with no key
+    # two identical nodes: one kernel
+    g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
+    return g
+
+
+def _all_nodes(g):
+    return [n for ns in g.nodes.values() for n in ns]
+
+
+# ---- CPU side ------------------------------------------------------------------------------------
+
+
+def test_every_node_renders_and_duplicates_share_a_kernel():
+    g = _make_graph()
+    names, text = library_source(_all_nodes(g), g.module)
+    first, dup = g.nodes["binary"][0], g.nodes["dedup"][0]
+    assert names[first.results[0].name] == names[dup.results[0].name]
+    assert names[first.results[0].name] != names[g.nodes["binary"][1].results[0].name]
+    for symbol in set(names.values()):
+        assert text.count(f'extern "C" int {symbol}(') == 1, symbol
+
+
+def test_unsupported_nodes_name_node_and_op():
+    fn = Function("main")
+    a = fn.add_arg("a", tensor(["batch", 4], "f32"))
+    node = fn.make_node("dynamic_quantize", [a], [tensor(["batch", 4], "u8"), tensor([], "f32"),
+                                                  tensor([], "u8")], names=["q", "s", "z"])
+    with pytest.raises(CudaOpsError, match=r"%q, %s, %z = dynamic_quantize"):
+        kernel_source(node)
+    c = fn.make_node("cast", [a], [tensor(["batch", 4], "u4")], {"to": elem("u4")}, names=["c"])
+    with pytest.raises(CudaOpsError, match=r"%c = cast.*u4"):
+        kernel_source(c)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_library_compiles_for_sm80_and_sm90(tmp_path):
+    """One nvcc call (object only: no link) for both archs over every kernel."""
+    from qcompiler.codegen.cuda.build import build
+
+    g = _make_graph()
+    _, text = library_source(_all_nodes(g), g.module)
+    src = tmp_path / "ops.cu"
+    src.write_text(text)
+    build(str(src), str(tmp_path / "ops.o"), ["sm_80", "sm_90"], compile_only=True)
+    assert (tmp_path / "ops.o").stat().st_size > 0
+
+
+# ---- GPU side ------------------------------------------------------------------------------------
+
+def gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(bool(gpu_reason()),
+                                              reason=f"GPU tests: {gpu_reason()}")(test))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from qcompiler.codegen.cuda import build as nv
+    from qcompiler.codegen.cuda.runtime import CudaRuntime
+
+    g = _make_graph()
+    d = tmp_path_factory.mktemp("cuda_ops")
+    names, lib = build_cuda_ops_library(_all_nodes(g), "sm_90", str(d), module=g.module)
+    rt_src = d / "qc_runtime.cu"
+    rt_src.write_text(open(nv.RUNTIME_SOURCE).read())
+    rt = CudaRuntime(nv.build_cached(str(rt_src), str(d / "qc_runtime.so"), ["sm_90"]))
+    return g, names, CudaOpsLibrary(lib), rt
+
+
+def _random(v, sizes, rng, low):
+    t = v.type
+    shape = tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
+    dtype = t.dtype.np_dtype
+    if t.dtype.kind == "bool":
+        return rng.random(shape) < 0.5
+    if t.dtype.kind in ("int", "uint"):
+        lo, hi = low or (-100, 100)
+        return rng.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+    if low == "positive":
+        x = rng.uniform(0.1, 3.0, size=shape)
+    elif low == "mask":  # additive padding mask: 0 or the ONNX -3.4e38, one -inf
+        x = np.where(rng.random(shape) < 0.3, -3.4e38, 0.0)
+        x.reshape(-1)[0] = -np.inf
+    elif isinstance(low, tuple):
+        x = rng.uniform(*low, size=shape)
+    else:
+        x = np.asarray(rng.standard_normal(shape) * 2.0)
+        x[x == 0] = 0.5
+    x = x.astype(dtype)
+    if low == "nan":
+        x.reshape(-1)[::3] = np.nan
+    return x
+
+
+def _f64(x):
+    return np.asarray(x).astype(np.float64)
+
+
+def _run(built, node, sizes, rng):
+    g, names, lib, rt = built
+    args = []
+    for v in node.operands:
+        if v is None:
+            args.append(None)
+        elif v.producer is not None:
+            args.append(np.asarray(v.producer.attrs["value"]))
+        else:
+            args.append(_random(v, sizes, rng, g.low.get(v.name)))
+    want = OP_IMPLS[node.op](node, args, g.module)
+    data = [a for a in args if a is not None]
+    got = lib.run_numpy(rt, names[node.results[0].name], data, [(w.shape, w.dtype) for w in want])
+    return got, want
+
+
+def assert_ulps(got, want, ulps, what):
+    want = np.asarray(want)
+    dtype = want.dtype
+    g, w = _f64(got), _f64(want)
+    nan = np.isnan(w)
+    assert (np.isnan(g) == nan).all(), f"{what}: NaN positions differ"
+    spacing = np.spacing(np.abs(w[~nan]).astype(dtype)).astype(np.float64)
+    tiny = float(np.finfo(dtype).tiny) if dtype.kind == "f" or dtype.name == "bfloat16" else 0.0
+    err = np.abs(g[~nan] - w[~nan])
+    bad = err > ulps * spacing + tiny
+    assert not bad.any(), f"{what}: {bad.sum()} elements off by more than {ulps} ulp " \
+        f"(e.g. got {g[~nan][bad][:3]} want {w[~nan][bad][:3]})"
+
+
+def _check(built, key, compare, sizes_list=SIZES):
+    g = built[0]
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    for sizes in sizes_list:
+        sizes = dict(sizes, kv=sizes["seq"] * 4 + 3)
+        for node in g.nodes[key]:
+            outs, want = _run(built, node, sizes, rng)
+            for got, w in zip(outs, want):
+                what = f"{node.op} {node.results[0].type} at {sizes} (seed {seed})"
+                assert got.shape == w.shape and got.dtype == w.dtype, what
+                compare(got, w, what)
+
+
+@gpu
+@pytest.mark.parametrize("key,ulps", [("binary", 2), ("unary", 2), ("fused", 4)])
+def test_elementwise_few_ulp(built, key, ulps):
+    # f16/bf16: computed in f32 and rounded once (exact + - * /); expf/tanhf/powf within 2 ulp
+    _check(built, key, lambda got, w, what: assert_ulps(got, w, ulps, what))
+
+
+@gpu
+def test_integer_bool_and_cast_ops_exact(built):
+
+    def exact(got, w, what):
+        np.testing.assert_array_equal(got, w, err_msg=what)
+
+    _check(built, "exact", exact)
+
+
+@gpu
+def test_row_reductions(built):
+
+    def close(got, w, what):
+        tol = 2e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
+        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
+
+    _check(built, "rows", close)
+
+
+@gpu
+def test_data_movement_exact(built):
+    _check(built, "copy", lambda got, w, what: np.testing.assert_array_equal(got, w, what))
+
+
+@gpu
+def test_matmul(built):
+
+    def close(got, w, what):
+        tol = 1e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
+        scale = np.abs(_f64(w)).max()
+        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol * scale, err_msg=what)
+
+    _check(built, "matmul", close)
+
+
+@gpu
+def test_attention_prefill_decode_gqa_causal_mask(built):
+
+    def close(got, w, what):
+        tol = 2e-5 if w.dtype == np.float32 else (1.6e-2 if w.dtype.name == "bfloat16" else 2e-3)
+        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
+        assert np.isfinite(_f64(got)).any(), what
+
+    _check(built, "attention", close)
+
+
+@gpu
+def test_identical_nodes_share_one_kernel_on_gpu(built):
+    _check(built, "dedup", lambda got, w, what: assert_ulps(got, w, 0, what))
