@@ -44,8 +44,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Callable, Optional
 from pathlib import Path
+from typing import Callable, Optional
 
 STRATEGIES = ("evolutionary", "random")
 DEFAULT_TRIALS = 32               # measured candidates per kernel
@@ -945,6 +945,8 @@ def tune(model, target: str, *, output_dir="qc_tune", tuning_log=None,
     # --tune creates the log (replay refuses a missing file), even when nothing is measured.
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     Path(log_path).touch()
+    start = time.monotonic()
+    if tgt.backend == "hls":
         from qcompiler.codegen.hls.tuning import tune_design
         from qcompiler.tuning.key import kernel_key
 
