@@ -29,7 +29,7 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
-from qcompiler.ir.ops import TypeInferenceError, infer_types
+from qcompiler.ir.ops import TypeInferenceError, broadcast_shapes, infer_types
 from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -185,16 +185,23 @@ class FuseAttention(RewritePattern):
         kt, k_scale = _scaled_operand(rw, kt)
         k = _shared_heads(rw, _untransposed(rw, kt, node))
         v = _shared_heads(rw, v)
-        if isinstance(mask, tuple):  # a boolean mask: where(keep, 0, fill) is its additive form
-            mask = self._additive(rw, *mask, before=node)
-        operands = [q, k, v] + ([mask] if mask is not None else [])
         attrs = {"scale": float(scale * q_scale * k_scale), "causal": int(causal)}
+        types = [q.type, k.type, v.type]
         try:
-            inferred = infer_types("attention", [o.type for o in operands], attrs, [None] * 4)[0]
+            if isinstance(mask, tuple):  # a boolean mask: where(keep, 0, fill), made below
+                keep, fill = mask
+                types.append(fill.type.with_shape(broadcast_shapes(keep.type.shape,
+                                                                   fill.type.shape)))
+            elif mask is not None:
+                types.append(mask.type)
+            inferred = infer_types("attention", types, attrs, [None] * 4)[0]
         except TypeInferenceError:
-            return False  # e.g. a mask of more dims; the new transpose/where die unused
+            return False  # e.g. k and v repeat heads differently; a new transpose dies unused
         if inferred.dtype != node.result.type.dtype or inferred.rank != 4:
             return False
+        if isinstance(mask, tuple):
+            mask = self._additive(rw, *mask, before=node)
+        operands = [q, k, v] + ([mask] if mask is not None else [])
         fused = rw.create("attention", operands, attrs, before=node, hint="attention",
                           result_types=[node.result.type])
         rw.replace(node, [fused.result])
