@@ -381,8 +381,8 @@ class OpKernelStep:
 
 
 class QmatmulStep:
-    """A qmatmul step: the kernel writes x @ dequant(w) into the out view (its one copy, out
-    of the kernel's padded output), then the compiled bias + epilogue kernel runs over it in
+    """A qmatmul step: the kernel writes x @ dequant(w) into the out view (itself where the
+    shapes need no padding, else by one copy out of its padded output), then the compiled bias + epilogue kernel runs over it in
     place (into the result buffer from a float32 scratch when the result is not float32)."""
 
     def __init__(self, node, kernel, lib=None, epilogue: str = None):
@@ -420,7 +420,8 @@ class QmatmulStep:
         x, out = args[0], outs[0]
         m = self._check(x)
         product = self._product_buffer(out)
-        self.kernel.run_into(x.reshape(m, self.k), product.reshape(m, self.n))
+        y = product.reshape(m, self.n)
+        self.kernel.run_into(x.reshape(m, self.k), y, self.kernel.direct_output(y))
         if self.epilogue is not None:
             self.epilogue(*[as_kernel_arg(a) for a in [product] + self._epilogue_operands(args)],
                           as_kernel_arg(out))
@@ -440,16 +441,18 @@ class QmatmulStep:
         m = self._check(x)
         product = self._product_buffer(out)
         x2, y2 = x.reshape(m, self.k), product.reshape(m, self.n)
+        direct = self.kernel.direct_output(y2)  # wrapped once: the kernel writes the view
         run_into = self.kernel.run_into
         if self.epilogue is None:
             if self.host_epilogue:
-                return lambda: (run_into(x2, y2), self._host_epilogue(args, product, out))
-            return lambda: run_into(x2, y2)
+                return lambda: (run_into(x2, y2, direct),
+                                self._host_epilogue(args, product, out))
+            return lambda: run_into(x2, y2, direct)
         epilogue = self.lib.bind(self.epilogue_name,
                                  [product] + self._epilogue_operands(args) + [out])
 
         def call():
-            run_into(x2, y2)
+            run_into(x2, y2, direct)
             epilogue()
         return call
 

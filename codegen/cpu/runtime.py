@@ -261,6 +261,7 @@ class QmmKernel:
         zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
         self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
         self.perm = packed.get("perm")
+        self._ones = np.ones(self.p.blocking.block, np.float32)
         self._buffers: dict = {}
 
     def prepare(self, x: np.ndarray):
@@ -273,25 +274,55 @@ class QmmKernel:
         buf = self._buffers.get((vi, m_pad))
         if buf is None:
             buf = self._buffers[(vi, m_pad)] = _Buffers(p, m_pad, mb)
-        buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
-        buf.x[m:] = 0
         if p.numerics == "int8":
+            buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
+            buf.x[m:] = 0
             self.quantize(*buf.quant_args)
+            return vi, buf, m
+        if self.perm is None and p.k == bl.k_pad and m == m_pad and x.flags.c_contiguous:
+            # No padding to add: the group sums and the k-major blocks come straight from x.
+            src = x
         else:
-            np.sum(buf.x.reshape(m_pad, bl.groups, bl.block), axis=-1, out=buf.xsum)
-            if mb > 1:
-                np.copyto(buf.x_kmajor, buf.x.reshape(m_pad // mb, mb, bl.k_pad)
-                          .transpose(0, 2, 1))
+            buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
+            buf.x[m:] = 0
+            src = buf.x
+        # The group sums as a matrix-vector product: 20x faster than np.sum over the last
+        # axis of [M, G, block] (measured 28 vs 572 us at M=256, K=384, block 32).
+        np.matmul(src.reshape(-1, bl.block), self._ones, out=buf.xsum.reshape(-1))
+        if mb > 1:
+            np.copyto(buf.x_kmajor, src.reshape(m_pad // mb, mb, bl.k_pad).transpose(0, 2, 1))
+        elif src is not buf.x:
+            np.copyto(buf.x, src)
         return vi, buf, m
+
+    def direct_output(self, out: np.ndarray):
+        """A tvm tensor over ``out`` ([M, N] float32) when the kernel can write its result
+        there itself (N needs no padding, M is a multiple of its variant's m_block, out is
+        64-byte aligned and the output factor is 1): then ``run_into`` copies nothing out."""
+        import tvm
+
+        m = out.shape[0]
+        mb = self.variants[choose_variant(self.variants, m)]["m_block"]
+        if (self.p.n_pad != self.p.n or m == 0 or m % mb or self.out_factor != 1.0
+                or out.dtype != np.float32 or not out.flags.c_contiguous
+                or out.ctypes.data % 64):
+            return None
+        return tvm.runtime.from_dlpack(out.reshape(m // mb, mb, self.p.n_pad))
 
     def call_prepared(self, prepared) -> None:
         vi, buf, _ = prepared
         self.funcs[vi](*buf.args, *self.weights, buf.out)
 
-    def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
-        """x [M, K] float32 -> ``out`` [M, N] float32 (a plan's out view): the copy of the
-        kernel's padded output into ``out`` (scaled by the output factor) is the only copy."""
+    def run_into(self, x: np.ndarray, out: np.ndarray, direct=None) -> None:
+        """x [M, K] float32 -> ``out`` [M, N] float32 (a plan's out view). ``direct``: out as
+        ``direct_output`` wrapped it (the kernel writes out itself); otherwise the copy of
+        the kernel's padded output into ``out`` (scaled by the output factor) is the only
+        copy."""
         prepared = self.prepare(x)
+        if direct is not None:
+            vi, buf, _ = prepared
+            self.funcs[vi](*buf.args, *self.weights, direct)
+            return
         self.call_prepared(prepared)
         y = prepared[1].y[:prepared[2], :self.p.n]
         if self.out_factor != 1.0:
