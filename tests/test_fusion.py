@@ -576,7 +576,8 @@ def test_decoders_through_fx(kind):
 
 
 @pytest.mark.slow
-def test_llama_through_torch_onnx_export(tmp_path):
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoders_through_torch_onnx_export(tmp_path, kind):
     """torch.onnx.export(dynamo=True): sqrt(scale) on q and k, k transposed through 3-D
     reshapes with the kv heads repeated into them, an isnan guard after the softmax."""
     pytest.importorskip("onnxscript")
@@ -585,11 +586,11 @@ def test_llama_through_torch_onnx_export(tmp_path):
     from qcompiler.frontends.onnx import load
 
     feeds = _decoder_feeds(RNG(3))
-    path = str(tmp_path / "llama.onnx")
-    torch.onnx.export(_decoder("llama"), tuple(torch.from_numpy(feeds[k]) for k in ("ids", "mask")),
+    path = str(tmp_path / f"{kind}.onnx")
+    torch.onnx.export(_decoder(kind), tuple(torch.from_numpy(feeds[k]) for k in ("ids", "mask")),
                       path, dynamo=True, input_names=["ids", "mask"], output_names=["y"])
     base = _passes(load(path), "canonicalize," + QUANT)
-    _check_decoder(base, _passes(base, FUSION), "llama")
+    _check_decoder(base, _passes(base, FUSION), kind)
 
 
 class _SDPA:
