@@ -6,7 +6,11 @@ use ``qcompiler.runtime.numerics``. Intentional differences from onnx.reference:
 
 - matmul / gemm / qmatmul(act=float) on f16 and bf16 accumulate in float32 and round once
   (numpy would round after every step); reduce_mean, softmax and layernorm likewise compute
-  f16/bf16 in float32 (layernorm's ONNX ``stash_type=1``).
+  f16/bf16 in float32 (layernorm's ONNX ``stash_type=1``); so do the fused ops rmsnorm and
+  attention (a causal position gets float's lowest value: a fully hidden row is uniform).
+- fused_elementwise and qmatmul's epilogue run their body statement by statement with the
+  implementations below (``qcompiler.ir.elementwise_body.evaluate``), rounding as the
+  decomposed ops did.
 - gelu is computed in float64 and rounded once (ONNX expands it into float ops).
 - cast from float to integer saturates out-of-range values and maps NaN to 0 (undefined in
   ONNX); quantize saturates ±inf and huge values (onnx.reference wraps them through int32).
