@@ -148,7 +148,10 @@ def test_schedule_picks_the_avx2_int8_path(monkeypatch):
     monkeypatch.setenv(host.HOST_ISA_ENV, "avx2")
     assert config("cpu")["lanes"] == 8
     p = tuning.problem(AVX2, key_for(1, 64, 16, scheme_text(4, 32, False, True)))
-    assert kernels.int8_intrin(p.kernel_shape()) == kernels.AVX2_INTRIN
+    # 4-bit codes: 8 steps of 4 rows summed in int16 before vpmaddwd widens them
+    assert kernels.int8_intrin(p.kernel_shape()) == kernels.AVX2_INTRIN + "x8"
+    p = tuning.problem(AVX2, key_for(1, 64, 16, scheme_text(8, 32, False, True)))
+    assert kernels.int8_intrin(p.kernel_shape()) == kernels.AVX2_NIBBLES_INTRIN
     vnni = get_target("cpu-x86-avx512")
     p = tuning.problem(vnni, key_for(1, 64, 16, scheme_text(4, 32, False, True)))
     assert kernels.int8_intrin(p.kernel_shape()) == kernels.VNNI_INTRIN

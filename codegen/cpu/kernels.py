@@ -77,6 +77,7 @@ class KernelShape:
 
 _registered = False
 _avx2_registered = False
+_avx2_steps_registered: set = set()
 
 
 def register_vnni_intrin() -> None:
@@ -213,12 +214,89 @@ def register_avx2_intrins() -> None:
     _avx2_registered = True
 
 
+# Rows-of-4 steps whose vpmaddubsw sums one int16 accumulator before vpmaddwd widens it: each
+# step adds at most 2 x 15 x 127 = 3810 (codes of 4-bit containers), 8 steps 30480 < 32767.
+AVX2_INT16_STEPS = 8
+
+
+def int16_steps(ks: KernelShape) -> int:
+    """Steps of 4 rows summed in int16 by the AVX2 int8 dot (1: every step widened): up to
+    ``AVX2_INT16_STEPS`` for codes below 16, a divisor of the group's steps."""
+    if ks.lanes == layout.VNNI_LANES or ks.container_bits > 4:
+        return 1
+    return math.gcd(ks.block // 4, AVX2_INT16_STEPS)
+
+
+def register_avx2_steps_intrin(steps: int) -> str:
+    """Register ``qc_avx2_u8s8_8x4x<steps>``: C[8] += sum over ``steps`` steps of 4 rows,
+    the steps' ``vpmaddubsw`` pairs summed in int16 (no overflow for codes below 16: see
+    ``AVX2_INT16_STEPS``), then one ``vpmaddwd`` with ones: half the widening work. The steps'
+    codes lie ``stride`` bytes apart (rows of 4 of the unpacked tile)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = f"{AVX2_INTRIN}x{steps}"
+    if name in _avx2_steps_registered:
+        return name
+    S = steps
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        stride = T.int64()
+        A = T.match_buffer(a, (4 * S,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (S, 8, 4), "uint8", offset_factor=1, scope="local",
+                           strides=[stride, 4, 1])
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:S, 0:8, 0:4], A[0:4 * S])
+            T.writes(C[0:8])
+            for s, i, k in T.grid(S, 8, 4):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(8, i)
+                    vk = T.axis.reduce(4 * S, s * 4 + k)
+                    C[vi] = C[vi] + T.cast(B[vk // 4, vi, vk % 4], "int32") * T.cast(A[vk],
+                                                                                    "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        stride = T.int64()
+        A = T.match_buffer(a, (4 * S,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (S, 8, 4), "uint8", offset_factor=1, scope="local",
+                           strides=[stride, 4, 1])
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:S, 0:8, 0:4], A[0:4 * S])
+            T.writes(C[0:8])
+            pairs = T.alloc_local((1,), "int16x16")
+            pairs[0] = T.broadcast(T.int16(0), 16)
+            for s in T.unroll(S):
+                a_i8x32 = T.reinterpret(T.broadcast(T.reinterpret(
+                    A.vload([s * 4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+                pairs[0] = pairs[0] + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    T.reinterpret(B.vload([s, 0, 0], dtype="uint8x32"), dtype="int8x32"),
+                    a_i8x32, dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs[0], T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception as e:  # registered already by another import of this module
+        if "already" not in str(e).lower():
+            raise
+    _avx2_steps_registered.add(name)
+    return name
+
+
 def int8_intrin(ks: KernelShape) -> str:
     """The tensor intrinsic of an int8 kernel: vpdpbusd with 16 int32 lanes (AVX-512 VNNI),
     else the AVX2 pair with 8 (codes below 128 in one step, 8-bit containers by nibbles)."""
     if ks.lanes == layout.VNNI_LANES:
         register_vnni_intrin()
         return VNNI_INTRIN
+    if int16_steps(ks) > 1:
+        return register_avx2_steps_intrin(int16_steps(ks))
     register_avx2_intrins()
     return AVX2_INTRIN if ks.container_bits <= 4 else AVX2_NIBBLES_INTRIN
 
@@ -515,12 +593,16 @@ def schedule_int8(ks: KernelShape, variant: dict):
     below = _loops_below(sch, part, 3)
     p_rows = below[0] if mb > 1 else None
     p_cols, p_k = below[-2], below[-1]
-    k_out, k_in = sch.split(p_k, [None, 4])
+    steps = int16_steps(ks)
+    if steps > 1:  # the intrinsic covers several steps of 4 rows (int16 sums, AVX2)
+        k_out, k_step, k_in = sch.split(p_k, [None, steps, 4])
+    else:
+        (k_out, k_in), k_step = sch.split(p_k, [None, 4]), None
     # n_tile/lanes independent dot products per 4 rows: separate accumulators hide latency.
     c_out, c_in = sch.split(p_cols, [None, ks.lanes])
-    sch.reorder(*[lp for lp in (k_out, p_rows, c_out, c_in, k_in) if lp is not None])
+    sch.reorder(*[lp for lp in (k_out, p_rows, c_out, k_step, c_in, k_in) if lp is not None])
     sch.decompose_reduction(part, k_out)
-    sch.tensorize(c_in, intrin)
+    sch.tensorize(k_step if k_step is not None else c_in, intrin)
     sch.unroll(c_out)
     if p_rows is not None:
         sch.unroll(p_rows)
