@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--shapes", default=None, help="comma-separated NxK shapes (e.g. 4096x4096)")
     args = ap.parse_args()
 
     import torch
@@ -132,6 +133,8 @@ def main():
     from qcompiler.runtime import numerics
 
     shapes = [SHAPES[0], SHAPES[4], SHAPES[5]] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     ms = [1, 16, 64] if args.quick else MS
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]

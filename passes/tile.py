@@ -2,11 +2,12 @@
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
 (``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on
-M. A variant picks the kernel (``gemv``: the split-K GEMV kernel or the tiled one) and its
-parameters. Each variant comes from the tuning log when ``tuning_log`` is given and holds a
-record for that (target, device, kernel key), else from the heuristic
-``codegen/cuda/tuning.default_config``. A logged config that fails the backend's validator
-(``codegen/cuda/config.py``) is skipped with a warning.
+M. A variant picks the kernel (``gemv``: the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with
+4-bit codes, the wgmma/TMA kernel; else the tiled mma.sync one) and its parameters. Each
+variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
+(target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
+A logged config that fails the backend's validator (``codegen/cuda/config.py``) is skipped
+with a warning.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
 (``heuristic`` or ``tuning-log``).
 """
@@ -70,8 +71,10 @@ class TilePass(Pass):
                 if chosen is None:
                     chosen = tuning.default_config(tgt, key)
                 # A dict keyed by bucket: the IR's attribute lists hold numbers only.
-                variants[f"m{m_max}"] = {"m_max": m_max, "source": source,
-                                         **{k: int(chosen[k]) for k in tuning.KNOBS}}
+                variants[f"m{m_max}"] = {
+                    "m_max": m_max, "source": source,
+                    **{k: int(chosen[k]) for k in tuning.KNOBS},
+                    **{k: int(chosen.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
             node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants}
             count += 1
         record_stat(module, self.name, tiled=count)

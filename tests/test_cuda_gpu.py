@@ -162,3 +162,47 @@ def test_back_to_back_layers_on_one_stream(tmp_path):
         assert cases.rel_error(h1, cases.reference(b1.module, x)) <= cases.TOLERANCE["f16"]
         ref2 = cases.reference(b2.module, h1)
         assert cases.rel_error(y2.cpu().numpy(), ref2) <= cases.TOLERANCE["f16"], f"M={m}"
+
+
+# The sm_90a wgmma/TMA kernel (include/qcompiler/wgmma.cuh): explicit variants (one and two
+# consumer warpgroups, ring depths, split-K) on the four large layers' shapes scaled down
+# (N, K) and one full shape through the tile pass's heuristic; M = 64 .. 1000 (partial M and
+# N tiles). (m_frags, warps_k, stages, split_k)
+WGMMA_VARIANTS = [{"wgmma": 1, "gemv": 0, "m_frags": 4 * c, "warps_n": 4, "warps_k": c,
+                   "stages": st, "stage_k": 64, "acc_scale": 0, "split_k": sk}
+                  for c, st, sk in [(1, 4, 1), (2, 4, 1), (1, 3, 3), (2, 6, 2)]]
+WGMMA_CASES = {  # format: (N, K) scaled from 4096², 14336x4096, 28672x8192, 8192x28672
+    "u4_zp_g128_f16": (512, 512), "i4_g128_bf16": (1792, 512),
+    "u4_zp_g128_bf16": (3584, 1024), "i4_g128_f16": (1024, 3584),
+    "u4_zp_g32_actorder_f16": (320, 384), "u4_zp_perchannel_bf16": (200, 256),
+}
+FORMATS["u4_zp_g128_bf16"] = (4, False, True, 128, False, "bf16", False)
+
+
+def _sm90() -> bool:
+    import torch
+
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.parametrize("fmt", sorted(WGMMA_CASES))
+def test_wgmma_variants(fmt, tmp_path):
+    if not _sm90():
+        pytest.skip("the wgmma kernel needs sm_90")
+    n, k = WGMMA_CASES[fmt]
+    built = bs.build_case(_case(fmt, (k, n)), str(tmp_path), variants=WGMMA_VARIANTS)
+    kern = bs.load_kernel(built)
+    for i in range(len(WGMMA_VARIANTS)):
+        for m in (64, 100, 128, 512, 1000):
+            _check(kern, built, m, variant=i)
+
+
+def test_wgmma_full_shape_heuristic(tmp_path):
+    """4096x4096 through the tile pass: the M > 64 buckets pick the wgmma kernel on sm_90."""
+    if not _sm90():
+        pytest.skip("the wgmma kernel needs sm_90")
+    built = bs.build_case(_case("i4_g128_f16", (4096, 4096)), str(tmp_path))
+    assert any(v["wgmma"] for v in built.variants)
+    kern = bs.load_kernel(built)
+    for m in (64, 100, 128, 512, 1000):
+        _check(kern, built, m)

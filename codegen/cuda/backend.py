@@ -74,11 +74,13 @@ def kernel_params(node, target_name: str) -> dict:
     dtype = node.operands[0].type.dtype.name
     variants = []
     for i, v in enumerate(sorted(cfg["variants"].values(), key=lambda v: v["m_max"])):
-        variants.append({**v, "name": f"v{i}"})
+        variants.append({**v, "wgmma": v.get("wgmma", 0), "name": f"v{i}"})
     # One template instance per distinct kernel (split_k is a run-time value).
     instances = sorted({(v["gemv"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
                         + ((0, 0) if v["gemv"] else (v["stage_k"], v["acc_scale"]))
-                        for v in variants})
+                        for v in variants if not v["wgmma"]})
+    wgmma_instances = sorted({(v["m_frags"], v["warps_k"], v["stages"])
+                              for v in variants if v["wgmma"]})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {
         "version": qcompiler.__version__, "node_name": comment_text(node.result.name),
@@ -96,7 +98,7 @@ def kernel_params(node, target_name: str) -> dict:
         "zero_const": max(lay.get("zero_const"), 0),
         # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
-        "variants": variants, "instances": instances,
+        "variants": variants, "instances": instances, "wgmma_instances": wgmma_instances,
         "has_gemv": any(c[0] for c in instances),
         # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).
@@ -134,10 +136,16 @@ def render(params: dict) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    return env.get_template("qmatmul.cu.j2").render(**params)
+    # Variants with the wgmma kernel: its template (the same one plus wgmma.cuh), for sm_90a.
+    name = "qmatmul_wgmma.cu.j2" if params.get("wgmma_instances") else "qmatmul.cu.j2"
+    return env.get_template(name).render(**params)
 
 
-def target_archs(target) -> list[str]:
+def target_archs(target, params: dict | None = None) -> list[str]:
+    """nvcc's archs: the target's, or sm_90a alone for a kernel with wgmma variants (wgmma and
+    setmaxnreg exist only in the arch-specific sm_90a)."""
+    if params is not None and params.get("wgmma_instances"):
+        return ["sm_90a"]
     return [target.params["arch"]]
 
 
@@ -178,8 +186,10 @@ class CudaBackend(Backend):
             params = kernel_params(node, target.name)
             # Names are the only per-node text: the key is taken without them.
             unnamed = render({**params, "symbol": SHARED_SYMBOL, "node_name": ""})
-            key = kernel_key(nv.key_source(unnamed), flags, tool)  # with the headers' digest
-            kernel = kernels.setdefault(key, {"params": params, "nodes": []})
+            k_archs = target_archs(target, params)
+            k_flags = " ".join(nv.NVCC_FLAGS + [f for a in k_archs for f in nv.gencode_flags(a)])
+            key = kernel_key(nv.key_source(unnamed), k_flags, tool)  # with the headers' digest
+            kernel = kernels.setdefault(key, {"params": params, "nodes": [], "archs": k_archs})
             kernel["nodes"].append(node.result.name)
             symbol = f"qc_qmm_{key[:12]}"
             records.append({
@@ -202,7 +212,8 @@ class CudaBackend(Backend):
             with open(src, "w") as f:
                 f.write(text)
             builds.append(KernelBuild(key, symbol + ".so",
-                                      functools.partial(nv.build_library, src, archs,
+                                      functools.partial(nv.build_library, src,
+                                                        kernel["archs"],
                                                         include_dir=include_dir),
                                       kernel["nodes"]))
         rt_src = os.path.join(kdir, "qc_runtime.cu")

@@ -44,7 +44,8 @@ def build_case(case: cases.Case, workdir: str, target: str = "cuda-sm90",
     if variants is not None:
         node.attrs["config"] = {**node.attrs["config"], "variants": {
             f"v{i:02d}": {"m_max": v.get("m_max", 1 << 30), "source": "explicit",
-                          **{k: int(v[k]) for k in tuning.KNOBS}}
+                          **{k: int(v[k]) for k in tuning.KNOBS},
+                          **{k: int(v.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
             for i, v in enumerate(variants)}}
     params = backend.kernel_params(node, target)
     os.makedirs(workdir, exist_ok=True)
@@ -53,8 +54,8 @@ def build_case(case: cases.Case, workdir: str, target: str = "cuda-sm90",
     if not os.path.exists(src) or open(src).read() != text:
         with open(src, "w") as f:
             f.write(text)
+    lib = nv.build_cached(src, src[:-3] + ".so", archs or backend.target_archs(tgt, params))
     archs = archs or backend.target_archs(tgt)
-    lib = nv.build_cached(src, src[:-3] + ".so", archs)
     rt_src = os.path.join(workdir, "qc_runtime.cu")
     if not os.path.exists(rt_src):
         with open(rt_src, "w") as f, open(nv.RUNTIME_SOURCE) as g:

@@ -28,6 +28,9 @@ SCALE_AT = ("registers", "epilogue")
 ZERO_AT = ("registers", "constant")
 SOURCES = ("heuristic", "tuning-log", "explicit")
 KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
+# Knobs added later, with the value a config written before them means (tuning logs and .qir
+# text from before the wgmma kernel stay valid): wgmma=1 selects the sm_90a wgmma/TMA kernel.
+OPTIONAL_KNOBS = {"wgmma": 0}
 X_DTYPES = ("f16", "bf16")
 # Layout parameters the template prints as C++ numbers.
 LAYOUT_INTS = ("container_bits", "k", "n", "k_pad", "n_pad", "group", "zero_const",
@@ -49,6 +52,7 @@ class Variant:
     stage_k: int
     acc_scale: int
     split_k: int
+    wgmma: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,13 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     problem = knob_types(config)
     if problem:
         return problem
+    for knob, default in OPTIONAL_KNOBS.items():
+        if not is_int(config.get(knob, default)):
+            return f"{knob}={config[knob]!r} is not an int"
+    if config.get("wgmma", 0) not in (0, 1):
+        return f"wgmma={config['wgmma']} not in (0, 1)"
+    if config.get("wgmma", 0):
+        return check_wgmma(target, key, config)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_tiles = pad_to(key["k"], K_ALIGN) // 64
     if config["gemv"] not in (0, 1):
@@ -129,6 +140,40 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     if smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30) \
             > _smem_limit(target):
         return f"needs {smem_bytes(config, key)} bytes of shared memory"
+    return None
+
+
+def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
+    """``check_knobs`` for the sm_90a wgmma kernel (include/qcompiler/wgmma.cuh), whose knobs
+    mean: ``m_frags`` the CTA's M tile / 16 (64 tokens per consumer warpgroup), ``warps_k``
+    the consumer warpgroups, ``warps_n`` = 4 (four n64 blocks per CTA, one per warp),
+    ``stages`` the TMA ring's depth (stages of 64 K rows: ``stage_k`` = 64), ``split_k``."""
+    from qcompiler.codegen.cuda.layout import K_ALIGN, pad_to
+    from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
+
+    if "wgmma" not in getattr(target, "features", ()):
+        return f"wgmma=1 needs a target with wgmma (sm_90), not {getattr(target, 'name', target)}"
+    if _bits(key) > 4:
+        return "the wgmma kernel reads 4-bit containers (codes of at most 4 bits)"
+    if config["gemv"] != 0 or config["acc_scale"] != 0 or config["stage_k"] != 64:
+        return "the wgmma kernel takes gemv=0, acc_scale=0 and stage_k=64"
+    if config["warps_n"] != 4:
+        return f"the wgmma kernel's N tile is 4 n64 blocks (warps_n=4), not {config['warps_n']}"
+    if config["warps_k"] not in (1, 2) or config["m_frags"] != 4 * config["warps_k"]:
+        return (f"the wgmma kernel takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens each "
+                f"(m_frags = 4 warps_k), not warps_k={config['warps_k']}, "
+                f"m_frags={config['m_frags']}")
+    if not 2 <= config["stages"] <= 8:
+        return f"stages={config['stages']} not in [2, 8]"
+    group = _group(key)
+    if group and not (group % 64 == 0 or 64 % group == 0):
+        return f"group {group} and the wgmma kernel's 64-row stages do not nest"
+    k_tiles = pad_to(key["k"], K_ALIGN) // 64
+    if not 1 <= config["split_k"] <= k_tiles:
+        return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"
+    need = smem_bytes(config, key, group=group or 1 << 30)
+    if need > _smem_limit(target):
+        return f"needs {need} bytes of shared memory"
     return None
 
 
@@ -192,5 +237,6 @@ def validate(config, node, target=None) -> CudaConfig:
         if problem:
             raise ConfigError(f"{at}: {problem}")
         variants.append(Variant(m_max=v["m_max"], source=source,
-                                **{k: v[k] for k in KNOBS}))
+                                **{k: v[k] for k in KNOBS},
+                                **{k: v.get(k, d) for k, d in OPTIONAL_KNOBS.items()}))
     return CudaConfig(unpack, scale_at, zero_at, tuple(sorted(variants, key=lambda v: v.m_max)))

@@ -7,6 +7,10 @@ A config is one kernel variant. ``gemv`` picks the kernel:
   stage), ``stages`` (cp.async pipeline depth), ``stage_k`` (K rows per stage: 64 or 128),
   ``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
   tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last CTA of each tile);
+- ``wgmma=1`` (cuda-sm90 only, 4-bit codes), the sm_90a wgmma/TMA kernel
+  (include/qcompiler/wgmma.cuh; ``gemv=0``): ``m_frags`` = M tile / 16 with 64 tokens per
+  consumer warpgroup (4 or 8), ``warps_k`` the consumer warpgroups (1 or 2), ``warps_n`` = 4
+  (N tile 256), ``stages`` (TMA ring depth, stages of ``stage_k`` = 64 rows), ``split_k``;
 - ``gemv=1``, the split-K GEMV kernel for small M (weights straight from global memory into
   registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``,
   ``warps_k`` (warps splitting the CTA's K range, summed in shared memory), ``stages`` (k16
@@ -21,7 +25,7 @@ import functools
 import math
 import os
 
-from qcompiler.codegen.cuda.config import KNOBS  # noqa: F401  (the knobs of a variant)
+from qcompiler.codegen.cuda.config import KNOBS, OPTIONAL_KNOBS  # noqa: F401  (a variant's knobs)
 from qcompiler.codegen.cuda.layout import K_ALIGN, N_ALIGN, pad_to
 
 
@@ -37,6 +41,12 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
                scale_in_registers: bool = True, has_zp: bool = True) -> int:
     """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in include/qcompiler/)."""
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
+    if config.get("wgmma"):  # mirrors WgmmaTile: the ring of stages, or the fp32 tile after it
+        srows = 64 // group if group < 64 else 1
+        stage = m_tile * 128 + 4 * 4 * 512 + srows * 512 * (int(scale_in_registers) + int(has_zp))
+        stage = -(-stage // 1024) * 1024
+        return max(config["stages"] * stage, m_tile * (256 + 4) * 4) + 2 * config["stages"] * 8 \
+            + 16 + 1024
     if config.get("gemv"):  # one fp32 tile of 8 m_frags rows per k warp
         return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16
     sk = config.get("stage_k", 64)
@@ -66,10 +76,13 @@ def _group(key: dict) -> int:
 def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 16
     return {
+        "wgmma": [0, 1] if wgmma else [0],
         "gemv": [1, 0] if m <= 64 else [0],
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
-        "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8],
+        "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8]
+                   + ([8] if wgmma and m > 64 else []),
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0],
         "warps_k": [1, 2, 4, 8, 16] if m <= 64 else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
@@ -96,6 +109,8 @@ def default_config(target, key) -> dict:
     m, k, n = key["m"], key["k"], key["n"]
     if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192):
         return gemv_default(target, key)
+    if "wgmma" in target.features and _bits(key) <= 4:
+        return wgmma_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
     if m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
@@ -121,8 +136,33 @@ def default_config(target, key) -> dict:
     cfg["split_k"] = split
     cfg["acc_scale"] = 0
     cfg["gemv"] = 0
+    cfg["wgmma"] = 0
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
+    return cfg
+
+
+def wgmma_default(target, key) -> dict:
+    """The wgmma kernel's config (cuda-sm90, 4-bit codes, where the tiled kernel ran before):
+
+    - one consumer warpgroup (M tile 64) up to 64 rows, else two (M tile 128);
+    - the deepest ring of stages that fits in shared memory, at most 6;
+    - split K while the grid stays within one CTA per SM and every split keeps at least 8
+      stages of 64 rows (the 4096-wide layers have few N tiles of 256).
+    """
+    m = key["m"]
+    consumers = 1 if m <= 64 else 2
+    cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
+           "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+    while check_config(target, key, cfg) and cfg["stages"] > 2:
+        cfg["stages"] -= 1
+    sms = _sm_count(target)
+    ctas = math.ceil(pad_to(key["n"], N_ALIGN) / 256) * math.ceil(m / (64 * consumers))
+    k_stages = pad_to(key["k"], K_ALIGN) // 64
+    split = 1
+    while ctas * split * 2 <= sms and k_stages // (split * 2) >= 8:
+        split *= 2
+    cfg["split_k"] = split
     return cfg
 
 
@@ -157,7 +197,7 @@ def gemv_default(target, key) -> dict:
     k_steps = pad_to(key["k"], K_ALIGN) // 16
     mf = 1 if key["m"] <= 8 else 2
     cfg = {"gemv": 1, "m_frags": mf, "warps_n": 1, "warps_k": 16, "stages": 8, "stage_k": 64,
-           "acc_scale": 0, "split_k": 1}
+           "acc_scale": 0, "split_k": 1, "wgmma": 0}
     if n_blocks >= 1.5 * sms:
         cfg["warps_k"] = 8
     if mf == 2 and n_blocks >= 128 and n_blocks % 2 == 0:

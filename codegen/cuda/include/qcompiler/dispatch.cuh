@@ -16,6 +16,7 @@ namespace qc {
 // One entry of the tile pass's variants (a row of the generated VARIANTS table).
 struct Variant {
   int m_max, gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
+  int wgmma;  // 1: the sm_90a wgmma kernel (wgmma.cuh); tables without it leave it 0
 };
 
 // Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned.

@@ -10,11 +10,20 @@
 
 namespace qc {
 
+// __syncthreads, or named barrier 1 over the first THREADS threads.
+template <int THREADS>
+__device__ __forceinline__ void cta_sync() {
+  if constexpr (THREADS == 0) __syncthreads();
+  else asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+}
+
 // tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
 // the epilogue (per-channel scale, bias, rounding) to y. With split-K every CTA writes its fp32
 // partial tile; the last one to finish a tile (atomic counter) sums the partials in split
 // order (deterministic), writes y and resets the tile's counter for the next launch.
-template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum>
+// BARRIER_THREADS > 0: only the first BARRIER_THREADS threads of the CTA take part (they sync
+// on named barrier 1 instead of __syncthreads; the wgmma kernel's producer warps have left).
+template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum, int BARRIER_THREADS = 0>
 __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& p, int m0, int n0,
                                             int split, int* flag, TileSum tile_sum) {
   using S = typename C::scalar_t;
@@ -38,13 +47,13 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
       p.partial[((long long)split * p.M + m0 + m) * N + n0 + n] = tile_sum(i);
   }
   __threadfence();
-  __syncthreads();
+  cta_sync<BARRIER_THREADS>();
   const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
   if (tid == 0) {
     const int done = atomicAdd(p.counters + tile_id, 1);
     *flag = (done == p.split_k - 1);
   }
-  __syncthreads();
+  cta_sync<BARRIER_THREADS>();
   if (!*flag) return;
   __threadfence();
   for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
