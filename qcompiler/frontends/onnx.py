@@ -985,3 +985,7 @@ def load(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> Module:
     """Import an ONNX model (path, bytes or ModelProto) as a QIR module."""
     proto = read_model(model)
     return _Importer(proto).run()
+
+
+# onnxruntime's com.microsoft contrib ops register into _HANDLERS from their own module.
+from qcompiler.frontends import onnx_contrib as _onnx_contrib  # noqa: E402,F401  (registers)
