@@ -976,6 +976,666 @@ def _matmul_nbits(imp, n, attrs):
         imp.emit("add", [y, bias], names=[out])
 
 
+# --------------------------------------------------------------------------------------------
+# ONNX coverage (issue #13)
+# --------------------------------------------------------------------------------------------
+
+
+def _scalar(imp, value, dtype, hint: str = "c") -> Value:
+    """A 0-d constant of ``dtype`` (an ElementType)."""
+    return imp.add_constant(np.array(value, dtype.np_dtype), TensorType((), dtype), hint)
+
+
+def _ints_const(imp, values, hint: str) -> Value:
+    arr = np.array(list(values), np.int64)
+    return imp.add_constant(arr, TensorType(arr.shape, elem("i64")), hint)
+
+
+def _opt_input(xs: list, i: int) -> Optional[Value]:
+    return xs[i] if len(xs) > i else None
+
+
+def _const_ints(imp, v: Optional[Value], what: str) -> Optional[list[int]]:
+    return None if v is None else [int(a) for a in imp.need_const(v, what).reshape(-1)]
+
+
+def _axes_of(imp, n, attrs, xs, since: int) -> list[int]:
+    """A reduce's axes: the attribute before opset ``since``, the second input from it on."""
+    if imp.opset >= since:
+        return _const_ints(imp, _opt_input(xs, 1), f"{n.op_type} axes") or []
+    return [int(a) for a in attrs.get("axes", [])]
+
+
+_UNARY = {"Cos": "cos", "Sin": "sin", "Tan": "tan", "Acos": "acos", "Asin": "asin",
+          "Atan": "atan", "Cosh": "cosh", "Sinh": "sinh", "Asinh": "asinh", "Acosh": "acosh",
+          "Atanh": "atanh", "Log": "log", "Floor": "floor", "Ceil": "ceil", "Round": "round",
+          "Sign": "sign", "Softsign": "softsign", "Softplus": "softplus", "Mish": "mish",
+          "HardSwish": "hard_swish", "Not": "not", "BitwiseNot": "bitwise_not",
+          "Or": "or", "Xor": "xor", "BitwiseAnd": "bitwise_and", "BitwiseOr": "bitwise_or",
+          "BitwiseXor": "bitwise_xor", "PRelu": "prelu"}
+
+
+@_handles(*_UNARY)
+def _unary_op(imp, n, attrs):
+    imp.emit(_UNARY[n.op_type], _inputs(imp, n), names=imp.outputs_of(n))
+
+
+_ACTIVATIONS = {"LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu", "Celu": "celu",
+                "HardSigmoid": "hard_sigmoid", "ThresholdedRelu": "thresholded_relu",
+                "Shrink": "shrink"}
+
+
+@_handles(*_ACTIVATIONS)
+def _activation(imp, n, attrs):
+    from qcompiler.ir.ops import ACTIVATION_PARAMS
+
+    op = _ACTIVATIONS[n.op_type]
+    params = {p: float(attrs.get(p, default)) for p, default in ACTIVATION_PARAMS[op][1].items()}
+    imp.emit(op, _inputs(imp, n)[:1], params, names=imp.outputs_of(n))
+
+
+@_handles("Swish")
+def _swish(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    alpha = float(attrs.get("alpha", 1.0))
+    scaled = imp.emit("mul", [x, _scalar(imp, alpha, x.type.dtype)])[0] if alpha != 1.0 else x
+    s = imp.emit("sigmoid", [scaled])[0]
+    imp.emit("mul", [x, s], names=imp.outputs_of(n))
+
+
+@_handles("IsInf")
+def _isinf(imp, n, attrs):
+    imp.emit("isinf", _inputs(imp, n), {"detect_positive": int(attrs.get("detect_positive", 1)),
+                                        "detect_negative": int(attrs.get("detect_negative", 1))},
+             names=imp.outputs_of(n))
+
+
+@_handles("Mod")
+def _mod(imp, n, attrs):
+    imp.emit("mod", _inputs(imp, n), {"fmod": int(attrs.get("fmod", 0))}, names=imp.outputs_of(n))
+
+
+@_handles("BitShift")
+def _bit_shift(imp, n, attrs):
+    direction = attrs["direction"]
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    imp.emit("bit_shift", _inputs(imp, n), {"direction": direction}, names=imp.outputs_of(n))
+
+
+@_handles("Sum", "Mean")
+def _sum_mean(imp, n, attrs):
+    xs = _inputs(imp, n)
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = imp.emit("add", [acc, x])[0]
+    if n.op_type == "Mean" and len(xs) > 1:
+        acc = imp.emit("div", [acc, _scalar(imp, len(xs), acc.type.dtype)])[0]
+    imp.emit("identity", [acc], names=imp.outputs_of(n))
+
+
+_REDUCE_KINDS = {"ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod",
+                 "ReduceSumSquare": "sum_square", "ReduceL1": "l1", "ReduceLogSum": "log_sum",
+                 "ReduceLogSumExp": "log_sum_exp"}
+
+
+@_handles(*_REDUCE_KINDS)
+def _reduce(imp, n, attrs):
+    xs = _inputs(imp, n)
+    a = {"kind": _REDUCE_KINDS[n.op_type], "axes": _axes_of(imp, n, attrs, xs, 18),
+         "keepdims": int(attrs.get("keepdims", 1))}
+    if attrs.get("noop_with_empty_axes", 0):
+        a["noop_with_empty_axes"] = 1
+    imp.emit("reduce", xs[:1], a, names=imp.outputs_of(n))
+
+
+@_handles("ArgMax", "ArgMin")
+def _arg_reduce(imp, n, attrs):
+    imp.emit("arg_reduce", _inputs(imp, n)[:1],
+             {"kind": n.op_type[3:].lower(), "axis": int(attrs.get("axis", 0)),
+              "keepdims": int(attrs.get("keepdims", 1)),
+              "select_last_index": int(attrs.get("select_last_index", 0))},
+             names=imp.outputs_of(n))
+
+
+@_handles("CumSum", "CumProd")
+def _cumulative(imp, n, attrs):
+    xs = _inputs(imp, n)
+    axis = _const_ints(imp, xs[1], f"{n.op_type} axis")[0]
+    imp.emit("cumulative", xs[:1], {"kind": n.op_type[3:].lower(), "axis": axis,
+                                    "exclusive": int(attrs.get("exclusive", 0)),
+                                    "reverse": int(attrs.get("reverse", 0))},
+             names=imp.outputs_of(n))
+
+
+def _coerced_2d(imp, n, x: Value, op: str, axis: int) -> None:
+    """Softmax-family before opset 13: flatten to 2-D at ``axis``, apply on the last axis,
+    reshape back."""
+    rank = x.type.rank
+    axis = axis % max(rank, 1)
+    if axis == rank - 1:
+        imp.emit(op, [x], {"axis": -1}, names=imp.outputs_of(n))
+        return
+    flat = _flatten(imp, x, axis)
+    y = imp.emit(op, [flat], {"axis": 1})[0]
+    shape = imp.emit("shape", [x])[0]
+    imp.emit("reshape", [y, shape], names=imp.outputs_of(n))
+
+
+@_handles("LogSoftmax", "Hardmax")
+def _log_softmax(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    op = "log_softmax" if n.op_type == "LogSoftmax" else "hardmax"
+    if imp.opset < 13:
+        _coerced_2d(imp, n, x, op, int(attrs.get("axis", 1)))
+    else:
+        imp.emit(op, [x], {"axis": int(attrs.get("axis", -1))}, names=imp.outputs_of(n))
+
+
+def _flatten(imp, x: Value, axis: int, names=None) -> Value:
+    """x as 2-D [prod(dims before axis), prod(dims from axis on)]."""
+    shape = x.type.shape
+    head, tail = shape[:axis], shape[axis:]
+    if all(isinstance(d, int) for d in head):
+        target = [int(np.prod(head, dtype=np.int64)), -1]
+    elif all(isinstance(d, int) for d in tail):
+        target = [-1, int(np.prod(tail, dtype=np.int64))]
+    else:
+        # Symbolic on both sides: the product of the leading dims at run time.
+        dims = imp.emit("shape", [x], {"end": axis})[0]
+        lead = imp.emit("reduce", [dims], {"kind": "prod", "axes": [0], "keepdims": 1})[0]
+        target_v = imp.emit("concat", [lead, _ints_const(imp, [-1], "flatten")], {"axis": 0})[0]
+        return imp.emit("reshape", [x, target_v], names=names)[0]
+    return imp.emit("reshape", [x, _ints_const(imp, target, "flatten")], names=names)[0]
+
+
+@_handles("Flatten")
+def _flatten_op(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.type.rank if axis < 0 else axis
+    _flatten(imp, x, axis, names=imp.outputs_of(n))
+
+
+@_handles("ConstantOfShape")
+def _constant_of_shape(imp, n, attrs):
+    """expand(value, shape): a 0-d constant broadcast to the shape operand."""
+    value = attrs.get("value")
+    if value is None:
+        dtype, arr = elem("f32"), np.zeros((), np.float32)
+    else:
+        dtype = _elem_of(value.data_type, imp.where())
+        arr = numpy_helper.to_array(value).reshape(-1)[0]
+    c = imp.add_constant(_to_storage(np.array(arr), TensorType((), dtype)),
+                         TensorType((), dtype), "fill")
+    imp.emit("expand", [c, _inputs(imp, n)[0]], names=imp.outputs_of(n))
+
+
+@_handles("Dropout")
+def _dropout(imp, n, attrs):
+    """Inference: the identity, and a mask of all true."""
+    x = _inputs(imp, n)[0]
+    outs = imp.outputs_of(n)
+    imp.emit("identity", [x], names=outs[:1])
+    if len(outs) > 1 and outs[1]:
+        true = imp.add_constant(np.array(True), TensorType((), elem("bool")), "mask")
+        imp.emit("expand", [true, imp.emit("shape", [x])[0]], names=outs[1:2])
+
+
+@_handles("CastLike")
+def _cast_like(imp, n, attrs):
+    x, like = _inputs(imp, n)[:2]
+    a = {"to": like.type.dtype}
+    if attrs.get("saturate", 1) != 1:
+        a["saturate"] = int(attrs["saturate"])
+    imp.emit("cast", [x], a, names=imp.outputs_of(n))
+
+
+@_handles("Size")
+def _size(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    if x.type.is_static:
+        imp.env[n.output[0]] = imp.add_constant(np.array(x.type.numel(), np.int64),
+                                                TensorType((), elem("i64")), n.output[0])
+        return
+    shape = imp.emit("shape", [x])[0]
+    imp.emit("reduce", [shape], {"kind": "prod", "axes": [0], "keepdims": 0},
+             names=imp.outputs_of(n))
+
+
+@_handles("Tile")
+def _tile(imp, n, attrs):
+    imp.emit("tile", _inputs(imp, n)[:2], names=imp.outputs_of(n))
+
+
+@_handles("Pad")
+def _pad(imp, n, attrs):
+    xs = _inputs(imp, n)
+    x = xs[0]
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    r = x.type.rank
+    if imp.opset < 11:
+        pads_v = _ints_const(imp, attrs["pads"], "pads")
+        value = _scalar(imp, float(attrs.get("value", 0.0)), x.type.dtype, "pad_value")
+    else:
+        pads_v, value = xs[1], _opt_input(xs, 2)
+        axes = _const_ints(imp, _opt_input(xs, 3), "Pad axes")
+        if axes is not None:
+            pads = _const_ints(imp, pads_v, "Pad pads (with axes)")
+            full = [0] * (2 * r)
+            for i, a in enumerate(axes):
+                a = a % r
+                full[a], full[a + r] = pads[i], pads[i + len(axes)]
+            pads_v = _ints_const(imp, full, "pads")
+    imp.emit("pad", [x, pads_v, value], {"mode": mode}, names=imp.outputs_of(n))
+
+
+@_handles("Trilu")
+def _trilu(imp, n, attrs):
+    xs = _inputs(imp, n)
+    imp.emit("trilu", [xs[0], _opt_input(xs, 1)], {"upper": int(attrs.get("upper", 1))},
+             names=imp.outputs_of(n))
+
+
+@_handles("TopK")
+def _topk(imp, n, attrs):
+    xs = _inputs(imp, n)
+    k = xs[1] if imp.opset >= 10 else _ints_const(imp, [attrs["k"]], "k")
+    imp.emit("topk", [xs[0], k], {"axis": int(attrs.get("axis", -1)),
+                                  "largest": int(attrs.get("largest", 1)),
+                                  "sorted": int(attrs.get("sorted", 1))},
+             names=imp.outputs_of(n))
+
+
+@_handles("Einsum")
+def _einsum(imp, n, attrs):
+    eq = attrs["equation"]
+    imp.emit("einsum", _inputs(imp, n), {"equation": eq.decode() if isinstance(eq, bytes)
+                                         else eq}, names=imp.outputs_of(n))
+
+
+def _text(v, default: str) -> str:
+    if v is None:
+        return default
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@_handles("Resize", "Upsample")
+def _resize(imp, n, attrs):
+    xs = _inputs(imp, n)
+    x = xs[0]
+    mode = _text(attrs.get("mode"), "nearest")
+    a = {"mode": mode,
+         "coordinate_transformation_mode": _text(attrs.get("coordinate_transformation_mode"),
+                                                 "half_pixel"),
+         "nearest_mode": _text(attrs.get("nearest_mode"), "round_prefer_floor"),
+         "cubic_coeff_a": float(attrs.get("cubic_coeff_a", -0.75)),
+         "exclude_outside": int(attrs.get("exclude_outside", 0)),
+         "extrapolation_value": float(attrs.get("extrapolation_value", 0.0)),
+         "antialias": int(attrs.get("antialias", 0)),
+         "axes": [int(v) for v in attrs.get("axes", [])],
+         "keep_aspect_ratio_policy": _text(attrs.get("keep_aspect_ratio_policy"), "stretch")}
+    if mode == "bilinear":  # Upsample-7/9
+        a["mode"] = "linear"
+    if n.op_type == "Upsample" or imp.opset < 11:
+        # Upsample and Resize-10: scales only, asymmetric coordinates, floor rounding.
+        a.update(coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        scales = xs[1] if len(xs) > 1 else _float_const(imp, attrs["scales"], "scales")
+        imp.emit("resize", [x, None, scales, None], a, names=imp.outputs_of(n))
+        return
+    xs = xs + [None] * (4 - len(xs))
+    imp.emit("resize", xs[:4], a, names=imp.outputs_of(n))
+
+
+def _float_const(imp, values, hint: str) -> Value:
+    arr = np.array(list(values), np.float32)
+    return imp.add_constant(arr, TensorType(arr.shape, elem("f32")), hint)
+
+
+@_handles("OneHot")
+def _one_hot(imp, n, attrs):
+    imp.emit("one_hot", _inputs(imp, n), {"axis": int(attrs.get("axis", -1))},
+             names=imp.outputs_of(n))
+
+
+@_handles("NonZero")
+def _nonzero(imp, n, attrs):
+    imp.emit("nonzero", _inputs(imp, n), names=imp.outputs_of(n))
+
+
+@_handles("ScatterND")
+def _scatter_nd(imp, n, attrs):
+    imp.emit("scatter_nd", _inputs(imp, n), {"reduction": _text(attrs.get("reduction"), "none")},
+             names=imp.outputs_of(n))
+
+
+@_handles("ScatterElements", "Scatter")
+def _scatter_elements(imp, n, attrs):
+    imp.emit("scatter_elements", _inputs(imp, n),
+             {"axis": int(attrs.get("axis", 0)),
+              "reduction": _text(attrs.get("reduction"), "none")}, names=imp.outputs_of(n))
+
+
+@_handles("DepthToSpace", "SpaceToDepth")
+def _depth_space(imp, n, attrs):
+    """reshape, transpose, reshape (static N, C, H, W)."""
+    x = _inputs(imp, n)[0]
+    b = int(attrs["blocksize"])
+    if x.type.rank != 4 or not x.type.is_static:
+        raise imp.fail(f"{n.op_type} needs a 4-D input of static shape, not {x.type.shape}")
+    N, C, H, W = x.type.shape
+    if n.op_type == "DepthToSpace":
+        if _text(attrs.get("mode"), "DCR") == "DCR":
+            mid, perm = [N, b, b, C // (b * b), H, W], [0, 3, 4, 1, 5, 2]
+        else:
+            mid, perm = [N, C // (b * b), b, b, H, W], [0, 1, 4, 2, 5, 3]
+        final = [N, C // (b * b), H * b, W * b]
+    else:
+        mid, perm = [N, C, H // b, b, W // b, b], [0, 3, 5, 1, 2, 4]
+        final = [N, C * b * b, H // b, W // b]
+    y = imp.emit("reshape", [x, _ints_const(imp, mid, "shape")])[0]
+    y = imp.emit("transpose", [y], {"perm": perm})[0]
+    imp.emit("reshape", [y, _ints_const(imp, final, "shape")], names=imp.outputs_of(n))
+
+
+@_handles("EyeLike")
+def _eye_like(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    dtype = _elem_of(attrs["dtype"], imp.where()) if attrs.get("dtype") else x.type.dtype
+    imp.emit("eye_like", [x], {"k": int(attrs.get("k", 0)), "dtype": dtype},
+             names=imp.outputs_of(n))
+
+
+@_handles("Compress")
+def _compress(imp, n, attrs):
+    a = {"axis": int(attrs["axis"])} if "axis" in attrs else {}
+    imp.emit("compress", _inputs(imp, n), a, names=imp.outputs_of(n))
+
+
+@_handles("BitCast")
+def _bitcast(imp, n, attrs):
+    imp.emit("bitcast", _inputs(imp, n)[:1], {"to": _elem_of(attrs["to"], imp.where())},
+             names=imp.outputs_of(n))
+
+
+# -- normalization -------------------------------------------------------------------------
+
+
+def _channel_param(imp, p: Value, rank: int) -> Value:
+    """A per-channel [C] parameter shaped [C, 1, ...] to broadcast against [N, C, *sp]."""
+    return imp.emit("reshape", [p, _ints_const(imp, [-1] + [1] * (rank - 2), "shape")])[0]
+
+
+def _normalize(imp, x: Value, axes: list[int], eps: float) -> Value:
+    """(x - mean) / sqrt(var + eps) over ``axes``, computed in f32 for f16/bf16."""
+    dtype = x.type.dtype
+    v = x
+    if dtype.name in ("f16", "bf16"):
+        v = imp.emit("cast", [x], {"to": elem("f32")})[0]
+    red = {"axes": axes, "keepdims": 1}
+    mean = imp.emit("reduce_mean", [v], red)[0]
+    diff = imp.emit("sub", [v, mean])[0]
+    var = imp.emit("reduce_mean", [imp.emit("mul", [diff, diff])[0]], red)[0]
+    std = imp.emit("sqrt", [imp.emit("add", [var, _scalar(imp, eps, v.type.dtype)])[0]])[0]
+    y = imp.emit("div", [diff, std])[0]
+    if v is not x:
+        y = imp.emit("cast", [y], {"to": dtype})[0]
+    return y
+
+
+@_handles("BatchNormalization")
+def _batch_norm(imp, n, attrs):
+    """Inference mode: (x - mean) / sqrt(var + eps) * scale + bias per channel."""
+    xs = _inputs(imp, n)
+    if attrs.get("training_mode", 0) or any(o for o in n.output[1:]):
+        raise imp.fail("BatchNormalization in training mode is not supported (inference only)")
+    x, scale, bias, mean, var = xs[:5]
+    r = x.type.rank
+    eps = float(attrs.get("epsilon", 1e-5))
+    m = _channel_param(imp, mean, r) if r > 2 else mean
+    v = _channel_param(imp, var, r) if r > 2 else var
+    s = _channel_param(imp, scale, r) if r > 2 else scale
+    b = _channel_param(imp, bias, r) if r > 2 else bias
+    eps_c = _scalar(imp, eps, var.type.dtype)
+    std = imp.emit("sqrt", [imp.emit("add", [v, eps_c])[0]])[0]
+    y = imp.emit("div", [imp.emit("sub", [x, m])[0], std])[0]
+    y = imp.emit("mul", [y, s])[0]
+    imp.emit("add", [y, b], names=imp.outputs_of(n)[:1])
+
+
+@_handles("InstanceNormalization")
+def _instance_norm(imp, n, attrs):
+    x, scale, bias = _inputs(imp, n)[:3]
+    r = x.type.rank
+    y = _normalize(imp, x, list(range(2, r)), float(attrs.get("epsilon", 1e-5)))
+    y = imp.emit("mul", [y, _channel_param(imp, scale, r)])[0]
+    imp.emit("add", [y, _channel_param(imp, bias, r)], names=imp.outputs_of(n))
+
+
+@_handles("GroupNormalization")
+def _group_norm(imp, n, attrs):
+    """Opset 21: per-channel scale and bias; opset 18: per-group (repeated over channels)."""
+    x, scale, bias = _inputs(imp, n)[:3]
+    g = int(attrs["num_groups"])
+    if x.type.rank < 3 or not isinstance(x.type.shape[1], int):
+        raise imp.fail(f"GroupNormalization needs [N, C, ...] with a static C, not {x.type.shape}")
+    c = x.type.shape[1]
+    r = x.type.rank
+    grouped = imp.emit("reshape", [x, _ints_const(imp, [0, g, -1], "shape")])[0]
+    y = _normalize(imp, grouped, [2], float(attrs.get("epsilon", 1e-5)))
+    y = imp.emit("reshape", [y, imp.emit("shape", [x])[0]])[0]
+    if imp.opset < 21 and scale.type.shape == (g,) and g != c:
+        scale = imp.emit("reshape", [imp.emit("expand", [imp.emit("reshape", [
+            scale, _ints_const(imp, [g, 1], "shape")])[0], _ints_const(imp, [g, c // g], "shape")])[0],
+            _ints_const(imp, [c], "shape")])[0]
+        bias = imp.emit("reshape", [imp.emit("expand", [imp.emit("reshape", [
+            bias, _ints_const(imp, [g, 1], "shape")])[0], _ints_const(imp, [g, c // g], "shape")])[0],
+            _ints_const(imp, [c], "shape")])[0]
+    y = imp.emit("mul", [y, _channel_param(imp, scale, r)])[0]
+    imp.emit("add", [y, _channel_param(imp, bias, r)], names=imp.outputs_of(n))
+
+
+@_handles("MeanVarianceNormalization")
+def _mvn(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    axes = [int(a) for a in attrs.get("axes", [0, 2, 3])]
+    dtype = x.type.dtype
+    red = {"axes": axes, "keepdims": 1}
+    mean = imp.emit("reduce_mean", [x], red)[0]
+    diff = imp.emit("sub", [x, mean])[0]
+    var = imp.emit("reduce_mean", [imp.emit("mul", [diff, diff])[0]], red)[0]
+    std = imp.emit("sqrt", [var])[0]
+    # onnx.reference: (x - mean) / (sqrt(var) + 1e-9)
+    imp.emit("div", [diff, imp.emit("add", [std, _scalar(imp, 1e-9, dtype)])[0]],
+             names=imp.outputs_of(n))
+
+
+@_handles("LpNormalization")
+def _lp_norm(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    p = int(attrs.get("p", 2))
+    axis = int(attrs.get("axis", -1))
+    red = {"axes": [axis], "keepdims": 1}
+    if p == 2:
+        norm = imp.emit("reduce_l2", [x], red)[0]
+    elif p == 1:
+        norm = imp.emit("reduce", [x], {"kind": "l1", **red})[0]
+    else:
+        raise imp.fail(f"LpNormalization p={p} is not supported (1 or 2)")
+    imp.emit("div", [x, norm], names=imp.outputs_of(n))
+
+
+@_handles("RMSNormalization")
+def _rms_norm(imp, n, attrs):
+    x, scale = _inputs(imp, n)[:2]
+    imp.emit("rmsnorm", [x, scale], {"axis": int(attrs.get("axis", -1)),
+                                     "epsilon": float(attrs.get("epsilon", 1e-5))},
+             names=imp.outputs_of(n))
+
+
+@_handles("LRN")
+def _lrn(imp, n, attrs):
+    """x / (bias + alpha / size * sum of squares over `size` neighbouring channels) ** beta:
+    the channel window sum as an average pool of x^2 over [size, 1, ...] with zero padding."""
+    x = _inputs(imp, n)[0]
+    size = int(attrs["size"])
+    alpha, beta, bias = (float(attrs.get(k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75),
+                                                            ("bias", 1.0)))
+    r = x.type.rank
+    dtype = x.type.dtype
+    sq = imp.emit("mul", [x, x])[0]
+    # [N, C, *sp] -> [N, 1, C, prod(sp)] so the channel window is a 2-D pool's first dim.
+    shaped = imp.emit("reshape", [sq, _ints_const(imp, [0, 1, 0, -1], "shape")])[0]
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    summed = imp.emit("pool", [shaped], {"kind": "average", "kernel_shape": [size, 1],
+                                        "strides": [1, 1], "pads": [lo, 0, hi, 0],
+                                        "dilations": [1, 1], "ceil_mode": 0,
+                                        "count_include_pad": 1, "p": 2}, names=[None])[0]
+    summed = imp.emit("reshape", [summed, imp.emit("shape", [x])[0]])[0]
+    # average * size = the sum; alpha / size * sum = alpha * average.
+    denom = imp.emit("add", [_scalar(imp, bias, dtype),
+                             imp.emit("mul", [summed, _scalar(imp, alpha, dtype)])[0]])[0]
+    denom = imp.emit("pow", [denom, _scalar(imp, beta, dtype)])[0]
+    del r
+    imp.emit("div", [x, denom], names=imp.outputs_of(n))
+
+
+# -- convolution and pooling ---------------------------------------------------------------
+
+
+def _explicit_pads(imp, attrs, in_sp: tuple, kernel: list, strides: list, dilations: list,
+                   what: str) -> list[int]:
+    """pads from ``auto_pad`` (SAME_UPPER / SAME_LOWER / VALID) or the ``pads`` attribute."""
+    nsp = len(kernel)
+    auto = _text(attrs.get("auto_pad"), "NOTSET")
+    if auto in ("NOTSET", ""):
+        return [int(p) for p in attrs.get("pads", [0] * (2 * nsp))]
+    if auto == "VALID":
+        return [0] * (2 * nsp)
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise imp.fail(f"{what} auto_pad={auto!r} is not supported")
+    begins, ends = [], []
+    for i in range(nsp):
+        d = in_sp[i]
+        if not isinstance(d, int):
+            raise imp.fail(f"{what} auto_pad={auto} needs static spatial dims, not {in_sp}")
+        out = -(-d // strides[i])
+        total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - d, 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+@_handles("Conv", "ConvInteger")
+def _conv(imp, n, attrs):
+    xs = _inputs(imp, n)
+    x, w = xs[0], xs[1]
+    nsp = x.type.rank - 2
+    kernel = [int(k) for k in attrs.get("kernel_shape", w.type.shape[2:])]
+    strides = [int(s) for s in attrs.get("strides", [1] * nsp)]
+    dil = [int(d) for d in attrs.get("dilations", [1] * nsp)]
+    pads = _explicit_pads(imp, attrs, x.type.shape[2:], kernel, strides, dil, n.op_type)
+    a = {"strides": strides, "pads": pads, "dilations": dil, "group": int(attrs.get("group", 1))}
+    if n.op_type == "ConvInteger":
+        # (x - x_zp) conv (w - w_zp) in i32, the zero points subtracted after widening.
+        i32 = elem("i32")
+        ops = []
+        for v, zp in ((x, _opt_input(xs, 2)), (w, _opt_input(xs, 3))):
+            wide = imp.emit("cast", [v], {"to": i32})[0]
+            if zp is not None:
+                zp_w = imp.emit("cast", [zp], {"to": i32})[0]
+                if v is w and zp.type.rank == 1 and zp.type.shape != (1,):
+                    zp_w = imp.emit("reshape", [zp_w, _ints_const(imp, [-1] + [1] * (nsp + 1),
+                                                                  "shape")])[0]
+                wide = imp.emit("sub", [wide, zp_w])[0]
+            ops.append(wide)
+        imp.emit("conv", ops, a, names=imp.outputs_of(n))
+        return
+    imp.emit("conv", [x, w, _opt_input(xs, 2)], a, names=imp.outputs_of(n))
+
+
+@_handles("ConvTranspose")
+def _conv_transpose(imp, n, attrs):
+    xs = _inputs(imp, n)
+    x, w = xs[0], xs[1]
+    nsp = x.type.rank - 2
+    kernel = [int(k) for k in attrs.get("kernel_shape", w.type.shape[2:])]
+    strides = [int(s) for s in attrs.get("strides", [1] * nsp)]
+    dil = [int(d) for d in attrs.get("dilations", [1] * nsp)]
+    out_pad = [int(p) for p in attrs.get("output_padding", [0] * nsp)]
+    auto = _text(attrs.get("auto_pad"), "NOTSET")
+    in_sp = x.type.shape[2:]
+    if "output_shape" in attrs or auto in ("SAME_UPPER", "SAME_LOWER"):
+        if not all(isinstance(d, int) for d in in_sp):
+            raise imp.fail(f"ConvTranspose output_shape / auto_pad need static dims, not {in_sp}")
+        wanted = [int(s) for s in attrs["output_shape"]][-nsp:] if "output_shape" in attrs \
+            else [in_sp[i] * strides[i] for i in range(nsp)]
+        begins, ends = [], []
+        for i in range(nsp):
+            total = strides[i] * (in_sp[i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 \
+                - wanted[i]
+            if total < 0:
+                out_pad[i] -= total  # onnx.reference: a larger output is padding at the end
+                total = 0
+            small, big = total // 2, total - total // 2
+            if auto == "SAME_UPPER":
+                begins.append(small), ends.append(big)
+            else:  # SAME_LOWER and output_shape without auto_pad
+                begins.append(big), ends.append(small)
+        pads = begins + ends
+    elif auto == "VALID":
+        pads = [0] * (2 * nsp)
+    else:
+        pads = [int(p) for p in attrs.get("pads", [0] * (2 * nsp))]
+    imp.emit("conv_transpose", [x, w, _opt_input(xs, 2)],
+             {"strides": strides, "pads": pads, "dilations": dil,
+              "group": int(attrs.get("group", 1)), "output_padding": out_pad},
+             names=imp.outputs_of(n))
+
+
+@_handles("MaxPool", "AveragePool", "LpPool")
+def _pool(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    nsp = x.type.rank - 2
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    strides = [int(s) for s in attrs.get("strides", [1] * nsp)]
+    dil = [int(d) for d in attrs.get("dilations", [1] * nsp)]
+    ceil_mode = int(attrs.get("ceil_mode", 0))
+    auto = _text(attrs.get("auto_pad"), "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        # Pools' SAME output is ceil(d / stride) whatever the kernel (onnx.reference).
+        pads = _explicit_pads(imp, attrs, x.type.shape[2:], kernel, strides, dil, n.op_type)
+    else:
+        pads = _explicit_pads(imp, attrs, x.type.shape[2:], kernel, strides, dil, n.op_type)
+    kind = {"MaxPool": "max", "AveragePool": "average", "LpPool": "lp"}[n.op_type]
+    a = {"kind": kind, "kernel_shape": kernel, "strides": strides, "pads": pads,
+         "dilations": dil, "ceil_mode": ceil_mode,
+         "count_include_pad": int(attrs.get("count_include_pad", 0)),
+         "p": int(attrs.get("p", 2))}
+    outs = imp.outputs_of(n)
+    if len(outs) > 1 and outs[1]:
+        a["storage_order"] = int(attrs.get("storage_order", 0))
+        imp.emit("pool", [x], a, names=outs[:2])
+    else:
+        imp.emit("pool", [x], a, names=outs[:1])
+
+
+@_handles("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _global_pool(imp, n, attrs):
+    x = _inputs(imp, n)[0]
+    axes = list(range(2, x.type.rank))
+    if n.op_type == "GlobalAveragePool":
+        imp.emit("reduce_mean", [x], {"axes": axes, "keepdims": 1}, names=imp.outputs_of(n))
+    elif n.op_type == "GlobalMaxPool":
+        imp.emit("reduce", [x], {"kind": "max", "axes": axes, "keepdims": 1},
+                 names=imp.outputs_of(n))
+    else:
+        if int(attrs.get("p", 2)) != 2:
+            raise imp.fail("GlobalLpPool p other than 2 is not supported")
+        imp.emit("reduce_l2", [x], {"axes": axes, "keepdims": 1}, names=imp.outputs_of(n))
+
+
 def supported_ops() -> list[str]:
     """Every (domain, op_type) the importer accepts, as ``op`` or ``domain.op``."""
     return sorted(op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS)

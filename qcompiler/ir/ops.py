@@ -653,6 +653,358 @@ def _apply_epilogue_type(product: TensorType, extra: list, epilogue: Optional[st
     return TensorType(shape, dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# ONNX coverage (issue #13): math, activations, reductions, indexing, convolution and pooling
+# --------------------------------------------------------------------------------------------
+
+# Elementwise ops of one operand whose result has the operand's type.
+for _name, _summary in [("cos", "cosine"), ("sin", "sine"), ("tan", "tangent"),
+                        ("acos", "arc cosine"), ("asin", "arc sine"), ("atan", "arc tangent"),
+                        ("cosh", "hyperbolic cosine"), ("sinh", "hyperbolic sine"),
+                        ("asinh", "inverse hyperbolic sine"),
+                        ("acosh", "inverse hyperbolic cosine"),
+                        ("atanh", "inverse hyperbolic tangent"), ("log", "natural logarithm"),
+                        ("floor", "round down"), ("ceil", "round up"),
+                        ("round", "round half to even"), ("sign", "-1, 0 or 1"),
+                        ("softsign", "x / (1 + |x|)"), ("softplus", "log(1 + exp(x))"),
+                        ("mish", "x * tanh(softplus(x))"), ("hard_swish", "x * max(0, min(1, x / 6 + 0.5))"),
+                        ("not", "logical not"), ("bitwise_not", "bitwise complement")]:
+    OPS[_name] = OpDef(_name, f"Elementwise {_summary}", ("x",), {}, 1, _same)
+
+# Elementwise activations with float parameters (ONNX's attribute names and defaults).
+ACTIVATION_PARAMS = {
+    "leaky_relu": ("x if x >= 0 else alpha * x", {"alpha": 0.01}),
+    "elu": ("x if x > 0 else alpha * (exp(x) - 1)", {"alpha": 1.0}),
+    "selu": ("gamma * (x if x > 0 else alpha * (exp(x) - 1))",
+             {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
+    "celu": ("max(0, x) + min(0, alpha * (exp(x / alpha) - 1))", {"alpha": 1.0}),
+    "hard_sigmoid": ("max(0, min(1, alpha * x + beta))", {"alpha": 0.2, "beta": 0.5}),
+    "thresholded_relu": ("x if x > alpha else 0", {"alpha": 1.0}),
+    "shrink": ("x - bias if x > lambd, x + bias if x < -lambd, else 0",
+               {"bias": 0.0, "lambd": 0.5}),
+}
+for _name, (_summary, _params) in ACTIVATION_PARAMS.items():
+    OPS[_name] = OpDef(_name, f"Elementwise {_summary}", ("x",),
+                       {p: ("float", True) for p in _params}, 1, _same)
+
+
+@_def("isinf", "Elementwise infinity test (+inf / -inf as `detect_positive` / `detect_negative`)",
+      ["x"], {"detect_positive": ("int", True), "detect_negative": ("int", True)})
+def _isinf(types, attrs, consts):
+    return [TensorType(types[0].shape, BOOL)]
+
+
+for _name, _summary in [("or", "logical a or b"), ("xor", "logical a xor b")]:
+    OPS[_name] = OpDef(_name, f"Broadcasting {_summary}, boolean result", ("a", "b"), {}, 1, _equal)
+
+for _name, _summary in [("bitwise_and", "a & b"), ("bitwise_or", "a | b"),
+                        ("bitwise_xor", "a ^ b"), ("prelu", "a if a >= 0 else b * a")]:
+    OPS[_name] = OpDef(_name, f"Broadcasting {_summary}", ("a", "b"), {}, 1, _binary)
+
+OPS["mod"] = OpDef("mod", "Broadcasting remainder: sign of b (Python %) or of a (`fmod=1`, C "
+                   "fmod)", ("a", "b"), {"fmod": ("int", True)}, 1, _binary)
+OPS["bit_shift"] = OpDef("bit_shift", "Broadcasting a << b or a >> b (`direction` left | right)",
+                         ("a", "b"), {"direction": ("str", True)}, 1, _binary)
+
+REDUCE_KINDS = ("max", "min", "prod", "sum_square", "l1", "log_sum", "log_sum_exp")
+
+
+@_def("reduce", "Reduction of `kind` (max, min, prod, sum_square, l1, log_sum, log_sum_exp) "
+      "over `axes` (as reduce_mean)", ["x"],
+      {"kind": ("str", True), "axes": ("ints", True), "keepdims": ("int", True),
+       "noop_with_empty_axes": ("int", False)})
+def _reduce(types, attrs, consts):
+    if attrs["kind"] not in REDUCE_KINDS:
+        raise TypeInferenceError(f"reduce kind {attrs['kind']!r} is not one of {REDUCE_KINDS}")
+    return _reduce_mean(types, attrs, consts)
+
+
+@_def("arg_reduce", "Index (i64) of the max or min (`kind`) along `axis`; the first one, or "
+      "the last with select_last_index", ["x"],
+      {"kind": ("str", True), "axis": ("int", True), "keepdims": ("int", True),
+       "select_last_index": ("int", True)})
+def _arg_reduce(types, attrs, consts):
+    t = types[0]
+    if attrs["kind"] not in ("max", "min"):
+        raise TypeInferenceError(f"arg_reduce kind {attrs['kind']!r} is not max or min")
+    axis = _norm_axis(attrs["axis"], t.rank)
+    shape = [1 if i == axis else d for i, d in enumerate(t.shape)] if attrs["keepdims"] else \
+        [d for i, d in enumerate(t.shape) if i != axis]
+    return [TensorType(tuple(shape), I64)]
+
+
+@_def("cumulative", "Running sum or product (`kind`) along `axis` (ONNX CumSum / CumProd)",
+      ["x"], {"kind": ("str", True), "axis": ("int", True), "exclusive": ("int", True),
+              "reverse": ("int", True)})
+def _cumulative(types, attrs, consts):
+    if attrs["kind"] not in ("sum", "prod"):
+        raise TypeInferenceError(f"cumulative kind {attrs['kind']!r} is not sum or prod")
+    _norm_axis(attrs["axis"], types[0].rank)
+    return [types[0]]
+
+
+for _name, _summary in [("log_softmax", "log(softmax(x))"),
+                        ("hardmax", "1 at the first maximum, 0 elsewhere")]:
+    OPS[_name] = OpDef(_name, f"{_summary} along `axis` (ONNX opset 13 semantics)", ("x",),
+                       {"axis": ("int", True)}, 1, _softmax)
+
+
+@_def("tile", "x repeated `repeats[i]` times along each dim i", ["x", "repeats"])
+def _tile(types, attrs, consts):
+    t, reps = types[0], _ints(consts[1])
+    if reps is None:
+        return [TensorType(("?",) * t.rank, t.dtype)]
+    if len(reps) != t.rank:
+        raise TypeInferenceError(f"tile repeats {reps} do not match rank {t.rank}")
+    return [TensorType(tuple(d * r if isinstance(d, int) else ("?" if r != 1 else d)
+                             for d, r in zip(t.shape, reps)), t.dtype)]
+
+
+@_def("pad", "ONNX Pad over all dims: `pads` (begins then ends, negative crops), `mode` "
+      "constant | reflect | edge | wrap", ["x", "pads", "value?"], {"mode": ("str", True)})
+def _pad(types, attrs, consts):
+    t, pads = types[0], _ints(consts[1])
+    if attrs["mode"] not in ("constant", "reflect", "edge", "wrap"):
+        raise TypeInferenceError(f"pad mode {attrs['mode']!r} is not supported")
+    if pads is None:
+        return [TensorType(("?",) * t.rank, t.dtype)]
+    if len(pads) != 2 * t.rank:
+        raise TypeInferenceError(f"pad pads {pads} must have 2 * rank = {2 * t.rank} entries")
+    return [TensorType(tuple(d + pads[i] + pads[i + t.rank] if isinstance(d, int) else "?"
+                             for i, d in enumerate(t.shape)), t.dtype)]
+
+
+@_def("trilu", "Upper (`upper=1`) or lower triangle of the last two dims from diagonal k",
+      ["x", "k?"], {"upper": ("int", True)})
+def _trilu(types, attrs, consts):
+    if types[0].rank < 2:
+        raise TypeInferenceError(f"trilu takes rank >= 2, not {types[0].shape}")
+    return [types[0]]
+
+
+@_def("topk", "The k largest (`largest=1`) or smallest values along `axis` and their i64 "
+      "indices, sorted", ["x", "k"], {"axis": ("int", True), "largest": ("int", True),
+                                     "sorted": ("int", True)}, results=2)
+def _topk(types, attrs, consts):
+    t = types[0]
+    axis = _norm_axis(attrs["axis"], t.rank)
+    k = _ints(consts[1])
+    shape = list(t.shape)
+    shape[axis] = k[0] if k is not None else "?"
+    return [TensorType(tuple(shape), t.dtype), TensorType(tuple(shape), I64)]
+
+
+@_def("einsum", "numpy/ONNX einsum over the operands by `equation`", ["xs*"],
+      {"equation": ("str", True)})
+def _einsum(types, attrs, consts):
+    eq = attrs["equation"].replace(" ", "")
+    ins, arrow, out = eq.partition("->")
+    terms = ins.split(",")
+    if len(terms) != len(types):
+        raise TypeInferenceError(f"einsum {eq!r} names {len(terms)} operands, got {len(types)}")
+    sizes: dict = {}
+    counts: dict = {}
+    ellipsis: tuple = ()
+    for term, t in zip(terms, types):
+        letters = term.replace("...", "")
+        n_ell = t.rank - len(letters)
+        if n_ell < 0 or (n_ell and "..." not in term):
+            raise TypeInferenceError(f"einsum term {term!r} does not match rank {t.rank}")
+        if "..." in term:
+            at = term.index("...")
+            ell = t.shape[at:at + n_ell]
+            ellipsis = broadcast_shapes(ellipsis, ell) if ellipsis else tuple(ell)
+            dims = t.shape[:at] + t.shape[at + n_ell:]
+        else:
+            dims = t.shape
+        for c, d in zip(letters, dims):
+            counts[c] = counts.get(c, 0) + 1
+            if sizes.get(c, 1) == 1 or sizes.get(c) == "?":
+                sizes[c] = d
+    if not arrow:
+        out = "..." * bool(ellipsis) + "".join(sorted(c for c, k in counts.items() if k == 1))
+    shape = []
+    for part in out.split("..."):
+        shape.extend(sizes.get(c, "?") for c in part)
+        shape.extend(ellipsis)
+    shape = shape[:len(shape) - len(ellipsis)]  # each part but the last is followed by "..."
+    if any(c not in sizes for c in out.replace("...", "")):
+        raise TypeInferenceError(f"einsum output {out!r} names an index no operand has")
+    return [TensorType(tuple(shape), types[0].dtype)]
+
+
+RESIZE_ATTRS = {"mode": ("str", True), "coordinate_transformation_mode": ("str", True),
+                "nearest_mode": ("str", True), "cubic_coeff_a": ("float", True),
+                "exclude_outside": ("int", True), "extrapolation_value": ("float", True),
+                "antialias": ("int", True), "axes": ("ints", True),
+                "keep_aspect_ratio_policy": ("str", True)}
+
+
+@_def("resize", "ONNX Resize (opset 19 attributes) by `scales` or `sizes` over `axes` (all "
+      "dims when empty)", ["x", "roi?", "scales?", "sizes?"], RESIZE_ATTRS)
+def _resize(types, attrs, consts):
+    t = types[0]
+    axes = [_norm_axis(a, t.rank) for a in attrs["axes"]] or list(range(t.rank))
+    scales = _ints_or_floats(consts[2]) if len(consts) > 2 and types[2] is not None else None
+    sizes = _ints(consts[3]) if len(consts) > 3 and types[3] is not None else None
+    shape = list(t.shape)
+    if sizes is not None and attrs["keep_aspect_ratio_policy"] == "stretch":
+        for a, s in zip(axes, sizes):
+            shape[a] = s
+    elif scales is not None and len(scales):
+        for a, s in zip(axes, scales):
+            d = t.shape[a]
+            shape[a] = int(float(s) * d) if isinstance(d, int) else "?"
+    else:
+        shape = [d if i not in axes else "?" for i, d in enumerate(shape)]
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+def _ints_or_floats(a) -> Optional[list]:
+    return None if a is None else [x for x in np.asarray(a).reshape(-1)]
+
+
+@_def("one_hot", "ONNX OneHot: values[1] where the index (negative from depth) is hot, "
+      "values[0] elsewhere; new dim at `axis`", ["indices", "depth", "values"],
+      {"axis": ("int", True)})
+def _one_hot(types, attrs, consts):
+    idx, values = types[0], types[2]
+    depth = consts[1]
+    d = int(np.asarray(depth).reshape(-1)[0]) if depth is not None else "?"
+    axis = _norm_axis(attrs["axis"], idx.rank + 1)
+    return [TensorType(idx.shape[:axis] + (d,) + idx.shape[axis:], values.dtype)]
+
+
+@_def("nonzero", "Indices (i64 [rank, count]) of the non-zero elements, in row-major order",
+      ["x"])
+def _nonzero(types, attrs, consts):
+    return [TensorType((types[0].rank, "?"), I64)]
+
+
+@_def("scatter_nd", "ONNX ScatterND: data with `updates` written (or combined by `reduction` "
+      "none | add | mul | max | min) at index tuples", ["data", "indices", "updates"],
+      {"reduction": ("str", True)})
+def _scatter_nd(types, attrs, consts):
+    if attrs["reduction"] not in ("none", "add", "mul", "max", "min"):
+        raise TypeInferenceError(f"scatter reduction {attrs['reduction']!r} is not supported")
+    return [types[0]]
+
+
+@_def("scatter_elements", "ONNX ScatterElements along `axis` with `reduction` (as scatter_nd)",
+      ["data", "indices", "updates"], {"axis": ("int", True), "reduction": ("str", True)})
+def _scatter_elements(types, attrs, consts):
+    _norm_axis(attrs["axis"], types[0].rank)
+    return _scatter_nd(types, attrs, consts)
+
+
+def _window_out(d, k, s, p0, p1, dil, ceil_mode=0):
+    if not isinstance(d, int):
+        return "?"
+    span = (k - 1) * dil + 1
+    n = d + p0 + p1 - span
+    out = (-(-n // s) if ceil_mode else n // s) + 1
+    if ceil_mode and (out - 1) * s >= d + p0:  # the last window must start inside x or its
+        out -= 1                               # begin padding (ONNX, PyTorch)
+    return out
+
+
+CONV_ATTRS = {"strides": ("ints", True), "pads": ("ints", True), "dilations": ("ints", True),
+              "group": ("int", True)}
+
+
+@_def("conv", "N-d convolution (ONNX Conv, explicit pads: begins then ends), integer operands "
+      "accumulated in i32", ["x", "w", "b?"], CONV_ATTRS)
+def _conv(types, attrs, consts):
+    x, w = types[0], types[1]
+    nsp = x.rank - 2
+    if nsp < 1 or w.rank != x.rank:
+        raise TypeInferenceError(f"conv of x {x.shape} with w {w.shape}")
+    for k in ("strides", "dilations"):
+        if len(attrs[k]) != nsp:
+            raise TypeInferenceError(f"conv {k} {attrs[k]} must have {nsp} entries")
+    if len(attrs["pads"]) != 2 * nsp:
+        raise TypeInferenceError(f"conv pads {attrs['pads']} must have {2 * nsp} entries")
+    sp = [_window_out(x.shape[2 + i], w.shape[2 + i], attrs["strides"][i], attrs["pads"][i],
+                      attrs["pads"][i + nsp], attrs["dilations"][i]) for i in range(nsp)]
+    dtype = I32 if x.dtype.is_integer else x.dtype
+    return [TensorType((x.shape[0], w.shape[0], *sp), dtype)]
+
+
+@_def("conv_transpose", "N-d transposed convolution (ONNX ConvTranspose with explicit pads and "
+      "output_padding)", ["x", "w", "b?"], {**CONV_ATTRS, "output_padding": ("ints", True)})
+def _conv_transpose(types, attrs, consts):
+    x, w = types[0], types[1]
+    nsp = x.rank - 2
+    sp = []
+    for i in range(nsp):
+        d, k = x.shape[2 + i], w.shape[2 + i]
+        if not isinstance(d, int) or not isinstance(k, int):
+            sp.append("?")
+            continue
+        sp.append(attrs["strides"][i] * (d - 1) + attrs["output_padding"][i]
+                  + (k - 1) * attrs["dilations"][i] + 1 - attrs["pads"][i] - attrs["pads"][i + nsp])
+    c_out = w.shape[1] * attrs["group"] if isinstance(w.shape[1], int) else "?"
+    return [TensorType((x.shape[0], c_out, *sp), x.dtype)]
+
+
+@_def("pool", "N-d max / average / lp pooling (`kind`) with explicit pads; max may also give "
+      "flat i64 indices", ["x"],
+      {"kind": ("str", True), "kernel_shape": ("ints", True), "strides": ("ints", True),
+       "pads": ("ints", True), "dilations": ("ints", True), "ceil_mode": ("int", True),
+       "count_include_pad": ("int", True), "p": ("int", True), "storage_order": ("int", False)},
+      results=-1)
+def _pool(types, attrs, consts):
+    x = types[0]
+    nsp = x.rank - 2
+    if attrs["kind"] not in ("max", "average", "lp"):
+        raise TypeInferenceError(f"pool kind {attrs['kind']!r} is not max, average or lp")
+    if len(attrs["kernel_shape"]) != nsp:
+        raise TypeInferenceError(f"pool kernel_shape {attrs['kernel_shape']} for x {x.shape}")
+    sp = [_window_out(x.shape[2 + i], attrs["kernel_shape"][i], attrs["strides"][i],
+                      attrs["pads"][i], attrs["pads"][i + nsp], attrs["dilations"][i],
+                      attrs["ceil_mode"]) for i in range(nsp)]
+    y = TensorType((x.shape[0], x.shape[1], *sp), x.dtype)
+    return [y, TensorType(y.shape, I64)]
+
+
+@_def("rotary_embedding", "ONNX RotaryEmbedding (opset 23): rotate the first rotary_embedding_dim "
+      "features of each head by cos/sin caches (gathered by position_ids when given)",
+      ["x", "cos_cache", "sin_cache", "position_ids?"],
+      {"interleaved": ("int", True), "num_heads": ("int", True),
+       "rotary_embedding_dim": ("int", True)})
+def _rotary_embedding(types, attrs, consts):
+    if types[0].rank not in (3, 4):
+        raise TypeInferenceError(f"rotary_embedding takes 3-D or 4-D x, not {types[0].shape}")
+    return [types[0]]
+
+
+@_def("eye_like", "Ones on diagonal `k` of a 2-D tensor of x's shape, zeros elsewhere",
+      ["x"], {"k": ("int", True), "dtype": ("type", True)})
+def _eye_like(types, attrs, consts):
+    if types[0].rank != 2:
+        raise TypeInferenceError(f"eye_like takes a 2-D x, not {types[0].shape}")
+    return [TensorType(types[0].shape, attrs["dtype"])]
+
+
+@_def("compress", "The slices of x along `axis` (flattened x when axis is absent) where "
+      "`condition` is true", ["x", "condition"], {"axis": ("int", False)})
+def _compress(types, attrs, consts):
+    t = types[0]
+    if "axis" not in attrs:
+        return [TensorType(("?",), t.dtype)]
+    axis = _norm_axis(attrs["axis"], t.rank)
+    return [TensorType(t.shape[:axis] + ("?",) + t.shape[axis + 1:], t.dtype)]
+
+
+@_def("bitcast", "Reinterpret the bits of each element as `to` (same bit width)", ["x"],
+      {"to": ("type", True)})
+def _bitcast(types, attrs, consts):
+    if types[0].dtype.bits != attrs["to"].bits:
+        raise TypeInferenceError(f"bitcast of {types[0].dtype} to {attrs['to']}: bit widths "
+                                 "differ")
+    return [TensorType(types[0].shape, attrs["to"])]
+
+
 def logical_w_scheme(node) -> str:
     """The model's weight scheme of a qmatmul, as text. A backend pass that packs the weight
     (reorder-weights, cpu-pack-weights) sets ``w_scheme`` to the storage scheme (u8 words)

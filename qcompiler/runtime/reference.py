@@ -696,6 +696,703 @@ OP_IMPLS: dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------------
+# ONNX coverage (issue #13): math, activations, reductions, indexing, convolution and pooling
+# --------------------------------------------------------------------------------------------
+
+
+def _float_unary(fn: Callable) -> Callable:
+    """A float function computed in float32 (float64 stays) and rounded once to x's type;
+    integer x (Sign, Abs ...) is computed in its own type."""
+    def impl(node, args, module):
+        x = args[0]
+        v = x.astype(_compute_dtype(x.dtype)) if _is_float(x.dtype) else x
+        with np.errstate(all="ignore"):
+            return [np.asarray(fn(v)).astype(x.dtype)]
+    return impl
+
+
+def _softplus_fn(v):
+    return np.logaddexp(v, np.zeros((), v.dtype))
+
+
+def _hard_swish_fn(v):
+    return v * np.clip(v / v.dtype.type(6) + v.dtype.type(0.5), 0, 1)
+
+
+def _activation(fn: Callable) -> Callable:
+    """An activation with float parameters (node attributes) in float32, rounded once."""
+    def impl(node, args, module):
+        x = args[0]
+        v = x.astype(_compute_dtype(x.dtype))
+        params = {k: v.dtype.type(a) for k, a in node.attrs.items()}
+        with np.errstate(all="ignore"):
+            return [np.asarray(fn(v, **params)).astype(x.dtype)]
+    return impl
+
+
+def _selu_fn(x, alpha, gamma):
+    return np.where(x > 0, gamma * x, gamma * alpha * (np.exp(x) - 1))
+
+
+def _celu_fn(x, alpha):
+    return np.maximum(0, x) + np.minimum(0, alpha * (np.exp(x / alpha) - 1))
+
+
+def _shrink_fn(x, bias, lambd):
+    return np.where(x > lambd, x - bias, np.where(x < -lambd, x + bias, 0))
+
+
+ACTIVATION_FNS = {
+    "leaky_relu": lambda x, alpha: np.where(x >= 0, x, alpha * x),
+    "elu": lambda x, alpha: np.where(x > 0, x, alpha * (np.exp(x) - 1)),
+    "selu": _selu_fn,
+    "celu": _celu_fn,
+    "hard_sigmoid": lambda x, alpha, beta: np.clip(alpha * x + beta, 0, 1),
+    "thresholded_relu": lambda x, alpha: np.where(x > alpha, x, 0),
+    "shrink": _shrink_fn,
+}
+
+
+def _shrink(node, args, module):
+    """Shrink also takes integer x (ONNX): compare and shift in float64, then convert back."""
+    x = args[0]
+    if _is_float(x.dtype):
+        return _activation(_shrink_fn)(node, args, module)
+    v = x.astype(np.float64)
+    return [_shrink_fn(v, node.attrs["bias"], node.attrs["lambd"]).astype(x.dtype)]
+
+
+def _isinf(node, args, module):
+    x = args[0]
+    pos = np.isposinf(x) if node.attrs["detect_positive"] else np.zeros(x.shape, bool)
+    neg = np.isneginf(x) if node.attrs["detect_negative"] else np.zeros(x.shape, bool)
+    return [pos | neg]
+
+
+def _round_half_even(v):
+    return np.round(v)  # numpy rounds halves to even, as ONNX Round
+
+
+def _mod(node, args, module):
+    a, b = args
+    if node.attrs["fmod"]:
+        with np.errstate(all="ignore"):
+            y = np.fmod(a, b)
+    else:
+        if _is_float(a.dtype):
+            raise ValueError("mod with fmod=0 takes integer operands (ONNX)")
+        with np.errstate(all="ignore"):
+            y = np.mod(a, b)  # the sign of the divisor, as Python's %
+    return [np.asarray(y).astype(_result_dtype(node))]
+
+
+def _bit_shift(node, args, module):
+    a, b = args
+    dtype = _result_dtype(node)
+    shift = np.left_shift if node.attrs["direction"] == "left" else np.right_shift
+    return [shift(a.astype(dtype), b.astype(dtype)).astype(dtype)]
+
+
+def _prelu(node, args, module):
+    x, slope = args
+    return [np.where(x < 0, x * slope, x).astype(_result_dtype(node))]
+
+
+def _reduce_kind(node, args, module):
+    """reduce: f16/bf16 computed in float32; max/min of an empty set give ONNX's identities."""
+    x = args[0]
+    kind = node.attrs["kind"]
+    axes = list(node.attrs["axes"])
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return [x]
+    axes_t = tuple(sorted({a % x.ndim for a in axes})) if axes else tuple(range(x.ndim))
+    keepdims = bool(node.attrs["keepdims"])
+    v = x.astype(_compute_dtype(x.dtype)) if _is_float(x.dtype) else x
+    with np.errstate(all="ignore"):
+        if kind in ("max", "min"):
+            fn = np.max if kind == "max" else np.min
+            if v.size == 0:
+                if _is_float(v.dtype):
+                    empty = -np.inf if kind == "max" else np.inf
+                else:
+                    info = np.iinfo(v.dtype)
+                    empty = info.min if kind == "max" else info.max
+                shape = [1 if i in axes_t else d for i, d in enumerate(v.shape)] if keepdims \
+                    else [d for i, d in enumerate(v.shape) if i not in axes_t]
+                y = np.full(shape, empty, v.dtype)
+            else:
+                y = fn(v, axis=axes_t, keepdims=keepdims)
+        elif kind == "prod":
+            y = np.prod(v, axis=axes_t, keepdims=keepdims, dtype=v.dtype)
+        elif kind == "sum_square":
+            y = np.sum(v * v, axis=axes_t, keepdims=keepdims, dtype=v.dtype)
+        elif kind == "l1":
+            y = np.sum(np.abs(v), axis=axes_t, keepdims=keepdims, dtype=v.dtype)
+        elif kind == "log_sum":
+            y = np.log(np.sum(v, axis=axes_t, keepdims=keepdims, dtype=v.dtype))
+        elif kind == "log_sum_exp":
+            if v.size == 0:
+                y = np.log(np.sum(np.exp(v), axis=axes_t, keepdims=keepdims))
+            else:
+                m = np.max(v, axis=axes_t, keepdims=True)
+                m = np.where(np.isfinite(m), m, 0)
+                y = np.log(np.sum(np.exp(v - m), axis=axes_t, keepdims=True)) + m
+                if not keepdims:
+                    y = np.squeeze(y, axis=axes_t)
+        else:
+            raise ValueError(f"reduce kind {kind!r} is not supported")
+    return [np.asarray(y).astype(x.dtype)]
+
+
+def _arg_reduce(node, args, module):
+    x = args[0]
+    axis = node.attrs["axis"] % x.ndim
+    fn = np.argmax if node.attrs["kind"] == "max" else np.argmin
+    if node.attrs["select_last_index"]:
+        flipped = np.flip(x, axis)
+        y = x.shape[axis] - 1 - fn(flipped, axis=axis)
+    else:
+        y = fn(x, axis=axis)
+    if node.attrs["keepdims"]:
+        y = np.expand_dims(y, axis)
+    return [np.asarray(y).astype(np.int64)]
+
+
+def _cumulative(node, args, module):
+    x = args[0]
+    axis = node.attrs["axis"] % x.ndim
+    fn = np.cumsum if node.attrs["kind"] == "sum" else np.cumprod
+    identity = 0 if node.attrs["kind"] == "sum" else 1
+    v = np.flip(x, axis) if node.attrs["reverse"] else x
+    y = fn(v, axis=axis, dtype=x.dtype)
+    if node.attrs["exclusive"]:
+        first = np.full_like(np.take(y, [0], axis=axis), identity)
+        y = np.concatenate([first, np.take(y, range(y.shape[axis] - 1), axis=axis)], axis=axis)
+    if node.attrs["reverse"]:
+        y = np.flip(y, axis)
+    return [np.ascontiguousarray(y)]
+
+
+def _log_softmax(node, args, module):
+    x = args[0]
+    if x.size == 0:
+        return [x]
+    axis = node.attrs["axis"]
+    v = x.astype(_compute_dtype(x.dtype))
+    tmp = v - v.max(axis=axis, keepdims=True)
+    return [(tmp - np.log(np.exp(tmp).sum(axis=axis, keepdims=True))).astype(x.dtype)]
+
+
+def _hardmax(node, args, module):
+    x = args[0]
+    axis = node.attrs["axis"] % max(x.ndim, 1)
+    y = np.zeros_like(x)
+    if x.size:
+        np.put_along_axis(y, np.expand_dims(np.argmax(x, axis=axis), axis), 1, axis=axis)
+    return [y]
+
+
+def _tile(node, args, module):
+    return [np.tile(args[0], _ints(args[1]))]
+
+
+def _pad(node, args, module):
+    """ONNX Pad: negative pads crop first; reflect / edge / wrap as numpy's reflect / edge /
+    wrap."""
+    x, pads = args[0], _ints(args[1])
+    value = _arg(args, 2)
+    r = x.ndim
+    if len(pads) != 2 * r:
+        raise ValueError(f"pad has {len(pads)} pads for a rank-{r} tensor")
+    crop = tuple(slice(max(-pads[i], 0), x.shape[i] - max(-pads[i + r], 0)) for i in range(r))
+    x = x[crop]
+    width = [(max(pads[i], 0), max(pads[i + r], 0)) for i in range(r)]
+    mode = node.attrs["mode"]
+    if mode == "constant":
+        fill = 0 if value is None or np.asarray(value).size == 0 else \
+            np.asarray(value).reshape(-1)[0]
+        return [np.pad(x, width, mode="constant", constant_values=fill)]
+    return [np.pad(x, width, mode=mode)]
+
+
+def _trilu(node, args, module):
+    x = args[0]
+    k_arr = _arg(args, 1)
+    k = int(np.asarray(k_arr).reshape(-1)[0]) if k_arr is not None else 0
+    return [np.triu(x, k) if node.attrs["upper"] else np.tril(x, k)]
+
+
+def _topk(node, args, module):
+    """Sorted by value (largest or smallest first), ties by the smaller index (ONNX)."""
+    x = args[0]
+    k = int(np.asarray(args[1]).reshape(-1)[0])
+    axis = node.attrs["axis"] % x.ndim
+    if k < 0 or k > x.shape[axis]:
+        raise ValueError(f"topk k={k} is out of range for dim {axis} of {x.shape}")
+    # A stable sort by the negated (largest) or plain values keeps equal values in index order.
+    keys = -x.astype(np.float64) if node.attrs["largest"] else x
+    order = np.argsort(keys, axis=axis, kind="stable")
+    idx = np.take(order, range(k), axis=axis)
+    return [np.take_along_axis(x, idx, axis=axis), idx.astype(np.int64)]
+
+
+def _einsum(node, args, module):
+    dtype = _result_dtype(node)
+    if _is_float(dtype):
+        ct = _compute_dtype(dtype)
+        return [np.asarray(np.einsum(node.attrs["equation"], *[a.astype(ct) for a in args]))
+                .astype(dtype)]
+    return [np.asarray(np.einsum(node.attrs["equation"], *args)).astype(dtype)]
+
+
+def _resize_coeffs(mode: str, node, ratio: np.ndarray, scale: float) -> np.ndarray:
+    """Interpolation weights [out, n] of each output position's n neighbours."""
+    attrs = node.attrs
+    if mode == "nearest":
+        nm = attrs["nearest_mode"]
+        whole = ratio == 1.0  # x_ori on a pixel: that pixel (the right of the pair)
+        if nm == "round_prefer_floor":
+            right = ratio > 0.5
+        elif nm == "round_prefer_ceil":
+            right = ratio >= 0.5
+        elif nm == "floor":
+            right = np.zeros_like(whole)
+        elif nm == "ceil":
+            right = np.ones_like(whole)
+        else:
+            raise ValueError(f"resize nearest_mode {nm!r} is not supported")
+        right = right | whole
+        return np.stack([~right, right], axis=1).astype(np.float64)
+    if mode == "linear":
+        if not attrs["antialias"]:
+            return np.stack([1 - ratio, ratio], axis=1)
+        s = min(scale, 1.0)
+        start = int(np.floor(-1 / s) + 1)
+        footprint = 2 - 2 * start
+        args = (np.arange(start, start + footprint)[None, :] - ratio[:, None]) * s
+        c = np.clip(1 - np.abs(args), 0, 1)
+        return c / c.sum(axis=1, keepdims=True)
+    if mode == "cubic":
+        a = attrs["cubic_coeff_a"]
+        if not attrs["antialias"]:
+            r = ratio[:, None]
+            d = np.concatenate([r + 1, r, 1 - r, 2 - r], axis=1)
+        else:
+            s = min(scale, 1.0)
+            i_start = int(np.floor(-2 / s) + 1)
+            i_end = 2 - i_start
+            d = s * (np.arange(i_start, i_end)[None, :] - ratio[:, None])
+        d = np.abs(d)
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        c = np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+        if attrs["antialias"]:
+            c = c / c.sum(axis=1, keepdims=True)
+        return c
+    raise ValueError(f"resize mode {mode!r} is not supported")
+
+
+def _resize_1d(node, data: np.ndarray, axis: int, scale: float, out_n: int,
+               roi: Optional[tuple]) -> np.ndarray:
+    """Resize along one axis (Resize is separable), in float64 (onnx.reference)."""
+    attrs = node.attrs
+    in_n = data.shape[axis]
+    out_w = scale * in_n
+    y = np.arange(out_n, dtype=np.float64)
+    ctm = attrs["coordinate_transformation_mode"]
+    extrapolated = None
+    if ctm == "align_corners":
+        x = np.zeros(out_n) if out_w == 1 else y * (in_n - 1) / (out_w - 1)
+    elif ctm == "asymmetric":
+        x = y / scale
+    elif ctm == "tf_crop_and_resize":
+        lo, hi = roi
+        x = np.full(out_n, (hi - lo) * (in_n - 1) / 2) if out_w == 1 else \
+            y * (hi - lo) * (in_n - 1) / (out_w - 1)
+        x = x + lo * (in_n - 1)
+        extrapolated = (x < 0) | (x > in_n - 1)
+    elif ctm == "pytorch_half_pixel":
+        x = np.full(out_n, -0.5) if out_w == 1 else (y + 0.5) / scale - 0.5
+    elif ctm == "half_pixel":
+        x = (y + 0.5) / scale - 0.5
+    elif ctm == "half_pixel_symmetric":
+        offset = in_n / 2 * (1 - out_n / out_w)
+        x = offset + (y + 0.5) / scale - 0.5
+    else:
+        raise ValueError(f"resize coordinate_transformation_mode {ctm!r} is not supported")
+    base = np.floor(x)
+    ratio = np.where(x == base, 1.0, x - base)  # on a pixel: weight it as the right neighbour
+    coeffs = _resize_coeffs(attrs["mode"], node, ratio, scale)
+    n = coeffs.shape[1]
+    # The n neighbours closest to x (ties to the smaller index), as onnx.reference picks them.
+    pad = int(np.ceil(n / 2))
+    xp = x + pad
+    p = np.floor(xp).astype(np.int64)
+    frac = xp - p
+    if n % 2 == 0:
+        offset = np.where(frac == 0, -(n // 2), -(n // 2) + 1)
+    else:
+        offset = np.where(frac <= 0.5, -((n - 1) // 2), -((n - 1) // 2) + 1)
+    idx = (p + offset)[:, None] + np.arange(n)[None, :] - pad
+    if attrs["exclude_outside"]:
+        coeffs = np.where((idx < 0) | (idx >= in_n), 0.0, coeffs)
+        total = coeffs.sum(axis=1, keepdims=True)
+        coeffs = coeffs / np.where(total == 0, 1.0, total)
+    gathered = np.take(data, np.clip(idx, 0, in_n - 1), axis=axis)
+    shape = (1,) * axis + coeffs.shape + (1,) * (data.ndim - axis - 1)
+    out = (gathered * coeffs.reshape(shape)).sum(axis=axis + 1)
+    if extrapolated is not None and extrapolated.any():
+        mask = extrapolated.reshape((1,) * axis + (out_n,) + (1,) * (data.ndim - axis - 1))
+        out = np.where(mask, attrs["extrapolation_value"], out)
+    return out
+
+
+def _resize(node, args, module):
+    x = args[0]
+    roi, scales, sizes = _arg(args, 1), _arg(args, 2), _arg(args, 3)
+    r = x.ndim
+    axes = [a % r for a in node.attrs["axes"]] or list(range(r))
+    roi_full = None
+    if roi is not None and roi.size:
+        rv = np.asarray(roi, np.float64).reshape(-1)
+        roi_full = [(0.0, 1.0)] * r
+        for i, a in enumerate(axes):
+            roi_full[a] = (rv[i], rv[len(axes) + i])
+    scale_full = [1.0] * r
+    out_full = list(x.shape)
+    if sizes is not None and sizes.size:
+        sz = _ints(sizes)
+        for i, a in enumerate(axes):
+            out_full[a] = sz[i]
+        scale_full = [out_full[i] / x.shape[i] for i in range(r)]
+        policy = node.attrs["keep_aspect_ratio_policy"]
+        if policy != "stretch":
+            pick = min if policy == "not_larger" else max
+            s = pick(scale_full[a] for a in axes)
+            scale_full = [s if i in axes else 1.0 for i in range(r)]
+            out_full = [int(s * x.shape[i] + 0.5) if i in axes else x.shape[i]
+                        for i in range(r)]
+    elif scales is not None and scales.size:
+        sv = np.asarray(scales, np.float64).reshape(-1)
+        for i, a in enumerate(axes):
+            scale_full[a] = float(sv[i])
+        out_full = [int(scale_full[i] * x.shape[i]) for i in range(r)]
+    else:
+        raise ValueError("resize needs scales or sizes")
+    y = x.astype(np.float64)
+    for a in axes:
+        same_roi = roi_full is None or (math.isclose(roi_full[a][0], 0.0)
+                                        and math.isclose(roi_full[a][1], 1.0))
+        if math.isclose(scale_full[a], 1.0) and out_full[a] == y.shape[a] and same_roi:
+            continue
+        y = _resize_1d(node, y, a, scale_full[a], out_full[a],
+                       None if roi_full is None else roi_full[a])
+    dtype = x.dtype
+    if not _is_float(dtype):
+        info = np.iinfo(dtype)
+        y = np.clip(np.round(y), info.min, info.max)
+    return [y.astype(dtype)]
+
+
+def _one_hot(node, args, module):
+    indices, depth, values = args
+    d = int(np.asarray(depth).reshape(-1)[0])
+    idx = indices.astype(np.int64)
+    idx = np.where(idx < 0, idx + d, idx)
+    axis = node.attrs["axis"] % (indices.ndim + 1)
+    hot = np.expand_dims(idx, axis) == np.arange(d).reshape(
+        (d,) + (1,) * (indices.ndim - axis))
+    off, on = np.asarray(values).reshape(-1)[:2]
+    return [np.where(hot, on, off).astype(values.dtype)]
+
+
+def _nonzero(node, args, module):
+    return [np.array(np.nonzero(args[0]), dtype=np.int64).reshape(args[0].ndim, -1)]
+
+
+def _scatter_combine(reduction: str, old, new):
+    if reduction == "none":
+        return new
+    return {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[
+        reduction](old, new)
+
+
+def _scatter_nd(node, args, module):
+    """Updates are applied in order, so a repeated index combines all its updates."""
+    data, indices, updates = args
+    out = np.array(data, copy=True)
+    idx = indices.astype(np.int64)
+    depth = idx.shape[-1]
+    flat_idx = idx.reshape(-1, depth)
+    flat_upd = updates.reshape((flat_idx.shape[0],) + data.shape[depth:])
+    reduction = node.attrs["reduction"]
+    for i, upd in zip(flat_idx, flat_upd):
+        key = tuple(int(v) for v in i)
+        out[key] = _scatter_combine(reduction, out[key], upd)
+    return [out]
+
+
+def _scatter_elements(node, args, module):
+    data, indices, updates = args
+    axis = node.attrs["axis"] % data.ndim
+    out = np.array(data, copy=True)
+    idx = indices.astype(np.int64)
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= data.shape[axis]):
+        raise IndexError(f"scatter_elements index out of range for dim {axis} of {data.shape}")
+    reduction = node.attrs["reduction"]
+    for pos in np.ndindex(*idx.shape):
+        target = list(pos)
+        target[axis] = idx[pos]
+        target = tuple(target)
+        out[target] = _scatter_combine(reduction, out[target], updates[pos])
+    return [out]
+
+
+def _windows(x: np.ndarray, kernel: list, strides: list, dilations: list, out_sp: list,
+             pads_begin: list) -> np.ndarray:
+    """Sliding windows of an already padded [N, C, *sp] x: [N, C, *out_sp, *kernel]."""
+    nsp = len(kernel)
+    index = []
+    for i in range(nsp):
+        starts = np.arange(out_sp[i]) * strides[i]
+        taps = np.arange(kernel[i]) * dilations[i]
+        index.append(starts[:, None] + taps[None, :])  # [out_i, k_i]
+    # Gather dim by dim: each step replaces spatial dim i by [out_i, k_i].
+    y = x
+    for i in range(nsp):
+        ax = 2 + i  # the first remaining spatial dim is at 2 + i (earlier ones moved behind)
+        y = np.take(y, index[i], axis=ax)  # [..., out_i, k_i, ...]
+        y = np.moveaxis(y, ax + 1, -1)
+    return y  # [N, C, out_0, ..., out_{n-1}, k_0, ..., k_{n-1}]
+
+
+def _conv(node, args, module):
+    x, w = args[0], args[1]
+    b = _arg(args, 2)
+    a = node.attrs
+    nsp = x.ndim - 2
+    group = a["group"]
+    pads = a["pads"]
+    dtype = _result_dtype(node)
+    ct = _compute_dtype(dtype) if _is_float(dtype) else np.int64
+    xp = np.pad(x.astype(ct), [(0, 0), (0, 0)] + [(pads[i], pads[i + nsp]) for i in range(nsp)])
+    kernel = list(w.shape[2:])
+    out_sp = [(xp.shape[2 + i] - ((kernel[i] - 1) * a["dilations"][i] + 1)) // a["strides"][i]
+              + 1 for i in range(nsp)]
+    win = _windows(xp, kernel, a["strides"], a["dilations"], out_sp, pads)
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    cg, mg = c // group, m // group
+    outs = []
+    letters = "".join(chr(ord("p") + i) for i in range(nsp))
+    kl = letters.upper()
+    for g in range(group):
+        wg = w[g * mg:(g + 1) * mg].astype(ct)
+        xg = win[:, g * cg:(g + 1) * cg]
+        outs.append(np.einsum(f"nc{letters}{kl},mc{kl}->nm{letters}", xg, wg))
+    y = np.concatenate(outs, axis=1) if outs else np.zeros((n, m, *out_sp), ct)
+    if b is not None:
+        y = y + b.astype(ct).reshape((1, m) + (1,) * nsp)
+    return [y.astype(dtype)]
+
+
+def _conv_transpose(node, args, module):
+    """Scatter form: every input pixel adds its weighted kernel into the (cropped) output."""
+    x, w = args[0], args[1]
+    b = _arg(args, 2)
+    a = node.attrs
+    nsp = x.ndim - 2
+    group = a["group"]
+    ct = _compute_dtype(x.dtype)
+    n, c = x.shape[:2]
+    cg = c // group
+    mg = w.shape[1]
+    kernel = w.shape[2:]
+    strides, dil, pads = a["strides"], a["dilations"], a["pads"]
+    full = [strides[i] * (x.shape[2 + i] - 1) + (kernel[i] - 1) * dil[i] + 1
+            + a["output_padding"][i] for i in range(nsp)]
+    y = np.zeros((n, mg * group, *full), ct)
+    xv = x.astype(ct)
+    wv = w.astype(ct)
+    for g in range(group):
+        # contrib[n, m, *in_sp, *k] = sum_c x[n, c, *in_sp] * w[c, m, *k]
+        contrib = np.tensordot(xv[:, g * cg:(g + 1) * cg], wv[g * cg:(g + 1) * cg], axes=([1], [0]))
+        contrib = np.moveaxis(contrib, 1 + nsp, 1)  # [n, m, *in_sp, *k]
+        for k_pos in np.ndindex(*kernel):
+            index = [slice(None), slice(g * mg, (g + 1) * mg)]
+            for i in range(nsp):
+                start = k_pos[i] * dil[i]
+                index.append(slice(start, start + strides[i] * (x.shape[2 + i] - 1) + 1,
+                                   strides[i]))
+            y[tuple(index)] += contrib[(slice(None), slice(None)) + (slice(None),) * nsp + k_pos]
+    crop = tuple([slice(None), slice(None)] + [slice(pads[i], full[i] - pads[i + nsp])
+                                               for i in range(nsp)])
+    y = y[crop]
+    if b is not None:
+        y = y + b.astype(ct).reshape((1, -1) + (1,) * nsp)
+    return [y.astype(x.dtype)]
+
+
+def _pool(node, args, module):
+    """Windows over x padded with NaN (missing); max ignores them, average divides by the
+    window's real (or, with count_include_pad, padded-in-bounds) size."""
+    x = args[0]
+    a = node.attrs
+    nsp = x.ndim - 2
+    kernel, strides, dil, pads = a["kernel_shape"], a["strides"], a["dilations"], a["pads"]
+    out_sp = [int(node.results[0].type.shape[2 + i]) if isinstance(
+        node.results[0].type.shape[2 + i], int) else None for i in range(nsp)]
+    from qcompiler.ir.ops import _window_out
+    out_sp = [_window_out(x.shape[2 + i], kernel[i], strides[i], pads[i], pads[i + nsp], dil[i],
+                          a["ceil_mode"]) for i in range(nsp)]
+    # Enough end padding for ceil_mode's last partial window.
+    extra = [max((out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1
+                 - (x.shape[2 + i] + pads[i] + pads[i + nsp]), 0) for i in range(nsp)]
+    ct = _compute_dtype(x.dtype) if _is_float(x.dtype) else np.float64
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nsp] + extra[i]) for i in range(nsp)]
+    xp = np.pad(x.astype(ct), width, constant_values=np.nan)
+    win = _windows(xp, kernel, strides, dil, out_sp, pads)
+    flat = win.reshape(win.shape[:2 + nsp] + (-1,))
+    kind = a["kind"]
+    outs = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if kind == "max":
+            filled = np.where(np.isnan(flat), -np.inf, flat)
+            y = filled.max(axis=-1)
+            if len(node.results) > 1:
+                outs.append(_pool_indices(x, filled, kernel, strides, dil, pads, out_sp,
+                                          a.get("storage_order", 0)))
+        elif kind == "average":
+            total = np.nansum(flat, axis=-1)
+            if a["count_include_pad"]:
+                inside = np.pad(np.ones(x.shape[2:]), [(pads[i], pads[i + nsp])
+                                                       for i in range(nsp)], constant_values=1)
+                inside = np.pad(inside, [(0, e) for e in extra], constant_values=0)
+            else:
+                inside = np.pad(np.ones(x.shape[2:]), [(pads[i], pads[i + nsp] + extra[i])
+                                                       for i in range(nsp)], constant_values=0)
+            count = _windows(inside[None, None], kernel, strides, dil, out_sp, pads)
+            count = count.reshape(count.shape[:2 + nsp] + (-1,)).sum(axis=-1)
+            y = total / count
+        else:  # lp
+            p = a["p"]
+            y = np.nansum(np.abs(flat) ** p, axis=-1) ** (1.0 / p)
+    if _is_float(x.dtype):
+        y = y.astype(x.dtype)
+    else:
+        y = y.astype(x.dtype)
+    return [y] + outs
+
+
+def _pool_indices(x, filled, kernel, strides, dil, pads, out_sp, storage_order):
+    """MaxPool's Indices: the flat index of the (first) maximum in x's [N, C, *sp] layout
+    (column-major spatial order with storage_order=1)."""
+    nsp = len(kernel)
+    arg = np.argmax(filled, axis=-1)  # position within the window
+    taps = np.unravel_index(arg, kernel)
+    coords = []
+    for i in range(nsp):
+        starts = (np.arange(out_sp[i]) * strides[i] - pads[i]).reshape(
+            (1, 1) + tuple(-1 if j == i else 1 for j in range(nsp)))
+        coords.append(starts + taps[i] * dil[i])
+    n_idx = np.arange(x.shape[0]).reshape((-1,) + (1,) * (nsp + 1))
+    c_idx = np.arange(x.shape[1]).reshape((1, -1) + (1,) * nsp)
+    spatial = x.shape[2:]
+    if storage_order:
+        flat_sp = np.zeros_like(coords[0])
+        stride = 1
+        for i in range(nsp):
+            flat_sp = flat_sp + coords[i] * stride
+            stride *= spatial[i]
+    else:
+        flat_sp = np.ravel_multi_index(tuple(coords), spatial, mode="clip")
+    size = int(np.prod(spatial))
+    return ((n_idx * x.shape[1] + c_idx) * size + flat_sp).astype(np.int64)
+
+
+def _rotary_embedding(node, args, module):
+    """onnx.reference's RotaryEmbedding: x [B, S, H*D] or [B, H, S, D]; caches [S, D'/2] or
+    gathered [B, S, D'/2] by position_ids."""
+    x, cos, sin = args[0], args[1], args[2]
+    pos = _arg(args, 3)
+    a = node.attrs
+    orig_shape = x.shape
+    if x.ndim == 4:
+        xt = np.transpose(x, (0, 2, 1, 3))  # [B, S, H, D]
+    else:
+        h = a["num_heads"]
+        xt = x.reshape(x.shape[0], x.shape[1], h, x.shape[2] // h)
+    d = xt.shape[-1]
+    rd = a["rotary_embedding_dim"] or d
+    rot, rest = xt[..., :rd], xt[..., rd:]
+    if pos is not None:
+        cos, sin = cos[pos], sin[pos]  # [B, S, rd/2]
+    cos = cos[..., :rd // 2][:, :, None, :] if cos.ndim == 3 else cos[None, :, None, :rd // 2]
+    sin = sin[..., :rd // 2][:, :, None, :] if sin.ndim == 3 else sin[None, :, None, :rd // 2]
+    if a["interleaved"]:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :rd // 2], rot[..., rd // 2:]
+    r1 = cos * x1 - sin * x2
+    r2 = sin * x1 + cos * x2
+    if a["interleaved"]:
+        out_rot = np.stack([r1, r2], axis=-1).reshape(rot.shape)
+    else:
+        out_rot = np.concatenate([r1, r2], axis=-1)
+    y = np.concatenate([out_rot, rest], axis=-1).astype(x.dtype)
+    if len(orig_shape) == 4:
+        return [np.ascontiguousarray(np.transpose(y, (0, 2, 1, 3)))]
+    return [y.reshape(orig_shape)]
+
+
+def _eye_like(node, args, module):
+    x = args[0]
+    return [np.eye(x.shape[0], x.shape[1], k=node.attrs["k"], dtype=_result_dtype(node))]
+
+
+def _compress(node, args, module):
+    x, cond = args
+    axis = node.attrs.get("axis")
+    return [np.compress(cond.astype(bool).reshape(-1), x, axis=axis)]
+
+
+def _bitcast(node, args, module):
+    return [np.ascontiguousarray(args[0]).view(_result_dtype(node))]
+
+
+OP_IMPLS.update({
+    "cos": _float_unary(np.cos), "sin": _float_unary(np.sin), "tan": _float_unary(np.tan),
+    "acos": _float_unary(np.arccos), "asin": _float_unary(np.arcsin),
+    "atan": _float_unary(np.arctan), "cosh": _float_unary(np.cosh),
+    "sinh": _float_unary(np.sinh), "asinh": _float_unary(np.arcsinh),
+    "acosh": _float_unary(np.arccosh), "atanh": _float_unary(np.arctanh),
+    "log": _float_unary(np.log), "floor": _float_unary(np.floor),
+    "ceil": _float_unary(np.ceil), "round": _float_unary(_round_half_even),
+    "sign": _float_unary(np.sign), "softsign": _float_unary(lambda v: v / (1 + np.abs(v))),
+    "softplus": _float_unary(_softplus_fn),
+    "mish": _float_unary(lambda v: v * np.tanh(_softplus_fn(v))),
+    "hard_swish": _float_unary(_hard_swish_fn),
+    "not": _unary(np.logical_not), "bitwise_not": _unary(np.invert),
+    **{name: _activation(fn) for name, fn in ACTIVATION_FNS.items()},
+    "shrink": _shrink,
+    "isinf": _isinf,
+    "or": _binary(np.logical_or), "xor": _binary(np.logical_xor),
+    "bitwise_and": _binary(np.bitwise_and), "bitwise_or": _binary(np.bitwise_or),
+    "bitwise_xor": _binary(np.bitwise_xor), "prelu": _prelu,
+    "mod": _mod, "bit_shift": _bit_shift,
+    "reduce": _reduce_kind, "arg_reduce": _arg_reduce, "cumulative": _cumulative,
+    "log_softmax": _log_softmax, "hardmax": _hardmax,
+    "tile": _tile, "pad": _pad, "trilu": _trilu, "topk": _topk, "einsum": _einsum,
+    "resize": _resize, "one_hot": _one_hot, "nonzero": _nonzero,
+    "scatter_nd": _scatter_nd, "scatter_elements": _scatter_elements,
+    "conv": _conv, "conv_transpose": _conv_transpose, "pool": _pool,
+    "rotary_embedding": _rotary_embedding, "eye_like": _eye_like, "compress": _compress,
+    "bitcast": _bitcast,
+})
+
+
+# --------------------------------------------------------------------------------------------
 # the interpreter
 # --------------------------------------------------------------------------------------------
 
