@@ -341,7 +341,7 @@ class _Importer:
         self.node = None
 
     def check_declared_dims(self) -> None:
-        """No negative dims anywhere; graph inputs have dims >= 1."""
+        """No negative dims anywhere (zero-size tensors are legal, as in onnxruntime)."""
         g = self.proto.graph
         for what, infos in (("graph input", g.input), ("graph output", g.output),
                             ("value_info", g.value_info)):
@@ -350,10 +350,9 @@ class _Importer:
                     continue
                 dims = [d.dim_value for d in vi.type.tensor_type.shape.dim
                         if d.HasField("dim_value")]
-                lowest = 1 if what == "graph input" else 0
-                if any(d < lowest for d in dims):
+                if any(d < 0 for d in dims):
                     raise FrontendError(f"{what} {vi.name!r} declares dims {dims}: each must "
-                                        f"be >= {lowest}")
+                                        "be >= 0")
         for t in g.initializer:
             if any(d < 0 for d in t.dims):
                 raise FrontendError(f"initializer {t.name!r} has negative dims {list(t.dims)}")
@@ -544,11 +543,9 @@ def _ms_gelu(imp, n, attrs):
 def _softmax(imp, n, attrs):
     x = _inputs(imp, n)[0]
     if imp.opset < 13:
-        axis = attrs.get("axis", 1)
-        # Opsets 1-11 flatten to 2-D at `axis`; that equals a 13+ softmax only on the last axis.
-        if axis % max(x.type.rank, 1) != x.type.rank - 1:
-            raise imp.fail(f"Softmax-{imp.opset} with axis={axis} on a rank-{x.type.rank} "
-                           "tensor (flattening semantics) is not supported; only the last axis")
+        # Opsets 1-11 flatten to 2-D at `axis` and normalize over the flattened rows.
+        _coerced_2d(imp, n, x, "softmax", int(attrs.get("axis", 1)))
+        return
     else:
         axis = attrs.get("axis", -1)
     imp.emit("softmax", [x], {"axis": int(axis)}, names=imp.outputs_of(n))
@@ -559,13 +556,29 @@ def _softmax(imp, n, attrs):
 def _layernorm(imp, n, attrs):
     xs = _inputs(imp, n)
     if any(o for o in n.output[1:]):
-        raise imp.fail("LayerNormalization's Mean/InvStdDev outputs are not supported")
+        _layernorm_statistics(imp, n, xs[0], int(attrs.get("axis", -1)),
+                              float(attrs.get("epsilon", 1e-5)))
     if attrs.get("stash_type", 1) != 1:
         raise imp.fail("LayerNormalization stash_type other than float32 is not supported")
     xs = xs + [None] * (3 - len(xs))
     imp.emit("layernorm", xs[:3], {"axis": int(attrs.get("axis", -1)),
                                    "epsilon": float(attrs.get("epsilon", 1e-5))},
              names=imp.outputs_of(n)[:1])
+
+
+def _layernorm_statistics(imp, n, x: Value, axis: int, eps: float) -> None:
+    """LayerNormalization's optional Mean and InvStdDev outputs (f32, the normalized dims
+    kept as 1)."""
+    axes = list(range(axis % x.type.rank, x.type.rank))
+    v = x if x.type.dtype.name == "f32" else imp.emit("cast", [x], {"to": elem("f32")})[0]
+    outs = imp.outputs_of(n) + [None, None]
+    red = {"axes": axes, "keepdims": 1}
+    mean = imp.emit("reduce_mean", [v], red, names=[outs[1]])[0]
+    diff = imp.emit("sub", [v, mean])[0]
+    var = imp.emit("reduce_mean", [imp.emit("mul", [diff, diff])[0]], red)[0]
+    std = imp.emit("sqrt", [imp.emit("add", [var, _scalar(imp, eps, elem("f32"))])[0]])[0]
+    if outs[2] is not None:
+        imp.emit("reciprocal", [std], names=[outs[2]])
 
 
 @_handles("ReduceMean")
@@ -1059,7 +1072,8 @@ def _mod(imp, n, attrs):
 def _bit_shift(imp, n, attrs):
     direction = attrs["direction"]
     direction = direction.decode() if isinstance(direction, bytes) else direction
-    imp.emit("bit_shift", _inputs(imp, n), {"direction": direction}, names=imp.outputs_of(n))
+    imp.emit("bit_shift", _inputs(imp, n), {"direction": direction.lower()},
+             names=imp.outputs_of(n))
 
 
 @_handles("Sum", "Mean")
@@ -1330,8 +1344,11 @@ def _depth_space(imp, n, attrs):
         else:
             mid, perm = [N, C // (b * b), b, b, H, W], [0, 1, 4, 2, 5, 3]
         final = [N, C // (b * b), H * b, W * b]
-    else:
+    elif _text(attrs.get("mode"), "DCR") == "DCR":
         mid, perm = [N, C, H // b, b, W // b, b], [0, 3, 5, 1, 2, 4]
+        final = [N, C * b * b, H // b, W // b]
+    else:  # CRD
+        mid, perm = [N, C, H // b, b, W // b, b], [0, 1, 3, 5, 2, 4]
         final = [N, C * b * b, H // b, W // b]
     y = imp.emit("reshape", [x, _ints_const(imp, mid, "shape")])[0]
     y = imp.emit("transpose", [y], {"perm": perm})[0]
@@ -1615,7 +1632,7 @@ def _pool(imp, n, attrs):
          "p": int(attrs.get("p", 2))}
     outs = imp.outputs_of(n)
     if len(outs) > 1 and outs[1]:
-        a["storage_order"] = int(attrs.get("storage_order", 0))
+        a.update(indices=1, storage_order=int(attrs.get("storage_order", 0)))
         imp.emit("pool", [x], a, names=outs[:2])
     else:
         imp.emit("pool", [x], a, names=outs[:1])
@@ -1634,6 +1651,86 @@ def _global_pool(imp, n, attrs):
         if int(attrs.get("p", 2)) != 2:
             raise imp.fail("GlobalLpPool p other than 2 is not supported")
         imp.emit("reduce_l2", [x], {"axes": axes, "keepdims": 1}, names=imp.outputs_of(n))
+
+
+# -- attention -----------------------------------------------------------------------------
+
+
+@_handles("RotaryEmbedding")
+def _rotary_embedding(imp, n, attrs):
+    xs = _inputs(imp, n)
+    imp.emit("rotary_embedding", [xs[0], xs[1], xs[2], _opt_input(xs, 3)],
+             {"interleaved": int(attrs.get("interleaved", 0)),
+              "num_heads": int(attrs.get("num_heads", 0)),
+              "rotary_embedding_dim": int(attrs.get("rotary_embedding_dim", 0))},
+             names=imp.outputs_of(n))
+
+
+def _heads_first(imp, x: Value, heads: int) -> Value:
+    """[B, S, H*D] -> [B, H, S, D]."""
+    y = imp.emit("reshape", [x, _ints_const(imp, [0, 0, heads, -1], "shape")])[0]
+    return imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
+
+
+@_handles("Attention")
+def _attention(imp, n, attrs):
+    """ONNX Attention (opset 23+) as the fused ``attention`` op: 3-D inputs split into heads,
+    past key/value concatenated (the present outputs), a boolean mask made additive (0 /
+    -inf), is_causal as the op's causal flag when the query ends at the last key."""
+    xs = _inputs(imp, n) + [None] * 7
+    q, k, v, mask, past_k, past_v, nonpad = xs[:7]
+    outs = imp.outputs_of(n) + [None] * 4
+    for what, bad in (("softcap", float(attrs.get("softcap", 0.0)) != 0.0),
+                      ("the qk_matmul_output output", outs[3] is not None),
+                      ("nonpad_kv_seqlen", nonpad is not None)):
+        if bad:
+            raise imp.fail(f"Attention with {what} is not supported")
+    three_d = q.type.rank == 3
+    if three_d:
+        hq, hkv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
+        q, k, v = _heads_first(imp, q, hq), _heads_first(imp, k, hkv), _heads_first(imp, v, hkv)
+    present_names = outs[1:3]
+    if past_k is not None:
+        k = imp.emit("concat", [past_k, k], {"axis": 2}, names=present_names[:1])[0]
+        v = imp.emit("concat", [past_v, v], {"axis": 2}, names=present_names[1:2])[0]
+    else:
+        for name, val in zip(present_names, (k, v)):
+            if name is not None:
+                imp.emit("identity", [val], names=[name])
+    d = q.type.shape[3]
+    if "scale" in attrs:
+        scale = float(attrs["scale"])
+    elif isinstance(d, int):
+        scale = float(1.0 / np.sqrt(d))
+    else:
+        raise imp.fail("Attention without scale needs a static head size")
+    causal = int(attrs.get("is_causal", 0))
+    if causal:
+        sq, skv = q.type.shape[2], k.type.shape[2]
+        past_len = past_k.type.shape[2] if past_k is not None else 0
+        if not (isinstance(sq, int) and isinstance(skv, int) and isinstance(past_len, int)
+                and skv - sq == past_len):
+            raise imp.fail("Attention is_causal is supported where the query block ends at "
+                           "the last key (kv length = past length + query length)")
+    if mask is not None:
+        if isinstance(mask.type.shape[-1], int) and isinstance(k.type.shape[2], int) and \
+                mask.type.shape[-1] != k.type.shape[2]:
+            raise imp.fail(f"Attention mask of {mask.type.shape[-1]} keys for "
+                           f"{k.type.shape[2]} keys is not supported")
+        if mask.type.dtype.name == "bool":
+            zero = _scalar(imp, 0.0, q.type.dtype)
+            ninf = _scalar(imp, -np.inf, q.type.dtype)
+            mask = imp.emit("where", [mask, zero, ninf])[0]
+        elif mask.type.dtype != q.type.dtype:
+            mask = imp.emit("cast", [mask], {"to": q.type.dtype})[0]
+    y_name = outs[0]
+    if three_d:
+        y = imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal})[0]
+        y = imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
+        imp.emit("reshape", [y, _ints_const(imp, [0, 0, -1], "shape")], names=[y_name])
+    else:
+        imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
+                 names=[y_name])
 
 
 def supported_ops() -> list[str]:

@@ -951,8 +951,8 @@ def _conv_transpose(types, attrs, consts):
       "flat i64 indices", ["x"],
       {"kind": ("str", True), "kernel_shape": ("ints", True), "strides": ("ints", True),
        "pads": ("ints", True), "dilations": ("ints", True), "ceil_mode": ("int", True),
-       "count_include_pad": ("int", True), "p": ("int", True), "storage_order": ("int", False)},
-      results=-1)
+       "count_include_pad": ("int", True), "p": ("int", True), "indices": ("int", False),
+       "storage_order": ("int", False)}, results=-1)
 def _pool(types, attrs, consts):
     x = types[0]
     nsp = x.rank - 2
@@ -964,7 +964,11 @@ def _pool(types, attrs, consts):
                       attrs["pads"][i], attrs["pads"][i + nsp], attrs["dilations"][i],
                       attrs["ceil_mode"]) for i in range(nsp)]
     y = TensorType((x.shape[0], x.shape[1], *sp), x.dtype)
-    return [y, TensorType(y.shape, I64)]
+    if attrs.get("indices", 0):
+        if attrs["kind"] != "max":
+            raise TypeInferenceError("pool indices are given by max pooling only")
+        return [y, TensorType(y.shape, I64)]
+    return [y]
 
 
 @_def("rotary_embedding", "ONNX RotaryEmbedding (opset 23): rotate the first rotary_embedding_dim "
@@ -999,7 +1003,7 @@ def _compress(types, attrs, consts):
 @_def("bitcast", "Reinterpret the bits of each element as `to` (same bit width)", ["x"],
       {"to": ("type", True)})
 def _bitcast(types, attrs, consts):
-    if types[0].dtype.bits != attrs["to"].bits:
+    if types[0].dtype.np_dtype.itemsize != attrs["to"].np_dtype.itemsize:
         raise TypeInferenceError(f"bitcast of {types[0].dtype} to {attrs['to']}: bit widths "
                                  "differ")
     return [TensorType(types[0].shape, attrs["to"])]

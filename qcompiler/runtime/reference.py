@@ -779,8 +779,6 @@ def _mod(node, args, module):
         with np.errstate(all="ignore"):
             y = np.fmod(a, b)
     else:
-        if _is_float(a.dtype):
-            raise ValueError("mod with fmod=0 takes integer operands (ONNX)")
         with np.errstate(all="ignore"):
             y = np.mod(a, b)  # the sign of the divisor, as Python's %
     return [np.asarray(y).astype(_result_dtype(node))]
@@ -789,7 +787,7 @@ def _mod(node, args, module):
 def _bit_shift(node, args, module):
     a, b = args
     dtype = _result_dtype(node)
-    shift = np.left_shift if node.attrs["direction"] == "left" else np.right_shift
+    shift = np.left_shift if node.attrs["direction"].lower() == "left" else np.right_shift
     return [shift(a.astype(dtype), b.astype(dtype)).astype(dtype)]
 
 
@@ -1241,9 +1239,8 @@ def _pool(node, args, module):
     a = node.attrs
     nsp = x.ndim - 2
     kernel, strides, dil, pads = a["kernel_shape"], a["strides"], a["dilations"], a["pads"]
-    out_sp = [int(node.results[0].type.shape[2 + i]) if isinstance(
-        node.results[0].type.shape[2 + i], int) else None for i in range(nsp)]
     from qcompiler.ir.ops import _window_out
+
     out_sp = [_window_out(x.shape[2 + i], kernel[i], strides[i], pads[i], pads[i + nsp], dil[i],
                           a["ceil_mode"]) for i in range(nsp)]
     # Enough end padding for ceil_mode's last partial window.
@@ -1260,7 +1257,7 @@ def _pool(node, args, module):
         if kind == "max":
             filled = np.where(np.isnan(flat), -np.inf, flat)
             y = filled.max(axis=-1)
-            if len(node.results) > 1:
+            if node.attrs.get("indices", 0):
                 outs.append(_pool_indices(x, filled, kernel, strides, dil, pads, out_sp,
                                           a.get("storage_order", 0)))
         elif kind == "average":
@@ -1278,11 +1275,7 @@ def _pool(node, args, module):
         else:  # lp
             p = a["p"]
             y = np.nansum(np.abs(flat) ** p, axis=-1) ** (1.0 / p)
-    if _is_float(x.dtype):
-        y = y.astype(x.dtype)
-    else:
-        y = y.astype(x.dtype)
-    return [y] + outs
+    return [y.astype(x.dtype)] + outs
 
 
 def _pool_indices(x, filled, kernel, strides, dil, pads, out_sp, storage_order):
@@ -1358,7 +1351,7 @@ def _compress(node, args, module):
 
 
 def _bitcast(node, args, module):
-    return [np.ascontiguousarray(args[0]).view(_result_dtype(node))]
+    return [np.array(args[0], copy=True, order="C").view(_result_dtype(node))]
 
 
 OP_IMPLS.update({
