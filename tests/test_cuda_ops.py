@@ -59,7 +59,7 @@ def _make_graph() -> Graph:
         g.add("binary", "mul", [g.arg([B, S, 64], dt), g.arg([B, S, 64], dt)],
               [([B, S, 64], dt)])  # the contiguous, vectorized path
         g.add("binary", "add", [g.arg([B, S, 64], dt), g.arg([], dt)], [([B, S, 64], dt)])
-    g.add("binary", "pow", [g.arg([B, 13], "f32", low="positive"), g.arg([13], "f32")],
+    g.add("pow", "pow", [g.arg([B, 13], "f32", low="positive"), g.arg([13], "f32")],
           [([B, 13], "f32")])
     for dt in ("f32", "f16", "bf16"):
         for op in ("sqrt", "erf", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal",
@@ -322,9 +322,10 @@ def _check(built, key, compare, sizes_list=SIZES):
 
 
 @gpu
-@pytest.mark.parametrize("key,ulps", [("binary", 2), ("unary", 2), ("fused", 4)])
+@pytest.mark.parametrize("key,ulps", [("binary", 0), ("pow", 4), ("unary", 4), ("fused", 4)])
 def test_elementwise_few_ulp(built, key, ulps):
-    # f16/bf16: computed in f32 and rounded once (exact + - * /); expf/tanhf/powf within 2 ulp
+    # + - * / max min: computed in f32 and rounded once, exactly as numpy; CUDA's expf/tanhf
+    # are within 2 ulp and powf within 4 of numpy's, sigmoid adds a division
     _check(built, key, lambda got, w, what: assert_ulps(got, w, ulps, what))
 
 
