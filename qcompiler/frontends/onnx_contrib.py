@@ -113,8 +113,7 @@ def _skip_simplified_layernorm(imp, n, attrs):
        name=_out(n, 0))
 
 
-@_handles("SimplifiedLayerNormalization")
-@_handles("SimplifiedLayerNormalization", domain=MS)
+@_handles("SimplifiedLayerNormalization")  # onnxruntime registers it in the ONNX domain
 def _simplified_layernorm(imp, n, attrs):
     x, scale = _inputs(imp, n)[:2]
     _no_stats(imp, n, (1,))
@@ -270,7 +269,7 @@ def _group_query_attention(imp, n, attrs):
     followed by the new ones when all rows are full: the GenAI builder's CPU models, past
     ``past_sequence_length`` long, present ``total_sequence_length``); its positions after a
     shorter row's tokens are left as in concat(past, new) (onnxruntime leaves them
-    unwritten). Query i of row b sees keys j <= past_b + i (and j >= past_b + i -
+    unwritten). Query i of row b sees keys j <= past_b + i (and j > past_b + i -
     local_window_size when a window is set); with do_rotary, q and k rotate at positions
     past_b + i.
     """
@@ -356,7 +355,8 @@ def _group_query_attention(imp, n, attrs):
     allowed = _e(imp, "less_or_equal", [j, qp])
     window = int(attrs.get("local_window_size", -1))
     if window >= 0:
-        lo = _e(imp, "sub", [qp, _i64(imp, window)])
+        # onnxruntime's window holds local_window_size keys, the query's own included.
+        lo = _e(imp, "sub", [qp, _i64(imp, window - 1)])
         allowed = _e(imp, "and", [allowed, _e(imp, "greater_or_equal", [j, lo])])
     mask = _additive(imp, allowed, dtype, float(np.finfo(dtype.np_dtype).min))
     y = _e(imp, "attention", [qh, present_k, present_v, mask],
@@ -482,7 +482,7 @@ def _ms_attention(imp, n, attrs):
 @_handles("EmbedLayerNormalization", domain=MS)
 def _embed_layernorm(imp, n, attrs):
     """LN(word[ids] + position[pos] + segment[seg]) with pos = position_ids or [0, S); the
-    mask index (mask_index_type 1) is each row's count of ones in mask (S without a mask);
+    mask index (mask_index_type 1) is each row's count of ones in mask (0 without a mask);
     embedding_sum is the sum before the norm."""
     xs = _pad(_inputs(imp, n), 9)
     ids, seg_ids, word, pos_emb, seg_emb, gamma, beta, mask, pos_ids = xs
@@ -501,8 +501,9 @@ def _embed_layernorm(imp, n, attrs):
        {"axis": -1, "epsilon": float(attrs.get("epsilon", 1e-12))}, name=_out(n, 0))
     if _out(n, 1):
         if mask is None:
-            ones = _e(imp, "expand", [_i64(imp, 1), _e(imp, "shape", [ids])])
-            count = _e(imp, "reduce_sum", [ones], {"axes": [1], "keepdims": 0})
+            # onnxruntime writes zeros then (its Attention reads a 0 as "no mask").
+            zeros = _e(imp, "expand", [_i64(imp, 0), _e(imp, "shape", [ids])])
+            count = _e(imp, "reduce_sum", [zeros], {"axes": [1], "keepdims": 0})
         else:
             count = _e(imp, "reduce_sum", [_e(imp, "cast", [mask], {"to": elem("i64")})],
                        {"axes": [1], "keepdims": 0})
