@@ -151,6 +151,7 @@ def schedule_matmul(sch, rows: int, p: ScheduleParams):
 
 
 def schedule_attention(sch, p: ScheduleParams):
+    scores_rf = _vector_dot_products(sch, sch.get_sblock("scores"), p)
     out = sch.get_sblock("out")
     loops = sch.get_loops(out)
     shape = [_loop_extent(sch, lp) for lp in loops]
@@ -162,6 +163,24 @@ def schedule_attention(sch, p: ScheduleParams):
     spatial, red = sch.get_loops(acc)[-2:]
     sch.reorder(red, spatial)
     sch.decompose_reduction(acc, red)
+    if scores_rf is not None:  # compute_at left its loops [lanes, Skv, D / lanes]
+        lane, j, d_outer = sch.get_loops(scores_rf)[-3:]
+        sch.reorder(j, d_outer, lane)
+        sch.vectorize(lane)
+
+
+def _vector_dot_products(sch, block, p: ScheduleParams):
+    """A dot product over a static innermost reduction (the head dim) as ``lanes`` partial
+    sums (an rfactor block, its partial-sum axis last), then one short sum: LLVM keeps a float
+    reduction in order (a scalar chain of dependent FMAs, 4 cycles each) unless the schedule
+    splits it. Returns the rfactor block or None. Call before the blocks are placed."""
+    loops = sch.get_loops(block)
+    extent = _static(_loop_extent(sch, loops[-1]))
+    if extent is None or extent < 2 * p.lanes or extent % p.lanes:
+        return None
+    _, inner = sch.split(loops[-1], [None, p.lanes])
+    rank = len(sch.get(block).writes[0].region)
+    return sch.rfactor(inner, factor_axis=rank)
 
 
 def schedule(func, kernel, p: ScheduleParams):
