@@ -248,3 +248,63 @@ def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
         m = qcompiler.load(out_dir)
         with pytest.raises(CudaRuntimeError, match="no CUDA device|no built libraries"):
             m.run({})  # the device is looked for before the inputs
+
+
+WGMMA = {"wgmma": 1, "gemv": 0, "m_frags": 8, "warps_n": 4, "warps_k": 2, "stages": 4,
+         "stage_k": 64, "acc_scale": 0, "split_k": 2}
+
+
+def test_wgmma_selection_and_validation():
+    """cuda-sm90 picks the wgmma kernel for 4-bit weights where the tiled kernel ran; other
+    targets and 8-bit codes never do; the validator holds its knobs to what it was written for."""
+    sm90, sm80 = get_target("cuda-sm90"), get_target("cuda-sm80")
+    key4 = {"m": 128, "k": 8192, "n": 28672,
+            "w_scheme": str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())}
+    key8 = {**key4, "w_scheme": str(GOLDEN_CASES["u8_g64_zp_bf16"].scheme())}
+    cfg = tuning.default_config(sm90, key4)
+    assert cfg["wgmma"] == 1 and tuning.check_config(sm90, key4, cfg) is None
+    assert tuning.default_config(sm80, key4)["wgmma"] == 0
+    assert tuning.default_config(sm90, key8)["wgmma"] == 0
+    assert tuning.default_config(sm90, {**key4, "m": 8})["gemv"] == 1
+    assert tuning.check_config(sm90, key4, WGMMA) is None
+    assert "needs a target with wgmma" in tuning.check_config(sm80, key4, WGMMA)
+    assert "4-bit" in tuning.check_config(sm90, key8, WGMMA)
+    assert "warps_n=4" in tuning.check_config(sm90, key4, {**WGMMA, "warps_n": 2})
+    assert "consumer warpgroups" in tuning.check_config(sm90, key4, {**WGMMA, "m_frags": 4})
+    assert "stages=9" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 9})
+    assert "not an int" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": True})
+    # A config from before the knob means the other kernels (wgmma=0).
+    old = {k: v for k, v in tuning.default_config(sm90, {**key4, "m": 8}).items() if k != "wgmma"}
+    assert tuning.check_config(sm90, {**key4, "m": 8}, old) is None
+
+
+def test_wgmma_source_and_archs():
+    """A source with wgmma variants includes wgmma.cuh, instantiates launch_wgmma and is built
+    for sm_90a alone; the others keep the target's arch."""
+    _, _, node = bs.pack_case(GOLDEN_CASES["u4_g128_zp_f16"])
+    params = backend.kernel_params(node, "cuda-sm90")
+    text = backend.render(params)
+    assert '#include "qcompiler/wgmma.cuh"' in text and "qc::launch_wgmma<Config, 64, 2," in text
+    assert backend.target_archs(get_target("cuda-sm90"), params) == ["sm_90a"]
+    _, _, node8 = bs.pack_case(GOLDEN_CASES["u8_g64_zp_bf16"])
+    params8 = backend.kernel_params(node8, "cuda-sm90")
+    assert not params8["wgmma_instances"] and "wgmma" not in backend.render(params8)
+    assert backend.target_archs(get_target("cuda-sm90"), params8) == ["sm_90"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(nv.find_nvcc() is None, reason="nvcc not found")
+def test_wgmma_golden_compiles_for_sm90a(tmp_path):
+    """The golden with the wgmma kernel builds for sm_90a with no spills and no serialized
+    wgmma (ptxas -v)."""
+    import subprocess
+
+    src = os.path.join(GOLDEN, "u4_g128_zp_f16.cu")
+    cmd = nv.nvcc_command(src, str(tmp_path / "k.o"), ["sm_90a"], compile_only=True)
+    proc = subprocess.run(cmd[:1] + ["-Xptxas", "-v"] + cmd[1:], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = proc.stderr
+    assert "C7512" not in report and "C7508" not in report, report  # serialized / setmaxnreg
+    wgmma_lines = [ln for ln in report.splitlines() if "qmatmul_wgmma_kernel" in ln]
+    assert wgmma_lines
+    assert " 0 bytes spill stores" in report.split(wgmma_lines[-1], 1)[1].splitlines()[1]

@@ -153,6 +153,9 @@ template <class C, int NT, int CONSUMERS, int STAGES>
 __global__ void __launch_bounds__(128 * CONSUMERS + 128, 1)
 qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
                      const Params<typename C::scalar_t> p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
+#else
   using S = typename C::scalar_t;
   using S2 = pair_t<S>;
   using U = typename C::Unpack;
@@ -299,6 +302,7 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   auto tile_sum = [&](int i) { return red[(i / T::N_TILE) * T::RED_STRIDE + i % T::N_TILE]; };
   finish_tile<C, T::M_TILE, T::N_TILE, T::CONSUMER_THREADS, decltype(tile_sum),
               T::CONSUMER_THREADS>(p, m0, nb0 * 64, split, flag, tile_sum);
+#endif
 }
 
 // ---- host side ----------------------------------------------------------------------------
