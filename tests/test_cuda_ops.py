@@ -175,6 +175,21 @@ def _make_graph() -> Graph:
           [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
            g.arg([B, 2, 9, 32], "f16")],
           [([B, 2, "seq", 32], "f16")], {"scale": 0.2, "causal": 1})  # rows with no key
+    # rotary embedding: [B, H, S, D] with position ids, [B, S, H*D] interleaved over part of D
+    g.add("rotary", "rotary_embedding",
+          [g.arg([B, 4, S, 64], "f16"), g.arg([300, 32], "f16", low=(-1.0, 1.0)),
+           g.arg([300, 32], "f16", low=(-1.0, 1.0)), g.arg([B, S], "i64", low=(0, 299))],
+          [([B, 4, S, 64], "f16")], {"interleaved": 0, "num_heads": 0,
+                                     "rotary_embedding_dim": 0})
+    g.add("rotary", "rotary_embedding",
+          [g.arg([B, S, 3 * 32], "bf16"), g.arg([S, 16], "bf16", low=(-1.0, 1.0)),
+           g.arg([S, 16], "bf16", low=(-1.0, 1.0))],
+          [([B, S, 96], "bf16")], {"interleaved": 1, "num_heads": 3, "rotary_embedding_dim": 16})
+    g.add("rotary", "rotary_embedding",
+          [g.arg([B, 2, S, 32], "f16"), g.arg([B, S, 16], "f32", low=(-1.0, 1.0)),
+           g.arg([B, S, 16], "f32", low=(-1.0, 1.0))],
+          [([B, 2, S, 32], "f16")], {"interleaved": 0, "num_heads": 0,
+                                     "rotary_embedding_dim": 0})
     # two identical nodes: one kernel
     g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
     return g
@@ -373,6 +388,12 @@ def test_attention_prefill_decode_gqa_causal_mask(built):
         assert np.isfinite(_f64(got)).any(), what
 
     _check(built, "attention", close)
+
+
+@gpu
+def test_rotary_embedding(built):
+    # f16/bf16 caches: each product and sum rounded to the type as numpy; f32 caches: 1 rounding
+    _check(built, "rotary", lambda got, w, what: assert_ulps(got, w, 1, what))
 
 
 @gpu

@@ -30,7 +30,7 @@ FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
-    "attention"))
+    "attention", "rotary_embedding"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -79,6 +79,8 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _gather(node)
     elif node.op == "matmul":
         text = _matmul(node)
+    elif node.op == "rotary_embedding":
+        text = _rotary(node)
     else:
         text = _attention(node)
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -248,6 +250,25 @@ def _matmul(node: Node) -> str:
     store = "acc[i][j]" if yt in ("float", "double") else "qc_ops::from_f<TY>(acc[i][j])"
     return _render("matmul.cu.j2", node, a_type=at, b_type=bt, y_type=yt, acc_type=acc,
                    n_batch=y.type.rank - 2, a_rank=a.type.rank, b_rank=b.type.rank, store=store)
+
+
+def _rotary(node: Node) -> str:
+    x, cos, sin = node.operands[:3]
+    pos = node.operand(3) if len(node.operands) > 3 else None
+    xt, ct = c_type(x.type.dtype, node), c_type(cos.type.dtype, node)
+    if xt not in ("__half", "__nv_bfloat16", "float") or c_type(sin.type.dtype, node) != ct:
+        raise unsupported(node, "x of f16/bf16/f32 and caches of one type")
+    if cos.type.rank not in (2, 3) or (pos is not None and cos.type.rank != 2):
+        raise unsupported(node, f"a cos cache of shape {cos.type.shape}")
+    if x.type.rank == 3 and not node.attrs.get("num_heads"):
+        raise unsupported(node, "3-D x without num_heads")
+    return _render("rotary.cu.j2", node, x_type=xt, cache_type=ct, has_pos=pos is not None,
+                   pos_type=c_type(pos.type.dtype, node) if pos is not None else "",
+                   four_d=x.type.rank == 4, interleaved=bool(node.attrs.get("interleaved", 0)),
+                   round_each=ct == xt, num_heads=int(node.attrs.get("num_heads") or 0),
+                   x_rank=x.type.rank, cache_rank=cos.type.rank,
+                   rotary_dim=int(node.attrs.get("rotary_embedding_dim") or 0),
+                   n_in=len(_data_operands(node)))
 
 
 SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90 (sm_80: 163 KB)
