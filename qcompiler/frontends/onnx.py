@@ -18,7 +18,6 @@ Anything else is refused with a ``FrontendError`` that names the op, domain, ops
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from typing import Callable, Optional, Union
@@ -369,6 +368,7 @@ class _Importer:
             self.env[vi.name] = self.fn.add_arg(vi.name, t)
         for init in g.initializer:
             self.import_initializer(init)
+        self.check_all_supported()
         for i, n in enumerate(g.node):
             self.node, self.node_index = n, i
             self.import_node(n)
@@ -397,6 +397,18 @@ class _Importer:
         self.env[init.name] = self.add_constant(_to_storage(arr, t), t, init.name,
                                                 value_name=self.fn.fresh_name(init.name))
 
+    def check_all_supported(self) -> None:
+        """Every op of the graph has an importer; else one message lists all the missing
+        ones, each with its count and first node names."""
+        for i, n in enumerate(self.proto.graph.node):
+            if (n.domain or "ai.onnx") not in self.opsets:
+                self.node, self.node_index = n, i
+                raise self.fail(f"domain {n.domain!r} is not imported by the model's "
+                                "opset_import")
+        missing = unsupported_nodes(self.proto)
+        if missing:
+            raise FrontendError(format_unsupported(missing, self.opsets))
+
     def import_node(self, n: onnx.NodeProto) -> None:
         domain = n.domain or "ai.onnx"
         key = (domain, n.op_type)
@@ -404,14 +416,8 @@ class _Importer:
             raise self.fail(f"domain {domain!r} is not imported by the model's opset_import")
         handler = _HANDLERS.get(key)
         if handler is None:
-            # The whole list would make the message a screenful: name the closest ones.
-            names = supported_ops()
-            close = difflib.get_close_matches(
-                n.op_type if domain == "ai.onnx" else f"{domain}.{n.op_type}", names, n=4,
-                cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise self.fail(f"unsupported op ({len(names)} ops are supported, listed by "
-                            f"qcompiler.frontends.onnx.supported_ops(){hint})")
+            raise FrontendError(format_unsupported(
+                {key: [n.name or f"#{self.node_index}"]}, self.opsets))
         self.check_required_inputs(n, domain)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         try:
@@ -1731,6 +1737,29 @@ def _attention(imp, n, attrs):
     else:
         imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
                  names=[y_name])
+
+
+def unsupported_nodes(proto: onnx.ModelProto) -> dict[tuple[str, str], list[str]]:
+    """(domain, op_type) -> names of the nodes (``#index`` when unnamed) that no importer
+    handles, in graph order."""
+    missing: dict[tuple[str, str], list[str]] = {}
+    for i, n in enumerate(proto.graph.node):
+        key = (n.domain or "ai.onnx", n.op_type)
+        if key not in _HANDLERS:
+            missing.setdefault(key, []).append(n.name or f"#{i}")
+    return missing
+
+
+def format_unsupported(missing: dict, opsets: dict, shown: int = 3) -> str:
+    """``unsupported ops: Det (ai.onnx opset 21) x2 nodes 'a', 'b'; ...`` on one line."""
+    parts = []
+    for (domain, op), names in missing.items():
+        listed = ", ".join(repr(x) for x in names[:shown])
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        noun = "node" if len(names) == 1 else "nodes"
+        parts.append(f"{op} ({domain} opset {opsets.get(domain, '?')}) x{len(names)} {noun} "
+                     f"{listed}{more}")
+    return "unsupported ops: " + "; ".join(parts)
 
 
 def supported_ops() -> list[str]:
