@@ -61,15 +61,15 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from qcompiler.codegen.cuda.ops import CudaOpsLibrary, build_cuda_ops_library
+    from qcompiler.codegen.cuda.ops import CudaOpsLibrary, build_cuda_ops_library, library_path
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     module, nodes = _graph()
     work = tempfile.mkdtemp()
-    names, path = build_cuda_ops_library(list(nodes.values()), "sm_90", work, module=module)
-    lib = CudaOpsLibrary(path)
+    names = build_cuda_ops_library(list(nodes.values()), "sm_90", work, module=module)
+    lib = CudaOpsLibrary(library_path(work))
     dev = torch.device("cuda")
     stream = torch.cuda.current_stream().cuda_stream
     rows = []

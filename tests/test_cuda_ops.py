@@ -17,7 +17,7 @@ import pytest
 from cuda_gpu_util import gpu_reason
 from qcompiler.codegen.cuda.build import find_nvcc
 from qcompiler.codegen.cuda.ops import (CudaOpsError, CudaOpsLibrary, build_cuda_ops_library,
-                                        kernel_source, library_source)
+                                        kernel_source, library_path, library_source)
 from qcompiler.ir.core import Function, Module, constant_node
 from qcompiler.ir.types import elem, tensor
 from qcompiler.runtime.reference import OP_IMPLS
@@ -256,11 +256,11 @@ def built(tmp_path_factory):
 
     g = _make_graph()
     d = tmp_path_factory.mktemp("cuda_ops")
-    names, lib = build_cuda_ops_library(_all_nodes(g), "sm_90", str(d), module=g.module)
+    names = build_cuda_ops_library(_all_nodes(g), "sm_90", str(d), module=g.module)
     rt_src = d / "qc_runtime.cu"
     rt_src.write_text(open(nv.RUNTIME_SOURCE).read())
     rt = CudaRuntime(nv.build_cached(str(rt_src), str(d / "qc_runtime.so"), ["sm_90"]))
-    return g, names, CudaOpsLibrary(lib), rt
+    return g, names, CudaOpsLibrary(library_path(str(d))), rt
 
 
 def _random(v, sizes, rng, low):

@@ -10,7 +10,7 @@ nvcc and ``library.CudaOpsLibrary`` calls them with device pointers, dims and a 
 from qcompiler.codegen.cuda.ops.common import CudaOpsError
 from qcompiler.codegen.cuda.ops.kernel import SUPPORTED_OPS, kernel_source
 from qcompiler.codegen.cuda.ops.library import (CudaOpsLibrary, build_cuda_ops_library,
-                                                library_source)
+                                                library_path, library_source)
 
 __all__ = ["SUPPORTED_OPS", "CudaOpsError", "kernel_source", "CudaOpsLibrary",
-           "build_cuda_ops_library", "library_source"]
+           "build_cuda_ops_library", "library_path", "library_source"]

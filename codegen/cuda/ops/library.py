@@ -2,14 +2,13 @@
 
 ``build_cuda_ops_library(nodes, target, out_dir)`` renders every distinct kernel (by symbol:
 equal sources share one), pastes them after ``include/qcompiler/ops/common.cuh`` into one
-``ops_<hash>.cu`` and builds ``ops_<hash>.so`` with nvcc for the target's arch (through the
+``cuda_ops.cu`` and builds ``cuda_ops.so`` with nvcc for the target's arch (through the
 build cache). ``CudaOpsLibrary(path)`` calls a kernel with device pointers, the buffers'
 run-time dims and a stream (the ABI in ``common.py``).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 from typing import Iterable, Optional
 
@@ -49,27 +48,35 @@ def archs_of(target) -> list:
     return [target.params["arch"]]
 
 
+LIBRARY_NAME = "cuda_ops.so"  # in the out_dir given to build_cuda_ops_library
+SOURCE_NAME = "cuda_ops.cu"
+
+
 def build_cuda_ops_library(nodes: Iterable, target, out_dir: str, module=None,
-                           archs: Optional[list] = None) -> tuple[dict, str]:
-    """Build the op kernels of ``nodes`` into one library in ``out_dir``.
+                           archs: Optional[list] = None) -> dict:
+    """Build the op kernels of ``nodes`` into ``out_dir/cuda_ops.so`` (source beside it).
 
     ``target``: a CUDA Target, its name, or an arch (``sm_90``); ``archs`` overrides it (one
-    fat library for several). Returns ({first result name: kernel symbol}, library path).
+    fat library for several). Returns {first result name of each node: kernel symbol}.
     Raises CudaOpsError for a node without a kernel, BuildError when nvcc fails or is missing.
+    The build goes through the build cache (keyed by the source text, flags and nvcc).
     """
     from qcompiler.codegen.cuda.build import build_cached
 
     names, text = library_source(nodes, module)
     archs = archs or archs_of(target)
-    digest = hashlib.sha1((text + ",".join(archs)).encode()).hexdigest()[:16]
     os.makedirs(out_dir, exist_ok=True)
-    src = os.path.join(out_dir, f"ops_{digest}.cu")
-    if not os.path.exists(src):
+    src = os.path.join(out_dir, SOURCE_NAME)
+    old = open(src).read() if os.path.exists(src) else None
+    if old != text:  # rewritten only when it changed: an unchanged library is kept
         with open(src, "w") as f:
             f.write(text)
-    lib = os.path.join(out_dir, f"ops_{digest}.so")
-    build_cached(src, lib, archs)
-    return names, lib
+    build_cached(src, os.path.join(out_dir, LIBRARY_NAME), archs)
+    return names
+
+
+def library_path(out_dir: str) -> str:
+    return os.path.join(out_dir, LIBRARY_NAME)
 
 
 c_void_p, c_int64 = ctypes.c_void_p, ctypes.c_int64
@@ -151,4 +158,4 @@ class CudaOpsLibrary:
         return outs
 
 
-__all__ = ["build_cuda_ops_library", "library_source", "CudaOpsLibrary"]
+__all__ = ["build_cuda_ops_library", "library_source", "library_path", "CudaOpsLibrary"]
