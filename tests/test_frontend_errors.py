@@ -467,3 +467,41 @@ def test_damaged_names_are_refused():
     m = _relu_model()
     data = m.SerializeToString().replace(b"relu0", b"rel\xe1u")
     _fails(data, "not valid UTF-8")
+
+
+# -- coverage check and low-bit inputs (issue #13) ----------------------------------------------
+
+
+def test_qcompile_check_reports_coverage(tmp_path, capsys):
+    from qcompiler.driver.cli import main
+
+    nodes = [helper.make_node("Cos", ["x"], ["a"], name="cos0"),
+             helper.make_node("Det", ["a"], ["b"], name="det0"),
+             helper.make_node("Det", ["b"], ["y"], name="det1")]
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(nodes, [_x((3, 3))], [_y()]), str(path))
+    assert main(["--check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 ops in 3 nodes; 1 supported, 1 not" in out
+    assert "ok           Cos (opset 21) x1" in out
+    assert "unsupported  Det (opset 21) x2" in out
+    assert not (tmp_path / "qc_out").exists()  # nothing compiled
+    onnx.save(_model(nodes[:1], [_x((3, 3))], [helper.make_tensor_value_info(
+        "a", TensorProto.FLOAT, None)]), str(path))
+    assert main(["--check", str(path)]) == 0
+
+
+def test_run_accepts_ml_dtypes_low_bit_inputs():
+    """An int4 / uint4 / int2 input arriving as an ml_dtypes array (as onnx and onnxruntime
+    hand them out) runs as its codes."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(13)
+    for onnx_type, ml_type, lo, hi in ((TensorProto.INT4, ml_dtypes.int4, -8, 7),
+                                       (TensorProto.UINT4, ml_dtypes.uint4, 0, 15),
+                                       (TensorProto.INT2, ml_dtypes.int2, -2, 1)):
+        m = _model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+                   [_x((2, 5), onnx_type)], [_y()])
+        codes = rng.integers(lo, hi + 1, size=(2, 5))
+        got = run(load(m), {"x": codes.astype(ml_type)})["y"]
+        np.testing.assert_array_equal(got, codes.astype(np.float32))

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                          "activations) run in the host interpreter instead of failing")
     ap.add_argument("--debug", action="store_true",
                     help="on an error, print the full Python traceback too")
+    ap.add_argument("--check", action="store_true",
+                    help="report the model's ONNX op coverage without compiling (exit 0 when "
+                         "every op is supported, 1 otherwise)")
     ap.add_argument("--list-passes", action="store_true", help="list passes and exit")
     ap.add_argument("--list-targets", action="store_true", help="list targets and exit")
     ap.add_argument("--version", action="version", version=f"qcompile {qcompiler.__version__}")
@@ -176,6 +179,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if not args.model:
         _parser().error("a MODEL is required (or --list-passes / --list-targets)")
+
+    if args.check:
+        from qcompiler.frontends.onnx import coverage_report
+
+        try:
+            ok, text = coverage_report(args.model)
+        except QCompilerError as e:
+            return _report_error(e, args.debug)
+        sys.stdout.write(text)
+        return 0 if ok else 1
 
     from qcompiler.driver.api import compile_to_dir
     from qcompiler.ir import print_module

@@ -1762,6 +1762,27 @@ def format_unsupported(missing: dict, opsets: dict, shown: int = 3) -> str:
     return "unsupported ops: " + "; ".join(parts)
 
 
+def coverage_report(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> tuple[bool, str]:
+    """What ``qcompile --check`` prints: every op of the model with its node count, marked
+    supported or not (nothing is imported or compiled); True when all are supported."""
+    proto = read_model(model)
+    opsets = {(o.domain or "ai.onnx"): o.version for o in proto.opset_import}
+    counts: dict[tuple[str, str], int] = {}
+    for n in proto.graph.node:
+        key = (n.domain or "ai.onnx", n.op_type)
+        counts[key] = counts.get(key, 0) + 1
+    missing = unsupported_nodes(proto)
+    lines = [f"{len(counts)} ops in {len(proto.graph.node)} nodes; "
+             f"{len(counts) - len(missing)} supported, {len(missing)} not"]
+    for (domain, op), count in sorted(counts.items()):
+        mark = "unsupported" if (domain, op) in missing else "ok"
+        name = op if domain == "ai.onnx" else f"{domain}.{op}"
+        lines.append(f"  {mark:11s}  {name} (opset {opsets.get(domain, '?')}) x{count}")
+    if missing:
+        lines.append(format_unsupported(missing, opsets))
+    return not missing, "\n".join(lines) + "\n"
+
+
 def supported_ops() -> list[str]:
     """Every (domain, op_type) the importer accepts, as ``op`` or ``domain.op``."""
     return sorted(op if d == "ai.onnx" else f"{d}.{op}" for d, op in _HANDLERS)

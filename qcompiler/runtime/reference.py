@@ -1390,6 +1390,21 @@ OP_IMPLS.update({
 # --------------------------------------------------------------------------------------------
 
 
+def _from_ml_dtypes(x: np.ndarray, t: TensorType) -> np.ndarray:
+    """An ml_dtypes low-bit array (int4, uint4, int2, uint2, float8 ..., as onnx and
+    onnxruntime hand them out) in QIR's storage for the argument's type (one code per byte),
+    as the ONNX frontend stores initializers; other arrays are returned as they are."""
+    want = np.dtype(t.dtype.np_dtype)
+    if x.dtype == want or not x.dtype.type.__module__.startswith("ml_dtypes"):
+        return x
+    # int4 / uint4 / int2 / uint2 codes widen exactly into int8 / uint8 storage; float8 and
+    # float4 arrays are stored as themselves, so any other pairing is a mismatch for
+    # _check_input to report.
+    if want in (np.dtype(np.int8), np.dtype(np.uint8)) and x.dtype.name.startswith(("int", "uint")):
+        return x.astype(want)
+    return x
+
+
 def _check_input(v: Value, x: np.ndarray, sizes: dict) -> None:
     """dtype, rank and static dims of an input; a symbol must have one size across inputs."""
     t: TensorType = v.type
@@ -1476,6 +1491,7 @@ def run(module: Module, inputs: dict[str, np.ndarray],
             x = np.asarray(inputs[a.name])
         except (ValueError, TypeError) as e:  # ragged lists and other non-arrays
             raise RunInputError(f"input %{a.name}: not an array: {e}") from None
+        x = _from_ml_dtypes(x, a.type)
         _check_input(a, x, sizes)
         if uses.get(a, 0):
             env[a] = x
