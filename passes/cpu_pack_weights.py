@@ -35,7 +35,7 @@ class CPUPackWeightsPass(Pass):
 
     def run(self, module: Module) -> Module:
         from qcompiler.codegen.cpu import layout, runtime, tuning
-        from qcompiler.passes.cpu_schedule import node_key
+        from qcompiler.codegen.cpu.tuning import node_key
         tgt = self.backend_target("cpu")
         fn = module.main
         packed_bytes = 0

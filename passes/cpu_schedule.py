@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.codegen.cpu.tuning import node_key
 from qcompiler.ir import Module
 from qcompiler.ir.core import constant_value
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
@@ -33,16 +34,6 @@ SYMBOLIC_BUCKETS = ((1, 1), (16, 16), (128, 0))
 # The M values keys are looked up at (read by the tuner: each M maps to the smallest bucket
 # that holds it, the largest serves every larger M).
 M_BUCKETS = tuple(m for m, _ in SYMBOLIC_BUCKETS)
-
-
-def node_key(node, m: int, numerics_mode: str) -> dict:
-    """The tuning key of ``node`` at ``m`` rows (the contract's key; int8 adds its numerics)."""
-    from qcompiler.tuning.key import kernel_key as contract_key
-
-    key = contract_key(node, m)
-    if numerics_mode != "exact":
-        key["numerics"] = numerics_mode
-    return key
 
 
 def batch_rows(node):

@@ -10,8 +10,7 @@ built. Rules:
 - ``variants``: ``{"v0": ..., "v1": ...}``, each with ``m`` >= 1, ``max_m`` >= 0 (0: no
   bound), a ``source`` string, and exactly the knobs of ``tuning.search_space`` for that M,
   each of the knob's own type (``m_block`` of ``True`` or ``1.0`` is refused, as is ``"2"``)
-  and one of its allowed values (``check_knobs``, which is also the tuner's
-  ``tuning.check_config``).
+  and one of its allowed values (``tuning.check_config``, which the tuner uses too).
 
 ``ConfigError`` names the node and the knob.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from qcompiler.errors import ConfigError, InputError
 
@@ -52,34 +50,10 @@ def is_int(value) -> bool:
     return type(value) is int
 
 
-def check_knobs(target, key: dict, config) -> Optional[str]:
-    """None if ``config`` holds exactly the knobs of ``search_space(target, key)``, each of
-    the type of its allowed values and one of them; else what is wrong (names the knob)."""
-    from qcompiler.codegen.cpu import layout, tuning
-
-    if not isinstance(config, dict):
-        return f"a config is a dict of knobs, not {type(config).__name__}"
-    try:
-        space = tuning.search_space(target, key)
-    except layout.Unsupported as e:
-        return str(e)
-    for knob, values in space.items():
-        if knob not in config:
-            return f"config lacks {knob!r}"
-        value = config[knob]
-        if type(value) is not type(values[0]) or value not in values:
-            return f"{knob}={value!r} is not one of {values}"
-    extra = set(config) - set(space)
-    if extra:
-        return f"unknown knobs {sorted(extra)}"
-    return None
-
-
 def validate(config, node, target) -> CpuConfig:
     """The typed config of a scheduled (and packed) qmatmul ``node`` for ``target``;
     ``ConfigError`` naming the node and the knob otherwise."""
     from qcompiler.codegen.cpu import kernels, layout, tuning
-    from qcompiler.passes.cpu_schedule import node_key
 
     where = f"%{node.result.name}"
     if not isinstance(config, dict):
@@ -105,7 +79,7 @@ def validate(config, node, target) -> CpuConfig:
         if not is_int(config.get(knob)) or config[knob] < 1:
             raise ConfigError(f"{where}: config {knob}={config.get(knob)!r} is not a positive int")
     try:
-        p = tuning.problem(target, node_key(node, 1, numerics))
+        p = tuning.problem(target, tuning.node_key(node, 1, numerics))
     except (InputError, layout.Unsupported) as e:
         raise ConfigError(f"{where}: config does not describe a CPU kernel: {e}") from None
     for knob, want in (("lanes", p.lanes), ("n_tile", p.n_tile), ("n_tile", lay.get("n_tile"))):
@@ -128,7 +102,7 @@ def validate(config, node, target) -> CpuConfig:
         if not isinstance(source, str) or source not in SOURCES:
             raise ConfigError(f"{at}: source={source!r} is not one of {', '.join(SOURCES)}")
         knobs = {k: val for k, val in v.items() if k not in VARIANT_FIELDS}
-        problem = check_knobs(target, node_key(node, v["m"], numerics), knobs)
+        problem = tuning.check_config(target, tuning.node_key(node, v["m"], numerics), knobs)
         if problem:
             raise ConfigError(f"{at}: {problem}")
         variants.append(Variant(v["m"], v["max_m"], source, tuple(knobs.items())))

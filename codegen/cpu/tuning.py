@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -35,6 +36,16 @@ def scheme_from_str(text: str):
     from qcompiler.ir.parser import _Parser
 
     return _Parser(text, None).quant_scheme()
+
+
+def node_key(node, m: int, numerics_mode: str) -> dict:
+    """The tuning key of ``node`` at ``m`` rows (the contract's key; int8 adds its numerics)."""
+    from qcompiler.tuning.key import kernel_key as contract_key
+
+    key = contract_key(node, m)
+    if numerics_mode != "exact":
+        key["numerics"] = numerics_mode
+    return key
 
 
 @dataclass(frozen=True)
@@ -160,12 +171,26 @@ def vector_registers(lanes: int) -> int:
     return 32 if lanes >= 16 else 16
 
 
-def check_config(target, key: dict, config: dict):
-    """None if ``config`` is a valid variant for ``key``, else why: the backend's validator
-    (``config.check_knobs``: exactly the space's knobs, each of its type and allowed)."""
-    from qcompiler.codegen.cpu.config import check_knobs
-
-    return check_knobs(target, key, config)
+def check_config(target, key: dict, config) -> Optional[str]:
+    """None if ``config`` holds exactly the knobs of ``search_space(target, key)``, each of
+    the type of its allowed values and one of them; else what is wrong (names the knob).
+    ``config.validate`` checks every variant of a node's config with it."""
+    if not isinstance(config, dict):
+        return f"a config is a dict of knobs, not {type(config).__name__}"
+    try:
+        space = search_space(target, key)
+    except layout.Unsupported as e:
+        return str(e)
+    for knob, values in space.items():
+        if knob not in config:
+            return f"config lacks {knob!r}"
+        value = config[knob]
+        if type(value) is not type(values[0]) or value not in values:
+            return f"{knob}={value!r} is not one of {values}"
+    extra = set(config) - set(space)
+    if extra:
+        return f"unknown knobs {sorted(extra)}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.config import validate as validate_config
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
+from qcompiler.codegen.names import safe_identifier
 from qcompiler.errors import InputError
 from qcompiler.ir import logical_w_scheme
 from qcompiler.targets import get_target
@@ -38,20 +39,6 @@ def kernel_symbol(node) -> str:
     ``[A-Za-z0-9_]`` become ``_`` and then a hash of the name keeps two names apart that map
     to the same text (``a.b`` and ``a_b``); long names are cut, with the hash."""
     return safe_identifier("qc_qmm_", node.result.name)
-
-
-def safe_identifier(prefix: str, name: str, max_len: int = 64) -> str:
-    """``prefix + name`` if that is ``[A-Za-z_][A-Za-z0-9_]*`` of at most ``max_len``
-    characters, else a stable sanitized form with an 8-digit hash of ``name``."""
-    import hashlib
-    import re
-
-    text = prefix + name
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) and len(text) <= max_len:
-        return text
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    body = re.sub(r"[^A-Za-z0-9_]", "_", name.encode("ascii", "replace").decode("ascii"))
-    return f"{prefix}{body[:max_len - len(prefix) - 9]}_{digest}"
 
 
 def comment_text(text: str) -> str:

@@ -21,9 +21,10 @@ import qcompiler
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
 from qcompiler.codegen.hls.config import validate as validate_config
+from qcompiler.codegen.hls.design import design_layers
 from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, prepare_run_input, simulate
+from qcompiler.codegen.names import safe_identifier
 from qcompiler.errors import ArtifactError, QCompilerError
-from qcompiler.passes.hls_fixed_point import design_layers
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 TB_ROWS = 4  # rows of test data written for the vendor flow's csim/cosim
@@ -50,9 +51,7 @@ def find_ap_types() -> str:
 
 def top_name(module) -> str:
     """``qc_<module name>``: a C identifier, file name and Tcl word for any module name (see
-    ``cuda.backend.safe_identifier``: sanitized, with a hash when that changed the name)."""
-    from qcompiler.codegen.cuda.backend import safe_identifier
-
+    ``codegen.names.safe_identifier``: sanitized, with a hash when that changed the name)."""
     return safe_identifier("qc_", module.name)
 
 

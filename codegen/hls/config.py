@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 
 from qcompiler.errors import ConfigError
 
-MAX_EXACT_BITS = 62  # as hls_fixed_point.MAX_EXACT_BITS
+# Largest width whose products the bit-accurate model computes exactly in int64.
+MAX_EXACT_BITS = 62
 SOURCES = ("heuristic", "tuning-log")
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.errors import InputError
-from qcompiler.passes.hls_fixed_point import layer_weights
+from qcompiler.codegen.hls.design import design_layers, layer_weights
 
 
 class InputSaturated(UserWarning):
@@ -155,8 +155,6 @@ def prepare_run_input(module, inputs) -> tuple[np.ndarray, dict]:
     (``check_run_inputs``), its saturated values counted and reported (``report_saturation``),
     and values far beyond the range clipped to just past it (they saturate the same way, and
     no float becomes inf on the way to float32). Stats: ``{"saturated": {name: count}}``."""
-    from qcompiler.passes.hls_fixed_point import design_layers
-
     name, x = check_run_inputs(module, inputs)
     cfg = design_layers(module)[0][0].attrs["config"]
     count = report_saturation(name, x, cfg)

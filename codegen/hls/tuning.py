@@ -52,7 +52,7 @@ def nominal_layer_config(key: dict) -> dict:
     (output and accumulator ranges) assume a 16-bit integer part. Only the resource estimate
     depends on them, never the cycle count.
     """
-    from qcompiler.passes.hls_fixed_point import codes_per_word, int_bits_for
+    from qcompiler.codegen.hls.design import codes_per_word, int_bits_for
     from qcompiler.tuning.key import scheme_of
 
     scheme = scheme_of(key)
