@@ -109,6 +109,10 @@ def _has_root(sch):
         return False
 
 
+# The row statistics of softmax / layernorm / rmsnorm: reductions over one trailing axis.
+ROW_REDUCTIONS = frozenset({"row_max", "row_sum", "total", "sq_sum"})
+
+
 def schedule_rows(sch, rows: int, p: ScheduleParams):
     """Everything but ``out`` is computed per row under the (parallel) row loop."""
     out = sch.get_sblock("out")
@@ -116,10 +120,17 @@ def schedule_rows(sch, rows: int, p: ScheduleParams):
     shape = [_loop_extent(sch, lp) for lp in loops]
     if rows == 0:
         return
+    partial = [rf for rf in (_vector_dot_products(sch, b, p) for b in _all_blocks(sch)
+                             if sch.get(b).name_hint in ROW_REDUCTIONS
+                             and len(sch.get_loops(b)) == rows + 1) if rf is not None]
     row = _outer_parallel(sch, loops[:rows], shape, p)
     for block in reversed(_all_blocks(sch)):
         if sch.get(block).name_hint != "out":
             sch.compute_at(block, row)
+    for rf in partial:  # under the row: [lanes, cols / lanes]
+        lane, outer = sch.get_loops(rf)[-2:]
+        sch.reorder(outer, lane)
+        sch.vectorize(lane)
 
 
 def schedule_reduce(sch, p: ScheduleParams):
