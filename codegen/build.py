@@ -62,10 +62,10 @@ def default_jobs() -> int:
 def kernel_key(source: str, flags: str, tool: str) -> str:
     """sha256 over what decides a library's bytes: the generated source, the build flags or
     target string, the tool's version, and qcompiler's version."""
-    import qcompiler
+    import qcompiler.version
 
     blob = json.dumps({"source": source, "flags": flags, "tool": tool,
-                       "qcompiler": qcompiler.__version__}, sort_keys=True)
+                       "qcompiler": qcompiler.version.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -8,7 +8,7 @@ The path a model takes: frontend (``qcompiler.frontends``) → QIR (``qcompiler.
 (``qcompiler.passes``, run by ``qcompiler.pipeline``) → backend (``qcompiler.codegen``) →
 artifact directory → runtime (``qcompiler.runtime``).
 """
-__version__ = "0.1.0"
+from qcompiler.version import __version__  # noqa: F401  (qcompiler.__version__)
 
 
 def compile(model, target: str = "ref", output_dir=None, example_inputs=None, **options):

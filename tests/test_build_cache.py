@@ -242,7 +242,7 @@ def test_kernel_key_covers_source_flags_tool_and_version(monkeypatch):
     others = {build.kernel_key("src2", "llvm -mcpu=znver3", "tvm 0.27"),
               build.kernel_key("src", "llvm -mcpu=sapphirerapids", "tvm 0.27"),
               build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.28")}
-    monkeypatch.setattr(qcompiler, "__version__", "99.0")
+    monkeypatch.setattr(qcompiler.version, "__version__", "99.0")
     others.add(build.kernel_key("src", "llvm -mcpu=znver3", "tvm 0.27"))
     assert len(others) == 4 and base not in others
 

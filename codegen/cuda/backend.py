@@ -13,7 +13,7 @@ import os
 
 import jinja2
 
-import qcompiler
+import qcompiler.version
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.config import validate as validate_config
@@ -70,7 +70,7 @@ def kernel_params(node, target_name: str) -> dict:
                               for v in variants if v["wgmma"]})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {
-        "version": qcompiler.__version__, "node_name": comment_text(node.result.name),
+        "version": qcompiler.version.__version__, "node_name": comment_text(node.result.name),
         "target": target_name,
         "symbol": kernel_symbol(node), "dtype": dtype,
         "scalar_t": "half" if dtype == "f16" else "__nv_bfloat16",

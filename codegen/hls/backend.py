@@ -17,7 +17,7 @@ import weakref
 import jinja2
 import numpy as np
 
-import qcompiler
+import qcompiler.version
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
 from qcompiler.codegen.hls.config import validate as validate_config
@@ -91,7 +91,7 @@ def render(layers: list[LayerData], top: str, target) -> dict[str, str]:
             "bias_list": ", ".join(f"{int(v)}" for v in l.bias_raw),
             "inv_perm_list": "" if l.inv_perm is None else ", ".join(str(int(v)) for v in l.inv_perm),
         })
-    ctx = {"layers": views, "top": top, "version": qcompiler.__version__,
+    ctx = {"layers": views, "top": top, "version": qcompiler.version.__version__,
            "target": target.name, "part": target.params["part"],
            "clock_mhz": target.params["clock_mhz"],
            "period_ns": round(1000.0 / target.params["clock_mhz"], 3), "rows": TB_ROWS}

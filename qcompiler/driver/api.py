@@ -12,72 +12,19 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-import qcompiler
-from qcompiler.errors import InputError
 from qcompiler.driver.artifact import describe_value, write_artifact
-from qcompiler.ir import Module, logical_w_scheme, verify
+# The front half lives in driver/frontend.py (shared with the tuner); these names stay
+# importable from here.
+from qcompiler.driver.frontend import (CompileError, import_model,  # noqa: F401
+                                       resolve_target, run_pipeline)
+from qcompiler.errors import InputError
+from qcompiler.ir import Module, logical_w_scheme
 from qcompiler.ir.elementwise_body import parse_body
-from qcompiler.pipeline import Instrument, PassManager, RecordPasses, VerifyAfterEach
+from qcompiler.pipeline import Instrument
 from qcompiler.registry import get_backend
-from qcompiler.targets import Target, get_target
-
-
-class CompileError(InputError):
-    """The request cannot be compiled (unknown or unavailable target, bad pipeline ...)."""
-
-
-def import_model(model, example_inputs=None) -> Module:
-    """A Module from a path (.onnx or .qir), bytes, an onnx.ModelProto or a Module, or from a
-    torch.nn.Module / fx.GraphModule / ExportedProgram traced with ``example_inputs``."""
-    if isinstance(model, Module):
-        return model
-    from qcompiler.frontends.fx import is_torch_model  # imports torch only if already loaded
-
-    if is_torch_model(model):
-        from qcompiler.frontends.fx import load as load_torch
-
-        return load_torch(model, example_inputs)
-    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".qir"):
-        from qcompiler.ir import parse_module
-
-        path = os.fspath(model)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:  # missing, a directory, not text ...
-            raise InputError(f"{path}: cannot read the QIR file: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-        return parse_module(text)
-    from qcompiler.frontends.onnx import load
-
-    return load(model)
-
-
-def resolve_target(name: str) -> Target:
-    try:
-        target = get_target(name)
-    except KeyError as e:
-        raise CompileError(str(e.args[0])) from None
-    if not target.available:
-        raise CompileError(
-            f"target {name!r} is registered but its backend ({target.backend}) is not "
-            f"implemented yet; available targets: "
-            f"{', '.join(t for t, v in qcompiler.targets.all_targets().items() if v.available)}")
-    return target
-
-
-def run_pipeline(module: Module, pipeline: str,
-                 instruments: Sequence[Instrument] = (), verify_each: bool = False,
-                 ) -> tuple[Module, list[dict], str]:
-    """Run a pipeline string; returns the new module, per-pass records and the spec."""
-    recorder = RecordPasses()
-    inst = list(instruments) + [recorder]
-    if verify_each:
-        inst.insert(0, VerifyAfterEach())
-    pm = PassManager.parse(pipeline, inst)
-    out = pm.run(module)
-    verify(out)
-    return out, recorder.records, pm.spec()
+from qcompiler.runtime.loader import load
+from qcompiler.targets import Target
+from qcompiler.version import __version__
 
 
 def _weight_bytes(node) -> int:
@@ -129,11 +76,11 @@ def _report(module: Module, target: Target, spec: str, records: list[dict], sour
     fused_counts: dict[str, int] = {}
     for f in fused:
         fused_counts[f["kind"]] = fused_counts.get(f["kind"], 0) + 1
-    report = {"qcompiler": qcompiler.__version__, "source": source, "target": target.name,
+    report = {"qcompiler": __version__, "source": source, "target": target.name,
               "pipeline": spec, "passes": records, "op_counts": dict(sorted(ops.items())),
               "fused_counts": dict(sorted(fused_counts.items())), "fused": fused,
               "qmatmuls": qmms, "kernels": kernels, "build": build, "seconds": seconds}
-    lines = [f"qcompiler {qcompiler.__version__}: {source} for target {target.name}",
+    lines = [f"qcompiler {__version__}: {source} for target {target.name}",
              f"pipeline: {spec}", "", "passes:"]
     for r in records:
         extra = ", ".join(f"{k}={v}" for k, v in r.items()
@@ -212,7 +159,7 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     backend_done = time.perf_counter()
     fn = module.main
     manifest = {
-        "qcompiler": qcompiler.__version__, "target": tgt.name, "backend": backend.name,
+        "qcompiler": __version__, "target": tgt.name, "backend": backend.name,
         "pipeline": spec,
         "inputs": [describe_value(a) for a in fn.args],
         "outputs": [{**describe_value(v), "name": name}
@@ -249,4 +196,4 @@ def compile(model, target: str = "ref", output_dir: Optional[str] = None,
                                 tuning_log=tuning_log, example_inputs=example_inputs,
                                 cache=cache, jobs=jobs, progress=progress, buckets=buckets,
                                 allow_host_fallback=allow_host_fallback)
-    return qcompiler.load(out_dir)
+    return load(out_dir)

@@ -46,7 +46,7 @@ def make_record(target_name: str, device_name: str, key: dict, config: dict,
                 latency_us: Optional[dict], status: str, error: Optional[str] = None,
                 time: Optional[str] = None) -> dict:
     """A complete record; ``time`` defaults to now (UTC, ISO 8601)."""
-    from qcompiler import __version__
+    from qcompiler.version import __version__
 
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, not {status!r}")

@@ -881,7 +881,7 @@ def looked_up_kernels(model_module, spec: str, target, m=None) -> list[tuple[dic
     that holds it (the bucket that serves it; the largest serves every larger M); None keeps
     every key. Each key comes with the qmatmul results of the same K and N.
     """
-    from qcompiler.driver.api import run_pipeline
+    from qcompiler.driver.frontend import run_pipeline
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.key import key_id
 
@@ -926,10 +926,10 @@ def tune(model, target: str, *, output_dir="qc_tune", tuning_log=None,
     """
     import datetime
 
-    import qcompiler
-    from qcompiler.driver.api import import_model, resolve_target, run_pipeline
+    from qcompiler.driver.frontend import import_model, resolve_target, run_pipeline
     from qcompiler.tuning.device import NO_CUDA_DEVICE, device_name
     from qcompiler.tuning.progress import Progress, summary_table
+    from qcompiler.version import __version__
 
     tgt = resolve_target(target)
     spec = passes or tgt.default_pipeline
@@ -986,7 +986,7 @@ def tune(model, target: str, *, output_dir="qc_tune", tuning_log=None,
         summaries.append(s)
     table = summary_table(summaries)
     summary = {
-        "target": tgt.name, "device": device, "qcompiler": qcompiler.__version__,
+        "target": tgt.name, "device": device, "qcompiler": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pipeline": spec, "strategy": strategy, "trials_per_kernel": trials, "seed": seed,
         "log": log_path, "seconds": round(time.monotonic() - start, 3), "kernels": summaries,
