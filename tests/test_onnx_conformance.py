@@ -52,17 +52,9 @@ def _collect() -> dict:
 
 CASES = _collect()
 
-# The function-body expansions of DynamicQuantizeLinear are written with ReduceMin,
-# ReduceMax, Clip and Round, which QIR has no ops for (ops.py / reference.py); the
-# DynamicQuantizeLinear op itself passes in the three non-expanded cases.
-_NEEDS_REDUCE_ROUND = ("needs ONNX ReduceMin/ReduceMax/Clip/Round (the expanded function body "
-                       "of DynamicQuantizeLinear); QIR has no reduce_min/reduce_max/clip/round "
-                       "ops")
-KNOWN_FAILURES = {
-    "test_dynamicquantizelinear_expanded": _NEEDS_REDUCE_ROUND,
-    "test_dynamicquantizelinear_max_adjusted_expanded": _NEEDS_REDUCE_ROUND,
-    "test_dynamicquantizelinear_min_adjusted_expanded": _NEEDS_REDUCE_ROUND,
-}
+# The function-body expansions of DynamicQuantizeLinear (ReduceMin, ReduceMax, Clip, Round,
+# Div, Cast) pass since the reduce and round ops exist (issue #13).
+KNOWN_FAILURES: dict[str, str] = {}
 
 PARAMS = [pytest.param(name, id=name, marks=(
     [pytest.mark.xfail(strict=True, raises=FrontendError, reason=KNOWN_FAILURES[name])]

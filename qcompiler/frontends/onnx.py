@@ -1680,17 +1680,16 @@ def _heads_first(imp, x: Value, heads: int) -> Value:
 
 @_handles("Attention")
 def _attention(imp, n, attrs):
-    """ONNX Attention (opset 23+) as the fused ``attention`` op: 3-D inputs split into heads,
-    past key/value concatenated (the present outputs), a boolean mask made additive (0 /
-    -inf), is_causal as the op's causal flag when the query ends at the last key."""
+    """ONNX Attention (opset 23+): 3-D inputs split into heads, past key/value concatenated
+    (the present outputs), then the fused ``attention`` op where its semantics fit (a float
+    or boolean mask of every key, is_causal with the query block ending at the last key), and
+    the decomposition of onnx.reference otherwise (softcap, the qk_matmul_output output,
+    nonpad_kv_seqlen, a mask of fewer keys, causal offsets)."""
     xs = _inputs(imp, n) + [None] * 7
     q, k, v, mask, past_k, past_v, nonpad = xs[:7]
     outs = imp.outputs_of(n) + [None] * 4
-    for what, bad in (("softcap", float(attrs.get("softcap", 0.0)) != 0.0),
-                      ("the qk_matmul_output output", outs[3] is not None),
-                      ("nonpad_kv_seqlen", nonpad is not None)):
-        if bad:
-            raise imp.fail(f"Attention with {what} is not supported")
+    if int(attrs.get("left_window_size", -1)) >= 0 or int(attrs.get("right_window_size", -1)) >= 0:
+        raise imp.fail("Attention sliding windows are not supported")
     three_d = q.type.rank == 3
     if three_d:
         hq, hkv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
@@ -1710,34 +1709,94 @@ def _attention(imp, n, attrs):
         scale = float(1.0 / np.sqrt(d))
     else:
         raise imp.fail("Attention without scale needs a static head size")
+    dtype = q.type.dtype
     causal = int(attrs.get("is_causal", 0))
-    if causal:
-        sq, skv = q.type.shape[2], k.type.shape[2]
-        past_len = past_k.type.shape[2] if past_k is not None else 0
-        if not (isinstance(sq, int) and isinstance(skv, int) and isinstance(past_len, int)
-                and skv - sq == past_len):
-            raise imp.fail("Attention is_causal is supported where the query block ends at "
-                           "the last key (kv length = past length + query length)")
-    if mask is not None:
-        if isinstance(mask.type.shape[-1], int) and isinstance(k.type.shape[2], int) and \
-                mask.type.shape[-1] != k.type.shape[2]:
-            raise imp.fail(f"Attention mask of {mask.type.shape[-1]} keys for "
-                           f"{k.type.shape[2]} keys is not supported")
-        if mask.type.dtype.name == "bool":
-            zero = _scalar(imp, 0.0, q.type.dtype)
-            ninf = _scalar(imp, -np.inf, q.type.dtype)
-            mask = imp.emit("where", [mask, zero, ninf])[0]
-        elif mask.type.dtype != q.type.dtype:
-            mask = imp.emit("cast", [mask], {"to": q.type.dtype})[0]
-    y_name = outs[0]
-    if three_d:
-        y = imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal})[0]
-        y = imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
-        imp.emit("reshape", [y, _ints_const(imp, [0, 0, -1], "shape")], names=[y_name])
+    sq, skv = q.type.shape[2], k.type.shape[2]
+    past_len = past_k.type.shape[2] if past_k is not None else 0
+    if mask is not None and mask.type.dtype.name == "bool":
+        mask = imp.emit("where", [mask, _scalar(imp, 0.0, dtype), _scalar(imp, -np.inf, dtype)])[0]
+    elif mask is not None and mask.type.dtype != dtype:
+        mask = imp.emit("cast", [mask], {"to": dtype})[0]
+    short_mask = mask is not None and isinstance(mask.type.shape[-1], int) and \
+        isinstance(skv, int) and mask.type.shape[-1] < skv
+    softcap = float(attrs.get("softcap", 0.0) or 0.0)
+    fused_causal = not causal or (isinstance(sq, int) and isinstance(skv, int)
+                                  and isinstance(past_len, int) and skv - sq == past_len)
+    if softcap == 0.0 and outs[3] is None and nonpad is None and not short_mask and fused_causal:
+        y = imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
+                     names=[None if three_d else outs[0]])[0]
     else:
-        imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
-                 names=[y_name])
+        y = _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, softcap,
+                                  int(attrs.get("qk_matmul_output_mode", 0)), outs[3],
+                                  None if three_d else outs[0])
+    if three_d:
+        y = imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
+        imp.emit("reshape", [y, _ints_const(imp, [0, 0, -1], "shape")], names=[outs[0]])
 
+
+def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, softcap,
+                          qk_mode, qk_name, y_name) -> Value:
+    """onnx.reference's Attention step by step: q and k each scaled by sqrt(scale), softcap,
+    the additive bias (mask, causal, padding), a softmax whose fully masked rows are 0."""
+    dtype = q.type.dtype
+    hq, hkv = q.type.shape[1], k.type.shape[1]
+    sq, skv, d = q.type.shape[2], k.type.shape[2], k.type.shape[3]
+    if isinstance(hq, int) and isinstance(hkv, int) and hq != hkv:
+        if not isinstance(v.type.shape[3], int) or not isinstance(d, int):
+            raise imp.fail("grouped-query Attention needs static head sizes")
+        reps = _ints_const(imp, [1, 1, hq // hkv, 1, 1], "reps")
+        k, v = (imp.emit("reshape", [imp.emit("expand", [imp.emit("unsqueeze", [t], {
+            "axes": [2]})[0], reps])[0], _ints_const(imp, [0, hq, -1, t.type.shape[3]],
+                                                     "shape")])[0] for t in (k, v))
+    root = _scalar(imp, float(np.sqrt(scale)), dtype)
+    qs = imp.emit("mul", [q, root])[0]
+    kt = imp.emit("transpose", [imp.emit("mul", [k, root])[0]], {"perm": [0, 1, 3, 2]})[0]
+    scores = imp.emit("matmul", [qs, kt])[0]
+    if softcap > 0:
+        c = _scalar(imp, softcap, dtype)
+        scores = imp.emit("mul", [imp.emit("tanh", [imp.emit("div", [scores, c])[0]])[0], c])[0]
+    bias = None
+    ninf = _scalar(imp, -np.inf, dtype)
+    zero = _scalar(imp, 0.0, dtype)
+    if mask is not None:
+        missing = skv - mask.type.shape[-1] if isinstance(skv, int) and \
+            isinstance(mask.type.shape[-1], int) else 0
+        if missing > 0:
+            pads = [0] * (2 * mask.type.rank)
+            pads[-1] = missing
+            mask = imp.emit("pad", [mask, _ints_const(imp, pads, "pads"), ninf],
+                            {"mode": "constant"})[0]
+        bias = mask
+    if causal:
+        if nonpad is not None and past_len == 0:
+            raise imp.fail("Attention is_causal with nonpad_kv_seqlen is not supported")
+        if not (isinstance(sq, int) and isinstance(skv, int) and isinstance(past_len, int)):
+            raise imp.fail("Attention is_causal needs static sequence lengths here")
+        allowed = np.arange(skv)[None, :] <= np.arange(sq)[:, None] + past_len
+        arr = np.where(allowed, 0.0, -np.inf).astype(dtype.np_dtype)
+        c = imp.add_constant(arr, TensorType(arr.shape, dtype), "causal")
+        bias = c if bias is None else imp.emit("add", [bias, c])[0]
+    if nonpad is not None:
+        if not isinstance(skv, int):
+            raise imp.fail("Attention nonpad_kv_seqlen needs a static kv length")
+        keys = imp.add_constant(np.arange(skv, dtype=np.int64), TensorType((skv,), elem("i64")),
+                                "keys")
+        lens = imp.emit("unsqueeze", [imp.emit("cast", [nonpad], {"to": elem("i64")})[0]],
+                        {"axes": [1]})[0]
+        keep = imp.emit("less", [keys, lens])[0]  # [B, Skv]
+        pad_bias = imp.emit("where", [keep, zero, ninf])[0]
+        pad_bias = imp.emit("unsqueeze", [pad_bias], {"axes": [1, 2]})[0]
+        bias = pad_bias if bias is None else imp.emit("add", [bias, pad_bias])[0]
+    with_bias = imp.emit("add", [scores, bias])[0] if bias is not None else scores
+    probs = imp.emit("softmax", [with_bias], {"axis": -1})[0]
+    if bias is not None:
+        row_max = imp.emit("reduce", [bias], {"kind": "max", "axes": [-1], "keepdims": 1})[0]
+        masked = imp.emit("isinf", [row_max], {"detect_positive": 0, "detect_negative": 1})[0]
+        probs = imp.emit("where", [masked, zero, probs])[0]
+    if qk_name is not None:
+        qk = {2: with_bias, 3: probs}.get(qk_mode, scores)
+        imp.emit("identity", [qk], names=[qk_name])
+    return imp.emit("matmul", [probs, v], names=[y_name])[0]
 
 def unsupported_nodes(proto: onnx.ModelProto) -> dict[tuple[str, str], list[str]]:
     """(domain, op_type) -> names of the nodes (``#index`` when unnamed) that no importer
