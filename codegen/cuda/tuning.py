@@ -76,7 +76,7 @@ def _group(key: dict) -> int:
 def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
-    wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 16
+    wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 32
     return {
         "wgmma": [0, 1] if wgmma else [0],
         "gemv": [1, 0] if m <= 64 else [0],
@@ -109,7 +109,7 @@ def default_config(target, key) -> dict:
     m, k, n = key["m"], key["k"], key["n"]
     if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192):
         return gemv_default(target, key)
-    if "wgmma" in target.features and _bits(key) <= 4:
+    if "wgmma" in target.features and _bits(key) <= 4 and m > 32:
         return wgmma_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
@@ -143,7 +143,7 @@ def default_config(target, key) -> dict:
 
 
 def wgmma_default(target, key) -> dict:
-    """The wgmma kernel's config (cuda-sm90, 4-bit codes, where the tiled kernel ran before):
+    """The wgmma kernel's config (cuda-sm90, 4-bit codes, M > 32 where the tiled kernel ran):
 
     - one consumer warpgroup (M tile 64) up to 64 rows, else two (M tile 128);
     - the deepest ring of stages that fits in shared memory, at most 6;

@@ -239,6 +239,9 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
       if constexpr (T::Z_BYTES) {
         *reinterpret_cast<uint4*>(zv) = *reinterpret_cast<const uint4*>(
             base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES + w * 128 + g * 16);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) zv[i] = from_float<S>(C::ZERO_CONST);  // the constant zero
       }
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
