@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     from qcompiler.tuning.device import NO_CUDA_DEVICE, device_name
     from qcompiler.tuning.key import kernel_key
     from qcompiler.tuning.progress import Progress, summary_table
-    from qcompiler.tuning.tuner import tune_key
+    from qcompiler.tuning.tuner import tune_key, tuning_module_for
 
     target = get_target(args.target)
     device = device_name(target)
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         for bucket in buckets:
             key = kernel_key(node, bucket)
             start = time.monotonic()
-            result = tune_key(target, key, log_path=log_path,
+            result = tune_key(target, key, log_path=log_path, module=tuning_module_for(target),
                               workdir=os.path.join(args.workdir, f"n{n}_k{k}_m{bucket}"),
                               trials=args.trials, seed=args.seed, timeout_s=args.timeout_s,
                               time_budget_s=args.budget_s, device=device, progress=progress,

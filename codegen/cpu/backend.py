@@ -31,13 +31,10 @@ import numpy as np
 
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cpu.config import validate as validate_config
-from qcompiler.errors import ArtifactError, HostFallbackError, QCompilerError
+from qcompiler.codegen.cpu.errors import CPUBackendError
+from qcompiler.errors import ArtifactError, HostFallbackError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
-
-
-class CPUBackendError(QCompilerError, RuntimeError):
-    """The module cannot be compiled or run by the CPU backend; the message says why."""
 
 
 def _problem(target, node):

@@ -5,7 +5,7 @@ tuned is the whole design (``tune_design``): the knobs are every layer's ``pe`` 
 channels in parallel; divides n) and ``simd`` (32-bit words per PE per cycle; divides
 words_per_group); a candidate is valid when the design fits ``utilization`` of the part's
 resources; its score is the design's interval from ``cost_model.estimate_design``. The search
-(``qcompiler.tuning.tuner.search``) starts from the greedy heuristic of ``hls-parallelism``
+(``qcompiler.tuning.search.search``) starts from the greedy heuristic of ``hls-parallelism``
 (``cost_model.choose_parallelism``) and needs no child processes: the cost model is plain
 Python that cannot hang or crash a tuner.
 
@@ -125,7 +125,8 @@ def tune_design(target, layers: list, *, log_path, trials: int = 500,
     """
     from qcompiler.tuning import log as tlog
     from qcompiler.tuning.device import device_name
-    from qcompiler.tuning.tuner import KernelResult, Space, Trial, search
+    from qcompiler.tuning.kernel_tuning import KernelResult
+    from qcompiler.tuning.search import Space, Trial, search
 
     budget = _budget(target)
     device = device_name(target)
@@ -185,7 +186,7 @@ def tune_design(target, layers: list, *, log_path, trials: int = 500,
 
 def _project(res, i: int):
     """The design search seen from layer ``i``: its own knobs, the design's scores."""
-    from qcompiler.tuning.tuner import SearchResult, Trial
+    from qcompiler.tuning.search import SearchResult, Trial
 
     def one(t):
         return Trial(t.index, {"pe": t.config[f"L{i}.pe"], "simd": t.config[f"L{i}.simd"]},

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from qcompiler.codegen.cpu.backend import CPUBackendError
+from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.ir.core import Node, Value
 from qcompiler.ir.types import ElementType, TensorType
 

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from qcompiler.codegen.cpu.backend import CPUBackendError
+from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.codegen.cpu.ops.kernel import primfunc_for
 from qcompiler.codegen.cpu.ops.schedule import params_for
 from qcompiler.codegen.cpu.runtime import default_pool_size
