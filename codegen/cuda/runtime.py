@@ -88,11 +88,6 @@ class CudaRuntime:
                    "cudaMemcpy H2D")
         return ptr
 
-    def h2d(self, ptr: int, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        self.check(self.lib.qc_h2d(c_void_p(ptr), array.ctypes.data_as(c_void_p), array.nbytes),
-                   "cudaMemcpy H2D")
-
     def d2h(self, out: np.ndarray, ptr: int) -> np.ndarray:
         self.check(self.lib.qc_d2h(out.ctypes.data_as(c_void_p), c_void_p(ptr), out.nbytes),
                    "cudaMemcpy D2H")

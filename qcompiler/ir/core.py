@@ -77,15 +77,6 @@ class Node:
         qmatmul), or None when it is absent. Prefer this to positional ``operand(i)``."""
         return self.operand(operand_index(self.op, name))
 
-    def variadic_args(self) -> list:
-        """The operands of the op's trailing variadic operand (``xs*``), possibly empty."""
-        from qcompiler.ir.ops import OPS
-
-        names = OPS[self.op].operands
-        if not names or not names[-1].endswith("*"):
-            return []
-        return list(self.operands[len(names) - 1:])
-
     def __repr__(self) -> str:
         return f"<Node {self.op} -> {', '.join(r.name for r in self.results)}>"
 
@@ -158,9 +149,6 @@ class Function:
                 if v is not None:
                     out.setdefault(v, []).append(n)
         return out
-
-    def uses_of(self, value: Value) -> list[Node]:
-        return [n for n in self.nodes if any(v is value for v in n.operands)]
 
     def is_output(self, value: Value) -> bool:
         return any(v is value for v in self.outputs)

@@ -18,8 +18,8 @@ import re
 
 import numpy as np
 
-from qcompiler.ir.core import Function, Module, Node, Value
-from qcompiler.ir.types import ElementType, Layout, QuantScheme, TensorType
+from qcompiler.ir.core import Function, Module, Node
+from qcompiler.ir.types import ElementType, Layout, QuantScheme
 
 _BARE = re.compile(r"^[A-Za-z0-9_.]+$")
 
@@ -98,11 +98,3 @@ def print_module(module: Module) -> str:
     """The module as text, ending with a newline."""
     body = "\n".join(format_function(f) for f in module.functions)
     return f"module @{module.name} {{\n{body}\n}}\n"
-
-
-def print_value(v: Value) -> str:
-    return f"{value_ref(v)}: {v.type}"
-
-
-def print_type(t: TensorType) -> str:
-    return str(t)

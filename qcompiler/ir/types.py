@@ -326,9 +326,6 @@ class TensorType:
     def with_shape(self, shape) -> "TensorType":
         return dataclasses.replace(self, shape=tuple(shape))
 
-    def with_dtype(self, dtype) -> "TensorType":
-        return dataclasses.replace(self, dtype=elem(dtype), quant=None)
-
     def replace(self, **changes) -> "TensorType":
         return dataclasses.replace(self, **changes)
 

@@ -21,7 +21,6 @@ Memory (arena offsets per shape bucket) is planned by ``qcompiler/plan/memory.py
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from qcompiler.ir import Module
 from qcompiler.plan.plan import Buffer, Plan, PlanError, Step
@@ -139,11 +138,3 @@ def lower_steps(module: Module) -> Plan:
         outputs[name] = out_name
     return Plan(fn.name, input_symbols(module), [a.name for a in fn.args], outputs, buffers,
                 steps)
-
-
-def root_of(plan: Plan, name: Optional[str]) -> Optional[str]:
-    """The buffer whose bytes ``name`` uses (itself unless it is a view)."""
-    if name is None:
-        return None
-    b = plan.buffers[name]
-    return b.alias_of or b.name

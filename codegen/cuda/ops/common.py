@@ -14,13 +14,10 @@ symbolic dim is just an int64 here. The return value is a cudaError_t (0: launch
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import numpy as np
 
 from qcompiler.errors import QCompilerError
 from qcompiler.ir.core import Node
-from qcompiler.ir.types import ElementType, elem
+from qcompiler.ir.types import ElementType
 
 # QIR storage dtype -> the C type of one element in device memory.
 C_TYPES = {
@@ -53,10 +50,6 @@ def c_type(et: ElementType, node: Node) -> str:
     if (et.is_low_bit and et.kind != "bool") or et.storage not in C_TYPES:
         raise unsupported(node, f"element type {et.name}")
     return C_TYPES[et.storage]
-
-
-def c_type_of_dtype(dtype: np.dtype) -> str:
-    return C_TYPES[{"bool": "bool"}.get(np.dtype(dtype).name, np.dtype(dtype).name)]
 
 
 def compute_type(ctypes_: list) -> str:
@@ -94,13 +87,3 @@ def literal(value: float, ctype: str) -> str:
         return "INFINITY" if value > 0 else "-INFINITY"
     text = repr(float(value))
     return text if ctype == "double" else f"{text}f"
-
-
-def elem_of_ctype(ctype: str) -> Optional[ElementType]:
-    for storage, c in C_TYPES.items():
-        if c == ctype:
-            return elem({"bool": "bool", "int8": "i8", "uint8": "u8", "int16": "i16",
-                         "uint16": "u16", "int32": "i32", "uint32": "u32", "int64": "i64",
-                         "uint64": "u64", "float16": "f16", "bfloat16": "bf16",
-                         "float32": "f32", "float64": "f64"}[storage])
-    return None
