@@ -3,9 +3,11 @@
 Needs ``cpu-schedule`` first (it reads ``config.numerics`` and ``config.n_tile``). For every
 qmatmul with ``config.impl = "tvm"`` the operands become new constants:
 
-- codes (operand 1): container codes packed several per byte, ``#layout<cpu_exact, ...>`` or
-  ``#layout<cpu_vnni, ...>`` with the logical ``k``/``n``, the padded ``k_pad``, the group
-  ``block`` and ``container_bits`` (``codegen/cpu/layout.py`` describes both layouts);
+- codes (operand 1): container codes packed several per byte, ``#layout<cpu_exact, ...>``,
+  ``#layout<cpu_vnni, ...>`` or (numerics=lut: bit planes of table indices)
+  ``#layout<cpu_lut, ...>`` with the logical ``k``/``n``, the padded ``k_pad``, the group
+  ``block`` and ``container_bits`` (lut: also ``bits`` and ``table_group``;
+  ``codegen/cpu/layout.py`` describes the layouts);
   with act-order the rows are stored sorted by group (the runner permutes x's columns);
 - scales (operand 2): float32 ``[tiles, groups, n_tile]``, ``#layout<cpu_tiled, ...>``;
 - zero points (operand 3, added for symmetric schemes too): the zero point in container units
@@ -49,7 +51,8 @@ class CPUPackWeightsPass(Pass):
             if cfg["impl"] != "tvm" or node.operands[1].type.layout is not None:
                 continue
             try:
-                p = tuning.problem(tgt, node_key(node, 1, cfg["numerics"]))
+                p = tuning.with_table_group(
+                    tuning.problem(tgt, node_key(node, 1, cfg["numerics"])), cfg)
             except layout.Unsupported as e:
                 raise PassError(f"cpu-pack-weights: %{node.result.name}: {e}") from None
             if p.n_tile != cfg["n_tile"]:
@@ -65,7 +68,9 @@ class CPUPackWeightsPass(Pass):
             code_layout = layout.code_layout(
                 p.numerics, codes=scheme.dtype.name, k=p.k, n=p.n, k_pad=bl.k_pad,
                 block=bl.block, n_tile=p.n_tile, container_bits=p.container_bits,
-                act_order=int(scheme.act_order))
+                act_order=int(scheme.act_order),
+                **({"bits": scheme.bits, "table_group": p.table_group}
+                   if p.numerics == "lut" else {}))
             # The stored elements are bytes now: the scheme describes u8 storage (its
             # granularity and act-order stay), the layout names the code type; scales and
             # zero points (in container units) are already applied by the packing.

@@ -4,7 +4,9 @@ Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``
 activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
 per row and group to symmetric int8 and int8 dot products, like accuracy_level 4:
 ``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the others, chosen from
-the target's ISA features), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
+the target's ISA features; ``lut``: T-MAC-style table lookups for 1- to 4-bit codes,
+``vpshufb`` on tables of activation sums quantized to int8 per row and group, the accuracy of
+int8 activations; opt-in, see ``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
 ``codegen/cpu/tuning.py``).
 
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
@@ -125,6 +127,11 @@ class CPUSchedulePass(Pass):
                     cfg = tuning.default_config(tgt, key)
                 variants.append({**cfg, "m": max(m, 1), "max_m": max_m, "source": source})
                 counts["tuning_log"] += source == "tuning-log"
+            if self.numerics == "lut":
+                # the table group shapes the packed codes, which every batch size shares:
+                # the smallest M's choice holds for all (its k_unroll values suit either)
+                for v in variants[1:]:
+                    v["table_group"] = variants[0]["table_group"]
             p = tuning.problem(tgt, node_key(node, 1, self.numerics))
             node.attrs["config"] = {
                 "impl": "tvm", "numerics": self.numerics, "n_tile": p.n_tile,

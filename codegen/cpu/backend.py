@@ -41,7 +41,7 @@ def _problem(target, node):
     from qcompiler.codegen.cpu import tuning
 
     lay = node.operands[1].type.layout
-    if lay is None or lay.name not in ("cpu_exact", "cpu_vnni"):
+    if lay is None or lay.name not in ("cpu_exact", "cpu_vnni", "cpu_lut"):
         raise CPUBackendError(f"%{node.result.name}: weights are not packed for the CPU "
                               "(run cpu-pack-weights after cpu-schedule)")
     return tuning.problem_from_layout(lay, node.attrs["config"])

@@ -11,6 +11,7 @@ built. Rules:
   bound), a ``source`` string, and exactly the knobs of ``tuning.search_space`` for that M,
   each of the knob's own type (``m_block`` of ``True`` or ``1.0`` is refused, as is ``"2"``)
   and one of its allowed values (``tuning.check_config``, which the tuner uses too).
+  numerics=lut: every variant's ``table_group`` is the packed layout's (it shapes the codes).
 
 ``ConfigError`` names the node and the knob.
 """
@@ -105,5 +106,8 @@ def validate(config, node, target) -> CpuConfig:
         problem = tuning.check_config(target, tuning.node_key(node, v["m"], numerics), knobs)
         if problem:
             raise ConfigError(f"{at}: {problem}")
+        if numerics == "lut" and knobs.get("table_group") != lay.get("table_group"):
+            raise ConfigError(f"{at}: table_group={knobs.get('table_group')!r} but the packed "
+                              f"layout's tables group {lay.get('table_group')!r} rows")
         variants.append(Variant(v["m"], v["max_m"], source, tuple(knobs.items())))
     return CpuConfig(impl, numerics, config["lanes"], config["n_tile"], tuple(variants))

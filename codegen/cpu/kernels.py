@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from qcompiler.codegen.cpu import layout
 
-NUMERICS = ("exact", "int8")
+NUMERICS = ("exact", "int8", "lut")
 ORDERS = ("row", "group", "dequant")
 VNNI_INTRIN = "qc_vnni_u8s8_16x4"
 AVX2_INTRIN = "qc_avx2_u8s8_8x4"
@@ -64,7 +64,9 @@ class KernelShape:
     groups: int
     n_tile: int
     container_bits: int
-    lanes: int  # float32 lanes of one vector register (16 for AVX-512, 8 for AVX2)
+    lanes: int  # float32 lanes of one vector register (16 for AVX-512, 8 for AVX2); lut: bytes
+    bits: int = 0         # lut: the codes' bits (one-bit planes)
+    table_group: int = 0  # lut: activations per table (the index bits)
 
     @property
     def tiles(self) -> int:
@@ -616,6 +618,8 @@ def schedule_int8(ks: KernelShape, variant: dict):
 
 
 def schedule(ks: KernelShape, variant: dict):
+    if ks.numerics == "lut":
+        return lut_schedule(ks, variant)
     if ks.numerics == "int8":
         return schedule_int8(ks, variant)
     return schedule_exact(ks, variant)
@@ -637,4 +641,231 @@ def build_module(ks: KernelShape, variants: list[dict]):
     if ks.numerics == "int8":
         f = schedule_quantize(ks).mod["main"]
         funcs[QUANTIZE_FUNC] = f.with_attr("global_symbol", QUANTIZE_FUNC)
+    if ks.numerics == "lut":
+        f = schedule_lut_tables(ks).mod["main"]
+        funcs[LUT_TABLES_FUNC] = f.with_attr("global_symbol", LUT_TABLES_FUNC)
     return tvm.IRModule(funcs)
+
+
+# --------------------------------------------------------------------------------------------
+# lut: T-MAC-style table lookups for 1- to 4-bit codes (numerics "lut")
+# --------------------------------------------------------------------------------------------
+#
+# The codes' b bits are b one-bit planes (``layout.pack_lut``): for plane i, table group j
+# (``table_group`` = g consecutive rows of K) and column n, the g bits form the index
+# ``idx_i[j, n]``. Per row of x and table group, the prologue ``qmm_lut_tables`` builds the
+# table of the 2^g signed half sums ``L[j, c] = sum_t (bit_t(c) - 1/2) x[g*j + t]`` (entries
+# in +-sum|x|/2: half the range of the plain subset sums, and L[~c] = -L[c]), quantized to int8
+# with one scale per row and weight group (``ls = max |L| / 127`` over the group's tables), so
+# a group's lookups add up as integers. Then, exactly,
+#
+#     sum_{k in group} x[k] u[k, n] = sum_j sum_i 2^i L[j, idx_i[j, n]] + (2^b - 1)/2 xsum
+#     y[n] = sum_g s[g, n] (ls[g] ISUM[g, n] + ((2^b - 1)/2 - zc[g, n]) xsum[g])
+#
+# with ISUM the integer sum of the quantized lookups and xsum the float sum of x over the
+# group. The tables are the only rounding: the accuracy of int8 activations.
+#
+# The main loop per table group and 16 (AVX2) / 32 (AVX-512BW) columns: ``vpshufb`` looks up
+# the table (stored replicated into every 128-bit lane) with the index bytes of two planes
+# interleaved per column ([plane 2p, plane 2p+1] in adjacent bytes), and ``vpmaddubsw`` with
+# the bytes [1, 2] adds each column's pair as 1*L + 2*L' into int16: the plane combination and
+# the widening in one instruction. An odd last plane is looked up on a half vector and widened
+# by ``vpmovsxbw``. Pair p's int16 sums get their weight 4^p when they are widened to int32.
+#
+# int16 overflow: one step of a pair adds |L| + 2|L'| <= 3 * 127 = 381 (the single plane 127),
+# so ``LUT_INT16_STEPS`` = 86 table groups (86 * 381 = 32766) fit an int16 sum; a weight group
+# is flushed to float every ``lut_flush_steps`` table groups (the largest divisor of its table
+# groups up to 86: the whole group for blocks up to 344 rows at g = 4). ``vpmaddubsw`` itself
+# cannot saturate (381 < 32767).
+
+LUT_TABLES_FUNC = "qmm_lut_tables"
+LUT_INT16_STEPS = 86
+LUT_TABLE_BYTES = 16  # one vpshufb table: 16 int8 entries in a 128-bit lane
+
+_PSHUFB = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b",
+           64: "llvm.x86.avx512.pshuf.b.512"}
+_PMADDUBSW = {32: "llvm.x86.avx2.pmadd.ub.sw", 64: "llvm.x86.avx512.pmaddubs.w.512"}
+
+
+def lut_flush_steps(block: int, table_group: int) -> int:
+    """Table groups summed in int16 before the sums go to float (see the overflow note)."""
+    steps = block // table_group
+    return max(d for d in range(1, min(steps, LUT_INT16_STEPS) + 1) if steps % d == 0)
+
+
+def lut_weight_bytes(ks: KernelShape) -> int:
+    """Bytes of one (tile, table group) of the ``cpu_lut`` codes: n_tile columns x b planes x
+    one index nibble."""
+    return ks.n_tile * ks.bits // 2
+
+
+def lut_source(ks: KernelShape, variant: dict) -> str:
+    """The TVMScript of the lut kernel for ``ks`` and the variant's knobs (``k_unroll``: table
+    groups unrolled in the inner loop). Arguments: tables ``[M, J, VB]`` int8, their scales and
+    the group sums of x ``[M, G]`` float32, the codes ``[tiles, J, n_tile*b/2]`` u8, scales and
+    zero points ``[tiles, G, n_tile]``, y ``[M, N_pad]``. Rows are a symbolic M; the column
+    tiles run in parallel (no shared sums: results do not depend on the thread count)."""
+    g, bits, nt, VB = ks.table_group, ks.bits, ks.n_tile, ks.lanes
+    H, CV = VB // 2, nt // VB                       # int16 lanes; vectors of index bytes
+    J, G, TL = ks.k_pad // g, ks.groups, ks.tiles
+    SG = ks.block // g                               # table groups per weight group
+    F = lut_flush_steps(ks.block, g)
+    U = variant["k_unroll"]
+    pairs, single = bits // 2, bits % 2
+    sums = (pairs + single) * 2 * CV                 # int16 accumulators: (pair, vector, half)
+    center = ((1 << bits) - 1) / 2
+    pshufb, pshufb_half = _PSHUFB[VB], _PSHUFB[H]
+    j = f"g * {SG} + f * {F} + jo * {U} + ji"
+    # [1, 2] in every byte pair: the unsigned operand of vpmaddubsw (planes 2p and 2p+1)
+    plane_weights = f"T.reinterpret(T.broadcast(T.int16(513), {H}), dtype='int8x{VB}')"
+
+    def lookup(intrin, table, index, lanes):
+        return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{intrin}'), {table}, "
+                f"T.reinterpret({index}, dtype='int8x{lanes}'), dtype='int8x{lanes}')")
+
+    def nibble(v, lanes, high):
+        return (f"({v} >> T.broadcast(T.uint8(4), {lanes}))" if high else
+                f"({v} & T.broadcast(T.uint8(15), {lanes}))")
+
+    lines = [
+        "@T.prim_func",
+        "def lut_kernel(lut_h: T.handle, ls_h: T.handle, xs_h: T.handle, w_h: T.handle, "
+        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
+        "    T.func_attr({'tirx.noalias': True})",
+        "    m = T.int64()",
+        f"    lut = T.match_buffer(lut_h, (m, {J}, {VB}), 'int8')",
+        f"    ls = T.match_buffer(ls_h, (m, {G}), 'float32')",
+        f"    xs = T.match_buffer(xs_h, (m, {G}), 'float32')",
+        f"    w = T.match_buffer(w_h, ({TL}, {J}, {lut_weight_bytes(ks)}), 'uint8')",
+        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
+        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
+        f"    y = T.match_buffer(y_h, (m, {TL * nt}), 'float32')",
+        f"    for t in T.parallel({TL}):",
+        "        for r in range(m):",
+        f"            yacc = T.alloc_local(({2 * CV},), 'float32x{H}')",
+        f"            acc = T.alloc_local(({sums},), 'int16x{H}')",
+        f"            for c in T.unroll({2 * CV}):",
+        f"                yacc[c] = T.broadcast(T.float32(0), {H})",
+        f"            for g in range({G}):",
+        f"                for f in range({SG // F}):",
+        f"                    for i in T.unroll({sums}):",
+        f"                        acc[i] = T.broadcast(T.int16(0), {H})",
+        f"                    for jo in range({F // U}):",
+        f"                        for ji in T.unroll({U}):",
+    ]
+    if pairs:
+        lines += [
+            f"                            tab = lut.vload([r, {j}, 0], 'int8x{VB}')",
+            f"                            for p in T.unroll({pairs}):",
+            f"                                for c in T.unroll({CV}):",
+            f"                                    v = w.vload([t, {j}, (p * {CV} + c) * {VB}], "
+            f"'uint8x{VB}')"]
+        for half in (0, 1):
+            a = f"acc[(p * {CV} + c) * 2 + {half}]"
+            lines.append(
+                f"                                    {a} = {a} + T.call_llvm_pure_intrin("
+                f"T.llvm_lookup_intrinsic_id('{_PMADDUBSW[VB]}'), {plane_weights}, "
+                f"{lookup(pshufb, 'tab', nibble('v', VB, half), VB)}, dtype='int16x{H}')")
+    if single:
+        lines += [
+            f"                            tab_half = lut.vload([r, {j}, 0], 'int8x{H}')",
+            f"                            for c in T.unroll({CV}):",
+            f"                                v1 = w.vload([t, {j}, {pairs * CV * VB} + c * {H}], "
+            f"'uint8x{H}')"]
+        for half in (0, 1):
+            a = f"acc[({pairs * CV} + c) * 2 + {half}]"
+            lines.append(
+                f"                                {a} = {a} + T.Cast('int16x{H}', "
+                f"{lookup(pshufb_half, 'tab_half', nibble('v1', H, half), H)})")
+    weighted = " + ".join(
+        f"T.Cast('int32x{H}', acc[({q * CV} + c) * 2 + h])"
+        + (f" * T.broadcast({4 ** q}, {H})" if q else "") for q in range(pairs + single))
+    cols = f"c * {VB} + h * {H}"
+    lines += [
+        f"                    for c in T.unroll({CV}):",
+        "                        for h in T.unroll(2):",
+        f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + T.broadcast(ls[r, g], "
+        f"{H}) * s.vload([t, g, {cols}], 'float32x{H}') * T.Cast('float32x{H}', {weighted})",
+        f"                for c in T.unroll({CV}):",
+        "                    for h in T.unroll(2):",
+        f"                        yacc[c * 2 + h] = yacc[c * 2 + h] + T.broadcast(xs[r, g], {H}) "
+        f"* s.vload([t, g, {cols}], 'float32x{H}') * (T.broadcast(T.float32({center}), {H}) - "
+        f"T.Cast('float32x{H}', zc.vload([t, g, {cols}], 'uint8x{H}')))",
+        f"            for c in T.unroll({CV}):",
+        "                for h in T.unroll(2):",
+        f"                    y[r, T.ramp(t * {nt} + {cols}, 1, {H})] = yacc[c * 2 + h]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class _Prepared:
+    """What ``build_module`` needs of a schedule: ``.mod["main"]`` (the lut kernel is written
+    directly as scheduled TensorIR, with its vector instructions spelled out)."""
+
+    def __init__(self, func):
+        import tvm
+
+        self.mod = tvm.IRModule({"main": func})
+
+
+def lut_schedule(ks: KernelShape, variant: dict):
+    """The lut kernel (TVMScript from ``lut_source``) in a schedule-like wrapper."""
+    import tvm
+
+    if ks.block % variant["k_unroll"] or lut_flush_steps(ks.block, ks.table_group) % \
+            variant["k_unroll"]:
+        raise ValueError(f"k_unroll={variant['k_unroll']} does not divide the table groups "
+                         f"summed in int16 ({lut_flush_steps(ks.block, ks.table_group)})")
+    return _Prepared(tvm.script.from_source(lut_source(ks, variant)))
+
+
+def _lut_tables_func(ks: KernelShape):
+    """The lut prologue: per row, the quantized tables (replicated into every 128-bit lane of
+    a vector), their scale per weight group, and the group sums of x, as
+    ``runtime.lut_tables`` computes them (the same float32 operations)."""
+    import tvm
+    from tvm import te
+
+    g, K, G, B, VB = ks.table_group, ks.k_pad, ks.groups, ks.block, ks.lanes
+    J, SG = K // g, ks.block // g
+    m = te.var("m", "int64")
+    x = te.placeholder((m, K), "float32", name="x")
+    half = tvm.tirx.const(0.5, "float32")
+    t_ax = te.reduce_axis((0, g), name="t")
+    absum = te.compute((m, J), lambda i, j: te.sum(te.abs(x[i, j * g + t_ax]), axis=t_ax),
+                       name="absum")
+    jj = te.reduce_axis((0, SG), name="jj")
+    amax = te.compute((m, G), lambda i, gi: te.max(absum[i, gi * SG + jj] * half, axis=jj),
+                      name="amax")
+    zero = tvm.tirx.const(0.0, "float32")
+    scale = te.compute((m, G), lambda i, gi: tvm.tirx.Select(
+        amax[i, gi] > zero, amax[i, gi] * tvm.tirx.const(1.0 / 127, "float32"),
+        tvm.tirx.const(1.0, "float32")), name="lut_scale")
+    inv = te.compute((m, G), lambda i, gi: tvm.tirx.Select(
+        amax[i, gi] > zero, tvm.tirx.const(127.0, "float32") / amax[i, gi], zero), name="inv")
+
+    def entry(i, j, e):
+        c = e % LUT_TABLE_BYTES
+        total = None
+        for t in range(g):  # (bit_t(c) - 1/2) x[g*j + t]
+            term = tvm.tirx.Select((c >> t) & 1 == 1, x[i, j * g + t], -x[i, j * g + t])
+            total = term if total is None else total + term
+        return total * half
+
+    table = te.compute((m, J, LUT_TABLE_BYTES), entry, name="table")
+    lut = te.compute((m, J, VB), lambda i, j, e: tvm.tirx.nearbyint(
+        table[i, j, e % LUT_TABLE_BYTES] * inv[i, j // SG]).astype("int8"), name="lut")
+    kk = te.reduce_axis((0, B), name="kk")
+    xsum = te.compute((m, G), lambda i, gi: te.sum(x[i, gi * B + kk], axis=kk), name="xsum")
+    return te.create_prim_func([x, lut, scale, xsum])
+
+
+def schedule_lut_tables(ks: KernelShape):
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_lut_tables_func(ks))
+    sch.compute_inline(sch.get_sblock("inv"))
+    table = sch.get_sblock("table")
+    sch.vectorize(sch.get_loops(table)[-1])
+    sch.vectorize(sch.get_loops(sch.get_sblock("lut"))[-1])
+    return sch

@@ -8,7 +8,7 @@ in bytes. The real weight is ``(u - zc) * s`` with the zero point in container u
 
 Output columns are cut into tiles of ``n_tile`` (N padded with zero codes and zero scales);
 K is padded to whole groups (``k_pad``) with zero codes (the activations are padded with zeros at
-run time, so padding adds exact zeros). Two code layouts:
+run time, so padding adds exact zeros). Three code layouts:
 
 - ``cpu_exact`` (fp32 activations): ``[N_pad/n_tile, k_pad/r, n_tile]`` 32-bit words with
   ``r = 32/container_bits``; word ``(kr, j)`` holds the rows ``kr*r + h`` (``h < r``) of column
@@ -16,6 +16,10 @@ run time, so padding adds exact zeros). Two code layouts:
   and-or (``vpternlogd``) put row h's code into the top mantissa bits of 1.0, i.e. the float
   ``1 + u/2^cb`` exactly, with no integer-to-float conversion (the kernel's scales absorb the
   2^cb factor and the 1).
+- ``cpu_lut`` (table lookups, ``kernels.py``'s lut section): the b bits of the codes as b
+  one-bit planes, g = ``table_group`` consecutive rows of a plane forming one 4-bit table
+  index per column, ``[N_pad/n_tile, k_pad/g, n_tile*b/2]`` bytes (``pack_lut``); the layout
+  prints ``bits`` and ``table_group``.
 - ``cpu_vnni`` (int8 activations, AVX-512 VNNI): ``[N_pad/n_tile, k_pad/(4c), n_tile, 4]``
   bytes; byte ``(kc, j, b)`` holds the row ``k = kc*4c + h*4 + b`` of column ``j`` at bit
   ``h*container_bits``: after a shift and a mask, each 64 bytes are the 16 columns x 4
@@ -43,6 +47,9 @@ VNNI_LANES = 16  # int32 lanes of one zmm register: the columns one vpdpbusd com
 AVX2_INT8_LANES = 8  # int32 lanes of one ymm: the columns one vpmaddubsw + vpmaddwd computes
 VNNI_K = 4       # activation bytes per int32 lane of vpdpbusd
 K_ALIGN_PER_CHANNEL = 32  # K of a one-group (per-column) scheme is padded to this multiple
+LUT_MAX_BITS = 4          # lut: one vpshufb per bit plane pays up to 4 bits
+LUT_MAX_TABLE_GROUP = 4   # lut: 2^4 = 16 entries, one vpshufb table
+LUT_TABLE_GROUPS = (4, 2)  # the table_group knob: activations per table (index bits)
 
 
 class Unsupported(InputError):
@@ -88,12 +95,18 @@ def check_scheme(scheme: QuantScheme) -> None:
 def blocking(scheme: QuantScheme, k: int, numerics_mode: str) -> Blocking:
     """The kernels' grouping of K for ``scheme`` (raises Unsupported)."""
     check_scheme(scheme)
+    if numerics_mode == "lut" and scheme.bits > LUT_MAX_BITS:
+        raise Unsupported(f"{scheme.bits}-bit codes: the lut path takes 1- to {LUT_MAX_BITS}-bit "
+                          "codes (one table lookup per bit plane)")
     if scheme.granularity == "group":
         block = scheme.block_size
         words = 32 // container_bits(scheme.bits)
         if numerics_mode == "exact" and block % words:
             raise Unsupported(f"group size {block} with {scheme.bits}-bit codes: the exact "
                               f"path needs groups of a multiple of {words} rows (one word)")
+        if numerics_mode == "lut" and block % LUT_MAX_TABLE_GROUP:
+            raise Unsupported(f"group size {block}: the lut path needs groups of a multiple "
+                              f"of {LUT_MAX_TABLE_GROUP} rows (whole tables)")
         if numerics_mode == "int8" and block % (VNNI_K * codes_per_byte(scheme.bits)):
             raise Unsupported(f"group size {block} with {scheme.bits}-bit codes: the int8 path "
                               f"needs groups of a multiple of "
@@ -191,8 +204,51 @@ def tile_columns(a: np.ndarray, n_tile: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(g, n_pad // n_tile, n_tile).transpose(1, 0, 2))
 
 
+def lut_indices(u: np.ndarray, bits: int, table_group: int) -> np.ndarray:
+    """``[k_pad, n]`` container codes -> the table indices ``[bits, k_pad/g, n]``: bit t of
+    ``idx[i, j, n]`` is bit i (plane i) of the code of row ``g*j + t``."""
+    k_pad, n = u.shape
+    rows = u.reshape(k_pad // table_group, table_group, n)
+    idx = np.zeros((bits, k_pad // table_group, n), np.uint8)
+    for i in range(bits):
+        for t in range(table_group):
+            idx[i] |= (((rows[:, t] >> i) & 1) << t).astype(np.uint8)
+    return idx
+
+
+def pack_lut(u: np.ndarray, bits: int, table_group: int, n_tile: int,
+             vector_bytes: int) -> np.ndarray:
+    """``[k_pad, n_pad]`` container codes -> the ``cpu_lut`` bytes ``[T, k_pad/g, n_tile*b/2]``.
+
+    Per (tile, table group): for each pair of planes (2p, 2p+1) and each vector of
+    ``vector_bytes`` columns, ``vector_bytes`` bytes whose low nibbles are the index bytes of
+    the vector's first half of the columns and whose high nibbles those of its second half;
+    within a half, byte ``2e + q`` is column e's index of plane ``2p + q`` (the byte pair that
+    one ``vpmaddubsw`` adds). An odd last plane follows: per vector, ``vector_bytes/2`` bytes,
+    low nibble column e, high nibble column ``vector_bytes/2 + e`` of the vector.
+    """
+    idx = lut_indices(u, bits, table_group)
+    _, J, n_pad = idx.shape
+    half, vectors, tiles = vector_bytes // 2, n_tile // vector_bytes, n_pad // n_tile
+    parts = []
+    for p in range(bits // 2):
+        # [plane q, j, tile, vector, half h, column e] -> [j, tile, vector, h, e, q]
+        pair = idx[2 * p:2 * p + 2].reshape(2, J, tiles, vectors, 2, half)
+        pair = pair.transpose(1, 2, 3, 4, 5, 0).reshape(J, tiles, vectors, 2, vector_bytes)
+        nibbles = pair[:, :, :, 0] | (pair[:, :, :, 1] << 4)
+        parts.append(nibbles.transpose(1, 0, 2, 3).reshape(tiles, J, vectors * vector_bytes))
+    if bits % 2:
+        last = idx[bits - 1].reshape(J, tiles, vectors, 2, half)
+        nibbles = last[:, :, :, 0] | (last[:, :, :, 1] << 4)
+        parts.append(nibbles.transpose(1, 0, 2, 3).reshape(tiles, J, vectors * half))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1), np.uint8)
+
+
+CODE_LAYOUTS = {"exact": "cpu_exact", "int8": "cpu_vnni", "lut": "cpu_lut"}
+
+
 def code_layout(numerics_mode: str, **params) -> Layout:
-    return Layout.make("cpu_vnni" if numerics_mode == "int8" else "cpu_exact", **params)
+    return Layout.make(CODE_LAYOUTS[numerics_mode], **params)
 
 
 def tiled_layout(n_tile: int) -> Layout:

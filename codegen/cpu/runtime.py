@@ -84,8 +84,12 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
     s, zc = layout.group_params(scheme, scale, zp, p.k, p.n, bl.groups)
     u = layout.pad_to(layout.container_codes(scheme, q), (bl.k_pad, p.n_pad))
     cbits = p.container_bits
-    w = layout.pack_vnni(u, p.n_tile, cbits) if p.numerics == "int8" else \
-        layout.pack_exact(u, p.n_tile, cbits)
+    if p.numerics == "lut":
+        w = layout.pack_lut(u, p.container_bits, p.table_group, p.n_tile, p.lanes)
+    elif p.numerics == "int8":
+        w = layout.pack_vnni(u, p.n_tile, cbits)
+    else:
+        w = layout.pack_exact(u, p.n_tile, cbits)
     return {"w": w,
             "s": layout.tile_columns(layout.pad_to(s, (bl.groups, p.n_pad)), p.n_tile),
             "zc": layout.tile_columns(layout.pad_to(layout.zero_codes(zc), (bl.groups, p.n_pad)),
@@ -228,6 +232,12 @@ def output_factor(scales: np.ndarray) -> float:
 
 class QmmKernel:
     """A loaded qmatmul kernel: ``kernel(x [M, K] float32) -> [M, N] float32`` (no bias)."""
+
+    def __new__(cls, lib_path: str, p, *args, **kwargs):
+        # numerics=lut has its own prologue and arguments (LutKernel, below)
+        if cls is QmmKernel and p.numerics == "lut":
+            cls = LutKernel
+        return super().__new__(cls)
 
     def __init__(self, lib_path: str, p, variants: list[dict], packed: dict):
         default_pool_size()
@@ -393,6 +403,8 @@ def dequantized(p, q, scale, zp, g_idx) -> np.ndarray:
 def numpy_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
     """What the kernel computes, in float64: x @ dequant(w), x quantized per group for int8."""
     x = np.asarray(x, np.float32)
+    if p.numerics == "lut":
+        return lut_model(p, x, q, scale, zp, g_idx)
     if p.numerics == "int8":
         perm = None
         if p.scheme.act_order:
@@ -412,3 +424,115 @@ def tolerance(p, want: np.ndarray) -> float:
     """
     scale = float(np.abs(want).max()) if want.size else 1.0
     return 1e-5 * max(scale, 1e-3) * max(1.0, np.sqrt(p.k) / 8) * 4
+
+
+# --------------------------------------------------------------------------------------------
+# numerics=lut: the table prologue, the kernel, and their numpy model
+# --------------------------------------------------------------------------------------------
+
+
+class LutKernel(QmmKernel):
+    """A loaded lut kernel (``QmmKernel(...)`` returns one for ``p.numerics == "lut"``): per
+    call the compiled ``qmm_lut_tables`` builds each row's tables, their scales and the
+    group sums of x, then the kernel looks them up. One row at a time: every variant is
+    called the same way (``variant["m"]`` only picks the function)."""
+
+    def __init__(self, lib_path: str, p, variants: list[dict], packed: dict):
+        default_pool_size()
+        import tvm
+
+        self.p = p
+        self.variants = variants
+        self.lib = tvm.runtime.load_module(lib_path)
+        self.funcs = [self.lib[kernels.function_name(i)] for i in range(len(variants))]
+        self.tables = self.lib[kernels.LUT_TABLES_FUNC]
+        bl = p.blocking
+        w = np.ascontiguousarray(np.asarray(packed["w"]).view(np.uint8).reshape(
+            p.n_pad // p.n_tile, bl.k_pad // p.table_group, -1))
+        s = np.ascontiguousarray(packed["s"], np.float32)
+        zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
+        self.out_factor = 1.0  # scales meet int32 sums times a table scale: no 2^cb factor
+        self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
+        self.perm = packed.get("perm")
+        self._buffers: dict = {}
+
+    def prepare(self, x: np.ndarray):
+        p = self.p
+        m = x.shape[0]
+        vi = choose_variant(self.variants, m)
+        buf = self._buffers.get(m)
+        if buf is None:
+            buf = _LutBuffers(p, max(m, 1))
+            self._buffers[m] = buf
+        buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
+        self.tables(*buf.table_args)
+        return vi, buf, m
+
+    def direct_output(self, out: np.ndarray):
+        import tvm
+
+        if (self.p.n_pad != self.p.n or out.shape[0] == 0 or out.dtype != np.float32
+                or not out.flags.c_contiguous or out.ctypes.data % 64):
+            return None
+        return tvm.runtime.from_dlpack(out)
+
+
+class _LutBuffers:
+    """x (K zero-padded), its tables, table scales and group sums, y: for one M."""
+
+    def __init__(self, p, m: int):
+        import tvm
+
+        bl = p.blocking
+        self.x = aligned_empty((m, bl.k_pad), np.float32)
+        self.x[:] = 0  # K padding stays zero
+        lut = aligned_empty((m, bl.k_pad // p.table_group, p.lanes), np.int8)
+        scale = aligned_empty((m, bl.groups), np.float32)
+        xsum = aligned_empty((m, bl.groups), np.float32)
+        self.y = aligned_empty((m, p.n_pad), np.float32)
+        self.table_args = [tvm.runtime.from_dlpack(a) for a in (self.x, lut, scale, xsum)]
+        self.args = self.table_args[1:]
+        self.out = tvm.runtime.from_dlpack(self.y)
+
+
+def lut_tables(x: np.ndarray, table_group: int, block: int):
+    """The numpy model of ``qmm_lut_tables`` for x ``[M, k_pad]`` float32: (tables ``[M, J,
+    16]`` int8, their scale per row and group ``[M, G]``, the group sums of x ``[M, G]``)."""
+    m, k_pad = x.shape
+    g, per_group = table_group, block // table_group
+    rows = x.reshape(m, k_pad // g, g)
+    c = np.arange(kernels.LUT_TABLE_BYTES)
+    signs = np.stack([np.where((c >> t) & 1, 1.0, -1.0) for t in range(g)]).astype(np.float32)
+    half_sums = np.einsum("mjt,tc->mjc", rows, signs).astype(np.float32) * np.float32(0.5)
+    amax = (np.abs(rows).sum(-1, dtype=np.float32) * np.float32(0.5)).reshape(
+        m, -1, per_group).max(-1)
+    scale = np.where(amax > 0, amax * np.float32(1.0 / 127), 1).astype(np.float32)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    tables = np.rint(half_sums * np.repeat(inv, per_group, axis=1)[..., None]).astype(np.int8)
+    return tables, scale, x.reshape(m, -1, block).sum(-1, dtype=np.float32)
+
+
+def lut_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
+    """What the lut kernel computes, in float64: the quantized tables looked up with the
+    planes' indices, scaled per group, plus the centered zero-point term (``kernels.py``)."""
+    bl, g, bits = p.blocking, p.table_group, p.container_bits
+    perm = layout.act_order_permutation(g_idx, bl.block, p.k) if p.scheme.act_order else None
+    m = x.shape[0]
+    xp = np.zeros((m, bl.k_pad), np.float32)
+    xp[:, :p.k] = x if perm is None else x[:, perm]
+    tables, tscale, xsum = lut_tables(xp, g, bl.block)
+    qq = np.asarray(q) if perm is None else np.asarray(q)[perm]
+    u = layout.pad_to(layout.container_codes(p.scheme, qq), (bl.k_pad, p.n))
+    idx = layout.lut_indices(u, bits, g)                       # [bits, J, N]
+    s, zc = layout.group_params(p.scheme, scale, zp, p.k, p.n, bl.groups)
+    per_group = bl.block // g
+    j = np.arange(idx.shape[1])[:, None]
+    isum = np.zeros((m, bl.groups, p.n), np.float64)
+    for r in range(m):
+        looked = sum(float(1 << i) * tables[r, j, idx[i]].astype(np.float64)
+                     for i in range(bits))                    # [J, N]
+        isum[r] = looked.reshape(bl.groups, per_group, p.n).sum(1)
+    center = ((1 << bits) - 1) / 2
+    return np.einsum("mgn,gn->mn", isum * tscale.astype(np.float64)[..., None]
+                     + xsum.astype(np.float64)[..., None] * (center - zc.astype(np.float64)),
+                     s.astype(np.float64))

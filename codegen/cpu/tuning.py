@@ -9,6 +9,10 @@ path's key is the contract's key unchanged). A config is one kernel variant's kn
 - ``k_unroll``: rows of a group unrolled, 1, 2 or 4 words of codes (exact path only; the int8
   path steps 4 rows per instruction).
 
+The lut path (``"numerics": "lut"``) has its own knobs: ``table_group`` (4 or 2 activations
+per table; it shapes the packed layout, so all variants of a node share it) and ``k_unroll``
+(table groups unrolled in the inner loop); its rows are computed one at a time.
+
 The column tile (``n_tile``) is not tuned: it is 4 vectors of columns (4 independent
 accumulators), fixed by the packed weight layout that all batch sizes share. The int8 path's
 vectors are its dot instruction's: 16 int32 lanes (``vpdpbusd``, AVX-512 VNNI) or 8 (the AVX2
@@ -16,6 +20,7 @@ pair, on every target without VNNI).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -61,6 +66,7 @@ class Problem:
     n_tile: int
     lanes: int
     container_bits: int
+    table_group: int = 0  # lut: activations per table (the config's knob; 0 until chosen)
 
     @property
     def n_pad(self) -> int:
@@ -70,14 +76,23 @@ class Problem:
         return kernels.KernelShape(
             numerics=self.numerics, n_pad=self.n_pad, k_pad=self.blocking.k_pad,
             block=self.blocking.block, groups=self.blocking.groups, n_tile=self.n_tile,
-            container_bits=self.container_bits, lanes=self.lanes)
+            container_bits=self.container_bits, lanes=self.lanes,
+            bits=self.container_bits if self.numerics == "lut" else 0,
+            table_group=self.table_group)
 
 
 # Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
 VECTORS_PER_TILE = 4
 
 
+# lut: vectors of index bytes per column tile (each is vector-bytes columns: 2 x 16 (AVX2) or
+# 2 x 32 (AVX-512) int16 sums per pair of planes; 4-bit codes keep 2 x 2 x 2 = 8 of them).
+LUT_VECTORS_PER_TILE = 2
+
+
 def n_tile_for(numerics_mode: str, bits: int, lanes: int) -> int:
+    if numerics_mode == "lut":
+        return lanes * LUT_VECTORS_PER_TILE
     return lanes * VECTORS_PER_TILE
 
 
@@ -98,9 +113,24 @@ def problem(target, key: dict) -> Problem:
         # The int8 dot's int32 lanes: vpdpbusd on zmm (VNNI), else the AVX2 pair on ymm
         # (also on AVX-512 hosts without VNNI, where the zmm form saturates the same way).
         lanes = layout.VNNI_LANES if cpu["vnni"] else layout.AVX2_INT8_LANES
+    if numerics_mode == "lut":
+        # bytes of one vector of table indices: vpshufb on ymm (AVX2) or zmm (AVX-512BW,
+        # which every AVX-512 target here has)
+        lanes = cpu["vector_bits"] // 8
     return Problem(m=key["m"], k=key["k"], n=key["n"], scheme=scheme, numerics=numerics_mode,
                    blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes),
-                   lanes=lanes, container_bits=layout.container_bits(scheme.bits))
+                   lanes=lanes, container_bits=scheme.bits if numerics_mode == "lut"
+                   else layout.container_bits(scheme.bits))
+
+
+def with_table_group(p: Problem, config: dict) -> Problem:
+    """``p`` with the lut table group of a variant's (or a qmatmul config's first variant's)
+    knobs; other numerics unchanged."""
+    if p.numerics != "lut":
+        return p
+    if "variants" in config:
+        config = config["variants"]["v0"]
+    return dataclasses.replace(p, table_group=config["table_group"])
 
 
 def problem_from_layout(code_layout, config: dict) -> Problem:
@@ -110,7 +140,8 @@ def problem_from_layout(code_layout, config: dict) -> Problem:
                    numerics=config["numerics"],
                    blocking=layout.Blocking(block, k_pad // block, k_pad),
                    n_tile=code_layout.get("n_tile"), lanes=config["lanes"],
-                   container_bits=code_layout.get("container_bits"))
+                   container_bits=code_layout.get("container_bits"),
+                   table_group=code_layout.get("table_group") or 0)
 
 
 def _group_order_fits(p: Problem) -> bool:
@@ -119,8 +150,20 @@ def _group_order_fits(p: Problem) -> bool:
     return p.blocking.block * p.n_tile * 4 <= MAX_GROUP_TILE_BYTES
 
 
+def lut_unrolls(block: int) -> list:
+    """The lut ``k_unroll`` values: table groups unrolled, dividing the int16 run of every
+    table group size."""
+    runs = [kernels.lut_flush_steps(block, g) for g in layout.LUT_TABLE_GROUPS]
+    return [u for u in (1, 2, 4, 8) if all(r % u == 0 for r in runs)]
+
+
 def search_space(target, key: dict) -> dict:
     p = problem(target, key)
+    if p.numerics == "lut":
+        # one row at a time (the tables are per row); the table group changes the packed
+        # layout, so every variant of a node must agree on it (config.validate checks)
+        return {"table_group": list(layout.LUT_TABLE_GROUPS),
+                "k_unroll": lut_unrolls(p.blocking.block)}
     space = {"m_block": [b for b in M_BLOCKS if b <= max(p.m, 1) * 2 and b <= 16],
              "order": ["row", "group"] if _group_order_fits(p) else ["row"]}
     if p.numerics == "exact":
@@ -136,6 +179,11 @@ def default_config(target, key: dict) -> dict:
     """The heuristic: one row block of registers for few rows; for more rows, unpack once for
     all row blocks (``group`` order; exact path with more than 32 rows: ``dequant``)."""
     p = problem(target, key)
+    if p.numerics == "lut":
+        # g = 4: the 16-entry table of one vpshufb, half the lookups of g = 2 and half its
+        # index bytes; 4 table groups unrolled (measured no slower than 8 at 4096x4096, M=1)
+        unrolls = lut_unrolls(p.blocking.block)
+        return {"table_group": 4, "k_unroll": 4 if 4 in unrolls else unrolls[-1]}
     m = p.m
     if m <= 1:
         cfg = {"m_block": 1, "order": "row"}
@@ -234,7 +282,7 @@ def build(target, key: dict, config: dict, workdir: str) -> str:
     reason = check_config(target, key, config)
     if reason:
         raise BuildError(f"invalid config {config}: {reason}")
-    p = problem(target, key)
+    p = with_table_group(problem(target, key), config)
     ks, variants = p.kernel_shape(), [{**config, "m": p.m, "max_m": 0}]
     try:
         source = runtime.scheduled_source(ks, variants)
@@ -255,7 +303,7 @@ def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) ->
     from qcompiler.codegen.cpu import runtime
 
     lib_path = build(target, key, config, workdir)
-    p = problem(target, key)
+    p = with_table_group(problem(target, key), config)
     rng = np.random.default_rng(0)
     wts = random_weights(p, rng)
     packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
