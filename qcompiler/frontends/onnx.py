@@ -1688,8 +1688,7 @@ def _attention(imp, n, attrs):
     xs = _inputs(imp, n) + [None] * 7
     q, k, v, mask, past_k, past_v, nonpad = xs[:7]
     outs = imp.outputs_of(n) + [None] * 4
-    if int(attrs.get("left_window_size", -1)) >= 0 or int(attrs.get("right_window_size", -1)) >= 0:
-        raise imp.fail("Attention sliding windows are not supported")
+    window = (int(attrs.get("left_window_size", -1)), int(attrs.get("right_window_size", -1)))
     three_d = q.type.rank == 3
     if three_d:
         hq, hkv = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
@@ -1722,22 +1721,24 @@ def _attention(imp, n, attrs):
     softcap = float(attrs.get("softcap", 0.0) or 0.0)
     fused_causal = not causal or (isinstance(sq, int) and isinstance(skv, int)
                                   and isinstance(past_len, int) and skv - sq == past_len)
-    if softcap == 0.0 and outs[3] is None and nonpad is None and not short_mask and fused_causal:
+    if softcap == 0.0 and outs[3] is None and nonpad is None and not short_mask and \
+            fused_causal and window == (-1, -1):
         y = imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
                      names=[None if three_d else outs[0]])[0]
     else:
-        y = _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, softcap,
-                                  int(attrs.get("qk_matmul_output_mode", 0)), outs[3],
+        y = _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, window, past_len,
+                                  softcap, int(attrs.get("qk_matmul_output_mode", 0)), outs[3],
                                   None if three_d else outs[0])
     if three_d:
         y = imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
         imp.emit("reshape", [y, _ints_const(imp, [0, 0, -1], "shape")], names=[outs[0]])
 
 
-def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, softcap,
-                          qk_mode, qk_name, y_name) -> Value:
+def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, window, past_len,
+                          softcap, qk_mode, qk_name, y_name) -> Value:
     """onnx.reference's Attention step by step: q and k each scaled by sqrt(scale), softcap,
-    the additive bias (mask, causal, padding), a softmax whose fully masked rows are 0."""
+    the additive bias (mask, causal, sliding window, padding), a softmax whose fully masked
+    rows are 0."""
     dtype = q.type.dtype
     hq, hkv = q.type.shape[1], k.type.shape[1]
     sq, skv, d = q.type.shape[2], k.type.shape[2], k.type.shape[3]
@@ -1767,15 +1768,9 @@ def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, s
             mask = imp.emit("pad", [mask, _ints_const(imp, pads, "pads"), ninf],
                             {"mode": "constant"})[0]
         bias = mask
-    if causal:
-        if nonpad is not None and past_len == 0:
-            raise imp.fail("Attention is_causal with nonpad_kv_seqlen is not supported")
-        if not (isinstance(sq, int) and isinstance(skv, int) and isinstance(past_len, int)):
-            raise imp.fail("Attention is_causal needs static sequence lengths here")
-        allowed = np.arange(skv)[None, :] <= np.arange(sq)[:, None] + past_len
-        arr = np.where(allowed, 0.0, -np.inf).astype(dtype.np_dtype)
-        c = imp.add_constant(arr, TensorType(arr.shape, dtype), "causal")
-        bias = c if bias is None else imp.emit("add", [bias, c])[0]
+    if causal or window != (-1, -1):
+        positional = _positional_bias(imp, nonpad, causal, window, sq, skv, past_len, dtype)
+        bias = positional if bias is None else imp.emit("add", [bias, positional])[0]
     if nonpad is not None:
         if not isinstance(skv, int):
             raise imp.fail("Attention nonpad_kv_seqlen needs a static kv length")
@@ -1797,6 +1792,48 @@ def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, past_len, s
         qk = {2: with_bias, 3: probs}.get(qk_mode, scores)
         imp.emit("identity", [qk], names=[qk_name])
     return imp.emit("matmul", [probs, v], names=[y_name])[0]
+
+
+def _positional_bias(imp, nonpad, causal: int, window: tuple, sq, skv, past_len,
+                     dtype) -> Value:
+    """The causal and sliding-window bias (0 where key j is allowed, -inf elsewhere) of
+    onnx.reference: query i sits at position p = i + offset and may see keys
+    p - left <= j <= p (+ right when not causal; a window side of -1 is unbounded). offset is
+    past_len, or per batch nonpad_kv_seqlen[b] - Sq without a past (the external cache):
+    then the bias is [B, 1, Sq, Skv], else a constant [Sq, Skv]."""
+    if not (isinstance(sq, int) and isinstance(skv, int) and isinstance(past_len, int)):
+        raise imp.fail("Attention is_causal / sliding windows need static sequence lengths")
+    left, right = window
+    if nonpad is None or past_len:
+        diff = np.arange(sq)[:, None] + past_len - np.arange(skv)[None, :]  # p - j
+        allowed = np.ones(diff.shape, bool)
+        if causal:
+            allowed &= diff >= 0
+        if left >= 0:
+            allowed &= diff <= left
+        if right >= 0:
+            allowed &= -diff <= right
+        arr = np.where(allowed, 0.0, -np.inf).astype(dtype.np_dtype)
+        return imp.add_constant(arr, TensorType(arr.shape, dtype), "positional")
+    i64 = elem("i64")
+    # diff[b, i, j] = i + nonpad[b] - Sq - j, computed in the graph (nonpad is an input).
+    i_minus_j = np.arange(sq)[:, None] - sq - np.arange(skv)[None, :]
+    base = imp.add_constant(i_minus_j.astype(np.int64), TensorType(i_minus_j.shape, i64), "i_j")
+    lens = imp.emit("reshape", [imp.emit("cast", [nonpad], {"to": i64})[0],
+                                _ints_const(imp, [-1, 1, 1], "shape")])[0]
+    diff = imp.emit("add", [base, lens])[0]  # [B, Sq, Skv]
+    tests = []
+    if causal:
+        tests.append(imp.emit("greater_or_equal", [diff, _scalar(imp, 0, i64)])[0])
+    if left >= 0:
+        tests.append(imp.emit("less_or_equal", [diff, _scalar(imp, left, i64)])[0])
+    if right >= 0:
+        tests.append(imp.emit("greater_or_equal", [diff, _scalar(imp, -right, i64)])[0])
+    allowed = tests[0]
+    for t in tests[1:]:
+        allowed = imp.emit("and", [allowed, t])[0]
+    bias = imp.emit("where", [allowed, _scalar(imp, 0.0, dtype), _scalar(imp, -np.inf, dtype)])[0]
+    return imp.emit("unsqueeze", [bias], {"axes": [1]})[0]
 
 def unsupported_nodes(proto: onnx.ModelProto) -> dict[tuple[str, str], list[str]]:
     """(domain, op_type) -> names of the nodes (``#index`` when unnamed) that no importer
