@@ -1892,3 +1892,27 @@ def load(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> Module:
 
 # onnxruntime's com.microsoft contrib ops register into _HANDLERS from their own module.
 from qcompiler.frontends import onnx_contrib as _onnx_contrib  # noqa: E402,F401  (registers)
+
+
+# --------------------------------------------------------------------------------------------
+# CNN (issue #15): QLinearConv
+# --------------------------------------------------------------------------------------------
+
+
+@_handles("QLinearConv")
+def _qlinear_conv(imp, n, attrs):
+    """QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B) -> one ``qconv``
+    with ``out=quant`` and float requantization (onnxruntime's arithmetic)."""
+    xs = _inputs(imp, n) + [None] * 9
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias = xs[:9]
+    if x_zp is None or y_zp is None:
+        raise imp.fail("QLinearConv without x_zero_point or y_zero_point is not supported")
+    nsp = x.type.rank - 2
+    kernel = [int(k) for k in attrs.get("kernel_shape", w.type.shape[2:])]
+    strides = [int(s) for s in attrs.get("strides", [1] * nsp)]
+    dil = [int(d) for d in attrs.get("dilations", [1] * nsp)]
+    pads = _explicit_pads(imp, attrs, x.type.shape[2:], kernel, strides, dil, n.op_type)
+    imp.emit("qconv", [x, w, x_scale, x_zp, w_scale, w_zp, bias, y_scale, y_zp],
+             {"strides": strides, "pads": pads, "dilations": dil,
+              "group": int(attrs.get("group", 1)), "out": "quant", "requant": "float"},
+             names=imp.outputs_of(n))

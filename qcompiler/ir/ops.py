@@ -1027,3 +1027,72 @@ def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[lis
 
 def elem_type(name) -> ElementType:
     return elem(name)
+
+
+# --------------------------------------------------------------------------------------------
+# CNN (issue #15): quantized convolution
+# --------------------------------------------------------------------------------------------
+
+
+QCONV_OUT_MODES = ("float", "quant")
+QCONV_REQUANT_MODES = ("float", "dyadic")
+QCONV_OPERANDS = ["x", "w", "x_scale", "x_zero_point", "w_scale", "w_zero_point?", "bias?",
+                  "y_scale?", "y_zero_point?", "residual?", "r_scale?", "r_zero_point?"]
+
+
+@_def("qconv", "Quantized N-d convolution: int8/uint8 x codes, int8/int4 w codes (per-tensor "
+      "or per-output-channel), i32 accumulation, float or requantized output with a fused "
+      "clip/relu and residual add", QCONV_OPERANDS,
+      {**CONV_ATTRS, "out": ("str", True), "requant": ("str", False),
+       "act_min": ("float", False), "act_max": ("float", False), "config": ("dict", False)})
+def _qconv(types, attrs, consts):
+    """acc = sum (x - x_zp) * (w - w_zp[m]) + bias (i32; bias has scale x_scale * w_scale),
+    then, with s[m] = f32(x_scale * w_scale[m]):
+
+    - ``out=float``: y = clip(f32(acc) * s[m] + residual, act_min, act_max) (f32).
+    - ``out=quant``, ``requant=float`` (onnxruntime's QLinearConv):
+      y = clamp(rne(f32(acc) * f32(s[m] / y_scale)
+                    + (residual - r_zp) * f32(r_scale / y_scale)) + y_zp, q(act_min), q(act_max))
+    - ``out=quant``, ``requant=dyadic`` (integer only, HAWQ-V3): each ratio r above as
+      (M, shift) with r ~= M * 2^-shift, M in [2^30, 2^31); y = clamp(rshift(acc * M, shift)
+      + rshift((residual - r_zp) * M_r, shift_r) + y_zp, ...) with rshift rounding half up.
+    ``act_min``/``act_max`` are real values (relu: act_min = 0); the quantized bounds are
+    their codes, so clamping codes equals quantizing the clipped real value.
+    """
+    x, w = types[0], types[1]
+    nsp = x.rank - 2
+    if nsp < 1 or w.rank != x.rank:
+        raise TypeInferenceError(f"qconv of x {x.shape} with w {w.shape}")
+    if x.dtype.name not in ("i8", "u8") or w.dtype.name not in ("i8", "u8", "i4", "u4"):
+        raise TypeInferenceError(f"qconv takes i8/u8 x and i8/u8/i4/u4 w codes, not "
+                                 f"{x.dtype} and {w.dtype}")
+    out = attrs["out"]
+    if out not in QCONV_OUT_MODES:
+        raise TypeInferenceError(f"qconv out must be one of {QCONV_OUT_MODES}, not {out!r}")
+    requant = attrs.get("requant", "float")
+    if requant not in QCONV_REQUANT_MODES:
+        raise TypeInferenceError(f"qconv requant must be one of {QCONV_REQUANT_MODES}, "
+                                 f"not {requant!r}")
+    group = attrs["group"]
+    c_in, m = x.shape[1], w.shape[0]
+    if isinstance(c_in, int) and isinstance(w.shape[1], int) and (
+            group < 1 or c_in != w.shape[1] * group or (isinstance(m, int) and m % group)):
+        raise TypeInferenceError(f"qconv group {group}: x has {c_in} channels, w {w.shape}")
+    w_scale = types[4]
+    if w_scale.shape not in ((), (1,), (m,)):
+        raise TypeInferenceError(f"qconv w_scale {w_scale.shape} is neither per-tensor nor "
+                                 f"per output channel ({m})")
+    y_scale = types[7] if len(types) > 7 else None
+    y_zp = types[8] if len(types) > 8 else None
+    residual = types[9] if len(types) > 9 else None
+    if out == "quant" and (y_scale is None or y_zp is None):
+        raise TypeInferenceError("qconv out=quant needs y_scale and y_zero_point")
+    if residual is not None and out == "quant" and (len(types) < 12 or types[10] is None
+                                                     or types[11] is None):
+        raise TypeInferenceError("qconv quantized residual needs r_scale and r_zero_point")
+    attrs_conv = {k: attrs[k] for k in CONV_ATTRS}
+    shape = _conv(types[:2], attrs_conv, consts)[0].shape
+    dtype = F32 if out == "float" else y_zp.dtype
+    if residual is not None and tuple(residual.shape) != tuple(shape):
+        raise TypeInferenceError(f"qconv residual {residual.shape} is not the output {shape}")
+    return [TensorType(shape, dtype)]

@@ -1540,3 +1540,122 @@ def run(module: Module, inputs: dict[str, np.ndarray],
                 env[r] = y
 
     return {name: env[v] for name, v in zip(fn.output_names, fn.outputs)}
+
+
+# --------------------------------------------------------------------------------------------
+# CNN (issue #15): quantized convolution (exact integer arithmetic)
+# --------------------------------------------------------------------------------------------
+
+
+def dyadic_multiplier(ratio) -> tuple[np.ndarray, np.ndarray]:
+    """(M, shift) int64 arrays with ratio ~= M * 2^-shift, M in [2^30, 2^31) (ratio > 0):
+    the integer-only requantization of HAWQ-V3 / gemmlowp, decided once at compile time."""
+    ratio = np.asarray(ratio, np.float64)
+    if np.any(ratio <= 0) or not np.all(np.isfinite(ratio)):
+        raise InputError(f"dyadic requantization needs positive finite scale ratios, not "
+                         f"{ratio.ravel()[:4]}")
+    mant, exp = np.frexp(ratio)  # ratio = mant * 2^exp, mant in [0.5, 1)
+    m = np.round(mant * (1 << 31)).astype(np.int64)
+    carry = m == (1 << 31)
+    m = np.where(carry, m // 2, m)
+    exp = np.where(carry, exp + 1, exp)
+    shift = (31 - exp).astype(np.int64)
+    if np.any(shift < 1) or np.any(shift > 62):
+        raise InputError(f"dyadic requantization: scale ratio {ratio.ravel()[:4]} is out of "
+                         "range (shift must lie in [1, 62])")
+    return m, shift
+
+
+def rounding_shift(v: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """round(v / 2^shift), halves up, on int64 (arithmetic shift)."""
+    return (v + (np.int64(1) << (shift - 1))) >> shift
+
+
+def qconv_accumulate(x, w, x_zp, w_zp, bias, attrs) -> np.ndarray:
+    """sum (x - x_zp) * (w - w_zp[m]) + bias as int64 [N, M, *out_sp] (the i32 accumulator;
+    int64 here so that an overflow of the i32 range can be detected)."""
+    nsp = x.ndim - 2
+    m = w.shape[0]
+    xi = x.astype(np.int64) - np.int64(np.asarray(x_zp).reshape(-1)[0])
+    wi = w.astype(np.int64)
+    if w_zp is not None:
+        wi = wi - np.asarray(w_zp, np.int64).reshape((-1,) + (1,) * (nsp + 1))
+    pads = attrs["pads"]
+    xp = np.pad(xi, [(0, 0), (0, 0)] + [(pads[i], pads[i + nsp]) for i in range(nsp)])
+    kernel = list(w.shape[2:])
+    out_sp = [(xp.shape[2 + i] - ((kernel[i] - 1) * attrs["dilations"][i] + 1))
+              // attrs["strides"][i] + 1 for i in range(nsp)]
+    win = _windows(xp, kernel, attrs["strides"], attrs["dilations"], out_sp, pads)
+    group = attrs["group"]
+    cg, mg = x.shape[1] // group, m // group
+    letters = "".join(chr(ord("p") + i) for i in range(nsp))
+    kl = letters.upper()
+    outs = [np.einsum(f"nc{letters}{kl},mc{kl}->nm{letters}", win[:, g * cg:(g + 1) * cg],
+                      wi[g * mg:(g + 1) * mg]) for g in range(group)]
+    acc = np.concatenate(outs, axis=1)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64).reshape((1, m) + (1,) * nsp)
+    return acc
+
+
+def _channel_scale(scale, m: int, nsp: int) -> np.ndarray:
+    s = np.asarray(scale, np.float32).reshape(-1)
+    return np.broadcast_to(s, (m,)).reshape((1, m) + (1,) * nsp)
+
+
+def qconv_output_bounds(node: Node, y_scale, y_zp) -> tuple[int, int]:
+    """The codes that act_min / act_max (real values) quantize to, within the code range."""
+    lo, hi = node.results[0].type.dtype.int_range()
+    ys = np.float32(np.asarray(y_scale).reshape(-1)[0])
+    zp = int(np.asarray(y_zp).reshape(-1)[0])
+    for key in ("act_min", "act_max"):
+        if key in node.attrs:
+            q = int(np.rint(np.float32(node.attrs[key]) / ys)) + zp
+            lo, hi = (max(lo, q), hi) if key == "act_min" else (lo, min(hi, q))
+    return lo, hi
+
+
+def _qconv(node, args, module):
+    x, w, x_scale, x_zp = args[:4]
+    w_scale, w_zp, bias, y_scale, y_zp, residual, r_scale, r_zp = (
+        _arg(args, i) for i in range(4, 12))
+    a = node.attrs
+    nsp = x.ndim - 2
+    m = w.shape[0]
+    acc = qconv_accumulate(x, w, x_zp, w_zp, bias, a)
+    if acc.size and (acc.max() > np.iinfo(np.int32).max or acc.min() < np.iinfo(np.int32).min):
+        raise InputError(f"qconv %{node.results[0].name}: the i32 accumulator overflows")
+    s = (np.float32(np.asarray(x_scale).reshape(-1)[0]) * _channel_scale(w_scale, m, nsp)
+         ).astype(np.float32)
+    if a["out"] == "float":
+        y = acc.astype(np.float32) * s
+        if residual is not None:
+            y = y + residual.astype(np.float32)
+        if "act_min" in a:
+            y = np.maximum(y, np.float32(a["act_min"]))
+        if "act_max" in a:
+            y = np.minimum(y, np.float32(a["act_max"]))
+        return [y.astype(np.float32)]
+    ys = np.float32(np.asarray(y_scale).reshape(-1)[0])
+    zp = np.int64(np.asarray(y_zp).reshape(-1)[0])
+    lo, hi = qconv_output_bounds(node, y_scale, y_zp)
+    dtype = node.results[0].type.dtype.np_dtype
+    if a.get("requant", "float") == "dyadic":
+        mult, shift = dyadic_multiplier((s / ys).astype(np.float64))
+        q = rounding_shift(acc * mult, shift)
+        if residual is not None:
+            rm, rs = dyadic_multiplier(np.float64(np.float32(np.asarray(r_scale).reshape(-1)[0])
+                                                  / ys))
+            r = residual.astype(np.int64) - np.int64(np.asarray(r_zp).reshape(-1)[0])
+            q = q + rounding_shift(r * rm, rs)
+        return [np.clip(q + zp, lo, hi).astype(dtype)]
+    v = acc.astype(np.float32) * (s / ys).astype(np.float32)
+    if residual is not None:
+        rr = np.float32(np.float32(np.asarray(r_scale).reshape(-1)[0]) / ys)
+        r = (residual.astype(np.int32) - np.int32(np.asarray(r_zp).reshape(-1)[0]))
+        v = v + r.astype(np.float32) * rr
+    q = np.rint(v.astype(np.float32)).astype(np.int64) + zp
+    return [np.clip(q, lo, hi).astype(dtype)]
+
+
+OP_IMPLS["qconv"] = _qconv
