@@ -1,0 +1,183 @@
+"""numerics=lut: T-MAC-style table-lookup kernels for 1- to 4-bit codes (codegen/cpu/kernels.py).
+
+Each kernel runs on fresh random inputs and is compared with the numpy model of its arithmetic
+(``runtime.lut_model``: the same int8 tables, so only the fp32 summation order differs) and
+with the exact reference, within the bound of the tables' rounding. Built for ``cpu-x86-avx2``
+(-mcpu=haswell: the code a Zen 3 runs, checked free of AVX-512) and for the host target
+(AVX-512BW ``vpshufb`` on zmm where the host has it).
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from qcompiler.codegen.cpu import host, kernels, layout, runtime, tuning  # noqa: E402
+from qcompiler.passes.cpu_schedule import SYMBOLIC_BUCKETS  # noqa: E402
+from qcompiler.targets import get_target  # noqa: E402
+from test_cpu_avx2 import key_for, scheme_text  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not host._AVX2 <= host.host_flags()[1],
+                                reason="this host lacks AVX2: the lut kernels need vpshufb on ymm")
+TARGETS = ["cpu-x86-avx2", "cpu"]
+
+
+def build_kernel(tmp_path, target_name, k, n, scheme, seed=0, table_group=None):
+    """A lut kernel with the heuristic's variants for M = 1, 2..16, > 16, on random weights."""
+    tgt = get_target(target_name)
+    variants = []
+    for m, max_m in SYMBOLIC_BUCKETS:
+        cfg = tuning.default_config(tgt, key_for(m, k, n, scheme, "lut"))
+        if table_group:
+            cfg["table_group"] = table_group
+        variants.append({**cfg, "m": m, "max_m": max_m})
+    p = tuning.with_table_group(tuning.problem(tgt, key_for(1, k, n, scheme, "lut")),
+                                variants[0])
+    wts = tuning.random_weights(p, np.random.default_rng(seed))
+    stem = str(tmp_path / f"lut_{target_name}_{seed}")  # one path per library: dlopen caches
+    lib = runtime.build_library(p.kernel_shape(), variants, tgt, stem)
+    kern = runtime.QmmKernel(lib, p, variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]))
+    return p, wts, kern
+
+
+def table_error_bound(p, wts, x) -> np.ndarray:
+    """The largest error the int8 tables can cause per row and column: each lookup is off by at
+    most half its table scale, plane i's by 2^i times that, for block/g lookups per group."""
+    bl = p.blocking
+    xp = np.zeros((x.shape[0], bl.k_pad), np.float32)
+    xp[:, :p.k] = x
+    _, tscale, _ = runtime.lut_tables(xp, p.table_group, bl.block)
+    s, _ = layout.group_params(p.scheme, wts["scale"], wts["zp"], p.k, p.n, bl.groups)
+    per_lookup = ((1 << p.container_bits) - 1) / 2 * (bl.block // p.table_group)
+    return per_lookup * tscale.astype(np.float64) @ np.abs(s).astype(np.float64)
+
+
+def check_lut(p, wts, kern, x):
+    got = kern(x)
+    model = runtime.numpy_model(p, x, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
+    err = float(np.abs(got - model).max())
+    assert err <= runtime.tolerance(p, model), f"max |kernel - lut model| = {err:.3g}"
+    exact = x.astype(np.float64) @ runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"],
+                                                       wts["g_idx"])
+    slack = runtime.tolerance(p, exact)
+    assert np.all(np.abs(got - exact) <= table_error_bound(p, wts, x) + slack)
+    # in practice the rounding errors cancel: the error of int8 activations (acc. level 4)
+    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+    return got
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits,group,signed,zp", [
+    (1, 32, False, False), (2, 32, False, True), (2, 128, True, False), (3, 128, False, True),
+    (3, 32, True, True), (4, 32, False, True), (4, 128, False, False)])
+def test_lut_grid(tmp_path, target, bits, group, signed, zp):
+    """Odd K (padded to whole groups) and N (padded to whole tiles), M = 1, 3, 17."""
+    k, n = (200, 70) if group == 32 else (300, 45)
+    p, wts, kern = build_kernel(tmp_path, target, k, n, scheme_text(bits, group, signed, zp),
+                                seed=bits + group)
+    assert p.numerics == "lut" and p.container_bits == bits and p.table_group == 4
+    for m in (1, 3, 17):
+        check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, k))
+                  .astype(np.float32))
+
+
+def test_lut_table_group_2(tmp_path):
+    """The table_group knob at 2 (4-entry tables, twice the lookups): same checks."""
+    p, wts, kern = build_kernel(tmp_path, "cpu-x86-avx2", 96, 40, scheme_text(3, 32, False, True),
+                                seed=7, table_group=2)
+    assert p.table_group == 2
+    check_lut(p, wts, kern, np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lut_int16_sums_do_not_overflow(tmp_path, bits):
+    """Largest codes, every activation of one sign (every lookup +-127): a group of 256 rows is
+    64 steps of at most 381 in one int16 sum (24384), exact against the model."""
+    k, n = 512, 64
+    p, wts, kern = build_kernel(tmp_path, "cpu-x86-avx2", k, n, scheme_text(bits, 256, False, True),
+                                seed=bits)
+    assert kernels.lut_flush_steps(256, 4) == 64
+    wts["q"][:] = (1 << bits) - 1
+    kern = runtime.QmmKernel(str(tmp_path / f"lut_cpu-x86-avx2_{bits}.so"), p, kern.variants,
+                             runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], None))
+    x = np.full((2, k), 3.0, np.float32)
+    x[1] = -np.random.default_rng(0).random(k).astype(np.float32) - 1
+    check_lut(p, wts, kern, x)
+
+
+def test_lut_flush_steps():
+    """int16 runs: the whole group up to 86 table groups, else the largest divisor below."""
+    assert kernels.lut_flush_steps(128, 4) == 32
+    assert kernels.lut_flush_steps(4096, 4) == 64        # a per-column group of K = 4096
+    assert all(kernels.lut_flush_steps(b, g) * 381 <= 32767
+               for b in (32, 128, 1024, 4096) for g in (2, 4))
+
+
+def test_lut_tables_prologue_matches_numpy(tmp_path):
+    """The compiled qmm_lut_tables equals runtime.lut_tables bit for bit, replicated into
+    every 16-byte lane (a zero group included)."""
+    p, wts, kern = build_kernel(tmp_path, "cpu", 256, 64, scheme_text(4, 32, False, True))
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32) * 5
+    x[1, :32] = 0
+    _, buf, _ = kern.prepare(x)
+    tables, tscale, xsum = runtime.lut_tables(x, 4, 32)
+    lut, got_scale, got_xsum = (a.numpy() for a in buf.args)
+    np.testing.assert_array_equal(lut.reshape(3, 64, -1, 16),
+                                  np.broadcast_to(tables[:, :, None], (3, 64, p.lanes // 16, 16)))
+    np.testing.assert_array_equal(got_scale, tscale)
+    np.testing.assert_allclose(got_xsum, xsum, rtol=1e-5, atol=1e-4)  # summation order
+    assert tscale[1, 0] == 1.0 and not tables[1, :8].any()
+
+
+def lut_assembly(target_name, bits):
+    import tvm
+
+    tgt = get_target(target_name)
+    scheme = scheme_text(bits, 32, False, True)
+    key = key_for(1, 256, 128, scheme, "lut")
+    variant = {**tuning.default_config(tgt, key), "m": 1, "max_m": 0}
+    p = tuning.with_table_group(tuning.problem(tgt, key), variant)
+    ex = tvm.compile(kernels.build_module(p.kernel_shape(), [variant]),
+                     target=host.tvm_target(tgt))
+    return ex.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lut_avx2_code_uses_vpshufb_and_no_avx512(bits):
+    asm = lut_assembly("cpu-x86-avx2", bits)
+    assert "vpshufb" in asm and "vpmaddubsw" in asm and "ymm" in asm
+    for banned in ("zmm", "{evex}", "%k1"):
+        assert banned not in asm, f"{banned} in the AVX2 lut kernel"
+
+
+def test_lut_host_code_uses_the_widest_vpshufb():
+    asm = lut_assembly("cpu", 2)
+    reg = "zmm" if tuning.problem(get_target("cpu"), key_for(
+        1, 256, 128, scheme_text(2, 32, False, True), "lut")).lanes == 64 else "ymm"
+    assert any("vpshufb" in line and reg in line for line in asm.splitlines())
+
+
+def test_lut_end_to_end_pipeline(tmp_path):
+    """cpu-schedule{numerics=lut} + cpu-pack-weights: the cpu_lut layout with its parameters
+    is printed, the compiled module matches the reference; a config whose table_group
+    disagrees with the packed layout is refused."""
+    from qcompiler.codegen.cpu.config import validate
+    from qcompiler.errors import ConfigError
+    from qcompiler.runtime.reference import run as reference_run
+    from test_cpu_backend import compile_module, qmm_module
+
+    module = qmm_module(160, 48, 2, 32, batch=5, seed=3)
+    compiled, out = compile_module(module, tmp_path, numerics="lut")
+    text = open(f"{out}/module.qir").read()
+    assert "#layout<cpu_lut" in text and "bits=2" in text and "table_group=4" in text
+    x = np.random.default_rng(9).standard_normal((5, 160)).astype(np.float32)
+    got = compiled.run({"x": x})["y"]
+    want = reference_run(module, {"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    node = next(n for n in compiled.module.main.nodes if n.op == "qmatmul")
+    cfg = node.attrs["config"]
+    assert cfg["numerics"] == "lut"
+    bad = {**cfg, "variants": {**cfg["variants"],
+                               "v0": {**cfg["variants"]["v0"], "table_group": 2}}}
+    with pytest.raises(ConfigError, match="table_group"):
+        validate(bad, node, get_target("cpu"))
