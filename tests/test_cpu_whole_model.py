@@ -221,3 +221,30 @@ def test_cli_allow_host_fallback(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="host fallback"):
         assert main([path, "--target", "cpu", "-o", str(tmp_path / "b"),
                      "--allow-host-fallback"]) == 0
+
+
+def test_softmax_exp_without_libm_matches_numpy(tmp_path):
+    """softmax / attention use a polynomial e^x (``scalar.exp_f32``, vectorizable): rows with
+    large spreads, masked entries (-3.4e38) and a fully masked row against numpy."""
+    _cpu_or_skip()
+    from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library
+    from qcompiler.codegen.cpu.runtime import aligned_empty
+    from qcompiler.ir.core import Node, Value
+    from qcompiler.ir.types import TensorType, elem
+
+    f32 = elem("f32")
+    node = Node("softmax", [Value("x", TensorType(("rows", 64), f32))],
+                [Value("y", TensorType(("rows", 64), f32))], {"axis": -1})
+    names = build_ops_library([node], "cpu", str(tmp_path / "softmax.so"))
+    lib = OpsLibrary(str(tmp_path / "softmax.so"))
+    rng = np.random.default_rng()
+    x = aligned_empty((6, 64), np.float32)
+    x[:] = rng.standard_normal((6, 64)) * np.array([[0.1], [1], [10], [40], [100], [1]])
+    x[1, ::3] = -3.4028234663852886e38   # masked keys
+    x[5, :] = -3.4028234663852886e38     # a fully masked row: uniform
+    y = aligned_empty((6, 64), np.float32)
+    lib[names["y"]](x, y)
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=-1, keepdims=True))
+    want = e / e.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=2e-6, atol=1e-12)

@@ -228,13 +228,20 @@ def _softmax(ctx: _Ctx) -> Kernel:
     k1 = te.reduce_axis((0, shape[axis]), name="k1")
     row_max = te.compute(red_shape, lambda *i: te.max(x[at(i, k1)].astype(ct), axis=k1),
                          name="row_max")
-    ex = te.compute(shape, lambda *i: te.exp(
+    ex = te.compute(shape, lambda *i: _exp(
         x[i].astype(ct) - row_max[tuple(i[:axis]) + tuple(i[axis + 1:])]), name="exp")
     k2 = te.reduce_axis((0, shape[axis]), name="k2")
     row_sum = te.compute(red_shape, lambda *i: te.sum(ex[at(i, k2)], axis=k2), name="row_sum")
     out = te.compute(shape, lambda *i: (ex[i] / row_sum[tuple(i[:axis]) + tuple(i[axis + 1:])])
                      .astype(ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "rows", rows=axis)
+
+
+def _exp(x):
+    """e^x of softmax weights (x <= 0): vectorizable in float32 (``scalar.exp_f32``)."""
+    from tvm import te
+
+    return scalar.exp_f32(x) if dtype_of(x) == "float32" else te.exp(x)
 
 
 def _norm_parts(ctx: _Ctx):
@@ -668,7 +675,7 @@ def _attention(ctx: _Ctx) -> Kernel:
     j1 = te.reduce_axis((0, Skv), name="j1")
     row_max = te.compute(row, lambda b, h, i: te.max(logits[b, h, i, j1], axis=j1),
                          name="row_max")
-    ex = te.compute(row + [Skv], lambda b, h, i, j: te.exp(logits[b, h, i, j] - row_max[b, h, i]),
+    ex = te.compute(row + [Skv], lambda b, h, i, j: _exp(logits[b, h, i, j] - row_max[b, h, i]),
                     name="exp")
     j2 = te.reduce_axis((0, Skv), name="j2")
     row_sum = te.compute(row, lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")

@@ -77,6 +77,28 @@ def int_div(a, b):
     return tirx.Select(b == zero, zero, q)
 
 
+def exp_f32(x):
+    """e^x in float32 without a libm call, so that LLVM vectorizes the loop around it (a
+    scalar ``expf`` per element was most of softmax and attention): Cephes' expf, as TVM's
+    ``topi.fast_exp``: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through
+    the exponent bits. Within 2 ulp of expf over [-87.3, 88.3]; below that the result is 0 or
+    subnormal-free tiny (softmax weights of masked keys), above it clamped at e^88.3."""
+    from tvm import tirx
+
+    f32 = "float32"
+    x = tirx.max(tirx.min(x, _c(88.3762626647950, f32)), _c(-88.3762626647949, f32))
+    n = tirx.floor(x * _c(1.44269504088896341, f32) + _c(0.5, f32))
+    r = x - n * _c(0.693359375, f32) + n * _c(2.12194440e-4, f32)
+    p = _c(1.9875691500e-4, f32)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+              5.0000001201e-1):
+        p = p * r + _c(c, f32)
+    p = p * r * r + r + _c(1.0, f32)
+    bits = tirx.shift_left(n.astype("int32") + tirx.IntImm("int32", 127),
+                           tirx.IntImm("int32", 23))
+    return p * tirx.reinterpret(f32, bits)
+
+
 def sigmoid(x):
     """The reference's stable form: x > 0 ? 1 / (1 + e^-x) : e^x / (1 + e^x)."""
     from tvm import tirx
