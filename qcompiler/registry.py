@@ -24,6 +24,9 @@ PASSES: dict[str, object] = {
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
     "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",
+    "fold-batchnorm": "qcompiler.passes.fold_batchnorm:FoldBatchNormPass",
+    "fuse-qconv": "qcompiler.passes.fuse_qconv:FuseQConvPass",
+    "fuse-requant": "qcompiler.passes.fuse_requant:FuseRequantPass",
 }
 
 # backend name -> "module:Class"

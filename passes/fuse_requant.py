@@ -1,0 +1,166 @@
+"""fuse-requant: a float-output qconv's quantize, clip/relu and residual add → its epilogue.
+
+Recognized, every intermediate single-use, from the ``quantize`` back::
+
+    quantize(A(qconv{out=float}), ys, yzp)                  per-tensor i8/u8 quantize
+    quantize(A(add(qconv{out=float}, dequantize(r, rs, rzp))), ys, yzp)    residual
+    A = any chain of relu, max(., c), min(., c) with scalar constants c (lo <= hi)
+
+→ ``qconv{out=quant, requant=..., act_min, act_max}`` with the residual's codes. The clamp is
+exact on codes (quantization is monotone); the residual is added before the single rounding
+(an unfused graph rounds the conv output first: a code may differ by one).
+Without a quantize, the chain A alone moves into a float-output qconv (exact).
+
+Requantization (option ``requant``): ``float`` (onnxruntime's arithmetic) or ``dyadic``
+(integer multiplier and shift, HAWQ-V3); ``auto`` (default) takes dyadic for ``fpga-*``
+targets and float for the others (option ``target``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
+
+REQUANT_CHOICES = ("auto", "float", "dyadic")
+
+
+def _scalar(rw: Rewriter, v):
+    c = rw.const(v)
+    if c is None or c.size != 1:
+        return None
+    return float(np.asarray(c, np.float64).reshape(()))
+
+
+def _activation_chain(rw: Rewriter, v):
+    """(source, lo, hi) with v = clamp(source, lo, hi) (lo <= hi) through single-use
+    relu/max/min."""
+    lo, hi = -np.inf, np.inf
+    while v.producer is not None and v.producer.op in ("relu", "max", "min"):
+        node = v.producer
+        if node.op == "relu":
+            src, bound = node.operands[0], 0.0
+        else:
+            src, other = node.operands
+            bound = _scalar(rw, other)
+            if bound is None:
+                src, other = other, src
+                bound = _scalar(rw, other)
+            if bound is None:
+                break
+        if not rw.single_use(src) or src.type.shape != v.type.shape:
+            break
+        # clamp(g(src), lo, hi) with g = max(., c) or min(., c) is again a clamp of src.
+        if node.op in ("relu", "max"):
+            lo = min(max(lo, bound), hi)
+        else:
+            hi = max(min(hi, bound), lo)
+        v = src
+    return v, lo, hi
+
+
+def _float_qconv(v):
+    node = v.producer
+    if node is None or node.op != "qconv" or node.attrs["out"] != "float" or any(
+            k in node.attrs for k in ("act_min", "act_max")) or len(node.operands) > 9:
+        return None
+    return node
+
+
+def _with_act(attrs: dict, lo: float, hi: float) -> dict:
+    a = dict(attrs)
+    if lo != -np.inf:
+        a["act_min"] = float(lo)
+    if hi != np.inf:
+        a["act_max"] = float(hi)
+    return a
+
+
+def _padded(operands: list) -> list:
+    return list(operands) + [None] * (9 - len(operands))
+
+
+class FuseQuantizeIntoQConv(RewritePattern):
+    op = "quantize"
+
+    def __init__(self, requant: str):
+        self.requant = requant
+
+    def rewrite(self, node, rw):
+        scheme = node.attrs["scheme"]
+        if scheme.granularity != "tensor" or scheme.dtype.name not in ("i8", "u8") \
+                or len(node.operands) < 3 or node.operands[2] is None:
+            return False
+        src, lo, hi = _activation_chain(rw, node.operands[0])
+        if lo > hi:
+            return False
+        residual = []
+        conv = _float_qconv(src)
+        add = src.producer if conv is None else None
+        if add is not None and add.op == "add" and rw.single_use(src):
+            for c, r in (add.operands, add.operands[::-1]):
+                conv = _float_qconv(c)
+                r_dq = r.producer if r.producer is not None and r.producer.op == "dequantize" \
+                    else None
+                if conv is None or r_dq is None or not rw.single_use(c):
+                    conv = None
+                    continue
+                rs = r_dq.attrs["scheme"]
+                if rs.granularity != "tensor" or rs.dtype.name not in ("i8", "u8") \
+                        or len(r_dq.operands) < 3 or r_dq.operands[2] is None \
+                        or r.type.shape != c.type.shape:
+                    conv = None
+                    continue
+                residual = [r_dq.operands[0], r_dq.operands[1], r_dq.operands[2]]
+                break
+        if conv is None or (src.producer is conv and not rw.single_use(src)):
+            return False
+        operands = _padded(conv.operands)[:7] + [node.operands[1], node.operands[2]] + residual
+        attrs = _with_act(conv.attrs, lo, hi)
+        attrs.update(out="quant", requant=self.requant)
+        fused = rw.create("qconv", operands, attrs, before=node, hint="qconv",
+                          result_types=[node.result.type])
+        rw.replace(node, [fused.result])
+        return True
+
+
+class FuseActivationIntoQConv(RewritePattern):
+    """A clamp chain on a float-output qconv with no quantize after it."""
+
+    op = "*"
+
+    def rewrite(self, node, rw):
+        if node.op not in ("relu", "max", "min"):
+            return False
+        src, lo, hi = _activation_chain(rw, node.result)
+        conv = _float_qconv(src)
+        if conv is None or lo > hi or src is node.result:
+            return False
+        fused = rw.create("qconv", list(conv.operands), _with_act(conv.attrs, lo, hi),
+                          before=node, hint="qconv", result_types=[node.result.type])
+        rw.replace(node, [fused.result])
+        return True
+
+
+@register_pass("fuse-requant")
+@dataclass
+class FuseRequantPass(Pass):
+    """quantize / clip / relu / residual add after a qconv → the qconv's epilogue."""
+
+    target: str = ""
+    requant: str = "auto"
+
+    def run(self, module: Module) -> Module:
+        if self.requant not in REQUANT_CHOICES:
+            raise PassError(f"fuse-requant: requant must be one of {REQUANT_CHOICES}, not "
+                            f"{self.requant!r}")
+        mode = self.requant
+        if mode == "auto":
+            mode = "dyadic" if self.target.startswith("fpga") else "float"
+        quantized = apply_patterns(module, [FuseQuantizeIntoQConv(mode)])
+        clamped = apply_patterns(module, [FuseActivationIntoQConv()])
+        record_stat(module, self.name, quantize=quantized, activation=clamped)
+        return module
