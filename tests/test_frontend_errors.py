@@ -136,31 +136,31 @@ def test_custom_domain_missing_from_opset_import():
 
 
 def test_unknown_standard_op():
-    m = _model([helper.make_node("Det", ["x"], ["y"], name="det0")], [_x((3, 3))], [_y()])
-    msg = _fails(m, "'det0'", "Det (ai.onnx opset 21)", "x1 node", "unsupported ops")
-    assert msg == "unsupported ops: Det (ai.onnx opset 21) x1 node 'det0'"  # nothing else
+    m = _model([helper.make_node("StringNormalizer", ["x"], ["y"], name="det0")], [_x((3, 3))], [_y()])
+    msg = _fails(m, "'det0'", "StringNormalizer (ai.onnx opset 21)", "x1 node", "unsupported ops")
+    assert msg == "unsupported ops: StringNormalizer (ai.onnx opset 21) x1 node 'det0'"  # nothing else
 
 
 def test_all_unsupported_ops_are_listed_at_once():
     """Each unsupported op once, with its count and first three node names, in graph order;
     supported ops in between are not mentioned and no list of supported ops follows."""
-    nodes = [helper.make_node("Det", ["x"], ["d0"], name="det0"),
+    nodes = [helper.make_node("StringNormalizer", ["x"], ["d0"], name="det0"),
              helper.make_node("Relu", ["d0"], ["r"], name="relu0"),
              helper.make_node("FancyOp", ["r"], ["f"], name="fancy0", domain="com.example")]
     prev = "f"
     for i in range(1, 5):
-        nodes.append(helper.make_node("Det", [prev], [f"d{i}"], name=f"det{i}"))
+        nodes.append(helper.make_node("StringNormalizer", [prev], [f"d{i}"], name=f"det{i}"))
         prev = f"d{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))
     m = _model(nodes, [_x((3, 3))], [_y()], opsets=(("", 21), ("com.example", 3)))
     msg = _fails(m)
-    assert msg == ("unsupported ops: Det (ai.onnx opset 21) x5 nodes 'det0', 'det1', 'det2' "
+    assert msg == ("unsupported ops: StringNormalizer (ai.onnx opset 21) x5 nodes 'det0', 'det1', 'det2' "
                    "and 2 more; FancyOp (com.example opset 3) x1 node 'fancy0'"), msg
 
 
 def test_unnamed_node_is_named_by_its_index():
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Det", ["r"], ["y"])]
-    _fails(_model(nodes, [_x((3, 3))], [_y()]), "node '#1'", "Det (ai.onnx")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("StringNormalizer", ["r"], ["y"])]
+    _fails(_model(nodes, [_x((3, 3))], [_y()]), "node '#1'", "StringNormalizer (ai.onnx")
 
 
 def test_output_produced_by_no_node():
@@ -216,13 +216,13 @@ def test_one_element_scale_on_a_vector_is_per_tensor(n):
 
 def _det_file(tmp_path) -> str:
     path = tmp_path / "det.onnx"
-    onnx.save(_model([helper.make_node("Det", ["x"], ["y"], name="det0")], [_x((3, 3))],
+    onnx.save(_model([helper.make_node("StringNormalizer", ["x"], ["y"], name="det0")], [_x((3, 3))],
                      [_y()]), str(path))
     return str(path)
 
 
 def test_compile_raises_the_frontend_error(tmp_path):
-    with pytest.raises(FrontendError, match=r"unsupported ops: Det "):
+    with pytest.raises(FrontendError, match=r"unsupported ops: StringNormalizer "):
         qcompiler.compile(_det_file(tmp_path), target="ref", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -246,7 +246,7 @@ def _cli_fails(argv, capsys, *needles: str) -> str:
 
 def test_cli_unknown_op(tmp_path, capsys):
     out = tmp_path / "out"
-    _cli_fails([_det_file(tmp_path), "-o", str(out)], capsys, "Det", "det0", "ai.onnx")
+    _cli_fails([_det_file(tmp_path), "-o", str(out)], capsys, "StringNormalizer", "det0", "ai.onnx")
     assert not out.exists()
 
 
@@ -476,15 +476,15 @@ def test_qcompile_check_reports_coverage(tmp_path, capsys):
     from qcompiler.driver.cli import main
 
     nodes = [helper.make_node("Cos", ["x"], ["a"], name="cos0"),
-             helper.make_node("Det", ["a"], ["b"], name="det0"),
-             helper.make_node("Det", ["b"], ["y"], name="det1")]
+             helper.make_node("StringNormalizer", ["a"], ["b"], name="det0"),
+             helper.make_node("StringNormalizer", ["b"], ["y"], name="det1")]
     path = tmp_path / "m.onnx"
     onnx.save(_model(nodes, [_x((3, 3))], [_y()]), str(path))
     assert main(["--check", str(path)]) == 1
     out = capsys.readouterr().out
     assert "2 ops in 3 nodes; 1 supported, 1 not" in out
     assert "ok           Cos (opset 21) x1" in out
-    assert "unsupported  Det (opset 21) x2" in out
+    assert "unsupported  StringNormalizer (opset 21) x2" in out
     assert not (tmp_path / "qc_out").exists()  # nothing compiled
     onnx.save(_model(nodes[:1], [_x((3, 3))], [helper.make_tensor_value_info(
         "a", TensorProto.FLOAT, None)]), str(path))

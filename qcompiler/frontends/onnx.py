@@ -1835,6 +1835,151 @@ def _positional_bias(imp, nonpad, causal: int, window: tuple, sq, skv, past_len,
     bias = imp.emit("where", [allowed, _scalar(imp, 0.0, dtype), _scalar(imp, -np.inf, dtype)])[0]
     return imp.emit("unsqueeze", [bias], {"axes": [1]})[0]
 
+
+# -- sampling, sets, sequences and caches --------------------------------------------------
+
+
+@_handles("GridSample")
+def _grid_sample(imp, n, attrs):
+    """Opset 16's bilinear / bicubic are opset 20's linear / cubic."""
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(_text(attrs.get("mode"), "linear"),
+                                                          _text(attrs.get("mode"), "linear"))
+    imp.emit("grid_sample", _inputs(imp, n)[:2],
+             {"mode": mode, "padding_mode": _text(attrs.get("padding_mode"), "zeros"),
+              "align_corners": int(attrs.get("align_corners", 0))}, names=imp.outputs_of(n))
+
+
+@_handles("AffineGrid")
+def _affine_grid(imp, n, attrs):
+    """theta [N, nd, nd + 1] applied to the constant homogeneous base grid of `size`
+    ([*sp, nd + 1], x first): base [P, nd + 1] @ theta^T -> [N, P, nd] -> [N, *sp, nd]."""
+    theta, size_v = _inputs(imp, n)[:2]
+    size = _const_ints(imp, size_v, "AffineGrid size")
+    sp = size[2:]
+    if len(sp) not in (2, 3):
+        raise imp.fail(f"AffineGrid size {size} is not 2-D or 3-D")
+    align = int(attrs.get("align_corners", 0))
+    axes = []
+    for d in sp:  # onnx.reference's arange steps, evaluated in float64
+        axes.append(np.linspace(-1.0, 1.0, d) if align and d > 1 else
+                    (np.arange(d) * 2.0 + 1.0) / d - 1.0 if not align else np.full(1, -1.0))
+    mesh = np.meshgrid(*axes, indexing="ij")  # [*sp] each, slowest dim first
+    base = np.stack([m.reshape(-1) for m in reversed(mesh)] + [np.ones(mesh[0].size)], axis=1)
+    dtype = theta.type.dtype
+    base_c = imp.add_constant(base.astype(dtype.np_dtype), TensorType(base.shape, dtype), "grid")
+    theta_t = imp.emit("transpose", [theta], {"perm": [0, 2, 1]})[0]
+    points = imp.emit("matmul", [base_c, theta_t])[0]
+    imp.emit("reshape", [points, _ints_const(imp, [size[0], *sp, len(sp)], "shape")],
+             names=imp.outputs_of(n))
+
+
+@_handles("CenterCropPad")
+def _center_crop_pad(imp, n, attrs):
+    """A centered slice where the target is smaller, zero padding (the extra element at the
+    end) where it is larger."""
+    x, shape_v = _inputs(imp, n)[:2]
+    shape = _const_ints(imp, shape_v, "CenterCropPad shape")
+    r = x.type.rank
+    axes = [int(a) % r for a in attrs.get("axes", range(r))]
+    if len(axes) != len(shape) or any(not isinstance(x.type.shape[a], int) for a in axes):
+        raise imp.fail(f"CenterCropPad needs static dims on axes {axes} for shape {shape}")
+    starts, ends, crop_axes, pads = [], [], [], [0] * (2 * r)
+    for a, want in zip(axes, shape):
+        d = x.type.shape[a]
+        if want < d:
+            begin = (d - want) // 2
+            starts.append(begin), ends.append(begin + want), crop_axes.append(a)
+        elif want > d:
+            pads[a] = (want - d) // 2
+            pads[a + r] = want - d - pads[a]
+    y = x
+    if crop_axes:
+        y = imp.emit("slice", [x, _ints_const(imp, starts, "starts"),
+                               _ints_const(imp, ends, "ends"),
+                               _ints_const(imp, crop_axes, "axes")])[0]
+    if any(pads):
+        y = imp.emit("pad", [y, _ints_const(imp, pads, "pads"),
+                             _scalar(imp, 0, x.type.dtype)], {"mode": "constant"})[0]
+    imp.emit("identity", [y], names=imp.outputs_of(n))
+
+
+@_handles("Col2Im")
+def _col2im(imp, n, attrs):
+    xs = _inputs(imp, n)
+    nsp = len(_const_ints(imp, xs[1], "Col2Im image_shape"))
+    imp.emit("col2im", xs[:3], {"strides": [int(s) for s in attrs.get("strides", [1] * nsp)],
+                                "pads": [int(p) for p in attrs.get("pads", [0] * (2 * nsp))],
+                                "dilations": [int(d) for d in attrs.get("dilations",
+                                                                        [1] * nsp)]},
+             names=imp.outputs_of(n))
+
+
+@_handles("Unique")
+def _unique(imp, n, attrs):
+    a = {"sorted": int(attrs.get("sorted", 1))}
+    if "axis" in attrs:
+        a["axis"] = int(attrs["axis"])
+    outs = imp.outputs_of(n)
+    imp.emit("unique", _inputs(imp, n)[:1], a, names=outs + [None] * (4 - len(outs)),
+             n_results=4)
+
+
+@_handles("ReverseSequence")
+def _reverse_sequence(imp, n, attrs):
+    imp.emit("reverse_sequence", _inputs(imp, n)[:2],
+             {"batch_axis": int(attrs.get("batch_axis", 1)),
+              "time_axis": int(attrs.get("time_axis", 0))}, names=imp.outputs_of(n))
+
+
+@_handles("TensorScatter")
+def _tensor_scatter(imp, n, attrs):
+    xs = _inputs(imp, n)
+    imp.emit("tensor_scatter", [xs[0], xs[1], _opt_input(xs, 2)],
+             {"mode": _text(attrs.get("mode"), "linear"), "axis": int(attrs.get("axis", -2))},
+             names=imp.outputs_of(n))
+
+
+@_handles("SwiGLU")
+def _swiglu(imp, n, attrs):
+    """a * sigmoid(alpha * a) * b."""
+    a, b = _inputs(imp, n)[:2]
+    alpha = float(attrs.get("alpha", 1.0))
+    gate_in = a if alpha == 1.0 else imp.emit("mul", [a, _scalar(imp, alpha, a.type.dtype)])[0]
+    swish = imp.emit("mul", [a, imp.emit("sigmoid", [gate_in])[0]])[0]
+    imp.emit("mul", [swish, b], names=imp.outputs_of(n))
+
+
+@_handles("Det")
+def _det(imp, n, attrs):
+    imp.emit("det", _inputs(imp, n)[:1], names=imp.outputs_of(n))
+
+
+@_handles("MaxUnpool")
+def _max_unpool(imp, n, attrs):
+    """x scattered at its indices into the shape a MaxPool of these attributes came from;
+    a larger output_shape pads zeros at the ends (onnx.reference)."""
+    xs = _inputs(imp, n)
+    x = xs[0]
+    nsp = x.type.rank - 2
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    strides = [int(s) for s in attrs.get("strides", [1] * nsp)]
+    pads = [int(p) for p in attrs.get("pads", [0] * (2 * nsp))]
+    sp = x.type.shape[2:]
+    if not all(isinstance(d, int) for d in sp):
+        raise imp.fail(f"MaxUnpool needs static spatial dims, not {x.type.shape}")
+    inferred = [(sp[i] - 1) * strides[i] - pads[i] - pads[i + nsp] + kernel[i]
+                for i in range(nsp)]
+    wanted = _const_ints(imp, _opt_input(xs, 2), "MaxUnpool output_shape")
+    names = imp.outputs_of(n)
+    y = imp.emit("max_unpool", [x, xs[1]], {"output_shape": inferred},
+                 names=None if wanted else names)[0]
+    if wanted:
+        extra = [w - d for w, d in zip(wanted[2:], inferred)]
+        if any(e < 0 for e in extra):
+            raise imp.fail(f"MaxUnpool output_shape {wanted} is smaller than {inferred}")
+        imp.emit("pad", [y, _ints_const(imp, [0] * (nsp + 2) + [0, 0] + extra, "pads"),
+                         _scalar(imp, 0, x.type.dtype)], {"mode": "constant"}, names=names)
+
 def unsupported_nodes(proto: onnx.ModelProto) -> dict[tuple[str, str], list[str]]:
     """(domain, op_type) -> names of the nodes (``#index`` when unnamed) that no importer
     handles, in graph order."""

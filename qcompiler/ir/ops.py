@@ -1009,6 +1009,112 @@ def _bitcast(types, attrs, consts):
     return [TensorType(types[0].shape, attrs["to"])]
 
 
+@_def("grid_sample", "ONNX GridSample: x [N, C, *sp] sampled at the normalized grid "
+      "[N, *out, nd] points (`mode` linear | nearest | cubic, `padding_mode` zeros | border | "
+      "reflection)", ["x", "grid"],
+      {"mode": ("str", True), "padding_mode": ("str", True), "align_corners": ("int", True)})
+def _grid_sample(types, attrs, consts):
+    x, grid = types
+    if attrs["mode"] not in ("linear", "nearest", "cubic"):
+        raise TypeInferenceError(f"grid_sample mode {attrs['mode']!r} is not linear, nearest "
+                                 "or cubic")
+    if attrs["padding_mode"] not in ("zeros", "border", "reflection"):
+        raise TypeInferenceError(f"grid_sample padding_mode {attrs['padding_mode']!r} is not "
+                                 "zeros, border or reflection")
+    if x.rank < 3 or grid.rank != x.rank or grid.shape[-1] not in (x.rank - 2, "?"):
+        raise TypeInferenceError(f"grid_sample of x {x.shape} at grid {grid.shape}")
+    if attrs["mode"] == "cubic" and x.rank != 4:
+        raise TypeInferenceError("grid_sample cubic mode is 2-D only (ONNX)")
+    return [TensorType((x.shape[0], x.shape[1], *grid.shape[1:-1]), x.dtype)]
+
+
+@_def("unique", "ONNX Unique: the distinct elements (slices along `axis` when given) sorted "
+      "(`sorted=1`) or in first-occurrence order, with i64 first indices, inverse indices "
+      "and counts", ["x"], {"sorted": ("int", True), "axis": ("int", False)}, results=4)
+def _unique(types, attrs, consts):
+    t = types[0]
+    if "axis" in attrs:
+        axis = _norm_axis(attrs["axis"], t.rank)
+        y = TensorType(t.shape[:axis] + ("?",) + t.shape[axis + 1:], t.dtype)
+    else:
+        y = TensorType(("?",), t.dtype)
+    return [y, TensorType(("?",), I64), TensorType(("?",), I64), TensorType(("?",), I64)]
+
+
+@_def("reverse_sequence", "ONNX ReverseSequence: the first sequence_lens[b] steps along "
+      "`time_axis` reversed for each batch b along `batch_axis`", ["x", "sequence_lens"],
+      {"batch_axis": ("int", True), "time_axis": ("int", True)})
+def _reverse_sequence(types, attrs, consts):
+    t = types[0]
+    if sorted((attrs["batch_axis"], attrs["time_axis"])) != [0, 1] or t.rank < 2:
+        raise TypeInferenceError(f"reverse_sequence axes {attrs['batch_axis']}, "
+                                 f"{attrs['time_axis']} must be 0 and 1 of a rank >= 2 x")
+    if not types[1].dtype.is_integer or types[1].rank != 1:
+        raise TypeInferenceError(f"reverse_sequence sequence_lens must be 1-D integers, not "
+                                 f"{types[1]}")
+    return [t]
+
+
+@_def("col2im", "ONNX Col2Im: columns [N, C * prod(block), L] summed back into an image "
+      "[N, C, *image_shape] (strides, pads: begins then ends, dilations)",
+      ["x", "image_shape", "block_shape"],
+      {"strides": ("ints", True), "pads": ("ints", True), "dilations": ("ints", True)})
+def _col2im(types, attrs, consts):
+    x = types[0]
+    image, block = _ints(consts[1]), _ints(consts[2])
+    if x.rank != 3:
+        raise TypeInferenceError(f"col2im takes [N, C * prod(block), L], not {x.shape}")
+    if image is None or block is None:
+        raise TypeInferenceError("col2im image_shape and block_shape must be constants")
+    nsp = len(image)
+    if len(block) != nsp or any(len(attrs[k]) != n for k, n in
+                                (("strides", nsp), ("dilations", nsp), ("pads", 2 * nsp))):
+        raise TypeInferenceError(f"col2im image_shape {image}, block_shape {block}, strides, "
+                                 "dilations and pads disagree in rank")
+    kk = int(np.prod(block))
+    c = x.shape[1] // kk if isinstance(x.shape[1], int) else "?"
+    if isinstance(x.shape[1], int) and x.shape[1] % kk:
+        raise TypeInferenceError(f"col2im channels {x.shape[1]} not a multiple of {kk}")
+    return [TensorType((x.shape[0], c, *image), x.dtype)]
+
+
+@_def("tensor_scatter", "ONNX TensorScatter: `update` written into the cache along `axis` "
+      "from write_indices[b] (0 when absent) of each batch b; `mode` circular wraps",
+      ["cache", "update", "write_indices?"], {"mode": ("str", True), "axis": ("int", True)})
+def _tensor_scatter(types, attrs, consts):
+    cache, update = types[0], types[1]
+    if attrs["mode"] not in ("linear", "circular"):
+        raise TypeInferenceError(f"tensor_scatter mode {attrs['mode']!r} is not linear or "
+                                 "circular")
+    axis = _norm_axis(attrs["axis"], cache.rank)
+    if axis == 0 or update.rank != cache.rank:
+        raise TypeInferenceError(f"tensor_scatter of update {update.shape} into "
+                                 f"{cache.shape} along axis {attrs['axis']}")
+    return [cache]
+
+
+@_def("det", "Determinant of each square matrix in the last two dims", ["x"])
+def _det(types, attrs, consts):
+    t = types[0]
+    if t.rank < 2 or (isinstance(t.shape[-1], int) and isinstance(t.shape[-2], int)
+                      and t.shape[-1] != t.shape[-2]):
+        raise TypeInferenceError(f"det takes [..., M, M], not {t.shape}")
+    return [TensorType(t.shape[:-2], t.dtype)]
+
+
+@_def("max_unpool", "ONNX MaxUnpool: x written at its flat max-pool `indices` of a zero "
+      "tensor of `output_shape` (the spatial dims)", ["x", "indices"],
+      {"output_shape": ("ints", True)})
+def _max_unpool(types, attrs, consts):
+    x, idx = types
+    if x.rank != idx.rank or not idx.dtype.is_integer:
+        raise TypeInferenceError(f"max_unpool x {x.shape} and indices {idx.shape} differ")
+    if len(attrs["output_shape"]) != x.rank - 2:
+        raise TypeInferenceError(f"max_unpool output_shape {attrs['output_shape']} for x "
+                                 f"{x.shape}")
+    return [TensorType((x.shape[0], x.shape[1], *attrs["output_shape"]), x.dtype)]
+
+
 def logical_w_scheme(node) -> str:
     """The model's weight scheme of a qmatmul, as text. A backend pass that packs the weight
     (reorder-weights, cpu-pack-weights) sets ``w_scheme`` to the storage scheme (u8 words)

@@ -1385,6 +1385,186 @@ OP_IMPLS.update({
 })
 
 
+def _grid_reflect(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Coordinates reflected at the borders lo and hi until inside (onnx.reference)."""
+    span = hi - lo
+    below, above = x < lo, x > hi
+    d = np.where(below, lo - x, np.where(above, x - hi, 0.0))
+    n = np.trunc(d / span) if span > 0 else np.zeros_like(d)
+    r = d - n * span
+    even = (n % 2) == 0
+    from_lo = np.where(even, lo + r, hi - r)
+    from_hi = np.where(even, hi - r, lo + r)
+    return np.where(below, from_lo, np.where(above, from_hi, x))
+
+
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """Keys cubic weights (a = -0.75) of taps -1, 0, 1, 2 at fractional offset t."""
+    a = -0.75
+    w = []
+    for d in (t + 1, t, 1 - t, 2 - t):
+        d = np.abs(d)
+        w.append(np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                          ((a * d - 5 * a) * d + 8 * a) * d - 4 * a))
+    return w
+
+
+def _grid_sample(node, args, module):
+    """Vectorized onnx.reference GridSample: per spatial dim the tap indices and weights
+    (nearest 1, linear 2, cubic 4 taps), then the sum over every tap combination of
+    weight * pixel (0 outside x for zeros padding; border / reflection move the index)."""
+    import itertools
+
+    x, grid = args
+    mode, padding = node.attrs["mode"], node.attrs["padding_mode"]
+    align = node.attrs["align_corners"]
+    sp = x.shape[2:]
+    nsp = len(sp)
+    # onnx.reference denormalizes in float32; the taps then combine in float64.
+    g = grid.astype(F32)
+    xt = np.moveaxis(x.astype(F64), 1, -1)  # [N, *sp, C]
+    per_dim = []  # for each spatial dim: list of (index, weight)
+    for i, size in enumerate(sp):
+        n = g[..., nsp - 1 - i]
+        c = ((n + 1) / np.float32(2.0) * np.float32(size - 1)) if align else \
+            (((n + 1) * np.float32(size) - 1) / np.float32(2.0))
+        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        c = c.astype(F64)
+        if mode == "nearest":
+            c = np.rint(c)
+        if padding == "border":
+            c = np.where((c < lo) | (c > hi), np.clip(c, 0, size - 1), c)
+        elif padding == "reflection":
+            c = _grid_reflect(c, lo, hi)
+        if mode == "nearest":
+            per_dim.append([(np.trunc(c).astype(np.int64), np.ones_like(c))])
+            continue
+        base = np.floor(c)
+        t = c - base
+        base = base.astype(np.int64)
+        if mode == "linear":
+            per_dim.append([(base, 1 - t), (base + 1, t)])
+        else:
+            per_dim.append([(base + o, w) for o, w in zip((-1, 0, 1, 2), _cubic_weights(t))])
+    batch = np.arange(x.shape[0]).reshape((-1,) + (1,) * (g.ndim - 2))
+    out = np.zeros(g.shape[:-1] + (x.shape[1],), F64)
+    for taps in itertools.product(*per_dim):
+        weight = np.ones(g.shape[:-1], F64)
+        index, inside = [], np.ones(g.shape[:-1], bool)
+        for (idx, w), size in zip(taps, sp):
+            lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+            if padding == "zeros":
+                inside &= (idx >= 0) & (idx < size)
+            elif padding == "border":
+                idx = np.clip(idx, 0, size - 1)
+            else:
+                idx = np.trunc(_grid_reflect(idx.astype(F64), lo, hi)).astype(np.int64)
+            index.append(np.clip(idx, 0, size - 1))
+            weight = weight * w
+        pixels = xt[(batch, *index)]
+        out += np.where(inside[..., None], pixels, 0.0) * weight[..., None]
+    return [np.moveaxis(out, -1, 1).astype(x.dtype)]
+
+
+def _unique(node, args, module):
+    x = args[0]
+    axis = node.attrs.get("axis")
+    y, first, inverse, counts = np.unique(x, return_index=True, return_inverse=True,
+                                          return_counts=True, axis=axis)
+    inverse = np.asarray(inverse).reshape(-1)
+    if not node.attrs["sorted"]:  # the distinct values in order of first occurrence
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        first, counts, inverse = first[order], counts[order], rank[inverse]
+        y = np.take(x.reshape(-1) if axis is None else x, first, axis=0 if axis is None
+                    else axis)
+    return [np.asarray(y, x.dtype), first.astype(np.int64), inverse.astype(np.int64),
+            counts.astype(np.int64)]
+
+
+def _reverse_sequence(node, args, module):
+    x, lens = args
+    b_axis, t_axis = node.attrs["batch_axis"], node.attrs["time_axis"]
+    y = x.copy()
+    for b, n in enumerate(np.asarray(lens).reshape(-1)):
+        n = int(n)
+        if not 0 <= n <= x.shape[t_axis]:
+            raise ValueError(f"sequence length {n} of batch {b} is out of [0, "
+                             f"{x.shape[t_axis]}]")
+        dst = [slice(None)] * x.ndim
+        dst[b_axis], dst[t_axis] = b, slice(0, n)
+        src = list(dst)
+        src[t_axis] = slice(n - 1, None, -1) if n else slice(0, 0)
+        y[tuple(dst)] = x[tuple(src)]
+    return [y]
+
+
+def _col2im(node, args, module):
+    x = args[0]
+    image = [int(v) for v in np.asarray(args[1]).reshape(-1)]
+    block = [int(v) for v in np.asarray(args[2]).reshape(-1)]
+    strides, pads, dil = (node.attrs[k] for k in ("strides", "pads", "dilations"))
+    nsp = len(image)
+    n, ck, _ = x.shape
+    c = ck // int(np.prod(block))
+    padded = [image[i] + pads[i] + pads[i + nsp] for i in range(nsp)]
+    counts = [(padded[i] - ((block[i] - 1) * dil[i] + 1)) // strides[i] + 1 for i in range(nsp)]
+    if int(np.prod(counts)) != x.shape[2]:
+        raise ValueError(f"col2im: {x.shape[2]} columns, the image has {counts} blocks")
+    cols = x.astype(F64).reshape(n, c, *block, *counts)
+    out = np.zeros((n, c, *padded), F64)
+    for k in np.ndindex(*block):
+        dst = tuple(slice(k[i] * dil[i], k[i] * dil[i] + (counts[i] - 1) * strides[i] + 1,
+                          strides[i]) for i in range(nsp))
+        out[(slice(None), slice(None)) + dst] += cols[(slice(None), slice(None)) + k]
+    crop = tuple(slice(pads[i], pads[i] + image[i]) for i in range(nsp))
+    return [out[(slice(None), slice(None)) + crop].astype(x.dtype)]
+
+
+def _tensor_scatter(node, args, module):
+    cache, update = args[0], args[1]
+    axis = node.attrs["axis"] % cache.ndim
+    starts = args[2] if len(args) > 2 and args[2] is not None else \
+        np.zeros(cache.shape[0], np.int64)
+    y = cache.copy()
+    length, steps = cache.shape[axis], update.shape[axis]
+    for b in range(cache.shape[0]):
+        pos = int(starts[b]) + np.arange(steps)
+        if node.attrs["mode"] == "circular":
+            pos = pos % length
+        elif steps and (pos[0] < 0 or pos[-1] >= length):
+            raise ValueError(f"tensor_scatter write index {int(starts[b])} of batch {b} "
+                             f"overruns the cache length {length}")
+        lead = (b,) + (slice(None),) * (axis - 1)
+        for step, p in enumerate(pos):
+            y[lead + (int(p),)] = update[lead + (step,)]
+    return [y]
+
+
+def _det(node, args, module):
+    x = args[0]
+    return [np.linalg.det(x.astype(F64)).astype(x.dtype)]
+
+
+def _max_unpool(node, args, module):
+    x, idx = args
+    shape = (x.shape[0], x.shape[1], *node.attrs["output_shape"])
+    flat = np.zeros(int(np.prod(shape)), x.dtype)
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= flat.size):
+        raise ValueError(f"max_unpool index out of the output's {flat.size} elements")
+    flat[idx] = x.reshape(-1)
+    return [flat.reshape(shape)]
+
+
+OP_IMPLS.update({
+    "grid_sample": _grid_sample, "unique": _unique, "reverse_sequence": _reverse_sequence,
+    "col2im": _col2im, "tensor_scatter": _tensor_scatter, "det": _det,
+    "max_unpool": _max_unpool,
+})
+
+
 # --------------------------------------------------------------------------------------------
 # the interpreter
 # --------------------------------------------------------------------------------------------
