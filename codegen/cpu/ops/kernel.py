@@ -35,6 +35,10 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
     """
     from tvm import te
 
+    if node.op == "qconv":  # issue #15: its own TensorIR (codegen/cpu/conv.py)
+        from qcompiler.codegen.cpu.conv import primfunc_for_qconv
+
+        return primfunc_for_qconv(node, params or default_params(), module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")

@@ -1,0 +1,340 @@
+"""TensorIR of the CPU ``qconv`` kernel (issue #15): int8 convolution, i32 sums, fused epilogue.
+
+The kernel takes the node's operands as they are (x codes NCHW, w codes [M, C/g, KH, KW],
+scales, zero points, bias, residual) and writes the NCHW result; its stages:
+
+- ``vnni`` (hosts with AVX-512 VNNI, C/g >= 4): x is repacked per call into signed bytes
+  ``xq[n, g, h + pads, w + pads, c4]`` (NHWC per group, channels padded to a multiple of 4,
+  the border holding the zero point) and w into unsigned bytes
+  ``wq[g, m / 16, kh, kw, c / 4, 16, 4]``; the sum ``sum xq * wq`` is tensorized with
+  ``vpdpbusd`` (16 output channels x 4 input channels per instruction, register-blocked over
+  ``ow_block`` output columns). Shifting x by -128 (u8 codes) and w by +128 (i8 codes) puts
+  the operands in vpdpbusd's s8 x u8 form; the exact sum of ``(x - xzp)(w - wzp)`` is then
+  ``S - zw'[m] * Xsum - zx' * Wsum[m] + K * zx' * zw'[m]`` with zx' = xzp - 128,
+  zw' = wzp + 128, Xsum the window sums of xq (computed beside) and Wsum the sums of the
+  shifted weights (no overflow: |xq| <= 128, wq <= 255, 4 products per lane step).
+- ``direct`` (everything else: AVX2 hosts, depthwise and thin groups): the i32 sum of
+  ``(x - xzp) * (w - wzp)`` written directly, the output channels' window loop vectorized
+  by LLVM. AVX2's vpmaddubsw would saturate int16 on 8-bit codes (255 * 127 * 2 > 32767),
+  so it is not used for qconv (onnxruntime needs reduce_range there for the same reason).
+
+The epilogue is the reference's (``runtime.reference._qconv``) operation for operation:
+f32(acc) * f32(f32(x_scale * w_scale[m]) / y_scale), round half to even (``nearbyint``),
+plus y_zero_point, clamped to the codes of act_min / act_max. Dyadic requantization is the
+FPGA's: the CPU kernel refuses it (CPUBackendError; the node runs on the host).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from qcompiler.codegen.cpu.errors import CPUBackendError
+from qcompiler.ir.core import Node, constant_value
+
+CONV_VNNI_INTRIN = "qc_conv_vnni_s8u8_16x4"
+OC_BLOCK = 16   # output channels per vpdpbusd (int32 lanes of a zmm register)
+IC_BLOCK = 4    # input channels summed per lane by vpdpbusd
+_registered = False
+
+
+def register_conv_vnni_intrin() -> None:
+    """C[16] += sum_k u8 B[j, k] * s8 A[k] (vpdpbusd) with B in global memory (the packed
+    weights; kernels.py's qmatmul intrinsic reads B from a local unpack buffer)."""
+    global _registered
+    if _registered:
+        return
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((16, 4), "uint8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], B[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((16, 4), "uint8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], B[0:16, 0:4], A[0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
+            b_i8x64 = T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), b_i8x64, a_i8x64, dtype="int32x16")
+
+    try:
+        TensorIntrin.register(CONV_VNNI_INTRIN, desc, impl)
+    except Exception as e:  # registered already by another import of this module
+        if "already" not in str(e).lower():
+            raise
+    _registered = True
+
+
+def _round_up(v: int, k: int) -> int:
+    return -(-v // k) * k
+
+
+def _static_shape(node: Node, v) -> tuple:
+    if not all(isinstance(d, int) for d in v.type.shape):
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel needs static "
+                              f"shapes, not {v.type.shape}")
+    return tuple(v.type.shape)
+
+
+def conv_variant(node: Node, vnni: bool) -> str:
+    """``vnni`` or ``direct`` (see the module docstring)."""
+    cg = node.operands[1].type.shape[1]
+    return "vnni" if vnni and cg >= IC_BLOCK else "direct"
+
+
+def ow_block(ow: int) -> int:
+    """Output columns whose 16-channel sums stay in registers together (a divisor of ow)."""
+    for b in (8, 7, 6, 4, 5, 3, 2):
+        if ow % b == 0:
+            return b
+    return 1
+
+
+def kernel_name(node: Node, variant: str) -> str:
+    """One name per distinct kernel: the operand types, attributes and variant."""
+    text = repr((variant, [None if v is None else (v.type.shape, str(v.type.dtype))
+                           for v in node.operands],
+                 sorted((k, repr(v)) for k, v in node.attrs.items() if k != "config"),
+                 str(node.results[0].type.dtype)))
+    return "qconv_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _bounds(node: Node, module) -> tuple[int, int]:
+    from qcompiler.runtime.reference import qconv_output_bounds
+
+    lo, hi = node.results[0].type.dtype.int_range()
+    if not any(k in node.attrs for k in ("act_min", "act_max")):
+        return lo, hi
+    ys, yzp = (constant_value(module, node.operands[i]) if module is not None else None
+               for i in (7, 8))
+    if ys is None or yzp is None:
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: a clamped output needs "
+                              "constant y_scale and y_zero_point")
+    return qconv_output_bounds(node, ys, yzp)
+
+
+def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
+    """(kernel name, scheduled PrimFunc) of a qconv node; (name, None) for a known name."""
+    from qcompiler.codegen.cpu.host import target_cpu
+    from qcompiler.targets import get_target
+
+    if node.attrs.get("requant", "float") == "dyadic" and node.attrs["out"] == "quant":
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: dyadic requantization has "
+                              "no CPU kernel (it is the FPGA's); use requant=float")
+    if len(node.operands[0].type.shape) != 4:
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel is 2-D only")
+    if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
+        vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
+    variant = conv_variant(node, vnni)
+    name = kernel_name(node, variant)
+    if name in known:
+        return name, None
+    func = build_qconv(node, variant, module)
+    return name, func.with_attr("global_symbol", name)
+
+
+def build_qconv(node: Node, variant: str, module=None):
+    """The scheduled PrimFunc of ``node`` in ``variant`` (vnni | direct)."""
+    from tvm import te, tirx
+
+    a = node.attrs
+    ops = node.operands
+    n, c, h, w_ = _static_shape(node, ops[0])
+    m, cg, kh, kw = _static_shape(node, ops[1])
+    _, _, oh, ow = _static_shape(node, node.results[0])
+    group = a["group"]
+    mg = m // group
+    sh, sw = a["strides"]
+    dh, dw = a["dilations"]
+    pt, pl = a["pads"][0], a["pads"][1]
+    i32, f32 = "int32", "float32"
+    placeholders = {}
+    for i, v in enumerate(ops):
+        if v is not None:
+            placeholders[i] = te.placeholder(tuple(v.type.shape), str(v.type.dtype.np_dtype),
+                                             name=f"in{i}")
+    x, wt = placeholders[0], placeholders[1]
+
+    def scalar(i):
+        t = placeholders[i]
+        return t(*([0] * len(t.shape)))
+
+    def per_channel(i, mm):
+        t = placeholders[i]
+        if len(t.shape) == 0 or int(np.prod([int(d) for d in t.shape])) == 1:
+            return t(*([0] * len(t.shape)))
+        return t(mm)
+
+    xzp = scalar(3).astype(i32)
+
+    def wzp(mm):
+        return per_channel(5, mm).astype(i32) if 5 in placeholders else tirx.const(0, i32)
+
+    if variant == "vnni":
+        acc, extra = _vnni_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
+                                                       group, mg, sh, sw, dh, dw, pt, pl))
+    else:
+        acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
+                                                   mg, sh, sw, dh, dw, pt, pl))
+
+    def total(nn, mm, yy, xx):
+        v = acc(nn, mm, yy, xx)
+        if 6 in placeholders:
+            v = v + placeholders[6](mm)
+        return v
+
+    def conv_scale(mm):  # f32(x_scale * w_scale[m]), as the reference
+        return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
+
+    lo, hi = _bounds(node, module)
+    if a["out"] == "float":
+        def out_fn(nn, mm, yy, xx):
+            v = total(nn, mm, yy, xx).astype(f32) * conv_scale(mm)
+            if 9 in placeholders:
+                v = v + placeholders[9](nn, mm, yy, xx).astype(f32)
+            if "act_min" in a:
+                v = tirx.max(v, tirx.const(float(np.float32(a["act_min"])), f32))
+            if "act_max" in a:
+                v = tirx.min(v, tirx.const(float(np.float32(a["act_max"])), f32))
+            return v
+    else:
+        out_dtype = str(node.results[0].type.dtype.np_dtype)
+
+        def out_fn(nn, mm, yy, xx):
+            ys = scalar(7).astype(f32)
+            v = total(nn, mm, yy, xx).astype(f32) * (conv_scale(mm) / ys)
+            if 9 in placeholders:
+                r = placeholders[9](nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
+                v = v + r.astype(f32) * (scalar(10).astype(f32) / ys)
+            q = tirx.nearbyint(v).astype(i32) + scalar(8).astype(i32)
+            q = tirx.max(tirx.min(q, tirx.const(hi, i32)), tirx.const(lo, i32))
+            return q.astype(out_dtype)
+    out = te.compute((n, m, oh, ow), out_fn, name="out")
+    inputs = [placeholders[i] for i in sorted(placeholders)]
+    func = te.create_prim_func(inputs + [out])
+    return _schedule(func, variant, extra)
+
+
+def _direct_sum(x, wt, xzp, wzp, dims):
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    xs = te.compute((n, c, hp, wp), lambda nn, cc, yy, xx: tirx.if_then_else(
+        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
+        x(nn, cc, tirx.max(tirx.min(yy - pt, h - 1), 0),
+          tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) - xzp,
+        tirx.const(0, i32)).astype("int16"), name="xs")
+    rc = te.reduce_axis((0, cg), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    acc = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: te.sum(
+        xs(nn, (mm // mg) * cg + rc, yy * sh + ry * dh, xx * sw + rx * dw).astype(i32)
+        * (wt(mm, rc, ry, rx).astype(i32) - wzp(mm)), axis=[rc, ry, rx]), name="acc")
+    return acc, {"ow": ow}
+
+
+def _vnni_sum(node, x, wt, xzp, wzp, dims):
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    x_off = 128 if node.operands[0].type.dtype.name == "u8" else 0
+    w_off = 128 if node.operands[1].type.dtype.name in ("i8", "i4") else 0
+    cp = _round_up(cg, IC_BLOCK)
+    mp = _round_up(mg, OC_BLOCK)
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    zx = xzp - x_off  # the zero point of the shifted codes
+
+    def x_pack(nn, g, yy, xx, cc):
+        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
+        v = x(nn, tirx.min(g * cg + cc, c - 1), tirx.max(tirx.min(yy - pt, h - 1), 0),
+              tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) - x_off
+        return tirx.if_then_else(cc < cg, tirx.if_then_else(inside, v, zx),
+                                 tirx.const(0, i32)).astype("int8")
+    xq = te.compute((n, group, hp, wp, cp), x_pack, name="xq")
+
+    def w_pack(g, mo, yy, xx, co, mi, ci):
+        mm, cc = mo * OC_BLOCK + mi, co * IC_BLOCK + ci
+        v = wt(tirx.min(g * mg + mm, m - 1), tirx.min(cc, cg - 1), yy, xx).astype(i32) + w_off
+        return tirx.if_then_else(tirx.all(mm < mg, cc < cg), v, tirx.const(0, i32)
+                                 ).astype("uint8")
+    wq = te.compute((group, mp // OC_BLOCK, kh, kw, cp // IC_BLOCK, OC_BLOCK, IC_BLOCK), w_pack,
+                    name="wq")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rco = te.reduce_axis((0, cp // IC_BLOCK), name="rco")
+    rci = te.reduce_axis((0, IC_BLOCK), name="rci")
+    s = te.compute((n, group, oh, ow, mp // OC_BLOCK, OC_BLOCK), lambda nn, g, yy, xx, mo, mi:
+                   te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
+                          * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
+                               rco * IC_BLOCK + rci).astype(i32),
+                          axis=[ry, rx, rco, rci]), name="sum")
+    sy = te.reduce_axis((0, kh), name="sy")
+    sx = te.reduce_axis((0, kw), name="sx")
+    sc = te.reduce_axis((0, cg), name="sc")
+    xsum = te.compute((n, group, oh, ow), lambda nn, g, yy, xx: te.sum(
+        xq(nn, g, yy * sh + sy * dh, xx * sw + sx * dw, sc).astype(i32), axis=[sy, sx, sc]),
+        name="xsum")
+    wy = te.reduce_axis((0, kh), name="wy")
+    wx = te.reduce_axis((0, kw), name="wx")
+    wc = te.reduce_axis((0, cg), name="wc")
+    wsum = te.compute((m,), lambda mm: te.sum(wt(mm, wc, wy, wx).astype(i32) + w_off,
+                                              axis=[wc, wy, wx]), name="wsum")
+    k = cg * kh * kw
+
+    def acc(nn, mm, yy, xx):
+        g, mr = mm // mg, mm % mg
+        zw = wzp(mm) + w_off
+        return (s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK) - zw * xsum(nn, g, yy, xx)
+                - zx * wsum(mm) + k * zx * zw)
+    return acc, {"ow": ow}
+
+
+def _schedule(func, variant: str, extra: dict):
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.get_sblock("out")
+    if variant == "direct":
+        acc = sch.get_sblock("acc")
+        nn, mm, yy, xx = sch.get_loops(acc)[:4]
+        sch.parallel(sch.fuse(nn, mm))
+        on, om, oy, ox = sch.get_loops(out)
+        sch.parallel(sch.fuse(on, om))
+        return sch.mod["main"]
+    register_conv_vnni_intrin()
+    blk = sch.get_sblock("sum")
+    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)
+    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
+    sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
+    par = sch.fuse(nn, g, yy)
+    sch.parallel(par)
+    sch.decompose_reduction(blk, ry)
+    sch.tensorize(mi, CONV_VNNI_INTRIN)
+    sch.unroll(xi)
+    for name in ("xq", "xsum"):
+        b = sch.get_sblock(name)
+        loops = sch.get_loops(b)
+        sch.parallel(sch.fuse(*loops[:3]))
+    on, om, oy, ox = sch.get_loops(out)
+    sch.parallel(sch.fuse(on, om))
+    return sch.mod["main"]
