@@ -35,8 +35,10 @@ from timing import time_call  # benchmarks/timing.py
 
 
 def _set_threads(n: int) -> None:
-    # Before numpy is imported: OpenBLAS / OpenMP read these once.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # Before numpy is imported: OpenBLAS / OpenMP read these once. QC_CPU_THREADS sizes the
+    # TVM pool of the cpu target's kernels (otherwise every CPU: on this shared, loaded VM a
+    # 2-thread pool waiting on a descheduled worker made 1x16 runs ~1 s instead of ~20 ms).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QC_CPU_THREADS"):
         os.environ[var] = str(n)
 
 
