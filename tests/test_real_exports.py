@@ -276,3 +276,71 @@ def test_real_export(model_file, arch, route, quant, target):
     err = float(np.abs(got.astype(np.float64) - expect).max())
     bound = TOLERANCE[quant] * max(1.0, float(np.abs(expect).max()))
     assert err <= bound, f"max |ours - onnxruntime| = {err:.3g} > {bound:.3g}"
+
+
+# -- onnxruntime-genai's model builder ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def genai_llama(tmp_path_factory):
+    """An int4 Llama written by onnxruntime-genai's model builder from a locally saved
+    random-weight checkpoint (transformers LlamaForCausalLM, 2 layers, hidden 64, 4 heads, 2 kv
+    heads) and a word-level tokenizer (the builder loads one). ``accuracy_level=1``: float
+    activations in MatMulNBits (the builder's default 4 quantizes them to int8 in onnxruntime,
+    an arithmetic qcompiler does not emulate). The graph: MatMulNBits, SimplifiedLayerNorm,
+    SkipSimplifiedLayerNorm and GroupQueryAttention (packed QKV, rotary, KV cache past →
+    present) with seqlens_k / total_sequence_length computed from attention_mask."""
+    pytest.importorskip("onnxruntime_genai.models.builder",
+                        reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    import subprocess
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("genai")
+    ckpt, out = root / "ckpt", root / "out"
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=160,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                   num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(ckpt)
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
+                                         eos_token="t2").save_pretrained(ckpt)
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
+         str(out), "-p", "int4", "-e", "cpu", "-c", str(root / "cache"),
+         "--extra_options", "accuracy_level=1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return str(out / "model.onnx")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_genai_builder_llama(genai_llama, target):
+    """Prefill (no past), decode (one token after 5) and a chunk after a past, every output
+    (logits and each layer's present key/value) against onnxruntime on the same file."""
+    proto = onnx.load(genai_llama, load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization"} <= ops
+    sess = ort.InferenceSession(genai_llama, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    options = {"allow_host_fallback": True} if target == "cpu" else {}
+    compiled = qcompiler.compile(genai_llama, target=target, **options)
+    rng = np.random.default_rng(3)
+    for batch, seq, past in ((2, 5, 0), (2, 1, 5), (1, 3, 4)):
+        feeds = {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64),
+                 "attention_mask": np.ones((batch, past + seq), np.int64)}
+        for layer in range(LAYERS):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{layer}.{kv}"] = rng.standard_normal(
+                    (batch, 2, past, HIDDEN // HEADS)).astype(np.float32)
+        expect = dict(zip(names, sess.run(None, feeds)))
+        got = compiled.run(feeds)
+        for name in names:
+            assert got[name].shape == expect[name].shape, name
+            np.testing.assert_allclose(got[name], expect[name], rtol=1e-4, atol=2e-5,
+                                       err_msg=f"{name} (batch {batch}, seq {seq}, past {past})")
