@@ -106,7 +106,8 @@ def _compute(shape, fn, name):
 def _elementwise(ctx: _Ctx) -> Kernel:
     node = ctx.node
     out_dtype = ctx.out_dtypes[0]
-    attr = node.attrs.get("approximate", "none") if node.op == "gelu" else None
+    # gelu's approximation; the ONNX activations' parameters (alpha, ...) as the attrs
+    attr = node.attrs.get("approximate", "none") if node.op == "gelu" else dict(node.attrs)
     n = len(node.operands)
 
     def fn(i):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from qcompiler.codegen.cpu.ops.common import compute_dtype, dtype_of, is_float_dtype
 from qcompiler.ir.types import ElementType
 
@@ -181,6 +183,15 @@ def apply(op: str, attr, args: list, out_dtype: str):
         return v.astype("float32").astype(out_dtype)
     if op == "gelu":
         return gelu(args[0], attr or "none").astype(out_dtype)
+    if op == "not":
+        return tirx.Not(_truth(args[0])).astype(out_dtype)
+    if op == "bitwise_not":
+        return (~args[0]).astype(out_dtype)
+    if op == "isinf":
+        return isinf(args[0], attr or {}).astype(out_dtype)
+    if op == "shrink" and not is_float_dtype(dtype_of(args[0])):
+        # integer x: compared and shifted in float64, converted back (the reference)
+        return onnx_unary(op, attr or {}, args[0].astype("float64"), "float64").astype(out_dtype)
 
     xs = [to_compute(a) for a in args]
     ct = dtype_of(xs[0])
@@ -230,9 +241,111 @@ def apply(op: str, attr, args: list, out_dtype: str):
         r = _c(1, ct) / xs[0]
     elif op == "identity":
         r = xs[0]
+    elif op in ONNX_UNARY_OPS:
+        r = onnx_unary(op, attr or {}, xs[0], ct)
     else:
         raise KeyError(op)
     return r if dtype_of(r) == out_dtype else r.astype(out_dtype)
+
+
+# -- the ONNX-coverage elementwise ops (issue #13) -------------------------------------------
+# Libm functions are evaluated in float64 and rounded once (the reference runs numpy's float32
+# loops, within an ulp or two of the rounded float64 value; LLVM's float32 libm calls are
+# farther off for some); the arithmetic around them keeps the reference's float32 order.
+LIBM_F64 = {"cos": "cos", "sin": "sin", "tan": "tan", "acos": "acos", "asin": "asin",
+            "atan": "atan", "cosh": "cosh", "sinh": "sinh", "asinh": "asinh",
+            "acosh": "acosh", "atanh": "atanh", "log": "log"}
+ONNX_UNARY_OPS = tuple(LIBM_F64) + (
+    "floor", "ceil", "round", "sign", "softsign", "softplus", "mish", "hard_swish",
+    "leaky_relu", "elu", "selu", "celu", "hard_sigmoid", "thresholded_relu", "shrink")
+
+
+def _f64(fn: str, x, ct: str):
+    from tvm import tirx
+
+    return getattr(tirx, fn)(x.astype("float64")).astype(ct)
+
+
+def _softplus64(v):
+    """log(1 + e^v) as numpy's logaddexp(v, 0): max(v, 0) + log1p(e^-|v|), in float64."""
+    from tvm import tirx
+
+    zero = _c(0.0, "float64")
+    return tirx.max(v, zero) + tirx.log1p(tirx.exp(zero - tirx.abs(v)))
+
+
+def _expm1_f32(x, ct: str):
+    """exp(x) - 1 as the reference computes it: exp rounded to ``ct``, then 1 subtracted."""
+    return _f64("exp", x, ct) - _c(1.0, ct)
+
+
+def isinf(x, attrs: dict):
+    from tvm import tirx
+
+    if not is_float_dtype(dtype_of(x)):
+        return tirx.const(False, "bool")
+    inf = tirx.isinf(x)
+    zero = _c(0.0, dtype_of(x))
+    no = tirx.const(False, "bool")
+    pos = tirx.And(inf, x > zero) if attrs.get("detect_positive", 1) else no
+    neg = tirx.And(inf, x < zero) if attrs.get("detect_negative", 1) else no
+    return tirx.Or(pos, neg)
+
+
+def onnx_unary(op: str, attrs: dict, x, ct: str):
+    """The value of an ONNX-coverage unary op on ``x`` in compute type ``ct``."""
+    from tvm import tirx
+
+    zero, one = _c(0, ct), _c(1, ct)
+    # the parameters rounded to ct up front, as the reference does (a float32 constant that
+    # is widened in TIR would keep its float64 value)
+    p = {k: _c(float(np.asarray(v, ct)), ct) for k, v in attrs.items()
+         if isinstance(v, (int, float))}
+    if op in LIBM_F64:
+        return _f64(LIBM_F64[op], x, ct)
+    if op in ("floor", "ceil", "round", "softsign", "hard_swish", "hard_sigmoid") and \
+            not is_float_dtype(ct):
+        raise KeyError(f"{op} of integers")
+    if op == "floor":
+        return tirx.floor(x)
+    if op == "ceil":
+        return tirx.ceil(x)
+    if op == "round":
+        return tirx.nearbyint(x)  # halves to even under the default rounding mode
+    if op == "sign":
+        s = tirx.Select(x > zero, one, tirx.Select(x < zero, zero - one, zero))
+        return tirx.Select(_isnan(x), x, s) if is_float_dtype(ct) else s
+    if op == "softsign":
+        return x / (one + tirx.abs(x))
+    if op == "softplus":
+        return _softplus64(x.astype("float64")).astype(ct)
+    if op == "mish":  # x * tanh(softplus(x)), each function rounded as the reference does
+        sp = _softplus64(x.astype("float64")).astype(ct)
+        return x * tirx.tanh(sp.astype("float64")).astype(ct)
+    if op == "hard_swish":
+        return x * minimum(maximum(x / _c(6.0, ct) + _c(0.5, ct), zero), one)
+    if op == "leaky_relu":
+        return tirx.Select(x >= zero, x, p["alpha"] * x)
+    if op == "elu":
+        return tirx.Select(x > zero, x, p["alpha"] * _expm1_f32(x, ct))
+    if op == "selu":
+        return tirx.Select(x > zero, p["gamma"] * x,
+                           p["gamma"] * p["alpha"] * _expm1_f32(x, ct))
+    if op == "celu":
+        return maximum(zero, x) + minimum(zero, p["alpha"] * _expm1_f32(x / p["alpha"], ct))
+    if op == "hard_sigmoid":
+        # in float64, rounded once: LLVM contracts a float32 mul + add into an FMA anyway
+        # (one rounding where the reference has two: within an ulp); in float64 the product
+        # of float32 values is exact, so FMA or not gives the same result
+        f64 = "float64"
+        v = p["alpha"].astype(f64) * x.astype(f64) + p["beta"].astype(f64)
+        return minimum(maximum(v, _c(0, f64)), _c(1, f64)).astype(ct)
+    if op == "thresholded_relu":
+        return tirx.Select(x > p["alpha"], x, zero)
+    if op == "shrink":
+        return tirx.Select(x > p["lambd"], x - p["bias"],
+                           tirx.Select(x < zero - p["lambd"], x + p["bias"], zero))
+    raise KeyError(op)
 
 
 def _truth(x):
@@ -244,4 +357,5 @@ def _truth(x):
 ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf", "relu",
                    "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
                    "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
-                   "isnan", "silu", "identity")
+                   "isnan", "silu", "identity") + ONNX_UNARY_OPS + (
+                       "not", "bitwise_not", "isinf")
