@@ -15,7 +15,9 @@ onnxruntime on single-node models in tests/test_onnx_contrib.py:
 - EmbedLayerNormalization → gathers + ``layernorm`` (+ the mask index);
 - integer forms: DynamicQuantizeMatMul and MatMulIntegerToFloat → the
   dynamic_quantize/matmul_integer/cast/mul graph that ``fuse-dequant`` turns into
-  ``qmatmul{act=dynamic}``; QLinearMul → dequantize, mul, quantize (as QLinearAdd).
+  ``qmatmul{act=dynamic}``; QLinearMul → dequantize, mul, quantize (as QLinearAdd);
+  QLinearGlobalAveragePool / QLinearAveragePool → dequantize, reduce_mean / pool, quantize
+  (QLinearConv is imported in onnx.py, issue #15).
 """
 from __future__ import annotations
 
@@ -562,3 +564,49 @@ def _qlinear_mul(imp, n, attrs):
             for x, s, zp in ((a, a_s, a_zp), (b, b_s, b_zp))]
     _e(imp, "quantize", [_e(imp, "mul", real), c_s, c_zp],
        {"scheme": _per_tensor(a.type.dtype, c_s, c_zp)}, name=_out(n, 0))
+
+
+def _qlinear_pool(imp, n, x, x_s, x_zp, y_s, y_zp, channels_last: bool,
+                  pool_attrs: Optional[dict]):
+    """quantize(pool(dequantize(x))): the pools of onnxruntime's QOperator CNNs, per tensor.
+    channels_last inputs ([N, ..., C]) are pooled as [N, C, ...] and transposed back."""
+    if x.type.dtype.name not in ("u8", "i8"):
+        raise imp.fail(f"X must be u8 or i8, not {x.type.dtype}")
+    for what, s in (("x_scale", x_s), ("y_scale", y_s)):
+        if s.type.shape not in ((), (1,)):
+            raise imp.fail(f"{what} must be a scalar, not {s.type.shape}")
+    rank = x.type.rank
+    real = _e(imp, "dequantize", [x, x_s, x_zp],
+              {"scheme": _per_tensor(x.type.dtype, x_s, x_zp), "out": x_s.type.dtype})
+    if channels_last:
+        real = _e(imp, "transpose", [real], {"perm": [0, rank - 1, *range(1, rank - 1)]})
+    if pool_attrs is None:
+        pooled = _e(imp, "reduce_mean", [real], {"axes": list(range(2, rank)), "keepdims": 1})
+    else:
+        pooled = _e(imp, "pool", [real], pool_attrs)
+    if channels_last:
+        pooled = _e(imp, "transpose", [pooled], {"perm": [0, *range(2, rank), 1]})
+    _e(imp, "quantize", [pooled, y_s, y_zp], {"scheme": _per_tensor(x.type.dtype, y_s, y_zp)},
+       name=_out(n, 0))
+
+
+@_handles("QLinearGlobalAveragePool", domain=MS)
+def _qlinear_global_average_pool(imp, n, attrs):
+    x, x_s, x_zp, y_s, y_zp = _pad(_inputs(imp, n), 5)
+    _qlinear_pool(imp, n, x, x_s, x_zp, y_s, y_zp, bool(attrs.get("channels_last", 0)), None)
+
+
+@_handles("QLinearAveragePool", domain=MS)
+def _qlinear_average_pool(imp, n, attrs):
+    x, x_s, x_zp, y_s, y_zp = _pad(_inputs(imp, n), 5)
+    nsp = x.type.rank - 2
+    auto = attrs.get("auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+        raise imp.fail("auto_pad other than NOTSET is not supported")
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    _qlinear_pool(imp, n, x, x_s, x_zp, y_s, y_zp, bool(attrs.get("channels_last", 0)), {
+        "kind": "average", "kernel_shape": kernel,
+        "strides": [int(s) for s in attrs.get("strides", [1] * nsp)],
+        "pads": [int(p) for p in attrs.get("pads", [0] * (2 * nsp))],
+        "dilations": [1] * nsp, "ceil_mode": int(attrs.get("ceil_mode", 0)),
+        "count_include_pad": int(attrs.get("count_include_pad", 0)), "p": 2})
