@@ -450,3 +450,30 @@ def test_qlinear_pools(rng, op, channels_last, attrs, dtype):
     # onnxruntime sums integer codes and scales once; a tie may round apart by one code.
     diff = np.abs(got.astype(np.int32) - expect.astype(np.int32))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.95
+
+
+@pytest.mark.parametrize("w_type,per_channel,group,bias", [
+    (np.uint8, False, 1, True), (np.int8, True, 1, False), (np.int8, True, 2, True)])
+def test_qlinear_conv(rng, w_type, per_channel, group, bias):
+    """QLinearConv (ONNX domain; imported in onnx.py for issue #15) as onnxruntime's QOperator
+    CNNs use it. Weights |w| <= 63 keep onnxruntime's u8 x s8 path exact without VNNI."""
+    c, m = 4, 6
+    x = rng.integers(0, 256, (2, c, 7, 7)).astype(np.uint8)
+    lo, hi = (0, 256) if w_type == np.uint8 else (-63, 64)
+    w = rng.integers(lo, hi, (m, c // group, 3, 3)).astype(w_type)
+    ws = rng.uniform(0.002, 0.01, (m,) if per_channel else ()).astype(np.float32)
+    wzp = np.full((m,) if per_channel else (), 128 if w_type == np.uint8 else 0, w_type)
+    inits = {"xs": np.array(0.02, np.float32), "xzp": np.array(120, np.uint8), "w": w,
+             "ws": ws, "wzp": wzp, "ys": np.array(0.05, np.float32),
+             "yzp": np.array(128, np.uint8)}
+    order = ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp"]
+    if bias:
+        inits["b"] = rng.integers(-500, 500, (m,)).astype(np.int32)
+        order.append("b")
+    model = single_node("QLinearConv", {"x": x}, inits, ["y"], domain="", _order=order,
+                        pads=[1, 1, 1, 1], group=group)
+    expect = ort_run(model, {"x": x})[0]
+    got = ours(model, {"x": x})["y"]
+    assert got.shape == expect.shape and got.dtype == expect.dtype
+    diff = np.abs(got.astype(np.int32) - expect.astype(np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.95
