@@ -30,14 +30,29 @@ GOLDEN_CASES = {
 }
 
 
-def _source(case):
+# Goldens whose M > 64 buckets are set to the wgmma kernel (the heuristic takes it only on
+# layers too large to pack in a unit test).
+WGMMA_GOLDEN = {"u4_g128_zp_f16_wgmma": "u4_g128_zp_f16"}
+
+
+def _source(case, wgmma=False):
     _, packed, node = bs.pack_case(case)
+    if wgmma:
+        for v in node.attrs["config"]["variants"].values():
+            if v["m_max"] > 64:
+                v.update(WGMMA)
     return backend.render(backend.kernel_params(node, "cuda-sm90"))
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden_sources(name, update_goldens):
     check_golden(os.path.join(GOLDEN, f"{name}.cu"), _source(GOLDEN_CASES[name]), update_goldens)
+
+
+@pytest.mark.parametrize("name", sorted(WGMMA_GOLDEN))
+def test_golden_wgmma_sources(name, update_goldens):
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"),
+                 _source(GOLDEN_CASES[WGMMA_GOLDEN[name]], wgmma=True), update_goldens)
 
 
 def test_sources_are_deterministic():
@@ -255,8 +270,8 @@ WGMMA = {"wgmma": 1, "gemv": 0, "m_frags": 8, "warps_n": 4, "warps_k": 2, "stage
 
 
 def test_wgmma_selection_and_validation():
-    """cuda-sm90 picks the wgmma kernel for 4-bit weights where the tiled kernel ran; other
-    targets and 8-bit codes never do; the validator holds its knobs to what it was written for."""
+    """cuda-sm90 picks the wgmma kernel for 4-bit weights above M = 32 on layers whose N tiles
+    fill the GPU; other targets and 8-bit codes never do; the validator holds its knobs to what it was written for."""
     sm90, sm80 = get_target("cuda-sm90"), get_target("cuda-sm80")
     key4 = {"m": 128, "k": 8192, "n": 28672,
             "w_scheme": str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())}
@@ -266,10 +281,11 @@ def test_wgmma_selection_and_validation():
     assert tuning.default_config(sm80, key4)["wgmma"] == 0
     assert tuning.default_config(sm90, key8)["wgmma"] == 0
     assert tuning.default_config(sm90, {**key4, "m": 8})["gemv"] == 1
+    assert tuning.default_config(sm90, {**key4, "n": 4096})["wgmma"] == 0
     assert tuning.check_config(sm90, key4, WGMMA) is None
     assert "needs a target with wgmma" in tuning.check_config(sm80, key4, WGMMA)
     assert "4-bit" in tuning.check_config(sm90, key8, WGMMA)
-    assert "warps_n=4" in tuning.check_config(sm90, key4, {**WGMMA, "warps_n": 2})
+    assert "warps_n=2" in tuning.check_config(sm90, key4, {**WGMMA, "warps_n": 2})
     assert "consumer warpgroups" in tuning.check_config(sm90, key4, {**WGMMA, "m_frags": 4})
     assert "stages=9" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 9})
     assert "not an int" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": True})
@@ -282,6 +298,9 @@ def test_wgmma_source_and_archs():
     """A source with wgmma variants includes wgmma.cuh, instantiates launch_wgmma and is built
     for sm_90a alone; the others keep the target's arch."""
     _, _, node = bs.pack_case(GOLDEN_CASES["u4_g128_zp_f16"])
+    for v in node.attrs["config"]["variants"].values():
+        if v["m_max"] > 64:
+            v.update(WGMMA)
     params = backend.kernel_params(node, "cuda-sm90")
     text = backend.render(params)
     assert '#include "qcompiler/wgmma.cuh"' in text and "qc::launch_wgmma<Config, 64, 2," in text
@@ -299,7 +318,7 @@ def test_wgmma_golden_compiles_for_sm90a(tmp_path):
     wgmma (ptxas -v)."""
     import subprocess
 
-    src = os.path.join(GOLDEN, "u4_g128_zp_f16.cu")
+    src = os.path.join(GOLDEN, "u4_g128_zp_f16_wgmma.cu")
     cmd = nv.nvcc_command(src, str(tmp_path / "k.o"), ["sm_90a"], compile_only=True)
     proc = subprocess.run(cmd[:1] + ["-Xptxas", "-v"] + cmd[1:], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

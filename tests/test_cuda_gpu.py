@@ -197,12 +197,12 @@ def test_wgmma_variants(fmt, tmp_path):
             _check(kern, built, m, variant=i)
 
 
-def test_wgmma_full_shape_heuristic(tmp_path):
-    """4096x4096 through the tile pass: the M > 64 buckets pick the wgmma kernel on sm_90."""
+def test_wgmma_full_shape(tmp_path):
+    """One full layer, 4096x4096, with two consumer warpgroups."""
     if not _sm90():
         pytest.skip("the wgmma kernel needs sm_90")
-    built = bs.build_case(_case("i4_g128_f16", (4096, 4096)), str(tmp_path))
-    assert any(v["wgmma"] for v in built.variants)
+    built = bs.build_case(_case("i4_g128_f16", (4096, 4096)), str(tmp_path),
+                          variants=WGMMA_VARIANTS[1:2])
     kern = bs.load_kernel(built)
     for m in (64, 100, 128, 512, 1000):
         _check(kern, built, m)

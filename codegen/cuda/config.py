@@ -158,11 +158,10 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
     if config["gemv"] != 0 or config["acc_scale"] != 0 or config["stage_k"] != 64:
         return "the wgmma kernel takes gemv=0, acc_scale=0 and stage_k=64"
     if config["warps_n"] != 4:
-        return f"the wgmma kernel's N tile is 4 n64 blocks (warps_n=4), not {config['warps_n']}"
+        return f"warps_n={config['warps_n']}: the wgmma kernel's N tile is 4 n64 blocks (4)"
     if config["warps_k"] not in (1, 2) or config["m_frags"] != 4 * config["warps_k"]:
-        return (f"the wgmma kernel takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens each "
-                f"(m_frags = 4 warps_k), not warps_k={config['warps_k']}, "
-                f"m_frags={config['m_frags']}")
+        return (f"warps_k={config['warps_k']}, m_frags={config['m_frags']}: the wgmma kernel "
+                "takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens (m_frags = 4 warps_k)")
     if not 2 <= config["stages"] <= 8:
         return f"stages={config['stages']} not in [2, 8]"
     group = _group(key)
