@@ -203,7 +203,6 @@ def build_qconv(node: Node, variant: str, module=None):
     def conv_scale(mm):  # f32(x_scale * w_scale[m]), as the reference
         return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
 
-    lo, hi = _bounds(node, module)
     if a["out"] == "float":
         def out_fn(nn, mm, yy, xx):
             v = total(nn, mm, yy, xx).astype(f32) * conv_scale(mm)
@@ -216,6 +215,7 @@ def build_qconv(node: Node, variant: str, module=None):
             return v
     else:
         out_dtype = str(node.results[0].type.dtype.np_dtype)
+        lo, hi = _bounds(node, module)
 
         def out_fn(nn, mm, yy, xx):
             ys = scalar(7).astype(f32)

@@ -1161,7 +1161,9 @@ def _qconv(types, attrs, consts):
                     + (residual - r_zp) * f32(r_scale / y_scale)) + y_zp, q(act_min), q(act_max))
     - ``out=quant``, ``requant=dyadic`` (integer only, HAWQ-V3): each ratio r above as
       (M, shift) with r ~= M * 2^-shift, M in [2^30, 2^31); y = clamp(rshift(acc * M, shift)
-      + rshift((residual - r_zp) * M_r, shift_r) + y_zp, ...) with rshift rounding half up.
+      + y_zp, ...) with rshift rounding half up; with a residual both terms are first shifted
+      to f = min(16, shift - 1, shift_r - 1) fraction bits and their sum rounded once:
+      rshift(rshift(acc * M, shift - f) + rshift((residual - r_zp) * M_r, shift_r - f), f).
     ``act_min``/``act_max`` are real values (relu: act_min = 0); the quantized bounds are
     their codes, so clamping codes equals quantizing the clipped real value.
     """

@@ -1746,9 +1746,14 @@ def dyadic_multiplier(ratio) -> tuple[np.ndarray, np.ndarray]:
     return m, shift
 
 
+DYADIC_FRACTION_BITS = 16  # fraction bits of the two terms of a dyadic residual sum
+
+
 def rounding_shift(v: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """round(v / 2^shift), halves up, on int64 (arithmetic shift)."""
-    return (v + (np.int64(1) << (shift - 1))) >> shift
+    """round(v / 2^shift), halves up, on int64 (arithmetic shift; shift 0 leaves v)."""
+    shift = np.asarray(shift, np.int64)
+    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 0)
+    return (v + half) >> shift
 
 
 def qconv_accumulate(x, w, x_zp, w_zp, bias, attrs) -> np.ndarray:
@@ -1822,12 +1827,16 @@ def _qconv(node, args, module):
     dtype = node.results[0].type.dtype.np_dtype
     if a.get("requant", "float") == "dyadic":
         mult, shift = dyadic_multiplier((s / ys).astype(np.float64))
-        q = rounding_shift(acc * mult, shift)
-        if residual is not None:
+        if residual is None:
+            q = rounding_shift(acc * mult, shift)
+        else:
+            # Both terms keep DYADIC_FRACTION_BITS fraction bits; one rounding of their sum.
             rm, rs = dyadic_multiplier(np.float64(np.float32(np.asarray(r_scale).reshape(-1)[0])
                                                   / ys))
             r = residual.astype(np.int64) - np.int64(np.asarray(r_zp).reshape(-1)[0])
-            q = q + rounding_shift(r * rm, rs)
+            f = np.minimum(np.minimum(shift, rs) - 1, DYADIC_FRACTION_BITS)
+            q = rounding_shift(rounding_shift(acc * mult, shift - f)
+                               + rounding_shift(r * rm, rs - f), f)
         return [np.clip(q + zp, lo, hi).astype(dtype)]
     v = acc.astype(np.float32) * (s / ys).astype(np.float32)
     if residual is not None:

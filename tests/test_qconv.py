@@ -1,0 +1,394 @@
+"""qconv (issue #15): reference vs onnxruntime, the passes (fuse-qconv, fuse-requant,
+fold-batchnorm) and the CPU kernel vs the reference (exact integers).
+
+Weights in onnxruntime comparisons lie in [-64, 64] (7-bit, as reduce_range): onnxruntime's
+AVX2 u8s8 kernels saturate int16 pair sums on full-range codes, so only these are exact on
+every CI host.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from qcompiler.frontends.onnx import load
+from qcompiler.ir import Function, Module
+from qcompiler.ir.core import constant_node
+from qcompiler.ir.printer import print_module
+from qcompiler.ir.types import TensorType, elem
+from qcompiler.pipeline import make_pass
+from qcompiler.runtime.reference import dyadic_multiplier, run
+from tests.conftest import check_golden
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "cpu")
+
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _ours(module: Module, feeds: dict) -> np.ndarray:
+    return list(run(module, feeds).values())[0]
+
+
+def _passes(module: Module, *names) -> Module:
+    for name in names:
+        module = make_pass(name)(module)
+    return module
+
+
+def _ops(module: Module) -> list:
+    return [n.op for n in module.main.nodes if n.op != "constant"]
+
+
+# (c, m, kernel, stride, pad, dilation, group, hw)
+CONV_CASES = [
+    (3, 5, 3, 1, 1, 1, 1, 9),     # odd channel counts
+    (8, 8, 3, 2, 1, 1, 8, 10),    # depthwise, stride 2
+    (6, 4, 3, 1, 2, 2, 2, 9),     # groups, dilation 2
+    (12, 20, 1, 1, 0, 1, 1, 7),   # pointwise
+    (16, 24, 5, 2, 2, 1, 4, 11),  # 5x5 grouped, stride 2
+    (4, 6, 3, 3, 0, 1, 1, 12),    # stride 3, no padding
+]
+
+
+def qlinear_conv(rng, c, m, k, stride, pad, dil, group, hw, x_type=np.uint8,
+                 per_channel=True, n=2):
+    """A QLinearConv model and a fresh input."""
+    w = rng.integers(-64, 65, (m, c // group, k, k)).astype(np.int8)
+    ws = (rng.random(m if per_channel else 1) * 0.01 + 0.002).astype(np.float32)
+    if not per_channel:
+        ws = ws.reshape(())
+    xz = np.array(3 if x_type == np.uint8 else -5, x_type)
+    inits = [nh.from_array(np.array(0.05, np.float32), "xs"), nh.from_array(xz, "xz"),
+             nh.from_array(w, "w"), nh.from_array(ws, "ws"),
+             nh.from_array(np.zeros(ws.shape, np.int8), "wz"),
+             nh.from_array(np.array(0.25, np.float32), "ys"),
+             nh.from_array(np.array(120 if x_type == np.uint8 else -10, x_type), "yz"),
+             nh.from_array(rng.integers(-3000, 3000, m).astype(np.int32), "b")]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                            ["y"], strides=[stride] * 2, pads=[pad] * 4, dilations=[dil] * 2,
+                            group=group)
+    tp = TensorProto.UINT8 if x_type == np.uint8 else TensorProto.INT8
+    model = _model([node], [helper.make_tensor_value_info("x", tp, [n, c, hw, hw])],
+                   [helper.make_tensor_value_info("y", tp, None)], inits)
+    info = np.iinfo(x_type)
+    x = rng.integers(info.min, info.max + 1, (n, c, hw, hw)).astype(x_type)
+    return model, x
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_qlinear_conv_reference_matches_onnxruntime(case):
+    rng = np.random.default_rng(sum(case))
+    for x_type, per_channel in ((np.uint8, True), (np.int8, False)):
+        model, x = qlinear_conv(rng, *case, x_type=x_type, per_channel=per_channel)
+        module = load(model)
+        assert _ops(module) == ["qconv"]
+        np.testing.assert_array_equal(_ours(module, {"x": x}), _ort(model, {"x": x}))
+
+
+def qdq_conv(rng, c=4, m=6, hw=7, relu=True, residual=False, float_bias=False):
+    """DequantizeLinear(x), DequantizeLinear(w, per channel), bias -> Conv [-> Add(DQ(r))]
+    [-> Relu] -> QuantizeLinear."""
+    w = rng.integers(-64, 65, (m, c, 3, 3)).astype(np.int8)
+    ws = (rng.random(m) * 0.01 + 0.002).astype(np.float32)
+    xs = np.float32(0.05)
+    b = rng.integers(-500, 500, m).astype(np.int32)
+    inits = [nh.from_array(np.array(xs), "xs"), nh.from_array(np.array(3, np.uint8), "xz"),
+             nh.from_array(w, "w"), nh.from_array(ws, "ws"),
+             nh.from_array(np.zeros(m, np.int8), "wz"),
+             nh.from_array(np.array(0.1, np.float32), "ys"),
+             nh.from_array(np.array(0 if relu else 128, np.uint8), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0)]
+    if float_bias:
+        inits.append(nh.from_array((b * xs * ws).astype(np.float32), "bd"))
+    else:
+        inits += [nh.from_array(b, "b"), nh.from_array((xs * ws).astype(np.float32), "bs")]
+        nodes.append(helper.make_node("DequantizeLinear", ["b", "bs"], ["bd"], axis=0))
+    nodes.append(helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1, 1, 1, 1]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, hw, hw])]
+    feeds = {"x": rng.integers(0, 256, (1, c, hw, hw)).astype(np.uint8)}
+    last = "c"
+    if residual:
+        inits += [nh.from_array(np.array(0.07, np.float32), "rs"),
+                  nh.from_array(np.array(100, np.uint8), "rz")]
+        nodes += [helper.make_node("DequantizeLinear", ["r", "rs", "rz"], ["rd"]),
+                  helper.make_node("Add", ["c", "rd"], ["s"])]
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.UINT8, [1, m, hw, hw]))
+        feeds["r"] = rng.integers(0, 256, (1, m, hw, hw)).astype(np.uint8)
+        last = "s"
+    if relu:
+        nodes.append(helper.make_node("Relu", [last], ["a"]))
+        last = "a"
+    nodes.append(helper.make_node("QuantizeLinear", [last, "ys", "yz"], ["y"]))
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                   inits)
+    return model, feeds
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("float_bias", [False, True])
+def test_qdq_conv_fuses_into_one_exact_qconv(relu, float_bias):
+    rng = np.random.default_rng(7 + relu + 2 * float_bias)
+    model, feeds = qdq_conv(rng, relu=relu, float_bias=float_bias)
+    module = _passes(load(model), "canonicalize", "fuse-qconv", "fuse-requant")
+    assert _ops(module) == ["qconv"]
+    node = module.main.nodes[-1]
+    assert node.attrs["out"] == "quant" and node.attrs["requant"] == "float"
+    assert ("act_min" in node.attrs) == relu
+    want = _ort(model, feeds)
+    got = _ours(module, feeds)
+    if float_bias:  # the bias is rounded to i32 units of x_scale * w_scale (as ORT's quantizer)
+        assert np.abs(got.astype(int) - want).max() <= 1
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_residual_add_fuses_into_the_epilogue():
+    """One rounding instead of the unfused graph's two: within one code of onnxruntime."""
+    rng = np.random.default_rng(11)
+    model, feeds = qdq_conv(rng, relu=True, residual=True)
+    unfused = load(model)
+    module = _passes(unfused, "canonicalize", "fuse-qconv", "fuse-requant")
+    assert _ops(module) == ["qconv"]
+    assert module.main.nodes[-1].operands[9] is not None
+    got = _ours(module, feeds).astype(int)
+    assert np.abs(got - _ort(model, feeds)).max() <= 1
+    assert np.abs(got - _ours(unfused, feeds)).max() <= 1
+
+
+def test_dyadic_requantization_for_fpga_targets():
+    rng = np.random.default_rng(5)
+    model, feeds = qdq_conv(rng, relu=True, residual=True)
+    module = load(model)
+    float_mod = _passes(module, "canonicalize", "fuse-qconv", "fuse-requant")
+    fpga = make_pass("fuse-requant", {"target": "fpga-u250"})(
+        _passes(module, "canonicalize", "fuse-qconv"))
+    assert fpga.main.nodes[-1].attrs["requant"] == "dyadic"
+    diff = np.abs(_ours(fpga, feeds).astype(int) - _ours(float_mod, feeds))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.95
+
+
+def test_dyadic_multiplier_represents_the_ratio():
+    ratios = np.array([1e-4, 0.0123, 0.5, 0.999999, 3.0, 1 / 3])
+    m, shift = dyadic_multiplier(ratios)
+    assert np.all((m >= 1 << 30) & (m < 1 << 31))
+    np.testing.assert_allclose(m * 2.0 ** -shift.astype(np.float64), ratios, rtol=2 ** -30)
+
+
+def conv_integer_model(rng, c=5, m=7, hw=8):
+    """DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul(x_scale * w_scale) (what
+    quantize_dynamic writes for a Conv, per-channel scales here)."""
+    w = rng.integers(-64, 65, (m, c, 3, 3)).astype(np.int8)
+    ws = (rng.random(m) * 0.01 + 0.002).astype(np.float32).reshape(1, m, 1, 1)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("ConvInteger", ["xq", "w", "xz"], ["ci"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["s"]),
+             helper.make_node("Mul", ["cf", "s"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   [nh.from_array(w, "w"), nh.from_array(ws, "ws")])
+    return model, {"x": rng.standard_normal((1, c, hw, hw)).astype(np.float32)}
+
+
+def test_conv_integer_cast_mul_fuses_into_qconv():
+    rng = np.random.default_rng(3)
+    model, feeds = conv_integer_model(rng)
+    unfused = _passes(load(model), "canonicalize")
+    module = make_pass("fuse-qconv")(unfused)
+    assert _ops(module) == ["dynamic_quantize", "qconv"]
+    np.testing.assert_array_equal(_ours(module, feeds), _ours(unfused, feeds))
+    np.testing.assert_allclose(_ours(module, feeds), _ort(model, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_batchnorm_is_exact_up_to_rounding():
+    rng = np.random.default_rng(2)
+    c, m = 3, 8
+    inits = [nh.from_array(rng.standard_normal((m, c, 3, 3)).astype(np.float32), "w"),
+             nh.from_array(rng.standard_normal(m).astype(np.float32), "b")]
+    for name, lo in (("scale", 0.5), ("bias", -1.0), ("mean", -1.0), ("var", 0.1)):
+        inits.append(nh.from_array((rng.random(m) + lo).astype(np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"],
+                              ["y"], epsilon=1e-3)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 9, 9])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    x = rng.standard_normal((2, c, 9, 9)).astype(np.float32)
+    module = _passes(load(model), "canonicalize")
+    folded = make_pass("fold-batchnorm")(module)
+    assert _ops(folded) == ["conv"]
+    want = _ort(model, {"x": x})
+    np.testing.assert_allclose(_ours(folded, {"x": x}), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_ours(module, {"x": x}), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the CPU kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _host_vnni() -> bool:
+    from qcompiler.codegen.cpu.host import target_cpu
+    from qcompiler.targets import get_target
+
+    return target_cpu(get_target("cpu"))["vnni"]
+
+
+def _run_kernel(module: Module, node, variant: str, feeds: dict) -> np.ndarray:
+    import tvm
+
+    from qcompiler.codegen.cpu.conv import build_qconv, kernel_name
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.codegen.cpu.ops.library import aligned_like
+    from qcompiler.ir.core import constant_value
+    from qcompiler.targets import get_target
+
+    name = kernel_name(node, variant)
+    func = build_qconv(node, variant, module).with_attr("global_symbol", name)
+    lib = tvm.compile(tvm.IRModule({name: func}), target=tvm_target(get_target("cpu")))
+    args = []
+    for v in node.operands:
+        if v is None:
+            continue
+        c = constant_value(module, v)
+        a = np.asarray(feeds[v.name] if c is None else c).reshape(v.type.shape)
+        args.append(aligned_like(a.shape, a.dtype))  # the kernels assume 64-byte alignment
+        args[-1][...] = a
+    out = aligned_like(node.results[0].type.shape, node.results[0].type.dtype.np_dtype)
+    lib[name](*args, out)  # numpy arrays go through DLPack, without a copy
+    return out
+
+
+def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="quant",
+                  residual=False, act=(None, None), n=2):
+    """A module with one qconv node (operands as constants, x and residual arguments)."""
+    module = Module("qconv_test")
+    fn = module.add_function(Function("main"))
+    x = fn.add_arg("x", TensorType((n, c, hw, hw), elem("u8")))
+    lo, hi = elem(w_type).int_range()
+    hi = min(hi, 64) if w_type == "i8" else hi
+
+    def const(array, dtype):
+        array = np.asarray(array, elem(dtype).np_dtype)
+        return constant_node(fn, module, array, TensorType(array.shape, elem(dtype))).result
+    w = const(rng.integers(max(lo, -64), hi + 1, (m, c // group, k, k)), w_type)
+    operands = [x, w, const(0.05, "f32"), const(7, "u8"),
+                const(rng.random(m) * 0.01 + 0.002, "f32"),
+                const(rng.integers(-2, 3, m), w_type), const(rng.integers(-900, 900, m), "i32")]
+    attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dil] * 2,
+             "group": group, "out": out}
+    oh = (hw + 2 * pad - (k - 1) * dil - 1) // stride + 1
+    if out == "quant":
+        operands += [const(0.2, "f32"), const(110, "u8")]
+        attrs["requant"] = "float"
+    else:
+        operands += [None, None]
+    if residual:
+        r_type = "u8" if out == "quant" else "f32"
+        operands.append(fn.add_arg("r", TensorType((n, m, oh, oh), elem(r_type))))
+        if out == "quant":
+            operands += [const(0.09, "f32"), const(100, "u8")]
+    if act[0] is not None:
+        attrs["act_min"] = act[0]
+    if act[1] is not None:
+        attrs["act_max"] = act[1]
+    from qcompiler.ir.ops import infer_types
+
+    types = infer_types("qconv", [v.type if v is not None else None for v in operands], attrs,
+                        [None] * len(operands))
+    node = fn.make_node("qconv", operands, types, attrs, names=["y"])
+    fn.set_outputs([node.result], ["y"])
+    feeds = {"x": rng.integers(0, 256, (n, c, hw, hw)).astype(np.uint8)}
+    if residual:
+        feeds["r"] = (rng.integers(0, 256, (n, m, oh, oh)).astype(np.uint8) if out == "quant"
+                      else rng.standard_normal((n, m, oh, oh)).astype(np.float32))
+    return module, node, feeds
+
+
+KERNEL_CASES = [
+    # (conv case, w_type, out, residual, act)
+    ((16, 32, 3, 1, 1, 1, 1, 8), "i8", "quant", False, (0.0, None)),
+    ((12, 20, 3, 2, 1, 1, 2, 9), "i4", "quant", True, (0.0, 6.0)),
+    ((8, 8, 3, 1, 1, 1, 8, 7), "i8", "quant", False, (None, None)),     # depthwise
+    ((5, 7, 3, 1, 2, 2, 1, 9), "u8", "float", True, (-1.0, 2.0)),       # odd, dilation 2
+    ((24, 18, 1, 1, 0, 1, 3, 6), "i4", "float", False, (None, None)),   # pointwise groups
+]
+
+
+@pytest.mark.parametrize("variant", ["vnni", "direct"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[2])
+def test_cpu_kernel_matches_the_reference_exactly(case, variant):
+    if variant == "vnni" and not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the vnni variant needs vpdpbusd)")
+    conv, w_type, out, residual, act = case
+    rng = np.random.default_rng(sum(conv))
+    module, node, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
+                                        act=act)
+    if variant == "vnni" and conv[0] // conv[6] < 4:
+        variant = "direct"  # thin groups take the direct kernel (conv_variant)
+    want = _ours(module, feeds)
+    got = _run_kernel(module, node, variant, feeds)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_qconv_runs_compiled_through_the_plan(tmp_path):
+    """A QDQ Conv + Relu model compiled for the host: one qconv step, no host fallback,
+    exact against onnxruntime."""
+    import warnings
+
+    import qcompiler
+
+    rng = np.random.default_rng(9)
+    model, feeds = qdq_conv(rng, c=8, m=16, hw=10, relu=True)
+    path = str(tmp_path / "qdq_conv.onnx")
+    onnx.save(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a host fallback warns
+        compiled = qcompiler.compile(path, target="cpu")
+    np.testing.assert_array_equal(compiled.run(feeds)["y"], _ort(model, feeds))
+
+
+def test_golden_vnni_kernel_tir(update_goldens):
+    """The TensorIR of one vpdpbusd kernel (built without running it: any host)."""
+    from qcompiler.codegen.cpu.conv import primfunc_for_qconv
+
+    rng = np.random.default_rng(0)
+    module, node, _ = _qconv_module(rng, 8, 16, 3, 1, 1, 1, 1, 6, act=(0.0, None), n=1)
+    name, func = primfunc_for_qconv(node, None, module, vnni=True)
+    check_golden(os.path.join(GOLDEN, "qconv_vnni.tir.py"), func.script(), update_goldens)
+    assert "vpdpbusd" in func.script()
+
+
+def test_qconv_type_errors_name_the_problem():
+    from qcompiler.ir.ops import TypeInferenceError, infer_types
+
+    x = TensorType((1, 4, 5, 5), elem("f32"))
+    w = TensorType((4, 4, 3, 3), elem("i8"))
+    s = TensorType((), elem("f32"))
+    attrs = {"strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1], "group": 1,
+             "out": "float"}
+    with pytest.raises(TypeInferenceError, match="i8/u8 x"):
+        infer_types("qconv", [x, w, s, TensorType((), elem("u8")), s], attrs, [None] * 5)
+    xq = TensorType((1, 4, 5, 5), elem("u8"))
+    with pytest.raises(TypeInferenceError, match="y_scale"):
+        infer_types("qconv", [xq, w, s, TensorType((), elem("u8")), s],
+                    {**attrs, "out": "quant"}, [None] * 5)
+    module, node, _ = _qconv_module(np.random.default_rng(1), 4, 4, 3, 1, 1, 1, 1, 5)
+    assert "qconv(" in print_module(module)
