@@ -177,7 +177,7 @@ def _reduce(node: Node) -> str:
     acc = ("double" if xt == "double" else "float") if is_float else \
         ("uint64_t" if x.type.dtype.kind == "uint" else "int64_t")
     if is_float:
-        store = "acc" if xt in ("float", "double") else f"qc_ops::from_f<T>(acc)"
+        store = "acc" if xt in ("float", "double") else "qc_ops::from_f<T>(acc)"
     else:
         store = "(T)acc"
     return _render("reduce.cu.j2", node, op=node.op, x_type=xt, acc_type=acc, rank=rank,
