@@ -45,7 +45,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "examples"))  # decoder_models
 
 # cell id "arch-route-quant-target" (a "*" matches every value of that field) → reason.
+# Empty since the standard ops (Conv, ConstantOfShape, ...) landed: all 100 cells pass.
 EXPECTED_FAILURES: dict[str, str] = {}
+
+# CI time: every ref cell runs; cpu cells (a TVM/LLVM build per distinct kernel) run for the
+# dynamo route in every format and for the optimizer route in float. QC_REAL_EXPORTS=full runs
+# the other cpu cells too (all 100 cells: about 6 minutes on the loaded 2-core VM).
+FULL = os.environ.get("QC_REAL_EXPORTS") == "full"
+
+
+def _runs_by_default(route: str, quant: str, target: str) -> bool:
+    return target == "ref" or route == "dynamo" or (route == "ort-opt" and quant == "float")
 
 
 def _expected_failure(cell: str):
@@ -66,6 +76,9 @@ def _cells():
                     cell = f"{arch}-{route}-{quant}-{target}"
                     reason = _expected_failure(cell)
                     marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+                    if not FULL and not _runs_by_default(route, quant, target):
+                        marks.append(pytest.mark.skip(reason="cpu cell of the full matrix: "
+                                                             "QC_REAL_EXPORTS=full runs it"))
                     yield pytest.param(arch, route, quant, target, id=cell, marks=marks)
 
 
