@@ -1507,19 +1507,19 @@ def _lrn(imp, n, attrs):
     r = x.type.rank
     dtype = x.type.dtype
     sq = imp.emit("mul", [x, x])[0]
-    # [N, C, *sp] -> [N, 1, C, prod(sp)] so the channel window is a 2-D pool's first dim.
-    shaped = imp.emit("reshape", [sq, _ints_const(imp, [0, 1, 0, -1], "shape")])[0]
+    # [N, C, *sp] -> [N, 1, C, *sp] so the channel window is a pool's first spatial dim.
+    shaped = imp.emit("unsqueeze", [sq], {"axes": [1]})[0]
     lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
-    summed = imp.emit("pool", [shaped], {"kind": "average", "kernel_shape": [size, 1],
-                                        "strides": [1, 1], "pads": [lo, 0, hi, 0],
-                                        "dilations": [1, 1], "ceil_mode": 0,
+    rest = [0] * (r - 2)  # the spatial dims of x: windows of 1
+    summed = imp.emit("pool", [shaped], {"kind": "average", "kernel_shape": [size] + [1] * (r - 2),
+                                        "strides": [1] * (r - 1), "pads": [lo] + rest + [hi] + rest,
+                                        "dilations": [1] * (r - 1), "ceil_mode": 0,
                                         "count_include_pad": 1, "p": 2}, names=[None])[0]
-    summed = imp.emit("reshape", [summed, imp.emit("shape", [x])[0]])[0]
+    summed = imp.emit("squeeze", [summed], {"axes": [1]})[0]
     # average * size = the sum; alpha / size * sum = alpha * average.
     denom = imp.emit("add", [_scalar(imp, bias, dtype),
                              imp.emit("mul", [summed, _scalar(imp, alpha, dtype)])[0]])[0]
     denom = imp.emit("pow", [denom, _scalar(imp, beta, dtype)])[0]
-    del r
     imp.emit("div", [x, denom], names=imp.outputs_of(n))
 
 

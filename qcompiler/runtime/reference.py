@@ -16,6 +16,8 @@ use ``qcompiler.runtime.numerics``. Intentional differences from onnx.reference:
   ONNX); quantize saturates ±inf and huge values (onnx.reference wraps them through int32).
 - matmul_integer / qlinear_matmul accept a 1-D per-row ``[M]`` zero point / scale for ``a``
   as the ONNX spec says (onnx.reference would broadcast it along K instead).
+- grid_sample cubic with border padding clamps each of the 16 taps, not the sampling point
+  (PyTorch and onnxruntime; onnx.reference clamps the point first).
 
 Every op implementation has the signature ``impl(node, args, module) -> list[np.ndarray]``
 and never writes into its arguments (values may be shared between nodes and the caller).
@@ -550,7 +552,7 @@ def qmatmul_product_dtype(node: Node) -> np.dtype:
     """The element type of x @ dequant(w) + bias, before any epilogue."""
     if node.attrs["act"] == "float":
         return node.operands[0].type.dtype.np_dtype
-    return node.operands[2].type.dtype.np_dtype
+    return node.arg("w_scale").type.dtype.np_dtype
 
 
 def _apply_epilogue(node: Node, product: np.ndarray, args: list) -> list:
@@ -573,7 +575,7 @@ def _qmatmul_product(node, args, module):
     x_scale, x_zp, bias = _arg(args, 5), _arg(args, 6), _arg(args, 7)
     scheme: QuantScheme = node.attrs["w_scheme"]
     act = node.attrs["act"]
-    w_type = node.operands[1].type
+    w_type = node.arg("w").type
     if w_type.layout is not None and w_type.layout.name != "row_major":
         raise NotImplementedError(
             f"the reference qmatmul reads row-major [K, N] codes, not {w_type.layout}")
@@ -1432,7 +1434,7 @@ def _grid_sample(node, args, module):
         c = c.astype(F64)
         if mode == "nearest":
             c = np.rint(c)
-        if padding == "border":
+        if padding == "border" and mode != "cubic":  # cubic: each tap clamped (below)
             c = np.where((c < lo) | (c > hi), np.clip(c, 0, size - 1), c)
         elif padding == "reflection":
             c = _grid_reflect(c, lo, hi)
