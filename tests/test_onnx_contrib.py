@@ -28,10 +28,9 @@ _NP_TO_ONNX = {np.dtype(np.float32): F32, np.dtype(np.int32): TensorProto.INT32,
 
 def single_node(op: str, inputs: dict, inits: dict, outputs: list[str], domain: str = MS,
                 **attrs) -> onnx.ModelProto:
-    """One node; ``inputs`` name → array (graph inputs, shapes as given; a None value leaves
-    that input position empty), ``inits`` name → array (initializers). Input order is that of
-    ``inputs`` then ``inits`` merged by the ``order`` attribute-free convention: the node
-    takes ``list(inputs) + list(inits)`` unless ``_order`` gives the exact list."""
+    """One node with graph inputs ``inputs`` (name → array, static shapes) and initializers
+    ``inits``; the node takes ``list(inputs) + list(inits)`` unless ``_order`` gives the exact
+    input list ("" for an absent optional input)."""
     order = attrs.pop("_order", None) or [*inputs, *inits]
     graph_inputs = [helper.make_tensor_value_info(k, _NP_TO_ONNX[v.dtype], list(v.shape))
                     for k, v in inputs.items() if v is not None]
@@ -356,16 +355,14 @@ def test_embed_layernorm(rng, segment, mask, pos_ids, sum_out):
     (np.uint8, True, True, False)])
 def test_dynamic_quantize_matmul(rng, w_type, per_channel, zp, bias):
     k, n = 32, 24
-    info = np.iinfo(w_type)
     # 7-bit signed weights keep onnxruntime's u8 x s8 path exact on AVX2-only hosts.
     lo, hi = (0, 255) if w_type == np.uint8 else (-64, 63)
     inits = {"w": rng.integers(lo, hi + 1, (k, n)).astype(w_type),
              "ws": (rng.uniform(0.01, 0.05, (n,) if per_channel else ()).astype(np.float32))}
     order = ["a", "w", "ws", "", ""]
     if zp:
-        inits["wzp"] = rng.integers(info.min // 2 + 64 if w_type == np.uint8 else -8, 9 if
-                                    w_type == np.int8 else 200,
-                                    (n,) if per_channel else ()).astype(w_type)
+        zp_lo, zp_hi = (64, 200) if w_type == np.uint8 else (-8, 9)
+        inits["wzp"] = rng.integers(zp_lo, zp_hi, (n,) if per_channel else ()).astype(w_type)
         order[3] = "wzp"
     if bias:
         inits["b"] = rnd(rng, n)

@@ -173,9 +173,10 @@ def _torch_model(arch: str, classic: bool = False):
                                     kv_heads=2, intermediate=160, max_positions=64,
                                     with_cache=False)
     if arch == "minilm":
-        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                      num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
-                                      max_position_embeddings=64, attn_implementation="eager")
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
+                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                      intermediate_size=4 * HIDDEN, max_position_embeddings=64,
+                                      attn_implementation="eager")
         bert = transformers.BertModel(cfg).eval()
 
         class Encoder(torch.nn.Module):
