@@ -167,7 +167,7 @@ def test_residual_add_fuses_into_the_epilogue():
     unfused = load(model)
     module = _passes(unfused, "canonicalize", "fuse-qconv", "fuse-requant")
     assert _ops(module) == ["qconv"]
-    assert module.main.nodes[-1].operands[9] is not None
+    assert module.main.nodes[-1].arg("residual") is not None
     got = _ours(module, feeds).astype(int)
     assert np.abs(got - _ort(model, feeds)).max() <= 1
     assert np.abs(got - _ours(unfused, feeds)).max() <= 1

@@ -26,6 +26,7 @@ FPGA's: the CPU kernel refuses it (CPUBackendError; the node runs on the host).
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -87,7 +88,8 @@ def _round_up(v: int, k: int) -> int:
 
 
 def _static_shape(node: Node, v) -> tuple:
-    if not all(isinstance(d, int) for d in v.type.shape):
+    """The dims of ``v``; all static but the batch (dim 0), which may be a symbol."""
+    if not all(isinstance(d, int) for d in v.type.shape[1:]):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel needs static "
                               f"shapes, not {v.type.shape}")
     return tuple(v.type.shape)
@@ -95,7 +97,7 @@ def _static_shape(node: Node, v) -> tuple:
 
 def conv_variant(node: Node, vnni: bool) -> str:
     """``vnni`` or ``direct`` (see the module docstring)."""
-    cg = node.operands[1].type.shape[1]
+    cg = node.arg("w").type.shape[1]
     return "vnni" if vnni and cg >= IC_BLOCK else "direct"
 
 
@@ -165,10 +167,18 @@ def build_qconv(node: Node, variant: str, module=None):
     dh, dw = a["dilations"]
     pt, pl = a["pads"][0], a["pads"][1]
     i32, f32 = "int32", "float32"
+    # The batch symbol: one int32 var shared by x, residual and the result (int32 like every
+    # other index here, which tensorize needs: its loop vars and extents must agree).
+    batch = n
+    if not isinstance(n, int):
+        n = tirx.Var(re.sub(r"[^A-Za-z0-9_]", "_", n), "int32")
+
+    def shape_of(v):
+        return tuple(n if d == batch else d for d in v.type.shape)
     placeholders = {}
     for i, v in enumerate(ops):
         if v is not None:
-            placeholders[i] = te.placeholder(tuple(v.type.shape), str(v.type.dtype.np_dtype),
+            placeholders[i] = te.placeholder(shape_of(v), str(v.type.dtype.np_dtype),
                                              name=f"in{i}")
     x, wt = placeholders[0], placeholders[1]
 
@@ -258,7 +268,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims):
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
     i32 = "int32"
     x_off = 128 if node.operands[0].type.dtype.name == "u8" else 0
-    w_off = 128 if node.operands[1].type.dtype.name in ("i8", "i4") else 0
+    w_off = 128 if node.arg("w").type.dtype.name in ("i8", "i4") else 0
     cp = _round_up(cg, IC_BLOCK)
     mp = _round_up(mg, OC_BLOCK)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
