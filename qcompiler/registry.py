@@ -27,6 +27,7 @@ PASSES: dict[str, object] = {
     "fold-batchnorm": "qcompiler.passes.fold_batchnorm:FoldBatchNormPass",
     "fuse-qconv": "qcompiler.passes.fuse_qconv:FuseQConvPass",
     "fuse-requant": "qcompiler.passes.fuse_requant:FuseRequantPass",
+    "compute-dtype": "qcompiler.passes.compute_dtype:ComputeDtypePass",
 }
 
 # backend name -> "module:Class"
