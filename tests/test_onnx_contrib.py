@@ -474,3 +474,27 @@ def test_qlinear_conv(rng, w_type, per_channel, group, bias):
     assert got.shape == expect.shape and got.dtype == expect.dtype
     diff = np.abs(got.astype(np.int32) - expect.astype(np.int32))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.95
+
+
+def test_matmul_integer_to_float_after_dynamic_quantize(rng):
+    """What onnxruntime's optimizer writes for a quantize_dynamic model
+    (DynamicQuantizeLinear → MatMulIntegerToFloat) becomes one ``qmatmul{act=dynamic}``."""
+    k, n = 32, 16
+    w = rng.integers(0, 256, (k, n)).astype(np.uint8)
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.05, n).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.array(131, np.uint8), "wzp"),
+             numpy_helper.from_array(rnd(rng, n), "bias")]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xzp"]),
+             helper.make_node("MatMulIntegerToFloat", ["xq", "w", "xs", "ws", "xzp", "wzp", "bias"],
+                              ["y"], domain=MS)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [3, k])],
+                              [onnx.ValueInfoProto(name="y")], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid(MS, 1)])
+    m.ir_version = 10
+    x = rnd(rng, 3, k)
+    check(m, {"x": x}, rtol=1e-5, atol=1e-4)
+    module, _, _ = run_pipeline(load(m), PIPELINE)
+    qmms = [nd for nd in module.main.nodes if nd.op == "qmatmul"]
+    assert [nd.attrs["act"] for nd in qmms] == ["dynamic"] and qmms[0].operand(7) is not None

@@ -518,6 +518,14 @@ def _embed_layernorm(imp, n, attrs):
 def _integer_to_float(imp, n, a, b, a_scale, b_scale, a_zp, b_zp, bias):
     """float(matmul_integer(a, b, a_zp, b_zp)) * (a_scale * b_scale) (+ bias): the graph that
     fuse-dequant turns into a qmatmul when a comes from dynamic_quantize."""
+    zp = imp.const(b_zp) if b_zp is not None else None
+    if zp is not None and zp.size == 1 and b_scale.type.rank == 1 and \
+            b_scale.type.shape != (1,) and isinstance(b_scale.type.shape[0], int):
+        # One zero point for per-column scales: give each column its copy, the per-channel
+        # form that fuse-dequant's integer qmatmul takes (same product).
+        n_cols = b_scale.type.shape[0]
+        b_zp = imp.add_constant(np.full((n_cols,), zp.reshape(()), zp.dtype),
+                                TensorType((n_cols,), b_zp.type.dtype), "b_zero_point")
     prod = _e(imp, "matmul_integer", [a, b, a_zp, b_zp])
     f = _e(imp, "cast", [prod], {"to": b_scale.type.dtype})
     y = _e(imp, "mul", [f, _e(imp, "mul", [a_scale, b_scale])],
