@@ -210,6 +210,36 @@ case("maxunpool", "MaxUnpool", lambda r: [normal(r, 1, 2, 2, 3),
                                                           [[20, 22, 26], [31, 33, 35]]]]))],
      {"kernel_shape": [2, 2], "strides": [2, 2]})
 
+# recurrent ops: I = 5 inputs, H = 4 hidden, S = 6 steps, B = 3 batch entries
+case("rnn_seq_lens", "RNN",
+     lambda r: [normal(r, 6, 3, 5, scale=0.7), normal(r, 1, 4, 5, scale=0.5),
+                normal(r, 1, 4, 4, scale=0.5), normal(r, 1, 8), np.array([6, 2, 4], np.int32),
+                normal(r, 1, 3, 4)],
+     {"hidden_size": 4}, outputs=2, tol=1e-4)
+case("rnn_bidirectional_relu", "RNN",
+     lambda r: [normal(r, 6, 3, 5, scale=0.7), normal(r, 2, 4, 5, scale=0.5),
+                normal(r, 2, 4, 4, scale=0.5)],
+     {"hidden_size": 4, "direction": "bidirectional", "activations": ["Relu", "Tanh"]},
+     outputs=2, tol=1e-4)
+case("gru_linear_before_reset", "GRU",
+     lambda r: [normal(r, 6, 3, 5, scale=0.7), normal(r, 1, 12, 5, scale=0.5),
+                normal(r, 1, 12, 4, scale=0.5), normal(r, 1, 24), np.array([3, 6, 1], np.int32)],
+     {"hidden_size": 4, "linear_before_reset": 1}, outputs=2, tol=1e-4)
+case("gru_reverse_clip", "GRU",
+     lambda r: [normal(r, 6, 3, 5), normal(r, 1, 12, 5), normal(r, 1, 12, 4), normal(r, 1, 24),
+                np.array([5, 6, 2], np.int32)],
+     {"hidden_size": 4, "direction": "reverse", "clip": 1.5}, outputs=2, tol=1e-4)
+case("lstm_bidirectional_seq_lens", "LSTM",
+     lambda r: [normal(r, 6, 3, 5, scale=0.7), normal(r, 2, 16, 5, scale=0.5),
+                normal(r, 2, 16, 4, scale=0.5), normal(r, 2, 32), np.array([4, 6, 1], np.int32),
+                normal(r, 2, 3, 4), normal(r, 2, 3, 4), normal(r, 2, 12)],
+     {"hidden_size": 4, "direction": "bidirectional"}, outputs=3, tol=1e-4)
+case("lstm_activation_params", "LSTM",
+     lambda r: [normal(r, 6, 3, 5, scale=0.7), normal(r, 1, 16, 5, scale=0.5),
+                normal(r, 1, 16, 4, scale=0.5)],
+     {"hidden_size": 4, "activations": ["HardSigmoid", "ScaledTanh", "Tanh"],
+      "activation_alpha": [0.3, 0.8], "activation_beta": [0.45, 1.2]}, outputs=3, tol=1e-4)
+
 
 def _model(name) -> tuple[onnx.ModelProto, dict]:
     op, attrs, make_inputs, n_out, opset, _ = CASES[name]

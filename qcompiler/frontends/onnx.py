@@ -1980,6 +1980,57 @@ def _max_unpool(imp, n, attrs):
         imp.emit("pad", [y, _ints_const(imp, [0] * (nsp + 2) + [0, 0] + extra, "pads"),
                          _scalar(imp, 0, x.type.dtype)], {"mode": "constant"}, names=names)
 
+
+# -- recurrent ops -------------------------------------------------------------------------
+
+_RECURRENT_DEFAULT_ACTS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"],
+                           "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+# ONNX's activation parameters: alpha, beta defaults of the functions that take them
+_ACT_PARAMS = {"affine": (1.0, 0.0), "leakyrelu": (0.01, None), "thresholdedrelu": (1.0, None),
+               "scaledtanh": (1.0, 1.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, None)}
+
+
+@_handles("RNN", "GRU", "LSTM")
+def _recurrent(imp, n, attrs):
+    """One ``recurrent`` node; each activation gets its alpha / beta from
+    activation_alpha / activation_beta in order, among the activations that take one
+    (onnxruntime's reading), else ONNX's default."""
+    xs = _inputs(imp, n) + [None] * 8
+    direction = _text(attrs.get("direction"), "forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    names = [_text(a, "") for a in attrs.get("activations", [])] or \
+        _RECURRENT_DEFAULT_ACTS[n.op_type] * dirs
+    if int(attrs.get("input_forget", 0)):
+        raise imp.fail("LSTM input_forget=1 is not supported")
+    alphas = [float(v) for v in attrs.get("activation_alpha", [])]
+    betas = [float(v) for v in attrs.get("activation_beta", [])]
+    acts, act_alpha, act_beta = [], [], []
+    for name in names:
+        key = name.lower()
+        alpha, beta = _ACT_PARAMS.get(key, (None, None))
+        if alpha is not None and alphas:
+            alpha = alphas.pop(0)
+        if beta is not None and betas:
+            beta = betas.pop(0)
+        acts.append(key)
+        act_alpha.append(alpha if alpha is not None else 0.0)
+        act_beta.append(beta if beta is not None else 0.0)
+    w = xs[1]
+    hidden = int(attrs["hidden_size"]) if "hidden_size" in attrs else xs[2].type.shape[2]
+    if not isinstance(hidden, int):
+        raise imp.fail(f"{n.op_type} needs hidden_size or a static R")
+    kind = n.op_type.lower()
+    outs = imp.outputs_of(n)
+    n_results = 3 if kind == "lstm" else 2
+    imp.emit("recurrent", [xs[0], w, xs[2], xs[3], xs[4], xs[5],
+                           xs[6] if kind == "lstm" else None, xs[7] if kind == "lstm" else None],
+             {"kind": kind, "direction": direction, "hidden_size": hidden,
+              "layout": int(attrs.get("layout", 0)), "activations": ",".join(acts),
+              "activation_alpha": act_alpha, "activation_beta": act_beta,
+              "clip": float(attrs.get("clip", 0.0)),
+              "linear_before_reset": int(attrs.get("linear_before_reset", 0))},
+             names=(outs + [None] * 3)[:n_results], n_results=n_results)
+
 def unsupported_nodes(proto: onnx.ModelProto) -> dict[tuple[str, str], list[str]]:
     """(domain, op_type) -> names of the nodes (``#index`` when unnamed) that no importer
     handles, in graph order."""

@@ -615,8 +615,13 @@ def _qmatmul(types, attrs, consts):
         raise TypeInferenceError(f"qmatmul act must be one of {QMATMUL_ACT_MODES}, not {act!r}")
     if w.rank != 2:
         raise TypeInferenceError(f"qmatmul weight must be [K, N], not {w.shape}")
-    if w.dtype != scheme.dtype:
+    if w.layout is None and w.dtype != scheme.dtype:
         raise TypeInferenceError(f"qmatmul weight codes are {w.dtype}, scheme says {scheme.dtype}")
+    # A packed weight stores the codes in other elements (u8 words); its layout names the
+    # stored code type, which must still be the scheme's (w_scheme stays the model's).
+    if w.layout is not None and w.layout.get("codes", scheme.dtype.name) != scheme.dtype.name:
+        raise TypeInferenceError(f"qmatmul weight layout {w.layout.name} stores "
+                                 f"{w.layout.get('codes')} codes, scheme says {scheme.dtype}")
     if w.layout is None:
         # A packed layout changes the stored shape; the logical checks apply to row_major only.
         check_scheme_operands(scheme, w, w_scale, w_zp, "qmatmul weight")
@@ -1115,11 +1120,51 @@ def _max_unpool(types, attrs, consts):
     return [TensorType((x.shape[0], x.shape[1], *attrs["output_shape"]), x.dtype)]
 
 
-def logical_w_scheme(node) -> str:
-    """The model's weight scheme of a qmatmul, as text. A backend pass that packs the weight
-    (reorder-weights, cpu-pack-weights) sets ``w_scheme`` to the storage scheme (u8 words)
-    and keeps the model's in ``config["w_scheme"]``."""
-    return node.attrs.get("config", {}).get("w_scheme", str(node.attrs["w_scheme"]))
+RECURRENT_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+RECURRENT_ACTIVATIONS = ("sigmoid", "tanh", "relu", "affine", "leakyrelu", "thresholdedrelu",
+                         "scaledtanh", "hardsigmoid", "elu", "softsign", "softplus")
+
+
+@_def("recurrent", "ONNX RNN / GRU / LSTM (`kind`) over the whole sequence: Y, Y_h (and Y_c "
+      "for lstm); `activations` comma-separated per direction with their alpha / beta",
+      ["x", "w", "r", "b?", "sequence_lens?", "initial_h?", "initial_c?", "p?"],
+      {"kind": ("str", True), "direction": ("str", True), "hidden_size": ("int", True),
+       "layout": ("int", True), "activations": ("str", True),
+       "activation_alpha": ("floats", True), "activation_beta": ("floats", True),
+       "clip": ("float", True), "linear_before_reset": ("int", True)}, results=-1)
+def _recurrent(types, attrs, consts):
+    """x [S, B, I] (layout 1: [B, S, I]), w [D, G*H, I], r [D, G*H, H], b [D, 2*G*H];
+    Y [S, D, B, H] (layout 1: [B, S, D, H]), Y_h and Y_c [D, B, H] (layout 1: [B, D, H])."""
+    kind = attrs["kind"]
+    if kind not in RECURRENT_GATES:
+        raise TypeInferenceError(f"recurrent kind {kind!r} is not rnn, gru or lstm")
+    dirs = {"forward": 1, "reverse": 1, "bidirectional": 2}.get(attrs["direction"])
+    if dirs is None:
+        raise TypeInferenceError(f"recurrent direction {attrs['direction']!r} is not forward, "
+                                 "reverse or bidirectional")
+    acts = attrs["activations"].split(",")
+    per_dir = {"rnn": 1, "gru": 2, "lstm": 3}[kind]
+    if len(acts) != per_dir * dirs or any(a not in RECURRENT_ACTIVATIONS for a in acts):
+        raise TypeInferenceError(f"recurrent {kind} activations {acts} ({per_dir} per "
+                                 f"direction of {RECURRENT_ACTIVATIONS})")
+    if len(attrs["activation_alpha"]) != len(acts) or len(attrs["activation_beta"]) != len(acts):
+        raise TypeInferenceError("recurrent activation_alpha / activation_beta must give one "
+                                 "value per activation")
+    x, w = types[0], types[1]
+    h = attrs["hidden_size"]
+    if x.rank != 3 or w.rank != 3 or (isinstance(w.shape[0], int) and w.shape[0] != dirs) or \
+            (isinstance(w.shape[1], int) and w.shape[1] != RECURRENT_GATES[kind] * h):
+        raise TypeInferenceError(f"recurrent {kind} x {x.shape}, w {w.shape} do not fit "
+                                 f"{dirs} direction(s) of hidden size {h}")
+    seq, batch = (x.shape[1], x.shape[0]) if attrs["layout"] else (x.shape[0], x.shape[1])
+    if attrs["layout"]:
+        y, state = (batch, seq, dirs, h), (batch, dirs, h)
+    else:
+        y, state = (seq, dirs, batch, h), (dirs, batch, h)
+    out = [TensorType(y, x.dtype), TensorType(state, x.dtype)]
+    if kind == "lstm":
+        out.append(TensorType(state, x.dtype))
+    return out
 
 
 def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[list[TensorType]]:

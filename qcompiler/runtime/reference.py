@@ -1567,6 +1567,101 @@ OP_IMPLS.update({
 })
 
 
+def _recurrent_activation(name: str, alpha: float, beta: float) -> Callable:
+    return {"sigmoid": lambda v: _sigmoid_fn(v), "tanh": np.tanh,
+            "relu": lambda v: np.maximum(v, 0), "affine": lambda v: alpha * v + beta,
+            "leakyrelu": lambda v: np.where(v >= 0, v, alpha * v),
+            "thresholdedrelu": lambda v: np.where(v > alpha, v, 0),
+            "scaledtanh": lambda v: alpha * np.tanh(beta * v),
+            "hardsigmoid": lambda v: np.clip(alpha * v + beta, 0, 1),
+            "elu": lambda v: np.where(v > 0, v, alpha * (np.exp(v) - 1)),
+            "softsign": lambda v: v / (1 + np.abs(v)),
+            "softplus": lambda v: np.logaddexp(v, 0)}[name]
+
+
+def _recurrent(node, args, module):
+    """RNN / GRU / LSTM step by step over the sequence (ONNX's equations, gate orders
+    i o f c for lstm and z r h for gru); a batch entry past its sequence_lens keeps its state
+    and gives zeros in Y; the reverse direction runs each entry's valid steps backwards."""
+    a = node.attrs
+    kind, hidden = a["kind"], a["hidden_size"]
+    args = list(args) + [None] * (8 - len(args))
+    x, w, r, b, lens, h0, c0, p = args
+    dtype = x.dtype
+    ct = _compute_dtype(dtype)
+    if a["layout"]:
+        x = np.swapaxes(x, 0, 1)
+        h0 = None if h0 is None else np.swapaxes(h0, 0, 1)
+        c0 = None if c0 is None else np.swapaxes(c0, 0, 1)
+    seq, batch = x.shape[0], x.shape[1]
+    dirs = w.shape[0]
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[kind]
+    x, w, r = x.astype(ct), w.astype(ct), r.astype(ct)
+    b = np.zeros((dirs, 2 * gates * hidden), ct) if b is None else b.astype(ct)
+    h0 = np.zeros((dirs, batch, hidden), ct) if h0 is None else h0.astype(ct)
+    c0 = np.zeros((dirs, batch, hidden), ct) if c0 is None else c0.astype(ct)
+    p = np.zeros((dirs, 3 * hidden), ct) if p is None else p.astype(ct)
+    lens = np.full(batch, seq) if lens is None else np.asarray(lens).reshape(-1).astype(np.int64)
+    if lens.shape != (batch,) or (lens < 0).any() or (lens > seq).any():
+        raise ValueError(f"recurrent sequence_lens {lens.tolist()} for {batch} batch entries "
+                         f"of {seq} steps")
+    names = a["activations"].split(",")
+    per_dir = len(names) // dirs
+    clip = a["clip"]
+
+    def cl(v):  # the gate inputs clipped to [-clip, clip] when clip > 0
+        return np.clip(v, -clip, clip) if clip > 0 else v
+
+    y = np.zeros((seq, dirs, batch, hidden), ct)
+    y_h = np.zeros((dirs, batch, hidden), ct)
+    y_c = np.zeros((dirs, batch, hidden), ct)
+    for d in range(dirs):
+        f, g, hh = ([_recurrent_activation(names[k], a["activation_alpha"][k],
+                                           a["activation_beta"][k])
+                     for k in range(d * per_dir, (d + 1) * per_dir)] + [None, None])[:3]
+        reverse = a["direction"] == "reverse" or d == 1
+        wb, rb = b[d, :gates * hidden], b[d, gates * hidden:]
+        h, c = h0[d].copy(), c0[d].copy()
+        pi, po, pf = p[d, :hidden], p[d, hidden:2 * hidden], p[d, 2 * hidden:]
+        with np.errstate(over="ignore"):
+            for step in range(seq):
+                # entry n reads x at step (reversed within its own length) while it is valid
+                t = np.where(reverse, lens - 1 - step, step)
+                valid = step < lens
+                xt = x[np.clip(t, 0, seq - 1), np.arange(batch)]
+                xw = xt @ w[d].T + wb
+                gates_in = cl(xw + h @ r[d].T + rb)
+                if kind == "rnn":
+                    new_h = f(gates_in)
+                elif kind == "gru":
+                    z, rr = f(gates_in[:, :hidden]), f(gates_in[:, hidden:2 * hidden])
+                    rh, rbh = r[d][2 * hidden:], rb[2 * hidden:]
+                    if a["linear_before_reset"]:
+                        pre = xw[:, 2 * hidden:] + rr * (h @ rh.T + rbh)
+                    else:
+                        pre = xw[:, 2 * hidden:] + (rr * h) @ rh.T + rbh
+                    new_h = (1 - z) * g(cl(pre)) + z * h
+                else:
+                    i_in, o_in, f_in, c_in = np.split(xw + h @ r[d].T + rb, 4, axis=1)
+                    i = f(cl(i_in + pi * c))
+                    fg = f(cl(f_in + pf * c))
+                    new_c = fg * c + i * g(cl(c_in))
+                    o = f(cl(o_in + po * new_c))
+                    new_h = o * hh(new_c)
+                    c = np.where(valid[:, None], new_c, c)
+                h = np.where(valid[:, None], new_h, h)
+                rows = np.flatnonzero(valid)
+                y[t[rows], d, rows] = h[rows]
+        y_h[d], y_c[d] = h, c
+    outs = [y, y_h, y_c][:len(node.results)]
+    if a["layout"]:
+        outs = [np.transpose(y, (2, 0, 1, 3))] + [np.swapaxes(s, 0, 1) for s in outs[1:]]
+    return [o.astype(dtype) for o in outs]
+
+
+OP_IMPLS["recurrent"] = _recurrent
+
+
 # --------------------------------------------------------------------------------------------
 # the interpreter
 # --------------------------------------------------------------------------------------------
