@@ -498,3 +498,10 @@ def test_matmul_integer_to_float_after_dynamic_quantize(rng):
     module, _, _ = run_pipeline(load(m), PIPELINE)
     qmms = [nd for nd in module.main.nodes if nd.op == "qmatmul"]
     assert [nd.attrs["act"] for nd in qmms] == ["dynamic"] and qmms[0].operand(7) is not None
+
+
+def test_group_query_attention_softcap_is_refused():
+    m = _gqa_model(1, 1, 4, 2, 16, 3, True, False)
+    m.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
+    with pytest.raises(QCompilerError, match="softcap"):
+        load(m)

@@ -282,10 +282,10 @@ def _group_query_attention(imp, n, attrs):
                     (15, "k_norm_weight")):
         if xs[i] is not None:
             raise imp.fail(f"input {what} is not supported")
-    for attr, ok in (("softcap", 0.0), ("smooth_softmax", -1), ("qk_output", 0),
-                     ("kv_cache_bit_width", 0), ("sliding_window_cache", 0)):
-        if attr in attrs and attrs[attr] not in (ok, 0) and not (attr == "smooth_softmax"
-                                                                 and attrs[attr] == -1):
+    # The values that keep plain softmax attention over a float cache (-1: unset).
+    for attr, ok in (("softcap", (0.0,)), ("smooth_softmax", (-1, 0)), ("qk_output", (0,)),
+                     ("kv_cache_bit_width", (0,)), ("sliding_window_cache", (0,))):
+        if attrs.get(attr, ok[0]) not in ok:
             raise imp.fail(f"attribute {attr}={attrs[attr]} is not supported")
     for attr in ("k_quant_type", "v_quant_type"):
         if attrs.get(attr, b"NONE") not in (b"NONE", "NONE"):
