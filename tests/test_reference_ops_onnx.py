@@ -149,6 +149,9 @@ case("groupnorm", "GroupNormalization", lambda r: [normal(r, 2, 6, 5), normal(r,
 case("batchnorm", "BatchNormalization", lambda r: [normal(r, 2, 3, 5), normal(r, 3),
                                                    normal(r, 3), normal(r, 3),
                                                    uniform(r, 0.5, 2.0, 3)])
+case("batchnorm_training", "BatchNormalization",
+     lambda r: [normal(r, 3, 4, 5), normal(r, 4), normal(r, 4), normal(r, 4),
+                uniform(r, 0.5, 2.0, 4)], {"training_mode": 1, "momentum": 0.7}, outputs=3)
 case("mvn", "MeanVarianceNormalization", lambda r: [normal(r, 2, 3, 5, 7)])
 case("lpnorm", "LpNormalization", lambda r: [normal(r, 3, 7)], {"p": 1, "axis": 0})
 case("lrn", "LRN", lambda r: [normal(r, 2, 7, 3, 5)], {"size": 3, "alpha": 0.02})

@@ -1410,11 +1410,13 @@ def _normalize(imp, x: Value, axes: list[int], eps: float) -> Value:
 def _batch_norm(imp, n, attrs):
     """Inference mode: (x - mean) / sqrt(var + eps) * scale + bias per channel."""
     xs = _inputs(imp, n)
-    if attrs.get("training_mode", 0) or any(o for o in n.output[1:]):
-        raise imp.fail("BatchNormalization in training mode is not supported (inference only)")
     x, scale, bias, mean, var = xs[:5]
     r = x.type.rank
     eps = float(attrs.get("epsilon", 1e-5))
+    if attrs.get("training_mode", 0) or any(o for o in n.output[1:]):
+        _batch_norm_training(imp, n, x, scale, bias, mean, var, eps,
+                             float(attrs.get("momentum", 0.9)))
+        return
     m = _channel_param(imp, mean, r) if r > 2 else mean
     v = _channel_param(imp, var, r) if r > 2 else var
     s = _channel_param(imp, scale, r) if r > 2 else scale
@@ -1424,6 +1426,29 @@ def _batch_norm(imp, n, attrs):
     y = imp.emit("div", [imp.emit("sub", [x, m])[0], std])[0]
     y = imp.emit("mul", [y, s])[0]
     imp.emit("add", [y, b], names=imp.outputs_of(n)[:1])
+
+
+def _batch_norm_training(imp, n, x, scale, bias, mean, var, eps: float, momentum: float):
+    """training_mode=1 (opset 14+): normalized by the batch's mean and (population) variance
+    over every dim but the channels; the running statistics outputs are
+    mean * momentum + batch mean * (1 - momentum), and so for var."""
+    r = x.type.rank
+    red = {"axes": [0] + list(range(2, r)), "keepdims": 1}
+    dtype = x.type.dtype
+    batch_mean = imp.emit("reduce_mean", [x], red)[0]
+    diff = imp.emit("sub", [x, batch_mean])[0]
+    batch_var = imp.emit("reduce_mean", [imp.emit("mul", [diff, diff])[0]], red)[0]
+    std = imp.emit("sqrt", [imp.emit("add", [batch_var, _scalar(imp, eps, dtype)])[0]])[0]
+    y = imp.emit("mul", [imp.emit("div", [diff, std])[0], _channel_param(imp, scale, r)])[0]
+    outs = imp.outputs_of(n) + [None] * 2
+    imp.emit("add", [y, _channel_param(imp, bias, r)], names=outs[:1])
+    for name, running, batch in ((outs[1], mean, batch_mean), (outs[2], var, batch_var)):
+        if name is None:
+            continue
+        stat = imp.emit("reshape", [batch, _ints_const(imp, [-1], "shape")])[0]
+        kept = imp.emit("mul", [running, _scalar(imp, momentum, running.type.dtype)])[0]
+        new = imp.emit("mul", [stat, _scalar(imp, 1.0 - momentum, dtype)])[0]
+        imp.emit("add", [kept, new], names=[name])
 
 
 @_handles("InstanceNormalization")
