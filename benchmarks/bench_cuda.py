@@ -154,8 +154,8 @@ def main():
         node = next(nd for nd in built.module.main.nodes if nd.op == "qmatmul")
         from qcompiler.ir.core import constant_value
 
-        wq = constant_value(built.module, node.operands[1])
-        sc = constant_value(built.module, node.operands[2])
+        wq = constant_value(built.module, node.arg("w"))
+        sc = constant_value(built.module, node.arg("w_scale"))
         wf = numerics.dequantize(wq, sc, None, node.attrs["w_scheme"], np.float32)
         w_ref = torch.from_numpy(wf.astype(np.float16)).cuda().float()
         del wf

@@ -67,7 +67,7 @@ class RefineContractionDim(RewritePattern):
     def rewrite(self, node, rw):
         if node.op not in ("matmul", "qmatmul") or len(node.operands) < 2:
             return False
-        x, w = node.operands[0], node.operands[1]
+        x, w = node.operands[0], node.arg("w" if node.op == "qmatmul" else "b")
         if x is None or x.producer is None or w is None or w.type.layout is not None:
             return False
         if x.type.rank < 1 or w.type.rank < 2 or isinstance(x.type.shape[-1], int):
@@ -112,8 +112,7 @@ class GemmToMatmul(RewritePattern):
     op = "gemm"
 
     def rewrite(self, node, rw):
-        a, b = node.operands[0], node.operands[1]
-        c = node.operand(2)
+        a, b, c = node.arg("a"), node.arg("b"), node.arg("c")
         alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
         if node.attrs.get("trans_a", 0):
             a = rw.create("transpose", [a], {"perm": [1, 0]}, before=node).result
@@ -143,8 +142,8 @@ class TransposeOfDequantize(RewritePattern):
         if dq is None or dq.op != "dequantize" or node.attrs["perm"] != [1, 0]:
             return False
         scheme = dq.attrs["scheme"]
-        w, s, zp = dq.operands[0], dq.operands[1], dq.operand(2)
-        if w.type.rank != 2 or dq.operand(3) is not None or any(
+        w, s, zp = dq.arg("x"), dq.arg("scale"), dq.arg("zero_point")
+        if w.type.rank != 2 or dq.arg("g_idx") is not None or any(
                 v is not None and rw.const(v) is None for v in (w, s, zp)):
             return False
         if scheme.granularity == "group" and s.type.rank != 2:

@@ -13,8 +13,10 @@ qmatmul with ``config.impl = "tvm"`` the operands become new constants:
 - zero points (operand 3, added for symmetric schemes too): the zero point in container units
   (``z - lo``; MatMulNBits' implied zero point included) as u8, ``#layout<cpu_tiled>``.
 
-g_idx (operand 4) stays: the permutation is derived from it. The old constants are removed
-when nothing else uses them. Nodes whose config says ``impl = "reference"`` are left as they are.
+The packed weight's element type (u8) and layout describe the storage; the node's ``w_scheme``
+stays the model's scheme. g_idx (operand 4) stays: the permutation is derived from it. The
+old constants are removed when nothing else uses them. Nodes whose config says
+``impl = "reference"`` are left as they are.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Module
-from qcompiler.ir.core import constant_node, constant_value
+from qcompiler.ir.core import constant_node, constant_value, operand_index
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
@@ -48,7 +50,7 @@ class CPUPackWeightsPass(Pass):
             if "impl" not in cfg:
                 raise PassError(f"cpu-pack-weights: %{node.result.name} has no CPU config; "
                                 "run cpu-schedule first")
-            if cfg["impl"] != "tvm" or node.operands[1].type.layout is not None:
+            if cfg["impl"] != "tvm" or node.arg("w").type.layout is not None:
                 continue
             try:
                 p = tuning.with_table_group(
@@ -58,10 +60,10 @@ class CPUPackWeightsPass(Pass):
             if p.n_tile != cfg["n_tile"]:
                 raise PassError(f"cpu-pack-weights: %{node.result.name}: config n_tile "
                                 f"{cfg['n_tile']} but target {tgt.name} needs {p.n_tile}")
-            q = constant_value(module, node.operands[1])
-            scale = constant_value(module, node.operands[2])
-            zp = constant_value(module, node.operand(3))
-            g_idx = constant_value(module, node.operand(4))
+            q = constant_value(module, node.arg("w"))
+            scale = constant_value(module, node.arg("w_scale"))
+            zp = constant_value(module, node.arg("w_zero_point"))
+            g_idx = constant_value(module, node.arg("g_idx"))
             packed = runtime.pack_weights(p, q, scale, zp, g_idx)
             scheme = node.attrs["w_scheme"]
             bl = p.blocking
@@ -71,15 +73,13 @@ class CPUPackWeightsPass(Pass):
                 act_order=int(scheme.act_order),
                 **({"bits": scheme.bits, "table_group": p.table_group}
                    if p.numerics == "lut" else {}))
-            # The stored elements are bytes now: the scheme describes u8 storage (its
-            # granularity and act-order stay), the layout names the code type; scales and
-            # zero points (in container units) are already applied by the packing.
-            storage_scheme = scheme.replace(dtype=elem("u8"), implied_zero_point=None,
-                                            symmetric=True, zero_point_type=None)
+            # The stored elements are bytes now: u8 and the layout (which names the code type)
+            # describe them, w_scheme stays the model's; the packing already applied scales
+            # and zero points (in container units) into the tiled tables.
             # qmatmul weights are 2-D: [tiles, bytes of one column tile].
             w_bytes = np.ascontiguousarray(packed["w"]).view(np.uint8).reshape(
                 packed["w"].shape[0], -1)
-            w_type = TensorType(tuple(w_bytes.shape), elem("u8"), storage_scheme, code_layout)
+            w_type = TensorType(tuple(w_bytes.shape), elem("u8"), None, code_layout)
             tiled = layout.tiled_layout(p.n_tile)
             f32 = elem("f32")
             base = node.result.name
@@ -93,11 +93,12 @@ class CPUPackWeightsPass(Pass):
                                               tiled),
                                    name_hint=f"{base}.zero_tiled", before=node)
             ops = list(node.operands) + [None] * (8 - len(node.operands))
-            ops[1], ops[2], ops[3] = w_node.result, s_node.result, z_node.result
+            for name, v in (("w", w_node.result), ("w_scale", s_node.result),
+                            ("w_zero_point", z_node.result)):
+                ops[operand_index("qmatmul", name)] = v
             while ops and ops[-1] is None:
                 ops.pop()
             node.operands = ops
-            node.attrs["w_scheme"] = storage_scheme
             packed_bytes += int(packed["w"].nbytes)
         fn.remove_dead_nodes()
         for name in [c for c in module.constants if not _used(module, c)]:

@@ -13,11 +13,12 @@ Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lan
 ``variants``: one kernel variant per batch-size range, chosen for a representative M (the
 static M if the batch is static, else 1, 16 and 128 for M = 1, 2..16 and larger), each with its
 knobs and ``source`` (``heuristic`` or ``tuning-log``); the node's ``source`` says whether any
-came from the log; ``w_scheme`` keeps the logical scheme (cpu-pack-weights rewrites the
-node's to byte storage). A qmatmul the kernels cannot compute (integer activations, nf4/float
-codes, groups along N, per-row scales, float zero points, non-f32 activations, non-constant
-weights, act-order with unequal groups) gets ``impl = "reference"`` and the reason, with a
-warning: the numpy reference runs it, and the manifest says so.
+came from the log; ``w_scheme`` is the model's scheme (also after cpu-pack-weights, which
+changes only the weight's element type and layout). A qmatmul the kernels cannot compute
+(integer activations, nf4/float codes, groups along N, per-row scales, float zero points,
+non-f32 activations, non-constant weights, act-order with unequal groups) gets
+``impl = "reference"`` and the reason, with a warning: the numpy reference runs it, and the
+manifest says so.
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def unsupported_reason(module: Module, node, target, numerics_mode: str):
     """Why the CPU kernels cannot compute ``node`` (None if they can)."""
     from qcompiler.codegen.cpu import layout, tuning
 
-    if node.operands[1].type.layout is not None:
-        return f"weights already in layout {node.operands[1].type.layout}"
-    for i, what in ((1, "weight codes"), (2, "scales"), (3, "zero points"), (4, "g_idx")):
-        v = node.operand(i)
+    if node.arg("w").type.layout is not None:
+        return f"weights already in layout {node.arg('w').type.layout}"
+    for name, what in (("w", "weight codes"), ("w_scale", "scales"),
+                       ("w_zero_point", "zero points"), ("g_idx", "g_idx")):
+        v = node.arg(name)
         if v is not None and constant_value(module, v) is None:
             return f"the {what} are not a constant"
     k = node.operands[0].type.shape[-1]
@@ -63,10 +65,10 @@ def unsupported_reason(module: Module, node, target, numerics_mode: str):
     try:
         p = tuning.problem(target, node_key(node, 1, numerics_mode))
         if p.scheme.act_order:
-            layout.act_order_permutation(constant_value(module, node.operand(4)),
+            layout.act_order_permutation(constant_value(module, node.arg("g_idx")),
                                          p.blocking.block, p.k)
-        _, zc = layout.group_params(p.scheme, constant_value(module, node.operands[2]),
-                                    constant_value(module, node.operand(3)), p.k, p.n,
+        _, zc = layout.group_params(p.scheme, constant_value(module, node.arg("w_scale")),
+                                    constant_value(module, node.arg("w_zero_point")), p.k, p.n,
                                     p.blocking.groups)
         layout.zero_codes(zc)
     except layout.Unsupported as e:
@@ -135,7 +137,6 @@ class CPUSchedulePass(Pass):
             p = tuning.problem(tgt, node_key(node, 1, self.numerics))
             node.attrs["config"] = {
                 "impl": "tvm", "numerics": self.numerics, "n_tile": p.n_tile,
-                "w_scheme": str(node.attrs["w_scheme"]),
                 "lanes": p.lanes, "mcpu": cpu["mcpu"],
                 "source": "tuning-log" if any(v["source"] == "tuning-log" for v in variants)
                 else "heuristic",

@@ -63,8 +63,7 @@ class FoldAffineIntoConv(RewritePattern):
     op = "conv"
 
     def rewrite(self, node, rw):
-        x, w = node.operands[0], node.operands[1]
-        b = node.operands[2] if len(node.operands) > 2 else None
+        x, w, b = node.arg("x"), node.arg("w"), node.arg("b")
         wc = rw.const(w)
         bc = rw.const(b) if b is not None else None
         if wc is None or not np.issubdtype(wc.dtype, np.floating) or (b is not None

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Module, QuantScheme, elem
-from qcompiler.ir.core import Node, Value
+from qcompiler.ir.core import Node, Value, operand_index
 from qcompiler.ir.rewrite import Rewriter, RewritePattern, apply_patterns
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -59,15 +59,15 @@ class FuseDequantMatmul(RewritePattern):
         if dq is None or rw.const(dq.operands[0]) is None or dq.operands[0].type.rank != 2:
             return False
         scheme: QuantScheme = dq.attrs["scheme"]
-        w, s, zp = dq.operands[0], dq.operands[1], dq.operand(2)
-        g = dq.operand(3)
+        w, s, zp = dq.arg("x"), dq.arg("scale"), dq.arg("zero_point")
+        g = dq.arg("g_idx")
         if any(v is not None and rw.const(v) is None for v in (s, zp, g)):
             return False  # run-time scales: leave the dequantize where it is
         xdq = _producer(x, "dequantize")
         if (xdq is not None and _activation_scheme(xdq.attrs["scheme"])
                 and _integer_weight_scheme(scheme) and scheme.dtype.bits <= 8):
-            y = _qmatmul(rw, node, xdq.operands[0], w, s, zp, None, xdq.operands[1],
-                         xdq.operand(2), None, scheme, "static", xdq.attrs["scheme"],
+            y = _qmatmul(rw, node, xdq.arg("x"), w, s, zp, None, xdq.arg("scale"),
+                         xdq.arg("zero_point"), None, scheme, "static", xdq.attrs["scheme"],
                          result_type=node.result.type)
         else:
             if dq.attrs["out"] != x.type.dtype:
@@ -121,11 +121,11 @@ class FuseDynamicMatmulInteger(RewritePattern):
             mi = _producer(cast.operands[0], "matmul_integer")
             if mi is None:
                 continue
-            xq, w = mi.operands[0], mi.operands[1]
+            xq, w = mi.arg("a"), mi.arg("b")
             dyn = _producer(xq, "dynamic_quantize")
-            if dyn is None or mi.operand(2) is not dyn.results[2] or rw.const(w) is None:
+            if dyn is None or mi.arg("a_zero_point") is not dyn.results[2] or rw.const(w) is None:
                 continue
-            w_zp = mi.operand(3)
+            w_zp = mi.arg("b_zero_point")
             if w_zp is not None and rw.const(w_zp) is None:
                 continue
             a, b = smul.operands
@@ -157,14 +157,14 @@ class FoldBiasIntoQmatmul(RewritePattern):
     def rewrite(self, node, rw):
         for qv, bias in (node.operands, node.operands[::-1]):
             qmm = _producer(qv, "qmatmul")
-            if qmm is None or qmm.operand(7) is not None or not rw.single_use(qv):
+            if qmm is None or qmm.arg("bias") is not None or not rw.single_use(qv):
                 continue
             b = rw.const(bias)
-            n = qmm.operands[1].type.shape[1]
+            n = qmm.arg("w").type.shape[1]
             if b is None or bias.type.shape != (n,) or bias.type.dtype != qv.type.dtype:
                 continue
             operands = list(qmm.operands) + [None] * (8 - len(qmm.operands))
-            operands[7] = bias
+            operands[operand_index("qmatmul", "bias")] = bias
             y = rw.create("qmatmul", operands, dict(qmm.attrs), before=node, hint="qmm",
                           result_types=[node.result.type]).result
             rw.replace(node, [y])

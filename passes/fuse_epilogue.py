@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.ir import Module
-from qcompiler.ir.core import Function, Node, Value, constant_node, constant_value
+from qcompiler.ir.core import Function, Node, Value, constant_node, constant_value, operand_index
 from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -75,16 +75,17 @@ def _bias_fold(fn: Function, module: Module, node: Node, user: Node) -> bool:
     """add(y, b), b a constant [N]: into the empty bias operand (before any epilogue)."""
     if user.op != "add" or "epilogue" in node.attrs:
         return False
-    if len(node.operands) > 7 and node.operands[7] is not None:
+    if node.arg("bias") is not None:
         return False
     y = node.result
-    other = user.operands[1] if user.operands[0] is y else user.operands[0]
+    a, b = user.operands
+    other = b if a is y else a
     n = y.type.shape[-1]
     if other is y or constant_value(module, other) is None or other.type.shape != (n,) \
             or other.type.dtype != y.type.dtype or user.result.type != y.type:
         return False
     node.operands.extend([None] * (8 - len(node.operands)))
-    node.operands[7] = other
+    node.operands[operand_index("qmatmul", "bias")] = other
     _absorb(fn, node, user)
     return True
 

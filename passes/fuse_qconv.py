@@ -65,7 +65,7 @@ def _w_dequantize(v: Value, out_channels: int):
     s = dq.attrs["scheme"]
     if s.dtype.name not in W_CODES or len(dq.operands) > 3:
         return None
-    if s.granularity == "channel" and s.axis == 0 and dq.operands[1].type.shape == (out_channels,):
+    if s.granularity == "channel" and s.axis == 0 and dq.arg("scale").type.shape == (out_channels,):
         return dq
     return dq if s.granularity == "tensor" else None
 
@@ -74,14 +74,12 @@ class FuseQDQConv(RewritePattern):
     op = "conv"
 
     def rewrite(self, node, rw):
-        x_dq = _x_dequantize(node.operands[0])
-        w_dq = _w_dequantize(node.operands[1], node.operands[1].type.shape[0])
+        x_dq = _x_dequantize(node.arg("x"))
+        w_dq = _w_dequantize(node.arg("w"), node.arg("w").type.shape[0])
         if x_dq is None or w_dq is None or node.result.type.dtype.name != "f32":
             return False
-        xq, xs = x_dq.operands[0], x_dq.operands[1]
-        xzp = x_dq.operands[2] if len(x_dq.operands) > 2 else None
-        wq, ws = w_dq.operands[0], w_dq.operands[1]
-        wzp = w_dq.operands[2] if len(w_dq.operands) > 2 else None
+        xq, xs, xzp = x_dq.arg("x"), x_dq.arg("scale"), x_dq.arg("zero_point")
+        wq, ws, wzp = w_dq.arg("x"), w_dq.arg("scale"), w_dq.arg("zero_point")
         bias = self._bias(rw, node, xs, ws)
         if bias is False:
             return False
@@ -95,15 +93,15 @@ class FuseQDQConv(RewritePattern):
     @staticmethod
     def _bias(rw: Rewriter, node, xs: Value, ws: Value):
         """The i32 bias operand, None without one, False when it cannot be expressed."""
-        b = node.operands[2] if len(node.operands) > 2 else None
+        b = node.arg("b")
         if b is None:
             return None
-        m = node.operands[1].type.shape[0]
+        m = node.arg("w").type.shape[0]
         xs_c, ws_c = rw.const(xs), rw.const(ws)
         b_dq = _producer(b, "dequantize")
-        if b_dq is not None and b_dq.operands[0].type.dtype.name == "i32":
-            bzp = rw.const(b_dq.operands[2]) if len(b_dq.operands) > 2 else None
-            bs = rw.const(b_dq.operands[1])
+        if b_dq is not None and b_dq.arg("x").type.dtype.name == "i32":
+            bzp = rw.const(b_dq.arg("zero_point")) if b_dq.arg("zero_point") is not None else None
+            bs = rw.const(b_dq.arg("scale"))
             if bs is None or xs_c is None or ws_c is None or (bzp is not None and np.any(bzp)):
                 return False
             want = np.float32(xs_c.reshape(-1)[0]) * np.broadcast_to(
@@ -142,7 +140,7 @@ class FuseConvInteger(RewritePattern):
             if conv is None or not rw.single_use(c) or not rw.single_use(cast.operands[0]):
                 continue
             if conv.result.type.dtype.name != "i32" or node.result.type.dtype.name != "f32" \
-                    or len(conv.operands) > 2 and conv.operands[2] is not None:
+                    or conv.arg("b") is not None:
                 continue
             found = self._operands(rw, node, conv, s)
             if found is None:
@@ -156,7 +154,7 @@ class FuseConvInteger(RewritePattern):
 
     @staticmethod
     def _operands(rw: Rewriter, node, conv, s: Value) -> Optional[list]:
-        x32, w32 = conv.operands[0], conv.operands[1]
+        x32, w32 = conv.arg("x"), conv.arg("w")
         m = w32.type.shape[0]
         xzp = None
         sub = _producer(x32, "sub")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Module
+from qcompiler.ir.core import operand_index
 from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
@@ -92,9 +93,9 @@ class FuseQuantizeIntoQConv(RewritePattern):
     def rewrite(self, node, rw):
         scheme = node.attrs["scheme"]
         if scheme.granularity != "tensor" or scheme.dtype.name not in ("i8", "u8") \
-                or len(node.operands) < 3 or node.operands[2] is None:
+                or node.arg("zero_point") is None:
             return False
-        src, lo, hi = _activation_chain(rw, node.operands[0])
+        src, lo, hi = _activation_chain(rw, node.arg("x"))
         if lo > hi:
             return False
         residual = []
@@ -110,15 +111,17 @@ class FuseQuantizeIntoQConv(RewritePattern):
                     continue
                 rs = r_dq.attrs["scheme"]
                 if rs.granularity != "tensor" or rs.dtype.name not in ("i8", "u8") \
-                        or len(r_dq.operands) < 3 or r_dq.operands[2] is None \
+                        or r_dq.arg("zero_point") is None \
                         or r.type.shape != c.type.shape:
                     conv = None
                     continue
-                residual = [r_dq.operands[0], r_dq.operands[1], r_dq.operands[2]]
+                residual = [r_dq.arg("x"), r_dq.arg("scale"), r_dq.arg("zero_point")]
                 break
         if conv is None or (src.producer is conv and not rw.single_use(src)):
             return False
-        operands = _padded(conv.operands)[:7] + [node.operands[1], node.operands[2]] + residual
+        y_quant = [node.arg("scale"), node.arg("zero_point")]
+        # the float qconv's operands up to its bias, then y's quantization and the residual
+        operands = _padded(conv.operands)[:operand_index("qconv", "y_scale")] + y_quant + residual
         attrs = _with_act(conv.attrs, lo, hi)
         attrs.update(out="quant", requant=self.requant)
         fused = rw.create("qconv", operands, attrs, before=node, hint="qconv",

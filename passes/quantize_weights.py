@@ -74,7 +74,7 @@ class QuantizeMatmulWeight(RewritePattern):
         self.o = options
 
     def rewrite(self, node, rw):
-        wv = node.operands[1]
+        wv = node.arg("b")
         w = rw.const(wv)
         if w is None or wv.type.rank != 2 or not wv.type.dtype.is_float:
             return False

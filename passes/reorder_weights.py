@@ -11,9 +11,8 @@ and per-group (along K, block a multiple of 16 that divides or is divided by 64)
 - codes are biased to unsigned and packed into 4- or 8-bit containers, interleaved into
   ``mma.m16n8k16`` B-fragment order: the weight becomes a byte tensor with layout
   ``#layout<cuda_mma_b16, ...>`` whose parameters name the true code type, the container
-  width, the bias and the padded sizes. Because the stored elements are now bytes, the node's
-  ``w_scheme`` is rewritten to ``u8`` storage of the same granularity (the layout's
-  ``codes`` parameter keeps the real type);
+  width, the bias and the padded sizes. The weight's element type (u8) and layout describe the
+  storage; the node's ``w_scheme`` stays the model's scheme (its ``codes`` is the layout's);
 - group scales and zero points (after the same bias) become tables ``[groups, N_pad]`` in x's
   float type, permuted so that one 16-byte load gives a lane its 8 columns; per-channel and
   per-tensor scales stay in column order (applied in the epilogue);
@@ -31,7 +30,7 @@ import numpy as np
 
 from qcompiler.codegen.cuda import layout as L
 from qcompiler.ir import Module, elem
-from qcompiler.ir.core import constant_node, constant_value
+from qcompiler.ir.core import constant_node, constant_value, operand_index
 from qcompiler.ir.types import Layout, TensorType
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.runtime import numerics
@@ -62,7 +61,7 @@ def pack_qmatmul(module: Module, node) -> dict:
     """Pack one node's constants; returns the new operand arrays and the layout parameters."""
     fn = module.main
     scheme = node.attrs["w_scheme"]
-    x_t = node.operands[0].type
+    x_t = node.arg("x").type
     if node.attrs["act"] != "float":
         _refuse(node, f"act={node.attrs['act']} (integer activations) has no CUDA kernel yet")
     if x_t.dtype.name not in ACT_DTYPES:
@@ -70,11 +69,11 @@ def pack_qmatmul(module: Module, node) -> dict:
                       "(cast the model's inputs, or reorder-weights{compute_dtype=f16})")
     if not scheme.dtype.is_integer or scheme.bits > 8:
         _refuse(node, f"weights {scheme.dtype} are not 1-8 bit integers")
-    w = constant_value(module, node.operands[1])
-    scale = constant_value(module, node.operand(2))
+    w = constant_value(module, node.arg("w"))
+    scale = constant_value(module, node.arg("w_scale"))
     if w is None or scale is None:
         _refuse(node, "weight and scale must be constants")
-    zp_v, gidx_v, bias_v = node.operand(3), node.operand(4), node.operand(7)
+    zp_v, gidx_v, bias_v = node.arg("w_zero_point"), node.arg("g_idx"), node.arg("bias")
     zp = constant_value(module, zp_v) if zp_v is not None else None
     g_idx = constant_value(module, gidx_v) if gidx_v is not None else None
     bias = constant_value(module, bias_v) if bias_v is not None else None
@@ -170,10 +169,10 @@ class ReorderWeightsPass(Pass):
         fn = module.main
         count = 0
         for node in [n for n in fn.nodes if n.op == "qmatmul"]:
-            w_t = node.operands[1].type
+            w_t = node.arg("w").type
             if w_t.layout is not None:
                 continue  # already packed
-            if self.compute_dtype and node.operands[0].type.dtype.name == "f32" \
+            if self.compute_dtype and node.arg("x").type.dtype.name == "f32" \
                     and node.attrs["act"] == "float":
                 _compute_in(fn, node, self.compute_dtype)
             scheme = node.attrs["w_scheme"]
@@ -186,15 +185,12 @@ class ReorderWeightsPass(Pass):
                 interleave="kodd_h_k8" if p["cb"] == 4 else "h_k8_kodd",
                 act_order=int(p["perm"] is not None),
                 zero_const=-1 if p["zero_const"] is None else p["zero_const"])
-            # The stored elements are bytes now: the scheme describes u8 storage, the layout
-            # keeps the code type (see the module docstring).
-            storage_scheme = scheme.replace(
-                dtype=elem("u8"), implied_zero_point=None,
-                symmetric=True, zero_point_type=None)
+            # The stored elements are bytes: u8 and the layout describe them; w_scheme keeps
+            # the model's scheme (see the module docstring).
             w_new = constant_node(fn, module, p["packed"], TensorType(
-                p["packed"].shape, elem("u8"), storage_scheme, lay),
+                p["packed"].shape, elem("u8"), None, lay),
                 name_hint=f"{name}.w_packed", before=node).result
-            x_dt = node.operands[0].type.dtype
+            x_dt = node.arg("x").type.dtype
             s_lay = Layout.make("group_permuted" if p["scale_at"] == "registers" else "column",
                                 rows=p["scale_rows"] if p["scale_at"] == "registers" else 1)
             s_new = constant_node(fn, module, p["scales"], TensorType(
@@ -216,11 +212,10 @@ class ReorderWeightsPass(Pass):
                 bias_new = constant_node(fn, module, p["bias"], name_hint=f"{name}.bias_f32",
                                          before=node).result
             ops = list(node.operands) + [None] * (8 - len(node.operands))
-            ops[1], ops[2], ops[3], ops[4], ops[7] = w_new, s_new, z_new, perm_new, bias_new
+            for arg_name, v in (("w", w_new), ("w_scale", s_new), ("w_zero_point", z_new),
+                                ("g_idx", perm_new), ("bias", bias_new)):
+                ops[operand_index("qmatmul", arg_name)] = v
             node.operands = ops
-            node.attrs["w_scheme"] = storage_scheme
-            # The logical scheme, for tuning keys and the generated source's header.
-            node.attrs["config"] = {**node.attrs.get("config", {}), "w_scheme": str(scheme)}
             count += 1
         fn.remove_dead_nodes()
         record_stat(module, self.name, packed=count)

@@ -50,7 +50,7 @@ class ScheduleUnpackPass(Pass):
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
-            lay = node.operands[1].type.layout
+            lay = node.arg("w").type.layout
             if lay is None or lay.name != LAYOUT_NAME:
                 raise PassError(f"schedule-unpack: %{node.result.name} has no {LAYOUT_NAME} "
                                 "weight; run reorder-weights first")
@@ -65,7 +65,7 @@ class ScheduleUnpackPass(Pass):
             node.attrs["config"] = {
                 **node.attrs.get("config", {}), "unpack": unpack,
                 "scale_at": lay.get("scale_at"),
-                "zero_at": "registers" if node.operand(3) is not None else "constant",
+                "zero_at": "registers" if node.arg("w_zero_point") is not None else "constant",
             }
             count += 1
         record_stat(module, self.name, scheduled=count)

@@ -156,9 +156,9 @@ def test_cpu_huge_scales_do_not_overflow(tmp_path):
 
     module = qmm_module(64, 32, 4, 32, zp=True, bias=False, batch=3, seed=7)
     rng = np.random.default_rng(7)
-    scale_name = _qmm(module).operands[2].producer.attrs["name"]
-    zp_name = _qmm(module).operands[3].producer.attrs["name"]
-    code_name = _qmm(module).operands[1].producer.attrs["name"]
+    scale_name = _qmm(module).arg("w_scale").producer.attrs["name"]
+    zp_name = _qmm(module).arg("w_zero_point").producer.attrs["name"]
+    code_name = _qmm(module).arg("w").producer.attrs["name"]
     module.constants[scale_name] = (rng.random(module.constants[scale_name].shape) * 0.9e38
                                     + 0.1e38).astype(np.float32)
     module.constants[zp_name] = np.full(module.constants[zp_name].shape, 8, np.uint8)

@@ -270,7 +270,7 @@ def int8_expected(module, x):
     bl = layout.blocking(scheme, k, "int8")
     perm = None
     if scheme.act_order:
-        perm = layout.act_order_permutation(constant_value(module, node.operand(4)), bl.block, k)
+        perm = layout.act_order_permutation(constant_value(module, node.arg("g_idx")), bl.block, k)
     xd = runtime.int8_activations(x, bl.block, bl.k_pad, perm).astype(np.float32)
     return reference_run(module, {"x": xd})["y"]
 

@@ -206,3 +206,29 @@ def test_wgmma_full_shape(tmp_path):
     kern = bs.load_kernel(built)
     for m in (64, 100, 128, 512, 1000):
         _check(kern, built, m)
+
+
+def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(tmp_path):
+    """issue #12: the f32 MLP with every op on the device (casts, qmatmuls, epilogues), one
+    CUDA graph per signature; batch 3 then 9 (one bucket, two graphs), then 3 again (replay)."""
+    import qcompiler
+    from qcompiler.codegen.cuda.plan import CudaPlanRunner
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.pipeline import PassManager
+    from qcompiler.runtime.reference import run as ref_run
+    from qcompiler.targets import get_target
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "mlp_int4.onnx")
+    m = qcompiler.compile(path, target="cuda-sm90", output_dir=str(tmp_path / "a"))
+    assert isinstance(m._run, CudaPlanRunner)
+    full = get_target("cuda-sm90").default_pipeline
+    ref = PassManager.parse(full[:full.index(",reorder-weights")]).run(import_model(path))
+    rng = np.random.default_rng(5)
+    for batch in (3, 9, 3):
+        x = rng.standard_normal((batch, 64)).astype(np.float32)
+        got, want = m.run({"x": x})["y"], ref_run(ref, {"x": x})["y"]
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0)
+    assert all(s.graph is not None for s in m._run._signatures.values())
+    assert len(m._run._signatures) == 2

@@ -80,7 +80,7 @@ def test_packed_codes_decode_to_the_original(case):
     module = cases.make_module(case, seed=7)
     _, packed, node = bs.pack_case(case, module=module)
     orig = next(n for n in module.main.nodes if n.op == "qmatmul")
-    w = constant_value(module, orig.operands[1]).astype(np.int32)
+    w = constant_value(module, orig.arg("w")).astype(np.int32)
     lo = case.scheme().dtype.int_range()[0]
     u, z, s, perm = decode_weight(packed, node)
     if perm is not None:

@@ -95,3 +95,28 @@ def test_default_cuda_pipelines_take_f32_models(target):
     # gelu went into the qmatmuls' epilogues (the fusion passes run on CUDA targets)
     assert "gelu" not in ops
     assert all(n.attrs["config"]["variants"] for n in out.main.nodes if n.op == "qmatmul")
+
+
+def test_host_plan_golden_and_the_launcher_compiles(tmp_path, update_goldens):
+    """The launcher's step table for the MLP (golden), and qc_plan.cu builds for sm_80/sm_90."""
+    import subprocess
+
+    from conftest import check_golden
+    from qcompiler.codegen.cuda import build as nv
+    from qcompiler.codegen.cuda.ops.library import library_source
+    from qcompiler.codegen.cuda.plan import LAUNCHER_SOURCE, op_nodes, step_table_text
+    from qcompiler.plan import lower
+
+    module = PassManager.parse(get_target("cuda-sm90").default_pipeline).run(_mlp())
+    plan = lower(module)
+    symbols, _ = library_source(op_nodes(module, plan), module)
+    text = step_table_text(module, plan, symbols)
+    assert text.count("QMM") == 3 and "epilogue, in place" in text
+    check_golden(os.path.join(HERE, "golden", "cuda_plan_mlp_int4.txt"), text, update_goldens)
+    if nv.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    for arch in ("sm_80", "sm_90"):
+        out = tmp_path / f"qc_plan_{arch}.so"
+        subprocess.run([nv.find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+                        f"-arch={arch}", LAUNCHER_SOURCE, "-o", str(out)], check=True)
+        assert out.stat().st_size > 0

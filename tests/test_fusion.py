@@ -471,7 +471,7 @@ def test_fuse_epilogue_bias_activation_residual_and_swiglu():
     qmms = [n for n in fused.main.nodes if n.op == "qmatmul"]
     assert _ops(fused).keys() == {"constant", "qmatmul"}, text
     gate = next(n for n in qmms if n.result.name == "0")
-    assert gate.operands[7].name == "b"   # the bias add went into the bias operand
+    assert gate.arg("bias").name == "b"   # the bias add went into the bias operand
     assert gate.attrs["epilogue"] == ("t0 = silu(x0); t1 = mul(t0, x1); t2 = add(x2, t1); "
                                       "return t2")
     assert [v.name for v in gate.operands[8:]] == ["1", "r"]
@@ -545,7 +545,7 @@ def _check_decoder(base, fused, kind):
         assert q == (2, 4 if kind == "llama" else 2, 7, 24)
         assert k == v == (2, 2, 7, 24)  # Llama's kv heads are read once, not repeated
         assert node.attrs["scale"] == pytest.approx(24 ** -0.5)
-        assert node.operands[3] is not None and node.operands[3].type.shape == (2, 1, 7, 7)
+        assert node.arg("mask") is not None and node.arg("mask").type.shape == (2, 1, 7, 7)
     epilogues = sorted(n.attrs["epilogue"] for n in fused.main.nodes
                        if n.op == "qmatmul" and "epilogue" in n.attrs)
     if kind == "llama":
@@ -638,10 +638,10 @@ def test_fuse_attention_on_sdpa_variants(kind, dtype):
     (node,) = [n for n in fused.main.nodes if n.op == "attention"]
     assert "softmax" not in _ops(fused)
     assert node.attrs["causal"] == (1 if kind == "causal" else 0)
-    assert (node.operand(3) is None) == (kind == "causal")
+    assert (node.arg("mask") is None) == (kind == "causal")
     assert node.attrs["scale"] == pytest.approx({"float": 0.3, "gqa_scaled_q": 0.25}.get(
         kind, 24 ** -0.5), rel=1e-6 if dtype == np.float32 else 1e-3)  # the f16 constant
-    assert node.operands[1].type.shape[1] == kv_heads
+    assert node.arg("k").type.shape[1] == kv_heads
     _roundtrip(fused)
     # f16: the fused op keeps the scores in f32 where the decomposed graph rounded them.
     tol = 1e-5 if dtype == np.float32 else 5e-3
@@ -678,7 +678,7 @@ def test_minilm_onnx_fusion(minilm_q4):
     assert epilogues.count("t0 = add(x0, x1); return t0") == 12  # residuals (attention, FFN)
     assert len(epilogues) == 18
     # The six layers share one additive mask, built from the boolean padding mask.
-    masks = {n.operands[3] for n in fused.main.nodes if n.op == "attention"}
+    masks = {n.arg("mask") for n in fused.main.nodes if n.op == "attention"}
     assert len(masks) == 1 and next(iter(masks)).type.dtype.name == "f32"
     _roundtrip(fused)
     rng = RNG(50)

@@ -285,8 +285,8 @@ def test_per_channel_group_4bit_becomes_qmatmul(signed, act_qdq):
     scheme = q.attrs["w_scheme"]
     assert scheme.dtype.name == ("i4" if signed else "u4")
     assert (scheme.granularity, scheme.axis, scheme.block_size) == ("group", 0, 32)
-    assert q.operands[1].type.shape == (128, 48)  # [K, N] codes
-    assert q.operand(7) is not None  # the bias was fused
+    assert q.arg("w").type.shape == (128, 48)  # [K, N] codes
+    assert q.arg("bias") is not None  # the bias was fused
 
 
 def test_pt2e_style_graph_module_from_export():

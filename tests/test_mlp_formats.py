@@ -106,7 +106,7 @@ def test_final_ir_has_one_qmatmul_per_layer(built):
                         and x.type.rank == 2), f"weight dequantize left: {n}"
     fmt = built.fmt
     for i, q in enumerate(qmms):
-        w = q.operands[1]
+        w = q.arg("w")
         assert w.producer is not None and w.producer.op == "constant"
         assert w.type.shape == (SIZES[i], SIZES[i + 1])
         scheme = q.attrs["w_scheme"]
@@ -155,7 +155,7 @@ def test_integer_formats_are_exact_in_onnxruntime_on_every_x86(name):
     qmms = [n for n in module.main.nodes if n.op == "qmatmul"]
     assert len(qmms) == N_LAYERS
     for q in qmms:
-        codes = constant_value(module, q.operands[1])
+        codes = constant_value(module, q.arg("w"))
         dtype = q.attrs["w_scheme"].dtype.name
         assert dtype == fmt.w_dtype and dtype in ("u8", "i8"), (name, dtype)
         if dtype == "i8":

@@ -104,7 +104,7 @@ def test_canonicalize_gemm_orientation(trans_b, alpha, beta, quantized):
     assert "gemm" not in ops and "transpose" not in ops
     if quantized:
         assert ops.count("qmatmul") == 1 and "dequantize" not in ops
-        w = next(n for n in out.main.nodes if n.op == "qmatmul").operands[1]
+        w = next(n for n in out.main.nodes if n.op == "qmatmul").arg("w")
         assert w.type.shape == (48, 24)  # stored [K, N] whatever the ONNX orientation
     np.testing.assert_allclose(run(out, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
 
@@ -146,11 +146,11 @@ def test_quantize_weights_is_round_to_nearest(bits, group, group_axis, symmetric
     for node, wname in zip(qmms, ["fc0.weight", "fc1.weight"]):
         scheme = node.attrs["w_scheme"]
         assert scheme.bits == bits and scheme.symmetric == symmetric
-        codes = out.constants[node.operands[1].producer.attrs["name"]]
+        codes = out.constants[node.arg("w").producer.attrs["name"]]
         lo, hi = scheme.dtype.int_range()
         assert codes.min() >= lo and codes.max() <= hi
-        scale = _const(out, node.operands[2])
-        zp = _const(out, node.operand(3))
+        scale = _const(out, node.arg("w_scale"))
+        zp = _const(out, node.arg("w_zero_point"))
         deq = dequantize(codes, scale, zp, scheme, np.float32)
         w = weights[wname]
         # Round to nearest: every weight is within half a step of its dequantized value

@@ -40,7 +40,7 @@ from qcompiler.targets import get_target
 def _problem(target, node):
     from qcompiler.codegen.cpu import tuning
 
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     if lay is None or lay.name not in ("cpu_exact", "cpu_vnni", "cpu_lut"):
         raise CPUBackendError(f"%{node.result.name}: weights are not packed for the CPU "
                               "(run cpu-pack-weights after cpu-schedule)")
@@ -49,15 +49,15 @@ def _problem(target, node):
 
 def _packed(module, node) -> dict:
     perm = None
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     if lay.get("act_order"):
         from qcompiler.codegen.cpu import layout
 
-        perm = layout.act_order_permutation(constant_value(module, node.operand(4)),
+        perm = layout.act_order_permutation(constant_value(module, node.arg("g_idx")),
                                             lay.get("block"), lay.get("k"))
-    return {"w": constant_value(module, node.operands[1]),
-            "s": constant_value(module, node.operands[2]),
-            "zc": constant_value(module, node.operands[3]),
+    return {"w": constant_value(module, node.arg("w")),
+            "s": constant_value(module, node.arg("w_scale")),
+            "zc": constant_value(module, node.arg("w_zero_point")),
             "perm": perm}
 
 
@@ -245,7 +245,7 @@ def epilogue_node(node):
     from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
     from qcompiler.ir.types import TensorType, elem
 
-    bias = node.operand(7)
+    bias = node.arg("bias")
     text = node.attrs.get("epilogue")
     if bias is None and text is None:
         return None
@@ -390,7 +390,7 @@ class QmatmulStep:
         self.epilogue_name = epilogue
         self.lib = lib
         # bias / epilogue without a compiled kernel (a host fallback): the reference applies it
-        self.host_epilogue = epilogue is None and (node.operand(7) is not None
+        self.host_epilogue = epilogue is None and (node.arg("bias") is not None
                                                    or "epilogue" in node.attrs)
         self.in_place = node.result.type.dtype.np_dtype == np.float32
 

@@ -71,7 +71,7 @@ def validate(config, node, target) -> CpuConfig:
     mcpu = config.get("mcpu")
     if mcpu is not None and (not isinstance(mcpu, str) or not MCPU.fullmatch(mcpu)):
         raise ConfigError(f"{where}: config mcpu={mcpu!r} is not a CPU name")
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     for param in LAYOUT_INTS:
         if lay is None or not is_int(lay.get(param)) or lay.get(param) < 1:
             raise ConfigError(f"{where}: weight layout parameter {param}="

@@ -20,7 +20,6 @@ from qcompiler.codegen.cuda.config import validate as validate_config
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
 from qcompiler.codegen.names import safe_identifier
 from qcompiler.errors import InputError
-from qcompiler.ir import logical_w_scheme
 from qcompiler.targets import get_target
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -51,7 +50,7 @@ def comment_text(text: str) -> str:
 
 def kernel_params(node, target_name: str) -> dict:
     """Every value the template needs, from the node's layout and config (nothing decided here)."""
-    w_t = node.operands[1].type
+    w_t = node.arg("w").type
     lay = w_t.layout
     cfg = node.attrs.get("config", {})
     if lay is None or lay.name != LAYOUT_NAME or "variants" not in cfg:
@@ -76,12 +75,12 @@ def kernel_params(node, target_name: str) -> dict:
         "scalar_t": "half" if dtype == "f16" else "__nv_bfloat16",
         "scalar2_t": "half2" if dtype == "f16" else "__nv_bfloat162",
         "mma_type": "f16" if dtype == "f16" else "bf16",
-        "w_scheme": comment_text(logical_w_scheme(node)),
+        "w_scheme": comment_text(str(node.attrs["w_scheme"])),
         "layout": comment_text(lay), "cb": lay.get("container_bits"), "k": k, "n": lay.get("n"),
         "k_pad": k_pad, "n_pad": lay.get("n_pad"), "group": lay.get("group"),
         "scale_rows": -(-k_pad // lay.get("group")),
         "scale_at": cfg["scale_at"], "zero_at": cfg["zero_at"], "unpack": cfg["unpack"],
-        "has_zp": node.operand(3) is not None,
+        "has_zp": node.arg("w_zero_point") is not None,
         "zero_const": max(lay.get("zero_const"), 0),
         # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
@@ -183,7 +182,7 @@ class CudaBackend(Backend):
                 "op": "qmatmul", "result": node.result.name, "impl": "cuda",
                 "symbol": symbol, "source": symbol + ".cu", "library": symbol + ".so",
                 "kernel_key": key, "x": list(node.operands[0].type.shape),
-                "w_layout": str(node.operands[1].type.layout),
+                "w_layout": str(node.arg("w").type.layout),
                 "operands": operand_names(node), "config": node.attrs["config"]})
         # The static device code the sources include: the artifact keeps its own copy and its
         # libraries are built from it (kernels/include), so its sources compile where they are.
@@ -214,9 +213,28 @@ class CudaBackend(Backend):
             builder.build_many(builds, kdir)
         for r in records:
             r["built"] = built
+        if built and os.environ.get("QC_CUDA_PLAN", "1") != "0":
+            records.append(self._device_plan(module, target, kdir))
         return records
+
+    @staticmethod
+    def _device_plan(module, target, kdir: str) -> dict:
+        """Every op on the device (codegen/cuda/plan.py); a model with an op the CUDA op
+        library lacks keeps the host reference for its other ops (the record says why)."""
+        from qcompiler.codegen.cuda.ops.common import CudaOpsError
+        from qcompiler.codegen.cuda.plan import build_plan
+
+        try:
+            return build_plan(module, target, kdir)
+        except CudaOpsError as e:
+            return {"op": "plan", "impl": "cuda-host-ops", "reason": str(e)}
 
     def runner(self, module, manifest: dict, out_dir: str):
         from qcompiler.codegen.cuda.runtime import CudaModuleRunner
 
+        plan = next((r for r in manifest["kernels"] if r.get("impl") == "cuda-plan"), None)
+        if plan is not None and os.environ.get("QC_CUDA_PLAN", "1") != "0":
+            from qcompiler.codegen.cuda.plan import CudaPlanRunner
+
+            return CudaPlanRunner(module, manifest, out_dir, plan)
         return CudaModuleRunner(module, manifest, out_dir)

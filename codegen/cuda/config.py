@@ -206,7 +206,7 @@ def validate(config, node, target=None) -> CudaConfig:
     x_dtype = node.operands[0].type.dtype.name
     if x_dtype not in X_DTYPES:
         raise ConfigError(f"{where}: the CUDA kernels take f16 or bf16 activations, not {x_dtype}")
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     for param in LAYOUT_INTS:
         if lay is None or not is_int(lay.get(param)):
             raise ConfigError(f"{where}: weight layout parameter {param}="

@@ -15,30 +15,31 @@ from qcompiler.ir.core import constant_value
 def decode_weight(module, node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(unsigned codes [Kp, Np], zero [Kp, Np] (after the bias), scale [Kp, Np] or [Np]
     (epilogue), perm or None) as the kernel sees them."""
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     cb, kp, np_ = lay.get("container_bits"), lay.get("k_pad"), lay.get("n_pad")
-    packed = constant_value(module, node.operands[1])
+    packed = constant_value(module, node.arg("w"))
     words = np.ascontiguousarray(packed).view(np.uint32).reshape(kp // 16, np_ // 64, cb // 4,
                                                                  32, 4)
     u = L.unpack_codes(words, cb)
     group = lay.get("group")
     row_of_k = np.arange(kp) // group
-    zeros = constant_value(module, node.operand(3)) if node.operand(3) is not None else None
+    zero_v = node.arg("w_zero_point")
+    zeros = constant_value(module, zero_v) if zero_v is not None else None
     if zeros is not None:
         z = L.unpermute_group_rows(np.asarray(zeros, np.float32))[row_of_k]
     else:
         z = np.full((kp, np_), float(lay.get("zero_const")), np.float32)
-    s = np.asarray(constant_value(module, node.operand(2)), np.float32)
+    s = np.asarray(constant_value(module, node.arg("w_scale")), np.float32)
     if lay.get("scale_at") == "registers":
         s = L.unpermute_group_rows(s)[row_of_k]
-    perm = constant_value(module, node.operand(4)) if node.operand(4) is not None else None
+    perm = constant_value(module, node.arg("g_idx")) if node.arg("g_idx") is not None else None
     return u, z, s, perm
 
 
 def emulate(module, node, x: np.ndarray) -> np.ndarray:
     """y as the kernel computes it: w rounded to x's type per element (the register dequant),
     products accumulated in fp32, per-channel scale and bias in fp32, rounded once."""
-    lay = node.operands[1].type.layout
+    lay = node.arg("w").type.layout
     k, n, kp = lay.get("k"), lay.get("n"), lay.get("k_pad")
     u, z, s, perm = decode_weight(module, node)
     x2 = x.reshape(-1, k)
@@ -51,7 +52,7 @@ def emulate(module, node, x: np.ndarray) -> np.ndarray:
     else:
         y = (xp @ v) * s[None, :]
     y = y[:, :n]
-    bias_v = node.operand(7)
+    bias_v = node.arg("bias")
     if bias_v is not None:
         y = y + constant_value(module, bias_v)
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)

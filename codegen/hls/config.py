@@ -116,7 +116,7 @@ def validate(config, node) -> HlsLayerConfig:
     problem = _problem(config)
     if problem:
         raise ConfigError(f"{where}: {problem}")
-    shape = node.operands[1].type.shape
+    shape = node.arg("w").type.shape
     if tuple(shape) != (config["k"], config["n"]):
         raise ConfigError(f"{where}: config k={config['k']}, n={config['n']} but the weight is "
                           f"{list(shape)}")

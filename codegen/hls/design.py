@@ -65,13 +65,13 @@ def layer_weights(module: Module, node) -> dict:
     if not scheme.dtype.is_integer or scheme.bits > 8:
         raise PassError(f"{where}: weights of type {scheme.dtype} (the HLS backend takes "
                         "integer codes of 2 to 8 bits)")
-    if node.operands[1].type.layout is not None:
+    if node.arg("w").type.layout is not None:
         raise PassError(f"{where}: the weight already has a layout")
-    codes = constant_value(module, node.operands[1])
-    scale = constant_value(module, node.operands[2])
-    zp = constant_value(module, node.operand(3))
-    g_idx = constant_value(module, node.operand(4))
-    bias = constant_value(module, node.operand(7))
+    codes = constant_value(module, node.arg("w"))
+    scale = constant_value(module, node.arg("w_scale"))
+    zp = constant_value(module, node.arg("w_zero_point"))
+    g_idx = constant_value(module, node.arg("g_idx"))
+    bias = constant_value(module, node.arg("bias"))
     if codes is None or scale is None:
         raise PassError(f"{where}: weights and scales must be constants")
     if zp is not None and not zp.dtype.kind in "iu":

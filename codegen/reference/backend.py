@@ -19,7 +19,7 @@ class ReferenceBackend(Backend):
                 calls.append({
                     "op": node.op, "result": node.result.name, "impl": "reference",
                     "x": list(node.operands[0].type.shape),
-                    "w": list(node.operands[1].type.shape),
+                    "w": list(node.arg("w").type.shape),
                     "w_scheme": str(node.attrs["w_scheme"]), "act": node.attrs["act"],
                     "config": {}})
         return calls

@@ -18,7 +18,7 @@ from qcompiler.driver.artifact import describe_value, write_artifact
 from qcompiler.driver.frontend import (CompileError, import_model,  # noqa: F401
                                        resolve_target, run_pipeline)
 from qcompiler.errors import InputError
-from qcompiler.ir import Module, logical_w_scheme
+from qcompiler.ir import Module
 from qcompiler.ir.elementwise_body import parse_body
 from qcompiler.pipeline import Instrument
 from qcompiler.registry import get_backend
@@ -28,9 +28,9 @@ from qcompiler.version import __version__
 
 
 def _weight_bytes(node) -> int:
-    w = node.operands[1]
+    w = node.arg("w")
     total = int(np.prod(w.type.shape)) * w.type.dtype.bits // 8
-    for v in (node.operand(2), node.operand(3)):
+    for v in (node.arg("w_scale"), node.arg("w_zero_point")):
         if v is not None and v.type.is_static:
             total += int(np.prod(v.type.shape, dtype=np.int64)) * max(v.type.dtype.bits, 8) // 8
     return total
@@ -61,12 +61,12 @@ def host_fallbacks(kernels: list[dict]) -> list[dict]:
 
 def _report(module: Module, target: Target, spec: str, records: list[dict], source: str,
             kernels: list[dict], build: dict, seconds: dict) -> tuple[dict, str]:
-    # Report the model's weight scheme (a backend that packs the weights stores them under a
-    # storage scheme) and the shape of the weight as stored.
-    qmms = [{"result": n.result.name, "w": list(n.operands[1].type.shape),
-             "w_layout": (n.operands[1].type.layout.name if n.operands[1].type.layout
+    # Report the model's weight scheme (w_scheme; packing changes only the weight's element
+    # type and layout) and the shape of the weight as stored.
+    qmms = [{"result": n.result.name, "w": list(n.arg("w").type.shape),
+             "w_layout": (n.arg("w").type.layout.name if n.arg("w").type.layout
                           else "row_major"),
-             "w_scheme": logical_w_scheme(n),
+             "w_scheme": str(n.attrs["w_scheme"]),
              "act": n.attrs["act"], "weight_bytes": _weight_bytes(n)}
             for n in module.main.nodes if n.op == "qmatmul"]
     ops: dict[str, int] = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-from qcompiler.ir.ops import logical_w_scheme
 
 
 def _static_dim(value, what: str, node) -> int:
@@ -34,8 +33,8 @@ def kernel_key(node, m: int) -> dict:
         raise ValueError(f"kernel_key: only qmatmul nodes are tunable, not {node.op!r}")
     if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
         raise ValueError(f"qmatmul {_node_name(node)}: m must be a positive int, not {m!r}")
-    x_type = node.operands[0].type
-    w_type = node.operands[1].type
+    x_type = node.arg("x").type
+    w_type = node.arg("w").type
     # x's last dim equals the weight's K (matmul requires it): take whichever is static; a
     # packed weight keeps its logical K and N in its layout.
     logical = (w_type.shape[0], w_type.shape[1]) if w_type.layout is None else (
@@ -44,13 +43,13 @@ def kernel_key(node, m: int) -> dict:
     n = node.results[0].type.shape[-1]
     n = n if isinstance(n, int) else logical[1]
     scheme = node.attrs["w_scheme"]
-    bias = node.operands[7] if len(node.operands) > 7 else None
+    bias = node.arg("bias")
     return {
         "op": "qmatmul",
         "m": m,
         "k": _static_dim(k, "k (x's last dimension)", node),
         "n": _static_dim(n, "n (the result's last dimension)", node),
-        "w_scheme": logical_w_scheme(node),  # the model's, also after a pass packed w
+        "w_scheme": str(scheme),  # the model's, also after a pass packed w
         "act": node.attrs["act"],
         "x_dtype": x_type.dtype.name,
         "has_bias": bias is not None,

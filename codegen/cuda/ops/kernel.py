@@ -255,7 +255,7 @@ def _matmul(node: Node) -> str:
 
 def _rotary(node: Node) -> str:
     x, cos, sin = node.operands[:3]
-    pos = node.operand(3) if len(node.operands) > 3 else None
+    pos = node.arg("position_ids")
     xt, ct = c_type(x.type.dtype, node), c_type(cos.type.dtype, node)
     if xt not in ("__half", "__nv_bfloat16", "float") or c_type(sin.type.dtype, node) != ct:
         raise unsupported(node, "x of f16/bf16/f32 and caches of one type")
@@ -288,7 +288,7 @@ def attention_tiles(d: int, dv: int, elem_bytes: int) -> dict:
 
 def _attention(node: Node) -> str:
     q, k, v = node.operands[:3]
-    mask = node.operand(3) if len(node.operands) > 3 else None
+    mask = node.arg("mask")
     y = node.results[0]
     if q.type.rank != 4 or k.type.rank != 4 or v.type.rank != 4:
         raise unsupported(node, "attention operands must be [B, H, S, D]")

@@ -93,7 +93,7 @@ def _transpose(imp, x, perm: list[int]) -> Value:
     dq = v.producer
     if v.type.rank == 2 and dq is not None and dq.op == "dequantize" \
             and all(o is None or constant_value(imp.module, o) is not None
-                    for o in dq.operands[:3]) and (len(dq.operands) < 4 or dq.operands[3] is None):
+                    for o in dq.operands[:3]) and dq.arg("g_idx") is None:
         scheme: QuantScheme = dq.attrs["scheme"]
         ops = []
         for o in dq.operands[:3]:

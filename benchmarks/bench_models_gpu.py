@@ -1,0 +1,253 @@
+"""Whole models on the GPU (issue #12): the device plan (every op a CUDA kernel, one CUDA graph
+per signature) against torch fp16 eager on the same GPU, with correctness checks first.
+
+    python3 benchmarks/bench_models_gpu.py --out DIR [--llama-layers 22] [--skip-llama]
+
+- MiniLM-shaped encoder (BERT, 6 layers, hidden 384, 12 heads, 1536 intermediate, random
+  weights), 4-bit g128 through quantize-weights, batch x seq 1x16 and 8x32;
+- TinyLlama-width decoder (hidden 2048, 32 heads, 4 KV heads, 5632, vocab 32000), W4 g128,
+  one decode step at context 512 (``--llama-layers`` of the 22, fewer to save time).
+torch runs the same architecture and weights in fp16 (the float weights, not dequantized: a
+timing peer). Checks: the plan against the reference interpreter of the same quantized
+module (fp16 tolerance), a shape change within a bucket, the KV cache fed back on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+Q4 = "canonicalize,quantize-weights{bits=4,group=128},"
+
+
+def pipeline(target: str) -> str:
+    from qcompiler.targets import get_target
+
+    return Q4 + get_target(target).default_pipeline
+
+
+def cuda_time_ms(fn, iters: int = 200, warmup: int = 20) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def graph_time_ms(runner, sig) -> float:
+    """The plan's graph replay alone (inputs already on the device), on its own stream."""
+    import ctypes
+
+    import torch
+
+    lib, s = runner.launcher, runner.stream
+    ev = torch.cuda.Event
+    for _ in range(20):
+        lib.qc_graph_launch(sig.graph, s)
+    lib.qc_stream_synchronize(s)
+    t0 = time.perf_counter()
+    n = 200
+    for _ in range(n):
+        lib.qc_graph_launch(sig.graph, s)
+    lib.qc_stream_synchronize(s)
+    del ev, ctypes
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def reference_of(path: str, target: str):
+    """The quantized, f16-retyped module before packing (the reference can run it)."""
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.pipeline import PassManager
+
+    full = pipeline(target)
+    upto = full[:full.index(",reorder-weights")]
+    return PassManager.parse(upto).run(import_model(path))
+
+
+def check_close(name, got, want, rtol):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    err = float(np.abs(got - want).max())
+    scale = float(max(np.abs(want).max(), 1.0))
+    ok = bool(np.isfinite(got).all()) and err <= rtol * scale
+    print(f"  check {name}: max err {err:.3g} (scale {scale:.3g}) {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def minilm(args, target, results):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import qcompiler
+    from qcompiler.runtime.reference import run as ref_run
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                     num_attention_heads=12, intermediate_size=1536,
+                     attn_implementation="eager")
+    model = BertModel(cfg).eval()
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "minilm.onnx")
+    ids = torch.randint(0, 30522, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    torch.onnx.export(Enc(), (ids, mask), path, input_names=["input_ids", "attention_mask"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                    "attention_mask": {0: "batch", 1: "seq"}},
+                      opset_version=17, dynamo=False)
+    t0 = time.time()
+    m = qcompiler.compile(path, target=target, passes=pipeline(target),
+                          buckets={"batch": [1, 8], "seq": [16, 32]})
+    print(f"minilm compiled in {time.time() - t0:.1f} s; runner {type(m._run).__name__}")
+    ref = reference_of(path, target)
+    ok = True
+    rng = np.random.default_rng(1)
+    for b, s in ((1, 16), (8, 32), (3, 11)):  # (3, 11): a shape change within the 8x32 bucket
+        feeds = {"input_ids": rng.integers(0, 30522, (b, s)).astype(np.int64),
+                 "attention_mask": np.ones((b, s), np.int64)}
+        out = m.run(feeds)
+        want = ref_run(ref, feeds)
+        for k in want:
+            ok &= check_close(f"minilm {b}x{s} {k}", out[k], want[k], 3e-2)
+    half = model.half().cuda()
+    for b, s in ((1, 16), (8, 32)):
+        feeds = {"input_ids": rng.integers(0, 30522, (b, s)).astype(np.int64),
+                 "attention_mask": np.ones((b, s), np.int64)}
+        tfeeds = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+        ms_ours = cuda_time_ms(lambda: m.run(tfeeds))
+        runner = m._run
+        sig = runner._signatures[tuple(v.shape for v in feeds.values())]
+        ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
+        with torch.no_grad():
+            ms_torch = cuda_time_ms(lambda: half(input_ids=tfeeds["input_ids"],
+                                                 attention_mask=tfeeds["attention_mask"]))
+        print(f"minilm {b}x{s}: ours {ms_ours:.3f} ms per run() (graph replay "
+              f"{ms_graph if ms_graph is None else round(ms_graph, 3)} ms), torch fp16 eager "
+              f"{ms_torch:.3f} ms; launches per run {sig.n}")
+        results.append({"workload": f"minilm-q4g128-{b}x{s}", "ours_run_ms": ms_ours,
+                        "ours_graph_ms": ms_graph, "torch_fp16_eager_ms": ms_torch,
+                        "launches": sig.n})
+    return ok
+
+
+def llama(args, target, results):
+    import torch
+
+    import decoder_models as dm
+    import qcompiler
+    from qcompiler.runtime.reference import run as ref_run
+
+    ok = True
+    for name, cfg, layers, past in (("small", dm.SMALL_LLAMA, 2, 8),
+                                    ("tinyllama-width", dm.TINYLLAMA, args.llama_layers, 511)):
+        if name != "small" and args.skip_llama:
+            continue
+        model = dm.llama(layers=layers, **cfg)
+        feeds = dm.llama_inputs(cfg, layers, 1, 1, past)
+        tmp = tempfile.mkdtemp()
+        path = dm.export_onnx(model, feeds, os.path.join(tmp, "llama.onnx"), dynamo=False)
+        t0 = time.time()
+        m = qcompiler.compile(path, target=target, passes=pipeline(target),
+                              buckets={"batch": [1], "seq": [1], "past": [past + 1]})
+        print(f"llama {name} ({layers} layers) compiled in {time.time() - t0:.1f} s; "
+              f"runner {type(m._run).__name__}")
+        if name == "small":
+            ref = reference_of(path, target)
+            out = m.run(feeds)
+            want = ref_run(ref, feeds)
+            for k in want:
+                ok &= check_close(f"llama small step 1 {k}", out[k], want[k], 3e-2)
+            # step 2: the cache stays on the device (torch CUDA tensors in and out)
+            t = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+            o1 = m.run(t)
+            feeds2 = {"input_ids": np.array([[7]], np.int64),
+                      "position_ids": np.array([[past + 1]], np.int64),
+                      "past_k": o1[list(o1)[1]].cpu().numpy(),
+                      "past_v": o1[list(o1)[2]].cpu().numpy()}
+            t2 = {"input_ids": torch.tensor([[7]]).cuda(),
+                  "position_ids": torch.tensor([[past + 1]]).cuda(),
+                  "past_k": o1[list(o1)[1]], "past_v": o1[list(o1)[2]]}
+            o2 = m.run(t2)
+            want2 = ref_run(ref, feeds2)
+            for k in want2:
+                ok &= check_close(f"llama small step 2 (cache on device) {k}",
+                                  o2[k].cpu().numpy(), want2[k], 3e-2)
+            continue
+        t = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+        ms_ours = cuda_time_ms(lambda: m.run(t), iters=50, warmup=5)
+        runner = m._run
+        sig = runner._signatures[tuple(v.shape for v in feeds.values())]
+        ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
+        half = model.half().cuda()
+        th = {k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}
+        with torch.no_grad():
+            ms_torch = cuda_time_ms(lambda: half(*th.values()), iters=50, warmup=5)
+        print(f"llama {name} {layers} layers decode at ctx {past + 1}: ours {ms_ours:.3f} ms per "
+              f"run() (graph replay {ms_graph}), torch fp16 eager {ms_torch:.3f} ms; "
+              f"launches {sig.n}")
+        results.append({"workload": f"llama-{name}-{layers}layers-decode-ctx{past + 1}",
+                        "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph,
+                        "torch_fp16_eager_ms": ms_torch, "launches": sig.n})
+    return ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--target", default="cuda-sm90")
+    ap.add_argument("--llama-layers", type=int, default=22)
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-minilm", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+
+    results = []
+    ok = True
+    for part in (minilm, llama):
+        if part is minilm and a.skip_minilm:
+            continue
+        try:
+            ok &= part(a, a.target, results)
+        except Exception as e:  # report and carry on with the other model
+            import traceback
+
+            traceback.print_exc()
+            print(f"{part.__name__}: FAILED: {type(e).__name__}: {e}")
+            ok = False
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    doc = {"device": torch.cuda.get_device_name(), "date_utc": stamp, "torch": torch.__version__,
+           "target": a.target, "checks_passed": bool(ok), "results": results}
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"models-gpu-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(json.dumps(doc, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
