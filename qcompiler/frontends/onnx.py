@@ -1974,6 +1974,48 @@ def _swiglu(imp, n, attrs):
     imp.emit("mul", [swish, b], names=imp.outputs_of(n))
 
 
+@_handles("CausalConvWithState")
+def _causal_conv_with_state(imp, n, attrs):
+    """past_state (zeros when absent) + input along time, a depthwise conv of kernel k without
+    padding (+ bias, optional SiLU); present_state is the last k - 1 steps."""
+    xs = _inputs(imp, n) + [None] * 4
+    x, w, b, past = xs[:4]
+    act = _text(attrs.get("activation"), "none")
+    if act not in ("none", "silu", "swish"):
+        raise imp.fail(f"CausalConvWithState activation {act!r} is not none, silu or swish")
+    k, c = w.type.shape[2], w.type.shape[0]
+    if not isinstance(k, int) or not isinstance(c, int) or x.type.rank != 3:
+        raise imp.fail(f"CausalConvWithState needs [B, C, L] input and a static [C, 1, k] "
+                       f"weight, not {x.type.shape} and {w.type.shape}")
+    if past is not None:
+        padded = imp.emit("concat", [past, x], {"axis": 2})[0]
+    else:
+        padded = imp.emit("pad", [x, _ints_const(imp, [0, 0, k - 1, 0, 0, 0], "pads"),
+                                  _scalar(imp, 0, x.type.dtype)], {"mode": "constant"})[0]
+    outs = imp.outputs_of(n) + [None]
+    y = imp.emit("conv", [padded, w, b], {"strides": [1], "pads": [0, 0], "dilations": [1],
+                                         "group": c}, names=[None if act != "none" else outs[0]])[0]
+    if act != "none":
+        imp.emit("mul", [y, imp.emit("sigmoid", [y])[0]], names=outs[:1])
+    if outs[1] is not None:
+        start = -(k - 1) if k > 1 else 1 << 62  # k = 1: an empty state
+        imp.emit("slice", [padded, _ints_const(imp, [start], "starts"),
+                           _ints_const(imp, [1 << 62], "ends"), _ints_const(imp, [2], "axes")],
+                 names=outs[1:2])
+
+
+@_handles("LinearAttention")
+def _linear_attention(imp, n, attrs):
+    """chunk_size is a tuning hint without effect on the result."""
+    xs = _inputs(imp, n) + [None] * 6
+    outs = imp.outputs_of(n) + [None]
+    imp.emit("linear_attention", xs[:6],
+             {"q_num_heads": int(attrs["q_num_heads"]), "kv_num_heads": int(attrs["kv_num_heads"]),
+              "scale": float(attrs.get("scale", 0.0)),
+              "update_rule": _text(attrs.get("update_rule"), "gated_delta")},
+             names=outs[:2], n_results=2)
+
+
 @_handles("Det")
 def _det(imp, n, attrs):
     imp.emit("det", _inputs(imp, n)[:1], names=imp.outputs_of(n))

@@ -1167,6 +1167,35 @@ def _recurrent(types, attrs, consts):
     return out
 
 
+@_def("linear_attention", "ONNX LinearAttention (opset 27): a recurrent [dk, dv] state per kv "
+      "head updated each step by `update_rule` linear | gated | delta | gated_delta and read "
+      "by the queries; output [B, T, Hq*dv] and the final state",
+      ["q", "k", "v", "past_state?", "decay?", "beta?"],
+      {"q_num_heads": ("int", True), "kv_num_heads": ("int", True), "scale": ("float", True),
+       "update_rule": ("str", True)}, results=2)
+def _linear_attention(types, attrs, consts):
+    q, k, v = types[:3]
+    hq, hkv, rule = attrs["q_num_heads"], attrs["kv_num_heads"], attrs["update_rule"]
+    if rule not in ("linear", "gated", "delta", "gated_delta"):
+        raise TypeInferenceError(f"linear_attention update_rule {rule!r} is not linear, "
+                                 "gated, delta or gated_delta")
+    if hq <= 0 or hkv <= 0 or hq % hkv or q.rank != 3 or k.rank != 3 or v.rank != 3:
+        raise TypeInferenceError(f"linear_attention of q {q.shape}, k {k.shape}, v {v.shape} "
+                                 f"with {hq} query heads over {hkv} kv heads")
+    operands = dict(zip(("decay", "beta"), types[4:6] + [None] * 2))
+    for name, wanted in (("decay", rule in ("gated", "gated_delta")),
+                         ("beta", rule in ("delta", "gated_delta"))):
+        if (operands[name] is not None) != wanted:
+            raise TypeInferenceError(f"linear_attention {rule} {'needs' if wanted else 'takes no'}"
+                                     f" {name}")
+    dk = q.shape[2] // hq if isinstance(q.shape[2], int) else "?"
+    dv = v.shape[2] // hkv if isinstance(v.shape[2], int) else "?"
+    out_dv = hq * dv if isinstance(dv, int) else "?"
+    state_dtype = types[3].dtype if len(types) > 3 and types[3] is not None else q.dtype
+    return [TensorType((q.shape[0], q.shape[1], out_dv), q.dtype),
+            TensorType((q.shape[0], hkv, dk, dv), state_dtype)]
+
+
 def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[list[TensorType]]:
     """Result types of ``op`` or None when the op declares its own (constant)."""
     try:

@@ -1662,6 +1662,47 @@ def _recurrent(node, args, module):
 OP_IMPLS["recurrent"] = _recurrent
 
 
+def _linear_attention(node, args, module):
+    """Step by step in float32: the state decays by exp(decay) (gated), the value is
+    replaced by beta * (v - state^T k) (delta), the state gains k v^T and each query head
+    reads scale * q^T state of its kv head."""
+    a = node.attrs
+    args = list(args) + [None] * (6 - len(args))
+    q, k, v, past, decay, beta = args
+    hq, hkv, rule = a["q_num_heads"], a["kv_num_heads"], a["update_rule"]
+    b, t, _ = q.shape
+
+    def heads(x, h):  # [B, T, H*D] -> [B, H, T, D] in float32
+        return x.reshape(b, t, h, -1).transpose(0, 2, 1, 3).astype(F32)
+
+    q4, k4, v4 = heads(q, hq), heads(k, hkv), heads(v, hkv)
+    dk, dv = q4.shape[3], v4.shape[3]
+    if decay is not None:
+        decay4 = heads(decay, hkv)  # [B, Hkv, T, 1] or [B, Hkv, T, dk]
+    if beta is not None:
+        beta4 = beta.reshape(b, t, beta.shape[-1], 1).transpose(0, 2, 1, 3).astype(F32)
+    state = np.zeros((b, hkv, dk, dv), F32) if past is None else past.astype(F32)
+    if state.shape != (b, hkv, dk, dv):
+        raise ValueError(f"linear_attention past_state {state.shape} is not "
+                         f"{(b, hkv, dk, dv)}")
+    scale = a["scale"] or 1.0 / np.sqrt(dk)
+    out = np.zeros((b, hq, t, dv), F32)
+    for i in range(t):
+        vt = v4[:, :, i]
+        if decay is not None:
+            state = state * np.exp(decay4[:, :, i])[..., None]
+        if beta is not None:
+            vt = beta4[:, :, i] * (vt - np.einsum("bhdm,bhd->bhm", state, k4[:, :, i]))
+        state = state + k4[:, :, i, :, None] * vt[:, :, None, :]
+        read = np.repeat(state, hq // hkv, axis=1)
+        out[:, :, i] = np.float32(scale) * np.einsum("bhd,bhdm->bhm", q4[:, :, i], read)
+    y = out.transpose(0, 2, 1, 3).reshape(b, t, hq * dv).astype(q.dtype)
+    return [y, state.astype(_result_dtype(node, 1))]
+
+
+OP_IMPLS["linear_attention"] = _linear_attention
+
+
 # --------------------------------------------------------------------------------------------
 # the interpreter
 # --------------------------------------------------------------------------------------------
