@@ -33,15 +33,17 @@ import numpy as np
 from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.ir.core import Node, constant_value
 
-CONV_VNNI_INTRIN = "qc_conv_vnni_s8u8_16x4"
+CONV_VNNI_INTRIN = "qc_conv_vnni_u8s8_16x4"
 OC_BLOCK = 16   # output channels per vpdpbusd (int32 lanes of a zmm register)
 IC_BLOCK = 4    # input channels summed per lane by vpdpbusd
 _registered = False
 
 
 def register_conv_vnni_intrin() -> None:
-    """C[16] += sum_k u8 B[j, k] * s8 A[k] (vpdpbusd) with B in global memory (the packed
-    weights; kernels.py's qmatmul intrinsic reads B from a local unpack buffer)."""
+    """C[16] += sum_k s8 B[j, k] * u8 A[k] (vpdpbusd): the 4 activations (unsigned, the
+    codes as they are for u8 x) broadcast to 16 lanes, the packed weights (signed) from
+    global memory, the sums in registers (kernels.py's qmatmul intrinsic has the signs the
+    other way round: its weights are the unsigned operand)."""
     global _registered
     if _registered:
         return
@@ -49,9 +51,9 @@ def register_conv_vnni_intrin() -> None:
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
@@ -62,18 +64,18 @@ def register_conv_vnni_intrin() -> None:
                         C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-            b_i8x64 = T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64")
+            b_i8x64 = B.vload([0, 0], dtype="int8x64")
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), b_i8x64, a_i8x64, dtype="int32x16")
+                C.vload([0], dtype="int32x16"), a_i8x64, b_i8x64, dtype="int32x16")
 
     try:
         TensorIntrin.register(CONV_VNNI_INTRIN, desc, impl)
@@ -199,7 +201,8 @@ def build_qconv(node: Node, variant: str, module=None):
 
     if variant == "vnni":
         acc, extra = _vnni_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
-                                                       group, mg, sh, sw, dh, dw, pt, pl))
+                                                       group, mg, sh, sw, dh, dw, pt, pl),
+                               module)
     else:
         acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                    mg, sh, sw, dh, dw, pt, pl))
@@ -262,31 +265,41 @@ def _direct_sum(x, wt, xzp, wzp, dims):
     return acc, {"ow": ow}
 
 
-def _vnni_sum(node, x, wt, xzp, wzp, dims):
+def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
+    """Whether every shifted weight zero point wzp[m] - w_shift is a constant 0 (then the
+    window sums of x drop out of the sum)."""
+    wzp = node.operands[5] if len(node.operands) > 5 else None
+    if wzp is None:
+        return w_shift == 0
+    c = constant_value(module, wzp) if module is not None else None
+    return c is not None and bool(np.all(np.asarray(c, np.int64) - w_shift == 0))
+
+
+def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None):
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
     i32 = "int32"
-    x_off = 128 if node.operands[0].type.dtype.name == "u8" else 0
-    w_off = 128 if node.arg("w").type.dtype.name in ("i8", "i4") else 0
+    x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0   # x' = x + 128: u8
+    w_shift = 128 if node.operands[1].type.dtype.name in ("u8", "u4") else 0  # w' = w - 128
     cp = _round_up(cg, IC_BLOCK)
     mp = _round_up(mg, OC_BLOCK)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-    zx = xzp - x_off  # the zero point of the shifted codes
+    zx = xzp + x_shift  # the zero point of the shifted codes
 
     def x_pack(nn, g, yy, xx, cc):
         inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
         v = x(nn, tirx.min(g * cg + cc, c - 1), tirx.max(tirx.min(yy - pt, h - 1), 0),
-              tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) - x_off
+              tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) + x_shift
         return tirx.if_then_else(cc < cg, tirx.if_then_else(inside, v, zx),
-                                 tirx.const(0, i32)).astype("int8")
+                                 tirx.const(0, i32)).astype("uint8")
     xq = te.compute((n, group, hp, wp, cp), x_pack, name="xq")
 
     def w_pack(g, mo, yy, xx, co, mi, ci):
         mm, cc = mo * OC_BLOCK + mi, co * IC_BLOCK + ci
-        v = wt(tirx.min(g * mg + mm, m - 1), tirx.min(cc, cg - 1), yy, xx).astype(i32) + w_off
+        v = wt(tirx.min(g * mg + mm, m - 1), tirx.min(cc, cg - 1), yy, xx).astype(i32) - w_shift
         return tirx.if_then_else(tirx.all(mm < mg, cc < cg), v, tirx.const(0, i32)
-                                 ).astype("uint8")
+                                 ).astype("int8")
     wq = te.compute((group, mp // OC_BLOCK, kh, kw, cp // IC_BLOCK, OC_BLOCK, IC_BLOCK), w_pack,
                     name="wq")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -298,25 +311,27 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims):
                           * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
                                rco * IC_BLOCK + rci).astype(i32),
                           axis=[ry, rx, rco, rci]), name="sum")
-    sy = te.reduce_axis((0, kh), name="sy")
-    sx = te.reduce_axis((0, kw), name="sx")
-    sc = te.reduce_axis((0, cg), name="sc")
-    xsum = te.compute((n, group, oh, ow), lambda nn, g, yy, xx: te.sum(
-        xq(nn, g, yy * sh + sy * dh, xx * sw + sx * dw, sc).astype(i32), axis=[sy, sx, sc]),
-        name="xsum")
+    xsum = None
+    if not _zero_after_shift(node, module, w_shift):
+        sy = te.reduce_axis((0, kh), name="sy")
+        sx = te.reduce_axis((0, kw), name="sx")
+        sc = te.reduce_axis((0, cg), name="sc")
+        xsum = te.compute((n, group, oh, ow), lambda nn, g, yy, xx: te.sum(
+            xq(nn, g, yy * sh + sy * dh, xx * sw + sx * dw, sc).astype(i32), axis=[sy, sx, sc]),
+            name="xsum")
     wy = te.reduce_axis((0, kh), name="wy")
     wx = te.reduce_axis((0, kw), name="wx")
     wc = te.reduce_axis((0, cg), name="wc")
-    wsum = te.compute((m,), lambda mm: te.sum(wt(mm, wc, wy, wx).astype(i32) + w_off,
+    wsum = te.compute((m,), lambda mm: te.sum(wt(mm, wc, wy, wx).astype(i32) - w_shift,
                                               axis=[wc, wy, wx]), name="wsum")
     k = cg * kh * kw
 
     def acc(nn, mm, yy, xx):
         g, mr = mm // mg, mm % mg
-        zw = wzp(mm) + w_off
-        return (s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK) - zw * xsum(nn, g, yy, xx)
-                - zx * wsum(mm) + k * zx * zw)
-    return acc, {"ow": ow}
+        zw = wzp(mm) - w_shift
+        v = s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK) - zx * wsum(mm) + k * zx * zw
+        return v if xsum is None else v - zw * xsum(nn, g, yy, xx)
+    return acc, {"ow": ow, "xsum": xsum is not None}
 
 
 def _schedule(func, variant: str, extra: dict):
@@ -336,15 +351,24 @@ def _schedule(func, variant: str, extra: dict):
     nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)
     xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
     sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
-    par = sch.fuse(nn, g, yy)
-    sch.parallel(par)
-    sch.decompose_reduction(blk, ry)
+    sch.parallel(sch.fuse(nn, g, yy))
+    # ow_block x 16 sums stay in registers over the whole window, written back once.
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, mo)
+    init = sch.decompose_reduction(blk, ry)
     sch.tensorize(mi, CONV_VNNI_INTRIN)
     sch.unroll(xi)
-    for name in ("xq", "xsum"):
+    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers.
+    for block in (init, acc):
+        rows, lanes = sch.get_loops(block)[-2:]
+        sch.unroll(rows)
+        sch.vectorize(lanes)
+    for name in ("xq", "xsum") if extra["xsum"] else ("xq",):
         b = sch.get_sblock(name)
-        loops = sch.get_loops(b)
-        sch.parallel(sch.fuse(*loops[:3]))
+        sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    # The epilogue walks one output row at a time: the row's [ow, M] sums stay in cache
+    # while the NCHW result is written channel by channel.
     on, om, oy, ox = sch.get_loops(out)
-    sch.parallel(sch.fuse(on, om))
+    sch.reorder(on, oy, om, ox)
+    sch.parallel(sch.fuse(on, oy))
     return sch.mod["main"]

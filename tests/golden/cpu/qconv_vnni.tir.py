@@ -5,17 +5,18 @@
 def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((16, 8, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((16,), "float32"), in5: T.Buffer((16,), "int8"), in6: T.Buffer((16,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 16, 6, 6), "uint8")):
     T.func_attr({"tirx.noalias": True})
     # with T.sblock("root"):
-    wq = T.sblock_alloc_buffer((1, 1, 3, 3, 2, 16, 4), "uint8")
-    xq = T.sblock_alloc_buffer((1, 1, 8, 8, 8), "int8")
+    wq = T.sblock_alloc_buffer((1, 1, 3, 3, 2, 16, 4), "int8")
+    xq = T.sblock_alloc_buffer((1, 1, 8, 8, 8), "uint8")
     sum = T.sblock_alloc_buffer((1, 1, 6, 6, 1, 16), "int32")
-    xsum = T.sblock_alloc_buffer((1, 1, 6, 6), "int32")
     wsum = T.sblock_alloc_buffer((16,), "int32")
+    xsum = T.sblock_alloc_buffer((1, 1, 6, 6), "int32")
+    sum_local = T.sblock_alloc_buffer((1, 1, 6, 6, 1, 16), "int32", scope="local")
     for g, mo, yy, xx, co, mi, ci in T.grid(1, 1, 3, 3, 2, 16, 4):
         with T.sblock("wq"):
             v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci = T.axis.remap("SSSSSSS", [g, mo, yy, xx, co, mi, ci])
             T.reads(in1[T.min(v_g * 16 + v_mo * 16 + v_mi, 15), v_co * 4 + v_ci, v_yy, v_xx])
             T.writes(wq[v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci])
-            wq[v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci] = T.Cast("uint8", T.if_then_else(v_mo * 16 + v_mi < 16 and v_co * 4 + v_ci < 8, T.Cast("int32", in1[T.min(v_g * 16 + v_mo * 16 + v_mi, 15), v_co * 4 + v_ci, v_yy, v_xx]) + 128, 0))
+            wq[v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci] = T.Cast("int8", T.if_then_else(v_mo * 16 + v_mi < 16 and v_co * 4 + v_ci < 8, T.Cast("int32", in1[T.min(v_g * 16 + v_mo * 16 + v_mi, 15), v_co * 4 + v_ci, v_yy, v_xx]), 0))
     for nn_g_yy_fused in T.parallel(8):
         for xx, cc in T.grid(8, 8):
             with T.sblock("xq"):
@@ -24,19 +25,20 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                 v_yy, v_xx, v_cc = T.axis.remap("SSS", [nn_g_yy_fused, xx, cc])
                 T.reads(in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1], in3[()])
                 T.writes(xq[v_nn, v_g, v_yy, v_xx, v_cc])
-                xq[v_nn, v_g, v_yy, v_xx, v_cc] = T.Cast("int8", T.if_then_else(v_cc < 8, T.if_then_else(1 <= v_yy and v_yy < 7 and 1 <= v_xx and v_xx < 7, T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1]) - 128, T.Cast("int32", in3[()]) - 128), 0))
+                xq[v_nn, v_g, v_yy, v_xx, v_cc] = T.Cast("uint8", T.if_then_else(v_cc < 8, T.if_then_else(1 <= v_yy and v_yy < 7 and 1 <= v_xx and v_xx < 7, T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1]), T.Cast("int32", in3[()])), 0))
     for nn_g_yy_fused in T.parallel(6):
         for xx_0, mo in T.grid(1, 1):
-            for xx_1_init, mi_init in T.grid(6, 16):
-                with T.sblock("sum_init"):
-                    v_nn = T.axis.spatial(1, 0)
-                    v_g = T.axis.spatial(1, 0)
-                    v_yy = T.axis.spatial(6, nn_g_yy_fused)
-                    v_xx = T.axis.spatial(6, xx_0 * 6 + xx_1_init)
-                    v_mo, v_mi = T.axis.remap("SS", [mo, mi_init])
-                    T.reads()
-                    T.writes(sum[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
-                    sum[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
+            for xx_1_init in T.unroll(6):
+                for mi_init in T.vectorized(16):
+                    with T.sblock("sum_init"):
+                        v_nn = T.axis.spatial(1, 0)
+                        v_g = T.axis.spatial(1, 0)
+                        v_yy = T.axis.spatial(6, nn_g_yy_fused)
+                        v_xx = T.axis.spatial(6, xx_0 * 6 + xx_1_init)
+                        v_mo, v_mi = T.axis.remap("SS", [mo, mi_init])
+                        T.reads()
+                        T.writes(sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
+                        sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
             for ry, rx, rco in T.grid(3, 3, 2):
                 for xx_1 in T.unroll(6):
                     with T.sblock("sum_update_o"):
@@ -48,15 +50,34 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                         v_mi_o = T.axis.spatial(1, 0)
                         v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ry, rx, rco])
                         v_rci_o = T.axis.reduce(1, 0)
-                        T.reads(sum[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
-                        T.writes(sum[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
-                        A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "int8", offset_factor=1)
-                        B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "uint8", offset_factor=1)
-                        C = T.match_buffer(sum[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", offset_factor=1)
+                        T.reads(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
+                        T.writes(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
+                        A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
+                        B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
+                        C = T.match_buffer(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
                         a_i32: T.int32 = T.reinterpret("int32", A[T.Ramp(0, 1, 4)])
                         a_i8x64: T.int8x64 = T.reinterpret("int8x64", T.Broadcast(a_i32, 16))
-                        b_i8x64: T.int8x64 = T.reinterpret("int8x64", B[0, T.Ramp(0, 1, 64)])
-                        C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], b_i8x64, a_i8x64)
+                        b_i8x64: T.int8x64 = B[0, T.Ramp(0, 1, 64)]
+                        C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], a_i8x64, b_i8x64)
+            for ax0 in T.unroll(6):
+                for ax1 in T.vectorized(16):
+                    with T.sblock("sum_local"):
+                        v0 = T.axis.spatial(1, 0)
+                        v1 = T.axis.spatial(1, 0)
+                        v2, v3 = T.axis.remap("SS", [nn_g_yy_fused, ax0])
+                        v4 = T.axis.spatial(1, 0)
+                        v5 = T.axis.spatial(16, ax1)
+                        T.reads(sum_local[v0, v1, v2, v3, v4, v5])
+                        T.writes(sum[v0, v1, v2, v3, v4, v5])
+                        sum[v0, v1, v2, v3, v4, v5] = sum_local[v0, v1, v2, v3, v4, v5]
+    for mm, wc, wy, wx in T.grid(16, 8, 3, 3):
+        with T.sblock("wsum"):
+            v_mm, v_wc, v_wy, v_wx = T.axis.remap("SRRR", [mm, wc, wy, wx])
+            T.reads(in1[v_mm, v_wc, v_wy, v_wx])
+            T.writes(wsum[v_mm])
+            with T.init():
+                wsum[v_mm] = 0
+            wsum[v_mm] = wsum[v_mm] + T.Cast("int32", in1[v_mm, v_wc, v_wy, v_wx])
     for nn_g_yy_fused in T.parallel(6):
         for xx, sy, sx, sc in T.grid(6, 3, 3, 8):
             with T.sblock("xsum"):
@@ -68,19 +89,11 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                 with T.init():
                     xsum[v_nn, v_g, v_yy, v_xx] = 0
                 xsum[v_nn, v_g, v_yy, v_xx] = xsum[v_nn, v_g, v_yy, v_xx] + T.Cast("int32", xq[v_nn, v_g, v_yy + v_sy, v_xx + v_sx, v_sc])
-    for mm, wc, wy, wx in T.grid(16, 8, 3, 3):
-        with T.sblock("wsum"):
-            v_mm, v_wc, v_wy, v_wx = T.axis.remap("SRRR", [mm, wc, wy, wx])
-            T.reads(in1[v_mm, v_wc, v_wy, v_wx])
-            T.writes(wsum[v_mm])
-            with T.init():
-                wsum[v_mm] = 0
-            wsum[v_mm] = wsum[v_mm] + (T.Cast("int32", in1[v_mm, v_wc, v_wy, v_wx]) + 128)
-    for nn_mm_fused in T.parallel(16):
-        for yy, xx in T.grid(6, 6):
+    for nn_yy_fused in T.parallel(6):
+        for mm, xx in T.grid(16, 6):
             with T.sblock("out"):
                 v_nn = T.axis.spatial(1, 0)
-                v_mm, v_yy, v_xx = T.axis.remap("SSS", [nn_mm_fused, yy, xx])
-                T.reads(sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16], in3[()], in5[v_mm], in6[v_mm], xsum[v_nn, v_mm // 16, v_yy, v_xx], wsum[v_mm], in2[()], in4[v_mm], in7[()], in8[()])
+                v_mm, v_yy, v_xx = T.axis.remap("SSS", [mm, nn_yy_fused, xx])
+                T.reads(in3[()], in5[v_mm], sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16], in6[v_mm], wsum[v_mm], xsum[v_nn, v_mm // 16, v_yy, v_xx], in2[()], in4[v_mm], in7[()], in8[()])
                 T.writes(out[v_nn, v_mm, v_yy, v_xx])
-                out[v_nn, v_mm, v_yy, v_xx] = T.Cast("uint8", T.max(T.min(T.Cast("int32", T.nearbyint(T.Cast("float32", sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16] + (T.Cast("int32", in3[()]) * 72 - 9216) * (T.Cast("int32", in5[v_mm]) + 128) + in6[v_mm] - (T.Cast("int32", in5[v_mm]) + 128) * xsum[v_nn, v_mm // 16, v_yy, v_xx] - (T.Cast("int32", in3[()]) - 128) * wsum[v_mm]) * (in2[()] * in4[v_mm] / in7[()]))) + T.Cast("int32", in8[()]), 255), 110))
+                out[v_nn, v_mm, v_yy, v_xx] = T.Cast("uint8", T.max(T.min(T.Cast("int32", T.nearbyint(T.Cast("float32", T.Cast("int32", in3[()]) * T.Cast("int32", in5[v_mm]) * 72 + sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16] + in6[v_mm] - T.Cast("int32", in3[()]) * wsum[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 16, v_yy, v_xx]) * (in2[()] * in4[v_mm] / in7[()]))) + T.Cast("int32", in8[()]), 255), 110))
