@@ -392,3 +392,47 @@ def test_qconv_type_errors_name_the_problem():
                     {**attrs, "out": "quant"}, [None] * 5)
     module, node, _ = _qconv_module(np.random.default_rng(1), 4, 4, 3, 1, 1, 1, 1, 5)
     assert "qconv(" in print_module(module)
+
+
+POOL_CASES = [
+    # (kind, kernel, stride, pads, dilation, ceil_mode, count_include_pad)
+    ("max", 3, 2, 1, 1, 0, 0),     # ResNet's stem pool
+    ("max", 2, 2, 0, 2, 1, 0),     # dilation, ceil_mode overhang
+    ("average", 3, 2, 1, 1, 1, 0),
+    ("average", 3, 1, 1, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cpu_pool_kernel_matches_the_reference(case):
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.codegen.cpu.ops.library import aligned_like
+    from qcompiler.codegen.cpu.pool import primfunc_for_pool
+    from qcompiler.targets import get_target
+
+    kind, k, stride, pad, dil, ceil_mode, include = case
+    op = {"max": "MaxPool", "average": "AveragePool"}[kind]
+    attrs = {"kernel_shape": [k, k], "strides": [stride] * 2, "pads": [pad] * 4,
+             "ceil_mode": ceil_mode}
+    if kind == "max":
+        attrs["dilations"] = [dil] * 2
+    else:
+        attrs["count_include_pad"] = include
+    model = _model([helper.make_node(op, ["x"], ["y"], **attrs)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 11, 11])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [])
+    module = load(model)
+    node = module.main.nodes[-1]
+    x = aligned_like((2, 5, 11, 11), np.float32)
+    x[...] = np.random.default_rng(sum(case[1:])).standard_normal(x.shape)
+    name, func = primfunc_for_pool(node)
+    lib = tvm.compile(tvm.IRModule({name: func}), target=tvm_target(get_target("cpu")))
+    out = aligned_like(node.results[0].type.shape, np.float32)
+    lib[name](x, out)
+    want = _ours(module, {"x": x})
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    if kind == "max":
+        np.testing.assert_array_equal(out, want)
+    np.testing.assert_allclose(out, _ort(model, {"x": np.array(x)}), rtol=1e-5, atol=1e-6)

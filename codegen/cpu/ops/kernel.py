@@ -39,6 +39,10 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.conv import primfunc_for_qconv
 
         return primfunc_for_qconv(node, params or default_params(), module, known)
+    if node.op == "pool" and "pool" not in BUILDERS:  # issue #15: codegen/cpu/pool.py
+        from qcompiler.codegen.cpu.pool import primfunc_for_pool
+
+        return primfunc_for_pool(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
