@@ -387,6 +387,10 @@ class CudaPlanRunner:
             sig = self._signatures[signature] = self._prepare(
                 {n: tuple(arrays[n].shape) for n in plan.inputs})
         lib, s = self.launcher, self.stream
+        torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
+                        and type(arrays[n]).__module__.startswith("torch")]
+        if torch_inputs:  # the caller's stream may still be writing them
+            _sync_torch(torch_inputs[0])
         for n in plan.inputs:
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -396,7 +400,6 @@ class CudaPlanRunner:
                 self._check(lib.qc_copy_async(dptr, arrays[n].ctypes.data, nbytes, 1, s),
                             f"copying input %{n} to the device")
             else:
-                _sync_torch(arrays[n])
                 self._check(lib.qc_copy_async(dptr, on_device[n], nbytes, 3, s),
                             f"copying input %{n} on the device")
         if sig.graph is not None:
