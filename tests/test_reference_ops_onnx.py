@@ -157,6 +157,8 @@ case("batchnorm_training", "BatchNormalization",
                 uniform(r, 0.5, 2.0, 4)], {"training_mode": 1, "momentum": 0.7}, outputs=3)
 case("mvn", "MeanVarianceNormalization", lambda r: [normal(r, 2, 3, 5, 7)])
 case("lpnorm", "LpNormalization", lambda r: [normal(r, 3, 7)], {"p": 1, "axis": 0})
+case("lpnorm_zero_slice", "LpNormalization",  # one all-zero column: 0, not 0 / 0
+     lambda r: [normal(r, 3, 7) * (np.arange(7) != 4)], {"p": 2, "axis": 0})
 case("lrn", "LRN", lambda r: [normal(r, 2, 7, 3, 5)], {"size": 3, "alpha": 0.02})
 case("conv", "Conv", lambda r: [normal(r, 2, 4, 9, 7), normal(r, 6, 2, 3, 2), normal(r, 6)],
      {"group": 2, "strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 2]}, tol=1e-4)

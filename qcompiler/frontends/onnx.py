@@ -1510,7 +1510,10 @@ def _lp_norm(imp, n, attrs):
         norm = imp.emit("reduce", [x], {"kind": "l1", **red})[0]
     else:
         raise imp.fail(f"LpNormalization p={p} is not supported (1 or 2)")
-    imp.emit("div", [x, norm], names=imp.outputs_of(n))
+    # a zero norm gives 0 (onnxruntime, onnx.reference), not 0 / 0
+    zero = _scalar(imp, 0, x.type.dtype)
+    imp.emit("where", [imp.emit("equal", [norm, zero])[0], zero, imp.emit("div", [x, norm])[0]],
+             names=imp.outputs_of(n))
 
 
 @_handles("RMSNormalization")

@@ -814,6 +814,8 @@ def _reduce_kind(node, args, module):
             if v.size == 0:
                 if _is_float(v.dtype):
                     empty = -np.inf if kind == "max" else np.inf
+                elif v.dtype == np.bool_:
+                    empty = kind != "max"  # max of nothing is False, min True
                 else:
                     info = np.iinfo(v.dtype)
                     empty = info.min if kind == "max" else info.max
@@ -1921,6 +1923,32 @@ def qconv_accumulate(x, w, x_zp, w_zp, bias, attrs) -> np.ndarray:
     return acc
 
 
+CONV_OC_BLOCK, CONV_IC_BLOCK = 16, 4  # the vpdpbusd tile of the CPU qconv kernel
+
+
+def pack_conv_weights(w: np.ndarray, group: int, w_shift: int) -> np.ndarray:
+    """[M, C/g, KH, KW] codes -> int8 [g, M/g/16, KH, KW, C/g/4, 16, 4] of w - w_shift (the
+    CPU kernel's vpdpbusd operand; channel padding holds 0). ``cpu-conv-layout`` stores this."""
+    m, cg, kh, kw = w.shape
+    mg = m // group
+    mp = -(-mg // CONV_OC_BLOCK) * CONV_OC_BLOCK
+    cp = -(-cg // CONV_IC_BLOCK) * CONV_IC_BLOCK
+    p = np.zeros((group, mp, cp, kh, kw), np.int64)
+    p[:, :mg, :cg] = w.reshape(group, mg, cg, kh, kw).astype(np.int64) - w_shift
+    p = p.reshape(group, mp // CONV_OC_BLOCK, CONV_OC_BLOCK, cp // CONV_IC_BLOCK, CONV_IC_BLOCK,
+                  kh, kw).transpose(0, 1, 5, 6, 3, 2, 4)
+    return np.ascontiguousarray(p).astype(np.int8)
+
+
+def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift: int) -> np.ndarray:
+    """The inverse of ``pack_conv_weights``: the [M, C/g, KH, KW] codes (int64)."""
+    m, cg, kh, kw = w_shape
+    mg = m // group
+    g, mo, _, _, co, mi, ci = p.shape
+    q = p.astype(np.int64).transpose(0, 1, 5, 4, 6, 2, 3).reshape(g, mo * mi, co * ci, kh, kw)
+    return (q[:, :mg, :cg] + w_shift).reshape(m, cg, kh, kw)
+
+
 def _channel_scale(scale, m: int, nsp: int) -> np.ndarray:
     s = np.asarray(scale, np.float32).reshape(-1)
     return np.broadcast_to(s, (m,)).reshape((1, m) + (1,) * nsp)
@@ -1943,6 +1971,9 @@ def _qconv(node, args, module):
     w_scale, w_zp, bias, y_scale, y_zp, residual, r_scale, r_zp = (
         _arg(args, i) for i in range(4, 12))
     a = node.attrs
+    cfg = a.get("config", {})
+    if "w_shape" in cfg:  # weights packed by cpu-conv-layout
+        w = unpack_conv_weights(w, cfg["w_shape"], a["group"], cfg["w_shift"])
     nsp = x.ndim - 2
     m = w.shape[0]
     acc = qconv_accumulate(x, w, x_zp, w_zp, bias, a)
