@@ -27,6 +27,7 @@ PASSES: dict[str, object] = {
     "fold-batchnorm": "qcompiler.passes.fold_batchnorm:FoldBatchNormPass",
     "fuse-qconv": "qcompiler.passes.fuse_qconv:FuseQConvPass",
     "fuse-requant": "qcompiler.passes.fuse_requant:FuseRequantPass",
+    "cpu-conv-layout": "qcompiler.passes.cpu_conv_layout:CPUConvLayoutPass",
     "compute-dtype": "qcompiler.passes.compute_dtype:ComputeDtypePass",
 }
 

@@ -436,3 +436,22 @@ def test_cpu_pool_kernel_matches_the_reference(case):
     if kind == "max":
         np.testing.assert_array_equal(out, want)
     np.testing.assert_allclose(out, _ort(model, {"x": np.array(x)}), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("w_type", ["u8", "i4"])
+def test_cpu_conv_layout_packs_weights_at_compile_time(w_type):
+    """The packed module means the same (the reference unpacks) and the kernel reading the
+    packed weights is exact."""
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI: cpu-conv-layout packs for the vnni kernel only")
+    rng = np.random.default_rng(4)
+    module, node, feeds = _qconv_module(rng, 12, 24, 3, 1, 1, 1, 2, 7, w_type=w_type,
+                                        act=(0.0, None))
+    packed = make_pass("cpu-conv-layout")(module)
+    q = [n for n in packed.main.nodes if n.op == "qconv"][0]
+    assert q.attrs["config"]["w_shape"] == [24, 6, 3, 3]
+    assert q.arg("w").type.shape == (2, 1, 3, 3, 2, 16, 4)
+    assert q.attrs["config"]["w_shift"] == (128 if w_type == "u8" else 0)
+    want = _ours(module, feeds)
+    np.testing.assert_array_equal(_ours(packed, feeds), want)
+    np.testing.assert_array_equal(_run_kernel(packed, q, "vnni", feeds), want)

@@ -99,8 +99,23 @@ def _static_shape(node: Node, v) -> tuple:
 
 def conv_variant(node: Node, vnni: bool) -> str:
     """``vnni`` or ``direct`` (see the module docstring)."""
-    cg = node.arg("w").type.shape[1]
-    return "vnni" if vnni and cg >= IC_BLOCK else "direct"
+    cfg = node.attrs.get("config") or {}
+    if "w_shape" in cfg:  # packed for the vnni kernel (cpu-conv-layout)
+        return "vnni" if vnni else "direct"
+    m, cg = node.arg("w").type.shape[:2]
+    mg = m // node.attrs["group"]
+    # Channels are padded to 4 (inputs) and 16 (outputs): worth it down to 2 inputs and 8
+    # outputs per group (a stem conv's 3 channels); depthwise layers take the direct sum.
+    return "vnni" if vnni and cg >= 2 and mg >= 8 else "direct"
+
+
+def conv_w_shift(node: Node) -> int:
+    """What the vnni kernel subtracts from the weight codes: 128 for unsigned codes (so that
+    they are vpdpbusd's signed operand), 0 for signed ones."""
+    cfg = node.attrs.get("config") or {}
+    if "w_shift" in cfg:
+        return int(cfg["w_shift"])
+    return 128 if node.arg("w").type.dtype.name in ("u8", "u4") else 0
 
 
 def ow_block(ow: int) -> int:
@@ -161,7 +176,8 @@ def build_qconv(node: Node, variant: str, module=None):
     a = node.attrs
     ops = node.operands
     n, c, h, w_ = _static_shape(node, ops[0])
-    m, cg, kh, kw = _static_shape(node, ops[1])
+    cfg = a.get("config") or {}
+    m, cg, kh, kw = cfg["w_shape"] if "w_shape" in cfg else _static_shape(node, ops[1])
     _, _, oh, ow = _static_shape(node, node.results[0])
     group = a["group"]
     mg = m // group
@@ -182,7 +198,16 @@ def build_qconv(node: Node, variant: str, module=None):
         if v is not None:
             placeholders[i] = te.placeholder(shape_of(v), str(v.type.dtype.np_dtype),
                                              name=f"in{i}")
-    x, wt = placeholders[0], placeholders[1]
+    x, w_stored = placeholders[0], placeholders[1]
+    packed = "w_shape" in cfg
+
+    def wt(mm, cc, yy, xx):
+        """The logical weight code w[m, c, ky, kx] (as int32 when packed)."""
+        if not packed:
+            return w_stored(mm, cc, yy, xx)
+        g, mr = mm // mg, mm % mg
+        return w_stored(g, mr // OC_BLOCK, yy, xx, cc // IC_BLOCK, mr % OC_BLOCK,
+                        cc % IC_BLOCK).astype("int32") + cfg["w_shift"]
 
     def scalar(i):
         t = placeholders[i]
@@ -202,7 +227,7 @@ def build_qconv(node: Node, variant: str, module=None):
     if variant == "vnni":
         acc, extra = _vnni_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
                                                        group, mg, sh, sw, dh, dw, pt, pl),
-                               module)
+                               module, w_stored if packed else None)
     else:
         acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                    mg, sh, sw, dh, dw, pt, pl))
@@ -275,13 +300,13 @@ def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
     return c is not None and bool(np.all(np.asarray(c, np.int64) - w_shift == 0))
 
 
-def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None):
+def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
     i32 = "int32"
     x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0   # x' = x + 128: u8
-    w_shift = 128 if node.operands[1].type.dtype.name in ("u8", "u4") else 0  # w' = w - 128
+    w_shift = conv_w_shift(node)  # w' = w - 128 for unsigned codes
     cp = _round_up(cg, IC_BLOCK)
     mp = _round_up(mg, OC_BLOCK)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
@@ -300,8 +325,9 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None):
         v = wt(tirx.min(g * mg + mm, m - 1), tirx.min(cc, cg - 1), yy, xx).astype(i32) - w_shift
         return tirx.if_then_else(tirx.all(mm < mg, cc < cg), v, tirx.const(0, i32)
                                  ).astype("int8")
-    wq = te.compute((group, mp // OC_BLOCK, kh, kw, cp // IC_BLOCK, OC_BLOCK, IC_BLOCK), w_pack,
-                    name="wq")
+    # Packed at compile time (cpu-conv-layout) or here, per call.
+    wq = w_packed if w_packed is not None else te.compute(
+        (group, mp // OC_BLOCK, kh, kw, cp // IC_BLOCK, OC_BLOCK, IC_BLOCK), w_pack, name="wq")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rco = te.reduce_axis((0, cp // IC_BLOCK), name="rco")
@@ -324,6 +350,12 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None):
     wc = te.reduce_axis((0, cg), name="wc")
     wsum = te.compute((m,), lambda mm: te.sum(wt(mm, wc, wy, wx).astype(i32) - w_shift,
                                               axis=[wc, wy, wx]), name="wsum")
+    if w_packed is not None:  # the same sums from the packed codes (zero padding adds 0)
+        wco = te.reduce_axis((0, cp // IC_BLOCK), name="wco")
+        wci = te.reduce_axis((0, IC_BLOCK), name="wci")
+        wsum = te.compute((m,), lambda mm: te.sum(
+            w_packed(mm // mg, (mm % mg) // OC_BLOCK, wy, wx, wco, (mm % mg) % OC_BLOCK,
+                     wci).astype(i32), axis=[wy, wx, wco, wci]), name="wsum")
     k = cg * kh * kw
 
     def acc(nn, mm, yy, xx):

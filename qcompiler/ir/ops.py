@@ -1240,8 +1240,14 @@ def _qconv(types, attrs, consts):
       rshift(rshift(acc * M, shift - f) + rshift((residual - r_zp) * M_r, shift_r - f), f).
     ``act_min``/``act_max`` are real values (relu: act_min = 0); the quantized bounds are
     their codes, so clamping codes equals quantizing the clipped real value.
+    ``config`` (cpu-conv-layout): ``w_shape`` the logical [M, C/g, KH, KW] of packed weights
+    (runtime.reference.pack_conv_weights) and ``w_shift`` the shift they were stored with.
     """
     x, w = types[0], types[1]
+    packed = (attrs.get("config") or {}).get("w_shape")
+    if packed is not None:
+        w = TensorType(tuple(packed), w.dtype)
+        types = [x, w] + list(types[2:])
     nsp = x.rank - 2
     if nsp < 1 or w.rank != x.rank:
         raise TypeInferenceError(f"qconv of x {x.shape} with w {w.shape}")

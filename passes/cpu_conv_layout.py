@@ -1,0 +1,67 @@
+"""cpu-conv-layout: qconv weights packed at compile time for the CPU's vpdpbusd kernel.
+
+For each ``qconv`` with constant weights that the vnni kernel takes on the target
+(``codegen.cpu.conv.conv_variant``: AVX-512 VNNI, 2+ input and 8+ output channels per
+group), the weight operand becomes ``runtime.reference.pack_conv_weights``'s int8
+``[g, M/g/16, KH, KW, C/g/4, 16, 4]`` array of ``w - w_shift`` (128 for unsigned codes, else
+0) and ``config`` records ``w_shape`` (the logical [M, C/g, KH, KW]), ``w_shift`` and
+``w_layout``. The values do not change: the reference unpacks, the kernel reads the packed
+array directly instead of repacking the weights on every call. Activations stay NCHW
+between layers; the kernel repacks them per call (NHWC per group, 4-channel blocks).
+
+Option: ``target`` (a cpu target; default ``cpu``, the host).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_node, constant_value, operand_index
+from qcompiler.ir.types import TensorType, elem
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+W_LAYOUT = "g_m16_kh_kw_c4_16_4"
+
+
+@register_pass("cpu-conv-layout")
+@dataclass
+class CPUConvLayoutPass(Pass):
+    """qconv weights → the vnni kernel's packed layout (compile time)."""
+
+    target: str = "cpu"
+
+    def run(self, module: Module) -> Module:
+        from qcompiler.codegen.cpu.conv import conv_variant, conv_w_shift
+        from qcompiler.codegen.cpu.host import target_cpu
+        from qcompiler.runtime.reference import pack_conv_weights
+
+        vnni = target_cpu(self.backend_target("cpu"))["vnni"]
+        packed = 0
+        for fn in module.functions:
+            for node in list(fn.nodes):
+                if node.op != "qconv" or "w_shape" in (node.attrs.get("config") or {}):
+                    continue
+                w = constant_value(module, node.arg("w"))
+                if w is None or node.arg("w").type.rank != 4 \
+                        or conv_variant(node, vnni) != "vnni":
+                    continue
+                shift = conv_w_shift(node)
+                p = pack_conv_weights(np.asarray(w), node.attrs["group"], shift)
+                w_node = constant_node(fn, module, p, TensorType(p.shape, elem("i8")),
+                                       name_hint=f"{node.result.name}.w_packed", before=node)
+                ops = list(node.operands)
+                ops[operand_index("qconv", "w")] = w_node.result
+                node.operands = ops
+                node.attrs["config"] = {**(node.attrs.get("config") or {}),
+                                        "w_shape": [int(d) for d in w.shape],
+                                        "w_shift": shift, "w_layout": W_LAYOUT}
+                packed += 1
+            fn.remove_dead_nodes()
+        for name in [c for c in module.constants if not any(
+                n.op == "constant" and n.attrs.get("name") == c
+                for f in module.functions for n in f.nodes)]:
+            del module.constants[name]
+        record_stat(module, self.name, packed=packed)
+        return module
