@@ -35,9 +35,9 @@ from qcompiler.runtime.reference import run
 from qcompiler.targets import get_target
 
 PIPELINE = get_target("ref").default_pipeline
-# Issue #13 asks for 90% of the in-scope cases; 96.1% pass (the floor: 96%); the rest is
-# the ops listed in EXPECTED_FAILURES (FlexAttention, DeformConv, Cast's undefined int4
-# wrap ...). Raise it as they land.
+# Issue #13 asks for 90% of the in-scope cases; 96.4% pass (the floor: 96%); the rest is
+# the cases listed in EXPECTED_FAILURES (FlexAttention, Cast's undefined int4 wrap, FLOAT8E8M0,
+# random Dropout masks ...). Raise it as they land.
 GOAL_OF_ISSUE = 0.90
 FLOOR = 0.96
 
@@ -111,8 +111,6 @@ CAST_OUT_OF_RANGE = ("float to int4/uint4/int2/uint2 out of range: undefined in 
 EXPECTED_FAILURES: dict[str, str] = {
     'test_attention_23_boolmask_fullymasked_row_nan_robustness': 'fully masked rows on the fused attention op: NaN/uniform rows where ONNX gives 0',
     'test_attention_causal_boolmask_nan_robustness': 'fully masked rows on the fused attention op: NaN/uniform rows where ONNX gives 0',
-    'test_basic_deform_conv_with_padding': 'DeformConv is not imported',
-    'test_basic_deform_conv_without_padding': 'DeformConv is not imported',
     'test_cast_FLOAT16_to_INT2': CAST_OUT_OF_RANGE,
     'test_cast_FLOAT16_to_INT4': CAST_OUT_OF_RANGE,
     'test_cast_FLOAT16_to_UINT2': CAST_OUT_OF_RANGE,
@@ -133,8 +131,6 @@ EXPECTED_FAILURES: dict[str, str] = {
     'test_castlike_FLOAT_to_INT4': CAST_OUT_OF_RANGE,
     'test_castlike_FLOAT_to_UINT2': CAST_OUT_OF_RANGE,
     'test_castlike_FLOAT_to_UINT4': CAST_OUT_OF_RANGE,
-    'test_deform_conv_with_mask_bias': 'DeformConv is not imported',
-    'test_deform_conv_with_multiple_offset_groups': 'DeformConv is not imported',
     'test_equal_string': 'string tensors: QIR has no string type',
     'test_equal_string_broadcast': 'string tensors: QIR has no string type',
     'test_flexattention': 'ai.onnx.preview FlexAttention (a graph-valued score_mod) is not imported',

@@ -165,6 +165,11 @@ case("conv", "Conv", lambda r: [normal(r, 2, 4, 9, 7), normal(r, 6, 2, 3, 2), no
 case("conv_transpose", "ConvTranspose", lambda r: [normal(r, 2, 3, 5, 4),
                                                    normal(r, 3, 2, 3, 3)],
      {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}, tol=1e-4)
+case("deform_conv", "DeformConv",
+     lambda r: [normal(r, 2, 4, 7, 6), normal(r, 6, 2, 3, 2), normal(r, 2, 2 * 6 * 2, 4, 5),
+                normal(r, 6), uniform(r, 0.2, 1.0, 2, 2 * 6, 4, 5)],
+     {"group": 2, "offset_group": 2, "strides": [2, 1], "pads": [1, 1, 1, 0],
+      "dilations": [1, 2]}, opset=22, tol=1e-4)
 case("maxpool", "MaxPool", lambda r: [normal(r, 2, 3, 9, 7)],
      {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1},
      outputs=2)

@@ -2019,6 +2019,21 @@ def _linear_attention(imp, n, attrs):
              names=outs[:2], n_results=2)
 
 
+@_handles("DeformConv")
+def _deform_conv(imp, n, attrs):
+    xs = _inputs(imp, n) + [None] * 5
+    w = xs[1]
+    kernel = [int(k) for k in attrs.get("kernel_shape", w.type.shape[2:])]
+    if len(kernel) != 2 or not all(isinstance(k, int) for k in kernel):
+        raise imp.fail(f"DeformConv is supported in 2-D with a static kernel, not {kernel}")
+    imp.emit("deform_conv", xs[:5],
+             {"strides": [int(s) for s in attrs.get("strides", [1, 1])],
+              "pads": [int(p) for p in attrs.get("pads", [0, 0, 0, 0])],
+              "dilations": [int(d) for d in attrs.get("dilations", [1, 1])],
+              "group": int(attrs.get("group", 1)),
+              "offset_group": int(attrs.get("offset_group", 1))}, names=imp.outputs_of(n))
+
+
 @_handles("Det")
 def _det(imp, n, attrs):
     imp.emit("det", _inputs(imp, n)[:1], names=imp.outputs_of(n))

@@ -1196,6 +1196,22 @@ def _linear_attention(types, attrs, consts):
             TensorType((q.shape[0], hkv, dk, dv), state_dtype)]
 
 
+@_def("deform_conv", "ONNX DeformConv (2-D): a convolution whose kernel taps are moved by "
+      "`offset` (bilinear sampling, zeros outside) and scaled by `mask`",
+      ["x", "w", "offset", "b?", "mask?"], {**CONV_ATTRS, "offset_group": ("int", True)})
+def _deform_conv(types, attrs, consts):
+    x, w, offset = types[:3]
+    if x.rank != 4 or w.rank != 4 or offset.rank != 4:
+        raise TypeInferenceError(f"deform_conv is 2-D: x {x.shape}, w {w.shape}, offset "
+                                 f"{offset.shape}")
+    out = _conv(types[:2], attrs, consts[:2])[0]
+    if any(isinstance(a, int) and isinstance(b, int) and a != b
+           for a, b in zip(offset.shape[2:], out.shape[2:])):
+        raise TypeInferenceError(f"deform_conv offset {offset.shape} does not match the output "
+                                 f"{out.shape}")
+    return [TensorType(out.shape, x.dtype)]
+
+
 def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[list[TensorType]]:
     """Result types of ``op`` or None when the op declares its own (constant)."""
     try:

@@ -1705,6 +1705,51 @@ def _linear_attention(node, args, module):
 OP_IMPLS["linear_attention"] = _linear_attention
 
 
+def _deform_conv(node, args, module):
+    """Every kernel tap (a, b) of output (i, j) samples x bilinearly at
+    (i * stride - pad + a * dilation + offset) (zeros outside x), times the mask; then a
+    grouped convolution of these columns with w, in float64."""
+    a = node.attrs
+    args = list(args) + [None] * (5 - len(args))
+    x, w, offset, bias, mask = args
+    n, c, h, wd = x.shape
+    oc, cpg, kh, kw = w.shape
+    og, groups = a["offset_group"], a["group"]
+    (sh, sw), (dh, dw), pads = a["strides"], a["dilations"], a["pads"]
+    oh, ow = offset.shape[2:]
+    off = offset.astype(F64).reshape(n, og, kh, kw, 2, oh, ow)
+    m = np.ones((n, og, kh, kw, oh, ow)) if mask is None else \
+        mask.astype(F64).reshape(n, og, kh, kw, oh, ow)
+    # the sampling points of each offset group: [N, og, kh, kw, oh, ow]
+    base_h = (np.arange(oh) * sh - pads[0])[None, :] + (np.arange(kh) * dh)[:, None]
+    base_w = (np.arange(ow) * sw - pads[1])[None, :] + (np.arange(kw) * dw)[:, None]
+    ph = base_h[None, None, :, None, :, None] + off[:, :, :, :, 0]
+    pw = base_w[None, None, None, :, None, :] + off[:, :, :, :, 1]
+    group_of = np.arange(c) // (c // og)  # channel -> offset group
+    xf = x.astype(F64)
+    cols = np.zeros((n, c, kh, kw, oh, ow))
+    h0, w0 = np.floor(ph).astype(np.int64), np.floor(pw).astype(np.int64)
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        yy, xx = h0 + dy, w0 + dx
+        weight = (1 - np.abs(ph - yy)) * (1 - np.abs(pw - xx))
+        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < wd)
+        yi, xi = np.clip(yy, 0, h - 1)[:, group_of], np.clip(xx, 0, wd - 1)[:, group_of]
+        taps = xf[np.arange(n)[:, None, None, None, None, None],
+                  np.arange(c)[None, :, None, None, None, None], yi, xi]
+        cols += np.where(inside[:, group_of], taps * weight[:, group_of], 0.0)
+    cols *= m[:, group_of]
+    cols = cols.reshape(n, groups, c // groups, kh, kw, oh, ow)
+    y = np.einsum("ngcabij,gocab->ngoij", cols,
+                  w.astype(F64).reshape(groups, oc // groups, cpg, kh, kw))
+    y = y.reshape(n, oc, oh, ow)
+    if bias is not None:
+        y = y + bias.astype(F64).reshape(1, -1, 1, 1)
+    return [y.astype(x.dtype)]
+
+
+OP_IMPLS["deform_conv"] = _deform_conv
+
+
 # --------------------------------------------------------------------------------------------
 # the interpreter
 # --------------------------------------------------------------------------------------------
