@@ -363,7 +363,10 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
         zw = wzp(mm) - w_shift
         v = s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK) - zx * wsum(mm) + k * zx * zw
         return v if xsum is None else v - zw * xsum(nn, g, yy, xx)
-    return acc, {"ow": ow, "xsum": xsum is not None}
+    weight_bytes = mp * kh * kw * cp
+    image_bytes = hp * wp * cp
+    return acc, {"ow": ow, "xsum": xsum is not None,
+                 "weights_outer": weight_bytes > image_bytes}
 
 
 def _schedule(func, variant: str, extra: dict):
@@ -382,11 +385,20 @@ def _schedule(func, variant: str, extra: dict):
     blk = sch.get_sblock("sum")
     nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)
     xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
-    sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
-    sch.parallel(sch.fuse(nn, g, yy))
+    if extra["weights_outer"]:
+        # More weight than image bytes per group (deep layers, small images): one block of
+        # 16 output channels' weights stays in cache while it sweeps the whole image.
+        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
+        sch.parallel(sch.fuse(nn, g, mo))
+        reuse = xo
+    else:
+        # The image rows of one output row stay in cache while all weights sweep them.
+        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
+        sch.parallel(sch.fuse(nn, g, yy))
+        reuse = mo
     # ow_block x 16 sums stay in registers over the whole window, written back once.
     acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, mo)
+    sch.reverse_compute_at(acc, reuse)
     init = sch.decompose_reduction(blk, ry)
     sch.tensorize(mi, CONV_VNNI_INTRIN)
     sch.unroll(xi)

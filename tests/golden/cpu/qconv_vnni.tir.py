@@ -26,16 +26,17 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                 T.reads(in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1], in3[()])
                 T.writes(xq[v_nn, v_g, v_yy, v_xx, v_cc])
                 xq[v_nn, v_g, v_yy, v_xx, v_cc] = T.Cast("uint8", T.if_then_else(v_cc < 8, T.if_then_else(1 <= v_yy and v_yy < 7 and 1 <= v_xx and v_xx < 7, T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1]), T.Cast("int32", in3[()])), 0))
-    for nn_g_yy_fused in T.parallel(6):
-        for xx_0, mo in T.grid(1, 1):
+    for nn_g_mo_fused in T.parallel(1):
+        for yy, xx_0 in T.grid(6, 1):
             for xx_1_init in T.unroll(6):
                 for mi_init in T.vectorized(16):
                     with T.sblock("sum_init"):
                         v_nn = T.axis.spatial(1, 0)
                         v_g = T.axis.spatial(1, 0)
-                        v_yy = T.axis.spatial(6, nn_g_yy_fused)
+                        v_yy = T.axis.spatial(6, yy)
                         v_xx = T.axis.spatial(6, xx_0 * 6 + xx_1_init)
-                        v_mo, v_mi = T.axis.remap("SS", [mo, mi_init])
+                        v_mo = T.axis.spatial(1, 0)
+                        v_mi = T.axis.spatial(16, mi_init)
                         T.reads()
                         T.writes(sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
                         sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
@@ -44,9 +45,9 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                     with T.sblock("sum_update_o"):
                         v_nn_o = T.axis.spatial(1, 0)
                         v_g_o = T.axis.spatial(1, 0)
-                        v_yy_o = T.axis.spatial(6, nn_g_yy_fused)
+                        v_yy_o = T.axis.spatial(6, yy)
                         v_xx_o = T.axis.spatial(6, xx_0 * 6 + xx_1)
-                        v_mo_o = T.axis.spatial(1, mo)
+                        v_mo_o = T.axis.spatial(1, 0)
                         v_mi_o = T.axis.spatial(1, 0)
                         v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ry, rx, rco])
                         v_rci_o = T.axis.reduce(1, 0)
@@ -64,7 +65,7 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                     with T.sblock("sum_local"):
                         v0 = T.axis.spatial(1, 0)
                         v1 = T.axis.spatial(1, 0)
-                        v2, v3 = T.axis.remap("SS", [nn_g_yy_fused, ax0])
+                        v2, v3 = T.axis.remap("SS", [yy, ax0])
                         v4 = T.axis.spatial(1, 0)
                         v5 = T.axis.spatial(16, ax1)
                         T.reads(sum_local[v0, v1, v2, v3, v4, v5])
