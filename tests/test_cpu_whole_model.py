@@ -5,8 +5,8 @@ MiniLM (4-bit MatMulNBits, onnxruntime's quantizer) and a small Llama with a KV 
 the same way) are compiled once per module for ``cpu``, then checked against onnxruntime on
 the same file and against the reference interpreter (target ``ref``) on fresh random inputs:
 two shapes inside one shape bucket (one arena, bound kernels reused) and one beyond every
-bucket (an exact plan, with a warning). A small GPT-2 goes through the FX frontend (see its
-test). Their reports list no host fallback.
+bucket (an exact plan, with a warning). A small GPT-2 goes through the FX frontend with 4-bit
+weights, and through its ONNX export as exported. Their reports list no host fallback.
 
 The #18 rule: a QDQ int8 model, whose qmatmuls run with int8 activations (the interpreter's
 ``impl: reference``), refuses to compile for ``cpu`` with HostFallbackError unless
@@ -148,6 +148,25 @@ def test_gpt2_through_fx_matches_reference():
     got, want = got.detach().numpy(), want.detach().numpy()
     assert np.all(np.isfinite(got))
     assert float(np.max(np.abs(got - want))) / float(np.max(np.abs(want))) < 1e-4
+
+
+def test_gpt2_onnx_matches_onnxruntime_and_reference(tmp_path):
+    """GPT-2 through its dynamo ONNX export (Not, CumSum and all): onnxruntime's 4-bit
+    quantizer leaves its matmuls in fp32 (transposed weights), so the file is compiled as
+    exported: float matmul kernels from the op library, checked in and beyond one bucket."""
+    pytest.importorskip("transformers")
+    import decoder_models as dm
+
+    model = dm.gpt2(layers=2, hidden=64, heads=4, vocab=256, positions=256)
+    feeds = {"input_ids": np.zeros((2, 8), np.int64) + 7}  # batch 2: not specialized to 1
+    path = dm.export_onnx(model, feeds, str(tmp_path / "gpt2.fp32.onnx"))
+    c = Compiled(path, str(tmp_path / "cpu"), buckets=None)
+    _no_host_fallback(c)
+    rng = np.random.default_rng()
+    for batch, seq in [(2, 9), (3, 16)]:  # both in bucket (16, 16)
+        c.check({"input_ids": rng.integers(0, 256, (batch, seq), dtype=np.int64)}, 1e-4)
+    with pytest.warns(RuntimeWarning, match="exceed every shape bucket"):
+        c.check({"input_ids": rng.integers(0, 256, (1, 130), dtype=np.int64)}, 1e-4)
 
 
 @pytest.fixture(scope="module")
