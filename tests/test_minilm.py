@@ -346,7 +346,12 @@ def test_cuda_sm80_compiles_a_minilm_layer_without_a_gpu(minilm, tmp_path):
                    example_inputs=(ids, mask))
     with open(os.path.join(out, "manifest.json")) as f:
         kernels = json.load(f)["kernels"]
-    assert [k["op"] for k in kernels] == ["qmatmul"] * 6
+    # the device plan's record (op kernels + launcher, issue #12) follows the qmatmuls
+    plan = [k for k in kernels if k["op"] == "plan"]
+    # (the FX graph's gather_nd has no CUDA op kernel yet: the record says so, host ops run it)
+    assert len(plan) == 1 and (plan[0]["impl"] == "cuda-plan" or "gather_nd" in plan[0]["reason"])
+    kernels = [k for k in kernels if k["op"] == "qmatmul"]
+    assert len(kernels) == 6
     for k in kernels:
         with open(os.path.join(out, "kernels", k["source"])) as f:
             assert "__global__" in f.read()
