@@ -455,3 +455,45 @@ def test_cpu_conv_layout_packs_weights_at_compile_time(w_type):
     want = _ours(module, feeds)
     np.testing.assert_array_equal(_ours(packed, feeds), want)
     np.testing.assert_array_equal(_run_kernel(packed, q, "vnni", feeds), want)
+
+
+@pytest.mark.parametrize("codes", ["u8", "i8"])
+def test_cpu_quantize_dequantize_kernels_are_exact(codes):
+    """Per-tensor Q/DQ (what QDQ CNNs keep between layers), with ties, NaN and +-inf."""
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.codegen.cpu.ops.library import aligned_like
+    from qcompiler.codegen.cpu.qdq import primfunc_for_qdq
+    from qcompiler.targets import get_target
+
+    np_codes = np.uint8 if codes == "u8" else np.int8
+    zp = np.array(7 if codes == "u8" else -3, np_codes)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    tp = TensorProto.UINT8 if codes == "u8" else TensorProto.INT8
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, 9])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   [nh.from_array(np.array(0.25, np.float32), "s"), nh.from_array(zp, "z")])
+    module = load(model)
+    rng = np.random.default_rng(12)
+    x = aligned_like((3, 5, 9), np.float32)
+    x[...] = rng.standard_normal(x.shape) * 40
+    x.flat[:6] = [0.125, -0.375, np.nan, np.inf, -np.inf, 1e9]  # ties to even, NaN, saturation
+    from qcompiler.ir.core import constant_value
+
+    value = {"x": x}
+    for node in [n for n in module.main.nodes if n.op in ("quantize", "dequantize")]:
+        name, func = primfunc_for_qdq(node)
+        lib = tvm.compile(tvm.IRModule({name: func}), target=tvm_target(get_target("cpu")))
+        args = [value[node.operands[0].name]]
+        for v in node.operands[1:]:
+            c = np.asarray(constant_value(module, v)).reshape(v.type.shape)
+            a = aligned_like(c.shape, c.dtype)
+            a[...] = c
+            args.append(a)
+        out = aligned_like(node.results[0].type.shape, node.results[0].type.dtype.np_dtype)
+        lib[name](*args, out)
+        value[node.results[0].name] = out
+    got = value[module.main.outputs[0].name]
+    np.testing.assert_array_equal(got, _ours(module, {"x": np.array(x)}))

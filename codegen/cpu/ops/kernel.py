@@ -43,6 +43,10 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.pool import primfunc_for_pool
 
         return primfunc_for_pool(node, params, module, known)
+    if node.op in ("quantize", "dequantize") and node.op not in BUILDERS:  # cpu/qdq.py
+        from qcompiler.codegen.cpu.qdq import primfunc_for_qdq
+
+        return primfunc_for_qdq(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
