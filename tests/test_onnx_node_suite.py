@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 
-import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
+from onnx_node_cases import ALL_CASES, CASES, check_outputs, frozen_case
+from onnx_node_cases import op_names as _op_names
 from qcompiler.driver.api import run_pipeline
-from qcompiler.frontends.onnx import _elem_of, load
+from qcompiler.frontends.onnx import load
 from qcompiler.runtime.reference import run
 from qcompiler.targets import get_target
 
@@ -41,63 +39,8 @@ PIPELINE = get_target("ref").default_pipeline
 GOAL_OF_ISSUE = 0.90
 FLOOR = 0.96
 
-# Op families outside this suite's scope: (reason, predicate on "domain.op" / "op").
-OUT_OF_SCOPE = {
-    "training": ("optimizers of ai.onnx.preview.training: not inference",
-                 lambda op: op.startswith("ai.onnx.preview.training.")),
-    "classical-ml": ("ai.onnx.ml (trees, label encoders ...): not a tensor compiler's work",
-                     lambda op: op.startswith("ai.onnx.ml.")),
-    "string": ("string tensors: QIR has no string type",
-               lambda op: op in ("StringConcat", "StringNormalizer", "StringSplit",
-                                 "RegexFullMatch", "TfIdfVectorizer")),
-    "sequence/optional": ("sequence and optional values: QIR values are tensors",
-                          lambda op: op.startswith(("Sequence", "Optional"))
-                          or op in ("SplitToSequence", "ConcatFromSequence")),
-    "random": ("random generators: no reproducible expected output",
-               lambda op: op in ("Bernoulli", "RandomNormal", "RandomUniform",
-                                 "RandomNormalLike", "RandomUniformLike", "Multinomial")),
-    "control-flow": ("subgraphs (If, Loop, Scan): QIR functions are straight-line",
-                     lambda op: op in ("If", "Loop", "Scan")),
-    "loss": ("training losses", lambda op: op in ("NegativeLogLikelihoodLoss",
-                                                  "SoftmaxCrossEntropyLoss")),
-    "signal": ("signal processing (DFT, STFT, windows, mel matrices)",
-               lambda op: op in ("DFT", "STFT", "BlackmanWindow", "HammingWindow",
-                                 "HannWindow", "MelWeightMatrix")),
-    "detection": ("detection post-processing", lambda op: op in ("NonMaxSuppression",
-                                                                 "RoiAlign")),
-    "image-decoding": ("encoded image bytes", lambda op: op == "ImageDecoder"),
-}
-
-
-def _op_names(model: onnx.ModelProto) -> set[str]:
-    return {f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-            for n in model.graph.node}
-
-
-def out_of_scope_family(model: onnx.ModelProto) -> str | None:
-    for family, (_, pred) in OUT_OF_SCOPE.items():
-        if any(pred(op) for op in _op_names(model)):
-            return family
-    return None
-
-
-def _collect():
-    import onnx.backend.test.case.node as node_cases
-
-    with warnings.catch_warnings():  # building all node cases warns about some ops
-        warnings.simplefilter("ignore")
-        cases = node_cases.collect_testcases()
-    all_cases, in_scope = {}, {}
-    for c in cases:
-        if "_expanded" in c.name:
-            continue
-        all_cases[c.name] = c
-        if out_of_scope_family(c.model) is None:
-            in_scope[c.name] = c
-    return all_cases, in_scope
-
-
-ALL_CASES, CASES = _collect()
+# The scope (OUT_OF_SCOPE), the case collection, the freezing of parameter inputs and the
+# comparison are shared with the cpu suite: tests/onnx_node_cases.py.
 
 # --------------------------------------------------------------------------------------------
 # the cases that do not pass, each with its reason
@@ -160,72 +103,12 @@ EXPECTED_FAILURES: dict[str, str] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _storage(x, vi) -> np.ndarray:
-    """An ONNX value as QIR stores it (ml_dtypes int4/uint4/int2/uint2 → int8/uint8 codes)."""
-    arr = numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else np.asarray(x)
-    dtype = _elem_of(vi.type.tensor_type.elem_type, vi.name).np_dtype
-    return np.asarray(arr).astype(dtype, order="C")
-
-
-def _tolerance(dtype: np.dtype, case) -> tuple[float, float]:
-    if dtype.itemsize <= 2:  # f16, bf16
-        return 1e-2, 1e-3
-    return max(case.rtol, 1e-5), max(case.atol, 1e-6)
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    return not (np.issubdtype(dtype, np.integer) or dtype == np.bool_)
-
-
-def _is_parameter(vi, x, position: int) -> bool:
-    """An input that real exports carry as a constant: an integer tensor after the first
-    input (axes, pads, shapes, sizes, repeats, k, indices) or an empty one. QIR takes axes-like
-    operands as attributes, so the case is compiled with these frozen into initializers."""
-    arr = numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else np.asarray(x)
-    return position > 0 and (arr.size == 0 or arr.dtype in (np.int64, np.int32))
-
-
-def frozen_case(case) -> tuple[onnx.ModelProto, dict]:
-    """The case's model with its parameter inputs as initializers, and the feeds of the rest."""
-    model = onnx.ModelProto()
-    model.CopyFrom(case.model)
-    inputs, _ = case.data_sets[0]
-    g = model.graph
-    feeds, keep = {}, []
-    for i, (vi, x) in enumerate(zip(list(g.input), inputs)):
-        if _is_parameter(vi, x, i):
-            arr = numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else np.asarray(x)
-            g.initializer.append(numpy_helper.from_array(arr, vi.name))
-        else:
-            keep.append(vi)
-            feeds[vi.name] = _storage(x, vi)
-    del g.input[:]
-    g.input.extend(keep)
-    return model, feeds
-
-
 def check_case(name: str) -> None:
     """Import, run the default pipeline, run the reference; assert the case's outputs."""
     case = CASES[name]
     model, feeds = frozen_case(case)
-    _, outputs = case.data_sets[0]
     module, _, _ = run_pipeline(load(model), PIPELINE, verify_each=True)
-    got = run(module, feeds)
-    for vi, y in zip(model.graph.output, outputs):
-        want = _storage(y, vi)
-        g = got[vi.name]
-        assert g.dtype == want.dtype, f"{vi.name}: dtype {g.dtype}, expected {want.dtype}"
-        assert g.shape == want.shape, f"{vi.name}: shape {g.shape}, expected {want.shape}"
-        if _is_float(want.dtype) and want.dtype.itemsize > 1:
-            rtol, atol = _tolerance(want.dtype, case)
-            np.testing.assert_allclose(g.astype(np.float64), want.astype(np.float64),
-                                       rtol=rtol, atol=atol, equal_nan=True,
-                                       err_msg=f"{name} {vi.name}")
-        elif _is_float(want.dtype):  # fp8 / fp4 codes: equal values, NaN equal to NaN
-            assert np.array_equal(g.astype(np.float64), want.astype(np.float64),
-                                  equal_nan=True), f"{vi.name}: {g} != {want}"
-        else:
-            assert np.array_equal(g, want), f"{vi.name}: {g} != {want}"
+    check_outputs(name, case, model, run(module, feeds))
 
 
 def _passes(name: str) -> bool:
