@@ -143,6 +143,10 @@ def schedule_reduce(sch, p: ScheduleParams):
     sch.compute_at(sch.get_sblock("acc"), fused)
 
 
+MATMUL_ROWS = 4     # rows of a float matmul computed together (see schedule_matmul)
+MATMUL_COLS = 256   # output columns per chunk
+
+
 def schedule_matmul(sch, rows: int, p: ScheduleParams):
     acc = sch.get_sblock("acc")
     names = [sch.get(b).name_hint for b in _all_blocks(sch)]
@@ -155,6 +159,20 @@ def schedule_matmul(sch, rows: int, p: ScheduleParams):
     else:
         loops = sch.get_loops(acc)
         shape = [_loop_extent(sch, lp) for lp in loops[:-1]]
+        n = _static(shape[-1])
+        if n is not None and n >= 4 * p.lanes:
+            # Row blocks of MATMUL_ROWS share each loaded row of b (4x less b traffic than row
+            # by row); columns in chunks of MATMUL_COLS so that the block's output stays in L1.
+            fused = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+            ro, ri = sch.split(fused, [None, MATMUL_ROWS])
+            if _worth_parallel(shape, p):
+                sch.parallel(ro)
+            col, red = sch.get_loops(acc)[-2:]
+            chunk = MATMUL_COLS if n > MATMUL_COLS and n % MATMUL_COLS == 0 else n
+            co, ci = sch.split(col, [None, chunk])
+            sch.reorder(co, red, ri, ci)
+            sch.decompose_reduction(acc, red)
+            return
         row = _outer_parallel(sch, loops[:rows], shape, p)
     spatial, red = sch.get_loops(acc)[-2:]
     sch.reorder(red, spatial)
