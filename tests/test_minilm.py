@@ -354,7 +354,9 @@ def test_cuda_sm80_compiles_a_minilm_layer_without_a_gpu(minilm, tmp_path):
     assert len(kernels) == 6
     for k in kernels:
         with open(os.path.join(out, "kernels", k["source"])) as f:
-            assert "__global__" in f.read()
+            source = f.read()
+        # thin sources: the kernels live in the shipped headers, the source instantiates them
+        assert '#include "qcompiler/dispatch.cuh"' in source and 'extern "C"' in source
     with open(os.path.join(out, "module.qir")) as f:
         qir = f.read()
     assert qir.count("qmatmul(") == 6 and "f16" in qir
