@@ -617,3 +617,24 @@ def test_report_header_says_which_isa_paths_run(monkeypatch):
     text = "\n".join(pytest_report_header(None))
     assert "QC_HOST_ISA=avx2 in force" in text and "-avx512f" in text
     assert "256-bit vectors; int8 VNNI path: skipped" in text
+
+
+def test_artifact_built_for_avx512_refuses_to_run_on_an_avx2_host(tmp_path, monkeypatch):
+    """Code for an AVX-512 -mcpu would die with an illegal instruction on an AVX2-only host:
+    the artifact still loads (lazily), and run() says why instead, before any dlopen."""
+    from qcompiler.codegen.cpu.host import missing_features, target_cpu
+    from qcompiler.errors import DeviceUnavailableError
+
+    mcpu = target_cpu(get_target("cpu-x86-avx512"))["mcpu"]
+    if missing_features(mcpu):
+        pytest.skip(f"this host cannot run -mcpu={mcpu} code, so it cannot build the artifact")
+    out = str(tmp_path / "avx512")
+    qcompiler.compile_to_dir(MLP, "cpu-x86-avx512", out)
+    monkeypatch.setenv("QC_HOST_ISA", "avx2")
+    assert "avx512f" in missing_features(mcpu)
+    m = qcompiler.load(out)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(DeviceUnavailableError, match=f"-mcpu={mcpu}.*avx512f"):
+        m.run({"x": x})
+    monkeypatch.delenv("QC_HOST_ISA")
+    assert np.isfinite(qcompiler.load(out).run({"x": x})["y"]).all()

@@ -32,7 +32,7 @@ import numpy as np
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cpu.config import validate as validate_config
 from qcompiler.codegen.cpu.errors import CPUBackendError
-from qcompiler.errors import ArtifactError, HostFallbackError
+from qcompiler.errors import ArtifactError, DeviceUnavailableError, HostFallbackError
 from qcompiler.ir.core import constant_value
 from qcompiler.targets import get_target
 
@@ -188,6 +188,13 @@ class CPUBackend(Backend):
             target = get_target(manifest["target"])
         except KeyError:
             raise ArtifactError(f"manifest.json: unknown target {manifest['target']!r}") from None
+        refusal = _host_cannot_run(manifest)
+        if refusal:
+            # Lazy, as for a CUDA artifact without a GPU: the artifact loads (it was checked),
+            # running it says why it cannot run here; no library of it is ever dlopened.
+            def refuse(inputs):
+                raise DeviceUnavailableError(refusal)
+            return refuse
         libs = {c["result"]: (i, c) for i, c in enumerate(manifest["kernels"])
                 if c.get("impl") == "tvm-llvm"}
         kernels = {}
@@ -209,6 +216,22 @@ class CPUBackend(Backend):
             impls = {name: _qmatmul_impl(k) for name, k in kernels.items()}
             return lambda inputs: run(module, inputs, kernels=impls)
         return _plan_runner(module, manifest, out_dir, kernels)
+
+
+def _host_cannot_run(manifest: dict):
+    """Why this host cannot execute the artifact's code (None when it can): code built for an
+    AVX-512 -mcpu dies with an illegal instruction on an AVX2-only host."""
+    from qcompiler.codegen.cpu.host import missing_features
+
+    for mcpu in sorted({c["mcpu"] for c in manifest["kernels"]
+                        if isinstance(c.get("mcpu"), str)}):
+        missing = missing_features(mcpu)
+        if missing:
+            return (f"this artifact's CPU code was built for -mcpu={mcpu} "
+                    f"(target {manifest['target']}); this host lacks "
+                    f"{', '.join(sorted(missing))}: compile it here for --target cpu or "
+                    f"cpu-x86-avx2")
+    return None
 
 
 def _qmatmul_impl(kernel):
@@ -336,7 +359,10 @@ def _ops_library(module, target, kdir: str, out_dir: str):
                 f"{tvm.__version__}): one function per distinct op kernel.\n{source}\n")
     build = KernelBuild(key, library, functools.partial(_build_ops_library, key, target))
     build.nodes = [f"{len(kernels)} ops and {len(epilogues)} qmatmul epilogues"]
+    from qcompiler.codegen.cpu.host import target_cpu
+
     record = {"op": "ops", "result": "", "impl": "tvm-llvm-ops",
+              "mcpu": target_cpu(target)["mcpu"],
               "library": os.path.relpath(os.path.join(kdir, library), out_dir),
               "source": os.path.relpath(os.path.join(kdir, stem + ".tir.py"), out_dir),
               "kernel_key": key, "functions": len(funcs),

@@ -107,6 +107,17 @@ def _host_flags(isa: str | None) -> tuple[str, frozenset]:
     return vendor, frozenset(mask_flags(flags, isa))
 
 
+def missing_features(mcpu: str) -> set:
+    """The /proc/cpuinfo flags that code built for the LLVM cpu ``mcpu`` needs and this host (as
+    QC_HOST_ISA makes it look) lacks: empty when the host can run that code. A name outside
+    ``CANDIDATES`` (a generic x86-64) needs nothing we check."""
+    needed = [flags for table in CANDIDATES.values() for name, flags in table if name == mcpu]
+    if not needed:
+        return set()
+    _, host_flags = _host_flags(host_isa_override())
+    return set(frozenset.intersection(*map(frozenset, needed))) - set(host_flags)
+
+
 def choose_mcpu(vendor: str, flags: set, valid=None) -> str:
     """The newest LLVM CPU of ``vendor`` whose required flags the host has."""
     for name, needed in CANDIDATES.get(vendor, CANDIDATES["GenuineIntel"]):
