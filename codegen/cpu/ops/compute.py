@@ -698,3 +698,353 @@ def _param_bcast_to(ctx: _Ctx, i: int, index: list, ct: str):
     scores_type = tq.with_shape((tq.shape[0], tq.shape[1], tq.shape[2], tk.shape[2]))
     idx = broadcast_index(ctx.otype(i), list(p.shape), scores_type, index)
     return (p[tuple(idx)] if idx else p[()]).astype(ct)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX-coverage reductions and scans (issue #13): reduce (max, min, prod, sum_square, l1,
+# log_sum, log_sum_exp), arg_reduce, cumulative, log_softmax, hardmax
+# --------------------------------------------------------------------------------------------
+
+
+def _extreme(dtype: str, kind: str):
+    """The identity of max (``kind`` max: the lowest value) or min: +-inf for floats, the
+    type's limits for ints; an empty max / min gives it, as the reference."""
+    from tvm import tirx
+
+    if is_float_dtype(dtype):
+        return tirx.const(float("-inf") if kind == "max" else float("inf"), dtype)
+    if dtype == "uint8" or dtype.startswith("uint"):
+        bits = int(dtype[4:])
+        return tirx.const(0 if kind == "max" else 2 ** bits - 1, dtype)
+    bits = int(dtype[3:])
+    return tirx.const(-(2 ** (bits - 1)) if kind == "max" else 2 ** (bits - 1) - 1, dtype)
+
+
+def _reducer(kind: str, dtype: str):
+    from tvm import te, tirx
+
+    if kind == "max":
+        return te.comm_reducer(lambda a, b: scalar.maximum(a, b),
+                               lambda t: _extreme(t, "max"), name="max_nan")
+    if kind == "min":
+        return te.comm_reducer(lambda a, b: scalar.minimum(a, b),
+                               lambda t: _extreme(t, "min"), name="min_nan")
+    if kind == "prod":
+        return te.comm_reducer(lambda a, b: a * b, lambda t: tirx.const(1, t), name="prod")
+    return te.sum
+
+
+class _Axes:
+    """The reduce axes of a reduction over ``axes`` of x, and x's index from the result's."""
+
+    def __init__(self, x, axes, keep: bool):
+        self.x, self.rank, self.keep = x, len(x.shape), keep
+        self.axes = sorted({a % self.rank for a in axes}) if axes else list(range(self.rank))
+        self.ks = _reduce_axes([x.shape[a] for a in self.axes], [f"k{a}" for a in self.axes])
+
+    def full_index(self, i):
+        idx, it, kt = [], iter(i), iter(self.ks)
+        for d in range(self.rank):
+            if d in self.axes:
+                if self.keep:
+                    next(it)  # the kept unit dim
+                idx.append(next(kt))
+            else:
+                idx.append(next(it))
+        return tuple(idx)
+
+
+@_builder("reduce")
+def _reduce_kind(ctx: _Ctx) -> Kernel:
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    kind = node.attrs["kind"]
+    axes = list(node.attrs["axes"])
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        out = _compute(ctx.out_shapes[0], lambda i: x[tuple(i)] if i else x[()], "out")
+        return Kernel(ctx.inputs, [out], "injective")
+    ax = _Axes(x, axes, bool(node.attrs["keepdims"]))
+    dtype = dtype_of(x)
+    floating = is_float_dtype(dtype)
+    ct = compute_dtype(dtype) if floating else dtype
+    shape = ctx.out_shapes[0]
+
+    def load(i):
+        return x[ax.full_index(i)].astype(ct)
+
+    def at(t, i):
+        return t[tuple(i)] if i else t[()]
+
+    if kind == "log_sum_exp":
+        m = _compute(shape, lambda i: _reducer("max", ct)(load(i), axis=ax.ks), "acc_max")
+        ax2 = _Axes(x, axes, ax.keep)
+
+        def shift(i):
+            v = at(m, i)
+            return tirx.Select(tirx.isfinite(v), v, tirx.const(0, ct)) if floating else v
+
+        def sum_exp(i):
+            e = x[ax2.full_index(i)].astype(ct) if floating else \
+                x[ax2.full_index(i)].astype("float64")
+            s = shift(i) if floating else shift(i).astype("float64")
+            return te.sum(te.exp(e - s), axis=ax2.ks)
+
+        acc = _compute(shape, sum_exp, "acc")
+
+        def finish(i):
+            s = shift(i) if floating else shift(i).astype("float64")
+            return (te.log(at(acc, i)) + s).astype(ctx.out_dtypes[0])
+
+        return Kernel(ctx.inputs, [_compute(shape, finish, "out")], "reduce")
+
+    def term(i):
+        v = load(i)
+        if kind == "sum_square":
+            return v * v
+        if kind == "l1":
+            return tirx.abs(v) if dtype.startswith(("int", "float", "bfloat")) else v
+        return v
+
+    reducer = _reducer(kind, ct)
+    acc = _compute(shape, lambda i: reducer(term(i), axis=ax.ks), "acc")
+
+    def finish(i):
+        v = at(acc, i)
+        if kind == "log_sum":
+            v = te.log(v) if floating else te.log(v.astype("float64"))
+        return v.astype(ctx.out_dtypes[0])
+
+    return Kernel(ctx.inputs, [_compute(shape, finish, "out")], "reduce")
+
+
+@_builder("arg_reduce")
+def _arg_reduce(ctx: _Ctx) -> Kernel:
+    """The first (or with select_last_index the last) index of the max / min along axis, as
+    numpy's argmax / argmin: a (index, value) reduction in index order."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axis = node.attrs["axis"] % rank
+    keep = bool(node.attrs["keepdims"])
+    largest = node.attrs["kind"] == "max"
+    last = bool(node.attrs["select_last_index"])
+    dtype = dtype_of(x)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+
+    def better(new, old):  # new beats the running best (ties: the later index if last)
+        if last:
+            return new >= old if largest else new <= old
+        return new > old if largest else new < old
+
+    def combine(acc, new):
+        take = tirx.Or(acc[0] < tirx.IntImm("int64", 0), better(new[1], acc[1]))
+        return tirx.Select(take, new[0], acc[0]), tirx.Select(take, new[1], acc[1])
+
+    def identity(t0, t1):
+        return tirx.const(-1, t0), _extreme(t1, "max" if largest else "min")
+
+    argbest = te.comm_reducer(combine, identity, name="argbest")
+    k = te.reduce_axis((0, x.shape[axis]), name="k")
+
+    def x_index(i):
+        i = list(i)
+        if keep:
+            i[axis] = k
+        else:
+            i.insert(axis, k)
+        return tuple(i)
+
+    shape = ctx.out_shapes[0]
+    if shape:
+        idx, _ = te.compute(shape, lambda *i: argbest(
+            (k.var.astype("int64"), x[x_index(i)].astype(ct)), axis=k), name="acc")
+    else:
+        idx, _ = te.compute((), lambda: argbest(
+            (k.var.astype("int64"), x[x_index([])].astype(ct)), axis=k), name="acc")
+    out = _compute(shape, lambda i: idx[tuple(i)] if i else idx[()], "out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+@_builder("cumulative")
+def _cumulative(ctx: _Ctx) -> Kernel:
+    """Running sum / product along axis: each element a reduction over the elements before
+    it (inclusive unless exclusive; from the end if reverse). Quadratic in the axis length,
+    which the ONNX models' CumSum (positions, masks) keep short."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axis = node.attrs["axis"] % rank
+    exclusive, reverse = bool(node.attrs["exclusive"]), bool(node.attrs["reverse"])
+    n = x.shape[axis]
+    k = te.reduce_axis((0, n), name="k")
+    reducer = _reducer("prod" if node.attrs["kind"] == "prod" else "sum", dtype_of(x))
+    one = tirx.const(0 if node.attrs["kind"] == "sum" else 1, dtype_of(x))
+
+    def fn(*i):
+        j = i[axis]
+        inside = (k > j if exclusive else k >= j) if reverse else \
+            (k < j if exclusive else k <= j)
+        src = tuple(i[:axis]) + (k,) + tuple(i[axis + 1:])
+        return reducer(tirx.Select(inside, x[src], one), axis=k)
+
+    acc = te.compute(list(x.shape), fn, name="acc")
+    out = te.compute(list(x.shape), lambda *i: acc[i], name="out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+@_builder("log_softmax", "hardmax")
+def _log_softmax_hardmax(ctx: _Ctx) -> Kernel:
+    """log_softmax: x - max - log(sum(exp(x - max))) in the compute type; hardmax: 1 at the
+    first maximum along axis (an arg_reduce), 0 elsewhere."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axis = node.attrs["axis"] % max(rank, 1)
+    shape = list(x.shape)
+    red_shape = shape[:axis] + shape[axis + 1:]
+    dtype = dtype_of(x)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+
+    def at(i, k):
+        return tuple(i[:axis]) + (k,) + tuple(i[axis:])
+
+    def row(i):
+        return tuple(i[:axis]) + tuple(i[axis + 1:])
+
+    k1 = te.reduce_axis((0, shape[axis]), name="k1")
+    if node.op == "hardmax":
+        def combine(acc, new):
+            take = tirx.Or(acc[0] < tirx.IntImm("int64", 0), new[1] > acc[1])
+            return tirx.Select(take, new[0], acc[0]), tirx.Select(take, new[1], acc[1])
+
+        first = te.comm_reducer(combine, lambda t0, t1: (tirx.const(-1, t0),
+                                                         _extreme(t1, "max")), name="argmax")
+        best, _ = te.compute(red_shape, lambda *i: first(
+            (k1.var.astype("int64"), x[at(i, k1)].astype(ct)), axis=k1), name="acc")
+        out = te.compute(shape, lambda *i: tirx.Select(
+            best[row(i)] == i[axis].astype("int64"), tirx.const(1, dtype),
+            tirx.const(0, dtype)), name="out")
+        return Kernel(ctx.inputs, [out], "reduce_rows")
+    row_max = te.compute(red_shape, lambda *i: te.max(x[at(i, k1)].astype(ct), axis=k1),
+                         name="row_max")
+    k2 = te.reduce_axis((0, shape[axis]), name="k2")
+    row_sum = te.compute(red_shape, lambda *i: te.sum(
+        te.exp(x[at(i, k2)].astype(ct) - row_max[tuple(i)]), axis=k2), name="row_sum")
+    out = te.compute(shape, lambda *i: (x[i].astype(ct) - row_max[row(i)]
+                                        - te.log(row_sum[row(i)])).astype(dtype), name="out")
+    return Kernel(ctx.inputs, [out], "reduce_rows")
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX-coverage data movement (issue #13): pad, tile, trilu, eye_like
+# --------------------------------------------------------------------------------------------
+
+
+def _constant_ints(ctx: _Ctx, i: int, what: str) -> list:
+    c = constant_operand(ctx.node, i, ctx.module)
+    if c is None:
+        raise unsupported(ctx.node, f"{ctx.node.op} {what} (operand {i}) is not a constant")
+    return [int(v) for v in np.asarray(c).reshape(-1)]
+
+
+@_builder("pad")
+def _pad(ctx: _Ctx) -> Kernel:
+    """ONNX Pad with the pads baked in: out[i] reads x at i - begin (negative pads crop);
+    outside x: the value (constant), the nearest edge, the mirror (reflect) or the wrap."""
+    from tvm import tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    pads = _constant_ints(ctx, 1, "pads")
+    mode = node.attrs["mode"]
+    dtype = dtype_of(x)
+    has_value = ctx.has(2) and mode == "constant"
+    zero = tirx.IntImm("int64", 0)
+
+    def fn(i):
+        idx, inside = [], tirx.const(True, "bool")
+        for d in range(rank):
+            n = x.shape[d]
+            # the cropped input's dim starts at max(-begin, 0) in x
+            lo = max(-pads[d], 0)
+            size = n - lo - max(-pads[d + rank], 0)
+            j = i[d] - _i64(max(pads[d], 0))  # position in the cropped input
+            if mode == "constant":
+                inside = tirx.And(inside, tirx.And(j >= zero, j < size))
+                j = tirx.max(tirx.min(j, size - 1), zero)
+            elif mode == "edge":
+                j = tirx.max(tirx.min(j, size - 1), zero)
+            elif mode == "wrap":
+                j = tirx.floormod(j, size)
+            else:  # reflect: period 2 * (size - 1), mirrored about both ends
+                period = tirx.max(2 * (size - 1), _i64(1))
+                m = tirx.floormod(j, period)
+                j = tirx.Select(m < size, m, period - m)
+            idx.append(j + _i64(lo))
+        v = x[tuple(idx)] if idx else x[()]
+        if mode != "constant":
+            return v
+        if has_value:
+            p = ctx.operand(2)
+            fill = (p[tuple(zero for _ in p.shape)] if len(p.shape) else p[()]).astype(dtype)
+        else:
+            fill = tirx.const(0, dtype)
+        return tirx.Select(inside, v, fill)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked={"pads": pads})
+
+
+@_builder("tile")
+def _tile(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    x = ctx.operand(0)
+    reps = _constant_ints(ctx, 1, "repeats")
+
+    def fn(i):
+        return x[tuple(tirx.floormod(j, d) for j, d in zip(i, x.shape))]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked={"repeats": reps})
+
+
+@_builder("trilu")
+def _trilu(ctx: _Ctx) -> Kernel:
+    """Upper: keep j - i >= k; lower: keep j - i <= k (over the last two dims)."""
+    from tvm import tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    k = _constant_ints(ctx, 1, "k")[0] if ctx.has(1) else 0
+    dtype = dtype_of(x)
+
+    def fn(i):
+        diag = i[-1] - i[-2]
+        keep = diag >= _i64(k) if node.attrs["upper"] else diag <= _i64(k)
+        return tirx.Select(keep, x[tuple(i)], tirx.const(0, dtype))
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked={"k": k})
+
+
+@_builder("eye_like")
+def _eye_like(ctx: _Ctx) -> Kernel:
+    from tvm import tirx
+
+    k = int(ctx.node.attrs.get("k", 0))
+    dtype = ctx.out_dtypes[0]
+
+    def fn(i):
+        return tirx.Select(i[1] - i[0] == _i64(k), tirx.const(1, dtype), tirx.const(0, dtype))
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")

@@ -109,7 +109,7 @@ class OpsLibrary:
 
 def as_kernel_arg(a):
     """The cheapest zero-copy argument: numpy itself where DLPack takes its dtype."""
-    if isinstance(a, np.ndarray) and a.dtype in (np.bool_, BFLOAT16):
+    if isinstance(a, np.ndarray) and (a.size == 0 or a.dtype in (np.bool_, BFLOAT16)):
         return wrap(a)
     return a
 
@@ -125,6 +125,8 @@ def wrap(a: np.ndarray):
 
     if not isinstance(a, np.ndarray):
         return a
+    if a.size == 0:  # numpy's strides of a 0-size array are not "compact" to TVM: no data
+        return tvm.runtime.empty(a.shape, "uint8" if a.dtype == np.bool_ else str(a.dtype))
     if a.dtype == np.bool_:
         a = a.view(np.uint8)
     if a.dtype == BFLOAT16:

@@ -207,6 +207,22 @@ def apply(op: str, attr, args: list, out_dtype: str):
         return (~args[0]).astype(out_dtype)
     if op == "isinf":
         return isinf(args[0], attr or {}).astype(out_dtype)
+    if op in ("or", "xor"):
+        a, b = _truth(args[0]), _truth(args[1])
+        xor = tirx.Or(tirx.And(a, tirx.Not(b)), tirx.And(tirx.Not(a), b))
+        return (tirx.Or(a, b) if op == "or" else xor).astype(out_dtype)
+    if op in BITWISE_OPS:
+        return bitwise(op, args[0].astype(out_dtype), args[1].astype(out_dtype))
+    if op == "bit_shift":
+        return bit_shift(args[0].astype(out_dtype), args[1].astype(out_dtype),
+                         (attr or {})["direction"].lower())
+    if op == "mod":
+        return mod(args[0].astype(out_dtype), args[1].astype(out_dtype),
+                   bool((attr or {}).get("fmod", 0)))
+    if op == "prelu":
+        x, slope = to_compute(args[0]), to_compute(args[1])
+        return tirx.Select(x < _c(0, dtype_of(x)), x * slope.astype(dtype_of(x)),
+                           x).astype(out_dtype)
     if op == "shrink" and not is_float_dtype(dtype_of(args[0])):
         # integer x: compared and shifted in float64, converted back (the reference)
         return onnx_unary(op, attr or {}, args[0].astype("float64"), "float64").astype(out_dtype)
@@ -371,6 +387,60 @@ def onnx_unary(op: str, attrs: dict, x, ct: str):
     raise KeyError(op)
 
 
+BITWISE_OPS = ("bitwise_and", "bitwise_or", "bitwise_xor")
+
+
+def bitwise(op: str, a, b):
+    from tvm import tirx
+
+    fn = {"bitwise_and": tirx.bitwise_and, "bitwise_or": tirx.bitwise_or,
+          "bitwise_xor": tirx.bitwise_xor}[op]
+    return fn(a, b)
+
+
+def bit_shift(a, b, direction: str):
+    """numpy's left_shift / right_shift: a shift by the width or more (or a negative one)
+    gives 0, or -1 for a negative a shifted right (LLVM's shl / shr would be poison there)."""
+    from tvm import tirx
+
+    dtype = dtype_of(a)
+    bits = int("".join(ch for ch in dtype if ch.isdigit()))
+    shifted = tirx.shift_left(a, b) if direction == "left" else tirx.shift_right(a, b)
+    if dtype.startswith("int"):  # signed b: negative counts are out of range too
+        in_range = tirx.And(b >= _c(0, dtype), b < _c(bits, dtype))
+    else:
+        in_range = b < _c(bits, dtype)
+    out = _c(0, dtype)
+    if direction != "left" and dtype.startswith("int"):
+        out = tirx.Select(a < _c(0, dtype), _c(-1, dtype), out)
+    return tirx.Select(in_range, shifted, out)
+
+
+def mod(a, b, fmod: bool):
+    """ONNX Mod as the reference: fmod=1 is C's fmod (sign of a); fmod=0 Python's % (sign of
+    b). Integer x % 0 gives 0 (numpy's result, and no SIGFPE)."""
+    from tvm import tirx
+
+    dtype = dtype_of(a)
+    if is_float_dtype(dtype):
+        # libm's fmod in float64 (exact for every f16/bf16/f32/f64 pair): TVM's LLVM
+        # codegen has no fmod intrinsic
+        ct = "float64"
+        x, y = a.astype(ct), b.astype(ct)
+        r = tirx.call_pure_extern(ct, "fmod", x, y)
+        if not fmod:  # Python's % on floats: fmod moved to the sign of y
+            zero = _c(0, ct)
+            same_sign = tirx.Or(tirx.And(r < zero, y < zero), tirx.And(r > zero, y > zero))
+            r = tirx.Select(tirx.Or(r == zero, same_sign), r, r + y)
+        return r.astype(dtype)
+    zero, one = _c(0, dtype), _c(1, dtype)
+    safe = tirx.Select(b == zero, one, b)
+    if dtype.startswith("int"):
+        safe = tirx.Select(b == _c(-1, dtype), one, safe)  # MIN % -1 = 0, no SIGFPE
+    r = tirx.truncmod(a, safe) if fmod else tirx.floormod(a, safe)
+    return tirx.Select(b == zero, zero, r)
+
+
 def _truth(x):
     from tvm import tirx
 
@@ -381,4 +451,5 @@ ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf
                    "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
                    "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
                    "isnan", "silu", "identity") + ONNX_UNARY_OPS + (
-                       "not", "bitwise_not", "isinf")
+                       "not", "bitwise_not", "isinf", "or", "xor", "mod", "prelu",
+                       "bit_shift") + BITWISE_OPS

@@ -140,7 +140,10 @@ def schedule_reduce(sch, p: ScheduleParams):
         return
     shape = [_loop_extent(sch, lp) for lp in loops]
     fused = _outer_parallel(sch, loops, shape, p)
-    sch.compute_at(sch.get_sblock("acc"), fused)
+    # every stage (acc, and a log-sum-exp's max before it) per result element
+    for block in reversed(_all_blocks(sch)):
+        if sch.get(block).name_hint != "out":
+            sch.compute_at(block, fused)
 
 
 MATMUL_ROWS = 4     # rows of a float matmul computed together (see schedule_matmul)
@@ -221,6 +224,9 @@ def schedule(func, kernel, p: ScheduleParams):
         schedule_injective(sch, [t.op.name for t in kernel.outputs], p)
     elif kernel.kind == "rows":
         schedule_rows(sch, kernel.rows, p)
+    elif kernel.kind == "reduce_rows":
+        # log_softmax / hardmax: row statistics then the row; each stage its own loop nest
+        pass
     elif kernel.kind == "reduce":
         schedule_reduce(sch, p)
     elif kernel.kind == "matmul":
