@@ -3,16 +3,19 @@
 The kernel takes the node's operands as they are (x codes NCHW, w codes [M, C/g, KH, KW],
 scales, zero points, bias, residual) and writes the NCHW result; its stages:
 
-- ``vnni`` (hosts with AVX-512 VNNI, C/g >= 4): x is repacked per call into signed bytes
-  ``xq[n, g, h + pads, w + pads, c4]`` (NHWC per group, channels padded to a multiple of 4,
-  the border holding the zero point) and w into unsigned bytes
-  ``wq[g, m / 16, kh, kw, c / 4, 16, 4]``; the sum ``sum xq * wq`` is tensorized with
-  ``vpdpbusd`` (16 output channels x 4 input channels per instruction, register-blocked over
-  ``ow_block`` output columns). Shifting x by -128 (u8 codes) and w by +128 (i8 codes) puts
-  the operands in vpdpbusd's s8 x u8 form; the exact sum of ``(x - xzp)(w - wzp)`` is then
-  ``S - zw'[m] * Xsum - zx' * Wsum[m] + K * zx' * zw'[m]`` with zx' = xzp - 128,
-  zw' = wzp + 128, Xsum the window sums of xq (computed beside) and Wsum the sums of the
-  shifted weights (no overflow: |xq| <= 128, wq <= 255, 4 products per lane step).
+- ``vnni`` (AVX-512 VNNI targets, C/g >= 2 and M/g >= 8): x is repacked per call into
+  unsigned bytes ``xq[n, g, h + pads, w + pads, c4]`` (NHWC per group, channels padded to a
+  multiple of 4, the border holding the zero point); w is packed at compile time by
+  ``cpu-conv-layout`` (else per call) into signed bytes ``wq[g, m / 16, kh, kw, c / 4, 16, 4]``
+  (``runtime.reference.pack_conv_weights``). ``sum xq * wq`` is tensorized with ``vpdpbusd``
+  (4 activations broadcast x 16 output channels x 4 input channels per instruction), the
+  ``ow_block`` x 16 sums held in registers over the whole window; the loop order keeps either
+  a row of the image or a block of weights in cache (whichever is larger stays outer). u8 x
+  and i8 w are vpdpbusd's operands as they are (i8 x is shifted by +128, u8 w by -128); the
+  exact sum of ``(x - xzp)(w - wzp)`` is ``S - zw'[m] * Xsum - zx' * Wsum[m] + K zx' zw'[m]``
+  with the shifted zero points zx', zw', Wsum the shifted weights' sums and Xsum the window
+  sums of xq, computed only where some zw' is not a constant 0 (no overflow: xq <= 255,
+  |wq| <= 128, 4 products per lane step).
 - ``direct`` (everything else: AVX2 hosts, depthwise and thin groups): the i32 sum of
   ``(x - xzp) * (w - wzp)`` written directly, the output channels' window loop vectorized
   by LLVM. AVX2's vpmaddubsw would saturate int16 on 8-bit codes (255 * 127 * 2 > 32767),
