@@ -178,7 +178,76 @@ def _make_graph() -> Graph:
     # two identical nodes: one kernel
     g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
     _add_onnx_elementwise(g, B, S)
+    _add_onnx_coverage_ops(g, B, S)
     return g
+
+
+def _add_onnx_coverage_ops(g: Graph, B, S):
+    """The node-suite ops (issue #13) that used to fall back to the host: reduce kinds,
+    arg_reduce, cumulative, log_softmax, hardmax, pad, tile, trilu, eye_like, the integer /
+    logical binaries."""
+    for kind in ("max", "min", "prod", "sum_square", "l1", "log_sum_exp"):
+        g.add("cov_reduce", "reduce", [g.arg([B, S, 5], "f32", low=(0.5, 1.5))],
+              [([B, 1, 5], "f32")], {"kind": kind, "axes": [1], "keepdims": 1})
+    g.add("cov_reduce", "reduce", [g.arg([B, S, 5], "f32", low="positive")], [([5], "f32")],
+          {"kind": "log_sum", "axes": [0, 1], "keepdims": 0})
+    g.add("cov_reduce", "reduce", [g.arg([B, 6], "f16")], [([B], "f16")],
+          {"kind": "max", "axes": [-1], "keepdims": 0})
+    g.add("cov_reduce", "log_softmax", [g.arg([B, S], "f32")], [([B, S], "f32")], {"axis": -1})
+    g.add("cov_reduce", "log_softmax", [g.arg([B, 6, 4], "f32")], [([B, 6, 4], "f32")],
+          {"axis": 1})
+    g.add("cov_exact", "reduce", [g.arg([B, 6], "i32", low=(-9, 9))], [([1, 6], "i32")],
+          {"kind": "min", "axes": [0], "keepdims": 1})
+    for kind, last in (("max", 0), ("min", 0), ("max", 1), ("min", 1)):
+        # few distinct values: ties, where first / last index differ
+        g.add("cov_exact", "arg_reduce", [g.arg([B, S, 3], "i32", low=(-2, 2))],
+              [([B, 1, 3], "i64")], {"kind": kind, "axis": 1, "keepdims": 1,
+                                     "select_last_index": last})
+    g.add("cov_exact", "arg_reduce", [g.arg([B, S], "f32")], [([S], "i64")],
+          {"kind": "max", "axis": 0, "keepdims": 0, "select_last_index": 0})
+    g.add("cov_exact", "hardmax", [g.arg([B, 5], "f32", low=(-1, 1))], [([B, 5], "f32")],
+          {"axis": 1})
+    for kind, excl, rev in (("sum", 0, 0), ("sum", 1, 0), ("sum", 0, 1), ("sum", 1, 1),
+                            ("prod", 0, 0)):
+        g.add("cov_exact", "cumulative", [g.arg([B, 9], "i64", low=(-3, 3))], [([B, 9], "i64")],
+              {"kind": kind, "axis": 1, "exclusive": excl, "reverse": rev})
+    g.add("cov_float", "cumulative", [g.arg([B, 4], "f32")], [([B, 4], "f32")],
+          {"kind": "sum", "axis": 0, "exclusive": 0, "reverse": 1})
+    for mode in ("constant", "edge", "reflect", "wrap"):
+        g.add("cov_exact", "pad", [g.arg([B, 5], "f32"), g.const([0, 2, 0, 3])],
+              [([B, 10], "f32")], {"mode": mode})
+    # negative pads crop; the fill value an operand; the padded batch dim only known at run time
+    g.add("cov_exact", "pad", [g.arg([B, 6], "i32"), g.const([1, -2, 0, 1]),
+                               g.arg([], "i32", low=(1, 50))], [(["?", 5], "i32")],
+          {"mode": "constant"})
+    g.add("cov_exact", "tile", [g.arg([3, 4], "f32"), g.const([2, 3])], [([6, 12], "f32")])
+    for upper, k in ((1, 0), (1, -1), (0, 2)):
+        g.add("cov_exact", "trilu", [g.arg([B, 5, 6], "f32"), g.const([k])],
+              [([B, 5, 6], "f32")], {"upper": upper})
+    g.add("cov_exact", "eye_like", [g.arg([5, 7], "f32")], [([5, 7], "i32")],
+          {"k": 1, "dtype": elem("i32")})
+    for op in ("or", "xor"):
+        g.add("cov_exact", op, [g.arg([B, 13], "bool"), g.arg([13], "bool")], [([B, 13], "bool")])
+    for op in ("bitwise_and", "bitwise_or", "bitwise_xor"):
+        g.add("cov_exact", op, [g.arg([B, 13], "i16", low=(-999, 999)),
+                                g.arg([13], "i16", low=(-999, 999))], [([B, 13], "i16")])
+    for direction in ("left", "right"):
+        # shifts past the width included: 0 (numpy), no poison
+        g.add("cov_exact", "bit_shift", [g.arg([B, 13], "u8", low=(0, 255)),
+                                         g.arg([13], "u8", low=(0, 9))], [([B, 13], "u8")],
+              {"direction": direction})
+        g.add("cov_exact", "bit_shift", [g.arg([B, 13], "i32", low=(-999, 999)),
+                                         g.arg([13], "i32", low=(-2, 40))], [([B, 13], "i32")],
+              {"direction": direction})
+    for fmod in (0, 1):
+        g.add("cov_exact", "mod", [g.arg([B, 13], "i32", low=(-50, 50)),
+                                   g.arg([13], "i32", low=(-7, 7))], [([B, 13], "i32")],
+              {"fmod": fmod})
+        g.add("cov_exact", "mod", [g.arg([B, 13], "f32"), g.arg([13], "f32")],
+              [([B, 13], "f32")], {"fmod": fmod})
+    g.add("cov_exact", "mod", [g.arg([B, 13], "f16"), g.arg([13], "f16")],
+          [([B, 13], "f16")], {"fmod": 0})
+    g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 
 
 # the ONNX-coverage elementwise ops (issue #13): input range of each (None: normal * 2)
@@ -412,6 +481,24 @@ def test_identical_nodes_share_one_kernel(built):
     assert names[first.results[0].name] == names[dup.results[0].name]
     assert names[first.results[0].name] != names[g.nodes["binary"][1].results[0].name]
     _check(built, "dedup", lambda got, w, what: assert_ulps(got, w, 0, what))
+
+
+def test_onnx_coverage_ops(built):
+    """The node-suite ops compiled (issue #13) against the reference: integer / logical ops,
+    arg_reduce (ties: first or last index), hardmax, cumulative, pad's modes, tile, trilu,
+    eye_like and mod / prelu exactly; the float reductions to float32 rounding."""
+    def exact(got, w, what):
+        assert got.dtype == w.dtype, what
+        np.testing.assert_array_equal(got, w, err_msg=what)
+
+    def close(got, w, what):
+        tol = 1e-5 if w.dtype == np.float32 else 8e-3
+        np.testing.assert_allclose(_f32_view(got), _f32_view(w), rtol=tol, atol=tol * 1e-1,
+                                   err_msg=what)
+
+    _check(built, "cov_exact", exact)
+    _check(built, "cov_reduce", close)
+    _check(built, "cov_float", close)
 
 
 def test_unsupported_op_names_node_and_op():
