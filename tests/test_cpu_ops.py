@@ -205,6 +205,12 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
                                      "select_last_index": last})
     g.add("cov_exact", "arg_reduce", [g.arg([B, S], "f32")], [([S], "i64")],
           {"kind": "max", "axis": 0, "keepdims": 0, "select_last_index": 0})
+    # empty reductions (a 0-size dim): the identity (-inf, 1, 0), as the reference
+    for kind in ("max", "prod"):
+        g.add("cov_exact", "reduce", [g.arg([3, 0, 4], "f32")], [([3, 1, 4], "f32")],
+              {"kind": kind, "axes": [1], "keepdims": 1})
+    g.add("cov_exact", "reduce_sum", [g.arg([3, 0, 4], "f32")], [([3, 4], "f32")],
+          {"axes": [1], "keepdims": 0})
     g.add("cov_exact", "hardmax", [g.arg([B, 5], "f32", low=(-1, 1))], [([B, 5], "f32")],
           {"axis": 1})
     for kind, excl, rev in (("sum", 0, 0), ("sum", 1, 0), ("sum", 0, 1), ("sum", 1, 1),

@@ -136,14 +136,28 @@ def schedule_rows(sch, rows: int, p: ScheduleParams):
 def schedule_reduce(sch, p: ScheduleParams):
     out = sch.get_sblock("out")
     loops = sch.get_loops(out)
-    if not loops:
+    depth = 0
+    if loops:
+        shape = [_loop_extent(sch, lp) for lp in loops]
+        fused = _outer_parallel(sch, loops, shape, p)
+        depth = 1
+        # every stage (acc, and a log-sum-exp's max before it) per result element
+        for block in reversed(_all_blocks(sch)):
+            if sch.get(block).name_hint != "out":
+                sch.compute_at(block, fused)
+    # the accumulators' init before their reduce loops: an empty reduction (a 0-size dim)
+    # still gives the identity, where an init inside the loop would never run
+    for block in _all_blocks(sch) if not loops else [
+            b for b in _all_blocks(sch) if sch.get(b).name_hint != "out"]:
+        _decompose_first_reduction(sch, block, depth)
+
+
+def _decompose_first_reduction(sch, block, depth: int):
+    if sch.get(block).init is None:
         return
-    shape = [_loop_extent(sch, lp) for lp in loops]
-    fused = _outer_parallel(sch, loops, shape, p)
-    # every stage (acc, and a log-sum-exp's max before it) per result element
-    for block in reversed(_all_blocks(sch)):
-        if sch.get(block).name_hint != "out":
-            sch.compute_at(block, fused)
+    block_loops = sch.get_loops(block)
+    if len(block_loops) > depth:
+        sch.decompose_reduction(block, block_loops[depth])
 
 
 MATMUL_ROWS = 4     # rows of a float matmul computed together (see schedule_matmul)
