@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [sanitize] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [tests] [whole] [sanitize] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -18,6 +18,11 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    whole)
+      python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_plan.py" \
+        "$REPO/tests/test_cuda_ops.py" -k "not compiles" 2>&1 | tee "$OUT/whole-tests.log" | tail -15
+      timeout 300 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --llama-layers 2 2>&1 \
+        | tee "$OUT/bench-models-gpu.log" | tail -25 ;;
     sanitize)
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 python3 "$REPO/benchmarks/sanitize_cuda.py" \
