@@ -220,11 +220,17 @@ class CPUBackend(Backend):
 
 def _host_cannot_run(manifest: dict):
     """Why this host cannot execute the artifact's code (None when it can): code built for an
-    AVX-512 -mcpu dies with an illegal instruction on an AVX2-only host."""
-    from qcompiler.codegen.cpu.host import missing_features
+    AVX-512 -mcpu dies with an illegal instruction on an AVX2-only host, and code for another
+    architecture (an Arm target's aarch64 code on x86) cannot even be loaded."""
+    from qcompiler.codegen.cpu.host import foreign_arch, host_arch, missing_features
 
     for mcpu in sorted({c["mcpu"] for c in manifest["kernels"]
                         if isinstance(c.get("mcpu"), str)}):
+        arch = foreign_arch(mcpu)
+        if arch:
+            return (f"this artifact's CPU code was built for {arch} (-mcpu={mcpu}, target "
+                    f"{manifest['target']}); this host is {host_arch()}: run it on an {arch} "
+                    f"machine (or under qemu-{arch}), or compile it here for --target cpu")
         missing = missing_features(mcpu)
         if missing:
             return (f"this artifact's CPU code was built for -mcpu={mcpu} "
@@ -375,8 +381,10 @@ def _build_ops_library(key: str, target, path: str) -> str:
 
     from qcompiler.codegen.cpu.host import tvm_target
 
+    from qcompiler.codegen.cpu.runtime import export_library
+
     ex = tvm.compile(_OPS_MODULES[key], target=tvm_target(target))
-    ex.export_library(path)
+    export_library(ex, path, target)  # the cross compiler's link for an Arm target
     return path
 
 

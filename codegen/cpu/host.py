@@ -15,6 +15,12 @@ with AMX), which can be wrong in both directions.
 - ``avx512``: require AVX-512 (the real detection, unchanged); refused with ``HostISAError`` on
   a host without it, since its code could not run there.
 - unset or empty: the real detection.
+
+Arm targets (``cpu-arm-neon``, ``cpu-arm-dotprod``) name an ``mtriple`` (aarch64-linux-gnu)
+besides their -mcpu: their code is cross-compiled by TVM's LLVM and linked by Debian's
+``aarch64-linux-gnu-gcc`` (``CROSS_COMPILERS``); on any other host such code cannot run
+(``foreign_arch``), so the runner refuses it lazily. Its correctness is checked under
+qemu-user (tests/test_cpu_arm.py), never its speed.
 """
 from __future__ import annotations
 
@@ -51,6 +57,15 @@ HOST_ISA_ENV = "QC_HOST_ISA"
 HOST_ISA_CHOICES = ("avx2", "avx512")
 # The flag families an AVX2-only host (Haswell, Zen 3) lacks: what QC_HOST_ISA=avx2 removes.
 _NOT_ON_AVX2_HOSTS = ("avx512", "avx_vnni", "amx")
+
+
+# LLVM CPUs of the Arm targets and the architecture of their code (the -mcpu is what the
+# manifest records, so it must say which machine can run the code).
+ARM_CPUS = {"cortex-a72": "aarch64", "cortex-a76": "aarch64", "neoverse-n1": "aarch64",
+            "neoverse-v1": "aarch64", "neoverse-n2": "aarch64", "apple-m1": "aarch64"}
+# The C compiler that links a foreign triple's object code into a shared library (Debian
+# package gcc-aarch64-linux-gnu).
+CROSS_COMPILERS = {"aarch64-linux-gnu": "aarch64-linux-gnu-gcc"}
 
 
 class HostISAError(ConfigError):
@@ -159,8 +174,28 @@ def _valid_checker(fn):
     return valid
 
 
+def host_arch() -> str:
+    """The machine this process runs on (``uname -m``: x86_64, aarch64 ...)."""
+    return os.uname().machine
+
+
+def foreign_arch(mcpu: str) -> str | None:
+    """The architecture code built for the LLVM cpu ``mcpu`` needs when it is not this host's
+    (an Arm -mcpu on an x86 host: "aarch64"); None when this host's architecture runs it."""
+    arch = ARM_CPUS.get(mcpu, "x86_64")
+    return None if arch == host_arch() else arch
+
+
 def target_cpu(target) -> dict:
-    """{"mcpu", "vector_bits", "vnni"} for a cpu target (``cpu`` is the detected host)."""
+    """{"mcpu", "vector_bits", "vnni", "arch", "triple", "mattr"} for a cpu target (``cpu`` is
+    the detected host). ``triple`` is None for x86 targets (the host's triple, as LLVM
+    defaults to), the cross triple for Arm ones; ``mattr`` their LLVM features (+neon ...)."""
+    if target.params.get("mtriple"):
+        triple = target.params["mtriple"]
+        feats = list(target.features)
+        return {"mcpu": target.params["mcpu"], "vector_bits": target.params["vector_bits"],
+                "vnni": False, "arch": triple.split("-")[0], "triple": triple,
+                "mattr": [f"+{f}" for f in feats]}
     if target.params.get("mcpu"):
         feats = set(target.features)
         mcpu = target.params["mcpu"]
@@ -170,7 +205,8 @@ def target_cpu(target) -> dict:
         mcpu = host["mcpu"]
     vector_bits = target.params.get("vector_bits") or (512 if "avx512f" in feats else 256)
     vnni = "avx512vnni" in feats and vector_bits == 512
-    return {"mcpu": mcpu, "vector_bits": vector_bits, "vnni": vnni}
+    return {"mcpu": mcpu, "vector_bits": vector_bits, "vnni": vnni, "arch": "x86_64",
+            "triple": None, "mattr": []}
 
 
 def tvm_target(target, threads: int = 0):
@@ -179,6 +215,30 @@ def tvm_target(target, threads: int = 0):
 
     cpu = target_cpu(target)
     cfg = {"kind": "llvm", "mcpu": cpu["mcpu"]}
+    if cpu["triple"]:  # cross-compiled (Arm): x86 targets keep their text, hence build keys
+        cfg["mtriple"] = cpu["triple"]
+        cfg["mattr"] = cpu["mattr"]
     if threads:
         cfg["num-cores"] = threads
     return tvm.target.Target(cfg)
+
+
+def cross_compiler(target) -> str | None:
+    """The C compiler ``export_library`` links a cross-compiled target's library with (None:
+    the host's default). Missing from PATH: ``CPUBackendError`` naming the Debian package."""
+    import shutil
+
+    from qcompiler.codegen.cpu.errors import CPUBackendError
+
+    triple = target_cpu(target)["triple"]
+    if not triple:
+        return None
+    cc = CROSS_COMPILERS.get(triple)
+    if cc is None:
+        raise CPUBackendError(f"target {target.name}: no cross compiler known for the triple "
+                              f"{triple}")
+    if shutil.which(cc) is None:
+        raise CPUBackendError(f"target {target.name}: linking its {triple} kernels needs {cc}, "
+                              f"which is not on PATH (Debian: apt-get install "
+                              f"gcc-{triple} libc6-dev-arm64-cross)")
+    return cc

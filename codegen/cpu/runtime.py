@@ -142,8 +142,20 @@ def compile_library(ks: kernels.KernelShape, variants: list[dict], target, path:
     from qcompiler.codegen.cpu.host import tvm_target
 
     ex = tvm.compile(kernels.build_module(ks, variants), target=tvm_target(target))
-    ex.export_library(path)
+    export_library(ex, path, target)
     return path
+
+
+def export_library(executable, path: str, target) -> None:
+    """Link ``executable`` into the shared library ``path``: with the host's compiler, or for
+    a cross-compiled target (Arm) with its cross compiler (``host.cross_compiler``)."""
+    from qcompiler.codegen.cpu.host import cross_compiler
+
+    cc = cross_compiler(target)
+    if cc is None:
+        executable.export_library(path)
+    else:
+        executable.export_library(path, cc=cc)
 
 
 def build_library(ks: kernels.KernelShape, variants: list[dict], target, stem: str,
@@ -230,6 +242,34 @@ def output_factor(scales: np.ndarray) -> float:
     return 2.0 ** math.ceil(math.log2(top / SCALE_LIMIT))
 
 
+def kernel_weights(p, packed: dict) -> tuple:
+    """(w, s, zc, output factor): the packed weights as the exact / int8 kernel's arguments
+    read them (numpy, contiguous), and the power of two its output is multiplied by. Shared by
+    ``QmmKernel`` and the Arm tests, which call the kernel under qemu without TVM."""
+    s = np.asarray(packed["s"], np.float64)
+    # The IR stores the codes 2-D ([tiles, bytes of a tile]); the kernel reads them as
+    # [tiles, k_pad/r, n_tile] words (exact) or [tiles, k_pad/4c, n_tile, 4] bytes (int8).
+    c = 8 // p.container_bits
+    bl = p.blocking
+    raw = np.asarray(packed["w"]).view(np.uint8)
+    if p.numerics == "int8":
+        w = raw.reshape(p.n_pad // p.n_tile, bl.k_pad // (4 * c), p.n_tile, 4)
+    else:
+        r = 32 // p.container_bits
+        w = raw.view(np.uint32).reshape(p.n_pad // p.n_tile, bl.k_pad // r, p.n_tile)
+        # codes arrive as f = 1 + u/2^cb: (u - zc) s = 2^cb s (f - 1 - zc/2^cb). The 2^cb
+        # goes into the scales (float64 here). Scales near the float32 limit (either path):
+        # the kernel runs on scales / 2^e and its output is multiplied by 2^e (powers of
+        # two: exact), so no intermediate overflows where the result is finite.
+        s = s * float(1 << p.container_bits)
+    factor = output_factor(s)
+    s = s / factor
+    w = np.ascontiguousarray(w)
+    s = np.ascontiguousarray(s, np.float32)
+    zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
+    return w, s, zc, factor
+
+
 class QmmKernel:
     """A loaded qmatmul kernel: ``kernel(x [M, K] float32) -> [M, N] float32`` (no bias)."""
 
@@ -248,27 +288,7 @@ class QmmKernel:
         self.lib = tvm.runtime.load_module(lib_path)
         self.funcs = [self.lib[kernels.function_name(i)] for i in range(len(variants))]
         self.quantize = self.lib[kernels.QUANTIZE_FUNC] if p.numerics == "int8" else None
-        s = np.asarray(packed["s"], np.float64)
-        # The IR stores the codes 2-D ([tiles, bytes of a tile]); the kernel reads them as
-        # [tiles, k_pad/r, n_tile] words (exact) or [tiles, k_pad/4c, n_tile, 4] bytes (int8).
-        c = 8 // p.container_bits
-        bl = p.blocking
-        raw = np.asarray(packed["w"]).view(np.uint8)
-        if p.numerics == "int8":
-            w = raw.reshape(p.n_pad // p.n_tile, bl.k_pad // (4 * c), p.n_tile, 4)
-        else:
-            r = 32 // p.container_bits
-            w = raw.view(np.uint32).reshape(p.n_pad // p.n_tile, bl.k_pad // r, p.n_tile)
-            # codes arrive as f = 1 + u/2^cb: (u - zc) s = 2^cb s (f - 1 - zc/2^cb). The 2^cb
-            # goes into the scales (float64 here). Scales near the float32 limit (either path):
-            # the kernel runs on scales / 2^e and its output is multiplied by 2^e (powers of
-            # two: exact), so no intermediate overflows where the result is finite.
-            s = s * float(1 << p.container_bits)
-        self.out_factor = output_factor(s)
-        s = s / self.out_factor
-        w = np.ascontiguousarray(w)
-        s = np.ascontiguousarray(s, np.float32)
-        zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
+        w, s, zc, self.out_factor = kernel_weights(p, packed)
         self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
         self.perm = packed.get("perm")
         self._ones = np.ones(self.p.blocking.block, np.float32)
