@@ -369,6 +369,36 @@ def test_every_schedule_is_correct(tmp_path, numerics, config):
                                                    None), 272)
 
 
+def test_dequant_reads_rows_in_place(tmp_path):
+    """The dequant order reads x row-major: an aligned, unpadded x is passed without a copy
+    (wrapped per call: a second x must not see the first one's rows); unaligned and padded
+    x go through the kernel's own buffer."""
+    tgt = get_target("cpu")
+    k, n = 256, 70
+    key = {"op": "qmatmul", "m": 16, "k": k, "n": n, "act": "float", "x_dtype": "f32",
+           "w_scheme": "#quant<u4, affine, per_group(axis=0, block=32), scale=f32, zp=u4>",
+           "has_bias": False, "act_order": False}
+    config = {"m_block": 8, "order": "dequant", "k_unroll": 16, "col_vectors": 2}
+    p = tuning.problem(tgt, key)
+    wts = tuning.random_weights(p, np.random.default_rng(4))
+    variants = [{**config, "m": 16, "max_m": 0}]
+    lib = runtime.build_library(p.kernel_shape(), variants, tgt, str(tmp_path / "k"))
+    kern = runtime.QmmKernel(lib, p, variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], None))
+    for m, seed, aligned in ((16, 1, True), (16, 2, True), (16, 3, False), (11, 4, True)):
+        x = rand_x(m, k, seed=seed)
+        if aligned:
+            x_in = runtime.aligned_empty((m, k), np.float32)
+            x_in[:] = x
+        else:
+            x_in = np.empty(m * k + 1, np.float32)[1:].reshape(m, k)
+            x_in[:] = x
+        assert_close_fp32(kern(x_in), runtime.numpy_model(p, x, wts["q"], wts["scale"],
+                                                          wts["zp"], None), k)
+        buf = kern.prepare(x_in)[1]
+        assert (buf.args[0] is not buf.own_x_arg) == (aligned and m == 16)
+
+
 def test_leading_dims_and_bias(tmp_path):
     """x [2, batch, K] (two leading dims, one symbolic), bias added, f32 out."""
     k, n = 64, 40

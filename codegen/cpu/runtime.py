@@ -199,7 +199,7 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 class _Buffers:
     """The activation and output buffers of one (variant, padded M), wrapped once for TVM."""
 
-    def __init__(self, p, m_pad: int, m_block: int):
+    def __init__(self, p, m_pad: int, m_block: int, row_major: bool = False):
         import tvm
 
         bl = p.blocking
@@ -215,13 +215,15 @@ class _Buffers:
             shapes = [(m_pad // m_block, m_block, a.shape[1]) for a in arrays]
         else:
             # the exact kernel reads x k-major per row block: [m_outer, k_pad, m_block]
-            self.x_kmajor = (self.x if m_block == 1 else
+            # (row-major [m_outer, m_block, k_pad] for kernels.x_row_major variants)
+            self.x_kmajor = (self.x if row_major or m_block == 1 else
                              aligned_empty((m_pad // m_block, bl.k_pad, m_block), np.float32))
             arrays = [self.x_kmajor, self.xsum]
-            shapes = [(m_pad // m_block, bl.k_pad, m_block),
-                      (m_pad // m_block, m_block, groups)]
+            shapes = [(m_pad // m_block, m_block, bl.k_pad) if row_major else
+                      (m_pad // m_block, bl.k_pad, m_block), (m_pad // m_block, m_block, groups)]
         self.y = aligned_empty((m_pad, p.n_pad), np.float32)
         self.args = [tvm.runtime.from_dlpack(a.reshape(s)) for a, s in zip(arrays, shapes)]
+        self.own_x_arg, self.x_shape = self.args[0], shapes[0]
         if p.numerics == "int8":  # the quantization prologue's 2-D views of the same memory
             self.quant_args = [tvm.runtime.from_dlpack(a) for a in
                                (self.x, self.xq, self.x_scale, self.xsum)]
@@ -301,9 +303,10 @@ class QmmKernel:
         vi = choose_variant(self.variants, m)
         mb = self.variants[vi]["m_block"]
         m_pad = -(-max(m, 1) // mb) * mb
+        row_major = kernels.x_row_major(p.numerics, self.variants[vi])
         buf = self._buffers.get((vi, m_pad))
         if buf is None:
-            buf = self._buffers[(vi, m_pad)] = _Buffers(p, m_pad, mb)
+            buf = self._buffers[(vi, m_pad)] = _Buffers(p, m_pad, mb, row_major)
         if p.numerics == "int8":
             buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
             buf.x[m:] = 0
@@ -318,11 +321,19 @@ class QmmKernel:
             src = buf.x
         # The group sums as a matrix-vector product: 20x faster than np.sum over the last
         # axis of [M, G, block] (measured 28 vs 572 us at M=256, K=384, block 32).
-        np.matmul(src.reshape(-1, bl.block), self._ones, out=buf.xsum.reshape(-1))
-        if mb > 1:
+        if self.variants[vi]["order"] != "dequant":  # the dequant kernel does not read xsum
+            np.matmul(src.reshape(-1, bl.block), self._ones, out=buf.xsum.reshape(-1))
+        if not row_major and mb > 1:
             np.copyto(buf.x_kmajor, src.reshape(m_pad // mb, mb, bl.k_pad).transpose(0, 2, 1))
         elif src is not buf.x:
+            if row_major and src.ctypes.data % 64 == 0:
+                # the caller's rows as they are (no copy): wrapped for this call only
+                import tvm
+
+                buf.args[0] = tvm.runtime.from_dlpack(src.reshape(buf.x_shape))
+                return vi, buf, m
             np.copyto(buf.x, src)
+        buf.args[0] = buf.own_x_arg
         return vi, buf, m
 
     def direct_output(self, out: np.ndarray):
