@@ -264,3 +264,17 @@ def test_mlp_with_every_op_compiled_under_qemu(harness, tmp_path, target):
     if host.host_arch() != "aarch64":
         with pytest.raises(DeviceUnavailableError, match="aarch64.*-mcpu="):
             qcompiler.load(out).run({"x": x})
+
+
+@pytest.mark.parametrize("numerics", ["int8", "lut"])
+def test_int8_and_lut_are_refused_before_llvm(tmp_path, numerics):
+    """Their kernels are x86 intrinsics: LLVM for aarch64 would abort the process, so the
+    compile says why instead (the qmatmul would run in the host interpreter)."""
+    from test_cpu_backend import pipeline
+
+    from qcompiler.errors import HostFallbackError
+
+    with pytest.warns(UserWarning, match=f"numerics={numerics} has no aarch64 kernel"):
+        with pytest.raises(HostFallbackError, match=f"numerics={numerics} has no aarch64"):
+            compile_to_dir(qmm_module(128, 32, 4, 32), "cpu-arm-neon", str(tmp_path / "o"),
+                           passes=pipeline("cpu-arm-neon", numerics))

@@ -73,6 +73,9 @@ def _check_numerics_on_target(target, node) -> None:
 
     cfg = node.attrs["config"]
     cpu = target_cpu(target)
+    if cfg.get("numerics", "exact") != "exact" and cpu["arch"] != "x86_64":
+        raise CPUBackendError(f"%{node.result.name}: numerics={cfg['numerics']} has no "
+                              f"{cpu['arch']} kernel (target {target.name}); use numerics=exact")
     if (cfg.get("numerics", "exact") == "int8" and cfg.get("lanes") == layout.VNNI_LANES
             and not cpu["vnni"]):
         raise CPUBackendError(f"%{node.result.name}: this numerics=int8 config needs AVX-512 "

@@ -106,6 +106,10 @@ def problem(target, key: dict) -> Problem:
     if key.get("x_dtype") != "f32":
         raise layout.Unsupported(f"{key.get('x_dtype')} activations: the CPU kernels take f32")
     cpu = target_cpu(target)
+    if numerics_mode != "exact" and cpu.get("arch", "x86_64") != "x86_64":
+        # the int8 and lut kernels are x86 intrinsics (vpdpbusd, vpmaddubsw, vpshufb)
+        raise layout.Unsupported(f"numerics={numerics_mode} has no {cpu['arch']} kernel "
+                                 f"(target {target.name}): use numerics=exact")
     scheme = scheme_from_str(key["w_scheme"])
     bl = layout.blocking(scheme, key["k"], numerics_mode)
     lanes = cpu["vector_bits"] // 32
