@@ -97,6 +97,14 @@ class HLSFixedPointPass(Pass):
             raise PassError(f"hls-fixed-point: input_range={x_range} must be a positive number")
         input_range = x_range
         x_int = int_bits_for(x_range)
+        from qcompiler.codegen.hls.cnn import cnn_design, is_cnn_design
+
+        if is_cnn_design(module):
+            # An integer CNN: every format is fixed by the codes (8-bit streams, i32
+            # accumulators, the dyadic multipliers of fuse-requant); only check the design.
+            layers = cnn_design(module)[0]
+            record_stat(module, self.name, layers=len(layers), integer_design=True)
+            return module
         for node, relu in design_layers(module):
             w = layer_weights(module, node)
             bits = w["scheme"].bits

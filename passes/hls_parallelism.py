@@ -39,6 +39,10 @@ class HLSParallelismPass(Pass):
             raise PassError(f"hls-parallelism: target {self.target!r} has no resource budget")
         if not 0 < self.utilization <= 1:
             raise PassError(f"hls-parallelism: utilization={self.utilization} must be in (0, 1]")
+        from qcompiler.codegen.hls.cnn import is_cnn_design
+
+        if is_cnn_design(module):
+            return self._run_cnn(module, tgt, budget)
         nodes = [n for n in module.main.nodes if n.op == "qmatmul"]
         for node in nodes:
             if "x_width" not in node.attrs.get("config", {}):
@@ -69,6 +73,40 @@ class HLSParallelismPass(Pass):
         module.metadata["hls_estimate"] = est
         record_stat(module, self.name, layers=len(nodes), IntervalMin=est["IntervalMin"],
                     BestLatency=est["BestLatency"], source=source,
+                    **{r: est[r] for r in RESOURCES})
+        return module
+
+    def _run_cnn(self, module: Module, tgt, budget: dict) -> Module:
+        """PE (output channels) and SIMD (taps) of every conv of a CNN design; pools and
+        stream copies have none. The heuristic only (tuning logs key qmatmul kernels)."""
+        from qcompiler.codegen.hls.cnn import cnn_design
+
+        layers = cnn_design(module)[0]
+        cfgs = [l.cfg for l in layers]
+        try:
+            par = choose_parallelism(cfgs, budget, self.utilization)
+        except ValueError as e:
+            raise PassError(f"hls-parallelism: {e} on {self.target} ({tgt.description})") \
+                from None
+        for layer, (pe, simd) in zip(layers, par):
+            if layer.kind == "conv":
+                layer.node.attrs["config"] = {**(layer.node.attrs.get("config") or {}),
+                                              "pe": pe, "simd": simd, "source": "heuristic"}
+        est = estimate_design([(c, pe, simd) for c, (pe, simd) in zip(cfgs, par)])
+        for layer, entry in zip(layers, est["layers"]):
+            entry["name"] = layer.name if layer.node is None else layer.node.result.name
+            entry["kind"] = layer.kind
+        clock_mhz = tgt.params.get("clock_mhz")
+        est.update({
+            "target": tgt.name, "part": tgt.params.get("part"), "clock_mhz": clock_mhz,
+            "TargetClockPeriod": round(1e3 / clock_mhz, 3) if clock_mhz else None,
+            "utilization": self.utilization,
+            **{f"Available{r}": budget.get(r) for r in RESOURCES},
+        })
+        module.metadata["hls_estimate"] = est
+        record_stat(module, self.name, layers=len(layers), IntervalMin=est["IntervalMin"],
+                    BestLatency=est["BestLatency"], source="heuristic",
+                    pe_simd=[[e["name"], e["pe"], e["simd"]] for e in est["layers"]],
                     **{r: est[r] for r in RESOURCES})
         return module
 

@@ -20,6 +20,7 @@ import numpy as np
 import qcompiler.version
 from qcompiler.codegen import Backend
 from qcompiler.codegen.hls import cost_model
+from qcompiler.codegen.hls.config import check_parallelism
 from qcompiler.codegen.hls.config import validate as validate_config
 from qcompiler.codegen.hls.design import design_layers
 from qcompiler.codegen.hls.numerics import LayerData, prepare_layer, prepare_run_input, simulate
@@ -136,12 +137,113 @@ def run_csim(exe: str, x: np.ndarray, expected: np.ndarray = None) -> np.ndarray
         return np.fromfile(yout, np.float64).reshape(x.shape[0], -1)
 
 
+def cnn_layers(module):
+    """The CNN design of ``module`` (``cnn.cnn_design``) with every conv's pe/simd checked."""
+    from qcompiler.codegen.hls.cnn import cnn_design
+    from qcompiler.errors import ConfigError
+
+    layers, streams, _, _ = cnn_design(module)
+    for l in layers:
+        if l.kind != "conv":
+            continue
+        cfg = l.node.attrs.get("config") or {}
+        if "pe" not in cfg:
+            raise HLSError(f"%{l.node.result.name}: config lacks pe/simd; the pipeline must run "
+                           "hls-parallelism")
+        problem = check_parallelism(l.cfg, cfg["pe"], cfg["simd"])
+        if problem:
+            raise ConfigError(f"%{l.node.result.name}: {problem}")
+    return layers, streams
+
+
+def render_cnn(layers, streams, top: str, target) -> dict[str, str]:
+    """File name -> source text of a CNN design (deterministic)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    views = []
+    for l in layers:
+        v = {"name": l.name, "kind": l.kind, "cfg": l.cfg, "inputs": l.inputs,
+             "outputs": l.outputs}
+        if l.kind == "conv":
+            d = l.data
+            v.update({
+                "w_rows": [", ".join(str(int(x)) for x in row) for row in d["w"]],
+                "bias": ", ".join(str(int(x)) for x in d["bias"]),
+                "mult": ", ".join(str(int(x)) for x in d["mult"]),
+                "shift": ", ".join(str(int(x)) for x in d["shift"]),
+                "frac": ", ".join(str(int(x)) for x in d.get("frac", [])),
+            })
+        if l.kind == "pool" and "count" in l.data:
+            v["count_rows"] = [", ".join(str(int(x)) for x in row) for row in l.data["count"]]
+        views.append(v)
+    internal = [s for name, s in streams.items() if name not in ("x_in", "y_out")]
+    ctx = {"layers": views, "streams": streams, "internal_streams": internal, "top": top,
+           "version": qcompiler.version.__version__, "target": target.name,
+           "part": target.params["part"], "clock_mhz": target.params["clock_mhz"],
+           "period_ns": round(1000.0 / target.params["clock_mhz"], 3), "rows": TB_ROWS}
+    files = {f"{top}.h": "cnn_kernel.h.j2", f"{top}.cpp": "cnn_kernel.cpp.j2",
+             f"{top}_weights.h": "cnn_weights.h.j2", f"{top}_tb.cpp": "cnn_tb.cpp.j2",
+             "hls_config.cfg": "hls_config.cfg.j2", "run_hls.tcl": "run_hls.tcl.j2"}
+    return {name: env.get_template(tpl).render(**ctx) for name, tpl in files.items()}
+
+
+def _compile_cnn(module, target, kdir: str) -> list[dict]:
+    from qcompiler.codegen.hls.cnn import simulate_cnn
+
+    layers, streams = cnn_layers(module)
+    top = top_name(module)
+    for name, text in render_cnn(layers, streams, top, target).items():
+        with open(os.path.join(kdir, name), "w") as f:
+            f.write(text)
+    # Test data for the vendor flow: fixed-seed input codes and the bit-accurate outputs.
+    rng = np.random.default_rng(0)
+    xs = streams["x_in"]
+    lo, hi = (-128, 127) if xs.signed else (0, 255)
+    x = rng.integers(lo, hi + 1, (TB_ROWS, xs.size))
+    x.astype(np.float32).tofile(os.path.join(kdir, "tb_data", "inputs.bin"))
+    np.stack([simulate_cnn(layers, row) for row in x]).astype(np.float64).tofile(
+        os.path.join(kdir, "tb_data", "expected.bin"))
+    est = cost_model.estimate_design([(l.cfg, l.cfg["pe"], l.cfg["simd"]) for l in layers])
+    return [{
+        "op": "hls_design", "top": top, "impl": "vitis-hls", "part": target.params["part"],
+        "clock_mhz": target.params["clock_mhz"], "kind": "cnn",
+        "sources": sorted(f for f in os.listdir(kdir) if f.endswith((".cpp", ".h"))),
+        "layers": [{"name": l.name, "kind": l.kind, "config": l.cfg} for l in layers],
+        "estimate": est,
+    }]
+
+
+def cnn_run_input(module, inputs) -> np.ndarray:
+    """The CNN design's checked input codes [N, C, H, W] (InputError naming the input)."""
+    from qcompiler.errors import InputError
+
+    arg = module.main.args[0]
+    if not isinstance(inputs, dict) or set(inputs) != {arg.name}:
+        got = sorted(map(str, inputs)) if isinstance(inputs, dict) else type(inputs).__name__
+        raise InputError(f"the design takes one input {arg.name!r}, got {got}")
+    x = np.asarray(inputs[arg.name])
+    want = arg.type.dtype.np_dtype
+    if x.dtype != want:
+        raise InputError(f"input {arg.name!r}: dtype {x.dtype}; the design takes {want} codes")
+    shape = list(arg.type.shape)
+    if x.ndim != 4 or list(x.shape[1:]) != shape[1:] or x.shape[0] < 1:
+        raise InputError(f"input {arg.name!r}: shape {list(x.shape)}; the design takes {shape}")
+    return x
+
+
 class HLSBackend(Backend):
     name = "hls"
 
     def compile(self, module, target, out_dir: str, builder=None) -> list[dict]:
         # Nothing is built here (``builder`` is unused): the runner builds the C simulation
         # from the verified sources on its first run.
+        from qcompiler.codegen.hls.cnn import is_cnn_design
+
+        if is_cnn_design(module):
+            kdir = os.path.join(out_dir, "kernels")
+            os.makedirs(os.path.join(kdir, "tb_data"), exist_ok=True)
+            return _compile_cnn(module, target, kdir)
         layers = design(module)
         top = top_name(module)
         kdir = os.path.join(out_dir, "kernels")
@@ -197,7 +299,19 @@ class HLSBackend(Backend):
                     f.write(data)
             return build_csim(build_dir, top)
 
+        def run_cnn(inputs: dict) -> dict:
+            x = cnn_run_input(module, inputs)
+            if not exe_cache:
+                exe_cache.append(build())
+            hwc = x.transpose(0, 2, 3, 1).reshape(x.shape[0], -1).astype(np.float32)
+            y = run_csim(exe_cache[0], hwc)
+            oshape = fn.outputs[0].type.shape
+            y = y.reshape(x.shape[0], oshape[2], oshape[3], oshape[1]).transpose(0, 3, 1, 2)
+            return {out_name: np.ascontiguousarray(y).astype(out_dtype)}
+
         def run(inputs: dict) -> dict:
+            if record.get("kind") == "cnn":
+                return run_cnn(inputs)
             # Checked inputs (InputError naming the input); saturation counted and reported.
             x, module.last_run_stats = prepare_run_input(module, inputs)
             if not exe_cache:

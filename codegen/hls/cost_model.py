@@ -113,6 +113,84 @@ def _check(cfg: dict, pe: int, simd: int) -> None:
         raise ValueError(f"simd={simd} must divide words_per_group={wpg}")
 
 
+def estimate_stream_layer(cfg: dict, pe: int, simd: int) -> dict:
+    """Cycles per image and resources of one CNN layer (``templates/cnn_kernel.cpp.j2``).
+
+    conv (``cfg`` from ``cnn.cnn_design``), per image, with HP x WP the padded map:
+
+    - fill: HP * WP * C cycles (one code a cycle into the line buffer, II=1) + LOAD_DEPTH per row;
+    - compute, for each of the OH output rows (after its last input row is in): OW * M/PE
+      tiles, each a MAC pipeline of K/SIMD steps (K = KH*KW*C/group) of depth
+      MEM_READ + DECODE_MUL + clog2(SIMD) + PART_ADD, then PE requantizations at II=1 behind a
+      REQUANT_DEPTH pipeline (acc * M in DSPs, two rounding shifts, clamp);
+    - latency = FUNC_OVERHEAD + fill + compute (the row loop is not pipelined: the fill and the
+      compute of a row do not overlap), interval = latency + 1;
+    - DSP: PE*SIMD products of (w_bits x 9) (DSP above LUT_MULT_MAX_WIDTH, else LUTs) plus PE
+      requant products of 32 x 32 (x 2 with a residual);
+    - memories: W as PE*SIMD banks of M*K/(PE*SIMD) words of w_bits; B/M/S as PE banks; the
+      line buffer as lb_rows*SIMD banks of WP*C/SIMD 9-bit words (dim 1 complete, dim 3 cyclic).
+
+    pool: fill as conv, then OH * OW * C outputs at II=1 (the KH*KW window unrolled: a tree of
+    comparators or adders); the line buffer as KH banks of WP*C words. dup: one code a cycle;
+    its second output FIFO buffers a whole map (the skip path), counted here in BRAM.
+    """
+    kind = cfg["kind"]
+    if kind == "dup":
+        count = cfg["count"]
+        latency = FUNC_OVERHEAD + count + LOAD_DEPTH
+        fifo = memory(8, count)
+        return {"BestLatency": latency, "WorstLatency": latency, "IntervalMin": latency + 1,
+                "DSP": 0, "BRAM_18K": fifo["BRAM_18K"], "URAM": 0,
+                "LUT": FINN_C0 // 3 + fifo["LUT"], "FF": FF_CONTROL + 16,
+                "pe": 1, "simd": 1, "cycles": {"load": count, "compute": 0, "store": 0},
+                "products": 0}
+    if pe < 1 or cfg["n"] % pe or simd < 1 or cfg["words_per_group"] % simd:
+        raise ValueError(f"pe={pe} must divide {cfg['n']} and simd={simd} must divide "
+                         f"{cfg['words_per_group']}")
+    hp, wp = cfg["h"] + cfg["pt"] + cfg["pb"], cfg["w"] + cfg["pl"] + cfg["pr"]
+    c, oh, ow = cfg["c"], cfg["oh"], cfg["ow"]
+    fill = hp * (wp * c + LOAD_DEPTH + LOOP_OVERHEAD)
+    lb = memory(9 if kind == "conv" else 8, math.ceil(wp * c / simd), cfg["lb_rows"] * simd)
+    if kind == "pool":
+        window = cfg["kh"] * cfg["kw"]
+        compute = oh * (ow * c + _clog2(window) + STORE_DEPTH + LOOP_OVERHEAD)
+        latency = FUNC_OVERHEAD + fill + compute
+        lut = FINN_C0 + FINN_C1 * window * (8 + 4)  # comparators / adders of the window
+        if cfg["pool"] == "average":
+            lut += 40 * cfg["sum_bits"]  # assumption: a sequential-free LUT divider by a small int
+        return {"BestLatency": latency, "WorstLatency": latency, "IntervalMin": latency + 1,
+                "DSP": 0, "BRAM_18K": lb["BRAM_18K"], "URAM": 0,
+                "LUT": int(math.ceil(lut + lb["LUT"])), "FF": FF_CONTROL + window * 8 + 64,
+                "pe": 1, "simd": 1, "cycles": {"load": fill, "compute": compute, "store": 0},
+                "products": 0}
+    m, k, w_bits, acc_bits = cfg["m"], cfg["k"], cfg["w_bits"], cfg["acc_bits"]
+    mac_depth = MEM_READ + DECODE_MUL + _clog2(simd) + PART_ADD
+    requant_depth = SCALE_MUL + 3  # acc * M, two rounding shifts and the clamp
+    tile = (k // simd + mac_depth + LOOP_OVERHEAD) + (pe + requant_depth)
+    compute = oh * (ow * (m // pe) * tile + LOOP_OVERHEAD)
+    latency = FUNC_OVERHEAD + fill + compute
+    products = pe * simd
+    dsp, lut_pe = 0, 0
+    if uses_dsp(w_bits, 9):
+        dsp += products * dsp_per_product(w_bits, 9)
+    else:
+        lut_pe += simd * lut_per_product(w_bits, 9)
+    requants = 2 if cfg["residual"] else 1
+    dsp += pe * requants * dsp_per_product(32, 32)
+    lut_pe += (w_bits + 9) * (2 * simd - 1) + acc_bits  # adder tree + accumulator (FINN-R)
+    lut_pe += requants * 64 + 2 * 8                       # assumption: shifts, rounding, clamp
+    mems = [memory(w_bits, math.ceil(m * k / products), products),
+            memory(32, m // pe, pe), memory(32, m // pe, pe), memory(6, m // pe, pe), lb]
+    lut = FINN_C0 + FINN_C1 * pe * lut_pe + sum(x["LUT"] for x in mems)
+    ff = FF_CONTROL + pe * (simd * (w_bits + 9) + acc_bits + 64 * requants) + simd * 9
+    return {"BestLatency": latency, "WorstLatency": latency, "IntervalMin": latency + 1,
+            "DSP": dsp, "BRAM_18K": sum(x["BRAM_18K"] for x in mems), "URAM": 0,
+            "LUT": int(math.ceil(lut)), "FF": ff, "pe": pe, "simd": simd,
+            "cycles": {"load": fill, "compute": compute, "store": 0}, "products": products,
+            "weight_banks": {"width": w_bits, "depth": math.ceil(m * k / products),
+                             "count": products}}
+
+
 def estimate_layer(cfg: dict, pe: int, simd: int) -> dict:
     """Cycles per input vector and resources of one layer at (pe, simd).
 
@@ -120,6 +198,8 @@ def estimate_layer(cfg: dict, pe: int, simd: int) -> dict:
     the result holds ``pe``, ``simd``, ``cycles`` (load/compute/store parts of the latency),
     ``products`` (code x activation multipliers) and ``weight_banks`` (width, depth, count).
     """
+    if cfg.get("kind") in ("conv", "pool", "dup"):
+        return estimate_stream_layer(cfg, pe, simd)
     _check(cfg, pe, simd)
     n, k, kp = cfg["n"], cfg["k"], cfg["k_padded"]
     groups, cpw, wpg = cfg["groups"], cfg["codes_per_word"], cfg["words_per_group"]
