@@ -19,7 +19,7 @@ from qcompiler.codegen.hls.backend import build_csim, run_csim, top_name
 from qcompiler.codegen.hls.cnn import cnn_design, simulate_cnn
 from qcompiler.driver.api import compile_to_dir
 from qcompiler.ir import Function, Module
-from qcompiler.ir.core import constant_node
+from qcompiler.ir.core import constant_node, constant_value
 from qcompiler.ir.ops import infer_types
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.runtime.reference import run
@@ -43,8 +43,9 @@ class Builder:
                              TensorType(array.shape, elem(dtype))).result
 
     def node(self, op, operands, attrs):
+        consts = [None if v is None else constant_value(self.module, v) for v in operands]
         types = infer_types(op, [v.type if v is not None else None for v in operands], attrs,
-                            [None] * len(operands))
+                            consts)
         self.count += 1
         return self.fn.make_node(op, operands, types, attrs, names=[f"v{self.count}"]).result
 
