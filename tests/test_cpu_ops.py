@@ -253,6 +253,19 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
               [([B, 13], "f32")], {"fmod": fmod})
     g.add("cov_exact", "mod", [g.arg([B, 13], "f16"), g.arg([13], "f16")],
           [([B, 13], "f16")], {"fmod": 0})
+    # float8 / float4 codes: every code decoded; floats (overflow, NaN, inf, subnormals,
+    # ties) encoded, saturating or not
+    for t in ("f8e4m3fn", "f8e5m2", "f8e4m3fnuz", "f8e5m2fnuz", "f4e2m1"):
+        g.add("cov_f8", "cast", [g.arg([B, 13], t, low="codes")], [([B, 13], "f32")],
+              {"to": elem("f32")})
+        for sat in ((1, 0) if t != "f4e2m1" else (1,)):
+            g.add("cov_f8", "cast", [g.arg([B, 13], "f32", low="narrow")], [([B, 13], t)],
+                  {"to": elem(t), "saturate": sat})
+    g.add("cov_f8", "cast", [g.arg([B, 13], "f16", low="narrow")], [([B, 13], "f8e4m3fn")],
+          {"to": elem("f8e4m3fn"), "saturate": 1})
+    g.add("cov_f8", "cast", [g.arg([B, 13], "f8e5m2", low="codes")], [([B, 13], "f16")],
+          {"to": elem("f16")})
+    g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 
 
@@ -307,6 +320,16 @@ def _random(v, sizes, rng, low):
     t = v.type
     shape = tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
     dtype = t.dtype.np_dtype
+    if low == "codes":  # float8 / float4: random codes (NaN and inf codes included)
+        top = 16 if t.dtype.bits == 4 else 256
+        return rng.integers(0, top, size=shape).astype(np.uint8).view(dtype)
+    if low == "narrow":  # floats for a float8/float4 cast: every range and special
+        x = rng.standard_normal(shape) * np.exp2(rng.integers(-12, 17, size=shape))
+        x.reshape(-1)[::11] = np.nan
+        x.reshape(-1)[1::13] = np.inf
+        x.reshape(-1)[2::17] = -np.inf
+        x.reshape(-1)[3::7] = 464.0  # e4m3fn's tie between 448 and 480: to 448
+        return x.astype(dtype)
     if t.dtype.kind == "bool":
         return rng.random(shape) < 0.5
     if t.dtype.kind in ("int", "uint"):
@@ -503,6 +526,12 @@ def test_onnx_coverage_ops(built):
                                    err_msg=what)
 
     _check(built, "cov_exact", exact)
+    # codes equal, NaN where NaN (as values: -0 and 0 codes of fnuz are one)
+    _check(built, "cov_f8", lambda got, w, what: np.testing.assert_array_equal(
+        got.astype(np.float64), w.astype(np.float64), err_msg=what))
+    _check(built, "cov_f8", lambda got, w, what: np.testing.assert_array_equal(
+        np.asarray(got).view(np.uint8) if got.dtype.itemsize == 1 else got,
+        np.asarray(w).view(np.uint8) if w.dtype.itemsize == 1 else w, err_msg=what))
     _check(built, "cov_reduce", close)
     _check(built, "cov_float", close)
 

@@ -35,7 +35,15 @@ def unsupported(node: Node, why: str) -> CPUBackendError:
     return CPUBackendError(f"{node_label(node)}: no CPU op kernel ({why})")
 
 
+# float8 / float4 codes: uint8 buffers of the codes, for cast only (its kernel encodes and
+# decodes them, scalar.encode_narrow_float); every other op refuses them
+_CODE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                "float4_e2m1fn")
+
+
 def tvm_dtype(et: ElementType, node: Node) -> str:
+    if et.storage in _CODE_DTYPES and node.op == "cast":
+        return "uint8"
     if et.kind in ("nf4",) or et.storage not in _TVM_DTYPES:
         raise unsupported(node, f"element type {et.name}")
     return _TVM_DTYPES[et.storage]

@@ -120,12 +120,25 @@ def _elementwise(ctx: _Ctx) -> Kernel:
 @_builder("cast")
 def _cast(ctx: _Ctx) -> Kernel:
     src, dst = ctx.otype(0).dtype, ctx.rtype.dtype
-    if src.kind == "nf4" or "f8" in src.name or "f4" in src.name or "f8" in dst.name \
-            or "f4" in dst.name:
+    if src.kind == "nf4":
         raise unsupported(ctx.node, f"cast {src} -> {dst}")
-    out = _compute(ctx.out_shapes[0],
-                   lambda i: scalar.cast(_load_bcast(ctx, 0, i), src, dst, ctx.out_dtypes[0]),
-                   "out")
+    src_code = src.storage in scalar.NARROW_FLOATS
+    dst_code = dst.storage in scalar.NARROW_FLOATS
+    saturate = bool(ctx.node.attrs.get("saturate", 1))
+    f64 = elem("f64")
+
+    def fn(i):
+        x = _load_bcast(ctx, 0, i)
+        if src_code:  # float8/float4 codes: their float64 value, then as from f64
+            x, from_type = scalar.decode_narrow_float(x, src), f64
+        else:
+            from_type = src
+        if dst_code:
+            v = x if dtype_of(x) == "float64" else x.astype("float64")
+            return scalar.encode_narrow_float(v, dst, saturate)
+        return scalar.cast(x, from_type, dst, ctx.out_dtypes[0])
+
+    out = _compute(ctx.out_shapes[0], fn, "out")
     return Kernel(ctx.inputs, [out], "injective")
 
 
@@ -1046,5 +1059,25 @@ def _eye_like(ctx: _Ctx) -> Kernel:
 
     def fn(i):
         return tirx.Select(i[1] - i[0] == _i64(k), tirx.const(1, dtype), tirx.const(0, dtype))
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("bitcast")
+def _bitcast(ctx: _Ctx) -> Kernel:
+    """The same bits as another type of the same width (numpy's view); other widths change
+    the shape and have no kernel here."""
+    from tvm import tirx
+
+    x = ctx.operand(0)
+    src, dst = dtype_of(x), ctx.out_dtypes[0]
+    if ctx.otype(0).dtype.bits != ctx.rtype.dtype.bits or "bool" in (
+            ctx.otype(0).dtype.kind, ctx.rtype.dtype.kind):
+        raise unsupported(ctx.node, f"bitcast {ctx.otype(0).dtype} -> {ctx.rtype.dtype} "
+                                    "(different widths)")
+
+    def fn(i):
+        v = x[tuple(i)] if i else x[()]
+        return v if src == dst else tirx.reinterpret(dst, v)
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")

@@ -18,6 +18,9 @@ from qcompiler.codegen.cpu.runtime import default_pool_size
 from qcompiler.ir.types import elem
 
 BFLOAT16 = elem("bf16").np_dtype
+# float8 / float4 arrays reach the cast kernels as their uint8 codes
+NARROW_FLOATS = frozenset(elem(t).np_dtype for t in ("f8e4m3fn", "f8e5m2", "f8e4m3fnuz",
+                                                     "f8e5m2fnuz", "f4e2m1"))
 
 
 def build_ops_library(nodes: Iterable, target, path: str, module=None) -> dict:
@@ -109,7 +112,8 @@ class OpsLibrary:
 
 def as_kernel_arg(a):
     """The cheapest zero-copy argument: numpy itself where DLPack takes its dtype."""
-    if isinstance(a, np.ndarray) and (a.size == 0 or a.dtype in (np.bool_, BFLOAT16)):
+    if isinstance(a, np.ndarray) and (a.size == 0 or a.dtype in (np.bool_, BFLOAT16)
+                                      or a.dtype in NARROW_FLOATS):
         return wrap(a)
     return a
 
@@ -127,7 +131,7 @@ def wrap(a: np.ndarray):
         return a
     if a.size == 0:  # numpy's strides of a 0-size array are not "compact" to TVM: no data
         return tvm.runtime.empty(a.shape, "uint8" if a.dtype == np.bool_ else str(a.dtype))
-    if a.dtype == np.bool_:
+    if a.dtype == np.bool_ or a.dtype in NARROW_FLOATS:
         a = a.view(np.uint8)
     if a.dtype == BFLOAT16:
         if not _aligned(a):

@@ -453,3 +453,97 @@ ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf
                    "isnan", "silu", "identity") + ONNX_UNARY_OPS + (
                        "not", "bitwise_not", "isinf", "or", "xor", "mod", "prelu",
                        "bit_shift") + BITWISE_OPS
+
+
+# --------------------------------------------------------------------------------------------
+# float8 / float4 codes (ONNX Cast to and from FLOAT8E4M3FN ... FLOAT4E2M1), as uint8 codes
+# --------------------------------------------------------------------------------------------
+
+# storage -> (exponent bits, mantissa bits, bias, largest finite value, kind of specials):
+# "fn" NaN at all-ones (no inf), "ieee" inf and NaN at the top exponent (e5m2), "uz" one NaN
+# at 0x80 and no -0, "none" (float4: saturates, NaN becomes 0x8 as ml_dtypes)
+NARROW_FLOATS = {
+    "float8_e4m3fn": (4, 3, 7, 448.0, "fn"),
+    "float8_e5m2": (5, 2, 15, 57344.0, "ieee"),
+    "float8_e4m3fnuz": (4, 3, 8, 240.0, "uz"),
+    "float8_e5m2fnuz": (5, 2, 16, 57344.0, "uz"),
+    "float4_e2m1fn": (2, 1, 1, 6.0, "none"),
+}
+
+
+def _pow2(k):
+    """2.0 ** k (an int64 expression in the float64 normal range) from its bits: exact."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float64", (k + _c(1023, "int64")) << _c(52, "int64"))
+
+
+def encode_narrow_float(v, et: ElementType, saturate: bool):
+    """The uint8 code of the float64 value ``v`` in float8/float4 ``et``: round to nearest
+    even (one rounding from float64, where every source value is exact), saturating to the
+    largest finite value when ``saturate`` (float4 always), else overflow to NaN or inf."""
+    from tvm import tirx
+
+    E, M, bias, largest, specials = NARROW_FLOATS[et.storage]
+    bits = 4 if et.storage.startswith("float4") else 8
+    i64, f64 = "int64", "float64"
+    raw = tirx.reinterpret(i64, v)
+    sign = (raw >> _c(63, i64)) & _c(1, i64)
+    a = tirx.abs(v)
+    if saturate or specials == "none":
+        a = tirx.min(a, _c(largest, f64))  # inf too; NaN handled below
+    # the exponent of the (clamped) magnitude
+    ex = ((tirx.reinterpret(i64, a) >> _c(52, i64)) & _c(0x7FF, i64)) - _c(1023, i64)
+    e = tirx.max(ex, _c(1 - bias, i64))  # below the normal range: the subnormal quantum
+    q = _pow2(e - _c(M, i64))
+    m = tirx.nearbyint(a / q).astype(i64)  # 0 .. 2^(M+1)
+    carry = m >= _c(2 ** (M + 1), i64)  # rounded up into the next binade
+    e = tirx.Select(carry, e + _c(1, i64), e)
+    m = tirx.Select(carry, _c(2 ** M, i64), m)
+    normal = m >= _c(2 ** M, i64)
+    expf = tirx.Select(normal, e + _c(bias, i64), _c(0, i64))
+    mant = tirx.Select(normal, m - _c(2 ** M, i64), m)
+    sign_bit = sign << _c(bits - 1, i64)
+    code = sign_bit | (expf << _c(M, i64)) | mant
+    if specials == "uz":
+        code = tirx.Select(m == _c(0, i64), _c(0, i64), code)  # no negative zero
+        nan = _c(0x80, i64)
+    elif specials == "fn":
+        nan = sign_bit | _c(0x7F, i64)
+    elif specials == "ieee":
+        nan = sign_bit | _c(0x7E, i64)
+    else:
+        nan = _c(0x8, i64)
+    if not (saturate or specials == "none"):
+        over = sign_bit | _c(0x7C, i64) if specials == "ieee" else nan
+        code = tirx.Select(tirx.Or(tirx.isinf(v), m.astype(f64) * q > _c(largest, f64)),
+                           over, code)
+    return tirx.Select(tirx.isnan(v), nan, code).astype("uint8")
+
+
+def decode_narrow_float(code, et: ElementType):
+    """The float64 value of a float8/float4 uint8 code."""
+    from tvm import tirx
+
+    E, M, bias, largest, specials = NARROW_FLOATS[et.storage]
+    bits = 4 if et.storage.startswith("float4") else 8
+    i64, f64 = "int64", "float64"
+    c = code.astype(i64)
+    sign = (c >> _c(bits - 1, i64)) & _c(1, i64)
+    expf = (c >> _c(M, i64)) & _c(2 ** E - 1, i64)
+    mant = c & _c(2 ** M - 1, i64)
+    sub = mant.astype(f64) * _c(2.0 ** (1 - bias - M), f64)
+    norm = (mant + _c(2 ** M, i64)).astype(f64) * _pow2(expf - _c(bias + M, i64))
+    mag = tirx.Select(expf == _c(0, i64), sub, norm)
+    value = tirx.Select(sign == _c(1, i64), _c(0.0, f64) - mag, mag)
+    nan, inf = _c(float("nan"), f64), _c(float("inf"), f64)
+    if specials == "fn":
+        value = tirx.Select(tirx.And(expf == _c(2 ** E - 1, i64), mant == _c(2 ** M - 1, i64)),
+                            nan, value)
+    elif specials == "ieee":
+        special = tirx.Select(mant == _c(0, i64),
+                              tirx.Select(sign == _c(1, i64), _c(0.0, f64) - inf, inf), nan)
+        value = tirx.Select(expf == _c(2 ** E - 1, i64), special, value)
+    elif specials == "uz":
+        value = tirx.Select(c == _c(0x80, i64), nan, value)
+    return value
