@@ -197,3 +197,19 @@ def test_golden_conv_layer_source(update_goldens):
     start = src.index("// layer2:")
     end = src.index("\n}\n", start) + 3
     check_golden(os.path.join(GOLDEN, "cnn_conv_layer.cpp"), src[start:end], update_goldens)
+
+
+def test_float_requant_and_unsupported_ops_are_refused():
+    """A qconv with float requantization (what non-FPGA targets get) names the node."""
+    from qcompiler.pipeline import PassError
+
+    b = Builder(np.random.default_rng(7), "cnn_float", 3, 6)
+    v = b.conv(b.x, 4, 3, pad=1)
+    v.producer.attrs["requant"] = "float"
+    with pytest.raises(PassError, match=r"%v1 = qconv: .*requant=dyadic"):
+        cnn_design(b.finish(v))
+    b = Builder(np.random.default_rng(7), "cnn_lp", 3, 6)
+    v = b.pool(b.conv(b.x, 4, 3), "max", 2, 2)
+    v.producer.attrs["ceil_mode"] = 1
+    with pytest.raises(PassError, match="ceil_mode"):
+        cnn_design(b.finish(v))
