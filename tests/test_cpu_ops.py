@@ -265,6 +265,8 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
           {"to": elem("f8e4m3fn"), "saturate": 1})
     g.add("cov_f8", "cast", [g.arg([B, 13], "f8e5m2", low="codes")], [([B, 13], "f16")],
           {"to": elem("f16")})
+    g.add("cov_exact", "one_hot", [g.arg([B, 4], "i64", low=(-5, 4)), g.const([5]),
+                                   g.arg([2], "f32")], [([B, 5, 4], "f32")], {"axis": 1})
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 

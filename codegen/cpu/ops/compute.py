@@ -1081,3 +1081,34 @@ def _bitcast(ctx: _Ctx) -> Kernel:
         return v if src == dst else tirx.reinterpret(dst, v)
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("one_hot")
+def _one_hot(ctx: _Ctx) -> Kernel:
+    """values[1] where the index (as int64, negative from depth) equals the position along
+    the new axis, values[0] elsewhere. depth is the result's static dim there."""
+    from tvm import tirx
+
+    node = ctx.node
+    out_shape = ctx.rtype.shape
+    axis = node.attrs["axis"] % len(out_shape)
+    depth = out_shape[axis]
+    if not isinstance(depth, int):
+        raise unsupported(node, "one_hot depth is not a constant")
+    indices = ctx.operand(0)
+    values = ctx.operand(2)
+    dtype = ctx.out_dtypes[0]
+    zero = tirx.IntImm("int64", 0)
+
+    def value_at(k):
+        return (values[(tirx.IntImm("int64", k),) + (zero,) * (len(values.shape) - 1)]
+                if values.shape else values[()]).astype(dtype)
+
+    def fn(i):
+        rest = tuple(i[:axis]) + tuple(i[axis + 1:])
+        idx = (indices[rest] if rest else indices[()]).astype("int64")
+        idx = tirx.Select(idx < zero, idx + _i64(depth), idx)
+        return tirx.Select(idx == i[axis], value_at(1), value_at(0))
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked={"depth": depth})
