@@ -159,6 +159,14 @@ def _make_graph() -> Graph:
           [([2, B, 7], "f32")])
     g.add("matmul", "matmul", [g.arg([B, 1, 7, 13], "f16"), g.arg([1, 3, 13, 5], "f16")],
           [([B, 3, 7, 5], "f16")])
+    # by a 2-D weight with N a multiple of 16 (register tiles of 4 rows: row counts B*7,
+    # B*5*3 and B are no multiples of 4; N=80 is no multiple of 64 column tiles)
+    g.add("matmul", "matmul", [g.arg([B, 7, 13], "f32"), g.arg([13, 80], "f32")],
+          [([B, 7, 80], "f32")])
+    g.add("matmul", "matmul", [g.arg([B, 5, 3, 29], "f32"), g.arg([29, 128], "f32")],
+          [([B, 5, 3, 128], "f32")])
+    g.add("matmul", "matmul", [g.arg([B, 37], "f32"), g.arg([37, 64], "f32")],
+          [([B, 64], "f32")])
     # GQA (4 query heads over 2 kv heads), causal, additive padding mask
     g.add("attention", "attention",
           [g.arg([B, 4, S, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),

@@ -645,6 +645,8 @@ def _matmul(ctx: _Ctx) -> Kernel:
                                ctx.rtype.with_shape(ctx.rtype.shape[:-2]), list(i[:batch]))
         return tuple(lead) + last2
 
+    if _weight_tiles_fit(ta, tb, ct):
+        return _matmul_weight_tiles(ctx, a, b, ta, out_shape, ct)
     acc = te.compute(out_shape, lambda *i: te.sum(
         a[operand_index(a, ta, i, (i[batch], k))].astype(ct)
         * b[operand_index(b, tb, i, (k, i[batch + 1]))].astype(ct), axis=k), name="acc")
@@ -652,6 +654,55 @@ def _matmul(ctx: _Ctx) -> Kernel:
     if ct != ctx.out_dtypes[0]:
         outs = te.compute(out_shape, lambda *i: acc[i].astype(ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [outs], "matmul", rows=batch + 1)
+
+
+# Rows of x in one register tile of a float matmul by a 2-D weight (schedule_matmul puts
+# MATMUL_TILE_ROWS x a few vectors of columns of sums in registers).
+MATMUL_TILE_ROWS = 4
+
+
+def _weight_tiles_fit(ta, tb, ct: str) -> bool:
+    """x [..., M, K] float32 times a 2-D weight [K, N] with static K and N a multiple of 16
+    (whole vectors of either ISA): the register-tiled form ``_matmul_weight_tiles``."""
+    if tb.rank != 2 or ct != "float32" or ta.rank < 2:
+        return False
+    kdim, ndim = tb.shape
+    return (isinstance(kdim, int) and isinstance(ndim, int) and ndim >= 64 and ndim % 16 == 0
+            and kdim >= 1 and isinstance(ta.shape[-1], int))
+
+
+def _matmul_weight_tiles(ctx: _Ctx, a, b, ta, out_shape, ct: str) -> Kernel:
+    """x [..., M, K] @ w [K, N] as tiles of ``matmul_tile_rows`` rows of M (per leading
+    index), the last tile's missing rows clamped to row M-1 (computed twice, written once), so
+    the tile loop needs no bound checks whatever the symbolic M; ``out`` copies tiles out."""
+    from tvm import te, tirx
+
+    lead = list(out_shape[:-2])
+    M = out_shape[-2]
+    R = matmul_tile_rows(M)
+    K, N = b.shape
+    k = te.reduce_axis((0, K), name="k")
+
+    def a_at(idx, m, kk):
+        lead_a = broadcast_index(ta.with_shape(ta.shape[:-2]), list(a.shape[:-2]),
+                                 ctx.rtype.with_shape(ctx.rtype.shape[:-2]), list(idx))
+        return a[tuple(lead_a) + (m, kk)]
+
+    tiles = tirx.floordiv(M + (R - 1), R)
+
+    def tile(*i):
+        idx, m, n = i[:-2], i[-2], i[-1]
+        return te.sum(a_at(idx, tirx.min(m, M - 1), k).astype(ct) * b[k, n].astype(ct),
+                      axis=k)
+
+    acc = te.compute(tuple(lead) + (tiles * R, N), tile, name="acc_tile")
+    out = te.compute(out_shape, lambda *i: acc[i].astype(ctx.out_dtypes[0]), name="out")
+    return Kernel(ctx.inputs, [out], "matmul", rows=len(lead))
+
+
+def matmul_tile_rows(M) -> int:
+    """Rows of M per register tile: MATMUL_TILE_ROWS, or a static M if it is smaller."""
+    return min(M, MATMUL_TILE_ROWS) if isinstance(M, int) else MATMUL_TILE_ROWS
 
 
 @_builder("attention")
