@@ -275,6 +275,21 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
           {"to": elem("f16")})
     g.add("cov_exact", "one_hot", [g.arg([B, 4], "i64", low=(-5, 4)), g.const([5]),
                                    g.arg([2], "f32")], [([B, 5, 4], "f32")], {"axis": 1})
+    # scatter_elements: duplicate indices (last wins / folded), negative ones, updates
+    # smaller than the data off the axis
+    for reduction in ("none", "add", "mul", "max", "min"):
+        g.add("cov_exact", "scatter_elements",
+              [g.arg([B, 6], "i32"), g.arg([4, 5], "i64", low=(-6, 5)), g.arg([4, 5], "i32")],
+              [([B, 6], "i32")], {"axis": 1, "reduction": reduction})
+    g.add("cov_exact", "scatter_elements",
+          [g.arg([5, 3], "f32"), g.arg([7, 3], "i64", low=(0, 4)), g.arg([7, 3], "f32")],
+          [([5, 3], "f32")], {"axis": 0, "reduction": "none"})
+    g.add("cov_exact", "reverse_sequence",
+          [g.arg([6, 4, 3], "f32"), g.arg([4], "i64", low=(0, 6))], [([6, 4, 3], "f32")],
+          {"batch_axis": 1, "time_axis": 0})
+    g.add("cov_exact", "isinf", [g.arg([B, 13], "bf16", low="inf")], [([B, 13], "bool")],
+          {"detect_positive": 1, "detect_negative": 1})
+    g.add("cov_exact", "isnan", [g.arg([B, 13], "bf16", low="inf")], [([B, 13], "bool")])
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 

@@ -1163,3 +1163,87 @@ def _one_hot(ctx: _Ctx) -> Kernel:
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
                   baked={"depth": depth})
+
+
+@_builder("scatter_elements")
+def _scatter_elements(ctx: _Ctx) -> Kernel:
+    """Scatter as a gather: each result element folds the updates aimed at it (same position
+    off the axis, index equal to its own along it) in update order: the last one
+    (reduction none) or their sum / product / max / min with the data. Quadratic in the
+    axis length of the updates, which ONNX graphs keep small (a few indices)."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    data, indices, updates = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    rank = len(data.shape)
+    axis = node.attrs["axis"] % rank
+    reduction = node.attrs["reduction"]
+    dtype = dtype_of(data)
+    k = te.reduce_axis((0, updates.shape[axis]), name="k")
+    zero = tirx.IntImm("int64", 0)
+
+    def source(i):
+        """The updates' position for result index i and k, and whether it is one."""
+        pos, inside = [], tirx.const(True, "bool")
+        for d in range(rank):
+            if d == axis:
+                pos.append(k)
+                continue
+            inside = tirx.And(inside, i[d] < updates.shape[d])
+            pos.append(tirx.min(i[d], tirx.max(updates.shape[d] - 1, zero)))
+        target = indices[tuple(pos)].astype("int64")
+        target = tirx.Select(target < zero, target + data.shape[axis], target)
+        return tuple(pos), tirx.And(inside, target == i[axis])
+
+    if reduction == "none":
+        def last(*i):
+            pos, hit = source(i)
+            return te.max(tirx.Select(hit, k.var.astype("int64"), tirx.IntImm("int64", -1)),
+                          axis=k)
+
+        acc = te.compute(list(data.shape), last, name="acc")
+
+        def pick(*i):
+            kk = acc[i]
+            pos = list(i)
+            for d in range(rank):
+                if d != axis:
+                    pos[d] = tirx.min(i[d], tirx.max(updates.shape[d] - 1, zero))
+            pos[axis] = tirx.max(kk, zero)
+            return tirx.Select(kk >= zero, updates[tuple(pos)], data[i])
+
+        out = te.compute(list(data.shape), pick, name="out")
+        return Kernel(ctx.inputs, [out], "reduce")
+    kind = {"add": "sum", "mul": "prod", "max": "max", "min": "min"}[reduction]
+    reducer = _reducer(kind, dtype)
+    identity = {"sum": tirx.const(0, dtype), "prod": tirx.const(1, dtype),
+                "max": _extreme(dtype, "max"), "min": _extreme(dtype, "min")}[kind]
+
+    def fold(*i):
+        pos, hit = source(i)
+        return reducer(tirx.Select(hit, updates[pos], identity), axis=k)
+
+    acc = te.compute(list(data.shape), fold, name="acc")
+    combine = {"sum": lambda a, b: a + b, "prod": lambda a, b: a * b,
+               "max": scalar.maximum, "min": scalar.minimum}[kind]
+    out = te.compute(list(data.shape), lambda *i: combine(data[i], acc[i]), name="out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+@_builder("reverse_sequence")
+def _reverse_sequence(ctx: _Ctx) -> Kernel:
+    """Along time_axis, the first lens[b] steps of batch b reversed, the rest copied."""
+    from tvm import tirx
+
+    node = ctx.node
+    x, lens = ctx.operand(0), ctx.operand(1)
+    b_axis, t_axis = node.attrs["batch_axis"], node.attrs["time_axis"]
+
+    def fn(i):
+        n = lens[(i[b_axis],)].astype("int64")
+        t = i[t_axis]
+        src = list(i)
+        src[t_axis] = tirx.Select(t < n, n - 1 - t, t)
+        return x[tuple(src)]
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")

@@ -43,6 +43,8 @@ def to_compute(x):
 def _isnan(x):
     from tvm import tirx
 
+    if dtype_of(x) == "bfloat16":  # TVM's finiteness ops refuse bf16: exact in f32
+        x = x.astype("float32")
     return tirx.isnan(x) if is_float_dtype(dtype_of(x)) else tirx.const(False, "bool")
 
 
@@ -323,6 +325,8 @@ def isinf(x, attrs: dict):
 
     if not is_float_dtype(dtype_of(x)):
         return tirx.const(False, "bool")
+    if dtype_of(x) in ("bfloat16", "float16"):  # TVM's finiteness ops refuse bf16: exact in f32
+        x = x.astype("float32")
     inf = tirx.isinf(x)
     zero = _c(0.0, dtype_of(x))
     no = tirx.const(False, "bool")
