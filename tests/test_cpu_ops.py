@@ -290,6 +290,14 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
     g.add("cov_exact", "isinf", [g.arg([B, 13], "bf16", low="inf")], [([B, 13], "bool")],
           {"detect_positive": 1, "detect_negative": 1})
     g.add("cov_exact", "isnan", [g.arg([B, 13], "bf16", low="inf")], [([B, 13], "bool")])
+    # rotary: [B, H, S, D] by position ids; [B, S, H*D] interleaved over part of the head
+    g.add("cov_float", "rotary_embedding",
+          [g.arg([B, 2, S, 8], "f32"), g.arg([40, 4], "f32"), g.arg([40, 4], "f32"),
+           g.arg([B, S], "i64", low=(0, 39))], [([B, 2, S, 8], "f32")],
+          {"interleaved": 0, "num_heads": 0, "rotary_embedding_dim": 0})
+    g.add("cov_float", "rotary_embedding",
+          [g.arg([B, 5, 12], "f32"), g.arg([5, 2], "f32"), g.arg([5, 2], "f32")],
+          [([B, 5, 12], "f32")], {"interleaved": 1, "num_heads": 2, "rotary_embedding_dim": 4})
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 

@@ -1247,3 +1247,69 @@ def _reverse_sequence(ctx: _Ctx) -> Kernel:
         return x[tuple(src)]
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("rotary_embedding")
+def _rotary_embedding(ctx: _Ctx) -> Kernel:
+    """ONNX RotaryEmbedding per element of x ([B, H, S, D], or [B, S, H*D] with num_heads):
+    the first rotary_embedding_dim features of a head rotated in pairs (halves, or adjacent
+    with interleaved) by the cos/sin cache row of its position (position_ids[b, s] when
+    given, else s; a 3-D cache is already per [b, s]); the rest copied."""
+    from tvm import tirx
+
+    node = ctx.node
+    a = node.attrs
+    x, cos, sin = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    rank = len(x.shape)
+    if rank == 4:
+        head_dim = ctx.otype(0).shape[3]
+    else:
+        c = ctx.otype(0).shape[2]
+        if not isinstance(c, int) or not a["num_heads"]:
+            raise unsupported(node, "rotary_embedding of 3-D x needs a static hidden size "
+                                    "and num_heads")
+        head_dim = c // a["num_heads"]
+    if not isinstance(head_dim, int):
+        raise unsupported(node, "rotary_embedding head size is not static")
+    rd = a["rotary_embedding_dim"] or head_dim
+    half = rd // 2
+    dtype = dtype_of(x)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+    D = _i64(head_dim)
+
+    def fn(i):
+        if rank == 4:
+            b, s, d = i[0], i[2], i[3]
+
+            def at(dd):
+                return x[(i[0], i[1], i[2], dd)].astype(ct)
+        else:
+            b, s, d = i[0], i[1], tirx.floormod(i[2], D)
+            base = i[2] - d
+
+            def at(dd):
+                return x[(i[0], i[1], base + dd)].astype(ct)
+        if len(cos.shape) == 3:
+            row = (b, s)
+        elif ctx.has(3):
+            row = (ctx.operand(3)[(b, s)].astype("int64"),)
+        else:
+            row = (s,)
+        if a["interleaved"]:
+            j = tirx.floordiv(d, _i64(2))
+            first = tirx.floormod(d, _i64(2)) == _i64(0)
+            partner = tirx.Select(first, d + _i64(1), d - _i64(1))
+        else:
+            first = d < _i64(half)
+            j = tirx.Select(first, d, d - _i64(half))
+            partner = tirx.Select(first, d + _i64(half), d - _i64(half))
+        inside = d < _i64(rd)
+        j = tirx.Select(inside, j, _i64(0))
+        partner = tirx.Select(inside, partner, d)
+        cv = cos[row + (j,)].astype(ct)
+        sv = sin[row + (j,)].astype(ct)
+        xv, xp = at(d), at(partner)
+        rotated = tirx.Select(first, cv * xv - sv * xp, sv * xp + cv * xv)
+        return tirx.Select(inside, rotated, xv).astype(dtype)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
