@@ -47,7 +47,8 @@ SAMPLE = [
     "test_gather_elements_0", "test_reshape_reordered_all_dims", "test_expand_dim_changed",
     "test_split_equal_parts_1d_opset18", "test_tile", "test_edge_pad", "test_reflect_pad",
     "test_wrap_pad", "test_tril", "test_triu_neg", "test_eyelike_with_dtype", "test_shape",
-    "test_range_float_type_positive_delta",
+    "test_range_float_type_positive_delta", "test_scatter_elements_with_duplicate_indices",
+    "test_reversesequence_batch", "test_rotary_embedding_interleaved",
     # matmul, attention
     "test_matmul_3d", "test_attention_4d", "test_onehot_with_axis",
     # still host fallbacks (EXPECTED_FALLBACKS)
