@@ -1,5 +1,5 @@
 """passes/, codegen/ and targets/ install as qcompiler.passes/.codegen/.targets from both a
-wheel and an editable install (setuptools' package-dir mapping; see DESIGN.md, "Layout")."""
+wheel and an editable install (setuptools' package-dir mapping; see docs/design.md, "Layout")."""
 import os
 import subprocess
 import sys
@@ -53,6 +53,15 @@ def test_wheel_contains_and_imports_every_package(tmp_path):
                  "qcompiler/targets/cuda.toml", "qcompiler/ir/parser.py"]:
         assert path in names, f"{path} missing from the wheel"
     assert not any(n.startswith(("passes/", "codegen/", "targets/")) for n in names)
+    # Every data file the backends open at compile time (templates, CUDA headers and sources,
+    # C harnesses, target tables) ships: a wheel without them compiles nothing.
+    data = [os.path.relpath(os.path.join(d, f), ROOT)
+            for top in ("codegen", "targets") for d, _, fs in os.walk(os.path.join(ROOT, top))
+            for f in fs if f.endswith((".j2", ".cuh", ".cu", ".toml"))]
+    assert data
+    for rel in data:
+        shipped = "qcompiler/" + rel.replace(os.sep, "/")
+        assert shipped in names, f"{shipped} missing from the wheel"
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True)
