@@ -284,6 +284,19 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
     g.add("cov_exact", "scatter_elements",
           [g.arg([5, 3], "f32"), g.arg([7, 3], "i64", low=(0, 4)), g.arg([7, 3], "f32")],
           [([5, 3], "f32")], {"axis": 0, "reduction": "none"})
+    # scatter_nd: rows of a [6, B] data by 2 x 3 index tuples of depth 1 (duplicates, negative)
+    for reduction in ("none", "add", "max"):
+        g.add("cov_exact", "scatter_nd",
+              [g.arg([6, B], "i32"), g.arg([2, 3, 1], "i64", low=(-6, 5)),
+               g.arg([2, 3, B], "i32")], [([6, B], "i32")], {"reduction": reduction})
+    g.add("cov_exact", "scatter_nd",
+          [g.arg([4, 5], "f32"), g.arg([3, 2], "i64", low=(0, 3)), g.arg([3], "f32")],
+          [([4, 5], "f32")], {"reduction": "mul"})
+    for mode in ("linear", "circular"):
+        g.add("cov_exact", "tensor_scatter",
+              [g.arg([3, 2, 9, 4], "f32"), g.arg([3, 2, 3, 4], "f32"),
+               g.arg([3], "i64", low=(0, 6) if mode == "linear" else (0, 8))],
+              [([3, 2, 9, 4], "f32")], {"mode": mode, "axis": 2})
     g.add("cov_exact", "reverse_sequence",
           [g.arg([6, 4, 3], "f32"), g.arg([4], "i64", low=(0, 6))], [([6, 4, 3], "f32")],
           {"batch_axis": 1, "time_axis": 0})

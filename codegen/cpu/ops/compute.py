@@ -1313,3 +1313,96 @@ def _rotary_embedding(ctx: _Ctx) -> Kernel:
         return tirx.Select(inside, rotated, xv).astype(dtype)
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+@_builder("scatter_nd")
+def _scatter_nd(ctx: _Ctx) -> Kernel:
+    """ScatterND as a gather: each result element folds the update rows whose index tuple
+    (negative from the dim) is its leading index, in row order: the last one (none) or
+    their sum / product / max / min with the data. Quadratic, like scatter_elements."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    data, indices, updates = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    depth = ctx.otype(1).shape[-1]
+    if not isinstance(depth, int):
+        raise unsupported(node, "scatter_nd index depth is not static")
+    lead = list(indices.shape[:-1])
+    ks = _reduce_axes(lead, [f"k{j}" for j in range(len(lead))])
+    reduction = node.attrs["reduction"]
+    dtype = dtype_of(data)
+    zero = tirx.IntImm("int64", 0)
+
+    def hit(i, us):
+        match = tirx.const(True, "bool")
+        for t in range(depth):
+            v = indices[tuple(us) + (_i64(t),)].astype("int64")
+            v = tirx.Select(v < zero, v + data.shape[t], v)
+            match = tirx.And(match, v == i[t])
+        return match
+
+    def update_at(i, us):
+        return updates[tuple(us) + tuple(i[depth:])]
+
+    if reduction == "none":
+        def linear(us):
+            flat = zero
+            for u, e in zip(us, lead):
+                flat = flat * e + u
+            return flat
+
+        def last(*i):
+            us = [k.var for k in ks]
+            return te.max(tirx.Select(hit(i, us), linear(us), _i64(-1)), axis=ks)
+
+        acc = te.compute(list(data.shape), last, name="acc")
+
+        def pick(*i):
+            flat = tirx.max(acc[i], zero)
+            us = []
+            for e in reversed(lead):
+                us.append(tirx.floormod(flat, e))
+                flat = tirx.floordiv(flat, e)
+            return tirx.Select(acc[i] >= zero, update_at(i, list(reversed(us))), data[i])
+
+        out = te.compute(list(data.shape), pick, name="out")
+        return Kernel(ctx.inputs, [out], "reduce")
+    kind = {"add": "sum", "mul": "prod", "max": "max", "min": "min"}[reduction]
+    identity = {"sum": tirx.const(0, dtype), "prod": tirx.const(1, dtype),
+                "max": _extreme(dtype, "max"), "min": _extreme(dtype, "min")}[kind]
+
+    def fold(*i):
+        us = [k.var for k in ks]
+        return _reducer(kind, dtype)(tirx.Select(hit(i, us), update_at(i, us), identity),
+                                     axis=ks)
+
+    acc = te.compute(list(data.shape), fold, name="acc")
+    combine = {"sum": lambda a, b: a + b, "prod": lambda a, b: a * b,
+               "max": scalar.maximum, "min": scalar.minimum}[kind]
+    out = te.compute(list(data.shape), lambda *i: combine(data[i], acc[i]), name="out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+@_builder("tensor_scatter")
+def _tensor_scatter(ctx: _Ctx) -> Kernel:
+    """The cache with batch b's update written along axis from write_indices[b] (0 when
+    absent; circular wraps): position t takes update step t - start when that is a step."""
+    from tvm import tirx
+
+    node = ctx.node
+    cache, update = ctx.operand(0), ctx.operand(1)
+    axis = node.attrs["axis"] % len(cache.shape)
+    length, steps = cache.shape[axis], update.shape[axis]
+    zero = tirx.IntImm("int64", 0)
+
+    def fn(i):
+        start = ctx.operand(2)[(i[0],)].astype("int64") if ctx.has(2) else zero
+        rel = i[axis] - start
+        if node.attrs["mode"] == "circular":
+            rel = tirx.floormod(rel, length)
+        inside = tirx.And(rel >= zero, rel < steps)
+        src = list(i)
+        src[axis] = tirx.max(tirx.min(rel, steps - 1), zero)
+        return tirx.Select(inside, update[tuple(src)], cache[tuple(i)])
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
