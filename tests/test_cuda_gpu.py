@@ -208,9 +208,11 @@ def test_wgmma_full_shape(tmp_path):
         _check(kern, built, m)
 
 
-def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(tmp_path):
+def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(tmp_path,
+                                                                             monkeypatch):
     """issue #12: the f32 MLP with every op on the device (casts, qmatmuls, epilogues), one
     CUDA graph per signature; batch 3 then 9 (one bucket, two graphs), then 3 again (replay)."""
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")  # opt-in until verified on a GPU
     import qcompiler
     from qcompiler.codegen.cuda.plan import CudaPlanRunner
     from qcompiler.driver.frontend import import_model

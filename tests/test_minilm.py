@@ -346,10 +346,8 @@ def test_cuda_sm80_compiles_a_minilm_layer_without_a_gpu(minilm, tmp_path):
                    example_inputs=(ids, mask))
     with open(os.path.join(out, "manifest.json")) as f:
         kernels = json.load(f)["kernels"]
-    # the device plan's record (op kernels + launcher, issue #12) follows the qmatmuls
-    plan = [k for k in kernels if k["op"] == "plan"]
-    # (the FX graph's gather_nd has no CUDA op kernel yet: the record says so, host ops run it)
-    assert len(plan) == 1 and (plan[0]["impl"] == "cuda-plan" or "gather_nd" in plan[0]["reason"])
+    # the device plan (issue #12) is opt-in (QC_CUDA_PLAN=1) until it has run on a GPU
+    assert not [k for k in kernels if k["op"] == "plan"]
     kernels = [k for k in kernels if k["op"] == "qmatmul"]
     assert len(kernels) == 6
     for k in kernels:

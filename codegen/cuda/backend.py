@@ -25,6 +25,15 @@ from qcompiler.targets import get_target
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
+def device_plan_enabled() -> bool:
+    """Whether CUDA artifacts build and run the device plan (every op a CUDA kernel, one CUDA
+    graph per input signature; codegen/cuda/plan.py). Opt-in with ``QC_CUDA_PLAN=1`` until it
+    has run on a GPU: its kernels are checked there (tests/test_cuda_ops.py), its launcher and
+    step tables only by compiling them (tests/test_cuda_plan.py). Without it, non-qmatmul ops
+    run on the host beside the qmatmul kernels, the path the GPU tests have checked."""
+    return os.environ.get("QC_CUDA_PLAN", "0") == "1"
+
+
 class CudaCodegenError(InputError):
     """The module is not ready for CUDA code generation; the message names the node."""
 
@@ -213,7 +222,7 @@ class CudaBackend(Backend):
             builder.build_many(builds, kdir)
         for r in records:
             r["built"] = built
-        if built and os.environ.get("QC_CUDA_PLAN", "1") != "0":
+        if built and device_plan_enabled():
             records.append(self._device_plan(module, target, kdir))
         return records
 
@@ -233,7 +242,7 @@ class CudaBackend(Backend):
         from qcompiler.codegen.cuda.runtime import CudaModuleRunner
 
         plan = next((r for r in manifest["kernels"] if r.get("impl") == "cuda-plan"), None)
-        if plan is not None and os.environ.get("QC_CUDA_PLAN", "1") != "0":
+        if plan is not None and device_plan_enabled():
             from qcompiler.codegen.cuda.plan import CudaPlanRunner
 
             return CudaPlanRunner(module, manifest, out_dir, plan)
