@@ -28,11 +28,11 @@ def _check(node: Node) -> None:
     where = f"%{node.results[0].name} = {node.op}"
     if scheme.granularity != "tensor" or codes not in CODE_TYPES:
         raise CPUBackendError(f"{where}: only per-tensor i8/u8 schemes have a CPU kernel")
-    if value.type.dtype.name != "f32" or node.operands[1].type.dtype.name != "f32":
+    if value.type.dtype.name != "f32" or node.arg("scale").type.dtype.name != "f32":
         raise CPUBackendError(f"{where}: only f32 values and scales have a CPU kernel")
-    zp = node.operands[2] if len(node.operands) > 2 else None
-    if (zp is None and scheme.implied_zero_point is not None) or len(node.operands) > 3 and \
-            node.operands[3] is not None:
+    zp = node.arg("zero_point")
+    g_idx = node.arg("g_idx") if node.op == "dequantize" else None
+    if (zp is None and scheme.implied_zero_point is not None) or g_idx is not None:
         raise CPUBackendError(f"{where}: implied zero points and g_idx have no CPU kernel")
     if zp is not None and zp.type.dtype.name != codes:
         raise CPUBackendError(f"{where}: zero point {zp.type.dtype} is not {codes}")
