@@ -289,7 +289,8 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
         g.add("cov_exact", "scatter_nd",
               [g.arg([6, B], "i32"), g.arg([2, 3, 1], "i64", low=(-6, 5)),
                g.arg([2, 3, B], "i32")], [([6, B], "i32")], {"reduction": reduction})
-    g.add("cov_exact", "scatter_nd",
+    # float products: data * (u1 * u2) where the reference has (data * u1) * u2 (an ulp)
+    g.add("cov_float", "scatter_nd",
           [g.arg([4, 5], "f32"), g.arg([3, 2], "i64", low=(0, 3)), g.arg([3], "f32")],
           [([4, 5], "f32")], {"reduction": "mul"})
     for mode in ("linear", "circular"):
@@ -297,6 +298,21 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
               [g.arg([3, 2, 9, 4], "f32"), g.arg([3, 2, 3, 4], "f32"),
                g.arg([3], "i64", low=(0, 6) if mode == "linear" else (0, 8))],
               [([3, 2, 9, 4], "f32")], {"mode": mode, "axis": 2})
+    # topk: few distinct values (ties by the smaller index), largest and smallest
+    for largest in (1, 0):
+        g.add("cov_exact", "topk", [g.arg([B, 9], "i32", low=(-3, 3)), g.const([4])],
+              [([B, 4], "i32"), ([B, 4], "i64")], {"axis": 1, "largest": largest, "sorted": 1})
+    g.add("cov_exact", "topk", [g.arg([6, B], "f32"), g.const([2])],
+          [([2, B], "f32"), ([2, B], "i64")], {"axis": 0, "largest": 1, "sorted": 1})
+    # einsum: a batched matmul (spaces), a diagonal under '...', an implicit inner product
+    g.add("cov_float", "einsum", [g.arg([B, 3, 5], "f32"), g.arg([B, 5, 4], "f32")],
+          [([B, 3, 4], "f32")], {"equation": "bij, bjk -> bik"})
+    g.add("cov_float", "einsum", [g.arg([B, 4, 4], "f32")], [([B, 4], "f32")],
+          {"equation": "...ii->...i"})
+    g.add("cov_float", "einsum", [g.arg([S], "f32"), g.arg([S], "f32")], [([], "f32")],
+          {"equation": "i,i"})
+    g.add("cov_float", "einsum", [g.arg([B, 6], "bf16")], [([B], "bf16")],
+          {"equation": "ij->i"})
     g.add("cov_exact", "reverse_sequence",
           [g.arg([6, 4, 3], "f32"), g.arg([4], "i64", low=(0, 6))], [([6, 4, 3], "f32")],
           {"batch_axis": 1, "time_axis": 0})

@@ -1406,3 +1406,109 @@ def _tensor_scatter(ctx: _Ctx) -> Kernel:
         return tirx.Select(inside, update[tuple(src)], cache[tuple(i)])
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
+def _einsum_terms(equation: str, ranks: list) -> tuple[list, str]:
+    """The operands' index letters and the result's, '...' spelled out (as capitals, right
+    aligned) and the implicit result (no '->': the letters used once, sorted) made explicit."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    widest = 0
+    spelled = []
+    for term, rank in zip(terms, ranks):
+        if "..." in term:
+            n = rank - (len(term) - 3)
+            widest = max(widest, n)
+            term = term.replace("...", "".join(chr(ord("A") + 26 - n + j) for j in range(n)))
+        spelled.append(term)
+    ell = "".join(chr(ord("A") + 26 - widest + j) for j in range(widest))
+    if arrow:
+        out = rhs.replace("...", ell)
+    else:
+        letters = "".join(spelled)
+        out = ell + "".join(sorted(c for c in set(letters) if c.islower()
+                                   and letters.count(c) == 1))
+    return spelled, out
+
+
+@_builder("einsum")
+def _einsum(ctx: _Ctx) -> Kernel:
+    """out[result letters] = sum over the other letters of the product of the operands (a
+    letter repeated in one operand reads its diagonal), in the compute type."""
+    from tvm import te
+
+    node = ctx.node
+    ops = [ctx.operand(i) for i in range(len(node.operands))]
+    terms, out_letters = _einsum_terms(node.attrs["equation"], [len(p.shape) for p in ops])
+    extent = {}
+    for term, p in zip(terms, ops):
+        if len(term) != len(p.shape):
+            raise unsupported(node, f"einsum term {term!r} does not match rank {len(p.shape)}")
+        for c, d in zip(term, p.shape):
+            extent.setdefault(c, d)
+    reduce_letters = sorted(set("".join(terms)) - set(out_letters))
+    ks = _reduce_axes([extent[c] for c in reduce_letters], [f"k_{c}" for c in reduce_letters])
+    dtype = ctx.out_dtypes[0]
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+
+    def product(index):
+        v = None
+        for term, p in zip(terms, ops):
+            load = (p[tuple(index[c] for c in term)] if term else p[()]).astype(ct)
+            v = load if v is None else v * load
+        return v
+
+    def fn(i):
+        index = dict(zip(out_letters, i))
+        index.update({c: k for c, k in zip(reduce_letters, ks)})
+        return te.sum(product(index), axis=ks) if ks else product(index)
+
+    if not ks:
+        out = _compute(ctx.out_shapes[0], lambda i: fn(i).astype(dtype), "out")
+        return Kernel(ctx.inputs, [out], "injective")
+    acc = _compute(ctx.out_shapes[0], fn, "acc")
+    out = _compute(ctx.out_shapes[0],
+                   lambda i: (acc[tuple(i)] if i else acc[()]).astype(dtype), "out")
+    return Kernel(ctx.inputs, [out], "reduce")
+
+
+@_builder("topk")
+def _topk(ctx: _Ctx) -> Kernel:
+    """The k largest (smallest) along axis, sorted, ties by the smaller index (the
+    reference's stable sort): each element's rank is the count of elements before it in
+    that order; result r is the element of rank r. Quadratic in the axis length."""
+    from tvm import te, tirx
+
+    node = ctx.node
+    x = ctx.operand(0)
+    rank = len(x.shape)
+    axis = node.attrs["axis"] % rank
+    largest = bool(node.attrs["largest"])
+    k = _constant_ints(ctx, 1, "k")[0]
+    n = x.shape[axis]
+    dtype = dtype_of(x)
+
+    def along(i, j):
+        return tuple(i[:axis]) + (j,) + tuple(i[axis + 1:])
+
+    m = te.reduce_axis((0, n), name="m")
+
+    def order(*i):
+        xj, xm = x[i], x[along(i, m)]
+        ahead = xm > xj if largest else xm < xj
+        before = tirx.Or(ahead, tirx.And(xm == xj, m < i[axis]))
+        return te.sum(tirx.Select(before, tirx.IntImm("int64", 1), tirx.IntImm("int64", 0)),
+                      axis=m)
+
+    ranks = te.compute(list(x.shape), order, name="ranks")
+    out_shape = ctx.out_shapes[0]
+    j1 = te.reduce_axis((0, n), name="j1")
+    j2 = te.reduce_axis((0, n), name="j2")
+    values = te.compute(out_shape, lambda *r: te.sum(tirx.Select(
+        ranks[along(r, j1)] == r[axis], x[along(r, j1)], tirx.const(0, dtype)), axis=j1),
+        name="out")
+    indices = te.compute(out_shape, lambda *r: te.sum(tirx.Select(
+        ranks[along(r, j2)] == r[axis], j2.var.astype("int64"), tirx.IntImm("int64", 0)),
+        axis=j2), name="out_indices")
+    return Kernel(ctx.inputs, [values, indices], "reduce_rows", baked={"k": k})
