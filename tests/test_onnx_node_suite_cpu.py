@@ -51,8 +51,10 @@ SAMPLE = [
     "test_reversesequence_batch", "test_rotary_embedding_interleaved",
     # matmul, attention
     "test_matmul_3d", "test_attention_4d", "test_onehot_with_axis",
+    "test_einsum_batch_matmul", "test_einsum_batch_diagonal", "test_top_k_same_values_2d",
+    "test_scatternd_add", "test_tensorscatter_circular",
     # still host fallbacks (EXPECTED_FALLBACKS)
-    "test_resize_upsample_scales_nearest", "test_convtranspose", "test_einsum_batch_matmul",
+    "test_resize_upsample_scales_nearest", "test_convtranspose", "test_lstm_defaults",
 ]
 
 # sample case -> (the ops the report lists as host fallbacks, why)
@@ -60,7 +62,8 @@ EXPECTED_FALLBACKS: dict[str, tuple[set, str]] = {
     "test_resize_upsample_scales_nearest": ({"resize"}, "no resize kernel yet"),
     "test_convtranspose": ({"conv_transpose"}, "no conv_transpose kernel (conv.py is issue "
                                                "#15's; float conv falls back too)"),
-    "test_einsum_batch_matmul": ({"einsum"}, "no einsum kernel yet"),
+    "test_lstm_defaults": ({"recurrent"}, "no recurrent (LSTM/GRU/RNN) kernel: a sequential "
+                                          "scan over time"),
 }
 
 
