@@ -167,6 +167,9 @@ def _make_graph() -> Graph:
           [([B, 5, 3, 128], "f32")])
     g.add("matmul", "matmul", [g.arg([B, 37], "f32"), g.arg([37, 64], "f32")],
           [([B, 64], "f32")])
+    # N=101: no whole vectors, the row-blocked form
+    g.add("matmul", "matmul", [g.arg([B, 37], "f32"), g.arg([37, 101], "f32")],
+          [([B, 101], "f32")])
     # GQA (4 query heads over 2 kv heads), causal, additive padding mask
     g.add("attention", "attention",
           [g.arg([B, 4, S, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),
