@@ -316,6 +316,26 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
           {"equation": "i,i"})
     g.add("cov_float", "einsum", [g.arg([B, 6], "bf16")], [([B], "bf16")],
           {"equation": "ij->i"})
+    # resize (static shapes): run-time scales or baked sizes; nearest, linear, cubic
+    resize = {"mode": "linear", "coordinate_transformation_mode": "half_pixel",
+              "nearest_mode": "round_prefer_floor", "cubic_coeff_a": -0.75,
+              "exclude_outside": 0, "extrapolation_value": 0.0, "antialias": 0, "axes": [],
+              "keep_aspect_ratio_policy": "stretch"}
+    g.add("cov_float", "resize", [g.arg([2, 3, 5, 4], "f32"), None,
+                                  g.arg([4], "f32", low=[1.0, 1.0, 1.6, 2.5]), None],
+          [([2, 3, 8, 10], "f32")], resize)
+    g.add("cov_float", "resize", [g.arg([1, 2, 6, 7], "f32"), None, None, g.const([4, 5])],
+          [([1, 2, 4, 5], "f32")], dict(resize, mode="cubic", axes=[2, 3],
+                                        coordinate_transformation_mode="align_corners",
+                                        exclude_outside=1, cubic_coeff_a=-0.5))
+    g.add("cov_exact", "resize", [g.arg([3, 4, 5], "f32"), None, None, g.const([3, 7, 9])],
+          [([3, 7, 9], "f32")], dict(resize, mode="nearest", nearest_mode="round_prefer_ceil",
+                                     coordinate_transformation_mode="asymmetric"))
+    g.add("cov_float", "resize", [g.arg([1, 6, 6], "f32"), g.arg([4], "f32", low=[0.2, 0.1,
+                                                                                   0.9, 1.2]),
+                                  None, g.const([4, 5])], [([1, 4, 5], "f32")],
+          dict(resize, axes=[1, 2], coordinate_transformation_mode="tf_crop_and_resize",
+               extrapolation_value=-3.0))
     g.add("cov_exact", "reverse_sequence",
           [g.arg([6, 4, 3], "f32"), g.arg([4], "i64", low=(0, 6))], [([6, 4, 3], "f32")],
           {"batch_axis": 1, "time_axis": 0})
@@ -385,6 +405,8 @@ def _random(v, sizes, rng, low):
     t = v.type
     shape = tuple(d if isinstance(d, int) else sizes[d] for d in t.shape)
     dtype = t.dtype.np_dtype
+    if isinstance(low, list):  # fixed values (resize scales, roi)
+        return np.asarray(low, dtype).reshape(shape)
     if low == "codes":  # float8 / float4: random codes (NaN and inf codes included)
         top = 16 if t.dtype.bits == 4 else 256
         return rng.integers(0, top, size=shape).astype(np.uint8).view(dtype)
@@ -426,7 +448,9 @@ def _random(v, sizes, rng, low):
 def _inputs(g: Graph, node, sizes, rng):
     args = []
     for v in node.operands:
-        if v.producer is not None:  # a constant
+        if v is None:  # an absent optional operand
+            args.append(None)
+        elif v.producer is not None:  # a constant
             args.append(np.asarray(v.producer.attrs["value"]))
         else:
             args.append(_random(v, sizes, rng, g.low.get(v.name)))

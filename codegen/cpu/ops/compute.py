@@ -1512,3 +1512,172 @@ def _topk(ctx: _Ctx) -> Kernel:
         ranks[along(r, j2)] == r[axis], j2.var.astype("int64"), tirx.IntImm("int64", 0)),
         axis=j2), name="out_indices")
     return Kernel(ctx.inputs, [values, indices], "reduce_rows", baked={"k": k})
+
+
+def _nonzero(d):
+    """A float64 divisor, 1 where it is 0 (the branch that would divide is not taken there;
+    TVM's constant folding would still refuse the division)."""
+    from tvm import tirx
+
+    return tirx.Select(d == tirx.const(0.0, "float64"), tirx.const(1.0, "float64"), d)
+
+
+def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: int,
+                       out_n: int, y):
+    """(neighbour indices, weights, extrapolated or None) of output position ``y`` (int64)
+    along axis ``a`` as the reference's _resize_1d: float64 coordinate, coefficients, the n
+    nearest neighbours. ``scale``: float64 expression; ``p``: the axis' place in roi."""
+    from tvm import tirx
+
+    attrs = ctx.node.attrs
+    f64, i64 = "float64", "int64"
+
+    def c(v):
+        return tirx.const(float(v), f64)
+
+    yf = y.astype(f64)
+    out_w = scale * c(in_n)
+    ctm = attrs["coordinate_transformation_mode"]
+    extrapolated = None
+    if ctm == "align_corners":
+        x = tirx.Select(out_w == c(1), c(0), yf * c(in_n - 1) / _nonzero(out_w - c(1)))
+    elif ctm == "asymmetric":
+        x = yf / scale
+    elif ctm == "tf_crop_and_resize":
+        roi = ctx.operand(1)
+        lo = roi[(_i64(p),)].astype(f64)
+        hi = roi[(_i64(axes_count + p),)].astype(f64)
+        x = tirx.Select(out_w == c(1), (hi - lo) * c(in_n - 1) / c(2),
+                        yf * (hi - lo) * c(in_n - 1) / _nonzero(out_w - c(1))) + lo * c(in_n - 1)
+        extrapolated = tirx.Or(x < c(0), x > c(in_n - 1))
+    elif ctm == "pytorch_half_pixel":
+        x = tirx.Select(out_w == c(1), c(-0.5), (yf + c(0.5)) / scale - c(0.5))
+    elif ctm == "half_pixel":
+        x = (yf + c(0.5)) / scale - c(0.5)
+    elif ctm == "half_pixel_symmetric":
+        offset = c(in_n / 2) * (c(1) - c(out_n) / out_w)
+        x = offset + (yf + c(0.5)) / scale - c(0.5)
+    else:
+        raise unsupported(ctx.node, f"resize coordinate_transformation_mode {ctm}")
+    base = tirx.floor(x)
+    ratio = tirx.Select(x == base, c(1), x - base)
+    mode = attrs["mode"]
+    if mode == "nearest":
+        nm = attrs["nearest_mode"]
+        right = {"round_prefer_floor": lambda: ratio > c(0.5),
+                 "round_prefer_ceil": lambda: ratio >= c(0.5),
+                 "floor": lambda: tirx.const(False, "bool"),
+                 "ceil": lambda: tirx.const(True, "bool")}[nm]()
+        right = tirx.Or(right, ratio == c(1))
+        coeffs = [tirx.Select(right, c(0), c(1)), tirx.Select(right, c(1), c(0))]
+    elif mode == "linear":
+        coeffs = [c(1) - ratio, ratio]
+    elif mode == "cubic":
+        ca = float(attrs["cubic_coeff_a"])
+        coeffs = []
+        for d in (ratio + c(1), ratio, c(1) - ratio, c(2) - ratio):
+            d = tirx.abs(d)
+            near = ((c(ca + 2) * d - c(ca + 3)) * d * d + c(1))
+            far = ((c(ca) * d - c(5 * ca)) * d + c(8 * ca)) * d - c(4 * ca)
+            coeffs.append(tirx.Select(d <= c(1), near, tirx.Select(d < c(2), far, c(0))))
+    else:
+        raise unsupported(ctx.node, f"resize mode {mode}")
+    n = len(coeffs)
+    pad = -(-n // 2)
+    xp = x + c(pad)
+    pf = tirx.floor(xp)
+    frac = xp - pf
+    if n % 2 == 0:
+        offset = tirx.Select(frac == c(0), _i64(-(n // 2)), _i64(-(n // 2) + 1))
+    else:
+        offset = tirx.Select(frac <= c(0.5), _i64(-((n - 1) // 2)), _i64(-((n - 1) // 2) + 1))
+    first = pf.astype(i64) + offset - _i64(pad)
+    idx = [first + _i64(j) for j in range(n)]
+    if attrs["exclude_outside"]:
+        coeffs = [tirx.Select(tirx.Or(k < _i64(0), k >= _i64(in_n)), c(0), w)
+                  for k, w in zip(idx, coeffs)]
+        total = coeffs[0]
+        for w in coeffs[1:]:
+            total = total + w
+        total = tirx.Select(total == c(0), c(1), total)
+        coeffs = [w / total for w in coeffs]
+    idx = [tirx.max(tirx.min(k, _i64(in_n - 1)), _i64(0)) for k in idx]
+    return idx, coeffs, extrapolated
+
+
+@_builder("resize")
+def _resize(ctx: _Ctx) -> Kernel:
+    """ONNX Resize on static shapes, without antialias: each resized axis contributes its n
+    neighbours and weights (the reference's coordinate transforms, nearest modes, linear,
+    cubic with exclude_outside, tf_crop_and_resize's roi and extrapolation), and the result
+    is the weighted sum over their combinations in float64, as the reference's axis-by-axis
+    passes (equal up to float64 rounding). Scales are read at run time, sizes baked."""
+    from tvm import tirx
+
+    node = ctx.node
+    attrs = node.attrs
+    x = ctx.operand(0)
+    in_type, out_type = ctx.otype(0), ctx.rtype
+    rank = len(in_type.shape)
+    if attrs["antialias"]:
+        raise unsupported(node, "resize with antialias")
+    if not all(isinstance(d, int) for d in in_type.shape + out_type.shape):
+        raise unsupported(node, "resize of dynamic shapes")
+    axes = [a % rank for a in attrs["axes"]] or list(range(rank))
+    sizes = constant_operand(node, 3, ctx.module) if len(node.operands) > 3 else None
+    has_scales = ctx.has(2) and (sizes is None or np.asarray(sizes).size == 0)
+    roi_used = attrs["coordinate_transformation_mode"] == "tf_crop_and_resize"
+    if roi_used and not ctx.has(1):
+        raise unsupported(node, "tf_crop_and_resize without roi")
+    static_scale = {}
+    if not has_scales:
+        if sizes is None:
+            raise unsupported(node, "resize without scales or sizes")
+        full = [in_type.shape[i] for i in range(rank)]
+        for i, a in enumerate(axes):
+            full[a] = int(np.asarray(sizes).reshape(-1)[i])
+        scale = [full[i] / in_type.shape[i] for i in range(rank)]
+        if attrs["keep_aspect_ratio_policy"] != "stretch":
+            pick = min if attrs["keep_aspect_ratio_policy"] == "not_larger" else max
+            s = pick(scale[a] for a in axes)
+            scale = [s if i in axes else 1.0 for i in range(rank)]
+        static_scale = {a: scale[a] for a in axes}
+    # axes the reference leaves alone: same size and (without a roi) scale 1
+    # (a dim of 1 stays at its only element whatever the roi)
+    moving = [a for a in axes if (roi_used and out_type.shape[a] != 1)
+              or in_type.shape[a] != out_type.shape[a]
+              or (not has_scales and not np.isclose(static_scale[a], 1.0))]
+    dtype = ctx.out_dtypes[0]
+
+    def fn(i):
+        per_axis = []
+        for a in moving:
+            p = axes.index(a)
+            scale = (ctx.operand(2)[(_i64(p),)].astype("float64") if has_scales
+                     else tirx.const(static_scale[a], "float64"))
+            per_axis.append((a, _resize_axis_terms(ctx, a, p, len(axes), scale,
+                                                   in_type.shape[a], out_type.shape[a], i[a])))
+        total = tirx.const(0.0, "float64")
+        for combo in np.ndindex(*[len(t[1]) for _, t in per_axis]):
+            index = list(i)
+            weight = None
+            for (a, (idx, coeffs, _)), j in zip(per_axis, combo):
+                index[a] = idx[j]
+                weight = coeffs[j] if weight is None else weight * coeffs[j]
+            v = x[tuple(index)].astype("float64")
+            total = total + (v if weight is None else weight * v)
+        for _, (_, _, extrapolated) in per_axis:
+            if extrapolated is not None:
+                total = tirx.Select(extrapolated,
+                                    tirx.const(float(attrs["extrapolation_value"]), "float64"),
+                                    total)
+        if is_float_dtype(dtype):
+            return total.astype(dtype)
+        info = np.iinfo(np.dtype(dtype))
+        r = tirx.nearbyint(total)
+        r = tirx.max(tirx.min(r, tirx.const(float(info.max), "float64")),
+                     tirx.const(float(info.min), "float64"))
+        return r.astype(dtype)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  baked={"sizes": None if sizes is None else np.asarray(sizes).tolist()})
