@@ -53,13 +53,17 @@ SAMPLE = [
     "test_matmul_3d", "test_attention_4d", "test_onehot_with_axis",
     "test_einsum_batch_matmul", "test_einsum_batch_diagonal", "test_top_k_same_values_2d",
     "test_scatternd_add", "test_tensorscatter_circular",
+    "test_resize_upsample_scales_nearest", "test_resize_downsample_scales_cubic",
+    "test_resize_tf_crop_and_resize",
     # still host fallbacks (EXPECTED_FALLBACKS)
-    "test_resize_upsample_scales_nearest", "test_convtranspose", "test_lstm_defaults",
+    "test_resize_downsample_scales_linear_antialias", "test_convtranspose",
+    "test_lstm_defaults",
 ]
 
 # sample case -> (the ops the report lists as host fallbacks, why)
 EXPECTED_FALLBACKS: dict[str, tuple[set, str]] = {
-    "test_resize_upsample_scales_nearest": ({"resize"}, "no resize kernel yet"),
+    "test_resize_downsample_scales_linear_antialias": (
+        {"resize"}, "antialias: a footprint that depends on the scale (not in the kernel)"),
     "test_convtranspose": ({"conv_transpose"}, "no conv_transpose kernel (conv.py is issue "
                                                "#15's; float conv falls back too)"),
     "test_lstm_defaults": ({"recurrent"}, "no recurrent (LSTM/GRU/RNN) kernel: a sequential "
