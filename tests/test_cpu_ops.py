@@ -336,6 +336,12 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
                                   None, g.const([4, 5])], [([1, 4, 5], "f32")],
           dict(resize, axes=[1, 2], coordinate_transformation_mode="tf_crop_and_resize",
                extrapolation_value=-3.0))
+    # grid_sample: grid points inside and outside [-1, 1]; the three modes and paddings
+    for mode, padding, align in (("linear", "zeros", 0), ("nearest", "border", 1)):
+        g.add("cov_float", "grid_sample",
+              [g.arg([2, 3, 5, 6], "f32"), g.arg([2, 4, 7, 2], "f32", low=(-1.3, 1.3))],
+              [([2, 3, 4, 7], "f32")],
+              {"mode": mode, "padding_mode": padding, "align_corners": align})
     g.add("cov_exact", "reverse_sequence",
           [g.arg([6, 4, 3], "f32"), g.arg([4], "i64", low=(0, 6))], [([6, 4, 3], "f32")],
           {"batch_axis": 1, "time_axis": 0})

@@ -1681,3 +1681,101 @@ def _resize(ctx: _Ctx) -> Kernel:
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
                   baked={"sizes": None if sizes is None else np.asarray(sizes).tolist()})
+
+
+def _grid_reflect(x, lo: float, hi: float):
+    """The reference's _grid_reflect of one float64 coordinate."""
+    from tvm import tirx
+
+    f64 = "float64"
+    lo_c, hi_c = tirx.const(lo, f64), tirx.const(hi, f64)
+    span = hi - lo
+    below, above = x < lo_c, x > hi_c
+    d = tirx.Select(below, lo_c - x, tirx.Select(above, x - hi_c, tirx.const(0.0, f64)))
+    n = tirx.trunc(d / tirx.const(span, f64)) if span > 0 else tirx.const(0.0, f64)
+    r = d - n * tirx.const(span, f64)
+    even = tirx.floormod(n.astype("int64"), tirx.IntImm("int64", 2)) == tirx.IntImm("int64", 0)
+    from_lo = tirx.Select(even, lo_c + r, hi_c - r)
+    from_hi = tirx.Select(even, hi_c - r, lo_c + r)
+    return tirx.Select(below, from_lo, tirx.Select(above, from_hi, x))
+
+
+@_builder("grid_sample")
+def _grid_sample(ctx: _Ctx) -> Kernel:
+    """GridSample as the reference: per spatial dim the grid coordinate denormalized in
+    float32, padded (border / reflection) and its taps (nearest 1, linear 2, cubic 4) with
+    weights; the result the float64 sum over the tap combinations (0 outside x for zeros
+    padding). Static spatial sizes of x."""
+    from tvm import tirx
+
+    node = ctx.node
+    mode, padding = node.attrs["mode"], node.attrs["padding_mode"]
+    align = bool(node.attrs["align_corners"])
+    x, grid = ctx.operand(0), ctx.operand(1)
+    sp = list(ctx.otype(0).shape[2:])
+    if not all(isinstance(d, int) for d in sp):
+        raise unsupported(node, "grid_sample of dynamic spatial sizes")
+    nsp = len(sp)
+    f32, f64, i64 = "float32", "float64", "int64"
+    dtype = ctx.out_dtypes[0]
+
+    def fn(i):
+        per_dim = []
+        for d, size in enumerate(sp):
+            g = grid[(i[0],) + tuple(i[2:]) + (_i64(nsp - 1 - d),)].astype(f32)
+            one, two = tirx.const(1.0, f32), tirx.const(2.0, f32)
+            c = ((g + one) / two * tirx.const(float(size - 1), f32)) if align else \
+                (((g + one) * tirx.const(float(size), f32) - one) / two)
+            lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+            c = c.astype(f64)
+            if mode == "nearest":
+                c = tirx.nearbyint(c)
+            if padding == "border" and mode != "cubic":
+                c = tirx.Select(tirx.Or(c < tirx.const(lo, f64), c > tirx.const(hi, f64)),
+                                tirx.max(tirx.min(c, tirx.const(size - 1.0, f64)),
+                                         tirx.const(0.0, f64)), c)
+            elif padding == "reflection":
+                c = _grid_reflect(c, lo, hi)
+            if mode == "nearest":
+                per_dim.append([(tirx.trunc(c).astype(i64), None)])
+                continue
+            base = tirx.floor(c)
+            t = c - base
+            base = base.astype(i64)
+            if mode == "linear":
+                per_dim.append([(base, tirx.const(1.0, f64) - t), (base + _i64(1), t)])
+            else:
+                taps = []
+                for o, dd in zip((-1, 0, 1, 2), (t + tirx.const(1.0, f64), t,
+                                                 tirx.const(1.0, f64) - t,
+                                                 tirx.const(2.0, f64) - t)):
+                    dd = tirx.abs(dd)
+                    a = -0.75
+                    near = ((tirx.const(a + 2, f64) * dd - tirx.const(a + 3, f64)) * dd * dd
+                            + tirx.const(1.0, f64))
+                    far = ((tirx.const(a, f64) * dd - tirx.const(5 * a, f64)) * dd
+                           + tirx.const(8 * a, f64)) * dd - tirx.const(4 * a, f64)
+                    taps.append((base + _i64(o), tirx.Select(dd <= tirx.const(1.0, f64),
+                                                             near, far)))
+                per_dim.append(taps)
+        total = tirx.const(0.0, f64)
+        for combo in np.ndindex(*[len(t) for t in per_dim]):
+            weight, index, inside = None, [], tirx.const(True, "bool")
+            for taps, j, size in zip(per_dim, combo, sp):
+                idx, w = taps[j]
+                lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+                if padding == "zeros":
+                    inside = tirx.And(inside, tirx.And(idx >= _i64(0), idx < _i64(size)))
+                elif padding == "border":
+                    idx = tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0))
+                else:
+                    idx = tirx.trunc(_grid_reflect(idx.astype(f64), lo, hi)).astype(i64)
+                index.append(tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0)))
+                if w is not None:
+                    weight = w if weight is None else weight * w
+            pixel = x[(i[0], i[1]) + tuple(index)].astype(f64)
+            pixel = tirx.Select(inside, pixel, tirx.const(0.0, f64))
+            total = total + (pixel if weight is None else pixel * weight)
+        return total.astype(dtype)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
