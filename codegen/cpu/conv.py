@@ -53,18 +53,9 @@ def register_conv_vnni_intrin() -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], B[0:16, 0:4], A[0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+    from qcompiler.codegen.cpu.kernels import dot_product_desc
+
+    desc = dot_product_desc(16, "uint8", "int8")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),

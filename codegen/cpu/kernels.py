@@ -83,6 +83,29 @@ _avx2_registered = False
 _avx2_steps_registered: set = set()
 
 
+def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "global"):
+    """The description every int8 dot-product intrinsic shares:
+    ``C[lanes] += sum_k B[j, k] * A[k]`` over 4 bytes, widened to int32 (VNNI's 16 lanes, the
+    AVX2 pair's 8; the qmatmul kernels' weights are the unsigned B, the conv kernel's the
+    signed one)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), a_dtype, offset_factor=1),
+             B: T.Buffer((lanes, 4), b_dtype, offset_factor=1, scope=b_scope),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], B[0:lanes, 0:4], A[0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+
+    return desc
+
+
 def register_vnni_intrin() -> None:
     """Register ``qc_vnni_u8s8_16x4``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd).
 
@@ -96,18 +119,7 @@ def register_vnni_intrin() -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1, scope="local"),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], B[0:16, 0:4], A[0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+    desc = dot_product_desc(16, "int8", "uint8", "local")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
@@ -151,18 +163,7 @@ def register_avx2_intrins() -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((8, 4), "uint8", offset_factor=1, scope="local"),
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], B[0:8, 0:4], A[0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+    desc = dot_product_desc(8, "int8", "uint8", "local")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
