@@ -1,107 +1,201 @@
-"""TensorIR of per-tensor ``quantize`` / ``dequantize`` kernels (issue #15: the Q/DQ pairs
-that a QDQ CNN keeps between its fused qconvs, residual adds and pools).
+"""TensorIR of the ``quantize`` / ``dequantize`` kernels (issue #15: the Q/DQ pairs a QDQ CNN
+keeps between its fused qconvs; issue #13: every scheme of ONNX's QuantizeLinear /
+DequantizeLinear node cases).
 
-Per-tensor i8/u8 codes, f32 values, operation for operation as ``runtime.numerics``:
+Operation for operation as ``runtime.numerics`` (bit-exact, NaN and saturation included):
 
-- dequantize: ``(f32(x) - f32(zp)) * scale`` in f32;
-- quantize: ``clamp(nearbyint(x / scale) + zp)`` in f32 (round half to even; NaN -> 0,
-  +-inf saturate), then the code type.
+- codes: integers of 2 to 16 bits (i2/u2/i4/u4 held one per byte, as the executor stores
+  them: int8 / uint8 of the value), float8 (e4m3fn, e5m2, e4m3fnuz, e5m2fnuz) and float4
+  e2m1 as their uint8 codes (library.wrap hands such arrays to the kernel as uint8);
+- granularity: per tensor (scale ``()`` or ``[1]``), per channel on any axis (``[D_axis]``),
+  blocked (x's shape with ``ceil(D_axis / block)`` on the axis; the last block may be short);
+- zero points: a tensor of the scheme's shape, the scheme's implied one, or none. float8 /
+  float4 codes have none: ONNX requires their zero-point operand to be 0, and the kernel
+  ignores it as onnx.reference does (the reference interpreter raises on a nonzero one: a
+  nonzero constant keeps the node on the host; a run-time one is not checked);
+- values and scales f32, f16 or bf16.
 
-Other schemes (per-channel, blocked, narrow floats, implied zero points) have no kernel here
-(CPUBackendError: the node runs on the host).
+dequantize: ``(f32(code) - f32(zp)) * f32(scale)`` in float32 (numpy's promotion of the
+reference's operands), rounded once to the result type; float8/float4 codes are decoded to
+their value first. quantize: ``x / scale`` in numpy's promoted type of x and scale (f16/bf16:
+divided in float32 and rounded once to it, which is what numpy's f16 and ml_dtypes' bf16
+divisions do), then integer codes ``clamp(nearbyint(q) + zp)`` (round half to even, NaN -> 0,
++-inf saturate), float codes the round-to-nearest-even encoding with ``saturate``
+(``scalar.encode_narrow_float``). The arithmetic after the division is float32: q is an
+integer there, and the sum with a 16-bit zero point is exact (or far outside the code range,
+so the clamp gives the same code).
+
+No kernel (CPUBackendError; the node runs on the host): nf4 and ternary codes, 32-bit codes,
+act-order (g_idx) dequantization, f64 values or scales.
 """
 from __future__ import annotations
 
-import hashlib
-import re
+import numpy as np
 
 from qcompiler.codegen.cpu.errors import CPUBackendError
+from qcompiler.codegen.cpu.ops import scalar
+from qcompiler.codegen.cpu.ops.common import Dims, constant_operand, kernel_name
 from qcompiler.ir.core import Node
+from qcompiler.ir.types import ElementType
+from qcompiler.runtime.numerics import is_narrow_float
 
-CODE_TYPES = ("i8", "u8")
+FLOAT_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-def _check(node: Node) -> None:
+def _where(node: Node) -> str:
+    return f"%{node.results[0].name} = {node.op}"
+
+
+def _code_dtype(et: ElementType, node: Node, what: str) -> str:
+    """TVM dtype of a buffer of codes (or zero points) of element type ``et``."""
+    if is_narrow_float(et):
+        return "uint8"
+    if et.kind in ("int", "uint") and et.bits <= 16:
+        return str(et.np_dtype)  # i2/i4 in int8, u2/u4 in uint8: one value per element
+    raise CPUBackendError(f"{_where(node)}: {what} of type {et.name} has no CPU kernel "
+                          f"(codes: 2- to 16-bit integers, float8, float4)")
+
+
+def _float_dtype(et: ElementType, node: Node, what: str) -> str:
+    if et.name not in FLOAT_TYPES:
+        raise CPUBackendError(f"{_where(node)}: {what} of type {et.name} has no CPU kernel "
+                              "(f32, f16, bf16 only)")
+    return FLOAT_TYPES[et.name]
+
+
+def _check(node: Node, module) -> dict:
+    """The kernel's buffer dtypes, or CPUBackendError naming what has no kernel."""
     scheme = node.attrs["scheme"]
-    codes = scheme.dtype.name
-    value = node.operands[0] if node.op == "quantize" else node.results[0]
-    where = f"%{node.results[0].name} = {node.op}"
-    if scheme.granularity != "tensor" or codes not in CODE_TYPES:
-        raise CPUBackendError(f"{where}: only per-tensor i8/u8 schemes have a CPU kernel")
-    if value.type.dtype.name != "f32" or node.arg("scale").type.dtype.name != "f32":
-        raise CPUBackendError(f"{where}: only f32 values and scales have a CPU kernel")
+    codes, values = (node.results[0], node.operands[0]) if node.op == "quantize" else (
+        node.operands[0], node.results[0])
+    if node.op == "dequantize" and node.arg("g_idx") is not None:
+        raise CPUBackendError(f"{_where(node)}: act-order (g_idx) dequantization has no CPU "
+                              "kernel")
+    dtypes = {"codes": _code_dtype(scheme.dtype, node, "codes"),
+              "values": _float_dtype(values.type.dtype, node, "values"),
+              "scale": _float_dtype(node.arg("scale").type.dtype, node, "scale")}
     zp = node.arg("zero_point")
-    g_idx = node.arg("g_idx") if node.op == "dequantize" else None
-    if (zp is None and scheme.implied_zero_point is not None) or g_idx is not None:
-        raise CPUBackendError(f"{where}: implied zero points and g_idx have no CPU kernel")
-    if zp is not None and zp.type.dtype.name != codes:
-        raise CPUBackendError(f"{where}: zero point {zp.type.dtype} is not {codes}")
-
-
-def kernel_name(node: Node) -> str:
-    text = repr((node.op, [None if v is None else (v.type.shape, str(v.type.dtype))
-                           for v in node.operands], str(node.attrs["scheme"]),
-                 node.attrs.get("saturate", 1)))
-    return f"{node.op}_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    if zp is not None:
+        dtypes["zp"] = _code_dtype(zp.type.dtype, node, "zero point")
+        if is_narrow_float(scheme.dtype):
+            # ONNX requires it to be 0 and the kernel ignores it, as onnx.reference does (the
+            # reference interpreter raises on a nonzero one: a constant one is checked here,
+            # so that such a node stays on the host and fails there as it should)
+            value = constant_operand(node, 2, module)
+            if value is not None and np.any(np.asarray(value).astype(np.float32) != 0):
+                raise CPUBackendError(f"{_where(node)}: a {scheme.dtype.name} zero point must "
+                                      "be 0")
+        elif zp.type.dtype.kind not in ("int", "uint"):
+            raise CPUBackendError(f"{_where(node)}: zero point {zp.type.dtype.name} of "
+                                  f"{scheme.dtype.name} codes has no CPU kernel")
+    if node.op == "quantize":
+        try:  # numpy's type of x / scale (f16 with bf16 has none: the reference fails too)
+            q = np.result_type(values.type.dtype.np_dtype, node.arg("scale").type.dtype.np_dtype)
+        except TypeError as e:
+            raise CPUBackendError(f"{_where(node)}: {values.type.dtype.name} x with a "
+                                  f"{node.arg('scale').type.dtype.name} scale: {e}") from None
+        dtypes["quotient"] = str(q)  # float32, float16 or bfloat16
+    return dtypes
 
 
 def primfunc_for_qdq(node: Node, params=None, module=None, known=()):
-    """(kernel name, scheduled PrimFunc) of a per-tensor quantize / dequantize node."""
-    _check(node)
-    name = kernel_name(node)
+    """(kernel name, scheduled PrimFunc) of a quantize / dequantize node."""
+    from tvm import te
+
+    from qcompiler.codegen.cpu.ops.compute import Kernel
+    from qcompiler.codegen.cpu.ops.kernel import default_params
+    from qcompiler.codegen.cpu.ops.schedule import schedule
+
+    dtypes = _check(node, module)
+    name = kernel_name(node, {})
     if name in known:
         return name, None
-    return name, _build(node).with_attr("global_symbol", name)
+    inputs, out = _build(node, dtypes)
+    func = te.create_prim_func(inputs + [out])
+    func = schedule(func, Kernel(inputs, [out], "injective"), params or default_params())
+    return name, func.with_attr("global_symbol", name)
 
 
-def _scalar(t):
-    return t(*([0] * len(t.shape)))
+def param_index(scheme, rank: int, param_rank: int, i: list) -> tuple:
+    """Index into a scale / zero-point tensor of ``scheme`` for element ``i`` of x
+    (``numerics.expand_scale``): per tensor the only element, per channel the entry of
+    i[axis], blocked the block of i[axis]."""
+    from tvm import tirx
+
+    if scheme.granularity == "tensor":
+        return (tirx.IntImm("int64", 0),) * param_rank
+    axis = scheme.axis % rank
+    if scheme.granularity == "channel":
+        return (i[axis],)
+    return tuple(tirx.floordiv(d, scheme.block_size) if k == axis else d
+                 for k, d in enumerate(i))
 
 
-def _build(node: Node):
-    import tvm
+def _build(node: Node, dtypes: dict):
     from tvm import te, tirx
 
-    dims: dict = {}
-
-    def shape_of(v):
-        out = []
-        for d in v.type.shape:
-            if isinstance(d, int):
-                out.append(d)
-            else:
-                if d not in dims:
-                    dims[d] = tirx.Var(re.sub(r"[^A-Za-z0-9_]", "_", d) or "dim", "int32")
-                out.append(dims[d])
-        return tuple(out)
-
-    placeholders = [te.placeholder(shape_of(v), str(v.type.dtype.np_dtype), name=f"in{i}")
-                    for i, v in enumerate(node.operands) if v is not None]
-    x, scale = placeholders[0], placeholders[1]
-    zp = placeholders[2] if len(placeholders) > 2 else None
+    scheme = node.attrs["scheme"]
+    et = scheme.dtype
+    dims = Dims()
+    rank = node.results[0].type.rank
+    shape = dims.shape(node.results[0].type)
+    x_dtype = dtypes["codes"] if node.op == "dequantize" else dtypes["values"]
+    x = te.placeholder(shape, x_dtype, name="in0")
+    scale_v, zp_v = node.arg("scale"), node.arg("zero_point")
+    scale = te.placeholder(dims.shape(scale_v.type), dtypes["scale"], name="in1")
+    zp = None if zp_v is None else te.placeholder(dims.shape(zp_v.type), dtypes["zp"],
+                                                  name="in2")
     f32 = "float32"
-    shape = shape_of(node.results[0])
+
+    def param(t, i):
+        return t[param_index(scheme, rank, len(t.shape), i)]
+
+    def zero_point(i):
+        """The zero point to apply (float32) or None: the tensor's, else the implied one;
+        float8/float4 codes have none (a zero-point operand is checked to be zeros)."""
+        if is_narrow_float(et):
+            return None
+        if zp is not None:
+            return param(zp, i).astype(f32)
+        if scheme.implied_zero_point is not None:
+            return tirx.const(float(scheme.implied_zero_point), f32)
+        return None
+
     if node.op == "dequantize":
-        def fn(*i):
-            v = x(*i).astype(f32)
-            if zp is not None:
-                v = v - _scalar(zp).astype(f32)
-            return v * _scalar(scale)
-    else:
-        lo, hi = node.attrs["scheme"].dtype.int_range()
-        out_dtype = str(node.results[0].type.dtype.np_dtype)
+        out_dtype = dtypes["values"]
 
         def fn(*i):
-            r = tirx.nearbyint(x(*i) / _scalar(scale))
+            i = list(i)
+            if is_narrow_float(et):
+                v = scalar.decode_narrow_float(x(*i), et).astype(f32)  # exact
+            else:
+                v = x(*i).astype(f32)
+                z = zero_point(i)
+                if z is not None:
+                    v = v - z
+            return (v * param(scale, i).astype(f32)).astype(out_dtype)
+    else:
+        q_dtype = dtypes["quotient"]
+        out_dtype = dtypes["codes"]
+        saturate = bool(node.attrs.get("saturate", 1))
+
+        def fn(*i):
+            i = list(i)
+            q = x(*i).astype(f32) / param(scale, i).astype(f32)
+            if q_dtype != f32:
+                q = q.astype(q_dtype)  # numpy's f16 / bf16 quotient: rounded once
+            if is_narrow_float(et):
+                return scalar.encode_narrow_float(q.astype("float64"), et, saturate)
+            r = tirx.nearbyint(q.astype(f32))
             r = tirx.Select(tirx.isnan(r), tirx.const(0.0, f32), r)
-            if zp is not None:
-                r = r + _scalar(zp).astype(f32)
+            z = zero_point(i)
+            if z is not None:
+                r = r + z
+            lo, hi = et.int_range()
             r = tirx.max(tirx.min(r, tirx.const(float(hi), f32)), tirx.const(float(lo), f32))
             return r.astype(out_dtype)
-    out = te.compute(shape, fn, name="out")
-    func = te.create_prim_func(placeholders + [out])
-    sch = tvm.s_tir.Schedule(func)
-    loops = sch.get_loops(sch.get_sblock("out"))
-    if len(loops) > 1:
-        sch.fuse(*loops)
-    return sch.mod["main"]
+    if rank == 0:
+        out = te.compute((), lambda: fn(), name="out")
+    else:
+        out = te.compute(shape, fn, name="out")
+    return [t for t in (x, scale, zp) if t is not None], out
