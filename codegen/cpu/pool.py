@@ -1,98 +1,237 @@
-"""TensorIR of the CPU ``pool`` kernel (2-D max / average pooling, issue #15).
+"""TensorIR of the CPU ``pool`` kernel: N-d max / average / lp pooling, max's indices (#13, #15).
 
-The reference's semantics (``runtime.reference._pool``): max ignores padding (and ceil_mode's
-overhang); average divides the in-bounds sum by the count of positions inside x, or, with
-count_include_pad, inside x plus its explicit pads. Max pooling on integer codes is exact
-(fuse-requant leaves a quantized graph's DequantizeLinear -> MaxPool -> QuantizeLinear to
-the host when scales differ; ONNX models compute it in float here). ``lp`` pooling and the
-indices output have no kernel (CPUBackendError: the node runs on the host).
+The reference's semantics (``runtime.reference._pool``), which pads x with NaN (missing):
+every kind ignores missing positions, and so NaN inputs too (``np.nansum``, ``-inf`` for
+max); max takes the largest value, average divides the sum by the count of positions inside x
+(or, with count_include_pad, inside x plus its explicit pads: never ceil_mode's overhang), lp
+gives ``(sum |x|^p)^(1/p)``. Max's indices output is numpy's argmax over the window (the first
+tap in row-major window order among equal maxima) as a flat index into x's [N, C, *sp] layout:
+row-major with the spatial coordinate clipped into x (``ravel_multi_index(mode="clip")``), or
+with storage_order=1 column-major over the spatial dims, unclipped.
+
+Float math runs in float32 (float64 stays), as the reference's compute dtype; integer x takes
+max (exact) and average (float64 sum and quotient, truncated back to the integer type as numpy's
+astype does). Batch and channels may be symbols; the spatial dims must be static (the result's
+spatial size is then static too). Anything else raises CPUBackendError naming the node (it then
+runs on the host).
 """
 from __future__ import annotations
 
-import hashlib
-import re
-
 from qcompiler.codegen.cpu.errors import CPUBackendError
+from qcompiler.codegen.cpu.ops.common import (Dims, compute_dtype, is_float_dtype, kernel_name,
+                                              tvm_dtype)
 from qcompiler.ir.core import Node
 
-
-def kernel_name(node: Node) -> str:
-    text = repr((node.operands[0].type.shape, str(node.operands[0].type.dtype),
-                 sorted((k, repr(v)) for k, v in node.attrs.items())))
-    return "pool_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+# Below this many output elements the kernel stays on one thread (the pool's launch costs more
+# than the work), as the op library's schedules do.
+_PARALLEL_MIN_ELEMENTS = 4096
 
 
 def primfunc_for_pool(node: Node, params=None, module=None, known=()):
-    """(kernel name, scheduled PrimFunc) of a 2-D max / average pool node."""
+    """(kernel name, scheduled PrimFunc) of a pool node; (name, None) for a known name."""
     a = node.attrs
     x = node.operands[0]
     where = f"%{node.results[0].name} = pool"
-    if a["kind"] not in ("max", "average") or a.get("indices", 0):
-        raise CPUBackendError(f"{where}: {a['kind']} pooling"
-                              f"{' with indices' if a.get('indices', 0) else ''} has no CPU "
-                              "kernel")
-    if x.type.rank != 4 or not all(isinstance(d, int) for d in x.type.shape[1:]):
-        raise CPUBackendError(f"{where}: the CPU kernel takes [N, C, H, W] with static C, H, W")
-    if a["kind"] == "average" and x.type.dtype.name != "f32":
-        raise CPUBackendError(f"{where}: average pooling of {x.type.dtype} has no CPU kernel")
-    name = kernel_name(node)
+    if x.type.rank < 3:
+        raise CPUBackendError(f"{where}: x {x.type.shape} has no spatial dim")
+    for v in (x, node.results[0]):
+        if not all(isinstance(d, int) for d in v.type.shape[2:]):
+            raise CPUBackendError(f"{where}: the CPU kernel needs static spatial dims, not "
+                                  f"{v.type.shape} (batch and channels may be symbols)")
+    dtype = tvm_dtype(x.type.dtype, node)  # refuses types without a TVM dtype
+    if x.type.dtype.kind == "bool":
+        raise CPUBackendError(f"{where}: pooling of bool has no CPU kernel")
+    if a["kind"] == "lp" and not is_float_dtype(dtype):
+        raise CPUBackendError(f"{where}: lp pooling of {x.type.dtype} has no CPU kernel")
+    name = kernel_name(node, {})
     if name in known:
         return name, None
-    return name, _build(node).with_attr("global_symbol", name)
+    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    return name, _build(node, dtype, min_elements).with_attr("global_symbol", name)
 
 
-def _build(node: Node):
+def _i64(v: int):
+    from tvm import tirx
+
+    return tirx.IntImm("int64", v)
+
+
+def _build(node: Node, dtype: str, min_elements: int):
+    import tvm
+    from tvm import te, tirx
+
+    a = node.attrs
+    kind = a["kind"]
+    x_type = node.operands[0].type
+    dims = Dims()
+    n, c = dims.dim(x_type.shape[0]), dims.dim(x_type.shape[1])
+    sp = list(x_type.shape[2:])
+    nsp = len(sp)
+    out_sp = list(node.results[0].type.shape[2:])
+    kernel, strides, dil, pads = a["kernel_shape"], a["strides"], a["dilations"], a["pads"]
+    floats = is_float_dtype(dtype)
+    # max of integers stays in their type (exact); average of integers is numpy's float64 mean
+    ct = compute_dtype(dtype) if floats else ("float64" if kind != "max" else dtype)
+    x = te.placeholder([n, c] + [_i64(d) for d in sp], dtype, name="in0")
+    out_shape = [n, c] + [_i64(d) for d in out_sp]
+    taps = 1
+    for k in kernel:
+        taps *= k
+
+    def window(idx):
+        """(reduce axes, their row-major tap number, x's coordinates, missing, value) of the
+        window of output position ``idx``; value is x (in ct) where not missing."""
+        rs = [te.reduce_axis((0, k), name=f"r{i}") for i, k in enumerate(kernel)]
+        coords = [idx[2 + i] * strides[i] + rs[i] * dil[i] - pads[i] for i in range(nsp)]
+        inside = tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i]) for i in range(nsp)])
+        v = x(idx[0], idx[1], *[tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
+                                for i in range(nsp)]).astype(ct)
+        missing = tirx.Not(inside)
+        if floats:  # the reference's NaN padding: NaN inputs count as missing too
+            missing = tirx.Or(missing, tirx.isnan(v))
+        lin = rs[0].var.astype("int64")
+        for i in range(1, nsp):
+            lin = lin * kernel[i] + rs[i].var.astype("int64")
+        return rs, lin, coords, missing, v
+
+    lowest = (tirx.const(float("-inf"), ct) if floats
+              else tvm.te.min_value(ct))  # max's value of a missing tap
+
+    if kind == "max" and a.get("indices", 0):
+        return _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype,
+                                 floats, min_elements)
+    if kind == "max":
+        # te.max starts from the lowest finite float: a window of only padding must give -inf
+        maximum = te.comm_reducer(lambda u, v: tirx.max(u, v), lambda t: lowest, name="max")
+
+        def acc_fn(*idx):
+            rs, _, _, missing, v = window(idx)
+            return maximum(tirx.Select(missing, lowest, v), axis=rs)
+        acc = te.compute(out_shape, acc_fn, name="acc")
+        out = te.compute(out_shape, lambda *i: acc(*i).astype(dtype), name="out")
+    elif kind == "lp":
+        p = int(a["p"])
+
+        def acc_fn(*idx):
+            rs, _, _, missing, v = window(idx)
+            mag = tirx.abs(v)
+            power = mag
+            for _ in range(p - 1):  # |x|^p by products: p is a small integer
+                power = power * mag
+            return te.sum(tirx.Select(missing, tirx.const(0, ct), power), axis=rs)
+        acc = te.compute(out_shape, acc_fn, name="acc")
+
+        def root(s):
+            if p == 1:
+                return s
+            if p == 2:
+                return tirx.sqrt(s)
+            return tirx.pow(s, tirx.const(1.0 / p, ct))
+        out = te.compute(out_shape, lambda *i: root(acc(*i)).astype(dtype), name="out")
+    else:  # average
+        def acc_fn(*idx):
+            rs, _, _, missing, v = window(idx)
+            return te.sum(tirx.Select(missing, tirx.const(0, ct), v), axis=rs)
+        acc = te.compute(out_shape, acc_fn, name="acc")
+        include = a["count_include_pad"]
+
+        def count(idx):
+            """Window positions inside x (or x and its explicit pads), per dim multiplied:
+            the window is a box, so its count is the product of the per-dim counts."""
+            total = None
+            for i in range(nsp):
+                lo, hi = (-pads[i], sp[i] + pads[i + nsp]) if include else (0, sp[i])
+                start = idx[2 + i] * strides[i] - pads[i]
+                along = None
+                for t in range(kernel[i]):
+                    hit = tirx.Select(tirx.all(start + t * dil[i] >= lo,
+                                               start + t * dil[i] < hi), 1, 0)
+                    along = hit if along is None else along + hit
+                total = along if total is None else total * along
+            return total.astype(ct)
+        out = te.compute(out_shape, lambda *i: (acc(*i) / count(i)).astype(dtype), name="out")
+
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    out_block = sch.get_sblock("out")
+    # the window's reduction per output element, in registers under out's innermost loop
+    sch.compute_at(sch.get_sblock("acc"), sch.get_loops(out_block)[-1])
+    _parallel_outer(sch, out_block, out_shape, min_elements)
+    return sch.mod["main"]
+
+
+def _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype, floats,
+                      min_elements):
+    """Max and its flat indices from one (value, tap) reduction: the larger value wins, equal
+    values the smaller tap number (numpy's first argmax, whatever the loop order)."""
     import tvm
     from tvm import te, tirx
 
     a = node.attrs
     x_type = node.operands[0].type
-    n, c, h, w = x_type.shape
-    if not isinstance(n, int):
-        n = tirx.Var(re.sub(r"[^A-Za-z0-9_]", "_", n), "int32")
-    oh, ow = node.results[0].type.shape[2:]
-    kh, kw = a["kernel_shape"]
-    sh, sw = a["strides"]
-    dh, dw = a["dilations"]
-    pt, pl, pb, pr = a["pads"]
-    dtype = str(x_type.dtype.np_dtype)
-    x = te.placeholder((n, c, h, w), dtype, name="in0")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
+    sp = list(x_type.shape[2:])
+    nsp = len(sp)
+    kernel, strides, dil, pads = a["kernel_shape"], a["strides"], a["dilations"], a["pads"]
+    none = _i64(taps)  # the tap number of "no tap yet"
 
-    def at(nn, cc, yy, xx):
-        iy, ix = yy * sh + ry * dh - pt, xx * sw + rx * dw - pl
-        inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-        return inside, x(nn, cc, tirx.max(tirx.min(iy, h - 1), 0),
-                         tirx.max(tirx.min(ix, w - 1), 0))
+    def combine(acc, new):
+        take = tirx.Or(new[1] > acc[1], tirx.And(new[1] == acc[1], new[0] < acc[0]))
+        return tirx.Select(take, new[0], acc[0]), tirx.Select(take, new[1], acc[1])
 
-    if a["kind"] == "max":
-        def out_fn(nn, cc, yy, xx):
-            inside, v = at(nn, cc, yy, xx)
-            return te.max(tirx.if_then_else(inside, v, tvm.te.min_value(dtype)), axis=[ry, rx])
-        out = te.compute((n, c, oh, ow), out_fn, name="out")
-    else:
-        def total_fn(nn, cc, yy, xx):
-            inside, v = at(nn, cc, yy, xx)
-            return te.sum(tirx.if_then_else(inside, v, tirx.const(0.0, dtype)), axis=[ry, rx])
-        total = te.compute((n, c, oh, ow), total_fn, name="total")
-        lo_y, hi_y, lo_x, hi_x = (-pt, h + pb, -pl, w + pr) if a["count_include_pad"] \
-            else (0, h, 0, w)
+    def identity(t0, t1):
+        return tirx.const(taps, t0), lowest
 
-        def count(yy, xx):  # positions of the window inside [lo, hi) per dim
-            def along(o, s, d, k, pad, lo, hi):
-                taps = [tirx.Select(tirx.all(o * s + t * d - pad >= lo,
-                                             o * s + t * d - pad < hi), 1, 0) for t in range(k)]
-                return sum(taps[1:], taps[0])
-            return (along(yy, sh, dh, kh, pt, lo_y, hi_y)
-                    * along(xx, sw, dw, kw, pl, lo_x, hi_x))
-        out = te.compute((n, c, oh, ow), lambda nn, cc, yy, xx: total(nn, cc, yy, xx)
-                         / count(yy, xx).astype(dtype), name="out")
-    func = te.create_prim_func([x, out])
-    sch = tvm.s_tir.Schedule(func)
-    if a["kind"] == "average":
-        block = sch.get_sblock("total")
-        sch.compute_at(block, sch.get_loops(sch.get_sblock("out"))[-1])
-    on, oc = sch.get_loops(sch.get_sblock("out"))[:2]
-    sch.parallel(sch.fuse(on, oc))
+    argmax = te.comm_reducer(combine, identity, name="argmax")
+
+    def acc_fn(*idx):
+        rs, lin, _, missing, v = window(idx)
+        # Missing taps of floats are -inf candidates at their own position, as in the
+        # reference's filled window; integers have no -inf, so a missing tap never wins there
+        # (its tap number is "none": a real tap of the lowest value beats it).
+        tap = lin if floats else tirx.Select(missing, none, lin)
+        return argmax((tap, tirx.Select(missing, lowest, v)), axis=rs)
+    tap, best = te.compute(out_shape, acc_fn, name="acc")
+    out = te.compute(out_shape, lambda *i: best(*i).astype(dtype), name="out")
+    size = 1
+    for d in sp:
+        size *= d
+    channels = out_shape[1]
+
+    def index_fn(*idx):
+        t = tap(*idx)
+        t = tirx.Select(t == none, _i64(0), t)  # a window of missing integer taps: argmax's 0
+        coords = []
+        below = taps
+        for i in range(nsp):
+            below //= kernel[i]
+            ti = (t // below) % kernel[i]
+            coords.append(idx[2 + i] * strides[i] - pads[i] + ti * dil[i])
+        flat = _i64(0)
+        if a.get("storage_order", 0):  # column-major spatial order, coordinates as they are
+            stride = 1
+            for i in range(nsp):
+                flat = flat + coords[i] * stride
+                stride *= sp[i]
+        else:  # row-major, each coordinate clipped into x
+            for i in range(nsp):
+                flat = flat * sp[i] + tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
+        return (idx[0] * channels + idx[1]) * size + flat
+    indices = te.compute(out_shape, index_fn, name="indices")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out, indices]))
+    # acc feeds two results: a whole buffer of its own (small: the size of the result)
+    for name in ("acc", "out", "indices"):
+        _parallel_outer(sch, sch.get_sblock(name), out_shape, min_elements)
     return sch.mod["main"]
+
+
+def _parallel_outer(sch, block, out_shape, min_elements: int):
+    """All loops but the innermost output loop fused and run in parallel, when the result is
+    large enough (or of symbolic size) to be worth the thread pool."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)[:len(out_shape) - 1]
+    numel = 1
+    for d in out_shape:
+        numel = numel * int(d) if isinstance(d, tirx.IntImm) and numel is not None else None
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if numel is None or numel >= min_elements:
+        sch.parallel(fused)

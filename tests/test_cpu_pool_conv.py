@@ -1,0 +1,170 @@
+"""The CPU pool, float conv and conv_transpose kernels against the reference (issue #13).
+
+Every node below is built into one op library (through ``primfunc_for``'s dispatch, as the
+backend builds them: build time matters on 2 cores) and run on fresh random inputs (negative
+values, never zeros) at odd shapes, symbolic batch sizes 1 and 3 where the batch is a symbol;
+results are compared with ``qcompiler.runtime.reference.OP_IMPLS`` of the same node. Max pooling
+and its indices are exact; sums are float32 in both, in another order: a relative tolerance
+of ~1e-5 on the size of the terms.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from qcompiler.codegen.cpu.errors import CPUBackendError  # noqa: E402
+from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
+from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
+from qcompiler.ir.core import Function, Module  # noqa: E402
+from qcompiler.ir.ops import infer_types  # noqa: E402
+from qcompiler.ir.types import tensor  # noqa: E402
+from qcompiler.runtime.reference import OP_IMPLS  # noqa: E402
+
+BATCHES = (1, 3)  # sizes of the "batch" symbol
+
+
+def _pool_attrs(kind, kernel, strides=None, pads=None, dilations=None, ceil_mode=0,
+                count_include_pad=0, p=2, indices=0, storage_order=0):
+    nsp = len(kernel)
+    a = {"kind": kind, "kernel_shape": list(kernel), "strides": strides or [1] * nsp,
+         "pads": pads or [0] * (2 * nsp), "dilations": dilations or [1] * nsp,
+         "ceil_mode": ceil_mode, "count_include_pad": count_include_pad, "p": p}
+    if indices:
+        a.update(indices=1, storage_order=storage_order)
+    return a
+
+
+# (id, x shape, x dtype, attrs)
+POOLS = [
+    ("max1d", ["batch", 3, 11], "f32", _pool_attrs("max", [3], [2], [1, 0])),
+    ("max2d_dil_ceil", [2, 3, 11, 9], "f32",
+     _pool_attrs("max", [3, 2], [2, 2], [1, 0, 0, 1], [2, 1], ceil_mode=1)),
+    ("max3d", ["batch", 2, 5, 6, 7], "f32", _pool_attrs("max", [2, 3, 2], [1, 2, 2],
+                                                       [0, 1, 1, 1, 0, 0], [2, 1, 1])),
+    ("max2d_i8", [2, 5, 7, 6], "i8", _pool_attrs("max", [3, 3], [2, 2], [1, 1, 1, 1])),
+    ("max2d_u8_ceil", [1, 4, 8, 8], "u8", _pool_attrs("max", [3, 3], [2, 2], ceil_mode=1)),
+    ("max2d_f16", [1, 3, 9, 10], "f16", _pool_attrs("max", [3, 3], [2, 1], [1, 1, 0, 2])),
+    ("max1d_indices", [2, 3, 13], "f32", _pool_attrs("max", [4], [3], [2, 1], [1],
+                                                     indices=1)),
+    ("max2d_indices", ["batch", 3, 7, 9], "f32",
+     _pool_attrs("max", [3, 2], [2, 2], [1, 1, 1, 0], [1, 2], ceil_mode=1, indices=1)),
+    ("max2d_indices_colmajor", [2, 2, 6, 5], "f32",
+     _pool_attrs("max", [2, 3], [1, 2], [0, 1, 1, 1], indices=1, storage_order=1)),
+    ("max3d_indices_i8", [1, 2, 4, 5, 6], "i8",
+     _pool_attrs("max", [2, 2, 3], [2, 1, 2], [1, 0, 1, 0, 1, 1], indices=1)),
+    ("avg1d", [2, 3, 12], "f32", _pool_attrs("average", [3], [2], [1, 1])),
+    ("avg2d_ceil_excl", ["batch", 3, 10, 11], "f32",
+     _pool_attrs("average", [3, 3], [2, 2], [1, 0, 0, 1], ceil_mode=1)),
+    ("avg2d_ceil_incl", [2, 3, 10, 11], "f32",
+     _pool_attrs("average", [3, 3], [2, 2], [1, 0, 0, 1], ceil_mode=1, count_include_pad=1)),
+    ("avg3d_dil_incl", [1, 2, 7, 6, 5], "f32",
+     _pool_attrs("average", [2, 2, 2], [1, 2, 1], [1, 1, 0, 0, 1, 1], [2, 1, 2],
+                 count_include_pad=1)),
+    ("avg2d_f16", [2, 3, 8, 7], "f16", _pool_attrs("average", [2, 3], [2, 2], [0, 1, 1, 1])),
+    ("avg2d_i32", [2, 3, 6, 7], "i32", _pool_attrs("average", [3, 2], [1, 2], [1, 0, 1, 1])),
+    ("lrn_window", [2, 1, 7, 4, 5], "f32",  # the ONNX frontend's LRN: a channel window
+     _pool_attrs("average", [3, 1, 1], [1, 1, 1], [1, 0, 0, 1, 0, 0], count_include_pad=1)),
+    ("lp1d_p3", [2, 3, 11], "f32", _pool_attrs("lp", [3], [2], [1, 1], p=3)),
+    ("lp2d_p2", ["batch", 4, 9, 8], "f32",
+     _pool_attrs("lp", [3, 2], [2, 1], [1, 0, 1, 1], [1, 2], p=2)),
+    ("lp2d_p1_f16", [1, 3, 6, 7], "f16", _pool_attrs("lp", [2, 2], [2, 2], p=1)),
+    ("lp3d", [1, 2, 5, 4, 6], "f32", _pool_attrs("lp", [2, 2, 3], [1, 2, 2], ceil_mode=1)),
+]
+
+
+class Graph:
+    def __init__(self):
+        self.module = Module("pool_conv")
+        self.fn = self.module.add_function(Function("main"))
+        self.nodes: dict = {}
+
+    def add(self, key, op, operands, attrs):
+        """A node whose result types the op's type inference gives."""
+        args = [None if o is None else self.fn.add_arg(self.fn.fresh_name("a"), tensor(*o))
+                for o in operands]
+        types = infer_types(op, [None if v is None else v.type for v in args], attrs,
+                            [None] * len(args))
+        node = self.fn.make_node(op, args, types, attrs)
+        self.nodes[key] = node
+        return node
+
+
+def _graph() -> Graph:
+    g = Graph()
+    for key, shape, dtype, attrs in POOLS:
+        g.add(key, "pool", [(shape, dtype)], attrs)
+    return g
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    g = _graph()
+    path = str(tmp_path_factory.mktemp("pool_conv") / "ops.so")
+    names = build_ops_library(list(g.nodes.values()), "cpu", path, module=g.module)
+    return g, names, OpsLibrary(path)
+
+
+def _random(t, batch, rng):
+    shape = tuple(d if isinstance(d, int) else batch for d in t.shape)
+    dtype = t.dtype.np_dtype
+    if t.dtype.kind in ("int", "uint"):
+        info = np.iinfo(dtype)
+        lo, hi = max(int(info.min), -1000), min(int(info.max), 1000)
+        return rng.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+    x = rng.standard_normal(shape) * 2.0
+    x[x == 0] = 0.5
+    return x.astype(dtype)
+
+
+def _run(built, key, batch, rng, ties=False, nans=False):
+    """(kernel results, reference results) of node ``key`` on fresh random inputs."""
+    g, names, lib = built
+    node = g.nodes[key]
+    args = [None if v is None else _random(v.type, batch, rng) for v in node.operands]
+    if ties:  # few distinct values: equal maxima in a window (argmax takes the first)
+        args[0] = (np.round(args[0].astype(np.float64) / 3.0)).astype(args[0].dtype)
+    if nans:  # the reference's pools skip NaN inputs as they skip padding
+        args[0].reshape(-1)[::7] = np.nan
+    want = OP_IMPLS[node.op](node, args, g.module)
+    outs = []
+    for w in want:
+        o = aligned_empty(w.shape, w.dtype)
+        o[...] = 7  # a value the kernel must overwrite
+        outs.append(o)
+    kernel_args = []
+    for a in args:
+        if a is not None:
+            copy = aligned_empty(a.shape, a.dtype)
+            copy[...] = a
+            kernel_args.append(copy)
+    lib[names[node.results[0].name]](*kernel_args, *outs)
+    return outs, want
+
+
+def _tolerance(dtype, terms: int):
+    """Sums of ``terms`` products in float32 in another order than numpy's (or in f32 before
+    the f16 rounding of the result): relative to the magnitude of the terms."""
+    return {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5 * max(1, terms) ** 0.5,
+            np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("case", POOLS, ids=[c[0] for c in POOLS])
+def test_pool_matches_reference(built, case):
+    key, shape, dtype, attrs = case
+    rng = np.random.default_rng(abs(hash(key)) % 2**32)
+    taps = int(np.prod(attrs["kernel_shape"]))
+    variants = [{}, {"ties": True}] if attrs["kind"] == "max" else [{}]
+    if dtype.startswith("f"):
+        variants.append({"nans": True})
+    for batch in BATCHES if "batch" in shape else (None,):
+        for variant in variants:
+            outs, want = _run(built, key, batch, rng, **variant)
+            for got, w in zip(outs, want):
+                assert got.shape == w.shape and got.dtype == w.dtype, key
+                if attrs["kind"] == "max" or w.dtype.kind in "iu":
+                    np.testing.assert_array_equal(got, w, err_msg=f"{key} {batch} {variant}")
+                else:
+                    np.testing.assert_allclose(got, w, rtol=_tolerance(w.dtype, taps),
+                                               atol=1e-6, err_msg=f"{key} {batch} {variant}")
