@@ -47,6 +47,11 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.qdq import primfunc_for_qdq
 
         return primfunc_for_qdq(node, params, module, known)
+    if node.op in ("dynamic_quantize", "matmul_integer", "qlinear_matmul") \
+            and node.op not in BUILDERS:  # cpu/qlinear.py
+        from qcompiler.codegen.cpu.qlinear import primfunc_for_qlinear
+
+        return primfunc_for_qlinear(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
