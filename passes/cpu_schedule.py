@@ -1,6 +1,9 @@
 """cpu-schedule: choose the CPU kernel of every qmatmul: numerics, tile and per-batch variants.
 
-Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``exact``: fp32
+Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``auto``, the
+default: what each qmatmul's model allows, ``int8`` for an ``accuracy_level`` of 4 (MatMulNBits
+accuracy_level 4, which onnxruntime computes with int8 activations) where the target has an
+int8 kernel for it, else ``exact``; ``exact``: fp32
 activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
 per row and group to symmetric int8 and int8 dot products, like accuracy_level 4:
 ``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the others, chosen from
@@ -76,13 +79,26 @@ def unsupported_reason(module: Module, node, target, numerics_mode: str):
     return None
 
 
+# MatMulNBits accuracy_level 4: onnxruntime quantizes the activations to int8 per block.
+INT8_ACCURACY_LEVEL = 4
+
+
+def node_numerics(module: Module, node, target) -> str:
+    """``numerics=auto``: ``int8`` for a qmatmul whose model allows int8 activations
+    (``accuracy_level`` 4) when the target's int8 kernel can compute it, else ``exact``."""
+    if node.attrs.get("accuracy_level") == INT8_ACCURACY_LEVEL and \
+            unsupported_reason(module, node, target, "int8") is None:
+        return "int8"
+    return "exact"
+
+
 @register_pass("cpu-schedule")
 @dataclass
 class CPUSchedulePass(Pass):
     """Choose numerics, tile and per-batch kernel variants of each qmatmul for a cpu target."""
 
     target: str = "cpu"
-    numerics: str = "exact"
+    numerics: str = "auto"
     tuning_log: str = ""
 
     def run(self, module: Module) -> Module:
@@ -90,8 +106,8 @@ class CPUSchedulePass(Pass):
         from qcompiler.codegen.cpu.host import target_cpu
 
         tgt = self.backend_target("cpu")
-        if self.numerics not in kernels.NUMERICS:
-            raise PassError(f"cpu-schedule: numerics={self.numerics!r}; choose one of "
+        if self.numerics not in kernels.NUMERICS + ("auto",):
+            raise PassError(f"cpu-schedule: numerics={self.numerics!r}; choose one of auto, "
                             f"{', '.join(kernels.NUMERICS)}")
         cpu = target_cpu(tgt)
         device = replay = None
@@ -101,13 +117,17 @@ class CPUSchedulePass(Pass):
 
             device, replay = device_name(tgt), Replay(self.tuning_log)
         counts = {"tvm": 0, "reference": 0, "tuning_log": 0}
+        by_numerics: dict = {}
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
+            numerics = self.numerics
             if node.attrs["act"] != "float":
                 reason = f"act={node.attrs['act']}: the CPU kernels take float activations"
             else:
-                reason = unsupported_reason(module, node, tgt, self.numerics)
+                if numerics == "auto":
+                    numerics = node_numerics(module, node, tgt)
+                reason = unsupported_reason(module, node, tgt, numerics)
             if reason:
                 warnings.warn(f"cpu-schedule: %{node.result.name} runs on the numpy reference: "
                               f"{reason}", stacklevel=2)
@@ -118,7 +138,7 @@ class CPUSchedulePass(Pass):
             buckets = ((rows, 0),) if rows is not None else SYMBOLIC_BUCKETS
             variants = []
             for m, max_m in buckets:
-                key = node_key(node, max(m, 1), self.numerics)
+                key = node_key(node, max(m, 1), numerics)
                 cfg, source = None, "heuristic"
                 if self.tuning_log:
                     # A logged config that fails the validator is skipped with a warning.
@@ -129,19 +149,21 @@ class CPUSchedulePass(Pass):
                     cfg = tuning.default_config(tgt, key)
                 variants.append({**cfg, "m": max(m, 1), "max_m": max_m, "source": source})
                 counts["tuning_log"] += source == "tuning-log"
-            if self.numerics == "lut":
+            if numerics == "lut":
                 # the table group shapes the packed codes, which every batch size shares:
                 # the smallest M's choice holds for all (its k_unroll values suit either)
                 for v in variants[1:]:
                     v["table_group"] = variants[0]["table_group"]
-            p = tuning.problem(tgt, node_key(node, 1, self.numerics))
+            p = tuning.problem(tgt, node_key(node, 1, numerics))
             node.attrs["config"] = {
-                "impl": "tvm", "numerics": self.numerics, "n_tile": p.n_tile,
+                "impl": "tvm", "numerics": numerics, "n_tile": p.n_tile,
                 "lanes": p.lanes, "mcpu": cpu["mcpu"],
                 "source": "tuning-log" if any(v["source"] == "tuning-log" for v in variants)
                 else "heuristic",
                 "variants": {f"v{i}": v for i, v in enumerate(variants)}}
             counts["tvm"] += 1
+            by_numerics[numerics] = by_numerics.get(numerics, 0) + 1
         record_stat(module, self.name, kernels=counts["tvm"], on_reference=counts["reference"],
-                    from_tuning_log=counts["tuning_log"], numerics=self.numerics)
+                    from_tuning_log=counts["tuning_log"], numerics=self.numerics,
+                    **{f"numerics_{k}": v for k, v in sorted(by_numerics.items())})
         return module

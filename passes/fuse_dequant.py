@@ -73,6 +73,8 @@ class FuseDequantMatmul(RewritePattern):
             if dq.attrs["out"] != x.type.dtype:
                 return False
             y = _qmatmul(rw, node, x, w, s, zp, g, None, None, None, scheme, "float")
+            if "accuracy_level" in node.attrs:  # MatMulNBits's: the backend reads it
+                y.producer.attrs["accuracy_level"] = node.attrs["accuracy_level"]
         rw.replace(node, [y])
         return True
 

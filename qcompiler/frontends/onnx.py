@@ -988,10 +988,17 @@ def _matmul_nbits(imp, n, attrs):
                          f"{n.input[1]}.codes")
     out = imp.outputs_of(n)[0]
     deq = imp.emit("dequantize", [w, s, zp, g], {"scheme": scheme, "out": a.type.dtype})[0]
+    # accuracy_level 0 (unset) and 1 (f32) are float arithmetic: no attribute; 2 (f16),
+    # 3 (bf16) and 4 (int8 activations per block) allow a lower precision of A, which the
+    # matmul (and the qmatmul that fuse-dequant makes of it) keeps for the backend.
+    level = int(attrs.get("accuracy_level", 0))
+    if level not in (0, 1, 2, 3, 4):
+        raise imp.fail(f"accuracy_level={level} is not one of 0..4")
+    mm_attrs = {"accuracy_level": level} if level > 1 else None
     if bias is None:
-        imp.emit("matmul", [a, deq], names=[out])
+        imp.emit("matmul", [a, deq], mm_attrs, names=[out])
     else:
-        y = imp.emit("matmul", [a, deq])[0]
+        y = imp.emit("matmul", [a, deq], mm_attrs)[0]
         imp.emit("add", [y, bias], names=[out])
 
 

@@ -491,8 +491,12 @@ def matmul_shape(a: tuple, b: tuple) -> tuple:
     return out
 
 
-@_def("matmul", "numpy-style matrix product", ["a", "b"])
+@_def("matmul", "numpy-style matrix product", ["a", "b"],
+      {"accuracy_level": ("int", False)})
 def _matmul(types, attrs, consts):
+    """``accuracy_level`` (optional, from MatMulNBits): the lowest precision of the
+    activations the model allows for this product (see ``qmatmul``); it never changes the
+    result of a float matmul."""
     a, b = types
     if a.dtype != b.dtype:
         raise TypeInferenceError(f"matmul element types differ: {a.dtype} and {b.dtype}")
@@ -592,7 +596,8 @@ QMATMUL_ACT_MODES = ("float", "dynamic", "static")
       ["x", "w", "w_scale", "w_zero_point?", "g_idx?", "x_scale?", "x_zero_point?", "bias?",
        "epilogue_args*"],
       {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False),
-       "config": ("dict", False), "epilogue": ("str", False)})
+       "config": ("dict", False), "epilogue": ("str", False),
+       "accuracy_level": ("int", False)})
 def _qmatmul(types, attrs, consts):
     """``act`` says how x enters the product:
 
@@ -603,6 +608,10 @@ def _qmatmul(types, attrs, consts):
     The integer modes need a per-tensor or per-output-channel (axis 1) weight scheme.
     ``config`` holds the parameters a backend's passes decided (tiles, fixed-point formats);
     it never changes the result beyond the numerics that backend documents.
+    ``accuracy_level`` (``act=float``; MatMulNBits's attribute, kept when above 1): the lowest
+    precision of x the model allows (2 f16, 3 bf16, 4 int8 per row and block, as onnxruntime
+    computes); a permission, not a demand: ``ref`` computes in float, the ``cpu`` backend
+    takes its ``int8`` numerics for 4 (cpu-schedule ``numerics=auto``).
     ``epilogue`` (a ``fused_elementwise`` body) is applied to the product: its ``x0`` is
     x @ dequant(w) + bias in the type above, ``x1, x2, ...`` the operands after the eight
     fixed ones (absent fixed operands are none); the result is what the body gives.
