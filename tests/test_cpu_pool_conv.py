@@ -9,6 +9,8 @@ of ~1e-5 on the size of the terms.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -91,10 +93,54 @@ class Graph:
         return node
 
 
+def _conv_attrs(nsp, strides=None, pads=None, dilations=None, group=1, output_padding=None,
+                transpose=False):
+    a = {"strides": strides or [1] * nsp, "pads": pads or [0] * (2 * nsp),
+         "dilations": dilations or [1] * nsp, "group": group}
+    if transpose:
+        a["output_padding"] = output_padding or [0] * nsp
+    return a
+
+
+# (id, [(x shape, dtype), (w shape, dtype), bias (shape, dtype) or None], attrs)
+CONVS = [
+    ("conv1d_group_dil", [(["batch", 4, 13], "f32"), ([6, 2, 3], "f32"), ([6], "f32")],
+     _conv_attrs(1, [2], [1, 2], [2], group=2)),
+    ("conv2d_asym_pads", [([2, 3, 9, 11], "f32"), ([5, 3, 3, 3], "f32"), None],
+     _conv_attrs(2, [2, 1], [1, 0, 2, 1], [1, 2])),
+    ("conv2d_depthwise", [(["batch", 4, 8, 8], "f32"), ([4, 1, 3, 3], "f32"), ([4], "f32")],
+     _conv_attrs(2, pads=[1, 1, 1, 1], group=4)),
+    ("conv2d_1x1_wide", [([2, 16, 5, 37], "f32"), ([8, 16, 1, 1], "f32"), ([8], "f32")],
+     _conv_attrs(2)),
+    ("conv3d", [([1, 2, 5, 6, 7], "f32"), ([4, 2, 2, 3, 2], "f32"), ([4], "f32")],
+     _conv_attrs(3, [1, 2, 1], [1, 0, 1, 0, 1, 1], [2, 1, 1])),
+    ("conv2d_f16", [([1, 3, 7, 6], "f16"), ([4, 3, 2, 2], "f16"), ([4], "f16")],
+     _conv_attrs(2, pads=[0, 1, 1, 0])),
+    ("conv2d_i32", [([2, 3, 6, 7], "i32"), ([4, 3, 3, 3], "i32"), None],  # ConvInteger's
+     _conv_attrs(2, pads=[1, 1, 1, 1])),
+]
+CONV_TRANSPOSES = [
+    ("convT1d_group", [(["batch", 4, 5], "f32"), ([4, 3, 3], "f32"), None],
+     _conv_attrs(1, [2], [1, 0], group=2, output_padding=[1], transpose=True)),
+    ("convT2d_stride_dil_pads", [([2, 3, 4, 5], "f32"), ([3, 2, 3, 3], "f32"), ([2], "f32")],
+     _conv_attrs(2, [3, 2], [1, 2, 0, 1], [1, 2], output_padding=[2, 1], transpose=True)),
+    ("convT2d_group3", [([1, 6, 3, 4], "f32"), ([6, 2, 2, 2], "f32"), ([6], "f32")],
+     _conv_attrs(2, group=3, transpose=True)),
+    ("convT3d", [([1, 2, 3, 4, 3], "f32"), ([2, 3, 2, 2, 2], "f32"), ([3], "f32")],
+     _conv_attrs(3, [2, 1, 2], transpose=True)),
+    ("convT2d_f16", [([1, 2, 4, 4], "f16"), ([2, 2, 3, 3], "f16"), None],
+     _conv_attrs(2, [2, 2], [1, 1, 1, 1], transpose=True)),
+]
+
+
 def _graph() -> Graph:
     g = Graph()
     for key, shape, dtype, attrs in POOLS:
         g.add(key, "pool", [(shape, dtype)], attrs)
+    for key, operands, attrs in CONVS:
+        g.add(key, "conv", operands, attrs)
+    for key, operands, attrs in CONV_TRANSPOSES:
+        g.add(key, "conv_transpose", operands, attrs)
     return g
 
 
@@ -118,15 +164,19 @@ def _random(t, batch, rng):
     return x.astype(dtype)
 
 
-def _run(built, key, batch, rng, ties=False, nans=False):
-    """(kernel results, reference results) of node ``key`` on fresh random inputs."""
-    g, names, lib = built
-    node = g.nodes[key]
+def _inputs(node, batch, rng, ties=False, nans=False):
     args = [None if v is None else _random(v.type, batch, rng) for v in node.operands]
     if ties:  # few distinct values: equal maxima in a window (argmax takes the first)
         args[0] = (np.round(args[0].astype(np.float64) / 3.0)).astype(args[0].dtype)
     if nans:  # the reference's pools skip NaN inputs as they skip padding
         args[0].reshape(-1)[::7] = np.nan
+    return args
+
+
+def _run(built, key, args):
+    """(kernel results, reference results) of node ``key`` on ``args``."""
+    g, names, lib = built
+    node = g.nodes[key]
     want = OP_IMPLS[node.op](node, args, g.module)
     outs = []
     for w in want:
@@ -143,28 +193,73 @@ def _run(built, key, batch, rng, ties=False, nans=False):
     return outs, want
 
 
-def _tolerance(dtype, terms: int):
-    """Sums of ``terms`` products in float32 in another order than numpy's (or in f32 before
-    the f16 rounding of the result): relative to the magnitude of the terms."""
-    return {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5 * max(1, terms) ** 0.5,
-            np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+def _magnitude(built, key, args):
+    """The reference on |inputs|: the sum of the terms' magnitudes behind each result."""
+    g = built[0]
+    node = g.nodes[key]
+    absolute = [None if a is None else np.abs(a.astype(np.float64)) for a in args]
+    return np.asarray(OP_IMPLS[node.op](node, absolute, g.module)[0], np.float64)
+
+
+def assert_sum_close(got, want, magnitude, terms: int, what: str):
+    """|got - want| within float32's error bound of a ``terms``-long sum in another order
+    (terms x 2^-23 of the magnitude of its terms), plus an ulp of the result type (an f16
+    result rounded from slightly different f32 sums)."""
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    nan = np.isnan(w)
+    assert (np.isnan(g) == nan).all(), f"{what}: NaN positions differ"
+    ulp = np.spacing(np.abs(want).astype(want.dtype)).astype(np.float64)
+    bound = terms * 2.0 ** -23 * magnitude + ulp
+    err = np.abs(g - w)
+    bad = (err > bound) & ~nan
+    assert not bad.any(), f"{what}: {bad.sum()} results off (worst {(err / bound)[bad].max():.1f}" \
+        f" x the bound; got {g[bad][:3]}, want {w[bad][:3]})"
+
+
+def _seed(key: str) -> int:
+    return zlib.crc32(key.encode())
 
 
 @pytest.mark.parametrize("case", POOLS, ids=[c[0] for c in POOLS])
 def test_pool_matches_reference(built, case):
     key, shape, dtype, attrs = case
-    rng = np.random.default_rng(abs(hash(key)) % 2**32)
+    node = built[0].nodes[key]
+    rng = np.random.default_rng(_seed(key))
     taps = int(np.prod(attrs["kernel_shape"]))
     variants = [{}, {"ties": True}] if attrs["kind"] == "max" else [{}]
     if dtype.startswith("f"):
         variants.append({"nans": True})
     for batch in BATCHES if "batch" in shape else (None,):
         for variant in variants:
-            outs, want = _run(built, key, batch, rng, **variant)
-            for got, w in zip(outs, want):
-                assert got.shape == w.shape and got.dtype == w.dtype, key
-                if attrs["kind"] == "max" or w.dtype.kind in "iu":
-                    np.testing.assert_array_equal(got, w, err_msg=f"{key} {batch} {variant}")
-                else:
-                    np.testing.assert_allclose(got, w, rtol=_tolerance(w.dtype, taps),
-                                               atol=1e-6, err_msg=f"{key} {batch} {variant}")
+            args = _inputs(node, batch, rng, **variant)
+            outs, want = _run(built, key, args)
+            what = f"{key} batch={batch} {variant}"
+            assert [o.shape for o in outs] == [w.shape for w in want], what
+            assert [o.dtype for o in outs] == [w.dtype for w in want], what
+            if attrs["kind"] == "max" or want[0].dtype.kind in "iu":
+                for got, w in zip(outs, want):  # max, its indices and integer means: exact
+                    np.testing.assert_array_equal(got, w, err_msg=what)
+            else:
+                clean = [np.nan_to_num(a, nan=0.0) for a in args]  # skipped either way
+                assert_sum_close(outs[0], want[0], _magnitude(built, key, clean), taps, what)
+
+
+@pytest.mark.parametrize("case", CONVS + CONV_TRANSPOSES,
+                         ids=[c[0] for c in CONVS + CONV_TRANSPOSES])
+def test_conv_matches_reference(built, case):
+    key, operands, attrs = case
+    node = built[0].nodes[key]
+    rng = np.random.default_rng(_seed(key))
+    w_shape = operands[1][0]
+    # terms per result: the input channels of a group times the kernel's taps
+    cg = w_shape[1] if node.op == "conv" else w_shape[0] // attrs["group"]
+    terms = cg * int(np.prod(w_shape[2:])) + 1
+    for batch in BATCHES if "batch" in operands[0][0] else (None,):
+        args = _inputs(node, batch, rng)
+        (got,), (want,) = _run(built, key, args)
+        what = f"{key} batch={batch}"
+        assert got.shape == want.shape and got.dtype == want.dtype, what
+        if want.dtype.kind in "iu":
+            np.testing.assert_array_equal(got, want, err_msg=what)
+        else:
+            assert_sum_close(got, want, _magnitude(built, key, args), terms, what)

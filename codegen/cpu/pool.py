@@ -77,25 +77,40 @@ def _build(node: Node, dtype: str, min_elements: int):
     taps = 1
     for k in kernel:
         taps *= k
+    lowest = (tirx.const(float("-inf"), ct) if floats
+              else tvm.te.min_value(ct))  # max's value of a missing tap
+    # x copied into a padded buffer spanning every window (ceil_mode's overhang included), so
+    # that the window loop reads without bounds checks. Float padding is NaN, as in the
+    # reference: a missing tap is a NaN (padding or a NaN input, both skipped). Integers pad
+    # with max's identity or the sum's 0 (integer windows test their bounds where it matters).
+    span = [(out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nsp)]
+    fill = (tirx.const(float("nan"), ct) if floats
+            else lowest if kind == "max" else tirx.const(0, ct))
+
+    def padded(nn, cc, *pos):
+        coords = [pos[i] - pads[i] for i in range(nsp)]
+        inside = tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i]) for i in range(nsp)])
+        # if_then_else, not Select: TVM drops the clamp of a Select's branch under its
+        # condition, and a Select loads both branches (a read outside x)
+        return tirx.if_then_else(inside, x(nn, cc, *[tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
+                                                     for i in range(nsp)]).astype(ct), fill)
+    xp = te.compute([n, c] + [_i64(d) for d in span], padded, name="xp")
 
     def window(idx):
-        """(reduce axes, their row-major tap number, x's coordinates, missing, value) of the
-        window of output position ``idx``; value is x (in ct) where not missing."""
+        """(reduce axes, their row-major tap number, missing, value) of the window of output
+        position ``idx``."""
         rs = [te.reduce_axis((0, k), name=f"r{i}") for i, k in enumerate(kernel)]
-        coords = [idx[2 + i] * strides[i] + rs[i] * dil[i] - pads[i] for i in range(nsp)]
-        inside = tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i]) for i in range(nsp)])
-        v = x(idx[0], idx[1], *[tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
-                                for i in range(nsp)]).astype(ct)
-        missing = tirx.Not(inside)
-        if floats:  # the reference's NaN padding: NaN inputs count as missing too
-            missing = tirx.Or(missing, tirx.isnan(v))
+        v = xp(idx[0], idx[1], *[idx[2 + i] * strides[i] + rs[i] * dil[i] for i in range(nsp)])
+        if floats:
+            missing = tirx.isnan(v)
+        else:
+            coords = [idx[2 + i] * strides[i] + rs[i] * dil[i] - pads[i] for i in range(nsp)]
+            missing = tirx.Not(tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i])
+                                          for i in range(nsp)]))
         lin = rs[0].var.astype("int64")
         for i in range(1, nsp):
             lin = lin * kernel[i] + rs[i].var.astype("int64")
-        return rs, lin, coords, missing, v
-
-    lowest = (tirx.const(float("-inf"), ct) if floats
-              else tvm.te.min_value(ct))  # max's value of a missing tap
+        return rs, lin, missing, v
 
     if kind == "max" and a.get("indices", 0):
         return _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype,
@@ -105,7 +120,7 @@ def _build(node: Node, dtype: str, min_elements: int):
         maximum = te.comm_reducer(lambda u, v: tirx.max(u, v), lambda t: lowest, name="max")
 
         def acc_fn(*idx):
-            rs, _, _, missing, v = window(idx)
+            rs, _, missing, v = window(idx)
             return maximum(tirx.Select(missing, lowest, v), axis=rs)
         acc = te.compute(out_shape, acc_fn, name="acc")
         out = te.compute(out_shape, lambda *i: acc(*i).astype(dtype), name="out")
@@ -113,7 +128,7 @@ def _build(node: Node, dtype: str, min_elements: int):
         p = int(a["p"])
 
         def acc_fn(*idx):
-            rs, _, _, missing, v = window(idx)
+            rs, _, missing, v = window(idx)
             mag = tirx.abs(v)
             power = mag
             for _ in range(p - 1):  # |x|^p by products: p is a small integer
@@ -130,7 +145,7 @@ def _build(node: Node, dtype: str, min_elements: int):
         out = te.compute(out_shape, lambda *i: root(acc(*i)).astype(dtype), name="out")
     else:  # average
         def acc_fn(*idx):
-            rs, _, _, missing, v = window(idx)
+            rs, _, missing, v = window(idx)
             return te.sum(tirx.Select(missing, tirx.const(0, ct), v), axis=rs)
         acc = te.compute(out_shape, acc_fn, name="acc")
         include = a["count_include_pad"]
@@ -152,6 +167,7 @@ def _build(node: Node, dtype: str, min_elements: int):
         out = te.compute(out_shape, lambda *i: (acc(*i) / count(i)).astype(dtype), name="out")
 
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    _parallel_outer(sch, sch.get_sblock("xp"), out_shape, min_elements)
     out_block = sch.get_sblock("out")
     # the window's reduction per output element, in registers under out's innermost loop
     sch.compute_at(sch.get_sblock("acc"), sch.get_loops(out_block)[-1])
@@ -183,7 +199,7 @@ def _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype,
     argmax = te.comm_reducer(combine, identity, name="argmax")
 
     def acc_fn(*idx):
-        rs, lin, _, missing, v = window(idx)
+        rs, lin, missing, v = window(idx)
         # Missing taps of floats are -inf candidates at their own position, as in the
         # reference's filled window; integers have no -inf, so a missing tap never wins there
         # (its tap number is "none": a real tap of the lowest value beats it).
@@ -218,7 +234,7 @@ def _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype,
     indices = te.compute(out_shape, index_fn, name="indices")
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, out, indices]))
     # acc feeds two results: a whole buffer of its own (small: the size of the result)
-    for name in ("acc", "out", "indices"):
+    for name in ("xp", "acc", "out", "indices"):
         _parallel_outer(sch, sch.get_sblock(name), out_shape, min_elements)
     return sch.mod["main"]
 

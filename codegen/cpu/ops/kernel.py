@@ -43,6 +43,10 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.pool import primfunc_for_pool
 
         return primfunc_for_pool(node, params, module, known)
+    if node.op in ("conv", "conv_transpose") and node.op not in BUILDERS:  # cpu/float_conv.py
+        from qcompiler.codegen.cpu.float_conv import primfunc_for_conv
+
+        return primfunc_for_conv(node, params, module, known)
     if node.op in ("quantize", "dequantize") and node.op not in BUILDERS:  # cpu/qdq.py
         from qcompiler.codegen.cpu.qdq import primfunc_for_qdq
 
