@@ -65,6 +65,7 @@ POOLS = [
      _pool_attrs("average", [2, 2, 2], [1, 2, 1], [1, 1, 0, 0, 1, 1], [2, 1, 2],
                  count_include_pad=1)),
     ("avg2d_f16", [2, 3, 8, 7], "f16", _pool_attrs("average", [2, 3], [2, 2], [0, 1, 1, 1])),
+    ("avg2d_bf16", [2, 3, 7, 8], "bf16", _pool_attrs("average", [3, 3], [2, 2], [1, 1, 1, 1])),
     ("avg2d_i32", [2, 3, 6, 7], "i32", _pool_attrs("average", [3, 2], [1, 2], [1, 0, 1, 1])),
     ("lrn_window", [2, 1, 7, 4, 5], "f32",  # the ONNX frontend's LRN: a channel window
      _pool_attrs("average", [3, 1, 1], [1, 1, 1], [1, 0, 0, 1, 0, 0], count_include_pad=1)),
@@ -116,8 +117,16 @@ CONVS = [
      _conv_attrs(3, [1, 2, 1], [1, 0, 1, 0, 1, 1], [2, 1, 1])),
     ("conv2d_f16", [([1, 3, 7, 6], "f16"), ([4, 3, 2, 2], "f16"), ([4], "f16")],
      _conv_attrs(2, pads=[0, 1, 1, 0])),
+    ("conv2d_bf16", [([1, 2, 6, 5], "bf16"), ([3, 2, 3, 3], "bf16"), ([3], "bf16")],
+     _conv_attrs(2, [1, 2], [1, 1, 1, 1])),
     ("conv2d_i32", [([2, 3, 6, 7], "i32"), ([4, 3, 3, 3], "i32"), None],  # ConvInteger's
      _conv_attrs(2, pads=[1, 1, 1, 1])),
+    # loops of extent 1 (a single output column, a single-term sum): CausalConvWithState's
+    # decode step and kernel size 1
+    ("conv1d_width1_depthwise", [(["batch", 4, 3], "f32"), ([4, 1, 3], "f32"), ([4], "f32")],
+     _conv_attrs(1, group=4)),
+    ("conv1d_k1_depthwise", [([2, 4, 5], "f32"), ([4, 1, 1], "f32"), None],
+     _conv_attrs(1, group=4)),
 ]
 CONV_TRANSPOSES = [
     ("convT1d_group", [(["batch", 4, 5], "f32"), ([4, 3, 3], "f32"), None],
@@ -130,6 +139,8 @@ CONV_TRANSPOSES = [
      _conv_attrs(3, [2, 1, 2], transpose=True)),
     ("convT2d_f16", [([1, 2, 4, 4], "f16"), ([2, 2, 3, 3], "f16"), None],
      _conv_attrs(2, [2, 2], [1, 1, 1, 1], transpose=True)),
+    ("convT1d_k1_depthwise", [([2, 3, 4], "f32"), ([3, 1, 1], "f32"), ([3], "f32")],
+     _conv_attrs(1, [2], group=3, transpose=True)),
 ]
 
 

@@ -216,8 +216,15 @@ def _schedule(func, out_shape, min_elements: int, staged: list):
     if parallel:
         sch.parallel(row)
     acc = sch.get_sblock("acc")
+    # the block's own loops (column, channels, taps), before compute_at drops those of extent 1
+    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(acc)[len(out_shape) - 1:]]
     sch.compute_at(acc, row)  # one row of sums per iteration
-    col, *red = sch.get_loops(acc)[1:]
-    sch.reorder(*red, col)  # channels and taps outside the row: an axpy per tap
-    sch.decompose_reduction(acc, red[0])
+    kept = [i for i, e in enumerate(extents) if e != 1]
+    loops = dict(zip(kept, sch.get_loops(acc)[1:]))
+    col = loops.pop(0, None)
+    red = list(loops.values())
+    if col is not None and red:
+        sch.reorder(*red, col)  # channels and taps outside the row: an axpy per tap
+    if red:  # (a single-term sum, 1x1 depthwise, keeps its init in the block)
+        sch.decompose_reduction(acc, red[0])
     return sch.mod["main"]
