@@ -116,6 +116,38 @@ def primfunc_for_qdq(node: Node, params=None, module=None, known=()):
     return name, func.with_attr("global_symbol", name)
 
 
+def round_to(v, dtype: str):
+    """The float32 ``v`` rounded to ``dtype`` (float32, float16 or bfloat16) once, to nearest
+    even: numpy's f16 / bf16 arithmetic rounds each result so. For bf16 the rounding is done
+    on the bits and stays a float32 value: TVM drops a bf16 cast that is cast back to float32
+    (measured: ``x.astype(bf16).astype(f32)`` came back unrounded)."""
+    from tvm import tirx
+
+    if dtype == "float32":
+        return v
+    if dtype != "bfloat16":
+        return v.astype(dtype)
+    u32 = "uint32"
+    bits = tirx.reinterpret(u32, v)
+    half = tirx.const(0x7FFF, u32) + ((bits >> tirx.const(16, u32)) & tirx.const(1, u32))
+    rounded = tirx.reinterpret("float32", (bits + half) & tirx.const(0xFFFF0000, u32))
+    return tirx.Select(tirx.isnan(v), v, rounded)
+
+
+def decode(code, et: ElementType):
+    """The float64 value of a float8 / float4 code: ``scalar.decode_narrow_float``, with the
+    sign of zero kept (its ``0.0 - 0.0`` for the code of -0 gives +0; the reference's -0.0
+    times a scale stays -0.0)."""
+    from tvm import tirx
+
+    value = scalar.decode_narrow_float(code, et)
+    if scalar.NARROW_FLOATS[et.storage][4] == "uz":  # the sign-only code is NaN: no -0
+        return value
+    sign_only = 1 << (et.bits - 1)
+    return tirx.Select(code == tirx.const(sign_only, "uint8"), tirx.const(-0.0, "float64"),
+                       value)
+
+
 def param_index(scheme, rank: int, param_rank: int, i: list) -> tuple:
     """Index into a scale / zero-point tensor of ``scheme`` for element ``i`` of x
     (``numerics.expand_scale``): per tensor the only element, per channel the entry of
@@ -167,7 +199,7 @@ def _build(node: Node, dtypes: dict):
         def fn(*i):
             i = list(i)
             if is_narrow_float(et):
-                v = scalar.decode_narrow_float(x(*i), et).astype(f32)  # exact
+                v = decode(x(*i), et).astype(f32)  # exact
             else:
                 v = x(*i).astype(f32)
                 z = zero_point(i)
@@ -181,9 +213,8 @@ def _build(node: Node, dtypes: dict):
 
         def fn(*i):
             i = list(i)
-            q = x(*i).astype(f32) / param(scale, i).astype(f32)
-            if q_dtype != f32:
-                q = q.astype(q_dtype)  # numpy's f16 / bf16 quotient: rounded once
+            # numpy's f16 / bf16 quotient: rounded once (a float32 value from here on)
+            q = round_to(x(*i).astype(f32) / param(scale, i).astype(f32), q_dtype)
             if is_narrow_float(et):
                 return scalar.encode_narrow_float(q.astype("float64"), et, saturate)
             r = tirx.nearbyint(q.astype(f32))

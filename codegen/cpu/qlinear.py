@@ -26,8 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from qcompiler.codegen.cpu.errors import CPUBackendError
-from qcompiler.codegen.cpu.ops.common import (broadcast_index, compute_dtype, is_float_dtype,
-                                              kernel_name, same_dim)
+from qcompiler.codegen.cpu.ops.common import (broadcast_index, is_float_dtype, kernel_name,
+                                              same_dim)
+from qcompiler.codegen.cpu.qdq import round_to
 from qcompiler.ir.core import Node
 
 OPS = ("dynamic_quantize", "matmul_integer", "qlinear_matmul")
@@ -149,9 +150,10 @@ def _integer_matmul(ctx):
         return Kernel(ctx.inputs, [acc], "matmul", rows=batch + 1)
 
     # multiplier = a_scale * b_scale / y_scale in numpy's promoted types
+    if any(ctx.otype(i).dtype.name not in ("f32", "f16", "bf16") for i in (1, 4, 6)):
+        raise CPUBackendError(f"{_where(node)}: scales other than f32 / f16 / bf16 have no "
+                              "CPU kernel")
     scales = {i: ctx.otype(i).dtype.np_dtype for i in (1, 4, 6)}
-    if not all(is_float_dtype(str(d)) for d in scales.values()):
-        raise CPUBackendError(f"{_where(node)}: scales must be float")
     try:
         t_ab = np.result_type(scales[1], scales[4])
         t_m = np.result_type(t_ab, scales[6])
@@ -160,22 +162,17 @@ def _integer_matmul(ctx):
                               f"{e}") from None
     t_ab, t_m = str(t_ab), str(t_m)
     lo, hi = out_type.dtype.int_range()
-    f64 = "float64"
+    f32, f64 = "float32", "float64"
     c_shape = out_type.shape
-
-    def rounded(v, dtype):
-        """v (computed in float32 or float64) rounded to numpy's result type ``dtype``."""
-        return v if dtype in ("float32", "float64") else v.astype(dtype)
 
     def out_fn(*i):
         i = list(i)
         sa = param(1, row_shape(1), c_shape, i, "a_scale")
         sb = param(4, ctx.otype(4).shape, c_shape, i, "b_scale")
         sy = param(6, ctx.otype(6).shape, c_shape, i, "y_scale")
-        ct = compute_dtype(t_ab)
-        m = rounded(sa.astype(ct) * sb.astype(ct), t_ab)
-        ct = compute_dtype(t_m)
-        m = rounded(m.astype(ct) / sy.astype(ct), t_m)
+        # each step rounded to numpy's result type (f16 / bf16: done in float32, rounded)
+        m = round_to(sa.astype(f32) * sb.astype(f32), t_ab)
+        m = round_to(m / sy.astype(f32), t_m)
         d = acc(*i).astype(f64) * m.astype(f64)
         zy = param(7, ctx.otype(7).shape, c_shape, i, "y_zero_point") if ctx.has(7) else None
         if zy is not None:
