@@ -55,17 +55,27 @@ SAMPLE = [
     "test_scatternd_add", "test_tensorscatter_circular",
     "test_resize_upsample_scales_nearest", "test_resize_downsample_scales_cubic",
     "test_resize_tf_crop_and_resize",
+    # pooling and convolution
+    "test_maxpool_with_argmax_2d_precomputed_pads", "test_maxpool_3d_dilations",
+    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True",
+    "test_lppool_2d_pads", "test_lrn", "test_conv_with_strides_and_asymmetric_padding",
+    "test_convinteger_with_padding", "test_causal_conv_with_state_decode_step",
+    "test_convtranspose", "test_convtranspose_output_shape",
+    # quantization: per-axis / blocked / float8 / float4 / 16-bit Q/DQ, dynamic, integer
+    # matmuls (codegen/cpu/qdq.py, qlinear.py)
+    "test_quantizelinear_axis", "test_quantizelinear_blocked_asymmetric",
+    "test_quantizelinear_e4m3fn", "test_quantizelinear_int4",
+    "test_dequantizelinear_e4m3fn_zero_point", "test_dequantizelinear_float4e2m1",
+    "test_dequantizelinear_uint16", "test_dynamicquantizelinear_min_adjusted",
+    "test_qlinearmatmul_3D_uint8_float16", "test_matmulinteger",
     # still host fallbacks (EXPECTED_FALLBACKS)
-    "test_resize_downsample_scales_linear_antialias", "test_convtranspose",
-    "test_lstm_defaults",
+    "test_resize_downsample_scales_linear_antialias", "test_lstm_defaults",
 ]
 
 # sample case -> (the ops the report lists as host fallbacks, why)
 EXPECTED_FALLBACKS: dict[str, tuple[set, str]] = {
     "test_resize_downsample_scales_linear_antialias": (
         {"resize"}, "antialias: a footprint that depends on the scale (not in the kernel)"),
-    "test_convtranspose": ({"conv_transpose"}, "no conv_transpose kernel (conv.py is issue "
-                                               "#15's; float conv falls back too)"),
     "test_lstm_defaults": ({"recurrent"}, "no recurrent (LSTM/GRU/RNN) kernel: a sequential "
                                           "scan over time"),
 }
