@@ -113,7 +113,7 @@ def _build(node: Node, dtype: str, min_elements: int):
         return rs, lin, missing, v
 
     if kind == "max" and a.get("indices", 0):
-        return _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype,
+        return _max_with_indices(node, x, out_shape, window, lowest, taps, ct, dtype,
                                  floats, min_elements)
     if kind == "max":
         # te.max starts from the lowest finite float: a window of only padding must give -inf
@@ -175,7 +175,7 @@ def _build(node: Node, dtype: str, min_elements: int):
     return sch.mod["main"]
 
 
-def _max_with_indices(node, dims, x, out_shape, window, lowest, taps, ct, dtype, floats,
+def _max_with_indices(node, x, out_shape, window, lowest, taps, ct, dtype, floats,
                       min_elements):
     """Max and its flat indices from one (value, tap) reduction: the larger value wins, equal
     values the smaller tap number (numpy's first argmax, whatever the loop order)."""
