@@ -102,18 +102,35 @@ def primfunc_for_qdq(node: Node, params=None, module=None, known=()):
     """(kernel name, scheduled PrimFunc) of a quantize / dequantize node."""
     from tvm import te
 
-    from qcompiler.codegen.cpu.ops.compute import Kernel
     from qcompiler.codegen.cpu.ops.kernel import default_params
-    from qcompiler.codegen.cpu.ops.schedule import schedule
 
     dtypes = _check(node, module)
     name = kernel_name(node, {})
     if name in known:
         return name, None
     inputs, out = _build(node, dtypes)
-    func = te.create_prim_func(inputs + [out])
-    func = schedule(func, Kernel(inputs, [out], "injective"), params or default_params())
+    func = schedule_elementwise(te.create_prim_func(inputs + [out]), "out",
+                                params or default_params())
     return name, func.with_attr("global_symbol", name)
+
+
+def schedule_elementwise(func, block: str, p):
+    """The outer loops of ``block`` fused and run in parallel (when worth it); the innermost
+    loop is left to LLVM's loop vectorizer. (TVM's own vectorize of a body with nearbyint
+    lowers the loads of x to gathers: a [256, 4096] per-tensor quantize took 2.4 ms that
+    way, 0.3 ms with contiguous vector loads.)"""
+    import tvm
+
+    from qcompiler.codegen.cpu.ops.schedule import _worth_parallel
+
+    sch = tvm.s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock(block))
+    if len(loops) > 1:
+        extents = [sch.get(lp).extent for lp in loops]
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        if _worth_parallel(extents, p):
+            sch.parallel(outer)
+    return sch.mod["main"]
 
 
 def round_to(v, dtype: str):

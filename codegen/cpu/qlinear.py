@@ -218,10 +218,20 @@ def _dynamic_quantize(ctx):
         return tirx.const(0.0, t0), tirx.const(0.0, t1)
 
     extremes = te.comm_reducer(combine, identity, name="extremes")
-    axes = [te.reduce_axis((0, d), name=f"k{j}") for j, d in enumerate(x.shape)]
-    if axes:
-        xv = x[tuple(axes)].astype(f32)
-        hi, lo = te.compute((), lambda: extremes((xv, xv), axis=axes), name="range")
+    shape = list(x.shape)
+    if len(shape) >= 2:
+        # per row (over the last axis, the rows in parallel), then over the rows' extremes
+        k = te.reduce_axis((0, shape[-1]), name="k")
+        part_hi, part_lo = te.compute(shape[:-1], lambda *i: extremes(
+            (x[i + (k,)].astype(f32), x[i + (k,)].astype(f32)), axis=k), name="rows")
+        axes = [te.reduce_axis((0, d), name=f"r{j}") for j, d in enumerate(shape[:-1])]
+        hi, lo = te.compute((), lambda: extremes(
+            (part_hi[tuple(axes)], part_lo[tuple(axes)]), axis=axes), name="range")
+        hi_v, lo_v = hi[()], lo[()]
+    elif shape:
+        k = te.reduce_axis((0, shape[0]), name="k")
+        hi, lo = te.compute((), lambda: extremes((x[k].astype(f32), x[k].astype(f32)), axis=k),
+                            name="range")
         hi_v, lo_v = hi[()], lo[()]
     else:  # a scalar x is its own max and min
         v = x[()].astype(f32)
@@ -257,18 +267,22 @@ def _dynamic_quantize(ctx):
 
 
 def _schedule_dynamic_quantize(func, p):
-    """The range reduction once (serial: exact in any order), then y's loops fused, in
-    parallel when large, the inner vectorized where the lanes divide it."""
+    """The rows' extremes in parallel (max / min are exact in any order), their range, then
+    y as an elementwise kernel (``qdq.schedule_elementwise``)."""
     import tvm
 
     from qcompiler.codegen.cpu.ops.schedule import _worth_parallel
+    from qcompiler.codegen.cpu.qdq import schedule_elementwise
 
+    func = schedule_elementwise(func, "y", p)
     sch = tvm.s_tir.Schedule(func)
-    y = sch.get_sblock("y")
-    loops = sch.get_loops(y)
-    if loops:
-        extents = [sch.get(lp).extent for lp in loops]
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        if _worth_parallel(extents, p):
-            sch.parallel(fused)
+    try:
+        rows = sch.get_sblock("rows")
+    except Exception:  # x of rank 0 or 1: one serial reduction
+        return func
+    loops = sch.get_loops(rows)
+    extents = [sch.get(lp).extent for lp in loops]
+    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    if _worth_parallel(extents, p):
+        sch.parallel(outer)
     return sch.mod["main"]
