@@ -274,3 +274,23 @@ def test_conv_matches_reference(built, case):
             np.testing.assert_array_equal(got, want, err_msg=what)
         else:
             assert_sum_close(got, want, _magnitude(built, key, args), terms, what)
+
+
+def test_unsupported_cases_raise_naming_the_node():
+    """What has no kernel raises CPUBackendError naming the node, op and shape or type (the
+    node then runs on the host)."""
+    g = Graph()
+    cases = [
+        (g.add("p", "pool", [([2, 3, "h", 8], "f32")], _pool_attrs("max", [2, 2])),
+         r"= pool: .*static spatial dims, not \(2, 3, 'h', 8\)"),
+        (g.add("lp", "pool", [([2, 3, 8], "i32")], _pool_attrs("lp", [2])),
+         r"= pool: lp pooling of i32"),
+        (g.add("c", "conv", [([2, "c", 8], "f32"), ([4, 2, 3], "f32"), None], _conv_attrs(1)),
+         r"= conv: .*static channels.*x \(2, 'c', 8\)"),
+        (g.add("t", "conv_transpose", [([2, 4, 8], "i32"), ([4, 2, 3], "i32"), None],
+               _conv_attrs(1, transpose=True)),
+         r"= conv_transpose: i32 has no CPU kernel"),
+    ]
+    for node, pattern in cases:
+        with pytest.raises(CPUBackendError, match=f"%{node.results[0].name} {pattern}"):
+            primfunc_for(node)
