@@ -41,6 +41,8 @@ def _pool_attrs(kind, kernel, strides=None, pads=None, dilations=None, ceil_mode
 # (id, x shape, x dtype, attrs)
 POOLS = [
     ("max1d", ["batch", 3, 11], "f32", _pool_attrs("max", [3], [2], [1, 0])),
+    ("avg1d_symbolic_channels", ["batch", "channels", 9], "f32",  # both symbols 1, then 3
+     _pool_attrs("average", [2], [2], [1, 0], ceil_mode=1)),
     ("max2d_dil_ceil", [2, 3, 11, 9], "f32",
      _pool_attrs("max", [3, 2], [2, 2], [1, 0, 0, 1], [2, 1], ceil_mode=1)),
     ("max3d", ["batch", 2, 5, 6, 7], "f32", _pool_attrs("max", [2, 3, 2], [1, 2, 2],
