@@ -102,16 +102,25 @@ def primfunc_for_qdq(node: Node, params=None, module=None, known=()):
     """(kernel name, scheduled PrimFunc) of a quantize / dequantize node."""
     from tvm import te
 
-    from qcompiler.codegen.cpu.ops.kernel import default_params
-
     dtypes = _check(node, module)
     name = kernel_name(node, {})
     if name in known:
         return name, None
     inputs, out = _build(node, dtypes)
     func = schedule_elementwise(te.create_prim_func(inputs + [out]), "out",
-                                params or default_params())
+                                host_params(params))
     return name, func.with_attr("global_symbol", name)
+
+
+def host_params(params):
+    """``params``, or the host ``cpu`` target's (ops.kernel.default_params, which this module
+    cannot import: ops.kernel dispatches here)."""
+    if params is not None:
+        return params
+    from qcompiler.codegen.cpu.ops.schedule import params_for
+    from qcompiler.targets import get_target
+
+    return params_for(get_target("cpu"))
 
 
 def schedule_elementwise(func, block: str, p):

@@ -28,7 +28,7 @@ import numpy as np
 from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.codegen.cpu.ops.common import (broadcast_index, is_float_dtype, kernel_name,
                                               same_dim)
-from qcompiler.codegen.cpu.qdq import round_to
+from qcompiler.codegen.cpu.qdq import host_params, round_to
 from qcompiler.ir.core import Node
 
 OPS = ("dynamic_quantize", "matmul_integer", "qlinear_matmul")
@@ -44,7 +44,6 @@ def primfunc_for_qlinear(node: Node, params=None, module=None, known=()):
     from tvm import te
 
     from qcompiler.codegen.cpu.ops.compute import _Ctx
-    from qcompiler.codegen.cpu.ops.kernel import default_params
     from qcompiler.codegen.cpu.ops.schedule import schedule
 
     ctx = _Ctx(node, module)  # CPUBackendError for element types without a buffer type
@@ -57,9 +56,9 @@ def primfunc_for_qlinear(node: Node, params=None, module=None, known=()):
         return name, None
     func = te.create_prim_func(kernel.inputs + kernel.outputs)
     if node.op == "dynamic_quantize":
-        func = _schedule_dynamic_quantize(func, params or default_params())
+        func = _schedule_dynamic_quantize(func, host_params(params))
     else:
-        func = schedule(func, kernel, params or default_params())
+        func = schedule(func, kernel, host_params(params))
     return name, func.with_attr("global_symbol", name)
 
 
