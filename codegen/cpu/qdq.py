@@ -66,8 +66,7 @@ def _float_dtype(et: ElementType, node: Node, what: str) -> str:
 def _check(node: Node, module) -> dict:
     """The kernel's buffer dtypes, or CPUBackendError naming what has no kernel."""
     scheme = node.attrs["scheme"]
-    codes, values = (node.results[0], node.operands[0]) if node.op == "quantize" else (
-        node.operands[0], node.results[0])
+    values = node.operands[0] if node.op == "quantize" else node.results[0]
     if node.op == "dequantize" and node.arg("g_idx") is not None:
         raise CPUBackendError(f"{_where(node)}: act-order (g_idx) dequantization has no CPU "
                               "kernel")
@@ -210,7 +209,7 @@ def _build(node: Node, dtypes: dict):
 
     def zero_point(i):
         """The zero point to apply (float32) or None: the tensor's, else the implied one;
-        float8/float4 codes have none (a zero-point operand is checked to be zeros)."""
+        float8/float4 codes have none (ONNX requires their zero-point operand to be 0)."""
         if is_narrow_float(et):
             return None
         if zp is not None:

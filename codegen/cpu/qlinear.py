@@ -31,9 +31,6 @@ from qcompiler.codegen.cpu.ops.common import (broadcast_index, is_float_dtype, k
 from qcompiler.codegen.cpu.qdq import host_params, round_to
 from qcompiler.ir.core import Node
 
-OPS = ("dynamic_quantize", "matmul_integer", "qlinear_matmul")
-
-
 def _where(node: Node) -> str:
     return ", ".join(f"%{r.name}" for r in node.results) + f" = {node.op}"
 
