@@ -14,6 +14,7 @@ module (fp16 tolerance), a shape change within a bucket, the KV cache fed back o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -70,6 +71,72 @@ def graph_time_ms(runner, sig) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+def profile_steps(runner, sig, label: str, top: int = 12, reps: int = 20) -> list:
+    """Each launch of the plan timed alone (CUDA events around it, median of ``reps``) on the
+    runner's stream: where a run's time goes. Prints the ``top`` steps and the time per op."""
+    import ctypes
+
+    import torch
+
+    from qcompiler.codegen.cuda.plan import EPILOGUE_SUFFIX, QcStep
+
+    names = []  # one label per launch, in the order _prepare built the table
+    for step in runner.plan.steps:
+        if step.kind in ("view", "host"):
+            continue
+        if step.kind == "copy":
+            names.append(("copy", step.outputs[0]))
+            continue
+        names.append((step.op, step.node))
+        node = runner.nodes[step.node]
+        if step.op == "qmatmul" and "epilogue" in node.attrs:
+            names.append(("qmatmul-epilogue", step.node + EPILOGUE_SUFFIX))
+    assert len(names) == sig.n, (len(names), sig.n)
+    lib, s = runner.launcher, runner.stream
+    stream = torch.cuda.ExternalStream(s)
+    base = ctypes.addressof(sig.table)
+    size = ctypes.sizeof(QcStep)
+    times = []
+    for i in range(sig.n):
+        one = ctypes.cast(base + i * size, ctypes.POINTER(QcStep))
+        samples = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(stream)
+            lib.qc_plan_launch(one, 1, s, None)
+            b.record(stream)
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        times.append(float(np.median(samples)))
+    by_op: dict = {}
+    for (op, _), t in zip(names, times):
+        n, total = by_op.get(op, (0, 0.0))
+        by_op[op] = (n + 1, total + t)
+    total = sum(times)
+    print(f"  profile {label}: {sig.n} launches, {total * 1e3:.1f} us summed one at a time")
+    for op, (n, t) in sorted(by_op.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {op:<22} x{n:<4} {t * 1e3:8.1f} us  {100 * t / total:5.1f}%")
+    order = sorted(range(sig.n), key=lambda i: -times[i])[:top]
+    for i in order:
+        print(f"    step {i:>4} {names[i][0]:<20} %{names[i][1]:<40} {times[i] * 1e3:7.1f} us")
+    return [{"op": op, "launches": n, "us": round(t * 1e3, 2)} for op, (n, t) in
+            sorted(by_op.items(), key=lambda kv: -kv[1][1])]
+
+
+def compiled_peer_ms(module, call, iters: int):
+    """Milliseconds per call of torch.compile(mode="reduce-overhead") of ``module`` (CUDA
+    graphs), or None when it fails here: the error is printed, a missing peer is reported,
+    not hidden. ``call(peer)`` runs it once."""
+    import torch
+
+    try:
+        peer = torch.compile(module, mode="reduce-overhead")
+        return cuda_time_ms(lambda: call(peer), iters=iters, warmup=10)
+    except Exception as e:  # depends on the machine's compilers
+        print(f"  torch.compile peer failed: {type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
 def reference_of(path: str, target: str):
     """The quantized, f16-retyped module before packing (the reference can run it)."""
     from qcompiler.driver.frontend import import_model
@@ -78,6 +145,18 @@ def reference_of(path: str, target: str):
     full = pipeline(target)
     upto = full[:full.index(",reorder-weights")]
     return PassManager.parse(upto).run(import_model(path))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def check_close(name, got, want, rtol):
@@ -145,12 +224,18 @@ def minilm(args, target, results):
         with torch.no_grad():
             ms_torch = cuda_time_ms(lambda: half(input_ids=tfeeds["input_ids"],
                                                  attention_mask=tfeeds["attention_mask"]))
+            ms_compiled = None
+            if args.compile_peers:
+                ms_compiled = compiled_peer_ms(half, lambda p: p(
+                    input_ids=tfeeds["input_ids"], attention_mask=tfeeds["attention_mask"]), 200)
         print(f"minilm {b}x{s}: ours {ms_ours:.3f} ms per run() (graph replay "
               f"{ms_graph if ms_graph is None else round(ms_graph, 3)} ms), torch fp16 eager "
-              f"{ms_torch:.3f} ms; launches per run {sig.n}")
+              f"{ms_torch:.3f} ms, torch.compile {ms_compiled} ms; launches per run {sig.n}")
+        prof = profile_steps(runner, sig, f"minilm {b}x{s}") if args.profile else None
         results.append({"workload": f"minilm-q4g128-{b}x{s}", "ours_run_ms": ms_ours,
                         "ours_graph_ms": ms_graph, "torch_fp16_eager_ms": ms_torch,
-                        "launches": sig.n})
+                        "torch_compile_fp16_ms": ms_compiled, "launches": sig.n,
+                        "profile": prof})
     return ok
 
 
@@ -204,14 +289,21 @@ def llama(args, target, results):
         ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
         half = model.half().cuda()
         th = {k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}
-        with torch.no_grad():
+        # The example builds its causal mask with Python floats (the default dtype, f32, as
+        # the ONNX export wants); an fp16 peer needs fp16 defaults for it.
+        with torch.no_grad(), default_dtype(torch.float16):
             ms_torch = cuda_time_ms(lambda: half(*th.values()), iters=50, warmup=5)
+            ms_compiled = None
+            if args.compile_peers:
+                ms_compiled = compiled_peer_ms(half, lambda p: p(*th.values()), 50)
         print(f"llama {name} {layers} layers decode at ctx {past + 1}: ours {ms_ours:.3f} ms per "
-              f"run() (graph replay {ms_graph}), torch fp16 eager {ms_torch:.3f} ms; "
-              f"launches {sig.n}")
+              f"run() (graph replay {ms_graph}), torch fp16 eager {ms_torch:.3f} ms, "
+              f"torch.compile {ms_compiled} ms; launches {sig.n}")
+        prof = profile_steps(runner, sig, f"llama {name}") if args.profile else None
         results.append({"workload": f"llama-{name}-{layers}layers-decode-ctx{past + 1}",
                         "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph,
-                        "torch_fp16_eager_ms": ms_torch, "launches": sig.n})
+                        "torch_fp16_eager_ms": ms_torch, "torch_compile_fp16_ms": ms_compiled,
+                        "launches": sig.n, "profile": prof})
     return ok
 
 
@@ -223,6 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-layers", type=int, default=22)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="time each launch alone")
+    ap.add_argument("--compile-peers", action="store_true",
+                    help="also time torch.compile(mode='reduce-overhead')")
     a = ap.parse_args(argv)
     import torch
 

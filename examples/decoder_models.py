@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import numpy as np
 
@@ -257,7 +258,11 @@ def export_onnx(model, feeds: dict[str, np.ndarray], path: str, dynamo: bool = T
     # onnx 1.23 stamps IR 14; onnxruntime 1.31 reads IR <= 13.
     proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(
         proto.opset_import, ignore_unknown=True))
-    onnx.save(proto, path)
+    # Past 2 GB (a 1.1B-parameter model in f32) a protobuf can't hold the weights: they go
+    # to one external data file beside the model, which onnx and onnxruntime load from there.
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > 1_800_000_000
+    onnx.save(proto, path, save_as_external_data=large, all_tensors_to_one_file=True,
+              location=os.path.basename(path) + ".data")
     return path
 
 

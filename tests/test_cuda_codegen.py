@@ -161,6 +161,7 @@ def test_schedule_unpack_refuses_a_forced_strategy_that_does_not_fit():
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 8192), (8192, 28672), (37, 11008),
+                                 (1536, 384), (384, 1536), (384, 384),
                                  (130, 200), (64, 64)])
 @pytest.mark.parametrize("target", ["cuda-sm80", "cuda-sm90"])
 def test_default_configs_are_valid(n, k, target):

@@ -132,7 +132,24 @@ def default_config(target, key) -> dict:
                                                   or 128 % group == 0) else 64
     while n_blocks % cfg["warps_n"]:
         cfg["warps_n"] //= 2
-    ctas = (n_blocks // cfg["warps_n"]) * math.ceil(m / (16 * cfg["m_frags"]))
+
+    def ctas_of(c):
+        return (n_blocks // c["warps_n"]) * math.ceil(m / (16 * c["m_frags"]))
+
+    # Narrow layers (an encoder's 384 x 1536 at M = 256: 24 CTAs of 64 x 256 on 132 SMs)
+    # leave most SMs idle even split 4 ways (split-K needs K to split): narrower tiles first
+    # (fewer N warps), then shorter ones, until the grid covers the SMs. Shapes that split-K
+    # fills keep the tiles the sweeps chose.
+    most_split = max(1, min(max_split, k_pad // cfg["stage_k"] // 2))
+    while ctas_of(cfg) * most_split < 0.75 * sms and (cfg["warps_n"] > 1 or cfg["m_frags"] > 1):
+        if cfg["warps_n"] > 1:
+            cfg["warps_n"] //= 2
+        else:
+            cfg["m_frags"] //= 2
+        cfg["warps_k"] = min(4, cfg["warps_k"] * 2) if cfg["warps_n"] * cfg["warps_k"] < 8 \
+            else cfg["warps_k"]
+        max_split, ctas_per_sm = 4, 2
+    ctas = ctas_of(cfg)
     stages_total = k_pad // cfg["stage_k"]
     split = 1
     while (split * 2 <= max_split and ctas * split * 2 <= ctas_per_sm * sms
