@@ -63,19 +63,20 @@ def _packed(module, node) -> dict:
 
 def _check_numerics_on_target(target, node) -> None:
     """Refuse an int8 VNNI config (16 int32 lanes: vpdpbusd on zmm) for a target without
-    AVX-512 VNNI before LLVM sees it.
+    AVX-512 VNNI, and numerics an aarch64 target has no kernel for, before LLVM sees it.
 
     cpu-schedule never writes one there, but a config can also come from ``.qir`` text or a
     module scheduled for another target; LLVM then aborts the process (exit 134) instead of
     raising."""
     from qcompiler.codegen.cpu import layout
+    from qcompiler.codegen.cpu.arm import numerics_reason
     from qcompiler.codegen.cpu.host import target_cpu
 
     cfg = node.attrs["config"]
     cpu = target_cpu(target)
-    if cfg.get("numerics", "exact") != "exact" and cpu["arch"] != "x86_64":
-        raise CPUBackendError(f"%{node.result.name}: numerics={cfg['numerics']} has no "
-                              f"{cpu['arch']} kernel (target {target.name}); use numerics=exact")
+    reason = numerics_reason(cpu, cfg.get("numerics", "exact"), target.name)
+    if reason:  # aarch64: lut everywhere, int8 (sdot) only with +dotprod
+        raise CPUBackendError(f"%{node.result.name}: {reason}")
     if (cfg.get("numerics", "exact") == "int8" and cfg.get("lanes") == layout.VNNI_LANES
             and not cpu["vnni"]):
         raise CPUBackendError(f"%{node.result.name}: this numerics=int8 config needs AVX-512 "

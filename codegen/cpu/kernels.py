@@ -226,7 +226,7 @@ AVX2_INT16_STEPS = 8
 def int16_steps(ks: KernelShape) -> int:
     """Steps of 4 rows summed in int16 by the AVX2 int8 dot (1: every step widened): up to
     ``AVX2_INT16_STEPS`` for codes below 16, a divisor of the group's steps."""
-    if ks.lanes == layout.VNNI_LANES or ks.container_bits > 4:
+    if ks.lanes != layout.AVX2_INT8_LANES or ks.container_bits > 4:  # VNNI, Arm sdot
         return 1
     return math.gcd(ks.block // 4, AVX2_INT16_STEPS)
 
@@ -295,7 +295,13 @@ def register_avx2_steps_intrin(steps: int) -> str:
 
 def int8_intrin(ks: KernelShape) -> str:
     """The tensor intrinsic of an int8 kernel: vpdpbusd with 16 int32 lanes (AVX-512 VNNI),
-    else the AVX2 pair with 8 (codes below 128 in one step, 8-bit containers by nibbles)."""
+    else the AVX2 pair with 8 (codes below 128 in one step, 8-bit containers by nibbles);
+    Arm ``sdot`` with 4 (cpu-arm-dotprod: ``arm.py``)."""
+    if ks.lanes == layout.ARM_SDOT_LANES:
+        from qcompiler.codegen.cpu import arm
+
+        return arm.sdot_intrin(ks.container_bits, dot_product_desc(ks.lanes, "int8", "uint8",
+                                                                   "local"))
     if ks.lanes == layout.VNNI_LANES:
         register_vnni_intrin()
         return VNNI_INTRIN
@@ -727,14 +733,28 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     pairs, single = bits // 2, bits % 2
     sums = (pairs + single) * 2 * CV                 # int16 accumulators: (pair, vector, half)
     center = ((1 << bits) - 1) / 2
-    pshufb, pshufb_half = _PSHUFB[VB], _PSHUFB[H]
     j = f"g * {SG} + f * {F} + jo * {U} + ji"
-    # [1, 2] in every byte pair: the unsigned operand of vpmaddubsw (planes 2p and 2p+1)
-    plane_weights = f"T.reinterpret(T.broadcast(T.int16(513), {H}), dtype='int8x{VB}')"
 
     def lookup(intrin, table, index, lanes):
         return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{intrin}'), {table}, "
                 f"T.reinterpret({index}, dtype='int8x{lanes}'), dtype='int8x{lanes}')")
+
+    if VB == layout.NEON_LUT_BYTES:  # Arm: tbl, and the pair sum without vpmaddubsw
+        from qcompiler.codegen.cpu import arm
+
+        pair_sum, single_sum, single_table = arm.neon_lut_steps(VB, H)
+    else:
+        pshufb, pshufb_half = _PSHUFB[VB], _PSHUFB[H]
+        # [1, 2] in every byte pair: the unsigned operand of vpmaddubsw (planes 2p and 2p+1)
+        plane_weights = f"T.reinterpret(T.broadcast(T.int16(513), {H}), dtype='int8x{VB}')"
+        single_table = H
+
+        def pair_sum(table, index):
+            return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{_PMADDUBSW[VB]}'), "
+                    f"{plane_weights}, {lookup(pshufb, table, index, VB)}, dtype='int16x{H}')")
+
+        def single_sum(table, index):
+            return f"T.Cast('int16x{H}', {lookup(pshufb_half, table, index, H)})"
 
     def nibble(v, lanes, high):
         return (f"({v} >> T.broadcast(T.uint8(4), {lanes}))" if high else
@@ -775,21 +795,19 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
             f"'uint8x{VB}')"]
         for half in (0, 1):
             a = f"acc[(p * {CV} + c) * 2 + {half}]"
-            lines.append(
-                f"                                    {a} = {a} + T.call_llvm_pure_intrin("
-                f"T.llvm_lookup_intrinsic_id('{_PMADDUBSW[VB]}'), {plane_weights}, "
-                f"{lookup(pshufb, 'tab', nibble('v', VB, half), VB)}, dtype='int16x{H}')")
+            lines.append(f"                                    {a} = {a} + "
+                         f"{pair_sum('tab', nibble('v', VB, half))}")
     if single:
         lines += [
-            f"                            tab_half = lut.vload([r, {j}, 0], 'int8x{H}')",
+            f"                            tab_half = lut.vload([r, {j}, 0], "
+            f"'int8x{single_table}')",
             f"                            for c in T.unroll({CV}):",
             f"                                v1 = w.vload([t, {j}, {pairs * CV * VB} + c * {H}], "
             f"'uint8x{H}')"]
         for half in (0, 1):
             a = f"acc[({pairs * CV} + c) * 2 + {half}]"
-            lines.append(
-                f"                                {a} = {a} + T.Cast('int16x{H}', "
-                f"{lookup(pshufb_half, 'tab_half', nibble('v1', H, half), H)})")
+            lines.append(f"                                {a} = {a} + "
+                         f"{single_sum('tab_half', nibble('v1', H, half))}")
     weighted = " + ".join(
         f"T.Cast('int32x{H}', acc[({q * CV} + c) * 2 + h])"
         + (f" * T.broadcast({4 ** q}, {H})" if q else "") for q in range(pairs + single))

@@ -25,7 +25,8 @@ run time, so padding adds exact zeros). Three code layouts:
   ``h*container_bits``: after a shift and a mask, each 64 bytes are the 16 columns x 4
   consecutive rows that one ``vpdpbusd`` multiplies with 4 activation bytes. AVX2 targets use
   the same layout with 32-column tiles: each 32 bytes are the 8 columns x 4 rows of one
-  ``vpmaddubsw`` + ``vpmaddwd``.
+  ``vpmaddubsw`` + ``vpmaddwd``; cpu-arm-dotprod with 16-column tiles: each 16 bytes are
+  the 4 columns x 4 rows of one Arm ``sdot`` (``arm.py``).
 
 Scales (float32) and zero points (uint8, in container units) are
 ``[N_pad/n_tile, groups, n_tile]`` (``cpu_tiled``): one contiguous vector per tile and group.
@@ -45,6 +46,8 @@ from qcompiler.runtime import numerics
 
 VNNI_LANES = 16  # int32 lanes of one zmm register: the columns one vpdpbusd computes
 AVX2_INT8_LANES = 8  # int32 lanes of one ymm: the columns one vpmaddubsw + vpmaddwd computes
+ARM_SDOT_LANES = 4  # int32 lanes of one NEON q register: the columns one sdot computes (Arm)
+NEON_LUT_BYTES = 16  # lut on Arm: bytes of one NEON index vector (one tbl of a 16-entry table)
 VNNI_K = 4       # activation bytes per int32 lane of vpdpbusd
 K_ALIGN_PER_CHANNEL = 32  # K of a one-group (per-column) scheme is padded to this multiple
 LUT_MAX_BITS = 4          # lut: one vpshufb per bit plane pays up to 4 bits
