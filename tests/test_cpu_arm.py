@@ -23,11 +23,13 @@ pytest.importorskip("tvm")
 
 import qcompiler  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from qcompiler.codegen.cpu import backend, host, kernels, runtime  # noqa: E402
-from qcompiler.driver.api import compile_to_dir, import_model  # noqa: E402
+from qcompiler.codegen.cpu import backend, host, kernels, layout, runtime, tuning  # noqa: E402
+from qcompiler.driver.api import compile_to_dir, import_model, run_pipeline  # noqa: E402
 from qcompiler.errors import DeviceUnavailableError  # noqa: E402
+from qcompiler.passes.cpu_schedule import SYMBOLIC_BUCKETS  # noqa: E402
 from qcompiler.runtime.reference import run as reference_run  # noqa: E402
 from qcompiler.targets import get_target  # noqa: E402
+from test_cpu_avx2 import key_for, scheme_text  # noqa: E402
 from test_cpu_backend import qmm_module  # noqa: E402
 
 ARM_TARGETS = ("cpu-arm-neon", "cpu-arm-dotprod")
@@ -82,27 +84,47 @@ def qemu_call(harness, library: str, func: str, arrays: list, workdir) -> list:
 
 class QemuQmmKernel:
     """A qmatmul kernel of an aarch64 library, called under qemu: what ``runtime.QmmKernel``
-    does on the host (padding, group sums, k-major row blocks, the output factor)."""
+    (and ``runtime.LutKernel``) do on the host: padding, group sums and k-major row blocks
+    (exact), the compiled activation prologue (int8: ``qmm_quantize``; lut:
+    ``qmm_lut_tables``, each called under qemu too), the output factor. ``last`` keeps the
+    prologue's outputs of the latest call."""
 
     def __init__(self, harness, library, p, variants, packed, workdir):
         self.harness, self.library, self.workdir = harness, library, workdir
         self.p, self.variants = p, variants
-        self.w, self.s, self.zc, self.factor = runtime.kernel_weights(p, packed)
+        if p.numerics == "lut":  # as runtime.LutKernel reads them
+            self.w = np.ascontiguousarray(np.asarray(packed["w"]).view(np.uint8).reshape(
+                p.n_pad // p.n_tile, p.blocking.k_pad // p.table_group, -1))
+            self.s = np.ascontiguousarray(packed["s"], np.float32)
+            self.zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
+            self.factor = 1.0
+        else:
+            self.w, self.s, self.zc, self.factor = runtime.kernel_weights(p, packed)
         self.perm = packed.get("perm")
         self.calls = 0
+        self.last = {}
 
     def direct_output(self, out):
         return None
+
+    def __call__(self, x):
+        out = np.empty((x.shape[0], self.p.n), np.float32)
+        self.run_into(np.asarray(x, np.float32), out)
+        return out
 
     def run_into(self, x, out, direct=None):
         p, bl = self.p, self.p.blocking
         m = x.shape[0]
         vi = runtime.choose_variant(self.variants, m)
         variant = self.variants[vi]
-        mb = variant["m_block"]
+        mb = variant.get("m_block", 1)  # lut: one row at a time
         m_pad = -(-max(m, 1) // mb) * mb
         xp = np.zeros((m_pad, bl.k_pad), np.float32)
         xp[:m, :p.k] = x if self.perm is None else x[:, self.perm]
+        if p.numerics in ("int8", "lut"):
+            y = self._run_quantized(vi, xp, m_pad, mb)
+            np.multiply(y[:m, :p.n], np.float32(self.factor), out=out)
+            return
         xsum = xp.reshape(m_pad, bl.groups, bl.block).sum(-1, dtype=np.float32)
         row_major = getattr(kernels, "x_row_major", lambda *a: False)(p.numerics, variant)
         blocks = xp.reshape(m_pad // mb, mb, bl.k_pad)
@@ -113,6 +135,33 @@ class QemuQmmKernel:
                   self.workdir)
         self.calls += 1
         np.multiply(y.reshape(m_pad, p.n_pad)[:m, :p.n], np.float32(self.factor), out=out)
+
+    def _run_quantized(self, vi, xp, m_pad, mb):
+        """The int8 / lut kernel of variant ``vi`` on the padded rows ``xp``: the prologue,
+        then the kernel, both under qemu; y ``[m_pad, n_pad]``."""
+        p, bl = self.p, self.p.blocking
+        G = bl.groups
+        y = np.zeros((m_pad, p.n_pad), np.float32)
+        if p.numerics == "int8":
+            xq = np.zeros((m_pad, bl.k_pad), np.int8)
+            x_scale, xsum = np.zeros((m_pad, G), np.float32), np.zeros((m_pad, G), np.float32)
+            qemu_call(self.harness, self.library, kernels.QUANTIZE_FUNC, [xp, xq, x_scale, xsum],
+                      self.workdir)
+            blocks = [a.reshape(m_pad // mb, mb, -1) for a in (xq, xsum, x_scale)]
+            qemu_call(self.harness, self.library, kernels.function_name(vi),
+                      [*blocks, self.w, self.s, self.zc, y.reshape(m_pad // mb, mb, -1)],
+                      self.workdir)
+            self.last = {"xq": xq, "x_scale": x_scale, "xsum": xsum}
+        else:
+            lut = np.zeros((m_pad, bl.k_pad // p.table_group, p.lanes), np.int8)
+            tscale, xsum = np.zeros((m_pad, G), np.float32), np.zeros((m_pad, G), np.float32)
+            qemu_call(self.harness, self.library, kernels.LUT_TABLES_FUNC, [xp, lut, tscale, xsum],
+                      self.workdir)
+            qemu_call(self.harness, self.library, kernels.function_name(vi),
+                      [lut, tscale, xsum, self.w, self.s, self.zc, y], self.workdir)
+            self.last = {"tables": lut, "table_scale": tscale, "xsum": xsum}
+        self.calls += 1
+        return y
 
 
 class QemuOpsLibrary:
@@ -266,15 +315,325 @@ def test_mlp_with_every_op_compiled_under_qemu(harness, tmp_path, target):
             qcompiler.load(out).run({"x": x})
 
 
-@pytest.mark.parametrize("numerics", ["int8", "lut"])
-def test_int8_and_lut_are_refused_before_llvm(tmp_path, numerics):
-    """Their kernels are x86 intrinsics: LLVM for aarch64 would abort the process, so the
-    compile says why instead (the qmatmul would run in the host interpreter)."""
+def test_int8_without_dotprod_is_refused_before_llvm(tmp_path):
+    """cpu-arm-neon has no sdot: numerics=int8 is refused by cpu-schedule (the qmatmul would
+    run in the host interpreter: HostFallbackError) and by the backend for a config from
+    elsewhere, naming the missing extension, instead of reaching LLVM."""
     from test_cpu_backend import pipeline
 
+    from qcompiler.codegen.cpu.errors import CPUBackendError
     from qcompiler.errors import HostFallbackError
 
-    with pytest.warns(UserWarning, match=f"numerics={numerics} has no aarch64 kernel"):
-        with pytest.raises(HostFallbackError, match=f"numerics={numerics} has no aarch64"):
+    with pytest.warns(UserWarning, match="numerics=int8 on aarch64 needs the dot-product"):
+        with pytest.raises(HostFallbackError, match="needs the dot-product extension"):
             compile_to_dir(qmm_module(128, 32, 4, 32), "cpu-arm-neon", str(tmp_path / "o"),
-                           passes=pipeline("cpu-arm-neon", numerics))
+                           passes=pipeline("cpu-arm-neon", "int8"))
+    # an int8 config scheduled for cpu-arm-dotprod, compiled for cpu-arm-neon
+    module, _, _ = run_pipeline(qmm_module(128, 32, 4, 32), pipeline("cpu-arm-dotprod", "int8"))
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    with pytest.raises(CPUBackendError, match="cpu-arm-neon.*has none: use cpu-arm-dotprod"):
+        backend._check_numerics_on_target(get_target("cpu-arm-neon"), node)
+    backend._check_numerics_on_target(get_target("cpu-arm-dotprod"), node)
+
+
+# --------------------------------------------------------------------------------------------
+# int8 (sdot, cpu-arm-dotprod) and lut (tbl, both Arm targets): choice, code, numerics
+# --------------------------------------------------------------------------------------------
+
+
+def test_schedule_picks_the_arm_paths():
+    """int8 on cpu-arm-dotprod: 4 int32 lanes (sdot), 16-column tiles, the cpu_vnni layout;
+    lut on both Arm targets: 16-byte index vectors (tbl); numerics=auto gives an
+    accuracy_level-4 qmatmul int8 on cpu-arm-dotprod and exact on cpu-arm-neon."""
+    from qcompiler.passes.cpu_schedule import node_numerics
+
+    scheme = scheme_text(4, 32, False, True)
+    p = tuning.problem(get_target("cpu-arm-dotprod"), key_for(1, 256, 64, scheme))
+    assert (p.lanes, p.n_tile, p.container_bits) == (4, 16, 4)
+    assert tuning.default_config(get_target("cpu-arm-dotprod"), key_for(128, 256, 64, scheme)) \
+        == {"m_block": 4, "order": "group"}
+    for name in ARM_TARGETS:
+        p = tuning.problem(get_target(name), key_for(1, 256, 64, scheme, "lut"))
+        assert (p.lanes, p.n_tile) == (16, 32)
+    module = qmm_module(128, 32, 4, 32)
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    node.attrs["accuracy_level"] = 4
+    assert node_numerics(module, node, get_target("cpu-arm-dotprod")) == "int8"
+    assert node_numerics(module, node, get_target("cpu-arm-neon")) == "exact"
+    module, _, _ = run_pipeline(module, "cpu-schedule{target=cpu-arm-dotprod},"
+                                        "cpu-pack-weights{target=cpu-arm-dotprod}")
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    assert node.attrs["config"]["numerics"] == "int8" and node.attrs["config"]["lanes"] == 4
+    assert node.arg("w").type.layout.name == "cpu_vnni"
+
+
+def arm_assembly(target_name, numerics, bits):
+    import tvm
+
+    tgt = get_target(target_name)
+    key = key_for(16, 256, 64, scheme_text(bits, 32, False, True), numerics)
+    variant = {**tuning.default_config(tgt, key), "m": 16, "max_m": 0}
+    p = tuning.with_table_group(tuning.problem(tgt, key), variant)
+    ex = tvm.compile(kernels.build_module(p.kernel_shape(), [variant]),
+                     target=host.tvm_target(tgt))
+    return ex.mod.inspect_source("asm")
+
+
+def mnemonics(asm):
+    return {line.split()[0] for line in asm.splitlines()
+            if line.startswith("\t") and line.split()}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_code_uses_sdot(bits):
+    """The int8 kernel's dot products are sdot on 16-byte vectors (8-bit containers too, by the
+    offset of arm.py), with no udot or widening multiplies in their place."""
+    asm = arm_assembly("cpu-arm-dotprod", "int8", bits)
+    assert any(line.split()[:1] == ["sdot"] and ".4s" in line and ".16b" in line
+               for line in asm.splitlines())
+    assert not {"udot", "smull", "smlal"} & mnemonics(asm)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lut_code_uses_tbl(bits):
+    """The lut kernel looks its tables up with tbl and adds plane pairs with sadalp / ssra
+    (no multiplies), and needs no dot-product instruction (it runs on cpu-arm-neon cores)."""
+    ops = mnemonics(arm_assembly("cpu-arm-neon", "lut", bits))
+    assert {"tbl", "ssra"} <= ops and {"sadalp", "saddlp"} & ops
+    assert not {"sdot", "udot"} & ops
+
+
+def arm_kernel(harness, tmp_path, target_name, numerics, k, n, scheme, seed=0,
+               table_group=None):
+    """An Arm kernel with the heuristic's variants for M = 1, 2..16, > 16 (as cpu-schedule
+    makes them for a symbolic batch) on fresh random weights, called under qemu."""
+    tgt = get_target(target_name)
+    variants = []
+    for m, max_m in SYMBOLIC_BUCKETS:
+        cfg = tuning.default_config(tgt, key_for(m, k, n, scheme, numerics))
+        if table_group:
+            cfg["table_group"] = table_group
+        variants.append({**cfg, "m": m, "max_m": max_m})
+    p = tuning.with_table_group(tuning.problem(tgt, key_for(1, k, n, scheme, numerics)),
+                                variants[0])
+    wts = tuning.random_weights(p, np.random.default_rng(seed))
+    lib = runtime.build_library(p.kernel_shape(), variants, tgt,
+                                str(tmp_path / f"{numerics}_{target_name}_{seed}"))
+    kern = QemuQmmKernel(harness, lib, p, variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]), str(tmp_path))
+    return p, wts, kern
+
+
+def int8_model(p, wts, x):
+    """The int8 kernel's arithmetic in numpy: x quantized per row and group as qmm_quantize
+    does (``runtime.quantize_groups``), the exact integer sums P of codes times activations
+    per group, and ``x_scale * s * (P - xsum * zc)`` summed over the groups, in float64.
+    Returns (y, the float32 rounding bound of the kernel, xq, x_scale): P, xsum * zc and
+    their difference are integers below 2^24 (exact in float32); the two scale products
+    and the G additions round, each by at most 2^-24 of the sum of |group terms|."""
+    bl, m = p.blocking, x.shape[0]
+    G, B = bl.groups, bl.block
+    xp = np.zeros((m, bl.k_pad), np.float32)
+    xp[:, :p.k] = x
+    xq = np.empty((m, G, B), np.int8)
+    x_scale = np.empty((m, G), np.float32)
+    runtime.quantize_groups(xp.reshape(m, G, B), xq, x_scale)
+    u = layout.pad_to(layout.container_codes(p.scheme, wts["q"]), (bl.k_pad, p.n))
+    s, zc = layout.group_params(p.scheme, wts["scale"], wts["zp"], p.k, p.n, G)
+    P = np.einsum("mgb,gbn->mgn", xq.astype(np.int64), u.reshape(G, B, p.n).astype(np.int64))
+    xsum = xq.astype(np.int64).sum(-1)
+    assert np.abs(P).max() < 2 ** 24 and np.abs(xsum[..., None] * zc).max() < 2 ** 24
+    terms = (x_scale.astype(np.float64)[..., None] * s.astype(np.float64)
+             * (P - xsum[..., None] * zc.astype(np.float64)))
+    bound = (G + 3) * 2.0 ** -24 * np.abs(terms).sum(1)
+    return terms.sum(1), bound, xq.reshape(m, bl.k_pad), x_scale
+
+
+def int8_error_bound(p, wts, x_scale):
+    """How far the int8 path may be from the exact product: each activation is off by at most
+    half its group's x_scale, so |y - exact| <= sum_g x_scale/2 * sum_{k in g} |w[k, n]|."""
+    bl = p.blocking
+    w = np.abs(runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]))
+    w = layout.pad_to(w, (bl.k_pad, p.n)).reshape(bl.groups, bl.block, p.n).sum(1)
+    return 0.5 * x_scale.astype(np.float64) @ w
+
+
+def check_int8(p, wts, kern, x):
+    """The kernel vs the numpy model of its arithmetic (the prologue bit for bit, the output
+    within the float32 rounding of the group terms) and vs the exact product (within the
+    int8 rounding of the activations)."""
+    got = kern(x)
+    m = x.shape[0]
+    want, bound, xq, x_scale = int8_model(p, wts, x)
+    np.testing.assert_array_equal(kern.last["xq"][:m], xq)
+    np.testing.assert_array_equal(kern.last["x_scale"][:m], x_scale)
+    np.testing.assert_array_equal(kern.last["xsum"][:m],
+                                  xq.reshape(m, p.blocking.groups, -1).sum(-1, dtype=np.int64))
+    err = np.abs(got - want)
+    assert np.all(err <= bound), f"max |arm - int8 model| = {err.max():.3g}"
+    exact = x.astype(np.float64) @ runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"],
+                                                       wts["g_idx"])
+    assert np.all(np.abs(got - exact) <= int8_error_bound(p, wts, x_scale) + bound
+                  + 1e-6 * np.abs(exact).max())
+    return got
+
+
+# (bits, group, signed, zero points, K, N): odd K and N pad to whole groups and tiles
+INT8_CASES = [(4, 32, False, True, 200, 70), (2, 64, False, True, 192, 33),
+              (3, 128, True, False, 300, 45), (8, 32, True, True, 96, 40),
+              (8, 128, False, False, 256, 17), (4, 256, True, True, 512, 24)]
+
+
+@needs_cross
+@pytest.mark.parametrize("bits,group,signed,zp,k,n", INT8_CASES,
+                         ids=[f"{'i' if c[2] else 'u'}{c[0]}-g{c[1]}-zp{int(c[3])}-{c[4]}x{c[5]}"
+                              for c in INT8_CASES])
+def test_int8_sdot_under_qemu(harness, tmp_path, bits, group, signed, zp, k, n):
+    """The int8 kernels of cpu-arm-dotprod (qmm_quantize + sdot) at M = 1, 5, 17 (every
+    variant; 5 and 17 are no multiple of the row block)."""
+    p, wts, kern = arm_kernel(harness, tmp_path, "cpu-arm-dotprod", "int8", k, n,
+                              scheme_text(bits, group, signed, zp), seed=bits + group)
+    assert p.lanes == layout.ARM_SDOT_LANES and p.n_tile == 16
+    for m in (1, 5, 17):
+        x = np.random.default_rng(m + k).standard_normal((m, k)).astype(np.float32)
+        x[0, :7] *= 40  # one group with large activations: the groups' scales differ
+        check_int8(p, wts, kern, x)
+    assert kern.calls == 3
+
+
+@needs_cross
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_sdot_extremes_under_qemu(harness, tmp_path, bits):
+    """Largest and smallest codes against activations of +-127 of one sign per row: the
+    largest sums (8-bit: codes 255, where the offset u - 128 and its correction matter) are
+    exact; an all-zero group gets scale 1 and zero codes."""
+    k, n = 256, 32
+    p, wts, kern = arm_kernel(harness, tmp_path, "cpu-arm-dotprod", "int8", k, n,
+                              scheme_text(bits, 128, False, True), seed=3)
+    wts["q"][:] = (1 << bits) - 1
+    wts["q"][:, ::3] = 0
+    wts["zp"][:] = 0
+    kern = QemuQmmKernel(harness, kern.library, p, kern.variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], None), kern.workdir)
+    x = np.full((3, k), 2.5, np.float32)
+    x[1] = -1.0
+    x[2, :128] = 0
+    x[2, 128:] = np.random.default_rng(1).standard_normal(128)
+    got = check_int8(p, wts, kern, x)
+    assert np.all(kern.last["xq"][0] == 127) and np.all(kern.last["xq"][1] == -127)
+    assert kern.last["x_scale"][2, 0] == 1.0 and not kern.last["xq"][2, :128].any()
+    # row 0: x is exactly 127 * x_scale, the sums at their largest (256 x 127 x 255)
+    s = runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"], None)
+    np.testing.assert_allclose(got[0], 2.5 * s.sum(0), rtol=1e-6)
+
+
+def check_lut(p, wts, kern, x):
+    """The lut kernel vs runtime.lut_model (the same int8 tables; the prologue's tables and
+    scales bit for bit) and vs the exact product within the tables' rounding."""
+    from test_cpu_lut import table_error_bound
+
+    got = kern(x)
+    m = x.shape[0]
+    xp = np.zeros((m, p.blocking.k_pad), np.float32)
+    xp[:, :p.k] = x
+    tables, tscale, xsum = runtime.lut_tables(xp, p.table_group, p.blocking.block)
+    np.testing.assert_array_equal(kern.last["tables"][:m], tables)
+    np.testing.assert_array_equal(kern.last["table_scale"][:m], tscale)
+    np.testing.assert_allclose(kern.last["xsum"][:m], xsum, rtol=1e-5, atol=1e-4)
+    model = runtime.numpy_model(p, x, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
+    err = float(np.abs(got - model).max())
+    assert err <= runtime.tolerance(p, model), f"max |arm lut - lut model| = {err:.3g}"
+    exact = x.astype(np.float64) @ runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"],
+                                                       wts["g_idx"])
+    assert np.all(np.abs(got - exact) <= table_error_bound(p, wts, x)
+                  + runtime.tolerance(p, exact))
+    return got
+
+
+# (bits, group, signed, zero points, K, N, table_group)
+LUT_CASES = [(1, 32, False, False, 200, 70, 4), (2, 32, False, True, 200, 70, 4),
+             (2, 128, True, False, 300, 45, 4), (3, 128, False, True, 300, 45, 4),
+             (3, 32, True, True, 96, 40, 2), (4, 64, False, True, 192, 33, 4)]
+
+
+@needs_cross
+@pytest.mark.parametrize("bits,group,signed,zp,k,n,tg", LUT_CASES,
+                         ids=[f"{'i' if c[2] else 'u'}{c[0]}-g{c[1]}-zp{int(c[3])}-{c[4]}x{c[5]}"
+                              f"-tg{c[6]}" for c in LUT_CASES])
+def test_lut_tbl_under_qemu(harness, tmp_path, bits, group, signed, zp, k, n, tg):
+    """The lut kernels of cpu-arm-neon (qmm_lut_tables + tbl) at M = 1, 3, 17."""
+    p, wts, kern = arm_kernel(harness, tmp_path, "cpu-arm-neon", "lut", k, n,
+                              scheme_text(bits, group, signed, zp), seed=bits + group,
+                              table_group=tg)
+    assert p.lanes == layout.NEON_LUT_BYTES and p.table_group == tg
+    for m in (1, 3, 17):
+        check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, k))
+                  .astype(np.float32))
+
+
+@needs_cross
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lut_int16_sums_under_qemu(harness, tmp_path, bits):
+    """Largest codes, activations of one sign (every lookup +-127): a group of 256 rows is 64
+    steps of at most 381 in one int16 sum; exact against the model."""
+    k, n = 512, 32
+    p, wts, kern = arm_kernel(harness, tmp_path, "cpu-arm-neon", "lut", k, n,
+                              scheme_text(bits, 256, False, True), seed=bits)
+    assert kernels.lut_flush_steps(256, 4) == 64
+    wts["q"][:] = (1 << bits) - 1
+    kern = QemuQmmKernel(harness, kern.library, p, kern.variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], None), kern.workdir)
+    x = np.full((2, k), 3.0, np.float32)
+    x[1] = -np.random.default_rng(0).random(k).astype(np.float32) - 1
+    check_lut(p, wts, kern, x)
+
+
+# (target, numerics, bits, group, act_order)
+PIPELINE_CASES = [("cpu-arm-dotprod", "int8", 4, 32, False),
+                  ("cpu-arm-dotprod", "int8", 8, 64, True),
+                  ("cpu-arm-neon", "lut", 2, 32, False),
+                  ("cpu-arm-dotprod", "lut", 4, 64, True)]
+
+
+@needs_cross
+@pytest.mark.parametrize("target,numerics,bits,group,act_order", PIPELINE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-u{c[2]}-g{c[3]}{'-act' if c[4] else ''}"
+                              for c in PIPELINE_CASES])
+def test_int8_and_lut_compiled_under_qemu(harness, tmp_path, target, numerics, bits, group,
+                                          act_order):
+    """cpu-schedule{numerics=int8|lut} + cpu-pack-weights for an Arm target, compiled to an
+    artifact: its qmatmul (and bias kernel) run as aarch64 code under qemu, vs the reference
+    within the int8 path's error."""
+    from test_cpu_backend import pipeline
+
+    k, n = 160, 40
+    module = qmm_module(k, n, bits, group, act_order=act_order, seed=bits)
+    out, compiled = compile_to_dir(module, target, str(tmp_path / "out"),
+                                   passes=pipeline(target, numerics))
+    node = next(nd for nd in compiled.main.nodes if nd.op == "qmatmul")
+    assert node.attrs["config"]["numerics"] == numerics
+    for m in (1, 5, 17):
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+        got, qmms, _ = run_under_qemu(harness, out, compiled, {"x": x}, str(tmp_path))
+        assert sum(q.calls for q in qmms.values()) == 1
+        want = reference_run(module, {"x": x})["y"]
+        assert np.abs(got["y"] - want).max() <= 0.02 * np.abs(want).max()
+
+
+@needs_cross
+def test_mlp_int8_under_qemu(harness, tmp_path):
+    """examples/mlp_int4.onnx with numerics=int8 on cpu-arm-dotprod: every kernel of the plan
+    under qemu; the whole model within the int8 path's error of the reference."""
+    passes = get_target("cpu-arm-dotprod").default_pipeline.replace(
+        "cpu-schedule{target=cpu-arm-dotprod}",
+        "cpu-schedule{target=cpu-arm-dotprod,numerics=int8}")
+    out, compiled = compile_to_dir(MLP, "cpu-arm-dotprod", str(tmp_path / "out"),
+                                   passes=passes)
+    nodes = [nd for nd in compiled.main.nodes if nd.op == "qmatmul"]
+    assert nodes and all(nd.attrs["config"]["numerics"] == "int8" for nd in nodes)
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    got, qmms, lib = run_under_qemu(harness, out, compiled, {"x": x}, str(tmp_path))
+    want = reference_run(import_model(MLP), {"x": x})
+    assert qmms and all(q.calls == 1 for q in qmms.values()) and lib.called
+    for name, value in want.items():
+        assert np.abs(got[name] - value).max() <= 0.02 * np.abs(value).max()
