@@ -21,6 +21,7 @@ PASSES: dict[str, object] = {
     "cpu-schedule": "qcompiler.passes.cpu_schedule:CPUSchedulePass",
     "cpu-pack-weights": "qcompiler.passes.cpu_pack_weights:CPUPackWeightsPass",
     "fuse-attention": "qcompiler.passes.fuse_attention:FuseAttentionPass",
+    "fold-attention-layout": "qcompiler.passes.fold_attention_layout:FoldAttentionLayoutPass",
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
     "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",

@@ -181,6 +181,15 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 6, 1, 16], "f16"), g.arg([B, 2, S, 16], "f16"), g.arg([B, 2, S, 16], "f16")],
           [([B, 6, 1, 16], "f16")], {"scale": 0.25, "causal": 0})
+    # [B, S, H, D] operands and result (fold-attention-layout), and q alone
+    g.add("attention", "attention",
+          [g.arg([B, S, 4, 8], "f32"), g.arg([B, S, 2, 8], "f32"), g.arg([B, S, 2, 5], "f32"),
+           g.arg([B, 1, 1, S], "f32", low="mask")],
+          [([B, S, 4, 5], "f32")], {"scale": 0.35, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
+                                    "y_bshd": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 7, 4, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 8], "f32")],
+          [([B, 4, 7, 8], "f32")], {"scale": 0.125, "causal": 1, "q_bshd": 1})
     # range: the result's length is only known at run time
     g.add("range", "range", [g.arg([], "f32"), g.arg([], "f32"), g.arg([], "f32")],
           [(["?"], "f32")])

@@ -175,6 +175,23 @@ def _make_graph() -> Graph:
           [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
            g.arg([B, 2, 9, 32], "f16")],
           [([B, 2, "seq", 32], "f16")], {"scale": 0.2, "causal": 1})  # rows with no key
+    # [B, S, H, D] layouts (fold-attention-layout): tensor-core prefill, decode, warp prefill
+    g.add("attention", "attention",
+          [g.arg([B, S, 4, 64], "f16"), g.arg([B, S, 2, 64], "f16"), g.arg([B, S, 2, 64], "f16"),
+           g.arg([B, 1, 1, S], "f16", low="mask")],
+          [([B, S, 4, 64], "f16")], {"scale": 0.125, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
+                                     "y_bshd": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 1, 6, 128], "bf16"), g.arg([B, "kv", 2, 128], "bf16"),
+           g.arg([B, "kv", 2, 128], "bf16")],
+          [([B, 1, 6, 128], "bf16")], {"scale": 0.0884, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
+                                       "y_bshd": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 7, 4, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 5], "f32")],
+          [([B, 4, 7, 5], "f32")], {"scale": 0.35, "causal": 1, "q_bshd": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 4, 7, 8], "f32"), g.arg([B, 13, 4, 8], "f32"), g.arg([B, 13, 4, 5], "f32")],
+          [([B, 7, 4, 5], "f32")], {"scale": 0.35, "causal": 1, "kv_bshd": 1, "y_bshd": 1})
     # rotary embedding: [B, H, S, D] with position ids, [B, S, H*D] interleaved over part of D
     g.add("rotary", "rotary_embedding",
           [g.arg([B, 4, S, 64], "f16"), g.arg([300, 32], "f16", low=(-1.0, 1.0)),
@@ -234,7 +251,8 @@ def test_library_compiles_for_sm80_and_sm90(tmp_path):
     g = _make_graph()
     first: dict = {}
     for n in _all_nodes(g):
-        key = (n.op, str(n.operands[0].type.dtype)) if n.op == "attention" else n.op
+        key = (n.op, str(n.operands[0].type.dtype), tuple(sorted(n.attrs.items()))[-3:]) \
+            if n.op == "attention" else n.op
         first.setdefault(key, n)
     _, text = library_source(list(first.values()), g.module)
     src = tmp_path / "ops.cu"

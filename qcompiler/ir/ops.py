@@ -218,11 +218,24 @@ def _fused_elementwise(types, attrs, consts):
 
 
 @_def("attention", "softmax(q @ k^T * scale + mask, axis=-1) @ v, grouped-query, optional causal",
-      ["q", "k", "v", "mask?"], {"scale": ("float", True), "causal": ("int", True)})
+      ["q", "k", "v", "mask?"], {"scale": ("float", True), "causal": ("int", True),
+                                 "q_bshd": ("int", False), "kv_bshd": ("int", False),
+                                 "y_bshd": ("int", False)})
 def _attention(types, attrs, consts):
     """q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] -> [B, Hq, Sq, Dv]; query head
     h reads kv head h // (Hq / Hkv). ``mask`` (float, broadcastable to [B, Hq, Sq, Skv]) is added
-    to the scaled scores; ``causal=1`` masks key j for query i when j > i + (Skv - Sq)."""
+    to the scaled scores; ``causal=1`` masks key j for query i when j > i + (Skv - Sq).
+    ``q_bshd=1``: q is [B, Sq, Hq, D] (the heads-split projection before its transpose); the
+    same for k and v with ``kv_bshd=1``, and for the result with ``y_bshd=1`` ([B, Sq, Hq, Dv],
+    ready to merge the heads). Set by fold-attention-layout; the mask's dims do not move."""
+    for name in ("q_bshd", "kv_bshd", "y_bshd"):
+        if attrs.get(name, 0) not in (0, 1):
+            raise TypeInferenceError(f"attention {name} must be 0 or 1, not {attrs[name]}")
+    types = list(types)
+    if attrs.get("q_bshd", 0) and types[0] is not None and types[0].rank == 4:
+        types[0] = _swap_seq_heads(types[0])
+    if attrs.get("kv_bshd", 0):
+        types[1:3] = [_swap_seq_heads(t) if t.rank == 4 else t for t in types[1:3]]
     q, k, v = types[0], types[1], types[2]
     mask = types[3] if len(types) > 3 else None
     if q.rank != 4 or k.rank != 4 or v.rank != 4:
@@ -247,7 +260,14 @@ def _attention(types, attrs, consts):
         if mask.rank > 4:
             raise TypeInferenceError(f"attention mask {mask.shape} has more than 4 dims")
         broadcast_shapes(mask.shape, (b, hq, q.shape[2], k.shape[2]))
-    return [TensorType((b, hq, q.shape[2], v.shape[3]), q.dtype)]
+    y = TensorType((b, hq, q.shape[2], v.shape[3]), q.dtype)
+    return [_swap_seq_heads(y) if attrs.get("y_bshd", 0) else y]
+
+
+def _swap_seq_heads(t: TensorType) -> TensorType:
+    """[B, X, Y, D] -> [B, Y, X, D]: between attention's [B, H, S, D] and [B, S, H, D]."""
+    b, x, y, d = t.shape
+    return t.with_shape((b, y, x, d))
 
 
 @_def("reduce_mean", "Mean over `axes` (all when empty, unless noop_with_empty_axes)", ["x"],

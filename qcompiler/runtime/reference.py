@@ -242,6 +242,11 @@ def _attention(node, args, module):
     decomposed graphs' -3.4e38), so a fully masked row is uniform; an additive -inf mask over a
     whole row gives NaN, as softmax does."""
     q, k, v = args[0], args[1], args[2]
+    # [B, S, H, D] operands (fold-attention-layout) as [B, H, S, D] views
+    if node.attrs.get("q_bshd", 0):
+        q = np.swapaxes(q, 1, 2)
+    if node.attrs.get("kv_bshd", 0):
+        k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
     mask = _arg(args, 3)
     ct = _compute_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
@@ -260,7 +265,8 @@ def _attention(node, args, module):
         scores = scores - scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs = probs / probs.sum(axis=-1, keepdims=True)
-    return [np.matmul(probs, v.astype(ct)).astype(_result_dtype(node))]
+    y = np.matmul(probs, v.astype(ct)).astype(_result_dtype(node))
+    return [np.ascontiguousarray(np.swapaxes(y, 1, 2)) if node.attrs.get("y_bshd", 0) else y]
 
 
 def _reduce_mean(node, args, module):

@@ -709,8 +709,14 @@ def matmul_tile_rows(M) -> int:
 def _attention(ctx: _Ctx) -> Kernel:
     from tvm import te, tirx
 
-    q, k, v = ctx.operand(0), ctx.operand(1), ctx.operand(2)
-    ct = compute_dtype(dtype_of(q))
+    q_in, k_in, v_in = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    ct = compute_dtype(dtype_of(q_in))
+    attrs = ctx.node.attrs
+    # [B, S, H, D] operands and result (fold-attention-layout) are read and written through
+    # swapped indices; the computation below is in [B, H, S, D].
+    q = _SwappedHeads(q_in) if attrs.get("q_bshd", 0) else q_in
+    k = _SwappedHeads(k_in) if attrs.get("kv_bshd", 0) else k_in
+    v = _SwappedHeads(v_in) if attrs.get("kv_bshd", 0) else v_in
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     Dv = v.shape[3]
@@ -750,9 +756,27 @@ def _attention(ctx: _Ctx) -> Kernel:
     acc = te.compute(row + [Dv], lambda b, h, i, e: te.sum(
         probs[b, h, i, j3] * v[b, tirx.floordiv(h, group), j3, e].astype(ct), axis=j3),
         name="acc")
-    out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(ctx.out_dtypes[0]),
-                     name="out")
+    if attrs.get("y_bshd", 0):
+        out = te.compute([B, Sq, Hq, Dv], lambda b, i, h, e: acc[b, h, i, e].astype(
+            ctx.out_dtypes[0]), name="out")
+    else:
+        out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(
+            ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "attention", rows=3)
+
+
+class _SwappedHeads:
+    """A [B, S, H, D] tensor indexed as [B, H, S, D] (attention's layout attrs)."""
+
+    def __init__(self, t):
+        self.t = t
+        b, s, h, d = t.shape
+        self.shape = [b, h, s, d]
+        self.dtype = t.dtype
+
+    def __getitem__(self, idx):
+        b, h, s, d = idx
+        return self.t[b, s, h, d]
 
 
 def _param_bcast_to(ctx: _Ctx, i: int, index: list, ct: str):

@@ -312,6 +312,9 @@ def _attention(node: Node) -> str:
                    mask_rank=mask.type.rank if mask is not None else 0,
                    d=d, dv=dv, scale=repr(float(node.attrs["scale"])) + "f",
                    causal=bool(node.attrs.get("causal", 0)), n_in=len(_data_operands(node)),
+                   q_bshd=bool(node.attrs.get("q_bshd", 0)),
+                   kv_bshd=bool(node.attrs.get("kv_bshd", 0)),
+                   y_bshd=bool(node.attrs.get("y_bshd", 0)),
                    # tensor cores for f16/bf16 when the head dims are whole k16 steps
                    mma=xt in ("__half", "__nv_bfloat16") and d % 16 == 0 and dv % 16 == 0,
                    mma_type={"__half": "f16", "__nv_bfloat16": "bf16"}.get(xt, ""),

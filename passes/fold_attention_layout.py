@@ -1,0 +1,78 @@
+"""fold-attention-layout: the head transposes around an ``attention`` op become its layout.
+
+Exported transformers split the heads of a projection with a reshape to [B, S, H, D] and a
+transpose to [B, H, S, D] (for q, k and v), and merge them back with the inverse transpose
+after attention. Each transpose is a full copy, one kernel launch on a GPU (a quarter of an
+encoder layer's launches). The attention kernels can read [B, S, H, D] directly: only the
+row stride and the head offset change. So::
+
+    q' = transpose(q, [0, 2, 1, 3])          (single use)      ->  q_bshd = 1, reads q
+    k' = transpose(k, ...), v' = transpose(v, ...)  (both)     ->  kv_bshd = 1, reads k, v
+    y  = transpose(attention(...), [0, 2, 1, 3])  (its only use) ->  y_bshd = 1, writes y
+
+k and v share one flag, as the kernels share one kv indexing. A transpose with other uses
+stays (folding would keep both copies). The mask's dims are not affected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import Value
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+SWAP_SEQ_HEADS = [0, 2, 1, 3]
+
+
+def _swapped_from(rw: Rewriter, v: Value) -> Optional[Value]:
+    """x when v = transpose(x, [0, 2, 1, 3]) and v has no other use."""
+    node = v.producer
+    if node is None or node.op != "transpose" or not rw.single_use(v):
+        return None
+    if list(node.attrs["perm"]) != SWAP_SEQ_HEADS:
+        return None
+    return node.operands[0]
+
+
+class FoldAttentionLayout(RewritePattern):
+    op = "attention"
+
+    def rewrite(self, node, rw):
+        attrs = dict(node.attrs)
+        operands = list(node.operands)
+        changed = False
+        if not attrs.get("q_bshd", 0):
+            q = _swapped_from(rw, operands[0])
+            if q is not None:
+                operands[0], attrs["q_bshd"], changed = q, 1, True
+        if not attrs.get("kv_bshd", 0):
+            k, v = _swapped_from(rw, operands[1]), _swapped_from(rw, operands[2])
+            if k is not None and v is not None and operands[1] is not operands[2]:
+                operands[1], operands[2], attrs["kv_bshd"], changed = k, v, 1, True
+        merge = None
+        if not attrs.get("y_bshd", 0) and rw.single_use(node.result):
+            user = rw.users[node.result][0]
+            if user.op == "transpose" and list(user.attrs["perm"]) == SWAP_SEQ_HEADS:
+                merge, attrs["y_bshd"], changed = user, 1, True
+        if not changed:
+            return False
+        replaced = merge if merge is not None else node
+        fused = rw.create("attention", operands, attrs, before=node, hint="attention")
+        if fused.result.type != replaced.result.type:  # the layouts must give the same value
+            raise AssertionError(f"fold-attention-layout: {fused.result.type} is not "
+                                 f"{replaced.result.type}")
+        rw.replace(replaced, [fused.result])
+        return True
+
+
+@register_pass("fold-attention-layout")
+@dataclass
+class FoldAttentionLayoutPass(Pass):
+    """Head-split / head-merge transposes around attention → its q/kv/y [B, S, H, D] layout."""
+
+    def run(self, module: Module) -> Module:
+        folded = apply_patterns(module, [FoldAttentionLayout()])
+        record_stat(module, self.name, folded=folded)
+        return module
