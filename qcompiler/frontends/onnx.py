@@ -116,6 +116,36 @@ def read_model(model: Union[str, os.PathLike, bytes, onnx.ModelProto]) -> onnx.M
 
 _SYM = re.compile(r"[^A-Za-z0-9_]")
 
+# ONNX shape inference serializes the model: past protobuf's 2 GB (a 1.1B-parameter f32 model)
+# it fails, and every dim it would have sharpened stays symbolic. Above this size it is given
+# a view whose large initializers are typed graph inputs instead (their values do not matter
+# to shapes; the small ones, shape constants among them, stay).
+SHAPE_INFERENCE_INLINE_BYTES = 1 << 30
+LARGE_INITIALIZER_BYTES = 1 << 16
+
+
+def _shape_inference_view(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, or over SHAPE_INFERENCE_INLINE_BYTES a copy without its large tensors' data."""
+    if proto.ByteSize() <= SHAPE_INFERENCE_INLINE_BYTES:
+        return proto
+    light = onnx.ModelProto()
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    g, src = light.graph, proto.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.ByteSize() <= LARGE_INITIALIZER_BYTES:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
 
 def _dim_symbol(param: str) -> str:
     s = _SYM.sub("_", param).strip("_") or "d"
@@ -234,7 +264,8 @@ class _Importer:
     def _onnx_shape_hints(self) -> dict[str, TensorType]:
         """ONNX's own shape inference, used to sharpen dims that ours leaves unknown."""
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.proto, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(_shape_inference_view(self.proto),
+                                                         data_prop=True)
         except Exception:
             return {}
         out = {}
