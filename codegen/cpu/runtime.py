@@ -222,8 +222,10 @@ class _Buffers:
             shapes = [(m_pad // m_block, m_block, bl.k_pad) if row_major else
                       (m_pad // m_block, bl.k_pad, m_block), (m_pad // m_block, m_block, groups)]
         self.y = aligned_empty((m_pad, p.n_pad), np.float32)
-        self.args = [tvm.runtime.from_dlpack(a.reshape(s)) for a, s in zip(arrays, shapes)]
-        self.own_x_arg, self.x_shape = self.args[0], shapes[0]
+        # the kernel's arguments as numpy views (row chunks are slices of them) and wrapped
+        self.np_args = [a.reshape(s) for a, s in zip(arrays, shapes)]
+        self.args = [tvm.runtime.from_dlpack(a) for a in self.np_args]
+        self.own_x_arg, self.own_x_np, self.x_shape = self.args[0], self.np_args[0], shapes[0]
         if p.numerics == "int8":  # the quantization prologue's 2-D views of the same memory
             self.quant_args = [tvm.runtime.from_dlpack(a) for a in
                                (self.x, self.xq, self.x_scale, self.xsum)]
@@ -330,10 +332,11 @@ class QmmKernel:
                 # the caller's rows as they are (no copy): wrapped for this call only
                 import tvm
 
-                buf.args[0] = tvm.runtime.from_dlpack(src.reshape(buf.x_shape))
+                buf.np_args[0] = src.reshape(buf.x_shape)
+                buf.args[0] = tvm.runtime.from_dlpack(buf.np_args[0])
                 return vi, buf, m
             np.copyto(buf.x, src)
-        buf.args[0] = buf.own_x_arg
+        buf.args[0], buf.np_args[0] = buf.own_x_arg, buf.own_x_np
         return vi, buf, m
 
     def direct_output(self, out: np.ndarray):
@@ -350,9 +353,27 @@ class QmmKernel:
             return None
         return tvm.runtime.from_dlpack(out.reshape(m // mb, mb, self.p.n_pad))
 
+    def _launch(self, vi: int, buf, out, out_rows) -> None:
+        """The variant's kernel over every row block; with more row blocks than one chunk
+        (``kernels.chunk_blocks``) one call per chunk of rows, on slices of the arguments:
+        the chunk's activations stay in cache for every column tile (one call streams all of
+        x once per column tile). ``out_rows``: ``out``'s memory as a numpy [rows, n_pad]."""
+        per = kernels.chunk_blocks(self.p.kernel_shape(), self.variants[vi])
+        if per is None or buf.np_args[0].shape[0] <= per:
+            self.funcs[vi](*buf.args, *self.weights, out)
+            return
+        import tvm
+
+        wrap = tvm.runtime.from_dlpack
+        blocks = buf.np_args[0].shape[0]
+        out_np = out_rows.reshape(blocks, -1, self.p.n_pad)
+        for c in range(0, blocks, per):
+            self.funcs[vi](*[wrap(a[c:c + per]) for a in buf.np_args], *self.weights,
+                           wrap(out_np[c:c + per]))
+
     def call_prepared(self, prepared) -> None:
         vi, buf, _ = prepared
-        self.funcs[vi](*buf.args, *self.weights, buf.out)
+        self._launch(vi, buf, buf.out, buf.y)
 
     def run_into(self, x: np.ndarray, out: np.ndarray, direct=None) -> None:
         """x [M, K] float32 -> ``out`` [M, N] float32 (a plan's out view). ``direct``: out as
@@ -362,7 +383,7 @@ class QmmKernel:
         prepared = self.prepare(x)
         if direct is not None:
             vi, buf, _ = prepared
-            self.funcs[vi](*buf.args, *self.weights, direct)
+            self._launch(vi, buf, direct, out)
             return
         self.call_prepared(prepared)
         y = prepared[1].y[:prepared[2], :self.p.n]
