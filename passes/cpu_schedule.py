@@ -6,10 +6,11 @@ accuracy_level 4, which onnxruntime computes with int8 activations) where the ta
 int8 kernel for it, else ``exact``; ``exact``: fp32
 activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
 per row and group to symmetric int8 and int8 dot products, like accuracy_level 4:
-``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the others, chosen from
-the target's ISA features; ``lut``: T-MAC-style table lookups for 1- to 4-bit codes,
-``vpshufb`` on tables of activation sums quantized to int8 per row and group, the accuracy of
-int8 activations; opt-in, see ``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
+``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the other x86 ones,
+``sdot`` on cpu-arm-dotprod (refused on cpu-arm-neon), chosen from the target's ISA features;
+``lut``: T-MAC-style table lookups for 1- to 4-bit codes, ``vpshufb`` (Arm: ``tbl``) on
+tables of activation sums quantized to int8 per row and group, the accuracy of int8
+activations; opt-in, see ``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
 ``codegen/cpu/tuning.py``).
 
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
