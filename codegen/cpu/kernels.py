@@ -20,7 +20,9 @@ loop is one shift, one and-or and one FMA per 16 codes. int8 path: ``f(u) = u``,
   ``qc_vnni_u8s8_16x4`` defined here; each group's term is multiplied by its x_scale. On
   targets without VNNI (AVX2: Haswell, Zen 3) the same sum comes 8 columns x 4 rows at a time
   from ``vpmaddubsw`` + ``vpmaddwd`` (``qc_avx2_u8s8_8x4``; 8-bit containers by nibbles,
-  ``qc_avx2_u8s8_8x4_nibbles``), exact as well: see ``register_avx2_intrins``.
+  ``qc_avx2_u8s8_8x4_nibbles``), exact as well: see ``register_avx2_intrins``. On
+  cpu-arm-dotprod it comes 4 columns x 4 rows at a time from Arm ``sdot`` (``arm.py``: signed
+  x signed, 8-bit codes by an exact offset).
 
 Rows are blocked: the activations arrive as ``[m_outer, m_block, k_pad]`` (int8, exact
 ``dequant``) or ``[m_outer, k_pad, m_block]`` (exact ``row`` / ``group``: the runner transposes
@@ -717,6 +719,9 @@ def build_module(ks: KernelShape, variants: list[dict]):
 # is flushed to float every ``lut_flush_steps`` table groups (the largest divisor of its table
 # groups up to 86: the whole group for blocks up to 344 rows at g = 4). ``vpmaddubsw`` itself
 # cannot saturate (381 < 32767).
+#
+# Arm (16-byte index vectors, both cpu-arm targets): ``tbl`` looks the table up and a widening
+# pairwise add plus an arithmetic shift make the same 1*L + 2*L' int16 sums (``arm.py``).
 
 LUT_TABLES_FUNC = "qmm_lut_tables"
 LUT_INT16_STEPS = 86
