@@ -727,10 +727,14 @@ def _attention(ctx: _Ctx) -> Kernel:
                         ct)
     row = [B, Hq, Sq]
     d = te.reduce_axis((0, D), name="d")
+    # k transposed per kv head ([D, Skv], once for the group's query heads and rows): the
+    # scores of a row are then axpys over contiguous keys (vectorized), not one dot product
+    # per key with a horizontal sum of its lanes (11-19 GFLOP/s at MiniLM/GPT-2 shapes)
+    k_t = te.compute([B, Hkv, D, Skv], lambda b, g, dd, j: k[b, g, j, dd].astype(ct),
+                     name="k_t")
 
     def score(b, h, i, j):
-        return te.sum(q[b, h, i, d].astype(ct) * k[b, tirx.floordiv(h, group), j, d].astype(ct),
-                      axis=d)
+        return te.sum(q[b, h, i, d].astype(ct) * k_t[b, tirx.floordiv(h, group), d, j], axis=d)
 
     scores = te.compute(row + [Skv], lambda b, h, i, j: score(b, h, i, j), name="scores")
 
@@ -758,7 +762,7 @@ def _attention(ctx: _Ctx) -> Kernel:
         name="acc")
     if attrs.get("y_bshd", 0):
         out = te.compute([B, Sq, Hq, Dv], lambda b, i, h, e: acc[b, h, i, e].astype(
-            ctx.out_dtypes[0]), name="out")
+            ctx.out_dtypes[0]), name="out_bshd")
     else:
         out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(
             ctx.out_dtypes[0]), name="out")

@@ -261,22 +261,33 @@ def schedule_matmul(sch, rows: int, p: ScheduleParams):
 
 
 def schedule_attention(sch, p: ScheduleParams):
-    scores_rf = _vector_dot_products(sch, sch.get_sblock("scores"), p)
-    out = sch.get_sblock("out")
+    """One (batch, kv head) per iteration of the parallel loop: k transposed once into a
+    [D, Skv] scratch (``k_t``), then for each query head of the group and each query row the
+    scores as D axpys over the contiguous keys, mask, softmax and the product with v (one
+    axpy over the head dim per key), all in row-sized scratch."""
+    names = {sch.get(b).name_hint for b in _all_blocks(sch)}
+    bshd = "out_bshd" in names
+    out = sch.get_sblock("out_bshd" if bshd else "out")
     loops = sch.get_loops(out)
     shape = [_loop_extent(sch, lp) for lp in loops]
-    row = _outer_parallel(sch, loops[:3], shape, p)
+    b, i, h, e = loops if bshd else (loops[0], loops[2], loops[1], loops[3])
+    k_t = sch.get_sblock("k_t")
+    kv_heads = _static(_loop_extent(sch, sch.get_loops(k_t)[1]))
+    hkv, g = sch.split(h, [kv_heads, None])
+    sch.reorder(b, hkv, g, i, e)
+    head = _outer_parallel(sch, [b, hkv], shape, p)
     for block in reversed(_all_blocks(sch)):
-        if sch.get(block).name_hint != "out":
-            sch.compute_at(block, row)
+        if sch.get(block).name_hint not in ("out", "out_bshd", "k_t"):
+            sch.compute_at(block, i)
+    sch.compute_at(k_t, head)
+    scores = sch.get_sblock("scores")
+    j, dd = sch.get_loops(scores)[-2:]
+    sch.reorder(dd, j)
+    sch.decompose_reduction(scores, dd)
     acc = sch.get_sblock("acc")
     spatial, red = sch.get_loops(acc)[-2:]
     sch.reorder(red, spatial)
     sch.decompose_reduction(acc, red)
-    if scores_rf is not None:  # compute_at left its loops [lanes, Skv, D / lanes]
-        lane, j, d_outer = sch.get_loops(scores_rf)[-3:]
-        sch.reorder(j, d_outer, lane)
-        sch.vectorize(lane)
 
 
 def _vector_dot_products(sch, block, p: ScheduleParams):
