@@ -297,6 +297,8 @@ class QmmKernel:
         self.perm = packed.get("perm")
         self._ones = np.ones(self.p.blocking.block, np.float32)
         self._buffers: dict = {}
+        ks = p.kernel_shape()
+        self._chunks = [kernels.chunk_blocks(ks, v) for v in variants]
 
     def prepare(self, x: np.ndarray):
         """(variant index, buffers, M): x written into the kernel's activation buffers."""
@@ -358,7 +360,7 @@ class QmmKernel:
         (``kernels.chunk_blocks``) one call per chunk of rows, on slices of the arguments:
         the chunk's activations stay in cache for every column tile (one call streams all of
         x once per column tile). ``out_rows``: ``out``'s memory as a numpy [rows, n_pad]."""
-        per = kernels.chunk_blocks(self.p.kernel_shape(), self.variants[vi])
+        per = self._chunks[vi]
         if per is None or buf.np_args[0].shape[0] <= per:
             self.funcs[vi](*buf.args, *self.weights, out)
             return
@@ -507,6 +509,7 @@ class LutKernel(QmmKernel):
         self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
         self.perm = packed.get("perm")
         self._buffers: dict = {}
+        self._chunks = [None] * len(variants)  # one row at a time: one call
 
     def prepare(self, x: np.ndarray):
         p = self.p
