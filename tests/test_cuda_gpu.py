@@ -93,8 +93,11 @@ def test_every_variant(fmt, tmp_path):
             _check(kern, built, m, variant=i)
 
 
-def test_artifact_numpy_and_torch_no_copy(tmp_path):
-    """qcompiler.load(DIR).run with numpy arrays and with torch CUDA tensors."""
+@pytest.mark.parametrize("device_plan", ["1", "0"])
+def test_artifact_numpy_and_torch_no_copy(tmp_path, monkeypatch, device_plan):
+    """qcompiler.load(DIR).run with numpy arrays and with torch CUDA tensors, through the
+    device plan (the default) and without it (QC_CUDA_PLAN=0: host ops, qmatmul kernels)."""
+    monkeypatch.setenv("QC_CUDA_PLAN", device_plan)
     torch = pytest.importorskip("torch")
     import qcompiler
     from qcompiler.driver.api import compile_to_dir
@@ -212,7 +215,7 @@ def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(t
                                                                              monkeypatch):
     """issue #12: the f32 MLP with every op on the device (casts, qmatmuls, epilogues), one
     CUDA graph per signature; batch 3 then 9 (one bucket, two graphs), then 3 again (replay)."""
-    monkeypatch.setenv("QC_CUDA_PLAN", "1")  # opt-in until verified on a GPU
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")  # the default; set in case the caller's env has 0
     import qcompiler
     from qcompiler.codegen.cuda.plan import CudaPlanRunner
     from qcompiler.driver.frontend import import_model

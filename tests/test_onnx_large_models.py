@@ -39,3 +39,12 @@ def test_shape_inference_view_imports_the_same_module(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_frontend, "_shape_inference_view",
                         lambda p: (_ for _ in ()).throw(ValueError("2 GB")))
     assert print_module(onnx_frontend.load(path)) != want
+
+
+def test_sizes_past_protobufs_limit_count_as_large():
+    """protobuf refuses to size a message past 2 GB; that must read as "large", not fail."""
+    class Huge:
+        def ByteSize(self):
+            raise ValueError("Failed to serialize proto")
+
+    assert onnx_frontend._message_bytes(Huge()) == float("inf")

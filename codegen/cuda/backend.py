@@ -27,11 +27,10 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 
 def device_plan_enabled() -> bool:
     """Whether CUDA artifacts build and run the device plan (every op a CUDA kernel, one CUDA
-    graph per input signature; codegen/cuda/plan.py). Opt-in with ``QC_CUDA_PLAN=1`` until it
-    has run on a GPU: its kernels are checked there (tests/test_cuda_ops.py), its launcher and
-    step tables only by compiling them (tests/test_cuda_plan.py). Without it, non-qmatmul ops
-    run on the host beside the qmatmul kernels, the path the GPU tests have checked."""
-    return os.environ.get("QC_CUDA_PLAN", "0") == "1"
+    graph per input signature; codegen/cuda/plan.py): the default since it passed the GPU
+    tests and the whole-model checks on an H200 (2026-12-03). ``QC_CUDA_PLAN=0`` turns it off:
+    non-qmatmul ops then run on the host beside the qmatmul kernels (the earlier path)."""
+    return os.environ.get("QC_CUDA_PLAN", "1") != "0"
 
 
 class CudaCodegenError(InputError):

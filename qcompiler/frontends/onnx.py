@@ -124,9 +124,18 @@ SHAPE_INFERENCE_INLINE_BYTES = 1 << 30
 LARGE_INITIALIZER_BYTES = 1 << 16
 
 
+def _message_bytes(message) -> float:
+    """A protobuf message's serialized size; infinite past 2 GB, where protobuf refuses to
+    size it (EncodeError)."""
+    try:
+        return message.ByteSize()
+    except Exception:
+        return float("inf")
+
+
 def _shape_inference_view(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto``, or over SHAPE_INFERENCE_INLINE_BYTES a copy without its large tensors' data."""
-    if proto.ByteSize() <= SHAPE_INFERENCE_INLINE_BYTES:
+    if _message_bytes(proto) <= SHAPE_INFERENCE_INLINE_BYTES:
         return proto
     light = onnx.ModelProto()
     light.ir_version = proto.ir_version
@@ -140,7 +149,7 @@ def _shape_inference_view(proto: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     inputs = {i.name for i in src.input}
     for t in src.initializer:
-        if t.ByteSize() <= LARGE_INITIALIZER_BYTES:
+        if _message_bytes(t) <= LARGE_INITIALIZER_BYTES:
             g.initializer.append(t)
         elif t.name not in inputs:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
