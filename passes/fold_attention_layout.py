@@ -20,6 +20,7 @@ from typing import Optional
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
+from qcompiler.ir.ops import infer_types
 from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -59,12 +60,22 @@ class FoldAttentionLayout(RewritePattern):
         if not changed:
             return False
         replaced = merge if merge is not None else node
-        fused = rw.create("attention", operands, attrs, before=node, hint="attention")
-        if fused.result.type != replaced.result.type:  # the layouts must give the same value
-            raise AssertionError(f"fold-attention-layout: {fused.result.type} is not "
-                                 f"{replaced.result.type}")
+        inferred = infer_types("attention", [v.type if v is not None else None
+                                             for v in operands], attrs, [None] * len(operands))[0]
+        if not _same_shape(inferred, replaced.result.type):
+            return False
+        # The replaced value's type, whose symbols the rest of the graph already uses (an
+        # exporter's `unk__7` where inference would say `seq`: the same run-time dim).
+        fused = rw.create("attention", operands, attrs, before=node, hint="attention",
+                          result_types=[replaced.result.type])
         rw.replace(replaced, [fused.result])
         return True
+
+
+def _same_shape(a, b) -> bool:
+    """Same element type and rank, and equal wherever both dims are static."""
+    return a.dtype == b.dtype and a.rank == b.rank and all(
+        x == y for x, y in zip(a.shape, b.shape) if isinstance(x, int) and isinstance(y, int))
 
 
 @register_pass("fold-attention-layout")

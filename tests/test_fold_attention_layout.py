@@ -130,3 +130,26 @@ def test_decoders_through_fx_fold_their_head_transposes(kind):
         want, got = reference.run(base, f), reference.run(folded, f)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_the_merged_result_keeps_the_graphs_symbols():
+    """An exporter may name a dim differently after the head merge (`unk__7` for `seq`): the
+    folded attention takes the replaced value's type, so later types stay as they were."""
+    text = """module @m {
+  func @main(%q: tensor<[b, seq, 4, 8], f32>, %k: tensor<[b, 4, seq, 8], f32>, %v: tensor<[b, 4, seq, 8], f32>) -> ("y": tensor<[b, unk__7, 4, 8], f32>) {
+    %qt = transpose(%q) {perm = [0, 2, 1, 3]} : tensor<[b, 4, seq, 8], f32>
+    %a = attention(%qt, %k, %v) {causal = 1, scale = 0.35} : tensor<[b, 4, seq, 8], f32>
+    %y = transpose(%a) {perm = [0, 2, 1, 3]} : tensor<[b, unk__7, 4, 8], f32>
+    return %y
+  }
+}"""
+    after = _fold(parse_module(text))
+    node = _attention(after)
+    assert node.attrs["q_bshd"] == 1 and node.attrs["y_bshd"] == 1
+    assert node.result.type.shape == ("b", "unk__7", 4, 8)
+    rng = np.random.default_rng(5)
+    feeds = {"q": rng.standard_normal((2, 5, 4, 8)).astype(np.float32),
+             "k": rng.standard_normal((2, 4, 5, 8)).astype(np.float32),
+             "v": rng.standard_normal((2, 4, 5, 8)).astype(np.float32)}
+    want = reference.run(parse_module(text), feeds)["y"]
+    np.testing.assert_allclose(reference.run(after, feeds)["y"], want, rtol=1e-6, atol=1e-7)
