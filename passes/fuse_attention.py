@@ -109,30 +109,38 @@ def _untransposed(rw: Rewriter, kt: Value, before) -> Value:
 
 
 def _repeated_heads(five: Value) -> Optional[Value]:
-    """k0 when five = expand(unsqueeze(k0, [2])) is [B, Hkv, r, S, D] from k0 [B, Hkv, S, D]."""
+    """k0 when five = expand(unsqueeze(k0, [2])) is [B, Hkv, r, S, D] from k0 [B, Hkv, S, D].
+
+    The expand's dims may be symbols of their own when its target shape is computed at run
+    time (torch.onnx's repeat_kv: `unk__5` for r); then the static dims must agree and the
+    caller checks the reshaped result against k0's dims."""
     expand = _producer(five, "expand")
     unsq = _producer(expand.operands[0], "unsqueeze") if expand else None
     if unsq is None or list(unsq.attrs["axes"]) not in ([2], [-3]):
         return None
     k0 = unsq.operands[0]
     shape = five.type.shape
-    if k0.type.rank != 4 or len(shape) != 5 or not isinstance(shape[2], int):
+    if k0.type.rank != 4 or len(shape) != 5:
         return None
-    b, hkv, s, d = k0.type.shape
-    if not (shape[0] == b and shape[1] == hkv and shape[3] == s and shape[4] == d):
-        return None
+    for got, want in zip(shape[:2] + shape[3:], k0.type.shape):
+        if got != want and not (isinstance(got, str) and got.startswith("unk__")):
+            return None
     return k0
 
 
 def _shared_heads(rw: Rewriter, v: Value) -> Value:
-    """k0 when v = reshape(expand(unsqueeze(k0, [2]))) repeats the kv heads of k0, else v."""
+    """k0 when v = reshape(expand(unsqueeze(k0, [2]))) repeats the kv heads of k0, else v: the
+    reshaped result must be k0's [B, Hkv * r, S, D] with k0's own B, S and D."""
     reshape = _producer(v, "reshape")
     k0 = _repeated_heads(reshape.operands[0]) if reshape else None
     if k0 is None or v.type.rank != 4:
         return v
     b, hkv, s, d = k0.type.shape
+    heads = v.type.shape[1]
     rep = reshape.operands[0].type.shape[2]
-    if not isinstance(hkv, int) or v.type.shape != (b, hkv * rep, s, d):
+    if not isinstance(rep, int):  # a run-time expand: r from the heads it was reshaped to
+        rep = heads // hkv if isinstance(heads, int) and isinstance(hkv, int) and hkv else None
+    if rep is None or not isinstance(hkv, int) or v.type.shape != (b, hkv * rep, s, d):
         return v
     return k0
 

@@ -739,3 +739,33 @@ def test_cpu_backend_runs_epilogues_and_fused_ops():
         want = ref(torch.from_numpy(xs)).numpy()
         got = cpu(torch.from_numpy(xs)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_run_time_repeat_kv_is_read_as_shared_heads(tmp_path):
+    """torch.onnx (dynamo=False) of the example Llama computes repeat_kv's expand shape at run
+    time (symbolic r); the heads it reshapes to give r: attention reads the 2 kv heads once,
+    no expand is left, and the results are unchanged."""
+    pytest.importorskip("torch")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import decoder_models as dm
+
+    from qcompiler.driver.frontend import import_model
+
+    cfg = dict(dm.SMALL_LLAMA)
+    feeds = dm.llama_inputs(cfg, 1, 1, 3, 5)
+    path = dm.export_onnx(dm.llama(layers=1, **cfg), feeds, str(tmp_path / "l.onnx"),
+                          dynamo=False)
+    base = _passes(import_model(path), "canonicalize")
+    fused = _passes(base.clone(), "fuse-attention")
+    ops = _ops(fused)
+    assert ops["attention"] == 1 and "expand" not in ops
+    node = next(n for n in fused.main.nodes if n.op == "attention")
+    assert node.operands[1].type.shape[1] == cfg["kv_heads"]
+    assert node.operands[0].type.shape[1] == cfg["heads"]
+    for seed in (1, 2):
+        _same_outputs(base, fused, dm.llama_inputs(cfg, 1, 2, 3, 5, seed=seed),
+                      rtol=1e-5, atol=1e-6)
