@@ -1,0 +1,153 @@
+"""fuse-rotary: rotary position embedding written out (rotate_half) becomes one
+``rotary_embedding`` op.
+
+Recognized (Llama-style exports, x [B, H, S, D] with D = 2h)::
+
+    rot = concat(neg(slice(x, h:D)), slice(x, 0:h), axis=-1)        (rotate_half)
+    y   = add(mul(x, cos), mul(rot, sin))                             (either order)
+    cos = unsqueeze(gather(COS, pos), [1]),  sin = unsqueeze(gather(SIN, pos), [1])
+
+where COS and SIN are constant [P, D] tables whose two halves are equal (``cat([f, f])``):
+→ ``rotary_embedding(x, COS[:, :h], SIN[:, :h], pos) {interleaved = 0}``, the ONNX op (the
+non-interleaved halves rotate as r1 = cos x1 - sin x2, r2 = sin x1 + cos x2, which is what the
+decomposed form computes). Five kernels per tensor become one, and the product is rounded
+once instead of per step (the f16 decomposed form rounds each mul and the add).
+Intermediates must have no other use, except x.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import Value
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+
+def _producer(v: Optional[Value], op: str):
+    if v is None or v.producer is None or v.producer.op != op:
+        return None
+    return v.producer
+
+
+def _last_axis_slice(rw: Rewriter, v: Value) -> Optional[tuple[Value, int, int]]:
+    """(x, start, end) when v = slice(x) along x's last axis with step 1 (single use)."""
+    node = _producer(v, "slice")
+    if node is None or not rw.single_use(v):
+        return None
+    x = node.operands[0]
+    starts, ends = rw.const(node.arg("starts")), rw.const(node.arg("ends"))
+    axes = rw.const(node.arg("axes")) if node.arg("axes") is not None else None
+    steps = rw.const(node.arg("steps")) if node.arg("steps") is not None else None
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    d = x.type.shape[-1]
+    axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+    if not isinstance(d, int) or axis % x.type.rank != x.type.rank - 1:
+        return None
+    if steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    start, end = (int(np.clip(int(c.reshape(-1)[0]) + (d if int(c.reshape(-1)[0]) < 0 else 0),
+                              0, d)) for c in (starts, ends))
+    return x, start, end
+
+
+def _rotate_half_of(rw: Rewriter, rot: Value) -> Optional[Value]:
+    """x when rot = concat(neg(x[..., h:]), x[..., :h], axis=-1) with D = 2h."""
+    cat = _producer(rot, "concat")
+    if cat is None or not rw.single_use(rot) or len(cat.operands) != 2:
+        return None
+    if cat.attrs["axis"] % rot.type.rank != rot.type.rank - 1:
+        return None
+    neg = _producer(cat.operands[0], "neg")
+    if neg is None or not rw.single_use(cat.operands[0]):
+        return None
+    hi, lo = _last_axis_slice(rw, neg.operands[0]), _last_axis_slice(rw, cat.operands[1])
+    if hi is None or lo is None or hi[0] is not lo[0]:
+        return None
+    x = hi[0]
+    d = x.type.shape[-1]
+    if d % 2 or hi[1:] != (d // 2, d) or lo[1:] != (0, d // 2):
+        return None
+    return x
+
+
+def _table_rows(rw: Rewriter, v: Value) -> Optional[tuple[np.ndarray, Value]]:
+    """(TABLE, pos) when v = unsqueeze(gather(TABLE, pos, axis=0), [1]) with TABLE constant."""
+    unsq = _producer(v, "unsqueeze")
+    if unsq is None or list(unsq.attrs["axes"]) != [1]:
+        return None
+    gather = _producer(unsq.operands[0], "gather")
+    if gather is None or gather.attrs.get("axis", 0) != 0:
+        return None
+    table = rw.const(gather.operands[0])
+    pos = gather.operands[1]
+    if table is None or table.ndim != 2 or pos.type.rank != 2:
+        return None
+    return table, pos
+
+
+class FuseRotary(RewritePattern):
+    op = "add"
+
+    def rewrite(self, node, rw):
+        muls = [_producer(v, "mul") for v in node.operands]
+        if None in muls or not all(rw.single_use(v) for v in node.operands):
+            return False
+        for first, second in (muls, muls[::-1]):
+            match = self._match(rw, first, second)
+            if match is not None:
+                break
+        else:
+            return False
+        x, cos, sin, pos = match
+        h = x.type.shape[-1] // 2
+        cos_h = rw.constant(np.ascontiguousarray(cos[:, :h]), x.type.with_shape(
+            (cos.shape[0], h)), before=node, hint="rope_cos")
+        sin_h = rw.constant(np.ascontiguousarray(sin[:, :h]), x.type.with_shape(
+            (sin.shape[0], h)), before=node, hint="rope_sin")
+        fused = rw.create("rotary_embedding", [x, cos_h, sin_h, pos],
+                          {"interleaved": 0, "num_heads": 0, "rotary_embedding_dim": 0},
+                          before=node, hint="rotary", result_types=[node.result.type])
+        rw.replace(node, [fused.result])
+        return True
+
+    def _match(self, rw, plain, rotated):
+        """(x, COS, SIN, pos) when plain = x * cos and rotated = rotate_half(x) * sin."""
+        for xs, cs in ((0, 1), (1, 0)):
+            x, cos_v = plain.operands[xs], plain.operands[cs]
+            for rs, ss in ((0, 1), (1, 0)):
+                rot, sin_v = rotated.operands[rs], rotated.operands[ss]
+                if _rotate_half_of(rw, rot) is not x:
+                    continue
+                if x.type.rank != 4 or not x.type.dtype.is_float:
+                    continue
+                cos_t, sin_t = _table_rows(rw, cos_v), _table_rows(rw, sin_v)
+                if cos_t is None or sin_t is None or cos_t[1] is not sin_t[1]:
+                    continue
+                d, h = x.type.shape[-1], x.type.shape[-1] // 2
+                (cos, pos), (sin, _) = cos_t, sin_t
+                if cos.shape[1] != d or sin.shape[1] != d:
+                    continue
+                if not (np.array_equal(cos[:, :h], cos[:, h:])
+                        and np.array_equal(sin[:, :h], sin[:, h:])):
+                    continue
+                if cos_v.type.shape[1] != 1 or plain.result.type.shape != x.type.shape:
+                    continue
+                return x, cos.astype(x.type.dtype.np_dtype), sin.astype(
+                    x.type.dtype.np_dtype), pos
+        return None
+
+
+@register_pass("fuse-rotary")
+@dataclass
+class FuseRotaryPass(Pass):
+    """Rotary embedding written out with rotate_half → one rotary_embedding op."""
+
+    def run(self, module: Module) -> Module:
+        fused = apply_patterns(module, [FuseRotary()])
+        record_stat(module, self.name, rotary=fused)
+        return module
