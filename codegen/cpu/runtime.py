@@ -312,6 +312,14 @@ class QmmKernel:
         if buf is None:
             buf = self._buffers[(vi, m_pad)] = _Buffers(p, m_pad, mb, row_major)
         if p.numerics == "int8":
+            if (self.perm is None and p.k == bl.k_pad and m == m_pad and x.nbytes >= 65536
+                    and x.flags.c_contiguous and x.ctypes.data % 64 == 0):
+                # the prologue reads the caller's rows (a large copy saved; for small x the
+                # copy costs less than wrapping x)
+                import tvm
+
+                self.quantize(tvm.runtime.from_dlpack(x), *buf.quant_args[1:])
+                return vi, buf, m
             buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
             buf.x[m:] = 0
             self.quantize(*buf.quant_args)

@@ -7,44 +7,24 @@ m = TypeVar("m")
 m_outer = TypeVar("m_outer")
 @I.ir_module
 class Module:
-    @T.prim_func(s_tir=True)
-    def qmm_quantize(x: T.Buffer((m, 64), "float32"), xq: T.Buffer((m, 64), "int8"), x_scale: T.Buffer((m, 2), "float32"), xsum: T.Buffer((m, 2), "float32")):
+    @T.prim_func
+    def qmm_quantize(x: T.Buffer((m, 64), "float32"), xq: T.Buffer((m, 64), "int8"), scale: T.Buffer((m, 2), "float32"), xsum: T.Buffer((m, 2), "float32")):
         T.func_attr({"tirx.noalias": True})
-        # with T.sblock("root"):
-        amax = T.sblock_alloc_buffer((m, 2))
-        for i, g, kk in T.grid(m, 2, 32):
-            with T.sblock("amax"):
-                v_i = T.axis.spatial(m, i)
-                v_g, v_kk = T.axis.remap("SR", [g, kk])
-                T.reads(x[v_i, v_g * 32 + v_kk])
-                T.writes(amax[v_i, v_g])
-                with T.init():
-                    amax[v_i, v_g] = T.float32(-340282346638528859811704183484516925440.0)
-                amax[v_i, v_g] = T.max(amax[v_i, v_g], T.fabs(x[v_i, v_g * 32 + v_kk]))
-        for i, k_0, k_1_0 in T.grid(m, 2, 2):
-            for k_1_1 in T.vectorized(16):
-                with T.sblock("xq"):
-                    v_i = T.axis.spatial(m, i)
-                    v_k = T.axis.spatial(64, k_0 * 32 + k_1_0 * 16 + k_1_1)
-                    T.reads(x[v_i, v_k], amax[v_i, v_k // 32])
-                    T.writes(xq[v_i, v_k])
-                    xq[v_i, v_k] = T.Cast("int8", T.nearbyint(x[v_i, v_k] * T.Select(T.float32(0.0) < amax[v_i, v_k // 32], T.float32(127.0) / amax[v_i, v_k // 32], T.float32(0.0))))
         for i, g in T.grid(m, 2):
-            with T.sblock("x_scale"):
-                v_i = T.axis.spatial(m, i)
-                v_g = T.axis.spatial(2, g)
-                T.reads(amax[v_i, v_g])
-                T.writes(x_scale[v_i, v_g])
-                x_scale[v_i, v_g] = T.Select(T.float32(0.0) < amax[v_i, v_g], amax[v_i, v_g] * T.float32(0.007874015748031496), T.float32(1.0))
-        for i, g, k2 in T.grid(m, 2, 32):
-            with T.sblock("xsum"):
-                v_i = T.axis.spatial(m, i)
-                v_g, v_k2 = T.axis.remap("SR", [g, k2])
-                T.reads(xq[v_i, v_g * 32 + v_k2])
-                T.writes(xsum[v_i, v_g])
-                with T.init():
-                    xsum[v_i, v_g] = T.float32(0.0)
-                xsum[v_i, v_g] = xsum[v_i, v_g] + T.Cast("float32", xq[v_i, v_g * 32 + v_k2])
+            vmax: T.int32x16
+            vsum: T.int32x16
+            vmax = T.Broadcast(0, 16)
+            vsum = T.Broadcast(0, 16)
+            for c in T.unroll(2):
+                vmax = T.max(vmax, T.reinterpret("int32x16", T.fabs(x[i, T.Ramp(g * 32 + c * 16, 1, 16)])))
+            amax: T.float32 = T.reinterpret("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", vmax))
+            scale[i, g] = T.Select(amax > T.float32(0.0), amax * T.float32(0.007874015748031496), T.float32(1.0))
+            inv: T.float32 = T.Select(amax > T.float32(0.0), T.float32(127.0) / amax, T.float32(0.0))
+            for c in T.unroll(2):
+                q: T.int32x16 = T.Cast("int32x16", T.nearbyint(x[i, T.Ramp(g * 32 + c * 16, 1, 16)] * T.Broadcast(inv, 16)))
+                xq[i, g * 32 + c * 16:g * 32 + c * 16 + 16] = T.Cast("int8x16", q)
+                vsum = vsum + q
+            xsum[i, g] = T.Cast("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vsum))
 
     @T.prim_func(s_tir=True)
     def qmm_v0(xq: T.Buffer((m_outer, 4, 64), "int8"), xsum: T.Buffer((m_outer, 4, 2), "float32"), x_scale: T.Buffer((m_outer, 4, 2), "float32"), w: T.Buffer((1, 8, 64, 4), "uint8"), s: T.Buffer((1, 2, 64), "float32"), zc: T.Buffer((1, 2, 64), "uint8"), y: T.Buffer((m_outer, 4, 64), "float32")):
