@@ -225,7 +225,7 @@ def minilm(args, target, results):
             ms_torch = cuda_time_ms(lambda: half(input_ids=tfeeds["input_ids"],
                                                  attention_mask=tfeeds["attention_mask"]))
             ms_compiled = None
-            if args.compile_peers:
+            if args.compile_peers != "none":
                 ms_compiled = compiled_peer_ms(half, lambda p: p(
                     input_ids=tfeeds["input_ids"], attention_mask=tfeeds["attention_mask"]), 200)
         print(f"minilm {b}x{s}: ours {ms_ours:.3f} ms per run() (graph replay "
@@ -294,7 +294,7 @@ def llama(args, target, results):
         with torch.no_grad(), default_dtype(torch.float16):
             ms_torch = cuda_time_ms(lambda: half(*th.values()), iters=50, warmup=5)
             ms_compiled = None
-            if args.compile_peers:
+            if args.compile_peers == "all":
                 ms_compiled = compiled_peer_ms(half, lambda p: p(*th.values()), 50)
         print(f"llama {name} {layers} layers decode at ctx {past + 1}: ours {ms_ours:.3f} ms per "
               f"run() (graph replay {ms_graph}), torch fp16 eager {ms_torch:.3f} ms, "
@@ -307,6 +307,20 @@ def llama(args, target, results):
     return ok
 
 
+STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+
+
+def write_results(a, results: list, ok: bool) -> dict:
+    import torch
+
+    doc = {"device": torch.cuda.get_device_name(), "date_utc": STAMP, "torch": torch.__version__,
+           "target": a.target, "checks_passed": bool(ok), "results": results}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"models-gpu-{STAMP}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
+
+
 def main(argv=None) -> int:
     os.environ["QC_CUDA_PLAN"] = "1"  # the device plan (the default) is what this measures
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -316,11 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time each launch alone")
-    ap.add_argument("--compile-peers", action="store_true",
-                    help="also time torch.compile(mode='reduce-overhead')")
+    ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",
+                    help="also time torch.compile(mode='reduce-overhead') for these models")
     a = ap.parse_args(argv)
-    import torch
-
     results = []
     ok = True
     for part in (minilm, llama):
@@ -334,13 +346,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             print(f"{part.__name__}: FAILED: {type(e).__name__}: {e}")
             ok = False
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    doc = {"device": torch.cuda.get_device_name(), "date_utc": stamp, "torch": torch.__version__,
-           "target": a.target, "checks_passed": bool(ok), "results": results}
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"models-gpu-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+        doc = write_results(a, results, ok)  # after each model: a run cut short keeps them
     print(json.dumps(doc, indent=1))
     return 0 if ok else 1
 
