@@ -28,6 +28,9 @@ class Kernel:
     kind: str  # injective | rows | reduce | matmul | attention
     rows: int = 0  # rows kind: leading output dims that index one row (one iteration)
     baked: dict = field(default_factory=dict)
+    # injective kind: intermediate stages computed once into buffers of their own (their own
+    # loop nests, before the results) instead of inlined into every use
+    stages: list = field(default_factory=list)
 
 
 BUILDERS: dict[str, Callable] = {}
@@ -1711,6 +1714,15 @@ def _resize(ctx: _Ctx) -> Kernel:
                   baked={"sizes": None if sizes is None else np.asarray(sizes).tolist()})
 
 
+def _rounded(x):
+    """``x`` (a product) behind ``llvm.arithmetic.fence``: TVM lets LLVM contract a multiply
+    that feeds an add into one FMA, rounding once where the reference (numpy) rounds the
+    product and the sum; behind the fence the add sees no multiply to fuse."""
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin(dtype_of(x), "llvm.arithmetic.fence", x)
+
+
 def _grid_reflect(x, lo: float, hi: float):
     """The reference's _grid_reflect of one float64 coordinate."""
     from tvm import tirx
@@ -1733,8 +1745,17 @@ def _grid_sample(ctx: _Ctx) -> Kernel:
     """GridSample as the reference: per spatial dim the grid coordinate denormalized in
     float32, padded (border / reflection) and its taps (nearest 1, linear 2, cubic 4) with
     weights; the result the float64 sum over the tap combinations (0 outside x for zeros
-    padding). Static spatial sizes of x."""
-    from tvm import tirx
+    padding). Static spatial sizes of x.
+
+    Each grid point's padded coordinate, tap indices and tap weights are stages of their own
+    (``gs_coord<d>`` [N, *out], ``gs_tap<d>`` / ``gs_w<d>`` [taps, N, *out]), materialized once
+    per point and read by the taps of every channel: inlined, the reflected coordinate (and
+    the reflection of each tap's index of it) was re-derived in every one of the 4 / 16 tap
+    combinations, an expression so large that the linear + reflection kernel took over 300 s
+    to build. A tap index is already padded and clamped into x; -1 marks a tap outside x
+    (zeros padding). Equal to the reference bit for bit: every product that feeds an add is
+    rounded on its own (``_rounded``: no FMA), the float32 denormalization included."""
+    from tvm import te, tirx
 
     node = ctx.node
     mode, padding = node.attrs["mode"], node.attrs["padding_mode"]
@@ -1746,64 +1767,99 @@ def _grid_sample(ctx: _Ctx) -> Kernel:
     nsp = len(sp)
     f32, f64, i64 = "float32", "float64", "int64"
     dtype = ctx.out_dtypes[0]
+    points = list(grid.shape[:-1])  # [N, *out]
+    ntaps = {"nearest": 1, "linear": 2}.get(mode, 4)
+    first = -1 if mode == "cubic" else 0  # the offset of tap 0 from floor(coordinate)
 
-    def fn(i):
-        per_dim = []
-        for d, size in enumerate(sp):
-            g = grid[(i[0],) + tuple(i[2:]) + (_i64(nsp - 1 - d),)].astype(f32)
+    def bounds(size):
+        return (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+
+    def coord_stage(d, size, lo, hi):
+        def coord(*p):
+            g = grid[tuple(p) + (_i64(nsp - 1 - d),)].astype(f32)
             one, two = tirx.const(1.0, f32), tirx.const(2.0, f32)
             c = ((g + one) / two * tirx.const(float(size - 1), f32)) if align else \
-                (((g + one) * tirx.const(float(size), f32) - one) / two)
-            lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+                ((_rounded((g + one) * tirx.const(float(size), f32)) - one) / two)
             c = c.astype(f64)
             if mode == "nearest":
                 c = tirx.nearbyint(c)
-            if padding == "border" and mode != "cubic":
+            if padding == "border" and mode != "cubic":  # cubic: each tap clamped (below)
                 c = tirx.Select(tirx.Or(c < tirx.const(lo, f64), c > tirx.const(hi, f64)),
                                 tirx.max(tirx.min(c, tirx.const(size - 1.0, f64)),
                                          tirx.const(0.0, f64)), c)
             elif padding == "reflection":
                 c = _grid_reflect(c, lo, hi)
+            return c
+
+        return te.compute(points, coord, name=f"gs_coord{d}")
+
+    def tap_stage(d, cd, size, lo, hi):
+        def tap(*pj):
+            j, p = pj[0], pj[1:]
+            c = cd[p]
             if mode == "nearest":
-                per_dim.append([(tirx.trunc(c).astype(i64), None)])
-                continue
-            base = tirx.floor(c)
-            t = c - base
-            base = base.astype(i64)
-            if mode == "linear":
-                per_dim.append([(base, tirx.const(1.0, f64) - t), (base + _i64(1), t)])
+                idx = tirx.trunc(c).astype(i64)
             else:
-                taps = []
-                for o, dd in zip((-1, 0, 1, 2), (t + tirx.const(1.0, f64), t,
-                                                 tirx.const(1.0, f64) - t,
-                                                 tirx.const(2.0, f64) - t)):
-                    dd = tirx.abs(dd)
-                    a = -0.75
-                    near = ((tirx.const(a + 2, f64) * dd - tirx.const(a + 3, f64)) * dd * dd
-                            + tirx.const(1.0, f64))
-                    far = ((tirx.const(a, f64) * dd - tirx.const(5 * a, f64)) * dd
-                           + tirx.const(8 * a, f64)) * dd - tirx.const(4 * a, f64)
-                    taps.append((base + _i64(o), tirx.Select(dd <= tirx.const(1.0, f64),
-                                                             near, far)))
-                per_dim.append(taps)
+                idx = tirx.floor(c).astype(i64) + j.astype(i64) + _i64(first)
+            if padding == "zeros":
+                inside = tirx.And(idx >= _i64(0), idx < _i64(size))
+                return tirx.Select(inside, idx, _i64(-1))
+            if padding == "border":
+                return tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0))
+            idx = tirx.trunc(_grid_reflect(idx.astype(f64), lo, hi)).astype(i64)
+            return tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0))
+
+        return te.compute([ntaps] + points, tap, name=f"gs_tap{d}")
+
+    def weight_stage(d, cd):
+        def weight(*pj):
+            j, p = pj[0], pj[1:]
+            c = cd[p]
+            t = c - tirx.floor(c)
+            one = tirx.const(1.0, f64)
+            if mode == "linear":
+                return tirx.Select(j == 0, one - t, t)
+            # |t - (j - 1)|: the reference's |t + 1|, |t|, |1 - t|, |2 - t| (exact)
+            dd = tirx.abs(t - (j.astype(i64) + _i64(first)).astype(f64))
+            a = -0.75
+            near = _rounded((_rounded(tirx.const(a + 2, f64) * dd)
+                             - tirx.const(a + 3, f64)) * dd * dd) + one
+            far = _rounded(tirx.const(a, f64) * dd) - tirx.const(5 * a, f64)
+            far = _rounded(far * dd) + tirx.const(8 * a, f64)
+            far = _rounded(far * dd) - tirx.const(4 * a, f64)
+            return tirx.Select(dd <= one, near, far)
+
+        return te.compute([ntaps] + points, weight, name=f"gs_w{d}")
+
+    coords, taps, weights = [], [], []
+    for d, size in enumerate(sp):
+        lo, hi = bounds(size)
+        coords.append(coord_stage(d, size, lo, hi))
+        taps.append(tap_stage(d, coords[-1], size, lo, hi))
+        if mode != "nearest":
+            weights.append(weight_stage(d, coords[-1]))
+
+    def fn(i):
+        p = (i[0],) + tuple(i[2:])
         total = tirx.const(0.0, f64)
-        for combo in np.ndindex(*[len(t) for t in per_dim]):
-            weight, index, inside = None, [], tirx.const(True, "bool")
-            for taps, j, size in zip(per_dim, combo, sp):
-                idx, w = taps[j]
-                lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        for combo in np.ndindex(*[ntaps] * nsp):
+            weight, index, inside = None, [], None
+            for d, j in enumerate(combo):
+                k = taps[d][(_i64(j),) + p]
                 if padding == "zeros":
-                    inside = tirx.And(inside, tirx.And(idx >= _i64(0), idx < _i64(size)))
-                elif padding == "border":
-                    idx = tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0))
-                else:
-                    idx = tirx.trunc(_grid_reflect(idx.astype(f64), lo, hi)).astype(i64)
-                index.append(tirx.max(tirx.min(idx, _i64(size - 1)), _i64(0)))
-                if w is not None:
+                    ok = k >= _i64(0)
+                    inside = ok if inside is None else tirx.And(inside, ok)
+                    k = tirx.max(k, _i64(0))
+                index.append(k)
+                if mode != "nearest":
+                    w = weights[d][(_i64(j),) + p]
                     weight = w if weight is None else weight * w
             pixel = x[(i[0], i[1]) + tuple(index)].astype(f64)
-            pixel = tirx.Select(inside, pixel, tirx.const(0.0, f64))
-            total = total + (pixel if weight is None else pixel * weight)
+            if inside is not None:
+                pixel = tirx.Select(inside, pixel, tirx.const(0.0, f64))
+            total = total + (pixel if weight is None else _rounded(pixel * weight))
         return total.astype(dtype)
 
-    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+    stages = [t.op.name for t in coords + taps + weights]
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  stages=stages)

@@ -76,11 +76,13 @@ def _outer_parallel(sch, loops, shape, p: ScheduleParams):
     return fused
 
 
-def schedule_injective(sch, outputs, p: ScheduleParams):
+def schedule_injective(sch, outputs, p: ScheduleParams, stages=()):
+    """``stages``: intermediate blocks kept as loop nests of their own (scheduled as the
+    results are), every other one inlined into its uses."""
     for block in _all_blocks(sch):
-        if sch.get(block).name_hint not in outputs:
+        if sch.get(block).name_hint not in outputs and sch.get(block).name_hint not in stages:
             sch.compute_inline(block)
-    for name in outputs:
+    for name in list(stages) + list(outputs):
         block = sch.get_sblock(name)
         loops = sch.get_loops(block)
         shape = [_loop_extent(sch, lp) for lp in loops]
@@ -310,7 +312,7 @@ def schedule(func, kernel, p: ScheduleParams):
 
     sch = tvm.s_tir.Schedule(func)
     if kernel.kind == "injective":
-        schedule_injective(sch, [t.op.name for t in kernel.outputs], p)
+        schedule_injective(sch, [t.op.name for t in kernel.outputs], p, kernel.stages)
     elif kernel.kind == "rows":
         schedule_rows(sch, kernel.rows, p)
     elif kernel.kind == "reduce_rows":
