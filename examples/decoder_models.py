@@ -138,7 +138,9 @@ def llama(layers: int = 4, vocab: int = 32000, hidden: int = 2048, heads: int = 
             # key j is visible to query i when j <= past + i (causal against the cache)
             qpos = torch.arange(s, device=input_ids.device)[:, None] + past
             kpos = torch.arange(past + s, device=input_ids.device)[None, :]
-            mask = torch.where(kpos <= qpos, 0.0, -3.4028234663852886e38)
+            # float's lowest (f32: -3.4028234663852886e38, what the ONNX export holds; an fp16
+            # run of the same module, under torch.set_default_dtype(float16), gets -65504)
+            mask = torch.where(kpos <= qpos, 0.0, torch.finfo(torch.get_default_dtype()).min)
             new_k, new_v = [], []
             for i, block in enumerate(self.blocks):
                 pk = None if past_k is None else past_k[i]
