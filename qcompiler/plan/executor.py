@@ -2,10 +2,11 @@
 
 Per shape bucket one arena, allocated once (64-byte aligned) and reused by every run. Per
 input-shape signature, once: the shape functions are evaluated (``shapes.resolve``), a bucket
-is chosen (the smallest arena covering the dims; beyond every bucket a plan for exactly these
-dims, with a warning), and the call list is built: for each step its callable and the numpy
-views it reads and writes. A run then binds the inputs and fresh output arrays into that list
-and loops over it.
+is chosen (the smallest arena covering the dims; beyond every bucket a plan for the dims
+rounded up to their size class, cached per class, with a warning), and the call list is built:
+for each step its callable and the numpy views it reads and writes (a step bound for an
+earlier signature over the same memory keeps its bound call). A run then binds the inputs and
+fresh output arrays into that list and loops over it.
 
 A step implementation is called in destination-passing style, ``impl(args, outs)``: ``args``
 are the operands (None for an absent optional one), ``outs`` the arrays to write. Entries of
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import math
 import os
 import sys
 import time
@@ -78,6 +80,16 @@ def reference_step(node, module: Module) -> StepImpl:
                                 f"plan has {out.dtype}{list(out.shape)}")
             np.copyto(out, y)
     return impl
+
+
+def size_class(d: int) -> int:
+    """``d`` rounded up to a multiple of an eighth of the largest power of two not above it
+    (less than 12.5% more; 8 classes per octave): the dims an arena is planned for beyond
+    every bucket."""
+    if d <= 8:
+        return d
+    step = (1 << (d.bit_length() - 1)) // 8
+    return -(-d // step) * step
 
 
 def copy_step(args: list, outs: list) -> None:
@@ -167,6 +179,7 @@ class PlanExecutor:
         self._exact: dict[tuple, MemoryPlan] = {}
         self._warned = False
         self._impls: dict[str, StepImpl] = {}
+        self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
         self._profile = _Profile(plan.function) if os.environ.get("QC_PROFILE") == "1" else None
         values = {r.name: r for n in module.main.nodes for r in n.results}
         self._weights = {}
@@ -238,21 +251,35 @@ class PlanExecutor:
     __call__ = run
 
     def memory_plan_for(self, dims: dict) -> MemoryPlan:
-        """The bucket that serves ``dims``, or (beyond every bucket) a plan for exactly them."""
+        """The bucket that serves ``dims``, or (beyond every bucket) a plan for the dims rounded
+        up to their size class (``size_class``), cached per class: a decode loop, whose KV
+        length grows by one each step, plans once per class instead of once per step (sizes
+        are monotone in the dims, and ``_arena_view`` checks every view against its slot).
+        Dims for which the model's shapes cannot be resolved when rounded are planned as
+        they are."""
         mem = select_bucket(self.plan, dims)
         if mem is not None:
             return mem
         bounds = {s: dims[s] for s in self.plan.symbols}
-        key = tuple(sorted(bounds.items()))
-        if key not in self._exact:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"@{self.plan.function}: dims {bounds} exceed every shape bucket "
-                              f"({[b.bounds for b in self.plan.buckets]}); planning the arena "
-                              "for exactly these dims (cached per shape; declare a larger "
-                              "bucket to avoid it)", RuntimeWarning, stacklevel=3)
-            self._exact[key] = plan_memory(self.plan, self.module, bounds, self._constants)
-        return self._exact[key]
+        rounded = {s: size_class(d) for s, d in bounds.items()}
+        for want in (rounded, bounds):
+            key = tuple(sorted(want.items()))
+            if key in self._exact:
+                return self._exact[key]
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"@{self.plan.function}: dims {bounds} exceed every shape bucket "
+                          f"({[b.bounds for b in self.plan.buckets]}); planning the arena for "
+                          f"dims rounded up to their size class ({rounded}; cached per class; "
+                          "declare a larger bucket to avoid it)", RuntimeWarning, stacklevel=3)
+        try:
+            mem = plan_memory(self.plan, self.module, rounded, self._constants)
+            key = tuple(sorted(rounded.items()))
+        except Exception:  # a shape the model cannot take at the rounded dims
+            mem = plan_memory(self.plan, self.module, bounds, self._constants)
+            key = tuple(sorted(bounds.items()))
+        self._exact[key] = mem
+        return mem
 
     def _arena(self, mem: MemoryPlan) -> np.ndarray:
         arena = self._arenas.get(mem.key())
@@ -278,15 +305,19 @@ class PlanExecutor:
         arena = self._arena(mem)
 
         static: dict[str, np.ndarray] = {}
+        # what each static array is, cheaply comparable across signatures (``_bind``)
+        memory: dict[str, tuple] = {}
         fresh: dict = {}
         dynamic_views: dict = {}
         for b in plan.buffers.values():
             shape = resolved.shapes.get(b.name)
             if b.kind == "weight":
                 static[b.name] = self._weights[b.name]
+                memory[b.name] = ("weight", b.name)
             elif b.kind == "host":
                 # as the IR types it: compiled kernels read host values as their typed buffers
                 static[b.name] = aligned_array(resolved.host[b.name], elem(b.dtype).np_dtype)
+                memory[b.name] = ("host", id(static[b.name]))  # new per signature
             elif b.kind == "output":
                 src = b.name if b.name in resolved.shapes else None
                 if src is None:  # a copied output: the shape of the value it copies
@@ -297,11 +328,12 @@ class PlanExecutor:
                 root = plan.buffers[b.alias_of or b.name]
                 if root.kind == "arena":
                     static[b.name] = self._arena_view(arena, mem, b, root, shape)
+                    memory[b.name] = (id(arena), mem.offsets[root.name], tuple(shape), b.dtype)
                 else:
                     dynamic_views[b.name] = (root.name, shape)
 
         calls, patches = [], []
-        for step in plan.steps:
+        for index, step in enumerate(plan.steps):
             if step.kind in ("view", "host"):
                 continue
             args = [None if n is None else static.get(n) for n in step.inputs]
@@ -313,7 +345,9 @@ class PlanExecutor:
                         patches.append((lst, i, n))
             impl = self._impl(step)
             if len(patches) == patched and hasattr(impl, "bind"):
-                call = impl.bind(args, outs)
+                key = tuple(None if n is None else memory[n]
+                            for n in list(step.inputs) + list(step.outputs))
+                call = self._bind(index, key, impl, args, outs)
             else:  # the lists are patched with the run's arrays before the calls
                 call = functools.partial(impl, args, outs)
             if self._profile is not None:
@@ -321,9 +355,22 @@ class PlanExecutor:
             calls.append(call)
         return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs))
 
+    def _bind(self, index: int, key: tuple, impl, args: list, outs: list):
+        """``impl.bind(args, outs)``, or the call bound for an earlier signature when this step
+        sees the same memory (``key``: per array its arena, offset, shape and dtype, or the
+        weight; host values are new per signature): a new signature of a decode step (one
+        more KV position) rebinds only the steps whose arrays changed. The cached call holds
+        its arrays, so their memory stays allocated while it is kept."""
+        cached = self._bound.get(index)
+        if cached is not None and cached[0] == key and cached[1] is impl:
+            return cached[2]
+        call = impl.bind(args, outs)
+        self._bound[index] = (key, impl, call, args, outs)
+        return call
+
     def _arena_view(self, arena, mem: MemoryPlan, b, root, shape) -> np.ndarray:
         dtype = elem(b.dtype).np_dtype
-        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        need = math.prod(shape) * dtype.itemsize
         # The bucket was sized at its upper bounds; sizes grow with the dims, so a signature
         # within the bounds fits. Checked here, once per signature, rather than assumed.
         if need > mem.sizes[root.name]:
