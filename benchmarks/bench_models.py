@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -289,6 +290,7 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
     os.environ["QC_CPU_THREADS"] = str(threads)
     out = []
     compiled: dict[str, object] = {}
+    artifacts: dict[str, str] = {}
     for row in _cases(quick, accs):
         if row["model"] not in models or only not in f"{row['model']} {row['case']}":
             continue
@@ -305,9 +307,16 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
         want = sess.run(None, feeds)
         try:
             if path not in compiled:
-                compiled.clear()  # one compiled model alive at a time (memory)
+                # one compiled model alive at a time (memory), its artifact (weights of up to
+                # 0.4 GB) in a directory removed with it
+                for old_dir in artifacts.values():
+                    shutil.rmtree(old_dir, ignore_errors=True)
+                compiled.clear()
+                artifacts.clear()
+                artifacts[path] = tempfile.mkdtemp(prefix="qc_bench_models_")
                 t0 = time.perf_counter()
-                compiled[path] = qcompiler.compile(path, target="cpu")
+                compiled[path] = qcompiler.compile(path, target="cpu",
+                                                   output_dir=artifacts[path])
                 rec["compile_s"] = round(time.perf_counter() - t0, 2)
             mod = compiled[path]
             numerics = sorted({n.attrs["config"].get("numerics", "?")
@@ -341,6 +350,9 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
                                                   "ratio", "ratio_min", "max_rel_err",
                                                   "error", "loadavg")}),
               file=sys.stderr, flush=True)
+    compiled.clear()
+    for old_dir in artifacts.values():
+        shutil.rmtree(old_dir, ignore_errors=True)
     return out
 
 
