@@ -232,3 +232,26 @@ def test_debug_with_a_user_error_still_exits_1(tmp_path, capsys):
     assert main([path, "-o", str(tmp_path / "o"), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("qcompile: error: ")
+
+
+def test_compile_without_output_dir_removes_its_temp_dir_with_the_module(tmp_path):
+    """qcompiler.compile(...) with no output_dir owns its temporary artifact: it is gone once
+    the module is; an explicit output_dir is the caller's and stays."""
+    import gc
+
+    import numpy as np
+
+    import qcompiler
+
+    model = os.path.join(ROOT, "examples", "mlp_int4.onnx")
+    m = qcompiler.compile(model, "ref")
+    tmp = m.directory
+    y = m.run({"x": np.ones((2, 64), np.float32)})["y"]
+    assert os.path.isdir(tmp) and np.isfinite(y).all()
+    del m
+    gc.collect()
+    assert not os.path.exists(tmp)
+    kept = qcompiler.compile(model, "ref", str(tmp_path / "out"))
+    del kept
+    gc.collect()
+    assert os.path.isfile(tmp_path / "out" / "manifest.json")

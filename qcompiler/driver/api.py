@@ -191,9 +191,19 @@ def compile(model, target: str = "ref", output_dir: Optional[str] = None,
             jobs: Optional[int] = None, progress: Optional[bool] = None, buckets=None,
             allow_host_fallback: bool = False):
     """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result
-    (``cache``, ``jobs``, ``progress``, ``allow_host_fallback``: see ``compile_to_dir``)."""
+    (``cache``, ``jobs``, ``progress``, ``allow_host_fallback``: see ``compile_to_dir``).
+    Without ``output_dir`` the artifact goes to a temporary directory that the returned module
+    owns: it is removed when the module is garbage-collected (or at exit)."""
     out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
                                 tuning_log=tuning_log, example_inputs=example_inputs,
                                 cache=cache, jobs=jobs, progress=progress, buckets=buckets,
                                 allow_host_fallback=allow_host_fallback)
-    return load(out_dir)
+    compiled = load(out_dir)
+    if output_dir is None:
+        # Loaded libraries stay mapped after their files are removed (Linux), and the module
+        # loads nothing more once it is gone.
+        import shutil
+        import weakref
+
+        weakref.finalize(compiled, shutil.rmtree, out_dir, True)
+    return compiled
