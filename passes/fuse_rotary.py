@@ -87,11 +87,14 @@ def _table_rows(rw: Rewriter, v: Value) -> Optional[tuple[np.ndarray, Value]]:
     pos = gather.operands[1]
     if table is None or table.ndim != 2 or pos.type.rank != 2:
         return None
-    return table, pos
+    return table, pos, gather.operands[0]
 
 
 class FuseRotary(RewritePattern):
     op = "add"
+
+    def __init__(self):
+        self.half_tables: dict = {}  # (table value, dtype) -> its first half, made once
 
     def rewrite(self, node, rw):
         muls = [_producer(v, "mul") for v in node.operands]
@@ -103,17 +106,25 @@ class FuseRotary(RewritePattern):
                 break
         else:
             return False
-        x, cos, sin, pos = match
-        h = x.type.shape[-1] // 2
-        cos_h = rw.constant(np.ascontiguousarray(cos[:, :h]), x.type.with_shape(
-            (cos.shape[0], h)), before=node, hint="rope_cos")
-        sin_h = rw.constant(np.ascontiguousarray(sin[:, :h]), x.type.with_shape(
-            (sin.shape[0], h)), before=node, hint="rope_sin")
+        x, (cos, cos_value), (sin, sin_value), pos = match
+        cos_h = self._half(rw, cos, cos_value, x, node, "rope_cos")
+        sin_h = self._half(rw, sin, sin_value, x, node, "rope_sin")
         fused = rw.create("rotary_embedding", [x, cos_h, sin_h, pos],
                           {"interleaved": 0, "num_heads": 0, "rotary_embedding_dim": 0},
                           before=node, hint="rotary", result_types=[node.result.type])
         rw.replace(node, [fused.result])
         return True
+
+    def _half(self, rw, table, value, x, before, hint):
+        """The first half of a [P, D] table in x's type; the layers of a model share one."""
+        key = (value, str(x.type.dtype))
+        if key not in self.half_tables:
+            h = x.type.shape[-1] // 2
+            first = rw.module.main.nodes[0] if rw.fn is rw.module.main else before
+            self.half_tables[key] = rw.constant(
+                np.ascontiguousarray(table[:, :h]), x.type.with_shape((table.shape[0], h)),
+                before=first, hint=hint)
+        return self.half_tables[key]
 
     def _match(self, rw, plain, rotated):
         """(x, COS, SIN, pos) when plain = x * cos and rotated = rotate_half(x) * sin."""
@@ -129,7 +140,7 @@ class FuseRotary(RewritePattern):
                 if cos_t is None or sin_t is None or cos_t[1] is not sin_t[1]:
                     continue
                 d, h = x.type.shape[-1], x.type.shape[-1] // 2
-                (cos, pos), (sin, _) = cos_t, sin_t
+                (cos, pos, cos_value), (sin, _, sin_value) = cos_t, sin_t
                 if cos.shape[1] != d or sin.shape[1] != d:
                     continue
                 if not (np.array_equal(cos[:, :h], cos[:, h:])
@@ -137,8 +148,8 @@ class FuseRotary(RewritePattern):
                     continue
                 if cos_v.type.shape[1] != 1 or plain.result.type.shape != x.type.shape:
                     continue
-                return x, cos.astype(x.type.dtype.np_dtype), sin.astype(
-                    x.type.dtype.np_dtype), pos
+                dt = x.type.dtype.np_dtype
+                return x, (cos.astype(dt), cos_value), (sin.astype(dt), sin_value), pos
         return None
 
 

@@ -51,6 +51,10 @@ def test_rotate_half_becomes_rotary_embedding(tmp_path):
     assert node.attrs["interleaved"] == 0 and node.operands[3].name == "position_ids"
     head_dim = cfg["hidden"] // cfg["heads"]
     assert node.operands[1].type.shape[1] == head_dim // 2
+    # the four rotary ops share one half table each for cos and sin
+    tables = {(n.operands[1].name, n.operands[2].name) for n in fused.main.nodes
+              if n.op == "rotary_embedding"}
+    assert len(tables) == 1
     for seed in (1, 2):
         feeds = dm.llama_inputs(cfg, 2, 2, 3, 5, seed=seed)
         want, got = reference.run(base, feeds), reference.run(fused, feeds)
