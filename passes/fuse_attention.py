@@ -30,17 +30,11 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
 from qcompiler.ir.ops import TypeInferenceError, broadcast_shapes, infer_types
-from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 # An additive fill at or below this hides a key (onnxruntime and torch use -3.4e38 or -inf).
 _HIDDEN = -1e30
-
-
-def _producer(v: Optional[Value], op: str):
-    if v is None or v.producer is None or v.producer.op != op:
-        return None
-    return v.producer
 
 
 def _scalar(rw: Rewriter, v: Value) -> Optional[float]:
@@ -53,7 +47,7 @@ def _scalar(rw: Rewriter, v: Value) -> Optional[float]:
 
 def _scaled_operand(rw: Rewriter, v: Value) -> tuple[Value, float]:
     """v = mul(x, c) with a scalar constant c and no other use: (x, c); else (v, 1)."""
-    node = _producer(v, "mul")
+    node = producer_of(v, "mul")
     if node is None or not rw.single_use(v):
         return v, 1.0
     for a, b in (node.operands, node.operands[::-1]):
@@ -66,9 +60,9 @@ def _scaled_operand(rw: Rewriter, v: Value) -> tuple[Value, float]:
 def _through_3d(kt: Value) -> Optional[Value]:
     """k when kt = reshape(transpose(reshape(k, [B*H, S, D]), [0, 2, 1]), [B, H, D, S])
     (how torch's ONNX exporter transposes k for scaled_dot_product_attention)."""
-    outer = _producer(kt, "reshape")
-    tr = _producer(outer.operands[0], "transpose") if outer else None
-    inner = _producer(tr.operands[0], "reshape") if tr else None
+    outer = producer_of(kt, "reshape")
+    tr = producer_of(outer.operands[0], "transpose") if outer else None
+    inner = producer_of(tr.operands[0], "reshape") if tr else None
     if inner is None or list(tr.attrs["perm"]) != [0, 2, 1]:
         return None
     k = inner.operands[0]
@@ -95,7 +89,7 @@ def _untransposed(rw: Rewriter, kt: Value, before) -> Value:
     k = _through_3d(kt)
     if k is not None:
         return k
-    node = _producer(kt, "transpose")
+    node = producer_of(kt, "transpose")
     if node is not None:
         perm = list(node.attrs["perm"])
         perm[-1], perm[-2] = perm[-2], perm[-1]
@@ -114,8 +108,8 @@ def _repeated_heads(five: Value) -> Optional[Value]:
     The expand's dims may be symbols of their own when its target shape is computed at run
     time (torch.onnx's repeat_kv: `unk__5` for r); then the static dims must agree and the
     caller checks the reshaped result against k0's dims."""
-    expand = _producer(five, "expand")
-    unsq = _producer(expand.operands[0], "unsqueeze") if expand else None
+    expand = producer_of(five, "expand")
+    unsq = producer_of(expand.operands[0], "unsqueeze") if expand else None
     if unsq is None or list(unsq.attrs["axes"]) not in ([2], [-3]):
         return None
     k0 = unsq.operands[0]
@@ -131,7 +125,7 @@ def _repeated_heads(five: Value) -> Optional[Value]:
 def _shared_heads(rw: Rewriter, v: Value) -> Value:
     """k0 when v = reshape(expand(unsqueeze(k0, [2]))) repeats the kv heads of k0, else v: the
     reshaped result must be k0's [B, Hkv * r, S, D] with k0's own B, S and D."""
-    reshape = _producer(v, "reshape")
+    reshape = producer_of(v, "reshape")
     k0 = _repeated_heads(reshape.operands[0]) if reshape else None
     if k0 is None or v.type.rank != 4:
         return v
@@ -171,7 +165,7 @@ class FuseAttention(RewritePattern):
     def rewrite(self, node, rw):
         probs, v = node.operands
         probs, nan_guard = _without_nan_guard(rw, probs)
-        softmax = _producer(probs, "softmax")
+        softmax = producer_of(probs, "softmax")
         if softmax is None or not (nan_guard or rw.single_use(probs)) or v.type.rank != 4:
             return False
         if softmax.attrs["axis"] not in (-1, probs.type.rank - 1):
@@ -183,7 +177,7 @@ class FuseAttention(RewritePattern):
         if scores is None or nan_guard and not _finite_mask(rw, mask):
             return False
         scale, scores = self._scale(rw, scores)
-        qk = _producer(scores, "matmul")
+        qk = producer_of(scores, "matmul")
         if qk is None or not rw.single_use(qk.result):
             return False
         q, kt = qk.operands
@@ -228,7 +222,7 @@ class FuseAttention(RewritePattern):
     def _mask(self, rw: Rewriter, scores: Value):
         """(mask, causal, the scores before masking), or (.., .., None) when nothing matches.
         mask: None, an additive float value, or (keep, fill) of a boolean where."""
-        add = _producer(scores, "add")
+        add = producer_of(scores, "add")
         if add is not None:
             for s, m in (add.operands, add.operands[::-1]):
                 if _reaches_qk(rw, s) and rw.single_use(s) and m.type.dtype.is_float:
@@ -236,7 +230,7 @@ class FuseAttention(RewritePattern):
                         return None, True, s
                     return m, False, s
             return None, False, None
-        where = _producer(scores, "where")
+        where = producer_of(scores, "where")
         if where is not None:
             keep, s, fill = where.operands
             hidden = _scalar(rw, fill)
@@ -256,7 +250,7 @@ class FuseAttention(RewritePattern):
         pairs = [node.operands] if node.op == "div" else [node.operands, node.operands[::-1]]
         for s, c in pairs:
             value = _scalar(rw, c)
-            if value is not None and _producer(s, "matmul") is not None and rw.single_use(s):
+            if value is not None and producer_of(s, "matmul") is not None and rw.single_use(s):
                 return (1.0 / value if node.op == "div" else value), s
         return 1.0, scores
 
@@ -264,11 +258,11 @@ class FuseAttention(RewritePattern):
 def _without_nan_guard(rw: Rewriter, probs: Value) -> tuple[Value, bool]:
     """(p, True) when probs = where(isnan(p), 0, p) (torch's ONNX export of SDPA), else
     (probs, False)."""
-    where = _producer(probs, "where")
+    where = producer_of(probs, "where")
     if where is None or not rw.single_use(probs):
         return probs, False
     cond, zero, p = where.operands
-    isnan = _producer(cond, "isnan")
+    isnan = producer_of(cond, "isnan")
     if isnan is None or isnan.operands[0] is not p or _scalar(rw, zero) != 0.0:
         return probs, False
     if len(rw.users.get(p, [])) != 2 or not rw.single_use(cond):
@@ -284,7 +278,7 @@ def _finite_mask(rw: Rewriter, mask) -> bool:
     if isinstance(mask, tuple):
         fill = _scalar(rw, mask[1])
         return fill is not None and np.isfinite(fill)
-    where = _producer(mask, "where")
+    where = producer_of(mask, "where")
     if where is None:
         return False
     values = [_scalar(rw, v) for v in where.operands[1:]]
@@ -293,13 +287,13 @@ def _finite_mask(rw: Rewriter, mask) -> bool:
 
 def _reaches_qk(rw: Rewriter, v: Value) -> bool:
     """v is q kᵀ, possibly scaled by a scalar constant (tells the scores from the mask)."""
-    if _producer(v, "matmul") is not None:
+    if producer_of(v, "matmul") is not None:
         return True
     node = v.producer
     if node is None or node.op not in ("mul", "div"):
         return False
     pairs = [node.operands] if node.op == "div" else [node.operands, node.operands[::-1]]
-    return any(_producer(s, "matmul") is not None and _scalar(rw, c) is not None
+    return any(producer_of(s, "matmul") is not None and _scalar(rw, c) is not None
                for s, c in pairs)
 
 

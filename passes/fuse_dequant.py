@@ -18,16 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Module, QuantScheme, elem
-from qcompiler.ir.core import Node, Value, operand_index
-from qcompiler.ir.rewrite import Rewriter, RewritePattern, apply_patterns
+from qcompiler.ir.core import Node, operand_index
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 U8_PER_TENSOR = QuantScheme(dtype=elem("u8"), symmetric=False, zero_point_type=elem("u8"))
-
-
-def _producer(v: Value, op: str):
-    return v.producer if v is not None and v.producer is not None and v.producer.op == op \
-        else None
 
 
 def _integer_weight_scheme(scheme: QuantScheme) -> bool:
@@ -55,7 +50,7 @@ class FuseDequantMatmul(RewritePattern):
 
     def rewrite(self, node, rw):
         x, wv = node.operands
-        dq = _producer(wv, "dequantize")
+        dq = producer_of(wv, "dequantize")
         if dq is None or rw.const(dq.operands[0]) is None or dq.operands[0].type.rank != 2:
             return False
         scheme: QuantScheme = dq.attrs["scheme"]
@@ -63,7 +58,7 @@ class FuseDequantMatmul(RewritePattern):
         g = dq.arg("g_idx")
         if any(v is not None and rw.const(v) is None for v in (s, zp, g)):
             return False  # run-time scales: leave the dequantize where it is
-        xdq = _producer(x, "dequantize")
+        xdq = producer_of(x, "dequantize")
         if (xdq is not None and _activation_scheme(xdq.attrs["scheme"])
                 and _integer_weight_scheme(scheme) and scheme.dtype.bits <= 8):
             y = _qmatmul(rw, node, xdq.arg("x"), w, s, zp, None, xdq.arg("scale"),
@@ -116,15 +111,15 @@ class FuseDynamicMatmulInteger(RewritePattern):
 
     def rewrite(self, node, rw):
         for cast_v, scale_v in (node.operands, node.operands[::-1]):
-            cast = _producer(cast_v, "cast")
-            smul = _producer(scale_v, "mul")
+            cast = producer_of(cast_v, "cast")
+            smul = producer_of(scale_v, "mul")
             if cast is None or smul is None or not cast.attrs["to"].is_float:
                 continue
-            mi = _producer(cast.operands[0], "matmul_integer")
+            mi = producer_of(cast.operands[0], "matmul_integer")
             if mi is None:
                 continue
             xq, w = mi.arg("a"), mi.arg("b")
-            dyn = _producer(xq, "dynamic_quantize")
+            dyn = producer_of(xq, "dynamic_quantize")
             if dyn is None or mi.arg("a_zero_point") is not dyn.results[2] or rw.const(w) is None:
                 continue
             w_zp = mi.arg("b_zero_point")
@@ -158,7 +153,7 @@ class FoldBiasIntoQmatmul(RewritePattern):
 
     def rewrite(self, node, rw):
         for qv, bias in (node.operands, node.operands[::-1]):
-            qmm = _producer(qv, "qmatmul")
+            qmm = producer_of(qv, "qmatmul")
             if qmm is None or qmm.arg("bias") is not None or not rw.single_use(qv):
                 continue
             b = rw.const(bias)

@@ -24,19 +24,13 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
-from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 X_CODES = ("i8", "u8")
 W_CODES = ("i8", "u8", "i4", "u4")
 CONV_KEYS = ("strides", "pads", "dilations", "group")
-
-
-def _producer(v: Optional[Value], op: str):
-    if v is None or v.producer is None or v.producer.op != op:
-        return None
-    return v.producer
 
 
 def _scalar_const(rw: Rewriter, array, dtype_name: str, before, hint: str) -> Value:
@@ -49,7 +43,7 @@ def _qconv_attrs(conv) -> dict:
 
 
 def _x_dequantize(v: Value):
-    dq = _producer(v, "dequantize")
+    dq = producer_of(v, "dequantize")
     if dq is None:
         return None
     s = dq.attrs["scheme"]
@@ -59,7 +53,7 @@ def _x_dequantize(v: Value):
 
 
 def _w_dequantize(v: Value, out_channels: int):
-    dq = _producer(v, "dequantize")
+    dq = producer_of(v, "dequantize")
     if dq is None:
         return None
     s = dq.attrs["scheme"]
@@ -98,7 +92,7 @@ class FuseQDQConv(RewritePattern):
             return None
         m = node.arg("w").type.shape[0]
         xs_c, ws_c = rw.const(xs), rw.const(ws)
-        b_dq = _producer(b, "dequantize")
+        b_dq = producer_of(b, "dequantize")
         if b_dq is not None and b_dq.arg("x").type.dtype.name == "i32":
             bzp = rw.const(b_dq.arg("zero_point")) if b_dq.arg("zero_point") is not None else None
             bs = rw.const(b_dq.arg("scale"))
@@ -135,8 +129,8 @@ class FuseConvInteger(RewritePattern):
 
     def rewrite(self, node, rw):
         for c, s in (node.operands, node.operands[::-1]):
-            cast = _producer(c, "cast")
-            conv = _producer(cast.operands[0], "conv") if cast is not None else None
+            cast = producer_of(c, "cast")
+            conv = producer_of(cast.operands[0], "conv") if cast is not None else None
             if conv is None or not rw.single_use(c) or not rw.single_use(cast.operands[0]):
                 continue
             if conv.result.type.dtype.name != "i32" or node.result.type.dtype.name != "f32" \
@@ -157,18 +151,18 @@ class FuseConvInteger(RewritePattern):
         x32, w32 = conv.arg("x"), conv.arg("w")
         m = w32.type.shape[0]
         xzp = None
-        sub = _producer(x32, "sub")
+        sub = producer_of(x32, "sub")
         if sub is not None:
             x32, zp = sub.operands
             zc = rw.const(zp)
-            zcast = _producer(zp, "cast")
+            zcast = producer_of(zp, "cast")
             if zc is not None and zc.size == 1:
                 xzp = "const", int(zc.reshape(-1)[0])
             elif zcast is not None and zcast.operands[0].type.rank <= 1:
                 xzp = "value", zcast.operands[0]
             else:
                 return None
-        xcast = _producer(x32, "cast")
+        xcast = producer_of(x32, "cast")
         if xcast is None or xcast.operands[0].type.dtype.name not in X_CODES:
             return None
         xq = xcast.operands[0]
@@ -209,7 +203,7 @@ class FuseConvInteger(RewritePattern):
                 return None
             one = _scalar_const(rw, 1.0, "f32", node, "x_scale")
             return one, rw.constant(w, TensorType(w.shape, f32), node, "w_scale")
-        prod = _producer(s, "mul")
+        prod = producer_of(s, "mul")
         if prod is None:
             return None
         for a, b in (prod.operands, prod.operands[::-1]):

@@ -21,14 +21,8 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
-from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, record_stat, register_pass
-
-
-def _producer(v: Optional[Value], op: str):
-    if v is None or v.producer is None or v.producer.op != op:
-        return None
-    return v.producer
 
 
 def _scalar(rw: Rewriter, v: Value) -> Optional[float]:
@@ -54,15 +48,15 @@ def _squared(rw: Rewriter, v: Value) -> Optional[Value]:
 
 def _root_mean_square(rw: Rewriter, v: Value) -> Optional[tuple[Value, int, float]]:
     """(x, axis, eps) when v = sqrt(reduce_mean(x², trailing axes) + eps), single uses."""
-    sqrt = _producer(v, "sqrt")
+    sqrt = producer_of(v, "sqrt")
     if sqrt is None or not rw.single_use(v):
         return None
-    add = _producer(sqrt.operands[0], "add")
+    add = producer_of(sqrt.operands[0], "add")
     if add is None or not rw.single_use(add.result):
         return None
     for ms, e in (add.operands, add.operands[::-1]):
         eps = _scalar(rw, e)
-        mean = _producer(ms, "reduce_mean")
+        mean = producer_of(ms, "reduce_mean")
         if eps is None or mean is None or not rw.single_use(ms) or not mean.attrs["keepdims"]:
             continue
         x = _squared(rw, mean.operands[0])

@@ -23,19 +23,13 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
-from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, record_stat, register_pass
-
-
-def _producer(v: Optional[Value], op: str):
-    if v is None or v.producer is None or v.producer.op != op:
-        return None
-    return v.producer
 
 
 def _last_axis_slice(rw: Rewriter, v: Value) -> Optional[tuple[Value, int, int]]:
     """(x, start, end) when v = slice(x) along x's last axis with step 1 (single use)."""
-    node = _producer(v, "slice")
+    node = producer_of(v, "slice")
     if node is None or not rw.single_use(v):
         return None
     x = node.operands[0]
@@ -57,12 +51,12 @@ def _last_axis_slice(rw: Rewriter, v: Value) -> Optional[tuple[Value, int, int]]
 
 def _rotate_half_of(rw: Rewriter, rot: Value) -> Optional[Value]:
     """x when rot = concat(neg(x[..., h:]), x[..., :h], axis=-1) with D = 2h."""
-    cat = _producer(rot, "concat")
+    cat = producer_of(rot, "concat")
     if cat is None or not rw.single_use(rot) or len(cat.operands) != 2:
         return None
     if cat.attrs["axis"] % rot.type.rank != rot.type.rank - 1:
         return None
-    neg = _producer(cat.operands[0], "neg")
+    neg = producer_of(cat.operands[0], "neg")
     if neg is None or not rw.single_use(cat.operands[0]):
         return None
     hi, lo = _last_axis_slice(rw, neg.operands[0]), _last_axis_slice(rw, cat.operands[1])
@@ -77,10 +71,10 @@ def _rotate_half_of(rw: Rewriter, rot: Value) -> Optional[Value]:
 
 def _table_rows(rw: Rewriter, v: Value) -> Optional[tuple[np.ndarray, Value]]:
     """(TABLE, pos) when v = unsqueeze(gather(TABLE, pos, axis=0), [1]) with TABLE constant."""
-    unsq = _producer(v, "unsqueeze")
+    unsq = producer_of(v, "unsqueeze")
     if unsq is None or list(unsq.attrs["axes"]) != [1]:
         return None
-    gather = _producer(unsq.operands[0], "gather")
+    gather = producer_of(unsq.operands[0], "gather")
     if gather is None or gather.attrs.get("axis", 0) != 0:
         return None
     table = rw.const(gather.operands[0])
@@ -97,7 +91,7 @@ class FuseRotary(RewritePattern):
         self.half_tables: dict = {}  # (table value, dtype) -> its first half, made once
 
     def rewrite(self, node, rw):
-        muls = [_producer(v, "mul") for v in node.operands]
+        muls = [producer_of(v, "mul") for v in node.operands]
         if None in muls or not all(rw.single_use(v) for v in node.operands):
             return False
         for first, second in (muls, muls[::-1]):
@@ -119,11 +113,12 @@ class FuseRotary(RewritePattern):
         """The first half of a [P, D] table in x's type; the layers of a model share one."""
         key = (value, str(x.type.dtype))
         if key not in self.half_tables:
+            # before the first rotary that uses it: the patterns visit nodes in order, so
+            # every later layer's rotary comes after this one
             h = x.type.shape[-1] // 2
-            first = rw.module.main.nodes[0] if rw.fn is rw.module.main else before
             self.half_tables[key] = rw.constant(
                 np.ascontiguousarray(table[:, :h]), x.type.with_shape((table.shape[0], h)),
-                before=first, hint=hint)
+                before=before, hint=hint)
         return self.half_tables[key]
 
     def _match(self, rw, plain, rotated):

@@ -58,6 +58,13 @@ class Rewriter:
         self.users = self.fn.users()
 
 
+def producer_of(v: Optional[Value], op: str) -> Optional[Node]:
+    """The node that produced ``v`` when it is an ``op``, else None (also for v None)."""
+    if v is None or v.producer is None or v.producer.op != op:
+        return None
+    return v.producer
+
+
 class RewritePattern:
     """Match one op; rewrite and return True, or return False without changing anything."""
 
