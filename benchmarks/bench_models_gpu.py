@@ -5,11 +5,15 @@ per signature) against torch fp16 eager on the same GPU, with correctness checks
 
 - MiniLM-shaped encoder (BERT, 6 layers, hidden 384, 12 heads, 1536 intermediate, random
   weights), 4-bit g128 through quantize-weights, batch x seq 1x16 and 8x32;
-- TinyLlama-width decoder (hidden 2048, 32 heads, 4 KV heads, 5632, vocab 32000), W4 g128,
-  one decode step at context 512 (``--llama-layers`` of the 22, fewer to save time).
-torch runs the same architecture and weights in fp16 (the float weights, not dequantized: a
-timing peer). Checks: the plan against the reference interpreter of the same quantized
-module (fp16 tolerance), a shape change within a bucket, the KV cache fed back on the device.
+- TinyLlama-width decoder (hidden 2048, 32 heads, 4 KV heads, 5632, vocab 32000), W4 g128
+  symmetric, one decode step at context 512 (``--llama-layers`` of the 22, fewer to save
+  time), then ``--greedy`` tokens decoded greedily by both sides from the same random cache.
+torch runs the same architecture in fp16. For MiniLM it runs the float weights (a timing
+peer); for the Llama its linear weights are first replaced by their 4-bit dequantized values
+(symmetric round-to-nearest, g128, f16 scales: a grid that quantize-weights maps back onto the
+same codes), so the greedy tokens compare the same model on both sides. Checks: the plan
+against the reference interpreter of the same quantized module (fp16 tolerance), a shape
+change within a bucket, the KV cache fed back on the device, the greedy tokens.
 """
 from __future__ import annotations
 
@@ -28,12 +32,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 Q4 = "canonicalize,quantize-weights{bits=4,group=128},"
+Q4_SYMMETRIC = "canonicalize,quantize-weights{bits=4,group=128,symmetric=true},"
 
 
-def pipeline(target: str) -> str:
+def pipeline(target: str, quantize: str = Q4) -> str:
     from qcompiler.targets import get_target
 
-    return Q4 + get_target(target).default_pipeline
+    return quantize + get_target(target).default_pipeline
+
+
+def dequantize_linears_in_place(model, group: int = 128) -> int:
+    """Replace every nn.Linear weight of ``model`` by its symmetric 4-bit round-to-nearest
+    dequantized value (groups of ``group`` along K, scales rounded to f16 as the f16 plan stores
+    them). Re-quantizing these values with ``quantize-weights{symmetric=true}`` gives the same
+    codes and scales back, so torch then runs exactly the weights the plan runs."""
+    import torch
+
+    from qcompiler.passes.quantize_weights import quantize_rtn
+
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.detach().float().numpy().T  # [K, N]
+                codes, scale, _ = quantize_rtn(w, 4, group, 0, True)
+                scale = scale.astype(np.float16).astype(np.float32)  # [K/group, N]
+                deq = codes.astype(np.float32) * np.repeat(scale, group, axis=0)[:w.shape[0]]
+                mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(deq.T)))
+                n += 1
+    return n
 
 
 def cuda_time_ms(fn, iters: int = 200, warmup: int = 20) -> float:
@@ -252,11 +279,15 @@ def llama(args, target, results):
         if name != "small" and args.skip_llama:
             continue
         model = dm.llama(layers=layers, **cfg)
+        quantize = Q4
+        if name != "small":  # torch runs the dequantized weights (greedy tokens compare)
+            dequantize_linears_in_place(model)
+            quantize = Q4_SYMMETRIC
         feeds = dm.llama_inputs(cfg, layers, 1, 1, past)
         tmp = tempfile.mkdtemp()
         path = dm.export_onnx(model, feeds, os.path.join(tmp, "llama.onnx"), dynamo=False)
         t0 = time.time()
-        m = qcompiler.compile(path, target=target, passes=pipeline(target),
+        m = qcompiler.compile(path, target=target, passes=pipeline(target, quantize),
                               buckets={"batch": [1], "seq": [1], "past": [past + 1]})
         print(f"llama {name} ({layers} layers) compiled in {time.time() - t0:.1f} s; "
               f"runner {type(m._run).__name__}")
@@ -304,7 +335,47 @@ def llama(args, target, results):
         print(f"  peers: torch fp16 eager {ms_torch:.3f} ms, torch.compile {ms_compiled} ms")
         row.update({"torch_fp16_eager_ms": ms_torch, "torch_compile_fp16_ms": ms_compiled})
         row["profile"] = profile_steps(runner, sig, f"llama {name}") if args.profile else None
+        if args.greedy:
+            same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
+            ok &= same
     return ok
+
+
+def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bool:
+    """``n`` greedy decode steps on both sides from the same random cache of ``past`` tokens
+    (the caches each side returns are its next inputs; ours stay torch tensors on the device).
+    Records both token lists and, where they first differ, torch's top-2 logit margin there."""
+    import torch
+
+    import decoder_models as dm
+
+    feeds = dm.llama_inputs(cfg, layers, 1, 1, past, seed=2)
+    ours_in = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+    theirs_in = {k: (v.half() if v.is_floating_point() else v) for k, v in ours_in.items()}
+    ours, theirs, margins = [], [], []
+    with torch.no_grad(), default_dtype(torch.float16):
+        for step in range(n):
+            out = list(m.run(ours_in).values())
+            logits, k, v = half(*theirs_in.values())
+            ours.append(int(out[0][0, -1].argmax()))
+            theirs.append(int(logits[0, -1].argmax()))
+            top2 = logits[0, -1].float().topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+            pos = torch.tensor([[past + step + 1]], device="cuda")
+            # each side continues from its own token: a divergence is not papered over
+            ours_in = {"input_ids": torch.tensor([[ours[-1]]], device="cuda"),
+                       "position_ids": pos, "past_k": out[1], "past_v": out[2]}
+            theirs_in = {"input_ids": torch.tensor([[theirs[-1]]], device="cuda"),
+                         "position_ids": pos, "past_k": k, "past_v": v}
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    print(f"  greedy {n} tokens from context {past}: {'same' if first is None else 'DIFFER'}")
+    print(f"    ours:  {ours}\n    torch: {theirs}")
+    if first is not None:
+        print(f"    first difference at step {first}; torch's top-2 margin there "
+              f"{margins[first]:.4g} (smallest margin over the run {min(margins):.4g})")
+    row["greedy"] = {"tokens": n, "context_start": past, "ours": ours, "torch_fp16": theirs,
+                     "first_difference": first, "min_top2_margin": min(margins)}
+    return first is None
 
 
 STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
@@ -329,6 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-layers", type=int, default=22)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--greedy", type=int, default=32,
+                    help="greedy decode steps compared with torch (0: none)")
     ap.add_argument("--profile", action="store_true", help="time each launch alone")
     ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",
                     help="also time torch.compile(mode='reduce-overhead') for these models")

@@ -11,7 +11,8 @@ from cuda_gpu_util import gpu_reason
 from qcompiler.codegen.cuda import backend, build as nv, tuning
 from qcompiler.codegen.cuda import bench_support as bs
 from qcompiler.codegen.cuda import cases
-from qcompiler.ir import parse_module, print_module
+from qcompiler.ir import parse_module, print_module, tensor
+from qcompiler.ir.core import Value
 from qcompiler.pipeline import PassError, PassManager
 from qcompiler.targets import get_target
 
@@ -35,8 +36,19 @@ GOLDEN_CASES = {
 WGMMA_GOLDEN = {"u4_g128_zp_f16_wgmma": "u4_g128_zp_f16"}
 
 
-def _source(case, wgmma=False):
+# A qmatmul whose epilogue the kernel applies as it stores y (fuse-epilogue's residual add
+# after SiLU; the extra operand has y's shape): the body, the extras' types and the call.
+EPILOGUE_GOLDEN = {"i4_g128_silu_residual_f16": (
+    cases.Case(k=512, n=256, bits=4, signed=True, zero_point=False, group=128),
+    "t0 = silu(x0); t1 = add(t0, x1); return t1")}
+
+
+def _source(case, wgmma=False, epilogue=None):
     _, packed, node = bs.pack_case(case)
+    if epilogue:
+        node.operands.append(Value("residual", node.result.type))
+        node.attrs["epilogue"] = epilogue
+        assert backend.epilogue_in_kernel(node)
     if wgmma:
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] > 64:
@@ -55,6 +67,27 @@ def test_golden_wgmma_sources(name, update_goldens):
                  _source(GOLDEN_CASES[WGMMA_GOLDEN[name]], wgmma=True), update_goldens)
 
 
+@pytest.mark.parametrize("name", sorted(EPILOGUE_GOLDEN))
+def test_golden_epilogue_sources(name, update_goldens):
+    case, body = EPILOGUE_GOLDEN[name]
+    text = _source(case, epilogue=body)
+    assert "static constexpr bool FUSED = true;" in text
+    assert "epilogue_body(v, static_cast<const __half*>(extras[0])[i])" in text
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
+
+
+def test_epilogue_with_a_broadcast_operand_stays_a_kernel_of_its_own():
+    """An extra operand that is not y's shape (a [N] row) is not read per element of y: the
+    kernel is rendered without the epilogue, and the plan launches it separately."""
+    _, packed, node = bs.pack_case(EPILOGUE_GOLDEN["i4_g128_silu_residual_f16"][0])
+    row = Value("row", tensor([node.result.type.shape[-1]], node.result.type.dtype.name))
+    node.operands.append(row)
+    node.attrs["epilogue"] = "t0 = mul(x0, x1); return t0"
+    assert not backend.epilogue_in_kernel(node)
+    assert "static constexpr bool FUSED = false;" in backend.render(
+        backend.kernel_params(node, "cuda-sm90"))
+
+
 def test_sources_are_deterministic():
     case = GOLDEN_CASES["u4_g128_zp_f16"]
     assert _source(case) == _source(case)
@@ -65,7 +98,7 @@ def test_sources_are_deterministic():
 def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
     """nvcc builds each golden kernel for sm_80 and sm_90 (2 jobs at a time, nothing cached)."""
     jobs = []
-    for name in sorted(GOLDEN_CASES):
+    for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN):
         src = os.path.join(GOLDEN, f"{name}.cu")
         jobs.append((src, str(tmp_path / f"{name}.so"), ["sm_80", "sm_90"]))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

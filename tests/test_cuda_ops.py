@@ -132,6 +132,11 @@ def _make_graph() -> Graph:
           {"perm": [2, 3, 0, 1]})
     g.add("copy", "concat", [g.arg([B, 7], "f32"), g.arg([B, S], "f32"), g.arg([B, 1], "f32")],
           [([B, "?"], "f32")], {"axis": 1})
+    # the KV cache append (16-byte vectors) and a 40-input stack (two launches of 32 and 8)
+    g.add("copy", "concat", [g.arg([B, 2, "kv", 64], "f16"), g.arg([B, 2, 1, 64], "f16")],
+          [([B, 2, "?", 64], "f16")], {"axis": 2})
+    g.add("copy", "concat", [g.arg([1, B, 3, 8], "bf16") for _ in range(40)],
+          [([40, B, 3, 8], "bf16")], {"axis": 0})
     g.add("copy", "split", [g.arg([B, 20], "f16")], [([B, 7], "f16"), ([B, 13], "f16")],
           {"axis": 1, "sizes": [7, 13]})
     x = g.arg([B, S], "f32")

@@ -56,6 +56,34 @@ def comment_text(text: str) -> str:
     return out + " " if out.endswith("\\") else out
 
 
+def epilogue_in_kernel(node) -> bool:
+    """Whether the qmatmul kernel applies ``node``'s epilogue as it stores y (the device plan
+    then has no separate epilogue launch): every extra operand has y's shape, so element i of
+    each is read beside y[i]. Otherwise (an extra that broadcasts) the plan runs the epilogue
+    as a kernel of its own after the product (``plan.epilogue_node``)."""
+    if "epilogue" not in node.attrs:
+        return False
+    extras = node.operands[8:]
+    return all(v is not None and tuple(v.type.shape) == tuple(node.result.type.shape)
+               for v in extras)
+
+
+def epilogue_params(node) -> dict | None:
+    """The template's ``epilogue``: the body as a device function and the extras' C types."""
+    if not epilogue_in_kernel(node):
+        return None
+    from qcompiler.codegen.cuda.ops.common import c_type
+    from qcompiler.codegen.cuda.ops.body import device_function
+    from qcompiler.ir.elementwise_body import parse_body
+
+    extras = node.operands[8:]
+    operand_types = [node.result.type.dtype] + [v.type.dtype for v in extras]
+    fn = device_function("epilogue_body", parse_body(node.attrs["epilogue"]), operand_types,
+                         c_type(node.result.type.dtype, node), node)
+    return {"text": comment_text(node.attrs["epilogue"]), "fn": fn.rstrip("\n"),
+            "extra_types": [c_type(v.type.dtype, node) for v in extras]}
+
+
 def kernel_params(node, target_name: str) -> dict:
     """Every value the template needs, from the node's layout and config (nothing decided here)."""
     w_t = node.arg("w").type
@@ -93,6 +121,7 @@ def kernel_params(node, target_name: str) -> dict:
         # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
         "variants": variants, "instances": instances, "wgmma_instances": wgmma_instances,
+        "epilogue": epilogue_params(node),
         "has_gemv": any(c[0] for c in instances),
         # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).

@@ -43,9 +43,10 @@ def gencode_flags(arch: str) -> list[str]:
 
 def kernel_headers() -> dict[str, str]:
     """{path relative to INCLUDE_DIR ("qcompiler/tiled.cuh" ...): absolute path} of the headers
-    the generated qmatmul sources include (the folder's top level; subfolders belong to other
-    kernels)."""
+    the generated qmatmul sources include: the folder's top level, and the op kernels'
+    element functions (``ops/common.cuh``), which a fused epilogue's body calls."""
     paths = sorted(glob.glob(os.path.join(INCLUDE_DIR, "qcompiler", "*.cuh")))
+    paths.append(os.path.join(INCLUDE_DIR, "qcompiler", "ops", "common.cuh"))
     return {os.path.relpath(p, INCLUDE_DIR).replace(os.sep, "/"): p for p in paths}
 
 

@@ -3,8 +3,10 @@ native code and replayed as a CUDA graph.
 
 Compile time (``build_plan``, called by the CUDA backend): the plan (``qcompiler.plan.lower``)
 of the packed module; one op kernel per ``kernel`` step that is not a qmatmul, plus one per
-qmatmul epilogue (a synthetic ``fused_elementwise`` node whose ``x0`` is the product, run in
-place on the qmatmul's output), all in ``kernels/cuda_ops.so``; and the launcher
+qmatmul epilogue that the qmatmul kernel does not apply itself (an epilogue whose extra
+operands all have the product's shape is applied as y is stored: ``backend.epilogue_in_kernel``;
+any other runs as a synthetic ``fused_elementwise`` node whose ``x0`` is the product, in place
+on the qmatmul's output), all in ``kernels/cuda_ops.so``; and the launcher
 ``kernels/qc_plan.so`` (``templates/qc_plan.cu``).
 
 Why a step table interpreted by a small C++ launcher rather than a generated C++ function per
@@ -31,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from qcompiler.codegen.cuda.backend import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
@@ -61,7 +64,7 @@ def op_nodes(module, plan) -> list:
             continue
         node = nodes[step.node]
         if node.op == "qmatmul":
-            if "epilogue" in node.attrs:
+            if "epilogue" in node.attrs and not epilogue_in_kernel(node):
                 out.append(epilogue_node(node))
         else:
             out.append(node)
@@ -105,6 +108,11 @@ def step_table_text(module, plan, symbols: dict) -> str:
             lines.append(f"  COPY   %{step.inputs[0]} -> {step.outputs[0]}")
         elif step.op == "qmatmul":
             node = nodes[step.node]
+            if epilogue_in_kernel(node):
+                extras = "".join(f" %{v.name}" for v in node.operands[8:])
+                lines.append(f"  QMM    %{step.node}: x=%{step.inputs[0]} w=%{step.inputs[1]}"
+                             f" epilogue({node.attrs['epilogue']}) extras:{extras or ' none'}")
+                continue
             lines.append(f"  QMM    %{step.node}: x=%{step.inputs[0]} w=%{step.inputs[1]}")
             if "epilogue" in node.attrs:
                 ins = ", ".join("%" + v.name for v in [node.result] + node.operands[8:])
@@ -126,7 +134,8 @@ class QcStep(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("fn", ctypes.c_void_p),
                 ("ptrs", ctypes.POINTER(ctypes.c_void_p)),
                 ("shapes", ctypes.POINTER(ctypes.c_int64)), ("workspace", ctypes.c_void_p),
-                ("m", ctypes.c_int64), ("variant", ctypes.c_int64)]
+                ("m", ctypes.c_int64), ("variant", ctypes.c_int64),
+                ("epilogue", ctypes.c_int64)]
 
 
 def _device_pointer(x) -> Optional[int]:
@@ -302,7 +311,7 @@ class CudaPlanRunner:
             ps = [ptr[n] for n in names + out_names]
             dims = [shape_of[n] for n in names + out_names]
             ws = self.ops.workspace_bytes(symbol, dims)
-            pending.append(("op", self.ops._fn(symbol)[0], ps, dims, ws))
+            pending.append(("op", self.ops._fn(symbol)[0], ps, dims, ws, False))
             return ws
 
         for step in plan.steps:
@@ -311,7 +320,7 @@ class CudaPlanRunner:
             if step.kind == "copy":
                 src, dst = step.inputs[0], step.outputs[0]
                 nbytes = int(np.prod(shape_of[dst])) * elem(plan.buffers[dst].dtype).np_dtype.itemsize
-                pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes))
+                pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
                 continue
             node = self.nodes[step.node]
             if step.op == "qmatmul":
@@ -321,9 +330,13 @@ class CudaPlanRunner:
                 d = k.dev
                 ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
                       d["bias"], d["perm"]]
+                fused = epilogue_in_kernel(node)
+                if fused:  # ptrs[7...]: the epilogue's extra operands
+                    ps += [ptr[v.name] for v in node.operands[8:]]
                 qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
-                pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m))
-                if "epilogue" in node.attrs:
+                pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m,
+                                fused))
+                if "epilogue" in node.attrs and not fused:
                     sym = self.symbols[step.node + EPILOGUE_SUFFIX]
                     names = [step.outputs[0]] + [v.name if v is not None else None
                                                  for v in node.operands[8:]]
@@ -337,18 +350,22 @@ class CudaPlanRunner:
             qmm_ws_ptr = alloc(qmm_ws)
             rt.memset(qmm_ws_ptr, qmm_ws)  # split-K counters start at zero
         table = (QcStep * max(len(pending), 1))()
-        for i, (kind, fn, ps, dims, extra) in enumerate(pending):
-            parr = (ctypes.c_void_p * max(len(ps), 1))(*[p or None for p in ps])
+        for i, (kind, fn, ps, dims, extra, epilogue) in enumerate(pending):
+            # one spare slot: a fused epilogue's extras start at ptrs[7], even when it has none
+            parr = (ctypes.c_void_p * (len(ps) + 1))(*[p or None for p in ps])
             flat = [int(v) for s in dims for v in s]
             sarr = (ctypes.c_int64 * max(len(flat), 1))(*flat)
             sig.keep += [parr, sarr]
             if kind == "op":
                 table[i] = QcStep(STEP_OP, ctypes.cast(fn, ctypes.c_void_p).value, parr, sarr,
-                                  op_ws_ptr or None, 0, -1)
+                                  op_ws_ptr or None, 0, -1, 0)
             elif kind == "qmm":
-                table[i] = QcStep(STEP_QMM, fn, parr, sarr, qmm_ws_ptr or None, extra, -1)
+                # variant -1: by M; the launcher passes ptrs + 7 as the epilogue's extras
+                # when ``epilogue`` (the kernel applies it), else null
+                table[i] = QcStep(STEP_QMM, fn, parr, sarr, qmm_ws_ptr or None, extra, -1,
+                                  int(epilogue))
             else:
-                table[i] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1)
+                table[i] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0)
         sig.table, sig.n = table, len(pending)
         if self.use_graphs:
             exec_ = ctypes.c_void_p()

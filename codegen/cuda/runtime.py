@@ -105,7 +105,9 @@ class QmmKernel:
         self.rt, self.symbol, self.n, self.out_dtype = rt, symbol, n, np.dtype(out_dtype)
         self.lib = ctypes.CDLL(lib_path)
         self.fn = getattr(self.lib, f"{symbol}_run")
-        self.fn.argtypes = [c_void_p] * 7 + [c_int, c_void_p, c_void_p, c_int]
+        # the last argument: the fused epilogue's extras, null here (this runner's callers
+        # apply a qmatmul's epilogue themselves; only the device plan passes them)
+        self.fn.argtypes = [c_void_p] * 7 + [c_int, c_void_p, c_void_p, c_int, c_void_p]
         self.ws_fn = getattr(self.lib, f"{symbol}_workspace_bytes")
         self.ws_fn.argtypes = [c_int]
         self.ws_fn.restype = c_size_t
@@ -135,7 +137,7 @@ class QmmKernel:
         d = self.dev
         err = self.fn(c_void_p(x_ptr), c_void_p(y_ptr), c_void_p(d["w"]), c_void_p(d["scales"]),
                       c_void_p(d["zeros"]), c_void_p(d["bias"]), c_void_p(d["perm"]), m,
-                      c_void_p(ws), c_void_p(stream), variant)
+                      c_void_p(ws), c_void_p(stream), variant, None)
         if err:
             raise CudaRuntimeError(f"{self.symbol} (M={m}, variant {variant}): CUDA error "
                                    f"{err} ({self.rt.error(err)})")

@@ -32,7 +32,7 @@ def library_source(nodes: Iterable, module=None) -> tuple[dict, str]:
     if not kernels:
         raise CudaOpsError("no op kernels to build")
     with open(HEADER) as f:
-        header = f.read().replace("#pragma once\n", "")  # pasted into the main file
+        header = f.read()  # pasted into the main file (its include guard is harmless there)
     parts = [f"// qcompiler CUDA op kernels: {len(kernels)} kernels (generated)\n", header]
     parts += [kernels[s] for s in sorted(kernels)]
     return names, "\n".join(parts)

@@ -7,7 +7,9 @@
 //                                                     void* workspace, cudaStream_t)
 //   QC_STEP_QMM   a qmatmul library's _run:     int fn(x, y, w, scales, zeros, bias, perm,
 //                                                     int m, void* workspace, cudaStream_t,
-//                                                     int variant)   (ptrs[0..6] in that order)
+//                                                     int variant, void* const* extras)
+//                 (ptrs[0..6] in that order; extras = ptrs + 7 when the step's epilogue flag
+//                 is set: the kernel applies its fused epilogue with them, else null)
 //   QC_STEP_COPY  cudaMemcpyAsync(ptrs[1], ptrs[0], bytes, device to device)
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -22,11 +24,12 @@ struct QcStep {          // the layout codegen/cuda/plan.py's ctypes Structure m
   void* workspace;
   int64_t m;             // QMM: rows; COPY: bytes
   int64_t variant;       // QMM: -1 = by M
+  int64_t epilogue;      // QMM: 1 = the kernel applies its epilogue (extras at ptrs + 7)
 };
 
 typedef int (*qc_op_fn)(void* const*, const int64_t*, void*, cudaStream_t);
 typedef int (*qc_qmm_fn)(void*, void*, void*, void*, void*, void*, void*, int, void*,
-                         cudaStream_t, int);
+                         cudaStream_t, int, void* const*);
 
 extern "C" {
 
@@ -41,7 +44,8 @@ int qc_plan_launch(const QcStep* steps, int64_t n, void* stream, int64_t* failed
     } else if (st.kind == QC_STEP_QMM) {
       void* const* p = st.ptrs;
       err = ((qc_qmm_fn)st.fn)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], (int)st.m,
-                               st.workspace, s, (int)st.variant);
+                               st.workspace, s, (int)st.variant,
+                               st.epilogue ? p + 7 : nullptr);
     } else if (st.kind == QC_STEP_COPY) {
       if (st.m) err = (int)cudaMemcpyAsync(st.ptrs[1], st.ptrs[0], (size_t)st.m,
                                            cudaMemcpyDeviceToDevice, s);

@@ -23,6 +23,12 @@ namespace {
 // ---- decided by reorder-weights and schedule-unpack ------------------------------------
 struct Config {
   typedef __nv_bfloat16 scalar_t;
+  struct Epilogue {  // no epilogue in this kernel
+    static constexpr bool FUSED = false;
+    __device__ __forceinline__ static scalar_t apply(scalar_t v, const void* const*, long long) {
+      return v;
+    }
+  };
   static constexpr int CB = 4;                  // bits per weight container
   static constexpr int K = 1024, N = 320;
   static constexpr int K_PAD = 1024, N_PAD = 320;
@@ -52,10 +58,11 @@ constexpr int N_VARIANTS = 5;
 // One kernel instance per distinct variant (split_k is a run-time value).
 cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void* w,
                         const void* scales, const void* zeros, const float* bias,
-                        const int* perm, int M, void* workspace, cudaStream_t stream) {
+                        const int* perm, int M, void* workspace, cudaStream_t stream,
+                        const void* const* extras) {
   qc::Params<Config::scalar_t> p;
   cudaError_t err = qc::make_params<Config>(v, x, y, w, scales, zeros, bias, perm, M,
-                                            workspace, stream, p);
+                                            workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
   if (v.gemv == 0 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 3 &&
       v.stage_k == 128 && v.acc_scale == 0)
@@ -84,14 +91,15 @@ size_t qc_qmm_y_workspace_bytes(int M) {
 
 // y = x @ dequant(w) + bias on `stream`; returns a cudaError_t (0 = success).
 // variant < 0 picks by M (the tile pass's buckets); else runs VARIANTS[variant] (tuning).
+// extras: the epilogue's extra operands (Config::Epilogue), or null: no epilogue applied.
 int qc_qmm_y_run(const void* x, void* y, const void* w, const void* scales,
                       const void* zeros, const float* bias, const int* perm, int M,
-                      void* workspace, void* stream, int variant) {
+                      void* workspace, void* stream, int variant, const void* const* extras) {
   if (M <= 0) return (int)cudaErrorInvalidValue;
   if (variant >= N_VARIANTS) return (int)cudaErrorInvalidValue;
   const qc::Variant& v = variant < 0 ? qc::pick(VARIANTS, N_VARIANTS, M) : VARIANTS[variant];
   return (int)run_variant(v, x, y, w, scales, zeros, bias, perm, M, workspace,
-                          static_cast<cudaStream_t>(stream));
+                          static_cast<cudaStream_t>(stream), extras);
 }
 
 int qc_qmm_y_variants() { return N_VARIANTS; }

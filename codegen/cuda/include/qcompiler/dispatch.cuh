@@ -66,7 +66,7 @@ template <class C>
 cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
                         const void* scales, const void* zeros, const float* bias,
                         const int* perm, int M, void* workspace, cudaStream_t stream,
-                        Params<typename C::scalar_t>& p) {
+                        const void* const* extras, Params<typename C::scalar_t>& p) {
   using S = typename C::scalar_t;
   p.x = static_cast<const S*>(x);
   p.y = static_cast<S*>(y);
@@ -74,6 +74,7 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.scales = static_cast<const S*>(scales);
   p.zeros = static_cast<const S*>(zeros);
   p.bias = bias;
+  p.extras = extras;
   p.M = M;
   p.x_stride = C::K;
   p.split_k = splits<C>(v, M);

@@ -14,6 +14,8 @@
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
 //   using Unpack                   one of the strategies in unpack.cuh
+//   struct Epilogue                FUSED, and apply(v, extras, i): the qmatmul's epilogue on
+//                                  element i of y (fuse-epilogue's body), or the identity
 // (all static constexpr).
 #ifndef QCOMPILER_PARAMS_CUH
 #define QCOMPILER_PARAMS_CUH
@@ -32,6 +34,7 @@ struct Params {
   const float* bias;       // [N] or null
   float* partial;          // [split_k, M, N] split-K partial sums
   int* counters;           // one per output tile, zero between launches
+  const void* const* extras;  // the epilogue's extra operands ([M, N] each), null: no epilogue
   int M, x_stride, split_k;
 };
 

@@ -18,7 +18,7 @@ __device__ __forceinline__ void cta_sync() {
 }
 
 // tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
-// the epilogue (per-channel scale, bias, rounding) to y. With split-K every CTA writes its fp32
+// the epilogue (per-channel scale, bias, rounding, then the fused epilogue if any) to y. With split-K every CTA writes its fp32
 // partial tile; the last one to finish a tile (atomic counter) sums the partials in split
 // order (deterministic), writes y and resets the tile's counter for the next launch.
 // BARRIER_THREADS > 0: only the first BARRIER_THREADS threads of the CTA take part (they sync
@@ -32,7 +32,13 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   auto epilogue = [&](int m, int n, float v) {
     if (C::SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
     if (p.bias) v += p.bias[n];
-    p.y[(long long)m * N + n] = from_float<S>(v);
+    const long long i = (long long)m * N + n;
+    S out = from_float<S>(v);
+    // the fused epilogue reads the stored product (rounded to S), as its own kernel would
+    if constexpr (C::Epilogue::FUSED) {
+      if (p.extras) out = C::Epilogue::apply(out, p.extras, i);
+    }
+    p.y[i] = out;
   };
   if (p.split_k == 1) {
     for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {

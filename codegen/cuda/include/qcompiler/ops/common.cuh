@@ -2,7 +2,9 @@
 // Element conversion to and from the f32 compute type, numpy-exact scalar semantics,
 // warp/block reductions and the broadcast indexer. The op library's renderer pastes this
 // file at the top of the model's .cu, so a library is one self-contained source.
-#pragma once
+#ifndef QCOMPILER_OPS_COMMON_CUH
+#define QCOMPILER_OPS_COMMON_CUH
+
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -12,7 +14,7 @@
 namespace qc_ops {
 
 constexpr int kMaxRank = 8;
-constexpr float kF32Lowest = -3.4028234663852886e38f;
+inline constexpr float kF32Lowest = -3.4028234663852886e38f;
 
 // ---- element <-> compute type (f16/bf16/f32 math in f32, f64 stays) ----------------------
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -136,3 +138,5 @@ __device__ __forceinline__ double gelu_tanh(double v) {
   return 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
 }
 }  // namespace qc_ops
+
+#endif  // QCOMPILER_OPS_COMMON_CUH
