@@ -237,3 +237,39 @@ def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(t
         assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0)
     assert all(s.graph is not None for s in m._run._signatures.values())
     assert len(m._run._signatures) == 2
+
+
+def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, monkeypatch):
+    """A 2-layer Llama decode step on the device plan: the residual adds and the SwiGLU product
+    are applied by the qmatmul kernels as they store y (their extra operands read per element),
+    the KV cache appended by the one-launch concat; against the reference of the same module."""
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    pytest.importorskip("torch")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import decoder_models as dm
+
+    import qcompiler
+    from qcompiler.codegen.cuda.backend import epilogue_in_kernel
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.pipeline import PassManager
+    from qcompiler.runtime.reference import run as ref_run
+    from qcompiler.targets import get_target
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=256, heads=4, kv_heads=2, intermediate=384)
+    feeds = dm.llama_inputs(cfg, 2, 1, 1, 37, seed=4)
+    path = dm.export_onnx(dm.llama(layers=2, **cfg), feeds, str(tmp_path / "llama.onnx"),
+                          dynamo=False)
+    passes = "canonicalize,quantize-weights{bits=4,group=128}," + \
+        get_target("cuda-sm90").default_pipeline
+    m = qcompiler.compile(path, target="cuda-sm90", passes=passes,
+                          output_dir=str(tmp_path / "a"))
+    fused = [n for n in m.module.main.nodes if n.op == "qmatmul" and epilogue_in_kernel(n)]
+    assert len(fused) >= 4 and any(len(n.operands) > 8 for n in fused)
+    ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
+    got, want = m.run(feeds), ref_run(ref, feeds)
+    for k in want:
+        scale = max(float(np.abs(want[k]).max()), 1.0)
+        assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k

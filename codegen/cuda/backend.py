@@ -56,6 +56,10 @@ def comment_text(text: str) -> str:
     return out + " " if out.endswith("\\") else out
 
 
+# Extra operands a fused epilogue may read (qc::kMaxEpilogueExtras: kernel parameters).
+MAX_EPILOGUE_EXTRAS = 4
+
+
 def epilogue_in_kernel(node) -> bool:
     """Whether the qmatmul kernel applies ``node``'s epilogue as it stores y (the device plan
     then has no separate epilogue launch): every extra operand has y's shape, so element i of
@@ -64,7 +68,7 @@ def epilogue_in_kernel(node) -> bool:
     if "epilogue" not in node.attrs:
         return False
     extras = node.operands[8:]
-    return all(v is not None and tuple(v.type.shape) == tuple(node.result.type.shape)
+    return len(extras) <= MAX_EPILOGUE_EXTRAS and all(v is not None and tuple(v.type.shape) == tuple(node.result.type.shape)
                for v in extras)
 
 

@@ -35,6 +35,7 @@ struct Config {
   typedef half scalar_t;
   struct Epilogue {
     static constexpr bool FUSED = true;
+    static constexpr int EXTRAS = 1;
     __device__ __forceinline__ static scalar_t apply(scalar_t v, const void* const* extras,
                                                      long long i) {
       return epilogue_body(v, static_cast<const __half*>(extras[0])[i]);

@@ -25,6 +25,7 @@ struct Config {
   typedef __nv_bfloat16 scalar_t;
   struct Epilogue {  // no epilogue in this kernel
     static constexpr bool FUSED = false;
+    static constexpr int EXTRAS = 0;
     __device__ __forceinline__ static scalar_t apply(scalar_t v, const void* const*, long long) {
       return v;
     }

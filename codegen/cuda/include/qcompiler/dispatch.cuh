@@ -74,7 +74,10 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.scales = static_cast<const S*>(scales);
   p.zeros = static_cast<const S*>(zeros);
   p.bias = bias;
-  p.extras = extras;
+  p.epilogue = extras != nullptr;
+  for (int i = 0; i < kMaxEpilogueExtras; ++i) p.extras[i] = nullptr;
+  if (extras)  // the generated source reads only Config::Epilogue's extras (at most the max)
+    for (int i = 0; i < C::Epilogue::EXTRAS; ++i) p.extras[i] = extras[i];
   p.M = M;
   p.x_stride = C::K;
   p.split_k = splits<C>(v, M);

@@ -14,8 +14,9 @@
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
 //   using Unpack                   one of the strategies in unpack.cuh
-//   struct Epilogue                FUSED, and apply(v, extras, i): the qmatmul's epilogue on
-//                                  element i of y (fuse-epilogue's body), or the identity
+//   struct Epilogue                FUSED, EXTRAS (operands it reads) and apply(v, extras, i):
+//                                  the qmatmul's epilogue on element i of y (fuse-epilogue's
+//                                  body), or the identity
 // (all static constexpr).
 #ifndef QCOMPILER_PARAMS_CUH
 #define QCOMPILER_PARAMS_CUH
@@ -23,6 +24,8 @@
 #include <cuda_runtime.h>
 
 namespace qc {
+
+constexpr int kMaxEpilogueExtras = 4;  // codegen/cuda/backend.py MAX_EPILOGUE_EXTRAS
 
 template <class S>
 struct Params {
@@ -34,7 +37,10 @@ struct Params {
   const float* bias;       // [N] or null
   float* partial;          // [split_k, M, N] split-K partial sums
   int* counters;           // one per output tile, zero between launches
-  const void* const* extras;  // the epilogue's extra operands ([M, N] each), null: no epilogue
+  // The fused epilogue's extra operands ([M, N] each), by value: the caller's array is host
+  // memory. epilogue == false: y is the product (the caller applies any epilogue itself).
+  const void* extras[kMaxEpilogueExtras];
+  bool epilogue;
   int M, x_stride, split_k;
 };
 

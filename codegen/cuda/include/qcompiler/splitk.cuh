@@ -36,7 +36,7 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
     S out = from_float<S>(v);
     // the fused epilogue reads the stored product (rounded to S), as its own kernel would
     if constexpr (C::Epilogue::FUSED) {
-      if (p.extras) out = C::Epilogue::apply(out, p.extras, i);
+      if (p.epilogue) out = C::Epilogue::apply(out, p.extras, i);
     }
     p.y[i] = out;
   };
