@@ -12,11 +12,22 @@ row stride and the head offset change. So::
 
 k and v share one flag, as the kernels share one kv indexing. A transpose with other uses
 stays (folding would keep both copies). The mask's dims are not affected.
+
+A rotary embedding between the head split and attention (Llama's q and k) is moved before
+the transpose, so that the transpose reaches attention (or ``fuse-kv-concat``)::
+
+    rotary_embedding(transpose(x [B, S, H, D], [0, 2, 1, 3]))
+      -> transpose(reshape(rotary_embedding(reshape(x, [B, S, H*D])) {num_heads = H}), ...)
+
+The 3-D form is ONNX RotaryEmbedding's own [B, S, H*D] layout (the same rotation per head
+and position); the reshapes are views, no launch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
@@ -72,6 +83,38 @@ class FoldAttentionLayout(RewritePattern):
         return True
 
 
+class RotaryBeforeHeadSplit(RewritePattern):
+    """rotary_embedding(transpose(x, [0, 2, 1, 3])) -> the head split after the rotary."""
+
+    op = "rotary_embedding"
+
+    def rewrite(self, node, rw):
+        if node.attrs.get("num_heads", 0) or node.operands[0].type.rank != 4:
+            return False
+        x = _swapped_from(rw, node.operands[0])
+        if x is None:
+            return False
+        b, s, h, d = x.type.shape
+        if not isinstance(h, int) or not isinstance(d, int):
+            return False
+        flat_t = x.type.with_shape((b, s, h * d))
+        to_3d = rw.constant(np.array([0, 0, h * d], np.int64), None, before=node,
+                            hint="rotary_flat")
+        to_4d = rw.constant(np.array([0, 0, h, d], np.int64), None, before=node,
+                            hint="rotary_heads")
+        flat = rw.create("reshape", [x, to_3d], {}, before=node, hint="rotary_in",
+                         result_types=[flat_t])
+        rot = rw.create("rotary_embedding", [flat.result] + list(node.operands[1:]),
+                        {**node.attrs, "num_heads": h}, before=node, hint="rotary",
+                        result_types=[flat_t])
+        heads = rw.create("reshape", [rot.result, to_4d], {}, before=node, hint="rotary_out",
+                          result_types=[x.type])
+        split = rw.create("transpose", [heads.result], {"perm": SWAP_SEQ_HEADS}, before=node,
+                          hint="rotary_heads", result_types=[node.result.type])
+        rw.replace(node, [split.result])
+        return True
+
+
 def _same_shape(a, b) -> bool:
     """Same element type and rank, and equal wherever both dims are static."""
     return a.dtype == b.dtype and a.rank == b.rank and all(
@@ -84,6 +127,7 @@ class FoldAttentionLayoutPass(Pass):
     """Head-split / head-merge transposes around attention → its q/kv/y [B, S, H, D] layout."""
 
     def run(self, module: Module) -> Module:
+        hoisted = apply_patterns(module, [RotaryBeforeHeadSplit()])
         folded = apply_patterns(module, [FoldAttentionLayout()])
-        record_stat(module, self.name, folded=folded)
+        record_stat(module, self.name, folded=folded, rotary_hoisted=hoisted)
         return module

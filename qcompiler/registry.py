@@ -23,6 +23,7 @@ PASSES: dict[str, object] = {
     "fuse-attention": "qcompiler.passes.fuse_attention:FuseAttentionPass",
     "fold-attention-layout": "qcompiler.passes.fold_attention_layout:FoldAttentionLayoutPass",
     "fuse-rotary": "qcompiler.passes.fuse_rotary:FuseRotaryPass",
+    "fuse-kv-concat": "qcompiler.passes.fuse_kv_concat:FuseKvConcatPass",
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
     "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",

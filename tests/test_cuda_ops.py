@@ -137,6 +137,12 @@ def _make_graph() -> Graph:
           [([B, 2, "?", 64], "f16")], {"axis": 2})
     g.add("copy", "concat", [g.arg([1, B, 3, 8], "bf16") for _ in range(40)],
           [([40, B, 3, 8], "bf16")], {"axis": 0})
+    # a layer's cache update from the stacked cache: new rows [B, S, H, D] (vectors) and
+    # [B, H, S, D] with D = 5 (scalar path)
+    g.add("copy", "kv_concat", [g.arg([3, B, 2, "kv", 64], "f16"), g.arg([B, S, 2, 64], "f16")],
+          [([B, 2, "?", 64], "f16")], {"layer": 2, "new_bshd": 1})
+    g.add("copy", "kv_concat", [g.arg([2, B, 2, "kv", 5], "f32"), g.arg([B, 2, S, 5], "f32")],
+          [([B, 2, "?", 5], "f32")], {"layer": 0, "new_bshd": 0})
     g.add("copy", "split", [g.arg([B, 20], "f16")], [([B, 7], "f16"), ([B, 13], "f16")],
           {"axis": 1, "sizes": [7, 13]})
     x = g.arg([B, S], "f32")

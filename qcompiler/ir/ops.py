@@ -1016,6 +1016,28 @@ def _rotary_embedding(types, attrs, consts):
     return [types[0]]
 
 
+@_def("kv_concat", "A layer's KV cache extended by new keys or values: concat(past[layer], "
+      "new, axis=2) with past [L, B, H, P, D] and new [B, H, S, D] ([B, S, H, D] with "
+      "new_bshd), result [B, H, P + S, D]", ["past", "new"],
+      {"layer": ("int", True), "new_bshd": ("int", True)})
+def _kv_concat(types, attrs, consts):
+    past, new = types
+    if past.rank != 5 or new.rank != 4:
+        raise TypeInferenceError(f"kv_concat takes a 5-D past and a 4-D new, not {past.shape} "
+                                 f"and {new.shape}")
+    if past.dtype != new.dtype:
+        raise TypeInferenceError(f"kv_concat past {past.dtype} and new {new.dtype} differ")
+    layers = past.shape[0]
+    if attrs["layer"] < 0 or (isinstance(layers, int) and attrs["layer"] >= layers):
+        raise TypeInferenceError(f"kv_concat layer {attrs['layer']} of a past with {layers} "
+                                 "layers")
+    b, h, s, d = new.shape if not attrs["new_bshd"] else (new.shape[0], new.shape[2],
+                                                          new.shape[1], new.shape[3])
+    p = past.shape[3]
+    t = p + s if isinstance(p, int) and isinstance(s, int) else "?"
+    return [TensorType((past.shape[1], past.shape[2], t, past.shape[4]), past.dtype)]
+
+
 @_def("eye_like", "Ones on diagonal `k` of a 2-D tensor of x's shape, zeros elsewhere",
       ["x"], {"k": ("int", True), "dtype": ("type", True)})
 def _eye_like(types, attrs, consts):

@@ -1314,6 +1314,16 @@ def _pool_indices(x, filled, kernel, strides, dil, pads, out_sp, storage_order):
     return ((n_idx * x.shape[1] + c_idx) * size + flat_sp).astype(np.int64)
 
 
+def _kv_concat(node, args, module):
+    past, new = args
+    layer = node.attrs["layer"]
+    if not 0 <= layer < past.shape[0]:
+        raise IndexError(f"layer {layer} of a past with {past.shape[0]} layers")
+    if node.attrs["new_bshd"]:
+        new = new.transpose(0, 2, 1, 3)
+    return [np.concatenate([past[layer], new], axis=2)]
+
+
 def _rotary_embedding(node, args, module):
     """onnx.reference's RotaryEmbedding: x [B, S, H*D] or [B, H, S, D]; caches [S, D'/2] or
     gathered [B, S, D'/2] by position_ids."""
@@ -1390,7 +1400,8 @@ OP_IMPLS.update({
     "resize": _resize, "one_hot": _one_hot, "nonzero": _nonzero,
     "scatter_nd": _scatter_nd, "scatter_elements": _scatter_elements,
     "conv": _conv, "conv_transpose": _conv_transpose, "pool": _pool,
-    "rotary_embedding": _rotary_embedding, "eye_like": _eye_like, "compress": _compress,
+    "rotary_embedding": _rotary_embedding, "kv_concat": _kv_concat, "eye_like": _eye_like,
+    "compress": _compress,
     "bitcast": _bitcast,
 })
 

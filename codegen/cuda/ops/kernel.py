@@ -30,7 +30,7 @@ FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
-    "attention", "rotary_embedding"))
+    "attention", "rotary_embedding", "kv_concat"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -81,6 +81,9 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _matmul(node)
     elif node.op == "rotary_embedding":
         text = _rotary(node)
+    elif node.op == "kv_concat":
+        text = _render("kv_concat.cu.j2", node, x_type=c_type(node.operands[0].type.dtype, node),
+                       layer=int(node.attrs["layer"]), new_bshd=bool(node.attrs["new_bshd"]))
     else:
         text = _attention(node)
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
