@@ -10,6 +10,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
+
+#include <utility>
 
 namespace qc_ops {
 
@@ -122,6 +125,48 @@ inline int64_t numel(const int64_t* dims, int rank) {
   for (int i = 0; i < rank; ++i) n *= dims[i];
   return n;
 }
+// ---- programmatic dependent launch (sm_90) ---------------------------------------------------
+// Every op kernel begins with wait_for_inputs(): nothing before it reads or writes global
+// memory, and after it every earlier kernel of the stream has finished and its writes are
+// visible. So a kernel may be launched before the previous one has finished (its launch and
+// start-up overlap the other's tail: a whole model is hundreds of short launches). launch()
+// does that where the kernels were built for sm_90 (code JIT-compiled from older PTX has no
+// wait), unless QC_CUDA_PDL=0; elsewhere it is a plain <<<...>>> launch.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+inline int g_early_launch = -1;  // decided at the library's first launch
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  if (g_early_launch < 0) {
+    const char* env = getenv("QC_CUDA_PDL");
+    cudaFuncAttributes fa;
+    g_early_launch = !(env && env[0] == '0') &&
+                     cudaFuncGetAttributes(&fa, (const void*)kernel) == cudaSuccess &&
+                     fa.ptxVersion >= 90;
+  }
+  if (g_early_launch) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  }
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
 inline unsigned grid_for(int64_t n, int threads) {
   int64_t g = (n + threads - 1) / threads;
   return (unsigned)(g < 1 ? 1 : (g > 65535LL * 32 ? 65535LL * 32 : g));
