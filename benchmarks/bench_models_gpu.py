@@ -322,6 +322,7 @@ def llama(args, target, results):
         row = {"workload": f"llama-{name}-{layers}layers-decode-ctx{past + 1}",
                "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph, "launches": sig.n}
         results.append(row)  # before the peers: a failing peer keeps our figures
+        args.save(row)  # and on disk, should the run be cut short
         print(f"llama {name} {layers} layers decode at ctx {past + 1}: ours {ms_ours:.3f} ms "
               f"per run() (graph replay {ms_graph}); launches {sig.n}")
         half = model.half().cuda()
@@ -335,6 +336,7 @@ def llama(args, target, results):
                 ms_compiled = compiled_peer_ms(half, lambda p: p(*th.values()), 50)
         print(f"  peers: torch fp16 eager {ms_torch:.3f} ms, torch.compile {ms_compiled} ms")
         row.update({"torch_fp16_eager_ms": ms_torch, "torch_compile_fp16_ms": ms_compiled})
+        args.save(row)
         if args.greedy:
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
             ok &= same
@@ -382,11 +384,13 @@ def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bo
 STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
 
 
-def write_results(a, results: list, ok: bool) -> dict:
+def write_results(a, results: list, ok) -> dict:
+    """The JSON of the run so far (``ok`` None: the run is still going)."""
     import torch
 
     doc = {"device": torch.cuda.get_device_name(), "date_utc": STAMP, "torch": torch.__version__,
-           "target": a.target, "checks_passed": bool(ok), "results": results}
+           "target": a.target, "checks_passed": None if ok is None else bool(ok),
+           "results": results}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"models-gpu-{STAMP}.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -409,6 +413,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     results = []
     ok = True
+    a.save = lambda row: write_results(a, results, None)
     for part in (minilm, llama):
         if part is minilm and a.skip_minilm:
             continue
