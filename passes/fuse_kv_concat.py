@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from qcompiler.ir import Module
 from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
+from qcompiler.passes.fold_attention_layout import SWAP_SEQ_HEADS
 from qcompiler.pipeline import Pass, record_stat, register_pass
-
-SWAP_SEQ_HEADS = [0, 2, 1, 3]
 
 
 class FuseKvConcat(RewritePattern):
@@ -31,11 +30,11 @@ class FuseKvConcat(RewritePattern):
             return False
         cached, fresh = node.operands
         gather = producer_of(cached, "gather")
-        if gather is None or gather.attrs.get("axis", 0) % 5 != 0 or not rw.single_use(cached):
+        if gather is None or not rw.single_use(cached) or gather.operands[0].type.rank != 5:
             return False
         past, index = gather.operands
         layer = rw.const(index)
-        if past.type.rank != 5 or layer is None or layer.ndim != 0:
+        if gather.attrs.get("axis", 0) % 5 != 0 or layer is None or layer.ndim != 0:
             return False
         layers = past.type.shape[0]
         layer = int(layer)

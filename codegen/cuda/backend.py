@@ -68,8 +68,9 @@ def epilogue_in_kernel(node) -> bool:
     if "epilogue" not in node.attrs:
         return False
     extras = node.operands[8:]
-    return len(extras) <= MAX_EPILOGUE_EXTRAS and all(v is not None and tuple(v.type.shape) == tuple(node.result.type.shape)
-               for v in extras)
+    shape = tuple(node.result.type.shape)
+    return len(extras) <= MAX_EPILOGUE_EXTRAS and all(
+        v is not None and tuple(v.type.shape) == shape for v in extras)
 
 
 def epilogue_params(node) -> dict | None:
