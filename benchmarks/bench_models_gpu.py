@@ -105,7 +105,7 @@ def profile_steps(runner, sig, label: str, top: int = 12, reps: int = 20) -> lis
 
     import torch
 
-    from qcompiler.codegen.cuda.backend import epilogue_in_kernel
+    from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
     from qcompiler.codegen.cuda.plan import EPILOGUE_SUFFIX, QcStep
 
     names = []  # one label per launch, in the order _prepare built the table

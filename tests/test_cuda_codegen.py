@@ -11,6 +11,7 @@ from cuda_gpu_util import gpu_reason
 from qcompiler.codegen.cuda import backend, build as nv, tuning
 from qcompiler.codegen.cuda import bench_support as bs
 from qcompiler.codegen.cuda import cases
+from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.ir import parse_module, print_module, tensor
 from qcompiler.ir.core import Value
 from qcompiler.pipeline import PassError, PassManager
@@ -48,7 +49,7 @@ def _source(case, wgmma=False, epilogue=None):
     if epilogue:
         node.operands.append(Value("residual", node.result.type))
         node.attrs["epilogue"] = epilogue
-        assert backend.epilogue_in_kernel(node)
+        assert epilogue_in_kernel(node)
     if wgmma:
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] > 64:
@@ -83,7 +84,7 @@ def test_epilogue_with_a_broadcast_operand_stays_a_kernel_of_its_own():
     row = Value("row", tensor([node.result.type.shape[-1]], node.result.type.dtype.name))
     node.operands.append(row)
     node.attrs["epilogue"] = "t0 = mul(x0, x1); return t0"
-    assert not backend.epilogue_in_kernel(node)
+    assert not epilogue_in_kernel(node)
     assert "static constexpr bool FUSED = false;" in backend.render(
         backend.kernel_params(node, "cuda-sm90"))
 

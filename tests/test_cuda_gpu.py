@@ -252,7 +252,7 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
     import decoder_models as dm
 
     import qcompiler
-    from qcompiler.codegen.cuda.backend import epilogue_in_kernel
+    from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
     from qcompiler.driver.frontend import import_model
     from qcompiler.pipeline import PassManager
     from qcompiler.runtime.reference import run as ref_run

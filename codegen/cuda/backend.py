@@ -17,6 +17,7 @@ import qcompiler.version
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cuda import build as nv
 from qcompiler.codegen.cuda.config import validate as validate_config
+from qcompiler.codegen.cuda.epilogue import epilogue_params
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
 from qcompiler.codegen.names import safe_identifier
 from qcompiler.errors import InputError
@@ -56,37 +57,9 @@ def comment_text(text: str) -> str:
     return out + " " if out.endswith("\\") else out
 
 
-# Extra operands a fused epilogue may read (qc::kMaxEpilogueExtras: kernel parameters).
-MAX_EPILOGUE_EXTRAS = 4
-
-
-def epilogue_in_kernel(node) -> bool:
-    """Whether the qmatmul kernel applies ``node``'s epilogue as it stores y (the device plan
-    then has no separate epilogue launch): every extra operand has y's shape, so element i of
-    each is read beside y[i]. Otherwise (an extra that broadcasts) the plan runs the epilogue
-    as a kernel of its own after the product (``plan.epilogue_node``)."""
-    if "epilogue" not in node.attrs:
-        return False
-    extras = node.operands[8:]
-    shape = tuple(node.result.type.shape)
-    return len(extras) <= MAX_EPILOGUE_EXTRAS and all(
-        v is not None and tuple(v.type.shape) == shape for v in extras)
-
-
-def epilogue_params(node) -> dict | None:
-    """The template's ``epilogue``: the body as a device function and the extras' C types."""
-    if not epilogue_in_kernel(node):
-        return None
-    from qcompiler.codegen.cuda.ops.common import c_type
-    from qcompiler.codegen.cuda.ops.body import device_function
-    from qcompiler.ir.elementwise_body import parse_body
-
-    extras = node.operands[8:]
-    operand_types = [node.result.type.dtype] + [v.type.dtype for v in extras]
-    fn = device_function("epilogue_body", parse_body(node.attrs["epilogue"]), operand_types,
-                         c_type(node.result.type.dtype, node), node)
-    return {"text": comment_text(node.attrs["epilogue"]), "fn": fn.rstrip("\n"),
-            "extra_types": [c_type(v.type.dtype, node) for v in extras]}
+def _commented(epilogue: dict | None) -> dict | None:
+    """The epilogue's body text made safe for the source's ``//`` comment."""
+    return epilogue and {**epilogue, "text": comment_text(epilogue["text"])}
 
 
 def kernel_params(node, target_name: str) -> dict:
@@ -126,7 +99,7 @@ def kernel_params(node, target_name: str) -> dict:
         # x is copied once per call when K is permuted (act-order) or not 16-byte aligned.
         "prep_x": bool(lay.get("act_order")) or k % 8 != 0,
         "variants": variants, "instances": instances, "wgmma_instances": wgmma_instances,
-        "epilogue": epilogue_params(node),
+        "epilogue": _commented(epilogue_params(node)),
         "has_gemv": any(c[0] for c in instances),
         # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).

@@ -4,9 +4,9 @@ native code and replayed as a CUDA graph.
 Compile time (``build_plan``, called by the CUDA backend): the plan (``qcompiler.plan.lower``)
 of the packed module; one op kernel per ``kernel`` step that is not a qmatmul, plus one per
 qmatmul epilogue that the qmatmul kernel does not apply itself (an epilogue whose extra
-operands all have the product's shape is applied as y is stored: ``backend.epilogue_in_kernel``;
-any other runs as a synthetic ``fused_elementwise`` node whose ``x0`` is the product, in place
-on the qmatmul's output), all in ``kernels/cuda_ops.so``; and the launcher
+operands all have the product's shape is applied as y is stored, ``epilogue.py``; any other
+runs as a synthetic ``fused_elementwise`` node whose ``x0`` is the product, in place on the
+qmatmul's output), all in ``kernels/cuda_ops.so``; and the launcher
 ``kernels/qc_plan.so`` (``templates/qc_plan.cu``).
 
 Why a step table interpreted by a small C++ launcher rather than a generated C++ function per
@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from qcompiler.codegen.cuda.backend import epilogue_in_kernel
+from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
