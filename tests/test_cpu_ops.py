@@ -359,6 +359,11 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
     g.add("cov_float", "rotary_embedding",
           [g.arg([B, 5, 12], "f32"), g.arg([5, 2], "f32"), g.arg([5, 2], "f32")],
           [([B, 5, 12], "f32")], {"interleaved": 1, "num_heads": 2, "rotary_embedding_dim": 4})
+    # a layer's KV cache update: [L, B, H, P, D] past, new rows [B, S, H, D] / [B, H, S, D]
+    g.add("cov_exact", "kv_concat", [g.arg([3, B, 2, 7, 5], "f32"), g.arg([B, S, 2, 5], "f32")],
+          [([B, 2, "?", 5], "f32")], {"layer": 2, "new_bshd": 1})
+    g.add("cov_exact", "kv_concat", [g.arg([2, B, 3, 4, 8], "f32"), g.arg([B, 3, 1, 8], "f32")],
+          [([B, 3, 5, 8], "f32")], {"layer": 0, "new_bshd": 0})
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 

@@ -475,6 +475,26 @@ def _concat(ctx: _Ctx) -> Kernel:
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
 
 
+@_builder("kv_concat")
+def _kv_concat(ctx: _Ctx) -> Kernel:
+    """concat(past[layer], new, axis=2): the layer's cache read in place from the stacked
+    [L, B, H, P, D] past, the new rows from [B, H, S, D] (or [B, S, H, D] with new_bshd)."""
+    from tvm import tirx
+
+    past, fresh = ctx.inputs
+    layer = tirx.IntImm("int64", ctx.node.attrs["layer"])
+    bshd = ctx.node.attrs["new_bshd"]
+    cached = past.shape[3]
+
+    def fn(i):
+        b, h, t, d = i
+        s = t - cached
+        new = fresh[(b, s, h, d)] if bshd else fresh[(b, h, s, d)]
+        return tirx.if_then_else(t < cached, past[(layer, b, h, t, d)], new)
+
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+
+
 @_builder("split")
 def _split(ctx: _Ctx) -> Kernel:
     from tvm import tirx
