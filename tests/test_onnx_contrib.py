@@ -6,6 +6,8 @@ default pipeline (fusion passes included) + the numpy reference runtime.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -78,7 +80,10 @@ def rnd(rng, *shape, dtype=np.float32):
 
 @pytest.fixture
 def rng(request):
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and a test's
+    # inputs must be the same in every run (test_qlinear_binary failed a CI run on unlucky
+    # inputs: 3 of 48 ties rounded apart from onnxruntime, against 2 allowed)
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 # -- norms and activations -----------------------------------------------------------------
