@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "ops/common.cuh"  // wait_for_inputs, launch_dependent
 #include "params.cuh"
 #include "pipeline.cuh"
 #include "scalar.cuh"
@@ -42,11 +43,7 @@ struct GemvTile {
 // for an arch before sm_90, both are no-ops.
 template <bool PDL>
 __device__ __forceinline__ void wait_for_inputs() {
-  if constexpr (PDL) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-  }
+  if constexpr (PDL) qc_ops::wait_for_inputs();
 }
 template <bool PDL>
 __device__ __forceinline__ void allow_next_launch() {
@@ -255,23 +252,9 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     // Only code built for sm_90 or later waits for its inputs (above), so only that code may
     // be launched early (code JIT-compiled from compute_80 PTX would not wait).
     static int early = -1;
-    if (early < 0) {
-      cudaFuncAttributes fa;
-      early = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
-    }
-    if (early) {
-      cudaLaunchConfig_t config = {};
-      config.gridDim = grid;
-      config.blockDim = dim3(T::THREADS);
-      config.dynamicSmemBytes = T::SMEM_BYTES;
-      config.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      return cudaLaunchKernelEx(&config, kernel, p);
-    }
+    if (early < 0) early = qc_ops::may_launch_early(kernel);
+    return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), T::SMEM_BYTES, stream,
+                                    early != 0, p);
   }
   kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
   return cudaGetLastError();

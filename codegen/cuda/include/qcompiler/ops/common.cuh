@@ -138,19 +138,22 @@ __device__ __forceinline__ void wait_for_inputs() {
 #endif
 }
 
-inline int g_early_launch = -1;  // decided at the library's first launch
+// Whether `kernel` may be launched early: its code was built for sm_90 or later (so it waits)
+// and QC_CUDA_PDL is not 0.
+template <typename... Params>
+inline bool may_launch_early(void (*kernel)(Params...)) {
+  const char* env = getenv("QC_CUDA_PDL");
+  cudaFuncAttributes fa;
+  return !(env && env[0] == '0') &&
+         cudaFuncGetAttributes(&fa, (const void*)kernel) == cudaSuccess && fa.ptxVersion >= 90;
+}
 
+// `kernel` on `stream`, allowed to start before the previous kernel ends when `early`.
 template <typename... Params, typename... Args>
-inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, Args&&... args) {
-  if (g_early_launch < 0) {
-    const char* env = getenv("QC_CUDA_PDL");
-    cudaFuncAttributes fa;
-    g_early_launch = !(env && env[0] == '0') &&
-                     cudaFuncGetAttributes(&fa, (const void*)kernel) == cudaSuccess &&
-                     fa.ptxVersion >= 90;
-  }
-  if (g_early_launch) {
+inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                    size_t smem, cudaStream_t stream, bool early,
+                                    Args&&... args) {
+  if (early) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
@@ -165,6 +168,19 @@ inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size
   }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+}
+
+// Decided at the first launch of the translation unit (one op library is one: its kernels are
+// built alike). `static`, not `inline`: an inline variable is one symbol for the whole process
+// (STB_GNU_UNIQUE), shared with another model's library that may be built for sm_80 only.
+[[maybe_unused]] static int g_early_launch = -1;
+
+template <typename... Params, typename... Args>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  if (g_early_launch < 0) g_early_launch = may_launch_early(kernel);
+  return launch_dependent(kernel, grid, block, smem, stream, g_early_launch != 0,
+                          std::forward<Args>(args)...);
 }
 
 inline unsigned grid_for(int64_t n, int threads) {
