@@ -549,6 +549,12 @@ CANONICAL = {
         kernels.KernelShape("int8", n_pad=64, k_pad=64, block=32, groups=2, n_tile=64,
                             container_bits=4, lanes=16),
         {"m_block": 4, "order": "group"}),
+    # 4-bit, groups of 32, int8 activations with VNNI, few-rows variant: the fused kernel
+    # (codes unpacked in registers, two rows of accumulators).
+    "int8_u4_g32_row_mb2.tir.py": (
+        kernels.KernelShape("int8", n_pad=64, k_pad=64, block=32, groups=2, n_tile=64,
+                            container_bits=4, lanes=16),
+        {"m_block": 2, "order": "row"}),
 }
 
 

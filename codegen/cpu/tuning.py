@@ -201,7 +201,14 @@ def default_config(target, key: dict) -> dict:
         unrolls = lut_unrolls(p.blocking.block)
         return {"table_group": 4, "k_unroll": 4 if 4 in unrolls else unrolls[-1]}
     m = p.m
-    if m <= 1:
+    if p.numerics == "int8" and p.lanes == layout.VNNI_LANES and m <= FUSED_MAX_M:
+        # VNNI: the fused row kernel (codes unpacked in registers, kernels.int8_fused_source)
+        # in blocks of 2 rows (2 x 4 column vectors x 2 int32 sums: 16 zmm accumulators); an
+        # odd M up to 3 in single rows (no padded row). Zen 4, 1 thread, 4096x4096 block 128:
+        # M=4 0.36 ms (4-row blocks 0.41), M=3 0.32 (2-row 0.37), M=8 0.69 (group order with
+        # 4-row blocks 0.97), M=64 5.6 (6.2); M=128 the same as the group order.
+        cfg = {"m_block": 1 if m <= 1 or (m <= 3 and m % 2) else 2, "order": "row"}
+    elif m <= 1:
         cfg = {"m_block": 1, "order": "row"}
     elif m <= 4:
         cfg = {"m_block": 1 << (m - 1).bit_length(), "order": "row"}
@@ -233,6 +240,11 @@ def default_config(target, key: dict) -> dict:
         cfg["col_vectors"] = max(1, min(vectors, vector_registers(p.lanes) // 2
                                         // cfg["m_block"]))
     return cfg
+
+
+# int8 on VNNI: the largest M whose default is the fused row kernel (above it the group order,
+# whose calls take chunks of rows that stay in cache for every column tile)
+FUSED_MAX_M = 64
 
 
 def vector_registers(lanes: int) -> int:
