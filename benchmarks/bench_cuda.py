@@ -41,14 +41,16 @@ SWEEP = {
 SPLITS = {1: [1, 2, 3, 4, 6, 8, 12, 16], 2: [1, 2, 4], 4: [1, 2, 4]}
 # GEMV kernel: (m_frags, warps_n, warps_k, stages), each with GEMV_SPLITS.
 GEMV_SWEEP = [(1, 1, 16, 8), (1, 1, 8, 8), (1, 2, 8, 8), (1, 4, 2, 8), (1, 1, 8, 6),
-              (1, 1, 16, 6), (2, 1, 16, 4), (2, 1, 8, 4), (2, 2, 8, 4), (2, 4, 2, 4)]
+              (1, 1, 16, 6), (2, 1, 16, 4), (2, 1, 8, 4), (2, 2, 8, 4), (2, 4, 2, 4),
+              # fewer k warps, more CTAs: the decode shapes of small models (K = 2048)
+              (1, 1, 4, 8), (1, 1, 4, 4), (1, 1, 2, 8), (1, 1, 8, 4), (1, 2, 4, 8)]
 GEMV_SPLITS = [1, 2, 4, 8, 16]
 
 
-def sweep_variants(n: int, k: int) -> list[dict]:
+def sweep_variants(n: int, k: int, gemv_only: bool = False) -> list[dict]:
     n_blocks, k_tiles = n // 64, k // 64
     out = []
-    for mf, group in SWEEP.items():
+    for mf, group in ({} if gemv_only else SWEEP).items():
         for _, wn, wk, st, sk_rows, acc in group:
             if n_blocks % wn:
                 continue
@@ -102,7 +104,7 @@ def time_torch(fn, copies):
     return time_graph(fn, copies)
 
 
-def build_shape(n, k, workdir, sweep):
+def build_shape(n, k, workdir, sweep, gemv_only=False):
     """Build the W4A16 g128 kernel of (N, K): the tile pass's variants, plus the sweep's."""
     from qcompiler.codegen.cuda import bench_support as bs, cases
 
@@ -111,7 +113,7 @@ def build_shape(n, k, workdir, sweep):
     heur = sorted(node.attrs["config"]["variants"].values(), key=lambda v: v["m_max"])
     variants = [dict(v) for v in heur]
     if sweep:
-        variants += sweep_variants(n, k)
+        variants += sweep_variants(n, k, gemv_only)
     built = bs.build_case(case, os.path.join(workdir, f"n{n}_k{k}"), "cuda-sm90",
                           variants=variants, module=module)
     return built, len(heur)
@@ -124,6 +126,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--gemv-only", action="store_true", help="sweep the GEMV kernel's configs only")
     ap.add_argument("--shapes", default=None, help="comma-separated NxK shapes (e.g. 4096x4096)")
     args = ap.parse_args()
 
@@ -144,7 +147,8 @@ def main():
     print(f"device {dev_name}; copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        builds = list(pool.map(lambda s: build_shape(s[0], s[1], workdir, args.sweep), shapes))
+        builds = list(pool.map(lambda s: build_shape(s[0], s[1], workdir, args.sweep,
+                                                      args.gemv_only), shapes))
 
     rows = []
     for (n, k), (built, n_heur) in zip(shapes, builds):

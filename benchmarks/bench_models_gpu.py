@@ -98,6 +98,22 @@ def graph_time_ms(runner, sig) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+def one_stream_graph_ms(runner, run) -> float:
+    """Graph replay time of the runner's plan captured without side lanes (every launch in
+    plan order on one stream), for comparison with the concurrent runs; restores the lanes."""
+    lanes, saved = runner.lanes, dict(runner._signatures)
+    try:
+        runner.lanes = None
+        runner._signatures.clear()
+        run()
+        sig = next(iter(runner._signatures.values()))
+        return graph_time_ms(runner, sig)
+    finally:
+        runner.lanes = lanes
+        runner._signatures.clear()
+        runner._signatures.update(saved)
+
+
 def profile_steps(runner, sig, label: str, top: int = 12, reps: int = 20) -> list:
     """Each launch of the plan timed alone (CUDA events around it, median of ``reps``) on the
     runner's stream: where a run's time goes. Prints the ``top`` steps and the time per op."""
@@ -131,7 +147,7 @@ def profile_steps(runner, sig, label: str, top: int = 12, reps: int = 20) -> lis
         for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(stream)
-            lib.qc_plan_launch(one, 1, s, None)
+            lib.qc_plan_launch(one, 1, s, None, None)  # alone: no side lanes
             b.record(stream)
             b.synchronize()
             samples.append(a.elapsed_time(b))
@@ -149,6 +165,51 @@ def profile_steps(runner, sig, label: str, top: int = 12, reps: int = 20) -> lis
         print(f"    step {i:>4} {names[i][0]:<20} %{names[i][1]:<40} {times[i] * 1e3:7.1f} us")
     return [{"op": op, "launches": n, "us": round(t * 1e3, 2)} for op, (n, t) in
             sorted(by_op.items(), key=lambda kv: -kv[1][1])]
+
+
+def trace_graph(runner, sig, label: str, reps: int = 10, top: int = 14) -> dict:
+    """The graph replay as the CUDA profiler (CUPTI, through torch.profiler) sees it: each
+    kernel's duration inside the graph and the idle time between kernels, per replay. Unlike
+    profile_steps, launch latency is not counted in a kernel's time: this is where a replay's
+    time really goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    lib, s = runner.launcher, runner.stream
+    for _ in range(5):
+        lib.qc_graph_launch(sig.graph, s)
+    lib.qc_stream_synchronize(s)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            lib.qc_graph_launch(sig.graph, s)
+            lib.qc_stream_synchronize(s)  # replays apart: each one's span is measurable
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.name and not e.name.startswith("Memcpy")),
+                     key=lambda e: e.time_range.start)
+    if len(kernels) < reps:
+        print(f"  trace {label}: the profiler saw {len(kernels)} kernels; no trace")
+        return {}
+    per = len(kernels) // reps
+    by_name: dict = {}
+    busy = span = 0.0
+    for r in range(reps):
+        ks = kernels[r * per:(r + 1) * per]
+        span += ks[-1].time_range.end - ks[0].time_range.start
+        for e in ks:
+            d = e.time_range.end - e.time_range.start
+            busy += d
+            key = e.name.split("(")[0].replace("void ", "")
+            n, t = by_name.get(key, (0, 0.0))
+            by_name[key] = (n + 1, t + d)
+    span, busy = span / reps, busy / reps
+    print(f"  trace {label}: {per} kernels per replay, span {span:.1f} us, kernels busy "
+          f"{busy:.1f} us, idle between kernels {span - busy:.1f} us")
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    for name, (n, t) in rows[:top]:
+        print(f"    {name[:70]:<70} x{n // reps:<4} {t / reps:8.1f} us  {t / n:6.2f} us each")
+    return {"kernels": per, "span_us": round(span, 1), "busy_us": round(busy, 1),
+            "by_kernel": [{"kernel": k, "launches": n // reps, "us": round(t / reps, 2)}
+                          for k, (n, t) in rows]}
 
 
 def compiled_peer_ms(module, call, iters: int):
@@ -260,10 +321,11 @@ def minilm(args, target, results):
               f"{ms_graph if ms_graph is None else round(ms_graph, 3)} ms), torch fp16 eager "
               f"{ms_torch:.3f} ms, torch.compile {ms_compiled} ms; launches per run {sig.n}")
         prof = profile_steps(runner, sig, f"minilm {b}x{s}") if args.profile else None
+        trace = trace_graph(runner, sig, f"minilm {b}x{s}") if args.trace else None
         results.append({"workload": f"minilm-q4g128-{b}x{s}", "ours_run_ms": ms_ours,
                         "ours_graph_ms": ms_graph, "torch_fp16_eager_ms": ms_torch,
                         "torch_compile_fp16_ms": ms_compiled, "launches": sig.n,
-                        "profile": prof})
+                        "profile": prof, "trace": trace})
     return ok
 
 
@@ -320,11 +382,16 @@ def llama(args, target, results):
         sig = runner._signatures[tuple(v.shape for v in feeds.values())]
         ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
         row = {"workload": f"llama-{name}-{layers}layers-decode-ctx{past + 1}",
-               "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph, "launches": sig.n}
+               "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph, "launches": sig.n,
+               "concurrent_runs": sum(1 for r in sig.runs if r > 1)}
+        if args.lanes_ab and runner.lanes:  # the same plan with every launch in order
+            row["ours_graph_ms_one_stream"] = one_stream_graph_ms(runner, lambda: m.run(t))
         results.append(row)  # before the peers: a failing peer keeps our figures
         args.save(row)  # and on disk, should the run be cut short
         print(f"llama {name} {layers} layers decode at ctx {past + 1}: ours {ms_ours:.3f} ms "
-              f"per run() (graph replay {ms_graph}); launches {sig.n}")
+              f"per run() (graph replay {ms_graph}); launches {sig.n}, "
+              f"{row['concurrent_runs']} concurrent runs; one stream: "
+              f"{row.get('ours_graph_ms_one_stream')}")
         half = model.half().cuda()
         th = {k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}
         # The example builds its causal mask with Python floats (the default dtype, f32, as
@@ -341,6 +408,7 @@ def llama(args, target, results):
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
             ok &= same
         row["profile"] = profile_steps(runner, sig, f"llama {name}") if args.profile else None
+        row["trace"] = trace_graph(runner, sig, f"llama {name}") if args.trace else None
     return ok
 
 
@@ -408,6 +476,10 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", type=int, default=32,
                     help="greedy decode steps compared with torch (0: none)")
     ap.add_argument("--profile", action="store_true", help="time each launch alone")
+    ap.add_argument("--lanes-ab", action="store_true",
+                    help="also time the plan captured on one stream (no concurrent launches)")
+    ap.add_argument("--trace", action="store_true",
+                    help="the graph replay's kernels and idle time, from the CUDA profiler")
     ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",
                     help="also time torch.compile(mode='reduce-overhead') for these models")
     a = ap.parse_args(argv)

@@ -121,3 +121,28 @@ def test_host_plan_golden_and_the_launcher_compiles(tmp_path, update_goldens):
         subprocess.run([nv.find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
                         f"-arch={arch}", LAUNCHER_SOURCE, "-o", str(out)], check=True)
         assert out.stat().st_size > 0
+
+
+def test_concurrent_runs_group_launches_that_touch_disjoint_memory():
+    """q, k and v projections of one input run together; a launch reading what the run writes,
+    writing what it reads, or marked solo starts a new run; at most MAX_LANES a run."""
+    from qcompiler.codegen.cuda.plan import MAX_LANES, concurrent_runs
+
+    x, q, k, v = (0, 100), (100, 50), (150, 10), (160, 10)
+    qkv = [([x], [q], False), ([x], [k], False), ([x], [v], False)]
+    assert concurrent_runs(qkv) == [3, 0, 0]
+    # rotary of q reads q: a new run, which the rotary of k then joins
+    rot = [([q], [(200, 50)], False), ([k], [(250, 10)], False)]
+    assert concurrent_runs(qkv + rot) == [3, 0, 0, 2, 0]
+    # a write over a byte another member reads (the last byte of x) splits the run
+    assert concurrent_runs([([x], [q], False), ([k], [(99, 4)], False)]) == [1, 1]
+    # two writes to one range (in place) split it too
+    assert concurrent_runs([([x], [q], False), ([k], [(149, 2)], False)]) == [1, 1]
+    # solo launches (a qmatmul and its separate epilogue; copies) are alone
+    assert concurrent_runs([([x], [q], True), ([x], [k], False), ([x], [v], True)]) == [1, 1, 1]
+    # weights are left out of the ranges: size 0 never overlaps
+    assert concurrent_runs([([(0, 0)], [q], False), ([(0, 0)], [k], False)]) == [2, 0]
+    many = [([x], [(1000 + 10 * i, 10)], False) for i in range(MAX_LANES + 1)]
+    assert concurrent_runs(many) == [MAX_LANES] + [0] * (MAX_LANES - 1) + [1]
+    assert concurrent_runs(qkv, max_lanes=1) == [1, 1, 1]
+    assert concurrent_runs([]) == []

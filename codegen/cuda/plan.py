@@ -19,7 +19,10 @@ per (bucket, signature) as a CUDA graph and each run is one ``cudaGraphLaunch``.
 Run time (``CudaPlanRunner``, no TVM, no torch): the device is touched on the first run;
 weights are uploaded once; per bucket one device arena (the memory plan's offsets); per input
 signature the shape functions are evaluated on the host, their values uploaded, input and
-output buffers allocated, the table built and the graph captured. A run copies the inputs into
+output buffers allocated, the table built and the graph captured. Consecutive launches that
+touch disjoint memory (``concurrent_runs``: none reads or writes what another writes) are
+marked to run concurrently, on side streams forked from the plan's stream: the graph gets
+parallel branches (``QC_CUDA_LANES=1`` turns this off). A run copies the inputs into
 their buffers (host to device for numpy, device to device for torch CUDA tensors and objects
 with ``__cuda_array_interface__``), launches the graph and returns the outputs (numpy, or
 torch CUDA tensors when the inputs were). A KV cache is an output fed back as an input: keep
@@ -44,6 +47,37 @@ LAUNCHER_LIBRARY = "qc_plan.so"
 OPS_DIR = "ops"  # kernels/ops/cuda_ops.so
 EPILOGUE_SUFFIX = ".epilogue"
 STEP_OP, STEP_QMM, STEP_COPY = 0, 1, 2
+MAX_LANES = 4  # templates/qc_plan.cu QC_MAX_LANES: launches that may run concurrently
+
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+    """Whether byte ranges (address, size) a and b share a byte."""
+    return a[1] > 0 and b[1] > 0 and a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
+def concurrent_runs(launches: list, max_lanes: int = MAX_LANES) -> list:
+    """For each launch, the length of the concurrent run that starts there (0: inside a run).
+    ``launches`` are (reads, writes, solo) in plan order, reads and writes lists of byte ranges
+    (address, size). A run is consecutive launches none of which reads or writes a range
+    another one writes; a ``solo`` launch (one of a pair that must stay in order, a copy) is
+    always alone. Greedy from the first launch: one that conflicts with the run starts the
+    next run, so the plan's order holds between runs."""
+    def independent(i: int, j: int) -> bool:
+        (ri, wi, _), (rj, wj, _) = launches[i], launches[j]
+        return not (any(_overlaps(w, x) for w in wi for x in rj + wj)
+                    or any(_overlaps(w, x) for w in wj for x in ri))
+
+    runs = [0] * len(launches)
+    start = 0
+    while start < len(launches):
+        end = start + 1
+        if not launches[start][2]:
+            while (end < len(launches) and end - start < max_lanes and not launches[end][2]
+                   and all(independent(end, j) for j in range(start, end))):
+                end += 1
+        runs[start] = end - start
+        start = end
+    return runs
 
 
 def epilogue_node(node: Node) -> Node:
@@ -135,7 +169,7 @@ class QcStep(ctypes.Structure):
                 ("ptrs", ctypes.POINTER(ctypes.c_void_p)),
                 ("shapes", ctypes.POINTER(ctypes.c_int64)), ("workspace", ctypes.c_void_p),
                 ("m", ctypes.c_int64), ("variant", ctypes.c_int64),
-                ("epilogue", ctypes.c_int64)]
+                ("epilogue", ctypes.c_int64), ("concurrent", ctypes.c_int64)]
 
 
 def _device_pointer(x) -> Optional[int]:
@@ -158,6 +192,7 @@ class _Signature:
         self.allocs: list = []      # device allocations owned by this signature
         self.table = None
         self.n = 0
+        self.runs: list = []        # concurrent_runs of the table's launches
         self.graph = None
 
 
@@ -174,6 +209,7 @@ class CudaPlanRunner:
         self.qmm = CudaModuleRunner(module, manifest, out_dir)  # paths, qmatmul kernels
         self.target = manifest["target"]
         self.use_graphs = os.environ.get("QC_CUDA_GRAPHS", "1") != "0"
+        self.lanes_wanted = max(1, min(MAX_LANES, int(os.environ.get("QC_CUDA_LANES", MAX_LANES))))
         self.plan = None
         self._loaded = False
         self._signatures: dict = {}
@@ -202,9 +238,10 @@ class CudaPlanRunner:
         self.nodes = {n.results[0].name: n for n in self.module.main.nodes if n.results}
         lib = ctypes.CDLL(self._path(self.record["launcher"]))
         P, I64 = ctypes.c_void_p, ctypes.c_int64
-        lib.qc_plan_launch.argtypes = [ctypes.POINTER(QcStep), I64, P, ctypes.POINTER(I64)]
-        lib.qc_plan_capture.argtypes = [ctypes.POINTER(QcStep), I64, P, ctypes.POINTER(P),
+        lib.qc_plan_launch.argtypes = [ctypes.POINTER(QcStep), I64, P, P, ctypes.POINTER(I64)]
+        lib.qc_plan_capture.argtypes = [ctypes.POINTER(QcStep), I64, P, P, ctypes.POINTER(P),
                                         ctypes.POINTER(I64)]
+        lib.qc_lanes_create.argtypes = [ctypes.POINTER(P)]
         lib.qc_graph_launch.argtypes = [P, P]
         lib.qc_graph_destroy.argtypes = [P]
         lib.qc_stream_create.argtypes = [ctypes.POINTER(P)]
@@ -214,6 +251,11 @@ class CudaPlanRunner:
         stream = P()
         self._check(lib.qc_stream_create(ctypes.byref(stream)), "cudaStreamCreate")
         self.stream = stream.value
+        self.lanes = None  # side streams for concurrent launches (None: one stream)
+        if self.lanes_wanted > 1:
+            lanes = P()
+            self._check(lib.qc_lanes_create(ctypes.byref(lanes)), "creating the side streams")
+            self.lanes = lanes.value
         self.ops = (CudaOpsLibrary(self._path(self.record["ops_library"]))
                     if self.record.get("ops_library") else None)
         self.symbols = self.record["symbols"]
@@ -303,15 +345,23 @@ class CudaPlanRunner:
                 elif root.name in ptr:
                     ptr[b.name] = ptr[root.name]
 
-        steps, op_ws, qmm_ws = [], 0, 0
+        op_ws, qmm_ws = 0, 0
         pending = []  # (QcStep fields) before workspaces are known
+        access = []  # per launch: (reads, writes, solo) byte ranges, for concurrent_runs
 
-        def op_step(symbol: str, names: list, out_names: list):
+        def span(name: str) -> tuple:  # (address, bytes) of a buffer; weights are read-only
+            if name is None or plan.buffers[name].kind == "weight" or name not in ptr:
+                return (0, 0)
+            size = int(np.prod(shape_of[name])) * elem(plan.buffers[name].dtype).np_dtype.itemsize
+            return (ptr[name], size)
+
+        def op_step(symbol: str, names: list, out_names: list, solo: bool = False):
             names = [n for n in names if n is not None]
             ps = [ptr[n] for n in names + out_names]
             dims = [shape_of[n] for n in names + out_names]
             ws = self.ops.workspace_bytes(symbol, dims)
             pending.append(("op", self.ops._fn(symbol)[0], ps, dims, ws, False))
+            access.append(([span(n) for n in names], [span(n) for n in out_names], solo))
             return ws
 
         for step in plan.steps:
@@ -321,6 +371,7 @@ class CudaPlanRunner:
                 src, dst = step.inputs[0], step.outputs[0]
                 nbytes = int(np.prod(shape_of[dst])) * elem(plan.buffers[dst].dtype).np_dtype.itemsize
                 pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
+                access.append(([span(src)], [span(dst)], True))
                 continue
             node = self.nodes[step.node]
             if step.op == "qmatmul":
@@ -331,24 +382,33 @@ class CudaPlanRunner:
                 ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
                       d["bias"], d["perm"]]
                 fused = epilogue_in_kernel(node)
-                if fused:  # ptrs[7...]: the epilogue's extra operands
-                    ps += [ptr[v.name] for v in node.operands[8:]]
+                extras = [v.name for v in node.operands[8:]] if fused else []
+                ps += [ptr[n] for n in extras]  # ptrs[7...]: the epilogue's extra operands
                 qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
                 pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m,
                                 fused))
-                if "epilogue" in node.attrs and not fused:
+                separate = "epilogue" in node.attrs and not fused  # a second launch, in order
+                access.append(([span(x)] + [span(n) for n in extras],
+                               [span(step.outputs[0])], separate))
+                if separate:
                     sym = self.symbols[step.node + EPILOGUE_SUFFIX]
                     names = [step.outputs[0]] + [v.name if v is not None else None
                                                  for v in node.operands[8:]]
-                    op_ws = max(op_ws, op_step(sym, names, [step.outputs[0]]))
+                    op_ws = max(op_ws, op_step(sym, names, [step.outputs[0]], solo=True))
             else:
                 op_ws = max(op_ws, op_step(self.symbols[step.node], step.inputs, step.outputs))
 
-        op_ws_ptr = alloc(op_ws) if op_ws else 0
+        # Launches that run concurrently get workspaces of their own (lane j: slot j).
+        runs = concurrent_runs(access, self.lanes_wanted) if self.lanes else [1] * len(access)
+        lane = []
+        for i, r in enumerate(runs):
+            lane.append(0 if r else lane[-1] + 1)
+        slots = max(lane, default=0) + 1
+        op_ws_ptr = alloc(op_ws * slots) if op_ws else 0
         qmm_ws_ptr = 0
         if qmm_ws:
-            qmm_ws_ptr = alloc(qmm_ws)
-            rt.memset(qmm_ws_ptr, qmm_ws)  # split-K counters start at zero
+            qmm_ws_ptr = alloc(qmm_ws * slots)
+            rt.memset(qmm_ws_ptr, qmm_ws * slots)  # split-K counters start at zero
         table = (QcStep * max(len(pending), 1))()
         for i, (kind, fn, ps, dims, extra, epilogue) in enumerate(pending):
             # one spare slot: a fused epilogue's extras start at ptrs[7], even when it has none
@@ -356,22 +416,25 @@ class CudaPlanRunner:
             flat = [int(v) for s in dims for v in s]
             sarr = (ctypes.c_int64 * max(len(flat), 1))(*flat)
             sig.keep += [parr, sarr]
+            op_w = (op_ws_ptr + lane[i] * op_ws) if op_ws_ptr else None
+            qmm_w = (qmm_ws_ptr + lane[i] * qmm_ws) if qmm_ws_ptr else None
             if kind == "op":
                 table[i] = QcStep(STEP_OP, ctypes.cast(fn, ctypes.c_void_p).value, parr, sarr,
-                                  op_ws_ptr or None, 0, -1, 0)
+                                  op_w, 0, -1, 0, runs[i])
             elif kind == "qmm":
                 # variant -1: by M; the launcher passes ptrs + 7 as the epilogue's extras
                 # when ``epilogue`` (the kernel applies it), else null
-                table[i] = QcStep(STEP_QMM, fn, parr, sarr, qmm_ws_ptr or None, extra, -1,
-                                  int(epilogue))
+                table[i] = QcStep(STEP_QMM, fn, parr, sarr, qmm_w, extra, -1, int(epilogue),
+                                  runs[i])
             else:
-                table[i] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0)
+                table[i] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, runs[i])
+        sig.runs = runs
         sig.table, sig.n = table, len(pending)
         if self.use_graphs:
             exec_ = ctypes.c_void_p()
             failed = ctypes.c_int64(-1)
-            err = self.launcher.qc_plan_capture(table, sig.n, self.stream, ctypes.byref(exec_),
-                                                ctypes.byref(failed))
+            err = self.launcher.qc_plan_capture(table, sig.n, self.stream, self.lanes,
+                                                ctypes.byref(exec_), ctypes.byref(failed))
             self._check(err, f"capturing the plan (step {failed.value})")
             sig.graph = exec_.value
         return sig
@@ -423,7 +486,7 @@ class CudaPlanRunner:
             self._check(lib.qc_graph_launch(sig.graph, s), "cudaGraphLaunch")
         else:
             failed = ctypes.c_int64(-1)
-            err = lib.qc_plan_launch(sig.table, sig.n, s, ctypes.byref(failed))
+            err = lib.qc_plan_launch(sig.table, sig.n, s, self.lanes, ctypes.byref(failed))
             self._check(err, f"launching plan step {failed.value}")
         torch_out = any(v is not None for v in on_device.values()) and _torch_available()
         results = {}

@@ -194,38 +194,49 @@ GEMV_REGISTERS = 64
 
 
 def gemv_default(target, key) -> dict:
-    """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16), fitted to sweeps on an
-    H100 (benchmarks/results/cuda-20261125-14{12,17,22}*.json):
+    """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16). Fitted to M = 1 sweeps
+    on the H200 of the decode shapes of a 1B model (K = 2048 or 5632, N from 256 to 32000;
+    benchmarks/results/cuda-h200-20261203-1837.json) and checked on the 4096-28672 shapes:
 
-    - warps: one n64 block per CTA with 16 warps splitting K (8 when there are at least 1.5
-      blocks per SM); at more than 8 rows with at least 128 blocks, two blocks side by side
-      (they share x in L1) with 8 k warps;
-    - as many k16 steps in flight as the register budget allows (8 for 4-bit containers at
-      M <= 8, 4 at 16 rows);
-    - split K across CTAs only while the grid holds at most 2048 warps and every warp keeps
-      at least 16 steps (long K over few columns); the fix-up costs more than it gains on
-      shapes that already fill the GPU.
+    - one wave of warps at 16 warps per SM (the register cap) is the aim: k warps per CTA
+      16 while the n64 blocks are fewer than the SMs, 8 up to two blocks per SM, else 4;
+    - split K across CTAs while a warp would have more than 8 k16 steps, or the grid has fewer
+      warps than the GPU has SMs, keeping at least 4 steps a warp and one wave at most: the
+      fix-up costs about a microsecond, which pays only on long K or tiny grids;
+    - 8 k16 steps in flight with 16 k warps and no split, else 4 (more warps hide the rest).
     """
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
+    wave = 16 * sms
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
     mf = 1 if key["m"] <= 8 else 2
     cfg = {"gemv": 1, "m_frags": mf, "warps_n": 1, "warps_k": 16, "stages": 8, "stage_k": 64,
            "acc_scale": 0, "split_k": 1, "wgmma": 0}
-    if n_blocks >= 1.5 * sms:
+    if n_blocks >= 2 * sms:
+        cfg["warps_k"] = 4
+    elif n_blocks >= sms:
         cfg["warps_k"] = 8
     if mf == 2 and n_blocks >= 128 and n_blocks % 2 == 0:
-        cfg["warps_n"], cfg["warps_k"] = 2, 8
-    while gemv_registers(cfg, cb) > GEMV_REGISTERS:
-        cfg["stages"] -= 1
-    while cfg["warps_k"] > 1 and k_steps // cfg["warps_k"] < cfg["stages"]:
-        cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
+        cfg["warps_n"], cfg["warps_k"] = 2, min(cfg["warps_k"], 8)
     split = 1
-    while (split * 2 <= 16 and n_blocks * cfg["warps_k"] * split * 2 <= 2048
-           and k_steps // (cfg["warps_k"] * split * 2) >= 16):
+
+    def steps(sp):  # k16 steps of each warp
+        return k_steps // (cfg["warps_k"] * sp)
+
+    def warps(sp):  # in the grid
+        return n_blocks * cfg["warps_k"] * sp
+
+    while (split * 2 <= 16 and steps(split * 2) >= 4 and warps(split * 2) <= wave
+           and (steps(split) > 8 or warps(split) < sms)):
         split *= 2
     cfg["split_k"] = split
+    if cfg["warps_k"] < 16 or split > 1:
+        cfg["stages"] = 4
+    while gemv_registers(cfg, cb) > GEMV_REGISTERS:
+        cfg["stages"] -= 1
+    while cfg["warps_k"] > 1 and k_steps // (cfg["warps_k"] * split) < cfg["stages"]:
+        cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
     return cfg
 
 

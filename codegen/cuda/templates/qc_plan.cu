@@ -11,8 +11,18 @@
 //                 (ptrs[0..6] in that order; extras = ptrs + 7 when the step's epilogue flag
 //                 is set: the kernel applies its fused epilogue with them, else null)
 //   QC_STEP_COPY  cudaMemcpyAsync(ptrs[1], ptrs[0], bytes, device to device)
+//
+// Concurrent steps: a step whose `concurrent` field is g > 1 starts a run of g steps that
+// neither read nor write what another of them writes (plan.py decides it from the buffers'
+// addresses). The first runs on the plan's stream, the others on the lanes' side streams,
+// forked from it and joined back by events; captured, they become parallel branches of the
+// graph. Small kernels of one layer (the q, k and v projections, their rotary embeddings)
+// then share the GPU instead of each leaving most of it idle. Without lanes (null) the steps
+// run one after another.
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#define QC_MAX_LANES 4  // codegen/cuda/plan.py MAX_LANES: steps launched concurrently
 
 enum { QC_STEP_OP = 0, QC_STEP_QMM = 1, QC_STEP_COPY = 2 };
 
@@ -25,36 +35,85 @@ struct QcStep {          // the layout codegen/cuda/plan.py's ctypes Structure m
   int64_t m;             // QMM: rows; COPY: bytes
   int64_t variant;       // QMM: -1 = by M
   int64_t epilogue;      // QMM: 1 = the kernel applies its epilogue (extras at ptrs + 7)
+  int64_t concurrent;    // > 1: this step and the next concurrent - 1 run concurrently
+};
+
+// Side streams and events of one runner (the plan's stream is lane 0).
+struct QcLanes {
+  cudaStream_t side[QC_MAX_LANES - 1];
+  cudaEvent_t fork;
+  cudaEvent_t join[QC_MAX_LANES - 1];
 };
 
 typedef int (*qc_op_fn)(void* const*, const int64_t*, void*, cudaStream_t);
 typedef int (*qc_qmm_fn)(void*, void*, void*, void*, void*, void*, void*, int, void*,
                          cudaStream_t, int, void* const*);
 
+static int launch_step(const QcStep& st, cudaStream_t s) {
+  int err = 0;
+  if (st.kind == QC_STEP_OP) {
+    err = ((qc_op_fn)st.fn)(st.ptrs, st.shapes, st.workspace, s);
+  } else if (st.kind == QC_STEP_QMM) {
+    void* const* p = st.ptrs;
+    err = ((qc_qmm_fn)st.fn)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], (int)st.m,
+                             st.workspace, s, (int)st.variant, st.epilogue ? p + 7 : nullptr);
+  } else if (st.kind == QC_STEP_COPY) {
+    if (st.m) err = (int)cudaMemcpyAsync(st.ptrs[1], st.ptrs[0], (size_t)st.m,
+                                         cudaMemcpyDeviceToDevice, s);
+  } else {
+    err = (int)cudaErrorInvalidValue;
+  }
+  if (err == 0) err = (int)cudaPeekAtLastError();
+  return err;
+}
+
 extern "C" {
 
+int qc_lanes_create(void** lanes) {
+  QcLanes* l = new QcLanes();
+  int err = (int)cudaEventCreateWithFlags(&l->fork, cudaEventDisableTiming);
+  for (int j = 0; j < QC_MAX_LANES - 1 && !err; ++j) {
+    err = (int)cudaStreamCreateWithFlags(&l->side[j], cudaStreamNonBlocking);
+    if (!err) err = (int)cudaEventCreateWithFlags(&l->join[j], cudaEventDisableTiming);
+  }
+  if (err) {
+    delete l;
+    return err;
+  }
+  *lanes = (void*)l;
+  return 0;
+}
+
 // Launches every step; returns the first error and the failing step's index in *failed.
-int qc_plan_launch(const QcStep* steps, int64_t n, void* stream, int64_t* failed) {
+// lanes: from qc_lanes_create, or null (concurrent steps then run one after another).
+int qc_plan_launch(const QcStep* steps, int64_t n, void* stream, void* lanes,
+                   int64_t* failed) {
   cudaStream_t s = (cudaStream_t)stream;
+  QcLanes* l = (QcLanes*)lanes;
   for (int64_t i = 0; i < n; ++i) {
-    const QcStep& st = steps[i];
     int err = 0;
-    if (st.kind == QC_STEP_OP) {
-      err = ((qc_op_fn)st.fn)(st.ptrs, st.shapes, st.workspace, s);
-    } else if (st.kind == QC_STEP_QMM) {
-      void* const* p = st.ptrs;
-      err = ((qc_qmm_fn)st.fn)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], (int)st.m,
-                               st.workspace, s, (int)st.variant,
-                               st.epilogue ? p + 7 : nullptr);
-    } else if (st.kind == QC_STEP_COPY) {
-      if (st.m) err = (int)cudaMemcpyAsync(st.ptrs[1], st.ptrs[0], (size_t)st.m,
-                                           cudaMemcpyDeviceToDevice, s);
+    int64_t at = i;  // the step being launched (reported on error)
+    const int64_t g = steps[i].concurrent;
+    if (l && g > 1 && g <= QC_MAX_LANES && i + g <= n) {
+      // fork: every side lane waits for the work so far; join: the stream waits for them
+      err = (int)cudaEventRecord(l->fork, s);
+      for (int64_t j = 1; j < g && !err; ++j) {
+        at = i + j;
+        err = (int)cudaStreamWaitEvent(l->side[j - 1], l->fork, 0);
+        if (!err) err = launch_step(steps[i + j], l->side[j - 1]);
+        if (!err) err = (int)cudaEventRecord(l->join[j - 1], l->side[j - 1]);
+      }
+      if (!err) {
+        at = i;
+        err = launch_step(steps[i], s);
+      }
+      for (int64_t j = 1; j < g && !err; ++j) err = (int)cudaStreamWaitEvent(s, l->join[j - 1], 0);
+      i += g - 1;
     } else {
-      err = (int)cudaErrorInvalidValue;
+      err = launch_step(steps[i], s);
     }
-    if (err == 0) err = (int)cudaPeekAtLastError();
     if (err) {
-      if (failed) *failed = i;
+      if (failed) *failed = at;
       return err;
     }
   }
@@ -62,13 +121,13 @@ int qc_plan_launch(const QcStep* steps, int64_t n, void* stream, int64_t* failed
 }
 
 // Captures the steps into an executable graph (*exec); nothing runs until qc_graph_launch.
-int qc_plan_capture(const QcStep* steps, int64_t n, void* stream, void** exec,
+int qc_plan_capture(const QcStep* steps, int64_t n, void* stream, void* lanes, void** exec,
                     int64_t* failed) {
   cudaStream_t s = (cudaStream_t)stream;
   cudaGraph_t graph = nullptr;
   int err = (int)cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
   if (err) return err;
-  int launch_err = qc_plan_launch(steps, n, stream, failed);
+  int launch_err = qc_plan_launch(steps, n, stream, lanes, failed);
   err = (int)cudaStreamEndCapture(s, &graph);
   if (launch_err) {
     if (graph) cudaGraphDestroy(graph);
