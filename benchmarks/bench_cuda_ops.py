@@ -78,7 +78,7 @@ def main():
         sym = names[nodes[key].results[0].name]
         shapes = [t.shape for t in tensors] + [out.shape]
         ws_bytes = lib.workspace_bytes(sym, shapes)
-        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=dev)
+        ws = torch.zeros(max(ws_bytes, 1), dtype=torch.uint8, device=dev)  # ABI: zeroed
         ptrs = [t.data_ptr() for t in tensors] + [out.data_ptr()]
         return lambda: lib.call(sym, ptrs, shapes, ws.data_ptr(), stream)
 

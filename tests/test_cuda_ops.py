@@ -182,6 +182,26 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 4, 7, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 5], "f32")],
           [([B, 4, 7, 5], "f32")], {"scale": 0.35, "causal": 1})  # Skv > Sq, Dv != D, odd
+    # grouped-query decode (a block per group of query heads sharing a kv head): 8 heads a
+    # group with a padding mask (f16) and without (f32, four lanes a 16-byte pack); 4 heads
+    # over 20 keys (one split: the block writes y itself); 2 heads in [B, S, H, D]
+    g.add("attention", "attention",
+          [g.arg([B, 8, 1, 64], "f16"), g.arg([B, 1, "kv", 64], "f16"),
+           g.arg([B, 1, "kv", 64], "f16"), g.arg([B, 1, 1, "kv"], "f16", low="mask")],
+          [([B, 8, 1, 64], "f16")], {"scale": 0.125, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 16, 1, 64], "f32"), g.arg([B, 2, "kv", 64], "f32"),
+           g.arg([B, 2, "kv", 64], "f32")],
+          [([B, 16, 1, 64], "f32")], {"scale": 0.125, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 8, 1, 64], "bf16"), g.arg([B, 2, 20, 64], "bf16"),
+           g.arg([B, 2, 20, 64], "bf16")],
+          [([B, 8, 1, 64], "bf16")], {"scale": 0.125, "causal": 0})
+    g.add("attention", "attention",
+          [g.arg([B, 1, 4, 64], "f16"), g.arg([B, "kv", 2, 64], "f16"),
+           g.arg([B, "kv", 2, 64], "f16")],
+          [([B, 1, 4, 64], "f16")], {"scale": 0.125, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
+                                     "y_bshd": 1})
     g.add("attention", "attention",
           [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
            g.arg([B, 2, 9, 32], "f16")],

@@ -405,6 +405,8 @@ class CudaPlanRunner:
             lane.append(0 if r else lane[-1] + 1)
         slots = max(lane, default=0) + 1
         op_ws_ptr = alloc(op_ws * slots) if op_ws else 0
+        if op_ws:
+            rt.memset(op_ws_ptr, op_ws * slots)  # counters in op workspaces start at zero
         qmm_ws_ptr = 0
         if qmm_ws:
             qmm_ws_ptr = alloc(qmm_ws * slots)

@@ -10,6 +10,8 @@ The ABI (one per kernel symbol ``qc_cu_<op>_<hash>``, all ``extern "C"``)::
 results (destination-passing: the caller owns every buffer). ``shapes``: the run-time dims of
 those buffers, concatenated in the same order (the ranks are baked into the kernel), so a
 symbolic dim is just an int64 here. The return value is a cudaError_t (0: launched).
+``workspace``: ``SYM_workspace_bytes`` of scratch, zeroed by the caller when it is allocated;
+a kernel that keeps counters there (the grouped-query decode attention) leaves them at zero.
 """
 from __future__ import annotations
 

@@ -144,6 +144,8 @@ class CudaOpsLibrary:
         shapes = [a.shape for a in ins] + [o.shape for o in outs]
         ws_bytes = self.workspace_bytes(symbol, shapes)
         ws = rt.malloc(ws_bytes) if ws_bytes else 0
+        if ws:  # the ABI: a workspace starts zeroed (kernels keep their counters at zero)
+            rt.lib.qc_memset(c_void_p(ws), 0, ws_bytes)
         try:
             if poison:
                 for p, o in zip(ptrs_out, outs):
