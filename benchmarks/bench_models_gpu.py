@@ -412,6 +412,52 @@ def llama(args, target, results):
     return ok
 
 
+def llama_prefill(args, target, results) -> bool:
+    """The TinyLlama-shaped model without a cache, one prefill of ``args.prefill`` tokens:
+    ours (plan, graph) against torch fp16 eager and torch.compile on the same dequantized
+    weights; the logits compared with torch's."""
+    import torch
+
+    import decoder_models as dm
+    import qcompiler
+
+    cfg, layers, seq = dm.TINYLLAMA, args.llama_layers, args.prefill
+    model = dm.llama(layers=layers, with_cache=False, **cfg)
+    dequantize_linears_in_place(model)
+    feeds = dm.llama_inputs(cfg, layers, 1, seq, 0)
+    tmp = tempfile.mkdtemp()
+    path = dm.export_onnx(model, feeds, os.path.join(tmp, "llama_prefill.onnx"), dynamo=False)
+    t0 = time.time()
+    m = qcompiler.compile(path, target=target, passes=pipeline(target, Q4_SYMMETRIC),
+                          buckets={"batch": [1], "seq": [seq]})
+    print(f"llama prefill ({layers} layers) compiled in {time.time() - t0:.1f} s")
+    t = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+    out = list(m.run(t).values())[0]
+    ms_ours = cuda_time_ms(lambda: m.run(t), iters=20, warmup=3)
+    runner = m._run
+    sig = runner._signatures[tuple(v.shape for v in feeds.values())]
+    ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
+    row = {"workload": f"llama-tinyllama-width-{layers}layers-prefill-{seq}",
+           "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph, "launches": sig.n}
+    results.append(row)
+    args.save(row)
+    half = model.half().cuda()
+    with torch.no_grad(), default_dtype(torch.float16):
+        want = half(*t.values())
+        want = want[0] if isinstance(want, (tuple, list)) else want
+        ok = check_close(f"llama prefill {seq} logits vs torch fp16", out.float().cpu().numpy(),
+                         want.float().cpu().numpy(), 3e-2)
+        ms_torch = cuda_time_ms(lambda: half(*t.values()), iters=20, warmup=3)
+        ms_compiled = (compiled_peer_ms(half, lambda p: p(*t.values()), 20)
+                       if args.compile_peers == "all" else None)
+    row.update({"torch_fp16_eager_ms": ms_torch, "torch_compile_fp16_ms": ms_compiled,
+                "logits_close": ok})
+    args.save(row)
+    print(f"llama prefill {seq}: ours {ms_ours:.3f} ms per run() (graph replay {ms_graph}); "
+          f"launches {sig.n}; torch fp16 eager {ms_torch:.3f} ms, torch.compile {ms_compiled} ms")
+    return ok
+
+
 def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bool:
     """``n`` greedy decode steps on both sides from the same random cache of ``past`` tokens
     (the caches each side returns are its next inputs; ours stay torch tensors on the device).
@@ -476,6 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", type=int, default=32,
                     help="greedy decode steps compared with torch (0: none)")
     ap.add_argument("--profile", action="store_true", help="time each launch alone")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="also time a prefill of this many tokens (no cache) of the Llama model")
     ap.add_argument("--lanes-ab", action="store_true",
                     help="also time the plan captured on one stream (no concurrent launches)")
     ap.add_argument("--trace", action="store_true",
@@ -486,8 +534,8 @@ def main(argv=None) -> int:
     results = []
     ok = True
     a.save = lambda row: write_results(a, results, None)
-    for part in (minilm, llama):
-        if part is minilm and a.skip_minilm:
+    for part in (minilm, llama, llama_prefill):
+        if (part is minilm and a.skip_minilm) or (part is llama_prefill and not a.prefill):
             continue
         try:
             ok &= part(a, a.target, results)

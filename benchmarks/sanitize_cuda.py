@@ -4,10 +4,17 @@
 
 Covers both kernels (tiled and GEMV), split-K (the last-CTA reduction), act-order (x prepared
 by the permute kernel), K not a multiple of 8 (padding), N not a multiple of 64, every unpack
-strategy, and M tails.
+strategy, and M tails. Then two decode steps of a small Llama-architecture model through the
+device plan (every op kernel of a decode step: gathers, rotary, kv_concat, grouped-query
+decode attention with 8 query heads per kv head, RMSNorm, fused epilogues; concurrent
+launches on side streams), launched without a graph so that every kernel is checked, each
+step compared with the reference.
 """
 import os
+import sys
 import tempfile
+
+import numpy as np
 
 # qcompiler is imported from its installed package (run_on_gpu.sh installs it).
 from qcompiler.codegen.cuda import bench_support as bs, cases
@@ -45,6 +52,45 @@ def main():
             assert err <= cases.TOLERANCE[case.dtype]
         kern.close()
     print("sanitize cases ok")
+    decode_plan(work)
+
+
+def decode_plan(work: str) -> None:
+    """Two decode steps of a 2-layer Llama (head dim 64, 8 query heads per kv head)."""
+    os.environ["QC_CUDA_GRAPHS"] = "0"  # launch each kernel: the sanitizer sees each one
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "examples"))
+    import decoder_models as dm
+    import qcompiler
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.pipeline import PassManager
+    from qcompiler.runtime.reference import run as ref_run
+    from qcompiler.targets import get_target
+
+    cfg = dict(vocab=256, hidden=512, heads=8, kv_heads=1, intermediate=256)
+    model = dm.llama(layers=2, **cfg)
+    past = 40
+    feeds = dm.llama_inputs(cfg, 2, 1, 1, past)
+    path = dm.export_onnx(model, feeds, os.path.join(work, "llama.onnx"), dynamo=False)
+    passes = ("canonicalize,quantize-weights{bits=4,group=128}," +
+              get_target("cuda-sm90").default_pipeline)
+    m = qcompiler.compile(path, target="cuda-sm90", passes=passes,
+                          output_dir=os.path.join(work, "llama_out"))
+    # the reference: the same passes up to the packing (the numpy interpreter runs them)
+    ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
+    for step in range(2):
+        out, want = m.run(feeds), ref_run(ref, feeds)
+        for name, w in want.items():
+            err = float(np.abs(np.asarray(out[name], np.float64) - w).max())
+            scale = max(float(np.abs(w).max()), 1.0)
+            print(f"decode step {step} {name}: max err {err:.3g} (scale {scale:.3g})", flush=True)
+            assert err <= 3e-2 * scale, name
+        names = list(want)
+        feeds = {"input_ids": np.array([[7 + step]], np.int64),
+                 "position_ids": np.array([[past + step + 1]], np.int64),
+                 "past_k": np.asarray(out[names[1]], np.float32),
+                 "past_v": np.asarray(out[names[2]], np.float32)}
+    print("sanitize decode plan ok")
 
 
 if __name__ == "__main__":
