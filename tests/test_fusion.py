@@ -438,6 +438,89 @@ def test_fuse_rmsnorm_leaves_shared_intermediates():
     assert "rmsnorm" not in _ops(_passes(m, "fuse-rmsnorm"))
 
 
+GELU_FORMS = {
+    # torch's exporter for nn.GELU() below opset 20: ((x / √2) -> erf -> + 1) * x * 0.5
+    "torch": """
+    %0 = div(%x, %sqrt2) : tensor<[3, 40], T>
+    %1 = erf(%0) : tensor<[3, 40], T>
+    %2 = add(%1, %one) : tensor<[3, 40], T>
+    %3 = mul(%x, %2) : tensor<[3, 40], T>
+    %y = mul(%3, %half) : tensor<[3, 40], T>""",
+    # BERT's gelu: x * 0.5 * (1.0 + erf(x * (1/√2)))
+    "bert": """
+    %0 = mul(%inv_sqrt2, %x) : tensor<[3, 40], T>
+    %1 = erf(%0) : tensor<[3, 40], T>
+    %2 = add(%one, %1) : tensor<[3, 40], T>
+    %3 = mul(%x, %half) : tensor<[3, 40], T>
+    %y = mul(%3, %2) : tensor<[3, 40], T>""",
+    "half_inside": """
+    %0 = div(%x, %sqrt2) : tensor<[3, 40], T>
+    %1 = erf(%0) : tensor<[3, 40], T>
+    %2 = add(%1, %one) : tensor<[3, 40], T>
+    %3 = mul(%half, %2) : tensor<[3, 40], T>
+    %y = mul(%3, %x) : tensor<[3, 40], T>""",
+}
+GELU_MODULE = """module @m {
+  func @main(%x: tensor<[3, 40], T>) -> ("y": tensor<[3, 40], T>%OUT2%) {
+    %sqrt2 = constant() {value = dense<[SQRT2]>} : tensor<[], T>
+    %inv_sqrt2 = constant() {value = dense<[0.7071067811865476]>} : tensor<[], T>
+    %one = constant() {value = dense<[1.0]>} : tensor<[], T>
+    %half = constant() {value = dense<[0.5]>} : tensor<[], T>%BODY%
+    return %y%RET2%
+  }
+}"""
+
+
+def _gelu_module(form: str, dtype: str = "f32", sqrt2: str = "1.4142135623730951",
+                 keep: str = ""):
+    text = (GELU_MODULE.replace("%BODY%", GELU_FORMS[form]).replace("SQRT2", sqrt2)
+            .replace("%OUT2%", f', "t": tensor<[3, 40], {dtype}>' if keep else "")
+            .replace("%RET2%", f", {keep}" if keep else "").replace(" T>", f" {dtype}>"))
+    return _module(text)
+
+
+@pytest.mark.parametrize("form", sorted(GELU_FORMS))
+def test_fuse_gelu_forms(form):
+    m = _gelu_module(form)
+    fused = _passes(m, "fuse-gelu")
+    (node,) = [n for n in fused.main.nodes if n.op == "gelu"]
+    assert node.attrs["approximate"] == "none" and node.operands[0].name == "x"
+    assert set(_ops(fused)) <= {"gelu", "constant"}
+    _roundtrip(fused)
+    got = _same_outputs(m, fused, _random_inputs(m, RNG(24)), rtol=1e-6, atol=1e-7)
+    x = _random_inputs(m, RNG(24))["x"].astype(np.float64)
+    np.testing.assert_allclose(got["y"], _gelu(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_gelu_takes_rounded_constants_and_leaves_other_forms():
+    # f16 holds √2 as 1.4140625 (compute-dtype): still GELU
+    fused = _passes(_gelu_module("torch", "f16", "1.4140625"), "fuse-gelu")
+    assert _ops(fused).get("gelu") == 1
+    # another constant is another function
+    assert "gelu" not in _ops(_passes(_gelu_module("torch", sqrt2="1.5"), "fuse-gelu"))
+    # an intermediate used elsewhere (an output) stays
+    kept = _passes(_gelu_module("torch", keep="%1"), "fuse-gelu")
+    assert "gelu" not in _ops(kept) and "erf" in _ops(kept)
+
+
+def test_fuse_gelu_then_fuse_epilogue_folds_it_into_the_qmatmul():
+    m = _qmm_module('"y": tensor<[batch, 8], f32>', """
+    %sqrt2 = constant() {value = dense<[1.4142135623730951]>} : tensor<[], f32>
+    %one = constant() {value = dense<[1.0]>} : tensor<[], f32>
+    %half = constant() {value = dense<[0.5]>} : tensor<[], f32>
+    %2 = div(%0, %sqrt2) : tensor<[batch, 8], f32>
+    %3 = erf(%2) : tensor<[batch, 8], f32>
+    %4 = add(%3, %one) : tensor<[batch, 8], f32>
+    %5 = mul(%0, %4) : tensor<[batch, 8], f32>
+    %6 = mul(%5, %half) : tensor<[batch, 8], f32>
+    return %6""", RNG(25))
+    fused = _passes(m, "fuse-gelu,fuse-epilogue")
+    (qmm,) = [n for n in fused.main.nodes if n.op == "qmatmul" and "epilogue" in n.attrs]
+    assert qmm.attrs["epilogue"] == "t0 = gelu<none>(x0); return t0"
+    assert not {"erf", "div", "mul", "gelu"} & set(_ops(fused))
+    _same_outputs(m, fused, _random_inputs(m, RNG(26), {"batch": 5}), rtol=1e-5, atol=1e-6)
+
+
 QMM = """module @m {
   func @main(%x: tensor<[batch, 32], f32>, %r: tensor<[batch, 8], f32>) -> (%OUTS%) {
     %w = constant() {name = "w"} : tensor<[32, 8], u4>
