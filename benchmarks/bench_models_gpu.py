@@ -310,6 +310,8 @@ def minilm(args, target, results):
         runner = m._run
         sig = runner._signatures[tuple(v.shape for v in feeds.values())]
         ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
+        one_stream = (one_stream_graph_ms(runner, lambda: m.run(tfeeds))
+                      if args.lanes_ab and runner.lanes else None)
         with torch.no_grad():
             ms_torch = cuda_time_ms(lambda: half(input_ids=tfeeds["input_ids"],
                                                  attention_mask=tfeeds["attention_mask"]))
@@ -319,12 +321,15 @@ def minilm(args, target, results):
                     input_ids=tfeeds["input_ids"], attention_mask=tfeeds["attention_mask"]), 200)
         print(f"minilm {b}x{s}: ours {ms_ours:.3f} ms per run() (graph replay "
               f"{ms_graph if ms_graph is None else round(ms_graph, 3)} ms), torch fp16 eager "
-              f"{ms_torch:.3f} ms, torch.compile {ms_compiled} ms; launches per run {sig.n}")
+              f"{ms_torch:.3f} ms, torch.compile {ms_compiled} ms; launches per run {sig.n}, "
+              f"{sum(1 for r in sig.runs if r > 1)} concurrent runs (one stream: {one_stream})")
         prof = profile_steps(runner, sig, f"minilm {b}x{s}") if args.profile else None
         trace = trace_graph(runner, sig, f"minilm {b}x{s}") if args.trace else None
         results.append({"workload": f"minilm-q4g128-{b}x{s}", "ours_run_ms": ms_ours,
                         "ours_graph_ms": ms_graph, "torch_fp16_eager_ms": ms_torch,
                         "torch_compile_fp16_ms": ms_compiled, "launches": sig.n,
+                        "concurrent_runs": sum(1 for r in sig.runs if r > 1),
+                        "ours_graph_ms_one_stream": one_stream,
                         "profile": prof, "trace": trace})
     return ok
 
