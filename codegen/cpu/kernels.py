@@ -710,7 +710,10 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
 
     The rows of the block are unrolled here (``acc_<row>_<split>``, ``yacc_<row>``: one
     local array of column vectors each, small enough for LLVM to keep in registers; TVM puts
-    local arrays above 1 KiB on the heap)."""
+    local arrays above 1 KiB on the heap). On AVX2 targets (8 lanes) the kernel of
+    ``_int8_fused_avx2_source``."""
+    if ks.lanes == layout.AVX2_INT8_LANES:
+        return _int8_fused_avx2_source(ks, variant)
     mb, L, nt, cb, c = variant["m_block"], ks.lanes, ks.n_tile, ks.container_bits, ks.per_byte
     CV, K, G, B, TL = nt // L, ks.k_pad, ks.groups, ks.block, ks.tiles
     W = B // (4 * c)                      # words of codes (4c rows: one byte each) per group
@@ -788,9 +791,166 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------
+# int8, AVX2 (no VNNI), row order: the fused kernel with vpmaddubsw + vpmaddwd
+# --------------------------------------------------------------------------------------------
+#
+# The same idea for AVX2 hosts (Haswell, Zen 3): per 32 bytes of the cpu_vnni layout (8
+# columns x 4 rows), one load, then per code of a byte one mask (and, for codes above bit 0,
+# a shift: AVX2 shifts 16-bit lanes, so ``v >> s`` is a ``vpsrlw`` plus the ``vpand``) and one
+# ``vpmaddubsw`` per row of the block, added in int16 to the (row, column vector)'s int16 sum;
+# every ``int8_avx2_flush_words`` words one ``vpmaddwd`` with ones widens it into the int32
+# sum. No stack buffer. The same exactness rule as ``register_avx2_intrins``: activations lie
+# in [-127, 127], so one ``vpmaddubsw`` pair of codes below 2^cb adds at most
+# 2 (2^cb - 1) 127 (3810 for 4-bit codes) and cannot saturate, and the int16 sum takes as many
+# of them as stay below 32767 (``AVX2_INT16_STEPS`` = 8 for 4-bit codes, as the tensorized
+# path; 43 for 2-bit ones). Codes are not masked in place as on VNNI: 16 u x 127 pairs would
+# saturate. 8-bit codes go by nibbles: two int16 sums, the high one widened by ``vpmaddwd``
+# with 16s. AVX2 has 16 ymm registers, so the tile's column vectors are done in passes of
+# ``int8_avx2_pass_vectors`` (m_block x vectors x (int16 sums + int32 sum + float sum) within
+# ``AVX2_ACCUMULATORS``), each pass over all groups with its own output sums.
+
+AVX2_ACCUMULATORS = 12  # ymm sums of one pass at most (of 16: codes, activations, a temp)
+
+
+def int8_avx2_int16_limit(ks: KernelShape) -> int:
+    """``vpmaddubsw`` results one int16 sum takes: the largest count whose worst case
+    (codes 2^cb - 1, or 15 for the nibbles of 8-bit codes, times 127 in both bytes of a pair)
+    stays within 32767."""
+    top = 15 if ks.container_bits == 8 else (1 << ks.container_bits) - 1
+    return 32767 // (2 * top * 127)
+
+
+def int8_avx2_flush_words(ks: KernelShape) -> int:
+    """Words of codes (4c rows) summed in int16 before ``vpmaddwd`` widens the sums: each word
+    adds c results to a sum (one per code; 8-bit: one per nibble sum), so the largest divisor
+    of the group's words within ``int8_avx2_int16_limit`` / c."""
+    words, per_word = ks.block // (4 * ks.per_byte), ks.per_byte
+    limit = max(1, int8_avx2_int16_limit(ks) // per_word)
+    return max(d for d in range(1, min(words, limit) + 1) if words % d == 0)
+
+
+def int8_avx2_pass_vectors(ks: KernelShape, m_block: int) -> int:
+    """Column vectors of one pass of the AVX2 fused kernel: the most (a divisor of the tile's)
+    whose sums, m_block x vectors x (int16 sums + int32 + float32), fit AVX2_ACCUMULATORS
+    (at least 1: a larger row block spills)."""
+    per = m_block * ((2 if ks.container_bits == 8 else 1) + 2)
+    vectors = ks.n_tile // ks.lanes
+    while vectors > 1 and vectors * per > AVX2_ACCUMULATORS:
+        vectors //= 2
+    return vectors
+
+
+def _int8_fused_avx2_source(ks: KernelShape, variant: dict) -> str:
+    """``int8_fused_source`` for AVX2 (8 int32 lanes): see the comment above."""
+    mb, L, nt, cb, c = variant["m_block"], ks.lanes, ks.n_tile, ks.container_bits, ks.per_byte
+    CV, K, G, B, TL = nt // L, ks.k_pad, ks.groups, ks.block, ks.tiles
+    W = B // (4 * c)                      # words of codes (4c rows: one byte each) per group
+    FW = int8_avx2_flush_words(ks)        # words per int16 sum
+    U = math.gcd(FW, 4)                   # words unrolled
+    P = int8_avx2_pass_vectors(ks, mb)    # column vectors per pass
+    nibbles = cb == 8
+    sums = ("lo", "hi") if nibbles else ("",)
+    word = f"g * {W} + f * {FW} + ko * {U} + ki"
+    vec = "'int8x32'"
+
+    def pmaddubsw(u, a):
+        return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('llvm.x86.avx2.pmadd.ub.sw'),"
+                f" T.reinterpret({u}, dtype={vec}), {a}, dtype='int16x16')")
+
+    def pmaddwd(v, weight):
+        return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('llvm.x86.avx2.pmadd.wd'), "
+                f"{v}, T.broadcast(T.int16({weight}), 16), dtype='int32x8')")
+
+    lines = [
+        "@T.prim_func",
+        "def qmm_int8_fused(xq_h: T.handle, xsum_h: T.handle, xs_h: T.handle, w_h: T.handle, "
+        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
+        "    T.func_attr({'tirx.noalias': True})",
+        "    mo = T.int64()",
+        f"    xq = T.match_buffer(xq_h, (mo, {mb}, {K}), 'int8')",
+        f"    xsum = T.match_buffer(xsum_h, (mo, {mb}, {G}), 'float32')",
+        f"    xs = T.match_buffer(xs_h, (mo, {mb}, {G}), 'float32')",
+        f"    w = T.match_buffer(w_h, ({TL}, {K // (4 * c)}, {nt}, 4), 'uint8')",
+        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
+        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
+        f"    y = T.match_buffer(y_h, (mo, {mb}, {TL * nt}), 'float32')",
+        f"    for t in T.parallel({TL}):",
+        "        for io in range(mo):",
+        # passes of P column vectors (column cv of the pass is p * P + cv of the tile)
+        f"            for p in T.unroll({CV // P}):",
+    ]
+    for r in range(mb):
+        lines.append(f"                yacc_{r} = T.alloc_local(({P},), 'float32x{L}')")
+        lines.append(f"                acc_{r} = T.alloc_local(({P},), 'int32x{L}')")
+        lines += [f"                acc16{n}_{r} = T.alloc_local(({P},), 'int16x16')" for n in sums]
+    lines.append(f"                for cv in T.unroll({P}):")
+    lines += [f"                    yacc_{r}[cv] = T.broadcast(T.float32(0), {L})"
+              for r in range(mb)]
+    lines += [f"                for g in range({G}):",
+              f"                    for cv in T.unroll({P}):"]
+    lines += [f"                        acc_{r}[cv] = T.broadcast(T.int32(0), {L})"
+              for r in range(mb)]
+    lines += [f"                    for f in range({W // FW}):",
+              f"                        for cv in T.unroll({P}):"]
+    lines += [f"                            acc16{n}_{r}[cv] = T.broadcast(T.int16(0), 16)"
+              for r in range(mb) for n in sums]
+    lines += [
+        f"                        for ko in range({FW // U}):",
+        f"                            for ki in T.unroll({U}):",
+        # the rows' 4 activation bytes of each code of the word, broadcast to every lane
+        *[f"                                a_{r}_{h} = T.reinterpret(T.broadcast(T.reinterpret("
+          f"xq.vload([io, {r}, ({word}) * {4 * c} + {h * 4}], 'int8x4'), dtype='int32'), "
+          f"{L}), dtype={vec})" for r in range(mb) for h in range(c)],
+        f"                                for cv in T.unroll({P}):",
+        f"                                    v = w.vload([t, {word}, (p * {P} + cv) * {L}, 0], "
+        "'uint8x32')",
+    ]
+    ind = " " * 36
+    if nibbles:
+        # 8-bit codes: u = 16 hi + lo, each nibble below 16 (no saturation), hi weighted later
+        codes = [("lo", "v & T.broadcast(T.uint8(15), 32)", "a_{r}_0"),
+                 ("hi", "v >> T.broadcast(T.uint8(4), 32)", "a_{r}_0")]
+    else:
+        codes = []
+        for h in range(c):
+            if h == 0:
+                code = f"v & T.broadcast(T.uint8({(1 << cb) - 1}), 32)"
+            elif (h + 1) * cb == 8:  # the top code: the shift clears the bits above it
+                code = f"v >> T.broadcast(T.uint8({h * cb}), 32)"
+            else:
+                code = (f"(v >> T.broadcast(T.uint8({h * cb}), 32)) & "
+                        f"T.broadcast(T.uint8({(1 << cb) - 1}), 32)")
+            codes.append(("", code, f"a_{{r}}_{h}"))
+    for i, (n, code, a) in enumerate(codes):
+        lines.append(f"{ind}u{i} = {code}")
+        for r in range(mb):
+            acc = f"acc16{n}_{r}[cv]"
+            lines.append(f"{ind}{acc} = {acc} + {pmaddubsw(f'u{i}', a.format(r=r))}")
+    # widen the int16 sums into the int32 ones (exact: vpmaddwd adds pairs of int16 products)
+    lines.append(f"                        for cv in T.unroll({P}):")
+    for r in range(mb):
+        widened = " + ".join(pmaddwd(f"acc16{n}_{r}[cv]", 16 if n == "hi" else 1) for n in sums)
+        lines.append(f"                            acc_{r}[cv] = acc_{r}[cv] + {widened}")
+    cols = f"(p * {P} + cv) * {L}"
+    lines += [f"                    for cv in T.unroll({P}):",
+              f"                        sv = s.vload([t, g, {cols}], 'float32x{L}')",
+              f"                        zv = T.Cast('float32x{L}', zc.vload([t, g, {cols}], "
+              f"'uint8x{L}'))"]
+    lines += [
+        f"                        yacc_{r}[cv] = yacc_{r}[cv] + T.broadcast(xs[io, {r}, g], {L})"
+        f" * sv * (T.Cast('float32x{L}', acc_{r}[cv]) - T.broadcast(xsum[io, {r}, g], {L})"
+        " * zv)" for r in range(mb)]
+    lines.append(f"                for cv in T.unroll({P}):")
+    lines += [f"                    y[io, {r}, T.ramp(t * {nt} + {cols}, 1, {L})] = yacc_{r}[cv]"
+              for r in range(mb)]
+    return "\n".join(lines) + "\n"
+
+
 def int8_fused(ks: KernelShape, variant: dict) -> bool:
-    """Whether the int8 variant runs the fused kernel: AVX-512 VNNI, ``row`` order."""
-    return (ks.numerics == "int8" and ks.lanes == layout.VNNI_LANES
+    """Whether the int8 variant runs the fused kernel: ``row`` order on AVX-512 VNNI or AVX2
+    (not Arm sdot, whose row order is the tensorized schedule)."""
+    return (ks.numerics == "int8" and ks.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
             and variant["order"] == "row")
 
 

@@ -201,12 +201,17 @@ def default_config(target, key: dict) -> dict:
         unrolls = lut_unrolls(p.blocking.block)
         return {"table_group": 4, "k_unroll": 4 if 4 in unrolls else unrolls[-1]}
     m = p.m
-    if p.numerics == "int8" and p.lanes == layout.VNNI_LANES and m <= FUSED_MAX_M:
+    if p.numerics == "int8" and m <= fused_max_m(p.lanes):
         # VNNI: the fused row kernel (codes unpacked in registers, kernels.int8_fused_source)
         # in blocks of 2 rows (2 x 4 column vectors x 2 int32 sums: 16 zmm accumulators); an
         # odd M up to 3 in single rows (no padded row). Zen 4, 1 thread, 4096x4096 block 128:
         # M=4 0.36 ms (4-row blocks 0.41), M=3 0.32 (2-row 0.37), M=8 0.69 (group order with
         # 4-row blocks 0.97), M=64 5.6 (6.2); M=128 the same as the group order.
+        # AVX2 (the code a Zen 3 runs, measured on the Zen 4 above, 2026-12-03): the fused
+        # kernel is bound by vpmaddubsw (two per 32 bytes and row), so row blocks gain little
+        # and the same rule holds: 4096x4096 block 128, M=1 0.22 ms (tensorized row schedule
+        # 0.29), M=2 0.43 in 2-row blocks (0.50), M=3 0.57 in single rows (2-row blocks 0.76),
+        # M=16 3.3 (group order, 4-row blocks 3.7), block 32 M=32 7.2 (8.5); M=64 no faster.
         cfg = {"m_block": 1 if m <= 1 or (m <= 3 and m % 2) else 2, "order": "row"}
     elif m <= 1:
         cfg = {"m_block": 1, "order": "row"}
@@ -243,8 +248,17 @@ def default_config(target, key: dict) -> dict:
 
 
 # int8 on VNNI: the largest M whose default is the fused row kernel (above it the group order,
-# whose calls take chunks of rows that stay in cache for every column tile)
+# whose calls take chunks of rows that stay in cache for every column tile); on AVX2 (no VNNI)
+# AVX2_FUSED_MAX_M; Arm sdot keeps the tensorized schedule (kernels.int8_fused).
 FUSED_MAX_M = 64
+AVX2_FUSED_MAX_M = 32
+
+
+def fused_max_m(lanes: int) -> int:
+    """The largest M whose int8 default is the fused row kernel, for the dot of ``lanes``
+    int32 lanes (0 where there is none: Arm sdot)."""
+    return {layout.VNNI_LANES: FUSED_MAX_M, layout.AVX2_INT8_LANES: AVX2_FUSED_MAX_M}.get(
+        lanes, 0)
 
 
 def vector_registers(lanes: int) -> int:
