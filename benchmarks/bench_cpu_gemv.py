@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_cpu_gemv.py [--threads 1] [--ms 1] [--blocks 128,32]
                                                   [--shapes 4096x4096,...] [--seconds 0.6]
                                                   [--no-baseline] [--out benchmarks/results]
+                                                  [--isa native|avx2]
 
 The Llama decode step's weight products (TinyLlama widths: 2048 hidden, 5632 intermediate)
 and the 4096x4096 of issue #11, shapes given as N x K (outputs x inputs), 4-bit asymmetric
@@ -10,13 +11,23 @@ weights (u4 codes and zero points, fp32 scales, groups of --blocks along K), the
 and helpers of ``bench_cpu.py`` (same weights, same onnxruntime model, same kernel objects).
 Implementations, at the same thread count:
 
-- ``qc-int8``: qcompiler's int8 numerics (activations quantized per row and group, vpdpbusd),
-  its default config: on AVX-512 VNNI the fused row kernel (codes unpacked in registers);
-- ``qc-int8-sched`` (unless --no-baseline; VNNI hosts): the same config built with the
-  tensorized ``row`` schedule that the fused kernel replaced (codes unpacked into a stack
-  buffer), i.e. the kernel before this change, for a before/after in one run;
+- ``qc-int8``: qcompiler's int8 numerics (activations quantized per row and group, vpdpbusd
+  on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2), its default config: up to M=64 (VNNI) or
+  32 (AVX2) the fused row kernel (codes unpacked in registers);
+- ``qc-int8-sched`` (unless --no-baseline; x86 hosts): the same config built with the
+  tensorized schedule that the fused kernel replaced (codes unpacked into a stack buffer),
+  i.e. the kernel before it, for a before/after in one run (above the fused kernel's M, both
+  are the group order: the same kernel);
 - ``qc-exact``: qcompiler's fp32-activation kernel (numerics=exact);
 - ``ort-acc4`` / ``ort-acc0``: MatMulNBits with accuracy_level 4 (int8 activations) and 0.
+
+``--isa avx2`` compiles qcompiler's kernels as for an AVX2-only host of this vendor
+(QC_HOST_ISA=avx2: AVX-512 and VNNI masked from host detection, e.g. -mcpu=znver3 on an AMD
+host; ymm code, 8-lane int8 dot), so an AVX-512 machine runs the code a Zen 3 would. The
+JSON is then named ``cpu-gemv-<stamp>-avx2-on-<real -mcpu>-t<threads>.json`` and says so:
+these are AVX2 figures measured on the real CPU, not on an AVX2-only host (clocks, caches
+and port counts are the real CPU's). onnxruntime picks its kernels by CPUID and cannot be
+masked: its rows are its best kernels for the real CPU (AVX-512 VNNI on a Zen 4).
 
 Warm (weights cache-resident as far as they fit: 4096x4096 is 8 MiB of codes, inside the
 32 MiB L3 of a Zen 4): the implementations of one problem take turns for 3 rounds and each
@@ -78,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=0.6, help="timing per row and impl")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: qcompiler's kernels as for an AVX2-only host (QC_HOST_ISA=avx2)")
     args = ap.parse_args(argv)
+    if args.isa == "avx2":
+        os.environ["QC_HOST_ISA"] = "avx2"  # before the host is detected (codegen/cpu/host.py)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # before numpy and TVM read them
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -87,6 +102,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, ROOT)
     import qcompiler
+    from qcompiler.codegen.cpu import host as qc_host
     from qcompiler.codegen.cpu.host import host_cpu, target_cpu
     from qcompiler.targets import get_target
     from qcompiler.tuning.device import cpu_name
@@ -100,8 +116,11 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     blocks = [int(b) for b in args.blocks.split(",")]
     ms = [int(m) for m in args.ms.split(",")]
-    vnni = target_cpu(get_target("cpu"))["vnni"]
-    impls = (["qc-int8"] + (["qc-int8-sched"] if vnni and not args.no_baseline else [])
+    compiled = target_cpu(get_target("cpu"))
+    vnni = compiled["vnni"]
+    # the fused kernel (VNNI or AVX2) has the tensorized schedule as its before (not Arm)
+    fused_isa = compiled["arch"] == "x86_64"
+    impls = (["qc-int8"] + (["qc-int8-sched"] if fused_isa and not args.no_baseline else [])
              + ["ort-acc4", "qc-exact", "ort-acc0"])
     work = tempfile.mkdtemp(prefix="qc_bench_gemv_")
     rows, t_start = [], time.time()
@@ -157,19 +176,29 @@ def main(argv=None) -> int:
     for line in summary:
         print(line)
     cpu = host_cpu()
+    real_mcpu = qc_host._host_cpu(None)["mcpu"]  # the CPU's own, whatever QC_HOST_ISA says
     result = {
         "benchmark": "bench_cpu_gemv", "qcompiler": qcompiler.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"cpu": cpu_name(), "llvm_mcpu": cpu["mcpu"], "isa": _isa_flags(),
-                   "vnni": vnni, "cores": os.cpu_count(), "llc_bytes": bench_cpu.llc_bytes()},
+        "device": {"cpu": cpu_name(), "llvm_mcpu": real_mcpu, "isa": _isa_flags(),
+                   "cores": os.cpu_count(), "llc_bytes": bench_cpu.llc_bytes()},
+        "compiled_for": {"isa": args.isa, "llvm_mcpu": cpu["mcpu"],
+                         "vector_bits": compiled["vector_bits"], "vnni": vnni,
+                         "QC_HOST_ISA": os.environ.get("QC_HOST_ISA") or None},
         "threads": args.threads, "seconds_per_row": args.seconds,
         "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
         "wall_s": round(time.time() - t_start, 1), "versions": bench_cpu._versions(),
         "summary": summary, "rows": rows,
     }
+    if args.isa == "avx2":
+        result["note"] = (
+            f"qcompiler rows: AVX2 code (-mcpu={cpu['mcpu']}, 256-bit, no VNNI) measured on "
+            f"a {cpu_name()} (-mcpu={real_mcpu}) running it, not on an AVX2-only host; "
+            "onnxruntime rows: its own CPUID dispatch on this CPU (not masked to AVX2)")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-    path = os.path.join(args.out, f"cpu-gemv-{stamp}-{cpu['mcpu']}-t{args.threads}.json")
+    isa = f"avx2-on-{real_mcpu}" if args.isa == "avx2" else real_mcpu
+    path = os.path.join(args.out, f"cpu-gemv-{stamp}-{isa}-t{args.threads}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
