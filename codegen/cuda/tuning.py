@@ -196,7 +196,8 @@ GEMV_REGISTERS = 64
 def gemv_default(target, key) -> dict:
     """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16). Fitted to M = 1 sweeps
     on the H200 of the decode shapes of a 1B model (K = 2048 or 5632, N from 256 to 32000;
-    benchmarks/results/cuda-h200-20261203-1837.json) and checked on the 4096-28672 shapes:
+    benchmarks/results/cuda-h200-20261203-1837.json); not yet re-swept on the 4096-28672
+    shapes the earlier H100 fit came from (the old rule gave them 8 or 16 k warps, 8 steps):
 
     - one wave of warps at 16 warps per SM (the register cap) is the aim: k warps per CTA
       16 while the n64 blocks are fewer than the SMs, 8 up to two blocks per SM, else 4;
