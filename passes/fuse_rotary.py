@@ -6,6 +6,7 @@ Recognized (Llama-style exports, x [B, H, S, D] with D = 2h)::
     rot = concat(neg(slice(x, h:D)), slice(x, 0:h), axis=-1)        (rotate_half)
     y   = add(mul(x, cos), mul(rot, sin))                             (either order)
     cos = unsqueeze(gather(COS, pos), [1]),  sin = unsqueeze(gather(SIN, pos), [1])
+    (or gather_nd(COS, unsqueeze(pos, [-1])), as the dynamo exporter writes the row gather)
 
 where COS and SIN are constant [P, D] tables whose two halves are equal (``cat([f, f])``):
 → ``rotary_embedding(x, COS[:, :h], SIN[:, :h], pos) {interleaved = 0}``, the ONNX op (the
@@ -69,19 +70,39 @@ def _rotate_half_of(rw: Rewriter, rot: Value) -> Optional[Value]:
     return x
 
 
+def _gathered_rows(rw: Rewriter, v: Value) -> Optional[tuple[Value, Value]]:
+    """(TABLE value, pos) when v = gather(TABLE, pos, axis=0), or the dynamo exporter's
+    gather_nd(TABLE, unsqueeze(pos, [-1])) (batch_dims 0: the same rows)."""
+    gather = producer_of(v, "gather")
+    if gather is not None:
+        return (gather.operands[0], gather.operands[1]) if gather.attrs.get("axis", 0) == 0 \
+            else None
+    gather_nd = producer_of(v, "gather_nd")
+    if gather_nd is None or gather_nd.attrs.get("batch_dims", 0) != 0:
+        return None
+    index = producer_of(gather_nd.operands[1], "unsqueeze")
+    if index is None:
+        return None
+    pos = index.operands[0]
+    if [a % (pos.type.rank + 1) for a in index.attrs["axes"]] != [pos.type.rank]:
+        return None
+    return gather_nd.operands[0], pos
+
+
 def _table_rows(rw: Rewriter, v: Value) -> Optional[tuple[np.ndarray, Value]]:
-    """(TABLE, pos) when v = unsqueeze(gather(TABLE, pos, axis=0), [1]) with TABLE constant."""
+    """(TABLE, pos) when v = unsqueeze(ROWS, [1]) with ROWS the rows ``pos`` of a constant
+    TABLE (``_gathered_rows``)."""
     unsq = producer_of(v, "unsqueeze")
     if unsq is None or list(unsq.attrs["axes"]) != [1]:
         return None
-    gather = producer_of(unsq.operands[0], "gather")
-    if gather is None or gather.attrs.get("axis", 0) != 0:
+    found = _gathered_rows(rw, unsq.operands[0])
+    if found is None:
         return None
-    table = rw.const(gather.operands[0])
-    pos = gather.operands[1]
+    table_value, pos = found
+    table = rw.const(table_value)
     if table is None or table.ndim != 2 or pos.type.rank != 2:
         return None
-    return table, pos, gather.operands[0]
+    return table, pos, table_value
 
 
 class FuseRotary(RewritePattern):

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "examples"))
 
 
-def _exported(tmp_path, layers=2):
+def _exported(tmp_path, layers=2, dynamo=False):
     pytest.importorskip("torch")
     import decoder_models as dm
 
@@ -24,7 +24,7 @@ def _exported(tmp_path, layers=2):
 
     cfg = dict(dm.SMALL_LLAMA)
     path = dm.export_onnx(dm.llama(layers=layers, **cfg), dm.llama_inputs(cfg, layers, 1, 3, 5),
-                          str(tmp_path / "l.onnx"), dynamo=False)
+                          str(tmp_path / "l.onnx"), dynamo=dynamo)
     return dm, cfg, run_pipeline(import_model(path), "canonicalize", verify_each=True)[0]
 
 
@@ -41,8 +41,11 @@ def _fuse(module):
     return run_pipeline(module, "fuse-rotary", verify_each=True)[0]
 
 
-def test_rotate_half_becomes_rotary_embedding(tmp_path):
-    dm, cfg, base = _exported(tmp_path)
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_rotate_half_becomes_rotary_embedding(tmp_path, dynamo):
+    """Both exporters: torchscript gathers the table rows (gather), dynamo with gather_nd."""
+    dm, cfg, base = _exported(tmp_path, dynamo=dynamo)
+    assert ("gather_nd" in _ops(base)) == dynamo
     fused = _fuse(base.clone())
     ops = _ops(fused)
     assert ops.get("rotary_embedding") == 4  # q and k of 2 layers
