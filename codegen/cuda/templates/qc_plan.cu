@@ -70,13 +70,18 @@ static int launch_step(const QcStep& st, cudaStream_t s) {
 extern "C" {
 
 int qc_lanes_create(void** lanes) {
-  QcLanes* l = new QcLanes();
+  QcLanes* l = new QcLanes();  // value-initialized: null handles until created
   int err = (int)cudaEventCreateWithFlags(&l->fork, cudaEventDisableTiming);
   for (int j = 0; j < QC_MAX_LANES - 1 && !err; ++j) {
     err = (int)cudaStreamCreateWithFlags(&l->side[j], cudaStreamNonBlocking);
     if (!err) err = (int)cudaEventCreateWithFlags(&l->join[j], cudaEventDisableTiming);
   }
-  if (err) {
+  if (err) {  // release what was created
+    for (int j = 0; j < QC_MAX_LANES - 1; ++j) {
+      if (l->side[j]) cudaStreamDestroy(l->side[j]);
+      if (l->join[j]) cudaEventDestroy(l->join[j]);
+    }
+    if (l->fork) cudaEventDestroy(l->fork);
     delete l;
     return err;
   }
