@@ -497,3 +497,46 @@ def test_cpu_quantize_dequantize_kernels_are_exact(codes):
         value[node.results[0].name] = out
     got = value[module.main.outputs[0].name]
     np.testing.assert_array_equal(got, _ours(module, {"x": np.array(x)}))
+
+
+@pytest.mark.parametrize("trans_b, per_channel, quantized_out, alpha", [
+    (1, True, True, 1.0),     # what quantize_static(QOperator) writes for a classifier
+    (0, False, True, 0.5),
+    (1, True, False, 1.0),    # float output (no y_scale)
+])
+def test_qgemm_matches_onnxruntime(trans_b, per_channel, quantized_out, alpha):
+    """com.microsoft QGemm (the QOperator format's Gemm) imported as its Q/DQ graph."""
+    rng = np.random.default_rng(40 + trans_b + 2 * per_channel)
+    m_, k_, n_ = 3, 37, 11
+    a = rng.integers(0, 256, (m_, k_)).astype(np.uint8)
+    w = rng.integers(-64, 65, (n_, k_) if trans_b else (k_, n_)).astype(np.int8)
+    b_scale = (rng.random(n_) * 0.02 + 0.005).astype(np.float32) if per_channel \
+        else np.array(0.013, np.float32)
+    b_zp = np.zeros(b_scale.shape, np.int8)
+    c = rng.integers(-3000, 3000, n_).astype(np.int32)
+    inits = [nh.from_array(np.array(0.021, np.float32), "a_s"),
+             nh.from_array(np.array(131, np.uint8), "a_zp"), nh.from_array(w, "w"),
+             nh.from_array(b_scale, "b_s"), nh.from_array(b_zp, "b_zp"),
+             nh.from_array(c, "c")]
+    ins = ["a", "a_s", "a_zp", "w", "b_s", "b_zp", "c"]
+    if quantized_out:
+        inits += [nh.from_array(np.array(0.37, np.float32), "y_s"),
+                  nh.from_array(np.array(120, np.uint8), "y_zp")]
+        ins += ["y_s", "y_zp"]
+    node = helper.make_node("QGemm", ins, ["y"], domain="com.microsoft", transB=trans_b,
+                            alpha=alpha)
+    out_t = TensorProto.UINT8 if quantized_out else TensorProto.FLOAT
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8,
+                                                                       [m_, k_])],
+                          [helper.make_tensor_value_info("y", out_t, [m_, n_])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19),
+                                                helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    want = _ort(model, {"a": a})
+    got = _ours(load(model), {"a": a})
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if quantized_out:  # within one quantization step (ties of the requantization)
+        assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
+        assert (got == want).mean() > 0.9
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -11,6 +11,7 @@ becomes one or a few QIR nodes. Quantization ops keep their meaning exactly:
   into [K, N] codes, giving ``dequantize(codes, scales, zero_points, g_idx) → matmul (→ add)``,
   which ``fuse-dequant`` turns into ``qmatmul``;
 - ``QLinearMatMul``, ``MatMulInteger``, ``DynamicQuantizeLinear``: ops of the same name.
+- ``com.microsoft.QGemm`` (``quantize_static`` QOperator Gemm): the equivalent Q/DQ graph.
 - ``com.microsoft.QLinearAdd`` (``quantize_static`` QOperator bias adds): ``quantize(
   dequantize(A) + dequantize(B))``.
 
@@ -836,6 +837,56 @@ def _qlinear_add(imp, n, attrs):
             for x, s, zp in ((a, a_s, a_zp), (b, b_s, b_zp))]
     y = imp.emit("add", real)[0]
     imp.emit("quantize", [y, c_s, c_zp], {"scheme": per_tensor(a.type.dtype, c_s, c_zp)},
+             names=imp.outputs_of(n))
+
+
+@_handles("QGemm", domain="com.microsoft")
+def _qgemm(imp, n, attrs):
+    """``Y = alpha * (dq(A) @ dq(B) + dq(C))`` (onnxruntime's arithmetic: alpha scales the bias
+    too) then, with ``y_scale``, quantized: what
+    ``quantize_static(QOperator)`` writes for a Gemm (a CNN's classifier).
+
+    Imported as the equivalent Q/DQ graph (dequantize A and B, ``gemm`` with the int32 bias
+    dequantized at scale ``a_scale * b_scale`` (zero point 0, onnxruntime's convention),
+    quantize), which fuse-dequant and fuse-requant then treat as any QDQ Gemm. ``b_scale`` is
+    per tensor or per output column (the axis of B that is N: 0 with transB, else 1).
+    """
+    xs = _inputs(imp, n) + [None] * 9
+    a, a_s, a_zp, b, b_s, b_zp, c, y_s, y_zp = xs[:9]
+    if a is None or b is None or a_s is None or b_s is None:
+        raise imp.fail("QGemm needs A, a_scale, B and b_scale")
+    if a.type.rank != 2 or b.type.rank != 2:
+        raise imp.fail(f"QGemm takes 2-D A and B, not {a.type.shape} and {b.type.shape}")
+    for what, q in (("A", a), ("B", b)):
+        if q.type.dtype.name not in ("u8", "i8"):
+            raise imp.fail(f"QGemm {what} must be u8 or i8, not {q.type.dtype}")
+    if a_s.type.shape not in ((), (1,)):
+        raise imp.fail(f"QGemm a_scale must be a scalar, not {a_s.type.shape}")
+    if c is not None and c.type.dtype.name != "i32":
+        raise imp.fail(f"QGemm C must be int32, not {c.type.dtype}")
+    trans_a, trans_b = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+    n_axis = 0 if trans_b else 1
+    real_a = imp.emit("dequantize", [a, a_s, a_zp],
+                      {"scheme": scheme_for(a.type, a_s, a_zp, 0, 0, imp.where()),
+                       "out": a_s.type.dtype})[0]
+    real_b = imp.emit("dequantize", [b, b_s, b_zp],
+                      {"scheme": scheme_for(b.type, b_s, b_zp, n_axis, 0, imp.where()),
+                       "out": b_s.type.dtype})[0]
+    bias = None
+    if c is not None:  # int32 codes at scale a_scale * b_scale, zero point 0
+        c_scale = imp.emit("mul", [a_s, b_s])[0]
+        bias = imp.emit("mul", [imp.emit("cast", [c], {"to": a_s.type.dtype})[0], c_scale])[0]
+    # onnxruntime scales the bias by alpha too: Y = alpha * (A'B' + C) (beta = alpha)
+    alpha = float(attrs.get("alpha", 1.0))
+    gemm_attrs = {"alpha": alpha, "beta": alpha, "trans_a": trans_a, "trans_b": trans_b}
+    if y_s is None:  # a float output
+        imp.emit("gemm", [real_a, real_b, bias], gemm_attrs, names=imp.outputs_of(n))
+        return
+    y = imp.emit("gemm", [real_a, real_b, bias], gemm_attrs)[0]
+    dtype = y_zp.type.dtype if y_zp is not None else elem("u8")
+    imp.emit("quantize", [y, y_s, y_zp],
+             {"scheme": scheme_for(TensorType(y.type.shape, dtype), y_s, y_zp, 1, 0,
+                                   imp.where())},
              names=imp.outputs_of(n))
 
 
