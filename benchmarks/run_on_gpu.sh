@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [whole] [sanitize] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [tests] [whole] [sanitize] [models] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -29,6 +29,14 @@ for step in "$@"; do
           >"$OUT/sanitize-$tool.log" 2>&1
         echo "compute-sanitizer $tool: exit $?"; tail -4 "$OUT/sanitize-$tool.log"
       done ;;
+    models)  # the whole-model rows of issue #12: MiniLM, Llama decode (+ one-stream A/B), prefill
+      timeout 540 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --llama-layers 22 \
+        --compile-peers all --lanes-ab --prefill 512 2>&1 | tee "$OUT/models.log" \
+        | grep -v '^ *[0-9]*,$' | grep -B1 -A3 "ours\|check\|greedy\|FAIL" | tail -60 ;;
+    gemv-sweep)  # the GEMV heuristic against the best of a sweep, decode and large shapes, M 1 and 16
+      python3 "$REPO/benchmarks/bench_cuda.py" --sweep --gemv-only --ms 1,16 --shapes \
+        2048x2048,256x2048,11264x2048,2048x5632,32000x2048,4096x4096,28672x8192,8192x28672 \
+        --out "$OUT" 2>&1 | tee "$OUT/gemv-sweep.log" | tail -20 ;;
     bench)
       python3 "$REPO/benchmarks/bench_cuda.py" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -50 ;;
     bench-nopdl)
