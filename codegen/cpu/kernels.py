@@ -18,11 +18,12 @@ loop is one shift, one and-or and one FMA per 16 codes. int8 path: ``f(u) = u``,
   P is an exact int32 sum computed 16 columns x 4 rows at a time by ``vpdpbusd`` (unsigned
   codes times signed activations, no saturation), tensorized with the intrinsic
   ``qc_vnni_u8s8_16x4`` defined here; each group's term is multiplied by its x_scale (the
-  ``row`` order on VNNI is written as vector TensorIR instead, its codes unpacked in registers:
-  ``int8_fused_source``). On targets without VNNI (AVX2: Haswell, Zen 3) the same sum comes
-  8 columns x 4 rows at a time from ``vpmaddubsw`` + ``vpmaddwd`` (``qc_avx2_u8s8_8x4``;
-  8-bit containers by nibbles, ``qc_avx2_u8s8_8x4_nibbles``), exact as well: see
-  ``register_avx2_intrins``. On cpu-arm-dotprod it comes 4 columns x 4 rows at a time from
+  ``row`` order on VNNI and on AVX2 is written as vector TensorIR instead, its codes unpacked
+  in registers: ``int8_fused_source``). On targets without VNNI (AVX2: Haswell, Zen 3) the
+  same sum comes 8 columns x 4 rows at a time from ``vpmaddubsw`` + ``vpmaddwd``
+  (``qc_avx2_u8s8_8x4``; 8-bit containers by nibbles, ``qc_avx2_u8s8_8x4_nibbles``), exact
+  as well: see ``register_avx2_intrins`` (the fused AVX2 kernel keeps the same int16 bound:
+  ``int8_avx2_int16_limit``). On cpu-arm-dotprod it comes 4 columns x 4 rows at a time from
   Arm ``sdot`` (``arm.py``: signed x signed, 8-bit codes by an exact offset).
 
 Rows are blocked: the activations arrive as ``[m_outer, m_block, k_pad]`` (int8, exact
