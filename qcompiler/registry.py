@@ -26,6 +26,7 @@ PASSES: dict[str, object] = {
     "fuse-kv-concat": "qcompiler.passes.fuse_kv_concat:FuseKvConcatPass",
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGeluPass",
+    "shard": "qcompiler.passes.shard:ShardPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
     "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",
     "fold-batchnorm": "qcompiler.passes.fold_batchnorm:FoldBatchNormPass",

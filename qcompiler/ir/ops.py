@@ -357,6 +357,20 @@ def _transpose(types, attrs, consts):
     return [TensorType(tuple(t.shape[p] for p in perm), t.dtype)]
 
 
+@_def("all_reduce",
+      "Sum over tensor-parallel ranks: operand r is rank r's partial (the `shard` pass)",
+      ["xs*"], {"op": ("str", True)})
+def _all_reduce(types, attrs, consts):
+    """The global view of a collective: every rank contributes one operand and every rank
+    receives the sum. A runtime with one process per rank passes its own operand only."""
+    if attrs["op"] != "sum":
+        raise TypeInferenceError(f"all_reduce op must be 'sum', not {attrs['op']!r}")
+    if not types or any(t is None or t.shape != types[0].shape or t.dtype != types[0].dtype
+                        for t in types):
+        raise TypeInferenceError("all_reduce operands must be present and of one type")
+    return [types[0]]
+
+
 @_def("concat", "Concatenate along `axis`", ["xs*"], {"axis": ("int", True)})
 def _concat(types, attrs, consts):
     rank = types[0].rank

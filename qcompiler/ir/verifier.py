@@ -34,6 +34,10 @@ class VerificationError(InputError):
     """The IR breaks an invariant; the message names where."""
 
 
+# The attribute any node may carry: the tensor-parallel rank it runs on (passes/shard.py).
+# Nodes without it run on every rank.
+PLACEMENT_ATTR = "rank"
+
 def missing_operand(op: str, i: int) -> Optional[str]:
     """The formal name of operand ``i`` of ``op`` if that operand may not be none: required
     ones and the members of a variadic list (``xs*``) must be given; ``name?`` may be none."""
@@ -77,6 +81,10 @@ def verify_node(fn: Function, module: Module, node: Node) -> None:
         if not _ATTR_KINDS[kind](node.attrs[name]):
             raise VerificationError(f"{where}: attribute {name!r} should be {kind}")
     for name in node.attrs:
+        if name == PLACEMENT_ATTR:  # any op: the tensor-parallel rank it runs on (`shard`)
+            if not (isinstance(node.attrs[name], int) and node.attrs[name] >= 0):
+                raise VerificationError(f"{where}: attribute 'rank' should be an int >= 0")
+            continue
         if name not in opdef.attrs:
             raise VerificationError(f"{where}: unknown attribute {name!r} of {node.op}")
     if opdef.results >= 0 and len(node.results) != opdef.results:

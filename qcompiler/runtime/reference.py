@@ -333,6 +333,14 @@ def _concat(node, args, module):
     return [np.concatenate(args, axis=node.attrs["axis"])]
 
 
+def _all_reduce(node, args, module):
+    """Rank 0 + rank 1 + ... in the operands' type, in rank order."""
+    total = args[0].copy()
+    for a in args[1:]:
+        total = total + a
+    return [total.astype(args[0].dtype)]
+
+
 def _split(node, args, module):
     x = args[0]
     sizes = list(node.attrs["sizes"])
@@ -682,6 +690,7 @@ OP_IMPLS: dict[str, Callable] = {
     "reshape": _reshape,
     "transpose": _transpose,
     "concat": _concat,
+    "all_reduce": _all_reduce,
     "split": _split,
     "slice": _slice,
     "gather": _gather,
