@@ -540,3 +540,68 @@ def test_qgemm_matches_onnxruntime(trans_b, per_channel, quantized_out, alpha):
         assert (got == want).mean() > 0.9
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _qgemm_model(rng, m_, k_, n_, trans_b, per_channel, quantized_out, alpha, w_zp=False):
+    a = rng.integers(0, 256, (m_, k_)).astype(np.uint8)
+    w = rng.integers(-128, 128, (n_, k_) if trans_b else (k_, n_)).astype(np.int8)
+    b_scale = (rng.random(n_) * 0.02 + 0.005).astype(np.float32) if per_channel \
+        else np.array(0.013, np.float32)
+    b_zp = (rng.integers(-5, 6, b_scale.shape) if w_zp else np.zeros(b_scale.shape)
+            ).astype(np.int8)
+    c = rng.integers(-3000, 3000, n_).astype(np.int32)
+    inits = [nh.from_array(np.array(0.021, np.float32), "a_s"),
+             nh.from_array(np.array(131, np.uint8), "a_zp"), nh.from_array(w, "w"),
+             nh.from_array(b_scale, "b_s"), nh.from_array(b_zp, "b_zp"),
+             nh.from_array(c, "c")]
+    ins = ["a", "a_s", "a_zp", "w", "b_s", "b_zp", "c"]
+    if quantized_out:
+        inits += [nh.from_array(np.array(0.37, np.float32), "y_s"),
+                  nh.from_array(np.array(120, np.uint8), "y_zp")]
+        ins += ["y_s", "y_zp"]
+    node = helper.make_node("QGemm", ins, ["y"], domain="com.microsoft", transB=trans_b,
+                            alpha=alpha)
+    out_t = TensorProto.UINT8 if quantized_out else TensorProto.FLOAT
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8,
+                                                                       ["n", k_])],
+                          [helper.make_tensor_value_info("y", out_t, ["n", n_])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19),
+                                                helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    return model, {"a": a}
+
+
+@pytest.mark.parametrize("m_, k_, n_, trans_b, per_channel, quantized_out, alpha, w_zp", [
+    (1, 512, 40, 1, True, True, 1.0, False),    # a classifier (quantize_static QOperator)
+    (3, 37, 11, 0, False, True, 0.5, True),     # odd K, N < 16, weight zero points
+    (8, 64, 5, 1, True, False, 1.0, False),     # N < 8: the direct kernel; float output
+    (2, 130, 33, 1, True, False, 1.0, True),
+])
+def test_static_qmatmul_runs_as_a_1x1_qconv(tmp_path, m_, k_, n_, trans_b, per_channel,
+                                            quantized_out, alpha, w_zp):
+    """cpu-conv-layout rewrites an act=static qmatmul (which the CPU qmatmul kernels refuse)
+    as reshape -> 1x1 qconv -> reshape (+ bias/epilogue): the reference of the rewritten
+    module is bit-exact, and the compiled plan has no host fallback and is exact too."""
+    import warnings
+
+    import qcompiler
+
+    rng = np.random.default_rng(60 + m_ + k_ + n_)
+    model, feeds = _qgemm_model(rng, m_, k_, n_, trans_b, per_channel, quantized_out, alpha,
+                                w_zp)
+    from qcompiler.pipeline import PassManager
+
+    front = ("canonicalize,fold-batchnorm,fuse-qconv,fuse-requant{target=cpu},fuse-dequant,"
+             "canonicalize,fuse-epilogue,fuse-elementwise")
+    module = PassManager.parse(front).run(load(model))
+    assert any(n.op == "qmatmul" and n.attrs["act"] == "static" for n in module.main.nodes)
+    want = _ours(module, feeds)
+    rewritten = make_pass("cpu-conv-layout")(PassManager.parse(front).run(load(model)))
+    assert "qmatmul" not in _ops(rewritten) and "qconv" in _ops(rewritten)
+    np.testing.assert_array_equal(_ours(rewritten, feeds), want)
+    path = str(tmp_path / "qgemm.onnx")
+    onnx.save(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = qcompiler.compile(path, target="cpu")  # HostFallbackError if it fell back
+    np.testing.assert_array_equal(compiled.run(feeds)["y"], want)
