@@ -27,6 +27,7 @@ test: venv
 # QC_HOST_ISA=avx2 masks AVX-512 and VNNI from host detection (codegen/cpu/host.py). On an
 # AVX-512 machine this covers the path the other CI processor takes (.ci/run); under 2 minutes.
 CPU_ISA_TESTS ?= tests/test_cpu_backend.py tests/test_cpu_ops.py tests/test_tuning.py \
+                 tests/test_cpu_int8_fused.py tests/test_cpu_avx2.py \
                  tests/test_examples.py::test_quickstart
 test-avx2: venv
 	QC_HOST_ISA=avx2 $(PY) -m pytest -q -n 2 $(CPU_ISA_TESTS)
