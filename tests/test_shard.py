@@ -142,3 +142,37 @@ def test_all_reduce_checks_its_operands():
         verify(parse_module(bad))
     with pytest.raises(Exception, match="must be 'sum'"):
         verify(parse_module(bad.replace("[2, 4]", "[2, 3]").replace('"sum"', '"max"')))
+
+
+@pytest.mark.parametrize("act_order, tp", [(False, 2), (True, 2), (False, 3)])
+def test_simulated_ranks_equal_the_unsharded_model(act_order, tp):
+    """One thread per rank runs its rank program (its own weights only); the all_reduce is a
+    barrier-synchronized sum: every rank ends with the unsharded model's output."""
+    from qcompiler.runtime.ranks import rank_program, ranks_of, run_ranks
+
+    base = _module(act_order)
+    sharded = _sharded(base, tp)
+    assert ranks_of(sharded) == tp and ranks_of(base) == 1
+    mlp_bytes = sum(constant_value(base, n.arg("w")).size for n in base.main.nodes
+                    if n.op == "qmatmul")
+    for r in range(tp):
+        prog = rank_program(sharded, r)
+        verify(prog)
+        qmms = [n for n in prog.main.nodes if n.op == "qmatmul"]
+        assert {n.attrs["rank"] for n in qmms} == {r} and len(qmms) == 3
+        assert sum(constant_value(prog, n.arg("w")).size for n in qmms) == mlp_bytes // tp
+        (reduce,) = [n for n in prog.main.nodes if n.op == "all_reduce"]
+        assert len(reduce.operands) == 1
+    want = reference.run(base, _feeds(4))["y"]
+    outs = run_ranks(sharded, _feeds(4))
+    assert len(outs) == tp
+    for r, out in enumerate(outs):
+        np.testing.assert_allclose(out["y"], want, rtol=2e-5, atol=2e-5, err_msg=f"rank {r}")
+
+
+def test_rank_program_refuses_a_rank_outside_the_degree():
+    from qcompiler.errors import InputError
+    from qcompiler.runtime.ranks import rank_program
+
+    with pytest.raises(InputError, match="rank 2 is not one of the module's 2 ranks"):
+        rank_program(_sharded(_module(False), 2), 2)
