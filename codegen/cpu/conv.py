@@ -339,17 +339,21 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
         xsum = te.compute((n, group, oh, ow), lambda nn, g, yy, xx: te.sum(
             xq(nn, g, yy * sh + sy * dh, xx * sw + sx * dw, sc).astype(i32), axis=[sy, sx, sc]),
             name="xsum")
+    # Wsum[m]: the packed (shifted, zero-padded) weights times a vector of ones, 16 channels x
+    # 4 codes per vpdpbusd like the sum itself (a scalar reduction over every weight on each
+    # call cost as much as a third of a 512 x 512 x 3 x 3 layer).
+    ones = te.compute((IC_BLOCK,), lambda i: tirx.const(1, "uint8"), name="ones")
     wy = te.reduce_axis((0, kh), name="wy")
     wx = te.reduce_axis((0, kw), name="wx")
-    wc = te.reduce_axis((0, cg), name="wc")
-    wsum = te.compute((m,), lambda mm: te.sum(wt(mm, wc, wy, wx).astype(i32) - w_shift,
-                                              axis=[wc, wy, wx]), name="wsum")
-    if w_packed is not None:  # the same sums from the packed codes (zero padding adds 0)
-        wco = te.reduce_axis((0, cp // IC_BLOCK), name="wco")
-        wci = te.reduce_axis((0, IC_BLOCK), name="wci")
-        wsum = te.compute((m,), lambda mm: te.sum(
-            w_packed(mm // mg, (mm % mg) // OC_BLOCK, wy, wx, wco, (mm % mg) % OC_BLOCK,
-                     wci).astype(i32), axis=[wy, wx, wco, wci]), name="wsum")
+    wco = te.reduce_axis((0, cp // IC_BLOCK), name="wco")
+    wci = te.reduce_axis((0, IC_BLOCK), name="wci")
+    wsum_b = te.compute((group, mp // OC_BLOCK, OC_BLOCK), lambda g, mo, mi: te.sum(
+        wq(g, mo, wy, wx, wco, mi, wci).astype(i32) * ones(wci).astype(i32),
+        axis=[wy, wx, wco, wci]), name="wsum")
+
+    def wsum(mm):
+        mr = mm % mg
+        return wsum_b(mm // mg, mr // OC_BLOCK, mr % OC_BLOCK)
     k = cg * kh * kw
 
     def acc(nn, mm, yy, xx):
@@ -396,6 +400,16 @@ def _schedule(func, variant: str, extra: dict):
     init = sch.decompose_reduction(blk, ry)
     sch.tensorize(mi, CONV_VNNI_INTRIN)
     sch.unroll(xi)
+    # The weight sums: 16 channels in one register over their whole window, as above.
+    wblk = sch.get_sblock("wsum")
+    wg, wmo, wmi, wy, wx, wco, wci = sch.get_loops(wblk)
+    sch.reorder(wg, wmo, wy, wx, wco, wmi, wci)
+    wacc = sch.cache_write(wblk, 0, "local")
+    sch.reverse_compute_at(wacc, wmo)
+    winit = sch.decompose_reduction(wblk, wy)
+    sch.tensorize(wmi, CONV_VNNI_INTRIN)
+    for block in (winit, wacc):
+        sch.vectorize(sch.get_loops(block)[-1])
     # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers.
     for block in (init, acc):
         rows, lanes = sch.get_loops(block)[-2:]

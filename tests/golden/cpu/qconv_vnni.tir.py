@@ -8,9 +8,11 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
     wq = T.sblock_alloc_buffer((1, 1, 3, 3, 2, 16, 4), "int8")
     xq = T.sblock_alloc_buffer((1, 1, 8, 8, 8), "uint8")
     sum = T.sblock_alloc_buffer((1, 1, 6, 6, 1, 16), "int32")
-    wsum = T.sblock_alloc_buffer((16,), "int32")
+    ones = T.sblock_alloc_buffer((4,), "uint8")
+    wsum = T.sblock_alloc_buffer((1, 1, 16), "int32")
     xsum = T.sblock_alloc_buffer((1, 1, 6, 6), "int32")
     sum_local = T.sblock_alloc_buffer((1, 1, 6, 6, 1, 16), "int32", scope="local")
+    wsum_local = T.sblock_alloc_buffer((1, 1, 16), "int32", scope="local")
     for g, mo, yy, xx, co, mi, ci in T.grid(1, 1, 3, 3, 2, 16, 4):
         with T.sblock("wq"):
             v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci = T.axis.remap("SSSSSSS", [g, mo, yy, xx, co, mi, ci])
@@ -71,14 +73,42 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                         T.reads(sum_local[v0, v1, v2, v3, v4, v5])
                         T.writes(sum[v0, v1, v2, v3, v4, v5])
                         sum[v0, v1, v2, v3, v4, v5] = sum_local[v0, v1, v2, v3, v4, v5]
-    for mm, wc, wy, wx in T.grid(16, 8, 3, 3):
-        with T.sblock("wsum"):
-            v_mm, v_wc, v_wy, v_wx = T.axis.remap("SRRR", [mm, wc, wy, wx])
-            T.reads(in1[v_mm, v_wc, v_wy, v_wx])
-            T.writes(wsum[v_mm])
-            with T.init():
-                wsum[v_mm] = 0
-            wsum[v_mm] = wsum[v_mm] + T.Cast("int32", in1[v_mm, v_wc, v_wy, v_wx])
+    for i in range(4):
+        with T.sblock("ones"):
+            v_i = T.axis.spatial(4, i)
+            T.reads()
+            T.writes(ones[v_i])
+            ones[v_i] = T.uint8(1)
+    for g, mo in T.grid(1, 1):
+        for mi_init in T.vectorized(16):
+            with T.sblock("wsum_init"):
+                v_g, v_mo, v_mi = T.axis.remap("SSS", [g, mo, mi_init])
+                T.reads()
+                T.writes(wsum_local[v_g, v_mo, v_mi])
+                wsum_local[v_g, v_mo, v_mi] = 0
+        for wy, wx, wco in T.grid(3, 3, 2):
+            with T.sblock("wsum_update_o"):
+                v_g_o, v_mo_o = T.axis.remap("SS", [g, mo])
+                v_mi_o = T.axis.spatial(1, 0)
+                v_wy_o, v_wx_o, v_wco_o = T.axis.remap("RRR", [wy, wx, wco])
+                v_wci_o = T.axis.reduce(1, 0)
+                T.reads(wsum_local[v_g_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_wy_o, v_wx_o, v_wco_o, 0:16, 0:4], ones[0:4])
+                T.writes(wsum_local[v_g_o, v_mo_o, 0:16])
+                A = T.match_buffer(ones[0:4], (4,), "uint8", offset_factor=1)
+                B = T.match_buffer(wq[v_g_o, v_mo_o, v_wy_o, v_wx_o, v_wco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
+                C = T.match_buffer(wsum_local[v_g_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
+                a_i32: T.int32 = T.reinterpret("int32", A[T.Ramp(0, 1, 4)])
+                a_i8x64: T.int8x64 = T.reinterpret("int8x64", T.Broadcast(a_i32, 16))
+                b_i8x64: T.int8x64 = B[0, T.Ramp(0, 1, 64)]
+                C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], a_i8x64, b_i8x64)
+        for ax0 in T.vectorized(16):
+            with T.sblock("wsum_local"):
+                v0 = T.axis.spatial(1, 0)
+                v1 = T.axis.spatial(1, 0)
+                v2 = T.axis.spatial(16, ax0)
+                T.reads(wsum_local[v0, v1, v2])
+                T.writes(wsum[v0, v1, v2])
+                wsum[v0, v1, v2] = wsum_local[v0, v1, v2]
     for nn_g_yy_fused in T.parallel(6):
         for xx, sy, sx, sc in T.grid(6, 3, 3, 8):
             with T.sblock("xsum"):
@@ -95,6 +125,6 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
             with T.sblock("out"):
                 v_nn = T.axis.spatial(1, 0)
                 v_mm, v_yy, v_xx = T.axis.remap("SSS", [mm, nn_yy_fused, xx])
-                T.reads(in3[()], in5[v_mm], sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16], in6[v_mm], wsum[v_mm], xsum[v_nn, v_mm // 16, v_yy, v_xx], in2[()], in4[v_mm], in7[()], in8[()])
+                T.reads(in3[()], in5[v_mm], sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16], in6[v_mm], wsum[v_mm // 16, 0, v_mm % 16], xsum[v_nn, v_mm // 16, v_yy, v_xx], in2[()], in4[v_mm], in7[()], in8[()])
                 T.writes(out[v_nn, v_mm, v_yy, v_xx])
-                out[v_nn, v_mm, v_yy, v_xx] = T.Cast("uint8", T.max(T.min(T.Cast("int32", T.nearbyint(T.Cast("float32", T.Cast("int32", in3[()]) * T.Cast("int32", in5[v_mm]) * 72 + sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16] + in6[v_mm] - T.Cast("int32", in3[()]) * wsum[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 16, v_yy, v_xx]) * (in2[()] * in4[v_mm] / in7[()]))) + T.Cast("int32", in8[()]), 255), 110))
+                out[v_nn, v_mm, v_yy, v_xx] = T.Cast("uint8", T.max(T.min(T.Cast("int32", T.nearbyint(T.Cast("float32", T.Cast("int32", in3[()]) * T.Cast("int32", in5[v_mm]) * 72 + sum[v_nn, v_mm // 16, v_yy, v_xx, 0, v_mm % 16] + in6[v_mm] - T.Cast("int32", in3[()]) * wsum[v_mm // 16, 0, v_mm % 16] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 16, v_yy, v_xx]) * (in2[()] * in4[v_mm] / in7[()]))) + T.Cast("int32", in8[()]), 255), 110))
