@@ -22,6 +22,7 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import Function, Node, Value, constant_value
 from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
+from qcompiler.ir.verifier import PLACEMENT_ATTR
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 ELEMENTWISE_OPS = frozenset({
@@ -135,7 +136,12 @@ class FuseElementwisePass(Pass):
                 text = format_body(body)
                 parse_body(text)  # the canonical text must read back (a bug here is ours)
                 name, rtype = root.result.name, root.result.type
-                fused = fn.make_node("fused_elementwise", operands, [rtype], {"body": text},
+                attrs = {"body": text}
+                # a group inside one tensor-parallel rank's block (passes/shard.py) stays there
+                ranks = {n.attrs[PLACEMENT_ATTR] for n in group if PLACEMENT_ATTR in n.attrs}
+                if len(ranks) == 1:
+                    attrs[PLACEMENT_ATTR] = ranks.pop()
+                fused = fn.make_node("fused_elementwise", operands, [rtype], attrs,
                                      names=[fn.fresh_name(f"{name}_fused")], before=root)
                 fn.replace_all_uses(root.result, fused.result)
                 for member in group:

@@ -176,3 +176,22 @@ def test_rank_program_refuses_a_rank_outside_the_degree():
 
     with pytest.raises(InputError, match="rank 2 is not one of the module's 2 ranks"):
         rank_program(_sharded(_module(False), 2), 2)
+
+
+def test_fusion_after_sharding_keeps_each_rank_whole():
+    """In a pipeline, shard runs before fuse-epilogue and fuse-elementwise: the SwiGLU product
+    fuses into each rank's up projection, and every rank program still runs on its own."""
+    from qcompiler.runtime.ranks import rank_program, run_ranks
+
+    base = _module(act_order=True)
+    fused = PassManager.parse("shard{tp=2},fuse-epilogue,fuse-elementwise").run(base.clone())
+    assert sum(1 for n in fused.main.nodes if n.op == "qmatmul" and "epilogue" in n.attrs) >= 2
+    for n in fused.main.nodes:
+        if n.op in ("qmatmul", "fused_elementwise") and n.operands[0].producer is not None \
+                and n.operands[0].producer.attrs.get("rank") is not None:
+            assert n.attrs.get("rank") == n.operands[0].producer.attrs["rank"], n
+    for r in range(2):
+        verify(rank_program(fused, r))
+    want = reference.run(base, _feeds(6))["y"]
+    for out in run_ranks(fused, _feeds(6)):
+        np.testing.assert_allclose(out["y"], want, rtol=2e-5, atol=2e-5)
