@@ -400,8 +400,8 @@ class CudaPlanRunner:
 
         # Launches that run concurrently get workspaces of their own (lane j: slot j).
         runs = concurrent_runs(access, self.lanes_wanted) if self.lanes else [1] * len(access)
-        lane = []
-        for i, r in enumerate(runs):
+        lane = []  # each launch's position in its run
+        for r in runs:
             lane.append(0 if r else lane[-1] + 1)
         slots = max(lane, default=0) + 1
         op_ws_ptr = alloc(op_ws * slots) if op_ws else 0
