@@ -329,6 +329,11 @@ KERNEL_CASES = [
     ((8, 8, 3, 1, 1, 1, 8, 7), "i8", "quant", False, (None, None)),     # depthwise
     ((5, 7, 3, 1, 2, 2, 1, 9), "u8", "float", True, (-1.0, 2.0)),       # odd, dilation 2
     ((24, 18, 1, 1, 0, 1, 3, 6), "i4", "float", False, (None, None)),   # pointwise groups
+    # image larger than the weights, 16k channels per group: the sums of each output row
+    # computed inside the epilogue's row loop (_schedule's row path)
+    ((8, 16, 1, 1, 0, 1, 1, 20), "i8", "quant", True, (0.0, None)),
+    ((8, 32, 3, 2, 1, 1, 2, 13), "u8", "float", False, (None, 6.0)),   # groups, stride 2
+    ((12, 48, 3, 1, 1, 1, 1, 23), "i4", "quant", False, (0.0, 6.0)),
 ]
 
 

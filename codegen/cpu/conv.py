@@ -364,7 +364,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "xsum": xsum is not None,
-                 "weights_outer": weight_bytes > image_bytes}
+                 "weights_outer": weight_bytes > image_bytes, "mg": mg}
 
 
 def _schedule(func, variant: str, extra: dict):
@@ -381,7 +381,27 @@ def _schedule(func, variant: str, extra: dict):
         return sch.mod["main"]
     register_conv_vnni_intrin()
     blk = sch.get_sblock("sum")
-    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)
+    row = None
+    if not extra["weights_outer"] and extra["mg"] % OC_BLOCK == 0:
+        # (channels per group a multiple of 16: the epilogue then needs whole 16-channel
+        # blocks, which the vpdpbusd intrinsic computes)
+        # Each output row's sums right before its epilogue, inside the epilogue's row loop:
+        # the row's [ow, M] int32 sums are still in cache when the epilogue reads them (a
+        # separate pass over a whole image's sums went to memory and back: 4.8 MB for 96
+        # channels at 112 x 112).
+        on, om, oy, ox = sch.get_loops(out)
+        sch.reorder(on, oy, om, ox)
+        row = sch.fuse(on, oy)
+        sch.parallel(row)
+        sch.compute_at(blk, row, preserve_unit_loops=True)
+        if extra["xsum"]:
+            sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
+    loops = sch.get_loops(blk)
+    if row is not None:  # (row, then the loops compute_at made: unit ones are kept)
+        loops = loops[1:]
+        if len(loops) != 10:
+            raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
+    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
     xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
     if extra["weights_outer"]:
         # More weight than image bytes per group (deep layers, small images): one block of
@@ -392,7 +412,6 @@ def _schedule(func, variant: str, extra: dict):
     else:
         # The image rows of one output row stay in cache while all weights sweep them.
         sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
-        sch.parallel(sch.fuse(nn, g, yy))
         reuse = mo
     # ow_block x 16 sums stay in registers over the whole window, written back once.
     acc = sch.cache_write(blk, 0, "local")
@@ -415,8 +434,12 @@ def _schedule(func, variant: str, extra: dict):
         rows, lanes = sch.get_loops(block)[-2:]
         sch.unroll(rows)
         sch.vectorize(lanes)
-    for name in ("xq", "xsum") if extra["xsum"] else ("xq",):
-        b = sch.get_sblock(name)
+    b = sch.get_sblock("xq")
+    sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    if row is not None:
+        return sch.mod["main"]
+    if extra["xsum"]:
+        b = sch.get_sblock("xsum")
         sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
     # The epilogue walks one output row at a time: the row's [ow, M] sums stay in cache
     # while the NCHW result is written channel by channel.
