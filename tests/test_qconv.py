@@ -334,6 +334,12 @@ KERNEL_CASES = [
     ((8, 16, 1, 1, 0, 1, 1, 20), "i8", "quant", True, (0.0, None)),
     ((8, 32, 3, 2, 1, 1, 2, 13), "u8", "float", False, (None, 6.0)),   # groups, stride 2
     ((12, 48, 3, 1, 1, 1, 1, 23), "i4", "quant", False, (0.0, 6.0)),
+    # the direct kernel's shapes: strided depthwise (scalar sum), depthwise 20 wide (vectors
+    # of 16, padded), depthwise dilated on a 7-wide image, stride 2 by column phases
+    ((16, 16, 3, 2, 1, 1, 16, 15), "i8", "quant", False, (0.0, 6.0)),
+    ((24, 24, 3, 1, 1, 1, 24, 20), "u8", "quant", True, (0.0, None)),
+    ((8, 8, 3, 1, 2, 2, 8, 7), "i4", "quant", True, (None, None)),
+    ((6, 10, 5, 2, 2, 1, 1, 17), "i8", "float", False, (-1.0, 1.0)),
 ]
 
 
