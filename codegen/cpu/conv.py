@@ -15,11 +15,16 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
   exact sum of ``(x - xzp)(w - wzp)`` is ``S - zw'[m] * Xsum - zx' * Wsum[m] + K zx' zw'[m]``
   with the shifted zero points zx', zw', Wsum the shifted weights' sums and Xsum the window
   sums of xq, computed only where some zw' is not a constant 0 (no overflow: xq <= 255,
-  |wq| <= 128, 4 products per lane step).
+  |wq| <= 128, 4 products per lane step). Wsum comes from vpdpbusd too (the packed weights
+  times a vector of ones). Where the image outweighs the weights and the channels per group
+  are a multiple of 16, each output row's sums are computed inside the epilogue's row loop.
 - ``direct`` (everything else: AVX2 hosts, depthwise and thin groups): the i32 sum of
-  ``(x - xzp) * (w - wzp)`` written directly, the output channels' window loop vectorized
-  by LLVM. AVX2's vpmaddubsw would saturate int16 on 8-bit codes (255 * 127 * 2 > 32767),
-  so it is not used for qconv (onnxruntime needs reduce_range there for the same reason).
+  ``(x - xzp) * (w - wzp)`` one output channel plane at a time, the window loops outside
+  the output columns (16-lane vectors; the padded image's columns split by stride phase, so
+  that strided taps are vector loads), the plane's epilogue right after it; strided
+  depthwise layers keep a scalar sum over the plainly padded image (faster there). AVX2's
+  vpmaddubsw would saturate int16 on 8-bit codes (255 * 127 * 2 > 32767), so it is not used
+  for qconv (onnxruntime needs reduce_range there for the same reason).
 
 The epilogue is the reference's (``runtime.reference._qconv``) operation for operation:
 f32(acc) * f32(f32(x_scale * w_scale[m]) / y_scale), round half to even (``nearbyint``),
