@@ -340,6 +340,15 @@ KERNEL_CASES = [
     ((24, 24, 3, 1, 1, 1, 24, 20), "u8", "quant", True, (0.0, None)),
     ((8, 8, 3, 1, 2, 2, 8, 7), "i4", "quant", True, (None, None)),
     ((6, 10, 5, 2, 2, 1, 1, 17), "i8", "float", False, (-1.0, 1.0)),
+    # stride 1, 14+ output columns, windows of <= 96 codes: the vnni kernel's pixel lanes
+    # (16 output pixels x 4 channels per vpdpbusd; channel blocks of 8 and 4, groups,
+    # dilation, widths padded to 16: 20 -> 32, 14 -> 16)
+    ((8, 24, 1, 1, 0, 1, 1, 16), "i8", "quant", True, (0.0, None)),
+    ((12, 20, 3, 1, 1, 1, 1, 32), "u8", "float", False, (None, None)),  # 108 codes: channels
+    ((8, 20, 3, 1, 1, 1, 1, 20), "u8", "quant", True, (None, None)),
+    ((32, 40, 1, 1, 0, 1, 1, 14), "i8", "quant", False, (0.0, 6.0)),
+    ((16, 32, 3, 1, 1, 1, 2, 16), "i4", "quant", False, (0.0, 6.0)),
+    ((6, 16, 3, 1, 2, 2, 1, 16), "i8", "quant", True, (None, None)),
 ]
 
 
