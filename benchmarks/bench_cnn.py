@@ -13,7 +13,7 @@ Each row times one file at batch 1 and 8 on one thread (``QC_CPU_THREADS=1``,
 the host's CPU and ISA.
 
     python benchmarks/bench_cnn.py [--models resnet18,mobilenetv2] [--formats qdq,qoperator]
-                                   [--batches 1,8] [--min-seconds 2]
+                                   [--batches 1,8] [--min-seconds 2] [--note TEXT]
 """
 from __future__ import annotations
 
@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qc_bench_cnn"))
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--note", default="", help="recorded in the JSON (e.g. whether the other "
+                   "core was busy)")
     a = p.parse_args(argv)
     os.environ["QC_CPU_THREADS"] = "1"
     sys.path.insert(0, HERE)
@@ -246,12 +248,13 @@ def main(argv=None) -> int:
 
     import qcompiler
     stamp = datetime.datetime.now()
-    result = {"benchmark": "bench_cnn", "host": host_info(),
+    host = host_info()
+    result = {"benchmark": "bench_cnn", "host": host, "note": a.note,
               "versions": {"qcompiler": qcompiler.__version__, "onnxruntime":
                            onnxruntime.__version__, "torch": torch.__version__},
               "rows": rows}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"cnn-cpu-{stamp:%Y%m%d-%H%M}.json")
+    path = os.path.join(a.out, f"cnn-cpu-{stamp:%Y%m%d-%H%M}-{host['mcpu']}-t1.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(path)
