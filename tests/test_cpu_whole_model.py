@@ -198,11 +198,28 @@ def test_llama_decode_matches_onnxruntime_and_reference(llama):
 # --------------------------------------------------------------------------------------------
 
 
-def test_qdq_int8_refuses_without_allow_host_fallback_and_runs_with_it(tmp_path):
+def test_static_int8_classifier_compiles_without_a_host_fallback(tmp_path):
+    """quantize_static's act=static qmatmul runs as a 1x1 qconv on x86 (cpu-conv-layout)."""
     _cpu_or_skip()
     from onnx_models import qdq_int8_static
 
     model = qdq_int8_static()
+    compiled = qcompiler.compile(model, "cpu", str(tmp_path / "static"))
+    with open(os.path.join(str(tmp_path / "static"), "report.json")) as f:
+        assert not json.load(f).get("host_fallback")
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    name = compiled.input_names[0] if hasattr(compiled, "input_names") else "x"
+    got, want = compiled.run({name: x}), qcompiler.compile(model, "ref").run({name: x})
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_int8_refuses_without_allow_host_fallback_and_runs_with_it(tmp_path):
+    """act=dynamic qmatmuls (DynamicQuantizeLinear + MatMulInteger) have no CPU kernel."""
+    _cpu_or_skip()
+    from onnx_models import dynamic_int8
+
+    model = dynamic_int8(False)
     with pytest.raises(HostFallbackError, match="host interpreter.*allow_host_fallback"):
         qcompiler.compile(model, "cpu", str(tmp_path / "refused"))
     out = str(tmp_path / "allowed")
@@ -230,11 +247,11 @@ def test_cli_allow_host_fallback(tmp_path, capsys):
     _cpu_or_skip()
     import onnx
 
-    from onnx_models import qdq_int8_static
+    from onnx_models import dynamic_int8
     from qcompiler.driver.cli import main
 
-    path = str(tmp_path / "qdq.onnx")
-    onnx.save(qdq_int8_static(), path)
+    path = str(tmp_path / "dynamic.onnx")
+    onnx.save(dynamic_int8(False), path)
     assert main([path, "--target", "cpu", "-o", str(tmp_path / "a")]) == 1
     assert "allow-host-fallback" in capsys.readouterr().err
     with pytest.warns(RuntimeWarning, match="host fallback"):
