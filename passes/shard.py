@@ -109,10 +109,6 @@ def _match(module: Module, fn: Function, row: Node, users: dict) -> Optional[_Bl
     return _Block(sorted(set(columns), key=order.get), sorted(set(region), key=order.get), row)
 
 
-def _operand(node: Node, name: str) -> Optional[Value]:
-    return node.arg(name)
-
-
 class _Sharder:
     def __init__(self, module: Module, fn: Function, tp: int):
         self.module, self.fn, self.tp = module, fn, tp
@@ -128,11 +124,11 @@ class _Sharder:
     def why_not(self, b: _Block) -> Optional[str]:
         """Why ``b`` cannot be sharded over tp ranks (None: it can)."""
         tp = self.tp
-        w_b = self.const(_operand(b.row, "w"))
-        if w_b is None or any(self.const(_operand(a, "w")) is None for a in b.columns):
+        w_b = self.const(b.row.arg("w"))
+        if w_b is None or any(self.const(a.arg("w")) is None for a in b.columns):
             return "weights are not constants"
         n = w_b.shape[0]  # B's K = the A's N
-        if any(self.const(_operand(a, "w")).shape[1] != n for a in b.columns):
+        if any(self.const(a.arg("w")).shape[1] != n for a in b.columns):
             return "column layers of another width"
         if n % tp:
             return f"width {n} not divisible by tp={tp}"
@@ -150,7 +146,7 @@ class _Sharder:
     def shard(self, b: _Block) -> None:
         tp, row = self.tp, self.row_perm(b)
         perm = row["perm"]
-        n = self.const(_operand(b.row, "w")).shape[0]
+        n = self.const(b.row.arg("w")).shape[0]
         per = n // tp
         clones: dict = {}  # (rank, old value) -> new value
         partials = []
@@ -181,8 +177,8 @@ class _Sharder:
         """B's rows in the order the ranks take them: sorted by g_idx for act-order (the
         TP-aware reordering), else natural; with B's reordered operands."""
         row = b.row
-        w = self.const(_operand(row, "w"))
-        g_idx = self.const(_operand(row, "g_idx"))
+        w = self.const(row.arg("w"))
+        g_idx = self.const(row.arg("g_idx"))
         scheme = row.attrs["w_scheme"]
         perm = np.arange(w.shape[0])
         if scheme.act_order and g_idx is not None:

@@ -702,6 +702,27 @@ def int8_fused_unroll(ks: KernelShape) -> int:
     return math.gcd(ks.block // (4 * ks.per_byte), 4)
 
 
+def _int8_fused_signature(mb: int, K: int, G: int, TL: int, c: int, nt: int) -> list[str]:
+    """The fused int8 kernel's signature, buffers and outer loops (tiles in parallel, then the
+    row blocks), shared by the VNNI and AVX2 sources."""
+    return [
+        "@T.prim_func",
+        "def qmm_int8_fused(xq_h: T.handle, xsum_h: T.handle, xs_h: T.handle, w_h: T.handle, "
+        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
+        "    T.func_attr({'tirx.noalias': True})",
+        "    mo = T.int64()",
+        f"    xq = T.match_buffer(xq_h, (mo, {mb}, {K}), 'int8')",
+        f"    xsum = T.match_buffer(xsum_h, (mo, {mb}, {G}), 'float32')",
+        f"    xs = T.match_buffer(xs_h, (mo, {mb}, {G}), 'float32')",
+        f"    w = T.match_buffer(w_h, ({TL}, {K // (4 * c)}, {nt}, 4), 'uint8')",
+        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
+        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
+        f"    y = T.match_buffer(y_h, (mo, {mb}, {TL * nt}), 'float32')",
+        f"    for t in T.parallel({TL}):",
+        "        for io in range(mo):",
+    ]
+
+
 def int8_fused_source(ks: KernelShape, variant: dict) -> str:
     """The TVMScript of the fused int8 kernel (VNNI, ``row`` order) for ``ks`` and the
     variant's ``m_block``: the arguments of ``_int8_func`` (xq ``[m_outer, m_block, k_pad]``,
@@ -723,21 +744,7 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
     in_place = int8_codes_in_place(ks, mb)
     word = f"g * {W} + ko * {U} + ki"
     vec = f"'int8x{4 * L}'"
-    lines = [
-        "@T.prim_func",
-        "def qmm_int8_fused(xq_h: T.handle, xsum_h: T.handle, xs_h: T.handle, w_h: T.handle, "
-        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
-        "    T.func_attr({'tirx.noalias': True})",
-        "    mo = T.int64()",
-        f"    xq = T.match_buffer(xq_h, (mo, {mb}, {K}), 'int8')",
-        f"    xsum = T.match_buffer(xsum_h, (mo, {mb}, {G}), 'float32')",
-        f"    xs = T.match_buffer(xs_h, (mo, {mb}, {G}), 'float32')",
-        f"    w = T.match_buffer(w_h, ({TL}, {K // (4 * c)}, {nt}, 4), 'uint8')",
-        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
-        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
-        f"    y = T.match_buffer(y_h, (mo, {mb}, {TL * nt}), 'float32')",
-        f"    for t in T.parallel({TL}):",
-        "        for io in range(mo):",
+    lines = _int8_fused_signature(mb, K, G, TL, c, nt) + [
     ]
     for r in range(mb):
         lines.append(f"            yacc_{r} = T.alloc_local(({CV},), 'float32x{L}')")
@@ -863,21 +870,7 @@ def _int8_fused_avx2_source(ks: KernelShape, variant: dict) -> str:
         return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('llvm.x86.avx2.pmadd.wd'), "
                 f"{v}, T.broadcast(T.int16({weight}), 16), dtype='int32x8')")
 
-    lines = [
-        "@T.prim_func",
-        "def qmm_int8_fused(xq_h: T.handle, xsum_h: T.handle, xs_h: T.handle, w_h: T.handle, "
-        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
-        "    T.func_attr({'tirx.noalias': True})",
-        "    mo = T.int64()",
-        f"    xq = T.match_buffer(xq_h, (mo, {mb}, {K}), 'int8')",
-        f"    xsum = T.match_buffer(xsum_h, (mo, {mb}, {G}), 'float32')",
-        f"    xs = T.match_buffer(xs_h, (mo, {mb}, {G}), 'float32')",
-        f"    w = T.match_buffer(w_h, ({TL}, {K // (4 * c)}, {nt}, 4), 'uint8')",
-        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
-        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
-        f"    y = T.match_buffer(y_h, (mo, {mb}, {TL * nt}), 'float32')",
-        f"    for t in T.parallel({TL}):",
-        "        for io in range(mo):",
+    lines = _int8_fused_signature(mb, K, G, TL, c, nt) + [
         # passes of P column vectors (column cv of the pass is p * P + cv of the tile)
         f"            for p in T.unroll({CV // P}):",
     ]
