@@ -340,6 +340,10 @@ def _ops_library(module, target, kdir: str, out_dir: str):
         node = nodes[step.node]
         if node.op == "qmatmul" and node.attrs.get("config", {}).get("impl") != "tvm":
             continue  # runs in the interpreter (already a host-fallback record)
+        if node.op == "all_reduce":  # a rank program's collective: no kernel, no fallback
+            fallbacks.append({"op": "all_reduce", "result": step.node, "impl": "collective",
+                              "engine": "torch.distributed (qcompiler.runtime.collectives)"})
+            continue
         target_node = epilogue_node(node) if node.op == "qmatmul" else node
         if target_node is None:
             continue

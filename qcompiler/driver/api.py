@@ -17,12 +17,17 @@ from qcompiler.driver.artifact import describe_value, write_artifact
 # importable from here.
 from qcompiler.driver.frontend import (CompileError, import_model,  # noqa: F401
                                        resolve_target, run_pipeline)
+from qcompiler.driver.sharded import (COLLECTIVE_BACKENDS, no_blocks_reason,
+                                      pipeline_with_shard, shard_stats, sharded_report_text,
+                                      split_target,
+                                      weight_bytes, write_sharded)
 from qcompiler.errors import InputError
 from qcompiler.ir import Module
 from qcompiler.ir.elementwise_body import parse_body
 from qcompiler.pipeline import Instrument
 from qcompiler.registry import get_backend
 from qcompiler.runtime.loader import load
+from qcompiler.runtime.ranks import ranks_of
 from qcompiler.targets import Target
 from qcompiler.version import __version__
 
@@ -117,8 +122,15 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                    verify_each: bool = False, tuning_log: Optional[str] = None,
                    example_inputs=None, cache=True, jobs: Optional[int] = None,
                    progress: Optional[bool] = None, buckets=None,
-                   allow_host_fallback: bool = False) -> tuple[str, Module]:
+                   allow_host_fallback: bool = False,
+                   tp: Optional[int] = None) -> tuple[str, Module]:
     """Compile ``model`` for ``target`` into ``output_dir`` (a new temp dir if None).
+
+    ``target`` may carry options: ``"cuda-sm90:tp=2"``; ``tp`` says the same (both given:
+    they must agree). With a tensor-parallel degree > 1 the pipeline runs ``shard{tp=N}``
+    and the result is a sharded artifact (``qcompiler/driver/sharded.py``): one directory per
+    rank, each a single-device artifact of that rank's program; the returned module is the
+    global view.
 
     ``tuning_log``: replay the best verified configs of that log (``qcompile --tune``) by
     passing it to the target's config-choosing pass (its ``tuning_pass``).
@@ -133,7 +145,9 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
 
     start = time.perf_counter()
     builder = Builder(cache, jobs, progress)
-    tgt = resolve_target(target)
+    target_name, target_options = split_target(target, tp)
+    tp = target_options.get("tp", 1)
+    tgt = resolve_target(target_name)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     backend = get_backend(tgt.backend)
     backend.prepare(tgt)
@@ -141,12 +155,18 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     module = import_model(model, example_inputs)
     imported = time.perf_counter()
     pipeline = passes or tgt.default_pipeline
+    if tp > 1:
+        pipeline = pipeline_with_shard(pipeline, tp)
     if tuning_log:
         from qcompiler.tuning.tuner import pipeline_with_tuning_log, tuning_pass_of
 
         pipeline = pipeline_with_tuning_log(pipeline, tuning_pass_of(tgt), tuning_log)
     module, records, spec = run_pipeline(module, pipeline, instruments, verify_each)
     passes_done = time.perf_counter()
+    degree = ranks_of(module)
+    if tp > 1 and degree != tp:
+        raise CompileError(f"tp={tp}: the shard pass split nothing in this model: "
+                           f"{no_blocks_reason(records)}")
     out_dir = output_dir or tempfile.mkdtemp(prefix="qcompiler_")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -155,6 +175,23 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
                          f"{e.strerror or e}") from None
     options = ({"allow_host_fallback": allow_host_fallback}
                if getattr(backend, "host_fallback_option", False) else {})
+    times = {"start": start, "prepared": prepared, "imported": imported,
+             "passes_done": passes_done}
+    if degree > 1:
+        _write_sharded(module, degree, tgt, backend, out_dir, builder, options, spec, records,
+                       source, buckets, times)
+        return out_dir, module
+    _write_single(module, tgt, backend, out_dir, builder, options, spec, records, source,
+                  buckets, times)
+    return out_dir, module
+
+
+def _write_single(module: Module, tgt: Target, backend, out_dir: str, builder, options: dict,
+                  spec: str, records: list, source: str, buckets, times: dict) -> dict:
+    """The backend's compile of ``module`` and a single-device artifact in out_dir; returns
+    the report."""
+    start, prepared, imported, passes_done = (times[k] for k in (
+        "start", "prepared", "imported", "passes_done"))
     kernels = backend.compile(module, tgt, out_dir, builder, **options)
     backend_done = time.perf_counter()
     fn = module.main
@@ -182,22 +219,67 @@ def compile_to_dir(model, target: str = "ref", output_dir: Optional[str] = None,
     report["plan"] = plan_entry
     text += "\n".join(plan_lines) + "\n"
     write_artifact(out_dir, module, manifest, report, text)
-    return out_dir, module
+    return report
+
+
+def _write_sharded(module: Module, tp: int, tgt: Target, backend, out_dir: str, builder,
+                   options: dict, spec: str, records: list, source: str, buckets,
+                   times: dict) -> None:
+    """A sharded artifact: per rank r, ``rank_program(module, r)`` compiled by the backend into
+    ``out_dir/rank<r>`` (a single-device artifact holding only that rank's weights), then
+    the top manifest and reports (``qcompiler/driver/sharded.py``)."""
+    import json
+
+    from qcompiler.driver.artifact import REPORT_TEXT
+    from qcompiler.runtime.ranks import rank_program
+
+    ranks, reports, texts = [], [], []
+    for r in range(tp):
+        prog = rank_program(module, r)
+        rel = f"rank{r}"
+        report = _write_single(prog, tgt, backend, os.path.join(out_dir, rel), builder,
+                               options, spec, records, source, buckets, times)
+        with open(os.path.join(out_dir, rel, REPORT_TEXT), encoding="utf-8") as f:
+            texts.append(f.read())
+        reports.append(report)
+        ranks.append({"rank": r, "dir": rel, "weight_bytes": weight_bytes(prog),
+                      "qmatmul_weight_bytes": sum(q["weight_bytes"] for q in report["qmatmuls"]),
+                      "all_reduce": sum(1 for n in prog.main.nodes if n.op == "all_reduce")})
+    fn = module.main
+    common = {
+        "qcompiler": __version__, "target": tgt.name, "backend": backend.name,
+        "pipeline": spec, "collective_backend": COLLECTIVE_BACKENDS.get(backend.name, "gloo"),
+        "inputs": [describe_value(a) for a in fn.args],
+        "outputs": [{**describe_value(v), "name": name}
+                    for name, v in zip(fn.output_names, fn.outputs)],
+    }
+    collectives = [{"result": n.results[0].name, "op": n.attrs["op"]}
+                   for n in fn.nodes if n.op == "all_reduce"]
+    stats = shard_stats(records) or {}
+    total = weight_bytes(module)
+    report = {"qcompiler": __version__, "source": source, "target": tgt.name,
+              "pipeline": spec, "tp": tp, "shard": stats, "weight_bytes_global": total,
+              "ranks": ranks, "rank_reports": [f"{r['dir']}/report.json" for r in ranks],
+              "seconds": {"total": round(time.perf_counter() - times["start"], 3)}}
+    text = sharded_report_text(tp, tgt.name, source, spec, stats, ranks, total, texts)
+    write_sharded(out_dir, tp=tp, common=common, ranks=ranks, collectives=collectives,
+                  report=json.loads(json.dumps(report, default=str)), report_text=text)
 
 
 def compile(model, target: str = "ref", output_dir: Optional[str] = None,
             passes: Optional[str] = None, verify_each: bool = False,
             tuning_log: Optional[str] = None, example_inputs=None, cache=True,
             jobs: Optional[int] = None, progress: Optional[bool] = None, buckets=None,
-            allow_host_fallback: bool = False):
+            allow_host_fallback: bool = False, tp: Optional[int] = None):
     """Compile and load: returns a ``CompiledModule`` whose ``run`` executes the result
-    (``cache``, ``jobs``, ``progress``, ``allow_host_fallback``: see ``compile_to_dir``).
+    (``cache``, ``jobs``, ``progress``, ``allow_host_fallback``, ``tp``: see
+    ``compile_to_dir``; a sharded artifact loads as a ``ShardedModule``).
     Without ``output_dir`` the artifact goes to a temporary directory that the returned module
     owns: it is removed when the module is garbage-collected (or at exit)."""
     out_dir, _ = compile_to_dir(model, target, output_dir, passes, verify_each=verify_each,
                                 tuning_log=tuning_log, example_inputs=example_inputs,
                                 cache=cache, jobs=jobs, progress=progress, buckets=buckets,
-                                allow_host_fallback=allow_host_fallback)
+                                allow_host_fallback=allow_host_fallback, tp=tp)
     compiled = load(out_dir)
     if output_dir is None:
         # Loaded libraries stay mapped after their files are removed (Linux), and the module

@@ -1,6 +1,6 @@
 """``qcompile``: the command line.
 
-    qcompile MODEL [--target T] [-o DIR] [--passes SPEC]
+    qcompile MODEL [--target T[:tp=N]] [--tp N] [-o DIR] [--passes SPEC]
              [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
              [--tune [--trials N] [--tune-m M]] [--tuning-log FILE] [-j N] [--no-cache]
              [--allow-host-fallback]
@@ -23,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="qcompile",
         description="Compile a quantized model (ONNX) into kernels for a target.")
     ap.add_argument("model", nargs="?", help="an .onnx model (or a .qir file)")
-    ap.add_argument("-t", "--target", default="ref", help="target name (see --list-targets)")
+    ap.add_argument("-t", "--target", default="ref",
+                    help="target name (see --list-targets), optionally with options: "
+                         "NAME:tp=N (e.g. cuda-sm90:tp=2)")
+    ap.add_argument("--tp", type=int, default=None, metavar="N",
+                    help="tensor-parallel degree (same as the target option tp=N): runs "
+                         "shard{tp=N} and writes a sharded artifact, one rank per directory")
     ap.add_argument("-o", "--output", default="qc_out", help="artifact directory (qc_out)")
     ap.add_argument("--passes", help="pipeline, e.g. 'canonicalize,fuse-dequant' "
                                      "(default: the target's)")
@@ -134,7 +139,12 @@ def _plan_text(out_dir: str) -> str:
     from qcompiler.plan import format_plan, plan_from_json
 
     with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
-        data = json.load(f).get("plan")
+        manifest = json.load(f)
+    if "ranks" in manifest:  # a sharded artifact: each rank's plan
+        return "".join(f"# rank {r['rank']} ({r['dir']}/)\n"
+                       + _plan_text(os.path.join(out_dir, r["dir"]))
+                       for r in manifest["ranks"])
+    data = manifest.get("plan")
     if data is None:
         with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
             why = json.load(f).get("plan", {}).get("error", "unknown")
@@ -216,7 +226,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          instruments, verify_each=args.verify_each,
                                          tuning_log=tuning_log, cache=not args.no_cache,
                                          jobs=args.jobs, buckets=_buckets(args.buckets),
-                                         allow_host_fallback=args.allow_host_fallback)
+                                         allow_host_fallback=args.allow_host_fallback,
+                                         tp=args.tp)
     except QCompilerError as e:  # bad input, refused on purpose: one line, exit 1
         return _report_error(e, args.debug)
     except Exception as e:  # anything else escaping the compiler is a bug: exit 2

@@ -359,15 +359,21 @@ def _transpose(types, attrs, consts):
 
 @_def("all_reduce",
       "Sum over tensor-parallel ranks: operand r is rank r's partial (the `shard` pass)",
-      ["xs*"], {"op": ("str", True)})
+      ["xs*"], {"op": ("str", True), "world": ("int", False)})
 def _all_reduce(types, attrs, consts):
     """The global view of a collective: every rank contributes one operand and every rank
-    receives the sum. A runtime with one process per rank passes its own operand only."""
+    receives the sum. A rank program (``qcompiler.runtime.ranks.rank_program``) keeps its own
+    operand only and says with ``world`` how many ranks the sum spans: the other partials come
+    from the collective at run time."""
     if attrs["op"] != "sum":
         raise TypeInferenceError(f"all_reduce op must be 'sum', not {attrs['op']!r}")
     if not types or any(t is None or t.shape != types[0].shape or t.dtype != types[0].dtype
                         for t in types):
         raise TypeInferenceError("all_reduce operands must be present and of one type")
+    world = attrs.get("world")
+    if world is not None and (world < 1 or len(types) not in (1, world)):
+        raise TypeInferenceError(f"all_reduce world = {world} with {len(types)} operands: a "
+                                 "rank program has one operand, the global view one per rank")
     return [types[0]]
 
 

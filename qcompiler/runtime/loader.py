@@ -52,5 +52,14 @@ class CompiledModule:
         return f"<CompiledModule {self.directory} target={self.target}>"
 
 
-def load(directory) -> CompiledModule:
+def load(directory):
+    """The artifact in ``directory``: a ``CompiledModule``, or for a sharded (tensor-parallel)
+    artifact a ``qcompiler.runtime.distributed.ShardedModule`` (same ``run`` interface; one
+    worker process per rank)."""
+    from qcompiler.driver.sharded import is_sharded_artifact
+
+    if is_sharded_artifact(directory):
+        from qcompiler.runtime.distributed import ShardedModule
+
+        return ShardedModule(directory)
     return CompiledModule(directory)

@@ -3,9 +3,10 @@
 A sharded module is the global view: nodes with a ``rank`` attribute run on that rank, the
 others on every rank, and ``all_reduce`` lists one partial per rank. ``rank_program`` is what
 one process of a tensor-parallel runtime runs: its own nodes and the replicated ones, its
-weights only, and each ``all_reduce`` with its own partial (the collective sums it with the
-other processes'). ``run_ranks`` simulates that runtime on the CPU reference: one thread per
-rank, each running its rank program, the all_reduce a barrier-synchronized sum in rank order.
+weights only, and each ``all_reduce`` with its own partial and ``world = N`` (the collective
+sums it with the other processes': ``qcompiler.runtime.collectives``). ``run_ranks``
+simulates that runtime on the CPU reference: one thread per rank, each running its rank
+program, the all_reduce a barrier-synchronized sum in rank order.
 It checks what a multi-GPU run would compute, on a machine with none.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def ranks_of(module: Module) -> int:
     degree = 1
     for n in module.main.nodes:
         if n.op == "all_reduce":
-            degree = max(degree, len(n.operands))
+            degree = max(degree, len(n.operands), n.attrs.get("world", 1))
         if PLACEMENT_ATTR in n.attrs:
             degree = max(degree, n.attrs[PLACEMENT_ATTR] + 1)
     return degree
@@ -48,6 +49,7 @@ def rank_program(module: Module, rank: int) -> Module:
                 raise InputError(f"%{n.results[0].name}: all_reduce has {len(n.operands)} "
                                  f"partials for {tp} ranks")
             n.operands = [n.operands[rank]]
+            n.attrs = {**n.attrs, "world": tp}  # the other partials come from the collective
         kept.append(n)
     fn.nodes = kept
     fn.remove_dead_nodes()

@@ -334,7 +334,14 @@ def _concat(node, args, module):
 
 
 def _all_reduce(node, args, module):
-    """Rank 0 + rank 1 + ... in the operands' type, in rank order."""
+    """Rank 0 + rank 1 + ... in the operands' type, in rank order. In a rank program (one
+    operand, ``world`` ranks) the sum with the other ranks' partials is the collective's: the
+    communicator the rank's process installed (``qcompiler.runtime.collectives``)."""
+    world = node.attrs.get("world", len(args))
+    if world > len(args):
+        from qcompiler.runtime.collectives import all_reduce
+
+        return [all_reduce(node, np.asarray(args[0]), world)]
     total = args[0].copy()
     for a in args[1:]:
         total = total + a
