@@ -239,7 +239,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_plan:
         sys.stdout.write(_plan_text(out_dir))
     n_qmm = sum(1 for n in module.main.nodes if n.op == "qmatmul")
-    sys.stderr.write(f"qcompile: wrote {out_dir} (target {args.target}, {len(module.main.nodes)} "
+    from qcompiler.runtime.ranks import ranks_of
+
+    tp = ranks_of(module)
+    sharded = f"sharded over {tp} ranks, " if tp > 1 else ""
+    sys.stderr.write(f"qcompile: wrote {out_dir} ({sharded}target {args.target}, "
+                     f"{len(module.main.nodes)} "
                      f"ops, {n_qmm} qmatmul{_build_summary(out_dir)}) in "
                      f"{time.perf_counter() - start:.2f} s\n")
     return 0
