@@ -4,11 +4,24 @@ Recognized, every intermediate single-use, from the ``quantize`` back::
 
     quantize(A(qconv{out=float}), ys, yzp)                  per-tensor i8/u8 quantize
     quantize(A(add(qconv{out=float}, dequantize(r, rs, rzp))), ys, yzp)    residual
+    quantize(A(add(dequantize(qconv{out=quant}), dequantize(r, rs, rzp))), ys, yzp)
     A = any chain of relu, max(., c), min(., c) with scalar constants c (lo <= hi)
 
 → ``qconv{out=quant, requant=..., act_min, act_max}`` with the residual's codes. The clamp is
 exact on codes (quantization is monotone); the residual is added before the single rounding
 (an unfused graph rounds the conv output first: a code may differ by one).
+
+The second residual form is what quantize_static writes for a ResNet / MobileNetV2 block in
+both formats (QDQ: a Q/DQ pair after the block's last conv; QOperator: QLinearConv, then
+QLinearAdd imported as dequantize/add/quantize): the conv's own requantization to its
+intermediate codes (rounded and clamped to the code range) is dropped, the block's add and
+quantize become the conv's epilogue (one i32 -> f32 -> codes pass instead of a conv epilogue,
+two dequantizes, a float add and a quantize). Taken only where the intermediate codes have
+no other use and the conv has no clamp of its own (a relu before the add is kept). Its
+numerics: the unfused graph's conv output is rounded (half an intermediate step) and clamped
+to its calibrated range before the add; the fused one is not, so a code may differ by one,
+and by more where the conv's output leaves its calibrated range (onnxruntime clamps there).
+Option ``through_codes`` (default on) takes this form; off keeps such blocks unfused.
 Without a quantize, the chain A alone moves into a float-output qconv (exact).
 
 Requantization (option ``requant``): ``float`` (onnxruntime's arithmetic) or ``dyadic``
@@ -71,6 +84,32 @@ def _float_qconv(v):
     return node
 
 
+def _quant_qconv_codes(rw: Rewriter, v):
+    """The qconv{out=quant} whose codes v dequantizes (its own y scale and zero point, no
+    clamp, no residual, codes used only there), else None."""
+    dq = v.producer
+    if dq is None or dq.op != "dequantize" or len(dq.operands) > 3 \
+            or dq.attrs["scheme"].granularity != "tensor" or not rw.single_use(v):
+        return None
+    codes = dq.arg("x")
+    node = codes.producer
+    if node is None or node.op != "qconv" or node.attrs["out"] != "quant" \
+            or node.attrs.get("requant", "float") != "float" \
+            or any(k in node.attrs for k in ("act_min", "act_max")) \
+            or len(node.operands) > 9 or not rw.single_use(codes):
+        return None
+    ops = _padded(node.operands)
+    ys, yzp = ops[operand_index("qconv", "y_scale")], ops[operand_index("qconv", "y_zero_point")]
+    for a, b in ((dq.arg("scale"), ys), (dq.arg("zero_point"), yzp)):
+        if a is b:
+            continue
+        ca, cb = rw.const(a), rw.const(b)
+        if ca is None or cb is None or ca.size != 1 or cb.size != 1 \
+                or np.float64(ca.reshape(())) != np.float64(cb.reshape(())):
+            return None
+    return node
+
+
 def _with_act(attrs: dict, lo: float, hi: float) -> dict:
     a = dict(attrs)
     if lo != -np.inf:
@@ -87,8 +126,9 @@ def _padded(operands: list) -> list:
 class FuseQuantizeIntoQConv(RewritePattern):
     op = "quantize"
 
-    def __init__(self, requant: str):
+    def __init__(self, requant: str, through_codes: bool = True):
         self.requant = requant
+        self.through_codes = through_codes
 
     def rewrite(self, node, rw):
         scheme = node.attrs["scheme"]
@@ -103,7 +143,8 @@ class FuseQuantizeIntoQConv(RewritePattern):
         add = src.producer if conv is None else None
         if add is not None and add.op == "add" and rw.single_use(src):
             for c, r in (add.operands, add.operands[::-1]):
-                conv = _float_qconv(c)
+                conv = _float_qconv(c) or (_quant_qconv_codes(rw, c) if self.through_codes
+                                           else None)
                 r_dq = r.producer if r.producer is not None and r.producer.op == "dequantize" \
                     else None
                 if conv is None or r_dq is None or not rw.single_use(c):
@@ -122,7 +163,7 @@ class FuseQuantizeIntoQConv(RewritePattern):
         y_quant = [node.arg("scale"), node.arg("zero_point")]
         # the float qconv's operands up to its bias, then y's quantization and the residual
         operands = _padded(conv.operands)[:operand_index("qconv", "y_scale")] + y_quant + residual
-        attrs = _with_act(conv.attrs, lo, hi)
+        attrs = _with_act({k: v for k, v in conv.attrs.items() if k != "requant"}, lo, hi)
         attrs.update(out="quant", requant=self.requant)
         fused = rw.create("qconv", operands, attrs, before=node, hint="qconv",
                           result_types=[node.result.type])
@@ -155,6 +196,7 @@ class FuseRequantPass(Pass):
 
     target: str = ""
     requant: str = "auto"
+    through_codes: bool = True
 
     def run(self, module: Module) -> Module:
         if self.requant not in REQUANT_CHOICES:
@@ -163,7 +205,7 @@ class FuseRequantPass(Pass):
         mode = self.requant
         if mode == "auto":
             mode = "dyadic" if self.target.startswith("fpga") else "float"
-        quantized = apply_patterns(module, [FuseQuantizeIntoQConv(mode)])
+        quantized = apply_patterns(module, [FuseQuantizeIntoQConv(mode, self.through_codes)])
         clamped = apply_patterns(module, [FuseActivationIntoQConv()])
         record_stat(module, self.name, quantize=quantized, activation=clamped)
         return module

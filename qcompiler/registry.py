@@ -32,6 +32,8 @@ PASSES: dict[str, object] = {
     "fold-batchnorm": "qcompiler.passes.fold_batchnorm:FoldBatchNormPass",
     "fuse-qconv": "qcompiler.passes.fuse_qconv:FuseQConvPass",
     "fuse-requant": "qcompiler.passes.fuse_requant:FuseRequantPass",
+    "fuse-qpool": "qcompiler.passes.fuse_qpool:FuseQPoolPass",
+    "cpu-qmatmul-as-qconv": "qcompiler.passes.cpu_qmatmul_as_qconv:CPUQmatmulAsQConvPass",
     "cpu-conv-layout": "qcompiler.passes.cpu_conv_layout:CPUConvLayoutPass",
     "compute-dtype": "qcompiler.passes.compute_dtype:ComputeDtypePass",
 }

@@ -115,6 +115,8 @@ def _build(node: Node, dtype: str, min_elements: int):
     if kind == "max" and a.get("indices", 0):
         return _max_with_indices(node, x, out_shape, window, lowest, taps, ct, dtype,
                                  floats, min_elements)
+    if kind == "max" and not floats and nsp == 2 and taps <= 64:
+        return _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements)
     if kind == "max":
         # te.max starts from the lowest finite float: a window of only padding must give -inf
         maximum = te.comm_reducer(lambda u, v: tirx.max(u, v), lambda t: lowest, name="max")
@@ -172,6 +174,30 @@ def _build(node: Node, dtype: str, min_elements: int):
     # the window's reduction per output element, in registers under out's innermost loop
     sch.compute_at(sch.get_sblock("acc"), sch.get_loops(out_block)[-1])
     _parallel_outer(sch, out_block, out_shape, min_elements)
+    return sch.mod["main"]
+
+
+def _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements: int):
+    """Integer 2-D max pooling (a quantized CNN's MaxPool on codes): the padding holds the
+    type's lowest value, max's identity, so no tap needs a bounds test; the window is one
+    expression of its taps (no reduction loop), the padded rows a window needs are made per
+    output row (in cache), and the output row is a vector loop (strided taps are LLVM's
+    interleaved loads)."""
+    import tvm
+    from tvm import te, tirx
+
+    def out_fn(nn, cc, oh, ow):
+        v = None
+        for kh in range(kernel[0]):
+            for kw in range(kernel[1]):
+                t = xp(nn, cc, oh * strides[0] + kh * dil[0], ow * strides[1] + kw * dil[1])
+                v = t if v is None else tirx.max(v, t)
+        return v
+    out = te.compute(out_shape, out_fn, name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    out_block = sch.get_sblock("out")
+    _parallel_outer(sch, out_block, out_shape, min_elements)
+    sch.compute_at(sch.get_sblock("xp"), sch.get_loops(out_block)[0])
     return sch.mod["main"]
 
 

@@ -1,0 +1,156 @@
+"""Per-step profile of the CNN benchmark's models (issue #15): where the time goes, one thread.
+
+Compiles bench_cnn.py's quantized files (cached in its work directory) for the host and times
+every kernel step of the plan (``QC_PROFILE=1`` gives the total per op kind; this gives each
+step, named by its output, with its shape and, for qconv, the layer's geometry and variant).
+Optionally onnxruntime's own per-node profile of the same file (``--ort``).
+
+    python benchmarks/profile_cnn.py [--models resnet18,mobilenetv2] [--formats qdq]
+                                     [--batch 1] [--runs 30] [--top 25] [--ort]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _patch_executor(records: dict):
+    """Wrap every kernel call of a prepared plan with a timer keyed by its step."""
+    from qcompiler.plan import executor as ex
+
+    orig = ex.PlanExecutor._prepare
+
+    def _prepare(self, arrays):
+        prepared = orig(self, arrays)
+        steps = [s for s in self.plan.steps if s.kind not in ("view", "host")]
+        assert len(steps) == len(prepared.calls)
+        clock = time.perf_counter
+        wrapped = []
+        for step, call in zip(steps, prepared.calls):
+            node = self._nodes.get(step.outputs[0]) if step.outputs else None
+            key = (len(wrapped), step.op, step.outputs[0] if step.outputs else "?")
+            records[key] = [0.0, 0, node]
+
+            def timed(call=call, rec=records[key]):
+                t0 = clock()
+                call()
+                rec[0] += clock() - t0
+                rec[1] += 1
+            wrapped.append(timed)
+        prepared.calls[:] = wrapped
+        return prepared
+    ex.PlanExecutor._prepare = _prepare
+
+
+def describe(node) -> str:
+    if node is None:
+        return ""
+    shape = "x".join(str(d) for d in node.results[0].type.shape)
+    extra = ""
+    if node.op == "qconv":
+        from qcompiler.codegen.cpu.conv import conv_variant
+        from qcompiler.codegen.cpu.host import target_cpu
+        cfg = node.attrs.get("config") or {}
+        w = cfg.get("w_shape") or list(node.arg("w").type.shape)
+        x = node.arg("x").type.shape
+        from qcompiler.targets import get_target
+        variant = conv_variant(node, target_cpu(get_target("cpu"))["vnni"])
+        extra = (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
+                 f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
+                 f" out={node.attrs.get('out', 'quant')}"
+                 f"{' +res' if node.arg('residual') is not None else ''}")
+    elif node.op in ("fused_elementwise",):
+        extra = " " + node.attrs.get("body", "")[:70]
+    return shape + extra
+
+
+def ort_profile(path: str, feeds: dict, runs: int) -> list:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "qc_ort_prof")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, feeds)
+    for _ in range(runs):
+        sess.run(None, feeds)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    per_op = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3
+    total_runs = runs + 3
+    return sorted(((k, v / total_runs) for k, v in per_op.items()), key=lambda kv: -kv[1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenetv2")
+    p.add_argument("--formats", default="qdq")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--ort", action="store_true")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qc_bench_cnn"))
+    a = p.parse_args(argv)
+    os.environ["QC_CPU_THREADS"] = "1"
+    sys.path.insert(0, HERE)
+    import numpy as np
+
+    import qcompiler
+    from bench_cnn import quantized_model
+
+    os.makedirs(a.work, exist_ok=True)
+    for name in a.models.split(","):
+        for fmt in a.formats.split(","):
+            path = quantized_model(name, fmt, a.work)
+            records: dict = {}
+            _patch_executor(records)
+            compiled = qcompiler.compile(path, target="cpu", allow_host_fallback=True)
+            feeds = {"x": np.random.default_rng(2).standard_normal(
+                (a.batch, 3, 224, 224)).astype(np.float32)}
+            compiled.run(feeds)
+            for rec in records.values():
+                rec[0], rec[1] = 0.0, 0
+            t0 = time.perf_counter()
+            for _ in range(a.runs):
+                compiled.run(feeds)
+            wall = (time.perf_counter() - t0) / a.runs * 1e3
+            steps = sorted(records.items(), key=lambda kv: -kv[1][0])
+            total = sum(r[0] for r in records.values()) / a.runs * 1e3
+            print(f"== {name} {fmt} batch {a.batch}: {wall:.2f} ms per run, {total:.2f} ms "
+                  f"in {len(records)} steps")
+            kinds = collections.defaultdict(lambda: [0.0, 0])
+            for (i, op, out), (sec, n, node) in records.items():
+                kinds[op][0] += sec / a.runs * 1e3
+                kinds[op][1] += 1
+            for op, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {op:<20} {ms:8.3f} ms  {n:4d} steps  {100 * ms / total:5.1f} %")
+            print("  -- top steps")
+            for (i, op, out), (sec, n, node) in steps[:a.top]:
+                print(f"  {i:4d} {op:<18} {sec / a.runs * 1e3:7.3f} ms  %{out}  "
+                      f"{describe(node)}")
+            if a.ort:
+                print(f"  -- onnxruntime per op type (ms per run)")
+                rows = ort_profile(path, feeds, a.runs)
+                print(f"  total {sum(v for _, v in rows):.2f} ms")
+                for k, v in rows:
+                    print(f"  {k:<24} {v:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
