@@ -187,3 +187,24 @@ def test_compiled_max_pool_on_codes_is_exact(tmp_path):
     for n in (1, 3):
         x = np.random.default_rng(n).integers(0, 256, (n, 7, 23, 23)).astype(np.uint8)
         np.testing.assert_array_equal(compiled.run({"x": x})["y"], _ort(model, {"x": x}))
+
+
+def test_vnni_kernel_with_a_run_time_x_zero_point_is_exact():
+    """x's zero point as a run-time argument (not a module constant): the vnni kernel keeps
+    its conditional repack (the border cannot be a constant fill); exact as the reference."""
+    from qcompiler.codegen.cpu.conv import const_x_zero_point
+    from tests.test_qconv import _host_vnni, _qconv_module, _run_kernel
+
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the vnni variant needs vpdpbusd)")
+    for conv in ((16, 32, 3, 1, 1, 1, 1, 9), (40, 24, 1, 1, 0, 1, 1, 16)):
+        rng = np.random.default_rng(sum(conv))
+        module, node, feeds = _qconv_module(rng, *conv, act=(0.0, None))
+        zp = module.main.add_arg("xzp", node.operands[3].type)
+        ops = list(node.operands)
+        ops[3] = zp
+        node.operands = ops
+        feeds["xzp"] = np.array(11, np.uint8)
+        assert const_x_zero_point(node, module) is None
+        np.testing.assert_array_equal(_run_kernel(module, node, "vnni", feeds),
+                                      _ours(module, feeds))

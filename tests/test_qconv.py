@@ -349,6 +349,13 @@ KERNEL_CASES = [
     ((32, 40, 1, 1, 0, 1, 1, 14), "i8", "quant", False, (0.0, 6.0)),
     ((16, 32, 3, 1, 1, 1, 2, 16), "i4", "quant", False, (0.0, 6.0)),
     ((6, 16, 3, 1, 2, 2, 1, 16), "i8", "quant", True, (None, None)),
+    # 1 x 1 layers of more than 96 codes on pixel lanes too (deep, grouped, padded width);
+    # channel lanes with the repack's border filled apart (3 x 3 of 180 codes, odd
+    # channels, stride 2 with a one-sided overhang)
+    ((144, 24, 1, 1, 0, 1, 1, 14), "i8", "quant", True, (0.0, None)),
+    ((200, 48, 1, 1, 0, 1, 2, 18), "u8", "float", False, (None, None)),
+    ((20, 16, 3, 1, 1, 1, 1, 9), "i8", "quant", False, (0.0, 6.0)),
+    ((13, 16, 3, 2, 1, 1, 1, 12), "i8", "quant", True, (None, None)),
 ]
 
 

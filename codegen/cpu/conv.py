@@ -174,6 +174,18 @@ def kernel_name(node: Node, variant: str) -> str:
     return "qconv_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def const_x_zero_point(node: Node, module):
+    """x's zero point as an int where it is a module constant (the vnni kernel then fills
+    the repacked image's padding with that constant: a plain fill, and the in-bound copy
+    without conditions), else None."""
+    if module is None:
+        return None
+    v = constant_value(module, node.operands[3])
+    if v is None or np.asarray(v).size != 1:
+        return None
+    return int(np.asarray(v).reshape(()))
+
+
 def _bounds(node: Node, module) -> tuple[int, int]:
     from qcompiler.runtime.reference import qconv_output_bounds
 
@@ -201,7 +213,8 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
         vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
     variant = conv_variant(node, vnni)
-    name = kernel_name(node, variant)
+    zp = const_x_zero_point(node, module) if variant == "vnni" else None
+    name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
     if name in known:
         return name, None
     func = build_qconv(node, variant, module)
@@ -378,8 +391,19 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     zx = xzp + x_shift  # the zero point of the shifted codes
 
+    zp_const = const_x_zero_point(node, module)
+
     def x_pack(nn, g, yy, xx, cc):
         inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
+        if zp_const is not None:
+            # The padding pattern decompose_padding takes (_schedule_xq): the border is the
+            # constant zero point, the rest a copy without conditions or clamps (LLVM
+            # vectorizes it). Padded channels copy the group's last channel instead of 0:
+            # their weights are 0, and the x window sums (xsum) add only the cg real ones.
+            return tirx.if_then_else(
+                inside, (x(nn, tirx.min(g * cg + cc, c - 1), yy - pt, xx - pl).astype(i32)
+                         + x_shift).astype("uint8"),
+                tirx.const(zp_const + x_shift, "uint8"))
         v = x(nn, tirx.min(g * cg + cc, c - 1), tirx.max(tirx.min(yy - pt, h - 1), 0),
               tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) + x_shift
         return tirx.if_then_else(cc < cg, tirx.if_then_else(inside, v, zx),
@@ -388,14 +412,18 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     # of the sums wasted; windows of at most 96 codes, the expanding 1 x 1 layers, where
     # the channel-lane kernel's epilogue gathers cost more than its sums): see _schedule_px.
     # Measured 1 thread Zen 4: 16 -> 96 at 112 x 112 0.70 -> 0.31 ms, 96 -> 576 at 14 x 14
-    # 0.54 -> 0.10 ms; 144+ codes (144 -> 24 at 56, 192 -> 64 at 14, 64 x 9 at 56) lose.
-    px = sw == 1 and ow >= 14 and cp * kh * kw <= 96
+    # 0.54 -> 0.10 ms; 3 x 3 windows of 144+ codes (64 x 9 at 56) are even.
+    # 1 x 1 layers take pixel lanes whatever their depth (since their repack is a plain
+    # 4-channel interleave, _schedule_xq): 144 -> 24 at 56 x 56 0.24 -> 0.13 ms, 192 -> 32
+    # at 28 x 28 0.11 -> 0.07 ms; 7 x 7 images stay on channel lanes (960 -> 160: 0.08 vs
+    # 0.13 ms).
+    px = sw == 1 and ow >= 14 and (cp * kh * kw <= 96 or kh * kw == 1)
     owp = _round_up(ow, 16)
+    wpx = (owp - 1) + (kw - 1) * dw + 1
     if px:
         # Rows of 4-channel blocks, [n, g, y, c / 4, x, 4], so that 16 output pixels x 4
         # channels are 64 contiguous bytes (vpdpbusd's vector operand); the columns past
         # the padded image (for the padded output columns) hold the zero point too.
-        wpx = (owp - 1) + (kw - 1) * dw + 1
         xq2 = te.compute((n, group, hp, cp // IC_BLOCK, wpx, IC_BLOCK),
                          lambda nn, g, yy, co, xx, ci: x_pack(nn, g, yy, xx, co * IC_BLOCK + ci),
                          name="xq")
@@ -465,7 +493,10 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "xsum": xsum is not None,
-                 "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px}
+                 "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
+                 "xq_const_pad": zp_const is not None,
+                 # (whether the repacked image has a border at all)
+                 "xq_border": bool(pt or pl or hp > h or (wpx if px else wp) > w_)}
 
 
 def _schedule(func, variant: str, extra: dict):
@@ -556,8 +587,7 @@ def _schedule(func, variant: str, extra: dict):
         rows, lanes = sch.get_loops(block)[-2:]
         sch.unroll(rows)
         sch.vectorize(lanes)
-    b = sch.get_sblock("xq")
-    sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    _schedule_xq(sch, extra)
     if row is not None:
         return sch.mod["main"]
     if extra["xsum"]:
@@ -569,6 +599,29 @@ def _schedule(func, variant: str, extra: dict):
     sch.reorder(on, oy, om, ox)
     sch.parallel(sch.fuse(on, oy))
     return sch.mod["main"]
+
+
+def _schedule_xq(sch, extra: dict):
+    """The per-call repack of x, parallel over (batch, group, row). With a constant zero
+    point: the border filled with it (a plain fill) and the image copied without conditions,
+    4 channels (one vpdpbusd operand) per step, so that LLVM vectorizes the copy along the
+    row (the conditional, clamped copy was a byte gather: two thirds of a 1 x 1 144 -> 24
+    layer at 56 x 56)."""
+    b = sch.get_sblock("xq")
+    loops = sch.get_loops(b)
+    if extra.get("xq_const_pad"):
+        if extra["xq_border"]:
+            sch.decompose_padding(b, loops[3])
+        inner = sch.get_loops(b)[3:]
+        if extra["px"]:  # [.., c / 4, x, 4]: the 4 channels of a column interleaved
+            sch.unroll(inner[-1])
+        else:  # [.., x, c]: columns outer, then 4 channels of a column at a time
+            xx, cc = inner
+            co, ci = sch.split(cc, [None, IC_BLOCK])
+            sch.reorder(co, xx, ci)
+            sch.unroll(ci)
+        loops = sch.get_loops(b)
+    sch.parallel(sch.fuse(*loops[:3]))
 
 
 def _schedule_wsum(sch):
@@ -624,8 +677,7 @@ def _schedule_px(sch, out, extra: dict):
         rows, lanes = sch.get_loops(block)[-2:]
         sch.unroll(rows)
         sch.vectorize(lanes)
-    b = sch.get_sblock("xq")
-    sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    _schedule_xq(sch, extra)
     if extra["xsum"] and not in_rows:
         b = sch.get_sblock("xsum")
         sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))

@@ -2,7 +2,7 @@
 # from tvm.tirx.layout import Axis
 
 @T.prim_func(s_tir=True)
-def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((16, 8, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((16,), "float32"), in5: T.Buffer((16,), "int8"), in6: T.Buffer((16,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 16, 6, 6), "uint8")):
+def qconv_93d792ffe84e00a5(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((16, 8, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((16,), "float32"), in5: T.Buffer((16,), "int8"), in6: T.Buffer((16,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 16, 6, 6), "uint8")):
     T.func_attr({"tirx.noalias": True})
     # with T.sblock("root"):
     wq = T.sblock_alloc_buffer((1, 1, 3, 3, 2, 16, 4), "int8")
@@ -21,13 +21,25 @@ def qconv_32415713ce388c5d(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
             wq[v_g, v_mo, v_yy, v_xx, v_co, v_mi, v_ci] = T.Cast("int8", T.if_then_else(v_mo * 16 + v_mi < 16 and v_co * 4 + v_ci < 8, T.Cast("int32", in1[T.min(v_g * 16 + v_mo * 16 + v_mi, 15), v_co * 4 + v_ci, v_yy, v_xx]), 0))
     for nn_g_yy_fused in T.parallel(8):
         for xx, cc in T.grid(8, 8):
-            with T.sblock("xq"):
+            with T.sblock("xq_pad_const"):
                 v_nn = T.axis.spatial(1, 0)
                 v_g = T.axis.spatial(1, 0)
                 v_yy, v_xx, v_cc = T.axis.remap("SSS", [nn_g_yy_fused, xx, cc])
-                T.reads(in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1], in3[()])
+                T.reads()
                 T.writes(xq[v_nn, v_g, v_yy, v_xx, v_cc])
-                xq[v_nn, v_g, v_yy, v_xx, v_cc] = T.Cast("uint8", T.if_then_else(v_cc < 8, T.if_then_else(1 <= v_yy and v_yy < 7 and 1 <= v_xx and v_xx < 7, T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy - 1, v_xx - 1]), T.Cast("int32", in3[()])), 0))
+                xq[v_nn, v_g, v_yy, v_xx, v_cc] = T.uint8(7)
+        for cc_0, xx in T.grid(2, 6):
+            for cc_1 in T.unroll(4):
+                with T.sblock("xq"):
+                    v_nn = T.axis.spatial(1, 0)
+                    v_g = T.axis.spatial(1, 0)
+                    v_yy = T.axis.spatial(6, nn_g_yy_fused + -1)
+                    v_xx = T.axis.spatial(6, xx)
+                    v_cc = T.axis.spatial(8, cc_0 * 4 + cc_1)
+                    T.where(1 <= nn_g_yy_fused % 8 and nn_g_yy_fused % 8 < 7)
+                    T.reads(in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy, v_xx])
+                    T.writes(xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc])
+                    xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc] = T.Cast("uint8", T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy, v_xx]))
     for nn_g_mo_fused in T.parallel(1):
         for yy, xx_0 in T.grid(6, 1):
             for xx_1_init in T.unroll(6):
