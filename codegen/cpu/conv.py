@@ -356,6 +356,11 @@ def _direct_sum(x, wt, xzp, wzp, dims):
 
     def x_pad(nn, cc, yy, ph, j):
         xx = j * sw + ph
+        if sw == 1:  # the padding pattern decompose_padding takes (_schedule)
+            return tirx.if_then_else(
+                tirx.all(yy >= pt, yy < pt + h, j >= pl, j < pl + w_),
+                (x(nn, cc, yy - pt, j - pl).astype(i32) - xzp).astype("int16"),
+                tirx.const(0, "int16"))
         return tirx.if_then_else(
             tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
             x(nn, cc, tirx.max(tirx.min(yy - pt, h - 1), 0),
@@ -366,7 +371,9 @@ def _direct_sum(x, wt, xzp, wzp, dims):
         xs(nn, (mm // mg) * cg + rc, yy * sh + ry * dh, (rx * dw) % sw, xx + (rx * dw) // sw
            ).astype(i32) * (wt(mm, rc, ry, rx).astype(i32) - wzp(mm)), axis=[rc, ry, rx]),
         name="acc")
-    return acc, {"ow": ow, "vec": vec, "depthwise": cg == 1, "scalar": False}
+    return acc, {"ow": ow, "vec": vec, "depthwise": cg == 1, "scalar": False,
+                 # the padded copy's border, filled apart when the stride is 1
+                 "xs_border": sw == 1 and bool(pt or pl or hp > h or wpp > w_)}
 
 
 def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
@@ -525,9 +532,15 @@ def _schedule(func, variant: str, extra: dict):
         sch.reverse_compute_at(out, mm)
         plane = mm
         xs = sch.get_sblock("xs")
+        # The padded copy's border filled with 0 apart, the image copied without conditions
+        # or clamps (vectorized by LLVM; the conditional copy was a scalar loop).
         if extra["depthwise"]:  # its one input plane, right before it is used
             sch.compute_at(xs, plane)
+            if extra["xs_border"]:
+                sch.decompose_padding(xs, sch.get_loops(xs)[2])
         else:
+            if extra["xs_border"]:
+                sch.decompose_padding(xs, sch.get_loops(xs)[2])
             sch.parallel(sch.fuse(*sch.get_loops(xs)[:2]))
         return sch.mod["main"]
     if extra["px"]:
