@@ -36,13 +36,12 @@ def _patch_executor(records: dict):
         for step, call in zip(steps, prepared.calls):
             node = self._nodes.get(step.outputs[0]) if step.outputs else None
             key = (len(wrapped), step.op, step.outputs[0] if step.outputs else "?")
-            records[key] = [0.0, 0, node]
+            records[key] = [[], node]
 
-            def timed(call=call, rec=records[key]):
+            def timed(call=call, rec=records[key][0]):
                 t0 = clock()
                 call()
-                rec[0] += clock() - t0
-                rec[1] += 1
+                rec.append(clock() - t0)
             wrapped.append(timed)
         prepared.calls[:] = wrapped
         return prepared
@@ -124,24 +123,27 @@ def main(argv=None) -> int:
                 (a.batch, 3, 224, 224)).astype(np.float32)}
             compiled.run(feeds)
             for rec in records.values():
-                rec[0], rec[1] = 0.0, 0
+                rec[0].clear()
             t0 = time.perf_counter()
             for _ in range(a.runs):
                 compiled.run(feeds)
             wall = (time.perf_counter() - t0) / a.runs * 1e3
-            steps = sorted(records.items(), key=lambda kv: -kv[1][0])
-            total = sum(r[0] for r in records.values()) / a.runs * 1e3
-            print(f"== {name} {fmt} batch {a.batch}: {wall:.2f} ms per run, {total:.2f} ms "
-                  f"in {len(records)} steps")
+            # per step the median over the runs (the host is shared: a mean takes every
+            # other process's time slices)
+            med = {k: 1e3 * sorted(r[0])[len(r[0]) // 2] for k, r in records.items()}
+            steps = sorted(records.items(), key=lambda kv: -med[kv[0]])
+            total = sum(med.values())
+            print(f"== {name} {fmt} batch {a.batch}: {wall:.2f} ms per run (mean), "
+                  f"{total:.2f} ms in {len(records)} steps (sum of per-step medians)")
             kinds = collections.defaultdict(lambda: [0.0, 0])
-            for (i, op, out), (sec, n, node) in records.items():
-                kinds[op][0] += sec / a.runs * 1e3
-                kinds[op][1] += 1
+            for key in records:
+                kinds[key[1]][0] += med[key]
+                kinds[key[1]][1] += 1
             for op, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
                 print(f"  {op:<20} {ms:8.3f} ms  {n:4d} steps  {100 * ms / total:5.1f} %")
-            print("  -- top steps")
-            for (i, op, out), (sec, n, node) in steps[:a.top]:
-                print(f"  {i:4d} {op:<18} {sec / a.runs * 1e3:7.3f} ms  %{out}  "
+            print("  -- top steps (median ms)")
+            for (i, op, out), (times, node) in steps[:a.top]:
+                print(f"  {i:4d} {op:<18} {med[(i, op, out)]:7.3f} ms  %{out}  "
                       f"{describe(node)}")
             if a.ort:
                 print(f"  -- onnxruntime per op type (ms per run)")

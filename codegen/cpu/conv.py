@@ -21,8 +21,8 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
 - ``direct`` (everything else: AVX2 hosts, depthwise and thin groups): the i32 sum of
   ``(x - xzp) * (w - wzp)`` one output channel plane at a time, the window loops outside
   the output columns (16-lane vectors; the padded image's columns split by stride phase, so
-  that strided taps are vector loads), the plane's epilogue right after it; strided
-  depthwise layers keep a scalar sum over the plainly padded image (faster there). AVX2's
+  that strided taps are vector loads: a plain padded copy whose border is filled apart,
+  then deinterleaved by phase), the plane's epilogue right after it. AVX2's
   vpmaddubsw would saturate int16 on 8-bit codes (255 * 127 * 2 > 32767), so it is not used
   for qconv (onnxruntime needs reduce_range there for the same reason).
 
@@ -330,20 +330,6 @@ def _direct_sum(x, wt, xzp, wzp, dims):
     rc = te.reduce_axis((0, cg), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    if cg == 1 and sw > 1:
-        # Strided depthwise: the scalar sum over the plainly padded image (measured faster
-        # than the vector schedule below, whose phase-split padded copy costs more than the
-        # taps; MobileNetV2's 96 x 112 x 112 / 2: 0.27 vs 0.66 ms).
-        hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-        xs = te.compute((n, c, hp, wp), lambda nn, cc, yy, xx: tirx.if_then_else(
-            tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
-            x(nn, cc, tirx.max(tirx.min(yy - pt, h - 1), 0),
-              tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) - xzp,
-            tirx.const(0, i32)).astype("int16"), name="xs")
-        acc = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: te.sum(
-            xs(nn, (mm // mg) * cg + rc, yy * sh + ry * dh, xx * sw + rx * dw).astype(i32)
-            * (wt(mm, rc, ry, rx).astype(i32) - wzp(mm)), axis=[rc, ry, rx]), name="acc")
-        return acc, {"ow": ow, "scalar": True}
     # Output columns padded to whole vectors (16 int32 lanes; 8 for narrow images, none for
     # 1 x 1 and 2 x 2 ones): the epilogue reads the first ow.
     vec = 16 if ow > 8 else 8 if ow > 4 else 1
@@ -354,26 +340,26 @@ def _direct_sum(x, wt, xzp, wzp, dims):
     # whatever the stride (a vector load, not a gather).
     wpp = -(-wp // sw)
 
-    def x_pad(nn, cc, yy, ph, j):
-        xx = j * sw + ph
-        if sw == 1:  # the padding pattern decompose_padding takes (_schedule)
-            return tirx.if_then_else(
-                tirx.all(yy >= pt, yy < pt + h, j >= pl, j < pl + w_),
-                (x(nn, cc, yy - pt, j - pl).astype(i32) - xzp).astype("int16"),
-                tirx.const(0, "int16"))
-        return tirx.if_then_else(
-            tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
-            x(nn, cc, tirx.max(tirx.min(yy - pt, h - 1), 0),
-              tirx.max(tirx.min(xx - pl, w_ - 1), 0)).astype(i32) - xzp,
-            tirx.const(0, i32)).astype("int16")
-    xs = te.compute((n, c, hp, sw, wpp), x_pad, name="xs")
+    # The padding pattern decompose_padding takes (_schedule): a plain padded copy, then
+    # (stride > 1) its columns split by phase, a deinterleave without conditions.
+    xpad = te.compute((n, c, hp, wpp * sw), lambda nn, cc, yy, xx: tirx.if_then_else(
+        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
+        (x(nn, cc, yy - pt, xx - pl).astype(i32) - xzp).astype("int16"),
+        tirx.const(0, "int16")), name="xs" if sw == 1 else "xpad")
+    if sw == 1:
+        def xs(nn, cc, yy, ph, j):
+            return xpad(nn, cc, yy, j)
+    else:
+        xs = te.compute((n, c, hp, sw, wpp),
+                        lambda nn, cc, yy, ph, j: xpad(nn, cc, yy, j * sw + ph), name="xs")
     acc = te.compute((n, m, oh, owp), lambda nn, mm, yy, xx: te.sum(
         xs(nn, (mm // mg) * cg + rc, yy * sh + ry * dh, (rx * dw) % sw, xx + (rx * dw) // sw
            ).astype(i32) * (wt(mm, rc, ry, rx).astype(i32) - wzp(mm)), axis=[rc, ry, rx]),
         name="acc")
-    return acc, {"ow": ow, "vec": vec, "depthwise": cg == 1, "scalar": False,
-                 # the padded copy's border, filled apart when the stride is 1
-                 "xs_border": sw == 1 and bool(pt or pl or hp > h or wpp > w_)}
+    return acc, {"ow": ow, "vec": vec, "depthwise": cg == 1,
+                 "strided": sw > 1,
+                 # the padded copy's border, filled apart
+                 "xs_border": bool(pt or pl or hp > h or wpp * sw > w_)}
 
 
 def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
@@ -511,13 +497,6 @@ def _schedule(func, variant: str, extra: dict):
 
     sch = tvm.s_tir.Schedule(func)
     out = sch.get_sblock("out")
-    if variant == "direct" and extra["scalar"]:
-        acc = sch.get_sblock("acc")
-        nn, mm, yy, xx = sch.get_loops(acc)[:4]
-        sch.parallel(sch.fuse(nn, mm))
-        on, om, oy, ox = sch.get_loops(out)
-        sch.parallel(sch.fuse(on, om))
-        return sch.mod["main"]
     if variant == "direct":
         # One output channel plane at a time: the window loops outside the output columns,
         # which are one vector (the row's int32 sums stay in registers or L1 across the
@@ -531,17 +510,19 @@ def _schedule(func, variant: str, extra: dict):
             sch.vectorize(xi)
         sch.reverse_compute_at(out, mm)
         plane = mm
-        xs = sch.get_sblock("xs")
         # The padded copy's border filled with 0 apart, the image copied without conditions
-        # or clamps (vectorized by LLVM; the conditional copy was a scalar loop).
+        # or clamps (vectorized by LLVM; the conditional copy was a scalar loop), then at a
+        # stride > 1 split by column phase.
+        copies = ["xpad", "xs"] if extra["strided"] else ["xs"]
         if extra["depthwise"]:  # its one input plane, right before it is used
-            sch.compute_at(xs, plane)
-            if extra["xs_border"]:
-                sch.decompose_padding(xs, sch.get_loops(xs)[2])
-        else:
-            if extra["xs_border"]:
-                sch.decompose_padding(xs, sch.get_loops(xs)[2])
-            sch.parallel(sch.fuse(*sch.get_loops(xs)[:2]))
+            for name in copies[::-1]:
+                sch.compute_at(sch.get_sblock(name), plane)
+        for name in copies:
+            b = sch.get_sblock(name)
+            if name == copies[0] and extra["xs_border"]:
+                sch.decompose_padding(b, sch.get_loops(b)[2])
+            if not extra["depthwise"]:
+                sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
         return sch.mod["main"]
     if extra["px"]:
         return _schedule_px(sch, out, extra)
