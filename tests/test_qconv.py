@@ -356,6 +356,12 @@ KERNEL_CASES = [
     ((200, 48, 1, 1, 0, 1, 2, 18), "u8", "float", False, (None, None)),
     ((20, 16, 3, 1, 1, 1, 1, 9), "i8", "quant", False, (0.0, 6.0)),
     ((13, 16, 3, 2, 1, 1, 1, 12), "i8", "quant", True, (None, None)),
+    # pixel lanes, 28+ columns not a multiple of 16, no residual: the epilogue over the
+    # padded width inside the row loop (the window sums of x too, for u8 weights); with a
+    # residual (float: the product and the sum rounded apart, as the reference)
+    ((8, 20, 3, 1, 1, 1, 1, 29), "i8", "quant", False, (0.0, None)),
+    ((8, 16, 1, 1, 0, 1, 1, 30), "u8", "float", False, (None, None)),
+    ((8, 16, 1, 1, 0, 1, 1, 30), "u8", "float", True, (None, 3.0)),
 ]
 
 

@@ -284,6 +284,17 @@ def build_qconv(node: Node, variant: str, module=None):
         acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                    mg, sh, sw, dh, dw, pt, pl))
 
+    # Pixel lanes with a width of 28+ that is not a multiple of 16: the epilogue runs over
+    # the padded width (``outp``, so that each output row's sums can be computed inside its
+    # row loop, whole vectors), the result copies the first ow columns; the residual is
+    # read at a clamped column there. (14 x 14 images keep a whole image of sums: 576 -> 96
+    # at batch 8 measured 0.60 ms that way, 0.76 ms by rows.)
+    padded_out = variant == "vnni" and extra.get("px") and extra.get("padded_rows")
+    owp = _round_up(ow, 16)
+
+    def res_x(xx):
+        return tirx.min(xx, ow - 1) if padded_out else xx
+
     def total(nn, mm, yy, xx):
         v = acc(nn, mm, yy, xx)
         if 6 in placeholders:
@@ -293,11 +304,16 @@ def build_qconv(node: Node, variant: str, module=None):
     def conv_scale(mm):  # f32(x_scale * w_scale[m]), as the reference
         return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
 
+    def fenced(v):
+        """A product behind ``llvm.arithmetic.fence``: the sum after it is rounded on its
+        own, as in the reference (else LLVM may contract the two into one FMA)."""
+        return tirx.call_llvm_pure_intrin(f32, "llvm.arithmetic.fence", v)
+
     if a["out"] == "float":
         def out_fn(nn, mm, yy, xx):
             v = total(nn, mm, yy, xx).astype(f32) * conv_scale(mm)
             if 9 in placeholders:
-                v = v + placeholders[9](nn, mm, yy, xx).astype(f32)
+                v = fenced(v) + placeholders[9](nn, mm, yy, res_x(xx)).astype(f32)
             if "act_min" in a:
                 v = tirx.max(v, tirx.const(float(np.float32(a["act_min"])), f32))
             if "act_max" in a:
@@ -311,12 +327,17 @@ def build_qconv(node: Node, variant: str, module=None):
             ys = scalar(7).astype(f32)
             v = total(nn, mm, yy, xx).astype(f32) * (conv_scale(mm) / ys)
             if 9 in placeholders:
-                r = placeholders[9](nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
-                v = v + r.astype(f32) * (scalar(10).astype(f32) / ys)
+                r = placeholders[9](nn, mm, yy, res_x(xx)).astype(i32) - scalar(11).astype(i32)
+                v = fenced(v) + fenced(r.astype(f32) * (scalar(10).astype(f32) / ys))
             q = tirx.nearbyint(v).astype(i32) + scalar(8).astype(i32)
             q = tirx.max(tirx.min(q, tirx.const(hi, i32)), tirx.const(lo, i32))
             return q.astype(out_dtype)
-    out = te.compute((n, m, oh, ow), out_fn, name="out")
+    if padded_out:
+        outp = te.compute((n, m, oh, owp), out_fn, name="outp")
+        out = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: outp(nn, mm, yy, xx),
+                         name="out")
+    else:
+        out = te.compute((n, m, oh, ow), out_fn, name="out")
     inputs = [placeholders[i] for i in sorted(placeholders)]
     func = te.create_prim_func(inputs + [out])
     return _schedule(func, variant, extra)
@@ -411,6 +432,12 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     # at 28 x 28 0.11 -> 0.07 ms; 7 x 7 images stay on channel lanes (960 -> 160: 0.08 vs
     # 0.13 ms).
     px = sw == 1 and ow >= 14 and (cp * kh * kw <= 96 or kh * kw == 1)
+    # Pixel lanes at 28+ columns that are not a multiple of 16: each output row's sums
+    # inside the epilogue's row loop, over the padded width (build_qconv's outp), where
+    # the layer has no residual (MobileNetV2's 24 -> 144 at 56 x 56, batch 8: 4.1 -> 2.4 ms;
+    # its 144 -> 24 with a residual measured slower that way).
+    padded_rows = px and ow % 16 != 0 and ow >= 28 and (
+        len(node.operands) <= 9 or node.operands[9] is None)
     owp = _round_up(ow, 16)
     wpx = (owp - 1) + (kw - 1) * dw + 1
     if px:
@@ -458,7 +485,8 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
         sy = te.reduce_axis((0, kh), name="sy")
         sx = te.reduce_axis((0, kw), name="sx")
         sc = te.reduce_axis((0, cg), name="sc")
-        xsum = te.compute((n, group, oh, ow), lambda nn, g, yy, xx: te.sum(
+        xw = owp if padded_rows else ow
+        xsum = te.compute((n, group, oh, xw), lambda nn, g, yy, xx: te.sum(
             xq(nn, g, yy * sh + sy * dh, xx * sw + sx * dw, sc).astype(i32), axis=[sy, sx, sc]),
             name="xsum")
     # Wsum[m]: the packed (shifted, zero-padded) weights times a vector of ones, 16 channels x
@@ -487,7 +515,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "xsum": xsum is not None,
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
-                 "xq_const_pad": zp_const is not None,
+                 "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
                  # (whether the repacked image has a border at all)
                  "xq_border": bool(pt or pl or hp > h or (wpx if px else wp) > w_)}
 
@@ -638,16 +666,25 @@ def _schedule_px(sch, out, extra: dict):
     _schedule_wsum(sch)
     blk = sch.get_sblock("sum")
     on, om, oy, ox = sch.get_loops(out)
-    in_rows = extra["ow"] % 16 == 0  # (else the epilogue reads part of the last vector)
+    padded = extra["padded_rows"]
+    in_rows = extra["ow"] % 16 == 0 or padded  # (else part of the last vector is read)
+    if padded:
+        # the epilogue over the padded width (outp), the result's copy of its row after it
+        last = out
+        out = sch.get_sblock("outp")
+        on, om, oy, ox = sch.get_loops(out)
     if in_rows:
         # Each output row's sums inside the epilogue's row loop: they are read back from
-        # cache (a batch of 8 at 112 x 112 x 96 has 39 MB of int32 sums).
+        # cache (a batch of 8 at 112 x 112 x 96 has 39 MB of int32 sums; 144 x 56 x 56:
+        # 16 MB, which took 3x its batch-1 time per image).
         sch.reorder(on, oy, om, ox)
         row = sch.fuse(on, oy)
         sch.parallel(row)
         sch.compute_at(blk, row, preserve_unit_loops=True)
         if extra["xsum"]:
             sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
+        if padded:
+            sch.reverse_compute_at(last, row)
         loops = sch.get_loops(blk)[1:]
         if len(loops) != 9:
             raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
