@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                 print(f"  {i:4d} {op:<18} {med[(i, op, out)]:7.3f} ms  %{out}  "
                       f"{describe(node)}")
             if a.ort:
-                print(f"  -- onnxruntime per op type (ms per run)")
+                print("  -- onnxruntime per op type (ms per run)")
                 rows = ort_profile(path, feeds, a.runs)
                 print(f"  total {sum(v for _, v in rows):.2f} ms")
                 for k, v in rows:
