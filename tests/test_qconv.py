@@ -362,6 +362,13 @@ KERNEL_CASES = [
     ((8, 20, 3, 1, 1, 1, 1, 29), "i8", "quant", False, (0.0, None)),
     ((8, 16, 1, 1, 0, 1, 1, 30), "u8", "float", False, (None, None)),
     ((8, 16, 1, 1, 0, 1, 1, 30), "u8", "float", True, (None, 3.0)),
+    # strided 1 x 1 without padding (ResNet's downsampling): the stride-1 layer on the
+    # subsampled image (pixel lanes at 14+ columns, channel lanes below; odd sizes, groups,
+    # u8 weights with the x window sums, stride 3)
+    ((16, 32, 1, 2, 0, 1, 1, 30), "i8", "quant", True, (None, None)),
+    ((12, 20, 1, 2, 0, 1, 1, 9), "i8", "quant", False, (0.0, None)),
+    ((16, 32, 1, 2, 0, 1, 2, 13), "u8", "float", False, (None, None)),
+    ((8, 16, 1, 3, 0, 1, 1, 10), "u8", "quant", True, (0.0, 6.0)),
 ]
 
 

@@ -397,6 +397,15 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    if kh == kw == 1 and (sh > 1 or sw > 1) and not any(node.attrs["pads"]):
+        # A strided 1 x 1 layer (ResNet's downsampling) reads every sh-th row and sw-th
+        # column only: it is the stride-1 layer on that subsampled image, which the repack
+        # reads directly (a quarter of the image to repack at stride 2, and pixel lanes).
+        x_full = x
+
+        def x(nn, cc, yy, xx, x_full=x_full, sy=sh, sx=sw):
+            return x_full(nn, cc, yy * sy, xx * sx)
+        h, w_, sh, sw = oh, ow, 1, 1
     i32 = "int32"
     x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0   # x' = x + 128: u8
     w_shift = conv_w_shift(node)  # w' = w - 128 for unsigned codes
