@@ -444,6 +444,8 @@ def llama_prefill(args, target, results) -> bool:
     ms_graph = graph_time_ms(runner, sig) if sig.graph is not None else None
     row = {"workload": f"llama-tinyllama-width-{layers}layers-prefill-{seq}",
            "ours_run_ms": ms_ours, "ours_graph_ms": ms_graph, "launches": sig.n}
+    if args.trace and sig.graph is not None:
+        row["trace"] = trace_graph(runner, sig, f"llama prefill {seq}")
     results.append(row)
     args.save(row)
     half = model.half().cuda()

@@ -20,7 +20,7 @@ from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.tuning.key import kernel_key
 
-M_BUCKETS = (8, 16, 32, 64, 128)  # the last bucket also serves every larger M
+M_BUCKETS = (8, 16, 32, 64, 128, 512)  # the last bucket also serves every larger M
 
 
 def _log_check(target, key):
