@@ -1,0 +1,123 @@
+"""Prefill GEMMs of a 1B Llama (K, N of TinyLlama: 2048 hidden, 5632 intermediate) at large M:
+the tile pass's heuristic for the M <= 512 bucket against a few hand-picked alternatives
+(the wgmma/TMA kernel at M tiles of 64 and 128, with and without split-K; tiled variants),
+and cuBLAS fp16 on the same shapes, in one run. W4A16 symmetric g128, fp16.
+
+    python benchmarks/bench_prefill_gemm.py [--ms 512] [--out DIR]
+
+Each config is built, checked against the reference on fresh random inputs, then timed per
+call inside a CUDA graph over weight copies larger than L2 (bench_support.measure_config).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import sys
+import tempfile
+
+SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o, k/v, gate/up, down
+SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
+
+
+def candidates(target, key) -> dict:
+    from qcompiler.codegen.cuda import tuning
+
+    base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "stage_k": 128}
+    out = {"heuristic": tuning.default_config(target, key)}
+    for mf, wn, wk, st, sk in ((4, 4, 2, 3, 1), (4, 2, 2, 3, 1), (4, 2, 4, 3, 1), (2, 4, 2, 4, 1),
+                               (4, 4, 2, 3, 2)):
+        out[f"tiled mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
+            **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
+    for consumers in (1, 2):
+        for sk in (1, 2):
+            c = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
+                 "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": sk}
+            while tuning.check_config(target, key, c) and c["stages"] > 2:
+                c["stages"] -= 1
+            out[f"wgmma m{64 * consumers} sk{sk}"] = c
+    return {name: c for name, c in out.items() if tuning.check_config(target, key, c) is None}
+
+
+def cublas_us(m, n, k) -> float:
+    import torch
+
+    from qcompiler.codegen.cuda.bench_support import time_graph
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(4)]
+    return time_graph(lambda i: torch.matmul(x, ws[i]), 4)["median"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="512")
+    ap.add_argument("--out", default=".")
+    a = ap.parse_args(argv)
+    import torch
+
+    from qcompiler.codegen.cuda.bench_support import measure_config
+    from qcompiler.targets import get_target
+
+    target = get_target("cuda-sm90")
+    work = tempfile.mkdtemp()
+    jobs = []
+    for m in [int(v) for v in a.ms.split(",")]:
+        for n, k in SHAPES:
+            key = {"op": "qmatmul", "m": m, "k": k, "n": n, "w_scheme": SCHEME, "act": "float",
+                   "x_dtype": "f16", "has_bias": False}
+            for name, cfg in candidates(target, key).items():
+                jobs.append((m, n, k, name, key, cfg))
+    # Build (nvcc) in parallel, then time one at a time: measure_config builds and times, so
+    # warm the build cache first with a pool, then time serially.
+    from qcompiler.codegen.cuda import bench_support as bs
+
+    def build(job):
+        m, n, k, name, key, cfg = job
+        try:
+            bs.build_case(bs.case_from_key(key), os.path.join(work, f"{n}x{k}x{m}-{abs(hash(name))}"),
+                          target.name, variants=[cfg])
+            return None
+        except Exception as e:  # reported with the timing below
+            return f"{type(e).__name__}: {e}"
+    with cf.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
+        build_errors = list(pool.map(build, jobs))
+    rows = []
+    for job, err in zip(jobs, build_errors):
+        m, n, k, name, key, cfg = job
+        row = {"m": m, "n": n, "k": k, "config_name": name, "config": cfg}
+        if err:
+            row["error"] = err[:300]
+        else:
+            try:
+                t = measure_config(target, key, cfg, os.path.join(work, f"{n}x{k}x{m}-{abs(hash(name))}"))
+                row["us"] = round(t["median"], 2)
+                row["tflops"] = round(2 * m * n * k / t["median"] / 1e6, 1)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(f"M={m} {n}x{k} {name:<32} " + (f"{row['us']:8.2f} us {row['tflops']:6.1f} TFLOPS"
+                                             if "us" in row else row["error"]), flush=True)
+    for m in sorted({r["m"] for r in rows}):
+        for n, k in SHAPES:
+            us = cublas_us(m, n, k)
+            rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
+                         "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})
+            print(f"M={m} {n}x{k} {'cuBLAS fp16':<32} {us:8.2f} us", flush=True)
+    date = datetime.datetime.now(datetime.timezone.utc)
+    doc = {"benchmark": "bench_prefill_gemm.py", "device": torch.cuda.get_device_name(),
+           "date": date.isoformat(timespec="seconds"), "torch": torch.__version__,
+           "format": "W4A16 i4 symmetric g128, fp16", "method":
+           "per call: 20 calls in one CUDA graph over weight copies > 4x L2, median", "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
