@@ -27,6 +27,24 @@ their buffers (host to device for numpy, device to device for torch CUDA tensors
 with ``__cuda_array_interface__``), launches the graph and returns the outputs (numpy, or
 torch CUDA tensors when the inputs were). A KV cache is an output fed back as an input: keep
 it as a torch CUDA tensor and it never leaves the device.
+
+Collectives (tensor parallelism, issue #17): in a rank program an ``all_reduce`` with one
+operand (its own partial) and ``world`` > 1 is a **collective step**. Its launch is a device
+copy of the operand's buffer into the result's (the memory plan gives them separate buffers;
+the copy is a few KB per token and keeps the operand's buffer free for in-place reuse), and
+the plan's launches are split into **segments** at it (``plan_segments``): the runner replays
+segment k, then calls the installed communicator's ``all_reduce_device`` in place on the
+result buffer on the plan's stream (``qcompiler.runtime.collectives``: NCCL through
+torch.distributed under ``torch.cuda.ExternalStream``), then segment k + 1; no host sync in
+between. Each segment is captured as its own CUDA graph and the collective runs outside the
+graphs: capturing NCCL inside our raw stream capture would tie the graph to
+torch.distributed's internal streams and its lazily created communicator, one host call per
+collective costs little beside it, and a plan without collectives is one segment, one graph
+as before. A collective is a barrier for the concurrent lanes (a ``solo`` entry in
+``concurrent_runs``): no run of concurrent launches crosses it. Without an installed
+communicator (a rank artifact loaded alone) the run is refused before anything is launched,
+with the reference's ``CollectiveError`` naming the node. An ``all_reduce`` of one operand and
+``world`` 1 is the copy alone; one with several operands (the global view) has no kernel.
 """
 from __future__ import annotations
 
@@ -40,6 +58,7 @@ from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
+from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 LAUNCHER_SOURCE = os.path.join(TEMPLATES, "qc_plan.cu")
@@ -80,6 +99,34 @@ def concurrent_runs(launches: list, max_lanes: int = MAX_LANES) -> list:
     return runs
 
 
+def collective_world(node: Node) -> Optional[int]:
+    """For a rank program's all_reduce (one operand: its own partial), the number of ranks the
+    sum spans (1: a copy); None for any other node (the global view's all_reduce, with one
+    operand per rank, is no collective step and has no CUDA kernel)."""
+    if node.op != "all_reduce" or len(node.operands) != 1:
+        return None
+    return int(node.attrs.get("world", 1))
+
+
+def plan_segments(module, plan) -> list:
+    """The device plan split at its collective steps, in order: per segment ``steps`` (the
+    node names of its launching steps, a collective step's copy included) and ``collective``,
+    the collective that runs after it ({node, operand, buffer, world}: summed in place in
+    ``buffer``, the result's) or None for the last segment."""
+    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
+    segments = [{"steps": [], "collective": None}]
+    for step in plan.steps:
+        if step.kind in ("view", "host"):
+            continue
+        segments[-1]["steps"].append(step.node)
+        world = collective_world(nodes[step.node]) if step.kind == "kernel" else None
+        if world is not None and world > 1:
+            segments[-1]["collective"] = {"node": step.node, "operand": step.inputs[0],
+                                          "buffer": step.outputs[0], "world": world}
+            segments.append({"steps": [], "collective": None})
+    return segments
+
+
 def epilogue_node(node: Node) -> Node:
     """qmatmul's epilogue as a node of its own: fused_elementwise(product, extras...) with the
     product's type, run in place on the product (out[i] reads only in[i])."""
@@ -100,7 +147,7 @@ def op_nodes(module, plan) -> list:
         if node.op == "qmatmul":
             if "epilogue" in node.attrs and not epilogue_in_kernel(node):
                 out.append(epilogue_node(node))
-        else:
+        elif collective_world(node) is None:  # a collective step is a copy and the collective
             out.append(node)
     return out
 
@@ -124,9 +171,17 @@ def build_plan(module, target, kdir: str) -> dict:
     with open(LAUNCHER_SOURCE) as f, open(launcher, "w") as g:
         g.write(f.read())
     build_cached(launcher, os.path.join(kdir, LAUNCHER_LIBRARY), [target.params["arch"]])
-    return {"op": "plan", "impl": "cuda-plan", "symbols": symbols,
-            "ops_library": f"{OPS_DIR}/{LIBRARY_NAME}" if nodes else None,
-            "launcher": LAUNCHER_LIBRARY, "steps": len(plan.steps)}
+    segments = plan_segments(module, plan)
+    record = {"op": "plan", "impl": "cuda-plan", "symbols": symbols,
+              "ops_library": f"{OPS_DIR}/{LIBRARY_NAME}" if nodes else None,
+              "launcher": LAUNCHER_LIBRARY, "steps": len(plan.steps)}
+    collectives = [s["collective"] for s in segments if s["collective"]]
+    if collectives:  # the runner needs a communicator (torch.distributed): said in the record
+        record["collectives"] = [{"result": c["node"], "world": c["world"],
+                                  "engine": "torch.distributed (qcompiler.runtime.collectives)"}
+                                 for c in collectives]
+        record["segments"] = len(segments)
+    return record
 
 
 def step_table_text(module, plan, symbols: dict) -> str:
@@ -140,6 +195,12 @@ def step_table_text(module, plan, symbols: dict) -> str:
             lines.append(f"  -- {step.kind:<6} %{step.node} = {step.op} (no launch)")
         elif step.kind == "copy":
             lines.append(f"  COPY   %{step.inputs[0]} -> {step.outputs[0]}")
+        elif collective_world(nodes[step.node]) is not None:
+            world = collective_world(nodes[step.node])
+            lines.append(f"  COPY   %{step.inputs[0]} -> %{step.outputs[0]}")
+            if world > 1:
+                lines.append(f"  == ALL_REDUCE sum %{step.outputs[0]} in place, world {world}"
+                             " (communicator, between segments)")
         elif step.op == "qmatmul":
             node = nodes[step.node]
             if epilogue_in_kernel(node):
@@ -190,10 +251,11 @@ class _Signature:
         self.outputs: dict = {}     # buffer -> (ptr, shape, dtype)
         self.keep: list = []        # ctypes arrays the table points into
         self.allocs: list = []      # device allocations owned by this signature
-        self.table = None
-        self.n = 0
-        self.runs: list = []        # concurrent_runs of the table's launches
-        self.graph = None
+        self.runs: list = []        # concurrent_runs of the launches, collectives included
+        # the segments and collectives in order: ("launch", table, n, graph or None) and
+        # ("collective", node, ptr, shape, dtype, world)
+        self.program: list = []
+        self.collectives: list = []  # (node, world) of the collective items
 
 
 class CudaPlanRunner:
@@ -374,6 +436,21 @@ class CudaPlanRunner:
                 access.append(([span(src)], [span(dst)], True))
                 continue
             node = self.nodes[step.node]
+            world = collective_world(node)
+            if world is not None:
+                # the partial copied into the result's buffer, summed there in place by the
+                # communicator between two segments (a solo entry: a barrier for the lanes)
+                src, dst = step.inputs[0], step.outputs[0]
+                dtype = elem(plan.buffers[dst].dtype).np_dtype
+                nbytes = int(np.prod(shape_of[dst])) * dtype.itemsize
+                if ptr[src] != ptr[dst]:
+                    pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
+                    access.append(([span(src)], [span(dst)], True))
+                if world > 1:
+                    pending.append(("collective", node, [ptr[dst]], [tuple(shape_of[dst])],
+                                    world, dtype))
+                    access.append(([span(dst)], [span(dst)], True))
+                continue
             if step.op == "qmatmul":
                 k = self.qmm.kernels[step.node]
                 x = step.inputs[0]
@@ -411,34 +488,58 @@ class CudaPlanRunner:
         if qmm_ws:
             qmm_ws_ptr = alloc(qmm_ws * slots)
             rt.memset(qmm_ws_ptr, qmm_ws * slots)  # split-K counters start at zero
-        table = (QcStep * max(len(pending), 1))()
-        for i, (kind, fn, ps, dims, extra, epilogue) in enumerate(pending):
-            # one spare slot: a fused epilogue's extras start at ptrs[7], even when it has none
-            parr = (ctypes.c_void_p * (len(ps) + 1))(*[p or None for p in ps])
-            flat = [int(v) for s in dims for v in s]
-            sarr = (ctypes.c_int64 * max(len(flat), 1))(*flat)
-            sig.keep += [parr, sarr]
-            op_w = (op_ws_ptr + lane[i] * op_ws) if op_ws_ptr else None
-            qmm_w = (qmm_ws_ptr + lane[i] * qmm_ws) if qmm_ws_ptr else None
-            if kind == "op":
-                table[i] = QcStep(STEP_OP, ctypes.cast(fn, ctypes.c_void_p).value, parr, sarr,
-                                  op_w, 0, -1, 0, runs[i])
-            elif kind == "qmm":
-                # variant -1: by M; the launcher passes ptrs + 7 as the epilogue's extras
-                # when ``epilogue`` (the kernel applies it), else null
-                table[i] = QcStep(STEP_QMM, fn, parr, sarr, qmm_w, extra, -1, int(epilogue),
-                                  runs[i])
+        # Segments: the launches between collectives, one table (and graph) each. The runs
+        # never cross a collective (a solo entry), so each table's ``concurrent`` counts stay
+        # inside it.
+        segments, current = [], []
+        for i, entry in enumerate(pending):
+            if entry[0] == "collective":
+                segments += [("launch", current), entry]
+                current = []
             else:
-                table[i] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, runs[i])
+                current.append(i)
+        segments.append(("launch", current))
         sig.runs = runs
-        sig.table, sig.n = table, len(pending)
-        if self.use_graphs:
-            exec_ = ctypes.c_void_p()
-            failed = ctypes.c_int64(-1)
-            err = self.launcher.qc_plan_capture(table, sig.n, self.stream, self.lanes,
-                                                ctypes.byref(exec_), ctypes.byref(failed))
-            self._check(err, f"capturing the plan (step {failed.value})")
-            sig.graph = exec_.value
+        for item in segments:
+            if item[0] == "collective":
+                _, node, ps, dims, world, dtype = item
+                sig.program.append(("collective", node, ps[0], dims[0], dtype, world))
+                sig.collectives.append((node, world))
+                continue
+            indices = item[1]
+            if not indices:
+                continue
+            table = (QcStep * len(indices))()
+            for j, i in enumerate(indices):
+                kind, fn, ps, dims, extra, epilogue = pending[i]
+                # one spare slot: a fused epilogue's extras start at ptrs[7], even when it has
+                # none
+                parr = (ctypes.c_void_p * (len(ps) + 1))(*[p or None for p in ps])
+                flat = [int(v) for s in dims for v in s]
+                sarr = (ctypes.c_int64 * max(len(flat), 1))(*flat)
+                sig.keep += [parr, sarr]
+                op_w = (op_ws_ptr + lane[i] * op_ws) if op_ws_ptr else None
+                qmm_w = (qmm_ws_ptr + lane[i] * qmm_ws) if qmm_ws_ptr else None
+                if kind == "op":
+                    table[j] = QcStep(STEP_OP, ctypes.cast(fn, ctypes.c_void_p).value, parr,
+                                      sarr, op_w, 0, -1, 0, runs[i])
+                elif kind == "qmm":
+                    # variant -1: by M; the launcher passes ptrs + 7 as the epilogue's extras
+                    # when ``epilogue`` (the kernel applies it), else null
+                    table[j] = QcStep(STEP_QMM, fn, parr, sarr, qmm_w, extra, -1,
+                                      int(epilogue), runs[i])
+                else:
+                    table[j] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, runs[i])
+            graph = None
+            if self.use_graphs:
+                exec_ = ctypes.c_void_p()
+                failed = ctypes.c_int64(-1)
+                err = self.launcher.qc_plan_capture(table, len(indices), self.stream,
+                                                    self.lanes, ctypes.byref(exec_),
+                                                    ctypes.byref(failed))
+                self._check(err, f"capturing the plan (step {indices[0] + failed.value})")
+                graph = exec_.value
+            sig.program.append(("launch", table, len(indices), graph))
         return sig
 
     # -- running ---------------------------------------------------------------------------
@@ -468,6 +569,9 @@ class CudaPlanRunner:
         if sig is None:
             sig = self._signatures[signature] = self._prepare(
                 {n: tuple(arrays[n].shape) for n in plan.inputs})
+        if sig.collectives:  # refused before any launch: a rank artifact loaded alone
+            for node, world in sig.collectives:
+                communicator_for(node, world)
         lib, s = self.launcher, self.stream
         torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
                         and type(arrays[n]).__module__.startswith("torch")]
@@ -484,12 +588,18 @@ class CudaPlanRunner:
             else:
                 self._check(lib.qc_copy_async(dptr, on_device[n], nbytes, 3, s),
                             f"copying input %{n} on the device")
-        if sig.graph is not None:
-            self._check(lib.qc_graph_launch(sig.graph, s), "cudaGraphLaunch")
-        else:
-            failed = ctypes.c_int64(-1)
-            err = lib.qc_plan_launch(sig.table, sig.n, s, self.lanes, ctypes.byref(failed))
-            self._check(err, f"launching plan step {failed.value}")
+        for item in sig.program:
+            if item[0] == "collective":
+                _, node, dptr, shape, dtype, world = item
+                all_reduce_device(node, dptr, shape, dtype, world, s)
+                continue
+            _, table, n, graph = item
+            if graph is not None:
+                self._check(lib.qc_graph_launch(graph, s), "cudaGraphLaunch")
+            else:
+                failed = ctypes.c_int64(-1)
+                err = lib.qc_plan_launch(table, n, s, self.lanes, ctypes.byref(failed))
+                self._check(err, f"launching plan step {failed.value}")
         torch_out = any(v is not None for v in on_device.values()) and _torch_available()
         results = {}
         for out, buf in plan.outputs.items():

@@ -12,6 +12,12 @@ gloo for host arrays, NCCL for CUDA (a host array is copied to the rank's device
 qcompiler never implements a collective itself. Without a communicator the node is refused
 with an error naming it (running one rank's artifact alone would otherwise compute a partial
 sum and return it as the result).
+
+The CUDA device plan (``codegen/cuda/plan.py``) keeps the partial on the GPU: between the
+plan's segments it calls ``all_reduce_device`` here with the device address of the result
+buffer and the plan's stream, and the communicator sums in place on that stream
+(``TorchCommunicator``: the buffer wrapped as a torch CUDA tensor without a copy, NCCL under
+``torch.cuda.ExternalStream``).
 """
 from __future__ import annotations
 
@@ -33,6 +39,13 @@ class Communicator:
 
     def all_reduce(self, array: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def all_reduce_device(self, ptr: int, shape: tuple, dtype, stream: int) -> None:
+        """Sum the contiguous device buffer at ``ptr`` (``shape``, numpy ``dtype``; bf16 is
+        ml_dtypes') over the ranks in place, ordered on the CUDA stream ``stream`` (work on it
+        before runs first, work enqueued after sees the sum)."""
+        raise CollectiveError(f"{type(self).__name__} sums host arrays only; the CUDA device "
+                              "plan needs a communicator with all_reduce_device")
 
 
 class TorchCommunicator(Communicator):
@@ -62,6 +75,55 @@ class TorchCommunicator(Communicator):
         self.calls += 1
         return out
 
+    def all_reduce_device(self, ptr: int, shape: tuple, dtype, stream: int) -> None:
+        """In place on the device buffer: wrapped as a torch tensor (no copy) and summed by
+        NCCL on ``stream``. ProcessGroupNCCL runs the collective on its own stream after an
+        event recorded on the current stream, and (a blocking call) makes the current stream
+        wait for its end: with the plan's stream current, the collective is ordered between
+        the segment before it and the one after, and the host does not wait. A process group
+        on host memory (gloo) sums a host copy instead."""
+        torch, dist = self.torch, self.dist
+        tensor = device_tensor(torch, ptr, shape, dtype)
+        with torch.cuda.stream(torch.cuda.ExternalStream(int(stream), device=tensor.device)):
+            if dist.get_backend() == "nccl":
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            else:  # gloo: a host round trip (.cpu() waits for the stream's work)
+                host = tensor.cpu()
+                dist.all_reduce(host, op=dist.ReduceOp.SUM)
+                tensor.copy_(host)
+        self.calls += 1
+
+
+class _DeviceBuffer:
+    """A device buffer as ``__cuda_array_interface__`` (version 2: no stream, so torch does
+    not synchronize anything when it wraps it), for ``torch.as_tensor`` without a copy."""
+
+    def __init__(self, ptr: int, shape: tuple, typestr: str):
+        self.__cuda_array_interface__ = {"data": (int(ptr), False), "shape": tuple(shape),
+                                         "typestr": typestr, "strides": None, "version": 2}
+
+
+# numpy dtype name -> (typestr of the wrapped buffer, torch dtype name to view it as): bf16
+# has no typestr, so its bits are wrapped as int16 and viewed as bfloat16 (same size, no copy)
+_DEVICE_TYPES = {"float16": ("<f2", None), "float32": ("<f4", None),
+                 "bfloat16": ("<i2", "bfloat16"), "int32": ("<i4", None),
+                 "int64": ("<i8", None), "float64": ("<f8", None)}
+
+
+def device_tensor(torch, ptr: int, shape: tuple, dtype):
+    """The torch CUDA tensor over the device memory at ``ptr`` (current device, no copy)."""
+    name = np.dtype(dtype).name
+    if name not in _DEVICE_TYPES:
+        raise CollectiveError(f"all_reduce on the device: no collective for dtype {name}")
+    typestr, view = _DEVICE_TYPES[name]
+    numel = int(np.prod(shape, dtype=np.int64))
+    if numel == 0:
+        return torch.empty(tuple(shape), dtype=getattr(torch, view or name), device="cuda")
+    t = torch.as_tensor(_DeviceBuffer(ptr, shape, typestr), device="cuda")
+    if t.data_ptr() != int(ptr):  # a copy would sum the copy and leave the buffer partial
+        raise CollectiveError("all_reduce on the device: torch copied the device buffer")
+    return t.view(getattr(torch, view)) if view else t
+
 
 _current: Optional[Communicator] = None
 
@@ -77,10 +139,14 @@ def current() -> Optional[Communicator]:
     return _current
 
 
-def all_reduce(node, array: np.ndarray, world: int) -> np.ndarray:
-    """The sum of ``array`` over ``world`` ranks for ``node`` (an all_reduce of a rank
-    program), through the installed communicator, in ``array``'s dtype."""
-    names = ", ".join(f"%{r.name}" for r in node.results)
+def _names(node) -> str:
+    return ", ".join(f"%{r.name}" for r in node.results)
+
+
+def communicator_for(node, world: int) -> Communicator:
+    """The installed communicator, checked for ``node``'s sum over ``world`` ranks; raises
+    CollectiveError naming the node when none is installed or its group has another size."""
+    names = _names(node)
     comm = _current
     if comm is None:
         raise CollectiveError(
@@ -91,6 +157,14 @@ def all_reduce(node, array: np.ndarray, world: int) -> np.ndarray:
     if comm.world_size != world:
         raise CollectiveError(f"{names} = all_reduce: the sum spans {world} ranks, the "
                               f"process group has {comm.world_size}")
+    return comm
+
+
+def all_reduce(node, array: np.ndarray, world: int) -> np.ndarray:
+    """The sum of ``array`` over ``world`` ranks for ``node`` (an all_reduce of a rank
+    program), through the installed communicator, in ``array``'s dtype."""
+    comm = communicator_for(node, world)
+    names = _names(node)
     try:
         out = comm.all_reduce(array)
     except QCompilerError:
@@ -101,5 +175,18 @@ def all_reduce(node, array: np.ndarray, world: int) -> np.ndarray:
     return np.asarray(out).astype(array.dtype, copy=False).reshape(array.shape)
 
 
+def all_reduce_device(node, ptr: int, shape: tuple, dtype, world: int, stream: int) -> None:
+    """``node``'s sum over ``world`` ranks, in place on the device buffer at ``ptr``, ordered on
+    the CUDA stream ``stream`` (the CUDA device plan's collective step)."""
+    comm = communicator_for(node, world)
+    try:
+        comm.all_reduce_device(ptr, tuple(shape), dtype, stream)
+    except QCompilerError:
+        raise
+    except Exception as e:  # the engine's own errors (NCCL): name the node
+        raise CollectiveError(f"{_names(node)} = all_reduce failed in the collective engine: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+
+
 __all__ = ["Communicator", "TorchCommunicator", "CollectiveError", "install", "current",
-           "all_reduce"]
+           "communicator_for", "all_reduce", "all_reduce_device", "device_tensor"]
