@@ -21,9 +21,11 @@ collective for a peer that failed would otherwise wait for the engine's timeout.
 ``close()`` (also at garbage collection and exit) stops the workers.
 
 torch is the optional ``fx`` extra: without it, ``run`` raises ``DeviceUnavailableError``
-saying so. CUDA sharded artifacts run the qmatmul kernels on each rank's GPU with the other
-ops on the host (the CUDA host-ops path: the device plan does not split at collectives yet),
-the all_reduce through NCCL on a device copy of the host partial.
+saying so. A CUDA rank runs its device plan (``codegen/cuda/plan.py``): every op a kernel on
+the rank's GPU, the plan split into segments at each all_reduce, and between them the
+communicator's ``all_reduce_device``: NCCL in place on the result's device buffer, on the
+plan's stream (``QC_CUDA_PLAN=0``: the host-ops path, NCCL on a device copy of the host
+partial).
 """
 from __future__ import annotations
 

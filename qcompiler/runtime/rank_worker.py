@@ -5,9 +5,10 @@ main()" RANK TP RANK_DIR BACKEND PORT PARENT_PORT TIMEOUT`` per rank with the en
 chose (``NCCL_NVLS_ENABLE=0``, the rank's ``CUDA_VISIBLE_DEVICES``, the connection's key in
 ``QC_TP_AUTHKEY``). The worker connects back to the parent (``multiprocessing.connection``,
 authenticated), initializes ``torch.distributed``, loads its rank artifact with
-``qcompiler.load``, installs a ``TorchCommunicator`` and serves ``("run", inputs)`` messages
-until ``("stop", None)``: rank 0 replies with the outputs, the others with None; errors are
-replied as ``("error", message)``.
+``qcompiler.load``, installs a ``TorchCommunicator`` (for NCCL with the rank's device: host
+arrays are summed on a device copy, the CUDA device plan's buffers in place) and serves
+``("run", inputs)`` messages until ``("stop", None)``: rank 0 replies with the outputs, the
+others with None; errors are replied as ``("error", message)``.
 """
 from __future__ import annotations
 
