@@ -103,7 +103,9 @@ def default_config(target, key) -> dict:
       split at most 4, same bound (one CTA per SM above 32 rows);
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
-      stays within one CTA per SM.
+      stays within one CTA per SM;
+    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90, else M tile 64
+      with 2x2 warps and no split (fitted at M = 512 on the H200).
     Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
     nest with 128.
     """
@@ -113,8 +115,11 @@ def default_config(target, key) -> dict:
     # The wgmma kernel where its N tiles of 256 alone fill the GPU (measured on the H200,
     # benchmarks/results/cuda-20261203-0831.json: 1.31x / 1.61x cuBLAS at M = 64 / 128 on
     # 28672x8192); its split-K runs were slow there and are not used until understood.
+    # Above 128 rows (prefill) the wgmma kernel on every 4-bit shape: at M = 512 on the
+    # H200 it beat the tiled kernel's best config on each decoder shape measured, by up to
+    # 1.7x (benchmarks/results/prefill-gemm-h200-20261203-2210.json).
     if "wgmma" in target.features and _bits(key) <= 4 and m > 32 \
-            and pad_to(n, N_ALIGN) // 256 >= 0.75 * _sm_count(target):
+            and (m > 128 or pad_to(n, N_ALIGN) // 256 >= 0.75 * _sm_count(target)):
         return wgmma_default(target, key)
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
@@ -123,9 +128,14 @@ def default_config(target, key) -> dict:
         # beat one tile of 64 (measured), whose ~200 registers allow one CTA per SM.
         cfg = {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4}
         max_split, ctas_per_sm = 4, 2 if m <= 32 else 1
-    else:
+    elif m <= 128:
         cfg = {"m_frags": 4, "warps_n": 4, "warps_k": 2, "stages": 3}
         max_split, ctas_per_sm = 4, 1
+    else:
+        # Prefill: N tiles of 128 and no split of K (at M = 512 on the H200 split-K ran 1.5-3x
+        # slower on every shape, and N tiles of 256 left SMs idle on 2048-wide layers).
+        cfg = {"m_frags": 4, "warps_n": 2, "warps_k": 2, "stages": 3}
+        max_split, ctas_per_sm = 1, 1
     group = _group(key)
     k_pad = pad_to(k, K_ALIGN)
     cfg["stage_k"] = 128 if k_pad % 128 == 0 and (not group or group % 128 == 0
@@ -167,13 +177,17 @@ def default_config(target, key) -> dict:
 def wgmma_default(target, key) -> dict:
     """The wgmma kernel's config (cuda-sm90, 4-bit codes, M > 32 where the tiled kernel ran):
 
-    - one consumer warpgroup (M tile 64) up to 64 rows, else two (M tile 128);
+    - two consumer warpgroups (M tile 128) above 64 rows where M tiles of 128 still give
+      ~0.6 CTAs per SM, else one (M tile 64);
     - the deepest ring of stages that fits in shared memory, at most 6;
     - no split of K (default_config takes this kernel only where the N tiles fill the GPU;
       split-K is valid and tested, but measured slow on the H200 and not yet understood).
     """
     m = key["m"]
-    consumers = 1 if m <= 64 else 2
+    # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM: a 2048-wide layer
+    # at M = 512 ran 1.4x faster with tiles of 64 (twice the CTAs) on the H200.
+    tiles_128 = math.ceil(m / 128) * math.ceil(pad_to(key["n"], N_ALIGN) / 256)
+    consumers = 2 if m > 64 and tiles_128 >= 0.6 * _sm_count(target) else 1
     cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
            "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": 1}
     while check_config(target, key, cfg) and cfg["stages"] > 2:
