@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(gpu_reason()), reason=f"GPU tests: {gpu_reason()}")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def _cuda_torch():
@@ -108,7 +107,10 @@ def test_rank_program_through_the_device_plan_with_nccl_world_of_one(tmp_path):
     with open(tmp_path / "tp2" / "rank0" / "manifest.json") as f:
         (plan,) = [k for k in json.load(f)["kernels"] if k["op"] == "plan"]
     assert plan["impl"] == "cuda-plan", plan.get("reason")
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONPATH=os.pathsep.join([ROOT, HERE]))
+    # the installed qcompiler (the repository's root holds qcompiler/ without its mapped
+    # subpackages: codegen, passes, targets), then this directory's helpers
+    path = [p for p in (os.environ.get("PYTHONPATH"), HERE) if p]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONPATH=os.pathsep.join(path))
     p = subprocess.run([sys.executable, "-c", WORLD_OF_ONE, str(tmp_path / "tp2" / "rank0")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), \

@@ -257,6 +257,27 @@ class _Signature:
         self.program: list = []
         self.collectives: list = []  # (node, world) of the collective items
 
+    # A plan without collectives is one launch segment: its table, launch count and graph
+    # (what benchmarks and tests replay directly); with collectives there is no single graph.
+    def _single(self):
+        launches = [item for item in self.program if item[0] == "launch"]
+        return launches[0] if len(launches) == 1 and not self.collectives else None
+
+    @property
+    def table(self):
+        one = self._single()
+        return one[1] if one else None
+
+    @property
+    def n(self) -> int:
+        """Launches of the signature, over all segments."""
+        return sum(item[2] for item in self.program if item[0] == "launch")
+
+    @property
+    def graph(self):
+        one = self._single()
+        return one[3] if one else None
+
 
 class CudaPlanRunner:
     """``run({name: array})`` of a CUDA artifact with a device plan (see the module doc)."""
