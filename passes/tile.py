@@ -1,8 +1,8 @@
 """tile: decide each packed qmatmul's kernel variants (kernel, tile, warps, stages, split-K).
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
-(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, larger); the generated host code dispatches on
-M. A variant picks the kernel (``gemv``: the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with
+(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, ``<= 128``, and larger: the prefill bucket, keyed
+at 512 rows); the generated host code dispatches on M. A variant picks the kernel (``gemv``: the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with
 4-bit codes, the wgmma/TMA kernel; else the tiled mma.sync one) and its parameters. Each
 variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
 (target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
