@@ -2,8 +2,9 @@
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
 (``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, ``<= 128``, and larger: the prefill bucket, keyed
-at 512 rows); the generated host code dispatches on M. A variant picks the kernel (``gemv``: the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with
-4-bit codes, the wgmma/TMA kernel; else the tiled mma.sync one) and its parameters. Each
+at 512 rows); the generated host code dispatches on M. A variant picks the kernel (``gemv``:
+the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with 4-bit codes, the wgmma/TMA kernel; else
+the tiled mma.sync one) and its parameters. Each
 variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
 (target, device, kernel key), else from the heuristic ``codegen/cuda/tuning.default_config``.
 A logged config that fails the backend's validator (``codegen/cuda/config.py``) is skipped

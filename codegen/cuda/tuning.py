@@ -120,7 +120,9 @@ def default_config(target, key) -> dict:
     # 1.7x (benchmarks/results/prefill-gemm-h200-20261203-2210.json).
     if "wgmma" in target.features and _bits(key) <= 4 and m > 32 \
             and (m > 128 or pad_to(n, N_ALIGN) // 256 >= 0.75 * _sm_count(target)):
-        return wgmma_default(target, key)
+        cfg = wgmma_default(target, key)
+        if check_config(target, key, cfg) is None:  # e.g. a group that 64 rows do not nest
+            return cfg
     sms = _sm_count(target)
     n_blocks = pad_to(n, N_ALIGN) // 64
     if m <= 32 or (m <= 64 and n_blocks < 256 and k < 16384):
@@ -158,7 +160,7 @@ def default_config(target, key) -> dict:
             cfg["m_frags"] //= 2
         cfg["warps_k"] = min(4, cfg["warps_k"] * 2) if cfg["warps_n"] * cfg["warps_k"] < 8 \
             else cfg["warps_k"]
-        max_split, ctas_per_sm = 4, 2
+        max_split, ctas_per_sm = (4 if m <= 128 else 1), 2  # prefill: never split (above)
     ctas = ctas_of(cfg)
     stages_total = k_pad // cfg["stage_k"]
     split = 1
@@ -180,8 +182,8 @@ def wgmma_default(target, key) -> dict:
     - two consumer warpgroups (M tile 128) above 64 rows where M tiles of 128 still give
       ~0.6 CTAs per SM, else one (M tile 64);
     - the deepest ring of stages that fits in shared memory, at most 6;
-    - no split of K (default_config takes this kernel only where the N tiles fill the GPU;
-      split-K is valid and tested, but measured slow on the H200 and not yet understood).
+    - no split of K (split-K is valid and tested, but measured 1.5-3x slower on the H200 and
+      not yet understood).
     """
     m = key["m"]
     # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM: a 2048-wide layer
