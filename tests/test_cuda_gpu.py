@@ -239,11 +239,10 @@ def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(t
     assert len(m._run._signatures) == 2
 
 
-def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, monkeypatch):
-    """A 2-layer Llama decode step on the device plan: the residual adds and the SwiGLU product
-    are applied by the qmatmul kernels as they store y (their extra operands read per element),
-    the KV cache appended by the one-launch concat; against the reference of the same module."""
-    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+def _llama_decode_on_cuda_sm90(tmp_path, cfg: dict, past: int, seed: int):
+    """A 2-layer Llama-architecture decode step (batch 1, one token, ``past`` cached tokens)
+    exported to ONNX and compiled for cuda-sm90 with 4-bit g128 weights: (the compiled model,
+    the same module before the CUDA layout passes for the reference, the feeds)."""
     pytest.importorskip("torch")
     import sys
 
@@ -252,23 +251,33 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
     import decoder_models as dm
 
     import qcompiler
-    from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
     from qcompiler.driver.frontend import import_model
     from qcompiler.pipeline import PassManager
-    from qcompiler.runtime.reference import run as ref_run
     from qcompiler.targets import get_target
 
-    cfg = dict(dm.SMALL_LLAMA, hidden=256, heads=4, kv_heads=2, intermediate=384)
-    feeds = dm.llama_inputs(cfg, 2, 1, 1, 37, seed=4)
+    feeds = dm.llama_inputs(cfg, 2, 1, 1, past, seed=seed)
     path = dm.export_onnx(dm.llama(layers=2, **cfg), feeds, str(tmp_path / "llama.onnx"),
                           dynamo=False)
     passes = "canonicalize,quantize-weights{bits=4,group=128}," + \
         get_target("cuda-sm90").default_pipeline
     m = qcompiler.compile(path, target="cuda-sm90", passes=passes,
                           output_dir=str(tmp_path / "a"))
+    ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
+    return m, ref, feeds
+
+
+def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, monkeypatch):
+    """A 2-layer Llama decode step on the device plan: the residual adds and the SwiGLU product
+    are applied by the qmatmul kernels as they store y (their extra operands read per element),
+    the KV cache appended by the one-launch concat; against the reference of the same module."""
+    from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
+    from qcompiler.runtime.reference import run as ref_run
+
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    m, ref, feeds = _llama_decode_on_cuda_sm90(
+        tmp_path, dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384), 37, 4)
     fused = [n for n in m.module.main.nodes if n.op == "qmatmul" and epilogue_in_kernel(n)]
     assert len(fused) >= 4 and any(len(n.operands) > 8 for n in fused)
-    ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
     got, want = m.run(feeds), ref_run(ref, feeds)
     for k in want:
         scale = max(float(np.abs(want[k]).max()), 1.0)
@@ -281,28 +290,11 @@ def test_concurrent_launches_give_the_same_bits_as_one_stream(tmp_path, monkeypa
     projections among them) and its outputs are bit for bit those of the same plan captured
     on one stream (every kernel is deterministic; only the order of independent launches
     changes); both match the reference."""
-    monkeypatch.setenv("QC_CUDA_PLAN", "1")
-    pytest.importorskip("torch")
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))), "examples"))
-    import decoder_models as dm
-
-    import qcompiler
-    from qcompiler.driver.frontend import import_model
-    from qcompiler.pipeline import PassManager
     from qcompiler.runtime.reference import run as ref_run
-    from qcompiler.targets import get_target
 
-    cfg = dict(vocab=256, hidden=512, heads=8, kv_heads=1, intermediate=384)
-    feeds = dm.llama_inputs(cfg, 2, 1, 1, 70, seed=5)
-    path = dm.export_onnx(dm.llama(layers=2, **cfg), feeds, str(tmp_path / "llama.onnx"),
-                          dynamo=False)
-    passes = "canonicalize,quantize-weights{bits=4,group=128}," + \
-        get_target("cuda-sm90").default_pipeline
-    m = qcompiler.compile(path, target="cuda-sm90", passes=passes,
-                          output_dir=str(tmp_path / "a"))
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    m, ref, feeds = _llama_decode_on_cuda_sm90(
+        tmp_path, dict(vocab=256, hidden=512, heads=8, kv_heads=1, intermediate=384), 70, 5)
     got = m.run(feeds)
     runner = m._run
     (sig,) = runner._signatures.values()
@@ -317,7 +309,6 @@ def test_concurrent_launches_give_the_same_bits_as_one_stream(tmp_path, monkeypa
         assert max(sig1.runs) == 1
     finally:
         runner.lanes = lanes
-    ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
     want = ref_run(ref, feeds)
     for k in want:
         np.testing.assert_array_equal(got[k], alone[k], err_msg=k)

@@ -85,43 +85,15 @@ def register_conv_vnni_intrin() -> None:
 
 
 CONV_VNNI_PX_INTRIN = "qc_conv_vnni_px_u8s8_16x4"
-_registered_px = False
 
 
 def register_conv_vnni_px_intrin() -> None:
     """C[16] += sum_k u8 B[j, k] * s8 A[k] (vpdpbusd) with B from global memory: 16 output
     pixels x 4 input channels of activations against one output channel's 4 weights,
     broadcast (the pixel-lane schedule)."""
-    global _registered_px
-    if _registered_px:
-        return
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
+    from qcompiler.codegen.cpu.kernels import register_vpdpbusd_intrin
 
-    from qcompiler.codegen.cpu.kernels import dot_product_desc
-
-    desc = dot_product_desc(16, "int8", "uint8")
-
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], B[0:16, 0:4], A[0:4])
-            T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-            b_i8x64 = T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), b_i8x64, a_i8x64, dtype="int32x16")
-
-    try:
-        TensorIntrin.register(CONV_VNNI_PX_INTRIN, desc, impl)
-    except Exception as e:
-        if "already" not in str(e).lower():
-            raise
-    _registered_px = True
+    register_vpdpbusd_intrin(CONV_VNNI_PX_INTRIN, "global")
 
 
 def _round_up(v: int, k: int) -> int:

@@ -82,7 +82,6 @@ class KernelShape:
         return 8 // self.container_bits
 
 
-_registered = False
 _avx2_registered = False
 _avx2_steps_registered: set = set()
 
@@ -111,23 +110,33 @@ def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "glo
 
 
 def register_vnni_intrin() -> None:
-    """Register ``qc_vnni_u8s8_16x4``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd).
+    """Register ``qc_vnni_u8s8_16x4``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), the
+    weights B (the unsigned operand, codes 0..255) unpacked in registers, the activations A
+    the signed one."""
+    register_vpdpbusd_intrin(VNNI_INTRIN, "local")
+
+
+_vpdpbusd_registered: set = set()
+
+
+def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
+    """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
+    broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
+    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B).
 
     TVM's own ``dot_16x4_vnni`` passes ``<16 x i32>`` operands, which LLVM 22 rejects; this
     one passes the ``<64 x i8>`` operands LLVM 22's ``llvm.x86.avx512.vpdpbusd.512`` takes.
-    The weights are the unsigned operand (codes 0..255), the activations the signed one.
     """
-    global _registered
-    if _registered:
+    if name in _vpdpbusd_registered:
         return
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    desc = dot_product_desc(16, "int8", "uint8", "local")
+    desc = dot_product_desc(16, "int8", "uint8", b_scope)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1, scope="local"),
+             B: T.Buffer((16, 4), "uint8", offset_factor=1, scope=b_scope),
              C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
@@ -140,11 +149,11 @@ def register_vnni_intrin() -> None:
                 C.vload([0], dtype="int32x16"), b_i8x64, a_i8x64, dtype="int32x16")
 
     try:
-        TensorIntrin.register(VNNI_INTRIN, desc, impl)
+        TensorIntrin.register(name, desc, impl)
     except Exception as e:  # registered already by another import of this module
         if "already" not in str(e).lower():
             raise
-    _registered = True
+    _vpdpbusd_registered.add(name)
 
 
 def register_avx2_intrins() -> None:
