@@ -480,18 +480,16 @@ class QmatmulStep:
         m = self._check(x)
         product = self._product_buffer(out)
         x2, y2 = x.reshape(m, self.k), product.reshape(m, self.n)
-        direct = self.kernel.direct_output(y2)  # wrapped once: the kernel writes the view
-        run_into = self.kernel.run_into
+        product_call = self.kernel.bind(x2, y2)  # wrapped once: these views stay put
         if self.epilogue is None:
             if self.host_epilogue:
-                return lambda: (run_into(x2, y2, direct),
-                                self._host_epilogue(args, product, out))
-            return lambda: run_into(x2, y2, direct)
+                return lambda: (product_call(), self._host_epilogue(args, product, out))
+            return product_call
         epilogue = self.lib.bind(self.epilogue_name,
                                  [product] + self._epilogue_operands(args) + [out])
 
         def call():
-            run_into(x2, y2, direct)
+            product_call()
             epilogue()
         return call
 
