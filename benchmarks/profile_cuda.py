@@ -3,8 +3,8 @@
     ncu --section SpeedOfLight --section WarpStateStats --section Occupancy \\
         --kernel-name regex:qmatmul python benchmarks/profile_cuda.py N K M cfg...
 
-cfg = gemv,m_frags,warps_n,warps_k,stages,stage_k,acc_scale,split_k (tuning.KNOBS; i4 symmetric
-g128 fp16 weights).
+cfg = gemv,m_frags,warps_n,warps_k,stages,stage_k,acc_scale,split_k[,wgmma] (tuning.KNOBS, then
+the optional knobs; i4 symmetric g128 fp16 weights).
 """
 import sys
 import tempfile
@@ -16,7 +16,8 @@ from qcompiler.codegen.cuda import bench_support as bs, cases, tuning
 
 def main():
     n, k, m = (int(v) for v in sys.argv[1:4])
-    cfgs = [dict(zip(tuning.KNOBS, (int(x) for x in c.split(",")))) for c in sys.argv[4:]]
+    knobs = tuning.KNOBS + tuple(tuning.OPTIONAL_KNOBS)
+    cfgs = [dict(zip(knobs, (int(x) for x in c.split(",")))) for c in sys.argv[4:]]
     case = cases.Case(k=k, n=n, bits=4, signed=True, zero_point=False, group=128)
     built = bs.build_case(case, tempfile.mkdtemp(), variants=[{**c, "m_max": 0} for c in cfgs])
     kern = bs.load_kernel(built)

@@ -100,9 +100,50 @@ def test_signatures_beyond_the_buckets_share_plans_and_bindings(decode):
                 np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
     # one arena plan for the class
     assert ex.memory_plan_for({"p": 37}) is ex.memory_plan_for({"p": 40})
-    # steps that read an input or write an output take the run's arrays (never bound): the
-    # first signature binds the other three; later ones rebind only the sum over the KV
-    # positions (its operand's shape changed), none when a signature comes back (its call
-    # list is cached)
-    assert kernels == 6 and binds[0] == 3
-    assert binds[1:] == [1, 1, 0, 1, 0]
+    # small inputs and outputs have buffers of their own (STAGE_BYTES), so the first
+    # signature binds every step; later ones rebind only the KV steps (the cache's buffer is
+    # per shape, and the sum's operand changed shape), none when a signature comes back (its
+    # call list is cached)
+    assert kernels == 6 and binds[0] == 6
+    assert binds[1:] == [2, 2, 0, 2, 0]
+
+
+def test_large_inputs_and_outputs_are_bound_per_run(decode, monkeypatch):
+    """Above STAGE_BYTES an input is read where the caller put it and an output is a fresh
+    array per run: the steps touching them take the run's arrays and are never bound."""
+    from qcompiler.plan import executor
+
+    monkeypatch.setattr(executor, "STAGE_BYTES", 0)
+    plan = lower(decode, {"p": [64]})
+    nodes = {n.results[0].name: n for n in decode.main.nodes if n.results}
+    impls = {s.node: _Binding(nodes[s.node], decode) for s in plan.steps if s.kind == "kernel"}
+    ex = PlanExecutor(plan, decode, impls)
+    ex.poison_byte = 0xFF
+    rng = np.random.default_rng(6)
+    binds, outputs = [], []
+    for seq in (5, 6, 5):
+        feeds = _inputs(rng, seq)
+        before = _Binding.binds
+        got = ex.run(feeds)
+        binds.append(_Binding.binds - before)
+        np.testing.assert_allclose(got["y"], reference.run(decode, feeds)["y"], rtol=1e-5,
+                                   atol=1e-5)
+        outputs.append(got["y"])
+    # matmul(x), tanh(kv) and tanh -> y are called with the run's arrays; the other three
+    # bind once, the KV sum again for the new shape
+    assert binds == [3, 1, 0]
+    assert outputs[0] is not outputs[2] and not np.shares_memory(outputs[0], outputs[2])
+
+
+def test_staged_outputs_are_copies(decode):
+    """A small output comes back as a copy of its buffer: the next run does not change it."""
+    plan = lower(decode, {"p": [64]})
+    ex = PlanExecutor(plan, decode)
+    rng = np.random.default_rng(7)
+    first_feeds = _inputs(rng, 5)
+    first = ex.run(first_feeds)["y"]
+    kept = first.copy()
+    ex.run(_inputs(rng, 5))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_allclose(first, reference.run(decode, first_feeds)["y"], rtol=1e-5,
+                               atol=1e-5)

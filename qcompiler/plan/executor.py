@@ -5,8 +5,10 @@ input-shape signature, once: the shape functions are evaluated (``shapes.resolve
 is chosen (the smallest arena covering the dims; beyond every bucket a plan for the dims
 rounded up to their size class, cached per class, with a warning), and the call list is built:
 for each step its callable and the numpy views it reads and writes (a step bound for an
-earlier signature over the same memory keeps its bound call). A run then binds the inputs and
-fresh output arrays into that list and loops over it.
+earlier signature over the same memory keeps its bound call). Small inputs and outputs
+(``STAGE_BYTES``) have buffers of their own: a run copies the inputs in and the outputs out.
+Larger ones are bound into the call list per run (a fresh array per output), then the run
+loops over it.
 
 A step implementation is called in destination-passing style, ``impl(args, outs)``: ``args``
 are the operands (None for an absent optional one), ``outs`` the arrays to write. Entries of
@@ -14,8 +16,9 @@ are the operands (None for an absent optional one), ``outs`` the arrays to write
 which runs the reference op (``qcompiler.runtime.reference.OP_IMPLS``) and copies its result
 into the out view, so that every plan runs before each op has a compiled kernel. An impl with
 a ``bind(args, outs) -> call()`` method is bound once per signature when none of its arrays
-changes between runs (arena views, weights, host values: a compiled kernel wraps them once);
-steps that read an input or write an output are called with the run's arrays.
+changes between runs (arena views, weights, host values, staged inputs and outputs: a compiled
+kernel wraps them once); steps that read a larger input or write a larger output are called
+with the run's arrays.
 
 ``QC_PROFILE=1``: every step is timed; per op kind, the total and per-run milliseconds go to
 stderr at exit (``PlanExecutor.profile()`` returns them).
@@ -41,6 +44,13 @@ from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
 from qcompiler.plan.shapes import ConstantCache, resolve
 
 StepImpl = Callable[[list, list], None]
+
+# Inputs and outputs up to this size get a buffer of their own per signature: an input is
+# copied into it and an output copied out of it per run, so that every step touching them is
+# bound once like the arena's (a step called with the run's own arrays converts them per
+# call). On MiniLM at 1x16 (CPU), the four steps reading inputs or writing the output took
+# 16-145 us each in a run, 5-10 us alone: Python's work per call, cold after the kernels.
+STAGE_BYTES = 1 << 16
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -99,15 +109,20 @@ def copy_step(args: list, outs: list) -> None:
 class _Prepared:
     """The call list of one input-shape signature."""
 
-    def __init__(self, calls, patches, fresh, dynamic_views, outputs):
+    def __init__(self, calls, patches, fresh, dynamic_views, outputs, staged_inputs=None,
+                 staged_outputs=None):
         self.calls = calls                  # a no-argument callable per step
         self.patches = patches              # (list, index, buffer name) to bind per run
         self.fresh = fresh                  # output buffer -> (shape, dtype): new per run
         self.dynamic_views = dynamic_views  # view -> (root, shape) over inputs/outputs
         self.outputs = outputs              # output name -> buffer name
+        self.staged_inputs = staged_inputs or {}    # input -> its buffer, copied in per run
+        self.staged_outputs = staged_outputs or {}  # output -> its buffer, copied out per run
 
     def run(self, arrays: dict) -> dict:
         bound = dict(arrays)
+        for name, buf in self.staged_inputs.items():
+            np.copyto(buf, arrays[name])
         for name, (shape, dtype) in self.fresh.items():
             bound[name] = aligned_empty(int(np.prod(shape)) * dtype.itemsize).view(
                 dtype).reshape(shape)
@@ -117,7 +132,9 @@ class _Prepared:
             lst[i] = bound[name]
         for call in self.calls:
             call()
-        return {out: bound[buf] for out, buf in self.outputs.items()}
+        staged = self.staged_outputs
+        return {out: staged[buf].copy() if buf in staged else bound[buf]
+                for out, buf in self.outputs.items()}
 
 
 class _Profile:
@@ -180,6 +197,7 @@ class PlanExecutor:
         self._warned = False
         self._impls: dict[str, StepImpl] = {}
         self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
+        self._staged: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> its buffer
         self._profile = _Profile(plan.function) if os.environ.get("QC_PROFILE") == "1" else None
         values = {r.name: r for n in module.main.nodes for r in n.results}
         self._weights = {}
@@ -309,9 +327,25 @@ class PlanExecutor:
         memory: dict[str, tuple] = {}
         fresh: dict = {}
         dynamic_views: dict = {}
+        staged: dict[str, np.ndarray] = {}  # small inputs and outputs: see STAGE_BYTES
+
+        def stage(name: str, shape, dtype) -> None:
+            # one buffer per name and shape, shared by the signatures that have that shape
+            # (a decode step's token ids keep theirs while the KV length grows)
+            dtype = np.dtype(dtype)
+            key = (name, tuple(shape), dtype.str)
+            buf = self._staged.get(key)
+            if buf is None:
+                buf = self._staged[key] = aligned_empty(
+                    math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+            static[name] = staged[name] = buf
+            memory[name] = ("staged",) + key
+
         for b in plan.buffers.values():
             shape = resolved.shapes.get(b.name)
-            if b.kind == "weight":
+            if b.kind == "input" and arrays[b.name].nbytes <= STAGE_BYTES:
+                stage(b.name, arrays[b.name].shape, arrays[b.name].dtype)
+            elif b.kind == "weight":
                 static[b.name] = self._weights[b.name]
                 memory[b.name] = ("weight", b.name)
             elif b.kind == "host":
@@ -323,12 +357,21 @@ class PlanExecutor:
                 if src is None:  # a copied output: the shape of the value it copies
                     step = next(s for s in plan.steps if s.outputs == [b.name])
                     src = step.inputs[0]
-                fresh[b.name] = (resolved.shapes[src], elem(b.dtype).np_dtype)
-            elif b.kind in ("arena", "view"):
+                out_shape, out_dtype = resolved.shapes[src], elem(b.dtype).np_dtype
+                if math.prod(out_shape) * out_dtype.itemsize <= STAGE_BYTES:
+                    stage(b.name, out_shape, out_dtype)
+                else:
+                    fresh[b.name] = (out_shape, out_dtype)
+        for b in plan.buffers.values():  # views, once their roots are placed
+            if b.kind in ("arena", "view"):
+                shape = resolved.shapes.get(b.name)
                 root = plan.buffers[b.alias_of or b.name]
                 if root.kind == "arena":
                     static[b.name] = self._arena_view(arena, mem, b, root, shape)
                     memory[b.name] = (id(arena), mem.offsets[root.name], tuple(shape), b.dtype)
+                elif root.name in staged:
+                    static[b.name] = staged[root.name].reshape(shape)
+                    memory[b.name] = memory[root.name] + (tuple(shape), b.dtype)
                 else:
                     dynamic_views[b.name] = (root.name, shape)
 
@@ -353,7 +396,10 @@ class PlanExecutor:
             if self._profile is not None:
                 call = self._profile.timed(step.op, call)
             calls.append(call)
-        return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs))
+        staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
+        staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}
+        return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs),
+                         staged_inputs, staged_outputs)
 
     def _bind(self, index: int, key: tuple, impl, args: list, outs: list):
         """``impl.bind(args, outs)``, or the call bound for an earlier signature when this step
