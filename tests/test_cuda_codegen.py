@@ -342,9 +342,10 @@ def test_wgmma_selection_and_validation():
 def test_prefill_bucket_configs():
     """Above 128 rows (the prefill bucket, keyed at 512): cuda-sm90 takes the wgmma kernel on
     every 4-bit shape, with M tiles of 128 only where they give the grid ~0.6 CTAs per SM, and
-    never splits K; the tiled kernel elsewhere does not split K either; every config the
-    heuristic gives is one the validator accepts (a group the wgmma stages do not nest falls
-    back to the tiled kernel)."""
+    splits K 2 ways only where the grid is at most half the SMs and K is long (the down
+    projection); the tiled kernel never splits K there; every config the heuristic gives is
+    one the validator accepts (a group the wgmma stages do not nest falls back to the tiled
+    kernel)."""
     sm90, sm80 = get_target("cuda-sm90"), get_target("cuda-sm80")
     s4 = str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())
     s8 = str(GOLDEN_CASES["u8_g64_zp_bf16"].scheme())
@@ -352,14 +353,17 @@ def test_prefill_bucket_configs():
     narrow = tuning.default_config(sm90, {"m": 512, "k": 2048, "n": 2048, "w_scheme": s4})
     assert (wide["wgmma"], wide["m_frags"], wide["split_k"]) == (1, 8, 1)
     assert (narrow["wgmma"], narrow["m_frags"], narrow["split_k"]) == (1, 4, 1)
+    down = tuning.default_config(sm90, {"m": 512, "k": 5632, "n": 2048, "w_scheme": s4})
+    assert (down["wgmma"], down["m_frags"], down["split_k"]) == (1, 4, 2)
     for target in (sm90, sm80):
         for scheme in (s4, s8):
             for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
                 key = {"m": 512, "k": k, "n": n, "w_scheme": scheme}
                 cfg = tuning.default_config(target, key)
                 assert tuning.check_config(target, key, cfg) is None, (target.name, key, cfg)
-                assert cfg["split_k"] == 1 and cfg["gemv"] == 0
-                assert cfg["wgmma"] == int(target is sm90 and scheme == s4)
+                wgmma = int(target is sm90 and scheme == s4)
+                assert cfg["gemv"] == 0 and cfg["wgmma"] == wgmma
+                assert cfg["split_k"] == (2 if wgmma and k == 5632 else 1)
     g48 = "#quant<i4, symmetric, per_group(axis=0, block=48), scale=f16>"
     assert "do not nest" in tuning.check_config(sm90, {"m": 512, "k": 1536, "n": 2048,
                                                        "w_scheme": g48}, {**WGMMA, "split_k": 1})

@@ -104,8 +104,8 @@ def default_config(target, key) -> dict:
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
       stays within one CTA per SM;
-    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90, else M tile 64
-      with 2x2 warps and no split (fitted at M = 512 on the H200).
+    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90 (``wgmma_default``),
+      else M tile 64 with 2x2 warps and no split (fitted at M = 512 on the H200).
     Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
     nest with 128.
     """
@@ -114,7 +114,7 @@ def default_config(target, key) -> dict:
         return gemv_default(target, key)
     # The wgmma kernel where its N tiles of 256 alone fill the GPU (measured on the H200,
     # benchmarks/results/cuda-20261203-0831.json: 1.31x / 1.61x cuBLAS at M = 64 / 128 on
-    # 28672x8192); its split-K runs were slow there and are not used until understood.
+    # 28672x8192).
     # Above 128 rows (prefill) the wgmma kernel on every 4-bit shape: at M = 512 on the
     # H200 it beat the tiled kernel's best config on each decoder shape measured, by up to
     # 1.7x (benchmarks/results/prefill-gemm-h200-20261203-2210.json).
@@ -182,16 +182,23 @@ def wgmma_default(target, key) -> dict:
     - two consumer warpgroups (M tile 128) above 64 rows where M tiles of 128 still give
       ~0.6 CTAs per SM, else one (M tile 64);
     - the deepest ring of stages that fits in shared memory, at most 6;
-    - no split of K (split-K is valid and tested, but measured 1.5-3x slower on the H200 and
-      not yet understood).
+    - K split 2 ways where the grid is at most half the SMs and each split keeps at least 32
+      stages of 64 rows; else no split.
     """
     m = key["m"]
+    sms = _sm_count(target)
+    n_tiles = math.ceil(pad_to(key["n"], N_ALIGN) / 256)
     # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM: a 2048-wide layer
     # at M = 512 ran 1.4x faster with tiles of 64 (twice the CTAs) on the H200.
-    tiles_128 = math.ceil(m / 128) * math.ceil(pad_to(key["n"], N_ALIGN) / 256)
-    consumers = 2 if m > 64 and tiles_128 >= 0.6 * _sm_count(target) else 1
+    consumers = 2 if m > 64 and math.ceil(m / 128) * n_tiles >= 0.6 * sms else 1
+    # Split-K, once its fix-up loaded the partials in batches (splitk.cuh), at M = 512 on the
+    # H200 (prefill-gemm-h200-20261204-0016.json): 2048x5632 (88 stages) 49.5 us split 2
+    # against 61.7 unsplit; 2048x2048 (32 stages) 32.6 against 27.6.
+    ctas = math.ceil(m / (64 * consumers)) * n_tiles
+    stages_total = pad_to(key["k"], K_ALIGN) // 64
+    split = 2 if 2 * ctas <= sms and stages_total // 2 >= 32 else 1
     cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
-           "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+           "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": split}
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg

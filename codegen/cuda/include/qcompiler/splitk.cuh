@@ -62,13 +62,35 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   cta_sync<BARRIER_THREADS>();
   if (!*flag) return;
   __threadfence();
-  for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
-    const int m = i / N_TILE, n = i % N_TILE;
-    if (m0 + m < p.M && n0 + n < N) {
-      float v = 0.0f;
-      for (int s = 0; s < p.split_k; ++s)
-        v += __ldcg(p.partial + ((long long)s * p.M + m0 + m) * N + n0 + n);
-      epilogue(m0 + m, n0 + n, v);
+  // The fix-up reads every partial from L2. A thread takes BATCH elements at a time and
+  // issues all their loads of one split before adding them, so that BATCH loads are in
+  // flight instead of one: element by element, a 64 x 256 tile's fix-up was a chain of
+  // ~128 L2 round trips per thread (measured on the H200: split 2 made a 2048^2 GEMM at
+  // M = 512 take 106 us instead of 37). Each element's sum keeps the split order.
+  constexpr int PER_THREAD = (M_TILE * N_TILE + THREADS - 1) / THREADS;
+  constexpr int BATCH = PER_THREAD < 16 ? PER_THREAD : 16;
+  for (int base = tid; base < M_TILE * N_TILE; base += THREADS * BATCH) {
+    float v[BATCH];
+    long long at[BATCH];  // the element's offset in split 0's partials, or -1 (none)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const int i = base + b * THREADS, m = i / N_TILE, n = i % N_TILE;
+      v[b] = 0.0f;
+      at[b] = i < M_TILE * N_TILE && m0 + m < p.M && n0 + n < N
+                  ? (long long)(m0 + m) * N + n0 + n : -1;
+    }
+    for (int s = 0; s < p.split_k; ++s) {
+      const float* part = p.partial + (long long)s * p.M * N;
+      float got[BATCH];
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) got[b] = at[b] >= 0 ? __ldcg(part + at[b]) : 0.0f;
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) v[b] += got[b];
+    }
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const int i = base + b * THREADS;
+      if (at[b] >= 0) epilogue(m0 + i / N_TILE, n0 + i % N_TILE, v[b]);
     }
   }
   if (tid == 0) p.counters[tile_id] = 0;
