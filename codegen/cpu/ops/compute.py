@@ -779,10 +779,27 @@ def _attention(ctx: _Ctx) -> Kernel:
     row_sum = te.compute(row, lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
     probs = te.compute(row + [Skv], lambda b, h, i, j: ex[b, h, i, j] / row_sum[b, h, i],
                        name="probs")
-    j3 = te.reduce_axis((0, Skv), name="j3")
-    acc = te.compute(row + [Dv], lambda b, h, i, e: te.sum(
-        probs[b, h, i, j3] * v[b, tirx.floordiv(h, group), j3, e].astype(ct), axis=j3),
-        name="acc")
+    # probs @ v in ATTENTION_PV_SUMS interleaved partial sums (keys j = 4 jo + r go to sum r),
+    # added at the end: one running sum per output element was a chain of dependent
+    # multiply-adds as long as the keys (4 cycles each), the kernel's longest path.
+    parts = ATTENTION_PV_SUMS
+    jo = te.reduce_axis((0, tirx.floordiv(Skv + (parts - 1), parts)), name="jo")
+
+    def pv_term(b, h, i, r, e):
+        j = jo * parts + r
+        return tirx.if_then_else(j < Skv, probs[b, h, i, j] * v[b, tirx.floordiv(h, group), j, e]
+                                 .astype(ct), tirx.const(0.0, ct))  # reads only keys < Skv
+
+    acc_parts = te.compute(row + [parts, Dv], lambda b, h, i, r, e: te.sum(
+        pv_term(b, h, i, r, e), axis=jo), name="acc_parts")
+
+    def acc_sum(b, h, i, e):
+        total = acc_parts[b, h, i, 0, e]
+        for r in range(1, parts):
+            total = total + acc_parts[b, h, i, r, e]
+        return total
+
+    acc = te.compute(row + [Dv], acc_sum, name="acc")
     if attrs.get("y_bshd", 0):
         out = te.compute([B, Sq, Hq, Dv], lambda b, i, h, e: acc[b, h, i, e].astype(
             ctx.out_dtypes[0]), name="out_bshd")
@@ -790,6 +807,11 @@ def _attention(ctx: _Ctx) -> Kernel:
         out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(
             ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "attention", rows=3)
+
+
+# Partial sums of attention's probs @ v per output element (``_attention``): independent
+# chains of multiply-adds, kept in registers by schedule_attention.
+ATTENTION_PV_SUMS = 4
 
 
 class _SwappedHeads:

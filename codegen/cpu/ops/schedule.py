@@ -266,7 +266,8 @@ def schedule_attention(sch, p: ScheduleParams):
     """One (batch, kv head) per iteration of the parallel loop: k transposed once into a
     [D, Skv] scratch (``k_t``), then for each query head of the group and each query row the
     scores as D axpys over the contiguous keys, mask, softmax and the product with v (one
-    axpy over the head dim per key), all in row-sized scratch."""
+    axpy over the head dim per key, into interleaved partial sums), all in row-sized
+    scratch."""
     names = {sch.get(b).name_hint for b in _all_blocks(sch)}
     bshd = "out_bshd" in names
     out = sch.get_sblock("out_bshd" if bshd else "out")
@@ -298,10 +299,13 @@ def schedule_attention(sch, p: ScheduleParams):
         d_outer, d_inner = sch.split(dd, [None, unroll])
         sch.reorder(d_outer, j, d_inner)
         sch.unroll(d_inner)
-    acc = sch.get_sblock("acc")
-    spatial, red = sch.get_loops(acc)[-2:]
-    sch.reorder(red, spatial)
-    sch.decompose_reduction(acc, red)
+    # probs @ v: per key block, the partial sums (unrolled) over the head dim (vectorized):
+    # ATTENTION_PV_SUMS independent chains of accumulators held in registers
+    parts = sch.get_sblock("acc_parts")
+    r, e, jo = sch.get_loops(parts)[-3:]
+    sch.reorder(jo, r, e)
+    sch.decompose_reduction(parts, jo)
+    sch.unroll(r)
 
 
 def _vector_dot_products(sch, block, p: ScheduleParams):
