@@ -107,6 +107,10 @@ class QemuQmmKernel:
     def direct_output(self, out):
         return None
 
+    def bind(self, x, out):
+        """``runtime.QmmKernel.bind`` without its in-place fast path: run_into per call."""
+        return lambda: self.run_into(x, out)
+
     def __call__(self, x):
         out = np.empty((x.shape[0], self.p.n), np.float32)
         self.run_into(np.asarray(x, np.float32), out)
