@@ -770,13 +770,10 @@ def _attention(ctx: _Ctx) -> Kernel:
         return s
 
     logits = te.compute(row + [Skv], masked, name="logits")
-    j1 = te.reduce_axis((0, Skv), name="j1")
-    row_max = te.compute(row, lambda b, h, i: te.max(logits[b, h, i, j1], axis=j1),
-                         name="row_max")
+    row_max = _lane_reduce("row_max", logits, row, Skv, te.max, lowest)
     ex = te.compute(row + [Skv], lambda b, h, i, j: _exp(logits[b, h, i, j] - row_max[b, h, i]),
                     name="exp")
-    j2 = te.reduce_axis((0, Skv), name="j2")
-    row_sum = te.compute(row, lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
+    row_sum = _lane_reduce("row_sum", ex, row, Skv, te.sum, tirx.const(0.0, ct))
     probs = te.compute(row + [Skv], lambda b, h, i, j: ex[b, h, i, j] / row_sum[b, h, i],
                        name="probs")
     # probs @ v in ATTENTION_PV_SUMS interleaved partial sums (keys j = 4 jo + r go to sum r),
@@ -786,9 +783,13 @@ def _attention(ctx: _Ctx) -> Kernel:
     jo = te.reduce_axis((0, tirx.floordiv(Skv + (parts - 1), parts)), name="jo")
 
     def pv_term(b, h, i, r, e):
+        # keys past Skv add 0 (if_then_else reads only the branch taken); the index is also
+        # clamped so that the regions TVM infers for probs and v stay within the Skv keys
+        # (else every producer of probs would loop over a padded range with a predicate)
         j = jo * parts + r
-        return tirx.if_then_else(j < Skv, probs[b, h, i, j] * v[b, tirx.floordiv(h, group), j, e]
-                                 .astype(ct), tirx.const(0.0, ct))  # reads only keys < Skv
+        jc = tirx.min(j, Skv - 1)
+        return tirx.if_then_else(j < Skv, probs[b, h, i, jc] * v[b, tirx.floordiv(h, group), jc, e]
+                                 .astype(ct), tirx.const(0.0, ct))
 
     acc_parts = te.compute(row + [parts, Dv], lambda b, h, i, r, e: te.sum(
         pv_term(b, h, i, r, e), axis=jo), name="acc_parts")
@@ -808,6 +809,36 @@ def _attention(ctx: _Ctx) -> Kernel:
             ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "attention", rows=3)
 
+
+def _lane_reduce(name: str, src, row: list, n, combine, identity):
+    """``combine`` (te.max or te.sum) of ``src[..., 0:n]`` per row, as ATTENTION_ROW_LANES
+    interleaved partial results (element j to lane j % lanes) then one pass across the lanes:
+    a float reduction LLVM keeps in order, so one running max or sum over a row is a chain of
+    dependent scalar operations as long as the row. Elements past n give ``identity``; their
+    index is clamped so that the region TVM infers for ``src`` stays within n."""
+    from tvm import te, tirx
+
+    lanes = ATTENTION_ROW_LANES
+    jb = te.reduce_axis((0, tirx.floordiv(n + (lanes - 1), lanes)), name=name + "_jb")
+
+    def term(b, h, i, r):
+        j = jb * lanes + r
+        return tirx.if_then_else(j < n, src[b, h, i, tirx.min(j, n - 1)], identity)
+
+    parts = te.compute(row + [lanes], lambda b, h, i, r: combine(term(b, h, i, r), axis=jb),
+                       name=name + "_lanes")
+
+    def across(b, h, i):
+        value = parts[b, h, i, 0]
+        for r in range(1, lanes):
+            value = tirx.max(value, parts[b, h, i, r]) if combine is te.max \
+                else value + parts[b, h, i, r]
+        return value
+    return te.compute(row, across, name=name)
+
+
+# Lanes of attention's row max and row sum (``_lane_reduce``): one float32 AVX-512 vector.
+ATTENTION_ROW_LANES = 16
 
 # Partial sums of attention's probs @ v per output element (``_attention``): independent
 # chains of multiply-adds, kept in registers by schedule_attention.

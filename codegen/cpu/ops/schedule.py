@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qcompiler.codegen.cpu.ops.compute import ATTENTION_ROW_LANES
+
 
 @dataclass(frozen=True)
 class ScheduleParams:
@@ -299,6 +301,14 @@ def schedule_attention(sch, p: ScheduleParams):
         d_outer, d_inner = sch.split(dd, [None, unroll])
         sch.reorder(d_outer, j, d_inner)
         sch.unroll(d_inner)
+    keys = _static(_loop_extent(sch, sch.get_loops(k_t)[-1]))  # k_t is [D, Skv] per head
+    for name in ("row_max_lanes", "row_sum_lanes"):  # the lanes innermost, under the keys
+        if keys is not None and keys <= ATTENTION_ROW_LANES:
+            break  # one block of keys: no key loop to put outside the lanes
+        block = sch.get_sblock(name)
+        lane, key_blocks = sch.get_loops(block)[-2:]
+        sch.reorder(key_blocks, lane)
+        sch.decompose_reduction(block, key_blocks)
     # probs @ v: per key block, the partial sums (unrolled) over the head dim (vectorized):
     # ATTENTION_PV_SUMS independent chains of accumulators held in registers
     parts = sch.get_sblock("acc_parts")
