@@ -2,6 +2,8 @@
 import ctypes
 import functools
 
+import pytest
+
 from qcompiler.codegen.cuda.build import find_nvcc
 
 
@@ -18,3 +20,11 @@ def gpu_reason() -> str:
     if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0 or n.value == 0:
         return "no CUDA device available"
     return ""
+
+
+def nccl_torch():
+    """torch, for the tests that need its CUDA and NCCL (skips the test otherwise)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
+        pytest.skip("this torch build has no CUDA or no NCCL")
+    return torch

@@ -14,20 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-from cuda_gpu_util import gpu_reason
+from cuda_gpu_util import gpu_reason, nccl_torch
 from test_shard import _feeds, _module
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(gpu_reason()), reason=f"GPU tests: {gpu_reason()}")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cuda_torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
-        pytest.skip("this torch build has no CUDA or no NCCL")
-    return torch
 
 
 # argv: the rank-0 artifact of a cuda-sm90:tp=2 compile of test_shard._module(act_order=True)
@@ -100,7 +93,7 @@ print("ok")
 
 
 def test_rank_program_through_the_device_plan_with_nccl_world_of_one(tmp_path):
-    _cuda_torch()
+    nccl_torch()
     from qcompiler.driver.api import compile_to_dir
 
     compile_to_dir(_module(act_order=True), "cuda-sm90:tp=2", str(tmp_path / "tp2"))
@@ -118,7 +111,7 @@ def test_rank_program_through_the_device_plan_with_nccl_world_of_one(tmp_path):
 
 
 def test_cuda_tp2_device_plan_on_two_gpus_equals_the_unsharded_compile(tmp_path):
-    torch = _cuda_torch()
+    torch = nccl_torch()
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} here")
     import qcompiler

@@ -1,30 +1,22 @@
 """Sharded artifacts on GPUs through NCCL (issue #17); skipped without a GPU (and the
 2-rank run without two). The NCCL communicator is checked with a world of one in its own
-process; the act-order MLP compiled for cuda-sm90:tp=2 runs on two GPUs, one worker process
-per GPU, and equals the unsharded reference within fp16 tolerance."""
+process; a tp=2 artifact asked to run on fewer GPUs than ranks is refused. The 2-GPU run is
+in test_cuda_collectives_gpu.py."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from cuda_gpu_util import gpu_reason
+from cuda_gpu_util import gpu_reason, nccl_torch
 from test_shard import _feeds, _module
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(gpu_reason()), reason=f"GPU tests: {gpu_reason()}")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cuda_torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
-        pytest.skip("this torch build has no CUDA or no NCCL")
-    return torch
 
 
 NCCL_WORLD_OF_ONE = r"""
@@ -57,35 +49,19 @@ print("ok")
 
 
 def test_nccl_communicator_with_a_world_of_one():
-    _cuda_torch()
+    nccl_torch()
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", NCCL_WORLD_OF_ONE], env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
 
-def test_cuda_tp2_on_two_gpus_equals_the_reference(tmp_path):
-    torch = _cuda_torch()
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} here")
-    import qcompiler
-    from qcompiler.driver.api import compile_to_dir
-
-    base = _module(act_order=True)
-    sharded, _ = compile_to_dir(base.clone(), "cuda-sm90:tp=2", str(tmp_path / "tp2"))
-    ref, _ = compile_to_dir(base.clone(), "ref", str(tmp_path / "ref"))
-    module = qcompiler.load(sharded)
-    try:
-        assert module.backend == "nccl"
-        want = qcompiler.load(ref).run(_feeds(1))["y"]
-        got = module.run(_feeds(1))["y"]
-        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=2e-2)
-    finally:
-        module.close()
+# The tp=2 run on two GPUs against the reference and the unsharded compile:
+# test_cuda_collectives_gpu.test_cuda_tp2_device_plan_on_two_gpus_equals_the_unsharded_compile
 
 
 def test_too_few_gpus_for_the_degree_is_refused(tmp_path):
-    torch = _cuda_torch()
+    torch = nccl_torch()
     import qcompiler
     from qcompiler.driver.api import compile_to_dir
     from qcompiler.errors import DeviceUnavailableError
