@@ -178,14 +178,6 @@ class CanonicalizePass(Pass):
         n = apply_patterns(module, patterns)
         for fn in module.functions:
             fn.remove_dead_nodes()
-        _drop_unused_constants(module)
+        module.drop_unused_constants()
         record_stat(module, self.name, rewrites=n)
         return module
-
-
-def _drop_unused_constants(module: Module) -> None:
-    used = {n.attrs["name"] for fn in module.functions for n in fn.nodes
-            if n.op == "constant" and "name" in n.attrs}
-    for name in list(module.constants):
-        if name not in used:
-            del module.constants[name]

@@ -233,6 +233,16 @@ class Module:
         m.constants = dict(consts)
         return m
 
+    def drop_unused_constants(self) -> int:
+        """Remove side-table constants no ``constant`` node names (after a pass replaced
+        weights). Returns how many were removed."""
+        used = {n.attrs["name"] for fn in self.functions for n in fn.nodes
+                if n.op == "constant" and "name" in n.attrs}
+        unused = [name for name in self.constants if name not in used]
+        for name in unused:
+            del self.constants[name]
+        return len(unused)
+
     def fresh_constant_name(self, hint: str) -> str:
         hint = re.sub(r"[^A-Za-z0-9_.]", "_", hint).strip("_.") or "const"
         if hint not in self.constants:

@@ -37,13 +37,20 @@ class Rewriter:
         return len(self.users.get(v, [])) == 1 and not self.fn.is_output(v)
 
     def create(self, op: str, operands: list, attrs: Optional[dict] = None, before: Node = None,
-               hint: str = "", result_types: Optional[list[TensorType]] = None) -> Node:
-        """A new node before ``before``; result types are inferred unless given."""
+               hint="", result_types: Optional[list[TensorType]] = None) -> Node:
+        """A new node before ``before``; result types are inferred unless given. ``hint``: the
+        results' name hint, or one hint per result."""
         attrs = attrs or {}
         if result_types is None:
             result_types = infer_types(op, [v.type if v is not None else None for v in operands],
                                        attrs, [self.const(v) for v in operands])
-        names = [self.fn.fresh_name(hint or op) for _ in result_types]
+        hints = hint if isinstance(hint, (list, tuple)) else [hint or op] * len(result_types)
+        names: list[str] = []
+        for h in hints:  # fresh_name does not reserve: keep a node's results apart
+            name = self.fn.fresh_name(h)
+            while name in names:
+                name = self.fn.fresh_name(f"{h}_{len(names)}")
+            names.append(name)
         return self.fn.make_node(op, operands, result_types, attrs, names=names, before=before)
 
     def constant(self, array: np.ndarray, type: Optional[TensorType], before: Node,

@@ -1344,35 +1344,61 @@ def _rotary_embedding(node, args, module):
     """onnx.reference's RotaryEmbedding: x [B, S, H*D] or [B, H, S, D]; caches [S, D'/2] or
     gathered [B, S, D'/2] by position_ids."""
     x, cos, sin = args[0], args[1], args[2]
-    pos = _arg(args, 3)
     a = node.attrs
-    orig_shape = x.shape
     if x.ndim == 4:
         xt = np.transpose(x, (0, 2, 1, 3))  # [B, S, H, D]
     else:
         h = a["num_heads"]
         xt = x.reshape(x.shape[0], x.shape[1], h, x.shape[2] // h)
+    y = _rotate_heads(xt, cos, sin, _arg(args, 3), a["rotary_embedding_dim"], a["interleaved"])
+    if x.ndim == 4:
+        return [np.ascontiguousarray(np.transpose(y, (0, 2, 1, 3)))]
+    return [y.reshape(x.shape)]
+
+
+def _rotate_heads(xt, cos, sin, pos, rotary_dim, interleaved):
+    """RotaryEmbedding on heads xt [B, S, H, D]: the first ``rotary_dim`` (0: all) features
+    of each head rotated by the cache rows of the token's position, the rest kept."""
     d = xt.shape[-1]
-    rd = a["rotary_embedding_dim"] or d
+    rd = rotary_dim or d
     rot, rest = xt[..., :rd], xt[..., rd:]
     if pos is not None:
         cos, sin = cos[pos], sin[pos]  # [B, S, rd/2]
     cos = cos[..., :rd // 2][:, :, None, :] if cos.ndim == 3 else cos[None, :, None, :rd // 2]
     sin = sin[..., :rd // 2][:, :, None, :] if sin.ndim == 3 else sin[None, :, None, :rd // 2]
-    if a["interleaved"]:
+    if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
     else:
         x1, x2 = rot[..., :rd // 2], rot[..., rd // 2:]
     r1 = cos * x1 - sin * x2
     r2 = sin * x1 + cos * x2
-    if a["interleaved"]:
+    if interleaved:
         out_rot = np.stack([r1, r2], axis=-1).reshape(rot.shape)
     else:
         out_rot = np.concatenate([r1, r2], axis=-1)
-    y = np.concatenate([out_rot, rest], axis=-1).astype(x.dtype)
-    if len(orig_shape) == 4:
-        return [np.ascontiguousarray(np.transpose(y, (0, 2, 1, 3)))]
-    return [y.reshape(orig_shape)]
+    return np.concatenate([out_rot, rest], axis=-1).astype(xt.dtype)
+
+
+def _qkv_rotary_append(node, args, module):
+    """qkv [B, S, (H + 2 Hkv) D] -> q rotated [B, S, H, D], and the layer's cache extended
+    by k (rotated) and v: exactly rotary_embedding and kv_concat of the three column blocks."""
+    qkv, cos, sin, pos, past_k, past_v = args
+    a = node.attrs
+    h, hkv, layer = a["num_heads"], a["kv_heads"], a["layer"]
+    b, s, width = qkv.shape
+    d = width // (h + 2 * hkv)
+    if not 0 <= layer < past_k.shape[0]:
+        raise IndexError(f"layer {layer} of a past with {past_k.shape[0]} layers")
+    heads = qkv.reshape(b, s, h + 2 * hkv, d)
+
+    def rotate(x):
+        return _rotate_heads(x, cos, sin, pos, a["rotary_embedding_dim"], a["interleaved"])
+
+    q = rotate(heads[:, :, :h])
+    k = rotate(heads[:, :, h:h + hkv]).transpose(0, 2, 1, 3)
+    v = heads[:, :, h + hkv:].transpose(0, 2, 1, 3)
+    return [np.ascontiguousarray(q), np.concatenate([past_k[layer], k], axis=2),
+            np.concatenate([past_v[layer], v], axis=2)]
 
 
 def _eye_like(node, args, module):
@@ -1416,7 +1442,8 @@ OP_IMPLS.update({
     "resize": _resize, "one_hot": _one_hot, "nonzero": _nonzero,
     "scatter_nd": _scatter_nd, "scatter_elements": _scatter_elements,
     "conv": _conv, "conv_transpose": _conv_transpose, "pool": _pool,
-    "rotary_embedding": _rotary_embedding, "kv_concat": _kv_concat, "eye_like": _eye_like,
+    "rotary_embedding": _rotary_embedding, "kv_concat": _kv_concat,
+    "qkv_rotary_append": _qkv_rotary_append, "eye_like": _eye_like,
     "compress": _compress,
     "bitcast": _bitcast,
 })

@@ -1,0 +1,180 @@
+"""fuse-qkv-rotary: a decoder layer's q, k and v projections become one qmatmul, and the
+rotary embeddings of q and k and the two cache appends become one ``qkv_rotary_append``.
+
+After ``fuse-rotary``, ``fuse-attention``, ``fold-attention-layout`` and ``fuse-kv-concat``
+a Llama-style layer reads its normalized input ``x`` three times::
+
+    q = rotary(qmatmul(x, Wq), cos, sin, pos){H}          -> attention's q [B, S, H, D]
+    k = kv_concat(past_k, rotary(qmatmul(x, Wk), ...){Hkv}){layer, new_bshd}
+    v = kv_concat(past_v, qmatmul(x, Wv)){layer, new_bshd}
+
+(with reshapes between, which move no data). This pass rewrites it to::
+
+    qkv = qmatmul(x, [Wq | Wk | Wv])                      one weight, columns concatenated
+    q, k, v = qkv_rotary_append(qkv, cos, sin, pos, past_k, past_v){H, Hkv, layer}
+
+Seven launches become two: at decode (M = 1) each projection is a short, latency-bound
+kernel, so the three GEMVs cost about what one wider GEMV costs. The three qmatmuls must
+have the same input, weight scheme (per-channel, or groups along K: scales concatenate
+along N) and ``act``, no epilogue, act-order or activation scales, and biases on all or
+none; the rotaries the same caches, positions and attributes; the appends the same layer.
+It runs before ``reorder-weights`` (the weights are still [K, N] codes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import Value
+from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
+from qcompiler.ir.types import TensorType
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+VIEW_OPS = ("reshape",)
+
+
+def _through_views(v: Value, rw: Rewriter) -> Optional[Value]:
+    """The value a chain of single-use reshapes ending in ``v`` starts from (``v`` itself
+    when none produces it); None when a reshape of the chain has another use."""
+    while v.producer is not None and v.producer.op in VIEW_OPS:
+        src = v.producer.operands[0]
+        if not rw.single_use(src):
+            return None
+        v = src
+    return v
+
+
+def _qmatmul_of(v: Value, rw: Rewriter):
+    """The plain float qmatmul producing ``v`` (through views), single use, or None."""
+    base = _through_views(v, rw)
+    node = producer_of(base, "qmatmul") if base is not None else None
+    if node is None or not rw.single_use(base) or node.attrs.get("act") != "float":
+        return None
+    if "epilogue" in node.attrs or "config" in node.attrs or len(node.operands) > 8:
+        return None
+    if any(node.arg(n) is not None for n in ("g_idx", "x_scale", "x_zero_point")):
+        return None
+    scheme = node.attrs["w_scheme"]
+    if scheme.act_order or not (scheme.granularity == "channel" and scheme.axis == 1
+                                or scheme.granularity == "group" and scheme.axis == 0):
+        return None  # scales must run along N to concatenate
+    if node.result.type.rank != 3 or node.operands[1].type.layout is not None:
+        return None
+    return node
+
+
+def _rotary_of(v: Value, rw: Rewriter, heads: int):
+    """(rotary node, its qmatmul) when ``v`` is, through views, a 3-D rotary_embedding of
+    ``heads`` heads over a qmatmul's result."""
+    base = _through_views(v, rw)
+    rot = producer_of(base, "rotary_embedding") if base is not None else None
+    if rot is None or not rw.single_use(base) or rot.operands[0].type.rank != 3 \
+            or rot.attrs.get("num_heads") != heads:
+        return None, None
+    return rot, _qmatmul_of(rot.operands[0], rw)
+
+
+def _heads_view_ok(v: Value, rows: tuple, heads: int, d: int) -> bool:
+    """``v`` is [B, S, heads, d] with the same B and S as the projection's rows."""
+    shape = tuple(v.type.shape)
+    return len(shape) == 4 and shape[:2] == rows and "?" not in rows and shape[2:] == (heads, d)
+
+
+class FuseQkvRotary(RewritePattern):
+    op = "attention"
+
+    def rewrite(self, node, rw):
+        if len(node.operands) < 3 or not node.attrs.get("q_bshd"):
+            return False
+        q_in, k_all, v_all = node.operands[:3]
+        kcat, vcat = producer_of(k_all, "kv_concat"), producer_of(v_all, "kv_concat")
+        if kcat is None or vcat is None or not (kcat.attrs["new_bshd"] and vcat.attrs["new_bshd"]):
+            return False
+        # the extended caches may have other uses (the model's present outputs): all follow
+        if kcat.attrs["layer"] != vcat.attrs["layer"] or not rw.single_use(q_in) \
+                or not rw.single_use(kcat.operands[1]) or not rw.single_use(vcat.operands[1]):
+            return False
+        heads, hkv, d = q_in.type.shape[2], kcat.operands[1].type.shape[2], q_in.type.shape[3]
+        if not all(isinstance(n, int) for n in (heads, hkv, d)) or heads % hkv:
+            return False
+        qrot, qq = _rotary_of(q_in, rw, heads)
+        krot, qk = _rotary_of(kcat.operands[1], rw, hkv)
+        qv = _qmatmul_of(vcat.operands[1], rw)
+        if qq is None or qk is None or qv is None or len({id(qq), id(qk), id(qv)}) != 3:
+            return False
+        x = qq.operands[0]
+        if qk.operands[0] is not x or qv.operands[0] is not x:
+            return False
+        if any(p.attrs["w_scheme"] != qq.attrs["w_scheme"] or p.attrs.get("accuracy_level")
+               != qq.attrs.get("accuracy_level") for p in (qk, qv)):
+            return False
+        rows = tuple(qq.result.type.shape[:2])
+        if any(tuple(p.result.type.shape[:2]) != rows for p in (qk, qv)):
+            return False
+        if (qq.result.type.shape[2], qk.result.type.shape[2], qv.result.type.shape[2]) \
+                != (heads * d, hkv * d, hkv * d):
+            return False
+        if not (_heads_view_ok(q_in, rows, heads, d) and _heads_view_ok(kcat.operands[1], rows, hkv, d)
+                and _heads_view_ok(vcat.operands[1], rows, hkv, d)):
+            return False
+        same = ("interleaved", "rotary_embedding_dim")
+        if qrot.operands[1:] != krot.operands[1:] or any(qrot.attrs[a] != krot.attrs[a]
+                                                          for a in same):
+            return False
+        weights = self._concatenated(rw, (qq, qk, qv), before=qq)
+        if weights is None:
+            return False
+        qkv = rw.create("qmatmul", [x, *weights[:3], None, None, None, weights[3]],
+                        {"act": "float", "w_scheme": qq.attrs["w_scheme"],
+                         **({"accuracy_level": qq.attrs["accuracy_level"]}
+                            if "accuracy_level" in qq.attrs else {})},
+                        before=qq, hint="qkv")
+        rot_ops = list(qrot.operands[1:4]) + [None] * (3 - len(qrot.operands[1:4]))
+        past_k, past_v = kcat.operands[0], vcat.operands[0]
+        fused = rw.create("qkv_rotary_append", [qkv.result, *rot_ops, past_k, past_v],
+                          {"num_heads": heads, "kv_heads": hkv,
+                           "interleaved": int(qrot.attrs["interleaved"]),
+                           "rotary_embedding_dim": int(qrot.attrs["rotary_embedding_dim"]),
+                           "layer": int(kcat.attrs["layer"])},
+                          before=node, hint=["q_rot", "k_cache", "v_cache"])
+        q, k, v = fused.results
+        rw.fn.replace_all_uses(q_in, q)
+        rw.replace(kcat, [k])
+        rw.replace(vcat, [v])
+        return True
+
+    @staticmethod
+    def _concatenated(rw, projections, before):
+        """[w, scales, zero points or None, bias or None] of the projections side by side
+        along N, as new constants; None when an operand is not a constant or they differ in
+        which operands they have."""
+        out = []
+        for i in (1, 2, 3, 7):
+            vals = [p.operands[i] if i < len(p.operands) else None for p in projections]
+            if all(v is None for v in vals):
+                out.append(None)
+                continue
+            arrays = [rw.const(v) for v in vals]
+            if any(a is None for a in arrays) or len({v.type.dtype for v in vals}) != 1 \
+                    or len({a.shape[:-1] for a in arrays}) != 1:
+                return None
+            merged = np.concatenate(arrays, axis=-1)
+            t = TensorType(tuple(merged.shape), vals[0].type.dtype)
+            out.append(rw.constant(merged, t, before, hint=f"{vals[0].name}.qkv"))
+        return out
+
+
+@register_pass("fuse-qkv-rotary")
+@dataclass
+class FuseQkvRotaryPass(Pass):
+    """q/k/v qmatmuls of one input + rotary on q and k + cache appends → one qmatmul and a
+    qkv_rotary_append."""
+
+    def run(self, module: Module) -> Module:
+        fused = apply_patterns(module, [FuseQkvRotary()])
+        module.drop_unused_constants()  # the projections' own weights
+        record_stat(module, self.name, qkv_rotary_append=fused)
+        return module

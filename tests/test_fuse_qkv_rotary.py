@@ -1,0 +1,75 @@
+"""fuse-qkv-rotary on a Llama decode step with grouped-query attention (the CUDA pipelines'
+order): each layer's q, k and v projections become one qmatmul over the concatenated
+weights, its two rotaries and two cache appends one qkv_rotary_append, and the reference of
+the fused module agrees with the unfused one at f16 rounding; a layer the pattern does not
+fit is left as it was."""
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from qcompiler.driver.frontend import import_model
+from qcompiler.pipeline import PassManager
+from qcompiler.runtime.reference import run as ref_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEFORE = ("canonicalize,quantize-weights{bits=4,group=32},canonicalize,fuse-dequant,"
+          "canonicalize,compute-dtype{dtype=f16},fuse-rotary,fuse-attention,"
+          "fold-attention-layout,fuse-kv-concat,fuse-rmsnorm,fuse-gelu,fuse-epilogue,"
+          "fuse-elementwise")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import decoder_models as dm
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    feeds = dm.llama_inputs(cfg, 3, 2, 3, 11, seed=5)  # batch 2, 3 new tokens, 11 cached
+    path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
+    dm.export_onnx(dm.llama(layers=3, **cfg), feeds, path, dynamo=False)
+    return PassManager.parse(BEFORE).run(import_model(path)), feeds
+
+
+def _close(got, want):
+    for k in want:
+        scale = max(float(np.abs(want[k]).max()), 1.0)
+        assert np.abs(got[k].astype(np.float64) - want[k]).max() <= 1e-2 * scale, k
+
+
+def test_each_layer_projects_once_and_appends_once(llama):
+    plain, feeds = llama
+    fused = PassManager.parse("fuse-qkv-rotary").run(plain.clone())
+    before, after = Counter(n.op for n in plain.main.nodes), Counter(n.op for n in fused.main.nodes)
+    assert after["qkv_rotary_append"] == 3
+    assert after["qmatmul"] == before["qmatmul"] - 6
+    assert after["rotary_embedding"] == after["kv_concat"] == 0
+    nodes = [n for n in fused.main.nodes if n.op == "qkv_rotary_append"]
+    assert sorted(n.attrs["layer"] for n in nodes) == [0, 1, 2]
+    assert {(n.attrs["num_heads"], n.attrs["kv_heads"]) for n in nodes} == {(4, 2)}
+    for n in nodes:  # fed by one qmatmul of (4 + 2 + 2) heads of 32, its weights [128, 256]
+        qkv = n.operands[0].producer
+        assert qkv.op == "qmatmul" and qkv.operands[1].type.shape == (128, 256)
+    # the projections' own weights left the constant table
+    assert sum(a.nbytes for a in fused.constants.values()) \
+        < sum(a.nbytes for a in plain.constants.values())
+    _close(ref_run(fused, feeds), ref_run(plain, feeds))
+
+
+def test_a_layer_that_does_not_fit_is_left_alone(llama):
+    plain, feeds = llama
+    odd = plain.clone()
+    # one of layer 1's cache projections gets an epilogue: no longer a plain projection
+    cat = [n for n in odd.main.nodes if n.op == "kv_concat" and n.attrs["layer"] == 1][1]
+    proj = cat.operands[1]
+    while proj.producer.op != "qmatmul":  # through the views (and k's rotary)
+        proj = proj.producer.operands[0]
+    proj.producer.attrs["epilogue"] = "t0 = mul(x0, x0); return t0"
+    fused = PassManager.parse("fuse-qkv-rotary").run(odd)
+    ops = Counter(n.op for n in fused.main.nodes)
+    assert ops["qkv_rotary_append"] == 2 and ops["kv_concat"] == 2
+    layers = sorted(n.attrs["layer"] for n in fused.main.nodes if n.op == "kv_concat")
+    assert layers == [1, 1]
