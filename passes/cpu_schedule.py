@@ -125,6 +125,8 @@ class CPUSchedulePass(Pass):
             numerics = self.numerics
             if node.attrs["act"] != "float":
                 reason = f"act={node.attrs['act']}: the CPU kernels take float activations"
+            elif node.attrs.get("epilogue_pairs"):
+                reason = "an epilogue over column pairs (fuse-gate-up) has no CPU kernel"
             else:
                 if numerics == "auto":
                     numerics = node_numerics(module, node, tgt)

@@ -47,23 +47,64 @@ def _through_views(v: Value, rw: Rewriter) -> Optional[Value]:
     return v
 
 
-def _qmatmul_of(v: Value, rw: Rewriter):
-    """The plain float qmatmul producing ``v`` (through views), single use, or None."""
-    base = _through_views(v, rw)
-    node = producer_of(base, "qmatmul") if base is not None else None
-    if node is None or not rw.single_use(base) or node.attrs.get("act") != "float":
-        return None
-    if "epilogue" in node.attrs or "config" in node.attrs or len(node.operands) > 8:
-        return None
+def mergeable_weights(node) -> bool:
+    """A float qmatmul whose weight operands can merge with a sibling's along N: no config,
+    act-order or activation scales; scales per column or in groups along K; the weight
+    still [K, N] codes (before reorder-weights). Its epilogue is the caller's business."""
+    if node.op != "qmatmul" or node.attrs.get("act") != "float" or "config" in node.attrs:
+        return False
     if any(node.arg(n) is not None for n in ("g_idx", "x_scale", "x_zero_point")):
-        return None
+        return False
     scheme = node.attrs["w_scheme"]
     if scheme.act_order or not (scheme.granularity == "channel" and scheme.axis == 1
                                 or scheme.granularity == "group" and scheme.axis == 0):
-        return None  # scales must run along N to concatenate
-    if node.result.type.rank != 3 or node.operands[1].type.layout is not None:
+        return False  # scales must run along N to merge
+    return node.arg("w").type.layout is None
+
+
+def plain_projection(node) -> bool:
+    """A qmatmul with mergeable weights and no epilogue."""
+    return mergeable_weights(node) and "epilogue" not in node.attrs and len(node.operands) <= 8
+
+
+def same_projection_kind(a, b) -> bool:
+    """Two plain projections of one input with one weight scheme and accuracy level."""
+    return a.arg("x") is b.arg("x") and a.attrs["w_scheme"] == b.attrs["w_scheme"] \
+        and a.attrs.get("accuracy_level") == b.attrs.get("accuracy_level")
+
+
+def merged_weights(rw: Rewriter, projections, before, interleave: bool = False):
+    """[w, scales, zero points or None, bias or None] of the projections merged along N as
+    new constants: side by side, or (``interleave``) column j of each in turn. None when an
+    operand is not a constant or the projections differ in which operands they have."""
+    out = []
+    for name in ("w", "w_scale", "w_zero_point", "bias"):
+        vals = [p.arg(name) for p in projections]
+        if all(v is None for v in vals):
+            out.append(None)
+            continue
+        arrays = [rw.const(v) for v in vals]
+        if any(a is None for a in arrays) or len({v.type.dtype for v in vals}) != 1 \
+                or len({a.shape[:-1] for a in arrays}) != 1:
+            return None
+        if interleave:
+            if len({a.shape for a in arrays}) != 1:
+                return None
+            merged = np.stack(arrays, axis=-1).reshape(arrays[0].shape[:-1] + (-1,))
+        else:
+            merged = np.concatenate(arrays, axis=-1)
+        t = TensorType(tuple(merged.shape), vals[0].type.dtype)
+        out.append(rw.constant(merged, t, before, hint=f"{vals[0].name}.merged"))
+    return out
+
+
+def _qmatmul_of(v: Value, rw: Rewriter):
+    """The plain projection producing ``v`` (through views), single use, 3-D, or None."""
+    base = _through_views(v, rw)
+    node = producer_of(base, "qmatmul") if base is not None else None
+    if node is None or not rw.single_use(base) or not plain_projection(node):
         return None
-    return node
+    return node if node.result.type.rank == 3 else None
 
 
 def _rotary_of(v: Value, rw: Rewriter, heads: int):
@@ -71,10 +112,10 @@ def _rotary_of(v: Value, rw: Rewriter, heads: int):
     ``heads`` heads over a qmatmul's result."""
     base = _through_views(v, rw)
     rot = producer_of(base, "rotary_embedding") if base is not None else None
-    if rot is None or not rw.single_use(base) or rot.operands[0].type.rank != 3 \
+    if rot is None or not rw.single_use(base) or rot.arg("x").type.rank != 3 \
             or rot.attrs.get("num_heads") != heads:
         return None, None
-    return rot, _qmatmul_of(rot.operands[0], rw)
+    return rot, _qmatmul_of(rot.arg("x"), rw)
 
 
 def _heads_view_ok(v: Value, rows: tuple, heads: int, d: int) -> bool:
@@ -87,29 +128,26 @@ class FuseQkvRotary(RewritePattern):
     op = "attention"
 
     def rewrite(self, node, rw):
-        if len(node.operands) < 3 or not node.attrs.get("q_bshd"):
+        if not node.attrs.get("q_bshd"):
             return False
-        q_in, k_all, v_all = node.operands[:3]
+        q_in, k_all, v_all = node.arg("q"), node.arg("k"), node.arg("v")
         kcat, vcat = producer_of(k_all, "kv_concat"), producer_of(v_all, "kv_concat")
         if kcat is None or vcat is None or not (kcat.attrs["new_bshd"] and vcat.attrs["new_bshd"]):
             return False
         # the extended caches may have other uses (the model's present outputs): all follow
         if kcat.attrs["layer"] != vcat.attrs["layer"] or not rw.single_use(q_in) \
-                or not rw.single_use(kcat.operands[1]) or not rw.single_use(vcat.operands[1]):
+                or not rw.single_use(kcat.arg("new")) or not rw.single_use(vcat.arg("new")):
             return False
-        heads, hkv, d = q_in.type.shape[2], kcat.operands[1].type.shape[2], q_in.type.shape[3]
+        heads, hkv, d = q_in.type.shape[2], kcat.arg("new").type.shape[2], q_in.type.shape[3]
         if not all(isinstance(n, int) for n in (heads, hkv, d)) or heads % hkv:
             return False
         qrot, qq = _rotary_of(q_in, rw, heads)
-        krot, qk = _rotary_of(kcat.operands[1], rw, hkv)
-        qv = _qmatmul_of(vcat.operands[1], rw)
+        krot, qk = _rotary_of(kcat.arg("new"), rw, hkv)
+        qv = _qmatmul_of(vcat.arg("new"), rw)
         if qq is None or qk is None or qv is None or len({id(qq), id(qk), id(qv)}) != 3:
             return False
-        x = qq.operands[0]
-        if qk.operands[0] is not x or qv.operands[0] is not x:
-            return False
-        if any(p.attrs["w_scheme"] != qq.attrs["w_scheme"] or p.attrs.get("accuracy_level")
-               != qq.attrs.get("accuracy_level") for p in (qk, qv)):
+        x = qq.arg("x")
+        if not (same_projection_kind(qq, qk) and same_projection_kind(qq, qv)):
             return False
         rows = tuple(qq.result.type.shape[:2])
         if any(tuple(p.result.type.shape[:2]) != rows for p in (qk, qv)):
@@ -117,14 +155,16 @@ class FuseQkvRotary(RewritePattern):
         if (qq.result.type.shape[2], qk.result.type.shape[2], qv.result.type.shape[2]) \
                 != (heads * d, hkv * d, hkv * d):
             return False
-        if not (_heads_view_ok(q_in, rows, heads, d) and _heads_view_ok(kcat.operands[1], rows, hkv, d)
-                and _heads_view_ok(vcat.operands[1], rows, hkv, d)):
+        if not (_heads_view_ok(q_in, rows, heads, d)
+                and _heads_view_ok(kcat.arg("new"), rows, hkv, d)
+                and _heads_view_ok(vcat.arg("new"), rows, hkv, d)):
             return False
+        tables = ("cos_cache", "sin_cache", "position_ids")
         same = ("interleaved", "rotary_embedding_dim")
-        if qrot.operands[1:] != krot.operands[1:] or any(qrot.attrs[a] != krot.attrs[a]
-                                                          for a in same):
+        if any(qrot.arg(t) is not krot.arg(t) for t in tables) \
+                or any(qrot.attrs[a] != krot.attrs[a] for a in same):
             return False
-        weights = self._concatenated(rw, (qq, qk, qv), before=qq)
+        weights = merged_weights(rw, (qq, qk, qv), before=qq)
         if weights is None:
             return False
         qkv = rw.create("qmatmul", [x, *weights[:3], None, None, None, weights[3]],
@@ -132,8 +172,8 @@ class FuseQkvRotary(RewritePattern):
                          **({"accuracy_level": qq.attrs["accuracy_level"]}
                             if "accuracy_level" in qq.attrs else {})},
                         before=qq, hint="qkv")
-        rot_ops = list(qrot.operands[1:4]) + [None] * (3 - len(qrot.operands[1:4]))
-        past_k, past_v = kcat.operands[0], vcat.operands[0]
+        rot_ops = [qrot.arg(t) for t in tables]
+        past_k, past_v = kcat.arg("past"), vcat.arg("past")
         fused = rw.create("qkv_rotary_append", [qkv.result, *rot_ops, past_k, past_v],
                           {"num_heads": heads, "kv_heads": hkv,
                            "interleaved": int(qrot.attrs["interleaved"]),
@@ -145,26 +185,6 @@ class FuseQkvRotary(RewritePattern):
         rw.replace(kcat, [k])
         rw.replace(vcat, [v])
         return True
-
-    @staticmethod
-    def _concatenated(rw, projections, before):
-        """[w, scales, zero points or None, bias or None] of the projections side by side
-        along N, as new constants; None when an operand is not a constant or they differ in
-        which operands they have."""
-        out = []
-        for i in (1, 2, 3, 7):
-            vals = [p.operands[i] if i < len(p.operands) else None for p in projections]
-            if all(v is None for v in vals):
-                out.append(None)
-                continue
-            arrays = [rw.const(v) for v in vals]
-            if any(a is None for a in arrays) or len({v.type.dtype for v in vals}) != 1 \
-                    or len({a.shape[:-1] for a in arrays}) != 1:
-                return None
-            merged = np.concatenate(arrays, axis=-1)
-            t = TensorType(tuple(merged.shape), vals[0].type.dtype)
-            out.append(rw.constant(merged, t, before, hint=f"{vals[0].name}.qkv"))
-        return out
 
 
 @register_pass("fuse-qkv-rotary")

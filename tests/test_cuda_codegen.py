@@ -44,9 +44,20 @@ EPILOGUE_GOLDEN = {"i4_g128_silu_residual_f16": (
     "t0 = silu(x0); t1 = add(t0, x1); return t1")}
 
 
-def _source(case, wgmma=False, epilogue=None):
+# A qmatmul over interleaved gate/up weights whose epilogue pairs columns (fuse-gate-up's
+# SwiGLU): column j of y from product columns 2j and 2j + 1, in the tile and the fix-up.
+PAIRS_GOLDEN = {"i4_g128_swiglu_pairs_f16": (
+    cases.Case(k=512, n=512, bits=4, signed=True, zero_point=False, group=128),
+    "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
+
+
+def _source(case, wgmma=False, epilogue=None, pairs=False):
     _, packed, node = bs.pack_case(case)
-    if epilogue:
+    if epilogue and pairs:
+        node.attrs["epilogue"] = epilogue
+        node.attrs["epilogue_pairs"] = 1
+        assert epilogue_in_kernel(node)
+    elif epilogue:
         node.operands.append(Value("residual", node.result.type))
         node.attrs["epilogue"] = epilogue
         assert epilogue_in_kernel(node)
@@ -87,6 +98,15 @@ def test_golden_epilogue_sources(name, update_goldens):
     check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
 
 
+@pytest.mark.parametrize("name", sorted(PAIRS_GOLDEN))
+def test_golden_paired_epilogue_sources(name, update_goldens):
+    case, body = PAIRS_GOLDEN[name]
+    text = _source(case, epilogue=body, pairs=True)
+    assert "static constexpr bool PAIRS = true;" in text and "EXTRAS = 0;" in text
+    assert "return epilogue_body(a, b);" in text
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
+
+
 def test_epilogue_with_a_broadcast_operand_stays_a_kernel_of_its_own():
     """An extra operand that is not y's shape (a [N] row) is not read per element of y: the
     kernel is rendered without the epilogue, and the plan launches it separately."""
@@ -109,7 +129,7 @@ def test_sources_are_deterministic():
 def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
     """nvcc builds each golden kernel for sm_80 and sm_90 (2 jobs at a time, nothing cached)."""
     jobs = []
-    for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN):
+    for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN) + sorted(PAIRS_GOLDEN):
         src = os.path.join(GOLDEN, f"{name}.cu")
         jobs.append((src, str(tmp_path / f"{name}.so"), ["sm_80", "sm_90"]))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -282,6 +282,10 @@ def epilogue_node(node):
     text = node.attrs.get("epilogue")
     if bias is None and text is None:
         return None
+    if node.attrs.get("epilogue_pairs"):
+        raise CPUBackendError(f"%{node.result.name} = qmatmul: an epilogue over column pairs "
+                              "(fuse-gate-up) has no CPU kernel; leave fuse-gate-up out of "
+                              "CPU pipelines")
     r = node.result
     product = Value(f"{r.name}.product", TensorType(tuple(r.type.shape), elem("f32")))
     operands = [product]

@@ -5,7 +5,9 @@ decide it the same way, here).
 operands (``x1``...). When every extra has the product's shape, the kernel applies the body
 to y[i] as it stores it (``Config::Epilogue`` in ``templates/qmatmul.cu.j2``), reading
 element i of each extra: no launch of its own. Otherwise the device plan runs it as a
-``fused_elementwise`` kernel in place on the product (``plan.epilogue_node``).
+``fused_elementwise`` kernel in place on the product (``plan.epilogue_node``). An epilogue over
+column pairs (``epilogue_pairs``, from ``fuse-gate-up``) is always the kernel's: it reads
+the two sums of a pair from the tile and stores one column.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ def epilogue_in_kernel(node) -> bool:
     as a kernel of its own after the product (``plan.epilogue_node``)."""
     if "epilogue" not in node.attrs:
         return False
+    if node.attrs.get("epilogue_pairs"):
+        return True  # the pairs only exist inside the kernel's tile
     extras = node.operands[8:]
     shape = tuple(node.result.type.shape)
     return len(extras) <= MAX_EPILOGUE_EXTRAS and all(
@@ -36,8 +40,11 @@ def epilogue_params(node) -> dict | None:
     from qcompiler.ir.elementwise_body import parse_body
 
     extras = node.operands[8:]
-    operand_types = [node.result.type.dtype] + [v.type.dtype for v in extras]
+    pairs = bool(node.attrs.get("epilogue_pairs"))
+    product = node.arg("x").type.dtype  # act float: the product has x's type
+    operand_types = [product, product] if pairs else \
+        [node.result.type.dtype] + [v.type.dtype for v in extras]
     fn = device_function("epilogue_body", parse_body(node.attrs["epilogue"]), operand_types,
                          c_type(node.result.type.dtype, node), node)
-    return {"text": node.attrs["epilogue"], "fn": fn.rstrip("\n"),
+    return {"text": node.attrs["epilogue"], "fn": fn.rstrip("\n"), "pairs": pairs,
             "extra_types": [c_type(v.type.dtype, node) for v in extras]}

@@ -637,7 +637,7 @@ QMATMUL_ACT_MODES = ("float", "dynamic", "static")
        "epilogue_args*"],
       {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False),
        "config": ("dict", False), "epilogue": ("str", False),
-       "accuracy_level": ("int", False)})
+       "epilogue_pairs": ("int", False), "accuracy_level": ("int", False)})
 def _qmatmul(types, attrs, consts):
     """``act`` says how x enters the product:
 
@@ -655,6 +655,9 @@ def _qmatmul(types, attrs, consts):
     ``epilogue`` (a ``fused_elementwise`` body) is applied to the product: its ``x0`` is
     x @ dequant(w) + bias in the type above, ``x1, x2, ...`` the operands after the eight
     fixed ones (absent fixed operands are none); the result is what the body gives.
+    ``epilogue_pairs = 1`` (``fuse-gate-up``): the product's columns come in pairs, and the
+    epilogue turns pair j into column j of the result: its ``x0`` is column 2j, its ``x1``
+    column 2j + 1 (each rounded to the product's type), no extra operands; y is [..., N / 2].
     """
     x, w, w_scale = types[0], types[1], types[2]
     w_zp = types[3] if len(types) > 3 else None
@@ -683,6 +686,13 @@ def _qmatmul(types, attrs, consts):
     out_dtype = w_scale.dtype if act != "float" else x.dtype
     n = w.shape[1] if w.layout is None else w.layout.get("n", "?")
     shape = matmul_shape(x.shape, (w.shape[0] if w.layout is None else x.shape[-1], n))
+    if attrs.get("epilogue_pairs"):
+        if attrs.get("epilogue") is None or types[8:] or not isinstance(n, int) or n % 2:
+            raise TypeInferenceError(f"qmatmul epilogue_pairs needs an epilogue, no epilogue "
+                                     f"operands and an even N, not N {n} with "
+                                     f"{len(types[8:])} operands")
+        half = TensorType(shape[:-1] + (n // 2,), out_dtype)  # one column of each pair
+        return [_apply_epilogue_type(half, [half], attrs["epilogue"])]
     return [_apply_epilogue_type(TensorType(shape, out_dtype), types[8:], attrs.get("epilogue"))]
 
 

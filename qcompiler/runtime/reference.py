@@ -586,6 +586,8 @@ def _apply_epilogue(node: Node, product: np.ndarray, args: list) -> list:
     from qcompiler.ir.elementwise_body import evaluate
 
     product = np.asarray(product).astype(qmatmul_product_dtype(node), copy=False)
+    if node.attrs.get("epilogue_pairs"):  # column pairs (2j, 2j + 1) -> column j
+        return [evaluate(body, [product[..., 0::2], product[..., 1::2]], _result_dtype(node))]
     return [evaluate(body, [product] + list(args[8:]), _result_dtype(node))]
 
 

@@ -36,10 +36,12 @@ struct Config {
   struct Epilogue {
     static constexpr bool FUSED = true;
     static constexpr int EXTRAS = 1;
+    static constexpr bool PAIRS = false;
     __device__ __forceinline__ static scalar_t apply(scalar_t v, const void* const* extras,
                                                      long long i) {
       return epilogue_body(v, static_cast<const __half*>(extras[0])[i]);
     }
+    __device__ __forceinline__ static scalar_t apply_pair(scalar_t a, scalar_t) { return a; }
   };
   static constexpr int CB = 4;                  // bits per weight container
   static constexpr int K = 512, N = 256;

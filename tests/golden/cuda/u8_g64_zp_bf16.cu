@@ -26,9 +26,11 @@ struct Config {
   struct Epilogue {  // no epilogue in this kernel
     static constexpr bool FUSED = false;
     static constexpr int EXTRAS = 0;
+    static constexpr bool PAIRS = false;
     __device__ __forceinline__ static scalar_t apply(scalar_t v, const void* const*, long long) {
       return v;
     }
+    __device__ __forceinline__ static scalar_t apply_pair(scalar_t a, scalar_t) { return a; }
   };
   static constexpr int CB = 8;                  // bits per weight container
   static constexpr int K = 200, N = 130;

@@ -14,9 +14,10 @@
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
 //   using Unpack                   one of the strategies in unpack.cuh
-//   struct Epilogue                FUSED, EXTRAS (operands it reads) and apply(v, extras, i):
+//   struct Epilogue                FUSED, EXTRAS (operands it reads), PAIRS, apply(v, extras, i):
 //                                  the qmatmul's epilogue on element i of y (fuse-epilogue's
-//                                  body), or the identity
+//                                  body), or the identity; with PAIRS (fuse-gate-up)
+//                                  apply_pair(a, b) on product columns 2j, 2j + 1 instead
 // (all static constexpr).
 #ifndef QCOMPILER_PARAMS_CUH
 #define QCOMPILER_PARAMS_CUH

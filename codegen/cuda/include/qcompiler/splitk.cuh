@@ -29,17 +29,33 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   using S = typename C::scalar_t;
   constexpr int N = C::N;
   const int tid = threadIdx.x;
-  auto epilogue = [&](int m, int n, float v) {
+  auto product = [&](int n, float v) {  // per-channel scale, bias, rounding
     if (C::SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
     if (p.bias) v += p.bias[n];
+    return from_float<S>(v);
+  };
+  auto epilogue = [&](int m, int n, float v) {
     const long long i = (long long)m * N + n;
-    S out = from_float<S>(v);
+    S out = product(n, v);
     // the fused epilogue reads the stored product (rounded to S), as its own kernel would
     if constexpr (C::Epilogue::FUSED) {
       if (p.epilogue) out = C::Epilogue::apply(out, p.extras, i);
     }
     p.y[i] = out;
   };
+  // Column pairs (fuse-gate-up): sums n and n + 1 (n even, one tile) give column n / 2 of y,
+  // which has N / 2 columns. Without p.epilogue y is the whole product, as above.
+  constexpr bool PAIRS = C::Epilogue::PAIRS;
+  auto pair_epilogue = [&](int m, int n, float a, float b) {
+    p.y[(long long)m * (N / 2) + n / 2] = C::Epilogue::apply_pair(product(n, a), product(n + 1, b));
+  };
+  if (PAIRS && p.epilogue && p.split_k == 1) {
+    for (int j = tid; j < M_TILE * N_TILE / 2; j += THREADS) {
+      const int i = 2 * j, m = i / N_TILE, n = i % N_TILE;
+      if (m0 + m < p.M && n0 + n < N) pair_epilogue(m0 + m, n0 + n, tile_sum(i), tile_sum(i + 1));
+    }
+    return;
+  }
   if (p.split_k == 1) {
     for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
       const int m = i / N_TILE, n = i % N_TILE;
@@ -67,6 +83,39 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   // flight instead of one: element by element, a 64 x 256 tile's fix-up was a chain of
   // ~128 L2 round trips per thread (measured on the H200: split 2 made a 2048^2 GEMM at
   // M = 512 take 106 us instead of 37). Each element's sum keeps the split order.
+  if (PAIRS && p.epilogue) {  // as below, over pairs: 2 x 8 sums in flight per thread
+    constexpr int PAIRS_PER_THREAD = (M_TILE * N_TILE / 2 + THREADS - 1) / THREADS;
+    constexpr int PB = PAIRS_PER_THREAD < 8 ? PAIRS_PER_THREAD : 8;
+    for (int base = tid; base < M_TILE * N_TILE / 2; base += THREADS * PB) {
+      float v[PB][2];
+      long long at[PB];  // the pair's first element in split 0's partials, or -1 (none)
+#pragma unroll
+      for (int b = 0; b < PB; ++b) {
+        const int i = 2 * (base + b * THREADS), m = i / N_TILE, n = i % N_TILE;
+        v[b][0] = v[b][1] = 0.0f;
+        at[b] = i < M_TILE * N_TILE && m0 + m < p.M && n0 + n < N
+                    ? (long long)(m0 + m) * N + n0 + n : -1;
+      }
+      for (int s = 0; s < p.split_k; ++s) {
+        const float* part = p.partial + (long long)s * p.M * N;
+        float got[PB][2];
+#pragma unroll
+        for (int b = 0; b < PB; ++b) {
+          got[b][0] = at[b] >= 0 ? __ldcg(part + at[b]) : 0.0f;
+          got[b][1] = at[b] >= 0 ? __ldcg(part + at[b] + 1) : 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < PB; ++b) { v[b][0] += got[b][0]; v[b][1] += got[b][1]; }
+      }
+#pragma unroll
+      for (int b = 0; b < PB; ++b) {
+        const int i = 2 * (base + b * THREADS);
+        if (at[b] >= 0) pair_epilogue(m0 + i / N_TILE, n0 + i % N_TILE, v[b][0], v[b][1]);
+      }
+    }
+    if (tid == 0) p.counters[tile_id] = 0;
+    return;
+  }
   constexpr int PER_THREAD = (M_TILE * N_TILE + THREADS - 1) / THREADS;
   constexpr int BATCH = PER_THREAD < 16 ? PER_THREAD : 16;
   for (int base = tid; base < M_TILE * N_TILE; base += THREADS * BATCH) {

@@ -1,0 +1,84 @@
+"""fuse-gate-up on a Llama step (the CUDA pipelines' order): each layer's gate and up
+projections become one qmatmul over column-interleaved weights with an epilogue over column
+pairs, the reference of the fused module agrees with the unfused one at f16 rounding, and
+the CPU backend, which has no paired epilogue, refuses it naming the node."""
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from qcompiler.driver.frontend import import_model
+from qcompiler.pipeline import PassManager
+from qcompiler.runtime.reference import run as ref_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEFORE = ("canonicalize,quantize-weights{bits=4,group=32},canonicalize,fuse-dequant,"
+          "canonicalize,compute-dtype{dtype=f16},fuse-rotary,fuse-attention,"
+          "fold-attention-layout,fuse-kv-concat,fuse-rmsnorm,fuse-gelu,fuse-epilogue,"
+          "fuse-elementwise")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import decoder_models as dm
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    feeds = dm.llama_inputs(cfg, 2, 2, 3, 11, seed=8)  # batch 2, 3 new tokens, 11 cached
+    path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
+    dm.export_onnx(dm.llama(layers=2, **cfg), feeds, path, dynamo=False)
+    return path, PassManager.parse(BEFORE).run(import_model(path)), feeds
+
+
+def test_gate_and_up_become_one_paired_projection(llama):
+    _, plain, feeds = llama
+    fused = PassManager.parse("fuse-gate-up").run(plain.clone())
+    before, after = Counter(n.op for n in plain.main.nodes), Counter(n.op for n in fused.main.nodes)
+    assert after["qmatmul"] == before["qmatmul"] - 2
+    paired = [n for n in fused.main.nodes if n.op == "qmatmul" and n.attrs.get("epilogue_pairs")]
+    assert len(paired) == 2
+    for n in paired:  # [K, 2 x 192] codes, the result 192 wide, no epilogue operands
+        assert n.operands[1].type.shape == (128, 384) and len(n.operands) <= 8
+        assert n.result.type.shape[-1] == 192 and "silu" in n.attrs["epilogue"]
+    # columns interleaved: even ones are the gate projection's (x0), odd ones the up's
+    gate = [n for n in plain.main.nodes if n.op == "qmatmul" and "silu" in n.attrs.get("epilogue", "")]
+    up = gate[0].operands[8].producer
+    merged = fused.constants[paired[0].operands[1].producer.attrs["name"]]
+    codes = [plain.constants[p.operands[1].producer.attrs["name"]] for p in (gate[0], up)]
+    assert np.array_equal(merged[:, 0::2], codes[0]) and np.array_equal(merged[:, 1::2], codes[1])
+    want, got = ref_run(plain, feeds), ref_run(fused, feeds)
+    for k in want:
+        scale = max(float(np.abs(want[k]).max()), 1.0)
+        assert np.abs(got[k].astype(np.float64) - want[k]).max() <= 1e-2 * scale, k
+
+
+def test_paired_epilogue_type_checks():
+    from qcompiler.errors import QCompilerError
+    from qcompiler.ir.ops import infer_types
+    from qcompiler.ir.types import QuantScheme, elem, tensor
+
+    scheme = QuantScheme(elem("i4"), granularity="channel", axis=1)
+    types = [tensor(["m", 16], "f16"), tensor([16, 10], "i4"), tensor([10], "f32")]
+    attrs = {"act": "float", "w_scheme": scheme, "epilogue": "t0 = mul(x0, x1); return t0",
+             "epilogue_pairs": 1}
+    (y,) = infer_types("qmatmul", types, attrs, [None] * 3)
+    assert y.shape == ("m", 5)
+    with pytest.raises(QCompilerError, match="even N"):
+        infer_types("qmatmul", [types[0], tensor([16, 9], "i4"), tensor([9], "f32")], attrs,
+                    [None] * 3)
+
+
+def test_cpu_backend_refuses_a_paired_epilogue(llama, tmp_path):
+    import qcompiler
+    from qcompiler.errors import QCompilerError
+    from qcompiler.targets import get_target
+
+    path = llama[0]
+    cpu = get_target("cpu").default_pipeline
+    at = cpu.index("fuse-elementwise,") + len("fuse-elementwise,")
+    passes = "canonicalize,quantize-weights{bits=4,group=32}," + cpu[:at] + "fuse-gate-up," + cpu[at:]
+    with pytest.raises(QCompilerError, match="column pairs"):
+        qcompiler.compile_to_dir(path, "cpu", str(tmp_path / "out"), passes=passes)
