@@ -43,7 +43,7 @@ struct GemvTile {
 // for an arch before sm_90, both are no-ops.
 template <bool PDL>
 __device__ __forceinline__ void wait_for_inputs() {
-  if constexpr (PDL) qc_ops::wait_for_inputs();
+  if constexpr (PDL) qc_ops::wait_for_previous_grid();
 }
 template <bool PDL>
 __device__ __forceinline__ void allow_next_launch() {

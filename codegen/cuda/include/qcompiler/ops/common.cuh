@@ -132,9 +132,21 @@ inline int64_t numel(const int64_t* dims, int rank) {
 // start-up overlap the other's tail: a whole model is hundreds of short launches). launch()
 // does that where the kernels were built for sm_90 (code JIT-compiled from older PTX has no
 // wait), unless QC_CUDA_PDL=0; elsewhere it is a plain <<<...>>> launch.
-__device__ __forceinline__ void wait_for_inputs() {
+__device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// An op kernel then lets the next kernel of the stream launch at once: that one's own wait
+// still holds it until this grid has finished and its writes are visible, so meanwhile it can
+// only prefetch constants (the GEMV's first ring of weights). Without this trigger the next
+// kernel launched only when this one had exited, and a decode step's GEMVs after a norm or
+// the attention read their weights with nothing to overlap (the qmatmul kernels trigger
+// after their main loop themselves, gemv.cuh).
+__device__ __forceinline__ void wait_for_inputs() {
+  wait_for_previous_grid();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 
