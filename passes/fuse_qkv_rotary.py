@@ -8,13 +8,16 @@ a Llama-style layer reads its normalized input ``x`` three times::
     k = kv_concat(past_k, rotary(qmatmul(x, Wk), ...){Hkv}){layer, new_bshd}
     v = kv_concat(past_v, qmatmul(x, Wv)){layer, new_bshd}
 
-(with reshapes between, which move no data). This pass rewrites it to::
+(with reshapes between, which move no data; without a cache, as in a prefill-only export,
+k and v go to the attention as [B, S, Hkv, D] instead). This pass rewrites it to::
 
     qkv = qmatmul(x, [Wq | Wk | Wv])                      one weight, columns concatenated
     q, k, v = qkv_rotary_append(qkv, cos, sin, pos, past_k, past_v){H, Hkv, layer}
 
-Seven launches become two: at decode (M = 1) each projection is a short, latency-bound
-kernel, so the three GEMVs cost about what one wider GEMV costs. The three qmatmuls must
+Seven launches become two (five without a cache). At decode (M = 1) each projection is a
+short, latency-bound kernel, so the three GEMVs cost about what one wider GEMV costs; in a
+prefill the k and v GEMMs (N = Hkv D, a few CTAs) fill the GPU as part of the wider one.
+The three qmatmuls must
 have the same input, weight scheme (per-channel, or groups along K: scales concatenate
 along N) and ``act``, no epilogue, act-order or activation scales, and biases on all or
 none; the rotaries the same caches, positions and attributes; the appends the same layer.
@@ -132,18 +135,24 @@ class FuseQkvRotary(RewritePattern):
             return False
         q_in, k_all, v_all = node.arg("q"), node.arg("k"), node.arg("v")
         kcat, vcat = producer_of(k_all, "kv_concat"), producer_of(v_all, "kv_concat")
-        if kcat is None or vcat is None or not (kcat.attrs["new_bshd"] and vcat.attrs["new_bshd"]):
+        if kcat is not None and vcat is not None:  # decode: the new rows go to the caches
+            if not (kcat.attrs["new_bshd"] and vcat.attrs["new_bshd"]) \
+                    or kcat.attrs["layer"] != vcat.attrs["layer"]:
+                return False
+            k_new, v_new = kcat.arg("new"), vcat.arg("new")
+        elif kcat is None and vcat is None and node.attrs.get("kv_bshd"):  # no cache
+            k_new, v_new = k_all, v_all
+        else:
             return False
         # the extended caches may have other uses (the model's present outputs): all follow
-        if kcat.attrs["layer"] != vcat.attrs["layer"] or not rw.single_use(q_in) \
-                or not rw.single_use(kcat.arg("new")) or not rw.single_use(vcat.arg("new")):
+        if not (rw.single_use(q_in) and rw.single_use(k_new) and rw.single_use(v_new)):
             return False
-        heads, hkv, d = q_in.type.shape[2], kcat.arg("new").type.shape[2], q_in.type.shape[3]
+        heads, hkv, d = q_in.type.shape[2], k_new.type.shape[2], q_in.type.shape[3]
         if not all(isinstance(n, int) for n in (heads, hkv, d)) or heads % hkv:
             return False
         qrot, qq = _rotary_of(q_in, rw, heads)
-        krot, qk = _rotary_of(kcat.arg("new"), rw, hkv)
-        qv = _qmatmul_of(vcat.arg("new"), rw)
+        krot, qk = _rotary_of(k_new, rw, hkv)
+        qv = _qmatmul_of(v_new, rw)
         if qq is None or qk is None or qv is None or len({id(qq), id(qk), id(qv)}) != 3:
             return False
         x = qq.arg("x")
@@ -156,8 +165,7 @@ class FuseQkvRotary(RewritePattern):
                 != (heads * d, hkv * d, hkv * d):
             return False
         if not (_heads_view_ok(q_in, rows, heads, d)
-                and _heads_view_ok(kcat.arg("new"), rows, hkv, d)
-                and _heads_view_ok(vcat.arg("new"), rows, hkv, d)):
+                and _heads_view_ok(k_new, rows, hkv, d) and _heads_view_ok(v_new, rows, hkv, d)):
             return False
         tables = ("cos_cache", "sin_cache", "position_ids")
         same = ("interleaved", "rotary_embedding_dim")
@@ -173,17 +181,24 @@ class FuseQkvRotary(RewritePattern):
                             if "accuracy_level" in qq.attrs else {})},
                         before=qq, hint="qkv")
         rot_ops = [qrot.arg(t) for t in tables]
-        past_k, past_v = kcat.arg("past"), vcat.arg("past")
-        fused = rw.create("qkv_rotary_append", [qkv.result, *rot_ops, past_k, past_v],
+        cached = kcat is not None
+        past = [kcat.arg("past"), vcat.arg("past")] if cached else []
+        fused = rw.create("qkv_rotary_append", [qkv.result, *rot_ops, *past],
                           {"num_heads": heads, "kv_heads": hkv,
                            "interleaved": int(qrot.attrs["interleaved"]),
                            "rotary_embedding_dim": int(qrot.attrs["rotary_embedding_dim"]),
-                           "layer": int(kcat.attrs["layer"])},
-                          before=node, hint=["q_rot", "k_cache", "v_cache"])
+                           "layer": int(kcat.attrs["layer"]) if cached else 0},
+                          before=node, hint=["q_rot", "k_cache", "v_cache"] if cached
+                          else ["q_rot", "k_rot", "v_heads"])
         q, k, v = fused.results
         rw.fn.replace_all_uses(q_in, q)
-        rw.replace(kcat, [k])
-        rw.replace(vcat, [v])
+        if cached:
+            rw.replace(kcat, [k])
+            rw.replace(vcat, [v])
+        else:  # [B, S, Hkv, D] as before: the attention keeps kv_bshd
+            rw.fn.replace_all_uses(k_all, k)
+            rw.fn.replace_all_uses(v_all, v)
+            rw.users = rw.fn.users()
         return True
 
 

@@ -261,6 +261,12 @@ def _make_graph() -> Graph:
           [([B, S, 2, 6], "f16"), ([B, 2, "?", 6], "f16"), ([B, 2, "?", 6], "f16")],
           {"num_heads": 2, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
            "layer": 0})
+    g.add("rotary", "qkv_rotary_append",  # no cache (a prefill export): k, v [B, S, Hkv, D]
+          [g.arg([B, S, 8 * 64], "f16"), g.arg([300, 32], "f16", low=(-1.0, 1.0)),
+           g.arg([300, 32], "f16", low=(-1.0, 1.0)), g.arg([B, S], "i64", low=(0, 299))],
+          [([B, S, 4, 64], "f16"), ([B, S, 2, 64], "f16"), ([B, S, 2, 64], "f16")],
+          {"num_heads": 4, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
+           "layer": 0})
     # two identical nodes: one kernel
     g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
     return g

@@ -73,3 +73,26 @@ def test_a_layer_that_does_not_fit_is_left_alone(llama):
     assert ops["qkv_rotary_append"] == 2 and ops["kv_concat"] == 2
     layers = sorted(n.attrs["layer"] for n in fused.main.nodes if n.op == "kv_concat")
     assert layers == [1, 1]
+
+
+def test_without_a_cache_k_and_v_go_to_the_attention_as_heads(tmp_path):
+    """A prefill-only export (no caches): the same merge, k and v [B, S, Hkv, D] into the
+    attention (kv_bshd kept); the fused module's reference agrees with the unfused one."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import decoder_models as dm
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    feeds = dm.llama_inputs(cfg, 2, 2, 7, 0, seed=9)
+    path = str(tmp_path / "prefill.onnx")
+    dm.export_onnx(dm.llama(layers=2, with_cache=False, **cfg), feeds, path, dynamo=False)
+    plain = PassManager.parse(BEFORE).run(import_model(path))
+    fused = PassManager.parse("fuse-qkv-rotary").run(plain.clone())
+    ops = Counter(n.op for n in fused.main.nodes)
+    assert ops["qkv_rotary_append"] == 2 and ops["rotary_embedding"] == 0
+    for n in fused.main.nodes:
+        if n.op == "qkv_rotary_append":
+            assert n.arg("past_k") is None and n.results[1].type.shape[2:] == (2, 32)
+        if n.op == "attention":
+            assert n.attrs["kv_bshd"] == 1 and n.arg("k").producer.op == "qkv_rotary_append"
+    _close(ref_run(fused, feeds), ref_run(plain, feeds))

@@ -1069,14 +1069,16 @@ def _kv_concat(types, attrs, consts):
 
 
 @_def("qkv_rotary_append", "A decoder layer's attention inputs from one fused q|k|v projection: "
-      "qkv [B, S, (H + 2 Hkv) D] split into heads, q and k rotated as rotary_embedding does, k "
-      "and v appended to the layer's cache as kv_concat does; results q [B, S, H, D], "
-      "k and v [B, Hkv, P + S, D]",
-      ["qkv", "cos_cache", "sin_cache", "position_ids?", "past_k", "past_v"],
+      "qkv [B, S, (H + 2 Hkv) D] split into heads, q and k rotated as rotary_embedding does; "
+      "with caches, k and v appended to the layer's cache as kv_concat does. Results q "
+      "[B, S, H, D] and k, v [B, Hkv, P + S, D] (with caches) or [B, S, Hkv, D] (without)",
+      ["qkv", "cos_cache", "sin_cache", "position_ids?", "past_k?", "past_v?"],
       {"num_heads": ("int", True), "kv_heads": ("int", True), "interleaved": ("int", True),
        "rotary_embedding_dim": ("int", True), "layer": ("int", True)}, results=3)
 def _qkv_rotary_append(types, attrs, consts):
-    qkv, past_k, past_v = types[0], types[4], types[5]
+    qkv = types[0]
+    past_k = types[4] if len(types) > 4 else None
+    past_v = types[5] if len(types) > 5 else None
     h, hkv = attrs["num_heads"], attrs["kv_heads"]
     if qkv.rank != 3 or h < 1 or hkv < 1 or h % hkv:
         raise TypeInferenceError(f"qkv_rotary_append takes qkv [B, S, (H + 2 Hkv) D] with "
@@ -1086,11 +1088,16 @@ def _qkv_rotary_append(types, attrs, consts):
         raise TypeInferenceError(f"qkv_rotary_append: width {width} is not (H + 2 Hkv) D with "
                                  f"H {h}, Hkv {hkv}")
     d = width // (h + 2 * hkv)
+    b, s = qkv.shape[0], qkv.shape[1]
+    q = TensorType((b, s, h, d), qkv.dtype)
+    if past_k is None and past_v is None:
+        new = TensorType((b, s, hkv, d), qkv.dtype)
+        return [q, new, new]
     for name, past in (("past_k", past_k), ("past_v", past_v)):
         if past is None or past.rank != 5 or past.dtype != qkv.dtype or past.shape[2] != hkv \
                 or past.shape[4] != d:
             raise TypeInferenceError(f"qkv_rotary_append {name} must be [L, B, {hkv}, P, {d}] "
-                                     f"of {qkv.dtype}, not {past}")
+                                     f"of {qkv.dtype} (both caches or none), not {past}")
     if past_k.shape != past_v.shape:
         raise TypeInferenceError(f"qkv_rotary_append past_k {past_k.shape} and past_v "
                                  f"{past_v.shape} differ")
@@ -1098,10 +1105,10 @@ def _qkv_rotary_append(types, attrs, consts):
     if attrs["layer"] < 0 or (isinstance(layers, int) and attrs["layer"] >= layers):
         raise TypeInferenceError(f"qkv_rotary_append layer {attrs['layer']} of a past with "
                                  f"{layers} layers")
-    b, s, p = qkv.shape[0], qkv.shape[1], past_k.shape[3]
+    p = past_k.shape[3]
     t = p + s if isinstance(p, int) and isinstance(s, int) else "?"
     cache = TensorType((past_k.shape[1], hkv, t, d), qkv.dtype)
-    return [TensorType((b, s, h, d), qkv.dtype), cache, cache]
+    return [q, cache, cache]
 
 
 @_def("eye_like", "Ones on diagonal `k` of a 2-D tensor of x's shape, zeros elsewhere",

@@ -1383,22 +1383,26 @@ def _rotate_heads(xt, cos, sin, pos, rotary_dim, interleaved):
 
 def _qkv_rotary_append(node, args, module):
     """qkv [B, S, (H + 2 Hkv) D] -> q rotated [B, S, H, D], and the layer's cache extended
-    by k (rotated) and v: exactly rotary_embedding and kv_concat of the three column blocks."""
-    qkv, cos, sin, pos, past_k, past_v = args
+    by k (rotated) and v: exactly rotary_embedding and kv_concat of the three column blocks
+    (without caches: k rotated and v, [B, S, Hkv, D])."""
+    qkv, cos, sin, pos = args[:4]
+    past_k, past_v = _arg(args, 4), _arg(args, 5)
     a = node.attrs
     h, hkv, layer = a["num_heads"], a["kv_heads"], a["layer"]
     b, s, width = qkv.shape
     d = width // (h + 2 * hkv)
-    if not 0 <= layer < past_k.shape[0]:
-        raise IndexError(f"layer {layer} of a past with {past_k.shape[0]} layers")
     heads = qkv.reshape(b, s, h + 2 * hkv, d)
 
     def rotate(x):
         return _rotate_heads(x, cos, sin, pos, a["rotary_embedding_dim"], a["interleaved"])
 
     q = rotate(heads[:, :, :h])
-    k = rotate(heads[:, :, h:h + hkv]).transpose(0, 2, 1, 3)
-    v = heads[:, :, h + hkv:].transpose(0, 2, 1, 3)
+    k, v = rotate(heads[:, :, h:h + hkv]), heads[:, :, h + hkv:]
+    if past_k is None:
+        return [np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)]
+    if not 0 <= layer < past_k.shape[0]:
+        raise IndexError(f"layer {layer} of a past with {past_k.shape[0]} layers")
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     return [np.ascontiguousarray(q), np.concatenate([past_k[layer], k], axis=2),
             np.concatenate([past_v[layer], v], axis=2)]
 

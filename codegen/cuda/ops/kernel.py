@@ -299,6 +299,7 @@ def _qkv_rotary_append(node: Node) -> str:
                    interleaved=bool(a["interleaved"]), round_each=ct == xt,
                    num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]),
                    layer=int(a["layer"]), cache_rank=cos.type.rank,
+                   has_past=node.arg("past_k") is not None,
                    rotary_dim=int(a["rotary_embedding_dim"] or 0))
 
 
