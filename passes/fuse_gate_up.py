@@ -13,7 +13,7 @@ column j of Wg, column 2j + 1 column j of Wu) and gives the one qmatmul ``epilog
 
 so each output column is made from the two sums of one pair, which the kernels hold in the
 same tile. At decode this is one GEMV launch instead of two, and the up product never goes
-to memory. Both projections must be plain (``fuse_qkv_rotary.plain_projection``) with the
+to memory. Both projections must be plain (``fuse_qkv.plain_projection``) with the
 same input and weight scheme, the up product used only by the epilogue, and the epilogue
 reading nothing but x0 and x1. It runs before ``reorder-weights``; only backends that apply
 the pairs in their kernels take it (the CUDA pipelines).
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from qcompiler.ir import Module
 from qcompiler.ir.elementwise_body import parse_body
 from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
-from qcompiler.passes.fuse_qkv_rotary import (merged_weights, mergeable_weights, plain_projection,
+from qcompiler.passes.fuse_qkv import (merged_weights, mergeable_weights, plain_projection,
                                               same_projection_kind)
 from qcompiler.pipeline import Pass, record_stat, register_pass
 

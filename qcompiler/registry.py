@@ -24,7 +24,7 @@ PASSES: dict[str, object] = {
     "fold-attention-layout": "qcompiler.passes.fold_attention_layout:FoldAttentionLayoutPass",
     "fuse-rotary": "qcompiler.passes.fuse_rotary:FuseRotaryPass",
     "fuse-kv-concat": "qcompiler.passes.fuse_kv_concat:FuseKvConcatPass",
-    "fuse-qkv-rotary": "qcompiler.passes.fuse_qkv_rotary:FuseQkvRotaryPass",
+    "fuse-qkv": "qcompiler.passes.fuse_qkv:FuseQkvPass",
     "fuse-gate-up": "qcompiler.passes.fuse_gate_up:FuseGateUpPass",
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGeluPass",

@@ -278,9 +278,9 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
         tmp_path, dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384), 37, 4)
     fused = [n for n in m.module.main.nodes if n.op == "qmatmul" and epilogue_in_kernel(n)]
     assert len(fused) >= 4 and any(len(n.operands) > 8 for n in fused)
-    # fuse-gate-up and fuse-qkv-rotary: one paired gate/up GEMV and one qkv append per layer
+    # fuse-gate-up and fuse-qkv: one paired gate/up GEMV and one qkv append per layer
     assert sum(1 for n in fused if n.attrs.get("epilogue_pairs")) == 2
-    assert sum(1 for n in m.module.main.nodes if n.op == "qkv_rotary_append") == 2
+    assert sum(1 for n in m.module.main.nodes if n.op == "qkv_heads") == 2
     got, want = m.run(feeds), ref_run(ref, feeds)
     for k in want:
         scale = max(float(np.abs(want[k]).max()), 1.0)
@@ -324,7 +324,7 @@ def test_concurrent_launches_give_the_same_bits_as_one_stream(tmp_path, monkeypa
     got = m.run(feeds)
     runner = m._run
     (sig,) = runner._signatures.values()
-    # a layer is one chain since fuse-qkv-rotary (q, k and v are one GEMV): the concurrent
+    # a layer is one chain since fuse-qkv (q, k and v are one GEMV): the concurrent
     # runs left are the caches' casts and the present outputs beside the layers
     assert runner.lanes and sum(1 for r in sig.runs if r > 1) >= 1
     assert max(sig.runs) >= 2

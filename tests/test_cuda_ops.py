@@ -238,34 +238,39 @@ def _make_graph() -> Graph:
            g.arg([B, S, 16], "f32", low=(-1.0, 1.0))],
           [([B, 2, S, 32], "f16")], {"interleaved": 0, "num_heads": 0,
                                      "rotary_embedding_dim": 0})
-    # qkv_rotary_append (fuse-qkv-rotary): GQA with position ids (16-byte cache copies); an
+    # qkv_heads (fuse-qkv): GQA with position ids (16-byte cache copies); an
     # interleaved partial rotation without ids; f32 caches [B, S, D/2] and D = 6 (scalar copies)
-    g.add("rotary", "qkv_rotary_append",
+    g.add("rotary", "qkv_heads",
           [g.arg([B, S, 8 * 64], "f16"), g.arg([300, 32], "f16", low=(-1.0, 1.0)),
            g.arg([300, 32], "f16", low=(-1.0, 1.0)), g.arg([B, S], "i64", low=(0, 299)),
            g.arg([3, B, 2, "kv", 64], "f16"), g.arg([3, B, 2, "kv", 64], "f16")],
           [([B, S, 4, 64], "f16"), ([B, 2, "?", 64], "f16"), ([B, 2, "?", 64], "f16")],
           {"num_heads": 4, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
            "layer": 1})
-    g.add("rotary", "qkv_rotary_append",
+    g.add("rotary", "qkv_heads",
           [g.arg([B, S, 5 * 32], "bf16"), g.arg([S, 16], "bf16", low=(-1.0, 1.0)),
            g.arg([S, 16], "bf16", low=(-1.0, 1.0)), None,
            g.arg([2, B, 1, "kv", 32], "bf16"), g.arg([2, B, 1, "kv", 32], "bf16")],
           [([B, S, 3, 32], "bf16"), ([B, 1, "?", 32], "bf16"), ([B, 1, "?", 32], "bf16")],
           {"num_heads": 3, "kv_heads": 1, "interleaved": 1, "rotary_embedding_dim": 16,
            "layer": 0})
-    g.add("rotary", "qkv_rotary_append",
+    g.add("rotary", "qkv_heads",
           [g.arg([B, S, 6 * 6], "f16"), g.arg([B, S, 3], "f32", low=(-1.0, 1.0)),
            g.arg([B, S, 3], "f32", low=(-1.0, 1.0)), None,
            g.arg([1, B, 2, "kv", 6], "f16"), g.arg([1, B, 2, "kv", 6], "f16")],
           [([B, S, 2, 6], "f16"), ([B, 2, "?", 6], "f16"), ([B, 2, "?", 6], "f16")],
           {"num_heads": 2, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
            "layer": 0})
-    g.add("rotary", "qkv_rotary_append",  # no cache (a prefill export): k, v [B, S, Hkv, D]
+    g.add("rotary", "qkv_heads",  # no cache (a prefill export): k, v [B, S, Hkv, D]
           [g.arg([B, S, 8 * 64], "f16"), g.arg([300, 32], "f16", low=(-1.0, 1.0)),
            g.arg([300, 32], "f16", low=(-1.0, 1.0)), g.arg([B, S], "i64", low=(0, 299))],
           [([B, S, 4, 64], "f16"), ([B, S, 2, 64], "f16"), ([B, S, 2, 64], "f16")],
           {"num_heads": 4, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
+           "layer": 0})
+    g.add("rotary", "qkv_heads",  # no rotary, no cache (an encoder's attention): a head split
+          [g.arg([B, S, 3 * 96], "bf16")],
+          [([B, S, 3, 32], "bf16"), ([B, S, 3, 32], "bf16"), ([B, S, 3, 32], "bf16")],
+          {"num_heads": 3, "kv_heads": 3, "interleaved": 0, "rotary_embedding_dim": 0,
            "layer": 0})
     # two identical nodes: one kernel
     g.add("dedup", "add", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])

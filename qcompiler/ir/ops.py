@@ -1068,26 +1068,31 @@ def _kv_concat(types, attrs, consts):
     return [TensorType((past.shape[1], past.shape[2], t, past.shape[4]), past.dtype)]
 
 
-@_def("qkv_rotary_append", "A decoder layer's attention inputs from one fused q|k|v projection: "
-      "qkv [B, S, (H + 2 Hkv) D] split into heads, q and k rotated as rotary_embedding does; "
-      "with caches, k and v appended to the layer's cache as kv_concat does. Results q "
-      "[B, S, H, D] and k, v [B, Hkv, P + S, D] (with caches) or [B, S, Hkv, D] (without)",
-      ["qkv", "cos_cache", "sin_cache", "position_ids?", "past_k?", "past_v?"],
+@_def("qkv_heads", "An attention layer's inputs from one fused q|k|v projection: qkv "
+      "[B, S, (H + 2 Hkv) D] split into heads; with cos/sin caches q and k rotated as "
+      "rotary_embedding does; with past caches k and v appended to the layer's cache as "
+      "kv_concat does. Results q [B, S, H, D] and k, v [B, Hkv, P + S, D] (with caches) or "
+      "[B, S, Hkv, D] (without)",
+      ["qkv", "cos_cache?", "sin_cache?", "position_ids?", "past_k?", "past_v?"],
       {"num_heads": ("int", True), "kv_heads": ("int", True), "interleaved": ("int", True),
        "rotary_embedding_dim": ("int", True), "layer": ("int", True)}, results=3)
-def _qkv_rotary_append(types, attrs, consts):
+def _qkv_heads(types, attrs, consts):
     qkv = types[0]
     past_k = types[4] if len(types) > 4 else None
     past_v = types[5] if len(types) > 5 else None
     h, hkv = attrs["num_heads"], attrs["kv_heads"]
     if qkv.rank != 3 or h < 1 or hkv < 1 or h % hkv:
-        raise TypeInferenceError(f"qkv_rotary_append takes qkv [B, S, (H + 2 Hkv) D] with "
+        raise TypeInferenceError(f"qkv_heads takes qkv [B, S, (H + 2 Hkv) D] with "
                                  f"Hkv dividing H, not {qkv.shape} with H {h}, Hkv {hkv}")
     width = qkv.shape[2]
     if not isinstance(width, int) or width % (h + 2 * hkv):
-        raise TypeInferenceError(f"qkv_rotary_append: width {width} is not (H + 2 Hkv) D with "
+        raise TypeInferenceError(f"qkv_heads: width {width} is not (H + 2 Hkv) D with "
                                  f"H {h}, Hkv {hkv}")
     d = width // (h + 2 * hkv)
+    cos, sin = types[1] if len(types) > 1 else None, types[2] if len(types) > 2 else None
+    if (cos is None) != (sin is None) or (cos is None and len(types) > 3 and types[3] is not None):
+        raise TypeInferenceError("qkv_heads takes both rotary caches or neither (and "
+                                 "position_ids only with them)")
     b, s = qkv.shape[0], qkv.shape[1]
     q = TensorType((b, s, h, d), qkv.dtype)
     if past_k is None and past_v is None:
@@ -1096,14 +1101,14 @@ def _qkv_rotary_append(types, attrs, consts):
     for name, past in (("past_k", past_k), ("past_v", past_v)):
         if past is None or past.rank != 5 or past.dtype != qkv.dtype or past.shape[2] != hkv \
                 or past.shape[4] != d:
-            raise TypeInferenceError(f"qkv_rotary_append {name} must be [L, B, {hkv}, P, {d}] "
+            raise TypeInferenceError(f"qkv_heads {name} must be [L, B, {hkv}, P, {d}] "
                                      f"of {qkv.dtype} (both caches or none), not {past}")
     if past_k.shape != past_v.shape:
-        raise TypeInferenceError(f"qkv_rotary_append past_k {past_k.shape} and past_v "
+        raise TypeInferenceError(f"qkv_heads past_k {past_k.shape} and past_v "
                                  f"{past_v.shape} differ")
     layers = past_k.shape[0]
     if attrs["layer"] < 0 or (isinstance(layers, int) and attrs["layer"] >= layers):
-        raise TypeInferenceError(f"qkv_rotary_append layer {attrs['layer']} of a past with "
+        raise TypeInferenceError(f"qkv_heads layer {attrs['layer']} of a past with "
                                  f"{layers} layers")
     p = past_k.shape[3]
     t = p + s if isinstance(p, int) and isinstance(s, int) else "?"

@@ -1381,11 +1381,11 @@ def _rotate_heads(xt, cos, sin, pos, rotary_dim, interleaved):
     return np.concatenate([out_rot, rest], axis=-1).astype(xt.dtype)
 
 
-def _qkv_rotary_append(node, args, module):
+def _qkv_heads(node, args, module):
     """qkv [B, S, (H + 2 Hkv) D] -> q rotated [B, S, H, D], and the layer's cache extended
     by k (rotated) and v: exactly rotary_embedding and kv_concat of the three column blocks
-    (without caches: k rotated and v, [B, S, Hkv, D])."""
-    qkv, cos, sin, pos = args[:4]
+    (without caches: k rotated and v, [B, S, Hkv, D]; without cos/sin: nothing rotated)."""
+    qkv, cos, sin, pos = args[0], _arg(args, 1), _arg(args, 2), _arg(args, 3)
     past_k, past_v = _arg(args, 4), _arg(args, 5)
     a = node.attrs
     h, hkv, layer = a["num_heads"], a["kv_heads"], a["layer"]
@@ -1394,6 +1394,8 @@ def _qkv_rotary_append(node, args, module):
     heads = qkv.reshape(b, s, h + 2 * hkv, d)
 
     def rotate(x):
+        if cos is None:  # no rotary: the heads as they are
+            return x
         return _rotate_heads(x, cos, sin, pos, a["rotary_embedding_dim"], a["interleaved"])
 
     q = rotate(heads[:, :, :h])
@@ -1449,7 +1451,7 @@ OP_IMPLS.update({
     "scatter_nd": _scatter_nd, "scatter_elements": _scatter_elements,
     "conv": _conv, "conv_transpose": _conv_transpose, "pool": _pool,
     "rotary_embedding": _rotary_embedding, "kv_concat": _kv_concat,
-    "qkv_rotary_append": _qkv_rotary_append, "eye_like": _eye_like,
+    "qkv_heads": _qkv_heads, "eye_like": _eye_like,
     "compress": _compress,
     "bitcast": _bitcast,
 })

@@ -30,7 +30,7 @@ FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
-    "attention", "rotary_embedding", "kv_concat", "qkv_rotary_append"))
+    "attention", "rotary_embedding", "kv_concat", "qkv_heads"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -81,8 +81,8 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _matmul(node)
     elif node.op == "rotary_embedding":
         text = _rotary(node)
-    elif node.op == "qkv_rotary_append":
-        text = _qkv_rotary_append(node)
+    elif node.op == "qkv_heads":
+        text = _qkv_heads(node)
     elif node.op == "kv_concat":
         text = _render("kv_concat.cu.j2", node, x_type=c_type(node.operands[0].type.dtype, node),
                        layer=int(node.attrs["layer"]), new_bshd=bool(node.attrs["new_bshd"]))
@@ -281,24 +281,26 @@ def _rotary(node: Node) -> str:
                    n_in=len(_data_operands(node)))
 
 
-def _qkv_rotary_append(node: Node) -> str:
-    qkv, cos, sin = node.operands[:3]
+def _qkv_heads(node: Node) -> str:
+    qkv, cos, sin = node.arg("qkv"), node.arg("cos_cache"), node.arg("sin_cache")
     pos = node.arg("position_ids")
-    xt, ct = c_type(qkv.type.dtype, node), c_type(cos.type.dtype, node)
-    if xt not in ("__half", "__nv_bfloat16", "float") or c_type(sin.type.dtype, node) != ct:
+    xt = c_type(qkv.type.dtype, node)
+    ct = c_type(cos.type.dtype, node) if cos is not None else xt
+    if xt not in ("__half", "__nv_bfloat16", "float") or (
+            cos is not None and (sin is None or c_type(sin.type.dtype, node) != ct)):
         raise unsupported(node, "qkv of f16/bf16/f32 and caches of one type")
-    if cos.type.rank not in (2, 3) or (pos is not None and (cos.type.rank != 2
-                                                            or pos.type.rank != 2)):
+    if cos is not None and (cos.type.rank not in (2, 3) or (
+            pos is not None and (cos.type.rank != 2 or pos.type.rank != 2))):
         raise unsupported(node, f"a cos cache of shape {cos.type.shape} with position_ids "
                           f"{pos.type.shape if pos is not None else None}")
     a = node.attrs
-    return _render("qkv_rotary_append.cu.j2", node, x_type=xt, cache_type=ct,
-                   has_pos=pos is not None,
+    return _render("qkv_heads.cu.j2", node, x_type=xt, cache_type=ct,
+                   has_rotary=cos is not None, has_pos=pos is not None,
                    pos_type=c_type(pos.type.dtype, node) if pos is not None else "",
                    pos_rank=pos.type.rank if pos is not None else 0,
                    interleaved=bool(a["interleaved"]), round_each=ct == xt,
                    num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]),
-                   layer=int(a["layer"]), cache_rank=cos.type.rank,
+                   layer=int(a["layer"]), cache_rank=cos.type.rank if cos is not None else 0,
                    has_past=node.arg("past_k") is not None,
                    rotary_dim=int(a["rotary_embedding_dim"] or 0))
 

@@ -1,27 +1,30 @@
-"""fuse-qkv-rotary: a decoder layer's q, k and v projections become one qmatmul, and the
-rotary embeddings of q and k and the two cache appends become one ``qkv_rotary_append``.
+"""fuse-qkv: an attention layer's q, k and v projections become one qmatmul, and what came
+between them and the attention (rotary embeddings, cache appends) one ``qkv_heads``.
 
 After ``fuse-rotary``, ``fuse-attention``, ``fold-attention-layout`` and ``fuse-kv-concat``
-a Llama-style layer reads its normalized input ``x`` three times::
+a Llama-style decoder layer reads its normalized input ``x`` three times::
 
     q = rotary(qmatmul(x, Wq), cos, sin, pos){H}          -> attention's q [B, S, H, D]
     k = kv_concat(past_k, rotary(qmatmul(x, Wk), ...){Hkv}){layer, new_bshd}
     v = kv_concat(past_v, qmatmul(x, Wv)){layer, new_bshd}
 
-(with reshapes between, which move no data; without a cache, as in a prefill-only export,
-k and v go to the attention as [B, S, Hkv, D] instead). This pass rewrites it to::
+with reshapes between, which move no data. Without a cache (a prefill-only export, an
+encoder) k and v go to the attention as [B, S, Hkv, D]; without rotary (BERT) q and k are
+the projections' heads as they are. This pass rewrites each form to::
 
     qkv = qmatmul(x, [Wq | Wk | Wv])                      one weight, columns concatenated
-    q, k, v = qkv_rotary_append(qkv, cos, sin, pos, past_k, past_v){H, Hkv, layer}
+    q, k, v = qkv_heads(qkv, [cos, sin, pos,] [past_k, past_v]){H, Hkv, layer}
 
-Seven launches become two (five without a cache). At decode (M = 1) each projection is a
-short, latency-bound kernel, so the three GEMVs cost about what one wider GEMV costs; in a
-prefill the k and v GEMMs (N = Hkv D, a few CTAs) fill the GPU as part of the wider one.
-The three qmatmuls must
-have the same input, weight scheme (per-channel, or groups along K: scales concatenate
-along N) and ``act``, no epilogue, act-order or activation scales, and biases on all or
-none; the rotaries the same caches, positions and attributes; the appends the same layer.
-It runs before ``reorder-weights`` (the weights are still [K, N] codes).
+Seven launches become two in a decoder layer with a cache, five in one without, and three
+become two in an encoder. At decode (M = 1) each projection is a short, latency-bound kernel,
+so the three GEMVs cost about what one wider GEMV costs; in a prefill the k and v GEMMs
+(N = Hkv D, a few CTAs) fill the GPU as part of the wider one.
+
+The three qmatmuls must have the same input, weight scheme (per-channel, or groups along K:
+scales concatenate along N) and ``act``, no epilogue, act-order or activation scales, and
+biases on all or none; q and k rotated alike (same caches, positions, attributes) or not
+at all; the appends the same layer. It runs before ``reorder-weights`` (the weights are
+still [K, N] codes).
 """
 from __future__ import annotations
 
@@ -110,24 +113,27 @@ def _qmatmul_of(v: Value, rw: Rewriter):
     return node if node.result.type.rank == 3 else None
 
 
-def _rotary_of(v: Value, rw: Rewriter, heads: int):
-    """(rotary node, its qmatmul) when ``v`` is, through views, a 3-D rotary_embedding of
-    ``heads`` heads over a qmatmul's result."""
+def _projection_of(v: Value, rw: Rewriter):
+    """(rotary node or None, plain projection or None) behind ``v``: through views, a 3-D
+    rotary_embedding over a projection's result, or the projection itself."""
     base = _through_views(v, rw)
     rot = producer_of(base, "rotary_embedding") if base is not None else None
-    if rot is None or not rw.single_use(base) or rot.arg("x").type.rank != 3 \
-            or rot.attrs.get("num_heads") != heads:
+    if rot is None:
+        return None, _qmatmul_of(v, rw)
+    if not rw.single_use(base) or rot.arg("x").type.rank != 3:
         return None, None
     return rot, _qmatmul_of(rot.arg("x"), rw)
 
 
 def _heads_view_ok(v: Value, rows: tuple, heads: int, d: int) -> bool:
-    """``v`` is [B, S, heads, d] with the same B and S as the projection's rows."""
+    """``v`` is [B, S, heads, d] with the same B and S as the projection's rows (the heads
+    dim may be a symbol: a reshape's -1)."""
     shape = tuple(v.type.shape)
-    return len(shape) == 4 and shape[:2] == rows and "?" not in rows and shape[2:] == (heads, d)
+    return len(shape) == 4 and shape[:2] == rows and "?" not in rows and shape[3] == d \
+        and (shape[2] == heads or isinstance(shape[2], str))
 
 
-class FuseQkvRotary(RewritePattern):
+class FuseQkv(RewritePattern):
     op = "attention"
 
     def rewrite(self, node, rw):
@@ -147,49 +153,51 @@ class FuseQkvRotary(RewritePattern):
         # the extended caches may have other uses (the model's present outputs): all follow
         if not (rw.single_use(q_in) and rw.single_use(k_new) and rw.single_use(v_new)):
             return False
-        heads, hkv, d = q_in.type.shape[2], k_new.type.shape[2], q_in.type.shape[3]
-        if not all(isinstance(n, int) for n in (heads, hkv, d)) or heads % hkv:
+        qrot, qq = _projection_of(q_in, rw)
+        krot, qk = _projection_of(k_new, rw)
+        vrot, qv = _projection_of(v_new, rw)
+        if qq is None or qk is None or qv is None or vrot is not None \
+                or len({id(qq), id(qk), id(qv)}) != 3 or (qrot is None) != (krot is None):
             return False
-        qrot, qq = _rotary_of(q_in, rw, heads)
-        krot, qk = _rotary_of(k_new, rw, hkv)
-        qv = _qmatmul_of(v_new, rw)
-        if qq is None or qk is None or qv is None or len({id(qq), id(qk), id(qv)}) != 3:
-            return False
-        x = qq.arg("x")
         if not (same_projection_kind(qq, qk) and same_projection_kind(qq, qv)):
+            return False
+        d = q_in.type.shape[3]
+        nq, nk, nv = (p.result.type.shape[2] for p in (qq, qk, qv))
+        if not all(isinstance(n, int) for n in (d, nq, nk, nv)) or nq % d or nk % d or nk != nv:
+            return False
+        heads, hkv = nq // d, nk // d
+        if heads % hkv:
             return False
         rows = tuple(qq.result.type.shape[:2])
         if any(tuple(p.result.type.shape[:2]) != rows for p in (qk, qv)):
-            return False
-        if (qq.result.type.shape[2], qk.result.type.shape[2], qv.result.type.shape[2]) \
-                != (heads * d, hkv * d, hkv * d):
             return False
         if not (_heads_view_ok(q_in, rows, heads, d)
                 and _heads_view_ok(k_new, rows, hkv, d) and _heads_view_ok(v_new, rows, hkv, d)):
             return False
         tables = ("cos_cache", "sin_cache", "position_ids")
-        same = ("interleaved", "rotary_embedding_dim")
-        if any(qrot.arg(t) is not krot.arg(t) for t in tables) \
-                or any(qrot.attrs[a] != krot.attrs[a] for a in same):
-            return False
+        rotary = {"interleaved": 0, "rotary_embedding_dim": 0}
+        if qrot is not None:
+            if any(qrot.arg(t) is not krot.arg(t) for t in tables) \
+                    or any(qrot.attrs[a] != krot.attrs[a] for a in rotary) \
+                    or (qrot.attrs["num_heads"], krot.attrs["num_heads"]) != (heads, hkv):
+                return False
+            rotary = {a: int(qrot.attrs[a]) for a in rotary}
         weights = merged_weights(rw, (qq, qk, qv), before=qq)
         if weights is None:
             return False
-        qkv = rw.create("qmatmul", [x, *weights[:3], None, None, None, weights[3]],
+        qkv = rw.create("qmatmul", [qq.arg("x"), *weights[:3], None, None, None, weights[3]],
                         {"act": "float", "w_scheme": qq.attrs["w_scheme"],
                          **({"accuracy_level": qq.attrs["accuracy_level"]}
                             if "accuracy_level" in qq.attrs else {})},
                         before=qq, hint="qkv")
-        rot_ops = [qrot.arg(t) for t in tables]
+        rot_ops = [qrot.arg(t) for t in tables] if qrot is not None else [None] * 3
         cached = kcat is not None
         past = [kcat.arg("past"), vcat.arg("past")] if cached else []
-        fused = rw.create("qkv_rotary_append", [qkv.result, *rot_ops, *past],
-                          {"num_heads": heads, "kv_heads": hkv,
-                           "interleaved": int(qrot.attrs["interleaved"]),
-                           "rotary_embedding_dim": int(qrot.attrs["rotary_embedding_dim"]),
+        fused = rw.create("qkv_heads", [qkv.result, *rot_ops, *past],
+                          {"num_heads": heads, "kv_heads": hkv, **rotary,
                            "layer": int(kcat.attrs["layer"]) if cached else 0},
-                          before=node, hint=["q_rot", "k_cache", "v_cache"] if cached
-                          else ["q_rot", "k_rot", "v_heads"])
+                          before=node, hint=["q_heads", "k_cache", "v_cache"] if cached
+                          else ["q_heads", "k_heads", "v_heads"])
         q, k, v = fused.results
         rw.fn.replace_all_uses(q_in, q)
         if cached:
@@ -202,14 +210,14 @@ class FuseQkvRotary(RewritePattern):
         return True
 
 
-@register_pass("fuse-qkv-rotary")
+@register_pass("fuse-qkv")
 @dataclass
-class FuseQkvRotaryPass(Pass):
-    """q/k/v qmatmuls of one input + rotary on q and k + cache appends → one qmatmul and a
-    qkv_rotary_append."""
+class FuseQkvPass(Pass):
+    """q/k/v qmatmuls of one input (+ rotary on q and k, + cache appends) → one qmatmul and a
+    qkv_heads."""
 
     def run(self, module: Module) -> Module:
-        fused = apply_patterns(module, [FuseQkvRotary()])
+        fused = apply_patterns(module, [FuseQkv()])
         module.drop_unused_constants()  # the projections' own weights
-        record_stat(module, self.name, qkv_rotary_append=fused)
+        record_stat(module, self.name, qkv_heads=fused)
         return module
