@@ -137,6 +137,32 @@ def test_fused_matches_the_numpy_model(tmp_path, m, k, n, scheme, m_block, targe
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_many_rows_take_the_parallel_prologue_with_the_same_codes(tmp_path, target):
+    """M = 130 (>= QUANTIZE_PARALLEL_ROWS): the prologue with its rows over the thread pool;
+    the kernel still matches the numpy model, and on the same x both prologues give the
+    same codes, scales and sums bit for bit."""
+    import tvm
+
+    m = 130
+    assert m >= kernels.QUANTIZE_PARALLEL_ROWS
+    got, model, _, p = run_case(tmp_path, m, 272, 70, "u4-g32-zp", 2, seed=13, target=target)
+    assert float(np.abs(got - model).max()) <= runtime.tolerance(p, model)
+    lib = tvm.runtime.load_module(str(tmp_path / "k130_2.so"))  # run_case built it
+    bl = p.blocking
+    x = np.random.default_rng(14).standard_normal((m, bl.k_pad)).astype(np.float32)
+    outs = []
+    for name in (kernels.QUANTIZE_FUNC, kernels.QUANTIZE_ROWS_FUNC):
+        arrays = [np.zeros((m, bl.k_pad), np.int8), np.zeros((m, bl.k_pad // bl.block), np.float32),
+                  np.zeros((m, bl.k_pad // bl.block), np.float32)]
+        tensors = [tvm.runtime.tensor(a) for a in arrays]
+        lib[name](tvm.runtime.tensor(x), *tensors)
+        outs.append([t.numpy() for t in tensors])
+    for serial, parallel in zip(*outs):
+        np.testing.assert_array_equal(serial, parallel)
+    assert np.abs(outs[0][0]).max() == 127
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_every_row_of_a_padded_block_is_its_own(tmp_path, target):
     """M=3 in 2-row blocks (one padded row): each row's output is its own (rows swapped in x
     swap in y), so no accumulator of one row leaks into another."""

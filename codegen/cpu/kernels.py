@@ -496,6 +496,11 @@ def _int8_func(ks: KernelShape, m_block: int):
 
 
 QUANTIZE_FUNC = "qmm_quantize"
+# The same prologue with its rows spread over the thread pool, for calls with many rows: the
+# serial one took ~30 % of MiniLM's time at 32x128 on 2 threads, one core idle meanwhile.
+# Few rows stay serial: waking the pool costs more than quantizing them.
+QUANTIZE_ROWS_FUNC = "qmm_quantize_rows"
+QUANTIZE_PARALLEL_ROWS = 64
 
 
 def _quantize_func(ks: KernelShape):
@@ -529,14 +534,15 @@ def _quantize_func(ks: KernelShape):
     return te.create_prim_func([x, xq, scale, xsum])
 
 
-def quantize_source(ks: KernelShape) -> str:
+def quantize_source(ks: KernelShape, parallel: bool = False) -> str:
     """The prologue of ``_quantize_func`` as vector TensorIR (TVMScript): per row and group,
     the group's ``|x|`` maxima in one vector of the dot's lanes, compared as int32 bit patterns
     (for non-negative floats the same order; a reduction of ints is a shuffle tree, one of
     floats with maxnum's NaN rules a scalar chain), then ``nearbyint(x * inv)`` per vector,
     stored as int8, and the int32 sum of the codes (exact: at most 127 x 256). The same float32
     operations as the TE form, so the same codes and scales; the TE form's scalar group
-    reductions took 47-77% of the int8 kernel's time at M = 256 (K = 384 and 1536, Zen 4)."""
+    reductions took 47-77% of the int8 kernel's time at M = 256 (K = 384 and 1536, Zen 4).
+    ``parallel``: rows over the thread pool (``QUANTIZE_ROWS_FUNC``)."""
     K, G, B, L = ks.k_pad, ks.groups, ks.block, ks.lanes
     V = B // L
     f, i32 = f"float32x{L}", f"int32x{L}"
@@ -547,14 +553,15 @@ def quantize_source(ks: KernelShape) -> str:
 
     return "\n".join([
         "@T.prim_func",
-        "def qmm_quantize(x_h: T.handle, xq_h: T.handle, scale_h: T.handle, xsum_h: T.handle):",
+        f"def {QUANTIZE_ROWS_FUNC if parallel else QUANTIZE_FUNC}(x_h: T.handle, xq_h: T.handle, "
+        "scale_h: T.handle, xsum_h: T.handle):",
         "    T.func_attr({'tirx.noalias': True})",
         "    m = T.int64()",
         f"    x = T.match_buffer(x_h, (m, {K}), 'float32')",
         f"    xq = T.match_buffer(xq_h, (m, {K}), 'int8')",
         f"    scale = T.match_buffer(scale_h, (m, {G}), 'float32')",
         f"    xsum = T.match_buffer(xsum_h, (m, {G}), 'float32')",
-        "    for i in range(m):",
+        "    for i in T.parallel(m):" if parallel else "    for i in range(m):",
         f"        for g in range({G}):",
         f"            vmax = T.alloc_local((1,), '{i32}')",
         f"            vsum = T.alloc_local((1,), '{i32}')",
@@ -576,14 +583,14 @@ def quantize_source(ks: KernelShape) -> str:
     ]) + "\n"
 
 
-def schedule_quantize(ks: KernelShape):
+def schedule_quantize(ks: KernelShape, parallel: bool = False):
     """The int8 prologue (``quantize_source``) in a schedule-like wrapper."""
     import tvm
 
     if ks.block % ks.lanes:
         raise ValueError(f"the int8 prologue needs groups of whole vectors: block {ks.block}, "
                          f"{ks.lanes} lanes")
-    return _Prepared(tvm.script.from_source(quantize_source(ks)))
+    return _Prepared(tvm.script.from_source(quantize_source(ks, parallel)))
 
 
 def _loops_below(sch, block, depth: int) -> list:
@@ -1030,7 +1037,8 @@ def function_name(index: int) -> str:
 
 def build_module(ks: KernelShape, variants: list[dict]):
     """One IRModule with a scheduled PrimFunc per variant (``qmm_v0``, ``qmm_v1`` ...) and,
-    for the int8 path, the activation quantization ``qmm_quantize``."""
+    for the int8 path, the activation quantization ``qmm_quantize`` (and ``qmm_quantize_rows``,
+    its rows in parallel)."""
     import tvm
 
     funcs = {}
@@ -1038,8 +1046,9 @@ def build_module(ks: KernelShape, variants: list[dict]):
         f = schedule(ks, v).mod["main"]
         funcs[function_name(i)] = f.with_attr("global_symbol", function_name(i))
     if ks.numerics == "int8":
-        f = schedule_quantize(ks).mod["main"]
-        funcs[QUANTIZE_FUNC] = f.with_attr("global_symbol", QUANTIZE_FUNC)
+        for name, parallel in ((QUANTIZE_FUNC, False), (QUANTIZE_ROWS_FUNC, True)):
+            f = schedule_quantize(ks, parallel).mod["main"]
+            funcs[name] = f.with_attr("global_symbol", name)
     if ks.numerics == "lut":
         f = schedule_lut_tables(ks).mod["main"]
         funcs[LUT_TABLES_FUNC] = f.with_attr("global_symbol", LUT_TABLES_FUNC)

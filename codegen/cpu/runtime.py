@@ -292,6 +292,8 @@ class QmmKernel:
         self.lib = tvm.runtime.load_module(lib_path)
         self.funcs = [self.lib[kernels.function_name(i)] for i in range(len(variants))]
         self.quantize = self.lib[kernels.QUANTIZE_FUNC] if p.numerics == "int8" else None
+        self.quantize_rows = self.lib[kernels.QUANTIZE_ROWS_FUNC] if p.numerics == "int8" \
+            else None
         w, s, zc, self.out_factor = kernel_weights(p, packed)
         self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
         self.perm = packed.get("perm")
@@ -299,6 +301,10 @@ class QmmKernel:
         self._buffers: dict = {}
         ks = p.kernel_shape()
         self._chunks = [kernels.chunk_blocks(ks, v) for v in variants]
+
+    def quantizer(self, rows: int):
+        """The int8 prologue for a call of ``rows`` rows: serial, or over the thread pool."""
+        return self.quantize_rows if rows >= kernels.QUANTIZE_PARALLEL_ROWS else self.quantize
 
     def prepare(self, x: np.ndarray):
         """(variant index, buffers, M): x written into the kernel's activation buffers."""
@@ -318,11 +324,11 @@ class QmmKernel:
                 # copy costs less than wrapping x)
                 import tvm
 
-                self.quantize(tvm.runtime.from_dlpack(x), *buf.quant_args[1:])
+                self.quantizer(m)(tvm.runtime.from_dlpack(x), *buf.quant_args[1:])
                 return vi, buf, m
             buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
             buf.x[m:] = 0
-            self.quantize(*buf.quant_args)
+            self.quantizer(m_pad)(*buf.quant_args)
             return vi, buf, m
         if self.perm is None and p.k == bl.k_pad and m == m_pad and x.flags.c_contiguous:
             # No padding to add: the group sums and the k-major blocks come straight from x.
@@ -420,7 +426,7 @@ class QmmKernel:
             buf = self._buffers[(vi, m)] = _Buffers(p, m, mb, row_major)
         fn = self.funcs[vi]
         if p.numerics == "int8":
-            quantize = self.quantize
+            quantize = self.quantizer(m)
             quant_args = (tvm.runtime.from_dlpack(x), *buf.quant_args[1:])
             kernel_args = (*buf.args, *self.weights, direct)
 

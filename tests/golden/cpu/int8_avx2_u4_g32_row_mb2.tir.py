@@ -27,6 +27,26 @@ class Module:
             xsum[i, g] = T.Cast("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vsum))
 
     @T.prim_func
+    def qmm_quantize_rows(x: T.Buffer((m, 64), "float32"), xq: T.Buffer((m, 64), "int8"), scale: T.Buffer((m, 2), "float32"), xsum: T.Buffer((m, 2), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i in T.parallel(m):
+            for g in range(2):
+                vmax: T.int32x8
+                vsum: T.int32x8
+                vmax = T.Broadcast(0, 8)
+                vsum = T.Broadcast(0, 8)
+                for c in T.unroll(4):
+                    vmax = T.max(vmax, T.reinterpret("int32x8", T.fabs(x[i, T.Ramp(g * 32 + c * 8, 1, 8)])))
+                amax: T.float32 = T.reinterpret("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", vmax))
+                scale[i, g] = T.Select(amax > T.float32(0.0), amax * T.float32(0.007874015748031496), T.float32(1.0))
+                inv: T.float32 = T.Select(amax > T.float32(0.0), T.float32(127.0) / amax, T.float32(0.0))
+                for c in T.unroll(4):
+                    q: T.int32x8 = T.Cast("int32x8", T.nearbyint(x[i, T.Ramp(g * 32 + c * 8, 1, 8)] * T.Broadcast(inv, 8)))
+                    xq[i, g * 32 + c * 8:g * 32 + c * 8 + 8] = T.Cast("int8x8", q)
+                    vsum = vsum + q
+                xsum[i, g] = T.Cast("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vsum))
+
+    @T.prim_func
     def qmm_v0(xq: T.Buffer((mo, 2, 64), "int8"), xsum: T.Buffer((mo, 2, 2), "float32"), xs: T.Buffer((mo, 2, 2), "float32"), w: T.Buffer((2, 8, 32, 4), "uint8"), s: T.Buffer((2, 2, 32), "float32"), zc: T.Buffer((2, 2, 32), "uint8"), y: T.Buffer((mo, 2, 64), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(2):

@@ -27,6 +27,26 @@ class Module:
             xsum[i, g] = T.Cast("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vsum))
 
     @T.prim_func
+    def qmm_quantize_rows(x: T.Buffer((m, 64), "float32"), xq: T.Buffer((m, 64), "int8"), scale: T.Buffer((m, 2), "float32"), xsum: T.Buffer((m, 2), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i in T.parallel(m):
+            for g in range(2):
+                vmax: T.int32x16
+                vsum: T.int32x16
+                vmax = T.Broadcast(0, 16)
+                vsum = T.Broadcast(0, 16)
+                for c in T.unroll(2):
+                    vmax = T.max(vmax, T.reinterpret("int32x16", T.fabs(x[i, T.Ramp(g * 32 + c * 16, 1, 16)])))
+                amax: T.float32 = T.reinterpret("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", vmax))
+                scale[i, g] = T.Select(amax > T.float32(0.0), amax * T.float32(0.007874015748031496), T.float32(1.0))
+                inv: T.float32 = T.Select(amax > T.float32(0.0), T.float32(127.0) / amax, T.float32(0.0))
+                for c in T.unroll(2):
+                    q: T.int32x16 = T.Cast("int32x16", T.nearbyint(x[i, T.Ramp(g * 32 + c * 16, 1, 16)] * T.Broadcast(inv, 16)))
+                    xq[i, g * 32 + c * 16:g * 32 + c * 16 + 16] = T.Cast("int8x16", q)
+                    vsum = vsum + q
+                xsum[i, g] = T.Cast("float32", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vsum))
+
+    @T.prim_func
     def qmm_v0(xq: T.Buffer((mo, 2, 64), "int8"), xsum: T.Buffer((mo, 2, 2), "float32"), xs: T.Buffer((mo, 2, 2), "float32"), w: T.Buffer((1, 8, 64, 4), "uint8"), s: T.Buffer((1, 2, 64), "float32"), zc: T.Buffer((1, 2, 64), "uint8"), y: T.Buffer((mo, 2, 64), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(1):
