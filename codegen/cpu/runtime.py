@@ -64,6 +64,14 @@ def set_num_threads(n: int) -> int:
     return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
+def pool_threads() -> int:
+    """The TVM thread pool's size now."""
+    import tvm  # noqa: F401
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
 # --------------------------------------------------------------------------------------------
 # packing (shared by the cpu-pack-weights pass and the tuner)
 # --------------------------------------------------------------------------------------------
@@ -303,8 +311,11 @@ class QmmKernel:
         self._chunks = [kernels.chunk_blocks(ks, v) for v in variants]
 
     def quantizer(self, rows: int):
-        """The int8 prologue for a call of ``rows`` rows: serial, or over the thread pool."""
-        return self.quantize_rows if rows >= kernels.QUANTIZE_PARALLEL_ROWS else self.quantize
+        """The int8 prologue for a call of ``rows`` rows: over the thread pool for many rows
+        and more than one thread, else serial (one thread: no pool to wake)."""
+        if rows >= kernels.QUANTIZE_PARALLEL_ROWS and pool_threads() > 1:
+            return self.quantize_rows
+        return self.quantize
 
     def prepare(self, x: np.ndarray):
         """(variant index, buffers, M): x written into the kernel's activation buffers."""
