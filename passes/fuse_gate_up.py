@@ -26,7 +26,7 @@ from qcompiler.ir import Module
 from qcompiler.ir.elementwise_body import parse_body
 from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
 from qcompiler.passes.fuse_qkv import (merged_weights, mergeable_weights, plain_projection,
-                                              same_projection_kind)
+                                      same_projection_kind)
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 
