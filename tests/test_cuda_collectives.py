@@ -31,7 +31,8 @@ from test_shard import _feeds, _module
 
 @pytest.fixture(scope="module")
 def rank0():
-    """Rank 0's program of the act-order SwiGLU block for cuda-sm90:tp=2 (no nvcc needed)."""
+    """Rank 0's program of the act-order SwiGLU block for cuda-sm90:tp=2 (no nvcc needed;
+    its gate and up shards are one paired projection, fuse-gate-up)."""
     pipeline = pipeline_with_shard(get_target("cuda-sm90").default_pipeline, 2)
     return rank_program(PassManager.parse(pipeline).run(_module(act_order=True)), 0)
 
@@ -44,8 +45,8 @@ def test_segments_of_a_tp2_rank_program(rank0):
     assert len(segments) == 2
     first, last = segments
     assert first["steps"][-1] == "d.sum" and "d.r0" in first["steps"]
-    assert sum(1 for s in plan.steps if s.op == "qmatmul") == 3
-    assert all(n in first["steps"] for n in ("u.r0", "g.r0", "d.r0"))
+    assert sum(1 for s in plan.steps if s.op == "qmatmul") == 2
+    assert all(n in first["steps"] for n in ("gate_up", "d.r0"))
     assert first["collective"] == {"node": "d.sum", "operand": "d.r0", "buffer": "d.sum",
                                    "world": 2}
     assert last["collective"] is None and last["steps"] == ["y.f32_fused"]
@@ -170,9 +171,10 @@ def test_runner_replays_segments_around_the_collective(rank0, no_communicator):
     runner({"x": _feeds(1)["x"]})
     sig = next(iter(runner._signatures.values()))
     assert [item[0] for item in sig.program] == ["launch", "collective", "launch"]
-    # segment 0: cast, 3 qmatmuls, the copy of the partial into %d.sum's buffer
+    # segment 0: cast, 2 qmatmuls (gate/up paired, down), the copy of the partial into
+    # %d.sum's buffer
     seg0, seg1 = runner.launcher.tables
-    assert [k for k, _, _ in seg0] == [STEP_OP, STEP_QMM, STEP_QMM, STEP_QMM, STEP_COPY]
+    assert [k for k, _, _ in seg0] == [STEP_OP, STEP_QMM, STEP_QMM, STEP_COPY]
     assert [k for k, _, _ in seg1] == [STEP_OP]
     _, node, dptr, shape, dtype, world = sig.program[1]
     assert node.results[0].name == "d.sum" and world == 2 and shape == (5, 64)
@@ -188,7 +190,7 @@ def test_runner_replays_segments_around_the_collective(rank0, no_communicator):
     runner({"x": _feeds(1)["x"]})
     assert [e[0] for e in log if e[0] in ("launch", "all_reduce")] == \
         ["launch", "all_reduce", "launch"]
-    assert [e[1] for e in log if e[0] == "launch"] == [5, 1]
+    assert [e[1] for e in log if e[0] == "launch"] == [4, 1]
 
 
 def test_without_a_communicator_nothing_is_launched(rank0, no_communicator):
