@@ -370,8 +370,9 @@ def test_cuda_sm80_compiles_a_minilm_layer_without_a_gpu(minilm, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_gpu_reason()), reason=_gpu_reason() or "GPU present")
 def test_cuda_minilm_on_the_gpu_matches_the_reference(minilm):
-    """All 4-bit qmatmuls on the GPU (24: q, k, v merged by fuse-qkv); embeddings against the reference target on the same
-    fp16 quantized graph (cosine >= 0.999 per sentence) and against fp32 torch."""
+    """All 4-bit qmatmuls on the GPU (24: q, k, v merged by fuse-qkv); embeddings against the
+    reference target on the same fp16 quantized graph (cosine >= 0.999 per sentence) and
+    against fp32 torch."""
     import torch
 
     mo, _, model, feeds = minilm
