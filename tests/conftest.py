@@ -104,3 +104,27 @@ def check_golden(path: str, text: str, update: bool) -> None:
         diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True),
                                             "golden", "now"))
         pytest.fail(f"{path} differs from the output (run `make goldens` if intended):\n{diff}")
+
+
+# The CUDA pipelines' passes up to the projection merges (fuse-qkv, fuse-gate-up), for the
+# tests of those passes on small decoder exports.
+CUDA_PASSES_BEFORE_MERGES = (
+    "canonicalize,quantize-weights{bits=4,group=32},canonicalize,fuse-dequant,canonicalize,"
+    "compute-dtype{dtype=f16},fuse-rotary,fuse-attention,fold-attention-layout,fuse-kv-concat,"
+    "fuse-rmsnorm,fuse-gelu,fuse-epilogue,fuse-elementwise")
+
+
+def small_llama_onnx(path: str, layers: int, batch: int, seq: int, past: int, seed: int,
+                     with_cache: bool = True) -> dict:
+    """A Llama-architecture decoder (hidden 128, 4 heads over 2 KV heads) exported to ONNX at
+    ``path``; returns its feeds (``past`` cached tokens, none without a cache)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import decoder_models as dm
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    feeds = dm.llama_inputs(cfg, layers, batch, seq, past, seed=seed)
+    dm.export_onnx(dm.llama(layers=layers, with_cache=with_cache, **cfg), feeds, path,
+                   dynamo=False)
+    return feeds

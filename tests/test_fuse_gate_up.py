@@ -2,8 +2,6 @@
 projections become one qmatmul over column-interleaved weights with an epilogue over column
 pairs, the reference of the fused module agrees with the unfused one at f16 rounding, and
 the CPU backend, which has no paired epilogue, refuses it naming the node."""
-import os
-import sys
 from collections import Counter
 
 import numpy as np
@@ -12,24 +10,14 @@ import pytest
 from qcompiler.driver.frontend import import_model
 from qcompiler.pipeline import PassManager
 from qcompiler.runtime.reference import run as ref_run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEFORE = ("canonicalize,quantize-weights{bits=4,group=32},canonicalize,fuse-dequant,"
-          "canonicalize,compute-dtype{dtype=f16},fuse-rotary,fuse-attention,"
-          "fold-attention-layout,fuse-kv-concat,fuse-rmsnorm,fuse-gelu,fuse-epilogue,"
-          "fuse-elementwise")
+from conftest import CUDA_PASSES_BEFORE_MERGES as BEFORE, small_llama_onnx
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import decoder_models as dm
-
-    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
-    feeds = dm.llama_inputs(cfg, 2, 2, 3, 11, seed=8)  # batch 2, 3 new tokens, 11 cached
     path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
-    dm.export_onnx(dm.llama(layers=2, **cfg), feeds, path, dynamo=False)
+    feeds = small_llama_onnx(path, 2, 2, 3, 11, seed=8)  # batch 2, 3 new tokens, 11 cached
     return path, PassManager.parse(BEFORE).run(import_model(path)), feeds
 
 

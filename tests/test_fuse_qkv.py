@@ -13,24 +13,14 @@ import pytest
 from qcompiler.driver.frontend import import_model
 from qcompiler.pipeline import PassManager
 from qcompiler.runtime.reference import run as ref_run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEFORE = ("canonicalize,quantize-weights{bits=4,group=32},canonicalize,fuse-dequant,"
-          "canonicalize,compute-dtype{dtype=f16},fuse-rotary,fuse-attention,"
-          "fold-attention-layout,fuse-kv-concat,fuse-rmsnorm,fuse-gelu,fuse-epilogue,"
-          "fuse-elementwise")
+from conftest import CUDA_PASSES_BEFORE_MERGES as BEFORE, ROOT, small_llama_onnx
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import decoder_models as dm
-
-    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
-    feeds = dm.llama_inputs(cfg, 3, 2, 3, 11, seed=5)  # batch 2, 3 new tokens, 11 cached
     path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
-    dm.export_onnx(dm.llama(layers=3, **cfg), feeds, path, dynamo=False)
+    feeds = small_llama_onnx(path, 3, 2, 3, 11, seed=5)  # batch 2, 3 new tokens, 11 cached
     return PassManager.parse(BEFORE).run(import_model(path)), feeds
 
 
@@ -79,13 +69,8 @@ def test_without_a_cache_k_and_v_go_to_the_attention_as_heads(tmp_path):
     """A prefill-only export (no caches): the same merge, k and v [B, S, Hkv, D] into the
     attention (kv_bshd kept); the fused module's reference agrees with the unfused one."""
     pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import decoder_models as dm
-
-    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
-    feeds = dm.llama_inputs(cfg, 2, 2, 7, 0, seed=9)
     path = str(tmp_path / "prefill.onnx")
-    dm.export_onnx(dm.llama(layers=2, with_cache=False, **cfg), feeds, path, dynamo=False)
+    feeds = small_llama_onnx(path, 2, 2, 7, 0, seed=9, with_cache=False)
     plain = PassManager.parse(BEFORE).run(import_model(path))
     fused = PassManager.parse("fuse-qkv").run(plain.clone())
     ops = Counter(n.op for n in fused.main.nodes)
