@@ -218,6 +218,9 @@ class FuseQkvPass(Pass):
 
     def run(self, module: Module) -> Module:
         fused = apply_patterns(module, [FuseQkv()])
+        if fused:  # the caches' other users (present outputs) may precede the attention
+            for fn in module.functions:
+                fn.topo_sort()
         module.drop_unused_constants()  # the projections' own weights
         record_stat(module, self.name, qkv_heads=fused)
         return module

@@ -364,6 +364,24 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
           [([B, 2, "?", 5], "f32")], {"layer": 2, "new_bshd": 1})
     g.add("cov_exact", "kv_concat", [g.arg([2, B, 3, 4, 8], "f32"), g.arg([B, 3, 1, 8], "f32")],
           [([B, 3, 5, 8], "f32")], {"layer": 0, "new_bshd": 0})
+    # fuse-qkv's head split: rotated with position ids and caches (GQA 4 over 2 heads of 8);
+    # interleaved over part of the head without caches; neither rotary nor caches (BERT)
+    g.add("cov_float", "qkv_heads",
+          [g.arg([B, S, 8 * 8], "f32"), g.arg([40, 4], "f32"), g.arg([40, 4], "f32"),
+           g.arg([B, S], "i64", low=(0, 39)), g.arg([3, B, 2, 7, 8], "f32"),
+           g.arg([3, B, 2, 7, 8], "f32")],
+          [([B, S, 4, 8], "f32"), ([B, 2, "?", 8], "f32"), ([B, 2, "?", 8], "f32")],
+          {"num_heads": 4, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
+           "layer": 1})
+    g.add("cov_float", "qkv_heads",
+          [g.arg([B, 5, 6 * 12], "f32"), g.arg([5, 2], "f32"), g.arg([5, 2], "f32")],
+          [([B, 5, 2, 12], "f32"), ([B, 5, 2, 12], "f32"), ([B, 5, 2, 12], "f32")],
+          {"num_heads": 2, "kv_heads": 2, "interleaved": 1, "rotary_embedding_dim": 4,
+           "layer": 0})
+    g.add("cov_exact", "qkv_heads", [g.arg([B, S, 3 * 12], "f32")],
+          [([B, S, 2, 6], "f32"), ([B, S, 2, 6], "f32"), ([B, S, 2, 6], "f32")],
+          {"num_heads": 2, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
+           "layer": 0})
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 

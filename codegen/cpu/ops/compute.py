@@ -495,6 +495,83 @@ def _kv_concat(ctx: _Ctx) -> Kernel:
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
 
 
+@_builder("qkv_heads")
+def _qkv_heads(ctx: _Ctx) -> Kernel:
+    """fuse-qkv's split of one q|k|v projection [B, S, (H + 2 Hkv) D] into q [B, S, H, D]
+    and k, v: [B, S, Hkv, D], or the layer's caches [B, Hkv, P + S, D] extended as kv_concat
+    does when past caches are given; q and k rotated as rotary_embedding does when cos/sin
+    are given."""
+    from tvm import tirx
+
+    node = ctx.node
+    a = node.attrs
+    qkv = ctx.operand(0)
+    heads, kv_heads = a["num_heads"], a["kv_heads"]
+    width = ctx.otype(0).shape[2]
+    if not isinstance(width, int):
+        raise unsupported(node, "qkv_heads needs a static projection width")
+    head_dim = width // (heads + 2 * kv_heads)
+    rd = a["rotary_embedding_dim"] or head_dim
+    half = rd // 2
+    dtype = dtype_of(qkv)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+    rotary = ctx.has(1)
+    layer = tirx.IntImm("int64", a["layer"])
+
+    def value(b, s, head, d, rotate: bool):
+        """Element d of head ``head`` of token (b, s), rotated if asked."""
+        base = _i64(head_dim) * head
+
+        def at(dd):
+            return qkv[(b, s, base + dd)].astype(ct)
+
+        if not rotate:
+            return qkv[(b, s, base + d)]
+        cos, sin = ctx.operand(1), ctx.operand(2)
+        if len(cos.shape) == 3:
+            row = (b, s)
+        elif ctx.has(3):
+            row = (ctx.operand(3)[(b, s)].astype("int64"),)
+        else:
+            row = (s,)
+        if a["interleaved"]:
+            j = tirx.floordiv(d, _i64(2))
+            first = tirx.floormod(d, _i64(2)) == _i64(0)
+            partner = tirx.Select(first, d + _i64(1), d - _i64(1))
+        else:
+            first = d < _i64(half)
+            j = tirx.Select(first, d, d - _i64(half))
+            partner = tirx.Select(first, d + _i64(half), d - _i64(half))
+        inside = d < _i64(rd)
+        j = tirx.Select(inside, j, _i64(0))
+        partner = tirx.Select(inside, partner, d)
+        cv, sv = cos[row + (j,)].astype(ct), sin[row + (j,)].astype(ct)
+        xv, xp = at(d), at(partner)
+        rotated = tirx.Select(first, cv * xv - sv * xp, sv * xp + cv * xv)
+        return tirx.Select(inside, rotated, xv).astype(dtype)
+
+    def q_fn(i):
+        b, s, h, d = i
+        return value(b, s, h, d, rotary)
+
+    def kv_fn(first_head: int, rotate: bool, past_operand: int):
+        def fn(i):
+            if not ctx.has(past_operand):  # [B, S, Hkv, D]
+                b, s, h, d = i
+                return value(b, s, _i64(first_head) + h, d, rotate)
+            past = ctx.operand(past_operand)  # [L, B, Hkv, P, D]: rows t < P are the cache's
+            b, h, t, d = i
+            cached = past.shape[3]
+            return tirx.if_then_else(t < cached, past[(layer, b, h, t, d)],
+                                     value(b, t - cached, _i64(first_head) + h, d, rotate))
+        return fn
+
+    outs = [_compute(ctx.out_shapes[0], q_fn, "q"),
+            _compute(ctx.out_shapes[1], kv_fn(heads, rotary, 4), "k"),
+            _compute(ctx.out_shapes[2], kv_fn(heads + kv_heads, False, 5), "v")]
+    return Kernel(ctx.inputs, outs, "injective")
+
+
 @_builder("split")
 def _split(ctx: _Ctx) -> Kernel:
     from tvm import tirx
