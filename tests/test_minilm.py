@@ -99,7 +99,11 @@ def test_onnx_matmulnbits_matches_onnxruntime(minilm, fp32_onnx, tmp_path, targe
 
     module, _ = read_artifact(compiled.directory)
     qmms = [n for n in module.main.nodes if n.op == "qmatmul"]
-    assert len(qmms) == 36  # 24 x [384, 384], 6 x [384, 1536], 6 x [1536, 384]
+    # 36 projections: 24 x [384, 384], 6 x [384, 1536], 6 x [1536, 384]; a compiled target
+    # merges each layer's q, k and v (fuse-qkv) into one [384, 1152]
+    merged = sum(1 for n in module.main.nodes if n.op == "qkv_heads")
+    assert merged in (0, 6) and len(qmms) == 36 - 2 * merged
+    assert merged == (6 if target != "ref" else 0)
     assert {n.attrs["w_scheme"].block_size for n in qmms} == {block}
     _check(mo, _embed(compiled, feeds), ort_y, fp32_y)
 
