@@ -287,10 +287,14 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
         assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k
 
 
-def test_llama_prefill_with_paired_gate_up_matches_the_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device_plan", ["1", "0"])
+def test_llama_prefill_with_paired_gate_up_matches_the_reference(tmp_path, monkeypatch,
+                                                                  device_plan):
     """The same layers over 40 and 150 new tokens (the tiled and wgmma kernels' M buckets):
     the paired gate/up epilogue, applied in the tile and in the split-K fix-up alike, and the
-    qkv append of many rows, against the reference of the same module."""
+    qkv append of many rows, against the reference of the same module. Without the device
+    plan the kernel writes the whole product (twice the result's width) and the host applies
+    the pairs."""
     from qcompiler.runtime.reference import run as ref_run
 
     pytest.importorskip("torch")
@@ -300,7 +304,7 @@ def test_llama_prefill_with_paired_gate_up_matches_the_reference(tmp_path, monke
         __file__))), "examples"))
     import decoder_models as dm
 
-    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    monkeypatch.setenv("QC_CUDA_PLAN", device_plan)
     cfg = dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384)
     m, ref, feeds = _llama_decode_on_cuda_sm90(tmp_path, cfg, 5, 6, seq=40)
     assert any(n.attrs.get("epilogue_pairs") for n in m.module.main.nodes if n.op == "qmatmul")

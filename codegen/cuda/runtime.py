@@ -237,7 +237,10 @@ class CudaModuleRunner:
             arrays = {role: constant_value(self.module, node.operand(i))
                       for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4),
                                       ("bias", 7))}
-            kernels[result] = QmmKernel(rt, lib, symbol, arrays, node.result.type.shape[-1],
+            # the kernel writes the product here (the interpreter applies the epilogue); with
+            # column pairs (fuse-gate-up) that is twice the result's width
+            width = node.result.type.shape[-1] * (2 if node.attrs.get("epilogue_pairs") else 1)
+            kernels[result] = QmmKernel(rt, lib, symbol, arrays, width,
                                         node.result.type.dtype.np_dtype)
         self.rt, self.kernels = rt, kernels
 
