@@ -495,6 +495,39 @@ def _kv_concat(ctx: _Ctx) -> Kernel:
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
 
 
+def _rotary_element(ctx: _Ctx, at, b, s, d, rd: int, ct, dtype):
+    """Element d of a head rotated as ONNX RotaryEmbedding does (``at(dd)``: the head's
+    element dd in the compute type ``ct``): the first ``rd`` features rotated in pairs
+    (halves, or adjacent with interleaved) by the cos/sin cache row of the token's position
+    (operands 1 and 2; position_ids operand 3 when given, else s; a 3-D cache is already per
+    [b, s]), the rest copied. Shared by rotary_embedding and qkv_heads."""
+    from tvm import tirx
+
+    cos, sin = ctx.operand(1), ctx.operand(2)
+    if len(cos.shape) == 3:
+        row = (b, s)
+    elif ctx.has(3):
+        row = (ctx.operand(3)[(b, s)].astype("int64"),)
+    else:
+        row = (s,)
+    half = rd // 2
+    if ctx.node.attrs["interleaved"]:
+        j = tirx.floordiv(d, _i64(2))
+        first = tirx.floormod(d, _i64(2)) == _i64(0)
+        partner = tirx.Select(first, d + _i64(1), d - _i64(1))
+    else:
+        first = d < _i64(half)
+        j = tirx.Select(first, d, d - _i64(half))
+        partner = tirx.Select(first, d + _i64(half), d - _i64(half))
+    inside = d < _i64(rd)
+    j = tirx.Select(inside, j, _i64(0))
+    partner = tirx.Select(inside, partner, d)
+    cv, sv = cos[row + (j,)].astype(ct), sin[row + (j,)].astype(ct)
+    xv, xp = at(d), at(partner)
+    rotated = tirx.Select(first, cv * xv - sv * xp, sv * xp + cv * xv)
+    return tirx.Select(inside, rotated, xv).astype(dtype)
+
+
 @_builder("qkv_heads")
 def _qkv_heads(ctx: _Ctx) -> Kernel:
     """fuse-qkv's split of one q|k|v projection [B, S, (H + 2 Hkv) D] into q [B, S, H, D]
@@ -512,7 +545,6 @@ def _qkv_heads(ctx: _Ctx) -> Kernel:
         raise unsupported(node, "qkv_heads needs a static projection width")
     head_dim = width // (heads + 2 * kv_heads)
     rd = a["rotary_embedding_dim"] or head_dim
-    half = rd // 2
     dtype = dtype_of(qkv)
     ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
     rotary = ctx.has(1)
@@ -527,28 +559,7 @@ def _qkv_heads(ctx: _Ctx) -> Kernel:
 
         if not rotate:
             return qkv[(b, s, base + d)]
-        cos, sin = ctx.operand(1), ctx.operand(2)
-        if len(cos.shape) == 3:
-            row = (b, s)
-        elif ctx.has(3):
-            row = (ctx.operand(3)[(b, s)].astype("int64"),)
-        else:
-            row = (s,)
-        if a["interleaved"]:
-            j = tirx.floordiv(d, _i64(2))
-            first = tirx.floormod(d, _i64(2)) == _i64(0)
-            partner = tirx.Select(first, d + _i64(1), d - _i64(1))
-        else:
-            first = d < _i64(half)
-            j = tirx.Select(first, d, d - _i64(half))
-            partner = tirx.Select(first, d + _i64(half), d - _i64(half))
-        inside = d < _i64(rd)
-        j = tirx.Select(inside, j, _i64(0))
-        partner = tirx.Select(inside, partner, d)
-        cv, sv = cos[row + (j,)].astype(ct), sin[row + (j,)].astype(ct)
-        xv, xp = at(d), at(partner)
-        rotated = tirx.Select(first, cv * xv - sv * xp, sv * xp + cv * xv)
-        return tirx.Select(inside, rotated, xv).astype(dtype)
+        return _rotary_element(ctx, at, b, s, d, rd, ct, dtype)
 
     def q_fn(i):
         b, s, h, d = i
@@ -1440,7 +1451,7 @@ def _rotary_embedding(ctx: _Ctx) -> Kernel:
 
     node = ctx.node
     a = node.attrs
-    x, cos, sin = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    x = ctx.operand(0)
     rank = len(x.shape)
     if rank == 4:
         head_dim = ctx.otype(0).shape[3]
@@ -1453,7 +1464,6 @@ def _rotary_embedding(ctx: _Ctx) -> Kernel:
     if not isinstance(head_dim, int):
         raise unsupported(node, "rotary_embedding head size is not static")
     rd = a["rotary_embedding_dim"] or head_dim
-    half = rd // 2
     dtype = dtype_of(x)
     ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
     D = _i64(head_dim)
@@ -1470,28 +1480,7 @@ def _rotary_embedding(ctx: _Ctx) -> Kernel:
 
             def at(dd):
                 return x[(i[0], i[1], base + dd)].astype(ct)
-        if len(cos.shape) == 3:
-            row = (b, s)
-        elif ctx.has(3):
-            row = (ctx.operand(3)[(b, s)].astype("int64"),)
-        else:
-            row = (s,)
-        if a["interleaved"]:
-            j = tirx.floordiv(d, _i64(2))
-            first = tirx.floormod(d, _i64(2)) == _i64(0)
-            partner = tirx.Select(first, d + _i64(1), d - _i64(1))
-        else:
-            first = d < _i64(half)
-            j = tirx.Select(first, d, d - _i64(half))
-            partner = tirx.Select(first, d + _i64(half), d - _i64(half))
-        inside = d < _i64(rd)
-        j = tirx.Select(inside, j, _i64(0))
-        partner = tirx.Select(inside, partner, d)
-        cv = cos[row + (j,)].astype(ct)
-        sv = sin[row + (j,)].astype(ct)
-        xv, xp = at(d), at(partner)
-        rotated = tirx.Select(first, cv * xv - sv * xp, sv * xp + cv * xv)
-        return tirx.Select(inside, rotated, xv).astype(dtype)
+        return _rotary_element(ctx, at, b, s, d, rd, ct, dtype)
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
 
