@@ -19,25 +19,37 @@ import sys
 import tempfile
 
 SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o, k/v, gate/up, down
+# issue #14's shapes (N, K): a 4096-wide layer and the large layers of 8B / 70B models.
+LARGE_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
 
 
-def candidates(target, key) -> dict:
+def candidates(target, key, tiled: bool = True) -> dict:
     from qcompiler.codegen.cuda import tuning
 
     base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "stage_k": 128}
     out = {"heuristic": tuning.default_config(target, key)}
     for mf, wn, wk, st, sk in ((4, 4, 2, 3, 1), (4, 2, 2, 3, 1), (4, 2, 4, 3, 1), (2, 4, 2, 4, 1),
-                               (4, 4, 2, 3, 2)):
+                               (4, 4, 2, 3, 2)) if tiled else ():
         out[f"tiled mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
             **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
+    wgmma = {"gemv": 0, "stages": 6, "stage_k": 64, "acc_scale": 0}
     for consumers in (1, 2):
         for sk in (1, 2):
-            c = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
-                 "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": sk}
-            while tuning.check_config(target, key, c) and c["stages"] > 2:
-                c["stages"] -= 1
-            out[f"wgmma m{64 * consumers} sk{sk}"] = c
+            out[f"wgmma m{64 * consumers} sk{sk}"] = {
+                **wgmma, "wgmma": 1, "m_frags": 4 * consumers, "warps_n": 4,
+                "warps_k": consumers, "split_k": sk}
+    # The block-split mapping (wgmma=2): (M tile, n64 blocks, consumer warpgroups, splits).
+    for m_tile, blocks, consumers, splits in ((256, 2, 2, (1, 2, 4)), (128, 4, 2, (1, 2)),
+                                              (128, 2, 2, (1, 2)), (256, 1, 1, (1, 2)),
+                                              (128, 1, 1, (1,))):
+        for sk in splits:
+            out[f"blocks m{m_tile} n{64 * blocks} c{consumers} sk{sk}"] = {
+                **wgmma, "wgmma": 2, "m_frags": m_tile // 16, "warps_n": blocks,
+                "warps_k": consumers, "split_k": sk}
+    for c in out.values():
+        while c.get("wgmma") and tuning.check_config(target, key, c) and c["stages"] > 2:
+            c["stages"] -= 1
     return {name: c for name, c in out.items() if tuning.check_config(target, key, c) is None}
 
 
@@ -55,6 +67,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="512")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--large", action="store_true", help="issue #14's shapes instead of 1B's")
+    ap.add_argument("--no-tiled", action="store_true", help="leave out the mma.sync configs")
     a = ap.parse_args(argv)
     import torch
 
@@ -62,13 +76,14 @@ def main(argv=None) -> int:
     from qcompiler.targets import get_target
 
     target = get_target("cuda-sm90")
+    shapes = LARGE_SHAPES if a.large else SHAPES
     work = tempfile.mkdtemp()
     jobs = []
     for m in [int(v) for v in a.ms.split(",")]:
-        for n, k in SHAPES:
+        for n, k in shapes:
             key = {"op": "qmatmul", "m": m, "k": k, "n": n, "w_scheme": SCHEME, "act": "float",
                    "x_dtype": "f16", "has_bias": False}
-            for name, cfg in candidates(target, key).items():
+            for name, cfg in candidates(target, key, tiled=not a.no_tiled).items():
                 jobs.append((m, n, k, name, key, cfg))
     # Build (nvcc) in parallel, then time one at a time: measure_config builds and times, so
     # warm the build cache first with a pool, then time serially.
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
         print(f"M={m} {n}x{k} {name:<32} " + (f"{row['us']:8.2f} us {row['tflops']:6.1f} TFLOPS"
                                              if "us" in row else row["error"]), flush=True)
     for m in sorted({r["m"] for r in rows}):
-        for n, k in SHAPES:
+        for n, k in shapes:
             us = cublas_us(m, n, k)
             rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
                          "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})

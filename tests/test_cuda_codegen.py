@@ -61,10 +61,10 @@ def _source(case, wgmma=False, epilogue=None, pairs=False):
         node.operands.append(Value("residual", node.result.type))
         node.attrs["epilogue"] = epilogue
         assert epilogue_in_kernel(node)
-    if wgmma:
+    if wgmma:  # both mappings: token split up to 128 rows, block split above
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] > 64:
-                v.update(WGMMA)
+                v.update(WGMMA if v["m_max"] <= 128 else WGMMA_BLOCKS)
     else:
         # The plain goldens keep mma.sync kernels in every bucket (the cuda-sm80 heuristic's
         # config where cuda-sm90 takes the sm_90a-only wgmma kernel: its prefill bucket), so
@@ -332,6 +332,8 @@ def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
 
 WGMMA = {"wgmma": 1, "gemv": 0, "m_frags": 8, "warps_n": 4, "warps_k": 2, "stages": 4,
          "stage_k": 64, "acc_scale": 0, "split_k": 2}
+WGMMA_BLOCKS = {"wgmma": 2, "gemv": 0, "m_frags": 16, "warps_n": 2, "warps_k": 2, "stages": 4,
+                "stage_k": 64, "acc_scale": 0, "split_k": 1}
 
 
 def test_wgmma_selection_and_validation():
@@ -397,10 +399,12 @@ def test_wgmma_source_and_archs():
     _, _, node = bs.pack_case(GOLDEN_CASES["u4_g128_zp_f16"])
     for v in node.attrs["config"]["variants"].values():
         if v["m_max"] > 64:
-            v.update(WGMMA)
+            v.update(WGMMA if v["m_max"] <= 128 else WGMMA_BLOCKS)
     params = backend.kernel_params(node, "cuda-sm90")
     text = backend.render(params)
-    assert '#include "qcompiler/wgmma.cuh"' in text and "qc::launch_wgmma<Config, 64, 2," in text
+    assert '#include "qcompiler/wgmma.cuh"' in text
+    assert "qc::launch_wgmma_token_split<Config, 2, 4>" in text
+    assert "qc::launch_wgmma_block_split<Config, 256, 1, 2, 4>" in text
     assert backend.target_archs(get_target("cuda-sm90"), params) == ["sm_90a"]
     _, _, node8 = bs.pack_case(GOLDEN_CASES["u8_g64_zp_bf16"])
     params8 = backend.kernel_params(node8, "cuda-sm90")

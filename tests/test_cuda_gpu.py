@@ -174,6 +174,12 @@ def test_back_to_back_layers_on_one_stream(tmp_path):
 WGMMA_VARIANTS = [{"wgmma": 1, "gemv": 0, "m_frags": 4 * c, "warps_n": 4, "warps_k": c,
                    "stages": st, "stage_k": 64, "acc_scale": 0, "split_k": sk}
                   for c, st, sk in [(1, 4, 1), (2, 4, 1), (1, 3, 3), (2, 6, 2)]]
+# The block-split mapping (wgmma=2): M tiles of 64-256 tokens, 1 or 2 n64 blocks a warpgroup.
+# (m_frags, warps_n, warps_k, stages, split_k)
+WGMMA_VARIANTS += [{"wgmma": 2, "gemv": 0, "m_frags": mf, "warps_n": wn, "warps_k": wk,
+                    "stages": st, "stage_k": 64, "acc_scale": 0, "split_k": sk}
+                   for mf, wn, wk, st, sk in [(16, 2, 2, 4, 1), (8, 4, 2, 3, 2), (4, 1, 1, 4, 3),
+                                              (16, 1, 1, 5, 1), (8, 2, 2, 4, 1)]]
 WGMMA_CASES = {  # format: (N, K) scaled from 4096², 14336x4096, 28672x8192, 8192x28672
     "u4_zp_g128_f16": (512, 512), "i4_g128_bf16": (1792, 512),
     "u4_zp_g128_bf16": (3584, 1024), "i4_g128_f16": (1024, 3584),
@@ -201,14 +207,15 @@ def test_wgmma_variants(fmt, tmp_path):
 
 
 def test_wgmma_full_shape(tmp_path):
-    """One full layer, 4096x4096, with two consumer warpgroups."""
+    """One full layer, 4096x4096, with two consumer warpgroups of each mapping."""
     if not _sm90():
         pytest.skip("the wgmma kernel needs sm_90")
     built = bs.build_case(_case("i4_g128_f16", (4096, 4096)), str(tmp_path),
-                          variants=WGMMA_VARIANTS[1:2])
+                          variants=WGMMA_VARIANTS[1:2] + WGMMA_VARIANTS[4:5])
     kern = bs.load_kernel(built)
-    for m in (64, 100, 128, 512, 1000):
-        _check(kern, built, m)
+    for variant in (0, 1):
+        for m in (64, 100, 128, 512, 1000):
+            _check(kern, built, m, variant=variant)
 
 
 def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(tmp_path,

@@ -79,7 +79,7 @@ def kernel_params(node, target_name: str) -> dict:
     instances = sorted({(v["gemv"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
                         + ((0, 0) if v["gemv"] else (v["stage_k"], v["acc_scale"]))
                         for v in variants if not v["wgmma"]})
-    wgmma_instances = sorted({(v["m_frags"], v["warps_k"], v["stages"])
+    wgmma_instances = sorted({(v["wgmma"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
                               for v in variants if v["wgmma"]})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {

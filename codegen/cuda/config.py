@@ -29,7 +29,8 @@ ZERO_AT = ("registers", "constant")
 SOURCES = ("heuristic", "tuning-log", "explicit")
 KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
 # Knobs added later, with the value a config written before them means (tuning logs and .qir
-# text from before the wgmma kernel stay valid): wgmma=1 selects the sm_90a wgmma/TMA kernel.
+# text from before the wgmma kernel stay valid): wgmma=1 and 2 select the sm_90a wgmma/TMA
+# kernel with its consumer warpgroups splitting the tokens (1) or the N tile (2).
 OPTIONAL_KNOBS = {"wgmma": 0}
 X_DTYPES = ("f16", "bf16")
 # Layout parameters the template prints as C++ numbers.
@@ -97,8 +98,8 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     for knob, default in OPTIONAL_KNOBS.items():
         if not is_int(config.get(knob, default)):
             return f"{knob}={config[knob]!r} is not an int"
-    if config.get("wgmma", 0) not in (0, 1):
-        return f"wgmma={config['wgmma']} not in (0, 1)"
+    if config.get("wgmma", 0) not in (0, 1, 2):
+        return f"wgmma={config['wgmma']} not in (0, 1, 2)"
     if config.get("wgmma", 0):
         return check_wgmma(target, key, config)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
@@ -145,23 +146,39 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
 
 def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
     """``check_knobs`` for the sm_90a wgmma kernel (include/qcompiler/wgmma.cuh), whose knobs
-    mean: ``m_frags`` the CTA's M tile / 16 (64 tokens per consumer warpgroup), ``warps_k``
-    the consumer warpgroups, ``warps_n`` = 4 (four n64 blocks per CTA, one per warp),
-    ``stages`` the TMA ring's depth (stages of 64 K rows: ``stage_k`` = 64), ``split_k``."""
+    mean: ``m_frags`` the CTA's M tile / 16, ``warps_n`` its n64 blocks, ``warps_k`` its
+    consumer warpgroups, ``stages`` the TMA ring's depth (stages of 64 K rows: ``stage_k`` =
+    64), ``split_k``. With ``wgmma=1`` the warpgroups split the tokens (64 each) over four
+    blocks; with ``wgmma=2`` they split the blocks over all the M tile's tokens (at most 256:
+    one wgmma's N), a warpgroup holding (blocks / warpgroups) x M tile / 2 <= 128 fp32
+    accumulators a thread."""
     from qcompiler.codegen.cuda.layout import K_ALIGN, pad_to
     from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
 
     if "wgmma" not in getattr(target, "features", ()):
-        return f"wgmma=1 needs a target with wgmma (sm_90), not {getattr(target, 'name', target)}"
+        return (f"wgmma={config['wgmma']} needs a target with wgmma (sm_90), not "
+                f"{getattr(target, 'name', target)}")
     if _bits(key) > 4:
         return "the wgmma kernel reads 4-bit containers (codes of at most 4 bits)"
     if config["gemv"] != 0 or config["acc_scale"] != 0 or config["stage_k"] != 64:
         return "the wgmma kernel takes gemv=0, acc_scale=0 and stage_k=64"
-    if config["warps_n"] != 4:
-        return f"warps_n={config['warps_n']}: the wgmma kernel's N tile is 4 n64 blocks (4)"
-    if config["warps_k"] not in (1, 2) or config["m_frags"] != 4 * config["warps_k"]:
-        return (f"warps_k={config['warps_k']}, m_frags={config['m_frags']}: the wgmma kernel "
-                "takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens (m_frags = 4 warps_k)")
+    consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
+    if config["wgmma"] == 1:
+        if blocks != 4:
+            return f"warps_n={blocks}: the token-split wgmma kernel's N tile is 4 n64 blocks (4)"
+        if consumers not in (1, 2) or config["m_frags"] != 4 * consumers:
+            return (f"warps_k={consumers}, m_frags={config['m_frags']}: the token-split wgmma "
+                    "kernel takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens "
+                    "(m_frags = 4 warps_k)")
+    else:
+        if consumers not in (1, 2) or m_tile not in (64, 128, 256):
+            return (f"warps_k={consumers}, m_frags={config['m_frags']}: the block-split wgmma "
+                    "kernel takes 1 or 2 consumer warpgroups (warps_k) and M tiles of 64, 128 "
+                    "or 256 (m_frags 4, 8, 16)")
+        if blocks % consumers or blocks // consumers * m_tile > 256:
+            return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
+                    "consumer warpgroup takes the same number of n64 blocks, and blocks per "
+                    "warpgroup x M tile is at most 256 (128 accumulators a thread)")
     if not 2 <= config["stages"] <= 8:
         return f"stages={config['stages']} not in [2, 8]"
     group = _group(key)

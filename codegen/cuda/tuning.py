@@ -43,10 +43,11 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
     if config.get("wgmma"):  # mirrors WgmmaTile: the ring of stages, or the fp32 tile after it
         srows = 64 // group if group < 64 else 1
-        stage = m_tile * 128 + 4 * 4 * 512 + srows * 512 * (int(scale_in_registers) + int(has_zp))
+        stage = m_tile * 128 + 4 * config["warps_n"] * 512 \
+            + srows * n_tile * 2 * (int(scale_in_registers) + int(has_zp))
         stage = -(-stage // 1024) * 1024
-        return max(config["stages"] * stage, m_tile * (256 + 4) * 4) + 2 * config["stages"] * 8 \
-            + 16 + 1024
+        return max(config["stages"] * stage, m_tile * (n_tile + 4) * 4) \
+            + 2 * config["stages"] * 8 + 16 + 1024
     if config.get("gemv"):  # one fp32 tile of 8 m_frags rows per k warp
         return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16
     sk = config.get("stage_k", 64)

@@ -10,18 +10,16 @@
 // (cuda_mma_b16, layout.py), so one copy of the weights serves the GEMV kernel at small M and
 // this one above: a lane's 16-byte chunk of a k16 x n64 block holds the B fragments of the
 // block's four n16 tiles t, and (operands swapped) fragment t is exactly the m16k16 A
-// fragment of 16 rows of W^T. In a CTA, warp w of a consumer warpgroup takes n64 block w of
-// the CTA's four (conflict-free 16-byte loads from shared memory) and wgmma number t of a
-// k16 step takes n16 tile t of every warp's block: four m64nNT k16 wgmmas per step, each
-// with its own accumulators (2 NT fp32 registers a thread in all).
+// fragment of 16 rows of W^T. Which warp unpacks which tile, and how many tokens each
+// dequantized tile feeds, is the mapping (TokenSplit for wgmma=1, BlockSplit for wgmma=2,
+// below); the pipeline, the producer and the end of the CTA are shared.
 //
-// CTA: CONSUMERS warpgroups (warps 0 .. 4 CONSUMERS - 1), each owning NT tokens (rows of x)
-// of the CTA's CONSUMERS x NT, and a producer warpgroup after them (setmaxnreg moves its
-// registers to the consumers; lane 0 of its first warp issues every copy: one TMA box of x
-// per stage, bulk copies of the packed weights, scale and zero-point rows). Stages of 64 K rows, STAGES deep, a full and an empty mbarrier each. N tile 256;
-// blockIdx = (M tile, N tile, K split). The end of the CTA is the other kernels'
-// finish_tile (epilogue, or split-K partials and the last CTA's fix-up) over an fp32 tile
-// in shared memory.
+// CTA: consumer warpgroups, then a producer warpgroup (setmaxnreg moves its registers to the
+// consumers; lane 0 of its first warp issues every copy: one TMA box of x per stage, bulk
+// copies of the packed weights, scale and zero-point rows). Stages of 64 K rows, STAGES deep,
+// a full and an empty mbarrier each; blockIdx = (M tile, N tile, K split). The end of the
+// CTA is the other kernels' finish_tile (epilogue, or split-K partials and the last CTA's
+// fix-up) over an fp32 tile in shared memory.
 #ifndef QCOMPILER_WGMMA_CUH
 #define QCOMPILER_WGMMA_CUH
 
@@ -99,34 +97,64 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(const void* addr) {
   return ((a & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
-// d[64 x 64] += a (registers: this warp's m16k16 fragment) * b (shared memory, 64 x k16).
-template <class S>
-__device__ __forceinline__ void wgmma_m64n64k16(float* d, const uint32_t* a, uint64_t desc_b) {
-  if constexpr (std::is_same<S, half>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));  }
+// The accumulator operand lists of wgmma's inline asm: N / 2 fp32 registers a thread for
+// m64nNk16 (the preprocessor cannot count, so the "%i" lists are spelled out).
+#define QC_D8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define QC_D32(d, i) QC_D8(d, i), QC_D8(d, i + 8), QC_D8(d, i + 16), QC_D8(d, i + 24)
+#define QC_WGMMA_OPS_N64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36"
+#define QC_WGMMA_OPS_N128 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68"
+#define QC_WGMMA_OPS_N256 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128,%129,%130,%131}, %132"
+
+// d[64 x N] += a (registers: this warp's m16k16 fragment) * b (shared memory, N x k16),
+// N in {64, 128, 256} (the tokens of the transposed product).
+template <class S, int N>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t desc_b) {
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma m64nNk16: N in {64, 128, 256}");
+  constexpr bool F16 = std::is_same<S, half>::value;
+#define QC_WGMMA_ASM(SHAPE, TYPES, OPS, ...)                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                   \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPES " " OPS ", p, 1, 1, 0;\n}\n" \
+               : __VA_ARGS__                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+  if constexpr (N == 64) {
+    if constexpr (F16) QC_WGMMA_ASM("m64n64k16", "f16.f16", QC_WGMMA_OPS_N64, QC_D32(d, 0));
+    else QC_WGMMA_ASM("m64n64k16", "bf16.bf16", QC_WGMMA_OPS_N64, QC_D32(d, 0));
+  } else if constexpr (N == 128) {
+    if constexpr (F16)
+      QC_WGMMA_ASM("m64n128k16", "f16.f16", QC_WGMMA_OPS_N128, QC_D32(d, 0), QC_D32(d, 32));
+    else
+      QC_WGMMA_ASM("m64n128k16", "bf16.bf16", QC_WGMMA_OPS_N128, QC_D32(d, 0), QC_D32(d, 32));
+  } else {
+    if constexpr (F16)
+      QC_WGMMA_ASM("m64n256k16", "f16.f16", QC_WGMMA_OPS_N256, QC_D32(d, 0), QC_D32(d, 32),
+                   QC_D32(d, 64), QC_D32(d, 96));
+    else
+      QC_WGMMA_ASM("m64n256k16", "bf16.bf16", QC_WGMMA_OPS_N256, QC_D32(d, 0), QC_D32(d, 32),
+                   QC_D32(d, 64), QC_D32(d, 96));
+  }
+#undef QC_WGMMA_ASM
 }
 
-
-// ---- the kernel ---------------------------------------------------------------------------
-template <class C, int NT, int CONSUMERS, int STAGES>
+// ---- the kernels --------------------------------------------------------------------------
+// Two mappings of warps to the CTA's tile share the pipeline, the producer and the end:
+//
+// - TokenSplit<NT> (wgmma=1): the consumer warpgroups split the CTA's tokens, NT = 64 each,
+//   and each covers all four n64 blocks: warp w loads its block's 16-byte lane chunk (all four
+//   n16 tiles t) and wgmma t takes tile t of every warp's block. Four m64n64k16 a k16 step, so
+//   each dequantized tile feeds 64 tokens: the unpack (one warp per SM sub-partition) bounds it.
+// - BlockSplit<BPW> (wgmma=2): the consumer warpgroups split the CTA's n64 blocks, BPW each,
+//   and each covers all M_TILE tokens: warp w takes n16 tile w of each of its blocks (word w
+//   of every lane's chunk) and one m64nM_TILEk16 a block, so a dequantized tile feeds up to
+//   256 tokens: a quarter of TokenSplit's unpack work per MMA at M tiles of 256.
+template <class C, int M_TILE_, int N_BLOCKS_CTA_, int CONSUMERS_, int STAGES_>
 struct WgmmaTile {
   static_assert(C::CB == 4, "the wgmma kernel reads 4-bit containers");
-  static_assert(NT == 64, "tokens per consumer warpgroup: 64 (wgmma m64n64k16)");
+  static constexpr int M_TILE = M_TILE_;                 // tokens per CTA (<= 256: a TMA box)
+  static constexpr int N_BLOCKS_CTA = N_BLOCKS_CTA_;     // n64 blocks per CTA
+  static constexpr int CONSUMERS = CONSUMERS_, STAGES = STAGES_;
   static constexpr int CONSUMER_THREADS = 128 * CONSUMERS;
   static constexpr int THREADS = CONSUMER_THREADS + 128;  // consumers, then the producer warpgroup
-  static constexpr int M_TILE = NT * CONSUMERS;          // tokens per CTA (<= 256: a TMA box)
-  static constexpr int N_BLOCKS_CTA = 4;                 // n64 blocks per CTA: one per warp
   static constexpr int N_TILE = 64 * N_BLOCKS_CTA;
   static constexpr int STAGE_K = 64;                     // one 128-byte swizzle row of x
   static constexpr int K_STAGES = C::K_PAD / STAGE_K;
@@ -144,139 +172,157 @@ struct WgmmaTile {
   static constexpr int BODY_BYTES = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
   // + barriers and the split-K flag, + alignment of the dynamic base to 1024 bytes
   static constexpr int SMEM_BYTES = BODY_BYTES + 2 * STAGES * 8 + 16 + 1024;
+  static_assert(M_TILE % 64 == 0 && M_TILE <= 256, "M tile: 64, 128, 192 or 256 tokens");
   static_assert(C::K_PAD % STAGE_K == 0, "K_PAD is a multiple of 64");
   static_assert(C::GROUP % 16 == 0 && (C::GROUP % STAGE_K == 0 || STAGE_K % C::GROUP == 0),
                 "group and stage nest");
 };
 
-template <class C, int NT, int CONSUMERS, int STAGES>
-__global__ void __launch_bounds__(128 * CONSUMERS + 128, 1)
-qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
-                     const Params<typename C::scalar_t> p) {
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
-#else
+// Where one stage's parts lie in shared memory (T: a WgmmaTile).
+template <class T>
+struct StageView {
+  const unsigned char* base;
+  // The 16-byte chunk of `lane` in n64 block `blk` (of the CTA's) at k16 step `ks`.
+  __device__ const unsigned char* w_chunk(int ks, int blk, int lane) const {
+    return base + T::X_BYTES + ks * T::W_KS_BYTES + blk * 512 + lane * 16;
+  }
+  // Scale (zero-point) row r, from the 16 bytes of lane group g in n64 block `blk`: slot
+  // 2t + h is column 64 blk + 16 t + 8 h + g (layout.py's permuted rows).
+  __device__ const unsigned char* scales(int r, int blk, int g) const {
+    return base + T::X_BYTES + T::W_BYTES + r * T::ROW_BYTES + blk * 128 + g * 16;
+  }
+  __device__ const unsigned char* zeros(int r, int blk, int g) const {
+    return base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES + blk * 128 + g * 16;
+  }
+};
+
+// The producer: lane 0 of the producer warpgroup's first warp issues every copy of every
+// stage (one TMA box of x, bulk copies of the packed weights, scale and zero-point rows).
+template <class C, class T>
+__device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
+                                              const Params<typename C::scalar_t>& p,
+                                              unsigned char* smem, uint64_t* full,
+                                              uint64_t* empty, int m0, int nb0, int n_valid,
+                                              int kt_begin, int n_kt) {
+  const uint32_t w_bytes = n_valid * 512, row_bytes = n_valid * 128;
+  const uint32_t stage_tx = T::X_BYTES + 4 * w_bytes +
+                            T::SROWS * row_bytes * ((T::S_BYTES ? 1 : 0) + (T::Z_BYTES ? 1 : 0));
+  for (int it = 0; it < n_kt; ++it) {
+    const int s = it % T::STAGES, kt = kt_begin + it;
+    if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
+    unsigned char* base = smem + s * T::STAGE_BYTES;
+    mbar_expect_tx(full + s, stage_tx);
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, full + s);  // rows past M: zeros
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
+                p.w + ((long long)(kt * 4 + ks) * C::N_BLOCKS + nb0) * 32, w_bytes, full + s);
+#pragma unroll
+    for (int r = 0; r < T::SROWS; ++r) {
+      const long long row = (long long)kt * T::STAGE_K / C::GROUP + r;
+      if (T::S_BYTES)
+        bulk_load(base + T::X_BYTES + T::W_BYTES + r * T::ROW_BYTES,
+                  p.scales + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+      if (T::Z_BYTES)
+        bulk_load(base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES,
+                  p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+    }
+  }
+}
+
+// The scale row and whether k16 step ks starts a group (a new row) within a stage.
+template <class C, class T>
+__device__ __forceinline__ constexpr bool starts_group(int ks) {
+  return (ks * 16) % (T::SROWS > 1 ? C::GROUP : T::STAGE_K) == 0;
+}
+template <class C, class T>
+__device__ __forceinline__ constexpr int group_row(int ks) {
+  return T::SROWS > 1 ? ks * 16 / C::GROUP : 0;
+}
+
+// The lane's scales and zero offsets of n16 tile t of a block, from the 8 values of its row
+// slots (scale_slots, zero_slots: slot 2t + h is column 16 t + 8 h + g of the block).
+template <class C, class T>
+struct TileScales {
   using S = typename C::scalar_t;
   using S2 = pair_t<S>;
-  using U = typename C::Unpack;
-  using T = WgmmaTile<C, NT, CONSUMERS, STAGES>;
-  constexpr bool APPLY_SCALE = !C::SCALE_IN_EPILOGUE;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::BODY_BYTES);
-  uint64_t* empty = full + STAGES;
-  int* flag = reinterpret_cast<int*>(empty + STAGES);
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * T::M_TILE;
-  const int nb0 = blockIdx.y * T::N_BLOCKS_CTA;
-  const int n_valid = C::N_BLOCKS - nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - nb0 : T::N_BLOCKS_CTA;
-  const int split = blockIdx.z;
-  const int kt_begin = (int)(((long long)split * T::K_STAGES) / p.split_k);
-  const int kt_end = (int)(((long long)(split + 1) * T::K_STAGES) / p.split_k);
-  const int n_kt = kt_end - kt_begin;
-
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, 4 * CONSUMERS);   // lane 0 of every consumer warp
+  typename C::Unpack::ZeroOffsets zo;
+  S2 s2[2];
+  __device__ __forceinline__ void load(const unsigned char* scale_slots,
+                                       const unsigned char* zero_slots, int t) {
+    S sv[2], zv[2];
+    if constexpr (T::S_BYTES) {
+      *reinterpret_cast<uint32_t*>(sv) = *reinterpret_cast<const uint32_t*>(scale_slots + 4 * t);
+    } else {
+      sv[0] = sv[1] = from_float<S>(1.0f);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if constexpr (T::Z_BYTES) {
+      *reinterpret_cast<uint32_t*>(zv) = *reinterpret_cast<const uint32_t*>(zero_slots + 4 * t);
+    } else {
+      zv[0] = zv[1] = from_float<S>(C::ZERO_CONST);  // the constant zero point
+    }
+    zo = C::Unpack::zero_offsets(zv);  // constants without a zero-point table
+    s2[0] = dup(sv[0]);
+    s2[1] = dup(sv[1]);
   }
-  __syncthreads();
+};
 
+// Tile t's packed word -> this warp's m16k16 A fragment (rows: the tile's 16 columns of W).
+template <class C>
+__device__ __forceinline__ void unpack_a(const uint32_t* q, uint32_t* a,
+                                         const typename C::Unpack::ZeroOffsets& zo,
+                                         const pair_t<typename C::scalar_t>* s2) {
+  uint32_t b[4];
+  C::Unpack::template unpack_tile<!C::SCALE_IN_EPILOGUE>(q, b, zo, s2);
+  // B fragments (b0b1, b2b3) of n8 halves 0, 1 -> A fragments a0a1 a2a3 a4a5 a6a7
+  a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+}
+
+// One k16 step's wgmmas issued; the previous step's are waited for (one group in flight),
+// and at a stage's first step the previous stage's slot is handed back to the producer.
+__device__ __forceinline__ void step_done(uint64_t* empty, int stages, int it, int ks,
+                                          int lane) {
+  wgmma_commit();
+  wgmma_wait<1>();
+  if (ks == 0 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % stages);
+}
+
+// wgmma=1: the consumer warpgroups split the tokens (64 each); see above.
+template <class C, class T>
+struct TokenSplit {
+  static constexpr int NT = 64;  // tokens per consumer warpgroup
+  static_assert(T::M_TILE == NT * T::CONSUMERS && T::N_BLOCKS_CTA == 4, "TokenSplit's tile");
   float acc[4][NT / 2];
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-#pragma unroll
-    for (int i = 0; i < NT / 2; ++i) acc[t][i] = 0.0f;
 
-  if (warp >= 4 * CONSUMERS) {
-    // ---- producer warpgroup: gives its registers to the consumers; the lane 0 of its first
-    // warp issues every copy of every stage, then the warpgroup leaves ----------------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 4 * CONSUMERS && lane == 0) {
-      const uint32_t w_bytes = n_valid * 512, row_bytes = n_valid * 128;
-      const uint32_t stage_tx = T::X_BYTES + 4 * w_bytes +
-                                T::SROWS * row_bytes * ((T::S_BYTES ? 1 : 0) + (T::Z_BYTES ? 1 : 0));
-      for (int it = 0; it < n_kt; ++it) {
-        const int s = it % STAGES, kt = kt_begin + it;
-        if (it >= STAGES) mbar_wait(empty + s, ((it / STAGES) - 1) & 1);
-        unsigned char* base = smem + s * T::STAGE_BYTES;
-        mbar_expect_tx(full + s, stage_tx);
-        tma_load_2d(base, &x_map, kt * T::STAGE_K, m0, full + s);  // rows past M: zeros
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-          bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
-                    p.w + ((long long)(kt * 4 + ks) * C::N_BLOCKS + nb0) * 32, w_bytes, full + s);
-#pragma unroll
-        for (int r = 0; r < T::SROWS; ++r) {
-          const long long row = (long long)kt * T::STAGE_K / C::GROUP + r;
-          if (T::S_BYTES)
-            bulk_load(base + T::X_BYTES + T::W_BYTES + r * T::ROW_BYTES,
-                      p.scales + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
-          if (T::Z_BYTES)
-            bulk_load(base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES,
-                      p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
-        }
-      }
-    }
-    return;  // the consumers finish the tile (named barrier 1 counts them only)
-  } else {
-    // ---- consumers: warp w of warpgroup c takes n64 block w and tokens [c NT, c NT + NT) ----
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                           int n_kt, int warp, int lane) {
+    using S = typename C::scalar_t;
     const int c = warp >> 2, w = warp & 3, g = lane >> 2;
-    typename U::ZeroOffsets zo[4];
-    S2 s2[4][2];
-    auto load_group = [&](const unsigned char* base, int r) {
-      // 8 values per lane: slot 2t + h of column 64 w + 16 t + 8 h + g (layout.py)
-      S sv[8], zv[8];
-      if constexpr (T::S_BYTES) {
-        *reinterpret_cast<uint4*>(sv) = *reinterpret_cast<const uint4*>(
-            base + T::X_BYTES + T::W_BYTES + r * T::ROW_BYTES + w * 128 + g * 16);
-      }
-      if constexpr (T::Z_BYTES) {
-        *reinterpret_cast<uint4*>(zv) = *reinterpret_cast<const uint4*>(
-            base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES + w * 128 + g * 16);
-      } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) zv[i] = from_float<S>(C::ZERO_CONST);  // the constant zero
-      }
+    for (int t = 0; t < 4; ++t)
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        zo[t] = U::zero_offsets(zv + 2 * t);   // constants without a zero-point table
-#pragma unroll
-        for (int h = 0; h < 2; ++h) s2[t][h] = dup(T::S_BYTES ? sv[2 * t + h] : from_float<S>(1.0f));
-      }
-    };
+      for (int i = 0; i < NT / 2; ++i) acc[t][i] = 0.0f;
+    TileScales<C, T> sc[4];
     for (int it = 0; it < n_kt; ++it) {
-      const int s = it % STAGES;
-      mbar_wait(full + s, (it / STAGES) & 1);
-      const unsigned char* base = smem + s * T::STAGE_BYTES;
+      const int s = it % T::STAGES;
+      mbar_wait(full + s, (it / T::STAGES) & 1);
+      const StageView<T> v{smem + s * T::STAGE_BYTES};
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        if ((ks * 16) % (T::SROWS > 1 ? C::GROUP : T::STAGE_K) == 0)
-          load_group(base, T::SROWS > 1 ? ks * 16 / C::GROUP : 0);
-        const uint4 q = *reinterpret_cast<const uint4*>(
-            base + T::X_BYTES + ks * T::W_KS_BYTES + w * 512 + lane * 16);
+        if (starts_group<C, T>(ks))
+#pragma unroll
+          for (int t = 0; t < 4; ++t)
+            sc[t].load(v.scales(group_row<C, T>(ks), w, g), v.zeros(group_row<C, T>(ks), w, g), t);
+        const uint4 q = *reinterpret_cast<const uint4*>(v.w_chunk(ks, w, lane));
         const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
         uint32_t a[4][4];
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          uint32_t b[4];
-          U::template unpack_tile<APPLY_SCALE>(qw + t, b, zo[t], s2[t]);
-          // B fragments (b0b1, b2b3) of n8 halves 0, 1 -> A fragments a0a1 a2a3 a4a5 a6a7
-          a[t][0] = b[0]; a[t][1] = b[2]; a[t][2] = b[1]; a[t][3] = b[3];
-        }
-        const uint64_t desc = smem_desc_sw128(base + c * NT * 128 + ks * 32);
+        for (int t = 0; t < 4; ++t) unpack_a<C>(qw + t, a[t], sc[t].zo, sc[t].s2);
+        const uint64_t desc = smem_desc_sw128(v.base + c * NT * 128 + ks * 32);
         wgmma_fence();
 #pragma unroll
-        for (int t = 0; t < 4; ++t) wgmma_m64n64k16<S>(acc[t], a[t], desc);
-        wgmma_commit();
-        wgmma_wait<1>();
-        // The previous stage's last wgmmas are done: its slot may be refilled.
-        if (ks == 0 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % STAGES);
+        for (int t = 0; t < 4; ++t) wgmma_rs<S, NT>(acc[t], a[t], desc);
+        step_done(empty, T::STAGES, it, ks, lane);
       }
     }
     wgmma_wait<0>();
@@ -285,22 +331,137 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) pin(acc[t][i]);
   }
-  // Every stage has been consumed (the producer's copies all landed): the pipeline's shared
-  // memory becomes the CTA's fp32 tile [token][n].
-  cta_sync<T::CONSUMER_THREADS>();
-  float* red = reinterpret_cast<float*>(smem);
-  {
+
+  // The accumulators into the fp32 tile [token][n]. wgmma D fragment: row 16 w + g + 8 h of
+  // the m64 (an n of W^T), column 8 (i / 4) + 2 q + i % 2 (a token).
+  __device__ __forceinline__ void store(float* red, int warp, int lane) const {
     const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int t = 0; t < 4; ++t)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) {
-        // wgmma D fragment: row 16 w + g + 8 h (an n of W^T), column 8 (i / 4) + 2 q + i % 2
         const int n = 64 * w + 16 * t + 8 * ((i >> 1) & 1) + g;
         const int m = c * NT + 8 * (i >> 2) + 2 * q + (i & 1);
         red[m * T::RED_STRIDE + n] = acc[t][i];
       }
   }
+};
+
+// wgmma=2: the consumer warpgroups split the n64 blocks (BPW each); see above.
+template <class C, class T, int BPW>
+struct BlockSplit {
+  static constexpr int NT = T::M_TILE;  // tokens per wgmma: all of the CTA's
+  static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "BlockSplit's tile");
+  static_assert(BPW * NT <= 256, "at most 128 fp32 accumulators a thread");
+  float acc[BPW][NT / 2];
+
+  __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                           int n_kt, int warp, int lane) {
+    using S = typename C::scalar_t;
+    const int c = warp >> 2, w = warp & 3, g = lane >> 2;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) acc[j][i] = 0.0f;
+    TileScales<C, T> sc[BPW];
+    for (int it = 0; it < n_kt; ++it) {
+      const int s = it % T::STAGES;
+      mbar_wait(full + s, (it / T::STAGES) & 1);
+      const StageView<T> v{smem + s * T::STAGE_BYTES};
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        uint32_t a[BPW][4];
+#pragma unroll
+        for (int j = 0; j < BPW; ++j) {
+          const int blk = c * BPW + j;
+          if (starts_group<C, T>(ks))
+            sc[j].load(v.scales(group_row<C, T>(ks), blk, g), v.zeros(group_row<C, T>(ks), blk, g),
+                       w);
+          // Word w of the lane's chunk: 4-way bank conflicts (lanes 8 apart share a bank),
+          // 4 wavefronts a warp, as many as the 16-byte loads of the whole chunk.
+          const uint32_t q = *reinterpret_cast<const uint32_t*>(v.w_chunk(ks, blk, lane) + 4 * w);
+          unpack_a<C>(&q, a[j], sc[j].zo, sc[j].s2);
+        }
+        const uint64_t desc = smem_desc_sw128(v.base + ks * 32);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BPW; ++j) wgmma_rs<S, NT>(acc[j], a[j], desc);
+        step_done(empty, T::STAGES, it, ks, lane);
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) pin(acc[j][i]);
+  }
+
+  // As TokenSplit's, with the m64's rows the four tiles of block c BPW + j (warp w: tile w).
+  __device__ __forceinline__ void store(float* red, int warp, int lane) const {
+    const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        const int n = 64 * (c * BPW + j) + 16 * w + 8 * ((i >> 1) & 1) + g;
+        const int m = 8 * (i >> 2) + 2 * q + (i & 1);
+        red[m * T::RED_STRIDE + n] = acc[j][i];
+      }
+  }
+};
+
+// CTA: T::CONSUMERS consumer warpgroups (warps 0 .. 4 CONSUMERS - 1) running Mapping, and a
+// producer warpgroup after them (setmaxnreg moves its registers to the consumers). Stages of
+// 64 K rows, STAGES deep, a full and an empty mbarrier each; blockIdx = (M tile, N tile, K
+// split). The end of the CTA is the other kernels' finish_tile (epilogue, or split-K partials
+// and the last CTA's fix-up) over an fp32 tile in shared memory.
+template <class C, class T, class Mapping>
+__global__ void __launch_bounds__(T::THREADS, 1)
+qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
+                     const Params<typename C::scalar_t> p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
+#else
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::BODY_BYTES);
+  uint64_t* empty = full + T::STAGES;
+  int* flag = reinterpret_cast<int*>(empty + T::STAGES);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = blockIdx.x * T::M_TILE;
+  const int nb0 = blockIdx.y * T::N_BLOCKS_CTA;
+  const int n_valid = C::N_BLOCKS - nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - nb0 : T::N_BLOCKS_CTA;
+  const int split = blockIdx.z;
+  const int kt_begin = (int)(((long long)split * T::K_STAGES) / p.split_k);
+  const int kt_end = (int)(((long long)(split + 1) * T::K_STAGES) / p.split_k);
+
+  if (tid == 0) {
+    for (int s = 0; s < T::STAGES; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, 4 * T::CONSUMERS);   // lane 0 of every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  Mapping mapping;
+  if (warp >= 4 * T::CONSUMERS) {
+    // The producer warpgroup gives its registers to the consumers, issues the copies, leaves.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 4 * T::CONSUMERS && lane == 0)
+      wgmma_produce<C, T>(&x_map, p, smem, full, empty, m0, nb0, n_valid, kt_begin,
+                          kt_end - kt_begin);
+    return;  // the consumers finish the tile (named barrier 1 counts them only)
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  mapping.mainloop(smem, full, empty, kt_end - kt_begin, warp, lane);
+  // Every stage has been consumed (the producer's copies all landed): the pipeline's shared
+  // memory becomes the CTA's fp32 tile [token][n].
+  cta_sync<T::CONSUMER_THREADS>();
+  float* red = reinterpret_cast<float*>(smem);
+  mapping.store(red, warp, lane);
   cta_sync<T::CONSUMER_THREADS>();
   auto tile_sum = [&](int i) { return red[(i / T::N_TILE) * T::RED_STRIDE + i % T::N_TILE]; };
   finish_tile<C, T::M_TILE, T::N_TILE, T::CONSUMER_THREADS, decltype(tile_sum),
@@ -344,10 +505,9 @@ cudaError_t make_x_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <class C, int NT, int CONSUMERS, int STAGES>
+template <class C, class T, class Mapping>
 cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
-  using T = WgmmaTile<C, NT, CONSUMERS, STAGES>;
-  auto kernel = qmatmul_wgmma_kernel<C, NT, CONSUMERS, STAGES>;
+  auto kernel = qmatmul_wgmma_kernel<C, T, Mapping>;
   static bool smem_set = false;  // over 48 KB of shared memory must be asked for once
   if (!smem_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -362,6 +522,20 @@ cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
             p.split_k);
   kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map, p);
   return cudaGetLastError();
+}
+
+// wgmma=1: CONSUMERS warpgroups of 64 tokens over an N tile of 256.
+template <class C, int CONSUMERS, int STAGES>
+cudaError_t launch_wgmma_token_split(Params<typename C::scalar_t> p, cudaStream_t stream) {
+  using T = WgmmaTile<C, 64 * CONSUMERS, 4, CONSUMERS, STAGES>;
+  return launch_wgmma<C, T, TokenSplit<C, T>>(p, stream);
+}
+
+// wgmma=2: CONSUMERS warpgroups of BPW n64 blocks each over M tiles of M_TILE tokens.
+template <class C, int M_TILE, int BPW, int CONSUMERS, int STAGES>
+cudaError_t launch_wgmma_block_split(Params<typename C::scalar_t> p, cudaStream_t stream) {
+  using T = WgmmaTile<C, M_TILE, BPW * CONSUMERS, CONSUMERS, STAGES>;
+  return launch_wgmma<C, T, BlockSplit<C, T, BPW>>(p, stream);
 }
 
 }  // namespace qc
