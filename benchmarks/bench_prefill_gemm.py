@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--large", action="store_true", help="issue #14's shapes instead of 1B's")
     ap.add_argument("--no-tiled", action="store_true", help="leave out the mma.sync configs")
+    ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
     a = ap.parse_args(argv)
     import torch
 
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
             key = {"op": "qmatmul", "m": m, "k": k, "n": n, "w_scheme": SCHEME, "act": "float",
                    "x_dtype": "f16", "has_bias": False}
             for name, cfg in candidates(target, key, tiled=not a.no_tiled).items():
+                if a.only and not any(part in name for part in a.only.split(",")):
+                    continue
                 jobs.append((m, n, k, name, key, cfg))
     # Build (nvcc) in parallel, then time one at a time: measure_config builds and times, so
     # warm the build cache first with a pool, then time serially.

@@ -370,24 +370,33 @@ struct BlockSplit {
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[j][i] = 0.0f;
-    TileScales<C, T> sc[BPW];
     for (int it = 0; it < n_kt; ++it) {
       const int s = it % T::STAGES;
       mbar_wait(full + s, (it / T::STAGES) & 1);
       const StageView<T> v{smem + s * T::STAGE_BYTES};
+      // Every load of the stage first, independent of each other: one shared-memory latency
+      // a stage instead of one a k16 step (a consumer warp is alone on its SM sub-partition,
+      // so nothing else hides it). Word w of a lane's chunk: 4-way bank conflicts (lanes 8
+      // apart share a bank), 4 wavefronts a warp, as many as 16-byte loads of whole chunks.
+      TileScales<C, T> sc[T::SROWS][BPW];
+      uint32_t q[4][BPW];
+#pragma unroll
+      for (int r = 0; r < T::SROWS; ++r)
+#pragma unroll
+        for (int j = 0; j < BPW; ++j)
+          sc[r][j].load(v.scales(r, c * BPW + j, g), v.zeros(r, c * BPW + j, g), w);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int j = 0; j < BPW; ++j)
+          q[ks][j] = *reinterpret_cast<const uint32_t*>(v.w_chunk(ks, c * BPW + j, lane) + 4 * w);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
         uint32_t a[BPW][4];
 #pragma unroll
         for (int j = 0; j < BPW; ++j) {
-          const int blk = c * BPW + j;
-          if (starts_group<C, T>(ks))
-            sc[j].load(v.scales(group_row<C, T>(ks), blk, g), v.zeros(group_row<C, T>(ks), blk, g),
-                       w);
-          // Word w of the lane's chunk: 4-way bank conflicts (lanes 8 apart share a bank),
-          // 4 wavefronts a warp, as many as the 16-byte loads of the whole chunk.
-          const uint32_t q = *reinterpret_cast<const uint32_t*>(v.w_chunk(ks, blk, lane) + 4 * w);
-          unpack_a<C>(&q, a[j], sc[j].zo, sc[j].s2);
+          const TileScales<C, T>& t = sc[group_row<C, T>(ks)][j];
+          unpack_a<C>(&q[ks][j], a[j], t.zo, t.s2);
         }
         const uint64_t desc = smem_desc_sw128(v.base + ks * 32);
         wgmma_fence();
@@ -430,8 +439,10 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
 #else
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned to 1024 bytes (the 128-byte swizzle's atoms) by an offset from smem_raw, not a
+  // round trip through an integer, so that the compiler still knows every pointer into it
+  // is shared memory: LDS and STS instead of generic loads and stores.
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::BODY_BYTES);
   uint64_t* empty = full + T::STAGES;
   int* flag = reinterpret_cast<int*>(empty + T::STAGES);
