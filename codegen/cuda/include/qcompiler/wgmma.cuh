@@ -355,9 +355,6 @@ struct TokenSplit {
 template <class C, class T, int BPW>
 struct BlockSplit {
   static constexpr int NT = T::M_TILE;  // tokens per wgmma: all of the CTA's
-  // wgmma groups in flight while the next step unpacks: with one, a step took the wgmma's
-  // latency plus the unpack's, halved (measured on the H200: ~150 cycles over the MMA).
-  static constexpr int DEPTH = 2;
   static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "BlockSplit's tile");
   static_assert(BPW * NT <= 256, "at most 128 fp32 accumulators a thread");
   float acc[BPW][NT / 2];
@@ -370,6 +367,9 @@ struct BlockSplit {
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[j][i] = 0.0f;
+    // Unrolled twice: two register sets of A fragments, one read by the group in flight
+    // while the other is written.
+#pragma unroll 2
     for (int it = 0; it < n_kt; ++it) {
       const int s = it % T::STAGES;
       mbar_wait(full + s, (it / T::STAGES) & 1);
@@ -390,20 +390,29 @@ struct BlockSplit {
 #pragma unroll
         for (int j = 0; j < BPW; ++j)
           q[ks][j] = *reinterpret_cast<const uint32_t*>(v.w_chunk(ks, c * BPW + j, lane) + 4 * w);
+      // The whole stage's A fragments, then its 4 x BPW wgmmas as one group: one fence,
+      // commit and wait a stage (warpgroup-wide steps, each costing a synchronization of
+      // the four warps) rather than one a k16 step, and the next stage's unpack runs while
+      // this group is in flight.
+      uint32_t a[4][BPW][4];
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        uint32_t a[BPW][4];
+      for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
         for (int j = 0; j < BPW; ++j) {
           const TileScales<C, T>& t = sc[group_row<C, T>(ks)][j];
-          unpack_a<C>(&q[ks][j], a[j], t.zo, t.s2);
+          unpack_a<C>(&q[ks][j], a[ks][j], t.zo, t.s2);
         }
-        const uint64_t desc = smem_desc_sw128(v.base + ks * 32);
-        wgmma_fence();
+      wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < BPW; ++j) wgmma_rs<S, NT>(acc[j], a[j], desc);
-        step_done<DEPTH>(empty, T::STAGES, it, ks, lane);
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint64_t desc = smem_desc_sw128(v.base + ks * 32);
+#pragma unroll
+        for (int j = 0; j < BPW; ++j) wgmma_rs<S, NT>(acc[j], a[ks][j], desc);
       }
+      wgmma_commit();
+      // The previous stage's group is done (one group in flight): its slot goes back.
+      wgmma_wait<1>();
+      if (it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % T::STAGES);
     }
     wgmma_wait<0>();
 #pragma unroll
