@@ -1,8 +1,8 @@
 """tile: decide each packed qmatmul's kernel variants (kernel, tile, warps, stages, split-K).
 
 Needs ``schedule-unpack`` first. M is dynamic, so one variant is chosen per M bucket
-(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, ``<= 128``, and larger: the prefill bucket, keyed
-at 512 rows); the generated host code dispatches on M. A variant picks the kernel (``gemv``:
+(``M <= 8``, ``<= 16``, ``<= 32``, ``<= 64``, ``<= 128``, ``<= 512``: the prefill bucket, and
+larger: the long-prompt bucket, keyed at 4096 rows); the generated host code dispatches on M. A variant picks the kernel (``gemv``:
 the split-K GEMV kernel; ``wgmma``: on cuda-sm90 with 4-bit codes, the wgmma/TMA kernel; else
 the tiled mma.sync one) and its parameters. Each
 variant comes from the tuning log when ``tuning_log`` is given and holds a record for that
@@ -21,7 +21,10 @@ from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.tuning.key import kernel_key
 
-M_BUCKETS = (8, 16, 32, 64, 128, 512)  # the last bucket also serves every larger M
+# The last bucket also serves every larger M. 512 and 4096 are apart because the best prefill
+# tile differs: on 2048-wide layers M tiles of 128 on one warpgroup at 512 rows, 256 x 128
+# tiles at 4096 (2x faster there, benchmarks/results/prefill-gemm-h200-20261204-0726.json).
+M_BUCKETS = (8, 16, 32, 64, 128, 512, 4096)
 
 
 def _log_check(target, key):

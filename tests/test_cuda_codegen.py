@@ -362,30 +362,37 @@ def test_wgmma_selection_and_validation():
 
 
 def test_prefill_bucket_configs():
-    """Above 128 rows (the prefill bucket, keyed at 512): cuda-sm90 takes the wgmma kernel on
-    every 4-bit shape, with M tiles of 128 only where they give the grid ~0.6 CTAs per SM, and
-    splits K 2 ways only where the grid is at most half the SMs and K is long (the down
-    projection); the tiled kernel never splits K there; every config the heuristic gives is
-    one the validator accepts (a group the wgmma stages do not nest falls back to the tiled
-    kernel)."""
+    """Above 128 rows (the prefill buckets, keyed at 512 and 4096): cuda-sm90 takes the
+    block-split wgmma kernel on every 4-bit shape, the tile with the least fitted time: M tiles
+    of 128 on one warpgroup for 2048-wide layers at 512 rows, 256 x 128 tiles where the grid
+    fills the GPU (5632-wide at 512 rows, every shape at 4096), never split-K; the tiled kernel
+    never splits K there; every config the heuristic gives is one the validator accepts (a
+    group the wgmma stages do not nest falls back to the tiled kernel)."""
     sm90, sm80 = get_target("cuda-sm90"), get_target("cuda-sm80")
     s4 = str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())
     s8 = str(GOLDEN_CASES["u8_g64_zp_bf16"].scheme())
-    wide = tuning.default_config(sm90, {"m": 512, "k": 2048, "n": 5632, "w_scheme": s4})
-    narrow = tuning.default_config(sm90, {"m": 512, "k": 2048, "n": 2048, "w_scheme": s4})
-    assert (wide["wgmma"], wide["m_frags"], wide["split_k"]) == (1, 8, 1)
-    assert (narrow["wgmma"], narrow["m_frags"], narrow["split_k"]) == (1, 4, 1)
-    down = tuning.default_config(sm90, {"m": 512, "k": 5632, "n": 2048, "w_scheme": s4})
-    assert (down["wgmma"], down["m_frags"], down["split_k"]) == (1, 4, 2)
+
+    def tile(m, n, k):
+        c = tuning.default_config(sm90, {"m": m, "k": k, "n": n, "w_scheme": s4})
+        return c["wgmma"], 16 * c["m_frags"], 64 * c["warps_n"], c["warps_k"], c["split_k"]
+    assert tile(512, 5632, 2048) == (2, 256, 128, 2, 1)
+    assert tile(512, 2048, 2048) == (2, 128, 64, 1, 1)
+    assert tile(512, 2048, 5632) == (2, 128, 64, 1, 1)
+    assert tile(4096, 2048, 2048) == (2, 256, 128, 2, 1)
+    # The fitted times rank the tiles as measured (M = 512, 2048 x 2048: 15.7 us for M tiles of
+    # 128 on one warpgroup, 19.1 with two, 28.9 for 256 x 128).
+    est = [tuning.block_split_estimate_us(sm90, {"m": 512, "k": 2048, "n": 2048}, mt, b)
+           for mt, b in ((128, 1), (128, 2), (256, 2))]
+    assert est == sorted(est)
     for target in (sm90, sm80):
         for scheme in (s4, s8):
-            for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
-                key = {"m": 512, "k": k, "n": n, "w_scheme": scheme}
-                cfg = tuning.default_config(target, key)
-                assert tuning.check_config(target, key, cfg) is None, (target.name, key, cfg)
-                wgmma = int(target is sm90 and scheme == s4)
-                assert cfg["gemv"] == 0 and cfg["wgmma"] == wgmma
-                assert cfg["split_k"] == (2 if wgmma and k == 5632 else 1)
+            for m in (512, 4096):
+                for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
+                    key = {"m": m, "k": k, "n": n, "w_scheme": scheme}
+                    cfg = tuning.default_config(target, key)
+                    assert tuning.check_config(target, key, cfg) is None, (target.name, key, cfg)
+                    assert cfg["gemv"] == 0 and cfg["split_k"] == 1
+                    assert cfg["wgmma"] == (2 if target is sm90 and scheme == s4 else 0)
     g48 = "#quant<i4, symmetric, per_group(axis=0, block=48), scale=f16>"
     assert "do not nest" in tuning.check_config(sm90, {"m": 512, "k": 1536, "n": 2048,
                                                        "w_scheme": g48}, {**WGMMA, "split_k": 1})

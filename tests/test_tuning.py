@@ -493,7 +493,8 @@ def test_cuda_tile_pass_replays_the_log_of_its_device_only(tmp_path, monkeypatch
     assert [k["m"] for k, _ in kernels] == list(M_BUCKETS)
     assert all(names == ["y"] for _, names in kernels)
     assert [k["m"] for k, _ in looked_up_kernels(module, target.default_pipeline, target,
-                                                 [1, 12, 20, 700])] == [8, 16, 32, 512]
+                                                 [1, 12, 20, 300, 700])] == [8, 16, 32, 512,
+                                                                             4096]
     key16 = kernels[1][0]
     assert key16["m"] == 16
     default = cuda_tuning.default_config(target, key16)

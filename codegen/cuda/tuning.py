@@ -79,13 +79,15 @@ def search_space(target, key) -> dict:
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 32
     return {
-        "wgmma": [0, 1] if wgmma else [0],
+        # wgmma=2 (the block split) where its M tiles of 128 and more are not mostly padding.
+        "wgmma": ([0, 1] + ([2] if m > 64 else [])) if wgmma else [0],
         "gemv": [1, 0] if m <= 64 else [0],
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
         "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8]
-                   + ([8] if wgmma and m > 64 else []),
-        # The wgmma kernel's N tile is always 4 n64 blocks (partial tiles allowed).
-        "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0 or w == 4 and wgmma],
+                   + ([8] if wgmma and m > 64 else []) + ([16] if wgmma and m > 128 else []),
+        # The wgmma kernels' N tiles may be partial (the token split's is always 4 n64 blocks;
+        # the block split's 1, 2 or 4).
+        "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0 or w <= 4 and wgmma],
         "warps_k": [1, 2, 4, 8, 16] if m <= 64 else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
@@ -105,8 +107,9 @@ def default_config(target, key) -> dict:
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
       stays within one CTA per SM;
-    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90 (``wgmma_default``),
-      else M tile 64 with 2x2 warps and no split (fitted at M = 512 on the H200).
+    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90 (``wgmma_default``:
+      its block-split mapping), else M tile 64 with 2x2 warps and no split (fitted at M = 512
+      on the H200).
     Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
     nest with 128.
     """
@@ -177,29 +180,56 @@ def default_config(target, key) -> dict:
     return cfg
 
 
+# The block-split wgmma kernel's tiles the prefill heuristic weighs: (M tile, n64 blocks,
+# consumer warpgroups), largest first.
+BLOCK_SPLIT_TILES = ((256, 2, 2), (128, 4, 2), (128, 2, 2), (256, 1, 1), (128, 1, 1))
+# Its time per CTA, fitted on the H200 (prefill-gemm-h200-20261204-0732.json, W4 g128 fp16,
+# K 2048 and 5632, M 512 and 4096; the fit is within 10 % of every one-wave and multi-wave
+# row): a fixed ~5.8 us (launch, pipeline fill, the end of the tile), then per k16 step
+# 0.05 us plus 0.25 ns per column of the step's wgmmas (blocks x M tile: the tensor cores'
+# rate). Time = waves x per-CTA time, one CTA per SM.
+BLOCK_SPLIT_FIXED_US, BLOCK_SPLIT_STEP_US, BLOCK_SPLIT_COLUMN_US = 5.8, 0.05, 0.00025
+
+
+def block_split_estimate_us(target, key, m_tile: int, blocks: int) -> float:
+    """The fitted time of the block-split kernel with this tile (no split of K)."""
+    ctas = math.ceil(key["m"] / m_tile) * math.ceil(pad_to(key["n"], N_ALIGN) // 64 / blocks)
+    steps = pad_to(key["k"], K_ALIGN) // 16
+    per_cta = BLOCK_SPLIT_FIXED_US + steps * (BLOCK_SPLIT_STEP_US
+                                              + BLOCK_SPLIT_COLUMN_US * blocks * m_tile)
+    return math.ceil(ctas / _sm_count(target)) * per_cta
+
+
 def wgmma_default(target, key) -> dict:
     """The wgmma kernel's config (cuda-sm90, 4-bit codes, M > 32 where the tiled kernel ran):
 
-    - two consumer warpgroups (M tile 128) above 64 rows where M tiles of 128 still give
-      ~0.6 CTAs per SM, else one (M tile 64);
-    - the deepest ring of stages that fits in shared memory, at most 6;
-    - K split 2 ways where the grid is at most half the SMs and each split keeps at least 32
-      stages of 64 rows; else no split.
+    - above 128 rows (prefill), the block-split mapping (``wgmma=2``): the tile of
+      ``BLOCK_SPLIT_TILES`` with the least fitted time (``block_split_estimate_us``; large
+      tiles where the grid still fills the GPU, M tiles of 128 on one warpgroup for narrow
+      layers), no split of K (split-K's fix-up lost on every shape measured at M = 512);
+    - up to 128 rows, the token-split mapping (``wgmma=1``): two consumer warpgroups (M tile
+      128) above 64 rows where M tiles of 128 still give ~0.6 CTAs per SM, else one (M tile
+      64); K split 2 ways where the grid is at most half the SMs and each split keeps at
+      least 32 stages of 64 rows;
+    - the deepest ring of stages that fits in shared memory, at most 6.
     """
     m = key["m"]
     sms = _sm_count(target)
-    n_tiles = math.ceil(pad_to(key["n"], N_ALIGN) / 256)
-    # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM: a 2048-wide layer
-    # at M = 512 ran 1.4x faster with tiles of 64 (twice the CTAs) on the H200.
-    consumers = 2 if m > 64 and math.ceil(m / 128) * n_tiles >= 0.6 * sms else 1
-    # Split-K, once its fix-up loaded the partials in batches (splitk.cuh), at M = 512 on the
-    # H200 (prefill-gemm-h200-20261204-0016.json): 2048x5632 (88 stages) 49.5 us split 2
-    # against 61.7 unsplit; 2048x2048 (32 stages) 32.6 against 27.6.
-    ctas = math.ceil(m / (64 * consumers)) * n_tiles
-    stages_total = pad_to(key["k"], K_ALIGN) // 64
-    split = 2 if 2 * ctas <= sms and stages_total // 2 >= 32 else 1
-    cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
-           "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": split}
+    if m > 128:
+        m_tile, blocks, consumers = min(
+            BLOCK_SPLIT_TILES, key=lambda t: block_split_estimate_us(target, key, t[0], t[1]))
+        cfg = {"wgmma": 2, "gemv": 0, "m_frags": m_tile // 16, "warps_n": blocks,
+               "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+    else:
+        n_tiles = math.ceil(pad_to(key["n"], N_ALIGN) / 256)
+        # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM.
+        consumers = 2 if m > 64 and math.ceil(m / 128) * n_tiles >= 0.6 * sms else 1
+        ctas = math.ceil(m / (64 * consumers)) * n_tiles
+        stages_total = pad_to(key["k"], K_ALIGN) // 64
+        split = 2 if 2 * ctas <= sms and stages_total // 2 >= 32 else 1
+        cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
+               "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0,
+               "split_k": split}
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg
