@@ -379,6 +379,8 @@ def test_prefill_bucket_configs():
     assert tile(512, 2048, 2048) == (2, 128, 64, 1, 1)
     assert tile(512, 2048, 5632) == (2, 128, 64, 1, 1)
     assert tile(4096, 2048, 2048) == (2, 256, 128, 2, 1)
+    # Short K (an encoder's 384-wide layers): the tiled kernel, whose CTAs cost less to start.
+    assert tile(512, 384, 384)[0] == 0 and tile(512, 1536, 384)[0] == 0
     # The fitted times rank the tiles as measured (M = 512, 2048 x 2048: 15.7 us for M tiles of
     # 128 on one warpgroup, 19.1 with two, 28.9 for 256 x 128).
     est = [tuning.block_split_estimate_us(sm90, {"m": 512, "k": 2048, "n": 2048}, mt, b)

@@ -107,9 +107,9 @@ def default_config(target, key) -> dict:
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
       rows; these CTAs use ~200 registers a thread (one per SM), so split while the grid
       stays within one CTA per SM;
-    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90 (``wgmma_default``:
-      its block-split mapping), else M tile 64 with 2x2 warps and no split (fitted at M = 512
-      on the H200).
+    - above 128 rows (prefill): the wgmma kernel for 4-bit codes on cuda-sm90 where K >= 1024
+      (``wgmma_default``: its block-split mapping), else M tile 64 with 2x2 warps and no split
+      (fitted at M = 512 on the H200).
     Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
     nest with 128.
     """
@@ -122,7 +122,12 @@ def default_config(target, key) -> dict:
     # Above 128 rows (prefill) the wgmma kernel on every 4-bit shape: at M = 512 on the
     # H200 it beat the tiled kernel's best config on each decoder shape measured, by up to
     # 1.7x (benchmarks/results/prefill-gemm-h200-20261203-2210.json).
-    if "wgmma" in target.features and _bits(key) <= 4 and m > 32 \
+    # Not on short K: the wgmma kernels' CTA has a fixed cost of ~5.8 us (launch, TMA fill,
+    # the end of the tile; tuning.block_split_estimate_us), more than a K loop under 1024
+    # rows takes; an encoder's 384 x 384 layers at 256 rows ran its whole model 2.2x slower
+    # (MiniLM 8x32: 0.532 ms with the tiled kernel on 2026-12-03, 1.19 with wgmma).
+    long_k = pad_to(k, K_ALIGN) >= 1024
+    if "wgmma" in target.features and _bits(key) <= 4 and m > 32 and long_k \
             and (m > 128 or pad_to(n, N_ALIGN) // 256 >= 0.75 * _sm_count(target)):
         cfg = wgmma_default(target, key)
         if check_config(target, key, cfg) is None:  # e.g. a group that 64 rows do not nest
