@@ -356,6 +356,19 @@ def test_wgmma_selection_and_validation():
     assert "consumer warpgroups" in tuning.check_config(sm90, key4, {**WGMMA, "m_frags": 4})
     assert "stages=9" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 9})
     assert "not an int" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": True})
+    assert "not in (0, 1, 2)" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": 3})
+    # The block split (wgmma=2): M tiles of 64-256, the blocks shared evenly by the warpgroups,
+    # at most 128 accumulators a thread (blocks per warpgroup x M tile <= 256), and the
+    # shared memory its stages need (the validator's smem_bytes mirrors WgmmaTile).
+    key512 = {**key4, "m": 512}
+    assert tuning.check_config(sm90, key512, WGMMA_BLOCKS) is None
+    assert "M tiles of 64, 128" in tuning.check_config(sm90, key512, {**WGMMA_BLOCKS, "m_frags": 12})
+    assert "same number of n64 blocks" in tuning.check_config(
+        sm90, key512, {**WGMMA_BLOCKS, "warps_n": 3})
+    assert "128 accumulators" in tuning.check_config(sm90, key512, {**WGMMA_BLOCKS, "warps_n": 4})
+    assert "shared memory" in tuning.check_config(sm90, key512, {**WGMMA_BLOCKS, "stages": 7})
+    assert tuning.check_config(sm90, key512, {**WGMMA_BLOCKS, "stages": 6}) is None
+    assert "needs a target with wgmma" in tuning.check_config(sm80, key512, WGMMA_BLOCKS)
     # A config from before the knob means the other kernels (wgmma=0).
     old = {k: v for k, v in tuning.default_config(sm90, {**key4, "m": 8}).items() if k != "wgmma"}
     assert tuning.check_config(sm90, {**key4, "m": 8}, old) is None
