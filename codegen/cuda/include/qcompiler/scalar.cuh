@@ -24,11 +24,12 @@ __device__ __forceinline__ uint32_t as_u32(S2 v) { return *reinterpret_cast<uint
 template <class S2>
 __device__ __forceinline__ S2 as_pair(uint32_t v) { return *reinterpret_cast<S2*>(&v); }
 
-__device__ __forceinline__ float to_float(half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// (Host and device: the tile's end, splitk.cuh, is also checked on the host.)
+__host__ __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <class S>
-__device__ __forceinline__ S from_float(float v) {
+__host__ __device__ __forceinline__ S from_float(float v) {
   if constexpr (std::is_same<S, half>::value) return __float2half_rn(v);
   else return __float2bfloat16_rn(v);
 }

@@ -17,6 +17,52 @@ __device__ __forceinline__ void cta_sync() {
   else asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
 }
 
+// Column n of the product from its fp32 sum v: per-channel scale, bias, rounding to S.
+template <class C>
+__host__ __device__ __forceinline__ typename C::scalar_t product_value(
+    const Params<typename C::scalar_t>& p, int n, float v) {
+  if (C::SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
+  if (p.bias) v += p.bias[n];
+  return from_float<typename C::scalar_t>(v);
+}
+
+// The CTA's sums (tile_sum(i): element i = m * N_TILE + n) to y without split-K or column
+// pairs: the product, then the fused epilogue if any (it reads the product rounded to S, as
+// its own kernel would). A thread takes VEC = 8 consecutive columns of a row at a time, one
+// 16-byte store where they are all in range and y's rows are 16-byte aligned, so it has 8
+// independent elements in flight rather than a chain of one load and one store each: the
+// end of a wgmma CTA is 64-256 elements a thread with one warp per scheduler. `tid` is the
+// thread's index among THREADS (a parameter, so that the host can check it: test_cuda_tile).
+template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum>
+__host__ __device__ __forceinline__ void write_tile(const Params<typename C::scalar_t>& p,
+                                                    int m0, int n0, int tid, TileSum tile_sum) {
+  using S = typename C::scalar_t;
+  constexpr int N = C::N, VEC = 8;
+  static_assert(N_TILE % VEC == 0, "N tiles of whole 8-column chunks");
+  const bool aligned = N % VEC == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
+  for (int c = tid; c < M_TILE * N_TILE / VEC; c += THREADS) {
+    const int m = c / (N_TILE / VEC), n = c % (N_TILE / VEC) * VEC;
+    if (m0 + m >= p.M || n0 + n >= N) continue;
+    const long long row = (long long)(m0 + m) * N + n0;  // y's offset of the tile's column 0
+    uint4 packed;
+    S* out = reinterpret_cast<S*>(&packed);
+#pragma unroll
+    for (int b = 0; b < VEC; ++b) {
+      out[b] = product_value<C>(p, n0 + n + b < N ? n0 + n + b : n0 + n, tile_sum(m * N_TILE + n + b));
+      if constexpr (C::Epilogue::FUSED) {
+        if (p.epilogue && n0 + n + b < N) out[b] = C::Epilogue::apply(out[b], p.extras, row + n + b);
+      }
+    }
+    if (aligned && n0 + n + VEC <= N) {
+      *reinterpret_cast<uint4*>(p.y + row + n) = packed;
+    } else {
+#pragma unroll
+      for (int b = 0; b < VEC; ++b)
+        if (n0 + n + b < N) p.y[row + n + b] = out[b];
+    }
+  }
+}
+
 // tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
 // the epilogue (per-channel scale, bias, rounding, then the fused epilogue if any) to y. With split-K every CTA writes its fp32
 // partial tile; the last one to finish a tile (atomic counter) sums the partials in split
@@ -29,11 +75,7 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   using S = typename C::scalar_t;
   constexpr int N = C::N;
   const int tid = threadIdx.x;
-  auto product = [&](int n, float v) {  // per-channel scale, bias, rounding
-    if (C::SCALE_IN_EPILOGUE) v *= to_float(p.scales[n]);
-    if (p.bias) v += p.bias[n];
-    return from_float<S>(v);
-  };
+  auto product = [&](int n, float v) { return product_value<C>(p, n, v); };
   auto epilogue = [&](int m, int n, float v) {
     const long long i = (long long)m * N + n;
     S out = product(n, v);
@@ -57,10 +99,7 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
     return;
   }
   if (p.split_k == 1) {
-    for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
-      const int m = i / N_TILE, n = i % N_TILE;
-      if (m0 + m < p.M && n0 + n < N) epilogue(m0 + m, n0 + n, tile_sum(i));
-    }
+    write_tile<C, M_TILE, N_TILE, THREADS>(p, m0, n0, tid, tile_sum);
     return;
   }
   for (int i = tid; i < M_TILE * N_TILE; i += THREADS) {
