@@ -17,6 +17,20 @@ __device__ __forceinline__ void cta_sync() {
   else asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
 }
 
+// VEC consecutive elements of y, stored as one access of 2 VEC bytes (VEC 1, 2, 4 or 8).
+template <class S, int VEC>
+struct alignas(2 * VEC) Chunk {
+  S v[VEC];
+};
+
+// Elements a thread of the tile's end takes at a time: 8 (a 16-byte store) where the tile
+// gives each thread at least 8, else what it gives (the GEMV kernel's 512 threads share a
+// tile of 8 x 64: one each, as loads of its k warps' sums are many).
+template <int ELEMENTS, int THREADS>
+__host__ __device__ constexpr int chunk_elements() {
+  return ELEMENTS / THREADS >= 8 ? 8 : ELEMENTS / THREADS >= 4 ? 4 : ELEMENTS / THREADS >= 2 ? 2 : 1;
+}
+
 // Column n of the product from its fp32 sum v: per-channel scale, bias, rounding to S.
 template <class C>
 __host__ __device__ __forceinline__ typename C::scalar_t product_value(
@@ -28,33 +42,37 @@ __host__ __device__ __forceinline__ typename C::scalar_t product_value(
 
 // The CTA's sums (tile_sum(i): element i = m * N_TILE + n) to y without split-K or column
 // pairs: the product, then the fused epilogue if any (it reads the product rounded to S, as
-// its own kernel would). A thread takes VEC = 8 consecutive columns of a row at a time, one
-// 16-byte store where they are all in range and y's rows are 16-byte aligned, so it has 8
-// independent elements in flight rather than a chain of one load and one store each: the
-// end of a wgmma CTA is 64-256 elements a thread with one warp per scheduler. `tid` is the
-// thread's index among THREADS (a parameter, so that the host can check it: test_cuda_tile).
+// its own kernel would). A thread takes VEC (up to 8: chunk_elements) consecutive columns of
+// a row at a time, one store of 2 VEC bytes where they are all in range and y's rows are
+// aligned to it, so it has VEC independent elements in flight rather than a chain of one load
+// and one store each: the end of a wgmma CTA is 64-256 elements a thread with one warp per
+// scheduler. Columns past N (a partial last tile) compute with column n's scale and bias
+// and are not stored. `tid` is the thread's index among THREADS (a
+// parameter, so that the host can check it: tests/test_cuda_tile.py).
 template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum>
 __host__ __device__ __forceinline__ void write_tile(const Params<typename C::scalar_t>& p,
                                                     int m0, int n0, int tid, TileSum tile_sum) {
   using S = typename C::scalar_t;
-  constexpr int N = C::N, VEC = 8;
-  static_assert(N_TILE % VEC == 0, "N tiles of whole 8-column chunks");
-  const bool aligned = N % VEC == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15) == 0;
+  constexpr int N = C::N, VEC = chunk_elements<M_TILE * N_TILE, THREADS>();
+  static_assert(N_TILE % VEC == 0, "N tiles of whole chunks");
+  const bool aligned = N % VEC == 0 && (reinterpret_cast<uintptr_t>(p.y) & (2 * VEC - 1)) == 0;
   for (int c = tid; c < M_TILE * N_TILE / VEC; c += THREADS) {
     const int m = c / (N_TILE / VEC), n = c % (N_TILE / VEC) * VEC;
     if (m0 + m >= p.M || n0 + n >= N) continue;
     const long long row = (long long)(m0 + m) * N + n0;  // y's offset of the tile's column 0
-    uint4 packed;
-    S* out = reinterpret_cast<S*>(&packed);
+    Chunk<S, VEC> chunk;
+    S* out = chunk.v;
 #pragma unroll
     for (int b = 0; b < VEC; ++b) {
-      out[b] = product_value<C>(p, n0 + n + b < N ? n0 + n + b : n0 + n, tile_sum(m * N_TILE + n + b));
+      const int col = n0 + n + b < N ? n0 + n + b : n0 + n;  // in range
+      out[b] = product_value<C>(p, col, tile_sum(m * N_TILE + n + b));
       if constexpr (C::Epilogue::FUSED) {
-        if (p.epilogue && n0 + n + b < N) out[b] = C::Epilogue::apply(out[b], p.extras, row + n + b);
+        if (p.epilogue && n0 + n + b < N)
+          out[b] = C::Epilogue::apply(out[b], p.extras, row + n + b);
       }
     }
     if (aligned && n0 + n + VEC <= N) {
-      *reinterpret_cast<uint4*>(p.y + row + n) = packed;
+      *reinterpret_cast<Chunk<S, VEC>*>(p.y + row + n) = chunk;
     } else {
 #pragma unroll
       for (int b = 0; b < VEC; ++b)
@@ -63,8 +81,43 @@ __host__ __device__ __forceinline__ void write_tile(const Params<typename C::sca
   }
 }
 
+// As write_tile with column pairs (fuse-gate-up): sums n and n + 1 (n even) give column n / 2
+// of y, which has N / 2 columns; up to 8 of y's columns (16 sums) a thread at a time.
+template <class C, int M_TILE, int N_TILE, int THREADS, class TileSum>
+__host__ __device__ __forceinline__ void write_pair_tile(const Params<typename C::scalar_t>& p,
+                                                         int m0, int n0, int tid,
+                                                         TileSum tile_sum) {
+  using S = typename C::scalar_t;
+  constexpr int N = C::N, NY = N / 2, TILE_Y = N_TILE / 2;
+  constexpr int VEC = chunk_elements<M_TILE * TILE_Y, THREADS>();
+  static_assert(N % 2 == 0 && TILE_Y % VEC == 0, "column pairs in whole chunks");
+  const bool aligned = NY % VEC == 0 && (reinterpret_cast<uintptr_t>(p.y) & (2 * VEC - 1)) == 0;
+  for (int c = tid; c < M_TILE * TILE_Y / VEC; c += THREADS) {
+    const int m = c / (TILE_Y / VEC), j = c % (TILE_Y / VEC) * VEC;  // y's column in the tile
+    if (m0 + m >= p.M || n0 + 2 * j >= N) continue;
+    const long long row = (long long)(m0 + m) * NY + n0 / 2;
+    Chunk<S, VEC> chunk;
+    S* out = chunk.v;
+#pragma unroll
+    for (int b = 0; b < VEC; ++b) {
+      const int n = n0 + 2 * (j + b) < N ? n0 + 2 * (j + b) : n0 + 2 * j;  // in range
+      const int i = m * N_TILE + 2 * (j + b);
+      out[b] = C::Epilogue::apply_pair(product_value<C>(p, n, tile_sum(i)),
+                                       product_value<C>(p, n + 1, tile_sum(i + 1)));
+    }
+    if (aligned && n0 / 2 + j + VEC <= NY) {
+      *reinterpret_cast<Chunk<S, VEC>*>(p.y + row + j) = chunk;
+    } else {
+#pragma unroll
+      for (int b = 0; b < VEC; ++b)
+        if (n0 + 2 * (j + b) < N) p.y[row + j + b] = out[b];
+    }
+  }
+}
+
 // tile_sum(i) is element i = m * N_TILE + n of the CTA's sums. Without split-K it goes through
-// the epilogue (per-channel scale, bias, rounding, then the fused epilogue if any) to y. With split-K every CTA writes its fp32
+// the epilogue (per-channel scale, bias, rounding, then the fused epilogue if any) to y
+// (write_tile, write_pair_tile). With split-K every CTA writes its fp32
 // partial tile; the last one to finish a tile (atomic counter) sums the partials in split
 // order (deterministic), writes y and resets the tile's counter for the next launch.
 // BARRIER_THREADS > 0: only the first BARRIER_THREADS threads of the CTA take part (they sync
@@ -91,12 +144,11 @@ __device__ __forceinline__ void finish_tile(const Params<typename C::scalar_t>& 
   auto pair_epilogue = [&](int m, int n, float a, float b) {
     p.y[(long long)m * (N / 2) + n / 2] = C::Epilogue::apply_pair(product(n, a), product(n + 1, b));
   };
-  if (PAIRS && p.epilogue && p.split_k == 1) {
-    for (int j = tid; j < M_TILE * N_TILE / 2; j += THREADS) {
-      const int i = 2 * j, m = i / N_TILE, n = i % N_TILE;
-      if (m0 + m < p.M && n0 + n < N) pair_epilogue(m0 + m, n0 + n, tile_sum(i), tile_sum(i + 1));
+  if constexpr (PAIRS) {
+    if (p.epilogue && p.split_k == 1) {
+      write_pair_tile<C, M_TILE, N_TILE, THREADS>(p, m0, n0, tid, tile_sum);
+      return;
     }
-    return;
   }
   if (p.split_k == 1) {
     write_tile<C, M_TILE, N_TILE, THREADS>(p, m0, n0, tid, tile_sum);
