@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [whole] [sanitize] [models] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [tests] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -33,6 +33,11 @@ for step in "$@"; do
       timeout 540 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --llama-layers 22 \
         --compile-peers all --lanes-ab --prefill 512 2>&1 | tee "$OUT/models.log" \
         | grep -v '^ *[0-9]*,$' | grep -B1 -A3 "ours\|check\|greedy\|FAIL" | tail -60 ;;
+    prefill)  # the prefill GEMMs' heuristic vs cuBLAS (M 512 and 4096), then the 22-layer prefill alone
+      timeout 150 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512,4096 \
+        --only heuristic --out "$OUT" 2>&1 | grep -E "M=|wrote|rror" | tail -20
+      timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm --skip-llama \
+        --prefill 512 2>&1 | tee "$OUT/prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
     gemv-sweep)  # the GEMV heuristic against the best of a sweep, decode and large shapes, M 1 and 16
       python3 "$REPO/benchmarks/bench_cuda.py" --sweep --gemv-only --ms 1,16 --shapes \
         2048x2048,256x2048,11264x2048,2048x5632,32000x2048,4096x4096,28672x8192,8192x28672 \
