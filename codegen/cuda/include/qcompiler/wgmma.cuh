@@ -278,17 +278,14 @@ __device__ __forceinline__ void unpack_a(const uint32_t* q, uint32_t* a,
   a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
 }
 
-// One k16 step's wgmmas issued; all but the DEPTH newest groups are waited for (so the next
-// step's unpack overlaps DEPTH groups in flight, DEPTH + 1 sets of A registers live), and
-// at the stage's step DEPTH - 1, where the previous stage's last group is done, its slot is
-// handed back to the producer.
-template <int DEPTH>
+// One k16 step's wgmmas issued (TokenSplit); the previous step's are waited for (one group
+// in flight while the next step unpacks), and at a stage's first step, where the previous
+// stage's last group is done, its slot is handed back to the producer.
 __device__ __forceinline__ void step_done(uint64_t* empty, int stages, int it, int ks,
                                           int lane) {
-  static_assert(DEPTH >= 1 && DEPTH <= 4, "groups in flight: 1 to 4 (one stage)");
   wgmma_commit();
-  wgmma_wait<DEPTH>();
-  if (ks == DEPTH - 1 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % stages);
+  wgmma_wait<1>();
+  if (ks == 0 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % stages);
 }
 
 // wgmma=1: the consumer warpgroups split the tokens (64 each); see above.
@@ -326,7 +323,7 @@ struct TokenSplit {
         wgmma_fence();
 #pragma unroll
         for (int t = 0; t < 4; ++t) wgmma_rs<S, NT>(acc[t], a[t], desc);
-        step_done<1>(empty, T::STAGES, it, ks, lane);
+        step_done(empty, T::STAGES, it, ks, lane);
       }
     }
     wgmma_wait<0>();
