@@ -7,10 +7,15 @@ A config is one kernel variant. ``gemv`` picks the kernel:
   stage), ``stages`` (cp.async pipeline depth), ``stage_k`` (K rows per stage: 64 or 128),
   ``acc_scale`` (1: group scales multiply fp32 per-group sums instead of the B fragments; M
   tile 16 only) and ``split_k`` (CTAs splitting K, reduced by the last CTA of each tile);
-- ``wgmma=1`` (cuda-sm90 only, 4-bit codes), the sm_90a wgmma/TMA kernel
-  (include/qcompiler/wgmma.cuh; ``gemv=0``): ``m_frags`` = M tile / 16 with 64 tokens per
-  consumer warpgroup (4 or 8), ``warps_k`` the consumer warpgroups (1 or 2), ``warps_n`` = 4
-  (N tile 256), ``stages`` (TMA ring depth, stages of ``stage_k`` = 64 rows), ``split_k``;
+- ``wgmma=1`` (cuda-sm90 only, 4-bit codes), the sm_90a wgmma/TMA kernel with its consumer
+  warpgroups splitting the tokens (include/qcompiler/wgmma.cuh; ``gemv=0``): ``m_frags`` = M
+  tile / 16 with 64 tokens per consumer warpgroup (4 or 8), ``warps_k`` the consumer
+  warpgroups (1 or 2), ``warps_n`` = 4 (N tile 256), ``stages`` (TMA ring depth, stages of
+  ``stage_k`` = 64 rows), ``split_k``;
+- ``wgmma=2``, the same kernel with the warpgroups splitting the N tile: ``m_frags`` = M tile
+  / 16 (4, 8 or 16: every warpgroup covers all of the tile's tokens), ``warps_n`` the n64
+  blocks of the N tile, shared evenly by ``warps_k`` warpgroups (1 or 2), blocks per
+  warpgroup x M tile <= 256;
 - ``gemv=1``, the split-K GEMV kernel for small M (weights straight from global memory into
   registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``,
   ``warps_k`` (warps splitting the CTA's K range, summed in shared memory), ``stages`` (k16
