@@ -7,6 +7,7 @@ Optionally onnxruntime's own per-node profile of the same file (``--ort``).
 
     python benchmarks/profile_cnn.py [--models resnet18,mobilenetv2] [--formats qdq]
                                      [--batch 1] [--runs 30] [--top 25] [--ort]
+                                     [--ort-layers]
 """
 from __future__ import annotations
 
@@ -95,6 +96,48 @@ def ort_profile(path: str, feeds: dict, runs: int) -> list:
     return sorted(((k, v / total_runs) for k, v in per_op.items()), key=lambda kv: -kv[1])
 
 
+def ort_conv_layers(path: str, feeds: dict, runs: int) -> list:
+    """onnxruntime's QLinearConv nodes in execution order: (name stem, output shape (NHWC,
+    as its layout transformer runs them), median ms). Matched with our qconv steps by the
+    stem of the ONNX name, else by output shape (its order differs from ours where two convs
+    are independent, as a downsampling block's shortcut)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "qc_ort_layers")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(3 + runs):
+        sess.run(None, feeds)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    times = collections.defaultdict(list)
+    order = []
+    for e in events:
+        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and e["args"]["op_name"] == "QLinearConv"):
+            name = e["name"][:-len("_kernel_time")]
+            if name not in times:
+                out = list(e["args"]["output_type_shape"][0].values())[0]
+                order.append((name, tuple(out)))
+            times[name].append(e["dur"] / 1e3)
+    return [(_name_stem(n), out, sorted(times[n])[len(times[n]) // 2]) for n, out in order]
+
+
+def _name_stem(name: str) -> str:
+    """'/6/down/down.0/Conv_quant' or '..._Conv_token_19' (onnxruntime's node) and '6_down_down.0_Conv_output_0_
+    quantized_75' (our result, named after the ONNX output) -> '6_down_down.0_Conv'."""
+    stem = name.replace("/", "_").lstrip("_")
+    for cut in ("_output_", "_quant", "_token_"):
+        if cut in stem:
+            stem = stem[:stem.index(cut)]
+    return stem
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,mobilenetv2")
@@ -103,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--ort", action="store_true")
+    p.add_argument("--ort-layers", action="store_true",
+                   help="every conv layer beside onnxruntime's (its QLinearConv nodes in order)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qc_bench_cnn"))
     a = p.parse_args(argv)
     os.environ["QC_CPU_THREADS"] = "1"
@@ -145,6 +190,27 @@ def main(argv=None) -> int:
             for (i, op, out), (times, node) in steps[:a.top]:
                 print(f"  {i:4d} {op:<18} {med[(i, op, out)]:7.3f} ms  %{out}  "
                       f"{describe(node)}")
+            if a.ort_layers:
+                ours = [(key, med[key], rec[1]) for key, rec in sorted(records.items())
+                        if key[1] == "qconv"]
+                theirs = ort_conv_layers(path, feeds, a.runs)
+                print("  -- conv layers in order: ours, onnxruntime (median ms), ort / ours")
+                for key, ms, node in ours:
+                    stem = _name_stem(node.result.name) if node is not None else ""
+                    c, h, w = tuple(node.result.type.shape)[1:] if node is not None else (0,) * 3
+                    # By name where ours keeps the ONNX output's (QOperator files), else by
+                    # output shape: '?' where several layers share it (a downsampling
+                    # block's 3x3 and 1x1 convs: onnxruntime may run them in either order).
+                    same_shape = [t for t in theirs if t[1][1:] == (h, w, c)]
+                    match = next((t for t in theirs if t[0] == stem), None)
+                    guess = match is None and len(same_shape) > 1
+                    match = match or (same_shape[0] if same_shape else None)
+                    if match is None:
+                        print(f"  {key[0]:4d} {ms:7.3f}     -         {describe(node)}")
+                        continue
+                    theirs.remove(match)
+                    print(f"  {key[0]:4d} {ms:7.3f} {match[2]:7.3f} {match[2] / ms:5.2f}"
+                          f"{'?' if guess else ' '} {describe(node)}")
             if a.ort:
                 print("  -- onnxruntime per op type (ms per run)")
                 rows = ort_profile(path, feeds, a.runs)
