@@ -277,9 +277,14 @@ def build_qconv(node: Node, variant: str, module=None):
         return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
 
     def fenced(v):
-        """A product behind ``llvm.arithmetic.fence``: the sum after it is rounded on its
-        own, as in the reference (else LLVM may contract the two into one FMA)."""
-        return tirx.call_llvm_pure_intrin(f32, "llvm.arithmetic.fence", v)
+        """A product rounded on its own before the sum it feeds, as in the reference: TVM
+        lets LLVM fuse a multiply feeding an add into one FMA, which rounds once. Behind
+        max(v, -FLT_MAX) the add sees no multiply, and LLVM cannot drop the max (it changes
+        -inf and NaN, which a product of finite codes and scales never is). The loop still
+        vectorizes, where ``llvm.arithmetic.fence`` (the barrier before) kept it scalar (TVM
+        scalarizes the call, LLVM does not vectorize around it): a residual add made a 3x3
+        64 -> 64 layer at 56 x 56 take 1.97 ms instead of 0.75 (0.76 with the max)."""
+        return tirx.max(v, tirx.const(float(-np.finfo(np.float32).max), f32))
 
     if a["out"] == "float":
         def out_fn(nn, mm, yy, xx):
