@@ -277,11 +277,13 @@ def _run_kernel(module: Module, node, variant: str, feeds: dict) -> np.ndarray:
 
 
 def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="quant",
-                  residual=False, act=(None, None), n=2):
-    """A module with one qconv node (operands as constants, x and residual arguments)."""
+                  residual=False, act=(None, None), n=2, w_zero_point="random", x_type="u8"):
+    """A module with one qconv node (operands as constants, x and residual arguments).
+    ``w_zero_point``: "random" (per channel, -2..2), None (no operand: symmetric) or an int
+    (that constant for every channel)."""
     module = Module("qconv_test")
     fn = module.add_function(Function("main"))
-    x = fn.add_arg("x", TensorType((n, c, hw, hw), elem("u8")))
+    x = fn.add_arg("x", TensorType((n, c, hw, hw), elem(x_type)))
     lo, hi = elem(w_type).int_range()
     hi = min(hi, 64) if w_type == "i8" else hi
 
@@ -289,9 +291,13 @@ def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="q
         array = np.asarray(array, elem(dtype).np_dtype)
         return constant_node(fn, module, array, TensorType(array.shape, elem(dtype))).result
     w = const(rng.integers(max(lo, -64), hi + 1, (m, c // group, k, k)), w_type)
-    operands = [x, w, const(0.05, "f32"), const(7, "u8"),
+    if isinstance(w_zero_point, str):
+        wzp = const(rng.integers(-2, 3, m), w_type)
+    else:
+        wzp = None if w_zero_point is None else const(np.full(m, w_zero_point), w_type)
+    operands = [x, w, const(0.05, "f32"), const(7 if x_type == "u8" else -9, x_type),
                 const(rng.random(m) * 0.01 + 0.002, "f32"),
-                const(rng.integers(-2, 3, m), w_type), const(rng.integers(-900, 900, m), "i32")]
+                wzp, const(rng.integers(-900, 900, m), "i32")]
     attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dil] * 2,
              "group": group, "out": out}
     oh = (hw + 2 * pad - (k - 1) * dil - 1) // stride + 1
@@ -315,7 +321,8 @@ def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="q
                         [None] * len(operands))
     node = fn.make_node("qconv", operands, types, attrs, names=["y"])
     fn.set_outputs([node.result], ["y"])
-    feeds = {"x": rng.integers(0, 256, (n, c, hw, hw)).astype(np.uint8)}
+    lo_x, hi_x = elem(x_type).int_range()
+    feeds = {"x": rng.integers(lo_x, hi_x + 1, (n, c, hw, hw)).astype(elem(x_type).np_dtype)}
     if residual:
         feeds["r"] = (rng.integers(0, 256, (n, m, oh, oh)).astype(np.uint8) if out == "quant"
                       else rng.standard_normal((n, m, oh, oh)).astype(np.float32))
@@ -386,6 +393,59 @@ def test_cpu_kernel_matches_the_reference_exactly(case, variant):
     want = _ours(module, feeds)
     got = _run_kernel(module, node, variant, feeds)
     np.testing.assert_array_equal(got, want)
+
+
+TAPS_CASES = [
+    # (c, k, stride, pad, dil, hw), w_type, w zero point, x_type, out, residual
+    ((16, 3, 1, 1, 1, 7), "i8", None, "u8", "quant", False),    # 7 wide: padded to 16
+    ((24, 3, 2, 1, 1, 15), "i8", None, "i8", "quant", True),    # stride 2, odd, i8 x
+    ((8, 3, 1, 2, 2, 9), "u8", 128, "u8", "float", True),       # dilation 2, u8 w
+    ((12, 3, 2, 1, 1, 40), "i4", None, "u8", "quant", False),   # 3 blocks of 16 columns
+    ((8, 2, 1, 0, 1, 33), "i8", None, "u8", "float", False),    # 2 x 2, 33 wide
+    ((6, 4, 3, 1, 1, 20), "i8", None, "i8", "quant", False),    # 4 taps, stride 3
+    ((5, 1, 1, 0, 1, 17), "u4", 8, "u8", "quant", True),        # 1 x 1, u4 w centred
+    ((16, 3, 1, 1, 1, 14), "i8", "random", "u8", "quant", True),  # per-channel zero points
+    ((16, 3, 4, 1, 1, 30), "i4", "random", "u8", "float", False),  # stride 4: 64 bytes
+]
+
+
+@pytest.mark.parametrize("case", TAPS_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[1])
+def test_taps_depthwise_kernel_matches_the_reference_exactly(case):
+    """The depthwise vpdpbusd kernel (16 columns x 4 taps a row): strides, dilation, odd and
+    padded widths, signed and unsigned codes; it is chosen where x's zero point is constant
+    and the weights' zero point is their shift (conv_variant)."""
+    from qcompiler.codegen.cpu.conv import conv_variant
+
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the taps variant needs vpdpbusd)")
+    (c, k, stride, pad, dil, hw), w_type, wzp, x_type, out, residual = case
+    rng = np.random.default_rng(c * hw + k)
+    module, node, feeds = _qconv_module(rng, c, c, k, stride, pad, dil, c, hw, w_type=w_type,
+                                        out=out, residual=residual, act=(0.0, 6.0),
+                                        w_zero_point=wzp, x_type=x_type)
+    assert conv_variant(node, True, module) == "taps"
+    np.testing.assert_array_equal(_run_kernel(module, node, "taps", feeds), _ours(module, feeds))
+
+
+def test_taps_variant_needs_its_zero_points_and_at_most_4_taps():
+    from qcompiler.codegen.cpu.conv import conv_variant
+
+    rng = np.random.default_rng(0)
+    chosen = {}
+    for label, kwargs in (("symmetric", {"w_zero_point": None}),
+                          ("per-channel wzp", {}),
+                          ("u8 codes - 0 past int8", {"w_zero_point": 0, "w_type": "u8"}),
+                          ("5x5", {"w_zero_point": None, "k": 5}),
+                          ("stride 5", {"w_zero_point": None, "stride": 5})):
+        k, stride = kwargs.pop("k", 3), kwargs.pop("stride", 1)
+        module, node, _ = _qconv_module(rng, 8, 8, k, stride, 1, 1, 8, 9, **kwargs)
+        chosen[label] = (conv_variant(node, True, module), conv_variant(node, False, module),
+                         conv_variant(node, True))
+    assert chosen == {"symmetric": ("taps", "direct", "direct"),
+                      "per-channel wzp": ("taps", "direct", "direct"),
+                      "u8 codes - 0 past int8": ("direct", "direct", "direct"),
+                      "5x5": ("direct", "direct", "direct"),
+                      "stride 5": ("direct", "direct", "direct")}
 
 
 @pytest.mark.parametrize("out", ["quant", "float"])

@@ -44,6 +44,7 @@ from qcompiler.ir.core import Node, constant_value
 CONV_VNNI_INTRIN = "qc_conv_vnni_u8s8_16x4"
 OC_BLOCK = 16   # output channels per vpdpbusd (int32 lanes of a zmm register)
 IC_BLOCK = 4    # input channels summed per lane by vpdpbusd
+TAP_BLOCK = 4   # a window row's taps summed per lane by vpdpbusd (the taps variant)
 _registered = False
 
 
@@ -69,12 +70,13 @@ def register_conv_vnni_intrin() -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-            b_i8x64 = B.vload([0, 0], dtype="int8x64")
+            # (one expression: see kernels.register_vpdpbusd_intrin)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a_i8x64, b_i8x64, dtype="int32x16")
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                          16), dtype="int8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
     try:
         TensorIntrin.register(CONV_VNNI_INTRIN, desc, impl)
@@ -96,6 +98,68 @@ def register_conv_vnni_px_intrin() -> None:
     register_vpdpbusd_intrin(CONV_VNNI_PX_INTRIN, "global")
 
 
+def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
+    """``C[j] += sum_t u8 B[j * stride + t * dilation] * s8 A[t]`` for 16 output columns j
+    and 4 taps t (vpdpbusd): B is a row of the padded image, from which one 64-byte load and
+    a byte shuffle make each column's 4 taps (LLVM picks the shuffle: vpermb with VBMI);
+    A, one channel's 4 weights of a window row, broadcast. The sums C live in a plain
+    buffer (the row's sums, on the stack: a "local" one would be a workspace allocation
+    per plane). Returns the intrinsic's name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = f"qc_conv_vnni_taps_s{stride}_d{dilation}"
+    if name in _taps_registered:
+        return name
+    span = 15 * stride + 3 * dilation + 1   # the bytes the 16 x 4 taps read
+    if 15 * stride + 3 * dilation >= 64:
+        raise CPUBackendError(f"taps kernel: stride {stride} and dilation {dilation} reach "
+                              "past one 64-byte load")
+    index = [j * stride + t * dilation for j in range(16) for t in range(TAP_BLOCK)]
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((span,), "uint8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], B[0:span], A[0:4])
+            T.writes(C[0:16])
+            for i, k in T.grid(16, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(B[vi * stride + vk * dilation], "int32") * T.cast(
+                        A[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((span,), "uint8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], B[0:span], A[0:4])
+            T.writes(C[0:16])
+            # (one expression, see kernels.register_vpdpbusd_intrin; the 64-byte load
+            # reads past span: the image rows are padded for it, _taps_sum)
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.Shuffle([B.vload([0], dtype="uint8x64")], index),
+                              dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          16), dtype="int8x64"),
+                dtype="int32x16")
+
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception as e:  # registered already by another import of this module
+        if "already" not in str(e).lower():
+            raise
+    _taps_registered.add(name)
+    return name
+
+
+_taps_registered: set = set()
+
+
 def _round_up(v: int, k: int) -> int:
     return -(-v // k) * k
 
@@ -108,16 +172,44 @@ def _static_shape(node: Node, v) -> tuple:
     return tuple(v.type.shape)
 
 
-def conv_variant(node: Node, vnni: bool) -> str:
-    """``vnni`` or ``direct`` (see the module docstring)."""
+def conv_variant(node: Node, vnni: bool, module=None) -> str:
+    """``vnni``, ``taps`` or ``direct`` (see the module docstring). ``taps`` needs the
+    module: it is chosen only where x's zero point and the weights are constants, and the
+    weights minus their zero points fit in int8 (``_centred_weights_fit_int8``)."""
     cfg = node.attrs.get("config") or {}
     if "w_shape" in cfg:  # packed for the vnni kernel (cpu-conv-layout)
         return "vnni" if vnni else "direct"
-    m, cg = node.arg("w").type.shape[:2]
+    m, cg, _, kw = node.arg("w").type.shape
     mg = m // node.attrs["group"]
     # Channels are padded to 4 (inputs) and 16 (outputs): worth it down to 2 inputs and 8
-    # outputs per group (a stem conv's 3 channels); depthwise layers take the direct sum.
-    return "vnni" if vnni and cg >= 2 and mg >= 8 else "direct"
+    # outputs per group (a stem conv's 3 channels); depthwise layers take a tap kernel.
+    if vnni and cg >= 2 and mg >= 8:
+        return "vnni"
+    sw, dw = node.attrs["strides"][1], node.attrs["dilations"][1]
+    if (vnni and cg == 1 and mg == 1 and isinstance(kw, int) and kw <= TAP_BLOCK
+            and 15 * sw + (TAP_BLOCK - 1) * dw < 64   # (one 64-byte load per 16 columns)
+            and const_x_zero_point(node, module) is not None
+            and _centred_weights_fit_int8(node, module)):
+        return "taps"
+    return "direct"
+
+
+def _centred_weights_fit_int8(node: Node, module) -> bool:
+    """Whether the weights are module constants whose codes minus their zero points (per
+    channel) all fit in int8: the taps kernel's signed vpdpbusd operand."""
+    if module is None:
+        return False
+    w = constant_value(module, node.arg("w"))
+    if w is None:
+        return False
+    wzp_v = node.operands[5] if len(node.operands) > 5 else None
+    zp = 0 if wzp_v is None else constant_value(module, wzp_v)
+    if zp is None:
+        return False
+    w = np.asarray(w, np.int64)
+    zp = np.asarray(zp, np.int64).reshape(-1)
+    centred = w - (zp.reshape(-1, *([1] * (w.ndim - 1))) if zp.size > 1 else zp.reshape(()))
+    return bool(centred.min() >= -128 and centred.max() <= 127)
 
 
 def conv_w_shift(node: Node) -> int:
@@ -184,8 +276,8 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel is 2-D only")
     if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
         vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
-    variant = conv_variant(node, vnni)
-    zp = const_x_zero_point(node, module) if variant == "vnni" else None
+    variant = conv_variant(node, vnni, module)
+    zp = const_x_zero_point(node, module) if variant in ("vnni", "taps") else None
     name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
     if name in known:
         return name, None
@@ -248,7 +340,10 @@ def build_qconv(node: Node, variant: str, module=None):
     def wzp(mm):
         return per_channel(5, mm).astype(i32) if 5 in placeholders else tirx.const(0, i32)
 
-    if variant == "vnni":
+    if variant == "taps":
+        acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
+                                                  mg, sh, sw, dh, dw, pt, pl), module)
+    elif variant == "vnni":
         acc, extra = _vnni_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
                                                        group, mg, sh, sw, dh, dw, pt, pl),
                                module, w_stored if packed else None)
@@ -261,7 +356,8 @@ def build_qconv(node: Node, variant: str, module=None):
     # row loop, whole vectors), the result copies the first ow columns; the residual is
     # read at a clamped column there. (14 x 14 images keep a whole image of sums: 576 -> 96
     # at batch 8 measured 0.60 ms that way, 0.76 ms by rows.)
-    padded_out = variant == "vnni" and extra.get("px") and extra.get("padded_rows")
+    padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
+        variant == "taps" and ow % 16 != 0)
     owp = _round_up(ow, 16)
 
     def res_x(xx):
@@ -358,6 +454,84 @@ def _direct_sum(x, wt, xzp, wzp, dims):
                  "strided": sw > 1,
                  # the padded copy's border, filled apart
                  "xs_border": bool(pt or pl or hp > h or wpp * sw > w_)}
+
+
+def _taps_sum(node, x, wt, wzp, dims, module):
+    """Depthwise sums with vpdpbusd over a window row's taps: 16 output columns x 4 taps of
+    one channel per instruction (a 3 x 3 window is 3 instructions per 16 outputs, where the
+    direct kernel widens, multiplies and adds 9 times). Per channel plane, the padded image
+    as unsigned bytes (its border the zero point, which adds 0 to the exact sum); the
+    intrinsic makes each column's 4 taps from one 64-byte load of a row with a byte
+    shuffle, so that strided and dilated windows cost the same. The weights are the codes
+    minus their zero point (int8: ``_centred_weights_fit_int8``), padded to 4 taps with
+    zeros; the exact sum of (x - xzp)(w - wzp) is then ``sum x' * (w - wzp) - zx' * Wsum[m]``
+    with x' the unsigned codes (i8 x shifted by 128) and zx' their zero point."""
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0   # x' = x + 128: u8
+    zx = const_x_zero_point(node, module) + x_shift
+    owp = _round_up(ow, 16)
+    hp = (oh - 1) * sh + (kh - 1) * dh + 1
+    # every padded output column's 4 taps in bounds, and the 64 bytes the intrinsic loads
+    # from each block of 16 columns
+    wpp = max((owp - 1) * sw + (TAP_BLOCK - 1) * dw + 1, (owp - 16) * sw + 64)
+    xp = te.compute((n, c, hp, wpp), lambda nn, cc, yy, xx: tirx.if_then_else(
+        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
+        (x(nn, cc, yy - pt, xx - pl).astype(i32) + x_shift).astype("uint8"),
+        tirx.const(zx, "uint8")), name="xp")
+    w4 = te.compute((m, kh, TAP_BLOCK), lambda mm, yy, t: tirx.if_then_else(
+        t < kw, wt(mm, 0, yy, tirx.min(t, kw - 1)).astype(i32) - wzp(mm),
+        tirx.const(0, i32)).astype("int8"), name="w4")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rt = te.reduce_axis((0, TAP_BLOCK), name="rt")
+    s = te.compute((n, m, oh, owp), lambda nn, mm, yy, j: te.sum(
+        xp(nn, mm, yy * sh + ry * dh, j * sw + rt * dw).astype(i32)
+        * w4(mm, ry, rt).astype(i32),
+        axis=[ry, rt]), name="sum")
+    wy = te.reduce_axis((0, kh), name="wy")
+    wt_ = te.reduce_axis((0, TAP_BLOCK), name="wt")
+    wsum = te.compute((m,), lambda mm: te.sum(w4(mm, wy, wt_).astype(i32), axis=[wy, wt_]),
+                      name="wsum")
+
+    def acc(nn, mm, yy, xx):
+        return s(nn, mm, yy, xx) - zx * wsum(mm)
+    return acc, {"ow": ow, "xp_border": bool(pt or pl or hp > h or wpp > w_),
+                 "stride": sw, "dilation": dw}
+
+
+def _schedule_taps(sch, out, extra: dict):
+    """One channel plane per parallel iteration: its padded image and tap copy, then each
+    output row's sums (in registers, 16 columns x 4 taps per vpdpbusd) right before the
+    row's epilogue."""
+    intrin = register_conv_vnni_taps_intrin(extra["stride"], extra["dilation"])
+    last = None
+    if extra["ow"] % 16:
+        # the epilogue over the padded width (outp: whole vectors of sums), then the
+        # result's copy of the row's first ow columns
+        last, out = out, sch.get_sblock("outp")
+    nn, mm, yy, xx = sch.get_loops(out)
+    sch.parallel(mm)  # (not fused with the batch: a symbolic one defeats compute_at)
+    if last is not None:
+        sch.reverse_compute_at(last, yy)
+    blk = sch.get_sblock("sum")
+    sch.compute_at(blk, yy, preserve_unit_loops=True)
+    for name in ("xp", "wsum", "w4"):
+        sch.compute_at(sch.get_sblock(name), mm, preserve_unit_loops=True)
+    xp = sch.get_sblock("xp")
+    if extra["xp_border"]:
+        sch.decompose_padding(xp, sch.get_loops(xp)[-2])
+    loops = sch.get_loops(blk)
+    j, ry, rt = loops[-3:]
+    jo, ji = sch.split(j, [None, 16])
+    sch.reorder(jo, ry, ji, rt)
+    # (the row's sums straight in its buffer, no "local" cache: that would be a workspace
+    # allocation per plane; LLVM keeps the 16 sums in a register over the window rows)
+    init = sch.decompose_reduction(blk, ry)
+    sch.tensorize(ji, intrin)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
 
 
 def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
@@ -511,6 +685,8 @@ def _schedule(func, variant: str, extra: dict):
 
     sch = tvm.s_tir.Schedule(func)
     out = sch.get_sblock("out")
+    if variant == "taps":
+        return _schedule_taps(sch, out, extra)
     if variant == "direct":
         # One output channel plane at a time: the window loops outside the output columns,
         # which are one vector (the row's int32 sums stay in registers or L1 across the

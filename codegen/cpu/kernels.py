@@ -86,7 +86,8 @@ _avx2_registered = False
 _avx2_steps_registered: set = set()
 
 
-def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "global"):
+def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "global",
+                     c_scope: str = "local"):
     """The description every int8 dot-product intrinsic shares:
     ``C[lanes] += sum_k B[j, k] * A[k]`` over 4 bytes, widened to int32 (VNNI's 16 lanes, the
     AVX2 pair's 8; the qmatmul kernels' weights are the unsigned B, the conv kernel's the
@@ -96,7 +97,7 @@ def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "glo
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), a_dtype, offset_factor=1),
              B: T.Buffer((lanes, 4), b_dtype, offset_factor=1, scope=b_scope),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], B[0:lanes, 0:4], A[0:4])
             T.writes(C[0:lanes])
@@ -119,10 +120,12 @@ def register_vnni_intrin() -> None:
 _vpdpbusd_registered: set = set()
 
 
-def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
+def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
     """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
     broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
-    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B).
+    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B), the sums
+    C in ``c_scope`` (``global`` for a small buffer that lives on the stack: on the CPU,
+    TVM allocates every ``local`` buffer through TVMBackendAllocWorkspace).
 
     TVM's own ``dot_16x4_vnni`` passes ``<16 x i32>`` operands, which LLVM 22 rejects; this
     one passes the ``<64 x i8>`` operands LLVM 22's ``llvm.x86.avx512.vpdpbusd.512`` takes.
@@ -132,21 +135,25 @@ def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    desc = dot_product_desc(16, "int8", "uint8", b_scope)
+    desc = dot_product_desc(16, "int8", "uint8", b_scope, c_scope)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
              B: T.Buffer((16, 4), "uint8", offset_factor=1, scope=b_scope),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-            b_i8x64 = T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64")
+            # (one expression: a named intermediate becomes a bound variable, which TVM
+            # lowers to a "local" buffer, allocated through TVMBackendAllocWorkspace on
+            # every iteration of the enclosing parallel loop)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), b_i8x64, a_i8x64, dtype="int32x16")
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          16), dtype="int8x64"),
+                dtype="int32x16")
 
     try:
         TensorIntrin.register(name, desc, impl)
@@ -185,15 +192,16 @@ def register_avx2_intrins() -> None:
         with T.sblock("root"):
             T.reads(C[0:8], B[0:8, 0:4], A[0:4])
             T.writes(C[0:8])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            a_i8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
-            b_i8x32 = T.reinterpret(B.vload([0, 0], dtype="uint8x32"), dtype="int8x32")
-            pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                b_i8x32, a_i8x32, dtype="int16x16")
+            # (one expression: see register_vpdpbusd_intrin)
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    T.reinterpret(B.vload([0, 0], dtype="uint8x32"), dtype="int8x32"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"),
+                                                            dtype="int32"), 8), dtype="int8x32"),
+                    dtype="int16x16"),
+                T.broadcast(T.int16(1), 16), dtype="int32x8")
 
     @T.prim_func(s_tir=True)
     def impl_nibbles(A: T.Buffer((4,), "int8", offset_factor=1),
@@ -202,25 +210,31 @@ def register_avx2_intrins() -> None:
         with T.sblock("root"):
             T.reads(C[0:8], B[0:8, 0:4], A[0:4])
             T.writes(C[0:8])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            a_i8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
-            b = B.vload([0, 0], dtype="uint8x32")
-            low = T.reinterpret(b & T.broadcast(T.uint8(15), 32), dtype="int8x32")
-            high = T.reinterpret(b >> T.broadcast(T.uint8(4), 32), dtype="int8x32")
-            low_pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                low, a_i8x32, dtype="int16x16")
-            high_pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                high, a_i8x32, dtype="int16x16")
+            # (one expression: see register_vpdpbusd_intrin; LLVM shares the repeated loads)
             C[T.ramp(T.int32(0), 1, 8)] = (
                 C.vload([0], dtype="int32x8")
-                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                          low_pairs, T.broadcast(T.int16(1), 16),
-                                          dtype="int32x8")
-                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                          high_pairs, T.broadcast(T.int16(16), 16),
-                                          dtype="int32x8"))
+                + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    T.call_llvm_pure_intrin(   # the low nibbles
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(B.vload([0, 0], dtype="uint8x32")
+                                      & T.broadcast(T.uint8(15), 32), dtype="int8x32"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="int8x32"),
+                        dtype="int16x16"),
+                    T.broadcast(T.int16(1), 16), dtype="int32x8")
+                + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    T.call_llvm_pure_intrin(   # the high nibbles, weighted 16
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(B.vload([0, 0], dtype="uint8x32")
+                                      >> T.broadcast(T.uint8(4), 32), dtype="int8x32"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="int8x32"),
+                        dtype="int16x16"),
+                    T.broadcast(T.int16(16), 16), dtype="int32x8"))
 
     for name, body in ((AVX2_INTRIN, impl), (AVX2_NIBBLES_INTRIN, impl_nibbles)):
         try:

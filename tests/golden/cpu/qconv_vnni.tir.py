@@ -70,10 +70,7 @@ def qconv_93d792ffe84e00a5(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                         A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
                         B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
                         C = T.match_buffer(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
-                        a_i32: T.int32 = T.reinterpret("int32", A[T.Ramp(0, 1, 4)])
-                        a_i8x64: T.int8x64 = T.reinterpret("int8x64", T.Broadcast(a_i32, 16))
-                        b_i8x64: T.int8x64 = B[0, T.Ramp(0, 1, 64)]
-                        C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], a_i8x64, b_i8x64)
+                        C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
             for ax0 in T.unroll(6):
                 for ax1 in T.vectorized(16):
                     with T.sblock("sum_local"):
@@ -109,10 +106,7 @@ def qconv_93d792ffe84e00a5(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                 A = T.match_buffer(ones[0:4], (4,), "uint8", offset_factor=1)
                 B = T.match_buffer(wq[v_g_o, v_mo_o, v_wy_o, v_wx_o, v_wco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
                 C = T.match_buffer(wsum_local[v_g_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
-                a_i32: T.int32 = T.reinterpret("int32", A[T.Ramp(0, 1, 4)])
-                a_i8x64: T.int8x64 = T.reinterpret("int8x64", T.Broadcast(a_i32, 16))
-                b_i8x64: T.int8x64 = B[0, T.Ramp(0, 1, 64)]
-                C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], a_i8x64, b_i8x64)
+                C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
         for ax0 in T.vectorized(16):
             with T.sblock("wsum_local"):
                 v0 = T.axis.spatial(1, 0)
