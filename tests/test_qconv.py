@@ -277,7 +277,8 @@ def _run_kernel(module: Module, node, variant: str, feeds: dict) -> np.ndarray:
 
 
 def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="quant",
-                  residual=False, act=(None, None), n=2, w_zero_point="random", x_type="u8"):
+                  residual=False, act=(None, None), n=2, w_zero_point="random", x_type="u8",
+                  x_zero_point=None):
     """A module with one qconv node (operands as constants, x and residual arguments).
     ``w_zero_point``: "random" (per channel, -2..2), None (no operand: symmetric) or an int
     (that constant for every channel)."""
@@ -295,7 +296,9 @@ def _qconv_module(rng, c, m, k, stride, pad, dil, group, hw, w_type="i8", out="q
         wzp = const(rng.integers(-2, 3, m), w_type)
     else:
         wzp = None if w_zero_point is None else const(np.full(m, w_zero_point), w_type)
-    operands = [x, w, const(0.05, "f32"), const(7 if x_type == "u8" else -9, x_type),
+    if x_zero_point is None:
+        x_zero_point = 7 if x_type == "u8" else -9
+    operands = [x, w, const(0.05, "f32"), const(x_zero_point, x_type),
                 const(rng.random(m) * 0.01 + 0.002, "f32"),
                 wzp, const(rng.integers(-900, 900, m), "i32")]
     attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dil] * 2,
@@ -396,8 +399,11 @@ def test_cpu_kernel_matches_the_reference_exactly(case, variant):
 
 
 TAPS_CASES = [
-    # (c, k, stride, pad, dil, hw), w_type, w zero point, x_type, out, residual
+    # (c, k, stride, pad, dil, hw), w_type, w zero point, x_type (and zero point), out,
+    # residual
     ((16, 3, 1, 1, 1, 7), "i8", None, "u8", "quant", False),    # 7 wide: padded to 16
+    ((16, 3, 2, 1, 1, 29), "i8", None, "u8:0", "quant", False),  # x zero point 0 (ReLU)
+    ((8, 3, 1, 1, 1, 12), "i8", None, "i8:-128", "float", True),  # i8 x, shifted zp 0
     ((24, 3, 2, 1, 1, 15), "i8", None, "i8", "quant", True),    # stride 2, odd, i8 x
     ((8, 3, 1, 2, 2, 9), "u8", 128, "u8", "float", True),       # dilation 2, u8 w
     ((12, 3, 2, 1, 1, 40), "i4", None, "u8", "quant", False),   # 3 blocks of 16 columns
@@ -419,10 +425,12 @@ def test_taps_depthwise_kernel_matches_the_reference_exactly(case):
     if not _host_vnni():
         pytest.skip("host has no AVX-512 VNNI (the taps variant needs vpdpbusd)")
     (c, k, stride, pad, dil, hw), w_type, wzp, x_type, out, residual = case
+    x_type, _, xzp = x_type.partition(":")
     rng = np.random.default_rng(c * hw + k)
     module, node, feeds = _qconv_module(rng, c, c, k, stride, pad, dil, c, hw, w_type=w_type,
                                         out=out, residual=residual, act=(0.0, 6.0),
-                                        w_zero_point=wzp, x_type=x_type)
+                                        w_zero_point=wzp, x_type=x_type,
+                                        x_zero_point=int(xzp) if xzp else None)
     assert conv_variant(node, True, module) == "taps"
     np.testing.assert_array_equal(_run_kernel(module, node, "taps", feeds), _ours(module, feeds))
 

@@ -495,10 +495,10 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     wsum = te.compute((m,), lambda mm: te.sum(w4(mm, wy, wt_).astype(i32), axis=[wy, wt_]),
                       name="wsum")
 
-    def acc(nn, mm, yy, xx):
-        return s(nn, mm, yy, xx) - zx * wsum(mm)
+    def acc(nn, mm, yy, xx):  # (no weight sums where zx' is 0: post-ReLU u8 activations)
+        return s(nn, mm, yy, xx) - zx * wsum(mm) if zx else s(nn, mm, yy, xx)
     return acc, {"ow": ow, "xp_border": bool(pt or pl or hp > h or wpp > w_),
-                 "stride": sw, "dilation": dw}
+                 "stride": sw, "dilation": dw, "wsum": zx != 0}
 
 
 def _schedule_taps(sch, out, extra: dict):
@@ -517,7 +517,7 @@ def _schedule_taps(sch, out, extra: dict):
         sch.reverse_compute_at(last, yy)
     blk = sch.get_sblock("sum")
     sch.compute_at(blk, yy, preserve_unit_loops=True)
-    for name in ("xp", "wsum", "w4"):
+    for name in ("xp", "wsum", "w4") if extra["wsum"] else ("xp", "w4"):
         sch.compute_at(sch.get_sblock(name), mm, preserve_unit_loops=True)
     xp = sch.get_sblock("xp")
     if extra["xp_border"]:
