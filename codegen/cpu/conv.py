@@ -18,7 +18,15 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
   |wq| <= 128, 4 products per lane step). Wsum comes from vpdpbusd too (the packed weights
   times a vector of ones). Where the image outweighs the weights and the channels per group
   are a multiple of 16, each output row's sums are computed inside the epilogue's row loop.
-- ``direct`` (everything else: AVX2 hosts, depthwise and thin groups): the i32 sum of
+- ``taps`` (AVX-512 VNNI targets, depthwise with at most 4 taps a window row, x's zero
+  point and the weights constant, the weights minus their zero points in int8): per channel
+  plane, the padded image as unsigned bytes; each vpdpbusd sums 4 taps of a window row for
+  16 output columns, the columns' taps made from one 64-byte load of the row by a byte
+  shuffle (vpermb), the weights (w - wzp) broadcast; ``sum - zx' * Wsum[m]`` is the exact
+  sum. Each output row's sums are computed right before its epilogue (``_taps_sum``).
+  Measured 1 thread Zen 4 against ``direct``: 32 channels at 112 x 112 0.170 -> 0.076 ms,
+  96 at 112 -> 56 (stride 2) 0.259 -> 0.090 ms, 960 at 7 x 7 0.061 -> 0.053 ms.
+- ``direct`` (everything else: AVX2 hosts, other depthwise layers and thin groups): the i32 sum of
   ``(x - xzp) * (w - wzp)`` one output channel plane at a time, the window loops outside
   the output columns (16-lane vectors; the padded image's columns split by stride phase, so
   that strided taps are vector loads: a plain padded copy whose border is filled apart,
