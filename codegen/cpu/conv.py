@@ -681,7 +681,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
         return v if xsum is None else v - zw * xsum(nn, g, yy, xx)
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
-    return acc, {"ow": ow, "xsum": xsum is not None,
+    return acc, {"ow": ow, "group": group, "xsum": xsum is not None,
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
                  "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
                  # (whether the repacked image has a border at all)
@@ -843,6 +843,8 @@ def _schedule_px(sch, out, extra: dict):
         last = out
         out = sch.get_sblock("outp")
         on, om, oy, ox = sch.get_loops(out)
+    if in_rows and extra["group"] == 1:
+        return _schedule_px_fused(sch, out, last if padded else None, extra)
     if in_rows:
         # Each output row's sums inside the epilogue's row loop: they are read back from
         # cache (a batch of 8 at 112 x 112 x 96 has 39 MB of int32 sums; 144 x 56 x 56:
@@ -882,4 +884,43 @@ def _schedule_px(sch, out, extra: dict):
     if extra["xsum"] and not in_rows:
         b = sch.get_sblock("xsum")
         sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    return sch.mod["main"]
+
+
+def _schedule_px_fused(sch, out, copy, extra: dict):
+    """Pixel lanes with the epilogue fused into the sums: each block of mb channels x 16
+    pixels is computed right before its epilogue, which reads the accumulators themselves,
+    so that no int32 sum goes to memory and back (one group; ``copy``: the result's copy of
+    each padded row)."""
+    blk = sch.get_sblock("sum")
+    mg = extra["mg"]
+    mb = next(b for b in (8, 6, 4, 7, 5, 3, 2, 1) if mg % b == 0)
+    on, om, oy, ox = sch.get_loops(out)
+    omo, omi = sch.split(om, [None, mb])
+    oxo, oxi = sch.split(ox, [None, 16])
+    sch.reorder(on, oy, omo, oxo, omi, oxi)
+    row = sch.fuse(on, oy)
+    sch.parallel(row)
+    sch.compute_at(blk, oxo, preserve_unit_loops=True)
+    if extra["xsum"]:
+        sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
+    if copy is not None:
+        sch.reverse_compute_at(copy, row)
+    loops = sch.get_loops(blk)[3:]   # (row, omo, oxo, then the block's own)
+    if len(loops) != 9:
+        raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
+    nn, g, mr, yy, xx, ry, rx, rco, rci = loops
+    sch.reorder(nn, g, yy, ry, rx, rco, mr, xx, rci)
+    acc = sch.cache_write(blk, 0, "local")   # (placed under oxo, after the sums)
+    sch.decompose_reduction(blk, ry)
+    sch.tensorize(xx, CONV_VNNI_PX_INTRIN)
+    sch.unroll(mr)
+    sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
+    init = sch.get_sblock("sum_init")
+    rows, lanes = sch.get_loops(init)[-2:]
+    sch.unroll(rows)
+    sch.vectorize(lanes)
+    sch.unroll(omi)
+    sch.vectorize(oxi)
+    _schedule_xq(sch, extra)
     return sch.mod["main"]
