@@ -382,9 +382,11 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["vnni", "direct"])
+@pytest.mark.parametrize("variant", ["vnni", "madd", "direct"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[2])
 def test_cpu_kernel_matches_the_reference_exactly(case, variant):
+    """Every kernel variant on every case (``madd``, the AVX2 one, runs on every x86 host:
+    depthwise and thin groups too, padded to its 8 x 2 tile)."""
     if variant == "vnni" and not _host_vnni():
         pytest.skip("host has no AVX-512 VNNI (the vnni variant needs vpdpbusd)")
     conv, w_type, out, residual, act = case
@@ -588,6 +590,30 @@ def test_cpu_conv_layout_packs_weights_at_compile_time(w_type):
     want = _ours(module, feeds)
     np.testing.assert_array_equal(_ours(packed, feeds), want)
     np.testing.assert_array_equal(_run_kernel(packed, q, "vnni", feeds), want)
+
+
+@pytest.mark.parametrize("w_type", ["u8", "i4", "i8"])
+def test_cpu_conv_layout_packs_centred_int16_weights_for_avx2(w_type):
+    """On an AVX2 target the weights are packed for the vpmaddwd kernel: int16, 8 output x 2
+    input channels, minus their per-channel zero points (w_centred); the reference unpacks
+    them to the same module, the kernel reading them is exact, and the variant is chosen by
+    the target."""
+    from qcompiler.codegen.cpu.conv import conv_variant
+
+    rng = np.random.default_rng(5)
+    module, node, feeds = _qconv_module(rng, 12, 24, 3, 1, 1, 1, 2, 7, w_type=w_type,
+                                        act=(0.0, None), residual=True)
+    assert conv_variant(node, False, module, avx2=True) == "madd"
+    packed = make_pass("cpu-conv-layout", {"target": "cpu-x86-avx2"})(module)
+    q = [n for n in packed.main.nodes if n.op == "qconv"][0]
+    cfg = q.attrs["config"]
+    assert cfg["w_shape"] == [24, 6, 3, 3] and cfg["w_centred"] and "w_shift" not in cfg
+    assert q.arg("w").type.shape == (2, 2, 3, 3, 3, 8, 2)
+    assert str(q.arg("w").type.dtype) == "i16"
+    assert conv_variant(q, True) == "madd"   # (the packed layout decides)
+    want = _ours(module, feeds)
+    np.testing.assert_array_equal(_ours(packed, feeds), want)
+    np.testing.assert_array_equal(_run_kernel(packed, q, "madd", feeds), want)
 
 
 @pytest.mark.parametrize("codes", ["u8", "i8"])

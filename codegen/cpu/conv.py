@@ -94,6 +94,59 @@ def register_conv_vnni_intrin() -> None:
     _registered = True
 
 
+VNNI_W_LAYOUT = "g_m16_kh_kw_c4_16_4"   # cpu-conv-layout's int8 weights, vpdpbusd's
+MADD_W_LAYOUT = "g_m8_kh_kw_c2_8_2"     # its int16 centred weights, vpmaddwd's (AVX2)
+MADD_OC_BLOCK = 8   # output channels per vpmaddwd (int32 lanes of a ymm register)
+MADD_IC_BLOCK = 2   # input channels summed per lane by vpmaddwd
+CONV_MADD_INTRIN = "qc_conv_madd_s16_8x2"
+
+
+def register_conv_madd_intrin() -> None:
+    """C[8] += sum_k s16 A[k] * s16 B[j, k] (vpmaddwd, then an add): 2 centred activations
+    (x - xzp) broadcast x 8 output channels x 2 input channels of centred weights
+    (w - wzp). Products of 9-bit operands and their pair sums fit in int32: no saturation,
+    where vpmaddubsw on the 8-bit codes would saturate int16."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if CONV_MADD_INTRIN in _taps_registered:
+        return
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1),
+             B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:8, 0:2], A[0:2])
+            T.writes(C[0:8])
+            for i, k in T.grid(8, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1),
+             B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], B[0:8, 0:2], A[0:2])
+            T.writes(C[0:8])
+            # (one expression, see kernels.register_vpdpbusd_intrin)
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                B.vload([0, 0], dtype="int16x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
+                dtype="int32x8")
+
+    try:
+        TensorIntrin.register(CONV_MADD_INTRIN, desc, impl)
+    except Exception as e:  # registered already by another import of this module
+        if "already" not in str(e).lower():
+            raise
+    _taps_registered.add(CONV_MADD_INTRIN)
+
+
 CONV_VNNI_PX_INTRIN = "qc_conv_vnni_px_u8s8_16x4"
 
 
@@ -180,12 +233,16 @@ def _static_shape(node: Node, v) -> tuple:
     return tuple(v.type.shape)
 
 
-def conv_variant(node: Node, vnni: bool, module=None) -> str:
-    """``vnni``, ``taps`` or ``direct`` (see the module docstring). ``taps`` needs the
-    module: it is chosen only where x's zero point and the weights are constants, and the
-    weights minus their zero points fit in int8 (``_centred_weights_fit_int8``)."""
+def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str:
+    """``vnni``, ``taps``, ``madd`` or ``direct`` (see the module docstring). ``vnni``:
+    AVX-512 VNNI targets (``vnni``); ``madd``: other x86 targets with AVX2 (``avx2``).
+    ``taps`` needs the module: it is chosen only where x's zero point and the weights are
+    constants, and the weights minus their zero points fit in int8
+    (``_centred_weights_fit_int8``)."""
     cfg = node.attrs.get("config") or {}
-    if "w_shape" in cfg:  # packed for the vnni kernel (cpu-conv-layout)
+    if "w_shape" in cfg:  # packed by cpu-conv-layout, for one kernel
+        if cfg.get("w_layout") == MADD_W_LAYOUT:
+            return "madd"
         return "vnni" if vnni else "direct"
     m, cg, _, kw = node.arg("w").type.shape
     mg = m // node.attrs["group"]
@@ -193,6 +250,8 @@ def conv_variant(node: Node, vnni: bool, module=None) -> str:
     # outputs per group (a stem conv's 3 channels); depthwise layers take a tap kernel.
     if vnni and cg >= 2 and mg >= 8:
         return "vnni"
+    if avx2 and not vnni and cg >= 2 and mg >= 4:
+        return "madd"
     sw, dw = node.attrs["strides"][1], node.attrs["dilations"][1]
     if (vnni and cg == 1 and mg == 1 and isinstance(kw, int) and kw <= TAP_BLOCK
             and 15 * sw + (TAP_BLOCK - 1) * dw < 64   # (one 64-byte load per 16 columns)
@@ -284,7 +343,9 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel is 2-D only")
     if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
         vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
-    variant = conv_variant(node, vnni, module)
+    # 256-bit x86 params: an AVX2 target (cpu-x86-avx2, or the host without AVX-512)
+    avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) == 8
+    variant = conv_variant(node, vnni, module, avx2=avx2)
     zp = const_x_zero_point(node, module) if variant in ("vnni", "taps") else None
     name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
     if name in known:
@@ -330,6 +391,9 @@ def build_qconv(node: Node, variant: str, module=None):
         if not packed:
             return w_stored(mm, cc, yy, xx)
         g, mr = mm // mg, mm % mg
+        if cfg.get("w_centred"):  # (the madd layout: w - wzp)
+            return w_stored(g, mr // MADD_OC_BLOCK, yy, xx, cc // MADD_IC_BLOCK,
+                            mr % MADD_OC_BLOCK, cc % MADD_IC_BLOCK).astype("int32") + wzp(mm)
         return w_stored(g, mr // OC_BLOCK, yy, xx, cc // IC_BLOCK, mr % OC_BLOCK,
                         cc % IC_BLOCK).astype("int32") + cfg["w_shift"]
 
@@ -348,7 +412,11 @@ def build_qconv(node: Node, variant: str, module=None):
     def wzp(mm):
         return per_channel(5, mm).astype(i32) if 5 in placeholders else tirx.const(0, i32)
 
-    if variant == "taps":
+    if variant == "madd":
+        acc, extra = _madd_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
+                                                       mg, sh, sw, dh, dw, pt, pl),
+                               w_stored if packed else None)
+    elif variant == "taps":
         acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                   mg, sh, sw, dh, dw, pt, pl), module)
     elif variant == "vnni":
@@ -462,6 +530,105 @@ def _direct_sum(x, wt, xzp, wzp, dims):
                  "strided": sw > 1,
                  # the padded copy's border, filled apart
                  "xs_border": bool(pt or pl or hp > h or wpp * sw > w_)}
+
+
+def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
+    """Channel lanes on AVX2 (``madd``): the exact sum of (x - xzp)(w - wzp) with vpmaddwd on
+    int16 pairs of input channels, 8 output channels per instruction. x is repacked per
+    call into centred int16 ``xq[n, g, h + pads, w + pads, c2]`` (the border 0, the channels
+    padded to a multiple of 2); the weights, centred and packed at compile time by
+    ``cpu-conv-layout`` (``MADD_W_LAYOUT``, else here per call), as
+    ``wq[g, m / 8, kh, kw, c / 2, 8, 2]``. ``ow_block`` x 8 sums stay in registers over
+    the window, as in the vnni kernel's channel lanes."""
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    cp = _round_up(cg, MADD_IC_BLOCK)
+    mp = _round_up(mg, MADD_OC_BLOCK)
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    xq = te.compute((n, group, hp, wp, cp), lambda nn, g, yy, xx, cc: tirx.if_then_else(
+        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_, cc < cg),
+        (x(nn, tirx.min(g * cg + cc, c - 1), yy - pt, xx - pl).astype(i32) - xzp
+         ).astype("int16"), tirx.const(0, "int16")), name="xq")
+
+    def w_pack(g, mo, yy, xx, co, mi, ci):
+        mm, cc = mo * MADD_OC_BLOCK + mi, co * MADD_IC_BLOCK + ci
+        ch = tirx.min(g * mg + mm, m - 1)
+        v = wt(ch, tirx.min(cc, cg - 1), yy, xx).astype(i32) - wzp(ch)
+        return tirx.if_then_else(tirx.all(mm < mg, cc < cg), v, tirx.const(0, i32)
+                                 ).astype("int16")
+    wq = w_packed if w_packed is not None else te.compute(
+        (group, mp // MADD_OC_BLOCK, kh, kw, cp // MADD_IC_BLOCK, MADD_OC_BLOCK, MADD_IC_BLOCK),
+        w_pack, name="wq")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rco = te.reduce_axis((0, cp // MADD_IC_BLOCK), name="rco")
+    rci = te.reduce_axis((0, MADD_IC_BLOCK), name="rci")
+    s = te.compute((n, group, oh, ow, mp // MADD_OC_BLOCK, MADD_OC_BLOCK),
+                   lambda nn, g, yy, xx, mo, mi:
+                   te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
+                          * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
+                               rco * MADD_IC_BLOCK + rci).astype(i32),
+                          axis=[ry, rx, rco, rci]), name="sum")
+
+    def acc(nn, mm, yy, xx):
+        g, mr = mm // mg, mm % mg
+        return s(nn, g, yy, xx, mr // MADD_OC_BLOCK, mr % MADD_OC_BLOCK)
+    weight_bytes = mp * kh * kw * cp * 2
+    image_bytes = hp * wp * cp * 2
+    return acc, {"ow": ow, "mg": mg, "weights_outer": weight_bytes > image_bytes,
+                 "packed": w_packed is not None,
+                 "xq_border": bool(pt or pl or hp > h or wp > w_ or cp > cg)}
+
+
+def _schedule_madd(sch, out, extra: dict):
+    """The AVX2 channel lanes: as the vnni kernel's (``_schedule``), with vpmaddwd."""
+    register_conv_madd_intrin()
+    blk = sch.get_sblock("sum")
+    row = None
+    if not extra["weights_outer"] and extra["mg"] % MADD_OC_BLOCK == 0:
+        # each output row's sums right before its epilogue, while they are in cache
+        on, om, oy, ox = sch.get_loops(out)
+        sch.reorder(on, oy, om, ox)
+        row = sch.fuse(on, oy)
+        sch.parallel(row)
+        sch.compute_at(blk, row, preserve_unit_loops=True)
+    loops = sch.get_loops(blk)
+    if row is not None:
+        loops = loops[1:]
+    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
+    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
+    if extra["weights_outer"]:
+        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
+        sch.parallel(sch.fuse(nn, g, mo))
+        reuse = xo
+    else:
+        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
+        if row is None:
+            sch.parallel(sch.fuse(nn, g, yy))
+        reuse = mo
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, reuse)
+    init = sch.decompose_reduction(blk, ry)
+    sch.tensorize(mi, CONV_MADD_INTRIN)
+    sch.unroll(xi)
+    for block in (init, acc):
+        rows, lanes = sch.get_loops(block)[-2:]
+        sch.unroll(rows)
+        sch.vectorize(lanes)
+    b = sch.get_sblock("xq")
+    if extra["xq_border"]:
+        sch.decompose_padding(b, sch.get_loops(b)[3])
+    sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    if not extra["packed"]:
+        wb = sch.get_sblock("wq")
+        sch.parallel(sch.fuse(*sch.get_loops(wb)[:2]))
+    if row is None:
+        on, om, oy, ox = sch.get_loops(out)
+        sch.reorder(on, oy, om, ox)
+        sch.parallel(sch.fuse(on, oy))
+    return sch.mod["main"]
 
 
 def _taps_sum(node, x, wt, wzp, dims, module):
@@ -695,6 +862,8 @@ def _schedule(func, variant: str, extra: dict):
     out = sch.get_sblock("out")
     if variant == "taps":
         return _schedule_taps(sch, out, extra)
+    if variant == "madd":
+        return _schedule_madd(sch, out, extra)
     if variant == "direct":
         # One output channel plane at a time: the window loops outside the output columns,
         # which are one vector (the row's int32 sums stay in registers or L1 across the

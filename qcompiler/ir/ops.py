@@ -1386,7 +1386,8 @@ def _qconv(types, attrs, consts):
     ``act_min``/``act_max`` are real values (relu: act_min = 0); the quantized bounds are
     their codes, so clamping codes equals quantizing the clipped real value.
     ``config`` (cpu-conv-layout): ``w_shape`` the logical [M, C/g, KH, KW] of packed weights
-    (runtime.reference.pack_conv_weights) and ``w_shift`` the shift they were stored with.
+    (runtime.reference.pack_conv_weights), ``w_layout``, and ``w_shift`` the shift they were
+    stored with, or ``w_centred`` (int16 weights minus their zero points, the AVX2 kernel's).
     """
     x, w = types[0], types[1]
     packed = (attrs.get("config") or {}).get("w_shape")
@@ -1396,7 +1397,8 @@ def _qconv(types, attrs, consts):
     nsp = x.rank - 2
     if nsp < 1 or w.rank != x.rank:
         raise TypeInferenceError(f"qconv of x {x.shape} with w {w.shape}")
-    if x.dtype.name not in ("i8", "u8") or w.dtype.name not in ("i8", "u8", "i4", "u4"):
+    w_codes = ("i8", "u8", "i4", "u4") + (("i16",) if packed is not None else ())
+    if x.dtype.name not in ("i8", "u8") or w.dtype.name not in w_codes:
         raise TypeInferenceError(f"qconv takes i8/u8 x and i8/u8/i4/u4 w codes, not "
                                  f"{x.dtype} and {w.dtype}")
     out = attrs["out"]

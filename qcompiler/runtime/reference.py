@@ -2039,27 +2039,36 @@ def qconv_accumulate(x, w, x_zp, w_zp, bias, attrs) -> np.ndarray:
 CONV_OC_BLOCK, CONV_IC_BLOCK = 16, 4  # the vpdpbusd tile of the CPU qconv kernel
 
 
-def pack_conv_weights(w: np.ndarray, group: int, w_shift: int) -> np.ndarray:
-    """[M, C/g, KH, KW] codes -> int8 [g, M/g/16, KH, KW, C/g/4, 16, 4] of w - w_shift (the
-    CPU kernel's vpdpbusd operand; channel padding holds 0). ``cpu-conv-layout`` stores this."""
+CONV_MADD_OC_BLOCK, CONV_MADD_IC_BLOCK = 8, 2  # the vpmaddwd tile (AVX2 hosts)
+
+
+def pack_conv_weights(w: np.ndarray, group: int, w_shift, oc_block: int = CONV_OC_BLOCK,
+                      ic_block: int = CONV_IC_BLOCK, dtype=np.int8) -> np.ndarray:
+    """[M, C/g, KH, KW] codes -> ``dtype`` [g, M/g/oc, KH, KW, C/g/ic, oc, ic] of
+    w - w_shift (an int, or one per output channel), channel padding 0; ``cpu-conv-layout``
+    stores this. The vpdpbusd kernel's: int8, 16 x 4, w_shift 0 or 128; the vpmaddwd
+    kernel's (AVX2): int16, 8 x 2, w_shift the weights' zero points."""
     m, cg, kh, kw = w.shape
     mg = m // group
-    mp = -(-mg // CONV_OC_BLOCK) * CONV_OC_BLOCK
-    cp = -(-cg // CONV_IC_BLOCK) * CONV_IC_BLOCK
+    mp = -(-mg // oc_block) * oc_block
+    cp = -(-cg // ic_block) * ic_block
+    shift = np.broadcast_to(np.asarray(w_shift, np.int64).reshape(-1), (m,))
     p = np.zeros((group, mp, cp, kh, kw), np.int64)
-    p[:, :mg, :cg] = w.reshape(group, mg, cg, kh, kw).astype(np.int64) - w_shift
-    p = p.reshape(group, mp // CONV_OC_BLOCK, CONV_OC_BLOCK, cp // CONV_IC_BLOCK, CONV_IC_BLOCK,
+    p[:, :mg, :cg] = (w.reshape(group, mg, cg, kh, kw).astype(np.int64)
+                      - shift.reshape(group, mg, 1, 1, 1))
+    p = p.reshape(group, mp // oc_block, oc_block, cp // ic_block, ic_block,
                   kh, kw).transpose(0, 1, 5, 6, 3, 2, 4)
-    return np.ascontiguousarray(p).astype(np.int8)
+    return np.ascontiguousarray(p).astype(dtype)
 
 
-def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift: int) -> np.ndarray:
+def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift) -> np.ndarray:
     """The inverse of ``pack_conv_weights``: the [M, C/g, KH, KW] codes (int64)."""
     m, cg, kh, kw = w_shape
     mg = m // group
     g, mo, _, _, co, mi, ci = p.shape
     q = p.astype(np.int64).transpose(0, 1, 5, 4, 6, 2, 3).reshape(g, mo * mi, co * ci, kh, kw)
-    return (q[:, :mg, :cg] + w_shift).reshape(m, cg, kh, kw)
+    shift = np.broadcast_to(np.asarray(w_shift, np.int64).reshape(-1), (m,))
+    return (q[:, :mg, :cg].reshape(m, cg, kh, kw) + shift.reshape(m, 1, 1, 1))
 
 
 def _channel_scale(scale, m: int, nsp: int) -> np.ndarray:
@@ -2085,8 +2094,9 @@ def _qconv(node, args, module):
         _arg(args, i) for i in range(4, 12))
     a = node.attrs
     cfg = a.get("config", {})
-    if "w_shape" in cfg:  # weights packed by cpu-conv-layout
-        w = unpack_conv_weights(w, cfg["w_shape"], a["group"], cfg["w_shift"])
+    if "w_shape" in cfg:  # weights packed by cpu-conv-layout (centred: minus their zero points)
+        shift = (0 if w_zp is None else w_zp) if cfg.get("w_centred") else cfg["w_shift"]
+        w = unpack_conv_weights(w, cfg["w_shape"], a["group"], shift)
     nsp = x.ndim - 2
     m = w.shape[0]
     acc = qconv_accumulate(x, w, x_zp, w_zp, bias, a)

@@ -27,13 +27,15 @@ from qcompiler.codegen.cpu.ops.compute import ATTENTION_ROW_LANES
 class ScheduleParams:
     lanes: int  # 32-bit lanes of a vector register (vector_bits / 32)
     parallel_min_elements: int = 4096
+    arch: str = "x86_64"  # the target's (target_cpu's "arch": x86_64, aarch64)
 
 
 def params_for(target) -> ScheduleParams:
     """The decided parameters for a cpu target (its ``vector_bits``, or the host's)."""
     from qcompiler.codegen.cpu.host import target_cpu
 
-    return ScheduleParams(lanes=target_cpu(target)["vector_bits"] // 32)
+    cpu = target_cpu(target)
+    return ScheduleParams(lanes=cpu["vector_bits"] // 32, arch=cpu["arch"])
 
 
 def _static(extent):
