@@ -49,7 +49,9 @@ def _patch_executor(records: dict):
     ex.PlanExecutor._prepare = _prepare
 
 
-def describe(node) -> str:
+def describe(node, module=None) -> str:
+    """The step's output shape and, for qconv, the layer's geometry and kernel variant (as
+    ``primfunc_for_qconv`` picks it for the host: ``module`` holds the constants it reads)."""
     if node is None:
         return ""
     shape = "x".join(str(d) for d in node.results[0].type.shape)
@@ -61,7 +63,10 @@ def describe(node) -> str:
         w = cfg.get("w_shape") or list(node.arg("w").type.shape)
         x = node.arg("x").type.shape
         from qcompiler.targets import get_target
-        variant = conv_variant(node, target_cpu(get_target("cpu"))["vnni"])
+        from qcompiler.codegen.cpu.ops.schedule import params_for
+        params = params_for(get_target("cpu"))
+        variant = conv_variant(node, target_cpu(get_target("cpu"))["vnni"] and params.lanes == 16,
+                               module, avx2=params.arch == "x86_64" and params.lanes == 8)
         extra = (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
                  f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
                  f" out={node.attrs.get('out', 'quant')}"
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
             print("  -- top steps (median ms)")
             for (i, op, out), (times, node) in steps[:a.top]:
                 print(f"  {i:4d} {op:<18} {med[(i, op, out)]:7.3f} ms  %{out}  "
-                      f"{describe(node)}")
+                      f"{describe(node, compiled.module)}")
             if a.ort_layers:
                 ours = [(key, med[key], rec[1]) for key, rec in sorted(records.items())
                         if key[1] == "qconv"]
@@ -206,11 +211,11 @@ def main(argv=None) -> int:
                     guess = match is None and len(same_shape) > 1
                     match = match or (same_shape[0] if same_shape else None)
                     if match is None:
-                        print(f"  {key[0]:4d} {ms:7.3f}     -         {describe(node)}")
+                        print(f"  {key[0]:4d} {ms:7.3f}     -         {describe(node, compiled.module)}")
                         continue
                     theirs.remove(match)
                     print(f"  {key[0]:4d} {ms:7.3f} {match[2]:7.3f} {match[2] / ms:5.2f}"
-                          f"{'?' if guess else ' '} {describe(node)}")
+                          f"{'?' if guess else ' '} {describe(node, compiled.module)}")
             if a.ort:
                 print("  -- onnxruntime per op type (ms per run)")
                 rows = ort_profile(path, feeds, a.runs)

@@ -98,13 +98,7 @@ class Module:
                                     A = T.match_buffer(xq[v_io_o, v_ii_o, v_g_o * 32 + v_kk_o * 4:v_g_o * 32 + v_kk_o * 4 + 4], (T.int64(4),), "int8", offset_factor=1)
                                     B = T.match_buffer(unpack_local[v_t_o, v_g_o * 8 + v_kk_o, v_j_o * 16:v_j_o * 16 + 16, 0:4], (T.int64(16), T.int64(4)), "uint8", scope="local", offset_factor=1)
                                     C = T.match_buffer(partial_local[v_io_o, v_ii_o, v_t_o, v_g_o, v_j_o * 16:v_j_o * 16 + 16], (T.int64(16),), "int32", scope="local", offset_factor=1)
-                                    a_i32 = T.alloc_local((T.int64(1),), "int32")
-                                    a_i32[T.int64(0)] = T.reinterpret("int32", A[T.Ramp(T.int64(0), T.int64(1), 4)])
-                                    a_i8x64 = T.alloc_local((T.int64(1),), "int8x64")
-                                    a_i8x64[T.int64(0)] = T.reinterpret("int8x64", T.Broadcast(a_i32[T.int64(0)], 16))
-                                    b_i8x64 = T.alloc_local((T.int64(1),), "int8x64")
-                                    b_i8x64[T.int64(0)] = T.reinterpret("int8x64", B[T.int64(0), T.Ramp(T.int64(0), T.int64(1), 64)])
-                                    C[T.int64(0):T.int64(16)] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(T.int64(0), T.int64(1), 16)], b_i8x64[T.int64(0)], a_i8x64[T.int64(0)])
+                                    C[T.int64(0):T.int64(16)] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(T.int64(0), T.int64(1), 16)], T.reinterpret("int8x64", B[T.int64(0), T.Ramp(T.int64(0), T.int64(1), 64)]), T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(T.int64(0), T.int64(1), 4)]), 16)))
                     for ii in range(4):
                         for n_1_0 in T.unroll(4):
                             for n_1_1 in T.vectorized(16):
