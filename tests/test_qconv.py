@@ -379,6 +379,11 @@ KERNEL_CASES = [
     ((12, 20, 1, 2, 0, 1, 1, 9), "i8", "quant", False, (0.0, None)),
     ((16, 32, 1, 2, 0, 1, 2, 13), "u8", "float", False, (None, None)),
     ((8, 16, 1, 3, 0, 1, 1, 10), "u8", "quant", True, (0.0, 6.0)),
+    # 28+ columns, one group: the madd kernel's pixel lanes too (1 x 1 and 3 x 3 with few
+    # channels, odd channels, widths padded to 16 or whole, a residual)
+    ((6, 12, 1, 1, 0, 1, 1, 28), "i8", "quant", True, (0.0, None)),
+    ((5, 8, 3, 1, 1, 1, 1, 32), "u8", "float", False, (None, 6.0)),
+    ((3, 9, 3, 1, 1, 2, 1, 30), "i4", "quant", False, (0.0, 6.0)),
 ]
 
 

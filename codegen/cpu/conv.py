@@ -433,7 +433,8 @@ def build_qconv(node: Node, variant: str, module=None):
     # read at a clamped column there. (14 x 14 images keep a whole image of sums: 576 -> 96
     # at batch 8 measured 0.60 ms that way, 0.76 ms by rows.)
     padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
-        variant == "taps" and ow % 16 != 0)
+        variant in ("taps", "madd") and (variant == "taps" or extra.get("px"))
+        and ow % 16 != 0)
     owp = _round_up(ow, 16)
 
     def res_x(xx):
@@ -547,10 +548,30 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     cp = _round_up(cg, MADD_IC_BLOCK)
     mp = _round_up(mg, MADD_OC_BLOCK)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    # Pixel lanes (8 output pixels x 2 input channels per vpmaddwd, a pair of weights
+    # broadcast), the epilogue fused into the sums, where the vnni kernel takes them too and
+    # the layer has one group (_schedule_px_fused): a channel-lane epilogue gathers each
+    # channel's pixels out of [pixel, channel] sums, which dominates at few input channels.
+    # The widths are padded to 16 as the vnni kernel's (build_qconv's outp). Measured on
+    # AVX2 code (Zen 4, QC_HOST_ISA=avx2), 1 thread: 32 -> 16 at 112 x 112 0.30 -> 0.14 ms,
+    # 144 -> 24 at 56 x 56 0.32 -> 0.21 ms, 192 -> 32 at 28 x 28 0.099 -> 0.086; at 14 x 14
+    # the expansions were slower (96 -> 576: 0.18 -> 0.20 ms), so those keep channel lanes.
+    px = (sw == 1 and ow >= 28 and group == 1 and (cp * kh * kw <= 96 or kh * kw == 1))
+    owp = _round_up(ow, 16)
+    if px:
+        wp = (owp - 1) + (kw - 1) * dw + 1
     xq = te.compute((n, group, hp, wp, cp), lambda nn, g, yy, xx, cc: tirx.if_then_else(
         tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_, cc < cg),
         (x(nn, tirx.min(g * cg + cc, c - 1), yy - pt, xx - pl).astype(i32) - xzp
-         ).astype("int16"), tirx.const(0, "int16")), name="xq")
+         ).astype("int16"), tirx.const(0, "int16")), name="xq") if not px else None
+    if px:  # [n, g, y, c / 2, x, 2]: 8 pixels x 2 channels are 32 contiguous bytes
+        # (a padded channel repeats the last one: its weights are 0; a condition on it
+        # would not be the padding pattern decompose_padding takes)
+        xq2 = te.compute((n, group, hp, cp // MADD_IC_BLOCK, wp, MADD_IC_BLOCK),
+                         lambda nn, g, yy, co, xx, ci: tirx.if_then_else(
+            tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
+            (x(nn, tirx.min(g * cg + co * MADD_IC_BLOCK + ci, c - 1), yy - pt, xx - pl
+               ).astype(i32) - xzp).astype("int16"), tirx.const(0, "int16")), name="xq")
 
     def w_pack(g, mo, yy, xx, co, mi, ci):
         mm, cc = mo * MADD_OC_BLOCK + mi, co * MADD_IC_BLOCK + ci
@@ -565,26 +586,47 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     rx = te.reduce_axis((0, kw), name="rx")
     rco = te.reduce_axis((0, cp // MADD_IC_BLOCK), name="rco")
     rci = te.reduce_axis((0, MADD_IC_BLOCK), name="rci")
-    s = te.compute((n, group, oh, ow, mp // MADD_OC_BLOCK, MADD_OC_BLOCK),
-                   lambda nn, g, yy, xx, mo, mi:
-                   te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
-                          * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
-                               rco * MADD_IC_BLOCK + rci).astype(i32),
-                          axis=[ry, rx, rco, rci]), name="sum")
+    if px:
+        s2 = te.compute((n, group, mg, oh, owp), lambda nn, g, mr, yy, xx: te.sum(
+            xq2(nn, g, yy * sh + ry * dh, rco, xx + rx * dw, rci).astype(i32)
+            * wq(g, mr // MADD_OC_BLOCK, ry, rx, rco, mr % MADD_OC_BLOCK, rci).astype(i32),
+            axis=[ry, rx, rco, rci]), name="sum")
 
-    def acc(nn, mm, yy, xx):
-        g, mr = mm // mg, mm % mg
-        return s(nn, g, yy, xx, mr // MADD_OC_BLOCK, mr % MADD_OC_BLOCK)
+        def acc(nn, mm, yy, xx):
+            return s2(nn, mm // mg, mm % mg, yy, xx)
+    else:
+        s = te.compute((n, group, oh, ow, mp // MADD_OC_BLOCK, MADD_OC_BLOCK),
+                       lambda nn, g, yy, xx, mo, mi:
+                       te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
+                              * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
+                                   rco * MADD_IC_BLOCK + rci).astype(i32),
+                              axis=[ry, rx, rco, rci]), name="sum")
+
+        def acc(nn, mm, yy, xx):
+            g, mr = mm // mg, mm % mg
+            return s(nn, g, yy, xx, mr // MADD_OC_BLOCK, mr % MADD_OC_BLOCK)
     weight_bytes = mp * kh * kw * cp * 2
     image_bytes = hp * wp * cp * 2
     return acc, {"ow": ow, "mg": mg, "weights_outer": weight_bytes > image_bytes,
-                 "packed": w_packed is not None,
-                 "xq_border": bool(pt or pl or hp > h or wp > w_ or cp > cg)}
+                 "packed": w_packed is not None, "px": px, "xsum": False,
+                 "xq_const_pad": True,
+                 "xq_border": bool(pt or pl or hp > h or wp > w_ or (cp > cg and not px))}
 
 
 def _schedule_madd(sch, out, extra: dict):
-    """The AVX2 channel lanes: as the vnni kernel's (``_schedule``), with vpmaddwd."""
+    """The AVX2 channel lanes: as the vnni kernel's (``_schedule``), with vpmaddwd; pixel
+    lanes as its fused ones (``_schedule_px_fused``)."""
     register_conv_madd_intrin()
+    if extra["px"]:
+        copy = None
+        if extra["ow"] % 16:
+            copy, out = out, sch.get_sblock("outp")
+        func = _schedule_px_fused(sch, out, copy, extra, CONV_MADD_INTRIN, MADD_OC_BLOCK)
+        if not extra["packed"]:
+            wb = sch.get_sblock("wq")
+            sch.parallel(sch.fuse(*sch.get_loops(wb)[:2]))
+            func = sch.mod["main"]
+        return func
     blk = sch.get_sblock("sum")
     row = None
     if not extra["weights_outer"] and extra["mg"] % MADD_OC_BLOCK == 0:
@@ -1056,22 +1098,23 @@ def _schedule_px(sch, out, extra: dict):
     return sch.mod["main"]
 
 
-def _schedule_px_fused(sch, out, copy, extra: dict):
-    """Pixel lanes with the epilogue fused into the sums: each block of mb channels x 16
-    pixels is computed right before its epilogue, which reads the accumulators themselves,
-    so that no int32 sum goes to memory and back (one group; ``copy``: the result's copy of
-    each padded row)."""
+def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_INTRIN,
+                       lanes: int = 16):
+    """Pixel lanes with the epilogue fused into the sums: each block of mb channels x
+    ``lanes`` pixels is computed right before its epilogue, which reads the accumulators
+    themselves, so that no int32 sum goes to memory and back (one group; ``copy``: the
+    result's copy of each padded row; ``intrin``: vpdpbusd's, or vpmaddwd's for madd)."""
     blk = sch.get_sblock("sum")
     mg = extra["mg"]
     mb = next(b for b in (8, 6, 4, 7, 5, 3, 2, 1) if mg % b == 0)
     on, om, oy, ox = sch.get_loops(out)
     omo, omi = sch.split(om, [None, mb])
-    oxo, oxi = sch.split(ox, [None, 16])
+    oxo, oxi = sch.split(ox, [None, lanes])
     sch.reorder(on, oy, omo, oxo, omi, oxi)
     row = sch.fuse(on, oy)
     sch.parallel(row)
     sch.compute_at(blk, oxo, preserve_unit_loops=True)
-    if extra["xsum"]:
+    if extra.get("xsum"):
         sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
     if copy is not None:
         sch.reverse_compute_at(copy, row)
@@ -1082,7 +1125,7 @@ def _schedule_px_fused(sch, out, copy, extra: dict):
     sch.reorder(nn, g, yy, ry, rx, rco, mr, xx, rci)
     acc = sch.cache_write(blk, 0, "local")   # (placed under oxo, after the sums)
     sch.decompose_reduction(blk, ry)
-    sch.tensorize(xx, CONV_VNNI_PX_INTRIN)
+    sch.tensorize(xx, intrin)
     sch.unroll(mr)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
     init = sch.get_sblock("sum_init")
