@@ -97,12 +97,14 @@ def register_sdot_intrins(desc) -> None:
         with T.sblock("root"):
             T.reads(C[0:L], B[0:L, 0:4], A[0:4])
             T.writes(C[0:L])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
-                                          L), dtype="int8x16")
-            # codes <= 15: the same numbers as int8
-            b = T.reinterpret(B.vload([0, 0], dtype="uint8x16"), dtype="int8x16")
+            # (one expression: a named intermediate becomes a "local" buffer, which TVM
+            # allocates through TVMBackendAllocWorkspace per parallel iteration; codes <= 15
+            # are the same numbers as int8)
             C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SDOT), C.vload([0], dtype="int32x4"), b, a,
+                T.llvm_lookup_intrinsic_id(_SDOT), C.vload([0], dtype="int32x4"),
+                T.reinterpret(B.vload([0, 0], dtype="uint8x16"), dtype="int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          L), dtype="int8x16"),
                 dtype="int32x4")
 
     @T.prim_func(s_tir=True)
@@ -112,17 +114,20 @@ def register_sdot_intrins(desc) -> None:
         with T.sblock("root"):
             T.reads(C[0:L], B[0:L, 0:4], A[0:4])
             T.writes(C[0:L])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
-                                          L), dtype="int8x16")
             # u ^ 0x80 read as int8 is u - 128; adding 128 * sum(a) = -sdot(-128, a) restores
-            # sum u * a exactly
-            b = T.reinterpret(B.vload([0, 0], dtype="uint8x16") ^ T.broadcast(T.uint8(128), 16),
-                              dtype="int8x16")
+            # sum u * a exactly (one expression, as above; LLVM shares the repeated a)
             C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_SDOT), C.vload([0], dtype="int32x4"), b, a,
+                T.llvm_lookup_intrinsic_id(_SDOT), C.vload([0], dtype="int32x4"),
+                T.reinterpret(B.vload([0, 0], dtype="uint8x16") ^ T.broadcast(T.uint8(128), 16),
+                              dtype="int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          L), dtype="int8x16"),
                 dtype="int32x4") - T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(_SDOT), T.broadcast(T.int32(0), 4),
-                T.broadcast(T.int8(-128), 16), a, dtype="int32x4")
+                T.broadcast(T.int8(-128), 16),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          L), dtype="int8x16"),
+                dtype="int32x4")
 
     for name, body in ((SDOT_INTRIN, impl), (SDOT_OFFSET_INTRIN, impl_offset)):
         try:

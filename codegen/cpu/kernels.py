@@ -300,13 +300,13 @@ def register_avx2_steps_intrin(steps: int) -> str:
             T.writes(C[0:8])
             pairs = T.alloc_local((1,), "int16x16")
             pairs[0] = T.broadcast(T.int16(0), 16)
-            for s in T.unroll(S):
-                a_i8x32 = T.reinterpret(T.broadcast(T.reinterpret(
-                    A.vload([s * 4], "int8x4"), dtype="int32"), 8), dtype="int8x32")
+            for s in T.unroll(S):  # (no named intermediate: see register_vpdpbusd_intrin)
                 pairs[0] = pairs[0] + T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
                     T.reinterpret(B.vload([s, 0, 0], dtype="uint8x32"), dtype="int8x32"),
-                    a_i8x32, dtype="int16x16")
+                    T.reinterpret(T.broadcast(T.reinterpret(
+                        A.vload([s * 4], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
+                    dtype="int16x16")
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 pairs[0], T.broadcast(T.int16(1), 16), dtype="int32x8")
