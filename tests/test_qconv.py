@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -440,6 +442,47 @@ def test_taps_depthwise_kernel_matches_the_reference_exactly(case):
                                         x_zero_point=int(xzp) if xzp else None)
     assert conv_variant(node, True, module) == "taps"
     np.testing.assert_array_equal(_run_kernel(module, node, "taps", feeds), _ours(module, feeds))
+
+
+def _lowered_tir(func) -> str:
+    """The kernel's TIR after TVM's LowerTVMBuiltin pass (where buffers become stack or
+    workspace allocations), compiled for the host."""
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.targets import get_target
+
+    seen = []
+
+    @tvm.ir.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.LowerTVMBuiltin":
+                seen.append(mod.script())
+    with tvm.transform.PassContext(instruments=[Capture()]):
+        tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}),
+                    target=tvm_target(get_target("cpu")))
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_taps_kernel_allocates_nothing_per_plane():
+    """TVM serves every "local" buffer on the CPU with TVMBackendAllocWorkspace, once per
+    iteration of the enclosing parallel loop, and an intrinsic body's named intermediates
+    become such buffers: the taps kernel (parallel over channel planes) and its intrinsic
+    keep none, and the vpdpbusd intrinsic of the other kernels has no vector locals."""
+    from qcompiler.codegen.cpu.conv import build_qconv
+
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the taps and vnni variants need vpdpbusd)")
+    rng = np.random.default_rng(3)
+    module, node, _ = _qconv_module(rng, 32, 32, 3, 1, 1, 1, 32, 20, w_zero_point=None)
+    taps = _lowered_tir(build_qconv(node, "taps", module))
+    assert "TVMBackendAllocWorkspace" not in taps
+    module, node, _ = _qconv_module(rng, 8, 24, 1, 1, 0, 1, 1, 16)
+    px = _lowered_tir(build_qconv(node, "vnni", module))
+    assert "vpdpbusd" in px
+    assert not re.search(r'decl_buffer\(\(1,\), "u?int(8|32)x(4|16|64)"', px)
 
 
 def test_taps_variant_needs_its_zero_points_and_at_most_4_taps():
