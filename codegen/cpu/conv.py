@@ -274,7 +274,7 @@ def _centred_weights_fit_int8(node: Node, module) -> bool:
     w = constant_value(module, node.arg("w"))
     if w is None:
         return False
-    wzp_v = node.operands[5] if len(node.operands) > 5 else None
+    wzp_v = node.arg("w_zero_point")
     zp = 0 if wzp_v is None else constant_value(module, wzp_v)
     if zp is None:
         return False
@@ -545,7 +545,8 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     padded to a multiple of 2); the weights, centred and packed at compile time by
     ``cpu-conv-layout`` (``MADD_W_LAYOUT``, else here per call), as
     ``wq[g, m / 8, kh, kw, c / 2, 8, 2]``. ``ow_block`` x 8 sums stay in registers over
-    the window, as in the vnni kernel's channel lanes."""
+    the window, as in the vnni kernel's channel lanes; at 28+ columns pixel lanes instead
+    (below)."""
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
@@ -563,15 +564,15 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     # the expansions were slower (96 -> 576: 0.18 -> 0.20 ms), so those keep channel lanes.
     px = (sw == 1 and ow >= 28 and group == 1 and (cp * kh * kw <= 96 or kh * kw == 1))
     owp = _round_up(ow, 16)
-    if px:
-        wp = (owp - 1) + (kw - 1) * dw + 1
-    xq = te.compute((n, group, hp, wp, cp), lambda nn, g, yy, xx, cc: tirx.if_then_else(
-        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_, cc < cg),
-        (x(nn, tirx.min(g * cg + cc, c - 1), yy - pt, xx - pl).astype(i32) - xzp
-         ).astype("int16"), tirx.const(0, "int16")), name="xq") if not px else None
-    if px:  # [n, g, y, c / 2, x, 2]: 8 pixels x 2 channels are 32 contiguous bytes
+    if not px:
+        xq = te.compute((n, group, hp, wp, cp), lambda nn, g, yy, xx, cc: tirx.if_then_else(
+            tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_, cc < cg),
+            (x(nn, tirx.min(g * cg + cc, c - 1), yy - pt, xx - pl).astype(i32) - xzp
+             ).astype("int16"), tirx.const(0, "int16")), name="xq")
+    else:  # [n, g, y, c / 2, x, 2]: 8 pixels x 2 channels are 32 contiguous bytes
         # (a padded channel repeats the last one: its weights are 0; a condition on it
         # would not be the padding pattern decompose_padding takes)
+        wp = (owp - 1) + (kw - 1) * dw + 1
         xq2 = te.compute((n, group, hp, cp // MADD_IC_BLOCK, wp, MADD_IC_BLOCK),
                          lambda nn, g, yy, co, xx, ci: tirx.if_then_else(
             tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
@@ -724,9 +725,9 @@ def _taps_sum(node, x, wt, wzp, dims, module):
 
 
 def _schedule_taps(sch, out, extra: dict):
-    """One channel plane per parallel iteration: its padded image and tap copy, then each
-    output row's sums (in registers, 16 columns x 4 taps per vpdpbusd) right before the
-    row's epilogue."""
+    """One channel plane per parallel iteration: its padded unsigned image, then each output
+    row's sums (in registers, 16 columns x 4 taps per vpdpbusd) right before the row's
+    epilogue."""
     intrin = register_conv_vnni_taps_intrin(extra["stride"], extra["dilation"])
     last = None
     if extra["ow"] % 16:
