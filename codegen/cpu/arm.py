@@ -85,8 +85,9 @@ def register_sdot_intrins(desc) -> None:
     global _sdot_registered
     if _sdot_registered:
         return
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
+
+    from qcompiler.codegen.cpu.kernels import register_intrin_once
 
     L = layout.ARM_SDOT_LANES
 
@@ -130,11 +131,7 @@ def register_sdot_intrins(desc) -> None:
                 dtype="int32x4")
 
     for name, body in ((SDOT_INTRIN, impl), (SDOT_OFFSET_INTRIN, impl_offset)):
-        try:
-            TensorIntrin.register(name, desc, body)
-        except Exception as e:  # registered already by another import of this module
-            if "already" not in str(e).lower():
-                raise
+        register_intrin_once(name, desc, body)
     _sdot_registered = True
 
 

@@ -71,10 +71,9 @@ def register_conv_vnni_intrin() -> None:
     global _registered
     if _registered:
         return
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    from qcompiler.codegen.cpu.kernels import dot_product_desc
+    from qcompiler.codegen.cpu.kernels import dot_product_desc, register_intrin_once
 
     desc = dot_product_desc(16, "uint8", "int8")
 
@@ -93,11 +92,7 @@ def register_conv_vnni_intrin() -> None:
                                           16), dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
-    try:
-        TensorIntrin.register(CONV_VNNI_INTRIN, desc, impl)
-    except Exception as e:  # registered already by another import of this module
-        if "already" not in str(e).lower():
-            raise
+    register_intrin_once(CONV_VNNI_INTRIN, desc, impl)
     _registered = True
 
 
@@ -113,8 +108,9 @@ def register_conv_madd_intrin() -> None:
     (x - xzp) broadcast x 8 output channels x 2 input channels of centred weights
     (w - wzp). Products of 9-bit operands and their pair sums fit in int32: no saturation,
     where vpmaddubsw on the 8-bit codes would saturate int16."""
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
+
+    from qcompiler.codegen.cpu.kernels import register_intrin_once
 
     if CONV_MADD_INTRIN in _intrins_registered:
         return
@@ -146,11 +142,7 @@ def register_conv_madd_intrin() -> None:
                                           8), dtype="int16x16"),
                 dtype="int32x8")
 
-    try:
-        TensorIntrin.register(CONV_MADD_INTRIN, desc, impl)
-    except Exception as e:  # registered already by another import of this module
-        if "already" not in str(e).lower():
-            raise
+    register_intrin_once(CONV_MADD_INTRIN, desc, impl)
     _intrins_registered.add(CONV_MADD_INTRIN)
 
 
@@ -173,8 +165,9 @@ def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
     A, one channel's 4 weights of a window row, broadcast. The sums C live in a plain
     buffer (the row's sums, on the stack: a "local" one would be a workspace allocation
     per plane). Returns the intrinsic's name."""
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
+
+    from qcompiler.codegen.cpu.kernels import register_intrin_once
 
     name = f"qc_conv_vnni_taps_s{stride}_d{dilation}"
     if name in _intrins_registered:
@@ -216,11 +209,7 @@ def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
                                           16), dtype="int8x64"),
                 dtype="int32x16")
 
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception as e:  # registered already by another import of this module
-        if "already" not in str(e).lower():
-            raise
+    register_intrin_once(name, desc, impl)
     _intrins_registered.add(name)
     return name
 

@@ -120,6 +120,18 @@ def register_vnni_intrin() -> None:
 _vpdpbusd_registered: set = set()
 
 
+def register_intrin_once(name: str, desc, impl) -> None:
+    """TensorIntrin.register, where another import of the module that defines the intrinsic
+    may have registered it already (TVM's registry is process-wide)."""
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.register(name, desc, impl)
+    except Exception as e:
+        if "already" not in str(e).lower():
+            raise
+
+
 def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
     """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
     broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
@@ -132,7 +144,6 @@ def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") ->
     """
     if name in _vpdpbusd_registered:
         return
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     desc = dot_product_desc(16, "int8", "uint8", b_scope, c_scope)
@@ -155,11 +166,7 @@ def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") ->
                                           16), dtype="int8x64"),
                 dtype="int32x16")
 
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception as e:  # registered already by another import of this module
-        if "already" not in str(e).lower():
-            raise
+    register_intrin_once(name, desc, impl)
     _vpdpbusd_registered.add(name)
 
 
@@ -180,7 +187,6 @@ def register_avx2_intrins() -> None:
     global _avx2_registered
     if _avx2_registered:
         return
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     desc = dot_product_desc(8, "int8", "uint8", "local")
@@ -237,11 +243,7 @@ def register_avx2_intrins() -> None:
                     T.broadcast(T.int16(16), 16), dtype="int32x8"))
 
     for name, body in ((AVX2_INTRIN, impl), (AVX2_NIBBLES_INTRIN, impl_nibbles)):
-        try:
-            TensorIntrin.register(name, desc, body)
-        except Exception as e:  # registered already by another import of this module
-            if "already" not in str(e).lower():
-                raise
+        register_intrin_once(name, desc, body)
     _avx2_registered = True
 
 
@@ -263,7 +265,6 @@ def register_avx2_steps_intrin(steps: int) -> str:
     the steps' ``vpmaddubsw`` pairs summed in int16 (no overflow for codes below 16: see
     ``AVX2_INT16_STEPS``), then one ``vpmaddwd`` with ones: half the widening work. The steps'
     codes lie ``stride`` bytes apart (rows of 4 of the unpacked tile)."""
-    from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     name = f"{AVX2_INTRIN}x{steps}"
@@ -311,11 +312,7 @@ def register_avx2_steps_intrin(steps: int) -> str:
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 pairs[0], T.broadcast(T.int16(1), 16), dtype="int32x8")
 
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception as e:  # registered already by another import of this module
-        if "already" not in str(e).lower():
-            raise
+    register_intrin_once(name, desc, impl)
     _avx2_steps_registered.add(name)
     return name
 
