@@ -527,6 +527,35 @@ def _direct_sum(x, wt, xzp, wzp, dims):
                  "xs_border": bool(pt or pl or hp > h or wpp * sw > w_)}
 
 
+def _tile_sums(xq, wq, dims, oc: int, ic: int, px: bool, owp: int, cp: int, mp: int):
+    """The int32 sums of the packed operands, for the vnni and madd kernels alike: with
+    pixel lanes (``px``: x as [n, g, y, c / ic, x, ic]) ``s(nn, g, yy, xx, mo, mi)`` over the
+    padded width ``owp``; with channel lanes (x as [n, g, y, x, c]) over the output
+    columns. The weights are [g, m / oc, kh, kw, c / ic, oc, ic] in both."""
+    from tvm import te
+
+    n, _, _, _, _, _, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, _, _ = dims
+    i32 = "int32"
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rco = te.reduce_axis((0, cp // ic), name="rco")
+    rci = te.reduce_axis((0, ic), name="rci")
+    if px:
+        s2 = te.compute((n, group, mg, oh, owp), lambda nn, g, mr, yy, xx: te.sum(
+            xq(nn, g, yy * sh + ry * dh, rco, xx + rx * dw, rci).astype(i32)
+            * wq(g, mr // oc, ry, rx, rco, mr % oc, rci).astype(i32),
+            axis=[ry, rx, rco, rci]), name="sum")
+
+        def s(nn, g, yy, xx, mo, mi):
+            return s2(nn, g, mo * oc + mi, yy, xx)
+        return s
+    return te.compute((n, group, oh, ow, mp // oc, oc), lambda nn, g, yy, xx, mo, mi:
+                      te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
+                             * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
+                                  rco * ic + rci).astype(i32),
+                             axis=[ry, rx, rco, rci]), name="sum")
+
+
 def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     """Channel lanes on AVX2 (``madd``): the exact sum of (x - xzp)(w - wzp) with vpmaddwd on
     int16 pairs of input channels, 8 output channels per instruction. x is repacked per
@@ -577,29 +606,11 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     wq = w_packed if w_packed is not None else te.compute(
         (group, mp // MADD_OC_BLOCK, kh, kw, cp // MADD_IC_BLOCK, MADD_OC_BLOCK, MADD_IC_BLOCK),
         w_pack, name="wq")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    rco = te.reduce_axis((0, cp // MADD_IC_BLOCK), name="rco")
-    rci = te.reduce_axis((0, MADD_IC_BLOCK), name="rci")
-    if px:
-        s2 = te.compute((n, group, mg, oh, owp), lambda nn, g, mr, yy, xx: te.sum(
-            xq2(nn, g, yy * sh + ry * dh, rco, xx + rx * dw, rci).astype(i32)
-            * wq(g, mr // MADD_OC_BLOCK, ry, rx, rco, mr % MADD_OC_BLOCK, rci).astype(i32),
-            axis=[ry, rx, rco, rci]), name="sum")
+    s = _tile_sums(xq2 if px else xq, wq, dims, MADD_OC_BLOCK, MADD_IC_BLOCK, px, owp, cp, mp)
 
-        def acc(nn, mm, yy, xx):
-            return s2(nn, mm // mg, mm % mg, yy, xx)
-    else:
-        s = te.compute((n, group, oh, ow, mp // MADD_OC_BLOCK, MADD_OC_BLOCK),
-                       lambda nn, g, yy, xx, mo, mi:
-                       te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
-                              * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
-                                   rco * MADD_IC_BLOCK + rci).astype(i32),
-                              axis=[ry, rx, rco, rci]), name="sum")
-
-        def acc(nn, mm, yy, xx):
-            g, mr = mm // mg, mm % mg
-            return s(nn, g, yy, xx, mr // MADD_OC_BLOCK, mr % MADD_OC_BLOCK)
+    def acc(nn, mm, yy, xx):
+        g, mr = mm // mg, mm % mg
+        return s(nn, g, yy, xx, mr // MADD_OC_BLOCK, mr % MADD_OC_BLOCK)
     weight_bytes = mp * kh * kw * cp * 2
     image_bytes = hp * wp * cp * 2
     return acc, {"ow": ow, "mg": mg, "weights_outer": weight_bytes > image_bytes,
@@ -622,38 +633,7 @@ def _schedule_madd(sch, out, extra: dict):
             sch.parallel(sch.fuse(*sch.get_loops(wb)[:2]))
             func = sch.mod["main"]
         return func
-    blk = sch.get_sblock("sum")
-    row = None
-    if not extra["weights_outer"] and extra["mg"] % MADD_OC_BLOCK == 0:
-        # each output row's sums right before its epilogue, while they are in cache
-        on, om, oy, ox = sch.get_loops(out)
-        sch.reorder(on, oy, om, ox)
-        row = sch.fuse(on, oy)
-        sch.parallel(row)
-        sch.compute_at(blk, row, preserve_unit_loops=True)
-    loops = sch.get_loops(blk)
-    if row is not None:
-        loops = loops[1:]
-    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
-    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
-    if extra["weights_outer"]:
-        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
-        sch.parallel(sch.fuse(nn, g, mo))
-        reuse = xo
-    else:
-        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
-        if row is None:
-            sch.parallel(sch.fuse(nn, g, yy))
-        reuse = mo
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, reuse)
-    init = sch.decompose_reduction(blk, ry)
-    sch.tensorize(mi, CONV_MADD_INTRIN)
-    sch.unroll(xi)
-    for block in (init, acc):
-        rows, lanes = sch.get_loops(block)[-2:]
-        sch.unroll(rows)
-        sch.vectorize(lanes)
+    row = _schedule_channel_lanes(sch, out, extra, MADD_OC_BLOCK, CONV_MADD_INTRIN)
     b = sch.get_sblock("xq")
     if extra["xq_border"]:
         sch.decompose_padding(b, sch.get_loops(b)[3])
@@ -833,25 +813,9 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     # Packed at compile time (cpu-conv-layout) or here, per call.
     wq = w_packed if w_packed is not None else te.compute(
         (group, mp // OC_BLOCK, kh, kw, cp // IC_BLOCK, OC_BLOCK, IC_BLOCK), w_pack, name="wq")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    rco = te.reduce_axis((0, cp // IC_BLOCK), name="rco")
-    rci = te.reduce_axis((0, IC_BLOCK), name="rci")
-    if px:
-        s2 = te.compute((n, group, mg, oh, owp), lambda nn, g, mr, yy, xx: te.sum(
-            xq2(nn, g, yy * sh + ry * dh, rco, xx + rx * dw, rci).astype(i32)
-            * wq(g, mr // OC_BLOCK, ry, rx, rco, mr % OC_BLOCK, rci).astype(i32),
-            axis=[ry, rx, rco, rci]), name="sum")
-
-        def s(nn, g, yy, xx, mo, mi):
-            return s2(nn, g, mo * OC_BLOCK + mi, yy, xx)
-    else:
-        s = te.compute((n, group, oh, ow, mp // OC_BLOCK, OC_BLOCK),
-                       lambda nn, g, yy, xx, mo, mi:
-                       te.sum(wq(g, mo, ry, rx, rco, mi, rci).astype(i32)
-                              * xq(nn, g, yy * sh + ry * dh, xx * sw + rx * dw,
-                                   rco * IC_BLOCK + rci).astype(i32),
-                              axis=[ry, rx, rco, rci]), name="sum")
+    s = _tile_sums(xq2 if px else xq, wq, (n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg,
+                                            sh, sw, dh, dw, pt, pl),
+                   OC_BLOCK, IC_BLOCK, px, owp, cp, mp)
     xsum = None
     if not _zero_after_shift(node, module, w_shift):
         sy = te.reduce_axis((0, kh), name="sy")
@@ -931,60 +895,8 @@ def _schedule(func, variant: str, extra: dict):
     if extra["px"]:
         return _schedule_px(sch, out, extra)
     register_conv_vnni_intrin()
-    blk = sch.get_sblock("sum")
-    row = None
-    if not extra["weights_outer"] and extra["mg"] % OC_BLOCK == 0:
-        # (channels per group a multiple of 16: the epilogue then needs whole 16-channel
-        # blocks, which the vpdpbusd intrinsic computes)
-        # Each output row's sums right before its epilogue, inside the epilogue's row loop:
-        # the row's [ow, M] int32 sums are still in cache when the epilogue reads them (a
-        # separate pass over a whole image's sums went to memory and back: 4.8 MB for 96
-        # channels at 112 x 112).
-        on, om, oy, ox = sch.get_loops(out)
-        sch.reorder(on, oy, om, ox)
-        row = sch.fuse(on, oy)
-        sch.parallel(row)
-        sch.compute_at(blk, row, preserve_unit_loops=True)
-        if extra["xsum"]:
-            sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
-    loops = sch.get_loops(blk)
-    if row is not None:  # (row, then the loops compute_at made: unit ones are kept)
-        loops = loops[1:]
-        if len(loops) != 10:
-            raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
-    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
-    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
-    if extra["weights_outer"]:
-        # More weight than image bytes per group (deep layers, small images): one block of
-        # 16 output channels' weights stays in cache while it sweeps the whole image.
-        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
-        sch.parallel(sch.fuse(nn, g, mo))
-        reuse = xo
-    else:
-        # The image rows of one output row stay in cache while all weights sweep them.
-        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
-        reuse = mo
-    # ow_block x 16 sums stay in registers over the whole window, written back once.
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, reuse)
-    init = sch.decompose_reduction(blk, ry)
-    sch.tensorize(mi, CONV_VNNI_INTRIN)
-    sch.unroll(xi)
-    # The weight sums: 16 channels in one register over their whole window, as above.
-    wblk = sch.get_sblock("wsum")
-    wg, wmo, wmi, wy, wx, wco, wci = sch.get_loops(wblk)
-    sch.reorder(wg, wmo, wy, wx, wco, wmi, wci)
-    wacc = sch.cache_write(wblk, 0, "local")
-    sch.reverse_compute_at(wacc, wmo)
-    winit = sch.decompose_reduction(wblk, wy)
-    sch.tensorize(wmi, CONV_VNNI_INTRIN)
-    for block in (winit, wacc):
-        sch.vectorize(sch.get_loops(block)[-1])
-    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers.
-    for block in (init, acc):
-        rows, lanes = sch.get_loops(block)[-2:]
-        sch.unroll(rows)
-        sch.vectorize(lanes)
+    row = _schedule_channel_lanes(sch, out, extra, OC_BLOCK, CONV_VNNI_INTRIN)
+    _schedule_wsum(sch)
     _schedule_xq(sch, extra)
     if row is not None:
         return sch.mod["main"]
@@ -997,6 +909,60 @@ def _schedule(func, variant: str, extra: dict):
     sch.reorder(on, oy, om, ox)
     sch.parallel(sch.fuse(on, oy))
     return sch.mod["main"]
+
+
+def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
+    """The sums of channel lanes (the vnni and madd kernels): ``ow_block`` output columns x
+    ``oc_block`` channels in registers over the whole window, tensorized with ``intrin``.
+    Returns the epilogue's row loop where each output row's sums are computed inside it,
+    else None."""
+    blk = sch.get_sblock("sum")
+    row = None
+    if not extra["weights_outer"] and extra["mg"] % oc_block == 0:
+        # (channels per group a multiple of the block: the epilogue then needs whole
+        # blocks, which the intrinsic computes)
+        # Each output row's sums right before its epilogue, inside the epilogue's row loop:
+        # the row's [ow, M] int32 sums are still in cache when the epilogue reads them (a
+        # separate pass over a whole image's sums went to memory and back: 4.8 MB for 96
+        # channels at 112 x 112).
+        on, om, oy, ox = sch.get_loops(out)
+        sch.reorder(on, oy, om, ox)
+        row = sch.fuse(on, oy)
+        sch.parallel(row)
+        sch.compute_at(blk, row, preserve_unit_loops=True)
+        if extra.get("xsum"):
+            sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
+    loops = sch.get_loops(blk)
+    if row is not None:  # (row, then the loops compute_at made: unit ones are kept)
+        loops = loops[1:]
+        if len(loops) != 10:
+            raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
+    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
+    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
+    if extra["weights_outer"]:
+        # More weight than image bytes per group (deep layers, small images): one block of
+        # output channels' weights stays in cache while it sweeps the whole image.
+        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
+        sch.parallel(sch.fuse(nn, g, mo))
+        reuse = xo
+    else:
+        # The image rows of one output row stay in cache while all weights sweep them.
+        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
+        if row is None:
+            sch.parallel(sch.fuse(nn, g, yy))
+        reuse = mo
+    # ow_block x oc_block sums stay in registers over the whole window, written back once.
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, reuse)
+    init = sch.decompose_reduction(blk, ry)
+    sch.tensorize(mi, intrin)
+    sch.unroll(xi)
+    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers.
+    for block in (init, acc):
+        rows, lanes = sch.get_loops(block)[-2:]
+        sch.unroll(rows)
+        sch.vectorize(lanes)
+    return row
 
 
 def _schedule_xq(sch, extra: dict):
@@ -1023,6 +989,8 @@ def _schedule_xq(sch, extra: dict):
 
 
 def _schedule_wsum(sch):
+    """The weight sums: 16 channels in one register over their whole window, with the
+    packed weights times a vector of ones (vpdpbusd)."""
     register_conv_vnni_intrin()
     wblk = sch.get_sblock("wsum")
     wg, wmo, wmi, wy, wx, wco, wci = sch.get_loops(wblk)
