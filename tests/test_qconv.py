@@ -421,6 +421,11 @@ TAPS_CASES = [
     ((5, 1, 1, 0, 1, 17), "u4", 8, "u8", "quant", True),        # 1 x 1, u4 w centred
     ((16, 3, 1, 1, 1, 14), "i8", "random", "u8", "quant", True),  # per-channel zero points
     ((16, 3, 4, 1, 1, 30), "i4", "random", "u8", "float", False),  # stride 4: 64 bytes
+    # 5 x 5 and 7 x 7 windows: two blocks of 4 taps a row (MobileNetV3, ConvNeXt)
+    ((8, 5, 1, 2, 1, 14), "i8", None, "u8", "quant", True),
+    ((8, 5, 2, 2, 1, 23), "i8", "random", "i8", "float", False),
+    ((6, 7, 1, 3, 1, 20), "i8", None, "u8:0", "quant", False),
+    ((4, 7, 1, 6, 2, 9), "u8", 128, "u8", "quant", False),      # dilation 2, 7 x 7
 ]
 
 
@@ -485,7 +490,7 @@ def test_taps_kernel_allocates_nothing_per_plane():
     assert not re.search(r'decl_buffer\(\(1,\), "u?int(8|32)x(4|16|64)"', px)
 
 
-def test_taps_variant_needs_its_zero_points_and_at_most_4_taps():
+def test_taps_variant_needs_its_zero_points_and_one_load_per_16_columns():
     from qcompiler.codegen.cpu.conv import conv_variant
 
     rng = np.random.default_rng(0)
@@ -502,7 +507,7 @@ def test_taps_variant_needs_its_zero_points_and_at_most_4_taps():
     assert chosen == {"symmetric": ("taps", "direct", "direct"),
                       "per-channel wzp": ("taps", "direct", "direct"),
                       "u8 codes - 0 past int8": ("direct", "direct", "direct"),
-                      "5x5": ("direct", "direct", "direct"),
+                      "5x5": ("taps", "direct", "direct"),
                       "stride 5": ("direct", "direct", "direct")}
 
 

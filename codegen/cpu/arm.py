@@ -87,7 +87,7 @@ def register_sdot_intrins(desc) -> None:
         return
     from tvm.script import tirx as T
 
-    from qcompiler.codegen.cpu.kernels import register_intrin_once
+    from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
 
     L = layout.ARM_SDOT_LANES
 

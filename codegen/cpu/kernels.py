@@ -50,6 +50,7 @@ import math
 from dataclasses import dataclass
 
 from qcompiler.codegen.cpu import layout
+from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
 
 NUMERICS = ("exact", "int8", "lut")
 ORDERS = ("row", "group", "dequant")
@@ -118,18 +119,6 @@ def register_vnni_intrin() -> None:
 
 
 _vpdpbusd_registered: set = set()
-
-
-def register_intrin_once(name: str, desc, impl) -> None:
-    """TensorIntrin.register, where another import of the module that defines the intrinsic
-    may have registered it already (TVM's registry is process-wide)."""
-    from tvm.s_tir import TensorIntrin
-
-    try:
-        TensorIntrin.register(name, desc, impl)
-    except Exception as e:
-        if "already" not in str(e).lower():
-            raise
 
 
 def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
