@@ -66,7 +66,7 @@ def describe(node, module=None) -> str:
         from qcompiler.codegen.cpu.ops.schedule import params_for
         params = params_for(get_target("cpu"))
         variant = conv_variant(node, target_cpu(get_target("cpu"))["vnni"] and params.lanes == 16,
-                               module, avx2=params.arch == "x86_64" and params.lanes == 8)
+                               module, avx2=params.arch == "x86_64")
         extra = (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
                  f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
                  f" out={node.attrs.get('out', 'quant')}"

@@ -8,7 +8,7 @@ For each ``qconv`` with constant weights that a packed kernel takes on the targe
 - ``vnni`` (AVX-512 VNNI, 2+ input and 8+ output channels per group): int8
   ``[g, M/g/16, KH, KW, C/g/4, 16, 4]`` of ``w - w_shift`` (128 for unsigned codes, else 0;
   ``config.w_shift``);
-- ``madd`` (AVX2 targets, 2+ input and 4+ output channels per group): int16
+- ``madd`` (x86 targets without VNNI, 2+ input and 4+ output channels per group): int16
   ``[g, M/g/8, KH, KW, C/g/2, 8, 2]`` of ``w - wzp`` (the weights centred on their zero
   points, constant or absent; ``config.w_centred``).
 
@@ -49,7 +49,7 @@ class CPUConvLayoutPass(Pass):
 
         cpu = target_cpu(self.backend_target("cpu"))
         vnni = cpu["vnni"]
-        avx2 = cpu["arch"] == "x86_64" and cpu["vector_bits"] == 256
+        avx2 = cpu["arch"] == "x86_64"   # (every x86 target has AVX2; madd where no VNNI)
         packed = 0
         for fn in module.functions:
             for node in list(fn.nodes):

@@ -26,8 +26,8 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
   sum. Each output row's sums are computed right before its epilogue (``_taps_sum``).
   Measured 1 thread Zen 4 against ``direct``: 32 channels at 112 x 112 0.170 -> 0.076 ms,
   96 at 112 -> 56 (stride 2) 0.259 -> 0.090 ms, 960 at 7 x 7 0.061 -> 0.053 ms.
-- ``madd`` (x86 targets without VNNI, i.e. AVX2; 2+ input and 4+ output channels per
-  group): the vnni kernel's channel lanes with vpmaddwd on int16 pairs of centred codes
+- ``madd`` (x86 targets without VNNI: AVX2, or AVX-512 without VNNI; 2+ input and 4+
+  output channels per group): the vnni kernel's channel lanes with vpmaddwd on int16 pairs of centred codes
   (x - xzp, w - wzp: no int16 saturation), 8 output channels x 2 input channels per
   instruction; pixel lanes (8 pixels x 2 channels, the epilogue fused into the sums) at 28+
   columns; the weights packed as int16 at compile time by ``cpu-conv-layout``
@@ -230,9 +230,9 @@ def _static_shape(node: Node, v) -> tuple:
 
 def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str:
     """``vnni``, ``taps``, ``madd`` or ``direct`` (see the module docstring). ``vnni``:
-    AVX-512 VNNI targets (``vnni``); ``madd``: other x86 targets with AVX2 (``avx2``).
-    ``taps`` needs the module: it is chosen only where x's zero point and the weights are
-    constants, and the weights minus their zero points fit in int8
+    AVX-512 VNNI targets (``vnni``); ``madd``: other x86 targets (``avx2``: they all have
+    AVX2). ``taps`` needs the module: it is chosen only where x's zero point and the weights
+    are constants, and the weights minus their zero points fit in int8
     (``_centred_weights_fit_int8``)."""
     cfg = node.attrs.get("config") or {}
     if "w_shape" in cfg:  # packed by cpu-conv-layout, for one kernel
@@ -338,8 +338,9 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel is 2-D only")
     if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
         vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
-    # 256-bit x86 params: an AVX2 target (cpu-x86-avx2, or the host without AVX-512)
-    avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) == 8
+    # Every x86 target has AVX2 (the baseline): the madd kernel where VNNI is missing
+    # (cpu-x86-avx2, or a host without it: AVX2-only, or AVX-512 without VNNI)
+    avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) >= 8
     variant = conv_variant(node, vnni, module, avx2=avx2)
     zp = const_x_zero_point(node, module) if variant in ("vnni", "taps") else None
     name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
