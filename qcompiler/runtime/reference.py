@@ -2039,9 +2039,6 @@ def qconv_accumulate(x, w, x_zp, w_zp, bias, attrs) -> np.ndarray:
 CONV_OC_BLOCK, CONV_IC_BLOCK = 16, 4  # the vpdpbusd tile of the CPU qconv kernel
 
 
-CONV_MADD_OC_BLOCK, CONV_MADD_IC_BLOCK = 8, 2  # the vpmaddwd tile (AVX2 hosts)
-
-
 def pack_conv_weights(w: np.ndarray, group: int, w_shift, oc_block: int = CONV_OC_BLOCK,
                       ic_block: int = CONV_IC_BLOCK, dtype=np.int8) -> np.ndarray:
     """[M, C/g, KH, KW] codes -> ``dtype`` [g, M/g/oc, KH, KW, C/g/ic, oc, ic] of
