@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -49,6 +50,18 @@ def _patch_executor(records: dict):
     ex.PlanExecutor._prepare = _prepare
 
 
+@functools.lru_cache(maxsize=None)
+def _host_conv_isa() -> tuple:
+    """(vnni, avx2) as primfunc_for_qconv decides them for the host target."""
+    from qcompiler.codegen.cpu.host import target_cpu
+    from qcompiler.codegen.cpu.ops.schedule import params_for
+    from qcompiler.targets import get_target
+
+    params = params_for(get_target("cpu"))
+    return (target_cpu(get_target("cpu"))["vnni"] and params.lanes == 16,
+            params.arch == "x86_64")
+
+
 def describe(node, module=None) -> str:
     """The step's output shape and, for qconv, the layer's geometry and kernel variant (as
     ``primfunc_for_qconv`` picks it for the host: ``module`` holds the constants it reads)."""
@@ -58,15 +71,11 @@ def describe(node, module=None) -> str:
     extra = ""
     if node.op == "qconv":
         from qcompiler.codegen.cpu.conv import conv_variant
-        from qcompiler.codegen.cpu.host import target_cpu
         cfg = node.attrs.get("config") or {}
         w = cfg.get("w_shape") or list(node.arg("w").type.shape)
         x = node.arg("x").type.shape
-        from qcompiler.targets import get_target
-        from qcompiler.codegen.cpu.ops.schedule import params_for
-        params = params_for(get_target("cpu"))
-        variant = conv_variant(node, target_cpu(get_target("cpu"))["vnni"] and params.lanes == 16,
-                               module, avx2=params.arch == "x86_64")
+        vnni, avx2 = _host_conv_isa()
+        variant = conv_variant(node, vnni, module, avx2=avx2)
         extra = (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
                  f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
                  f" out={node.attrs.get('out', 'quant')}"

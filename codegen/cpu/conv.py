@@ -112,21 +112,12 @@ def register_conv_madd_intrin() -> None:
     from tvm.script import tirx as T
 
     from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
+    from qcompiler.codegen.cpu.kernels import dot_product_desc
 
     if CONV_MADD_INTRIN in _intrins_registered:
         return
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1),
-             B: T.Buffer((8, 2), "int16", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], B[0:8, 0:2], A[0:2])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
+    desc = dot_product_desc(MADD_OC_BLOCK, "int16", "int16", depth=MADD_IC_BLOCK)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((2,), "int16", offset_factor=1),
@@ -383,13 +374,11 @@ def build_qconv(node: Node, variant: str, module=None):
     packed = "w_shape" in cfg
 
     def wt(mm, cc, yy, xx):
-        """The logical weight code w[m, c, ky, kx] (as int32 when packed)."""
+        """The logical weight code w[m, c, ky, kx] (as int32 when packed: the vnni layout;
+        the madd kernel reads its packed layout itself)."""
         if not packed:
             return w_stored(mm, cc, yy, xx)
         g, mr = mm // mg, mm % mg
-        if cfg.get("w_centred"):  # (the madd layout: w - wzp)
-            return w_stored(g, mr // MADD_OC_BLOCK, yy, xx, cc // MADD_IC_BLOCK,
-                            mr % MADD_OC_BLOCK, cc % MADD_IC_BLOCK).astype("int32") + wzp(mm)
         return w_stored(g, mr // OC_BLOCK, yy, xx, cc // IC_BLOCK, mr % OC_BLOCK,
                         cc % IC_BLOCK).astype("int32") + cfg["w_shift"]
 
@@ -429,8 +418,7 @@ def build_qconv(node: Node, variant: str, module=None):
     # read at a clamped column there. (14 x 14 images keep a whole image of sums: 576 -> 96
     # at batch 8 measured 0.60 ms that way, 0.76 ms by rows.)
     padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
-        variant in ("taps", "madd") and (variant == "taps" or extra.get("px"))
-        and ow % 16 != 0)
+        (variant == "taps" or (variant == "madd" and extra["px"])) and ow % 16 != 0)
     owp = _round_up(ow, 16)
 
     def res_x(xx):

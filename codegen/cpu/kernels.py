@@ -88,22 +88,22 @@ _avx2_steps_registered: set = set()
 
 
 def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "global",
-                     c_scope: str = "local"):
-    """The description every int8 dot-product intrinsic shares:
-    ``C[lanes] += sum_k B[j, k] * A[k]`` over 4 bytes, widened to int32 (VNNI's 16 lanes, the
-    AVX2 pair's 8; the qmatmul kernels' weights are the unsigned B, the conv kernel's the
-    signed one)."""
+                     depth: int = 4):
+    """The description every dot-product intrinsic shares:
+    ``C[lanes] += sum_k B[j, k] * A[k]`` over ``depth`` elements, widened to int32 (4 bytes:
+    VNNI's 16 lanes, the AVX2 pair's 8; the qmatmul kernels' weights are the unsigned B, the
+    conv kernel's the signed one; 2 int16 for the conv kernel's vpmaddwd)."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), a_dtype, offset_factor=1),
-             B: T.Buffer((lanes, 4), b_dtype, offset_factor=1, scope=b_scope),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+    def desc(A: T.Buffer((depth,), a_dtype, offset_factor=1),
+             B: T.Buffer((lanes, depth), b_dtype, offset_factor=1, scope=b_scope),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], B[0:lanes, 0:4], A[0:4])
+            T.reads(C[0:lanes], B[0:lanes, 0:depth], A[0:depth])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, depth):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(B[vi, vk], "int32") * T.cast(A[vk], "int32")
@@ -121,12 +121,10 @@ def register_vnni_intrin() -> None:
 _vpdpbusd_registered: set = set()
 
 
-def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
+def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
     """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
     broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
-    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B), the sums
-    C in ``c_scope`` (``global`` for a small buffer that lives on the stack: on the CPU,
-    TVM allocates every ``local`` buffer through TVMBackendAllocWorkspace).
+    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B).
 
     TVM's own ``dot_16x4_vnni`` passes ``<16 x i32>`` operands, which LLVM 22 rejects; this
     one passes the ``<64 x i8>`` operands LLVM 22's ``llvm.x86.avx512.vpdpbusd.512`` takes.
@@ -135,12 +133,12 @@ def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") ->
         return
     from tvm.script import tirx as T
 
-    desc = dot_product_desc(16, "int8", "uint8", b_scope, c_scope)
+    desc = dot_product_desc(16, "int8", "uint8", b_scope)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
              B: T.Buffer((16, 4), "uint8", offset_factor=1, scope=b_scope),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
