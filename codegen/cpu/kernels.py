@@ -1265,19 +1265,25 @@ def _lut_tables_func(ks: KernelShape):
     inv = te.compute((m, G), lambda i, gi: tvm.tirx.Select(
         amax[i, gi] > zero, tvm.tirx.const(127.0, "float32") / amax[i, gi], zero), name="inv")
 
-    def entry(i, j, e):
-        c = e % LUT_TABLE_BYTES
+    def entry(i, j, c):
         total = None
-        for t in range(g):  # (bit_t(c) - 1/2) x[g*j + t]
-            term = tvm.tirx.Select((c >> t) & 1 == 1, x[i, j * g + t], -x[i, j * g + t])
+        for t in range(g):  # (bit_t(c) - 1/2) x[g*j + t], as +-x times 1/2 (exact)
+            sign = (((c >> t) & 1) * 2 - 1).astype("float32")
+            term = sign * x[i, j * g + t]
             total = term if total is None else total + term
         return total * half
 
-    table = te.compute((m, J, LUT_TABLE_BYTES), entry, name="table")
-    lut = te.compute((m, J, VB), lambda i, j, e: tvm.tirx.nearbyint(
-        table[i, j, e % LUT_TABLE_BYTES] * inv[i, j // SG]).astype("int8"), name="lut")
-    kk = te.reduce_axis((0, B), name="kk")
-    xsum = te.compute((m, G), lambda i, gi: te.sum(x[i, gi * B + kk], axis=kk), name="xsum")
+    table = te.compute((m, J, LUT_TABLE_BYTES), lambda i, j, c: tvm.tirx.nearbyint(
+        entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="table")
+    lut = te.compute((m, J, VB), lambda i, j, e: table[i, j, e % LUT_TABLE_BYTES], name="lut")
+    # x's group sums in up to 16 interleaved partial sums (vector lanes; the sum's order is
+    # not the numpy model's either: xsum only needs float32 accuracy)
+    L = math.gcd(B, 16)
+    kk = te.reduce_axis((0, B // L), name="kk")
+    xpart = te.compute((m, G, L), lambda i, gi, ln: te.sum(x[i, gi * B + kk * L + ln], axis=kk),
+                       name="xpart")
+    ll = te.reduce_axis((0, L), name="ll")
+    xsum = te.compute((m, G), lambda i, gi: te.sum(xpart[i, gi, ll], axis=ll), name="xsum")
     return te.create_prim_func([x, lut, scale, xsum])
 
 
@@ -1285,8 +1291,18 @@ def schedule_lut_tables(ks: KernelShape):
     import tvm
 
     sch = tvm.s_tir.Schedule(_lut_tables_func(ks))
-    sch.compute_inline(sch.get_sblock("inv"))
+    # inv (127 / amax) stays a buffer: one division per weight group, not per table.
+    # Each table's 16 entries are one vector (the signs a constant pattern of the lanes, each
+    # x a broadcast), copied into the VB / 16 lanes of its replicated row right after.
+    lut = sch.get_sblock("lut")
+    _, j, e = sch.get_loops(lut)
+    _, e16 = sch.split(e, [None, LUT_TABLE_BYTES])
+    sch.vectorize(e16)
     table = sch.get_sblock("table")
+    sch.compute_at(table, j)
     sch.vectorize(sch.get_loops(table)[-1])
-    sch.vectorize(sch.get_loops(sch.get_sblock("lut"))[-1])
+    xpart = sch.get_sblock("xpart")
+    i, gi, ln, kk = sch.get_loops(xpart)
+    sch.reorder(kk, ln)
+    sch.vectorize(ln)
     return sch
