@@ -1072,7 +1072,8 @@ def build_module(ks: KernelShape, variants: list[dict]):
 # group. The tables are the only rounding: the accuracy of int8 activations.
 #
 # The main loop per table group and 16 (AVX2) / 32 (AVX-512BW) columns: ``vpshufb`` looks up
-# the table (stored replicated into every 128-bit lane) with the index bytes of two planes
+# the table (16 bytes, broadcast into every 128-bit lane as it is loaded: the tables of a row
+# stay a quarter of the size, within L1 at K = 4096) with the index bytes of two planes
 # interleaved per column ([plane 2p, plane 2p+1] in adjacent bytes), and ``vpmaddubsw`` with
 # the bytes [1, 2] adds each column's pair as 1*L + 2*L' into int16: the plane combination and
 # the widening in one instruction. An odd last plane is looked up on a half vector and widened
@@ -1146,6 +1147,13 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         def single_sum(table, index):
             return f"T.Cast('int16x{H}', {lookup(pshufb_half, table, index, H)})"
 
+    def table_vector(j, lanes):  # the 16-byte table in every 128-bit lane
+        v = f"lut.vload([r, {j}, 0], 'int8x{LUT_TABLE_BYTES}')"
+        if lanes == LUT_TABLE_BYTES:
+            return v
+        copies = ", ".join([v] * (lanes // LUT_TABLE_BYTES))  # (one load: LLVM shares it)
+        return f"T.Shuffle([{copies}], [{', '.join(str(i) for i in range(lanes))}])"
+
     def nibble(v, lanes, high):
         return (f"({v} >> T.broadcast(T.uint8(4), {lanes}))" if high else
                 f"({v} & T.broadcast(T.uint8(15), {lanes}))")
@@ -1156,7 +1164,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
         "    T.func_attr({'tirx.noalias': True})",
         "    m = T.int64()",
-        f"    lut = T.match_buffer(lut_h, (m, {J}, {VB}), 'int8')",
+        f"    lut = T.match_buffer(lut_h, (m, {J}, {LUT_TABLE_BYTES}), 'int8')",
         f"    ls = T.match_buffer(ls_h, (m, {G}), 'float32')",
         f"    xs = T.match_buffer(xs_h, (m, {G}), 'float32')",
         f"    w = T.match_buffer(w_h, ({TL}, {J}, {lut_weight_bytes(ks)}), 'uint8')",
@@ -1178,7 +1186,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     ]
     if pairs:
         lines += [
-            f"                            tab = lut.vload([r, {j}, 0], 'int8x{VB}')",
+            f"                            tab = {table_vector(j, VB)}",
             f"                            for p in T.unroll({pairs}):",
             f"                                for c in T.unroll({CV}):",
             f"                                    v = w.vload([t, {j}, (p * {CV} + c) * {VB}], "
@@ -1189,8 +1197,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
                          f"{pair_sum('tab', nibble('v', VB, half))}")
     if single:
         lines += [
-            f"                            tab_half = lut.vload([r, {j}, 0], "
-            f"'int8x{single_table}')",
+            f"                            tab_half = {table_vector(j, single_table)}",
             f"                            for c in T.unroll({CV}):",
             f"                                v1 = w.vload([t, {j}, {pairs * CV * VB} + c * {H}], "
             f"'uint8x{H}')"]
@@ -1241,13 +1248,13 @@ def lut_schedule(ks: KernelShape, variant: dict):
 
 
 def _lut_tables_func(ks: KernelShape):
-    """The lut prologue: per row, the quantized tables (replicated into every 128-bit lane of
-    a vector), their scale per weight group, and the group sums of x, as
+    """The lut prologue: per row, the quantized tables ``[M, J, 16]``, their scale per weight
+    group, and the group sums of x, as
     ``runtime.lut_tables`` computes them (the same float32 operations)."""
     import tvm
     from tvm import te
 
-    g, K, G, B, VB = ks.table_group, ks.k_pad, ks.groups, ks.block, ks.lanes
+    g, K, G, B = ks.table_group, ks.k_pad, ks.groups, ks.block
     J, SG = K // g, ks.block // g
     m = te.var("m", "int64")
     x = te.placeholder((m, K), "float32", name="x")
@@ -1273,9 +1280,8 @@ def _lut_tables_func(ks: KernelShape):
             total = term if total is None else total + term
         return total * half
 
-    table = te.compute((m, J, LUT_TABLE_BYTES), lambda i, j, c: tvm.tirx.nearbyint(
-        entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="table")
-    lut = te.compute((m, J, VB), lambda i, j, e: table[i, j, e % LUT_TABLE_BYTES], name="lut")
+    lut = te.compute((m, J, LUT_TABLE_BYTES), lambda i, j, c: tvm.tirx.nearbyint(
+        entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="lut")
     # x's group sums in up to 16 interleaved partial sums (vector lanes; the sum's order is
     # not the numpy model's either: xsum only needs float32 accuracy)
     L = math.gcd(B, 16)
@@ -1292,15 +1298,9 @@ def schedule_lut_tables(ks: KernelShape):
 
     sch = tvm.s_tir.Schedule(_lut_tables_func(ks))
     # inv (127 / amax) stays a buffer: one division per weight group, not per table.
-    # Each table's 16 entries are one vector (the signs a constant pattern of the lanes, each
-    # x a broadcast), copied into the VB / 16 lanes of its replicated row right after.
-    lut = sch.get_sblock("lut")
-    _, j, e = sch.get_loops(lut)
-    _, e16 = sch.split(e, [None, LUT_TABLE_BYTES])
-    sch.vectorize(e16)
-    table = sch.get_sblock("table")
-    sch.compute_at(table, j)
-    sch.vectorize(sch.get_loops(table)[-1])
+    # Each table's 16 entries are one vector: the signs a constant pattern of the lanes, each
+    # x a broadcast.
+    sch.vectorize(sch.get_loops(sch.get_sblock("lut"))[-1])
     xpart = sch.get_sblock("xpart")
     i, gi, ln, kk = sch.get_loops(xpart)
     sch.reorder(kk, ln)
