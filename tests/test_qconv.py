@@ -381,6 +381,12 @@ KERNEL_CASES = [
     ((12, 20, 1, 2, 0, 1, 1, 9), "i8", "quant", False, (0.0, None)),
     ((16, 32, 1, 2, 0, 1, 2, 13), "u8", "float", False, (None, None)),
     ((8, 16, 1, 3, 0, 1, 1, 10), "u8", "quant", True, (0.0, 6.0)),
+    # 1 x 1, one group, no padding, a width not a multiple of 16: the vnni kernel's flat
+    # image (one row of oh * ow pixels, padded to 16 once; with the x window sums for u8
+    # weights, a residual at 7 x 7, stride 2 on the subsampled image)
+    ((160, 48, 1, 1, 0, 1, 1, 7), "i8", "quant", True, (0.0, None)),
+    ((20, 24, 1, 1, 0, 1, 1, 12), "u8", "float", True, (None, None)),
+    ((24, 40, 1, 2, 0, 1, 1, 27), "u4", "quant", False, (0.0, 6.0)),
     # 28+ columns, one group: the madd kernel's pixel lanes too (1 x 1 and 3 x 3 with few
     # channels, odd channels, widths padded to 16 or whole, a residual)
     ((6, 12, 1, 1, 0, 1, 1, 28), "i8", "quant", True, (0.0, None)),
@@ -405,6 +411,25 @@ def test_cpu_kernel_matches_the_reference_exactly(case, variant):
     want = _ours(module, feeds)
     got = _run_kernel(module, node, variant, feeds)
     np.testing.assert_array_equal(got, want)
+
+
+def test_flat_pixels_for_unpadded_one_group_1x1_layers():
+    """The vnni kernel takes a 1 x 1 layer's image as one row of pixels where its rows are
+    not whole vectors (MobileNetV2's 14 x 14, 28 x 28, 56 x 56, 7 x 7 projections); the
+    flat epilogue writes a padded image that is copied into the result."""
+    from qcompiler.codegen.cpu.conv import _flat_pixels, build_qconv
+
+    rng = np.random.default_rng(0)
+    cases = {(96, 576, 1, 1, 0, 1, 1, 14): True, (24, 144, 1, 1, 0, 1, 1, 56): True,
+             (960, 160, 1, 1, 0, 1, 1, 7): True, (16, 96, 1, 1, 0, 1, 1, 32): False,
+             (24, 48, 1, 1, 0, 1, 2, 14): False, (16, 32, 3, 1, 1, 1, 1, 14): False}
+    for conv, flat in cases.items():
+        module, node, _ = _qconv_module(rng, *conv)
+        oh = node.results[0].type.shape[2]
+        assert _flat_pixels(node, oh, oh) is flat, conv
+        if flat:
+            text = build_qconv(node, "vnni", module).script()
+            assert f'"outp"' in text and f", 1, {-(-oh * oh // 16) * 16})" in text, conv
 
 
 TAPS_CASES = [

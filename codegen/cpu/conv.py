@@ -247,6 +247,20 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
     return "direct"
 
 
+def _flat_pixels(node: Node, ow: int, oh: int) -> bool:
+    """Whether the vnni kernel takes a 1 x 1 layer's output image as one row of pixels: no
+    padding, one group, a width that is not a multiple of 16 and 4+ rows (14 x 14, 28 x
+    28, 56 x 56). Its pixel lanes then waste at most 15 pixels of the image instead of up to
+    15 of every row, and every block of 16 pixels x 8 channels is requantized from its
+    accumulators (``_schedule_px_fused``), where a 14-wide row left a scalar tail and a
+    whole image of int32 sums in memory."""
+    kh, kw = node.arg("w").type.shape[2:] if "w_shape" not in (node.attrs.get("config") or {}) \
+        else node.attrs["config"]["w_shape"][2:]
+    return (kh == kw == 1 and node.attrs["group"] == 1 and not any(node.attrs["pads"])
+            and isinstance(ow, int) and isinstance(oh, int) and ow % 16 != 0 and oh >= 4
+            and ow >= 7)
+
+
 def _centred_weights_fit_int8(node: Node, module) -> bool:
     """Whether the weights are module constants whose codes minus their zero points (per
     channel) all fit in int8: the taps kernel's signed vpdpbusd operand."""
@@ -405,9 +419,15 @@ def build_qconv(node: Node, variant: str, module=None):
         acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                   mg, sh, sw, dh, dw, pt, pl), module)
     elif variant == "vnni":
-        acc, extra = _vnni_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
-                                                       group, mg, sh, sw, dh, dw, pt, pl),
-                               module, w_stored if packed else None)
+        flat = _flat_pixels(node, ow, oh)
+        dims = (n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl)
+        x_sum = x
+        if flat:
+            def x_sum(nn, cc, yy, xx, sy=sh, sx=sw):  # pixel xx of the flat output image
+                return x(nn, cc, xx // ow * sy, xx % ow * sx)
+            dims = (n, c, 1, oh * ow, m, cg, 1, 1, 1, oh * ow, group, mg, 1, 1, 1, 1, 0, 0)
+        acc, extra = _vnni_sum(node, x_sum, wt, xzp, wzp, dims, module,
+                               w_stored if packed else None, flat)
     else:
         acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                    mg, sh, sw, dh, dw, pt, pl))
@@ -419,10 +439,14 @@ def build_qconv(node: Node, variant: str, module=None):
     # at batch 8 measured 0.60 ms that way, 0.76 ms by rows.)
     padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
         (variant == "taps" or (variant == "madd" and extra["px"])) and ow % 16 != 0)
-    owp = _round_up(ow, 16)
+    flat = extra.get("flat", False)
+    owp = _round_up(oh * ow if flat else ow, 16)
 
-    def res_x(xx):
-        return tirx.min(xx, ow - 1) if padded_out else xx
+    def residual(nn, mm, yy, xx):
+        if flat:  # (yy is 0: the pixel, clamped to the image, is xx)
+            p = tirx.min(xx, oh * ow - 1)
+            return placeholders[9](nn, mm, p // ow, p % ow)
+        return placeholders[9](nn, mm, yy, tirx.min(xx, ow - 1) if padded_out else xx)
 
     def total(nn, mm, yy, xx):
         v = acc(nn, mm, yy, xx)
@@ -447,7 +471,7 @@ def build_qconv(node: Node, variant: str, module=None):
         def out_fn(nn, mm, yy, xx):
             v = total(nn, mm, yy, xx).astype(f32) * conv_scale(mm)
             if 9 in placeholders:
-                v = fenced(v) + placeholders[9](nn, mm, yy, res_x(xx)).astype(f32)
+                v = fenced(v) + residual(nn, mm, yy, xx).astype(f32)
             if "act_min" in a:
                 v = tirx.max(v, tirx.const(float(np.float32(a["act_min"])), f32))
             if "act_max" in a:
@@ -461,12 +485,16 @@ def build_qconv(node: Node, variant: str, module=None):
             ys = scalar(7).astype(f32)
             v = total(nn, mm, yy, xx).astype(f32) * (conv_scale(mm) / ys)
             if 9 in placeholders:
-                r = placeholders[9](nn, mm, yy, res_x(xx)).astype(i32) - scalar(11).astype(i32)
+                r = residual(nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
                 v = fenced(v) + fenced(r.astype(f32) * (scalar(10).astype(f32) / ys))
             q = tirx.nearbyint(v).astype(i32) + scalar(8).astype(i32)
             q = tirx.max(tirx.min(q, tirx.const(hi, i32)), tirx.const(lo, i32))
             return q.astype(out_dtype)
-    if padded_out:
+    if flat:
+        outp = te.compute((n, m, 1, owp), out_fn, name="outp")
+        out = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: outp(nn, mm, 0, yy * ow + xx),
+                         name="out")
+    elif padded_out:
         outp = te.compute((n, m, oh, owp), out_fn, name="outp")
         out = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: outp(nn, mm, yy, xx),
                          name="out")
@@ -731,11 +759,13 @@ def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
     return c is not None and bool(np.all(np.asarray(c, np.int64) - w_shift == 0))
 
 
-def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
+def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=False):
+    """The vnni kernel's sums (``acc``) and the facts its schedule needs. ``flat``: the
+    dims are a 1 x 1 layer's image as one row of pixels (``_flat_pixels``)."""
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
-    if kh == kw == 1 and (sh > 1 or sw > 1) and not any(node.attrs["pads"]):
+    if not flat and kh == kw == 1 and (sh > 1 or sw > 1) and not any(node.attrs["pads"]):
         # A strided 1 x 1 layer (ResNet's downsampling) reads every sh-th row and sw-th
         # column only: it is the stride-1 layer on that subsampled image, which the repack
         # reads directly (a quarter of the image to repack at stride 2, and pixel lanes).
@@ -783,8 +813,8 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
     # inside the epilogue's row loop, over the padded width (build_qconv's outp), where
     # the layer has no residual (MobileNetV2's 24 -> 144 at 56 x 56, batch 8: 4.1 -> 2.4 ms;
     # its 144 -> 24 with a residual measured slower that way).
-    padded_rows = px and ow % 16 != 0 and ow >= 28 and (
-        len(node.operands) <= 9 or node.operands[9] is None)
+    padded_rows = px and (flat or ow % 16 != 0 and ow >= 28 and (
+        len(node.operands) <= 9 or node.operands[9] is None))
     owp = _round_up(ow, 16)
     wpx = (owp - 1) + (kw - 1) * dw + 1
     if px:
@@ -844,7 +874,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None):
         return v if xsum is None else v - zw * xsum(nn, g, yy, xx)
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
-    return acc, {"ow": ow, "group": group, "xsum": xsum is not None,
+    return acc, {"ow": ow, "group": group, "xsum": xsum is not None, "flat": flat,
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
                  "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
                  # (whether the repacked image has a border at all)
@@ -1069,14 +1099,25 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     omo, omi = sch.split(om, [None, mb])
     oxo, oxi = sch.split(ox, [None, lanes])
     sch.reorder(on, oy, omo, oxo, omi, oxi)
-    row = sch.fuse(on, oy)
+    flat = extra.get("flat", False)
+    # (a flat image is one row: its blocks of mb channels run in parallel, each with its
+    # copy into the result)
+    row = sch.fuse(on, oy, omo) if flat else sch.fuse(on, oy)
     sch.parallel(row)
     sch.compute_at(blk, oxo, preserve_unit_loops=True)
-    if extra.get("xsum"):
+    if extra.get("xsum") and not flat:
         sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
-    if copy is not None:
+    if copy is not None and flat:
+        # The copy of the flat image into the NCHW result, a pass of its own: under the
+        # channel block, reverse_compute_at infers 14 x 12 pixels of a 14 x 14 image from
+        # the 208 padded ones that the block writes (a plane's last columns were not copied).
+        cn, cm, cy, cx = sch.get_loops(copy)
+        sch.parallel(sch.fuse(cn, cm))
+        sch.vectorize(sch.split(sch.fuse(cy, cx), [None, 16])[1])
+    elif copy is not None:
         sch.reverse_compute_at(copy, row)
-    loops = sch.get_loops(blk)[3:]   # (row, omo, oxo, then the block's own)
+    # (row, omo, oxo, then the block's own; omo is in row where flat)
+    loops = sch.get_loops(blk)[2 if flat else 3:]
     if len(loops) != 9:
         raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
     nn, g, mr, yy, xx, ry, rx, rco, rci = loops
@@ -1093,4 +1134,7 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     sch.unroll(omi)
     sch.vectorize(oxi)
     _schedule_xq(sch, extra)
+    if extra.get("xsum") and flat:
+        b = sch.get_sblock("xsum")
+        sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
     return sch.mod["main"]
