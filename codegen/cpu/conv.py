@@ -1108,12 +1108,14 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     if extra.get("xsum") and not flat:
         sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
     if copy is not None and flat:
-        # The copy of the flat image into the NCHW result, a pass of its own: under the
-        # channel block, reverse_compute_at infers 14 x 12 pixels of a 14 x 14 image from
-        # the 208 padded ones that the block writes (a plane's last columns were not copied).
-        cn, cm, cy, cx = sch.get_loops(copy)
-        sch.parallel(sch.fuse(cn, cm))
-        sch.vectorize(sch.split(sch.fuse(cy, cx), [None, 16])[1])
+        # The copy of the flat image into the NCHW result, under its channel block, over
+        # one pixel loop: with its rows and columns apart, reverse_compute_at inferred 14 x
+        # 12 pixels of a 14 x 14 image from the 208 padded ones (the last columns were not
+        # copied).
+        img_w = int(sch.get(sch.get_loops(copy)[3]).extent)
+        sch.transform_block_layout(copy, lambda nn, mm, yy, xx: (nn, mm, yy * img_w + xx))
+        sch.reverse_compute_at(copy, row)
+        sch.vectorize(sch.split(sch.get_loops(copy)[-1], [None, 16])[1])
     elif copy is not None:
         sch.reverse_compute_at(copy, row)
     # (row, omo, oxo, then the block's own; omo is in row where flat)
