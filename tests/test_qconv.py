@@ -515,6 +515,29 @@ def test_taps_kernel_allocates_nothing_per_plane():
     assert not re.search(r'decl_buffer\(\(1,\), "u?int(8|32)x(4|16|64)"', px)
 
 
+def test_taps_kernel_runs_narrow_planes_as_one_pitched_row():
+    """Stride-1 images narrower than 16 (7 x 7, 14 x 14) are one row of the image's pitch:
+    a 7 x 7 plane is 4 vectors of sums (63 of 64 lanes with a pitch of 9), none more per
+    window row; its epilogue is whole vectors, without gathers (LLVM once vectorized it
+    across the plane's 4 vectors when TVM had been asked to vectorize it)."""
+    import tvm
+
+    from qcompiler.codegen.cpu.conv import build_qconv
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.targets import get_target
+
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the taps variant needs vpdpbusd)")
+    rng = np.random.default_rng(5)
+    module, node, _ = _qconv_module(rng, 32, 32, 3, 1, 1, 1, 32, 7, w_zero_point=None)
+    func = build_qconv(node, "taps", module)
+    text = func.script()
+    assert '"outp"' in text and "(2, 32, 1, 64)" in text, "not one pitched row of 64 lanes"
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(get_target("cpu")))
+    asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpgather" not in asm
+
+
 def test_taps_variant_needs_its_zero_points_and_one_load_per_16_columns():
     from qcompiler.codegen.cpu.conv import conv_variant
 

@@ -440,12 +440,16 @@ def build_qconv(node: Node, variant: str, module=None):
     padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
         (variant == "taps" or (variant == "madd" and extra["px"])) and ow % 16 != 0)
     flat = extra.get("flat", False)
+    pitch = extra.get("pitch")   # the taps kernel's pitched plane (_taps_pitched_sum)
     owp = _round_up(oh * ow if flat else ow, 16)
 
     def residual(nn, mm, yy, xx):
         if flat:  # (yy is 0: the pixel, clamped to the image, is xx)
             p = tirx.min(xx, oh * ow - 1)
             return placeholders[9](nn, mm, p // ow, p % ow)
+        if pitch:  # (yy is 0; junk lanes read a clamped pixel)
+            return placeholders[9](nn, mm, tirx.min(xx // pitch, oh - 1),
+                                   tirx.min(xx % pitch, ow - 1))
         return placeholders[9](nn, mm, yy, tirx.min(xx, ow - 1) if padded_out else xx)
 
     def total(nn, mm, yy, xx):
@@ -490,10 +494,11 @@ def build_qconv(node: Node, variant: str, module=None):
             q = tirx.nearbyint(v).astype(i32) + scalar(8).astype(i32)
             q = tirx.max(tirx.min(q, tirx.const(hi, i32)), tirx.const(lo, i32))
             return q.astype(out_dtype)
-    if flat:
-        outp = te.compute((n, m, 1, owp), out_fn, name="outp")
-        out = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: outp(nn, mm, 0, yy * ow + xx),
-                         name="out")
+    if flat or pitch:
+        step = pitch or ow
+        outp = te.compute((n, m, 1, extra["vlen"] if pitch else owp), out_fn, name="outp")
+        out = te.compute((n, m, oh, ow),
+                         lambda nn, mm, yy, xx: outp(nn, mm, 0, yy * step + xx), name="out")
     elif padded_out:
         outp = te.compute((n, m, oh, owp), out_fn, name="outp")
         out = te.compute((n, m, oh, ow), lambda nn, mm, yy, xx: outp(nn, mm, yy, xx),
@@ -685,6 +690,8 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     owp = _round_up(ow, 16)
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     kq = -(-kw // TAP_BLOCK)   # blocks of 4 taps a window row (2 for 5 x 5 and 7 x 7)
+    if _taps_pitched(sh, sw, ow):
+        return _taps_pitched_sum(node, x, wt, wzp, dims, zx, x_shift, hp, kq)
     # every padded output column's taps in bounds, and the 64 bytes the intrinsic loads
     # from each block of 16 columns and 4 taps
     wpp = max((owp - 1) * sw + (kq * TAP_BLOCK - 1) * dw + 1,
@@ -716,12 +723,67 @@ def _taps_sum(node, x, wt, wzp, dims, module):
                  "stride": sw, "dilation": dw, "wsum": zx != 0}
 
 
+def _taps_pitched(sh: int, sw: int, ow: int) -> bool:
+    """Whether the taps kernel runs a plane as one row (``_taps_pitched_sum``): stride 1 and
+    rows narrower than a vector (7 x 7 and 14 x 14 images)."""
+    return sh == sw == 1 and ow < 16
+
+
+def _taps_pitched_sum(node, x, wt, wzp, dims, zx, x_shift, hp, kq):
+    """The taps kernel's sums over a plane as one row: the padded image with a row pitch
+    of P = ow + (kw - 1) * dw bytes, and output v = y * P + x (x < ow; the others are junk
+    lanes) reads the bytes v + ry * dh * P + t * dw, so 16 consecutive outputs are one
+    vpdpbusd of the stride-1 intrinsic whatever rows they span. A 7 x 7 image takes 4
+    vectors of sums instead of 7 rows of 16 lanes, and the epilogue runs on whole vectors
+    (a 7-wide row left 3 of its 7 lanes scalar)."""
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    pitch = ow + (kw - 1) * dw
+    vlen = _round_up(oh * pitch, 16)
+    # every 64-byte load of the last vector in bounds (its junk lanes read the tail)
+    span = max(hp * pitch, vlen - 16 + (kh - 1) * dh * pitch + (kq - 1) * TAP_BLOCK * dw + 64)
+    # (rows x pitch here, so that decompose_padding splits the border from a plain copy;
+    # the schedule makes it one row, _schedule_taps_pitched)
+    xp = te.compute((n, c, -(-span // pitch), pitch), lambda nn, cc, yy, xx: tirx.if_then_else(
+        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
+        (x(nn, cc, yy - pt, xx - pl).astype(i32) + x_shift).astype("uint8"),
+        tirx.const(zx, "uint8")), name="xp")
+
+    def xp_at(nn, cc, i):
+        return xp(nn, cc, i // pitch, i % pitch)
+    w4 = te.compute((m, kh, kq, TAP_BLOCK), lambda mm, yy, q, t: tirx.if_then_else(
+        q * TAP_BLOCK + t < kw,
+        wt(mm, 0, yy, tirx.min(q * TAP_BLOCK + t, kw - 1)).astype(i32) - wzp(mm),
+        tirx.const(0, i32)).astype("int8"), name="w4")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rq = te.reduce_axis((0, kq), name="rq")
+    rt = te.reduce_axis((0, TAP_BLOCK), name="rt")
+    s = te.compute((n, m, 1, vlen), lambda nn, mm, yy, v: te.sum(
+        xp_at(nn, mm, v + ry * dh * pitch + (rq * TAP_BLOCK + rt) * dw).astype(i32)
+        * w4(mm, ry, rq, rt).astype(i32),
+        axis=[ry, rq, rt]), name="sum")
+    wy = te.reduce_axis((0, kh), name="wy")
+    wq = te.reduce_axis((0, kq), name="wq")
+    wt_ = te.reduce_axis((0, TAP_BLOCK), name="wt")
+    wsum = te.compute((m,), lambda mm: te.sum(w4(mm, wy, wq, wt_).astype(i32),
+                                              axis=[wy, wq, wt_]), name="wsum")
+
+    def acc(nn, mm, yy, v):
+        return s(nn, mm, yy, v) - zx * wsum(mm) if zx else s(nn, mm, yy, v)
+    return acc, {"ow": ow, "xp_border": True, "stride": 1, "dilation": dw,
+                 "wsum": zx != 0, "pitch": pitch, "vlen": vlen}
+
+
 def _schedule_taps(sch, out, extra: dict):
     """One channel plane per parallel iteration: its padded unsigned image, then each output
     row's sums (in registers, 16 columns x 4 taps per vpdpbusd) right before the row's
     epilogue."""
     intrin = register_conv_vnni_taps_intrin(extra["stride"], extra["dilation"])
     last = None
+    if "pitch" in extra:
+        return _schedule_taps_pitched(sch, out, extra, intrin)
     if extra["ow"] % 16:
         # the epilogue over the padded width (outp: whole vectors of sums), then the
         # result's copy of the row's first ow columns
@@ -746,6 +808,33 @@ def _schedule_taps(sch, out, extra: dict):
     init = sch.decompose_reduction(blk, ry)
     sch.tensorize(ji, intrin)
     sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+def _schedule_taps_pitched(sch, out, extra: dict, intrin: str):
+    """A plane per parallel iteration: its pitched image, its sums (16 outputs x 4 taps per
+    vpdpbusd), its epilogue on whole vectors; then the result's copy of the ow valid
+    columns of each row, a loop of its own (under the plane, reverse_compute_at would
+    infer the copied region from the pitched one)."""
+    copy, outp = out, sch.get_sblock("outp")
+    nn, mm, yy, v = sch.get_loops(outp)
+    sch.parallel(mm)
+    blk = sch.get_sblock("sum")
+    sch.compute_at(blk, mm, preserve_unit_loops=True)
+    for name in ("xp", "wsum", "w4") if extra["wsum"] else ("xp", "w4"):
+        sch.compute_at(sch.get_sblock(name), mm, preserve_unit_loops=True)
+    xp, pitch = sch.get_sblock("xp"), extra["pitch"]
+    sch.transform_layout(xp, ("write", 0), lambda nn, cc, yy, xx: (nn, cc, yy * pitch + xx))
+    sch.decompose_padding(xp, sch.get_loops(xp)[-2])
+    j, ry, rq, rt = sch.get_loops(blk)[-4:]
+    jo, ji = sch.split(j, [None, 16])
+    sch.reorder(jo, ry, rq, ji, rt)
+    init = sch.decompose_reduction(blk, ry)
+    sch.tensorize(ji, intrin)
+    sch.vectorize(sch.get_loops(init)[-1])
+    cn, cm, cy, cx = sch.get_loops(copy)
+    sch.parallel(cm)
+    sch.unroll(cx)  # (a row's ow bytes; LLVM vectorized the plane's copy with gathers)
     return sch.mod["main"]
 
 
