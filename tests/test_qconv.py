@@ -513,6 +513,10 @@ def test_taps_kernel_allocates_nothing_per_plane():
     px = _lowered_tir(build_qconv(node, "vnni", module))
     assert "vpdpbusd" in px
     assert not re.search(r'decl_buffer\(\(1,\), "u?int(8|32)x(4|16|64)"', px)
+    # the pixel-lane kernel's accumulators: a stack array inside the parallel row loop,
+    # not a workspace allocated (and zeroed, stored, reloaded from heap) for each row
+    assert re.search(r'sum_global = T.alloc_buffer\(\(\d+,\), "int32"\)', px)
+    assert not re.search(r"\bsum\w* = T.decl_buffer\([^\n]*TVMBackendAllocWorkspace", px)
 
 
 def test_taps_kernel_runs_narrow_planes_as_one_pitched_row():

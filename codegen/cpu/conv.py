@@ -139,6 +139,8 @@ def register_conv_madd_intrin() -> None:
 
 
 CONV_VNNI_PX_INTRIN = "qc_conv_vnni_px_u8s8_16x4"
+# the same with its sums in a "global" buffer: see _schedule_px_fused
+CONV_VNNI_PX_STACK_INTRIN = "qc_conv_vnni_px_stack_u8s8_16x4"
 
 
 def register_conv_vnni_px_intrin() -> None:
@@ -148,6 +150,7 @@ def register_conv_vnni_px_intrin() -> None:
     from qcompiler.codegen.cpu.kernels import register_vpdpbusd_intrin
 
     register_vpdpbusd_intrin(CONV_VNNI_PX_INTRIN, "global")
+    register_vpdpbusd_intrin(CONV_VNNI_PX_STACK_INTRIN, "global", c_scope="global")
 
 
 def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
@@ -1213,8 +1216,15 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
         raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
     nn, g, mr, yy, xx, ry, rx, rco, rci = loops
     sch.reorder(nn, g, yy, ry, rx, rco, mr, xx, rci)
-    acc = sch.cache_write(blk, 0, "local")   # (placed under oxo, after the sums)
+    # (placed under oxo, after the sums). A "global" cache of mb x 16 sums is a stack array
+    # that LLVM keeps in registers; a "local" one is a TVMBackendAllocWorkspace per parallel
+    # iteration, heap memory that every block zeroed, stored and read back.
+    stack = intrin == CONV_VNNI_PX_INTRIN
+    acc = sch.cache_write(blk, 0, "global" if stack else "local")
     sch.decompose_reduction(blk, ry)
+    if stack:
+        register_conv_vnni_px_intrin()
+        intrin = CONV_VNNI_PX_STACK_INTRIN
     sch.tensorize(xx, intrin)
     sch.unroll(mr)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)

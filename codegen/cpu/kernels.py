@@ -88,7 +88,7 @@ _avx2_steps_registered: set = set()
 
 
 def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "global",
-                     depth: int = 4):
+                     depth: int = 4, c_scope: str = "local"):
     """The description every dot-product intrinsic shares:
     ``C[lanes] += sum_k B[j, k] * A[k]`` over ``depth`` elements, widened to int32 (4 bytes:
     VNNI's 16 lanes, the AVX2 pair's 8; the qmatmul kernels' weights are the unsigned B, the
@@ -98,7 +98,7 @@ def dot_product_desc(lanes: int, a_dtype: str, b_dtype: str, b_scope: str = "glo
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((depth,), a_dtype, offset_factor=1),
              B: T.Buffer((lanes, depth), b_dtype, offset_factor=1, scope=b_scope),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], B[0:lanes, 0:depth], A[0:depth])
             T.writes(C[0:lanes])
@@ -121,7 +121,7 @@ def register_vnni_intrin() -> None:
 _vpdpbusd_registered: set = set()
 
 
-def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
+def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
     """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
     broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
     unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B).
@@ -133,12 +133,12 @@ def register_vpdpbusd_intrin(name: str, b_scope: str) -> None:
         return
     from tvm.script import tirx as T
 
-    desc = dot_product_desc(16, "int8", "uint8", b_scope)
+    desc = dot_product_desc(16, "int8", "uint8", b_scope, c_scope=c_scope)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1),
              B: T.Buffer((16, 4), "uint8", offset_factor=1, scope=b_scope),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
