@@ -18,12 +18,19 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
   |wq| <= 128, 4 products per lane step). Wsum comes from vpdpbusd too (the packed weights
   times a vector of ones). Where the image outweighs the weights and the channels per group
   are a multiple of 16, each output row's sums are computed inside the epilogue's row loop.
+  Pixel lanes (stride-1 layers with few input codes, every 1 x 1 at 14+ columns): 16 output
+  pixels x 4 input channels of xq per vpdpbusd against one channel's 4 weights, a block of
+  8 channels in registers (a stack array, ``_schedule_px_fused``); unpadded one-group 1 x 1
+  layers whose width is not a multiple of 16 take the image as one row of pixels
+  (``_flat_pixels``).
 - ``taps`` (AVX-512 VNNI targets, depthwise, x's zero point and the weights constant, the
   weights minus their zero points in int8): per channel plane, the padded image as unsigned
   bytes; each vpdpbusd sums 4 taps of a window row (a block of them: 5 x 5 and 7 x 7
   windows take 2 a row) for 16 output columns, the columns' taps made from one 64-byte load of the row by a byte
   shuffle (vpermb), the weights (w - wzp) broadcast; ``sum - zx' * Wsum[m]`` is the exact
-  sum. Each output row's sums are computed right before its epilogue (``_taps_sum``).
+  sum. Each output row's sums are computed right before its epilogue (``_taps_sum``); a
+  stride-1 plane narrower than 16 is one row of its padded pitch instead
+  (``_taps_pitched``: a 7 x 7 plane in 4 vectors).
   Measured 1 thread Zen 4 against ``direct``: 32 channels at 112 x 112 0.170 -> 0.076 ms,
   96 at 112 -> 56 (stride 2) 0.259 -> 0.090 ms, 960 at 7 x 7 0.061 -> 0.053 ms.
 - ``madd`` (x86 targets without VNNI: AVX2, or AVX-512 without VNNI; 2+ input and 4+
@@ -252,11 +259,12 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
 
 def _flat_pixels(node: Node, ow: int, oh: int) -> bool:
     """Whether the vnni kernel takes a 1 x 1 layer's output image as one row of pixels: no
-    padding, one group, a width that is not a multiple of 16 and 4+ rows (14 x 14, 28 x
-    28, 56 x 56). Its pixel lanes then waste at most 15 pixels of the image instead of up to
-    15 of every row, and every block of 16 pixels x 8 channels is requantized from its
-    accumulators (``_schedule_px_fused``), where a 14-wide row left a scalar tail and a
-    whole image of int32 sums in memory."""
+    padding, one group, an output width of 7+ that is not a multiple of 16 and 4+ rows (7 x
+    7, 14 x 14, 28 x 28, 56 x 56; a strided layer on its subsampled image). Its pixel lanes
+    then waste at most 15 pixels of the image instead of up to 15 of every row, and every
+    block of 16 pixels x 8 channels is requantized from its accumulators
+    (``_schedule_px_fused``), where a 14-wide row left a scalar tail and a whole image of
+    int32 sums in memory, and 7 x 7 images took channel lanes."""
     kh, kw = node.arg("w").type.shape[2:] if "w_shape" not in (node.attrs.get("config") or {}) \
         else node.attrs["config"]["w_shape"][2:]
     return (kh == kw == 1 and node.attrs["group"] == 1 and not any(node.attrs["pads"])
@@ -443,7 +451,7 @@ def build_qconv(node: Node, variant: str, module=None):
     padded_out = (variant == "vnni" and extra.get("px") and extra.get("padded_rows")) or (
         (variant == "taps" or (variant == "madd" and extra["px"])) and ow % 16 != 0)
     flat = extra.get("flat", False)
-    pitch = extra.get("pitch")   # the taps kernel's pitched plane (_taps_pitched_sum)
+    pitch = extra.get("pitch")   # the taps kernel's pitched plane (_taps_pitched)
     owp = _round_up(oh * ow if flat else ow, 16)
 
     def residual(nn, mm, yy, xx):
@@ -693,13 +701,29 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     owp = _round_up(ow, 16)
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     kq = -(-kw // TAP_BLOCK)   # blocks of 4 taps a window row (2 for 5 x 5 and 7 x 7)
-    if _taps_pitched(sh, sw, ow):
-        return _taps_pitched_sum(node, x, wt, wzp, dims, zx, x_shift, hp, kq)
-    # every padded output column's taps in bounds, and the 64 bytes the intrinsic loads
-    # from each block of 16 columns and 4 taps
-    wpp = max((owp - 1) * sw + (kq * TAP_BLOCK - 1) * dw + 1,
-              (owp - 16) * sw + (kq - 1) * TAP_BLOCK * dw + 64)
-    xp = te.compute((n, c, hp, wpp), lambda nn, cc, yy, xx: tirx.if_then_else(
+    pitched = _taps_pitched(sh, sw, ow)
+    if pitched:
+        # A stride-1 plane narrower than 16 as one row: the padded image with a row pitch
+        # of P = ow + (kw - 1) * dw bytes, and output v = y * P + x (x < ow; the others are
+        # junk lanes) reads the bytes v + ry * dh * P + t * dw, so 16 consecutive outputs
+        # are one vpdpbusd whatever rows they span. A 7 x 7 plane takes 4 vectors of sums
+        # instead of 7 rows of 16 lanes, and the epilogue runs on whole vectors (a 7-wide
+        # row left 3 of its 7 lanes scalar). The image is rows x P here, so that
+        # decompose_padding splits its border from a plain copy; the schedule makes it one
+        # row (_schedule_taps_pitched).
+        pitch = ow + (kw - 1) * dw
+        vlen = _round_up(oh * pitch, 16)
+        # every 64-byte load of the last vector in bounds (its junk lanes read the tail)
+        span = max(hp * pitch,
+                   vlen - 16 + (kh - 1) * dh * pitch + (kq - 1) * TAP_BLOCK * dw + 64)
+        rows, width = -(-span // pitch), pitch
+    else:
+        # every padded output column's taps in bounds, and the 64 bytes the intrinsic loads
+        # from each block of 16 columns and 4 taps
+        rows = hp
+        width = max((owp - 1) * sw + (kq * TAP_BLOCK - 1) * dw + 1,
+                    (owp - 16) * sw + (kq - 1) * TAP_BLOCK * dw + 64)
+    xp = te.compute((n, c, rows, width), lambda nn, cc, yy, xx: tirx.if_then_else(
         tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
         (x(nn, cc, yy - pt, xx - pl).astype(i32) + x_shift).astype("uint8"),
         tirx.const(zx, "uint8")), name="xp")
@@ -710,10 +734,18 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     ry = te.reduce_axis((0, kh), name="ry")
     rq = te.reduce_axis((0, kq), name="rq")
     rt = te.reduce_axis((0, TAP_BLOCK), name="rt")
-    s = te.compute((n, m, oh, owp), lambda nn, mm, yy, j: te.sum(
-        xp(nn, mm, yy * sh + ry * dh, j * sw + (rq * TAP_BLOCK + rt) * dw).astype(i32)
-        * w4(mm, ry, rq, rt).astype(i32),
-        axis=[ry, rq, rt]), name="sum")
+    if pitched:
+        def tap(nn, mm, v):
+            i = v + ry * dh * pitch + (rq * TAP_BLOCK + rt) * dw
+            return xp(nn, mm, i // pitch, i % pitch)
+        s = te.compute((n, m, 1, vlen), lambda nn, mm, yy, v: te.sum(
+            tap(nn, mm, v).astype(i32) * w4(mm, ry, rq, rt).astype(i32),
+            axis=[ry, rq, rt]), name="sum")
+    else:
+        s = te.compute((n, m, oh, owp), lambda nn, mm, yy, j: te.sum(
+            xp(nn, mm, yy * sh + ry * dh, j * sw + (rq * TAP_BLOCK + rt) * dw).astype(i32)
+            * w4(mm, ry, rq, rt).astype(i32),
+            axis=[ry, rq, rt]), name="sum")
     wy = te.reduce_axis((0, kh), name="wy")
     wq = te.reduce_axis((0, kq), name="wq")
     wt_ = te.reduce_axis((0, TAP_BLOCK), name="wt")
@@ -722,61 +754,17 @@ def _taps_sum(node, x, wt, wzp, dims, module):
 
     def acc(nn, mm, yy, xx):  # (no weight sums where zx' is 0: post-ReLU u8 activations)
         return s(nn, mm, yy, xx) - zx * wsum(mm) if zx else s(nn, mm, yy, xx)
-    return acc, {"ow": ow, "xp_border": bool(pt or pl or hp > h or wpp > w_),
-                 "stride": sw, "dilation": dw, "wsum": zx != 0}
+    extra = {"ow": ow, "xp_border": bool(pt or pl or rows > h or width > w_),
+             "stride": sw, "dilation": dw, "wsum": zx != 0}
+    if pitched:
+        extra.update(pitch=pitch, vlen=vlen)
+    return acc, extra
 
 
 def _taps_pitched(sh: int, sw: int, ow: int) -> bool:
-    """Whether the taps kernel runs a plane as one row (``_taps_pitched_sum``): stride 1 and
-    rows narrower than a vector (7 x 7 and 14 x 14 images)."""
+    """Whether the taps kernel runs a plane as one row of its pitch (``_taps_sum``): stride
+    1 and rows narrower than a vector (7 x 7 and 14 x 14 images)."""
     return sh == sw == 1 and ow < 16
-
-
-def _taps_pitched_sum(node, x, wt, wzp, dims, zx, x_shift, hp, kq):
-    """The taps kernel's sums over a plane as one row: the padded image with a row pitch
-    of P = ow + (kw - 1) * dw bytes, and output v = y * P + x (x < ow; the others are junk
-    lanes) reads the bytes v + ry * dh * P + t * dw, so 16 consecutive outputs are one
-    vpdpbusd of the stride-1 intrinsic whatever rows they span. A 7 x 7 image takes 4
-    vectors of sums instead of 7 rows of 16 lanes, and the epilogue runs on whole vectors
-    (a 7-wide row left 3 of its 7 lanes scalar)."""
-    from tvm import te, tirx
-
-    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
-    i32 = "int32"
-    pitch = ow + (kw - 1) * dw
-    vlen = _round_up(oh * pitch, 16)
-    # every 64-byte load of the last vector in bounds (its junk lanes read the tail)
-    span = max(hp * pitch, vlen - 16 + (kh - 1) * dh * pitch + (kq - 1) * TAP_BLOCK * dw + 64)
-    # (rows x pitch here, so that decompose_padding splits the border from a plain copy;
-    # the schedule makes it one row, _schedule_taps_pitched)
-    xp = te.compute((n, c, -(-span // pitch), pitch), lambda nn, cc, yy, xx: tirx.if_then_else(
-        tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_),
-        (x(nn, cc, yy - pt, xx - pl).astype(i32) + x_shift).astype("uint8"),
-        tirx.const(zx, "uint8")), name="xp")
-
-    def xp_at(nn, cc, i):
-        return xp(nn, cc, i // pitch, i % pitch)
-    w4 = te.compute((m, kh, kq, TAP_BLOCK), lambda mm, yy, q, t: tirx.if_then_else(
-        q * TAP_BLOCK + t < kw,
-        wt(mm, 0, yy, tirx.min(q * TAP_BLOCK + t, kw - 1)).astype(i32) - wzp(mm),
-        tirx.const(0, i32)).astype("int8"), name="w4")
-    ry = te.reduce_axis((0, kh), name="ry")
-    rq = te.reduce_axis((0, kq), name="rq")
-    rt = te.reduce_axis((0, TAP_BLOCK), name="rt")
-    s = te.compute((n, m, 1, vlen), lambda nn, mm, yy, v: te.sum(
-        xp_at(nn, mm, v + ry * dh * pitch + (rq * TAP_BLOCK + rt) * dw).astype(i32)
-        * w4(mm, ry, rq, rt).astype(i32),
-        axis=[ry, rq, rt]), name="sum")
-    wy = te.reduce_axis((0, kh), name="wy")
-    wq = te.reduce_axis((0, kq), name="wq")
-    wt_ = te.reduce_axis((0, TAP_BLOCK), name="wt")
-    wsum = te.compute((m,), lambda mm: te.sum(w4(mm, wy, wq, wt_).astype(i32),
-                                              axis=[wy, wq, wt_]), name="wsum")
-
-    def acc(nn, mm, yy, v):
-        return s(nn, mm, yy, v) - zx * wsum(mm) if zx else s(nn, mm, yy, v)
-    return acc, {"ow": ow, "xp_border": True, "stride": 1, "dilation": dw,
-                 "wsum": zx != 0, "pitch": pitch, "vlen": vlen}
 
 
 def _schedule_taps(sch, out, extra: dict):
@@ -828,7 +816,8 @@ def _schedule_taps_pitched(sch, out, extra: dict, intrin: str):
         sch.compute_at(sch.get_sblock(name), mm, preserve_unit_loops=True)
     xp, pitch = sch.get_sblock("xp"), extra["pitch"]
     sch.transform_layout(xp, ("write", 0), lambda nn, cc, yy, xx: (nn, cc, yy * pitch + xx))
-    sch.decompose_padding(xp, sch.get_loops(xp)[-2])
+    if extra["xp_border"]:
+        sch.decompose_padding(xp, sch.get_loops(xp)[-2])
     j, ry, rq, rt = sch.get_loops(blk)[-4:]
     jo, ji = sch.split(j, [None, 16])
     sch.reorder(jo, ry, rq, ji, rt)

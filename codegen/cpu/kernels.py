@@ -629,7 +629,7 @@ def schedule_exact(ks: KernelShape, variant: dict):
     if order == "row":
         # tile, row block, group: the row block's accumulators live across the groups
         sch.reorder(t, io, g, ii, j)
-        acc = sch.cache_write(y, 0, "local")
+        acc = sch.cache_write(y, 0, "global")
         sch.reverse_compute_at(acc, io)
         sch.compute_inline(unpack)
         sch.compute_at(part, g)
@@ -640,7 +640,10 @@ def schedule_exact(ks: KernelShape, variant: dict):
         sch.compute_at(unpack, g)
         sch.set_scope(unpack, 0, "local")
         acc = None
-    sch.set_scope(part, 0, "local")
+    # The accumulators (acc, part) in "global" buffers: stack arrays inside the parallel
+    # tile loop, which LLVM keeps in registers; "local" ones were TVMBackendAllocWorkspace
+    # calls per tile (heap memory; M = 1 on 4096 x 4096: 0.57-0.59 -> 0.56 ms on a Zen 4)
+    sch.set_scope(part, 0, "global")
     sch.parallel(t)
     # partial: [rows of the block,] columns, reduction over the group's rows. The columns
     # are done col_vectors vectors at a time: m_block x col_vectors accumulators in registers.
