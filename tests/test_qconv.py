@@ -540,6 +540,13 @@ def test_taps_kernel_runs_narrow_planes_as_one_pitched_row():
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(get_target("cpu")))
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
     assert "vpdpbusd" in asm and "vpgather" not in asm
+    # stride 2, 14 -> 7: rows stored by phase, an output pitch of 8 (4 vectors, not 7)
+    module, node, _ = _qconv_module(rng, 32, 32, 3, 2, 1, 1, 32, 14, w_zero_point=None)
+    assert "(2, 32, 1, 64)" in build_qconv(node, "taps", module).script()
+    # 28 -> 14 would take 14 vectors either way: rows of 16
+    module, node, _ = _qconv_module(rng, 32, 32, 3, 2, 1, 1, 32, 28, w_zero_point=None)
+    text = build_qconv(node, "taps", module).script()
+    assert "(2, 32, 14, 16)" in text and "(2, 32, 1, " not in text
 
 
 def test_taps_variant_needs_its_zero_points_and_one_load_per_16_columns():
