@@ -217,6 +217,12 @@ def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
 
 
 
+# 1.5 * 2^23 and its float32 bits: x + 1.5 * 2^23 for |x| < 2^22 is a float whose bits
+# minus these are x rounded half to even (in the default rounding mode)
+ROUNDING_MAGIC = 12582912.0
+ROUNDING_MAGIC_BITS = 0x4B400000
+
+
 def _round_up(v: int, k: int) -> int:
     return -(-v // k) * k
 
@@ -502,8 +508,17 @@ def build_qconv(node: Node, variant: str, module=None):
             if 9 in placeholders:
                 r = residual(nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
                 v = fenced(v) + fenced(r.astype(f32) * (scalar(10).astype(f32) / ys))
-            q = tirx.nearbyint(v).astype(i32) + scalar(8).astype(i32)
-            q = tirx.max(tirx.min(q, tirx.const(hi, i32)), tirx.const(lo, i32))
+            # Clamped to the codes' range around the zero point in float (integral bounds:
+            # clamping and rounding commute, and |v| <= 255 after it), then rounded half to
+            # even by adding 1.5 * 2^23, whose float's low bits are then the integer: 2
+            # instructions where nearbyint, the conversion, the zero point's add and the
+            # integer clamp took 5 (16 -> 96 at 112 x 112, a 16-code window: 0.238 ->
+            # 0.199 ms). The clamp also keeps LLVM from fusing the product into that add.
+            yzp = scalar(8).astype(i32)
+            v = tirx.min(tirx.max(v, (tirx.const(lo, i32) - yzp).astype(f32)),
+                         (tirx.const(hi, i32) - yzp).astype(f32))
+            q = (tirx.reinterpret("int32", v + tirx.const(ROUNDING_MAGIC, f32))
+                 - (tirx.const(ROUNDING_MAGIC_BITS, i32) - yzp))
             return q.astype(out_dtype)
     if flat or pitch:
         step = pitch or ow
