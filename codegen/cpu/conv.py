@@ -146,8 +146,12 @@ def register_conv_madd_intrin() -> None:
 
 
 CONV_VNNI_PX_INTRIN = "qc_conv_vnni_px_u8s8_16x4"
-# the same with its sums in a "global" buffer: see _schedule_px_fused
-CONV_VNNI_PX_STACK_INTRIN = "qc_conv_vnni_px_stack_u8s8_16x4"
+# The scope of the pixel-lane intrinsics' sums C (and of the schedules' accumulator caches):
+# a "global" cache of mb x 16 sums is a stack array that LLVM keeps in registers, where a
+# "local" one is a TVMBackendAllocWorkspace per iteration of the parallel row loop, heap
+# memory that every block zeroed, stored and read back (16 -> 96 at 112 x 112, batch 8: 4.0
+# -> 2.8 ms). The madd intrinsic, shared with the channel lanes, keeps "local".
+PX_ACC_SCOPE = {CONV_VNNI_PX_INTRIN: "global", CONV_MADD_INTRIN: "local"}
 
 
 def register_conv_vnni_px_intrin() -> None:
@@ -156,8 +160,8 @@ def register_conv_vnni_px_intrin() -> None:
     broadcast (the pixel-lane schedule)."""
     from qcompiler.codegen.cpu.kernels import register_vpdpbusd_intrin
 
-    register_vpdpbusd_intrin(CONV_VNNI_PX_INTRIN, "global")
-    register_vpdpbusd_intrin(CONV_VNNI_PX_STACK_INTRIN, "global", c_scope="global")
+    register_vpdpbusd_intrin(CONV_VNNI_PX_INTRIN, "global",
+                             c_scope=PX_ACC_SCOPE[CONV_VNNI_PX_INTRIN])
 
 
 def register_conv_vnni_taps_intrin(stride: int, dilation: int) -> str:
@@ -716,8 +720,10 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     owp = _round_up(ow, 16)
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     kq = -(-kw // TAP_BLOCK)   # blocks of 4 taps a window row (2 for 5 x 5 and 7 x 7)
-    pitched = _taps_pitched(sh, sw, ow, oh, _round_up(max(pl + w_, (ow - 1) * sw
-                                                          + (kw - 1) * dw + 1), sw))
+    # the pitched plane's row: the image row and every valid output's window, in bytes
+    # that the stride divides
+    pitch = _round_up(max(pl + w_, (ow - 1) * sw + (kw - 1) * dw + 1), sw)
+    pitched = _taps_pitched(sh, sw, ow, oh, pitch)
     if pitched:
         # A plane narrower than 16 as one row: the padded image with a row pitch of P bytes
         # (a multiple of the stride s), and output v = y * Q + x with Q = P / s (x < ow;
@@ -730,19 +736,15 @@ def _taps_sum(node, x, wt, wzp, dims, module):
         # vectors (a 7-wide row left 3 of its 7 lanes scalar). The image is rows x P here,
         # so that (at stride 1) decompose_padding splits its border from a plain copy; the
         # schedule makes it one row (_schedule_taps_pitched).
-        s_ = sw
-        pitch = _round_up(max(pl + w_, (ow - 1) * s_ + (kw - 1) * dw + 1), s_)
-        out_pitch = pitch // s_
-        phase_rows = -(-hp // s_)
+        out_pitch = pitch // sw
+        phase_rows = -(-hp // sw)
         vlen = _round_up(oh * out_pitch, 16)
 
-        def base(ry):  # (ry a reduce axis: an expression)
-            return ((ry * dh) % s_ * phase_rows + (ry * dh) // s_) * pitch
-        last_base = max(((r * dh) % s_ * phase_rows + (r * dh) // s_) * pitch
-                        for r in range(kh))
+        def base(ry):  # (ry a window row: an int, or the reduce axis)
+            return ((ry * dh) % sw * phase_rows + (ry * dh) // sw) * pitch
         # every 64-byte load of the last vector in bounds (its junk lanes read the tail)
-        span = max(s_ * phase_rows * pitch,
-                   s_ * (vlen - 16) + last_base + (kq - 1) * TAP_BLOCK * dw + 64)
+        span = max(sw * phase_rows * pitch, sw * (vlen - 16) + max(map(base, range(kh)))
+                   + (kq - 1) * TAP_BLOCK * dw + 64)
         rows, width = -(-span // pitch), pitch
     else:
         # every padded output column's taps in bounds, and the 64 bytes the intrinsic loads
@@ -1194,7 +1196,7 @@ def _schedule_px(sch, out, extra: dict):
     sch.reorder(nn, g, yy, mo, xo, ry, rx, rco, mi, xi, rci)
     if not in_rows:
         sch.parallel(sch.fuse(nn, g, yy))
-    acc = sch.cache_write(blk, 0, "local")
+    acc = sch.cache_write(blk, 0, PX_ACC_SCOPE[CONV_VNNI_PX_INTRIN])
     sch.reverse_compute_at(acc, xo)
     init = sch.decompose_reduction(blk, ry)
     sch.tensorize(xi, CONV_VNNI_PX_INTRIN)
@@ -1248,15 +1250,8 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
         raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
     nn, g, mr, yy, xx, ry, rx, rco, rci = loops
     sch.reorder(nn, g, yy, ry, rx, rco, mr, xx, rci)
-    # (placed under oxo, after the sums). A "global" cache of mb x 16 sums is a stack array
-    # that LLVM keeps in registers; a "local" one is a TVMBackendAllocWorkspace per parallel
-    # iteration, heap memory that every block zeroed, stored and read back.
-    stack = intrin == CONV_VNNI_PX_INTRIN
-    acc = sch.cache_write(blk, 0, "global" if stack else "local")
+    acc = sch.cache_write(blk, 0, PX_ACC_SCOPE[intrin])   # (placed under oxo, after the sums)
     sch.decompose_reduction(blk, ry)
-    if stack:
-        register_conv_vnni_px_intrin()
-        intrin = CONV_VNNI_PX_STACK_INTRIN
     sch.tensorize(xx, intrin)
     sch.unroll(mr)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)

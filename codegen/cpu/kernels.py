@@ -124,7 +124,10 @@ _vpdpbusd_registered: set = set()
 def register_vpdpbusd_intrin(name: str, b_scope: str, c_scope: str = "local") -> None:
     """Register ``name``: C[16] += sum_b u8 B[j, b] * s8 A[b] (vpdpbusd), A's 4 bytes
     broadcast to the 16 lanes, B read from ``b_scope`` (``local``: the qmatmul kernels'
-    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B).
+    unpacked weights; ``global``: the conv kernel's pixel lanes, activations as B), the sums
+    C in ``c_scope`` (``global`` for a small buffer that lives on the stack: on the CPU, TVM
+    allocates every ``local`` buffer through TVMBackendAllocWorkspace, per iteration of a
+    parallel loop).
 
     TVM's own ``dot_16x4_vnni`` passes ``<16 x i32>`` operands, which LLVM 22 rejects; this
     one passes the ``<64 x i8>`` operands LLVM 22's ``llvm.x86.avx512.vpdpbusd.512`` takes.
