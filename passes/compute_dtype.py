@@ -4,13 +4,20 @@ The CUDA kernels compute in half precision (fp32 accumulation inside). A model e
 f32 (what onnxruntime's quantizer writes) is retyped so that every float tensor between the
 boundaries is ``dtype``:
 
-- each f32 argument keeps its type; a ``cast`` to ``dtype`` right after it feeds its users;
+- each f32 argument keeps its type; a ``cast`` to ``dtype`` right after it feeds its users
+  (none where every user is a fixed-f32 op below: a CNN's input quantize reads it in f32);
 - each f32 output is a ``cast`` back to f32 of the half value;
 - every f32 node result in between becomes ``dtype``, and ``cast{to=f32}`` becomes
   ``cast{to=dtype}``;
 - f32 constants become ``dtype`` constants (rounded once, here), except the ones a quantized
   op reads as a quantization parameter (qmatmul's scales and bias, qconv's, quantize's):
-  those ops define their own float types (reorder-weights converts qmatmul's when it packs). A value that such an op makes f32 is cast to ``dtype`` after it.
+  those ops define their own float types (reorder-weights converts qmatmul's when it packs). A
+  value that such an op makes f32 is cast to ``dtype`` for its other users; fixed-f32 users
+  and an output read it as f32.
+
+Float work that only connects quantized ops (``_f32_islands``: a CNN's average pool between a
+dequantize and a quantize, its classifier's bias add) stays f32: it is small, and half
+precision there would only move output codes.
 
 Integer tensors (token ids, masks, shapes) keep their types. After the pass every node's
 result type is what type inference gives for its (retyped) operands; a node it cannot retype
@@ -34,6 +41,34 @@ DTYPES = ("f16", "bf16")
 # their constants are left f32 and an f32 result is cast to the compute type after them.
 FIXED_F32_OPS = frozenset({"qconv", "quantize", "dequantize", "requantize",
                            "dynamic_quantize"})
+
+
+def _f32_islands(fn, users: dict) -> set:
+    """ids of the nodes that stay f32: float work between quantized ops (a CNN's average pool
+    between a dequantize and a quantize, its classifier's bias add before the output quantize).
+    A node is one when its float operands are constants and at least one value of a
+    fixed-f32 op or of another such node (not a model input), and each user is a fixed-f32
+    op or another such node (or it is an output). Those values are small and feed codes: half precision there would only move
+    codes by a step."""
+    nodes = [n for n in fn.nodes if n.op != "constant" and n.op not in FIXED_F32_OPS]
+    island = {id(n) for n in nodes if any(_is_f32(r) for r in n.results)}
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            if id(n) not in island:
+                continue
+            floats = [v for v in n.operands if v is not None and v.type.dtype.is_float
+                      and not (v.producer is not None and v.producer.op == "constant")]
+            ins_ok = bool(floats) and all(
+                v.producer is not None and (v.producer.op in FIXED_F32_OPS
+                                            or id(v.producer) in island) for v in floats)
+            outs_ok = all(u.op in FIXED_F32_OPS or id(u) in island
+                          for r in n.results for u in users.get(id(r), []))
+            if not (ins_ok and outs_ok):
+                island.discard(id(n))
+                changed = True
+    return island
 
 
 def _is_f32(v) -> bool:
@@ -69,13 +104,14 @@ class ComputeDtypePass(Pass):
                 if v is not None:
                     users.setdefault(id(v), []).append(n)
 
+        islands = _f32_islands(fn, users)
         # Constants: f32 arrays become half arrays, unless a fixed-f32 op reads them.
         constants = 0
         for node in fn.nodes:
             if node.op != "constant" or not _is_f32(node.result):
                 continue
             uses = users.get(id(node.result), [])
-            if any(u.op in FIXED_F32_OPS for u in uses) or (
+            if any(u.op in FIXED_F32_OPS or id(u) in islands for u in uses) or (
                     uses and all(_qmatmul_parameter(u, node.result) for u in uses)):
                 continue
             array = constant_value(module, node.result)
@@ -101,6 +137,9 @@ class ComputeDtypePass(Pass):
         for a in fn.args:
             if not _is_f32(a):
                 continue
+            uses = users.get(id(a), [])
+            if uses and all(u.op in FIXED_F32_OPS for u in uses) and not fn.is_output(a):
+                continue  # read only as f32 (a CNN's input quantize): rounding it would move codes
             c = fn.make_node("cast", [a], [_retyped(a.type, half)], {"to": half},
                              names=[fn.fresh_name(f"{a.name}.{self.dtype}")], before=first)
             fn.replace_all_uses(a, c.result)
@@ -114,7 +153,9 @@ class ComputeDtypePass(Pass):
             if node.op == "cast" and node.attrs["to"].name == "f32":
                 node.attrs["to"] = half
             if node.op in FIXED_F32_OPS:
-                self._cast_after(fn, node, half)
+                self._cast_after(fn, node, half, islands)
+                continue
+            if id(node) in islands:
                 continue
             try:
                 inferred = infer_types(node.op, [None if v is None else v.type
@@ -145,17 +186,19 @@ class ComputeDtypePass(Pass):
         return module
 
     @staticmethod
-    def _cast_after(fn, node, half) -> None:
+    def _cast_after(fn, node, half, islands=frozenset()) -> None:
         for r in node.results:
             if not _is_f32(r):
                 continue
             uses = [u for u in fn.nodes if any(o is r for o in u.operands)]
-            if not uses and not fn.is_output(r):
+            # fixed-f32 users (dequantize -> quantize) read r itself; the others the cast
+            half_uses = [u for u in uses if u.op not in FIXED_F32_OPS and id(u) not in islands]
+            if not half_uses:  # (an output keeps r: f32 already, no round trip through half)
                 continue
             c = fn.make_node("cast", [r], [_retyped(r.type, half)], {"to": half},
                              names=[fn.fresh_name(f"{r.name}.{half.name}")])
             fn.nodes.remove(c)
             fn.nodes.insert(fn.nodes.index(node) + 1, c)
-            fn.replace_all_uses(r, c.result)
-            c.operands[0] = r
+            for u in half_uses:
+                u.operands = [c.result if o is r else o for o in u.operands]
 

@@ -9,11 +9,12 @@ transposed to [N, K, 1, 1] (cpu-conv-layout then packs them like any other conv'
 ``reshape(.., [0, N])``, and the float bias and the node's epilogue as one
 ``fused_elementwise``. Exact: both are the i32 sum ``(x - xzp)(w - wzp[n])`` times
 ``f32(x_scale * w_scale[n])`` in f32, plus the bias and the epilogue in f32
-(``runtime.reference._qmatmul``). Only x86 targets (the conv kernels' home; elsewhere the
-module is returned unchanged); 8-bit integer codes, per-tensor or per-column scales, no g_idx.
-Runs before ``cpu-conv-layout``.
+(``runtime.reference._qmatmul``). Only x86 CPU targets (the conv kernels' home) and CUDA
+targets (whose qmatmul kernels take float activations only; the int8 conv kernels take
+this one); elsewhere the module is returned unchanged. 8-bit integer codes, per-tensor or
+per-column scales, no g_idx. Runs before ``cpu-conv-layout`` / ``cuda-conv-layout``.
 
-Option: ``target`` (a cpu target; default ``cpu``, the host).
+Option: ``target`` (a cpu or cuda target; default ``cpu``, the host).
 """
 from __future__ import annotations
 
@@ -24,22 +25,30 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import constant_node, constant_value
 from qcompiler.ir.types import TensorType, elem
-from qcompiler.pipeline import Pass, record_stat, register_pass
+from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
 
 @register_pass("cpu-qmatmul-as-qconv")
 @dataclass
 class CPUQmatmulAsQConvPass(Pass):
-    """act=static qmatmul → reshape, 1x1 qconv(out=float), reshape (x86 cpu targets)."""
+    """act=static qmatmul → reshape, 1x1 qconv(out=float), reshape (x86 CPU, CUDA)."""
 
     target: str = "cpu"
 
     def run(self, module: Module) -> Module:
         from qcompiler.codegen.cpu.host import target_cpu
+        from qcompiler.targets import get_target
 
-        cpu = target_cpu(self.backend_target("cpu"))
+        try:
+            target = get_target(self.target)
+        except KeyError as e:
+            raise PassError(f"{self.name}: {e.args[0]}") from None
+        if target.backend == "cuda":  # no static-activation qmatmul kernel; the conv kernels
+            applies = True
+        else:
+            applies = target_cpu(self.backend_target("cpu"))["arch"] == "x86_64"
         rewritten = 0
-        if cpu["arch"] == "x86_64":
+        if applies:
             for fn in module.functions:
                 for node in list(fn.nodes):
                     if node.op == "qmatmul" and static_qmatmul_as_qconv(fn, module, node):

@@ -37,6 +37,8 @@ PASSES: dict[str, object] = {
     "fuse-qpool": "qcompiler.passes.fuse_qpool:FuseQPoolPass",
     "cpu-qmatmul-as-qconv": "qcompiler.passes.cpu_qmatmul_as_qconv:CPUQmatmulAsQConvPass",
     "cpu-conv-layout": "qcompiler.passes.cpu_conv_layout:CPUConvLayoutPass",
+    "conv-channels-last": "qcompiler.passes.conv_channels_last:ConvChannelsLastPass",
+    "cuda-conv-layout": "qcompiler.passes.cuda_conv_layout:CudaConvLayoutPass",
     "compute-dtype": "qcompiler.passes.compute_dtype:ComputeDtypePass",
 }
 

@@ -229,20 +229,30 @@ class CudaBackend(Backend):
         for r in records:
             r["built"] = built
         if built and device_plan_enabled():
-            records.append(self._device_plan(module, target, kdir))
+            records += self._device_plan(module, target, kdir)
         return records
 
     @staticmethod
-    def _device_plan(module, target, kdir: str) -> dict:
-        """Every op on the device (codegen/cuda/plan.py); a model with an op the CUDA op
-        library lacks keeps the host reference for its other ops (the record says why)."""
+    def _device_plan(module, target, kdir: str) -> list:
+        """Every op on the device (codegen/cuda/plan.py): its record. A model with an op the
+        CUDA op library lacks keeps the host reference for every op but its qmatmuls: the
+        plan record says why, and each of those ops is listed as a host fallback (report.txt,
+        manifest) and warned about."""
+        import warnings
+
         from qcompiler.codegen.cuda.ops.common import CudaOpsError
         from qcompiler.codegen.cuda.plan import build_plan
 
         try:
-            return build_plan(module, target, kdir)
+            return [build_plan(module, target, kdir)]
         except CudaOpsError as e:
-            return {"op": "plan", "impl": "cuda-host-ops", "reason": str(e)}
+            reason = f"no device plan: {e}"
+            host = [{"op": n.op, "result": n.results[0].name, "impl": "reference",
+                     "host_fallback": True, "reason": reason}
+                    for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
+            warnings.warn(f"host fallback: {len(host)} ops ({reason})", RuntimeWarning,
+                          stacklevel=2)
+            return [{"op": "plan", "impl": "cuda-host-ops", "reason": str(e)}] + host
 
     def runner(self, module, manifest: dict, out_dir: str):
         from qcompiler.codegen.cuda.runtime import CudaModuleRunner

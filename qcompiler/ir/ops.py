@@ -1011,12 +1011,38 @@ def _conv_transpose(types, attrs, consts):
     return [TensorType((x.shape[0], c_out, *sp), x.dtype)]
 
 
+def _channels_first(t: TensorType) -> TensorType:
+    """[N, *spatial, C] -> [N, C, *spatial] (a ``channels_last`` operand seen as NCHW)."""
+    return TensorType((t.shape[0], t.shape[-1], *t.shape[1:-1]), t.dtype, t.quant)
+
+
+def _channels_last(t: TensorType) -> TensorType:
+    """[N, C, *spatial] -> [N, *spatial, C]."""
+    return TensorType((t.shape[0], *t.shape[2:], t.shape[1]), t.dtype, t.quant)
+
+
+def _as_channels_last(infer):
+    """Type inference of an op with a ``channels_last`` attribute: with it set, x (and a
+    residual) are [N, *spatial, C] and so are the results; inferred as NCHW in between."""
+    def wrapped(types, attrs, consts):
+        if not attrs.get("channels_last", 0):
+            return infer(types, attrs, consts)
+        if types[0].rank < 3:
+            raise TypeInferenceError(f"channels_last needs x of rank >= 3, not {types[0].shape}")
+        moved = [(_channels_first(t) if i in (0, 9) and t is not None else t)
+                 for i, t in enumerate(types)]
+        return [_channels_last(t) for t in infer(moved, attrs, consts)]
+    wrapped.__doc__ = infer.__doc__
+    return wrapped
+
+
 @_def("pool", "N-d max / average / lp pooling (`kind`) with explicit pads; max may also give "
       "flat i64 indices", ["x"],
       {"kind": ("str", True), "kernel_shape": ("ints", True), "strides": ("ints", True),
        "pads": ("ints", True), "dilations": ("ints", True), "ceil_mode": ("int", True),
        "count_include_pad": ("int", True), "p": ("int", True), "indices": ("int", False),
-       "storage_order": ("int", False)}, results=-1)
+       "storage_order": ("int", False), "channels_last": ("int", False)}, results=-1)
+@_as_channels_last
 def _pool(types, attrs, consts):
     x = types[0]
     nsp = x.rank - 2
@@ -1369,7 +1395,9 @@ QCONV_OPERANDS = ["x", "w", "x_scale", "x_zero_point", "w_scale", "w_zero_point?
       "or per-output-channel), i32 accumulation, float or requantized output with a fused "
       "clip/relu and residual add", QCONV_OPERANDS,
       {**CONV_ATTRS, "out": ("str", True), "requant": ("str", False),
-       "act_min": ("float", False), "act_max": ("float", False), "config": ("dict", False)})
+       "act_min": ("float", False), "act_max": ("float", False), "config": ("dict", False),
+       "channels_last": ("int", False)})
+@_as_channels_last
 def _qconv(types, attrs, consts):
     """acc = sum (x - x_zp) * (w - w_zp[m]) + bias (i32; bias has scale x_scale * w_scale),
     then, with s[m] = f32(x_scale * w_scale[m]):

@@ -1260,6 +1260,20 @@ def _conv_transpose(node, args, module):
     return [y.astype(x.dtype)]
 
 
+def _channels_last_aware(impl):
+    """An op implementation that also takes ``channels_last`` nodes: x (operand 0) and a
+    residual (operand 9) move from [N, *spatial, C] to [N, C, *spatial], the results back."""
+    def run_op(node, args, module):
+        if not node.attrs.get("channels_last", 0):
+            return impl(node, args, module)
+        moved = [np.moveaxis(a, -1, 1) if i in (0, 9) and a is not None else a
+                 for i, a in enumerate(args)]
+        return [np.ascontiguousarray(np.moveaxis(y, 1, -1)) for y in impl(node, moved, module)]
+    run_op.__doc__ = impl.__doc__
+    return run_op
+
+
+@_channels_last_aware
 def _pool(node, args, module):
     """Windows over x padded with NaN (missing); max ignores them, average divides by the
     window's real (or, with count_include_pad, padded-in-bounds) size."""
@@ -2068,6 +2082,37 @@ def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift) -> np.ndarr
     return (q[:, :mg, :cg].reshape(m, cg, kh, kw) + shift.reshape(m, 1, 1, 1))
 
 
+# The CUDA qconv kernels' weight layouts (cuda-conv-layout): weights centred on their zero
+# points (w - w_zp[m], int8), and the bias operand holding bias - x_zp * sum_k (w - w_zp[m]),
+# so that a kernel sums raw codes x * w' (padding read as x_zp) and adds the bias.
+CUDA_IGEMM_K_STEP = 32   # the K step of the int8 mma (m16n8k32): K is padded to it
+CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_direct_khwcm")
+
+
+def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
+    """[M, C/g, KH, KW] centred codes -> the kernel's int8 layout:
+    ``cuda_igemm_mk`` [M, Kp] with k = (kh * KW + kw) * C/g + c, Kp padded to 32 with zeros;
+    ``cuda_direct_khwcm`` [KH, KW, C/g, M]."""
+    m, cg, kh, kw = w_centred.shape
+    if layout == "cuda_igemm_mk":
+        k = kh * kw * cg
+        kp = -(-k // CUDA_IGEMM_K_STEP) * CUDA_IGEMM_K_STEP
+        p = np.zeros((m, kp), np.int8)
+        p[:, :k] = w_centred.transpose(0, 2, 3, 1).reshape(m, k)
+        return p
+    if layout == "cuda_direct_khwcm":
+        return np.ascontiguousarray(w_centred.transpose(2, 3, 1, 0)).astype(np.int8)
+    raise ValueError(f"unknown CUDA conv weight layout {layout!r}")
+
+
+def unpack_conv_weights_cuda(p: np.ndarray, w_shape, layout: str) -> np.ndarray:
+    """The inverse of ``pack_conv_weights_cuda``: the centred [M, C/g, KH, KW] (int64)."""
+    m, cg, kh, kw = w_shape
+    if layout == "cuda_igemm_mk":
+        return p[:, :kh * kw * cg].astype(np.int64).reshape(m, kh, kw, cg).transpose(0, 3, 1, 2)
+    return p.astype(np.int64).transpose(3, 2, 0, 1)
+
+
 def _channel_scale(scale, m: int, nsp: int) -> np.ndarray:
     s = np.asarray(scale, np.float32).reshape(-1)
     return np.broadcast_to(s, (m,)).reshape((1, m) + (1,) * nsp)
@@ -2085,13 +2130,20 @@ def qconv_output_bounds(node: Node, y_scale, y_zp) -> tuple[int, int]:
     return lo, hi
 
 
+@_channels_last_aware
 def _qconv(node, args, module):
     x, w, x_scale, x_zp = args[:4]
     w_scale, w_zp, bias, y_scale, y_zp, residual, r_scale, r_zp = (
         _arg(args, i) for i in range(4, 12))
     a = node.attrs
     cfg = a.get("config", {})
-    if "w_shape" in cfg:  # weights packed by cpu-conv-layout (centred: minus their zero points)
+    if cfg.get("w_layout") in CUDA_W_LAYOUTS:  # cuda-conv-layout: centred, x_zp in the bias
+        centred = unpack_conv_weights_cuda(w, cfg["w_shape"], cfg["w_layout"])
+        m = centred.shape[0]
+        folded = np.int64(np.asarray(x_zp).reshape(-1)[0]) * centred.reshape(m, -1).sum(axis=1)
+        bias = np.asarray(bias, np.int64) + folded
+        w = centred + (0 if w_zp is None else np.asarray(w_zp, np.int64).reshape(-1, 1, 1, 1))
+    elif "w_shape" in cfg:  # weights packed by cpu-conv-layout (centred: minus their zero points)
         shift = (0 if w_zp is None else w_zp) if cfg.get("w_centred") else cfg["w_shift"]
         w = unpack_conv_weights(w, cfg["w_shape"], a["group"], shift)
     nsp = x.ndim - 2

@@ -15,7 +15,8 @@ import jinja2
 import numpy as np
 
 from qcompiler.codegen.cuda.ops.body import device_function
-from qcompiler.codegen.cuda.ops.common import (C_SIZES, c_type, node_label, unsupported)
+from qcompiler.codegen.cuda.ops.common import (C_SIZES, c_type, literal, node_label,
+                                               unsupported)
 from qcompiler.ir.core import Node, constant_value
 from qcompiler.ir.elementwise_body import Body, Stmt, parse_body
 from qcompiler.ir.types import elem
@@ -30,7 +31,8 @@ FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
-    "attention", "rotary_embedding", "kv_concat", "qkv_heads"))
+    "attention", "rotary_embedding", "kv_concat", "qkv_heads", "qconv", "pool", "quantize",
+    "dequantize"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -83,6 +85,12 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _rotary(node)
     elif node.op == "qkv_heads":
         text = _qkv_heads(node)
+    elif node.op == "qconv":
+        text = _qconv(node, module)
+    elif node.op == "pool":
+        text = _pool(node)
+    elif node.op in ("quantize", "dequantize"):
+        text = _quantize(node, module)
     elif node.op == "kv_concat":
         text = _render("kv_concat.cu.j2", node, x_type=c_type(node.operands[0].type.dtype, node),
                        layer=int(node.attrs["layer"]), new_bshd=bool(node.attrs["new_bshd"]))
@@ -303,6 +311,147 @@ def _qkv_heads(node: Node) -> str:
                    layer=int(a["layer"]), cache_rank=cos.type.rank if cos is not None else 0,
                    has_past=node.arg("past_k") is not None,
                    rotary_dim=int(a["rotary_embedding_dim"] or 0))
+
+
+# ---- quantized convolution, pooling, quantize / dequantize ---------------------------------
+
+
+def _constant(node: Node, name: str, module):
+    v = node.arg(name)
+    if v is None:
+        return None
+    arr = constant_value(module, v) if module is not None else None
+    if arr is None and v.producer is not None and v.producer.op == "constant" \
+            and "value" in v.producer.attrs:
+        arr = v.producer.attrs["value"]
+    if arr is None:
+        raise unsupported(node, f"{name} is not a constant")
+    return np.asarray(arr)
+
+
+# The implicit GEMM takes 128 x 128 tiles where they still give about a block per SM of an
+# H100/H200 (a batch of images), else 64 x 64 (one image: ResNet-18's last layers have 49
+# pixels). The launch picks by the run-time pixel count (the batch is symbolic).
+QCONV_BIG_TILE = {"big_tile_min_pixels": 128 * 132, "big_tile_min_channels": 128}
+
+
+def _qconv(node: Node, module) -> str:
+    from qcompiler.runtime.reference import qconv_output_bounds
+
+    a = node.attrs
+    cfg = a.get("config") or {}
+    x, y = node.operands[0], node.results[0]
+    if not a.get("channels_last", 0) or x.type.rank != 4:
+        raise unsupported(node, "a 2-D channels-last qconv only (conv-channels-last)")
+    if cfg.get("w_layout") not in ("cuda_igemm_mk", "cuda_direct_khwcm") \
+            or not cfg.get("bias_folds_x_zp"):
+        raise unsupported(node, "weights not in a CUDA layout (cuda-conv-layout: zero points "
+                          "and weights must be constants, centred weights within int8)")
+    if a.get("requant", "float") != "float":
+        raise unsupported(node, f"requant={a['requant']} (float requantization only)")
+    _, h, w, c = x.type.shape
+    _, oh, ow, m = y.type.shape
+    if not all(isinstance(d, int) for d in (h, w, c, oh, ow, m)):
+        raise unsupported(node, "symbolic spatial or channel dims")
+    mw, cg, kh, kw = cfg["w_shape"]
+    group = int(a["group"])
+    out_quant = a["out"] == "quant"
+    x_type = c_type(x.type.dtype, node)
+    y_type = c_type(y.type.dtype, node)
+    operands = [(name, v) for name, v in zip(
+        ["x", "w", "x_scale", "x_zero_point", "w_scale", "w_zero_point", "bias", "y_scale",
+         "y_zero_point", "residual", "r_scale", "r_zero_point"], node.operands) if v is not None]
+    idx = {name: i for i, (name, _) in enumerate(operands)}
+    idx["y"] = len(operands)
+    for name in ("x_scale", "w_scale") + (("y_scale",) if out_quant else ()):
+        if node.arg(name).type.dtype.name != "f32":
+            raise unsupported(node, f"{name} of type {node.arg(name).type.dtype.name} (f32)")
+    residual = node.arg("residual")
+    if residual is not None and out_quant and node.arg("r_scale").type.dtype.name != "f32":
+        raise unsupported(node, "r_scale not f32")
+    w_scale = node.arg("w_scale")
+    params = dict(
+        x_type=x_type, y_type=y_type, x_unsigned=x_type == "uint8_t",
+        h=h, w=w, c=c, oh=oh, ow=ow, m=m, kh=kh, kw=kw,
+        sh=a["strides"][0], sw=a["strides"][1], pt=a["pads"][0], pl=a["pads"][1],
+        dh=a["dilations"][0], dw=a["dilations"][1], group=group, idx=idx,
+        out_quant=out_quant, has_residual=residual is not None,
+        r_type=c_type(residual.type.dtype, node) if residual is not None else "float",
+        r_zp_type=(c_type(node.arg("r_zero_point").type.dtype, node)
+                   if residual is not None and out_quant else "uint8_t"),
+        w_scale_per_channel=int(np.prod(w_scale.type.shape or (1,))) > 1,
+        has_act_min="act_min" in a, has_act_max="act_max" in a,
+        act_min=literal(float(a.get("act_min", 0.0)), "float"),
+        act_max=literal(float(a.get("act_max", 0.0)), "float"), lo=0, hi=0)
+    if out_quant:
+        params["lo"], params["hi"] = qconv_output_bounds(
+            node, _constant(node, "y_scale", module), _constant(node, "y_zero_point", module))
+        doc = ("requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)"
+               + (" + (r - r_zp) * f32(r_scale / y_scale)" if residual is not None else "")
+               + f") + y_zp, {params['lo']}, {params['hi']})")
+    else:
+        doc = "f32(acc) * s[m]" + (" + residual" if residual is not None else "") + \
+              (" clipped" if "act_min" in a or "act_max" in a else "")
+    params["epilogue_doc"] = doc
+    if group == 1:
+        k_real = kh * kw * cg
+        return _render("qconv.cu.j2", node, variant="igemm", k_real=k_real,
+                       kp=-(-k_real // 32) * 32, bk=64, stages=3, vector_a=c % 16 == 0,
+                       **QCONV_BIG_TILE, **params)
+    depthwise = cg == 1 and m == c
+    vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
+    return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, vec=vec,
+                   depthwise=depthwise and vec > 1, **params)
+
+
+def _pool(node: Node) -> str:
+    a = node.attrs
+    x = node.operands[0]
+    if x.type.rank != 4 or len(node.results) != 1:
+        raise unsupported(node, "2-D pooling without indices only")
+    if a["kind"] not in ("max", "average"):
+        raise unsupported(node, f"{a['kind']} pooling")
+    xt = c_type(x.type.dtype, node)
+    is_float = x.type.dtype.is_float
+    if a["kind"] == "average" and not is_float:
+        raise unsupported(node, "average pooling of integer codes")
+    if xt == "double" or (not is_float and xt not in ("int8_t", "uint8_t", "int32_t")):
+        raise unsupported(node, f"{x.type.dtype.name} pooling")
+    lo = {"int8_t": "-128", "uint8_t": "0", "int32_t": "INT32_MIN"}.get(xt, "-INFINITY")
+    return _render("pool.cu.j2", node, kind=a["kind"], x_type=xt,
+                   channels_last=bool(a.get("channels_last", 0)), is_float=is_float,
+                   acc_type="float" if is_float else "int", lowest=lo,
+                   empty="qc_ops::from_f<T>(-INFINITY)" if is_float else lo,
+                   kh=a["kernel_shape"][0], kw=a["kernel_shape"][1], sh=a["strides"][0],
+                   sw=a["strides"][1], pt=a["pads"][0], pl=a["pads"][1], pb=a["pads"][2],
+                   pr=a["pads"][3], dh=a["dilations"][0], dw=a["dilations"][1],
+                   count_include_pad=bool(a["count_include_pad"]))
+
+
+def _quantize(node: Node, module) -> str:
+    scheme = node.attrs["scheme"]
+    x, y = node.operands[0], node.results[0]
+    codes = y if node.op == "quantize" else x
+    if scheme.dtype.name not in ("i8", "u8") or codes.type.dtype.name not in ("i8", "u8"):
+        raise unsupported(node, f"{scheme.dtype.name} codes (i8/u8 only)")
+    if scheme.granularity not in ("tensor", "channel"):
+        raise unsupported(node, f"{scheme.granularity} granularity")
+    if node.op == "dequantize" and node.arg("g_idx") is not None:
+        raise unsupported(node, "g_idx")
+    scale, zp = node.arg("scale"), node.arg("zero_point")
+    if scale.type.dtype.name != "f32" or (zp is not None and zp.type.dtype != scheme.dtype):
+        raise unsupported(node, "an f32 scale and a zero point of the codes' type only")
+    if zp is None and scheme.implied_zero_point not in (None, 0):
+        raise unsupported(node, "an implied zero point")
+    rank = max(x.type.rank, 1)
+    per_axis = scheme.granularity == "channel"
+    axis = (scheme.axis % x.type.rank) if per_axis else 0
+    lo, hi = scheme.dtype.int_range()
+    return _render("quantize.cu.j2", node, op=node.op, x_type=c_type(x.type.dtype, node),
+                   y_type=c_type(y.type.dtype, node), zp_type=c_type(scheme.dtype, node),
+                   q_type=scheme.dtype.name, has_zp=zp is not None, per_axis=per_axis,
+                   axis=axis, rank=x.type.rank, lo=lo, hi=hi,
+                   y_index=len(_data_operands(node)))
 
 
 SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90 (sm_80: 163 KB)

@@ -1,0 +1,89 @@
+"""conv-channels-last: 2-D ``qconv`` and ``pool`` run on channels-last (NHWC) tensors.
+
+Each 2-D ``qconv`` and ``pool`` (without MaxPool's indices) gets ``channels_last = 1``: its x
+(and a qconv's residual) are ``transpose(v, [0, 2, 3, 1])`` and its result is NHWC, read by
+the rest of the graph through ``transpose(y, [0, 3, 1, 2])``. Then every transpose of a
+transpose whose permutations compose to the identity is bypassed, so a chain of convolutions
+and pools (a CNN after fuse-qconv / fuse-requant / fuse-qpool) passes its activations NHWC
+from one to the next and transposes only where the chain starts and ends. The values are the
+same; only the layout between the nodes changes.
+
+Why: an implicit GEMM reads a pixel's channels as contiguous K (16-byte loads of 16 codes)
+and writes a pixel's output channels contiguously; in NCHW both are strided by H * W.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qcompiler.ir import Module
+from qcompiler.ir.types import TensorType
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+RESIDUAL = 9  # qconv's residual operand
+
+
+def _wants_channels_last(node) -> bool:
+    if node.op not in ("qconv", "pool") or node.attrs.get("channels_last", 0):
+        return False
+    if node.operands[0].type.rank != 4 or len(node.results) != 1:
+        return False
+    return all(isinstance(d, (int, str)) for d in node.operands[0].type.shape)
+
+
+def _transposed(t: TensorType, perm: list) -> TensorType:
+    return TensorType(tuple(t.shape[p] for p in perm), t.dtype, t.quant)
+
+
+@register_pass("conv-channels-last")
+@dataclass
+class ConvChannelsLastPass(Pass):
+    """2-D qconv / pool → channels_last, with the transposes between them cancelled."""
+
+    def run(self, module: Module) -> Module:
+        converted = cancelled = 0
+        for fn in module.functions:
+            for node in list(fn.nodes):
+                if not _wants_channels_last(node):
+                    continue
+                ops = list(node.operands)
+                for i in (0, RESIDUAL):
+                    if i < len(ops) and ops[i] is not None:
+                        v = ops[i]
+                        ops[i] = fn.make_node("transpose", [v], [_transposed(v.type, TO_NHWC)],
+                                              {"perm": TO_NHWC}, before=node).result
+                node.operands = ops
+                node.attrs["channels_last"] = 1
+                y = node.results[0]
+                nchw = y.type
+                y.type = _transposed(nchw, TO_NHWC)
+                after = fn.nodes[fn.nodes.index(node) + 1] if node is not fn.nodes[-1] else None
+                back = fn.make_node("transpose", [y], [nchw], {"perm": TO_NCHW},
+                                    names=[fn.fresh_name(f"{y.name}.nchw")], before=after)
+                for user in fn.nodes:
+                    if user is not back:
+                        user.operands = [back.result if v is y else v for v in user.operands]
+                fn.outputs = [back.result if v is y else v for v in fn.outputs]
+                converted += 1
+            cancelled += _cancel_transpose_pairs(fn)
+            fn.remove_dead_nodes()
+        record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled)
+        return module
+
+
+def _cancel_transpose_pairs(fn) -> int:
+    """transpose(transpose(v, p), q) with p then q the identity → v. Returns how many."""
+    n = 0
+    for node in list(fn.nodes):
+        if node.op != "transpose":
+            continue
+        inner = node.operands[0].producer
+        if inner is None or inner.op != "transpose":
+            continue
+        p, q = inner.attrs["perm"], node.attrs["perm"]
+        if len(p) != len(q) or [p[i] for i in q] != list(range(len(q))):
+            continue
+        fn.replace_all_uses(node.result, inner.operands[0])
+        fn.erase(node)
+        n += 1
+    return n

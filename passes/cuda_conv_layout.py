@@ -1,0 +1,108 @@
+"""cuda-conv-layout: qconv weights packed at compile time for the CUDA conv kernels.
+
+For each 2-D ``qconv`` with constant weights, zero points and bias (``runtime.reference``
+``pack_conv_weights_cuda``):
+
+- one group: ``cuda_igemm_mk``, int8 [M, Kp] with k = (kh * KW + kw) * C + c (the implicit
+  GEMM's B operand, K contiguous per output channel, padded to the mma's K step of 32);
+- more groups (depthwise included): ``cuda_direct_khwcm``, int8 [KH, KW, C/g, M] (a tap's
+  output channels contiguous: the direct kernel's threads read consecutive channels).
+
+The weights are stored centred on their zero points (``w - w_zp[m]``, which must fit int8:
+always true for int4 codes and for int8 codes without a zero point), and the bias operand
+becomes ``bias - x_zp * sum_k (w - w_zp[m])`` (i32), so a kernel sums the raw codes
+``x * w'`` with padding read as ``x_zp``: padded taps then add ``x_zp * w'``, which the
+folded term takes back out. ``config`` records ``w_shape`` (the logical [M, C/g, KH, KW]),
+``w_layout``, ``w_centred`` and ``bias_folds_x_zp``; the reference decodes them, so the
+module still means what it meant.
+
+A qconv that does not fit (non-constant weights or zero points, weights that do not fit int8
+once centred, an i32 bias or raw sum that could overflow) is left as it is; the CUDA op
+library then refuses it by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_node, constant_value, operand_index
+from qcompiler.ir.types import TensorType, elem
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+I32 = np.iinfo(np.int32)
+
+
+def cuda_conv_variant(group: int) -> str:
+    """The kernel a qconv takes: the implicit GEMM for one group, else the direct kernel."""
+    return "igemm" if group == 1 else "direct"
+
+
+@register_pass("cuda-conv-layout")
+@dataclass
+class CudaConvLayoutPass(Pass):
+    """qconv weights → the CUDA kernels' centred int8 layouts, x_zp folded into the bias."""
+
+    def run(self, module: Module) -> Module:
+        packed = 0
+        for fn in module.functions:
+            for node in list(fn.nodes):
+                if node.op == "qconv" and "w_layout" not in (node.attrs.get("config") or {}):
+                    packed += _pack(fn, module, node)
+            fn.remove_dead_nodes()
+        for name in [c for c in module.constants if not any(
+                n.op == "constant" and n.attrs.get("name") == c
+                for f in module.functions for n in f.nodes)]:
+            del module.constants[name]
+        record_stat(module, self.name, packed=packed)
+        return module
+
+
+def _const(module, v):
+    return None if v is None else constant_value(module, v)
+
+
+def _pack(fn, module: Module, node) -> int:
+    from qcompiler.runtime.reference import pack_conv_weights_cuda
+
+    w_v, xzp_v, wzp_v, bias_v = (node.arg(k) for k in ("w", "x_zero_point", "w_zero_point",
+                                                      "bias"))
+    if w_v.type.rank != 4:
+        return 0
+    w, xzp = _const(module, w_v), _const(module, xzp_v)
+    wzp = _const(module, wzp_v) if wzp_v is not None else np.zeros(1, np.int64)
+    bias = _const(module, bias_v) if bias_v is not None else np.zeros(1, np.int64)
+    if w is None or xzp is None or wzp is None or bias is None or np.asarray(xzp).size != 1:
+        return 0
+    w = np.asarray(w, np.int64)
+    m = w.shape[0]
+    centred = w - np.broadcast_to(np.asarray(wzp, np.int64).reshape(-1), (m,)).reshape(m, 1, 1, 1)
+    if centred.min(initial=0) < -128 or centred.max(initial=0) > 127:
+        return 0
+    x_bits = 8
+    k = int(np.prod(w.shape[1:]))
+    if k * (2 ** x_bits - 1) * 128 > I32.max:  # the raw sum x * w' must stay in i32
+        return 0
+    folded = (np.broadcast_to(np.asarray(bias, np.int64).reshape(-1), (m,))
+              - int(np.asarray(xzp).reshape(-1)[0]) * centred.reshape(m, -1).sum(axis=1))
+    if folded.min() < I32.min or folded.max() > I32.max:
+        return 0
+    layout = "cuda_igemm_mk" if cuda_conv_variant(node.attrs["group"]) == "igemm" \
+        else "cuda_direct_khwcm"
+    p = pack_conv_weights_cuda(centred, layout)
+    name = node.result.name
+    w_node = constant_node(fn, module, p, TensorType(p.shape, elem("i8")),
+                           name_hint=f"{name}.w_cuda", before=node)
+    b_node = constant_node(fn, module, folded.astype(np.int32), TensorType((m,), elem("i32")),
+                           name_hint=f"{name}.bias_folded", before=node)
+    ops = list(node.operands) + [None] * (12 - len(node.operands))
+    ops[operand_index("qconv", "w")] = w_node.result
+    ops[operand_index("qconv", "bias")] = b_node.result
+    while ops and ops[-1] is None:
+        ops.pop()
+    node.operands = ops
+    node.attrs["config"] = {**(node.attrs.get("config") or {}),
+                            "w_shape": [int(d) for d in w.shape], "w_layout": layout,
+                            "w_centred": True, "bias_folds_x_zp": True}
+    return 1

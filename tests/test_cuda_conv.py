@@ -1,0 +1,291 @@
+"""Quantized CNNs on CUDA (issue #15): the passes that prepare qconv for the CUDA kernels
+(conv-channels-last, cuda-conv-layout, compute-dtype's f32 islands), the kernels
+(``templates/ops/qconv.cu.j2``: the int8 implicit GEMM and the direct kernel; ``pool.cu.j2``,
+``quantize.cu.j2``) and whole CNNs through the device plan.
+
+CPU side (CI): the passes keep the module's meaning exactly (reference before and after, on
+every case of test_qconv's KERNEL_CASES), transposes cancel between convolutions, the CNN's
+float tail stays f32, every kernel renders and a representative set compiles with nvcc for
+sm_80 and sm_90. GPU side (marked ``gpu``): each case's kernel against the reference of the
+same node, exactly (integer codes; float outputs to the last ulp: the epilogue is the
+reference's sequence of IEEE roundings), and whole QLinearConv / QDQ models against the
+reference interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from cuda_gpu_util import gpu_reason
+from qcompiler.codegen.cuda.build import find_nvcc
+from qcompiler.codegen.cuda.ops import CudaOpsError, kernel_source
+from qcompiler.ir.core import Function, Module, constant_node
+from qcompiler.ir.types import TensorType, elem
+from qcompiler.pipeline import make_pass
+from qcompiler.runtime.reference import run
+from tests.test_qconv import KERNEL_CASES, _qconv_module, qdq_conv, qlinear_conv
+
+# test_qconv's cases (but unsigned weights: codes centred on their zero points must fit
+# int8, and no u8 x u8 kernel exists; test_weights_that_do_not_fit... checks the refusal),
+# plus signed activations, a stem-like layer (3 channels, 7 x 7, stride 2: the byte-gathered
+# A) and a batch large enough for the 128 x 128 tile (16928 pixels).
+CASES = [(conv, w, out, res, act, "u8", 2) for conv, w, out, res, act in KERNEL_CASES
+         if w not in ("u8", "u4")] + [
+    ((16, 24, 3, 1, 1, 1, 1, 10), "i8", "quant", True, (0.0, None), "i8", 2),
+    ((8, 8, 3, 2, 1, 1, 8, 11), "i4", "quant", False, (None, None), "i8", 3),
+    ((3, 64, 7, 2, 3, 1, 1, 30), "i8", "quant", False, (0.0, None), "u8", 2),
+    ((16, 128, 3, 1, 1, 1, 1, 92), "i8", "quant", True, (0.0, 6.0), "u8", 2),
+]
+
+
+def _case_id(case):
+    conv, w, out, res, act, x, n = case
+    return "-".join(map(str, conv)) + f"-{w}-{out}{'-res' if res else ''}-x{x}-n{n}"
+
+
+def _prepared(case):
+    """(module before, module after conv-channels-last + cuda-conv-layout, its qconv, feeds)."""
+    conv, w_type, out, residual, act, x_type, n = case
+    rng = np.random.default_rng(sum(conv) + n)
+    module, _, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
+                                     act=act, x_type=x_type, n=n)
+    after = make_pass("cuda-conv-layout")(make_pass("conv-channels-last")(module.clone()))
+    node = next(nd for nd in after.main.nodes if nd.op == "qconv")
+    return module, after, node, feeds
+
+
+# ---- CPU side ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_passes_keep_the_meaning_exactly(case):
+    module, after, node, feeds = _prepared(case)
+    assert node.attrs["channels_last"] == 1
+    cfg = node.attrs["config"]
+    assert cfg["w_layout"] == ("cuda_igemm_mk" if node.attrs["group"] == 1
+                               else "cuda_direct_khwcm")
+    assert cfg["bias_folds_x_zp"] and node.arg("bias").type.dtype.name == "i32"
+    want = run(module, feeds)["y"]
+    got = run(after, feeds)["y"]
+    np.testing.assert_array_equal(got, want)
+    kernel_source(node, after)  # renders
+
+
+def test_packed_weights_hold_the_centred_codes():
+    from qcompiler.runtime.reference import pack_conv_weights_cuda, unpack_conv_weights_cuda
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (5, 3, 3, 2)).astype(np.int64)
+    p = pack_conv_weights_cuda(w, "cuda_igemm_mk")
+    assert p.shape == (5, 32) and (p[:, 18:] == 0).all()
+    assert p[2, (1 * 2 + 1) * 3 + 2] == w[2, 2, 1, 1]  # k = (kh * KW + kw) * C + c
+    np.testing.assert_array_equal(unpack_conv_weights_cuda(p, w.shape, "cuda_igemm_mk"), w)
+    d = pack_conv_weights_cuda(w, "cuda_direct_khwcm")
+    assert d.shape == (3, 2, 3, 5) and d[1, 0, 2, 4] == w[4, 2, 1, 0]
+    np.testing.assert_array_equal(unpack_conv_weights_cuda(d, w.shape, "cuda_direct_khwcm"), w)
+
+
+def test_weights_that_do_not_fit_int8_once_centred_are_left_alone():
+    """u8 weights with zero point 0 span 0..255: centred they do not fit int8, so the node
+    keeps its weights and the CUDA library refuses it by name."""
+    rng = np.random.default_rng(5)
+    module, _, _ = _qconv_module(rng, 4, 6, 3, 1, 1, 1, 1, 8, w_type="u8", w_zero_point=0)
+    node = next(nd for nd in module.main.nodes if nd.op == "qconv")
+    w = node.arg("w")
+    big = np.full(w.type.shape, 200, np.uint8)
+    node.operands[1] = constant_node(module.main, module, big, w.type, before=node).result
+    after = make_pass("cuda-conv-layout")(make_pass("conv-channels-last")(module))
+    node = next(nd for nd in after.main.nodes if nd.op == "qconv")
+    assert "w_layout" not in (node.attrs.get("config") or {})
+    with pytest.raises(CudaOpsError, match=r"%y = qconv.*cuda-conv-layout"):
+        kernel_source(node, after)
+
+
+def _qlinear_chain(rng, path):
+    """QLinearConv -> MaxPool -> QLinearConv (a chain of three layout-changing nodes)."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    c, m, hw = 8, 16, 12
+    inits = [nh.from_array(np.array(0.05, np.float32), "xs"),
+             nh.from_array(np.array(3, np.uint8), "xz"),
+             nh.from_array(rng.integers(-64, 65, (m, c, 3, 3)).astype(np.int8), "w1"),
+             nh.from_array(rng.integers(-64, 65, (m, m, 3, 3)).astype(np.int8), "w2"),
+             nh.from_array((rng.random(m) * 0.01 + 0.002).astype(np.float32), "ws"),
+             nh.from_array(np.zeros(m, np.int8), "wz"),
+             nh.from_array(np.array(0.2, np.float32), "ys"),
+             nh.from_array(np.array(100, np.uint8), "yz")]
+    nodes = [helper.make_node("QLinearConv", ["x", "xs", "xz", "w1", "ws", "wz", "ys", "yz"],
+                              ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c1"], ["p"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("QLinearConv", ["p", "ys", "yz", "w2", "ws", "wz", "ys", "yz"],
+                              ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.UINT8, ["batch", c, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    onnx.save(model, path)
+    return {"x": rng.integers(0, 256, (2, c, hw, hw)).astype(np.uint8)}
+
+
+def test_a_conv_chain_transposes_only_at_its_ends(tmp_path):
+    from qcompiler.frontends.onnx import load
+    from qcompiler.pipeline import PassManager
+    from qcompiler.targets import get_target
+
+    rng = np.random.default_rng(11)
+    path = str(tmp_path / "chain.onnx")
+    feeds = _qlinear_chain(rng, path)
+    module = PassManager.parse(get_target("cuda-sm90").default_pipeline).run(load(path))
+    ops = [n.op for n in module.main.nodes if n.op != "constant"]
+    assert ops == ["transpose", "qconv", "pool", "qconv", "transpose"], ops
+    assert all(n.attrs.get("channels_last") for n in module.main.nodes
+               if n.op in ("qconv", "pool"))
+    np.testing.assert_array_equal(run(module, feeds)["y"], run(load(path), feeds)["y"])
+
+
+def test_a_cnn_float_tail_stays_f32():
+    """compute-dtype leaves the input quantize reading f32 and keeps the float work between
+    quantized ops (average pool, classifier bias) in f32: half there would move codes."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    from qcompiler.frontends.onnx import load
+
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"),
+             nh.from_array(np.array(3, np.uint8), "z"),
+             nh.from_array(np.array([0.5, -1.0, 2.0, 0.25], np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("ReduceMean", ["d"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    module = make_pass("compute-dtype")(load(model))
+    kinds = {n.op: str(n.results[0].type.dtype) for n in module.main.nodes if n.op != "constant"}
+    assert "cast" not in kinds, kinds
+    assert kinds["reduce_mean"] == "f32" and kinds["add"] == "f32", kinds
+
+
+# The kernels that test_cuda_conv compiles in CI: one of each template path.
+NVCC_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[-2]]
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    from qcompiler.codegen.cuda.build import build
+    from qcompiler.codegen.cuda.ops.library import HEADER
+
+    texts = {}
+    for case in NVCC_CASES:
+        _, after, node, _ = _prepared(case)
+        symbol, text = kernel_source(node, after)
+        texts[symbol] = text
+    src = tmp_path / "conv.cu"
+    src.write_text(open(HEADER).read() + "\n".join(texts.values()))
+    build(str(src), str(tmp_path / "conv.o"), ["sm_80", "sm_90"], compile_only=True)
+    assert (tmp_path / "conv.o").stat().st_size > 0
+
+
+# ---- GPU side ------------------------------------------------------------------------------
+
+
+def gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(bool(gpu_reason()),
+                                              reason=f"GPU tests: {gpu_reason()}")(test))
+
+
+@pytest.fixture(scope="module")
+def conv_library(tmp_path_factory):
+    """One library with every case's kernel (and the CUDA runtime)."""
+    from qcompiler.codegen.cuda import build as nv
+    from qcompiler.codegen.cuda.ops import CudaOpsLibrary
+    from qcompiler.codegen.cuda.ops.library import HEADER
+    from qcompiler.codegen.cuda.runtime import CudaRuntime
+
+    d = tmp_path_factory.mktemp("cuda_conv")
+    prepared, texts = {}, {}
+    for case in CASES:
+        module, after, node, feeds = _prepared(case)
+        symbol, text = kernel_source(node, after)
+        texts[symbol] = text
+        prepared[_case_id(case)] = (module, after, node, feeds, symbol)
+    src = d / "conv.cu"
+    src.write_text(open(HEADER).read() + "\n".join(texts[s] for s in sorted(texts)))
+    lib = CudaOpsLibrary(nv.build_cached(str(src), str(d / "conv.so"), ["sm_90"]))
+    rt_src = d / "qc_runtime.cu"
+    rt_src.write_text(open(nv.RUNTIME_SOURCE).read())
+    rt = CudaRuntime(nv.build_cached(str(rt_src), str(d / "qc_runtime.so"), ["sm_90"]))
+    return prepared, lib, rt
+
+
+def _operand_array(module, v, feeds):
+    from qcompiler.ir.core import constant_value
+
+    c = constant_value(module, v)
+    if c is not None:
+        return np.asarray(c)
+    producer = v.producer  # the transpose conv-channels-last put in front of an argument
+    return np.ascontiguousarray(np.moveaxis(feeds[producer.operands[0].name], 1, -1))
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_the_reference_exactly(conv_library, case):
+    prepared, lib, rt = conv_library
+    module, after, node, feeds, symbol = prepared[_case_id(case)]
+    args = [_operand_array(after, v, feeds) for v in node.operands if v is not None]
+    want = np.moveaxis(run(module, feeds)["y"], 1, -1)
+    (got,) = lib.run_numpy(rt, symbol, args, [(want.shape, want.dtype)])
+    np.testing.assert_array_equal(got, want)
+
+
+def _compare_model(tmp_path, model_path, feeds):
+    import qcompiler
+
+    compiled = qcompiler.compile(model_path, target="cuda-sm90")
+    record = next(k for k in compiled.manifest["kernels"] if k.get("op") == "plan")
+    assert record["impl"] == "cuda-plan", record
+    from qcompiler.frontends.onnx import load
+
+    want = run(load(model_path), feeds)
+    got = compiled.run(feeds)
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
+@gpu
+def test_qlinear_conv_chain_runs_on_the_device(tmp_path):
+    rng = np.random.default_rng(int.from_bytes(os.urandom(2), "little"))
+    path = str(tmp_path / "chain.onnx")
+    feeds = _qlinear_chain(rng, path)
+    _compare_model(tmp_path, path, feeds)
+
+
+@gpu
+@pytest.mark.parametrize("case", [(3, 5, 3, 1, 1, 1, 1, 9), (8, 8, 3, 2, 1, 1, 8, 10),
+                                  (16, 24, 5, 2, 2, 1, 4, 11)])
+def test_qlinear_conv_models_run_on_the_device(tmp_path, case):
+    rng = np.random.default_rng(sum(case))
+    model, feeds = qlinear_conv(rng, *case)[:2]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    _compare_model(tmp_path, path, feeds)
+
+
+@gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_qdq_conv_with_residual_runs_on_the_device(tmp_path, residual):
+    rng = np.random.default_rng(21 + residual)
+    model, feeds = qdq_conv(rng, c=16, m=16, hw=9, relu=True, residual=residual)
+    path = str(tmp_path / "qdq.onnx")
+    onnx.save(model, path)
+    _compare_model(tmp_path, path, feeds)
