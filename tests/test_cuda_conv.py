@@ -104,6 +104,18 @@ def test_weights_that_do_not_fit_int8_once_centred_are_left_alone():
         kernel_source(node, after)
 
 
+def test_cpu_kernels_refuse_channels_last_nodes():
+    """conv-channels-last prepares the CUDA kernels; the CPU kernels read NCHW and say so
+    rather than computing on the wrong layout."""
+    pytest.importorskip("tvm")
+    from qcompiler.codegen.cpu.ops.common import CPUBackendError
+    from qcompiler.codegen.cpu.ops.kernel import primfunc_for
+
+    _, after, node, _ = _prepared(CASES[0])
+    with pytest.raises(CPUBackendError, match=r"%y = qconv.*channels_last"):
+        primfunc_for(node, module=after)
+
+
 def _qlinear_chain(rng, path):
     """QLinearConv -> MaxPool -> QLinearConv (a chain of three layout-changing nodes)."""
     from onnx import TensorProto, helper

@@ -94,7 +94,11 @@ def _conv_layer(module, node, name, x: Stream, flatten_from, pe_simd) -> tuple:
                         "fuse-requant{target=fpga-...}); got out=" + str(a["out"]) +
                         ", requant=" + str(a.get("requant", "float")))
     if "w_shape" in (a.get("config") or {}):
-        raise PassError(f"{where}: weights already packed for the CPU (cpu-conv-layout)")
+        raise PassError(f"{where}: weights already packed for another backend "
+                        "(cpu-conv-layout, cuda-conv-layout)")
+    if a.get("channels_last", 0):
+        raise PassError(f"{where}: channels_last (conv-channels-last prepares the CUDA "
+                        "kernels; the HLS design reads NCHW)")
     w = _const(module, node, "w", where).astype(np.int64)
     if w.ndim != 4:
         raise PassError(f"{where}: the HLS backend takes 2-D convolutions, not {w.ndim - 2}-D")
@@ -275,6 +279,8 @@ def cnn_design(module: Module) -> tuple[list[CnnLayer], dict[str, Stream], str, 
                                     f"output's {(out.h, out.w, out.c)}")
                 cfg["r_signed"] = r.signed
         elif node.op == "pool":
+            if node.attrs.get("channels_last", 0):
+                raise PassError(f"{where}: channels_last (the HLS design reads NCHW)")
             xs = take(node.operands[0], where)
             cfg, data, out = _pool_layer(node, streams[xs])
             inputs = [xs]
