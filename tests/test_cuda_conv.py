@@ -207,6 +207,264 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert (tmp_path / "conv.o").stat().st_size > 0
 
 
+# ---- host emulation (CI): the kernels' own source run on the CPU -----------------------------
+
+EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host")
+# Emulated cases: all but the 16928-pixel one (minutes as fibers); the big tile is taken from
+# 256 pixels here (EMULATED_BIG_TILE) so that small cases run it too.
+EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
+    ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
+    ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
+EMULATED_BIG_TILE = {"big_tile_min_pixels": 256, "big_tile_min_channels": 128}
+
+
+def build_emulated(texts: list, out_dir) -> str:
+    """Kernel sources after tests/cuda_host/emulator.h, built with g++ into a library whose
+    symbols have the op kernels' C ABI (host pointers in place of device ones)."""
+    import shutil
+    import subprocess
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    src = os.path.join(str(out_dir), "emulated.cpp")
+    with open(src, "w") as f:
+        f.write('#include "emulator.h"\n' + "\n".join(texts))
+    lib = os.path.join(str(out_dir), "emulated.so")
+    proc = subprocess.run([gxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                           "-w", "-I", EMULATOR_DIR, "-o", lib, src],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return lib
+
+
+def call_emulated(lib, symbol: str, args: list, out_like: list) -> list:
+    """Run ``symbol`` on host arrays: ``args`` the node's data operands, ``out_like`` (shape,
+    dtype) of each result (filled with 0xFF first, so that an unwritten element shows)."""
+    import ctypes
+
+    ins = [np.ascontiguousarray(a) for a in args]
+    outs = [np.full(shape, 0xFF, np.uint8).view(dtype) if np.dtype(dtype).itemsize == 1 else
+            np.frombuffer(np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xFF,
+                                  np.uint8).tobytes(), dtype).reshape(shape).copy()
+            for shape, dtype in out_like]
+    arrays = ins + outs
+    ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+    dims = [int(d) for a in arrays for d in a.shape]
+    shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
+    fn = getattr(lib, symbol)
+    fn.restype = ctypes.c_int
+    assert fn(ptrs, shapes, None, None) == 0
+    return outs
+
+
+@pytest.fixture(scope="module")
+def emulated_conv(tmp_path_factory):
+    import ctypes
+
+    from qcompiler.codegen.cuda.ops import kernel as kernel_module
+
+    saved = dict(kernel_module.QCONV_BIG_TILE)
+    kernel_module.QCONV_BIG_TILE.update(EMULATED_BIG_TILE)
+    try:
+        prepared, texts = {}, {}
+        for case in EMULATED_CASES:
+            module, after, node, feeds = _prepared(case)
+            symbol, text = kernel_source(node, after)
+            texts[symbol] = text
+            prepared[_case_id(case)] = (module, after, node, feeds, symbol)
+    finally:
+        kernel_module.QCONV_BIG_TILE.clear()
+        kernel_module.QCONV_BIG_TILE.update(saved)
+    lib = ctypes.CDLL(build_emulated([texts[s] for s in sorted(texts)],
+                                     tmp_path_factory.mktemp("emulated_conv")))
+    return prepared, lib
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=_case_id)
+def test_kernel_matches_the_reference_in_host_emulation(emulated_conv, case):
+    """The kernel's own source (implicit GEMM: tiles, cp.async staging, the mma fragments,
+    the epilogue; direct kernel) run on the CPU as fibers, against the reference, exactly."""
+    prepared, lib = emulated_conv
+    module, after, node, feeds, symbol = prepared[_case_id(case)]
+    args = [_operand_array(after, v, feeds) for v in node.operands if v is not None]
+    want = np.moveaxis(run(module, feeds)["y"], 1, -1)
+    (got,) = call_emulated(lib, symbol, args, [(want.shape, want.dtype)])
+    np.testing.assert_array_equal(got, want)
+
+
+def _pool_and_qdq_nodes():
+    """(module, [(node, feeds)]) of the CNN's other op kernels: max pooling on codes
+    (channels-last and NCHW, ceil mode), float average pooling with and without padded taps,
+    quantize and dequantize per tensor and per channel."""
+    from qcompiler.ir.ops import infer_types
+    from qcompiler.ir.types import QuantScheme
+
+    module = Module("cnn_ops")
+    fn = module.add_function(Function("main"))
+    rng = np.random.default_rng(17)
+    cases = []
+
+    def const(a, dtype):
+        a = np.asarray(a, elem(dtype).np_dtype)
+        return constant_node(fn, module, a, TensorType(a.shape, elem(dtype))).result
+
+    def add(op, operands, attrs, feeds):
+        types = infer_types(op, [v.type if v is not None else None for v in operands], attrs,
+                            [None] * len(operands))
+        cases.append((fn.make_node(op, operands, types, attrs), feeds))
+
+    def arg(shape, dtype, values):
+        v = fn.add_arg(fn.fresh_name("a"), TensorType(shape, elem(dtype)))
+        return v, {v.name: values}
+
+    pool = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
+            "dilations": [1, 1], "ceil_mode": 0, "count_include_pad": 0, "p": 2}
+    x, f = arg((2, 9, 9, 24), "u8", rng.integers(0, 256, (2, 9, 9, 24)).astype(np.uint8))
+    add("pool", [x], {**pool, "kind": "max", "channels_last": 1}, f)
+    x, f = arg((2, 5, 10, 11), "i8", rng.integers(-128, 128, (2, 5, 10, 11)).astype(np.int8))
+    add("pool", [x], {**pool, "kind": "max", "ceil_mode": 1}, f)
+    xf = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    for include in (0, 1):
+        x, f = arg((2, 3, 9, 8), "f32", xf)
+        add("pool", [x], {**pool, "kind": "average", "count_include_pad": include}, f)
+    xq = (rng.standard_normal((2, 6, 5, 5)) * 3).astype(np.float32)
+    xq.reshape(-1)[:4] = [0.025, -0.075, 1e9, np.nan]  # ties to even, saturation, NaN
+    for dtype, zp, per_channel in (("u8", 128, False), ("i8", -3, True)):
+        x, f = arg((2, 6, 5, 5), "f32", xq)
+        scale = const(rng.random(6) * 0.05 + 0.01 if per_channel else 0.05, "f32")
+        zero = const(np.full(6, zp) if per_channel else zp, dtype)
+        scheme = QuantScheme(elem(dtype), symmetric=False, zero_point_type=elem(dtype),
+                             granularity="channel" if per_channel else "tensor",
+                             axis=1 if per_channel else None)
+        add("quantize", [x, scale, zero], {"scheme": scheme}, f)
+        codes = rng.integers(*elem(dtype).int_range(), (2, 6, 5, 5)).astype(elem(dtype).np_dtype)
+        c, f = arg((2, 6, 5, 5), dtype, codes)
+        add("dequantize", [c, scale, zero], {"scheme": scheme, "out": elem("f32")}, f)
+    return module, cases
+
+
+def test_pool_and_qdq_kernels_match_the_reference_in_host_emulation(tmp_path):
+    import ctypes
+
+    from qcompiler.ir.core import constant_value
+    from qcompiler.runtime.reference import OP_IMPLS
+
+    module, cases = _pool_and_qdq_nodes()
+    rendered = [kernel_source(node, module) for node, _ in cases]
+    lib = ctypes.CDLL(build_emulated(sorted({t for _, t in rendered}), tmp_path))
+    for (node, feeds), (symbol, _) in zip(cases, rendered):
+        args = [np.asarray(constant_value(module, v)) if v.name not in feeds else feeds[v.name]
+                for v in node.operands if v is not None]
+        want = OP_IMPLS[node.op](node, args, module)
+        got = call_emulated(lib, symbol, args, [(w.shape, w.dtype) for w in want])
+        for g, w in zip(got, want):
+            if node.attrs.get("kind") == "average":  # f32 sums in another order: a few ulps
+                np.testing.assert_allclose(g, w, rtol=4e-7, atol=1e-7, err_msg=str(node.attrs))
+            else:  # max on codes, quantize, dequantize: exact
+                np.testing.assert_array_equal(g, w, err_msg=f"{node.op} {node.attrs}")
+
+
+def emulated_kernels(module, out_dir, ops=("qconv", "pool", "quantize", "dequantize")) -> dict:
+    """``reference.run``'s ``kernels``: every node of ``ops`` (that reads computed data) run
+    by its emulated CUDA kernel, built once for the module."""
+    import ctypes
+
+    from qcompiler.ir.core import constant_value
+    from qcompiler.ir.ops import infer_types
+
+    nodes = [n for n in module.main.nodes
+             if n.op in ops and constant_value(module, n.operands[0]) is None]
+    rendered = {n.results[0].name: kernel_source(n, module) for n in nodes}
+    lib = ctypes.CDLL(build_emulated(sorted({t for _, t in rendered.values()}), out_dir))
+
+    def impl(node, args, module_):
+        types = [None if a is None else TensorType(a.shape, v.type.dtype)
+                 for a, v in zip(args, node.operands)]
+        consts = [None if v is None else constant_value(module_, v) for v in node.operands]
+        out = infer_types(node.op, types, node.attrs, consts)
+        return call_emulated(lib, rendered[node.results[0].name][0],
+                             [a for a in args if a is not None],
+                             [(t.shape, t.dtype.np_dtype) for t in out])
+    return {name: impl for name in rendered}
+
+
+def test_a_conv_chain_runs_in_host_emulation(tmp_path):
+    from qcompiler.frontends.onnx import load
+    from qcompiler.pipeline import PassManager
+    from qcompiler.targets import get_target
+
+    rng = np.random.default_rng(12)
+    path = str(tmp_path / "chain.onnx")
+    feeds = _qlinear_chain(rng, path)
+    module = PassManager.parse(get_target("cuda-sm90").default_pipeline).run(load(path))
+    kernels = emulated_kernels(module, tmp_path)
+    assert len(kernels) == 3  # qconv, pool, qconv
+    np.testing.assert_array_equal(run(module, feeds, kernels=kernels)["y"],
+                                  run(load(path), feeds)["y"])
+
+
+def _small_quantized_cnn(arch: str, fmt: str, tmp_path, hw: int = 64) -> str:
+    """bench_cnn.py's architecture at hw x hw, exported and quantized with quantize_static
+    (per channel, u8 activations, i8 weights) on random calibration images."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import sys
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    sys.path.insert(0, os.path.join(os.path.dirname(EMULATOR_DIR), "..", "benchmarks"))
+    import bench_cnn
+
+    torch.manual_seed(0)
+    net = bench_cnn.ARCHS[arch]()
+    net.train()
+    with torch.no_grad():  # BatchNorm statistics of random images
+        for _ in range(2):
+            net(torch.randn(4, 3, hw, hw))
+    net.eval()
+    fp32 = str(tmp_path / f"{arch}.onnx")
+    torch.onnx.export(net, (torch.randn(1, 3, hw, hw),), fp32, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(1)
+            self.batches = iter([{"x": rng.standard_normal((1, 3, hw, hw)).astype(np.float32)}
+                                 for _ in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    path = str(tmp_path / f"{arch}.{fmt}.onnx")
+    quantize_static(fp32, path, Reader(),
+                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    return path
+
+
+@pytest.mark.parametrize("arch,fmt", [("resnet18", "qdq"), ("mobilenetv2", "qoperator")])
+def test_whole_cnns_run_in_host_emulation(tmp_path, arch, fmt):
+    """ResNet-18 and MobileNetV2 (64 x 64 images) through the CUDA pipeline, every conv, pool,
+    quantize and dequantize run by its emulated CUDA kernel: the output equals the reference
+    of the same module (the other ops, transposes, the average pool and the classifier's
+    bias, run in the reference)."""
+    from qcompiler.frontends.onnx import load
+    from qcompiler.pipeline import PassManager
+    from qcompiler.targets import get_target
+
+    path = _small_quantized_cnn(arch, fmt, tmp_path)
+    module = PassManager.parse(get_target("cuda-sm90").default_pipeline).run(load(path))
+    kernels = emulated_kernels(module, tmp_path)
+    assert sum(n.op == "qconv" for n in module.main.nodes) == {"resnet18": 21,
+                                                               "mobilenetv2": 53}[arch]
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run(module, {"x": x}, kernels=kernels)["y"],
+                                  run(module, {"x": x})["y"])
+
+
 # ---- GPU side ------------------------------------------------------------------------------
 
 
