@@ -71,7 +71,7 @@ namespace qc_emu {
 // A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
 alignas(128) inline uint8_t shared[232448];
 
-enum State { RUNNING, AT_BARRIER, AT_MMA, DONE };
+enum State { RUNNING, AT_BARRIER, AT_MMA, AT_LDMATRIX, DONE };
 
 struct Fiber {
   ucontext_t ctx;
@@ -83,6 +83,9 @@ struct Fiber {
   const unsigned* a = nullptr;
   const unsigned* b = nullptr;
   bool a_unsigned = false;
+  // posted at an ldmatrix: the row address this lane gives and where its 4 words go
+  const uint8_t* row = nullptr;
+  unsigned* out = nullptr;
 };
 
 inline ucontext_t g_scheduler;
@@ -143,6 +146,22 @@ inline void warp_mma(int w) {
   }
 }
 
+// ldmatrix.x4 (b16) for warp `w`: matrix j's row r at lane 8j + r's address; lane l receives
+// in register j the 4 bytes at column 4 (l % 4) of row l / 4 of matrix j.
+inline void warp_ldmatrix(int w) {
+  unsigned words[32][4];
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* row = (*g_fibers)[w * 32 + j * 8 + lane / 4].row;
+      std::memcpy(&words[lane][j], row + 4 * (lane % 4), 4);
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    Fiber& f = (*g_fibers)[w * 32 + lane];
+    for (int j = 0; j < 4; ++j) f.out[j] = words[lane][j];
+    f.state = RUNNING;
+  }
+}
+
 // One block of `threads` fibers running `body` to completion.
 inline void run_block(const std::function<void()>& body, dim3 block) {
   const int n = (int)(block.x * block.y * block.z);
@@ -180,12 +199,15 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
         if (f.state == AT_BARRIER) f.state = RUNNING;
       released = true;
     }
-    for (int w = 0; w * 32 < n; ++w) {
-      bool all = w * 32 + 32 <= n;
-      for (int l = 0; all && l < 32; ++l) all = fibers[w * 32 + l].state == AT_MMA;
-      if (all) {
-        warp_mma(w);
-        released = true;
+    for (int w = 0; w * 32 < n; ++w) {  // warp-wide operations once all 32 lanes are there
+      for (State op : {AT_MMA, AT_LDMATRIX}) {
+        bool all = w * 32 + 32 <= n;
+        for (int l = 0; all && l < 32; ++l) all = fibers[w * 32 + l].state == op;
+        if (all) {
+          if (op == AT_MMA) warp_mma(w);
+          else warp_ldmatrix(w);
+          released = true;
+        }
       }
     }
     if (!ran && !released) {
@@ -210,6 +232,13 @@ inline void mma_m16n8k32(int (&d)[4], const unsigned (&a)[4], const unsigned (&b
   f.b = b;
   f.a_unsigned = a_unsigned;
   yield(AT_MMA);
+}
+
+inline void ldmatrix_x4(unsigned (&r)[4], const uint8_t* row) {
+  Fiber& f = (*g_fibers)[g_current];
+  f.row = row;
+  f.out = r;
+  yield(AT_LDMATRIX);
 }
 
 }  // namespace qc_emu
