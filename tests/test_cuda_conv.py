@@ -216,6 +216,8 @@ EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
     ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
     ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
 EMULATED_BIG_TILE = {"big_tile_min_pixels": 256, "big_tile_min_channels": 128}
+# and split-K from one K step a part, to 16 blocks: the small cases' few tiles split
+EMULATED_SPLIT = {"split_target_blocks": 16, "split_min_steps": 1, "max_splits": 16}
 
 
 def build_emulated(texts: list, out_dir) -> str:
@@ -238,23 +240,30 @@ def build_emulated(texts: list, out_dir) -> str:
     return lib
 
 
-def call_emulated(lib, symbol: str, args: list, out_like: list) -> list:
+def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None) -> list:
     """Run ``symbol`` on host arrays: ``args`` the node's data operands, ``out_like`` (shape,
-    dtype) of each result (filled with 0xFF first, so that an unwritten element shows)."""
+    dtype) of each result, filled with 0xFF bytes first (an unwritten element shows). The
+    workspace (``SYM_workspace_bytes``) is zeroed once, as the plan does; with ``first``
+    (other operands of the same shapes) the kernel runs on those before, on the same
+    workspace: a split-K kernel must leave its counters at zero for the next call."""
     import ctypes
 
-    ins = [np.ascontiguousarray(a) for a in args]
-    outs = [np.full(shape, 0xFF, np.uint8).view(dtype) if np.dtype(dtype).itemsize == 1 else
-            np.frombuffer(np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xFF,
-                                  np.uint8).tobytes(), dtype).reshape(shape).copy()
-            for shape, dtype in out_like]
-    arrays = ins + outs
-    ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-    dims = [int(d) for a in arrays for d in a.shape]
-    shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
+    outs = [np.empty(shape, dtype) for shape, dtype in out_like]
     fn = getattr(lib, symbol)
     fn.restype = ctypes.c_int
-    assert fn(ptrs, shapes, None, None) == 0
+    size = getattr(lib, f"{symbol}_workspace_bytes")
+    size.restype = ctypes.c_int64
+    workspace = None
+    for operands in ([first] if first is not None else []) + [args]:
+        arrays = [np.ascontiguousarray(a) for a in operands] + outs
+        ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        dims = [int(d) for a in arrays for d in a.shape]
+        shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
+        if workspace is None:
+            workspace = np.zeros(max(int(size(shapes)), 1), np.uint8)
+        for o in outs:
+            o.view(np.uint8).reshape(-1)[:] = 0xFF
+        assert fn(ptrs, shapes, ctypes.c_void_p(workspace.ctypes.data), None) == 0
     return outs
 
 
@@ -264,8 +273,9 @@ def emulated_conv(tmp_path_factory):
 
     from qcompiler.codegen.cuda.ops import kernel as kernel_module
 
-    saved = dict(kernel_module.QCONV_BIG_TILE)
+    saved = dict(kernel_module.QCONV_BIG_TILE), dict(kernel_module.QCONV_SPLIT)
     kernel_module.QCONV_BIG_TILE.update(EMULATED_BIG_TILE)
+    kernel_module.QCONV_SPLIT.update(EMULATED_SPLIT)
     try:
         prepared, texts = {}, {}
         for case in EMULATED_CASES:
@@ -274,8 +284,9 @@ def emulated_conv(tmp_path_factory):
             texts[symbol] = text
             prepared[_case_id(case)] = (module, after, node, feeds, symbol)
     finally:
-        kernel_module.QCONV_BIG_TILE.clear()
-        kernel_module.QCONV_BIG_TILE.update(saved)
+        for table, values in zip((kernel_module.QCONV_BIG_TILE, kernel_module.QCONV_SPLIT), saved):
+            table.clear()
+            table.update(values)
     lib = ctypes.CDLL(build_emulated([texts[s] for s in sorted(texts)],
                                      tmp_path_factory.mktemp("emulated_conv")))
     return prepared, lib
@@ -289,7 +300,10 @@ def test_kernel_matches_the_reference_in_host_emulation(emulated_conv, case):
     module, after, node, feeds, symbol = prepared[_case_id(case)]
     args = [_operand_array(after, v, feeds) for v in node.operands if v is not None]
     want = np.moveaxis(run(module, feeds)["y"], 1, -1)
-    (got,) = call_emulated(lib, symbol, args, [(want.shape, want.dtype)])
+    rng = np.random.default_rng(99)
+    first = [a if i != 0 else rng.integers(0, 256, a.shape).astype(a.dtype)  # another x
+             for i, a in enumerate(args)]
+    (got,) = call_emulated(lib, symbol, args, [(want.shape, want.dtype)], first=first)
     np.testing.assert_array_equal(got, want)
 
 

@@ -59,6 +59,15 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 // The executing thread's coordinates (the scheduler sets them before resuming a fiber).
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+inline int atomicAdd(int* p, int v) {  // the blocks run one at a time
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

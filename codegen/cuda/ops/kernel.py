@@ -333,6 +333,9 @@ def _constant(node: Node, name: str, module):
 # H100/H200 (a batch of images), else 64 x 64 (one image: ResNet-18's last layers have 49
 # pixels). The launch picks by the run-time pixel count (the batch is symbolic).
 QCONV_BIG_TILE = {"big_tile_min_pixels": 128 * 132, "big_tile_min_channels": 128}
+# Split-K where the tiles fill less than half of an H100/H200's 132 SMs: up to 16 parts of
+# at least 8 K steps (512 codes), to about 132 blocks.
+QCONV_SPLIT = {"split_target_blocks": 132, "split_min_steps": 8, "max_splits": 16}
 
 
 def _qconv(node: Node, module) -> str:
@@ -397,7 +400,7 @@ def _qconv(node: Node, module) -> str:
         k_real = kh * kw * cg
         return _render("qconv.cu.j2", node, variant="igemm", k_real=k_real,
                        kp=-(-k_real // 32) * 32, bk=64, stages=3, vector_a=c % 16 == 0,
-                       **QCONV_BIG_TILE, **params)
+                       **QCONV_BIG_TILE, **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
     vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
     return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, vec=vec,
