@@ -134,13 +134,18 @@ def avx2_only() -> bool:
 
 
 def quantized_model(name: str, fmt: str, work: str) -> str:
+    path = os.path.join(work, f"{name}.{fmt}.onnx")
+    if not os.path.exists(path):
+        quantize_file(fp32_model(name, work), path, fmt, reduce_range=avx2_only())
+    return path
+
+
+def quantize_file(fp32_path: str, out_path: str, fmt: str, reduce_range: bool) -> None:
+    """quantize_static, per channel, u8 activations and i8 weights (QDQ or QOperator), on 4
+    random calibration images."""
     import numpy as np
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
-
-    path = os.path.join(work, f"{name}.{fmt}.onnx")
-    if os.path.exists(path):
-        return path
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -151,11 +156,10 @@ def quantized_model(name: str, fmt: str, work: str) -> str:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(fp32_model(name, work), path, Reader(),
+    quantize_static(fp32_path, out_path, Reader(),
                     quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, reduce_range=avx2_only())
-    return path
+                    per_channel=True, reduce_range=reduce_range)
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,26 +133,6 @@ def float_net(name: str):
     return net, hashes
 
 
-def quantize(fp32_path: str, out_path: str, fmt: str) -> None:
-    """bench_cnn.quantized_model's quantization (same calibration data), reduce_range off."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(1)
-            self.batches = iter([{"x": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
-                                 for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(fp32_path, out_path, Reader(),
-                    quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, reduce_range=False)
-
-
 def output_step(path: str) -> dict:
     """The quantization step of the model's (first) output: the scale of the DequantizeLinear
     that produces it, else of the last DequantizeLinear in the graph (said in ``source``)."""
@@ -246,7 +226,7 @@ def prepare(a) -> int:
         entry = {"fp32_torch_vs_ort_max_abs": err, "files": {}}
         for fmt in csv(a.formats):
             path = os.path.join(out, f"{name}.{fmt}.onnx")
-            quantize(fp32, path, fmt)
+            bench_cnn.quantize_file(fp32, path, fmt, reduce_range=False)
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             for b in batches:
                 refs[f"{fmt}_b{b}"] = sess.run(None, {"x": inputs[b]})[0]

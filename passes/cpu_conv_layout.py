@@ -81,9 +81,6 @@ class CPUConvLayoutPass(Pass):
                                         "w_shape": [int(d) for d in w.shape], **cfg}
                 packed += 1
             fn.remove_dead_nodes()
-        for name in [c for c in module.constants if not any(
-                n.op == "constant" and n.attrs.get("name") == c
-                for f in module.functions for n in f.nodes)]:
-            del module.constants[name]
+        module.drop_unused_constants()
         record_stat(module, self.name, packed=packed)
         return module

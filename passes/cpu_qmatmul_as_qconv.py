@@ -55,10 +55,7 @@ class CPUQmatmulAsQConvPass(Pass):
                         rewritten += 1
                 fn.remove_dead_nodes()
         if rewritten:
-            for name in [c for c in module.constants if not any(
-                    n.op == "constant" and n.attrs.get("name") == c
-                    for f in module.functions for n in f.nodes)]:
-                del module.constants[name]
+            module.drop_unused_constants()
         record_stat(module, self.name, rewritten=rewritten)
         return module
 

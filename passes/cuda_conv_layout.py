@@ -51,10 +51,7 @@ class CudaConvLayoutPass(Pass):
                 if node.op == "qconv" and "w_layout" not in (node.attrs.get("config") or {}):
                     packed += _pack(fn, module, node)
             fn.remove_dead_nodes()
-        for name in [c for c in module.constants if not any(
-                n.op == "constant" and n.attrs.get("name") == c
-                for f in module.functions for n in f.nodes)]:
-            del module.constants[name]
+        module.drop_unused_constants()
         record_stat(module, self.name, packed=packed)
         return module
 

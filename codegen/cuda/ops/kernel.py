@@ -206,17 +206,23 @@ def _reduce(node: Node) -> str:
 # ---- data movement ------------------------------------------------------------------------------
 
 
-def _ints(node: Node, i: int, module) -> Optional[list]:
-    v = node.operand(i) if i < len(node.operands) else None
-    if v is None:
-        return None
+def _constant_array(node: Node, v, what: str, module) -> np.ndarray:
+    """The value of ``v``, an operand of ``node`` that must be a constant (the side table or
+    the constant node's own value); refused naming ``what`` otherwise."""
     arr = constant_value(module, v) if module is not None else None
     if arr is None and v.producer is not None and v.producer.op == "constant" \
             and "value" in v.producer.attrs:
         arr = v.producer.attrs["value"]
     if arr is None:
-        raise unsupported(node, f"operand {i} is not a constant")
-    return [int(a) for a in np.asarray(arr).reshape(-1)]
+        raise unsupported(node, f"{what} is not a constant")
+    return np.asarray(arr)
+
+
+def _ints(node: Node, i: int, module) -> Optional[list]:
+    v = node.operand(i) if i < len(node.operands) else None
+    if v is None:
+        return None
+    return [int(a) for a in _constant_array(node, v, f"operand {i}", module).reshape(-1)]
 
 
 def _copy(node: Node, module) -> str:
@@ -318,15 +324,7 @@ def _qkv_heads(node: Node) -> str:
 
 def _constant(node: Node, name: str, module):
     v = node.arg(name)
-    if v is None:
-        return None
-    arr = constant_value(module, v) if module is not None else None
-    if arr is None and v.producer is not None and v.producer.op == "constant" \
-            and "value" in v.producer.attrs:
-        arr = v.producer.attrs["value"]
-    if arr is None:
-        raise unsupported(node, f"{name} is not a constant")
-    return np.asarray(arr)
+    return None if v is None else _constant_array(node, v, name, module)
 
 
 # The implicit GEMM takes 128 x 128 tiles where they still give about a block per SM of an
