@@ -26,6 +26,7 @@ from qcompiler.ir.core import Function, Module, constant_node
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import make_pass
 from qcompiler.runtime.reference import run
+from cuda_emulation import EMULATOR_DIR, build_emulated, call_emulated
 from tests.test_qconv import KERNEL_CASES, _qconv_module, qdq_conv, qlinear_conv
 
 # test_qconv's cases (but unsigned weights: codes centred on their zero points must fit
@@ -209,7 +210,6 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
 
 # ---- host emulation (CI): the kernels' own source run on the CPU -----------------------------
 
-EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host")
 # Emulated cases: all but the 16928-pixel one (minutes as fibers); the big tile is taken from
 # 256 pixels here (EMULATED_BIG_TILE) so that small cases run it too.
 EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
@@ -218,53 +218,6 @@ EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
 EMULATED_BIG_TILE = {"big_tile_min_pixels": 256, "big_tile_min_channels": 128}
 # and split-K from one K step a part, to 16 blocks: the small cases' few tiles split
 EMULATED_SPLIT = {"split_target_blocks": 16, "split_min_steps": 1, "max_splits": 16}
-
-
-def build_emulated(texts: list, out_dir) -> str:
-    """Kernel sources after tests/cuda_host/emulator.h, built with g++ into a library whose
-    symbols have the op kernels' C ABI (host pointers in place of device ones)."""
-    import shutil
-    import subprocess
-
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found")
-    src = os.path.join(str(out_dir), "emulated.cpp")
-    with open(src, "w") as f:
-        f.write('#include "emulator.h"\n' + "\n".join(texts))
-    lib = os.path.join(str(out_dir), "emulated.so")
-    proc = subprocess.run([gxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-                           "-w", "-I", EMULATOR_DIR, "-o", lib, src],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return lib
-
-
-def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None) -> list:
-    """Run ``symbol`` on host arrays: ``args`` the node's data operands, ``out_like`` (shape,
-    dtype) of each result, filled with 0xFF bytes first (an unwritten element shows). The
-    workspace (``SYM_workspace_bytes``) is zeroed once, as the plan does; with ``first``
-    (other operands of the same shapes) the kernel runs on those before, on the same
-    workspace: a split-K kernel must leave its counters at zero for the next call."""
-    import ctypes
-
-    outs = [np.empty(shape, dtype) for shape, dtype in out_like]
-    fn = getattr(lib, symbol)
-    fn.restype = ctypes.c_int
-    size = getattr(lib, f"{symbol}_workspace_bytes")
-    size.restype = ctypes.c_int64
-    workspace = None
-    for operands in ([first] if first is not None else []) + [args]:
-        arrays = [np.ascontiguousarray(a) for a in operands] + outs
-        ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        dims = [int(d) for a in arrays for d in a.shape]
-        shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
-        if workspace is None:
-            workspace = np.zeros(max(int(size(shapes)), 1), np.uint8)
-        for o in outs:
-            o.view(np.uint8).reshape(-1)[:] = 0xFF
-        assert fn(ptrs, shapes, ctypes.c_void_p(workspace.ctypes.data), None) == 0
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +380,8 @@ def _small_quantized_cnn(arch: str, fmt: str, tmp_path, hw: int = 64) -> str:
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
-    sys.path.insert(0, os.path.join(os.path.dirname(EMULATOR_DIR), "..", "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(EMULATOR_DIR)), "..",
+                                    "benchmarks"))
     import bench_cnn
 
     torch.manual_seed(0)

@@ -421,9 +421,7 @@ def _check(built, key, compare, sizes_list=SIZES):
                 compare(got, w, what)
 
 
-@gpu
-@pytest.mark.parametrize("key,ulps", [("binary", 0), ("pow", 4), ("unary", 4), ("fused", 4)])
-def test_elementwise_few_ulp(built, key, ulps):
+def _elementwise_close(ulps):
     # + - * / max min: computed in f32 and rounded once, exactly as numpy; CUDA's expf/tanhf
     # are within 2 ulp and powf within 4 of numpy's, sigmoid adds a division. gelu's
     # 1 + erf(x) cancels for x << 0 in the reference's formula itself (CUDA's and scipy's
@@ -431,62 +429,105 @@ def test_elementwise_few_ulp(built, key, ulps):
     def compare(got, w, what):
         scale = float(np.nanmax(np.abs(_f64(w)))) if w.size else 0.0
         assert_ulps(got, w, ulps, what, atol=1e-9 * scale)
+    return compare
 
-    _check(built, key, compare)
+
+def _exact(got, w, what):
+    np.testing.assert_array_equal(got, w, err_msg=what)
+
+
+def _rows_close(got, w, what):
+    tol = 2e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
+    np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
+
+
+def _matmul_close(got, w, what):
+    tol = 1e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
+    scale = np.abs(_f64(w)).max()
+    np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def _attention_close(got, w, what):
+    tol = 2e-5 if w.dtype == np.float32 else (1.6e-2 if w.dtype.name == "bfloat16" else 2e-3)
+    np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
+    assert np.isfinite(_f64(got)).any(), what
+
+
+# f16/bf16 caches: each product and sum rounded to the type as numpy; f32 caches: 1 rounding
+def _rotary_close(got, w, what):
+    assert_ulps(got, w, 1, what)
+
+
+# each node group and how its results compare with the reference
+COMPARE = {"binary": _elementwise_close(0), "pow": _elementwise_close(4),
+           "unary": _elementwise_close(4), "fused": _elementwise_close(4), "exact": _exact,
+           "rows": _rows_close, "copy": _exact, "matmul": _matmul_close,
+           "attention": _attention_close, "rotary": _rotary_close,
+           "dedup": lambda got, w, what: assert_ulps(got, w, 0, what)}
+
+
+@gpu
+@pytest.mark.parametrize("key", ["binary", "pow", "unary", "fused"])
+def test_elementwise_few_ulp(built, key):
+    _check(built, key, COMPARE[key])
 
 
 @gpu
 def test_integer_bool_and_cast_ops_exact(built):
-
-    def exact(got, w, what):
-        np.testing.assert_array_equal(got, w, err_msg=what)
-
-    _check(built, "exact", exact)
+    _check(built, "exact", COMPARE["exact"])
 
 
 @gpu
 def test_row_reductions(built):
-
-    def close(got, w, what):
-        tol = 2e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
-        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
-
-    _check(built, "rows", close)
+    _check(built, "rows", COMPARE["rows"])
 
 
 @gpu
 def test_data_movement_exact(built):
-    _check(built, "copy", lambda got, w, what: np.testing.assert_array_equal(got, w, what))
+    _check(built, "copy", COMPARE["copy"])
 
 
 @gpu
 def test_matmul(built):
-
-    def close(got, w, what):
-        tol = 1e-5 if w.dtype == np.float32 else (1e-2 if w.dtype.name == "bfloat16" else 2e-3)
-        scale = np.abs(_f64(w)).max()
-        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol * scale, err_msg=what)
-
-    _check(built, "matmul", close)
+    _check(built, "matmul", COMPARE["matmul"])
 
 
 @gpu
 def test_attention_prefill_decode_gqa_causal_mask(built):
-
-    def close(got, w, what):
-        tol = 2e-5 if w.dtype == np.float32 else (1.6e-2 if w.dtype.name == "bfloat16" else 2e-3)
-        np.testing.assert_allclose(_f64(got), _f64(w), rtol=tol, atol=tol, err_msg=what)
-        assert np.isfinite(_f64(got)).any(), what
-
-    _check(built, "attention", close)
+    _check(built, "attention", COMPARE["attention"])
 
 
 @gpu
 def test_rotary_embedding(built):
-    # f16/bf16 caches: each product and sum rounded to the type as numpy; f32 caches: 1 rounding
-    _check(built, "rotary", lambda got, w, what: assert_ulps(got, w, 1, what))
+    _check(built, "rotary", COMPARE["rotary"])
+
+
+# ---- host emulation (CI): the same kernels' source run on the CPU ------------------------------
+# Attention's tensor-core path (ldmatrix, mma.m16n8k16 in f16/bf16) is not emulated.
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from cuda_emulation import EmulatedLibrary, build_emulated
+
+    g = _make_graph()
+    names, texts = {}, {}
+    for node in _all_nodes(g):
+        if node.op == "attention":
+            continue
+        symbol, text = kernel_source(node, g.module)
+        names[node.results[0].name] = symbol
+        texts[symbol] = text
+    lib = build_emulated([texts[k] for k in sorted(texts)], tmp_path_factory.mktemp("emulated"))
+    return g, names, EmulatedLibrary(lib), None
+
+
+@pytest.mark.parametrize("key", ["binary", "pow", "unary", "fused", "exact", "rows", "copy",
+                                 "matmul", "rotary", "dedup"])
+def test_op_kernels_in_host_emulation(emulated, key):
+    _check(emulated, key, COMPARE[key])
 
 
 @gpu
 def test_identical_nodes_share_one_kernel_on_gpu(built):
-    _check(built, "dedup", lambda got, w, what: assert_ulps(got, w, 0, what))
+    _check(built, "dedup", COMPARE["dedup"])

@@ -185,8 +185,12 @@ inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 b
     config.numAttrs = 1;
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   }
+#ifdef QC_HOST_EMULATION  // tests/cuda_host/emulator: the blocks run on the host, as fibers
+  return qc_emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+#endif
 }
 
 // Decided at the first launch of the translation unit (one op library is one: its kernels are

@@ -1,12 +1,14 @@
 // A host emulation of the CUDA that the op kernels of codegen/cuda/templates/ops use, so that
 // their index arithmetic, tiling, shared-memory staging and epilogues run in CI without a GPU
-// (tests/test_cuda_conv.py builds a kernel's source after this header with g++ and calls it
+// (tests/test_cuda_conv.py and tests/test_cuda_ops.py build a kernel's source after this header with g++ and calls it
 // through its C ABI on host buffers).
 //
-// It stands in for ops/common.cuh and the CUDA runtime: a launch runs the grid's blocks one
-// after another; a block's threads are fibers (ucontext) run round-robin by a scheduler, which
-// releases __syncthreads() when every live thread of the block has reached it and computes a
-// warp's mma.sync.m16n8k32 (integer) once all 32 lanes have posted their fragments. The
+// It stands in for the CUDA language and runtime under the real ops/common.cuh (whose launch
+// calls qc_emu::launch here; the shim headers cuda_runtime.h, cuda_fp16.h and cuda_bf16.h
+// beside this file are empty): a launch runs the grid's blocks one after another; a block's
+// threads are fibers (ucontext) run round-robin by a scheduler, which releases
+// __syncthreads() when every live thread of the block has reached it, and runs a warp's
+// shuffles, __syncwarp and mma.sync.m16n8k32 (integer) once all 32 lanes have posted theirs. The
 // fragment layouts are the PTX ISA's for m16n8k32 with 8-bit operands (lane = 4 * group +
 // thread in group; A 16 x 32 row-major, B 32 x 8 column-major, C/D 16 x 8):
 //   a0: A[g][4t..4t+3]  a1: A[g+8][4t..]  a2: A[g][16+4t..]  a3: A[g+8][16+4t..]
@@ -28,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -36,7 +39,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
-#define __shared__
+#define __shared__ static  // one per kernel, shared by the fibers (the blocks run one at a time)
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -55,6 +58,84 @@ template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribu
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+constexpr int cudaErrorInvalidValue = 1;
+enum cudaMemcpyKind { cudaMemcpyDeviceToDevice };
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind,
+                                   cudaStream_t) {
+  std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+struct cudaFuncAttributes { int ptxVersion = 0; };  // 0: common.cuh launches without PDL
+template <typename F> inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  *a = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization };
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  struct { int programmaticStreamSerializationAllowed; } val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+
+// Half precision as bits, converted with round-to-nearest-even (as __float2half_rn).
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) {
+  const uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1f,
+                 man = h.bits & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp((float)man, -24);  // zero or subnormal
+    return sign ? -f : f;
+  }
+  uint32_t u = exp == 31 ? (sign | 0x7f800000u | (man << 13))
+                         : (sign | ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __half __float2half_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)(sign | 0x7e00u)};  // NaN
+  const float a = std::fabs(f);
+  if (a >= 65520.0f) return {(uint16_t)(sign | 0x7c00u)};  // rounds to infinity
+  if (a < 6.103515625e-05f) {  // subnormal half: multiples of 2^-24, ties to even
+    return {(uint16_t)(sign | (uint16_t)std::nearbyint(a * 16777216.0f))};
+  }
+  int e;
+  const float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  const float scaled = std::nearbyint(std::ldexp(m, 11));  // 11 significant bits
+  uint32_t mant = (uint32_t)scaled;
+  if (mant == 2048) { mant = 1024; ++e; }
+  const uint32_t exp = (uint32_t)(e - 1 + 15);
+  if (exp >= 31) return {(uint16_t)(sign | 0x7c00u)};
+  return {(uint16_t)(sign | (exp << 10) | (mant - 1024))};
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = (uint32_t)h.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {(uint16_t)(u >> 16)};
+}
+inline __half __double2half(double d) { return __float2half_rn((float)d); }  // (double rounding)
+inline __nv_bfloat16 __double2bfloat16(double d) { return __float2bfloat16_rn((float)d); }
+inline float __expf(float x) { return std::exp(x); }
 
 // The executing thread's coordinates (the scheduler sets them before resuming a fiber).
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -80,12 +161,12 @@ namespace qc_emu {
 // A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
 alignas(128) inline uint8_t shared[232448];
 
-enum State { RUNNING, AT_BARRIER, AT_MMA, AT_LDMATRIX, DONE };
+enum State { RUNNING, AT_BARRIER, AT_MMA, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP, DONE };
 
 struct Fiber {
   ucontext_t ctx;
   State state = RUNNING;
-  std::vector<char> stack;
+  char* stack = nullptr;  // from stack_pool(): kept across blocks, never zeroed
   dim3 tid;
   // posted fragments at an MMA
   int* d = nullptr;
@@ -95,6 +176,9 @@ struct Fiber {
   // posted at an ldmatrix: the row address this lane gives and where its 4 words go
   const uint8_t* row = nullptr;
   unsigned* out = nullptr;
+  // posted at a shuffle: 8 bytes of value, the source lane it reads, and the result
+  uint64_t value = 0, result = 0;
+  int src_lane = 0;
 };
 
 inline ucontext_t g_scheduler;
@@ -171,6 +255,29 @@ inline void warp_ldmatrix(int w) {
   }
 }
 
+// A shuffle: each lane receives the value its source lane posted.
+inline void warp_shuffle(int w) {
+  for (int lane = 0; lane < 32; ++lane) {
+    Fiber& f = (*g_fibers)[w * 32 + lane];
+    f.result = (*g_fibers)[w * 32 + (f.src_lane & 31)].value;
+  }
+  for (int lane = 0; lane < 32; ++lane) (*g_fibers)[w * 32 + lane].state = RUNNING;
+}
+
+inline void warp_release(int w) {
+  for (int lane = 0; lane < 32; ++lane) (*g_fibers)[w * 32 + lane].state = RUNNING;
+}
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+// Fiber stacks, allocated once and reused by every block (zeroing 256 x 128 KB per block
+// would cost more than most kernels' work).
+inline char* stack_pool(int i) {
+  static std::vector<std::unique_ptr<char[]>> pool;
+  while ((int)pool.size() <= i) pool.emplace_back(new char[kStackBytes]);
+  return pool[i].get();
+}
+
 // One block of `threads` fibers running `body` to completion.
 inline void run_block(const std::function<void()>& body, dim3 block) {
   const int n = (int)(block.x * block.y * block.z);
@@ -179,11 +286,11 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
   g_body = &body;
   for (int i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
-    f.stack.resize(256 * 1024);
+    f.stack = stack_pool(i);
     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
@@ -209,12 +316,14 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
       released = true;
     }
     for (int w = 0; w * 32 < n; ++w) {  // warp-wide operations once all 32 lanes are there
-      for (State op : {AT_MMA, AT_LDMATRIX}) {
+      for (State op : {AT_MMA, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
         bool all = w * 32 + 32 <= n;
         for (int l = 0; all && l < 32; ++l) all = fibers[w * 32 + l].state == op;
         if (all) {
           if (op == AT_MMA) warp_mma(w);
-          else warp_ldmatrix(w);
+          else if (op == AT_LDMATRIX) warp_ldmatrix(w);
+          else if (op == AT_SHUFFLE) warp_shuffle(w);
+          else warp_release(w);
           released = true;
         }
       }
@@ -254,30 +363,32 @@ inline void ldmatrix_x4(unsigned (&r)[4], const uint8_t* row) {
 
 inline void __syncthreads() { qc_emu::yield(qc_emu::AT_BARRIER); }
 
-// What the op kernels take from ops/common.cuh.
-namespace qc_ops {
-inline void wait_for_inputs() {}
-inline float to_f(float x) { return x; }
-template <typename T> inline T from_f(float x) { return (T)x; }
-template <typename C> inline C np_max(C a, C b) {
-  return a != a ? a : (b != b ? b : (a > b ? a : b));
+template <typename T> inline T shuffle(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "a shuffle moves up to 8 bytes");
+  qc_emu::Fiber& f = (*qc_emu::g_fibers)[qc_emu::g_current];
+  f.value = 0;
+  std::memcpy(&f.value, &v, sizeof(T));
+  f.src_lane = src_lane;
+  qc_emu::yield(qc_emu::AT_SHUFFLE);
+  T r;
+  std::memcpy(&r, &f.result, sizeof(T));
+  return r;
 }
-template <typename C> inline C np_min(C a, C b) {
-  return a != a ? a : (b != b ? b : (a < b ? a : b));
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  return shuffle(v, (int)(threadIdx.x % 32) ^ mask);
 }
-inline int64_t numel(const int64_t* dims, int rank) {
-  int64_t n = 1;
-  for (int i = 0; i < rank; ++i) n *= dims[i];
-  return n;
+template <typename T> inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  const int lane = (int)(threadIdx.x % 32);
+  return shuffle(v, (lane & ~(width - 1)) + (src % width));
 }
-inline unsigned grid_for(int64_t n, int threads) {
-  int64_t g = (n + threads - 1) / threads;
-  return (unsigned)(g < 1 ? 1 : (g > 4096 ? 4096 : g));  // (grid-stride loops cover the rest)
-}
+inline void __syncwarp(unsigned = 0xffffffffu) { qc_emu::yield(qc_emu::AT_SYNCWARP); }
+
+namespace qc_emu {
+// common.cuh's launch: the grid's blocks one after another, each as fibers.
 template <typename... Params, typename... Args>
 inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                          cudaStream_t, Args&&... args) {
-  if (smem_bytes > sizeof(qc_emu::shared)) return 1;
+                          Args&&... args) {
+  if (smem_bytes > sizeof(shared)) return 1;
   gridDim = grid;
   blockDim = block;
   const std::function<void()> body = [&] { kernel(args...); };
@@ -285,10 +396,17 @@ inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
-        qc_emu::run_block(body, block);
+        run_block(body, block);
       }
   return cudaSuccess;
 }
-}  // namespace qc_ops
+}  // namespace qc_emu
+
+template <typename... Params, typename... Args>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* c, void (*kernel)(Params...),
+                                      Args&&... args) {
+  return qc_emu::launch(kernel, c->gridDim, c->blockDim, c->dynamicSmemBytes,
+                        std::forward<Args>(args)...);
+}
 
 #endif  // QC_CUDA_HOST_EMULATOR_H

@@ -1,0 +1,1 @@
+// Empty: emulator.h (beside it) defines what the op kernels use of the CUDA runtime.
