@@ -503,7 +503,6 @@ def test_rotary_embedding(built):
 
 
 # ---- host emulation (CI): the same kernels' source run on the CPU ------------------------------
-# Attention's tensor-core path (ldmatrix, mma.m16n8k16 in f16/bf16) is not emulated.
 
 
 @pytest.fixture(scope="module")
@@ -513,8 +512,6 @@ def emulated(tmp_path_factory):
     g = _make_graph()
     names, texts = {}, {}
     for node in _all_nodes(g):
-        if node.op == "attention":
-            continue
         symbol, text = kernel_source(node, g.module)
         names[node.results[0].name] = symbol
         texts[symbol] = text
@@ -523,7 +520,7 @@ def emulated(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key", ["binary", "pow", "unary", "fused", "exact", "rows", "copy",
-                                 "matmul", "rotary", "dedup"])
+                                 "matmul", "attention", "rotary", "dedup"])
 def test_op_kernels_in_host_emulation(emulated, key):
     _check(emulated, key, COMPARE[key])
 

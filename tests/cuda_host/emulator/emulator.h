@@ -59,6 +59,16 @@ template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribu
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 constexpr int cudaErrorInvalidValue = 1;
+// The device: an H100/H200's 132 SMs (kernels that size their grids by it split work alike).
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 132;
+  return cudaSuccess;
+}
 enum cudaMemcpyKind { cudaMemcpyDeviceToDevice };
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind,
                                    cudaStream_t) {
@@ -83,6 +93,7 @@ struct cudaLaunchConfig_t {
   unsigned numAttrs;
 };
 struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct alignas(8) uint2 { unsigned x, y; };
 
 // Half precision as bits, converted with round-to-nearest-even (as __float2half_rn).
@@ -161,7 +172,8 @@ namespace qc_emu {
 // A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
 alignas(128) inline uint8_t shared[232448];
 
-enum State { RUNNING, AT_BARRIER, AT_MMA, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP, DONE };
+enum State { RUNNING, AT_BARRIER, AT_MMA, AT_MMA_F16, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP,
+             DONE };
 
 struct Fiber {
   ucontext_t ctx;
@@ -176,6 +188,11 @@ struct Fiber {
   // posted at an ldmatrix: the row address this lane gives and where its 4 words go
   const uint8_t* row = nullptr;
   unsigned* out = nullptr;
+  int ld_count = 4;       // matrices (1, 2 or 4)
+  bool ld_trans = false;  // .trans: 16-bit elements transposed
+  // posted at an f16/bf16 MMA (f32 accumulators)
+  float* fd = nullptr;
+  bool bf16 = false;
   // posted at a shuffle: 8 bytes of value, the source lane it reads, and the result
   uint64_t value = 0, result = 0;
   int src_lane = 0;
@@ -239,18 +256,74 @@ inline void warp_mma(int w) {
   }
 }
 
-// ldmatrix.x4 (b16) for warp `w`: matrix j's row r at lane 8j + r's address; lane l receives
-// in register j the 4 bytes at column 4 (l % 4) of row l / 4 of matrix j.
+// ldmatrix.x{1,2,4} (b16) for warp `w`: matrix j's row r at lane 8j + r's address; lane l
+// receives in register j the 4 bytes at column 4 (l % 4) of row l / 4 of matrix j, or with
+// .trans the 16-bit elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
 inline void warp_ldmatrix(int w) {
+  const Fiber& lead = (*g_fibers)[w * 32];
+  const int count = lead.ld_count;
+  const bool trans = lead.ld_trans;
   unsigned words[32][4];
   for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < 4; ++j) {
-      const uint8_t* row = (*g_fibers)[w * 32 + j * 8 + lane / 4].row;
-      std::memcpy(&words[lane][j], row + 4 * (lane % 4), 4);
+    for (int j = 0; j < count; ++j) {
+      const int t = lane % 4, r = lane / 4;
+      if (!trans) {
+        std::memcpy(&words[lane][j], (*g_fibers)[w * 32 + j * 8 + r].row + 4 * t, 4);
+      } else {
+        uint16_t lo, hi;
+        std::memcpy(&lo, (*g_fibers)[w * 32 + j * 8 + 2 * t].row + 2 * r, 2);
+        std::memcpy(&hi, (*g_fibers)[w * 32 + j * 8 + 2 * t + 1].row + 2 * r, 2);
+        words[lane][j] = (unsigned)lo | ((unsigned)hi << 16);
+      }
     }
   for (int lane = 0; lane < 32; ++lane) {
     Fiber& f = (*g_fibers)[w * 32 + lane];
-    for (int j = 0; j < 4; ++j) f.out[j] = words[lane][j];
+    for (int j = 0; j < count; ++j) f.out[j] = words[lane][j];
+    f.state = RUNNING;
+  }
+}
+
+inline float half_bits_to_float(uint16_t b, bool bf16) {
+  return bf16 ? __bfloat162float(__nv_bfloat16{b}) : __half2float(__half{b});
+}
+
+// mma.m16n8k16 with f16 or bf16 operands and f32 accumulators for warp `w`:
+//   a0: A[g][2t, 2t+1]  a1: A[g+8][2t, 2t+1]  a2: A[g][2t+8, 2t+9]  a3: A[g+8][2t+8, 2t+9]
+//   b0: B[2t, 2t+1][g]  b1: B[2t+8, 2t+9][g];  c0..c3 as the integer MMA's.
+// The products are summed in double and rounded once (the hardware's order and internal
+// precision differ: compare with a tolerance).
+inline void warp_mma_f16(int w) {
+  float A[16][16], B[16][8], D[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const Fiber& f = (*g_fibers)[w * 32 + lane];
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      auto el = [&](unsigned word) { return half_bits_to_float((uint16_t)(word >> (16 * h)), f.bf16); };
+      A[g][2 * t + h] = el(f.a[0]);
+      A[g + 8][2 * t + h] = el(f.a[1]);
+      A[g][2 * t + 8 + h] = el(f.a[2]);
+      A[g + 8][2 * t + 8 + h] = el(f.a[3]);
+      B[2 * t + h][g] = el(f.b[0]);
+      B[2 * t + 8 + h][g] = el(f.b[1]);
+    }
+    D[g][2 * t] = f.fd[0];
+    D[g][2 * t + 1] = f.fd[1];
+    D[g + 8][2 * t] = f.fd[2];
+    D[g + 8][2 * t + 1] = f.fd[3];
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      double s = D[r][c];
+      for (int k = 0; k < 16; ++k) s += (double)A[r][k] * B[k][c];
+      D[r][c] = (float)s;
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    Fiber& f = (*g_fibers)[w * 32 + lane];
+    const int g = lane / 4, t = lane % 4;
+    f.fd[0] = D[g][2 * t];
+    f.fd[1] = D[g][2 * t + 1];
+    f.fd[2] = D[g + 8][2 * t];
+    f.fd[3] = D[g + 8][2 * t + 1];
     f.state = RUNNING;
   }
 }
@@ -316,11 +389,12 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
       released = true;
     }
     for (int w = 0; w * 32 < n; ++w) {  // warp-wide operations once all 32 lanes are there
-      for (State op : {AT_MMA, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
+      for (State op : {AT_MMA, AT_MMA_F16, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
         bool all = w * 32 + 32 <= n;
         for (int l = 0; all && l < 32; ++l) all = fibers[w * 32 + l].state == op;
         if (all) {
           if (op == AT_MMA) warp_mma(w);
+          else if (op == AT_MMA_F16) warp_mma_f16(w);
           else if (op == AT_LDMATRIX) warp_ldmatrix(w);
           else if (op == AT_SHUFFLE) warp_shuffle(w);
           else warp_release(w);
@@ -352,11 +426,23 @@ inline void mma_m16n8k32(int (&d)[4], const unsigned (&a)[4], const unsigned (&b
   yield(AT_MMA);
 }
 
-inline void ldmatrix_x4(unsigned (&r)[4], const uint8_t* row) {
+inline void ldmatrix(unsigned* r, const void* row, int count, bool trans) {
   Fiber& f = (*g_fibers)[g_current];
-  f.row = row;
+  f.row = static_cast<const uint8_t*>(row);
   f.out = r;
+  f.ld_count = count;
+  f.ld_trans = trans;
   yield(AT_LDMATRIX);
+}
+inline void ldmatrix_x4(unsigned (&r)[4], const uint8_t* row) { ldmatrix(r, row, 4, false); }
+
+inline void mma_m16n8k16_f32(float* d, const unsigned* a, const unsigned* b, bool bf16) {
+  Fiber& f = (*g_fibers)[g_current];
+  f.fd = d;
+  f.a = a;
+  f.b = b;
+  f.bf16 = bf16;
+  yield(AT_MMA_F16);
 }
 
 }  // namespace qc_emu
