@@ -17,7 +17,7 @@ instead of repacking the weights on every call. Activations stay NCHW between la
 kernel repacks them per call (NHWC per group, 4- or 2-channel blocks).
 
 A statically quantized classifier qmatmul becomes a 1 x 1 qconv before this pass
-(``cpu-qmatmul-as-qconv``), so its weights are packed here too.
+(``static-qmatmul-as-qconv``), so its weights are packed here too.
 
 Option: ``target`` (a cpu target; default ``cpu``, the host).
 """

@@ -35,7 +35,7 @@ PASSES: dict[str, object] = {
     "fuse-qconv": "qcompiler.passes.fuse_qconv:FuseQConvPass",
     "fuse-requant": "qcompiler.passes.fuse_requant:FuseRequantPass",
     "fuse-qpool": "qcompiler.passes.fuse_qpool:FuseQPoolPass",
-    "cpu-qmatmul-as-qconv": "qcompiler.passes.cpu_qmatmul_as_qconv:CPUQmatmulAsQConvPass",
+    "static-qmatmul-as-qconv": "qcompiler.passes.static_qmatmul_as_qconv:StaticQmatmulAsQConvPass",
     "cpu-conv-layout": "qcompiler.passes.cpu_conv_layout:CPUConvLayoutPass",
     "conv-channels-last": "qcompiler.passes.conv_channels_last:ConvChannelsLastPass",
     "cuda-conv-layout": "qcompiler.passes.cuda_conv_layout:CudaConvLayoutPass",

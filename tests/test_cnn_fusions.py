@@ -1,7 +1,7 @@
 """Quantized CNN blocks as quantize_static writes them (issue #15, CPU): the residual add of a
 ResNet / MobileNetV2 block in the conv's epilogue (fuse-requant, through the conv's own Q/DQ
 pair), max pooling on codes (fuse-qpool), the classifier as a 1x1 qconv
-(cpu-qmatmul-as-qconv, tested in test_qconv.py), each against the unfused graph's reference
+(static-qmatmul-as-qconv, tested in test_qconv.py), each against the unfused graph's reference
 and onnxruntime on fresh random inputs, and compiled for the host.
 
 Weights lie in [-64, 64] (7-bit) so that onnxruntime's u8s8 kernels are exact on AVX2 hosts.

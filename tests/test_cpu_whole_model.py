@@ -199,7 +199,7 @@ def test_llama_decode_matches_onnxruntime_and_reference(llama):
 
 
 def test_static_int8_classifier_compiles_without_a_host_fallback(tmp_path):
-    """quantize_static's act=static qmatmul runs as a 1x1 qconv on x86 (cpu-qmatmul-as-qconv)."""
+    """quantize_static's act=static qmatmul runs as a 1x1 qconv on x86 (static-qmatmul-as-qconv)."""
     _cpu_or_skip()
     from onnx_models import qdq_int8_static
 

@@ -831,7 +831,7 @@ def _qgemm_model(rng, m_, k_, n_, trans_b, per_channel, quantized_out, alpha, w_
 ])
 def test_static_qmatmul_runs_as_a_1x1_qconv(tmp_path, m_, k_, n_, trans_b, per_channel,
                                             quantized_out, alpha, w_zp):
-    """cpu-qmatmul-as-qconv rewrites an act=static qmatmul (which the CPU qmatmul kernels refuse)
+    """static-qmatmul-as-qconv rewrites an act=static qmatmul (which the CPU qmatmul kernels refuse)
     as reshape -> 1x1 qconv -> reshape (+ bias/epilogue): the reference of the rewritten
     module is bit-exact, and the compiled plan has no host fallback and is exact too."""
     import warnings
@@ -848,7 +848,7 @@ def test_static_qmatmul_runs_as_a_1x1_qconv(tmp_path, m_, k_, n_, trans_b, per_c
     module = PassManager.parse(front).run(load(model))
     assert any(n.op == "qmatmul" and n.attrs["act"] == "static" for n in module.main.nodes)
     want = _ours(module, feeds)
-    rewritten = make_pass("cpu-qmatmul-as-qconv")(PassManager.parse(front).run(load(model)))
+    rewritten = make_pass("static-qmatmul-as-qconv")(PassManager.parse(front).run(load(model)))
     assert "qmatmul" not in _ops(rewritten) and "qconv" in _ops(rewritten)
     np.testing.assert_array_equal(_ours(rewritten, feeds), want)
     path = str(tmp_path / "qgemm.onnx")

@@ -1,4 +1,4 @@
-"""cpu-qmatmul-as-qconv: a statically quantized classifier qmatmul runs as a 1 x 1 qconv.
+"""static-qmatmul-as-qconv: a statically quantized classifier qmatmul runs as a 1 x 1 qconv.
 
 A ``qmatmul`` with statically quantized activations (``act=static``: the classifier of a
 quantize_static CNN, QDQ or QOperator), which the CPU qmatmul kernels do not take
@@ -28,9 +28,9 @@ from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
 
-@register_pass("cpu-qmatmul-as-qconv")
+@register_pass("static-qmatmul-as-qconv")
 @dataclass
-class CPUQmatmulAsQConvPass(Pass):
+class StaticQmatmulAsQConvPass(Pass):
     """act=static qmatmul → reshape, 1x1 qconv(out=float), reshape (x86 CPU, CUDA)."""
 
     target: str = "cpu"
