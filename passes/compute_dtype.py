@@ -48,8 +48,8 @@ def _f32_islands(fn, users: dict) -> set:
     between a dequantize and a quantize, its classifier's bias add before the output quantize).
     A node is one when its float operands are constants and at least one value of a
     fixed-f32 op or of another such node (not a model input), and each user is a fixed-f32
-    op or another such node (or it is an output). Those values are small and feed codes: half precision there would only move
-    codes by a step."""
+    op or another such node (or it is an output). Those values are small and feed codes:
+    half precision there would only move codes by a step."""
     nodes = [n for n in fn.nodes if n.op != "constant" and n.op not in FIXED_F32_OPS]
     island = {id(n) for n in nodes if any(_is_f32(r) for r in n.results)}
     changed = True
