@@ -38,7 +38,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static  // one per kernel, shared by the fibers (the blocks run one at a time)
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
@@ -58,7 +58,7 @@ template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribu
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-constexpr int cudaErrorInvalidValue = 1;
+constexpr int cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9;
 // The device: an H100/H200's 132 SMs (kernels that size their grids by it split work alike).
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
 inline cudaError_t cudaGetDevice(int* dev) {
@@ -145,6 +145,43 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return {(uint16_t)(u >> 16)};
 }
 inline __half __double2half(double d) { return __float2half_rn((float)d); }  // (double rounding)
+typedef __half half;
+
+// Pairs: each lane computed in double and rounded once (exact for + - * of two f16/bf16).
+struct alignas(4) __half2 { __half x, y; };
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+typedef __half2 half2;
+inline double as_double(__half h) { return __half2float(h); }
+inline double as_double(__nv_bfloat16 h) { return __bfloat162float(h); }
+inline __half round_to(double v, __half) { return __float2half_rn((float)v); }
+inline __nv_bfloat16 round_to(double v, __nv_bfloat16) { return __float2bfloat16_rn((float)v); }
+template <typename P> inline P pair_op(P a, P b, double (*op)(double, double)) {
+  return {round_to(op(as_double(a.x), as_double(b.x)), a.x),
+          round_to(op(as_double(a.y), as_double(b.y)), a.y)};
+}
+template <typename P> inline P __hadd2(P a, P b) {
+  return pair_op(a, b, [](double u, double v) { return u + v; });
+}
+template <typename P> inline P __hsub2(P a, P b) {
+  return pair_op(a, b, [](double u, double v) { return u - v; });
+}
+template <typename P> inline P __hmul2(P a, P b) {
+  return pair_op(a, b, [](double u, double v) { return u * v; });
+}
+template <typename P> inline P __hneg2(P a) {
+  return {round_to(-as_double(a.x), a.x), round_to(-as_double(a.y), a.y)};
+}
+template <typename P> inline P __hfma2(P a, P b, P c) {
+  return {round_to(as_double(a.x) * as_double(b.x) + as_double(c.x), a.x),
+          round_to(as_double(a.y) * as_double(b.y) + as_double(c.y), a.y)};
+}
+inline __half2 __half2half2(__half h) { return {h, h}; }
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 h) { return {h, h}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+template <typename T> inline T __ldg(const T* p) { return *p; }
 inline __nv_bfloat16 __double2bfloat16(double d) { return __float2bfloat16_rn((float)d); }
 inline float __expf(float x) { return std::exp(x); }
 
@@ -172,8 +209,8 @@ namespace qc_emu {
 // A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
 alignas(128) inline uint8_t shared[232448];
 
-enum State { RUNNING, AT_BARRIER, AT_MMA, AT_MMA_F16, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP,
-             DONE };
+enum State { RUNNING, AT_BARRIER, AT_NAMED_BARRIER, AT_MMA, AT_MMA_F16, AT_LDMATRIX,
+             AT_SHUFFLE, AT_SYNCWARP, DONE };
 
 struct Fiber {
   ucontext_t ctx;
@@ -199,6 +236,7 @@ struct Fiber {
 };
 
 inline ucontext_t g_scheduler;
+inline int g_named_count = 0;  // the thread count of the named barrier being waited at
 inline std::vector<Fiber>* g_fibers = nullptr;
 inline int g_current = -1;
 inline const std::function<void()>* g_body = nullptr;
@@ -388,6 +426,13 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
         if (f.state == AT_BARRIER) f.state = RUNNING;
       released = true;
     }
+    int named = 0;  // bar.sync 1, count: released once `count` threads wait at it
+    for (const Fiber& f : fibers) named += f.state == AT_NAMED_BARRIER;
+    if (named > 0 && named >= g_named_count) {
+      for (Fiber& f : fibers)
+        if (f.state == AT_NAMED_BARRIER) f.state = RUNNING;
+      released = true;
+    }
     for (int w = 0; w * 32 < n; ++w) {  // warp-wide operations once all 32 lanes are there
       for (State op : {AT_MMA, AT_MMA_F16, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
         bool all = w * 32 + 32 <= n;
@@ -409,6 +454,25 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
     }
   }
   g_fibers = nullptr;
+}
+
+inline void named_barrier(int count) {
+  g_named_count = count;
+  yield(AT_NAMED_BARRIER);
+}
+
+// prmt.b32 (default mode): byte i of the result is byte sel[4i+2:4i] of {b, a} (a: bytes
+// 0-3), replicated sign bit when sel bit 4i+3 is set.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  const uint64_t ab = (uint64_t)a | ((uint64_t)b << 32);
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t s = (sel >> (4 * i)) & 0xfu;
+    uint32_t byte = (uint32_t)(ab >> (8 * (s & 7))) & 0xffu;
+    if (s & 8) byte = (byte & 0x80u) ? 0xffu : 0u;
+    d |= byte << (8 * i);
+  }
+  return d;
 }
 
 inline void copy16(void* dst, const void* src, bool valid) {

@@ -90,7 +90,7 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
     S* xp = reinterpret_cast<S*>(ws);
     const long long total = (long long)M * C::K_PAD;
     const int blocks = (int)((total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096);
-    prepare_x_kernel<C><<<blocks, 256, 0, stream>>>(p.x, xp, perm, M);
+    QC_LAUNCH(prepare_x_kernel<C>, blocks, 256, 0, stream, p.x, xp, perm, M);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     p.x = xp;

@@ -67,7 +67,11 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   constexpr long long W_STEP = (long long)C::N_BLOCKS * WORDS * 32;  // uint4 between k16 steps
   constexpr int SCALE_ROWS = (C::K_PAD + C::GROUP - 1) / C::GROUP;
   constexpr bool GROUP_ROWS = !C::SCALE_IN_EPILOGUE || C::HAS_ZP;  // per-group scales or zeros
+#ifndef QC_HOST_EMULATION
   extern __shared__ __align__(16) unsigned char smem[];
+#else
+  unsigned char* smem = qc_emu::shared;
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WARPS_N, wk = warp / WARPS_N;
   const int g = lane >> 2, q2 = (lane & 3) * 2;
@@ -256,7 +260,7 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), T::SMEM_BYTES, stream,
                                     early != 0, p);
   }
-  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
+  QC_LAUNCH(kernel, grid, T::THREADS, T::SMEM_BYTES, stream, p);
   return cudaGetLastError();
 }
 

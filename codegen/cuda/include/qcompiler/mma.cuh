@@ -13,6 +13,7 @@
 
 namespace qc {
 
+#ifndef QC_HOST_EMULATION
 // Four 8x8 b16 matrices from shared memory (the A fragments of one m16k16 step).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
@@ -55,6 +56,20 @@ __device__ __forceinline__ void mma_16816_zero(float* d, const uint32_t* a, uint
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
   }
 }
+
+#else  // tests/cuda_host/emulator: warp-wide, from the 32 lanes' operands
+inline void ldmatrix_x4(uint32_t* r, const void* p) { qc_emu::ldmatrix(r, p, 4, false); }
+template <class S>
+inline void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  qc_emu::mma_m16n8k16_f32(c, a, b, !std::is_same<S, half>::value);
+}
+template <class S>
+inline void mma_16816_zero(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  d[0] = d[1] = d[2] = d[3] = 0.0f;
+  mma_16816<S>(d, a, b0, b1);
+}
+#endif
 
 }  // namespace qc
 

@@ -24,6 +24,16 @@
 
 #include <cuda_runtime.h>
 
+// A plain kernel launch. Under QC_HOST_EMULATION (tests/cuda_host/emulator) the grid runs on
+// the host, its threads as fibers, so that these kernels can be checked without a GPU.
+#ifndef QC_HOST_EMULATION
+#define QC_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#else
+#define QC_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  qc_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#endif
+
 namespace qc {
 
 constexpr int kMaxEpilogueExtras = 4;  // codegen/cuda/backend.py MAX_EPILOGUE_EXTRAS

@@ -8,6 +8,7 @@
 
 namespace qc {
 
+#ifndef QC_HOST_EMULATION
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -39,6 +40,16 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
   return v;
 }
+
+#else  // tests/cuda_host/emulator: copies are immediate, loads plain
+inline void cp_async16(void* dst, const void* src, bool valid) { qc_emu::copy16(dst, src, valid); }
+inline void cp_async16_stream(void* dst, const void* src, bool valid) {
+  qc_emu::copy16(dst, src, valid);
+}
+inline void cp_async_commit() {}
+template <int N_LEFT> inline void cp_async_wait() {}
+inline uint4 ld_stream(const uint4* ptr) { return *ptr; }
+#endif
 
 }  // namespace qc
 

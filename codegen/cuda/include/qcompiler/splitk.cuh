@@ -14,7 +14,11 @@ namespace qc {
 template <int THREADS>
 __device__ __forceinline__ void cta_sync() {
   if constexpr (THREADS == 0) __syncthreads();
+#ifndef QC_HOST_EMULATION
   else asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+#else
+  else qc_emu::named_barrier(THREADS);
+#endif
 }
 
 // VEC consecutive elements of y, stored as one access of 2 VEC bytes (VEC 1, 2, 4 or 8).

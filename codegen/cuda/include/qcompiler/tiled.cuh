@@ -59,7 +59,11 @@ qmatmul_kernel(const Params<typename C::scalar_t> p) {
   constexpr int RUN = KS / WARPS_K;                       // k16 steps of a warp per stage
   // Steps between two flushes of the partial sums: the warp's run, or one group if shorter.
   constexpr int FLUSH = C::GROUP / 16 < RUN ? C::GROUP / 16 : RUN;
+#ifndef QC_HOST_EMULATION
   extern __shared__ __align__(16) unsigned char smem[];
+#else
+  unsigned char* smem = qc_emu::shared;
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WARPS_N, wk = warp / WARPS_N;
   const int m0 = blockIdx.x * T::M_TILE;
@@ -276,7 +280,7 @@ cudaError_t launch_tiled(Params<typename C::scalar_t> p, cudaStream_t stream) {
     smem_set = true;
   }
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
-  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p);
+  QC_LAUNCH(kernel, grid, T::THREADS, T::SMEM_BYTES, stream, p);
   return cudaGetLastError();
 }
 

@@ -25,6 +25,7 @@
 
 namespace qc {
 
+#ifndef QC_HOST_EMULATION
 // (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
@@ -38,6 +39,10 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   asm volatile("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
 }
+#else  // tests/cuda_host/emulator
+inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return qc_emu::prmt(a, b, sel); }
+#endif
 
 // "lop3-magic-f16" (4-bit codes, f16). LOP3 magic number: (q & 0x000f000f) | 0x64006400 is
 // the fp16 pair (1024 + c0, 1024 + c4); the high nibbles come out as 1024 + 16c and take an
