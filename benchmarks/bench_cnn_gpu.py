@@ -93,14 +93,6 @@ def sha256_bytes(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def make_input(batch: int) -> np.ndarray:
     return np.random.default_rng(INPUT_SEED + batch).standard_normal(
         (batch, 3, 224, 224)).astype(np.float32)
@@ -170,6 +162,7 @@ def prepare(a) -> int:
     import torch
 
     import bench_cnn
+    from qcompiler.driver.artifact import file_sha256
 
     if bench_cnn.avx2_only():
         print("--prepare: this host has no AVX512-VNNI: onnxruntime's u8s8 products can "
@@ -399,6 +392,7 @@ class Run:
         import torch
 
         import qcompiler
+        from qcompiler.driver.artifact import file_sha256
 
         path = os.path.join(self.d, f"{name}.{fmt}.onnx")
         base = {"model": name, "format": fmt}

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.ir import Module
+from qcompiler.ir.ops import channels_last_operands
 from qcompiler.ir.types import TensorType
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
-RESIDUAL = 9  # qconv's residual operand
 
 
 def _wants_channels_last(node) -> bool:
@@ -47,7 +47,7 @@ class ConvChannelsLastPass(Pass):
                 if not _wants_channels_last(node):
                     continue
                 ops = list(node.operands)
-                for i in (0, RESIDUAL):
+                for i in sorted(channels_last_operands(node.op)):
                     if i < len(ops) and ops[i] is not None:
                         v = ops[i]
                         ops[i] = fn.make_node("transpose", [v], [_transposed(v.type, TO_NHWC)],

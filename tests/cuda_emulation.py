@@ -16,24 +16,30 @@ import pytest
 EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host", "emulator")
 
 
-def build_emulated(texts: list, out_dir) -> str:
-    """Kernel sources after tests/cuda_host/emulator/emulator.h and the op kernels' common
-    header (as the op library pastes it), built with g++ into a library whose symbols have the
-    op kernels' C ABI (host pointers in place of device ones)."""
-    from qcompiler.codegen.cuda.ops.library import HEADER
-
+def compile_emulated(text: str, out_dir, name: str, include_dirs=()) -> str:
+    """``text`` after emulator.h, built with g++ into ``out_dir/name.so``; its path."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found")
-    src = os.path.join(str(out_dir), "emulated.cpp")
-    with open(src, "w") as f, open(HEADER) as h:
-        f.write('#include "emulator.h"\n' + h.read() + "\n".join(texts))
-    lib = os.path.join(str(out_dir), "emulated.so")
+    src = os.path.join(str(out_dir), f"{name}.cpp")
+    with open(src, "w") as f:
+        f.write('#include "emulator.h"\n' + text)
+    lib = os.path.join(str(out_dir), f"{name}.so")
+    includes = [flag for d in (EMULATOR_DIR, *include_dirs) for flag in ("-I", d)]
     proc = subprocess.run([gxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-                           "-w", "-I", EMULATOR_DIR, "-o", lib, src],
-                          capture_output=True, text=True)
+                           "-w", *includes, "-o", lib, src], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return lib
+
+
+def build_emulated(texts: list, out_dir) -> str:
+    """Op kernel sources after the op kernels' common header (as the op library pastes it),
+    built into a library whose symbols have the op kernels' C ABI (host pointers in place
+    of device ones)."""
+    from qcompiler.codegen.cuda.ops.library import HEADER
+
+    with open(HEADER) as h:
+        return compile_emulated(h.read() + "\n".join(texts), out_dir, "emulated")
 
 
 def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None) -> list:
@@ -71,3 +77,79 @@ class EmulatedLibrary:
 
     def run_numpy(self, rt, symbol: str, args: list, out_like: list, poison: bool = True):
         return call_emulated(self.lib, symbol, list(map(np.asarray, args)), out_like)
+
+
+def op_kernel_impl(lib, symbol: str):
+    """``reference.run``'s ``kernels`` entry for a node whose op kernel is ``symbol`` in the
+    emulated ``lib``: result shapes by type inference on the run-time shapes (or, where a
+    shape comes from data, a reshape's, from the reference op)."""
+    from qcompiler.ir.core import constant_value
+    from qcompiler.ir.ops import infer_types
+    from qcompiler.ir.types import TensorType
+    from qcompiler.runtime.reference import OP_IMPLS
+
+    def impl(node, args, module):
+        types = [None if a is None else TensorType(a.shape, v.type.dtype)
+                 for a, v in zip(args, node.operands)]
+        consts = [None if v is None else constant_value(module, v) for v in node.operands]
+        out = [(t.shape, t.dtype.np_dtype)
+               for t in infer_types(node.op, types, node.attrs, consts)]
+        if any(not isinstance(d, int) for shape, _ in out for d in shape):
+            out = [(r.shape, r.dtype) for r in OP_IMPLS[node.op](node, args, module)]
+        return call_emulated(lib, symbol, [a for a in args if a is not None], out)
+    return impl
+
+
+class EmulatedQmm:
+    """A packed qmatmul node's generated .cu (``backend.render``) built after the emulator:
+    ``run(x, width, variant, extras)`` with the ``SYM_run`` ABI on host buffers, one
+    workspace zeroed once (as the runtime's QmmKernel keeps it)."""
+
+    def __init__(self, node, packed_module, workdir, target: str):
+        from qcompiler.codegen.cuda import backend
+        from qcompiler.codegen.cuda.build import INCLUDE_DIR
+        from qcompiler.ir.core import constant_value
+
+        params = backend.kernel_params(node, target)
+        self.variants = params["variants"]
+        lib = ctypes.CDLL(compile_emulated(backend.render(params), workdir, node.result.name,
+                                           [INCLUDE_DIR]))
+        symbol = backend.kernel_symbol(node)
+        self.fn = getattr(lib, f"{symbol}_run")
+        self.fn.restype = ctypes.c_int
+        self.fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_void_p,
+                                                    ctypes.c_void_p, ctypes.c_int,
+                                                    ctypes.c_void_p]
+        self.ws_fn = getattr(lib, f"{symbol}_workspace_bytes")
+        self.ws_fn.restype = ctypes.c_size_t
+        self.ws_fn.argtypes = [ctypes.c_int]
+        self.arrays = {}
+        for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4), ("bias", 7)):
+            v = constant_value(packed_module, node.operand(i))
+            self.arrays[role] = None if v is None else np.ascontiguousarray(v)
+        self.dtype = node.result.type.dtype.np_dtype
+        self.ws = None
+
+    def run(self, x: np.ndarray, width: int, variant: int = -1, extras=None) -> np.ndarray:
+        """y [M, width] for x [M, K] (poisoned first: an unwritten element shows). ``extras``:
+        the epilogue's extra operands (a list, maybe empty: the kernel applies its epilogue),
+        or None (the product only)."""
+        x = np.ascontiguousarray(x)
+        m = x.shape[0]
+        y = np.empty((m, width), self.dtype)
+        y.view(np.uint8).reshape(-1)[:] = 0xFF
+        need = max(int(self.ws_fn(m)), 1)
+        if self.ws is None or self.ws.size < need:
+            self.ws = np.zeros(need, np.uint8)
+        extra_arrays = [np.ascontiguousarray(a) for a in extras or []]
+        extra_ptrs = (ctypes.c_void_p * max(len(extra_arrays), 1))(
+            *[a.ctypes.data for a in extra_arrays])
+        ptr = (lambda a: None if a is None else a.ctypes.data)
+        err = self.fn(x.ctypes.data, y.ctypes.data, ptr(self.arrays["w"]),
+                      ptr(self.arrays["scales"]), ptr(self.arrays["zeros"]),
+                      ptr(self.arrays["bias"]), ptr(self.arrays["perm"]), m,
+                      self.ws.ctypes.data, None, variant,
+                      ctypes.cast(extra_ptrs, ctypes.c_void_p).value if extras is not None
+                      else None)
+        assert err == 0, f"variant {variant}: error {err}"
+        return y

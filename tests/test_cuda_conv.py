@@ -26,7 +26,7 @@ from qcompiler.ir.core import Function, Module, constant_node
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import make_pass
 from qcompiler.runtime.reference import run
-from cuda_emulation import EMULATOR_DIR, build_emulated, call_emulated
+from cuda_emulation import build_emulated, call_emulated, op_kernel_impl
 from tests.test_qconv import KERNEL_CASES, _qconv_module, qdq_conv, qlinear_conv
 
 # test_qconv's cases (but unsigned weights: codes centred on their zero points must fit
@@ -56,6 +56,18 @@ def _prepared(case):
     after = make_pass("cuda-conv-layout")(make_pass("conv-channels-last")(module.clone()))
     node = next(nd for nd in after.main.nodes if nd.op == "qconv")
     return module, after, node, feeds
+
+
+def _rendered(cases_) -> tuple:
+    """({case id: (module, prepared module, qconv node, feeds, kernel symbol)}, {symbol: the
+    kernel's source}) for ``cases_``: one kernel per distinct source."""
+    prepared, texts = {}, {}
+    for case in cases_:
+        module, after, node, feeds = _prepared(case)
+        symbol, text = kernel_source(node, after)
+        texts[symbol] = text
+        prepared[_case_id(case)] = (module, after, node, feeds, symbol)
+    return prepared, texts
 
 
 # ---- CPU side ------------------------------------------------------------------------------
@@ -230,12 +242,7 @@ def emulated_conv(tmp_path_factory):
     kernel_module.QCONV_BIG_TILE.update(EMULATED_BIG_TILE)
     kernel_module.QCONV_SPLIT.update(EMULATED_SPLIT)
     try:
-        prepared, texts = {}, {}
-        for case in EMULATED_CASES:
-            module, after, node, feeds = _prepared(case)
-            symbol, text = kernel_source(node, after)
-            texts[symbol] = text
-            prepared[_case_id(case)] = (module, after, node, feeds, symbol)
+        prepared, texts = _rendered(EMULATED_CASES)
     finally:
         for table, values in zip((kernel_module.QCONV_BIG_TILE, kernel_module.QCONV_SPLIT), saved):
             table.clear()
@@ -338,22 +345,12 @@ def emulated_kernels(module, out_dir, ops=("qconv", "pool", "quantize", "dequant
     import ctypes
 
     from qcompiler.ir.core import constant_value
-    from qcompiler.ir.ops import infer_types
 
     nodes = [n for n in module.main.nodes
              if n.op in ops and constant_value(module, n.operands[0]) is None]
     rendered = {n.results[0].name: kernel_source(n, module) for n in nodes}
     lib = ctypes.CDLL(build_emulated(sorted({t for _, t in rendered.values()}), out_dir))
-
-    def impl(node, args, module_):
-        types = [None if a is None else TensorType(a.shape, v.type.dtype)
-                 for a, v in zip(args, node.operands)]
-        consts = [None if v is None else constant_value(module_, v) for v in node.operands]
-        out = infer_types(node.op, types, node.attrs, consts)
-        return call_emulated(lib, rendered[node.results[0].name][0],
-                             [a for a in args if a is not None],
-                             [(t.shape, t.dtype.np_dtype) for t in out])
-    return {name: impl for name in rendered}
+    return {name: op_kernel_impl(lib, symbol) for name, (symbol, _) in rendered.items()}
 
 
 def test_a_conv_chain_runs_in_host_emulation(tmp_path):
@@ -380,7 +377,7 @@ def _small_quantized_cnn(arch: str, fmt: str, tmp_path, hw: int = 64) -> str:
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(EMULATOR_DIR)), "..",
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "benchmarks"))
     import bench_cnn
 
@@ -450,12 +447,7 @@ def conv_library(tmp_path_factory):
     from qcompiler.codegen.cuda.runtime import CudaRuntime
 
     d = tmp_path_factory.mktemp("cuda_conv")
-    prepared, texts = {}, {}
-    for case in CASES:
-        module, after, node, feeds = _prepared(case)
-        symbol, text = kernel_source(node, after)
-        texts[symbol] = text
-        prepared[_case_id(case)] = (module, after, node, feeds, symbol)
+    prepared, texts = _rendered(CASES)
     src = d / "conv.cu"
     src.write_text(open(HEADER).read() + "\n".join(texts[s] for s in sorted(texts)))
     lib = CudaOpsLibrary(nv.build_cached(str(src), str(d / "conv.so"), ["sm_90"]))

@@ -10,92 +10,33 @@ cannot: races, missing cp.async waits, launch limits, speed (the GPU tests and b
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
-
-import numpy as np
 import pytest
 
-from cuda_emulation import EMULATOR_DIR
-from qcompiler.codegen.cuda import backend, bench_support as bs, cases
-from qcompiler.codegen.cuda.build import INCLUDE_DIR
-from qcompiler.ir.core import constant_value
+from cuda_emulation import EmulatedQmm
+from qcompiler.codegen.cuda import bench_support as bs, cases
+from test_cuda_gpu import FORMATS as GPU_FORMATS
 
 TARGET = "cuda-sm80"
-# (bits, signed, zero point, group, act-order, dtype, bias): test_cuda_gpu.py's formats
-FORMATS = {
-    "u4_zp_g128_f16": (4, False, True, 128, False, "f16", False),
-    "i4_g128_bf16": (4, True, False, 128, False, "bf16", True),
-    "u4_zp_g32_actorder_f16": (4, False, True, 32, True, "f16", True),
-    "u8_zp_g64_bf16": (8, False, True, 64, False, "bf16", False),
-    "i8_perchannel_f16": (8, True, False, 0, False, "f16", True),
-    "u2_zp_g64_f16": (2, False, True, 64, False, "f16", False),
-    "i3_g128_bf16": (3, True, False, 128, False, "bf16", False),
-}
+# test_cuda_gpu.py's formats: every unpack path (LOP3 f16, shift bf16, PRMT 8-bit, 2/3-bit
+# in 4-bit containers), zero points, act-order and bias
+FORMATS = {k: GPU_FORMATS[k] for k in (
+    "u4_zp_g128_f16", "i4_g128_bf16", "u4_zp_g32_actorder_f16", "u8_zp_g64_bf16",
+    "i8_perchannel_f16", "u2_zp_g64_f16", "i3_g128_bf16")}
 SHAPE = (256, 200)  # K, N: N not a multiple of 64 (padded tiles)
 MS = (1, 5, 16, 33, 130)
 
 
-class EmulatedQmm:
-    """One packed qmatmul, its .cu built with g++ after the emulator: ``run(x, variant)``."""
+def _emulated(case: cases.Case, workdir, variants: list | None = None):
+    """(the reference module, the packed layer's EmulatedQmm); ``variants``: explicit configs
+    instead of the tile pass's (as the tuner gives them)."""
+    from qcompiler.codegen.cuda.config import KNOBS
 
-    def __init__(self, case: cases.Case, workdir, variants: list | None = None):
-        from qcompiler.codegen.cuda.config import KNOBS
-
-        gxx = shutil.which("g++")
-        if gxx is None:
-            pytest.skip("g++ not found")
-        self.module, packed, node = bs.pack_case(case, TARGET)
-        if variants is not None:  # explicit configs instead of the tile pass's (as the tuner)
-            node.attrs["config"] = {**node.attrs["config"], "variants": {
-                f"v{i:02d}": {"m_max": v["m_max"], "source": "explicit", "wgmma": 0,
-                              **{k: int(v[k]) for k in KNOBS}} for i, v in enumerate(variants)}}
-        params = backend.kernel_params(node, TARGET)
-        self.variants = params["variants"]
-        src = os.path.join(str(workdir), "qmm.cpp")
-        with open(src, "w") as f:
-            f.write('#include "emulator.h"\n' + backend.render(params))
-        lib = os.path.join(str(workdir), "qmm.so")
-        proc = subprocess.run([gxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-                               "-w", "-I", EMULATOR_DIR, "-I", INCLUDE_DIR, "-o", lib, src],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        self.lib = ctypes.CDLL(lib)
-        symbol = backend.kernel_symbol(node)
-        self.fn = getattr(self.lib, f"{symbol}_run")
-        self.fn.restype = ctypes.c_int
-        self.fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_void_p,
-                                                    ctypes.c_void_p, ctypes.c_int,
-                                                    ctypes.c_void_p]
-        self.ws_fn = getattr(self.lib, f"{symbol}_workspace_bytes")
-        self.ws_fn.restype = ctypes.c_size_t
-        self.ws_fn.argtypes = [ctypes.c_int]
-        self.arrays = {role: constant_value(packed, node.operand(i))
-                       for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4),
-                                       ("bias", 7))}
-        self.arrays = {k: None if v is None else np.ascontiguousarray(v)
-                       for k, v in self.arrays.items()}
-        self.ws = None
-        self.n = node.result.type.shape[-1]
-        self.dtype = node.result.type.dtype.np_dtype
-
-    def run(self, x: np.ndarray, variant: int) -> np.ndarray:
-        m = x.shape[0]
-        y = np.empty((m, self.n), self.dtype)
-        y.view(np.uint8).reshape(-1)[:] = 0xFF  # NaN: an unwritten element shows
-        need = max(int(self.ws_fn(m)), 1)
-        if self.ws is None or self.ws.size < need:  # zeroed once, as QmmKernel's
-            self.ws = np.zeros(need, np.uint8)
-        ws = self.ws
-        ptr = (lambda a: None if a is None else a.ctypes.data)
-        err = self.fn(x.ctypes.data, y.ctypes.data, ptr(self.arrays["w"]),
-                      ptr(self.arrays["scales"]), ptr(self.arrays["zeros"]),
-                      ptr(self.arrays["bias"]), ptr(self.arrays["perm"]), m, ws.ctypes.data,
-                      None, variant, None)
-        assert err == 0, f"variant {variant}: error {err}"
-        return y
+    module, packed, node = bs.pack_case(case, TARGET)
+    if variants is not None:
+        node.attrs["config"] = {**node.attrs["config"], "variants": {
+            f"v{i:02d}": {"m_max": v["m_max"], "source": "explicit", "wgmma": 0,
+                          **{k: int(v[k]) for k in KNOBS}} for i, v in enumerate(variants)}}
+    return module, EmulatedQmm(node, packed, workdir, TARGET)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -103,16 +44,16 @@ def test_every_variant_in_host_emulation(fmt, tmp_path):
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=SHAPE[0], n=SHAPE[1], bits=bits, signed=signed, zero_point=zp,
                       group=group, act_order=ao, dtype=dtype, bias=bias)
-    qmm = EmulatedQmm(case, tmp_path)
+    module, qmm = _emulated(case, tmp_path)
     kinds = set()
     for m in MS:
         x = cases.random_x(case, m, seed=m)
-        ref = cases.reference(qmm.module, x)
+        ref = cases.reference(module, x)
         for i, v in enumerate(qmm.variants):
             if m > v["m_max"] * 4:  # a small-M variant at large M only costs time
                 continue
             kinds.add("gemv" if v["gemv"] else "tiled")
-            err = cases.rel_error(qmm.run(x, i), ref)
+            err = cases.rel_error(qmm.run(x, case.n, i), ref)
             assert err <= cases.TOLERANCE[dtype], f"{fmt} M={m} variant {v}: rel error {err:.3g}"
     assert kinds == {"gemv", "tiled"}, kinds
 
@@ -134,14 +75,14 @@ def test_split_k_and_fp32_scaling_in_host_emulation(fmt, tmp_path):
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=1024, n=136, bits=bits, signed=signed, zero_point=zp, group=group,
                       act_order=ao, dtype=dtype, bias=bias)
-    qmm = EmulatedQmm(case, tmp_path, SPLIT_VARIANTS)
+    module, qmm = _emulated(case, tmp_path, SPLIT_VARIANTS)
     for m in (1, 7, 40, 70):
         x = cases.random_x(case, m, seed=m)
-        ref = cases.reference(qmm.module, x)
+        ref = cases.reference(module, x)
         for i, v in enumerate(qmm.variants):
             if m > v["m_max"]:
                 continue
             for call in range(2):  # the split-K counters must be back at zero for a second call
-                err = cases.rel_error(qmm.run(x, i), ref)
+                err = cases.rel_error(qmm.run(x, case.n, i), ref)
                 assert err <= cases.TOLERANCE[dtype], \
                     f"{fmt} M={m} variant {v} call {call}: rel error {err:.3g}"

@@ -1021,19 +1021,33 @@ def _channels_last(t: TensorType) -> TensorType:
     return TensorType((t.shape[0], *t.shape[2:], t.shape[1]), t.dtype, t.quant)
 
 
-def _as_channels_last(infer):
-    """Type inference of an op with a ``channels_last`` attribute: with it set, x (and a
-    residual) are [N, *spatial, C] and so are the results; inferred as NCHW in between."""
-    def wrapped(types, attrs, consts):
-        if not attrs.get("channels_last", 0):
-            return infer(types, attrs, consts)
-        if types[0].rank < 3:
-            raise TypeInferenceError(f"channels_last needs x of rank >= 3, not {types[0].shape}")
-        moved = [(_channels_first(t) if i in (0, 9) and t is not None else t)
-                 for i, t in enumerate(types)]
-        return [_channels_last(t) for t in infer(moved, attrs, consts)]
-    wrapped.__doc__ = infer.__doc__
-    return wrapped
+# The operands a node with ``channels_last`` set reads as [N, *spatial, C] (pool, qconv).
+CHANNELS_LAST_OPERANDS = ("x", "residual")
+
+
+def channels_last_operands(op: str) -> frozenset:
+    """Positions of ``op``'s CHANNELS_LAST_OPERANDS."""
+    names = [o.rstrip("?*") for o in OPS[op].operands]
+    return frozenset(names.index(n) for n in CHANNELS_LAST_OPERANDS if n in names)
+
+
+def _as_channels_last(op: str):
+    """Type inference of ``op``, which has a ``channels_last`` attribute: with it set, x (and
+    a residual) are [N, *spatial, C] and so are the results; inferred as NCHW in between."""
+    def wrap(infer):
+        def wrapped(types, attrs, consts):
+            if not attrs.get("channels_last", 0):
+                return infer(types, attrs, consts)
+            if types[0].rank < 3:
+                raise TypeInferenceError(f"channels_last needs x of rank >= 3, not "
+                                         f"{types[0].shape}")
+            moved_ops = channels_last_operands(op)
+            moved = [(_channels_first(t) if i in moved_ops and t is not None else t)
+                     for i, t in enumerate(types)]
+            return [_channels_last(t) for t in infer(moved, attrs, consts)]
+        wrapped.__doc__ = infer.__doc__
+        return wrapped
+    return wrap
 
 
 @_def("pool", "N-d max / average / lp pooling (`kind`) with explicit pads; max may also give "
@@ -1042,7 +1056,7 @@ def _as_channels_last(infer):
        "pads": ("ints", True), "dilations": ("ints", True), "ceil_mode": ("int", True),
        "count_include_pad": ("int", True), "p": ("int", True), "indices": ("int", False),
        "storage_order": ("int", False), "channels_last": ("int", False)}, results=-1)
-@_as_channels_last
+@_as_channels_last("pool")
 def _pool(types, attrs, consts):
     x = types[0]
     nsp = x.rank - 2
@@ -1397,7 +1411,7 @@ QCONV_OPERANDS = ["x", "w", "x_scale", "x_zero_point", "w_scale", "w_zero_point?
       {**CONV_ATTRS, "out": ("str", True), "requant": ("str", False),
        "act_min": ("float", False), "act_max": ("float", False), "config": ("dict", False),
        "channels_last": ("int", False)})
-@_as_channels_last
+@_as_channels_last("qconv")
 def _qconv(types, attrs, consts):
     """acc = sum (x - x_zp) * (w - w_zp[m]) + bias (i32; bias has scale x_scale * w_scale),
     then, with s[m] = f32(x_scale * w_scale[m]):

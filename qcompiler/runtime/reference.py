@@ -1261,12 +1261,16 @@ def _conv_transpose(node, args, module):
 
 
 def _channels_last_aware(impl):
-    """An op implementation that also takes ``channels_last`` nodes: x (operand 0) and a
-    residual (operand 9) move from [N, *spatial, C] to [N, C, *spatial], the results back."""
+    """An op implementation that also takes ``channels_last`` nodes: x and a residual
+    (``ir.ops.channels_last_operands``) move from [N, *spatial, C] to [N, C, *spatial], the
+    results back."""
     def run_op(node, args, module):
         if not node.attrs.get("channels_last", 0):
             return impl(node, args, module)
-        moved = [np.moveaxis(a, -1, 1) if i in (0, 9) and a is not None else a
+        from qcompiler.ir.ops import channels_last_operands
+
+        moved_ops = channels_last_operands(node.op)
+        moved = [np.moveaxis(a, -1, 1) if i in moved_ops and a is not None else a
                  for i, a in enumerate(args)]
         return [np.ascontiguousarray(np.moveaxis(y, 1, -1)) for y in impl(node, moved, module)]
     run_op.__doc__ = impl.__doc__

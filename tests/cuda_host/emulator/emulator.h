@@ -1,7 +1,7 @@
 // A host emulation of the CUDA that the op kernels of codegen/cuda/templates/ops use, so that
 // their index arithmetic, tiling, shared-memory staging and epilogues run in CI without a GPU
-// (tests/test_cuda_conv.py and tests/test_cuda_ops.py build a kernel's source after this header with g++ and calls it
-// through its C ABI on host buffers).
+// (tests/cuda_emulation.py builds a kernel's source after this header with g++ and calls
+// it through its C ABI on host buffers).
 //
 // It stands in for the CUDA language and runtime under the real ops/common.cuh (whose launch
 // calls qc_emu::launch here; the shim headers cuda_runtime.h, cuda_fp16.h and cuda_bf16.h
@@ -177,7 +177,9 @@ template <typename P> inline P __hfma2(P a, P b, P c) {
 }
 inline __half2 __half2half2(__half h) { return {h, h}; }
 inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 h) { return {h, h}; }
-inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __half2 __floats2half2_rn(float a, float b) {
+  return {__float2half_rn(a), __float2half_rn(b)};
+}
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
   return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
@@ -253,6 +255,27 @@ inline void fiber_entry() {
   swapcontext(&(*g_fibers)[g_current].ctx, &g_scheduler);
 }
 
+inline void warp_release(int w) {
+  for (int lane = 0; lane < 32; ++lane) (*g_fibers)[w * 32 + lane].state = RUNNING;
+}
+
+// An MMA's C/D fragment of one lane in the 16 x 8 tile: d0, d1 at row g, columns 2t, 2t + 1;
+// d2, d3 at row g + 8 (g = lane / 4, t = lane % 4).
+template <typename T> inline void fragment_to_tile(T (&D)[16][8], const T* d, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  D[g][2 * t] = d[0];
+  D[g][2 * t + 1] = d[1];
+  D[g + 8][2 * t] = d[2];
+  D[g + 8][2 * t + 1] = d[3];
+}
+template <typename T> inline void tile_to_fragment(const T (&D)[16][8], T* d, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  d[0] = D[g][2 * t];
+  d[1] = D[g][2 * t + 1];
+  d[2] = D[g + 8][2 * t];
+  d[3] = D[g + 8][2 * t + 1];
+}
+
 inline int lane_byte(unsigned word, int j, bool is_unsigned) {
   const unsigned v = (word >> (8 * j)) & 0xffu;
   return is_unsigned ? (int)v : (int)(int8_t)v;
@@ -272,10 +295,7 @@ inline void warp_mma(int w) {
       B[4 * t + j][g] = lane_byte(f.b[0], j, false);
       B[16 + 4 * t + j][g] = lane_byte(f.b[1], j, false);
     }
-    D[g][2 * t] = f.d[0];
-    D[g][2 * t + 1] = f.d[1];
-    D[g + 8][2 * t] = f.d[2];
-    D[g + 8][2 * t + 1] = f.d[3];
+    fragment_to_tile(D, f.d, lane);
   }
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 8; ++c) {
@@ -283,15 +303,8 @@ inline void warp_mma(int w) {
       for (int k = 0; k < 32; ++k) s += (int64_t)A[r][k] * B[k][c];
       D[r][c] = (int)(int32_t)s;  // the s32 accumulator wraps as the hardware's does
     }
-  for (int lane = 0; lane < 32; ++lane) {
-    Fiber& f = (*g_fibers)[w * 32 + lane];
-    const int g = lane / 4, t = lane % 4;
-    f.d[0] = D[g][2 * t];
-    f.d[1] = D[g][2 * t + 1];
-    f.d[2] = D[g + 8][2 * t];
-    f.d[3] = D[g + 8][2 * t + 1];
-    f.state = RUNNING;
-  }
+  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].d, lane);
+  warp_release(w);
 }
 
 // ldmatrix.x{1,2,4} (b16) for warp `w`: matrix j's row r at lane 8j + r's address; lane l
@@ -336,7 +349,9 @@ inline void warp_mma_f16(int w) {
     const Fiber& f = (*g_fibers)[w * 32 + lane];
     const int g = lane / 4, t = lane % 4;
     for (int h = 0; h < 2; ++h) {
-      auto el = [&](unsigned word) { return half_bits_to_float((uint16_t)(word >> (16 * h)), f.bf16); };
+      auto el = [&](unsigned word) {
+        return half_bits_to_float((uint16_t)(word >> (16 * h)), f.bf16);
+      };
       A[g][2 * t + h] = el(f.a[0]);
       A[g + 8][2 * t + h] = el(f.a[1]);
       A[g][2 * t + 8 + h] = el(f.a[2]);
@@ -344,10 +359,7 @@ inline void warp_mma_f16(int w) {
       B[2 * t + h][g] = el(f.b[0]);
       B[2 * t + 8 + h][g] = el(f.b[1]);
     }
-    D[g][2 * t] = f.fd[0];
-    D[g][2 * t + 1] = f.fd[1];
-    D[g + 8][2 * t] = f.fd[2];
-    D[g + 8][2 * t + 1] = f.fd[3];
+    fragment_to_tile(D, f.fd, lane);
   }
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 8; ++c) {
@@ -355,15 +367,8 @@ inline void warp_mma_f16(int w) {
       for (int k = 0; k < 16; ++k) s += (double)A[r][k] * B[k][c];
       D[r][c] = (float)s;
     }
-  for (int lane = 0; lane < 32; ++lane) {
-    Fiber& f = (*g_fibers)[w * 32 + lane];
-    const int g = lane / 4, t = lane % 4;
-    f.fd[0] = D[g][2 * t];
-    f.fd[1] = D[g][2 * t + 1];
-    f.fd[2] = D[g + 8][2 * t];
-    f.fd[3] = D[g + 8][2 * t + 1];
-    f.state = RUNNING;
-  }
+  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].fd, lane);
+  warp_release(w);
 }
 
 // A shuffle: each lane receives the value its source lane posted.
@@ -372,11 +377,7 @@ inline void warp_shuffle(int w) {
     Fiber& f = (*g_fibers)[w * 32 + lane];
     f.result = (*g_fibers)[w * 32 + (f.src_lane & 31)].value;
   }
-  for (int lane = 0; lane < 32; ++lane) (*g_fibers)[w * 32 + lane].state = RUNNING;
-}
-
-inline void warp_release(int w) {
-  for (int lane = 0; lane < 32; ++lane) (*g_fibers)[w * 32 + lane].state = RUNNING;
+  warp_release(w);
 }
 
 constexpr size_t kStackBytes = 128 * 1024;
