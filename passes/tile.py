@@ -11,6 +11,13 @@ A logged config that fails the backend's validator (``codegen/cuda/config.py``) 
 with a warning.
 Written to ``config["variants"]`` as ``{"m16": {...}, ...}``, each with ``source``
 (``heuristic`` or ``tuning-log``).
+
+``int8_min_m`` (default 0: off): buckets of at least this many rows take the tiled kernel
+with int8 activations (W4A8 / W8A8 on int8 tensor cores, ``include/qcompiler/tiled_i8.cuh``)
+on every qmatmul whose ``accuracy_level`` is 4 (MatMulNBits's permission; the CPU backend's
+``int8`` numerics, x quantized per row and group) and whose weights it takes
+(``config.int8_weight_reason``), unless a tuning-log record decides the bucket. Off by default
+until it has been measured on a GPU against the f16 kernels.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ class TilePass(Pass):
 
     target: str = "cuda-sm90"
     tuning_log: str = ""
+    int8_min_m: int = 0
 
     def run(self, module: Module) -> Module:
         tgt = self.backend_target("cuda")
@@ -56,7 +64,7 @@ class TilePass(Pass):
             from qcompiler.tuning.log import Replay
 
             device, replay = device_name(tgt), Replay(self.tuning_log)
-        count = 0
+        count = int8_buckets = 0
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
@@ -74,6 +82,9 @@ class TilePass(Pass):
                     source = "tuning-log" if chosen is not None else source
                 if chosen is None:
                     chosen = tuning.default_config(tgt, key)
+                    if self._takes_int8(node, key, m_max):
+                        chosen = tuning.int8_default(tgt, key)
+                        int8_buckets += 1
                 # A dict keyed by bucket: the IR's attribute lists hold numbers only.
                 variants[f"m{m_max}"] = {
                     "m_max": m_max, "source": source,
@@ -81,5 +92,10 @@ class TilePass(Pass):
                     **{k: int(chosen.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
             node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants}
             count += 1
-        record_stat(module, self.name, tiled=count)
+        record_stat(module, self.name, tiled=count, int8_buckets=int8_buckets)
         return module
+
+    def _takes_int8(self, node, key: dict, m_max: int) -> bool:
+        """The int8 kernel for this bucket: asked for from this size, permitted by the
+        model, and able to take the weights."""
+        return 0 < self.int8_min_m <= m_max and tuning.int8_permitted(key)

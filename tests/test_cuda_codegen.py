@@ -51,8 +51,26 @@ PAIRS_GOLDEN = {"i4_g128_swiglu_pairs_f16": (
     "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
 
 
-def _source(case, wgmma=False, epilogue=None, pairs=False):
+# Goldens whose buckets of 128 rows and more take the int8-activation kernel (tiled_i8.cuh),
+# as tile{int8_min_m=128} gives a qmatmul with accuracy_level 4: 4-bit group scales with zero
+# points, and 8-bit per-channel scales (one x scale a row).
+INT8_GOLDEN = {
+    "u4_g128_zp_f16_int8": cases.Case(k=4096, n=4096, bits=4, zero_point=True, group=128,
+                                      accuracy_level=4),
+    "i8_perchannel_bias_f16_int8": cases.Case(k=11008, n=37, bits=8, signed=True,
+                                              zero_point=False, group=0, bias=True,
+                                              accuracy_level=4)}
+
+
+def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False):
     _, packed, node = bs.pack_case(case)
+    if int8:
+        from qcompiler.tuning.key import kernel_key
+
+        for v in node.attrs["config"]["variants"].values():
+            if v["m_max"] >= 128:
+                cfg = tuning.int8_default(get_target("cuda-sm90"), kernel_key(node, v["m_max"]))
+                v.update({k: int(cfg[k]) for k in tuning.KNOBS}, wgmma=0, int8=1)
     if epilogue and pairs:
         node.attrs["epilogue"] = epilogue
         node.attrs["epilogue_pairs"] = 1
@@ -87,6 +105,13 @@ def test_golden_sources(name, update_goldens):
 def test_golden_wgmma_sources(name, update_goldens):
     check_golden(os.path.join(GOLDEN, f"{name}.cu"),
                  _source(GOLDEN_CASES[WGMMA_GOLDEN[name]], wgmma=True), update_goldens)
+
+
+@pytest.mark.parametrize("name", sorted(INT8_GOLDEN))
+def test_golden_int8_sources(name, update_goldens):
+    text = _source(INT8_GOLDEN[name], int8=True)
+    assert '#include "qcompiler/tiled_i8.cuh"' in text and "qc::launch_tiled_i8<Config" in text
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
 
 
 @pytest.mark.parametrize("name", sorted(EPILOGUE_GOLDEN))
@@ -129,7 +154,8 @@ def test_sources_are_deterministic():
 def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
     """nvcc builds each golden kernel for sm_80 and sm_90 (2 jobs at a time, nothing cached)."""
     jobs = []
-    for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN) + sorted(PAIRS_GOLDEN):
+    for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN) + sorted(PAIRS_GOLDEN) \
+            + sorted(INT8_GOLDEN):
         src = os.path.join(GOLDEN, f"{name}.cu")
         jobs.append((src, str(tmp_path / f"{name}.so"), ["sm_80", "sm_90"]))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -86,3 +86,57 @@ def test_split_k_and_fp32_scaling_in_host_emulation(fmt, tmp_path):
                 err = cases.rel_error(qmm.run(x, case.n, i), ref)
                 assert err <= cases.TOLERANCE[dtype], \
                     f"{fmt} M={m} variant {v} call {call}: rel error {err:.3g}"
+
+
+# ---- int8 activations (include/qcompiler/tiled_i8.cuh) --------------------------------------
+# Every format the int8 kernel takes (8-bit codes with a zero-point tensor it refuses), with
+# MatMulNBits's permission (accuracy_level 4). Explicit variants: M tiles of 16 and 32 rows,
+# stages of 64 rows (the 4-chunk swizzle) and 128, 1, 2 and 4 k warps (a k32 step a warp per
+# stage with 4), split-K 4 ways over 6 stages (uneven).
+INT8_FORMATS = ("u4_zp_g128_f16", "i4_g128_bf16", "u4_zp_g32_actorder_f16",
+                "i8_perchannel_f16", "u2_zp_g64_f16", "i3_g128_bf16")
+INT8_VARIANTS = [
+    {"m_max": 16, "gemv": 0, "m_frags": 1, "warps_n": 2, "warps_k": 2, "stages": 3,
+     "stage_k": 128, "acc_scale": 0, "split_k": 1, "int8": 1},
+    {"m_max": 64, "gemv": 0, "m_frags": 2, "warps_n": 1, "warps_k": 1, "stages": 2,
+     "stage_k": 64, "acc_scale": 0, "split_k": 4, "int8": 1},
+    {"m_max": 4096, "gemv": 0, "m_frags": 2, "warps_n": 4, "warps_k": 4, "stages": 4,
+     "stage_k": 128, "acc_scale": 0, "split_k": 1, "int8": 1},
+]
+INT8_TOLERANCE = cases.INT8_TOLERANCE  # against cases.int8_model
+
+
+def _int8_case(fmt: str, k: int, n: int) -> cases.Case:
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    return cases.Case(k=k, n=n, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
+
+
+def _explicit(packed_node, variants):
+    from qcompiler.codegen.cuda.config import KNOBS, OPTIONAL_KNOBS
+
+    packed_node.attrs["config"] = {**packed_node.attrs["config"], "variants": {
+        f"v{i:02d}": {"m_max": v["m_max"], "source": "explicit",
+                      **{k: int(v[k]) for k in KNOBS},
+                      **{k: int(v.get(k, d)) for k, d in OPTIONAL_KNOBS.items()}}
+        for i, v in enumerate(variants)}}
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+def test_int8_activations_in_host_emulation(fmt, tmp_path):
+    case = _int8_case(fmt, 372, 200)  # K: padded to 384 (x read with an odd stride); N: padded
+    module, packed, node = bs.pack_case(case, TARGET)
+    _explicit(node, INT8_VARIANTS)
+    qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
+    for m in (1, 5, 16, 33, 70):
+        x = cases.random_x(case, m, seed=m)
+        model = cases.int8_model(module, x)
+        ref = cases.reference(module, x)
+        for i, v in enumerate(qmm.variants):
+            for call in range(2):  # split-K counters back at zero; the workspace reused
+                y = qmm.run(x, case.n, i)
+                err = cases.rel_error(y, model)
+                assert err <= INT8_TOLERANCE[case.dtype], \
+                    f"{fmt} M={m} variant {v} call {call}: {err:.3g} from the int8 model"
+        # the int8 numerics: close to the float product, and farther than the bound above
+        assert INT8_TOLERANCE[case.dtype] < cases.rel_error(model, ref) < 0.05

@@ -22,8 +22,9 @@ import numpy as np
 
 from qcompiler.codegen.cpu import kernels, layout
 from qcompiler.runtime import numerics
+# The int8 path's activation quantization (shared with the CUDA int8 kernel's model).
+from qcompiler.runtime.numerics import INT8_MAX, quantize_int8_groups as quantize_groups  # noqa: F401
 
-INT8_MAX = 127
 
 
 def default_pool_size() -> None:
@@ -480,23 +481,6 @@ class QmmKernel:
         y = np.empty((x.shape[0], self.p.n), np.float32)
         self.run_into(x, y)
         return y
-
-
-def quantize_groups(x_groups: np.ndarray, xq_out: np.ndarray, scale_out: np.ndarray) -> None:
-    """Symmetric int8 per row and group: ``x ~= xq * scale``, scale = max|x| / 127.
-
-    The numpy model of the kernels' ``qmm_quantize`` prologue (the same float32 operations).
-    ``x_groups`` is [M, G, block]; writes ``xq_out`` (same shape, int8) and ``scale_out`` [M, G].
-    ``xq = rint(x * (127 / max|x|))`` lies in [-127, 127] without clipping. An all-zero group
-    gets scale 1 and codes 0 (its terms are zero whatever the scale).
-    """
-    amax = np.max(np.abs(x_groups), axis=-1)
-    np.multiply(amax, np.float32(1.0 / INT8_MAX), out=scale_out)
-    inv = np.divide(np.float32(INT8_MAX), amax, out=np.zeros_like(amax), where=amax > 0)
-    scale_out[amax == 0] = 1.0
-    q = np.multiply(x_groups, inv[..., None])
-    np.rint(q, out=q)
-    xq_out[...] = q
 
 
 def int8_activations(x: np.ndarray, block: int, k_pad: int, perm=None) -> np.ndarray:

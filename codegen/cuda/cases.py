@@ -24,6 +24,7 @@ class Case:
     dtype: str = "f16"
     bias: bool = False
     scale_dtype: str = "f16"
+    accuracy_level: int = 0    # 4: int8 activations permitted (MatMulNBits), see int8_model
 
     @property
     def name(self) -> str:
@@ -31,6 +32,7 @@ class Case:
         g = f"g{self.group}" if self.group else "pc"
         extra = ("_zp" if self.zero_point and not self.signed else "") + \
             ("_ao" if self.act_order else "") + ("_bias" if self.bias else "")
+        extra += f"_acc{self.accuracy_level}" if self.accuracy_level else ""
         return f"{w}{g}{extra}_{self.dtype}_k{self.k}_n{self.n}"
 
     def scheme(self) -> QuantScheme:
@@ -80,6 +82,8 @@ def make_module(case: Case, seed: int = 0) -> Module:
                              tensor((n,), "f32"), "bias").result
     operands = [x, w, s, zp, g_idx, None, None, bias]
     attrs = {"w_scheme": scheme, "act": "float"}
+    if case.accuracy_level > 1:
+        attrs["accuracy_level"] = case.accuracy_level
     types = infer_types("qmatmul", [v.type if v is not None else None for v in operands],
                         attrs, [None] * 8)
     node = fn.make_node("qmatmul", operands, types, attrs, names=["y"])
@@ -98,6 +102,57 @@ def reference(module: Module, x: np.ndarray) -> np.ndarray:
     return run(module, {"x": x})["y"]
 
 
+def int8_model(module: Module, x: np.ndarray) -> np.ndarray:
+    """What the CUDA int8-activation kernel computes (include/qcompiler/tiled_i8.cuh) for a
+    single-qmatmul module (before packing), in float64 then rounded to x's type.
+
+    x's columns are put in the kernel's K order (the act-order permutation), padded to 64 and
+    quantized per row and group (the weights' groups, or the whole row for per-channel
+    scales) as ``numerics.quantize_int8_groups`` does; each group's integer sum of codes times
+    the centred weight codes is scaled by the x scale and the weight scale (rounded to x's
+    type, as the packed tables hold it); then the bias.
+    """
+    from qcompiler.codegen.cuda.layout import K_ALIGN, act_order_permutation, pad_to
+    from qcompiler.ir.core import constant_value
+    from qcompiler.runtime import numerics
+
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    scheme = node.attrs["w_scheme"]
+    w = constant_value(module, node.arg("w")).astype(np.int64)
+    scale = constant_value(module, node.arg("w_scale"))
+    zp_v, gi_v, bias_v = node.arg("w_zero_point"), node.arg("g_idx"), node.arg("bias")
+    k, n = w.shape
+    k_pad = pad_to(k, K_ALIGN)
+    g_idx = constant_value(module, gi_v) if gi_v is not None else None
+    if zp_v is not None:
+        zero = numerics.expand_scale(constant_value(module, zp_v), (k, n), scheme, g_idx)
+    else:
+        zero = np.full((k, n), scheme.implied_zero_point or 0)
+    centred = w - zero.astype(np.int64)
+    perm = (act_order_permutation(g_idx, scheme.block_size) if g_idx is not None
+            else np.arange(k))
+    s_dtype = x.dtype
+    group = scheme.block_size if scheme.granularity == "group" else k_pad
+    groups = k_pad // group
+    xp = np.zeros((x.shape[0], k_pad), np.float32)
+    xp[:, :k] = x.astype(np.float32)[:, perm]
+    xq = np.empty((x.shape[0], groups, group), np.int8)
+    xs = np.empty((x.shape[0], groups), np.float32)
+    numerics.quantize_int8_groups(xp.reshape(x.shape[0], groups, group), xq, xs)
+    wc = np.zeros((k_pad, n), np.int64)
+    wc[:k] = centred[perm]
+    xq = xq.astype(np.int64)
+    ws = np.asarray(scale).astype(s_dtype).astype(np.float64)
+    y = np.zeros((x.shape[0], n))
+    for g in range(groups):
+        sums = xq[:, g] @ wc[g * group:(g + 1) * group]
+        col_scale = ws[g] if scheme.granularity == "group" else ws
+        y += sums * xs[:, g:g + 1].astype(np.float64) * col_scale
+    if bias_v is not None:
+        y += constant_value(module, bias_v).astype(np.float64)
+    return y.astype(s_dtype)
+
+
 def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
     y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
     if not np.all(np.isfinite(y64)):
@@ -107,3 +162,8 @@ def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
 
 # fp16 products rounded once (scale multiply) plus the output rounding: ~1e-3; bf16 ~1e-2.
 TOLERANCE = {"f16": 2e-3, "bf16": 1.5e-2}
+# The int8-activation kernel against int8_model: the same integer sums, so only the fp32
+# order of the scaled group sums differs, which flips the output's rounding in a few
+# elements (measured in the host emulation: at most 7e-6). int8's own error against the
+# float reference is 2e-3 to 7e-3 on the test cases: this bound tells them apart.
+INT8_TOLERANCE = {"f16": 2e-4, "bf16": 1e-3}

@@ -30,8 +30,10 @@ SOURCES = ("heuristic", "tuning-log", "explicit")
 KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scale", "split_k")
 # Knobs added later, with the value a config written before them means (tuning logs and .qir
 # text from before the wgmma kernel stay valid): wgmma=1 and 2 select the sm_90a wgmma/TMA
-# kernel with its consumer warpgroups splitting the tokens (1) or the N tile (2).
-OPTIONAL_KNOBS = {"wgmma": 0}
+# kernel with its consumer warpgroups splitting the tokens (1) or the N tile (2); int8=1 the
+# tiled kernel with int8 activations (tiled_i8.cuh; for qmatmuls whose accuracy_level is 4).
+OPTIONAL_KNOBS = {"wgmma": 0, "int8": 0}
+INT8_ACCURACY_LEVEL = 4  # MatMulNBits's permission for int8 activations
 X_DTYPES = ("f16", "bf16")
 # Layout parameters the template prints as C++ numbers.
 LAYOUT_INTS = ("container_bits", "k", "n", "k_pad", "n_pad", "group", "zero_const",
@@ -54,6 +56,7 @@ class Variant:
     acc_scale: int
     split_k: int
     wgmma: int = 0
+    int8: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,16 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
             return f"{knob}={config[knob]!r} is not an int"
     if config.get("wgmma", 0) not in (0, 1, 2):
         return f"wgmma={config['wgmma']} not in (0, 1, 2)"
+    if config.get("int8", 0) not in (0, 1):
+        return f"int8={config['int8']} not in (0, 1)"
     if config.get("wgmma", 0):
+        if config.get("int8", 0):
+            return "int8=1 is a variant of the tiled mma.sync kernel (wgmma must be 0)"
         return check_wgmma(target, key, config)
+    if config.get("int8", 0):
+        problem = check_int8(key, config)
+        if problem:
+            return problem
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_tiles = pad_to(key["k"], K_ALIGN) // 64
     if config["gemv"] not in (0, 1):
@@ -141,6 +152,51 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     if smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30) \
             > _smem_limit(target):
         return f"needs {smem_bytes(config, key)} bytes of shared memory"
+    return None
+
+
+def int8_weight_reason(key: dict) -> Optional[str]:
+    """None if the int8 kernel can take ``key``'s weights, else why: their codes, centred on
+    the zero point, must fit int8 (codes of at most 7 bits, or 8-bit codes whose zero point
+    is the middle of their range), and groups must be whole k32 steps."""
+    from qcompiler.codegen.cuda.tuning import _group, _scheme
+
+    scheme = _scheme(key["w_scheme"])
+    if scheme.dtype.bits == 8:
+        lo = scheme.dtype.int_range()[0]
+        zero = scheme.implied_zero_point or 0
+        if scheme.zero_point_type is not None or int(zero) - lo != 128:
+            return (f"8-bit codes with a zero point other than the middle of their range "
+                    f"({scheme}) do not fit int8 once centred")
+    group = _group(key)
+    if group and group % 32:
+        return f"group size {group}: the int8 kernel needs groups of a multiple of 32 rows"
+    if key.get("act") != "float":
+        return f"act={key.get('act')}: the int8 kernel quantizes float activations"
+    return None
+
+
+def check_int8(key: dict, config: dict) -> Optional[str]:
+    """``check_knobs``'s extra rules for ``int8=1`` (include/qcompiler/tiled_i8.cuh): the tiled
+    kernel (gemv=0, acc_scale=0), each warp's run of a stage whole k32 steps, and at most 2
+    m_frags with group scales (fp32 and s32 sums both live in registers)."""
+    if key.get("accuracy_level") != INT8_ACCURACY_LEVEL:
+        return (f"int8=1 computes with int8 activations, which only a qmatmul with "
+                f"accuracy_level {INT8_ACCURACY_LEVEL} permits (this one: "
+                f"{key.get('accuracy_level')})")
+    problem = int8_weight_reason(key)
+    if problem:
+        return problem
+    from qcompiler.codegen.cuda.tuning import _group
+
+    if config["gemv"] or config["acc_scale"]:
+        return "int8=1 is a variant of the tiled kernel (gemv=0, acc_scale=0)"
+    if (config["stage_k"] // 16) % (2 * config["warps_k"]):
+        return (f"int8=1: stage_k={config['stage_k']} split over warps_k={config['warps_k']} "
+                "is not whole k32 steps a warp")
+    if _group(key) and config["m_frags"] > 2:
+        return (f"int8=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']}): "
+                "fp32 and integer sums both live in registers")
     return None
 
 

@@ -16,6 +16,9 @@ A config is one kernel variant. ``gemv`` picks the kernel:
   / 16 (4, 8 or 16: every warpgroup covers all of the tile's tokens), ``warps_n`` the n64
   blocks of the N tile, shared evenly by ``warps_k`` warpgroups (1 or 2), blocks per
   warpgroup x M tile <= 256;
+- ``int8=1`` (with ``gemv=0``, ``wgmma=0``, ``acc_scale=0``), the tiled kernel with int8
+  activations (include/qcompiler/tiled_i8.cuh): the same knobs; only for a qmatmul whose
+  ``accuracy_level`` is 4 (``tile{int8_min_m=...}`` picks it; ``int8_default``);
 - ``gemv=1``, the split-K GEMV kernel for small M (weights straight from global memory into
   registers, operands swapped): ``m_frags`` (1 or 2: M tile = 8 m_frags), ``warps_n``,
   ``warps_k`` (warps splitting the CTA's K range, summed in shared memory), ``stages`` (k16
@@ -57,8 +60,11 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
         return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16
     sk = config.get("stage_k", 64)
     srows = sk // group if group < sk else 1
-    stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * 2
+    int8 = config.get("int8", 0)  # mirrors TileI8: x codes are bytes, plus x scales a group
+    stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * (1 if int8 else 2)
     stage += (srows * n_tile * 2) * (int(scale_in_registers) + int(has_zp))
+    if int8 and scale_in_registers:
+        stage += srows * m_tile * 4
     return max(config["stages"] * stage, m_tile * n_tile * 4) + 16
 
 
@@ -98,7 +104,18 @@ def search_space(target, key) -> dict:
         "stage_k": [64, 128],
         "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
         "split_k": list(range(1, 17)),
+        # int8 activations where the model permits them (accuracy_level 4) and the kernel
+        # takes the weights; its own rules (config.check_int8) filter the combinations.
+        "int8": [0, 1] if m > 16 and int8_permitted(key) else [0],
     }
+
+
+def int8_permitted(key: dict) -> bool:
+    """The int8-activation kernel may compute ``key``: the model permits int8 activations
+    (accuracy_level 4) and the kernel takes its weights."""
+    from qcompiler.codegen.cuda.config import INT8_ACCURACY_LEVEL, int8_weight_reason
+
+    return key.get("accuracy_level") == INT8_ACCURACY_LEVEL and int8_weight_reason(key) is None
 
 
 def default_config(target, key) -> dict:
@@ -240,6 +257,34 @@ def wgmma_default(target, key) -> dict:
         cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
                "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0,
                "split_k": split}
+    while check_config(target, key, cfg) and cfg["stages"] > 2:
+        cfg["stages"] -= 1
+    return cfg
+
+
+def int8_default(target, key) -> dict:
+    """The int8-activation kernel's config (include/qcompiler/tiled_i8.cuh). Not yet measured
+    on a GPU: the shape of the f16 tiled kernel's heuristic, with M tiles of 32 rows where the
+    weights have group scales (fp32 and integer sums both live in registers; 16 up to 16
+    rows) and 64 with per-channel scales above 32 rows, N tiles of 256, two k warps, stages of
+    128 rows where K and the group allow, and a split of K while the grid stays within two
+    CTAs per SM (at most 4 ways, two stages a split)."""
+    m, group = key["m"], _group(key)
+    k_pad = pad_to(key["k"], K_ALIGN)
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    m_frags = 1 if m <= 16 else 2 if group or m <= 32 else 4
+    stage_k = 128 if k_pad % 128 == 0 and (not group or group % 128 == 0 or 128 % group == 0) \
+        else 64
+    cfg = {"gemv": 0, "wgmma": 0, "acc_scale": 0, "int8": 1, "m_frags": m_frags, "warps_n": 4,
+           "warps_k": 2, "stages": 4, "stage_k": stage_k}
+    while n_blocks % cfg["warps_n"]:
+        cfg["warps_n"] //= 2
+    ctas = math.ceil(m / (16 * m_frags)) * (n_blocks // cfg["warps_n"])
+    split = 1
+    while split * 2 <= 4 and ctas * split * 2 <= 2 * _sm_count(target) \
+            and k_pad // stage_k // (split * 2) >= 2:
+        split *= 2
+    cfg["split_k"] = split
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg

@@ -313,3 +313,25 @@ def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     y = np.clip(np.rint(x / y_scale) + zpi, qmin, qmax)
     return (y.astype(np.uint8), np.array(y_scale.astype(x.dtype)),
             np.array(np.asarray(zpi).astype(np.uint8)))
+
+
+INT8_MAX = 127
+
+
+def quantize_int8_groups(x_groups: np.ndarray, xq_out: np.ndarray, scale_out: np.ndarray) -> None:
+    """Symmetric int8 per row and group: ``x ~= xq * scale``, scale = max|x| / 127: how the
+    backends' int8 numerics (MatMulNBits accuracy_level 4) quantize activations.
+
+    The numpy model of the CPU kernels' ``qmm_quantize`` prologue and of the CUDA int8
+    kernel's ``quantize_x_i8_kernel`` (the same float32 operations).
+    ``x_groups`` is [M, G, block]; writes ``xq_out`` (same shape, int8) and ``scale_out`` [M, G].
+    ``xq = rint(x * (127 / max|x|))`` lies in [-127, 127] without clipping. An all-zero group
+    gets scale 1 and codes 0 (its terms are zero whatever the scale).
+    """
+    amax = np.max(np.abs(x_groups), axis=-1)
+    np.multiply(amax, np.float32(1.0 / INT8_MAX), out=scale_out)
+    inv = np.divide(np.float32(INT8_MAX), amax, out=np.zeros_like(amax), where=amax > 0)
+    scale_out[amax == 0] = 1.0
+    q = np.multiply(x_groups, inv[..., None])
+    np.rint(q, out=q)
+    xq_out[...] = q

@@ -44,6 +44,10 @@ def kernel_key(node, m: int) -> dict:
     n = n if isinstance(n, int) else logical[1]
     scheme = node.attrs["w_scheme"]
     bias = node.arg("bias")
+    # The lowest precision of x the model permits (MatMulNBits's accuracy_level; 4: int8
+    # activations, which some kernels take): only where the node has one, so that the keys
+    # of every other qmatmul are unchanged.
+    level = node.attrs.get("accuracy_level")
     return {
         "op": "qmatmul",
         "m": m,
@@ -54,6 +58,7 @@ def kernel_key(node, m: int) -> dict:
         "x_dtype": x_type.dtype.name,
         "has_bias": bias is not None,
         "act_order": bool(scheme.act_order),
+        **({"accuracy_level": int(level)} if level else {}),
     }
 
 

@@ -35,6 +35,7 @@ struct Config {
     __device__ __forceinline__ static scalar_t apply_pair(scalar_t a, scalar_t) { return a; }
   };
   static constexpr int CB = 4;                  // bits per weight container
+  static constexpr int CODE_BITS = 4;           // bits of the model's codes
   static constexpr int K = 4096, N = 4096;
   static constexpr int K_PAD = 4096, N_PAD = 4096;
   static constexpr int N_BLOCKS = N_PAD / 64;          // n64 warp tiles
@@ -52,13 +53,13 @@ struct Config {
 
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
-    {8, 1, 1, 1, 16, 4, 64, 0, 2, 0},  // v0
-    {16, 1, 2, 1, 16, 4, 64, 0, 2, 0},  // v1
-    {32, 1, 2, 1, 16, 4, 64, 0, 2, 0},  // v2
-    {64, 1, 2, 1, 16, 4, 64, 0, 2, 0},  // v3
-    {128, 0, 8, 4, 2, 4, 64, 0, 2, 1},  // v4
-    {512, 0, 16, 2, 2, 4, 64, 0, 1, 2},  // v5
-    {4096, 0, 16, 2, 2, 4, 64, 0, 1, 2},  // v6
+    {8, 1, 1, 1, 16, 4, 64, 0, 2, 0, 0},  // v0
+    {16, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0},  // v1
+    {32, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0},  // v2
+    {64, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0},  // v3
+    {128, 0, 8, 4, 2, 4, 64, 0, 2, 1, 0},  // v4
+    {512, 0, 16, 2, 2, 4, 64, 0, 1, 2, 0},  // v5
+    {4096, 0, 16, 2, 2, 4, 64, 0, 1, 2, 0},  // v6
 };
 constexpr int N_VARIANTS = 7;
 

@@ -16,10 +16,12 @@ namespace qc {
 // One entry of the tile pass's variants (a row of the generated VARIANTS table).
 struct Variant {
   int m_max, gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
-  int wgmma;  // 1: the sm_90a wgmma kernel (wgmma.cuh); tables without it leave it 0
+  int wgmma;  // 1, 2: the sm_90a wgmma kernel (wgmma.cuh)
+  int int8;   // 1: the tiled kernel with int8 activations (tiled_i8.cuh)
 };
 
-// Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned.
+// Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned;
+// the prepared x of an int8 variant is its codes and scales (quantize_x_i8_kernel).
 // The counters have a fixed place and size whatever M and the variant: the caller zeroes the
 // workspace once, every launch leaves its counters at zero, and no call's partials or x can
 // land on a later call's counters. A grid with more tiles than counters (a large M, which
@@ -38,11 +40,22 @@ int splits(const Variant& v, int M) {
   return tiles <= MAX_COUNTERS ? v.split_k : 1;
 }
 
+// The activations' groups of the int8 path: the weights' K groups, or the whole padded row
+// where the weight scales are per channel (one scale a row: per token).
+template <class C>
+__host__ __device__ constexpr int x_group() { return C::SCALE_IN_EPILOGUE ? C::K_PAD : C::GROUP; }
+
+__host__ __device__ inline int rows4(int M) { return (M + 3) / 4 * 4; }
+
 template <class C>
 size_t workspace_bytes(const Variant& v, int M) {
   size_t bytes = COUNTERS_BYTES;
   if (splits<C>(v, M) > 1) bytes += align256(sizeof(float) * (size_t)splits<C>(v, M) * M * C::N);
-  if (C::PREP_X) bytes += align256(sizeof(typename C::scalar_t) * (size_t)M * C::K_PAD);
+  if (v.int8)
+    bytes += align256((size_t)M * C::K_PAD) +
+             align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
+  else if (C::PREP_X)
+    bytes += align256(sizeof(typename C::scalar_t) * (size_t)M * C::K_PAD);
   return bytes;
 }
 
@@ -58,6 +71,48 @@ __global__ void prepare_x_kernel(const typename C::scalar_t* x, typename C::scal
     xp[i] = k < C::K ? x[(long long)m * C::K + (perm ? perm[k] : k)]
                      : from_float<typename C::scalar_t>(0.0f);
   }
+}
+
+// Row k of the weights behind byte j (0-3) of a lane's B register for one k16 step, after
+// 2 q (q = lane % 4): the packed layout (codegen/cuda/layout.py) holds a lane's four rows
+// of a k16 step as nibbles (k, k+8, k+1, k+9) in 4-bit containers and bytes (k, k+1, k+8,
+// k+9) in 8-bit ones; tiled_i8.cuh hands them to mma.m16n8k32 as rows 4q + j of the k32
+// step, so x's columns are put in the same order.
+template <int CB>
+__host__ __device__ constexpr int b_row_offset(int j) {
+  return CB == 4 ? (j & 1) * 8 + (j >> 1) : (j >> 1) * 8 + (j & 1);
+}
+
+// int8 activations (MatMulNBits accuracy_level 4, the CPU int8 path's numerics): per row m and
+// group g of x_group<C>() columns (in the kernel's K order, after the act-order permutation),
+// scale = max|x| / 127 and xq = rint(x * (127 / max|x|)) (an all-zero group: scale 1, codes
+// 0); the IEEE steps of codegen/cpu/runtime.quantize_groups. xq [M, K_PAD]: column
+// 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K). xs [groups,
+// rows4(M)] (rows past M: 0). One warp per (row, group).
+template <class C>
+__global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, float* xs,
+                                     const int* perm, int M) {
+  constexpr int G = x_group<C>(), GROUPS = C::K_PAD / G;
+  const int m4 = rows4(M), lane = threadIdx.x & 31;
+  const int warp = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
+  if (warp >= m4 * GROUPS) return;  // whole warps: the shuffles below see all 32 lanes
+  const int m = warp / GROUPS, g = warp % GROUPS;
+  if (m >= M) {
+    if (lane == 0) xs[g * m4 + m] = 0.0f;
+    return;
+  }
+  auto value = [&](int kq) -> float {
+    const int k = (kq & ~15) + 2 * ((kq & 15) >> 2) + b_row_offset<C::CB>(kq & 3);
+    return k < C::K ? to_float(x[(long long)m * C::K + (perm ? perm[k] : k)]) : 0.0f;
+  };
+  float amax = 0.0f;
+  for (int i = lane; i < G; i += 32) amax = fmaxf(amax, fabsf(value(g * G + i)));
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float inv = amax > 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+  if (lane == 0) xs[g * m4 + m] = amax > 0.0f ? __fmul_rn(amax, 1.0f / 127.0f) : 1.0f;
+  for (int i = lane; i < G; i += 32)
+    xq[(long long)m * C::K_PAD + g * G + i] =
+        (int8_t)__float2int_rn(__fmul_rn(value(g * G + i), inv));
 }
 
 // The launch parameters of variant v for a call with M rows, the workspace laid out as above;
@@ -86,6 +141,21 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   ws += COUNTERS_BYTES;
   p.partial = reinterpret_cast<float*>(ws);
   if (p.split_k > 1) ws += align256(sizeof(float) * (size_t)p.split_k * M * C::N);
+  p.xq = nullptr;
+  p.xs = nullptr;
+  p.xs_stride = rows4(M);
+  if (v.int8) {  // x's codes and scales (the act-order permutation and padding included)
+    int8_t* xq = reinterpret_cast<int8_t*>(ws);
+    float* xs = reinterpret_cast<float*>(ws + align256((size_t)M * C::K_PAD));
+    const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
+    QC_LAUNCH(quantize_x_i8_kernel<C>, (int)((threads + 255) / 256), 256, 0, stream, p.x, xq,
+              xs, perm, M);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    p.xq = xq;
+    p.xs = xs;
+    return cudaSuccess;
+  }
   if (C::PREP_X) {
     S* xp = reinterpret_cast<S*>(ws);
     const long long total = (long long)M * C::K_PAD;

@@ -13,6 +13,7 @@
 //   float ZERO_CONST               the constant zero point (after the bias to unsigned)
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
+//   int CODE_BITS                  bits of the model's codes (the int8 kernel's centring)
 //   using Unpack                   one of the strategies in unpack.cuh
 //   struct Epilogue                FUSED, EXTRAS (operands it reads), PAIRS, apply(v, extras, i):
 //                                  the qmatmul's epilogue on element i of y (fuse-epilogue's
@@ -23,6 +24,7 @@
 #define QCOMPILER_PARAMS_CUH
 
 #include <cuda_runtime.h>
+#include <stdint.h>
 
 // A plain kernel launch. Under QC_HOST_EMULATION (tests/cuda_host/emulator) the grid runs on
 // the host, its threads as fibers, so that these kernels can be checked without a GPU.
@@ -53,6 +55,10 @@ struct Params {
   const void* extras[kMaxEpilogueExtras];
   bool epilogue;
   int M, x_stride, split_k;
+  // int8 activations (tiled_i8.cuh): x quantized per row and group by make_params.
+  const int8_t* xq;        // [M, K_PAD], K in the kernel's order (quantize_x_i8_kernel)
+  const float* xs;         // [x groups, xs_stride]: the scale of each row's group
+  int xs_stride;           // M rounded up to 4 (16-byte rows of scales)
 };
 
 }  // namespace qc

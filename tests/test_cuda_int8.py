@@ -1,0 +1,157 @@
+"""W4A8 / W8A8 on CUDA targets: the tiled kernel with int8 activations (tiled_i8.cuh), taken
+where the model permits int8 activations (MatMulNBits accuracy_level 4) and asked for by
+``tile{int8_min_m=...}`` or a tuning log. The passes, the config rules, the tuning key and
+search space, and a whole MatMulNBits model through the cuda-sm80 pipeline with its qmatmuls
+run by the emulated int8 kernel against onnxruntime's accuracy_level 4 (the kernel against
+its numpy model, per format and variant: test_cuda_qmatmul_emulation.py)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from qcompiler.codegen.cuda import bench_support as bs, cases, tuning
+from qcompiler.codegen.cuda.config import check_knobs, validate
+from qcompiler.errors import ConfigError
+from qcompiler.pipeline import PassManager
+from qcompiler.targets import get_target
+from qcompiler.tuning.key import kernel_key
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TARGET = "cuda-sm80"
+TILED = {"gemv": 0, "wgmma": 0, "acc_scale": 0, "m_frags": 2, "warps_n": 2, "warps_k": 2,
+         "stages": 3, "stage_k": 128, "split_k": 1, "int8": 1}
+
+
+def _packed(case: cases.Case, tile_options: str = ""):
+    module = cases.make_module(case)
+    spec = f"reorder-weights,schedule-unpack,tile{{target={TARGET}{tile_options}}}"
+    packed = PassManager.parse(spec).run(module)
+    return next(n for n in packed.main.nodes if n.op == "qmatmul")
+
+
+def _int8_buckets(node) -> dict:
+    return {v["m_max"]: v.get("int8", 0) for v in node.attrs["config"]["variants"].values()}
+
+
+def test_tile_takes_int8_from_the_size_asked_where_permitted():
+    permitted = cases.Case(k=1024, n=512, accuracy_level=4)
+    buckets = _int8_buckets(_packed(permitted, ",int8_min_m=128"))
+    assert buckets == {m: int(m >= 128) for m in buckets}
+    # off by default; never without the model's permission
+    assert not any(_int8_buckets(_packed(permitted)).values())
+    assert not any(_int8_buckets(_packed(cases.Case(k=1024, n=512), ",int8_min_m=1")).values())
+    # 8-bit codes with zero points do not fit int8 once centred: the f16 kernels stay
+    u8 = cases.Case(k=1024, n=512, bits=8, zero_point=True, accuracy_level=4)
+    assert not any(_int8_buckets(_packed(u8, ",int8_min_m=1")).values())
+    # the validator accepts what the pass chose
+    node = _packed(permitted, ",int8_min_m=16")
+    assert any(v.int8 for v in validate(node.attrs["config"], node).variants)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"int8": 2}, "int8=2 not in (0, 1)"),
+    ({"gemv": 1, "m_frags": 1, "stage_k": 64, "warps_k": 4}, "variant of the tiled kernel"),
+    ({"wgmma": 1}, "wgmma must be 0"),
+    ({"m_frags": 4}, "m_frags 1 or 2"),
+    ({"stage_k": 64, "warps_k": 4}, "whole k32 steps"),
+])
+def test_int8_config_rules(change, why):
+    key = kernel_key(_packed(cases.Case(k=1024, n=512, accuracy_level=4)), 256)
+    assert check_knobs(get_target(TARGET), key, TILED) is None
+    problem = check_knobs(get_target("cuda-sm90"), key, {**TILED, **change})
+    assert problem is not None and why in problem, problem
+
+
+def test_int8_needs_the_permission_and_fitting_weights():
+    tgt = get_target(TARGET)
+    plain = kernel_key(_packed(cases.Case(k=1024, n=512)), 256)
+    assert "accuracy_level" not in plain  # keys of other qmatmuls are unchanged
+    assert "accuracy_level 4 permits" in check_knobs(tgt, plain, TILED)
+    for case, why in ((cases.Case(k=1024, n=512, bits=8, zero_point=True, accuracy_level=4),
+                       "do not fit int8"),
+                      (cases.Case(k=1024, n=512, group=16, accuracy_level=4),
+                       "multiple of 32")):
+        assert why in check_knobs(tgt, kernel_key(_packed(case), 256), TILED)
+    # per-channel weights: one x scale a row, so M tiles of 64 are allowed
+    pc = kernel_key(_packed(cases.Case(k=1024, n=512, bits=8, signed=True, zero_point=False,
+                                       group=0, accuracy_level=4)), 256)
+    assert check_knobs(tgt, pc, {**TILED, "m_frags": 4}) is None
+    # a .qir or log config asking for int8 on a node without the permission is refused
+    node = _packed(cases.Case(k=1024, n=512))
+    for v in node.attrs["config"]["variants"].values():
+        v.update(TILED)
+    with pytest.raises(ConfigError, match="accuracy_level 4"):
+        validate(node.attrs["config"], node)
+
+
+def test_search_space_offers_int8_where_permitted():
+    tgt = get_target(TARGET)
+    key = kernel_key(_packed(cases.Case(k=1024, n=512, accuracy_level=4)), 256)
+    assert tuning.search_space(tgt, key)["int8"] == [0, 1]
+    assert tuning.search_space(tgt, {**key, "m": 8})["int8"] == [0]
+    plain = kernel_key(_packed(cases.Case(k=1024, n=512)), 256)
+    assert tuning.search_space(tgt, plain)["int8"] == [0]
+    # the heuristic's int8 config is valid, and the tuner's case keeps the permission
+    assert tuning.check_config(tgt, key, tuning.int8_default(tgt, key)) is None
+    assert bs.case_from_key(key).accuracy_level == 4
+
+
+def test_a_matmulnbits_model_with_int8_kernels_in_host_emulation(tmp_path):
+    """MatMulNBits (4-bit, blocks of 32, accuracy_level 4) through the cuda-sm80 pipeline with
+    tile{int8_min_m=1}: every qmatmul bucket takes the int8 kernel; run emulated, the model's
+    error is within onnxruntime's accuracy_level 4 (int8 activations per row and block)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime.quantization")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    import onnx_models as om
+    from cuda_emulation import EmulatedQmm
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.runtime.reference import run
+
+    om._quiet()
+    model = om._examples_module().quantize_matmul_nbits(
+        om.float_mlp(), bits=4, block_size=32, symmetric=False, accuracy_level=4)
+    spec = get_target(TARGET).default_pipeline
+    head, packing = spec.split(",reorder-weights")
+    assert packing == f",schedule-unpack,tile{{target={TARGET}}}"
+    module = PassManager.parse(head).run(import_model(model))
+    packed = PassManager.parse(
+        f"reorder-weights,schedule-unpack,tile{{target={TARGET},int8_min_m=1}}").run(
+        module.clone())
+    kernels = {}
+    for node in (n for n in packed.main.nodes if n.op == "qmatmul"):
+        assert all(_int8_buckets(node).values()), node.result.name
+        qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
+        width = node.result.type.shape[-1]
+
+        def impl(nd, args, module_, qmm=qmm, width=width):
+            x = args[0]
+            return [qmm.run(x.reshape(-1, x.shape[-1]), width).reshape(*x.shape[:-1], width)]
+        kernels[node.result.name] = impl
+    assert len(kernels) == om.N_LAYERS
+    name = model.graph.input[0].name
+    x = np.random.default_rng(7).standard_normal((5, om.SIZES[0])).astype(np.float32)
+    got = np.asarray(next(iter(run(module, {name: x}, kernels=kernels).values())), np.float64)
+    want = {}
+    for level in (4, 0):
+        m = om._examples_module().quantize_matmul_nbits(
+            om.float_mlp(), bits=4, block_size=32, symmetric=False, accuracy_level=level)
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        want[level] = np.asarray(sess.run(None, {name: x})[0], np.float64)
+    # onnxruntime's level 4 is not bit-exact with us (its own blocking and rounding of the
+    # activations), so the check is the issue's: our int8 error against the float product
+    # (level 0) is within onnxruntime's own level-4 error (measured 1.28x, max over outputs),
+    # and far above the f16 path's (int8 numerics really in effect; measured 25x).
+    scale = float(np.abs(want[0]).max())
+    err_int8 = float(np.abs(got - want[0]).max()) / scale
+    err_ort4 = float(np.abs(want[4] - want[0]).max()) / scale
+    f16 = np.asarray(next(iter(run(module, {name: x}).values())), np.float64)
+    err_f16 = float(np.abs(f16 - want[0]).max()) / scale
+    assert err_int8 <= 1.5 * err_ort4, (err_int8, err_ort4)
+    assert err_int8 > 5 * err_f16, (err_int8, err_f16)
