@@ -4,6 +4,12 @@ the tile pass's heuristic for the M <= 512 bucket against a few hand-picked alte
 and cuBLAS fp16 on the same shapes, in one run. W4A16 symmetric g128, fp16.
 
     python benchmarks/bench_prefill_gemm.py [--ms 512] [--out DIR]
+    python benchmarks/bench_prefill_gemm.py --large --int8 --ms 64,256,1024,4096
+
+``--int8``: the layers permit int8 activations (MatMulNBits accuracy_level 4), so the
+int8-activation kernel (W4A8, tiled_i8.cuh; its x quantization included in the time) runs
+beside the f16 ones, checked against its numpy model; the peers add cuBLAS int8
+(``torch._int_mm``, W8A8 without scales) and FP8 e4m3 (``torch._scaled_mm``).
 
 Each config is built, checked against the reference on fresh random inputs, then timed per
 call inside a CUDA graph over weight copies larger than L2 (bench_support.measure_config).
@@ -22,6 +28,23 @@ SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o,
 # issue #14's shapes (N, K): a 4096-wide layer and the large layers of 8B / 70B models.
 LARGE_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
+
+
+def int8_candidates(target, key) -> dict:
+    """The int8 kernel: its heuristic and a few tiles around it."""
+    from qcompiler.codegen.cuda import tuning
+
+    out = {"int8 heuristic": tuning.int8_default(target, key)}
+    base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "int8": 1, "stage_k": 128}
+    for mf, wn, wk, st, sk in ((2, 4, 2, 4, 1), (2, 2, 2, 4, 1), (1, 4, 2, 4, 1),
+                               (2, 4, 4, 3, 1), (2, 2, 4, 4, 1), (2, 4, 2, 4, 2)):
+        out[f"int8 mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
+            **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
+    unique = {}
+    for name, c in out.items():  # the heuristic's config under its own name only
+        if tuning.check_config(target, key, c) is None and c not in unique.values():
+            unique[name] = c
+    return unique
 
 
 def candidates(target, key, tiled: bool = True) -> dict:
@@ -63,6 +86,34 @@ def cublas_us(m, n, k) -> float:
     return time_graph(lambda i: torch.matmul(x, ws[i]), 4)["median"]
 
 
+def int8_peers_us(m, n, k) -> dict:
+    """cuBLAS int8 (torch._int_mm, s8 x s8 -> s32) and FP8 e4m3 (torch._scaled_mm, per-tensor
+    scales, fp16 out) on the same shape; a peer that fails is reported by its error."""
+    import torch
+
+    from qcompiler.codegen.cuda.bench_support import time_graph
+
+    out = {}
+    try:
+        a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+        bs_ = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t()
+               for _ in range(4)]
+        out["cuBLAS int8 (torch._int_mm)"] = time_graph(lambda i: torch._int_mm(a, bs_[i]),
+                                                        4)["median"]
+    except Exception as e:  # noqa: BLE001 (a peer's failure is a result)
+        out["cuBLAS int8 (torch._int_mm)"] = f"{type(e).__name__}: {e}"[:200]
+    try:
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        bs_ = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t() for _ in range(4)]
+        one = torch.ones((), device="cuda")
+        out["FP8 e4m3 (torch._scaled_mm)"] = time_graph(
+            lambda i: torch._scaled_mm(a, bs_[i], scale_a=one, scale_b=one,
+                                       out_dtype=torch.float16), 4)["median"]
+    except Exception as e:  # noqa: BLE001
+        out["FP8 e4m3 (torch._scaled_mm)"] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="512")
@@ -70,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true", help="issue #14's shapes instead of 1B's")
     ap.add_argument("--no-tiled", action="store_true", help="leave out the mma.sync configs")
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
+    ap.add_argument("--int8", action="store_true",
+                    help="accuracy_level 4 layers: the int8-activation kernel and int8/FP8 peers")
     a = ap.parse_args(argv)
     import torch
 
@@ -83,8 +136,11 @@ def main(argv=None) -> int:
     for m in [int(v) for v in a.ms.split(",")]:
         for n, k in shapes:
             key = {"op": "qmatmul", "m": m, "k": k, "n": n, "w_scheme": SCHEME, "act": "float",
-                   "x_dtype": "f16", "has_bias": False}
-            for name, cfg in candidates(target, key, tiled=not a.no_tiled).items():
+                   "x_dtype": "f16", "has_bias": False, **({"accuracy_level": 4} if a.int8 else {})}
+            configs = candidates(target, key, tiled=not a.no_tiled)
+            if a.int8:
+                configs.update(int8_candidates(target, key))
+            for name, cfg in configs.items():
                 if a.only and not any(part in name for part in a.only.split(",")):
                     continue
                 jobs.append((m, n, k, name, key, cfg))
@@ -124,13 +180,24 @@ def main(argv=None) -> int:
             rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
                          "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})
             print(f"M={m} {n}x{k} {'cuBLAS fp16':<32} {us:8.2f} us", flush=True)
+            for name, t in (int8_peers_us(m, n, k) if a.int8 else {}).items():
+                row = {"m": m, "n": n, "k": k, "config_name": name}
+                if isinstance(t, str):
+                    row["error"] = t
+                else:
+                    row.update(us=round(t, 2), tflops=round(2 * m * n * k / t / 1e6, 1))
+                rows.append(row)
+                print(f"M={m} {n}x{k} {name:<32} " + (f"{t:8.2f} us" if "us" in row else t),
+                      flush=True)
     date = datetime.datetime.now(datetime.timezone.utc)
     doc = {"benchmark": "bench_prefill_gemm.py", "device": torch.cuda.get_device_name(),
            "date": date.isoformat(timespec="seconds"), "torch": torch.__version__,
-           "format": "W4A16 i4 symmetric g128, fp16", "method":
+           "format": "W4A16 i4 symmetric g128, fp16" + (
+               "; int8 rows: W4A8 (x quantized per row and group of 128, in the time)"
+               if a.int8 else ""), "method":
            "per call: 20 calls in one CUDA graph over weight copies > 4x L2, median", "rows": rows}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}.json")
+    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print("wrote", path)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [cnn] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [tests] [int8] [cnn] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -18,6 +18,11 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    int8)  # issue #14: the int8-activation (W4A8) kernel's GPU tests, then it against cuBLAS fp16/int8, FP8 and our W4A16
+      timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
+        -k int8 2>&1 | tee "$OUT/int8-tests.log" | tail -12
+      timeout 360 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --int8 --no-tiled --ms 64,256,1024,4096 \
+        --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70 ;;
     cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare here)
       timeout 240 python3 -m pytest -q -n 4 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_conv.py" \
         2>&1 | tee "$OUT/conv-tests.log" | tail -15

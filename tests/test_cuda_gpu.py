@@ -93,6 +93,36 @@ def test_every_variant(fmt, tmp_path):
             _check(kern, built, m, variant=i)
 
 
+# int8 activations (tiled_i8.cuh) on the device: every format the int8 kernel takes, with the
+# permission of accuracy_level 4, against its numpy model (cases.int8_model) with its
+# tolerance; tile shapes, k warps, 64- and 128-row stages and split-K, at M tails.
+INT8_FORMATS = ["u4_zp_g128_f16", "i4_g128_bf16", "u4_zp_g32_actorder_f16",
+                "i8_perchannel_f16", "u2_zp_g64_f16", "u4_zp_perchannel_bf16"]
+INT8_VARIANTS = [{**v, "gemv": 0, "acc_scale": 0, "int8": 1} for v in (
+    {"m_frags": 1, "warps_n": 2, "warps_k": 2, "stages": 3, "stage_k": 128, "split_k": 1},
+    {"m_frags": 2, "warps_n": 4, "warps_k": 2, "stages": 4, "stage_k": 128, "split_k": 1},
+    {"m_frags": 2, "warps_n": 1, "warps_k": 1, "stages": 2, "stage_k": 64, "split_k": 5},
+    {"m_frags": 2, "warps_n": 2, "warps_k": 4, "stages": 4, "stage_k": 128, "split_k": 3},
+)]
+
+
+@pytest.mark.parametrize("fmt", INT8_FORMATS)
+def test_int8_activation_variants(fmt, tmp_path):
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    case = cases.Case(k=1024, n=456, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
+    built = bs.build_case(case, str(tmp_path), variants=INT8_VARIANTS)
+    kern = bs.load_kernel(built)
+    for i in range(len(INT8_VARIANTS)):
+        for m in (1, 17, 64, 130, 300):
+            seed = int.from_bytes(os.urandom(4), "little")
+            x = cases.random_x(case, m, seed)
+            y = kern.run_numpy(x, variant=i, poison=True)
+            err = cases.rel_error(y, cases.int8_model(built.module, x))
+            assert err <= cases.INT8_TOLERANCE[dtype], \
+                f"{case.name} M={m} variant={i} seed={seed}: {err:.3g} from the int8 model"
+
+
 @pytest.mark.parametrize("device_plan", ["1", "0"])
 def test_artifact_numpy_and_torch_no_copy(tmp_path, monkeypatch, device_plan):
     """qcompiler.load(DIR).run with numpy arrays and with torch CUDA tensors, through the

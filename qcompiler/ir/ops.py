@@ -651,7 +651,8 @@ def _qmatmul(types, attrs, consts):
     ``accuracy_level`` (``act=float``; MatMulNBits's attribute, kept when above 1): the lowest
     precision of x the model allows (2 f16, 3 bf16, 4 int8 per row and block, as onnxruntime
     computes); a permission, not a demand: ``ref`` computes in float, the ``cpu`` backend
-    takes its ``int8`` numerics for 4 (cpu-schedule ``numerics=auto``).
+    takes its ``int8`` numerics for 4 (cpu-schedule ``numerics=auto``), the ``cuda`` backend
+    its int8-activation kernel where ``tile{int8_min_m}`` or a tuning log asks for it.
     ``epilogue`` (a ``fused_elementwise`` body) is applied to the product: its ``x0`` is
     x @ dequant(w) + bias in the type above, ``x1, x2, ...`` the operands after the eight
     fixed ones (absent fixed operands are none); the result is what the body gives.
