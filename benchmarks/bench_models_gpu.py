@@ -35,10 +35,20 @@ Q4 = "canonicalize,quantize-weights{bits=4,group=128},"
 Q4_SYMMETRIC = "canonicalize,quantize-weights{bits=4,group=128,symmetric=true},"
 
 
+# --int8-min-m N: the quantized layers permit int8 activations (accuracy_level 4) and the
+# tile pass gives buckets of N rows and more the int8-activation kernel (W4A8).
+INT8_MIN_M = 0
+
+
 def pipeline(target: str, quantize: str = Q4) -> str:
     from qcompiler.targets import get_target
 
-    return quantize + get_target(target).default_pipeline
+    spec = get_target(target).default_pipeline
+    if INT8_MIN_M:
+        quantize = quantize.replace("quantize-weights{", "quantize-weights{accuracy_level=4,")
+        spec = spec.replace(f"tile{{target={target}}}",
+                            f"tile{{target={target},int8_min_m={INT8_MIN_M}}}")
+    return quantize + spec
 
 
 def dequantize_linears_in_place(model, group: int = 128) -> int:
@@ -537,7 +547,12 @@ def main(argv=None) -> int:
                     help="the graph replay's kernels and idle time, from the CUDA profiler")
     ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",
                     help="also time torch.compile(mode='reduce-overhead') for these models")
+    ap.add_argument("--int8-min-m", type=int, default=0,
+                    help="int8 activations (W4A8) for buckets of this many rows and more "
+                         "(the logits check is then against torch fp16 with int8's error)")
     a = ap.parse_args(argv)
+    global INT8_MIN_M
+    INT8_MIN_M = a.int8_min_m
     results = []
     ok = True
     a.save = lambda row: write_results(a, results, None)

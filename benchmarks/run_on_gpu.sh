@@ -22,7 +22,9 @@ for step in "$@"; do
       timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
         -k int8 2>&1 | tee "$OUT/int8-tests.log" | tail -12
       timeout 360 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --int8 --no-tiled --ms 64,256,1024,4096 \
-        --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70 ;;
+        --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70
+      timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/int8" --skip-minilm --skip-llama \
+        --prefill 512 --int8-min-m 128 2>&1 | tee "$OUT/int8-prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
     cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare here)
       timeout 240 python3 -m pytest -q -n 4 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_conv.py" \
         2>&1 | tee "$OUT/conv-tests.log" | tail -15

@@ -11,7 +11,10 @@ Each ``matmul(x, W)`` with a constant float ``W [K, N]`` becomes
 - ``symmetric``: signed codes in [-(2^(b-1) - 1), 2^(b-1) - 1], ``scale = absmax / (2^(b-1) - 1)``;
   otherwise unsigned codes with a zero point over ``[min(w, 0), max(w, 0)]`` (the range
   always holds 0 so that zeros stay exact);
-- ``min_elements``: leave smaller weights in float.
+- ``min_elements``: leave smaller weights in float;
+- ``accuracy_level``: stamped on each quantized matmul (and the qmatmul ``fuse-dequant`` makes
+  of it) as MatMulNBits's attribute would be: 4 permits int8 activations (the backends' int8
+  kernels); 0 (default) leaves it unset: float activations.
 
 Rounding is half to even, as ONNX QuantizeLinear does. A ragged last group (K not a
 multiple of ``group``) gets its own scale over the elements it has.
@@ -102,8 +105,9 @@ class QuantizeMatmulWeight(RewritePattern):
                                                 f"{base}.zp")
         dq = rw.create("dequantize", [wq, s, z], {"scheme": scheme, "out": fdtype}, before=node,
                        hint=f"{base}.dq")
-        mm = rw.create("matmul", [node.operands[0], dq.result], before=node, hint="mm",
-                       result_types=[node.result.type])
+        mm = rw.create("matmul", [node.operands[0], dq.result],
+                       {"accuracy_level": o.accuracy_level} if o.accuracy_level > 1 else None,
+                       before=node, hint="mm", result_types=[node.result.type])
         rw.replace(node, [mm.result])
         return True
 
@@ -118,8 +122,12 @@ class QuantizeWeightsPass(Pass):
     group_axis: str = "k"
     symmetric: bool = False
     min_elements: int = 0
+    accuracy_level: int = 0
 
     def run(self, module: Module) -> Module:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise PassError(f"quantize-weights: accuracy_level={self.accuracy_level} is not "
+                            "one of 0..4 (MatMulNBits's levels)")
         if self.bits not in (2, 3, 4, 8):
             raise PassError(f"quantize-weights: bits={self.bits} (use 2, 3, 4 or 8)")
         if self.group < 0:

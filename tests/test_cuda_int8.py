@@ -16,7 +16,10 @@ import pytest
 from qcompiler.codegen.cuda import bench_support as bs, cases, tuning
 from qcompiler.codegen.cuda.config import check_knobs, validate
 from qcompiler.errors import ConfigError
-from qcompiler.pipeline import PassManager
+from qcompiler.ir import tensor
+from qcompiler.ir.core import constant_node
+from qcompiler.ir.ops import infer_types
+from qcompiler.pipeline import PassError, PassManager
 from qcompiler.targets import get_target
 from qcompiler.tuning.key import kernel_key
 
@@ -155,3 +158,23 @@ def test_a_matmulnbits_model_with_int8_kernels_in_host_emulation(tmp_path):
     err_f16 = float(np.abs(f16 - want[0]).max()) / scale
     assert err_int8 <= 1.5 * err_ort4, (err_int8, err_ort4)
     assert err_int8 > 5 * err_f16, (err_int8, err_f16)
+
+
+def test_quantize_weights_stamps_the_permission():
+    """quantize-weights{accuracy_level=4} marks the qmatmuls it makes as MatMulNBits's level 4
+    would (the int8 kernels may take them); other levels are refused by name."""
+    module = cases.make_module(cases.Case(k=256, n=128))  # a qmatmul already (left alone)
+    fn = module.main
+    x = fn.args[0]
+    w = constant_node(fn, module, np.linspace(-1, 1, 256 * 64, dtype=np.float16).reshape(256, 64),
+                      tensor((256, 64), "f16"), "w_float").result
+    mm = fn.make_node("matmul", [x, w], infer_types("matmul", [x.type, w.type], {}, [None] * 2),
+                      {}, names=["z"])
+    fn.set_outputs([fn.outputs[0], mm.result], ["y", "z"])
+    out = PassManager.parse("quantize-weights{bits=4,group=32,accuracy_level=4},fuse-dequant").run(
+        module)
+    levels = sorted(str(n.attrs.get("accuracy_level")) for n in out.main.nodes if n.op == "qmatmul")
+    assert levels == ["4", "None"], levels
+    with pytest.raises(PassError, match="accuracy_level=7"):
+        PassManager.parse("quantize-weights{accuracy_level=7}").run(
+            cases.make_module(cases.Case(k=256, n=128)))

@@ -41,7 +41,23 @@ def _qmatmul_impl(node, packed, workdir):
     return impl
 
 
-def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch):
+def _int8_model_impl(node, module):
+    """The numpy model of the int8-activation kernel (cases.int8_model) as the product of
+    ``node`` (the interpreter applies its epilogue)."""
+    from qcompiler.codegen.cuda.cases import int8_model
+
+    def impl(nd, args, module_):
+        x = args[0]
+        y = int8_model(module, x.reshape(-1, x.shape[-1]), node)
+        return [y.reshape(*x.shape[:-1], y.shape[-1])]
+    return impl
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
+def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8):
+    """int8: the weights permit int8 activations (quantize-weights{accuracy_level=4}) and
+    tile{int8_min_m=1} gives every qmatmul the int8 kernel, with its fused epilogues; the
+    expected values then run each qmatmul's product through the int8 kernel's numpy model."""
     pytest.importorskip("torch")
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
@@ -55,11 +71,17 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch):
     # 4-bit weights (quantize-weights, as bench_models_gpu.py does), then the target's
     # pipeline; the reference runs the module before the qmatmul packing (it reads row-major
     # codes), the emulated qmatmul kernels the packed nodes of the same names.
-    spec = "canonicalize,quantize-weights{bits=4,group=32}," + get_target(TARGET).default_pipeline
+    level = ",accuracy_level=4" if int8 else ""
+    spec = "canonicalize,quantize-weights{bits=4,group=32%s}," % level \
+        + get_target(TARGET).default_pipeline
     packing = "reorder-weights,schedule-unpack,tile"
     assert spec.split(",reorder-weights")[1].startswith(",schedule-unpack,tile")
     module = PassManager.parse(spec.split(",reorder-weights")[0]).run(import_model(path))
-    packed = PassManager.parse(packing + "{target=%s}" % TARGET).run(module.clone())
+    packed = PassManager.parse(packing + "{target=%s%s}" % (
+        TARGET, ",int8_min_m=1" if int8 else "")).run(module.clone())
+    if int8:
+        assert all(v.get("int8") for n in packed.main.nodes if n.op == "qmatmul"
+                   for v in n.attrs["config"]["variants"].values())
     packed_nodes = {n.result.name: n for n in packed.main.nodes if n.op == "qmatmul"}
     kernels, texts, symbols = {}, {}, {}
     qmms = [n for n in module.main.nodes if n.op == "qmatmul"]
@@ -90,7 +112,8 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "_with_epilogue",
                         lambda k: k if getattr(k, "applies_epilogue", False) else plain(k))
     got = run(module, feeds, kernels=kernels)
-    want = run(module, feeds)
+    want = run(module, feeds, kernels={n.result.name: _int8_model_impl(n, module)
+                                       for n in qmms} if int8 else None)
     for k in want:
         w, g = np.asarray(want[k], np.float64), np.asarray(got[k], np.float64)
         scale = max(float(np.abs(w).max()), 1.0)

@@ -102,9 +102,10 @@ def reference(module: Module, x: np.ndarray) -> np.ndarray:
     return run(module, {"x": x})["y"]
 
 
-def int8_model(module: Module, x: np.ndarray) -> np.ndarray:
-    """What the CUDA int8-activation kernel computes (include/qcompiler/tiled_i8.cuh) for a
-    single-qmatmul module (before packing), in float64 then rounded to x's type.
+def int8_model(module: Module, x: np.ndarray, node=None) -> np.ndarray:
+    """What the CUDA int8-activation kernel computes (include/qcompiler/tiled_i8.cuh) for the
+    qmatmul ``node`` of ``module`` (before packing; default: its only qmatmul) on x [M, K]:
+    the product (bias included, no epilogue), in float64 then rounded to x's type.
 
     x's columns are put in the kernel's K order (the act-order permutation), padded to 64 and
     quantized per row and group (the weights' groups, or the whole row for per-channel
@@ -116,7 +117,8 @@ def int8_model(module: Module, x: np.ndarray) -> np.ndarray:
     from qcompiler.ir.core import constant_value
     from qcompiler.runtime import numerics
 
-    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    if node is None:
+        node = next(n for n in module.main.nodes if n.op == "qmatmul")
     scheme = node.attrs["w_scheme"]
     w = constant_value(module, node.arg("w")).astype(np.int64)
     scale = constant_value(module, node.arg("w_scale"))
