@@ -44,6 +44,75 @@ struct Tile {
   static constexpr int SMEM_BYTES = (PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES) + 16;
 };
 
+// The copies of one stage's weight words into sb: KS k16 steps of the CTA's WARPS_N n64
+// blocks (a block past N_BLOCKS is zero-filled). Shared by the f16 and int8 tiled kernels.
+template <class C, int KS, int WARPS_N, int THREADS, class S>
+__device__ __forceinline__ void copy_weight_stage(uint4* sb, const Params<S>& p, int nb0, int kt,
+                                                  int tid) {
+  constexpr int CHUNKS_PER_KS = WARPS_N * (C::CB / 4) * 32;  // uint4 per k16 step
+  for (int i = tid; i < KS * CHUNKS_PER_KS; i += THREADS) {
+    const int ks = i / CHUNKS_PER_KS, r = i % CHUNKS_PER_KS;
+    const bool ok = nb0 + r / ((C::CB / 4) * 32) < C::N_BLOCKS;
+    const uint4* src = p.w + ((long long)(kt * KS + ks) * C::N_BLOCKS + nb0) * ((C::CB / 4) * 32) + r;
+    cp_async16_stream(sb + i, ok ? src : p.w, ok);
+  }
+}
+
+// The copies of rows [row0, row0 + ROWS) of a permuted [rows, N_PAD] table (group scales or
+// zero points), the CTA's N_TILE columns from n64 block nb0, into dst.
+template <class C, int ROWS, int N_TILE, int THREADS, class S>
+__device__ __forceinline__ void copy_group_rows(unsigned char* dst, const S* table, int row0,
+                                                int nb0, int tid) {
+  constexpr int ROW_CHUNKS = N_TILE * 2 / 16;
+  for (int i = tid; i < ROWS * ROW_CHUNKS; i += THREADS) {
+    const int r = i / ROW_CHUNKS, c = i % ROW_CHUNKS;
+    const bool ok = nb0 * 64 + c * 8 < C::N_PAD;
+    const S* src = table + (long long)(row0 + r) * C::N_PAD + nb0 * 64 + c * 8;
+    cp_async16(dst + i * 16, ok ? src : table, ok);
+  }
+}
+
+// red[row][col] (M_FRAGS x 16 rows, N_TILE columns) = the sum over the WARPS_K warps that
+// share a warp column of their sums sum(mf, t, h, e) (the mma accumulator layout: element e
+// of n8 tile 2t + h is row 16 mf + lane / 4 + 8 (e / 2), column 2 (lane % 4) + e % 2), added
+// in a fixed order (deterministic). Every thread of the CTA calls it.
+template <int M_FRAGS, int WARPS_K, int N_TILE, class Sum>
+__device__ __forceinline__ void sum_k_warps(float* red, int wn, int wk, int lane, Sum sum) {
+  for (int w = 0; w < WARPS_K; ++w) {
+    if (wk == w) {
+#pragma unroll
+      for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = mf * 16 + (lane >> 2) + (e >> 1) * 8;
+              const int col = wn * 64 + t * 16 + h * 8 + (lane & 3) * 2 + (e & 1);
+              float* dst = red + row * N_TILE + col;
+              *dst = (w == 0 ? 0.0f : *dst) + sum(mf, t, h, e);
+            }
+    }
+    __syncthreads();
+  }
+}
+
+// Launch KERNEL over `grid` with THREADS threads and SMEM_BYTES of dynamic shared memory
+// (over 48 KB must be asked for, once per kernel).
+template <auto KERNEL, int SMEM_BYTES, int THREADS, class S>
+cudaError_t launch_with_smem(const Params<S>& p, dim3 grid, cudaStream_t stream) {
+  static bool smem_set = false;
+  if (!smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  QC_LAUNCH(KERNEL, grid, THREADS, SMEM_BYTES, stream, p);
+  return cudaGetLastError();
+}
+
 // ACC_SCALE: group scales multiply fp32 partial sums once per group run instead of every B
 // fragment (fewer fp16 instructions; for M tiles of 16, whose extra accumulators are few).
 // Launch bounds: two CTAs per SM for M tiles up to 32 (registers capped at 128 a thread;
@@ -76,14 +145,7 @@ qmatmul_kernel(const Params<typename C::scalar_t> p) {
   // Issue the copies of one stage (STAGE_K rows of K).
   auto load_stage = [&](int stage, int kt) {
     unsigned char* base = smem + stage * T::STAGE_BYTES;
-    uint4* sb = reinterpret_cast<uint4*>(base);
-    for (int i = tid; i < KS * T::B_CHUNKS_PER_KS; i += T::THREADS) {
-      const int ks = i / T::B_CHUNKS_PER_KS, r = i % T::B_CHUNKS_PER_KS;
-      const bool ok = nb0 + r / ((C::CB / 4) * 32) < C::N_BLOCKS;
-      const uint4* src =
-          p.w + ((long long)(kt * KS + ks) * C::N_BLOCKS + nb0) * ((C::CB / 4) * 32) + r;
-      cp_async16_stream(sb + i, ok ? src : p.w, ok);
-    }
+    copy_weight_stage<C, KS, WARPS_N, T::THREADS>(reinterpret_cast<uint4*>(base), p, nb0, kt, tid);
     unsigned char* sa = base + T::B_BYTES;
     constexpr int A_CHUNKS = T::A_ROW / 16;  // 16-byte chunks per row
     for (int i = tid; i < T::M_TILE * A_CHUNKS; i += T::THREADS) {
@@ -95,25 +157,11 @@ qmatmul_kernel(const Params<typename C::scalar_t> p) {
       cp_async16(sa + m * T::A_ROW + ((c ^ (m & 7)) << 4), src, ok);
     }
     const int row0 = C::GROUP < T::STAGE_K ? kt * T::SROWS : (kt * T::STAGE_K) / C::GROUP;
-    constexpr int ROW_CHUNKS = T::N_TILE * 2 / 16;
-    if (!C::SCALE_IN_EPILOGUE) {
-      unsigned char* ss = sa + T::A_BYTES;
-      for (int i = tid; i < T::SROWS * ROW_CHUNKS; i += T::THREADS) {
-        const int r = i / ROW_CHUNKS, c = i % ROW_CHUNKS;
-        const bool ok = nb0 * 64 + c * 8 < C::N_PAD;
-        const S* src = p.scales + (long long)(row0 + r) * C::N_PAD + nb0 * 64 + c * 8;
-        cp_async16(ss + i * 16, ok ? src : p.scales, ok);
-      }
-    }
-    if (C::HAS_ZP) {
-      unsigned char* sz = sa + T::A_BYTES + T::S_BYTES;
-      for (int i = tid; i < T::SROWS * ROW_CHUNKS; i += T::THREADS) {
-        const int r = i / ROW_CHUNKS, c = i % ROW_CHUNKS;
-        const bool ok = nb0 * 64 + c * 8 < C::N_PAD;
-        const S* src = p.zeros + (long long)(row0 + r) * C::N_PAD + nb0 * 64 + c * 8;
-        cp_async16(sz + i * 16, ok ? src : p.zeros, ok);
-      }
-    }
+    if (!C::SCALE_IN_EPILOGUE)
+      copy_group_rows<C, T::SROWS, T::N_TILE, T::THREADS>(sa + T::A_BYTES, p.scales, row0, nb0, tid);
+    if (C::HAS_ZP)
+      copy_group_rows<C, T::SROWS, T::N_TILE, T::THREADS>(sa + T::A_BYTES + T::S_BYTES, p.zeros,
+                                                          row0, nb0, tid);
   };
 
   float acc[M_FRAGS][4][2][4];
@@ -241,26 +289,10 @@ qmatmul_kernel(const Params<typename C::scalar_t> p) {
   cp_async_wait<0>();
   __syncthreads();
 
-  // Sum the WARPS_K partial tiles in shared memory (fixed order: deterministic).
+  // Sum the WARPS_K partial tiles in shared memory.
   float* red = reinterpret_cast<float*>(smem);
-  for (int w = 0; w < WARPS_K; ++w) {
-    if (wk == w) {
-#pragma unroll
-      for (int mf = 0; mf < M_FRAGS; ++mf)
-#pragma unroll
-        for (int t = 0; t < 4; ++t)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = mf * 16 + (lane >> 2) + (e >> 1) * 8;
-              const int col = wn * 64 + t * 16 + h * 8 + (lane & 3) * 2 + (e & 1);
-              float* dst = red + row * T::N_TILE + col;
-              *dst = (w == 0 ? 0.0f : *dst) + acc[mf][t][h][e];
-            }
-    }
-    __syncthreads();
-  }
+  sum_k_warps<M_FRAGS, WARPS_K, T::N_TILE>(
+      red, wn, wk, lane, [&](int mf, int t, int h, int e) { return acc[mf][t][h][e]; });
 
   finish_tile<C, T::M_TILE, T::N_TILE, T::THREADS>(
       p, m0, nb0 * 64, split, reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16),
@@ -271,17 +303,9 @@ qmatmul_kernel(const Params<typename C::scalar_t> p) {
 template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS, bool ACC_SCALE>
 cudaError_t launch_tiled(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = Tile<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>;
-  auto kernel = qmatmul_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS, ACC_SCALE>;
-  static bool smem_set = false;  // over 48 KB of shared memory must be asked for once
-  if (!smem_set) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           T::SMEM_BYTES);
-    if (err != cudaSuccess) return err;
-    smem_set = true;
-  }
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
-  QC_LAUNCH(kernel, grid, T::THREADS, T::SMEM_BYTES, stream, p);
-  return cudaGetLastError();
+  return launch_with_smem<qmatmul_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS, ACC_SCALE>,
+                          T::SMEM_BYTES, T::THREADS>(p, grid, stream);
 }
 
 }  // namespace qc

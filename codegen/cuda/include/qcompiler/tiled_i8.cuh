@@ -30,6 +30,7 @@
 #include "pipeline.cuh"
 #include "scalar.cuh"
 #include "splitk.cuh"
+#include "tiled.cuh"  // the stage copies, the k-warp sum and the launch it shares
 
 namespace qc {
 
@@ -129,14 +130,7 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
   // zero points and x scales.
   auto load_stage = [&](int stage, int kt) {
     unsigned char* base = smem + stage * T::STAGE_BYTES;
-    uint4* sb = reinterpret_cast<uint4*>(base);
-    for (int i = tid; i < KS * T::B_CHUNKS_PER_KS; i += T::THREADS) {
-      const int ks = i / T::B_CHUNKS_PER_KS, r = i % T::B_CHUNKS_PER_KS;
-      const bool ok = nb0 + r / ((C::CB / 4) * 32) < C::N_BLOCKS;
-      const uint4* src =
-          p.w + ((long long)(kt * KS + ks) * C::N_BLOCKS + nb0) * ((C::CB / 4) * 32) + r;
-      cp_async16_stream(sb + i, ok ? src : p.w, ok);
-    }
+    copy_weight_stage<C, KS, WARPS_N, T::THREADS>(reinterpret_cast<uint4*>(base), p, nb0, kt, tid);
     unsigned char* sa = base + T::B_BYTES;
     for (int i = tid; i < T::M_TILE * T::A_CHUNKS; i += T::THREADS) {
       const int m = i / T::A_CHUNKS, c = i % T::A_CHUNKS;
@@ -146,25 +140,11 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
       cp_async16(sa + m * T::A_ROW + (T::swizzle(m, c) << 4), src, ok);
     }
     const int row0 = C::GROUP < T::STAGE_K ? kt * T::SROWS : (kt * T::STAGE_K) / C::GROUP;
-    constexpr int ROW_CHUNKS = T::N_TILE * 2 / 16;
-    if (!C::SCALE_IN_EPILOGUE) {
-      unsigned char* ss = sa + T::A_BYTES;
-      for (int i = tid; i < T::SROWS * ROW_CHUNKS; i += T::THREADS) {
-        const int r = i / ROW_CHUNKS, c = i % ROW_CHUNKS;
-        const bool ok = nb0 * 64 + c * 8 < C::N_PAD;
-        const S* src = p.scales + (long long)(row0 + r) * C::N_PAD + nb0 * 64 + c * 8;
-        cp_async16(ss + i * 16, ok ? src : p.scales, ok);
-      }
-    }
-    if (C::HAS_ZP) {
-      unsigned char* sz = sa + T::A_BYTES + T::S_BYTES;
-      for (int i = tid; i < T::SROWS * ROW_CHUNKS; i += T::THREADS) {
-        const int r = i / ROW_CHUNKS, c = i % ROW_CHUNKS;
-        const bool ok = nb0 * 64 + c * 8 < C::N_PAD;
-        const S* src = p.zeros + (long long)(row0 + r) * C::N_PAD + nb0 * 64 + c * 8;
-        cp_async16(sz + i * 16, ok ? src : p.zeros, ok);
-      }
-    }
+    if (!C::SCALE_IN_EPILOGUE)
+      copy_group_rows<C, T::SROWS, T::N_TILE, T::THREADS>(sa + T::A_BYTES, p.scales, row0, nb0, tid);
+    if (C::HAS_ZP)
+      copy_group_rows<C, T::SROWS, T::N_TILE, T::THREADS>(sa + T::A_BYTES + T::S_BYTES, p.zeros,
+                                                          row0, nb0, tid);
     if (!T::X_PER_ROW) {  // x groups are the weight groups: [SROWS][M_TILE] floats
       unsigned char* sx = sa + T::A_BYTES + T::S_BYTES + T::Z_BYTES;
       constexpr int X_CHUNKS = T::M_TILE / 4;
@@ -302,26 +282,9 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
     }
   };
 
-  // Sum the WARPS_K partial tiles in shared memory (fixed order: deterministic).
+  // Sum the WARPS_K partial tiles in shared memory (tiled.cuh).
   float* red = reinterpret_cast<float*>(smem);
-  for (int w = 0; w < WARPS_K; ++w) {
-    if (wk == w) {
-#pragma unroll
-      for (int mf = 0; mf < M_FRAGS; ++mf)
-#pragma unroll
-        for (int t = 0; t < 4; ++t)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = mf * 16 + (lane >> 2) + (e >> 1) * 8;
-              const int col = wn * 64 + t * 16 + h * 8 + (lane & 3) * 2 + (e & 1);
-              float* dst = red + row * T::N_TILE + col;
-              *dst = (w == 0 ? 0.0f : *dst) + sum_of(mf, t, h, e);
-            }
-    }
-    __syncthreads();
-  }
+  sum_k_warps<M_FRAGS, WARPS_K, T::N_TILE>(red, wn, wk, lane, sum_of);
 
   finish_tile<C, T::M_TILE, T::N_TILE, T::THREADS>(
       p, m0, nb0 * 64, split, reinterpret_cast<int*>(smem + T::SMEM_BYTES - 16),
@@ -332,17 +295,9 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
 template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS>
 cudaError_t launch_tiled_i8(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = TileI8<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>;
-  auto kernel = qmatmul_i8_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>;
-  static bool smem_set = false;  // over 48 KB of shared memory must be asked for once
-  if (!smem_set) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           T::SMEM_BYTES);
-    if (err != cudaSuccess) return err;
-    smem_set = true;
-  }
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
-  QC_LAUNCH(kernel, grid, T::THREADS, T::SMEM_BYTES, stream, p);
-  return cudaGetLastError();
+  return launch_with_smem<qmatmul_i8_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>,
+                          T::SMEM_BYTES, T::THREADS>(p, grid, stream);
 }
 
 }  // namespace qc
