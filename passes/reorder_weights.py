@@ -1,6 +1,8 @@
 """reorder-weights: pack every qmatmul's weight into the CUDA backend's mma fragment layout.
 
-For each ``qmatmul{act=float}`` with constant integer weights (1–8 bits), fp16/bf16 activations
+For each ``qmatmul{act=float}`` with constant integer weights (1–8 bits) or FP8 e4m3 weights
+(``f8e4m3fn``: their bytes as codes, f16 activations, scales x 2^8 for the fp8-e4m3-f16
+unpack), fp16/bf16 activations
 and per-group (along K, block a multiple of 16 that divides or is divided by 64), per-channel
 (along N) or per-tensor scales, the constants are rewritten at compile time
 (``codegen/cuda/layout.py`` has the exact layout):
@@ -36,6 +38,7 @@ from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.runtime import numerics
 
 ACT_DTYPES = ("f16", "bf16")
+FP8_UNPACK_SCALE = 256.0  # the fp8-e4m3-f16 unpack's f16 is the e4m3 value / 2^8
 
 
 def _refuse(node, why: str):
@@ -67,8 +70,12 @@ def pack_qmatmul(module: Module, node) -> dict:
     if x_t.dtype.name not in ACT_DTYPES:
         _refuse(node, f"activations are {x_t.dtype}; the CUDA kernels take f16 or bf16 "
                       "(cast the model's inputs, or reorder-weights{compute_dtype=f16})")
-    if not scheme.dtype.is_integer or scheme.bits > 8:
-        _refuse(node, f"weights {scheme.dtype} are not 1-8 bit integers")
+    fp8 = scheme.dtype.name == "f8e4m3fn"
+    if fp8 and x_t.dtype.name != "f16":
+        _refuse(node, f"FP8 e4m3 weights take f16 activations, not {x_t.dtype} (their unpack "
+                      "moves the bits into f16)")
+    if not fp8 and (not scheme.dtype.is_integer or scheme.bits > 8):
+        _refuse(node, f"weights {scheme.dtype} are not 1-8 bit integers or FP8 e4m3")
     w = constant_value(module, node.arg("w"))
     scale = constant_value(module, node.arg("w_scale"))
     if w is None or scale is None:
@@ -82,8 +89,10 @@ def pack_qmatmul(module: Module, node) -> dict:
         _refuse(node, "zero point, g_idx and bias must be constants")
     k, n = w.shape
     group, scale_at = _group_size(node, scheme, k)
-    lo = scheme.dtype.int_range()[0]
+    # FP8: the bytes are the codes (no bias, no zero point); the unpack gives value / 2^8.
+    lo = 0 if fp8 else scheme.dtype.int_range()[0]
     cb = 4 if scheme.bits <= 4 else 8
+    scale_factor = FP8_UNPACK_SCALE if fp8 else 1.0
     k_pad, n_pad = L.pad_to(k, L.K_ALIGN), L.pad_to(n, L.N_ALIGN)
     np_dt = x_t.dtype.np_dtype
 
@@ -94,10 +103,13 @@ def pack_qmatmul(module: Module, node) -> dict:
         zfull = np.full((k, n), float(scheme.implied_zero_point - lo))
     else:
         zfull = np.full((k, n), float(-lo))
-    sfull = numerics.expand_scale(scale, (k, n), scheme, g_idx).astype(np.float32)
+    sfull = numerics.expand_scale(scale, (k, n), scheme, g_idx).astype(np.float32) * scale_factor
+    if fp8 and not np.all(np.isfinite(sfull.astype(np_dt))):
+        _refuse(node, f"scales x {FP8_UNPACK_SCALE:g} (the FP8 unpack's exponent offset) "
+                      f"overflow {x_t.dtype}")
 
     perm = None
-    u = (w.astype(np.int32) - lo).astype(np.uint8)
+    u = (np.asarray(w).view(np.uint8) if fp8 else (w.astype(np.int32) - lo).astype(np.uint8))
     if scheme.act_order:
         try:
             perm = L.act_order_permutation(g_idx, group)

@@ -9,6 +9,8 @@ node's ``config``:
   - ``shift-magic-bf16``: 4-bit codes, bf16: 7 mantissa bits cannot hold ``16c``, so one shift
     per nibble pair, then the same LOP3 with 0x4300 (``128 + c``);
   - ``prmt-f16``: 8-bit codes, fp16: PRMT puts each byte under 0x64 (``1024 + c``);
+  - ``fp8-e4m3-f16``: FP8 e4m3 codes, fp16: PRMT, shift and LOP3 move each byte's bits into
+    an f16 (its value / 2^8; reorder-weights folds the 2^8 into the scales);
   - ``shift-mask-f32``: anything else (8-bit codes with bf16, whose 128 + c is not exact):
     shift, mask, convert through fp32.
 - ``scale_at``: ``registers`` (group scales multiply the B fragment before the MMA, after an
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qcompiler.codegen.cuda.config import UNPACKS
 from qcompiler.codegen.cuda.layout import LAYOUT_NAME
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
-UNPACKS = ("lop3-magic-f16", "shift-magic-bf16", "prmt-f16", "shift-mask-f32")
 
 
-def choose_unpack(container_bits: int, dtype: str) -> str:
+def choose_unpack(container_bits: int, dtype: str, codes: str = "") -> str:
+    if codes == "f8e4m3fn":
+        return "fp8-e4m3-f16"
     if container_bits == 4:
         return "lop3-magic-f16" if dtype == "f16" else "shift-magic-bf16"
     if container_bits == 8 and dtype == "f16":
@@ -55,7 +59,12 @@ class ScheduleUnpackPass(Pass):
                 raise PassError(f"schedule-unpack: %{node.result.name} has no {LAYOUT_NAME} "
                                 "weight; run reorder-weights first")
             dtype = node.operands[0].type.dtype.name
-            unpack = self.unpack or choose_unpack(lay.get("container_bits"), dtype)
+            fp8 = lay.get("codes") == "f8e4m3fn"
+            unpack = self.unpack or choose_unpack(lay.get("container_bits"), dtype,
+                                                  lay.get("codes"))
+            if fp8 != (unpack == "fp8-e4m3-f16"):
+                raise PassError(f"schedule-unpack: {unpack} does not fit %{node.result.name} "
+                                f"({lay.get('codes')} codes: FP8 e4m3 takes fp8-e4m3-f16 only)")
             if unpack == "lop3-magic-f16" and (lay.get("container_bits") != 4 or dtype != "f16") \
                     or unpack == "shift-magic-bf16" and (lay.get("container_bits") != 4
                                                          or dtype != "bf16") \

@@ -29,6 +29,7 @@ GOLDEN_CASES = {
                                          group=0, bias=True),
     "u8_g64_zp_bf16": cases.Case(k=200, n=130, bits=8, zero_point=True, group=64,
                                  dtype="bf16"),
+    "f8e4m3_perchannel_bias_f16": cases.Case(k=1024, n=320, fp8=True, group=0, bias=True),
 }
 
 
@@ -476,3 +477,40 @@ def test_wgmma_golden_compiles_for_sm90a(tmp_path):
     wgmma_lines = [ln for ln in report.splitlines() if "qmatmul_wgmma_kernel" in ln]
     assert wgmma_lines
     assert " 0 bytes spill stores" in report.split(wgmma_lines[-1], 1)[1].splitlines()[1]
+
+
+def test_fp8_weights_from_onnx_and_their_refusals(tmp_path):
+    """An ONNX DequantizeLinear of FP8 e4m3 weights (opset 21, per-channel) feeding a MatMul
+    compiles for cuda-sm90 with the fp8-e4m3-f16 unpack and its scales x 2^8; bf16 compute
+    is refused naming the node."""
+    import ml_dtypes
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompiler.driver.frontend import import_model
+
+    k, n = 256, 96
+    rng = np.random.default_rng(0)
+    w = np.clip(rng.standard_normal((k, n)) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    scale = (rng.uniform(0.5, 1.5, n) / (448 * 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=1),
+         helper.make_node("MatMul", ["x", "wd"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [k, n], w.view(np.uint8).tobytes(),
+                            raw=True), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    spec = get_target("cuda-sm90").default_pipeline
+    out = PassManager.parse(spec).run(import_model(model))
+    node = next(nd for nd in out.main.nodes if nd.op == "qmatmul")
+    assert node.attrs["config"]["unpack"] == "fp8-e4m3-f16"
+    assert node.arg("w").type.layout.get("codes") == "f8e4m3fn"
+    from qcompiler.ir.core import constant_value
+
+    packed_scales = constant_value(out, node.arg("w_scale"))
+    assert np.allclose(packed_scales[:n].astype(np.float32), scale * 256, rtol=1e-3)
+    with pytest.raises(PassError, match="FP8 e4m3 weights take f16 activations"):
+        PassManager.parse(spec.replace("compute-dtype{dtype=f16}", "compute-dtype{dtype=bf16}")
+                          ).run(import_model(model))

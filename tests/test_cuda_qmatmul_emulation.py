@@ -140,3 +140,24 @@ def test_int8_activations_in_host_emulation(fmt, tmp_path):
                     f"{fmt} M={m} variant {v} call {call}: {err:.3g} from the int8 model"
         # the int8 numerics: close to the float product, and farther than the bound above
         assert INT8_TOLERANCE[case.dtype] < cases.rel_error(model, ref) < 0.05
+
+
+# ---- FP8 e4m3 weights (the fp8-e4m3-f16 unpack) --------------------------------------------
+@pytest.mark.parametrize("group", [0, 64], ids=["perchannel", "g64"])
+def test_fp8_weights_in_host_emulation(group, tmp_path):
+    """FP8 e4m3 weights (subnormals included) through every variant the tile pass picks, and
+    the tiled kernel's split-K, against the reference's float product (exact unpack: only the
+    f16 products' and output's rounding)."""
+    case = cases.Case(k=372, n=200, fp8=True, group=group, bias=True)
+    module, qmm = _emulated(case, tmp_path)
+    kinds = set()
+    for m in (1, 5, 33, 130):
+        x = cases.random_x(case, m, seed=m)
+        ref = cases.reference(module, x)
+        for i, v in enumerate(qmm.variants):
+            if m > v["m_max"] * 4:
+                continue
+            kinds.add("gemv" if v["gemv"] else "tiled")
+            err = cases.rel_error(qmm.run(x, case.n, i), ref)
+            assert err <= cases.TOLERANCE["f16"], f"FP8 M={m} variant {v}: rel error {err:.3g}"
+    assert kinds == {"gemv", "tiled"}, kinds

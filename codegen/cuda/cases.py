@@ -25,10 +25,11 @@ class Case:
     bias: bool = False
     scale_dtype: str = "f16"
     accuracy_level: int = 0    # 4: int8 activations permitted (MatMulNBits), see int8_model
+    fp8: bool = False          # FP8 e4m3 weights (bits 8, symmetric; signed/zero_point unused)
 
     @property
     def name(self) -> str:
-        w = f"{'i' if self.signed else 'u'}{self.bits}"
+        w = "f8e4m3" if self.fp8 else f"{'i' if self.signed else 'u'}{self.bits}"
         g = f"g{self.group}" if self.group else "pc"
         extra = ("_zp" if self.zero_point and not self.signed else "") + \
             ("_ao" if self.act_order else "") + ("_bias" if self.bias else "")
@@ -36,6 +37,11 @@ class Case:
         return f"{w}{g}{extra}_{self.dtype}_k{self.k}_n{self.n}"
 
     def scheme(self) -> QuantScheme:
+        if self.fp8:
+            kw = dict(dtype=elem("f8e4m3fn"), symmetric=True, scale_type=elem(self.scale_dtype))
+            if self.group:
+                return QuantScheme(**kw, granularity="group", axis=0, block_size=self.group)
+            return QuantScheme(**kw, granularity="channel", axis=1)
         affine = self.zero_point and not self.signed
         dt = elem(f"{'i' if self.signed else 'u'}{self.bits}")
         kw = dict(dtype=dt, symmetric=not affine, scale_type=elem(self.scale_dtype),
@@ -53,11 +59,16 @@ def make_module(case: Case, seed: int = 0) -> Module:
     rng = np.random.default_rng(seed)
     k, n = case.k, case.n
     scheme = case.scheme()
-    lo, hi = scheme.dtype.int_range()
+    # FP8 codes: e4m3 values of a normal spread up to ~400 (subnormals included), as if
+    # ~448 / max|w| scaled them; the "range" below then sets scales near 1/(448 sqrt(K)).
+    lo, hi = (-224, 224) if case.fp8 else scheme.dtype.int_range()
     m = Module("qmm")
     fn = m.add_function(Function("main"))
     x = fn.add_arg("x", tensor(["batch", k], case.dtype))
-    codes = rng.integers(lo, hi + 1, (k, n)).astype(scheme.dtype.np_dtype)
+    if case.fp8:
+        codes = np.clip(rng.standard_normal((k, n)) * 100.0, -448, 448).astype(scheme.dtype.np_dtype)
+    else:
+        codes = rng.integers(lo, hi + 1, (k, n)).astype(scheme.dtype.np_dtype)
     w = constant_node(fn, m, codes, tensor((k, n), scheme.dtype), "w").result
     groups = -(-k // case.group) if case.group else None
     sshape = (groups, n) if case.group else (n,)

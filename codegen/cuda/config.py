@@ -23,7 +23,7 @@ from typing import Optional
 
 from qcompiler.errors import ConfigError
 
-UNPACKS = ("lop3-magic-f16", "shift-magic-bf16", "prmt-f16", "shift-mask-f32")
+UNPACKS = ("lop3-magic-f16", "shift-magic-bf16", "prmt-f16", "fp8-e4m3-f16", "shift-mask-f32")
 SCALE_AT = ("registers", "epilogue")
 ZERO_AT = ("registers", "constant")
 SOURCES = ("heuristic", "tuning-log", "explicit")
@@ -162,6 +162,8 @@ def int8_weight_reason(key: dict) -> Optional[str]:
     from qcompiler.codegen.cuda.tuning import _group, _scheme
 
     scheme = _scheme(key["w_scheme"])
+    if not scheme.dtype.is_integer:
+        return f"{scheme.dtype} codes: the int8 kernel takes integer codes"
     if scheme.dtype.bits == 8:
         lo = scheme.dtype.int_range()[0]
         zero = scheme.implied_zero_point or 0

@@ -156,6 +156,40 @@ struct UnpackPrmtF16 {
   }
 };
 
+// "fp8-e4m3-f16" (FP8 e4m3 codes in 8-bit containers, f16). An e4m3 byte s.eeee.mmm moved to
+// f16's bits as s.0eeee.mmm0000000 is the f16 of its value / 2^8 (f16's exponent bias is 8
+// more than e4m3's; e4m3's subnormals land on f16 subnormals, also exactly): a PRMT puts the
+// bytes in the high halves, one shift and one LOP3 place sign and magnitude. reorder-weights
+// folds the 2^8 into the scales. No zero points (FP8 weights are symmetric).
+template <class S, bool HAS_ZP>
+struct UnpackFp8E4M3F16 {
+  static_assert(std::is_same<S, half>::value && !HAS_ZP, "FP8 e4m3 weights: f16, no zero point");
+  using S2 = pair_t<S>;
+  struct ZeroOffsets {};
+
+  static __device__ __forceinline__ ZeroOffsets zero_offsets(const S*) { return {}; }
+
+  static __device__ __forceinline__ uint32_t pair(uint32_t bytes_hi) {
+    return (bytes_hi & 0x80008000u) | ((bytes_hi >> 1) & 0x3f803f80u);
+  }
+
+  template <bool APPLY_SCALE>
+  static __device__ __forceinline__ void unpack_tile(const uint32_t* q, uint32_t* b,
+                                                     const ZeroOffsets&, const S2* s2) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      S2 lo = as_pair<S2>(pair(prmt(q[h], 0u, 0x1404u)));  // rows k, k+1 (bytes 0, 1)
+      S2 hi = as_pair<S2>(pair(prmt(q[h], 0u, 0x3424u)));  // rows k+8, k+9 (bytes 2, 3)
+      if constexpr (APPLY_SCALE) {
+        lo = __hmul2(lo, s2[h]);
+        hi = __hmul2(hi, s2[h]);
+      }
+      b[2 * h] = as_u32(lo);
+      b[2 * h + 1] = as_u32(hi);
+    }
+  }
+};
+
 // "shift-mask-f32" (any container width CB = 4 or 8, f16 or bf16). Shift and mask, then fp32:
 // (c - z) * s rounded once to S.
 template <class S, int CB>
