@@ -6,6 +6,9 @@ and cuBLAS fp16 on the same shapes, in one run. W4A16 symmetric g128, fp16.
     python benchmarks/bench_prefill_gemm.py [--ms 512] [--out DIR]
     python benchmarks/bench_prefill_gemm.py --large --int8 --ms 64,256,1024,4096
 
+``--fp8``: FP8 e4m3 weights (per channel) instead of 4-bit: our f16 kernels (the FP8 unpack)
+and the FP8-activation kernel (W8A8-FP8, its x quantization in the time) beside cuBLAS fp16 and
+``torch._scaled_mm``.
 ``--int8``: the layers permit int8 activations (MatMulNBits accuracy_level 4), so the
 int8-activation kernel (W4A8, tiled_i8.cuh; its x quantization included in the time) runs
 beside the f16 ones, checked against its numpy model; the peers add cuBLAS int8
@@ -28,6 +31,7 @@ SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o,
 # issue #14's shapes (N, K): a 4096-wide layer and the large layers of 8B / 70B models.
 LARGE_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
+FP8_SCHEME = "#quant<f8e4m3fn, symmetric, per_channel(axis=1), scale=f16>"
 
 
 def int8_candidates(target, key) -> dict:
@@ -42,6 +46,22 @@ def int8_candidates(target, key) -> dict:
             **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
     unique = {}
     for name, c in out.items():  # the heuristic's config under its own name only
+        if tuning.check_config(target, key, c) is None and c not in unique.values():
+            unique[name] = c
+    return unique
+
+
+def fp8_candidates(target, key) -> dict:
+    """The FP8-activation kernel: its heuristic and the int8 kernel's alternative tiles."""
+    from qcompiler.codegen.cuda import tuning
+
+    out = {"fp8 heuristic": tuning.fp8_default(target, key)}
+    for name, c in int8_candidates(target, {**key, "accuracy_level": 4,
+                                           "w_scheme": SCHEME}).items():
+        if name != "int8 heuristic":
+            out[name.replace("int8", "fp8")] = {**c, "int8": 0, "fp8": 1}
+    unique = {}
+    for name, c in out.items():
         if tuning.check_config(target, key, c) is None and c not in unique.values():
             unique[name] = c
     return unique
@@ -121,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true", help="issue #14's shapes instead of 1B's")
     ap.add_argument("--no-tiled", action="store_true", help="leave out the mma.sync configs")
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
+    ap.add_argument("--fp8", action="store_true",
+                    help="FP8 e4m3 weights: our f16 and FP8-activation kernels, FP8 peers")
     ap.add_argument("--int8", action="store_true",
                     help="accuracy_level 4 layers: the int8-activation kernel and int8/FP8 peers")
     a = ap.parse_args(argv)
@@ -135,11 +157,14 @@ def main(argv=None) -> int:
     jobs = []
     for m in [int(v) for v in a.ms.split(",")]:
         for n, k in shapes:
-            key = {"op": "qmatmul", "m": m, "k": k, "n": n, "w_scheme": SCHEME, "act": "float",
+            key = {"op": "qmatmul", "m": m, "k": k, "n": n,
+                   "w_scheme": FP8_SCHEME if a.fp8 else SCHEME, "act": "float",
                    "x_dtype": "f16", "has_bias": False, **({"accuracy_level": 4} if a.int8 else {})}
             configs = candidates(target, key, tiled=not a.no_tiled)
             if a.int8:
                 configs.update(int8_candidates(target, key))
+            if a.fp8:
+                configs.update(fp8_candidates(target, key))
             for name, cfg in configs.items():
                 if a.only and not any(part in name for part in a.only.split(",")):
                     continue
@@ -180,7 +205,7 @@ def main(argv=None) -> int:
             rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
                          "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})
             print(f"M={m} {n}x{k} {'cuBLAS fp16':<32} {us:8.2f} us", flush=True)
-            for name, t in (int8_peers_us(m, n, k) if a.int8 else {}).items():
+            for name, t in (int8_peers_us(m, n, k) if a.int8 or a.fp8 else {}).items():
                 row = {"m": m, "n": n, "k": k, "config_name": name}
                 if isinstance(t, str):
                     row["error"] = t
@@ -192,12 +217,13 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc)
     doc = {"benchmark": "bench_prefill_gemm.py", "device": torch.cuda.get_device_name(),
            "date": date.isoformat(timespec="seconds"), "torch": torch.__version__,
-           "format": "W4A16 i4 symmetric g128, fp16" + (
+           "format": ("W8A16 FP8 e4m3 per channel, fp16; fp8 rows: W8A8-FP8 (x per row)"
+                      if a.fp8 else "W4A16 i4 symmetric g128, fp16") + (
                "; int8 rows: W4A8 (x quantized per row and group of 128, in the time)"
                if a.int8 else ""), "method":
            "per call: 20 calls in one CUDA graph over weight copies > 4x L2, median", "rows": rows}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}.json")
+    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}{'-fp8' if a.fp8 else ''}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print("wrote", path)

@@ -18,9 +18,11 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
-    int8)  # issue #14: the int8-activation (W4A8) kernel's GPU tests, then it against cuBLAS fp16/int8, FP8 and our W4A16
+    int8)  # issue #14: the 8-bit-activation kernels' GPU tests (int8 W4A8, FP8 W8A8), then them against cuBLAS fp16/int8, FP8 and our W4A16
       timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
-        -k int8 2>&1 | tee "$OUT/int8-tests.log" | tail -12
+        -k "int8 or fp8" 2>&1 | tee "$OUT/int8-tests.log" | tail -12
+      timeout 200 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --fp8 --no-tiled --ms 256,1024,4096 \
+        --only "heuristic,fp8" --out "$OUT" 2>&1 | tee "$OUT/fp8-bench.log" | grep -E "M=|wrote|rror" | tail -50
       timeout 360 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --int8 --no-tiled --ms 64,256,1024,4096 \
         --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70
       timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/int8" --skip-minilm --skip-llama \

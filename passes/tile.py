@@ -18,12 +18,18 @@ on every qmatmul whose ``accuracy_level`` is 4 (MatMulNBits's permission; the CP
 ``int8`` numerics, x quantized per row and group) and whose weights it takes
 (``config.int8_weight_reason``), unless a tuning-log record decides the bucket. Off by default
 until it has been measured on a GPU against the f16 kernels.
+
+``fp8_min_m`` (default 0: off): the same for FP8 e4m3 activations, on qmatmuls with FP8 e4m3
+weights on targets with FP8 MMA (sm_89, sm_90): W8A8-FP8, x quantized per row (per-channel
+weights) or group to e4m3 with scale max|x|/448. ONNX has no attribute that permits it: this
+option is the user's permission (``cases.fp8_model`` gives its numerics).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from qcompiler.codegen.cuda import tuning
+from qcompiler.codegen.cuda.config import fp8_weight_reason
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.tuning.key import kernel_key
@@ -55,6 +61,7 @@ class TilePass(Pass):
     target: str = "cuda-sm90"
     tuning_log: str = ""
     int8_min_m: int = 0
+    fp8_min_m: int = 0
 
     def run(self, module: Module) -> Module:
         tgt = self.backend_target("cuda")
@@ -64,7 +71,7 @@ class TilePass(Pass):
             from qcompiler.tuning.log import Replay
 
             device, replay = device_name(tgt), Replay(self.tuning_log)
-        count = int8_buckets = 0
+        count = int8_buckets = fp8_buckets = 0
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
@@ -85,6 +92,10 @@ class TilePass(Pass):
                     if self._takes_int8(node, key, m_max):
                         chosen = tuning.int8_default(tgt, key)
                         int8_buckets += 1
+                    elif 0 < self.fp8_min_m <= m_max and \
+                            fp8_weight_reason(tgt, key) is None:
+                        chosen = tuning.fp8_default(tgt, key)
+                        fp8_buckets += 1
                 # A dict keyed by bucket: the IR's attribute lists hold numbers only.
                 variants[f"m{m_max}"] = {
                     "m_max": m_max, "source": source,
@@ -92,7 +103,8 @@ class TilePass(Pass):
                     **{k: int(chosen.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
             node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants}
             count += 1
-        record_stat(module, self.name, tiled=count, int8_buckets=int8_buckets)
+        record_stat(module, self.name, tiled=count, int8_buckets=int8_buckets,
+                    fp8_buckets=fp8_buckets)
         return module
 
     def _takes_int8(self, node, key: dict, m_max: int) -> bool:

@@ -52,26 +52,30 @@ PAIRS_GOLDEN = {"i4_g128_swiglu_pairs_f16": (
     "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
 
 
-# Goldens whose buckets of 128 rows and more take the int8-activation kernel (tiled_i8.cuh),
+# Goldens whose buckets of 128 rows and more take the 8-bit-activation kernel (tiled_i8.cuh),
 # as tile{int8_min_m=128} gives a qmatmul with accuracy_level 4: 4-bit group scales with zero
-# points, and 8-bit per-channel scales (one x scale a row).
+# points, and 8-bit per-channel scales (one x scale a row); and FP8 e4m3 activations.
 INT8_GOLDEN = {
     "u4_g128_zp_f16_int8": cases.Case(k=4096, n=4096, bits=4, zero_point=True, group=128,
                                       accuracy_level=4),
     "i8_perchannel_bias_f16_int8": cases.Case(k=11008, n=37, bits=8, signed=True,
                                               zero_point=False, group=0, bias=True,
-                                              accuracy_level=4)}
+                                              accuracy_level=4),
+    # FP8 e4m3 activations on FP8 e4m3 weights (tile{fp8_min_m=128} on cuda-sm90)
+    "f8e4m3_perchannel_bias_f16_fp8": cases.Case(k=1024, n=320, fp8=True, group=0, bias=True)}
 
 
 def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False):
     _, packed, node = bs.pack_case(case)
-    if int8:
+    if int8:  # the int8 kernel, or for FP8 weights the FP8-activation kernel
         from qcompiler.tuning.key import kernel_key
 
+        default = tuning.fp8_default if case.fp8 else tuning.int8_default
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] >= 128:
-                cfg = tuning.int8_default(get_target("cuda-sm90"), kernel_key(node, v["m_max"]))
-                v.update({k: int(cfg[k]) for k in tuning.KNOBS}, wgmma=0, int8=1)
+                cfg = default(get_target("cuda-sm90"), kernel_key(node, v["m_max"]))
+                v.update({k: int(cfg[k]) for k in tuning.KNOBS}, wgmma=0, int8=int(not case.fp8),
+                         fp8=int(case.fp8))
     if epilogue and pairs:
         node.attrs["epilogue"] = epilogue
         node.attrs["epilogue_pairs"] = 1

@@ -123,6 +123,28 @@ def test_int8_activation_variants(fmt, tmp_path):
                 f"{case.name} M={m} variant={i} seed={seed}: {err:.3g} from the int8 model"
 
 
+@pytest.mark.parametrize("group", [0, 128], ids=["perchannel", "g128"])
+def test_fp8_weights_and_fp8_activation_variants(group, tmp_path):
+    """FP8 e4m3 weights: the f16 kernels (fp8-e4m3-f16 unpack) against the reference, and the
+    FP8-activation variants (sm_89+, mma e4m3) against their numpy model (cases.fp8_model)."""
+    case = cases.Case(k=1024, n=456, fp8=True, group=group, bias=True)
+    built = bs.build_case(case, str(tmp_path / "f16"), target="cuda-sm90")
+    kern = bs.load_kernel(built)
+    for m in (1, 17, 64, 300):
+        _check(kern, built, m)
+    variants = [{**v, "int8": 0, "fp8": 1} for v in INT8_VARIANTS]
+    built = bs.build_case(case, str(tmp_path / "fp8"), target="cuda-sm90", variants=variants)
+    kern = bs.load_kernel(built)
+    for i in range(len(variants)):
+        for m in (1, 17, 64, 130, 300):
+            seed = int.from_bytes(os.urandom(4), "little")
+            x = cases.random_x(case, m, seed)
+            y = kern.run_numpy(x, variant=i, poison=True)
+            err = cases.rel_error(y, cases.fp8_model(built.module, x))
+            assert err <= cases.FP8_TOLERANCE["f16"], \
+                f"{case.name} M={m} variant={i} seed={seed}: {err:.3g} from the fp8 model"
+
+
 @pytest.mark.parametrize("device_plan", ["1", "0"])
 def test_artifact_numpy_and_torch_no_copy(tmp_path, monkeypatch, device_plan):
     """qcompiler.load(DIR).run with numpy arrays and with torch CUDA tensors, through the

@@ -1,6 +1,7 @@
 """W4A8 / W8A8 on CUDA targets: the tiled kernel with int8 activations (tiled_i8.cuh), taken
 where the model permits int8 activations (MatMulNBits accuracy_level 4) and asked for by
-``tile{int8_min_m=...}`` or a tuning log. The passes, the config rules, the tuning key and
+``tile{int8_min_m=...}`` or a tuning log; the same kernel with FP8 e4m3 activations on FP8
+e4m3 weights (``tile{fp8_min_m=...}``, sm_89+), and its e4m3 conversion. The passes, the config rules, the tuning key and
 search space, and a whole MatMulNBits model through the cuda-sm80 pipeline with its qmatmuls
 run by the emulated int8 kernel against onnxruntime's accuracy_level 4 (the kernel against
 its numpy model, per format and variant: test_cuda_qmatmul_emulation.py)."""
@@ -178,3 +179,63 @@ def test_quantize_weights_stamps_the_permission():
     with pytest.raises(PassError, match="accuracy_level=7"):
         PassManager.parse("quantize-weights{accuracy_level=7}").run(
             cases.make_module(cases.Case(k=256, n=128)))
+
+
+def test_float_to_e4m3_rounds_as_ml_dtypes(tmp_path):
+    """dispatch.cuh's float_to_e4m3 (the FP8 quantizer's conversion, host and device) against
+    ml_dtypes' float8_e4m3fn: nearest, ties to even, subnormals; saturated to +-448."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    import ctypes
+
+    import ml_dtypes
+    from cuda_emulation import compile_emulated
+    from qcompiler.codegen.cuda.build import INCLUDE_DIR
+
+    lib = ctypes.CDLL(compile_emulated(
+        '#include "qcompiler/dispatch.cuh"\n'
+        'extern "C" void convert(const float* v, unsigned char* out, int n) {\n'
+        '  for (int i = 0; i < n; ++i) out[i] = qc::float_to_e4m3(v[i]);\n}\n',
+        tmp_path, "e4m3", [INCLUDE_DIR]))
+    lib.convert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    finite = np.sort(codes[np.isfinite(codes)])
+    mids = (finite[:-1] + finite[1:]) / 2  # ties: to the even code
+    rng = np.random.default_rng(0)
+    v = np.concatenate([finite, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf),
+                        rng.standard_normal(20000).astype(np.float32) * 100,
+                        rng.standard_normal(2000).astype(np.float32) * 0.01]).astype(np.float32)
+    v = v[np.abs(v) <= 448]
+    out = np.empty(v.size, np.uint8)
+    lib.convert(v.ctypes.data, out.ctypes.data, v.size)
+    want = v.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = out.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, [(float(v[i]), float(got[i]), float(want[i])) for i in bad[:5]]
+    sat = np.array([448.0, 500.0, -1e6], np.float32)
+    lib.convert(sat.ctypes.data, out.ctypes.data, 3)
+    assert out[:3].view(ml_dtypes.float8_e4m3fn).astype(np.float32).tolist() == [448, 448, -448]
+
+
+def test_tile_takes_fp8_activations_on_fp8_weights_where_the_target_has_fp8_mma():
+    fp8 = cases.Case(k=1024, n=512, fp8=True, group=0)
+
+    def fp8_buckets(case, target):
+        module = cases.make_module(case)
+        packed = PassManager.parse(f"reorder-weights,schedule-unpack,tile{{target={target},"
+                                   "fp8_min_m=128}").run(module)
+        node = next(n for n in packed.main.nodes if n.op == "qmatmul")
+        return node, {v["m_max"]: v.get("fp8", 0)
+                      for v in node.attrs["config"]["variants"].values()}
+    node, buckets = fp8_buckets(fp8, "cuda-sm90")
+    assert buckets == {m: int(m >= 128) for m in buckets}
+    assert any(v.fp8 for v in validate(node.attrs["config"], node).variants)
+    assert not any(fp8_buckets(fp8, "cuda-sm80")[1].values())  # no FP8 MMA before sm_89
+    assert not any(fp8_buckets(cases.Case(k=1024, n=512), "cuda-sm90")[1].values())  # int4
+    key = kernel_key(node, 256)
+    cfg = {**TILED, "int8": 0, "fp8": 1}
+    assert check_knobs(get_target("cuda-sm89"), key, cfg) is None
+    assert "sm_89" in check_knobs(get_target("cuda-sm80"), key, cfg)
+    assert "one at most" in check_knobs(get_target("cuda-sm90"), key, {**cfg, "int8": 1})
+    int4 = kernel_key(_packed(cases.Case(k=1024, n=512)), 256)
+    assert "FP8 e4m3 weights" in check_knobs(get_target("cuda-sm90"), int4, cfg)

@@ -161,3 +161,26 @@ def test_fp8_weights_in_host_emulation(group, tmp_path):
             err = cases.rel_error(qmm.run(x, case.n, i), ref)
             assert err <= cases.TOLERANCE["f16"], f"FP8 M={m} variant {v}: rel error {err:.3g}"
     assert kinds == {"gemv", "tiled"}, kinds
+
+
+# FP8 e4m3 activations on FP8 e4m3 weights (the 8-bit-activation kernel with FP8=true; sm_89+
+# targets): the int8 tests' tiles, against the kernel's numpy model (cases.fp8_model).
+FP8_VARIANTS = [{**v, "int8": 0, "fp8": 1} for v in INT8_VARIANTS]
+
+
+@pytest.mark.parametrize("group", [0, 64], ids=["perchannel", "g64"])
+def test_fp8_activations_in_host_emulation(group, tmp_path):
+    case = cases.Case(k=372, n=200, fp8=True, group=group, bias=True)
+    module, packed, node = bs.pack_case(case, "cuda-sm89")
+    _explicit(node, FP8_VARIANTS)
+    qmm = EmulatedQmm(node, packed, tmp_path, "cuda-sm89")
+    for m in (1, 5, 16, 33, 70):
+        x = cases.random_x(case, m, seed=m)
+        model = cases.fp8_model(module, x)
+        for i, v in enumerate(qmm.variants):
+            for call in range(2):
+                err = cases.rel_error(qmm.run(x, case.n, i), model)
+                assert err <= cases.FP8_TOLERANCE["f16"], \
+                    f"FP8 M={m} variant {v} call {call}: {err:.3g} from the fp8 model"
+        # FP8 activations are coarser than int8: far from the float product, but near it
+        assert cases.FP8_TOLERANCE["f16"] < cases.rel_error(model, cases.reference(module, x)) < 0.1

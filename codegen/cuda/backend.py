@@ -75,10 +75,11 @@ def kernel_params(node, target_name: str) -> dict:
     variants = []
     for i, v in enumerate(sorted(cfg["variants"].values(), key=lambda v: v["m_max"])):
         variants.append({**v, "wgmma": v.get("wgmma", 0), "int8": v.get("int8", 0),
-                         "name": f"v{i}"})
+                         "fp8": v.get("fp8", 0), "name": f"v{i}"})
     # One template instance per distinct kernel (split_k is a run-time value).
     instances = sorted({(v["gemv"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
-                        + ((0, 0, 0) if v["gemv"] else (v["stage_k"], v["acc_scale"], v["int8"]))
+                        + ((0, 0, 0, 0) if v["gemv"]
+                           else (v["stage_k"], v["acc_scale"], v["int8"], v["fp8"]))
                         for v in variants if not v["wgmma"]})
     wgmma_instances = sorted({(v["wgmma"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
                               for v in variants if v["wgmma"]})
@@ -102,7 +103,7 @@ def kernel_params(node, target_name: str) -> dict:
         "variants": variants, "instances": instances, "wgmma_instances": wgmma_instances,
         "epilogue": _commented(epilogue_params(node)),
         "has_gemv": any(c[0] for c in instances),
-        "has_int8": any(c[7] for c in instances),
+        "has_int8": any(c[7] or c[8] for c in instances),  # tiled_i8.cuh: int8 or FP8 x
         "code_bits": node.attrs["w_scheme"].dtype.bits,
         # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).

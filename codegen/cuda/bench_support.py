@@ -122,10 +122,12 @@ def measure_config(target, key, config, workdir, repeats: int = 50) -> dict:
     x = cases.random_x(case, m, seed=int.from_bytes(os.urandom(4), "little"))
     kern.bench_variant = 0
     y = kern.run_numpy(x, variant=0)
-    # int8 activations: against the model of their numerics (cases.int8_model), whose
+    # 8-bit activations: against the model of their numerics (cases.int8_model, fp8_model), whose
     # quantization error is far above the float kernels' tolerance.
     if config.get("int8", 0):
         ref, tol = cases.int8_model(built.module, x), cases.INT8_TOLERANCE[case.dtype]
+    elif config.get("fp8", 0):
+        ref, tol = cases.fp8_model(built.module, x), cases.FP8_TOLERANCE[case.dtype]
     else:
         ref, tol = cases.reference(built.module, x), cases.TOLERANCE[case.dtype]
     err = cases.rel_error(y, ref)
@@ -180,6 +182,7 @@ def case_from_key(key: dict) -> cases.Case:
 
     s = scheme_of(key)
     return cases.Case(k=key["k"], n=key["n"], bits=s.dtype.bits, signed=s.dtype.kind == "int",
+                      fp8=s.dtype.name == "f8e4m3fn",
                       zero_point=s.zero_point_type is not None,
                       group=s.block_size if s.granularity == "group" else 0,
                       act_order=bool(key.get("act_order")), dtype=key["x_dtype"],

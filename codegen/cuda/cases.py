@@ -124,6 +124,29 @@ def int8_model(module: Module, x: np.ndarray, node=None) -> np.ndarray:
     the centred weight codes is scaled by the x scale and the weight scale (rounded to x's
     type, as the packed tables hold it); then the bias.
     """
+    return _act8_model(module, x, node, fp8=False)
+
+
+def fp8_model(module: Module, x: np.ndarray, node=None) -> np.ndarray:
+    """``int8_model`` for the FP8-activation kernel (FP8 e4m3 weights): x quantized per row
+    and group to e4m3 (nearest, ties to even) of x * (448 / max|x|), scale max|x| / 448, the
+    products of e4m3 values summed exactly (the hardware's fp32 sums are less exact: compare
+    with FP8_TOLERANCE)."""
+    return _act8_model(module, x, node, fp8=True)
+
+
+def _quantize_fp8_groups(x_groups: np.ndarray):
+    """(e4m3 values as float64, scales [M, G]) of x [M, G, block] (the quantizer's f32 steps)."""
+    import ml_dtypes
+
+    amax = np.max(np.abs(x_groups), axis=-1)
+    scale = np.where(amax > 0, amax * np.float32(1.0 / 448.0), np.float32(1.0)).astype(np.float32)
+    inv = np.divide(np.float32(448.0), amax, out=np.zeros_like(amax), where=amax > 0)
+    v = np.minimum(np.abs(x_groups * inv[..., None]), np.float32(448.0)) * np.sign(x_groups)
+    return v.astype(ml_dtypes.float8_e4m3fn).astype(np.float64), scale
+
+
+def _act8_model(module: Module, x: np.ndarray, node, fp8: bool) -> np.ndarray:
     from qcompiler.codegen.cuda.layout import K_ALIGN, act_order_permutation, pad_to
     from qcompiler.ir.core import constant_value
     from qcompiler.runtime import numerics
@@ -131,17 +154,20 @@ def int8_model(module: Module, x: np.ndarray, node=None) -> np.ndarray:
     if node is None:
         node = next(n for n in module.main.nodes if n.op == "qmatmul")
     scheme = node.attrs["w_scheme"]
-    w = constant_value(module, node.arg("w")).astype(np.int64)
+    w = constant_value(module, node.arg("w"))
     scale = constant_value(module, node.arg("w_scale"))
     zp_v, gi_v, bias_v = node.arg("w_zero_point"), node.arg("g_idx"), node.arg("bias")
     k, n = w.shape
     k_pad = pad_to(k, K_ALIGN)
     g_idx = constant_value(module, gi_v) if gi_v is not None else None
-    if zp_v is not None:
-        zero = numerics.expand_scale(constant_value(module, zp_v), (k, n), scheme, g_idx)
+    if fp8:
+        centred = np.asarray(w).astype(np.float64)  # e4m3 values, no zero point
     else:
-        zero = np.full((k, n), scheme.implied_zero_point or 0)
-    centred = w - zero.astype(np.int64)
+        if zp_v is not None:
+            zero = numerics.expand_scale(constant_value(module, zp_v), (k, n), scheme, g_idx)
+        else:
+            zero = np.full((k, n), scheme.implied_zero_point or 0)
+        centred = w.astype(np.int64) - zero.astype(np.int64)
     perm = (act_order_permutation(g_idx, scheme.block_size) if g_idx is not None
             else np.arange(k))
     s_dtype = x.dtype
@@ -149,12 +175,16 @@ def int8_model(module: Module, x: np.ndarray, node=None) -> np.ndarray:
     groups = k_pad // group
     xp = np.zeros((x.shape[0], k_pad), np.float32)
     xp[:, :k] = x.astype(np.float32)[:, perm]
-    xq = np.empty((x.shape[0], groups, group), np.int8)
-    xs = np.empty((x.shape[0], groups), np.float32)
-    numerics.quantize_int8_groups(xp.reshape(x.shape[0], groups, group), xq, xs)
-    wc = np.zeros((k_pad, n), np.int64)
+    x_groups = xp.reshape(x.shape[0], groups, group)
+    if fp8:
+        xq, xs = _quantize_fp8_groups(x_groups)
+    else:
+        xq = np.empty(x_groups.shape, np.int8)
+        xs = np.empty((x.shape[0], groups), np.float32)
+        numerics.quantize_int8_groups(x_groups, xq, xs)
+        xq = xq.astype(np.int64)
+    wc = np.zeros((k_pad, n), centred.dtype)
     wc[:k] = centred[perm]
-    xq = xq.astype(np.int64)
     ws = np.asarray(scale).astype(s_dtype).astype(np.float64)
     y = np.zeros((x.shape[0], n))
     for g in range(groups):
@@ -180,3 +210,6 @@ TOLERANCE = {"f16": 2e-3, "bf16": 1.5e-2}
 # elements (measured in the host emulation: at most 7e-6). int8's own error against the
 # float reference is 2e-3 to 7e-3 on the test cases: this bound tells them apart.
 INT8_TOLERANCE = {"f16": 2e-4, "bf16": 1e-3}
+# The FP8-activation kernel against fp8_model: the hardware sums e4m3 products in fp32 with
+# less than fp32's precision (the host emulation sums exactly: at most a few ulps of f16).
+FP8_TOLERANCE = {"f16": 1e-3}

@@ -31,8 +31,9 @@ KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scal
 # Knobs added later, with the value a config written before them means (tuning logs and .qir
 # text from before the wgmma kernel stay valid): wgmma=1 and 2 select the sm_90a wgmma/TMA
 # kernel with its consumer warpgroups splitting the tokens (1) or the N tile (2); int8=1 the
-# tiled kernel with int8 activations (tiled_i8.cuh; for qmatmuls whose accuracy_level is 4).
-OPTIONAL_KNOBS = {"wgmma": 0, "int8": 0}
+# tiled kernel with int8 activations (tiled_i8.cuh; for qmatmuls whose accuracy_level is 4);
+# fp8=1 the same kernel with FP8 e4m3 activations (FP8 e4m3 weights, targets with FP8 MMA).
+OPTIONAL_KNOBS = {"wgmma": 0, "int8": 0, "fp8": 0}
 INT8_ACCURACY_LEVEL = 4  # MatMulNBits's permission for int8 activations
 X_DTYPES = ("f16", "bf16")
 # Layout parameters the template prints as C++ numbers.
@@ -57,6 +58,7 @@ class Variant:
     split_k: int
     wgmma: int = 0
     int8: int = 0
+    fp8: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,19 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
             return f"{knob}={config[knob]!r} is not an int"
     if config.get("wgmma", 0) not in (0, 1, 2):
         return f"wgmma={config['wgmma']} not in (0, 1, 2)"
-    if config.get("int8", 0) not in (0, 1):
-        return f"int8={config['int8']} not in (0, 1)"
+    for knob in ("int8", "fp8"):
+        if config.get(knob, 0) not in (0, 1):
+            return f"{knob}={config[knob]} not in (0, 1)"
+    if config.get("int8", 0) and config.get("fp8", 0):
+        return "int8=1 and fp8=1 are two kinds of activations: one at most"
     if config.get("wgmma", 0):
-        if config.get("int8", 0):
-            return "int8=1 is a variant of the tiled mma.sync kernel (wgmma must be 0)"
+        for knob in ("int8", "fp8"):
+            if config.get(knob, 0):
+                return f"{knob}=1 is a variant of the tiled mma.sync kernel (wgmma must be 0)"
         return check_wgmma(target, key, config)
-    if config.get("int8", 0):
-        problem = check_int8(key, config)
+    if config.get("int8", 0) or config.get("fp8", 0):
+        problem = check_int8(key, config) if config.get("int8", 0) else \
+            check_fp8(target, key, config)
         if problem:
             return problem
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
@@ -199,6 +206,42 @@ def check_int8(key: dict, config: dict) -> Optional[str]:
     if _group(key) and config["m_frags"] > 2:
         return (f"int8=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']}): "
                 "fp32 and integer sums both live in registers")
+    return None
+
+
+def fp8_weight_reason(target, key: dict) -> Optional[str]:
+    """None if the FP8-activation kernel can take ``key`` on ``target``, else why: FP8 e4m3
+    weights (their bytes go to the MMA as they are), f16 activations, a target with FP8 MMA
+    (sm_89+), groups of whole k32 steps."""
+    from qcompiler.codegen.cuda.tuning import _group, _scheme
+
+    if "fp8" not in getattr(target, "features", ()):
+        return f"FP8 activations need a target with FP8 MMA (sm_89+), not {target.name}"
+    if _scheme(key["w_scheme"]).dtype.name != "f8e4m3fn":
+        return f"FP8 activations take FP8 e4m3 weights, not {_scheme(key['w_scheme']).dtype}"
+    if key.get("x_dtype") != "f16" or key.get("act") != "float":
+        return "FP8 activations quantize f16 activations"
+    group = _group(key)
+    if group and group % 32:
+        return f"group size {group}: the FP8 kernel needs groups of a multiple of 32 rows"
+    return None
+
+
+def check_fp8(target, key: dict, config: dict) -> Optional[str]:
+    """``check_knobs``'s extra rules for ``fp8=1``: the weights and target it takes
+    (``fp8_weight_reason``), then the int8 kernel's tile rules (the same kernel)."""
+    problem = fp8_weight_reason(target, key)
+    if problem:
+        return problem
+    from qcompiler.codegen.cuda.tuning import _group
+
+    if config["gemv"] or config["acc_scale"]:
+        return "fp8=1 is a variant of the tiled kernel (gemv=0, acc_scale=0)"
+    if (config["stage_k"] // 16) % (2 * config["warps_k"]):
+        return (f"fp8=1: stage_k={config['stage_k']} split over warps_k={config['warps_k']} "
+                "is not whole k32 steps a warp")
+    if _group(key) and config["m_frags"] > 2:
+        return f"fp8=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']})"
     return None
 
 

@@ -60,7 +60,7 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
         return config["warps_k"] * 8 * config["m_frags"] * n_tile * 4 + 16
     sk = config.get("stage_k", 64)
     srows = sk // group if group < sk else 1
-    int8 = config.get("int8", 0)  # mirrors TileI8: x codes are bytes, plus x scales a group
+    int8 = config.get("int8", 0) or config.get("fp8", 0)  # TileI8: 1-byte x codes, x scales
     stage = (sk // 16) * config["warps_n"] * (cb // 4) * 32 * 16 + m_tile * sk * (1 if int8 else 2)
     stage += (srows * n_tile * 2) * (int(scale_in_registers) + int(has_zp))
     if int8 and scale_in_registers:
@@ -285,6 +285,17 @@ def int8_default(target, key) -> dict:
             and k_pad // stage_k // (split * 2) >= 2:
         split *= 2
     cfg["split_k"] = split
+    while check_config(target, key, cfg) and cfg["stages"] > 2:
+        cfg["stages"] -= 1
+    return cfg
+
+
+def fp8_default(target, key) -> dict:
+    """The FP8-activation kernel's config: the int8 kernel's heuristic (the same kernel) with
+    M tiles of at most 32 rows (at 64, ptxas spilled 92 bytes a thread on sm_90 at its 255
+    registers); unmeasured on a GPU as well."""
+    cfg = {**int8_default(target, key), "int8": 0, "fp8": 1}
+    cfg["m_frags"] = min(cfg["m_frags"], 2)
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg

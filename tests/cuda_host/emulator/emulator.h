@@ -211,7 +211,7 @@ namespace qc_emu {
 // A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
 alignas(128) inline uint8_t shared[232448];
 
-enum State { RUNNING, AT_BARRIER, AT_NAMED_BARRIER, AT_MMA, AT_MMA_F16, AT_LDMATRIX,
+enum State { RUNNING, AT_BARRIER, AT_NAMED_BARRIER, AT_MMA, AT_MMA_F16, AT_MMA_E4M3, AT_LDMATRIX,
              AT_SHUFFLE, AT_SYNCWARP, DONE };
 
 struct Fiber {
@@ -371,6 +371,43 @@ inline void warp_mma_f16(int w) {
   warp_release(w);
 }
 
+// The value of an FP8 e4m3 (e4m3fn: bias 7, no infinities, S.1111.111 NaN) byte.
+inline float e4m3_to_float(unsigned b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const float mag = (e == 15 && m == 7) ? NAN : e == 0 ? std::ldexp((float)m, -9)
+                                                       : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+
+// mma.m16n8k32 with e4m3 operands and f32 accumulators for warp `w`: the 8-bit fragment
+// layout of the integer MMA, the products summed in double and rounded once (the hardware
+// keeps less precision in its sums: compare with a tolerance).
+inline void warp_mma_e4m3(int w) {
+  float A[16][32], B[32][8], D[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const Fiber& f = (*g_fibers)[w * 32 + lane];
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; ++j) {
+      auto el = [&](unsigned word) { return e4m3_to_float((word >> (8 * j)) & 0xffu); };
+      A[g][4 * t + j] = el(f.a[0]);
+      A[g + 8][4 * t + j] = el(f.a[1]);
+      A[g][16 + 4 * t + j] = el(f.a[2]);
+      A[g + 8][16 + 4 * t + j] = el(f.a[3]);
+      B[4 * t + j][g] = el(f.b[0]);
+      B[16 + 4 * t + j][g] = el(f.b[1]);
+    }
+    fragment_to_tile(D, f.fd, lane);
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      double s = D[r][c];
+      for (int k = 0; k < 32; ++k) s += (double)A[r][k] * B[k][c];
+      D[r][c] = (float)s;
+    }
+  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].fd, lane);
+  warp_release(w);
+}
+
 // A shuffle: each lane receives the value its source lane posted.
 inline void warp_shuffle(int w) {
   for (int lane = 0; lane < 32; ++lane) {
@@ -435,12 +472,13 @@ inline void run_block(const std::function<void()>& body, dim3 block) {
       released = true;
     }
     for (int w = 0; w * 32 < n; ++w) {  // warp-wide operations once all 32 lanes are there
-      for (State op : {AT_MMA, AT_MMA_F16, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
+      for (State op : {AT_MMA, AT_MMA_F16, AT_MMA_E4M3, AT_LDMATRIX, AT_SHUFFLE, AT_SYNCWARP}) {
         bool all = w * 32 + 32 <= n;
         for (int l = 0; all && l < 32; ++l) all = fibers[w * 32 + l].state == op;
         if (all) {
           if (op == AT_MMA) warp_mma(w);
           else if (op == AT_MMA_F16) warp_mma_f16(w);
+          else if (op == AT_MMA_E4M3) warp_mma_e4m3(w);
           else if (op == AT_LDMATRIX) warp_ldmatrix(w);
           else if (op == AT_SHUFFLE) warp_shuffle(w);
           else warp_release(w);
@@ -500,6 +538,14 @@ inline void ldmatrix(unsigned* r, const void* row, int count, bool trans) {
   yield(AT_LDMATRIX);
 }
 inline void ldmatrix_x4(unsigned (&r)[4], const uint8_t* row) { ldmatrix(r, row, 4, false); }
+
+inline void mma_m16n8k32_e4m3(float* d, const unsigned* a, const unsigned* b) {
+  Fiber& f = (*g_fibers)[g_current];
+  f.fd = d;
+  f.a = a;
+  f.b = b;
+  yield(AT_MMA_E4M3);
+}
 
 inline void mma_m16n8k16_f32(float* d, const unsigned* a, const unsigned* b, bool bf16) {
   Fiber& f = (*g_fibers)[g_current];

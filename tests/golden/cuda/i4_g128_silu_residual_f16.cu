@@ -62,13 +62,13 @@ struct Config {
 
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
-    {8, 1, 1, 1, 4, 8, 64, 0, 1, 0, 0},  // v0
-    {16, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0},  // v1
-    {32, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0},  // v2
-    {64, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0},  // v3
-    {128, 0, 1, 1, 4, 3, 128, 0, 2, 0, 0},  // v4
-    {512, 0, 1, 1, 4, 3, 128, 0, 1, 0, 0},  // v5
-    {4096, 0, 4, 2, 2, 3, 128, 0, 1, 0, 0},  // v6
+    {8, 1, 1, 1, 4, 8, 64, 0, 1, 0, 0, 0},  // v0
+    {16, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v1
+    {32, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v2
+    {64, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v3
+    {128, 0, 1, 1, 4, 3, 128, 0, 2, 0, 0, 0},  // v4
+    {512, 0, 1, 1, 4, 3, 128, 0, 1, 0, 0, 0},  // v5
+    {4096, 0, 4, 2, 2, 3, 128, 0, 1, 0, 0, 0},  // v6
 };
 constexpr int N_VARIANTS = 7;
 
@@ -82,10 +82,10 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
                                             workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
   if (v.gemv == 0 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 3 &&
-      v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0)
+      v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0 && v.fp8 == 0)
     return qc::launch_tiled<Config, 1, 1, 4, 3, 8, false>(p, stream);
   if (v.gemv == 0 && v.m_frags == 4 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 3 &&
-      v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0)
+      v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0 && v.fp8 == 0)
     return qc::launch_tiled<Config, 4, 2, 2, 3, 8, false>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 8)
     return qc::launch_gemv<Config, 1, 1, 4, 8>(p, stream);

@@ -18,6 +18,7 @@ struct Variant {
   int m_max, gemv, m_frags, warps_n, warps_k, stages, stage_k, acc_scale, split_k;
   int wgmma;  // 1, 2: the sm_90a wgmma kernel (wgmma.cuh)
   int int8;   // 1: the tiled kernel with int8 activations (tiled_i8.cuh)
+  int fp8;    // 1: the same kernel with FP8 e4m3 activations (FP8 e4m3 weights, sm_89+)
 };
 
 // Workspace: [split-K tile counters | split-K partials | prepared x], each 256-byte aligned;
@@ -51,7 +52,7 @@ template <class C>
 size_t workspace_bytes(const Variant& v, int M) {
   size_t bytes = COUNTERS_BYTES;
   if (splits<C>(v, M) > 1) bytes += align256(sizeof(float) * (size_t)splits<C>(v, M) * M * C::N);
-  if (v.int8)
+  if (v.int8 || v.fp8)
     bytes += align256((size_t)M * C::K_PAD) +
              align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
   else if (C::PREP_X)
@@ -83,13 +84,31 @@ __host__ __device__ constexpr int b_row_offset(int j) {
   return CB == 4 ? (j & 1) * 8 + (j >> 1) : (j >> 1) * 8 + (j & 1);
 }
 
-// int8 activations (MatMulNBits accuracy_level 4, the CPU int8 path's numerics): per row m and
-// group g of x_group<C>() columns (in the kernel's K order, after the act-order permutation),
-// scale = max|x| / 127 and xq = rint(x * (127 / max|x|)) (an all-zero group: scale 1, codes
-// 0); the IEEE steps of codegen/cpu/runtime.quantize_groups. xq [M, K_PAD]: column
-// 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K). xs [groups,
-// rows4(M)] (rows past M: 0). One warp per (row, group).
-template <class C>
+// The FP8 e4m3 (e4m3fn) byte nearest to v (ties to even), saturated to +-448 (NaN: 0x7f).
+__host__ __device__ inline uint8_t float_to_e4m3(float v) {
+  const uint8_t sign = v < 0.0f || (v == 0.0f && 1.0f / v < 0.0f) ? 0x80 : 0;
+  const float a = fabsf(v);
+  if (!(a == a)) return 0x7f;
+  if (a >= 448.0f) return sign | 0x7e;
+  if (a < 0.015625f)  // below 2^-6: subnormal steps of 2^-9 (8 steps is the first normal)
+    return sign | (uint8_t)(int)rintf(a * 512.0f);  // rintf: to nearest even (host and device)
+  int e;
+  const float m = frexpf(a, &e) * 16.0f;  // a = (m / 16) 2^e, m in [8, 16): 3 fraction bits
+  int q = (int)rintf(m);                   // 8..16 (16: carried into the exponent)
+  if (q == 16) { q = 8; ++e; }
+  const int code = ((e - 1 + 7) << 3) | (q - 8);
+  return sign | (uint8_t)(code > 0x7e ? 0x7e : code);
+}
+
+// 8-bit activations, per row m and group g of x_group<C>() columns (in the kernel's K order,
+// after the act-order permutation). int8 (MatMulNBits accuracy_level 4, the CPU int8 path's
+// numerics): scale = max|x| / 127 and xq = rint(x * (127 / max|x|)), the IEEE steps of
+// qcompiler.runtime.numerics.quantize_int8_groups. FP8 (FP8 e4m3 weights): xq = e4m3(x *
+// (448 / max|x|)) and scale = max|x| / 448 / 2^8 (the 2^8 the FP8 weights' scales carry for
+// their f16 unpack, reorder-weights). An all-zero group: scale 1, codes 0. xq [M, K_PAD]:
+// column 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K).
+// xs [groups, rows4(M)] (rows past M: 0). One warp per (row, group).
+template <class C, bool FP8>
 __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, float* xs,
                                      const int* perm, int M) {
   constexpr int G = x_group<C>(), GROUPS = C::K_PAD / G;
@@ -108,11 +127,17 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
   float amax = 0.0f;
   for (int i = lane; i < G; i += 32) amax = fmaxf(amax, fabsf(value(g * G + i)));
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float inv = amax > 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
-  if (lane == 0) xs[g * m4 + m] = amax > 0.0f ? __fmul_rn(amax, 1.0f / 127.0f) : 1.0f;
-  for (int i = lane; i < G; i += 32)
+  constexpr float QMAX = FP8 ? 448.0f : 127.0f;
+  const float inv = amax > 0.0f ? __fdiv_rn(QMAX, amax) : 0.0f;
+  if (lane == 0)
+    xs[g * m4 + m] = amax == 0.0f ? 1.0f
+                     : FP8        ? __fmul_rn(__fmul_rn(amax, 1.0f / QMAX), 1.0f / 256.0f)
+                                  : __fmul_rn(amax, 1.0f / QMAX);
+  for (int i = lane; i < G; i += 32) {
+    const float v = __fmul_rn(value(g * G + i), inv);
     xq[(long long)m * C::K_PAD + g * G + i] =
-        (int8_t)__float2int_rn(__fmul_rn(value(g * G + i), inv));
+        FP8 ? (int8_t)float_to_e4m3(v) : (int8_t)__float2int_rn(v);
+  }
 }
 
 // The launch parameters of variant v for a call with M rows, the workspace laid out as above;
@@ -144,12 +169,13 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.xq = nullptr;
   p.xs = nullptr;
   p.xs_stride = rows4(M);
-  if (v.int8) {  // x's codes and scales (the act-order permutation and padding included)
+  if (v.int8 || v.fp8) {  // x's codes and scales (the act-order permutation and padding included)
     int8_t* xq = reinterpret_cast<int8_t*>(ws);
     float* xs = reinterpret_cast<float*>(ws + align256((size_t)M * C::K_PAD));
     const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
-    QC_LAUNCH(quantize_x_i8_kernel<C>, (int)((threads + 255) / 256), 256, 0, stream, p.x, xq,
-              xs, perm, M);
+    const int blocks = (int)((threads + 255) / 256);
+    auto quantize = v.fp8 ? quantize_x_i8_kernel<C, true> : quantize_x_i8_kernel<C, false>;
+    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, perm, M);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     p.xq = xq;

@@ -1,6 +1,6 @@
 // qcompiler CUDA kernels: ldmatrix and the tensor-core MMAs (mma.sync, sm_80+): m16n8k16 with
-// f16 or bf16 inputs and fp32 accumulators, m16n8k32 with s8 inputs and s32 accumulators (the
-// int8-activation kernel, tiled_i8.cuh). Static code, included by the generated .cu.
+// f16 or bf16 inputs and fp32 accumulators, m16n8k32 with s8 inputs and s32 accumulators or
+// FP8 e4m3 inputs and fp32 accumulators (the 8-bit-activation kernel, tiled_i8.cuh). Static code, included by the generated .cu.
 #ifndef QCOMPILER_MMA_CUH
 #define QCOMPILER_MMA_CUH
 
@@ -67,6 +67,20 @@ __device__ __forceinline__ void mma_16832_s8(int* c, const uint32_t* a, uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// c += a * b for FP8 e4m3 inputs (sm_89+; the same fragment layout as s8), fp32 sums.
+__device__ __forceinline__ void mma_16832_e4m3(float* c, const uint32_t* a, uint32_t b0,
+                                               uint32_t b1) {
+#if __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+      "{ %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, { %0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the tile pass gives FP8 activations only to targets with FP8 MMA (sm_89+)
+#endif
+}
+
 #else  // tests/cuda_host/emulator: warp-wide, from the 32 lanes' operands
 inline void ldmatrix_x4(uint32_t* r, const void* p) { qc_emu::ldmatrix(r, p, 4, false); }
 template <class S>
@@ -78,6 +92,10 @@ inline void mma_16832_s8(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   const uint32_t b[2] = {b0, b1};
   qc_emu::mma_m16n8k32(*reinterpret_cast<int(*)[4]>(c), *reinterpret_cast<const uint32_t(*)[4]>(a),
                        b, false);
+}
+inline void mma_16832_e4m3(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  qc_emu::mma_m16n8k32_e4m3(c, a, b);
 }
 template <class S>
 inline void mma_16816_zero(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {

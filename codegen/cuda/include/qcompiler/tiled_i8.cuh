@@ -1,17 +1,19 @@
-// qcompiler CUDA kernels: the tiled kernel with int8 activations (W4A8, W8A8: the numerics
-// that MatMulNBits accuracy_level 4 permits, as the CPU int8 path computes them). A template
-// over the configuration C (params.cuh) and the tile parameters the tile pass decides. Static
-// code, included by the generated .cu.
+// qcompiler CUDA kernels: the tiled kernel with 8-bit activations: int8 (W4A8, W8A8: the
+// numerics that MatMulNBits accuracy_level 4 permits, as the CPU int8 path computes them) or
+// FP8 e4m3 (FP8 e4m3 weights, sm_89+: W8A8-FP8). A template over the configuration C
+// (params.cuh), the tile parameters the tile pass decides and FP8. Static code, included by
+// the generated .cu.
 //
 // make_params (dispatch.cuh) first quantizes x per row and group (quantize_x_i8_kernel): codes
 // xq and scales xs. Here, for every group g of K (the weights' groups; with per-channel weight
 // scales the whole row):
 //     y[m, n] = sum_g xs[m, g] * ws[g, n] * sum_{k in g} xq[m, k] * (u[k, n] - z[g, n])
-// The inner sum is exact: mma.sync.m16n8k32 s8 x s8 -> s32, the weights' codes u centred on
-// their zero points z in registers (u - z fits int8: codes of at most 7 bits, or 8-bit codes
-// whose zero point is 128 after the unsigned bias). Each finished group's s32 sums are
-// converted and scaled into fp32 accumulators; with per-channel scales x has one scale a row,
-// so the sums stay integers to the end and the weight scale is applied with the bias.
+// int8: the inner sum is exact, mma.sync.m16n8k32 s8 x s8 -> s32, the weights' codes u centred
+// on their zero points z in registers (u - z fits int8: codes of at most 7 bits, or 8-bit codes
+// whose zero point is 128 after the unsigned bias). FP8: mma.sync.m16n8k32 e4m3 x e4m3 -> f32
+// on the weights' bytes as they are (no zero points). Each finished group's sums are scaled
+// into fp32 accumulators; with per-channel scales x has one scale a row, so the sums go on to
+// the end and the weight scale is applied with the bias.
 //
 // The weights are the same packed words as the f16 kernels' (layout.py, cuda_mma_b16): a
 // k32 step takes two k16 steps' words, and a lane's four rows of each (bytes or nibbles in
@@ -23,6 +25,8 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "dispatch.cuh"
 #include "mma.cuh"
@@ -36,7 +40,7 @@ namespace qc {
 
 // CTA: WARPS_N x WARPS_K warps as in the f16 tiled kernel (tiled.cuh): warp (wn, wk) owns
 // columns [64 wn, 64 wn + 64) of the N tile and a contiguous run of each stage's k32 steps.
-template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS>
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS, bool FP8>
 struct TileI8 {
   static constexpr int THREADS = 32 * WARPS_N * WARPS_K;
   static constexpr int M_TILE = 16 * M_FRAGS;
@@ -59,8 +63,9 @@ struct TileI8 {
   static_assert(KS % (2 * WARPS_K) == 0, "each warp takes whole k32 steps of a stage");
   static_assert(X_PER_ROW || C::GROUP % 32 == 0, "groups of whole k32 steps");
   static_assert(C::CB == 4 || C::CB == 8, "4- or 8-bit containers");
-  static_assert(C::CODE_BITS < 8 || (!C::HAS_ZP && C::ZERO_CONST == 128.0f),
+  static_assert(FP8 || C::CODE_BITS < 8 || (!C::HAS_ZP && C::ZERO_CONST == 128.0f),
                 "8-bit codes fit int8 once centred only with the zero point 128");
+  static_assert(!FP8 || (C::CB == 8 && !C::HAS_ZP), "FP8 activations take FP8 weights");
   static constexpr int B_CHUNKS_PER_KS = WARPS_N * (C::CB / 4) * 32;   // uint4 per k16 step
   static constexpr int B_BYTES = KS * B_CHUNKS_PER_KS * 16;
   static constexpr int A_BYTES = M_TILE * A_ROW;
@@ -103,11 +108,12 @@ __device__ __forceinline__ uint32_t centred(uint32_t u, uint32_t zrep) {
 // Launch bounds: one CTA per SM guaranteed registers. With group scales a thread holds fp32
 // and s32 sums (64 + 64 registers at m_frags 2); capped at 128 (two CTAs of 256 threads) it
 // spilled ~540 bytes (ptxas, sm_80 and sm_90), so the cap is the 255 of one CTA an SM.
-template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS>
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS, bool FP8>
 __global__ void __launch_bounds__(32 * WARPS_N * WARPS_K, 1)
 qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
   using S = typename C::scalar_t;
-  using T = TileI8<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>;
+  using T = TileI8<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS, FP8>;
+  using Part = std::conditional_t<FP8, float, int>;  // the MMA's sums
   constexpr int RUN = T::RUN;
   // k32 steps between two conversions of the integer sums: a group, or the warp's run if
   // shorter (a run never straddles two groups: both are aligned powers of two or nest).
@@ -157,10 +163,10 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
     }
   };
 
-  // fp32 sums of the finished groups, and the integer sums of the current one (X_PER_ROW:
-  // of the whole K range).
+  // fp32 sums of the finished groups, and the MMA's sums of the current one (X_PER_ROW: of
+  // the whole K range).
   float acc[T::X_PER_ROW ? 1 : M_FRAGS][4][2][4];
-  int part[M_FRAGS][4][2][4];
+  Part part[M_FRAGS][4][2][4];
 #pragma unroll
   for (int a = 0; a < M_FRAGS; ++a)
 #pragma unroll
@@ -215,7 +221,10 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
       const unsigned char* srow_ptr = sa + T::A_BYTES + (srow * T::N_TILE + wn * 64) * 2;
       // The zero point of each of this lane's 8 columns (slot 2t + h), in every byte.
       uint32_t zrep[8];
-      if constexpr (C::HAS_ZP) {
+      if constexpr (FP8) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) zrep[j] = 0;  // unused: FP8 weights have no zero point
+      } else if constexpr (C::HAS_ZP) {
         __align__(16) S zv[8];
         *reinterpret_cast<uint4*>(zv) =
             *reinterpret_cast<const uint4*>(srow_ptr + T::S_BYTES + (lane >> 2) * 16);
@@ -229,10 +238,16 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
       for (int t = 0; t < 4; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint32_t b0 = centred<C>(b_codes<C::CB>(q[0], t, h), zrep[2 * t + h]);
-          const uint32_t b1 = centred<C>(b_codes<C::CB>(q[1], t, h), zrep[2 * t + h]);
+          if constexpr (FP8) {
+            const uint32_t b0 = b_codes<8>(q[0], t, h), b1 = b_codes<8>(q[1], t, h);
 #pragma unroll
-          for (int mf = 0; mf < M_FRAGS; ++mf) mma_16832_s8(part[mf][t][h], a[mf], b0, b1);
+            for (int mf = 0; mf < M_FRAGS; ++mf) mma_16832_e4m3(part[mf][t][h], a[mf], b0, b1);
+          } else {
+            const uint32_t b0 = centred<C>(b_codes<C::CB>(q[0], t, h), zrep[2 * t + h]);
+            const uint32_t b1 = centred<C>(b_codes<C::CB>(q[1], t, h), zrep[2 * t + h]);
+#pragma unroll
+            for (int mf = 0; mf < M_FRAGS; ++mf) mma_16832_s8(part[mf][t][h], a[mf], b0, b1);
+          }
         }
       if constexpr (!T::X_PER_ROW) {
         if ((step + 1) % FLUSH == 0) {
@@ -257,7 +272,7 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
               for (int h = 0; h < 2; ++h) {
                 const float f0 = to_float(s0[2 * t + h]), f1 = to_float(s1[2 * t + h]);
                 float* c = acc[mf][t][h];
-                int* d = part[mf][t][h];
+                Part* d = part[mf][t][h];
                 c[0] += (float)d[0] * (x0 * f0);
                 c[1] += (float)d[1] * (x0 * f1);
                 c[2] += (float)d[2] * (x1 * f0);
@@ -291,12 +306,13 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
       [&](int i) { return red[i]; });
 }
 
-// Launch the int8 kernel for a call's parameters p (x already quantized by make_params).
-template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS>
+// Launch the 8-bit-activation kernel for a call's parameters p (x already quantized by
+// make_params).
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int STAGES, int KS, bool FP8>
 cudaError_t launch_tiled_i8(Params<typename C::scalar_t> p, cudaStream_t stream) {
-  using T = TileI8<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>;
+  using T = TileI8<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS, FP8>;
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
-  return launch_with_smem<qmatmul_i8_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS>,
+  return launch_with_smem<qmatmul_i8_kernel<C, M_FRAGS, WARPS_N, WARPS_K, STAGES, KS, FP8>,
                           T::SMEM_BYTES, T::THREADS>(p, grid, stream);
 }
 
