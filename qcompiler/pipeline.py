@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
 
 from qcompiler.errors import InputError
 from qcompiler.ir import Module, print_module, verify
@@ -127,6 +127,31 @@ def make_pass(name: str, options: Optional[dict] = None) -> Pass:
         return cls(**kwargs)
     except TypeError as e:
         raise PassError(f"pass {name!r}: {e}") from None
+
+
+_SETTING = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)=([^,{}]*)")
+
+
+def pipeline_with_options(spec: str, settings: Sequence[str]) -> str:
+    """``spec`` with pass options set. Each setting is ``PASS.OPTION=VALUE`` (for example
+    ``tile.int8_min_m=128``) and applies to every pass of that name in the pipeline; a pass
+    the pipeline does not run, an option the pass does not have or a value of the wrong type
+    is refused by name (``qcompile --pass-option``)."""
+    passes = parse_pipeline(spec)
+    for setting in settings:
+        m = _SETTING.fullmatch(setting.strip())
+        if not m:
+            raise PassError(f"pass option {setting!r}: expected PASS.OPTION=VALUE (e.g. "
+                            "tile.int8_min_m=128), a value without ',', '{' or '}'")
+        name, key, text = m.groups()
+        chosen = [p for p in passes if p.name == name]
+        if not chosen:
+            raise PassError(f"pass option {setting!r}: the pipeline runs no {name!r} pass "
+                            f"(it runs {', '.join(dict.fromkeys(p.name for p in passes))})")
+        value = _parse_option(type(chosen[0]), name, key, text)
+        for p in chosen:
+            setattr(p, key.replace("-", "_"), value)
+    return ",".join(p.spec() for p in passes)
 
 
 def parse_pipeline(spec: str) -> list[Pass]:

@@ -94,6 +94,12 @@ CUDA_WITHOUT_COMPUTE_DTYPE = ("canonicalize,fuse-dequant,canonicalize,reorder-we
     (["--target", "cuda-sm80", "--passes", CUDA_WITHOUT_COMPUTE_DTYPE], "activations are f32"),
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--passes", "canonicalize,bogus"], "unknown pass 'bogus'"),
+    (["--target", "cuda-sm80", "--pass-option", "tile.int8_min=128"],
+     "pass 'tile' has no option 'int8_min'"),
+    (["--target", "cuda-sm80", "--pass-option", "tile.int8_min_m=many"],
+     "option int8_min_m='many' of pass 'tile' is not a int"),
+    (["--pass-option", "tile.int8_min_m=128"], "the pipeline runs no 'tile' pass"),
+    (["--pass-option", "tile=128"], "expected PASS.OPTION=VALUE"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert main([EXAMPLE, "-o", str(tmp_path)] + args) == 1
@@ -255,3 +261,12 @@ def test_compile_without_output_dir_removes_its_temp_dir_with_the_module(tmp_pat
     del kept
     gc.collect()
     assert os.path.isfile(tmp_path / "out" / "manifest.json")
+
+
+def test_pass_option_sets_an_option_of_the_default_pipeline(tmp_path, capsys):
+    """--pass-option PASS.OPTION=VALUE: the target's pipeline with that option set (the
+    report's pipeline line shows it), repeatable."""
+    assert main([EXAMPLE, "-o", str(tmp_path), "--target", "cpu", "--pass-option",
+                 "cpu-schedule.numerics=int8", "--pass-option", "cpu-schedule.numerics=exact"]) == 0
+    report = (tmp_path / "report.txt").read_text()
+    assert "cpu-schedule{numerics=exact}" in report, report[:600]

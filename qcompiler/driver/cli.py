@@ -1,6 +1,7 @@
 """``qcompile``: the command line.
 
     qcompile MODEL [--target T[:tp=N]] [--tp N] [-o DIR] [--passes SPEC]
+             [--pass-option PASS.OPTION=VALUE ...]
              [--print-ir-after-all | --print-ir-after NAME] [--time-passes] [--verify-each]
              [--tune [--trials N] [--tune-m M]] [--tuning-log FILE] [-j N] [--no-cache]
              [--allow-host-fallback]
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", default="qc_out", help="artifact directory (qc_out)")
     ap.add_argument("--passes", help="pipeline, e.g. 'canonicalize,fuse-dequant' "
                                      "(default: the target's)")
+    ap.add_argument("--pass-option", metavar="PASS.OPTION=VALUE", action="append", default=[],
+                    help="set an option of a pass of the pipeline (repeatable), e.g. "
+                         "tile.int8_min_m=128 (int8 activations on CUDA from 128 rows where "
+                         "the model permits them)")
     ap.add_argument("--print-ir-after-all", action="store_true",
                     help="print the IR after every pass (to stderr)")
     ap.add_argument("--print-ir-before-all", action="store_true",
@@ -213,6 +218,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.time_passes:
         instruments.append(TimePasses())
     try:
+        passes = args.passes
+        if args.pass_option:
+            from qcompiler.driver.frontend import resolve_target
+            from qcompiler.pipeline import pipeline_with_options
+
+            passes = pipeline_with_options(
+                passes or resolve_target(args.target.split(":")[0]).default_pipeline,
+                args.pass_option)
         tuning_log = args.tuning_log
         if args.tune:
             import os
@@ -221,8 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             tune_m = _tune_m(args.tune_m)
             qcompiler.tune(args.model, args.target, output_dir=args.output,
                            tuning_log=tuning_log, trials=args.trials, m=tune_m,
-                           passes=args.passes, workers=args.jobs)
-        out_dir, module = compile_to_dir(args.model, args.target, args.output, args.passes,
+                           passes=passes, workers=args.jobs)
+        out_dir, module = compile_to_dir(args.model, args.target, args.output, passes,
                                          instruments, verify_each=args.verify_each,
                                          tuning_log=tuning_log, cache=not args.no_cache,
                                          jobs=args.jobs, buckets=_buckets(args.buckets),

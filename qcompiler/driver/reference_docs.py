@@ -40,7 +40,9 @@ def pass_reference() -> str:
            "A pipeline is a comma-separated list of pass names with options in braces, the same "
            "in `qcompile --passes` and `PassManager.parse`: "
            "`canonicalize,quantize-weights{bits=4,group=128},fuse-dequant`. Each target's "
-           "default pipeline is in [targets.md](targets.md).\n"]
+           "default pipeline is in [targets.md](targets.md); `qcompile --pass-option "
+           "PASS.OPTION=VALUE` (repeatable) sets one option of it, e.g. "
+           "`--pass-option tile.int8_min_m=128` (``pipeline_with_options``).\n"]
     for name in sorted(PASSES):
         cls = get_pass_class(name)
         doc = inspect.cleandoc(cls.__doc__ or "(undocumented)")
