@@ -141,9 +141,8 @@ def render(params: dict) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    # Variants with the wgmma kernel: its template (the same one plus wgmma.cuh), for sm_90a.
-    name = "qmatmul_wgmma.cu.j2" if params.get("wgmma_instances") else "qmatmul.cu.j2"
-    return env.get_template(name).render(**params)
+    # Variants with the wgmma kernel add wgmma.cuh and its instances (built for sm_90a).
+    return env.get_template("qmatmul.cu.j2").render(**params)
 
 
 def target_archs(target, params: dict | None = None) -> list[str]:
