@@ -97,7 +97,7 @@ def test_every_variant(fmt, tmp_path):
 # permission of accuracy_level 4, against its numpy model (cases.int8_model) with its
 # tolerance; tile shapes, k warps, 64- and 128-row stages and split-K, at M tails.
 INT8_FORMATS = ["u4_zp_g128_f16", "i4_g128_bf16", "u4_zp_g32_actorder_f16",
-                "i8_perchannel_f16", "u2_zp_g64_f16", "u4_zp_perchannel_bf16"]
+                "i8_perchannel_f16", "u8_zp_g64_bf16", "u2_zp_g64_f16", "u4_zp_perchannel_bf16"]
 INT8_VARIANTS = [{**v, "gemv": 0, "acc_scale": 0, "int8": 1} for v in (
     {"m_frags": 1, "warps_n": 2, "warps_k": 2, "stages": 3, "stage_k": 128, "split_k": 1},
     {"m_frags": 2, "warps_n": 4, "warps_k": 2, "stages": 4, "stage_k": 128, "split_k": 1},

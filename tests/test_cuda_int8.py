@@ -49,9 +49,12 @@ def test_tile_takes_int8_from_the_size_asked_where_permitted():
     # off by default; never without the model's permission
     assert not any(_int8_buckets(_packed(permitted)).values())
     assert not any(_int8_buckets(_packed(cases.Case(k=1024, n=512), ",int8_min_m=1")).values())
-    # 8-bit codes with zero points do not fit int8 once centred: the f16 kernels stay
+    # 8-bit codes with zero points too (the zero point comes off once per group)
     u8 = cases.Case(k=1024, n=512, bits=8, zero_point=True, accuracy_level=4)
-    assert not any(_int8_buckets(_packed(u8, ",int8_min_m=1")).values())
+    assert all(_int8_buckets(_packed(u8, ",int8_min_m=1")).values())
+    # FP8 weights are not integer codes
+    fp8 = cases.Case(k=1024, n=512, fp8=True, group=0, accuracy_level=4)
+    assert not any(_int8_buckets(_packed(fp8, ",int8_min_m=1")).values())
     # the validator accepts what the pass chose
     node = _packed(permitted, ",int8_min_m=16")
     assert any(v.int8 for v in validate(node.attrs["config"], node).variants)
@@ -76,8 +79,8 @@ def test_int8_needs_the_permission_and_fitting_weights():
     plain = kernel_key(_packed(cases.Case(k=1024, n=512)), 256)
     assert "accuracy_level" not in plain  # keys of other qmatmuls are unchanged
     assert "accuracy_level 4 permits" in check_knobs(tgt, plain, TILED)
-    for case, why in ((cases.Case(k=1024, n=512, bits=8, zero_point=True, accuracy_level=4),
-                       "do not fit int8"),
+    for case, why in ((cases.Case(k=1024, n=512, fp8=True, group=0, accuracy_level=4),
+                       "takes integer codes"),
                       (cases.Case(k=1024, n=512, group=16, accuracy_level=4),
                        "multiple of 32")):
         assert why in check_knobs(tgt, kernel_key(_packed(case), 256), TILED)

@@ -89,12 +89,12 @@ def test_split_k_and_fp32_scaling_in_host_emulation(fmt, tmp_path):
 
 
 # ---- int8 activations (include/qcompiler/tiled_i8.cuh) --------------------------------------
-# Every format the int8 kernel takes (8-bit codes with a zero-point tensor it refuses), with
-# MatMulNBits's permission (accuracy_level 4). Explicit variants: M tiles of 16 and 32 rows,
+# Every kind of format the int8 kernel takes (all 1-8 bit integer codes), with MatMulNBits's
+# permission (accuracy_level 4). Explicit variants: M tiles of 16 and 32 rows,
 # stages of 64 rows (the 4-chunk swizzle) and 128, 1, 2 and 4 k warps (a k32 step a warp per
 # stage with 4), split-K 4 ways over 6 stages (uneven).
 INT8_FORMATS = ("u4_zp_g128_f16", "i4_g128_bf16", "u4_zp_g32_actorder_f16",
-                "i8_perchannel_f16", "u2_zp_g64_f16", "i3_g128_bf16")
+                "i8_perchannel_f16", "u8_zp_g64_bf16", "u2_zp_g64_f16", "i3_g128_bf16")
 INT8_VARIANTS = [
     {"m_max": 16, "gemv": 0, "m_frags": 1, "warps_n": 2, "warps_k": 2, "stages": 3,
      "stage_k": 128, "acc_scale": 0, "split_k": 1, "int8": 1},

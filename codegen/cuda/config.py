@@ -163,20 +163,14 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
 
 
 def int8_weight_reason(key: dict) -> Optional[str]:
-    """None if the int8 kernel can take ``key``'s weights, else why: their codes, centred on
-    the zero point, must fit int8 (codes of at most 7 bits, or 8-bit codes whose zero point
-    is the middle of their range), and groups must be whole k32 steps."""
+    """None if the int8 kernel can take ``key``'s weights, else why: integer codes (any 1-8
+    bit format: the kernel multiplies the unsigned codes and subtracts the zero point once per
+    group), groups of whole k32 steps, float activations."""
     from qcompiler.codegen.cuda.tuning import _group, _scheme
 
     scheme = _scheme(key["w_scheme"])
     if not scheme.dtype.is_integer:
         return f"{scheme.dtype} codes: the int8 kernel takes integer codes"
-    if scheme.dtype.bits == 8:
-        lo = scheme.dtype.int_range()[0]
-        zero = scheme.implied_zero_point or 0
-        if scheme.zero_point_type is not None or int(zero) - lo != 128:
-            return (f"8-bit codes with a zero point other than the middle of their range "
-                    f"({scheme}) do not fit int8 once centred")
     group = _group(key)
     if group and group % 32:
         return f"group size {group}: the int8 kernel needs groups of a multiple of 32 rows"

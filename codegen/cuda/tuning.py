@@ -264,15 +264,15 @@ def wgmma_default(target, key) -> dict:
 
 def int8_default(target, key) -> dict:
     """The int8-activation kernel's config (include/qcompiler/tiled_i8.cuh). Not yet measured
-    on a GPU: the shape of the f16 tiled kernel's heuristic, with M tiles of 32 rows where the
-    weights have group scales (fp32 and integer sums both live in registers; 16 up to 16
-    rows) and 64 with per-channel scales above 32 rows, N tiles of 256, two k warps, stages of
-    128 rows where K and the group allow, and a split of K while the grid stays within two
-    CTAs per SM (at most 4 ways, two stages a split)."""
+    on a GPU: the shape of the f16 tiled kernel's heuristic, with M tiles of 32 rows (16 up to
+    16 rows; at 64 rows ptxas spilled 100 bytes a thread at 255 registers on sm_80 and sm_90
+    with per-channel scales, and group scales allow at most 32), N tiles of 256, two k warps,
+    stages of 128 rows where K and the group allow, and a split of K while the grid stays
+    within two CTAs per SM (at most 4 ways, two stages a split)."""
     m, group = key["m"], _group(key)
     k_pad = pad_to(key["k"], K_ALIGN)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
-    m_frags = 1 if m <= 16 else 2 if group or m <= 32 else 4
+    m_frags = 1 if m <= 16 else 2
     stage_k = 128 if k_pad % 128 == 0 and (not group or group % 128 == 0 or 128 % group == 0) \
         else 64
     cfg = {"gemv": 0, "wgmma": 0, "acc_scale": 0, "int8": 1, "m_frags": m_frags, "warps_n": 4,
@@ -291,11 +291,9 @@ def int8_default(target, key) -> dict:
 
 
 def fp8_default(target, key) -> dict:
-    """The FP8-activation kernel's config: the int8 kernel's heuristic (the same kernel) with
-    M tiles of at most 32 rows (at 64, ptxas spilled 92 bytes a thread on sm_90 at its 255
-    registers); unmeasured on a GPU as well."""
+    """The FP8-activation kernel's config: the int8 kernel's heuristic (the same kernel; at
+    M tiles of 64 ptxas spilled 92 bytes a thread on sm_90 here too); unmeasured on a GPU."""
     cfg = {**int8_default(target, key), "int8": 0, "fp8": 1}
-    cfg["m_frags"] = min(cfg["m_frags"], 2)
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg

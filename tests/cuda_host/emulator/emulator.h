@@ -223,7 +223,7 @@ struct Fiber {
   int* d = nullptr;
   const unsigned* a = nullptr;
   const unsigned* b = nullptr;
-  bool a_unsigned = false;
+  bool a_unsigned = false, b_unsigned = false;
   // posted at an ldmatrix: the row address this lane gives and where its 4 words go
   const uint8_t* row = nullptr;
   unsigned* out = nullptr;
@@ -292,8 +292,8 @@ inline void warp_mma(int w) {
       A[g + 8][4 * t + j] = lane_byte(f.a[1], j, f.a_unsigned);
       A[g][16 + 4 * t + j] = lane_byte(f.a[2], j, f.a_unsigned);
       A[g + 8][16 + 4 * t + j] = lane_byte(f.a[3], j, f.a_unsigned);
-      B[4 * t + j][g] = lane_byte(f.b[0], j, false);
-      B[16 + 4 * t + j][g] = lane_byte(f.b[1], j, false);
+      B[4 * t + j][g] = lane_byte(f.b[0], j, f.b_unsigned);
+      B[16 + 4 * t + j][g] = lane_byte(f.b[1], j, f.b_unsigned);
     }
     fragment_to_tile(D, f.d, lane);
   }
@@ -520,12 +520,13 @@ inline void copy16(void* dst, const void* src, bool valid) {
 }
 
 inline void mma_m16n8k32(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
-                         bool a_unsigned) {
+                         bool a_unsigned, bool b_unsigned = false) {
   Fiber& f = (*g_fibers)[g_current];
   f.d = d;
   f.a = a;
   f.b = b;
   f.a_unsigned = a_unsigned;
+  f.b_unsigned = b_unsigned;
   yield(AT_MMA);
 }
 

@@ -52,9 +52,9 @@ template <class C>
 size_t workspace_bytes(const Variant& v, int M) {
   size_t bytes = COUNTERS_BYTES;
   if (splits<C>(v, M) > 1) bytes += align256(sizeof(float) * (size_t)splits<C>(v, M) * M * C::N);
-  if (v.int8 || v.fp8)
+  if (v.int8 || v.fp8)  // codes, scales and (int8) code sums
     bytes += align256((size_t)M * C::K_PAD) +
-             align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
+             2 * align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
   else if (C::PREP_X)
     bytes += align256(sizeof(typename C::scalar_t) * (size_t)M * C::K_PAD);
   return bytes;
@@ -107,17 +107,22 @@ __host__ __device__ inline uint8_t float_to_e4m3(float v) {
 // (448 / max|x|)) and scale = max|x| / 448 / 2^8 (the 2^8 the FP8 weights' scales carry for
 // their f16 unpack, reorder-weights). An all-zero group: scale 1, codes 0. xq [M, K_PAD]:
 // column 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K).
-// xs [groups, rows4(M)] (rows past M: 0). One warp per (row, group).
+// xs [groups, rows4(M)] (rows past M: 0); int8: xsum [groups, rows4(M)], the sum of the
+// group's codes (the kernel subtracts zero point x xsum from its sums of codes x raw weights).
+// One warp per (row, group).
 template <class C, bool FP8>
 __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, float* xs,
-                                     const int* perm, int M) {
+                                     int* xsum, const int* perm, int M) {
   constexpr int G = x_group<C>(), GROUPS = C::K_PAD / G;
   const int m4 = rows4(M), lane = threadIdx.x & 31;
   const int warp = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
   if (warp >= m4 * GROUPS) return;  // whole warps: the shuffles below see all 32 lanes
   const int m = warp / GROUPS, g = warp % GROUPS;
   if (m >= M) {
-    if (lane == 0) xs[g * m4 + m] = 0.0f;
+    if (lane == 0) {
+      xs[g * m4 + m] = 0.0f;
+      if (!FP8) xsum[g * m4 + m] = 0;
+    }
     return;
   }
   auto value = [&](int kq) -> float {
@@ -133,10 +138,16 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
     xs[g * m4 + m] = amax == 0.0f ? 1.0f
                      : FP8        ? __fmul_rn(__fmul_rn(amax, 1.0f / QMAX), 1.0f / 256.0f)
                                   : __fmul_rn(amax, 1.0f / QMAX);
+  int sum = 0;
   for (int i = lane; i < G; i += 32) {
     const float v = __fmul_rn(value(g * G + i), inv);
-    xq[(long long)m * C::K_PAD + g * G + i] =
-        FP8 ? (int8_t)float_to_e4m3(v) : (int8_t)__float2int_rn(v);
+    const int8_t q = FP8 ? (int8_t)float_to_e4m3(v) : (int8_t)__float2int_rn(v);
+    xq[(long long)m * C::K_PAD + g * G + i] = q;
+    sum += q;
+  }
+  if (!FP8) {
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) xsum[g * m4 + m] = sum;
   }
 }
 
@@ -168,18 +179,22 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   if (p.split_k > 1) ws += align256(sizeof(float) * (size_t)p.split_k * M * C::N);
   p.xq = nullptr;
   p.xs = nullptr;
+  p.xsum = nullptr;
   p.xs_stride = rows4(M);
   if (v.int8 || v.fp8) {  // x's codes and scales (the act-order permutation and padding included)
+    const size_t table = align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
     int8_t* xq = reinterpret_cast<int8_t*>(ws);
     float* xs = reinterpret_cast<float*>(ws + align256((size_t)M * C::K_PAD));
+    int* xsum = reinterpret_cast<int*>(ws + align256((size_t)M * C::K_PAD) + table);
     const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
     const int blocks = (int)((threads + 255) / 256);
     auto quantize = v.fp8 ? quantize_x_i8_kernel<C, true> : quantize_x_i8_kernel<C, false>;
-    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, perm, M);
+    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, xsum, perm, M);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     p.xq = xq;
     p.xs = xs;
+    p.xsum = xsum;
     return cudaSuccess;
   }
   if (C::PREP_X) {

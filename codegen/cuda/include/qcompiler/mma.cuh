@@ -1,5 +1,5 @@
 // qcompiler CUDA kernels: ldmatrix and the tensor-core MMAs (mma.sync, sm_80+): m16n8k16 with
-// f16 or bf16 inputs and fp32 accumulators, m16n8k32 with s8 inputs and s32 accumulators or
+// f16 or bf16 inputs and fp32 accumulators, m16n8k32 with s8 x u8 inputs and s32 accumulators or
 // FP8 e4m3 inputs and fp32 accumulators (the 8-bit-activation kernel, tiled_i8.cuh). Static code, included by the generated .cu.
 #ifndef QCOMPILER_MMA_CUH
 #define QCOMPILER_MMA_CUH
@@ -58,10 +58,11 @@ __device__ __forceinline__ void mma_16816_zero(float* d, const uint32_t* a, uint
   }
 }
 
-// c += a * b for s8 inputs (A: 16 x 32 row-major, B: 32 x 8 column-major), exact in s32.
-__device__ __forceinline__ void mma_16832_s8(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+// c += a * b for s8 A (16 x 32 row-major) and u8 B (32 x 8 column-major), exact in s32.
+__device__ __forceinline__ void mma_16832_s8u8(int* c, const uint32_t* a, uint32_t b0,
+                                               uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 "
       "{ %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, { %0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -88,10 +89,10 @@ inline void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   const uint32_t b[2] = {b0, b1};
   qc_emu::mma_m16n8k16_f32(c, a, b, !std::is_same<S, half>::value);
 }
-inline void mma_16832_s8(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+inline void mma_16832_s8u8(int* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   const uint32_t b[2] = {b0, b1};
   qc_emu::mma_m16n8k32(*reinterpret_cast<int(*)[4]>(c), *reinterpret_cast<const uint32_t(*)[4]>(a),
-                       b, false);
+                       b, false, true);
 }
 inline void mma_16832_e4m3(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   const uint32_t b[2] = {b0, b1};

@@ -58,6 +58,7 @@ struct Params {
   // int8 activations (tiled_i8.cuh): x quantized per row and group by make_params.
   const int8_t* xq;        // [M, K_PAD], K in the kernel's order (quantize_x_i8_kernel)
   const float* xs;         // [x groups, xs_stride]: the scale of each row's group
+  const int* xsum;         // [x groups, xs_stride]: the sum of each row's group's int8 codes
   int xs_stride;           // M rounded up to 4 (16-byte rows of scales)
 };
 

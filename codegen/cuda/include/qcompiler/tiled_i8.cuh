@@ -8,12 +8,13 @@
 // xq and scales xs. Here, for every group g of K (the weights' groups; with per-channel weight
 // scales the whole row):
 //     y[m, n] = sum_g xs[m, g] * ws[g, n] * sum_{k in g} xq[m, k] * (u[k, n] - z[g, n])
-// int8: the inner sum is exact, mma.sync.m16n8k32 s8 x s8 -> s32, the weights' codes u centred
-// on their zero points z in registers (u - z fits int8: codes of at most 7 bits, or 8-bit codes
-// whose zero point is 128 after the unsigned bias). FP8: mma.sync.m16n8k32 e4m3 x e4m3 -> f32
-// on the weights' bytes as they are (no zero points). Each finished group's sums are scaled
-// into fp32 accumulators; with per-channel scales x has one scale a row, so the sums go on to
-// the end and the weight scale is applied with the bias.
+// int8: the inner sum is exact, mma.sync.m16n8k32 s8 x u8 -> s32 on the weights' unsigned codes
+// u as they are (layout.py biases every code to unsigned), and the zero point comes off once
+// per group: sum xq (u - z) = sum xq u - z xsum, with xsum the group's sum of x codes (the
+// quantizer's). So the loop only moves codes into bytes, and every 1-8 bit format fits. FP8:
+// mma.sync.m16n8k32 e4m3 x e4m3 -> f32 on the weights' bytes (no zero points). Each finished
+// group's sums are scaled into fp32 accumulators; with per-channel scales x has one scale a
+// row, so the sums go on to the end and the weight scale is applied with the bias.
 //
 // The weights are the same packed words as the f16 kernels' (layout.py, cuda_mma_b16): a
 // k32 step takes two k16 steps' words, and a lane's four rows of each (bytes or nibbles in
@@ -63,15 +64,14 @@ struct TileI8 {
   static_assert(KS % (2 * WARPS_K) == 0, "each warp takes whole k32 steps of a stage");
   static_assert(X_PER_ROW || C::GROUP % 32 == 0, "groups of whole k32 steps");
   static_assert(C::CB == 4 || C::CB == 8, "4- or 8-bit containers");
-  static_assert(FP8 || C::CODE_BITS < 8 || (!C::HAS_ZP && C::ZERO_CONST == 128.0f),
-                "8-bit codes fit int8 once centred only with the zero point 128");
   static_assert(!FP8 || (C::CB == 8 && !C::HAS_ZP), "FP8 activations take FP8 weights");
   static constexpr int B_CHUNKS_PER_KS = WARPS_N * (C::CB / 4) * 32;   // uint4 per k16 step
   static constexpr int B_BYTES = KS * B_CHUNKS_PER_KS * 16;
   static constexpr int A_BYTES = M_TILE * A_ROW;
   static constexpr int S_BYTES = C::SCALE_IN_EPILOGUE ? 0 : SROWS * N_TILE * 2;
   static constexpr int Z_BYTES = C::HAS_ZP ? SROWS * N_TILE * 2 : 0;
-  static constexpr int XS_BYTES = X_PER_ROW ? 0 : SROWS * M_TILE * 4;  // x scales [group][row]
+  // x scales [group][row] as floats, then (int8) the code sums [group][row] as ints
+  static constexpr int XS_BYTES = X_PER_ROW ? 0 : SROWS * M_TILE * 4 * (FP8 ? 1 : 2);
   static constexpr int STAGE_BYTES = B_BYTES + A_BYTES + S_BYTES + Z_BYTES + XS_BYTES;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
   static constexpr int RED_BYTES = M_TILE * N_TILE * 4;
@@ -94,15 +94,6 @@ __device__ __forceinline__ uint32_t b_codes(const uint32_t* q, int t, int h) {
   } else {
     return q[2 * t + h];
   }
-}
-
-// Four unsigned codes u (bytes) minus the zero point z (in each byte of zrep) as s8. For u, z
-// < 128: each byte of (u | 0x80) - z is 128 + u - z in [1, 255] (no borrow between bytes),
-// and flipping bit 7 makes it the s8 value u - z. 8-bit codes (z = 128): u ^ 0x80.
-template <class C>
-__device__ __forceinline__ uint32_t centred(uint32_t u, uint32_t zrep) {
-  if constexpr (C::CODE_BITS == 8) return u ^ 0x80808080u;
-  else return ((u | 0x80808080u) - zrep) ^ 0x80808080u;
 }
 
 // Launch bounds: one CTA per SM guaranteed registers. With group scales a thread holds fp32
@@ -151,14 +142,17 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
     if (C::HAS_ZP)
       copy_group_rows<C, T::SROWS, T::N_TILE, T::THREADS>(sa + T::A_BYTES + T::S_BYTES, p.zeros,
                                                           row0, nb0, tid);
-    if (!T::X_PER_ROW) {  // x groups are the weight groups: [SROWS][M_TILE] floats
+    if (!T::X_PER_ROW) {  // x groups are the weight groups: [SROWS][M_TILE] scales, sums
       unsigned char* sx = sa + T::A_BYTES + T::S_BYTES + T::Z_BYTES;
       constexpr int X_CHUNKS = T::M_TILE / 4;
-      for (int i = tid; i < T::SROWS * X_CHUNKS; i += T::THREADS) {
-        const int r = i / X_CHUNKS, c = i % X_CHUNKS;
+      for (int i = tid; i < T::SROWS * X_CHUNKS * (FP8 ? 1 : 2); i += T::THREADS) {
+        const int table = i / (T::SROWS * X_CHUNKS), j = i % (T::SROWS * X_CHUNKS);
+        const int r = j / X_CHUNKS, c = j % X_CHUNKS;
         const bool ok = m0 + 4 * c < p.xs_stride;
-        const float* src = p.xs + (long long)(row0 + r) * p.xs_stride + m0 + 4 * c;
-        cp_async16(sx + i * 16, ok ? src : p.xs, ok);
+        const void* base_ptr = table ? static_cast<const void*>(p.xsum) : p.xs;
+        const char* src = static_cast<const char*>(base_ptr) +
+                          4 * ((long long)(row0 + r) * p.xs_stride + m0 + 4 * c);
+        cp_async16(sx + i * 16, ok ? src : base_ptr, ok);
       }
     }
   };
@@ -219,34 +213,15 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
       // The group's scale and zero-point rows in the stage (a k32 step lies in one group).
       const int srow = C::GROUP < T::STAGE_K ? (ks * 16) / C::GROUP : 0;
       const unsigned char* srow_ptr = sa + T::A_BYTES + (srow * T::N_TILE + wn * 64) * 2;
-      // The zero point of each of this lane's 8 columns (slot 2t + h), in every byte.
-      uint32_t zrep[8];
-      if constexpr (FP8) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) zrep[j] = 0;  // unused: FP8 weights have no zero point
-      } else if constexpr (C::HAS_ZP) {
-        __align__(16) S zv[8];
-        *reinterpret_cast<uint4*>(zv) =
-            *reinterpret_cast<const uint4*>(srow_ptr + T::S_BYTES + (lane >> 2) * 16);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) zrep[j] = (uint32_t)(int)to_float(zv[j]) * 0x01010101u;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) zrep[j] = (uint32_t)(int)C::ZERO_CONST * 0x01010101u;
-      }
 #pragma unroll
       for (int t = 0; t < 4; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if constexpr (FP8) {
-            const uint32_t b0 = b_codes<8>(q[0], t, h), b1 = b_codes<8>(q[1], t, h);
+          const uint32_t b0 = b_codes<C::CB>(q[0], t, h), b1 = b_codes<C::CB>(q[1], t, h);
 #pragma unroll
-            for (int mf = 0; mf < M_FRAGS; ++mf) mma_16832_e4m3(part[mf][t][h], a[mf], b0, b1);
-          } else {
-            const uint32_t b0 = centred<C>(b_codes<C::CB>(q[0], t, h), zrep[2 * t + h]);
-            const uint32_t b1 = centred<C>(b_codes<C::CB>(q[1], t, h), zrep[2 * t + h]);
-#pragma unroll
-            for (int mf = 0; mf < M_FRAGS; ++mf) mma_16832_s8(part[mf][t][h], a[mf], b0, b1);
+          for (int mf = 0; mf < M_FRAGS; ++mf) {
+            if constexpr (FP8) mma_16832_e4m3(part[mf][t][h], a[mf], b0, b1);
+            else mma_16832_s8u8(part[mf][t][h], a[mf], b0, b1);
           }
         }
       if constexpr (!T::X_PER_ROW) {
@@ -263,9 +238,38 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
               *reinterpret_cast<const uint4*>(srow_ptr + ((lane & 3) * 2 + 1) * 16);
           const float* xs_row = reinterpret_cast<const float*>(
               sa + T::A_BYTES + T::S_BYTES + T::Z_BYTES) + srow * T::M_TILE;
+          const int* xsum_row = reinterpret_cast<const int*>(xs_row + T::SROWS * T::M_TILE);
+          // int8: the zero points of the same columns (the zero-point row, like the scales),
+          // taken off once per group: by the flush whose K range starts the group (ranges
+          // never straddle groups, so exactly one warp of one CTA holds each group's start).
+          const bool starts_group =
+              (kt_begin + it) * T::STAGE_K % C::GROUP == 0 &&
+              ((wk * RUN + step + 1 - FLUSH) * 32) % C::GROUP == 0;
+          int z0[8], z1[8];
+          if constexpr (!FP8) {
+            if constexpr (C::HAS_ZP) {
+              __align__(16) S zv0[8];
+              __align__(16) S zv1[8];
+              *reinterpret_cast<uint4*>(zv0) = *reinterpret_cast<const uint4*>(
+                  srow_ptr + T::S_BYTES + ((lane & 3) * 2) * 16);
+              *reinterpret_cast<uint4*>(zv1) = *reinterpret_cast<const uint4*>(
+                  srow_ptr + T::S_BYTES + ((lane & 3) * 2 + 1) * 16);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                z0[j] = (int)to_float(zv0[j]);
+                z1[j] = (int)to_float(zv1[j]);
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) z0[j] = z1[j] = (int)C::ZERO_CONST;
+            }
+          }
 #pragma unroll
           for (int mf = 0; mf < M_FRAGS; ++mf) {
-            const float x0 = xs_row[mf * 16 + (lane >> 2)], x1 = xs_row[mf * 16 + (lane >> 2) + 8];
+            const int r0 = mf * 16 + (lane >> 2), r1 = r0 + 8;
+            const float x0 = xs_row[r0], x1 = xs_row[r1];
+            const int n0 = FP8 || !starts_group ? 0 : xsum_row[r0];
+            const int n1 = FP8 || !starts_group ? 0 : xsum_row[r1];
 #pragma unroll
             for (int t = 0; t < 4; ++t)
 #pragma unroll
@@ -273,6 +277,12 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
                 const float f0 = to_float(s0[2 * t + h]), f1 = to_float(s1[2 * t + h]);
                 float* c = acc[mf][t][h];
                 Part* d = part[mf][t][h];
+                if constexpr (!FP8) {  // sum xq (u - z) = sum xq u - z xsum
+                  d[0] -= z0[2 * t + h] * n0;
+                  d[1] -= z1[2 * t + h] * n0;
+                  d[2] -= z0[2 * t + h] * n1;
+                  d[3] -= z1[2 * t + h] * n1;
+                }
                 c[0] += (float)d[0] * (x0 * f0);
                 c[1] += (float)d[1] * (x0 * f1);
                 c[2] += (float)d[2] * (x1 * f0);
@@ -287,11 +297,23 @@ qmatmul_i8_kernel(const Params<typename C::scalar_t> p) {
   cp_async_wait<0>();
   __syncthreads();
 
-  // This thread's fp32 sum of element e: with one x scale a row, the integer sum times it.
+  // This thread's fp32 sum of element e: with one x scale a row, the sum (int8: less the
+  // zero point times the row's code sum) times it. The zero point of column n of n64 block b
+  // is at b * 64 + (n % 8) * 8 + (n % 64) / 8 of the permuted table (layout.py).
   auto sum_of = [&](int mf, int t, int h, int e) -> float {
     if constexpr (T::X_PER_ROW) {
       const int m = m0 + mf * 16 + (lane >> 2) + (e >> 1) * 8;
-      return m < p.M ? (float)part[mf][t][h][e] * p.xs[m] : 0.0f;
+      if (m >= p.M) return 0.0f;
+      if constexpr (FP8) {
+        return part[mf][t][h][e] * p.xs[m];
+      } else if (split != 0 || wk != 0) {  // the zero point comes off once: where K starts
+        return (float)part[mf][t][h][e] * p.xs[m];
+      } else {
+        const int col8 = 2 * (lane & 3) + (e & 1);
+        const int z = C::HAS_ZP ? (int)to_float(p.zeros[(nb0 + wn) * 64 + col8 * 8 + 2 * t + h])
+                                : (int)C::ZERO_CONST;
+        return (float)(part[mf][t][h][e] - z * p.xsum[m]) * p.xs[m];
+      }
     } else {
       return acc[mf][t][h][e];
     }
