@@ -184,3 +184,31 @@ def test_fp8_activations_in_host_emulation(group, tmp_path):
                     f"FP8 M={m} variant {v} call {call}: {err:.3g} from the fp8 model"
         # FP8 activations are coarser than int8: far from the float product, but near it
         assert cases.FP8_TOLERANCE["f16"] < cases.rel_error(model, cases.reference(module, x)) < 0.1
+
+
+def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
+    """The emulator's dynamic shared memory ends at what the launch asked for (rounded up to
+    128 bytes) and an inaccessible page follows: a kernel that reads past it crashes (so the
+    tests above would catch a shared-memory layout larger than its launch), one that stays
+    inside runs."""
+    import subprocess
+    import sys
+
+    from cuda_emulation import compile_emulated
+    from qcompiler.codegen.cuda.build import INCLUDE_DIR
+
+    lib = compile_emulated(
+        '#include "qcompiler/params.cuh"\n'
+        '__global__ void k(int n, int* out) { unsigned char* s = qc_emu::shared;\n'
+        '  if (threadIdx.x == 0) { s[n - 1] = 7; *out = s[n - 1]; } }\n'
+        'extern "C" int run(int smem, int n) { int out = 0;\n'
+        '  QC_LAUNCH(k, 1, 32, smem, nullptr, n, &out); return out; }\n',
+        tmp_path, "guard", [INCLUDE_DIR])
+    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).run; "
+            "print(f(int(sys.argv[2]), int(sys.argv[3])))")
+    inside = subprocess.run([sys.executable, "-c", code, lib, "1000", "1024"],
+                            capture_output=True, text=True)
+    assert inside.returncode == 0 and inside.stdout.strip() == "7", inside
+    past = subprocess.run([sys.executable, "-c", code, lib, "1000", "1025"],
+                          capture_output=True, text=True)
+    assert past.returncode != 0, past  # SIGSEGV

@@ -16,13 +16,16 @@
 //   d0, d1: D[g][2t], D[g][2t+1]   d2, d3: D[g+8][2t], D[g+8][2t+1]
 // cp.async copies at once (nothing is in flight, so a missing wait cannot show here: only
 // the GPU tests see such races). Float intrinsics are single IEEE operations (build with
-// -ffp-contract=off).
+// -ffp-contract=off). mma.m16n8k16 (f16/bf16) and m16n8k32 (e4m3) sum in double. A launch's
+// dynamic shared memory ends where an inaccessible page starts (shared_region_end).
 #ifndef QC_CUDA_HOST_EMULATOR_H
 #define QC_CUDA_HOST_EMULATOR_H
 
 #define QC_HOST_EMULATION 1
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -208,8 +211,25 @@ inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }  // ties t
 
 namespace qc_emu {
 
-// A kernel's dynamic shared memory: one buffer, the blocks run one at a time.
-alignas(128) inline uint8_t shared[232448];
+// A kernel's dynamic shared memory: the last bytes (what the launch asked for, rounded up to
+// 128) of one region that an inaccessible page follows, so that an access past the size the
+// kernel was launched with faults (the test fails) instead of reading other memory. The blocks
+// run one at a time, so one region serves them all.
+inline constexpr size_t kSharedCapacity = 232448;  // sm_90's opt-in maximum, 227 KiB
+inline uint8_t* shared_region_end() {
+  static uint8_t* end = [] {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t bytes = (kSharedCapacity + page - 1) / page * page;
+    void* base = mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) std::abort();
+    uint8_t* guard = static_cast<uint8_t*>(base) + bytes;
+    if (mprotect(guard, page, PROT_NONE) != 0) std::abort();
+    return guard;
+  }();
+  return end;
+}
+inline uint8_t* shared = shared_region_end() - kSharedCapacity;  // set by each launch
 
 enum State { RUNNING, AT_BARRIER, AT_NAMED_BARRIER, AT_MMA, AT_MMA_F16, AT_MMA_E4M3, AT_LDMATRIX,
              AT_SHUFFLE, AT_SYNCWARP, DONE };
@@ -586,7 +606,8 @@ namespace qc_emu {
 template <typename... Params, typename... Args>
 inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
                           Args&&... args) {
-  if (smem_bytes > sizeof(shared)) return 1;
+  if (smem_bytes > kSharedCapacity) return 1;
+  shared = shared_region_end() - (smem_bytes + 127) / 128 * 128;
   gridDim = grid;
   blockDim = block;
   const std::function<void()> body = [&] { kernel(args...); };
