@@ -190,7 +190,7 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     """The emulator's dynamic shared memory ends at what the launch asked for (rounded up to
     128 bytes) and an inaccessible page follows: a kernel that reads past it crashes (so the
     tests above would catch a shared-memory layout larger than its launch), one that stays
-    inside runs."""
+    inside runs; each block starts with ones in it."""
     import subprocess
     import sys
 
@@ -202,7 +202,10 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
         '__global__ void k(int n, int* out) { unsigned char* s = qc_emu::shared;\n'
         '  if (threadIdx.x == 0) { s[n - 1] = 7; *out = s[n - 1]; } }\n'
         'extern "C" int run(int smem, int n) { int out = 0;\n'
-        '  QC_LAUNCH(k, 1, 32, smem, nullptr, n, &out); return out; }\n',
+        '  QC_LAUNCH(k, 1, 32, smem, nullptr, n, &out); return out; }\n'
+        '__global__ void unwritten(int* out) { if (threadIdx.x == 0) *out = qc_emu::shared[5]; }\n'
+        'extern "C" int fresh() { int out = 0; QC_LAUNCH(k, 1, 32, 64, nullptr, 6, &out);\n'
+        '  QC_LAUNCH(unwritten, 1, 32, 64, nullptr, &out); return out; }\n',
         tmp_path, "guard", [INCLUDE_DIR])
     code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).run; "
             "print(f(int(sys.argv[2]), int(sys.argv[3])))")
@@ -212,3 +215,7 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     past = subprocess.run([sys.executable, "-c", code, lib, "1000", "1025"],
                           capture_output=True, text=True)
     assert past.returncode != 0, past  # SIGSEGV
+    # a block finds its shared memory full of ones, not what an earlier launch left there
+    import ctypes
+
+    assert ctypes.CDLL(lib).fresh() == 255

@@ -17,7 +17,8 @@
 // cp.async copies at once (nothing is in flight, so a missing wait cannot show here: only
 // the GPU tests see such races). Float intrinsics are single IEEE operations (build with
 // -ffp-contract=off). mma.m16n8k16 (f16/bf16) and m16n8k32 (e4m3) sum in double. A launch's
-// dynamic shared memory ends where an inaccessible page starts (shared_region_end).
+// dynamic shared memory ends where an inaccessible page starts (shared_region_end), and each
+// block finds it filled with ones.
 #ifndef QC_CUDA_HOST_EMULATOR_H
 #define QC_CUDA_HOST_EMULATOR_H
 
@@ -607,7 +608,8 @@ template <typename... Params, typename... Args>
 inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
                           Args&&... args) {
   if (smem_bytes > kSharedCapacity) return 1;
-  shared = shared_region_end() - (smem_bytes + 127) / 128 * 128;
+  const size_t smem_rounded = (smem_bytes + 127) / 128 * 128;
+  shared = shared_region_end() - smem_rounded;
   gridDim = grid;
   blockDim = block;
   const std::function<void()> body = [&] { kernel(args...); };
@@ -615,6 +617,9 @@ inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
+        // Each block starts with garbage in its dynamic shared memory, as on the GPU: all
+        // ones (NaN in f16 and f32, -1 in integers), so a read of what it never wrote shows.
+        std::memset(shared, 0xFF, smem_rounded);
         run_block(body, block);
       }
   return cudaSuccess;
