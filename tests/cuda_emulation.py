@@ -16,6 +16,30 @@ import pytest
 EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host", "emulator")
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def guarded(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that ends within 256 bytes of an inaccessible page, its start 256-byte
+    aligned as cudaMalloc's: a kernel that reads or writes more than that past the end faults
+    (the test fails) instead of touching other memory."""
+    import mmap
+
+    a = np.asarray(a)
+    nbytes = max(a.nbytes, 1)
+    data = -(-nbytes // _PAGE) * _PAGE
+    mm = mmap.mmap(-1, data + _PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + data, _PAGE, 0) == 0  # PROT_NONE
+    offset = (data - nbytes) // 256 * 256
+    # (the array keeps the mapping alive, and with it the guard page)
+    out = np.frombuffer(mm, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def compile_emulated(text: str, out_dir, name: str, include_dirs=()) -> str:
     """``text`` after emulator.h, built with g++ into ``out_dir/name.so``; its path."""
     gxx = shutil.which("g++")
@@ -44,11 +68,12 @@ def build_emulated(texts: list, out_dir) -> str:
 
 def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None) -> list:
     """Run ``symbol`` on host arrays: ``args`` the node's data operands, ``out_like`` (shape,
-    dtype) of each result, filled with 0xFF bytes first (an unwritten element shows). The
+    dtype) of each result, filled with 0xFF bytes first (an unwritten element shows); every
+    buffer ``guarded`` (an access far past its end faults). The
     workspace (``SYM_workspace_bytes``) is zeroed once, as the plan does; with ``first``
     (other operands of the same shapes) the kernel runs on those before, on the same
     workspace: a split-K kernel must leave its counters at zero for the next call."""
-    outs = [np.empty(shape, dtype) for shape, dtype in out_like]
+    outs = [guarded(np.empty(shape, dtype)) for shape, dtype in out_like]
     fn = getattr(lib, symbol)
     fn.restype = ctypes.c_int
     size = getattr(lib, f"{symbol}_workspace_bytes")
@@ -56,8 +81,7 @@ def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = No
     workspace = None
     for operands in ([first] if first is not None else []) + [args]:
         # (not ascontiguousarray: it makes a 0-d array 1-d, and the shapes come from these)
-        arrays = [a if a.flags.c_contiguous else a.copy() for a in map(np.asarray, operands)]
-        arrays += outs
+        arrays = [guarded(a) for a in map(np.asarray, operands)] + outs
         ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         dims = [int(d) for a in arrays for d in a.shape]
         shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
@@ -126,7 +150,7 @@ class EmulatedQmm:
         self.arrays = {}
         for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4), ("bias", 7)):
             v = constant_value(packed_module, node.operand(i))
-            self.arrays[role] = None if v is None else np.ascontiguousarray(v)
+            self.arrays[role] = None if v is None else guarded(np.ascontiguousarray(v))
         self.dtype = node.result.type.dtype.np_dtype
         self.ws = None
 
@@ -134,14 +158,14 @@ class EmulatedQmm:
         """y [M, width] for x [M, K] (poisoned first: an unwritten element shows). ``extras``:
         the epilogue's extra operands (a list, maybe empty: the kernel applies its epilogue),
         or None (the product only)."""
-        x = np.ascontiguousarray(x)
+        x = guarded(np.ascontiguousarray(x))
         m = x.shape[0]
-        y = np.empty((m, width), self.dtype)
+        y = guarded(np.empty((m, width), self.dtype))
         y.view(np.uint8).reshape(-1)[:] = 0xFF
         need = max(int(self.ws_fn(m)), 1)
         if self.ws is None or self.ws.size < need:
             self.ws = np.zeros(need, np.uint8)
-        extra_arrays = [np.ascontiguousarray(a) for a in extras or []]
+        extra_arrays = [guarded(np.ascontiguousarray(a)) for a in extras or []]
         extra_ptrs = (ctypes.c_void_p * max(len(extra_arrays), 1))(
             *[a.ctypes.data for a in extra_arrays])
         ptr = (lambda a: None if a is None else a.ctypes.data)

@@ -10,6 +10,8 @@ cannot: races, missing cp.async waits, launch limits, speed (the GPU tests and b
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cuda_emulation import EmulatedQmm
@@ -219,3 +221,13 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     import ctypes
 
     assert ctypes.CDLL(lib).fresh() == 255
+    # the emulated kernels' host buffers (cuda_emulation.guarded) end before a guard page too
+    code = ("import sys, ctypes, numpy as np; sys.path.insert(0, sys.argv[1]); "
+            "from cuda_emulation import guarded; a = guarded(np.arange(1000, dtype=np.float32)); "
+            "assert np.array_equal(a, np.arange(1000)) and a.ctypes.data % 256 == 0; "
+            "print(ctypes.string_at(a.ctypes.data + a.nbytes + int(sys.argv[2]), 1))")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    near = subprocess.run([sys.executable, "-c", code, tests_dir, "0"], capture_output=True)
+    assert near.returncode == 0, near.stderr[-500:]  # (within the 256-byte alignment slack)
+    far = subprocess.run([sys.executable, "-c", code, tests_dir, "256"], capture_output=True)
+    assert far.returncode != 0
