@@ -86,7 +86,7 @@ def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = No
         dims = [int(d) for a in arrays for d in a.shape]
         shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
         if workspace is None:
-            workspace = np.zeros(max(int(size(shapes)), 1), np.uint8)
+            workspace = guarded(np.zeros(max(int(size(shapes)), 1), np.uint8))
         for o in outs:
             o.reshape(-1).view(np.uint8)[:] = 0xFF  # (a 0-d array: through a 1-d view)
         assert fn(ptrs, shapes, ctypes.c_void_p(workspace.ctypes.data), None) == 0
@@ -164,7 +164,7 @@ class EmulatedQmm:
         y.view(np.uint8).reshape(-1)[:] = 0xFF
         need = max(int(self.ws_fn(m)), 1)
         if self.ws is None or self.ws.size < need:
-            self.ws = np.zeros(need, np.uint8)
+            self.ws = guarded(np.zeros(need, np.uint8))
         extra_arrays = [guarded(np.ascontiguousarray(a)) for a in extras or []]
         extra_ptrs = (ctypes.c_void_p * max(len(extra_arrays), 1))(
             *[a.ctypes.data for a in extra_arrays])
