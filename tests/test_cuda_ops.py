@@ -19,6 +19,7 @@ from cuda_gpu_util import gpu_reason
 from qcompiler.codegen.cuda.build import find_nvcc
 from qcompiler.codegen.cuda.ops import (CudaOpsError, CudaOpsLibrary, build_cuda_ops_library,
                                         kernel_source, library_path, library_source)
+from qcompiler.codegen.cuda.ops.body import FLOAT_MATH_OPS
 from qcompiler.ir.core import Function, Module, constant_node
 from qcompiler.ir.types import elem, tensor
 from qcompiler.runtime.reference import OP_IMPLS
@@ -68,6 +69,17 @@ def _make_graph() -> Graph:
                   [([B, S], dt)])
         for approx in ("none", "tanh"):
             g.add("unary", "gelu", [g.arg([B, S], dt)], [([B, S], dt)], {"approximate": approx})
+    # float math and activations (body.FLOAT_MATH_OPS), with their attributes and domains
+    domains = {"log": (0.05, 4.0), "acosh": (1.0, 4.0), "asin": (-0.99, 0.99),
+               "acos": (-0.99, 0.99), "atanh": (-0.99, 0.99), "round": (-6.0, 6.0)}
+    params = {"leaky_relu": {"alpha": 0.01}, "elu": {"alpha": 1.0},
+              "selu": {"alpha": 1.6732632, "gamma": 1.0507009},
+              "celu": {"alpha": 0.7}, "hard_sigmoid": {"alpha": 0.2, "beta": 0.5},
+              "thresholded_relu": {"alpha": 0.3}}
+    for dt in ("f32", "f16", "bf16"):
+        for op in FLOAT_MATH_OPS:
+            g.add("math", op, [g.arg([B, S], dt, low=domains.get(op))], [([B, S], dt)],
+                  params.get(op))
     g.add("exact", "div", [g.arg([B, 13], "i32", low=(-50, 50)),
                            g.arg([B, 13], "i32", low=(-7, 7))], [([B, 13], "i32")])
     g.add("exact", "add", [g.arg([B, 13], "i64", low=(-2**40, 2**40)),
@@ -432,6 +444,15 @@ def _elementwise_close(ulps):
     return compare
 
 
+def _math_close(got, w, what):
+    # Each computed in f32 (f64 for the transcendentals) and rounded once, as the reference;
+    # CUDA's and numpy's expf/log1pf/tanhf differ by up to 2 ulp, and elu/selu/celu's
+    # exp(x) - 1 cancels near 0 in both: an absolute floor of 4 ulp of 1 in the result type.
+    eps = float(ml_dtypes.finfo(np.asarray(w).dtype).eps)
+    scale = max(float(np.nanmax(np.abs(_f64(w)))) if w.size else 0.0, 1.0)
+    assert_ulps(got, w, 4, what, atol=4 * eps * scale)
+
+
 def _exact(got, w, what):
     np.testing.assert_array_equal(got, w, err_msg=what)
 
@@ -459,7 +480,7 @@ def _rotary_close(got, w, what):
 
 
 # each node group and how its results compare with the reference
-COMPARE = {"binary": _elementwise_close(0), "pow": _elementwise_close(4),
+COMPARE = {"math": _math_close, "binary": _elementwise_close(0), "pow": _elementwise_close(4),
            "unary": _elementwise_close(4), "fused": _elementwise_close(4), "exact": _exact,
            "rows": _rows_close, "copy": _exact, "matmul": _matmul_close,
            "attention": _attention_close, "rotary": _rotary_close,
@@ -467,7 +488,7 @@ COMPARE = {"binary": _elementwise_close(0), "pow": _elementwise_close(4),
 
 
 @gpu
-@pytest.mark.parametrize("key", ["binary", "pow", "unary", "fused"])
+@pytest.mark.parametrize("key", ["binary", "pow", "unary", "math", "fused"])
 def test_elementwise_few_ulp(built, key):
     _check(built, key, COMPARE[key])
 
@@ -519,8 +540,8 @@ def emulated(tmp_path_factory):
     return g, names, EmulatedLibrary(lib), None
 
 
-@pytest.mark.parametrize("key", ["binary", "pow", "unary", "fused", "exact", "rows", "copy",
-                                 "matmul", "attention", "rotary", "dedup"])
+@pytest.mark.parametrize("key", ["binary", "pow", "unary", "math", "fused", "exact", "rows",
+                                 "copy", "matmul", "attention", "rotary", "dedup"])
 def test_op_kernels_in_host_emulation(emulated, key):
     _check(emulated, key, COMPARE[key])
 

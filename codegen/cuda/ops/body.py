@@ -8,6 +8,8 @@ integer casts with NaN -> 0, integer -> integer casts that wrap.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from qcompiler.codegen.cuda.ops.common import (C_TYPES, FLOAT_TYPES, HALF_TYPES, c_type,
@@ -20,6 +22,45 @@ _UNARY_FLOAT = {"sqrt": "sqrt{f}({a})", "exp": "exp{f}({a})", "tanh": "tanh{f}({
                 "abs": "fabs{f}({a})"}
 _COMPARE = {"equal": "==", "greater": ">", "greater_or_equal": ">=", "less": "<",
             "less_or_equal": "<="}
+# Float math as whole ops (not body statements): the reference computes each in float32 and
+# rounds once (f64 stays f64). Transcendentals go through double here, so that their error
+# is the rounding to float32 (CUDA's float versions are up to 2-4 ulps off).
+_MATH_DOUBLE = {"log": "log", "sin": "sin", "cos": "cos", "tan": "tan", "asin": "asin",
+                "acos": "acos", "atan": "atan", "sinh": "sinh", "cosh": "cosh",
+                "asinh": "asinh", "acosh": "acosh", "atanh": "atanh"}
+# x is the operand in the compute type c; {p_name} the node's float attributes as c literals
+# (rounded to c first, as the reference's float32 parameters); the reference's operation order.
+_ACTIVATIONS = {
+    "floor": "floor{f}(x)", "ceil": "ceil{f}(x)", "round": "rint{f}(x)",
+    "sign": "(x != x ? x : (c)((x > (c)0) - (x < (c)0)))",
+    "softsign": "(x / ((c)1 + fabs{f}(x)))",
+    "softplus": "(qc_ops::np_max<c>(x, (c)0) + log1p{f}(exp{f}(-fabs{f}(x))))",
+    "mish": "(x * tanh{f}(qc_ops::np_max<c>(x, (c)0) + log1p{f}(exp{f}(-fabs{f}(x)))))",
+    "hard_swish": "(x * qc_ops::np_min<c>(qc_ops::np_max<c>(x / (c)6 + (c)0.5, (c)0), (c)1))",
+    "leaky_relu": "(x >= (c)0 ? x : {alpha} * x)",
+    "elu": "(x > (c)0 ? x : {alpha} * (exp{f}(x) - (c)1))",
+    "selu": "(x > (c)0 ? {gamma} * x : {gamma} * {alpha} * (exp{f}(x) - (c)1))",
+    "celu": "(qc_ops::np_max<c>((c)0, x) + qc_ops::np_min<c>((c)0, {alpha} * "
+            "(exp{f}(x / {alpha}) - (c)1)))",
+    "hard_sigmoid": "qc_ops::np_min<c>(qc_ops::np_max<c>({alpha} * x + {beta}, (c)0), (c)1)",
+    "thresholded_relu": "(x > {alpha} ? x : (c)0)",
+}
+FLOAT_MATH_OPS = tuple(_MATH_DOUBLE) + tuple(_ACTIVATIONS)
+
+
+def _float_math(op: str, x: str, ct: str, out: str, node) -> str:
+    """A float math op (``FLOAT_MATH_OPS``) on ``x`` (already in ``ct``, float or double)."""
+    if op in _MATH_DOUBLE:
+        v = f"{_MATH_DOUBLE[op]}((double)({x}))"
+        return convert(v if ct == "double" else f"(float){v}", ct, out)
+    params = {k: f"(({ct}){literal(float(np.asarray(v, np.float64 if ct == 'double' else np.float32)), ct)})"
+              for k, v in node.attrs.items() if isinstance(v, float)}
+    try:
+        expr = _ACTIVATIONS[op].format(f="f" if ct == "float" else "", **params)
+    except KeyError as e:
+        raise unsupported(node, f"{op} without its attribute {e.args[0]}") from None
+    expr = re.sub(r"\bx\b", f"({x})", expr).replace("(c)", f"({ct})").replace("<c>", f"<{ct}>")
+    return convert(f"(({ct}){expr})", ct, out)
 
 
 def _op_expr(stmt: Stmt, args: list, arg_types: list, out: str, node) -> str:
@@ -81,6 +122,10 @@ def _op_expr(stmt: Stmt, args: list, arg_types: list, out: str, node) -> str:
         return convert(f"(({ct})1 / {xs[0]})", ct, out)
     if op == "sigmoid":
         return convert(f"qc_ops::np_sigmoid({xs[0]})", ct, out)
+    if op in FLOAT_MATH_OPS:
+        if not is_float:
+            raise unsupported(node, f"{op} of an integer type")
+        return _float_math(op, xs[0], ct, out, node)
     if op in _UNARY_FLOAT:
         if not is_float:
             if op == "abs":
