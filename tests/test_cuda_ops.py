@@ -89,6 +89,16 @@ def _make_graph() -> Graph:
               [([B, 13], "bool")])
     g.add("exact", "less", [g.arg([B, 13], "f16"), g.arg([B, 1], "f16")], [([B, 13], "bool")])
     g.add("exact", "and", [g.arg([B, 13], "bool"), g.arg([B, 13], "bool")], [([B, 13], "bool")])
+    for op in ("or", "xor"):
+        g.add("exact", op, [g.arg([B, 13], "bool"), g.arg([13], "bool")], [([B, 13], "bool")])
+    g.add("exact", "not", [g.arg([B, 13], "bool")], [([B, 13], "bool")])
+    for dt in ("i32", "u8", "i64"):
+        for op in ("bitwise_and", "bitwise_or", "bitwise_xor"):
+            g.add("exact", op, [g.arg([B, 13], dt, low=(0, 255)), g.arg([13], dt, low=(0, 255))],
+                  [([B, 13], dt)])
+        g.add("exact", "bitwise_not", [g.arg([B, 13], dt, low=(0, 255))], [([B, 13], dt)])
+    for dt in ("f32", "f16", "bf16"):  # a per-channel slope, broadcast
+        g.add("binary", "prelu", [g.arg([B, 13], dt), g.arg([13], dt)], [([B, 13], dt)])
     g.add("exact", "isnan", [g.arg([B, 13], "f32", low="nan")], [([B, 13], "bool")])
     g.add("exact", "where", [g.arg([B, 13], "bool"), g.arg([B, 13], "bf16"), g.arg([13], "bf16")],
           [([B, 13], "bf16")])

@@ -22,6 +22,9 @@ _UNARY_FLOAT = {"sqrt": "sqrt{f}({a})", "exp": "exp{f}({a})", "tanh": "tanh{f}({
                 "abs": "fabs{f}({a})"}
 _COMPARE = {"equal": "==", "greater": ">", "greater_or_equal": ">=", "less": "<",
             "less_or_equal": "<="}
+_BITWISE = {"bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^", "bitwise_not": "~"}
+# Logical, bitwise and prelu as whole ops (not body statements), elementwise with broadcasting.
+LOGIC_OPS = ("or", "xor", "not") + tuple(_BITWISE) + ("prelu",)
 # Float math as whole ops (not body statements): the reference computes each in float32 and
 # rounds once (f64 stays f64). Transcendentals go through double here, so that their error
 # is the rounding to float32 (CUDA's float versions are up to 2-4 ulps off).
@@ -75,9 +78,16 @@ def _op_expr(stmt: Stmt, args: list, arg_types: list, out: str, node) -> str:
         ct = "float" if ct in HALF_TYPES else ct
         a, b = (convert(x, t, ct) for x, t in zip(args, arg_types))
         return f"(({a}) {_COMPARE[op]} ({b}))"
-    if op == "and":
+    if op in ("and", "or", "xor"):
         a, b = (convert(x, t, "bool") for x, t in zip(args, arg_types))
-        return f"({a} && {b})"
+        return f"({a} {dict(zip(('and', 'or', 'xor'), ('&&', '||', '!=')))[op]} {b})"
+    if op == "not":
+        return f"(!{convert(args[0], arg_types[0], 'bool')})"
+    if op in _BITWISE:  # integers (bool as 0/1), in the result type: wraps as numpy's
+        xs_ = [convert(x, t, out) for x, t in zip(args, arg_types)]
+        if op == "bitwise_not":
+            return f"(({out})~{xs_[0]})"
+        return f"(({out})({xs_[0]} {_BITWISE[op]} {xs_[1]}))"
     if op == "isnan":
         if arg_types[0] not in FLOAT_TYPES:
             return "false"
@@ -116,6 +126,8 @@ def _op_expr(stmt: Stmt, args: list, arg_types: list, out: str, node) -> str:
         return convert(f"pow((double)({xs[0]}), (double)({xs[1]}))", "double", out)
     if op == "relu":
         return convert(f"qc_ops::np_max<{ct}>({xs[0]}, ({ct})0)", ct, out)
+    if op == "prelu":  # x < 0 ? x * slope : x
+        return convert(f"({xs[0]} < ({ct})0 ? {xs[0]} * {xs[1]} : {xs[0]})", ct, out)
     if op == "neg":
         return convert(f"(({ct})0 - {xs[0]})", ct, out)
     if op == "reciprocal":

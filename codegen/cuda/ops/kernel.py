@@ -14,7 +14,7 @@ from typing import Optional
 import jinja2
 import numpy as np
 
-from qcompiler.codegen.cuda.ops.body import FLOAT_MATH_OPS, device_function
+from qcompiler.codegen.cuda.ops.body import FLOAT_MATH_OPS, LOGIC_OPS, device_function
 from qcompiler.codegen.cuda.ops.common import (C_SIZES, c_type, literal, node_label,
                                                unsupported)
 from qcompiler.ir.core import Node, constant_value
@@ -26,7 +26,7 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "max", "min", "pow", "sqrt", "erf", "relu",
                    "sigmoid", "tanh", "exp", "neg", "abs", "reciprocal", "gelu", "where",
                    "equal", "greater", "greater_or_equal", "less", "less_or_equal", "and",
-                   "isnan") + FLOAT_MATH_OPS  # silu is a body op only (no QIR op of that name)
+                   "isnan") + FLOAT_MATH_OPS + LOGIC_OPS  # silu: a body op only (no QIR op)
 FLAT_COPY_OPS = ("identity", "reshape", "squeeze", "unsqueeze")
 SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
