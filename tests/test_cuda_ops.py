@@ -69,6 +69,26 @@ def _make_graph() -> Graph:
                   [([B, S], dt)])
         for approx in ("none", "tanh"):
             g.add("unary", "gelu", [g.arg([B, S], dt)], [([B, S], dt)], {"approximate": approx})
+    # float convolutions (conv.cu.j2): a ViT patch embedding, padded / strided / dilated /
+    # grouped / depthwise 2-D ones (strides, pads and dilations differing between H and W),
+    # a 1-D audio stem
+    def out_dim(size, k, stride, pad0, pad1, dil):
+        return (size + pad0 + pad1 - dil * (k - 1) - 1) // stride + 1
+
+    for dt in ("f32", "f16", "bf16"):
+        for (c, m, k, strides, pads, dils, group, bias, hw) in (
+                (3, 24, (4, 4), (4, 4), (0, 0, 0, 0), (1, 1), 1, True, (16, 12)),
+                (5, 7, (3, 2), (2, 1), (1, 0, 1, 1), (1, 1), 1, False, (11, 9)),
+                (6, 4, (3, 3), (1, 2), (2, 1, 0, 2), (2, 1), 2, True, (9, 10)),
+                (8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8, True, (7, 7))):
+            oh = out_dim(hw[0], k[0], strides[0], pads[0], pads[2], dils[0])
+            ow = out_dim(hw[1], k[1], strides[1], pads[1], pads[3], dils[1])
+            g.add("conv", "conv", [g.arg([B, c, *hw], dt), g.arg([m, c // group, *k], dt)]
+                  + ([g.arg([m], dt)] if bias else []), [([B, m, oh, ow], dt)],
+                  {"group": group, "strides": list(strides), "pads": list(pads),
+                   "dilations": list(dils)})
+        g.add("conv", "conv", [g.arg([B, 4, 50], dt), g.arg([6, 4, 3], dt), g.arg([6], dt)],
+              [([B, 6, 25], dt)], {"group": 1, "strides": [2], "pads": [1, 0], "dilations": [1]})
     # float math and activations (body.FLOAT_MATH_OPS), with their attributes and domains
     domains = {"log": (0.05, 4.0), "acosh": (1.0, 4.0), "asin": (-0.99, 0.99),
                "acos": (-0.99, 0.99), "atanh": (-0.99, 0.99), "round": (-6.0, 6.0)}
@@ -463,6 +483,13 @@ def _math_close(got, w, what):
     assert_ulps(got, w, 4, what, atol=4 * eps * scale)
 
 
+def _conv_close(got, w, what):
+    # sums of up to 3 x 4 x 4 = 48 f32 products in another order: a relative bound of the
+    # output's scale, 64 eps of f32, or 4 ulp of the result type
+    scale = max(float(np.nanmax(np.abs(_f64(w)))) if w.size else 0.0, 1e-30)
+    assert_ulps(got, w, 4, what, atol=64 * float(np.finfo(np.float32).eps) * scale)
+
+
 def _exact(got, w, what):
     np.testing.assert_array_equal(got, w, err_msg=what)
 
@@ -490,7 +517,7 @@ def _rotary_close(got, w, what):
 
 
 # each node group and how its results compare with the reference
-COMPARE = {"math": _math_close, "binary": _elementwise_close(0), "pow": _elementwise_close(4),
+COMPARE = {"conv": _conv_close, "math": _math_close, "binary": _elementwise_close(0), "pow": _elementwise_close(4),
            "unary": _elementwise_close(4), "fused": _elementwise_close(4), "exact": _exact,
            "rows": _rows_close, "copy": _exact, "matmul": _matmul_close,
            "attention": _attention_close, "rotary": _rotary_close,
@@ -506,6 +533,11 @@ def test_elementwise_few_ulp(built, key):
 @gpu
 def test_integer_bool_and_cast_ops_exact(built):
     _check(built, "exact", COMPARE["exact"])
+
+
+@gpu
+def test_float_convolutions(built):
+    _check(built, "conv", COMPARE["conv"])
 
 
 @gpu
@@ -550,8 +582,8 @@ def emulated(tmp_path_factory):
     return g, names, EmulatedLibrary(lib), None
 
 
-@pytest.mark.parametrize("key", ["binary", "pow", "unary", "math", "fused", "exact", "rows",
-                                 "copy", "matmul", "attention", "rotary", "dedup"])
+@pytest.mark.parametrize("key", ["binary", "pow", "unary", "math", "conv", "fused", "exact",
+                                 "rows", "copy", "matmul", "attention", "rotary", "dedup"])
 def test_op_kernels_in_host_emulation(emulated, key):
     _check(emulated, key, COMPARE[key])
 

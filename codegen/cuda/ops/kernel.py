@@ -32,7 +32,7 @@ SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
     "attention", "rotary_embedding", "kv_concat", "qkv_heads", "qconv", "pool", "quantize",
-    "dequantize"))
+    "dequantize", "conv"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -89,6 +89,8 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _qconv(node, module)
     elif node.op == "pool":
         text = _pool(node)
+    elif node.op == "conv":
+        text = _conv(node)
     elif node.op in ("quantize", "dequantize"):
         text = _quantize(node, module)
     elif node.op == "kv_concat":
@@ -427,6 +429,32 @@ def _pool(node: Node) -> str:
                    sw=a["strides"][1], pt=a["pads"][0], pl=a["pads"][1], pb=a["pads"][2],
                    pr=a["pads"][3], dh=a["dilations"][0], dw=a["dilations"][1],
                    count_include_pad=bool(a["count_include_pad"]))
+
+
+def _conv(node: Node) -> str:
+    """A float 1-D or 2-D convolution (``conv``; the int8 ones are ``qconv``)."""
+    a = node.attrs
+    x, w = node.operands[0], node.operands[1]
+    b = node.operands[2] if len(node.operands) > 2 else None
+    if x.type.rank not in (3, 4):
+        raise unsupported(node, f"a {x.type.rank - 2}-D convolution (1-D and 2-D only)")
+    if not x.type.dtype.is_float or x.type.dtype.name == "f64":
+        raise unsupported(node, f"{x.type.dtype.name} convolution (f32, f16 and bf16 only)")
+    if any(v is not None and v.type.dtype != x.type.dtype for v in (w, b)):
+        raise unsupported(node, "operands of different element types")
+    kernel = w.type.shape[2:]
+    if not all(isinstance(d, int) for d in kernel):
+        raise unsupported(node, f"a symbolic kernel size {kernel}")
+    one_d = x.type.rank == 3
+    pads, strides, dil = a["pads"], a["strides"], a["dilations"]
+    kh, kw = (1, kernel[0]) if one_d else kernel
+    sh, sw = (1, strides[0]) if one_d else strides
+    dh, dw = (1, dil[0]) if one_d else dil
+    pt, pl = (0, pads[0]) if one_d else (pads[0], pads[1])
+    return _render("conv.cu.j2", node, x_type=c_type(x.type.dtype, node), one_d=one_d,
+                   rank=x.type.rank, groups=int(a["group"]), kh=kh, kw=kw, sh=sh, sw=sw, pt=pt,
+                   pl=pl, dh=dh, dw=dw, has_bias=b is not None,
+                   y_offset=x.type.rank + w.type.rank + (1 if b is not None else 0))
 
 
 def _quantize(node: Node, module) -> str:
