@@ -112,15 +112,21 @@ def test_int8_activation_variants(fmt, tmp_path):
     case = cases.Case(k=1024, n=456, bits=bits, signed=signed, zero_point=zp, group=group,
                       act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
     built = bs.build_case(case, str(tmp_path), variants=INT8_VARIANTS)
+    _check_against_model(built, len(INT8_VARIANTS), cases.int8_model,
+                         cases.INT8_TOLERANCE[dtype])
+
+
+def _check_against_model(built, n_variants: int, model, tolerance: float):
+    """Every variant at M tails against ``model`` (the numpy model of its numerics)."""
     kern = bs.load_kernel(built)
-    for i in range(len(INT8_VARIANTS)):
+    for i in range(n_variants):
         for m in (1, 17, 64, 130, 300):
             seed = int.from_bytes(os.urandom(4), "little")
-            x = cases.random_x(case, m, seed)
+            x = cases.random_x(built.case, m, seed)
             y = kern.run_numpy(x, variant=i, poison=True)
-            err = cases.rel_error(y, cases.int8_model(built.module, x))
-            assert err <= cases.INT8_TOLERANCE[dtype], \
-                f"{case.name} M={m} variant={i} seed={seed}: {err:.3g} from the int8 model"
+            err = cases.rel_error(y, model(built.module, x))
+            assert err <= tolerance, \
+                f"{built.case.name} M={m} variant={i} seed={seed}: {err:.3g} from the model"
 
 
 @pytest.mark.parametrize("group", [0, 128], ids=["perchannel", "g128"])
@@ -134,15 +140,7 @@ def test_fp8_weights_and_fp8_activation_variants(group, tmp_path):
         _check(kern, built, m)
     variants = [{**v, "int8": 0, "fp8": 1} for v in INT8_VARIANTS]
     built = bs.build_case(case, str(tmp_path / "fp8"), target="cuda-sm90", variants=variants)
-    kern = bs.load_kernel(built)
-    for i in range(len(variants)):
-        for m in (1, 17, 64, 130, 300):
-            seed = int.from_bytes(os.urandom(4), "little")
-            x = cases.random_x(case, m, seed)
-            y = kern.run_numpy(x, variant=i, poison=True)
-            err = cases.rel_error(y, cases.fp8_model(built.module, x))
-            assert err <= cases.FP8_TOLERANCE["f16"], \
-                f"{case.name} M={m} variant={i} seed={seed}: {err:.3g} from the fp8 model"
+    _check_against_model(built, len(variants), cases.fp8_model, cases.FP8_TOLERANCE["f16"])
 
 
 @pytest.mark.parametrize("device_plan", ["1", "0"])

@@ -180,26 +180,29 @@ def int8_weight_reason(key: dict) -> Optional[str]:
 
 
 def check_int8(key: dict, config: dict) -> Optional[str]:
-    """``check_knobs``'s extra rules for ``int8=1`` (include/qcompiler/tiled_i8.cuh): the tiled
-    kernel (gemv=0, acc_scale=0), each warp's run of a stage whole k32 steps, and at most 2
-    m_frags with group scales (fp32 and s32 sums both live in registers)."""
+    """``check_knobs``'s extra rules for ``int8=1`` (include/qcompiler/tiled_i8.cuh): the
+    model's permission, the weights it takes, then the kernel's tile rules."""
     if key.get("accuracy_level") != INT8_ACCURACY_LEVEL:
         return (f"int8=1 computes with int8 activations, which only a qmatmul with "
                 f"accuracy_level {INT8_ACCURACY_LEVEL} permits (this one: "
                 f"{key.get('accuracy_level')})")
-    problem = int8_weight_reason(key)
-    if problem:
-        return problem
+    return int8_weight_reason(key) or _act8_tile_reason("int8", key, config)
+
+
+def _act8_tile_reason(knob: str, key: dict, config: dict) -> Optional[str]:
+    """The 8-bit-activation kernel's tile rules (``int8=1`` and ``fp8=1``): the tiled kernel
+    (gemv=0, acc_scale=0), each warp's run of a stage whole k32 steps, and at most 2 m_frags
+    with group scales (fp32 sums and the MMA's sums both live in registers)."""
     from qcompiler.codegen.cuda.tuning import _group
 
     if config["gemv"] or config["acc_scale"]:
-        return "int8=1 is a variant of the tiled kernel (gemv=0, acc_scale=0)"
+        return f"{knob}=1 is a variant of the tiled kernel (gemv=0, acc_scale=0)"
     if (config["stage_k"] // 16) % (2 * config["warps_k"]):
-        return (f"int8=1: stage_k={config['stage_k']} split over warps_k={config['warps_k']} "
+        return (f"{knob}=1: stage_k={config['stage_k']} split over warps_k={config['warps_k']} "
                 "is not whole k32 steps a warp")
     if _group(key) and config["m_frags"] > 2:
-        return (f"int8=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']}): "
-                "fp32 and integer sums both live in registers")
+        return (f"{knob}=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']}): "
+                "fp32 sums and the MMA's sums both live in registers")
     return None
 
 
@@ -223,20 +226,8 @@ def fp8_weight_reason(target, key: dict) -> Optional[str]:
 
 def check_fp8(target, key: dict, config: dict) -> Optional[str]:
     """``check_knobs``'s extra rules for ``fp8=1``: the weights and target it takes
-    (``fp8_weight_reason``), then the int8 kernel's tile rules (the same kernel)."""
-    problem = fp8_weight_reason(target, key)
-    if problem:
-        return problem
-    from qcompiler.codegen.cuda.tuning import _group
-
-    if config["gemv"] or config["acc_scale"]:
-        return "fp8=1 is a variant of the tiled kernel (gemv=0, acc_scale=0)"
-    if (config["stage_k"] // 16) % (2 * config["warps_k"]):
-        return (f"fp8=1: stage_k={config['stage_k']} split over warps_k={config['warps_k']} "
-                "is not whole k32 steps a warp")
-    if _group(key) and config["m_frags"] > 2:
-        return f"fp8=1 with group scales takes m_frags 1 or 2 (not {config['m_frags']})"
-    return None
+    (``fp8_weight_reason``), then the tile rules of the same kernel as int8's."""
+    return fp8_weight_reason(target, key) or _act8_tile_reason("fp8", key, config)
 
 
 def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
