@@ -514,3 +514,40 @@ def test_group_query_attention_softcap_is_refused():
     m.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
     with pytest.raises(QCompilerError, match="softcap"):
         load(m)
+
+
+def test_shapes_built_after_a_contrib_op_are_inferred():
+    """A Reshape whose shape is built from Shape/Gather/Unsqueeze/Concat of a value, applied
+    to a MatMulNBits output: onnx's own shape inference stops at the contrib op (it does not
+    know it), and onnxruntime's quantizer leaves no value_info. The importer runs onnx's
+    inference again with its own type of the MatMulNBits output, so the Reshape keeps static
+    and symbolic dims ([batch, seq, 4, 16], not [?, ?, ?, ?]); it matches onnxruntime."""
+    import onnx_models as om
+
+    om._quiet()
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("i0", 0), ("i1", 1), ("four", [4]), ("sixteen", [16]))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axes0"], ["b1"]),
+             helper.make_node("Unsqueeze", ["t", "axes0"], ["t1"]),
+             helper.make_node("Concat", ["b1", "t1", "four", "sixteen"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, *consts, numpy_helper.from_array(np.array([0], np.int64), "axes0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    quantized = om._examples_module().quantize_matmul_nbits(model, bits=4, block_size=32)
+    assert any(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+    module = load(quantized)
+    y = next(n for n in module.main.nodes if n.op == "reshape").result
+    assert tuple(y.type.shape) == ("batch", "seq", 4, 16), y.type
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    np.testing.assert_allclose(ours(quantized, {"x": x})["y"], ort_run(quantized, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -157,6 +157,10 @@ def _shape_inference_view(proto: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+# Reruns of ONNX's shape inference with our types of values it could not type (Importer).
+HINT_RERUNS = 64
+
+
 def _dim_symbol(param: str) -> str:
     s = _SYM.sub("_", param).strip("_") or "d"
     return s if not s[0].isdigit() else "d" + s
@@ -232,6 +236,13 @@ class _Importer:
         self.check_unique_names()
         self.check_declared_dims()
         self.hints = self._onnx_shape_hints()
+        # Values ONNX's inference could not type (outputs of contrib ops it does not know,
+        # e.g. MatMulNBits) stop its data propagation there: a Reshape whose shape was built
+        # from Shape/Gather/Concat after one gets no hint. When one of our results is left
+        # with unknown dims, inference runs again with our types of such values given to it
+        # (at most HINT_RERUNS times; _sharpen).
+        self.hint_reruns = 0
+        self.hinted_upto = 0
         self.node: Optional[onnx.NodeProto] = None
         self.node_index = 0
 
@@ -271,11 +282,17 @@ class _Importer:
     def opset(self) -> int:
         return self.opsets["ai.onnx"]
 
-    def _onnx_shape_hints(self) -> dict[str, TensorType]:
-        """ONNX's own shape inference, used to sharpen dims that ours leaves unknown."""
+    def _onnx_shape_hints(self, known: Sequence = ()) -> dict[str, TensorType]:
+        """ONNX's own shape inference, used to sharpen dims that ours leaves unknown.
+        ``known``: value infos of ours to give it (values it could not type itself)."""
+        view = _shape_inference_view(self.proto)
+        if known:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(view)
+            copy.graph.value_info.extend(known)
+            view = copy
         try:
-            inferred = onnx.shape_inference.infer_shapes(_shape_inference_view(self.proto),
-                                                         data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(view, data_prop=True)
         except Exception:
             return {}
         out = {}
@@ -336,8 +353,28 @@ class _Importer:
                 self.env[onnx_name] = r
         return node.results
 
+    def _known_value_infos(self) -> list:
+        """Our fully known types (dims static or symbolic) of the values ONNX left untyped."""
+        reverse = {v: k for k, v in _ONNX_TYPES.items()}
+        out = []
+        for name, v in self.env.items():
+            t = v.type
+            if name in self.hints or "?" in t.shape or t.dtype.name not in reverse:
+                continue
+            out.append(onnx.helper.make_tensor_value_info(name, reverse[t.dtype.name],
+                                                          list(t.shape)))
+        return out
+
     def _sharpen(self, t: TensorType, onnx_name: Optional[str]) -> TensorType:
         hint = self.hints.get(onnx_name) if onnx_name else None
+        if hint is None and onnx_name and "?" in t.shape and self.hint_reruns < HINT_RERUNS \
+                and len(self.env) > self.hinted_upto:
+            known = self._known_value_infos()
+            self.hinted_upto = len(self.env)
+            if known:
+                self.hint_reruns += 1
+                self.hints = {**self.hints, **self._onnx_shape_hints(known)}
+                hint = self.hints.get(onnx_name)
         if hint is None or hint.rank != t.rank or hint.dtype != t.dtype:
             return t
         # A hint of a non-positive size comes from a bad declaration: keep "?" then.
