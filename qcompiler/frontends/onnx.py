@@ -285,13 +285,13 @@ class _Importer:
     def _onnx_shape_hints(self, known: Sequence = ()) -> dict[str, TensorType]:
         """ONNX's own shape inference, used to sharpen dims that ours leaves unknown.
         ``known``: value infos of ours to give it (values it could not type itself)."""
-        view = _shape_inference_view(self.proto)
-        if known:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(view)
-            copy.graph.value_info.extend(known)
-            view = copy
-        try:
+        try:  # (a view that cannot be made or inferred gives no hints, as before)
+            view = _shape_inference_view(self.proto)
+            if known:
+                copy = onnx.ModelProto()
+                copy.CopyFrom(view)
+                copy.graph.value_info.extend(known)
+                view = copy
             inferred = onnx.shape_inference.infer_shapes(view, data_prop=True)
         except Exception:
             return {}
