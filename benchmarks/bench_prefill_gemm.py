@@ -34,34 +34,20 @@ SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
 FP8_SCHEME = "#quant<f8e4m3fn, symmetric, per_channel(axis=1), scale=f16>"
 
 
-def int8_candidates(target, key) -> dict:
-    """The int8 kernel: its heuristic and a few tiles around it."""
+def act8_candidates(target, key, knob: str) -> dict:
+    """The 8-bit-activation kernel (``knob``: ``int8`` or ``fp8``): its heuristic and a few
+    tiles around it, each valid config once."""
     from qcompiler.codegen.cuda import tuning
 
-    out = {"int8 heuristic": tuning.int8_default(target, key)}
-    base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "int8": 1, "stage_k": 128}
+    out = {f"{knob} heuristic": tuning.act8_default(target, key, knob)}
+    base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "int8": int(knob == "int8"),
+            "fp8": int(knob == "fp8"), "stage_k": 128}
     for mf, wn, wk, st, sk in ((2, 4, 2, 4, 1), (2, 2, 2, 4, 1), (1, 4, 2, 4, 1),
                                (2, 4, 4, 3, 1), (2, 2, 4, 4, 1), (2, 4, 2, 4, 2)):
-        out[f"int8 mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
+        out[f"{knob} mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
             **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
     unique = {}
     for name, c in out.items():  # the heuristic's config under its own name only
-        if tuning.check_config(target, key, c) is None and c not in unique.values():
-            unique[name] = c
-    return unique
-
-
-def fp8_candidates(target, key) -> dict:
-    """The FP8-activation kernel: its heuristic and the int8 kernel's alternative tiles."""
-    from qcompiler.codegen.cuda import tuning
-
-    out = {"fp8 heuristic": tuning.fp8_default(target, key)}
-    for name, c in int8_candidates(target, {**key, "accuracy_level": 4,
-                                           "w_scheme": SCHEME}).items():
-        if name != "int8 heuristic":
-            out[name.replace("int8", "fp8")] = {**c, "int8": 0, "fp8": 1}
-    unique = {}
-    for name, c in out.items():
         if tuning.check_config(target, key, c) is None and c not in unique.values():
             unique[name] = c
     return unique
@@ -162,9 +148,9 @@ def main(argv=None) -> int:
                    "x_dtype": "f16", "has_bias": False, **({"accuracy_level": 4} if a.int8 else {})}
             configs = candidates(target, key, tiled=not a.no_tiled)
             if a.int8:
-                configs.update(int8_candidates(target, key))
+                configs.update(act8_candidates(target, key, "int8"))
             if a.fp8:
-                configs.update(fp8_candidates(target, key))
+                configs.update(act8_candidates(target, key, "fp8"))
             for name, cfg in configs.items():
                 if a.only and not any(part in name for part in a.only.split(",")):
                     continue

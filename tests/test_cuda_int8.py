@@ -236,6 +236,14 @@ def test_tile_takes_fp8_activations_on_fp8_weights_where_the_target_has_fp8_mma(
     assert not any(fp8_buckets(fp8, "cuda-sm80")[1].values())  # no FP8 MMA before sm_89
     assert not any(fp8_buckets(cases.Case(k=1024, n=512), "cuda-sm90")[1].values())  # int4
     key = kernel_key(node, 256)
+    # the FP8 heuristic is the int8 one's tiles, valid as they are (its stages were once cut
+    # to 2 by the int8 rules, which FP8 weights fail)
+    tgt = get_target("cuda-sm90")
+    int8_key = kernel_key(_packed(cases.Case(k=1024, n=512, group=0, accuracy_level=4)), 256)
+    fp8_cfg, int8_cfg = tuning.fp8_default(tgt, key), tuning.int8_default(tgt, int8_key)
+    assert check_knobs(tgt, key, fp8_cfg) is None
+    assert {k: v for k, v in fp8_cfg.items() if k not in ("int8", "fp8")} == \
+        {k: v for k, v in int8_cfg.items() if k not in ("int8", "fp8")}
     cfg = {**TILED, "int8": 0, "fp8": 1}
     assert check_knobs(get_target("cuda-sm89"), key, cfg) is None
     assert "sm_89" in check_knobs(get_target("cuda-sm80"), key, cfg)

@@ -31,13 +31,9 @@ MS = (1, 5, 16, 33, 130)
 def _emulated(case: cases.Case, workdir, variants: list | None = None):
     """(the reference module, the packed layer's EmulatedQmm); ``variants``: explicit configs
     instead of the tile pass's (as the tuner gives them)."""
-    from qcompiler.codegen.cuda.config import KNOBS
-
     module, packed, node = bs.pack_case(case, TARGET)
     if variants is not None:
-        node.attrs["config"] = {**node.attrs["config"], "variants": {
-            f"v{i:02d}": {"m_max": v["m_max"], "source": "explicit", "wgmma": 0,
-                          **{k: int(v[k]) for k in KNOBS}} for i, v in enumerate(variants)}}
+        bs.set_variants(node, variants)
     return module, EmulatedQmm(node, packed, workdir, TARGET)
 
 
@@ -114,21 +110,11 @@ def _int8_case(fmt: str, k: int, n: int) -> cases.Case:
                       act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
 
 
-def _explicit(packed_node, variants):
-    from qcompiler.codegen.cuda.config import KNOBS, OPTIONAL_KNOBS
-
-    packed_node.attrs["config"] = {**packed_node.attrs["config"], "variants": {
-        f"v{i:02d}": {"m_max": v["m_max"], "source": "explicit",
-                      **{k: int(v[k]) for k in KNOBS},
-                      **{k: int(v.get(k, d)) for k, d in OPTIONAL_KNOBS.items()}}
-        for i, v in enumerate(variants)}}
-
-
 @pytest.mark.parametrize("fmt", INT8_FORMATS)
 def test_int8_activations_in_host_emulation(fmt, tmp_path):
     case = _int8_case(fmt, 372, 200)  # K: padded to 384 (x read with an odd stride); N: padded
     module, packed, node = bs.pack_case(case, TARGET)
-    _explicit(node, INT8_VARIANTS)
+    bs.set_variants(node, INT8_VARIANTS)
     qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
     for m in (1, 5, 16, 33, 70):
         x = cases.random_x(case, m, seed=m)
@@ -174,7 +160,7 @@ FP8_VARIANTS = [{**v, "int8": 0, "fp8": 1} for v in INT8_VARIANTS]
 def test_fp8_activations_in_host_emulation(group, tmp_path):
     case = cases.Case(k=372, n=200, fp8=True, group=group, bias=True)
     module, packed, node = bs.pack_case(case, "cuda-sm89")
-    _explicit(node, FP8_VARIANTS)
+    bs.set_variants(node, FP8_VARIANTS)
     qmm = EmulatedQmm(node, packed, tmp_path, "cuda-sm89")
     for m in (1, 5, 16, 33, 70):
         x = cases.random_x(case, m, seed=m)

@@ -35,6 +35,16 @@ def pack_case(case: cases.Case, target: str = "cuda-sm90", seed: int = 0, module
     return module, packed, node
 
 
+def set_variants(node, variants: list[dict]) -> None:
+    """Give a packed, tiled qmatmul ``node`` these explicit kernel variants (configs with an
+    optional ``m_max``, as the tuner and the tests give them) instead of the tile pass's."""
+    node.attrs["config"] = {**node.attrs["config"], "variants": {
+        f"v{i:02d}": {"m_max": v.get("m_max", 1 << 30), "source": "explicit",
+                      **{k: int(v[k]) for k in tuning.KNOBS},
+                      **{k: int(v.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
+        for i, v in enumerate(variants)}}
+
+
 def build_case(case: cases.Case, workdir: str, target: str = "cuda-sm90",
                variants: list[dict] | None = None, seed: int = 0, module=None,
                archs: list[str] | None = None) -> Built:
@@ -42,11 +52,7 @@ def build_case(case: cases.Case, workdir: str, target: str = "cuda-sm90",
     tgt = get_target(target)
     module, packed, node = pack_case(case, target, seed, module)
     if variants is not None:
-        node.attrs["config"] = {**node.attrs["config"], "variants": {
-            f"v{i:02d}": {"m_max": v.get("m_max", 1 << 30), "source": "explicit",
-                          **{k: int(v[k]) for k in tuning.KNOBS},
-                          **{k: int(v.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
-            for i, v in enumerate(variants)}}
+        set_variants(node, variants)
     params = backend.kernel_params(node, target)
     os.makedirs(workdir, exist_ok=True)
     src = os.path.join(workdir, params["symbol"] + ".cu")

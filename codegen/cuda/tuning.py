@@ -263,8 +263,20 @@ def wgmma_default(target, key) -> dict:
 
 
 def int8_default(target, key) -> dict:
-    """The int8-activation kernel's config (include/qcompiler/tiled_i8.cuh). Not yet measured
-    on a GPU: the shape of the f16 tiled kernel's heuristic, with M tiles of 32 rows (16 up to
+    """The int8-activation kernel's config: ``act8_default`` with ``int8=1``."""
+    return act8_default(target, key, "int8")
+
+
+def fp8_default(target, key) -> dict:
+    """The FP8-activation kernel's config: ``act8_default`` with ``fp8=1`` (the same kernel;
+    at M tiles of 64 ptxas spilled 92 bytes a thread on sm_90 here too)."""
+    return act8_default(target, key, "fp8")
+
+
+def act8_default(target, key, knob: str) -> dict:
+    """The 8-bit-activation kernel's config (include/qcompiler/tiled_i8.cuh) with ``knob``
+    (``int8`` or ``fp8``) set. Not yet measured on a GPU: the shape of the f16 tiled kernel's
+    heuristic, with M tiles of 32 rows (16 up to
     16 rows; at 64 rows ptxas spilled 100 bytes a thread at 255 registers on sm_80 and sm_90
     with per-channel scales, and group scales allow at most 32), N tiles of 256, two k warps,
     stages of 128 rows where K and the group allow, and a split of K while the grid stays
@@ -275,8 +287,9 @@ def int8_default(target, key) -> dict:
     m_frags = 1 if m <= 16 else 2
     stage_k = 128 if k_pad % 128 == 0 and (not group or group % 128 == 0 or 128 % group == 0) \
         else 64
-    cfg = {"gemv": 0, "wgmma": 0, "acc_scale": 0, "int8": 1, "m_frags": m_frags, "warps_n": 4,
-           "warps_k": 2, "stages": 4, "stage_k": stage_k}
+    cfg = {"gemv": 0, "wgmma": 0, "acc_scale": 0, "int8": int(knob == "int8"),
+           "fp8": int(knob == "fp8"), "m_frags": m_frags, "warps_n": 4, "warps_k": 2,
+           "stages": 4, "stage_k": stage_k}
     while n_blocks % cfg["warps_n"]:
         cfg["warps_n"] //= 2
     ctas = math.ceil(m / (16 * m_frags)) * (n_blocks // cfg["warps_n"])
@@ -285,15 +298,6 @@ def int8_default(target, key) -> dict:
             and k_pad // stage_k // (split * 2) >= 2:
         split *= 2
     cfg["split_k"] = split
-    while check_config(target, key, cfg) and cfg["stages"] > 2:
-        cfg["stages"] -= 1
-    return cfg
-
-
-def fp8_default(target, key) -> dict:
-    """The FP8-activation kernel's config: the int8 kernel's heuristic (the same kernel; at
-    M tiles of 64 ptxas spilled 92 bytes a thread on sm_90 here too); unmeasured on a GPU."""
-    cfg = {**int8_default(target, key), "int8": 0, "fp8": 1}
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg

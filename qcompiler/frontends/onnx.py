@@ -47,6 +47,8 @@ _ONNX_TYPES = {
 for _name, _qir in (("INT2", "i2"), ("UINT2", "u2")):
     if hasattr(TensorProto, _name):
         _ONNX_TYPES[getattr(TensorProto, _name)] = _qir
+# QIR element type name → ONNX tensor element type (value infos given to onnx's inference).
+_ONNX_TYPE_OF = {qir: onnx_type for onnx_type, qir in _ONNX_TYPES.items()}
 
 
 class FrontendError(InputError):
@@ -355,13 +357,12 @@ class _Importer:
 
     def _known_value_infos(self) -> list:
         """Our fully known types (dims static or symbolic) of the values ONNX left untyped."""
-        reverse = {v: k for k, v in _ONNX_TYPES.items()}
         out = []
         for name, v in self.env.items():
             t = v.type
-            if name in self.hints or "?" in t.shape or t.dtype.name not in reverse:
+            if name in self.hints or "?" in t.shape or t.dtype.name not in _ONNX_TYPE_OF:
                 continue
-            out.append(onnx.helper.make_tensor_value_info(name, reverse[t.dtype.name],
+            out.append(onnx.helper.make_tensor_value_info(name, _ONNX_TYPE_OF[t.dtype.name],
                                                           list(t.shape)))
         return out
 

@@ -359,13 +359,30 @@ inline float half_bits_to_float(uint16_t b, bool bf16) {
   return bf16 ? __bfloat162float(__nv_bfloat16{b}) : __half2float(__half{b});
 }
 
+// The end of a float MMA for warp `w` whose lanes' A and B fragments are gathered into tiles:
+// D = A * B + C over the lanes' f32 accumulators, the products summed in double and rounded
+// once (the hardware's order and internal precision differ: compare with a tolerance).
+template <int K>
+inline void float_mma_finish(int w, const float (&A)[16][K], const float (&B)[K][8]) {
+  float D[16][8];
+  for (int lane = 0; lane < 32; ++lane) fragment_to_tile(D, (*g_fibers)[w * 32 + lane].fd, lane);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      double s = D[r][c];
+      for (int k = 0; k < K; ++k) s += (double)A[r][k] * B[k][c];
+      D[r][c] = (float)s;
+    }
+  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].fd, lane);
+  warp_release(w);
+}
+
 // mma.m16n8k16 with f16 or bf16 operands and f32 accumulators for warp `w`:
 //   a0: A[g][2t, 2t+1]  a1: A[g+8][2t, 2t+1]  a2: A[g][2t+8, 2t+9]  a3: A[g+8][2t+8, 2t+9]
 //   b0: B[2t, 2t+1][g]  b1: B[2t+8, 2t+9][g];  c0..c3 as the integer MMA's.
 // The products are summed in double and rounded once (the hardware's order and internal
 // precision differ: compare with a tolerance).
 inline void warp_mma_f16(int w) {
-  float A[16][16], B[16][8], D[16][8];
+  float A[16][16], B[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const Fiber& f = (*g_fibers)[w * 32 + lane];
     const int g = lane / 4, t = lane % 4;
@@ -380,16 +397,8 @@ inline void warp_mma_f16(int w) {
       B[2 * t + h][g] = el(f.b[0]);
       B[2 * t + 8 + h][g] = el(f.b[1]);
     }
-    fragment_to_tile(D, f.fd, lane);
   }
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 8; ++c) {
-      double s = D[r][c];
-      for (int k = 0; k < 16; ++k) s += (double)A[r][k] * B[k][c];
-      D[r][c] = (float)s;
-    }
-  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].fd, lane);
-  warp_release(w);
+  float_mma_finish(w, A, B);
 }
 
 // The value of an FP8 e4m3 (e4m3fn: bias 7, no infinities, S.1111.111 NaN) byte.
@@ -404,7 +413,7 @@ inline float e4m3_to_float(unsigned b) {
 // layout of the integer MMA, the products summed in double and rounded once (the hardware
 // keeps less precision in its sums: compare with a tolerance).
 inline void warp_mma_e4m3(int w) {
-  float A[16][32], B[32][8], D[16][8];
+  float A[16][32], B[32][8];
   for (int lane = 0; lane < 32; ++lane) {
     const Fiber& f = (*g_fibers)[w * 32 + lane];
     const int g = lane / 4, t = lane % 4;
@@ -417,16 +426,8 @@ inline void warp_mma_e4m3(int w) {
       B[4 * t + j][g] = el(f.b[0]);
       B[16 + 4 * t + j][g] = el(f.b[1]);
     }
-    fragment_to_tile(D, f.fd, lane);
   }
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 8; ++c) {
-      double s = D[r][c];
-      for (int k = 0; k < 32; ++k) s += (double)A[r][k] * B[k][c];
-      D[r][c] = (float)s;
-    }
-  for (int lane = 0; lane < 32; ++lane) tile_to_fragment(D, (*g_fibers)[w * 32 + lane].fd, lane);
-  warp_release(w);
+  float_mma_finish(w, A, B);
 }
 
 // A shuffle: each lane receives the value its source lane posted.
