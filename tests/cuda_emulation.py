@@ -17,6 +17,8 @@ EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_ho
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_mprotect = ctypes.CDLL(None).mprotect
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def guarded(a: np.ndarray) -> np.ndarray:
@@ -30,9 +32,7 @@ def guarded(a: np.ndarray) -> np.ndarray:
     data = -(-nbytes // _PAGE) * _PAGE
     mm = mmap.mmap(-1, data + _PAGE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    libc = ctypes.CDLL(None)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    assert libc.mprotect(base + data, _PAGE, 0) == 0  # PROT_NONE
+    assert _mprotect(base + data, _PAGE, 0) == 0  # PROT_NONE
     offset = (data - nbytes) // 256 * 256
     # (the array keeps the mapping alive, and with it the guard page)
     out = np.frombuffer(mm, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)
