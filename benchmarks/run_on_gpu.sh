@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [tests] [int8] [cnn] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -15,6 +15,9 @@ REPO=$OLDPWD
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 for step in "$@"; do
   case $step in
+    gpu-tests)  # the single-GPU tests of every CUDA file: qmatmul variants, ops, convolutions
+      timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" \
+        -m gpu "$REPO/tests/test_cuda_gpu.py" "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_conv.py" 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40 ;;
     tests)
       python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
