@@ -8,6 +8,13 @@ After this pass:
 - nodes whose operands are all constants are evaluated (except ``dequantize``: folding it
   would undo the quantization), as is ``shape`` of a static tensor;
 - ``identity``, casts to the same type and reshapes to the same static shape disappear;
+- a reshape whose shape is assembled at run time from another tensor's dims
+  (``concat(unsqueeze(gather(shape(y), i)), ..., [-1, 16])``, as exporters and onnxruntime's
+  optimizer write it) gets a constant shape when each such dim is the input's own dim i (a 0,
+  "copy") or a static int: so heads and head dims become static (``ShapeOfSameDims``);
+- a result dim that is unknown (``?``, or a symbol) where the op's type inference now gives an
+  int, or unknown where it gives a symbol, takes the inferred dim (``RefineResultDims``: the
+  rewrites above make operands more static than the importer could);
 - the contraction dimension of a matmul / qmatmul operand is static when the weight's is:
   ``x[..., ?] @ w[K, N]`` types x's producer result ``[..., K]`` (matmul requires it; a
   reshape to a shape computed at run time otherwise leaves it unknown, and backends need K);
@@ -77,6 +84,125 @@ class RefineContractionDim(RewritePattern):
             return False
         x.type = x.type.with_shape(tuple(x.type.shape[:-1]) + (k,))
         return True
+
+
+def _same_dim(x, y, i: int) -> bool:
+    """Whether dim i of values x and y is the same at run time: the same static int or named
+    symbol, or both results of one split, off its axis."""
+    if x is y:
+        return True
+    if i >= x.type.rank or i >= y.type.rank:
+        return False
+    a, b = x.type.shape[i], y.type.shape[i]
+    if a == b and a != "?":
+        return True
+    p = x.producer
+    if p is not None and p is y.producer and p.op == "split" and x.type.rank == y.type.rank:
+        return i != (p.attrs["axis"] % x.type.rank)
+    return False
+
+
+class ShapeOfSameDims(RewritePattern):
+    """reshape(x, concat(pieces)) where every piece is a constant, ``shape(y)[a:b]`` or
+    ``unsqueeze(gather(shape(y), i))`` → reshape(x, constant): a dim of y at the position it
+    takes in the target that equals x's dim there becomes 0 (copy it), a static dim of y its
+    int. ONNX's own inference leaves such a reshape's -1 unknown; with the constant shape it
+    is resolved (``[b, s, 64] → [0, 0, -1, 16]`` is ``[b, s, 4, 16]``)."""
+
+    op = "reshape"
+
+    def rewrite(self, node, rw):
+        x, shape = node.arg("x"), node.arg("shape")
+        cat = shape.producer if shape is not None else None
+        if rw.const(shape) is not None or cat is None or cat.op != "concat" \
+                or node.attrs.get("allowzero", 0):
+            return False
+        target: list[int] = []
+        for piece in cat.operands:
+            c = rw.const(piece)
+            if c is not None:
+                if c.ndim != 1:
+                    return False
+                target += [int(v) for v in c]
+                continue
+            dims = self._shape_dims(piece, rw)
+            if dims is None:
+                return False
+            for y, i in dims:
+                pos = len(target)
+                if pos == i and _same_dim(x, y, i):
+                    target.append(0)
+                elif isinstance(y.type.shape[i], int):
+                    target.append(y.type.shape[i])
+                else:
+                    return False
+        const = rw.constant(np.array(target, np.int64), TensorType((len(target),), shape.type.dtype),
+                            before=node, hint="shape")
+        new = rw.create("reshape", [x, const], dict(node.attrs), before=node, hint=node.result.name)
+        rw.replace(node, [new.result])
+        return True
+
+    @staticmethod
+    def _shape_dims(piece, rw):
+        """[(y, i), ...]: the dims of tensors a 1-D piece holds, or None."""
+        p = piece.producer
+        if p is None:
+            return None
+        if p.op == "shape":
+            y = p.operands[0]
+            r = y.type.rank
+            start, end = p.attrs.get("start", 0), p.attrs.get("end", r)
+            return [(y, i) for i in range(*slice(start, end).indices(r))]
+        if p.op == "unsqueeze" and p.attrs["axes"] in ([0], [-1]) and p.operands[0].type.rank == 0:
+            g = p.operands[0].producer
+            if g is None or g.op != "gather" or g.operands[0].producer is None \
+                    or g.operands[0].producer.op != "shape":
+                return None
+            idx = rw.const(g.operands[1])
+            sh = g.operands[0].producer
+            if idx is None or idx.ndim != 0:
+                return None
+            y = sh.operands[0]
+            r = y.type.rank
+            dims = list(range(*slice(sh.attrs.get("start", 0), sh.attrs.get("end", r)).indices(r)))
+            k = int(idx)
+            if not -len(dims) <= k < len(dims):
+                return None
+            return [(y, dims[k])]
+        return None
+
+
+class RefineResultDims(RewritePattern):
+    """A result dim that is ``?`` or a symbol takes the int the op's inference gives now, and a
+    ``?`` takes an inferred symbol (never an int replaced, never a conflict resolved)."""
+
+    op = "*"
+
+    def rewrite(self, node, rw):
+        if node.op == "constant" or all(r.type.is_static for r in node.results):
+            return False
+        from qcompiler.ir.ops import OPS, infer_types
+
+        if node.op not in OPS:
+            return False
+        try:
+            inferred = infer_types(node.op, [v.type if v is not None else None
+                                             for v in node.operands],
+                                   node.attrs, [rw.const(v) for v in node.operands])
+        except Exception:  # the verifier names real errors; this only refines
+            return False
+        changed = False
+        for r, t in zip(node.results, inferred or []):
+            if t is None or t.rank != r.type.rank:
+                continue
+            dims = list(r.type.shape)
+            for i, (old, new) in enumerate(zip(dims, t.shape)):
+                if isinstance(old, str) and (isinstance(new, int) or (old == "?" and new != "?")):
+                    dims[i] = new
+            if tuple(dims) != tuple(r.type.shape):
+                r.type = r.type.with_shape(tuple(dims))
+                changed = True
+        return changed
 
 
 class RemoveIdentity(RewritePattern):
@@ -171,7 +297,7 @@ class CanonicalizePass(Pass):
 
     def run(self, module: Module) -> Module:
         patterns = [GemmToMatmul(), TransposeOfDequantize(), FoldShape(), RefineContractionDim(),
-                    RemoveIdentity(),
+                    ShapeOfSameDims(), RefineResultDims(), RemoveIdentity(),
                     RemoveNoopCast(), RemoveNoopReshape()]
         if self.fold:
             patterns.append(FoldConstants())

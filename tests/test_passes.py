@@ -239,3 +239,67 @@ def test_canonicalize_makes_the_contraction_dim_static():
     a = rng.standard_normal((3, k)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"a": a})["y"], a @ w, rtol=1e-5, atol=1e-6)
     assert parse_module(print_module(out), out.constants) is not None
+
+
+def _split_heads_model(k_piece_index: int = 1):
+    """GPT-2 attention's head split as onnxruntime's optimizer leaves it: x [b, s, 192] split
+    into q, k, v; v reshaped to [b, s, -1, 16] with the b and s taken from k's shape (the
+    optimizer shares one Shape between k and v), q with ``shape(q)[0:2]`` concatenated with
+    [4, 16]. ``k_piece_index``: which dim of k gives v's second target dim (1: its own)."""
+    nodes = [
+        helper.make_node("Split", ["x"], ["q", "k", "v"], axis=2, num_outputs=3),
+        helper.make_node("Shape", ["k"], ["k_shape"]),
+        helper.make_node("Constant", [], ["i0"], value=numpy_helper.from_array(np.array(0, np.int64))),
+        helper.make_node("Constant", [], ["i1"], value=numpy_helper.from_array(
+            np.array(k_piece_index, np.int64))),
+        helper.make_node("Gather", ["k_shape", "i0"], ["b"], axis=0),
+        helper.make_node("Gather", ["k_shape", "i1"], ["s"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+        helper.make_node("Unsqueeze", ["s", "ax0"], ["s1"]),
+        helper.make_node("Concat", ["b1", "s1", "heads_dims"], ["v_shape"], axis=0),
+        helper.make_node("Reshape", ["v", "v_shape"], ["v4"]),
+        helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Shape", ["q"], ["q_lead"], start=0, end=2),
+        helper.make_node("Concat", ["q_lead", "heads_static"], ["q_shape"], axis=0),
+        helper.make_node("Reshape", ["q", "q_shape"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Add", ["qt", "vt"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+             numpy_helper.from_array(np.array([-1, 16], np.int64), "heads_dims"),
+             numpy_helper.from_array(np.array([4, 16], np.int64), "heads_static")]
+    graph = helper.make_graph(
+        nodes, "split_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_canonicalize_makes_heads_static_in_a_shape_assembled_from_a_sibling():
+    """The reshape of v takes b and s from k's shape (k and v: one split's results, equal off
+    its axis), then -1 heads: canonicalize gives it the constant shape [0, 0, -1, 16] so the
+    head count is 4, and the transposes after it are retyped [b, 4, s, 16]. The CUDA attention
+    kernels need static heads and head dims (GPT-2 through onnxruntime's optimizer)."""
+    module = _split_heads_model()
+    out, _, _ = run_pipeline(module, "canonicalize", verify_each=True)
+    by_name = {r.name: r for n in out.main.nodes for r in n.results}
+    assert by_name["vt"].type.shape == ("b", 4, "s", 16)
+    assert by_name["qt"].type.shape == ("b", 4, "s", 16)
+    assert out.main.outputs[0].type.shape == ("b", 4, "s", 16)
+    assert not [n for n in out.main.nodes if n.op in ("shape", "concat", "gather")]
+    x = np.random.default_rng(4).standard_normal((2, 5, 192)).astype(np.float32)
+    q, _, v = np.split(x, 3, axis=2)
+    want = (q.reshape(2, 5, 4, 16) + v.reshape(2, 5, 4, 16)).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(run(out, {"x": x})["y"], want)
+
+
+def test_canonicalize_keeps_a_shape_whose_dims_it_cannot_prove():
+    """v's second target dim taken from k's dim 0 (the batch) is not v's own dim 1: the shape
+    stays computed at run time, and the model still computes the same (a square 4 x 4 input
+    makes that reshape valid)."""
+    module = _split_heads_model(k_piece_index=0)
+    out, _, _ = run_pipeline(module, "canonicalize", verify_each=True)
+    assert any(n.op == "concat" for n in out.main.nodes)
+    x = np.random.default_rng(5).standard_normal((4, 4, 192)).astype(np.float32)
+    q, _, v = np.split(x, 3, axis=2)
+    want = (q.reshape(4, 4, 4, 16) + v.reshape(4, 4, 4, 16)).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(run(out, {"x": x})["y"], want)

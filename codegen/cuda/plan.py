@@ -158,9 +158,11 @@ def build_plan(module, target, kdir: str) -> dict:
     from qcompiler.codegen.cuda.build import build_cached
     from qcompiler.codegen.cuda.ops.library import (LIBRARY_NAME, build_cuda_ops_library,
                                                     library_source)
-    from qcompiler.plan import lower
+    from qcompiler.plan import lower_steps
 
-    plan = lower(module)
+    # The steps only: memory plans are the artifact's (its buckets, qcompiler.plan), and the
+    # default buckets may not even be valid for the model (a 64-position GPT-2 at seq 128).
+    plan = lower_steps(module)
     nodes = op_nodes(module, plan)
     ops_dir = os.path.join(kdir, OPS_DIR)
     if nodes:
