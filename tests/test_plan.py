@@ -321,3 +321,49 @@ def test_cpu_artifact_runs_over_the_plan_and_qc_plan_0_interprets(tmp_path, monk
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     with pytest.warns(RuntimeWarning, match="exceed every shape bucket"):
         compiled.run(_mlp_inputs(np.random.default_rng(9), 9))
+
+
+def _positions_model(tmp_path) -> str:
+    """y[b, s, :] = x[b, s] * table[s, :] with a 64-row position table gathered by
+    range(seq): the model takes at most 64 positions (as GPT-2 takes n_positions)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(2).standard_normal((64, 4)).astype(np.float32)
+    nodes = [helper.make_node("Shape", ["x"], ["seq1"], start=1, end=2),
+             helper.make_node("Squeeze", ["seq1"], ["seq"]),
+             helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
+             helper.make_node("Gather", ["table", "pos"], ["emb"], axis=0),
+             helper.make_node("Unsqueeze", ["x", "last"], ["x3"]),
+             helper.make_node("Mul", ["x3", "emb"], ["y"])]
+    inits = [numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    graph = helper.make_graph(nodes, "positions",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = str(tmp_path / "positions.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_default_buckets_the_model_cannot_take_are_left_out_and_named(tmp_path):
+    """The default seq bound 128 is past the 64 positions: those buckets are left out (the
+    report names them and why), the others are planned, and inputs past every bucket still
+    run; a bucket the user asks for that the model cannot take is refused, named."""
+    from qcompiler.driver.api import compile_to_dir
+    from qcompiler.plan import PlanError
+
+    path = _positions_model(tmp_path)
+    out, module = compile_to_dir(path, "ref", str(tmp_path / "a"))
+    with open(tmp_path / "a" / "manifest.json") as f:
+        plan = plan_from_json(json.load(f)["plan"])
+    assert sorted({b.bounds["s"] for b in plan.buckets}) == [1, 16]
+    with open(tmp_path / "a" / "report.txt") as f:
+        report = f.read()
+    assert "s: 128} " in report and "left out: %emb = gather" in report
+    _check_against_reference(module, plan, [{"x": np.random.default_rng(3).standard_normal(
+        (2, 40)).astype(np.float32)}])
+    with pytest.raises(PlanError, match=r"bucket \{'b': 1, 's': 100\}: %emb = gather"):
+        lower(module, {"b": [1], "s": [100]})

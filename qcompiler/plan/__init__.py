@@ -40,4 +40,7 @@ def artifact_plan(module, buckets=None) -> tuple:
         bucket = "{" + ", ".join(f"{k}: {v}" for k, v in r["bucket"].items()) + "}"
         lines.append(f"  bucket {bucket:<28} arena peak {r['peak_arena_bytes']:>12} B   "
                      f"intermediates {r['intermediate_bytes']:>12} B")
+    for bounds, why in plan.skipped_buckets:
+        bucket = "{" + ", ".join(f"{k}: {v}" for k, v in bounds.items()) + "}"
+        lines.append(f"  bucket {bucket:<28} left out: {why}")
     return plan_to_json(plan), {"buckets": rows}, lines

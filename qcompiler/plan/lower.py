@@ -63,14 +63,27 @@ def lower(module: Module, buckets=None) -> Plan:
 
     ``buckets``: None (the default set, see ``memory.resolve_buckets``), ``{symbol: [bound,
     ...]}`` (every combination) or a list of ``{symbol: bound}``.
+
+    A default bucket the model cannot take (a shape function fails at its bounds: a GPT-2 with
+    64 positions at seq 128) is left out and named in ``plan.skipped_buckets``; a bucket the
+    caller asked for raises PlanError naming it, as does a model no default bucket fits.
     """
     from qcompiler.plan.memory import plan_memory, resolve_buckets
     from qcompiler.plan.shapes import ConstantCache
 
     plan = lower_steps(module)
     cache = ConstantCache()
-    plan.buckets = [plan_memory(plan, module, bounds, cache)
-                    for bounds in resolve_buckets(buckets, plan.symbols)]
+    for bounds in resolve_buckets(buckets, plan.symbols):
+        try:
+            plan.buckets.append(plan_memory(plan, module, bounds, cache))
+        except PlanError as e:
+            if buckets is not None:
+                raise PlanError(f"bucket {bounds}: {e}") from None
+            plan.skipped_buckets.append((dict(bounds), str(e)))
+    if not plan.buckets and plan.skipped_buckets:
+        bounds, why = plan.skipped_buckets[0]
+        raise PlanError(f"no default bucket fits the model (bucket {bounds}: {why}); pass "
+                        "buckets (qcompile --buckets SYM=N,N)")
     return plan
 
 

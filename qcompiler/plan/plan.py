@@ -87,6 +87,8 @@ class Plan:
     buffers: dict                      # name -> Buffer
     steps: list                        # Step, in execution order
     buckets: list = field(default_factory=list)  # MemoryPlan per declared bucket
+    # (bounds, why) of default buckets the model cannot take (not in the artifact's JSON)
+    skipped_buckets: list = field(default_factory=list)
 
     def count(self, kind: str) -> int:
         return sum(1 for s in self.steps if s.kind == kind)
