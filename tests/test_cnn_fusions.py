@@ -16,7 +16,7 @@ from onnx import numpy_helper as nh
 
 from qcompiler.frontends.onnx import load
 from qcompiler.pipeline import make_pass
-from tests.test_qconv import _model, _ops, _ort, _ours, _passes
+from test_qconv import _model, _ops, _ort, _ours, _passes
 
 
 def _qdq_conv_nodes(rng, name, x, xs, c, m, k, stride, inits, nodes, out_zp, ys=0.08):
@@ -193,7 +193,7 @@ def test_vnni_kernel_with_a_run_time_x_zero_point_is_exact():
     """x's zero point as a run-time argument (not a module constant): the vnni kernel keeps
     its conditional repack (the border cannot be a constant fill); exact as the reference."""
     from qcompiler.codegen.cpu.conv import const_x_zero_point
-    from tests.test_qconv import _host_vnni, _qconv_module, _run_kernel
+    from test_qconv import _host_vnni, _qconv_module, _run_kernel
 
     if not _host_vnni():
         pytest.skip("host has no AVX-512 VNNI (the vnni variant needs vpdpbusd)")

@@ -27,7 +27,7 @@ from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import make_pass
 from qcompiler.runtime.reference import run
 from cuda_emulation import build_emulated, call_emulated, op_kernel_impl
-from tests.test_qconv import KERNEL_CASES, _qconv_module, qdq_conv, qlinear_conv
+from test_qconv import KERNEL_CASES, _qconv_module, qdq_conv, qlinear_conv
 
 # test_qconv's cases (but unsigned weights: codes centred on their zero points must fit
 # int8, and no u8 x u8 kernel exists; test_weights_that_do_not_fit... checks the refusal),

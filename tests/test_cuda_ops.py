@@ -366,6 +366,15 @@ def test_library_compiles_for_sm80_and_sm90(tmp_path):
     src.write_text(text)
     build(str(src), str(tmp_path / "ops.o"), ["sm_80", "sm_90"], compile_only=True)
     assert (tmp_path / "ops.o").stat().st_size > 0
+    # No process-wide (STB_GNU_UNIQUE) statics: the launchers' "attribute set once" flags
+    # must stay per library, or a second model's copy of a kernel skips its attribute.
+    import shutil
+    import subprocess
+
+    if shutil.which("readelf"):
+        syms = subprocess.run(["readelf", "-sW", str(tmp_path / "ops.o")], capture_output=True,
+                              text=True, check=True).stdout
+        assert [ln for ln in syms.splitlines() if " UNIQUE " in ln] == []
 
 
 # ---- GPU side ------------------------------------------------------------------------------------

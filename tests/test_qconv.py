@@ -24,7 +24,7 @@ from qcompiler.ir.printer import print_module
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import make_pass
 from qcompiler.runtime.reference import dyadic_multiplier, run
-from tests.conftest import check_golden
+from conftest import check_golden
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "cpu")
 

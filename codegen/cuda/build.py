@@ -14,8 +14,14 @@ RUNTIME_SOURCE = os.path.join(TEMPLATES, "qc_runtime.cu.j2")  # plain CUDA, copi
 # The kernels' static device code: headers that the generated .cu includes as
 # "qcompiler/<name>.cuh" (nvcc -I INCLUDE_DIR; an artifact has its own copy, kernels/include).
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
-NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
-              "--expt-relaxed-constexpr"]
+# -fno-gnu-unique: g++ makes a template's or inline function's static variable (the launch
+# functions' "attribute set once" flags) a STB_GNU_UNIQUE symbol, which the dynamic linker
+# binds once per process even across RTLD_LOCAL libraries. Two models whose libraries hold
+# the same kernel (same name: names come from the source's hash) then shared the flag, and
+# the second library's kernel launched without its shared-memory attribute ("invalid
+# argument"; found on an H200 with a QDQ and a QOperator ResNet-18 in one process).
+NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fno-gnu-unique",
+              "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 class BuildError(QCompilerError, RuntimeError):
