@@ -433,6 +433,8 @@ class CudaPlanRunner:
         op_ws, qmm_ws = 0, 0
         pending = []  # (QcStep fields) before workspaces are known
         access = []  # per launch: (reads, writes, solo) byte ranges, for concurrent_runs
+        labels = []  # per launch: the node it runs, for errors
+        label = ""
 
         def span(name: str) -> tuple:  # (address, bytes) of a buffer; weights are read-only
             if name is None or plan.buffers[name].kind == "weight" or name not in ptr:
@@ -447,16 +449,19 @@ class CudaPlanRunner:
             ws = self.ops.workspace_bytes(symbol, dims)
             pending.append(("op", self.ops._fn(symbol)[0], ps, dims, ws, False))
             access.append(([span(n) for n in names], [span(n) for n in out_names], solo))
+            labels.append(label)
             return ws
 
         for step in plan.steps:
             if step.kind in ("view", "host"):
                 continue
+            label = f"%{step.node or step.outputs[0]} = {step.op or step.kind}"
             if step.kind == "copy":
                 src, dst = step.inputs[0], step.outputs[0]
                 nbytes = int(np.prod(shape_of[dst])) * elem(plan.buffers[dst].dtype).np_dtype.itemsize
                 pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
                 access.append(([span(src)], [span(dst)], True))
+                labels.append(label)
                 continue
             node = self.nodes[step.node]
             world = collective_world(node)
@@ -469,10 +474,12 @@ class CudaPlanRunner:
                 if ptr[src] != ptr[dst]:
                     pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
                     access.append(([span(src)], [span(dst)], True))
+                    labels.append(label)
                 if world > 1:
                     pending.append(("collective", node, [ptr[dst]], [tuple(shape_of[dst])],
                                     world, dtype))
                     access.append(([span(dst)], [span(dst)], True))
+                    labels.append(label)
                 continue
             if step.op == "qmatmul":
                 k = self.qmm.kernels[step.node]
@@ -490,6 +497,7 @@ class CudaPlanRunner:
                 separate = "epilogue" in node.attrs and not fused  # a second launch, in order
                 access.append(([span(x)] + [span(n) for n in extras],
                                [span(step.outputs[0])], separate))
+                labels.append(label)
                 if separate:
                     sym = self.symbols[step.node + EPILOGUE_SUFFIX]
                     names = [step.outputs[0]] + [v.name if v is not None else None
@@ -560,7 +568,8 @@ class CudaPlanRunner:
                 err = self.launcher.qc_plan_capture(table, len(indices), self.stream,
                                                     self.lanes, ctypes.byref(exec_),
                                                     ctypes.byref(failed))
-                self._check(err, f"capturing the plan (step {indices[0] + failed.value})")
+                self._check(err, "capturing the plan: launch "
+                                 f"{indices[0] + failed.value} ({labels[indices[0] + failed.value]})")
                 graph = exec_.value
             sig.program.append(("launch", table, len(indices), graph))
         return sig
