@@ -132,8 +132,8 @@ class ShapeOfSameDims(RewritePattern):
                 pos = len(target)
                 if pos == i and _same_dim(x, y, i):
                     target.append(0)
-                elif isinstance(y.type.shape[i], int):
-                    target.append(y.type.shape[i])
+                elif isinstance(y.type.shape[i], int) and y.type.shape[i] > 0:
+                    target.append(y.type.shape[i])  # (a 0 would mean "copy" here)
                 else:
                     return False
         const = rw.constant(np.array(target, np.int64), TensorType((len(target),), shape.type.dtype),
