@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Module, TensorType
+from qcompiler.ir.ops import OPS, infer_types
 from qcompiler.ir.rewrite import RewritePattern, apply_patterns
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -146,30 +147,28 @@ class ShapeOfSameDims(RewritePattern):
     def _shape_dims(piece, rw):
         """[(y, i), ...]: the dims of tensors a 1-D piece holds, or None."""
         p = piece.producer
-        if p is None:
+        if p is not None and p.op == "shape":
+            return _dims_of_shape(p)
+        if p is None or p.op != "unsqueeze" or p.attrs["axes"] not in ([0], [-1]) \
+                or p.operands[0].type.rank != 0:
             return None
-        if p.op == "shape":
-            y = p.operands[0]
-            r = y.type.rank
-            start, end = p.attrs.get("start", 0), p.attrs.get("end", r)
-            return [(y, i) for i in range(*slice(start, end).indices(r))]
-        if p.op == "unsqueeze" and p.attrs["axes"] in ([0], [-1]) and p.operands[0].type.rank == 0:
-            g = p.operands[0].producer
-            if g is None or g.op != "gather" or g.operands[0].producer is None \
-                    or g.operands[0].producer.op != "shape":
-                return None
-            idx = rw.const(g.operands[1])
-            sh = g.operands[0].producer
-            if idx is None or idx.ndim != 0:
-                return None
-            y = sh.operands[0]
-            r = y.type.rank
-            dims = list(range(*slice(sh.attrs.get("start", 0), sh.attrs.get("end", r)).indices(r)))
-            k = int(idx)
-            if not -len(dims) <= k < len(dims):
-                return None
-            return [(y, dims[k])]
-        return None
+        g = p.operands[0].producer  # unsqueeze(gather(shape(y), k)): one dim of y
+        if g is None or g.op != "gather" or g.operands[0].producer is None \
+                or g.operands[0].producer.op != "shape":
+            return None
+        idx = rw.const(g.operands[1])
+        dims = _dims_of_shape(g.operands[0].producer)
+        if idx is None or idx.ndim != 0 or not -len(dims) <= int(idx) < len(dims):
+            return None
+        return [dims[int(idx)]]
+
+
+def _dims_of_shape(node) -> list:
+    """[(y, i), ...]: the dims of y that ``shape(y){start, end}`` holds, in order."""
+    y = node.operands[0]
+    r = y.type.rank
+    return [(y, i) for i in range(*slice(node.attrs.get("start", 0),
+                                         node.attrs.get("end", r)).indices(r))]
 
 
 class RefineResultDims(RewritePattern):
@@ -179,11 +178,8 @@ class RefineResultDims(RewritePattern):
     op = "*"
 
     def rewrite(self, node, rw):
-        if node.op == "constant" or all(r.type.is_static for r in node.results):
-            return False
-        from qcompiler.ir.ops import OPS, infer_types
-
-        if node.op not in OPS:
+        if node.op == "constant" or node.op not in OPS \
+                or all(r.type.is_static for r in node.results):
             return False
         try:
             inferred = infer_types(node.op, [v.type if v is not None else None

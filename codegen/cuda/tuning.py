@@ -275,10 +275,10 @@ def fp8_default(target, key) -> dict:
 
 def act8_default(target, key, knob: str) -> dict:
     """The 8-bit-activation kernel's config (include/qcompiler/tiled_i8.cuh) with ``knob``
-    (``int8`` or ``fp8``) set. Not yet measured on a GPU: the shape of the f16 tiled kernel's
-    heuristic, with M tiles of 32 rows (16 up to
-    16 rows; at 64 rows ptxas spilled 100 bytes a thread at 255 registers on sm_80 and sm_90
-    with per-channel scales, and group scales allow at most 32), N tiles of 256, two k warps,
+    (``int8`` or ``fp8``) set. Not yet timed on a GPU (its GPU tests pass): the shape of the
+    f16 tiled kernel's heuristic, with M tiles of 32 rows (16 up to 16 rows; at 64 rows ptxas
+    spilled 100 bytes a thread at 255 registers on sm_80 and sm_90 with per-channel scales,
+    and group scales allow at most 32), N tiles of 256, two k warps,
     stages of 128 rows where K and the group allow, and a split of K while the grid stays
     within two CTAs per SM (at most 4 ways, two stages a split)."""
     m, group = key["m"], _group(key)
