@@ -434,6 +434,8 @@ class Run:
                     row["check"]["why"] = "a CUDA-tensor input gave another output than numpy"
                 row["ours_run"] = timed(lambda: m.run({in_name: xt}))
                 row["ours_graph"] = self.graph_replay(m, xt.shape)
+                if self.a.trace:
+                    row["trace"] = self.trace(m, xt.shape, f"{name} {fmt} b{b}")
             except Exception as e:
                 traceback.print_exc()
                 row["error"] = reason(e)
@@ -461,6 +463,49 @@ class Run:
         if lib.qc_graph_launch(sig.graph, s) != 0:
             raise RuntimeError("qc_graph_launch failed")
         return timed(lambda: lib.qc_graph_launch(sig.graph, s), torch.cuda.ExternalStream(s))
+
+    @staticmethod
+    def trace(m, shape, label: str, reps: int = 20) -> list | None:
+        """Each launch of the plan's graph replay as the CUDA profiler (CUPTI, through
+        torch.profiler) sees it, in start order: the median duration over ``reps`` replays and,
+        where the count matches the plan's launches, the node it runs. Launches that run
+        concurrently (lanes) may swap places in start order."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        runner = m._run
+        sig = getattr(runner, "_signatures", {}).get((tuple(shape),))
+        if sig is None or getattr(sig, "graph", None) is None:
+            return None
+        lib, s = runner.launcher, runner.stream
+        for _ in range(5):
+            lib.qc_graph_launch(sig.graph, s)
+        lib.qc_stream_synchronize(s)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                lib.qc_graph_launch(sig.graph, s)
+                lib.qc_stream_synchronize(s)
+        events = sorted((e for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA and e.name),
+                        key=lambda e: e.time_range.start)
+        per = len(events) // reps
+        if per == 0:
+            print(f"  trace {label}: the profiler saw no kernels")
+            return None
+        names = [e.name.split("(")[0].replace("void ", "")[-48:] for e in events[:per]]
+        labels = sig.labels if len(sig.labels) == per else [""] * per
+        out = []
+        for i in range(per):
+            ds = sorted(events[r * per + i].time_range.end - events[r * per + i].time_range.start
+                        for r in range(reps))
+            out.append({"node": labels[i], "kernel": names[i], "us": round(ds[reps // 2], 2)})
+        span = sorted(events[(r + 1) * per - 1].time_range.end - events[r * per].time_range.start
+                      for r in range(reps))[reps // 2]
+        print(f"  trace {label}: {per} launches, span {span:.1f} us, kernels "
+              f"{sum(o['us'] for o in out):.1f} us")
+        for o in out:
+            print(f"    {o['us']:8.2f} us  {o['node'][:44]:<44} {o['kernel']}")
+        return out
 
     # -- torch -----------------------------------------------------------------------------
     def eager(self, name: str, net, inputs: Inputs, batches: list) -> None:
@@ -664,6 +709,8 @@ def main(argv=None) -> int:
                    help="--run: no torch.compile peers")
     p.add_argument("--compile-modes", default=",".join(COMPILE_MODES),
                    help="--run: torch.compile modes to time")
+    p.add_argument("--trace", action="store_true",
+                   help="--run: each launch of our graph replay from the CUDA profiler")
     p.add_argument("--default-buckets", action="store_true",
                    help="--run: compile with qcompiler's default shape buckets instead of "
                         "one bucket per batch size")

@@ -16,6 +16,11 @@ folded term takes back out. ``config`` records ``w_shape`` (the logical [M, C/g,
 ``w_layout``, ``w_centred`` and ``bias_folds_x_zp``; the reference decodes them, so the
 module still means what it meant.
 
+One-group qconvs on channels-last x whose channel count is not a multiple of 4 get x through
+a constant ``pad`` of the channel axis and weights padded with zeros to match (the kernel
+then loads 4-byte words of a tap's channels instead of single bytes: the 3-channel stem of an
+image model).
+
 A qconv that does not fit (non-constant weights or zero points, weights that do not fit int8
 once centred, an i32 bias or raw sum that could overflow) is left as it is; the CUDA op
 library then refuses it by name.
@@ -32,6 +37,7 @@ from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 I32 = np.iinfo(np.int32)
+CHANNEL_MULTIPLE = 4  # the implicit GEMM's smallest vector load: 4 channels of one tap
 
 
 def cuda_conv_variant(group: int) -> str:
@@ -87,8 +93,25 @@ def _pack(fn, module: Module, node) -> int:
         return 0
     layout = "cuda_igemm_mk" if cuda_conv_variant(node.attrs["group"]) == "igemm" \
         else "cuda_direct_khwcm"
-    p = pack_conv_weights_cuda(centred, layout)
     name = node.result.name
+    x = node.arg("x")
+    c = x.type.shape[3] if x.type.rank == 4 else None
+    if (layout == "cuda_igemm_mk" and node.attrs.get("channels_last") and isinstance(c, int)
+            and c % CHANNEL_MULTIPLE):
+        # A channel count not a multiple of 4 (an RGB stem's 3): x and the weights padded to
+        # the next multiple, so that the kernel loads a tap's channels as 4-byte words
+        # instead of gathering bytes. The padded weights are 0, so the padded channel adds
+        # nothing whatever it holds (and the bias fold is unchanged).
+        extra = -c % CHANNEL_MULTIPLE
+        pads = constant_node(fn, module, np.array([0] * 7 + [extra], np.int64),
+                             TensorType((8,), elem("i64")), name_hint=f"{name}.channel_pads",
+                             before=node)
+        padded = x.type.shape[:3] + (c + extra,)
+        x_padded = fn.make_node("pad", [x, pads.result], [TensorType(padded, x.type.dtype)],
+                                {"mode": "constant"}, before=node).result
+        node.operands = [x_padded] + list(node.operands[1:])
+        centred = np.pad(centred, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    p = pack_conv_weights_cuda(centred, layout)
     w_node = constant_node(fn, module, p, TensorType(p.shape, elem("i8")),
                            name_hint=f"{name}.w_cuda", before=node)
     b_node = constant_node(fn, module, folded.astype(np.int32), TensorType((m,), elem("i32")),
@@ -100,6 +123,6 @@ def _pack(fn, module: Module, node) -> int:
         ops.pop()
     node.operands = ops
     node.attrs["config"] = {**(node.attrs.get("config") or {}),
-                            "w_shape": [int(d) for d in w.shape], "w_layout": layout,
+                            "w_shape": [int(d) for d in centred.shape], "w_layout": layout,
                             "w_centred": True, "bias_folds_x_zp": True}
     return 1

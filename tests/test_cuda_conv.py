@@ -269,7 +269,7 @@ def test_kernel_matches_the_reference_in_host_emulation(emulated_conv, case):
 
 def _pool_and_qdq_nodes():
     """(module, [(node, feeds)]) of the CNN's other op kernels: max pooling on codes
-    (channels-last and NCHW, ceil mode), float average pooling with and without padded taps,
+    (channels-last, vectorized over channels or not, and NCHW, ceil mode), float average pooling with and without padded taps,
     quantize and dequantize per tensor and per channel."""
     from qcompiler.ir.ops import infer_types
     from qcompiler.ir.types import QuantScheme
@@ -296,6 +296,11 @@ def _pool_and_qdq_nodes():
             "dilations": [1, 1], "ceil_mode": 0, "count_include_pad": 0, "p": 2}
     x, f = arg((2, 9, 9, 24), "u8", rng.integers(0, 256, (2, 9, 9, 24)).astype(np.uint8))
     add("pool", [x], {**pool, "kind": "max", "channels_last": 1}, f)
+    # channels-last with C a multiple of 16 bytes: a thread per 16 channels (u8) or 4 (f32)
+    x, f = arg((2, 9, 9, 48), "u8", rng.integers(0, 256, (2, 9, 9, 48)).astype(np.uint8))
+    add("pool", [x], {**pool, "kind": "max", "channels_last": 1}, f)
+    x, f = arg((2, 7, 6, 8), "f32", rng.standard_normal((2, 7, 6, 8)).astype(np.float32))
+    add("pool", [x], {**pool, "kind": "average", "count_include_pad": 1, "channels_last": 1}, f)
     x, f = arg((2, 5, 10, 11), "i8", rng.integers(-128, 128, (2, 5, 10, 11)).astype(np.int8))
     add("pool", [x], {**pool, "kind": "max", "ceil_mode": 1}, f)
     xf = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
@@ -463,7 +468,13 @@ def _operand_array(module, v, feeds):
     c = constant_value(module, v)
     if c is not None:
         return np.asarray(c)
-    producer = v.producer  # the transpose conv-channels-last put in front of an argument
+    producer = v.producer
+    if producer.op == "pad":  # cuda-conv-layout's channel padding (constant pads, value 0)
+        inner = _operand_array(module, producer.operands[0], feeds)
+        pads = np.asarray(constant_value(module, producer.operands[1])).reshape(-1)
+        r = inner.ndim
+        return np.pad(inner, [(int(pads[i]), int(pads[i + r])) for i in range(r)])
+    # the transpose conv-channels-last put in front of an argument
     return np.ascontiguousarray(np.moveaxis(feeds[producer.operands[0].name], 1, -1))
 
 
@@ -505,10 +516,10 @@ def test_qlinear_conv_chain_runs_on_the_device(tmp_path):
                                   (16, 24, 5, 2, 2, 1, 4, 11)])
 def test_qlinear_conv_models_run_on_the_device(tmp_path, case):
     rng = np.random.default_rng(sum(case))
-    model, feeds = qlinear_conv(rng, *case)[:2]
+    model, x = qlinear_conv(rng, *case)
     path = str(tmp_path / "m.onnx")
     onnx.save(model, path)
-    _compare_model(tmp_path, path, feeds)
+    _compare_model(tmp_path, path, {"x": x})
 
 
 @gpu

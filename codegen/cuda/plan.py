@@ -254,6 +254,7 @@ class _Signature:
         self.keep: list = []        # ctypes arrays the table points into
         self.allocs: list = []      # device allocations owned by this signature
         self.runs: list = []        # concurrent_runs of the launches, collectives included
+        self.labels: list = []      # per launch: "%node = op" (errors, profiles)
         # the segments and collectives in order: ("launch", table, n, graph or None) and
         # ("collective", node, ptr, shape, dtype, world)
         self.program: list = []
@@ -531,6 +532,7 @@ class CudaPlanRunner:
                 current.append(i)
         segments.append(("launch", current))
         sig.runs = runs
+        sig.labels = labels
         for item in segments:
             if item[0] == "collective":
                 _, node, ps, dims, world, dtype = item

@@ -835,7 +835,8 @@ def _pad(types, attrs, consts):
         return [TensorType(("?",) * t.rank, t.dtype)]
     if len(pads) != 2 * t.rank:
         raise TypeInferenceError(f"pad pads {pads} must have 2 * rank = {2 * t.rank} entries")
-    return [TensorType(tuple(d + pads[i] + pads[i + t.rank] if isinstance(d, int) else "?"
+    return [TensorType(tuple(d + pads[i] + pads[i + t.rank] if isinstance(d, int)
+                             else (d if pads[i] == pads[i + t.rank] == 0 else "?")
                              for i, d in enumerate(t.shape)), t.dtype)]
 
 

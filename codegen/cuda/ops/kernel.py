@@ -32,7 +32,7 @@ SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "cast", "fused_elementwise", "expand", "softmax", "layernorm", "rmsnorm", "reduce_mean",
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
     "attention", "rotary_embedding", "kv_concat", "qkv_heads", "qconv", "pool", "quantize",
-    "dequantize", "conv"))
+    "dequantize", "conv", "pad"))
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -75,7 +75,7 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _rows(node)
     elif node.op.startswith("reduce_"):
         text = _reduce(node)
-    elif node.op in FLAT_COPY_OPS or node.op in ("transpose", "concat", "split", "slice"):
+    elif node.op in FLAT_COPY_OPS or node.op in ("transpose", "concat", "split", "slice", "pad"):
         text = _copy(node, module)
     elif node.op == "gather":
         text = _gather(node)
@@ -233,11 +233,12 @@ def _copy(node: Node, module) -> str:
     operands = _data_operands(node)
     common = dict(x_type=xt, rank=max(x.type.rank, 1), n_in=len(operands), op=node.op,
                   in_rank=x.type.rank, perm=[], slices=[], axis=0, n_out=len(node.results),
-                  out_offset=sum(v.type.rank for v in operands))
+                  out_offset=sum(v.type.rank for v in operands), tiled=None)
     if node.op in FLAT_COPY_OPS:
         return _render("copy.cu.j2", node, mode="flat", **common)
     if node.op == "transpose":
         common["perm"] = [int(p) for p in node.attrs["perm"]]
+        common["tiled"] = _batched_transpose(common["perm"])
         return _render("copy.cu.j2", node, mode="transpose", **common)
     if node.op == "concat":
         common["axis"] = node.attrs["axis"] % x.type.rank
@@ -245,6 +246,8 @@ def _copy(node: Node, module) -> str:
     if node.op == "split":
         common["axis"] = node.attrs["axis"] % x.type.rank
         return _render("copy.cu.j2", node, mode="split", **common)
+    if node.op == "pad":
+        return _pad(node, module, common)
     starts, _ = _ints(node, 1, module), _ints(node, 2, module)
     axes = _ints(node, 3, module) or list(range(len(starts)))
     steps = _ints(node, 4, module) or [1] * len(starts)
@@ -252,6 +255,50 @@ def _copy(node: Node, module) -> str:
         raise unsupported(node, "slice step 0")
     common["slices"] = [(a % x.type.rank, s, st) for s, a, st in zip(starts, axes, steps)]
     return _render("copy.cu.j2", node, mode="slice", **common)
+
+
+def _pad(node: Node, module, common: dict) -> str:
+    """Constant Pad with constant pads and value (cuda-conv-layout pads a small channel count
+    to 4 with it)."""
+    if node.attrs["mode"] != "constant":
+        raise unsupported(node, f"pad mode {node.attrs['mode']!r} (constant only)")
+    x = node.operands[0]
+    pads = _ints(node, 1, module)
+    if pads is None:
+        raise unsupported(node, "pads that are not constant")
+    value = node.operands[2] if len(node.operands) > 2 else None
+    fill = 0
+    if value is not None:
+        v = _constant_array(node, value, "value", module).reshape(-1)
+        fill = v[0] if v.size else 0
+    common["out_offset"] = sum(v.type.rank for v in _data_operands(node))
+    xt = common["x_type"]
+    if x.type.dtype.is_float:
+        fill = literal(float(fill), "double" if xt == "double" else "float")
+        value = fill if xt in ("float", "double") else f"qc_ops::from_f<T>({fill})"
+    else:
+        value = f"(T){int(fill)}LL"
+    return _render("copy.cu.j2", node, mode="pad", pad_begins=[int(p) for p in pads[:x.type.rank]],
+                   pad_value=value, **common)
+
+
+def _batched_transpose(perm: list) -> dict | None:
+    """The axes of x as {batch, rows, cols} when ``perm`` is a batch of matrix transposes:
+    x viewed as [B, R, C] becomes [B, C, R] with each group a run of consecutive axes (NCHW ->
+    NHWC: rows (1,), cols (2, 3)); else None."""
+    runs = []  # the result's axes, as runs of consecutive axes of x
+    for p in perm:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    in_order = sorted(runs)
+    merged = [in_order.index(r) for r in runs]
+    if merged == [1, 0]:
+        return {"batch": [], "rows": in_order[0], "cols": in_order[1]}
+    if merged == [0, 2, 1]:
+        return {"batch": in_order[0], "rows": in_order[1], "cols": in_order[2]}
+    return None
 
 
 def _gather(node: Node) -> str:
@@ -399,7 +446,8 @@ def _qconv(node: Node, module) -> str:
     if group == 1:
         k_real = kh * kw * cg
         return _render("qconv.cu.j2", node, variant="igemm", k_real=k_real,
-                       kp=-(-k_real // 32) * 32, bk=64, stages=3, vector_a=c % 16 == 0,
+                       kp=-(-k_real // 32) * 32, bk=64, stages=3,
+                       a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
                        **QCONV_BIG_TILE, **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
     vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
