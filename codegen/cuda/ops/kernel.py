@@ -380,9 +380,11 @@ def _constant(node: Node, name: str, module):
 # H100/H200 (a batch of images), else 64 x 64 (one image: ResNet-18's last layers have 49
 # pixels). The launch picks by the run-time pixel count (the batch is symbolic).
 QCONV_BIG_TILE = {"big_tile_min_pixels": 128 * 132, "big_tile_min_channels": 128}
-# Split-K where the tiles fill less than half of an H100/H200's 132 SMs: up to 16 parts of
-# at least 8 K steps (512 codes), to about 132 blocks.
-QCONV_SPLIT = {"split_target_blocks": 132, "split_min_steps": 8, "max_splits": 16}
+# Split-K where the tiles fill less than half of an H100/H200's 132 SMs: up to 32 parts of
+# at least 3 K steps (192 codes), to about 132 blocks (no more: a grid that fits on the SMs
+# lets the next kernel launch early). A batch-1 ResNet's last layers (49 pixels, K = 4608)
+# then take 15 parts of 5 steps instead of 9 of 8: their time is the latency of the steps.
+QCONV_SPLIT = {"split_target_blocks": 132, "split_min_steps": 3, "max_splits": 32}
 
 
 def _qconv(node: Node, module) -> str:

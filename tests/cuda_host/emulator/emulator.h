@@ -201,6 +201,7 @@ inline int atomicAdd(int* p, int v) {  // the blocks run one at a time
 }
 inline void __threadfence() {}
 template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 inline int min(int a, int b) { return a < b ? a : b; }
 
 inline float __fmul_rn(float a, float b) { return a * b; }
