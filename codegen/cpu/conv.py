@@ -317,6 +317,31 @@ def ow_block(ow: int) -> int:
     return 1
 
 
+# zmm accumulators of the vnni kernel's register tile (of 32: the tile's weight vectors and
+# a broadcast activation need the rest)
+VNNI_ACCUMULATORS = 24
+
+
+def register_tile(ow: int, oc_blocks: int) -> tuple[int, int]:
+    """(output columns, 16-channel blocks) whose sums the vnni kernel keeps in registers:
+    divisors of ``ow`` and ``oc_blocks`` with at most VNNI_ACCUMULATORS sums, the fewest
+    loads per vpdpbusd (per 4 input channels: a broadcast per column and a weight vector per
+    block, for columns x blocks instructions), then the larger tile. One block (the kernel
+    before) loaded 1 + 1/columns operands per vpdpbusd, a bound below the VNNI ports'
+    rate."""
+    best = None
+    for cols in (8, 7, 6, 5, 4, 3, 2, 1):
+        if ow % cols:
+            continue
+        for blocks in (4, 3, 2, 1):
+            if oc_blocks % blocks or cols * blocks > VNNI_ACCUMULATORS:
+                continue
+            key = ((cols + blocks) / (cols * blocks), -cols * blocks)
+            if best is None or key < best[0]:
+                best = (key, cols, blocks)
+    return best[1], best[2]
+
+
 def kernel_name(node: Node, variant: str) -> str:
     """One name per distinct kernel: the operand types, attributes and variant."""
     text = repr((variant, [None if v is None else (v.type.shape, str(v.type.dtype))
@@ -1089,30 +1114,43 @@ def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
         if len(loops) != 10:
             raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
     nn, g, yy, xx, mo, mi, ry, rx, rco, rci = loops
-    xo, xi = sch.split(xx, [None, ow_block(extra["ow"])])
+    if intrin == CONV_VNNI_INTRIN:  # columns x blocks of 16 channels in registers
+        cols, blocks = register_tile(extra["ow"], -(-extra["mg"] // oc_block))
+    else:  # madd: AVX2's 16 ymm registers hold one block's columns
+        cols, blocks = ow_block(extra["ow"]), 1
+    xo, xi = sch.split(xx, [None, cols])
+    moo, moi = sch.split(mo, [None, blocks])
     if extra["weights_outer"]:
         # More weight than image bytes per group (deep layers, small images): one block of
         # output channels' weights stays in cache while it sweeps the whole image.
-        sch.reorder(nn, g, mo, yy, xo, ry, rx, rco, xi, mi, rci)
-        sch.parallel(sch.fuse(nn, g, mo))
+        sch.reorder(nn, g, moo, yy, xo, ry, rx, rco, xi, moi, mi, rci)
+        sch.parallel(sch.fuse(nn, g, moo))
         reuse = xo
     else:
         # The image rows of one output row stay in cache while all weights sweep them.
-        sch.reorder(nn, g, yy, xo, mo, ry, rx, rco, xi, mi, rci)
+        sch.reorder(nn, g, yy, xo, moo, ry, rx, rco, xi, moi, mi, rci)
         if row is None:
             sch.parallel(sch.fuse(nn, g, yy))
-        reuse = mo
-    # ow_block x oc_block sums stay in registers over the whole window, written back once.
+        reuse = moo
+    # cols x blocks x oc_block sums stay in registers over the whole window, written back
+    # once.
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, reuse)
     init = sch.decompose_reduction(blk, ry)
     sch.tensorize(mi, intrin)
     sch.unroll(xi)
-    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers.
+    sch.unroll(moi)
+    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers:
+    # the loops of the tile (those below `reuse`, where both blocks sit) unrolled, the lanes
+    # vectorized.
+    reuse_var = sch.get(reuse).loop_var
     for block in (init, acc):
-        rows, lanes = sch.get_loops(block)[-2:]
-        sch.unroll(rows)
-        sch.vectorize(lanes)
+        loops = sch.get_loops(block)
+        below = next(i for i, lp in enumerate(loops)
+                     if sch.get(lp).loop_var.same_as(reuse_var)) + 1
+        for lp in loops[below:-1]:
+            sch.unroll(lp)
+        sch.vectorize(loops[-1])
     return row
 
 

@@ -40,37 +40,38 @@ def qconv_93d792ffe84e00a5(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((
                     T.reads(in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy, v_xx])
                     T.writes(xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc])
                     xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc] = T.Cast("uint8", T.Cast("int32", in0[v_nn, T.min(v_g * 8 + v_cc, 7), v_yy, v_xx]))
-    for nn_g_mo_fused in T.parallel(1):
+    for nn_g_mo_0_fused in T.parallel(1):
         for yy, xx_0 in T.grid(6, 1):
             for xx_1_init in T.unroll(6):
-                for mi_init in T.vectorized(16):
-                    with T.sblock("sum_init"):
-                        v_nn = T.axis.spatial(1, 0)
-                        v_g = T.axis.spatial(1, 0)
-                        v_yy = T.axis.spatial(6, yy)
-                        v_xx = T.axis.spatial(6, xx_0 * 6 + xx_1_init)
-                        v_mo = T.axis.spatial(1, 0)
-                        v_mi = T.axis.spatial(16, mi_init)
-                        T.reads()
-                        T.writes(sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
-                        sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
+                for mo_1_init in T.unroll(1):
+                    for mi_init in T.vectorized(16):
+                        with T.sblock("sum_init"):
+                            v_nn = T.axis.spatial(1, 0)
+                            v_g = T.axis.spatial(1, 0)
+                            v_yy = T.axis.spatial(6, yy)
+                            v_xx = T.axis.spatial(6, xx_0 * 6 + xx_1_init)
+                            v_mo, v_mi = T.axis.remap("SS", [mo_1_init, mi_init])
+                            T.reads()
+                            T.writes(sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
+                            sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
             for ry, rx, rco in T.grid(3, 3, 2):
                 for xx_1 in T.unroll(6):
-                    with T.sblock("sum_update_o"):
-                        v_nn_o = T.axis.spatial(1, 0)
-                        v_g_o = T.axis.spatial(1, 0)
-                        v_yy_o = T.axis.spatial(6, yy)
-                        v_xx_o = T.axis.spatial(6, xx_0 * 6 + xx_1)
-                        v_mo_o = T.axis.spatial(1, 0)
-                        v_mi_o = T.axis.spatial(1, 0)
-                        v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ry, rx, rco])
-                        v_rci_o = T.axis.reduce(1, 0)
-                        T.reads(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
-                        T.writes(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
-                        A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
-                        B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
-                        C = T.match_buffer(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
-                        C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
+                    for mo_1 in T.unroll(1):
+                        with T.sblock("sum_update_o"):
+                            v_nn_o = T.axis.spatial(1, 0)
+                            v_g_o = T.axis.spatial(1, 0)
+                            v_yy_o = T.axis.spatial(6, yy)
+                            v_xx_o = T.axis.spatial(6, xx_0 * 6 + xx_1)
+                            v_mo_o = T.axis.spatial(1, mo_1)
+                            v_mi_o = T.axis.spatial(1, 0)
+                            v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ry, rx, rco])
+                            v_rci_o = T.axis.reduce(1, 0)
+                            T.reads(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
+                            T.writes(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
+                            A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
+                            B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
+                            C = T.match_buffer(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
+                            C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
             for ax0 in T.unroll(6):
                 for ax1 in T.vectorized(16):
                     with T.sblock("sum_local"):
