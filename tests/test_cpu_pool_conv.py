@@ -49,6 +49,13 @@ POOLS = [
                                                        [0, 1, 1, 1, 0, 0], [2, 1, 1])),
     ("max2d_i8", [2, 5, 7, 6], "i8", _pool_attrs("max", [3, 3], [2, 2], [1, 1, 1, 1])),
     ("max2d_u8_ceil", [1, 4, 8, 8], "u8", _pool_attrs("max", [3, 3], [2, 2], ceil_mode=1)),
+    # integer max: separable with asymmetric pads (rows clamped into x), and dilated (a
+    # padded copy of the window's rows), with and without a border
+    ("max2d_i8_asym", [2, 3, 10, 9], "i8", _pool_attrs("max", [2, 3], [2, 1], [1, 0, 0, 2])),
+    ("max2d_u8_dilated", [1, 3, 9, 9], "u8", _pool_attrs("max", [3, 3], [1, 1], [2, 2, 2, 2],
+                                                        [2, 2])),
+    ("max2d_i8_dilated_nopad", [1, 2, 9, 8], "i8", _pool_attrs("max", [2, 2], [2, 1],
+                                                              dilations=[2, 3])),
     ("max2d_f16", [1, 3, 9, 10], "f16", _pool_attrs("max", [3, 3], [2, 1], [1, 1, 0, 2])),
     ("max1d_indices", [2, 3, 13], "f32", _pool_attrs("max", [4], [3], [2, 1], [1],
                                                      indices=1)),

@@ -87,9 +87,17 @@ def _build(node: Node, dtype: str, min_elements: int):
     fill = (tirx.const(float("nan"), ct) if floats
             else lowest if kind == "max" else tirx.const(0, ct))
 
+    int_max_2d = (kind == "max" and not floats and nsp == 2 and taps <= 64
+                  and not a.get("indices", 0))
+
     def padded(nn, cc, *pos):
         coords = [pos[i] - pads[i] for i in range(nsp)]
         inside = tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i]) for i in range(nsp)])
+        if int_max_2d:
+            # the padding pattern decompose_padding splits into a fill of the border and a
+            # copy without conditions (which LLVM vectorizes): no clamp, x is read only
+            # inside
+            return tirx.if_then_else(inside, x(nn, cc, *coords).astype(ct), fill)
         # if_then_else, not Select: TVM drops the clamp of a Select's branch under its
         # condition, and a Select loads both branches (a read outside x)
         return tirx.if_then_else(inside, x(nn, cc, *[tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
@@ -115,7 +123,10 @@ def _build(node: Node, dtype: str, min_elements: int):
     if kind == "max" and a.get("indices", 0):
         return _max_with_indices(node, x, out_shape, window, lowest, taps, ct, dtype,
                                  floats, min_elements)
-    if kind == "max" and not floats and nsp == 2 and taps <= 64:
+    if int_max_2d and _rows_separable(sp, out_sp, kernel, strides, dil, pads):
+        return _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest,
+                                min_elements)
+    if int_max_2d:
         return _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements)
     if kind == "max":
         # te.max starts from the lowest finite float: a window of only padding must give -inf
@@ -177,8 +188,60 @@ def _build(node: Node, dtype: str, min_elements: int):
     return sch.mod["main"]
 
 
+def _rows_separable(sp, out_sp, kernel, strides, dil, pads) -> bool:
+    """Whether ``_int_max_2d_rows`` applies: no dilation, and every window has a row inside
+    x (its first row at most x's last, its last at least x's first), so that a window row
+    outside x may read the nearest row inside instead: a row the window holds anyway, which
+    cannot change its max."""
+    return (dil[0] == dil[1] == 1 and (out_sp[0] - 1) * strides[0] - pads[0] <= sp[0] - 1
+            and kernel[0] - 1 - pads[0] >= 0)
+
+
+def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_elements):
+    """Integer 2-D max pooling, separable: per output row, the max over the window's rows of x
+    (whole rows: a vector max along them, rows outside x clamped to the nearest inside, see
+    ``_rows_separable``) into a row padded left and right with max's identity, then the max
+    over each window's columns of that one row (strided taps: LLVM's interleaved loads, once
+    per output row instead of once per window row). A ResNet stem's 3 x 3 stride-2 pooling of
+    64 x 112 x 112: 0.29 ms with a padded copy of the window's rows, 1 thread of a Zen 5."""
+    import tvm
+    from tvm import te, tirx
+
+    h, w = sp
+    n, c = out_shape[0], out_shape[1]
+
+    def row_max(nn, cc, oh, xx):
+        col = xx - pads[1]
+        v = None
+        for kh in range(kernel[0]):
+            r = tirx.max(tirx.min(oh * strides[0] + kh - pads[0], h - 1), 0)
+            t = x(nn, cc, r, col)
+            v = t if v is None else tirx.max(v, t)
+        # the padding pattern (decompose_padding): a border of max's identity, the inside
+        # read without conditions
+        return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
+    rows = te.compute([n, c, out_shape[2], _i64(span[1])], row_max, name="rows")
+
+    def out_fn(nn, cc, oh, ow):
+        v = None
+        for kw in range(kernel[1]):
+            t = rows(nn, cc, oh, ow * strides[1] + kw)
+            v = t if v is None else tirx.max(v, t)
+        return v
+    out = te.compute(out_shape, out_fn, name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    out_block = sch.get_sblock("out")
+    _parallel_outer(sch, out_block, out_shape, min_elements)
+    rows_block = sch.get_sblock("rows")
+    sch.compute_at(rows_block, sch.get_loops(out_block)[0])
+    if pads[1] or span[1] > w:
+        sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
+    return sch.mod["main"]
+
+
 def _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements: int):
-    """Integer 2-D max pooling (a quantized CNN's MaxPool on codes): the padding holds the
+    """Integer 2-D max pooling where ``_int_max_2d_rows`` does not apply (dilated windows):
+    the padding holds the
     type's lowest value, max's identity, so no tap needs a bounds test; the window is one
     expression of its taps (no reduction loop), the padded rows a window needs are made per
     output row (in cache), and the output row is a vector loop (strided taps are LLVM's
