@@ -1250,6 +1250,12 @@ def _schedule_px(sch, out, extra: dict):
     return sch.mod["main"]
 
 
+def tvm_int():
+    from tvm import tirx
+
+    return tirx.IntImm
+
+
 def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_INTRIN,
                        lanes: int = 16):
     """Pixel lanes with the epilogue fused into the sums: each block of mb channels x
@@ -1261,8 +1267,14 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     mb = next(b for b in (8, 6, 4, 7, 5, 3, 2, 1) if mg % b == 0)
     on, om, oy, ox = sch.get_loops(out)
     omo, omi = sch.split(om, [None, mb])
-    oxo, oxi = sch.split(ox, [None, lanes])
-    sch.reorder(on, oy, omo, oxo, omi, oxi)
+    # vnni: pv vectors of pixels x mb channels in registers (a weight broadcast then serves
+    # pv instructions: per 4 input channels pv + mb loads for pv * mb vpdpbusd)
+    vectors = int(sch.get(ox).extent) // lanes if isinstance(sch.get(ox).extent, tvm_int()) \
+        else 1
+    pv = next(v for v in (4, 3, 2, 1) if vectors % v == 0 and (
+        v * mb <= VNNI_ACCUMULATORS or v == 1)) if intrin == CONV_VNNI_PX_INTRIN else 1
+    oxo, oxm, oxi = sch.split(ox, [None, pv, lanes])
+    sch.reorder(on, oy, omo, oxo, omi, oxm, oxi)
     flat = extra.get("flat", False)
     # (a flat image is one row: its blocks of mb channels run in parallel, each with its
     # copy into the result)
@@ -1287,17 +1299,24 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     if len(loops) != 9:
         raise RuntimeError(f"qconv schedule: unexpected loops after compute_at: {loops}")
     nn, g, mr, yy, xx, ry, rx, rco, rci = loops
-    sch.reorder(nn, g, yy, ry, rx, rco, mr, xx, rci)
+    xxo, xxi = sch.split(xx, [None, lanes])
+    sch.reorder(nn, g, yy, ry, rx, rco, mr, xxo, xxi, rci)
     acc = sch.cache_write(blk, 0, PX_ACC_SCOPE[intrin])   # (placed under oxo, after the sums)
     sch.decompose_reduction(blk, ry)
-    sch.tensorize(xx, intrin)
+    sch.tensorize(xxi, intrin)
     sch.unroll(mr)
+    sch.unroll(xxo)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
     init = sch.get_sblock("sum_init")
-    rows, lanes = sch.get_loops(init)[-2:]
-    sch.unroll(rows)
-    sch.vectorize(lanes)
+    # (the loops below oxo, where the sums sit: the tile's, unrolled, then the lanes)
+    oxo_var = sch.get(oxo).loop_var
+    loops = sch.get_loops(init)
+    below = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(oxo_var)) + 1
+    for lp in loops[below:-1]:
+        sch.unroll(lp)
+    sch.vectorize(loops[-1])
     sch.unroll(omi)
+    sch.unroll(oxm)
     sch.vectorize(oxi)
     _schedule_xq(sch, extra)
     if extra.get("xsum") and flat:
