@@ -470,24 +470,13 @@ class Run:
         torch.profiler) sees it, in start order: the median duration over ``reps`` replays and,
         where the count matches the plan's launches, the node it runs. Launches that run
         concurrently (lanes) may swap places in start order."""
-        import torch
-        from torch.profiler import ProfilerActivity, profile
+        from timing import graph_replay_events
 
         runner = m._run
         sig = getattr(runner, "_signatures", {}).get((tuple(shape),))
         if sig is None or getattr(sig, "graph", None) is None:
             return None
-        lib, s = runner.launcher, runner.stream
-        for _ in range(5):
-            lib.qc_graph_launch(sig.graph, s)
-        lib.qc_stream_synchronize(s)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                lib.qc_graph_launch(sig.graph, s)
-                lib.qc_stream_synchronize(s)
-        events = sorted((e for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA and e.name),
-                        key=lambda e: e.time_range.start)
+        events = graph_replay_events(runner.launcher, sig.graph, runner.stream, reps)
         per = len(events) // reps
         if per == 0:
             print(f"  trace {label}: the profiler saw no kernels")

@@ -182,20 +182,10 @@ def trace_graph(runner, sig, label: str, reps: int = 10, top: int = 14) -> dict:
     kernel's duration inside the graph and the idle time between kernels, per replay. Unlike
     profile_steps, launch latency is not counted in a kernel's time: this is where a replay's
     time really goes."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from timing import graph_replay_events
 
-    lib, s = runner.launcher, runner.stream
-    for _ in range(5):
-        lib.qc_graph_launch(sig.graph, s)
-    lib.qc_stream_synchronize(s)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            lib.qc_graph_launch(sig.graph, s)
-            lib.qc_stream_synchronize(s)  # replays apart: each one's span is measurable
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                      and e.name and not e.name.startswith("Memcpy")),
-                     key=lambda e: e.time_range.start)
+    kernels = [e for e in graph_replay_events(runner.launcher, sig.graph, runner.stream, reps)
+               if not e.name.startswith("Memcpy")]
     if len(kernels) < reps:
         print(f"  trace {label}: the profiler saw {len(kernels)} kernels; no trace")
         return {}

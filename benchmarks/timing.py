@@ -24,3 +24,23 @@ def time_call(fn, min_seconds: float, *, min_runs: int = 3, max_runs: int = 400,
     return {"median_ms": round(1e3 * times[len(times) // 2], 4),
             "min_ms": round(1e3 * times[0], 4), "max_ms": round(1e3 * times[-1], 4),
             "runs": len(times)}
+
+
+def graph_replay_events(lib, graph, stream, reps: int) -> list:
+    """The device events (kernels and copies) of ``reps`` replays of a plan's CUDA graph as
+    the CUDA profiler sees them (CUPTI, through torch.profiler), sorted by start: each replay
+    synchronized apart, after 5 unprofiled ones. ``lib``: the plan's launcher
+    (``qc_graph_launch``, ``qc_stream_synchronize``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        lib.qc_graph_launch(graph, stream)
+    lib.qc_stream_synchronize(stream)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            lib.qc_graph_launch(graph, stream)
+            lib.qc_stream_synchronize(stream)  # replays apart: each one's span is measurable
+    return sorted((e for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.name),
+                  key=lambda e: e.time_range.start)

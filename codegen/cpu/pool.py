@@ -204,7 +204,6 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
     over each window's columns of that one row (strided taps: LLVM's interleaved loads, once
     per output row instead of once per window row). A ResNet stem's 3 x 3 stride-2 pooling of
     64 x 112 x 112: 0.29 ms with a padded copy of the window's rows, 1 thread of a Zen 5."""
-    import tvm
     from tvm import te, tirx
 
     h, w = sp
@@ -222,45 +221,45 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
         return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
     rows = te.compute([n, c, out_shape[2], _i64(span[1])], row_max, name="rows")
 
-    def out_fn(nn, cc, oh, ow):
+    taps = [lambda nn, cc, oh, ow, kw=kw: (nn, cc, oh, ow * strides[1] + kw)
+            for kw in range(kernel[1])]
+    sch, rows_block = _max_of_taps(x, rows, out_shape, taps, min_elements)
+    if pads[1] or span[1] > w:
+        sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
+    return sch.mod["main"]
+
+
+def _max_of_taps(x, staged, out_shape, taps, min_elements: int):
+    """(schedule, staged's block) of ``out = max(staged[tap(idx)] for tap in taps)``: one
+    expression of its taps (no reduction loop), the output rows in parallel, the output row a
+    vector loop, ``staged`` made per output row (in cache)."""
+    import tvm
+    from tvm import te, tirx
+
+    def out_fn(*idx):
         v = None
-        for kw in range(kernel[1]):
-            t = rows(nn, cc, oh, ow * strides[1] + kw)
+        for tap in taps:
+            t = staged(*tap(*idx))
             v = t if v is None else tirx.max(v, t)
         return v
     out = te.compute(out_shape, out_fn, name="out")
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
     out_block = sch.get_sblock("out")
     _parallel_outer(sch, out_block, out_shape, min_elements)
-    rows_block = sch.get_sblock("rows")
-    sch.compute_at(rows_block, sch.get_loops(out_block)[0])
-    if pads[1] or span[1] > w:
-        sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
-    return sch.mod["main"]
+    staged_block = sch.get_sblock(staged.op.name)
+    sch.compute_at(staged_block, sch.get_loops(out_block)[0])
+    return sch, staged_block
 
 
 def _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements: int):
     """Integer 2-D max pooling where ``_int_max_2d_rows`` does not apply (dilated windows):
-    the padding holds the
-    type's lowest value, max's identity, so no tap needs a bounds test; the window is one
-    expression of its taps (no reduction loop), the padded rows a window needs are made per
-    output row (in cache), and the output row is a vector loop (strided taps are LLVM's
-    interleaved loads)."""
-    import tvm
-    from tvm import te, tirx
-
-    def out_fn(nn, cc, oh, ow):
-        v = None
-        for kh in range(kernel[0]):
-            for kw in range(kernel[1]):
-                t = xp(nn, cc, oh * strides[0] + kh * dil[0], ow * strides[1] + kw * dil[1])
-                v = t if v is None else tirx.max(v, t)
-        return v
-    out = te.compute(out_shape, out_fn, name="out")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
-    out_block = sch.get_sblock("out")
-    _parallel_outer(sch, out_block, out_shape, min_elements)
-    sch.compute_at(sch.get_sblock("xp"), sch.get_loops(out_block)[0])
+    the padding holds the type's lowest value, max's identity, so no tap needs a bounds test;
+    the padded rows a window needs are made per output row, and the output row is a vector
+    loop (strided taps are LLVM's interleaved loads)."""
+    taps = [lambda nn, cc, oh, ow, kh=kh, kw=kw: (nn, cc, oh * strides[0] + kh * dil[0],
+                                                  ow * strides[1] + kw * dil[1])
+            for kh in range(kernel[0]) for kw in range(kernel[1])]
+    sch, _ = _max_of_taps(x, xp, out_shape, taps, min_elements)
     return sch.mod["main"]
 
 
