@@ -5,8 +5,11 @@ For each 2-D ``qconv`` with constant weights, zero points and bias (``runtime.re
 
 - one group: ``cuda_igemm_mk``, int8 [M, Kp] with k = (kh * KW + kw) * C + c (the implicit
   GEMM's B operand, K contiguous per output channel, padded to the mma's K step of 32);
-- more groups (depthwise included): ``cuda_direct_khwcm``, int8 [KH, KW, C/g, M] (a tap's
-  output channels contiguous: the direct kernel's threads read consecutive channels).
+- depthwise with a channel count that is a multiple of 4: ``cuda_dw_t4``, int8
+  [ceil(KH * KW / 4), M, 4] (each channel's taps four to a word: the direct kernel sums them
+  with dp4a);
+- other groups: ``cuda_direct_khwcm``, int8 [KH, KW, C/g, M] (a tap's output channels
+  contiguous: the direct kernel's threads read consecutive channels).
 
 The weights are stored centred on their zero points (``w - w_zp[m]``, which must fit int8:
 always true for int4 codes and for int8 codes without a zero point), and the bias operand
@@ -43,6 +46,17 @@ CHANNEL_MULTIPLE = 4  # the implicit GEMM's smallest vector load: 4 channels of 
 def cuda_conv_variant(group: int) -> str:
     """The kernel a qconv takes: the implicit GEMM for one group, else the direct kernel."""
     return "igemm" if group == 1 else "direct"
+
+
+def cuda_weight_layout(group: int, m: int, cg: int, c) -> str:
+    """The weights' layout: the implicit GEMM's for one group; for a depthwise layer whose
+    channels come in fours, taps four to a word (the direct kernel's dp4a form); else the
+    direct kernel's [KH, KW, C/g, M]."""
+    if cuda_conv_variant(group) == "igemm":
+        return "cuda_igemm_mk"
+    if cg == 1 and m == c and isinstance(c, int) and c % 4 == 0:
+        return "cuda_dw_t4"
+    return "cuda_direct_khwcm"
 
 
 @register_pass("cuda-conv-layout")
@@ -91,11 +105,10 @@ def _pack(fn, module: Module, node) -> int:
               - int(np.asarray(xzp).reshape(-1)[0]) * centred.reshape(m, -1).sum(axis=1))
     if folded.min() < I32.min or folded.max() > I32.max:
         return 0
-    layout = "cuda_igemm_mk" if cuda_conv_variant(node.attrs["group"]) == "igemm" \
-        else "cuda_direct_khwcm"
     name = node.result.name
     x = node.arg("x")
     c = x.type.shape[3] if x.type.rank == 4 else None
+    layout = cuda_weight_layout(node.attrs["group"], m, w.shape[1], c)
     if (layout == "cuda_igemm_mk" and node.attrs.get("channels_last") and isinstance(c, int)
             and c % CHANNEL_MULTIPLE):
         # A channel count not a multiple of 4 (an RGB stem's 3): x and the weights padded to

@@ -78,8 +78,10 @@ def test_passes_keep_the_meaning_exactly(case):
     module, after, node, feeds = _prepared(case)
     assert node.attrs["channels_last"] == 1
     cfg = node.attrs["config"]
+    depthwise_in_fours = (cfg["w_shape"][1] == 1 and cfg["w_shape"][0] == node.arg("x").type.shape[3]
+                          and cfg["w_shape"][0] % 4 == 0)
     assert cfg["w_layout"] == ("cuda_igemm_mk" if node.attrs["group"] == 1
-                               else "cuda_direct_khwcm")
+                               else "cuda_dw_t4" if depthwise_in_fours else "cuda_direct_khwcm")
     assert cfg["bias_folds_x_zp"] and node.arg("bias").type.dtype.name == "i32"
     want = run(module, feeds)["y"]
     got = run(after, feeds)["y"]
@@ -99,6 +101,12 @@ def test_packed_weights_hold_the_centred_codes():
     d = pack_conv_weights_cuda(w, "cuda_direct_khwcm")
     assert d.shape == (3, 2, 3, 5) and d[1, 0, 2, 4] == w[4, 2, 1, 0]
     np.testing.assert_array_equal(unpack_conv_weights_cuda(d, w.shape, "cuda_direct_khwcm"), w)
+    # depthwise, taps four to a word: [ceil(9 / 4), M, 4], zeros past the 9th tap
+    dw = rng.integers(-128, 128, (8, 1, 3, 3)).astype(np.int64)
+    t4 = pack_conv_weights_cuda(dw, "cuda_dw_t4")
+    assert t4.shape == (3, 8, 4) and (t4[2, :, 1:] == 0).all()
+    assert t4[1, 5, 2] == dw[5, 0, 2, 0]  # tap 6 = (kh 2, kw 0): word 1, byte 2
+    np.testing.assert_array_equal(unpack_conv_weights_cuda(t4, dw.shape, "cuda_dw_t4"), dw)
 
 
 def test_weights_that_do_not_fit_int8_once_centred_are_left_alone():
@@ -201,7 +209,28 @@ def test_a_cnn_float_tail_stays_f32():
 
 
 # The kernels that test_cuda_conv compiles in CI: one of each template path.
-NVCC_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[-2]]
+NVCC_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[-2],
+              # a depthwise layer with channels in fours: the dp4a kernel (cuda_dw_t4)
+              next(c for c in CASES if c[0][6] == c[0][0] == c[0][1] and c[0][0] % 4 == 0)]
+
+
+# Golden kernels (`make goldens` rewrites them; review the diff): the implicit GEMM of a
+# stem-like layer (3 channels padded to 4: word loads, split-K) and the depthwise dp4a kernel.
+GOLDEN_CASES = {
+    "qconv_igemm_stem": next(c for c in CASES if c[0][0] == 3 and c[0][2] == 7),
+    "qconv_depthwise_dp4a": NVCC_CASES[-1],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_kernels(name, update_goldens):
+    from conftest import check_golden
+
+    _, after, node, _ = _prepared(GOLDEN_CASES[name])
+    _, text = kernel_source(node, after)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "cuda",
+                        f"{name}.cu")
+    check_golden(path, text, update_goldens)
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
@@ -214,6 +243,7 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
         _, after, node, _ = _prepared(case)
         symbol, text = kernel_source(node, after)
         texts[symbol] = text
+    assert any("dp4a" in t for t in texts.values())
     src = tmp_path / "conv.cu"
     src.write_text(open(HEADER).read() + "\n".join(texts.values()))
     build(str(src), str(tmp_path / "conv.o"), ["sm_80", "sm_90"], compile_only=True)

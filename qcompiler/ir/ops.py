@@ -1432,7 +1432,8 @@ def _qconv(types, attrs, consts):
     ``config`` (cpu-conv-layout): ``w_shape`` the logical [M, C/g, KH, KW] of packed weights
     (runtime.reference.pack_conv_weights), ``w_layout``, and ``w_shift`` the shift they were
     stored with, or ``w_centred`` (int16 weights minus their zero points, the AVX2 kernel's).
-    ``config`` (cuda-conv-layout): ``w_layout`` ``cuda_igemm_mk`` / ``cuda_direct_khwcm``,
+    ``config`` (cuda-conv-layout): ``w_layout`` ``cuda_igemm_mk`` / ``cuda_direct_khwcm`` /
+    ``cuda_dw_t4`` (depthwise, taps four to a word),
     int8 weights minus their zero points (``w_centred``), and ``bias_folds_x_zp``: the bias
     operand holds bias - x_zp * sum_k (w - w_zp[m]) (runtime.reference decodes both).
     ``channels_last`` (conv-channels-last): x, a residual and y are [N, *spatial, C].

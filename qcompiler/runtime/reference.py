@@ -2090,13 +2090,16 @@ def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift) -> np.ndarr
 # points (w - w_zp[m], int8), and the bias operand holding bias - x_zp * sum_k (w - w_zp[m]),
 # so that a kernel sums raw codes x * w' (padding read as x_zp) and adds the bias.
 CUDA_IGEMM_K_STEP = 32   # the K step of the int8 mma (m16n8k32): K is padded to it
-CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_direct_khwcm")
+CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_direct_khwcm", "cuda_dw_t4")
+CUDA_DW_TAPS = 4  # the depthwise dp4a kernel's taps per word
 
 
 def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
     """[M, C/g, KH, KW] centred codes -> the kernel's int8 layout:
     ``cuda_igemm_mk`` [M, Kp] with k = (kh * KW + kw) * C/g + c, Kp padded to 32 with zeros;
-    ``cuda_direct_khwcm`` [KH, KW, C/g, M]."""
+    ``cuda_direct_khwcm`` [KH, KW, C/g, M]; ``cuda_dw_t4`` (depthwise: C/g = 1)
+    [ceil(KH * KW / 4), M, 4], each channel's taps t = kh * KW + kw four to a word, zeros past
+    the last tap."""
     m, cg, kh, kw = w_centred.shape
     if layout == "cuda_igemm_mk":
         k = kh * kw * cg
@@ -2106,6 +2109,14 @@ def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
         return p
     if layout == "cuda_direct_khwcm":
         return np.ascontiguousarray(w_centred.transpose(2, 3, 1, 0)).astype(np.int8)
+    if layout == "cuda_dw_t4":
+        if cg != 1:
+            raise ValueError(f"cuda_dw_t4 is for depthwise weights (1 channel a group), not {cg}")
+        taps = kh * kw
+        words = -(-taps // CUDA_DW_TAPS)
+        p = np.zeros((words * CUDA_DW_TAPS, m), np.int8)
+        p[:taps] = w_centred.reshape(m, taps).T
+        return np.ascontiguousarray(p.reshape(words, CUDA_DW_TAPS, m).transpose(0, 2, 1))
     raise ValueError(f"unknown CUDA conv weight layout {layout!r}")
 
 
@@ -2114,6 +2125,9 @@ def unpack_conv_weights_cuda(p: np.ndarray, w_shape, layout: str) -> np.ndarray:
     m, cg, kh, kw = w_shape
     if layout == "cuda_igemm_mk":
         return p[:, :kh * kw * cg].astype(np.int64).reshape(m, kh, kw, cg).transpose(0, 3, 1, 2)
+    if layout == "cuda_dw_t4":
+        taps = p.transpose(0, 2, 1).reshape(-1, m)[:kh * kw]
+        return taps.astype(np.int64).T.reshape(m, 1, kh, kw)
     return p.astype(np.int64).transpose(3, 2, 0, 1)
 
 

@@ -395,7 +395,7 @@ def _qconv(node: Node, module) -> str:
     x, y = node.operands[0], node.results[0]
     if not a.get("channels_last", 0) or x.type.rank != 4:
         raise unsupported(node, "a 2-D channels-last qconv only (conv-channels-last)")
-    if cfg.get("w_layout") not in ("cuda_igemm_mk", "cuda_direct_khwcm") \
+    if cfg.get("w_layout") not in ("cuda_igemm_mk", "cuda_direct_khwcm", "cuda_dw_t4") \
             or not cfg.get("bias_folds_x_zp"):
         raise unsupported(node, "weights not in a CUDA layout (cuda-conv-layout: zero points "
                           "and weights must be constants, centred weights within int8)")
@@ -447,14 +447,18 @@ def _qconv(node: Node, module) -> str:
     params["epilogue_doc"] = doc
     if group == 1:
         k_real = kh * kw * cg
-        return _render("qconv.cu.j2", node, variant="igemm", k_real=k_real,
+        return _render("qconv.cu.j2", node, variant="igemm", dw4=False, k_real=k_real,
                        kp=-(-k_real // 32) * 32, bk=64, stages=3,
                        a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
                        **QCONV_BIG_TILE, **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
     vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
+    dw4 = cfg["w_layout"] == "cuda_dw_t4"
+    if dw4 and not (depthwise and vec > 1):
+        raise unsupported(node, "cuda_dw_t4 weights on a layer that is not depthwise with "
+                          "channels in fours")
     return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, vec=vec,
-                   depthwise=depthwise and vec > 1, **params)
+                   depthwise=depthwise and vec > 1, dw4=dw4, **params)
 
 
 def _pool(node: Node) -> str:
