@@ -30,11 +30,17 @@ for step in "$@"; do
         --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70
       timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/int8" --skip-minilm --skip-llama \
         --prefill 512 --int8-min-m 128 2>&1 | tee "$OUT/int8-prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
-    cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare here)
-      timeout 240 python3 -m pytest -q -n 4 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_conv.py" \
-        2>&1 | tee "$OUT/conv-tests.log" | tail -15
-      timeout 330 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" --out "$OUT" 2>&1 \
-        | tee "$OUT/bench-cnn.log" | tail -30 ;;
+    cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare
+          # here): ours with a per-launch trace, torch eager and torch.compile (reduce-overhead; the
+          # max-autotune modes outlast a call), then the batch-1 trace without launch overlap
+      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" -m gpu "$REPO/tests/test_cuda_conv.py" \
+        2>&1 | tee "$OUT/conv-tests.log" | tail -5
+      timeout 300 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" --out "$OUT" --trace \
+        --compile-modes reduce-overhead 2>&1 | tee "$OUT/bench-cnn.log" | grep -v "^    " | tail -30
+      mkdir -p "$OUT/no-overlap"
+      QC_CUDA_PDL=0 QC_CUDA_LANES=1 timeout 120 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" \
+        --out "$OUT/no-overlap" --formats qdq --batches 1 --skip-compile-peer --trace >"$OUT/trace-no-overlap.log" 2>&1
+      grep "trace " "$OUT/trace-no-overlap.log" ;;
     whole)
       python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_plan.py" \
         "$REPO/tests/test_cuda_ops.py" -k "not compiles" 2>&1 | tee "$OUT/whole-tests.log" | tail -15
