@@ -107,10 +107,10 @@ def _pack(fn, module: Module, node) -> int:
         return 0
     name = node.result.name
     x = node.arg("x")
-    c = x.type.shape[3] if x.type.rank == 4 else None
+    # x's channel count where it is channels-last (the CUDA kernels' layout), else None
+    c = x.type.shape[3] if x.type.rank == 4 and node.attrs.get("channels_last") else None
     layout = cuda_weight_layout(node.attrs["group"], m, w.shape[1], c)
-    if (layout == "cuda_igemm_mk" and node.attrs.get("channels_last") and isinstance(c, int)
-            and c % CHANNEL_MULTIPLE):
+    if layout == "cuda_igemm_mk" and isinstance(c, int) and c % CHANNEL_MULTIPLE:
         # A channel count not a multiple of 4 (an RGB stem's 3): x and the weights padded to
         # the next multiple, so that the kernel loads a tap's channels as 4-byte words
         # instead of gathering bytes. The padded weights are 0, so the padded channel adds
