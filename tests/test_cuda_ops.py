@@ -185,6 +185,13 @@ def _make_graph() -> Graph:
           [([B, 5, 6, 4], "u8")], {"mode": "constant"})
     g.add("copy", "pad", [g.arg([B, 13], "f16"), g.const([0, -2, 0, 3]), g.const(1.5, "f16")],
           [([B, 14], "f16")], {"mode": "constant"})
+    # edge, reflect (a crop on the other side) and wrap
+    g.add("copy", "pad", [g.arg([B, 6, 7], "f32"), g.const([0, 2, 3, 0, 1, 2])],
+          [([B, 9, 12], "f32")], {"mode": "edge"})
+    g.add("copy", "pad", [g.arg([B, 6, 7], "bf16"), g.const([0, 2, -1, 0, -2, 3])],
+          [([B, 6, 9], "bf16")], {"mode": "reflect"})
+    g.add("copy", "pad", [g.arg([B, 5], "i32", low=(-99, 99)), g.const([0, 7, 0, 4])],
+          [([B, 16], "i32")], {"mode": "wrap"})
     g.add("copy", "concat", [g.arg([B, 7], "f32"), g.arg([B, S], "f32"), g.arg([B, 1], "f32")],
           [([B, "?"], "f32")], {"axis": 1})
     # the KV cache append (16-byte vectors) and a 40-input stack (two launches of 32 and 8)

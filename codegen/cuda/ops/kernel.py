@@ -258,10 +258,11 @@ def _copy(node: Node, module) -> str:
 
 
 def _pad(node: Node, module, common: dict) -> str:
-    """Constant Pad with constant pads and value (cuda-conv-layout pads a small channel count
-    to 4 with it)."""
-    if node.attrs["mode"] != "constant":
-        raise unsupported(node, f"pad mode {node.attrs['mode']!r} (constant only)")
+    """ONNX Pad with constant pads (and value): constant, edge, reflect and wrap
+    (cuda-conv-layout pads a small channel count to 4 with constant mode)."""
+    mode = node.attrs["mode"]
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise unsupported(node, f"pad mode {mode!r}")
     x = node.operands[0]
     pads = _ints(node, 1, module)
     if pads is None:
@@ -278,7 +279,9 @@ def _pad(node: Node, module, common: dict) -> str:
         value = fill if xt in ("float", "double") else f"qc_ops::from_f<T>({fill})"
     else:
         value = f"(T){int(fill)}LL"
-    return _render("copy.cu.j2", node, mode="pad", pad_begins=[int(p) for p in pads[:x.type.rank]],
+    r = x.type.rank
+    return _render("copy.cu.j2", node, mode="pad", pad_mode=mode,
+                   pad_begins=[int(p) for p in pads[:r]], pad_ends=[int(p) for p in pads[r:]],
                    pad_value=value, **common)
 
 
