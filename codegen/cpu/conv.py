@@ -1250,18 +1250,14 @@ def _schedule_px(sch, out, extra: dict):
     return sch.mod["main"]
 
 
-def tvm_int():
-    from tvm import tirx
-
-    return tirx.IntImm
-
-
 def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_INTRIN,
                        lanes: int = 16):
     """Pixel lanes with the epilogue fused into the sums: each block of mb channels x
-    ``lanes`` pixels is computed right before its epilogue, which reads the accumulators
+    pv vectors of ``lanes`` pixels (pv > 1 on vnni) is computed right before its epilogue, which reads the accumulators
     themselves, so that no int32 sum goes to memory and back (one group; ``copy``: the
     result's copy of each padded row; ``intrin``: vpdpbusd's, or vpmaddwd's for madd)."""
+    from tvm import tirx
+
     blk = sch.get_sblock("sum")
     mg = extra["mg"]
     mb = next(b for b in (8, 6, 4, 7, 5, 3, 2, 1) if mg % b == 0)
@@ -1269,8 +1265,8 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     omo, omi = sch.split(om, [None, mb])
     # vnni: pv vectors of pixels x mb channels in registers (a weight broadcast then serves
     # pv instructions: per 4 input channels pv + mb loads for pv * mb vpdpbusd)
-    vectors = int(sch.get(ox).extent) // lanes if isinstance(sch.get(ox).extent, tvm_int()) \
-        else 1
+    extent = sch.get(ox).extent
+    vectors = int(extent) // lanes if isinstance(extent, tirx.IntImm) else 1
     pv = next(v for v in (4, 3, 2, 1) if vectors % v == 0 and (
         v * mb <= VNNI_ACCUMULATORS or v == 1)) if intrin == CONV_VNNI_PX_INTRIN else 1
     oxo, oxm, oxi = sch.split(ox, [None, pv, lanes])

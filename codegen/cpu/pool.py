@@ -203,7 +203,8 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
     ``_rows_separable``) into a row padded left and right with max's identity, then the max
     over each window's columns of that one row (strided taps: LLVM's interleaved loads, once
     per output row instead of once per window row). A ResNet stem's 3 x 3 stride-2 pooling of
-    64 x 112 x 112: 0.29 ms with a padded copy of the window's rows, 1 thread of a Zen 5."""
+    64 x 112 x 112, 1 thread of a Zen 5: 0.05-0.07 ms, against 0.29 ms with a padded copy of
+    the window's rows (``_int_max_2d``)."""
     from tvm import te, tirx
 
     h, w = sp
@@ -252,7 +253,8 @@ def _max_of_taps(x, staged, out_shape, taps, min_elements: int):
 
 
 def _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements: int):
-    """Integer 2-D max pooling where ``_int_max_2d_rows`` does not apply (dilated windows):
+    """Integer 2-D max pooling where ``_int_max_2d_rows`` does not apply (dilated windows,
+    or a window with no row inside x):
     the padding holds the type's lowest value, max's identity, so no tap needs a bounds test;
     the padded rows a window needs are made per output row, and the output row is a vector
     loop (strided taps are LLVM's interleaved loads)."""
