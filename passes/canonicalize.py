@@ -7,7 +7,8 @@ After this pass:
   quantized weight is stored [K, N] and fuse-dequant sees ``matmul(x, dequantize(w))``);
 - nodes whose operands are all constants are evaluated (except ``dequantize``: folding it
   would undo the quantization), as is ``shape`` of a static tensor;
-- ``identity``, casts to the same type and reshapes to the same static shape disappear;
+- ``identity``, casts to the same type and reshapes to the same static shape disappear; a
+  transpose that moves only dims of size 1 becomes a reshape (a view);
 - a reshape whose shape is assembled at run time from another tensor's dims
   (``concat(unsqueeze(gather(shape(y), i)), ..., [-1, 16])``, as exporters and onnxruntime's
   optimizer write it) gets a constant shape when each such dim is the input's own dim i (a 0,
@@ -27,13 +28,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.ir import Module, TensorType
+from qcompiler.ir.types import elem
 from qcompiler.ir.ops import OPS, infer_types
-from qcompiler.ir.rewrite import RewritePattern, apply_patterns
+from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 # Ops never folded: folding them would change what the program means to later passes.
 _NO_FOLD = {"constant", "dequantize", "quantize", "qmatmul", "dynamic_quantize",
             "matmul_integer", "qlinear_matmul"}
+_I64 = elem("i64")
 # Results larger than this are not materialized by folding (keeps the weights file small).
 _FOLD_LIMIT = 1 << 22
 
@@ -254,6 +257,38 @@ class GemmToMatmul(RewritePattern):
         return True
 
 
+class TransposeOfUnitDims(RewritePattern):
+    """A transpose that moves only dims of size 1 (the others keep their order) is a reshape:
+    the same elements in the same memory order, and a view instead of a copy in the plans
+    (``[N, C, 1, 1]`` to channels-last and back, around a classifier's 1 x 1 qconv)."""
+
+    op = "transpose"
+
+    def rewrite(self, node, rw):
+        if producer_of(node.operands[0], "dequantize") is not None:
+            return False  # (a transposed weight: TransposeOfDequantize's)
+        x, y = node.operands[0].type, node.result.type
+        moved = [p for p in node.attrs["perm"] if x.shape[p] != 1]  # symbols may be > 1
+        if moved != sorted(moved):
+            return False
+        # the reshape's shape: y's static dims, and 0 ("x's dim here") for a symbolic dim that
+        # stays at its index
+        target = []
+        for i, d in enumerate(y.shape):
+            if isinstance(d, int):
+                target.append(d)
+            elif d != "?" and i < x.rank and x.shape[i] == d:
+                target.append(0)
+            else:
+                return False
+        shape = rw.constant(np.array(target, np.int64), TensorType((len(target),),
+                                                                   _I64), node, "shape")
+        new = rw.create("reshape", [node.operands[0], shape], before=node, hint="reshape",
+                        result_types=[y])
+        rw.replace(node, [new.result])
+        return True
+
+
 class TransposeOfDequantize(RewritePattern):
     """transpose(dequantize(w, s, zp)) of 2-D constants → dequantize(wᵀ, sᵀ, zpᵀ)."""
 
@@ -292,7 +327,8 @@ class CanonicalizePass(Pass):
     fold: bool = True  # evaluate nodes whose operands are all constants
 
     def run(self, module: Module) -> Module:
-        patterns = [GemmToMatmul(), TransposeOfDequantize(), FoldShape(), RefineContractionDim(),
+        patterns = [GemmToMatmul(), TransposeOfDequantize(), TransposeOfUnitDims(), FoldShape(),
+                    RefineContractionDim(),
                     ShapeOfSameDims(), RefineResultDims(), RemoveIdentity(),
                     RemoveNoopCast(), RemoveNoopReshape()]
         if self.fold:

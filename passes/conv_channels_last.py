@@ -3,7 +3,8 @@
 Each 2-D ``qconv`` and ``pool`` (without MaxPool's indices) gets ``channels_last = 1``: its x
 (and a qconv's residual) are ``transpose(v, [0, 2, 3, 1])`` and its result is NHWC, read by
 the rest of the graph through ``transpose(y, [0, 3, 1, 2])``. Then every transpose of a
-transpose whose permutations compose to the identity is bypassed, so a chain of convolutions
+transpose whose permutations compose to the identity is bypassed (and one that moves only
+dims of size 1 becomes a reshape, a view), so a chain of convolutions
 and pools (a CNN after fuse-qconv / fuse-requant / fuse-qpool) passes its activations NHWC
 from one to the next and transposes only where the chain starts and ends. The values are the
 same; only the layout between the nodes changes.
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 from qcompiler.ir import Module
 from qcompiler.ir.ops import channels_last_operands
+from qcompiler.ir.rewrite import apply_patterns
 from qcompiler.ir.types import TensorType
+from qcompiler.passes.canonicalize import TransposeOfUnitDims
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
@@ -67,7 +70,14 @@ class ConvChannelsLastPass(Pass):
                 converted += 1
             cancelled += _cancel_transpose_pairs(fn)
             fn.remove_dead_nodes()
-        record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled)
+        # the transposes left that move only dims of size 1 (a classifier's [N, C, 1, 1]) are
+        # reshapes: views, not copies
+        as_views = apply_patterns(module, [TransposeOfUnitDims()])
+        for fn in module.functions:
+            fn.remove_dead_nodes()
+        module.drop_unused_constants()
+        record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled,
+                    transposes_as_reshapes=as_views)
         return module
 
 

@@ -303,3 +303,30 @@ def test_canonicalize_keeps_a_shape_whose_dims_it_cannot_prove():
     q, _, v = np.split(x, 3, axis=2)
     want = (q.reshape(4, 4, 4, 16) + v.reshape(4, 4, 4, 16)).transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(run(out, {"x": x})["y"], want)
+
+
+def test_canonicalize_turns_a_transpose_of_unit_dims_into_a_reshape():
+    """[b, 6, 1, 1] to [b, 1, 1, 6] (a classifier's feature map to channels-last) keeps b and
+    6 in order: a reshape (a view in the plans), the batch copied by 0. [b, 6, 1, 3] to
+    [b, 3, 1, 6] swaps 6 and 3: it stays a transpose. Same results either way."""
+    from onnx import TensorProto
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["z"], ["u"], perm=[0, 3, 2, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6, 1, 1]),
+                     helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 6, 1, 3])],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, None)])
+    module = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    out, _, _ = run_pipeline(module, "canonicalize", verify_each=True)
+    ops = [n.op for n in out.main.nodes if n.op != "constant"]
+    assert ops == ["reshape", "transpose"], ops
+    reshape = next(n for n in out.main.nodes if n.op == "reshape")
+    assert reshape.result.type.shape == ("b", 1, 1, 6)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 6, 1, 1)).astype(np.float32)
+    z = rng.standard_normal((3, 6, 1, 3)).astype(np.float32)
+    got = run(out, {"x": x, "z": z})
+    np.testing.assert_array_equal(got["t"], x.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(got["u"], z.transpose(0, 3, 2, 1))
