@@ -370,6 +370,13 @@ def peer_input(x: np.ndarray):
     return torch.from_numpy(x).cuda().half().contiguous(memory_format=torch.channels_last)
 
 
+def graph_signature(m, shape):
+    """The compiled model's plan signature for input ``shape`` when it is one CUDA graph,
+    else None."""
+    sig = getattr(m._run, "_signatures", {}).get((tuple(shape),))
+    return sig if sig is not None and getattr(sig, "graph", None) is not None else None
+
+
 class Run:
     def __init__(self, a, d: str, manifest: dict):
         import torch
@@ -455,9 +462,8 @@ class Run:
         graph_time_ms, timed with CUDA events); None without a single graph."""
         import torch
 
-        runner = m._run
-        sig = getattr(runner, "_signatures", {}).get((tuple(shape),))
-        if sig is None or getattr(sig, "graph", None) is None:
+        runner, sig = m._run, graph_signature(m, shape)
+        if sig is None:
             return None
         lib, s = runner.launcher, runner.stream
         if lib.qc_graph_launch(sig.graph, s) != 0:
@@ -472,9 +478,8 @@ class Run:
         concurrently (lanes) may swap places in start order."""
         from timing import graph_replay_events
 
-        runner = m._run
-        sig = getattr(runner, "_signatures", {}).get((tuple(shape),))
-        if sig is None or getattr(sig, "graph", None) is None:
+        runner, sig = m._run, graph_signature(m, shape)
+        if sig is None:
             return None
         events = graph_replay_events(runner.launcher, sig.graph, runner.stream, reps)
         per = len(events) // reps

@@ -1140,18 +1140,22 @@ def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
     sch.tensorize(mi, intrin)
     sch.unroll(xi)
     sch.unroll(moi)
-    # Constant indices everywhere into the accumulators, so that LLVM keeps them in registers:
-    # the loops of the tile (those below `reuse`, where both blocks sit) unrolled, the lanes
-    # vectorized.
-    reuse_var = sch.get(reuse).loop_var
+    # (both blocks sit under `reuse`)
     for block in (init, acc):
-        loops = sch.get_loops(block)
-        below = next(i for i, lp in enumerate(loops)
-                     if sch.get(lp).loop_var.same_as(reuse_var)) + 1
-        for lp in loops[below:-1]:
-            sch.unroll(lp)
-        sch.vectorize(loops[-1])
+        _registers_below(sch, block, reuse)
     return row
+
+
+def _registers_below(sch, block, outer) -> None:
+    """``block``'s loops below ``outer`` (its tile of accumulators) unrolled and its innermost
+    (the lanes) vectorized: constant indices everywhere, so that LLVM keeps the tile in
+    registers."""
+    outer_var = sch.get(outer).loop_var
+    loops = sch.get_loops(block)
+    below = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(outer_var)) + 1
+    for lp in loops[below:-1]:
+        sch.unroll(lp)
+    sch.vectorize(loops[-1])
 
 
 def _schedule_xq(sch, extra: dict):
@@ -1304,13 +1308,7 @@ def _schedule_px_fused(sch, out, copy, extra: dict, intrin: str = CONV_VNNI_PX_I
     sch.unroll(xxo)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
     init = sch.get_sblock("sum_init")
-    # (the loops below oxo, where the sums sit: the tile's, unrolled, then the lanes)
-    oxo_var = sch.get(oxo).loop_var
-    loops = sch.get_loops(init)
-    below = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(oxo_var)) + 1
-    for lp in loops[below:-1]:
-        sch.unroll(lp)
-    sch.vectorize(loops[-1])
+    _registers_below(sch, init, oxo)  # (the sums sit under oxo)
     sch.unroll(omi)
     sch.unroll(oxm)
     sch.vectorize(oxi)

@@ -89,15 +89,13 @@ def _build(node: Node, dtype: str, min_elements: int):
 
     int_max_2d = (kind == "max" and not floats and nsp == 2 and taps <= 64
                   and not a.get("indices", 0))
+    if int_max_2d and _rows_separable(sp, out_sp, kernel, strides, dil, pads):
+        return _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest,
+                                min_elements)
 
     def padded(nn, cc, *pos):
         coords = [pos[i] - pads[i] for i in range(nsp)]
         inside = tirx.all(*[tirx.all(coords[i] >= 0, coords[i] < sp[i]) for i in range(nsp)])
-        if int_max_2d:
-            # the padding pattern decompose_padding splits into a fill of the border and a
-            # copy without conditions (which LLVM vectorizes): no clamp, x is read only
-            # inside
-            return tirx.if_then_else(inside, x(nn, cc, *coords).astype(ct), fill)
         # if_then_else, not Select: TVM drops the clamp of a Select's branch under its
         # condition, and a Select loads both branches (a read outside x)
         return tirx.if_then_else(inside, x(nn, cc, *[tirx.max(tirx.min(coords[i], sp[i] - 1), 0)
@@ -123,9 +121,6 @@ def _build(node: Node, dtype: str, min_elements: int):
     if kind == "max" and a.get("indices", 0):
         return _max_with_indices(node, x, out_shape, window, lowest, taps, ct, dtype,
                                  floats, min_elements)
-    if int_max_2d and _rows_separable(sp, out_sp, kernel, strides, dil, pads):
-        return _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest,
-                                min_elements)
     if int_max_2d:
         return _int_max_2d(x, xp, out_shape, kernel, strides, dil, min_elements)
     if kind == "max":

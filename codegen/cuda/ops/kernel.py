@@ -272,7 +272,6 @@ def _pad(node: Node, module, common: dict) -> str:
     if value is not None:
         v = _constant_array(node, value, "value", module).reshape(-1)
         fill = v[0] if v.size else 0
-    common["out_offset"] = sum(v.type.rank for v in _data_operands(node))
     xt = common["x_type"]
     if x.type.dtype.is_float:
         fill = literal(float(fill), "double" if xt == "double" else "float")
