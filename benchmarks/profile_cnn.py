@@ -68,21 +68,29 @@ def describe(node, module=None) -> str:
     if node is None:
         return ""
     shape = "x".join(str(d) for d in node.results[0].type.shape)
-    extra = ""
+    extra = " nhwc" if node.attrs.get("channels_last") else ""
     if node.op == "qconv":
         from qcompiler.codegen.cpu.conv import conv_variant
         cfg = node.attrs.get("config") or {}
         w = cfg.get("w_shape") or list(node.arg("w").type.shape)
-        x = node.arg("x").type.shape
+        x = _nchw(node, node.arg("x").type.shape)
         vnni, avx2 = _host_conv_isa()
         variant = conv_variant(node, vnni, module, avx2=avx2)
-        extra = (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
-                 f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
+        extra += (f" {x[1]}->{w[0]} k{w[2]}x{w[3]} s{node.attrs['strides'][0]}"
+                  f" g{node.attrs['group']} in{x[2]}x{x[3]} {variant}"
                  f" out={node.attrs.get('out', 'quant')}"
                  f"{' +res' if node.arg('residual') is not None else ''}")
     elif node.op in ("fused_elementwise",):
         extra = " " + node.attrs.get("body", "")[:70]
     return shape + extra
+
+
+def _nchw(node, shape) -> tuple:
+    """A qconv / pool operand's or result's shape as NCHW (channels_last: NHWC)."""
+    shape = tuple(shape)
+    if node.attrs.get("channels_last") and len(shape) == 4:
+        return (shape[0], shape[3], shape[1], shape[2])
+    return shape
 
 
 def ort_profile(path: str, feeds: dict, runs: int) -> list:
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
                 print("  -- conv layers in order: ours, onnxruntime (median ms), ort / ours")
                 for key, ms, node in ours:
                     stem = _name_stem(node.result.name) if node is not None else ""
-                    c, h, w = tuple(node.result.type.shape)[1:] if node is not None else (0,) * 3
+                    c, h, w = (_nchw(node, node.result.type.shape)[1:] if node is not None
+                               else (0,) * 3)
                     # By name where ours keeps the ONNX output's (QOperator files), else by
                     # output shape: '?' where several layers share it (a downsampling
                     # block's 3x3 and 1x1 convs: onnxruntime may run them in either order).

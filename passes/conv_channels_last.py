@@ -11,6 +11,14 @@ same; only the layout between the nodes changes.
 
 Why: an implicit GEMM reads a pixel's channels as contiguous K (16-byte loads of 16 codes)
 and writes a pixel's output channels contiguously; in NCHW both are strided by H * W.
+
+Option ``target``: empty (the CUDA pipelines) converts every such node. A cpu target converts
+a function only where the CPU kernels take every 2-D qconv and pool of it channels-last
+(``codegen.cpu.conv.qconv_takes_channels_last``, ``codegen.cpu.pool.pool_takes_channels_last``:
+the vnni kernel's channel lanes, integer max pooling), else none of it: a layer left NCHW in
+the middle of a chain would cost two transposes of its activations, more than the channel
+lanes save (MobileNetV2's depthwise layers have only an NCHW kernel, the taps one).
+Measured on the CPU, 1 thread: see docs/cnn.md.
 """
 from __future__ import annotations
 
@@ -43,9 +51,16 @@ def _transposed(t: TensorType, perm: list) -> TensorType:
 class ConvChannelsLastPass(Pass):
     """2-D qconv / pool → channels_last, with the transposes between them cancelled."""
 
+    target: str = ""
+
     def run(self, module: Module) -> Module:
-        converted = cancelled = 0
+        converted = cancelled = kept = 0
+        takes = self._cpu_kernels_take(module) if self.target else None
         for fn in module.functions:
+            if takes is not None and not all(takes(node) for node in fn.nodes
+                                             if _wants_channels_last(node)):
+                kept += 1
+                continue
             for node in list(fn.nodes):
                 if not _wants_channels_last(node):
                     continue
@@ -77,8 +92,22 @@ class ConvChannelsLastPass(Pass):
             fn.remove_dead_nodes()
         module.drop_unused_constants()
         record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled,
-                    transposes_as_reshapes=as_views)
+                    transposes_as_reshapes=as_views, functions_kept_nchw=kept)
         return module
+
+    def _cpu_kernels_take(self, module: Module):
+        """Whether the CPU target's kernel takes a node channels-last."""
+        from qcompiler.codegen.cpu.conv import qconv_takes_channels_last
+        from qcompiler.codegen.cpu.host import target_cpu
+        from qcompiler.codegen.cpu.pool import pool_takes_channels_last
+
+        vnni = target_cpu(self.backend_target("cpu"))["vnni"]
+
+        def takes(node) -> bool:
+            if node.op == "pool":
+                return pool_takes_channels_last(node)
+            return qconv_takes_channels_last(node, vnni, module)
+        return takes
 
 
 def _cancel_transpose_pairs(fn) -> int:

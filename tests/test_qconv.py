@@ -413,6 +413,129 @@ def test_cpu_kernel_matches_the_reference_exactly(case, variant):
     np.testing.assert_array_equal(got, want)
 
 
+def _channels_last_node(module: Module, feeds: dict):
+    """The module's qconv after conv-channels-last, and its NHWC feeds (the pass puts a
+    transpose before x and the residual)."""
+    from qcompiler.passes.conv_channels_last import ConvChannelsLastPass
+
+    module = ConvChannelsLastPass().run(module)
+    node = next(n for n in module.main.nodes if n.op == "qconv")
+    assert node.attrs["channels_last"] == 1
+    nhwc = {}
+    for v in node.operands:
+        if v is not None and v.producer is not None and v.producer.op == "transpose":
+            nhwc[v.name] = feeds[v.producer.operands[0].name].transpose(0, 2, 3, 1)
+    return module, node, nhwc
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[2])
+def test_cpu_kernel_channels_last_matches_the_reference_exactly(case):
+    """The vnni kernel on NHWC x, residual and result (channel lanes whatever the shape:
+    1 x 1 and strided layers, groups, odd channels, u8 weights with the x window sums)."""
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the channels-last kernel is the vnni one)")
+    conv, w_type, out, residual, act = case
+    if conv[0] // conv[6] < 2 or conv[1] // conv[6] < 8:
+        pytest.skip("thin groups and depthwise layers have no channels-last kernel")
+    rng = np.random.default_rng(sum(conv) + 1)
+    module, _, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
+                                     act=act)
+    want = _ours(module, feeds)
+    module, node, nhwc = _channels_last_node(module, feeds)
+    got = _run_kernel(module, node, "vnni", nhwc)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+
+
+def test_cpu_channels_last_refuses_other_variants_by_name():
+    from qcompiler.codegen.cpu.conv import build_qconv
+    from qcompiler.codegen.cpu.errors import CPUBackendError
+
+    rng = np.random.default_rng(5)
+    module, _, feeds = _qconv_module(rng, 8, 8, 3, 1, 1, 1, 8, 7)   # depthwise
+    module, node, _ = _channels_last_node(module, feeds)
+    with pytest.raises(CPUBackendError, match=r"%y = qconv: channels_last .* not direct"):
+        build_qconv(node, "direct", module)
+
+
+@pytest.mark.parametrize("case", [
+    # (kernel, stride, pads, ceil_mode, channels, hw, x_type)
+    (3, 2, 1, 0, 64, 15, "u8"),     # ResNet's stem pool (odd image: a one-sided border)
+    (3, 2, 1, 1, 20, 12, "i8"),     # ceil_mode's overhang, channels not a multiple of 16
+    (2, 2, 0, 0, 32, 8, "u8"),      # no border
+    (3, 1, 1, 0, 16, 9, "i8"),
+])
+def test_cpu_pool_kernel_channels_last_matches_the_reference(case):
+    import tvm
+
+    from qcompiler.codegen.cpu.host import tvm_target
+    from qcompiler.codegen.cpu.ops.library import aligned_like
+    from qcompiler.codegen.cpu.pool import pool_takes_channels_last, primfunc_for_pool
+    from qcompiler.ir.ops import infer_types
+    from qcompiler.passes.conv_channels_last import ConvChannelsLastPass
+    from qcompiler.targets import get_target
+
+    k, stride, pad, ceil_mode, c, hw, x_type = case
+    module = Module("pool_test")
+    fn = module.add_function(Function("main"))
+    x = fn.add_arg("x", TensorType((2, c, hw, hw), elem(x_type)))
+    attrs = {"kind": "max", "kernel_shape": [k, k], "strides": [stride] * 2,
+             "pads": [pad] * 4, "dilations": [1, 1], "ceil_mode": ceil_mode}
+    node = fn.make_node("pool", [x], infer_types("pool", [x.type], attrs, [None]), attrs,
+                        names=["y"])
+    fn.set_outputs([node.result], ["y"])
+    lo, hi = elem(x_type).int_range()
+    feeds = {"x": np.random.default_rng(sum(case[:-1])).integers(
+        lo, hi + 1, (2, c, hw, hw)).astype(elem(x_type).np_dtype)}
+    want = _ours(module, feeds)
+    module = ConvChannelsLastPass().run(module)
+    node = next(n for n in module.main.nodes if n.op == "pool")
+    assert node.attrs["channels_last"] == 1 and pool_takes_channels_last(node)
+    name, func = primfunc_for_pool(node)
+    lib = tvm.compile(tvm.IRModule({name: func}), target=tvm_target(get_target("cpu")))
+    xin = aligned_like(node.operands[0].type.shape, feeds["x"].dtype)
+    xin[...] = feeds["x"].transpose(0, 2, 3, 1)
+    out = aligned_like(node.results[0].type.shape, feeds["x"].dtype)
+    lib[name](xin, out)
+    np.testing.assert_array_equal(out, want.transpose(0, 2, 3, 1))
+
+
+def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_it(tmp_path):
+    """conv-channels-last{target=cpu-*}: a vnni target runs the whole chain NHWC (a
+    transpose at each end); an AVX2 target, or a chain with a layer only NCHW kernels take
+    (depthwise), keeps every layer NCHW. Compiled for the host, the chain is exact."""
+    import qcompiler
+    from qcompiler.pipeline import PassManager
+    from qcompiler.targets import get_target
+    from test_cuda_conv import _qlinear_chain
+
+    path = str(tmp_path / "chain.onnx")
+    feeds = _qlinear_chain(np.random.default_rng(11), path)
+
+    def ops(target, module=None):
+        module = module or load(path)
+        pipeline = get_target(target).default_pipeline.split(",cpu-conv-layout")[0]
+        module = PassManager.parse(pipeline).run(module)
+        return module, [n.op for n in module.main.nodes if n.op != "constant"]
+    module, got = ops("cpu-x86-avx512")
+    assert got == ["transpose", "qconv", "pool", "qconv", "transpose"], got
+    assert all(n.attrs.get("channels_last") for n in module.main.nodes
+               if n.op in ("qconv", "pool"))
+    _, got = ops("cpu-x86-avx2")
+    assert got == ["qconv", "pool", "qconv"], got
+    # a depthwise layer in the chain: none of it channels-last
+    dw_module = load(path)
+    conv2 = [n for n in dw_module.main.nodes if n.op == "qconv"][1]
+    m = conv2.arg("w").type.shape[0]
+    conv2.attrs["group"] = m
+    wv = np.random.default_rng(3).integers(-64, 65, (m, 1, 3, 3)).astype(np.int8)
+    conv2.operands[1] = constant_node(dw_module.main, dw_module, wv,
+                                      TensorType(wv.shape, elem("i8")), before=conv2).result
+    _, got = ops("cpu-x86-avx512", dw_module)
+    assert "transpose" not in got, got
+    compiled = qcompiler.compile(path, target="cpu")
+    np.testing.assert_array_equal(compiled.run(feeds)["y"], run(load(path), feeds)["y"])
+
+
 def test_flat_pixels_for_unpadded_one_group_1x1_layers():
     """The vnni kernel takes a 1 x 1 layer's image as one row of pixels where its rows are
     not whole vectors (MobileNetV2's 14 x 14, 28 x 28, 56 x 56, 7 x 7 projections); the

@@ -267,6 +267,16 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
     return "direct"
 
 
+def qconv_takes_channels_last(node: Node, vnni: bool, module=None) -> bool:
+    """Whether the CPU kernel takes this 2-D qconv channels-last (conv-channels-last): the
+    vnni variant (channel lanes), static shapes but the batch, float requantization."""
+    x, y = node.operands[0].type, node.results[0].type
+    return (x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:] + y.shape[1:])
+            and not (node.attrs.get("requant", "float") == "dyadic"
+                     and node.attrs["out"] == "quant")
+            and conv_variant(node, vnni, module) == "vnni")
+
+
 def _flat_pixels(node: Node, ow: int, oh: int) -> bool:
     """Whether the vnni kernel takes a 1 x 1 layer's output image as one row of pixels: no
     padding, one group, an output width of 7+ that is not a multiple of 16 and 4+ rows (7 x
@@ -387,6 +397,10 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
                               "no CPU kernel (it is the FPGA's); use requant=float")
     if len(node.operands[0].type.shape) != 4:
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the CPU kernel is 2-D only")
+    layout = (node.attrs.get("config") or {}).get("w_layout")
+    if layout not in (None, VNNI_W_LAYOUT, MADD_W_LAYOUT):
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: its weights are packed for "
+                              f"another backend ({layout}), not for the CPU kernels")
     if vnni is None:  # 512-bit params: a VNNI target (cpu-x86-avx512, or the host when it has it)
         vnni = target_cpu(get_target("cpu"))["vnni"] and getattr(params, "lanes", 0) == 16
     # Every x86 target has AVX2 (the baseline): the madd kernel where VNNI is missing
@@ -407,10 +421,20 @@ def build_qconv(node: Node, variant: str, module=None):
 
     a = node.attrs
     ops = node.operands
-    n, c, h, w_ = _static_shape(node, ops[0])
+    # channels_last (conv-channels-last): x, the residual and the result are NHWC; the sums
+    # below index them as NCHW through accessors that swap the dims back
+    nhwc = bool(a.get("channels_last", 0))
+    if nhwc and variant != "vnni":
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: channels_last has a CPU kernel "
+                              f"on vnni targets only (channel lanes), not {variant}")
+    if nhwc:
+        n, h, w_, c = _static_shape(node, ops[0])
+        _, oh, ow, _ = _static_shape(node, node.results[0])
+    else:
+        n, c, h, w_ = _static_shape(node, ops[0])
+        _, _, oh, ow = _static_shape(node, node.results[0])
     cfg = a.get("config") or {}
     m, cg, kh, kw = cfg["w_shape"] if "w_shape" in cfg else _static_shape(node, ops[1])
-    _, _, oh, ow = _static_shape(node, node.results[0])
     group = a["group"]
     mg = m // group
     sh, sw = a["strides"]
@@ -431,6 +455,9 @@ def build_qconv(node: Node, variant: str, module=None):
             placeholders[i] = te.placeholder(shape_of(v), str(v.type.dtype.np_dtype),
                                              name=f"in{i}")
     x, w_stored = placeholders[0], placeholders[1]
+    if nhwc:
+        def x(nn, cc, yy, xx, x_nhwc=placeholders[0]):
+            return x_nhwc(nn, yy, xx, cc)
     packed = "w_shape" in cfg
 
     def wt(mm, cc, yy, xx):
@@ -465,7 +492,7 @@ def build_qconv(node: Node, variant: str, module=None):
         acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                   mg, sh, sw, dh, dw, pt, pl), module)
     elif variant == "vnni":
-        flat = _flat_pixels(node, ow, oh)
+        flat = not nhwc and _flat_pixels(node, ow, oh)
         dims = (n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl)
         x_sum = x
         if flat:
@@ -473,7 +500,7 @@ def build_qconv(node: Node, variant: str, module=None):
                 return x(nn, cc, xx // ow * sy, xx % ow * sx)
             dims = (n, c, 1, oh * ow, m, cg, 1, 1, 1, oh * ow, group, mg, 1, 1, 1, 1, 0, 0)
         acc, extra = _vnni_sum(node, x_sum, wt, xzp, wzp, dims, module,
-                               w_stored if packed else None, flat)
+                               w_stored if packed else None, flat, nhwc)
     else:
         acc, extra = _direct_sum(x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                    mg, sh, sw, dh, dw, pt, pl))
@@ -490,6 +517,8 @@ def build_qconv(node: Node, variant: str, module=None):
     owp = _round_up(oh * ow if flat else ow, 16)
 
     def residual(nn, mm, yy, xx):
+        if nhwc:
+            return placeholders[9](nn, yy, xx, mm)
         if flat:  # (yy is 0: the pixel, clamped to the image, is xx)
             p = tirx.min(xx, oh * ow - 1)
             return placeholders[9](nn, mm, p // ow, p % ow)
@@ -549,7 +578,10 @@ def build_qconv(node: Node, variant: str, module=None):
             q = (tirx.reinterpret("int32", v + tirx.const(ROUNDING_MAGIC, f32))
                  - (tirx.const(ROUNDING_MAGIC_BITS, i32) - yzp))
             return q.astype(out_dtype)
-    if flat or pitch:
+    if nhwc:  # the row's pixels, then their channels (contiguous: the epilogue's vectors)
+        out = te.compute((n, oh, ow, m), lambda nn, yy, xx, mm: out_fn(nn, mm, yy, xx),
+                         name="out")
+    elif flat or pitch:
         step = pitch or ow
         outp = te.compute((n, m, 1, extra["vlen"] if pitch else owp), out_fn, name="outp")
         out = te.compute((n, m, oh, ow),
@@ -910,9 +942,11 @@ def _zero_after_shift(node: Node, module, w_shift: int) -> bool:
     return c is not None and bool(np.all(np.asarray(c, np.int64) - w_shift == 0))
 
 
-def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=False):
+def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=False,
+              nhwc=False):
     """The vnni kernel's sums (``acc``) and the facts its schedule needs. ``flat``: the
-    dims are a 1 x 1 layer's image as one row of pixels (``_flat_pixels``)."""
+    dims are a 1 x 1 layer's image as one row of pixels (``_flat_pixels``); ``nhwc``: x is
+    channels-last (channel lanes only: its repack is then a copy of contiguous rows)."""
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
@@ -959,7 +993,9 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=Fals
     # 4-channel interleave, _schedule_xq): 144 -> 24 at 56 x 56 0.24 -> 0.13 ms, 192 -> 32
     # at 28 x 28 0.11 -> 0.07 ms; 7 x 7 images stay on channel lanes (960 -> 160: 0.08 vs
     # 0.13 ms).
-    px = sw == 1 and ow >= 14 and (cp * kh * kw <= 96 or kh * kw == 1)
+    # Channels-last layers take channel lanes whatever their shape: their epilogue writes a
+    # pixel's channels contiguously (no gather), and their repack copies whole rows.
+    px = not nhwc and sw == 1 and ow >= 14 and (cp * kh * kw <= 96 or kh * kw == 1)
     # Pixel lanes at 28+ columns that are not a multiple of 16: each output row's sums
     # inside the epilogue's row loop, over the padded width (build_qconv's outp), where
     # the layer has no residual (MobileNetV2's 24 -> 144 at 56 x 56, batch 8: 4.1 -> 2.4 ms;
@@ -1026,6 +1062,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=Fals
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "group": group, "xsum": xsum is not None, "flat": flat,
+                 "nhwc": nhwc, "m": m,
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
                  "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
                  # (whether the repacked image has a border at all)
@@ -1080,11 +1117,23 @@ def _schedule(func, variant: str, extra: dict):
         b = sch.get_sblock("xsum")
         sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
     # The epilogue walks one output row at a time: the row's [ow, M] sums stay in cache
-    # while the NCHW result is written channel by channel.
-    on, om, oy, ox = sch.get_loops(out)
-    sch.reorder(on, oy, om, ox)
-    sch.parallel(sch.fuse(on, oy))
+    # while the NCHW result is written channel by channel (NHWC: pixel by pixel).
+    sch.parallel(_epilogue_rows(sch, out, extra))
     return sch.mod["main"]
+
+
+def _epilogue_rows(sch, out, extra: dict):
+    """The channel-lane epilogue's loops as (row, then the row's outputs): NCHW channel by
+    channel; NHWC pixel by pixel, each pixel's channels in 16-lane vectors (contiguous sums,
+    per-channel terms and result bytes). Returns the fused (batch, row) loop."""
+    if extra.get("nhwc"):
+        on, oy, ox, om = sch.get_loops(out)
+        if extra["m"] % OC_BLOCK == 0:
+            sch.vectorize(sch.split(om, [None, OC_BLOCK])[1])
+    else:
+        on, om, oy, ox = sch.get_loops(out)
+        sch.reorder(on, oy, om, ox)
+    return sch.fuse(on, oy)
 
 
 def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
@@ -1101,9 +1150,7 @@ def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
         # the row's [ow, M] int32 sums are still in cache when the epilogue reads them (a
         # separate pass over a whole image's sums went to memory and back: 4.8 MB for 96
         # channels at 112 x 112).
-        on, om, oy, ox = sch.get_loops(out)
-        sch.reorder(on, oy, om, ox)
-        row = sch.fuse(on, oy)
+        row = _epilogue_rows(sch, out, extra)
         sch.parallel(row)
         sch.compute_at(blk, row, preserve_unit_loops=True)
         if extra.get("xsum"):
@@ -1172,6 +1219,8 @@ def _schedule_xq(sch, extra: dict):
         inner = sch.get_loops(b)[3:]
         if extra["px"]:  # [.., c / 4, x, 4]: the 4 channels of a column interleaved
             sch.unroll(inner[-1])
+        elif extra.get("nhwc"):  # [.., x, c] from NHWC rows: a plain copy along the row
+            pass
         else:  # [.., x, c]: columns outer, then 4 channels of a column at a time
             xx, cc = inner
             co, ci = sch.split(cc, [None, IC_BLOCK])

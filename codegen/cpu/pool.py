@@ -43,11 +43,35 @@ def primfunc_for_pool(node: Node, params=None, module=None, known=()):
         raise CPUBackendError(f"{where}: pooling of bool has no CPU kernel")
     if a["kind"] == "lp" and not is_float_dtype(dtype):
         raise CPUBackendError(f"{where}: lp pooling of {x.type.dtype} has no CPU kernel")
+    if a.get("channels_last", 0) and not pool_takes_channels_last(node):
+        raise CPUBackendError(f"{where}: channels_last has a CPU kernel for 2-D integer max "
+                              "pooling without indices or dilation only")
     name = kernel_name(node, {})
     if name in known:
         return name, None
     min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    if a.get("channels_last", 0):
+        return name, _int_max_2d_nhwc(node, dtype, min_elements).with_attr("global_symbol",
+                                                                            name)
     return name, _build(node, dtype, min_elements).with_attr("global_symbol", name)
+
+
+def pool_takes_channels_last(node: Node) -> bool:
+    """Whether the CPU kernel takes this pool channels-last (NHWC, conv-channels-last):
+    2-D integer max pooling without indices whose windows are row-separable
+    (``_rows_separable``), static shapes; the node's x is read in either layout."""
+    a = node.attrs
+    x = node.operands[0].type
+    if (a["kind"] != "max" or a.get("indices", 0) or x.rank != 4 or len(node.results) != 1
+            or x.dtype.kind == "bool" or is_float_dtype(tvm_dtype(x.dtype, node))
+            or not all(isinstance(d, int) for d in x.shape[1:])):
+        return False
+    cl = a.get("channels_last", 0)
+    sp = list(x.shape[1:3] if cl else x.shape[2:])
+    y = node.results[0].type.shape
+    out_sp = list(y[1:3] if cl else y[2:])
+    return _rows_separable(sp, out_sp, a["kernel_shape"], a["strides"], a["dilations"],
+                           a["pads"])
 
 
 def _i64(v: int):
@@ -221,6 +245,53 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
             for kw in range(kernel[1])]
     sch, rows_block = _max_of_taps(x, rows, out_shape, taps, min_elements)
     if pads[1] or span[1] > w:
+        sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
+    return sch.mod["main"]
+
+
+def _int_max_2d_nhwc(node: Node, dtype: str, min_elements: int):
+    """``_int_max_2d_rows`` on channels-last x and result: per output row the max over the
+    window's rows (whole rows of pixels x channels, rows outside x clamped to the nearest
+    inside), then over each window's columns; every step a vector along the channels."""
+    import tvm
+    from tvm import te, tirx
+
+    a = node.attrs
+    n_, h, w, c = node.operands[0].type.shape
+    _, oh, ow, _ = node.results[0].type.shape
+    kernel, strides, pads = a["kernel_shape"], a["strides"], a["pads"]
+    dims = Dims()
+    n = dims.dim(n_)
+    x = te.placeholder([n, _i64(h), _i64(w), _i64(c)], dtype, name="in0")
+    lowest = tvm.te.min_value(dtype)
+    span = (ow - 1) * strides[1] + kernel[1]
+
+    def row_max(nn, yy, xx, cc):
+        col = xx - pads[1]
+        v = None
+        for kh in range(kernel[0]):
+            r = tirx.max(tirx.min(yy * strides[0] + kh - pads[0], h - 1), 0)
+            t = x(nn, r, col, cc)
+            v = t if v is None else tirx.max(v, t)
+        return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
+    rows = te.compute([n, _i64(oh), _i64(span), _i64(c)], row_max, name="rows")
+
+    def out_fn(nn, yy, xx, cc):
+        v = None
+        for kw in range(kernel[1]):
+            t = rows(nn, yy, xx * strides[1] + kw, cc)
+            v = t if v is None else tirx.max(v, t)
+        return v
+    out = te.compute([n, _i64(oh), _i64(ow), _i64(c)], out_fn, name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    out_block = sch.get_sblock("out")
+    on, oy, _, _ = sch.get_loops(out_block)
+    row = sch.fuse(on, oy)
+    if not isinstance(n_, int) or n_ * oh * ow * c >= min_elements:
+        sch.parallel(row)
+    rows_block = sch.get_sblock("rows")
+    sch.compute_at(rows_block, row)
+    if pads[1] or span > w:
         sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
     return sch.mod["main"]
 

@@ -35,8 +35,8 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
     """
     from tvm import te
 
-    if node.attrs.get("channels_last", 0):  # the CPU kernels read NCHW (their own repacks)
-        raise unsupported(node, "channels_last (conv-channels-last prepares the CUDA kernels)")
+    if node.attrs.get("channels_last", 0) and node.op not in ("qconv", "pool"):
+        raise unsupported(node, "channels_last (only qconv and pool have NHWC kernels)")
     if node.op == "qconv":  # issue #15: its own TensorIR (codegen/cpu/conv.py)
         from qcompiler.codegen.cpu.conv import primfunc_for_qconv
 
