@@ -127,14 +127,14 @@ def test_weights_that_do_not_fit_int8_once_centred_are_left_alone():
 
 def test_cpu_kernels_refuse_channels_last_nodes_they_cannot_take():
     """conv-channels-last prepares every CUDA kernel; of the CPU's, only the vnni kernel's
-    channel lanes read NHWC: a depthwise layer (taps or direct kernel) says so rather than
-    computing on the wrong layout."""
+    channel and depthwise lanes read NHWC: a layer of thin groups (direct or madd kernel) says
+    so rather than computing on the wrong layout."""
     pytest.importorskip("tvm")
     from qcompiler.codegen.cpu.ops.common import CPUBackendError
     from qcompiler.codegen.cpu.ops.kernel import primfunc_for
 
     conv, w_type, out, residual, act, x_type, n = next(
-        c for c in CASES if c[0][0] == c[0][6] == c[0][1])   # depthwise
+        c for c in CASES if c[0][:3] == (24, 18, 1) and c[0][6] == 3)   # 6 outputs a group
     module, _, _ = _qconv_module(np.random.default_rng(1), *conv, w_type=w_type, out=out,
                                  residual=residual, act=act, x_type=x_type, n=n)
     after = make_pass("conv-channels-last")(module)

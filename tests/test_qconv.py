@@ -392,6 +392,8 @@ KERNEL_CASES = [
     ((6, 12, 1, 1, 0, 1, 1, 28), "i8", "quant", True, (0.0, None)),
     ((5, 8, 3, 1, 1, 1, 1, 32), "u8", "float", False, (None, 6.0)),
     ((3, 9, 3, 1, 1, 2, 1, 30), "i4", "quant", False, (0.0, 6.0)),
+    # depthwise 5 x 5 at stride 2, 32 channels (two 16-lane vectors; float out)
+    ((32, 32, 5, 2, 2, 1, 32, 17), "i8", "float", False, (None, None)),
 ]
 
 
@@ -431,18 +433,21 @@ def _channels_last_node(module: Module, feeds: dict):
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[2])
 def test_cpu_kernel_channels_last_matches_the_reference_exactly(case):
     """The vnni kernel on NHWC x, residual and result (channel lanes whatever the shape:
-    1 x 1 and strided layers, groups, odd channels, u8 weights with the x window sums)."""
+    1 x 1 and strided layers, groups, odd channels, u8 weights with the x window sums), and
+    depthwise layers on the dwlanes kernel (strides, dilation, 5 x 5, channels not a multiple
+    of 16)."""
     if not _host_vnni():
-        pytest.skip("host has no AVX-512 VNNI (the channels-last kernel is the vnni one)")
+        pytest.skip("host has no AVX-512 VNNI (the channels-last kernels are vnni ones)")
     conv, w_type, out, residual, act = case
-    if conv[0] // conv[6] < 2 or conv[1] // conv[6] < 8:
-        pytest.skip("thin groups and depthwise layers have no channels-last kernel")
+    depthwise = conv[0] == conv[1] == conv[6]
+    if not depthwise and (conv[0] // conv[6] < 2 or conv[1] // conv[6] < 8):
+        pytest.skip("thin groups have no channels-last kernel")
     rng = np.random.default_rng(sum(conv) + 1)
     module, _, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
                                      act=act)
     want = _ours(module, feeds)
     module, node, nhwc = _channels_last_node(module, feeds)
-    got = _run_kernel(module, node, "vnni", nhwc)
+    got = _run_kernel(module, node, "dwlanes" if depthwise else "vnni", nhwc)
     np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
 
 
@@ -455,6 +460,9 @@ def test_cpu_channels_last_refuses_other_variants_by_name():
     module, node, _ = _channels_last_node(module, feeds)
     with pytest.raises(CPUBackendError, match=r"%y = qconv: channels_last .* not direct"):
         build_qconv(node, "direct", module)
+    # the depthwise lanes pad x with its zero point: it must be a constant
+    with pytest.raises(CPUBackendError, match=r"%y = qconv: .* constant x zero point"):
+        build_qconv(node, "dwlanes", None)
 
 
 @pytest.mark.parametrize("case", [
@@ -502,7 +510,7 @@ def test_cpu_pool_kernel_channels_last_matches_the_reference(case):
 def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_it(tmp_path):
     """conv-channels-last{target=cpu-*}: a vnni target runs the whole chain NHWC (a
     transpose at each end); an AVX2 target, or a chain with a layer only NCHW kernels take
-    (depthwise), keeps every layer NCHW. Compiled for the host, the chain is exact."""
+    (thin groups), keeps every layer NCHW. Compiled for the host, the chain is exact."""
     import qcompiler
     from qcompiler.pipeline import PassManager
     from qcompiler.targets import get_target
@@ -522,15 +530,16 @@ def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_i
                if n.op in ("qconv", "pool"))
     _, got = ops("cpu-x86-avx2")
     assert got == ["qconv", "pool", "qconv"], got
-    # a depthwise layer in the chain: none of it channels-last
-    dw_module = load(path)
-    conv2 = [n for n in dw_module.main.nodes if n.op == "qconv"][1]
+    # a layer of thin groups (2 input and 2 output channels each) in the chain: none of it
+    # channels-last
+    thin = load(path)
+    conv2 = [n for n in thin.main.nodes if n.op == "qconv"][1]
     m = conv2.arg("w").type.shape[0]
-    conv2.attrs["group"] = m
-    wv = np.random.default_rng(3).integers(-64, 65, (m, 1, 3, 3)).astype(np.int8)
-    conv2.operands[1] = constant_node(dw_module.main, dw_module, wv,
-                                      TensorType(wv.shape, elem("i8")), before=conv2).result
-    _, got = ops("cpu-x86-avx512", dw_module)
+    conv2.attrs["group"] = m // 2
+    wv = np.random.default_rng(3).integers(-64, 65, (m, 2, 3, 3)).astype(np.int8)
+    conv2.operands[1] = constant_node(thin.main, thin, wv, TensorType(wv.shape, elem("i8")),
+                                      before=conv2).result
+    _, got = ops("cpu-x86-avx512", thin)
     assert "transpose" not in got, got
     compiled = qcompiler.compile(path, target="cpu")
     np.testing.assert_array_equal(compiled.run(feeds)["y"], run(load(path), feeds)["y"])

@@ -252,6 +252,8 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
         return "vnni" if vnni else "direct"
     m, cg, _, kw = node.arg("w").type.shape
     mg = m // node.attrs["group"]
+    if vnni and cg == 1 and mg == 1 and node.attrs.get("channels_last", 0):
+        return "dwlanes"
     # Channels are padded to 4 (inputs) and 16 (outputs): worth it down to 2 inputs and 8
     # outputs per group (a stem conv's 3 channels); depthwise layers take a tap kernel.
     if vnni and cg >= 2 and mg >= 8:
@@ -274,7 +276,16 @@ def qconv_takes_channels_last(node: Node, vnni: bool, module=None) -> bool:
     return (x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:] + y.shape[1:])
             and not (node.attrs.get("requant", "float") == "dyadic"
                      and node.attrs["out"] == "quant")
-            and conv_variant(node, vnni, module) == "vnni")
+            and (conv_variant(node, vnni, module) == "vnni"
+                 or _depthwise_lanes(node, vnni, module)))
+
+
+def _depthwise_lanes(node: Node, vnni: bool, module) -> bool:
+    """Whether a depthwise layer would take the channels-last ``dwlanes`` kernel: a vnni
+    target (512-bit vectors of 16 channels) and a constant x zero point (its padding)."""
+    m, cg = node.arg("w").type.shape[:2]
+    return (vnni and cg == 1 and m == node.attrs["group"]
+            and const_x_zero_point(node, module) is not None)
 
 
 def _flat_pixels(node: Node, ow: int, oh: int) -> bool:
@@ -407,7 +418,7 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     # (cpu-x86-avx2, or a host without it: AVX2-only, or AVX-512 without VNNI)
     avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) >= 8
     variant = conv_variant(node, vnni, module, avx2=avx2)
-    zp = const_x_zero_point(node, module) if variant in ("vnni", "taps") else None
+    zp = const_x_zero_point(node, module) if variant in ("vnni", "taps", "dwlanes") else None
     name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
     if name in known:
         return name, None
@@ -424,9 +435,13 @@ def build_qconv(node: Node, variant: str, module=None):
     # channels_last (conv-channels-last): x, the residual and the result are NHWC; the sums
     # below index them as NCHW through accessors that swap the dims back
     nhwc = bool(a.get("channels_last", 0))
-    if nhwc and variant != "vnni":
+    if nhwc and variant not in ("vnni", "dwlanes"):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: channels_last has a CPU kernel "
-                              f"on vnni targets only (channel lanes), not {variant}")
+                              f"on vnni targets only (channel lanes, depthwise lanes), not "
+                              f"{variant}")
+    if variant == "dwlanes" and const_x_zero_point(node, module) is None:
+        raise CPUBackendError(f"%{node.results[0].name} = qconv: the depthwise channels-last "
+                              "kernel needs a constant x zero point (its padding)")
     if nhwc:
         n, h, w_, c = _static_shape(node, ops[0])
         _, oh, ow, _ = _static_shape(node, node.results[0])
@@ -488,6 +503,10 @@ def build_qconv(node: Node, variant: str, module=None):
         acc, extra = _madd_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                        mg, sh, sw, dh, dw, pt, pl),
                                w_stored if packed else None)
+    elif variant == "dwlanes":
+        acc, extra = _dw_lanes_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
+                                                           group, mg, sh, sw, dh, dw, pt, pl),
+                                   module)
     elif variant == "taps":
         acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                   mg, sh, sw, dh, dw, pt, pl), module)
@@ -536,6 +555,15 @@ def build_qconv(node: Node, variant: str, module=None):
     def conv_scale(mm):  # f32(x_scale * w_scale[m]), as the reference
         return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
 
+    def requant_scale(mm):  # f32(conv_scale / y_scale) (out=quant), as the reference
+        return conv_scale(mm) / scalar(7).astype(f32)
+    if nhwc:
+        # Channels-last epilogues take a vector of channels per pixel: the per-channel scale
+        # made once per call (the same f32 values), not a division per output vector.
+        per_call = te.compute((m,), requant_scale if a["out"] == "quant" else conv_scale,
+                              name="scale")
+        conv_scale = requant_scale = per_call
+
     def fenced(v):
         """A product rounded on its own before the sum it feeds, as in the reference: TVM
         lets LLVM fuse a multiply feeding an add into one FMA, which rounds once. Behind
@@ -562,7 +590,7 @@ def build_qconv(node: Node, variant: str, module=None):
 
         def out_fn(nn, mm, yy, xx):
             ys = scalar(7).astype(f32)
-            v = total(nn, mm, yy, xx).astype(f32) * (conv_scale(mm) / ys)
+            v = total(nn, mm, yy, xx).astype(f32) * requant_scale(mm)
             if 9 in placeholders:
                 r = residual(nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
                 v = fenced(v) + fenced(r.astype(f32) * (scalar(10).astype(f32) / ys))
@@ -858,6 +886,77 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     return acc, extra
 
 
+def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
+    """Depthwise channels-last (``dwlanes``): 16 channels per vector, the window's taps
+    summed in registers as int32 products of the codes and the centred weights (w - wzp,
+    made per call as [kh, kw, m]: 4 bytes a tap and channel, a contiguous vector per tap);
+    ``sum - xzp * Wsum[m]`` is the exact sum, with x padded by its zero point (a copy of
+    whole rows, the border filled apart). No vpdpbusd: it sums 4 adjacent bytes, which in
+    NHWC are 4 channels, not 4 taps."""
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    zp = const_x_zero_point(node, module)
+    x_dtype = str(node.operands[0].type.dtype.np_dtype)
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+
+    def x_pad(nn, yy, xx, cc):
+        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
+        return tirx.if_then_else(inside, x(nn, cc, yy - pt, xx - pl),
+                                 tirx.const(zp, x_dtype))
+    xp = te.compute((n, hp, wp, c), x_pad, name="xq")
+    wc = te.compute((kh, kw, m), lambda yy, xx, mm: wt(mm, 0, yy, xx).astype(i32) - wzp(mm),
+                    name="wc")
+    wy = te.reduce_axis((0, kh), name="wy")
+    wx = te.reduce_axis((0, kw), name="wx")
+    wsum = te.compute((m,), lambda mm: te.sum(wc(wy, wx, mm), axis=[wy, wx]), name="wsum")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    s = te.compute((n, oh, ow, m), lambda nn, yy, xx, mm: te.sum(
+        xp(nn, yy * sh + ry * dh, xx * sw + rx * dw, mm).astype(i32) * wc(ry, rx, mm),
+        axis=[ry, rx]), name="sum")
+
+    def acc(nn, mm, yy, xx):
+        return s(nn, yy, xx, mm) - xzp * wsum(mm)
+    return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_)}
+
+
+def _schedule_dw_lanes(sch, out, extra: dict):
+    """Rows in parallel; per row ``cols`` output pixels x 16 channels of sums in registers
+    over the window (one weight vector serves the cols pixels), the epilogue right after
+    them; the padded copy of x and the centred weights per call, before."""
+    blk = sch.get_sblock("sum")
+    on, oy, ox, om = sch.get_loops(out)
+    row = sch.fuse(on, oy)
+    sch.parallel(row)
+    cols = next(b for b in (4, 7, 3, 2, 1) if extra["ow"] % b == 0)
+    oxo, oxi = sch.split(ox, [None, cols])
+    # (a vector of 16 channels; fewer where the count is not a multiple of 16)
+    lanes = next(b for b in (OC_BLOCK, 8, 4, 2, 1) if extra["m"] % b == 0)
+    omo, omi = sch.split(om, [None, lanes])
+    sch.reorder(row, oxo, omo, oxi, omi)
+    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    nn, yy, xx, mm, ry, rx = sch.get_loops(blk)[3:]
+    sch.reorder(ry, rx, nn, yy, xx, mm)
+    acc = sch.cache_write(blk, 0, "local")   # (its write-back lands under omo too)
+    # the sums: the taps outside, cols pixels x 16 lanes unrolled / vectorized inside
+    # (vectorized before the init is split off: a block without its init is no longer a
+    # reduction block, which vectorize requires)
+    sch.unroll(xx)
+    sch.vectorize(mm)
+    init = sch.decompose_reduction(blk, ry)
+    for block in (init, acc):
+        _registers_below(sch, block, omo)
+    sch.unroll(oxi)
+    sch.vectorize(omi)
+    b = sch.get_sblock("xq")
+    if extra["xq_border"]:  # (per padded row: the border filled, the row copied)
+        sch.decompose_padding(b, sch.get_loops(b)[2])
+    sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    return sch.mod["main"]
+
+
 def _taps_pitched(sh: int, sw: int, ow: int, oh: int, pitch: int) -> bool:
     """Whether the taps kernel runs a plane as one row of its pitch (``_taps_sum``): one
     stride both ways and rows narrower than a vector (7 x 7 and 14 x 14 outputs); at a
@@ -1076,6 +1175,8 @@ def _schedule(func, variant: str, extra: dict):
     out = sch.get_sblock("out")
     if variant == "taps":
         return _schedule_taps(sch, out, extra)
+    if variant == "dwlanes":
+        return _schedule_dw_lanes(sch, out, extra)
     if variant == "madd":
         return _schedule_madd(sch, out, extra)
     if variant == "direct":
