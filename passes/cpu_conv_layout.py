@@ -13,8 +13,9 @@ For each ``qconv`` with constant weights that a packed kernel takes on the targe
   points, constant or absent; ``config.w_centred``).
 
 The values do not change: the reference unpacks, the kernel reads the packed array directly
-instead of repacking the weights on every call. Activations stay NCHW between layers; the
-kernel repacks them per call (NHWC per group, 4- or 2-channel blocks).
+instead of repacking the weights on every call. Activations are NCHW, or NHWC where
+``conv-channels-last`` converted the function (before this pass); the kernel repacks them per
+call (NHWC per group, 4- or 2-channel blocks, padded: from NHWC a copy of whole rows).
 
 A statically quantized classifier qmatmul becomes a 1 x 1 qconv before this pass
 (``static-qmatmul-as-qconv``), so its weights are packed here too.

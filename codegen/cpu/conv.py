@@ -1,7 +1,9 @@
 """TensorIR of the CPU ``qconv`` kernel (issue #15): int8 convolution, i32 sums, fused epilogue.
 
 The kernel takes the node's operands as they are (x codes NCHW, w codes [M, C/g, KH, KW],
-scales, zero points, bias, residual) and writes the NCHW result; its stages:
+scales, zero points, bias, residual) and writes the NCHW result; with ``channels_last`` (set
+by conv-channels-last where ``qconv_takes_channels_last``) x, the residual and the result are
+NHWC, and only the vnni variant's channel lanes and ``dwlanes`` take it. Its stages:
 
 - ``vnni`` (AVX-512 VNNI targets, C/g >= 2 and M/g >= 8): x is repacked per call into
   unsigned bytes ``xq[n, g, h + pads, w + pads, c4]`` (NHWC per group, channels padded to a
@@ -39,6 +41,11 @@ scales, zero points, bias, residual) and writes the NCHW result; its stages:
   instruction; pixel lanes (8 pixels x 2 channels, the epilogue fused into the sums) at 28+
   columns; the weights packed as int16 at compile time by ``cpu-conv-layout``
   (``_madd_sum``). ResNet-18 on AVX2 code 98.6 -> 25.5 ms against ``direct``.
+- ``dwlanes`` (channels-last depthwise layers on AVX-512 VNNI targets, x's zero point a
+  constant): 16 channels a vector, the window's int32 products of the codes and the centred
+  weights (``w - wzp`` made per call as [kh, kw, m]) summed in registers for a few output
+  pixels, minus ``xzp * Wsum[m]``; x padded by its zero point, a row at a time
+  (``_dw_lanes_sum``).
 - ``direct`` (everything else: other depthwise layers, thin groups, Arm): the i32 sum of
   ``(x - xzp) * (w - wzp)`` one output channel plane at a time, the window loops outside
   the output columns (16-lane vectors; the padded image's columns split by stride phase, so
