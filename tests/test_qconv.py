@@ -451,6 +451,36 @@ def test_cpu_kernel_channels_last_matches_the_reference_exactly(case):
     np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
 
 
+@pytest.mark.parametrize("case", [
+    # (conv case, w_type, out, residual, act, x_type, takes vpdpbusd)
+    ((64, 64, 3, 1, 1, 1, 64, 9), "i8", "quant", True, (0.0, 6.0), "u8", True),
+    ((128, 128, 3, 2, 1, 1, 128, 7), "i4", "quant", True, (None, None), "i8", True),
+    ((32, 32, 7, 1, 3, 1, 32, 10), "i8", "float", False, (None, None), "u8", True),
+    ((16, 16, 5, 1, 2, 1, 16, 16), "i8", "quant", False, (0.0, 6.0), "u8", True),
+    ((48, 48, 3, 2, 1, 1, 48, 12), "i8", "quant", False, (0.0, None), "i8", True),
+    # u8 weights centred on small zero points span past int8; dilation 2: int32 products
+    ((48, 48, 3, 2, 1, 1, 48, 12), "u8", "quant", False, (0.0, None), "i8", False),
+    ((32, 32, 3, 1, 2, 2, 32, 11), "i8", "quant", True, (None, None), "u8", False),
+], ids=lambda c: "-".join(map(str, c[0])) + f"-{c[1]}-x{c[5]}")
+def test_cpu_depthwise_channels_last_on_vpdpbusd_matches_the_reference(case):
+    """dwlanes's vpdpbusd form (4 taps of a window row per instruction, the taps' channel
+    vectors interleaved by a byte shuffle) where its conditions hold, int32 products
+    elsewhere: exact either way."""
+    if not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the channels-last kernels are vnni ones)")
+    from qcompiler.codegen.cpu.conv import build_qconv
+
+    conv, w_type, out, residual, act, x_type, dpbusd = case
+    rng = np.random.default_rng(sum(conv))
+    module, _, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
+                                     act=act, x_type=x_type)
+    want = _ours(module, feeds)
+    module, node, nhwc = _channels_last_node(module, feeds)
+    assert ("vpdpbusd" in build_qconv(node, "dwlanes", module).script()) == dpbusd
+    got = _run_kernel(module, node, "dwlanes", nhwc)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+
+
 def test_cpu_channels_last_refuses_other_variants_by_name():
     from qcompiler.codegen.cpu.conv import build_qconv
     from qcompiler.codegen.cpu.errors import CPUBackendError

@@ -893,6 +893,80 @@ def _taps_sum(node, x, wt, wzp, dims, module):
     return acc, extra
 
 
+def register_conv_dw_vnni_intrin(cb: int) -> str:
+    """``C[c] += sum_t u8 B[t, c] * s8 A[c, t]`` for ``cb`` channels c (16, 32 or 64) and 4
+    taps t of a window row (vpdpbusd, one per 16 channels): B holds the 4 taps' channel
+    vectors of the padded NHWC image (rows ``stride`` bytes apart: the next pixel), A the
+    centred weights, 4 taps per channel. One byte shuffle of the 4 loads puts each
+    channel's 4 taps in one int32 lane (LLVM picks the shuffles: ``vpermt2b`` with VBMI), so
+    the sums come out in channel order, 16 channels a vector. The sums C live in a plain
+    buffer (the pixel-lane kernel's reason, ``PX_ACC_SCOPE``). Returns the name."""
+    from tvm.script import tirx as T
+
+    from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
+
+    name = f"qc_conv_dw_vnni_{cb}"
+    if name in _intrins_registered:
+        return name
+    vec = f"uint8x{cb}"
+    # q_j's byte 4 * ci + t is tap t of channel 16 j + ci (sources concatenated: t * cb + c)
+    index = [[t * cb + 16 * j + ci for ci in range(16) for t in range(TAP_BLOCK)]
+             for j in range(cb // 16)]
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        stride = T.int32()
+        A = T.match_buffer(a, (cb, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, cb), "uint8", offset_factor=1, strides=[stride, 1])
+        C = T.match_buffer(c, (cb,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:cb], B[0:4, 0:cb], A[0:cb, 0:4])
+            T.writes(C[0:cb])
+            for i, k in T.grid(cb, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(B[vk, vi], "int32") * T.cast(A[vi, vk], "int32")
+
+    def lanes(C, B, A, j):
+        # (one expression per 16 channels: no named intermediate, see
+        # kernels.register_vpdpbusd_intrin; LLVM shares the 4 loads between them)
+        taps = [B.vload([t, 0], dtype=vec) for t in range(TAP_BLOCK)]
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([16 * j], dtype="int32x16"),
+            T.reinterpret(T.Shuffle(taps, index[j]), dtype="int8x64"),
+            A.vload([16 * j, 0], dtype="int8x64"), dtype="int32x16")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        stride = T.int32()
+        A = T.match_buffer(a, (cb, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, cb), "uint8", offset_factor=1, strides=[stride, 1])
+        C = T.match_buffer(c, (cb,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:cb], B[0:4, 0:cb], A[0:cb, 0:4])
+            T.writes(C[0:cb])
+            C[T.ramp(T.int32(0), 1, 16)] = lanes(C, B, A, 0)
+            if cb >= 32:  # (Python conditions: the statements of this cb only)
+                C[T.ramp(T.int32(16), 1, 16)] = lanes(C, B, A, 1)
+            if cb == 64:
+                C[T.ramp(T.int32(32), 1, 16)] = lanes(C, B, A, 2)
+                C[T.ramp(T.int32(48), 1, 16)] = lanes(C, B, A, 3)
+
+    register_intrin_once(name, desc, impl)
+    _intrins_registered.add(name)
+    return name
+
+
+def _dw_vnni_block(node, module, m: int, dh: int, dw: int):
+    """The channels per vpdpbusd step (64, 32 or 16, dividing m) of the dwlanes kernel's
+    vpdpbusd form, or 0 where it does not apply: dilation 1 (the 4 taps are adjacent
+    pixels), the centred weights in int8 (module constants), m a multiple of 16."""
+    if dh != 1 or dw != 1 or not _centred_weights_fit_int8(node, module):
+        return 0
+    return next((b for b in (64, 32, 16) if m % b == 0), 0)
+
+
 def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
     """Depthwise channels-last (``dwlanes``): 16 channels per vector, the window's taps
     summed in registers as int32 products of the codes and the centred weights (w - wzp,
@@ -906,6 +980,9 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
     i32 = "int32"
     zp = const_x_zero_point(node, module)
     x_dtype = str(node.operands[0].type.dtype.np_dtype)
+    cb = _dw_vnni_block(node, module, m, dh, dw)
+    if cb:
+        return _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp, cb)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
 
     def x_pad(nn, yy, xx, cc):
@@ -927,6 +1004,84 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
     def acc(nn, mm, yy, xx):
         return s(nn, yy, xx, mm) - xzp * wsum(mm)
     return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_)}
+
+
+def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
+    """The dwlanes kernel on vpdpbusd: each window row's taps in groups of 4 (the last
+    group padded with zero weights, the padded image one group wider), ``cb`` channels a
+    step (``register_conv_dw_vnni_intrin``); i8 x shifted by +128 (``sum - zx' * Wsum``
+    with the shifted zero point, as the vnni kernel)."""
+    from tvm import te, tirx
+
+    n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
+    i32 = "int32"
+    x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0
+    groups = -(-kw // TAP_BLOCK)
+    hp = (oh - 1) * sh + kh
+    wp = (ow - 1) * sw + groups * TAP_BLOCK
+
+    def x_pad(nn, yy, xx, cc):
+        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
+        return tirx.if_then_else(inside, (x(nn, cc, yy - pt, xx - pl).astype(i32)
+                                          + x_shift).astype("uint8"),
+                                 tirx.const(zp + x_shift, "uint8"))
+    xp = te.compute((n, hp, wp, c), x_pad, name="xq")
+
+    def w_pack(yy, g, mm, t):
+        kx = g * TAP_BLOCK + t
+        return tirx.if_then_else(kx < kw, wt(mm, 0, yy, tirx.min(kx, kw - 1)).astype(i32)
+                                 - wzp(mm), tirx.const(0, i32)).astype("int8")
+    wq = te.compute((kh, groups, m, TAP_BLOCK), w_pack, name="wc")
+    wy = te.reduce_axis((0, kh), name="wy")
+    wg = te.reduce_axis((0, groups), name="wg")
+    wt4 = te.reduce_axis((0, TAP_BLOCK), name="wt")
+    wsum = te.compute((m,), lambda mm: te.sum(wq(wy, wg, mm, wt4).astype(i32),
+                                              axis=[wy, wg, wt4]), name="wsum")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rg = te.reduce_axis((0, groups), name="rg")
+    rt = te.reduce_axis((0, TAP_BLOCK), name="rt")
+    s = te.compute((n, oh, ow, m), lambda nn, yy, xx, mm: te.sum(
+        xp(nn, yy * sh + ry, xx * sw + rg * TAP_BLOCK + rt, mm).astype(i32)
+        * wq(ry, rg, mm, rt).astype(i32), axis=[ry, rg, rt]), name="sum")
+    zx = xzp + x_shift
+
+    def acc(nn, mm, yy, xx):
+        return s(nn, yy, xx, mm) - zx * wsum(mm)
+    return acc, {"ow": ow, "m": m, "cb": cb, "xq_border": True}
+
+
+def _schedule_dw_vnni(sch, out, extra: dict):
+    """Rows in parallel; per row ``cols`` output pixels x ``cb`` channels of sums in
+    registers over the window's tap groups (tensorized), the epilogue right after them in
+    16-lane vectors."""
+    cb = extra["cb"]
+    intrin = register_conv_dw_vnni_intrin(cb)
+    blk = sch.get_sblock("sum")
+    on, oy, ox, om = sch.get_loops(out)
+    row = sch.fuse(on, oy)
+    sch.parallel(row)
+    # cols x cb / 16 accumulators: up to 16 of the 32 zmm registers (the tap vectors, their
+    # shuffles and the weights need the rest)
+    cols = next(b for b in (4, 7, 3, 2, 1) if extra["ow"] % b == 0 and b * cb <= 256)
+    oxo, oxi = sch.split(ox, [None, cols])
+    omo, omi = sch.split(om, [None, cb])
+    sch.reorder(row, oxo, omo, oxi, omi)
+    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    nn, yy, xx, mm, ry, rg, rt = sch.get_loops(blk)[3:]
+    sch.reorder(ry, rg, nn, yy, xx, mm, rt)
+    acc = sch.cache_write(blk, 0, "global")   # (a stack array: PX_ACC_SCOPE's reason)
+    init = sch.decompose_reduction(blk, ry)
+    sch.tensorize(mm, intrin)
+    sch.unroll(xx)
+    for block in (init, acc):
+        _registers_below(sch, block, omo)
+    sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
+    sch.unroll(oxi)
+    sch.vectorize(sch.split(omi, [None, OC_BLOCK])[1])
+    b = sch.get_sblock("xq")
+    sch.decompose_padding(b, sch.get_loops(b)[2])
+    sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    return sch.mod["main"]
 
 
 def _schedule_dw_lanes(sch, out, extra: dict):
@@ -1183,6 +1338,8 @@ def _schedule(func, variant: str, extra: dict):
     if variant == "taps":
         return _schedule_taps(sch, out, extra)
     if variant == "dwlanes":
+        if extra.get("cb"):
+            return _schedule_dw_vnni(sch, out, extra)
         return _schedule_dw_lanes(sch, out, extra)
     if variant == "madd":
         return _schedule_madd(sch, out, extra)
