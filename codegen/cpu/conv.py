@@ -70,32 +70,35 @@ from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.ir.core import Node, constant_value
 
 CONV_VNNI_INTRIN = "qc_conv_vnni_u8s8_16x4"
+# the same with its sums in a plain (stack) buffer: the channels-last schedule whose epilogue
+# reads the accumulators themselves (PX_ACC_SCOPE's reason)
+CONV_VNNI_STACK_INTRIN = "qc_conv_vnni_u8s8_16x4_stack"
 OC_BLOCK = 16   # output channels per vpdpbusd (int32 lanes of a zmm register)
 IC_BLOCK = 4    # input channels summed per lane by vpdpbusd
 TAP_BLOCK = 4   # a window row's taps summed per lane by vpdpbusd (the taps variant)
-_intrins_registered: set = set()   # the taps and madd intrinsics registered with TVM
-_registered = False
+_intrins_registered: set = set()   # the conv intrinsics registered with TVM
 
 
-def register_conv_vnni_intrin() -> None:
+def register_conv_vnni_intrin(name: str = CONV_VNNI_INTRIN) -> None:
     """C[16] += sum_k s8 B[j, k] * u8 A[k] (vpdpbusd): the 4 activations (unsigned, the
     codes as they are for u8 x) broadcast to 16 lanes, the packed weights (signed) from
     global memory, the sums in registers (kernels.py's qmatmul intrinsic has the signs the
-    other way round: its weights are the unsigned operand)."""
-    global _registered
-    if _registered:
+    other way round: its weights are the unsigned operand). ``name``: CONV_VNNI_INTRIN
+    (sums in a ``local`` buffer) or CONV_VNNI_STACK_INTRIN (``global``: a stack array)."""
+    if name in _intrins_registered:
         return
     from tvm.script import tirx as T
 
     from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
     from qcompiler.codegen.cpu.kernels import dot_product_desc
 
-    desc = dot_product_desc(16, "uint8", "int8")
+    c_scope = "global" if name == CONV_VNNI_STACK_INTRIN else "local"
+    desc = dot_product_desc(16, "uint8", "int8", c_scope=c_scope)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
              B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], B[0:16, 0:4], A[0:4])
             T.writes(C[0:16])
@@ -107,8 +110,8 @@ def register_conv_vnni_intrin() -> None:
                                           16), dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
-    register_intrin_once(CONV_VNNI_INTRIN, desc, impl)
-    _registered = True
+    register_intrin_once(name, desc, impl)
+    _intrins_registered.add(name)
 
 
 VNNI_W_LAYOUT = "g_m16_kh_kw_c4_16_4"   # cpu-conv-layout's int8 weights, vpdpbusd's
@@ -553,8 +556,19 @@ def build_qconv(node: Node, variant: str, module=None):
                                    tirx.min(xx % pitch, ow - 1))
         return placeholders[9](nn, mm, yy, tirx.min(xx, ow - 1) if padded_out else xx)
 
+    channel_term = extra.get("channel_term")
+    if channel_term is not None:
+        # Channels-last epilogues take a vector of channels per pixel: the sum's per-channel
+        # terms (zero-point corrections, bias) added up once per call into one int32 offset
+        # per channel, not recomputed per output vector (the same integers).
+        bias = placeholders.get(6)
+        offset = te.compute((m,), lambda mm: channel_term(mm) + (bias(mm) if bias is not None
+                                                                 else 0), name="offset")
+
     def total(nn, mm, yy, xx):
         v = acc(nn, mm, yy, xx)
+        if channel_term is not None:
+            return v + offset(mm)
         if 6 in placeholders:
             v = v + placeholders[6](mm)
         return v
@@ -1002,8 +1016,9 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
         axis=[ry, rx]), name="sum")
 
     def acc(nn, mm, yy, xx):
-        return s(nn, yy, xx, mm) - xzp * wsum(mm)
-    return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_)}
+        return s(nn, yy, xx, mm)
+    return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_),
+                 "channel_term": lambda mm: -xzp * wsum(mm)}
 
 
 def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
@@ -1046,8 +1061,9 @@ def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
     zx = xzp + x_shift
 
     def acc(nn, mm, yy, xx):
-        return s(nn, yy, xx, mm) - zx * wsum(mm)
-    return acc, {"ow": ow, "m": m, "cb": cb, "xq_border": True}
+        return s(nn, yy, xx, mm)
+    return acc, {"ow": ow, "m": m, "cb": cb, "xq_border": True,
+                 "channel_term": lambda mm: -zx * wsum(mm)}
 
 
 def _schedule_dw_vnni(sch, out, extra: dict):
@@ -1275,6 +1291,12 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=Fals
 
         def xq(nn, g, yy, xx, cc):
             return xq2(nn, g, yy, cc // IC_BLOCK, xx, cc % IC_BLOCK)
+    elif (nhwc and group == 1 and cp == cg and x_shift == 0 and not any(node.attrs["pads"])
+          and hp == h and wp == w_):
+        # Channels-last x that is already the repack's layout (unsigned, unpadded, channels a
+        # multiple of 4: a 1 x 1 layer's, or a strided one's subsampled image): read as it is
+        def xq(nn, g, yy, xx, cc):
+            return x(nn, cc, yy, xx)
     else:
         xq = te.compute((n, group, hp, wp, cp), x_pack, name="xq")
 
@@ -1315,15 +1337,21 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=Fals
         return wsum_b(mm // mg, mr // OC_BLOCK, mr % OC_BLOCK)
     k = cg * kh * kw
 
+    def channel_term(mm):  # the part of the sum that depends on the channel only
+        return k * zx * (wzp(mm) - w_shift) - zx * wsum(mm)
+
     def acc(nn, mm, yy, xx):
         g, mr = mm // mg, mm % mg
         zw = wzp(mm) - w_shift
-        v = s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK) - zx * wsum(mm) + k * zx * zw
+        v = s(nn, g, yy, xx, mr // OC_BLOCK, mr % OC_BLOCK)
+        if not nhwc:
+            v = v + channel_term(mm)
         return v if xsum is None else v - zw * xsum(nn, g, yy, xx)
     weight_bytes = mp * kh * kw * cp
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "group": group, "xsum": xsum is not None, "flat": flat,
-                 "nhwc": nhwc, "m": m,
+                 "nhwc": nhwc, "m": m, "channel_term": channel_term if nhwc else None,
+                 "xq_direct": not px and not isinstance(xq, te.Tensor),
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
                  "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
                  # (whether the repacked image has a border at all)
@@ -1372,6 +1400,9 @@ def _schedule(func, variant: str, extra: dict):
         return sch.mod["main"]
     if extra["px"]:
         return _schedule_px(sch, out, extra)
+    if (extra.get("nhwc") and not extra["weights_outer"] and extra["group"] == 1
+            and extra["mg"] % OC_BLOCK == 0):
+        return _schedule_channel_lanes_fused(sch, out, extra)
     register_conv_vnni_intrin()
     row = _schedule_channel_lanes(sch, out, extra, OC_BLOCK, CONV_VNNI_INTRIN)
     _schedule_wsum(sch)
@@ -1393,8 +1424,10 @@ def _epilogue_rows(sch, out, extra: dict):
     per-channel terms and result bytes). Returns the fused (batch, row) loop."""
     if extra.get("nhwc"):
         on, oy, ox, om = sch.get_loops(out)
-        if extra["m"] % OC_BLOCK == 0:
-            sch.vectorize(sch.split(om, [None, OC_BLOCK])[1])
+        # (16 lanes, or 8 / 4 where the channels are not a multiple of 16: 24 -> 3 x 8)
+        lanes = next((v for v in (OC_BLOCK, 8, 4) if extra["m"] % v == 0), 1)
+        if lanes > 1:
+            sch.vectorize(sch.split(om, [None, lanes])[1])
     else:
         on, om, oy, ox = sch.get_loops(out)
         sch.reorder(on, oy, om, ox)
@@ -1458,6 +1491,43 @@ def _schedule_channel_lanes(sch, out, extra: dict, oc_block: int, intrin: str):
     return row
 
 
+def _schedule_channel_lanes_fused(sch, out, extra: dict):
+    """Channel lanes, channels-last, with the epilogue fused into the sums: each output row
+    in parallel; per tile of ``register_tile`` columns x 16-channel blocks, the sums in
+    registers over the whole window, then the tile's epilogue reading the accumulators
+    themselves (no int32 row of sums stored and read back: a 1 x 1 layer of few input
+    channels is mostly epilogue). One group, channels a multiple of 16, and the image rows
+    outweighing the weights (the row loop outermost)."""
+    register_conv_vnni_intrin(CONV_VNNI_STACK_INTRIN)
+    blk = sch.get_sblock("sum")
+    on, oy, ox, om = sch.get_loops(out)
+    row = sch.fuse(on, oy)
+    sch.parallel(row)
+    cols, blocks = register_tile(extra["ow"], extra["mg"] // OC_BLOCK)
+    oxo, oxi = sch.split(ox, [None, cols])
+    omo, omi = sch.split(om, [None, blocks * OC_BLOCK])
+    sch.reorder(row, oxo, omo, oxi, omi)
+    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    if extra.get("xsum"):
+        sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
+    # (row, oxo, omo, then the block's own)
+    nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)[3:]
+    sch.reorder(ry, rx, rco, nn, g, yy, xx, mo, mi, rci)
+    acc = sch.cache_write(blk, 0, "global")   # (a stack array, kept in registers)
+    sch.decompose_reduction(blk, ry)
+    sch.tensorize(mi, CONV_VNNI_STACK_INTRIN)
+    sch.unroll(xx)
+    sch.unroll(mo)
+    sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
+    _registers_below(sch, sch.get_sblock("sum_init"), omo)
+    sch.unroll(oxi)
+    width = next(v for v in (64, 32, 16) if (blocks * OC_BLOCK) % v == 0)
+    sch.vectorize(sch.split(omi, [None, width])[1])
+    _schedule_wsum(sch)
+    _schedule_xq(sch, extra)
+    return sch.mod["main"]
+
+
 def _registers_below(sch, block, outer) -> None:
     """``block``'s loops below ``outer`` (its tile of accumulators) unrolled and its innermost
     (the lanes) vectorized: constant indices everywhere, so that LLVM keeps the tile in
@@ -1476,6 +1546,8 @@ def _schedule_xq(sch, extra: dict):
     4 channels (one vpdpbusd operand) per step, so that LLVM vectorizes the copy along the
     row (the conditional, clamped copy was a byte gather: two thirds of a 1 x 1 144 -> 24
     layer at 56 x 56)."""
+    if extra.get("xq_direct"):  # (no repack: the sums read x)
+        return
     b = sch.get_sblock("xq")
     loops = sch.get_loops(b)
     if extra.get("xq_const_pad"):
