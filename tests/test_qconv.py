@@ -785,6 +785,22 @@ def test_golden_vnni_kernel_tir(update_goldens):
     assert "vpdpbusd" in func.script()
 
 
+@pytest.mark.parametrize("label, conv", [
+    ("qconv_nhwc_fused", (16, 32, 3, 1, 1, 1, 1, 8)),      # channel lanes, fused epilogue
+    ("qconv_nhwc_dw_vpdpbusd", (32, 32, 3, 1, 1, 1, 32, 8)),  # depthwise, 4 taps a vpdpbusd
+])
+def test_golden_channels_last_kernel_tir(label, conv, update_goldens):
+    """The TensorIR of the channels-last kernels (built without running them: any host)."""
+    from qcompiler.codegen.cpu.conv import primfunc_for_qconv
+
+    rng = np.random.default_rng(0)
+    module, _, feeds = _qconv_module(rng, *conv, act=(0.0, None), n=1)
+    module, node, _ = _channels_last_node(module, feeds)
+    name, func = primfunc_for_qconv(node, None, module, vnni=True)
+    check_golden(os.path.join(GOLDEN, f"{label}.tir.py"), func.script(), update_goldens)
+    assert "vpdpbusd" in func.script()
+
+
 def test_qconv_type_errors_name_the_problem():
     from qcompiler.ir.ops import TypeInferenceError, infer_types
 
