@@ -15,9 +15,9 @@ and writes a pixel's output channels contiguously; in NCHW both are strided by H
 Option ``target``: empty (the CUDA pipelines) converts every such node. A cpu target converts
 a function only where the CPU kernels take every 2-D qconv and pool of it channels-last
 (``codegen.cpu.conv.qconv_takes_channels_last``, ``codegen.cpu.pool.pool_takes_channels_last``:
-the vnni kernel's channel lanes, integer max pooling), else none of it: a layer left NCHW in
-the middle of a chain would cost two transposes of its activations, more than the channel
-lanes save (MobileNetV2's depthwise layers have only an NCHW kernel, the taps one).
+on x86 targets the vnni or madd kernel's channel lanes, depthwise lanes, integer max
+pooling), else none of it: a layer left NCHW in the middle of a chain would cost two
+transposes of its activations, more than the channel lanes save.
 Measured on the CPU, 1 thread: see docs/cnn.md.
 """
 from __future__ import annotations
@@ -101,12 +101,13 @@ class ConvChannelsLastPass(Pass):
         from qcompiler.codegen.cpu.host import target_cpu
         from qcompiler.codegen.cpu.pool import pool_takes_channels_last
 
-        vnni = target_cpu(self.backend_target("cpu"))["vnni"]
+        cpu = target_cpu(self.backend_target("cpu"))
+        vnni, x86 = cpu["vnni"], cpu["arch"] == "x86_64"
 
         def takes(node) -> bool:
             if node.op == "pool":
                 return pool_takes_channels_last(node)
-            return qconv_takes_channels_last(node, vnni, module)
+            return qconv_takes_channels_last(node, vnni, module, avx2=x86 and not vnni)
         return takes
 
 

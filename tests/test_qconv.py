@@ -430,24 +430,28 @@ def _channels_last_node(module: Module, feeds: dict):
     return module, node, nhwc
 
 
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[0])) + c[2])
-def test_cpu_kernel_channels_last_matches_the_reference_exactly(case):
-    """The vnni kernel on NHWC x, residual and result (channel lanes whatever the shape:
-    1 x 1 and strided layers, groups, odd channels, u8 weights with the x window sums), and
-    depthwise layers on the dwlanes kernel (strides, dilation, 5 x 5, channels not a multiple
-    of 16)."""
-    if not _host_vnni():
-        pytest.skip("host has no AVX-512 VNNI (the channels-last kernels are vnni ones)")
+def test_cpu_kernel_channels_last_matches_the_reference_exactly(case, isa):
+    """The vnni and madd (AVX2) kernels on NHWC x, residual and result (channel lanes
+    whatever the shape: 1 x 1 and strided layers, groups, odd channels, u8 weights with the x
+    window sums), and depthwise layers on the dwlanes kernels (strides, dilation, 5 x 5,
+    channels not a multiple of 16 or 8). The AVX2 kernels run on every x86 host."""
+    if isa == "vnni" and not _host_vnni():
+        pytest.skip("host has no AVX-512 VNNI (the vnni channels-last kernels need it)")
     conv, w_type, out, residual, act = case
     depthwise = conv[0] == conv[1] == conv[6]
-    if not depthwise and (conv[0] // conv[6] < 2 or conv[1] // conv[6] < 8):
+    if not depthwise and (conv[0] // conv[6] < 2 or conv[1] // conv[6] < (8 if isa == "vnni"
+                                                                          else 4)):
         pytest.skip("thin groups have no channels-last kernel")
     rng = np.random.default_rng(sum(conv) + 1)
     module, _, feeds = _qconv_module(rng, *conv, w_type=w_type, out=out, residual=residual,
                                      act=act)
     want = _ours(module, feeds)
     module, node, nhwc = _channels_last_node(module, feeds)
-    got = _run_kernel(module, node, "dwlanes" if depthwise else "vnni", nhwc)
+    variant = {("vnni", True): "dwlanes", ("vnni", False): "vnni",
+               ("avx2", True): "dwlanes_avx2", ("avx2", False): "madd"}[isa, depthwise]
+    got = _run_kernel(module, node, variant, nhwc)
     np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
 
 
@@ -538,9 +542,9 @@ def test_cpu_pool_kernel_channels_last_matches_the_reference(case):
 
 
 def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_it(tmp_path):
-    """conv-channels-last{target=cpu-*}: a vnni target runs the whole chain NHWC (a
-    transpose at each end); an AVX2 target, or a chain with a layer only NCHW kernels take
-    (thin groups), keeps every layer NCHW. Compiled for the host, the chain is exact."""
+    """conv-channels-last{target=cpu-*}: an x86 target (VNNI or AVX2) runs the whole chain
+    NHWC (a transpose at each end); an Arm target, or a chain with a layer only NCHW kernels
+    take (thin groups), keeps every layer NCHW. Compiled for the host, the chain is exact."""
     import qcompiler
     from qcompiler.pipeline import PassManager
     from qcompiler.targets import get_target
@@ -554,11 +558,12 @@ def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_i
         pipeline = get_target(target).default_pipeline.split(",cpu-conv-layout")[0]
         module = PassManager.parse(pipeline).run(module)
         return module, [n.op for n in module.main.nodes if n.op != "constant"]
-    module, got = ops("cpu-x86-avx512")
-    assert got == ["transpose", "qconv", "pool", "qconv", "transpose"], got
-    assert all(n.attrs.get("channels_last") for n in module.main.nodes
-               if n.op in ("qconv", "pool"))
-    _, got = ops("cpu-x86-avx2")
+    for target in ("cpu-x86-avx512", "cpu-x86-avx2"):
+        module, got = ops(target)
+        assert got == ["transpose", "qconv", "pool", "qconv", "transpose"], (target, got)
+        assert all(n.attrs.get("channels_last") for n in module.main.nodes
+                   if n.op in ("qconv", "pool"))
+    _, got = ops("cpu-arm-neon")
     assert got == ["qconv", "pool", "qconv"], got
     # a layer of thin groups (2 input and 2 output channels each) in the chain: none of it
     # channels-last

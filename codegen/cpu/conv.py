@@ -262,8 +262,11 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
         return "vnni" if vnni else "direct"
     m, cg, _, kw = node.arg("w").type.shape
     mg = m // node.attrs["group"]
-    if vnni and cg == 1 and mg == 1 and node.attrs.get("channels_last", 0):
-        return "dwlanes"
+    if cg == 1 and mg == 1 and node.attrs.get("channels_last", 0):
+        if vnni:
+            return "dwlanes"
+        if avx2:
+            return "dwlanes_avx2"
     # Channels are padded to 4 (inputs) and 16 (outputs): worth it down to 2 inputs and 8
     # outputs per group (a stem conv's 3 channels); depthwise layers take a tap kernel.
     if vnni and cg >= 2 and mg >= 8:
@@ -279,22 +282,25 @@ def conv_variant(node: Node, vnni: bool, module=None, avx2: bool = False) -> str
     return "direct"
 
 
-def qconv_takes_channels_last(node: Node, vnni: bool, module=None) -> bool:
+def qconv_takes_channels_last(node: Node, vnni: bool, module=None,
+                              avx2: bool = False) -> bool:
     """Whether the CPU kernel takes this 2-D qconv channels-last (conv-channels-last): the
-    vnni variant (channel lanes), static shapes but the batch, float requantization."""
+    channel lanes of the vnni variant (VNNI targets) or the madd one (other x86 targets),
+    or a depthwise layer's lanes; static shapes but the batch, float requantization."""
     x, y = node.operands[0].type, node.results[0].type
     return (x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:] + y.shape[1:])
             and not (node.attrs.get("requant", "float") == "dyadic"
                      and node.attrs["out"] == "quant")
-            and (conv_variant(node, vnni, module) == "vnni"
-                 or _depthwise_lanes(node, vnni, module)))
+            and (conv_variant(node, vnni, module, avx2=avx2) in ("vnni", "madd")
+                 or _depthwise_lanes(node, vnni or avx2, module)))
 
 
-def _depthwise_lanes(node: Node, vnni: bool, module) -> bool:
-    """Whether a depthwise layer would take the channels-last ``dwlanes`` kernel: a vnni
-    target (512-bit vectors of 16 channels) and a constant x zero point (its padding)."""
+def _depthwise_lanes(node: Node, x86: bool, module) -> bool:
+    """Whether a depthwise layer would take a channels-last lanes kernel: an x86 target
+    (``dwlanes``: 16 channels a vector on VNNI ones, ``dwlanes_avx2``: 8) and a constant x
+    zero point (its padding)."""
     m, cg = node.arg("w").type.shape[:2]
-    return (vnni and cg == 1 and m == node.attrs["group"]
+    return (x86 and cg == 1 and m == node.attrs["group"]
             and const_x_zero_point(node, module) is not None)
 
 
@@ -428,7 +434,8 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     # (cpu-x86-avx2, or a host without it: AVX2-only, or AVX-512 without VNNI)
     avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) >= 8
     variant = conv_variant(node, vnni, module, avx2=avx2)
-    zp = const_x_zero_point(node, module) if variant in ("vnni", "taps", "dwlanes") else None
+    zp = (const_x_zero_point(node, module)
+          if variant in ("vnni", "taps", "dwlanes", "dwlanes_avx2") else None)
     name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
     if name in known:
         return name, None
@@ -445,11 +452,11 @@ def build_qconv(node: Node, variant: str, module=None):
     # channels_last (conv-channels-last): x, the residual and the result are NHWC; the sums
     # below index them as NCHW through accessors that swap the dims back
     nhwc = bool(a.get("channels_last", 0))
-    if nhwc and variant not in ("vnni", "dwlanes"):
+    if nhwc and variant not in ("vnni", "madd", "dwlanes", "dwlanes_avx2"):
         raise CPUBackendError(f"%{node.results[0].name} = qconv: channels_last has a CPU kernel "
-                              f"on vnni targets only (channel lanes, depthwise lanes), not "
+                              f"on x86 targets only (channel lanes, depthwise lanes), not "
                               f"{variant}")
-    if variant == "dwlanes" and const_x_zero_point(node, module) is None:
+    if variant.startswith("dwlanes") and const_x_zero_point(node, module) is None:
         raise CPUBackendError(f"%{node.results[0].name} = qconv: the depthwise channels-last "
                               "kernel needs a constant x zero point (its padding)")
     if nhwc:
@@ -512,11 +519,11 @@ def build_qconv(node: Node, variant: str, module=None):
     if variant == "madd":
         acc, extra = _madd_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                        mg, sh, sw, dh, dw, pt, pl),
-                               w_stored if packed else None)
-    elif variant == "dwlanes":
+                               w_stored if packed else None, nhwc)
+    elif variant in ("dwlanes", "dwlanes_avx2"):
         acc, extra = _dw_lanes_sum(node, x, wt, xzp, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow,
                                                            group, mg, sh, sw, dh, dw, pt, pl),
-                                   module)
+                                   module, vnni=variant == "dwlanes")
     elif variant == "taps":
         acc, extra = _taps_sum(node, x, wt, wzp, (n, c, h, w_, m, cg, kh, kw, oh, ow, group,
                                                   mg, sh, sw, dh, dw, pt, pl), module)
@@ -715,7 +722,7 @@ def _tile_sums(xq, wq, dims, oc: int, ic: int, px: bool, owp: int, cp: int, mp: 
                              axis=[ry, rx, rco, rci]), name="sum")
 
 
-def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
+def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None, nhwc=False):
     """Channel lanes on AVX2 (``madd``): the exact sum of (x - xzp)(w - wzp) with vpmaddwd on
     int16 pairs of input channels, 8 output channels per instruction. x is repacked per
     call into centred int16 ``xq[n, g, h + pads, w + pads, c2]`` (the border 0, the channels
@@ -739,7 +746,9 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     # AVX2 code (Zen 4, QC_HOST_ISA=avx2), 1 thread: 32 -> 16 at 112 x 112 0.30 -> 0.14 ms,
     # 144 -> 24 at 56 x 56 0.32 -> 0.21 ms, 192 -> 32 at 28 x 28 0.099 -> 0.086; at 14 x 14
     # the expansions were slower (96 -> 576: 0.18 -> 0.20 ms), so those keep channel lanes.
-    px = (sw == 1 and ow >= 28 and group == 1 and (cp * kh * kw <= 96 or kh * kw == 1))
+    # (channels-last layers: channel lanes whatever their shape, as the vnni kernel's)
+    px = (not nhwc and sw == 1 and ow >= 28 and group == 1
+          and (cp * kh * kw <= 96 or kh * kw == 1))
     owp = _round_up(ow, 16)
     if not px:
         xq = te.compute((n, group, hp, wp, cp), lambda nn, g, yy, xx, cc: tirx.if_then_else(
@@ -774,7 +783,7 @@ def _madd_sum(node, x, wt, xzp, wzp, dims, w_packed=None):
     image_bytes = hp * wp * cp * 2
     return acc, {"ow": ow, "mg": mg, "weights_outer": weight_bytes > image_bytes,
                  "packed": w_packed is not None, "px": px, "xsum": False,
-                 "xq_const_pad": True,
+                 "xq_const_pad": True, "nhwc": nhwc, "m": m, "lanes": MADD_OC_BLOCK,
                  "xq_border": bool(pt or pl or hp > h or wp > w_ or (cp > cg and not px))}
 
 
@@ -801,9 +810,7 @@ def _schedule_madd(sch, out, extra: dict):
         wb = sch.get_sblock("wq")
         sch.parallel(sch.fuse(*sch.get_loops(wb)[:2]))
     if row is None:
-        on, om, oy, ox = sch.get_loops(out)
-        sch.reorder(on, oy, om, ox)
-        sch.parallel(sch.fuse(on, oy))
+        sch.parallel(_epilogue_rows(sch, out, extra))
     return sch.mod["main"]
 
 
@@ -981,7 +988,7 @@ def _dw_vnni_block(node, module, m: int, dh: int, dw: int):
     return next((b for b in (64, 32, 16) if m % b == 0), 0)
 
 
-def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
+def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module, vnni: bool = True):
     """Depthwise channels-last (``dwlanes``): 16 channels per vector, the window's taps
     summed in registers as int32 products of the codes and the centred weights (w - wzp,
     made per call as [kh, kw, m]: 4 bytes a tap and channel, a contiguous vector per tap);
@@ -994,7 +1001,7 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
     i32 = "int32"
     zp = const_x_zero_point(node, module)
     x_dtype = str(node.operands[0].type.dtype.np_dtype)
-    cb = _dw_vnni_block(node, module, m, dh, dw)
+    cb = _dw_vnni_block(node, module, m, dh, dw) if vnni else 0
     if cb:
         return _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp, cb)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
@@ -1018,7 +1025,9 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module):
     def acc(nn, mm, yy, xx):
         return s(nn, yy, xx, mm)
     return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_),
-                 "channel_term": lambda mm: -xzp * wsum(mm)}
+                 "channel_term": lambda mm: -xzp * wsum(mm),
+                 # a vector of channels: 16 int32 lanes on VNNI targets, 8 (AVX2's) else
+                 "lanes": OC_BLOCK if vnni else MADD_OC_BLOCK}
 
 
 def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
@@ -1110,8 +1119,9 @@ def _schedule_dw_lanes(sch, out, extra: dict):
     sch.parallel(row)
     cols = next(b for b in (4, 7, 3, 2, 1) if extra["ow"] % b == 0)
     oxo, oxi = sch.split(ox, [None, cols])
-    # (a vector of 16 channels; fewer where the count is not a multiple of 16)
-    lanes = next(b for b in (OC_BLOCK, 8, 4, 2, 1) if extra["m"] % b == 0)
+    # (a vector of 16 channels, 8 on AVX2; fewer where the count is not a multiple of it)
+    lanes = next(b for b in (OC_BLOCK, 8, 4, 2, 1)
+                 if b <= extra["lanes"] and extra["m"] % b == 0)
     omo, omi = sch.split(om, [None, lanes])
     sch.reorder(row, oxo, omo, oxi, omi)
     sch.compute_at(blk, omo, preserve_unit_loops=True)
@@ -1365,7 +1375,7 @@ def _schedule(func, variant: str, extra: dict):
     out = sch.get_sblock("out")
     if variant == "taps":
         return _schedule_taps(sch, out, extra)
-    if variant == "dwlanes":
+    if variant in ("dwlanes", "dwlanes_avx2"):
         if extra.get("cb"):
             return _schedule_dw_vnni(sch, out, extra)
         return _schedule_dw_lanes(sch, out, extra)
@@ -1424,8 +1434,10 @@ def _epilogue_rows(sch, out, extra: dict):
     per-channel terms and result bytes). Returns the fused (batch, row) loop."""
     if extra.get("nhwc"):
         on, oy, ox, om = sch.get_loops(out)
-        # (16 lanes, or 8 / 4 where the channels are not a multiple of 16: 24 -> 3 x 8)
-        lanes = next((v for v in (OC_BLOCK, 8, 4) if extra["m"] % v == 0), 1)
+        # (16 lanes, or 8 / 4 where the channels are not a multiple of 16: 24 -> 3 x 8;
+        # AVX2's madd kernel 8)
+        lanes = next((v for v in (OC_BLOCK, 8, 4)
+                      if v <= extra.get("lanes", OC_BLOCK) and extra["m"] % v == 0), 1)
         if lanes > 1:
             sch.vectorize(sch.split(om, [None, lanes])[1])
     else:
