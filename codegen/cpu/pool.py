@@ -230,15 +230,8 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
     n, c = out_shape[0], out_shape[1]
 
     def row_max(nn, cc, oh, xx):
-        col = xx - pads[1]
-        v = None
-        for kh in range(kernel[0]):
-            r = tirx.max(tirx.min(oh * strides[0] + kh - pads[0], h - 1), 0)
-            t = x(nn, cc, r, col)
-            v = t if v is None else tirx.max(v, t)
-        # the padding pattern (decompose_padding): a border of max's identity, the inside
-        # read without conditions
-        return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
+        return _window_rows_max(lambda r, col: x(nn, cc, r, col), oh, xx, (h, w), kernel,
+                                strides, pads, lowest)
     rows = te.compute([n, c, out_shape[2], _i64(span[1])], row_max, name="rows")
 
     taps = [lambda nn, cc, oh, ow, kw=kw: (nn, cc, oh, ow * strides[1] + kw)
@@ -247,6 +240,22 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
     if pads[1] or span[1] > w:
         sch.decompose_padding(rows_block, sch.get_loops(rows_block)[1])
     return sch.mod["main"]
+
+
+def _window_rows_max(read, oy, xx, sp, kernel, strides, pads, lowest):
+    """The max over output row ``oy``'s window rows of x's column ``xx - pads[1]``
+    (``read(row, col)``; rows outside x clamped to the nearest inside, see
+    ``_rows_separable``), max's identity outside x's columns: the padding pattern
+    decompose_padding takes (a border of the identity, the inside read without conditions)."""
+    from tvm import tirx
+
+    h, w = sp
+    col = xx - pads[1]
+    v = None
+    for kh in range(kernel[0]):
+        t = read(tirx.max(tirx.min(oy * strides[0] + kh - pads[0], h - 1), 0), col)
+        v = t if v is None else tirx.max(v, t)
+    return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
 
 
 def _int_max_2d_nhwc(node: Node, dtype: str, min_elements: int):
@@ -267,13 +276,8 @@ def _int_max_2d_nhwc(node: Node, dtype: str, min_elements: int):
     span = (ow - 1) * strides[1] + kernel[1]
 
     def row_max(nn, yy, xx, cc):
-        col = xx - pads[1]
-        v = None
-        for kh in range(kernel[0]):
-            r = tirx.max(tirx.min(yy * strides[0] + kh - pads[0], h - 1), 0)
-            t = x(nn, r, col, cc)
-            v = t if v is None else tirx.max(v, t)
-        return tirx.if_then_else(tirx.all(col >= 0, col < w), v, lowest)
+        return _window_rows_max(lambda r, col: x(nn, r, col, cc), yy, xx, (h, w), kernel,
+                                strides, pads, lowest)
     rows = te.compute([n, _i64(oh), _i64(span), _i64(c)], row_max, name="rows")
 
     def out_fn(nn, yy, xx, cc):
