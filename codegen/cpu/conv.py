@@ -3,7 +3,8 @@
 The kernel takes the node's operands as they are (x codes NCHW, w codes [M, C/g, KH, KW],
 scales, zero points, bias, residual) and writes the NCHW result; with ``channels_last`` (set
 by conv-channels-last where ``qconv_takes_channels_last``) x, the residual and the result are
-NHWC, and only the vnni variant's channel lanes and ``dwlanes`` take it. Its stages:
+NHWC, and only the channel lanes of the vnni and madd variants and the depthwise ``dwlanes``
+ones take it. Its stages:
 
 - ``vnni`` (AVX-512 VNNI targets, C/g >= 2 and M/g >= 8): x is repacked per call into
   unsigned bytes ``xq[n, g, h + pads, w + pads, c4]`` (NHWC per group, channels padded to a
@@ -42,10 +43,13 @@ NHWC, and only the vnni variant's channel lanes and ``dwlanes`` take it. Its sta
   columns; the weights packed as int16 at compile time by ``cpu-conv-layout``
   (``_madd_sum``). ResNet-18 on AVX2 code 98.6 -> 25.5 ms against ``direct``.
 - ``dwlanes`` (channels-last depthwise layers on AVX-512 VNNI targets, x's zero point a
-  constant): 16 channels a vector, the window's int32 products of the codes and the centred
-  weights (``w - wzp`` made per call as [kh, kw, m]) summed in registers for a few output
-  pixels, minus ``xzp * Wsum[m]``; x padded by its zero point, a row at a time
-  (``_dw_lanes_sum``).
+  constant): where the dilation is 1, the centred weights fit int8 and the channels are a
+  multiple of 16, each vpdpbusd sums 4 taps of a window row for 16 channels, the 4 taps'
+  channel vectors interleaved by one byte shuffle (``_dw_vnni_sum``); else 16 channels a
+  vector of int32 products of the codes and the centred weights (``w - wzp`` made per call
+  as [kh, kw, m]) summed in registers for a few output pixels, minus ``xzp * Wsum[m]``
+  (``_dw_lanes_sum``); x padded by its zero point. ``dwlanes_avx2`` (x86 targets without
+  VNNI): the int32 products in 8-channel vectors.
 - ``direct`` (everything else: other depthwise layers, thin groups, Arm): the i32 sum of
   ``(x - xzp) * (w - wzp)`` one output channel plane at a time, the window loops outside
   the output columns (16-lane vectors; the padded image's columns split by stride phase, so
@@ -989,12 +993,12 @@ def _dw_vnni_block(node, module, m: int, dh: int, dw: int):
 
 
 def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module, vnni: bool = True):
-    """Depthwise channels-last (``dwlanes``): 16 channels per vector, the window's taps
-    summed in registers as int32 products of the codes and the centred weights (w - wzp,
-    made per call as [kh, kw, m]: 4 bytes a tap and channel, a contiguous vector per tap);
-    ``sum - xzp * Wsum[m]`` is the exact sum, with x padded by its zero point (a copy of
-    whole rows, the border filled apart). No vpdpbusd: it sums 4 adjacent bytes, which in
-    NHWC are 4 channels, not 4 taps."""
+    """Depthwise channels-last (``dwlanes``; ``vnni`` False: ``dwlanes_avx2``): 16 channels
+    per vector (8 on AVX2), the window's taps summed in registers as int32 products of the
+    codes and the centred weights (w - wzp, made per call as [kh, kw, m]: 4 bytes a tap and
+    channel, a contiguous vector per tap); ``sum - xzp * Wsum[m]`` is the exact sum, with x
+    padded by its zero point (a copy of whole rows, the border filled apart). On VNNI
+    targets the vpdpbusd form where ``_dw_vnni_block`` allows it (``_dw_vnni_sum``)."""
     from tvm import te, tirx
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims

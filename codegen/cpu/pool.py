@@ -224,7 +224,7 @@ def _int_max_2d_rows(x, out_shape, sp, span, kernel, strides, pads, lowest, min_
     per output row instead of once per window row). A ResNet stem's 3 x 3 stride-2 pooling of
     64 x 112 x 112, 1 thread of a Zen 5: 0.05-0.07 ms, against 0.29 ms with a padded copy of
     the window's rows (``_int_max_2d``)."""
-    from tvm import te, tirx
+    from tvm import te
 
     h, w = sp
     n, c = out_shape[0], out_shape[1]
