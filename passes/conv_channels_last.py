@@ -17,8 +17,10 @@ a function only where the CPU kernels take every 2-D qconv and pool of it channe
 (``codegen.cpu.conv.qconv_takes_channels_last``, ``codegen.cpu.pool.pool_takes_channels_last``:
 on x86 targets the vnni or madd kernel's channel lanes, depthwise lanes, integer max
 pooling), else none of it: a layer left NCHW in the middle of a chain would cost two
-transposes of its activations, more than the channel lanes save.
-Measured on the CPU, 1 thread: see docs/cnn.md.
+transposes of its activations, more than the channel lanes save. For the same reason a
+function whose converted chains would leave more transposes than it has inputs and outputs
+(an op without an NHWC kernel between convolutions: a float activation, a concat) stays NCHW
+(a dry run on a copy decides). Measured on the CPU, 1 thread: see docs/backends.md.
 """
 from __future__ import annotations
 
@@ -54,45 +56,26 @@ class ConvChannelsLastPass(Pass):
     target: str = ""
 
     def run(self, module: Module) -> Module:
-        converted = cancelled = kept = 0
         takes = self._cpu_kernels_take(module) if self.target else None
-        for fn in module.functions:
-            if takes is not None and not all(takes(node) for node in fn.nodes
-                                             if _wants_channels_last(node)):
-                kept += 1
-                continue
-            for node in list(fn.nodes):
-                if not _wants_channels_last(node):
-                    continue
-                ops = list(node.operands)
-                for i in sorted(channels_last_operands(node.op)):
-                    if i < len(ops) and ops[i] is not None:
-                        v = ops[i]
-                        ops[i] = fn.make_node("transpose", [v], [_transposed(v.type, TO_NHWC)],
-                                              {"perm": TO_NHWC}, before=node).result
-                node.operands = ops
-                node.attrs["channels_last"] = 1
-                y = node.results[0]
-                nchw = y.type
-                y.type = _transposed(nchw, TO_NHWC)
-                after = fn.nodes[fn.nodes.index(node) + 1] if node is not fn.nodes[-1] else None
-                back = fn.make_node("transpose", [y], [nchw], {"perm": TO_NCHW},
-                                    names=[fn.fresh_name(f"{y.name}.nchw")], before=after)
-                for user in fn.nodes:
-                    if user is not back:
-                        user.operands = [back.result if v is y else v for v in user.operands]
-                fn.outputs = [back.result if v is y else v for v in fn.outputs]
-                converted += 1
-            cancelled += _cancel_transpose_pairs(fn)
-            fn.remove_dead_nodes()
-        # the transposes left that move only dims of size 1 (a classifier's [N, C, 1, 1]) are
-        # reshapes: views, not copies
-        as_views = apply_patterns(module, [TransposeOfUnitDims()])
-        for fn in module.functions:
-            fn.remove_dead_nodes()
-        module.drop_unused_constants()
+        keep_nchw = set()
+        if takes is not None:
+            keep_nchw = {fn.name for fn in module.functions
+                         if not all(takes(node) for node in fn.nodes
+                                    if _wants_channels_last(node))}
+            # A dry run on a copy: where the chains would leave more transposes (copies of
+            # activations) than the function has inputs and outputs, an op without an NHWC
+            # kernel sits between convolutions (an activation left in float, a concat): two
+            # transposes around it cost more than the channel lanes save, so that function
+            # stays NCHW.
+            trial = module.clone()
+            _convert(trial, skip=keep_nchw)
+            for fn in trial.functions:
+                copies = sum(1 for n in fn.nodes if n.op == "transpose")
+                if fn.name not in keep_nchw and copies > len(fn.args) + len(fn.outputs):
+                    keep_nchw.add(fn.name)
+        converted, cancelled, as_views = _convert(module, skip=keep_nchw)
         record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled,
-                    transposes_as_reshapes=as_views, functions_kept_nchw=kept)
+                    transposes_as_reshapes=as_views, functions_kept_nchw=len(keep_nchw))
         return module
 
     def _cpu_kernels_take(self, module: Module):
@@ -109,6 +92,47 @@ class ConvChannelsLastPass(Pass):
                 return pool_takes_channels_last(node)
             return qconv_takes_channels_last(node, vnni, module, avx2=x86 and not vnni)
         return takes
+
+
+def _convert(module: Module, skip=frozenset()) -> tuple[int, int, int]:
+    """Every 2-D qconv / pool of the functions not named in ``skip`` → channels_last, the
+    transposes between them cancelled, those left that move only size-1 dims as reshapes.
+    Returns (nodes converted, transposes cancelled, transposes made views)."""
+    converted = cancelled = 0
+    for fn in module.functions:
+        if fn.name in skip:
+            continue
+        for node in list(fn.nodes):
+            if not _wants_channels_last(node):
+                continue
+            ops = list(node.operands)
+            for i in sorted(channels_last_operands(node.op)):
+                if i < len(ops) and ops[i] is not None:
+                    v = ops[i]
+                    ops[i] = fn.make_node("transpose", [v], [_transposed(v.type, TO_NHWC)],
+                                          {"perm": TO_NHWC}, before=node).result
+            node.operands = ops
+            node.attrs["channels_last"] = 1
+            y = node.results[0]
+            nchw = y.type
+            y.type = _transposed(nchw, TO_NHWC)
+            after = fn.nodes[fn.nodes.index(node) + 1] if node is not fn.nodes[-1] else None
+            back = fn.make_node("transpose", [y], [nchw], {"perm": TO_NCHW},
+                                names=[fn.fresh_name(f"{y.name}.nchw")], before=after)
+            for user in fn.nodes:
+                if user is not back:
+                    user.operands = [back.result if v is y else v for v in user.operands]
+            fn.outputs = [back.result if v is y else v for v in fn.outputs]
+            converted += 1
+        cancelled += _cancel_transpose_pairs(fn)
+        fn.remove_dead_nodes()
+    # the transposes left that move only dims of size 1 (a classifier's [N, C, 1, 1]) are
+    # reshapes: views, not copies
+    as_views = apply_patterns(module, [TransposeOfUnitDims()])
+    for fn in module.functions:
+        fn.remove_dead_nodes()
+    module.drop_unused_constants()
+    return converted, cancelled, as_views
 
 
 def _cancel_transpose_pairs(fn) -> int:

@@ -576,6 +576,20 @@ def test_cpu_pipelines_run_a_conv_chain_channels_last_where_every_kernel_takes_i
                                       before=conv2).result
     _, got = ops("cpu-x86-avx512", thin)
     assert "transpose" not in got, got
+    # a float op between the convolutions (no NHWC kernel): two transposes around it would
+    # be copies the NCHW plan does not make, so the chain stays NCHW on the CPU (CUDA's
+    # pipeline, without a target, converts it anyway)
+    between = load(path)
+    pool = next(n for n in between.main.nodes if n.op == "pool")
+    neg = between.main.make_node("neg", [pool.result], [pool.result.type], {},
+                                 before=between.main.nodes[between.main.nodes.index(pool) + 1])
+    for user in between.main.nodes:
+        if user is not neg:
+            user.operands = [neg.result if v is pool.result else v for v in user.operands]
+    _, got = ops("cpu-x86-avx512", between)
+    assert "transpose" not in got, got
+    converted = make_pass("conv-channels-last")(between)
+    assert sum(n.op == "transpose" for n in converted.main.nodes) == 4
     compiled = qcompiler.compile(path, target="cpu")
     np.testing.assert_array_equal(compiled.run(feeds)["y"], run(load(path), feeds)["y"])
 
