@@ -485,6 +485,26 @@ def test_cpu_depthwise_channels_last_on_vpdpbusd_matches_the_reference(case):
     np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
 
 
+def test_depthwise_kernels_of_one_shape_differ_where_their_weights_choose_the_form():
+    """dwlanes takes vpdpbusd only where the centred weights fit int8: two layers of one
+    shape, one with weights that do not fit, get two kernels (one shared kernel would
+    truncate the second layer's weights)."""
+    from qcompiler.codegen.cpu.conv import primfunc_for_qconv
+
+    names = []
+    for zero_point in (0, 100):   # codes in -64..64: minus 100 they span past int8
+        rng = np.random.default_rng(9)
+        module, _, feeds = _qconv_module(rng, 32, 32, 3, 1, 1, 1, 32, 9,
+                                         w_zero_point=zero_point)
+        want = _ours(module, feeds)
+        module, node, nhwc = _channels_last_node(module, feeds)
+        names.append(primfunc_for_qconv(node, None, module, vnni=True)[0])
+        if _host_vnni():
+            got = _run_kernel(module, node, "dwlanes", nhwc)
+            np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+    assert names[0] != names[1]
+
+
 def test_cpu_channels_last_refuses_other_variants_by_name():
     from qcompiler.codegen.cpu.conv import build_qconv
     from qcompiler.codegen.cpu.errors import CPUBackendError

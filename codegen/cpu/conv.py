@@ -440,7 +440,13 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     variant = conv_variant(node, vnni, module, avx2=avx2)
     zp = (const_x_zero_point(node, module)
           if variant in ("vnni", "taps", "dwlanes", "dwlanes_avx2") else None)
-    name = kernel_name(node, variant if zp is None else f"{variant}/xzp={zp}")
+    tag = variant if zp is None else f"{variant}/xzp={zp}"
+    if variant == "dwlanes":
+        # (its vpdpbusd form depends on the weights' values, not only their types: two
+        # layers of one shape may differ, so the form is part of the kernel's name)
+        m = node.arg("w").type.shape[0]
+        tag += f"/cb={_dw_vnni_block(node, module, m, *node.attrs['dilations'])}"
+    name = kernel_name(node, tag)
     if name in known:
         return name, None
     func = build_qconv(node, variant, module)
