@@ -505,6 +505,29 @@ def test_depthwise_kernels_of_one_shape_differ_where_their_weights_choose_the_fo
     assert names[0] != names[1]
 
 
+def test_layers_of_one_shape_with_other_clamp_codes_get_their_own_kernels():
+    """A ReLU6 layer's clamp codes come from its y_scale and y_zero_point (constants baked
+    into the kernel): two layers of one shape and attributes but other output
+    quantization are two kernels, each exact."""
+    from qcompiler.codegen.cpu.conv import primfunc_for_qconv
+    from qcompiler.ir.core import constant_value
+
+    names = []
+    for y_zero_point in (110, 30):
+        rng = np.random.default_rng(4)
+        module, node, feeds = _qconv_module(rng, 16, 32, 3, 1, 1, 1, 1, 8, act=(0.0, 6.0))
+        yzp = node.operands[8]
+        node.operands[8] = constant_node(module.main, module,
+                                         np.array(y_zero_point, np.uint8), yzp.type,
+                                         before=node).result
+        assert int(constant_value(module, node.operands[8])) == y_zero_point
+        names.append(primfunc_for_qconv(node, None, module, vnni=_host_vnni())[0])
+        want = _ours(module, feeds)
+        got = _run_kernel(module, node, "vnni" if _host_vnni() else "madd", feeds)
+        np.testing.assert_array_equal(got, want)
+    assert names[0] != names[1]
+
+
 def test_cpu_channels_last_refuses_other_variants_by_name():
     from qcompiler.codegen.cpu.conv import build_qconv
     from qcompiler.codegen.cpu.errors import CPUBackendError

@@ -440,10 +440,16 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     variant = conv_variant(node, vnni, module, avx2=avx2)
     zp = (const_x_zero_point(node, module)
           if variant in ("vnni", "taps", "dwlanes", "dwlanes_avx2") else None)
+    # What the kernel bakes in from constant values, not only from types and attributes,
+    # is part of its name: two layers of one shape may differ there, and one shared kernel
+    # would compute the second wrong (the clamp's codes from y_scale / y_zero_point, whether
+    # the x window sums are needed, the depthwise lanes' vpdpbusd form).
     tag = variant if zp is None else f"{variant}/xzp={zp}"
+    if node.attrs["out"] == "quant":
+        tag += "/codes=%d,%d" % _bounds(node, module)
+    if variant == "vnni":
+        tag += f"/xsum={not _zero_after_shift(node, module, conv_w_shift(node))}"
     if variant == "dwlanes":
-        # (its vpdpbusd form depends on the weights' values, not only their types: two
-        # layers of one shape may differ, so the form is part of the kernel's name)
         m = node.arg("w").type.shape[0]
         tag += f"/cb={_dw_vnni_block(node, module, m, *node.attrs['dilations'])}"
     name = kernel_name(node, tag)
