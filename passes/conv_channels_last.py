@@ -102,6 +102,7 @@ def _convert(module: Module, skip=frozenset()) -> tuple[int, int, int]:
     for fn in module.functions:
         if fn.name in skip:
             continue
+        nhwc = {}   # value -> its one NHWC transpose (a value two nodes read: x and residual)
         for node in list(fn.nodes):
             if not _wants_channels_last(node):
                 continue
@@ -109,8 +110,11 @@ def _convert(module: Module, skip=frozenset()) -> tuple[int, int, int]:
             for i in sorted(channels_last_operands(node.op)):
                 if i < len(ops) and ops[i] is not None:
                     v = ops[i]
-                    ops[i] = fn.make_node("transpose", [v], [_transposed(v.type, TO_NHWC)],
-                                          {"perm": TO_NHWC}, before=node).result
+                    if v not in nhwc:
+                        nhwc[v] = fn.make_node("transpose", [v],
+                                               [_transposed(v.type, TO_NHWC)],
+                                               {"perm": TO_NHWC}, before=node).result
+                    ops[i] = nhwc[v]
             node.operands = ops
             node.attrs["channels_last"] = 1
             y = node.results[0]

@@ -19,10 +19,11 @@ from qcompiler.pipeline import make_pass
 from test_qconv import _model, _ops, _ort, _ours, _passes
 
 
-def _qdq_conv_nodes(rng, name, x, xs, c, m, k, stride, inits, nodes, out_zp, ys=0.08):
+def _qdq_conv_nodes(rng, name, x, xs, c, m, k, stride, inits, nodes, out_zp, ys=0.08,
+                    group=1):
     """DQ(w) + bias -> Conv(x_dq) -> Q -> DQ (the conv's own Q/DQ pair); returns the DQ's
     output name and the Q's output (codes) name."""
-    w = rng.integers(-64, 65, (m, c, k, k)).astype(np.int8)
+    w = rng.integers(-64, 65, (m, c // group, k, k)).astype(np.int8)
     ws = (rng.random(m) * 0.004 + 0.001).astype(np.float32)
     inits += [nh.from_array(w, f"{name}_w"), nh.from_array(ws, f"{name}_ws"),
               nh.from_array(np.zeros(m, np.int8), f"{name}_wz"),
@@ -35,12 +36,31 @@ def _qdq_conv_nodes(rng, name, x, xs, c, m, k, stride, inits, nodes, out_zp, ys=
               helper.make_node("DequantizeLinear", [f"{name}_b", f"{name}_bs"],
                                [f"{name}_bd"], axis=0),
               helper.make_node("Conv", [x, f"{name}_wd", f"{name}_bd"], [f"{name}_c"],
-                               pads=[k // 2] * 4, strides=[stride] * 2),
+                               pads=[k // 2] * 4, strides=[stride] * 2, group=group),
               helper.make_node("QuantizeLinear", [f"{name}_c", f"{name}_ys", f"{name}_yz"],
                                [f"{name}_q"]),
               helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_ys", f"{name}_yz"],
                                [f"{name}_dq"])]
     return f"{name}_dq", f"{name}_q"
+
+
+def inverted_residual_block(rng, c=16, expand=6, hw=10, n=1):
+    """x (u8) -> DQ -> 1x1 expansion -> Q/DQ -> 3x3 depthwise -> Q/DQ -> 1x1 projection ->
+    Q/DQ -> Add(DQ(x)) -> Q: MobileNetV2's block (ReLU6 left out: its clamp is the codes')."""
+    m = c * expand
+    inits = [nh.from_array(np.array(0.05, np.float32), "xs"),
+             nh.from_array(np.array(7, np.uint8), "xz"),
+             nh.from_array(np.array(0.1, np.float32), "ys"),
+             nh.from_array(np.array(110, np.uint8), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"])]
+    h1, _ = _qdq_conv_nodes(rng, "e", "xd", 0.05, c, m, 1, 1, inits, nodes, 3)
+    h2, _ = _qdq_conv_nodes(rng, "dw", h1, 0.08, m, m, 3, 1, inits, nodes, 9, group=m)
+    h3, _ = _qdq_conv_nodes(rng, "p", h2, 0.08, m, c, 1, 1, inits, nodes, 128, 0.5)
+    nodes += [helper.make_node("Add", [h3, "xd"], ["s"]),
+              helper.make_node("QuantizeLinear", ["s", "ys", "yz"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8,
+                                                        [n, c, hw, hw])],
+                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
 
 
 def residual_block(rng, c=16, hw=9, relu=True, down=False, n=1, ys2=0.5):
@@ -178,6 +198,21 @@ def test_compiled_block_equals_the_fused_reference(tmp_path, relu, down):
         make_pass("canonicalize")(load(model))))
     for seed in range(2):
         x = np.random.default_rng(200 + seed).integers(0, 256, (2, 16, 9, 9)).astype(np.uint8)
+        np.testing.assert_array_equal(compiled.run({"x": x})["y"], _ours(fused, {"x": x}))
+
+
+def test_compiled_inverted_residual_block_equals_the_fused_reference(tmp_path):
+    """MobileNetV2's block compiled for the host (channels-last on x86: 1 x 1 channel lanes,
+    depthwise lanes on vpdpbusd or int32 products) exactly as the reference of the same IR,
+    its layers channels-last where the host's kernels take them."""
+    model = inverted_residual_block(np.random.default_rng(3), n=2)
+    compiled = _compile_or_skip(model, tmp_path, "inverted")
+    fused = make_pass("fuse-requant")(make_pass("fuse-qconv")(
+        make_pass("canonicalize")(load(model))))
+    convs = [n for n in compiled.module.main.nodes if n.op == "qconv"]
+    assert len(convs) == 3 and all(n.attrs.get("channels_last") for n in convs)
+    for seed in range(2):
+        x = np.random.default_rng(300 + seed).integers(0, 256, (2, 16, 10, 10)).astype(np.uint8)
         np.testing.assert_array_equal(compiled.run({"x": x})["y"], _ours(fused, {"x": x}))
 
 
