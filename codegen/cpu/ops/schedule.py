@@ -98,6 +98,16 @@ def schedule_injective(sch, outputs, p: ScheduleParams, stages=()):
             else:
                 _vectorize_inner(sch, loops[0], p)
             continue
+        inner = _static(shape[-1])
+        if len(loops) > 2 and inner is not None and 1 < inner < p.lanes \
+                and _static(shape[-2]) is not None:
+            # A short static innermost dim (an NCHW -> NHWC transpose of 3 channels): it is
+            # unrolled and the dim above it stays a loop of its own, which LLVM vectorizes
+            # (interleaved loads or stores), where one fused loop over the pixels divided
+            # its index per element and stored bytes one at a time
+            _outer_parallel(sch, loops[:-2], shape, p)
+            sch.unroll(loops[-1])
+            continue
         _outer_parallel(sch, loops[:-1], shape, p)
         _vectorize_inner(sch, loops[-1], p)
 
