@@ -44,6 +44,10 @@ def _wants_channels_last(node) -> bool:
     return all(isinstance(d, (int, str)) for d in node.operands[0].type.shape)
 
 
+def _transposes(fn) -> int:
+    return sum(1 for n in fn.nodes if n.op == "transpose")
+
+
 def _transposed(t: TensorType, perm: list) -> TensorType:
     return TensorType(tuple(t.shape[p] for p in perm), t.dtype, t.quant)
 
@@ -67,11 +71,12 @@ class ConvChannelsLastPass(Pass):
             # kernel sits between convolutions (an activation left in float, a concat): two
             # transposes around it cost more than the channel lanes save, so that function
             # stays NCHW.
+            before = {fn.name: _transposes(fn) for fn in module.functions}
             trial = module.clone()
             _convert(trial, skip=keep_nchw)
             for fn in trial.functions:
-                copies = sum(1 for n in fn.nodes if n.op == "transpose")
-                if fn.name not in keep_nchw and copies > len(fn.args) + len(fn.outputs):
+                added = _transposes(fn) - before[fn.name]
+                if fn.name not in keep_nchw and added > len(fn.args) + len(fn.outputs):
                     keep_nchw.add(fn.name)
         converted, cancelled, as_views = _convert(module, skip=keep_nchw)
         record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled,
