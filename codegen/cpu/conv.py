@@ -1426,8 +1426,7 @@ def _schedule(func, variant: str, extra: dict):
         return sch.mod["main"]
     if extra["px"]:
         return _schedule_px(sch, out, extra)
-    if (extra.get("nhwc") and not extra["weights_outer"] and extra["group"] == 1
-            and extra["mg"] % OC_BLOCK == 0):
+    if extra.get("nhwc") and extra["group"] == 1 and extra["mg"] % OC_BLOCK == 0:
         return _schedule_channel_lanes_fused(sch, out, extra)
     register_conv_vnni_intrin()
     row = _schedule_channel_lanes(sch, out, extra, OC_BLOCK, CONV_VNNI_INTRIN)
@@ -1524,21 +1523,31 @@ def _schedule_channel_lanes_fused(sch, out, extra: dict):
     in parallel; per tile of ``register_tile`` columns x 16-channel blocks, the sums in
     registers over the whole window, then the tile's epilogue reading the accumulators
     themselves (no int32 row of sums stored and read back: a 1 x 1 layer of few input
-    channels is mostly epilogue). One group, channels a multiple of 16, and the image rows
-    outweighing the weights (the row loop outermost)."""
+    channels is mostly epilogue). One group, channels a multiple of 16. Where the image
+    rows outweigh the weights, the rows are the outer (parallel) loop; else each block of
+    output channels is, and its weights stay in cache while it sweeps the whole image."""
     register_conv_vnni_intrin(CONV_VNNI_STACK_INTRIN)
     blk = sch.get_sblock("sum")
     on, oy, ox, om = sch.get_loops(out)
-    row = sch.fuse(on, oy)
-    sch.parallel(row)
     cols, blocks = register_tile(extra["ow"], extra["mg"] // OC_BLOCK)
     oxo, oxi = sch.split(ox, [None, cols])
     omo, omi = sch.split(om, [None, blocks * OC_BLOCK])
-    sch.reorder(row, oxo, omo, oxi, omi)
-    sch.compute_at(blk, omo, preserve_unit_loops=True)
-    if extra.get("xsum"):
+    if extra["weights_outer"]:
+        sch.reorder(on, omo, oy, oxo, oxi, omi)
+        sch.parallel(sch.fuse(on, omo))
+        tile = oxo
+    else:
+        sch.reorder(on, oy, oxo, omo, oxi, omi)
+        row = sch.fuse(on, oy)
+        sch.parallel(row)
+        tile = omo
+    sch.compute_at(blk, tile, preserve_unit_loops=True)
+    if extra.get("xsum") and extra["weights_outer"]:  # (once, not per channel block)
+        b = sch.get_sblock("xsum")
+        sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    elif extra.get("xsum"):
         sch.compute_at(sch.get_sblock("xsum"), row, preserve_unit_loops=True)
-    # (row, oxo, omo, then the block's own)
+    # (three loops above the tile, then the block's own)
     nn, g, yy, xx, mo, mi, ry, rx, rco, rci = sch.get_loops(blk)[3:]
     sch.reorder(ry, rx, rco, nn, g, yy, xx, mo, mi, rci)
     acc = sch.cache_write(blk, 0, "global")   # (a stack array, kept in registers)
@@ -1547,7 +1556,7 @@ def _schedule_channel_lanes_fused(sch, out, extra: dict):
     sch.unroll(xx)
     sch.unroll(mo)
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
-    _registers_below(sch, sch.get_sblock("sum_init"), omo)
+    _registers_below(sch, sch.get_sblock("sum_init"), tile)
     sch.unroll(oxi)
     width = next(v for v in (64, 32, 16) if (blocks * OC_BLOCK) % v == 0)
     sch.vectorize(sch.split(omi, [None, width])[1])

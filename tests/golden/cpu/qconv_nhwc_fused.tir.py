@@ -7,13 +7,12 @@ def qconv_f17d18c3b29c41c6(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
     # with T.sblock("root"):
     wq = T.sblock_alloc_buffer((1, 2, 3, 3, 4, 16, 4), "int8")
     xq = T.sblock_alloc_buffer((1, 1, 10, 10, 16), "uint8")
-    sum = T.sblock_alloc_buffer((1, 1, 8, 8, 2, 16), "int32")
     xsum = T.sblock_alloc_buffer((1, 1, 8, 8), "int32")
     ones = T.sblock_alloc_buffer((4,), "uint8")
     wsum = T.sblock_alloc_buffer((1, 2, 16), "int32")
     offset = T.sblock_alloc_buffer((32,), "int32")
     scale = T.sblock_alloc_buffer((32,))
-    sum_local = T.sblock_alloc_buffer((1, 1, 8, 8, 2, 16), "int32", scope="local")
+    sum_global = T.sblock_alloc_buffer((1, 1, 8, 8, 2, 16), "int32")
     wsum_local = T.sblock_alloc_buffer((1, 2, 16), "int32", scope="local")
     for g, mo, yy, xx, co, mi, ci in T.grid(1, 2, 3, 3, 4, 16, 4):
         with T.sblock("wq"):
@@ -40,48 +39,6 @@ def qconv_f17d18c3b29c41c6(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
                 T.reads(in0[v_nn, v_yy, v_xx, T.min(v_g * 16 + v_cc, 15)])
                 T.writes(xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc])
                 xq[v_nn, v_g, v_yy + 1, v_xx + 1, v_cc] = T.Cast("uint8", T.Cast("int32", in0[v_nn, v_yy, v_xx, T.min(v_g * 16 + v_cc, 15)]))
-    for nn_g_mo_0_fused in T.parallel(1):
-        for yy, xx_0 in T.grid(8, 1):
-            for xx_1_init in T.unroll(8):
-                for mo_1_init in T.unroll(2):
-                    for mi_init in T.vectorized(16):
-                        with T.sblock("sum_init"):
-                            v_nn = T.axis.spatial(1, 0)
-                            v_g = T.axis.spatial(1, 0)
-                            v_yy = T.axis.spatial(8, yy)
-                            v_xx = T.axis.spatial(8, xx_0 * 8 + xx_1_init)
-                            v_mo, v_mi = T.axis.remap("SS", [mo_1_init, mi_init])
-                            T.reads()
-                            T.writes(sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
-                            sum_local[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
-            for ry, rx, rco in T.grid(3, 3, 4):
-                for xx_1 in T.unroll(8):
-                    for mo_1 in T.unroll(2):
-                        with T.sblock("sum_update_o"):
-                            v_nn_o = T.axis.spatial(1, 0)
-                            v_g_o = T.axis.spatial(1, 0)
-                            v_yy_o = T.axis.spatial(8, yy)
-                            v_xx_o = T.axis.spatial(8, xx_0 * 8 + xx_1)
-                            v_mo_o = T.axis.spatial(2, mo_1)
-                            v_mi_o = T.axis.spatial(1, 0)
-                            v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ry, rx, rco])
-                            v_rci_o = T.axis.reduce(1, 0)
-                            T.reads(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
-                            T.writes(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
-                            A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
-                            B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
-                            C = T.match_buffer(sum_local[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", scope="local", offset_factor=1)
-                            C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
-            for ax0 in T.unroll(8):
-                for ax1 in T.unroll(2):
-                    for ax2 in T.vectorized(16):
-                        with T.sblock("sum_local"):
-                            v0 = T.axis.spatial(1, 0)
-                            v1 = T.axis.spatial(1, 0)
-                            v2, v3, v4, v5 = T.axis.remap("SSSS", [yy, ax0, ax1, ax2])
-                            T.reads(sum_local[v0, v1, v2, v3, v4, v5])
-                            T.writes(sum[v0, v1, v2, v3, v4, v5])
-                            sum[v0, v1, v2, v3, v4, v5] = sum_local[v0, v1, v2, v3, v4, v5]
     for nn_g_yy_fused in T.parallel(8):
         for xx, sy, sx, sc in T.grid(8, 3, 3, 16):
             with T.sblock("xsum"):
@@ -137,13 +94,45 @@ def qconv_f17d18c3b29c41c6(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
             T.reads(in2[()], in4[v_mm], in7[()])
             T.writes(scale[v_mm])
             scale[v_mm] = in2[()] * in4[v_mm] / in7[()]
-    for nn_yy_fused in T.parallel(8):
-        for xx, mm_0 in T.grid(8, 2):
-            for mm_1 in T.vectorized(16):
-                with T.sblock("out"):
-                    v_nn = T.axis.spatial(1, 0)
-                    v_yy, v_xx = T.axis.remap("SS", [nn_yy_fused, xx])
-                    v_mm = T.axis.spatial(32, mm_0 * 16 + mm_1)
-                    T.reads(sum[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16], offset[v_mm], in5[v_mm], xsum[v_nn, v_mm // 32, v_yy, v_xx], scale[v_mm], in8[()])
-                    T.writes(out[v_nn, v_yy, v_xx, v_mm])
-                    out[v_nn, v_yy, v_xx, v_mm] = T.Cast("uint8", T.reinterpret("int32", T.min(T.max(T.Cast("float32", sum[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16] + offset[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 32, v_yy, v_xx]) * scale[v_mm], T.Cast("float32", 110 - T.Cast("int32", in8[()]))), T.Cast("float32", 255 - T.Cast("int32", in8[()]))) + T.float32(12582912.0)) + T.Cast("int32", in8[()]) - 1262485504)
+    for nn_mm_0_fused in T.parallel(1):
+        for yy, xx_0 in T.grid(8, 1):
+            for ax0_init in T.unroll(1):
+                for ax1_init in T.unroll(1):
+                    for ax2_init in T.unroll(1):
+                        for ax3_init in T.unroll(8):
+                            for ax4_init in T.unroll(2):
+                                for ax5_init in T.vectorized(16):
+                                    with T.sblock("sum_init"):
+                                        v_nn, v_g = T.axis.remap("SS", [ax0_init, ax1_init])
+                                        v_yy = T.axis.spatial(8, yy + ax2_init)
+                                        v_xx, v_mo, v_mi = T.axis.remap("SSS", [ax3_init, ax4_init, ax5_init])
+                                        T.reads()
+                                        T.writes(sum_global[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
+                                        sum_global[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
+            for ax6, ax7, ax8, ax0, ax1, ax2 in T.grid(3, 3, 4, 1, 1, 1):
+                for ax3 in T.unroll(8):
+                    for ax4 in T.unroll(2):
+                        with T.sblock("sum_update_o"):
+                            v_nn_o, v_g_o = T.axis.remap("SS", [ax0, ax1])
+                            v_yy_o = T.axis.spatial(8, yy + ax2)
+                            v_xx_o, v_mo_o = T.axis.remap("SS", [ax3, ax4])
+                            v_mi_o = T.axis.spatial(1, 0)
+                            v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ax6, ax7, ax8])
+                            v_rci_o = T.axis.reduce(1, 0)
+                            T.reads(sum_global[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4])
+                            T.writes(sum_global[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16])
+                            A = T.match_buffer(xq[v_nn_o, v_g_o, v_yy_o + v_ry_o, v_xx_o + v_rx_o, v_rco_o * 4:v_rco_o * 4 + 4], (4,), "uint8", offset_factor=1)
+                            B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
+                            C = T.match_buffer(sum_global[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", offset_factor=1)
+                            C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
+            for xx_1 in T.unroll(8):
+                for mm_1_0 in range(1):
+                    for mm_1_1 in T.vectorized(32):
+                        with T.sblock("out"):
+                            v_nn = T.axis.spatial(1, 0)
+                            v_yy = T.axis.spatial(8, yy)
+                            v_xx = T.axis.spatial(8, xx_0 * 8 + xx_1)
+                            v_mm = T.axis.spatial(32, mm_1_0 * 32 + mm_1_1)
+                            T.reads(sum_global[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16], offset[v_mm], in5[v_mm], xsum[v_nn, v_mm // 32, v_yy, v_xx], scale[v_mm], in8[()])
+                            T.writes(out[v_nn, v_yy, v_xx, v_mm])
+                            out[v_nn, v_yy, v_xx, v_mm] = T.Cast("uint8", T.reinterpret("int32", T.min(T.max(T.Cast("float32", sum_global[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16] + offset[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 32, v_yy, v_xx]) * scale[v_mm], T.Cast("float32", 110 - T.Cast("int32", in8[()]))), T.Cast("float32", 255 - T.Cast("int32", in8[()]))) + T.float32(12582912.0)) + T.Cast("int32", in8[()]) - 1262485504)
