@@ -44,6 +44,13 @@ def _wants_channels_last(node) -> bool:
     return all(isinstance(d, (int, str)) for d in node.operands[0].type.shape)
 
 
+def _record(module: Module, name: str, counts: tuple, kept: int) -> Module:
+    converted, cancelled, as_views = counts
+    record_stat(module, name, channels_last=converted, transposes_cancelled=cancelled,
+                transposes_as_reshapes=as_views, functions_kept_nchw=kept)
+    return module
+
+
 def _transposes(fn) -> int:
     return sum(1 for n in fn.nodes if n.op == "transpose")
 
@@ -61,27 +68,25 @@ class ConvChannelsLastPass(Pass):
 
     def run(self, module: Module) -> Module:
         takes = self._cpu_kernels_take(module) if self.target else None
-        keep_nchw = set()
-        if takes is not None:
-            keep_nchw = {fn.name for fn in module.functions
-                         if not all(takes(node) for node in fn.nodes
-                                    if _wants_channels_last(node))}
-            # A dry run on a copy: where the chains would leave more transposes (copies of
-            # activations) than the function has inputs and outputs, an op without an NHWC
-            # kernel sits between convolutions (an activation left in float, a concat): two
-            # transposes around it cost more than the channel lanes save, so that function
-            # stays NCHW.
-            before = {fn.name: _transposes(fn) for fn in module.functions}
-            trial = module.clone()
-            _convert(trial, skip=keep_nchw)
-            for fn in trial.functions:
-                added = _transposes(fn) - before[fn.name]
-                if fn.name not in keep_nchw and added > len(fn.args) + len(fn.outputs):
-                    keep_nchw.add(fn.name)
-        converted, cancelled, as_views = _convert(module, skip=keep_nchw)
-        record_stat(module, self.name, channels_last=converted, transposes_cancelled=cancelled,
-                    transposes_as_reshapes=as_views, functions_kept_nchw=len(keep_nchw))
-        return module
+        if takes is None:
+            return _record(module, self.name, _convert(module), kept=0)
+        keep_nchw = {fn.name for fn in module.functions
+                     if not all(takes(node) for node in fn.nodes if _wants_channels_last(node))}
+        # A trial on a copy: where the chains would leave more transposes (copies of
+        # activations) than the function has inputs and outputs, an op without an NHWC kernel
+        # sits between convolutions (an activation left in float, a concat): two transposes
+        # around it cost more than the channel lanes save, so that function stays NCHW (and
+        # the module is converted again without it; else the trial is the result).
+        before = {fn.name: _transposes(fn) for fn in module.functions}
+        trial = module.clone()
+        counts = _convert(trial, skip=keep_nchw)
+        over = {fn.name for fn in trial.functions if fn.name not in keep_nchw
+                and _transposes(fn) - before[fn.name] > len(fn.args) + len(fn.outputs)}
+        if not over:
+            return _record(trial, self.name, counts, kept=len(keep_nchw))
+        keep_nchw |= over
+        return _record(module, self.name, _convert(module, skip=keep_nchw),
+                       kept=len(keep_nchw))
 
     def _cpu_kernels_take(self, module: Module):
         """Whether the CPU target's kernel takes a node channels-last."""

@@ -262,7 +262,7 @@ def _run_kernel(module: Module, node, variant: str, feeds: dict) -> np.ndarray:
     from qcompiler.ir.core import constant_value
     from qcompiler.targets import get_target
 
-    name = kernel_name(node, variant)
+    name = kernel_name(node, variant, module)
     func = build_qconv(node, variant, module).with_attr("global_symbol", name)
     lib = tvm.compile(tvm.IRModule({name: func}), target=tvm_target(get_target("cpu")))
     args = []

@@ -383,10 +383,24 @@ def register_tile(ow: int, oc_blocks: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def kernel_name(node: Node, variant: str) -> str:
-    """One name per distinct kernel: the operand types, attributes and variant."""
-    text = repr((variant, [None if v is None else (v.type.shape, str(v.type.dtype))
-                           for v in node.operands],
+def kernel_name(node: Node, variant: str, module=None) -> str:
+    """One name per distinct kernel: the operand types, attributes, variant, and what the
+    kernel bakes in from the module's constant values (x's zero point, the clamp's codes from
+    y_scale / y_zero_point, whether x's window sums are needed, the depthwise lanes'
+    vpdpbusd form): two layers of one shape may differ there, and one kernel shared between
+    them would compute the second wrong."""
+    baked = [variant]
+    if variant in ("vnni", "taps", "dwlanes", "dwlanes_avx2"):
+        baked.append(("xzp", const_x_zero_point(node, module)))
+    if node.attrs["out"] == "quant":
+        baked.append(("codes", _bounds(node, module)))
+    if variant == "vnni":
+        baked.append(("xsum", not _zero_after_shift(node, module, conv_w_shift(node))))
+    if variant == "dwlanes":
+        m = node.arg("w").type.shape[0]
+        baked.append(("cb", _dw_vnni_block(node, module, m, *node.attrs["dilations"])))
+    text = repr((baked, [None if v is None else (v.type.shape, str(v.type.dtype))
+                         for v in node.operands],
                  sorted((k, repr(v)) for k, v in node.attrs.items() if k != "config"),
                  str(node.results[0].type.dtype)))
     return "qconv_" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -438,21 +452,7 @@ def primfunc_for_qconv(node: Node, params, module=None, known=(), vnni=None):
     # (cpu-x86-avx2, or a host without it: AVX2-only, or AVX-512 without VNNI)
     avx2 = getattr(params, "arch", "x86_64") == "x86_64" and getattr(params, "lanes", 0) >= 8
     variant = conv_variant(node, vnni, module, avx2=avx2)
-    zp = (const_x_zero_point(node, module)
-          if variant in ("vnni", "taps", "dwlanes", "dwlanes_avx2") else None)
-    # What the kernel bakes in from constant values, not only from types and attributes,
-    # is part of its name: two layers of one shape may differ there, and one shared kernel
-    # would compute the second wrong (the clamp's codes from y_scale / y_zero_point, whether
-    # the x window sums are needed, the depthwise lanes' vpdpbusd form).
-    tag = variant if zp is None else f"{variant}/xzp={zp}"
-    if node.attrs["out"] == "quant":
-        tag += "/codes=%d,%d" % _bounds(node, module)
-    if variant == "vnni":
-        tag += f"/xsum={not _zero_after_shift(node, module, conv_w_shift(node))}"
-    if variant == "dwlanes":
-        m = node.arg("w").type.shape[0]
-        tag += f"/cb={_dw_vnni_block(node, module, m, *node.attrs['dilations'])}"
-    name = kernel_name(node, tag)
+    name = kernel_name(node, variant, module)
     if name in known:
         return name, None
     func = build_qconv(node, variant, module)
@@ -596,17 +596,15 @@ def build_qconv(node: Node, variant: str, module=None):
             v = v + placeholders[6](mm)
         return v
 
-    def conv_scale(mm):  # f32(x_scale * w_scale[m]), as the reference
-        return scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
-
-    def requant_scale(mm):  # f32(conv_scale / y_scale) (out=quant), as the reference
-        return conv_scale(mm) / scalar(7).astype(f32)
+    def out_scale(mm):
+        """What the sum is multiplied by, as the reference: f32(x_scale * w_scale[m]), for
+        out=quant divided by y_scale."""
+        v = scalar(2).astype(f32) * per_channel(4, mm).astype(f32)
+        return v / scalar(7).astype(f32) if a["out"] == "quant" else v
     if nhwc:
         # Channels-last epilogues take a vector of channels per pixel: the per-channel scale
         # made once per call (the same f32 values), not a division per output vector.
-        per_call = te.compute((m,), requant_scale if a["out"] == "quant" else conv_scale,
-                              name="scale")
-        conv_scale = requant_scale = per_call
+        out_scale = te.compute((m,), out_scale, name="scale")
 
     def fenced(v):
         """A product rounded on its own before the sum it feeds, as in the reference: TVM
@@ -620,7 +618,7 @@ def build_qconv(node: Node, variant: str, module=None):
 
     if a["out"] == "float":
         def out_fn(nn, mm, yy, xx):
-            v = total(nn, mm, yy, xx).astype(f32) * conv_scale(mm)
+            v = total(nn, mm, yy, xx).astype(f32) * out_scale(mm)
             if 9 in placeholders:
                 v = fenced(v) + residual(nn, mm, yy, xx).astype(f32)
             if "act_min" in a:
@@ -634,7 +632,7 @@ def build_qconv(node: Node, variant: str, module=None):
 
         def out_fn(nn, mm, yy, xx):
             ys = scalar(7).astype(f32)
-            v = total(nn, mm, yy, xx).astype(f32) * requant_scale(mm)
+            v = total(nn, mm, yy, xx).astype(f32) * out_scale(mm)
             if 9 in placeholders:
                 r = residual(nn, mm, yy, xx).astype(i32) - scalar(11).astype(i32)
                 v = fenced(v) + fenced(r.astype(f32) * (scalar(10).astype(f32) / ys))
@@ -1011,22 +1009,15 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module, vnni: bool = True):
     channel, a contiguous vector per tap); ``sum - xzp * Wsum[m]`` is the exact sum, with x
     padded by its zero point (a copy of whole rows, the border filled apart). On VNNI
     targets the vpdpbusd form where ``_dw_vnni_block`` allows it (``_dw_vnni_sum``)."""
-    from tvm import te, tirx
+    from tvm import te
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
     i32 = "int32"
-    zp = const_x_zero_point(node, module)
-    x_dtype = str(node.operands[0].type.dtype.np_dtype)
     cb = _dw_vnni_block(node, module, m, dh, dw) if vnni else 0
     if cb:
-        return _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp, cb)
+        return _dw_vnni_sum(node, x, wt, xzp, wzp, dims, module, cb)
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-
-    def x_pad(nn, yy, xx, cc):
-        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
-        return tirx.if_then_else(inside, x(nn, cc, yy - pt, xx - pl),
-                                 tirx.const(zp, x_dtype))
-    xp = te.compute((n, hp, wp, c), x_pad, name="xq")
+    xp, zx = _dw_padded_x(node, x, xzp, dims, module, hp, wp)
     wc = te.compute((kh, kw, m), lambda yy, xx, mm: wt(mm, 0, yy, xx).astype(i32) - wzp(mm),
                     name="wc")
     wy = te.reduce_axis((0, kh), name="wy")
@@ -1041,12 +1032,31 @@ def _dw_lanes_sum(node, x, wt, xzp, wzp, dims, module, vnni: bool = True):
     def acc(nn, mm, yy, xx):
         return s(nn, yy, xx, mm)
     return acc, {"ow": ow, "m": m, "xq_border": bool(pt or pl or hp > h or wp > w_),
-                 "channel_term": lambda mm: -xzp * wsum(mm),
+                 "channel_term": lambda mm: -zx * wsum(mm),
                  # a vector of channels: 16 int32 lanes on VNNI targets, 8 (AVX2's) else
                  "lanes": OC_BLOCK if vnni else MADD_OC_BLOCK}
 
 
-def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
+def _dw_padded_x(node, x, xzp, dims, module, hp: int, wp: int):
+    """The depthwise lanes kernels' NHWC copy of x, [n, hp, wp, c] of unsigned bytes padded
+    by x's zero point (i8 codes shifted by +128, as the vnni kernel's), and that zero point
+    (shifted): ``sum x' * w - zx' * Wsum`` is the exact sum."""
+    from tvm import te, tirx
+
+    n, c, h, w_ = dims[:4]
+    pt, pl = dims[16:18]
+    zp = const_x_zero_point(node, module)
+    x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0
+
+    def x_pad(nn, yy, xx, cc):
+        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
+        return tirx.if_then_else(inside, (x(nn, cc, yy - pt, xx - pl).astype("int32")
+                                          + x_shift).astype("uint8"),
+                                 tirx.const(zp + x_shift, "uint8"))
+    return te.compute((n, hp, wp, c), x_pad, name="xq"), xzp + x_shift
+
+
+def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, module, cb: int):
     """The dwlanes kernel on vpdpbusd: each window row's taps in groups of 4 (the last
     group padded with zero weights, the padded image one group wider), ``cb`` channels a
     step (``register_conv_dw_vnni_intrin``); i8 x shifted by +128 (``sum - zx' * Wsum``
@@ -1055,17 +1065,10 @@ def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
 
     n, c, h, w_, m, cg, kh, kw, oh, ow, group, mg, sh, sw, dh, dw, pt, pl = dims
     i32 = "int32"
-    x_shift = 128 if node.operands[0].type.dtype.name == "i8" else 0
     groups = -(-kw // TAP_BLOCK)
     hp = (oh - 1) * sh + kh
     wp = (ow - 1) * sw + groups * TAP_BLOCK
-
-    def x_pad(nn, yy, xx, cc):
-        inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w_)
-        return tirx.if_then_else(inside, (x(nn, cc, yy - pt, xx - pl).astype(i32)
-                                          + x_shift).astype("uint8"),
-                                 tirx.const(zp + x_shift, "uint8"))
-    xp = te.compute((n, hp, wp, c), x_pad, name="xq")
+    xp, zx = _dw_padded_x(node, x, xzp, dims, module, hp, wp)
 
     def w_pack(yy, g, mm, t):
         kx = g * TAP_BLOCK + t
@@ -1083,7 +1086,6 @@ def _dw_vnni_sum(node, x, wt, xzp, wzp, dims, zp: int, cb: int):
     s = te.compute((n, oh, ow, m), lambda nn, yy, xx, mm: te.sum(
         xp(nn, yy * sh + ry, xx * sw + rg * TAP_BLOCK + rt, mm).astype(i32)
         * wq(ry, rg, mm, rt).astype(i32), axis=[ry, rg, rt]), name="sum")
-    zx = xzp + x_shift
 
     def acc(nn, mm, yy, xx):
         return s(nn, yy, xx, mm)
@@ -1097,17 +1099,10 @@ def _schedule_dw_vnni(sch, out, extra: dict):
     16-lane vectors."""
     cb = extra["cb"]
     intrin = register_conv_dw_vnni_intrin(cb)
-    blk = sch.get_sblock("sum")
-    on, oy, ox, om = sch.get_loops(out)
-    row = sch.fuse(on, oy)
-    sch.parallel(row)
     # cols x cb / 16 accumulators: up to 16 of the 32 zmm registers (the tap vectors, their
     # shuffles and the weights need the rest)
     cols = next(b for b in (4, 7, 3, 2, 1) if extra["ow"] % b == 0 and b * cb <= 256)
-    oxo, oxi = sch.split(ox, [None, cols])
-    omo, omi = sch.split(om, [None, cb])
-    sch.reorder(row, oxo, omo, oxi, omi)
-    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    blk, omo, oxi, omi = _dw_tile(sch, out, cols, cb)
     nn, yy, xx, mm, ry, rg, rt = sch.get_loops(blk)[3:]
     sch.reorder(ry, rg, nn, yy, xx, mm, rt)
     acc = sch.cache_write(blk, 0, "global")   # (a stack array: PX_ACC_SCOPE's reason)
@@ -1119,28 +1114,42 @@ def _schedule_dw_vnni(sch, out, extra: dict):
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
     sch.unroll(oxi)
     sch.vectorize(sch.split(omi, [None, OC_BLOCK])[1])
-    b = sch.get_sblock("xq")
-    sch.decompose_padding(b, sch.get_loops(b)[2])
-    sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    _schedule_dw_xq(sch, border=True)
     return sch.mod["main"]
+
+
+def _dw_tile(sch, out, cols: int, channels: int):
+    """The depthwise lanes kernels' tiles: output rows in parallel, per row ``cols``
+    pixels x ``channels`` channels, the tile's sums computed right before its epilogue.
+    Returns (the sums' block, the tile's channel loop, the epilogue's pixel and channel
+    loops)."""
+    blk = sch.get_sblock("sum")
+    on, oy, ox, om = sch.get_loops(out)
+    row = sch.fuse(on, oy)
+    sch.parallel(row)
+    oxo, oxi = sch.split(ox, [None, cols])
+    omo, omi = sch.split(om, [None, channels])
+    sch.reorder(row, oxo, omo, oxi, omi)
+    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    return blk, omo, oxi, omi
+
+
+def _schedule_dw_xq(sch, border: bool):
+    """The padded copy of x, per padded row (the border filled apart, the row copied), the
+    rows in parallel."""
+    b = sch.get_sblock("xq")
+    if border:
+        sch.decompose_padding(b, sch.get_loops(b)[2])
+    sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
 
 
 def _schedule_dw_lanes(sch, out, extra: dict):
     """Rows in parallel; per row ``cols`` output pixels x 16 channels of sums in registers
     over the window (one weight vector serves the cols pixels), the epilogue right after
     them; the padded copy of x and the centred weights per call, before."""
-    blk = sch.get_sblock("sum")
-    on, oy, ox, om = sch.get_loops(out)
-    row = sch.fuse(on, oy)
-    sch.parallel(row)
     cols = next(b for b in (4, 7, 3, 2, 1) if extra["ow"] % b == 0)
-    oxo, oxi = sch.split(ox, [None, cols])
     # (a vector of 16 channels, 8 on AVX2; fewer where the count is not a multiple of it)
-    lanes = next(b for b in (OC_BLOCK, 8, 4, 2, 1)
-                 if b <= extra["lanes"] and extra["m"] % b == 0)
-    omo, omi = sch.split(om, [None, lanes])
-    sch.reorder(row, oxo, omo, oxi, omi)
-    sch.compute_at(blk, omo, preserve_unit_loops=True)
+    blk, omo, oxi, omi = _dw_tile(sch, out, cols, _lanes_dividing(extra["m"], extra["lanes"]))
     nn, yy, xx, mm, ry, rx = sch.get_loops(blk)[3:]
     sch.reorder(ry, rx, nn, yy, xx, mm)
     acc = sch.cache_write(blk, 0, "local")   # (its write-back lands under omo too)
@@ -1154,10 +1163,7 @@ def _schedule_dw_lanes(sch, out, extra: dict):
         _registers_below(sch, block, omo)
     sch.unroll(oxi)
     sch.vectorize(omi)
-    b = sch.get_sblock("xq")
-    if extra["xq_border"]:  # (per padded row: the border filled, the row copied)
-        sch.decompose_padding(b, sch.get_loops(b)[2])
-    sch.parallel(sch.fuse(*sch.get_loops(b)[:2]))
+    _schedule_dw_xq(sch, extra["xq_border"])
     return sch.mod["main"]
 
 
@@ -1443,6 +1449,15 @@ def _schedule(func, variant: str, extra: dict):
     return sch.mod["main"]
 
 
+def _lanes_dividing(channels: int, widest: int) -> int:
+    """The widest vector of channels (a power of two up to ``widest``) that divides
+    ``channels``: whole vectors, no tail."""
+    lanes = widest
+    while channels % lanes:
+        lanes //= 2
+    return lanes
+
+
 def _epilogue_rows(sch, out, extra: dict):
     """The channel-lane epilogue's loops as (row, then the row's outputs): NCHW channel by
     channel; NHWC pixel by pixel, each pixel's channels in 16-lane vectors (contiguous sums,
@@ -1451,8 +1466,7 @@ def _epilogue_rows(sch, out, extra: dict):
         on, oy, ox, om = sch.get_loops(out)
         # (16 lanes, or 8 / 4 where the channels are not a multiple of 16: 24 -> 3 x 8;
         # AVX2's madd kernel 8)
-        lanes = next((v for v in (OC_BLOCK, 8, 4)
-                      if v <= extra.get("lanes", OC_BLOCK) and extra["m"] % v == 0), 1)
+        lanes = _lanes_dividing(extra["m"], extra.get("lanes", OC_BLOCK))
         if lanes > 1:
             sch.vectorize(sch.split(om, [None, lanes])[1])
     else:
@@ -1558,8 +1572,7 @@ def _schedule_channel_lanes_fused(sch, out, extra: dict):
     sch.compute_inline(acc)  # (the epilogue reads the accumulators themselves)
     _registers_below(sch, sch.get_sblock("sum_init"), tile)
     sch.unroll(oxi)
-    width = next(v for v in (64, 32, 16) if (blocks * OC_BLOCK) % v == 0)
-    sch.vectorize(sch.split(omi, [None, width])[1])
+    sch.vectorize(sch.split(omi, [None, _lanes_dividing(blocks * OC_BLOCK, 64)])[1])
     _schedule_wsum(sch)
     _schedule_xq(sch, extra)
     return sch.mod["main"]

@@ -2,7 +2,7 @@
 # from tvm.tirx.layout import Axis
 
 @T.prim_func(s_tir=True)
-def qconv_16e9eb3e25707e24(in0: T.Buffer((1, 8, 8, 32), "uint8"), in1: T.Buffer((32, 1, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((32,), "float32"), in5: T.Buffer((32,), "int8"), in6: T.Buffer((32,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 8, 8, 32), "uint8")):
+def qconv_c1277b8e2c361381(in0: T.Buffer((1, 8, 8, 32), "uint8"), in1: T.Buffer((32, 1, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((32,), "float32"), in5: T.Buffer((32,), "int8"), in6: T.Buffer((32,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 8, 8, 32), "uint8")):
     T.func_attr({"tirx.noalias": True})
     # with T.sblock("root"):
     xq = T.sblock_alloc_buffer((1, 10, 11, 32), "uint8")

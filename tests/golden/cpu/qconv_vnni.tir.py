@@ -2,7 +2,7 @@
 # from tvm.tirx.layout import Axis
 
 @T.prim_func(s_tir=True)
-def qconv_77b01b9319a133f2(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((16, 8, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((16,), "float32"), in5: T.Buffer((16,), "int8"), in6: T.Buffer((16,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 16, 6, 6), "uint8")):
+def qconv_7302a20169521ec3(in0: T.Buffer((1, 8, 6, 6), "uint8"), in1: T.Buffer((16, 8, 3, 3), "int8"), in2: T.Buffer((), "float32"), in3: T.Buffer((), "uint8"), in4: T.Buffer((16,), "float32"), in5: T.Buffer((16,), "int8"), in6: T.Buffer((16,), "int32"), in7: T.Buffer((), "float32"), in8: T.Buffer((), "uint8"), out: T.Buffer((1, 16, 6, 6), "uint8")):
     T.func_attr({"tirx.noalias": True})
     # with T.sblock("root"):
     wq = T.sblock_alloc_buffer((1, 1, 3, 3, 2, 16, 4), "int8")
