@@ -147,3 +147,25 @@ def test_staged_outputs_are_copies(decode):
     np.testing.assert_array_equal(first, kept)
     np.testing.assert_allclose(first, reference.run(decode, first_feeds)["y"], rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["1", "kernels"])
+def test_profile_counts_every_call_per_op_or_per_kernel(decode, monkeypatch, mode):
+    """``QC_PROFILE=1`` sums per op kind; ``QC_PROFILE=kernels`` per op kind and kernel name,
+    which tells apart two steps of one kind (here the three tanh steps of three shapes)."""
+    monkeypatch.setenv("QC_PROFILE", mode)
+    plan = lower(decode, {"p": [8]})
+    ex = PlanExecutor(plan, decode)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ex.run(_inputs(rng, 8))
+    rows = ex.profile()
+    steps = [s for s in plan.steps if s.kind == "kernel"]
+    labels = [s.op if mode == "1" else f"{s.op} {s.kernel}" for s in steps]
+    assert sorted(rows) == sorted(set(labels))
+    for label, row in rows.items():
+        assert row["calls_per_run"] == labels.count(label)
+        assert row["ms_per_run"] > 0
+    if mode == "kernels":  # two tanh kernels ([1, 16] twice shares one name, [1, p, 16])
+        assert sum(1 for label in rows if label.startswith("tanh ")) == 2
+    ex._profile.runs = 0  # nothing printed at exit

@@ -21,7 +21,8 @@ kernel wraps them once); steps that read a larger input or write a larger output
 with the run's arrays.
 
 ``QC_PROFILE=1``: every step is timed; per op kind, the total and per-run milliseconds go to
-stderr at exit (``PlanExecutor.profile()`` returns them).
+stderr at exit (``PlanExecutor.profile()`` returns them). ``QC_PROFILE=kernels``: the same per
+kernel (op kind and kernel name), which tells apart the layers of one kind.
 """
 from __future__ import annotations
 
@@ -198,7 +199,9 @@ class PlanExecutor:
         self._impls: dict[str, StepImpl] = {}
         self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
         self._staged: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> its buffer
-        self._profile = _Profile(plan.function) if os.environ.get("QC_PROFILE") == "1" else None
+        mode = os.environ.get("QC_PROFILE")
+        self._profile = _Profile(plan.function) if mode in ("1", "kernels") else None
+        self._profile_kernels = mode == "kernels"
         values = {r.name: r for n in module.main.nodes for r in n.results}
         self._weights = {}
         for b in plan.buffers.values():
@@ -394,7 +397,10 @@ class PlanExecutor:
             else:  # the lists are patched with the run's arrays before the calls
                 call = functools.partial(impl, args, outs)
             if self._profile is not None:
-                call = self._profile.timed(step.op, call)
+                label = step.op
+                if self._profile_kernels and step.kernel:
+                    label = f"{step.op} {step.kernel}"
+                call = self._profile.timed(label, call)
             calls.append(call)
         staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
         staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}
