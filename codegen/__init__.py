@@ -13,6 +13,9 @@ from __future__ import annotations
 
 class Backend:
     name = "backend"
+    # whether the runner executes plans whose concats write in place (slices of the result:
+    # ``qcompiler.plan.lower``); only where its executor takes slices
+    concat_in_place = False
 
     def prepare(self, target) -> None:
         """Called before the passes run (e.g. import a toolchain the passes will query)."""

@@ -36,6 +36,7 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import Value
 from qcompiler.ir.rewrite import RewritePattern, Rewriter, apply_patterns, producer_of
+from qcompiler.ir.ops import infer_types
 from qcompiler.ir.types import TensorType
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
@@ -193,10 +194,16 @@ class FuseQkv(RewritePattern):
         rot_ops = [qrot.arg(t) for t in tables] if qrot is not None else [None] * 3
         cached = kcat is not None
         past = [kcat.arg("past"), vcat.arg("past")] if cached else []
-        fused = rw.create("qkv_heads", [qkv.result, *rot_ops, *past],
-                          {"num_heads": heads, "kv_heads": hkv, **rotary,
-                           "layer": int(kcat.attrs["layer"]) if cached else 0},
-                          before=node, hint=["q_heads", "k_cache", "v_cache"] if cached
+        operands = [qkv.result, *rot_ops, *past]
+        attrs = {"num_heads": heads, "kv_heads": hkv, **rotary,
+                 "layer": int(kcat.attrs["layer"]) if cached else 0}
+        types = infer_types("qkv_heads", [v.type if v is not None else None for v in operands],
+                            attrs, [rw.const(v) for v in operands])
+        if cached:  # the caches' length P + S as the replaced appends name it (a symbol)
+            types[1:] = [_named_dims(t, cat.results[0].type) for t, cat in
+                         ((types[1], kcat), (types[2], vcat))]
+        fused = rw.create("qkv_heads", operands, attrs, before=node, result_types=types,
+                          hint=["q_heads", "k_cache", "v_cache"] if cached
                           else ["q_heads", "k_heads", "v_heads"])
         q, k, v = fused.results
         rw.fn.replace_all_uses(q_in, q)
@@ -208,6 +215,15 @@ class FuseQkv(RewritePattern):
             rw.fn.replace_all_uses(v_all, v)
             rw.users = rw.fn.users()
         return True
+
+
+def _named_dims(inferred: TensorType, named: TensorType) -> TensorType:
+    """``inferred`` with each unknown dim (``?``: a sum of symbols) taken from ``named``, the
+    type of the value it replaces: plans then know the cache's size at every dims."""
+    if len(inferred.shape) != len(named.shape):
+        return inferred
+    shape = tuple(n if d == "?" else d for d, n in zip(inferred.shape, named.shape))
+    return TensorType(shape, inferred.dtype, inferred.quant, inferred.layout)
 
 
 @register_pass("fuse-qkv")

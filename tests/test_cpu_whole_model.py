@@ -185,6 +185,9 @@ def test_llama_decode_matches_onnxruntime_and_reference(llama):
     import decoder_models as dm
 
     _no_host_fallback(llama)
+    # each layer's k and v caches are written into the stacked present outputs (no concat
+    # step); here by qkv_heads (fuse-qkv), whose caches' length is the symbol the appends had
+    assert llama.report["plan"]["buckets"][0]["concat_slices_in_place"] == 4
     seed = int(np.random.default_rng().integers(1 << 30))
     for batch, seq, past in [(2, 1, 9), (3, 1, 16)]:  # decode steps, both in bucket (16, 1, 16)
         llama.check(dm.llama_inputs(dm.SMALL_LLAMA, 2, batch, seq, past, seed=seed), 1e-4)

@@ -92,6 +92,7 @@ def _tvm_nodes(module):
 
 class CPUBackend(Backend):
     name = "cpu"
+    concat_in_place = True  # PlanExecutor takes slices
     host_fallback_option = True  # compile() takes allow_host_fallback (the driver passes it)
 
     def prepare(self, target) -> None:
@@ -327,7 +328,7 @@ def _ops_library(module, target, kdir: str, out_dir: str):
     from qcompiler.plan.plan import PlanError
 
     try:
-        plan = lower_steps(module)
+        plan = lower_steps(module, CPUBackend.concat_in_place)  # no kernel for in-place concats
     except PlanError as e:  # the runner interprets the whole graph then
         return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
                        "host_fallback": True, "reason": f"no executable plan: {e}"}

@@ -206,7 +206,8 @@ def _write_single(module: Module, tgt: Target, backend, out_dir: str, builder, o
     }
     from qcompiler.plan import artifact_plan
 
-    manifest["plan"], plan_entry, plan_lines = artifact_plan(module, buckets)
+    manifest["plan"], plan_entry, plan_lines = artifact_plan(module, buckets,
+                                                             backend.concat_in_place)
     # Wall-clock seconds of each stage; "backend" includes emitting and building the kernels
     # (the build alone is report["build"]["seconds"]).
     seconds = {"toolchain": prepared - start, "frontend": imported - prepared,

@@ -17,24 +17,34 @@ from qcompiler.plan.plan import (Buffer, MemoryPlan, Plan, PlanError, Step,  # n
 from qcompiler.plan.printer import format_plan  # noqa: F401
 
 
+def slices_in_place(plan: Plan) -> int:
+    """Concat operands that their kernels write in place, into slices of the concat's result
+    (``lower``'s concat_in_place)."""
+    return sum(1 for s in plan.steps if s.kind == "kernel"
+               for n in s.outputs if plan.buffers[n].alias_of)
+
+
 def plan_report(plan: Plan) -> list[dict]:
     """Per bucket: the figures report.json and report.txt show."""
     return [{"bucket": dict(m.bounds), "peak_arena_bytes": m.peak_bytes,
              "intermediate_bytes": m.intermediate_bytes, "kernels": plan.count("kernel"),
              "host_shape_functions": plan.count("host"), "views": plan.count("view"),
-             "in_place": len(m.inplace)} for m in plan.buckets]
+             "in_place": len(m.inplace), "concat_slices_in_place": slices_in_place(plan)}
+            for m in plan.buckets]
 
 
-def artifact_plan(module, buckets=None) -> tuple:
+def artifact_plan(module, buckets=None, concat_in_place: bool = False) -> tuple:
     """(plan JSON or None, report entry, report.txt lines) for an artifact. A graph that cannot
-    be planned (PlanError) still compiles: the report says why it has no plan."""
+    be planned (PlanError) still compiles: the report says why it has no plan.
+    ``concat_in_place``: the backend's (``Backend.concat_in_place``), see ``lower``."""
     try:
-        plan = lower(module, buckets)
+        plan = lower(module, buckets, concat_in_place)
     except PlanError as e:
         return None, {"error": str(e)}, ["", f"plan: none ({e})"]
     rows = plan_report(plan)
     lines = ["", f"plan: {plan.count('kernel')} kernels, {plan.count('host')} host shape "
-                 f"functions, {plan.count('view')} views, {plan.count('copy')} copies "
+                 f"functions, {plan.count('view')} views, {plan.count('copy')} copies, "
+                 f"{slices_in_place(plan)} concat operands written in place "
                  "(qcompile --print-plan shows it)"]
     for r in rows:
         bucket = "{" + ", ".join(f"{k}: {v}" for k, v in r["bucket"].items()) + "}"

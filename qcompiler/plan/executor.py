@@ -40,7 +40,7 @@ import numpy as np
 from qcompiler.errors import InputError
 from qcompiler.ir import Module, elem
 from qcompiler.ir.core import constant_value
-from qcompiler.plan.memory import plan_memory, select_bucket
+from qcompiler.plan.memory import plan_memory, select_bucket, slice_offset
 from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
 from qcompiler.plan.shapes import ConstantCache, resolve
 
@@ -70,6 +70,14 @@ def aligned_array(a: np.ndarray, dtype=None) -> np.ndarray:
     out = aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
     np.copyto(out, a)
     return out
+
+
+def view_of(root: np.ndarray, skip: int, shape) -> np.ndarray:
+    """``root``'s elements from ``skip`` on as ``shape``: a view of the whole root (skip 0,
+    same size) or a slice of it (a concat's operand written in place)."""
+    if not skip and root.size == math.prod(shape):
+        return root.reshape(shape)
+    return root.reshape(-1)[skip:skip + math.prod(shape)].reshape(shape)
 
 
 def reference_step(node, module: Module) -> StepImpl:
@@ -115,7 +123,8 @@ class _Prepared:
         self.calls = calls                  # a no-argument callable per step
         self.patches = patches              # (list, index, buffer name) to bind per run
         self.fresh = fresh                  # output buffer -> (shape, dtype): new per run
-        self.dynamic_views = dynamic_views  # view -> (root, shape) over inputs/outputs
+        # view -> (root, shape, elements before it in the root) over inputs/outputs
+        self.dynamic_views = dynamic_views
         self.outputs = outputs              # output name -> buffer name
         self.staged_inputs = staged_inputs or {}    # input -> its buffer, copied in per run
         self.staged_outputs = staged_outputs or {}  # output -> its buffer, copied out per run
@@ -127,8 +136,8 @@ class _Prepared:
         for name, (shape, dtype) in self.fresh.items():
             bound[name] = aligned_empty(int(np.prod(shape)) * dtype.itemsize).view(
                 dtype).reshape(shape)
-        for name, (root, shape) in self.dynamic_views.items():
-            bound[name] = bound[root].reshape(shape)
+        for name, (root, shape, skip) in self.dynamic_views.items():
+            bound[name] = view_of(bound[root], skip, shape)
         for lst, i, name in self.patches:
             lst[i] = bound[name]
         for call in self.calls:
@@ -369,14 +378,18 @@ class PlanExecutor:
             if b.kind in ("arena", "view"):
                 shape = resolved.shapes.get(b.name)
                 root = plan.buffers[b.alias_of or b.name]
+                skip = slice_offset(plan, b, resolved.shapes)  # bytes before a slice
                 if root.kind == "arena":
-                    static[b.name] = self._arena_view(arena, mem, b, root, shape)
-                    memory[b.name] = (id(arena), mem.offsets[root.name], tuple(shape), b.dtype)
+                    static[b.name] = self._arena_view(arena, mem, b, root, shape, skip)
+                    memory[b.name] = (id(arena), mem.offsets[root.name] + skip, tuple(shape),
+                                      b.dtype)
                 elif root.name in staged:
-                    static[b.name] = staged[root.name].reshape(shape)
-                    memory[b.name] = memory[root.name] + (tuple(shape), b.dtype)
+                    static[b.name] = view_of(staged[root.name],
+                                             skip // staged[root.name].itemsize, shape)
+                    memory[b.name] = memory[root.name] + (skip, tuple(shape), b.dtype)
                 else:
-                    dynamic_views[b.name] = (root.name, shape)
+                    itemsize = elem(b.dtype).np_dtype.itemsize
+                    dynamic_views[b.name] = (root.name, shape, skip // itemsize)
 
         calls, patches = [], []
         for index, step in enumerate(plan.steps):
@@ -420,9 +433,10 @@ class PlanExecutor:
         self._bound[index] = (key, impl, call, args, outs)
         return call
 
-    def _arena_view(self, arena, mem: MemoryPlan, b, root, shape) -> np.ndarray:
+    def _arena_view(self, arena, mem: MemoryPlan, b, root, shape, skip: int = 0) -> np.ndarray:
+        """``b`` over the arena: its root's slot from ``skip`` bytes on (a slice's start)."""
         dtype = elem(b.dtype).np_dtype
-        need = math.prod(shape) * dtype.itemsize
+        need = skip + math.prod(shape) * dtype.itemsize
         # The bucket was sized at its upper bounds; sizes grow with the dims, so a signature
         # within the bounds fits. Checked here, once per signature, rather than assumed.
         if need > mem.sizes[root.name]:
@@ -430,4 +444,4 @@ class PlanExecutor:
                             f"{mem.bounds} planned {mem.sizes[root.name]} (a size that is not "
                             "monotone in the dims)")
         off = mem.offsets[root.name]
-        return arena[off:off + need].view(dtype).reshape(shape)
+        return arena[off + skip:off + need].view(dtype).reshape(shape)

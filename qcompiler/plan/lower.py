@@ -16,14 +16,25 @@ copy per output and per run; returning arena views instead would let the next ru
 results a caller still holds. An output that no kernel writes (a view, an input, a weight, a
 host value, or a value returned under a second name) gets a ``copy`` step at the end.
 
+Concats in place (``concat_in_place=True``; backends whose executor takes slices, the CPU's):
+a concat along an axis with only 1s before it, whose operands are each the whole of an arena
+buffer that only a kernel wrote, has no step. Each operand's producer writes straight into
+its slice of the concat's result (a ``view`` whose ``offset_of`` names the operands before
+it), so the bytes are written once instead of written, read and copied. The slices must
+start on 64-byte boundaries for every dims (compiled kernels take aligned arrays): the
+static bytes of each earlier operand are a multiple of 64. The stacked KV cache of a decode
+step is the case that matters: each layer's cache, concatenated with its new position,
+lands in the graph's ``present`` output directly.
+
 Memory (arena offsets per shape bucket) is planned by ``qcompiler/plan/memory.py``.
 """
 from __future__ import annotations
 
 import re
 
-from qcompiler.ir import Module
-from qcompiler.plan.plan import Buffer, Plan, PlanError, Step
+from qcompiler.ir import Module, elem
+from qcompiler.plan.memory import symbolic_numel
+from qcompiler.plan.plan import ARENA_ALIGN, Buffer, Plan, PlanError, Step
 
 # Ops whose result is the operand's bytes under another shape (the operand is contiguous:
 # every plan buffer is).
@@ -58,7 +69,7 @@ def input_symbols(module: Module) -> list[str]:
     return out
 
 
-def lower(module: Module, buckets=None) -> Plan:
+def lower(module: Module, buckets=None, concat_in_place: bool = False) -> Plan:
     """The plan of ``module.main`` with a memory plan per shape bucket.
 
     ``buckets``: None (the default set, see ``memory.resolve_buckets``), ``{symbol: [bound,
@@ -67,11 +78,12 @@ def lower(module: Module, buckets=None) -> Plan:
     A default bucket the model cannot take (a shape function fails at its bounds: a GPT-2 with
     64 positions at seq 128) is left out and named in ``plan.skipped_buckets``; a bucket the
     caller asked for raises PlanError naming it, as does a model no default bucket fits.
+    ``concat_in_place``: see the module's docstring.
     """
     from qcompiler.plan.memory import plan_memory, resolve_buckets
     from qcompiler.plan.shapes import ConstantCache
 
-    plan = lower_steps(module)
+    plan = lower_steps(module, concat_in_place)
     cache = ConstantCache()
     for bounds in resolve_buckets(buckets, plan.symbols):
         try:
@@ -87,7 +99,7 @@ def lower(module: Module, buckets=None) -> Plan:
     return plan
 
 
-def lower_steps(module: Module) -> Plan:
+def lower_steps(module: Module, concat_in_place: bool = False) -> Plan:
     """The steps and buffers of the plan, without memory plans."""
     fn = module.main
     buffers: dict[str, Buffer] = {}
@@ -102,6 +114,7 @@ def lower_steps(module: Module) -> Plan:
         return b
 
     steps: list[Step] = []
+    concats: list = []  # (step, node) of the concat kernels
     for node in fn.nodes:
         if not node.results:
             raise PlanError(f"{node.op}: a node without results cannot be a plan step")
@@ -135,6 +148,14 @@ def lower_steps(module: Module) -> Plan:
                           kernel_name(node, data) if kind == "kernel" else "",
                           [v.name if v is not None else None for v in node.operands],
                           [r.name for r in node.results]))
+        if kind == "kernel" and node.op == "concat":
+            concats.append((steps[-1], node))
+    if concat_in_place:
+        sliced: set = set()  # results of the concats done in place
+        for step, node in concats:
+            if _slice_concat(buffers, step, node, sliced):
+                steps.remove(step)
+                sliced.add(step.outputs[0])
 
     outputs: dict[str, str] = {}
     written: set[str] = set()
@@ -151,3 +172,40 @@ def lower_steps(module: Module) -> Plan:
         outputs[name] = out_name
     return Plan(fn.name, input_symbols(module), [a.name for a in fn.args], outputs, buffers,
                 steps)
+
+
+def _slice_concat(buffers: dict, step: Step, node, sliced: set) -> bool:
+    """Turn the operands of ``step`` (a concat) into slices of its result when that is legal
+    (see the module's docstring); True when it did, and the step has no work left."""
+    out = buffers[step.outputs[0]]
+    rank = len(out.shape)
+    axis = node.attrs.get("axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    if out.kind not in ("arena", "output") or not 0 <= axis < rank \
+            or any(d != 1 for d in out.shape[:axis]):
+        return False  # each operand would not be one contiguous block of the result
+    if any(n is None for n in step.inputs) or len(set(step.inputs)) != len(step.inputs):
+        return False
+    roots = []
+    for name in step.inputs:
+        b = buffers[name]
+        root = buffers[b.alias_of or name]
+        # the whole of an arena buffer a kernel wrote (not an input, a weight, a host value,
+        # an output, a slice already or a concat done in place: no nested slices), of the
+        # result's element type
+        size = symbolic_numel(b.shape)
+        if (root.kind != "arena" or root.name in sliced or root.dtype != out.dtype
+                or size is None or size != symbolic_numel(root.shape) or root.name in roots):
+            return False
+        roots.append(root.name)
+    itemsize = elem(out.dtype).np_dtype.itemsize
+    if any(symbolic_numel(buffers[n].shape)[0] * itemsize % ARENA_ALIGN
+           for n in step.inputs[:-1]):
+        return False  # a later slice could start off a 64-byte boundary
+    for i, root in enumerate(roots):
+        before = tuple(step.inputs[:i])
+        for b in buffers.values():
+            if b.name == root or b.alias_of == root:
+                b.kind, b.alias_of, b.offset_of = "view", out.name, before
+    return True
+

@@ -1,8 +1,8 @@
 """Memory planning: liveness, in-place reuse and arena offsets per shape bucket.
 
-- Liveness: an arena buffer lives from the step that writes it to the last step that reads it
-  or any view of it (views and host steps read no bytes: a view is an alias, and ``shape``
-  reads only a shape).
+- Liveness: an arena buffer lives from the (first) step that writes it or a slice of it to the
+  last step that reads it or any view of it (views and host steps read no bytes: a view is an
+  alias, and ``shape`` reads only a shape).
 - In-place: an elementwise step may write its output over an operand whose bytes die at that
   step when both have the same byte size for every dims (equal symbolic element counts and the
   same element size): then out[i] depends only on in[i], which nobody reads afterwards. The
@@ -120,9 +120,12 @@ def liveness(plan: Plan) -> dict[str, tuple[int, int]]:
             if plan.buffers[root].kind == "arena":
                 last[root] = i
         for name in step.outputs:
-            if plan.buffers[name].kind == "arena":
-                first[name] = i
-                last.setdefault(name, i)
+            # a slice of an arena buffer (a concat done in place) is written by its own step:
+            # the root lives from the first of them
+            root = plan.buffers[name].alias_of or name
+            if plan.buffers[root].kind == "arena":
+                first[root] = min(first.get(root, i), i)
+                last.setdefault(root, i)
     return {name: (first[name], max(last[name], first[name])) for name in first}
 
 
@@ -159,7 +162,9 @@ def inplace_pairs(plan: Plan, live: dict) -> dict[str, str]:
             root = src.alias_of or name
             if plan.buffers[root].kind != "arena" or live[root][1] != i:
                 continue
-            if (symbolic_numel(src.shape) == want
+            # the whole root, not a slice of it: out[i] must land on in[i]
+            if (symbolic_numel(plan.buffers[root].shape) == want
+                    and symbolic_numel(src.shape) == want
                     and elem(src.dtype).np_dtype.itemsize == elem(dst.dtype).np_dtype.itemsize):
                 out[dst.name] = root
                 break
@@ -173,6 +178,12 @@ def inplace_pairs(plan: Plan, live: dict) -> dict[str, str]:
 
 def nbytes(shape: tuple, dtype: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) * elem(dtype).np_dtype.itemsize
+
+
+def slice_offset(plan: Plan, view, shapes: dict) -> int:
+    """Bytes from the start of its root to ``view`` (0 unless it is a slice: the bytes of the
+    buffers before it, at the concrete ``shapes``)."""
+    return sum(nbytes(shapes[n], plan.buffers[n].dtype) for n in view.offset_of)
 
 
 def place(slots: dict) -> tuple[dict, int]:
@@ -218,5 +229,5 @@ def plan_memory(plan: Plan, module: Module, bounds: dict,
     offsets = {name: slot_offsets[slot_of[name]] for name in live}
     for b in plan.buffers.values():
         if b.kind == "view" and b.alias_of in offsets:
-            offsets[b.name] = offsets[b.alias_of]
+            offsets[b.name] = offsets[b.alias_of] + slice_offset(plan, b, resolved.shapes)
     return MemoryPlan(dict(bounds), offsets, sizes, inplace, peak, sum(sizes.values()))

@@ -10,7 +10,9 @@ they hold. Buffer kinds:
 - ``weight`` a constant: resident, never in the arena;
 - ``arena``  an intermediate: an offset in the one arena of a shape bucket;
 - ``view``   reshape/squeeze/unsqueeze/identity of a contiguous buffer: the same bytes as
-  ``alias_of`` (always the root buffer, never another view) with another shape; no kernel;
+  ``alias_of`` (always the root buffer, never another view) with another shape; no kernel.
+  Or a slice of its root (``offset_of``): a concat's operand that its producer writes
+  straight into the concat's result (``lower(..., concat_in_place=True)``);
 - ``host``   a value that depends only on input *shapes* and constants (``shape`` -> ``concat``
   -> reshape targets, ranges, masks built from them): the plan's shape functions, evaluated on
   the host once per input-shape signature and cached.
@@ -48,6 +50,10 @@ class Buffer:
     shape: tuple          # the IR's shape: ints and symbols (``batch``, ``Min_512__seq``)
     dtype: str            # QIR element type name
     alias_of: Optional[str] = None  # views only: the root buffer
+    # views only: the buffers whose bytes precede this one in its root (a concat's earlier
+    # operands), when it is a slice that its producer writes in place (``lower``'s
+    # ``concat_in_place``); empty for a view of the whole root
+    offset_of: tuple = ()
 
     def shape_text(self) -> str:
         return "*".join(str(d) for d in self.shape) if self.shape else "1"
@@ -110,7 +116,8 @@ def plan_to_json(plan: Plan) -> dict:
         "inputs": list(plan.inputs),
         "outputs": dict(plan.outputs),
         "buffers": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "dtype": b.dtype,
-                     **({"alias_of": b.alias_of} if b.alias_of else {})}
+                     **({"alias_of": b.alias_of} if b.alias_of else {}),
+                     **({"offset_of": list(b.offset_of)} if b.offset_of else {})}
                     for b in plan.buffers.values()],
         "steps": [{"kind": s.kind, "op": s.op, "node": s.node, "kernel": s.kernel,
                    "inputs": list(s.inputs), "outputs": list(s.outputs)} for s in plan.steps],
@@ -127,7 +134,8 @@ def plan_from_json(data: dict) -> Plan:
                         f"{data.get('format') if isinstance(data, dict) else type(data).__name__}")
     try:
         buffers = {b["name"]: Buffer(b["name"], b["kind"], tuple(b["shape"]), b["dtype"],
-                                     b.get("alias_of")) for b in data["buffers"]}
+                                     b.get("alias_of"), tuple(b.get("offset_of", ())))
+                   for b in data["buffers"]}
         steps = [Step(s["kind"], s["op"], s["node"], s["kernel"], list(s["inputs"]),
                       list(s["outputs"])) for s in data["steps"]]
         buckets = [MemoryPlan(dict(m["bounds"]), dict(m["offsets"]), dict(m["sizes"]),

@@ -5,7 +5,8 @@
       %act0 @0x0 [batch*128 f32, 8192 B] = gelu(%fc0.out @0x0)  in place of %fc0.out
 
 Arena buffers show their offset and their size at the bucket's bounds; other buffers their
-kind. Views and host steps (shape functions) are marked; a summary of every bucket ends it.
+kind. Views and host steps (shape functions) are marked, as are kernels that write a slice of
+a concat's result in place; a summary of every bucket ends it.
 """
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ def format_plan(plan: Plan, bucket: Union[dict, MemoryPlan, None] = None) -> str
             line += f"  in place of %{src}"
         if step.kind == "view":
             line += f"  view of %{plan.buffers[step.outputs[0]].alias_of}"
+        else:
+            # concat operands written in place: the concat has no step
+            for out in (plan.buffers[n] for n in step.outputs):
+                if out.alias_of:
+                    after = ", ".join(f"%{n}" for n in out.offset_of)
+                    line += (f"  %{out.name} into %{out.alias_of}"
+                             + (f" after {after}" if after else " at its start"))
         lines.append(line)
     lines.append("  buckets:")
     for m in plan.buckets:
