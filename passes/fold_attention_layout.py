@@ -11,7 +11,9 @@ row stride and the head offset change. So::
     y  = transpose(attention(...), [0, 2, 1, 3])  (its only use) ->  y_bshd = 1, writes y
 
 k and v share one flag, as the kernels share one kv indexing. A transpose with other uses
-stays (folding would keep both copies). The mask's dims are not affected.
+stays (folding would keep both copies). The mask's dims are not affected. A reshape between
+[B, 1, H, D] and [B, H, 1, D] is the same swap (one position: a decode step exported with a
+static sequence, its transposes made reshapes by the canonicalizer) and folds alike.
 
 A rotary embedding between the head split and attention (Llama's q and k) is moved before
 the transpose, so that the transpose reaches attention (or ``fuse-kv-concat``)::
@@ -38,14 +40,26 @@ from qcompiler.pipeline import Pass, record_stat, register_pass
 SWAP_SEQ_HEADS = [0, 2, 1, 3]
 
 
-def _swapped_from(rw: Rewriter, v: Value) -> Optional[Value]:
-    """x when v = transpose(x, [0, 2, 1, 3]) and v has no other use."""
+def unit_seq_swap(src_shape, dst_shape) -> bool:
+    """Whether a reshape from ``src_shape`` to ``dst_shape`` is the seq/heads swap of a single
+    position: [B, 1, H, D] -> [B, H, 1, D] moves no byte (a decode step exported with a
+    static sequence of 1, whose transposes the canonicalizer made reshapes)."""
+    return (len(src_shape) == 4 and len(dst_shape) == 4 and src_shape[1] == 1
+            and dst_shape[2] == 1 and src_shape[0] == dst_shape[0]
+            and src_shape[2] == dst_shape[1] and src_shape[3] == dst_shape[3])
+
+
+def swapped_from(rw: Rewriter, v: Value) -> Optional[Value]:
+    """x when v = transpose(x, [0, 2, 1, 3]), or a reshape of x that is the same swap
+    (``unit_seq_swap``), and v has no other use."""
     node = v.producer
-    if node is None or node.op != "transpose" or not rw.single_use(v):
+    if node is None or not rw.single_use(v):
         return None
-    if list(node.attrs["perm"]) != SWAP_SEQ_HEADS:
-        return None
-    return node.operands[0]
+    if node.op == "transpose" and list(node.attrs["perm"]) == SWAP_SEQ_HEADS:
+        return node.operands[0]
+    if node.op == "reshape" and unit_seq_swap(node.operands[0].type.shape, v.type.shape):
+        return node.operands[0]
+    return None
 
 
 class FoldAttentionLayout(RewritePattern):
@@ -56,17 +70,19 @@ class FoldAttentionLayout(RewritePattern):
         operands = list(node.operands)
         changed = False
         if not attrs.get("q_bshd", 0):
-            q = _swapped_from(rw, operands[0])
+            q = swapped_from(rw, operands[0])
             if q is not None:
                 operands[0], attrs["q_bshd"], changed = q, 1, True
         if not attrs.get("kv_bshd", 0):
-            k, v = _swapped_from(rw, operands[1]), _swapped_from(rw, operands[2])
+            k, v = swapped_from(rw, operands[1]), swapped_from(rw, operands[2])
             if k is not None and v is not None and operands[1] is not operands[2]:
                 operands[1], operands[2], attrs["kv_bshd"], changed = k, v, 1, True
         merge = None
         if not attrs.get("y_bshd", 0) and rw.single_use(node.result):
             user = rw.users[node.result][0]
-            if user.op == "transpose" and list(user.attrs["perm"]) == SWAP_SEQ_HEADS:
+            if (user.op == "transpose" and list(user.attrs["perm"]) == SWAP_SEQ_HEADS
+                    or user.op == "reshape"
+                    and unit_seq_swap(user.result.type.shape, node.result.type.shape)):
                 merge, attrs["y_bshd"], changed = user, 1, True
         if not changed:
             return False
@@ -91,7 +107,7 @@ class RotaryBeforeHeadSplit(RewritePattern):
     def rewrite(self, node, rw):
         if node.attrs.get("num_heads", 0) or node.operands[0].type.rank != 4:
             return False
-        x = _swapped_from(rw, node.operands[0])
+        x = swapped_from(rw, node.operands[0])
         if x is None:
             return False
         b, s, h, d = x.type.shape

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from qcompiler.ir import Module
 from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
-from qcompiler.passes.fold_attention_layout import SWAP_SEQ_HEADS
+from qcompiler.passes.fold_attention_layout import swapped_from
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 
@@ -43,10 +43,9 @@ class FuseKvConcat(RewritePattern):
         if layer < 0 or (isinstance(layers, int) and layer >= layers):
             return False
         new_bshd = 0
-        split = producer_of(fresh, "transpose")
-        if split is not None and list(split.attrs["perm"]) == SWAP_SEQ_HEADS \
-                and rw.single_use(fresh):
-            fresh, new_bshd = split.operands[0], 1
+        rows = swapped_from(rw, fresh)  # the new rows as [B, S, H, D]
+        if rows is not None:
+            fresh, new_bshd = rows, 1
         if fresh.type.dtype != past.type.dtype:
             return False
         fused = rw.create("kv_concat", [past, fresh], {"layer": layer, "new_bshd": new_bshd},

@@ -153,3 +153,39 @@ def test_the_merged_result_keeps_the_graphs_symbols():
              "v": rng.standard_normal((2, 4, 5, 8)).astype(np.float32)}
     want = reference.run(parse_module(text), feeds)["y"]
     np.testing.assert_allclose(reference.run(after, feeds)["y"], want, rtol=1e-6, atol=1e-7)
+
+
+# A decode step exported with a static sequence of 1: the canonicalizer made the head
+# transposes reshapes between [B, 1, H, D] and [B, H, 1, D], which move no byte.
+UNIT_SEQ = """module @m {
+  func @main(%q: tensor<[2, 1, 4, 8], f32>, %k: tensor<[2, 6, 2, 8], f32>, %v: tensor<[2, 6, 2, 8], f32>) -> ("y": tensor<[2, 1, 32], f32>) {
+    %s4 = constant() {value = dense<[2, 4, 1, 8]>} : tensor<[4], i64>
+    %qt = reshape(%q, %s4) : tensor<[2, 4, 1, 8], f32>
+    %kt = transpose(%k) {perm = [0, 2, 1, 3]} : tensor<[2, 2, 6, 8], f32>
+    %vt = transpose(%v) {perm = [0, 2, 1, 3]} : tensor<[2, 2, 6, 8], f32>
+    %a = attention(%qt, %kt, %vt) {causal = 0, scale = 0.35} : tensor<[2, 4, 1, 8], f32>
+    %s5 = constant() {value = dense<[2, 1, 4, 8]>} : tensor<[4], i64>
+    %at = reshape(%a, %s5) : tensor<[2, 1, 4, 8], f32>
+    %s3 = constant() {value = dense<[2, 1, 32]>} : tensor<[3], i64>
+    %y = reshape(%at, %s3) : tensor<[2, 1, 32], f32>
+    return %y
+  }
+}"""
+
+
+def test_unit_sequence_reshapes_fold_as_the_transposes():
+    before = parse_module(UNIT_SEQ)
+    after = _fold(parse_module(UNIT_SEQ))
+    assert _ops(after) == ["attention", "reshape"]
+    node = _attention(after)
+    assert (node.attrs["q_bshd"], node.attrs["kv_bshd"], node.attrs["y_bshd"]) == (1, 1, 1)
+    assert node.operands[0].name == "q" and node.result.type.shape == (2, 1, 4, 8)
+    rng = np.random.default_rng(4)
+    feeds = {a.name: rng.standard_normal(a.type.shape).astype(np.float32)
+             for a in before.main.args}
+    np.testing.assert_allclose(reference.run(after, feeds)["y"], reference.run(before, feeds)["y"],
+                               rtol=1e-6, atol=1e-7)
+    # a reshape that is not the swap (two positions) stays
+    other = UNIT_SEQ.replace("tensor<[2, 1, 4, 8], f32>, %k", "tensor<[2, 4, 1, 8], f32>, %k")
+    kept = _fold(parse_module(other))
+    assert not _attention(kept).attrs.get("q_bshd", 0)
