@@ -181,6 +181,16 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 6, 1, 16], "f16"), g.arg([B, 2, S, 16], "f16"), g.arg([B, 2, S, 16], "f16")],
           [([B, 6, 1, 16], "f16")], {"scale": 0.25, "causal": 0})
+    # GQA decode steps (one query row, groups of 8 and 16 query heads): the scores per key as
+    # a vector over the group's heads (compute.attention_by_heads), keys in padded tiles
+    g.add("attention", "attention",
+          [g.arg([B, 16, 1, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),
+           g.arg([B, 1, 1, S], "f32", low="mask")],
+          [([B, 16, 1, 5], "f32")], {"scale": 0.35, "causal": 1})
+    g.add("attention", "attention",
+          [g.arg([B, 1, 32, 16], "f32"), g.arg([B, 2, S, 16], "f32"),
+           g.arg([B, 2, S, 16], "f32")],
+          [([B, 1, 32, 16], "f32")], {"scale": 0.25, "causal": 0, "q_bshd": 1, "y_bshd": 1})
     # [B, S, H, D] operands and result (fold-attention-layout), and q alone
     g.add("attention", "attention",
           [g.arg([B, S, 4, 8], "f32"), g.arg([B, S, 2, 8], "f32"), g.arg([B, S, 2, 5], "f32"),
@@ -618,6 +628,27 @@ def test_attention_gqa_causal_mask(built):
         assert np.isfinite(_f32_view(got)).any(), what
 
     _check(built, "attention", close)
+
+
+def test_gqa_decode_attention_computes_scores_by_heads():
+    """A decode step's attention (one query row, a group of 8 query heads per kv head) takes
+    the by-heads scores, and no transposed copy of k; MHA and prefill keep the k_t form."""
+    from qcompiler.codegen.cpu.ops.compute import attention_by_heads
+    from qcompiler.ir import parse_module
+
+    assert attention_by_heads(32, 4, 1, "float32")       # TinyLlama decode
+    assert not attention_by_heads(32, 4, 7, "float32")   # a prefill chunk
+    assert not attention_by_heads(12, 12, 1, "float32")  # MHA (GPT-2, MiniLM)
+    assert not attention_by_heads(32, 4, 1, "float16")
+    module = parse_module("""module @m {
+  func @main(%q: tensor<[1, 1, 32, 64], f32>, %k: tensor<[1, 4, p, 64], f32>, %v: tensor<[1, 4, p, 64], f32>) -> ("y": tensor<[1, 1, 32, 64], f32>) {
+    %y = attention(%q, %k, %v) {causal = 0, scale = 0.125, q_bshd = 1, y_bshd = 1} : tensor<[1, 1, 32, 64], f32>
+    return %y
+  }
+}""")
+    node = next(n for n in module.main.nodes if n.op == "attention")
+    text = primfunc_for(node, module=module)[1].script()
+    assert "scores_by_head" in text and "k_t" not in text
 
 
 def test_range_has_run_time_length(built):

@@ -838,16 +838,38 @@ def _attention(ctx: _Ctx) -> Kernel:
                         ct)
     row = [B, Hq, Sq]
     d = te.reduce_axis((0, D), name="d")
-    # k transposed per kv head ([D, Skv], once for the group's query heads and rows): the
-    # scores of a row are then axpys over contiguous keys (vectorized), not one dot product
-    # per key with a horizontal sum of its lanes (11-19 GFLOP/s at MiniLM/GPT-2 shapes)
-    k_t = te.compute([B, Hkv, D, Skv], lambda b, g, dd, j: k[b, g, j, dd].astype(ct),
-                     name="k_t")
+    if attention_by_heads(Hq, Hkv, Sq, ct):
+        # one query row shared by a group of query heads (a GQA decode step): per key the
+        # group's scores as one vector over the heads, k[j, d] broadcast (a GEMM of k by
+        # the group's q), so k needs no transposed copy (which cost more than the scores)
+        g_static = int(Hq) // int(Hkv)
+        # the group's q transposed ([D, heads], small): a vector of heads per head dim
+        heads = tirx.IntImm(str(Hkv.ty), g_static)  # the index type of the other dims
+        q_t = te.compute([B, Hkv, D, heads],
+                         lambda b, g, dd, r: q[b, g * g_static + r, 0, dd].astype(ct), name="q_t")
+        # keys padded to whole register tiles: the tail repeats the last key (its scores are
+        # not read), so no key of a tile needs a bounds check
+        tile = ATTENTION_KEY_TILE
+        keys_pad = tirx.floordiv(Skv + (tile - 1), tile) * tile
+        by_heads = te.compute(
+            [B, Hkv, keys_pad, heads], lambda b, g, j, r: te.sum(
+                k[b, g, tirx.min(j, Skv - 1), d].astype(ct) * q_t[b, g, d, r], axis=d),
+            name="scores_by_head")
+        scores = te.compute(row + [Skv], lambda b, h, i, j: by_heads[
+            b, tirx.floordiv(h, g_static), j, tirx.floormod(h, g_static)], name="scores")
+    else:
+        # k transposed per kv head ([D, Skv], once for the group's query heads and rows): the
+        # scores of a row are then axpys over contiguous keys (vectorized), not one dot
+        # product per key with a horizontal sum of its lanes (11-19 GFLOP/s at MiniLM/GPT-2
+        # shapes)
+        k_t = te.compute([B, Hkv, D, Skv], lambda b, g, dd, j: k[b, g, j, dd].astype(ct),
+                         name="k_t")
 
-    def score(b, h, i, j):
-        return te.sum(q[b, h, i, d].astype(ct) * k_t[b, tirx.floordiv(h, group), d, j], axis=d)
+        def score(b, h, i, j):
+            return te.sum(q[b, h, i, d].astype(ct) * k_t[b, tirx.floordiv(h, group), d, j],
+                          axis=d)
 
-    scores = te.compute(row + [Skv], lambda b, h, i, j: score(b, h, i, j), name="scores")
+        scores = te.compute(row + [Skv], lambda b, h, i, j: score(b, h, i, j), name="scores")
 
     def masked(b, h, i, j):
         s = scores[b, h, i, j] * scale
@@ -896,6 +918,27 @@ def _attention(ctx: _Ctx) -> Kernel:
         out = te.compute(row + [Dv], lambda b, h, i, e: acc[b, h, i, e].astype(
             ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [out], "attention", rows=3)
+
+
+def attention_by_heads(hq, hkv, sq, ct: str) -> bool:
+    """Whether attention computes its scores per key as a vector over a group's query heads
+    (``_attention``): one query row (decode), float32, a static group of query heads per kv
+    head that fills whole ATTENTION_HEAD_LANES vectors."""
+    from tvm import tirx
+
+    static = [int(x) if isinstance(x, (int, tirx.IntImm)) else None for x in (hq, hkv, sq)]
+    if None in static or ct != "float32" or static[2] != 1 or static[0] % static[1]:
+        return False
+    return (static[0] // static[1]) % ATTENTION_HEAD_LANES == 0
+
+
+# Query heads per vector of attention's by-heads scores (``attention_by_heads``): one AVX2
+# float32 vector (a GQA group of 8, TinyLlama's and Llama 3's).
+ATTENTION_HEAD_LANES = 8
+
+# Keys per register tile of the by-heads scores: independent accumulators (one vector over the
+# group's heads each) for the chain of multiply-adds over the head dim.
+ATTENTION_KEY_TILE = 8
 
 
 def _lane_reduce(name: str, src, row: list, n, combine, identity):

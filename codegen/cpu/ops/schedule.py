@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler.codegen.cpu.ops.compute import ATTENTION_ROW_LANES
+from qcompiler.codegen.cpu.ops.compute import ATTENTION_KEY_TILE, ATTENTION_ROW_LANES
 
 
 @dataclass(frozen=True)
@@ -288,32 +288,44 @@ def schedule_attention(sch, p: ScheduleParams):
     loops = sch.get_loops(out)
     shape = [_loop_extent(sch, lp) for lp in loops]
     b, i, h, e = loops if bshd else (loops[0], loops[2], loops[1], loops[3])
-    k_t = sch.get_sblock("k_t")
-    kv_heads = _static(_loop_extent(sch, sch.get_loops(k_t)[1]))
+    by_heads = "scores_by_head" in names
+    per_kv_head = sch.get_sblock("scores_by_head" if by_heads else "k_t")
+    kv_heads = _static(_loop_extent(sch, sch.get_loops(per_kv_head)[1]))
     hkv, g = sch.split(h, [kv_heads, None])
     sch.reorder(b, hkv, g, i, e)
     head = _outer_parallel(sch, [b, hkv], shape, p)
     for block in reversed(_all_blocks(sch)):
-        if sch.get(block).name_hint not in ("out", "out_bshd", "k_t"):
+        if sch.get(block).name_hint not in ("out", "out_bshd", "k_t", "scores_by_head", "q_t"):
             sch.compute_at(block, i)
-    sch.compute_at(k_t, head)
+    if by_heads:
+        # their own loop nests over the kv heads (in parallel), for every padded key: under
+        # the head loop the scores' tiles would shrink to the keys read, each key checked
+        for block in ("q_t", "scores_by_head"):
+            loops = sch.get_loops(sch.get_sblock(block))
+            _outer_parallel(sch, loops[:2], shape, p)
+    else:
+        sch.compute_at(per_kv_head, head)
     scores = sch.get_sblock("scores")
-    j, dd = sch.get_loops(scores)[-2:]
-    sch.reorder(dd, j)
-    sch.decompose_reduction(scores, dd)
-    # The axpys over the keys a few head dims at a time (the head-dim loop split and its
-    # inner part unrolled under the key loop): each key's running score is loaded and stored
-    # once per `unroll` products instead of once per product, in the same order of d (the
-    # same sums). MiniLM's 32 x 128 attention on a Zen 4, 1 thread: 39.8 -> 30.5 ms per call.
-    extent = _static(_loop_extent(sch, dd))
-    unroll = next((u for u in (8, 4, 2) if extent is not None and extent % u == 0), None)
-    if unroll is not None and extent > unroll:
-        update = sch.get_sblock("scores_update")
-        dd, j = sch.get_loops(update)[-2:]
-        d_outer, d_inner = sch.split(dd, [None, unroll])
-        sch.reorder(d_outer, j, d_inner)
-        sch.unroll(d_inner)
-    keys = _static(_loop_extent(sch, sch.get_loops(k_t)[-1]))  # k_t is [D, Skv] per head
+    keys = _static(_loop_extent(sch, sch.get_loops(scores)[-1 if by_heads else -2]))
+    if by_heads:
+        _schedule_scores_by_head(sch, per_kv_head)
+    else:
+        j, dd = sch.get_loops(scores)[-2:]
+        sch.reorder(dd, j)
+        sch.decompose_reduction(scores, dd)
+        # The axpys over the keys a few head dims at a time (the head-dim loop split and its
+        # inner part unrolled under the key loop): each key's running score is loaded and
+        # stored once per `unroll` products instead of once per product, in the same order of
+        # d (the same sums). MiniLM's 32 x 128 attention on a Zen 4, 1 thread: 39.8 -> 30.5
+        # ms per call.
+        extent = _static(_loop_extent(sch, dd))
+        unroll = next((u for u in (8, 4, 2) if extent is not None and extent % u == 0), None)
+        if unroll is not None and extent > unroll:
+            update = sch.get_sblock("scores_update")
+            dd, j = sch.get_loops(update)[-2:]
+            d_outer, d_inner = sch.split(dd, [None, unroll])
+            sch.reorder(d_outer, j, d_inner)
+            sch.unroll(d_inner)
     for name in ("row_max_lanes", "row_sum_lanes"):  # the lanes innermost, under the keys
         if keys is not None and keys <= ATTENTION_ROW_LANES:
             break  # one block of keys: no key loop to put outside the lanes
@@ -328,6 +340,27 @@ def schedule_attention(sch, p: ScheduleParams):
     sch.reorder(jo, r, e)
     sch.decompose_reduction(parts, jo)
     sch.unroll(r)
+
+
+def _schedule_scores_by_head(sch, block) -> None:
+    """scores_by_head [.., keys, heads] (``compute._attention``): per tile of
+    ATTENTION_KEY_TILE keys, the head dim outermost, then the tile's keys (unrolled) and the
+    group's heads (a vector): each product is k[j, d] broadcast times the group's q[:, d]
+    into the key's accumulator, which LLVM keeps in a register across the head dim."""
+    j, r, dd = sch.get_loops(block)[-3:]
+    jo, ji = sch.split(j, [None, ATTENTION_KEY_TILE])
+    # the tile's accumulators in a local buffer (a few vectors: registers), stored once
+    tile = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(tile, jo)
+    sch.reorder(dd, ji, r)
+    sch.vectorize(r)  # while the block is still a reduction (with its init)
+    sch.unroll(ji)
+    init = sch.decompose_reduction(block, dd)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(sch.get_loops(init)[-2])
+    store_j, store_r = sch.get_loops(tile)[-2:]
+    sch.vectorize(store_r)
+    sch.unroll(store_j)
 
 
 def _vector_dot_products(sch, block, p: ScheduleParams):
