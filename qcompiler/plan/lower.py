@@ -208,4 +208,3 @@ def _slice_concat(buffers: dict, step: Step, node, sliced: set) -> bool:
             if b.name == root or b.alias_of == root:
                 b.kind, b.alias_of, b.offset_of = "view", out.name, before
     return True
-
