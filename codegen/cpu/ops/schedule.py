@@ -298,11 +298,11 @@ def schedule_attention(sch, p: ScheduleParams):
         if sch.get(block).name_hint not in ("out", "out_bshd", "k_t", "scores_by_head", "q_t"):
             sch.compute_at(block, i)
     if by_heads:
-        # their own loop nests over the kv heads (in parallel), for every padded key: under
-        # the head loop the scores' tiles would shrink to the keys read, each key checked
-        for block in ("q_t", "scores_by_head"):
-            loops = sch.get_loops(sch.get_sblock(block))
-            _outer_parallel(sch, loops[:2], shape, p)
+        # the scores their own loop nest over the kv heads (in parallel), for every padded
+        # key: under the head loop its tiles would shrink to the keys read, each key checked.
+        # q_t (a few hundred floats) runs before it, serial: a parallel region costs more
+        loops = sch.get_loops(sch.get_sblock("scores_by_head"))
+        _outer_parallel(sch, loops[:2], shape, p)
     else:
         sch.compute_at(per_kv_head, head)
     scores = sch.get_sblock("scores")
