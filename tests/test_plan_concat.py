@@ -17,6 +17,7 @@ from qcompiler.ir import parse_module
 from qcompiler.plan import (PlanExecutor, format_plan, liveness, lower, plan_from_json,
                             plan_to_json)
 from qcompiler.runtime import reference
+from test_plan import _check_plan_sane
 
 # Three layers' results stacked into an output, each also read after the stack.
 STACKED_OUTPUT = """
@@ -158,6 +159,8 @@ def test_an_intermediate_result_lives_from_its_first_slice():
     # offset 0 is not b's)
     mem = plan.bucket({"n": 8})
     assert "p" not in mem.inplace
+    # no two buffers live at once overlap; the peak is within the live bytes' bounds
+    _check_plan_sane(plan)
     rng = np.random.default_rng(2)
     _check(module, plan, [_feeds(rng, n, ("x",)) for n in (1, 2, 5, 8)])
 
