@@ -925,8 +925,8 @@ def attention_by_heads(hq, hkv, sq, ct: str) -> bool:
     (``_attention``): one query row (decode), float32, a static group of 2 or more query
     heads per kv head (GQA). One row per head leaves the k_t form nothing to share its
     transposed copy of K over; measured on this file's kernels at one query row, 1024 keys,
-    head dim 128 (Zen 5, 1 thread), the by-heads form took 0.22-0.54 ms where k_t took
-    0.58-1.72 ms, for groups of 2 to 16 heads. MHA (a group of 1) keeps k_t."""
+    head dim 128 (Zen 5, 1 thread), the by-heads form took 0.22-0.54 ms for groups of 2 to 16
+    heads, k_t 0.58-1.72 ms for groups of 2 to 8. MHA (a group of 1) keeps k_t."""
     from tvm import tirx
 
     static = [int(x) if isinstance(x, (int, tirx.IntImm)) else None for x in (hq, hkv, sq)]
