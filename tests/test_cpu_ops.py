@@ -181,7 +181,7 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 6, 1, 16], "f16"), g.arg([B, 2, S, 16], "f16"), g.arg([B, 2, S, 16], "f16")],
           [([B, 6, 1, 16], "f16")], {"scale": 0.25, "causal": 0})
-    # GQA decode steps (one query row, groups of 8, 16 and 3 query heads): the scores per key
+    # decode steps (one query row, groups of 8, 16, 3 and 1 query heads): the scores per key
     # as a vector over the group's heads (compute.attention_by_heads), keys in padded tiles
     g.add("attention", "attention",
           [g.arg([B, 16, 1, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),
@@ -194,6 +194,10 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 6, 1, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 8], "f32")],
           [([B, 6, 1, 8], "f32")], {"scale": 0.3, "causal": 0})
+    g.add("attention", "attention",
+          [g.arg([B, 4, 1, 8], "f32"), g.arg([B, 4, S, 8], "f32"), g.arg([B, 4, S, 8], "f32"),
+           g.arg([B, 1, 1, S], "f32", low="mask")],
+          [([B, 4, 1, 8], "f32")], {"scale": 0.3, "causal": 1})
     # [B, S, H, D] operands and result (fold-attention-layout), and q alone
     g.add("attention", "attention",
           [g.arg([B, S, 4, 8], "f32"), g.arg([B, S, 2, 8], "f32"), g.arg([B, S, 2, 5], "f32"),
@@ -634,15 +638,16 @@ def test_attention_gqa_causal_mask(built):
 
 
 def test_gqa_decode_attention_computes_scores_by_heads():
-    """A decode step's attention (one query row, a group of query heads per kv head) takes
-    the by-heads scores, and no transposed copy of k; MHA and prefill keep the k_t form."""
+    """A decode step's attention (one query row) takes the by-heads scores, and no transposed
+    copy of k; prefill keeps the k_t form."""
     from qcompiler.codegen.cpu.ops.compute import attention_by_heads
     from qcompiler.ir import parse_module
 
     assert attention_by_heads(32, 4, 1, "float32")       # TinyLlama decode
     assert attention_by_heads(28, 4, 1, "float32")       # a group of 7 (Qwen2-7B)
     assert not attention_by_heads(32, 4, 7, "float32")   # a prefill chunk
-    assert not attention_by_heads(12, 12, 1, "float32")  # MHA (GPT-2, MiniLM)
+    assert attention_by_heads(12, 12, 1, "float32")      # MHA decode (GPT-2)
+    assert not attention_by_heads(12, 12, 16, "float32")  # MHA prefill (MiniLM)
     assert not attention_by_heads(32, 4, 1, "float16")
     module = parse_module("""module @m {
   func @main(%q: tensor<[1, 1, 32, 64], f32>, %k: tensor<[1, 4, p, 64], f32>, %v: tensor<[1, 4, p, 64], f32>) -> ("y": tensor<[1, 1, 32, 64], f32>) {

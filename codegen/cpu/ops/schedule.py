@@ -345,9 +345,11 @@ def schedule_attention(sch, p: ScheduleParams):
 def _schedule_scores_by_head(sch, block) -> None:
     """scores_by_head [.., keys, heads] (``compute._attention``): per tile of
     ATTENTION_KEY_TILE keys, the head dim outermost, then the tile's keys (unrolled) and the
-    group's heads (a vector): each product is k[j, d] broadcast times the group's q[:, d]
-    into the key's accumulator, which LLVM keeps in a register across the head dim."""
+    group's heads (a vector; one head for MHA: scalars): each product is k[j, d] broadcast
+    times the group's q[:, d] into the key's accumulator, which LLVM keeps in a register
+    across the head dim."""
     j, r, dd = sch.get_loops(block)[-3:]
+    group = _static(_loop_extent(sch, r))
     jo, ji = sch.split(j, [None, ATTENTION_KEY_TILE])
     # the tile's accumulators in a local buffer (a few vectors: registers), stored once
     tile = sch.cache_write(block, 0, "local")
@@ -356,11 +358,15 @@ def _schedule_scores_by_head(sch, block) -> None:
     sch.vectorize(r)  # while the block is still a reduction (with its init)
     sch.unroll(ji)
     init = sch.decompose_reduction(block, dd)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.unroll(sch.get_loops(init)[-2])
-    store_j, store_r = sch.get_loops(tile)[-2:]
-    sch.vectorize(store_r)
-    sch.unroll(store_j)
+    for stage in (init, tile):
+        # the tile's (keys, heads): the heads a vector, the keys unrolled; where TVM dropped
+        # the heads loop of a group of one (MHA), the innermost loop is the keys
+        loops = sch.get_loops(stage)
+        if group == 1 and _static(_loop_extent(sch, loops[-1])) != 1:
+            sch.unroll(loops[-1])
+        else:
+            sch.vectorize(loops[-1])
+            sch.unroll(loops[-2])
 
 
 def _vector_dot_products(sch, block, p: ScheduleParams):
