@@ -281,7 +281,9 @@ def schedule_attention(sch, p: ScheduleParams):
     [D, Skv] scratch (``k_t``), then for each query head of the group and each query row the
     scores as D axpys over the contiguous keys, mask, softmax and the product with v (one
     axpy over the head dim per key, into interleaved partial sums), all in row-sized
-    scratch."""
+    scratch. A decode step (``compute.attention_by_heads``) has no k_t: its scores come from
+    a loop nest of their own over the kv heads (``_schedule_scores_by_head``), and the rest
+    reads them."""
     names = {sch.get(b).name_hint for b in _all_blocks(sch)}
     bshd = "out_bshd" in names
     out = sch.get_sblock("out_bshd" if bshd else "out")
