@@ -379,17 +379,16 @@ class PlanExecutor:
                 shape = resolved.shapes.get(b.name)
                 root = plan.buffers[b.alias_of or b.name]
                 skip = slice_offset(plan, b, resolved.shapes)  # bytes before a slice
+                skip_elems = skip // elem(b.dtype).np_dtype.itemsize
                 if root.kind == "arena":
                     static[b.name] = self._arena_view(arena, mem, b, root, shape, skip)
                     memory[b.name] = (id(arena), mem.offsets[root.name] + skip, tuple(shape),
                                       b.dtype)
                 elif root.name in staged:
-                    static[b.name] = view_of(staged[root.name],
-                                             skip // staged[root.name].itemsize, shape)
+                    static[b.name] = view_of(staged[root.name], skip_elems, shape)
                     memory[b.name] = memory[root.name] + (skip, tuple(shape), b.dtype)
                 else:
-                    itemsize = elem(b.dtype).np_dtype.itemsize
-                    dynamic_views[b.name] = (root.name, shape, skip // itemsize)
+                    dynamic_views[b.name] = (root.name, shape, skip_elems)
 
         calls, patches = [], []
         for index, step in enumerate(plan.steps):
