@@ -67,10 +67,14 @@ class CPUPackWeightsPass(Pass):
             packed = runtime.pack_weights(p, q, scale, zp, g_idx)
             scheme = node.attrs["w_scheme"]
             bl = p.blocking
+            zero_code = packed["zero_code"]
             code_layout = layout.code_layout(
                 p.numerics, codes=scheme.dtype.name, k=p.k, n=p.n, k_pad=bl.k_pad,
                 block=bl.block, n_tile=p.n_tile, container_bits=p.container_bits,
                 act_order=int(scheme.act_order),
+                # one zero code for the whole tensor (symmetric schemes): kernels take it
+                # as a constant
+                **({"zero_code": zero_code} if zero_code is not None else {}),
                 **({"bits": scheme.bits, "table_group": p.table_group}
                    if p.numerics == "lut" else {}))
             # The stored elements are bytes now: u8 and the layout (which names the code type)

@@ -13,6 +13,7 @@ The VNNI kernels are skipped, with the reason, on hosts without AVX-512 VNNI (al
 QC_HOST_ISA=avx2), the AVX2 ones on hosts without AVX2; the accumulator plans are plain Python
 and run everywhere.
 """
+import dataclasses
 import os
 
 import numpy as np
@@ -65,16 +66,21 @@ def run_case(tmp_path, m, k, n, scheme, m_block, seed, target="cpu", x=None, cod
     config = {"m_block": m_block, "order": "row"}
     assert tuning.check_config(tgt, key, config) is None
     p = tuning.problem(tgt, key)
-    ks = p.kernel_shape()
-    variants = [{**config, "m": m, "max_m": 0}]
-    assert kernels.int8_fused(ks, variants[0])
-    lib = runtime.build_library(ks, variants, tgt, str(tmp_path / f"k{m}_{m_block}"))
     rng = np.random.default_rng(seed)
     wts = tuning.random_weights(p, rng)
     if codes is not None:
         wts["q"] = codes.astype(wts["q"].dtype)
-    kern = runtime.QmmKernel(lib, p, variants, runtime.pack_weights(
-        p, wts["q"], wts["scale"], wts["zp"], None))
+    # packed first, as cpu-pack-weights does: a symmetric scheme's shared zero code is
+    # decided there and reaches the kernel as a constant (the zc table is then not read)
+    packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], None)
+    p = dataclasses.replace(p, zero_code=packed["zero_code"])
+    assert (p.zero_code is not None) == ("sym" in scheme)
+    ks = p.kernel_shape()
+    variants = [{**config, "m": m, "max_m": 0}]
+    assert kernels.int8_fused(ks, variants[0])
+    assert ("zc.vload" in kernels.int8_fused_source(ks, variants[0])) == (p.zero_code is None)
+    lib = runtime.build_library(ks, variants, tgt, str(tmp_path / f"k{m}_{m_block}"))
+    kern = runtime.QmmKernel(lib, p, variants, packed)
     if x is None:
         x = rng.standard_normal((m, k)).astype(np.float32)
     assert np.all(x != 0)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from qcompiler.codegen.cpu import layout
 from qcompiler.codegen.cpu.intrin_registry import register_intrin_once
@@ -73,6 +74,10 @@ class KernelShape:
     lanes: int  # float32 lanes of one vector register (16 for AVX-512, 8 for AVX2); lut: bytes
     bits: int = 0         # lut: the codes' bits (one-bit planes)
     table_group: int = 0  # lut: activations per table (the index bits)
+    # the zero code (container units) of every group and column when they share one (the
+    # packed layout's ``zero_code``): the fused int8 kernels use it as a constant instead of
+    # reading the zc table; None: per group and column, read from zc
+    zero_code: Optional[int] = None
 
     @property
     def tiles(self) -> int:
@@ -743,6 +748,14 @@ def _int8_fused_signature(mb: int, K: int, G: int, TL: int, c: int, nt: int) -> 
     ]
 
 
+def _zero_codes(ks: KernelShape, cols: str) -> str:
+    """The fused kernels' float32 vector of zero codes for the tile's columns ``cols``: the
+    shared constant (``ks.zero_code``) broadcast, or the group's bytes of the zc table."""
+    if ks.zero_code is not None:
+        return f"T.broadcast(T.float32({float(ks.zero_code)}), {ks.lanes})"
+    return f"T.Cast('float32x{ks.lanes}', zc.vload([t, g, {cols}], 'uint8x{ks.lanes}'))"
+
+
 def int8_fused_source(ks: KernelShape, variant: dict) -> str:
     """The TVMScript of the fused int8 kernel (VNNI, ``row`` order) for ``ks`` and the
     variant's ``m_block``: the arguments of ``_int8_func`` (xq ``[m_outer, m_block, k_pad]``,
@@ -802,8 +815,7 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
                          f"{a}, u{h}, a_{r}_{h}, dtype='int32x{L}')")
     lines += [f"                for cv in T.unroll({CV}):",
               f"                    sv = s.vload([t, g, cv * {L}], 'float32x{L}')",
-              f"                    zv = T.Cast('float32x{L}', zc.vload([t, g, cv * {L}], "
-              f"'uint8x{L}'))"]
+              f"                    zv = {_zero_codes(ks, f'cv * {L}')}"]
     for r in range(mb):
         # codes masked in place are 2^(h cb) times the code: their exact sums shift back
         total = " + ".join(
@@ -949,8 +961,7 @@ def _int8_fused_avx2_source(ks: KernelShape, variant: dict) -> str:
     cols = f"(p * {P} + cv) * {L}"
     lines += [f"                    for cv in T.unroll({P}):",
               f"                        sv = s.vload([t, g, {cols}], 'float32x{L}')",
-              f"                        zv = T.Cast('float32x{L}', zc.vload([t, g, {cols}], "
-              f"'uint8x{L}'))"]
+              f"                        zv = {_zero_codes(ks, cols)}"]
     lines += [
         f"                        yacc_{r}[cv] = yacc_{r}[cv] + T.broadcast(xs[io, {r}, g], {L})"
         f" * sv * (T.Cast('float32x{L}', acc_{r}[cv]) - T.broadcast(xsum[io, {r}, g], {L})"

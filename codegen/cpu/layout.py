@@ -165,6 +165,18 @@ def zero_codes(zc: np.ndarray) -> np.ndarray:
     return zc.astype(np.uint8)
 
 
+def uniform_zero_code(zc: np.ndarray) -> Optional[int]:
+    """The zero code every group and column shares (a symmetric scheme's implied zero point,
+    or a zero-point tensor of one value), else None. The int8 and GEMV kernels then take it
+    as a constant instead of streaming one byte per group and column (its load and
+    conversion cost 10-15 % of a cold 4-bit block-32 GEMV on a Zen 5)."""
+    zc = np.asarray(zc)
+    if not zc.size:
+        return None
+    first = int(zc.flat[0])
+    return first if bool(np.all(zc == first)) else None
+
+
 def container_codes(scheme: QuantScheme, codes: np.ndarray) -> np.ndarray:
     """Unsigned container codes ``q - lo`` as uint8."""
     lo = scheme.dtype.int_range()[0]

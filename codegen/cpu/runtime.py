@@ -83,7 +83,8 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
     """Logical ``[K, N]`` codes and their scale/zero point -> the arrays the kernel reads.
 
     Returns {"w": packed codes, "s": scales (float32), "zc": zero points in container units
-    (uint8), both [tiles, groups, n_tile], "perm": the act-order row permutation or None}.
+    (uint8), both [tiles, groups, n_tile], "perm": the act-order row permutation or None,
+    "zero_code": the zero code all real columns share, or None}.
     """
     scheme, bl = p.scheme, p.blocking
     perm = None
@@ -103,7 +104,10 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
             "s": layout.tile_columns(layout.pad_to(s, (bl.groups, p.n_pad)), p.n_tile),
             "zc": layout.tile_columns(layout.pad_to(layout.zero_codes(zc), (bl.groups, p.n_pad)),
                                       p.n_tile),
-            "perm": perm}
+            "perm": perm,
+            # padded columns' zero codes are 0, and their outputs are never read: the shared
+            # code is decided on the real columns
+            "zero_code": layout.uniform_zero_code(layout.zero_codes(zc))}
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class Problem:
     lanes: int
     container_bits: int
     table_group: int = 0  # lut: activations per table (the config's knob; 0 until chosen)
+    zero_code: Optional[int] = None  # the packed layout's shared zero code (kernels.KernelShape)
 
     @property
     def n_pad(self) -> int:
@@ -79,7 +80,7 @@ class Problem:
             block=self.blocking.block, groups=self.blocking.groups, n_tile=self.n_tile,
             container_bits=self.container_bits, lanes=self.lanes,
             bits=self.container_bits if self.numerics == "lut" else 0,
-            table_group=self.table_group)
+            table_group=self.table_group, zero_code=self.zero_code)
 
 
 # Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
@@ -148,7 +149,8 @@ def problem_from_layout(code_layout, config: dict) -> Problem:
                    blocking=layout.Blocking(block, k_pad // block, k_pad),
                    n_tile=code_layout.get("n_tile"), lanes=config["lanes"],
                    container_bits=code_layout.get("container_bits"),
-                   table_group=code_layout.get("table_group") or 0)
+                   table_group=code_layout.get("table_group") or 0,
+                   zero_code=code_layout.get("zero_code"))
 
 
 def _group_order_fits(p: Problem) -> bool:
