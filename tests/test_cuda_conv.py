@@ -263,7 +263,12 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
 EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
     ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
     ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
-EMULATED_BIG_TILE = {"big_tile_min_pixels": 256, "big_tile_min_channels": 128}
+# Every tile of the table from a few hundred pixels: 128 x 128 from 256 pixels and 128
+# channels (the 288-pixel cases of 128 and 136 channels), 128 x 64 from 128 pixels (the
+# 200-pixel case of 24 channels), 64 x 64 below.
+EMULATED_TILES = [{"min_pixels": 256, "min_channels": 128, "tile": (128, 128, 4, 2)},
+                  {"min_pixels": 128, "min_channels": 1, "tile": (128, 64, 2, 2)},
+                  {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)}]
 # and split-K from one K step a part, to 16 blocks: the small cases' few tiles split
 EMULATED_SPLIT = {"split_target_blocks": 16, "split_min_steps": 1, "max_splits": 16}
 
@@ -274,15 +279,15 @@ def emulated_conv(tmp_path_factory):
 
     from qcompiler.codegen.cuda.ops import kernel as kernel_module
 
-    saved = dict(kernel_module.QCONV_BIG_TILE), dict(kernel_module.QCONV_SPLIT)
-    kernel_module.QCONV_BIG_TILE.update(EMULATED_BIG_TILE)
+    saved = list(kernel_module.QCONV_TILES), dict(kernel_module.QCONV_SPLIT)
+    kernel_module.QCONV_TILES[:] = EMULATED_TILES
     kernel_module.QCONV_SPLIT.update(EMULATED_SPLIT)
     try:
         prepared, texts = _rendered(EMULATED_CASES)
     finally:
-        for table, values in zip((kernel_module.QCONV_BIG_TILE, kernel_module.QCONV_SPLIT), saved):
-            table.clear()
-            table.update(values)
+        kernel_module.QCONV_TILES[:] = saved[0]
+        kernel_module.QCONV_SPLIT.clear()
+        kernel_module.QCONV_SPLIT.update(saved[1])
     lib = ctypes.CDLL(build_emulated([texts[s] for s in sorted(texts)],
                                      tmp_path_factory.mktemp("emulated_conv")))
     return prepared, lib

@@ -378,15 +378,50 @@ def _constant(node: Node, name: str, module):
     return None if v is None else _constant_array(node, v, name, module)
 
 
-# The implicit GEMM takes 128 x 128 tiles where they still give about a block per SM of an
-# H100/H200 (a batch of images), else 64 x 64 (one image: ResNet-18's last layers have 49
-# pixels). The launch picks by the run-time pixel count (the batch is symbolic).
-QCONV_BIG_TILE = {"big_tile_min_pixels": 128 * 132, "big_tile_min_channels": 128}
+# The implicit GEMM's block tiles, (BM pixels, BN channels, WM x WN warps), each with the
+# least output pixels (at run time: the batch is symbolic) and output channels (static) a
+# call needs to take it; the first that applies is taken, the last applies to every call.
+# 128 x 128 where it still gives about a block per SM of an H100/H200 (a batch of images),
+# else 64 x 64 (one image: ResNet-18's last layers have 49 pixels). Other tiles (128 x 64
+# over 4 warps of 64 x 32, 256 x 64 ...) compile and pass the emulated tests; which of them
+# pay is measured on the device with ``QC_QCONV_TILES`` (``_qconv_tiles``).
+QCONV_TILES = [
+    {"min_pixels": 128 * 132, "min_channels": 128, "tile": (128, 128, 4, 2)},
+    {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)},
+]
+# K bytes per pipeline stage and stages in flight (cp.async ring)
+QCONV_PIPELINE = {"bk": 64, "stages": 3}
 # Split-K where the tiles fill less than half of an H100/H200's 132 SMs: up to 32 parts of
 # at least 3 K steps (192 codes), to about 132 blocks (no more: a grid that fits on the SMs
 # lets the next kernel launch early). A batch-1 ResNet's last layers (49 pixels, K = 4608)
 # then take 15 parts of 5 steps instead of 9 of 8: their time is the latency of the steps.
 QCONV_SPLIT = {"split_target_blocks": 132, "split_min_steps": 3, "max_splits": 32}
+
+
+def _qconv_tiles(channels: int) -> list:
+    """The tiles of QCONV_TILES (or of ``QC_QCONV_TILES``, for tile sweeps on the device:
+    ``min_pixels:min_channels:BMxBNxWMxWN`` entries joined by ``;``) that a layer of
+    ``channels`` output channels can take, as the template's table."""
+    table = QCONV_TILES
+    override = os.environ.get("QC_QCONV_TILES")
+    if override:
+        table = []
+        for entry in override.split(";"):
+            pix, ch, dims = entry.split(":")
+            table.append({"min_pixels": int(pix), "min_channels": int(ch),
+                          "tile": tuple(int(d) for d in dims.split("x"))})
+    tiles = [dict(zip(("bm", "bn", "wm", "wn"), t["tile"]), min_pixels=t["min_pixels"])
+             for t in table if channels >= t["min_channels"]]
+    if not tiles or tiles[-1]["min_pixels"] != 0:
+        raise ValueError(f"qconv tile table {table}: its last tile for {channels} channels "
+                         "must take every pixel count (min_pixels 0)")
+    return tiles
+
+
+def _qconv_pipeline() -> dict:
+    """QCONV_PIPELINE, or ``QC_QCONV_BK`` / ``QC_QCONV_STAGES`` (tile sweeps)."""
+    return {"bk": int(os.environ.get("QC_QCONV_BK", QCONV_PIPELINE["bk"])),
+            "stages": int(os.environ.get("QC_QCONV_STAGES", QCONV_PIPELINE["stages"]))}
 
 
 def _qconv(node: Node, module) -> str:
@@ -450,9 +485,9 @@ def _qconv(node: Node, module) -> str:
     if group == 1:
         k_real = kh * kw * cg
         return _render("qconv.cu.j2", node, variant="igemm", dw4=False, k_real=k_real,
-                       kp=-(-k_real // 32) * 32, bk=64, stages=3,
+                       kp=-(-k_real // 32) * 32, tiles=_qconv_tiles(m),
                        a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
-                       **QCONV_BIG_TILE, **QCONV_SPLIT, **params)
+                       **_qconv_pipeline(), **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
     vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
     dw4 = cfg["w_layout"] == "cuda_dw_t4"

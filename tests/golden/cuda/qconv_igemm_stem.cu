@@ -6,10 +6,11 @@
 // padding read as x_zp.
 // Implicit GEMM on int8 tensor cores: rows are output pixels, columns output channels,
 // K = (kh, kw, c) (196, padded to 224); mma.sync m16n8k32 u8 x s8 -> s32,
-// a 128 x 128 tile over 8 warps (4 x 2) or 64 x 64 over 4 (2 x 2), 3-stage cp.async ring of 64-byte K
-// steps, fragments by ldmatrix; the tile and a K split chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
+// block tiles 64 x 64 over 4 warps (2 x 2),
+// a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
+// chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_cd7458acd2fd_ns {
+namespace qc_cu_qconv_6b08c425fa13_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -345,15 +346,16 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 
 }
 
-// The two tiles, and how a call of `pixels` output pixels runs: its tile, grid and K split.
-using BigTile = Tile<128, 128, 4, 2>;
-using SmallTile = Tile<64, 64, 2, 2>;
-struct LaunchPlan { bool big; int64_t tiles_x, tiles_y; int splits; int64_t counter_bytes; };
+// The tiles this layer can take, and how a call of `pixels` output pixels runs: its tile
+// (the first whose least pixel count it reaches), grid and K split.
+
+using Tile0 = Tile<64, 64, 2, 2>;  // from 0 pixels
+struct LaunchPlan { int tile, bm, bn; int64_t tiles_x, tiles_y; int splits; int64_t counter_bytes; };
 
 inline LaunchPlan launch_plan(int64_t pixels) {
   LaunchPlan p;
-  p.big = pixels >= 16896 && M >= 128;
-  const int bm = p.big ? BigTile::BM : SmallTile::BM, bn = p.big ? BigTile::BN : SmallTile::BN;
+  { p.tile = 0; p.bm = 64; p.bn = 64; }
+  const int bm = p.bm, bn = p.bn;
   p.tiles_x = (pixels + bm - 1) / bm;
   p.tiles_y = (M + bn - 1) / bn;
   const int64_t tiles = p.tiles_x * p.tiles_y;
@@ -373,7 +375,7 @@ inline LaunchPlan launch_plan(int64_t pixels) {
 
 inline int64_t workspace_bytes(int64_t pixels) {
   const LaunchPlan p = launch_plan(pixels);
-  const int64_t tile_elems = p.big ? BigTile::BM * BigTile::BN : SmallTile::BM * SmallTile::BN;
+  const int64_t tile_elems = (int64_t)p.bm * p.bn;
   return p.splits > 1 ? p.counter_bytes + p.tiles_x * p.tiles_y * tile_elems * 4 : 0;
 }
 
@@ -394,17 +396,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_cd7458acd2fd_ns
+}  // namespace qc_cu_qconv_6b08c425fa13_ns
 
-extern "C" int64_t qc_cu_qconv_cd7458acd2fd_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_6b08c425fa13_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_cd7458acd2fd_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_cd7458acd2fd_ns::OH * qc_cu_qconv_cd7458acd2fd_ns::OW));
+  return qc_cu_qconv_6b08c425fa13_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_6b08c425fa13_ns::OH * qc_cu_qconv_6b08c425fa13_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_cd7458acd2fd(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_6b08c425fa13(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_cd7458acd2fd_ns;
+  using namespace qc_cu_qconv_6b08c425fa13_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
@@ -424,9 +426,9 @@ extern "C" int qc_cu_qconv_cd7458acd2fd(void* const* ptrs, const int64_t* shapes
   q.pixels = shapes[0] * (int64_t)(OH * OW);  // x's batch dim: N * OH * OW output pixels
   if (q.pixels == 0) return 0;
 
-  // The tile by the pixel count (16896+ and 128+ channels: 128 x 128, else 64 x 64).
   const LaunchPlan plan = launch_plan(q.pixels);
-  return plan.big ? launch_tile<BigTile>(q, plan, workspace, stream)
-                  : launch_tile<SmallTile>(q, plan, workspace, stream);
+  switch (plan.tile) {
+    default: return launch_tile<Tile0>(q, plan, workspace, stream);
+  }
 
 }
