@@ -173,18 +173,22 @@ def _make_graph() -> Graph:
     g.add("copy", "transpose", [g.arg([2, B, 3, 5], "bf16")], [([3, 5, 2, B], "bf16")],
           {"perm": [2, 3, 0, 1]})
     # NCHW <-> NHWC: a batch of matrix transposes through shared-memory tiles (partial tiles
-    # at both edges), and with 3 channels the general copy
+    # at both edges), and with 3 channels (a side under 8) a thread per pixel both ways
     g.add("copy", "transpose", [g.arg([B, 40, 9, 7], "u8", low=(0, 255))], [([B, 9, 7, 40], "u8")],
           {"perm": [0, 2, 3, 1]})
     g.add("copy", "transpose", [g.arg([B, 5, 7, 36], "f32")], [([B, 36, 5, 7], "f32")],
           {"perm": [0, 3, 1, 2]})
     g.add("copy", "transpose", [g.arg([B, 3, 10, 10], "i8", low=(-128, 127))],
           [([B, 10, 10, 3], "i8")], {"perm": [0, 2, 3, 1]})
+    g.add("copy", "transpose", [g.arg([B, 9, 11, 3], "f32")], [([B, 3, 9, 11], "f32")],
+          {"perm": [0, 3, 1, 2]})
     # constant Pad: channels 3 -> 4 (what cuda-conv-layout inserts), and a crop with a value
     g.add("copy", "pad", [g.arg([B, 5, 6, 3], "u8", low=(0, 255)), g.const([0, 0, 0, 0, 0, 0, 0, 1])],
           [([B, 5, 6, 4], "u8")], {"mode": "constant"})
     g.add("copy", "pad", [g.arg([B, 13], "f16"), g.const([0, -2, 0, 3]), g.const(1.5, "f16")],
           [([B, 14], "f16")], {"mode": "constant"})
+    g.add("copy", "pad", [g.arg([B, 7, 13], "f32"), g.const([0, 0, 0, 0, 0, 3]),
+                          g.const(-2.5, "f32")], [([B, 7, 16], "f32")], {"mode": "constant"})
     # edge, reflect (a crop on the other side) and wrap
     g.add("copy", "pad", [g.arg([B, 6, 7], "f32"), g.const([0, 2, 3, 0, 1, 2])],
           [([B, 9, 12], "f32")], {"mode": "edge"})

@@ -279,9 +279,12 @@ def _pad(node: Node, module, common: dict) -> str:
     else:
         value = f"(T){int(fill)}LL"
     r = x.type.rank
-    return _render("copy.cu.j2", node, mode="pad", pad_mode=mode,
-                   pad_begins=[int(p) for p in pads[:r]], pad_ends=[int(p) for p in pads[r:]],
-                   pad_value=value, **common)
+    begins, ends = [int(p) for p in pads[:r]], [int(p) for p in pads[r:]]
+    # constant padding at the end of the last axis only: a row copy (no index division)
+    last_axis_only = (mode == "constant" and r >= 1 and not any(begins)
+                      and not any(ends[:-1]) and ends[-1] > 0)
+    return _render("copy.cu.j2", node, mode="pad", pad_mode=mode, pad_begins=begins,
+                   pad_ends=ends, pad_value=value, last_axis_only=last_axis_only, **common)
 
 
 def _batched_transpose(perm: list) -> dict | None:
