@@ -297,6 +297,34 @@ def test_int8_grid(tmp_path, bits, group, zp, m):
 
 
 @needs_vnni
+def test_symmetric_weights_carry_one_zero_code(tmp_path):
+    """A symmetric scheme's packed layout names its one zero code (i4: 8); the kernels take it
+    as a constant and still match the reference, and a zero-point table that disagrees with
+    it (hand-edited IR) is refused by name at load instead of computing another model."""
+    from qcompiler.codegen.cpu.backend import CPUBackendError
+    from qcompiler.registry import get_backend
+
+    k, n = 256, 37
+    module = qmm_module(k, n, 4, 32, zp=False, signed=True, batch=3, seed=11)
+    compiled, out = compile_module(module, tmp_path, numerics="int8")
+    text = open(os.path.join(out, "module.qir")).read()
+    assert "zero_code=8" in text
+    x = rand_x(3, k, seed=5)
+    assert_close_fp32(compiled.run({"x": x})["y"], int8_expected(module, x), k)
+    # the same compile with a zero point per column: no shared code in the layout
+    _, out_zp = compile_module(qmm_module(k, n, 4, 32, zp=True, batch=3, seed=11), tmp_path,
+                               numerics="int8", name="zp")
+    assert "zero_code" not in open(os.path.join(out_zp, "module.qir")).read()
+    mod = compiled.module
+    qmm = next(nd for nd in mod.main.nodes if nd.op == "qmatmul")
+    table = qmm.arg("w_zero_point").producer.attrs["name"]
+    mod.constants[table] = mod.constants[table].copy()
+    mod.constants[table][0, 1, 5] = 3
+    with pytest.raises(CPUBackendError, match=r"%y: .*zero_code=8.*\[3, 8\]"):
+        get_backend("cpu").runner(mod, compiled.manifest, out)
+
+
+@needs_vnni
 def test_int8_quantize_prologue_matches_numpy(tmp_path):
     """The compiled qmm_quantize equals runtime.quantize_groups bit for bit (a zero group,
     ties and large values included)."""

@@ -55,10 +55,21 @@ def _packed(module, node) -> dict:
 
         perm = layout.act_order_permutation(constant_value(module, node.arg("g_idx")),
                                             lay.get("block"), lay.get("k"))
+    zc = constant_value(module, node.arg("w_zero_point"))
+    shared = lay.get("zero_code")
+    if shared is not None:
+        # the kernels take the layout's zero code for every column (the table unread): a
+        # table that disagrees (hand-written IR) would compute another model than ref's
+        n, n_tile = lay.get("n"), lay.get("n_tile")
+        real = np.asarray(zc).transpose(1, 0, 2).reshape(np.asarray(zc).shape[1], -1)[:, :n]
+        if real.size and not np.all(real == shared):
+            raise CPUBackendError(f"%{node.result.name}: its weight layout says zero_code="
+                                  f"{shared} but its zero-point table holds "
+                                  f"{sorted(set(np.unique(real).tolist()))[:4]} (n_tile "
+                                  f"{n_tile})")
     return {"w": constant_value(module, node.arg("w")),
             "s": constant_value(module, node.arg("w_scale")),
-            "zc": constant_value(module, node.arg("w_zero_point")),
-            "perm": perm}
+            "zc": zc, "perm": perm}
 
 
 def _check_numerics_on_target(target, node) -> None:

@@ -167,9 +167,9 @@ def zero_codes(zc: np.ndarray) -> np.ndarray:
 
 def uniform_zero_code(zc: np.ndarray) -> Optional[int]:
     """The zero code every group and column shares (a symmetric scheme's implied zero point,
-    or a zero-point tensor of one value), else None. The int8 and GEMV kernels then take it
-    as a constant instead of streaming one byte per group and column (its load and
-    conversion cost 10-15 % of a cold 4-bit block-32 GEMV on a Zen 5)."""
+    or a zero-point tensor of one value), else None. The fused int8 row kernels (decode and
+    small batches) then take it as a constant instead of streaming one byte per group and
+    column (its load and conversion cost 10-15 % of a cold 4-bit block-32 GEMV on a Zen 5)."""
     zc = np.asarray(zc)
     if not zc.size:
         return None
