@@ -264,10 +264,10 @@ EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
     ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
     ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
 # Every tile of the table from a few hundred pixels: 128 x 128 from 256 pixels and 128
-# channels (the 288-pixel cases of 128 and 136 channels), 128 x 64 from 128 pixels (the
+# channels (the 288-pixel cases of 128 and 136 channels), 256 x 64 from 128 pixels (the
 # 200-pixel case of 24 channels), 64 x 64 below.
 EMULATED_TILES = [{"min_pixels": 256, "min_channels": 128, "tile": (128, 128, 4, 2)},
-                  {"min_pixels": 128, "min_channels": 1, "tile": (128, 64, 2, 2)},
+                  {"min_pixels": 128, "min_channels": 1, "tile": (256, 64, 4, 2)},
                   {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)}]
 # and split-K from one K step a part, to 16 blocks: the small cases' few tiles split
 EMULATED_SPLIT = {"split_target_blocks": 16, "split_min_steps": 1, "max_splits": 16}

@@ -384,12 +384,17 @@ def _constant(node: Node, name: str, module):
 # The implicit GEMM's block tiles, (BM pixels, BN channels, WM x WN warps), each with the
 # least output pixels (at run time: the batch is symbolic) and output channels (static) a
 # call needs to take it; the first that applies is taken, the last applies to every call.
-# 128 x 128 where it still gives about a block per SM of an H100/H200 (a batch of images),
-# else 64 x 64 (one image: ResNet-18's last layers have 49 pixels). Other tiles (128 x 64
-# over 4 warps of 64 x 32, 256 x 64 ...) compile and pass the emulated tests; which of them
-# pay is measured on the device with ``QC_QCONV_TILES`` (``_qconv_tiles``).
+# 128 x 128 where it still gives about a block per SM of an H100/H200 (a batch of images);
+# 256 x 64 over 8 warps of 64 x 32 for layers of fewer channels there (ResNet-18's first stage
+# at batch 64: twice the reuse of each weight tile read from L2); else 64 x 64 (one image:
+# ResNet-18's last layers have 49 pixels). Measured on an H100, ResNet-18 QDQ at batch 64
+# (2026-12-05 14:23, `QC_QCONV_TILES` sweeps, `cnn-gpu-h100-20261205-14*.json`): the 64-channel
+# 3x3 layers 80-98 us with 64 x 64 tiles, 61-80 with 128 x 64, 53-68 with 256 x 64 (graph 1.31
+# -> 1.20 ms); 256 x 128 or 128 x 256 for the 128-512-channel layers, a 4th stage or 128-byte
+# K steps were each slower.
 QCONV_TILES = [
     {"min_pixels": 128 * 132, "min_channels": 128, "tile": (128, 128, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 1, "tile": (256, 64, 4, 2)},
     {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)},
 ]
 # K bytes per pipeline stage and stages in flight (cp.async ring)
