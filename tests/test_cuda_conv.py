@@ -571,3 +571,26 @@ def test_qdq_conv_with_residual_runs_on_the_device(tmp_path, residual):
     path = str(tmp_path / "qdq.onnx")
     onnx.save(model, path)
     _compare_model(tmp_path, path, feeds)
+
+
+def test_tile_table_filters_by_channels_and_k(monkeypatch):
+    """The implicit GEMM's tile table as a layer sees it: tiles whose least channel count and
+    K the layer reaches, in order, the last one for every pixel count; the sweep override
+    (``QC_QCONV_TILES``) parses, and a table whose last tile has a least pixel count is
+    refused."""
+    from qcompiler.codegen.cuda.ops.kernel import _qconv_tiles
+
+    def dims(tiles):
+        return [(t["bm"], t["bn"], t["wm"], t["wn"], t["min_pixels"]) for t in tiles]
+
+    big = 128 * 132
+    assert dims(_qconv_tiles(64, 576)) == [(256, 64, 4, 2, big), (64, 64, 2, 2, 0)]
+    assert dims(_qconv_tiles(64, 16)) == [(64, 64, 2, 2, 0)]          # a 1 x 1 of 16 channels
+    # 256 x 64 applies too, from as many pixels as 128 x 128: never launched, so left out
+    assert dims(_qconv_tiles(256, 2304)) == [(128, 128, 4, 2, big), (64, 64, 2, 2, 0)]
+    monkeypatch.setenv("QC_QCONV_TILES", "100:1:128x64x2x2:64;0:1:64x64x2x2")
+    assert dims(_qconv_tiles(32, 64)) == [(128, 64, 2, 2, 100), (64, 64, 2, 2, 0)]
+    assert dims(_qconv_tiles(32, 32)) == [(64, 64, 2, 2, 0)]
+    monkeypatch.setenv("QC_QCONV_TILES", "100:1:128x64x2x2")
+    with pytest.raises(ValueError, match="must take every pixel count"):
+        _qconv_tiles(32, 64)

@@ -382,8 +382,9 @@ def _constant(node: Node, name: str, module):
 
 
 # The implicit GEMM's block tiles, (BM pixels, BN channels, WM x WN warps), each with the
-# least output pixels (at run time: the batch is symbolic) and output channels (static) a
-# call needs to take it; the first that applies is taken, the last applies to every call.
+# least output pixels (at run time: the batch is symbolic), output channels and K (static: kh
+# kw c) a call needs to take it; the first that applies is taken, the last applies to every
+# call.
 # 128 x 128 where it still gives about a block per SM of an H100/H200 (a batch of images);
 # 256 x 64 over 8 warps of 64 x 32 for layers of fewer channels there (ResNet-18's first stage
 # at batch 64: twice the reuse of each weight tile read from L2); else 64 x 64 (one image:
@@ -391,10 +392,13 @@ def _constant(node: Node, name: str, module):
 # (2026-12-05 14:23, `QC_QCONV_TILES` sweeps, `cnn-gpu-h100-20261205-14*.json`): the 64-channel
 # 3x3 layers 80-98 us with 64 x 64 tiles, 61-80 with 128 x 64, 53-68 with 256 x 64 (graph 1.31
 # -> 1.20 ms); 256 x 128 or 128 x 256 for the 128-512-channel layers, a 4th stage or 128-byte
-# K steps were each slower.
+# K steps were each slower. Short K keeps 64 x 64: MobileNetV2's 1 x 1 layers (K 16-96, one
+# or two K steps a tile, so a block's time is its fixed costs) ran 1.4-1.6x slower with
+# 256 x 64 (14:35 on an H100 against 12:16 on an H200, whose memory-bound depthwise layers
+# were 1.1x faster than the H100's).
 QCONV_TILES = [
     {"min_pixels": 128 * 132, "min_channels": 128, "tile": (128, 128, 4, 2)},
-    {"min_pixels": 128 * 132, "min_channels": 1, "tile": (256, 64, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 1, "min_k": 512, "tile": (256, 64, 4, 2)},
     {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)},
 ]
 # K bytes per pipeline stage and stages in flight (cp.async ring)
@@ -406,20 +410,26 @@ QCONV_PIPELINE = {"bk": 64, "stages": 3}
 QCONV_SPLIT = {"split_target_blocks": 132, "split_min_steps": 3, "max_splits": 32}
 
 
-def _qconv_tiles(channels: int) -> list:
+def _qconv_tiles(channels: int, k: int) -> list:
     """The tiles of QCONV_TILES (or of ``QC_QCONV_TILES``, for tile sweeps on the device:
-    ``min_pixels:min_channels:BMxBNxWMxWN`` entries joined by ``;``) that a layer of
-    ``channels`` output channels can take, as the template's table."""
+    ``min_pixels:min_channels:BMxBNxWMxWN[:min_k]`` entries joined by ``;``) that a layer of
+    ``channels`` output channels and a K of ``k`` can take, as the template's table."""
     table = QCONV_TILES
     override = os.environ.get("QC_QCONV_TILES")
     if override:
         table = []
         for entry in override.split(";"):
-            pix, ch, dims = entry.split(":")
+            pix, ch, dims, *min_k = entry.split(":")
             table.append({"min_pixels": int(pix), "min_channels": int(ch),
+                          "min_k": int(min_k[0]) if min_k else 0,
                           "tile": tuple(int(d) for d in dims.split("x"))})
-    tiles = [dict(zip(("bm", "bn", "wm", "wn"), t["tile"]), min_pixels=t["min_pixels"])
-             for t in table if channels >= t["min_channels"]]
+    tiles = []
+    for t in table:
+        if channels < t["min_channels"] or k < t.get("min_k", 0):
+            continue
+        if tiles and t["min_pixels"] >= tiles[-1]["min_pixels"]:
+            continue  # an earlier tile takes every call this one would: never launched
+        tiles.append(dict(zip(("bm", "bn", "wm", "wn"), t["tile"]), min_pixels=t["min_pixels"]))
     if not tiles or tiles[-1]["min_pixels"] != 0:
         raise ValueError(f"qconv tile table {table}: its last tile for {channels} channels "
                          "must take every pixel count (min_pixels 0)")
@@ -493,7 +503,7 @@ def _qconv(node: Node, module) -> str:
     if group == 1:
         k_real = kh * kw * cg
         return _render("qconv.cu.j2", node, variant="igemm", dw4=False, k_real=k_real,
-                       kp=-(-k_real // 32) * 32, tiles=_qconv_tiles(m),
+                       kp=-(-k_real // 32) * 32, tiles=_qconv_tiles(m, k_real),
                        a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
                        **_qconv_pipeline(), **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
