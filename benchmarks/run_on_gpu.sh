@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -41,6 +41,18 @@ for step in "$@"; do
       QC_CUDA_PDL=0 QC_CUDA_LANES=1 timeout 120 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" \
         --out "$OUT/no-overlap" --formats qdq --batches 1 --skip-compile-peer --trace >"$OUT/trace-no-overlap.log" 2>&1
       grep "trace " "$OUT/trace-no-overlap.log" ;;
+    cnn-tiles)  # issue #15: qconv tile tables, one compile and traced run of each (ResNet-18 and
+                # MobileNetV2 QDQ at batch 64 on gpu_cnn/): QC_QCONV_TABLES holds the tables
+                # (QC_QCONV_TILES syntax) separated by spaces; "default" is the built-in table
+      for table in ${QC_QCONV_TABLES:-default}; do
+        name=$(echo "$table" | tr ':;' '_-' | cut -c1-80)
+        mkdir -p "$OUT/tiles/$name"
+        if [ "$table" = default ]; then unset QC_QCONV_TILES; else export QC_QCONV_TILES="$table"; fi
+        timeout 200 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" --out "$OUT/tiles/$name" \
+          --formats qdq --batches 64 --skip-compile-peer --trace > "$OUT/tiles/$name/log" 2>&1
+        echo "== $table: $(grep -E "check|graph" "$OUT/tiles/$name/log" | grep -v "^    " | tr '\n' ' ' | cut -c1-300)"
+      done
+      unset QC_QCONV_TILES ;;
     whole)
       python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_plan.py" \
         "$REPO/tests/test_cuda_ops.py" -k "not compiles" 2>&1 | tee "$OUT/whole-tests.log" | tail -15
