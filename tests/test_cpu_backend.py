@@ -296,7 +296,6 @@ def test_int8_grid(tmp_path, bits, group, zp, m):
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
-@needs_vnni
 def test_symmetric_weights_carry_one_zero_code(tmp_path):
     """A symmetric scheme's packed layout names its one zero code (i4: 8); the kernels take it
     as a constant and still match the reference, and a zero-point table that disagrees with
