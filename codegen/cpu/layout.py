@@ -219,6 +219,12 @@ def tile_columns(a: np.ndarray, n_tile: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(g, n_pad // n_tile, n_tile).transpose(1, 0, 2))
 
 
+def untile_columns(a: np.ndarray) -> np.ndarray:
+    """The inverse of ``tile_columns``: ``[n_pad/n_tile, groups, n_tile]`` -> ``[groups, n_pad]``."""
+    tiles, g, n_tile = a.shape
+    return a.transpose(1, 0, 2).reshape(g, tiles * n_tile)
+
+
 def lut_indices(u: np.ndarray, bits: int, table_group: int) -> np.ndarray:
     """``[k_pad, n]`` container codes -> the table indices ``[bits, k_pad/g, n]``: bit t of
     ``idx[i, j, n]`` is bit i (plane i) of the code of row ``g*j + t``."""

@@ -92,6 +92,7 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
         perm = layout.act_order_permutation(g_idx, bl.block, p.k)
         q = np.asarray(q)[perm]
     s, zc = layout.group_params(scheme, scale, zp, p.k, p.n, bl.groups)
+    zc = layout.zero_codes(zc)
     u = layout.pad_to(layout.container_codes(scheme, q), (bl.k_pad, p.n_pad))
     cbits = p.container_bits
     if p.numerics == "lut":
@@ -102,12 +103,11 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
         w = layout.pack_exact(u, p.n_tile, cbits)
     return {"w": w,
             "s": layout.tile_columns(layout.pad_to(s, (bl.groups, p.n_pad)), p.n_tile),
-            "zc": layout.tile_columns(layout.pad_to(layout.zero_codes(zc), (bl.groups, p.n_pad)),
-                                      p.n_tile),
+            "zc": layout.tile_columns(layout.pad_to(zc, (bl.groups, p.n_pad)), p.n_tile),
             "perm": perm,
             # padded columns' zero codes are 0, and their outputs are never read: the shared
             # code is decided on the real columns
-            "zero_code": layout.uniform_zero_code(layout.zero_codes(zc))}
+            "zero_code": layout.uniform_zero_code(zc)}
 
 
 # --------------------------------------------------------------------------------------------

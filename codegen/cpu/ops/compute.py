@@ -931,9 +931,9 @@ def attention_by_heads(hq, hkv, sq, ct: str) -> bool:
     from tvm import tirx
 
     static = [int(x) if isinstance(x, (int, tirx.IntImm)) else None for x in (hq, hkv, sq)]
-    if None in static or ct != "float32" or static[2] != 1 or static[0] % static[1]:
+    if None in static or ct != "float32" or static[2] != 1:
         return False
-    return static[0] // static[1] >= 1
+    return static[0] % static[1] == 0  # a whole group of query heads per kv head
 
 # Keys per register tile of the by-heads scores: independent accumulators (one vector over the
 # group's heads each) for the chain of multiply-adds over the head dim.
