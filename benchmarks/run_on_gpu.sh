@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 set -u
@@ -53,6 +53,17 @@ for step in "$@"; do
         echo "== $table: $(grep -E "check|graph" "$OUT/tiles/$name/log" | grep -v "^    " | tr '\n' ' ' | cut -c1-300)"
       done
       unset QC_QCONV_TILES ;;
+    cnn-dw)  # issue #15: depthwise strips (QC_DW_STRIP=VEC:PX; "default" is _dw_strip's choice), one
+             # compile and traced run of MobileNetV2 QDQ at batches 1 and 64 each; QC_DW_STRIPS lists them
+      for strip in ${QC_DW_STRIPS:-default}; do
+        name=dw-$(echo "$strip" | tr ':' 'x')
+        mkdir -p "$OUT/$name"
+        if [ "$strip" = default ]; then unset QC_DW_STRIP; else export QC_DW_STRIP="$strip"; fi
+        timeout 200 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" --out "$OUT/$name" \
+          --models mobilenetv2 --formats qdq --batches 1,64 --skip-compile-peer --trace > "$OUT/$name/log" 2>&1
+        echo "== $strip: $(grep -E "check|graph" "$OUT/$name/log" | grep -v "^    " | tr '\n' ' ' | cut -c1-400)"
+      done
+      unset QC_DW_STRIP ;;
     whole)
       python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_plan.py" \
         "$REPO/tests/test_cuda_ops.py" -k "not compiles" 2>&1 | tee "$OUT/whole-tests.log" | tail -15

@@ -39,6 +39,11 @@ CASES = [(conv, w, out, res, act, "u8", 2) for conv, w, out, res, act in KERNEL_
     ((8, 8, 3, 2, 1, 1, 8, 11), "i4", "quant", False, (None, None), "i8", 3),
     ((3, 64, 7, 2, 3, 1, 1, 30), "i8", "quant", False, (0.0, None), "u8", 2),
     ((16, 128, 3, 1, 1, 1, 1, 92), "i8", "quant", True, (0.0, 6.0), "u8", 2),
+    # depthwise dp4a strips: float out with a float residual and a clip (vector stores of
+    # f32), 12 channels (4 a vector), 5 x 5 stride 2 (a one-pixel strip's window)
+    ((16, 16, 3, 1, 1, 1, 16, 9), "i8", "float", True, (None, 6.0), "i8", 2),
+    ((12, 12, 3, 1, 1, 1, 12, 10), "i4", "quant", True, (0.0, None), "u8", 2),
+    ((32, 32, 5, 2, 2, 1, 32, 13), "i8", "quant", False, (0.0, 6.0), "u8", 1),
 ]
 
 
@@ -306,6 +311,49 @@ def test_kernel_matches_the_reference_in_host_emulation(emulated_conv, case):
              for i, a in enumerate(args)]
     (got,) = call_emulated(lib, symbol, args, [(want.shape, want.dtype)], first=first)
     np.testing.assert_array_equal(got, want)
+
+
+# Depthwise strips other than the ones _dw_strip picks (VEC:PX through QC_DW_STRIP): 16
+# channels a thread, one-pixel strips, 4-pixel strips at stride 2 and dilation 2.
+DW_STRIP_CASES = [
+    (((16, 16, 3, 1, 1, 1, 16, 9), "i8", "quant", True, (0.0, 6.0), "u8", 2), "16:2"),
+    (((8, 8, 3, 2, 1, 1, 8, 11), "i4", "quant", False, (None, None), "i8", 2), "8:4"),
+    (((8, 8, 3, 1, 2, 2, 8, 7), "i8", "float", True, (None, None), "u8", 1), "4:4"),
+    (((24, 24, 3, 1, 1, 1, 24, 6), "i8", "quant", False, (0.0, None), "u8", 2), "8:1"),
+]
+
+
+def test_depthwise_strips_match_the_reference_in_host_emulation(tmp_path, monkeypatch):
+    import ctypes
+
+    texts, prepared = {}, []
+    for case, strip in DW_STRIP_CASES:
+        monkeypatch.setenv("QC_DW_STRIP", strip)
+        module, after, node, feeds = _prepared(case)
+        symbol, text = kernel_source(node, after)
+        vec, px = strip.split(":")
+        assert f"VEC = {vec}, PX = {px};" in text
+        texts[symbol] = text
+        prepared.append((module, after, node, feeds, symbol))
+    lib = ctypes.CDLL(build_emulated([texts[s] for s in sorted(texts)], tmp_path))
+    for module, after, node, feeds, symbol in prepared:
+        args = [_operand_array(after, v, feeds) for v in node.operands if v is not None]
+        want = np.moveaxis(run(module, feeds)["y"], 1, -1)
+        (got,) = call_emulated(lib, symbol, args, [(want.shape, want.dtype)])
+        np.testing.assert_array_equal(got, want, err_msg=symbol)
+
+
+def test_depthwise_strip_choice():
+    from qcompiler.codegen.cuda.ops.kernel import DW_WINDOW_WORDS, _dw_columns, _dw_strip
+
+    assert _dw_strip(96, 3, 3, 1, 1) == (8, 4)   # MobileNetV2's stride-1 layers
+    assert _dw_strip(96, 3, 3, 2, 1) == (8, 2)   # and its stride-2 ones
+    assert _dw_strip(12, 3, 3, 1, 1) == (4, 4)
+    assert _dw_strip(32, 5, 5, 2, 1) == (8, 1)
+    for args in [(8, 3, 3, 1, 1), (8, 3, 3, 2, 2), (16, 5, 5, 1, 1), (8, 7, 7, 2, 1)]:
+        vec, px = _dw_strip(*args)
+        fits = args[1] * _dw_columns(px, args[2], args[3], args[4]) * vec // 4 <= DW_WINDOW_WORDS
+        assert fits or px == 1, args
 
 
 def _pool_and_qdq_nodes():

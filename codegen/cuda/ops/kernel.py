@@ -507,13 +507,45 @@ def _qconv(node: Node, module) -> str:
                        a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
                        **_qconv_pipeline(), **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
-    vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
     dw4 = cfg["w_layout"] == "cuda_dw_t4"
-    if dw4 and not (depthwise and vec > 1):
-        raise unsupported(node, "cuda_dw_t4 weights on a layer that is not depthwise with "
-                          "channels in fours")
+    if dw4:
+        if not (depthwise and c % 4 == 0):
+            raise unsupported(node, "cuda_dw_t4 weights on a layer that is not depthwise with "
+                              "channels in fours")
+        vec, px = _dw_strip(c, kh, kw, params["sw"], params["dw"])
+        return _render("qconv.cu.j2", node, variant="direct", dw4=True, vec=vec, px=px,
+                       cols=_dw_columns(px, kw, params["sw"], params["dw"]), **params)
+    vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
     return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, vec=vec,
-                   depthwise=depthwise and vec > 1, dw4=dw4, **params)
+                   depthwise=depthwise and vec > 1, dw4=False, **params)
+
+
+# The depthwise dp4a kernel's strip: a thread computes PX output pixels of a row x VEC
+# channels from an input window of KH x COLS pixels x VEC channels held in registers, at most
+# DW_WINDOW_WORDS 32-bit words of them (with the PX x VEC sums and a word of weights a tap
+# group, about 100 registers: two blocks of 256 threads an SM). VEC 8 where the channels
+# allow, then the widest strip of 4, 2, 1 pixels whose window fits: 3 x 3 stride 1 takes
+# 4 pixels (a window of 6 columns: 18 loads for 36 taps), stride 2 takes 2.
+DW_WINDOW_WORDS = 48
+
+
+def _dw_columns(px: int, kw: int, sw: int, dw: int) -> int:
+    return (px - 1) * sw + (kw - 1) * dw + 1
+
+
+def _dw_strip(channels: int, kh: int, kw: int, sw: int, dw: int) -> tuple[int, int]:
+    """(VEC, PX) of the depthwise kernel, or ``QC_DW_STRIP=VEC:PX`` (sweeps on the device;
+    VEC must divide the channels)."""
+    override = os.environ.get("QC_DW_STRIP")
+    if override:
+        vec, px = (int(v) for v in override.split(":"))
+        if channels % vec == 0:
+            return vec, px
+    vec = 8 if channels % 8 == 0 else 4
+    for px in (4, 2, 1):
+        if kh * _dw_columns(px, kw, sw, dw) * vec // 4 <= DW_WINDOW_WORDS:
+            return vec, px
+    return vec, 1
 
 
 def _pool(node: Node) -> str:

@@ -4,12 +4,14 @@
 // dilation 1x1, 8 group(s). Weights centred on their zero points and the
 // bias holding bias - x_zp * sum(w') (cuda-conv-layout), so the sum is over raw codes with
 // padding read as x_zp.
-// Depthwise, dp4a: a thread per output pixel and 4 consecutive channels; the taps four at a
-// time: 4 words of x (a tap's 4 channels each) transposed in registers (8 byte permutes) into
-// 4 words of one channel's 4 taps, each summed against that channel's 4 weights by one dp4a
-// (the weights are stored so, cuda_dw_t4); 16 products in 12 instructions instead of 48.
+// Depthwise, dp4a, a strip per thread: 4 consecutive output pixels of one row and 8
+// consecutive channels. The strip's input window (3 rows x 6 columns x 8 channels) is loaded
+// into registers once: each column serves up to 3 taps of 4 outputs. Then per word of 4 taps,
+// one load of the 8 channels' weight words (stored so, cuda_dw_t4), and per output the 4 taps' words
+// transposed in registers (8 byte permutes per 4 channels) into one word per channel for one
+// dp4a: 16 products in 12 instructions instead of 48. Each output pixel leaves as one 8-channel store.
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 0, 255)
-namespace qc_cu_qconv_4bb0ee388deb_ns {
+namespace qc_cu_qconv_eaaa8697a735_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 7, W = 7, C = 8, OH = 7, OW = 7, M = 8;
@@ -43,11 +45,11 @@ __device__ __forceinline__ float residual_factor(const Params& q) {
 
 }
 
-// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor
-// f. Every float step is one IEEE rounding, as in the reference (no contraction into fma).
-__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
-                                    float rr) {
-  const int32_t acc = raw + q.bias[n];
+// y from a sum with the bias added, the residual's code or value r at that output (unused
+// without one) and the channel's factor f. Every float step is one IEEE rounding, as in the
+// reference (no contraction into fma).
+__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, float rr,
+                                        const Params& q) {
 
   const float v0 = __fmul_rn(__int2float_rn(acc), f);
 
@@ -59,14 +61,25 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
 
 }
 
+// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor f.
+__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
+                                    float rr) {
 
-constexpr int CG = 1, MG = 1, VEC = 4;
+  const float r = 0;
+
+  return requantize(raw + q.bias[n], r, f, rr, q);
+}
+
+
+constexpr int VEC = 8, PX = 4;
 constexpr int THREADS = 256;
-
-template <int N> struct alignas(N) Bytes { int8_t v[N]; };
-
 constexpr int TAPS = KH * KW, WORDS = (TAPS + 3) / 4;  // weight words per channel
-template <int N> struct alignas(4 * N) Words { uint32_t v[N]; };
+constexpr int COLS = (PX - 1) * SW + (KW - 1) * DW + 1;  // the strip's input columns
+constexpr int STRIPS = (OW + PX - 1) / PX;               // strips per output row
+constexpr int NV = M / VEC;                              // channel vectors per pixel
+static_assert(COLS == 6 && M == C && M % VEC == 0 && VEC % 4 == 0, "depthwise strip");
+
+template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
 #ifndef QC_HOST_EMULATION
 // d = c + sum of the 4 byte products of a (x codes) and b (signed weights)
@@ -102,73 +115,108 @@ __device__ __forceinline__ void transpose4(uint32_t (&r)[4]) {
   r[3] = byte_perm(t1, t3, 0x7632);
 }
 
+// Whether column `col` of the window is a tap of some output of the strip (a stride or a
+// dilation above 1 leaves columns no tap reads: they are not loaded).
+__host__ __device__ constexpr bool column_used(int col) {
+  for (int j = 0; j < PX; ++j)
+    for (int b = 0; b < KW; ++b)
+      if (j * SW + b * DW == col) return true;
+  return false;
+}
 
-__global__ void __launch_bounds__(THREADS) qconv_direct_kernel(Params q) {
+__global__ void __launch_bounds__(THREADS) qconv_dw_kernel(Params q) {
   // every channel's factor, once per block (scales are constants: before the wait)
   __shared__ float fac[M];
   for (int n = threadIdx.x; n < M; n += THREADS) fac[n] = channel_factor(q, n);
   const float rr = residual_factor(q);
   __syncthreads();
   qc_ops::wait_for_inputs();
-
   const uint32_t zp4 = 0x01010101u * (uint32_t)(uint8_t)q.x_zp[0];  // x_zp in each byte
-
-  const int64_t total = q.pixels * (M / VEC);
+  const int64_t total = q.pixels / OW * STRIPS * NV;  // output rows x strips x channel vectors
   for (int64_t idx = blockIdx.x * (int64_t)THREADS + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * THREADS) {
-    const int n = (int)(idx % (M / VEC)) * VEC;
-    const int64_t p = idx / (M / VEC);
-    const int64_t img = p / (OH * OW);
-    const int rem = (int)(p - img * (OH * OW));
-    const int ih0 = (rem / OW) * SH - PT, iw0 = (rem % OW) * SW - PL;
-    const X* xi = q.x + img * (int64_t)(H * W * C);
-    int acc[VEC];
+    // channel vectors fastest: a warp's loads of one window column are adjacent channels of
+    // neighbouring strips
+    const int n = (int)(idx % NV) * VEC;
+    const int64_t s = idx / NV;
+    const int ow0 = (int)(s % STRIPS) * PX;
+    const int64_t row = s / STRIPS;  // image * OH + output row
+    const int64_t img = row / OH;
+    const int ih0 = (int)(row - img * OH) * SH - PT, iw0 = ow0 * SW - PL;
+    const X* xi = q.x + img * (int64_t)(H * W * C) + n;
+    // the window; padding reads x_zp (its product is folded into the bias)
+    Vec<uint32_t, VEC / 4> win[KH][COLS];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] = 0;
-
+    for (int a = 0; a < KH; ++a) {
+      const int ih = ih0 + a * DH;
 #pragma unroll
-    for (int word = 0; word < WORDS; ++word) {
-      // the 4 taps' VEC channels (padding and taps past the last read x_zp: their weight is
-      // 0 past the last tap, and padding's product is folded into the bias)
-      Words<VEC / 4> xw[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int t = word * 4 + j, a = t / KW, b = t % KW;
-        const int ih = ih0 + a * DH, iw = iw0 + b * DW;
-        const bool inside = t < TAPS && ih >= 0 && ih < H && iw >= 0 && iw < W;
-        if (inside) {
-          xw[j] = *reinterpret_cast<const Words<VEC / 4>*>(xi + ((int64_t)ih * W + iw) * C + n);
+      for (int col = 0; col < COLS; ++col) {
+        if (!column_used(col)) continue;
+        const int iw = iw0 + col;
+        if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
+          win[a][col] = *reinterpret_cast<const Vec<uint32_t, VEC / 4>*>(xi + ((int64_t)ih * W + iw) * C);
         } else {
 #pragma unroll
-          for (int g = 0; g < VEC / 4; ++g) xw[j].v[g] = zp4;
+          for (int g = 0; g < VEC / 4; ++g) win[a][col].v[g] = zp4;
         }
       }
-      const Words<VEC> ww = *reinterpret_cast<const Words<VEC>*>(q.w + ((int64_t)word * M + n) * 4);
+    }
+    int acc[PX][VEC];
 #pragma unroll
-      for (int g = 0; g < VEC / 4; ++g) {
-        uint32_t r[4] = {xw[0].v[g], xw[1].v[g], xw[2].v[g], xw[3].v[g]};
-        transpose4(r);
+    for (int j = 0; j < PX; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[g * 4 + c] = dp4a(r[c], ww.v[g * 4 + c], acc[g * 4 + c]);
+      for (int v = 0; v < VEC; ++v) acc[j][v] = 0;
+#pragma unroll
+    for (int word = 0; word < WORDS; ++word) {
+      const Vec<uint32_t, VEC> ww = *reinterpret_cast<const Vec<uint32_t, VEC>*>(q.w + ((int64_t)word * M + n) * 4);
+#pragma unroll
+      for (int j = 0; j < PX; ++j) {
+#pragma unroll
+        for (int g = 0; g < VEC / 4; ++g) {
+          uint32_t r[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {  // tap word * 4 + i of output j (past the last tap: weight 0)
+            const int t = word * 4 + i;
+            r[i] = t < TAPS ? win[t / KW][j * SW + (t % KW) * DW].v[g] : 0u;
+          }
+          transpose4(r);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[j][g * 4 + c] = dp4a(r[c], ww.v[g * 4 + c], acc[j][g * 4 + c]);
+        }
       }
     }
-
+    float f[VEC];
+    int32_t bias[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) q.y[p * M + n + v] = finish(q, acc[v], p, n + v, fac[n + v], rr);
+    for (int v = 0; v < VEC; ++v) {
+      f[v] = fac[n + v];
+      bias[v] = q.bias[n + v];
+    }
+#pragma unroll
+    for (int j = 0; j < PX; ++j) {
+      if (ow0 + j >= OW) break;
+      const int64_t p = row * OW + ow0 + j;
+
+      Vec<Y, VEC> out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        out.v[v] = requantize(acc[j][v] + bias[v], 0, f[v], rr, q);
+      *reinterpret_cast<Vec<Y, VEC>*>(q.y + p * M + n) = out;
+    }
   }
 }
 
-}  // namespace qc_cu_qconv_4bb0ee388deb_ns
+}  // namespace qc_cu_qconv_eaaa8697a735_ns
 
-extern "C" int64_t qc_cu_qconv_4bb0ee388deb_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_eaaa8697a735_workspace_bytes(const int64_t* shapes) {
 
   return 0;
 
 }
 
-extern "C" int qc_cu_qconv_4bb0ee388deb(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_eaaa8697a735(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_4bb0ee388deb_ns;
+  using namespace qc_cu_qconv_eaaa8697a735_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
@@ -188,8 +236,10 @@ extern "C" int qc_cu_qconv_4bb0ee388deb(void* const* ptrs, const int64_t* shapes
   q.pixels = shapes[0] * (int64_t)(OH * OW);  // x's batch dim: N * OH * OW output pixels
   if (q.pixels == 0) return 0;
 
-  const int64_t n = q.pixels * (M / VEC);
-  qc_ops::launch(qconv_direct_kernel, qc_ops::grid_for(n, THREADS), THREADS, 0, stream, q);
+
+  const int64_t n = q.pixels / OW * STRIPS * NV;
+  qc_ops::launch(qconv_dw_kernel, qc_ops::grid_for(n, THREADS), THREADS, 0, stream, q);
+
   return (int)cudaGetLastError();
 
 }

@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_6b08c425fa13_ns {
+namespace qc_cu_qconv_2d450498ab6d_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -44,11 +44,11 @@ __device__ __forceinline__ float residual_factor(const Params& q) {
 
 }
 
-// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor
-// f. Every float step is one IEEE rounding, as in the reference (no contraction into fma).
-__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
-                                    float rr) {
-  const int32_t acc = raw + q.bias[n];
+// y from a sum with the bias added, the residual's code or value r at that output (unused
+// without one) and the channel's factor f. Every float step is one IEEE rounding, as in the
+// reference (no contraction into fma).
+__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, float rr,
+                                        const Params& q) {
 
   const float v0 = __fmul_rn(__int2float_rn(acc), f);
 
@@ -58,6 +58,15 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
   code = code < LO ? LO : (code > HI ? HI : code);
   return (Y)code;
 
+}
+
+// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor f.
+__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
+                                    float rr) {
+
+  const float r = 0;
+
+  return requantize(raw + q.bias[n], r, f, rr, q);
 }
 
 
@@ -396,17 +405,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_6b08c425fa13_ns
+}  // namespace qc_cu_qconv_2d450498ab6d_ns
 
-extern "C" int64_t qc_cu_qconv_6b08c425fa13_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_2d450498ab6d_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_6b08c425fa13_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_6b08c425fa13_ns::OH * qc_cu_qconv_6b08c425fa13_ns::OW));
+  return qc_cu_qconv_2d450498ab6d_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_2d450498ab6d_ns::OH * qc_cu_qconv_2d450498ab6d_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_6b08c425fa13(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_2d450498ab6d(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_6b08c425fa13_ns;
+  using namespace qc_cu_qconv_2d450498ab6d_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
