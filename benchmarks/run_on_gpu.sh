@@ -49,7 +49,8 @@ for step in "$@"; do
         mkdir -p "$OUT/tiles/$name"
         if [ "$table" = default ]; then unset QC_QCONV_TILES; else export QC_QCONV_TILES="$table"; fi
         timeout 200 python3 "$REPO/benchmarks/bench_cnn_gpu.py" --run "$REPO/gpu_cnn" --out "$OUT/tiles/$name" \
-          --formats qdq --batches 64 --skip-compile-peer --trace > "$OUT/tiles/$name/log" 2>&1
+          --models ${QC_CNN_MODELS:-resnet18,mobilenetv2} \
+          --formats qdq --batches ${QC_CNN_BATCHES:-64} --skip-compile-peer --trace > "$OUT/tiles/$name/log" 2>&1
         echo "== $table: $(grep -E "check|graph" "$OUT/tiles/$name/log" | grep -v "^    " | tr '\n' ' ' | cut -c1-300)"
       done
       unset QC_QCONV_TILES ;;

@@ -11,7 +11,7 @@
 // transposed in registers (8 byte permutes per 4 channels) into one word per channel for one
 // dp4a: 16 products in 12 instructions instead of 48. Each output pixel leaves as one 8-channel store.
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 0, 255)
-namespace qc_cu_qconv_eaaa8697a735_ns {
+namespace qc_cu_qconv_85c81a59e976_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 7, W = 7, C = 8, OH = 7, OW = 7, M = 8;
@@ -38,36 +38,42 @@ __device__ __forceinline__ float channel_factor(const Params& q, int n) {
 
 }
 
-// The residual's factor to y's units (out_quant with a residual), else unused.
-__device__ __forceinline__ float residual_factor(const Params& q) {
+// The epilogue's per-tensor values, read once per thread (not once per output: the compiler
+// cannot keep them across the stores): the residual's factor to y's units (out_quant with a
+// residual, else unused) and the zero points.
+struct Requant { float rr; int32_t y_zp, r_zp; };
+__device__ __forceinline__ Requant requant_values(const Params& q) {
+  Requant e;
 
-  return 0.0f;
+  e.rr = 0.0f;
+  e.r_zp = 0;
 
+  e.y_zp = (int32_t)q.y_zp[0];
+  return e;
 }
 
 // y from a sum with the bias added, the residual's code or value r at that output (unused
 // without one) and the channel's factor f. Every float step is one IEEE rounding, as in the
 // reference (no contraction into fma).
-__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, float rr,
-                                        const Params& q) {
+__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, const Requant& e) {
 
   const float v0 = __fmul_rn(__int2float_rn(acc), f);
 
   const float v = v0;
 
-  int32_t code = __float2int_rn(v) + (int32_t)q.y_zp[0];
+  int32_t code = __float2int_rn(v) + e.y_zp;
   code = code < LO ? LO : (code > HI ? HI : code);
   return (Y)code;
 
 }
 
-// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor f.
-__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
-                                    float rr) {
+// y for output pixel p, channel n, from the raw sum, channel n's bias and factor f.
+__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, int32_t bias,
+                                    float f, const Requant& e) {
 
   const float r = 0;
 
-  return requantize(raw + q.bias[n], r, f, rr, q);
+  return requantize(raw + bias, r, f, e);
 }
 
 
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(THREADS) qconv_dw_kernel(Params q) {
   // every channel's factor, once per block (scales are constants: before the wait)
   __shared__ float fac[M];
   for (int n = threadIdx.x; n < M; n += THREADS) fac[n] = channel_factor(q, n);
-  const float rr = residual_factor(q);
+  const Requant e = requant_values(q);
   __syncthreads();
   qc_ops::wait_for_inputs();
   const uint32_t zp4 = 0x01010101u * (uint32_t)(uint8_t)q.x_zp[0];  // x_zp in each byte
@@ -200,23 +206,23 @@ __global__ void __launch_bounds__(THREADS) qconv_dw_kernel(Params q) {
       Vec<Y, VEC> out;
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
-        out.v[v] = requantize(acc[j][v] + bias[v], 0, f[v], rr, q);
+        out.v[v] = requantize(acc[j][v] + bias[v], 0, f[v], e);
       *reinterpret_cast<Vec<Y, VEC>*>(q.y + p * M + n) = out;
     }
   }
 }
 
-}  // namespace qc_cu_qconv_eaaa8697a735_ns
+}  // namespace qc_cu_qconv_85c81a59e976_ns
 
-extern "C" int64_t qc_cu_qconv_eaaa8697a735_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_85c81a59e976_workspace_bytes(const int64_t* shapes) {
 
   return 0;
 
 }
 
-extern "C" int qc_cu_qconv_eaaa8697a735(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_85c81a59e976(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_eaaa8697a735_ns;
+  using namespace qc_cu_qconv_85c81a59e976_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];

@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_2d450498ab6d_ns {
+namespace qc_cu_qconv_3e593a4e2b72_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -37,36 +37,42 @@ __device__ __forceinline__ float channel_factor(const Params& q, int n) {
 
 }
 
-// The residual's factor to y's units (out_quant with a residual), else unused.
-__device__ __forceinline__ float residual_factor(const Params& q) {
+// The epilogue's per-tensor values, read once per thread (not once per output: the compiler
+// cannot keep them across the stores): the residual's factor to y's units (out_quant with a
+// residual, else unused) and the zero points.
+struct Requant { float rr; int32_t y_zp, r_zp; };
+__device__ __forceinline__ Requant requant_values(const Params& q) {
+  Requant e;
 
-  return 0.0f;
+  e.rr = 0.0f;
+  e.r_zp = 0;
 
+  e.y_zp = (int32_t)q.y_zp[0];
+  return e;
 }
 
 // y from a sum with the bias added, the residual's code or value r at that output (unused
 // without one) and the channel's factor f. Every float step is one IEEE rounding, as in the
 // reference (no contraction into fma).
-__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, float rr,
-                                        const Params& q) {
+__device__ __forceinline__ Y requantize(int32_t acc, float r, float f, const Requant& e) {
 
   const float v0 = __fmul_rn(__int2float_rn(acc), f);
 
   const float v = v0;
 
-  int32_t code = __float2int_rn(v) + (int32_t)q.y_zp[0];
+  int32_t code = __float2int_rn(v) + e.y_zp;
   code = code < LO ? LO : (code > HI ? HI : code);
   return (Y)code;
 
 }
 
-// y for output pixel p, channel n, from the raw sum (bias added here) and channel n's factor f.
-__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, float f,
-                                    float rr) {
+// y for output pixel p, channel n, from the raw sum, channel n's bias and factor f.
+__device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int n, int32_t bias,
+                                    float f, const Requant& e) {
 
   const float r = 0;
 
-  return requantize(raw + q.bias[n], r, f, rr, q);
+  return requantize(raw + bias, r, f, e);
 }
 
 
@@ -89,7 +95,8 @@ template <int BM_, int BN_, int WM_, int WN_> struct Tile {
   static constexpr int A_CHUNKS = BM * BK / 16 / THREADS;  // 16-byte chunks per thread, stage
   static constexpr int B_CHUNKS = BN * BK / 16 / THREADS;
   static constexpr int SMEM = STAGES * (BM + BN) * LD;
-  static_assert(NI % 2 == 0 && A_CHUNKS * THREADS * 16 == BM * BK, "tile shape");
+  static_assert(NI % 2 == 0 && A_CHUNKS * THREADS * 16 == BM * BK &&
+                B_CHUNKS * THREADS * 16 == BN * BK, "tile shape");
 };
 
 // The asynchronous copies and the MMA. QC_HOST_EMULATION (tests/cuda_host/emulator/emulator.h) runs
@@ -250,6 +257,7 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
     const uint8_t* B = sb + (ks % STAGES) * BN * LD + wn * WTN * LD;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 32) {
+      if (KP % BK != 0 && (k_first + ks) * BK + kk >= KP) break;  // the last step's padding
       // A fragment i: matrices (rows 0-7 | 8-15) x (bytes 0-15 | 16-31) = a0, a1, a2, a3.
       // B fragments j, j + 1: (n rows of j | of j + 1) x (bytes 0-15 | 16-31) = b0, b1 each.
       unsigned af[MI][4], bf[NI][2];
@@ -310,14 +318,16 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
   // c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8. A thread's 2 * NI columns are the
   // same for every row: their factors first.
   float fac[NI][2];
+  int32_t bias[NI][2];
 #pragma unroll
   for (int j = 0; j < NI; ++j)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int n = n0 + wn * WTN + j * 8 + t * 2 + e;
-      fac[j][e] = n < M ? channel_factor(q, n) : 0.0f;
+    for (int c = 0; c < 2; ++c) {
+      const int n = n0 + wn * WTN + j * 8 + t * 2 + c;
+      fac[j][c] = n < M ? channel_factor(q, n) : 0.0f;
+      bias[j][c] = n < M ? q.bias[n] : 0;
     }
-  const float rr = residual_factor(q);
+  const Requant e = requant_values(q);
 
   // Codes go through shared memory (the ring is free once every warp is past its last MMA)
   // so that each pixel's BN channels leave as 16-byte stores.
@@ -334,9 +344,9 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
         const int c = wn * WTN + j * 8 + t * 2, n = n0 + c;
-        if (n < M) tile[r * TP + c] = (uint8_t)finish(q, acc[i][j][half * 2], p, n, fac[j][0], rr);
+        if (n < M) tile[r * TP + c] = (uint8_t)finish(q, acc[i][j][half * 2], p, n, bias[j][0], fac[j][0], e);
         if (n + 1 < M)
-          tile[r * TP + c + 1] = (uint8_t)finish(q, acc[i][j][half * 2 + 1], p, n + 1, fac[j][1], rr);
+          tile[r * TP + c + 1] = (uint8_t)finish(q, acc[i][j][half * 2 + 1], p, n + 1, bias[j][1], fac[j][1], e);
       }
     }
   }
@@ -405,17 +415,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_2d450498ab6d_ns
+}  // namespace qc_cu_qconv_3e593a4e2b72_ns
 
-extern "C" int64_t qc_cu_qconv_2d450498ab6d_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_3e593a4e2b72_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_2d450498ab6d_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_2d450498ab6d_ns::OH * qc_cu_qconv_2d450498ab6d_ns::OW));
+  return qc_cu_qconv_3e593a4e2b72_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_3e593a4e2b72_ns::OH * qc_cu_qconv_3e593a4e2b72_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_2d450498ab6d(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_3e593a4e2b72(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_2d450498ab6d_ns;
+  using namespace qc_cu_qconv_3e593a4e2b72_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
