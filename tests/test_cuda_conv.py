@@ -269,10 +269,13 @@ EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
     ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
     ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
 # Every tile of the table from a few hundred pixels: 128 x 128 from 256 pixels and 128
-# channels (the 288-pixel cases of 128 and 136 channels), 256 x 64 from 128 pixels (the
-# 200-pixel case of 24 channels), 64 x 64 below.
+# channels (the 288-pixel cases of 128 and 136 channels), 256 x 64 from 128 pixels, 40
+# channels and K 100 (the stem-like case, K 196, and the 48-channel one, K 108), 128 x 64
+# below that K (the 40-channel 1 x 1), 128 x 32 below 40 channels, 64 x 64 below 128 pixels.
 EMULATED_TILES = [{"min_pixels": 256, "min_channels": 128, "tile": (128, 128, 4, 2)},
-                  {"min_pixels": 128, "min_channels": 1, "tile": (256, 64, 4, 2)},
+                  {"min_pixels": 128, "min_channels": 40, "min_k": 100, "tile": (256, 64, 4, 2)},
+                  {"min_pixels": 128, "min_channels": 40, "tile": (128, 64, 4, 2)},
+                  {"min_pixels": 128, "min_channels": 1, "tile": (128, 32, 4, 1)},
                   {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)}]
 # and split-K from one K step a part, to 16 blocks: the small cases' few tiles split
 EMULATED_SPLIT = {"split_target_blocks": 16, "split_min_steps": 1, "max_splits": 16}
@@ -633,7 +636,8 @@ def test_tile_table_filters_by_channels_and_k(monkeypatch):
 
     big = 128 * 132
     assert dims(_qconv_tiles(64, 576)) == [(256, 64, 4, 2, big), (64, 64, 2, 2, 0)]
-    assert dims(_qconv_tiles(64, 16)) == [(64, 64, 2, 2, 0)]          # a 1 x 1 of 16 channels
+    assert dims(_qconv_tiles(96, 16)) == [(128, 64, 4, 2, big), (64, 64, 2, 2, 0)]  # short K
+    assert dims(_qconv_tiles(24, 144)) == [(128, 32, 4, 1, big), (64, 64, 2, 2, 0)]  # 24 channels
     # 256 x 64 applies too, from as many pixels as 128 x 128: never launched, so left out
     assert dims(_qconv_tiles(256, 2304)) == [(128, 128, 4, 2, big), (64, 64, 2, 2, 0)]
     monkeypatch.setenv("QC_QCONV_TILES", "100:1:128x64x2x2:64;0:1:64x64x2x2")

@@ -384,21 +384,27 @@ def _constant(node: Node, name: str, module):
 # The implicit GEMM's block tiles, (BM pixels, BN channels, WM x WN warps), each with the
 # least output pixels (at run time: the batch is symbolic), output channels and K (static: kh
 # kw c) a call needs to take it; the first that applies is taken, the last applies to every
-# call.
-# 128 x 128 where it still gives about a block per SM of an H100/H200 (a batch of images);
-# 256 x 64 over 8 warps of 64 x 32 for layers of fewer channels there (ResNet-18's first stage
-# at batch 64: twice the reuse of each weight tile read from L2); else 64 x 64 (one image:
-# ResNet-18's last layers have 49 pixels). Measured on an H100, ResNet-18 QDQ at batch 64
-# (2026-12-05 14:23, `QC_QCONV_TILES` sweeps, `cnn-gpu-h100-20261205-14*.json`): the 64-channel
-# 3x3 layers 80-98 us with 64 x 64 tiles, 61-80 with 128 x 64, 53-68 with 256 x 64 (graph 1.31
-# -> 1.20 ms); 256 x 128 or 128 x 256 for the 128-512-channel layers, a 4th stage or 128-byte
-# K steps were each slower. Short K keeps 64 x 64: MobileNetV2's 1 x 1 layers (K 16-96, one
-# or two K steps a tile, so a block's time is its fixed costs) ran 1.4-1.6x slower with
-# 256 x 64 (14:35 on an H100 against 12:16 on an H200, whose memory-bound depthwise layers
-# were 1.1x faster than the H100's).
+# call. Above 128 x 132 pixels (a batch of images: about a block per SM of an H100/H200 with
+# the widest tile):
+# - 128 x 128 from 128 channels;
+# - 256 x 64 over 8 warps of 64 x 32 from 48 channels and K 512 (ResNet-18's first stage:
+#   twice the reuse of each weight tile read from L2);
+# - 128 x 64 from 48 channels (short K: MobileNetV2's 1 x 1 expansions of 16-24 channels);
+# - 128 x 32 over 4 warps of 32 x 32 below 48 channels (a 64-wide tile would be half
+#   padding, and a block's time is mostly its fixed costs: one or two K steps);
+# else 64 x 64 (one image: ResNet-18's last layers have 49 pixels).
+# Measured on an H100 at batch 64 (QC_QCONV_TILES sweeps: 2026-12-05 14:23,
+# `cnn-gpu-h100-20261205-14*.json`, and 15:43, `cnn-gpu-h100-20261205-154*-tiles-*.json`):
+# ResNet-18's 64-channel 3x3 layers 80-98 us with 64 x 64 tiles, 58-67 with 128 x 64, 50-59
+# with 256 x 64; MobileNetV2's 16-32-channel layers (stem, projections) 1.2-1.5x faster with
+# 128 x 32 than with 128 x 64 or 256 x 64, its 16 -> 96 expansion at 112² 131 us with 128 x 64
+# and 189 with 128 x 32. 256 x 128 or 128 x 256 for the 128-512-channel layers, a 4th stage
+# or 128-byte K steps were each slower (14:23).
 QCONV_TILES = [
     {"min_pixels": 128 * 132, "min_channels": 128, "tile": (128, 128, 4, 2)},
-    {"min_pixels": 128 * 132, "min_channels": 1, "min_k": 512, "tile": (256, 64, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 48, "min_k": 512, "tile": (256, 64, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 48, "tile": (128, 64, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 1, "tile": (128, 32, 4, 1)},
     {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)},
 ]
 # K bytes per pipeline stage and stages in flight (cp.async ring)

@@ -6,11 +6,11 @@
 // padding read as x_zp.
 // Implicit GEMM on int8 tensor cores: rows are output pixels, columns output channels,
 // K = (kh, kw, c) (196, padded to 224); mma.sync m16n8k32 u8 x s8 -> s32,
-// block tiles 64 x 64 over 4 warps (2 x 2),
+// block tiles 128 x 64 over 8 warps (4 x 2), 64 x 64 over 4 warps (2 x 2),
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_3e593a4e2b72_ns {
+namespace qc_cu_qconv_d011a8cd92d4_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -94,9 +94,13 @@ template <int BM_, int BN_, int WM_, int WN_> struct Tile {
   static constexpr int MI = WTM / 16, NI = WTN / 8;      // mma tiles per warp (NI even: ldmatrix pairs)
   static constexpr int A_CHUNKS = BM * BK / 16 / THREADS;  // 16-byte chunks per thread, stage
   static constexpr int B_CHUNKS = BN * BK / 16 / THREADS;
-  static constexpr int SMEM = STAGES * (BM + BN) * LD;
+  // ring slots: no more than the K steps (a 1 x 1 layer of K <= 64 has one: a third of the
+  // shared memory, so more blocks an SM to overlap their latencies)
+  static constexpr int SLOTS = STAGES < KSTEPS ? STAGES : KSTEPS;
+  static constexpr int SMEM = SLOTS * (BM + BN) * LD;
   static_assert(NI % 2 == 0 && A_CHUNKS * THREADS * 16 == BM * BK &&
                 B_CHUNKS * THREADS * 16 == BN * BK, "tile shape");
+  static_assert(SMEM >= BM * (BN + 16), "the epilogue's code tile fits in the ring");
 };
 
 // The asynchronous copies and the MMA. QC_HOST_EMULATION (tests/cuda_host/emulator/emulator.h) runs
@@ -210,7 +214,7 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
   uint8_t* smem = qc_emu::shared;
 #endif
   uint8_t* sa = smem;
-  uint8_t* sb = smem + STAGES * BM * LD;
+  uint8_t* sb = smem + T::SLOTS * BM * LD;  // (a step's slot is step % STAGES < SLOTS)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / T::WN, wn = warp % T::WN, g = lane >> 2, t = lane & 3;
   const int64_t p0 = (int64_t)blockIdx.x * BM;
@@ -232,6 +236,15 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
     for (int j = 0; j < NI; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+  // The block's channel factors and biases (constants): computed while the first loads fly.
+  __shared__ float block_fac[BN];
+  __shared__ int32_t block_bias[BN];
+  for (int c = tid; c < BN; c += THREADS) {
+    const int n = n0 + c;
+    block_fac[c] = n < M ? channel_factor(q, n) : 0.0f;
+    block_bias[c] = n < M ? q.bias[n] : 0;
+  }
 
   // The first stages' weights are constants: fetched while the previous kernel finishes
   // (programmatic dependent launch), before the wait for x. They join stage 0's copy group.
@@ -316,16 +329,15 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
   }
 
   // c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8. A thread's 2 * NI columns are the
-  // same for every row: their factors first.
+  // same for every row: their factors first (the main loop's barriers ordered their writes).
   float fac[NI][2];
   int32_t bias[NI][2];
 #pragma unroll
   for (int j = 0; j < NI; ++j)
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      const int n = n0 + wn * WTN + j * 8 + t * 2 + c;
-      fac[j][c] = n < M ? channel_factor(q, n) : 0.0f;
-      bias[j][c] = n < M ? q.bias[n] : 0;
+      fac[j][c] = block_fac[wn * WTN + j * 8 + t * 2 + c];
+      bias[j][c] = block_bias[wn * WTN + j * 8 + t * 2 + c];
     }
   const Requant e = requant_values(q);
 
@@ -368,12 +380,14 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 // The tiles this layer can take, and how a call of `pixels` output pixels runs: its tile
 // (the first whose least pixel count it reaches), grid and K split.
 
-using Tile0 = Tile<64, 64, 2, 2>;  // from 0 pixels
+using Tile0 = Tile<128, 64, 4, 2>;  // from 16896 pixels
+using Tile1 = Tile<64, 64, 2, 2>;  // from 0 pixels
 struct LaunchPlan { int tile, bm, bn; int64_t tiles_x, tiles_y; int splits; int64_t counter_bytes; };
 
 inline LaunchPlan launch_plan(int64_t pixels) {
   LaunchPlan p;
-  { p.tile = 0; p.bm = 64; p.bn = 64; }
+  if (pixels >= 16896) { p.tile = 0; p.bm = 128; p.bn = 64; } else
+  { p.tile = 1; p.bm = 64; p.bn = 64; }
   const int bm = p.bm, bn = p.bn;
   p.tiles_x = (pixels + bm - 1) / bm;
   p.tiles_y = (M + bn - 1) / bn;
@@ -415,17 +429,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_3e593a4e2b72_ns
+}  // namespace qc_cu_qconv_d011a8cd92d4_ns
 
-extern "C" int64_t qc_cu_qconv_3e593a4e2b72_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_d011a8cd92d4_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_3e593a4e2b72_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_3e593a4e2b72_ns::OH * qc_cu_qconv_3e593a4e2b72_ns::OW));
+  return qc_cu_qconv_d011a8cd92d4_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_d011a8cd92d4_ns::OH * qc_cu_qconv_d011a8cd92d4_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_3e593a4e2b72(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_d011a8cd92d4(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_3e593a4e2b72_ns;
+  using namespace qc_cu_qconv_d011a8cd92d4_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
@@ -447,7 +461,8 @@ extern "C" int qc_cu_qconv_3e593a4e2b72(void* const* ptrs, const int64_t* shapes
 
   const LaunchPlan plan = launch_plan(q.pixels);
   switch (plan.tile) {
-    default: return launch_tile<Tile0>(q, plan, workspace, stream);
+    case 0: return launch_tile<Tile0>(q, plan, workspace, stream);
+    default: return launch_tile<Tile1>(q, plan, workspace, stream);
   }
 
 }
