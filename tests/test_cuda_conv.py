@@ -638,8 +638,8 @@ def test_tile_table_filters_by_channels_and_k(monkeypatch):
     assert dims(_qconv_tiles(64, 576)) == [(256, 64, 4, 2, big), (64, 64, 2, 2, 0)]
     assert dims(_qconv_tiles(96, 16)) == [(128, 64, 4, 2, big), (64, 64, 2, 2, 0)]  # short K
     assert dims(_qconv_tiles(24, 144)) == [(128, 32, 4, 1, big), (64, 64, 2, 2, 0)]  # 24 channels
-    # 256 x 64 applies too, from as many pixels as 128 x 128: never launched, so left out
-    assert dims(_qconv_tiles(256, 2304)) == [(128, 128, 4, 2, big), (64, 64, 2, 2, 0)]
+    # 256 x 64 and the others apply too, from more pixels than 128 x 128: never launched
+    assert dims(_qconv_tiles(256, 2304)) == [(128, 128, 4, 2, big // 2), (64, 64, 2, 2, 0)]
     monkeypatch.setenv("QC_QCONV_TILES", "100:1:128x64x2x2:64;0:1:64x64x2x2")
     assert dims(_qconv_tiles(32, 64)) == [(128, 64, 2, 2, 100), (64, 64, 2, 2, 0)]
     assert dims(_qconv_tiles(32, 32)) == [(64, 64, 2, 2, 0)]
