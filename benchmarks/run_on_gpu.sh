@@ -7,6 +7,7 @@ set -u
 OUT=${OUT:-/tmp/qc_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+rm -rf /tmp/qc_site  # a warm machine keeps the last call's install: pip --target would not replace it
 python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/qc_site . \
   >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 export PYTHONPATH=/tmp/qc_site
