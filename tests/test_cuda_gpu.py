@@ -166,6 +166,39 @@ def test_artifact_numpy_and_torch_no_copy(tmp_path, monkeypatch, device_plan):
     assert cases.rel_error(yt.cpu().numpy(), ref) <= cases.TOLERANCE["f16"]
 
 
+def test_torch_calls_are_ordered_with_the_callers_stream(tmp_path):
+    """run() on torch CUDA tensors returns without waiting for the GPU (as a torch op does):
+    the plan must start after the caller's stream has written its inputs, and the caller's
+    stream must read the outputs only after the plan. On a side stream of torch, each input
+    is written behind a sleep (a plan that does not wait reads it unwritten) and overwritten
+    with NaN right after the call (a plan still reading it then gives NaN); six calls in
+    flight reuse the plan's arena."""
+    torch = pytest.importorskip("torch")
+    import qcompiler
+    from qcompiler.driver.api import compile_to_dir
+
+    case = cases.Case(k=1024, n=320, bits=4, zero_point=True, group=128, bias=True)
+    module = cases.make_module(case, seed=5)
+    loaded = qcompiler.load(compile_to_dir(module, "cuda-sm90", str(tmp_path / "art"))[0])
+    xs = [cases.random_x(case, 5, seed=int.from_bytes(os.urandom(4), "little"))
+          for _ in range(6)]
+    sources = [torch.from_numpy(x).cuda() for x in xs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    with torch.cuda.stream(side):
+        for src in sources:
+            torch.cuda._sleep(2_000_000)  # about a millisecond of the caller's stream
+            xt = src.clone()
+            y = loaded.run({"x": xt})["y"]
+            xt.fill_(float("nan"))
+            outs.append(y.clone())
+    side.synchronize()
+    for x, y in zip(xs, outs):
+        assert cases.rel_error(y.cpu().numpy(), cases.reference(module, x)) \
+            <= cases.TOLERANCE["f16"]
+
+
 def test_sm80_build_runs_here(tmp_path):
     """Code for cuda-sm80 (SASS sm_80 + PTX) must also run on newer GPUs (PTX JIT)."""
     case = cases.Case(k=512, n=192, bits=4, zero_point=True, group=64, dtype="bf16")

@@ -333,10 +333,18 @@ class CudaPlanRunner:
         lib.qc_stream_create.argtypes = [ctypes.POINTER(P)]
         lib.qc_stream_synchronize.argtypes = [P]
         lib.qc_copy_async.argtypes = [P, P, ctypes.c_size_t, ctypes.c_int, P]
+        lib.qc_event_create.argtypes = [ctypes.POINTER(P)]
+        lib.qc_stream_wait.argtypes = [P, P, P]
         self.launcher = lib
         stream = P()
         self._check(lib.qc_stream_create(ctypes.byref(stream)), "cudaStreamCreate")
         self.stream = stream.value
+        # two events: our stream after the caller's (inputs written), the caller's after ours
+        self._order_events = []
+        for _ in range(2):
+            event = P()
+            self._check(lib.qc_event_create(ctypes.byref(event)), "cudaEventCreate")
+            self._order_events.append(event.value)
         self.lanes = None  # side streams for concurrent launches (None: one stream)
         if self.lanes_wanted > 1:
             lanes = P()
@@ -609,8 +617,15 @@ class CudaPlanRunner:
         lib, s = self.launcher, self.stream
         torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
                         and type(arrays[n]).__module__.startswith("torch")]
-        if torch_inputs:  # the caller's stream may still be writing them
-            _sync_torch(torch_inputs[0])
+        # With torch CUDA tensors in, the caller's stream may still be writing them: our
+        # stream waits for it on the device, and at the end the caller's stream waits for
+        # ours (the outputs are torch tensors), so run() returns without blocking the host,
+        # as a torch op does; the host's work for the next call then overlaps this one's
+        # kernels. Calls stay ordered on our stream (the arena is reused).
+        torch_stream = _torch_stream(torch_inputs[0]) if torch_inputs else None
+        if torch_stream is not None:
+            self._check(lib.qc_stream_wait(s, torch_stream, self._order_events[0]),
+                        "ordering the plan after the caller's stream")
         for n in plan.inputs:
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -653,7 +668,11 @@ class CudaPlanRunner:
                     self._check(lib.qc_copy_async(a.ctypes.data, dptr, nbytes, 2, s),
                                 f"copying output {out} to the host")
                 results[out] = a
-        self._check(lib.qc_stream_synchronize(s), "running the plan")
+        if torch_out and torch_stream is not None:
+            self._check(lib.qc_stream_wait(torch_stream, s, self._order_events[1]),
+                        "ordering the caller's stream after the plan")
+        else:
+            self._check(lib.qc_stream_synchronize(s), "running the plan")
         return results
 
     run = __call__
@@ -684,9 +703,8 @@ def _check_device_input(name, x, want) -> None:
             raise InputError(f"input %{name}: expected {want}, got {x.dtype}")
 
 
-def _sync_torch(x) -> None:
-    """The caller's stream may still be writing x: wait for it before our stream reads."""
-    if type(x).__module__.startswith("torch"):
-        import torch
+def _torch_stream(x) -> int:
+    """The handle of torch's current stream on x's device (the caller's stream)."""
+    import torch
 
-        torch.cuda.current_stream(x.device).synchronize()
+    return torch.cuda.current_stream(x.device).cuda_stream

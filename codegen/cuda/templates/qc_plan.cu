@@ -158,6 +158,15 @@ int qc_stream_create(void** stream) {
 int qc_stream_synchronize(void* stream) {
   return (int)cudaStreamSynchronize((cudaStream_t)stream);
 }
+int qc_event_create(void** event) {
+  return (int)cudaEventCreateWithFlags((cudaEvent_t*)event, cudaEventDisableTiming);
+}
+// `waiter` waits for the work queued on `waited` so far; the host does not (a run() on torch
+// tensors is ordered with the caller's stream this way, both at its start and its end).
+int qc_stream_wait(void* waiter, void* waited, void* event) {
+  int err = (int)cudaEventRecord((cudaEvent_t)event, (cudaStream_t)waited);
+  return err ? err : (int)cudaStreamWaitEvent((cudaStream_t)waiter, (cudaEvent_t)event, 0);
+}
 int qc_copy_async(void* dst, const void* src, size_t bytes, int kind, void* stream) {
   return (int)cudaMemcpyAsync(dst, src, bytes, (cudaMemcpyKind)kind, (cudaStream_t)stream);
 }
