@@ -9,7 +9,10 @@ qmatmul with ``config.impl = "tvm"`` the operands become new constants:
   ``block`` and ``container_bits`` (lut: also ``bits`` and ``table_group``;
   ``codegen/cpu/layout.py`` describes the layouts);
   with act-order the rows are stored sorted by group (the runner permutes x's columns);
-- scales (operand 2): float32 ``[tiles, groups, n_tile]``, ``#layout<cpu_tiled, ...>``;
+- scales (operand 2): float32 ``[tiles, groups, n_tile]``, ``#layout<cpu_tiled, ...>``; with
+  ``scale_dtype=auto`` (the default) float16 for the int8 kernels on x86 where every scale is
+  0 or an f16 normal (a relative rounding of at most 2^-11, below the int8 activations' own;
+  the code layout then prints ``scale_dtype=f16``); ``scale_dtype=f32`` keeps float32;
 - zero points (operand 3, added for symmetric schemes too): the zero point in container units
   (``z - lo``; MatMulNBits' implied zero point included) as u8, ``#layout<cpu_tiled>``.
 
@@ -36,8 +39,11 @@ class CPUPackWeightsPass(Pass):
     """Pack the weights of each CPU qmatmul into its kernel's layout (shown as #layout<cpu_*>)."""
 
     target: str = "cpu"
+    scale_dtype: str = "auto"  # auto: f16 for x86 int8 kernels where the scales fit; f32
 
     def run(self, module: Module) -> Module:
+        if self.scale_dtype not in ("auto", "f32"):
+            raise PassError(f"cpu-pack-weights: scale_dtype={self.scale_dtype!r} (auto or f32)")
         from qcompiler.codegen.cpu import layout, runtime, tuning
         from qcompiler.codegen.cpu.tuning import node_key
         tgt = self.backend_target("cpu")
@@ -68,6 +74,9 @@ class CPUPackWeightsPass(Pass):
             scheme = node.attrs["w_scheme"]
             bl = p.blocking
             zero_code = packed["zero_code"]
+            scale_f16 = (self.scale_dtype == "auto" and p.numerics == "int8"
+                         and p.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
+                         and layout.f16_scales_fit(packed["s"]))
             code_layout = layout.code_layout(
                 p.numerics, codes=scheme.dtype.name, k=p.k, n=p.n, k_pad=bl.k_pad,
                 block=bl.block, n_tile=p.n_tile, container_bits=p.container_bits,
@@ -75,6 +84,8 @@ class CPUPackWeightsPass(Pass):
                 # one zero code for the whole tensor (symmetric schemes): kernels take it
                 # as a constant
                 **({"zero_code": zero_code} if zero_code is not None else {}),
+                # scales stored as f16 (the kernels convert them as they load)
+                **({"scale_dtype": "f16"} if scale_f16 else {}),
                 **({"bits": scheme.bits, "table_group": p.table_group}
                    if p.numerics == "lut" else {}))
             # The stored elements are bytes now: u8 and the layout (which names the code type)
@@ -89,8 +100,10 @@ class CPUPackWeightsPass(Pass):
             base = node.result.name
             w_node = constant_node(fn, module, w_bytes, w_type, name_hint=f"{base}.w_packed",
                                    before=node)
-            s_node = constant_node(fn, module, packed["s"],
-                                   TensorType(tuple(packed["s"].shape), f32, None, tiled),
+            scales = packed["s"].astype(np.float16) if scale_f16 else packed["s"]
+            s_node = constant_node(fn, module, scales,
+                                   TensorType(tuple(scales.shape),
+                                              elem("f16") if scale_f16 else f32, None, tiled),
                                    name_hint=f"{base}.scale_tiled", before=node)
             z_node = constant_node(fn, module, packed["zc"],
                                    TensorType(tuple(packed["zc"].shape), elem("u8"), None,

@@ -261,12 +261,30 @@ def test_exact_grid(tmp_path, bits, group, zp, signed):
     assert_close_fp32(compiled.run({"x": x})["y"], reference_run(module, {"x": x})["y"], k)
 
 
-def int8_expected(module, x):
+def _with_scales(module, change):
+    """A copy of a one-qmatmul module whose scale operand is ``change(scales)``."""
+    from qcompiler.ir.core import constant_node, constant_value, operand_index
+
+    module = module.clone()
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    old = node.arg("w_scale")
+    new = np.asarray(change(np.asarray(constant_value(module, old))), np.float32)
+    node.operands[operand_index("qmatmul", "w_scale")] = constant_node(
+        module.main, module, new, old.type, before=node).result
+    module.main.remove_dead_nodes()
+    return module
+
+
+def int8_expected(module, x, f16_scales=True):
     """numpy model of the int8 path: x quantized per row and kernel group (symmetric,
-    max|x|/127, groups after the act-order permutation), then the exact float product."""
+    max|x|/127, groups after the act-order permutation), then the exact float product with
+    the scales as stored (``f16_scales``: rounded to float16, as cpu-pack-weights stores them
+    for the x86 int8 kernels where they fit)."""
     from qcompiler.ir.core import constant_value
 
     node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    if f16_scales:
+        module = _with_scales(module, lambda s: s.astype(np.float16).astype(np.float32))
     scheme = node.attrs["w_scheme"]
     k = x.shape[1]
     bl = layout.blocking(scheme, k, "int8")
@@ -294,6 +312,35 @@ def test_int8_grid(tmp_path, bits, group, zp, m):
     # per element; documented bound 2% of max|y| for these random (unit-normal x) layers.
     want = reference_run(module, {"x": x})["y"]
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_int8_scales_are_stored_as_f16_where_they_fit(tmp_path):
+    """numerics=int8 on x86: the packed scales are float16 (``scale_dtype=f16`` in the layout,
+    an f16 constant) and the kernels match the model with those scales; scales below the f16
+    normals keep float32, and so does ``cpu-pack-weights{scale_dtype=f32}``."""
+    k, n = 256, 37
+    module = qmm_module(k, n, 4, 32, zp=True, batch=3, seed=4)
+    compiled, out = compile_module(module, tmp_path, numerics="int8")
+    text = open(os.path.join(out, "module.qir")).read()
+    assert "scale_dtype=f16" in text and "f16, #layout<cpu_tiled" in text
+    x = rand_x(3, k, seed=2)
+    got = compiled.run({"x": x})["y"]
+    assert_close_fp32(got, int8_expected(module, x), k)
+    # the f16 rounding is visible: against the f32-scale model the error is larger
+    assert np.abs(got - int8_expected(module, x, f16_scales=False)).max() > \
+        np.abs(got - int8_expected(module, x)).max()
+    # tiny scales (below 2^-14): float32 kept
+    tiny = _with_scales(module, lambda s: s * np.float32(1e-4))
+    compiled_tiny, out_tiny = compile_module(tiny, tmp_path, numerics="int8", name="tiny")
+    assert "scale_dtype" not in open(os.path.join(out_tiny, "module.qir")).read()
+    assert_close_fp32(compiled_tiny.run({"x": x})["y"], int8_expected(tiny, x, False), k)
+    # the pass option
+    spec = pipeline("cpu", "int8").replace("cpu-pack-weights{target=cpu}",
+                                          "cpu-pack-weights{target=cpu,scale_dtype=f32}")
+    out32, _ = compile_to_dir(module, "cpu", str(tmp_path / "f32"), passes=spec)
+    assert "scale_dtype" not in open(os.path.join(out32, "module.qir")).read()
+    assert_close_fp32(qcompiler.load(out32).run({"x": x})["y"],
+                      int8_expected(module, x, f16_scales=False), k)
 
 
 def test_symmetric_weights_carry_one_zero_code(tmp_path):

@@ -57,10 +57,12 @@ def key_for(m, k, n, scheme):
             "numerics": "int8"}
 
 
-def run_case(tmp_path, m, k, n, scheme, m_block, seed, target="cpu", x=None, codes=None):
+def run_case(tmp_path, m, k, n, scheme, m_block, seed, target="cpu", x=None, codes=None,
+             f16_scales=False):
     """Build the row-order int8 kernel with ``m_block`` for the problem on ``target``, run it
     on random x (or ``x``; random codes, or ``codes``) and return (kernel output, numpy
-    model, float reference, problem)."""
+    model, float reference, problem). ``f16_scales``: the scales stored as float16, as
+    cpu-pack-weights stores them on x86 (the model then takes the f16-rounded scales)."""
     tgt = get_target(target)
     key = key_for(m, k, n, scheme)
     config = {"m_block": m_block, "order": "row"}
@@ -70,15 +72,22 @@ def run_case(tmp_path, m, k, n, scheme, m_block, seed, target="cpu", x=None, cod
     wts = tuning.random_weights(p, rng)
     if codes is not None:
         wts["q"] = codes.astype(wts["q"].dtype)
+    if f16_scales:
+        wts["scale"] = np.asarray(wts["scale"]).astype(np.float16).astype(np.float32)
     # packed first, as cpu-pack-weights does: a symmetric scheme's shared zero code is
     # decided there and reaches the kernel as a constant (the zc table is then not read)
     packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], None)
     p = dataclasses.replace(p, zero_code=packed["zero_code"])
+    if f16_scales:
+        packed["s"] = packed["s"].astype(np.float16)
+        p = dataclasses.replace(p, scale_dtype="float16")
     assert (p.zero_code is not None) == ("sym" in scheme)
     ks = p.kernel_shape()
     variants = [{**config, "m": m, "max_m": 0}]
     assert kernels.int8_fused(ks, variants[0])
-    assert ("zc.vload" in kernels.int8_fused_source(ks, variants[0])) == (p.zero_code is None)
+    source = kernels.int8_fused_source(ks, variants[0])
+    assert ("zc.vload" in source) == (p.zero_code is None)
+    assert ("'float16x" in source) == f16_scales
     lib = runtime.build_library(ks, variants, tgt, str(tmp_path / f"k{m}_{m_block}"))
     kern = runtime.QmmKernel(lib, p, variants, packed)
     if x is None:
@@ -128,6 +137,25 @@ ALL_CASES = ([pytest.param(*c, "cpu", marks=needs_vnni,
              + [pytest.param(*c, "cpu-x86-avx2", marks=needs_avx2,
                              id=f"avx2-m{c[0]}-k{c[1]}-n{c[2]}-{c[3]}-mb{c[4]}")
                 for c in AVX2_CASES])
+
+
+# float16 scales (cpu-pack-weights' scale_dtype on x86): both kernels, affine and symmetric,
+# one and several rows
+F16_CASES = [pytest.param(*c, t, marks=mark, id=f"{t}-m{c[0]}-{c[3]}-mb{c[4]}")
+             for c in [(1, 272, 70, "u4-g32-zp", 1), (3, 200, 37, "i4-g64-sym", 1),
+                       (4, 272, 70, "u4-g32-zp", 4)]
+             for t, mark in (("cpu", needs_vnni), ("cpu-x86-avx2", needs_avx2))]
+
+
+@pytest.mark.parametrize("m,k,n,scheme,m_block,target", F16_CASES)
+def test_fused_with_f16_scales_matches_the_numpy_model(tmp_path, m, k, n, scheme, m_block,
+                                                        target):
+    got, model, exact, p = run_case(tmp_path, m, k, n, scheme, m_block, seed=m + k + n,
+                                    target=target, f16_scales=True)
+    err = float(np.abs(got - model).max())
+    tol = runtime.tolerance(p, model)
+    assert err <= tol, f"max |kernel - numpy model| = {err:.3g} > {tol:.3g}"
+    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("m,k,n,scheme,m_block,target", ALL_CASES)

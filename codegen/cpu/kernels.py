@@ -78,6 +78,9 @@ class KernelShape:
     # packed layout's ``zero_code``): the fused int8 kernels use it as a constant instead of
     # reading the zc table; None: per group and column, read from zc
     zero_code: Optional[int] = None
+    # the stored scales' type: "float32", or "float16" (the int8 kernels on x86, where every
+    # scale is an f16 normal: cpu-pack-weights' scale_dtype; converted to f32 as they load)
+    scale_dtype: str = "float32"
 
     @property
     def tiles(self) -> int:
@@ -474,9 +477,13 @@ def _int8_func(ks: KernelShape, m_block: int):
     xsum = te.placeholder((mo, m_block, G), "float32", name="xsum")
     xscale = te.placeholder((mo, m_block, G), "float32", name="x_scale")
     w = te.placeholder((T, K // (4 * c), nt, 4), "uint8", name="w")
-    s = te.placeholder((T, G, nt), "float32", name="s")
+    s = te.placeholder((T, G, nt), ks.scale_dtype, name="s")
     zc = te.placeholder((T, G, nt), "uint8", name="zc")
     mask = tvm.tirx.const((1 << cb) - 1, "uint8")
+
+    def scale(t, g, j):
+        v = s[t, g, j]
+        return v if ks.scale_dtype == "float32" else v.astype("float32")
     # Rows k4*4 .. k4*4+3 of the tile are the 64 bytes of w[t, k4 // c] shifted by k4 % c.
     u = te.compute((T, K // 4, nt, 4),
                    lambda t, k4, j, b: (w[t, k4 // c, j, b] >> (k4 % c * cb).astype("uint8"))
@@ -494,7 +501,7 @@ def _int8_func(ks: KernelShape, m_block: int):
     y = te.compute(
         (mo, m_block, T * nt),
         lambda io, ii, n: te.sum(
-            xscale[io, ii, g] * s[n // nt, g, n % nt]
+            xscale[io, ii, g] * scale(n // nt, g, n % nt)
             * (partial[io, ii, n // nt, g, n % nt].astype("float32")
                - xsum[io, ii, g] * zc[n // nt, g, n % nt].astype("float32")), axis=g),
         name="y")
@@ -727,7 +734,17 @@ def int8_fused_unroll(ks: KernelShape) -> int:
     return math.gcd(ks.block // (4 * ks.per_byte), 4)
 
 
-def _int8_fused_signature(mb: int, K: int, G: int, TL: int, c: int, nt: int) -> list[str]:
+def _scale_vector(ks: KernelShape, cols: str) -> str:
+    """The fused kernels' float32 vector of the tile's scales ``cols`` of group g (f16 scales
+    converted as they load: vcvtph2ps)."""
+    L = ks.lanes
+    if ks.scale_dtype == "float32":
+        return f"s.vload([t, g, {cols}], 'float32x{L}')"
+    return f"T.Cast('float32x{L}', s.vload([t, g, {cols}], 'float16x{L}'))"
+
+
+def _int8_fused_signature(mb: int, K: int, G: int, TL: int, c: int, nt: int,
+                          scale_dtype: str) -> list[str]:
     """The fused int8 kernel's signature, buffers and outer loops (tiles in parallel, then the
     row blocks), shared by the VNNI and AVX2 sources."""
     return [
@@ -740,7 +757,7 @@ def _int8_fused_signature(mb: int, K: int, G: int, TL: int, c: int, nt: int) -> 
         f"    xsum = T.match_buffer(xsum_h, (mo, {mb}, {G}), 'float32')",
         f"    xs = T.match_buffer(xs_h, (mo, {mb}, {G}), 'float32')",
         f"    w = T.match_buffer(w_h, ({TL}, {K // (4 * c)}, {nt}, 4), 'uint8')",
-        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
+        f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), '{scale_dtype}')",
         f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
         f"    y = T.match_buffer(y_h, (mo, {mb}, {TL * nt}), 'float32')",
         f"    for t in T.parallel({TL}):",
@@ -777,7 +794,7 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
     in_place = int8_codes_in_place(ks, mb)
     word = f"g * {W} + ko * {U} + ki"
     vec = f"'int8x{4 * L}'"
-    lines = _int8_fused_signature(mb, K, G, TL, c, nt) + [
+    lines = _int8_fused_signature(mb, K, G, TL, c, nt, ks.scale_dtype) + [
     ]
     for r in range(mb):
         lines.append(f"            yacc_{r} = T.alloc_local(({CV},), 'float32x{L}')")
@@ -814,7 +831,7 @@ def int8_fused_source(ks: KernelShape, variant: dict) -> str:
                          "T.llvm_lookup_intrinsic_id('llvm.x86.avx512.vpdpbusd.512'), "
                          f"{a}, u{h}, a_{r}_{h}, dtype='int32x{L}')")
     lines += [f"                for cv in T.unroll({CV}):",
-              f"                    sv = s.vload([t, g, cv * {L}], 'float32x{L}')",
+              f"                    sv = {_scale_vector(ks, f'cv * {L}')}",
               f"                    zv = {_zero_codes(ks, f'cv * {L}')}"]
     for r in range(mb):
         # codes masked in place are 2^(h cb) times the code: their exact sums shift back
@@ -902,7 +919,7 @@ def _int8_fused_avx2_source(ks: KernelShape, variant: dict) -> str:
         return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('llvm.x86.avx2.pmadd.wd'), "
                 f"{v}, T.broadcast(T.int16({weight}), 16), dtype='int32x8')")
 
-    lines = _int8_fused_signature(mb, K, G, TL, c, nt) + [
+    lines = _int8_fused_signature(mb, K, G, TL, c, nt, ks.scale_dtype) + [
         # passes of P column vectors (column cv of the pass is p * P + cv of the tile)
         f"            for p in T.unroll({CV // P}):",
     ]
@@ -960,7 +977,7 @@ def _int8_fused_avx2_source(ks: KernelShape, variant: dict) -> str:
         lines.append(f"                            acc_{r}[cv] = acc_{r}[cv] + {widened}")
     cols = f"(p * {P} + cv) * {L}"
     lines += [f"                    for cv in T.unroll({P}):",
-              f"                        sv = s.vload([t, g, {cols}], 'float32x{L}')",
+              f"                        sv = {_scale_vector(ks, cols)}",
               f"                        zv = {_zero_codes(ks, cols)}"]
     lines += [
         f"                        yacc_{r}[cv] = yacc_{r}[cv] + T.broadcast(xs[io, {r}, g], {L})"

@@ -30,6 +30,11 @@ run time, so padding adds exact zeros). Three code layouts:
 
 Scales (float32) and zero points (uint8, in container units) are
 ``[N_pad/n_tile, groups, n_tile]`` (``cpu_tiled``): one contiguous vector per tile and group.
+For the int8 kernels on x86 the scales are stored as float16 where every one of them is an f16
+normal (``f16_scales_fit``; the code layout then prints ``scale_dtype=f16``): a relative
+rounding of at most 2^-11, below the int8 activations' own (2^-8), as llama.cpp's Q4_0 blocks
+keep theirs. A block-32 4-bit weight is then 0.5625 bytes instead of 0.625: the decode step
+reads 10 % fewer bytes.
 Groups run along K (``block`` rows each); a per-column or per-tensor scheme is one group of
 all of K.
 """
@@ -154,6 +159,21 @@ def group_params(scheme: QuantScheme, scale: np.ndarray, zero_point: Optional[np
     if zero_point is None and scheme.implied_zero_point is not None:
         z = np.full_like(z, scheme.implied_zero_point)
     return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(z - lo, np.float32)
+
+
+# The code layout's scale_dtype (IR name) -> the kernels' buffer type.
+SCALE_DTYPES = {"f32": "float32", "f16": "float16"}
+F16_SMALLEST_NORMAL = float(np.finfo(np.float16).tiny)  # 2^-14
+F16_LARGEST = float(np.finfo(np.float16).max)           # 65504
+
+
+def f16_scales_fit(scales: np.ndarray) -> bool:
+    """Whether every scale is 0 or an f16 normal in magnitude, so that storing it as float16
+    rounds it by at most 2^-11 relative (no subnormal, no overflow)."""
+    a = np.abs(np.asarray(scales, np.float64))
+    a = a[a != 0]
+    return bool(np.all(np.isfinite(a)) and (not a.size or (a.min() >= F16_SMALLEST_NORMAL
+                                                            and a.max() <= F16_LARGEST)))
 
 
 def zero_codes(zc: np.ndarray) -> np.ndarray:

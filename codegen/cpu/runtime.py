@@ -282,7 +282,9 @@ def kernel_weights(p, packed: dict) -> tuple:
     factor = output_factor(s)
     s = s / factor
     w = np.ascontiguousarray(w)
-    s = np.ascontiguousarray(s, np.float32)
+    # f16 scales (int8 kernels, cpu-pack-weights' scale_dtype): factor 1 (f16 is far below
+    # SCALE_LIMIT), so stored f16 values convert back exactly
+    s = np.ascontiguousarray(s, np.float16 if p.scale_dtype == "float16" else np.float32)
     zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
     return w, s, zc, factor
 

@@ -69,6 +69,7 @@ class Problem:
     container_bits: int
     table_group: int = 0  # lut: activations per table (the config's knob; 0 until chosen)
     zero_code: Optional[int] = None  # the packed layout's shared zero code (kernels.KernelShape)
+    scale_dtype: str = "float32"  # the packed layout's scale type (kernels.KernelShape)
 
     @property
     def n_pad(self) -> int:
@@ -80,7 +81,8 @@ class Problem:
             block=self.blocking.block, groups=self.blocking.groups, n_tile=self.n_tile,
             container_bits=self.container_bits, lanes=self.lanes,
             bits=self.container_bits if self.numerics == "lut" else 0,
-            table_group=self.table_group, zero_code=self.zero_code)
+            table_group=self.table_group, zero_code=self.zero_code,
+            scale_dtype=self.scale_dtype)
 
 
 # Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
@@ -150,7 +152,8 @@ def problem_from_layout(code_layout, config: dict) -> Problem:
                    n_tile=code_layout.get("n_tile"), lanes=config["lanes"],
                    container_bits=code_layout.get("container_bits"),
                    table_group=code_layout.get("table_group") or 0,
-                   zero_code=code_layout.get("zero_code"))
+                   zero_code=code_layout.get("zero_code"),
+                   scale_dtype=layout.SCALE_DTYPES[code_layout.get("scale_dtype") or "f32"])
 
 
 def _group_order_fits(p: Problem) -> bool:
