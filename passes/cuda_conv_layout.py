@@ -22,7 +22,12 @@ module still means what it meant.
 One-group qconvs on channels-last x whose channel count is not a multiple of 4 get x through
 a constant ``pad`` of the channel axis and weights padded with zeros to match (the kernel
 then loads 4-byte words of a tap's channels instead of single bytes: the 3-channel stem of an
-image model).
+image model). Where that leaves 4 channels, an even stride and an even width, without
+dilation (the stems of ResNet and MobileNet), the weights go to ``cuda_igemm_rows``: each
+kernel row's taps in a row of 4k slots, shifted by ``lead`` slots so that every output's
+window row starts at an even pixel (``config`` records ``w_row_taps`` and ``w_lead``); the
+kernel then loads a window row as 8-byte pairs of pixels, half the copies of 4-byte words,
+for the same padded K (7 x 7: 224).
 
 A qconv that does not fit (non-constant weights or zero points, weights that do not fit int8
 once centred, an i32 bias or raw sum that could overflow) is left as it is; the CUDA op
@@ -46,6 +51,19 @@ CHANNEL_MULTIPLE = 4  # the implicit GEMM's smallest vector load: 4 channels of 
 def cuda_conv_variant(group: int) -> str:
     """The kernel a qconv takes: the implicit GEMM for one group, else the direct kernel."""
     return "igemm" if group == 1 else "direct"
+
+
+def igemm_rows(c, width, kw: int, stride_w: int, pad_left: int, dilation_w: int):
+    """(row_taps, lead) of ``cuda_igemm_rows`` for a one-group channels-last qconv of ``c``
+    channels (after the channel padding) on an image ``width`` wide, or None: 4 channels (a
+    pixel is 4 bytes), an even stride and width (so every window row starts at a pixel of
+    the same parity, and pairs of pixels never straddle the image's right edge or an image
+    boundary), no dilation."""
+    if c != CHANNEL_MULTIPLE or not isinstance(width, int) or width % 2 or stride_w % 2 \
+            or dilation_w != 1:
+        return None
+    lead = pad_left % 2  # window rows start at ow * stride - pad_left: odd iff pad_left is
+    return -(-(kw + lead) // 4) * 4, lead  # whole 16-byte chunks (4 slots of 4 bytes) a row
 
 
 def cuda_weight_layout(group: int, m: int, cg: int, c) -> str:
@@ -124,7 +142,16 @@ def _pack(fn, module: Module, node) -> int:
                                 {"mode": "constant"}, before=node).result
         node.operands = [x_padded] + list(node.operands[1:])
         centred = np.pad(centred, ((0, 0), (0, extra), (0, 0), (0, 0)))
-    p = pack_conv_weights_cuda(centred, layout)
+    rows = None
+    if layout == "cuda_igemm_mk" and isinstance(c, int):
+        rows = igemm_rows(node.arg("x").type.shape[3], x.type.shape[2], centred.shape[3],
+                          node.attrs["strides"][1], node.attrs["pads"][1],
+                          node.attrs["dilations"][1])
+    if rows is not None:
+        layout = "cuda_igemm_rows"
+        p = pack_conv_weights_cuda(centred, layout, *rows)
+    else:
+        p = pack_conv_weights_cuda(centred, layout)
     w_node = constant_node(fn, module, p, TensorType(p.shape, elem("i8")),
                            name_hint=f"{name}.w_cuda", before=node)
     b_node = constant_node(fn, module, folded.astype(np.int32), TensorType((m,), elem("i32")),
@@ -137,5 +164,6 @@ def _pack(fn, module: Module, node) -> int:
     node.operands = ops
     node.attrs["config"] = {**(node.attrs.get("config") or {}),
                             "w_shape": [int(d) for d in centred.shape], "w_layout": layout,
-                            "w_centred": True, "bias_folds_x_zp": True}
+                            "w_centred": True, "bias_folds_x_zp": True,
+                            **({"w_row_taps": rows[0], "w_lead": rows[1]} if rows else {})}
     return 1

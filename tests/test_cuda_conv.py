@@ -44,6 +44,12 @@ CASES = [(conv, w, out, res, act, "u8", 2) for conv, w, out, res, act in KERNEL_
     ((16, 16, 3, 1, 1, 1, 16, 9), "i8", "float", True, (None, 6.0), "i8", 2),
     ((12, 12, 3, 1, 1, 1, 12, 10), "i4", "quant", True, (0.0, None), "u8", 2),
     ((32, 32, 5, 2, 2, 1, 32, 13), "i8", "quant", False, (0.0, 6.0), "u8", 1),
+    # stems on pairs of pixels (cuda_igemm_rows): MobileNet's 3 x 3 stride 2 (3 channels
+    # padded to 4, lead 1), 4 channels 5 x 5 with an even left pad (lead 0, rows of 8
+    # slots); an odd width keeps 4-byte words
+    ((3, 32, 3, 2, 1, 1, 1, 16), "i8", "quant", True, (0.0, 6.0), "u8", 2),
+    ((4, 24, 5, 2, 2, 1, 1, 14), "i4", "float", False, (None, None), "i8", 2),
+    ((3, 16, 3, 2, 1, 1, 1, 17), "i8", "quant", False, (0.0, None), "u8", 2),
 ]
 
 
@@ -85,8 +91,15 @@ def test_passes_keep_the_meaning_exactly(case):
     cfg = node.attrs["config"]
     depthwise_in_fours = (cfg["w_shape"][1] == 1 and cfg["w_shape"][0] == node.arg("x").type.shape[3]
                           and cfg["w_shape"][0] % 4 == 0)
-    assert cfg["w_layout"] == ("cuda_igemm_mk" if node.attrs["group"] == 1
+    x_shape = node.arg("x").type.shape
+    rows = (node.attrs["group"] == 1 and x_shape[3] == 4 and x_shape[2] % 2 == 0
+            and node.attrs["strides"][1] % 2 == 0 and node.attrs["dilations"][1] == 1)
+    assert cfg["w_layout"] == ("cuda_igemm_rows" if rows else
+                               "cuda_igemm_mk" if node.attrs["group"] == 1
                                else "cuda_dw_t4" if depthwise_in_fours else "cuda_direct_khwcm")
+    if rows:  # every output's window row starts at an even pixel
+        assert (node.attrs["pads"][1] + cfg["w_lead"]) % 2 == 0
+        assert cfg["w_row_taps"] % 4 == 0 and cfg["w_row_taps"] >= cfg["w_shape"][3] + cfg["w_lead"]
     assert cfg["bias_folds_x_zp"] and node.arg("bias").type.dtype.name == "i32"
     want = run(module, feeds)["y"]
     got = run(after, feeds)["y"]
@@ -112,6 +125,15 @@ def test_packed_weights_hold_the_centred_codes():
     assert t4.shape == (3, 8, 4) and (t4[2, :, 1:] == 0).all()
     assert t4[1, 5, 2] == dw[5, 0, 2, 0]  # tap 6 = (kh 2, kw 0): word 1, byte 2
     np.testing.assert_array_equal(unpack_conv_weights_cuda(t4, dw.shape, "cuda_dw_t4"), dw)
+    # kernel rows of 8 slots, the 2 taps from slot 1: [5, 3 * 8 * 3 = 72 -> 96]
+    r = pack_conv_weights_cuda(w, "cuda_igemm_rows", row_taps=8, lead=1)
+    assert r.shape == (5, 96) and (r[:, 72:] == 0).all()
+    assert r[2, (1 * 8 + 1 + 1) * 3 + 2] == w[2, 2, 1, 1]  # k = (kh * 8 + lead + kw) * C + c
+    assert (r[:, :72].reshape(5, 3, 8, 3)[:, :, [0, 3, 4, 5, 6, 7]] == 0).all()
+    np.testing.assert_array_equal(
+        unpack_conv_weights_cuda(r, w.shape, "cuda_igemm_rows", row_taps=8, lead=1), w)
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_conv_weights_cuda(w, "cuda_igemm_rows", row_taps=2, lead=1)
 
 
 def test_weights_that_do_not_fit_int8_once_centred_are_left_alone():
@@ -220,15 +242,20 @@ def test_a_cnn_float_tail_stays_f32():
 
 
 # The kernels that test_cuda_conv compiles in CI: one of each template path.
-NVCC_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[-2],
+NVCC_CASES = [CASES[0], CASES[1], CASES[2], CASES[3],
+              # the stem on pairs of pixels (cuda_igemm_rows) and on 4-byte words (odd width)
+              next(c for c in CASES if c[0][0] == 3 and c[0][2] == 7),
+              next(c for c in CASES if c[0][0] == 3 and c[0][-1] == 17),
               # a depthwise layer with channels in fours: the dp4a kernel (cuda_dw_t4)
               next(c for c in CASES if c[0][6] == c[0][0] == c[0][1] and c[0][0] % 4 == 0)]
 
 
 # Golden kernels (`make goldens` rewrites them; review the diff): the implicit GEMM of a
-# stem-like layer (3 channels padded to 4: word loads, split-K) and the depthwise dp4a kernel.
+# stem-like layer (3 channels padded to 4: pairs of pixels, split-K), of a stem on an odd
+# width (4-byte words) and the depthwise dp4a kernel.
 GOLDEN_CASES = {
     "qconv_igemm_stem": next(c for c in CASES if c[0][0] == 3 and c[0][2] == 7),
+    "qconv_igemm_words": next(c for c in CASES if c[0][0] == 3 and c[0][-1] == 17),
     "qconv_depthwise_dp4a": NVCC_CASES[-1],
 }
 

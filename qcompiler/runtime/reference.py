@@ -2090,13 +2090,17 @@ def unpack_conv_weights(p: np.ndarray, w_shape, group: int, w_shift) -> np.ndarr
 # points (w - w_zp[m], int8), and the bias operand holding bias - x_zp * sum_k (w - w_zp[m]),
 # so that a kernel sums raw codes x * w' (padding read as x_zp) and adds the bias.
 CUDA_IGEMM_K_STEP = 32   # the K step of the int8 mma (m16n8k32): K is padded to it
-CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_direct_khwcm", "cuda_dw_t4")
+CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_igemm_rows", "cuda_direct_khwcm", "cuda_dw_t4")
 CUDA_DW_TAPS = 4  # the depthwise dp4a kernel's taps per word
 
 
-def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
+def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str, row_taps: int = 0,
+                           lead: int = 0) -> np.ndarray:
     """[M, C/g, KH, KW] centred codes -> the kernel's int8 layout:
     ``cuda_igemm_mk`` [M, Kp] with k = (kh * KW + kw) * C/g + c, Kp padded to 32 with zeros;
+    ``cuda_igemm_rows`` [M, Kp] with k = (kh * row_taps + lead + kw) * C/g + c: each kernel
+    row's taps in a row of ``row_taps`` slots from slot ``lead`` on, zeros in the other slots
+    (the implicit GEMM then loads a window row as aligned pairs of pixels);
     ``cuda_direct_khwcm`` [KH, KW, C/g, M]; ``cuda_dw_t4`` (depthwise: C/g = 1)
     [ceil(KH * KW / 4), M, 4], each channel's taps t = kh * KW + kw four to a word, zeros past
     the last tap."""
@@ -2106,6 +2110,16 @@ def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
         kp = -(-k // CUDA_IGEMM_K_STEP) * CUDA_IGEMM_K_STEP
         p = np.zeros((m, kp), np.int8)
         p[:, :k] = w_centred.transpose(0, 2, 3, 1).reshape(m, k)
+        return p
+    if layout == "cuda_igemm_rows":
+        if lead < 0 or row_taps < kw + lead:
+            raise ValueError(f"cuda_igemm_rows: {kw} taps from slot {lead} do not fit rows of "
+                             f"{row_taps} slots")
+        rows = np.zeros((m, kh, row_taps, cg), np.int8)
+        rows[:, :, lead:lead + kw, :] = w_centred.transpose(0, 2, 3, 1)
+        k = kh * row_taps * cg
+        p = np.zeros((m, -(-k // CUDA_IGEMM_K_STEP) * CUDA_IGEMM_K_STEP), np.int8)
+        p[:, :k] = rows.reshape(m, k)
         return p
     if layout == "cuda_direct_khwcm":
         return np.ascontiguousarray(w_centred.transpose(2, 3, 1, 0)).astype(np.int8)
@@ -2120,11 +2134,15 @@ def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str) -> np.ndarray:
     raise ValueError(f"unknown CUDA conv weight layout {layout!r}")
 
 
-def unpack_conv_weights_cuda(p: np.ndarray, w_shape, layout: str) -> np.ndarray:
+def unpack_conv_weights_cuda(p: np.ndarray, w_shape, layout: str, row_taps: int = 0,
+                             lead: int = 0) -> np.ndarray:
     """The inverse of ``pack_conv_weights_cuda``: the centred [M, C/g, KH, KW] (int64)."""
     m, cg, kh, kw = w_shape
     if layout == "cuda_igemm_mk":
         return p[:, :kh * kw * cg].astype(np.int64).reshape(m, kh, kw, cg).transpose(0, 3, 1, 2)
+    if layout == "cuda_igemm_rows":
+        rows = p[:, :kh * row_taps * cg].astype(np.int64).reshape(m, kh, row_taps, cg)
+        return rows[:, :, lead:lead + kw, :].transpose(0, 3, 1, 2)
     if layout == "cuda_dw_t4":
         taps = p.transpose(0, 2, 1).reshape(-1, m)[:kh * kw]
         return taps.astype(np.int64).T.reshape(m, 1, kh, kw)
@@ -2156,7 +2174,8 @@ def _qconv(node, args, module):
     a = node.attrs
     cfg = a.get("config", {})
     if cfg.get("w_layout") in CUDA_W_LAYOUTS:  # cuda-conv-layout: centred, x_zp in the bias
-        centred = unpack_conv_weights_cuda(w, cfg["w_shape"], cfg["w_layout"])
+        centred = unpack_conv_weights_cuda(w, cfg["w_shape"], cfg["w_layout"],
+                                           cfg.get("w_row_taps", 0), cfg.get("w_lead", 0))
         m = centred.shape[0]
         folded = np.int64(np.asarray(x_zp).reshape(-1)[0]) * centred.reshape(m, -1).sum(axis=1)
         bias = np.asarray(bias, np.int64) + folded

@@ -459,7 +459,8 @@ def _qconv(node: Node, module) -> str:
     x, y = node.operands[0], node.results[0]
     if not a.get("channels_last", 0) or x.type.rank != 4:
         raise unsupported(node, "a 2-D channels-last qconv only (conv-channels-last)")
-    if cfg.get("w_layout") not in ("cuda_igemm_mk", "cuda_direct_khwcm", "cuda_dw_t4") \
+    if cfg.get("w_layout") not in ("cuda_igemm_mk", "cuda_igemm_rows", "cuda_direct_khwcm",
+                                   "cuda_dw_t4") \
             or not cfg.get("bias_folds_x_zp"):
         raise unsupported(node, "weights not in a CUDA layout (cuda-conv-layout: zero points "
                           "and weights must be constants, centred weights within int8)")
@@ -510,10 +511,18 @@ def _qconv(node: Node, module) -> str:
               (" clipped" if "act_min" in a or "act_max" in a else "")
     params["epilogue_doc"] = doc
     if group == 1:
-        k_real = kh * kw * cg
+        rows = cfg["w_layout"] == "cuda_igemm_rows"
+        if rows and not (c == 4 and w % 2 == 0 and params["sw"] % 2 == 0 and params["dw"] == 1
+                         and (params["pl"] + cfg["w_lead"]) % 2 == 0):
+            raise unsupported(node, "cuda_igemm_rows weights need 4 channels, an even width "
+                              "and stride, no dilation and a lead of the left pad's parity")
+        # K: the taps (kh, kw, c), or with cuda_igemm_rows each kernel row's slots
+        k_real = kh * (cfg["w_row_taps"] if rows else kw) * cg
+        a_load = ("pairs" if rows else "vec16" if c % 16 == 0 else
+                  "word" if c % 4 == 0 else "byte")
         return _render("qconv.cu.j2", node, variant="igemm", dw4=False, k_real=k_real,
-                       kp=-(-k_real // 32) * 32, tiles=_qconv_tiles(m, k_real),
-                       a_load="vec16" if c % 16 == 0 else ("word" if c % 4 == 0 else "byte"),
+                       kp=-(-k_real // 32) * 32, tiles=_qconv_tiles(m, k_real), a_load=a_load,
+                       row_taps=cfg.get("w_row_taps", 0), lead=cfg.get("w_lead", 0),
                        **_qconv_pipeline(), **QCONV_SPLIT, **params)
     depthwise = cg == 1 and m == c
     dw4 = cfg["w_layout"] == "cuda_dw_t4"

@@ -99,6 +99,7 @@ struct cudaLaunchConfig_t {
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct alignas(8) uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 // Half precision as bits, converted with round-to-nearest-even (as __float2half_rn).
 struct __half { uint16_t bits; };

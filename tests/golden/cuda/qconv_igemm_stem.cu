@@ -5,12 +5,12 @@
 // bias holding bias - x_zp * sum(w') (cuda-conv-layout), so the sum is over raw codes with
 // padding read as x_zp.
 // Implicit GEMM on int8 tensor cores: rows are output pixels, columns output channels,
-// K = (kh, kw, c) (196, padded to 224); mma.sync m16n8k32 u8 x s8 -> s32,
+// K = (kh, row slot, c) (224, padded to 224); mma.sync m16n8k32 u8 x s8 -> s32,
 // block tiles 128 x 64 over 8 warps (4 x 2), 64 x 64 over 4 warps (2 x 2),
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
-// chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
+// chosen per call by the pixel count. A rows load a window row as pairs of 4-channel pixels (8 bytes; cuda_igemm_rows: K = (kh, 8 slots, c), the taps from slot 1).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_d011a8cd92d4_ns {
+namespace qc_cu_qconv_32273f8add80_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -78,7 +78,7 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
 
 constexpr int BK = 64, STAGES = 3;
 constexpr int KP = 224;                    // padded K (a multiple of 32)
-constexpr int K_REAL = 196;
+constexpr int K_REAL = 224;
 constexpr int LD = BK + 16;                     // smem row pitch in bytes (conflict-free reads)
 constexpr int KSTEPS = (KP + BK - 1) / BK;
 // Split-K where the tiles alone leave most SMs idle (one image's last layers): into at most
@@ -116,6 +116,10 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
 }
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -141,6 +145,7 @@ inline void cp_async16(void* smem, const void* gmem, bool valid) {
   qc_emu::copy16(smem, gmem, valid);
 }
 inline void cp_async4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
+inline void cp_async8(void* smem, const void* gmem) { std::memcpy(smem, gmem, 8); }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 inline void ldsm_x4(unsigned (&r)[4], const uint8_t* p) { qc_emu::ldmatrix_x4(r, p); }
@@ -174,17 +179,21 @@ __device__ __forceinline__ void load_a(const Params& q, uint8_t* sa, int k0,
     const int k = k0 + kc * 16;
     uint8_t* dst = sa + r * LD + kc * 16;
 
-    // four words of 4 channels, each within one tap (C is a multiple of 4)
+    // 4 slots of one kernel row: two pairs of pixels, 8 bytes each. The window row starts
+    // LEAD slots early, at an even pixel (the stride and the width are even), so each pair
+    // is 8-byte aligned and wholly inside or outside the image.
+    static_assert(C == 4 && W % 2 == 0 && SW % 2 == 0 && DW == 1, "pairs of 4-byte pixels");
+    constexpr int ROW_SLOTS = 8, LEAD = 1;
+    const int kh = k / (ROW_SLOTS * C), slot = (k - kh * ROW_SLOTS * C) / C;
+    const int ih = rows[i].ih0 + kh * DH;
+    const bool row_in = rows[i].valid && k < K_REAL && ih >= 0 && ih < H;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int kk = k + 4 * j;
-      const int tap = kk / C, ch = kk - tap * C;
-      const int ih = rows[i].ih0 + (tap / KW) * DH, iw = rows[i].iw0 + (tap % KW) * DW;
-      const bool inside = rows[i].valid && kk < K_REAL && ih >= 0 && ih < H && iw >= 0 && iw < W;
-      if (inside)
-        cp_async4(dst + 4 * j, q.x + rows[i].base + ((int64_t)ih * W + iw) * C + ch);
-      else  // padding, rows past the end and K past K_REAL read x_zp (folded into the bias)
-        *reinterpret_cast<uint32_t*>(dst + 4 * j) = zp4;
+    for (int j = 0; j < 2; ++j) {
+      const int iw = rows[i].iw0 - LEAD + slot + 2 * j;
+      if (row_in && iw >= 0 && iw < W)
+        cp_async8(dst + 8 * j, q.x + rows[i].base + ((int64_t)ih * W + iw) * C);
+      else  // padding (its product is folded into the bias; slots past a row's taps weigh 0)
+        *reinterpret_cast<uint2*>(dst + 8 * j) = make_uint2(zp4, zp4);
     }
 
   }
@@ -429,17 +438,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_d011a8cd92d4_ns
+}  // namespace qc_cu_qconv_32273f8add80_ns
 
-extern "C" int64_t qc_cu_qconv_d011a8cd92d4_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_32273f8add80_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_d011a8cd92d4_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_d011a8cd92d4_ns::OH * qc_cu_qconv_d011a8cd92d4_ns::OW));
+  return qc_cu_qconv_32273f8add80_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_32273f8add80_ns::OH * qc_cu_qconv_32273f8add80_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_d011a8cd92d4(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_32273f8add80(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_d011a8cd92d4_ns;
+  using namespace qc_cu_qconv_32273f8add80_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
