@@ -160,9 +160,11 @@ class QCKernel:
         self.p = tuning.problem(self.target, key)
         self.config = tuning.default_config(self.target, key)
         self.variants = [{**self.config, "m": m, "max_m": 0}]
+        # packed as cpu-pack-weights packs them (the int8 kernels' scales f16 where they fit)
+        self.p, self.packed = runtime.store_scales(
+            self.p, runtime.pack_weights(self.p, q, scale, zp, None))
         self.lib = runtime.build_library(self.p.kernel_shape(), self.variants, self.target,
                                          os.path.join(workdir, f"k_{numerics}_{n}_{k}_{block}_{m}"))
-        self.packed = runtime.pack_weights(self.p, q, scale, zp, None)
         self.kernel = runtime.QmmKernel(self.lib, self.p, self.variants, self.packed)
 
     def copy(self, shift: int):

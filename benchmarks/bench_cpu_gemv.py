@@ -13,7 +13,8 @@ Implementations, at the same thread count:
 
 - ``qc-int8``: qcompiler's int8 numerics (activations quantized per row and group, vpdpbusd
   on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2), its default config: up to M=64 (VNNI) or
-  32 (AVX2) the fused row kernel (codes unpacked in registers);
+  32 (AVX2) the fused row kernel (codes unpacked in registers); the scales stored as
+  cpu-pack-weights stores them (f16 where they fit, ``runtime.store_scales``);
 - ``qc-int8-sched`` (unless --no-baseline; x86 hosts): the same config built with the
   tensorized schedule that the fused kernel replaced (codes unpacked into a stack buffer),
   i.e. the kernel before it, for a before/after in one run (above the fused kernel's M, both

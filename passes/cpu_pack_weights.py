@@ -74,9 +74,8 @@ class CPUPackWeightsPass(Pass):
             scheme = node.attrs["w_scheme"]
             bl = p.blocking
             zero_code = packed["zero_code"]
-            scale_f16 = (self.scale_dtype == "auto" and p.numerics == "int8"
-                         and p.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
-                         and layout.f16_scales_fit(packed["s"]))
+            p, packed = runtime.store_scales(p, packed, self.scale_dtype)
+            scale_f16 = p.scale_dtype == "float16"
             code_layout = layout.code_layout(
                 p.numerics, codes=scheme.dtype.name, k=p.k, n=p.n, k_pad=bl.k_pad,
                 block=bl.block, n_tile=p.n_tile, container_bits=p.container_bits,
@@ -100,7 +99,7 @@ class CPUPackWeightsPass(Pass):
             base = node.result.name
             w_node = constant_node(fn, module, w_bytes, w_type, name_hint=f"{base}.w_packed",
                                    before=node)
-            scales = packed["s"].astype(np.float16) if scale_f16 else packed["s"]
+            scales = packed["s"]
             s_node = constant_node(fn, module, scales,
                                    TensorType(tuple(scales.shape),
                                               elem("f16") if scale_f16 else f32, None, tiled),
