@@ -23,6 +23,7 @@ pytest.importorskip("onnxruntime.quantization")
 import onnx_models as om  # noqa: E402
 
 import qcompiler  # noqa: E402
+from qcompiler.driver.api import compile_to_dir  # noqa: E402
 from qcompiler.driver.frontend import import_model, run_pipeline  # noqa: E402
 from qcompiler.ir import parse_module, print_module, verify  # noqa: E402
 
@@ -74,7 +75,7 @@ def test_cpu_schedule_auto_follows_the_level():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_cpu_computes_like_onnxruntime_at_each_level(symmetric):
+def test_cpu_computes_like_onnxruntime_at_each_level(symmetric, tmp_path):
     from qcompiler.codegen.cpu.host import read_cpuinfo
     from qcompiler.targets import get_target
 
@@ -93,6 +94,11 @@ def test_cpu_computes_like_onnxruntime_at_each_level(symmetric):
         assert {n.attrs["config"]["numerics"] for n in compiled.module.main.nodes
                 if n.op == "qmatmul"} == {"int8" if acc == 4 else "exact"}
         got[acc] = next(iter(compiled.run({"x": x}).values()))
+    # the int8 path with the model's f32 scales (by default they are stored as f16)
+    spec = get_target("cpu").default_pipeline.replace(
+        "cpu-pack-weights{target=cpu}", "cpu-pack-weights{target=cpu,scale_dtype=f32}")
+    out, _ = compile_to_dir(_mnb(4, symmetric), "cpu", str(tmp_path / "f32"), passes=spec)
+    got_f32 = next(iter(qcompiler.load(out).run({"x": x}).values()))
     ref = next(iter(qcompiler.compile(_mnb(4, symmetric), "ref").run({"x": x}).values()))
     scale = float(np.abs(want[0]).max())
 
@@ -104,5 +110,9 @@ def test_cpu_computes_like_onnxruntime_at_each_level(symmetric):
     assert rel(want[4], want[0]) > 1e-3
     assert rel(ref, want[0]) < 1e-4  # ref is float at any level
     if vnni:  # onnxruntime's int8 path is exact there (without VNNI it may saturate pairs)
-        assert rel(got[4], want[4]) < 1e-4
+        assert rel(got_f32, want[4]) < 1e-4
+    # f16 scales (a rounding of 2^-11) also move some int8 codes of the next layer's input by
+    # one step: the error against the exact result stays near level 4's own (1.03-1.23x of it
+    # on this MLP over six inputs, 2026-12-05)
+    assert rel(got[4], want[0]) <= 1.3 * rel(want[4], want[0])
     assert rel(got[4], want[0]) < 5e-2

@@ -111,13 +111,17 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
             "zero_code": layout.uniform_zero_code(zc)}
 
 
+def f16_scale_kernels(p) -> bool:
+    """Whether ``p``'s kernels take f16 scales where the scales fit: the x86 int8 ones."""
+    return p.numerics == "int8" and p.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
+
+
 def store_scales(p, packed: dict, scale_dtype: str = "auto") -> tuple:
     """(p, packed) with the scales as cpu-pack-weights stores them: float16 for the x86 int8
     kernels where every scale is 0 or an f16 normal (``layout.f16_scales_fit``: a relative
     rounding of at most 2^-11), with ``p.scale_dtype`` saying so; otherwise (other numerics,
     Arm, scales out of range, ``scale_dtype="f32"``) both unchanged."""
-    if (scale_dtype == "auto" and p.numerics == "int8"
-            and p.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
+    if (scale_dtype == "auto" and f16_scale_kernels(p)
             and layout.f16_scales_fit(packed["s"])):
         return (dataclasses.replace(p, scale_dtype="float16"),
                 {**packed, "s": np.asarray(packed["s"]).astype(np.float16)})

@@ -335,7 +335,7 @@ def build(target, key: dict, config: dict, workdir: str) -> str:
     reason = check_config(target, key, config)
     if reason:
         raise BuildError(f"invalid config {config}: {reason}")
-    p = with_table_group(problem(target, key), config)
+    p = _as_deployed(with_table_group(problem(target, key), config))
     ks, variants = p.kernel_shape(), [{**config, "m": p.m, "max_m": 0}]
     try:
         source = runtime.scheduled_source(ks, variants)
@@ -348,6 +348,16 @@ def build(target, key: dict, config: dict, workdir: str) -> str:
     return os.path.join(workdir, CANDIDATE_LIBRARY)
 
 
+def _as_deployed(p: Problem) -> Problem:
+    """``p`` with the scale type cpu-pack-weights stores for it (runtime.store_scales): the
+    tuner builds and times the kernel a compile deploys (f16 scales for the x86 int8
+    kernels; its random scales always fit)."""
+    from qcompiler.codegen.cpu import runtime
+
+    return (dataclasses.replace(p, scale_dtype="float16") if runtime.f16_scale_kernels(p)
+            else p)
+
+
 def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) -> dict:
     """Build exactly this kernel (``build``: found in ``workdir`` or the build cache when the
     tuner built it already), check it against numpy on random inputs, time it (µs)."""
@@ -356,10 +366,13 @@ def measure(target, key: dict, config: dict, workdir: str, repeats: int = 20) ->
     from qcompiler.codegen.cpu import runtime
 
     lib_path = build(target, key, config, workdir)
-    p = with_table_group(problem(target, key), config)
+    p = _as_deployed(with_table_group(problem(target, key), config))
     rng = np.random.default_rng(0)
     wts = random_weights(p, rng)
+    if p.scale_dtype == "float16":  # stored as f16 (random_weights' scales are f16 normals)
+        wts["scale"] = wts["scale"].astype(np.float16).astype(np.float32)
     packed = runtime.pack_weights(p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
+    packed["s"] = np.asarray(packed["s"]).astype(np.dtype(p.scale_dtype))
     variant = {**config, "m": p.m, "max_m": 0}
     try:
         kernel = runtime.QmmKernel(lib_path, p, [variant], packed)
