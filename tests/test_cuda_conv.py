@@ -379,7 +379,8 @@ def test_depthwise_strip_choice():
     assert _dw_strip(96, 3, 3, 1, 1) == (8, 4)   # MobileNetV2's stride-1 layers
     assert _dw_strip(96, 3, 3, 2, 1) == (8, 2)   # and its stride-2 ones
     assert _dw_strip(12, 3, 3, 1, 1) == (4, 4)
-    assert _dw_strip(32, 5, 5, 2, 1) == (8, 1)
+    assert _dw_strip(32, 5, 5, 2, 1) == (4, 2)   # 8 channels: even one pixel's window is 50
+    assert _dw_strip(32, 7, 7, 1, 1) == (4, 1)
     for args in [(8, 3, 3, 1, 1), (8, 3, 3, 2, 2), (16, 5, 5, 1, 1), (8, 7, 7, 2, 1)]:
         vec, px = _dw_strip(*args)
         fits = args[1] * _dw_columns(px, args[2], args[3], args[4]) * vec // 4 <= DW_WINDOW_WORDS

@@ -543,7 +543,8 @@ def _qconv(node: Node, module) -> str:
 # DW_WINDOW_WORDS 32-bit words of them (with the PX x VEC sums and a word of weights a tap
 # group, about 100 registers: two blocks of 256 threads an SM). VEC 8 where the channels
 # allow, then the widest strip of 4, 2, 1 pixels whose window fits: 3 x 3 stride 1 takes
-# 4 pixels (a window of 6 columns: 18 loads for 36 taps), stride 2 takes 2.
+# 4 pixels (a window of 6 columns: 18 loads for 36 taps), stride 2 takes 2; a kernel too
+# large for any strip of 8 channels (7 x 7) takes 4 channels.
 DW_WINDOW_WORDS = 48
 
 
@@ -559,11 +560,13 @@ def _dw_strip(channels: int, kh: int, kw: int, sw: int, dw: int) -> tuple[int, i
         vec, px = (int(v) for v in override.split(":"))
         if channels % vec == 0:
             return vec, px
-    vec = 8 if channels % 8 == 0 else 4
-    for px in (4, 2, 1):
-        if kh * _dw_columns(px, kw, sw, dw) * vec // 4 <= DW_WINDOW_WORDS:
-            return vec, px
-    return vec, 1
+    for vec in (8, 4):  # 4 channels a thread where 8 leave no strip that fits (7 x 7 kernels)
+        if channels % vec:
+            continue
+        for px in (4, 2, 1):
+            if kh * _dw_columns(px, kw, sw, dw) * vec // 4 <= DW_WINDOW_WORDS:
+                return vec, px
+    return 4, 1
 
 
 def _pool(node: Node) -> str:
