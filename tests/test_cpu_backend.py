@@ -341,6 +341,9 @@ def test_int8_scales_are_stored_as_f16_where_they_fit(tmp_path):
     assert "scale_dtype" not in open(os.path.join(out32, "module.qir")).read()
     assert_close_fp32(qcompiler.load(out32).run({"x": x})["y"],
                       int8_expected(module, x, f16_scales=False), k)
+    with pytest.raises(PassError, match=r"scale_dtype='f8' \(auto or f32\)"):
+        compile_to_dir(module, "cpu", str(tmp_path / "bad"), passes=spec.replace(
+            "scale_dtype=f32", "scale_dtype=f8"))
 
 
 def test_symmetric_weights_carry_one_zero_code(tmp_path):
