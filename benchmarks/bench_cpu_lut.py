@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_cpu_lut.py [--seconds 0.6] [--out benchmarks/results]
 
-4096x4096, block 128, asymmetric codes and zero points, fp32 scales, M = 1, 1 thread, warm
+4096x4096, block 128, asymmetric codes and zero points, fp32 scales in the model (stored as
+cpu-pack-weights stores them: f16 for the x86 int8 kernels), M = 1, 1 thread, warm
 (implementations take turns, 3 rounds, best round kept) and cold (weights rotated through
 copies beyond the last-level cache):
 
@@ -60,9 +61,10 @@ def qc_kernel(target_name, bits, numerics, wts, workdir):
     config = tuning.default_config(target, key)
     p = tuning.with_table_group(tuning.problem(target, key), config)
     variants = [{**config, "m": 1, "max_m": 0}]
+    # packed as cpu-pack-weights packs them (the int8 kernels' scales f16 where they fit)
+    p, packed = runtime.store_scales(p, runtime.pack_weights(p, *wts, None))
     lib = runtime.build_library(p.kernel_shape(), variants, target,
                                 os.path.join(workdir, f"k_{target_name}_{numerics}_{bits}"))
-    packed = runtime.pack_weights(p, *wts, None)
     return (lambda pk: runtime.QmmKernel(lib, p, variants, pk)), packed, config
 
 
