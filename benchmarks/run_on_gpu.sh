@@ -3,6 +3,8 @@
 #   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
+# The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
+# carry=["gpu_cnn"] to the device tool.
 set -u
 OUT=${OUT:-/tmp/qc_out}
 mkdir -p "$OUT"
