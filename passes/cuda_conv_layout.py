@@ -53,19 +53,6 @@ def cuda_conv_variant(group: int) -> str:
     return "igemm" if group == 1 else "direct"
 
 
-def igemm_rows(c, width, kw: int, stride_w: int, pad_left: int, dilation_w: int):
-    """(row_taps, lead) of ``cuda_igemm_rows`` for a one-group channels-last qconv of ``c``
-    channels (after the channel padding) on an image ``width`` wide, or None: 4 channels (a
-    pixel is 4 bytes), an even stride and width (so every window row starts at a pixel of
-    the same parity, and pairs of pixels never straddle the image's right edge or an image
-    boundary), no dilation."""
-    if c != CHANNEL_MULTIPLE or not isinstance(width, int) or width % 2 or stride_w % 2 \
-            or dilation_w != 1:
-        return None
-    lead = pad_left % 2  # window rows start at ow * stride - pad_left: odd iff pad_left is
-    return -(-(kw + lead) // 4) * 4, lead  # whole 16-byte chunks (4 slots of 4 bytes) a row
-
-
 def cuda_weight_layout(group: int, m: int, cg: int, c) -> str:
     """The weights' layout: the implicit GEMM's for one group; for a depthwise layer whose
     channels come in fours, taps four to a word (the direct kernel's dp4a form); else the
@@ -99,7 +86,7 @@ def _const(module, v):
 
 
 def _pack(fn, module: Module, node) -> int:
-    from qcompiler.runtime.reference import pack_conv_weights_cuda
+    from qcompiler.runtime.reference import cuda_igemm_rows, pack_conv_weights_cuda
 
     w_v, xzp_v, wzp_v, bias_v = (node.arg(k) for k in ("w", "x_zero_point", "w_zero_point",
                                                       "bias"))
@@ -144,7 +131,7 @@ def _pack(fn, module: Module, node) -> int:
         centred = np.pad(centred, ((0, 0), (0, extra), (0, 0), (0, 0)))
     rows = None
     if layout == "cuda_igemm_mk" and isinstance(c, int):
-        rows = igemm_rows(node.arg("x").type.shape[3], x.type.shape[2], centred.shape[3],
+        rows = cuda_igemm_rows(node.arg("x").type.shape[3], x.type.shape[2], centred.shape[3],
                           node.attrs["strides"][1], node.attrs["pads"][1],
                           node.attrs["dilations"][1])
     if rows is not None:

@@ -2094,6 +2094,22 @@ CUDA_W_LAYOUTS = ("cuda_igemm_mk", "cuda_igemm_rows", "cuda_direct_khwcm", "cuda
 CUDA_DW_TAPS = 4  # the depthwise dp4a kernel's taps per word
 
 
+CUDA_PIXEL_PAIR_CHANNELS = 4  # cuda_igemm_rows: a pixel of 4 one-byte channels, 8 bytes a pair
+
+
+def cuda_igemm_rows(c, width, kw: int, stride_w: int, pad_left: int, dilation_w: int):
+    """(row_taps, lead) of ``cuda_igemm_rows`` for a one-group channels-last qconv of ``c``
+    channels (after the channel padding) on an image ``width`` wide, or None: 4 channels (a
+    pixel is 4 bytes), an even stride and width (so every window row starts at a pixel of
+    the same parity, and pairs of pixels never straddle the image's right edge or an image
+    boundary), no dilation. cuda-conv-layout decides with it, the CUDA kernel checks with it."""
+    if c != CUDA_PIXEL_PAIR_CHANNELS or not isinstance(width, int) or width % 2 \
+            or stride_w % 2 or dilation_w != 1:
+        return None
+    lead = pad_left % 2  # window rows start at ow * stride - pad_left: odd iff pad_left is
+    return -(-(kw + lead) // 4) * 4, lead  # whole 16-byte chunks (4 slots of 4 bytes) a row
+
+
 def pack_conv_weights_cuda(w_centred: np.ndarray, layout: str, row_taps: int = 0,
                            lead: int = 0) -> np.ndarray:
     """[M, C/g, KH, KW] centred codes -> the kernel's int8 layout:

@@ -452,7 +452,7 @@ def _qconv_pipeline() -> dict:
 
 
 def _qconv(node: Node, module) -> str:
-    from qcompiler.runtime.reference import qconv_output_bounds
+    from qcompiler.runtime.reference import cuda_igemm_rows, qconv_output_bounds
 
     a = node.attrs
     cfg = a.get("config") or {}
@@ -512,10 +512,11 @@ def _qconv(node: Node, module) -> str:
     params["epilogue_doc"] = doc
     if group == 1:
         rows = cfg["w_layout"] == "cuda_igemm_rows"
-        if rows and not (c == 4 and w % 2 == 0 and params["sw"] % 2 == 0 and params["dw"] == 1
-                         and (params["pl"] + cfg["w_lead"]) % 2 == 0):
+        if rows and cuda_igemm_rows(c, w, kw, params["sw"], params["pl"], params["dw"]) != (
+                cfg.get("w_row_taps"), cfg.get("w_lead")):
             raise unsupported(node, "cuda_igemm_rows weights need 4 channels, an even width "
-                              "and stride, no dilation and a lead of the left pad's parity")
+                              "and stride, no dilation, and the row slots and lead that "
+                              "cuda-conv-layout derives from them")
         # K: the taps (kh, kw, c), or with cuda_igemm_rows each kernel row's slots
         k_real = kh * (cfg["w_row_taps"] if rows else kw) * cg
         a_load = ("pairs" if rows else "vec16" if c % 16 == 0 else
