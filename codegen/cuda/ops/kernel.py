@@ -534,9 +534,9 @@ def _qconv(node: Node, module) -> str:
         vec, px = _dw_strip(c, kh, kw, params["sw"], params["dw"])
         return _render("qconv.cu.j2", node, variant="direct", dw4=True, vec=vec, px=px,
                        cols=_dw_columns(px, kw, params["sw"], params["dw"]), **params)
-    vec = 16 if (depthwise and c % 16 == 0) else (4 if depthwise and c % 4 == 0 else 1)
-    return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, vec=vec,
-                   depthwise=depthwise and vec > 1, dw4=False, **params)
+    # other groups (depthwise layers whose channels are not in fours, thin groups)
+    return _render("qconv.cu.j2", node, variant="direct", cg=cg, mg=m // group, dw4=False,
+                   **params)
 
 
 # The depthwise dp4a kernel's strip: a thread computes PX output pixels of a row x VEC
