@@ -139,6 +139,7 @@ def _convert(module: Module, skip=frozenset()) -> tuple[int, int, int]:
             fn.outputs = [back.result if v is y else v for v in fn.outputs]
             converted += 1
         cancelled += _cancel_transpose_pairs(fn)
+        _sink_into_reductions(fn)
         fn.remove_dead_nodes()
     # the transposes left that move only dims of size 1 (a classifier's [N, C, 1, 1]) are
     # reshapes: views, not copies
@@ -147,6 +148,54 @@ def _convert(module: Module, skip=frozenset()) -> tuple[int, int, int]:
         fn.remove_dead_nodes()
     module.drop_unused_constants()
     return converted, cancelled, as_views
+
+
+# Reductions that a transpose can move through: axes renamed, values unchanged (keepdims).
+SPATIAL_REDUCTIONS = ("reduce_mean", "reduce_sum", "reduce_l2")
+
+
+def _sink_into_reductions(fn) -> int:
+    """transpose(y, TO_NCHW) → per-tensor (de)quantizes → a reduction with keepdims (a
+    GlobalAveragePool after the chain's last conv): the (de)quantizes and the reduction run
+    on the NHWC y (the reduction's axes renamed) and the transpose moves to the reduced
+    result, where it moves only dims of size 1 (a view). Taken only where that holds, so no
+    transpose grows. Returns how many."""
+    n = 0
+    users = fn.users()
+    for t in list(fn.nodes):
+        if t.op != "transpose" or t.attrs["perm"] != TO_NCHW:
+            continue
+        chain, v = [], t.result
+        while len(users.get(v, [])) == 1 and not fn.is_output(v):
+            u = users[v][0]
+            if u.op in ("quantize", "dequantize") and u.operands[0] is v \
+                    and u.attrs["scheme"].granularity == "tensor":
+                chain.append(u)
+                v = u.result
+                continue
+            if u.op in SPATIAL_REDUCTIONS and u.attrs.get("keepdims") and u.attrs["axes"]:
+                chain.append(u)
+            break
+        if not chain or chain[-1].op not in SPATIAL_REDUCTIONS:
+            continue
+        red = chain[-1]
+        axes = sorted(TO_NCHW[a % 4] for a in red.attrs["axes"])
+        nhwc_shape = _transposed(red.result.type, TO_NHWC).shape
+        moved = [p for p in TO_NCHW if nhwc_shape[p] != 1]
+        if moved != sorted(moved):
+            continue  # the transpose at the end would move data: leave it where it is
+        x = t.operands[0]
+        for u in chain:
+            attrs = dict(u.attrs, axes=axes) if u is red else dict(u.attrs)
+            x = fn.make_node(u.op, [x] + list(u.operands[1:]),
+                             [_transposed(u.result.type, TO_NHWC)], attrs,
+                             names=[fn.fresh_name(f"{u.result.name}.nhwc")], before=red).result
+        back = fn.make_node("transpose", [x], [red.result.type], {"perm": TO_NCHW},
+                            before=red)
+        fn.replace_all_uses(red.result, back.result)
+        users = fn.users()
+        n += 1
+    return n
 
 
 def _cancel_transpose_pairs(fn) -> int:

@@ -243,3 +243,68 @@ def test_vnni_kernel_with_a_run_time_x_zero_point_is_exact():
         assert const_x_zero_point(node, module) is None
         np.testing.assert_array_equal(_run_kernel(module, node, "vnni", feeds),
                                       _ours(module, feeds))
+
+
+def classifier_head_model(rng, c=16, hw=7, same_scale=True):
+    """x (u8) -> DQ -> 3x3 conv -> Q/DQ -> GlobalAveragePool -> Q -> DQ -> Flatten -> Q:
+    the end of a quantize_static ResNet / MobileNetV2 before its Gemm (the Flatten's own Q
+    repeats the pool's scale and zero point)."""
+    inits = [nh.from_array(np.array(0.05, np.float32), "xs"),
+             nh.from_array(np.array(7, np.uint8), "xz"),
+             nh.from_array(np.array(0.02, np.float32), "gs"),
+             nh.from_array(np.array(0.02 if same_scale else 0.03, np.float32), "fs"),
+             nh.from_array(np.array(5, np.uint8), "gz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"])]
+    h, _ = _qdq_conv_nodes(rng, "c", "xd", 0.05, c, c, 3, 1, inits, nodes, 0)
+    nodes += [helper.make_node("GlobalAveragePool", [h], ["g"]),
+              helper.make_node("QuantizeLinear", ["g", "gs", "gz"], ["gq"]),
+              helper.make_node("DequantizeLinear", ["gq", "gs", "gz"], ["gd"]),
+              helper.make_node("Flatten", ["gd"], ["f"]),
+              helper.make_node("QuantizeLinear", ["f", "fs", "gz"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8,
+                                                        ["n", c, hw, hw])],
+                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+
+
+def test_flatten_between_qdq_pairs_moves_the_codes():
+    """quantize(flatten(dequantize(c))) with one scale and zero point is a reshape of c:
+    exact, and the pair's two kernels are gone."""
+    model = classifier_head_model(np.random.default_rng(5))
+    unfused = load(model)
+    module = _passes(unfused, "canonicalize", "fuse-qconv", "fuse-requant", "fuse-qpool")
+    ops = _ops(module)
+    assert ops.count("quantize") == 1 and ops.count("dequantize") == 1, ops
+    assert ops[-1] == "reshape" and module.main.nodes[-1].result.type.dtype.name == "u8"
+    fused = _passes(unfused, "canonicalize", "fuse-qconv", "fuse-requant")
+    for seed in range(3):
+        x = np.random.default_rng(40 + seed).integers(0, 256, (2, 16, 7, 7)).astype(np.uint8)
+        np.testing.assert_array_equal(_ours(module, {"x": x}), _ours(fused, {"x": x}))
+        np.testing.assert_array_equal(_ours(module, {"x": x}), _ort(model, {"x": x}))
+
+
+def test_flatten_keeps_its_qdq_when_the_scales_differ():
+    module = _passes(load(classifier_head_model(np.random.default_rng(5), same_scale=False)),
+                     "canonicalize", "fuse-qconv", "fuse-requant", "fuse-qpool")
+    assert _ops(module).count("quantize") == 2
+
+
+def test_global_average_pool_reads_the_channels_last_codes():
+    """conv-channels-last moves the chain's closing transpose past the pool's dequantize and
+    mean (over NHWC's spatial axes), where it moves only size-1 dims: a reshape, not a copy.
+    The values are those of the NCHW graph (the mean's float sums in another order: within a
+    code of it)."""
+    model = classifier_head_model(np.random.default_rng(6), hw=9)
+    base = _passes(load(model), "canonicalize", "fuse-qconv", "fuse-requant", "fuse-qpool")
+    nchw_ops = _ops(base)
+    module = _passes(base.clone(), "conv-channels-last")
+    ops = _ops(module)
+    assert ops.count("transpose") == 1, ops  # the input's, into NHWC
+    mean = next(n for n in module.main.nodes if n.op == "reduce_mean")
+    assert mean.attrs["axes"] == [1, 2] and mean.operands[0].type.shape[1:] == (9, 9, 16)
+    assert ops.count("reshape") == nchw_ops.count("reshape") + 1
+    for seed in range(3):
+        x = np.random.default_rng(60 + seed).integers(0, 256, (3, 16, 9, 9)).astype(np.uint8)
+        got, want = _ours(module, {"x": x}), _ours(base, {"x": x})
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        assert np.mean(got == want) > 0.95

@@ -294,7 +294,9 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
 # 256 pixels here (EMULATED_BIG_TILE) so that small cases run it too.
 EMULATED_CASES = [c for c in CASES if c[0][-1] < 90] + [
     ((16, 128, 3, 1, 1, 1, 1, 12), "i8", "quant", True, (0.0, 6.0), "u8", 2),
-    ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2)]
+    ((32, 136, 1, 1, 0, 1, 1, 12), "i4", "float", False, (None, None), "i8", 2),
+    # an odd channel count with a residual: the epilogue's codes one at a time, not in pairs
+    ((16, 21, 3, 1, 1, 1, 1, 9), "i8", "quant", True, (0.0, None), "u8", 2)]
 # Every tile of the table from a few hundred pixels: 128 x 128 from 256 pixels and 128
 # channels (the 288-pixel cases of 128 and 136 channels), 256 x 64 from 128 pixels, 40
 # channels and K 100 (the stem-like case, K 196, and the 48-channel one, K 108), 128 x 64

@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load a window row as pairs of 4-channel pixels (8 bytes; cuda_igemm_rows: K = (kh, 8 slots, c), the taps from slot 1).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_32273f8add80_ns {
+namespace qc_cu_qconv_f2e189eaf37e_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -73,6 +73,15 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
   const float r = 0;
 
   return requantize(raw + bias, r, f, e);
+}
+
+// The residual at output pixel p, channels n and n + 1 (n even): one 2-byte load of codes
+// where M is even (the pair is then aligned), else two.
+__device__ __forceinline__ void residual_pair(const Params& q, int64_t p, int n,
+                                              float& r0, float& r1) {
+
+  r0 = r1 = 0;
+
 }
 
 
@@ -154,8 +163,12 @@ inline void mma_s8(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) 
 }
 #endif
 
-// Where one A row (output pixel) reads: its image's base and the window's top-left corner.
-struct RowOrigin { int64_t base; int ih0, iw0; bool valid; };
+// Where one A row (output pixel) reads: its image's base, the window's top-left corner, the
+// offset of that corner in x (outside the image where the padding is: only ever added to an
+// inside tap's offset), and which of the kernel's taps fall inside the image (bit t: tap t),
+// so that a K step tests one bit instead of four bounds.
+constexpr bool TAP_MASK = false && KH * KW <= 64;
+struct RowOrigin { int64_t base, at; uint64_t inside; int ih0, iw0; bool valid; };
 __device__ __forceinline__ RowOrigin row_origin(int64_t p, int64_t pixels) {
   RowOrigin o;
   o.valid = p < pixels;
@@ -165,6 +178,15 @@ __device__ __forceinline__ RowOrigin row_origin(int64_t p, int64_t pixels) {
   o.ih0 = (rem / OW) * SH - PT;
   o.iw0 = (rem % OW) * SW - PL;
   o.base = img * (int64_t)(H * W * C);
+  o.at = o.base + ((int64_t)o.ih0 * W + o.iw0) * C;
+  o.inside = 0;
+  if (TAP_MASK && o.valid) {
+#pragma unroll
+    for (int tap = 0; tap < (TAP_MASK ? KH * KW : 1); ++tap) {
+      const int ih = o.ih0 + (tap / KW) * DH, iw = o.iw0 + (tap % KW) * DW;
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W) o.inside |= 1ull << tap;
+    }
+  }
   return o;
 }
 
@@ -173,10 +195,11 @@ template <typename T>
 __device__ __forceinline__ void load_a(const Params& q, uint8_t* sa, int k0,
                                        const RowOrigin (&rows)[T::A_CHUNKS], uint32_t zp4) {
   const int tid = threadIdx.x;
+  static_assert(T::THREADS % (BK / 16) == 0, "a thread's A chunks share their K column");
+  const int kc = tid % (BK / 16), k = k0 + kc * 16;
 #pragma unroll
   for (int i = 0; i < T::A_CHUNKS; ++i) {
-    const int chunk = tid + i * T::THREADS, r = chunk / (BK / 16), kc = chunk % (BK / 16);
-    const int k = k0 + kc * 16;
+    const int r = (tid + i * T::THREADS) / (BK / 16);
     uint8_t* dst = sa + r * LD + kc * 16;
 
     // 4 slots of one kernel row: two pairs of pixels, 8 bytes each. The window row starts
@@ -365,9 +388,19 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
         const int c = wn * WTN + j * 8 + t * 2, n = n0 + c;
-        if (n < M) tile[r * TP + c] = (uint8_t)finish(q, acc[i][j][half * 2], p, n, bias[j][0], fac[j][0], e);
-        if (n + 1 < M)
-          tile[r * TP + c + 1] = (uint8_t)finish(q, acc[i][j][half * 2 + 1], p, n + 1, bias[j][1], fac[j][1], e);
+        if (M % 2 == 0 && (M % BN == 0 || n < M)) {
+          // both columns (M even: n + 1 < M too; M a multiple of BN: no test at all), one
+          // residual load and one 2-byte store for the pair
+          float r0, r1;
+          residual_pair(q, p, n, r0, r1);
+          const uint32_t lo = (uint8_t)requantize(acc[i][j][half * 2] + bias[j][0], r0, fac[j][0], e);
+          const uint32_t hi = (uint8_t)requantize(acc[i][j][half * 2 + 1] + bias[j][1], r1, fac[j][1], e);
+          *reinterpret_cast<uint16_t*>(tile + r * TP + c) = (uint16_t)(lo | hi << 8);
+        } else {
+          if (n < M) tile[r * TP + c] = (uint8_t)finish(q, acc[i][j][half * 2], p, n, bias[j][0], fac[j][0], e);
+          if (n + 1 < M)
+            tile[r * TP + c + 1] = (uint8_t)finish(q, acc[i][j][half * 2 + 1], p, n + 1, bias[j][1], fac[j][1], e);
+        }
       }
     }
   }
@@ -438,17 +471,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_32273f8add80_ns
+}  // namespace qc_cu_qconv_f2e189eaf37e_ns
 
-extern "C" int64_t qc_cu_qconv_32273f8add80_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_f2e189eaf37e_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_32273f8add80_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_32273f8add80_ns::OH * qc_cu_qconv_32273f8add80_ns::OW));
+  return qc_cu_qconv_f2e189eaf37e_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_f2e189eaf37e_ns::OH * qc_cu_qconv_f2e189eaf37e_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_32273f8add80(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_f2e189eaf37e(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_32273f8add80_ns;
+  using namespace qc_cu_qconv_f2e189eaf37e_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
