@@ -389,8 +389,8 @@ def _constant(node: Node, name: str, module):
 #   196 blocks of 128 x 128, 1.4x faster than 784 of 64 x 64, whose operand reads from L2
 #   bound them); at 7 x 7 (100 blocks) 2-3x slower than 64 x 64;
 # and from 128 x 132 pixels (about a block per SM of an H100/H200):
-# - 256 x 64 over 8 warps of 64 x 32 from 48 channels and K 512 (ResNet-18's first stage:
-#   twice the reuse of each weight tile read from L2);
+# - 256 x 64 over 8 warps of 64 x 32 from 48 channels and K 200 (ResNet-18's first stage:
+#   twice the reuse of each weight tile read from L2; and its stem, K 224: 113 -> 105 us);
 # - 128 x 64 from 48 channels (short K: MobileNetV2's 1 x 1 expansions of 16-24 channels);
 # - 128 x 32 over 4 warps of 32 x 32 below 48 channels (a 64-wide tile would be half
 #   padding, and a block's time is mostly its fixed costs: one or two K steps);
@@ -402,10 +402,12 @@ def _constant(node: Node, name: str, module):
 # 128 x 32 than with 128 x 64 or 256 x 64, its 16 -> 96 expansion at 112² 131 us with 128 x 64
 # and 189 with 128 x 32. 256 x 128 or 128 x 256 for the 128-512-channel layers, a 4th stage
 # or 128-byte K steps were each slower (14:23). ResNet-18 at batch 64 with 128 x 128 from
-# 64 x 132 pixels: graph 1.109 -> 1.045 ms (15:56, `cnn-gpu-h100-20261205-1556-tiles-*.json`).
+# 64 x 132 pixels: graph 1.109 -> 1.045 ms (15:56, `cnn-gpu-h100-20261205-1556-tiles-*.json`);
+# 256 x 64 from K 200 instead of 512 (the stem too): 0.957 -> 0.948 ms, MobileNetV2 the same
+# (18:12, `cnn-gpu-h100-20261205-181*-tiles-*.json`).
 QCONV_TILES = [
     {"min_pixels": 64 * 132, "min_channels": 128, "tile": (128, 128, 4, 2)},
-    {"min_pixels": 128 * 132, "min_channels": 48, "min_k": 512, "tile": (256, 64, 4, 2)},
+    {"min_pixels": 128 * 132, "min_channels": 48, "min_k": 200, "tile": (256, 64, 4, 2)},
     {"min_pixels": 128 * 132, "min_channels": 48, "tile": (128, 64, 4, 2)},
     {"min_pixels": 128 * 132, "min_channels": 1, "tile": (128, 32, 4, 1)},
     {"min_pixels": 0, "min_channels": 1, "tile": (64, 64, 2, 2)},

@@ -6,11 +6,11 @@
 // padding read as x_zp.
 // Implicit GEMM on int8 tensor cores: rows are output pixels, columns output channels,
 // K = (kh, row slot, c) (224, padded to 224); mma.sync m16n8k32 u8 x s8 -> s32,
-// block tiles 128 x 64 over 8 warps (4 x 2), 64 x 64 over 4 warps (2 x 2),
+// block tiles 256 x 64 over 8 warps (4 x 2), 64 x 64 over 4 warps (2 x 2),
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load a window row as pairs of 4-channel pixels (8 bytes; cuda_igemm_rows: K = (kh, 8 slots, c), the taps from slot 1).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_f2e189eaf37e_ns {
+namespace qc_cu_qconv_e551cea6ac5b_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -422,13 +422,13 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 // The tiles this layer can take, and how a call of `pixels` output pixels runs: its tile
 // (the first whose least pixel count it reaches), grid and K split.
 
-using Tile0 = Tile<128, 64, 4, 2>;  // from 16896 pixels
+using Tile0 = Tile<256, 64, 4, 2>;  // from 16896 pixels
 using Tile1 = Tile<64, 64, 2, 2>;  // from 0 pixels
 struct LaunchPlan { int tile, bm, bn; int64_t tiles_x, tiles_y; int splits; int64_t counter_bytes; };
 
 inline LaunchPlan launch_plan(int64_t pixels) {
   LaunchPlan p;
-  if (pixels >= 16896) { p.tile = 0; p.bm = 128; p.bn = 64; } else
+  if (pixels >= 16896) { p.tile = 0; p.bm = 256; p.bn = 64; } else
   { p.tile = 1; p.bm = 64; p.bn = 64; }
   const int bm = p.bm, bn = p.bn;
   p.tiles_x = (pixels + bm - 1) / bm;
@@ -471,17 +471,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_f2e189eaf37e_ns
+}  // namespace qc_cu_qconv_e551cea6ac5b_ns
 
-extern "C" int64_t qc_cu_qconv_f2e189eaf37e_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_e551cea6ac5b_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_f2e189eaf37e_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_f2e189eaf37e_ns::OH * qc_cu_qconv_f2e189eaf37e_ns::OW));
+  return qc_cu_qconv_e551cea6ac5b_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_e551cea6ac5b_ns::OH * qc_cu_qconv_e551cea6ac5b_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_f2e189eaf37e(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_e551cea6ac5b(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_f2e189eaf37e_ns;
+  using namespace qc_cu_qconv_e551cea6ac5b_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
