@@ -40,54 +40,15 @@ def _same_scalar(rw: Rewriter, a, b) -> bool:
             and ca.dtype == cb.dtype and ca.reshape(()) == cb.reshape(()))
 
 
-class MaxPoolOnCodes(RewritePattern):
-    op = "quantize"
-
-    def rewrite(self, node, rw):
-        q = node.attrs["scheme"]
-        if q.granularity != "tensor" or q.dtype.name not in CODES or len(node.operands) > 3:
-            return False
-        pool = producer_of(node.arg("x"), "pool")
-        if pool is None or pool.attrs.get("kind") != "max" or len(pool.results) != 1 \
-                or not rw.single_use(pool.result):
-            return False
-        dq = producer_of(pool.operands[0], "dequantize")
-        if dq is None or len(dq.operands) > 3:
-            return False
-        d = dq.attrs["scheme"]
-        codes = dq.arg("x")
-        if d.granularity != "tensor" or d.dtype.name != q.dtype.name \
-                or codes.type.dtype.name != node.result.type.dtype.name:
-            return False
-        if not _same_scalar(rw, dq.arg("scale"), node.arg("scale")) \
-                or not _same_scalar(rw, dq.arg("zero_point"), node.arg("zero_point")):
-            return False
-        s = rw.const(node.arg("scale"))
-        if s is None or not np.all(np.asarray(s, np.float64) > 0):
-            return False
-        fused = rw.create("pool", [codes], dict(pool.attrs), before=node, hint="pool",
-                          result_types=[node.result.type])
-        rw.replace(node, [fused.result])
-        return True
-
-
-# ops that move values without changing them, and the operands that are data (not shapes)
-MOVES = {"reshape": 0, "transpose": 0}
-
-
-def _requantized_codes(rw: Rewriter, node):
-    """For ``quantize(V(dequantize(c, s, zp)), s, zp)`` (one scheme, V single-use moves, not
-    empty): (c, V's nodes from the dequantize outwards), else None."""
+def _codes_of(rw: Rewriter, node, v):
+    """The codes c where ``v`` is ``dequantize(c, s, zp)`` and the quantize ``node`` takes
+    the values back with the same per-tensor scheme (dtype, scale > 0, zero point), else
+    None: then quantize(f(dequantize(c))) is f(c) for any f that moves values (or maxes them)."""
     q = node.attrs["scheme"]
     if q.granularity != "tensor" or q.dtype.name not in CODES or len(node.operands) > 3:
         return None
-    moves = []
-    v = node.arg("x")
-    while v.producer is not None and v.producer.op in MOVES and rw.single_use(v):
-        moves.append(v.producer)
-        v = v.producer.operands[MOVES[v.producer.op]]
     dq = producer_of(v, "dequantize")
-    if not moves or dq is None or len(dq.operands) > 3 or not rw.single_use(v):
+    if dq is None or len(dq.operands) > 3:
         return None
     d = dq.attrs["scheme"]
     codes = dq.arg("x")
@@ -100,19 +61,46 @@ def _requantized_codes(rw: Rewriter, node):
     s = rw.const(node.arg("scale"))
     if s is None or not np.all(np.asarray(s, np.float64) > 0):
         return None
-    return codes, moves[::-1]
+    return codes
 
 
-class MovesOnCodes(RewritePattern):
-    """quantize(V(dequantize(c, s, zp)), s, zp) → V(c) (V: reshapes and transposes)."""
+class MaxPoolOnCodes(RewritePattern):
     op = "quantize"
 
     def rewrite(self, node, rw):
-        found = _requantized_codes(rw, node)
-        if found is None:
+        pool = producer_of(node.arg("x"), "pool")
+        if pool is None or pool.attrs.get("kind") != "max" or len(pool.results) != 1 \
+                or not rw.single_use(pool.result):
             return False
-        v, moves = found
-        for move in moves:
+        codes = _codes_of(rw, node, pool.operands[0])
+        if codes is None:
+            return False
+        fused = rw.create("pool", [codes], dict(pool.attrs), before=node, hint="pool",
+                          result_types=[node.result.type])
+        rw.replace(node, [fused.result])
+        return True
+
+
+# ops that move values without changing them, and the operands that are data (not shapes)
+MOVES = {"reshape": 0, "transpose": 0}
+
+
+class MovesOnCodes(RewritePattern):
+    """quantize(V(dequantize(c, s, zp)), s, zp) → V(c) (V: single-use reshapes and
+    transposes, at least one)."""
+    op = "quantize"
+
+    def rewrite(self, node, rw):
+        moves = []
+        v = node.arg("x")
+        while v.producer is not None and v.producer.op in MOVES and rw.single_use(v):
+            moves.append(v.producer)
+            v = v.producer.operands[MOVES[v.producer.op]]
+        codes = _codes_of(rw, node, v) if moves else None
+        if codes is None:
+            return False
+        v = codes
+        for move in reversed(moves):  # from the dequantize outwards
             operands = list(move.operands)
             operands[MOVES[move.op]] = v
             v = rw.create(move.op, operands, dict(move.attrs), before=node, hint=move.op,
