@@ -501,13 +501,11 @@ class QmatmulStep:
             if self.host_epilogue:
                 return lambda: (product_call(), self._host_epilogue(args, product, out))
             return product_call
+        from qcompiler.codegen.cpu.native_calls import CallSequence
+
         epilogue = self.lib.bind(self.epilogue_name,
                                  [product] + self._epilogue_operands(args) + [out])
-
-        def call():
-            product_call()
-            epilogue()
-        return call
+        return CallSequence([product_call, epilogue])
 
 
 def _manifest_dict(rec: dict, key: str, where: str) -> dict:

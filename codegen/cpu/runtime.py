@@ -445,6 +445,8 @@ class QmmKernel:
     def _bind_in_place(self, x: np.ndarray, direct):
         import tvm
 
+        from qcompiler.codegen.cpu.native_calls import CallSequence, KernelCall
+
         p, bl = self.p, self.p.blocking
         m = x.shape[0]
         vi = choose_variant(self.variants, m)
@@ -466,14 +468,11 @@ class QmmKernel:
             quant_args = (tvm.runtime.from_dlpack(x), *buf.quant_args[1:])
             kernel_args = (*buf.args, *self.weights, direct)
 
-            def call_int8():
-                quantize(*quant_args)
-                fn(*kernel_args)
-            return call_int8
+            return CallSequence([KernelCall(quantize, quant_args), KernelCall(fn, kernel_args)])
         x_arg = tvm.runtime.from_dlpack(x.reshape(buf.x_shape))
         kernel_args = (x_arg, *buf.args[1:], *self.weights, direct)
         if self.variants[vi]["order"] == "dequant":  # reads no group sums
-            return lambda: fn(*kernel_args)
+            return KernelCall(fn, kernel_args)
         groups, ones, xsum = x.reshape(-1, bl.block), self._ones, buf.xsum.reshape(-1)
 
         def call_exact():

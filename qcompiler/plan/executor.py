@@ -414,6 +414,11 @@ class PlanExecutor:
                     label = f"{step.op} {step.kernel}"
                 call = self._profile.timed(label, call)
             calls.append(call)
+        if any(getattr(c, "native", None) for c in calls):
+            # runs of compiled CPU kernels: one call from Python each (not when profiling:
+            # the timed wrappers are not native)
+            from qcompiler.codegen.cpu.native_calls import batched
+            calls = batched(calls)
         staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
         staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}
         return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs),

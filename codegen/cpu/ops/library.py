@@ -105,9 +105,9 @@ class OpsLibrary:
     def bind(self, name: str, arrays: list):
         """A no-argument call of kernel ``name`` on ``arrays`` wrapped once (for buffers that
         stay put, such as a plan's arena): the cheapest call from Python."""
-        fn = self.function(name)
-        tensors = [wrap(a) for a in arrays]
-        return lambda: fn(*tensors)
+        from qcompiler.codegen.cpu.native_calls import KernelCall
+
+        return KernelCall(self.function(name), [wrap(a) for a in arrays])
 
 
 def as_kernel_arg(a):

@@ -1,0 +1,220 @@
+"""Calling a plan's compiled CPU kernels from native code: one call from Python per run of
+consecutive kernels instead of one per kernel.
+
+A bound kernel call from Python costs about 5 us (tvm-ffi's argument conversion and
+Python's own call), as much as a small kernel itself: a batch-1 ResNet-18 makes 30 of them,
+a decode step of a 4-layer Llama about 60. Here a step's bound call is a ``KernelCall`` (a
+TVM FFI function and its arguments, wrapped once), and the executor hands each run of such
+calls to ``NativeCalls``: a table of (function handle, packed arguments) that a small C
+function walks with ``TVMFFIFunctionCall``, the same entry point Python's call ends in, with
+the same argument values (tensor objects and integers).
+
+The C function is compiled once per source, tvm-ffi header and compiler into the build cache
+(``codegen.build.cache_dir()``), with the host's C compiler (``$CC``, else ``cc``: the same one
+TVM links the kernels with). Where that fails, ``available()`` is False with the reason, and
+the executor keeps calling the kernels from Python. ``QC_NATIVE_CALLS=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from typing import Optional
+
+ENV = "QC_NATIVE_CALLS"
+
+# tvm-ffi's C ABI (tvm/ffi/c_api.h): TVMFFIAny is a type index, 4 bytes of padding and an
+# 8-byte value (an int64 or an object handle).
+TYPE_INT = 1            # kTVMFFIInt
+TYPE_OBJECT_BEGIN = 64  # kTVMFFIStaticObjectBegin: owned objects from here on
+TYPE_TENSOR = 70        # kTVMFFITensor
+
+SOURCE = r"""
+/* qcompiler: run a table of TVM FFI calls in order (codegen/cpu/native_calls.py). */
+#include <stdint.h>
+#include <tvm/ffi/c_api.h>
+
+typedef struct {
+  TVMFFIObjectHandle fn;  /* a tvm_ffi.Function */
+  TVMFFIAny* args;        /* its arguments, packed once */
+  int32_t num_args;
+} qc_call;
+
+/* Calls calls[0..n) in order; on an error returns its code with *failed = its index (the
+   error stays raised in tvm-ffi's thread-local slot, where Python's next call to the same
+   function finds it again). A kernel returns nothing; an object it returned is released. */
+int qc_run_calls(const qc_call* calls, int64_t n, int64_t* failed) {
+  for (int64_t i = 0; i < n; ++i) {
+    TVMFFIAny result;
+    result.type_index = kTVMFFINone;
+    result.zero_padding = 0;
+    result.v_int64 = 0;
+    int rc = TVMFFIFunctionCall(calls[i].fn, calls[i].args, calls[i].num_args, &result);
+    if (rc != 0) {
+      *failed = i;
+      return rc;
+    }
+    if (result.type_index >= kTVMFFIStaticObjectBegin) TVMFFIObjectDecRef(result.v_obj);
+  }
+  return 0;
+}
+"""
+
+
+class _Any(ctypes.Structure):
+    _fields_ = [("type_index", ctypes.c_int32), ("zero_padding", ctypes.c_uint32),
+                ("value", ctypes.c_uint64)]
+
+
+class _Call(ctypes.Structure):
+    _fields_ = [("fn", ctypes.c_void_p), ("args", ctypes.POINTER(_Any)),
+                ("num_args", ctypes.c_int32)]
+
+
+_lib = None
+_why_not: Optional[str] = None
+
+
+def _build() -> ctypes.CDLL:
+    import tvm_ffi.libinfo as info
+
+    from qcompiler.codegen.build import cache_dir
+
+    include = info.find_include_path()
+    libffi = info.find_libtvm_ffi()
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE, include, libffi, cc]).encode()).hexdigest()[:16]
+    out_dir = os.path.join(cache_dir(), "native")
+    path = os.path.join(out_dir, f"qc_calls_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src, tmp_so = os.path.join(tmp, "qc_calls.c"), os.path.join(tmp, "qc_calls.so")
+            with open(src, "w") as f:
+                f.write(SOURCE)
+            cmd = [cc, "-O2", "-shared", "-fPIC", "-std=c11", f"-I{include}",
+                   "-I" + info.find_dlpack_include_path(), src, "-o", tmp_so, libffi,
+                   "-Wl,-rpath," + os.path.dirname(libffi)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()[-400:]}")
+            os.replace(tmp_so, path)  # atomic: a concurrent build writes the same bytes
+    lib = ctypes.CDLL(path)
+    lib.qc_run_calls.argtypes = [ctypes.POINTER(_Call), ctypes.c_int64,
+                                 ctypes.POINTER(ctypes.c_int64)]
+    lib.qc_run_calls.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether runs of kernel calls go through the C loop (built on first use)."""
+    global _lib, _why_not
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    if _lib is None and _why_not is None:
+        try:
+            _lib = _build()
+        except Exception as e:  # no compiler, no tvm-ffi headers: Python calls the kernels
+            _why_not = f"{type(e).__name__}: {e}"
+    return _lib is not None
+
+
+def why_not() -> Optional[str]:
+    """Why ``available()`` is False (None when it is True or was not asked)."""
+    return _why_not
+
+
+def _packed(arg) -> Optional[tuple]:
+    """(type index, value) of an argument the C loop can pass as Python would, else None."""
+    import tvm_ffi
+
+    if isinstance(arg, tvm_ffi.Tensor):
+        return TYPE_TENSOR, arg.__chandle__()
+    if isinstance(arg, int) and not isinstance(arg, bool) and -2 ** 63 <= arg < 2 ** 63:
+        return TYPE_INT, arg & (2 ** 64 - 1)
+    return None
+
+
+class KernelCall:
+    """``fn(*args)`` of a compiled kernel with its arguments wrapped once (a bound plan step)."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, tuple(args)
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+    @property
+    def native(self) -> Optional[list]:
+        """[self] when every argument is a tvm tensor or an integer, else None."""
+        return [self] if all(_packed(a) is not None for a in self.args) else None
+
+
+class CallSequence:
+    """Bound calls run one after the other (a qmatmul's prologue, kernel and epilogue)."""
+
+    def __init__(self, calls):
+        self.calls = list(calls)
+
+    def __call__(self) -> None:
+        for call in self.calls:
+            call()
+
+    @property
+    def native(self) -> Optional[list]:
+        parts = [getattr(c, "native", None) for c in self.calls]
+        return None if any(p is None for p in parts) else [k for p in parts for k in p]
+
+
+def native_calls(call) -> Optional[list]:
+    """The KernelCalls a bound call consists of, or None if any part needs Python."""
+    return getattr(call, "native", None)
+
+
+class NativeCalls:
+    """A run of KernelCalls as one C call (``available()`` must be True)."""
+
+    def __init__(self, calls: list):
+        self.calls = list(calls)
+        self._table = (_Call * len(self.calls))()
+        self._keep = []  # the argument arrays, and through self.calls the objects they name
+        for i, k in enumerate(self.calls):
+            packed = [_packed(a) for a in k.args]
+            args = (_Any * max(len(packed), 1))(*[_Any(t, 0, v) for t, v in packed])
+            self._keep.append(args)
+            self._table[i] = _Call(k.fn.__chandle__(), args, len(packed))
+        self._failed = ctypes.c_int64(-1)
+
+    def __call__(self) -> None:
+        rc = _lib.qc_run_calls(self._table, len(self.calls), ctypes.byref(self._failed))
+        if rc != 0:
+            # the same call from Python raises the kernel's error with its message
+            self.calls[self._failed.value]()
+            raise RuntimeError(f"kernel call {self._failed.value} of a native run failed "
+                               f"(code {rc}) and did not fail again from Python")
+
+
+def batched(calls: list) -> list:
+    """``calls`` with each run of two or more consecutive native-capable calls replaced by
+    one ``NativeCalls`` (unchanged where ``available()`` is False)."""
+    if not available():
+        return calls
+    out, run = [], []
+
+    def flush():
+        if len(run) > 1:
+            out.append(NativeCalls([k for c in run for k in native_calls(c)]))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for call in calls:
+        if native_calls(call) is not None:
+            run.append(call)
+        else:
+            flush()
+            out.append(call)
+    flush()
+    return out
