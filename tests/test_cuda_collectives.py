@@ -154,6 +154,7 @@ def _runner(module, log, use_graphs=True, lanes=True):
         for n in module.main.nodes if n.op == "qmatmul"}
     r.qmm = SimpleNamespace(kernels=kernels)
     r.weights, r._signatures, r._arenas, r._loaded = {}, {}, {}, True
+    r._last_pointers, r._bound = {}, {}
     return r
 
 

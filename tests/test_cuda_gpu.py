@@ -199,6 +199,42 @@ def test_torch_calls_are_ordered_with_the_callers_stream(tmp_path):
             <= cases.TOLERANCE["f16"]
 
 
+def test_device_inputs_at_a_stable_address_are_read_in_place(tmp_path):
+    """A caller that passes the same CUDA buffer twice in a row gets a graph that reads it
+    where it lies (no copy into the plan's own input buffer), for whatever it holds at each
+    call; up to MAX_BOUND_PER_SHAPE such buffers per shape, copies beyond them."""
+    torch = pytest.importorskip("torch")
+    import qcompiler
+    from qcompiler.driver.api import compile_to_dir
+
+    case = cases.Case(k=1024, n=320, bits=4, zero_point=True, group=128, bias=True)
+    module = cases.make_module(case, seed=7)
+    loaded = qcompiler.load(compile_to_dir(module, "cuda-sm90", str(tmp_path / "art"))[0])
+    runner = loaded._run
+    xs = [cases.random_x(case, 5, seed=int.from_bytes(os.urandom(4), "little"))
+          for _ in range(4)]
+
+    def check(buffer, x):
+        buffer.copy_(torch.from_numpy(x))
+        y = loaded.run({"x": buffer})["y"]
+        assert cases.rel_error(y.cpu().numpy(), cases.reference(module, x)) \
+            <= cases.TOLERANCE["f16"]
+
+    buffers = [torch.empty(xs[0].shape, device="cuda") for _ in range(3)]
+    for x in xs:  # one buffer, new contents each call: bound from the second call on
+        check(buffers[0], x)
+    assert len(runner._bound) == 1
+    (sig,) = runner._bound.values()
+    assert sig.bound == {"x"} and sig.inputs["x"][0] == buffers[0].data_ptr()
+    for b in buffers[1:]:
+        for x in xs[:2]:
+            check(b, x)
+    assert len(runner._bound) == runner.MAX_BOUND_PER_SHAPE == 2  # the third is copied
+    for x in xs[2:]:  # and the first is still read in place
+        check(buffers[0], x)
+    check(torch.from_numpy(xs[0]).cuda(), xs[0])  # a fresh tensor: copied
+
+
 def test_sm80_build_runs_here(tmp_path):
     """Code for cuda-sm80 (SASS sm_80 + PTX) must also run on newer GPUs (PTX JIT)."""
     case = cases.Case(k=512, n=192, bits=4, zero_point=True, group=64, dtype="bf16")

@@ -259,6 +259,7 @@ class _Signature:
         # ("collective", node, ptr, shape, dtype, world)
         self.program: list = []
         self.collectives: list = []  # (node, world) of the collective items
+        self.bound: set = set()      # inputs read in place from the caller's device buffers
 
     # A plan without collectives is one launch segment: its table, launch count and graph
     # (what benchmarks and tests replay directly); with collectives there is no single graph.
@@ -300,6 +301,11 @@ class CudaPlanRunner:
         self._loaded = False
         self._signatures: dict = {}
         self._arenas: dict = {}
+        # Device inputs bound in place (no copy into the signature's own input buffers): per
+        # shape signature the last call's device pointers, and the signatures whose graphs
+        # read the caller's buffers directly, keyed (shape signature, pointers).
+        self._last_pointers: dict = {}
+        self._bound: dict = {}
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -390,7 +396,9 @@ class CudaPlanRunner:
             self._arenas[mem.key()] = (ptr, mem.peak_bytes)
         return ptr
 
-    def _prepare(self, shapes: dict) -> _Signature:
+    def _prepare(self, shapes: dict, bound: Optional[dict] = None) -> _Signature:
+        """The buffers, step table and graph of one shape signature. ``bound``: input name ->
+        the caller's device pointer, read in place by the launches (not allocated here)."""
         from qcompiler.plan.memory import plan_memory, select_bucket
         from qcompiler.plan.shapes import resolve
 
@@ -413,7 +421,11 @@ class CudaPlanRunner:
             dtype = elem(b.dtype).np_dtype
             if b.kind == "input":
                 shape = tuple(shapes[b.name])
-                ptr[b.name] = alloc(int(np.prod(shape)) * dtype.itemsize)
+                if bound and b.name in bound:
+                    ptr[b.name] = bound[b.name]
+                    sig.bound.add(b.name)
+                else:
+                    ptr[b.name] = alloc(int(np.prod(shape)) * dtype.itemsize)
                 sig.inputs[b.name] = (ptr[b.name], shape, dtype)
             elif b.kind == "weight":
                 if b.name in self.weights:
@@ -607,7 +619,9 @@ class CudaPlanRunner:
                 _check_device_input(n, x, want)
             arrays[n] = x
         signature = tuple(tuple(arrays[n].shape) for n in plan.inputs)
-        sig = self._signatures.get(signature)
+        sig = self._bound_signature(signature, arrays, on_device)
+        if sig is None:
+            sig = self._signatures.get(signature)
         if sig is None:
             sig = self._signatures[signature] = self._prepare(
                 {n: tuple(arrays[n].shape) for n in plan.inputs})
@@ -629,7 +643,7 @@ class CudaPlanRunner:
         for n in plan.inputs:
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            if not nbytes:
+            if not nbytes or n in sig.bound:  # (a bound input is read where it lies)
                 continue
             if on_device[n] is None:
                 self._check(lib.qc_copy_async(dptr, arrays[n].ctypes.data, nbytes, 1, s),
@@ -676,6 +690,38 @@ class CudaPlanRunner:
         return results
 
     run = __call__
+
+    # At most this many signatures per input shape read the caller's buffers in place; a
+    # caller that moves between more stable buffers than that gets its inputs copied.
+    MAX_BOUND_PER_SHAPE = 2
+
+    def _bound_signature(self, signature: tuple, arrays: dict, on_device: dict):
+        """The signature whose launches read the caller's device inputs in place, when every
+        input lies on the device at the same addresses as in the previous call of this
+        shape (a caller's stable input buffers, as CUDA graph users keep them): the copy of
+        each input into the plan's own buffer is saved (at batch 64 a 224 x 224 image batch
+        is 38.5 MB, about 30 us of a 1 ms ResNet-18). A signature is captured per set of
+        addresses, at most MAX_BOUND_PER_SHAPE per shape; else None (the inputs are copied).
+        Correct for any contents: a graph reads its input addresses when it runs, and
+        the caller's stream is ordered before ours (see ``__call__``)."""
+        if not self.use_graphs or not self.plan.inputs:
+            return None
+        pointers = tuple(on_device[n] for n in self.plan.inputs)
+        previous = self._last_pointers.get(signature)
+        self._last_pointers[signature] = pointers
+        if any(p is None or not p for p in pointers) or any(
+                not arrays[n].nbytes for n in self.plan.inputs):
+            return None
+        key = (signature, pointers)
+        sig = self._bound.get(key)
+        if sig is not None or previous != pointers:
+            return sig
+        if sum(1 for k in self._bound if k[0] == signature) >= self.MAX_BOUND_PER_SHAPE:
+            return None
+        sig = self._bound[key] = self._prepare(
+            {n: tuple(arrays[n].shape) for n in self.plan.inputs},
+            bound=dict(zip(self.plan.inputs, pointers)))
+        return sig
 
 
 def _torch_available() -> bool:
