@@ -220,7 +220,8 @@ def test_device_inputs_at_a_stable_address_are_read_in_place(tmp_path):
         assert cases.rel_error(y.cpu().numpy(), cases.reference(module, x)) \
             <= cases.TOLERANCE["f16"]
 
-    buffers = [torch.empty(xs[0].shape, device="cuda") for _ in range(3)]
+    buffers = [torch.empty(xs[0].shape, dtype=torch.from_numpy(xs[0]).dtype, device="cuda")
+               for _ in range(3)]
     for x in xs:  # one buffer, new contents each call: bound from the second call on
         check(buffers[0], x)
     assert len(runner._bound) == 1
