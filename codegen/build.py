@@ -23,6 +23,7 @@ part; an entry whose bytes do not match its header (truncated, overwritten) is r
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -256,10 +257,22 @@ class Builder:
                 yield seconds
             return
         # fork: the workers start with everything imported (TVM takes seconds to import).
+        # A forked worker must not collect the parent's objects: garbage the parent has not
+        # collected yet (an onnxruntime session of a test, say) would be destroyed in the
+        # child, and a destructor that joins or signals the parent's threads waits there for
+        # ever (seen: onnxruntime's thread pool in pthread_cond_destroy, a CI run hung). So
+        # the parent collects first, and what is left is frozen (out of the collector's
+        # reach) while the workers are forked.
         ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        gc.collect()
+        gc.freeze()
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx)
             futures = [pool.submit(_timed_build, b.build, os.path.join(out_dir, b.library))
-                       for b, _ in misses]
+                       for b, _ in misses]  # (the workers are forked by the first submit)
+        finally:
+            gc.unfreeze()
+        with pool:
             for fut in concurrent.futures.as_completed(futures):
                 bar.step(cached=False)
                 if fut.exception() is not None:

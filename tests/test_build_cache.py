@@ -294,6 +294,48 @@ def test_builder_builds_misses_in_parallel_and_counts_hits(tmp_path, jobs):
     assert terminal.getvalue().rstrip().endswith("building kernels 3/3 (3 cached)")
 
 
+def _collect_then_write(payload: bytes, path: str) -> None:
+    import gc
+
+    gc.collect()  # what a worker's allocations may trigger at any time
+    _write_bytes(payload, path)
+
+
+class _Finalized:
+    """A cycle's member whose destruction records the process it happened in."""
+
+    def __init__(self, log: str):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_forked_build_workers_never_collect_the_parents_garbage(tmp_path):
+    """Garbage the parent had not collected (a cycle holding an onnxruntime session, whose
+    destructor waits for the parent's threads) must not be destroyed in a forked worker: a
+    CI run hung so. The parent collects before forking and freezes the rest."""
+    import functools
+    import gc
+
+    log = str(tmp_path / "finalized")
+    builds = [build.KernelBuild(build.kernel_key(f"gc{i}", "", ""), f"g{i}.so",
+                                functools.partial(_collect_then_write, b"x"), [f"n{i}"])
+              for i in range(2)]
+    was_enabled = gc.isenabled()
+    gc.disable()  # (so that the cycle is still garbage, uncollected, when the workers fork)
+    try:
+        _Finalized(log)
+        build.Builder(False, jobs=2, progress=False).build_many(builds, str(tmp_path / "out"))
+    finally:
+        if was_enabled:
+            gc.enable()
+    gc.collect()
+    pids = open(log).read().split() if os.path.exists(log) else []
+    assert pids == [str(os.getpid())]  # destroyed once, here, not in a worker
+
+
 def test_progress_is_silent_off_a_terminal():
     stream = io.StringIO()
     bar = build.Progress(2, stream=stream)
