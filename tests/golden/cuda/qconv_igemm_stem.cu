@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load a window row as pairs of 4-channel pixels (8 bytes; cuda_igemm_rows: K = (kh, 8 slots, c), the taps from slot 1).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_e551cea6ac5b_ns {
+namespace qc_cu_qconv_06d52f803121_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -188,6 +188,17 @@ __device__ __forceinline__ RowOrigin row_origin(int64_t p, int64_t pixels) {
     }
   }
   return o;
+}
+
+// Whether tap `tap` of row o (for K index k) reads inside the image, and where in x
+// relative to o.at it reads channel ch of it.
+__device__ __forceinline__ bool tap_inside(const RowOrigin& o, int k, int tap) {
+  if (TAP_MASK) return k < K_REAL && ((o.inside >> (k < K_REAL ? tap : 0)) & 1);
+  const int ih = o.ih0 + (tap / KW) * DH, iw = o.iw0 + (tap % KW) * DW;
+  return o.valid && k < K_REAL && ih >= 0 && ih < H && iw >= 0 && iw < W;
+}
+__device__ __forceinline__ int64_t tap_offset(int tap, int ch) {
+  return ((int64_t)(tap / KW) * DH * W + (tap % KW) * DW) * C + ch;
 }
 
 // Stage `k0`'s A tile (activations) into one ring slot.
@@ -471,17 +482,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_e551cea6ac5b_ns
+}  // namespace qc_cu_qconv_06d52f803121_ns
 
-extern "C" int64_t qc_cu_qconv_e551cea6ac5b_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_06d52f803121_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_e551cea6ac5b_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_e551cea6ac5b_ns::OH * qc_cu_qconv_e551cea6ac5b_ns::OW));
+  return qc_cu_qconv_06d52f803121_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_06d52f803121_ns::OH * qc_cu_qconv_06d52f803121_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_e551cea6ac5b(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_06d52f803121(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_e551cea6ac5b_ns;
+  using namespace qc_cu_qconv_06d52f803121_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];

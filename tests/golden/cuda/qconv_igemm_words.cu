@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_d620d461f9ef_ns {
+namespace qc_cu_qconv_924c94de0c2d_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 17, W = 17, C = 4, OH = 9, OW = 9, M = 16;
@@ -190,6 +190,17 @@ __device__ __forceinline__ RowOrigin row_origin(int64_t p, int64_t pixels) {
   return o;
 }
 
+// Whether tap `tap` of row o (for K index k) reads inside the image, and where in x
+// relative to o.at it reads channel ch of it.
+__device__ __forceinline__ bool tap_inside(const RowOrigin& o, int k, int tap) {
+  if (TAP_MASK) return k < K_REAL && ((o.inside >> (k < K_REAL ? tap : 0)) & 1);
+  const int ih = o.ih0 + (tap / KW) * DH, iw = o.iw0 + (tap % KW) * DW;
+  return o.valid && k < K_REAL && ih >= 0 && ih < H && iw >= 0 && iw < W;
+}
+__device__ __forceinline__ int64_t tap_offset(int tap, int ch) {
+  return ((int64_t)(tap / KW) * DH * W + (tap % KW) * DW) * C + ch;
+}
+
 // Stage `k0`'s A tile (activations) into one ring slot.
 template <typename T>
 __device__ __forceinline__ void load_a(const Params& q, uint8_t* sa, int k0,
@@ -207,15 +218,8 @@ __device__ __forceinline__ void load_a(const Params& q, uint8_t* sa, int k0,
     for (int j = 0; j < 4; ++j) {
       const int kk = k + 4 * j;
       const int tap = kk / C, ch = kk - tap * C;
-      bool inside;
-      if (TAP_MASK) {
-        inside = kk < K_REAL && ((rows[i].inside >> (kk < K_REAL ? tap : 0)) & 1);
-      } else {
-        const int ih = rows[i].ih0 + (tap / KW) * DH, iw = rows[i].iw0 + (tap % KW) * DW;
-        inside = rows[i].valid && kk < K_REAL && ih >= 0 && ih < H && iw >= 0 && iw < W;
-      }
-      if (inside)
-        cp_async4(dst + 4 * j, q.x + rows[i].at + ((int64_t)(tap / KW) * DH * W + (tap % KW) * DW) * C + ch);
+      if (tap_inside(rows[i], kk, tap))
+        cp_async4(dst + 4 * j, q.x + rows[i].at + tap_offset(tap, ch));
       else  // padding, rows past the end and K past K_REAL read x_zp (folded into the bias)
         *reinterpret_cast<uint32_t*>(dst + 4 * j) = zp4;
     }
@@ -472,17 +476,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_d620d461f9ef_ns
+}  // namespace qc_cu_qconv_924c94de0c2d_ns
 
-extern "C" int64_t qc_cu_qconv_d620d461f9ef_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_924c94de0c2d_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_d620d461f9ef_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_d620d461f9ef_ns::OH * qc_cu_qconv_d620d461f9ef_ns::OW));
+  return qc_cu_qconv_924c94de0c2d_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_924c94de0c2d_ns::OH * qc_cu_qconv_924c94de0c2d_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_d620d461f9ef(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_924c94de0c2d(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_d620d461f9ef_ns;
+  using namespace qc_cu_qconv_924c94de0c2d_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
