@@ -129,16 +129,14 @@ def _pack(fn, module: Module, node) -> int:
                                 {"mode": "constant"}, before=node).result
         node.operands = [x_padded] + list(node.operands[1:])
         centred = np.pad(centred, ((0, 0), (0, extra), (0, 0), (0, 0)))
-    rows = None
-    if layout == "cuda_igemm_mk" and isinstance(c, int):
-        rows = cuda_igemm_rows(node.arg("x").type.shape[3], x.type.shape[2], centred.shape[3],
-                          node.attrs["strides"][1], node.attrs["pads"][1],
-                          node.attrs["dilations"][1])
+    # (centred.shape[1]: the channels after that padding)
+    rows = cuda_igemm_rows(centred.shape[1], x.type.shape[2], centred.shape[3],
+                           node.attrs["strides"][1], node.attrs["pads"][1],
+                           node.attrs["dilations"][1]) \
+        if layout == "cuda_igemm_mk" and isinstance(c, int) else None
     if rows is not None:
         layout = "cuda_igemm_rows"
-        p = pack_conv_weights_cuda(centred, layout, *rows)
-    else:
-        p = pack_conv_weights_cuda(centred, layout)
+    p = pack_conv_weights_cuda(centred, layout, *(rows or ()))
     w_node = constant_node(fn, module, p, TensorType(p.shape, elem("i8")),
                            name_hint=f"{name}.w_cuda", before=node)
     b_node = constant_node(fn, module, folded.astype(np.int32), TensorType((m,), elem("i32")),

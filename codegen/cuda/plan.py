@@ -709,8 +709,7 @@ class CudaPlanRunner:
         pointers = tuple(on_device[n] for n in self.plan.inputs)
         previous = self._last_pointers.get(signature)
         self._last_pointers[signature] = pointers
-        if any(p is None or not p for p in pointers) or any(
-                not arrays[n].nbytes for n in self.plan.inputs):
+        if not all(pointers) or not all(arrays[n].nbytes for n in self.plan.inputs):
             return None
         key = (signature, pointers)
         sig = self._bound.get(key)

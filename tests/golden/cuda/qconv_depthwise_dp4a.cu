@@ -11,7 +11,7 @@
 // transposed in registers (8 byte permutes per 4 channels) into one word per channel for one
 // dp4a: 16 products in 12 instructions instead of 48. Each output pixel leaves as one 8-channel store.
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 0, 255)
-namespace qc_cu_qconv_c6aa88fafecb_ns {
+namespace qc_cu_qconv_85c81a59e976_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 7, W = 7, C = 8, OH = 7, OW = 7, M = 8;
@@ -74,15 +74,6 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
   const float r = 0;
 
   return requantize(raw + bias, r, f, e);
-}
-
-// The residual at output pixel p, channels n and n + 1 (n even): one 2-byte load of codes
-// where M is even (the pair is then aligned), else two.
-__device__ __forceinline__ void residual_pair(const Params& q, int64_t p, int n,
-                                              float& r0, float& r1) {
-
-  r0 = r1 = 0;
-
 }
 
 
@@ -221,17 +212,17 @@ __global__ void __launch_bounds__(THREADS) qconv_dw_kernel(Params q) {
   }
 }
 
-}  // namespace qc_cu_qconv_c6aa88fafecb_ns
+}  // namespace qc_cu_qconv_85c81a59e976_ns
 
-extern "C" int64_t qc_cu_qconv_c6aa88fafecb_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_85c81a59e976_workspace_bytes(const int64_t* shapes) {
 
   return 0;
 
 }
 
-extern "C" int qc_cu_qconv_c6aa88fafecb(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_85c81a59e976(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_c6aa88fafecb_ns;
+  using namespace qc_cu_qconv_85c81a59e976_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];

@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load a window row as pairs of 4-channel pixels (8 bytes; cuda_igemm_rows: K = (kh, 8 slots, c), the taps from slot 1).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_06d52f803121_ns {
+namespace qc_cu_qconv_bf41486d9672_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 30, W = 30, C = 4, OH = 15, OW = 15, M = 64;
@@ -75,15 +75,6 @@ __device__ __forceinline__ Y finish(const Params& q, int32_t raw, int64_t p, int
   return requantize(raw + bias, r, f, e);
 }
 
-// The residual at output pixel p, channels n and n + 1 (n even): one 2-byte load of codes
-// where M is even (the pair is then aligned), else two.
-__device__ __forceinline__ void residual_pair(const Params& q, int64_t p, int n,
-                                              float& r0, float& r1) {
-
-  r0 = r1 = 0;
-
-}
-
 
 constexpr int BK = 64, STAGES = 3;
 constexpr int KP = 224;                    // padded K (a multiple of 32)
@@ -94,6 +85,15 @@ constexpr int KSTEPS = (KP + BK - 1) / BK;
 // 32 parts of at least 3 K steps, to about 132 blocks.
 constexpr int SPLIT_TARGET_BLOCKS = 132, SPLIT_MIN_STEPS = 3;
 constexpr int MAX_SPLITS = 32;
+
+// The residual at output pixel p, channels n and n + 1 (n even): one 2-byte load of codes
+// where M is even (the pair is then aligned), else two.
+__device__ __forceinline__ void residual_pair(const Params& q, int64_t p, int n,
+                                              float& r0, float& r1) {
+
+  r0 = r1 = 0;
+
+}
 
 // A block tile of BM pixels x BN channels over WM x WN warps.
 template <int BM_, int BN_, int WM_, int WN_> struct Tile {
@@ -482,17 +482,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_06d52f803121_ns
+}  // namespace qc_cu_qconv_bf41486d9672_ns
 
-extern "C" int64_t qc_cu_qconv_06d52f803121_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_bf41486d9672_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_06d52f803121_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_06d52f803121_ns::OH * qc_cu_qconv_06d52f803121_ns::OW));
+  return qc_cu_qconv_bf41486d9672_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_bf41486d9672_ns::OH * qc_cu_qconv_bf41486d9672_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_06d52f803121(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_bf41486d9672(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_06d52f803121_ns;
+  using namespace qc_cu_qconv_bf41486d9672_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];
