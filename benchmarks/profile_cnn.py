@@ -173,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qc_bench_cnn"))
     a = p.parse_args(argv)
     os.environ["QC_CPU_THREADS"] = "1"
+    # each kernel call timed from Python: the executor must not batch runs of them into one
+    # native call (codegen/cpu/native_calls.py)
+    os.environ["QC_NATIVE_CALLS"] = "0"
     sys.path.insert(0, HERE)
     import numpy as np
 

@@ -180,3 +180,24 @@ def test_lut_end_to_end_pipeline(tmp_path):
                                "v0": {**cfg["variants"]["v0"], "table_group": 2}}}
     with pytest.raises(ConfigError, match="table_group"):
         validate(bad, node, get_target("cpu"))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_lut_bind_writes_an_aligned_output_in_place(tmp_path, target):
+    """A plan binds each kernel to its arena views once (``bind``). With N a whole number of
+    column tiles and a 64-byte aligned out, the lut kernel writes out itself; its bound call
+    gives what a plain call gives (it used to fail looking up the int8/exact m_block knob)."""
+    scheme = scheme_text(2, 128, False, True)
+    p0 = tuning.problem(get_target(target), key_for(1, 256, 8, scheme, "lut"))
+    n = 2 * p0.n_tile  # no padding of N: direct_output applies
+    p, wts, kern = build_kernel(tmp_path, target, 256, n, scheme, seed=5)
+    assert p.n_pad == n
+    for m in (1, 3):
+        x = runtime.aligned_empty((m, 256), np.float32)
+        x[:] = np.random.default_rng(m).standard_normal((m, 256))
+        out = runtime.aligned_empty((m, n), np.float32)
+        assert kern.direct_output(out) is not None
+        out[:] = np.nan
+        kern.bind(x, out)()
+        np.testing.assert_array_equal(out, kern(x))
+        check_lut(p, wts, kern, x)

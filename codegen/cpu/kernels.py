@@ -1243,16 +1243,31 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"T.Cast('int32x{H}', acc[({q * CV} + c) * 2 + h])"
         + (f" * T.broadcast({4 ** q}, {H})" if q else "") for q in range(pairs + single))
     cols = f"c * {VB} + h * {H}"
+    scale = f"s.vload([t, g, {cols}], 'float32x{H}')"
+    isum = f"T.broadcast(ls[r, g], {H}) * T.Cast('float32x{H}', {weighted})"
+    zterm = (f"T.broadcast(xs[r, g], {H}) * (T.broadcast(T.float32({center}), {H}) - "
+             f"T.Cast('float32x{H}', zc.vload([t, g, {cols}], 'uint8x{H}')))")
+    if SG // F == 1:
+        # one int16 run per weight group (blocks up to 344 rows at g = 4): the group's two
+        # terms in one update, s (ls ISUM + xs (center - zc)), as lut_model sums them. Two
+        # separate passes over the accumulators cost ~17 % of a 4096 x 4096 2-bit call at
+        # block 128 (the 16 zmm of float sums spilled around each; Zen 5, 2026-12-05).
+        lines += [
+            f"                    for c in T.unroll({CV}):",
+            "                        for h in T.unroll(2):",
+            f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * "
+            f"({isum} + {zterm})",
+        ]
+    else:
+        lines += [
+            f"                    for c in T.unroll({CV}):",
+            "                        for h in T.unroll(2):",
+            f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * {isum}",
+            f"                for c in T.unroll({CV}):",
+            "                    for h in T.unroll(2):",
+            f"                        yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * {zterm}",
+        ]
     lines += [
-        f"                    for c in T.unroll({CV}):",
-        "                        for h in T.unroll(2):",
-        f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + T.broadcast(ls[r, g], "
-        f"{H}) * s.vload([t, g, {cols}], 'float32x{H}') * T.Cast('float32x{H}', {weighted})",
-        f"                for c in T.unroll({CV}):",
-        "                    for h in T.unroll(2):",
-        f"                        yacc[c * 2 + h] = yacc[c * 2 + h] + T.broadcast(xs[r, g], {H}) "
-        f"* s.vload([t, g, {cols}], 'float32x{H}') * (T.broadcast(T.float32({center}), {H}) - "
-        f"T.Cast('float32x{H}', zc.vload([t, g, {cols}], 'uint8x{H}')))",
         f"            for c in T.unroll({CV}):",
         "                for h in T.unroll(2):",
         f"                    y[r, T.ramp(t * {nt} + {cols}, 1, {H})] = yacc[c * 2 + h]",

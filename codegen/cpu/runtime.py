@@ -448,11 +448,13 @@ class QmmKernel:
         from qcompiler.codegen.cpu.native_calls import CallSequence, KernelCall
 
         p, bl = self.p, self.p.blocking
+        if p.numerics not in ("int8", "exact"):
+            return None  # the lut kernel's variants have no m_block: run_into per call
         m = x.shape[0]
         vi = choose_variant(self.variants, m)
         mb = self.variants[vi]["m_block"]
         per = self._chunks[vi]
-        if (p.numerics not in ("int8", "exact") or self.perm is not None or p.k != bl.k_pad
+        if (self.perm is not None or p.k != bl.k_pad
                 or m == 0 or m % mb or (per is not None and m // mb > per)
                 or x.dtype != np.float32 or not x.flags.c_contiguous or x.ctypes.data % 64):
             return None
