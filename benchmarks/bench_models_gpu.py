@@ -38,6 +38,8 @@ Q4_SYMMETRIC = "canonicalize,quantize-weights{bits=4,group=128,symmetric=true},"
 # --int8-min-m N: the quantized layers permit int8 activations (accuracy_level 4) and the
 # tile pass gives buckets of N rows and more the int8-activation kernel (W4A8).
 INT8_MIN_M = 0
+# --x-norm: fuse-norm-qmatmul{enable=1} (each RMSNorm inside its projection's kernel).
+X_NORM = False
 
 
 def pipeline(target: str, quantize: str = Q4) -> str:
@@ -48,6 +50,8 @@ def pipeline(target: str, quantize: str = Q4) -> str:
         quantize = quantize.replace("quantize-weights{", "quantize-weights{accuracy_level=4,")
         spec = spec.replace(f"tile{{target={target}}}",
                             f"tile{{target={target},int8_min_m={INT8_MIN_M}}}")
+    if X_NORM:
+        spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
     return quantize + spec
 
 
@@ -511,6 +515,7 @@ def write_results(a, results: list, ok) -> dict:
 
     doc = {"device": torch.cuda.get_device_name(), "date_utc": STAMP, "torch": torch.__version__,
            "target": a.target, "checks_passed": None if ok is None else bool(ok),
+           "pipeline_changes": {"int8_min_m": INT8_MIN_M, "x_norm": X_NORM},
            "results": results}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"models-gpu-{STAMP}.json"), "w") as f:
@@ -540,9 +545,12 @@ def main(argv=None) -> int:
     ap.add_argument("--int8-min-m", type=int, default=0,
                     help="int8 activations (W4A8) for buckets of this many rows and more "
                          "(the logits check is then against torch fp16 with int8's error)")
+    ap.add_argument("--x-norm", action="store_true",
+                    help="fuse-norm-qmatmul{enable=1}: each RMSNorm inside its projection")
     a = ap.parse_args(argv)
-    global INT8_MIN_M
+    global INT8_MIN_M, X_NORM
     INT8_MIN_M = a.int8_min_m
+    X_NORM = a.x_norm
     results = []
     ok = True
     a.save = lambda row: write_results(a, results, None)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -83,6 +83,18 @@ for step in "$@"; do
       timeout 540 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --llama-layers 22 \
         --compile-peers all --lanes-ab --prefill 512 2>&1 | tee "$OUT/models.log" \
         | grep -v '^ *[0-9]*,$' | grep -B1 -A3 "ours\|check\|greedy\|FAIL" | tail -60 ;;
+    norm-ab)  # issue #12: fuse-norm-qmatmul's GPU tests, then the 22-layer decode (traced, 8
+              # greedy tokens against torch) without and with the RMSNorms in the projections
+      timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_gpu.py" -k "norms_in_the_projections or fused_epilogues" 2>&1 \
+        | tee "$OUT/norm-tests.log" | tail -4
+      for variant in plain x-norm; do
+        mkdir -p "$OUT/decode-$variant"
+        flag=$([ $variant = x-norm ] && echo --x-norm)
+        timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/decode-$variant" \
+          --skip-minilm --llama-layers 22 --greedy 8 --trace $flag > "$OUT/decode-$variant.log" 2>&1
+        echo "== $variant: $(grep -E "ours|graph|greedy|FAIL" "$OUT/decode-$variant.log" | tr '\n' ' ' | cut -c1-300)"
+      done ;;
     prefill)  # the prefill GEMMs' heuristic vs cuBLAS (M 512 and 4096), then the 22-layer prefill alone
       timeout 150 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512,4096 \
         --only heuristic --out "$OUT" 2>&1 | grep -E "M=|wrote|rror" | tail -20

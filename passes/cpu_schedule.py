@@ -57,6 +57,9 @@ def unsupported_reason(module: Module, node, target, numerics_mode: str):
 
     if node.arg("w").type.layout is not None:
         return f"weights already in layout {node.arg('w').type.layout}"
+    if node.attrs.get("x_norm"):
+        return (f"x_norm={node.attrs['x_norm']} (fuse-norm-qmatmul): the CPU kernels take x "
+                f"as it is; leave the rmsnorm its own op (drop the pass)")
     for name, what in (("w", "weight codes"), ("w_scale", "scales"),
                        ("w_zero_point", "zero points"), ("g_idx", "g_idx")):
         v = node.arg(name)

@@ -192,7 +192,9 @@ class FuseEpiloguePass(Pass):
         counts: dict[str, int] = {}
         fused = 0
         for fn in module.functions:
-            for node in [n for n in fn.nodes if n.op == "qmatmul"]:
+            # (a qmatmul that took in an rmsnorm keeps its scale as the last operand, where
+            # extend_once would append: fuse-norm-qmatmul runs after this pass)
+            for node in [n for n in fn.nodes if n.op == "qmatmul" and not n.attrs.get("x_norm")]:
                 absorbed = 0
                 while (what := extend_once(fn, module, node)) is not None:
                     counts[what] = counts.get(what, 0) + 1

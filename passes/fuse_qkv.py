@@ -58,7 +58,8 @@ def mergeable_weights(node) -> bool:
     """A float qmatmul whose weight operands can merge with a sibling's along N: no config,
     act-order or activation scales; scales per column or in groups along K; the weight
     still [K, N] codes (before reorder-weights). Its epilogue is the caller's business."""
-    if node.op != "qmatmul" or node.attrs.get("act") != "float" or "config" in node.attrs:
+    if node.op != "qmatmul" or node.attrs.get("act") != "float" or "config" in node.attrs \
+            or node.attrs.get("x_norm"):
         return False
     if any(node.arg(n) is not None for n in ("g_idx", "x_scale", "x_zero_point")):
         return False

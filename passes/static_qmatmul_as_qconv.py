@@ -24,6 +24,7 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import constant_node, constant_value
+from qcompiler.ir.ops import qmatmul_epilogue_operands
 from qcompiler.ir.types import TensorType, elem
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
@@ -112,7 +113,7 @@ def static_qmatmul_as_qconv(fn, module: Module, node) -> bool:
     y = fn.make_node("reshape", [conv, shape_const([0, n], f"{name}.y2d")],
                      [TensorType((batch, n), elem("f32"))], before=node).result
     body = a.get("epilogue")
-    extra = list(node.operands[8:])
+    extra = qmatmul_epilogue_operands(node)
     if bias is not None:  # the product's float bias (no epilogue: checked above)
         body, extra = "t0 = add(x0, x1); return t0", [bias]
     if body is not None:

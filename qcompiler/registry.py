@@ -27,6 +27,7 @@ PASSES: dict[str, object] = {
     "fuse-qkv": "qcompiler.passes.fuse_qkv:FuseQkvPass",
     "fuse-gate-up": "qcompiler.passes.fuse_gate_up:FuseGateUpPass",
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
+    "fuse-norm-qmatmul": "qcompiler.passes.fuse_norm_qmatmul:FuseNormQmatmulPass",
     "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGeluPass",
     "shard": "qcompiler.passes.shard:ShardPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",

@@ -52,6 +52,13 @@ PAIRS_GOLDEN = {"i4_g128_swiglu_pairs_f16": (
     "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
 
 
+# A qmatmul that RMS-normalizes its x first (fuse-norm-qmatmul's x_norm): its swiglu pairs
+# as a gate/up projection has them, the GEMV's shared-memory rows and the workspace copy.
+NORM_GOLDEN = {"i4_g128_rmsnorm_swiglu_pairs_f16": (
+    cases.Case(k=2048, n=512, bits=4, signed=True, zero_point=False, group=128),
+    "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
+
+
 # Goldens whose buckets of 128 rows and more take the 8-bit-activation kernel (tiled_i8.cuh),
 # as tile{int8_min_m=128} gives a qmatmul with accuracy_level 4: 4-bit group scales with zero
 # points, and 8-bit per-channel scales (one x scale a row); and FP8 e4m3 activations.
@@ -65,8 +72,12 @@ INT8_GOLDEN = {
     "f8e4m3_perchannel_bias_f16_fp8": cases.Case(k=1024, n=320, fp8=True, group=0, bias=True)}
 
 
-def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False):
+def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=False):
     _, packed, node = bs.pack_case(case)
+    if x_norm:
+        node.operands += [None] * (8 - len(node.operands)) + [Value("norm_w", tensor(
+            [case.k], case.dtype))]
+        node.attrs.update(x_norm="rms", x_norm_epsilon=1e-5)
     if int8:  # the int8 kernel, or for FP8 weights the FP8-activation kernel
         from qcompiler.tuning.key import kernel_key
 
@@ -128,6 +139,15 @@ def test_golden_epilogue_sources(name, update_goldens):
     check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
 
 
+@pytest.mark.parametrize("name", sorted(NORM_GOLDEN))
+def test_golden_x_norm_sources(name, update_goldens):
+    case, body = NORM_GOLDEN[name]
+    text = _source(case, epilogue=body, pairs=True, x_norm=True)
+    assert "static constexpr bool X_NORM = true;" in text and "X_NORM_EPS = 1e-05f;" in text
+    assert "y[M, N] = rmsnorm(x, norm_w)[M, K]" in text
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
+
+
 @pytest.mark.parametrize("name", sorted(PAIRS_GOLDEN))
 def test_golden_paired_epilogue_sources(name, update_goldens):
     case, body = PAIRS_GOLDEN[name]
@@ -160,7 +180,7 @@ def test_every_golden_compiles_for_sm80_and_sm90(tmp_path):
     """nvcc builds each golden kernel for sm_80 and sm_90 (2 jobs at a time, nothing cached)."""
     jobs = []
     for name in sorted(GOLDEN_CASES) + sorted(EPILOGUE_GOLDEN) + sorted(PAIRS_GOLDEN) \
-            + sorted(INT8_GOLDEN):
+            + sorted(INT8_GOLDEN) + sorted(NORM_GOLDEN):
         src = os.path.join(GOLDEN, f"{name}.cu")
         jobs.append((src, str(tmp_path / f"{name}.so"), ["sm_80", "sm_90"]))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -366,10 +366,12 @@ def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(t
     assert len(m._run._signatures) == 2
 
 
-def _llama_decode_on_cuda_sm90(tmp_path, cfg: dict, past: int, seed: int, seq: int = 1):
+def _llama_decode_on_cuda_sm90(tmp_path, cfg: dict, past: int, seed: int, seq: int = 1,
+                               x_norm: bool = False):
     """A 2-layer Llama-architecture decode step (batch 1, ``seq`` new tokens, ``past`` cached
     tokens) exported to ONNX and compiled for cuda-sm90 with 4-bit g128 weights: (the compiled
-    model, the same module before the CUDA layout passes for the reference, the feeds)."""
+    model, the same module before the CUDA layout passes for the reference, the feeds).
+    ``x_norm``: with fuse-norm-qmatmul{enable=1} (the RMSNorms inside the projections)."""
     pytest.importorskip("torch")
     import sys
 
@@ -387,6 +389,8 @@ def _llama_decode_on_cuda_sm90(tmp_path, cfg: dict, past: int, seed: int, seq: i
                           dynamo=False)
     passes = "canonicalize,quantize-weights{bits=4,group=128}," + \
         get_target("cuda-sm90").default_pipeline
+    if x_norm:
+        passes = passes.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
     m = qcompiler.compile(path, target="cuda-sm90", passes=passes,
                           output_dir=str(tmp_path / "a"))
     ref = PassManager.parse(passes[:passes.index(",reorder-weights")]).run(import_model(path))
@@ -412,6 +416,36 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
     for k in want:
         scale = max(float(np.abs(want[k]).max()), 1.0)
         assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k
+
+
+@pytest.mark.parametrize("device_plan", ["1", "0"])
+def test_llama_with_norms_in_the_projections_matches_the_reference(tmp_path, monkeypatch,
+                                                                   device_plan):
+    """fuse-norm-qmatmul{enable=1}: every RMSNorm inside its projection's kernel. A decode
+    step (the GEMV normalizes its row into shared memory), then 40 and 150 new tokens (the
+    tiled and wgmma kernels read a normalized copy), against the reference; no rmsnorm
+    launch is left in the plan."""
+    from qcompiler.runtime.reference import run as ref_run
+
+    pytest.importorskip("torch")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import decoder_models as dm
+
+    monkeypatch.setenv("QC_CUDA_PLAN", device_plan)
+    cfg = dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384)
+    m, ref, feeds = _llama_decode_on_cuda_sm90(tmp_path, cfg, 37, 4, x_norm=True)
+    ops = [n.op for n in m.module.main.nodes]
+    assert "rmsnorm" not in ops
+    assert sum(1 for n in m.module.main.nodes if n.op == "qmatmul" and n.attrs.get("x_norm")) == 5
+    for run_feeds in (feeds, dm.llama_inputs(cfg, 2, 1, 40, 5, seed=6),
+                      dm.llama_inputs(cfg, 2, 1, 150, 5, seed=7)):
+        got, want = m.run(run_feeds), ref_run(ref, run_feeds)
+        for k in want:
+            scale = max(float(np.abs(want[k]).max()), 1.0)
+            assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k
 
 
 @pytest.mark.parametrize("device_plan", ["1", "0"])

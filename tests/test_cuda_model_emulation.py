@@ -18,6 +18,7 @@ from cuda_emulation import EmulatedQmm, build_emulated, op_kernel_impl
 from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.codegen.cuda.ops import kernel_source
 from qcompiler.ir.core import constant_value
+from qcompiler.ir.ops import qmatmul_epilogue_operands
 from qcompiler.runtime.reference import run
 
 TARGET = "cuda-sm80"  # (the sm_90a wgmma kernel is not emulated)
@@ -35,7 +36,8 @@ def _qmatmul_impl(node, packed, workdir):
 
     def impl(nd, args, module_):
         x = args[0]
-        y = qmm.run(x.reshape(-1, x.shape[-1]), width, extras=list(args[8:]) if fused else None)
+        extras = qmatmul_epilogue_operands(list(args), nd.attrs) if fused else None
+        y = qmm.run(x.reshape(-1, x.shape[-1]), width, extras=extras)
         return [y.reshape(*x.shape[:-1], width)]
     impl.applies_epilogue = fused  # (the interpreter applies it otherwise: _with_epilogue)
     return impl
@@ -53,11 +55,15 @@ def _int8_model_impl(node, module):
     return impl
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
-def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8):
+@pytest.mark.parametrize("int8,norm", [(False, False), (True, False), (False, True),
+                                       (True, True)],
+                         ids=["f16", "int8", "f16-x_norm", "int8-x_norm"])
+def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8, norm):
     """int8: the weights permit int8 activations (quantize-weights{accuracy_level=4}) and
     tile{int8_min_m=1} gives every qmatmul the int8 kernel, with its fused epilogues; the
-    expected values then run each qmatmul's product through the int8 kernel's numpy model."""
+    expected values then run each qmatmul's product through the int8 kernel's numpy model.
+    x_norm: fuse-norm-qmatmul{enable=1}, every RMSNorm inside its projection's kernel (the
+    GEMV's shared memory at M = 6, the int8 kernel's normalized copy)."""
     pytest.importorskip("torch")
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
@@ -74,6 +80,9 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8):
     level = ",accuracy_level=4" if int8 else ""
     spec = "canonicalize,quantize-weights{bits=4,group=32%s}," % level \
         + get_target(TARGET).default_pipeline
+    if norm:
+        assert "fuse-norm-qmatmul{enable=0}" in spec
+        spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
     packing = "reorder-weights,schedule-unpack,tile"
     assert spec.split(",reorder-weights")[1].startswith(",schedule-unpack,tile")
     module = PassManager.parse(spec.split(",reorder-weights")[0]).run(import_model(path))
@@ -86,7 +95,8 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8):
     kernels, texts, symbols = {}, {}, {}
     qmms = [n for n in module.main.nodes if n.op == "qmatmul"]
     assert any(n.attrs.get("epilogue_pairs") for n in qmms)  # fuse-gate-up's SwiGLU
-    assert any(epilogue_in_kernel(n) and n.operands[8:] for n in qmms)  # a residual add
+    assert any(epilogue_in_kernel(n) and qmatmul_epilogue_operands(n) for n in qmms)  # residual
+    assert sum(bool(n.attrs.get("x_norm")) for n in qmms) == (5 if norm else 0)
     for n in qmms:
         kernels[n.result.name] = _qmatmul_impl(packed_nodes[n.result.name], packed, tmp_path)
     ops = [n for n in module.main.nodes if n.op not in ("constant", "qmatmul")
@@ -104,7 +114,7 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8):
         if n.results[0].name in symbols:
             kernels[n.results[0].name] = op_kernel_impl(lib, symbols[n.results[0].name])
             kinds.add(n.op)
-    assert {"attention", "rmsnorm"} <= kinds, kinds
+    assert "attention" in kinds and ("rmsnorm" in kinds) != norm, kinds
     # a kernel that applies its node's epilogue itself is not given it a second time
     from qcompiler.runtime import reference
 

@@ -217,3 +217,84 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     assert near.returncode == 0, near.stderr[-500:]  # (within the 256-byte alignment slack)
     far = subprocess.run([sys.executable, "-c", code, tests_dir, "256"], capture_output=True)
     assert far.returncode != 0
+
+
+# ---- x_norm (fuse-norm-qmatmul): x RMS-normalized by the kernel ------------------------------
+# GEMV variants normalize their rows into shared memory (up to 48 KB of rows), the others
+# (and a GEMV whose rows do not fit, or an act-order x) read a normalized copy that the call
+# writes into the workspace first; the int8 kernel quantizes that copy.
+NORM_VARIANTS = [
+    {"m_max": 8, "gemv": 1, "m_frags": 1, "warps_n": 1, "warps_k": 4, "stages": 4,
+     "stage_k": 64, "acc_scale": 0, "split_k": 2},
+    {"m_max": 16, "gemv": 1, "m_frags": 2, "warps_n": 2, "warps_k": 2, "stages": 2,
+     "stage_k": 64, "acc_scale": 0, "split_k": 1},
+    {"m_max": 4096, "gemv": 0, "m_frags": 2, "warps_n": 1, "warps_k": 4, "stages": 2,
+     "stage_k": 64, "acc_scale": 0, "split_k": 1},
+]
+
+
+def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5):
+    """(the unfused module: rmsnorm then qmatmul, the fused one after fuse-norm-qmatmul)."""
+    import numpy as np
+
+    from qcompiler.ir import constant_node
+    from qcompiler.ir.types import tensor
+    from qcompiler.pipeline import PassManager
+
+    module = cases.make_module(case, seed)
+    fn = module.main
+    q = next(n for n in fn.nodes if n.op == "qmatmul")
+    x = q.operands[0]
+    w = np.random.default_rng(seed + 7).uniform(0.5, 1.5, case.k).astype(x.type.dtype.np_dtype)
+    g = constant_node(fn, module, w, tensor([case.k], case.dtype), "norm_w", before=q).result
+    norm = fn.make_node("rmsnorm", [x, g], [x.type], {"axis": -1, "epsilon": epsilon},
+                        before=q)
+    q.operands[0] = norm.result
+    fused = PassManager.parse("fuse-norm-qmatmul").run(module.clone())
+    assert [n.attrs.get("x_norm") for n in fused.main.nodes if n.op == "qmatmul"] == ["rms"]
+    return module, fused
+
+
+@pytest.mark.parametrize("fmt,k", [("u4_zp_g128_f16", 1024), ("i4_g128_bf16", 1600),
+                                   ("u4_zp_g32_actorder_f16", 256)])
+def test_x_norm_in_host_emulation(fmt, k, tmp_path):
+    """K 1600: 16 rows (51 KB) no longer fit the GEMV's shared memory, one row does; act-order:
+    always the workspace copy (normalized and permuted at once)."""
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    case = cases.Case(k=k, n=136, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias)
+    module, fused = _normed(case)
+    _, packed, node = bs.pack_case(case, TARGET, module=fused)
+    bs.set_variants(node, NORM_VARIANTS)
+    qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
+    for m in (1, 5, 16, 33):
+        x = cases.random_x(case, m, seed=m) * 3  # rows far from unit RMS
+        ref = cases.reference(module, x)
+        for i, v in enumerate(qmm.variants):
+            if m > v["m_max"] * 4:
+                continue
+            for call in range(2):
+                err = cases.rel_error(qmm.run(x, case.n, i), ref)
+                assert err <= cases.TOLERANCE[dtype], \
+                    f"{fmt} K={k} M={m} variant {v} call {call}: rel error {err:.3g}"
+
+
+def test_x_norm_with_int8_activations_in_host_emulation(tmp_path):
+    """The int8 kernel quantizes the normalized copy (the act-order permutation its own)."""
+    from qcompiler.runtime.reference import rms_normalize
+
+    case = _int8_case("u4_zp_g32_actorder_f16", 256, 72)
+    module, fused = _normed(case, seed=3)
+    _, packed, node = bs.pack_case(case, TARGET, module=fused)
+    bs.set_variants(node, INT8_VARIANTS[:2])
+    qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
+    plain = cases.make_module(case, 3)  # the same weights without the norm
+    w = next(n for n in module.main.nodes if n.op == "rmsnorm").operands[1]
+    from qcompiler.ir.core import constant_value
+    scale = constant_value(module, w)
+    for m in (1, 9, 40):
+        x = cases.random_x(case, m, seed=m) * 3
+        model = cases.int8_model(plain, rms_normalize(x, scale, 1e-5, axis=-1))
+        for i in range(len(qmm.variants)):
+            err = cases.rel_error(qmm.run(x, case.n, i), model)
+            assert err <= INT8_TOLERANCE[case.dtype], f"M={m} variant {i}: {err:.3g}"

@@ -34,6 +34,7 @@ from qcompiler.codegen.cpu.config import validate as validate_config
 from qcompiler.codegen.cpu.errors import CPUBackendError
 from qcompiler.errors import ArtifactError, DeviceUnavailableError, HostFallbackError
 from qcompiler.ir.core import constant_value
+from qcompiler.ir.ops import qmatmul_epilogue_operands
 from qcompiler.targets import get_target
 
 
@@ -320,7 +321,7 @@ def epilogue_node(node):
         stmts += [Stmt(renamed(s.dst), s.op, s.attr, tuple(renamed(a) for a in s.args))
                   for s in body.stmts]
         result = renamed(body.result)
-        operands += [v for v in node.operands[8:]]
+        operands += qmatmul_epilogue_operands(node)
     out = Value(f"{r.name}.epilogue", r.type)
     return Node("fused_elementwise", operands, [out],
                 {"body": format_body(Body(tuple(stmts), result))})
@@ -454,7 +455,8 @@ class QmatmulStep:
 
     def _epilogue_operands(self, args: list) -> list:
         extra = [args[7]] if len(args) > 7 and args[7] is not None else []
-        return extra + [a for a in args[8:] if a is not None]
+        return extra + [a for a in qmatmul_epilogue_operands(list(args), self.node.attrs)
+                        if a is not None]
 
     def _product_buffer(self, out: np.ndarray) -> np.ndarray:
         if self.in_place:

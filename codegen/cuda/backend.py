@@ -109,8 +109,19 @@ def kernel_params(node, target_name: str) -> dict:
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).
         "pdl": "pdl" in get_target(target_name).features
                and os.environ.get("QC_CUDA_PDL", "1") != "0",
+        # fuse-norm-qmatmul: x's rows RMS-normalized in the kernel (or its prologue copy)
+        "x_norm": node.attrs.get("x_norm") == "rms",
+        "x_norm_eps": _float_literal(node.attrs.get("x_norm_epsilon", 0.0)),
         **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
     }
+
+
+def _float_literal(value: float) -> str:
+    """A float as a C++ float literal that reads back as the same f32 (e.g. 1e-05f)."""
+    import numpy as np
+
+    text = str(np.float32(value))  # the shortest text that reads back as this f32
+    return (text if ("e" in text or "." in text) else text + ".0") + "f"
 
 
 def _bits2(value: float, dtype: str) -> str:

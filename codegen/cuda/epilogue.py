@@ -11,6 +11,8 @@ the two sums of a pair from the tile and stores one column.
 """
 from __future__ import annotations
 
+from qcompiler.ir.ops import qmatmul_epilogue_operands
+
 # Extra operands a fused epilogue may read (qc::kMaxEpilogueExtras: kernel parameters).
 MAX_EPILOGUE_EXTRAS = 4
 
@@ -24,7 +26,7 @@ def epilogue_in_kernel(node) -> bool:
         return False
     if node.attrs.get("epilogue_pairs"):
         return True  # the pairs only exist inside the kernel's tile
-    extras = node.operands[8:]
+    extras = qmatmul_epilogue_operands(node)
     shape = tuple(node.result.type.shape)
     return len(extras) <= MAX_EPILOGUE_EXTRAS and all(
         v is not None and tuple(v.type.shape) == shape for v in extras)
@@ -39,7 +41,7 @@ def epilogue_params(node) -> dict | None:
     from qcompiler.codegen.cuda.ops.body import device_function
     from qcompiler.ir.elementwise_body import parse_body
 
-    extras = node.operands[8:]
+    extras = qmatmul_epilogue_operands(node)
     pairs = bool(node.attrs.get("epilogue_pairs"))
     product = node.arg("x").type.dtype  # act float: the product has x's type
     operand_types = [product, product] if pairs else \

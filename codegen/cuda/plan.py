@@ -58,6 +58,8 @@ from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
+from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
+                              qmatmul_x_norm_scale)
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -130,7 +132,7 @@ def plan_segments(module, plan) -> list:
 def epilogue_node(node: Node) -> Node:
     """qmatmul's epilogue as a node of its own: fused_elementwise(product, extras...) with the
     product's type, run in place on the product (out[i] reads only in[i])."""
-    extras = [v for v in node.operands[8:]]
+    extras = qmatmul_epilogue_operands(node)
     result = Value(node.result.name + EPILOGUE_SUFFIX, node.result.type)
     return Node("fused_elementwise", [node.result] + extras, [result],
                 {"body": node.attrs["epilogue"]})
@@ -205,14 +207,19 @@ def step_table_text(module, plan, symbols: dict) -> str:
                              " (communicator, between segments)")
         elif step.op == "qmatmul":
             node = nodes[step.node]
+            x = f"x=%{step.inputs[0]}"
+            if node.attrs.get("x_norm"):  # fuse-norm-qmatmul: the kernel normalizes x first
+                x = f"x={node.attrs['x_norm']}norm(%{step.inputs[0]}, " \
+                    f"%{qmatmul_x_norm_scale(node).name})"
             if epilogue_in_kernel(node):
-                extras = "".join(f" %{v.name}" for v in node.operands[8:])
-                lines.append(f"  QMM    %{step.node}: x=%{step.inputs[0]} w=%{step.inputs[1]}"
+                extras = "".join(f" %{v.name}" for v in qmatmul_epilogue_operands(node))
+                lines.append(f"  QMM    %{step.node}: {x} w=%{step.inputs[1]}"
                              f" epilogue({node.attrs['epilogue']}) extras:{extras or ' none'}")
                 continue
-            lines.append(f"  QMM    %{step.node}: x=%{step.inputs[0]} w=%{step.inputs[1]}")
+            lines.append(f"  QMM    %{step.node}: {x} w=%{step.inputs[1]}")
             if "epilogue" in node.attrs:
-                ins = ", ".join("%" + v.name for v in [node.result] + node.operands[8:])
+                ins = ", ".join("%" + v.name
+                                for v in [node.result] + qmatmul_epilogue_operands(node))
                 lines.append(f"  OP     {symbols[node.result.name + EPILOGUE_SUFFIX]}"
                              f"({ins}) -> %{step.node} (epilogue, in place)")
         else:
@@ -373,7 +380,7 @@ class CudaPlanRunner:
         for step in self.plan.steps:  # qmatmul epilogue operands that are weights
             node = self.nodes.get(step.node)
             if step.op == "qmatmul" and node is not None:
-                for v in node.operands[8:]:
+                for v in node.operands[QMATMUL_FIXED_OPERANDS:]:  # and x_norm's scale
                     if v is not None and v.producer is not None \
                             and v.producer.op == "constant" and v.name not in self.weights:
                         a = np.ascontiguousarray(constant_value(self.module, v))
@@ -508,10 +515,10 @@ class CudaPlanRunner:
                 m = int(np.prod(shape_of[x][:-1]))
                 d = k.dev
                 ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
-                      d["bias"], d["perm"]]
+                      d["bias"], d["perm"], d["norm"]]
                 fused = epilogue_in_kernel(node)
-                extras = [v.name for v in node.operands[8:]] if fused else []
-                ps += [ptr[n] for n in extras]  # ptrs[7...]: the epilogue's extra operands
+                extras = [v.name for v in qmatmul_epilogue_operands(node)] if fused else []
+                ps += [ptr[n] for n in extras]  # ptrs[8...]: the epilogue's extra operands
                 qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
                 pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m,
                                 fused))
@@ -522,7 +529,7 @@ class CudaPlanRunner:
                 if separate:
                     sym = self.symbols[step.node + EPILOGUE_SUFFIX]
                     names = [step.outputs[0]] + [v.name if v is not None else None
-                                                 for v in node.operands[8:]]
+                                                 for v in qmatmul_epilogue_operands(node)]
                     op_ws = max(op_ws, op_step(sym, names, [step.outputs[0]], solo=True))
             else:
                 op_ws = max(op_ws, op_step(self.symbols[step.node], step.inputs, step.outputs))

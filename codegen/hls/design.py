@@ -40,6 +40,9 @@ def design_layers(module: Module) -> list:
     for node in fn.nodes:
         if node.op == "constant":
             continue
+        if node.op == "qmatmul" and node.attrs.get("x_norm"):
+            raise PassError(f"%{node.result.name} = qmatmul normalizes its input "
+                            f"(x_norm={node.attrs['x_norm']}); the HLS backend does not")
         if node.op == "qmatmul":
             layers.append([node, False])
         elif node.op == "relu" and layers and node.operands[0] is layers[-1][0].result \

@@ -629,6 +629,25 @@ def _dynamic_quantize(types, attrs, consts):
 
 
 QMATMUL_ACT_MODES = ("float", "dynamic", "static")
+QMATMUL_FIXED_OPERANDS = 8  # x .. bias: the epilogue's operands come after them
+QMATMUL_X_NORMS = ("rms",)
+
+
+def qmatmul_epilogue_operands(node_or_operands, attrs: Optional[dict] = None) -> list:
+    """The operands of a qmatmul's epilogue (its ``x1, x2, ...``): those after the eight
+    fixed ones, less the last where ``x_norm`` makes it the normalization's scale. Takes a
+    node, or an operand (or type) list with the node's attrs."""
+    if attrs is None:
+        operands, attrs = node_or_operands.operands, node_or_operands.attrs
+    else:
+        operands = node_or_operands
+    end = len(operands) - (1 if attrs.get("x_norm") else 0)
+    return list(operands[QMATMUL_FIXED_OPERANDS:end])
+
+
+def qmatmul_x_norm_scale(node):
+    """The scale operand of a qmatmul's ``x_norm`` (its last operand), or None without one."""
+    return node.operands[-1] if node.attrs.get("x_norm") else None
 
 
 @_def("qmatmul",
@@ -637,7 +656,8 @@ QMATMUL_ACT_MODES = ("float", "dynamic", "static")
        "epilogue_args*"],
       {"w_scheme": ("quant", True), "act": ("str", True), "x_scheme": ("quant", False),
        "config": ("dict", False), "epilogue": ("str", False),
-       "epilogue_pairs": ("int", False), "accuracy_level": ("int", False)})
+       "epilogue_pairs": ("int", False), "accuracy_level": ("int", False),
+       "x_norm": ("str", False), "x_norm_epsilon": ("float", False)})
 def _qmatmul(types, attrs, consts):
     """``act`` says how x enters the product:
 
@@ -659,6 +679,10 @@ def _qmatmul(types, attrs, consts):
     ``epilogue_pairs = 1`` (``fuse-gate-up``): the product's columns come in pairs, and the
     epilogue turns pair j into column j of the result: its ``x0`` is column 2j, its ``x1``
     column 2j + 1 (each rounded to the product's type), no extra operands; y is [..., N / 2].
+    ``x_norm = "rms"`` (``fuse-norm-qmatmul``, ``act=float``): x is first RMS-normalized over
+    its last axis, as ``rmsnorm(x, scale) {axis = -1, epsilon = x_norm_epsilon}`` computes it
+    (f32 statistics, the result rounded to x's type); the scale [K] is the node's last operand,
+    after the epilogue's.
     """
     x, w, w_scale = types[0], types[1], types[2]
     w_zp = types[3] if len(types) > 3 else None
@@ -687,14 +711,36 @@ def _qmatmul(types, attrs, consts):
     out_dtype = w_scale.dtype if act != "float" else x.dtype
     n = w.shape[1] if w.layout is None else w.layout.get("n", "?")
     shape = matmul_shape(x.shape, (w.shape[0] if w.layout is None else x.shape[-1], n))
+    if attrs.get("x_norm") is not None:
+        _check_x_norm(types, attrs)
+    extra = qmatmul_epilogue_operands(types, attrs)
     if attrs.get("epilogue_pairs"):
-        if attrs.get("epilogue") is None or types[8:] or not isinstance(n, int) or n % 2:
+        if attrs.get("epilogue") is None or extra or not isinstance(n, int) or n % 2:
             raise TypeInferenceError(f"qmatmul epilogue_pairs needs an epilogue, no epilogue "
                                      f"operands and an even N, not N {n} with "
-                                     f"{len(types[8:])} operands")
+                                     f"{len(extra)} operands")
         half = TensorType(shape[:-1] + (n // 2,), out_dtype)  # one column of each pair
         return [_apply_epilogue_type(half, [half], attrs["epilogue"])]
-    return [_apply_epilogue_type(TensorType(shape, out_dtype), types[8:], attrs.get("epilogue"))]
+    return [_apply_epilogue_type(TensorType(shape, out_dtype), extra, attrs.get("epilogue"))]
+
+
+def _check_x_norm(types, attrs):
+    """qmatmul's x_norm: a known kind, float activations, an epsilon, and a scale operand
+    [K] (or one broadcast over K) of a float type after the fixed operands."""
+    kind = attrs["x_norm"]
+    if kind not in QMATMUL_X_NORMS:
+        raise TypeInferenceError(f"qmatmul x_norm must be one of {QMATMUL_X_NORMS}, not {kind!r}")
+    if attrs["act"] != "float":
+        raise TypeInferenceError(f"qmatmul x_norm needs act=float, not act={attrs['act']}")
+    if attrs.get("x_norm_epsilon") is None:
+        raise TypeInferenceError("qmatmul x_norm needs x_norm_epsilon")
+    scale = types[-1] if len(types) > QMATMUL_FIXED_OPERANDS else None
+    if scale is None or not scale.dtype.is_float:
+        raise TypeInferenceError("qmatmul x_norm needs a float scale operand after the fixed "
+                                 "operands (the last one)")
+    k = types[0].shape[-1]
+    if scale.rank != 1 or (isinstance(k, int) and scale.shape[0] not in (1, k)):
+        raise TypeInferenceError(f"qmatmul x_norm scale must be [K] = [{k}], not {scale.shape}")
 
 
 def _apply_epilogue_type(product: TensorType, extra: list, epilogue: Optional[str]) -> TensorType:

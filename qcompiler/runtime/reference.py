@@ -31,6 +31,7 @@ import numpy as np
 
 from qcompiler.errors import InputError, QCompilerError
 from qcompiler.ir.core import Function, Module, Node, Value
+from qcompiler.ir.ops import qmatmul_epilogue_operands
 from qcompiler.ir.types import QuantScheme, TensorType
 from qcompiler.runtime import numerics
 
@@ -222,12 +223,18 @@ def _layernorm(node, args, module):
 def _rmsnorm(node, args, module):
     """ONNX RMSNormalization (stash_type=1: f16/bf16 computed in float32)."""
     x, scale = args
+    return [rms_normalize(x, scale, node.attrs["epsilon"], node.attrs["axis"])]
+
+
+def rms_normalize(x: np.ndarray, scale: np.ndarray, epsilon: float, axis: int) -> np.ndarray:
+    """x / sqrt(mean(x^2 over the axes from ``axis`` on) + epsilon) * scale, in float32 for
+    f16/bf16 x, rounded to x's type (``rmsnorm``, and qmatmul's ``x_norm = "rms"``)."""
     ct = _compute_dtype(x.dtype)
-    axes = tuple(range(node.attrs["axis"] % x.ndim, x.ndim))
+    axes = tuple(range(axis % x.ndim, x.ndim))
     v = x.astype(ct)
     mean_square = np.mean(v * v, axis=axes, keepdims=True, dtype=ct)
-    rms = np.sqrt(mean_square + ct.type(node.attrs["epsilon"]))
-    return [((v / rms) * scale.astype(ct)).astype(x.dtype)]
+    rms = np.sqrt(mean_square + ct.type(epsilon))
+    return ((v / rms) * scale.astype(ct)).astype(x.dtype)
 
 
 def _fused_elementwise(node, args, module):
@@ -588,7 +595,8 @@ def _apply_epilogue(node: Node, product: np.ndarray, args: list) -> list:
     product = np.asarray(product).astype(qmatmul_product_dtype(node), copy=False)
     if node.attrs.get("epilogue_pairs"):  # column pairs (2j, 2j + 1) -> column j
         return [evaluate(body, [product[..., 0::2], product[..., 1::2]], _result_dtype(node))]
-    return [evaluate(body, [product] + list(args[8:]), _result_dtype(node))]
+    extra = qmatmul_epilogue_operands(list(args), node.attrs)
+    return [evaluate(body, [product] + extra, _result_dtype(node))]
 
 
 def _qmatmul_product(node, args, module):
@@ -605,6 +613,8 @@ def _qmatmul_product(node, args, module):
     if w.ndim != 2:
         raise ValueError(f"qmatmul weight must be [K, N], not {w.shape}")
     out_dtype = qmatmul_product_dtype(node)
+    if node.attrs.get("x_norm") == "rms":  # fuse-norm-qmatmul: the rmsnorm it took in
+        x = rms_normalize(x, args[-1], node.attrs["x_norm_epsilon"], axis=-1)
 
     if act == "float":
         # Dequantize in float32 and round to x's type (an f16 model stores f16 weights),

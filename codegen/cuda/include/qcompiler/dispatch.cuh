@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 
+#include "norm.cuh"
 #include "params.cuh"
 #include "scalar.cuh"
 
@@ -48,14 +49,33 @@ __host__ __device__ constexpr int x_group() { return C::SCALE_IN_EPILOGUE ? C::K
 
 __host__ __device__ inline int rows4(int M) { return (M + 3) / 4 * 4; }
 
+// x_norm (C::X_NORM): whether the GEMV kernel normalizes its rows itself, into shared memory
+// (at most GEMV_NORM_SMEM bytes of rows: an M tile of up to 16 rows of K_PAD elements), or x
+// is normalized into the workspace first (every other kernel, an act-order or padded x, rows
+// too long for shared memory).
+template <class C>
+bool norm_in_kernel(const Variant& v, int M) {
+  const int rows = M < m_tile(v) ? M : m_tile(v);
+  return C::X_NORM && v.gemv && !C::PREP_X &&
+         (size_t)rows * C::K_PAD * sizeof(typename C::scalar_t) <= (size_t)GEMV_NORM_SMEM;
+}
+// Elements of the normalized copy of x: [M, K] for the 8-bit-activation quantizer (which
+// permutes and pads itself), [M, K_PAD] (permuted, padded) for the others.
+template <class C>
+size_t normalized_x_elements(const Variant& v, int M) {
+  if (!C::X_NORM || norm_in_kernel<C>(v, M)) return 0;
+  return (size_t)M * (v.int8 || v.fp8 ? C::K : C::K_PAD);
+}
+
 template <class C>
 size_t workspace_bytes(const Variant& v, int M) {
   size_t bytes = COUNTERS_BYTES;
   if (splits<C>(v, M) > 1) bytes += align256(sizeof(float) * (size_t)splits<C>(v, M) * M * C::N);
   if (v.int8 || v.fp8)  // codes, scales and (int8) code sums
     bytes += align256((size_t)M * C::K_PAD) +
-             2 * align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
-  else if (C::PREP_X)
+             2 * align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M)) +
+             align256(sizeof(typename C::scalar_t) * normalized_x_elements<C>(v, M));
+  else if (C::PREP_X || normalized_x_elements<C>(v, M))
     bytes += align256(sizeof(typename C::scalar_t) * (size_t)M * C::K_PAD);
   return bytes;
 }
@@ -156,8 +176,9 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
 template <class C>
 cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
                         const void* scales, const void* zeros, const float* bias,
-                        const int* perm, int M, void* workspace, cudaStream_t stream,
-                        const void* const* extras, Params<typename C::scalar_t>& p) {
+                        const int* perm, const void* norm_w, int M, void* workspace,
+                        cudaStream_t stream, const void* const* extras,
+                        Params<typename C::scalar_t>& p) {
   using S = typename C::scalar_t;
   p.x = static_cast<const S*>(x);
   p.y = static_cast<S*>(y);
@@ -181,11 +202,30 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.xs = nullptr;
   p.xsum = nullptr;
   p.xs_stride = rows4(M);
+  p.norm_w = nullptr;
+  p.norm_in_kernel = false;
+  if (C::X_NORM && norm_in_kernel<C>(v, M)) {
+    p.norm_w = static_cast<const S*>(norm_w);
+    p.norm_in_kernel = true;
+  }
+  // x_norm elsewhere: x normalized into the workspace (normalize_x_kernel), one warp a row
+  auto normalize_into = [&](S* xp, const int* order, int stride) -> cudaError_t {
+    const int blocks = (int)((32LL * M + 255) / 256);
+    QC_LAUNCH(normalize_x_kernel<C>, blocks, 256, 0, stream, p.x, xp,
+              static_cast<const S*>(norm_w), order, M, stride);
+    return cudaGetLastError();
+  };
   if (v.int8 || v.fp8) {  // x's codes and scales (the act-order permutation and padding included)
     const size_t table = align256(sizeof(float) * (size_t)(C::K_PAD / x_group<C>()) * rows4(M));
     int8_t* xq = reinterpret_cast<int8_t*>(ws);
     float* xs = reinterpret_cast<float*>(ws + align256((size_t)M * C::K_PAD));
     int* xsum = reinterpret_cast<int*>(ws + align256((size_t)M * C::K_PAD) + table);
+    if (normalized_x_elements<C>(v, M)) {  // [M, K] after the tables; the quantizer permutes
+      S* xn = reinterpret_cast<S*>(ws + align256((size_t)M * C::K_PAD) + 2 * table);
+      cudaError_t err = normalize_into(xn, nullptr, C::K);
+      if (err != cudaSuccess) return err;
+      p.x = xn;
+    }
     const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
     const int blocks = (int)((threads + 255) / 256);
     auto quantize = v.fp8 ? quantize_x_i8_kernel<C, true> : quantize_x_i8_kernel<C, false>;
@@ -197,7 +237,13 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
     p.xsum = xsum;
     return cudaSuccess;
   }
-  if (C::PREP_X) {
+  if (normalized_x_elements<C>(v, M)) {  // normalized, permuted and padded in one copy
+    S* xp = reinterpret_cast<S*>(ws);
+    cudaError_t err = normalize_into(xp, perm, C::K_PAD);
+    if (err != cudaSuccess) return err;
+    p.x = xp;
+    p.x_stride = C::K_PAD;
+  } else if (C::PREP_X) {
     S* xp = reinterpret_cast<S*>(ws);
     const long long total = (long long)M * C::K_PAD;
     const int blocks = (int)((total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096);

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "norm.cuh"
 #include "ops/common.cuh"  // wait_for_inputs, launch_dependent
 #include "params.cuh"
 #include "pipeline.cuh"
@@ -33,6 +34,8 @@ struct GemvTile {
   static constexpr int N_TILE = 64 * WARPS_N;
   static constexpr int RED_BYTES = WARPS_K * M_TILE * N_TILE * 4;  // one tile per k warp
   static constexpr int SMEM_BYTES = RED_BYTES + 16;
+  // x_norm in the kernel: the tile's normalized rows of x (K_PAD elements each) follow
+  static constexpr int NORM_OFFSET = (SMEM_BYTES + 15) / 16 * 16;
   // Registers capped at 128 a thread (the ring is bounded by check_config): 16 warps per SM.
   static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
 };
@@ -103,13 +106,18 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 #pragma unroll
     for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
   };
+  // x_norm: the rows may sit in shared memory (normalized there), so a generic load
+  auto load_x = [](const unsigned int* px) -> unsigned int {
+    if constexpr (C::X_NORM) return *px;
+    else return __ldg(px);
+  };
   auto issue_x = [&](int slot, int s) {
     const int k = (begin + s) * 16;
 #pragma unroll
     for (int mf = 0; mf < M_FRAGS; ++mf) {
       const unsigned int* px = reinterpret_cast<const unsigned int*>(xrow[mf] + k);
-      xbuf[slot][mf][0] = xok[mf] && (!K_TAIL || k < C::K) ? __ldg(px) : 0u;
-      xbuf[slot][mf][1] = xok[mf] && (!K_TAIL || k + 8 < C::K) ? __ldg(px + 4) : 0u;
+      xbuf[slot][mf][0] = xok[mf] && (!K_TAIL || k < C::K) ? load_x(px) : 0u;
+      xbuf[slot][mf][1] = xok[mf] && (!K_TAIL || k + 8 < C::K) ? load_x(px + 4) : 0u;
     }
   };
 
@@ -199,6 +207,21 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue_w(j, j);
   wait_for_inputs<C::PDL>();
+  if constexpr (C::X_NORM) {
+    if (p.norm_in_kernel) {
+      // fuse-norm-qmatmul: the tile's rows of x, RMS-normalized by the whole CTA into shared
+      // memory after the sums' region (instead of an rmsnorm launch before this kernel); the
+      // loop reads x from there. The sums' region is the reduction's scratch meanwhile.
+      S* xn = reinterpret_cast<S*>(smem + T::NORM_OFFSET);
+      const int rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
+      normalize_rows_cta<C, T::THREADS, T::M_TILE>(p.x + (long long)m0 * p.x_stride, p.x_stride,
+                                                   rows, p.norm_w, xn, C::K_PAD,
+                                                   reinterpret_cast<float*>(smem));
+#pragma unroll
+      for (int mf = 0; mf < M_FRAGS; ++mf)
+        xrow[mf] = xn + (long long)(xok[mf] ? mf * 8 + g : 0) * C::K_PAD + q2;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue_x(j, j);
@@ -244,12 +267,19 @@ template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
 cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
   auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  // x_norm in the kernel: room for the tile's rows of x after the sums (GEMV_NORM_SMEM at most)
+  constexpr int MAX_SMEM = C::X_NORM ? T::NORM_OFFSET + GEMV_NORM_SMEM : T::SMEM_BYTES;
   static bool smem_set = false;
   if (!smem_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           T::SMEM_BYTES);
+                                           MAX_SMEM);
     if (err != cudaSuccess) return err;
     smem_set = true;
+  }
+  int smem = T::SMEM_BYTES;
+  if (C::X_NORM && p.norm_in_kernel) {
+    const int rows = p.M < T::M_TILE ? p.M : T::M_TILE;
+    smem = T::NORM_OFFSET + rows * C::K_PAD * (int)sizeof(typename C::scalar_t);
   }
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + WARPS_N - 1) / WARPS_N, p.split_k);
   if constexpr (C::PDL) {
@@ -257,10 +287,10 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     // be launched early (code JIT-compiled from compute_80 PTX would not wait).
     static int early = -1;
     if (early < 0) early = qc_ops::may_launch_early(kernel);
-    return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), T::SMEM_BYTES, stream,
+    return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), smem, stream,
                                     early != 0, p);
   }
-  QC_LAUNCH(kernel, grid, T::THREADS, T::SMEM_BYTES, stream, p);
+  QC_LAUNCH(kernel, grid, T::THREADS, smem, stream, p);
   return cudaGetLastError();
 }
 
