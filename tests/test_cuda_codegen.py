@@ -538,3 +538,25 @@ def test_fp8_weights_from_onnx_and_their_refusals(tmp_path):
     with pytest.raises(PassError, match="FP8 e4m3 weights take f16 activations"):
         PassManager.parse(spec.replace("compute-dtype{dtype=f16}", "compute-dtype{dtype=bf16}")
                           ).run(import_model(model))
+
+
+def test_a_library_of_an_older_calling_convention_is_refused(tmp_path):
+    """A qmatmul library built before _run took norm_w (no _abi symbol) is refused by name
+    before anything calls it; the generated source says its convention."""
+    import shutil
+    import subprocess
+
+    from qcompiler.codegen.cuda.runtime import QMM_ABI, CudaRuntimeError, QmmKernel
+
+    text = _source(GOLDEN_CASES["u4_g128_zp_f16"])
+    assert f"int qc_qmm_y_abi() {{ return {QMM_ABI}; }}" in text
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "old.c"
+    src.write_text("int qc_qmm_y_run(void) { return 0; }\n"
+                   "int qc_qmm_y_variants(void) { return 1; }\n")
+    lib = tmp_path / "old.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    with pytest.raises(CudaRuntimeError, match="calling convention 1.*compile the model again"):
+        QmmKernel(None, str(lib), "qc_qmm_y", {}, 8, "float16")

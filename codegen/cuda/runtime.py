@@ -98,6 +98,11 @@ class CudaRuntime:
         self.check(self.lib.qc_synchronize(), "cudaDeviceSynchronize")
 
 
+# The calling convention of a qmatmul library's _run that this runtime uses (the library's
+# _abi() says which it has; libraries from before _abi, whose _run took no norm_w, are 1).
+QMM_ABI = 2
+
+
 class QmmKernel:
     """One generated qmatmul library with its constants on the device."""
 
@@ -105,6 +110,11 @@ class QmmKernel:
                  n: int, out_dtype: np.dtype):
         self.rt, self.symbol, self.n, self.out_dtype = rt, symbol, n, np.dtype(out_dtype)
         self.lib = ctypes.CDLL(lib_path)
+        abi = getattr(self.lib, f"{symbol}_abi")() if hasattr(self.lib, f"{symbol}_abi") else 1
+        if abi != QMM_ABI:
+            raise CudaRuntimeError(
+                f"{os.path.basename(lib_path)}: its qmatmul kernel has calling convention "
+                f"{abi}, this qcompiler calls convention {QMM_ABI}; compile the model again")
         self.fn = getattr(self.lib, f"{symbol}_run")
         # the last argument: the fused epilogue's extras, null here (this runner's callers
         # apply a qmatmul's epilogue themselves; only the device plan passes them)

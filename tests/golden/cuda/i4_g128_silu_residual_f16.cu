@@ -129,4 +129,7 @@ int qc_qmm_y_run(const void* x, void* y, const void* w, const void* scales,
 
 int qc_qmm_y_variants() { return N_VARIANTS; }
 
+// The calling convention of _run (codegen/cuda/runtime.py QMM_ABI): 2 since _run takes norm_w.
+int qc_qmm_y_abi() { return 2; }
+
 }  // extern "C"
