@@ -1,29 +1,31 @@
-"""fuse-norm-qmatmul: an RMS normalization whose only reader is a qmatmul goes into the qmatmul.
+"""fuse-norm-qmatmul: a normalization whose only reader is a qmatmul goes into the qmatmul.
 
-A pre-norm decoder layer (Llama, Mistral, Qwen) normalizes the residual stream before each
-of its two projections; after ``fuse-rmsnorm``, ``fuse-qkv`` and ``fuse-gate-up`` each norm
-has one reader::
+A pre-norm decoder layer normalizes the residual stream before each of its two projections
+(RMSNorm in Llama, Mistral, Qwen; LayerNorm in GPT-2, Phi, Falcon); after ``fuse-rmsnorm``,
+``fuse-qkv`` and ``fuse-gate-up`` each norm has one reader::
 
-    n  = rmsnorm(h, g) {axis = -1, epsilon = e}
+    n  = rmsnorm(h, g) {axis = -1, epsilon = e}       (or layernorm(h, g, b))
     y  = qmatmul(n, W, ...)
 
 which this pass rewrites to::
 
     y  = qmatmul(h, W, ..., g) {x_norm = "rms", x_norm_epsilon = e}
+    y  = qmatmul(h, W, ..., g, b) {x_norm = "layer", x_norm_epsilon = e}
 
-(the scale is the qmatmul's last operand, after its epilogue's). At decode the norm is a
-one-row kernel whose launch costs more than its work; the CUDA GEMV kernel normalizes its
-rows itself (each CTA reads the row, sums its squares and keeps the normalized row in shared
-memory), and the other kernels (and an act-order or padded x) normalize x into their
-workspace first, permuted and padded in the same copy (one launch, as before). The result is the unfused graph's: the same f32
-statistics, the normalized row rounded to x's type before the product.
+(the scale, and layer's bias or none, are the qmatmul's last operands, after its
+epilogue's). At decode the norm is a one-row kernel whose launch costs more than its work;
+the CUDA GEMV kernel normalizes its rows itself (the CTA reads each row, reduces its
+statistics and keeps the normalized row in shared memory), and the other kernels (and an
+act-order or padded x) normalize x into their workspace first, permuted and padded in the
+same copy (one launch, as before). The result is the unfused graph's: the same f32
+statistics and formula, the normalized row rounded to x's type before the product.
 
-Conditions: the rmsnorm normalizes the last axis only with a scale [K] of x's type, its
-result is read by this qmatmul alone (as x), and the qmatmul is ``act=float`` without
-``x_norm`` yet. Only
-backends that compute ``x_norm`` take it: the CUDA pipelines, opt-in with ``enable=1``
-until its speed is measured on a GPU; the CPU backend runs such a qmatmul on the reference,
-the HLS backend refuses it.
+Conditions: the norm normalizes the last axis only, with a scale (and bias) [K] of x's
+type; its result is read by this qmatmul alone (as x); the qmatmul is ``act=float`` without
+``x_norm`` yet. Only backends that compute ``x_norm`` take it: the CUDA pipelines, opt-in
+with ``enable=1`` until its speed is measured on a GPU; the CPU backend runs such a qmatmul
+on the reference, the HLS backend refuses it. A post-norm encoder (BERT) keeps its
+LayerNorms: their results are also the next residual.
 """
 from __future__ import annotations
 
@@ -34,6 +36,14 @@ from qcompiler.ir.rewrite import RewritePattern, apply_patterns, producer_of
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 
 
+NORM_KINDS = {"rmsnorm": "rms", "layernorm": "layer"}
+
+
+def _per_k(v, k, dtype) -> bool:
+    """A [K] operand of x's type (a norm's scale or bias)."""
+    return v.type.rank == 1 and v.type.shape[0] == k and v.type.dtype == dtype
+
+
 class FuseNormQmatmul(RewritePattern):
     op = "qmatmul"
 
@@ -42,19 +52,21 @@ class FuseNormQmatmul(RewritePattern):
         if a.get("act") != "float" or a.get("x_norm") or "config" in a:
             return False
         x = node.arg("x")
-        norm = producer_of(x, "rmsnorm")
+        norm = producer_of(x, "rmsnorm") or producer_of(x, "layernorm")
         if norm is None or not rw.single_use(x):
             return False
-        h, scale = norm.operands
+        h, scale = norm.operands[0], norm.operands[1]
+        bias = norm.operands[2] if len(norm.operands) > 2 else None
         if norm.attrs["axis"] % h.type.rank != h.type.rank - 1:
             return False  # statistics over more than the last axis
-        k = h.type.shape[-1]
-        if scale.type.rank != 1 or scale.type.shape[0] != k or scale.type.dtype != h.type.dtype:
+        k, dtype = h.type.shape[-1], h.type.dtype
+        if not _per_k(scale, k, dtype) or (bias is not None and not _per_k(bias, k, dtype)):
             return False
+        kind = NORM_KINDS[norm.op]
         # the node keeps its name and result; the norm, now unread, goes with the dead nodes
         node.operands = [h] + list(node.operands[1:]) + [None] * (8 - len(node.operands)) \
-            + [scale]
-        a["x_norm"] = "rms"
+            + [scale] + ([bias] if kind == "layer" else [])
+        a["x_norm"] = kind
         a["x_norm_epsilon"] = float(norm.attrs["epsilon"])
         rw.users = rw.fn.users()
         return True
@@ -63,7 +75,7 @@ class FuseNormQmatmul(RewritePattern):
 @register_pass("fuse-norm-qmatmul")
 @dataclass
 class FuseNormQmatmulPass(Pass):
-    """rmsnorm (last axis) read only by a qmatmul → the qmatmul's ``x_norm`` prologue."""
+    """rmsnorm / layernorm (last axis) read only by a qmatmul → the qmatmul's ``x_norm``."""
 
     enable: int = 1  # 0: the pass does nothing (the CUDA pipelines list it so, until measured)
 

@@ -133,7 +133,7 @@ class EmulatedQmm:
         from qcompiler.codegen.cuda import backend
         from qcompiler.codegen.cuda.build import INCLUDE_DIR
         from qcompiler.ir.core import constant_value
-        from qcompiler.ir.ops import qmatmul_x_norm_scale
+        from qcompiler.ir.ops import qmatmul_x_norm_bias, qmatmul_x_norm_scale
 
         params = backend.kernel_params(node, target)
         self.variants = params["variants"]
@@ -142,7 +142,7 @@ class EmulatedQmm:
         symbol = backend.kernel_symbol(node)
         self.fn = getattr(lib, f"{symbol}_run")
         self.fn.restype = ctypes.c_int
-        self.fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int, ctypes.c_void_p,
+        self.fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p,
                                                     ctypes.c_void_p, ctypes.c_int,
                                                     ctypes.c_void_p]
         self.ws_fn = getattr(lib, f"{symbol}_workspace_bytes")
@@ -152,9 +152,10 @@ class EmulatedQmm:
         for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4), ("bias", 7)):
             v = constant_value(packed_module, node.operand(i))
             self.arrays[role] = None if v is None else guarded(np.ascontiguousarray(v))
-        norm = qmatmul_x_norm_scale(node)  # fuse-norm-qmatmul's scale, or None
-        self.arrays["norm"] = None if norm is None else guarded(
-            np.ascontiguousarray(constant_value(packed_module, norm)))
+        for role, v in (("norm", qmatmul_x_norm_scale(node)),  # fuse-norm-qmatmul's operands
+                        ("norm_bias", qmatmul_x_norm_bias(node))):
+            a = constant_value(packed_module, v)
+            self.arrays[role] = None if a is None else guarded(np.ascontiguousarray(a))
         self.dtype = node.result.type.dtype.np_dtype
         self.ws = None
 
@@ -176,7 +177,7 @@ class EmulatedQmm:
         err = self.fn(x.ctypes.data, y.ctypes.data, ptr(self.arrays["w"]),
                       ptr(self.arrays["scales"]), ptr(self.arrays["zeros"]),
                       ptr(self.arrays["bias"]), ptr(self.arrays["perm"]),
-                      ptr(self.arrays["norm"]), m,
+                      ptr(self.arrays["norm"]), ptr(self.arrays["norm_bias"]), m,
                       self.ws.ctypes.data, None, variant,
                       ctypes.cast(extra_ptrs, ctypes.c_void_p).value if extras is not None
                       else None)

@@ -54,9 +54,13 @@ PAIRS_GOLDEN = {"i4_g128_swiglu_pairs_f16": (
 
 # A qmatmul that RMS-normalizes its x first (fuse-norm-qmatmul's x_norm): its swiglu pairs
 # as a gate/up projection has them, the GEMV's shared-memory rows and the workspace copy.
-NORM_GOLDEN = {"i4_g128_rmsnorm_swiglu_pairs_f16": (
-    cases.Case(k=2048, n=512, bits=4, signed=True, zero_point=False, group=128),
-    "t0 = silu(x0); t1 = mul(t0, x1); return t1")}
+NORM_GOLDEN = {
+    "i4_g128_rmsnorm_swiglu_pairs_f16": (
+        cases.Case(k=2048, n=512, bits=4, signed=True, zero_point=False, group=128),
+        "t0 = silu(x0); t1 = mul(t0, x1); return t1", "rms"),
+    # a GPT-2 ln_1 before c_attn: LayerNorm with a bias, the product's own bias
+    "u4_g128_zp_layernorm_bias_f16": (
+        cases.Case(k=768, n=2304, bits=4, zero_point=True, group=128, bias=True), None, "layer")}
 
 
 # Goldens whose buckets of 128 rows and more take the 8-bit-activation kernel (tiled_i8.cuh),
@@ -72,12 +76,13 @@ INT8_GOLDEN = {
     "f8e4m3_perchannel_bias_f16_fp8": cases.Case(k=1024, n=320, fp8=True, group=0, bias=True)}
 
 
-def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=False):
+def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=None):
     _, packed, node = bs.pack_case(case)
-    if x_norm:
-        node.operands += [None] * (8 - len(node.operands)) + [Value("norm_w", tensor(
-            [case.k], case.dtype))]
-        node.attrs.update(x_norm="rms", x_norm_epsilon=1e-5)
+    if x_norm:  # "rms": the scale operand; "layer": the scale and the bias
+        per_k = tensor([case.k], case.dtype)
+        node.operands += [None] * (8 - len(node.operands)) + [Value("norm_w", per_k)] + (
+            [Value("norm_b", per_k)] if x_norm == "layer" else [])
+        node.attrs.update(x_norm=x_norm, x_norm_epsilon=1e-5)
     if int8:  # the int8 kernel, or for FP8 weights the FP8-activation kernel
         from qcompiler.tuning.key import kernel_key
 
@@ -141,10 +146,12 @@ def test_golden_epilogue_sources(name, update_goldens):
 
 @pytest.mark.parametrize("name", sorted(NORM_GOLDEN))
 def test_golden_x_norm_sources(name, update_goldens):
-    case, body = NORM_GOLDEN[name]
-    text = _source(case, epilogue=body, pairs=True, x_norm=True)
-    assert "static constexpr bool X_NORM = true;" in text and "X_NORM_EPS = 1e-05f;" in text
-    assert "y[M, N] = rmsnorm(x, norm_w)[M, K]" in text
+    case, body, kind = NORM_GOLDEN[name]
+    text = _source(case, epilogue=body, pairs=body is not None, x_norm=kind)
+    want = {"rms": ("X_NORM_RMS", "rmsnorm(x, norm_w)"),
+            "layer": ("X_NORM_LAYER", "layernorm(x, norm_w, norm_b)")}[kind]
+    assert f"static constexpr int X_NORM = qc::{want[0]};" in text
+    assert "X_NORM_EPS = 1e-05f;" in text and f"y[M, N] = {want[1]}[M, K]" in text
     check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
 
 

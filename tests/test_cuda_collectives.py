@@ -149,7 +149,8 @@ def _runner(module, log, use_graphs=True, lanes=True):
     r.symbols = {n.results[0].name: "op_" + n.results[0].name for n in module.main.nodes
                  if n.results}
     kernels = {n.results[0].name: SimpleNamespace(
-        dev={"w": 1, "scales": 2, "zeros": 3, "bias": 4, "perm": None, "norm": None},
+        dev={"w": 1, "scales": 2, "zeros": 3, "bias": 4, "perm": None, "norm": None,
+             "norm_bias": None},
         fn=ctypes.c_void_p(0x4321), ws_fn=lambda m: 0)
         for n in module.main.nodes if n.op == "qmatmul"}
     r.qmm = SimpleNamespace(kernels=kernels)

@@ -233,8 +233,9 @@ NORM_VARIANTS = [
 ]
 
 
-def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5):
-    """(the unfused module: rmsnorm then qmatmul, the fused one after fuse-norm-qmatmul)."""
+def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5, kind: str = "rms"):
+    """(the unfused module: the norm (rmsnorm, or layernorm with a bias) then the qmatmul,
+    the fused one after fuse-norm-qmatmul)."""
     import numpy as np
 
     from qcompiler.ir import constant_node
@@ -247,23 +248,31 @@ def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5):
     x = q.operands[0]
     w = np.random.default_rng(seed + 7).uniform(0.5, 1.5, case.k).astype(x.type.dtype.np_dtype)
     g = constant_node(fn, module, w, tensor([case.k], case.dtype), "norm_w", before=q).result
-    norm = fn.make_node("rmsnorm", [x, g], [x.type], {"axis": -1, "epsilon": epsilon},
-                        before=q)
+    operands = [x, g]
+    if kind == "layer":
+        b = np.random.default_rng(seed + 8).standard_normal(case.k).astype(w.dtype)
+        operands.append(constant_node(fn, module, b, tensor([case.k], case.dtype), "norm_b",
+                                      before=q).result)
+    norm = fn.make_node("rmsnorm" if kind == "rms" else "layernorm", operands, [x.type],
+                        {"axis": -1, "epsilon": epsilon}, before=q)
     q.operands[0] = norm.result
     fused = PassManager.parse("fuse-norm-qmatmul").run(module.clone())
-    assert [n.attrs.get("x_norm") for n in fused.main.nodes if n.op == "qmatmul"] == ["rms"]
+    assert [n.attrs.get("x_norm") for n in fused.main.nodes if n.op == "qmatmul"] == [kind]
     return module, fused
 
 
-@pytest.mark.parametrize("fmt,k", [("u4_zp_g128_f16", 1024), ("i4_g128_bf16", 1600),
-                                   ("u4_zp_g32_actorder_f16", 256)])
-def test_x_norm_in_host_emulation(fmt, k, tmp_path):
+@pytest.mark.parametrize("fmt,k,kind", [("u4_zp_g128_f16", 1024, "rms"),
+                                        ("i4_g128_bf16", 1600, "rms"),
+                                        ("u4_zp_g32_actorder_f16", 256, "rms"),
+                                        ("u4_zp_g128_f16", 1024, "layer"),
+                                        ("u4_zp_g32_actorder_f16", 256, "layer")])
+def test_x_norm_in_host_emulation(fmt, k, kind, tmp_path):
     """K 1600: 16 rows (51 KB) no longer fit the GEMV's shared memory, one row does; act-order:
-    always the workspace copy (normalized and permuted at once)."""
+    always the workspace copy (normalized and permuted at once). RMSNorm and LayerNorm."""
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=k, n=136, bits=bits, signed=signed, zero_point=zp, group=group,
                       act_order=ao, dtype=dtype, bias=bias)
-    module, fused = _normed(case)
+    module, fused = _normed(case, kind=kind)
     _, packed, node = bs.pack_case(case, TARGET, module=fused)
     bs.set_variants(node, NORM_VARIANTS)
     qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
@@ -276,7 +285,7 @@ def test_x_norm_in_host_emulation(fmt, k, tmp_path):
             for call in range(2):
                 err = cases.rel_error(qmm.run(x, case.n, i), ref)
                 assert err <= cases.TOLERANCE[dtype], \
-                    f"{fmt} K={k} M={m} variant {v} call {call}: rel error {err:.3g}"
+                    f"{fmt} {kind} K={k} M={m} variant {v} call {call}: rel error {err:.3g}"
 
 
 def test_x_norm_with_int8_activations_in_host_emulation(tmp_path):

@@ -92,8 +92,15 @@ def test_type_checks():
     with pytest.raises(QCompilerError, match=r"scale must be \[K\]"):
         infer_types("qmatmul", fixed + [tensor([15], "f16")], attrs, [None] * 9)
     with pytest.raises(QCompilerError, match="x_norm must be one of"):
-        infer_types("qmatmul", fixed + [tensor([16], "f16")], {**attrs, "x_norm": "layer"},
+        infer_types("qmatmul", fixed + [tensor([16], "f16")], {**attrs, "x_norm": "group"},
                     [None] * 9)
+    layer = {**attrs, "x_norm": "layer"}  # scale then bias (or none) at the end
+    for bias in (tensor([16], "f16"), None):
+        (y,) = infer_types("qmatmul", fixed + [tensor([16], "f16"), bias], layer, [None] * 10)
+        assert y.shape == ("m", 10)
+    with pytest.raises(QCompilerError, match=r"bias must be \[K\]"):
+        infer_types("qmatmul", fixed + [tensor([16], "f16"), tensor([4], "f16")], layer,
+                    [None] * 10)
     with pytest.raises(QCompilerError, match="x_norm_epsilon"):
         infer_types("qmatmul", fixed + [tensor([16], "f16")],
                     {k: v for k, v in attrs.items() if k != "x_norm_epsilon"}, [None] * 9)
@@ -173,3 +180,53 @@ def test_cuda_pipeline_option_and_the_step_table(llama):
     text = table(spec)
     assert "qc_cu_rmsnorm" not in text  # no op kernel of its own
     assert text.count("x=rmsnorm(%") == 5, text
+
+
+def _layernorm_module(bias: bool, readers: int = 1):
+    """x [3, 32] f16 -> layernorm(x, g, b) {axis = -1} -> ``readers`` 4-bit qmatmuls."""
+    from qcompiler.ir import Function, Module, constant_node
+    from qcompiler.ir.types import QuantScheme, elem, tensor
+
+    rng = np.random.default_rng(4)
+    m = Module("ln")
+    fn = m.add_function(Function("main"))
+    x = fn.add_arg("x", tensor(["batch", 32], "f16"))
+    g = constant_node(fn, m, rng.uniform(0.5, 1.5, 32).astype(np.float16)).result
+    b = constant_node(fn, m, rng.standard_normal(32).astype(np.float16)).result if bias else None
+    ln = fn.make_node("layernorm", [x, g] + ([b] if bias else []), [x.type],
+                      {"axis": -1, "epsilon": 1e-5})
+    scheme = QuantScheme(elem("i4"), granularity="channel", axis=1)
+    outs = []
+    for i in range(readers):
+        w = constant_node(fn, m, rng.integers(-8, 8, (32, 24)).astype(np.int8),
+                          tensor([32, 24], "i4")).result
+        s = constant_node(fn, m, (rng.random(24) * 0.05 + 0.01).astype(np.float16)).result
+        q = fn.make_node("qmatmul", [ln.result, w, s], [tensor(["batch", 24], "f16")],
+                         {"act": "float", "w_scheme": scheme})
+        outs.append(q.result)
+    fn.set_outputs(outs, [f"y{i}" for i in range(readers)])
+    return m
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layernorm_goes_in_as_x_norm_layer(bias):
+    """A pre-norm LayerNorm (GPT-2's ln_1 before c_attn) read by one qmatmul: x_norm = "layer"
+    with its scale and bias (or none) as the last operands; the reference is unchanged; a
+    LayerNorm with two readers stays."""
+    from qcompiler.ir.ops import qmatmul_x_norm_bias
+    from qcompiler.ir.parser import parse_module
+    from qcompiler.ir.printer import print_module
+
+    plain = _layernorm_module(bias)
+    fused = PassManager.parse("fuse-norm-qmatmul").run(plain.clone())
+    (q,) = [n for n in fused.main.nodes if n.op == "qmatmul"]
+    assert "layernorm" not in [n.op for n in fused.main.nodes]
+    assert q.attrs["x_norm"] == "layer" and q.arg("x").producer is None
+    assert qmatmul_x_norm_scale(q).type.shape == (32,)
+    assert (qmatmul_x_norm_bias(q) is not None) == bias and len(q.operands) == 10
+    assert qmatmul_epilogue_operands(q) == []
+    x = {"x": np.random.default_rng(1).standard_normal((3, 32)).astype(np.float16) * 4}
+    np.testing.assert_array_equal(ref_run(fused, x)["y0"], ref_run(plain, x)["y0"])
+    assert print_module(parse_module(print_module(fused))) == print_module(fused)
+    two = PassManager.parse("fuse-norm-qmatmul").run(_layernorm_module(bias, readers=2))
+    assert "layernorm" in [n.op for n in two.main.nodes]

@@ -109,8 +109,8 @@ def kernel_params(node, target_name: str) -> dict:
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).
         "pdl": "pdl" in get_target(target_name).features
                and os.environ.get("QC_CUDA_PDL", "1") != "0",
-        # fuse-norm-qmatmul: x's rows RMS-normalized in the kernel (or its prologue copy)
-        "x_norm": node.attrs.get("x_norm") == "rms",
+        # fuse-norm-qmatmul: x's rows normalized in the kernel (or its prologue copy)
+        "x_norm": node.attrs.get("x_norm"),
         "x_norm_eps": _float_literal(node.attrs.get("x_norm_epsilon", 0.0)),
         **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
     }

@@ -58,8 +58,8 @@ from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
-from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
-                              qmatmul_x_norm_scale)
+from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, QMATMUL_X_NORMS,
+                              qmatmul_epilogue_operands)
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -209,8 +209,10 @@ def step_table_text(module, plan, symbols: dict) -> str:
             node = nodes[step.node]
             x = f"x=%{step.inputs[0]}"
             if node.attrs.get("x_norm"):  # fuse-norm-qmatmul: the kernel normalizes x first
-                x = f"x={node.attrs['x_norm']}norm(%{step.inputs[0]}, " \
-                    f"%{qmatmul_x_norm_scale(node).name})"
+                norm_operands = node.operands[len(node.operands)
+                                              - QMATMUL_X_NORMS[node.attrs["x_norm"]]:]
+                x = f"x={node.attrs['x_norm']}norm(%{step.inputs[0]}, " + ", ".join(
+                    "none" if v is None else "%" + v.name for v in norm_operands) + ")"
             if epilogue_in_kernel(node):
                 extras = "".join(f" %{v.name}" for v in qmatmul_epilogue_operands(node))
                 lines.append(f"  QMM    %{step.node}: {x} w=%{step.inputs[1]}"
@@ -515,10 +517,10 @@ class CudaPlanRunner:
                 m = int(np.prod(shape_of[x][:-1]))
                 d = k.dev
                 ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
-                      d["bias"], d["perm"], d["norm"]]
+                      d["bias"], d["perm"], d["norm"], d["norm_bias"]]
                 fused = epilogue_in_kernel(node)
                 extras = [v.name for v in qmatmul_epilogue_operands(node)] if fused else []
-                ps += [ptr[n] for n in extras]  # ptrs[8...]: the epilogue's extra operands
+                ps += [ptr[n] for n in extras]  # ptrs[9...]: the epilogue's extra operands
                 qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
                 pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m,
                                 fused))

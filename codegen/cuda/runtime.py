@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from qcompiler.ir.core import constant_value
-from qcompiler.ir.ops import qmatmul_x_norm_scale
+from qcompiler.ir.ops import qmatmul_x_norm_bias, qmatmul_x_norm_scale
 from qcompiler.errors import ArtifactError, DeviceUnavailableError, QCompilerError
 
 c_void_p, c_size_t, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
@@ -118,14 +118,14 @@ class QmmKernel:
         self.fn = getattr(self.lib, f"{symbol}_run")
         # the last argument: the fused epilogue's extras, null here (this runner's callers
         # apply a qmatmul's epilogue themselves; only the device plan passes them)
-        self.fn.argtypes = [c_void_p] * 8 + [c_int, c_void_p, c_void_p, c_int, c_void_p]
+        self.fn.argtypes = [c_void_p] * 9 + [c_int, c_void_p, c_void_p, c_int, c_void_p]
         self.ws_fn = getattr(self.lib, f"{symbol}_workspace_bytes")
         self.ws_fn.argtypes = [c_int]
         self.ws_fn.restype = c_size_t
         self.n_variants = getattr(self.lib, f"{symbol}_variants")()
         self.dev, self.sizes = {}, {}
         self.host = arrays  # kept for benchmarks that upload extra weight copies
-        for role in ("w", "scales", "zeros", "perm", "bias", "norm"):
+        for role in ("w", "scales", "zeros", "perm", "bias", "norm", "norm_bias"):
             a = arrays.get(role)
             self.dev[role] = rt.upload(a) if a is not None else None
             self.sizes[role] = 0 if a is None else np.asarray(a).nbytes
@@ -148,7 +148,8 @@ class QmmKernel:
         d = self.dev
         err = self.fn(c_void_p(x_ptr), c_void_p(y_ptr), c_void_p(d["w"]), c_void_p(d["scales"]),
                       c_void_p(d["zeros"]), c_void_p(d["bias"]), c_void_p(d["perm"]),
-                      c_void_p(d["norm"]), m, c_void_p(ws), c_void_p(stream), variant, None)
+                      c_void_p(d["norm"]), c_void_p(d["norm_bias"]), m, c_void_p(ws),
+                      c_void_p(stream), variant, None)
         if err:
             raise CudaRuntimeError(f"{self.symbol} (M={m}, variant {variant}): CUDA error "
                                    f"{err} ({self.rt.error(err)})")
@@ -249,6 +250,7 @@ class CudaModuleRunner:
                       for role, i in (("w", 1), ("scales", 2), ("zeros", 3), ("perm", 4),
                                       ("bias", 7))}
             arrays["norm"] = constant_value(self.module, qmatmul_x_norm_scale(node))
+            arrays["norm_bias"] = constant_value(self.module, qmatmul_x_norm_bias(node))
             # the kernel writes the product here (the interpreter applies the epilogue); with
             # column pairs (fuse-gate-up) that is twice the result's width
             width = node.result.type.shape[-1] * (2 if node.attrs.get("epilogue_pairs") else 1)

@@ -630,24 +630,32 @@ def _dynamic_quantize(types, attrs, consts):
 
 QMATMUL_ACT_MODES = ("float", "dynamic", "static")
 QMATMUL_FIXED_OPERANDS = 8  # x .. bias: the epilogue's operands come after them
-QMATMUL_X_NORMS = ("rms",)
+# x_norm kinds and the operands each adds at the end: rmsnorm's scale; layernorm's scale and
+# bias (the bias may be none)
+QMATMUL_X_NORMS = {"rms": 1, "layer": 2}
 
 
 def qmatmul_epilogue_operands(node_or_operands, attrs: Optional[dict] = None) -> list:
     """The operands of a qmatmul's epilogue (its ``x1, x2, ...``): those after the eight
-    fixed ones, less the last where ``x_norm`` makes it the normalization's scale. Takes a
+    fixed ones, less the last one or two that ``x_norm`` adds (its scale, its bias). Takes a
     node, or an operand (or type) list with the node's attrs."""
     if attrs is None:
         operands, attrs = node_or_operands.operands, node_or_operands.attrs
     else:
         operands = node_or_operands
-    end = len(operands) - (1 if attrs.get("x_norm") else 0)
+    end = len(operands) - QMATMUL_X_NORMS.get(attrs.get("x_norm"), 0)
     return list(operands[QMATMUL_FIXED_OPERANDS:end])
 
 
 def qmatmul_x_norm_scale(node):
-    """The scale operand of a qmatmul's ``x_norm`` (its last operand), or None without one."""
-    return node.operands[-1] if node.attrs.get("x_norm") else None
+    """The scale operand of a qmatmul's ``x_norm``, or None without one."""
+    count = QMATMUL_X_NORMS.get(node.attrs.get("x_norm"), 0)
+    return node.operands[-count] if count else None
+
+
+def qmatmul_x_norm_bias(node):
+    """The bias operand of a qmatmul's ``x_norm = "layer"`` (may be None), else None."""
+    return node.operands[-1] if node.attrs.get("x_norm") == "layer" else None
 
 
 @_def("qmatmul",
@@ -679,9 +687,10 @@ def _qmatmul(types, attrs, consts):
     ``epilogue_pairs = 1`` (``fuse-gate-up``): the product's columns come in pairs, and the
     epilogue turns pair j into column j of the result: its ``x0`` is column 2j, its ``x1``
     column 2j + 1 (each rounded to the product's type), no extra operands; y is [..., N / 2].
-    ``x_norm = "rms"`` (``fuse-norm-qmatmul``, ``act=float``): x is first RMS-normalized over
-    its last axis, as ``rmsnorm(x, scale) {axis = -1, epsilon = x_norm_epsilon}`` computes it
-    (f32 statistics, the result rounded to x's type); the scale [K] is the node's last operand,
+    ``x_norm`` (``fuse-norm-qmatmul``, ``act=float``): x is first normalized over its last
+    axis, as ``rmsnorm(x, scale)`` (``"rms"``) or ``layernorm(x, scale, bias)`` (``"layer"``)
+    ``{axis = -1, epsilon = x_norm_epsilon}`` computes it (f32 statistics, the result rounded to
+    x's type); the scale [K] (and layer's bias [K], or none) are the node's last operands,
     after the epilogue's.
     """
     x, w, w_scale = types[0], types[1], types[2]
@@ -729,18 +738,26 @@ def _check_x_norm(types, attrs):
     [K] (or one broadcast over K) of a float type after the fixed operands."""
     kind = attrs["x_norm"]
     if kind not in QMATMUL_X_NORMS:
-        raise TypeInferenceError(f"qmatmul x_norm must be one of {QMATMUL_X_NORMS}, not {kind!r}")
+        raise TypeInferenceError(f"qmatmul x_norm must be one of {tuple(QMATMUL_X_NORMS)}, "
+                                 f"not {kind!r}")
     if attrs["act"] != "float":
         raise TypeInferenceError(f"qmatmul x_norm needs act=float, not act={attrs['act']}")
     if attrs.get("x_norm_epsilon") is None:
         raise TypeInferenceError("qmatmul x_norm needs x_norm_epsilon")
-    scale = types[-1] if len(types) > QMATMUL_FIXED_OPERANDS else None
+    count = QMATMUL_X_NORMS[kind]
+    tail = types[len(types) - count:] if len(types) >= QMATMUL_FIXED_OPERANDS + count else []
+    scale = tail[0] if tail else None
     if scale is None or not scale.dtype.is_float:
-        raise TypeInferenceError("qmatmul x_norm needs a float scale operand after the fixed "
-                                 "operands (the last one)")
+        raise TypeInferenceError(f"qmatmul x_norm={kind} needs a float scale operand after the "
+                                 f"fixed operands ({'the last one' if count == 1 else 'then its bias'})")
     k = types[0].shape[-1]
-    if scale.rank != 1 or (isinstance(k, int) and scale.shape[0] not in (1, k)):
-        raise TypeInferenceError(f"qmatmul x_norm scale must be [K] = [{k}], not {scale.shape}")
+    for what, t in zip(("scale", "bias"), tail):
+        if t is None and what == "bias":
+            continue
+        if t.rank != 1 or (isinstance(k, int) and t.shape[0] not in (1, k)) \
+                or not t.dtype.is_float:
+            raise TypeInferenceError(f"qmatmul x_norm {what} must be [K] = [{k}] floats, "
+                                     f"not {t.shape} {t.dtype}")
 
 
 def _apply_epilogue_type(product: TensorType, extra: list, epilogue: Optional[str]) -> TensorType:

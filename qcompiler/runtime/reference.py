@@ -201,12 +201,19 @@ def _softmax(node, args, module):
 
 def _layernorm(node, args, module):
     """onnx.reference's LayerNormalization (stash_type=1: statistics in float32)."""
-    x, scale = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
+    return [layer_normalize(args[0], args[1], bias, node.attrs["epsilon"], node.attrs["axis"])]
+
+
+def layer_normalize(x: np.ndarray, scale: np.ndarray, bias, epsilon: float,
+                    axis: int) -> np.ndarray:
+    """(x - mean) / sqrt(var + epsilon) * scale (+ bias) over the axes from ``axis`` on, the
+    statistics in float32 for f16/bf16 x, rounded to x's type (``layernorm``, and qmatmul's
+    ``x_norm = "layer"``)."""
     ct = _compute_dtype(x.dtype)
     rank = x.ndim
-    axis = node.attrs["axis"] % rank
-    eps = node.attrs["epsilon"]
+    axis = axis % rank
+    eps = epsilon
     rows = int(np.prod(x.shape[:axis], dtype=np.int64))
     cols = int(np.prod(x.shape[axis:], dtype=np.int64))
     x_mat = x.astype(ct).reshape(rows, cols)
@@ -217,7 +224,7 @@ def _layernorm(node, args, module):
     y = (diff * inv_std).reshape(x.shape) * scale.astype(ct)
     if bias is not None:
         y = y + bias.astype(ct)
-    return [y.astype(x.dtype)]
+    return y.astype(x.dtype)
 
 
 def _rmsnorm(node, args, module):
@@ -615,6 +622,8 @@ def _qmatmul_product(node, args, module):
     out_dtype = qmatmul_product_dtype(node)
     if node.attrs.get("x_norm") == "rms":  # fuse-norm-qmatmul: the rmsnorm it took in
         x = rms_normalize(x, args[-1], node.attrs["x_norm_epsilon"], axis=-1)
+    elif node.attrs.get("x_norm") == "layer":  # ... or the layernorm
+        x = layer_normalize(x, args[-2], args[-1], node.attrs["x_norm_epsilon"], axis=-1)
 
     if act == "float":
         # Dequantize in float32 and round to x's type (an f16 model stores f16 weights),

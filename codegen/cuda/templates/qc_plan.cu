@@ -6,10 +6,10 @@
 //   QC_STEP_OP    an op kernel of cuda_ops.so:  int fn(void* const* ptrs, const int64_t* shapes,
 //                                                     void* workspace, cudaStream_t)
 //   QC_STEP_QMM   a qmatmul library's _run:     int fn(x, y, w, scales, zeros, bias, perm,
-//                                                     norm_w, int m, void* workspace,
+//                                                     norm_w, norm_b, int m, void* workspace,
 //                                                     cudaStream_t, int variant,
 //                                                     void* const* extras)
-//                 (ptrs[0..7] in that order; extras = ptrs + 8 when the step's epilogue flag
+//                 (ptrs[0..8] in that order; extras = ptrs + 9 when the step's epilogue flag
 //                 is set: the kernel applies its fused epilogue with them, else null)
 //   QC_STEP_COPY  cudaMemcpyAsync(ptrs[1], ptrs[0], bytes, device to device)
 //
@@ -35,7 +35,7 @@ struct QcStep {          // the layout codegen/cuda/plan.py's ctypes Structure m
   void* workspace;
   int64_t m;             // QMM: rows; COPY: bytes
   int64_t variant;       // QMM: -1 = by M
-  int64_t epilogue;      // QMM: 1 = the kernel applies its epilogue (extras at ptrs + 8)
+  int64_t epilogue;      // QMM: 1 = the kernel applies its epilogue (extras at ptrs + 9)
   int64_t concurrent;    // > 1: this step and the next concurrent - 1 run concurrently
 };
 
@@ -47,8 +47,8 @@ struct QcLanes {
 };
 
 typedef int (*qc_op_fn)(void* const*, const int64_t*, void*, cudaStream_t);
-typedef int (*qc_qmm_fn)(void*, void*, void*, void*, void*, void*, void*, void*, int, void*,
-                         cudaStream_t, int, void* const*);
+typedef int (*qc_qmm_fn)(void*, void*, void*, void*, void*, void*, void*, void*, void*, int,
+                         void*, cudaStream_t, int, void* const*);
 
 static int launch_step(const QcStep& st, cudaStream_t s) {
   int err = 0;
@@ -56,8 +56,8 @@ static int launch_step(const QcStep& st, cudaStream_t s) {
     err = ((qc_op_fn)st.fn)(st.ptrs, st.shapes, st.workspace, s);
   } else if (st.kind == QC_STEP_QMM) {
     void* const* p = st.ptrs;
-    err = ((qc_qmm_fn)st.fn)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], (int)st.m,
-                             st.workspace, s, (int)st.variant, st.epilogue ? p + 8 : nullptr);
+    err = ((qc_qmm_fn)st.fn)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], (int)st.m,
+                             st.workspace, s, (int)st.variant, st.epilogue ? p + 9 : nullptr);
   } else if (st.kind == QC_STEP_COPY) {
     if (st.m) err = (int)cudaMemcpyAsync(st.ptrs[1], st.ptrs[0], (size_t)st.m,
                                          cudaMemcpyDeviceToDevice, s);

@@ -46,7 +46,7 @@ struct Config {
   static constexpr uint32_t ZLO2 = 0x00000000u, ZHI2 = 0x00000000u;
   static constexpr bool PREP_X = false;     // x is permuted (act-order) or padded first
   static constexpr bool PDL = true;        // programmatic dependent launch (sm_90 code)
-  static constexpr bool X_NORM = false;     // x's rows RMS-normalized first (fuse-norm-qmatmul)
+  static constexpr int X_NORM = qc::X_NORM_NONE;  // x's rows normalized first (fuse-norm-qmatmul)
   static constexpr float X_NORM_EPS = 0.0f;
   // Scales: [1, N_PAD] (permuted) or [N_PAD] (epilogue); zero points [1, N_PAD].
   using Unpack = qc::UnpackFp8E4M3F16<scalar_t, HAS_ZP>;
@@ -67,11 +67,11 @@ constexpr int N_VARIANTS = 7;
 // One kernel instance per distinct variant (split_k is a run-time value).
 cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void* w,
                         const void* scales, const void* zeros, const float* bias,
-                        const int* perm, const void* norm_w, int M, void* workspace,
-                        cudaStream_t stream, const void* const* extras) {
+                        const int* perm, const void* norm_w, const void* norm_b, int M,
+                        void* workspace, cudaStream_t stream, const void* const* extras) {
   qc::Params<Config::scalar_t> p;
-  cudaError_t err = qc::make_params<Config>(v, x, y, w, scales, zeros, bias, perm, norm_w, M,
-                                            workspace, stream, extras, p);
+  cudaError_t err = qc::make_params<Config>(v, x, y, w, scales, zeros, bias, perm, norm_w,
+                                            norm_b, M, workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
   if (v.gemv == 0 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 4 &&
       v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0 && v.fp8 == 1)
@@ -99,24 +99,25 @@ size_t qc_qmm_y_workspace_bytes(int M) {
 }
 
 // y = x @ dequant(w) + bias on `stream`; returns a cudaError_t (0 = success).
-// norm_w: x_norm's scale [K] (Config::X_NORM; null otherwise).
+// norm_w, norm_b: x_norm's scale [K] and LayerNorm bias [K] (Config::X_NORM; null otherwise).
 // variant < 0 picks by M (the tile pass's buckets); else runs VARIANTS[variant] (tuning).
 // extras: the epilogue's extra operands (Config::Epilogue), or null: no epilogue applied.
 int qc_qmm_y_run(const void* x, void* y, const void* w, const void* scales,
                       const void* zeros, const float* bias, const int* perm, const void* norm_w,
-                      int M, void* workspace, void* stream, int variant,
+                      const void* norm_b, int M, void* workspace, void* stream, int variant,
                       const void* const* extras) {
   if (M <= 0) return (int)cudaErrorInvalidValue;
   if (variant >= N_VARIANTS) return (int)cudaErrorInvalidValue;
-  if (Config::X_NORM && norm_w == nullptr) return (int)cudaErrorInvalidValue;
+  if (Config::X_NORM != qc::X_NORM_NONE && norm_w == nullptr) return (int)cudaErrorInvalidValue;
   const qc::Variant& v = variant < 0 ? qc::pick(VARIANTS, N_VARIANTS, M) : VARIANTS[variant];
-  return (int)run_variant(v, x, y, w, scales, zeros, bias, perm, norm_w, M, workspace,
+  return (int)run_variant(v, x, y, w, scales, zeros, bias, perm, norm_w, norm_b, M, workspace,
                           static_cast<cudaStream_t>(stream), extras);
 }
 
 int qc_qmm_y_variants() { return N_VARIANTS; }
 
-// The calling convention of _run (codegen/cuda/runtime.py QMM_ABI): 2 since _run takes norm_w.
+// The calling convention of _run (codegen/cuda/runtime.py QMM_ABI): 2 since _run takes norm_w
+// and norm_b.
 int qc_qmm_y_abi() { return 2; }
 
 }  // extern "C"

@@ -56,14 +56,14 @@ __host__ __device__ inline int rows4(int M) { return (M + 3) / 4 * 4; }
 template <class C>
 bool norm_in_kernel(const Variant& v, int M) {
   const int rows = M < m_tile(v) ? M : m_tile(v);
-  return C::X_NORM && v.gemv && !C::PREP_X &&
+  return C::X_NORM != X_NORM_NONE && v.gemv && !C::PREP_X &&
          (size_t)rows * C::K_PAD * sizeof(typename C::scalar_t) <= (size_t)GEMV_NORM_SMEM;
 }
 // Elements of the normalized copy of x: [M, K] for the 8-bit-activation quantizer (which
 // permutes and pads itself), [M, K_PAD] (permuted, padded) for the others.
 template <class C>
 size_t normalized_x_elements(const Variant& v, int M) {
-  if (!C::X_NORM || norm_in_kernel<C>(v, M)) return 0;
+  if (C::X_NORM == X_NORM_NONE || norm_in_kernel<C>(v, M)) return 0;
   return (size_t)M * (v.int8 || v.fp8 ? C::K : C::K_PAD);
 }
 
@@ -176,8 +176,8 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
 template <class C>
 cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
                         const void* scales, const void* zeros, const float* bias,
-                        const int* perm, const void* norm_w, int M, void* workspace,
-                        cudaStream_t stream, const void* const* extras,
+                        const int* perm, const void* norm_w, const void* norm_b, int M,
+                        void* workspace, cudaStream_t stream, const void* const* extras,
                         Params<typename C::scalar_t>& p) {
   using S = typename C::scalar_t;
   p.x = static_cast<const S*>(x);
@@ -202,17 +202,14 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.xs = nullptr;
   p.xsum = nullptr;
   p.xs_stride = rows4(M);
-  p.norm_w = nullptr;
-  p.norm_in_kernel = false;
-  if (C::X_NORM && norm_in_kernel<C>(v, M)) {
-    p.norm_w = static_cast<const S*>(norm_w);
-    p.norm_in_kernel = true;
-  }
+  p.norm_w = static_cast<const S*>(norm_w);
+  p.norm_b = static_cast<const S*>(norm_b);
+  p.norm_in_kernel = norm_in_kernel<C>(v, M);
   // x_norm elsewhere: x normalized into the workspace (normalize_x_kernel), one warp a row
   auto normalize_into = [&](S* xp, const int* order, int stride) -> cudaError_t {
     const int blocks = (int)((32LL * M + 255) / 256);
-    QC_LAUNCH(normalize_x_kernel<C>, blocks, 256, 0, stream, p.x, xp,
-              static_cast<const S*>(norm_w), order, M, stride);
+    QC_LAUNCH(normalize_x_kernel<C>, blocks, 256, 0, stream, p.x, xp, p.norm_w, p.norm_b,
+              order, M, stride);
     return cudaGetLastError();
   };
   if (v.int8 || v.fp8) {  // x's codes and scales (the act-order permutation and padding included)

@@ -108,7 +108,7 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   };
   // x_norm: the rows may sit in shared memory (normalized there), so a generic load
   auto load_x = [](const unsigned int* px) -> unsigned int {
-    if constexpr (C::X_NORM) return *px;
+    if constexpr (C::X_NORM != X_NORM_NONE) return *px;
     else return __ldg(px);
   };
   auto issue_x = [&](int slot, int s) {
@@ -207,15 +207,15 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue_w(j, j);
   wait_for_inputs<C::PDL>();
-  if constexpr (C::X_NORM) {
+  if constexpr (C::X_NORM != X_NORM_NONE) {
     if (p.norm_in_kernel) {
-      // fuse-norm-qmatmul: the tile's rows of x, RMS-normalized by the whole CTA into shared
-      // memory after the sums' region (instead of an rmsnorm launch before this kernel); the
-      // loop reads x from there. The sums' region is the reduction's scratch meanwhile.
+      // fuse-norm-qmatmul: the tile's rows of x, normalized by the whole CTA into shared
+      // memory after the sums' region (instead of a norm launch before this kernel); the
+      // loop reads x from there. The sums' region is the reductions' scratch meanwhile.
       S* xn = reinterpret_cast<S*>(smem + T::NORM_OFFSET);
       const int rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
       normalize_rows_cta<C, T::THREADS, T::M_TILE>(p.x + (long long)m0 * p.x_stride, p.x_stride,
-                                                   rows, p.norm_w, xn, C::K_PAD,
+                                                   rows, p.norm_w, p.norm_b, xn, C::K_PAD,
                                                    reinterpret_cast<float*>(smem));
 #pragma unroll
       for (int mf = 0; mf < M_FRAGS; ++mf)
@@ -268,7 +268,8 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
   auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
   // x_norm in the kernel: room for the tile's rows of x after the sums (GEMV_NORM_SMEM at most)
-  constexpr int MAX_SMEM = C::X_NORM ? T::NORM_OFFSET + GEMV_NORM_SMEM : T::SMEM_BYTES;
+  constexpr int MAX_SMEM =
+      C::X_NORM != X_NORM_NONE ? T::NORM_OFFSET + GEMV_NORM_SMEM : T::SMEM_BYTES;
   static bool smem_set = false;
   if (!smem_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -277,7 +278,7 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     smem_set = true;
   }
   int smem = T::SMEM_BYTES;
-  if (C::X_NORM && p.norm_in_kernel) {
+  if (C::X_NORM != X_NORM_NONE && p.norm_in_kernel) {
     const int rows = p.M < T::M_TILE ? p.M : T::M_TILE;
     smem = T::NORM_OFFSET + rows * C::K_PAD * (int)sizeof(typename C::scalar_t);
   }

@@ -14,9 +14,10 @@
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
 //   int CODE_BITS                  bits of the model's codes (the int8 kernel's centring)
-//   bool X_NORM, float X_NORM_EPS  x's rows are RMS-normalized first (qmatmul x_norm = "rms",
-//                                  fuse-norm-qmatmul): rmsnorm(x, norm_w) {epsilon} as the
-//                                  reference computes it (f32 statistics, rows rounded to S)
+//   int X_NORM, float X_NORM_EPS   x's rows are normalized first (qmatmul x_norm, fuse-norm-
+//                                  qmatmul; norm.cuh): X_NORM_NONE, X_NORM_RMS (rmsnorm(x,
+//                                  norm_w)) or X_NORM_LAYER (layernorm(x, norm_w, norm_b)), as
+//                                  the reference computes them (f32 statistics, rows rounded)
 //   using Unpack                   one of the strategies in unpack.cuh
 //   struct Epilogue                FUSED, EXTRAS (operands it reads), PAIRS, apply(v, extras, i):
 //                                  the qmatmul's epilogue on element i of y (fuse-epilogue's
@@ -63,10 +64,11 @@ struct Params {
   const float* xs;         // [x groups, xs_stride]: the scale of each row's group
   const int* xsum;         // [x groups, xs_stride]: the sum of each row's group's int8 codes
   int xs_stride;           // M rounded up to 4 (16-byte rows of scales)
-  // C::X_NORM: the normalization's scale [K]. norm_in_kernel: the GEMV kernel normalizes its
-  // rows into shared memory itself; otherwise x already is the normalized copy make_params
-  // wrote into the workspace (and norm_w is null).
+  // C::X_NORM: the normalization's scale [K] and (LayerNorm) bias [K] or null. norm_in_kernel:
+  // the GEMV kernel normalizes its rows into shared memory itself; otherwise x already is the
+  // normalized copy make_params wrote into the workspace.
   const S* norm_w;
+  const S* norm_b;
   bool norm_in_kernel;
 };
 
