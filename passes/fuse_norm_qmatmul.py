@@ -55,8 +55,8 @@ class FuseNormQmatmul(RewritePattern):
         norm = producer_of(x, "rmsnorm") or producer_of(x, "layernorm")
         if norm is None or not rw.single_use(x):
             return False
-        h, scale = norm.operands[0], norm.operands[1]
-        bias = norm.operands[2] if len(norm.operands) > 2 else None
+        h, scale = norm.arg("x"), norm.arg("scale")
+        bias = norm.arg("bias") if norm.op == "layernorm" else None
         if norm.attrs["axis"] % h.type.rank != h.type.rank - 1:
             return False  # statistics over more than the last axis
         k, dtype = h.type.shape[-1], h.type.dtype
