@@ -110,10 +110,18 @@ def kernel_params(node, target_name: str) -> dict:
         "pdl": "pdl" in get_target(target_name).features
                and os.environ.get("QC_CUDA_PDL", "1") != "0",
         # fuse-norm-qmatmul: x's rows normalized in the kernel (or its prologue copy)
-        "x_norm": node.attrs.get("x_norm"),
+        **X_NORM_PARAMS[node.attrs.get("x_norm")],
         "x_norm_eps": _float_literal(node.attrs.get("x_norm_epsilon", 0.0)),
         **zero_constants(cfg["unpack"], dtype, max(lay.get("zero_const"), 0)),
     }
+
+
+# qmatmul's x_norm -> the template's Config::X_NORM (norm.cuh) and its comment's formula
+X_NORM_PARAMS = {
+    None: {"x_norm_kind": "X_NORM_NONE", "x_norm_text": "x"},
+    "rms": {"x_norm_kind": "X_NORM_RMS", "x_norm_text": "rmsnorm(x, norm_w)"},
+    "layer": {"x_norm_kind": "X_NORM_LAYER", "x_norm_text": "layernorm(x, norm_w, norm_b)"},
+}
 
 
 def _float_literal(value: float) -> str:

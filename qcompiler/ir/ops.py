@@ -734,8 +734,8 @@ def _qmatmul(types, attrs, consts):
 
 
 def _check_x_norm(types, attrs):
-    """qmatmul's x_norm: a known kind, float activations, an epsilon, and a scale operand
-    [K] (or one broadcast over K) of a float type after the fixed operands."""
+    """qmatmul's x_norm: a known kind, float activations, an epsilon, and the kind's operands
+    at the end: a float scale [K] (and for ``layer`` a float bias [K] or none)."""
     kind = attrs["x_norm"]
     if kind not in QMATMUL_X_NORMS:
         raise TypeInferenceError(f"qmatmul x_norm must be one of {tuple(QMATMUL_X_NORMS)}, "
@@ -748,14 +748,14 @@ def _check_x_norm(types, attrs):
     tail = types[len(types) - count:] if len(types) >= QMATMUL_FIXED_OPERANDS + count else []
     scale = tail[0] if tail else None
     if scale is None or not scale.dtype.is_float:
+        where = "the last one" if count == 1 else "then its bias"
         raise TypeInferenceError(f"qmatmul x_norm={kind} needs a float scale operand after the "
-                                 f"fixed operands ({'the last one' if count == 1 else 'then its bias'})")
+                                 f"fixed operands ({where})")
     k = types[0].shape[-1]
     for what, t in zip(("scale", "bias"), tail):
         if t is None and what == "bias":
             continue
-        if t.rank != 1 or (isinstance(k, int) and t.shape[0] not in (1, k)) \
-                or not t.dtype.is_float:
+        if t.rank != 1 or t.shape[0] != k or not t.dtype.is_float:
             raise TypeInferenceError(f"qmatmul x_norm {what} must be [K] = [{k}] floats, "
                                      f"not {t.shape} {t.dtype}")
 
