@@ -8,6 +8,7 @@ launcher and the communicator replaced by recorders. The GPU runs are in
 tests/test_cuda_collectives_gpu.py."""
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 from types import SimpleNamespace
@@ -155,7 +156,7 @@ def _runner(module, log, use_graphs=True, lanes=True):
         for n in module.main.nodes if n.op == "qmatmul"}
     r.qmm = SimpleNamespace(kernels=kernels)
     r.weights, r._signatures, r._arenas, r._loaded = {}, {}, {}, True
-    r._last_pointers, r._bound = {}, {}
+    r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
     return r
 
 

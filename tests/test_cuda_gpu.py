@@ -364,6 +364,15 @@ def test_whole_model_plan_on_the_device_with_graph_replay_after_a_shape_change(t
         assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0)
     assert all(s.graph is not None for s in m._run._signatures.values())
     assert len(m._run._signatures) == 2
+    # A growing shape (a KV cache) past MAX_SIGNATURES: the least recently used signatures
+    # are released (graphs destroyed, buffers freed); the kept ones still replay correctly
+    # and a released one is captured again.
+    monkeypatch.setattr(CudaPlanRunner, "MAX_SIGNATURES", 2)
+    for batch in (4, 5, 6, 9, 3, 6):
+        x = rng.standard_normal((batch, 64)).astype(np.float32)
+        got, want = m.run({"x": x})["y"], ref_run(ref, {"x": x})["y"]
+        assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0), batch
+        assert len(m._run._signatures) <= 2
 
 
 def _llama_decode_on_cuda_sm90(tmp_path, cfg: dict, past: int, seed: int, seq: int = 1,

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -315,6 +316,9 @@ class CudaPlanRunner:
         # read the caller's buffers directly, keyed (shape signature, pointers).
         self._last_pointers: dict = {}
         self._bound: dict = {}
+        # Both kinds of signature in order of use, least recent first: (id(store), key) ->
+        # (store, key). Past MAX_SIGNATURES the least recent one is released (_touch).
+        self._recent: OrderedDict = OrderedDict()
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -631,9 +635,10 @@ class CudaPlanRunner:
         sig = self._bound_signature(signature, arrays, on_device)
         if sig is None:
             sig = self._signatures.get(signature)
-        if sig is None:
-            sig = self._signatures[signature] = self._prepare(
-                {n: tuple(arrays[n].shape) for n in plan.inputs})
+            if sig is None:
+                sig = self._signatures[signature] = self._prepare(
+                    {n: tuple(arrays[n].shape) for n in plan.inputs})
+            self._touch(self._signatures, signature)
         if sig.collectives:  # refused before any launch: a rank artifact loaded alone
             for node, world in sig.collectives:
                 communicator_for(node, world)
@@ -722,14 +727,46 @@ class CudaPlanRunner:
             return None
         key = (signature, pointers)
         sig = self._bound.get(key)
-        if sig is not None or previous != pointers:
-            return sig
-        if sum(1 for k in self._bound if k[0] == signature) >= self.MAX_BOUND_PER_SHAPE:
-            return None
-        sig = self._bound[key] = self._prepare(
-            {n: tuple(arrays[n].shape) for n in self.plan.inputs},
-            bound=dict(zip(self.plan.inputs, pointers)))
+        if sig is None and previous == pointers \
+                and sum(1 for k in self._bound if k[0] == signature) < self.MAX_BOUND_PER_SHAPE:
+            sig = self._bound[key] = self._prepare(
+                {n: tuple(arrays[n].shape) for n in self.plan.inputs},
+                bound=dict(zip(self.plan.inputs, pointers)))
+        if sig is not None:
+            self._touch(self._bound, key)
         return sig
+
+    # Signatures (plain and bound) kept at once. A generation loop whose KV cache grows by a
+    # token per call meets a new shape signature every call, each with its own input and
+    # output buffers and graph: past this many the least recently used is released, so that
+    # memory stays bounded (each new length is still prepared and captured once: a decode
+    # graph independent of the cache length is future work, codegen/cuda/NOTES.md).
+    MAX_SIGNATURES = max(2, int(os.environ.get("QC_CUDA_MAX_SIGNATURES", "32")))
+
+    def _touch(self, store: dict, key) -> None:
+        """store[key] was used now; release the least recently used signatures past
+        MAX_SIGNATURES."""
+        entry = (id(store), key)
+        self._recent.pop(entry, None)
+        self._recent[entry] = (store, key)
+        while len(self._recent) > self.MAX_SIGNATURES:
+            _, (old_store, old_key) = self._recent.popitem(last=False)
+            self._release(old_store.pop(old_key))
+            shape = old_key[0] if old_store is self._bound else old_key
+            if shape not in self._signatures and not any(k[0] == shape for k in self._bound):
+                self._last_pointers.pop(shape, None)
+
+    def _release(self, sig: _Signature) -> None:
+        """Destroy a signature's graphs and free its buffers, after its launches finished
+        (the caller's next run may have been enqueued without waiting for the last one)."""
+        lib = self.launcher
+        self._check(lib.qc_stream_synchronize(self.stream), "finishing a released signature")
+        for item in sig.program:
+            if item[0] == "launch" and item[3] is not None:
+                self._check(lib.qc_graph_destroy(item[3]), "destroying a released graph")
+        for p in sig.allocs:
+            self.rt.free(p)
+        sig.program, sig.allocs, sig.keep = [], [], []
 
 
 def _torch_available() -> bool:

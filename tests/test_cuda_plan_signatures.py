@@ -1,0 +1,71 @@
+"""The device plan's signatures are bounded: a generation loop whose KV cache grows by a
+token per call meets a new input-shape signature every call (its own input and output
+buffers and CUDA graph). Past ``CudaPlanRunner.MAX_SIGNATURES`` the least recently used one
+is released: its launches finished, its graphs destroyed, its buffers freed. Checked with the
+recorders of test_cuda_collectives.py (no GPU)."""
+import os
+
+import numpy as np
+
+from qcompiler.codegen.cuda.plan import CudaPlanRunner
+from qcompiler.driver.frontend import import_model
+from qcompiler.pipeline import PassManager
+from qcompiler.targets import get_target
+from test_cuda_collectives import _Launcher, _Rt, _runner
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+class _FreeingRt(_Rt):
+    def __init__(self):
+        super().__init__()
+        self.freed = []
+
+    def free(self, ptr):
+        self.freed.append(ptr)
+
+
+class _DestroyingLauncher(_Launcher):
+    def __init__(self, log):
+        super().__init__(log)
+        self.destroyed = []
+
+    def qc_graph_destroy(self, graph):
+        self.destroyed.append(graph)
+        return 0
+
+
+def _mlp_runner(log):
+    module = PassManager.parse(get_target("cuda-sm90").default_pipeline).run(
+        import_model(os.path.join(EXAMPLES, "mlp_int4.onnx")))
+    runner = _runner(module, log)
+    runner.rt, runner.launcher = _FreeingRt(), _DestroyingLauncher(log)
+    return runner
+
+
+def test_least_recently_used_signatures_are_released(monkeypatch):
+    monkeypatch.setattr(CudaPlanRunner, "MAX_SIGNATURES", 4)
+    log = []
+    runner = _mlp_runner(log)
+    x = {b: np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
+         for b in range(1, 8)}
+    graphs = {}
+    for b in range(1, 8):  # 7 shapes: the first 3 are released as the 5th to 7th arrive
+        runner({"x": x[b]})
+        graphs[b] = runner._signatures[((b, 64),)].graph
+    assert sorted(k[0][0] for k in runner._signatures) == [4, 5, 6, 7]
+    assert runner.launcher.destroyed == [graphs[1], graphs[2], graphs[3]]
+    assert len(runner.rt.freed) == len(set(runner.rt.freed)) > 0  # each buffer once
+    # every release waited for the plan's stream first
+    assert sum(1 for e in log if e[0] == "sync") >= 7 + 3
+    # a kept shape replays its graph; a released one is prepared and captured again,
+    # and releases the least recently used (5: 4 was used just before)
+    captures, before = len(runner.launcher.tables), len(log)
+    runner({"x": x[4]})
+    assert len(runner.launcher.tables) == captures
+    assert [e for e in log[before:] if e[0] == "graph"] == [("graph", graphs[4], 0x5)]
+    runner({"x": x[1]})
+    assert len(runner.launcher.tables) == captures + 1
+    assert sorted(k[0][0] for k in runner._signatures) == [1, 4, 6, 7]
+    assert runner.launcher.destroyed[-1] == graphs[5]
+    assert len(runner._recent) == 4
