@@ -157,6 +157,7 @@ def _runner(module, log, use_graphs=True, lanes=True):
     r.qmm = SimpleNamespace(kernels=kernels)
     r.weights, r._signatures, r._arenas, r._loaded = {}, {}, {}, True
     r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
+    r._itemsizes = None
     return r
 
 

@@ -49,6 +49,7 @@ with the reference's ``CollectiveError`` naming the node. An ``all_reduce`` of o
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -319,6 +320,7 @@ class CudaPlanRunner:
         # Both kinds of signature in order of use, least recent first: (id(store), key) ->
         # (store, key). Past MAX_SIGNATURES the least recent one is released (_touch).
         self._recent: OrderedDict = OrderedDict()
+        self._itemsizes: Optional[dict] = None  # buffer name -> element bytes (_prepare)
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -470,11 +472,17 @@ class CudaPlanRunner:
         labels = []  # per launch: the node it runs, for errors
         label = ""
 
+        # element sizes of the plan's buffers, once per runner: a decode loop whose KV cache
+        # grows prepares a signature per token, and these were most of its host time
+        itemsize = self._itemsizes
+        if itemsize is None:
+            itemsize = self._itemsizes = {n: elem(b.dtype).np_dtype.itemsize
+                                          for n, b in plan.buffers.items()}
+
         def span(name: str) -> tuple:  # (address, bytes) of a buffer; weights are read-only
             if name is None or plan.buffers[name].kind == "weight" or name not in ptr:
                 return (0, 0)
-            size = int(np.prod(shape_of[name])) * elem(plan.buffers[name].dtype).np_dtype.itemsize
-            return (ptr[name], size)
+            return (ptr[name], math.prod(shape_of[name]) * itemsize[name])
 
         def op_step(symbol: str, names: list, out_names: list, solo: bool = False):
             names = [n for n in names if n is not None]
@@ -492,7 +500,7 @@ class CudaPlanRunner:
             label = f"%{step.node or step.outputs[0]} = {step.op or step.kind}"
             if step.kind == "copy":
                 src, dst = step.inputs[0], step.outputs[0]
-                nbytes = int(np.prod(shape_of[dst])) * elem(plan.buffers[dst].dtype).np_dtype.itemsize
+                nbytes = math.prod(shape_of[dst]) * itemsize[dst]
                 pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
                 access.append(([span(src)], [span(dst)], True))
                 labels.append(label)
