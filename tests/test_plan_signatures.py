@@ -169,3 +169,22 @@ def test_profile_counts_every_call_per_op_or_per_kernel(decode, monkeypatch, mod
     if mode == "kernels":  # two tanh kernels ([1, 16] twice shares one name, [1, p, 16])
         assert sum(1 for label in rows if label.startswith("tanh ")) == 2
     ex._profile.runs = 0  # nothing printed at exit
+
+
+def test_prepared_signatures_are_bounded(decode, monkeypatch):
+    """A decode loop meets a new signature every step: at most MAX_PREPARED stay prepared
+    (least recently used dropped), and a dropped one that comes back is prepared again and
+    still computes the right values."""
+    from qcompiler.plan.executor import PlanExecutor as Executor
+
+    monkeypatch.setattr(Executor, "MAX_PREPARED", 3)
+    plan = lower(decode, {"p": [64]})
+    ex = PlanExecutor(plan, decode)
+    rng = np.random.default_rng(7)
+    for seq in (5, 6, 7, 8, 6, 9, 5):
+        feeds = _inputs(rng, seq)
+        np.testing.assert_allclose(ex.run(feeds)["y"], reference.run(decode, feeds)["y"],
+                                   rtol=1e-5, atol=1e-5)
+        assert len(ex._prepared) <= 3
+    # the last three distinct signatures, 6 kept as used before 9
+    assert [s[1][1] for s in ex._prepared] == [6, 9, 5]

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import numpy as np
@@ -202,7 +203,9 @@ class PlanExecutor:
         self._nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
         self._constants = ConstantCache()
         self._arenas: dict[tuple, np.ndarray] = {}
-        self._prepared: dict[tuple, _Prepared] = {}
+        # per input signature, least recently used first (at most MAX_PREPARED: a decode loop
+        # whose KV cache grows a token a call has a new signature every call)
+        self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
         self._exact: dict[tuple, MemoryPlan] = {}
         self._warned = False
         self._impls: dict[str, StepImpl] = {}
@@ -261,12 +264,18 @@ class PlanExecutor:
         return out
 
     # -- running ---------------------------------------------------------------------------
+    MAX_PREPARED = 32  # input signatures kept prepared (calls bound, buffers staged)
+
     def run(self, inputs) -> dict:
         arrays = self.check_inputs(inputs)
         signature = tuple(arrays[n].shape for n in self.plan.inputs)
         prepared = self._prepared.get(signature)
         if prepared is None:
             prepared = self._prepared[signature] = self._prepare(arrays)
+            while len(self._prepared) > self.MAX_PREPARED:
+                self._prepared.popitem(last=False)
+        else:
+            self._prepared.move_to_end(signature)
         if self.poison_byte is not None:
             for arena in self._arenas.values():
                 arena.fill(self.poison_byte)
