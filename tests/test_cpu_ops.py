@@ -170,6 +170,10 @@ def _make_graph() -> Graph:
     # N=101: no whole vectors, the row-blocked form
     g.add("matmul", "matmul", [g.arg([B, 37], "f32"), g.arg([37, 101], "f32")],
           [([B, 101], "f32")])
+    # 1-D operands (numpy's rules: the row or column each stands for is dropped)
+    g.add("matmul", "matmul", [g.arg([13], "f32"), g.arg([B, 13, 7], "f32")], [([B, 7], "f32")])
+    g.add("matmul", "matmul", [g.arg([2, B, 13], "f16"), g.arg([13], "f16")], [([2, B], "f16")])
+    g.add("matmul", "matmul", [g.arg([S], "f32"), g.arg([S], "f32")], [([], "f32")])
     # GQA (4 query heads over 2 kv heads), causal, additive padding mask
     g.add("attention", "attention",
           [g.arg([B, 4, S, 8], "f32"), g.arg([B, 2, S, 8], "f32"), g.arg([B, 2, S, 5], "f32"),

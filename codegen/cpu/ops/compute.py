@@ -744,7 +744,7 @@ def _matmul(ctx: _Ctx) -> Kernel:
     a, b = ctx.operand(0), ctx.operand(1)
     ta, tb = ctx.otype(0), ctx.otype(1)
     if ta.rank < 2 or tb.rank < 2:
-        raise unsupported(ctx.node, "matmul of a 1-D operand")
+        return _matmul_vector(ctx, a, b, ta, tb)
     dtype = dtype_of(a)
     ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
     out_shape = ctx.out_shapes[0]
@@ -765,6 +765,30 @@ def _matmul(ctx: _Ctx) -> Kernel:
     if ct != ctx.out_dtypes[0]:
         outs = te.compute(out_shape, lambda *i: acc[i].astype(ctx.out_dtypes[0]), name="out")
     return Kernel(ctx.inputs, [outs], "matmul", rows=batch + 1)
+
+
+def _matmul_vector(ctx: _Ctx, a, b, ta, tb) -> Kernel:
+    """numpy's (and ONNX MatMul's) 1-D operands: a [K] is one row and b [K] one column, and
+    the product drops the dim each stands for: [K] @ [..., K, N] -> [..., N], [..., M, K] @
+    [K] -> [..., M], [K] @ [K] -> []. A dot product per output element (a reduce kernel)."""
+    from tvm import te
+
+    dtype = dtype_of(a)
+    ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
+    out_shape = ctx.out_shapes[0]
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+    if ta.rank == 1 and tb.rank == 1:
+        def dot(*i):
+            return te.sum(a[k].astype(ct) * b[k].astype(ct), axis=k)
+    elif ta.rank == 1:  # b's leading dims are the result's (a 1-D a broadcasts over them)
+        def dot(*i):
+            return te.sum(a[k].astype(ct) * b[tuple(i[:-1]) + (k, i[-1])].astype(ct), axis=k)
+    else:
+        def dot(*i):
+            return te.sum(a[tuple(i) + (k,)].astype(ct) * b[k].astype(ct), axis=k)
+    acc = te.compute(out_shape, dot, name="acc")
+    out = te.compute(out_shape, lambda *i: acc[i].astype(ctx.out_dtypes[0]), name="out")
+    return Kernel(ctx.inputs, [out], "reduce")
 
 
 # Rows of x in one register tile of a float matmul by a 2-D weight (schedule_matmul puts
