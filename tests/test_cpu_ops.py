@@ -252,6 +252,9 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
               {"kind": kind, "axes": [1], "keepdims": 1})
     g.add("cov_exact", "reduce_sum", [g.arg([3, 0, 4], "f32")], [([3, 4], "f32")],
           {"axes": [1], "keepdims": 0})
+    # an empty result (a kept zero dim): the kernel's loops run zero times, unscheduled
+    g.add("cov_exact", "reduce_sum", [g.arg([2, 0, 4], "f32")], [([2, 0, 1], "f32")],
+          {"axes": [2], "keepdims": 1})
     g.add("cov_exact", "hardmax", [g.arg([B, 5], "f32", low=(-1, 1))], [([B, 5], "f32")],
           {"axis": 1})
     for kind, excl, rev in (("sum", 0, 0), ("sum", 1, 0), ("sum", 0, 1), ("sum", 1, 1),
@@ -404,6 +407,7 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
           {"num_heads": 2, "kv_heads": 2, "interleaved": 0, "rotary_embedding_dim": 0,
            "layer": 0})
     g.add("cov_exact", "bitcast", [g.arg([B, 13], "f32")], [([B, 13], "i32")])
+    g.add("cov_exact", "bitcast", [g.arg([B, 13], "bool")], [([B, 13], "u8")])
     g.add("cov_exact", "prelu", [g.arg([B, 13], "f32"), g.arg([13], "f32")], [([B, 13], "f32")])
 
 

@@ -1375,18 +1375,23 @@ def _eye_like(ctx: _Ctx) -> Kernel:
 @_builder("bitcast")
 def _bitcast(ctx: _Ctx) -> Kernel:
     """The same bits as another type of the same width (numpy's view); other widths change
-    the shape and have no kernel here."""
+    the shape and have no kernel here. A bool (one byte, 0 or 1) as an 8-bit integer is its
+    0 or 1."""
     from tvm import tirx
 
     x = ctx.operand(0)
     src, dst = dtype_of(x), ctx.out_dtypes[0]
-    if ctx.otype(0).dtype.bits != ctx.rtype.dtype.bits or "bool" in (
-            ctx.otype(0).dtype.kind, ctx.rtype.dtype.kind):
+    kinds = (ctx.otype(0).dtype.kind, ctx.rtype.dtype.kind)
+    bool_to_byte = kinds[0] == "bool" and ctx.rtype.dtype.bits == 8 and kinds[1] != "bool"
+    if not bool_to_byte and (ctx.otype(0).dtype.bits != ctx.rtype.dtype.bits
+                             or "bool" in kinds):
         raise unsupported(ctx.node, f"bitcast {ctx.otype(0).dtype} -> {ctx.rtype.dtype} "
                                     "(different widths)")
 
     def fn(i):
         v = x[tuple(i)] if i else x[()]
+        if bool_to_byte:
+            return v.astype(dst)
         return v if src == dst else tirx.reinterpret(dst, v)
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")

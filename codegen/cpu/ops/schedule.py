@@ -390,6 +390,10 @@ def schedule(func, kernel, p: ScheduleParams):
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
+    if any(_static(d) == 0 for out in kernel.outputs for d in out.shape):
+        # an empty result (a static 0-size dim): nothing runs, and splitting its loops for
+        # threads or vectors would divide by their zero extent
+        return sch.mod["main"]
     if kernel.kind == "injective":
         schedule_injective(sch, [t.op.name for t in kernel.outputs], p, kernel.stages)
     elif kernel.kind == "rows":
