@@ -201,3 +201,15 @@ def test_lut_bind_writes_an_aligned_output_in_place(tmp_path, target):
         kern.bind(x, out)()
         np.testing.assert_array_equal(out, kern(x))
         check_lut(p, wts, kern, x)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_lut_groups_longer_than_one_int16_run(tmp_path, target):
+    """Blocks of 512 rows are 128 table groups at g = 4, more than one int16 sum takes (86):
+    each group's sums go to float in two runs, the zero-point term once after them."""
+    assert kernels.lut_flush_steps(512, 4) == 64
+    p, wts, kern = build_kernel(tmp_path, target, 1024, 96, scheme_text(2, 512, False, True),
+                                seed=3)
+    for m in (1, 3):
+        check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, 1024))
+                  .astype(np.float32))
