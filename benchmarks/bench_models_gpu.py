@@ -413,6 +413,10 @@ def llama(args, target, results):
         print(f"  peers: torch fp16 eager {ms_torch:.3f} ms, torch.compile {ms_compiled} ms")
         row.update({"torch_fp16_eager_ms": ms_torch, "torch_compile_fp16_ms": ms_compiled})
         args.save(row)
+        # (the profile and trace first: the loops below meet a new signature every step and
+        # may release the fixed context's, CudaPlanRunner.MAX_SIGNATURES)
+        row["profile"] = profile_steps(runner, sig, f"llama {name}") if args.profile else None
+        row["trace"] = trace_graph(runner, sig, f"llama {name}") if args.trace else None
         if args.greedy:
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
             # cache lengths the greedy check has not prepared yet (each is a new signature)
@@ -421,8 +425,6 @@ def llama(args, target, results):
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
                   f"{row['generation_ms_per_token']:.3f} ms per token")
             ok &= same
-        row["profile"] = profile_steps(runner, sig, f"llama {name}") if args.profile else None
-        row["trace"] = trace_graph(runner, sig, f"llama {name}") if args.trace else None
     return ok
 
 

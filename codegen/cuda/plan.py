@@ -748,8 +748,9 @@ class CudaPlanRunner:
     # token per call meets a new shape signature every call, each with its own input and
     # output buffers and graph: past this many the least recently used is released, so that
     # memory stays bounded (each new length is still prepared and captured once: a decode
-    # graph independent of the cache length is future work, codegen/cuda/NOTES.md).
-    MAX_SIGNATURES = max(2, int(os.environ.get("QC_CUDA_MAX_SIGNATURES", "32")))
+    # graph independent of the cache length is future work, codegen/cuda/NOTES.md). Few: a
+    # 22-layer decode's signature at a 2048-token cache holds ~90 MB of cache in and out.
+    MAX_SIGNATURES = max(2, int(os.environ.get("QC_CUDA_MAX_SIGNATURES", "8")))
 
     def _touch(self, store: dict, key) -> None:
         """store[key] was used now; release the least recently used signatures past
@@ -759,7 +760,9 @@ class CudaPlanRunner:
         self._recent[entry] = (store, key)
         while len(self._recent) > self.MAX_SIGNATURES:
             _, (old_store, old_key) = self._recent.popitem(last=False)
-            self._release(old_store.pop(old_key))
+            old = old_store.pop(old_key, None)  # (gone already if a caller cleared the store)
+            if old is not None:
+                self._release(old)
             shape = old_key[0] if old_store is self._bound else old_key
             if shape not in self._signatures and not any(k[0] == shape for k in self._bound):
                 self._last_pointers.pop(shape, None)
