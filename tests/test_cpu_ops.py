@@ -182,6 +182,10 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 4, 7, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 8], "f32")],
           [([B, 4, 7, 8], "f32")], {"scale": 0.125, "causal": 1})
+    # two keys (one block of the probs @ v sums: no key-block loop to reorder)
+    g.add("attention", "attention",
+          [g.arg([1, 3, 2, 4], "f32"), g.arg([1, 3, 2, 4], "f32"), g.arg([1, 3, 2, 4], "f32")],
+          [([1, 3, 2, 4], "f32")], {"scale": 0.5, "causal": 0})
     g.add("attention", "attention",
           [g.arg([B, 6, 1, 16], "f16"), g.arg([B, 2, S, 16], "f16"), g.arg([B, 2, S, 16], "f16")],
           [([B, 6, 1, 16], "f16")], {"scale": 0.25, "causal": 0})

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler.codegen.cpu.ops.compute import ATTENTION_KEY_TILE, ATTENTION_ROW_LANES
+from qcompiler.codegen.cpu.ops.compute import (ATTENTION_KEY_TILE, ATTENTION_PV_SUMS,
+                                             ATTENTION_ROW_LANES)
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,10 @@ def schedule_attention(sch, p: ScheduleParams):
     # probs @ v: per key block, the partial sums (unrolled) over the head dim (vectorized):
     # ATTENTION_PV_SUMS independent chains of accumulators held in registers
     parts = sch.get_sblock("acc_parts")
+    if keys is not None and keys <= ATTENTION_PV_SUMS:
+        # one block of keys: compute_at left no key-block loop (its extent is 1)
+        sch.unroll(sch.get_loops(parts)[-2])
+        return
     r, e, jo = sch.get_loops(parts)[-3:]
     sch.reorder(jo, r, e)
     sch.decompose_reduction(parts, jo)
