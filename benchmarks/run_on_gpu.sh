@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -112,6 +112,19 @@ for step in "$@"; do
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
     sweep-quick)
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --sweep --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    gemm-m256)  # issue #12: Nsight Compute metrics of the tiled kernel on MiniLM 8x32's GEMM
+                # shapes at M = 256 (the heuristic's config, the sweep's 2x2-warp best, 16-row
+                # tiles), K 128 against 384 for the fixed cost, and a 2048^2 GEMV at M = 1
+      M='gpu__time_duration.sum,smsp__inst_executed.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__registers_per_thread,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
+      for job in "1152 384 256:0,2,1,4,3,128,0,1 0,2,2,2,4,128,0,1 0,1,1,4,3,128,0,1" \
+                 "1152 128 256:0,2,1,4,3,128,0,1 0,2,2,2,4,128,0,1" \
+                 "384 1536 256:0,8,1,1,6,64,0,1 0,2,1,4,3,128,0,4" \
+                 "2048 2048 1:1,1,1,16,8,64,0,1 1,1,1,8,8,64,0,2"; do
+        shape=${job%%:*}; cfgs=${job#*:}; f="$OUT/ncu-gemm-$(echo $shape | tr ' ' x).txt"
+        timeout 120 ncu --cache-control none --clock-control none --metrics "$M" \
+          --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" $shape $cfgs > "$f" 2>&1
+        echo "== $shape: $(grep -E "duration" "$f" | tr -s ' ' | tr '\n' ' ' | cut -c1-200)"
+      done ;;
     profile)
       ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
         --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 1 \
