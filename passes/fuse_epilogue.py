@@ -28,6 +28,7 @@ import numpy as np
 from qcompiler.ir import Module
 from qcompiler.ir.core import Function, Node, Value, constant_node, constant_value, operand_index
 from qcompiler.ir.elementwise_body import Body, Stmt, format_body, parse_body
+from qcompiler.ir.ops import QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands
 from qcompiler.pipeline import Pass, record_stat, register_pass
 
 _ACTIVATIONS = ("gelu", "relu", "sigmoid")
@@ -57,15 +58,17 @@ class _Epilogue:
         self.result = dst
 
     def extra(self, v: Value) -> str:
-        """The body name of an epilogue operand (appended after the eight fixed ones)."""
+        """The body name of an epilogue operand (added after the eight fixed ones and those
+        the epilogue already reads; an ``x_norm``'s operands stay last)."""
         ops = self.node.operands
-        if len(ops) < 8:
-            ops.extend([None] * (8 - len(ops)))
-        for i, o in enumerate(ops[8:]):
+        if len(ops) < QMATMUL_FIXED_OPERANDS:
+            ops.extend([None] * (QMATMUL_FIXED_OPERANDS - len(ops)))
+        extras = qmatmul_epilogue_operands(self.node)
+        for i, o in enumerate(extras):
             if o is v:
                 return f"x{i + 1}"
-        ops.append(v)
-        return f"x{len(ops) - 8}"
+        ops.insert(QMATMUL_FIXED_OPERANDS + len(extras), v)
+        return f"x{len(extras) + 1}"
 
     def commit(self) -> None:
         self.node.attrs["epilogue"] = format_body(Body(tuple(self.stmts), self.result))
@@ -192,9 +195,7 @@ class FuseEpiloguePass(Pass):
         counts: dict[str, int] = {}
         fused = 0
         for fn in module.functions:
-            # (a qmatmul that took in an rmsnorm keeps its scale as the last operand, where
-            # extend_once would append: fuse-norm-qmatmul runs after this pass)
-            for node in [n for n in fn.nodes if n.op == "qmatmul" and not n.attrs.get("x_norm")]:
+            for node in [n for n in fn.nodes if n.op == "qmatmul"]:
                 absorbed = 0
                 while (what := extend_once(fn, module, node)) is not None:
                     counts[what] = counts.get(what, 0) + 1

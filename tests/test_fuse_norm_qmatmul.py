@@ -230,3 +230,27 @@ def test_a_layernorm_goes_in_as_x_norm_layer(bias):
     assert print_module(parse_module(print_module(fused))) == print_module(fused)
     two = PassManager.parse("fuse-norm-qmatmul").run(_layernorm_module(bias, readers=2))
     assert "layernorm" in [n.op for n in two.main.nodes]
+
+
+def test_fuse_epilogue_after_the_norm_keeps_its_operands_last():
+    """A residual add absorbed into a qmatmul that already took in its norm: the residual
+    becomes epilogue operand x1 before the norm's scale and bias, which stay last."""
+    from qcompiler.ir.ops import qmatmul_x_norm_bias
+    from qcompiler.ir.types import tensor
+
+    plain = _layernorm_module(bias=True)
+    fn = plain.main
+    (q,) = [n for n in fn.nodes if n.op == "qmatmul"]
+    r = fn.add_arg("r", tensor(["batch", 24], "f16"))
+    add = fn.make_node("add", [q.result, r], [q.result.type])
+    fn.set_outputs([add.result], ["y0"])
+    fused = PassManager.parse("fuse-norm-qmatmul,fuse-epilogue").run(plain.clone())
+    (q,) = [n for n in fused.main.nodes if n.op == "qmatmul"]
+    assert q.attrs["x_norm"] == "layer" and "epilogue" in q.attrs
+    assert [v.name for v in qmatmul_epilogue_operands(q)] == ["r"]
+    assert qmatmul_x_norm_scale(q).type.shape == (32,) and qmatmul_x_norm_bias(q) is not None
+    assert [n.op for n in fused.main.nodes if n.op != "constant"] == ["qmatmul"]
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.standard_normal((3, 32)).astype(np.float16) * 4,
+             "r": rng.standard_normal((3, 24)).astype(np.float16)}
+    np.testing.assert_array_equal(ref_run(fused, feeds)["y0"], ref_run(plain, feeds)["y0"])

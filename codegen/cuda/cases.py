@@ -161,13 +161,11 @@ def _act8_model(module: Module, x: np.ndarray, node, fp8: bool) -> np.ndarray:
     k_pad = pad_to(k, K_ALIGN)
     g_idx = constant_value(module, gi_v) if gi_v is not None else None
     if node.attrs.get("x_norm"):  # fuse-norm-qmatmul: the kernel quantizes the normalized x
-        from qcompiler.ir.ops import qmatmul_x_norm_bias, qmatmul_x_norm_scale
-        from qcompiler.runtime.reference import layer_normalize, rms_normalize
+        from qcompiler.ir.ops import qmatmul_x_norm_operands
+        from qcompiler.runtime.reference import x_normalize
 
-        norm_w = constant_value(module, qmatmul_x_norm_scale(node))
-        eps = node.attrs["x_norm_epsilon"]
-        x = rms_normalize(x, norm_w, eps, axis=-1) if node.attrs["x_norm"] == "rms" else \
-            layer_normalize(x, norm_w, constant_value(module, qmatmul_x_norm_bias(node)), eps, -1)
+        x = x_normalize(node, x, *(constant_value(module, v)
+                                   for v in qmatmul_x_norm_operands(node)))
     if fp8:
         centred = np.asarray(w).astype(np.float64)  # e4m3 values, no zero point
     else:

@@ -60,8 +60,8 @@ from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
-from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, QMATMUL_X_NORMS,
-                              qmatmul_epilogue_operands)
+from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
+                              qmatmul_x_norm_operands)
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -211,10 +211,9 @@ def step_table_text(module, plan, symbols: dict) -> str:
             node = nodes[step.node]
             x = f"x=%{step.inputs[0]}"
             if node.attrs.get("x_norm"):  # fuse-norm-qmatmul: the kernel normalizes x first
-                norm_operands = node.operands[len(node.operands)
-                                              - QMATMUL_X_NORMS[node.attrs["x_norm"]]:]
                 x = f"x={node.attrs['x_norm']}norm(%{step.inputs[0]}, " + ", ".join(
-                    "none" if v is None else "%" + v.name for v in norm_operands) + ")"
+                    "none" if v is None else "%" + v.name
+                    for v in qmatmul_x_norm_operands(node)) + ")"
             if epilogue_in_kernel(node):
                 extras = "".join(f" %{v.name}" for v in qmatmul_epilogue_operands(node))
                 lines.append(f"  QMM    %{step.node}: {x} w=%{step.inputs[1]}"

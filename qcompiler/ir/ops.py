@@ -647,15 +647,23 @@ def qmatmul_epilogue_operands(node_or_operands, attrs: Optional[dict] = None) ->
     return list(operands[QMATMUL_FIXED_OPERANDS:end])
 
 
+def qmatmul_x_norm_operands(node) -> list:
+    """The operands ``x_norm`` adds at the end of a qmatmul: [scale] for ``rms``, [scale,
+    bias or None] for ``layer``, [] without one."""
+    count = QMATMUL_X_NORMS.get(node.attrs.get("x_norm"), 0)
+    return list(node.operands[len(node.operands) - count:]) if count else []
+
+
 def qmatmul_x_norm_scale(node):
     """The scale operand of a qmatmul's ``x_norm``, or None without one."""
-    count = QMATMUL_X_NORMS.get(node.attrs.get("x_norm"), 0)
-    return node.operands[-count] if count else None
+    tail = qmatmul_x_norm_operands(node)
+    return tail[0] if tail else None
 
 
 def qmatmul_x_norm_bias(node):
     """The bias operand of a qmatmul's ``x_norm = "layer"`` (may be None), else None."""
-    return node.operands[-1] if node.attrs.get("x_norm") == "layer" else None
+    tail = qmatmul_x_norm_operands(node)
+    return tail[1] if len(tail) > 1 else None
 
 
 @_def("qmatmul",

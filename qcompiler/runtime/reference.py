@@ -31,7 +31,7 @@ import numpy as np
 
 from qcompiler.errors import InputError, QCompilerError
 from qcompiler.ir.core import Function, Module, Node, Value
-from qcompiler.ir.ops import qmatmul_epilogue_operands
+from qcompiler.ir.ops import QMATMUL_X_NORMS, qmatmul_epilogue_operands
 from qcompiler.ir.types import QuantScheme, TensorType
 from qcompiler.runtime import numerics
 
@@ -231,6 +231,15 @@ def _rmsnorm(node, args, module):
     """ONNX RMSNormalization (stash_type=1: f16/bf16 computed in float32)."""
     x, scale = args
     return [rms_normalize(x, scale, node.attrs["epsilon"], node.attrs["axis"])]
+
+
+def x_normalize(node: Node, x: np.ndarray, scale: np.ndarray, bias=None) -> np.ndarray:
+    """x as a qmatmul with ``x_norm`` reads it: normalized over its last axis with the norm's
+    scale (and LayerNorm's bias)."""
+    eps = node.attrs["x_norm_epsilon"]
+    if node.attrs["x_norm"] == "rms":
+        return rms_normalize(x, scale, eps, axis=-1)
+    return layer_normalize(x, scale, bias, eps, axis=-1)
 
 
 def rms_normalize(x: np.ndarray, scale: np.ndarray, epsilon: float, axis: int) -> np.ndarray:
@@ -620,10 +629,9 @@ def _qmatmul_product(node, args, module):
     if w.ndim != 2:
         raise ValueError(f"qmatmul weight must be [K, N], not {w.shape}")
     out_dtype = qmatmul_product_dtype(node)
-    if node.attrs.get("x_norm") == "rms":  # fuse-norm-qmatmul: the rmsnorm it took in
-        x = rms_normalize(x, args[-1], node.attrs["x_norm_epsilon"], axis=-1)
-    elif node.attrs.get("x_norm") == "layer":  # ... or the layernorm
-        x = layer_normalize(x, args[-2], args[-1], node.attrs["x_norm_epsilon"], axis=-1)
+    if node.attrs.get("x_norm"):  # fuse-norm-qmatmul: the norm it took in
+        count = QMATMUL_X_NORMS[node.attrs["x_norm"]]
+        x = x_normalize(node, x, *args[len(args) - count:])
 
     if act == "float":
         # Dequantize in float32 and round to x's type (an f16 model stores f16 weights),
