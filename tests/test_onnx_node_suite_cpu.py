@@ -68,16 +68,16 @@ SAMPLE = [
     "test_dequantizelinear_e4m3fn_zero_point", "test_dequantizelinear_float4e2m1",
     "test_dequantizelinear_uint16", "test_dynamicquantizelinear_min_adjusted",
     "test_qlinearmatmul_3D_uint8_float16", "test_matmulinteger",
+    # recurrent (codegen/cpu/recurrent.py)
+    "test_lstm_defaults",
     # still host fallbacks (EXPECTED_FALLBACKS)
-    "test_resize_downsample_scales_linear_antialias", "test_lstm_defaults",
+    "test_resize_downsample_scales_linear_antialias",
 ]
 
 # sample case -> (the ops the report lists as host fallbacks, why)
 EXPECTED_FALLBACKS: dict[str, tuple[set, str]] = {
     "test_resize_downsample_scales_linear_antialias": (
         {"resize"}, "antialias: a footprint that depends on the scale (not in the kernel)"),
-    "test_lstm_defaults": ({"recurrent"}, "no recurrent (LSTM/GRU/RNN) kernel: a sequential "
-                                          "scan over time"),
 }
 
 

@@ -58,6 +58,10 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.qlinear import primfunc_for_qlinear
 
         return primfunc_for_qlinear(node, params, module, known)
+    if node.op == "recurrent" and node.op not in BUILDERS:  # cpu/recurrent.py: a time loop
+        from qcompiler.codegen.cpu.recurrent import primfunc_for_recurrent
+
+        return primfunc_for_recurrent(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
