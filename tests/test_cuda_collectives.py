@@ -23,6 +23,7 @@ from qcompiler.driver.sharded import pipeline_with_shard
 from qcompiler.ir import parse_module
 from qcompiler.pipeline import PassManager
 from qcompiler.plan import lower
+from qcompiler.plan.shapes import ConstantCache
 from qcompiler.runtime import collectives
 from qcompiler.runtime.collectives import CollectiveError, Communicator
 from qcompiler.runtime.ranks import rank_program
@@ -158,6 +159,7 @@ def _runner(module, log, use_graphs=True, lanes=True):
     r.weights, r._signatures, r._arenas, r._loaded = {}, {}, {}, True
     r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
     r._itemsizes = None
+    r._constants = ConstantCache()
     return r
 
 

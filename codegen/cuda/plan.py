@@ -62,6 +62,7 @@ from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
 from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
                               qmatmul_x_norm_operands)
+from qcompiler.plan.shapes import ConstantCache, resolve
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -320,6 +321,9 @@ class CudaPlanRunner:
         # (store, key). Past MAX_SIGNATURES the least recent one is released (_touch).
         self._recent: OrderedDict = OrderedDict()
         self._itemsizes: Optional[dict] = None  # buffer name -> element bytes (_prepare)
+        # host values that depend on no input shape, computed by the first signature's
+        # resolve and reused by every later one (a decode loop prepares one per token)
+        self._constants = ConstantCache()
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -414,10 +418,8 @@ class CudaPlanRunner:
         """The buffers, step table and graph of one shape signature. ``bound``: input name ->
         the caller's device pointer, read in place by the launches (not allocated here)."""
         from qcompiler.plan.memory import plan_memory, select_bucket
-        from qcompiler.plan.shapes import resolve
-
         plan, rt = self.plan, self.rt
-        resolved = resolve(plan, self.module, shapes)
+        resolved = resolve(plan, self.module, shapes, self._constants)
         mem = select_bucket(plan, resolved.dims)
         if mem is None:  # beyond every bucket: an arena for exactly these dims
             mem = plan_memory(plan, self.module, {s: resolved.dims[s] for s in plan.symbols})
