@@ -10,6 +10,12 @@ by the inputs (``batch``, ``seq``). A symbol no input binds (``Min_512__seq`` of
 value by its array, any other value by the op's type inference over the concrete operand
 shapes and the host arrays (a reshape's target shape is a host value). A later value with the
 same symbol then reuses that binding.
+
+A model's layers repeat the same shape computations (each layer takes ``shape(x)``, gathers a
+dim, builds a reshape target; each infers the same attention output): within one resolve a
+host evaluation or a type inference is done once per distinct (op, attributes, operand
+types, small operand values) and reused by the layers after it (``_Memo``). A decode loop
+whose KV cache grows resolves once per token, so this is most of its host time.
 """
 from __future__ import annotations
 
@@ -24,7 +30,12 @@ from qcompiler.plan.plan import Plan, PlanError
 
 class ConstantCache(dict):
     """Host values that depend on no input shape (all operands weights), by value name: they
-    are the same for every signature, so one cache serves every bucket and run."""
+    are the same for every signature, so one cache serves every bucket and run. Also each
+    node's fixed part of a memo key (``node_keys``; one cache belongs to one module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.node_keys: dict = {}
 
 
 @dataclass
@@ -60,6 +71,36 @@ def _known(declared: tuple, dims: dict):
     return tuple(out)
 
 
+# Host arrays up to this many elements are part of a memo key by value (shape computations
+# handle a few dims each); a node reading a larger one is evaluated without the memo.
+MEMO_MAX_ELEMENTS = 64
+
+
+class _Memo:
+    """Host evaluations and type inferences of one resolve, by content (see the module doc)."""
+
+    def __init__(self, static: dict):
+        self.static = static     # id(node) -> the key part fixed by the node (op, attrs, types)
+        self.results: dict = {}  # key -> host arrays or inferred types
+
+    def node_part(self, node) -> tuple:
+        part = self.static.get(id(node))
+        if part is None:
+            part = self.static[id(node)] = (
+                node.op, repr(sorted(node.attrs.items())),
+                tuple(None if v is None else (v.type.dtype.name, repr(v.type.quant),
+                                              repr(v.type.layout)) for v in node.operands),
+                tuple(r.type.dtype.name for r in node.results))
+        return part
+
+    @staticmethod
+    def array_part(a: np.ndarray):
+        """A host array's part of a key; None when it is too large to be one."""
+        if a.size > MEMO_MAX_ELEMENTS:
+            return None
+        return (a.dtype.str, a.shape, a.tobytes())
+
+
 def _shape_only(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """An array with ``shape`` and no memory behind it, for ops that read only the shape."""
     return np.broadcast_to(np.zeros((), dtype), shape)
@@ -80,6 +121,7 @@ def resolve(plan: Plan, module: Module, input_shapes: dict,
         _bind(dims, a.type.shape, shape, a.name)
         shapes[a.name] = shape
     host: dict = {}
+    memo = _Memo(constants.node_keys)
     for node in fn.nodes:
         if node.op == "constant":
             for r in node.results:
@@ -87,12 +129,14 @@ def resolve(plan: Plan, module: Module, input_shapes: dict,
                 if arr is None:
                     raise PlanError(f"%{r.name}: constant {node.attrs.get('name')!r} is not in "
                                     "the module's side table")
+                if not isinstance(arr, np.ndarray):  # an inline ``value`` attribute
+                    arr = np.asarray(arr, r.type.dtype.np_dtype)
                 arrays[r.name] = arr
                 shapes[r.name] = tuple(arr.shape)
             continue
         kind = plan.buffers[node.results[0].name].kind
         if kind == "host":
-            _eval_host(node, module, shapes, arrays, host, dims, constants, OP_IMPLS)
+            _eval_host(node, module, shapes, arrays, host, dims, constants, OP_IMPLS, memo)
             continue
         todo = []
         for r in node.results:
@@ -102,16 +146,33 @@ def resolve(plan: Plan, module: Module, input_shapes: dict,
             else:
                 shapes[r.name] = known
         if todo:
-            _infer(node, shapes, arrays, dims, todo)
+            _infer(node, shapes, arrays, dims, todo, memo)
     return Resolved(shapes, host, dims)
 
 
-def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls) -> None:
+def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls,
+               memo: _Memo) -> None:
     names = ", ".join(f"%{r.name}" for r in node.results)
     pure = node.op != "shape" and all(v is None or v.name in arrays and v.name not in host
                                       for v in node.operands)
+    key = None
+    if not (pure and node.results[0].name in constants) and node.op != "constant":
+        parts = [memo.node_part(node)]
+        for v in node.operands:
+            if v is None:
+                parts.append(None)
+            elif v.name in arrays:
+                parts.append(memo.array_part(arrays[v.name]))
+                if parts[-1] is None:
+                    break
+            else:  # only the shape is read
+                parts.append(("shape", shapes[v.name]))
+        else:
+            key = tuple(parts)
     if pure and node.results[0].name in constants:
         outs = constants[node.results[0].name]
+    elif key is not None and key in memo.results:
+        outs = memo.results[key]
     else:
         impl = op_impls.get(node.op)
         if impl is None:
@@ -131,6 +192,8 @@ def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls) ->
                             f"{type(e).__name__}: {e}") from e
         if pure:
             constants[node.results[0].name] = outs
+        if key is not None:
+            memo.results[key] = outs
     for r, y in zip(node.results, outs):
         _bind(dims, r.type.shape, y.shape, r.name)
         arrays[r.name] = y
@@ -138,17 +201,29 @@ def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls) ->
         shapes[r.name] = tuple(y.shape)
 
 
-def _infer(node, shapes, arrays, dims, todo) -> None:
-    types = [None if v is None else TensorType(shapes[v.name], v.type.dtype, v.type.quant,
-                                               v.type.layout)
-             for v in node.operands]
+def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
     consts = [None if v is None else arrays.get(v.name) for v in node.operands]
+    parts = [memo.node_part(node)]
+    for v, c in zip(node.operands, consts):
+        parts.append(None if v is None else
+                     (shapes[v.name], None if c is None else memo.array_part(np.asarray(c))))
+        if c is not None and parts[-1][1] is None:
+            parts = None
+            break
+    key = ("infer", tuple(parts)) if parts is not None else None
     names = ", ".join(f"%{r.name}" for r in todo)
-    try:
-        inferred = infer_types(node.op, types, node.attrs, consts)
-    except Exception as e:
-        raise PlanError(f"{names} = {node.op}: cannot size it for these dims: "
-                        f"{type(e).__name__}: {e}") from e
+    inferred = memo.results.get(key) if key is not None else None
+    if inferred is None:
+        types = [None if v is None else TensorType(shapes[v.name], v.type.dtype, v.type.quant,
+                                                   v.type.layout)
+                 for v in node.operands]
+        try:
+            inferred = infer_types(node.op, types, node.attrs, consts)
+        except Exception as e:
+            raise PlanError(f"{names} = {node.op}: cannot size it for these dims: "
+                            f"{type(e).__name__}: {e}") from e
+        if key is not None:
+            memo.results[key] = inferred
     if not inferred:
         raise PlanError(f"{names} = {node.op}: cannot size it for these dims (no inference)")
     for r, t in zip(node.results, inferred):

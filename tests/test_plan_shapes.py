@@ -1,0 +1,105 @@
+"""The plan's shape functions (qcompiler/plan/shapes.py) share work between a model's layers:
+within one resolve each distinct host evaluation and type inference is done once
+(``_Memo``), which is most of the host time of a decode loop's new signature. The memo must
+never hand one node another node's result: checked on a 2-layer Llama decode step (every
+value's shape and host array equal to a resolve without the memo, over several cache
+lengths) and on two nodes that differ only in what the memo keys on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from qcompiler.ir import parse_module
+from qcompiler.plan import lower
+from qcompiler.plan import shapes as shapes_mod
+from qcompiler.plan.shapes import ConstantCache, resolve
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+class _Forgetful(dict):
+    """A memo store that keeps nothing: every node is evaluated (the resolve before the memo)."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _without_memo(monkeypatch):
+    original = shapes_mod._Memo.__init__
+
+    def init(self, static):
+        original(self, static)
+        self.results = _Forgetful()
+
+    monkeypatch.setattr(shapes_mod._Memo, "__init__", init)
+
+
+@pytest.fixture(scope="module")
+def llama_decode(tmp_path_factory):
+    pytest.importorskip("torch")
+    sys.path.insert(0, EXAMPLES)
+    import decoder_models as dm
+
+    from qcompiler.driver.frontend import import_model
+    from qcompiler.pipeline import PassManager
+
+    cfg = dm.SMALL_LLAMA
+    path = str(tmp_path_factory.mktemp("llama") / "decode.onnx")
+    dm.export_onnx(dm.llama(layers=2, **cfg), dm.llama_inputs(cfg, 2, 1, 1, 8), path,
+                   dynamo=False)
+    module = PassManager.parse("canonicalize,quantize-weights{bits=4,group=32},fuse-dequant") \
+        .run(import_model(path))
+    return module, lower(module), cfg, dm
+
+
+def test_memo_changes_no_shape_or_host_value(llama_decode, monkeypatch):
+    module, plan, cfg, dm = llama_decode
+    calls = []
+    infer = shapes_mod.infer_types
+    monkeypatch.setattr(shapes_mod, "infer_types", lambda *a: calls.append(a[0]) or infer(*a))
+    cache = ConstantCache()
+    signatures = [{n: tuple(v.shape) for n, v in dm.llama_inputs(cfg, 2, 1, 1, past).items()}
+                  for past in (3, 8, 40)]
+    with_memo = [resolve(plan, module, s, cache) for s in signatures]
+    inferred_with_memo = len(calls)
+    _without_memo(monkeypatch)
+    calls.clear()
+    without = [resolve(plan, module, s, ConstantCache()) for s in signatures]
+    # both layers infer the same ops' types: the memo did the second layer's from the first's
+    assert inferred_with_memo < len(calls)
+    for a, b in zip(with_memo, without):
+        assert a.shapes == b.shapes and a.dims == b.dims
+        assert a.host.keys() == b.host.keys()
+        for name in a.host:
+            np.testing.assert_array_equal(a.host[name], b.host[name], err_msg=name)
+            assert a.host[name].dtype == b.host[name].dtype, name
+
+
+# Two casts of the same shape to different types, and two shape gathers of different dims:
+# the same operands, told apart by their attributes, result types and constant operands.
+TWINS = """module @twins {
+  func @main(%x: tensor<[n, m], f32>) -> ("a": tensor<[2], i64>, "b": tensor<[2], i32>, "c": tensor<[], i64>, "d": tensor<[], i64>) {
+    %s = shape(%x) : tensor<[2], i64>
+    %a = cast(%s) {to = i64} : tensor<[2], i64>
+    %b = cast(%s) {to = i32} : tensor<[2], i32>
+    %i0 = constant() {value = 0} : tensor<[], i64>
+    %i1 = constant() {value = 1} : tensor<[], i64>
+    %c = gather(%s, %i0) {axis = 0} : tensor<[], i64>
+    %d = gather(%s, %i1) {axis = 0} : tensor<[], i64>
+    return %a, %b, %c, %d
+  }
+}
+"""
+
+
+def test_memo_keeps_nodes_that_differ_apart():
+    module = parse_module(TWINS)
+    plan = lower(module)
+    r = resolve(plan, module, {"x": (5, 7)})
+    assert r.host["a"].dtype == np.int64 and r.host["b"].dtype == np.int32
+    assert list(r.host["a"]) == list(r.host["b"]) == [5, 7]
+    assert int(r.host["c"]) == 5 and int(r.host["d"]) == 7
