@@ -62,6 +62,14 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
         from qcompiler.codegen.cpu.recurrent import primfunc_for_recurrent
 
         return primfunc_for_recurrent(node, params, module, known)
+    if node.op == "linear_attention" and node.op not in BUILDERS:  # cpu/linear_attention.py
+        from qcompiler.codegen.cpu.linear_attention import primfunc_for_linear_attention
+
+        return primfunc_for_linear_attention(node, params, module, known)
+    if node.op == "col2im" and node.op not in BUILDERS:  # cpu/col2im.py: a gather over taps
+        from qcompiler.codegen.cpu.col2im import primfunc_for_col2im
+
+        return primfunc_for_col2im(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
