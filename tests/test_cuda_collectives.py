@@ -138,8 +138,10 @@ class _Comm(Communicator):
         self.log.append(("all_reduce", ptr, tuple(shape), np.dtype(dtype).name, stream))
 
 
-def _runner(module, log, use_graphs=True, lanes=True):
-    """A CudaPlanRunner whose device parts are recorders (load_device is not called)."""
+def _runner(module, log, use_graphs=True, lanes=True, capture_after=1):
+    """A CudaPlanRunner whose device parts are recorders (load_device is not called); its
+    graphs captured at a signature's ``capture_after``-th run (1: the first, so that a test's
+    single run shows its tables)."""
     r = CudaPlanRunner.__new__(CudaPlanRunner)
     r.module, r.plan = module, lower(module)
     r.nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
@@ -160,6 +162,7 @@ def _runner(module, log, use_graphs=True, lanes=True):
     r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
     r._itemsizes = None
     r._constants = ConstantCache()
+    r.capture_after_uses = capture_after
     return r
 
 

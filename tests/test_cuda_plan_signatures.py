@@ -69,3 +69,35 @@ def test_least_recently_used_signatures_are_released(monkeypatch):
     assert sorted(k[0][0] for k in runner._signatures) == [1, 4, 6, 7]
     assert runner.launcher.destroyed[-1] == graphs[5]
     assert len(runner._recent) == 4
+
+
+def test_a_signature_is_captured_at_its_second_run():
+    """A signature's first run enqueues its table from the launcher; the second captures the
+    graph and launches it; later runs replay it. A signature used once (a generation loop's
+    cache length) is never captured, and its release destroys no graph."""
+    log = []
+    runner = _mlp_runner(log)
+    runner.capture_after_uses = CudaPlanRunner.CAPTURE_AFTER_USES
+    assert runner.capture_after_uses == 2
+    x = {b: np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
+         for b in (1, 2)}
+
+    def launches():
+        return [e[0] for e in log if e[0] in ("launch", "graph")]
+
+    runner({"x": x[1]})
+    assert launches() == ["launch"] and runner.launcher.tables == []
+    sig = runner._signatures[((1, 64),)]
+    assert sig.graph is None and sig.uses == 1
+    runner({"x": x[1]})
+    assert launches() == ["launch", "graph"] and len(runner.launcher.tables) == 1
+    graph = sig.graph
+    assert graph is not None
+    runner({"x": x[1]})
+    assert launches() == ["launch", "graph", "graph"] and len(runner.launcher.tables) == 1
+    assert [e[1] for e in log if e[0] == "graph"] == [graph, graph]
+    runner({"x": x[2]})  # a new shape: its table again, no capture
+    assert launches()[-1] == "launch" and len(runner.launcher.tables) == 1
+    runner._release(runner._signatures[((2, 64),)])
+    runner._release(sig)
+    assert runner.launcher.destroyed == [graph]

@@ -14,12 +14,16 @@ plan: the steps' pointers and dims are known only per input signature (shape fun
 bucket arenas, host values), so a generated function would still read them from a table; the
 launcher is the same few lines for every model (built once, cached), and the per-model code
 is only the kernels. Per run nothing happens per op on the host: the table is captured once
-per (bucket, signature) as a CUDA graph and each run is one ``cudaGraphLaunch``.
+per (bucket, signature) as a CUDA graph and each run is one ``cudaGraphLaunch``. The capture
+waits for a signature's second run (``CAPTURE_AFTER_USES``): the first runs the table from
+the launcher directly, as fast to enqueue as a capture, so a signature used once (a
+generation loop's, whose KV cache grows a token a call) never pays the graph's
+instantiation.
 
 Run time (``CudaPlanRunner``, no TVM, no torch): the device is touched on the first run;
 weights are uploaded once; per bucket one device arena (the memory plan's offsets); per input
 signature the shape functions are evaluated on the host, their values uploaded, input and
-output buffers allocated, the table built and the graph captured. Consecutive launches that
+output buffers allocated, the table built (and the graph captured at its second run). Consecutive launches that
 touch disjoint memory (``concurrent_runs``: none reads or writes what another writes) are
 marked to run concurrently, on side streams forked from the plan's stream: the graph gets
 parallel branches (``QC_CUDA_LANES=1`` turns this off). A run copies the inputs into
@@ -266,9 +270,10 @@ class _Signature:
         self.allocs: list = []      # device allocations owned by this signature
         self.runs: list = []        # concurrent_runs of the launches, collectives included
         self.labels: list = []      # per launch: "%node = op" (errors, profiles)
-        # the segments and collectives in order: ("launch", table, n, graph or None) and
-        # ("collective", node, ptr, shape, dtype, world)
+        # the segments and collectives in order: ("launch", table, n, graph or None, index of
+        # the segment's first launch) and ("collective", node, ptr, shape, dtype, world)
         self.program: list = []
+        self.uses = 0                # runs so far (the graphs are captured at the second)
         self.collectives: list = []  # (node, world) of the collective items
         self.bound: set = set()      # inputs read in place from the caller's device buffers
 
@@ -307,6 +312,8 @@ class CudaPlanRunner:
         self.qmm = CudaModuleRunner(module, manifest, out_dir)  # paths, qmatmul kernels
         self.target = manifest["target"]
         self.use_graphs = os.environ.get("QC_CUDA_GRAPHS", "1") != "0"
+        self.capture_after_uses = max(1, int(os.environ.get("QC_CUDA_CAPTURE_AFTER",
+                                                            self.CAPTURE_AFTER_USES)))
         self.lanes_wanted = max(1, min(MAX_LANES, int(os.environ.get("QC_CUDA_LANES", MAX_LANES))))
         self.plan = None
         self._loaded = False
@@ -605,18 +612,23 @@ class CudaPlanRunner:
                                       int(epilogue), runs[i])
                 else:
                     table[j] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, runs[i])
-            graph = None
-            if self.use_graphs:
-                exec_ = ctypes.c_void_p()
-                failed = ctypes.c_int64(-1)
-                err = self.launcher.qc_plan_capture(table, len(indices), self.stream,
-                                                    self.lanes, ctypes.byref(exec_),
-                                                    ctypes.byref(failed))
-                self._check(err, "capturing the plan: launch "
-                                 f"{indices[0] + failed.value} ({labels[indices[0] + failed.value]})")
-                graph = exec_.value
-            sig.program.append(("launch", table, len(indices), graph))
+            sig.program.append(("launch", table, len(indices), None, indices[0]))
         return sig
+
+    def _capture(self, sig: _Signature) -> None:
+        """Capture each launch segment of ``sig`` as a CUDA graph (instantiated, replayed by
+        every later run)."""
+        for k, item in enumerate(sig.program):
+            if item[0] != "launch" or item[3] is not None:
+                continue
+            _, table, n, _, first = item
+            exec_ = ctypes.c_void_p()
+            failed = ctypes.c_int64(-1)
+            err = self.launcher.qc_plan_capture(table, n, self.stream, self.lanes,
+                                                ctypes.byref(exec_), ctypes.byref(failed))
+            self._check(err, f"capturing the plan: launch {first + failed.value} "
+                             f"({sig.labels[first + failed.value]})")
+            sig.program[k] = ("launch", table, n, exec_.value, first)
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, inputs: dict) -> dict:
@@ -651,6 +663,9 @@ class CudaPlanRunner:
         if sig.collectives:  # refused before any launch: a rank artifact loaded alone
             for node, world in sig.collectives:
                 communicator_for(node, world)
+        sig.uses += 1
+        if self.use_graphs and sig.uses == self.capture_after_uses:
+            self._capture(sig)
         lib, s = self.launcher, self.stream
         torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
                         and type(arrays[n]).__module__.startswith("torch")]
@@ -679,13 +694,14 @@ class CudaPlanRunner:
                 _, node, dptr, shape, dtype, world = item
                 all_reduce_device(node, dptr, shape, dtype, world, s)
                 continue
-            _, table, n, graph = item
+            _, table, n, graph, first = item
             if graph is not None:
                 self._check(lib.qc_graph_launch(graph, s), "cudaGraphLaunch")
             else:
                 failed = ctypes.c_int64(-1)
                 err = lib.qc_plan_launch(table, n, s, self.lanes, ctypes.byref(failed))
-                self._check(err, f"launching plan step {failed.value}")
+                self._check(err, f"launching plan step {first + failed.value} "
+                                 f"({sig.labels[first + failed.value]})")
         torch_out = any(v is not None for v in on_device.values()) and _torch_available()
         results = {}
         for out, buf in plan.outputs.items():
@@ -747,11 +763,16 @@ class CudaPlanRunner:
 
     # Signatures (plain and bound) kept at once. A generation loop whose KV cache grows by a
     # token per call meets a new shape signature every call, each with its own input and
-    # output buffers and graph: past this many the least recently used is released, so that
-    # memory stays bounded (each new length is still prepared and captured once: a decode
-    # graph independent of the cache length is future work, codegen/cuda/NOTES.md). Few: a
-    # 22-layer decode's signature at a 2048-token cache holds ~90 MB of cache in and out.
+    # output buffers (and graph, from its second run): past this many the least recently used
+    # is released, so that memory stays bounded (each new length is still prepared once: a
+    # decode graph independent of the cache length is future work, codegen/cuda/NOTES.md).
+    # Few: a 22-layer decode's signature at a 2048-token cache holds ~90 MB of cache in and
+    # out.
     MAX_SIGNATURES = max(2, int(os.environ.get("QC_CUDA_MAX_SIGNATURES", "8")))
+    # The run of a signature that captures its graphs (QC_CUDA_CAPTURE_AFTER; 1: the first).
+    # Before it the launcher enqueues the table directly: about what a capture costs on the
+    # host, without the instantiation, which a signature used once never repays.
+    CAPTURE_AFTER_USES = 2
 
     def _touch(self, store: dict, key) -> None:
         """store[key] was used now; release the least recently used signatures past
