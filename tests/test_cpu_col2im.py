@@ -12,14 +12,13 @@ type). Model level: an ONNX model of Col2Im nodes compiled for ``cpu`` through
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
 
+from cpu_kernel_check import (KernelGraph, aligned, build_kernels, check_nodes,  # noqa: E402
+                              check_onnx_model_on_cpu, nonzero_normal, onnx_model, run_kernel)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
 from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
@@ -37,11 +36,9 @@ def _counts(image, block, strides, pads, dil):
             // strides[i] + 1 for i in range(nsp)]
 
 
-class Graph:
+class Graph(KernelGraph):
     def __init__(self):
-        self.module = Module("col2im")
-        self.fn = self.module.add_function(Function("main"))
-        self.nodes: dict = {}
+        super().__init__("col2im")
 
     def const(self, values):
         return constant_node(self.fn, self.module, np.asarray(values, np.int64)).result
@@ -57,10 +54,8 @@ class Graph:
                    int(np.prod(_counts(image, block, strides, pads, dil)))]
         x = self.fn.add_arg(self.fn.fresh_name("x"), tensor(x_shape, dtype))
         result = tensor([batch, "?" if ck else channels, *image], dtype)
-        node = self.fn.make_node("col2im", [x, self.const(image), self.const(block)], [result],
-                                 {"strides": strides, "pads": pads, "dilations": dil})
-        self.nodes.setdefault(key, []).append(node)
-        return node
+        return self.add_node(key, "col2im", [x, self.const(image), self.const(block)],
+                             [result], {"strides": strides, "pads": pads, "dilations": dil})
 
 
 def _make_graph() -> Graph:
@@ -91,11 +86,7 @@ def _make_graph() -> Graph:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    g = _make_graph()
-    nodes = [n for ns in g.nodes.values() for n in ns]
-    path = str(tmp_path_factory.mktemp("col2im") / "ops.so")
-    names = build_ops_library(nodes, "cpu", path, module=g.module)
-    return g, names, OpsLibrary(path)
+    return build_kernels(_make_graph(), tmp_path_factory, "col2im")
 
 
 def _x(node, sizes, rng) -> np.ndarray:
@@ -111,9 +102,7 @@ def _x(node, sizes, rng) -> np.ndarray:
         a = rng.integers(info.min, info.max, shape, endpoint=True)
         a[a == 0] = 1
         return a.astype(dtype)
-    a = rng.standard_normal(shape)
-    a[a == 0] = 0.25
-    return a.astype(dtype)
+    return nonzero_normal(rng, shape).astype(dtype)
 
 
 def _args(node, x) -> list:
@@ -121,54 +110,28 @@ def _args(node, x) -> list:
     return [x, image, block]
 
 
-def _aligned(a):
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
+def _inputs(node, sizes, rng) -> list:
+    """Random columns (``_x``), then the constant image and block shapes."""
+    return _args(node, _x(node, sizes, rng))
 
 
-def _run(built, node, args):
-    """(kernel result, reference result) of ``node`` on ``args``."""
-    g, names, lib = built
-    want = OP_IMPLS["col2im"](node, args, g.module)[0]
-    out = aligned_empty(want.shape, want.dtype)
-    out[...] = 7  # garbage: a position the kernel does not write shows up
-    lib[names[node.results[0].name]](*[_aligned(a) for a in args], out)
-    return out, want
-
-
-def _check(built, key, sizes_list=({},), seed=0):
-    g = built[0]
-    rng = np.random.default_rng(seed)
-    checked = 0
-    for sizes in sizes_list:
-        for node in g.nodes[key]:
-            got, want = _run(built, node, _args(node, _x(node, sizes, rng)))
-            what = f"col2im {dict(node.attrs)} of {node.operands[0].type} at {sizes}"
-            assert got.shape == want.shape and got.dtype == want.dtype, what
-            # bit for bit: the same float64 sums in the same order, one rounding
-            np.testing.assert_array_equal(got, want, err_msg=what)
-            checked += 1
-    assert checked
-
-
-def test_2d_strides_pads_dilations(built):
-    _check(built, "2d")
-
-
-def test_1d_and_nd(built):
-    _check(built, "nd", seed=1)
-
-
-def test_symbolic_batch_and_channels(built):
-    _check(built, "symbolic", sizes_list=SIZES, seed=2)
+# a test per group of _make_graph: (key, sizes of the symbolic dims, seed of the inputs); no
+# tolerance, bit for bit: the same float64 sums in the same order, one rounding
+@pytest.mark.parametrize("key, sizes_list, seed", [
+    pytest.param("2d", ({},), 0, id="2d_strides_pads_dilations"),
+    pytest.param("nd", ({},), 1, id="1d_and_nd"),
+    pytest.param("symbolic", SIZES, 2, id="symbolic_batch_and_channels"),
+])
+def test_matches_reference(built, key, sizes_list, seed):
+    check_nodes(built, key, _inputs, None, sizes_list, seed)
 
 
 def test_other_types(built):
-    """f16 / bf16 / f64; i8 / u8 / i16 / u16 whose sums wrap; bool (any true entry)."""
-    _check(built, "dtypes", seed=3)
+    """f16 / bf16 / f64; i8 / u8 / i16 / u16 whose sums wrap; bool (any true entry): bit for
+    bit too."""
+    check_nodes(built, "dtypes", _inputs, None, seed=3)
     # the integer cases did overflow (so the wrap is what was compared)
-    g = built[0]
+    g = built.graph
     node = next(n for n in g.nodes["dtypes"] if n.operands[0].type.dtype.name == "i8")
     x = _x(node, {}, np.random.default_rng(3))
     sums = OP_IMPLS["col2im"](node, _args(node, x.astype(np.float64)), g.module)[0]
@@ -178,10 +141,9 @@ def test_other_types(built):
 def test_every_entry_lands_once(built):
     """Ones in: each pixel counts the blocks that cover it (0 where a stride leaves gaps,
     never 2 where blocks do not overlap)."""
-    g = built[0]
-    node = g.nodes["2d"][3]  # stride 3 over a 2x2 block: gaps
+    node = built.graph.nodes["2d"][3]  # stride 3 over a 2x2 block: gaps
     ones = np.ones(node.operands[0].type.shape, np.float32)
-    got, want = _run(built, node, _args(node, ones))
+    (got,), (want,) = run_kernel(built, node, _args(node, ones))
     np.testing.assert_array_equal(got, want)
     assert (got == 0).any() and got.max() == 1
 
@@ -204,10 +166,10 @@ def test_wrong_column_count_fails(tmp_path):
         OP_IMPLS["col2im"](node, args, module)
     out = aligned_empty((1, 1, 3, 3), np.float32)
     with pytest.raises(ValueError, match="Mismatched x"):  # TVM checks the argument
-        call(*[_aligned(a) for a in args], out)
+        call(*[aligned(a) for a in args], out)
     # the right L (4 = 2 x 2 blocks) runs
     args[0] = np.ones((1, 4, 4), np.float32)
-    call(*[_aligned(a) for a in args], out)
+    call(*[aligned(a) for a in args], out)
     np.testing.assert_array_equal(out, OP_IMPLS["col2im"](node, args, module)[0])
 
 
@@ -241,7 +203,6 @@ def test_refused_configurations_name_node_and_op():
 def _onnx_model():
     """Col2Im nodes (2-D with every attribute, 3-D) on fed columns, image_shape and
     block_shape initializers, one node's result fed on into an Add."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(8)
@@ -251,8 +212,7 @@ def _onnx_model():
         nsp = len(image)
         counts = _counts(image, block, attrs.get("strides", [1] * nsp),
                          attrs.get("pads", [0] * 2 * nsp), attrs.get("dilations", [1] * nsp))
-        x = rng.standard_normal((batch, channels * int(np.prod(block)), int(np.prod(counts))))
-        x[x == 0] = 0.25
+        x = nonzero_normal(rng, (batch, channels * int(np.prod(block)), int(np.prod(counts))))
         feeds[f"{name}_x"] = x.astype(np.float32)
         inputs.append(helper.make_tensor_value_info(f"{name}_x", TensorProto.FLOAT, x.shape))
         inits.append(numpy_helper.from_array(np.asarray(image, np.int64), f"{name}_image"))
@@ -270,31 +230,10 @@ def _onnx_model():
                     pads=[0, 1, 1, 0, 0, 2], dilations=[2, 1, 2])
     nodes.append(helper.make_node("Add", [y, y], ["vol_twice"]))
     outputs.append(helper.make_tensor_value_info("vol_twice", TensorProto.FLOAT, shape))
-    graph = helper.make_graph(nodes, "col2im", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return model, feeds
+    return onnx_model("col2im", nodes, inputs, outputs, inits, opset=18), feeds
 
 
 def test_onnx_col2im_compiles_without_host_fallback(tmp_path):
-    import qcompiler
-    from qcompiler.targets import get_target
-
-    if not get_target("cpu").available:
-        pytest.skip("the cpu target is not available here")
-    model, feeds = _onnx_model()
-    out_dir = str(tmp_path / "out")
-    compiled = qcompiler.compile(model, target="cpu", output_dir=out_dir, jobs=1,
-                                 progress=False, cache=False)
-    with open(os.path.join(out_dir, "report.json")) as f:
-        assert json.load(f)["host_fallback"] == []
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        ops = next(k for k in json.load(f)["kernels"] if k.get("impl") == "tvm-llvm-ops")
-    assert sum(name.startswith("qc_col2im_") for name in ops["kernels"].values()) == 3
-    got = compiled.run(feeds)
-    want = qcompiler.compile(model, "ref").run(feeds)
-    assert set(got) == set(want) and len(want) == 3
-    for name, w in want.items():
-        assert got[name].shape == w.shape, name
-        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    # bit for bit, as at the kernel level
+    check_onnx_model_on_cpu(_onnx_model, tmp_path, "qc_col2im_", kernel_count=3,
+                            output_count=3)

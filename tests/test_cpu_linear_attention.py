@@ -12,18 +12,16 @@ host fallback) and matches the ``ref`` target.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
 
+from cpu_kernel_check import (HALF_FLOAT_TOLERANCE, KernelGraph, build_kernels,  # noqa: E402
+                              check_nodes, check_onnx_model_on_cpu, nonzero_normal,
+                              onnx_model, run_kernel)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
-from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
-from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
-from qcompiler.ir.core import Function, Module  # noqa: E402
+from qcompiler.codegen.cpu.ops import primfunc_for  # noqa: E402
 from qcompiler.ir.types import tensor  # noqa: E402
 from qcompiler.runtime.reference import OP_IMPLS  # noqa: E402
 
@@ -32,17 +30,13 @@ RULES = ("linear", "gated", "delta", "gated_delta")
 SIZES = ({"batch": 3, "time": 6}, {"batch": 1, "time": 1})
 # per result dtype: (rtol, atol). The kernel computes in float32 as the reference, but sums
 # over d in its own order (numpy's einsum pairs them differently), and the state carries the
-# rounding from step to step; f16 / bf16 results are rounded once from float32, so a last-bit
-# difference there can move them by one of their ulps
-TOLERANCE = {"f32": (1e-4, 1e-5), "f64": (1e-4, 1e-5), "f16": (2e-3, 2e-3),
-             "bf16": (1.6e-2, 1.6e-2)}
+# rounding from step to step
+TOLERANCE = {"f32": (1e-4, 1e-5), "f64": (1e-4, 1e-5), **HALF_FLOAT_TOLERANCE}
 
 
-class Graph:
+class Graph(KernelGraph):
     def __init__(self):
-        self.module = Module("linear_attention")
-        self.fn = self.module.add_function(Function("main"))
-        self.nodes: dict = {}
+        super().__init__("linear_attention")
 
     def add(self, key, rule, batch=2, time=5, hq=4, hkv=2, dk=3, dv=4, dtype="f32",
             past=False, past_dtype=None, decay="key", beta="head", scale=0.0):
@@ -64,9 +58,7 @@ class Graph:
         results = [tensor([batch, time, hq * dv], dtype),
                    tensor([batch, hkv, dk, dv], state_dtype)]
         attrs = {"q_num_heads": hq, "kv_num_heads": hkv, "scale": scale, "update_rule": rule}
-        node = fn.make_node("linear_attention", operands, results, attrs)
-        self.nodes.setdefault(key, []).append(node)
-        return node
+        return self.add_node(key, "linear_attention", operands, results, attrs)
 
 
 def _make_graph() -> Graph:
@@ -108,11 +100,7 @@ def _make_graph() -> Graph:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    g = _make_graph()
-    nodes = [n for ns in g.nodes.values() for n in ns]
-    path = str(tmp_path_factory.mktemp("linear_attention") / "ops.so")
-    names = build_ops_library(nodes, "cpu", path, module=g.module)
-    return g, names, OpsLibrary(path)
+    return build_kernels(_make_graph(), tmp_path_factory, "linear_attention")
 
 
 def _inputs(node, sizes, rng) -> list:
@@ -130,80 +118,40 @@ def _inputs(node, sizes, rng) -> list:
         elif i == 5:  # beta
             a = rng.uniform(0.1, 0.9, shape)
         else:
-            a = rng.standard_normal(shape) * (0.4 if i == 1 else 1.0)
-            a[a == 0] = 0.25
+            a = nonzero_normal(rng, shape, 0.4 if i == 1 else 1.0)
         args.append(a.astype(v.type.dtype.np_dtype))
     return args
 
 
-def _aligned(a):
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
+def _tolerance(node, want):
+    """(rtol, atol) of the result's own type (present_state follows past_state's)."""
+    return TOLERANCE[{np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
+                      np.dtype(np.float16): "f16"}.get(want.dtype, "bf16")]
 
 
-def _run(built, node, args) -> tuple[list, list]:
-    """(kernel results, reference results) of ``node`` on ``args``."""
-    g, names, lib = built
-    want = OP_IMPLS["linear_attention"](node, args, g.module)
-    outs = [aligned_empty(w.shape, w.dtype) for w in want]
-    for o in outs:
-        o[...] = 7  # garbage: a position the kernel does not write shows up
-    lib[names[node.results[0].name]](*[_aligned(a) for a in args if a is not None], *outs)
-    return outs, want
-
-
-def _check(built, key, sizes_list=({},), seed=0):
-    g = built[0]
-    rng = np.random.default_rng(seed)
-    checked = 0
-    for sizes in sizes_list:
-        for node in g.nodes[key]:
-            outs, want = _run(built, node, _inputs(node, sizes, rng))
-            for got, w, r in zip(outs, want, ["y", "present_state"]):
-                what = f"linear_attention {dict(node.attrs)} {r} at {sizes}"
-                rtol, atol = TOLERANCE[{np.dtype(np.float32): "f32",
-                                        np.dtype(np.float64): "f64",
-                                        np.dtype(np.float16): "f16"}.get(w.dtype, "bf16")]
-                assert got.shape == w.shape and got.dtype == w.dtype, what
-                np.testing.assert_allclose(got.astype(np.float64), w.astype(np.float64),
-                                           rtol=rtol, atol=atol, err_msg=what)
-            checked += 1
-    assert checked
-
-
-def test_every_update_rule(built):
-    """linear / gated / delta / gated_delta, with and without past_state, decay per key dim
-    and per head, beta per kv head and shared."""
-    _check(built, "rules")
-
-
-def test_head_grouping(built):
-    """Hq = Hkv, groups of query heads sharing a kv head's state, one kv head (MQA)."""
-    _check(built, "heads", seed=1)
-
-
-def test_options(built):
-    """An explicit scale, one step, head sizes of 1 and of 16 (with a longer sequence)."""
-    _check(built, "options", seed=2)
-
-
-def test_symbolic_batch_and_time(built):
-    _check(built, "symbolic", sizes_list=SIZES, seed=3)
-
-
-def test_other_float_types(built):
-    _check(built, "dtypes", seed=4)
+# a test per group of _make_graph: (key, sizes of the symbolic dims, seed of the inputs)
+@pytest.mark.parametrize("key, sizes_list, seed", [
+    # linear / gated / delta / gated_delta, with and without past_state, decay per key dim
+    # and per head, beta per kv head and shared
+    pytest.param("rules", ({},), 0, id="every_update_rule"),
+    # Hq = Hkv, groups of query heads sharing a kv head's state, one kv head (MQA)
+    pytest.param("heads", ({},), 1, id="head_grouping"),
+    # an explicit scale, one step, head sizes of 1 and of 16 (with a longer sequence)
+    pytest.param("options", ({},), 2, id="options"),
+    pytest.param("symbolic", SIZES, 3, id="symbolic_batch_and_time"),
+    pytest.param("dtypes", ({},), 4, id="other_float_types"),
+])
+def test_matches_reference(built, key, sizes_list, seed):
+    check_nodes(built, key, _inputs, _tolerance, sizes_list, seed)
 
 
 def test_kernel_follows_state_and_heads(built):
     """On these inputs the reference's own outputs differ where a kernel that ignored
     past_state or read another kv head's state would differ: a
     match rules those out."""
-    g = built[0]
-    node = next(n for n in g.nodes["heads"] if n.attrs["q_num_heads"] == 8)
+    node = next(n for n in built.graph.nodes["heads"] if n.attrs["q_num_heads"] == 8)
     args = _inputs(node, {}, np.random.default_rng(5))
-    outs, want = _run(built, node, args)
+    outs, want = run_kernel(built, node, args)
     for got, w in zip(outs, want):
         np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-5)
     # without the past state
@@ -257,7 +205,6 @@ def test_refused_configurations_name_node_and_op():
 def _onnx_model():
     """LinearAttention nodes of every rule over B = 2, T = 5, with past states fed and kept
     as outputs, GQA and MQA heads, per-head decay and a shared beta."""
-    import onnx
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(8)
@@ -270,9 +217,7 @@ def _onnx_model():
         return name
 
     def normal(*shape, scale=1.0):
-        a = rng.standard_normal(shape) * scale
-        a[a == 0] = 0.25
-        return a.astype(np.float32)
+        return nonzero_normal(rng, shape, scale).astype(np.float32)
 
     def node(name, rule, hq, hkv, dk, dv, past=False, decay_per_key=True, shared_beta=False,
              **attrs):
@@ -304,32 +249,9 @@ def _onnx_model():
     node("delta", "delta", 2, 2, 6, 4, past=True, scale=0.5)
     node("gdelta", "gated_delta", 8, 2, 4, 4, past=True)
     node("mqa", "gated_delta", 4, 1, 8, 2, shared_beta=True)
-    graph = helper.make_graph(nodes, "linear_attention", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return model, feeds
+    return onnx_model("linear_attention", nodes, inputs, outputs, [], opset=27), feeds
 
 
 def test_onnx_linear_attention_compiles_without_host_fallback(tmp_path):
-    import qcompiler
-    from qcompiler.targets import get_target
-
-    if not get_target("cpu").available:
-        pytest.skip("the cpu target is not available here")
-    model, feeds = _onnx_model()
-    out_dir = str(tmp_path / "out")
-    compiled = qcompiler.compile(model, target="cpu", output_dir=out_dir, jobs=1,
-                                 progress=False, cache=False)
-    with open(os.path.join(out_dir, "report.json")) as f:
-        assert json.load(f)["host_fallback"] == []
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        ops = next(k for k in json.load(f)["kernels"] if k.get("impl") == "tvm-llvm-ops")
-    assert sum(name.startswith("qc_linear_attention_")
-               for name in ops["kernels"].values()) == 5
-    got = compiled.run(feeds)
-    want = qcompiler.compile(model, "ref").run(feeds)
-    assert set(got) == set(want) and len(want) == 10
-    for name, w in want.items():
-        assert got[name].shape == w.shape, name
-        np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
+    check_onnx_model_on_cpu(_onnx_model, tmp_path, "qc_linear_attention_", kernel_count=5,
+                            output_count=10, tolerance=(1e-4, 1e-5))

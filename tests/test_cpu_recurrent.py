@@ -11,18 +11,18 @@ runs every node as a compiled kernel (no host fallback) and matches the ``ref`` 
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
 
+from cpu_kernel_check import (HALF_FLOAT_TOLERANCE, KernelGraph, aligned,  # noqa: E402
+                              build_kernels, check_nodes, check_onnx_model_on_cpu,
+                              nonzero_normal, onnx_model, run_kernel)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
-from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
+from qcompiler.codegen.cpu.ops import primfunc_for  # noqa: E402
 from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
-from qcompiler.ir.core import Function, Module  # noqa: E402
+from qcompiler.ir.core import Function  # noqa: E402
 from qcompiler.ir.ops import RECURRENT_GATES  # noqa: E402
 from qcompiler.ir.types import tensor  # noqa: E402
 from qcompiler.runtime.reference import OP_IMPLS  # noqa: E402
@@ -32,17 +32,13 @@ DEFAULT_ACTS = {"rnn": ["tanh"], "gru": ["sigmoid", "tanh"],
 # sizes of the symbolic configurations: seq and batch
 SIZES = ({"seq": 7, "batch": 5}, {"seq": 2, "batch": 3})
 # per result dtype: (rtol, atol); the kernel sums its products in another order than numpy's
-# BLAS, so f32 differs by rounding; f16 / bf16 results are rounded once from float32 (as the
-# reference's), so a last-bit difference of float32 can move them by one of their ulps
-TOLERANCE = {"f32": (2e-5, 2e-6), "f64": (1e-12, 1e-13), "f16": (2e-3, 2e-3),
-             "bf16": (1.6e-2, 1.6e-2)}
+# BLAS, so f32 differs by rounding
+TOLERANCE = {"f32": (2e-5, 2e-6), "f64": (1e-12, 1e-13), **HALF_FLOAT_TOLERANCE}
 
 
-class Graph:
+class Graph(KernelGraph):
     def __init__(self):
-        self.module = Module("recurrent")
-        self.fn = self.module.add_function(Function("main"))
-        self.nodes: dict = {}
+        super().__init__("recurrent")
 
     def add(self, key, kind, direction="forward", seq=5, batch=3, inputs=4, hidden=3,
             layout=0, dtype="f32", bias=True, lens=None, initial_h=False, initial_c=False,
@@ -75,9 +71,7 @@ class Graph:
                  "activation_alpha": alpha or [0.0] * len(acts),
                  "activation_beta": beta or [0.0] * len(acts),
                  "clip": clip, "linear_before_reset": lbr}
-        node = fn.make_node("recurrent", operands, results, attrs)
-        self.nodes.setdefault(key, []).append(node)
-        return node
+        return self.add_node(key, "recurrent", operands, results, attrs)
 
 
 def _make_graph() -> Graph:
@@ -129,11 +123,7 @@ def _make_graph() -> Graph:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    g = _make_graph()
-    nodes = [n for ns in g.nodes.values() for n in ns]
-    path = str(tmp_path_factory.mktemp("recurrent") / "ops.so")
-    names = build_ops_library(nodes, "cpu", path, module=g.module)
-    return g, names, OpsLibrary(path)
+    return build_kernels(_make_graph(), tmp_path_factory, "recurrent")
 
 
 def _lens(batch: int, seq: int, dtype) -> np.ndarray:
@@ -155,80 +145,37 @@ def _inputs(node, sizes, rng) -> list:
             seq = x[1] if node.attrs["layout"] else x[0]
             args.append(_lens(shape[0], sizes.get(seq, seq), dtype))
             continue
-        a = rng.standard_normal(shape) * (0.7 if i == 0 else 0.5)
-        a[a == 0] = 0.25
-        args.append(a.astype(dtype))
+        args.append(nonzero_normal(rng, shape, 0.7 if i == 0 else 0.5).astype(dtype))
     return args
 
 
-def _aligned(a):
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
+def _tolerance(node, want):
+    """(rtol, atol) of x's type (every result is of x's type)."""
+    return TOLERANCE[node.operands[0].type.dtype.name]
 
 
-def _run(built, node, args) -> tuple[list, list]:
-    """(kernel results, reference results) of ``node`` on ``args``."""
-    g, names, lib = built
-    want = OP_IMPLS["recurrent"](node, args, g.module)
-    outs = [aligned_empty(w.shape, w.dtype) for w in want]
-    for o in outs:
-        o[...] = 7  # garbage: a position the kernel does not write shows up
-    lib[names[node.results[0].name]](*[_aligned(a) for a in args if a is not None], *outs)
-    return outs, want
-
-
-def _check(built, key, sizes_list=({},), seed=0):
-    g = built[0]
-    rng = np.random.default_rng(seed)
-    checked = 0
-    for sizes in sizes_list:
-        for node in g.nodes[key]:
-            outs, want = _run(built, node, _inputs(node, sizes, rng))
-            rtol, atol = TOLERANCE[node.operands[0].type.dtype.name]
-            for got, w, r in zip(outs, want, ["y", "y_h", "y_c"]):
-                what = f"recurrent {dict(node.attrs)} {r} at {sizes}"
-                assert got.shape == w.shape and got.dtype == w.dtype, what
-                np.testing.assert_allclose(got.astype(np.float64), w.astype(np.float64),
-                                           rtol=rtol, atol=atol, err_msg=what)
-            checked += 1
-    assert checked
-
-
-def test_every_kind_and_direction(built):
-    _check(built, "kinds")
-
-
-def test_options(built):
-    """linear_before_reset, clip, int64 sequence_lens, peepholes, initial states."""
-    _check(built, "options", seed=1)
-
-
-def test_activations_with_alpha_beta(built):
-    _check(built, "acts", seed=2)
-
-
-def test_layout_batch_first(built):
-    _check(built, "layout", seed=3)
-
-
-def test_symbolic_seq_and_batch(built):
-    _check(built, "symbolic", sizes_list=SIZES, seed=4)
-
-
-def test_other_float_types(built):
-    _check(built, "dtypes", seed=5)
+# a test per group of _make_graph: (key, sizes of the symbolic dims, seed of the inputs)
+@pytest.mark.parametrize("key, sizes_list, seed", [
+    pytest.param("kinds", ({},), 0, id="every_kind_and_direction"),
+    # linear_before_reset, clip, int64 sequence_lens, peepholes, initial states
+    pytest.param("options", ({},), 1, id="options"),
+    pytest.param("acts", ({},), 2, id="activations_with_alpha_beta"),
+    pytest.param("layout", ({},), 3, id="layout_batch_first"),
+    pytest.param("symbolic", SIZES, 4, id="symbolic_seq_and_batch"),
+    pytest.param("dtypes", ({},), 5, id="other_float_types"),
+])
+def test_matches_reference(built, key, sizes_list, seed):
+    check_nodes(built, key, _inputs, _tolerance, sizes_list, seed)
 
 
 def test_kernel_follows_direction_and_lengths(built):
     """The reverse kernel with short sequence_lens matches the reference where a kernel that
     ran forwards, or ignored the lengths, could not: on these inputs the reference's own
     outputs for those differ."""
-    g = built[0]
-    node = next(n for n in g.nodes["kinds"]
+    node = next(n for n in built.graph.nodes["kinds"]
                 if n.attrs["kind"] == "gru" and n.attrs["direction"] == "reverse")
     args = _inputs(node, {}, np.random.default_rng(6))
-    outs, want = _run(built, node, args)
+    outs, want = run_kernel(built, node, args)
     for got, w in zip(outs, want):
         np.testing.assert_allclose(got, w, rtol=2e-5, atol=2e-6)
     forward = Function("f")
@@ -249,8 +196,7 @@ def test_kernel_follows_direction_and_lengths(built):
 
 
 def test_sequence_lens_out_of_range_fails(built):
-    g, names, lib = built
-    node = next(n for n in g.nodes["kinds"]
+    node = next(n for n in built.graph.nodes["kinds"]
                 if n.attrs["kind"] == "lstm" and n.attrs["direction"] == "forward")
     args = _inputs(node, {}, np.random.default_rng(7))
     args[4] = np.asarray([5, 6, 1], np.int32)  # seq is 5
@@ -258,7 +204,8 @@ def test_sequence_lens_out_of_range_fails(built):
         OP_IMPLS["recurrent"](node, args, None)
     outs = [aligned_empty(r.type.shape, np.float32) for r in node.results]
     with pytest.raises(RuntimeError, match="sequence_lens"):
-        lib[names[node.results[0].name]](*[_aligned(a) for a in args if a is not None], *outs)
+        built.lib[built.names[node.results[0].name]](
+            *[aligned(a) for a in args if a is not None], *outs)
 
 
 def test_refused_configurations_name_node_and_op():
@@ -282,7 +229,6 @@ def test_refused_configurations_name_node_and_op():
 def _onnx_model():
     """RNN / GRU / LSTM nodes over I = 5 inputs, H = 4 hidden, S = 6 steps, B = 3 entries;
     x and initial states fed, weights and some sequence_lens initializers, some fed."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(8)
@@ -300,9 +246,7 @@ def _onnx_model():
         return name
 
     def normal(*shape, scale=0.5):
-        a = rng.standard_normal(shape) * scale
-        a[a == 0] = 0.25
-        return a.astype(np.float32)
+        return nonzero_normal(rng, shape, scale).astype(np.float32)
 
     def node(op, name, ins, n_out, **attrs):
         outs = [f"{name}_{o}" for o in ("y", "y_h", "y_c")[:n_out]]
@@ -341,31 +285,9 @@ def _onnx_model():
                              init("w4", normal(1, 4 * H, I)), init("r4", normal(1, 4 * H, H))],
          3, hidden_size=H, layout=1, activations=["HardSigmoid", "ScaledTanh", "Tanh"],
          activation_alpha=[0.3, 0.8], activation_beta=[0.45, 1.2])
-    graph = helper.make_graph(nodes, "recurrent", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return model, feeds
+    return onnx_model("recurrent", nodes, inputs, outputs, inits, opset=21), feeds
 
 
 def test_onnx_rnn_gru_lstm_compile_without_host_fallback(tmp_path):
-    import qcompiler
-    from qcompiler.targets import get_target
-
-    if not get_target("cpu").available:
-        pytest.skip("the cpu target is not available here")
-    model, feeds = _onnx_model()
-    out_dir = str(tmp_path / "out")
-    compiled = qcompiler.compile(model, target="cpu", output_dir=out_dir, jobs=1,
-                                 progress=False, cache=False)
-    with open(os.path.join(out_dir, "report.json")) as f:
-        assert json.load(f)["host_fallback"] == []
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        ops = next(k for k in json.load(f)["kernels"] if k.get("impl") == "tvm-llvm-ops")
-    assert sum(name.startswith("qc_recurrent_") for name in ops["kernels"].values()) == 5
-    got = compiled.run(feeds)
-    want = qcompiler.compile(model, "ref").run(feeds)
-    assert set(got) == set(want) and len(want) == 12
-    for name, w in want.items():
-        assert got[name].shape == w.shape, name
-        np.testing.assert_allclose(got[name], w, rtol=2e-5, atol=2e-6, err_msg=name)
+    check_onnx_model_on_cpu(_onnx_model, tmp_path, "qc_recurrent_", kernel_count=5,
+                            output_count=12, tolerance=(2e-5, 2e-6))

@@ -35,6 +35,8 @@ import numpy as np
 
 from qcompiler.codegen.cpu.ops.common import (Dims, constant_operand, is_float_dtype,
                                               kernel_name, tvm_dtype, unsupported)
+from qcompiler.codegen.cpu.tir_builder import (build_kernel, check, i64, loop, param, scratch,
+                                               static_sizes)
 from qcompiler.ir.core import Node
 
 # Below this many tap visits in all (N * C * prod(image) * K) the kernel stays on one thread
@@ -49,10 +51,8 @@ def primfunc_for_col2im(node: Node, params=None, module=None, known=()):
     geometry = _check(node, module)
     # image_shape and block_shape are baked into the code: part of the kernel's identity
     name = kernel_name(node, {"image": geometry["image"], "block": geometry["block"]})
-    if name in known:
-        return name, None
     min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
-    return name, _build(node, geometry, min_elements).with_attr("global_symbol", name)
+    return build_kernel(name, known, lambda: _emit(node, geometry, min_elements))
 
 
 def _check(node: Node, module) -> dict:
@@ -89,32 +89,17 @@ def _check(node: Node, module) -> dict:
             "dilations": dil, "counts": counts, "taps": taps, "positions": positions}
 
 
-def _i64(v):
-    from tvm import tirx
-
-    return tirx.IntImm("int64", int(v)) if isinstance(v, (int, np.integer)) else v
-
-
-def _loop(n, name: str, parallel: bool = False):
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
-    frame = (T.parallel if parallel else T.serial)(_i64(0), _i64(n))
-    IRBuilder.name(name, frame.vars[0])
-    return frame
-
-
 def _row_major(index: list, sizes: list):
     """The flat row-major position of ``index`` in an array of ``sizes``."""
-    flat = _i64(0)
+    flat = i64(0)
     for i, n in zip(index, sizes):
-        flat = flat * _i64(n) + i
+        flat = flat * i64(n) + i
     return flat
 
 
-def _build(node: Node, g: dict, min_elements: int):
+def _emit(node: Node, g: dict, min_elements: int) -> None:
+    """The parameters and body of the PrimFunc (inside ``build_kernel``)."""
     from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     x_type = node.operands[0].type
@@ -127,70 +112,59 @@ def _build(node: Node, g: dict, min_elements: int):
     nsp, taps = len(image), g["taps"]
     dims = Dims()
     batch, channels_taps = dims.dim(x_type.shape[0]), dims.dim(x_type.shape[1])
-    channels = tirx.floordiv(channels_taps, _i64(taps)) \
-        if not isinstance(channels_taps, tirx.IntImm) else _i64(int(channels_taps) // taps)
+    channels = tirx.floordiv(channels_taps, i64(taps)) \
+        if not isinstance(channels_taps, tirx.IntImm) else i64(int(channels_taps) // taps)
     # L is written as prod(counts): a call with another L fails TVM's shape check, as the
     # reference raises
-    x_shape = (batch, channels_taps, _i64(g["positions"]))
-    y_shape = (batch, channels) + tuple(_i64(n) for n in image)
+    x_shape = (batch, channels_taps, i64(g["positions"]))
+    y_shape = (batch, channels) + tuple(i64(n) for n in image)
 
-    def meta_buffer(i: int, name: str):
+    x = param("x", x_shape, dtype)
+    # image_shape and block_shape: parameters (every operand is), their values baked
+    for i, name in ((1, "image_shape"), (2, "block_shape")):
         v = node.operands[i]
-        return T.match_buffer(T.arg(name, T.handle()), tuple(_i64(d) for d in v.type.shape),
-                              tvm_dtype(v.type.dtype, node))
-
-    with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_attr({"tirx.noalias": True})
-            x = IRBuilder.name("x", T.match_buffer(T.arg("x", T.handle()), x_shape, dtype))
-            # image_shape and block_shape: parameters (every operand is), their values baked
-            IRBuilder.name("image_shape", meta_buffer(1, "image_shape"))
-            IRBuilder.name("block_shape", meta_buffer(2, "block_shape"))
-            y = IRBuilder.name("y", T.match_buffer(T.arg("y", T.handle()), y_shape, dtype))
-            if not isinstance(channels_taps, tirx.IntImm):
-                with T.Assert(tirx.floormod(channels_taps, _i64(taps)) == _i64(0),
-                              "col2im: x's channels are not a multiple of prod(block_shape)"):
-                    pass
-            total = [int(v) for v in (batch, channels) if isinstance(v, tirx.IntImm)]
-            worth = len(total) < 2 or total[0] * total[1] * int(np.prod(image)) * taps \
-                >= min_elements
-            with _loop(batch * channels, "nc", parallel=worth) as nc:
-                n, c = tirx.floordiv(nc, channels), tirx.floormod(nc, channels)
-                acc = IRBuilder.name("acc", T.alloc_buffer((_i64(image[-1]),), acc_dtype))
-                zero = tirx.const(0, acc_dtype)
-                with contextlib.ExitStack() as rows:
-                    # one row: every spatial dim but the last fixed
-                    p = [rows.enter_context(_loop(image[i], f"p{i}")) for i in range(nsp - 1)]
-                    with _loop(image[-1], "w") as w:
-                        T.buffer_store(acc, zero, [w])
-                    with contextlib.ExitStack() as tap_loops:
-                        # the taps in row-major order (the reference's order of adds)
-                        k = [tap_loops.enter_context(_loop(block[i], f"k{i}"))
-                             for i in range(nsp)]
-                        # f: the tap's offset along each dim in the padded image
-                        f = [p[i] + _i64(pads[i]) - k[i] * _i64(dil[i]) for i in range(nsp - 1)]
-                        hits = [tirx.all(f[i] >= _i64(0),
-                                         tirx.floormod(f[i], _i64(strides[i])) == _i64(0),
-                                         f[i] < _i64(strides[i] * counts[i]))
-                                for i in range(nsp - 1)]
-                        j_outer = [tirx.floordiv(f[i], _i64(strides[i])) for i in range(nsp - 1)]
-                        with contextlib.ExitStack() as outer_hit:
-                            if hits:  # a tap whose outer dims miss this row adds nothing
-                                outer_hit.enter_context(T.If(tirx.all(*hits)))
-                                outer_hit.enter_context(T.Then())
-                            last = nsp - 1
-                            with _loop(image[-1], "w") as w:
-                                fw = w + _i64(pads[last]) - k[last] * _i64(dil[last])
-                                hit = tirx.all(fw >= _i64(0),
-                                               tirx.floormod(fw, _i64(strides[last])) == _i64(0),
-                                               fw < _i64(strides[last] * counts[last]))
-                                j = j_outer + [tirx.floordiv(fw, _i64(strides[last]))]
-                                src = x[n, c * _i64(taps) + _row_major(k, block),
-                                        _row_major(j, counts)]
-                                with T.If(hit):
-                                    with T.Then():
-                                        T.buffer_store(acc, acc[w] + src.astype(acc_dtype), [w])
-                    with _loop(image[-1], "w") as w:
-                        value = acc[w] != zero if is_bool else acc[w]
-                        T.buffer_store(y, value.astype(dtype), [n, c] + p + [w])
-    return ib.get()
+        param(name, tuple(i64(d) for d in v.type.shape), tvm_dtype(v.type.dtype, node))
+    y = param("y", y_shape, dtype)
+    if not isinstance(channels_taps, tirx.IntImm):
+        check(tirx.floormod(channels_taps, i64(taps)) == i64(0),
+              "col2im: x's channels are not a multiple of prod(block_shape)")
+    sizes = static_sizes(batch, channels)
+    worth = sizes is None or sizes[0] * sizes[1] * int(np.prod(image)) * taps >= min_elements
+    with loop(batch * channels, "nc", parallel=worth) as nc:
+        n, c = tirx.floordiv(nc, channels), tirx.floormod(nc, channels)
+        acc = scratch("acc", (i64(image[-1]),), acc_dtype)
+        zero = tirx.const(0, acc_dtype)
+        with contextlib.ExitStack() as rows:
+            # one row: every spatial dim but the last fixed
+            p = [rows.enter_context(loop(image[i], f"p{i}")) for i in range(nsp - 1)]
+            with loop(image[-1], "w") as w:
+                T.buffer_store(acc, zero, [w])
+            with contextlib.ExitStack() as tap_loops:
+                # the taps in row-major order (the reference's order of adds)
+                k = [tap_loops.enter_context(loop(block[i], f"k{i}")) for i in range(nsp)]
+                # f: the tap's offset along each dim in the padded image
+                f = [p[i] + i64(pads[i]) - k[i] * i64(dil[i]) for i in range(nsp - 1)]
+                hits = [tirx.all(f[i] >= i64(0),
+                                 tirx.floormod(f[i], i64(strides[i])) == i64(0),
+                                 f[i] < i64(strides[i] * counts[i]))
+                        for i in range(nsp - 1)]
+                j_outer = [tirx.floordiv(f[i], i64(strides[i])) for i in range(nsp - 1)]
+                with contextlib.ExitStack() as outer_hit:
+                    if hits:  # a tap whose outer dims miss this row adds nothing
+                        outer_hit.enter_context(T.If(tirx.all(*hits)))
+                        outer_hit.enter_context(T.Then())
+                    last = nsp - 1
+                    with loop(image[-1], "w") as w:
+                        fw = w + i64(pads[last]) - k[last] * i64(dil[last])
+                        hit = tirx.all(fw >= i64(0),
+                                       tirx.floormod(fw, i64(strides[last])) == i64(0),
+                                       fw < i64(strides[last] * counts[last]))
+                        j = j_outer + [tirx.floordiv(fw, i64(strides[last]))]
+                        src = x[n, c * i64(taps) + _row_major(k, block),
+                                _row_major(j, counts)]
+                        with T.If(hit):
+                            with T.Then():
+                                T.buffer_store(acc, acc[w] + src.astype(acc_dtype), [w])
+            with loop(image[-1], "w") as w:
+                value = acc[w] != zero if is_bool else acc[w]
+                T.buffer_store(y, value.astype(dtype), [n, c] + p + [w])

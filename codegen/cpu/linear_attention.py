@@ -38,6 +38,8 @@ import numpy as np
 
 from qcompiler.codegen.cpu.ops.common import (Dims, is_float_dtype, kernel_name, tvm_dtype,
                                               unsupported)
+from qcompiler.codegen.cpu.tir_builder import (build_kernel, i64, loop, param, scratch,
+                                               static_sizes)
 from qcompiler.ir.core import Node
 
 OPERANDS = ("q", "k", "v", "past_state", "decay", "beta")
@@ -52,11 +54,9 @@ def primfunc_for_linear_attention(node: Node, params=None, module=None, known=()
     """(kernel name, PrimFunc) of a linear_attention node; (name, None) for a known name.
     Raises CPUBackendError naming the node and op when it has no kernel."""
     shape = _check(node)
-    name = kernel_name(node, {})
-    if name in known:
-        return name, None
     min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
-    return name, _build(node, shape, min_elements).with_attr("global_symbol", name)
+    return build_kernel(kernel_name(node, {}), known,
+                        lambda: _Kernel(node, shape).emit(min_elements))
 
 
 def _check(node: Node) -> dict:
@@ -113,22 +113,9 @@ def _operands(node: Node) -> dict:
     return {name: node.operand(i) for i, name in enumerate(OPERANDS)}
 
 
-def _i64(v):
-    from tvm import tirx
-
-    return tirx.IntImm("int64", v) if isinstance(v, int) else v
-
-
-def _build(node: Node, shape: dict, min_elements: int):
-    from tvm.script.ir_builder import IRBuilder
-
-    with IRBuilder() as ib:
-        _Kernel(node, shape).emit(min_elements)
-    return ib.get()
-
-
 class _Kernel:
-    """Emits the PrimFunc of one linear_attention node into the active IRBuilder."""
+    """Emits the parameters and body of one linear_attention node's PrimFunc (``emit``, run
+    by ``build_kernel``)."""
 
     def __init__(self, node: Node, shape: dict):
         a = node.attrs
@@ -147,40 +134,28 @@ class _Kernel:
         dims = Dims()
         self.batch, self.steps = (dims.dim(d) for d in node.operands[0].type.shape[:2])
         bt = (self.batch, self.steps)
-        state = (self.batch, _i64(self.hkv), _i64(self.dk), _i64(self.dv))
+        state = (self.batch, i64(self.hkv), i64(self.dk), i64(self.dv))
         values = _operands(node)
         decay, beta = (values[name].type.shape[2] if values[name] is not None else 0
                        for name in ("decay", "beta"))
         self.shapes = {
-            "q": bt + (_i64(self.hq * self.dk),), "k": bt + (_i64(self.hkv * self.dk),),
-            "v": bt + (_i64(self.hkv * self.dv),), "past_state": state,
-            "decay": bt + (_i64(decay),), "beta": bt + (_i64(beta),),
-            "y": bt + (_i64(self.hq * self.dv),), "present_state": state}
+            "q": bt + (i64(self.hq * self.dk),), "k": bt + (i64(self.hkv * self.dk),),
+            "v": bt + (i64(self.hkv * self.dv),), "past_state": state,
+            "decay": bt + (i64(decay),), "beta": bt + (i64(beta),),
+            "y": bt + (i64(self.hq * self.dv),), "present_state": state}
 
     # -- small helpers -----------------------------------------------------------------------
 
     @staticmethod
-    def loop(n, name: str, parallel: bool = False):
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
-
-        frame = (T.parallel if parallel else T.serial)(_i64(0), _i64(n))
-        IRBuilder.name(name, frame.vars[0])
-        return frame
-
-    @staticmethod
-    def scratch(name: str, shape):
+    def float32_scratch(name: str, shape):
         """A float32 buffer of the current scope (inside the parallel loop: each thread its
         own)."""
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
-
-        return IRBuilder.name(name, T.alloc_buffer(tuple(_i64(d) for d in shape), _F32))
+        return scratch(name, tuple(i64(d) for d in shape), _F32)
 
     def each_cell(self, store) -> None:
         """``store(d, m)`` over the state's [dk, dv] cells, m innermost."""
-        with self.loop(self.dk, "d") as d:
-            with self.loop(self.dv, "m") as m:
+        with loop(self.dk, "d") as d:
+            with loop(self.dv, "m") as m:
                 store(d, m)
 
     def column_sums(self, out, row) -> None:
@@ -189,33 +164,25 @@ class _Kernel:
         from tvm.script.ir_builder import tirx as T
 
         s = self.s
-        with self.loop(self.dv, "m") as m:
+        with loop(self.dv, "m") as m:
             T.buffer_store(out, tirx.const(0.0, _F32), [m])
         self.each_cell(lambda d, m: T.buffer_store(out, out[m] + row(d) * s[d, m], [m]))
 
     # -- the function ------------------------------------------------------------------------
 
     def emit(self, min_elements: int) -> None:
+        """The parameters and body of the PrimFunc (inside ``build_kernel``)."""
         from tvm import tirx
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
 
-        with T.prim_func():
-            T.func_attr({"tirx.noalias": True})
-            buf = {}
-            for name in self.present + list(RESULTS):
-                buf[name] = T.match_buffer(T.arg(name, T.handle()), self.shapes[name],
-                                           self.dtypes[name])
-            for name, b in buf.items():
-                IRBuilder.name(name, b)
-            self.buf = buf
-            # the pairs are independent: one parallel loop, the time loop inside each
-            # (single-threaded when the whole recurrence is small)
-            static = [int(v) for v in (self.batch, self.steps) if isinstance(v, tirx.IntImm)]
-            worth = len(static) < 2 or static[0] * static[1] * self.hkv * self.dk * self.dv \
-                * (self.group + 2) >= min_elements
-            with self.loop(self.batch * _i64(self.hkv), "bh", parallel=worth) as bh:
-                self.pair(tirx.floordiv(bh, _i64(self.hkv)), tirx.floormod(bh, _i64(self.hkv)))
+        self.buf = {name: param(name, self.shapes[name], self.dtypes[name])
+                    for name in self.present + list(RESULTS)}
+        # the pairs are independent: one parallel loop, the time loop inside each
+        # (single-threaded when the whole recurrence is small)
+        sizes = static_sizes(self.batch, self.steps)
+        worth = sizes is None or sizes[0] * sizes[1] * self.hkv * self.dk * self.dv \
+            * (self.group + 2) >= min_elements
+        with loop(self.batch * i64(self.hkv), "bh", parallel=worth) as bh:
+            self.pair(tirx.floordiv(bh, i64(self.hkv)), tirx.floormod(bh, i64(self.hkv)))
 
     def pair(self, b, h) -> None:
         """The recurrence of kv head h of batch entry b."""
@@ -226,49 +193,49 @@ class _Kernel:
         # per-pair float32 scratch: the state, and each step's rows of k, v (the value that
         # the state gains: beta * (v - S^T k) under a delta rule), the group's q rows, the
         # decay factors, beta, and one row of column sums
-        self.s = self.scratch("s", (dk, dv))
-        k_t, u_t = self.scratch("k_t", (dk,)), self.scratch("u_t", (dv,))
-        q_t = self.scratch("q_t", (group * dk,))
-        sums = self.scratch("sums", (dv,))
+        self.s = self.float32_scratch("s", (dk, dv))
+        k_t, u_t = self.float32_scratch("k_t", (dk,)), self.float32_scratch("u_t", (dv,))
+        q_t = self.float32_scratch("q_t", (group * dk,))
+        sums = self.float32_scratch("sums", (dv,))
         decay, beta = buf.get("decay"), buf.get("beta")
         # exp(decay) per key dim (row d of the state) or one for the whole head
         rows = dk if self.decay_per_key else 1
-        g_t = self.scratch("g_t", (rows,)) if decay is not None else None
-        beta_t = self.scratch("beta_t", (1,)) if beta is not None else None
+        g_t = self.float32_scratch("g_t", (rows,)) if decay is not None else None
+        beta_t = self.float32_scratch("beta_t", (1,)) if beta is not None else None
         past = buf.get("past_state")
         s = self.s
         self.each_cell(lambda d, m: T.buffer_store(
             s, past[b, h, d, m].astype(_F32) if past is not None else tirx.const(0.0, _F32),
             [d, m]))
-        with self.loop(self.steps, "t") as t:
-            with self.loop(dk, "d") as d:
-                T.buffer_store(k_t, buf["k"][b, t, h * _i64(dk) + d].astype(_F32), [d])
-            with self.loop(dv, "m") as m:
-                T.buffer_store(u_t, buf["v"][b, t, h * _i64(dv) + m].astype(_F32), [m])
-            with self.loop(group * dk, "j") as j:
-                T.buffer_store(q_t, buf["q"][b, t, h * _i64(group * dk) + j].astype(_F32), [j])
+        with loop(self.steps, "t") as t:
+            with loop(dk, "d") as d:
+                T.buffer_store(k_t, buf["k"][b, t, h * i64(dk) + d].astype(_F32), [d])
+            with loop(dv, "m") as m:
+                T.buffer_store(u_t, buf["v"][b, t, h * i64(dv) + m].astype(_F32), [m])
+            with loop(group * dk, "j") as j:
+                T.buffer_store(q_t, buf["q"][b, t, h * i64(group * dk) + j].astype(_F32), [j])
             if decay is not None:
-                with self.loop(rows, "d") as d:
-                    T.buffer_store(g_t, tirx.exp(decay[b, t, h * _i64(rows) + d].astype(_F32)),
+                with loop(rows, "d") as d:
+                    T.buffer_store(g_t, tirx.exp(decay[b, t, h * i64(rows) + d].astype(_F32)),
                                    [d])
                 self.each_cell(lambda d, m: T.buffer_store(
-                    s, s[d, m] * g_t[d if self.decay_per_key else _i64(0)], [d, m]))
+                    s, s[d, m] * g_t[d if self.decay_per_key else i64(0)], [d, m]))
             if beta is not None:
                 # the delta rule: the value becomes beta * (v - S^T k), S already decayed
-                T.buffer_store(beta_t, beta[b, t, _i64(0) if self.beta_shared else h]
-                               .astype(_F32), [_i64(0)])
+                T.buffer_store(beta_t, beta[b, t, i64(0) if self.beta_shared else h]
+                               .astype(_F32), [i64(0)])
                 self.column_sums(sums, lambda d: k_t[d])
-                with self.loop(dv, "m") as m:
-                    T.buffer_store(u_t, beta_t[_i64(0)] * (u_t[m] - sums[m]), [m])
+                with loop(dv, "m") as m:
+                    T.buffer_store(u_t, beta_t[i64(0)] * (u_t[m] - sums[m]), [m])
             self.each_cell(lambda d, m: T.buffer_store(s, s[d, m] + k_t[d] * u_t[m], [d, m]))
             # each query head of the group reads the updated state
-            with self.loop(group, "g") as g:
-                self.column_sums(sums, lambda d: q_t[g * _i64(dk) + d])
-                with self.loop(dv, "m") as m:
-                    qh = h * _i64(group) + g
+            with loop(group, "g") as g:
+                self.column_sums(sums, lambda d: q_t[g * i64(dk) + d])
+                with loop(dv, "m") as m:
+                    qh = h * i64(group) + g
                     T.buffer_store(buf["y"],
                                    (tirx.const(self.scale, _F32) * sums[m])
                                    .astype(self.dtypes["y"]),
-                                   [b, t, qh * _i64(dv) + m])
+                                   [b, t, qh * i64(dv) + m])
         self.each_cell(lambda d, m: T.buffer_store(
             buf["present_state"], s[d, m].astype(self.dtypes["present_state"]), [b, h, d, m]))

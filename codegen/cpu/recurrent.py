@@ -32,6 +32,8 @@ from __future__ import annotations
 from qcompiler.codegen.cpu.ops import scalar
 from qcompiler.codegen.cpu.ops.common import (Dims, compute_dtype, is_float_dtype, kernel_name,
                                               tvm_dtype, unsupported)
+from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, check, i64, loop, param,
+                                               scratch, static_sizes)
 from qcompiler.ir.core import Node
 from qcompiler.ir.ops import RECURRENT_GATES
 
@@ -45,11 +47,9 @@ def primfunc_for_recurrent(node: Node, params=None, module=None, known=()):
     """(kernel name, PrimFunc) of a recurrent node; (name, None) for a known name.
     Raises CPUBackendError naming the node and op when it has no kernel."""
     dtypes = _check(node)
-    name = kernel_name(node, {})
-    if name in known:
-        return name, None
     min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
-    return name, _build(node, dtypes, min_elements).with_attr("global_symbol", name)
+    return build_kernel(kernel_name(node, {}), known,
+                        lambda: _Kernel(node, dtypes).emit(min_elements))
 
 
 def _check(node: Node) -> dict:
@@ -140,22 +140,9 @@ _ACTIVATIONS = ("sigmoid", "tanh", "relu", "affine", "leakyrelu", "thresholdedre
 # --------------------------------------------------------------------------------------------
 
 
-def _i64(v):
-    from tvm import tirx
-
-    return tirx.IntImm("int64", v) if isinstance(v, int) else v
-
-
-def _build(node: Node, dtypes: dict, min_elements: int):
-    from tvm.script.ir_builder import IRBuilder
-
-    with IRBuilder() as ib:
-        _Kernel(node, dtypes).emit(min_elements)
-    return ib.get()
-
-
 class _Kernel:
-    """Emits the PrimFunc of one recurrent node into the active IRBuilder."""
+    """Emits the parameters and body of one recurrent node's PrimFunc (``emit``, run by
+    ``build_kernel``)."""
 
     def __init__(self, node: Node, dtypes: dict):
         a = node.attrs
@@ -180,12 +167,12 @@ class _Kernel:
         dims = Dims()
         xs = [dims.dim(d) for d in node.operands[0].type.shape]
         self.seq, self.batch, self.inputs = (xs[1], xs[0], xs[2]) if self.layout else xs
-        d, h, gh = _i64(self.dirs), _i64(self.hidden), _i64(self.gh)
+        d, h, gh = i64(self.dirs), i64(self.hidden), i64(self.gh)
         state = (self.batch, d, h) if self.layout else (d, self.batch, h)
         self.shapes = {
-            "x": xs, "w": (d, gh, self.inputs), "r": (d, gh, h), "b": (d, _i64(2 * self.gh)),
+            "x": xs, "w": (d, gh, self.inputs), "r": (d, gh, h), "b": (d, i64(2 * self.gh)),
             "sequence_lens": (self.batch,), "initial_h": state, "initial_c": state,
-            "p": (d, _i64(3 * self.hidden)),
+            "p": (d, i64(3 * self.hidden)),
             "y": (self.batch, self.seq, d, h) if self.layout else (self.seq, d, self.batch, h),
             "y_h": state, "y_c": state}
 
@@ -201,23 +188,6 @@ class _Kernel:
         if self.clip > 0:
             return _select_clamp(v, self.const(-self.clip), self.const(self.clip))
         return v
-
-    @staticmethod
-    def loop(n, name: str, parallel: bool = False):
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
-
-        frame = (T.parallel if parallel else T.serial)(_i64(0), _i64(n))
-        IRBuilder.name(name, frame.vars[0])
-        return frame
-
-    @staticmethod
-    def bind(name: str, value):
-        """``value`` computed once, as a named scalar of the loop body."""
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
-
-        return IRBuilder.name(name, T.Bind(value))
 
     def state_index(self, d, b, u):
         return [b, d, u] if self.layout else [d, b, u]
@@ -239,102 +209,89 @@ class _Kernel:
         if self.dirs == 1 or of(k) == of(self.per_dir + k):
             return first
         second = _activation(*of(self.per_dir + k), self.ct)
-        return lambda v: tirx.Select(d == _i64(0), first(v), second(v))
+        return lambda v: tirx.Select(d == i64(0), first(v), second(v))
 
     # -- the function ------------------------------------------------------------------------
 
     def emit(self, min_elements: int) -> None:
+        """The parameters and body of the PrimFunc (inside ``build_kernel``)."""
         from tvm import tirx
-        from tvm.script.ir_builder import IRBuilder
-        from tvm.script.ir_builder import tirx as T
 
-        with T.prim_func():
-            T.func_attr({"tirx.noalias": True})
-            buf = {}
-            for name in self.present:
-                buf[name] = T.match_buffer(T.arg(name, T.handle()), self.shapes[name],
-                                           self.dtypes[name])
-            for name in self.results:
-                buf[name] = T.match_buffer(T.arg(name, T.handle()), self.shapes[name],
-                                           self.dtype)
-            for name, b in buf.items():
-                IRBuilder.name(name, b)
-            self.buf = buf
-            lens = buf.get("sequence_lens")
-            if lens is not None:
-                # the reference raises on these; the kernel would read x out of bounds
-                with self.loop(self.batch, "entry") as entry:
-                    n = lens[entry].astype("int64")
-                    with T.Assert(tirx.all(n >= _i64(0), n <= self.seq),
-                                  "recurrent: a sequence_lens entry is outside [0, seq]"):
-                        pass
-            # the (direction, batch entry) pairs are independent: one parallel loop, the time
-            # loop inside each (single-threaded when the whole recurrence is small)
-            static = [int(v) for v in (self.seq, self.batch, self.inputs)
-                      if isinstance(v, tirx.IntImm)]
-            worth = len(static) < 3 or static[0] * self.dirs * static[1] * self.gh * \
-                (static[2] + self.hidden) >= min_elements
-            # W and R transposed to [D, I, G*H] / [D, H, G*H] in the compute type, once per
-            # call: the gate products then run along contiguous gate rows, a loop LLVM
-            # vectorizes (along W's rows they would be float sums it may not reorder)
-            self.w_t = self.transposed("w_t", buf["w"], self.inputs, worth)
-            self.r_t = self.transposed("r_t", buf["r"], _i64(self.hidden), worth)
-            with self.loop(_i64(self.dirs) * self.batch, "db", parallel=worth) as db:
-                self.pair(tirx.floordiv(db, self.batch), tirx.floormod(db, self.batch))
+        buf = {}
+        for name in self.present:
+            buf[name] = param(name, self.shapes[name], self.dtypes[name])
+        for name in self.results:
+            buf[name] = param(name, self.shapes[name], self.dtype)
+        self.buf = buf
+        lens = buf.get("sequence_lens")
+        if lens is not None:
+            # the reference raises on these; the kernel would read x out of bounds
+            with loop(self.batch, "entry") as entry:
+                n = lens[entry].astype("int64")
+                check(tirx.all(n >= i64(0), n <= self.seq),
+                      "recurrent: a sequence_lens entry is outside [0, seq]")
+        # the (direction, batch entry) pairs are independent: one parallel loop, the time
+        # loop inside each (single-threaded when the whole recurrence is small)
+        sizes = static_sizes(self.seq, self.batch, self.inputs)
+        worth = sizes is None or sizes[0] * self.dirs * sizes[1] * self.gh * \
+            (sizes[2] + self.hidden) >= min_elements
+        # W and R transposed to [D, I, G*H] / [D, H, G*H] in the compute type, once per
+        # call: the gate products then run along contiguous gate rows, a loop LLVM
+        # vectorizes (along W's rows they would be float sums it may not reorder)
+        self.w_t = self.transposed("w_t", buf["w"], self.inputs, worth)
+        self.r_t = self.transposed("r_t", buf["r"], i64(self.hidden), worth)
+        with loop(i64(self.dirs) * self.batch, "db", parallel=worth) as db:
+            self.pair(tirx.floordiv(db, self.batch), tirx.floormod(db, self.batch))
 
     def transposed(self, name: str, src, n, parallel: bool):
         """``src`` [D, G*H, n] as [D, n, G*H] in the compute type (a new buffer)."""
         from tvm import tirx
-        from tvm.script.ir_builder import IRBuilder
         from tvm.script.ir_builder import tirx as T
 
-        out = IRBuilder.name(name, T.alloc_buffer((_i64(self.dirs), n, _i64(self.gh)), self.ct))
-        with self.loop(_i64(self.dirs) * n, "dk", parallel=parallel) as dk:
+        out = scratch(name, (i64(self.dirs), n, i64(self.gh)), self.ct)
+        with loop(i64(self.dirs) * n, "dk", parallel=parallel) as dk:
             d, k = tirx.floordiv(dk, n), tirx.floormod(dk, n)
-            with self.loop(self.gh, "j") as j:
+            with loop(self.gh, "j") as j:
                 T.buffer_store(out, src[d, j, k].astype(self.ct), [d, k, j])
         return out
 
     def pair(self, d, b) -> None:
         """The recurrence of direction d over batch entry b."""
-        from tvm.script.ir_builder import IRBuilder
         from tvm.script.ir_builder import tirx as T
 
         buf, ct, hidden = self.buf, self.ct, self.hidden
         # per-pair scratch (each thread its own): the state in the compute type, the input
         # products x_t W^T + Wb and the recurrent ones h R^T (gru: and the reset h r * h)
-        self.h = IRBuilder.name("h", T.alloc_buffer((hidden,), ct))
-        self.c = IRBuilder.name("c", T.alloc_buffer((hidden,), ct)) \
-            if self.kind == "lstm" else None
-        self.xw = IRBuilder.name("xw", T.alloc_buffer((self.gh,), ct))
-        self.hr = IRBuilder.name("hr", T.alloc_buffer((self.gh,), ct))
-        self.rh = IRBuilder.name("rh", T.alloc_buffer((hidden,), ct)) \
-            if self.gru_reset_first else None
+        self.h = scratch("h", (hidden,), ct)
+        self.c = scratch("c", (hidden,), ct) if self.kind == "lstm" else None
+        self.xw = scratch("xw", (self.gh,), ct)
+        self.hr = scratch("hr", (self.gh,), ct)
+        self.rh = scratch("rh", (hidden,), ct) if self.gru_reset_first else None
         # direction d's biases and peepholes in the compute type, converted once (and so
         # never loaded inside a let binding: TVM's bf16 legalization leaves a bf16 load there
         # unconverted, which then reads its bits as an integer)
         self.bias = self.converted("bias", buf.get("b"), d, 2 * self.gh)
         self.peep = self.converted("peep", buf.get("p"), d, 3 * hidden)
         lens = buf.get("sequence_lens")
-        length = self.seq if lens is None else self.bind("length", lens[b].astype("int64"))
-        with self.loop(hidden, "u") as u:
+        length = self.seq if lens is None else bind("length", lens[b].astype("int64"))
+        with loop(hidden, "u") as u:
             for state, init in ((self.h, "initial_h"), (self.c, "initial_c")):
                 if state is None:
                     continue
                 value = buf[init][tuple(self.state_index(d, b, u))].astype(ct) \
                     if init in buf else self.const(0.0)
                 T.buffer_store(state, value, [u])
-        with self.loop(self.seq, "step") as step:
+        with loop(self.seq, "step") as step:
             with T.If(step < length):
                 with T.Then():
                     self.step(d, b, step, length)
                 with T.Else():
                     # past the entry's length Y is 0 (the valid steps write exactly the
                     # positions below the length, forwards or backwards)
-                    with self.loop(hidden, "u") as u:
+                    with loop(hidden, "u") as u:
                         T.buffer_store(buf["y"], self.const(0.0).astype(self.dtype),
                                        self.y_index(step, d, b, u))
-        with self.loop(hidden, "u") as u:
+        with loop(hidden, "u") as u:
             T.buffer_store(buf["y_h"], self.h[u].astype(self.dtype), self.state_index(d, b, u))
             if self.c is not None:
                 T.buffer_store(buf["y_c"], self.c[u].astype(self.dtype),
@@ -343,13 +300,12 @@ class _Kernel:
     def converted(self, name: str, src, d, n: int):
         """Row d of ``src`` ([D, n]) in a scratch buffer of the compute type; None without
         ``src``."""
-        from tvm.script.ir_builder import IRBuilder
         from tvm.script.ir_builder import tirx as T
 
         if src is None:
             return None
-        out = IRBuilder.name(name, T.alloc_buffer((n,), self.ct))
-        with self.loop(n, "j") as j:
+        out = scratch(name, (n,), self.ct)
+        with loop(n, "j") as j:
             T.buffer_store(out, src[d, j].astype(self.ct), [j])
         return out
 
@@ -360,11 +316,11 @@ class _Kernel:
         from tvm.script.ir_builder import tirx as T
 
         def each_row(store):
-            with self.loop(len(rows), "j") as jj:
-                store(jj + _i64(rows.start))
+            with loop(len(rows), "j") as jj:
+                store(jj + i64(rows.start))
 
         each_row(lambda j: T.buffer_store(out, self.const(0.0), [j]))
-        with self.loop(n, "k") as k:
+        with loop(n, "k") as k:
             each_row(lambda j: T.buffer_store(out, out[j] + vec(k) * mat_t[d, k, j], [j]))
         if bias is not None:
             each_row(lambda j: T.buffer_store(out, out[j] + bias(j), [j]))
@@ -379,10 +335,10 @@ class _Kernel:
         h, c, xw, hr, rh = self.h, self.c, self.xw, self.hr, self.rh
         # the reverse direction (and the second of bidirectional) reads the entry's valid
         # steps backwards
-        backwards = length - _i64(1) - step
+        backwards = length - i64(1) - step
         direction = self.a["direction"]
-        t = self.bind("t", backwards if direction == "reverse" else
-                      tirx.Select(d == _i64(1), backwards, step)
+        t = bind("t", backwards if direction == "reverse" else
+                      tirx.Select(d == i64(1), backwards, step)
                       if direction == "bidirectional" else step)
         f = self.activation(0, d)
         g = self.activation(1, d) if self.per_dir > 1 else None
@@ -392,7 +348,7 @@ class _Kernel:
             return (x[b, t, k] if self.layout else x[t, b, k]).astype(ct)
 
         def r_bias(j):
-            return bias[j + _i64(gh)] if bias is not None else self.const(0.0)
+            return bias[j + i64(gh)] if bias is not None else self.const(0.0)
 
         self.product(xw, range(gh), x_t, self.w_t, d, self.inputs,
                      None if bias is None else (lambda j: bias[j]))
@@ -402,45 +358,45 @@ class _Kernel:
 
         def gate_in(gate: int, u):
             """x_t W^T + Wb + h R^T + Rb of gate row ``gate * hidden + u``."""
-            j = u + _i64(gate * hidden)
+            j = u + i64(gate * hidden)
             return xw[j] + hr[j] + r_bias(j)
 
         if self.kind == "rnn":
-            with self.loop(hidden, "u") as u:
-                T.buffer_store(h, f(self.bind("hi", self.clipped(gate_in(0, u)))), [u])
+            with loop(hidden, "u") as u:
+                T.buffer_store(h, f(bind("hi", self.clipped(gate_in(0, u)))), [u])
         elif self.kind == "gru":
             if self.gru_reset_first:
                 # the reset h (r * h, from the old h), then its product with R's h rows
-                with self.loop(hidden, "u") as u:
-                    r = self.bind("r", f(self.bind("ri", self.clipped(gate_in(1, u)))))
+                with loop(hidden, "u") as u:
+                    r = bind("r", f(bind("ri", self.clipped(gate_in(1, u)))))
                     T.buffer_store(rh, r * h[u], [u])
                 self.product(hr, range(2 * hidden, gh), lambda k: rh[k], self.r_t, d, hidden)
-            with self.loop(hidden, "u") as u:
-                z = self.bind("z", f(self.bind("zi", self.clipped(gate_in(0, u)))))
-                j = u + _i64(2 * hidden)
+            with loop(hidden, "u") as u:
+                z = bind("z", f(bind("zi", self.clipped(gate_in(0, u)))))
+                j = u + i64(2 * hidden)
                 if self.gru_reset_first:
                     pre = xw[j] + hr[j] + r_bias(j)
                 else:  # linear_before_reset: r times the recurrent product and its bias
-                    r = self.bind("r", f(self.bind("ri", self.clipped(gate_in(1, u)))))
+                    r = bind("r", f(bind("ri", self.clipped(gate_in(1, u)))))
                     pre = xw[j] + r * (hr[j] + r_bias(j))
-                n = self.bind("n", g(self.bind("ni", self.clipped(pre))))
+                n = bind("n", g(bind("ni", self.clipped(pre))))
                 T.buffer_store(h, (self.const(1.0) - z) * n + z * h[u], [u])
         else:  # lstm: gates i o f c; peepholes p = [pi, po, pf] on c (o: on the new c)
             p = self.peep
 
             def peephole(k, u):
-                return p[u + _i64(k * hidden)] if p is not None else self.const(0.0)
+                return p[u + i64(k * hidden)] if p is not None else self.const(0.0)
 
-            with self.loop(hidden, "u") as u:
-                i = self.bind("i", f(self.bind("ii", self.clipped(
+            with loop(hidden, "u") as u:
+                i = bind("i", f(bind("ii", self.clipped(
                     gate_in(0, u) + peephole(0, u) * c[u]))))
-                fg = self.bind("fg", f(self.bind("fi", self.clipped(
+                fg = bind("fg", f(bind("fi", self.clipped(
                     gate_in(2, u) + peephole(2, u) * c[u]))))
-                cc = self.bind("cc", g(self.bind("ci", self.clipped(gate_in(3, u)))))
-                new_c = self.bind("new_c", fg * c[u] + i * cc)
-                o = self.bind("o", f(self.bind("oi", self.clipped(
+                cc = bind("cc", g(bind("ci", self.clipped(gate_in(3, u)))))
+                new_c = bind("new_c", fg * c[u] + i * cc)
+                o = bind("o", f(bind("oi", self.clipped(
                     gate_in(1, u) + peephole(1, u) * new_c))))
                 T.buffer_store(c, new_c, [u])
                 T.buffer_store(h, o * hh(new_c), [u])
-        with self.loop(hidden, "u") as u:
+        with loop(hidden, "u") as u:
             T.buffer_store(buf["y"], h[u].astype(self.dtype), self.y_index(t, d, b, u))

@@ -7,6 +7,7 @@ of its own.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from qcompiler.codegen.cpu.ops.common import kernel_name, unsupported
@@ -15,6 +16,34 @@ from qcompiler.codegen.cpu.ops.schedule import ScheduleParams, params_for, sched
 from qcompiler.ir.core import Node
 
 SUPPORTED_OPS = frozenset(BUILDERS)
+
+# The ops whose kernel has its own module instead of a TE compute in ops/compute.py:
+# op -> (module, function), the function called as primfunc_for is. The module is imported
+# when a node of the op comes: most of them import ops/ (whose __init__ imports this file), so
+# importing them at the top of this file would be circular.
+OWN_MODULE_KERNELS = {
+    # issue #15: int8 conv with its own schedule (vpdpbusd / madd lanes, packed weights, NHWC)
+    "qconv": ("qcompiler.codegen.cpu.conv", "primfunc_for_qconv"),
+    # issue #15: windows that skip the padding (NaN-padded in the reference), max's indices
+    "pool": ("qcompiler.codegen.cpu.pool", "primfunc_for_pool"),
+    # a padded copy of x, then row sums LLVM vectorizes; conv_transpose gathers its taps
+    "conv": ("qcompiler.codegen.cpu.float_conv", "primfunc_for_conv"),
+    "conv_transpose": ("qcompiler.codegen.cpu.float_conv", "primfunc_for_conv"),
+    # bit-exact ONNX Q/DQ: every code type (float8 / float4 encodings), blocked scales
+    "quantize": ("qcompiler.codegen.cpu.qdq", "primfunc_for_qdq"),
+    "dequantize": ("qcompiler.codegen.cpu.qdq", "primfunc_for_qdq"),
+    # ONNX's integer matmuls, bit-exact (numpy's promotions of the scales)
+    "dynamic_quantize": ("qcompiler.codegen.cpu.qlinear", "primfunc_for_qlinear"),
+    "matmul_integer": ("qcompiler.codegen.cpu.qlinear", "primfunc_for_qlinear"),
+    "qlinear_matmul": ("qcompiler.codegen.cpu.qlinear", "primfunc_for_qlinear"),
+    # RNN / GRU / LSTM: a serial time loop carrying the state (IR builder: cpu/tir_builder.py)
+    "recurrent": ("qcompiler.codegen.cpu.recurrent", "primfunc_for_recurrent"),
+    # a serial time loop carrying each kv head's state (IR builder: cpu/tir_builder.py)
+    "linear_attention": ("qcompiler.codegen.cpu.linear_attention",
+                         "primfunc_for_linear_attention"),
+    # a gather adding each pixel's taps in the reference's order (IR builder)
+    "col2im": ("qcompiler.codegen.cpu.col2im", "primfunc_for_col2im"),
+}
 
 
 def default_params() -> ScheduleParams:
@@ -37,39 +66,15 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
 
     if node.attrs.get("channels_last", 0) and node.op not in ("qconv", "pool"):
         raise unsupported(node, "channels_last (only qconv and pool have NHWC kernels)")
-    if node.op == "qconv":  # issue #15: its own TensorIR (codegen/cpu/conv.py)
-        from qcompiler.codegen.cpu.conv import primfunc_for_qconv
-
-        return primfunc_for_qconv(node, params or default_params(), module, known)
-    if node.op == "pool" and "pool" not in BUILDERS:  # issue #15: codegen/cpu/pool.py
-        from qcompiler.codegen.cpu.pool import primfunc_for_pool
-
-        return primfunc_for_pool(node, params, module, known)
-    if node.op in ("conv", "conv_transpose") and node.op not in BUILDERS:  # cpu/float_conv.py
-        from qcompiler.codegen.cpu.float_conv import primfunc_for_conv
-
-        return primfunc_for_conv(node, params, module, known)
-    if node.op in ("quantize", "dequantize") and node.op not in BUILDERS:  # cpu/qdq.py
-        from qcompiler.codegen.cpu.qdq import primfunc_for_qdq
-
-        return primfunc_for_qdq(node, params, module, known)
-    if node.op in ("dynamic_quantize", "matmul_integer", "qlinear_matmul") \
-            and node.op not in BUILDERS:  # cpu/qlinear.py
-        from qcompiler.codegen.cpu.qlinear import primfunc_for_qlinear
-
-        return primfunc_for_qlinear(node, params, module, known)
-    if node.op == "recurrent" and node.op not in BUILDERS:  # cpu/recurrent.py: a time loop
-        from qcompiler.codegen.cpu.recurrent import primfunc_for_recurrent
-
-        return primfunc_for_recurrent(node, params, module, known)
-    if node.op == "linear_attention" and node.op not in BUILDERS:  # cpu/linear_attention.py
-        from qcompiler.codegen.cpu.linear_attention import primfunc_for_linear_attention
-
-        return primfunc_for_linear_attention(node, params, module, known)
-    if node.op == "col2im" and node.op not in BUILDERS:  # cpu/col2im.py: a gather over taps
-        from qcompiler.codegen.cpu.col2im import primfunc_for_col2im
-
-        return primfunc_for_col2im(node, params, module, known)
+    own_module = OWN_MODULE_KERNELS.get(node.op)
+    # qconv always takes its own kernel; the other ops only while ops/compute.py has no
+    # builder of the same op (a builder added there takes over)
+    if own_module is not None and (node.op == "qconv" or node.op not in BUILDERS):
+        module_path, function_name = own_module
+        primfunc_for_op = getattr(importlib.import_module(module_path), function_name)
+        if node.op == "qconv":  # its variant (VNNI / AVX2) follows the schedule's lanes
+            params = params or default_params()
+        return primfunc_for_op(node, params, module, known)
     builder = BUILDERS.get(node.op)
     if builder is None:
         raise unsupported(node, "op not in the CPU op kernel library")
