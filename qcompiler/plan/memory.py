@@ -18,7 +18,9 @@
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from typing import Optional
 
 import numpy as np
@@ -176,14 +178,23 @@ def inplace_pairs(plan: Plan, live: dict) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _itemsize(dtype: str) -> int:
+    return elem(dtype).np_dtype.itemsize
+
+
 def nbytes(shape: tuple, dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * elem(dtype).np_dtype.itemsize
+    # math.prod, not np.prod: called per view per new signature (a decode loop's every token)
+    return math.prod(shape) * _itemsize(dtype)
 
 
 def slice_offset(plan: Plan, view, shapes: dict) -> int:
     """Bytes from the start of its root to ``view`` (0 unless it is a slice: the bytes of the
     buffers before it, at the concrete ``shapes``)."""
-    return sum(nbytes(shapes[n], plan.buffers[n].dtype) for n in view.offset_of)
+    if not view.offset_of:
+        return 0
+    buffers = plan.buffers
+    return sum(math.prod(shapes[n]) * _itemsize(buffers[n].dtype) for n in view.offset_of)
 
 
 def place(slots: dict) -> tuple[dict, int]:
