@@ -1,6 +1,7 @@
-"""The plan's shape functions (qcompiler/plan/shapes.py) share work between a model's layers:
-within one resolve each distinct host evaluation and type inference is done once
-(``_Memo``), which is most of the host time of a decode loop's new signature. The memo must
+"""The plan's shape functions (qcompiler/plan/shapes.py) share work between a model's layers
+and between signatures: each distinct host evaluation and type inference is done once
+(``_Memo``, kept in the runner's ConstantCache), which was most of the host time of a decode
+loop's new signature. The memo must
 never hand one node another node's result: checked on a 2-layer Llama decode step (every
 value's shape and host array equal to a resolve without the memo, over several cache
 lengths) and on two nodes that differ only in what the memo keys on.
@@ -17,6 +18,7 @@ from qcompiler.ir import parse_module
 from qcompiler.plan import lower
 from qcompiler.plan import shapes as shapes_mod
 from qcompiler.plan.shapes import ConstantCache, resolve
+from qcompiler.runtime import reference
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -31,8 +33,8 @@ class _Forgetful(dict):
 def _without_memo(monkeypatch):
     original = shapes_mod._Memo.__init__
 
-    def init(self, static):
-        original(self, static)
+    def init(self, static, results):
+        original(self, static, results)
         self.results = _Forgetful()
 
     monkeypatch.setattr(shapes_mod._Memo, "__init__", init)
@@ -66,6 +68,27 @@ def test_memo_changes_no_shape_or_host_value(llama_decode, monkeypatch):
                   for past in (3, 8, 40)]
     with_memo = [resolve(plan, module, s, cache) for s in signatures]
     inferred_with_memo = len(calls)
+    # the cache's memo outlives a resolve: a new cache length evaluates again only the host
+    # values that read it
+    evaluated = []
+
+    class Counting(dict):
+        def get(self, op, default=None):
+            impl = super().get(op, default)
+            return None if impl is None else \
+                (lambda *a: evaluated.append(op) or impl(*a))
+
+    monkeypatch.setattr(reference, "OP_IMPLS", Counting(reference.OP_IMPLS))
+    new_length = {**signatures[2], "past_k": signatures[2]["past_k"][:3] + (41,)
+                  + signatures[2]["past_k"][4:]}
+    new_length["past_v"] = new_length["past_k"]
+    resolve(plan, module, new_length, cache)
+    shared = len(evaluated)
+    evaluated.clear()
+    resolve(plan, module, new_length, ConstantCache())
+    assert 0 < shared < len(evaluated)
+    monkeypatch.setattr(reference, "OP_IMPLS", reference.OP_IMPLS.copy())
+    calls.clear()
     _without_memo(monkeypatch)
     calls.clear()
     without = [resolve(plan, module, s, ConstantCache()) for s in signatures]

@@ -63,10 +63,12 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 
 def aligned_array(a: np.ndarray, dtype=None) -> np.ndarray:
-    """``a`` (as ``dtype``) contiguous and 64-byte aligned: itself when it is, else a copy.
-    Compiled kernels assume aligned buffers (an unaligned one can fault in a vector load)."""
+    """``a`` (as ``dtype``) contiguous, 64-byte aligned and writeable: itself when it is, else
+    a copy. Compiled kernels assume aligned buffers (an unaligned one can fault in a vector
+    load), and TVM's DLPack refuses a read-only array (a caller's np.frombuffer, a host
+    value shared through the shape functions' memo)."""
     a = np.asarray(a, dtype)
-    if a.flags.c_contiguous and a.ctypes.data % ARENA_ALIGN == 0:
+    if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % ARENA_ALIGN == 0:
         return a
     out = aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
     np.copyto(out, a)

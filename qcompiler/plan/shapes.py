@@ -12,10 +12,11 @@ shapes and the host arrays (a reshape's target shape is a host value). A later v
 same symbol then reuses that binding.
 
 A model's layers repeat the same shape computations (each layer takes ``shape(x)``, gathers a
-dim, builds a reshape target; each infers the same attention output): within one resolve a
-host evaluation or a type inference is done once per distinct (op, attributes, operand
-types, small operand values) and reused by the layers after it (``_Memo``). A decode loop
-whose KV cache grows resolves once per token, so this is most of its host time.
+dim, builds a reshape target; each infers the same attention output): a host evaluation or a
+type inference is done once per distinct (op, attributes, operand types, small operand
+values) and reused by the layers after it (``_Memo``). With a ``ConstantCache`` the entries
+outlive the resolve: a decode loop whose KV cache grows resolves once per token, and then
+only the computations that read the cache length are done again.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from qcompiler.plan.plan import Plan, PlanError
 
 class ConstantCache(dict):
     """Host values that depend on no input shape (all operands weights), by value name: they
-    are the same for every signature, so one cache serves every bucket and run. Also each
-    node's fixed part of a memo key (``node_keys``; one cache belongs to one module)."""
+    are the same for every signature, so one cache serves every bucket and run. Also the
+    memo's entries (``memo``) and each node's fixed part of a memo key (``node_keys``): one
+    cache belongs to one module."""
 
     def __init__(self):
         super().__init__()
         self.node_keys: dict = {}
+        self.memo: dict = {}
 
 
 @dataclass
@@ -76,12 +79,20 @@ def _known(declared: tuple, dims: dict):
 MEMO_MAX_ELEMENTS = 64
 
 
-class _Memo:
-    """Host evaluations and type inferences of one resolve, by content (see the module doc)."""
+# Memo entries a ConstantCache keeps at most (each a few small arrays or types): past it the
+# memo starts again, so a long generation loop's entries (a few per new cache length) stay
+# bounded.
+MEMO_MAX_ENTRIES = 4096
 
-    def __init__(self, static: dict):
-        self.static = static     # id(node) -> the key part fixed by the node (op, attrs, types)
-        self.results: dict = {}  # key -> host arrays or inferred types
+
+class _Memo:
+    """Host evaluations and type inferences by content (see the module doc)."""
+
+    def __init__(self, static: dict, results: dict):
+        self.static = static    # id(node) -> the key part fixed by the node (op, attrs, types)
+        if len(results) > MEMO_MAX_ENTRIES:
+            results.clear()
+        self.results = results  # key -> host arrays or inferred types
 
     def node_part(self, node) -> tuple:
         part = self.static.get(id(node))
@@ -121,7 +132,7 @@ def resolve(plan: Plan, module: Module, input_shapes: dict,
         _bind(dims, a.type.shape, shape, a.name)
         shapes[a.name] = shape
     host: dict = {}
-    memo = _Memo(constants.node_keys)
+    memo = _Memo(constants.node_keys, constants.memo)
     for node in fn.nodes:
         if node.op == "constant":
             for r in node.results:
@@ -193,6 +204,8 @@ def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls,
         if pure:
             constants[node.results[0].name] = outs
         if key is not None:
+            for y in outs:  # shared by every node and signature with the same key
+                y.setflags(write=False)
             memo.results[key] = outs
     for r, y in zip(node.results, outs):
         _bind(dims, r.type.shape, y.shape, r.name)
