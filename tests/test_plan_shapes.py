@@ -126,3 +126,18 @@ def test_memo_keeps_nodes_that_differ_apart():
     assert r.host["a"].dtype == np.int64 and r.host["b"].dtype == np.int32
     assert list(r.host["a"]) == list(r.host["b"]) == [5, 7]
     assert int(r.host["c"]) == 5 and int(r.host["d"]) == 7
+
+
+def test_attribute_keys_see_all_of_an_array_and_share_objects_only_by_identity():
+    a = np.zeros(5000, np.float32)
+    b = a.copy()
+    b[2500] = 1  # inside the part numpy's repr elides
+    assert repr(a) == repr(b)
+    assert shapes_mod._attr_key(a) != shapes_mod._attr_key(b)
+    assert shapes_mod._attr_key([1, "x", a]) == shapes_mod._attr_key([1, "x", a.copy()])
+
+    class Body:
+        def __repr__(self):
+            return "body"
+
+    assert shapes_mod._attr_key(Body()) != shapes_mod._attr_key(Body())

@@ -85,6 +85,22 @@ MEMO_MAX_ELEMENTS = 64
 MEMO_MAX_ENTRIES = 4096
 
 
+def _attr_key(v):
+    """An attribute value as part of a memo key: by content where its type says what it is
+    (numbers, strings, arrays byte for byte: their repr elides the middle of a large one,
+    lists and dicts of those), else by identity (an object whose repr might not show all of
+    it, e.g. a fused body, is shared only by the nodes that hold that very object)."""
+    if v is None or isinstance(v, (bool, int, float, str, np.generic)):
+        return (type(v).__name__, repr(v))
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, tuple(_attr_key(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((repr(k), _attr_key(x)) for k, x in v.items())))
+    return ("object", id(v))
+
+
 class _Memo:
     """Host evaluations and type inferences by content (see the module doc)."""
 
@@ -98,7 +114,7 @@ class _Memo:
         part = self.static.get(id(node))
         if part is None:
             part = self.static[id(node)] = (
-                node.op, repr(sorted(node.attrs.items())),
+                node.op, tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
                 tuple(None if v is None else (v.type.dtype.name, repr(v.type.quant),
                                               repr(v.type.layout)) for v in node.operands),
                 tuple(r.type.dtype.name for r in node.results))
