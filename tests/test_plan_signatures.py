@@ -108,6 +108,28 @@ def test_signatures_beyond_the_buckets_share_plans_and_bindings(decode):
     assert binds[1:] == [2, 2, 0, 2, 0]
 
 
+def test_a_long_generation_keeps_few_size_class_arenas(decode, monkeypatch):
+    """Beyond the buckets each size class gets its own memory plan and arena; a generation
+    loop leaves the classes behind one after another, and only the MAX_EXACT_PLANS most
+    recent are kept (results stay correct when a released class comes back)."""
+    monkeypatch.setattr(PlanExecutor, "MAX_EXACT_PLANS", 2)
+    plan = lower(decode, {"p": [8]})
+    ex = PlanExecutor(plan, decode)
+    ex.poison_byte = 0xFF
+    rng = np.random.default_rng(7)
+    classes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seq in list(range(9, 80, 3)) + [9]:  # through 13 classes, then back to the first
+            feeds = _inputs(rng, seq)
+            got = ex.run(feeds)
+            np.testing.assert_allclose(got["y"], reference.run(decode, feeds)["y"],
+                                       rtol=1e-5, atol=1e-5)
+            classes.append(size_class(seq))
+            assert len(ex._exact) <= 2 and len(ex._arenas) <= 1 + 2  # the bucket's + 2
+    assert len(set(classes)) > 4
+
+
 def test_large_inputs_and_outputs_are_bound_per_run(decode, monkeypatch):
     """Above STAGE_BYTES an input is read where the caller put it and an output is a fresh
     array per run: the steps touching them take the run's arrays and are never bound."""

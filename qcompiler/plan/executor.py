@@ -208,7 +208,9 @@ class PlanExecutor:
         # per input signature, least recently used first (at most MAX_PREPARED: a decode loop
         # whose KV cache grows a token a call has a new signature every call)
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
-        self._exact: dict[tuple, MemoryPlan] = {}
+        # memory plans beyond the buckets, per size class, least recently used first (at most
+        # MAX_EXACT_PLANS, each with its arena)
+        self._exact: OrderedDict[tuple, MemoryPlan] = OrderedDict()
         self._warned = False
         self._impls: dict[str, StepImpl] = {}
         self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
@@ -267,6 +269,10 @@ class PlanExecutor:
 
     # -- running ---------------------------------------------------------------------------
     MAX_PREPARED = 32  # input signatures kept prepared (calls bound, buffers staged)
+    # Memory plans (and arenas) kept for dims beyond every bucket: a decode loop's KV length
+    # moves through a size class every P / 8 tokens, and each class's arena is as large as
+    # its longest cache's activations; without a bound a long generation kept them all.
+    MAX_EXACT_PLANS = 4
 
     def run(self, inputs) -> dict:
         arrays = self.check_inputs(inputs)
@@ -306,6 +312,7 @@ class PlanExecutor:
         for want in (rounded, bounds):
             key = tuple(sorted(want.items()))
             if key in self._exact:
+                self._exact.move_to_end(key)
                 return self._exact[key]
         if not self._warned:
             self._warned = True
@@ -320,6 +327,12 @@ class PlanExecutor:
             mem = plan_memory(self.plan, self.module, bounds, self._constants)
             key = tuple(sorted(bounds.items()))
         self._exact[key] = mem
+        while len(self._exact) > self.MAX_EXACT_PLANS:
+            # a generation loop leaves each class behind for good: its arena goes (the
+            # prepared signatures still holding views of it keep that memory until they age
+            # out of MAX_PREPARED)
+            _, old = self._exact.popitem(last=False)
+            self._arenas.pop(old.key(), None)
         return mem
 
     def _arena(self, mem: MemoryPlan) -> np.ndarray:
