@@ -101,3 +101,34 @@ def test_a_signature_is_captured_at_its_second_run():
     runner._release(runner._signatures[((2, 64),)])
     runner._release(sig)
     assert runner.launcher.destroyed == [graph]
+
+
+def test_arenas_beyond_the_buckets_are_freed_when_no_signature_uses_them(monkeypatch):
+    """Past every bucket a signature's arena comes from its dims' size class (MemoryPlans);
+    only MAX_EXACT_PLANS classes are kept, and a dropped class's device arena is freed once
+    the last kept signature over it is released (before, every new length of a generation
+    loop allocated an arena of its own and none was ever freed)."""
+    import warnings
+
+    monkeypatch.setattr(CudaPlanRunner, "MAX_EXACT_PLANS", 2)
+    monkeypatch.setattr(CudaPlanRunner, "MAX_SIGNATURES", 3)
+    log = []
+    runner = _mlp_runner(log)
+    assert max(b.bounds["batch"] for b in runner.plan.buckets) < 130
+    arena_ptrs, arena_of = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # beyond every bucket: said once
+        for batch in (130, 131, 150, 170, 200, 230, 260, 300, 350, 400, 131):
+            x = np.random.default_rng(batch).standard_normal((batch, 64)).astype(np.float32)
+            runner({"x": x})
+            arena_of.setdefault(batch, runner._signatures[((batch, 64),)].arena_key)
+            for key, (ptr, _) in runner._arenas.items():
+                arena_ptrs.setdefault(ptr, key)
+            kept = {s.arena_key for s in runner._signatures.values()}
+            assert len(runner._plans.exact) <= 2
+            # an arena is kept only for a kept plan or a kept signature
+            assert set(runner._arenas) <= set(runner._plans.exact) | kept
+    assert arena_of[130] == arena_of[131] != arena_of[150]  # one plan per size class
+    freed = [p for p in runner.rt.freed if p in arena_ptrs]
+    assert len(freed) == len(set(freed)) >= len(arena_ptrs) - 3
+    assert not set(freed) & {p for p, _ in runner._arenas.values()}

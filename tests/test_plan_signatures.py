@@ -18,7 +18,8 @@ import pytest
 
 from qcompiler.driver.api import run_pipeline
 from qcompiler.plan import PlanExecutor, lower
-from qcompiler.plan.executor import reference_step, size_class
+from qcompiler.plan.executor import reference_step
+from qcompiler.plan.memory import size_class
 from qcompiler.runtime import reference
 
 
@@ -126,7 +127,7 @@ def test_a_long_generation_keeps_few_size_class_arenas(decode, monkeypatch):
             np.testing.assert_allclose(got["y"], reference.run(decode, feeds)["y"],
                                        rtol=1e-5, atol=1e-5)
             classes.append(size_class(seq))
-            assert len(ex._exact) <= 2 and len(ex._arenas) <= 1 + 2  # the bucket's + 2
+            assert len(ex._plans.exact) <= 2 and len(ex._arenas) <= 1 + 2  # the bucket's + 2
     assert len(set(classes)) > 4
 
 

@@ -66,6 +66,7 @@ from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
 from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
                               qmatmul_x_norm_operands)
+from qcompiler.plan.memory import MemoryPlans
 from qcompiler.plan.shapes import ConstantCache, resolve
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
@@ -276,6 +277,7 @@ class _Signature:
         self.uses = 0                # runs so far (the graphs are captured at the second)
         self.collectives: list = []  # (node, world) of the collective items
         self.bound: set = set()      # inputs read in place from the caller's device buffers
+        self.arena_key: tuple = ()   # the memory plan whose arena its launches use
 
     # A plan without collectives is one launch segment: its table, launch count and graph
     # (what benchmarks and tests replay directly); with collectives there is no single graph.
@@ -331,6 +333,11 @@ class CudaPlanRunner:
         # host values that depend on no input shape, computed by the first signature's
         # resolve and reused by every later one (a decode loop prepares one per token)
         self._constants = ConstantCache()
+        # memory plans: a bucket's, or beyond them one per size class of the dims, the
+        # MAX_EXACT_PLANS most recent kept (MemoryPlans; made when the plan is loaded). A
+        # dropped plan's arena is freed once no kept signature launches over it.
+        self._plans: Optional[MemoryPlans] = None
+        self._retired: set = set()  # arena keys of dropped plans still in use
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -424,14 +431,15 @@ class CudaPlanRunner:
     def _prepare(self, shapes: dict, bound: Optional[dict] = None) -> _Signature:
         """The buffers, step table and graph of one shape signature. ``bound``: input name ->
         the caller's device pointer, read in place by the launches (not allocated here)."""
-        from qcompiler.plan.memory import plan_memory, select_bucket
         plan, rt = self.plan, self.rt
         resolved = resolve(plan, self.module, shapes, self._constants)
-        mem = select_bucket(plan, resolved.dims)
-        if mem is None:  # beyond every bucket: an arena for exactly these dims
-            mem = plan_memory(plan, self.module, {s: resolved.dims[s] for s in plan.symbols})
+        if self._plans is None:
+            self._plans = MemoryPlans(plan, self.module, self._constants,
+                                      self.MAX_EXACT_PLANS, on_drop=self._retire_arena)
+        mem = self._plans.for_dims(resolved.dims)
         arena = self._arena(mem)
         sig = _Signature()
+        sig.arena_key = mem.key()
         ptr: dict = {}
         shape_of = dict(resolved.shapes)
 
@@ -800,6 +808,32 @@ class CudaPlanRunner:
         for p in sig.allocs:
             self.rt.free(p)
         sig.program, sig.allocs, sig.keep = [], [], []
+        if sig.arena_key in self._retired and not self._arena_in_use(sig.arena_key):
+            self._free_arena(sig.arena_key)
+
+    # Memory plans (and arenas) kept for dims beyond every bucket (MemoryPlans). Without a
+    # bound a generation loop past its buckets allocated a device arena per token, never freed.
+    MAX_EXACT_PLANS = 4
+
+    def _arena_in_use(self, key: tuple) -> bool:
+        return any(sig.arena_key == key for store in (self._signatures, self._bound)
+                   for sig in store.values())
+
+    def _retire_arena(self, mem) -> None:
+        """MemoryPlans dropped ``mem``: free its arena now, or when the last kept signature
+        over it is released."""
+        if self._arena_in_use(mem.key()):
+            self._retired.add(mem.key())
+        else:
+            self._free_arena(mem.key())
+
+    def _free_arena(self, key: tuple) -> None:
+        self._retired.discard(key)
+        ptr, _ = self._arenas.pop(key, (0, 0))
+        if ptr:
+            # launches over it may still be in flight (a run returns before they finish)
+            self._check(self.launcher.qc_stream_synchronize(self.stream), "freeing an arena")
+            self.rt.free(ptr)
 
 
 def _torch_available() -> bool:

@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -41,7 +40,7 @@ import numpy as np
 from qcompiler.errors import InputError
 from qcompiler.ir import Module, elem
 from qcompiler.ir.core import constant_value
-from qcompiler.plan.memory import plan_memory, select_bucket, slice_offset
+from qcompiler.plan.memory import MemoryPlans, slice_offset
 from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
 from qcompiler.plan.shapes import ConstantCache, resolve
 
@@ -102,16 +101,6 @@ def reference_step(node, module: Module) -> StepImpl:
                                 f"plan has {out.dtype}{list(out.shape)}")
             np.copyto(out, y)
     return impl
-
-
-def size_class(d: int) -> int:
-    """``d`` rounded up to a multiple of an eighth of the largest power of two not above it
-    (less than 12.5% more; 8 classes per octave): the dims an arena is planned for beyond
-    every bucket."""
-    if d <= 8:
-        return d
-    step = (1 << (d.bit_length() - 1)) // 8
-    return -(-d // step) * step
 
 
 def copy_step(args: list, outs: list) -> None:
@@ -208,10 +197,11 @@ class PlanExecutor:
         # per input signature, least recently used first (at most MAX_PREPARED: a decode loop
         # whose KV cache grows a token a call has a new signature every call)
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
-        # memory plans beyond the buckets, per size class, least recently used first (at most
-        # MAX_EXACT_PLANS, each with its arena)
-        self._exact: OrderedDict[tuple, MemoryPlan] = OrderedDict()
-        self._warned = False
+        # the bucket's plan, or beyond them one per size class (at most MAX_EXACT_PLANS, each
+        # with its arena: a dropped plan's arena goes; the prepared signatures still holding
+        # views of it keep that memory until they age out of MAX_PREPARED)
+        self._plans = MemoryPlans(plan, module, self._constants, self.MAX_EXACT_PLANS,
+                                  on_drop=lambda mem: self._arenas.pop(mem.key(), None))
         self._impls: dict[str, StepImpl] = {}
         self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
         self._staged: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> its buffer
@@ -269,9 +259,9 @@ class PlanExecutor:
 
     # -- running ---------------------------------------------------------------------------
     MAX_PREPARED = 32  # input signatures kept prepared (calls bound, buffers staged)
-    # Memory plans (and arenas) kept for dims beyond every bucket: a decode loop's KV length
-    # moves through a size class every P / 8 tokens, and each class's arena is as large as
-    # its longest cache's activations; without a bound a long generation kept them all.
+    # Memory plans (and arenas) kept for dims beyond every bucket (MemoryPlans): a decode
+    # loop's KV length moves through a size class every P / 8 tokens; without a bound a long
+    # generation kept every class's arena.
     MAX_EXACT_PLANS = 4
 
     def run(self, inputs) -> dict:
@@ -298,42 +288,9 @@ class PlanExecutor:
     __call__ = run
 
     def memory_plan_for(self, dims: dict) -> MemoryPlan:
-        """The bucket that serves ``dims``, or (beyond every bucket) a plan for the dims rounded
-        up to their size class (``size_class``), cached per class: a decode loop, whose KV
-        length grows by one each step, plans once per class instead of once per step (sizes
-        are monotone in the dims, and ``_arena_view`` checks every view against its slot).
-        Dims for which the model's shapes cannot be resolved when rounded are planned as
-        they are."""
-        mem = select_bucket(self.plan, dims)
-        if mem is not None:
-            return mem
-        bounds = {s: dims[s] for s in self.plan.symbols}
-        rounded = {s: size_class(d) for s, d in bounds.items()}
-        for want in (rounded, bounds):
-            key = tuple(sorted(want.items()))
-            if key in self._exact:
-                self._exact.move_to_end(key)
-                return self._exact[key]
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"@{self.plan.function}: dims {bounds} exceed every shape bucket "
-                          f"({[b.bounds for b in self.plan.buckets]}); planning the arena for "
-                          f"dims rounded up to their size class ({rounded}; cached per class; "
-                          "declare a larger bucket to avoid it)", RuntimeWarning, stacklevel=3)
-        try:
-            mem = plan_memory(self.plan, self.module, rounded, self._constants)
-            key = tuple(sorted(rounded.items()))
-        except Exception:  # a shape the model cannot take at the rounded dims
-            mem = plan_memory(self.plan, self.module, bounds, self._constants)
-            key = tuple(sorted(bounds.items()))
-        self._exact[key] = mem
-        while len(self._exact) > self.MAX_EXACT_PLANS:
-            # a generation loop leaves each class behind for good: its arena goes (the
-            # prepared signatures still holding views of it keep that memory until they age
-            # out of MAX_PREPARED)
-            _, old = self._exact.popitem(last=False)
-            self._arenas.pop(old.key(), None)
-        return mem
+        """The bucket that serves ``dims``, or beyond every bucket the plan of their size
+        class (``MemoryPlans``)."""
+        return self._plans.for_dims(dims)
 
     def _arena(self, mem: MemoryPlan) -> np.ndarray:
         arena = self._arenas.get(mem.key())

@@ -15,12 +15,17 @@
   valid for every shape within them because every buffer's size is monotone in the dims
   (products of dims, min/max of dims): the executor checks that for each signature it serves
   (``PlanExecutor`` raises if a buffer outgrows its bucket's size).
+- Beyond every bucket (``MemoryPlans``): a plan for the dims rounded up to their size class
+  (eighths of an octave), cached per class, the few most recently used kept. Both runtimes
+  (the CPU ``PlanExecutor``, the CUDA ``CudaPlanRunner``) take their plans from it.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import math
+import warnings
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -242,3 +247,64 @@ def plan_memory(plan: Plan, module: Module, bounds: dict,
         if b.kind == "view" and b.alias_of in offsets:
             offsets[b.name] = offsets[b.alias_of] + slice_offset(plan, b, resolved.shapes)
     return MemoryPlan(dict(bounds), offsets, sizes, inplace, peak, sum(sizes.values()))
+
+
+def size_class(d: int) -> int:
+    """``d`` rounded up to a multiple of an eighth of the largest power of two not above it
+    (less than 12.5% more; 8 classes per octave): the dims an arena is planned for beyond
+    every bucket."""
+    if d <= 8:
+        return d
+    step = (1 << (d.bit_length() - 1)) // 8
+    return -(-d // step) * step
+
+
+class MemoryPlans:
+    """The memory plan of each signature's dims: the bucket with the smallest arena that
+    covers them, else (beyond every bucket) a plan for the dims rounded up to their size class
+    (``size_class``). A decode loop, whose KV length grows by one each step, then plans once
+    per class instead of once per step (sizes are monotone in the dims; the runtimes check
+    every buffer against its slot). Dims at which the model's shapes cannot be resolved when
+    rounded are planned as they are.
+
+    At most ``max_exact`` plans beyond the buckets are kept, least recently used dropped: a
+    generation loop leaves each class behind for good, and each class's arena is as large as
+    its longest cache's activations. ``on_drop(plan)`` is told of each dropped plan (the
+    runtime releases its arena)."""
+
+    def __init__(self, plan: Plan, module: Module, constants: Optional[ConstantCache] = None,
+                 max_exact: int = 4, on_drop=None):
+        self.plan, self.module, self.constants = plan, module, constants
+        self.max_exact, self.on_drop = max_exact, on_drop
+        self.exact: OrderedDict[tuple, MemoryPlan] = OrderedDict()
+        self.warned = False
+
+    def for_dims(self, dims: dict) -> MemoryPlan:
+        mem = select_bucket(self.plan, dims)
+        if mem is not None:
+            return mem
+        bounds = {s: dims[s] for s in self.plan.symbols}
+        rounded = {s: size_class(d) for s, d in bounds.items()}
+        for want in (rounded, bounds):
+            key = tuple(sorted(want.items()))
+            if key in self.exact:
+                self.exact.move_to_end(key)
+                return self.exact[key]
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"@{self.plan.function}: dims {bounds} exceed every shape bucket "
+                          f"({[b.bounds for b in self.plan.buckets]}); planning the arena for "
+                          f"dims rounded up to their size class ({rounded}; cached per class; "
+                          "declare a larger bucket to avoid it)", RuntimeWarning, stacklevel=4)
+        try:
+            mem = plan_memory(self.plan, self.module, rounded, self.constants)
+            key = tuple(sorted(rounded.items()))
+        except Exception:  # a shape the model cannot take at the rounded dims
+            mem = plan_memory(self.plan, self.module, bounds, self.constants)
+            key = tuple(sorted(bounds.items()))
+        self.exact[key] = mem
+        while len(self.exact) > self.max_exact:
+            _, old = self.exact.popitem(last=False)
+            if self.on_drop is not None:
+                self.on_drop(old)
+        return mem
