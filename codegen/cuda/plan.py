@@ -437,6 +437,7 @@ class CudaPlanRunner:
             self._plans = MemoryPlans(plan, self.module, self._constants,
                                       self.MAX_EXACT_PLANS, on_drop=self._retire_arena)
         mem = self._plans.for_dims(resolved.dims)
+        self._retired.discard(mem.key())  # a class that came back keeps its arena
         arena = self._arena(mem)
         sig = _Signature()
         sig.arena_key = mem.key()
