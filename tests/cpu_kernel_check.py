@@ -1,5 +1,6 @@
 """Checks of a CPU op kernel against the reference, shared by the kernel tests
-(test_cpu_recurrent.py, test_cpu_linear_attention.py, test_cpu_col2im.py).
+(test_cpu_recurrent.py, test_cpu_linear_attention.py, test_cpu_col2im.py, test_cpu_det.py,
+test_cpu_max_unpool.py, test_cpu_deform_conv.py, test_cpu_resize_antialias.py).
 
 Kernel level: the nodes of a test graph (``graph.module``, and ``graph.nodes``: a key per
 group of configurations -> nodes) are built into one op library; each node runs on its
@@ -76,6 +77,11 @@ def nonzero_normal(rng, shape, scale: float = 1.0) -> np.ndarray:
     a = rng.standard_normal(shape) * scale
     a[a == 0] = 0.25
     return a
+
+
+def shape_at(value, sizes: dict) -> tuple:
+    """The shape of a node's operand or result with its symbolic dims at ``sizes``."""
+    return tuple(d if isinstance(d, int) else sizes[d] for d in value.type.shape)
 
 
 def run_kernel(built: BuiltKernels, node, args: list) -> tuple[list, list]:

@@ -54,7 +54,7 @@ SAMPLE = [
     "test_einsum_batch_matmul", "test_einsum_batch_diagonal", "test_top_k_same_values_2d",
     "test_scatternd_add", "test_tensorscatter_circular",
     "test_resize_upsample_scales_nearest", "test_resize_downsample_scales_cubic",
-    "test_resize_tf_crop_and_resize",
+    "test_resize_tf_crop_and_resize", "test_resize_downsample_scales_linear_antialias",
     # pooling and convolution
     "test_maxpool_with_argmax_2d_precomputed_pads", "test_maxpool_3d_dilations",
     "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True",
@@ -71,13 +71,10 @@ SAMPLE = [
     # recurrent (codegen/cpu/recurrent.py)
     "test_lstm_defaults",
     # still host fallbacks (EXPECTED_FALLBACKS)
-    "test_resize_downsample_scales_linear_antialias",
 ]
 
 # sample case -> (the ops the report lists as host fallbacks, why)
 EXPECTED_FALLBACKS: dict[str, tuple[set, str]] = {
-    "test_resize_downsample_scales_linear_antialias": (
-        {"resize"}, "antialias: a footprint that depends on the scale (not in the kernel)"),
 }
 
 

@@ -8,6 +8,7 @@ tensors, the schedule kind and the values baked into the code.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -1763,15 +1764,15 @@ def _nonzero(d):
     return tirx.Select(d == tirx.const(0.0, "float64"), tirx.const(1.0, "float64"), d)
 
 
-def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: int,
-                       out_n: int, y):
-    """(neighbour indices, weights, extrapolated or None) of output position ``y`` (int64)
-    along axis ``a`` as the reference's _resize_1d: float64 coordinate, coefficients, the n
-    nearest neighbours. ``scale``: float64 expression; ``p``: the axis' place in roi."""
+def _resize_coordinate(ctx: _Ctx, p: int, axes_count: int, scale, in_n: int, out_n: int,
+                       y):
+    """(x, extrapolated or None): the float64 input coordinate of output position ``y``
+    (int64) along an axis as the reference's _resize_1d, and for tf_crop_and_resize whether
+    it lies outside the input. ``scale``: float64 expression; ``p``: the axis' place in roi."""
     from tvm import tirx
 
     attrs = ctx.node.attrs
-    f64, i64 = "float64", "int64"
+    f64 = "float64"
 
     def c(v):
         return tirx.const(float(v), f64)
@@ -1800,8 +1801,51 @@ def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: 
         x = offset + (yf + c(0.5)) / scale - c(0.5)
     else:
         raise unsupported(ctx.node, f"resize coordinate_transformation_mode {ctm}")
+    return x, extrapolated
+
+
+def _resize_first_neighbour(x, n: int):
+    """The int64 index of the first of the ``n`` neighbours closest to coordinate ``x`` (ties
+    to the smaller index), as the reference picks them."""
+    from tvm import tirx
+
+    def c(v):
+        return tirx.const(float(v), "float64")
+
+    pad = -(-n // 2)
+    xp = x + c(pad)
+    pf = tirx.floor(xp)
+    frac = xp - pf
+    if n % 2 == 0:
+        offset = tirx.Select(frac == c(0), _i64(-(n // 2)), _i64(-(n // 2) + 1))
+    else:
+        offset = tirx.Select(frac <= c(0.5), _i64(-((n - 1) // 2)), _i64(-((n - 1) // 2) + 1))
+    return pf.astype("int64") + offset - _i64(pad)
+
+
+def _resize_ratio(x):
+    """x's distance from the input position below it; 1 on a position (the reference
+    weights it as the right neighbour)."""
+    from tvm import tirx
+
     base = tirx.floor(x)
-    ratio = tirx.Select(x == base, c(1), x - base)
+    return tirx.Select(x == base, tirx.const(1.0, "float64"), x - base)
+
+
+def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: int,
+                       out_n: int, y):
+    """(neighbour indices, weights, extrapolated or None) of output position ``y`` (int64)
+    along axis ``a`` as the reference's _resize_1d: float64 coordinate, coefficients, the n
+    nearest neighbours. ``scale``: float64 expression; ``p``: the axis' place in roi."""
+    from tvm import tirx
+
+    attrs = ctx.node.attrs
+
+    def c(v):
+        return tirx.const(float(v), "float64")
+
+    x, extrapolated = _resize_coordinate(ctx, p, axes_count, scale, in_n, out_n, y)
+    ratio = _resize_ratio(x)
     mode = attrs["mode"]
     if mode == "nearest":
         nm = attrs["nearest_mode"]
@@ -1824,15 +1868,7 @@ def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: 
     else:
         raise unsupported(ctx.node, f"resize mode {mode}")
     n = len(coeffs)
-    pad = -(-n // 2)
-    xp = x + c(pad)
-    pf = tirx.floor(xp)
-    frac = xp - pf
-    if n % 2 == 0:
-        offset = tirx.Select(frac == c(0), _i64(-(n // 2)), _i64(-(n // 2) + 1))
-    else:
-        offset = tirx.Select(frac <= c(0.5), _i64(-((n - 1) // 2)), _i64(-((n - 1) // 2) + 1))
-    first = pf.astype(i64) + offset - _i64(pad)
+    first = _resize_first_neighbour(x, n)
     idx = [first + _i64(j) for j in range(n)]
     if attrs["exclude_outside"]:
         coeffs = [tirx.Select(tirx.Or(k < _i64(0), k >= _i64(in_n)), c(0), w)
@@ -1848,11 +1884,12 @@ def _resize_axis_terms(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: 
 
 @_builder("resize")
 def _resize(ctx: _Ctx) -> Kernel:
-    """ONNX Resize on static shapes, without antialias: each resized axis contributes its n
-    neighbours and weights (the reference's coordinate transforms, nearest modes, linear,
-    cubic with exclude_outside, tf_crop_and_resize's roi and extrapolation), and the result
-    is the weighted sum over their combinations in float64, as the reference's axis-by-axis
-    passes (equal up to float64 rounding). Scales are read at run time, sizes baked."""
+    """ONNX Resize on static shapes: each resized axis contributes its n neighbours and
+    weights (the reference's coordinate transforms, nearest modes, linear, cubic with
+    exclude_outside, tf_crop_and_resize's roi and extrapolation), and the result is the
+    weighted sum over their combinations in float64, as the reference's axis-by-axis passes
+    (equal up to float64 rounding). Scales are read at run time, sizes baked. antialias
+    (linear and cubic; the reference's nearest ignores it) is ``_resize_antialias``."""
     from tvm import tirx
 
     node = ctx.node
@@ -1860,8 +1897,7 @@ def _resize(ctx: _Ctx) -> Kernel:
     x = ctx.operand(0)
     in_type, out_type = ctx.otype(0), ctx.rtype
     rank = len(in_type.shape)
-    if attrs["antialias"]:
-        raise unsupported(node, "resize with antialias")
+    antialias = bool(attrs["antialias"]) and attrs["mode"] != "nearest"
     if not all(isinstance(d, int) for d in in_type.shape + out_type.shape):
         raise unsupported(node, "resize of dynamic shapes")
     axes = [a % rank for a in attrs["axes"]] or list(range(rank))
@@ -1883,6 +1919,16 @@ def _resize(ctx: _Ctx) -> Kernel:
             s = pick(scale[a] for a in axes)
             scale = [s if i in axes else 1.0 for i in range(rank)]
         static_scale = {a: scale[a] for a in axes}
+    elif antialias:
+        # constant scales fix the filters' footprints (else they are read at run time)
+        scales = constant_operand(node, 2, ctx.module)
+        if scales is not None:
+            values = np.asarray(scales, np.float64).reshape(-1)
+            static_scale = {a: float(values[i]) for i, a in enumerate(axes)}
+    baked = {"sizes": None if sizes is None else np.asarray(sizes).tolist()}
+    if antialias:
+        baked["scales"] = [static_scale.get(a) for a in axes]
+        return _resize_antialias(ctx, axes, static_scale, baked)
     # axes the reference leaves alone: same size and (without a roi) scale 1
     # (a dim of 1 stays at its only element whatever the roi)
     moving = [a for a in axes if (roi_used and out_type.shape[a] != 1)
@@ -1891,6 +1937,9 @@ def _resize(ctx: _Ctx) -> Kernel:
     dtype = ctx.out_dtypes[0]
 
     def fn(i):
+        return _resize_result(total_over(i, moving), dtype)
+
+    def total_over(i, moving):
         per_axis = []
         for a in moving:
             p = axes.index(a)
@@ -1912,16 +1961,278 @@ def _resize(ctx: _Ctx) -> Kernel:
                 total = tirx.Select(extrapolated,
                                     tirx.const(float(attrs["extrapolation_value"]), "float64"),
                                     total)
-        if is_float_dtype(dtype):
-            return total.astype(dtype)
-        info = np.iinfo(np.dtype(dtype))
-        r = tirx.nearbyint(total)
-        r = tirx.max(tirx.min(r, tirx.const(float(info.max), "float64")),
-                     tirx.const(float(info.min), "float64"))
-        return r.astype(dtype)
+        return total
 
     return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
-                  baked={"sizes": None if sizes is None else np.asarray(sizes).tolist()})
+                  baked=baked)
+
+
+def _resize_result(total, dtype: str):
+    """The float64 ``total`` in the result type: rounded half to even and clipped into an
+    integer type, as the reference."""
+    from tvm import tirx
+
+    if is_float_dtype(dtype):
+        return total.astype(dtype)
+    info = np.iinfo(np.dtype(dtype))
+    r = tirx.nearbyint(total)
+    r = tirx.max(tirx.min(r, tirx.const(float(info.max), "float64")),
+                 tirx.const(float(info.min), "float64"))
+    return r.astype(dtype)
+
+
+def _numpy_sum(terms: list, pairwise: bool):
+    """The sum of ``terms`` in numpy's order of adds: along an outer axis one after the
+    other; along the innermost (contiguous) axis (``pairwise``) numpy's pairwise_sum, which
+    past 7 terms adds them into 8 partial sums (in blocks of 128, halved beyond)."""
+    n = len(terms)
+    if not pairwise or n < 8:
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return _numpy_sum(terms[:half], True) + _numpy_sum(terms[half:], True)
+    partial = list(terms[:8])
+    i = 8
+    while i < n - n % 8:
+        partial = [partial[j] + terms[i + j] for j in range(8)]
+        i += 8
+    total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + \
+        ((partial[4] + partial[5]) + (partial[6] + partial[7]))
+    for t in terms[i:]:
+        total = total + t
+    return total
+
+
+def _antialias_footprint(mode: str, scale: float) -> int:
+    """The taps n of an antialiased linear / cubic resize at ``scale`` (the reference's
+    _resize_coeffs): the filter is stretched by 1 / min(scale, 1), over the offsets
+    start, ..., start + n - 1 from the coordinate's floor (start = 1 - n / 2)."""
+    start = int(np.floor((-1 if mode == "linear" else -2) / min(scale, 1.0)) + 1)
+    return 2 - 2 * start
+
+
+# Most footprints a kernel of run-time scales provides for (one per scale range)
+_ANTIALIAS_MAX_FOOTPRINTS = 4
+
+
+def _antialias_footprints(ctx: _Ctx, in_n: int, out_n: int) -> list:
+    """The footprints (taps, ascending) of the scales that resize ``in_n`` to ``out_n``: the
+    reference's output size int(scale * in_n) puts the scale in [out_n, out_n + 1) / in_n
+    (widened by a little for the rounding of the product)."""
+    mode = ctx.node.attrs["mode"]
+    if in_n == 0:
+        raise unsupported(ctx.node, "resize antialias of an empty axis")
+    high = _antialias_footprint(mode, (out_n + 1) / in_n * (1 + 1e-9))
+    low = _antialias_footprint(mode, out_n / in_n * (1 - 1e-9)) if out_n else high
+    if (low - high) // 2 + 1 > _ANTIALIAS_MAX_FOOTPRINTS:
+        raise unsupported(ctx.node, f"resize antialias with run-time scales of {in_n} -> "
+                                    f"{out_n}: filters of {high} to {low} taps")
+    return list(range(high, low + 1, 2))
+
+
+def _antialias_weight(mode: str, cubic_a: float, s, tap, ratio):
+    """The unnormalized weight of tap ``tap`` (its float64 offset from the floor) at
+    ``ratio``, the filter stretched by 1 / ``s`` (float64 expressions), as the reference:
+    every product feeding an add rounded on its own (no FMA)."""
+    from tvm import tirx
+
+    def c(v):
+        return tirx.const(float(v), "float64")
+
+    if mode == "linear":
+        return tirx.min(tirx.max(c(1) - tirx.abs((tap - ratio) * s), c(0)), c(1))
+    a = cubic_a
+    d = tirx.abs(s * (tap - ratio))
+    near = _rounded((_rounded(c(a + 2) * d) - c(a + 3)) * d * d) + c(1)
+    far = _rounded(c(a) * d) - c(5 * a)
+    far = _rounded(far * d) + c(8 * a)
+    far = _rounded(far * d) - c(4 * a)
+    return tirx.Select(d <= c(1), near, tirx.Select(d < c(2), far, c(0)))
+
+
+def _isclose(v, target: float):
+    """math.isclose(v, target) (relative tolerance 1e-9) of a float64 expression."""
+    from tvm import tirx
+
+    f64 = "float64"
+    return tirx.abs(v - tirx.const(target, f64)) <= \
+        tirx.const(1e-9, f64) * tirx.max(tirx.abs(v), tirx.const(abs(target), f64))
+
+
+def _resize_antialias(ctx: _Ctx, axes: list, scale: dict, baked: dict) -> Kernel:
+    """ONNX Resize with antialias, linear or cubic: the reference's axis-by-axis passes
+    (``_antialias_pass``), each a stage of its own, in float64; the last one rounded to the
+    result type. ``scale``: the axes' scales known at compile time (from sizes or constant
+    scales); the others are read at run time.
+
+    The reference leaves an axis alone when it keeps its size at scale 1 with the whole roi:
+    decided here where the scale is known and no roi is given, else at run time (the pass
+    then copies its input)."""
+    from tvm import tirx
+
+    attrs = ctx.node.attrs
+    f64 = "float64"
+    roi_type = ctx.otype(1) if ctx.has(1) else None
+    roi_given = roi_type is not None and tuple(roi_type.shape) != (0,)
+    if roi_given and tuple(roi_type.shape) != (2 * len(axes),):
+        raise unsupported(ctx.node, f"resize roi of shape {roi_type.shape} for "
+                                    f"{len(axes)} axes")
+    if attrs["coordinate_transformation_mode"] == "tf_crop_and_resize" and not roi_given:
+        raise unsupported(ctx.node, "tf_crop_and_resize without roi")
+    shape = list(ctx.otype(0).shape)
+    previous, stages, passes = None, [], 0
+    for p, a in enumerate(axes):
+        known = scale.get(a)
+        if shape[a] != ctx.rtype.shape[a] or (known is not None and
+                                              not math.isclose(known, 1.0)):
+            skip = None  # always resized
+        elif known is not None and not roi_given:
+            continue  # left alone
+        else:
+            skip = tirx.const(True, "bool") if known is not None else \
+                _isclose(ctx.operand(2)[(_i64(p),)].astype(f64), 1.0)
+            if roi_given:
+                roi = ctx.operand(1)
+                lo = roi[(_i64(p),)].astype(f64)
+                hi = roi[(_i64(len(axes) + p),)].astype(f64)
+                skip = tirx.all(skip, lo == tirx.const(0.0, f64), _isclose(hi, 1.0))
+        previous, names = _antialias_pass(ctx, axes, passes, a, known, shape, previous, skip)
+        shape[a] = ctx.rtype.shape[a]
+        stages += names
+        passes += 1
+    dtype = ctx.out_dtypes[0]
+    out = _compute(ctx.out_shapes[0],
+                   lambda i: _resize_result(_pass_input(ctx, previous, i), dtype), "out")
+    return Kernel(ctx.inputs, [out], "injective", baked=baked, stages=stages)
+
+
+def _pass_input(ctx: _Ctx, previous, index):
+    """Element ``index`` of a pass' input in float64: x, or the pass before's result."""
+    if previous is None:
+        return ctx.operand(0)[tuple(index)].astype("float64")
+    return previous[tuple(index)]
+
+
+def _antialias_pass(ctx: _Ctx, axes: list, step: int, a: int, scale, shape: list,
+                    previous, skip):
+    """(result, stage names) of the antialiased resize of axis ``a`` of the pass input
+    (``previous``; None: x) of ``shape``, the reference's _resize_1d. ``scale``: a float, or
+    None to read it from the scales operand; ``skip``: None, or where the pass copies its
+    input instead (the reference leaves the axis alone).
+
+    The filter is stretched by 1 / min(scale, 1): a downscale by f reads about 2 / f (linear)
+    or 4 / f (cubic) neighbours per output position, a footprint the scale fixes; a scale
+    read at run time is one of a few footprints (``_antialias_footprints``), each with its
+    own tables and sum, the pass taking the one of the scale. Per output position along the
+    axis: its input coordinate; per footprint the taps' weights and their sum, the
+    normalized weights (for exclude_outside: those outside the input zeroed and normalized
+    again), the first neighbour. Each is a stage of its own ([out] or [out, taps]), so that
+    no expression holds a sum over the taps more than once (inlined, a 40-tap filter's
+    weights were expressions of thousands of terms). Then the pass sums neighbour * weight
+    over the taps (clamped into the input) in numpy's order (the reference's ``sum`` along
+    the taps' axis). All of it the reference's operations, in its order."""
+    from tvm import te, tirx
+
+    attrs = ctx.node.attrs
+    mode = attrs["mode"]
+    f64 = "float64"
+    in_n, out_n = shape[a], ctx.rtype.shape[a]
+    p = axes.index(a)
+    one = tirx.const(1.0, f64)
+    if scale is None:
+        scale_expr = ctx.operand(2)[(_i64(p),)].astype(f64)
+        s = tirx.Select(one < scale_expr, one, scale_expr)  # min(scale, 1.0)
+        footprints = _antialias_footprints(ctx, in_n, out_n)
+        # the first tap's offset from the floor, as the reference finds it
+        start = tirx.floor(tirx.const(-1.0 if mode == "linear" else -2.0, f64) / s) + one
+    else:
+        scale_expr = tirx.const(scale, f64)
+        s = tirx.const(min(scale, 1.0), f64)
+        footprints = [_antialias_footprint(mode, scale)]
+        start = None  # one footprint: nothing to choose
+
+    def coordinate(y):
+        return _resize_coordinate(ctx, p, len(axes), scale_expr, in_n, out_n, y)
+
+    def stage(extents, fn, name):
+        return te.compute([_i64(e) for e in extents], fn, name=f"resize{step}_{name}")
+
+    coord = stage([out_n], lambda y: coordinate(y)[0], "coord")
+    stages = [coord]
+    tables = {}  # footprint -> (first neighbour, weights, their stages)
+    for n in footprints:
+        tables[n] = _antialias_tables(ctx, stage, coord, n, s, in_n, out_n)
+        stages += tables[n][2]
+    # numpy sums the taps pairwise where their axis is the innermost one left
+    pairwise = all(d == 1 for d in shape[a + 1:])
+
+    def resized(i, n):
+        first, weights, _ = tables[n]
+        terms = []
+        for k in range(n):
+            at = list(i)
+            at[a] = tirx.max(tirx.min(first[i[a]] + _i64(k), _i64(in_n - 1)), _i64(0))
+            terms.append(_rounded(_pass_input(ctx, previous, at) * weights[i[a], _i64(k)]))
+        return _numpy_sum(terms, pairwise)
+
+    def value(i):
+        # the footprint of the scale (every scale of this output size has one of them)
+        total = resized(i, footprints[-1])
+        for n in reversed(footprints[:-1]):
+            total = tirx.if_then_else(start == tirx.const(float(1 - n // 2), f64),
+                                      resized(i, n), total)
+        extrapolated = coordinate(i[a])[1]
+        if extrapolated is not None:
+            total = tirx.Select(extrapolated,
+                                tirx.const(float(attrs["extrapolation_value"]), f64), total)
+        if skip is not None:
+            total = tirx.if_then_else(skip, _pass_input(ctx, previous, i), total)
+        return total
+
+    out_shape = [_i64(d) for d in shape[:a] + [out_n] + shape[a + 1:]]
+    result = _compute(out_shape, value, f"resize{step}_pass")
+    return result, [t.op.name for t in stages] + [result.op.name]
+
+
+def _antialias_tables(ctx: _Ctx, stage, coord, n: int, s, in_n: int, out_n: int) -> tuple:
+    """(first neighbour [out], weights [out, n], the stages) of the ``n``-tap filter
+    stretched by 1 / ``s`` at the coordinates ``coord`` [out], as the reference's
+    _resize_coeffs and _resize_1d: the taps' weights, normalized by their sum; for
+    exclude_outside those outside the input zeroed and the rest normalized again.
+    ``stage(extents, fn, name)`` makes each table."""
+    from tvm import tirx
+
+    attrs = ctx.node.attrs
+    mode, cubic_a = attrs["mode"], float(attrs["cubic_coeff_a"])
+    f64 = "float64"
+    tap0 = 1 - n // 2  # the first tap's offset from the coordinate's floor
+
+    def tap_sum(table, name):
+        """The sum of each row of a [out, n] table, as numpy sums it (contiguous)."""
+        return stage([out_n], lambda y: _numpy_sum([table[y, _i64(j)] for j in range(n)],
+                                                   True), name)
+
+    taps = stage([out_n, n], lambda y, k: _antialias_weight(
+        mode, cubic_a, s, (k + _i64(tap0)).astype(f64), _resize_ratio(coord[y])), f"taps{n}")
+    total = tap_sum(taps, f"total{n}")
+    first = stage([out_n], lambda y: _resize_first_neighbour(coord[y], n), f"first{n}")
+    if not attrs["exclude_outside"]:
+        weights = stage([out_n, n], lambda y, k: taps[y, k] / total[y], f"weight{n}")
+        return first, weights, [taps, total, first, weights]
+
+    def kept_weight(y, k):
+        outside = tirx.Or(first[y] + k < _i64(0), first[y] + k >= _i64(in_n))
+        return tirx.Select(outside, tirx.const(0.0, f64), taps[y, k] / total[y])
+
+    kept = stage([out_n, n], kept_weight, f"kept{n}")
+    kept_total = tap_sum(kept, f"kept_total{n}")
+    weights = stage([out_n, n], lambda y, k: kept[y, k] / _nonzero(kept_total[y]),
+                    f"weight{n}")
+    return first, weights, [taps, total, first, kept, kept_total, weights]
 
 
 def _rounded(x):

@@ -43,6 +43,12 @@ OWN_MODULE_KERNELS = {
                          "primfunc_for_linear_attention"),
     # a gather adding each pixel's taps in the reference's order (IR builder)
     "col2im": ("qcompiler.codegen.cpu.col2im", "primfunc_for_col2im"),
+    # LU with partial pivoting, a serial elimination per matrix (IR builder)
+    "det": ("qcompiler.codegen.cpu.det", "primfunc_for_det"),
+    # a serial scatter at the flat indices, the last write winning (IR builder)
+    "max_unpool": ("qcompiler.codegen.cpu.max_unpool", "primfunc_for_max_unpool"),
+    # bilinear samples of each output row's taps, then the grouped product (IR builder)
+    "deform_conv": ("qcompiler.codegen.cpu.deform_conv", "primfunc_for_deform_conv"),
 }
 
 
