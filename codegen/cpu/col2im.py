@@ -35,12 +35,10 @@ import numpy as np
 
 from qcompiler.codegen.cpu.ops.common import (Dims, constant_operand, is_float_dtype,
                                               kernel_name, tvm_dtype, unsupported)
-from qcompiler.codegen.cpu.tir_builder import (build_kernel, check, i64, loop, param, scratch,
-                                               static_sizes)
+from qcompiler.codegen.cpu.tir_builder import (build_kernel, check, i64, loop,
+                                               parallel_min_elements, param, scratch, static_sizes)
 from qcompiler.ir.core import Node
 
-# Below this many tap visits in all (N * C * prod(image) * K) the kernel stays on one thread
-_PARALLEL_MIN_ELEMENTS = 4096
 # integer types whose float64 sums in the reference are exact (and wrap back into the type)
 _NARROW_INTS = ("int8", "uint8", "int16", "uint16")
 
@@ -51,7 +49,8 @@ def primfunc_for_col2im(node: Node, params=None, module=None, known=()):
     geometry = _check(node, module)
     # image_shape and block_shape are baked into the code: part of the kernel's identity
     name = kernel_name(node, {"image": geometry["image"], "block": geometry["block"]})
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements tap visits: N * C * prod(image) * K
+    min_elements = parallel_min_elements(params)
     return build_kernel(name, known, lambda: _emit(node, geometry, min_elements))
 
 

@@ -35,14 +35,12 @@ from __future__ import annotations
 
 from qcompiler.codegen.cpu.ops.common import (Dims, is_float_dtype, kernel_name, tvm_dtype,
                                               unsupported)
-from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, i64, loop, param, scratch,
+from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, i64, loop,
+                                               parallel_min_elements, param, scratch,
                                                static_sizes)
 from qcompiler.ir.core import Node
 
 OPERANDS = ("x", "w", "offset", "b", "mask")
-# Below this many multiply-adds in all (N * OH * OW * OC * C / group * KH * KW) the kernel
-# stays on one thread
-_PARALLEL_MIN_ELEMENTS = 4096
 _F64 = "float64"
 
 
@@ -50,7 +48,8 @@ def primfunc_for_deform_conv(node: Node, params=None, module=None, known=()):
     """(kernel name, PrimFunc) of a deform_conv node; (name, None) for a known name. Raises
     CPUBackendError naming the node and op when it has no kernel."""
     sizes = _check(node)
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements multiply-adds: N * OH * OW * OC * C / group * KH * KW
+    min_elements = parallel_min_elements(params)
     return build_kernel(kernel_name(node, {}), known,
                         lambda: _Kernel(node, sizes).emit(min_elements))
 

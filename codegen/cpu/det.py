@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from qcompiler.codegen.cpu.ops.common import (Dims, is_float_dtype, kernel_name, tvm_dtype,
                                               unsupported)
-from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, i64, loop, param, scratch,
+from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, i64, loop,
+                                               parallel_min_elements, param, scratch,
                                                static_sizes)
 from qcompiler.ir.core import Node
 
-# Below this many multiply-adds in all (matrices * M**3 / 3) the kernel stays on one thread
-_PARALLEL_MIN_ELEMENTS = 4096
 _F64 = "float64"
 
 
@@ -37,7 +36,8 @@ def primfunc_for_det(node: Node, params=None, module=None, known=()):
     """(kernel name, PrimFunc) of a det node; (name, None) for a known name. Raises
     CPUBackendError naming the node and op when it has no kernel."""
     _check(node)
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements multiply-adds: matrices * M**3 / 3
+    min_elements = parallel_min_elements(params)
     return build_kernel(kernel_name(node, {}), known, lambda: _emit(node, min_elements))
 
 

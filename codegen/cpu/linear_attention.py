@@ -38,15 +38,12 @@ import numpy as np
 
 from qcompiler.codegen.cpu.ops.common import (Dims, is_float_dtype, kernel_name, tvm_dtype,
                                               unsupported)
-from qcompiler.codegen.cpu.tir_builder import (build_kernel, i64, loop, param, scratch,
-                                               static_sizes)
+from qcompiler.codegen.cpu.tir_builder import (build_kernel, i64, loop, parallel_min_elements,
+                                               param, scratch, static_sizes)
 from qcompiler.ir.core import Node
 
 OPERANDS = ("q", "k", "v", "past_state", "decay", "beta")
 RESULTS = ("y", "present_state")
-# Below this many state updates in all (B * T * Hkv * dk * dv, times the number of reads) the
-# kernel stays on one thread: the pool's launch costs more than the work
-_PARALLEL_MIN_ELEMENTS = 4096
 _F32 = "float32"
 
 
@@ -54,7 +51,8 @@ def primfunc_for_linear_attention(node: Node, params=None, module=None, known=()
     """(kernel name, PrimFunc) of a linear_attention node; (name, None) for a known name.
     Raises CPUBackendError naming the node and op when it has no kernel."""
     shape = _check(node)
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements state updates: B * T * Hkv * dk * dv, times the reads
+    min_elements = parallel_min_elements(params)
     return build_kernel(kernel_name(node, {}), known,
                         lambda: _Kernel(node, shape).emit(min_elements))
 

@@ -22,19 +22,18 @@ from __future__ import annotations
 import numpy as np
 
 from qcompiler.codegen.cpu.ops.common import Dims, kernel_name, tvm_dtype, unsupported
-from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, check, i64, loop, param,
-                                               static_sizes)
+from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, check, i64, loop,
+                                               parallel_min_elements, param, static_sizes)
 from qcompiler.ir.core import Node
 
-# Below this many output elements the zeroing stays on one thread
-_PARALLEL_MIN_ELEMENTS = 4096
 
 
 def primfunc_for_max_unpool(node: Node, params=None, module=None, known=()):
     """(kernel name, PrimFunc) of a max_unpool node; (name, None) for a known name. Raises
     CPUBackendError naming the node and op when it has no kernel."""
     _check(node)
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements output elements (the zeroing)
+    min_elements = parallel_min_elements(params)
     return build_kernel(kernel_name(node, {}), known, lambda: _emit(node, min_elements))
 
 

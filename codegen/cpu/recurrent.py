@@ -32,22 +32,20 @@ from __future__ import annotations
 from qcompiler.codegen.cpu.ops import scalar
 from qcompiler.codegen.cpu.ops.common import (Dims, compute_dtype, is_float_dtype, kernel_name,
                                               tvm_dtype, unsupported)
-from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, check, i64, loop, param,
-                                               scratch, static_sizes)
+from qcompiler.codegen.cpu.tir_builder import (bind, build_kernel, check, i64, loop,
+                                               parallel_min_elements, param, scratch, static_sizes)
 from qcompiler.ir.core import Node
 from qcompiler.ir.ops import RECURRENT_GATES
 
 OPERANDS = ("x", "w", "r", "b", "sequence_lens", "initial_h", "initial_c", "p")
-# Below this many multiply-adds in all (S * D * B * G*H * (I + H)) the kernel stays on one
-# thread: the pool's launch costs more than the work (the op library's threshold on elements).
-_PARALLEL_MIN_ELEMENTS = 4096
 
 
 def primfunc_for_recurrent(node: Node, params=None, module=None, known=()):
     """(kernel name, PrimFunc) of a recurrent node; (name, None) for a known name.
     Raises CPUBackendError naming the node and op when it has no kernel."""
     dtypes = _check(node)
-    min_elements = getattr(params, "parallel_min_elements", _PARALLEL_MIN_ELEMENTS)
+    # one thread below parallel_min_elements multiply-adds: S * D * B * G*H * (I + H)
+    min_elements = parallel_min_elements(params)
     return build_kernel(kernel_name(node, {}), known,
                         lambda: _Kernel(node, dtypes).emit(min_elements))
 

@@ -25,6 +25,21 @@ def i64(v):
     return tirx.IntImm("int64", int(v)) if isinstance(v, (int, np.integer)) else v
 
 
+def parallel_min_elements(params) -> int:
+    """The work below which a kernel stays on one thread (the pool's launch costs more than
+    the work): the schedule's ``parallel_min_elements``, its default without ``params``. Each
+    kernel says what it counts (elements, multiply-adds, state updates ...)."""
+    from dataclasses import fields
+
+    from qcompiler.codegen.cpu.ops.schedule import ScheduleParams
+
+    value = getattr(params, "parallel_min_elements", None)
+    if value is None:
+        value = next(f.default for f in fields(ScheduleParams)
+                     if f.name == "parallel_min_elements")
+    return value
+
+
 def build_kernel(name: str, known, emit_body: Callable[[], None]):
     """(name, the PrimFunc that ``emit_body()`` writes: its parameters (``param``), then its
     body), the function's symbol being ``name``; (name, None) for a name in ``known`` (built
