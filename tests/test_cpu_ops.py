@@ -361,6 +361,17 @@ def _add_onnx_coverage_ops(g: Graph, B, S):
     g.add("cov_float", "resize", [g.arg([2, 3, 5, 4], "f32"), None,
                                   g.arg([4], "f32", low=[1.0, 1.0, 1.6, 2.5]), None],
           [([2, 3, 8, 10], "f32")], resize)
+    # run-time scales on axes that keep their size: 4 -> 4 at 1.1 and 3 -> 3 at 1.2 are
+    # resized (the reference leaves only scale 1 alone), the axes at scale 1 copied
+    g.add("cov_float", "resize", [g.arg([2, 4, 5, 4], "f32"), None,
+                                  g.arg([4], "f32", low=[1.0, 1.1, 1.6, 2.5]), None],
+          [([2, 4, 8, 10], "f32")], resize)
+    g.add("cov_float", "resize", [g.arg([3, 3, 5, 4], "f32"), None,
+                                  g.arg([4], "f32", low=[1.2, 1.0, 1.6, 1.0]), None],
+          [([3, 3, 8, 4], "f32")], dict(resize, mode="cubic", exclude_outside=1))
+    g.add("cov_exact", "resize", [g.arg([3, 4, 5], "f32"), None,
+                                  g.arg([3], "f32", low=[1.3, 1.1, 1.0]), None],
+          [([3, 4, 5], "f32")], dict(resize, mode="nearest"))
     g.add("cov_float", "resize", [g.arg([1, 2, 6, 7], "f32"), None, None, g.const([4, 5])],
           [([1, 2, 4, 5], "f32")], dict(resize, mode="cubic", axes=[2, 3],
                                         coordinate_transformation_mode="align_corners",

@@ -1888,8 +1888,16 @@ def _resize(ctx: _Ctx) -> Kernel:
     weights (the reference's coordinate transforms, nearest modes, linear, cubic with
     exclude_outside, tf_crop_and_resize's roi and extrapolation), and the result is the
     weighted sum over their combinations in float64, as the reference's axis-by-axis passes
-    (equal up to float64 rounding). Scales are read at run time, sizes baked. antialias
-    (linear and cubic; the reference's nearest ignores it) is ``_resize_antialias``."""
+    (equal up to float64 rounding). Sizes and constant scales are baked, other scales read
+    at run time. antialias (linear and cubic; the reference's nearest ignores it) is
+    ``_resize_antialias``.
+
+    The reference leaves an axis alone when it keeps its size at scale 1 (within 1e-9) and
+    the whole roi. An axis that keeps its size at another scale is still resized (4 -> 4 at
+    1.1 reads 4 / 1.1 apart). Where the scale is known here, so is the choice; a scale read
+    at run time on an axis that keeps its size gets a pass of its own after the others,
+    which copies its input where the scale is 1 (the axes are independent, so the order of
+    the passes changes the result only by float64 rounding)."""
     from tvm import tirx
 
     node = ctx.node
@@ -1919,52 +1927,119 @@ def _resize(ctx: _Ctx) -> Kernel:
             s = pick(scale[a] for a in axes)
             scale = [s if i in axes else 1.0 for i in range(rank)]
         static_scale = {a: scale[a] for a in axes}
-    elif antialias:
-        # constant scales fix the filters' footprints (else they are read at run time)
+    else:
+        # constant scales are baked (for antialias they fix the filters' footprints)
         scales = constant_operand(node, 2, ctx.module)
         if scales is not None:
             values = np.asarray(scales, np.float64).reshape(-1)
             static_scale = {a: float(values[i]) for i, a in enumerate(axes)}
-    baked = {"sizes": None if sizes is None else np.asarray(sizes).tolist()}
+    baked = {"sizes": None if sizes is None else np.asarray(sizes).tolist(),
+             "scales": [static_scale.get(a) for a in axes]}
     if antialias:
-        baked["scales"] = [static_scale.get(a) for a in axes]
         return _resize_antialias(ctx, axes, static_scale, baked)
-    # axes the reference leaves alone: same size and (without a roi) scale 1
-    # (a dim of 1 stays at its only element whatever the roi)
+    # axes resized whatever the scale: a new size, or (with a roi) any dim but 1 (a dim of 1
+    # stays at its only element whatever the roi); and those of a known scale other than 1
     moving = [a for a in axes if (roi_used and out_type.shape[a] != 1)
               or in_type.shape[a] != out_type.shape[a]
-              or (not has_scales and not np.isclose(static_scale[a], 1.0))]
+              or (a in static_scale and not math.isclose(static_scale[a], 1.0))]
+    # axes that keep their size at a scale read at run time: a pass each (see above)
+    run_time = [a for a in axes if a not in moving and a not in static_scale]
     dtype = ctx.out_dtypes[0]
 
-    def fn(i):
-        return _resize_result(total_over(i, moving), dtype)
+    def scale_of(a):
+        if a in static_scale:
+            return tirx.const(static_scale[a], "float64")
+        return ctx.operand(2)[(_i64(axes.index(a)),)].astype("float64")
 
-    def total_over(i, moving):
-        per_axis = []
-        for a in moving:
-            p = axes.index(a)
-            scale = (ctx.operand(2)[(_i64(p),)].astype("float64") if has_scales
-                     else tirx.const(static_scale[a], "float64"))
-            per_axis.append((a, _resize_axis_terms(ctx, a, p, len(axes), scale,
-                                                   in_type.shape[a], out_type.shape[a], i[a])))
+    tables, stages = {}, []
+    for a in moving + run_time:
+        tables[a] = _resize_axis_tables(ctx, a, axes.index(a), len(axes), scale_of(a),
+                                        in_type.shape[a], out_type.shape[a])
+        stages += [t.op.name for t in tables[a] if t is not None]
+
+    def total_over(i, moving, read):
+        """The weighted sum over the neighbours along the ``moving`` axes of ``read(index)``
+        (float64), or the extrapolation value where a coordinate falls outside the roi."""
         total = tirx.const(0.0, "float64")
-        for combo in np.ndindex(*[len(t[1]) for _, t in per_axis]):
+        taps = [int(tables[a][1].shape[1]) for a in moving]
+        for combo in np.ndindex(*taps):
             index = list(i)
             weight = None
-            for (a, (idx, coeffs, _)), j in zip(per_axis, combo):
-                index[a] = idx[j]
-                weight = coeffs[j] if weight is None else weight * coeffs[j]
-            v = x[tuple(index)].astype("float64")
+            for a, j in zip(moving, combo):
+                neighbour, weights, _ = tables[a]
+                index[a] = neighbour[i[a], _i64(j)]
+                w = weights[i[a], _i64(j)]
+                weight = w if weight is None else weight * w
+            v = read(index)
             total = total + (v if weight is None else weight * v)
-        for _, (_, _, extrapolated) in per_axis:
+        for a in moving:
+            extrapolated = tables[a][2]
             if extrapolated is not None:
-                total = tirx.Select(extrapolated,
+                total = tirx.Select(extrapolated[i[a]] != tirx.const(0, "int8"),
                                     tirx.const(float(attrs["extrapolation_value"]), "float64"),
                                     total)
         return total
 
-    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
-                  baked=baked)
+    previous = None  # the float64 result of the passes so far (None: x)
+    if moving and not run_time:
+        out = _compute(ctx.out_shapes[0], lambda i: _resize_result(
+            total_over(i, moving, lambda at: _pass_input(ctx, None, at)), dtype), "out")
+        return Kernel(ctx.inputs, [out], "injective", baked=baked, stages=stages)
+    if moving:
+        previous = _compute(ctx.out_shapes[0], lambda i: total_over(
+            i, moving, lambda at: _pass_input(ctx, None, at)), "resize_moved")
+        stages.append(previous.op.name)
+    # a pass per axis of a run-time scale that keeps its size (see above)
+    for step, a in enumerate(run_time):
+        p = axes.index(a)
+        skip = _isclose(scale_of(a), 1.0)
+        if ctx.has(1) and tuple(ctx.otype(1).shape) != (0,):
+            roi = ctx.operand(1)
+            lo = roi[(_i64(p),)].astype("float64")
+            hi = roi[(_i64(len(axes) + p),)].astype("float64")
+            skip = tirx.all(skip, lo == tirx.const(0.0, "float64"), _isclose(hi, 1.0))
+
+        def resized(i, a=a, skip=skip, source=previous):
+            return tirx.if_then_else(
+                skip, _pass_input(ctx, source, i),
+                total_over(i, [a], lambda at: _pass_input(ctx, source, at)))
+
+        previous = _compute(ctx.out_shapes[0], resized, f"resize_axis{step}")
+        stages.append(previous.op.name)
+    out = _compute(ctx.out_shapes[0],
+                   lambda i: _resize_result(_pass_input(ctx, previous, i), dtype), "out")
+    return Kernel(ctx.inputs, [out], "injective", baked=baked, stages=stages)
+
+
+def _resize_axis_tables(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n: int,
+                        out_n: int) -> tuple:
+    """(neighbour [out_n, n] int64, weight [out_n, n] float64, extrapolated [out_n] int8 or
+    None): ``_resize_axis_terms`` of each output position along axis ``a``, as stages of
+    their own. The sum over the neighbours' combinations reads them: inlined, each weight
+    (a cubic's polynomials, exclude_outside's normalization) was an expression repeated in
+    every term of the sum, and a 3-axis cubic took minutes to build."""
+    from tvm import te, tirx
+
+    def terms(y):
+        return _resize_axis_terms(ctx, a, p, axes_count, scale, in_n, out_n, y)
+
+    def pick(values, k):
+        v = values[-1]
+        for j in reversed(range(len(values) - 1)):
+            v = tirx.Select(k == _i64(j), values[j], v)
+        return v
+
+    n = len(terms(_i64(0))[0])
+    extents = [_i64(out_n), _i64(n)]
+    neighbour = te.compute(extents, lambda y, k: pick(terms(y)[0], k),
+                           name=f"resize_neighbour{a}")
+    weight = te.compute(extents, lambda y, k: pick(terms(y)[1], k), name=f"resize_weight{a}")
+    extrapolated = None
+    if terms(_i64(0))[2] is not None:
+        extrapolated = te.compute([_i64(out_n)], lambda y: tirx.Select(
+            terms(y)[2], tirx.const(1, "int8"), tirx.const(0, "int8")),
+            name=f"resize_extrapolated{a}")
+    return neighbour, weight, extrapolated
 
 
 def _resize_result(total, dtype: str):
