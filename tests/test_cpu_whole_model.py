@@ -189,7 +189,9 @@ def test_llama_decode_matches_onnxruntime_and_reference(llama):
     # step); here by qkv_heads (fuse-qkv), whose caches' length is the symbol the appends had
     assert llama.report["plan"]["buckets"][0]["concat_slices_in_place"] == 4
     seed = int(np.random.default_rng().integers(1 << 30))
-    for batch, seq, past in [(2, 1, 9), (3, 1, 16)]:  # decode steps, both in bucket (16, 1, 16)
+    # decode steps, all in bucket (16, 1, 16): a growing cache (each signature placed from
+    # the last one: only what reads the cache length again), then a batch change
+    for batch, seq, past in [(2, 1, 9), (2, 1, 10), (2, 1, 11), (3, 1, 16)]:
         llama.check(dm.llama_inputs(dm.SMALL_LLAMA, 2, batch, seq, past, seed=seed), 1e-4)
     llama.check(dm.llama_inputs(dm.SMALL_LLAMA, 2, 2, 5, 12, seed=seed + 1), 1e-4)  # a chunk
     with pytest.warns(RuntimeWarning, match="exceed every shape bucket"):

@@ -17,7 +17,7 @@ import pytest
 from qcompiler.ir import parse_module
 from qcompiler.plan import lower
 from qcompiler.plan import shapes as shapes_mod
-from qcompiler.plan.shapes import ConstantCache, resolve
+from qcompiler.plan.shapes import ConstantCache, ShapeDependencies, resolve
 from qcompiler.runtime import reference
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -100,6 +100,35 @@ def test_memo_changes_no_shape_or_host_value(llama_decode, monkeypatch):
         for name in a.host:
             np.testing.assert_array_equal(a.host[name], b.host[name], err_msg=name)
             assert a.host[name].dtype == b.host[name].dtype, name
+
+
+def test_resolve_from_the_last_one_equals_a_fresh_resolve(llama_decode, monkeypatch):
+    """With the plan's ShapeDependencies, a resolve evaluates only the nodes that depend on
+    the input dims that changed since the last one; every shape, dim and host value must be
+    a fresh resolve's, over growing caches, a batch change and a step back."""
+    module, plan, cfg, dm = llama_decode
+    deps = ShapeDependencies(plan, module)
+    evaluated = []
+    resolve_node = shapes_mod._resolve_node
+    monkeypatch.setattr(shapes_mod, "_resolve_node",
+                        lambda *a: evaluated.append(a[2]) or resolve_node(*a))
+    cache = ConstantCache()
+    for batch, past in [(1, 3), (1, 4), (1, 5), (2, 5), (2, 9), (1, 9), (1, 4)]:
+        signature = {n: tuple(v.shape)
+                     for n, v in dm.llama_inputs(cfg, 2, batch, 1, past).items()}
+        evaluated.clear()
+        got = resolve(plan, module, signature, cache, deps)
+        count = len(evaluated)
+        want = resolve(plan, module, signature, ConstantCache())
+        assert len(evaluated) - count == len(module.main.nodes)
+        if (batch, past) == (1, 4):  # only the cache length changed
+            assert got.changed == {"past"}
+            assert 0 < count < len(module.main.nodes) / 3
+        assert got.shapes == want.shapes and got.dims == want.dims
+        assert got.host.keys() == want.host.keys()
+        for name in want.host:
+            np.testing.assert_array_equal(got.host[name], want.host[name], err_msg=name)
+            assert got.host[name].dtype == want.host[name].dtype, name
 
 
 # Two casts of the same shape to different types, and two shape gathers of different dims:

@@ -109,6 +109,32 @@ def test_signatures_beyond_the_buckets_share_plans_and_bindings(decode):
     assert binds[1:] == [2, 2, 0, 2, 0]
 
 
+def test_a_new_signature_places_again_only_what_its_changed_dims_reach(decode, monkeypatch):
+    """Within one arena a new signature starts from the last one: the buffers whose shapes
+    depend on the changed dim (the cache, its tanh) are placed again and the steps touching
+    them get new calls; the rest keep theirs. Results checked over a poisoned arena."""
+    plan = lower(decode, {"p": [64]})
+    ex = PlanExecutor(plan, decode)
+    ex.poison_byte = 0xFF
+    made = []
+    step_call = PlanExecutor._step_call
+    monkeypatch.setattr(PlanExecutor, "_step_call",
+                        lambda self, i, st, now: made.append(st.node) or step_call(self, i, st,
+                                                                                   now))
+    rng = np.random.default_rng(6)
+    calls = []
+    for p in (20, 21, 22, 21):
+        made.clear()
+        feeds = _inputs(rng, p)
+        got = ex.run(feeds)
+        calls.append(sorted(made))
+        want = reference.run(decode, feeds)
+        np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
+    assert len(calls[0]) == sum(1 for s in plan.steps if s.kind not in ("view", "host"))
+    assert calls[1] == calls[2] == ["e", "s"]
+    assert calls[3] == []  # prepared before: its call list is kept
+
+
 def test_a_long_generation_keeps_few_size_class_arenas(decode, monkeypatch):
     """Beyond the buckets each size class gets its own memory plan and arena; a generation
     loop leaves the classes behind one after another, and only the MAX_EXACT_PLANS most

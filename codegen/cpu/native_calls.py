@@ -198,16 +198,26 @@ class NativeCalls:
                                f"(code {rc}) and did not fail again from Python")
 
 
-def batched(calls: list) -> list:
+def batched(calls: list, previous: Optional[dict] = None,
+            tables: Optional[dict] = None) -> list:
     """``calls`` with each run of two or more consecutive native-capable calls replaced by
-    one ``NativeCalls`` (unchanged where ``available()`` is False)."""
+    one ``NativeCalls`` (unchanged where ``available()`` is False). ``previous``: the
+    ``tables`` of an earlier call (key -> (the run's calls, its NativeCalls)), whose tables
+    serve the runs of the very same calls again; ``tables``: filled with this call's (a
+    decode loop's new signature keeps most runs of its last one)."""
     if not available():
         return calls
     out, run = [], []
 
     def flush():
         if len(run) > 1:
-            out.append(NativeCalls([k for c in run for k in native_calls(c)]))
+            key = tuple(id(c) for c in run)
+            kept = previous.get(key) if previous else None
+            if kept is None or any(a is not b for a, b in zip(kept[0], run)):
+                kept = (tuple(run), NativeCalls([k for c in run for k in native_calls(c)]))
+            if tables is not None:
+                tables[key] = kept
+            out.append(kept[1])
         else:
             out.extend(run)
         run.clear()

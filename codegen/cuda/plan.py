@@ -67,7 +67,7 @@ from qcompiler.ir.core import Node, Value, constant_value
 from qcompiler.ir.ops import (QMATMUL_FIXED_OPERANDS, qmatmul_epilogue_operands,
                               qmatmul_x_norm_operands)
 from qcompiler.plan.memory import MemoryPlans
-from qcompiler.plan.shapes import ConstantCache, resolve
+from qcompiler.plan.shapes import ConstantCache, ShapeDependencies, resolve
 from qcompiler.runtime.collectives import all_reduce_device, communicator_for
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -333,6 +333,7 @@ class CudaPlanRunner:
         # host values that depend on no input shape, computed by the first signature's
         # resolve and reused by every later one (a decode loop prepares one per token)
         self._constants = ConstantCache()
+        self._dependencies: Optional[ShapeDependencies] = None  # the plan's (_prepare)
         # memory plans: a bucket's, or beyond them one per size class of the dims, the
         # MAX_EXACT_PLANS most recent kept (MemoryPlans; made when the plan is loaded). A
         # dropped plan's arena is freed once no kept signature launches over it.
@@ -432,7 +433,10 @@ class CudaPlanRunner:
         """The buffers, step table and graph of one shape signature. ``bound``: input name ->
         the caller's device pointer, read in place by the launches (not allocated here)."""
         plan, rt = self.plan, self.rt
-        resolved = resolve(plan, self.module, shapes, self._constants)
+        if self._dependencies is None:
+            self._dependencies = ShapeDependencies(plan, self.module)
+        # only what depends on the dims that changed since the last resolve is evaluated
+        resolved = resolve(plan, self.module, shapes, self._constants, self._dependencies)
         if self._plans is None:
             self._plans = MemoryPlans(plan, self.module, self._constants,
                                       self.MAX_EXACT_PLANS, on_drop=self._retire_arena)

@@ -42,7 +42,7 @@ from qcompiler.ir import Module, elem
 from qcompiler.ir.core import constant_value
 from qcompiler.plan.memory import MemoryPlans, slice_offset
 from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
-from qcompiler.plan.shapes import ConstantCache, resolve
+from qcompiler.plan.shapes import ConstantCache, ShapeDependencies, resolve
 
 StepImpl = Callable[[list, list], None]
 
@@ -80,6 +80,26 @@ def view_of(root: np.ndarray, skip: int, shape) -> np.ndarray:
     if not skip and root.size == math.prod(shape):
         return root.reshape(shape)
     return root.reshape(-1)[skip:skip + math.prod(shape)].reshape(shape)
+
+
+def buffer_dependencies(plan: Plan, dependencies: ShapeDependencies) -> dict:
+    """Per plan buffer, the input dims its placement depends on (None: unknown, placed for
+    every signature): its value's (``ShapeDependencies``), a copied output's source's, and
+    for a view also its root's and those of the buffers before it in a slice."""
+    values = dependencies.values
+    copies = {st.outputs[0]: st.inputs[0] for st in plan.steps
+              if st.kind == "copy" and len(st.outputs) == 1}
+    own = {}
+    for b in plan.buffers.values():
+        name = b.name if b.name in values else copies.get(b.name)
+        own[b.name] = values.get(name) if name is not None else None
+    out = {}
+    for b in plan.buffers.values():
+        parts = [own[b.name]]
+        if b.kind in ("arena", "view"):
+            parts += [own.get(b.alias_of or b.name)] + [own.get(n) for n in b.offset_of or ()]
+        out[b.name] = None if any(p is None for p in parts) else frozenset().union(*parts)
+    return out
 
 
 def reference_step(node, module: Module) -> StepImpl:
@@ -137,6 +157,31 @@ class _Prepared:
         staged = self.staged_outputs
         return {out: staged[buf].copy() if buf in staged else bound[buf]
                 for out, buf in self.outputs.items()}
+
+
+class _Placement:
+    """What ``_prepare`` decided for one signature, kept until the next one starts from it:
+    per buffer its array or how a run gets it, per step its call."""
+
+    def __init__(self, mem: MemoryPlan, arena: np.ndarray, resolved):
+        self.mem, self.arena, self.resolved = mem, arena, resolved
+        self.static: dict = {}         # buffer -> its array for every run
+        self.memory: dict = {}         # buffer -> what memory it is (``PlanExecutor._bind``)
+        self.staged: dict = {}         # small input or output -> its own buffer (STAGE_BYTES)
+        self.fresh: dict = {}          # large output -> (shape, dtype): new per run
+        self.dynamic_views: dict = {}  # view -> (root, shape, elements before it) per run
+        self.steps: dict = {}          # step index -> (call, patches)
+        self.slice_sizes: dict = {}    # buffer -> bytes at these shapes (slice_offset)
+
+    def start_from(self, other: "_Placement") -> None:
+        """Every buffer and step as ``other`` has it (then ``forget`` what changes)."""
+        self.static, self.memory = dict(other.static), dict(other.memory)
+        self.staged, self.fresh = dict(other.staged), dict(other.fresh)
+        self.dynamic_views, self.steps = dict(other.dynamic_views), dict(other.steps)
+
+    def forget(self, name: str) -> None:
+        for placed in (self.static, self.memory, self.staged, self.fresh, self.dynamic_views):
+            placed.pop(name, None)
 
 
 class _Profile:
@@ -201,10 +246,18 @@ class PlanExecutor:
         # with its arena: a dropped plan's arena goes; the prepared signatures still holding
         # views of it keep that memory until they age out of MAX_PREPARED)
         self._plans = MemoryPlans(plan, module, self._constants, self.MAX_EXACT_PLANS,
-                                  on_drop=lambda mem: self._arenas.pop(mem.key(), None))
+                                  on_drop=self._drop_memory_plan)
         self._impls: dict[str, StepImpl] = {}
         self._bound: dict[int, tuple] = {}  # step index -> (its arrays, impl, bound call)
         self._staged: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> its buffer
+        self._placement: Optional[_Placement] = None  # the last signature's (_prepare)
+        self._dependencies = ShapeDependencies(plan, module)
+        self._buffer_deps = buffer_dependencies(plan, self._dependencies)
+        self._affected_cache: dict = {}
+        # the steps that are calls (views and host values are placed, not called)
+        self._call_steps = [i for i, st in enumerate(plan.steps)
+                            if st.kind not in ("view", "host")]
+        self._batched: dict = {}  # the last signature's native call tables (batched)
         mode = os.environ.get("QC_PROFILE")
         self._profile = _Profile(plan.function) if mode in ("1", "kernels") else None
         self._profile_kernels = mode == "kernels"
@@ -292,6 +345,11 @@ class PlanExecutor:
         class (``MemoryPlans``)."""
         return self._plans.for_dims(dims)
 
+    def _drop_memory_plan(self, mem: MemoryPlan) -> None:
+        self._arenas.pop(mem.key(), None)
+        if self._placement is not None and self._placement.mem is mem:
+            self._placement = None
+
     def _arena(self, mem: MemoryPlan) -> np.ndarray:
         arena = self._arenas.get(mem.key())
         if arena is None or arena.nbytes < mem.peak_bytes:
@@ -309,18 +367,76 @@ class PlanExecutor:
         return self._impls[step.node]
 
     def _prepare(self, arrays: dict) -> _Prepared:
+        """The call list of a new signature. It starts from the last signature prepared over
+        the same arena (``_Placement``) where there is one: only the buffers whose shape or
+        host value depends on an input dim that differs from that signature's
+        (``ShapeDependencies``) are placed again, and only the steps that touch them get a
+        new call, so that a decode step whose KV length grows by one redoes only what reads
+        that length."""
         plan = self.plan
         shapes = {n: a.shape for n, a in arrays.items()}
-        resolved = resolve(plan, self.module, shapes, self._constants)
+        resolved = resolve(plan, self.module, shapes, self._constants, self._dependencies)
         mem = self.memory_plan_for(resolved.dims)
         arena = self._arena(mem)
+        base = self._placement
+        now = _Placement(mem, arena, resolved)
+        if base is not None and base.mem is mem and base.arena is arena:
+            now.start_from(base)
+            changed = self._dependencies.changed(resolved.inputs, base.resolved.inputs)
+            buffers, views, steps = self._affected(changed)
+            for name in buffers + views:
+                now.forget(name)
+        else:
+            buffers, views, steps = self._affected(None)
+        for name in buffers:
+            self._place(now, plan.buffers[name], arrays)
+        for name in views:  # once their roots are placed
+            b = plan.buffers[name]
+            self._place_view(now, b, plan.buffers[b.alias_of or b.name])
+        for index in steps:
+            now.steps[index] = self._step_call(index, plan.steps[index], now)
+        self._placement = now
+        calls = [now.steps[i][0] for i in self._call_steps]
+        patches = [p for i in self._call_steps for p in now.steps[i][1]]
+        if any(getattr(c, "native", None) for c in calls):
+            # runs of compiled CPU kernels: one call from Python each (not when profiling:
+            # the timed wrappers are not native); a run of the same calls as the last
+            # signature's keeps its table
+            from qcompiler.codegen.cpu.native_calls import batched
+            self._batched, previous = {}, self._batched
+            calls = batched(calls, previous, self._batched)
+        staged = now.staged
+        staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
+        staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}
+        return _Prepared(calls, patches, now.fresh, now.dynamic_views, dict(plan.outputs),
+                         staged_inputs, staged_outputs)
 
-        static: dict[str, np.ndarray] = {}
-        # what each static array is, cheaply comparable across signatures (``_bind``)
-        memory: dict[str, tuple] = {}
-        fresh: dict = {}
-        dynamic_views: dict = {}
-        staged: dict[str, np.ndarray] = {}  # small inputs and outputs: see STAGE_BYTES
+    def _affected(self, changed: Optional[frozenset]) -> tuple:
+        """(buffers other than views, views, step indices) to place or call anew when the
+        input dims ``changed`` change (None: everything); computed once per set."""
+        hit = self._affected_cache.get(changed)
+        if hit is None:
+            def hits(name):
+                deps = self._buffer_deps[name]
+                return changed is None or deps is None or bool(deps & changed)
+
+            plan = self.plan
+            names = [b.name for b in plan.buffers.values() if hits(b.name)]
+            views = [n for n in names if plan.buffers[n].kind in ("arena", "view")]
+            buffers = [n for n in names if plan.buffers[n].kind not in ("arena", "view")]
+            moved = set(names)
+            steps = [i for i in self._call_steps
+                     if any(n in moved for n in plan.steps[i].inputs + plan.steps[i].outputs
+                            if n is not None)]
+            if changed is None:
+                steps = list(self._call_steps)
+            hit = self._affected_cache[changed] = (buffers, views, steps)
+        return hit
+
+    def _place(self, now: "_Placement", b, arrays: dict) -> None:
+        """An input, weight, host value or output of the signature: its array (or how a run
+        gets it) in ``now``."""
+        resolved = now.resolved
 
         def stage(name: str, shape, dtype) -> None:
             # one buffer per name and shape, shared by the signatures that have that shape
@@ -331,79 +447,70 @@ class PlanExecutor:
             if buf is None:
                 buf = self._staged[key] = aligned_empty(
                     math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
-            static[name] = staged[name] = buf
-            memory[name] = ("staged",) + key
+            now.static[name] = now.staged[name] = buf
+            now.memory[name] = ("staged",) + key
 
-        for b in plan.buffers.values():
-            shape = resolved.shapes.get(b.name)
-            if b.kind == "input" and arrays[b.name].nbytes <= STAGE_BYTES:
-                stage(b.name, arrays[b.name].shape, arrays[b.name].dtype)
-            elif b.kind == "weight":
-                static[b.name] = self._weights[b.name]
-                memory[b.name] = ("weight", b.name)
-            elif b.kind == "host":
-                # as the IR types it: compiled kernels read host values as their typed buffers
-                static[b.name] = aligned_array(resolved.host[b.name], elem(b.dtype).np_dtype)
-                memory[b.name] = ("host", id(static[b.name]))  # new per signature
-            elif b.kind == "output":
-                src = b.name if b.name in resolved.shapes else None
-                if src is None:  # a copied output: the shape of the value it copies
-                    step = next(s for s in plan.steps if s.outputs == [b.name])
-                    src = step.inputs[0]
-                out_shape, out_dtype = resolved.shapes[src], elem(b.dtype).np_dtype
-                if math.prod(out_shape) * out_dtype.itemsize <= STAGE_BYTES:
-                    stage(b.name, out_shape, out_dtype)
-                else:
-                    fresh[b.name] = (out_shape, out_dtype)
-        for b in plan.buffers.values():  # views, once their roots are placed
-            if b.kind in ("arena", "view"):
-                shape = resolved.shapes.get(b.name)
-                root = plan.buffers[b.alias_of or b.name]
-                skip = slice_offset(plan, b, resolved.shapes)  # bytes before a slice
-                skip_elems = skip // elem(b.dtype).np_dtype.itemsize
-                if root.kind == "arena":
-                    static[b.name] = self._arena_view(arena, mem, b, root, shape, skip)
-                    memory[b.name] = (id(arena), mem.offsets[root.name] + skip, tuple(shape),
-                                      b.dtype)
-                elif root.name in staged:
-                    static[b.name] = view_of(staged[root.name], skip_elems, shape)
-                    memory[b.name] = memory[root.name] + (skip, tuple(shape), b.dtype)
-                else:
-                    dynamic_views[b.name] = (root.name, shape, skip_elems)
+        if b.kind == "input" and arrays[b.name].nbytes <= STAGE_BYTES:
+            stage(b.name, arrays[b.name].shape, arrays[b.name].dtype)
+        elif b.kind == "weight":
+            now.static[b.name] = self._weights[b.name]
+            now.memory[b.name] = ("weight", b.name)
+        elif b.kind == "host":
+            # as the IR types it: compiled kernels read host values as their typed buffers
+            now.static[b.name] = aligned_array(resolved.host[b.name], elem(b.dtype).np_dtype)
+            now.memory[b.name] = ("host", id(now.static[b.name]))  # new per host array
+        elif b.kind == "output":
+            src = b.name if b.name in resolved.shapes else None
+            if src is None:  # a copied output: the shape of the value it copies
+                step = next(s for s in self.plan.steps if s.outputs == [b.name])
+                src = step.inputs[0]
+            out_shape, out_dtype = resolved.shapes[src], elem(b.dtype).np_dtype
+            if math.prod(out_shape) * out_dtype.itemsize <= STAGE_BYTES:
+                stage(b.name, out_shape, out_dtype)
+            else:
+                now.fresh[b.name] = (out_shape, out_dtype)
 
-        calls, patches = [], []
-        for index, step in enumerate(plan.steps):
-            if step.kind in ("view", "host"):
-                continue
-            args = [None if n is None else static.get(n) for n in step.inputs]
-            outs = [static.get(n) for n in step.outputs]
-            patched = len(patches)
-            for lst, names in ((args, step.inputs), (outs, step.outputs)):
-                for i, n in enumerate(names):
-                    if n is not None and n not in static:
-                        patches.append((lst, i, n))
-            impl = self._impl(step)
-            if len(patches) == patched and hasattr(impl, "bind"):
-                key = tuple(None if n is None else memory[n]
-                            for n in list(step.inputs) + list(step.outputs))
-                call = self._bind(index, key, impl, args, outs)
-            else:  # the lists are patched with the run's arrays before the calls
-                call = functools.partial(impl, args, outs)
-            if self._profile is not None:
-                label = step.op
-                if self._profile_kernels and step.kernel:
-                    label = f"{step.op} {step.kernel}"
-                call = self._profile.timed(label, call)
-            calls.append(call)
-        if any(getattr(c, "native", None) for c in calls):
-            # runs of compiled CPU kernels: one call from Python each (not when profiling:
-            # the timed wrappers are not native)
-            from qcompiler.codegen.cpu.native_calls import batched
-            calls = batched(calls)
-        staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
-        staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}
-        return _Prepared(calls, patches, fresh, dynamic_views, dict(plan.outputs),
-                         staged_inputs, staged_outputs)
+    def _place_view(self, now: "_Placement", b, root) -> None:
+        """A buffer over its root (an arena slot, a staged buffer, or a run's input or output
+        array, bound per run)."""
+        shape = now.resolved.shapes.get(b.name)
+        # bytes before a slice
+        skip = slice_offset(self.plan, b, now.resolved.shapes, now.slice_sizes)
+        skip_elems = skip // elem(b.dtype).np_dtype.itemsize
+        if root.kind == "arena":
+            now.static[b.name] = self._arena_view(now.arena, now.mem, b, root, shape, skip)
+            now.memory[b.name] = (id(now.arena), now.mem.offsets[root.name] + skip,
+                                  tuple(shape), b.dtype)
+        elif root.name in now.staged:
+            now.static[b.name] = view_of(now.staged[root.name], skip_elems, shape)
+            now.memory[b.name] = now.memory[root.name] + (skip, tuple(shape), b.dtype)
+        else:
+            now.dynamic_views[b.name] = (root.name, shape, skip_elems)
+
+    def _step_call(self, index: int, step, now: "_Placement") -> tuple:
+        """(the step's no-argument call, its patches: (list, index, buffer name) that a run
+        fills with its own arrays)."""
+        static = now.static
+        args = [None if n is None else static.get(n) for n in step.inputs]
+        outs = [static.get(n) for n in step.outputs]
+        patches = []
+        for lst, names in ((args, step.inputs), (outs, step.outputs)):
+            for i, n in enumerate(names):
+                if n is not None and n not in static:
+                    patches.append((lst, i, n))
+        impl = self._impl(step)
+        if not patches and hasattr(impl, "bind"):
+            key = tuple(None if n is None else now.memory[n]
+                        for n in list(step.inputs) + list(step.outputs))
+            call = self._bind(index, key, impl, args, outs)
+        else:  # the lists are patched with the run's arrays before the calls
+            call = functools.partial(impl, args, outs)
+        if self._profile is not None:
+            label = step.op
+            if self._profile_kernels and step.kernel:
+                label = f"{step.op} {step.kernel}"
+            call = self._profile.timed(label, call)
+        return call, patches
 
     def _bind(self, index: int, key: tuple, impl, args: list, outs: list):
         """``impl.bind(args, outs)``, or the call bound for an earlier signature when this step

@@ -17,10 +17,18 @@ type inference is done once per distinct (op, attributes, operand types, small o
 values) and reused by the layers after it (``_Memo``). With a ``ConstantCache`` the entries
 outlive the resolve: a decode loop whose KV cache grows resolves once per token, and then
 only the computations that read the cache length are done again.
+
+The cache also keeps the last resolve. Given the plan's ``ShapeDependencies`` (which input
+dims each value's shape, and each host value's content, can depend on), a resolve whose
+inputs differ from the last one's in a few dims evaluates only the nodes that depend on
+those, and takes every other result over: a decode step whose KV length grows by one
+re-sizes the cache's values and nothing else (Python's work per node is what a new
+signature costs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -39,6 +47,8 @@ class ConstantCache(dict):
         super().__init__()
         self.node_keys: dict = {}
         self.memo: dict = {}
+        self.constant_arrays: dict = {}  # constant value name -> its array
+        self.last: Optional[Resolved] = None  # the last resolve (see the module doc)
 
 
 @dataclass
@@ -46,6 +56,88 @@ class Resolved:
     shapes: dict      # value name -> tuple of ints
     host: dict        # host value name -> array
     dims: dict        # symbol -> int (input symbols and the ones bound on the way)
+    arrays: dict = field(default_factory=dict)  # host values and constants -> array
+    inputs: Optional[dict] = None  # input name -> its shape
+    changed: Optional[frozenset] = None  # the input dims that differ from the resolve
+    #                                      this one started from (None: resolved afresh)
+
+
+class ShapeDependencies:
+    """For each value of ``module.main`` (lowered to ``plan``), the input dims its shape can
+    depend on, and for a host value its content too. An input dim is its symbol (``batch``,
+    ``past``), or ``%name[axis]`` for a ``?`` dim.
+
+    A value whose declared shape is ints and input symbols depends on those symbols only (the
+    resolve takes its shape from the dims). Any other value (a ``?`` dim, a symbol first bound
+    by it, a host value's content) depends on whatever its operands depend on; a symbol bound
+    on the way carries the dependencies of the value that binds it to the values that reuse
+    it."""
+
+    def __init__(self, plan: Plan, module: Module):
+        fn = module.main
+        self.input_keys = {a.name: tuple(None if isinstance(d, int) else
+                                         d if d != "?" else f"%{a.name}[{i}]"
+                                         for i, d in enumerate(a.type.shape))
+                           for a in fn.args}
+        input_symbols = {d for a in fn.args for d in a.type.shape
+                         if isinstance(d, str) and d != "?"}
+        values = {a.name: frozenset(k for k in self.input_keys[a.name] if k)
+                  for a in fn.args}
+        symbols: dict = {}  # symbol bound on the way -> the dependencies of its binder
+        for node in fn.nodes:
+            if node.op == "constant":
+                for r in node.results:
+                    values[r.name] = frozenset()
+                continue
+            host = plan.buffers[node.results[0].name].kind == "host"
+            operands = frozenset().union(*(values[v.name] for v in node.operands
+                                           if v is not None))
+            for r in node.results:
+                deps, by_dims = set(), not host
+                for d in r.type.shape:
+                    if isinstance(d, int):
+                        continue
+                    if d in input_symbols:
+                        deps.add(d)
+                    elif d in symbols:
+                        deps |= symbols[d]
+                    else:  # "?", or a symbol this value binds
+                        by_dims = False
+                if not by_dims:
+                    deps |= operands
+                values[r.name] = frozenset(deps)
+                for d in r.type.shape:
+                    if isinstance(d, str) and d != "?" and d not in input_symbols:
+                        symbols.setdefault(d, values[r.name])
+        self.values = values
+        self.symbols = symbols
+        self._nodes = [n for n in fn.nodes if n.op != "constant"]
+        self._affected: dict = {}
+
+    def changed(self, input_shapes: dict, before: dict) -> frozenset:
+        """The input dims in which ``input_shapes`` differ from ``before``."""
+        out = set()
+        for name, keys in self.input_keys.items():
+            old, new = before[name], input_shapes[name]
+            if len(old) != len(new):
+                out.update(k for k in keys if k)
+                continue
+            for k, a, b in zip(keys, old, new):
+                if k is not None and a != b:
+                    out.add(k)
+        return frozenset(out)
+
+    def affected(self, changed: frozenset) -> tuple:
+        """(the nodes to evaluate again in order, the symbols bound on the way to unbind)
+        when the dims ``changed`` change; computed once per set."""
+        hit = self._affected.get(changed)
+        if hit is None:
+            values = self.values
+            nodes = [n for n in self._nodes
+                     if any(values[r.name] & changed for r in n.results)]
+            unbind = frozenset(s for s, deps in self.symbols.items() if deps & changed)
+            hit = self._affected[changed] = (nodes, unbind)
+        return hit
 
 
 def _bind(dims: dict, declared: tuple, shape: tuple, what: str) -> None:
@@ -134,47 +226,69 @@ def _shape_only(shape: tuple, dtype: np.dtype) -> np.ndarray:
 
 
 def resolve(plan: Plan, module: Module, input_shapes: dict,
-            constants: ConstantCache = None) -> Resolved:
-    """Concrete shapes and host arrays for inputs of ``input_shapes`` (name -> tuple of ints)."""
-    from qcompiler.runtime.reference import OP_IMPLS
-
+            constants: ConstantCache = None,
+            dependencies: Optional[ShapeDependencies] = None) -> Resolved:
+    """Concrete shapes and host arrays for inputs of ``input_shapes`` (name -> tuple of ints).
+    With ``dependencies`` (of this plan and module) and the last resolve in ``constants``,
+    only the nodes that depend on the input dims that changed since then are evaluated."""
     fn = module.main
     constants = ConstantCache() if constants is None else constants
-    dims: dict = {}
-    shapes: dict = {}
-    arrays: dict = {}  # weights and host values
+    input_shapes = {a.name: tuple(int(n) for n in input_shapes[a.name]) for a in fn.args}
+    last = constants.last
+    if dependencies is not None and last is not None and last.inputs is not None:
+        changed = dependencies.changed(input_shapes, last.inputs)
+        nodes, unbind = dependencies.affected(changed)
+        dims = {s: n for s, n in last.dims.items() if s not in unbind and s not in changed}
+        shapes, host, arrays = dict(last.shapes), dict(last.host), dict(last.arrays)
+    else:
+        changed, nodes = None, fn.nodes
+        dims, shapes, host, arrays = {}, {}, {}, {}
     for a in fn.args:
-        shape = tuple(int(n) for n in input_shapes[a.name])
-        _bind(dims, a.type.shape, shape, a.name)
-        shapes[a.name] = shape
-    host: dict = {}
+        _bind(dims, a.type.shape, input_shapes[a.name], a.name)
+        shapes[a.name] = input_shapes[a.name]
     memo = _Memo(constants.node_keys, constants.memo)
-    for node in fn.nodes:
-        if node.op == "constant":
-            for r in node.results:
-                arr = constant_value(module, r)
-                if arr is None:
-                    raise PlanError(f"%{r.name}: constant {node.attrs.get('name')!r} is not in "
-                                    "the module's side table")
-                if not isinstance(arr, np.ndarray):  # an inline ``value`` attribute
-                    arr = np.asarray(arr, r.type.dtype.np_dtype)
-                arrays[r.name] = arr
-                shapes[r.name] = tuple(arr.shape)
-            continue
-        kind = plan.buffers[node.results[0].name].kind
-        if kind == "host":
-            _eval_host(node, module, shapes, arrays, host, dims, constants, OP_IMPLS, memo)
-            continue
-        todo = []
+    for node in nodes:
+        _resolve_node(plan, module, node, constants, memo, dims, shapes, arrays, host)
+    constants.last = Resolved(shapes, host, dims, arrays, input_shapes, changed)
+    return constants.last
+
+
+def _resolve_node(plan: Plan, module: Module, node, constants: ConstantCache, memo: _Memo,
+                  dims: dict, shapes: dict, arrays: dict, host: dict) -> None:
+    """``node``'s result shapes (and a host node's arrays) into ``shapes`` (``arrays``,
+    ``host``), binding the symbols they have in ``dims``."""
+    from qcompiler.runtime.reference import OP_IMPLS
+
+    if node.op == "constant":
         for r in node.results:
-            known = _known(r.type.shape, dims)
-            if known is None:
-                todo.append(r)
-            else:
-                shapes[r.name] = known
-        if todo:
-            _infer(node, shapes, arrays, dims, todo, memo)
-    return Resolved(shapes, host, dims)
+            arr = constants.constant_arrays.get(r.name)
+            if arr is None:
+                arr = constants.constant_arrays[r.name] = _constant_array(module, r)
+            arrays[r.name] = arr
+            shapes[r.name] = tuple(arr.shape)
+        return
+    if plan.buffers[node.results[0].name].kind == "host":
+        _eval_host(node, module, shapes, arrays, host, dims, constants, OP_IMPLS, memo)
+        return
+    todo = []
+    for r in node.results:
+        known = _known(r.type.shape, dims)
+        if known is None:
+            todo.append(r)
+        else:
+            shapes[r.name] = known
+    if todo:
+        _infer(node, shapes, arrays, dims, todo, memo)
+
+
+def _constant_array(module: Module, r) -> np.ndarray:
+    arr = constant_value(module, r)
+    if arr is None:
+        raise PlanError(f"%{r.name}: constant {r.producer.attrs.get('name')!r} is not in the "
+                        "module's side table")
+    if not isinstance(arr, np.ndarray):  # an inline ``value`` attribute
+        arr = np.asarray(arr, r.type.dtype.np_dtype)
+    return arr
 
 
 def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls,
