@@ -12,7 +12,11 @@ round to nearest, symmetric, block 32 unless said otherwise):
 - ``gpt2``: the GPT-2 architecture, 12 layers, 768 hidden (``examples/decoder_models.py``),
   prefill 1x128;
 - ``llama``: the Llama architecture at TinyLlama's widths (2048 hidden, 32 heads, 4 KV heads,
-  5632 intermediate), 4 layers: prefill 1x128, and one decode step against a KV cache of 512.
+  5632 intermediate), 4 layers: prefill 1x128, one decode step against a KV cache of 512,
+  and a generation loop (``generate``): 32 decode steps in a row from a cache of 512, each
+  step's caches the next one's inputs, so that every step has a new cache length (a new
+  input signature for qcompiler's plan). The loops alternate between the peers, each round
+  from a cache length neither has seen; the row gives milliseconds per token.
 
 Each model is exported with ``torch.onnx.export(dynamo=True)``; its weight products that the
 quantizer would skip are rewritten to ``MatMul`` first (``weights_to_matmul``: GPT-2's
@@ -66,7 +70,43 @@ def _cases(quick: bool, accs=(0, 4)) -> list[dict]:
                      "past": 0, "acc": acc})
         rows.append({"model": "llama", "block": 32, "case": "decode past 512", "batch": 1,
                      "seq": 1, "past": 128 if quick else 512, "acc": acc})
+        rows.append({"model": "llama", "block": 32, "case": "generate 32 from 512",
+                     "batch": 1, "seq": 1, "past": 128 if quick else 512, "acc": acc,
+                     "generate": 8 if quick else 32})
     return rows
+
+
+def time_generation(peers: dict, start: dict, tokens: int, rounds: int) -> dict:
+    """Milliseconds per token of each peer's generation loop (``peers``: name -> feeds ->
+    (logits, present_k, present_v)): ``tokens`` steps from the caches of ``start``, each
+    step's presents the next step's pasts. Round r starts from the cache grown by r * tokens
+    positions (fresh lengths for every round), the peers' loops alternating. Median, min and
+    max over the rounds, and the last step's logits of each peer's first round."""
+    import numpy as np
+
+    times = {k: [] for k in peers}
+    logits = {}
+    past_len = start["past_k"].shape[3]
+    for r in range(rounds):
+        grow = r * tokens
+        pad = [(0, 0)] * 3 + [(0, grow), (0, 0)]
+        first = {**start, "past_k": np.pad(start["past_k"], pad, mode="wrap"),
+                 "past_v": np.pad(start["past_v"], pad, mode="wrap")}
+        for name, run in peers.items():
+            feeds = dict(first)
+            time.sleep(0.05)  # the other peer's spinning thread pool settles (see above)
+            t0 = time.perf_counter()
+            for step in range(tokens):
+                feeds["position_ids"] = np.array([[past_len + grow + step]], np.int64)
+                out, feeds["past_k"], feeds["past_v"] = run(feeds)
+            times[name].append(1e3 * (time.perf_counter() - t0) / tokens)
+            logits.setdefault(name, np.asarray(out))
+    result = {}
+    for k, ts in times.items():
+        ts.sort()
+        result[k] = {"median_ms": round(ts[len(ts) // 2], 4), "min_ms": round(ts[0], 4),
+                     "max_ms": round(ts[-1], 4), "runs": len(ts), "tokens": tokens}
+    return result, logits
 
 
 def time_alternating(fns: dict, min_seconds: float, *, min_runs: int = 3,
@@ -325,15 +365,25 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
                 if hasattr(mod, "module") else None
             if numerics is not None:
                 rec["qmatmul_numerics"] = numerics
-            got = list(mod.run(feeds).values())
+            if "generate" in row:
+                # the loop's last logits, against onnxruntime's after the same loop
+                t, last = time_generation(
+                    {"ort": lambda f: sess.run(None, f),
+                     "qcompiler": lambda f: list(mod.run(f).values())},
+                    feeds, row["generate"], rounds=3 if quick else 5)
+                got, want = [last["qcompiler"]], [last["ort"]]
+            else:
+                got = list(mod.run(feeds).values())
             scale = max(float(np.max(np.abs(w))) for w in want) or 1.0
             rec["max_rel_err"] = max(float(np.max(np.abs(np.asarray(g, np.float64) - w)))
                                      for g, w in zip(got, want)) / scale
-            # several threads: blocks of calls after a pause (a spinning pool of one peer
-            # must not take a core from the other's call); one thread: call by call
-            t = time_alternating({"ort": lambda: sess.run(None, feeds),
-                                  "qcompiler": lambda: mod.run(feeds)}, min_seconds,
-                                 **({"block_s": 0.25, "gap_s": 0.05} if threads > 1 else {}))
+            if "generate" not in row:
+                # several threads: blocks of calls after a pause (a spinning pool of one
+                # peer must not take a core from the other's call); one thread: call by call
+                t = time_alternating({"ort": lambda: sess.run(None, feeds),
+                                      "qcompiler": lambda: mod.run(feeds)}, min_seconds,
+                                     **({"block_s": 0.25, "gap_s": 0.05} if threads > 1
+                                        else {}))
             rec.update(t)
             rec["ratio"] = round(rec["ort"]["median_ms"] / rec["qcompiler"]["median_ms"], 3)
             rec["ratio_min"] = round(rec["ort"]["min_ms"] / rec["qcompiler"]["min_ms"], 3)
