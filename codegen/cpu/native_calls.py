@@ -139,11 +139,19 @@ def _packed(arg) -> Optional[tuple]:
     return None
 
 
+_UNKNOWN = object()
+
+
 class KernelCall:
-    """``fn(*args)`` of a compiled kernel with its arguments wrapped once (a bound plan step)."""
+    """``fn(*args)`` of a compiled kernel with its arguments wrapped once (a bound plan step).
+    Its arguments never change, so whether it can be called from C, and its packed entry of
+    a table, are worked out once: a new signature of a decode loop rebuilds the tables of
+    every run its changed calls are in, from the entries of the calls that stay."""
 
     def __init__(self, fn, args):
         self.fn, self.args = fn, tuple(args)
+        self._native = _UNKNOWN
+        self._entry = None
 
     def __call__(self) -> None:
         self.fn(*self.args)
@@ -151,7 +159,18 @@ class KernelCall:
     @property
     def native(self) -> Optional[list]:
         """[self] when every argument is a tvm tensor or an integer, else None."""
-        return [self] if all(_packed(a) is not None for a in self.args) else None
+        if self._native is _UNKNOWN:
+            self._native = [self] if all(_packed(a) is not None for a in self.args) else None
+        return self._native
+
+    def entry(self) -> "_Call":
+        """Its entry of a ``NativeCalls`` table (the packed arguments kept here)."""
+        if self._entry is None:
+            packed = [_packed(a) for a in self.args]
+            self._packed_args = (_Any * max(len(packed), 1))(*[_Any(t, 0, v)
+                                                                 for t, v in packed])
+            self._entry = _Call(self.fn.__chandle__(), self._packed_args, len(packed))
+        return self._entry
 
 
 class CallSequence:
@@ -159,6 +178,7 @@ class CallSequence:
 
     def __init__(self, calls):
         self.calls = list(calls)
+        self._native = _UNKNOWN
 
     def __call__(self) -> None:
         for call in self.calls:
@@ -166,8 +186,11 @@ class CallSequence:
 
     @property
     def native(self) -> Optional[list]:
-        parts = [getattr(c, "native", None) for c in self.calls]
-        return None if any(p is None for p in parts) else [k for p in parts for k in p]
+        if self._native is _UNKNOWN:
+            parts = [getattr(c, "native", None) for c in self.calls]
+            self._native = None if any(p is None for p in parts) else \
+                [k for p in parts for k in p]
+        return self._native
 
 
 def native_calls(call) -> Optional[list]:
@@ -179,14 +202,10 @@ class NativeCalls:
     """A run of KernelCalls as one C call (``available()`` must be True)."""
 
     def __init__(self, calls: list):
+        # self.calls keeps the KernelCalls, which keep their packed arguments and through
+        # them the objects those name
         self.calls = list(calls)
-        self._table = (_Call * len(self.calls))()
-        self._keep = []  # the argument arrays, and through self.calls the objects they name
-        for i, k in enumerate(self.calls):
-            packed = [_packed(a) for a in k.args]
-            args = (_Any * max(len(packed), 1))(*[_Any(t, 0, v) for t, v in packed])
-            self._keep.append(args)
-            self._table[i] = _Call(k.fn.__chandle__(), args, len(packed))
+        self._table = (_Call * len(self.calls))(*[k.entry() for k in self.calls])
         self._failed = ctypes.c_int64(-1)
 
     def __call__(self) -> None:
