@@ -162,6 +162,7 @@ def _runner(module, log, use_graphs=True, lanes=True, capture_after=1):
     r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
     r._itemsizes = None
     r._constants, r._dependencies = ConstantCache(), None
+    r._epilogue_in_kernel, r._kernel_addresses = {}, {}
     r._plans, r._retired = None, set()
     r.capture_after_uses = capture_after
     return r

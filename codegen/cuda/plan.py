@@ -334,6 +334,8 @@ class CudaPlanRunner:
         # resolve and reused by every later one (a decode loop prepares one per token)
         self._constants = ConstantCache()
         self._dependencies: Optional[ShapeDependencies] = None  # the plan's (_prepare)
+        self._epilogue_in_kernel: dict = {}  # qmatmul node -> epilogue_in_kernel (_prepare)
+        self._kernel_addresses: dict = {}    # qmatmul node -> its kernel's address
         # memory plans: a bucket's, or beyond them one per size class of the dims, the
         # MAX_EXACT_PLANS most recent kept (MemoryPlans; made when the plan is loaded). A
         # dropped plan's arena is freed once no kept signature launches over it.
@@ -454,6 +456,8 @@ class CudaPlanRunner:
             return p
 
         for b in plan.buffers.values():
+            if b.kind in ("arena", "view"):
+                continue  # placed below, once their roots are
             dtype = elem(b.dtype).np_dtype
             if b.kind == "input":
                 shape = tuple(shapes[b.name])
@@ -461,7 +465,7 @@ class CudaPlanRunner:
                     ptr[b.name] = bound[b.name]
                     sig.bound.add(b.name)
                 else:
-                    ptr[b.name] = alloc(int(np.prod(shape)) * dtype.itemsize)
+                    ptr[b.name] = alloc(math.prod(shape) * dtype.itemsize)
                 sig.inputs[b.name] = (ptr[b.name], shape, dtype)
             elif b.kind == "weight":
                 if b.name in self.weights:
@@ -477,7 +481,7 @@ class CudaPlanRunner:
                     s.inputs[0] for s in plan.steps if s.outputs == [b.name])
                 shape = tuple(resolved.shapes[src])
                 shape_of[b.name] = shape
-                ptr[b.name] = alloc(int(np.prod(shape)) * dtype.itemsize)
+                ptr[b.name] = alloc(math.prod(shape) * dtype.itemsize)
                 sig.outputs[b.name] = (ptr[b.name], shape, dtype)
         for b in plan.buffers.values():
             if b.kind in ("arena", "view"):
@@ -547,16 +551,21 @@ class CudaPlanRunner:
             if step.op == "qmatmul":
                 k = self.qmm.kernels[step.node]
                 x = step.inputs[0]
-                m = int(np.prod(shape_of[x][:-1]))
+                m = math.prod(shape_of[x][:-1])
                 d = k.dev
                 ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
                       d["bias"], d["perm"], d["norm"], d["norm_bias"]]
-                fused = epilogue_in_kernel(node)
+                fused = self._epilogue_in_kernel.get(step.node)
+                if fused is None:  # per node, once: a decode loop prepares a signature a token
+                    fused = self._epilogue_in_kernel[step.node] = epilogue_in_kernel(node)
                 extras = [v.name for v in qmatmul_epilogue_operands(node)] if fused else []
                 ps += [ptr[n] for n in extras]  # ptrs[9...]: the epilogue's extra operands
                 qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
-                pending.append(("qmm", ctypes.cast(k.fn, ctypes.c_void_p).value, ps, [], m,
-                                fused))
+                fn = self._kernel_addresses.get(step.node)
+                if fn is None:
+                    fn = self._kernel_addresses[step.node] = \
+                        ctypes.cast(k.fn, ctypes.c_void_p).value
+                pending.append(("qmm", fn, ps, [], m, fused))
                 separate = "epilogue" in node.attrs and not fused  # a second launch, in order
                 access.append(([span(x)] + [span(n) for n in extras],
                                [span(step.outputs[0])], separate))
