@@ -11,6 +11,8 @@ copies beyond the last-level cache):
   and, labelled ``-avx2``, for ``cpu-x86-avx2`` (-mcpu=haswell: AVX2 code run on this host);
 - ``qc-exact4`` / ``qc-int8-4``: our 4-bit exact and int8 paths (host; ``qc-int8-4-avx2``:
   the AVX2 int8 path);
+- ``qc-int8-2`` (and ``-avx2``): 2-bit codes through the int8 path (2-bit containers, four
+  codes a byte): the other way our 2-bit weights run (the lut path is opt-in);
 - ``ort-acc0`` / ``ort-acc4``: onnxruntime MatMulNBits accuracy_level 0 and 4, 4-bit (it
   picks kernels from the CPU it runs on: VNNI on an AVX-512 VNNI host).
 
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     subjects = {}
     plan = [("qc-lut2", "cpu", 2, "lut"), ("qc-lut3", "cpu", 3, "lut"), ("qc-lut4", "cpu", 4, "lut"),
             ("qc-exact4", "cpu", 4, "exact"), ("qc-int8-4", "cpu", 4, "int8"),
+            ("qc-int8-2", "cpu", 2, "int8"), ("qc-int8-2-avx2", "cpu-x86-avx2", 2, "int8"),
             ("qc-lut2-avx2", "cpu-x86-avx2", 2, "lut"), ("qc-lut3-avx2", "cpu-x86-avx2", 3, "lut"),
             ("qc-lut4-avx2", "cpu-x86-avx2", 4, "lut"),
             ("qc-int8-4-avx2", "cpu-x86-avx2", 4, "int8")]
@@ -170,8 +173,8 @@ def main(argv=None) -> int:
         for suffix, ours4 in (("", min((by[("qc-exact4", mode)], by[("qc-int8-4", mode)]),
                                        key=lambda r: r["median_ms"])),
                               ("-avx2", by[("qc-int8-4-avx2", mode)])):
-            for bits in (2, 3, 4):
-                r = by[(f"qc-lut{bits}{suffix}", mode)]
+            for impl in [f"qc-lut{bits}{suffix}" for bits in (2, 3, 4)] + [f"qc-int8-2{suffix}"]:
+                r = by[(impl, mode)]
                 ratios.append({
                     "impl": r["impl"], "mode": mode, "our_4bit": ours4["impl"],
                     "speedup_vs_our_4bit": round(ours4["median_ms"] / r["median_ms"], 3),
