@@ -367,3 +367,25 @@ def test_default_buckets_the_model_cannot_take_are_left_out_and_named(tmp_path):
         (2, 40)).astype(np.float32)}])
     with pytest.raises(PlanError, match=r"bucket \{'b': 1, 's': 100\}: %emb = gather"):
         lower(module, {"b": [1], "s": [100]})
+
+
+NONZERO = """module @nz {
+  func @main(%x: tensor<[b, 4], f32>) -> ("y": tensor<[], f32>) {
+    %nz = nonzero(%x) : tensor<[2, ?], i64>
+    %f = cast(%nz) {to = f32} : tensor<[2, ?], f32>
+    %y = reduce_sum(%f) {axes = [], keepdims = 0} : tensor<[], f32>
+    return %y
+  }
+}
+"""
+
+
+def test_a_data_dependent_shape_is_named_and_no_bucket_is_suggested():
+    """NonZero's result has as many columns as its operand has non-zero elements: no bucket
+    can size it, so the plan's error says so (and does not tell the user to pass buckets)."""
+    from qcompiler.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"%nz = nonzero: its result's shape depends on the "
+                                        r"values it reads") as e:
+        lower(parse_module(NONZERO))
+    assert "--buckets" not in str(e.value) and "reference interpreter" in str(e.value)

@@ -81,7 +81,7 @@ def lower(module: Module, buckets=None, concat_in_place: bool = False) -> Plan:
     ``concat_in_place``: see the module's docstring.
     """
     from qcompiler.plan.memory import plan_memory, resolve_buckets
-    from qcompiler.plan.shapes import ConstantCache
+    from qcompiler.plan.shapes import DATA_DEPENDENT, ConstantCache
 
     plan = lower_steps(module, concat_in_place)
     cache = ConstantCache()
@@ -94,6 +94,9 @@ def lower(module: Module, buckets=None, concat_in_place: bool = False) -> Plan:
             plan.skipped_buckets.append((dict(bounds), str(e)))
     if not plan.buckets and plan.skipped_buckets:
         bounds, why = plan.skipped_buckets[0]
+        if DATA_DEPENDENT in why:  # no bucket would help
+            raise PlanError(f"{why}; the model runs in the reference interpreter with its "
+                            "compiled kernels")
         raise PlanError(f"no default bucket fits the model (bucket {bounds}: {why}); pass "
                         "buckets (qcompile --buckets SYM=N,N)")
     return plan

@@ -166,6 +166,12 @@ def _known(declared: tuple, dims: dict):
     return tuple(out)
 
 
+# Why a plan cannot hold an op whose result shape depends on its operands' values (NonZero,
+# Compress, Unique): every buffer is sized before a run.
+DATA_DEPENDENT = ("its result's shape depends on the values it reads, not only on their "
+                  "shapes, and the plan sizes every buffer before a run")
+
+
 # Host arrays up to this many elements are part of a memo key by value (shape computations
 # handle a few dims each); a node reading a larger one is evaluated without the memo.
 MEMO_MAX_ELEMENTS = 64
@@ -372,6 +378,10 @@ def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
     for r, t in zip(node.results, inferred):
         if r not in todo:
             continue
+        if "?" in t.shape:
+            operands = [shapes[v.name] for v in node.operands if v is not None]
+            raise PlanError(f"%{r.name} = {node.op}: {DATA_DEPENDENT} ({list(t.shape)} for "
+                            f"operands of shapes {operands})")
         if not all(isinstance(d, int) for d in t.shape):
             raise PlanError(f"%{r.name} = {node.op}: its shape {list(r.type.shape)} stays "
                             f"{list(t.shape)} for dims {dims}")
