@@ -376,10 +376,14 @@ def peer_input(x: np.ndarray):
 
 
 def graph_signature(m, shape):
-    """The compiled model's plan signature for input ``shape`` when it is one CUDA graph,
-    else None."""
-    sig = getattr(m._run, "_signatures", {}).get((tuple(shape),))
-    return sig if sig is not None and getattr(sig, "graph", None) is not None else None
+    """The plan signature of the model's last run, when it ran input ``shape`` and is one
+    captured CUDA graph, else None. (The last run's: with device inputs read in place it is
+    not the signature ``_signatures`` keeps for the shape; graphs are captured at a
+    signature's second run.)"""
+    sig = getattr(m._run, "last_signature", None)
+    if sig is None or tuple(sig.inputs[next(iter(sig.inputs))][1]) != tuple(shape):
+        return None
+    return sig if getattr(sig, "graph", None) is not None else None
 
 
 class Run:

@@ -34,6 +34,8 @@ def graph_replay_events(lib, graph, stream, reps: int) -> list:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if not graph:  # a null graph's launch fails and leaves its error for the next check
+        raise ValueError("graph_replay_events: no graph to replay")
     for _ in range(5):
         lib.qc_graph_launch(graph, stream)
     lib.qc_stream_synchronize(stream)

@@ -93,11 +93,14 @@ def test_a_signature_is_captured_at_its_second_run():
     assert launches() == ["launch", "graph"] and len(runner.launcher.tables) == 1
     graph = sig.graph
     assert graph is not None
+    assert runner.last_signature is sig  # what benchmarks replay
     runner({"x": x[1]})
     assert launches() == ["launch", "graph", "graph"] and len(runner.launcher.tables) == 1
     assert [e[1] for e in log if e[0] == "graph"] == [graph, graph]
     runner({"x": x[2]})  # a new shape: its table again, no capture
     assert launches()[-1] == "launch" and len(runner.launcher.tables) == 1
+    assert runner.last_signature is runner._signatures[((2, 64),)]
+    assert runner.last_signature.graph is None
     runner._release(runner._signatures[((2, 64),)])
     runner._release(sig)
     assert runner.launcher.destroyed == [graph]

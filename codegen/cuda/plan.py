@@ -326,6 +326,7 @@ class CudaPlanRunner:
         # read the caller's buffers directly, keyed (shape signature, pointers).
         self._last_pointers: dict = {}
         self._bound: dict = {}
+        self.last_signature: Optional[_Signature] = None  # the last call's (see __call__)
         # Both kinds of signature in order of use, least recent first: (id(store), key) ->
         # (store, key). Past MAX_SIGNATURES the least recent one is released (_touch).
         self._recent: OrderedDict = OrderedDict()
@@ -688,6 +689,9 @@ class CudaPlanRunner:
         sig.uses += 1
         if self.use_graphs and sig.uses == self.capture_after_uses:
             self._capture(sig)
+        # the signature this call ran (benchmarks replay its graph): with the caller's device
+        # inputs read in place it is not the one _signatures keeps for the shapes
+        self.last_signature = sig
         lib, s = self.launcher, self.stream
         torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
                         and type(arrays[n]).__module__.startswith("torch")]
