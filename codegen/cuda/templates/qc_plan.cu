@@ -96,6 +96,10 @@ int qc_plan_launch(const QcStep* steps, int64_t n, void* stream, void* lanes,
                    int64_t* failed) {
   cudaStream_t s = (cudaStream_t)stream;
   QcLanes* l = (QcLanes*)lanes;
+  // launch_step peeks at the thread's last error after each launch: clear what an earlier
+  // call left there (its caller had its return code), or the first launch would be blamed
+  // for it. A sticky error (a fault on the device) stays and is still reported.
+  (void)cudaGetLastError();
   for (int64_t i = 0; i < n; ++i) {
     int err = 0;
     int64_t at = i;  // the step being launched (reported on error)
