@@ -96,6 +96,12 @@ def run_kernel(built: BuiltKernels, node, args: list) -> tuple[list, list]:
     return outs, want
 
 
+def by_operand_type(table: dict) -> Callable:
+    """A ``check_nodes`` tolerance: ``table``'s (rtol, atol) for the type of the node's first
+    operand (``"f32"``, ``"f64"``, ``"f16"``, ``"bf16"``)."""
+    return lambda node, want: table[node.operands[0].type.dtype.name]
+
+
 def check_nodes(built: BuiltKernels, key: str, make_args: Callable,
                 tolerance: Optional[Callable] = None, sizes_list=({},), seed: int = 0) -> None:
     """Each node of ``built.graph.nodes[key]`` at each of ``sizes_list`` (values of the

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from cpu_kernel_check import (HALF_FLOAT_TOLERANCE, KernelGraph, build_kernels,  # noqa: E402
-                              check_nodes, check_onnx_model_on_cpu, nonzero_normal,
+                              by_operand_type, check_nodes, check_onnx_model_on_cpu, nonzero_normal,
                               onnx_model, run_kernel, shape_at)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import primfunc_for  # noqa: E402
@@ -129,8 +129,6 @@ def _inputs(node, sizes, rng) -> list:
     return args
 
 
-def _tolerance(node, want):
-    return TOLERANCE[node.operands[0].type.dtype.name]
 
 
 @pytest.mark.parametrize("key, sizes_list, seed", [
@@ -140,7 +138,7 @@ def _tolerance(node, want):
     pytest.param("dtypes", ({},), 3, id="operand_types"),
 ])
 def test_matches_reference(built, key, sizes_list, seed):
-    check_nodes(built, key, _inputs, _tolerance, sizes_list, seed)
+    check_nodes(built, key, _inputs, by_operand_type(TOLERANCE), sizes_list, seed)
 
 
 def test_integer_offsets_are_a_shifted_convolution(built):

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from cpu_kernel_check import (HALF_FLOAT_TOLERANCE, KernelGraph, aligned,  # noqa: E402
-                              build_kernels, check_nodes, check_onnx_model_on_cpu,
+                              by_operand_type, build_kernels, check_nodes, check_onnx_model_on_cpu,
                               nonzero_normal, onnx_model, run_kernel, shape_at)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
@@ -72,8 +72,6 @@ def _inputs(node, sizes, rng) -> list:
     return [nonzero_normal(rng, shape_at(x, sizes)).astype(x.type.dtype.np_dtype)]
 
 
-def _tolerance(node, want):
-    return TOLERANCE[node.operands[0].type.dtype.name]
 
 
 @pytest.mark.parametrize("key, sizes_list, seed", [
@@ -82,7 +80,7 @@ def _tolerance(node, want):
     pytest.param("dtypes", ({},), 2, id="f16_bf16_f64"),
 ])
 def test_matches_reference(built, key, sizes_list, seed):
-    check_nodes(built, key, _inputs, _tolerance, sizes_list, seed)
+    check_nodes(built, key, _inputs, by_operand_type(TOLERANCE), sizes_list, seed)
 
 
 def test_empty_matrices_have_determinant_one(built):

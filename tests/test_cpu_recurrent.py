@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from cpu_kernel_check import (HALF_FLOAT_TOLERANCE, KernelGraph, aligned,  # noqa: E402
-                              build_kernels, check_nodes, check_onnx_model_on_cpu,
+                              by_operand_type, build_kernels, check_nodes, check_onnx_model_on_cpu,
                               nonzero_normal, onnx_model, run_kernel)
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import primfunc_for  # noqa: E402
@@ -149,9 +149,6 @@ def _inputs(node, sizes, rng) -> list:
     return args
 
 
-def _tolerance(node, want):
-    """(rtol, atol) of x's type (every result is of x's type)."""
-    return TOLERANCE[node.operands[0].type.dtype.name]
 
 
 # a test per group of _make_graph: (key, sizes of the symbolic dims, seed of the inputs)
@@ -165,7 +162,7 @@ def _tolerance(node, want):
     pytest.param("dtypes", ({},), 5, id="other_float_types"),
 ])
 def test_matches_reference(built, key, sizes_list, seed):
-    check_nodes(built, key, _inputs, _tolerance, sizes_list, seed)
+    check_nodes(built, key, _inputs, by_operand_type(TOLERANCE), sizes_list, seed)
 
 
 def test_kernel_follows_direction_and_lengths(built):

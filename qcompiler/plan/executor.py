@@ -424,12 +424,10 @@ class PlanExecutor:
             names = [b.name for b in plan.buffers.values() if hits(b.name)]
             views = [n for n in names if plan.buffers[n].kind in ("arena", "view")]
             buffers = [n for n in names if plan.buffers[n].kind not in ("arena", "view")]
-            moved = set(names)
+            moved = set(names)  # None: every buffer, so every step (each has an output)
             steps = [i for i in self._call_steps
                      if any(n in moved for n in plan.steps[i].inputs + plan.steps[i].outputs
                             if n is not None)]
-            if changed is None:
-                steps = list(self._call_steps)
             hit = self._affected_cache[changed] = (buffers, views, steps)
         return hit
 

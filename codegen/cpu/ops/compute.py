@@ -2029,13 +2029,14 @@ def _resize_axis_tables(ctx: _Ctx, a: int, p: int, axes_count: int, scale, in_n:
             v = tirx.Select(k == _i64(j), values[j], v)
         return v
 
-    n = len(terms(_i64(0))[0])
+    probe = terms(_i64(0))  # how many neighbours, and whether a roi can be left
+    n = len(probe[0])
     extents = [_i64(out_n), _i64(n)]
     neighbour = te.compute(extents, lambda y, k: pick(terms(y)[0], k),
                            name=f"resize_neighbour{a}")
     weight = te.compute(extents, lambda y, k: pick(terms(y)[1], k), name=f"resize_weight{a}")
     extrapolated = None
-    if terms(_i64(0))[2] is not None:
+    if probe[2] is not None:
         extrapolated = te.compute([_i64(out_n)], lambda y: tirx.Select(
             terms(y)[2], tirx.const(1, "int8"), tirx.const(0, "int8")),
             name=f"resize_extrapolated{a}")
