@@ -8,7 +8,6 @@ launcher and the communicator replaced by recorders. The GPU runs are in
 tests/test_cuda_collectives_gpu.py."""
 from __future__ import annotations
 
-import collections
 import ctypes
 import json
 from types import SimpleNamespace
@@ -23,7 +22,6 @@ from qcompiler.driver.sharded import pipeline_with_shard
 from qcompiler.ir import parse_module
 from qcompiler.pipeline import PassManager
 from qcompiler.plan import lower
-from qcompiler.plan.shapes import ConstantCache
 from qcompiler.runtime import collectives
 from qcompiler.runtime.collectives import CollectiveError, Communicator
 from qcompiler.runtime.ranks import rank_program
@@ -158,12 +156,8 @@ def _runner(module, log, use_graphs=True, lanes=True, capture_after=1):
         fn=ctypes.c_void_p(0x4321), ws_fn=lambda m: 0)
         for n in module.main.nodes if n.op == "qmatmul"}
     r.qmm = SimpleNamespace(kernels=kernels)
-    r.weights, r._signatures, r._arenas, r._loaded = {}, {}, {}, True
-    r._last_pointers, r._bound, r._recent = {}, {}, collections.OrderedDict()
-    r._itemsizes = None
-    r._constants, r._dependencies = ConstantCache(), None
-    r._epilogue_in_kernel, r._kernel_addresses = {}, {}
-    r._plans, r._retired = None, set()
+    r.weights, r._loaded = {}, True
+    r._init_signature_state()
     r.capture_after_uses = capture_after
     return r
 

@@ -430,6 +430,61 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
         assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k
 
 
+def test_llama_generation_loop_matches_the_reference_at_every_step(tmp_path, monkeypatch):
+    """A generation loop on the device plan: each step's presents fed back as the next
+    step's caches, so every token is a new input signature, prepared from the last one over
+    the runner's shared buffers (which grow as the caches do); then a cache length seen before
+    (its graph captured and replayed), more new tokens, and torch CUDA tensors in and out.
+    Every step against the reference of the same module on the same inputs."""
+    from qcompiler.runtime.reference import run as ref_run
+
+    torch = pytest.importorskip("torch")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import decoder_models as dm
+
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    cfg = dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384)
+    m, ref, feeds = _llama_decode_on_cuda_sm90(tmp_path, cfg, 37, 4)
+    runner = m._run
+
+    def check(run_feeds, got):
+        host = {k: v.cpu().numpy() if hasattr(v, "cpu") else v for k, v in run_feeds.items()}
+        want = ref_run(ref, host)
+        for k in want:
+            g = got[k].cpu().numpy() if hasattr(got[k], "cpu") else got[k]
+            assert g.shape == want[k].shape, k
+            scale = max(float(np.abs(want[k]).max()), 1.0)
+            assert np.abs(g - want[k]).max() <= 3e-2 * scale, k
+        return got
+
+    step_feeds = feeds
+    for step in range(12):
+        got = check(step_feeds, m.run(step_feeds))
+        logits, present_k, present_v = got.values()
+        past = present_k.shape[3]
+        step_feeds = {"input_ids": logits[:, -1:].argmax(-1).astype(np.int64),
+                      "position_ids": np.array([[past]], np.int64),
+                      "past_k": present_k, "past_v": present_v}
+    assert len(runner._slots) > 0 and runner._layout is not None
+    for again in (dm.llama_inputs(cfg, 2, 1, 1, 40, seed=8),) * 3 + (
+            dm.llama_inputs(cfg, 2, 1, 6, 45, seed=9),):
+        check(again, m.run(again))
+    assert runner._signatures[tuple(a.shape for a in again.values())].uses == 1
+    shape40 = tuple(a.shape for a in dm.llama_inputs(cfg, 2, 1, 1, 40).values())
+    assert runner._signatures[shape40].graph is not None  # captured at its second run
+    step_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda()
+                  for k, v in dm.llama_inputs(cfg, 2, 1, 1, 50, seed=10).items()}
+    for step in range(4):
+        got = check(step_feeds, m.run(step_feeds))
+        logits, present_k, present_v = got.values()
+        step_feeds = {"input_ids": logits[:, -1:].argmax(-1),
+                      "position_ids": torch.full((1, 1), 51 + step, device="cuda"),
+                      "past_k": present_k, "past_v": present_v}
+
+
 @pytest.mark.parametrize("device_plan", ["1", "0"])
 def test_llama_with_norms_in_the_projections_matches_the_reference(tmp_path, monkeypatch,
                                                                    device_plan):

@@ -146,3 +146,30 @@ def test_concurrent_runs_group_launches_that_touch_disjoint_memory():
     assert concurrent_runs(many) == [MAX_LANES] + [0] * (MAX_LANES - 1) + [1]
     assert concurrent_runs(qkv, max_lanes=1) == [1, 1, 1]
     assert concurrent_runs([]) == []
+
+
+def test_concurrent_runs_from_the_last_ones_are_the_runs_formed_anew():
+    """With the runs of an earlier list of launches and which launches changed since, runs
+    over unchanged launches are kept and the rest formed again: the result is always the
+    one formed from nothing (random lists, random changes, every lane count)."""
+    from qcompiler.codegen.cuda.plan import concurrent_runs
+
+    rng = np.random.default_rng(0)
+
+    def launch():
+        def ranges(k):
+            return [(int(rng.integers(0, 40)) * 8, int(rng.integers(0, 3)) * 8)
+                    for _ in range(k)]
+        return (ranges(int(rng.integers(1, 3))), ranges(1), bool(rng.random() < 0.1))
+
+    for trial in range(400):
+        n = int(rng.integers(1, 30))
+        before = [launch() for _ in range(n)]
+        lanes = int(rng.integers(1, 5))
+        after = list(before)
+        changed = [False] * n
+        for i in rng.choice(n, int(rng.integers(0, n + 1)), replace=False):
+            after[i], changed[i] = launch(), True
+        want = concurrent_runs(after, lanes)
+        got = concurrent_runs(after, lanes, concurrent_runs(before, lanes), changed)
+        assert got == want, (trial, before, after, changed)

@@ -1,14 +1,19 @@
-"""The device plan's signatures are bounded: a generation loop whose KV cache grows by a
-token per call meets a new input-shape signature every call (its own input and output
-buffers and CUDA graph). Past ``CudaPlanRunner.MAX_SIGNATURES`` the least recently used one
-is released: its launches finished, its graphs destroyed, its buffers freed. Checked with the
-recorders of test_cuda_collectives.py (no GPU)."""
+"""The device plan's signatures: a generation loop whose KV cache grows by a token per call
+meets a new input-shape signature every call. Each is prepared from the last one over the
+runner's shared device buffers (checked row for row against one prepared from scratch), a
+token allocates nothing unless a cache outgrows its buffer, and past
+``CudaPlanRunner.MAX_SIGNATURES`` the least recently used signature is released: its launches
+finished, its graphs destroyed, buffers that only it used freed. Checked with the recorders
+of test_cuda_collectives.py (no GPU)."""
+import ctypes
 import os
 
 import numpy as np
+import pytest
 
 from qcompiler.codegen.cuda.plan import CudaPlanRunner
 from qcompiler.driver.frontend import import_model
+from qcompiler.ir.core import constant_value
 from qcompiler.pipeline import PassManager
 from qcompiler.targets import get_target
 from test_cuda_collectives import _Launcher, _Rt, _runner
@@ -135,3 +140,165 @@ def test_arenas_beyond_the_buckets_are_freed_when_no_signature_uses_them(monkeyp
     freed = [p for p in runner.rt.freed if p in arena_ptrs]
     assert len(freed) == len(set(freed)) >= len(arena_ptrs) - 3
     assert not set(freed) & {p for p, _ in runner._arenas.values()}
+
+
+# -- a generation loop: new signatures share the runner's buffers and start from the last ---
+
+
+class _CountingRt(_FreeingRt):
+    def __init__(self):
+        super().__init__()
+        self.mallocs = 0
+
+    def malloc(self, nbytes):
+        self.mallocs += 1
+        return super().malloc(nbytes)
+
+    def upload(self, a):
+        raise AssertionError("a signature uploads nothing itself: its host values are "
+                             "copied by the run, on the plan's stream")
+
+
+class _CopyLauncher(_DestroyingLauncher):
+    """Also records each copy's destination."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.copies = []
+
+    def qc_copy_async(self, dst, src, nbytes, kind, stream):
+        self.copies.append((dst, nbytes, kind))
+        return super().qc_copy_async(dst, src, nbytes, kind, stream)
+
+
+@pytest.fixture(scope="module")
+def llama_decode(tmp_path_factory):
+    """A 2-layer Llama decode step (KV cache in and out) through the cuda-sm90 pipeline with
+    4-bit weights, and a feeds maker by cache length (and new tokens)."""
+    pytest.importorskip("torch")
+    from conftest import small_llama_onnx
+
+    path = str(tmp_path_factory.mktemp("llama") / "decode.onnx")
+    small_llama_onnx(path, 2, 1, 1, 8, seed=0)
+    import decoder_models as dm
+
+    cfg = dict(dm.SMALL_LLAMA, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    passes = "canonicalize,quantize-weights{bits=4,group=32}," + \
+        get_target("cuda-sm90").default_pipeline
+    module = PassManager.parse(passes).run(import_model(path))
+
+    def feeds(past: int, seq: int = 1) -> dict:
+        return {k: np.asarray(v) for k, v in dm.llama_inputs(cfg, 2, 1, seq, past, seed=past).items()}
+
+    return module, feeds
+
+
+def _llama_runner(module, log, capture_after=2):
+    runner = _runner(module, log, capture_after=capture_after)
+    runner.rt, runner.launcher = _CountingRt(), _CopyLauncher(log)
+    # the weights the op kernels read (the norms', the embedding), at made-up addresses
+    for step in runner.plan.steps:
+        if step.kind == "kernel" and step.op != "qmatmul":
+            for name in step.inputs:
+                if name is not None and runner.plan.buffers[name].kind == "weight":
+                    a = constant_value(module, runner.nodes[name].result)
+                    runner.weights[name] = (0x70000 + 0x100 * len(runner.weights), a.shape)
+    return runner
+
+
+def _rows(sig) -> list:
+    """Every table row of ``sig`` as plain values, its pointer and shape arrays included."""
+    out, k = [], 0
+    for item in sig.program:
+        if item[0] != "launch":
+            out.append(("collective",) + tuple(item[2:4]))
+            continue
+        table, n = item[1], item[2]
+        for j in range(n):
+            row = table[j]
+            parr, sarr = sig.keep[k]
+            k += 1
+            assert ctypes.addressof(parr) == ctypes.cast(row.ptrs, ctypes.c_void_p).value
+            out.append((row.kind, row.fn, row.workspace, row.m, row.variant, row.epilogue,
+                        row.concurrent, list(parr), list(sarr)))
+    return out
+
+
+def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode):
+    """A signature prepared from the last one (only the steps over a buffer that moved or
+    changed shape built again, the table copied and patched, the concurrent runs formed again
+    around the changed launches) has exactly the rows of one prepared from nothing, over a
+    growing cache, a jump in length, inputs bound in place and not, more new tokens and back;
+    and a decode step rebuilds only the steps that read the cache length."""
+    module, feeds = llama_decode
+    log = []
+    runner = _llama_runner(module, log)
+    built = []
+    original = CudaPlanRunner._step_launches
+
+    def counting(self, step, ptr, shape_of):
+        built.append(step.op or step.kind)
+        return original(self, step, ptr, shape_of)
+
+    runner._step_launches = counting.__get__(runner)
+    # (cache length, new tokens, inputs bound in place: the caller's device buffers)
+    sequence = [(8, 1, False), (9, 1, False), (10, 1, False), (11, 1, False), (40, 1, False),
+                (41, 1, False), (41, 1, True), (41, 1, False), (41, 5, False), (46, 1, False),
+                (12, 1, False)]
+    for past, seq, bind in sequence:
+        shapes = {n: a.shape for n, a in feeds(past, seq).items()}
+        bound = {n: 0xB0000 + 0x1000 * i for i, n in enumerate(shapes)} if bind else None
+        built.clear()
+        incremental = runner._prepare(shapes, bound)
+        rebuilt = list(built)
+        runner._layout = None
+        scratch = runner._prepare(shapes, bound)
+        assert _rows(incremental) == _rows(scratch), (past, seq)
+        assert incremental.runs == scratch.runs
+        if (past, seq, bind) in [(9, 1, False), (10, 1, False), (11, 1, False)]:
+            # the cache appends (qkv_heads), attention and the cache casts: not the GEMVs
+            assert 0 < len(rebuilt) < (len(built) - len(rebuilt)) // 2, (past, rebuilt)
+            assert "attention" in rebuilt and "qmatmul" not in rebuilt
+
+
+def test_a_growing_cache_allocates_nothing_per_token(llama_decode):
+    """A generation loop's signatures share the runner's input, output, workspace and
+    host-value buffers: a token allocates device memory only when a cache outgrows its
+    buffer (by a quarter each time), and a replaced buffer is freed with the last signature
+    that launches over it. Each signature's host values are copied by its run when the
+    shared buffer holds another signature's, and not again when it runs twice in a row."""
+    module, feeds = llama_decode
+    log = []
+    runner = _llama_runner(module, log)
+    runner({k: v for k, v in feeds(8).items()})
+    start, grown, allocating = runner.rt.mallocs, 0, 0
+    for past in range(9, 73):
+        before, slots, arenas = runner.rt.mallocs, dict(runner._slots), dict(runner._arenas)
+        runner(feeds(past))
+        # every allocation is a shared buffer replaced by a larger one, or the arena of a
+        # bucket met for the first time
+        grown += sum(1 for n, (p, size) in runner._slots.items()
+                     if n in slots and slots[n] != (p, size) and size > slots[n][1])
+        grown += sum(1 for key in runner._arenas if key not in arenas)
+        assert len(runner._slots) == len(slots)
+        allocating += runner.rt.mallocs > before
+    assert runner.rt.mallocs - start == grown > 0
+    # 64 tokens, the caches 8 -> 72 rows: their buffers (in and out) grow 1.25x at a time
+    assert allocating <= 24, allocating
+    assert len(runner._signatures) <= CudaPlanRunner.MAX_SIGNATURES
+    # replaced buffers: freed once no kept signature launches over them
+    in_use = {p for s in runner._signatures.values() for p in s.slots.values()}
+    assert runner._retired_slots <= in_use
+    assert len(runner.rt.freed) == len(set(runner.rt.freed)) > 0
+    assert not set(runner.rt.freed) & in_use
+    # host values: copied when the shared buffer holds another signature's block
+    sig = runner._signatures[tuple(a.shape for a in feeds(72).values())]
+    host = sig.slots.get("<host values>")
+    assert host is not None and sig.host_block is not None
+    copies = lambda: [c for c in runner.launcher.copies if c[0] == host]  # noqa: E731
+    n = len(copies())
+    runner(feeds(72))  # the same signature again: its block is there
+    assert len(copies()) == n
+    runner(feeds(71))
+    runner(feeds(72))
+    assert len(copies()) == n + 2

@@ -21,9 +21,13 @@ generation loop's, whose KV cache grows a token a call) never pays the graph's
 instantiation.
 
 Run time (``CudaPlanRunner``, no TVM, no torch): the device is touched on the first run;
-weights are uploaded once; per bucket one device arena (the memory plan's offsets); per input
-signature the shape functions are evaluated on the host, their values uploaded, input and
-output buffers allocated, the table built (and the graph captured at its second run). Consecutive launches that
+weights are uploaded once; per bucket one device arena (the memory plan's offsets); inputs,
+outputs, workspaces and host values in buffers the runner shares between signatures (grown as
+needed, ``_slot``). Per input signature the shape functions are evaluated on the host (only
+those that read a dim that changed), and the table is built from the last signature's: only
+the steps over a buffer that moved or changed shape get new rows, so a decode step whose KV
+cache grew by a token rebuilds its attention and cache appends and allocates nothing (the
+graph is captured at a signature's second run). Consecutive launches that
 touch disjoint memory (``concurrent_runs``: none reads or writes what another writes) are
 marked to run concurrently, on side streams forked from the plan's stream: the graph gets
 parallel branches (``QC_CUDA_LANES=1`` turns this off). A run copies the inputs into
@@ -52,6 +56,7 @@ with the reference's ``CollectiveError`` naming the node. An ``all_reduce`` of o
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import math
 import os
@@ -77,6 +82,9 @@ OPS_DIR = "ops"  # kernels/ops/cuda_ops.so
 EPILOGUE_SUFFIX = ".epilogue"
 STEP_OP, STEP_QMM, STEP_COPY = 0, 1, 2
 MAX_LANES = 4  # templates/qc_plan.cu QC_MAX_LANES: launches that may run concurrently
+# The runner's shared device buffers that are not plan buffers (CudaPlanRunner._slot); the
+# brackets keep them apart from IR value names.
+HOST_VALUES, OP_WORKSPACE, QMM_WORKSPACE = "<host values>", "<op workspace>", "<qmatmul workspace>"
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
@@ -84,24 +92,41 @@ def _overlaps(a: tuple, b: tuple) -> bool:
     return a[1] > 0 and b[1] > 0 and a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
 
 
-def concurrent_runs(launches: list, max_lanes: int = MAX_LANES) -> list:
+def concurrent_runs(launches: list, max_lanes: int = MAX_LANES, previous: Optional[list] = None,
+                    changed: Optional[list] = None) -> list:
     """For each launch, the length of the concurrent run that starts there (0: inside a run).
     ``launches`` are (reads, writes, solo) in plan order, reads and writes lists of byte ranges
     (address, size). A run is consecutive launches none of which reads or writes a range
     another one writes; a ``solo`` launch (one of a pair that must stay in order, a copy) is
     always alone. Greedy from the first launch: one that conflicts with the run starts the
-    next run, so the plan's order holds between runs."""
+    next run, so the plan's order holds between runs.
+
+    ``previous``: the runs of an earlier list of as many launches, of which ``changed[i]``
+    says whether launch i differs. A run that starts where one started before, over launches
+    none of which changed (the one that ended it included), is the same run; only the others
+    are formed again (a decode step whose cache grew changes a few launches per layer)."""
     def independent(i: int, j: int) -> bool:
         (ri, wi, _), (rj, wj, _) = launches[i], launches[j]
         return not (any(_overlaps(w, x) for w in wi for x in rj + wj)
                     or any(_overlaps(w, x) for w in wj for x in ri))
 
-    runs = [0] * len(launches)
+    n = len(launches)
+    before = None  # before[i]: how many launches before i changed
+    if previous is not None and len(previous) == n:
+        before = [0]
+        for c in changed:
+            before.append(before[-1] + bool(c))
+    runs = [0] * n
     start = 0
-    while start < len(launches):
+    while start < n:
+        old = previous[start] if before is not None else 0
+        if old and before[min(start + old + 1, n)] == before[start]:
+            runs[start] = old
+            start += old
+            continue
         end = start + 1
         if not launches[start][2]:
-            while (end < len(launches) and end - start < max_lanes and not launches[end][2]
+            while (end < n and end - start < max_lanes and not launches[end][2]
                    and all(independent(end, j) for j in range(start, end))):
                 end += 1
         runs[start] = end - start
@@ -261,14 +286,32 @@ def _device_pointer(x) -> Optional[int]:
     return None
 
 
+class _Layout:
+    """Where each plan buffer of the last prepared signature lies and its shape, and each
+    launching step's launches (``CudaPlanRunner._step_launches``): what the next signature
+    starts from."""
+
+    def __init__(self, arena_key: tuple, arena: int, inputs: dict):
+        self.arena_key, self.arena, self.inputs = arena_key, arena, inputs
+        self.ptr: dict = {}      # buffer -> device address
+        self.shape: dict = {}    # buffer -> shape
+        self.entries: dict = {}  # step index -> its launches
+        # the signature's launches, their concurrent runs, table rows and tables (_tables)
+        self.launches: list = []
+        self.runs: list = []
+        self.rows: list = []
+        self.tables: list = []   # (QcStep table, launch indices) per segment
+
+
 class _Signature:
-    """Device buffers, step table and graph of one input-shape signature."""
+    """Buffers, step table and graph of one input-shape signature."""
 
     def __init__(self):
         self.inputs: dict = {}      # name -> (ptr, shape, dtype)
         self.outputs: dict = {}     # buffer -> (ptr, shape, dtype)
-        self.keep: list = []        # ctypes arrays the table points into
-        self.allocs: list = []      # device allocations owned by this signature
+        self.keep: list = []        # per launch, the ctypes arrays its table row points to
+        self.slots: dict = {}       # the runner's shared buffers it uses: name -> address
+        self.host_block = None      # its host values, as HOST_VALUES holds them (or None)
         self.runs: list = []        # concurrent_runs of the launches, collectives included
         self.labels: list = []      # per launch: "%node = op" (errors, profiles)
         # the segments and collectives in order: ("launch", table, n, graph or None, index of
@@ -319,29 +362,45 @@ class CudaPlanRunner:
         self.lanes_wanted = max(1, min(MAX_LANES, int(os.environ.get("QC_CUDA_LANES", MAX_LANES))))
         self.plan = None
         self._loaded = False
+        self._init_signature_state()
+
+    def _init_signature_state(self) -> None:
+        """The per-signature caches, empty (also what the recorder tests start from)."""
         self._signatures: dict = {}
         self._arenas: dict = {}
-        # Device inputs bound in place (no copy into the signature's own input buffers): per
-        # shape signature the last call's device pointers, and the signatures whose graphs
-        # read the caller's buffers directly, keyed (shape signature, pointers).
+        # Device inputs bound in place (no copy into the shared input buffers): per shape
+        # signature the last call's device pointers, and the signatures whose graphs read the
+        # caller's buffers directly, keyed (shape signature, pointers).
         self._last_pointers: dict = {}
         self._bound: dict = {}
         self.last_signature: Optional[_Signature] = None  # the last call's (see __call__)
         # Both kinds of signature in order of use, least recent first: (id(store), key) ->
         # (store, key). Past MAX_SIGNATURES the least recent one is released (_touch).
         self._recent: OrderedDict = OrderedDict()
-        self._itemsizes: Optional[dict] = None  # buffer name -> element bytes (_prepare)
         # host values that depend on no input shape, computed by the first signature's
         # resolve and reused by every later one (a decode loop prepares one per token)
         self._constants = ConstantCache()
-        self._dependencies: Optional[ShapeDependencies] = None  # the plan's (_prepare)
-        self._epilogue_in_kernel: dict = {}  # qmatmul node -> epilogue_in_kernel (_prepare)
+        self._dependencies: Optional[ShapeDependencies] = None  # the plan's (_plan_index)
+        self._reshaped_cache: dict = {}      # changed input dims -> buffers (_reshaped)
+        self._epilogue_in_kernel: dict = {}  # qmatmul node -> epilogue_in_kernel
         self._kernel_addresses: dict = {}    # qmatmul node -> its kernel's address
+        self._op_addresses: dict = {}        # op kernel symbol -> its address
         # memory plans: a bucket's, or beyond them one per size class of the dims, the
         # MAX_EXACT_PLANS most recent kept (MemoryPlans; made when the plan is loaded). A
         # dropped plan's arena is freed once no kept signature launches over it.
         self._plans: Optional[MemoryPlans] = None
         self._retired: set = set()  # arena keys of dropped plans still in use
+        self._slots: dict = {}  # shared device buffers (_slot): name -> (address, bytes)
+        self._layout: Optional[_Layout] = None  # the last prepared signature's (_prepare)
+        # host values: each one's room in the HOST_VALUES block, their offsets and the
+        # block's size (_place_host_values)
+        self._host_room: dict = {}
+        self._host_offsets: Optional[dict] = None
+        self._host_bytes = 0
+        # per HOST_VALUES buffer (the current one, replaced ones still in use), the
+        # signature whose block it holds
+        self._host_owners: dict = {}
+        self._retired_slots: set = set()  # replaced shared buffers still in use (_slot)
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -432,12 +491,102 @@ class CudaPlanRunner:
             self._arenas[mem.key()] = (ptr, mem.peak_bytes)
         return ptr
 
+    # A shared buffer that is too small is replaced by one this much larger (or the size
+    # asked, if more): a KV cache that grows by a token a call moves its input and output
+    # buffers a logarithmic number of times, not once a token.
+    SLOT_GROWTH = 1.25
+
+    def _slot(self, name: str, nbytes: int, zeroed: bool = False) -> int:
+        """The device buffer ``name`` (a plan input or output, a workspace, HOST_VALUES), at
+        least ``nbytes`` long, shared by every signature. Signatures run one at a time on the
+        plan's stream, each run copies its inputs in and its outputs out, and the kernels
+        leave the workspaces' counters at zero: so they can share these buffers as they share
+        a bucket's arena, and a new signature allocates nothing. One too small is replaced
+        (SLOT_GROWTH); the old one is kept for the signatures that launch over it and freed
+        with the last of them (``_release``). ``zeroed``: set to zero when allocated."""
+        ptr, capacity = self._slots.get(name, (0, -1))
+        if capacity >= nbytes:
+            return ptr
+        if ptr:
+            self._retired_slots.add(ptr)
+            self._free_slot_if_unused(ptr)
+        capacity = max(int(nbytes), int(capacity * self.SLOT_GROWTH), 256)
+        ptr = self.rt.malloc(capacity)
+        if zeroed:
+            self.rt.memset(ptr, capacity)
+        self._slots[name] = (ptr, capacity)
+        return ptr
+
+    def _free_slot_if_unused(self, ptr: int) -> None:
+        """Free a replaced shared buffer once no kept signature launches over it."""
+        if any(ptr in sig.slots.values() for store in (self._signatures, self._bound)
+               for sig in store.values()):
+            return
+        # launches over it may still be in flight (a run returns before they finish)
+        self._check(self.launcher.qc_stream_synchronize(self.stream), "freeing a buffer")
+        self.rt.free(ptr)
+        self._retired_slots.discard(ptr)
+        self._host_owners.pop(ptr, None)
+
+    def _plan_index(self) -> None:
+        """What every signature's preparation looks up, computed once per runner."""
+        plan = self.plan
+        self._dependencies = ShapeDependencies(plan, self.module)
+        from qcompiler.plan.executor import buffer_dependencies
+
+        self._buffer_deps = buffer_dependencies(plan, self._dependencies)
+        self._itemsizes = {n: elem(b.dtype).np_dtype.itemsize for n, b in plan.buffers.items()}
+        self._dtypes = {n: elem(b.dtype).np_dtype for n, b in plan.buffers.items()}
+        # an output buffer's shape is its value's, or for a copied output its source's
+        copies = {s.outputs[0]: s.inputs[0] for s in plan.steps if s.kind == "copy"}
+        self._output_sources = {n: n if n in self._dependencies.values else copies[n]
+                                for n, b in plan.buffers.items() if b.kind == "output"}
+        self._host_names = [n for n, b in plan.buffers.items() if b.kind == "host"]
+        roots = {n: plan.buffers[b.alias_of or n] for n, b in plan.buffers.items()
+                 if b.kind in ("arena", "view")}
+        self._arena_buffers = [n for n, r in roots.items() if r.kind == "arena"]
+        # views of an input, output, weight or host value: placed after their roots
+        self._other_views = [(n, r.name) for n, r in roots.items() if r.kind != "arena"]
+        # per buffer, the steps that launch over it (rebuilt when it moves or changes shape)
+        self._steps_of: dict = {}
+        for i, step in enumerate(plan.steps):
+            if step.kind in ("view", "host"):
+                continue
+            for n in step.inputs + step.outputs:
+                if n is not None:
+                    self._steps_of.setdefault(n, set()).add(i)
+            node = self.nodes.get(step.node)
+            if step.op == "qmatmul" and node is not None:  # fused epilogue operands
+                for v in qmatmul_epilogue_operands(node):
+                    if v is not None:
+                        self._steps_of.setdefault(v.name, set()).add(i)
+        self._launch_steps = [i for i, s in enumerate(plan.steps) if s.kind not in ("view", "host")]
+        # the buffers whose address a signature sets (the others lie in the arena)
+        self._direct = (list(plan.inputs) + list(self._output_sources) + self._host_names
+                        + [n for n, _ in self._other_views])
+
+    def _reshaped(self, changed: frozenset) -> list:
+        """The buffers whose shape may differ when the input dims ``changed`` change (every
+        buffer of an unknown dependency); once per set."""
+        hit = self._reshaped_cache.get(changed)
+        if hit is None:
+            hit = self._reshaped_cache[changed] = [
+                n for n, deps in self._buffer_deps.items() if deps is None or deps & changed]
+        return hit
+
     def _prepare(self, shapes: dict, bound: Optional[dict] = None) -> _Signature:
-        """The buffers, step table and graph of one shape signature. ``bound``: input name ->
-        the caller's device pointer, read in place by the launches (not allocated here)."""
-        plan, rt = self.plan, self.rt
+        """The step table of one shape signature. ``bound``: input name -> the caller's device
+        pointer, read in place by the launches.
+
+        It starts from the last signature's (``_Layout``): inputs, outputs, workspaces and
+        host values lie in the runner's shared buffers (``_slot``) and intermediates in the
+        bucket's arena, so a buffer moves only when a shared buffer grows, the bucket changes
+        or the caller binds its own; only the steps over a buffer that moved or changed shape
+        are built again. A decode step whose KV cache grew by a token rebuilds the steps that
+        read its length (the cache appends, attention, the presents) and allocates nothing."""
+        plan = self.plan
         if self._dependencies is None:
-            self._dependencies = ShapeDependencies(plan, self.module)
+            self._plan_index()
         # only what depends on the dims that changed since the last resolve is evaluated
         resolved = resolve(plan, self.module, shapes, self._constants, self._dependencies)
         if self._plans is None:
@@ -446,197 +595,262 @@ class CudaPlanRunner:
         mem = self._plans.for_dims(resolved.dims)
         self._retired.discard(mem.key())  # a class that came back keeps its arena
         arena = self._arena(mem)
+        base = self._layout
+        if base is not None and (base.arena_key != mem.key() or base.arena != arena):
+            base = None  # another arena: every intermediate moved
         sig = _Signature()
         sig.arena_key = mem.key()
-        ptr: dict = {}
-        shape_of = dict(resolved.shapes)
+        now = _Layout(mem.key(), arena, resolved.inputs)
+        shape_of = now.shape = dict(resolved.shapes)
+        if base is not None:
+            ptr = now.ptr = dict(base.ptr)
+        else:
+            ptr = now.ptr = {n: arena + mem.offsets[self.plan.buffers[n].alias_of or n]
+                             for n in self._arena_buffers}
+        dtypes, itemsize = self._dtypes, self._itemsizes
 
-        def alloc(nbytes: int) -> int:
-            p = rt.malloc(max(int(nbytes), 1))
-            sig.allocs.append(p)
-            return p
+        for name in plan.inputs:
+            shape = tuple(shapes[name])
+            if bound and name in bound:
+                ptr[name] = bound[name]
+                sig.bound.add(name)
+            else:
+                ptr[name] = sig.slots[name] = self._slot(name, math.prod(shape) * itemsize[name])
+            sig.inputs[name] = (ptr[name], shape, dtypes[name])
+        for name, src in self._output_sources.items():
+            shape = shape_of[name] = tuple(resolved.shapes[src])
+            ptr[name] = sig.slots[name] = self._slot(name, math.prod(shape) * itemsize[name])
+            sig.outputs[name] = (ptr[name], shape, dtypes[name])
+        for name, (p, shape) in self.weights.items():
+            ptr[name], shape_of[name] = p, shape
+        self._place_host_values(sig, resolved, ptr, shape_of)
+        for name, root in self._other_views:
+            if root in ptr:
+                ptr[name] = ptr[root]
 
-        for b in plan.buffers.values():
-            if b.kind in ("arena", "view"):
-                continue  # placed below, once their roots are
-            dtype = elem(b.dtype).np_dtype
-            if b.kind == "input":
-                shape = tuple(shapes[b.name])
-                if bound and b.name in bound:
-                    ptr[b.name] = bound[b.name]
-                    sig.bound.add(b.name)
-                else:
-                    ptr[b.name] = alloc(math.prod(shape) * dtype.itemsize)
-                sig.inputs[b.name] = (ptr[b.name], shape, dtype)
-            elif b.kind == "weight":
-                if b.name in self.weights:
-                    ptr[b.name], shape_of[b.name] = self.weights[b.name]
-            elif b.kind == "host":
-                a = np.ascontiguousarray(resolved.host[b.name], dtype)
-                ptr[b.name] = rt.upload(a) if a.nbytes else 0
-                if a.nbytes:
-                    sig.allocs.append(ptr[b.name])
-                shape_of[b.name] = a.shape
-            elif b.kind == "output":
-                src = b.name if b.name in resolved.shapes else next(
-                    s.inputs[0] for s in plan.steps if s.outputs == [b.name])
-                shape = tuple(resolved.shapes[src])
-                shape_of[b.name] = shape
-                ptr[b.name] = alloc(math.prod(shape) * dtype.itemsize)
-                sig.outputs[b.name] = (ptr[b.name], shape, dtype)
-        for b in plan.buffers.values():
-            if b.kind in ("arena", "view"):
-                root = plan.buffers[b.alias_of or b.name]
-                if root.kind == "arena":
-                    ptr[b.name] = arena + mem.offsets[root.name]
-                elif root.name in ptr:
-                    ptr[b.name] = ptr[root.name]
+        # the steps to build: all of them, or those over a buffer that moved or was reshaped
+        if base is None:
+            rebuild = self._launch_steps
+            entries = now.entries = {}
+        else:
+            entries = now.entries = dict(base.entries)
+            changed = self._dependencies.changed(resolved.inputs, base.inputs)
+            moved = {n for n in self._reshaped(changed) if shape_of.get(n) != base.shape.get(n)}
+            moved.update(n for n in self._direct if ptr.get(n) != base.ptr.get(n))
+            rebuild = sorted({i for n in moved for i in self._steps_of.get(n, ())})
+        for i in rebuild:
+            entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
+        self._layout = now
+        self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
+        return sig
 
-        op_ws, qmm_ws = 0, 0
-        pending = []  # (QcStep fields) before workspaces are known
-        access = []  # per launch: (reads, writes, solo) byte ranges, for concurrent_runs
-        labels = []  # per launch: the node it runs, for errors
-        label = ""
+    def _place_host_values(self, sig: _Signature, resolved, ptr: dict, shape_of: dict) -> None:
+        """The signature's host values (shape functions' results the kernels read) packed
+        into one block, at offsets that stay put unless a value outgrows its room (a power of
+        two), uploaded by the run when the shared HOST_VALUES buffer holds another
+        signature's."""
+        if not self._host_names:
+            return
+        arrays = [np.ascontiguousarray(resolved.host[n], self._dtypes[n])
+                  for n in self._host_names]
+        grown = False
+        for n, a in zip(self._host_names, arrays):
+            if a.nbytes > self._host_room.get(n, 0):
+                self._host_room[n] = max(64, 1 << (a.nbytes - 1).bit_length())
+                grown = True
+        if grown or self._host_offsets is None:
+            offsets, at = {}, 0
+            for n in self._host_names:
+                offsets[n], at = at, at + self._host_room.get(n, 0)
+            self._host_offsets, self._host_bytes = offsets, at
+        if not self._host_bytes:
+            for n, a in zip(self._host_names, arrays):
+                ptr[n], shape_of[n] = 0, a.shape
+            return
+        base = sig.slots[HOST_VALUES] = self._slot(HOST_VALUES, self._host_bytes)
+        block = np.zeros(self._host_bytes, np.uint8)
+        for n, a in zip(self._host_names, arrays):
+            at = self._host_offsets[n]
+            block[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
+            ptr[n] = base + at if a.nbytes else 0
+            shape_of[n] = a.shape
+        sig.host_block = block
 
-        # element sizes of the plan's buffers, once per runner: a decode loop whose KV cache
-        # grows prepares a signature per token, and these were most of its host time
-        itemsize = self._itemsizes
-        if itemsize is None:
-            itemsize = self._itemsizes = {n: elem(b.dtype).np_dtype.itemsize
-                                          for n, b in plan.buffers.items()}
+    def _step_launches(self, step, ptr: dict, shape_of: dict) -> tuple:
+        """The launches of one plan step: (launches, op workspace bytes, qmatmul workspace
+        bytes); a launch is (entry, (reads, writes, solo) byte ranges, label), an entry
+        ("op", fn, ptrs, shapes, workspace bytes), ("qmm", fn, ptrs, shapes, M, epilogue in
+        the kernel), ("copy", None, ptrs, shapes, bytes) or ("collective", node, pointer,
+        shape, dtype, world). ptrs and shapes are the ctypes arrays the table row points to."""
+        plan, itemsize = self.plan, self._itemsizes
+        label = f"%{step.node or step.outputs[0]} = {step.op or step.kind}"
+        launches, op_ws, qmm_ws = [], 0, 0
 
         def span(name: str) -> tuple:  # (address, bytes) of a buffer; weights are read-only
             if name is None or plan.buffers[name].kind == "weight" or name not in ptr:
                 return (0, 0)
             return (ptr[name], math.prod(shape_of[name]) * itemsize[name])
 
-        def op_step(symbol: str, names: list, out_names: list, solo: bool = False):
+        def arrays(ps: list, dims: list) -> tuple:
+            # one spare pointer slot: a fused epilogue's extras start at ptrs[9], even when
+            # it has none (array.array then one copy: a third of the time of ctypes' own
+            # constructors, per launch of every new signature)
+            ps = array.array("Q", [p or 0 for p in ps] + [0])
+            flat = array.array("q", [int(v) for s in dims for v in s] or [0])
+            return ((ctypes.c_void_p * len(ps)).from_buffer_copy(ps),
+                    (ctypes.c_int64 * len(flat)).from_buffer_copy(flat))
+
+        def copy(src: str, dst: str):
+            nbytes = math.prod(shape_of[dst]) * itemsize[dst]
+            launches.append((("copy", None, *arrays([ptr[src], ptr[dst]], []), nbytes),
+                             ([span(src)], [span(dst)], True), label))
+
+        def op(symbol: str, names: list, outs: list, solo: bool = False) -> int:
             names = [n for n in names if n is not None]
-            ps = [ptr[n] for n in names + out_names]
-            dims = [shape_of[n] for n in names + out_names]
+            dims = [shape_of[n] for n in names + outs]
             ws = self.ops.workspace_bytes(symbol, dims)
-            pending.append(("op", self.ops._fn(symbol)[0], ps, dims, ws, False))
-            access.append(([span(n) for n in names], [span(n) for n in out_names], solo))
-            labels.append(label)
+            fn = self._op_addresses.get(symbol)
+            if fn is None:
+                fn = self._op_addresses[symbol] = ctypes.cast(self.ops._fn(symbol)[0],
+                                                              ctypes.c_void_p).value
+            launches.append((("op", fn, *arrays([ptr[n] for n in names + outs], dims), ws),
+                             ([span(n) for n in names], [span(n) for n in outs], solo), label))
             return ws
 
-        for step in plan.steps:
-            if step.kind in ("view", "host"):
-                continue
-            label = f"%{step.node or step.outputs[0]} = {step.op or step.kind}"
-            if step.kind == "copy":
-                src, dst = step.inputs[0], step.outputs[0]
-                nbytes = math.prod(shape_of[dst]) * itemsize[dst]
-                pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
-                access.append(([span(src)], [span(dst)], True))
-                labels.append(label)
-                continue
-            node = self.nodes[step.node]
-            world = collective_world(node)
-            if world is not None:
-                # the partial copied into the result's buffer, summed there in place by the
-                # communicator between two segments (a solo entry: a barrier for the lanes)
-                src, dst = step.inputs[0], step.outputs[0]
-                dtype = elem(plan.buffers[dst].dtype).np_dtype
-                nbytes = int(np.prod(shape_of[dst])) * dtype.itemsize
-                if ptr[src] != ptr[dst]:
-                    pending.append(("copy", None, [ptr[src], ptr[dst]], [], nbytes, False))
-                    access.append(([span(src)], [span(dst)], True))
-                    labels.append(label)
-                if world > 1:
-                    pending.append(("collective", node, [ptr[dst]], [tuple(shape_of[dst])],
-                                    world, dtype))
-                    access.append(([span(dst)], [span(dst)], True))
-                    labels.append(label)
-                continue
-            if step.op == "qmatmul":
-                k = self.qmm.kernels[step.node]
-                x = step.inputs[0]
-                m = math.prod(shape_of[x][:-1])
-                d = k.dev
-                ps = [ptr[x], ptr[step.outputs[0]], d["w"], d["scales"], d["zeros"],
-                      d["bias"], d["perm"], d["norm"], d["norm_bias"]]
-                fused = self._epilogue_in_kernel.get(step.node)
-                if fused is None:  # per node, once: a decode loop prepares a signature a token
-                    fused = self._epilogue_in_kernel[step.node] = epilogue_in_kernel(node)
-                extras = [v.name for v in qmatmul_epilogue_operands(node)] if fused else []
-                ps += [ptr[n] for n in extras]  # ptrs[9...]: the epilogue's extra operands
-                qmm_ws = max(qmm_ws, int(k.ws_fn(m)))
-                fn = self._kernel_addresses.get(step.node)
-                if fn is None:
-                    fn = self._kernel_addresses[step.node] = \
-                        ctypes.cast(k.fn, ctypes.c_void_p).value
-                pending.append(("qmm", fn, ps, [], m, fused))
-                separate = "epilogue" in node.attrs and not fused  # a second launch, in order
-                access.append(([span(x)] + [span(n) for n in extras],
-                               [span(step.outputs[0])], separate))
-                labels.append(label)
-                if separate:
-                    sym = self.symbols[step.node + EPILOGUE_SUFFIX]
-                    names = [step.outputs[0]] + [v.name if v is not None else None
-                                                 for v in qmatmul_epilogue_operands(node)]
-                    op_ws = max(op_ws, op_step(sym, names, [step.outputs[0]], solo=True))
-            else:
-                op_ws = max(op_ws, op_step(self.symbols[step.node], step.inputs, step.outputs))
+        if step.kind == "copy":
+            copy(step.inputs[0], step.outputs[0])
+            return launches, 0, 0
+        node = self.nodes[step.node]
+        world = collective_world(node)
+        if world is not None:
+            # the partial copied into the result's buffer, summed there in place by the
+            # communicator between two segments (a solo entry: a barrier for the lanes)
+            src, dst = step.inputs[0], step.outputs[0]
+            if ptr[src] != ptr[dst]:
+                copy(src, dst)
+            if world > 1:
+                launches.append((("collective", node, ptr[dst], tuple(shape_of[dst]),
+                                  self._dtypes[dst], world),
+                                 ([span(dst)], [span(dst)], True), label))
+            return launches, 0, 0
+        if step.op != "qmatmul":
+            return launches, op(self.symbols[step.node], step.inputs, step.outputs), 0
+        k = self.qmm.kernels[step.node]
+        x, y = step.inputs[0], step.outputs[0]
+        m = math.prod(shape_of[x][:-1])
+        d = k.dev
+        ps = [ptr[x], ptr[y], d["w"], d["scales"], d["zeros"], d["bias"], d["perm"],
+              d["norm"], d["norm_bias"]]
+        fused = self._epilogue_in_kernel.get(step.node)
+        if fused is None:
+            fused = self._epilogue_in_kernel[step.node] = epilogue_in_kernel(node)
+        extras = [v.name for v in qmatmul_epilogue_operands(node)] if fused else []
+        ps += [ptr[n] for n in extras]  # ptrs[9...]: the epilogue's extra operands
+        qmm_ws = int(k.ws_fn(m))
+        fn = self._kernel_addresses.get(step.node)
+        if fn is None:
+            fn = self._kernel_addresses[step.node] = ctypes.cast(k.fn, ctypes.c_void_p).value
+        separate = "epilogue" in node.attrs and not fused  # a second launch, in order
+        launches.append((("qmm", fn, *arrays(ps, []), m, fused),
+                         ([span(x)] + [span(n) for n in extras], [span(y)], separate), label))
+        if separate:
+            names = [y] + [v.name if v is not None else None
+                           for v in qmatmul_epilogue_operands(node)]
+            op_ws = op(self.symbols[step.node + EPILOGUE_SUFFIX], names, [y], solo=True)
+        return launches, op_ws, qmm_ws
 
+    def _tables(self, sig: _Signature, entries: list, base: Optional[_Layout],
+                now: _Layout) -> None:
+        """``sig``'s program from its steps' launches: the concurrent runs, each launch's
+        workspace slot, and one QcStep table per segment between collectives. With ``base``
+        (the last signature's layout, whose unchanged launches are the same entry objects)
+        the runs are formed again only around changed launches, and each table starts as a
+        copy of the last one with only the rows that differ written."""
+        launches = [launch for step in entries for launch in step[0]]
+        op_ws = max((step[1] for step in entries), default=0)
+        qmm_ws = max((step[2] for step in entries), default=0)
+        access = [launch[1] for launch in launches]
+        sig.labels = [launch[2] for launch in launches]
+        last = base.launches if base is not None and len(base.launches) == len(launches) \
+            else None
         # Launches that run concurrently get workspaces of their own (lane j: slot j).
-        runs = concurrent_runs(access, self.lanes_wanted) if self.lanes else [1] * len(access)
+        if self.lanes:
+            changed = None if last is None else \
+                [a is not b for a, b in zip(launches, last)]
+            runs = concurrent_runs(access, self.lanes_wanted,
+                                   base.runs if last is not None else None, changed)
+        else:
+            runs = [1] * len(access)
         lane = []  # each launch's position in its run
         for r in runs:
             lane.append(0 if r else lane[-1] + 1)
         slots = max(lane, default=0) + 1
-        op_ws_ptr = alloc(op_ws * slots) if op_ws else 0
-        if op_ws:
-            rt.memset(op_ws_ptr, op_ws * slots)  # counters in op workspaces start at zero
-        qmm_ws_ptr = 0
-        if qmm_ws:
-            qmm_ws_ptr = alloc(qmm_ws * slots)
-            rt.memset(qmm_ws_ptr, qmm_ws * slots)  # split-K counters start at zero
+        op_w = qmm_w = 0
+        if op_ws:  # counters in op workspaces start at zero
+            op_w = sig.slots[OP_WORKSPACE] = self._slot(OP_WORKSPACE, op_ws * slots, zeroed=True)
+        if qmm_ws:  # split-K counters start at zero
+            qmm_w = sig.slots[QMM_WORKSPACE] = self._slot(QMM_WORKSPACE, qmm_ws * slots,
+                                                          zeroed=True)
+        sig.runs = now.runs = runs
+        now.launches = launches
+        # each launch's row: its entry, workspace address and run length
+        rows = []
+        for i, launch in enumerate(launches):
+            kind = launch[0][0]
+            ws = (op_w + lane[i] * op_ws if op_ws else 0) if kind == "op" else \
+                (qmm_w + lane[i] * qmm_ws if qmm_ws else 0) if kind == "qmm" else 0
+            rows.append((launch[0], ws, runs[i]))
+            if kind != "collective":
+                sig.keep.append(launch[0][2:4])
+        now.rows = rows
         # Segments: the launches between collectives, one table (and graph) each. The runs
         # never cross a collective (a solo entry), so each table's ``concurrent`` counts stay
         # inside it.
         segments, current = [], []
-        for i, entry in enumerate(pending):
-            if entry[0] == "collective":
-                segments += [("launch", current), entry]
+        for i, launch in enumerate(launches):
+            if launch[0][0] == "collective":
+                segments += [("launch", current), launch[0]]
                 current = []
             else:
                 current.append(i)
         segments.append(("launch", current))
-        sig.runs = runs
-        sig.labels = labels
+        previous = {indices[0]: (table, indices) for table, indices in base.tables} \
+            if last is not None else {}
+        now.tables = []
         for item in segments:
             if item[0] == "collective":
-                _, node, ps, dims, world, dtype = item
-                sig.program.append(("collective", node, ps[0], dims[0], dtype, world))
+                _, node, dptr, shape, dtype, world = item
+                sig.program.append(("collective", node, dptr, shape, dtype, world))
                 sig.collectives.append((node, world))
                 continue
             indices = item[1]
             if not indices:
                 continue
             table = (QcStep * len(indices))()
+            old_table, old_indices = previous.get(indices[0], (None, None))
+            if old_indices == indices:
+                ctypes.memmove(table, old_table, ctypes.sizeof(table))
+                old_rows = base.rows
+            else:
+                old_rows = None
             for j, i in enumerate(indices):
-                kind, fn, ps, dims, extra, epilogue = pending[i]
-                # one spare slot: a fused epilogue's extras start at ptrs[7], even when it has
-                # none
-                parr = (ctypes.c_void_p * (len(ps) + 1))(*[p or None for p in ps])
-                flat = [int(v) for s in dims for v in s]
-                sarr = (ctypes.c_int64 * max(len(flat), 1))(*flat)
-                sig.keep += [parr, sarr]
-                op_w = (op_ws_ptr + lane[i] * op_ws) if op_ws_ptr else None
-                qmm_w = (qmm_ws_ptr + lane[i] * qmm_ws) if qmm_ws_ptr else None
+                row = rows[i]
+                if old_rows is not None:
+                    was = old_rows[i]
+                    if was[0] is row[0] and was[1] == row[1] and was[2] == row[2]:
+                        continue
+                (kind, fn, parr, sarr, extra, *rest), ws, run = row
                 if kind == "op":
-                    table[j] = QcStep(STEP_OP, ctypes.cast(fn, ctypes.c_void_p).value, parr,
-                                      sarr, op_w, 0, -1, 0, runs[i])
+                    table[j] = QcStep(STEP_OP, fn, parr, sarr, ws or None, 0, -1, 0, run)
                 elif kind == "qmm":
-                    # variant -1: by M; the launcher passes ptrs + 7 as the epilogue's extras
+                    # variant -1: by M; the launcher passes ptrs + 9 as the epilogue's extras
                     # when ``epilogue`` (the kernel applies it), else null
-                    table[j] = QcStep(STEP_QMM, fn, parr, sarr, qmm_w, extra, -1,
-                                      int(epilogue), runs[i])
+                    table[j] = QcStep(STEP_QMM, fn, parr, sarr, ws or None, extra, -1,
+                                      int(rest[0]), run)
                 else:
-                    table[j] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, runs[i])
+                    table[j] = QcStep(STEP_COPY, None, parr, sarr, None, extra, -1, 0, run)
+            now.tables.append((table, indices))
             sig.program.append(("launch", table, len(indices), None, indices[0]))
-        return sig
 
     def _capture(self, sig: _Signature) -> None:
         """Capture each launch segment of ``sig`` as a CUDA graph (instantiated, replayed by
@@ -704,6 +918,14 @@ class CudaPlanRunner:
         if torch_stream is not None:
             self._check(lib.qc_stream_wait(s, torch_stream, self._order_events[0]),
                         "ordering the plan after the caller's stream")
+        host = sig.slots.get(HOST_VALUES)
+        if host is not None and self._host_owners.get(host) is not sig:
+            # the shared host-value buffer holds another signature's: this one's, on the
+            # stream before its launches (staged at once: the block may change after)
+            block = sig.host_block
+            self._check(lib.qc_copy_async(host, block.ctypes.data, block.nbytes, 1, s),
+                        "copying the host values")
+            self._host_owners[host] = sig
         for n in plan.inputs:
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -816,16 +1038,22 @@ class CudaPlanRunner:
                 self._last_pointers.pop(shape, None)
 
     def _release(self, sig: _Signature) -> None:
-        """Destroy a signature's graphs and free its buffers, after its launches finished
-        (the caller's next run may have been enqueued without waiting for the last one)."""
+        """Destroy a signature's graphs, after its launches finished (the caller's next run
+        may have been enqueued without waiting for the last one). Its buffers are the
+        runner's (``_slot``) and stay; a signature never captured (a generation loop's, used
+        once) is dropped without waiting for the device."""
         lib = self.launcher
-        self._check(lib.qc_stream_synchronize(self.stream), "finishing a released signature")
-        for item in sig.program:
-            if item[0] == "launch" and item[3] is not None:
-                self._check(lib.qc_graph_destroy(item[3]), "destroying a released graph")
-        for p in sig.allocs:
-            self.rt.free(p)
-        sig.program, sig.allocs, sig.keep = [], [], []
+        graphs = [item[3] for item in sig.program if item[0] == "launch" and item[3] is not None]
+        if graphs:
+            self._check(lib.qc_stream_synchronize(self.stream), "finishing a released signature")
+        for graph in graphs:
+            self._check(lib.qc_graph_destroy(graph), "destroying a released graph")
+        sig.program, sig.keep, sig.host_block = [], [], None
+        for ptr in sig.slots.values():
+            if self._host_owners.get(ptr) is sig:
+                self._host_owners.pop(ptr)
+            if ptr in self._retired_slots:
+                self._free_slot_if_unused(ptr)
         if sig.arena_key in self._retired and not self._arena_in_use(sig.arena_key):
             self._free_arena(sig.arena_key)
 
