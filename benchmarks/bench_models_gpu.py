@@ -423,10 +423,14 @@ def llama(args, target, results):
         if args.greedy:
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
             # cache lengths the greedy check has not prepared yet (each is a new signature)
+            start = max(1, past + 1 - 3 * args.greedy)
             row["generation_ms_per_token"] = generation_ms_per_token(
-                m, cfg, layers, max(1, past + 1 - 3 * args.greedy), args.greedy)
+                m, cfg, layers, start, args.greedy, args.generation_profile)
+            row["generation_ms_per_token_torch_fp16_eager"] = generation_ms_per_token(
+                half, cfg, layers, start, args.greedy)
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
-                  f"{row['generation_ms_per_token']:.3f} ms per token")
+                  f"{row['generation_ms_per_token']:.3f} ms per token; torch fp16 eager "
+                  f"{row['generation_ms_per_token_torch_fp16_eager']:.3f}")
             ok &= same
     return ok
 
@@ -516,28 +520,46 @@ def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bo
     return first is None
 
 
-def generation_ms_per_token(m, cfg, layers: int, past: int, n: int) -> float:
-    """Ours alone, ``n`` greedy steps from a random cache of ``past`` tokens as a generation
-    loop runs them: the cache grows a token a step, so every step is a new input signature
-    (prepared and captured once, CudaPlanRunner.MAX_SIGNATURES kept), unlike the fixed-context
-    timing above. The next token is chosen on the device (no host sync inside the loop)."""
+def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
+                            profile: bool = False) -> float:
+    """``n`` greedy steps from a random cache of ``past`` tokens as a generation loop runs
+    them: the cache grows a token a step, so for ours every step is a new input signature
+    (prepared from the last, captured at its second run, CudaPlanRunner.MAX_SIGNATURES kept),
+    unlike the fixed-context timing above. The next token is chosen on the device (no host
+    sync inside the loop). ``m``: our compiled model, or the torch fp16 module (the peer: its
+    caches concatenated by torch ops a step). ``profile``: also print where the host time
+    goes (cProfile, the top functions by own time; the timing is then not the figure)."""
     import time
 
     import torch
 
     import decoder_models as dm
 
+    ours = hasattr(m, "run")
     feeds = dm.llama_inputs(cfg, layers, 1, 1, past, seed=3)
     inputs = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+    if not ours:
+        inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
     torch.cuda.synchronize()
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
-    for step in range(n):
-        out = list(m.run(inputs).values())
-        inputs = {"input_ids": out[0][:, -1:].argmax(-1),
-                  "position_ids": torch.full((1, 1), past + step + 1, device="cuda"),
-                  "past_k": out[1], "past_v": out[2]}
+    with torch.no_grad(), default_dtype(torch.float16 if not ours else torch.float32):
+        for step in range(n):
+            out = list(m.run(inputs).values()) if ours else list(m(*inputs.values()))
+            inputs = {"input_ids": out[0][:, -1:].argmax(-1),
+                      "position_ids": torch.full((1, 1), past + step + 1, device="cuda"),
+                      "past_k": out[1], "past_v": out[2]}
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
+    elapsed = time.perf_counter() - start
+    if profile:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    return elapsed / n * 1e3
 
 
 STAMP = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
@@ -572,6 +594,9 @@ def main(argv=None) -> int:
                     help="also time a prefill of this many tokens (no cache) of the Llama model")
     ap.add_argument("--lanes-ab", action="store_true",
                     help="also time the plan captured on one stream (no concurrent launches)")
+    ap.add_argument("--generation-profile", action="store_true",
+                    help="cProfile the generation loop's host work (ours; its timing then "
+                         "includes the profiler)")
     ap.add_argument("--trace", action="store_true",
                     help="the graph replay's kernels and idle time, from the CUDA profiler")
     ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",

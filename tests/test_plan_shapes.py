@@ -170,3 +170,52 @@ def test_attribute_keys_see_all_of_an_array_and_share_objects_only_by_identity()
             return "body"
 
     assert shapes_mod._attr_key(Body()) != shapes_mod._attr_key(Body())
+
+
+def test_an_inference_memo_entry_serves_only_the_nodes_it_fits(monkeypatch):
+    """A type inference's memo entry records the attributes it read and whether it read a
+    large known operand (one the key holds by shape only). A node that differs only in an
+    attribute the inference did not read, or only checked (``OpDef.checked_attrs``), shares
+    the entry; one that differs in an attribute it read infers its own; after an inference
+    that read a large operand, every node infers its own."""
+    from qcompiler.ir import TensorType, elem
+    from qcompiler.ir.core import Node, Value
+    from qcompiler.ir.ops import OPS, OpDef
+
+    calls = []
+
+    def probe(types, attrs, consts):
+        calls.append(types[0].shape)  # (not the attributes: that would read them all)
+        n = types[0].shape[0] * attrs["scale"]
+        if attrs["layer"] > 9:  # only checked
+            raise ValueError("layer")
+        if attrs.get("read_big") and consts[1] is not None:
+            n += int(consts[1].sum())
+        return [TensorType((n,), types[0].dtype)]
+
+    monkeypatch.setitem(OPS, "probe", OpDef("probe", "test", ("x", "big?"), {}, 1, probe,
+                                            ("layer",)))
+    f32, i64 = elem("f32"), elem("i64")
+    x = Value("x", TensorType(("n",), f32))
+    big = Value("big", TensorType((100,), i64))
+
+    def node(name, **attrs):
+        return Node("probe", [x, big], [Value(name, TensorType(("?",), f32))],
+                    {"scale": 2, "layer": 0, "note": "", **attrs})
+
+    cache = ConstantCache()
+    memo = shapes_mod._Memo(cache.node_keys, cache.memo)
+
+    def infer(n, big_values):
+        shapes = {"x": (3,), "big": (100,)}
+        arrays = {"big": big_values}
+        shapes_mod._infer(n, shapes, arrays, {"n": 3}, list(n.results), memo)
+        return shapes[n.results[0].name]
+
+    ones = np.ones(100, np.int64)
+    assert infer(node("a"), ones) == (6,) and len(calls) == 1
+    assert infer(node("b", note="other", layer=3), ones) == (6,) and len(calls) == 1
+    assert infer(node("c", scale=5), ones) == (15,) and len(calls) == 2
+    # reading the large operand: its values are not in the key, so never shared
+    assert infer(node("d", read_big=1), ones) == (106,) and len(calls) == 3
+    assert infer(node("e", read_big=1), 2 * ones) == (206,) and len(calls) == 4

@@ -36,6 +36,10 @@ class OpDef:
     attrs: dict = field(default_factory=dict)  # name -> (kind, required: bool)
     results: int = 1  # -1: variadic (decided by the node)
     infer: Optional[Callable] = None
+    # attributes the inference only checks against static dims (a cache's ``layer`` index
+    # against its layer count): they never change the result types, so the plan's memo of
+    # inferences (qcompiler/plan/shapes.py) leaves them out of its keys
+    checked_attrs: tuple = ()
 
     def operand_range(self) -> tuple[int, int]:
         required = sum(1 for o in self.operands if not o.endswith(("?", "*")))
@@ -47,9 +51,10 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def _def(name, summary, operands, attrs=None, results=1):
+def _def(name, summary, operands, attrs=None, results=1, checked_attrs=()):
     def wrap(fn):
-        OPS[name] = OpDef(name, summary, tuple(operands), attrs or {}, results, fn)
+        OPS[name] = OpDef(name, summary, tuple(operands), attrs or {}, results, fn,
+                          tuple(checked_attrs))
         return fn
     return wrap
 
@@ -1162,7 +1167,7 @@ def _rotary_embedding(types, attrs, consts):
 @_def("kv_concat", "A layer's KV cache extended by new keys or values: concat(past[layer], "
       "new, axis=2) with past [L, B, H, P, D] and new [B, H, S, D] ([B, S, H, D] with "
       "new_bshd), result [B, H, P + S, D]", ["past", "new"],
-      {"layer": ("int", True), "new_bshd": ("int", True)})
+      {"layer": ("int", True), "new_bshd": ("int", True)}, checked_attrs=("layer",))
 def _kv_concat(types, attrs, consts):
     past, new = types
     if past.rank != 5 or new.rank != 4:
@@ -1188,7 +1193,8 @@ def _kv_concat(types, attrs, consts):
       "[B, S, Hkv, D] (without)",
       ["qkv", "cos_cache?", "sin_cache?", "position_ids?", "past_k?", "past_v?"],
       {"num_heads": ("int", True), "kv_heads": ("int", True), "interleaved": ("int", True),
-       "rotary_embedding_dim": ("int", True), "layer": ("int", True)}, results=3)
+       "rotary_embedding_dim": ("int", True), "layer": ("int", True)}, results=3,
+      checked_attrs=("layer",))
 def _qkv_heads(types, attrs, consts):
     qkv = types[0]
     past_k = types[4] if len(types) > 4 else None

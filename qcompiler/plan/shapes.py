@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.ir import Module, TensorType, infer_types
+from qcompiler.ir.ops import OPS
 from qcompiler.ir.core import constant_value
 from qcompiler.plan.plan import Plan, PlanError
 
@@ -218,6 +219,19 @@ class _Memo:
                 tuple(r.type.dtype.name for r in node.results))
         return part
 
+    def operand_part(self, node) -> tuple:
+        """The part of a type inference's memo key fixed by the node, without its attributes
+        (``_infer`` records the ones an inference reads); and its attributes' key parts."""
+        part = self.static.get(("infer", id(node)))
+        if part is None:
+            part = self.static[("infer", id(node))] = (
+                (node.op, tuple(None if v is None else (v.type.dtype.name, repr(v.type.quant),
+                                                        repr(v.type.layout))
+                                for v in node.operands),
+                 tuple(r.type.dtype.name for r in node.results)),
+                {k: _attr_key(v) for k, v in node.attrs.items()})
+        return part
+
     @staticmethod
     def array_part(a: np.ndarray):
         """A host array's part of a key; None when it is too large to be one."""
@@ -350,29 +364,114 @@ def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls,
         shapes[r.name] = tuple(y.shape)
 
 
+class _WatchedOperands(list):
+    """The known operand arrays handed to a type inference, noting which ones it reads."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, i):
+        self.read.update(range(len(self))[i] if isinstance(i, slice) else [i % len(self)])
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        self.read.update(range(len(self)))
+        return super().__iter__()
+
+
+class _WatchedAttributes(dict):
+    """A node's attributes handed to a type inference, noting which ones it reads (any
+    iteration reads them all)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, k):
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.read.add(k)
+        return super().__contains__(k)
+
+    def __iter__(self):
+        self.read.update(super().keys())
+        return super().__iter__()
+
+    def keys(self):
+        self.read.update(super().keys())
+        return super().keys()
+
+    def items(self):
+        self.read.update(super().keys())
+        return super().items()
+
+    def values(self):
+        self.read.update(super().keys())
+        return super().values()
+
+    def copy(self):  # (dict's own copy and | would not go through the methods above)
+        self.read.update(super().keys())
+        return dict(super().items())
+
+    def __or__(self, other):
+        return self.copy() | other
+
+
+_ABSENT = ("absent",)  # an attribute an inference looked for and the node does not have
+
+
 def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
+    # The memo key: the op, its operand types and shapes, and its small known operands by
+    # value. Each entry under it records the attributes the inference read, with their
+    # values, and whether it read a large known operand (one that enters the key by shape
+    # only: an attention mask built from the shapes). An entry serves a node with the same
+    # values of those attributes, unless it read a large operand: so attention's types are
+    # inferred once for every layer (they do not read the mask), and a cache append's
+    # once too (its ``layer`` attribute is only checked: ``OpDef.checked_attrs``).
     consts = [None if v is None else arrays.get(v.name) for v in node.operands]
-    parts = [memo.node_part(node)]
-    for v, c in zip(node.operands, consts):
-        parts.append(None if v is None else
-                     (shapes[v.name], None if c is None else memo.array_part(np.asarray(c))))
-        if c is not None and parts[-1][1] is None:
-            parts = None
-            break
-    key = ("infer", tuple(parts)) if parts is not None else None
+    static, attr_parts = memo.operand_part(node)
+    parts, large = [static], set()
+    for i, (v, c) in enumerate(zip(node.operands, consts)):
+        if v is None:
+            parts.append(None)
+            continue
+        part = None if c is None else memo.array_part(np.asarray(c))
+        if c is not None and part is None:
+            large.add(i)
+            part = ("large", np.asarray(c).dtype.str)
+        parts.append((shapes[v.name], part))
+    key = ("infer", tuple(parts))
     names = ", ".join(f"%{r.name}" for r in todo)
-    inferred = memo.results.get(key) if key is not None else None
+    entries = memo.results.get(key)
+    inferred = None
+    for read, reads_large, types in entries or ():
+        if not reads_large and all(attr_parts.get(k, _ABSENT) == want for k, want in read):
+            inferred = types
+            break
     if inferred is None:
         types = [None if v is None else TensorType(shapes[v.name], v.type.dtype, v.type.quant,
                                                    v.type.layout)
                  for v in node.operands]
+        watched, attrs = _WatchedOperands(consts), _WatchedAttributes(node.attrs)
         try:
-            inferred = infer_types(node.op, types, node.attrs, consts)
+            inferred = infer_types(node.op, types, attrs, watched)
         except Exception as e:
             raise PlanError(f"{names} = {node.op}: cannot size it for these dims: "
                             f"{type(e).__name__}: {e}") from e
-        if key is not None:
-            memo.results[key] = inferred
+        checked = OPS[node.op].checked_attrs if node.op in OPS else ()
+        read = tuple(sorted((k, attr_parts.get(k, _ABSENT)) for k in attrs.read
+                            if k not in checked))
+        if entries is None:
+            entries = memo.results[key] = []
+        if len(entries) < 8:  # (a few attribute variants per key; more are not kept)
+            entries.append((read, bool(watched.read & large), inferred))
     if not inferred:
         raise PlanError(f"{names} = {node.op}: cannot size it for these dims (no inference)")
     for r, t in zip(node.results, inferred):
