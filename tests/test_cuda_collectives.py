@@ -146,7 +146,7 @@ def _runner(module, log, use_graphs=True, lanes=True, capture_after=1):
     r.rt, r.launcher = _Rt(), _Launcher(log)
     r.stream, r.lanes = 0x5, (0x7 if lanes else None)
     r.lanes_wanted, r.use_graphs = 4, use_graphs
-    r.ops = SimpleNamespace(workspace_bytes=lambda symbol, dims: 0,
+    r.ops = SimpleNamespace(workspace_bytes=lambda symbol, dims, flat=None: 0,
                             _fn=lambda symbol: (ctypes.c_void_p(0x1234),))
     r.symbols = {n.results[0].name: "op_" + n.results[0].name for n in module.main.nodes
                  if n.results}

@@ -708,12 +708,13 @@ class CudaPlanRunner:
         def op(symbol: str, names: list, outs: list, solo: bool = False) -> int:
             names = [n for n in names if n is not None]
             dims = [shape_of[n] for n in names + outs]
-            ws = self.ops.workspace_bytes(symbol, dims)
+            parr, sarr = arrays([ptr[n] for n in names + outs], dims)
+            ws = self.ops.workspace_bytes(symbol, dims, sarr)
             fn = self._op_addresses.get(symbol)
             if fn is None:
                 fn = self._op_addresses[symbol] = ctypes.cast(self.ops._fn(symbol)[0],
                                                               ctypes.c_void_p).value
-            launches.append((("op", fn, *arrays([ptr[n] for n in names + outs], dims), ws),
+            launches.append((("op", fn, parr, sarr, ws),
                              ([span(n) for n in names], [span(n) for n in outs], solo), label))
             return ws
 

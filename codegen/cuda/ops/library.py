@@ -115,9 +115,11 @@ class CudaOpsLibrary:
         flat = [int(d) for s in shapes for d in s]
         return (c_void_p * len(ptrs))(*ptrs), (c_int64 * max(len(flat), 1))(*flat)
 
-    def workspace_bytes(self, symbol: str, shapes: list) -> int:
+    def workspace_bytes(self, symbol: str, shapes: list, flat=None) -> int:
+        """The workspace ``symbol`` needs for operands and results of ``shapes``; ``flat``:
+        those shapes already as the kernel's c_int64 array (a plan's table row has it)."""
         _, ws = self._fn(symbol)
-        return int(ws(self._arrays([], shapes)[1]))
+        return int(ws(self._arrays([], shapes)[1] if flat is None else flat))
 
     def call(self, symbol: str, ptrs: list, shapes: list, workspace: int = 0,
              stream: int = 0) -> None:
