@@ -382,10 +382,16 @@ NONZERO = """module @nz {
 
 def test_a_data_dependent_shape_is_named_and_no_bucket_is_suggested():
     """NonZero's result has as many columns as its operand has non-zero elements: no bucket
-    can size it, so the plan's error says so (and does not tell the user to pass buckets)."""
+    can size it, so the plan's error says so (and does not tell the user to pass buckets).
+    Here NonZero reads the input itself: nothing precedes it to plan (test_plan_split.py has
+    a plan that stops at it)."""
     from qcompiler.plan import PlanError
+    from qcompiler.plan.split import lower_with_tail
 
     with pytest.raises(PlanError, match=r"%nz = nonzero: its result's shape depends on the "
                                         r"values it reads") as e:
         lower(parse_module(NONZERO))
+    assert "--buckets" not in str(e.value)
+    with pytest.raises(PlanError, match=r"%nz = nonzero: its result's shape depends") as e:
+        lower_with_tail(parse_module(NONZERO))
     assert "--buckets" not in str(e.value) and "reference interpreter" in str(e.value)

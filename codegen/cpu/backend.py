@@ -339,18 +339,33 @@ def _ops_library(module, target, kdir: str, out_dir: str):
     from qcompiler.plan.lower import lower_steps
     from qcompiler.plan.plan import PlanError
 
+    from qcompiler.plan.split import lower_with_tail, split_module
+
     try:
         plan = lower_steps(module, CPUBackend.concat_in_place)  # no kernel for in-place concats
     except PlanError as e:  # the runner interprets the whole graph then
         return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
                        "host_fallback": True, "reason": f"no executable plan: {e}"}
                       for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
+    fallbacks = []
+    try:  # past a data-dependent op the plan stops: kernels for what comes before it
+        roots = lower_with_tail(module, None, CPUBackend.concat_in_place)[0].tail_roots
+    except PlanError:
+        roots = []  # (no plan at all: the artifact's report says why)
+    if roots:
+        split = split_module(module, roots)
+        plan = lower_steps(split.head, CPUBackend.concat_in_place)
+        reason = (f"follows the data-dependent {', '.join('%' + r for r in roots)}: the "
+                  "reference interpreter runs it after the plan")
+        ops = {n.results[0].name: n.op for n in module.main.nodes if n.results}
+        fallbacks = [{"op": ops[name], "result": name, "impl": "host", "host_fallback": True,
+                      "reason": reason}
+                     for name in split.tail_nodes if ops[name] != "qmatmul"]
     nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
     params = params_for(target)
     funcs: dict = {}
     kernels: dict = {}     # node -> kernel name
     epilogues: dict = {}   # qmatmul node -> kernel name of its bias + epilogue
-    fallbacks = []
     for step in plan.steps:
         if step.kind != "kernel":
             continue
@@ -544,6 +559,19 @@ def _plan_runner(module, manifest: dict, out_dir: str, qmm_kernels: dict):
             raise ArtifactError(f"manifest.json: the op library names %{name}, which the "
                                 "module does not define")
         impls[name] = OpKernelStep(lib, kernel_name)
+    if not plan.tail_roots:
+        for name, kernel in qmm_kernels.items():
+            impls[name] = QmatmulStep(nodes[name], kernel, lib, epilogues.get(name))
+        return PlanExecutor(plan, module, impls).run
+    # A plan up to data-dependent ops (qcompiler/plan/split.py): the head's steps compiled,
+    # the tail interpreted after it, its qmatmuls still the compiled kernels.
+    from qcompiler.plan.split import TailRunner, split_module
+
+    split = split_module(module, plan.tail_roots)
+    in_tail = set(split.tail_nodes)
     for name, kernel in qmm_kernels.items():
-        impls[name] = QmatmulStep(nodes[name], kernel, lib, epilogues.get(name))
-    return PlanExecutor(plan, module, impls).run
+        if name not in in_tail:
+            impls[name] = QmatmulStep(nodes[name], kernel, lib, epilogues.get(name))
+    head = PlanExecutor(plan, split.head, impls).run
+    tail_kernels = {name: _qmatmul_impl(k) for name, k in qmm_kernels.items() if name in in_tail}
+    return TailRunner(split, head, module.main.output_names, tail_kernels).run

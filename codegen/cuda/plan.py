@@ -422,6 +422,11 @@ class CudaPlanRunner:
         # The artifact's plan (its buckets as compiled), else the default buckets.
         self.plan = (plan_from_json(self.manifest["plan"]) if self.manifest.get("plan")
                      else lower(self.module))
+        if self.plan.tail_roots:  # (build_plan refuses such a model: no CUDA kernel for them)
+            from qcompiler.plan.plan import PlanError
+
+            raise PlanError("the device plan covers whole models; this one's plan stops at the "
+                            "data-dependent " + ", ".join(f"%{r}" for r in self.plan.tail_roots))
         self.nodes = {n.results[0].name: n for n in self.module.main.nodes if n.results}
         lib = ctypes.CDLL(self._path(self.record["launcher"]))
         P, I64 = ctypes.c_void_p, ctypes.c_int64

@@ -6,7 +6,8 @@
 
 ``lower.py`` (steps, buffers, views, host shape functions), ``memory.py`` (liveness, in-place
 reuse, arena offsets per shape bucket), ``shapes.py`` (concrete shapes and shape functions for
-concrete dims), ``executor.py`` (runs a plan), ``printer.py``, ``plan.py`` (the data, JSON).
+concrete dims), ``split.py`` (a plan up to data-dependent ops, the rest interpreted),
+``executor.py`` (runs a plan), ``printer.py``, ``plan.py`` (the data, JSON).
 """
 from qcompiler.plan.executor import PlanExecutor, reference_step  # noqa: F401
 from qcompiler.plan.lower import lower, lower_steps  # noqa: F401
@@ -37,8 +38,10 @@ def artifact_plan(module, buckets=None, concat_in_place: bool = False) -> tuple:
     """(plan JSON or None, report entry, report.txt lines) for an artifact. A graph that cannot
     be planned (PlanError) still compiles: the report says why it has no plan.
     ``concat_in_place``: the backend's (``Backend.concat_in_place``), see ``lower``."""
+    from qcompiler.plan.split import lower_with_tail, split_module, tail_report_line
+
     try:
-        plan = lower(module, buckets, concat_in_place)
+        plan, _ = lower_with_tail(module, buckets, concat_in_place)
     except PlanError as e:
         return None, {"error": str(e)}, ["", f"plan: none ({e})"]
     rows = plan_report(plan)
@@ -53,4 +56,9 @@ def artifact_plan(module, buckets=None, concat_in_place: bool = False) -> tuple:
     for bounds, why in plan.skipped_buckets:
         bucket = "{" + ", ".join(f"{k}: {v}" for k, v in bounds.items()) + "}"
         lines.append(f"  bucket {bucket:<28} left out: {why}")
-    return plan_to_json(plan), {"buckets": rows}, lines
+    entry = {"buckets": rows}
+    if plan.tail_roots:
+        split = split_module(module, plan.tail_roots)
+        lines.append(tail_report_line(plan, split))
+        entry["tail"] = {"roots": list(plan.tail_roots), "nodes": list(split.tail_nodes)}
+    return plan_to_json(plan), entry, lines

@@ -81,22 +81,21 @@ def lower(module: Module, buckets=None, concat_in_place: bool = False) -> Plan:
     ``concat_in_place``: see the module's docstring.
     """
     from qcompiler.plan.memory import plan_memory, resolve_buckets
-    from qcompiler.plan.shapes import DATA_DEPENDENT, ConstantCache
+    from qcompiler.plan.shapes import ConstantCache, DataDependentShapeError
 
     plan = lower_steps(module, concat_in_place)
     cache = ConstantCache()
     for bounds in resolve_buckets(buckets, plan.symbols):
         try:
             plan.buckets.append(plan_memory(plan, module, bounds, cache))
+        except DataDependentShapeError:
+            raise  # no bucket would help (split.py plans what comes before it)
         except PlanError as e:
             if buckets is not None:
                 raise PlanError(f"bucket {bounds}: {e}") from None
             plan.skipped_buckets.append((dict(bounds), str(e)))
     if not plan.buckets and plan.skipped_buckets:
         bounds, why = plan.skipped_buckets[0]
-        if DATA_DEPENDENT in why:  # no bucket would help
-            raise PlanError(f"{why}; the model runs in the reference interpreter with its "
-                            "compiled kernels")
         raise PlanError(f"no default bucket fits the model (bucket {bounds}: {why}); pass "
                         "buckets (qcompile --buckets SYM=N,N)")
     return plan

@@ -95,6 +95,10 @@ class Plan:
     buckets: list = field(default_factory=list)  # MemoryPlan per declared bucket
     # (bounds, why) of default buckets the model cannot take (not in the artifact's JSON)
     skipped_buckets: list = field(default_factory=list)
+    # the plan covers ``split_module(module, tail_roots)``'s head: the nodes whose shapes
+    # depend on these data-dependent nodes' values run after it, in the reference
+    # interpreter (qcompiler/plan/split.py); empty: the whole function
+    tail_roots: list = field(default_factory=list)
 
     def count(self, kind: str) -> int:
         return sum(1 for s in self.steps if s.kind == kind)
@@ -125,6 +129,7 @@ def plan_to_json(plan: Plan) -> dict:
                      "intermediate_bytes": m.intermediate_bytes, "offsets": dict(m.offsets),
                      "sizes": dict(m.sizes), "inplace": dict(m.inplace)}
                     for m in plan.buckets],
+        **({"tail_roots": list(plan.tail_roots)} if plan.tail_roots else {}),
     }
 
 
@@ -142,6 +147,7 @@ def plan_from_json(data: dict) -> Plan:
                               dict(m["inplace"]), int(m["peak_bytes"]),
                               int(m["intermediate_bytes"])) for m in data["buckets"]]
         return Plan(data["function"], list(data["symbols"]), list(data["inputs"]),
-                    dict(data["outputs"]), buffers, steps, buckets)
+                    dict(data["outputs"]), buffers, steps, buckets,
+                    tail_roots=[str(n) for n in data.get("tail_roots", [])])
     except (KeyError, TypeError) as e:
         raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None

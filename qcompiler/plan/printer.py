@@ -72,6 +72,9 @@ def format_plan(plan: Plan, bucket: Union[dict, MemoryPlan, None] = None) -> str
                     line += (f"  %{out.name} into %{out.alias_of}"
                              + (f" after {after}" if after else " at its start"))
         lines.append(line)
+    if plan.tail_roots:  # qcompiler/plan/split.py
+        lines.append("  then the reference interpreter, from the data-dependent "
+                     + ", ".join(f"%{r}" for r in plan.tail_roots) + " on")
     lines.append("  buckets:")
     for m in plan.buckets:
         lines.append(f"    {_bucket_text(m.bounds):<28} arena peak {m.peak_bytes:>12} B   "

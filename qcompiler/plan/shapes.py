@@ -173,6 +173,15 @@ DATA_DEPENDENT = ("its result's shape depends on the values it reads, not only o
                   "shapes, and the plan sizes every buffer before a run")
 
 
+class DataDependentShapeError(PlanError):
+    """A node whose result shape depends on the values it reads (``node``: its first result's
+    name): the plan stops before it (``qcompiler/plan/split.py``)."""
+
+    def __init__(self, message: str, node: str):
+        super().__init__(message)
+        self.node = node
+
+
 # Host arrays up to this many elements are part of a memo key by value (shape computations
 # handle a few dims each); a node reading a larger one is evaluated without the memo.
 MEMO_MAX_ELEMENTS = 64
@@ -479,8 +488,9 @@ def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
             continue
         if "?" in t.shape:
             operands = [shapes[v.name] for v in node.operands if v is not None]
-            raise PlanError(f"%{r.name} = {node.op}: {DATA_DEPENDENT} ({list(t.shape)} for "
-                            f"operands of shapes {operands})")
+            raise DataDependentShapeError(
+                f"%{r.name} = {node.op}: {DATA_DEPENDENT} ({list(t.shape)} for operands of "
+                f"shapes {operands})", node.results[0].name)
         if not all(isinstance(d, int) for d in t.shape):
             raise PlanError(f"%{r.name} = {node.op}: its shape {list(r.type.shape)} stays "
                             f"{list(t.shape)} for dims {dims}")
