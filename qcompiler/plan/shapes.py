@@ -458,11 +458,14 @@ def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
         parts.append((shapes[v.name], part))
     key = ("infer", tuple(parts))
     names = ", ".join(f"%{r.name}" for r in todo)
-    entries = memo.results.get(key)
+    # per set of attribute names an inference of this key read, its entries by those
+    # attributes' values: (read a large operand, types)
+    indexes = memo.results.get(key)
     inferred = None
-    for read, reads_large, types in entries or ():
-        if not reads_large and all(attr_parts.get(k, _ABSENT) == want for k, want in read):
-            inferred = types
+    for read, entries in indexes or ():
+        hit = entries.get(tuple(attr_parts.get(k, _ABSENT) for k in read))
+        if hit is not None and not hit[0]:
+            inferred = hit[1]
             break
     if inferred is None:
         types = [None if v is None else TensorType(shapes[v.name], v.type.dtype, v.type.quant,
@@ -475,12 +478,16 @@ def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
             raise PlanError(f"{names} = {node.op}: cannot size it for these dims: "
                             f"{type(e).__name__}: {e}") from e
         checked = OPS[node.op].checked_attrs if node.op in OPS else ()
-        read = tuple(sorted((k, attr_parts.get(k, _ABSENT)) for k in attrs.read
-                            if k not in checked))
+        read = tuple(sorted(k for k in attrs.read if k not in checked))
+        if indexes is None:
+            indexes = memo.results[key] = []
+        entries = next((e for r, e in indexes if r == read), None)
         if entries is None:
-            entries = memo.results[key] = []
-        if len(entries) < 8:  # (a few attribute variants per key; more are not kept)
-            entries.append((read, bool(watched.read & large), inferred))
+            entries = {}
+            indexes.append((read, entries))
+        if len(entries) < MEMO_MAX_ENTRIES:
+            entries[tuple(attr_parts.get(k, _ABSENT) for k in read)] = \
+                (bool(watched.read & large), inferred)
     if not inferred:
         raise PlanError(f"{names} = {node.op}: cannot size it for these dims (no inference)")
     for r, t in zip(node.results, inferred):
