@@ -43,3 +43,27 @@ def test_resize_of_an_axis_that_keeps_its_size_at_another_scale(tmp_path):
     # float64 sums in another order than the reference's passes: equal to f32 rounding
     check_onnx_model_on_cpu(_onnx_model, tmp_path, "qc_resize", kernel_count=4,
                             output_count=4, tolerance=(1e-6, 1e-6))
+
+
+def test_fed_scales_that_contradict_the_declared_output_size_are_refused(tmp_path):
+    """The declared output of by_fed is [2, 4, 8, 4]; scales fed at run time that give
+    another size (int(2.0 * 5) = 10 rows) stop the run with an error naming the node, not a
+    result of the compiled size computed with them. Scales that agree still run."""
+    import qcompiler
+    from qcompiler.errors import InputError
+    from qcompiler.targets import get_target
+
+    if not get_target("cpu").available:
+        pytest.skip("the cpu target is not available here")
+    model, feeds = _onnx_model()
+    compiled = qcompiler.compile(model, target="cpu", output_dir=str(tmp_path / "out"),
+                                 jobs=1, progress=False)
+    agree = {**feeds, "fed": np.asarray([1.3, 1.0, 1.7, 1.05], np.float32)}
+    want = qcompiler.compile(model, "ref").run(agree)["by_fed"]
+    np.testing.assert_allclose(compiled.run(agree)["by_fed"], want, rtol=1e-6, atol=1e-6)
+    for _ in range(2):  # (the second run replays the bound calls)
+        with pytest.raises(InputError, match=r"%by_fed = resize: the scales fed at run time "
+                                             r"\[1.2.*, 1.0, 2.0, 1.0\] give an output of "
+                                             r"shape \[2, 4, 10, 4\], but the model declares "
+                                             r"\[2, 4, 8, 4\]"):
+            compiled.run({**feeds, "fed": np.asarray([1.2, 1.0, 2.0, 1.0], np.float32)})

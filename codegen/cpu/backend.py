@@ -451,6 +451,55 @@ class OpKernelStep:
         return self.lib.bind(self.name, [a for a in args if a is not None] + list(outs))
 
 
+class ResizeScalesCheck:
+    """A resize step whose scales are read at run time while its output size is fixed at
+    compile time (the model declares it): before the kernel, the fed scales must give that
+    size, as the reference computes it (int(scale * in) per axis). Otherwise the run stops
+    with an InputError naming the node, instead of a result of the declared size that the
+    scales do not describe."""
+
+    def __init__(self, inner, node):
+        self.inner, self.node = inner, node
+        rank = len(node.operands[0].type.shape)
+        self.axes = [a % rank for a in node.attrs["axes"]] or list(range(rank))
+        self.out = tuple(node.result.type.shape)
+
+    def check(self, args: list) -> None:
+        x, scales = args[0], np.asarray(args[2], np.float64).reshape(-1)
+        want = list(x.shape)
+        for i, a in enumerate(self.axes[:scales.size]):
+            want[a] = int(float(scales[i]) * x.shape[a])
+        if tuple(want) != self.out:
+            from qcompiler.errors import InputError
+
+            raise InputError(f"%{self.node.result.name} = resize: the scales fed at run time "
+                             f"{scales.tolist()} give an output of shape {want}, but the model "
+                             f"declares {list(self.out)} and the kernel was compiled for it")
+
+    def __call__(self, args: list, outs: list) -> None:
+        self.check(args)
+        self.inner(args, outs)
+
+    def bind(self, args: list, outs: list):
+        call = self.inner.bind(args, outs)  # the scales' buffer stays put: read each run
+        return lambda: (self.check(args), call())
+
+
+def resize_reads_scales_at_run_time(node, module) -> bool:
+    """A resize whose output size is fixed at compile time but whose scales are not known
+    until a run (no sizes operand, scales not a constant)."""
+    from qcompiler.codegen.cpu.ops.common import constant_operand
+
+    if node.op != "resize" or len(node.operands) < 3 or node.operands[2] is None:
+        return False
+    sizes = constant_operand(node, 3, module) if len(node.operands) > 3 else None
+    if len(node.operands) > 3 and node.operands[3] is not None and sizes is None:
+        return False  # sizes fed at run time (the kernel refuses those)
+    if sizes is not None and np.asarray(sizes).size:
+        return False
+    return constant_operand(node, 2, module) is None
+
+
 class QmatmulStep:
     """A qmatmul step: the kernel writes x @ dequant(w) into the out view (itself where the
     shapes need no padding, else by one copy out of its padded output), then the compiled bias + epilogue kernel runs over it in
@@ -559,6 +608,8 @@ def _plan_runner(module, manifest: dict, out_dir: str, qmm_kernels: dict):
             raise ArtifactError(f"manifest.json: the op library names %{name}, which the "
                                 "module does not define")
         impls[name] = OpKernelStep(lib, kernel_name)
+        if resize_reads_scales_at_run_time(nodes[name], module):
+            impls[name] = ResizeScalesCheck(impls[name], nodes[name])
     if not plan.tail_roots:
         for name, kernel in qmm_kernels.items():
             impls[name] = QmatmulStep(nodes[name], kernel, lib, epilogues.get(name))
