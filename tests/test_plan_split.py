@@ -18,7 +18,7 @@ from qcompiler.plan.split import TailRunner, lower_with_tail, split_module
 from qcompiler.runtime.reference import run as ref_run
 
 
-def _masked_sum_model(nonzero_on_input: bool = False):
+def _masked_sum_model(nonzero_on_input: bool = False, act_out: bool = False):
     """x [b, 16] @ w -> relu -> "act"; the elements of act above 0.5 gathered through
     NonZero -> "total" (their sum) and "picked" (them); "scaled" = act * 2 beside it."""
     from onnx import TensorProto, helper, numpy_helper
@@ -41,6 +41,8 @@ def _masked_sum_model(nonzero_on_input: bool = False):
     outputs = [helper.make_tensor_value_info("scaled", f32, ["b", 8]),
                helper.make_tensor_value_info("picked", f32, ["n"]),
                helper.make_tensor_value_info("total", f32, [])]
+    if act_out:  # act returned too
+        outputs.append(helper.make_tensor_value_info("act", f32, ["b", 8]))
     if nonzero_on_input:  # NonZero(x): nothing comes before it
         outputs = outputs[1:]
         nodes = [helper.make_node("NonZero", ["x"], ["where"])] + nodes[5:]
@@ -82,6 +84,23 @@ def test_the_plan_stops_at_nonzero_and_the_interpreter_runs_the_rest():
                                        err_msg=name)
         counts.add(want["picked"].shape[0])
     assert len(counts) >= 4  # the masks selected different numbers of elements
+
+
+def test_a_value_the_tail_reads_that_main_returns_too():
+    """act is returned by main and read by the tail: the head returns it once, under main's
+    name for it."""
+    module = import_model(_masked_sum_model(act_out=True))
+    plan, head = lower_with_tail(module)
+    split = split_module(module, plan.tail_roots)
+    names = head.main.output_names
+    assert sorted(names) == ["act", "mask", "scaled"]
+    assert split.boundary == {"mask": "mask", "act": "act"}
+    runner = TailRunner(split, PlanExecutor(plan, head).run, module.main.output_names)
+    feeds = _feeds(4, 21)
+    got, want = runner(feeds), ref_run(module, feeds)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_a_model_that_is_all_tail_gets_no_plan():

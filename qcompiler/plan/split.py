@@ -74,9 +74,13 @@ def split_module(module: Module, roots) -> Split:
         hf.erase(node)
     kept = [(name, v) for name, v in zip(hf.output_names, hf.outputs) if v.name not in downstream]
     taken = {name for name, _ in kept}
+    already = {v.name: name for name, v in reversed(kept)}  # a value main returns already
     values = {v.name: v for v in hf.values()}
     boundary = {}
     for name in boundary_values:
+        if name in already:
+            boundary[name] = already[name]
+            continue
         out = name if name not in taken else f"{name}.to_tail"
         taken.add(out)
         boundary[name] = out
