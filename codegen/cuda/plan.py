@@ -1016,12 +1016,12 @@ class CudaPlanRunner:
         return sig
 
     # Signatures (plain and bound) kept at once. A generation loop whose KV cache grows by a
-    # token per call meets a new shape signature every call, each with its own input and
-    # output buffers (and graph, from its second run): past this many the least recently used
-    # is released, so that memory stays bounded (each new length is still prepared once: a
-    # decode graph independent of the cache length is future work, codegen/cuda/NOTES.md).
-    # Few: a 22-layer decode's signature at a 2048-token cache holds ~90 MB of cache in and
-    # out.
+    # token per call meets a new shape signature every call, each with its table (and graph,
+    # from its second run) over the runner's shared buffers; a buffer that grew stays
+    # allocated while a kept signature launches over its old one. Past this many the least
+    # recently used is released, so that memory stays bounded (each new length is still
+    # prepared once: a decode graph independent of the cache length is future work,
+    # codegen/cuda/NOTES.md).
     MAX_SIGNATURES = max(2, int(os.environ.get("QC_CUDA_MAX_SIGNATURES", "8")))
     # The run of a signature that captures its graphs (QC_CUDA_CAPTURE_AFTER; 1: the first).
     # Before it the launcher enqueues the table directly: about what a capture costs on the
