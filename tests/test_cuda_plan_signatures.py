@@ -188,7 +188,8 @@ def llama_decode(tmp_path_factory):
     module = PassManager.parse(passes).run(import_model(path))
 
     def feeds(past: int, seq: int = 1) -> dict:
-        return {k: np.asarray(v) for k, v in dm.llama_inputs(cfg, 2, 1, seq, past, seed=past).items()}
+        feeds = dm.llama_inputs(cfg, 2, 1, seq, past, seed=past)
+        return {k: np.asarray(v) for k, v in feeds.items()}
 
     return module, feeds
 

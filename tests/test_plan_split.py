@@ -63,9 +63,11 @@ def test_the_plan_stops_at_nonzero_and_the_interpreter_runs_the_rest():
     with pytest.raises(DataDependentShapeError) as e:
         lower(module)
     assert e.value.node == "where"
-    plan, head = lower_with_tail(module)
+    plan, split = lower_with_tail(module)
     assert plan.tail_roots == ["where"]
-    split = split_module(module, plan.tail_roots)
+    head = split.head
+    assert [n.results[0].name for n in split_module(module, ["where"]).head.main.nodes] == \
+        [n.results[0].name for n in head.main.nodes]
     # the head: the GEMM, relu, scale and the mask, with act and the mask handed to the tail
     assert "where" not in plan.buffers and {"act", "mask"} <= set(plan.outputs.values())
     assert split.boundary == {"mask": "mask", "act": "act"}
@@ -90,12 +92,11 @@ def test_a_value_the_tail_reads_that_main_returns_too():
     """act is returned by main and read by the tail: the head returns it once, under main's
     name for it."""
     module = import_model(_masked_sum_model(act_out=True))
-    plan, head = lower_with_tail(module)
-    split = split_module(module, plan.tail_roots)
-    names = head.main.output_names
+    plan, split = lower_with_tail(module)
+    names = split.head.main.output_names
     assert sorted(names) == ["act", "mask", "scaled"]
     assert split.boundary == {"mask": "mask", "act": "act"}
-    runner = TailRunner(split, PlanExecutor(plan, head).run, module.main.output_names)
+    runner = TailRunner(split, PlanExecutor(plan, split.head).run, module.main.output_names)
     feeds = _feeds(4, 21)
     got, want = runner(feeds), ref_run(module, feeds)
     assert list(got) == list(want)

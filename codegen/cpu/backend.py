@@ -339,7 +339,7 @@ def _ops_library(module, target, kdir: str, out_dir: str):
     from qcompiler.plan.lower import lower_steps
     from qcompiler.plan.plan import PlanError
 
-    from qcompiler.plan.split import lower_with_tail, split_module
+    from qcompiler.plan.split import lower_with_tail
 
     try:
         plan = lower_steps(module, CPUBackend.concat_in_place)  # no kernel for in-place concats
@@ -347,21 +347,20 @@ def _ops_library(module, target, kdir: str, out_dir: str):
         return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
                        "host_fallback": True, "reason": f"no executable plan: {e}"}
                       for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
+    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
     fallbacks = []
     try:  # past a data-dependent op the plan stops: kernels for what comes before it
-        roots = lower_with_tail(module, None, CPUBackend.concat_in_place)[0].tail_roots
+        head_plan, split = lower_with_tail(module, None, CPUBackend.concat_in_place)
     except PlanError:
-        roots = []  # (no plan at all: the artifact's report says why)
-    if roots:
-        split = split_module(module, roots)
-        plan = lower_steps(split.head, CPUBackend.concat_in_place)
-        reason = (f"follows the data-dependent {', '.join('%' + r for r in roots)}: the "
-                  "reference interpreter runs it after the plan")
-        ops = {n.results[0].name: n.op for n in module.main.nodes if n.results}
-        fallbacks = [{"op": ops[name], "result": name, "impl": "host", "host_fallback": True,
-                      "reason": reason}
-                     for name in split.tail_nodes if ops[name] != "qmatmul"]
-    nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
+        split = None  # (no plan at all: the artifact's report says why)
+    if split is not None:
+        plan = head_plan
+        roots = ", ".join("%" + r for r in head_plan.tail_roots)
+        reason = (f"follows the data-dependent {roots}: the reference interpreter runs it "
+                  "after the plan")
+        fallbacks = [{"op": nodes[name].op, "result": name, "impl": "host",
+                      "host_fallback": True, "reason": reason}
+                     for name in split.tail_nodes if nodes[name].op != "qmatmul"]
     params = params_for(target)
     funcs: dict = {}
     kernels: dict = {}     # node -> kernel name

@@ -286,6 +286,17 @@ def _device_pointer(x) -> Optional[int]:
     return None
 
 
+def _row_arrays(ptrs: list, dims: list) -> tuple:
+    """The ctypes pointer and flattened-shape arrays a table row points to. One spare pointer
+    slot: a fused epilogue's extras start at ptrs[9], even when it has none. (array.array
+    then one copy: a third of the time of ctypes' own constructors, per launch of every new
+    signature.)"""
+    ps = array.array("Q", [p or 0 for p in ptrs] + [0])
+    flat = array.array("q", [int(v) for s in dims for v in s] or [0])
+    return ((ctypes.c_void_p * len(ps)).from_buffer_copy(ps),
+            (ctypes.c_int64 * len(flat)).from_buffer_copy(flat))
+
+
 class _Layout:
     """Where each plan buffer of the last prepared signature lies and its shape, and each
     launching step's launches (``CudaPlanRunner._step_launches``): what the next signature
@@ -696,24 +707,15 @@ class CudaPlanRunner:
                 return (0, 0)
             return (ptr[name], math.prod(shape_of[name]) * itemsize[name])
 
-        def arrays(ps: list, dims: list) -> tuple:
-            # one spare pointer slot: a fused epilogue's extras start at ptrs[9], even when
-            # it has none (array.array then one copy: a third of the time of ctypes' own
-            # constructors, per launch of every new signature)
-            ps = array.array("Q", [p or 0 for p in ps] + [0])
-            flat = array.array("q", [int(v) for s in dims for v in s] or [0])
-            return ((ctypes.c_void_p * len(ps)).from_buffer_copy(ps),
-                    (ctypes.c_int64 * len(flat)).from_buffer_copy(flat))
-
         def copy(src: str, dst: str):
             nbytes = math.prod(shape_of[dst]) * itemsize[dst]
-            launches.append((("copy", None, *arrays([ptr[src], ptr[dst]], []), nbytes),
+            launches.append((("copy", None, *_row_arrays([ptr[src], ptr[dst]], []), nbytes),
                              ([span(src)], [span(dst)], True), label))
 
         def op(symbol: str, names: list, outs: list, solo: bool = False) -> int:
             names = [n for n in names if n is not None]
             dims = [shape_of[n] for n in names + outs]
-            parr, sarr = arrays([ptr[n] for n in names + outs], dims)
+            parr, sarr = _row_arrays([ptr[n] for n in names + outs], dims)
             ws = self.ops.workspace_bytes(symbol, dims, sarr)
             fn = self._op_addresses.get(symbol)
             if fn is None:
@@ -757,7 +759,7 @@ class CudaPlanRunner:
         if fn is None:
             fn = self._kernel_addresses[step.node] = ctypes.cast(k.fn, ctypes.c_void_p).value
         separate = "epilogue" in node.attrs and not fused  # a second launch, in order
-        launches.append((("qmm", fn, *arrays(ps, []), m, fused),
+        launches.append((("qmm", fn, *_row_arrays(ps, []), m, fused),
                          ([span(x)] + [span(n) for n in extras], [span(y)], separate), label))
         if separate:
             names = [y] + [v.name if v is not None else None

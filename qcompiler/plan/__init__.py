@@ -38,10 +38,10 @@ def artifact_plan(module, buckets=None, concat_in_place: bool = False) -> tuple:
     """(plan JSON or None, report entry, report.txt lines) for an artifact. A graph that cannot
     be planned (PlanError) still compiles: the report says why it has no plan.
     ``concat_in_place``: the backend's (``Backend.concat_in_place``), see ``lower``."""
-    from qcompiler.plan.split import lower_with_tail, split_module, tail_report_line
+    from qcompiler.plan.split import lower_with_tail, tail_report_line
 
     try:
-        plan, _ = lower_with_tail(module, buckets, concat_in_place)
+        plan, split = lower_with_tail(module, buckets, concat_in_place)
     except PlanError as e:
         return None, {"error": str(e)}, ["", f"plan: none ({e})"]
     rows = plan_report(plan)
@@ -57,8 +57,7 @@ def artifact_plan(module, buckets=None, concat_in_place: bool = False) -> tuple:
         bucket = "{" + ", ".join(f"{k}: {v}" for k, v in bounds.items()) + "}"
         lines.append(f"  bucket {bucket:<28} left out: {why}")
     entry = {"buckets": rows}
-    if plan.tail_roots:
-        split = split_module(module, plan.tail_roots)
+    if split is not None:
         lines.append(tail_report_line(plan, split))
         entry["tail"] = {"roots": list(plan.tail_roots), "nodes": list(split.tail_nodes)}
     return plan_to_json(plan), entry, lines

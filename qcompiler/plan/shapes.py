@@ -219,13 +219,12 @@ class _Memo:
         self.results = results  # key -> host arrays or inferred types
 
     def node_part(self, node) -> tuple:
+        """The part of a host evaluation's memo key fixed by the node: its op, operand types
+        and result types (``operand_part``) with all its attributes."""
         part = self.static.get(id(node))
         if part is None:
-            part = self.static[id(node)] = (
-                node.op, tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
-                tuple(None if v is None else (v.type.dtype.name, repr(v.type.quant),
-                                              repr(v.type.layout)) for v in node.operands),
-                tuple(r.type.dtype.name for r in node.results))
+            static, attrs = self.operand_part(node)
+            part = self.static[id(node)] = static + (tuple(sorted(attrs.items())),)
         return part
 
     def operand_part(self, node) -> tuple:

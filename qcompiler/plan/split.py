@@ -113,29 +113,30 @@ def split_module(module: Module, roots) -> Split:
 
 
 def lower_with_tail(module: Module, buckets=None, concat_in_place: bool = False) -> tuple:
-    """(plan, head module): ``lower(module)``, or where a node's result shape depends on the
-    values it reads, the plan of the head of ``split_module`` at every such node
-    (``plan.tail_roots``). Raises PlanError as ``lower`` does for anything else."""
+    """(plan, split): ``lower(module)`` and None, or where a node's result shape depends on
+    the values it reads, the plan of the head of ``split_module`` at every such node
+    (``plan.tail_roots``) and that Split. Raises PlanError as ``lower`` does for anything
+    else."""
     from qcompiler.plan.lower import lower
     from qcompiler.plan.shapes import DataDependentShapeError
 
     roots: list = []
-    head = module
+    split = None
     while True:
         try:
-            plan = lower(head, buckets, concat_in_place)
+            plan = lower(module if split is None else split.head, buckets, concat_in_place)
         except DataDependentShapeError as e:
             if e.node in roots or len(roots) >= MAX_TAIL_ROOTS:
                 raise
             roots.append(e.node)
             try:
-                head = split_module(module, roots).head
+                split = split_module(module, roots)
             except PlanError as why:
                 raise PlanError(f"{e}; {why}: the model runs in the reference interpreter "
                                 "with its compiled kernels") from None
             continue
         plan.tail_roots = list(roots)
-        return plan, head
+        return plan, split
 
 
 class TailRunner:
