@@ -5,10 +5,12 @@ Every timing is per call: the call captured 20 times in one CUDA graph over rota
 copies (more than 2x the 50 MB L2 in total), the graph replayed 20 times, median (CUDA events).
 The floor is (weight + scale bytes) / the measured device copy bandwidth.
 
-    python benchmarks/bench_cuda.py [--quick] [--sweep] [--out benchmarks/results]
+    python benchmarks/bench_cuda.py [--quick] [--sweep [--every-frag]] [--shapes NxK,...]
+                                    [--ms 1,16] [--out benchmarks/results]
 
 ``--sweep`` also times a list of candidate tile configs per shape and M and reports the best
-(the tile pass's heuristic is what ``qcompile`` uses without a tuning log).
+(the tile pass's heuristic is what ``qcompile`` uses without a tuning log); each row of the
+JSON lists every candidate's time (``swept``). ``--every-frag`` tries every M tile at every M.
 """
 from __future__ import annotations
 
@@ -38,19 +40,29 @@ SWEEP = {
     2: [(2, 2, 4, 4, 128, 0), (2, 4, 2, 4, 128, 0), (2, 2, 2, 4, 128, 0)],
     4: [(4, 4, 2, 3, 128, 0), (4, 2, 2, 3, 128, 0), (4, 2, 2, 4, 128, 0), (4, 2, 4, 3, 128, 0)],
 }
+# Narrow layers (N of at most 32 blocks of 64: an encoder's 384-1536 wide projections): tiles
+# of one or two N warps, so that the grid still covers the SMs.
+SWEEP_NARROW = {
+    1: [(1, 1, 4, 3, 128, 0), (1, 1, 2, 3, 128, 0), (1, 2, 2, 3, 128, 0), (1, 1, 4, 2, 64, 0)],
+    2: [(2, 1, 4, 3, 128, 0), (2, 1, 2, 3, 128, 0), (2, 2, 2, 3, 128, 0), (2, 1, 2, 2, 64, 0)],
+    4: [(4, 1, 4, 3, 128, 0), (4, 1, 2, 3, 128, 0), (4, 2, 2, 3, 128, 0)],
+}
 SPLITS = {1: [1, 2, 3, 4, 6, 8, 12, 16], 2: [1, 2, 4], 4: [1, 2, 4]}
 # GEMV kernel: (m_frags, warps_n, warps_k, stages), each with GEMV_SPLITS.
 GEMV_SWEEP = [(1, 1, 16, 8), (1, 1, 8, 8), (1, 2, 8, 8), (1, 4, 2, 8), (1, 1, 8, 6),
               (1, 1, 16, 6), (2, 1, 16, 4), (2, 1, 8, 4), (2, 2, 8, 4), (2, 4, 2, 4),
               # fewer k warps, more CTAs: the decode shapes of small models (K = 2048)
-              (1, 1, 4, 8), (1, 1, 4, 4), (1, 1, 2, 8), (1, 1, 8, 4), (1, 2, 4, 8)]
+              (1, 1, 4, 8), (1, 1, 4, 4), (1, 1, 2, 8), (1, 1, 8, 4), (1, 2, 4, 8),
+              # short K (an encoder's 384): two to four k warps, 16-row tiles
+              (2, 1, 4, 4), (2, 1, 2, 8), (2, 1, 2, 4), (1, 1, 2, 4), (2, 2, 2, 4)]
 GEMV_SPLITS = [1, 2, 4, 8, 16]
 
 
 def sweep_variants(n: int, k: int, gemv_only: bool = False) -> list[dict]:
     n_blocks, k_tiles = n // 64, k // 64
     out = []
-    for mf, group in ({} if gemv_only else SWEEP).items():
+    tiled = {} if gemv_only else SWEEP_NARROW if n_blocks <= 32 else SWEEP
+    for mf, group in tiled.items():
         for _, wn, wk, st, sk_rows, acc in group:
             if n_blocks % wn:
                 continue
@@ -71,8 +83,10 @@ def sweep_variants(n: int, k: int, gemv_only: bool = False) -> list[dict]:
     return out
 
 
-def sweep_frags(m: int) -> tuple:
-    """Which (gemv, m_frags) a sweep tries at M rows."""
+def sweep_frags(m: int, every: bool = False) -> tuple:
+    """Which (gemv, m_frags) a sweep tries at M rows (``every``: all of them)."""
+    if every:
+        return (1, 1), (1, 2), (0, 1), (0, 2), (0, 4)
     if m <= 8:
         return (1, 1), (1, 2), (0, 1)
     return ((1, 2), (0, 1)) if m <= 16 else ((1, 2), (0, 2)) if m <= 64 else ((0, 2), (0, 4))
@@ -126,13 +140,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--every-frag", action="store_true",
+                    help="sweep every config at every M (default: the M tiles that suit M)")
     ap.add_argument("--gemv-only", action="store_true", help="sweep the GEMV kernel's configs only")
     ap.add_argument("--shapes", default=None, help="comma-separated NxK shapes (e.g. 4096x4096)")
     args = ap.parse_args()
 
     import torch
 
-    from qcompiler.codegen.cuda import bench_support as bs, cases
+    from qcompiler.codegen.cuda import bench_support as bs, cases, tuning
     from qcompiler.runtime import numerics
 
     shapes = [SHAPES[0], SHAPES[4], SHAPES[5]] if args.quick else SHAPES
@@ -193,12 +209,15 @@ def main():
             kern.bench_variant = -1
             t_ours = bs.time_kernel(kern, m, case)["median"]
             best, best_cfg = t_ours, "heuristic"
+            swept = []  # every candidate's time, for fitting the heuristic
             if args.sweep:
                 for i, v in enumerate(built.variants):
-                    if v["m_max"] != 0 or (v["gemv"], v["m_frags"]) not in sweep_frags(m):
+                    tried = sweep_frags(m, args.every_frag)
+                    if v["m_max"] != 0 or (v["gemv"], v["m_frags"]) not in tried:
                         continue
                     kern.bench_variant = i
                     t = bs.time_kernel(kern, m, case, replays=5)["median"]
+                    swept.append({**{key: v[key] for key in tuning.KNOBS}, "us": round(t, 2)})
                     if t < best:
                         best, best_cfg = t, {key: v[key] for key in
                                              ("gemv", "m_frags", "warps_n", "warps_k", "stages",
@@ -212,7 +231,8 @@ def main():
                    "roofline_pct": round(100 * floor_us / t_ours, 1)}
             if args.sweep:
                 row.update({"best_us": round(best, 2), "best_config": best_cfg,
-                            "best_roofline_pct": round(100 * floor_us / best, 1)})
+                            "best_roofline_pct": round(100 * floor_us / best, 1),
+                            "swept": swept})
             rows.append(row)
             print(json.dumps(row), flush=True)
         kern.close()

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -112,6 +112,15 @@ for step in "$@"; do
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
     sweep-quick)
       python3 "$REPO/benchmarks/bench_cuda.py" --quick --sweep --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    minilm-gemm)  # issue #12: every tile config (narrow ones too) on MiniLM's GEMM shapes at M = 16
+                  # and 256 (1x16 and 8x32), against the heuristic and cuBLAS fp16
+      timeout 400 python3 "$REPO/benchmarks/bench_cuda.py" --sweep --every-frag --ms 16,64,256,512 \
+        --shapes 1152x384,384x384,1536x384,384x1536,2048x2048 --out "$OUT" 2>&1 | tee "$OUT/minilm-gemm.log" \
+        | grep -vE '^\{' | tail -14 ;;
+    minilm-trace)  # issue #12: the MiniLM-shaped encoder's graph replay, per kernel (trace) and
+                   # per launch alone (profile)
+      timeout 300 python3 "$REPO/benchmarks/bench_models_gpu.py" --skip-llama --trace --profile \
+        --out "$OUT" 2>&1 | tee "$OUT/minilm-trace.log" | grep -v -e '^ *"' -e '^ *[][{}]' | tail -60 ;;
     gemm-m256)  # issue #12: Nsight Compute metrics of the tiled kernel on MiniLM 8x32's GEMM
                 # shapes at M = 256 (the heuristic's config, the sweep's 2x2-warp best, 16-row
                 # tiles), K 128 against 384 for the fixed cost, and a 2048^2 GEMV at M = 1

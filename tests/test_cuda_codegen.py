@@ -433,8 +433,9 @@ def test_wgmma_selection_and_validation():
 
 
 def test_prefill_bucket_configs():
-    """Above 128 rows (the prefill buckets, keyed at 512 and 4096): cuda-sm90 takes the
-    block-split wgmma kernel on every 4-bit shape, the tile with the least fitted time: M tiles
+    """Above 128 rows (the prefill buckets, keyed at 512 and 4096): the GEMV kernel where its
+    re-reads of the weights stay small, else on cuda-sm90 the block-split wgmma kernel on
+    every 4-bit shape, the tile with the least fitted time: M tiles
     of 128 on one warpgroup for 2048-wide layers at 512 rows, 256 x 128 tiles where the grid
     fills the GPU (5632-wide at 512 rows, every shape at 4096), never split-K; the tiled kernel
     never splits K there; every config the heuristic gives is one the validator accepts (a
@@ -450,8 +451,11 @@ def test_prefill_bucket_configs():
     assert tile(512, 2048, 2048) == (2, 128, 64, 1, 1)
     assert tile(512, 2048, 5632) == (2, 128, 64, 1, 1)
     assert tile(4096, 2048, 2048) == (2, 256, 128, 2, 1)
-    # Short K (an encoder's 384-wide layers): the tiled kernel, whose CTAs cost less to start.
-    assert tile(512, 384, 384)[0] == 0 and tile(512, 1536, 384)[0] == 0
+    # Weights the GEMV kernel's 16-row tiles re-read in under GEMV_MAX_REREAD_BYTES (an
+    # encoder's 384-wide layers): the GEMV kernel, whose loop has no barrier, at any M.
+    for n, k in ((384, 384), (1536, 384), (384, 1536), (256, 2048)):
+        assert tuning.default_config(sm90, {"m": 512, "k": k, "n": n, "w_scheme": s4})["gemv"]
+    assert not tuning.default_config(sm90, {"m": 4096, "k": 384, "n": 1536, "w_scheme": s4})["gemv"]
     # The fitted times rank the tiles as measured (M = 512, 2048 x 2048: 15.7 us for M tiles of
     # 128 on one warpgroup, 19.1 with two, 28.9 for 256 x 128).
     est = [tuning.block_split_estimate_us(sm90, {"m": 512, "k": 2048, "n": 2048}, mt, b)
@@ -464,6 +468,9 @@ def test_prefill_bucket_configs():
                     key = {"m": m, "k": k, "n": n, "w_scheme": scheme}
                     cfg = tuning.default_config(target, key)
                     assert tuning.check_config(target, key, cfg) is None, (target.name, key, cfg)
+                    if tuning.gemv_reread_bytes(key) < tuning.GEMV_MAX_REREAD_BYTES:
+                        assert cfg["gemv"] == 1
+                        continue
                     assert cfg["gemv"] == 0 and cfg["split_k"] == 1
                     assert cfg["wgmma"] == (2 if target is sm90 and scheme == s4 else 0)
     g48 = "#quant<i4, symmetric, per_group(axis=0, block=48), scale=f16>"

@@ -89,17 +89,19 @@ def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 32
+    # The GEMV kernel up to 64 rows, and at any M on weights small enough (default_config)
+    gemv_permitted = m <= 64 or gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES
     return {
         # wgmma=2 (the block split) where its M tiles of 128 and more are not mostly padding.
         "wgmma": ([0, 1] + ([2] if m > 64 else [])) if wgmma else [0],
-        "gemv": [1, 0] if m <= 64 else [0],
+        "gemv": [1, 0] if gemv_permitted else [0],
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
         "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8]
                    + ([8] if wgmma and m > 64 else []) + ([16] if wgmma and m > 128 else []),
         # The wgmma kernels' N tiles may be partial (the token split's is always 4 n64 blocks;
         # the block split's 1, 2 or 4).
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0 or w <= 4 and wgmma],
-        "warps_k": [1, 2, 4, 8, 16] if m <= 64 else [1, 2, 4],
+        "warps_k": [1, 2, 4, 8, 16] if gemv_permitted else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
         "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
@@ -123,7 +125,9 @@ def default_config(target, key) -> dict:
 
     - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
       up to 32 rows, and up to 64 when N <= 8192 (its M tiles of 16 re-read the weights from
-      L2; on larger weights the tiled kernel's reuse wins);
+      L2; on larger weights the tiled kernel's reuse wins); at any M where those re-reads stay
+      small (``GEMV_MAX_REREAD_BYTES``: an encoder's short-K layers at a few hundred rows, where
+      the tiled kernel's fixed cost per CTA is most of its time);
     - M <= 32, and M <= 64 when N and K < 16384: M tile 32, 2x4 warps, 4 stages of 128 rows;
       split at most 4, same bound (one CTA per SM above 32 rows);
     - larger M: M tile 64 (more reuse of each dequantized weight), 4x2 warps, 3 stages of 128
@@ -136,7 +140,8 @@ def default_config(target, key) -> dict:
     nest with 128.
     """
     m, k, n = key["m"], key["k"], key["n"]
-    if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192):
+    if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192) \
+            or gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES:
         return gemv_default(target, key)
     # The wgmma kernel where its N tiles of 256 alone fill the GPU (measured on the H200,
     # benchmarks/results/cuda-20261203-0831.json: 1.31x / 1.61x cuBLAS at M = 64 / 128 on
@@ -205,6 +210,22 @@ def default_config(target, key) -> dict:
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
     return cfg
+
+
+# The GEMV kernel at M rows reads the weights once per M tile of (up to) 16 rows, from L2
+# after the first. Below this many bytes of weight codes read in all it beats the tiled and
+# wgmma kernels whatever M. On an H100 (benchmarks/results/gpu-h100-20261206-0651/, MiniLM's
+# layers at M = 256: 3.5-4.7 MB) the best GEMV config took 3.4-6.2 us against the
+# heuristic's tiled / wgmma kernel's 6.1-13.8 us (cuBLAS fp16 3.1-4.7). The tiled kernel is
+# latency-bound there: one CTA of 4 warps an SM, ~1800 dependent instructions a warp, 14 %
+# issue (Nsight Compute, ncu-gemm-1152x384x256.txt). A bucket's key has its largest M (512
+# for 8 x 32 tokens), where MiniLM's layers read 7-9.4 MB.
+GEMV_MAX_REREAD_BYTES = 16 << 20
+
+
+def gemv_reread_bytes(key: dict) -> int:
+    """Bytes of weight codes the GEMV kernel reads at ``key``'s M: once per M tile of 16."""
+    return math.ceil(key["m"] / 16) * key["n"] * key["k"] * _bits(key) // 8
 
 
 # The block-split wgmma kernel's tiles the prefill heuristic weighs: (M tile, n64 blocks,
@@ -316,13 +337,19 @@ GEMV_REGISTERS = 64
 
 
 def gemv_default(target, key) -> dict:
-    """The GEMV kernel's config (M tiles of 8 rows up to 8, else 16). Fitted to M = 1 sweeps
-    on the H200 of the decode shapes of a 1B model (K = 2048 or 5632, N from 256 to 32000;
-    benchmarks/results/cuda-h200-20261203-1837.json); not yet re-swept on the 4096-28672
-    shapes the earlier H100 fit came from (the old rule gave them 8 or 16 k warps, 8 steps):
+    """The GEMV kernel's config. Fitted to M = 1 sweeps on the H200 of the decode shapes of a
+    1B model (K = 2048 or 5632, N from 256 to 32000; benchmarks/results/cuda-h200-20261203-1837
+    .json) and to M = 16-512 sweeps on an H100 of an encoder's short-K layers and 2048^2
+    (benchmarks/results/gpu-h100-20261206-0651/); not yet re-swept on the 4096-28672 shapes
+    the earlier H100 fit came from (the old rule gave them 8 or 16 k warps, 8 steps):
 
+    - M tiles of 8 rows up to 8 rows, and up to 256 rows where the weights that 8-row tiles
+      re-read stay under ``GEMV_MAX_REREAD_BYTES`` (more CTAs for a grid that is small in N:
+      10-20 % faster at M = 16-256 on those shapes), else 16;
     - one wave of warps at 16 warps per SM (the register cap) is the aim: k warps per CTA
-      16 while the n64 blocks are fewer than the SMs, 8 up to two blocks per SM, else 4;
+      16, halved while the grid would take more than a wave, down to 4. The grid is the N
+      blocks, times the M tiles where the weights fit ``GEMV_MAX_REREAD_BYTES`` (then down to
+      2 k warps: short-K layers at a few hundred rows ran best with 2);
     - split K across CTAs while a warp would have more than 8 k16 steps, or the grid has fewer
       warps than the GPU has SMs, keeping at least 4 steps a warp and one wave at most: the
       fix-up costs about a microsecond, which pays only on long K or tiny grids;
@@ -331,15 +358,20 @@ def gemv_default(target, key) -> dict:
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
     wave = 16 * sms
+    m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
-    mf = 1 if key["m"] <= 8 else 2
+    eight_row_rereads = math.ceil(m / 8) * key["n"] * key["k"] * _bits(key) // 8
+    mf = 1 if m <= 8 or m <= 256 and eight_row_rereads < GEMV_MAX_REREAD_BYTES else 2
+    m_tiles = math.ceil(m / (8 * mf))
     cfg = {"gemv": 1, "m_frags": mf, "warps_n": 1, "warps_k": 16, "stages": 8, "stage_k": 64,
            "acc_scale": 0, "split_k": 1, "wgmma": 0}
-    if n_blocks >= 2 * sms:
-        cfg["warps_k"] = 4
-    elif n_blocks >= sms:
-        cfg["warps_k"] = 8
+    # The grid's M tiles count toward the wave where the weights are small enough for the
+    # GEMV at any M (measured there); larger layers keep the M = 1 fit.
+    grid_tiles = m_tiles if gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES else 1
+    least_warps_k = 2 if grid_tiles > 1 else 4
+    while cfg["warps_k"] > least_warps_k and n_blocks * grid_tiles * cfg["warps_k"] > wave:
+        cfg["warps_k"] //= 2
     if mf == 2 and n_blocks >= 128 and n_blocks % 2 == 0:
         cfg["warps_n"], cfg["warps_k"] = 2, min(cfg["warps_k"], 8)
     split = 1
@@ -348,7 +380,7 @@ def gemv_default(target, key) -> dict:
         return k_steps // (cfg["warps_k"] * sp)
 
     def warps(sp):  # in the grid
-        return n_blocks * cfg["warps_k"] * sp
+        return n_blocks * grid_tiles * cfg["warps_k"] * sp
 
     while (split * 2 <= 16 and steps(split * 2) >= 4 and warps(split * 2) <= wave
            and (steps(split) > 8 or warps(split) < sms)):
@@ -359,7 +391,12 @@ def gemv_default(target, key) -> dict:
     while gemv_registers(cfg, cb) > GEMV_REGISTERS:
         cfg["stages"] -= 1
     while cfg["warps_k"] > 1 and k_steps // (cfg["warps_k"] * split) < cfg["stages"]:
-        cfg["warps_k"] //= 2  # short K: fewer warps, each with a full ring
+        # short K: a ring of 4 steps, then fewer warps, each with a full ring (K = 384 at
+        # 16 rows: 4 warps of 4 steps 3.2 us, 2 warps of 8 steps 4.8)
+        if cfg["stages"] > 4:
+            cfg["stages"] = 4
+        else:
+            cfg["warps_k"] //= 2
     return cfg
 
 

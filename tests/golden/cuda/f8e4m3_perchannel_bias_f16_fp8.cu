@@ -4,7 +4,7 @@
 // Weights: #quant<f8e4m3fn, symmetric, per_channel(axis=1), scale=f16>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=0, codes=f8e4m3fn, container_bits=8, group=1024, interleave=h_k8_kodd, k=1024, k_pad=1024, n=320, n_pad=320, scale_at=epilogue, zero_const=0> (codegen/cuda/layout.py), 8-bit containers, K 1024 -> 1024,
 // N 320 -> 320. Unpack: fp8-e4m3-f16; scales applied in the epilogue; zero point: constant.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 2 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 2, warps 1x16, 2 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 2, warps 1x16, 2 k16 steps in flight, split_k 1), v4 (M <= 128: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 4), v5 (M <= 512: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 2), v6 (M <= 4096: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 1).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v4 (M <= 128: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 4), v5 (M <= 512: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 2), v6 (M <= 4096: m_frags 2, warps 1x2, stages 4 of 128 rows, FP8 e4m3 activations, split_k 1).
 //
 // The kernels are the static headers in codegen/cuda/include/qcompiler/ (copied to the
 // artifact's kernels/include/); this file sets what the passes decided and instantiates them.
@@ -55,9 +55,9 @@ struct Config {
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
     {8, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v0
-    {16, 1, 2, 1, 16, 2, 64, 0, 1, 0, 0, 0},  // v1
-    {32, 1, 2, 1, 16, 2, 64, 0, 1, 0, 0, 0},  // v2
-    {64, 1, 2, 1, 16, 2, 64, 0, 1, 0, 0, 0},  // v3
+    {16, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v1
+    {32, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v2
+    {64, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v3
     {128, 0, 2, 1, 2, 4, 128, 0, 4, 0, 0, 1},  // v4
     {512, 0, 2, 1, 2, 4, 128, 0, 2, 0, 0, 1},  // v5
     {4096, 0, 2, 1, 2, 4, 128, 0, 1, 0, 0, 1},  // v6
@@ -78,8 +78,6 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
     return qc::launch_tiled_i8<Config, 2, 1, 2, 4, 8, true>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
     return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 2)
-    return qc::launch_gemv<Config, 2, 1, 16, 2>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 
