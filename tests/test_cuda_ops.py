@@ -20,7 +20,7 @@ from qcompiler.codegen.cuda.build import find_nvcc
 from qcompiler.codegen.cuda.ops import (CudaOpsError, CudaOpsLibrary, build_cuda_ops_library,
                                         kernel_source, library_path, library_source)
 from qcompiler.codegen.cuda.ops.body import FLOAT_MATH_OPS
-from qcompiler.ir.core import Function, Module, constant_node
+from qcompiler.ir.core import Function, Module, constant_node, constant_value
 from qcompiler.ir.types import elem, tensor
 from qcompiler.runtime.reference import OP_IMPLS
 
@@ -156,6 +156,13 @@ def _make_graph() -> Graph:
               {"axis": -1, "epsilon": 1e-6})
         g.add("rows", "rmsnorm", [g.arg([B, 4096], dt), g.arg([4096], dt)], [([B, 4096], dt)],
               {"axis": -1, "epsilon": 1e-6})
+    # constant scale and bias (a model's weights): read before the kernel waits for its inputs
+    wr = np.random.default_rng(7)
+    g.add("rows", "layernorm", [g.arg([B, S, 384], "f16"), g.const(wr.uniform(0.5, 1.5, 384), "f16"),
+                                g.const(wr.uniform(-1, 1, 384), "f16")],
+          [([B, S, 384], "f16")], {"axis": -1, "epsilon": 1e-5})
+    g.add("rows", "rmsnorm", [g.arg([B, 2048], "f16"), g.const(wr.uniform(0.5, 1.5, 2048), "f16")],
+          [([B, 2048], "f16")], {"axis": -1, "epsilon": 1e-6})
     g.add("rows", "softmax", [g.arg([B, 7, 13], "f32")], [([B, 7, 13], "f32")], {"axis": 1})
     g.add("rows", "layernorm", [g.arg([B, 7, 13], "f16"), g.arg([7, 13], "f16")],
           [([B, 7, 13], "f16")], {"axis": 1, "epsilon": 1e-3})
@@ -458,7 +465,7 @@ def _run(built, node, sizes, rng):
         if v is None:
             args.append(None)
         elif v.producer is not None:
-            args.append(np.asarray(v.producer.attrs["value"]))
+            args.append(np.asarray(constant_value(g.module, v)))
         else:
             args.append(_random(v, sizes, rng, g.low.get(v.name)))
     want = OP_IMPLS[node.op](node, args, g.module)

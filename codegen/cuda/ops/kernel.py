@@ -170,9 +170,11 @@ def _rows(node: Node) -> str:
             cols = cols * d if isinstance(d, int) and isinstance(cols, int) else None
     # a warp per row up to 1024 columns (32 per lane), else a block of 256 threads per row
     scale = node.operand(1) if node.op != "softmax" and len(node.operands) > 1 else None
-    # a constant scale may be read before the kernel waits for the previous one (PDL)
-    params["scale_is_constant"] = bool(scale is not None and scale.producer is not None
-                                       and scale.producer.op == "constant")
+    # a constant scale or bias may be read before the kernel waits for the previous one (PDL)
+    bias = node.operand(2) if node.op == "layernorm" and len(node.operands) > 2 else None
+    for role, v in (("scale", scale), ("bias", bias)):
+        params[f"{role}_is_constant"] = bool(v is not None and v.producer is not None
+                                             and v.producer.op == "constant")
     return _render("rows.cu.j2", node, op=node.op, x_type=xt, rank=rank, axis=axis,
                    eps=repr(float(node.attrs.get("epsilon", 0.0))) + "f",
                    scale_offset=rank,
