@@ -1,7 +1,7 @@
 """The qmatmul kernels (split-K GEMV and tiled mma.sync, codegen/cuda/include/qcompiler/) run
 on the CPU through the host emulation of their CUDA (tests/cuda_host/emulator/emulator.h):
 the generated .cu of a packed layer, built with g++, every variant the tile pass chose at M
-from 1 to 130, against the reference with the GPU tests' tolerance (cases.TOLERANCE). The
+from 1 to 130 (and the tiled kernel's, which it no longer chooses for a layer this small), against the reference with the GPU tests' tolerance (cases.TOLERANCE). The
 wgmma/TMA kernel (sm_90a) is not emulated: these are built for cuda-sm80.
 
 What it can show: the packing, unpacking (LOP3/PRMT magic numbers, zero points, scales,
@@ -15,7 +15,7 @@ import os
 import pytest
 
 from cuda_emulation import EmulatedQmm
-from qcompiler.codegen.cuda import bench_support as bs, cases
+from qcompiler.codegen.cuda import bench_support as bs, cases, tuning
 from test_cuda_gpu import FORMATS as GPU_FORMATS
 
 TARGET = "cuda-sm80"
@@ -37,12 +37,24 @@ def _emulated(case: cases.Case, workdir, variants: list | None = None):
     return module, EmulatedQmm(node, packed, workdir, TARGET)
 
 
+def _tile_pass_variants(case: cases.Case) -> list[dict]:
+    """The tile pass's variants for ``case``, then the tiled ones it gives with the GEMV kept
+    to small M (``GEMV_MAX_REREAD_BYTES`` 0): a layer this small takes the GEMV kernel at
+    every M, and the tiled kernel's buckets must run too."""
+    _, _, node = bs.pack_case(case, TARGET)
+    chosen = list(node.attrs["config"]["variants"].values())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuning, "GEMV_MAX_REREAD_BYTES", 0)
+        _, _, node = bs.pack_case(case, TARGET)
+    return chosen + [v for v in node.attrs["config"]["variants"].values() if not v["gemv"]]
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_every_variant_in_host_emulation(fmt, tmp_path):
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=SHAPE[0], n=SHAPE[1], bits=bits, signed=signed, zero_point=zp,
                       group=group, act_order=ao, dtype=dtype, bias=bias)
-    module, qmm = _emulated(case, tmp_path)
+    module, qmm = _emulated(case, tmp_path, _tile_pass_variants(case))
     kinds = set()
     for m in MS:
         x = cases.random_x(case, m, seed=m)
