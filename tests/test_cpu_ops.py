@@ -215,6 +215,13 @@ def _make_graph() -> Graph:
     g.add("attention", "attention",
           [g.arg([B, 7, 4, 8], "f32"), g.arg([B, 4, 13, 8], "f32"), g.arg([B, 4, 13, 8], "f32")],
           [([B, 4, 7, 8], "f32")], {"scale": 0.125, "causal": 1, "q_bshd": 1})
+    # a mask of every query row and key, per head, on [B, S, H, D] operands: its dims are the
+    # scores' [B, H, Sq, Skv], not the operands'
+    g.add("attention", "attention",
+          [g.arg([B, 7, 4, 8], "f32"), g.arg([B, 13, 4, 8], "f32"), g.arg([B, 13, 4, 8], "f32"),
+           g.arg([B, 4, 7, 13], "f32", low="mask")],
+          [([B, 7, 4, 8], "f32")], {"scale": 0.3, "causal": 0, "q_bshd": 1, "kv_bshd": 1,
+                                    "y_bshd": 1})
     # range: the result's length is only known at run time
     g.add("range", "range", [g.arg([], "f32"), g.arg([], "f32"), g.arg([], "f32")],
           [(["?"], "f32")])

@@ -298,7 +298,8 @@ def schedule_attention(sch, p: ScheduleParams):
     sch.reorder(b, hkv, g, i, e)
     head = _outer_parallel(sch, [b, hkv], shape, p)
     for block in reversed(_all_blocks(sch)):
-        if sch.get(block).name_hint not in ("out", "out_bshd", "k_t", "scores_by_head", "q_t"):
+        if sch.get(block).name_hint not in ("out", "out_bshd", "k_t", "v_c", "scores_by_head",
+                                            "q_t"):
             sch.compute_at(block, i)
     if by_heads:
         # the scores their own loop nest over the kv heads (in parallel), for every padded
@@ -308,6 +309,8 @@ def schedule_attention(sch, p: ScheduleParams):
         _outer_parallel(sch, loops[:2], shape, p)
     else:
         sch.compute_at(per_kv_head, head)
+        if "v_c" in names:  # v's rows of the kv head copied together, as k_t
+            sch.compute_at(sch.get_sblock("v_c"), head)
     scores = sch.get_sblock("scores")
     keys = _static(_loop_extent(sch, sch.get_loops(scores)[-1 if by_heads else -2]))
     if by_heads:
