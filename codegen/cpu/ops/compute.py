@@ -899,8 +899,9 @@ def _attention(ctx: _Ctx) -> Kernel:
             # v's rows of a kv head copied together ([Skv, Dv], once for the group's query
             # heads and rows, as k_t): in [B, S, H, D] they lie H * D elements apart, a stride
             # that maps MiniLM's 128 keys (12 heads of 32) onto 8 of the L1's 64 sets, so
-            # every query row read them back from L2 (MiniLM's 32 x 128 attention on a Zen 4,
-            # 1 thread: 12.3 -> 10.0-10.6 ms; the same in [B, H, S, D] 8.9)
+            # every query row read them back from L2 (MiniLM's 32 x 128 attention with its
+            # [B, 1, S, S] mask on a Zen 4, 1 thread, with the mask fix below: 25.3-26.2 ->
+            # 19.0-19.9 ms; the same in [B, H, S, D] 18.1-18.4)
             v_src = v
             v = te.compute([B, Hkv, Skv, Dv], lambda b, g, j, e: v_src[b, g, j, e], name="v_c")
 
