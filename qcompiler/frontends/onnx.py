@@ -1887,8 +1887,11 @@ def _attention(imp, n, attrs):
                                   and isinstance(past_len, int) and skv - sq == past_len)
     if softcap == 0.0 and outs[3] is None and nonpad is None and not short_mask and \
             fused_causal and window == (-1, -1):
+        y_name = None if three_d else outs[0]
         y = imp.emit("attention", [q, k, v, mask], {"scale": scale, "causal": causal},
-                     names=[None if three_d else outs[0]])[0]
+                     names=[None if mask is not None else y_name])[0]
+        if mask is not None:
+            y = _zero_fully_masked_rows(imp, y, mask, causal, sq, skv, past_len, y_name)
     else:
         y = _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, window, past_len,
                                   softcap, int(attrs.get("qk_matmul_output_mode", 0)), outs[3],
@@ -1896,6 +1899,24 @@ def _attention(imp, n, attrs):
     if three_d:
         y = imp.emit("transpose", [y], {"perm": [0, 2, 1, 3]})[0]
         imp.emit("reshape", [y, _ints_const(imp, [0, 0, -1], "shape")], names=[outs[0]])
+
+
+def _zero_fully_masked_rows(imp, y: Value, mask: Value, causal: int, sq, skv, past_len,
+                            y_name) -> Value:
+    """ONNX Attention's rule for a query row whose every key the bias masks with -inf (an
+    all-False boolean mask row, or one that with is_causal leaves no key): a zero output row,
+    where the fused ``attention`` op (softmax semantics) gives NaN, or with causal's lowest
+    value a weighting of the causally masked keys. The row's largest bias is -inf exactly
+    there; other rows are unchanged."""
+    bias = mask
+    if causal:
+        positional = _positional_bias(imp, None, causal, (-1, -1), sq, skv, past_len,
+                                      mask.type.dtype)
+        bias = imp.emit("add", [bias, positional])[0]
+    row_max = imp.emit("reduce", [bias], {"kind": "max", "axes": [-1], "keepdims": 1})[0]
+    masked = imp.emit("isinf", [row_max], {"detect_positive": 0, "detect_negative": 1})[0]
+    zero = _scalar(imp, 0.0, y.type.dtype)
+    return imp.emit("where", [masked, zero, y], names=[y_name])[0]
 
 
 def _attention_decomposed(imp, q, k, v, mask, nonpad, scale, causal, window, past_len,
