@@ -293,6 +293,21 @@ def test_default_opset_out_of_range(opset):
     _fails(m, f"opset {opset}", "'ai.onnx'", "supported: 6..")
 
 
+def test_older_opset_reads_as_the_lowest_where_its_ops_are_unchanged():
+    """Below opset 6 a model imports as opset 6 when every op it uses is defined the same at
+    both (Not since opset 1); otherwise the error names the ops that changed (Relu at 6)."""
+    y = helper.make_tensor_value_info("y", TensorProto.BOOL, None)
+    m = _model([helper.make_node("Not", ["x"], ["y"])], [_x(elem=TensorProto.BOOL)], [y],
+               opsets=(("", 1),))
+    x = np.array([[True, False, True], [False, False, True]])
+    assert (run(load(m), {"x": x})["y"] == ~x).all()
+    m = _model([helper.make_node("Not", ["x"], ["t"]), helper.make_node(
+        "Relu", ["f"], ["y"])], [_x(elem=TensorProto.BOOL), _x((2, 3))], [_y()],
+               opsets=(("", 5),))
+    m.graph.input[1].name = "f"
+    _fails(m, "opset 5", "read as 6", "Relu changed since")
+
+
 def test_contrib_opset_out_of_range():
     m = _mnb(opsets=(("", 21), ("com.microsoft", 2)))
     _fails(m, "opset 2", "'com.microsoft'", "supported: 1..1")

@@ -261,13 +261,42 @@ class _Importer:
                 raise FrontendError(f"opset_import lists domain {domain!r} twice")
             seen.add(domain)
         used = {n.domain or "ai.onnx" for n in self.proto.graph.node}
+        older = self.opsets.get("ai.onnx", 0) < OPSET_RANGES["ai.onnx"][0]
+        if older and self._reads_as_lowest_opset():
+            self.opsets["ai.onnx"] = OPSET_RANGES["ai.onnx"][0]
         for domain, version in self.opsets.items():
             if domain not in OPSET_RANGES:
                 continue  # a domain no node uses is harmless; one that is used fails per node
             lo, hi = OPSET_RANGES[domain]
             if not lo <= version <= hi and (domain == "ai.onnx" or domain in used):
+                changed = self._changed_since(version) if domain == "ai.onnx" else []
                 raise FrontendError(f"opset {version} of domain {domain!r} is not supported "
-                                    f"(supported: {lo}..{hi})")
+                                    f"(supported: {lo}..{hi}" + (
+                                        f"; an older opset is read as {lo} where its ops are "
+                                        f"defined the same, and {', '.join(changed)} changed "
+                                        "since" if changed else "") + ")")
+
+    def _changed_since(self, version: int) -> list:
+        """The ai.onnx ops of the graph whose definition at ``version`` differs from the one
+        at the lowest supported opset (or that one of them lacks)."""
+        lowest = OPSET_RANGES["ai.onnx"][0]
+        changed = []
+        for op in sorted({n.op_type for n in self.proto.graph.node
+                          if (n.domain or "ai.onnx") == "ai.onnx"}):
+            try:
+                same = (onnx.defs.get_schema(op, version).since_version
+                        == onnx.defs.get_schema(op, lowest).since_version)
+            except onnx.defs.SchemaError:
+                same = False
+            if not same:
+                changed.append(op)
+        return changed
+
+    def _reads_as_lowest_opset(self) -> bool:
+        """A model of an ai.onnx opset below the lowest supported one imports as that one
+        when every op it uses has the same definition at both (ONNX's backend cases of
+        ops unchanged since opset 1, Not and And for instance, are written at opset 1)."""
+        return bool(self.proto.graph.node) and not self._changed_since(self.opsets["ai.onnx"])
 
     # -- context ---------------------------------------------------------------------------
     def where(self) -> str:
