@@ -58,7 +58,8 @@ class FrontendError(InputError):
 # The opset versions the importer is tested with, per domain (inclusive). ai.onnx: from 6
 # (Clip-6 with attribute bounds is tested; onnxruntime runs 6 with a warning and guarantees
 # 7+) to the newest the installed onnx defines (the conformance cases are built at that
-# opset). com.microsoft has one version.
+# opset). com.microsoft has one version. An older ai.onnx opset imports as 6 where every op
+# the model uses is defined the same at both (``_reads_as_lowest_opset``).
 OPSET_RANGES = {"ai.onnx": (6, onnx.defs.onnx_opset_version()), "com.microsoft": (1, 1)}
 # IR 3 introduced opset_import; the newest is what the installed onnx writes.
 IR_VERSION_RANGE = (3, onnx.IR_VERSION)
