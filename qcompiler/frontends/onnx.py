@@ -1936,15 +1936,18 @@ def _zero_fully_masked_rows(imp, y: Value, mask: Value, causal: int, sq, skv, pa
     """ONNX Attention's rule for a query row whose every key the bias masks with -inf (an
     all-False boolean mask row, or one that with is_causal leaves no key): a zero output row,
     where the fused ``attention`` op (softmax semantics) gives NaN, or with causal's lowest
-    value a weighting of the causally masked keys. The row's largest bias is -inf exactly
-    there; other rows are unchanged."""
+    value a weighting of the causally masked keys. Those rows have no key whose bias is above
+    -inf; other rows are unchanged. (A count of such keys, not a max and isinf: the ops every
+    backend, CUDA included, compiles.)"""
+    dtype = mask.type.dtype
     bias = mask
     if causal:
-        positional = _positional_bias(imp, None, causal, (-1, -1), sq, skv, past_len,
-                                      mask.type.dtype)
+        positional = _positional_bias(imp, None, causal, (-1, -1), sq, skv, past_len, dtype)
         bias = imp.emit("add", [bias, positional])[0]
-    row_max = imp.emit("reduce", [bias], {"kind": "max", "axes": [-1], "keepdims": 1})[0]
-    masked = imp.emit("isinf", [row_max], {"detect_positive": 0, "detect_negative": 1})[0]
+    open_key = imp.emit("greater", [bias, _scalar(imp, -np.inf, dtype)])[0]
+    open_keys = imp.emit("reduce_sum", [imp.emit("cast", [open_key], {"to": dtype})[0]],
+                         {"axes": [-1], "keepdims": 1})[0]
+    masked = imp.emit("equal", [open_keys, _scalar(imp, 0.0, dtype)])[0]
     zero = _scalar(imp, 0.0, y.type.dtype)
     return imp.emit("where", [masked, zero, y], names=[y_name])[0]
 
