@@ -262,7 +262,7 @@ class _Importer:
                 raise FrontendError(f"opset_import lists domain {domain!r} twice")
             seen.add(domain)
         used = {n.domain or "ai.onnx" for n in self.proto.graph.node}
-        older = self.opsets.get("ai.onnx", 0) < OPSET_RANGES["ai.onnx"][0]
+        older = 1 <= self.opsets.get("ai.onnx", 0) < OPSET_RANGES["ai.onnx"][0]
         if older and self._reads_as_lowest_opset():
             self.opsets["ai.onnx"] = OPSET_RANGES["ai.onnx"][0]
         for domain, version in self.opsets.items():
@@ -270,7 +270,8 @@ class _Importer:
                 continue  # a domain no node uses is harmless; one that is used fails per node
             lo, hi = OPSET_RANGES[domain]
             if not lo <= version <= hi and (domain == "ai.onnx" or domain in used):
-                changed = self._changed_since(version) if domain == "ai.onnx" else []
+                changed = self._changed_since(version) if domain == "ai.onnx" and \
+                    1 <= version < lo else []
                 raise FrontendError(f"opset {version} of domain {domain!r} is not supported "
                                     f"(supported: {lo}..{hi}" + (
                                         f"; an older opset is read as {lo} where its ops are "
