@@ -338,24 +338,25 @@ def _ops_library(module, target, kdir: str, out_dir: str):
     from qcompiler.codegen.cpu.ops.schedule import params_for
     from qcompiler.plan.lower import lower_steps
     from qcompiler.plan.plan import PlanError
-
     from qcompiler.plan.split import lower_with_tail
 
-    try:
-        plan = lower_steps(module, CPUBackend.concat_in_place)  # no kernel for in-place concats
-    except PlanError as e:  # the runner interprets the whole graph then
-        return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
-                       "host_fallback": True, "reason": f"no executable plan: {e}"}
-                      for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
     nodes = {n.results[0].name: n for n in module.main.nodes if n.results}
     fallbacks = []
-    try:  # past a data-dependent op the plan stops: kernels for what comes before it
-        head_plan, split = lower_with_tail(module, None, CPUBackend.concat_in_place)
+    # The kernels of the plan's steps; past a data-dependent op the plan stops, and the nodes
+    # after it are host fallbacks. Where no bucket can be planned (the artifact's report says
+    # why) the steps alone still name the kernels.
+    try:
+        plan, split = lower_with_tail(module, None, CPUBackend.concat_in_place)
     except PlanError:
-        split = None  # (no plan at all: the artifact's report says why)
+        split = None
+        try:
+            plan = lower_steps(module, CPUBackend.concat_in_place)  # no kernel for in-place concats
+        except PlanError as e:  # the runner interprets the whole graph then
+            return None, [{"op": n.op, "result": n.results[0].name, "impl": "host",
+                           "host_fallback": True, "reason": f"no executable plan: {e}"}
+                          for n in module.main.nodes if n.op not in ("constant", "qmatmul")]
     if split is not None:
-        plan = head_plan
-        roots = ", ".join("%" + r for r in head_plan.tail_roots)
+        roots = ", ".join("%" + r for r in plan.tail_roots)
         reason = (f"follows the data-dependent {roots}: the reference interpreter runs it "
                   "after the plan")
         fallbacks = [{"op": nodes[name].op, "result": name, "impl": "host",

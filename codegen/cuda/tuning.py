@@ -223,9 +223,10 @@ def default_config(target, key) -> dict:
 GEMV_MAX_REREAD_BYTES = 16 << 20
 
 
-def gemv_reread_bytes(key: dict) -> int:
-    """Bytes of weight codes the GEMV kernel reads at ``key``'s M: once per M tile of 16."""
-    return math.ceil(key["m"] / 16) * key["n"] * key["k"] * _bits(key) // 8
+def gemv_reread_bytes(key: dict, tile_rows: int = 16) -> int:
+    """Bytes of weight codes the GEMV kernel reads at ``key``'s M: once per M tile of
+    ``tile_rows`` rows (16: its largest tile)."""
+    return math.ceil(key["m"] / tile_rows) * key["n"] * key["k"] * _bits(key) // 8
 
 
 # The block-split wgmma kernel's tiles the prefill heuristic weighs: (M tile, n64 blocks,
@@ -361,8 +362,7 @@ def gemv_default(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     k_steps = pad_to(key["k"], K_ALIGN) // 16
-    eight_row_rereads = math.ceil(m / 8) * key["n"] * key["k"] * _bits(key) // 8
-    mf = 1 if m <= 8 or m <= 256 and eight_row_rereads < GEMV_MAX_REREAD_BYTES else 2
+    mf = 1 if m <= 8 or m <= 256 and gemv_reread_bytes(key, 8) < GEMV_MAX_REREAD_BYTES else 2
     m_tiles = math.ceil(m / (8 * mf))
     cfg = {"gemv": 1, "m_frags": mf, "warps_n": 1, "warps_k": 16, "stages": 8, "stage_k": 64,
            "acc_scale": 0, "split_k": 1, "wgmma": 0}

@@ -59,7 +59,7 @@ class FrontendError(InputError):
 # (Clip-6 with attribute bounds is tested; onnxruntime runs 6 with a warning and guarantees
 # 7+) to the newest the installed onnx defines (the conformance cases are built at that
 # opset). com.microsoft has one version. An older ai.onnx opset imports as 6 where every op
-# the model uses is defined the same at both (``_reads_as_lowest_opset``).
+# the model uses is defined the same at both (``check_versions``).
 OPSET_RANGES = {"ai.onnx": (6, onnx.defs.onnx_opset_version()), "com.microsoft": (1, 1)}
 # IR 3 introduced opset_import; the newest is what the installed onnx writes.
 IR_VERSION_RANGE = (3, onnx.IR_VERSION)
@@ -262,21 +262,24 @@ class _Importer:
                 raise FrontendError(f"opset_import lists domain {domain!r} twice")
             seen.add(domain)
         used = {n.domain or "ai.onnx" for n in self.proto.graph.node}
-        older = 1 <= self.opsets.get("ai.onnx", 0) < OPSET_RANGES["ai.onnx"][0]
-        if older and self._reads_as_lowest_opset():
-            self.opsets["ai.onnx"] = OPSET_RANGES["ai.onnx"][0]
+        # An ai.onnx opset below the lowest supported one imports as that one when every op
+        # the model uses has the same definition at both (ONNX's backend cases of ops
+        # unchanged since opset 1, Not and And for instance, are written at opset 1).
+        version, lowest = self.opsets.get("ai.onnx", 0), OPSET_RANGES["ai.onnx"][0]
+        changed = self._changed_since(version) if 1 <= version < lowest else []
+        if 1 <= version < lowest and self.proto.graph.node and not changed:
+            self.opsets["ai.onnx"] = lowest
         for domain, version in self.opsets.items():
             if domain not in OPSET_RANGES:
                 continue  # a domain no node uses is harmless; one that is used fails per node
             lo, hi = OPSET_RANGES[domain]
             if not lo <= version <= hi and (domain == "ai.onnx" or domain in used):
-                changed = self._changed_since(version) if domain == "ai.onnx" and \
-                    1 <= version < lo else []
+                hint = changed if domain == "ai.onnx" else []
                 raise FrontendError(f"opset {version} of domain {domain!r} is not supported "
                                     f"(supported: {lo}..{hi}" + (
                                         f"; an older opset is read as {lo} where its ops are "
-                                        f"defined the same, and {', '.join(changed)} changed "
-                                        "since" if changed else "") + ")")
+                                        f"defined the same, and {', '.join(hint)} changed "
+                                        "since" if hint else "") + ")")
 
     def _changed_since(self, version: int) -> list:
         """The ai.onnx ops of the graph whose definition at ``version`` differs from the one
@@ -293,12 +296,6 @@ class _Importer:
             if not same:
                 changed.append(op)
         return changed
-
-    def _reads_as_lowest_opset(self) -> bool:
-        """A model of an ai.onnx opset below the lowest supported one imports as that one
-        when every op it uses has the same definition at both (ONNX's backend cases of
-        ops unchanged since opset 1, Not and And for instance, are written at opset 1)."""
-        return bool(self.proto.graph.node) and not self._changed_since(self.opsets["ai.onnx"])
 
     # -- context ---------------------------------------------------------------------------
     def where(self) -> str:
