@@ -4,9 +4,12 @@ Attention prefill (causal, GQA) and decode (split-K over the KV length) against
 ``torch.nn.functional.scaled_dot_product_attention`` (enable_gqa), layernorm / rmsnorm /
 softmax against torch's own kernels; f16, torch tensors passed by pointer (no copies), the
 kernels launched on torch's current stream. Each timing: 3 warm-ups, then the median of 20
-CUDA-event-timed calls. Also checks each result against torch (max abs difference).
+CUDA-event-timed calls; decode attention (a few microseconds, less than a launch's host cost)
+is timed per call over 20 back-to-back calls between the events instead. Also checks each
+result against torch (max abs difference).
 
     python3 benchmarks/bench_cuda_ops.py --out DIR    # writes DIR/cuda-ops-<date>.json
+    python3 benchmarks/bench_cuda_ops.py --only attention_decode --out DIR
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ def _graph():
     B, S, KV = "b", "s", "kv"
     node("attention", "attention", [[B, 32, S, 128], [B, 8, KV, 128], [B, 8, KV, 128]],
          [B, 32, S, 128], {"scale": 128 ** -0.5, "causal": 1})
+    # TinyLlama's decode: 32 query heads over 4 kv heads of 64, the export's padding mask
+    node("attention_small", "attention", [[B, 32, 1, 64], [B, 4, KV, 64], [B, 4, KV, 64],
+                                          [B, 1, 1, KV]],
+         [B, 32, 1, 64], {"scale": 64 ** -0.5, "causal": 1})
     node("layernorm", "layernorm", [[B, 4096], [4096], [4096]], [B, 4096],
          {"axis": -1, "epsilon": 1e-5})
     node("rmsnorm", "rmsnorm", [[B, 4096], [4096]], [B, 4096], {"axis": -1, "epsilon": 1e-6})
@@ -41,7 +48,8 @@ def _graph():
     return module, nodes
 
 
-def _time(fn, reps=20):
+def _time(fn, reps=20, calls=1):
+    """Median over ``reps`` of the microseconds per call of ``calls`` back-to-back calls."""
     import torch
 
     for _ in range(3):
@@ -50,10 +58,11 @@ def _time(fn, reps=20):
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(calls):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0)
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
     return float(np.median(times))
 
 
@@ -65,7 +74,9 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default="", help="comma-separated kernel names (rows) to run")
     args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
     module, nodes = _graph()
     work = tempfile.mkdtemp()
     names = build_cuda_ops_library(list(nodes.values()), "sm_90", work, module=module)
@@ -82,11 +93,13 @@ def main():
         ptrs = [t.data_ptr() for t in tensors] + [out.data_ptr()]
         return lambda: lib.call(sym, ptrs, shapes, ws.data_ptr(), stream)
 
-    def record(name, shape, fn_ours, fn_torch, out, want, nbytes, flops=0.0):
+    def record(name, shape, fn_ours, fn_torch, out, want, nbytes, flops=0.0, calls=1):
+        if only and name not in only:
+            return
         fn_ours()
         torch.cuda.synchronize()
         err = (out.float() - want.float()).abs().max().item()
-        t_ours, t_torch = _time(fn_ours), _time(fn_torch)
+        t_ours, t_torch = _time(fn_ours, calls=calls), _time(fn_torch, calls=calls)
         row = {"kernel": name, "shape": shape, "qcompiler_us": round(t_ours, 2),
                "torch_us": round(t_torch, 2), "speedup_vs_torch": round(t_torch / t_ours, 3),
                "max_abs_diff_vs_torch": err,
@@ -119,7 +132,20 @@ def main():
         want = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
         record("attention_decode_gqa", [b, 32, 8, kv, 128], ours("attention", [q, k, v], y),
                lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-               y, want, (k.numel() + v.numel()) * 2)
+               y, want, (k.numel() + v.numel()) * 2, calls=20)
+    # TinyLlama-shaped decode (a layer of the 22-layer decode step) with a padding mask
+    for b, kv in ((1, 512), (1, 2048), (8, 512)):
+        q = torch.randn(b, 32, 1, 64, dtype=h, device=dev)
+        k = torch.randn(b, 4, kv, 64, dtype=h, device=dev)
+        v = torch.randn(b, 4, kv, 64, dtype=h, device=dev)
+        mask = torch.zeros(b, 1, 1, kv, dtype=h, device=dev)
+        mask[:, :, :, : kv // 8] = torch.finfo(h).min  # left padding
+        y = torch.empty_like(q)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        record("attention_decode_gqa", [b, 32, 4, kv, 64],
+               ours("attention_small", [q, k, v, mask], y),
+               lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+               y, want, (k.numel() + v.numel()) * 2, calls=20)
     for rows_n in (16, 4096, 16384):
         x = torch.randn(rows_n, 4096, dtype=h, device=dev)
         w = torch.randn(4096, dtype=h, device=dev)

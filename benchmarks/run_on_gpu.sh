@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -94,6 +94,29 @@ for step in "$@"; do
         timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/decode-$variant" \
           --skip-minilm --llama-layers 22 --greedy 8 --trace $flag > "$OUT/decode-$variant.log" 2>&1
         echo "== $variant: $(grep -E "ours|graph|greedy|FAIL" "$OUT/decode-$variant.log" | tr '\n' ' ' | cut -c1-300)"
+      done ;;
+    decode-ab)  # issue #12: decode attention, the code of build/ab_base.tar (git archive of the
+                # base commit, carried) against this tree: the attention GPU tests, the decode
+                # rows of bench_cuda_ops.py on both, then the 22-layer decode on both (8 greedy
+                # tokens against torch on this tree)
+      rm -rf /tmp/qc_base
+      python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/qc_base \
+        "$REPO/build/ab_base.tar" >"$OUT/install-base.log" 2>&1 || { tail -3 "$OUT/install-base.log"; exit 1; }
+      timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_ops.py" -k attention 2>&1 | tee "$OUT/attention-tests.log" | tail -3
+      for side in base new; do
+        site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
+        PYTHONPATH=$site timeout 100 python3 "$REPO/benchmarks/bench_cuda_ops.py" \
+          --only attention_decode_gqa --out "$OUT/ops-$side" 2>&1 | grep -E '^\{' \
+          | python3 -c "import json,sys; [print('$side', r['shape'], r['qcompiler_us'], 'torch', r['torch_us']) for r in map(json.loads, sys.stdin)]"
+      done
+      for side in base new; do
+        site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
+        greedy=$([ $side = base ] && echo 0 || echo 8)
+        mkdir -p "$OUT/decode-$side"
+        PYTHONPATH=$site timeout 200 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/decode-$side" \
+          --skip-minilm --llama-layers 22 --greedy $greedy > "$OUT/decode-$side.log" 2>&1
+        echo "== $side: $(grep -E "ours|check.*FAIL|greedy" "$OUT/decode-$side.log" | tr '\n' ' ' | cut -c1-300)"
       done ;;
     prefill)  # the prefill GEMMs' heuristic vs cuBLAS (M 512 and 4096), then the 22-layer prefill alone
       timeout 150 python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512,4096 \
