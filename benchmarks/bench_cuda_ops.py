@@ -5,7 +5,7 @@ Attention prefill (causal, GQA) and decode (split-K over the KV length) against
 softmax against torch's own kernels; f16, torch tensors passed by pointer (no copies), the
 kernels launched on torch's current stream. Each timing: 3 warm-ups, then the median of 20
 CUDA-event-timed calls; decode attention (a few microseconds, less than a launch's host cost)
-is timed per call over 20 back-to-back calls between the events instead. Also checks each
+is timed per call over 20 back-to-back calls captured in one CUDA graph instead. Also checks each
 result against torch (max abs difference).
 
     python3 benchmarks/bench_cuda_ops.py --out DIR    # writes DIR/cuda-ops-<date>.json
@@ -49,17 +49,40 @@ def _graph():
 
 
 def _time(fn, reps=20, calls=1):
-    """Median over ``reps`` of the microseconds per call of ``calls`` back-to-back calls."""
+    """Median over ``reps`` of the microseconds per call. With ``calls`` > 1: ``calls``
+    back-to-back calls captured in one CUDA graph and replayed (no host launch cost: a
+    decode kernel takes less time than its launch from Python)."""
     import torch
 
     for _ in range(3):
         fn()
+    run = fn
+    if calls > 1:
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs do
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+            run = graph.replay
+        except RuntimeError as e:  # no capture: the calls back to back, launch cost included
+            print(f"  (no CUDA graph: {str(e)[:120]}; timing back-to-back launches)")
+            torch.cuda.synchronize()
+
+            def run():
+                for _ in range(calls):
+                    fn()
+        run()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(calls):
-            fn()
+        run()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1000.0 / calls)
@@ -82,7 +105,6 @@ def main():
     names = build_cuda_ops_library(list(nodes.values()), "sm_90", work, module=module)
     lib = CudaOpsLibrary(library_path(work))
     dev = torch.device("cuda")
-    stream = torch.cuda.current_stream().cuda_stream
     rows = []
 
     def ours(key, tensors, out):
@@ -91,7 +113,9 @@ def main():
         ws_bytes = lib.workspace_bytes(sym, shapes)
         ws = torch.zeros(max(ws_bytes, 1), dtype=torch.uint8, device=dev)  # ABI: zeroed
         ptrs = [t.data_ptr() for t in tensors] + [out.data_ptr()]
-        return lambda: lib.call(sym, ptrs, shapes, ws.data_ptr(), stream)
+        # the current stream at call time: a graph capture runs on its own stream
+        return lambda: lib.call(sym, ptrs, shapes, ws.data_ptr(),
+                                torch.cuda.current_stream().cuda_stream)
 
     def record(name, shape, fn_ours, fn_torch, out, want, nbytes, flops=0.0, calls=1):
         if only and name not in only:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -16,6 +16,21 @@ export PYTHONPATH=/tmp/qc_site
 cd /tmp  # import the installed package, not the checkout
 REPO=$OLDPWD
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+# the base of an A/B: build/ab_base.tar (git archive of the base commit, carried) in /tmp/qc_base
+install_base() {
+  rm -rf /tmp/qc_base
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/qc_base \
+    "$REPO/build/ab_base.tar" >"$OUT/install-base.log" 2>&1 || { tail -3 "$OUT/install-base.log"; exit 1; }
+}
+# the decode rows of bench_cuda_ops.py (CUDA-graph timed) on the base and on this tree
+decode_ops_ab() {
+  for side in base new; do
+    site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
+    PYTHONPATH=$site timeout 100 python3 "$REPO/benchmarks/bench_cuda_ops.py" \
+      --only attention_decode_gqa --out "$OUT/ops-$side" 2>&1 | grep -E '^\{|no CUDA graph' \
+      | python3 -c "import json,sys; [print('$side', r['shape'], r['qcompiler_us'], 'torch', r['torch_us']) if l.startswith('{') and (r := json.loads(l)) else print(l.strip()) for l in sys.stdin]"
+  done
+}
 for step in "$@"; do
   case $step in
     gpu-tests)  # the single-GPU tests of every CUDA file: qmatmul variants, ops, convolutions
@@ -95,21 +110,17 @@ for step in "$@"; do
           --skip-minilm --llama-layers 22 --greedy 8 --trace $flag > "$OUT/decode-$variant.log" 2>&1
         echo "== $variant: $(grep -E "ours|graph|greedy|FAIL" "$OUT/decode-$variant.log" | tr '\n' ' ' | cut -c1-300)"
       done ;;
+    decode-ops)  # issue #12: decode attention alone, build/ab_base.tar's code against this tree
+      install_base
+      decode_ops_ab ;;
     decode-ab)  # issue #12: decode attention, the code of build/ab_base.tar (git archive of the
                 # base commit, carried) against this tree: the attention GPU tests, the decode
                 # rows of bench_cuda_ops.py on both, then the 22-layer decode on both (8 greedy
                 # tokens against torch on this tree)
-      rm -rf /tmp/qc_base
-      python3 -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/qc_base \
-        "$REPO/build/ab_base.tar" >"$OUT/install-base.log" 2>&1 || { tail -3 "$OUT/install-base.log"; exit 1; }
+      install_base
       timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -m gpu \
         "$REPO/tests/test_cuda_ops.py" -k attention 2>&1 | tee "$OUT/attention-tests.log" | tail -3
-      for side in base new; do
-        site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
-        PYTHONPATH=$site timeout 100 python3 "$REPO/benchmarks/bench_cuda_ops.py" \
-          --only attention_decode_gqa --out "$OUT/ops-$side" 2>&1 | grep -E '^\{' \
-          | python3 -c "import json,sys; [print('$side', r['shape'], r['qcompiler_us'], 'torch', r['torch_us']) for r in map(json.loads, sys.stdin)]"
-      done
+      decode_ops_ab
       for side in base new; do
         site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
         greedy=$([ $side = base ] && echo 0 || echo 8)
