@@ -1,7 +1,11 @@
-"""The CPU op library's erf and exact GELU (``scalar.erf_f64``: Cephes' double erf/erfc written
-out so that LLVM vectorizes it) against the reference interpreter, element for element, over
-a dense grid of [-30, 30], the tails and specials, and fresh random inputs: rounded to float32
-they equal the float64 libm erf (scipy) that the reference uses."""
+"""The CPU op library's erf and exact GELU against the reference interpreter, element for
+element, over a dense grid of [-30, 30], the tails and specials, and fresh random inputs.
+
+- erf (``scalar.erf_f64``: Cephes' double erf/erfc written out so that LLVM vectorizes it):
+  rounded to float32 it equals the float64 libm erf (scipy) that the reference uses.
+- GELU (``scalar.gelu_erf_f32``: float32, erfc-based in the negative tail): within 6 ulp of
+  the reference's float64 x erfc(-x / sqrt 2) / 2 rounded once, 94 % within 1; below
+  float32's smallest normal (x < -13.2) the absolute error is under it."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +54,18 @@ def test_erf_and_gelu_equal_the_reference(op):
     want = ref.run({"x": x})["y"]
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
-    # equal but for a rare last-bit tie of the float32 rounding
-    u = _ulps(got[~nan], want[~nan])
-    assert u.max() <= 1, (x[~nan][u.argmax()], got[~nan][u.argmax()], want[~nan][u.argmax()])
-    assert (u > 0).sum() <= 10
+    got, want, x = got[~nan], want[~nan], x[~nan]
+    if op == "erf":  # equal but for a rare last-bit tie of the float32 rounding
+        u = _ulps(got, want)
+        assert u.max() <= 1, (x[u.argmax()], got[u.argmax()], want[u.argmax()])
+        assert (u > 0).sum() <= 10
+        return
+    tiny = np.finfo(np.float32).tiny
+    normal = np.abs(want) >= tiny
+    u = _ulps(got[normal], want[normal])
+    worst = u.argmax()
+    assert u.max() <= 6, (x[normal][worst], got[normal][worst], want[normal][worst])
+    # measured: 6 % of this mix (the negative tail: erfc through exp, t and three products)
+    assert (u > 1).mean() < 0.10, f"{(u > 1).mean():.3f} of the elements off by more than 1 ulp"
+    assert (np.abs(got[~normal].astype(np.float64) - want[~normal]) < tiny).all()
+    assert (np.sign(got) * np.sign(want) >= 0).all()

@@ -11,7 +11,8 @@ use ``qcompiler.runtime.numerics``. Intentional differences from onnx.reference:
 - fused_elementwise and qmatmul's epilogue run their body statement by statement with the
   implementations below (``qcompiler.ir.elementwise_body.evaluate``), rounding as the
   decomposed ops did.
-- gelu is computed in float64 and rounded once (ONNX expands it into float ops).
+- gelu is computed in float64 and rounded once (ONNX expands it into float ops); the exact
+  form through erfc, accurate in the negative tail where 1 + erf cancels.
 - cast from float to integer saturates out-of-range values and maps NaN to 0 (undefined in
   ONNX); quantize saturates ±inf and huge values (onnx.reference wraps them through int32).
 - matmul_integer / qlinear_matmul accept a 1-D per-row ``[M]`` zero point / scale for ``a``
@@ -177,7 +178,12 @@ def _gelu(node, args, module):
         inner = math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)
         y = 0.5 * v * (1.0 + np.tanh(inner))
     elif approximate in ("none", "", None):
-        y = 0.5 * v * (1.0 + erf_exact(v / math.sqrt(2.0)))
+        # 0.5 v (1 + erf(v / sqrt 2)) written with erfc: the same function, but 1 + erf
+        # cancels for v << 0 (below v ~ -5.6 no digit of it is left in float64), erfc keeps
+        # the tail's relative accuracy down to float32's subnormals
+        from scipy.special import erfc
+
+        y = 0.5 * v * erfc(-v / math.sqrt(2.0))
     else:
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', not {approximate!r}")
     return [y.astype(x.dtype)]
