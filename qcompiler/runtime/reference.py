@@ -11,8 +11,9 @@ use ``qcompiler.runtime.numerics``. Intentional differences from onnx.reference:
 - fused_elementwise and qmatmul's epilogue run their body statement by statement with the
   implementations below (``qcompiler.ir.elementwise_body.evaluate``), rounding as the
   decomposed ops did.
-- gelu is computed in float64 and rounded once (ONNX expands it into float ops); the exact
-  form through erfc, accurate in the negative tail where 1 + erf cancels.
+- gelu is computed in float64 and rounded once (ONNX expands it into float ops), in forms
+  that stay accurate in the negative tail where 1 + erf and 1 + tanh cancel (erfc; a
+  logistic of 2 inner).
 - cast from float to integer saturates out-of-range values and maps NaN to 0 (undefined in
   ONNX); quantize saturates ±inf and huge values (onnx.reference wraps them through int32).
 - matmul_integer / qlinear_matmul accept a 1-D per-row ``[M]`` zero point / scale for ``a``
@@ -175,8 +176,11 @@ def _gelu(node, args, module):
     v = x.astype(np.float64)
     approximate = node.attrs.get("approximate", "none")
     if approximate == "tanh":
+        # 0.5 v (1 + tanh(inner)) written as v / (1 + e^(-2 inner)): the same function, but
+        # 1 + tanh cancels for inner << 0 (below inner ~ -19 nothing of it is left in float64)
         inner = math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)
-        y = 0.5 * v * (1.0 + np.tanh(inner))
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = v / (1.0 + np.exp(-2.0 * inner))
     elif approximate in ("none", "", None):
         # 0.5 v (1 + erf(v / sqrt 2)) written with erfc: the same function, but 1 + erf
         # cancels for v << 0 (below v ~ -5.6 no digit of it is left in float64), erfc keeps
