@@ -286,6 +286,11 @@ def _make_graph() -> Graph:
           [g.arg([B, 16, 1, 32], "bf16"), g.arg([B, 2, "kv", 32], "bf16"),
            g.arg([B, 2, "kv", 32], "bf16")],
           [([B, 16, 1, 32], "bf16")], {"scale": 0.18, "causal": 0})
+    # heads 256 wide: the tensor-core kernel's shared memory would pass 48 KB (scalar kernel)
+    g.add("attention", "attention",
+          [g.arg([B, 8, 1, 256], "f16"), g.arg([B, 1, "kv", 256], "f16"),
+           g.arg([B, 1, "kv", 256], "f16")],
+          [([B, 8, 1, 256], "f16")], {"scale": 0.0625, "causal": 1})
     g.add("attention", "attention",
           [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
            g.arg([B, 2, 9, 32], "f16")],
