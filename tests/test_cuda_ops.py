@@ -276,16 +276,16 @@ def _make_graph() -> Graph:
           [([B, 1, 4, 64], "f16")], {"scale": 0.125, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
                                      "y_bshd": 1})
     # the tensor-core grouped-query decode (4 or 8 heads a group, f16/bf16): [B, S, H, D]
-    # with D = 128 and a mask, 4 heads a group; D = 32 (8-byte quarter rows), 8 heads a group
+    # with D = 128 and a mask, 4 heads a group; D = 16 (8-byte quarter rows), 8 heads a group
     g.add("attention", "attention",
           [g.arg([B, 1, 8, 128], "f16"), g.arg([B, "kv", 2, 128], "f16"),
            g.arg([B, "kv", 2, 128], "f16"), g.arg([B, 1, 1, "kv"], "f16", low="mask")],
           [([B, 1, 8, 128], "f16")], {"scale": 0.0884, "causal": 1, "q_bshd": 1, "kv_bshd": 1,
                                       "y_bshd": 1})
     g.add("attention", "attention",
-          [g.arg([B, 16, 1, 32], "bf16"), g.arg([B, 2, "kv", 32], "bf16"),
-           g.arg([B, 2, "kv", 32], "bf16")],
-          [([B, 16, 1, 32], "bf16")], {"scale": 0.18, "causal": 0})
+          [g.arg([B, 16, 1, 16], "bf16"), g.arg([B, 2, "kv", 16], "bf16"),
+           g.arg([B, 2, "kv", 16], "bf16")],
+          [([B, 16, 1, 16], "bf16")], {"scale": 0.25, "causal": 0})
     # heads 256 wide: the tensor-core kernel's shared memory would pass 48 KB (scalar kernel)
     g.add("attention", "attention",
           [g.arg([B, 8, 1, 256], "f16"), g.arg([B, 1, "kv", 256], "f16"),
