@@ -5,11 +5,11 @@ Attention prefill (causal, GQA) and decode (split-K over the KV length) against
 softmax against torch's own kernels; f16, torch tensors passed by pointer (no copies), the
 kernels launched on torch's current stream. Each timing: 3 warm-ups, then the median of 20
 CUDA-event-timed calls; decode attention (a few microseconds, less than a launch's host cost)
-is timed per call over 20 back-to-back calls captured in one CUDA graph instead. Also checks each
-result against torch (max abs difference).
+is timed per call over 20 back-to-back calls captured in one CUDA graph instead. Also checks
+each result against torch (max abs difference).
 
     python3 benchmarks/bench_cuda_ops.py --out DIR    # writes DIR/cuda-ops-<date>.json
-    python3 benchmarks/bench_cuda_ops.py --only attention_decode --out DIR
+    python3 benchmarks/bench_cuda_ops.py --only attention_decode_gqa --out DIR
 """
 from __future__ import annotations
 
