@@ -92,6 +92,12 @@ def _make_graph() -> Graph:
     g.add("gelu_f32", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([S], "f32")],
           [([B, S], "f32")], {"body": "t0 = add(x0, x1); t1 = gelu<none>(t0); "
                                       "t2 = mul(t1, 0.5); return t2"})
+    # a GELU's result read twice: each statement's value is bound once (two copies of the
+    # GELU's own bindings in one expression were ill-formed TIR)
+    g.add("gelu_f32", "fused_elementwise", [g.arg([B, S], "f32")], [([B, S], "f32")],
+          {"body": "t0 = gelu<none>(x0); t1 = add(t0, t0); return t1"})
+    g.add("fused", "fused_elementwise", [g.arg([B, S], "f32")], [([B, S], "f32")],
+          {"body": "t0 = gelu<tanh>(x0); t1 = add(t0, t0); return t1"})
     g.add("fused", "fused_elementwise", [g.arg([B, S], "f32"), g.arg([B, S], "f32")],
           [([B, S], "f32")], {"body": "t0 = silu(x0); t1 = mul(t0, x1); return t1"})
     g.add("fused", "fused_elementwise", [g.arg([B, S], "f16"), g.arg([B, 1], "f16")],

@@ -176,6 +176,11 @@ def body_value(node: Node, text: str, operands: list, out_dtype: str):
     body = parse_body(text)
     env = {f"x{i}": v for i, v in enumerate(operands)}
     elems = {f"x{i}": None for i in range(len(operands))}
+    # Each statement's value is bound to a variable (a TIR Let) that later statements read:
+    # one read per use would repeat its whole expression, and an expression with Lets of its
+    # own (the GELUs') twice in one tree is ill-formed TIR. Boolean values are not bound
+    # (TVM's vectorizer fails on a boolean Let); they are comparisons of bound values.
+    lets = []
     for s in body.stmts:
         known = [dtype_of(env[a]) if isinstance(a, str) else None for a in s.args]
         lit = _literal_dtype(s, known)
@@ -189,9 +194,16 @@ def body_value(node: Node, text: str, operands: list, out_dtype: str):
             elems[s.dst] = elem(s.attr)
         else:
             value = scalar.apply(s.op, s.attr, args, dtype)
+        if dtype_of(value) != "bool":
+            var = tirx.Var(s.dst, dtype_of(value))
+            lets.append((var, value))
+            value = var
         env[s.dst] = value
     y = env[body.result]
-    return y if dtype_of(y) == out_dtype else y.astype(out_dtype)
+    y = y if dtype_of(y) == out_dtype else y.astype(out_dtype)
+    for var, value in reversed(lets):
+        y = tirx.Let(var, value, y)
+    return y
 
 
 def _elem_of(dtype: str):

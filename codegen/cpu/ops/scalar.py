@@ -35,6 +35,16 @@ def _c(value, dtype):
     return tirx.const(value, dtype)
 
 
+def _let(value, body):
+    """``body(v)`` with v bound to ``value`` once (a TIR Let): the expression trees below use
+    each intermediate several times, and without a binding each use repeats its whole tree
+    (a 460 KB GELU expression, and three divisions LLVM did not merge)."""
+    from tvm import tirx
+
+    var = tirx.Var("v", dtype_of(value))
+    return tirx.Let(var, value, body(var))
+
+
 def to_compute(x):
     """x in its compute type (float32 for f16/bf16/f32; ints unchanged)."""
     if is_float_dtype(dtype_of(x)):
@@ -96,14 +106,27 @@ def exp_f32(x):
     x = tirx.max(tirx.min(x, _c(88.3762626647950, f32)), _c(-88.3762626647949, f32))
     n = tirx.floor(x * _c(1.44269504088896341, f32) + _c(0.5, f32))
     r = x - n * _c(0.693359375, f32) + n * _c(2.12194440e-4, f32)
+    return _expf_reduced(r) * _pow2_f32(n)
+
+
+def _expf_reduced(r):
+    """e^r in float32 for |r| <= ln2/2: Cephes' expf polynomial (``exp_f32`` and the GELUs)."""
+    f32 = "float32"
     p = _c(1.9875691500e-4, f32)
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
               5.0000001201e-1):
         p = p * r + _c(c, f32)
-    p = p * r * r + r + _c(1.0, f32)
-    bits = tirx.shift_left(n.astype("int32") + tirx.IntImm("int32", 127),
+    return p * r * r + r + _c(1.0, f32)
+
+
+def _pow2_f32(n, offset: int = 0):
+    """2^(n + offset) in float32 through the exponent bits, for an integral n (any type) with
+    n + offset in [-126, 127]."""
+    from tvm import tirx
+
+    bits = tirx.shift_left(n.astype("int32") + tirx.IntImm("int32", 127 + offset),
                            tirx.IntImm("int32", 23))
-    return p * tirx.reinterpret(f32, bits)
+    return tirx.reinterpret("float32", bits)
 
 
 def tanh_f32(x):
@@ -229,16 +252,6 @@ _ERFF_T = (7.853861353153693E-5, -8.010193625184903E-4, 5.188327685732524E-3,
            1.128379165726710E0)
 
 
-def _let(value, body):
-    """``body(v)`` with v bound to ``value`` once (a TIR Let): the expression trees below use
-    each intermediate several times, and without a binding each use repeats its whole tree
-    (a 460 KB GELU expression, and three divisions LLVM did not merge)."""
-    from tvm import tirx
-
-    var = tirx.Var("v", dtype_of(value))
-    return tirx.Let(var, value, body(var))
-
-
 def _exp_f32_parts(a, b):
     """e^(a + b) * 2^64 in float32, for a = -x^2/2 (exact, down to -200) and a small b: the
     argument stays a sum, so that its reduction x - n ln2 keeps b's low bits (a float32 a + b
@@ -254,17 +267,9 @@ def _exp_f32_parts(a, b):
         b2 = tirx.Select(low, _c(0.0, f32), b)
 
         def with_n(n):
-            def with_r(r):
-                p = _c(1.9875691500e-4, f32)
-                for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-                          5.0000001201e-1):
-                    p = p * r + _c(c, f32)
-                p = p * r * r + r + _c(1.0, f32)
-                bits = tirx.shift_left(n.astype("int32") + tirx.IntImm("int32", 127 + 64),
-                                       tirx.IntImm("int32", 23))
-                return tirx.Select(low, _c(0.0, f32), p * tirx.reinterpret(f32, bits))
-            return _let(((a2 - n * _c(0.693359375, f32)) + b2) + n * _c(2.12194440e-4, f32),
-                        with_r)
+            r = ((a2 - n * _c(0.693359375, f32)) + b2) + n * _c(2.12194440e-4, f32)
+            return _let(r, lambda r: tirx.Select(low, _c(0.0, f32),
+                                                 _expf_reduced(r) * _pow2_f32(n, 64)))
         return _let(tirx.floor((a2 + b2) * _c(1.44269504088896341, f32) + _c(0.5, f32)), with_n)
     # (the condition is not let-bound: TVM's vectorizer fails on a boolean Let)
     return _let(a, lambda a: _let(b, lambda b_: reduced_with(a, b_)))
@@ -342,14 +347,9 @@ def gelu_tanh_f32(x):
 
         def with_n(n):
             r = (t - n * _c(ln2, f64)).astype(f32)
-            p = _c(1.9875691500e-4, f32)
-            for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-                      5.0000001201e-1):
-                p = p * r + _c(c, f32)
-            p = p * r * r + r + _c(1.0, f32)
-            ni = tirx.max(tirx.min(n, _c(127.0, f64)), _c(-126.0, f64)).astype("int32")
-            bits = tirx.shift_left(ni + tirx.IntImm("int32", 127), tirx.IntImm("int32", 23))
-            y = (x * scale) / (scale + p * tirx.reinterpret(f32, bits))
+            e = _expf_reduced(r) * _pow2_f32(tirx.max(tirx.min(n, _c(127.0, f64)),
+                                                      _c(-126.0, f64)))
+            y = (x * scale) / (scale + e)
             # past t = 150 the result is -0 in float32 (-inf: NaN, as the reference's
             # -inf / inf); written out, as the clamps above map NaN to a bound
             tail = tirx.Select(tirx.isinf(x), _c(float("nan"), f32), _c(-0.0, f32))
