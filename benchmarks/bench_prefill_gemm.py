@@ -46,6 +46,14 @@ def act8_candidates(target, key, knob: str) -> dict:
                                (2, 4, 4, 3, 1), (2, 2, 4, 4, 1), (2, 4, 2, 4, 2)):
         out[f"{knob} mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
             **base, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st, "split_k": sk}
+    # the sm_90a wgmma kernel with 8-bit activations (wgmma_act8.cuh): M tiles of 64-256,
+    # 1 or 2 n64 blocks a warpgroup (group scales: at most 128 sums of each kind a thread)
+    for mf, wn, wk, st, sk in ((8, 2, 2, 4, 1), (8, 2, 2, 6, 1), (4, 4, 2, 4, 1), (8, 1, 1, 4, 1),
+                               (16, 2, 2, 4, 1), (16, 4, 2, 3, 1), (8, 4, 2, 4, 1),
+                               (8, 2, 2, 4, 2), (4, 2, 2, 4, 1)):
+        out[f"{knob} wgmma mf{mf} wn{wn} wk{wk} st{st} sk{sk}"] = {
+            **base, "wgmma": 2, "m_frags": mf, "warps_n": wn, "warps_k": wk, "stages": st,
+            "split_k": sk}
     unique = {}
     for name, c in out.items():  # the heuristic's config under its own name only
         if tuning.check_config(target, key, c) is None and c not in unique.values():

@@ -76,7 +76,18 @@ INT8_GOLDEN = {
     "f8e4m3_perchannel_bias_f16_fp8": cases.Case(k=1024, n=320, fp8=True, group=0, bias=True)}
 
 
-def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=None):
+# Goldens whose buckets of 128 rows and more take the sm_90a wgmma kernel with 8-bit
+# activations (wgmma_act8.cuh): int8 with group scales folded every stage, and FP8 e4m3.
+WGMMA_ACT8 = {"wgmma": 2, "gemv": 0, "m_frags": 8, "warps_n": 2, "warps_k": 2, "stages": 4,
+              "stage_k": 128, "acc_scale": 0, "split_k": 1}
+WGMMA_ACT8_GOLDEN = {
+    "u4_g128_zp_f16_wgmma_int8": ("u4_g128_zp_f16_int8", {**WGMMA_ACT8, "int8": 1}),
+    "f8e4m3_perchannel_bias_f16_wgmma_fp8": ("f8e4m3_perchannel_bias_f16_fp8",
+                                             {**WGMMA_ACT8, "m_frags": 16, "fp8": 1})}
+
+
+def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=None,
+            act8_wgmma=None):
     _, packed, node = bs.pack_case(case)
     if x_norm:  # "rms": the scale operand; "layer": the scale and the bias
         per_k = tensor([case.k], case.dtype)
@@ -92,6 +103,10 @@ def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=No
                 cfg = default(get_target("cuda-sm90"), kernel_key(node, v["m_max"]))
                 v.update({k: int(cfg[k]) for k in tuning.KNOBS}, wgmma=0, int8=int(not case.fp8),
                          fp8=int(case.fp8))
+    if act8_wgmma:  # the buckets of 128 rows and more: this wgmma_act8.cuh config
+        for v in node.attrs["config"]["variants"].values():
+            if v["m_max"] >= 128:
+                v.update({"int8": 0, "fp8": 0, **act8_wgmma})
     if epilogue and pairs:
         node.attrs["epilogue"] = epilogue
         node.attrs["epilogue_pairs"] = 1
@@ -104,7 +119,7 @@ def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=No
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] > 64:
                 v.update(WGMMA if v["m_max"] <= 128 else WGMMA_BLOCKS)
-    else:
+    elif not act8_wgmma:
         # The plain goldens keep mma.sync kernels in every bucket (the cuda-sm80 heuristic's
         # config where cuda-sm90 takes the sm_90a-only wgmma kernel: its prefill bucket), so
         # that they compile for sm_80 and sm_90; the wgmma golden covers the sm_90a path.
@@ -132,6 +147,16 @@ def test_golden_wgmma_sources(name, update_goldens):
 def test_golden_int8_sources(name, update_goldens):
     text = _source(INT8_GOLDEN[name], int8=True)
     assert '#include "qcompiler/tiled_i8.cuh"' in text and "qc::launch_tiled_i8<Config" in text
+    check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
+
+
+@pytest.mark.parametrize("name", sorted(WGMMA_ACT8_GOLDEN))
+def test_golden_wgmma_act8_sources(name, update_goldens):
+    base, config = WGMMA_ACT8_GOLDEN[name]
+    text = _source(INT8_GOLDEN[base], int8=True, act8_wgmma=config)
+    fp8 = "true" if config.get("fp8") else "false"
+    assert '#include "qcompiler/wgmma_act8.cuh"' in text
+    assert f"qc::launch_wgmma_act8<Config, {16 * config['m_frags']}, 1, 2, 4, {fp8}>" in text
     check_golden(os.path.join(GOLDEN, f"{name}.cu"), text, update_goldens)
 
 
@@ -502,19 +527,22 @@ def test_wgmma_source_and_archs():
 @pytest.mark.slow
 @pytest.mark.skipif(nv.find_nvcc() is None, reason="nvcc not found")
 def test_wgmma_golden_compiles_for_sm90a(tmp_path):
-    """The golden with the wgmma kernel builds for sm_90a with no spills and no serialized
-    wgmma (ptxas -v)."""
+    """The goldens with the wgmma kernels (16-bit and 8-bit activations) build for sm_90a
+    with no spills and no serialized wgmma (ptxas -v)."""
     import subprocess
 
-    src = os.path.join(GOLDEN, "u4_g128_zp_f16_wgmma.cu")
-    cmd = nv.nvcc_command(src, str(tmp_path / "k.o"), ["sm_90a"], compile_only=True)
-    proc = subprocess.run(cmd[:1] + ["-Xptxas", "-v"] + cmd[1:], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    report = proc.stderr
-    assert "C7512" not in report and "C7508" not in report, report  # serialized / setmaxnreg
-    wgmma_lines = [ln for ln in report.splitlines() if "qmatmul_wgmma_kernel" in ln]
-    assert wgmma_lines
-    assert " 0 bytes spill stores" in report.split(wgmma_lines[-1], 1)[1].splitlines()[1]
+    for name, kernel in [("u4_g128_zp_f16_wgmma", "qmatmul_wgmma_kernel")] + [
+            (n, "qmatmul_wgmma_act8_kernel") for n in sorted(WGMMA_ACT8_GOLDEN)]:
+        src = os.path.join(GOLDEN, f"{name}.cu")
+        cmd = nv.nvcc_command(src, str(tmp_path / "k.o"), ["sm_90a"], compile_only=True)
+        proc = subprocess.run(cmd[:1] + ["-Xptxas", "-v"] + cmd[1:], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stderr
+        report = proc.stderr
+        assert "C7512" not in report and "C7508" not in report, report  # serialized / setmaxnreg
+        wgmma_lines = [ln for ln in report.splitlines() if kernel in ln]
+        assert wgmma_lines, name
+        assert " 0 bytes spill stores" in report.split(wgmma_lines[-1], 1)[1].splitlines()[1], name
 
 
 def test_fp8_weights_from_onnx_and_their_refusals(tmp_path):

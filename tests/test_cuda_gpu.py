@@ -11,7 +11,7 @@ import pytest
 
 from cuda_gpu_util import gpu_reason
 from qcompiler.codegen.cuda import bench_support as bs
-from qcompiler.codegen.cuda import cases
+from qcompiler.codegen.cuda import cases, tuning
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(gpu_reason()), reason=f"GPU tests: {gpu_reason()}")]
@@ -127,6 +127,52 @@ def _check_against_model(built, n_variants: int, model, tolerance: float):
             err = cases.rel_error(y, model(built.module, x))
             assert err <= tolerance, \
                 f"{built.case.name} M={m} variant={i} seed={seed}: {err:.3g} from the model"
+
+
+# The sm_90a wgmma kernel with 8-bit activations (wgmma_act8.cuh, wgmma=2 with int8=1 or
+# fp8=1): M tiles of 64-256, one and two consumer warpgroups, 1 or 2 blocks a warpgroup,
+# split-K, on the formats it takes (int8: groups of a multiple of 128 rows with the stage's
+# fold, or per-channel scales; FP8: per channel). (m_frags, warps_n, warps_k, stages, split_k)
+WGMMA_ACT8_VARIANTS = [{"wgmma": 2, "gemv": 0, "m_frags": mf, "warps_n": wn, "warps_k": wk,
+                        "stages": st, "stage_k": 128, "acc_scale": 0, "split_k": sk}
+                       for mf, wn, wk, st, sk in [(8, 2, 2, 4, 1), (4, 4, 2, 3, 3),
+                                                  (8, 1, 1, 2, 2), (16, 2, 2, 4, 1),
+                                                  (4, 2, 1, 5, 1)]]
+
+
+def _act8_variants(case, knob: str) -> list[dict]:
+    """The WGMMA_ACT8_VARIANTS the validator allows for ``case`` (with ``knob`` set)."""
+    from qcompiler.targets import get_target
+    from qcompiler.tuning.key import kernel_key
+
+    _, _, node = bs.pack_case(case)
+    key = kernel_key(node, 512)
+    out = [{**v, knob: 1} for v in WGMMA_ACT8_VARIANTS]
+    return [v for v in out if tuning.check_config(get_target("cuda-sm90"), key, v) is None]
+
+
+@pytest.mark.parametrize("fmt", ["u4_zp_g128_f16", "i4_g128_bf16", "u8_zp_g128_f16",
+                                 "i8_perchannel_f16", "u4_zp_perchannel_bf16"])
+def test_wgmma_int8_activation_variants(fmt, tmp_path):
+    if not _sm90():
+        pytest.skip("the wgmma kernel needs sm_90")
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    case = cases.Case(k=1024, n=456, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
+    variants = _act8_variants(case, "int8")
+    assert len(variants) >= 4  # every format runs each mapping and a split of K
+    built = bs.build_case(case, str(tmp_path), variants=variants)
+    _check_against_model(built, len(variants), cases.int8_model, cases.INT8_TOLERANCE[dtype])
+
+
+def test_wgmma_fp8_activation_variants(tmp_path):
+    if not _sm90():
+        pytest.skip("the wgmma kernel needs sm_90")
+    case = cases.Case(k=1024, n=456, fp8=True, group=0, bias=True)
+    variants = _act8_variants(case, "fp8")
+    assert len(variants) == len(WGMMA_ACT8_VARIANTS)
+    built = bs.build_case(case, str(tmp_path), target="cuda-sm90", variants=variants)
+    _check_against_model(built, len(variants), cases.fp8_model, cases.FP8_TOLERANCE["f16"])
 
 
 @pytest.mark.parametrize("group", [0, 128], ids=["perchannel", "g128"])

@@ -81,8 +81,8 @@ def kernel_params(node, target_name: str) -> dict:
                         + ((0, 0, 0, 0) if v["gemv"]
                            else (v["stage_k"], v["acc_scale"], v["int8"], v["fp8"]))
                         for v in variants if not v["wgmma"]})
-    wgmma_instances = sorted({(v["wgmma"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
-                              for v in variants if v["wgmma"]})
+    wgmma_instances = sorted({(v["wgmma"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"],
+                               v["int8"], v["fp8"]) for v in variants if v["wgmma"]})
     k, k_pad = lay.get("k"), lay.get("k_pad")
     return {
         "version": qcompiler.version.__version__, "node_name": comment_text(node.result.name),
@@ -104,6 +104,8 @@ def kernel_params(node, target_name: str) -> dict:
         "epilogue": _commented(epilogue_params(node)),
         "has_gemv": any(c[0] for c in instances),
         "has_int8": any(c[7] or c[8] for c in instances),  # tiled_i8.cuh: int8 or FP8 x
+        # wgmma_act8.cuh: the wgmma kernel with int8 or FP8 x
+        "has_wgmma_act8": any(c[5] or c[6] for c in wgmma_instances),
         "code_bits": node.attrs["w_scheme"].dtype.bits,
         # Programmatic dependent launch of the GEMV kernel where the target has it (sm_90);
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).

@@ -111,9 +111,8 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     if config.get("int8", 0) and config.get("fp8", 0):
         return "int8=1 and fp8=1 are two kinds of activations: one at most"
     if config.get("wgmma", 0):
-        for knob in ("int8", "fp8"):
-            if config.get(knob, 0):
-                return f"{knob}=1 is a variant of the tiled mma.sync kernel (wgmma must be 0)"
+        if config.get("int8", 0) or config.get("fp8", 0):
+            return check_wgmma_act8(target, key, config)
         return check_wgmma(target, key, config)
     if config.get("int8", 0) or config.get("fp8", 0):
         problem = check_int8(key, config) if config.get("int8", 0) else \
@@ -182,11 +181,17 @@ def int8_weight_reason(key: dict) -> Optional[str]:
 def check_int8(key: dict, config: dict) -> Optional[str]:
     """``check_knobs``'s extra rules for ``int8=1`` (include/qcompiler/tiled_i8.cuh): the
     model's permission, the weights it takes, then the kernel's tile rules."""
+    return int8_permission_reason(key) or int8_weight_reason(key) \
+        or _act8_tile_reason("int8", key, config)
+
+
+def int8_permission_reason(key: dict) -> Optional[str]:
+    """None if the model permits int8 activations for ``key`` (accuracy_level 4), else why."""
     if key.get("accuracy_level") != INT8_ACCURACY_LEVEL:
         return (f"int8=1 computes with int8 activations, which only a qmatmul with "
                 f"accuracy_level {INT8_ACCURACY_LEVEL} permits (this one: "
                 f"{key.get('accuracy_level')})")
-    return int8_weight_reason(key) or _act8_tile_reason("int8", key, config)
+    return None
 
 
 def _act8_tile_reason(knob: str, key: dict, config: dict) -> Optional[str]:
@@ -274,6 +279,59 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
     if not 1 <= config["split_k"] <= k_tiles:
         return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"
     need = smem_bytes(config, key, group=group or 1 << 30)
+    if need > _smem_limit(target):
+        return f"needs {need} bytes of shared memory"
+    return None
+
+
+def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
+    """``check_knobs`` for the sm_90a wgmma kernel with 8-bit activations
+    (include/qcompiler/wgmma_act8.cuh: ``wgmma=2`` with ``int8=1`` or ``fp8=1``), whose knobs
+    mean as the block-split wgmma kernel's, with stages of 128 K rows (``stage_k`` = 128): the
+    weights and permission of the 8-bit-activation kernel, int8 group scales of whole stages
+    (a multiple of 128 rows; they are folded into fp32 sums every stage, so a warpgroup holds
+    s32 and fp32 sums: blocks a warpgroup x M tile <= 128), FP8 with per-channel scales."""
+    from qcompiler.codegen.cuda.layout import K_ALIGN, pad_to
+    from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
+
+    knob = "int8" if config.get("int8", 0) else "fp8"
+    if "wgmma" not in getattr(target, "features", ()):
+        return (f"wgmma={config['wgmma']} needs a target with wgmma (sm_90), not "
+                f"{getattr(target, 'name', target)}")
+    problem = (int8_permission_reason(key) or int8_weight_reason(key)) if knob == "int8" \
+        else fp8_weight_reason(target, key)
+    if problem:
+        return problem
+    if config["gemv"] or config["acc_scale"]:
+        return f"the wgmma kernel with {knob} activations takes gemv=0 and acc_scale=0"
+    if config["wgmma"] != 2:
+        return f"{knob}=1 on the wgmma kernel takes the block-split mapping (wgmma=2)"
+    if config["stage_k"] != 128:
+        return f"the wgmma kernel with {knob} activations takes stage_k=128 (one 128-byte row of codes)"
+    group = _group(key)
+    if knob == "fp8" and group:
+        return "FP8 activations on the wgmma kernel take per-channel weight scales"
+    if group and group % 128:
+        return (f"group size {group}: the wgmma kernel with int8 activations folds whole "
+                "128-row stages (groups of a multiple of 128 rows)")
+    k_pad = pad_to(key["k"], K_ALIGN)
+    if k_pad % 128:
+        return f"K padded to {k_pad} is not a multiple of the 128-row stages"
+    consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
+    if consumers not in (1, 2) or m_tile not in (64, 128, 256):
+        return (f"warps_k={consumers}, m_frags={config['m_frags']}: the wgmma kernel takes 1 or 2 "
+                "consumer warpgroups (warps_k) and M tiles of 64, 128 or 256 (m_frags 4, 8, 16)")
+    most = 128 if group else 256
+    if blocks % consumers or blocks // consumers * m_tile > most:
+        return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
+                f"consumer warpgroup takes the same number of n64 blocks, and blocks per "
+                f"warpgroup x M tile is at most {most}"
+                + (" (s32 and fp32 sums in registers)" if group else ""))
+    if not 2 <= config["stages"] <= 8:
+        return f"stages={config['stages']} not in [2, 8]"
+    if not 1 <= config["split_k"] <= k_pad // 128:
+        return f"split_k={config['split_k']} not in [1, {k_pad // 128}] (K has {k_pad // 128} stages of 128)"
+    need = smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30)
     if need > _smem_limit(target):
         return f"needs {need} bytes of shared memory"
     return None

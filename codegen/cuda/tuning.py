@@ -49,6 +49,14 @@ def smem_bytes(config: dict, key: dict, cb: int = 4, group: int = 128,
                scale_in_registers: bool = True, has_zp: bool = True) -> int:
     """Shared memory of one CTA (mirrors ``Tile`` and ``GemvTile`` in include/qcompiler/)."""
     m_tile, n_tile = 16 * config["m_frags"], 64 * config["warps_n"]
+    if config.get("wgmma") and (config.get("int8") or config.get("fp8")):
+        # mirrors WgmmaAct8Tile: stages of 128 rows of x codes, packed weights, and (group
+        # scales) a scale and zero-point row and the tile's x scales and code sums
+        wb = 8 * config["warps_n"] * 512 * (cb // 4)
+        rows = n_tile * 2 * (1 + int(has_zp)) + 2 * m_tile * 4 if group < 1 << 30 else 0
+        stage = -(-(m_tile * 128 + wb + rows) // 1024) * 1024
+        return max(config["stages"] * stage, m_tile * (n_tile + 4) * 4) \
+            + 2 * config["stages"] * 8 + 16 + 1024
     if config.get("wgmma"):  # mirrors WgmmaTile: the ring of stages, or the fp32 tile after it
         srows = 64 // group if group < 64 else 1
         stage = m_tile * 128 + 4 * config["warps_n"] * 512 \

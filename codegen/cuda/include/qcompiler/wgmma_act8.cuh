@@ -1,0 +1,459 @@
+// qcompiler CUDA kernels: the Hopper (sm_90a) GEMM with 8-bit activations: wgmma on int8
+// (W4A8, W8A8: MatMulNBits accuracy_level 4's numerics, as tiled_i8.cuh computes them) or
+// FP8 e4m3 (W8A8-FP8) tensor cores, fed by wgmma.cuh's warp-specialized TMA pipeline. A
+// template over the configuration C (params.cuh), the tile parameters the tile pass decides
+// and FP8. Static code, included by the generated .cu of a cuda-sm90 qmatmul whose variants
+// use it (built for sm_90a only).
+//
+// The numerics are tiled_i8.cuh's: make_params quantizes x per row and group into codes xq
+// (columns in the order of the packed weights' bytes, quantize_x_i8_kernel), scales xs and
+// code sums xsum; for every group g of K
+//     y[m, n] = sum_g xs[m, g] * ws[g, n] * (sum_{k in g} xq[m, k] u[k, n] - z[g, n] xsum[m, g])
+// with u the weights' unsigned codes (int8) or their e4m3 bytes (FP8, no zero point).
+//
+// The product is transposed as in wgmma.cuh's block-split mapping: y^T = W^T x^T, the
+// weights wgmma's A operand from registers, x^T its B operand from shared memory. Consumer
+// warpgroup c takes BPW n64 blocks of the CTA's N tile and all M_TILE tokens, warp w of it n16
+// tile w of each block. A stage is 128 K rows: one 128-byte swizzle row of x's codes (one TMA
+// box), 8 k16 steps of packed weights, and the stage's scale, zero-point and x-scale rows.
+// A lane's bytes of a k16 step (b_codes, tiled_i8.cuh) are already the operand the
+// m64nNk32 instruction wants: its 8-bit A fragment (CUTLASS's ALayout_64x32) gives register
+// 0 row g, k 4q..4q+3; register 1 row g + 8; registers 2, 3 the same rows at k + 16. That is
+// mma.m16n8k32's, whose B bytes tiled_i8.cuh hands over (operands swapped: columns of W are
+// rows of W^T), so x's code order is the same as that kernel's.
+//
+// Group scales (int8, groups of a multiple of 128 rows): each stage's wgmmas sum the codes'
+// products into s32 accumulators (the first with scale-d 0: a fresh sum), which the warpgroup
+// then folds into fp32 ones with the stage's scales, taking the zero point off at the group's
+// first stage. The fold is as much arithmetic per MMA as the MMA's own issue, so it is what
+// two consumer warpgroups interleave. Per-channel weight scales (one x scale a row): the
+// s32 (int8) or fp32 (FP8) sums run over the whole K range, and the end applies xs (and takes
+// the zero point off once, in split 0); the weight scale is the epilogue's, as for every kernel.
+#ifndef QCOMPILER_WGMMA_ACT8_CUH
+#define QCOMPILER_WGMMA_ACT8_CUH
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "params.cuh"
+#include "scalar.cuh"
+#include "splitk.cuh"
+#include "tiled_i8.cuh"  // b_codes: a lane's bytes of a k16 step
+#include "wgmma.cuh"     // mbarriers, TMA, bulk copies, wgmma fences, descriptors, the x map's encoder
+
+namespace qc {
+
+// ---- wgmma m64nNk32 with 8-bit operands ---------------------------------------------------
+// The accumulator operand lists for s32 sums ("+r"); the fp32 ones are wgmma.cuh's QC_D32.
+#define QC_R8(d, i) "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), \
+                    "+r"(d[i + 4]), "+r"(d[i + 5]), "+r"(d[i + 6]), "+r"(d[i + 7])
+#define QC_R32(d, i) QC_R8(d, i), QC_R8(d, i + 8), QC_R8(d, i + 16), QC_R8(d, i + 24)
+
+// d[64 x N] (+)= a (registers: this warp's m16k32 fragment) * b (shared memory, N x k32);
+// accumulate == 0 overwrites d (wgmma's scale-d). int8: u8 weights x s8 codes -> s32; FP8:
+// e4m3 x e4m3 -> fp32. N in {64, 128, 256} (tokens).
+template <int N, bool FP8, class D>
+__device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t desc_b,
+                                              int accumulate) {
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma m64nNk32: N in {64, 128, 256}");
+  static_assert(std::is_same<D, std::conditional_t<FP8, float, int>>::value,
+                "FP8 sums are fp32, int8 sums s32");
+  // Operands: the N / 2 accumulators, a0..a3, the descriptor, then scale-d (accumulate).
+  if constexpr (N == 64) {
+    if constexpr (FP8)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N64
+                   ", p, 1, 1;\n}\n"
+                   : QC_D32(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+    else
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " QC_WGMMA_OPS_N64
+                   ", p;\n}\n"
+                   : QC_R32(d, 0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  } else if constexpr (N == 128) {
+    if constexpr (FP8)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N128
+                   ", p, 1, 1;\n}\n"
+                   : QC_D32(d, 0), QC_D32(d, 32)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+    else
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128
+                   ", p;\n}\n"
+                   : QC_R32(d, 0), QC_R32(d, 32)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  } else {
+    if constexpr (FP8)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N256
+                   ", p, 1, 1;\n}\n"
+                   : QC_D32(d, 0), QC_D32(d, 32), QC_D32(d, 64), QC_D32(d, 96)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+    else
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " QC_WGMMA_OPS_N256
+                   ", p;\n}\n"
+                   : QC_R32(d, 0), QC_R32(d, 32), QC_R32(d, 64), QC_R32(d, 96)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }
+}
+
+// ---- the CTA's tile and its shared memory ---------------------------------------------------
+template <class C, int M_TILE_, int N_BLOCKS_CTA_, int CONSUMERS_, int STAGES_, bool FP8_>
+struct WgmmaAct8Tile {
+  static constexpr bool FP8 = FP8_;
+  static constexpr int M_TILE = M_TILE_;                 // tokens per CTA (a wgmma's N)
+  static constexpr int N_BLOCKS_CTA = N_BLOCKS_CTA_;     // n64 blocks per CTA
+  static constexpr int CONSUMERS = CONSUMERS_, STAGES = STAGES_;
+  static constexpr int CONSUMER_THREADS = 128 * CONSUMERS;
+  static constexpr int THREADS = CONSUMER_THREADS + 128;  // consumers, then the producer warpgroup
+  static constexpr int N_TILE = 64 * N_BLOCKS_CTA;
+  static constexpr int STAGE_K = 128;                    // one 128-byte swizzle row of x's codes
+  static constexpr int K_STAGES = C::K_PAD / STAGE_K;
+  // One x scale a row (per-channel weight scales): sums over the whole K range, no fold.
+  static constexpr bool X_PER_ROW = C::SCALE_IN_EPILOGUE;
+  static constexpr int WORDS = C::CB / 4;                // uint4 of a lane per block and k16 step
+  static constexpr int X_BYTES = M_TILE * STAGE_K;
+  static constexpr int W_KS_BYTES = N_BLOCKS_CTA * 512 * WORDS;  // one k16 step of the blocks
+  static constexpr int W_BYTES = 8 * W_KS_BYTES;
+  static constexpr int ROW_BYTES = N_TILE * 2;           // one scale or zero-point row
+  static constexpr int S_BYTES = X_PER_ROW ? 0 : ROW_BYTES;
+  static constexpr int Z_BYTES = !X_PER_ROW && C::HAS_ZP ? ROW_BYTES : 0;
+  static constexpr int XS_BYTES = X_PER_ROW ? 0 : 2 * M_TILE * 4;  // x scales, then code sums
+  static constexpr int STAGE_BYTES =
+      (X_BYTES + W_BYTES + S_BYTES + Z_BYTES + XS_BYTES + 1023) / 1024 * 1024;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int RED_STRIDE = N_TILE + 4;          // fp32 tile rows, padded (banks)
+  static constexpr int RED_BYTES = M_TILE * RED_STRIDE * 4;
+  static constexpr int BODY_BYTES = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
+  static constexpr int SMEM_BYTES = BODY_BYTES + 2 * STAGES * 8 + 16 + 1024;
+  static_assert(C::CB == 4 || C::CB == 8, "4- or 8-bit containers");
+  static_assert(M_TILE == 64 || M_TILE == 128 || M_TILE == 256, "M tile: 64, 128 or 256 tokens");
+  static_assert(C::K_PAD % STAGE_K == 0, "K_PAD is a multiple of 128");
+  static_assert(X_PER_ROW || (!FP8 && C::GROUP % STAGE_K == 0),
+                "group scales: int8 with groups of whole 128-row stages");
+  static_assert(!FP8 || (C::CB == 8 && !C::HAS_ZP), "FP8 activations take FP8 weights");
+
+  // Where a stage's parts lie (base: the stage's first byte).
+  __device__ static const unsigned char* w_lane(const unsigned char* base, int ks, int blk,
+                                                int lane) {
+    return base + X_BYTES + ks * W_KS_BYTES + blk * 512 * WORDS + lane * 16;
+  }
+  __device__ static const unsigned char* scale_slots(const unsigned char* base, int blk, int g) {
+    return base + X_BYTES + W_BYTES + blk * 128 + g * 16;
+  }
+  __device__ static const unsigned char* zero_slots(const unsigned char* base, int blk, int g) {
+    return base + X_BYTES + W_BYTES + S_BYTES + blk * 128 + g * 16;
+  }
+  __device__ static const float* x_scales(const unsigned char* base) {
+    return reinterpret_cast<const float*>(base + X_BYTES + W_BYTES + S_BYTES + Z_BYTES);
+  }
+};
+
+// The producer: lane 0 of the producer warpgroup's first warp issues every copy of a stage:
+// a TMA box of x's codes, 8 bulk copies of packed weights (one a k16 step), and with group
+// scales the stage's scale and zero-point rows and its x scales and code sums.
+template <class C, class T>
+__device__ __forceinline__ void act8_produce(const CUtensorMap* x_map,
+                                             const Params<typename C::scalar_t>& p,
+                                             unsigned char* smem, uint64_t* full,
+                                             uint64_t* empty, int m0, int nb0, int n_valid,
+                                             int kt_begin, int n_kt) {
+  const uint32_t w_bytes = n_valid * 512 * T::WORDS, row_bytes = n_valid * 128;
+  // x scales of the tile's tokens: up to the end of the table's row (rows4(M) entries).
+  const int xs_count = p.xs_stride - m0 < T::M_TILE ? p.xs_stride - m0 : T::M_TILE;
+  const uint32_t xs_bytes = T::XS_BYTES ? xs_count * 4 : 0;
+  const uint32_t stage_tx = T::X_BYTES + 8 * w_bytes + (T::S_BYTES ? row_bytes : 0) +
+                            (T::Z_BYTES ? row_bytes : 0) + 2 * xs_bytes;
+  for (int it = 0; it < n_kt; ++it) {
+    const int s = it % T::STAGES, kt = kt_begin + it;
+    if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
+    unsigned char* base = smem + s * T::STAGE_BYTES;
+    mbar_expect_tx(full + s, stage_tx);
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, full + s);  // rows past M: zeros
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks)
+      bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
+                p.w + ((long long)(kt * 8 + ks) * C::N_BLOCKS + nb0) * 32 * T::WORDS, w_bytes,
+                full + s);
+    if constexpr (!T::X_PER_ROW) {
+      const long long row = (long long)kt * T::STAGE_K / C::GROUP;  // the stage's group
+      unsigned char* rows = base + T::X_BYTES + T::W_BYTES;
+      bulk_load(rows, p.scales + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+      if (T::Z_BYTES)
+        bulk_load(rows + T::S_BYTES, p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+      unsigned char* xs = rows + T::S_BYTES + T::Z_BYTES;
+      bulk_load(xs, p.xs + row * p.xs_stride + m0, xs_bytes, full + s);
+      bulk_load(xs + T::M_TILE * 4, p.xsum + row * p.xs_stride + m0, xs_bytes, full + s);
+    }
+  }
+}
+
+// Consumer warpgroup c: BPW n64 blocks (c BPW ..) of the CTA over all M_TILE tokens.
+template <class C, class T, int BPW>
+struct Act8BlockSplit {
+  static constexpr int NT = T::M_TILE;             // tokens per wgmma
+  static constexpr bool FOLD = !T::X_PER_ROW;      // group scales: s32 sums folded each stage
+  using Sum = std::conditional_t<T::FP8, float, int>;
+  static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "each warpgroup takes BPW blocks");
+  static_assert(BPW * NT <= (FOLD ? 128 : 256),
+                "accumulators a thread: at most 128 (s32 and fp32 sums: 64 each when folding)");
+  Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage, when folding)
+  float acc[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];  // folded fp32 sums (group scales)
+
+  // This warp's A fragments of k32 step kk of block blk: the lane's bytes of k16 steps 2 kk
+  // and 2 kk + 1 of n16 tile w (rows g, g + 8 of the m16: n8 halves 0 and 1).
+  __device__ __forceinline__ static void load_a(const unsigned char* base, int kk, int blk, int w,
+                                                int lane, uint32_t* a) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const unsigned char* chunk = T::w_lane(base, 2 * kk + s, blk, lane);
+      if constexpr (C::CB == 4) {
+        // word w of the lane's 16-byte chunk: tile w's nibbles (b_codes<4> of tile 0)
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(chunk + 4 * w);
+        a[2 * s] = b_codes<4>(&word, 0, 0);
+        a[2 * s + 1] = b_codes<4>(&word, 0, 1);
+      } else {
+        // words 2 w and 2 w + 1 of the lane's two chunks (uint4 w / 2, components 2 (w % 2) ..)
+        const uint2 v = *reinterpret_cast<const uint2*>(chunk + (w >> 1) * 512 + (w & 1) * 8);
+        a[2 * s] = v.x;
+        a[2 * s + 1] = v.y;
+      }
+    }
+  }
+
+  // The stage's s32 sums into the fp32 ones: acc += (part - z xsum) xs ws for element i of
+  // block j: row 16 w + g + 8 h of the m64 (column n of the block), token 8 a + 2 q + e, with
+  // i = 4 a + 2 h + e. The zero point comes off at the group's first stage only.
+  __device__ __forceinline__ void fold(const unsigned char* base, bool group_start, int c, int w,
+                                       int lane) {
+    using S = typename C::scalar_t;
+    const int g = lane >> 2, q = lane & 3;
+    const float* xs = T::x_scales(base);
+    const int* xsum = reinterpret_cast<const int*>(xs + NT);
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      S sv[2], zv[2];
+      *reinterpret_cast<uint32_t*>(sv) =
+          *reinterpret_cast<const uint32_t*>(T::scale_slots(base, c * BPW + j, g) + 4 * w);
+      if constexpr (T::Z_BYTES) {
+        *reinterpret_cast<uint32_t*>(zv) =
+            *reinterpret_cast<const uint32_t*>(T::zero_slots(base, c * BPW + j, g) + 4 * w);
+      } else {
+        zv[0] = zv[1] = from_float<S>(C::ZERO_CONST);
+      }
+      const float ws[2] = {to_float(sv[0]), to_float(sv[1])};
+      const int z[2] = {group_start ? (int)to_float(zv[0]) : 0,
+                        group_start ? (int)to_float(zv[1]) : 0};
+#pragma unroll
+      for (int a = 0; a < NT / 8; ++a) {
+        const float2 x = *reinterpret_cast<const float2*>(xs + 8 * a + 2 * q);
+        const int2 n = *reinterpret_cast<const int2*>(xsum + 8 * a + 2 * q);
+        const float xv[2] = {x.x, x.y};
+        const int nv[2] = {n.x, n.y};
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * a + 2 * h + e;
+            acc[j][i] += (float)(part[j][i] - z[h] * nv[e]) * (xv[e] * ws[h]);
+          }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                           int kt_begin, int n_kt, int warp, int lane) {
+    const int c = warp >> 2, w = warp & 3;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        part[j][i] = 0;
+        if constexpr (FOLD) acc[j][i] = 0.0f;
+      }
+    for (int it = 0; it < n_kt; ++it) {
+      const int s = it % T::STAGES;
+      mbar_wait(full + s, (it / T::STAGES) & 1);
+      const unsigned char* base = smem + s * T::STAGE_BYTES;
+      // The whole stage's A fragments first (one shared-memory latency a stage), then its
+      // 4 x BPW wgmmas as one group.
+      uint32_t a[4][BPW][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int j = 0; j < BPW; ++j) load_a(base, kk, c * BPW + j, w, lane, a[kk][j]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t desc = smem_desc_sw128(base + kk * 32);
+#pragma unroll
+        for (int j = 0; j < BPW; ++j)
+          wgmma_rs_act8<NT, T::FP8>(part[j], a[kk][j], desc, FOLD ? kk : 1);
+      }
+      wgmma_commit();
+      if constexpr (FOLD) {
+        // The stage's sums are needed now: wait for them, fold, and hand the slot back.
+        wgmma_wait<0>();
+#pragma unroll
+        for (int j = 0; j < BPW; ++j)
+#pragma unroll
+          for (int i = 0; i < NT / 2; ++i) asm volatile("" : "+r"(part[j][i])::"memory");
+        fold(base, (long long)(kt_begin + it) * T::STAGE_K % C::GROUP == 0, c, w, lane);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);
+      } else {
+        // One group in flight: the previous stage's is done, and its slot goes back.
+        wgmma_wait<1>();
+        if (it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % T::STAGES);
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        if constexpr (FOLD) pin(acc[j][i]);
+        else if constexpr (T::FP8) pin(part[j][i]);
+        else asm volatile("" : "+r"(part[j][i])::"memory");
+      }
+  }
+
+  // The sums into the fp32 tile [token][n] (wgmma.cuh's BlockSplit order). Per-channel: the
+  // x scale of the token, and (int8) the zero point times its code sum off in split 0 (the
+  // zero point of column n of block b is slot 8 (n % 8) + (n % 64) / 8 of the permuted row).
+  __device__ __forceinline__ void store(float* red, const Params<typename C::scalar_t>& p,
+                                        int m0, int nb0, int split, int warp, int lane) const {
+    const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      int z[2] = {0, 0};
+      if constexpr (!FOLD && !T::FP8) {
+        if (split == 0) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            z[h] = C::HAS_ZP ? (int)to_float(p.zeros[(nb0 + c * BPW + j) * 64 + g * 8 + 2 * w + h])
+                             : (int)C::ZERO_CONST;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        const int h = (i >> 1) & 1;
+        const int n = 64 * (c * BPW + j) + 16 * w + 8 * h + g;
+        const int m = 8 * (i >> 2) + 2 * q + (i & 1);
+        float v;
+        if constexpr (FOLD) {
+          v = acc[j][i];
+        } else {
+          const bool row_ok = m0 + m < p.M;
+          const float xs = row_ok ? p.xs[m0 + m] : 0.0f;
+          if constexpr (T::FP8) v = part[j][i] * xs;
+          else v = row_ok ? (float)(part[j][i] - z[h] * p.xsum[m0 + m]) * xs : 0.0f;
+        }
+        red[m * T::RED_STRIDE + n] = v;
+      }
+    }
+  }
+};
+
+// CTA: T::CONSUMERS consumer warpgroups and a producer warpgroup, as wgmma.cuh's kernel.
+template <class C, class T, class Mapping>
+__global__ void __launch_bounds__(T::THREADS, 1)
+qmatmul_wgmma_act8_kernel(const __grid_constant__ CUtensorMap x_map,
+                          const Params<typename C::scalar_t> p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
+#else
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::BODY_BYTES);
+  uint64_t* empty = full + T::STAGES;
+  int* flag = reinterpret_cast<int*>(empty + T::STAGES);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = blockIdx.x * T::M_TILE;
+  const int nb0 = blockIdx.y * T::N_BLOCKS_CTA;
+  const int n_valid = C::N_BLOCKS - nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - nb0 : T::N_BLOCKS_CTA;
+  const int split = blockIdx.z;
+  const int kt_begin = (int)(((long long)split * T::K_STAGES) / p.split_k);
+  const int kt_end = (int)(((long long)(split + 1) * T::K_STAGES) / p.split_k);
+
+  if (tid == 0) {
+    for (int s = 0; s < T::STAGES; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, 4 * T::CONSUMERS);   // lane 0 of every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  Mapping mapping;
+  if (warp >= 4 * T::CONSUMERS) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 4 * T::CONSUMERS && lane == 0)
+      act8_produce<C, T>(&x_map, p, smem, full, empty, m0, nb0, n_valid, kt_begin,
+                         kt_end - kt_begin);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  mapping.mainloop(smem, full, empty, kt_begin, kt_end - kt_begin, warp, lane);
+  cta_sync<T::CONSUMER_THREADS>();
+  float* red = reinterpret_cast<float*>(smem);
+  mapping.store(red, p, m0, nb0, split, warp, lane);
+  cta_sync<T::CONSUMER_THREADS>();
+  auto tile_sum = [&](int i) { return red[(i / T::N_TILE) * T::RED_STRIDE + i % T::N_TILE]; };
+  finish_tile<C, T::M_TILE, T::N_TILE, T::CONSUMER_THREADS, decltype(tile_sum),
+              T::CONSUMER_THREADS>(p, m0, nb0 * 64, split, flag, tile_sum);
+#endif
+}
+
+// ---- host side ----------------------------------------------------------------------------
+// The TMA map of x's codes xq [M, K_PAD] (bytes) in boxes of 128 columns x M_TILE rows,
+// 128-byte swizzle; rows past M read as zeros.
+template <class C, int M_TILE>
+cudaError_t make_xq_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {(cuuint64_t)C::K_PAD, (cuuint64_t)p.M};
+  const cuuint64_t strides[1] = {(cuuint64_t)C::K_PAD};
+  const cuuint32_t box[2] = {128, (cuuint32_t)M_TILE};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2,
+                            const_cast<int8_t*>(p.xq), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// wgmma=2 with int8=1 or fp8=1: CONSUMERS warpgroups of BPW n64 blocks each over M tiles of
+// M_TILE tokens (x already quantized by make_params).
+template <class C, int M_TILE, int BPW, int CONSUMERS, int STAGES, bool FP8>
+cudaError_t launch_wgmma_act8(Params<typename C::scalar_t> p, cudaStream_t stream) {
+  using T = WgmmaAct8Tile<C, M_TILE, BPW * CONSUMERS, CONSUMERS, STAGES, FP8>;
+  auto kernel = qmatmul_wgmma_act8_kernel<C, T, Act8BlockSplit<C, T, BPW>>;
+  static bool smem_set = false;  // over 48 KB of shared memory must be asked for once
+  if (!smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           T::SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  CUtensorMap map;
+  cudaError_t err = make_xq_map<C, M_TILE>(p, &map);
+  if (err != cudaSuccess) return err;
+  dim3 grid((p.M + M_TILE - 1) / M_TILE, (C::N_BLOCKS + T::N_BLOCKS_CTA - 1) / T::N_BLOCKS_CTA,
+            p.split_k);
+  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map, p);
+  return cudaGetLastError();
+}
+
+}  // namespace qc
+
+#endif  // QCOMPILER_WGMMA_ACT8_CUH
