@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -48,6 +48,14 @@ for step in "$@"; do
         --only "heuristic,int8" --out "$OUT" 2>&1 | tee "$OUT/int8-bench.log" | grep -E "M=|wrote|rror" | tail -70
       timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/int8" --skip-minilm --skip-llama \
         --prefill 512 --int8-min-m 128 2>&1 | tee "$OUT/int8-prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
+    act8-tests)  # issue #14: the sm_90a wgmma kernel with 8-bit activations (wgmma_act8.cuh) against its numpy models
+      timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
+        -k "wgmma_int8 or wgmma_fp8" 2>&1 | tee "$OUT/act8-tests.log" | tail -15 ;;
+    act8-int8|act8-fp8)  # issue #14: W4A8 / W8A8-FP8 on wgmma beside W4A16, the tiled int8 kernel, cuBLAS fp16/int8/FP8
+      fmt=${step#act8-}
+      timeout ${ACT8_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --$fmt --no-tiled \
+        --ms ${ACT8_MS:-256,4096} --only "heuristic,wgmma mf8 wn2 wk2 st4 sk1,wgmma mf4 wn4,wgmma mf8 wn1,wgmma mf16 wn2" \
+        --out "$OUT" 2>&1 | tee "$OUT/$fmt-bench.log" | grep -E "M=|wrote|rror" | tail -80 ;;
     cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare
           # here): ours with a per-launch trace, torch eager and torch.compile (reduce-overhead; the
           # max-autotune modes outlast a call), then the batch-1 trace without launch overlap
