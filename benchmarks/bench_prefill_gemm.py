@@ -32,6 +32,7 @@ SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o,
 LARGE_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672)]
 SCHEME = "#quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>"
 FP8_SCHEME = "#quant<f8e4m3fn, symmetric, per_channel(axis=1), scale=f16>"
+PERCHANNEL_SCHEME = "#quant<i4, symmetric, per_channel(axis=1), scale=f16>"  # --perchannel
 
 
 def act8_candidates(target, key, knob: str) -> dict:
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
     ap.add_argument("--fp8", action="store_true",
                     help="FP8 e4m3 weights: our f16 and FP8-activation kernels, FP8 peers")
+    ap.add_argument("--perchannel", action="store_true",
+                    help="4-bit weights with per-channel scales (W4A8: one x scale a row)")
     ap.add_argument("--int8", action="store_true",
                     help="accuracy_level 4 layers: the int8-activation kernel and int8/FP8 peers")
     a = ap.parse_args(argv)
@@ -152,7 +155,8 @@ def main(argv=None) -> int:
     for m in [int(v) for v in a.ms.split(",")]:
         for n, k in shapes:
             key = {"op": "qmatmul", "m": m, "k": k, "n": n,
-                   "w_scheme": FP8_SCHEME if a.fp8 else SCHEME, "act": "float",
+                   "w_scheme": FP8_SCHEME if a.fp8 else PERCHANNEL_SCHEME if a.perchannel
+                   else SCHEME, "act": "float",
                    "x_dtype": "f16", "has_bias": False, **({"accuracy_level": 4} if a.int8 else {})}
             configs = candidates(target, key, tiled=not a.no_tiled)
             if a.int8:
@@ -212,12 +216,17 @@ def main(argv=None) -> int:
     doc = {"benchmark": "bench_prefill_gemm.py", "device": torch.cuda.get_device_name(),
            "date": date.isoformat(timespec="seconds"), "torch": torch.__version__,
            "format": ("W8A16 FP8 e4m3 per channel, fp16; fp8 rows: W8A8-FP8 (x per row)"
-                      if a.fp8 else "W4A16 i4 symmetric g128, fp16") + (
-               "; int8 rows: W4A8 (x quantized per row and group of 128, in the time)"
-               if a.int8 else ""), "method":
+                      if a.fp8 else "W4A16 i4 symmetric per channel, fp16" if a.perchannel
+                      else "W4A16 i4 symmetric g128, fp16") + (
+               "; int8 rows: W4A8 (x quantized per row" + ("" if a.perchannel else
+                                                           " and group of 128")
+               + ", in the time)" if a.int8 else ""), "method":
            "per call: 20 calls in one CUDA graph over weight copies > 4x L2, median", "rows": rows}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"prefill-gemm-h200-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}{'-fp8' if a.fp8 else ''}.json")
+    gpu = "h200" if "H200" in torch.cuda.get_device_name() else "h100" \
+        if "H100" in torch.cuda.get_device_name() else "gpu"
+    path = os.path.join(a.out, f"prefill-gemm-{gpu}-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}"
+                               f"{'-perchannel' if a.perchannel else ''}{'-fp8' if a.fp8 else ''}.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print("wrote", path)

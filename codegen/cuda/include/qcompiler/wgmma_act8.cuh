@@ -25,8 +25,10 @@
 // Group scales (int8, groups of a multiple of 128 rows): each stage's wgmmas sum the codes'
 // products into s32 accumulators (the first with scale-d 0: a fresh sum), which the warpgroup
 // then folds into fp32 ones with the stage's scales, taking the zero point off at the group's
-// first stage. The fold is as much arithmetic per MMA as the MMA's own issue, so it is what
-// two consumer warpgroups interleave. Per-channel weight scales (one x scale a row): the
+// first stage. The fold is about as much issue per element as the MMA's own time, so it runs
+// while the next stage's wgmmas do: two sets of s32 sums, stage it's wgmmas into one while
+// stage it - 1's are folded from the other (and two consumer warpgroups interleave besides).
+// Per-channel weight scales (one x scale a row): the
 // s32 (int8) or fp32 (FP8) sums run over the whole K range, and the end applies xs (and takes
 // the zero point off once, in split 0); the weight scale is the epilogue's, as for every kernel.
 #ifndef QCOMPILER_WGMMA_ACT8_CUH
@@ -103,6 +105,26 @@ __device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t 
                    : QC_R32(d, 0), QC_R32(d, 32), QC_R32(d, 64), QC_R32(d, 96)
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
+}
+
+// The same int8 product into fresh sums: d = a * b, its accumulators outputs only, so that
+// their old values (read by other instructions meanwhile) are not its inputs. N in {64, 128}.
+#define QC_W8(d, i) "=r"(d[i]), "=r"(d[i + 1]), "=r"(d[i + 2]), "=r"(d[i + 3]), \
+                    "=r"(d[i + 4]), "=r"(d[i + 5]), "=r"(d[i + 6]), "=r"(d[i + 7])
+#define QC_W32(d, i) QC_W8(d, i), QC_W8(d, i + 8), QC_W8(d, i + 16), QC_W8(d, i + 24)
+template <int N>
+__device__ __forceinline__ void wgmma_rs_s8_fresh(int* d, const uint32_t* a, uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "fresh int8 sums: N in {64, 128}");
+  if constexpr (N == 64)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " QC_WGMMA_OPS_N64 ", p;\n}\n"
+                 : QC_W32(d, 0)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  else
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128 ", p;\n}\n"
+                 : QC_W32(d, 0), QC_W32(d, 32)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
 // ---- the CTA's tile and its shared memory ---------------------------------------------------
@@ -204,8 +226,11 @@ struct Act8BlockSplit {
   using Sum = std::conditional_t<T::FP8, float, int>;
   static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "each warpgroup takes BPW blocks");
   static_assert(BPW * NT <= (FOLD ? 128 : 256),
-                "accumulators a thread: at most 128 (s32 and fp32 sums: 64 each when folding)");
+                "accumulators a thread: at most 128 (folding: two sets of s32 sums and the fp32 "
+                "ones, 64 each)");
   Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage, when folding)
+  // folding: the previous stage's sums as the float bits of 1.5 * 2^23 + sum (below)
+  uint32_t held[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];
   float acc[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];  // folded fp32 sums (group scales)
 
   // This warp's A fragments of k32 step kk of block blk: the lane's bytes of k16 steps 2 kk
@@ -229,9 +254,16 @@ struct Act8BlockSplit {
     }
   }
 
-  // The stage's s32 sums into the fp32 ones: acc += (part - z xsum) xs ws for element i of
+  // A stage's sums, held as the bits of the float 1.5 * 2^23 + sum: one integer add converts
+  // them (exact while |sum| < 2^22: 128 rows of codes times at most 127 x 255), and it is a
+  // real instruction right after the wgmma wait, so the fold reads registers no wgmma defines.
+  static constexpr uint32_t MAGIC_BITS = 0x4B400000u;   // 1.5 * 2^23 = 12582912
+  static constexpr float MAGIC = 12582912.0f;
+
+  // The held sums of a stage into the fp32 ones: acc += (sum - z xsum) xs ws for element i of
   // block j: row 16 w + g + 8 h of the m64 (column n of the block), token 8 a + 2 q + e, with
-  // i = 4 a + 2 h + e. The zero point comes off at the group's first stage only.
+  // i = 4 a + 2 h + e. The zero point comes off at the group's first stage only. Every step
+  // is exact up to the last multiply-add (|sum - z xsum| < 2^23).
   __device__ __forceinline__ void fold(const unsigned char* base, bool group_start, int c, int w,
                                        int lane) {
     using S = typename C::scalar_t;
@@ -250,23 +282,61 @@ struct Act8BlockSplit {
         zv[0] = zv[1] = from_float<S>(C::ZERO_CONST);
       }
       const float ws[2] = {to_float(sv[0]), to_float(sv[1])};
-      const int z[2] = {group_start ? (int)to_float(zv[0]) : 0,
-                        group_start ? (int)to_float(zv[1]) : 0};
+      const float z[2] = {group_start ? to_float(zv[0]) : 0.0f,
+                          group_start ? to_float(zv[1]) : 0.0f};
 #pragma unroll
       for (int a = 0; a < NT / 8; ++a) {
         const float2 x = *reinterpret_cast<const float2*>(xs + 8 * a + 2 * q);
         const int2 n = *reinterpret_cast<const int2*>(xsum + 8 * a + 2 * q);
         const float xv[2] = {x.x, x.y};
-        const int nv[2] = {n.x, n.y};
+        const float nv[2] = {(float)n.x, (float)n.y};
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int i = 4 * a + 2 * h + e;
-            acc[j][i] += (float)(part[j][i] - z[h] * nv[e]) * (xv[e] * ws[h]);
+            const float d = __uint_as_float(held[j][i]) + fmaf(-z[h], nv[e], -MAGIC);
+            acc[j][i] = fmaf(d, xv[e] * ws[h], acc[j][i]);
           }
       }
     }
+  }
+
+  // Stage it's wgmmas into `sums` (this warp's A fragments loaded first: one shared-memory
+  // latency a stage), committed as one group.
+  __device__ __forceinline__ void issue_stage(const unsigned char* base, Sum (&sums)[BPW][NT / 2],
+                                              int c, int w, int lane) {
+    uint32_t a[4][BPW][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int j = 0; j < BPW; ++j) load_a(base, kk, c * BPW + j, w, lane, a[kk][j]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t desc = smem_desc_sw128(base + kk * 32);
+#pragma unroll
+      for (int j = 0; j < BPW; ++j) {
+        if constexpr (FOLD) {
+          if (kk == 0) wgmma_rs_s8_fresh<NT>(sums[j], a[kk][j], desc);  // a stage's own sums
+          else wgmma_rs_act8<NT, false>(sums[j], a[kk][j], desc, 1);
+        } else {
+          wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
+        }
+      }
+    }
+    wgmma_commit();
+  }
+
+  // Keeps the compiler from moving reads of the sums above the wgmma wait before it.
+  __device__ __forceinline__ static void pin_sums(Sum (&sums)[BPW][NT / 2]) {
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        if constexpr (T::FP8) pin(sums[j][i]);
+        else asm volatile("" : "+r"(sums[j][i])::"memory");
+      }
   }
 
   __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
@@ -279,51 +349,48 @@ struct Act8BlockSplit {
         part[j][i] = 0;
         if constexpr (FOLD) acc[j][i] = 0.0f;
       }
-    for (int it = 0; it < n_kt; ++it) {
-      const int s = it % T::STAGES;
-      mbar_wait(full + s, (it / T::STAGES) & 1);
-      const unsigned char* base = smem + s * T::STAGE_BYTES;
-      // The whole stage's A fragments first (one shared-memory latency a stage), then its
-      // 4 x BPW wgmmas as one group.
-      uint32_t a[4][BPW][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int j = 0; j < BPW; ++j) load_a(base, kk, c * BPW + j, w, lane, a[kk][j]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t desc = smem_desc_sw128(base + kk * 32);
-#pragma unroll
-        for (int j = 0; j < BPW; ++j)
-          wgmma_rs_act8<NT, T::FP8>(part[j], a[kk][j], desc, FOLD ? kk : 1);
-      }
-      wgmma_commit();
-      if constexpr (FOLD) {
-        // The stage's sums are needed now: wait for them, fold, and hand the slot back.
+    auto stage_base = [&](int it) { return smem + (it % T::STAGES) * T::STAGE_BYTES; };
+    if constexpr (FOLD) {
+      // Stage it's wgmmas run while the warpgroup folds stage it - 1's held sums (then hands
+      // that stage's slot back), so the tensor cores and the fold's arithmetic overlap within
+      // the warpgroup too. Each step waits for all of its wgmmas and holds their sums at once:
+      // the fold never reads registers of a wgmma in flight (ptxas would serialize every
+      // wgmma, C7514, or wait before the fold, C7517).
+      for (int it = 0; it < n_kt; ++it) {
+        mbar_wait(full + it % T::STAGES, (it / T::STAGES) & 1);
+        issue_stage(stage_base(it), part, c, w, lane);
+        if (it > 0) {
+          const int kt = kt_begin + it - 1;
+          fold(stage_base(it - 1), (long long)kt * T::STAGE_K % C::GROUP == 0, c, w, lane);
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty + (it - 1) % T::STAGES);
+        }
         wgmma_wait<0>();
 #pragma unroll
         for (int j = 0; j < BPW; ++j)
 #pragma unroll
-          for (int i = 0; i < NT / 2; ++i) asm volatile("" : "+r"(part[j][i])::"memory");
-        fold(base, (long long)(kt_begin + it) * T::STAGE_K % C::GROUP == 0, c, w, lane);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + s);
-      } else {
+          for (int i = 0; i < NT / 2; ++i)
+            asm volatile("add.s32 %0, %1, %2;\n" : "=r"(held[j][i]) : "r"(part[j][i]), "n"(MAGIC_BITS));
+      }
+      if (n_kt > 0) {
+        const int kt = kt_begin + n_kt - 1;
+        fold(stage_base(n_kt - 1), (long long)kt * T::STAGE_K % C::GROUP == 0, c, w, lane);
+      }
+#pragma unroll
+      for (int j = 0; j < BPW; ++j)
+#pragma unroll
+        for (int i = 0; i < NT / 2; ++i) pin(acc[j][i]);
+    } else {
+      for (int it = 0; it < n_kt; ++it) {
+        mbar_wait(full + it % T::STAGES, (it / T::STAGES) & 1);
+        issue_stage(stage_base(it), part, c, w, lane);
         // One group in flight: the previous stage's is done, and its slot goes back.
         wgmma_wait<1>();
         if (it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % T::STAGES);
       }
+      wgmma_wait<0>();
+      pin_sums(part);
     }
-    wgmma_wait<0>();
-#pragma unroll
-    for (int j = 0; j < BPW; ++j)
-#pragma unroll
-      for (int i = 0; i < NT / 2; ++i) {
-        if constexpr (FOLD) pin(acc[j][i]);
-        else if constexpr (T::FP8) pin(part[j][i]);
-        else asm volatile("" : "+r"(part[j][i])::"memory");
-      }
   }
 
   // The sums into the fp32 tile [token][n] (wgmma.cuh's BlockSplit order). Per-channel: the
