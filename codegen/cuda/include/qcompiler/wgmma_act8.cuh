@@ -381,6 +381,9 @@ struct Act8BlockSplit {
 #pragma unroll
         for (int i = 0; i < NT / 2; ++i) pin(acc[j][i]);
     } else {
+      // Unrolled twice: two register sets of A fragments, one read by the group in flight
+      // while the next stage's are written (as wgmma.cuh's block split).
+#pragma unroll 2
       for (int it = 0; it < n_kt; ++it) {
         mbar_wait(full + it % T::STAGES, (it / T::STAGES) & 1);
         issue_stage(stage_base(it), part, c, w, lane);
