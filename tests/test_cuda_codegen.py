@@ -97,10 +97,11 @@ def _source(case, wgmma=False, epilogue=None, pairs=False, int8=False, x_norm=No
     if int8:  # the int8 kernel, or for FP8 weights the FP8-activation kernel
         from qcompiler.tuning.key import kernel_key
 
-        default = tuning.fp8_default if case.fp8 else tuning.int8_default
+        knob = "fp8" if case.fp8 else "int8"
         for v in node.attrs["config"]["variants"].values():
             if v["m_max"] >= 128:
-                cfg = default(get_target("cuda-sm90"), kernel_key(node, v["m_max"]))
+                cfg = tuning.act8_tiled_default(get_target("cuda-sm90"),
+                                                kernel_key(node, v["m_max"]), knob)
                 v.update({k: int(cfg[k]) for k in tuning.KNOBS}, wgmma=0, int8=int(not case.fp8),
                          fp8=int(case.fp8))
     if act8_wgmma:  # the buckets of 128 rows and more: this wgmma_act8.cuh config

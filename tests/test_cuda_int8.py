@@ -63,7 +63,7 @@ def test_tile_takes_int8_from_the_size_asked_where_permitted():
 @pytest.mark.parametrize("change, why", [
     ({"int8": 2}, "int8=2 not in (0, 1)"),
     ({"gemv": 1, "m_frags": 1, "stage_k": 64, "warps_k": 4}, "variant of the tiled kernel"),
-    ({"wgmma": 1}, "wgmma must be 0"),
+    ({"wgmma": 1}, "block-split mapping (wgmma=2)"),
     ({"m_frags": 4}, "m_frags 1 or 2"),
     ({"stage_k": 64, "warps_k": 4}, "whole k32 steps"),
 ])
@@ -72,6 +72,44 @@ def test_int8_config_rules(change, why):
     assert check_knobs(get_target(TARGET), key, TILED) is None
     problem = check_knobs(get_target("cuda-sm90"), key, {**TILED, **change})
     assert problem is not None and why in problem, problem
+
+
+WGMMA_ACT8 = {"wgmma": 2, "gemv": 0, "m_frags": 8, "warps_n": 2, "warps_k": 2, "stages": 4,
+              "stage_k": 128, "acc_scale": 0, "split_k": 1, "int8": 1}
+
+
+@pytest.mark.parametrize("case, change, why", [
+    ("g128", {"stage_k": 64}, "stage_k=128"),
+    ("g128", {"m_frags": 16}, "at most 128 (s32 and fp32 sums"),
+    ("g128", {"warps_n": 3}, "same number of n64 blocks"),
+    ("g128", {"warps_k": 3, "warps_n": 3}, "1 or 2 consumer warpgroups"),
+    ("g128", {"split_k": 9}, "split_k=9 not in [1, 8]"),
+    ("pc", {"m_frags": 16, "stages": 8}, "shared memory"),
+    ("g32", {}, "groups of a multiple of 128 rows"),
+    ("k960", {"m_frags": 16}, "multiple of the 128-row stages"),
+    ("plain", {}, "accuracy_level 4"),
+])
+def test_wgmma_int8_config_rules(case, change, why):
+    """The wgmma kernel with int8 activations (wgmma=2, int8=1; wgmma_act8.cuh): its tiles,
+    groups of whole 128-row stages, K a multiple of 128, the model's permission; per-channel
+    weights take M tiles of 256 (no fp32 sums beside the s32 ones); never before sm_90."""
+    kw = {"g128": dict(group=128, accuracy_level=4), "g32": dict(group=32, accuracy_level=4),
+          "pc": dict(group=0, accuracy_level=4),
+          "k960": dict(k=960, group=0, accuracy_level=4), "plain": dict(group=128)}[case]
+    key = kernel_key(_packed(cases.Case(**{"k": 1024, "n": 512, **kw})), 512)
+    sm90 = get_target("cuda-sm90")
+    problem = check_knobs(sm90, key, {**WGMMA_ACT8, **change})
+    assert problem is not None and why in problem, problem
+    ok = kernel_key(_packed(cases.Case(k=1024, n=512, accuracy_level=4)), 512)
+    assert check_knobs(sm90, ok, WGMMA_ACT8) is None
+    assert "needs a target with wgmma" in check_knobs(get_target("cuda-sm89"), ok, WGMMA_ACT8)
+    pc = kernel_key(_packed(cases.Case(k=1024, n=512, group=0, accuracy_level=4)), 512)
+    assert check_knobs(sm90, pc, {**WGMMA_ACT8, "m_frags": 16}) is None
+    # the heuristic takes it on sm_90 above 64 rows, the tiled kernel elsewhere
+    assert tuning.int8_default(sm90, ok)["wgmma"] == 2
+    assert tuning.int8_default(sm90, {**ok, "m": 64})["wgmma"] == 0
+    assert tuning.int8_default(get_target("cuda-sm89"), ok)["wgmma"] == 0
+    assert 2 in tuning.search_space(sm90, ok)["wgmma"]
 
 
 def test_int8_needs_the_permission_and_fitting_weights():

@@ -96,12 +96,14 @@ def _group(key: dict) -> int:
 def search_space(target, key) -> dict:
     m = key["m"]
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
-    wgmma = "wgmma" in target.features and _bits(key) <= 4 and m > 32
+    wgmma16 = "wgmma" in target.features and _bits(key) <= 4 and m > 32
+    # the wgmma kernel with int8 activations (block split only) takes 8-bit codes too
+    wgmma = wgmma16 or "wgmma" in target.features and m > 64 and int8_permitted(key)
     # The GEMV kernel up to 64 rows, and at any M on weights small enough (default_config)
     gemv_permitted = m <= 64 or gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES
     return {
         # wgmma=2 (the block split) where its M tiles of 128 and more are not mostly padding.
-        "wgmma": ([0, 1] + ([2] if m > 64 else [])) if wgmma else [0],
+        "wgmma": [0] + ([1] if wgmma16 else []) + ([2] if wgmma and m > 64 else []),
         "gemv": [1, 0] if gemv_permitted else [0],
         # No tile beyond M (the GEMV kernel's tiles are 8 m_frags rows).
         "m_frags": [f for f in (1, 2, 4) if 16 * f <= max(16, m) or f == 2 and m > 8]
@@ -304,8 +306,46 @@ def fp8_default(target, key) -> dict:
 
 
 def act8_default(target, key, knob: str) -> dict:
-    """The 8-bit-activation kernel's config (include/qcompiler/tiled_i8.cuh) with ``knob``
-    (``int8`` or ``fp8``) set. Not yet timed on a GPU (its GPU tests pass): the shape of the
+    """The 8-bit-activation kernels' config with ``knob`` (``int8`` or ``fp8``) set: on a
+    target with wgmma, the sm_90a wgmma kernel (``act8_wgmma_default``) above 64 rows where it
+    takes the layer, else the tiled mma.sync kernel (``act8_tiled_default``)."""
+    if "wgmma" in getattr(target, "features", ()) and key["m"] > 64:
+        cfg = act8_wgmma_default(target, key, knob)
+        if check_config(target, key, cfg) is None:
+            return cfg
+    return act8_tiled_default(target, key, knob)
+
+
+def act8_wgmma_default(target, key, knob: str) -> dict:
+    """The wgmma kernel with 8-bit activations (include/qcompiler/wgmma_act8.cuh): N tiles of
+    two n64 blocks, one a consumer warpgroup, over M tiles of 256 tokens with per-channel
+    scales (fp32 or s32 sums only) or 128 with group scales (s32 and fp32 sums); where that
+    grid leaves SMs idle, one warpgroup of one block a CTA (twice the CTAs) and then a split
+    of K (at most 4 ways, 4 stages a split) while the grid stays within two CTAs an SM."""
+    m, group = key["m"], _group(key)
+    k_stages = pad_to(key["k"], K_ALIGN) // 128
+    n_blocks = pad_to(key["n"], N_ALIGN) // 64
+    m_frags = 16 if not group and m > 128 else 8
+    cfg = {"gemv": 0, "wgmma": 2, "acc_scale": 0, "int8": int(knob == "int8"),
+           "fp8": int(knob == "fp8"), "m_frags": m_frags, "warps_n": 2, "warps_k": 2,
+           "stages": 4, "stage_k": 128}
+    sms = _sm_count(target)
+    m_tiles = math.ceil(m / (16 * m_frags))
+    if m_tiles * math.ceil(n_blocks / 2) < sms:
+        cfg.update(warps_n=1, warps_k=1)
+    ctas = m_tiles * math.ceil(n_blocks / cfg["warps_n"])
+    split = 1
+    while split * 2 <= 4 and ctas * split * 2 <= 2 * sms and k_stages // (split * 2) >= 4:
+        split *= 2
+    cfg["split_k"] = split
+    while check_config(target, key, cfg) and cfg["stages"] > 2:
+        cfg["stages"] -= 1
+    return cfg
+
+
+def act8_tiled_default(target, key, knob: str) -> dict:
+    """The tiled 8-bit-activation kernel's config (include/qcompiler/tiled_i8.cuh) with
+    ``knob`` (``int8`` or ``fp8``) set. Not yet timed on a GPU (its GPU tests pass): the shape of the
     f16 tiled kernel's heuristic, with M tiles of 32 rows (16 up to 16 rows; at 64 rows ptxas
     spilled 100 bytes a thread at 255 registers on sm_80 and sm_90 with per-channel scales,
     and group scales allow at most 32), N tiles of 256, two k warps,
