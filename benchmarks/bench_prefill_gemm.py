@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
     ap.add_argument("--fp8", action="store_true",
                     help="FP8 e4m3 weights: our f16 and FP8-activation kernels, FP8 peers")
+    ap.add_argument("--shapes", default="", help="comma-separated NxK shapes instead of the set's")
     ap.add_argument("--perchannel", action="store_true",
                     help="4-bit weights with per-channel scales (W4A8: one x scale a row)")
     ap.add_argument("--int8", action="store_true",
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
 
     target = get_target("cuda-sm90")
     shapes = LARGE_SHAPES if a.large else SHAPES
+    if a.shapes:  # N x K pairs, e.g. 4096x4096,14336x4096
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     work = tempfile.mkdtemp()
     jobs = []
     for m in [int(v) for v in a.ms.split(",")]:
