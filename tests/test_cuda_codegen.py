@@ -562,17 +562,34 @@ def test_wgmma_kernels_keep_their_a_registers(tmp_path):
     as its A operand (codegen/cuda/sass_check.py over nvdisasm's SASS): ptxas does not
     guarantee it, and the first per-channel loop of wgmma_act8.cuh computed wrong sums on the
     GPU because the next stage's fragments landed on the in-flight group's registers. The
-    goldens with the 16-bit and 8-bit-activation wgmma kernels, built for sm_90a."""
+    goldens with the 16-bit and 8-bit-activation wgmma kernels and every tile of the latter,
+    built for sm_90a."""
     from qcompiler.codegen.cuda import sass_check
+    from qcompiler.tuning.key import kernel_key
 
     tool = sass_check.find_nvdisasm()
     if tool is None:
         pytest.skip("nvdisasm not found (the test extra installs nvidia-cuda-nvdisasm)")
-    names = ["u4_g128_zp_f16_wgmma"] + sorted(WGMMA_ACT8_GOLDEN)
-    for name in names:
+    sources = {name: os.path.join(GOLDEN, f"{name}.cu")
+               for name in ["u4_g128_zp_f16_wgmma"] + sorted(WGMMA_ACT8_GOLDEN)}
+    # and every tile shape of the 8-bit-activation kernel (M 64/128/256, 1 or 2 warpgroups
+    # of 1 or 2 blocks) on group scales and on 4-bit per-channel codes
+    sm90 = get_target("cuda-sm90")
+    for label, case in (("g128", INT8_GOLDEN["u4_g128_zp_f16_int8"]),
+                        ("perchannel", WGMMA_ACT8_CASES["u4_perchannel_zp_bias_bf16_int8"])):
+        _, _, node = bs.pack_case(case)
+        key = kernel_key(node, 512)
+        variants = [v for v in ({**WGMMA_ACT8, "m_frags": mf, "warps_n": wn, "warps_k": wk}
+                                for mf, wn, wk in ((4, 2, 1), (4, 4, 2), (8, 1, 1), (8, 2, 2),
+                                                   (16, 2, 2), (16, 1, 1)))
+                    if tuning.check_config(sm90, key, {**v, "int8": 1}) is None]
+        bs.set_variants(node, [{**v, "int8": 1} for v in variants])
+        sources[f"act8_{label}"] = str(tmp_path / f"act8_{label}.cu")
+        with open(sources[f"act8_{label}"], "w") as f:
+            f.write(backend.render(backend.kernel_params(node, "cuda-sm90")))
+    for name, src in sources.items():
         cubin = str(tmp_path / f"{name}.cubin")
-        cmd = nv.nvcc_command(os.path.join(GOLDEN, f"{name}.cu"), cubin, ["sm_90a"],
-                              compile_only=True)
+        cmd = nv.nvcc_command(src, cubin, ["sm_90a"], compile_only=True)
         # one sm_90a cubin: no PTX for the JIT (code=compute_*), -cubin instead of -c
         cmd = ["-cubin" if c == "-c" else c for c in cmd if "code=compute_" not in c]
         proc = subprocess.run(cmd, capture_output=True, text=True)
