@@ -122,9 +122,14 @@ def _int8_case(fmt: str, k: int, n: int) -> cases.Case:
                       act_order=ao, dtype=dtype, bias=bias, accuracy_level=4)
 
 
+# K = 368 (whole 16-element chunks): the quantizer's chunk-a-lane path; 372 (x read with an
+# odd stride) and act-order: its element-a-lane path. Both padded to 384.
+QUANTIZER_CHUNKS = ("i4_g128_bf16", "u8_zp_g64_bf16", "i8_perchannel_f16")
+
+
 @pytest.mark.parametrize("fmt", INT8_FORMATS)
 def test_int8_activations_in_host_emulation(fmt, tmp_path):
-    case = _int8_case(fmt, 372, 200)  # K: padded to 384 (x read with an odd stride); N: padded
+    case = _int8_case(fmt, 368 if fmt in QUANTIZER_CHUNKS else 372, 200)  # N: padded
     module, packed, node = bs.pack_case(case, TARGET)
     bs.set_variants(node, INT8_VARIANTS)
     qmm = EmulatedQmm(node, packed, tmp_path, TARGET)
@@ -170,7 +175,8 @@ FP8_VARIANTS = [{**v, "int8": 0, "fp8": 1} for v in INT8_VARIANTS]
 
 @pytest.mark.parametrize("group", [0, 64], ids=["perchannel", "g64"])
 def test_fp8_activations_in_host_emulation(group, tmp_path):
-    case = cases.Case(k=372, n=200, fp8=True, group=group, bias=True)
+    # per channel: K = 368, the quantizer's chunk-a-lane path; g64: 372, element a lane
+    case = cases.Case(k=372 if group else 368, n=200, fp8=True, group=group, bias=True)
     module, packed, node = bs.pack_case(case, "cuda-sm89")
     bs.set_variants(node, FP8_VARIANTS)
     qmm = EmulatedQmm(node, packed, tmp_path, "cuda-sm89")

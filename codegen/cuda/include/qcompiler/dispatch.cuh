@@ -129,10 +129,14 @@ __host__ __device__ inline uint8_t float_to_e4m3(float v) {
 // column 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K).
 // xs [groups, rows4(M)] (rows past M: 0); int8: xsum [groups, rows4(M)], the sum of the
 // group's codes (the kernel subtracts zero point x xsum from its sums of codes x raw weights).
-// One warp per (row, group).
+// One warp per (row, group). Where x's rows are whole 16-element chunks at 16-byte
+// addresses and K is not permuted (`vec`), a lane takes a chunk at a time: two 16-byte loads,
+// the chunk's permutation in registers, one 16-byte store of its codes; otherwise an element
+// at a time. Both give the same codes (the same IEEE steps per element).
 template <class C, bool FP8>
 __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, float* xs,
-                                     int* xsum, const int* perm, int M) {
+                                     int* xsum, const int* perm, int M, bool vec) {
+  using S = typename C::scalar_t;
   constexpr int G = x_group<C>(), GROUPS = C::K_PAD / G;
   const int m4 = rows4(M), lane = threadIdx.x & 31;
   const int warp = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
@@ -145,25 +149,74 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
     }
     return;
   }
-  auto value = [&](int kq) -> float {
-    const int k = (kq & ~15) + 2 * ((kq & 15) >> 2) + b_row_offset<C::CB>(kq & 3);
-    return k < C::K ? to_float(x[(long long)m * C::K + (perm ? perm[k] : k)]) : 0.0f;
-  };
-  float amax = 0.0f;
-  for (int i = lane; i < G; i += 32) amax = fmaxf(amax, fabsf(value(g * G + i)));
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   constexpr float QMAX = FP8 ? 448.0f : 127.0f;
-  const float inv = amax > 0.0f ? __fdiv_rn(QMAX, amax) : 0.0f;
-  if (lane == 0)
-    xs[g * m4 + m] = amax == 0.0f ? 1.0f
-                     : FP8        ? __fmul_rn(__fmul_rn(amax, 1.0f / QMAX), 1.0f / 256.0f)
-                                  : __fmul_rn(amax, 1.0f / QMAX);
+  auto quantize = [](float v, float inv) -> int8_t {
+    const float s = __fmul_rn(v, inv);
+    return FP8 ? (int8_t)float_to_e4m3(s) : (int8_t)__float2int_rn(s);
+  };
+  auto publish = [&](float amax) {  // the group's scale; returns 127 / amax (or 448 / amax)
+    if (lane == 0)
+      xs[g * m4 + m] = amax == 0.0f ? 1.0f
+                       : FP8        ? __fmul_rn(__fmul_rn(amax, 1.0f / QMAX), 1.0f / 256.0f)
+                                    : __fmul_rn(amax, 1.0f / QMAX);
+    return amax > 0.0f ? __fdiv_rn(QMAX, amax) : 0.0f;
+  };
+  auto warp_max = [](float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+  };
   int sum = 0;
-  for (int i = lane; i < G; i += 32) {
-    const float v = __fmul_rn(value(g * G + i), inv);
-    const int8_t q = FP8 ? (int8_t)float_to_e4m3(v) : (int8_t)__float2int_rn(v);
-    xq[(long long)m * C::K_PAD + g * G + i] = q;
-    sum += q;
+  if (vec) {
+    // chunk c of the group: x columns k0 .. k0 + 15 (k0 = g G + 16 c), all < K or all >= K
+    const S* row = x + (long long)m * C::K;
+    auto load = [&](int k0, float* v) {
+      __align__(16) S h[16];
+      *reinterpret_cast<uint4*>(h) = *reinterpret_cast<const uint4*>(row + k0);
+      *reinterpret_cast<uint4*>(h + 8) = *reinterpret_cast<const uint4*>(row + k0 + 8);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] = to_float(h[i]);
+    };
+    float amax = 0.0f;
+    for (int c = lane; c < G / 16; c += 32) {
+      const int k0 = g * G + 16 * c;
+      if (k0 >= C::K) break;
+      float v[16];
+      load(k0, v);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    }
+    const float inv = publish(warp_max(amax));
+    for (int c = lane; c < G / 16; c += 32) {
+      const int k0 = g * G + 16 * c;
+      __align__(16) int8_t q[16];
+      if (k0 < C::K) {
+        float v[16];
+        load(k0, v);
+        // code 4 p + j of the chunk is x column 2 p + b_row_offset(j) of it
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          q[i] = quantize(v[2 * (i >> 2) + b_row_offset<C::CB>(i & 3)], inv);
+          sum += q[i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) q[i] = 0;
+      }
+      *reinterpret_cast<uint4*>(xq + (long long)m * C::K_PAD + k0) = *reinterpret_cast<uint4*>(q);
+    }
+  } else {
+    auto value = [&](int kq) -> float {
+      const int k = (kq & ~15) + 2 * ((kq & 15) >> 2) + b_row_offset<C::CB>(kq & 3);
+      return k < C::K ? to_float(x[(long long)m * C::K + (perm ? perm[k] : k)]) : 0.0f;
+    };
+    float amax = 0.0f;
+    for (int i = lane; i < G; i += 32) amax = fmaxf(amax, fabsf(value(g * G + i)));
+    const float inv = publish(warp_max(amax));
+    for (int i = lane; i < G; i += 32) {
+      const int8_t q = quantize(value(g * G + i), inv);
+      xq[(long long)m * C::K_PAD + g * G + i] = q;
+      sum += q;
+    }
   }
   if (!FP8) {
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -226,7 +279,10 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
     const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
     const int blocks = (int)((threads + 255) / 256);
     auto quantize = v.fp8 ? quantize_x_i8_kernel<C, true> : quantize_x_i8_kernel<C, false>;
-    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, xsum, perm, M);
+    // whole 16-element chunks at 16-byte addresses, K in order: a chunk a lane at a time
+    const bool vec = perm == nullptr && C::K % 16 == 0 &&
+                     (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
+    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, xsum, perm, M, vec);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     p.xq = xq;
