@@ -198,6 +198,21 @@ struct StageView {
 
 // The producer: lane 0 of the producer warpgroup's first warp issues every copy of every
 // stage (one TMA box of x, bulk copies of the packed weights, scale and zero-point rows).
+// The producer's ring: for each of the CTA's stages, wait for its slot to be handed back
+// (from the STAGES-th on), announce the stage's bytes, and issue its copies: copy_stage(base,
+// kt, bar) (every copy completing on the full barrier bar).
+template <class T, class CopyStage>
+__device__ __forceinline__ void produce_ring(unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                             int kt_begin, int n_kt, uint32_t stage_tx,
+                                             CopyStage copy_stage) {
+  for (int it = 0; it < n_kt; ++it) {
+    const int s = it % T::STAGES;
+    if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
+    mbar_expect_tx(full + s, stage_tx);
+    copy_stage(smem + s * T::STAGE_BYTES, kt_begin + it, full + s);
+  }
+}
+
 template <class C, class T>
 __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
                                               const Params<typename C::scalar_t>& p,
@@ -207,27 +222,24 @@ __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
   const uint32_t w_bytes = n_valid * 512, row_bytes = n_valid * 128;
   const uint32_t stage_tx = T::X_BYTES + 4 * w_bytes +
                             T::SROWS * row_bytes * ((T::S_BYTES ? 1 : 0) + (T::Z_BYTES ? 1 : 0));
-  for (int it = 0; it < n_kt; ++it) {
-    const int s = it % T::STAGES, kt = kt_begin + it;
-    if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
-    unsigned char* base = smem + s * T::STAGE_BYTES;
-    mbar_expect_tx(full + s, stage_tx);
-    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, full + s);  // rows past M: zeros
+  produce_ring<T>(smem, full, empty, kt_begin, n_kt, stage_tx,
+                  [&](unsigned char* base, int kt, uint64_t* bar) {
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
       bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
-                p.w + ((long long)(kt * 4 + ks) * C::N_BLOCKS + nb0) * 32, w_bytes, full + s);
+                p.w + ((long long)(kt * 4 + ks) * C::N_BLOCKS + nb0) * 32, w_bytes, bar);
 #pragma unroll
     for (int r = 0; r < T::SROWS; ++r) {
       const long long row = (long long)kt * T::STAGE_K / C::GROUP + r;
       if (T::S_BYTES)
         bulk_load(base + T::X_BYTES + T::W_BYTES + r * T::ROW_BYTES,
-                  p.scales + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+                  p.scales + row * C::N_PAD + nb0 * 64, row_bytes, bar);
       if (T::Z_BYTES)
         bulk_load(base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES,
-                  p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+                  p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, bar);
     }
-  }
+  });
 }
 
 // The scale row and whether k16 step ks starts a group (a new row) within a stage.
@@ -288,17 +300,37 @@ __device__ __forceinline__ void step_done(uint64_t* empty, int stages, int it, i
   if (ks == 0 && it > 0 && lane == 0) mbar_arrive(empty + (it - 1) % stages);
 }
 
+// The CTA's part of the product, shared by its producer and consumer warpgroups: the first
+// token m0, the first n64 block nb0 and how many of its blocks exist (n_valid), the K split
+// and its range of stages.
+struct WgmmaCta {
+  int m0, nb0, n_valid, split, kt_begin, n_kt;
+};
+
+// What a mapping of 16-bit x brings to the kernel below besides its consumers: the TMA map
+// of x and the producer's copies (wgmma_produce).
+template <class C, class T>
+struct X16Stages {
+  static cudaError_t make_map(const Params<typename C::scalar_t>& p, CUtensorMap* map);
+  __device__ static void produce(const CUtensorMap* x_map, const Params<typename C::scalar_t>& p,
+                                 unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                 const WgmmaCta& cta) {
+    wgmma_produce<C, T>(x_map, p, smem, full, empty, cta.m0, cta.nb0, cta.n_valid,
+                        cta.kt_begin, cta.n_kt);
+  }
+};
+
 // wgmma=1: the consumer warpgroups split the tokens (64 each); see above.
 template <class C, class T>
-struct TokenSplit {
+struct TokenSplit : X16Stages<C, T> {
   static constexpr int NT = 64;  // tokens per consumer warpgroup
   static_assert(T::M_TILE == NT * T::CONSUMERS && T::N_BLOCKS_CTA == 4, "TokenSplit's tile");
   float acc[4][NT / 2];
 
   __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
-                                           int n_kt, int warp, int lane) {
+                                           const WgmmaCta& cta, int warp, int lane) {
     using S = typename C::scalar_t;
-    const int c = warp >> 2, w = warp & 3, g = lane >> 2;
+    const int c = warp >> 2, w = warp & 3, g = lane >> 2, n_kt = cta.n_kt;
 #pragma unroll
     for (int t = 0; t < 4; ++t)
 #pragma unroll
@@ -335,7 +367,8 @@ struct TokenSplit {
 
   // The accumulators into the fp32 tile [token][n]. wgmma D fragment: row 16 w + g + 8 h of
   // the m64 (an n of W^T), column 8 (i / 4) + 2 q + i % 2 (a token).
-  __device__ __forceinline__ void store(float* red, int warp, int lane) const {
+  __device__ __forceinline__ void store(float* red, const Params<typename C::scalar_t>&,
+                                        const WgmmaCta&, int warp, int lane) const {
     const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int t = 0; t < 4; ++t)
@@ -350,16 +383,16 @@ struct TokenSplit {
 
 // wgmma=2: the consumer warpgroups split the n64 blocks (BPW each); see above.
 template <class C, class T, int BPW>
-struct BlockSplit {
+struct BlockSplit : X16Stages<C, T> {
   static constexpr int NT = T::M_TILE;  // tokens per wgmma: all of the CTA's
   static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "BlockSplit's tile");
   static_assert(BPW * NT <= 256, "at most 128 fp32 accumulators a thread");
   float acc[BPW][NT / 2];
 
   __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
-                                           int n_kt, int warp, int lane) {
+                                           const WgmmaCta& cta, int warp, int lane) {
     using S = typename C::scalar_t;
-    const int c = warp >> 2, w = warp & 3, g = lane >> 2;
+    const int c = warp >> 2, w = warp & 3, g = lane >> 2, n_kt = cta.n_kt;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
@@ -419,7 +452,8 @@ struct BlockSplit {
   }
 
   // As TokenSplit's, with the m64's rows the four tiles of block c BPW + j (warp w: tile w).
-  __device__ __forceinline__ void store(float* red, int warp, int lane) const {
+  __device__ __forceinline__ void store(float* red, const Params<typename C::scalar_t>&,
+                                        const WgmmaCta&, int warp, int lane) const {
     const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
@@ -433,10 +467,12 @@ struct BlockSplit {
 };
 
 // CTA: T::CONSUMERS consumer warpgroups (warps 0 .. 4 CONSUMERS - 1) running Mapping, and a
-// producer warpgroup after them (setmaxnreg moves its registers to the consumers). Stages of
-// 64 K rows, STAGES deep, a full and an empty mbarrier each; blockIdx = (M tile, N tile, K
-// split). The end of the CTA is the other kernels' finish_tile (epilogue, or split-K partials
-// and the last CTA's fix-up) over an fp32 tile in shared memory.
+// producer warpgroup after them (setmaxnreg moves its registers to the consumers) issuing
+// Mapping::produce's copies. Stages of T::STAGE_K rows, STAGES deep, a full and an empty
+// mbarrier each; blockIdx = (M tile, N tile, K split). The end of the CTA is the other
+// kernels' finish_tile (epilogue, or split-K partials and the last CTA's fix-up) over the
+// fp32 tile that Mapping::store writes in shared memory. Mappings: TokenSplit, BlockSplit
+// (16-bit x), Act8BlockSplit (8-bit x, wgmma_act8.cuh).
 template <class C, class T, class Mapping>
 __global__ void __launch_bounds__(T::THREADS, 1)
 qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
@@ -454,12 +490,13 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   int* flag = reinterpret_cast<int*>(empty + T::STAGES);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * T::M_TILE;
-  const int nb0 = blockIdx.y * T::N_BLOCKS_CTA;
-  const int n_valid = C::N_BLOCKS - nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - nb0 : T::N_BLOCKS_CTA;
-  const int split = blockIdx.z;
-  const int kt_begin = (int)(((long long)split * T::K_STAGES) / p.split_k);
-  const int kt_end = (int)(((long long)(split + 1) * T::K_STAGES) / p.split_k);
+  WgmmaCta cta;
+  cta.m0 = blockIdx.x * T::M_TILE;
+  cta.nb0 = blockIdx.y * T::N_BLOCKS_CTA;
+  cta.n_valid = C::N_BLOCKS - cta.nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - cta.nb0 : T::N_BLOCKS_CTA;
+  cta.split = blockIdx.z;
+  cta.kt_begin = (int)(((long long)cta.split * T::K_STAGES) / p.split_k);
+  cta.n_kt = (int)(((long long)(cta.split + 1) * T::K_STAGES) / p.split_k) - cta.kt_begin;
 
   if (tid == 0) {
     for (int s = 0; s < T::STAGES; ++s) {
@@ -474,22 +511,20 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   if (warp >= 4 * T::CONSUMERS) {
     // The producer warpgroup gives its registers to the consumers, issues the copies, leaves.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 4 * T::CONSUMERS && lane == 0)
-      wgmma_produce<C, T>(&x_map, p, smem, full, empty, m0, nb0, n_valid, kt_begin,
-                          kt_end - kt_begin);
+    if (warp == 4 * T::CONSUMERS && lane == 0) Mapping::produce(&x_map, p, smem, full, empty, cta);
     return;  // the consumers finish the tile (named barrier 1 counts them only)
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  mapping.mainloop(smem, full, empty, kt_end - kt_begin, warp, lane);
+  mapping.mainloop(smem, full, empty, cta, warp, lane);
   // Every stage has been consumed (the producer's copies all landed): the pipeline's shared
   // memory becomes the CTA's fp32 tile [token][n].
   cta_sync<T::CONSUMER_THREADS>();
   float* red = reinterpret_cast<float*>(smem);
-  mapping.store(red, warp, lane);
+  mapping.store(red, p, cta, warp, lane);
   cta_sync<T::CONSUMER_THREADS>();
   auto tile_sum = [&](int i) { return red[(i / T::N_TILE) * T::RED_STRIDE + i % T::N_TILE]; };
   finish_tile<C, T::M_TILE, T::N_TILE, T::CONSUMER_THREADS, decltype(tile_sum),
-              T::CONSUMER_THREADS>(p, m0, nb0 * 64, split, flag, tile_sum);
+              T::CONSUMER_THREADS>(p, cta.m0, cta.nb0 * 64, cta.split, flag, tile_sum);
 #endif
 }
 
@@ -529,6 +564,11 @@ cudaError_t make_x_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+template <class C, class T>
+cudaError_t X16Stages<C, T>::make_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
+  return make_x_map<C, T::M_TILE>(p, map);
+}
+
 template <class C, class T, class Mapping>
 cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
   auto kernel = qmatmul_wgmma_kernel<C, T, Mapping>;
@@ -540,7 +580,7 @@ cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
     smem_set = true;
   }
   CUtensorMap map;
-  cudaError_t err = make_x_map<C, T::M_TILE>(p, &map);
+  cudaError_t err = Mapping::make_map(p, &map);
   if (err != cudaSuccess) return err;
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + T::N_BLOCKS_CTA - 1) / T::N_BLOCKS_CTA,
             p.split_k);

@@ -127,6 +127,24 @@ __device__ __forceinline__ void wgmma_rs_s8_fresh(int* d, const uint32_t* a, uin
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+// ---- the TMA map of x's codes (host side) ---------------------------------------------------
+// The TMA map of x's codes xq [M, K_PAD] (bytes) in boxes of 128 columns x M_TILE rows,
+// 128-byte swizzle; rows past M read as zeros.
+template <class C, int M_TILE>
+cudaError_t make_xq_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {(cuuint64_t)C::K_PAD, (cuuint64_t)p.M};
+  const cuuint64_t strides[1] = {(cuuint64_t)C::K_PAD};
+  const cuuint32_t box[2] = {128, (cuuint32_t)M_TILE};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2,
+                            const_cast<int8_t*>(p.xq), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // ---- the CTA's tile and its shared memory ---------------------------------------------------
 template <class C, int M_TILE_, int N_BLOCKS_CTA_, int CONSUMERS_, int STAGES_, bool FP8_>
 struct WgmmaAct8Tile {
@@ -194,28 +212,25 @@ __device__ __forceinline__ void act8_produce(const CUtensorMap* x_map,
   const uint32_t xs_bytes = T::XS_BYTES ? xs_count * 4 : 0;
   const uint32_t stage_tx = T::X_BYTES + 8 * w_bytes + (T::S_BYTES ? row_bytes : 0) +
                             (T::Z_BYTES ? row_bytes : 0) + 2 * xs_bytes;
-  for (int it = 0; it < n_kt; ++it) {
-    const int s = it % T::STAGES, kt = kt_begin + it;
-    if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
-    unsigned char* base = smem + s * T::STAGE_BYTES;
-    mbar_expect_tx(full + s, stage_tx);
-    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, full + s);  // rows past M: zeros
+  produce_ring<T>(smem, full, empty, kt_begin, n_kt, stage_tx,
+                  [&](unsigned char* base, int kt, uint64_t* bar) {
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks)
       bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
                 p.w + ((long long)(kt * 8 + ks) * C::N_BLOCKS + nb0) * 32 * T::WORDS, w_bytes,
-                full + s);
+                bar);
     if constexpr (!T::X_PER_ROW) {
       const long long row = (long long)kt * T::STAGE_K / C::GROUP;  // the stage's group
       unsigned char* rows = base + T::X_BYTES + T::W_BYTES;
-      bulk_load(rows, p.scales + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+      bulk_load(rows, p.scales + row * C::N_PAD + nb0 * 64, row_bytes, bar);
       if (T::Z_BYTES)
-        bulk_load(rows + T::S_BYTES, p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, full + s);
+        bulk_load(rows + T::S_BYTES, p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, bar);
       unsigned char* xs = rows + T::S_BYTES + T::Z_BYTES;
-      bulk_load(xs, p.xs + row * p.xs_stride + m0, xs_bytes, full + s);
-      bulk_load(xs + T::M_TILE * 4, p.xsum + row * p.xs_stride + m0, xs_bytes, full + s);
+      bulk_load(xs, p.xs + row * p.xs_stride + m0, xs_bytes, bar);
+      bulk_load(xs + T::M_TILE * 4, p.xsum + row * p.xs_stride + m0, xs_bytes, bar);
     }
-  }
+  });
 }
 
 // Consumer warpgroup c: BPW n64 blocks (c BPW ..) of the CTA over all M_TILE tokens.
@@ -228,6 +243,16 @@ struct Act8BlockSplit {
   static_assert(BPW * NT <= (FOLD ? 128 : 256),
                 "accumulators a thread: at most 128 (folding: two sets of s32 sums and the fp32 "
                 "ones, 64 each)");
+  __device__ static void produce(const CUtensorMap* x_map, const Params<typename C::scalar_t>& p,
+                                 unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                 const WgmmaCta& cta) {
+    act8_produce<C, T>(x_map, p, smem, full, empty, cta.m0, cta.nb0, cta.n_valid, cta.kt_begin,
+                       cta.n_kt);
+  }
+  static cudaError_t make_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
+    return make_xq_map<C, T::M_TILE>(p, map);
+  }
+
   Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage, when folding)
   // folding: the previous stage's sums as the float bits of 1.5 * 2^23 + sum (below)
   uint32_t held[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];
@@ -340,8 +365,8 @@ struct Act8BlockSplit {
   }
 
   __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
-                                           int kt_begin, int n_kt, int warp, int lane) {
-    const int c = warp >> 2, w = warp & 3;
+                                           const WgmmaCta& cta, int warp, int lane) {
+    const int c = warp >> 2, w = warp & 3, kt_begin = cta.kt_begin, n_kt = cta.n_kt;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
@@ -400,8 +425,9 @@ struct Act8BlockSplit {
   // x scale of the token, and (int8) the zero point times its code sum off in split 0 (the
   // zero point of column n of block b is slot 8 (n % 8) + (n % 64) / 8 of the permuted row).
   __device__ __forceinline__ void store(float* red, const Params<typename C::scalar_t>& p,
-                                        int m0, int nb0, int split, int warp, int lane) const {
+                                        const WgmmaCta& cta, int warp, int lane) const {
     const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
+    const int m0 = cta.m0, nb0 = cta.nb0, split = cta.split;
 #pragma unroll
     for (int j = 0; j < BPW; ++j) {
       int z[2] = {0, 0};
@@ -433,95 +459,13 @@ struct Act8BlockSplit {
   }
 };
 
-// CTA: T::CONSUMERS consumer warpgroups and a producer warpgroup, as wgmma.cuh's kernel.
-template <class C, class T, class Mapping>
-__global__ void __launch_bounds__(T::THREADS, 1)
-qmatmul_wgmma_act8_kernel(const __grid_constant__ CUtensorMap x_map,
-                          const Params<typename C::scalar_t> p) {
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // built for another arch (wgmma and setmaxnreg are sm_90a): never launched there
-#else
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::BODY_BYTES);
-  uint64_t* empty = full + T::STAGES;
-  int* flag = reinterpret_cast<int*>(empty + T::STAGES);
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * T::M_TILE;
-  const int nb0 = blockIdx.y * T::N_BLOCKS_CTA;
-  const int n_valid = C::N_BLOCKS - nb0 < T::N_BLOCKS_CTA ? C::N_BLOCKS - nb0 : T::N_BLOCKS_CTA;
-  const int split = blockIdx.z;
-  const int kt_begin = (int)(((long long)split * T::K_STAGES) / p.split_k);
-  const int kt_end = (int)(((long long)(split + 1) * T::K_STAGES) / p.split_k);
-
-  if (tid == 0) {
-    for (int s = 0; s < T::STAGES; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, 4 * T::CONSUMERS);   // lane 0 of every consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  Mapping mapping;
-  if (warp >= 4 * T::CONSUMERS) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 4 * T::CONSUMERS && lane == 0)
-      act8_produce<C, T>(&x_map, p, smem, full, empty, m0, nb0, n_valid, kt_begin,
-                         kt_end - kt_begin);
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  mapping.mainloop(smem, full, empty, kt_begin, kt_end - kt_begin, warp, lane);
-  cta_sync<T::CONSUMER_THREADS>();
-  float* red = reinterpret_cast<float*>(smem);
-  mapping.store(red, p, m0, nb0, split, warp, lane);
-  cta_sync<T::CONSUMER_THREADS>();
-  auto tile_sum = [&](int i) { return red[(i / T::N_TILE) * T::RED_STRIDE + i % T::N_TILE]; };
-  finish_tile<C, T::M_TILE, T::N_TILE, T::CONSUMER_THREADS, decltype(tile_sum),
-              T::CONSUMER_THREADS>(p, m0, nb0 * 64, split, flag, tile_sum);
-#endif
-}
-
 // ---- host side ----------------------------------------------------------------------------
-// The TMA map of x's codes xq [M, K_PAD] (bytes) in boxes of 128 columns x M_TILE rows,
-// 128-byte swizzle; rows past M read as zeros.
-template <class C, int M_TILE>
-cudaError_t make_xq_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
-  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[2] = {(cuuint64_t)C::K_PAD, (cuuint64_t)p.M};
-  const cuuint64_t strides[1] = {(cuuint64_t)C::K_PAD};
-  const cuuint32_t box[2] = {128, (cuuint32_t)M_TILE};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2,
-                            const_cast<int8_t*>(p.xq), dims, strides, box, elem_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 // wgmma=2 with int8=1 or fp8=1: CONSUMERS warpgroups of BPW n64 blocks each over M tiles of
-// M_TILE tokens (x already quantized by make_params).
+// M_TILE tokens (x already quantized by make_params), on wgmma.cuh's kernel.
 template <class C, int M_TILE, int BPW, int CONSUMERS, int STAGES, bool FP8>
 cudaError_t launch_wgmma_act8(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = WgmmaAct8Tile<C, M_TILE, BPW * CONSUMERS, CONSUMERS, STAGES, FP8>;
-  auto kernel = qmatmul_wgmma_act8_kernel<C, T, Act8BlockSplit<C, T, BPW>>;
-  static bool smem_set = false;  // over 48 KB of shared memory must be asked for once
-  if (!smem_set) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           T::SMEM_BYTES);
-    if (err != cudaSuccess) return err;
-    smem_set = true;
-  }
-  CUtensorMap map;
-  cudaError_t err = make_xq_map<C, M_TILE>(p, &map);
-  if (err != cudaSuccess) return err;
-  dim3 grid((p.M + M_TILE - 1) / M_TILE, (C::N_BLOCKS + T::N_BLOCKS_CTA - 1) / T::N_BLOCKS_CTA,
-            p.split_k);
-  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map, p);
-  return cudaGetLastError();
+  return launch_wgmma<C, T, Act8BlockSplit<C, T, BPW>>(p, stream);
 }
 
 }  // namespace qc
