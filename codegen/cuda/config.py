@@ -307,7 +307,8 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     if config["wgmma"] != 2:
         return f"{knob}=1 on the wgmma kernel takes the block-split mapping (wgmma=2)"
     if config["stage_k"] != 128:
-        return f"the wgmma kernel with {knob} activations takes stage_k=128 (one 128-byte row of codes)"
+        return (f"the wgmma kernel with {knob} activations takes stage_k=128 (one 128-byte "
+                "row of codes)")
     group = _group(key)
     if knob == "fp8" and group:
         return "FP8 activations on the wgmma kernel take per-channel weight scales"
@@ -330,7 +331,8 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     if not 2 <= config["stages"] <= 8:
         return f"stages={config['stages']} not in [2, 8]"
     if not 1 <= config["split_k"] <= k_pad // 128:
-        return f"split_k={config['split_k']} not in [1, {k_pad // 128}] (K has {k_pad // 128} stages of 128)"
+        return (f"split_k={config['split_k']} not in [1, {k_pad // 128}] (K has "
+                f"{k_pad // 128} stages of 128)")
     need = smem_bytes(config, key, cb=8 if _bits(key) > 4 else 4, group=group or 1 << 30)
     if need > _smem_limit(target):
         return f"needs {need} bytes of shared memory"

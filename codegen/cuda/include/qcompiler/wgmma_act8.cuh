@@ -23,14 +23,17 @@
 // rows of W^T), so x's code order is the same as that kernel's.
 //
 // Group scales (int8, groups of a multiple of 128 rows): each stage's wgmmas sum the codes'
-// products into s32 accumulators (the first with scale-d 0: a fresh sum), which the warpgroup
-// then folds into fp32 ones with the stage's scales, taking the zero point off at the group's
-// first stage. The fold is about as much issue per element as the MMA's own time, so it runs
-// while the next stage's wgmmas do: two sets of s32 sums, stage it's wgmmas into one while
-// stage it - 1's are folded from the other (and two consumer warpgroups interleave besides).
-// Per-channel weight scales (one x scale a row): the
-// s32 (int8) or fp32 (FP8) sums run over the whole K range, and the end applies xs (and takes
-// the zero point off once, in split 0); the weight scale is the epilogue's, as for every kernel.
+// products into fresh s32 accumulators, which the warpgroup then folds into fp32 ones with
+// the stage's scales, taking the zero point off at the group's first stage. The fold is about
+// as much issue per element as the MMA's own time, so it runs while the next stage's wgmmas
+// do: after each stage's wait its sums are held in other registers (Act8BlockSplit::held),
+// folded during the next stage (and two consumer warpgroups interleave besides). Per-channel
+// weight scales (one x scale a row): the s32 (int8) or fp32 (FP8) sums run over the whole K
+// range, and the end applies xs (and takes the zero point off once, in split 0); the weight
+// scale is the epilogue's, as for every kernel.
+//
+// This file holds what differs from the 16-bit-x kernel: the mapping Act8BlockSplit (its
+// producer's copies, TMA map, main loop and store), run by wgmma.cuh's qmatmul_wgmma_kernel.
 #ifndef QCOMPILER_WGMMA_ACT8_CUH
 #define QCOMPILER_WGMMA_ACT8_CUH
 
@@ -45,7 +48,7 @@
 #include "scalar.cuh"
 #include "splitk.cuh"
 #include "tiled_i8.cuh"  // b_codes: a lane's bytes of a k16 step
-#include "wgmma.cuh"     // mbarriers, TMA, bulk copies, wgmma fences, descriptors, the x map's encoder
+#include "wgmma.cuh"     // the kernel, its pipeline, wgmma fences, descriptors, TMA encoder
 
 namespace qc {
 
@@ -241,8 +244,8 @@ struct Act8BlockSplit {
   using Sum = std::conditional_t<T::FP8, float, int>;
   static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "each warpgroup takes BPW blocks");
   static_assert(BPW * NT <= (FOLD ? 128 : 256),
-                "accumulators a thread: at most 128 (folding: two sets of s32 sums and the fp32 "
-                "ones, 64 each)");
+                "accumulators a thread: at most 128 (folding: the s32 sums, the held ones and "
+                "the fp32 ones, 64 each)");
   __device__ static void produce(const CUtensorMap* x_map, const Params<typename C::scalar_t>& p,
                                  unsigned char* smem, uint64_t* full, uint64_t* empty,
                                  const WgmmaCta& cta) {
@@ -252,6 +255,7 @@ struct Act8BlockSplit {
   static cudaError_t make_map(const Params<typename C::scalar_t>& p, CUtensorMap* map) {
     return make_xq_map<C, T::M_TILE>(p, map);
   }
+
 
   Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage, when folding)
   // folding: the previous stage's sums as the float bits of 1.5 * 2^23 + sum (below)
@@ -395,7 +399,8 @@ struct Act8BlockSplit {
         for (int j = 0; j < BPW; ++j)
 #pragma unroll
           for (int i = 0; i < NT / 2; ++i)
-            asm volatile("add.s32 %0, %1, %2;\n" : "=r"(held[j][i]) : "r"(part[j][i]), "n"(MAGIC_BITS));
+            asm volatile("add.s32 %0, %1, %2;\n"
+                         : "=r"(held[j][i]) : "r"(part[j][i]), "n"(MAGIC_BITS));
       }
       if (n_kt > 0) {
         const int kt = kt_begin + n_kt - 1;
