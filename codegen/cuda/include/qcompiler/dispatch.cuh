@@ -129,21 +129,33 @@ __host__ __device__ inline uint8_t float_to_e4m3(float v) {
 // column 16 c + 4 q + j holds x's column 16 c + 2 q + b_row_offset(j) (zero past K).
 // xs [groups, rows4(M)] (rows past M: 0); int8: xsum [groups, rows4(M)], the sum of the
 // group's codes (the kernel subtracts zero point x xsum from its sums of codes x raw weights).
-// One warp per (row, group). Where x's rows are whole 16-element chunks at 16-byte
-// addresses and K is not permuted (`vec`), a lane takes a chunk at a time: two 16-byte loads,
-// the chunk's permutation in registers, one 16-byte store of its codes; otherwise an element
-// at a time. Both give the same codes (the same IEEE steps per element).
+// Where x's rows are whole 16-element chunks at 16-byte addresses and K is not permuted
+// (`vec`), a lane takes a chunk at a time: two 16-byte loads, the chunk's permutation in
+// registers, one 16-byte store of its codes, and a group has `lanes` lanes, the power of two
+// at most min(32, G / 16) (a warp takes 32 / lanes groups of a row: all of its lanes busy on
+// groups of 128); otherwise a warp takes one group an element at a time (lanes = 32). Both
+// give the same codes (the same IEEE steps per element).
+inline int quantize_lanes(int group, bool vec) {
+  if (!vec) return 32;
+  int lanes = 1;  // a power of two (the shuffles' runs), at most a lane a chunk
+  while (lanes < 32 && 2 * lanes <= group / 16) lanes *= 2;
+  return lanes;
+}
+
 template <class C, bool FP8>
 __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, float* xs,
-                                     int* xsum, const int* perm, int M, bool vec) {
+                                     int* xsum, const int* perm, int M, bool vec, int lanes) {
   using S = typename C::scalar_t;
   constexpr int G = x_group<C>(), GROUPS = C::K_PAD / G;
-  const int m4 = rows4(M), lane = threadIdx.x & 31;
+  const int per_warp = 32 / lanes, warps_a_row = (GROUPS + per_warp - 1) / per_warp;
+  const int m4 = rows4(M), lane = threadIdx.x & 31, sub = lane % lanes;
   const int warp = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5);
-  if (warp >= m4 * GROUPS) return;  // whole warps: the shuffles below see all 32 lanes
-  const int m = warp / GROUPS, g = warp % GROUPS;
+  if (warp >= m4 * warps_a_row) return;  // whole warps: the shuffles below see all 32 lanes
+  const int m = warp / warps_a_row, g = warp % warps_a_row * per_warp + lane / lanes;
+  const bool mine = g < GROUPS;          // the last warp of a row may have lanes to spare
+  const bool leader = mine && sub == 0;  // writes the group's scale and code sum
   if (m >= M) {
-    if (lane == 0) {
+    if (leader) {
       xs[g * m4 + m] = 0.0f;
       if (!FP8) xsum[g * m4 + m] = 0;
     }
@@ -154,16 +166,17 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
     const float s = __fmul_rn(v, inv);
     return FP8 ? (int8_t)float_to_e4m3(s) : (int8_t)__float2int_rn(s);
   };
+  // over the group's lanes (aligned runs of `lanes`: xor offsets below `lanes` stay in them)
+  auto group_max = [&](float v) {
+    for (int o = lanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+  };
   auto publish = [&](float amax) {  // the group's scale; returns 127 / amax (or 448 / amax)
-    if (lane == 0)
+    if (leader)
       xs[g * m4 + m] = amax == 0.0f ? 1.0f
                        : FP8        ? __fmul_rn(__fmul_rn(amax, 1.0f / QMAX), 1.0f / 256.0f)
                                     : __fmul_rn(amax, 1.0f / QMAX);
     return amax > 0.0f ? __fdiv_rn(QMAX, amax) : 0.0f;
-  };
-  auto warp_max = [](float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
   };
   int sum = 0;
   if (vec) {
@@ -176,8 +189,9 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
 #pragma unroll
       for (int i = 0; i < 16; ++i) v[i] = to_float(h[i]);
     };
+    const int chunks = mine ? G / 16 : 0;
     float amax = 0.0f;
-    for (int c = lane; c < G / 16; c += 32) {
+    for (int c = sub; c < chunks; c += lanes) {
       const int k0 = g * G + 16 * c;
       if (k0 >= C::K) break;
       float v[16];
@@ -185,8 +199,8 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
 #pragma unroll
       for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
     }
-    const float inv = publish(warp_max(amax));
-    for (int c = lane; c < G / 16; c += 32) {
+    const float inv = publish(group_max(amax));
+    for (int c = sub; c < chunks; c += lanes) {
       const int k0 = g * G + 16 * c;
       __align__(16) int8_t q[16];
       if (k0 < C::K) {
@@ -204,14 +218,14 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
       }
       *reinterpret_cast<uint4*>(xq + (long long)m * C::K_PAD + k0) = *reinterpret_cast<uint4*>(q);
     }
-  } else {
+  } else {  // lanes == 32: the warp's one group
     auto value = [&](int kq) -> float {
       const int k = (kq & ~15) + 2 * ((kq & 15) >> 2) + b_row_offset<C::CB>(kq & 3);
       return k < C::K ? to_float(x[(long long)m * C::K + (perm ? perm[k] : k)]) : 0.0f;
     };
     float amax = 0.0f;
     for (int i = lane; i < G; i += 32) amax = fmaxf(amax, fabsf(value(g * G + i)));
-    const float inv = publish(warp_max(amax));
+    const float inv = publish(group_max(amax));
     for (int i = lane; i < G; i += 32) {
       const int8_t q = quantize(value(g * G + i), inv);
       xq[(long long)m * C::K_PAD + g * G + i] = q;
@@ -219,8 +233,8 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
     }
   }
   if (!FP8) {
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) xsum[g * m4 + m] = sum;
+    for (int o = lanes / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (leader) xsum[g * m4 + m] = sum;
   }
 }
 
@@ -276,13 +290,15 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
       if (err != cudaSuccess) return err;
       p.x = xn;
     }
-    const long long threads = 32LL * rows4(M) * (C::K_PAD / x_group<C>());
-    const int blocks = (int)((threads + 255) / 256);
     auto quantize = v.fp8 ? quantize_x_i8_kernel<C, true> : quantize_x_i8_kernel<C, false>;
     // whole 16-element chunks at 16-byte addresses, K in order: a chunk a lane at a time
     const bool vec = perm == nullptr && C::K % 16 == 0 &&
                      (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
-    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, xsum, perm, M, vec);
+    const int lanes = quantize_lanes(x_group<C>(), vec), per_warp = 32 / lanes;
+    const int groups = C::K_PAD / x_group<C>();
+    const long long threads = 32LL * rows4(M) * ((groups + per_warp - 1) / per_warp);
+    const int blocks = (int)((threads + 255) / 256);
+    QC_LAUNCH(quantize, blocks, 256, 0, stream, p.x, xq, xs, xsum, perm, M, vec, lanes);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     p.xq = xq;
