@@ -196,8 +196,6 @@ struct StageView {
   }
 };
 
-// The producer: lane 0 of the producer warpgroup's first warp issues every copy of every
-// stage (one TMA box of x, bulk copies of the packed weights, scale and zero-point rows).
 // The producer's ring: for each of the CTA's stages, wait for its slot to be handed back
 // (from the STAGES-th on), announce the stage's bytes, and issue its copies: copy_stage(base,
 // kt, bar) (every copy completing on the full barrier bar).
@@ -213,6 +211,8 @@ __device__ __forceinline__ void produce_ring(unsigned char* smem, uint64_t* full
   }
 }
 
+// The producer of 16-bit x: lane 0 of the producer warpgroup's first warp issues every copy of
+// every stage (one TMA box of x, bulk copies of the packed weights, scale and zero-point rows).
 template <class C, class T>
 __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
                                               const Params<typename C::scalar_t>& p,
