@@ -288,3 +288,25 @@ def test_tile_takes_fp8_activations_on_fp8_weights_where_the_target_has_fp8_mma(
     assert "one at most" in check_knobs(get_target("cuda-sm90"), key, {**cfg, "int8": 1})
     int4 = kernel_key(_packed(cases.Case(k=1024, n=512)), 256)
     assert "FP8 e4m3 weights" in check_knobs(get_target("cuda-sm90"), int4, cfg)
+
+
+def test_the_numpy_models_are_row_by_row():
+    """bench_support.measure_config checks only the first and last rows of a large M against
+    the references: each is computed row by row (int8 and FP8 quantize x per row), so a subset
+    of rows gives those rows of the whole: exactly for the 8-bit models, and for the float
+    reference up to an f16 ulp here and there (BLAS blocks the product by M)."""
+    import numpy as np
+
+    rows = list(range(5)) + list(range(35, 40))
+    int8 = cases.Case(k=1024, n=256, bits=4, zero_point=True, group=128, accuracy_level=4)
+    fp8 = cases.Case(k=512, n=128, fp8=True, group=0)
+    for case, models in ((int8, (cases.int8_model, cases.reference)),
+                         (fp8, (cases.fp8_model, cases.reference))):
+        module, _, _ = bs.pack_case(case)
+        x = cases.random_x(case, 40, seed=int.from_bytes(os.urandom(4), "little"))
+        for model in models:
+            whole, part = model(module, x)[rows], model(module, x[rows])
+            if model is cases.reference:
+                assert cases.rel_error(part, whole) < cases.TOLERANCE[case.dtype] / 10
+            else:
+                assert np.array_equal(whole, part), model.__name__
