@@ -14,8 +14,9 @@ int8-activation kernel (W4A8, tiled_i8.cuh; its x quantization included in the t
 beside the f16 ones, checked against its numpy model; the peers add cuBLAS int8
 (``torch._int_mm``, W8A8 without scales) and FP8 e4m3 (``torch._scaled_mm``).
 
-Each config is built, checked against the reference on fresh random inputs, then timed per
-call inside a CUDA graph over weight copies larger than L2 (bench_support.measure_config).
+Each config is built, checked against the reference on fresh random inputs (every row up to
+512, then the first and last 256), then timed per call inside a CUDA graph over weight copies
+larger than L2 (bench_support.measure_config).
 """
 from __future__ import annotations
 
