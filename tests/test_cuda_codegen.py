@@ -163,7 +163,7 @@ def test_golden_int8_sources(name, update_goldens):
 def test_golden_wgmma_act8_sources(name, update_goldens):
     base, config = WGMMA_ACT8_GOLDEN[name]
     case = INT8_GOLDEN.get(base) or WGMMA_ACT8_CASES[base]
-    text = _source(case, int8=True, act8_wgmma=config)
+    text = _source(case, act8_wgmma=config)
     fp8 = "true" if config.get("fp8") else "false"
     assert '#include "qcompiler/wgmma_act8.cuh"' in text
     assert f"qc::launch_wgmma_act8<Config, {16 * config['m_frags']}, 1, 2, 4, {fp8}>" in text

@@ -235,6 +235,31 @@ def check_fp8(target, key: dict, config: dict) -> Optional[str]:
     return fp8_weight_reason(target, key) or _act8_tile_reason("fp8", key, config)
 
 
+def _wgmma_target_reason(target, config: dict) -> Optional[str]:
+    """None if ``target`` has wgmma (sm_90), else why the wgmma kernels cannot run there."""
+    if "wgmma" not in getattr(target, "features", ()):
+        return (f"wgmma={config['wgmma']} needs a target with wgmma (sm_90), not "
+                f"{getattr(target, 'name', target)}")
+    return None
+
+
+def _block_split_reason(config: dict, most: int, sums: str) -> Optional[str]:
+    """The block split's tiles (``wgmma=2``, both wgmma kernels): 1 or 2 consumer warpgroups,
+    M tiles of 64, 128 or 256 tokens (one wgmma's N), the same number of n64 blocks for each
+    warpgroup, and blocks a warpgroup x M tile at most ``most`` (``sums``: what a thread holds
+    in registers for them)."""
+    consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
+    if consumers not in (1, 2) or m_tile not in (64, 128, 256):
+        return (f"warps_k={consumers}, m_frags={config['m_frags']}: the block-split wgmma "
+                "kernel takes 1 or 2 consumer warpgroups (warps_k) and M tiles of 64, 128 "
+                "or 256 (m_frags 4, 8, 16)")
+    if blocks % consumers or blocks // consumers * m_tile > most:
+        return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
+                "consumer warpgroup takes the same number of n64 blocks, and blocks per "
+                f"warpgroup x M tile is at most {most} ({sums})")
+    return None
+
+
 def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
     """``check_knobs`` for the sm_90a wgmma kernel (include/qcompiler/wgmma.cuh), whose knobs
     mean: ``m_frags`` the CTA's M tile / 16, ``warps_n`` its n64 blocks, ``warps_k`` its
@@ -246,14 +271,14 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
     from qcompiler.codegen.cuda.layout import K_ALIGN, pad_to
     from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
 
-    if "wgmma" not in getattr(target, "features", ()):
-        return (f"wgmma={config['wgmma']} needs a target with wgmma (sm_90), not "
-                f"{getattr(target, 'name', target)}")
+    problem = _wgmma_target_reason(target, config)
+    if problem:
+        return problem
     if _bits(key) > 4:
         return "the wgmma kernel reads 4-bit containers (codes of at most 4 bits)"
     if config["gemv"] != 0 or config["acc_scale"] != 0 or config["stage_k"] != 64:
         return "the wgmma kernel takes gemv=0, acc_scale=0 and stage_k=64"
-    consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
+    consumers, blocks = config["warps_k"], config["warps_n"]
     if config["wgmma"] == 1:
         if blocks != 4:
             return f"warps_n={blocks}: the token-split wgmma kernel's N tile is 4 n64 blocks (4)"
@@ -262,14 +287,9 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
                     "kernel takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens "
                     "(m_frags = 4 warps_k)")
     else:
-        if consumers not in (1, 2) or m_tile not in (64, 128, 256):
-            return (f"warps_k={consumers}, m_frags={config['m_frags']}: the block-split wgmma "
-                    "kernel takes 1 or 2 consumer warpgroups (warps_k) and M tiles of 64, 128 "
-                    "or 256 (m_frags 4, 8, 16)")
-        if blocks % consumers or blocks // consumers * m_tile > 256:
-            return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
-                    "consumer warpgroup takes the same number of n64 blocks, and blocks per "
-                    "warpgroup x M tile is at most 256 (128 accumulators a thread)")
+        problem = _block_split_reason(config, 256, "128 accumulators a thread")
+        if problem:
+            return problem
     if not 2 <= config["stages"] <= 8:
         return f"stages={config['stages']} not in [2, 8]"
     group = _group(key)
@@ -295,11 +315,9 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
 
     knob = "int8" if config.get("int8", 0) else "fp8"
-    if "wgmma" not in getattr(target, "features", ()):
-        return (f"wgmma={config['wgmma']} needs a target with wgmma (sm_90), not "
-                f"{getattr(target, 'name', target)}")
-    problem = (int8_permission_reason(key) or int8_weight_reason(key)) if knob == "int8" \
-        else fp8_weight_reason(target, key)
+    problem = _wgmma_target_reason(target, config) or (
+        (int8_permission_reason(key) or int8_weight_reason(key)) if knob == "int8"
+        else fp8_weight_reason(target, key))
     if problem:
         return problem
     if config["gemv"] or config["acc_scale"]:
@@ -318,16 +336,10 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     k_pad = pad_to(key["k"], K_ALIGN)
     if k_pad % 128:
         return f"K padded to {k_pad} is not a multiple of the 128-row stages"
-    consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
-    if consumers not in (1, 2) or m_tile not in (64, 128, 256):
-        return (f"warps_k={consumers}, m_frags={config['m_frags']}: the wgmma kernel takes 1 or 2 "
-                "consumer warpgroups (warps_k) and M tiles of 64, 128 or 256 (m_frags 4, 8, 16)")
-    most = 128 if group else 256
-    if blocks % consumers or blocks // consumers * m_tile > most:
-        return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
-                f"consumer warpgroup takes the same number of n64 blocks, and blocks per "
-                f"warpgroup x M tile is at most {most}"
-                + (" (s32 and fp32 sums in registers)" if group else ""))
+    problem = _block_split_reason(config, 128, "s32 and fp32 sums in registers") if group \
+        else _block_split_reason(config, 256, "128 accumulators a thread")
+    if problem:
+        return problem
     if not 2 <= config["stages"] <= 8:
         return f"stages={config['stages']} not in [2, 8]"
     if not 1 <= config["split_k"] <= k_pad // 128:

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _GMMA = re.compile(r"^(?:@!?U?P\w+\s+)?[HIQ]GMMA\.\S+\s+R\d+,\s+R(\d+),\s+gdesc")
@@ -38,9 +38,14 @@ class Hazard:
 
 def find_nvdisasm() -> str | None:
     """nvdisasm on PATH, next to nvcc, or from the nvidia-cuda-nvdisasm wheel."""
+    from qcompiler.codegen.cuda.build import find_nvcc
+
     found = shutil.which("nvdisasm")
     if found:
         return found
+    nvcc = find_nvcc()
+    if nvcc and os.path.exists(os.path.join(os.path.dirname(nvcc), "nvdisasm")):
+        return os.path.join(os.path.dirname(nvcc), "nvdisasm")
     try:
         import nvidia  # the namespace package of NVIDIA's wheels
     except ImportError:
@@ -84,15 +89,10 @@ def check_functions(sass: str) -> list[Hazard]:
     return hazards
 
 
-@dataclass
-class _Group:
-    registers: set = field(default_factory=set)
-
-
 def _check(name: str, code: list[tuple[int, str]], labels: dict) -> list[Hazard]:
     hazards, taken = [], set()
-    in_flight: list[_Group] = []   # committed groups, oldest first
-    open_group = _Group()          # wgmmas issued since the last commit
+    in_flight: list[set] = []  # the A registers of each committed group, oldest first
+    issued: set = set()        # those of the wgmmas issued since the last commit
     i, steps = 0, 0
     while i < len(code) and steps < 20 * len(code):
         steps += 1
@@ -100,10 +100,10 @@ def _check(name: str, code: list[tuple[int, str]], labels: dict) -> list[Hazard]
         g = _GMMA.match(text)
         if g:
             a = int(g.group(1))
-            open_group.registers |= set(range(a, a + 4))
+            issued |= set(range(a, a + 4))
             if "gsb0" in text:  # the group's last wgmma: committed
-                in_flight.append(open_group)
-                open_group = _Group()
+                in_flight.append(issued)
+                issued = set()
             i += 1
             continue
         d = _DEPBAR.search(text)
@@ -112,7 +112,7 @@ def _check(name: str, code: list[tuple[int, str]], labels: dict) -> list[Hazard]
             in_flight = in_flight[len(in_flight) - keep:] if keep else []
             i += 1
             continue
-        busy = set().union(*(grp.registers for grp in in_flight), open_group.registers)
+        busy = issued.union(*in_flight)
         for r in _dest_registers(text):
             if r in busy and not any(h.address == addr and h.register == r for h in hazards):
                 hazards.append(Hazard(name, addr, text, r))

@@ -375,8 +375,8 @@ struct Act8BlockSplit {
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) {
-        part[j][i] = 0;
-        if constexpr (FOLD) acc[j][i] = 0.0f;
+        if constexpr (FOLD) acc[j][i] = 0.0f;  // (each stage's first wgmma writes fresh sums)
+        else part[j][i] = 0;
       }
     auto stage_base = [&](int it) { return smem + (it % T::STAGES) * T::STAGE_BYTES; };
     if constexpr (FOLD) {
