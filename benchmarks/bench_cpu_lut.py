@@ -11,6 +11,8 @@ copies beyond the last-level cache):
   and, labelled ``-avx2``, for ``cpu-x86-avx2`` (-mcpu=haswell: AVX2 code run on this host);
 - ``qc-exact4`` / ``qc-int8-4``: our 4-bit exact and int8 paths (host; ``qc-int8-4-avx2``:
   the AVX2 int8 path);
+- ``qc-lut2-avx512`` (AVX-512 hosts): the 2-bit lut kernel for ``cpu-x86-avx512`` (Cascade
+  Lake: ``vpshufb`` on zmm), beside the host row's ``vpermb`` where the host has AVX-512 VBMI;
 - ``qc-int8-2`` (and ``-avx2``): 2-bit codes through the int8 path (2-bit containers, four
   codes a byte): the other way our 2-bit weights run (the lut path is opt-in);
 - ``ort-acc0`` / ``ort-acc4``: onnxruntime MatMulNBits accuracy_level 0 and 4, 4-bit (it
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
 
     import qcompiler
     from qcompiler.codegen.cpu import runtime
-    from qcompiler.codegen.cpu.host import host_cpu, read_cpuinfo
+    from qcompiler.codegen.cpu.host import host_cpu, host_flags, read_cpuinfo
     from qcompiler.tuning.device import cpu_name
 
     runtime.set_num_threads(1)
@@ -105,6 +107,10 @@ def main(argv=None) -> int:
             ("qc-lut2-avx2", "cpu-x86-avx2", 2, "lut"), ("qc-lut3-avx2", "cpu-x86-avx2", 3, "lut"),
             ("qc-lut4-avx2", "cpu-x86-avx2", 4, "lut"),
             ("qc-int8-4-avx2", "cpu-x86-avx2", 4, "int8")]
+    if {"avx512f", "avx512bw", "avx512vl"} <= host_flags()[1]:
+        # cpu-x86-avx512 (no VBMI): vpshufb on zmm, the lookup that vpermb replaces on
+        # VBMI hosts (Ice Lake, Zen 4 and later): the A/B of the two in one run
+        plan.append(("qc-lut2-avx512", "cpu-x86-avx512", 2, "lut"))
     for impl, target_name, bits, numerics in plan:
         make, packed, config = qc_kernel(target_name, bits, numerics, wts[bits], work)
         kern = make(packed)
@@ -194,7 +200,8 @@ def main(argv=None) -> int:
                    "host_llvm_mcpu": host_cpu()["mcpu"], "cores": os.cpu_count(),
                    "llc_bytes": llc_bytes()},
         "code": "rows with target cpu: built for this host; cpu-x86-avx2 (-avx2 rows): AVX2 "
-                "code (-mcpu=haswell) run on this host; onnxruntime uses the kernels of the "
+                "code (-mcpu=haswell) run on this host; cpu-x86-avx512 (-avx512 row): "
+                "AVX-512 code without VBMI (vpshufb lookups); onnxruntime uses the kernels of the "
                 "CPU it runs on",
         "load_avg_1_5_15_start_end": [load_start, list(os.getloadavg())],
         "threads": 1, "n": N, "k": K, "block": BLOCK, "seconds_per_row": args.seconds,

@@ -3,8 +3,9 @@
 Each kernel runs on fresh random inputs and is compared with the numpy model of its arithmetic
 (``runtime.lut_model``: the same int8 tables, so only the fp32 summation order differs) and
 with the exact reference, within the bound of the tables' rounding. Built for ``cpu-x86-avx2``
-(-mcpu=haswell: the code a Zen 3 runs, checked free of AVX-512) and for the host target
-(AVX-512BW ``vpshufb`` on zmm where the host has it).
+(-mcpu=haswell: the code a Zen 3 runs, checked free of AVX-512), for the host target
+(``vpermb`` on zmm where the host has AVX-512 VBMI, else ``vpshufb`` on zmm with AVX-512BW) and,
+on AVX-512 hosts, for ``cpu-x86-avx512`` (Cascade Lake: ``vpshufb`` on zmm).
 """
 import numpy as np
 import pytest
@@ -18,7 +19,11 @@ from test_cpu_avx2 import key_for, scheme_text  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not host._AVX2 <= host.host_flags()[1],
                                 reason="this host lacks AVX2: the lut kernels need vpshufb on ymm")
-TARGETS = ["cpu-x86-avx2", "cpu"]
+AVX512_HOST = {"avx512f", "avx512bw", "avx512vl"} <= host.host_flags()[1]
+TARGETS = ["cpu-x86-avx2", "cpu",
+           pytest.param("cpu-x86-avx512", marks=pytest.mark.skipif(
+               not AVX512_HOST, reason="this host lacks AVX-512BW: cpu-x86-avx512's code "
+                                       "cannot run here"))]
 
 
 def build_kernel(tmp_path, target_name, k, n, scheme, seed=0, table_group=None):
@@ -149,11 +154,28 @@ def test_lut_avx2_code_uses_vpshufb_and_no_avx512(bits):
         assert banned not in asm, f"{banned} in the AVX2 lut kernel"
 
 
-def test_lut_host_code_uses_the_widest_vpshufb():
+def test_lut_host_code_uses_the_widest_lookup():
+    """The host's lut kernel looks up on its widest vectors: vpermb where it has AVX-512 VBMI
+    (no nibble masks), else vpshufb."""
+    p = tuning.problem(get_target("cpu"), key_for(1, 256, 128, scheme_text(2, 32, False, True),
+                                                  "lut"))
+    assert p.byte_permute == (p.lanes == 64 and "avx512_vbmi" in host.host_flags()[1])
     asm = lut_assembly("cpu", 2)
-    reg = "zmm" if tuning.problem(get_target("cpu"), key_for(
-        1, 256, 128, scheme_text(2, 32, False, True), "lut")).lanes == 64 else "ymm"
-    assert any("vpshufb" in line and reg in line for line in asm.splitlines())
+    reg, lookup = "zmm" if p.lanes == 64 else "ymm", "vpermb" if p.byte_permute else "vpshufb"
+    assert any(lookup in line and reg in line for line in asm.splitlines())
+    other = "vpshufb" if p.byte_permute else "vpermb"
+    assert other not in asm
+
+
+def test_lut_avx512_without_vbmi_uses_vpshufb_on_zmm():
+    """cpu-x86-avx512 (Cascade Lake: AVX-512BW, no VBMI) keeps vpshufb and its nibble masks;
+    compiled only, so it is checked on every host."""
+    p = tuning.problem(get_target("cpu-x86-avx512"), key_for(
+        1, 256, 128, scheme_text(2, 32, False, True), "lut"))
+    assert not p.byte_permute and p.lanes == 64
+    asm = lut_assembly("cpu-x86-avx512", 2)
+    assert any("vpshufb" in line and "zmm" in line for line in asm.splitlines())
+    assert "vpermb" not in asm
 
 
 def test_lut_end_to_end_pipeline(tmp_path):

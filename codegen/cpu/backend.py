@@ -45,7 +45,7 @@ def _problem(target, node):
     if lay is None or lay.name not in ("cpu_exact", "cpu_vnni", "cpu_lut"):
         raise CPUBackendError(f"%{node.result.name}: weights are not packed for the CPU "
                               "(run cpu-pack-weights after cpu-schedule)")
-    return tuning.problem_from_layout(lay, node.attrs["config"])
+    return tuning.problem_from_layout(target, lay, node.attrs["config"])
 
 
 def _packed(module, node) -> dict:

@@ -158,7 +158,8 @@ def _host_cpu(isa: str | None) -> dict:
         valid = None
     mcpu = choose_mcpu(vendor, flags, _valid_checker(valid))
     return {"mcpu": mcpu, "vendor": vendor,
-            "features": sorted(flags & (_VNNI | {"avx_vnni", "amx_int8", "avx512_bf16"})),
+            "features": sorted(flags & (_VNNI | {"avx_vnni", "amx_int8", "avx512_bf16",
+                                                 "avx512_vbmi"})),
             "isa_override": isa}
 
 
@@ -187,14 +188,14 @@ def foreign_arch(mcpu: str) -> str | None:
 
 
 def target_cpu(target) -> dict:
-    """{"mcpu", "vector_bits", "vnni", "arch", "triple", "mattr"} for a cpu target (``cpu`` is
-    the detected host). ``triple`` is None for x86 targets (the host's triple, as LLVM
+    """{"mcpu", "vector_bits", "vnni", "vbmi", "arch", "triple", "mattr"} for a cpu target
+    (``cpu`` is the detected host). ``triple`` is None for x86 targets (the host's triple, as LLVM
     defaults to), the cross triple for Arm ones; ``mattr`` their LLVM features (+neon ...)."""
     if target.params.get("mtriple"):
         triple = target.params["mtriple"]
         feats = list(target.features)
         return {"mcpu": target.params["mcpu"], "vector_bits": target.params["vector_bits"],
-                "vnni": False, "arch": triple.split("-")[0], "triple": triple,
+                "vnni": False, "vbmi": False, "arch": triple.split("-")[0], "triple": triple,
                 "mattr": [f"+{f}" for f in feats]}
     if target.params.get("mcpu"):
         feats = set(target.features)
@@ -205,8 +206,10 @@ def target_cpu(target) -> dict:
         mcpu = host["mcpu"]
     vector_bits = target.params.get("vector_bits") or (512 if "avx512f" in feats else 256)
     vnni = "avx512vnni" in feats and vector_bits == 512
-    return {"mcpu": mcpu, "vector_bits": vector_bits, "vnni": vnni, "arch": "x86_64",
-            "triple": None, "mattr": []}
+    # vpermb (AVX-512 VBMI: Ice Lake, Zen 4 and later): the lut kernel's lookup (kernels.py)
+    vbmi = "avx512vbmi" in feats and vector_bits == 512
+    return {"mcpu": mcpu, "vector_bits": vector_bits, "vnni": vnni, "vbmi": vbmi,
+            "arch": "x86_64", "triple": None, "mattr": []}
 
 
 def tvm_target(target, threads: int = 0):

@@ -70,6 +70,7 @@ class Problem:
     table_group: int = 0  # lut: activations per table (the config's knob; 0 until chosen)
     zero_code: Optional[int] = None  # the packed layout's shared zero code (kernels.KernelShape)
     scale_dtype: str = "float32"  # the packed layout's scale type (kernels.KernelShape)
+    byte_permute: bool = False  # lut on an AVX-512 VBMI target: vpermb lookups (kernels.py)
 
     @property
     def n_pad(self) -> int:
@@ -82,7 +83,7 @@ class Problem:
             container_bits=self.container_bits, lanes=self.lanes,
             bits=self.container_bits if self.numerics == "lut" else 0,
             table_group=self.table_group, zero_code=self.zero_code,
-            scale_dtype=self.scale_dtype)
+            scale_dtype=self.scale_dtype, byte_permute=self.byte_permute)
 
 
 # Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
@@ -130,7 +131,8 @@ def problem(target, key: dict) -> Problem:
     return Problem(m=key["m"], k=key["k"], n=key["n"], scheme=scheme, numerics=numerics_mode,
                    blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes),
                    lanes=lanes, container_bits=scheme.bits if numerics_mode == "lut"
-                   else layout.container_bits(scheme.bits))
+                   else layout.container_bits(scheme.bits),
+                   byte_permute=numerics_mode == "lut" and cpu["vbmi"])
 
 
 def with_table_group(p: Problem, config: dict) -> Problem:
@@ -143,8 +145,8 @@ def with_table_group(p: Problem, config: dict) -> Problem:
     return dataclasses.replace(p, table_group=config["table_group"])
 
 
-def problem_from_layout(code_layout, config: dict) -> Problem:
-    """The Problem of a packed qmatmul, from its weight layout and its config."""
+def problem_from_layout(target, code_layout, config: dict) -> Problem:
+    """The Problem of a packed qmatmul on ``target``, from its weight layout and its config."""
     block, k_pad = code_layout.get("block"), code_layout.get("k_pad")
     return Problem(m=1, k=code_layout.get("k"), n=code_layout.get("n"), scheme=None,
                    numerics=config["numerics"],
@@ -153,7 +155,8 @@ def problem_from_layout(code_layout, config: dict) -> Problem:
                    container_bits=code_layout.get("container_bits"),
                    table_group=code_layout.get("table_group") or 0,
                    zero_code=code_layout.get("zero_code"),
-                   scale_dtype=layout.SCALE_DTYPES[code_layout.get("scale_dtype") or "f32"])
+                   scale_dtype=layout.SCALE_DTYPES[code_layout.get("scale_dtype") or "f32"],
+                   byte_permute=config["numerics"] == "lut" and target_cpu(target)["vbmi"])
 
 
 def _group_order_fits(p: Problem) -> bool:
