@@ -1,17 +1,18 @@
 """cpu-schedule: choose the CPU kernel of every qmatmul: numerics, tile and per-batch variants.
 
 Options: ``target`` (a cpu target, default ``cpu`` = the host), ``numerics`` (``auto``, the
-default: what each qmatmul's model allows, ``int8`` for an ``accuracy_level`` of 4 (MatMulNBits
-accuracy_level 4, which onnxruntime computes with int8 activations) where the target has an
-int8 kernel for it, else ``exact``; ``exact``: fp32
-activations like MatMulNBits accuracy_level 0; ``int8``: activations quantized at run time
-per row and group to symmetric int8 and int8 dot products, like accuracy_level 4:
-``vpdpbusd`` on AVX-512 VNNI targets, ``vpmaddubsw`` + ``vpmaddwd`` on the other x86 ones,
-``sdot`` on cpu-arm-dotprod (refused on cpu-arm-neon), chosen from the target's ISA features;
-``lut``: T-MAC-style table lookups for 1- to 4-bit codes, ``vpshufb`` (Arm: ``tbl``) on
-tables of activation sums quantized to int8 per row and group, the accuracy of int8
-activations; opt-in, see ``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic of
-``codegen/cpu/tuning.py``).
+default: what each qmatmul's model allows; for an ``accuracy_level`` of 4 (MatMulNBits
+accuracy_level 4, which onnxruntime computes with int8 activations) ``lut`` for a one-row
+layer of 1- or 2-bit codes on x86 (``LUT_AUTO_MAX_BITS``), else ``int8`` where the target has
+an int8 kernel for it; otherwise ``exact``; ``exact``: fp32 activations like MatMulNBits
+accuracy_level 0; ``int8``: activations quantized at run time per row and group to symmetric
+int8 and int8 dot products, like accuracy_level 4: ``vpdpbusd`` on AVX-512 VNNI targets,
+``vpmaddubsw`` + ``vpmaddwd`` on the other x86 ones, ``sdot`` on cpu-arm-dotprod (refused on
+cpu-arm-neon), chosen from the target's ISA features; ``lut``: T-MAC-style table lookups for
+1- to 4-bit codes, ``vpermb`` (AVX-512 VBMI) or ``vpshufb`` (Arm: ``tbl``) on tables of
+activation sums quantized to int8 per row and group, the accuracy of int8 activations; see
+``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic
+of ``codegen/cpu/tuning.py``).
 
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
 ``variants``: one kernel variant per batch-size range, chosen for a representative M (the
@@ -87,11 +88,29 @@ def unsupported_reason(module: Module, node, target, numerics_mode: str):
 INT8_ACCURACY_LEVEL = 4
 
 
+# numerics=auto picks the lut kernel for codes of at most this many bits, in a one-row
+# qmatmul (a static M of 1: decode), on x86: there its tables cost one row's work and its
+# lookups beat the int8 kernel's unpacking. Measured at 4096 x 4096, block 128, M = 1, warm
+# (bench_cpu_lut.py): 2-bit lut / 2-bit int8 1.2x (Zen 4, vpermb), 1.7x (AVX2 code on a
+# Zen 4); 3-bit lut loses to int8 (0.7x). At M = 16 and more, lookups are per row while
+# the int8 kernel reuses each unpacked weight over the rows: int8 there.
+LUT_AUTO_MAX_BITS = 2
+
+
 def node_numerics(module: Module, node, target) -> str:
-    """``numerics=auto``: ``int8`` for a qmatmul whose model allows int8 activations
-    (``accuracy_level`` 4) when the target's int8 kernel can compute it, else ``exact``."""
-    if node.attrs.get("accuracy_level") == INT8_ACCURACY_LEVEL and \
-            unsupported_reason(module, node, target, "int8") is None:
+    """``numerics=auto``: for a qmatmul whose model allows int8 activations
+    (``accuracy_level`` 4), ``lut`` when it has one row and codes of up to
+    ``LUT_AUTO_MAX_BITS`` bits on x86 (the tables round like int8 activations), else ``int8``
+    when the target's int8 kernel can compute it; otherwise ``exact``."""
+    from qcompiler.codegen.cpu.host import target_cpu
+
+    if node.attrs.get("accuracy_level") != INT8_ACCURACY_LEVEL:
+        return "exact"
+    if (batch_rows(node) == 1 and target_cpu(target)["arch"] == "x86_64"
+            and node.attrs["w_scheme"].bits <= LUT_AUTO_MAX_BITS
+            and unsupported_reason(module, node, target, "lut") is None):
+        return "lut"
+    if unsupported_reason(module, node, target, "int8") is None:
         return "int8"
     return "exact"
 

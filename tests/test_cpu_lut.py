@@ -235,3 +235,34 @@ def test_lut_groups_longer_than_one_int16_run(tmp_path, target):
     for m in (1, 3):
         check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, 1024))
                   .astype(np.float32))
+
+
+@pytest.mark.parametrize("target", ["cpu-x86-avx2", "cpu"])
+def test_auto_numerics_picks_lut_for_one_row_of_low_bit_codes(tmp_path, target):
+    """numerics=auto on an accuracy_level-4 qmatmul: lut for a one-row (decode) layer of 1- or
+    2-bit codes, int8 for a symbolic batch or 3-bit codes, exact without the level; the
+    compiled one-row layer agrees with the reference within int8-activation accuracy."""
+    from qcompiler.passes.cpu_schedule import node_numerics
+    from qcompiler.runtime.reference import run as reference_run
+    from test_cpu_backend import compile_module, qmm_module
+
+    tgt = get_target(target)
+
+    def numerics(bits, batch, level=4):
+        module = qmm_module(256, 64, bits, 32, batch=batch, seed=bits)
+        node = next(n for n in module.main.nodes if n.op == "qmatmul")
+        if level is not None:
+            node.attrs["accuracy_level"] = level
+        return module, node_numerics(module, node, tgt)
+
+    assert numerics(2, 1)[1] == "lut" and numerics(1, 1)[1] == "lut"
+    assert numerics(2, "batch")[1] == "int8" and numerics(2, 4)[1] == "int8"
+    assert numerics(3, 1)[1] == "int8"
+    assert numerics(2, 1, level=None)[1] == "exact"
+    module, _ = numerics(2, 1)
+    compiled, _ = compile_module(module, tmp_path, numerics="auto", target=target)
+    node = next(n for n in compiled.module.main.nodes if n.op == "qmatmul")
+    assert node.attrs["config"]["numerics"] == "lut"
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
+    got, want = compiled.run({"x": x})["y"], reference_run(module, {"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
