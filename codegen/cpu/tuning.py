@@ -93,10 +93,12 @@ VECTORS_PER_TILE = 4
 # lut: vectors of index bytes per column tile (each is vector-bytes columns: 2 x 16 (AVX2) or
 # 2 x 32 (AVX-512) int16 sums per pair of planes; 4-bit codes keep 2 x 2 x 2 = 8 of them).
 LUT_VECTORS_PER_TILE = 2
-# 1- and 2-bit codes on zmm: 4 vectors (256 columns; 8 int16 sums and 16 zmm of float sums
-# fit the 32 registers), each table load shared by twice the lookups: 4096 x 4096 2-bit
-# 0.114 -> 0.108 ms on a Zen 4 (2026-12-06). AVX2's 16 ymm registers spill at 4 (0.137 ->
-# 0.151 ms), 3- and 4-bit codes' 16 sums too.
+# 1- and 2-bit codes on zmm: 4 vectors (256 columns: 8 int16 sums and 16 zmm of float sums),
+# each table load shared by twice the lookups: 4096 x 4096 2-bit 0.114 -> 0.108 ms on a Zen 4
+# (2026-12-06), although the 32 registers are then so full that LLVM reloads vpmaddubsw's
+# [1, 2] constant (vpbroadcastw) before every lookup (llvm-mca: ~7 % of the loop's pipe
+# slots). AVX2's 16 ymm registers spill at 4 (0.137 -> 0.151 ms), 3- and 4-bit codes' 16
+# sums would too.
 LUT_VECTORS_PER_TILE_WIDE = 4
 
 
