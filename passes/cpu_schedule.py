@@ -12,7 +12,8 @@ cpu-arm-neon), chosen from the target's ISA features; ``lut``: T-MAC-style table
 1- to 4-bit codes, ``vpermb`` (AVX-512 VBMI) or ``vpshufb`` (Arm: ``tbl``) on tables of
 activation sums quantized to int8 per row and group, the accuracy of int8 activations; see
 ``codegen/cpu/kernels.py``), ``tuning_log`` (a JSON Lines tuning log; empty: the heuristic
-of ``codegen/cpu/tuning.py``).
+of ``codegen/cpu/tuning.py``; with ``numerics=auto`` the log also chooses between ``int8``
+and ``lut`` for an accuracy_level-4 qmatmul where it measured both, ``logged_numerics``).
 
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
 ``variants``: one kernel variant per batch-size range, chosen for a representative M (the
@@ -115,6 +116,40 @@ def node_numerics(module: Module, node, target) -> str:
     return "exact"
 
 
+def logged_numerics(replay, target, device: str, module: Module, node, chosen: str) -> str:
+    """``numerics=auto`` with a tuning log: of the int8-accuracy numerics an accuracy_level-4
+    qmatmul allows (``int8``, ``lut``, where the target's kernels compute it), the one whose
+    logged kernels are fastest summed over the node's batch buckets (the static M, or M = 1,
+    16, 128 of a symbolic batch); ``chosen`` (the heuristic's) unless the log measured
+    another at every bucket and it is faster. Looking both up also tells the tuner to tune
+    both (``recording_lookups``)."""
+    from qcompiler.codegen.cpu import tuning
+
+    if node.attrs.get("accuracy_level") != INT8_ACCURACY_LEVEL:
+        return chosen
+    rows = batch_rows(node)
+    ms = [max(rows, 1)] if rows is not None else list(M_BUCKETS)
+    totals = {}
+    for numerics in ("int8", "lut"):
+        if unsupported_reason(module, node, target, numerics) is not None:
+            continue
+        total = 0.0
+        for m in ms:
+            key = node_key(node, m, numerics)
+            rec = replay.best_record(target.name, device, key, check=lambda c, key=key:
+                                     tuning.check_config(target, key, c))
+            if rec is None:
+                total = None
+                break
+            total += rec["latency_us"]["median"]
+        if total is not None:
+            totals[numerics] = total
+    if not totals:
+        return chosen
+    best = min(totals, key=totals.get)
+    return best if chosen not in totals or totals[best] < totals[chosen] else chosen
+
+
 @register_pass("cpu-schedule")
 @dataclass
 class CPUSchedulePass(Pass):
@@ -152,6 +187,8 @@ class CPUSchedulePass(Pass):
             else:
                 if numerics == "auto":
                     numerics = node_numerics(module, node, tgt)
+                    if replay is not None:
+                        numerics = logged_numerics(replay, tgt, device, module, node, numerics)
                 reason = unsupported_reason(module, node, tgt, numerics)
             if reason:
                 warnings.warn(f"cpu-schedule: %{node.result.name} runs on the numpy reference: "

@@ -266,3 +266,53 @@ def test_auto_numerics_picks_lut_for_one_row_of_low_bit_codes(tmp_path, target):
     x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
     got, want = compiled.run({"x": x})["y"], reference_run(module, {"x": x})["y"]
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_a_tuning_log_chooses_between_int8_and_lut(tmp_path):
+    """numerics=auto with a tuning log: an accuracy_level-4 qmatmul takes the int8-accuracy
+    numerics the log measured fastest (here against the heuristic's choice, both ways); with
+    one numerics unmeasured the heuristic's stands; while the tuner records lookups, both
+    numerics' keys are asked for (so that both get tuned)."""
+    from qcompiler.driver.api import run_pipeline
+    from qcompiler.passes.cpu_schedule import logged_numerics, node_numerics
+    from qcompiler.tuning import log as tlog
+    from qcompiler.tuning.device import device_name
+    from test_cpu_backend import qmm_module
+
+    tgt = get_target("cpu")
+    device = device_name(tgt)
+    module = qmm_module(256, 64, 4, 32, batch=1, seed=2)
+    node = next(n for n in module.main.nodes if n.op == "qmatmul")
+    node.attrs["accuracy_level"] = 4
+    assert node_numerics(module, node, tgt) == "int8"  # 4-bit: the heuristic's int8
+
+    def log_with(times):
+        path = tmp_path / f"log_{'_'.join(f'{k}{v}' for k, v in times.items())}.jsonl"
+        for numerics, us in times.items():
+            key = tuning.node_key(node, 1, numerics)
+            cfg = tuning.default_config(tgt, key)
+            tlog.append(path, tlog.make_record(tgt.name, device, key, cfg,
+                                               {"median": us, "min": us, "max": us}, "ok"))
+        return tlog.Replay(str(path))
+
+    assert logged_numerics(log_with({"int8": 9.0, "lut": 5.0}), tgt, device, module, node,
+                           "int8") == "lut"
+    assert logged_numerics(log_with({"int8": 5.0, "lut": 9.0}), tgt, device, module, node,
+                           "lut") == "int8"
+    assert logged_numerics(log_with({"lut": 1.0}), tgt, device, module, node,
+                           "int8") == "lut"  # the heuristic's unmeasured, the other measured
+    assert logged_numerics(log_with({"int8": 9.0}), tgt, device, module, node,
+                           "int8") == "int8"
+    node.attrs["accuracy_level"] = None
+    assert logged_numerics(log_with({"int8": 9.0, "lut": 1.0}), tgt, device, module, node,
+                           "exact") == "exact"  # no level 4: int8 accuracy is not allowed
+    node.attrs["accuracy_level"] = 4
+    replay = log_with({"int8": 9.0, "lut": 5.0})
+    scheduled, _, _ = run_pipeline(module, f"cpu-schedule{{tuning_log={replay.path}}},"
+                                           "cpu-pack-weights")
+    cfg = next(n for n in scheduled.main.nodes if n.op == "qmatmul").attrs["config"]
+    assert cfg["numerics"] == "lut" and cfg["source"] == "tuning-log"
+    with tlog.recording_lookups() as keys:
+        logged_numerics(tlog.Replay(str(tmp_path / "unused.jsonl")), tgt, device, module,
+                        node, "int8")
+    assert sorted(k.get("numerics") for k in keys) == ["int8", "lut"]

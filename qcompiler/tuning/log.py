@@ -241,6 +241,13 @@ class Replay:
         one is taken. When the log holds ok records of this target and key measured on other
         devices only, the fallback is announced (``OtherDeviceRecords`` warning).
         """
+        best = self.best_record(target_name, device_name, key, check)
+        return None if best is None else dict(best["config"])
+
+    def best_record(self, target_name: str, device_name: str, key: dict,
+                    check: Optional[Callable[[dict], Optional[str]]] = None) -> Optional[dict]:
+        """The record ``best_config`` takes its config from (its ``latency_us`` compares
+        kernels of different keys: a pass choosing between numerics), or None."""
         if _LOOKUPS is not None:
             _LOOKUPS.append(dict(key))
             return None
@@ -261,7 +268,7 @@ class Replay:
                 records.append(r)
         best = best_record(records, target_name, device_name, key)
         if best is not None:
-            return dict(best["config"])
+            return best
         others = sorted({r["device"] for r in records
                          if r["status"] == "ok" and r["target"] == target_name
                          and key_id(r["key"]) == kid})
