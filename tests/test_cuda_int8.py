@@ -110,6 +110,10 @@ def test_wgmma_int8_config_rules(case, change, why):
     assert tuning.int8_default(sm90, {**ok, "m": 64})["wgmma"] == 0
     assert tuning.int8_default(get_target("cuda-sm89"), ok)["wgmma"] == 0
     assert 2 in tuning.search_space(sm90, ok)["wgmma"]
+    # a grid below the SM count: one warpgroup a CTA, and K never split (measured slower)
+    deep = kernel_key(_packed(cases.Case(k=4096, n=512, accuracy_level=4)), 256)
+    small = tuning.int8_default(sm90, deep)
+    assert (small["warps_n"], small["warps_k"], small["split_k"]) == (1, 1, 1)
 
 
 def test_int8_needs_the_permission_and_fitting_weights():
