@@ -326,11 +326,14 @@ def act8_wgmma_default(target, key, knob: str) -> dict:
     at M = 4096 two warpgroups of two blocks took 315.9 us against one's 437.4."""
     m, group = key["m"], _group(key)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
-    m_frags = 16 if not group and m > 128 else 8
+    sms = _sm_count(target)
+    # per-channel: 256-token tiles where they still give every SM a CTA of two blocks, else
+    # 128 (twice the CTAs; reasoned from the g128 runs, where a small grid lost most: not
+    # yet measured for per-channel weights)
+    m_frags = 16 if not group and math.ceil(m / 256) * math.ceil(n_blocks / 2) >= sms else 8
     cfg = {"gemv": 0, "wgmma": 2, "acc_scale": 0, "int8": int(knob == "int8"),
            "fp8": int(knob == "fp8"), "m_frags": m_frags, "warps_n": 2, "warps_k": 2,
            "stages": 4, "stage_k": 128}
-    sms = _sm_count(target)
     m_tiles = math.ceil(m / (16 * m_frags))
     if m_tiles * math.ceil(n_blocks / 2) < sms:
         cfg.update(warps_n=1, warps_k=1)
