@@ -133,17 +133,13 @@ def logged_numerics(replay, target, device: str, module: Module, node, chosen: s
     for numerics in ("int8", "lut"):
         if unsupported_reason(module, node, target, numerics) is not None:
             continue
-        total = 0.0
-        for m in ms:
+        records = []
+        for m in ms:  # every bucket looked up (none skipped: the tuner learns its keys so)
             key = node_key(node, m, numerics)
-            rec = replay.best_record(target.name, device, key, check=lambda c, key=key:
-                                     tuning.check_config(target, key, c))
-            if rec is None:
-                total = None
-                break
-            total += rec["latency_us"]["median"]
-        if total is not None:
-            totals[numerics] = total
+            records.append(replay.best_record(target.name, device, key, check=lambda c, key=key:
+                                              tuning.check_config(target, key, c)))
+        if all(r is not None for r in records):
+            totals[numerics] = sum(r["latency_us"]["median"] for r in records)
     if not totals:
         return chosen
     best = min(totals, key=totals.get)

@@ -316,3 +316,12 @@ def test_a_tuning_log_chooses_between_int8_and_lut(tmp_path):
         logged_numerics(tlog.Replay(str(tmp_path / "unused.jsonl")), tgt, device, module,
                         node, "int8")
     assert sorted(k.get("numerics") for k in keys) == ["int8", "lut"]
+    # a symbolic batch: every bucket of both, so that either can be chosen after tuning
+    batched = qmm_module(256, 64, 4, 32, batch="batch", seed=2)
+    bnode = next(n for n in batched.main.nodes if n.op == "qmatmul")
+    bnode.attrs["accuracy_level"] = 4
+    with tlog.recording_lookups() as keys:
+        logged_numerics(tlog.Replay(str(tmp_path / "unused.jsonl")), tgt, device, batched,
+                        bnode, "int8")
+    assert sorted((k.get("numerics"), k["m"]) for k in keys) == \
+        [(n, m) for n in ("int8", "lut") for m in (1, 16, 128)]
