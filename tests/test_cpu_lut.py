@@ -207,8 +207,11 @@ def test_lut_end_to_end_pipeline(tmp_path):
 @pytest.mark.parametrize("target", TARGETS)
 def test_lut_bind_writes_an_aligned_output_in_place(tmp_path, target):
     """A plan binds each kernel to its arena views once (``bind``). With N a whole number of
-    column tiles and a 64-byte aligned out, the lut kernel writes out itself; its bound call
-    gives what a plain call gives (it used to fail looking up the int8/exact m_block knob)."""
+    column tiles and a 64-byte aligned out, the lut kernel writes out itself and its tables
+    read x in place; its bound call gives what a plain call gives (it used to fail looking up
+    the int8/exact m_block knob), also after x's contents change."""
+    from qcompiler.codegen.cpu.native_calls import CallSequence
+
     scheme = scheme_text(2, 128, False, True)
     p0 = tuning.problem(get_target(target), key_for(1, 256, 8, scheme, "lut"))
     n = 2 * p0.n_tile  # no padding of N: direct_output applies
@@ -220,9 +223,16 @@ def test_lut_bind_writes_an_aligned_output_in_place(tmp_path, target):
         out = runtime.aligned_empty((m, n), np.float32)
         assert kern.direct_output(out) is not None
         out[:] = np.nan
-        kern.bind(x, out)()
+        call = kern.bind(x, out)
+        assert isinstance(call, CallSequence)  # in place: tables over x, kernel into out
+        call()
         np.testing.assert_array_equal(out, kern(x))
         check_lut(p, wts, kern, x)
+        # bound once, it reads x in place at every call (a plan's arena view, refilled)
+        x[:] = np.random.default_rng(10 + m).standard_normal((m, 256))
+        out[:] = np.nan
+        call()
+        np.testing.assert_array_equal(out, kern(x))
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -611,6 +611,27 @@ class LutKernel(QmmKernel):
         self.tables(*buf.table_args)
         return vi, buf, m
 
+    def _bind_in_place(self, x: np.ndarray, direct):
+        """The bound call over x and out as they are: the table prologue reads the caller's
+        rows and the kernel writes out (no copy of x, no per-call wrapping: at M = 1 a
+        decode step's lut layers are mostly this overhead); None where x needs a copy
+        (act-order, K padding, an unaligned view)."""
+        import tvm
+
+        from qcompiler.codegen.cpu.native_calls import CallSequence, KernelCall
+
+        p, m = self.p, x.shape[0]
+        if (self.perm is not None or p.k != p.blocking.k_pad or m == 0
+                or x.dtype != np.float32 or not x.flags.c_contiguous or x.ctypes.data % 64):
+            return None
+        buf = self._buffers.get(m)
+        if buf is None:
+            buf = self._buffers[m] = _LutBuffers(p, m)
+        vi = choose_variant(self.variants, m)
+        tables = KernelCall(self.tables, (tvm.runtime.from_dlpack(x), *buf.table_args[1:]))
+        return CallSequence([tables, KernelCall(self.funcs[vi],
+                                                (*buf.args, *self.weights, direct))])
+
     def direct_output(self, out: np.ndarray):
         import tvm
 
