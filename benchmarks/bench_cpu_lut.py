@@ -14,7 +14,8 @@ copies beyond the last-level cache):
 - ``qc-lut2-avx512`` (AVX-512 hosts): the 2-bit lut kernel for ``cpu-x86-avx512`` (Cascade
   Lake: ``vpshufb`` on zmm), beside the host row's ``vpermb`` where the host has AVX-512 VBMI;
 - ``qc-int8-2`` (and ``-avx2``): 2-bit codes through the int8 path (2-bit containers, four
-  codes a byte): the other way our 2-bit weights run (the lut path is opt-in);
+  codes a byte): the other way our 2-bit weights run (``numerics=auto`` takes lut for one-row
+  accuracy_level-4 layers of 1- and 2-bit codes on x86, int8 for the rest);
 - ``ort-acc0`` / ``ort-acc4``: onnxruntime MatMulNBits accuracy_level 0 and 4, 4-bit (it
   picks kernels from the CPU it runs on: VNNI on an AVX-512 VNNI host).
 
