@@ -185,38 +185,8 @@ def main(argv=None) -> int:
             return f"{type(e).__name__}: {e}"
     with cf.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
         build_errors = list(pool.map(build, jobs))
-    rows = []
-    for job, err in zip(jobs, build_errors):
-        m, n, k, name, key, cfg = job
-        row = {"m": m, "n": n, "k": k, "config_name": name, "config": cfg}
-        if err:
-            row["error"] = err[:300]
-        else:
-            try:
-                t = measure_config(target, key, cfg, os.path.join(work, f"{n}x{k}x{m}-{abs(hash(name))}"))
-                row["us"] = round(t["median"], 2)
-                row["tflops"] = round(2 * m * n * k / t["median"] / 1e6, 1)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-        rows.append(row)
-        print(f"M={m} {n}x{k} {name:<32} " + (f"{row['us']:8.2f} us {row['tflops']:6.1f} TFLOPS"
-                                             if "us" in row else row["error"]), flush=True)
-    for m in sorted({r["m"] for r in rows}):
-        for n, k in shapes:
-            us = cublas_us(m, n, k)
-            rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
-                         "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})
-            print(f"M={m} {n}x{k} {'cuBLAS fp16':<32} {us:8.2f} us", flush=True)
-            for name, t in (int8_peers_us(m, n, k) if a.int8 or a.fp8 else {}).items():
-                row = {"m": m, "n": n, "k": k, "config_name": name}
-                if isinstance(t, str):
-                    row["error"] = t
-                else:
-                    row.update(us=round(t, 2), tflops=round(2 * m * n * k / t / 1e6, 1))
-                rows.append(row)
-                print(f"M={m} {n}x{k} {name:<32} " + (f"{t:8.2f} us" if "us" in row else t),
-                      flush=True)
     date = datetime.datetime.now(datetime.timezone.utc)
+    rows = []
     doc = {"benchmark": "bench_prefill_gemm.py", "device": torch.cuda.get_device_name(),
            "date": date.isoformat(timespec="seconds"), "torch": torch.__version__,
            "format": ("W8A16 FP8 e4m3 per channel, fp16; fp8 rows: W8A8-FP8 (x per row)"
@@ -231,8 +201,49 @@ def main(argv=None) -> int:
         if "H100" in torch.cuda.get_device_name() else "gpu"
     path = os.path.join(a.out, f"prefill-gemm-{gpu}-{date:%Y%m%d-%H%M}{'-int8' if a.int8 else ''}"
                                f"{'-perchannel' if a.perchannel else ''}{'-fp8' if a.fp8 else ''}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+
+    def save():
+        # after every row: a run cut off by its time limit (device calls are short) keeps
+        # what it measured
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    def peers(m, n, k):
+        """cuBLAS fp16 (and the 8-bit peers) on one shape, right after our rows of it."""
+        us = cublas_us(m, n, k)
+        rows.append({"m": m, "n": n, "k": k, "config_name": "cuBLAS fp16 (torch.matmul)",
+                     "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1)})
+        print(f"M={m} {n}x{k} {'cuBLAS fp16':<32} {us:8.2f} us", flush=True)
+        for name, t in (int8_peers_us(m, n, k) if a.int8 or a.fp8 else {}).items():
+            row = {"m": m, "n": n, "k": k, "config_name": name}
+            if isinstance(t, str):
+                row["error"] = t
+            else:
+                row.update(us=round(t, 2), tflops=round(2 * m * n * k / t / 1e6, 1))
+            rows.append(row)
+            print(f"M={m} {n}x{k} {name:<32} " + (f"{t:8.2f} us" if "us" in row else t),
+                  flush=True)
+        save()
+
+    save()
+    for i, (job, err) in enumerate(zip(jobs, build_errors)):
+        m, n, k, name, key, cfg = job
+        row = {"m": m, "n": n, "k": k, "config_name": name, "config": cfg}
+        if err:
+            row["error"] = err[:300]
+        else:
+            try:
+                t = measure_config(target, key, cfg, os.path.join(work, f"{n}x{k}x{m}-{abs(hash(name))}"))
+                row["us"] = round(t["median"], 2)
+                row["tflops"] = round(2 * m * n * k / t["median"] / 1e6, 1)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(f"M={m} {n}x{k} {name:<32} " + (f"{row['us']:8.2f} us {row['tflops']:6.1f} TFLOPS"
+                                             if "us" in row else row["error"]), flush=True)
+        save()
+        if i + 1 == len(jobs) or jobs[i + 1][:3] != (m, n, k):
+            peers(m, n, k)
     print("wrote", path)
     return 0
 
