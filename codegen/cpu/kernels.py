@@ -1178,19 +1178,18 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
 
         pair_sum, single_sum, single_table = arm.neon_lut_steps(VB, H)
     else:
-        pshufb, pshufb_half = _PSHUFB[VB], _PSHUFB[H]
-        if ks.byte_permute:
-            pshufb, pshufb_half = _PERMB[VB], _PERMB[H]
+        lookups = _PERMB if ks.byte_permute else _PSHUFB
+        lookup_full, lookup_half = lookups[VB], lookups[H]
         # [1, 2] in every byte pair: the unsigned operand of vpmaddubsw (planes 2p and 2p+1)
         plane_weights = f"T.reinterpret(T.broadcast(T.int16(513), {H}), dtype='int8x{VB}')"
         single_table = H
 
         def pair_sum(table, index):
             return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{_PMADDUBSW[VB]}'), "
-                    f"{plane_weights}, {lookup(pshufb, table, index, VB)}, dtype='int16x{H}')")
+                    f"{plane_weights}, {lookup(lookup_full, table, index, VB)}, dtype='int16x{H}')")
 
         def single_sum(table, index):
-            return f"T.Cast('int16x{H}', {lookup(pshufb_half, table, index, H)})"
+            return f"T.Cast('int16x{H}', {lookup(lookup_half, table, index, H)})"
 
     def table_vector(j, lanes):  # the 16-byte table in every 128-bit lane
         v = f"lut.vload([r, {j}, 0], 'int8x{LUT_TABLE_BYTES}')"

@@ -442,21 +442,23 @@ class QmmKernel:
         run_into = self.run_into
         return lambda: run_into(x, out, direct)
 
+    def _reads_in_place(self, x: np.ndarray) -> bool:
+        """Whether the kernel (or its prologue) can take x's memory as it is: rows in order
+        (no act-order permutation), no K padding, float32, C-contiguous, 64-byte aligned."""
+        return (self.perm is None and self.p.k == self.p.blocking.k_pad and x.shape[0] > 0
+                and x.dtype == np.float32 and x.flags.c_contiguous and x.ctypes.data % 64 == 0)
+
     def _bind_in_place(self, x: np.ndarray, direct):
         import tvm
 
         from qcompiler.codegen.cpu.native_calls import CallSequence, KernelCall
 
         p, bl = self.p, self.p.blocking
-        if p.numerics not in ("int8", "exact"):
-            return None  # the lut kernel's variants have no m_block: run_into per call
         m = x.shape[0]
         vi = choose_variant(self.variants, m)
         mb = self.variants[vi]["m_block"]
         per = self._chunks[vi]
-        if (self.perm is not None or p.k != bl.k_pad
-                or m == 0 or m % mb or (per is not None and m // mb > per)
-                or x.dtype != np.float32 or not x.flags.c_contiguous or x.ctypes.data % 64):
+        if not self._reads_in_place(x) or m % mb or (per is not None and m // mb > per):
             return None
         row_major = kernels.x_row_major(p.numerics, self.variants[vi])
         if p.numerics == "exact" and not (row_major or mb == 1):
@@ -599,14 +601,17 @@ class LutKernel(QmmKernel):
         self._buffers: dict = {}
         self._chunks = [None] * len(variants)  # one row at a time: one call
 
+    def _buffers_for(self, m: int) -> "_LutBuffers":
+        buf = self._buffers.get(m)
+        if buf is None:
+            buf = self._buffers[m] = _LutBuffers(self.p, max(m, 1))
+        return buf
+
     def prepare(self, x: np.ndarray):
         p = self.p
         m = x.shape[0]
         vi = choose_variant(self.variants, m)
-        buf = self._buffers.get(m)
-        if buf is None:
-            buf = _LutBuffers(p, max(m, 1))
-            self._buffers[m] = buf
+        buf = self._buffers_for(m)
         buf.x[:m, :p.k] = x if self.perm is None else x[:, self.perm]
         self.tables(*buf.table_args)
         return vi, buf, m
@@ -620,13 +625,10 @@ class LutKernel(QmmKernel):
 
         from qcompiler.codegen.cpu.native_calls import CallSequence, KernelCall
 
-        p, m = self.p, x.shape[0]
-        if (self.perm is not None or p.k != p.blocking.k_pad or m == 0
-                or x.dtype != np.float32 or not x.flags.c_contiguous or x.ctypes.data % 64):
+        if not self._reads_in_place(x):
             return None
-        buf = self._buffers.get(m)
-        if buf is None:
-            buf = self._buffers[m] = _LutBuffers(p, m)
+        m = x.shape[0]
+        buf = self._buffers_for(m)
         vi = choose_variant(self.variants, m)
         tables = KernelCall(self.tables, (tvm.runtime.from_dlpack(x), *buf.table_args[1:]))
         return CallSequence([tables, KernelCall(self.funcs[vi],

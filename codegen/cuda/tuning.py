@@ -321,10 +321,10 @@ def act8_wgmma_default(target, key, knob: str) -> dict:
     two n64 blocks, one a consumer warpgroup, over M tiles of 256 tokens with per-channel
     scales (fp32 or s32 sums only) where that grid gives every SM a CTA, else 128 (group
     scales always: s32 and fp32 sums); where the grid still leaves SMs idle, one warpgroup of
-    one block a CTA (twice the CTAs). No split of K:
-    on an H100 (2026-12-06 16:20, W4A8 g128, M = 256, 4096 x 4096, x's quantization in the
-    time) the one-warpgroup tile took 45.9 us split 2 ways and 30.9 us unsplit (W4A16: 25.0);
-    at M = 4096 two warpgroups of two blocks took 315.9 us against one's 437.4."""
+    one block a CTA (twice the CTAs). No split of K: on an H100 (2026-12-06 16:20, W4A8
+    g128, M = 256, 4096 x 4096, x's quantization in the time) the one-warpgroup tile took
+    45.9 us split 2 ways and 30.9 us unsplit (W4A16: 25.0); at M = 4096 two warpgroups of two
+    blocks took 315.9 us against one's 437.4."""
     m, group = key["m"], _group(key)
     n_blocks = pad_to(key["n"], N_ALIGN) // 64
     sms = _sm_count(target)
