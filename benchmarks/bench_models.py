@@ -26,7 +26,7 @@ Each model is quantized twice, at ``accuracy_level`` 0 (fp32 activations) and 4 
 activations per block): onnxruntime honors the attribute, and so does qcompiler (level 4 →
 its ``int8`` numerics, see docs/models.md). The same file is run by onnxruntime (default
 graph optimizations, ``intra_op_num_threads`` = threads) and by
-``qcompiler.compile(file, target="cpu")`` (``QC_CPU_THREADS`` = threads), their calls
+``qcompiler.compile(file, target="cpu")`` (``--target``; ``QC_CPU_THREADS`` = threads), their calls
 alternating (both see the same load; min and median of each; with several threads in blocks
 of ~0.25 s after a 50 ms pause, since a pool spinning after one peer's call takes a core from
 the other's). Every qcompiler output is
@@ -321,7 +321,7 @@ def feeds_for(row: dict, quick: bool) -> dict:
 
 
 def run_child(threads: int, models: list[str], quick: bool, work: str,
-              min_seconds: float, accs=(0, 4), only: str = "") -> list[dict]:
+              min_seconds: float, accs=(0, 4), only: str = "", target: str = "cpu") -> list[dict]:
     import numpy as np
     import onnxruntime as ort
 
@@ -334,7 +334,7 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
     for row in _cases(quick, accs):
         if row["model"] not in models or only not in f"{row['model']} {row['case']}":
             continue
-        rec = {**row, "threads": threads}
+        rec = {**row, "threads": threads, "target": target}
         path = quantized_model(row.get("file", row["model"]), row["block"], work, quick,
                                row["acc"])
         rec["census"] = weight_census(path)
@@ -355,7 +355,7 @@ def run_child(threads: int, models: list[str], quick: bool, work: str,
                 artifacts.clear()
                 artifacts[path] = tempfile.mkdtemp(prefix="qc_bench_models_")
                 t0 = time.perf_counter()
-                compiled[path] = qcompiler.compile(path, target="cpu",
+                compiled[path] = qcompiler.compile(path, target=target,
                                                    output_dir=artifacts[path])
                 rec["compile_s"] = round(time.perf_counter() - t0, 2)
             mod = compiled[path]
@@ -414,6 +414,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="", help="run only rows whose 'model case' contains this")
     ap.add_argument("--quick", action="store_true", help="fewer shapes, smaller models")
     ap.add_argument("--min-seconds", type=float, default=1.0)
+    ap.add_argument("--target", default="cpu",
+                    help="qcompiler's target (cpu-x86-avx2: the AVX2 code on any x86 host; "
+                         "onnxruntime still picks its kernels for this host's ISA)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qc_bench_models"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
@@ -422,7 +425,8 @@ def main(argv=None) -> int:
     accs = tuple(int(x) for x in a.acc.split(","))
     os.makedirs(a.work, exist_ok=True)
     if a.child:
-        rows = run_child(a.child, models, a.quick, a.work, a.min_seconds, accs, a.cases)
+        rows = run_child(a.child, models, a.quick, a.work, a.min_seconds, accs, a.cases,
+                         a.target)
         json.dump(rows, sys.stdout)
         return 0
     for row in _cases(a.quick, accs):  # export and quantize once, before the timed children
@@ -435,7 +439,7 @@ def main(argv=None) -> int:
                "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(threads),
                "--models", a.models, "--work", a.work, "--min-seconds", str(a.min_seconds),
-               "--acc", a.acc, "--cases", a.cases]
+               "--acc", a.acc, "--cases", a.cases, "--target", a.target]
         cmd += ["--quick"] if a.quick else []
         res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
         rows += json.loads(res.stdout)
@@ -450,12 +454,14 @@ def main(argv=None) -> int:
                        "cores": len(os.sched_getaffinity(0))},
               "versions": {"qcompiler": qcompiler.__version__,
                            "onnxruntime": onnxruntime.__version__},
-              "quick": a.quick, "argv": sys.argv[1:] if argv is None else list(argv),
+              "target": a.target, "quick": a.quick, "argv": sys.argv[1:] if argv is None else list(argv),
               "peers": "onnxruntime CPU EP on the same MatMulNBits file (default graph "
                        "optimizations); calls alternating with qcompiler's",
               "rows": rows}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"models-cpu-{stamp:%Y%m%d-%H%M}{'-quick' if a.quick else ''}.json")
+    tag = "" if a.target == "cpu" else f"-{a.target.removeprefix('cpu-x86-')}-on-host"
+    path = os.path.join(a.out, f"models-cpu-{stamp:%Y%m%d-%H%M}{tag}"
+                        f"{'-quick' if a.quick else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")

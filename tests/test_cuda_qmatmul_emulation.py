@@ -281,12 +281,15 @@ def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5, kind: str = 
 
 @pytest.mark.parametrize("fmt,k,kind", [("u4_zp_g128_f16", 1024, "rms"),
                                         ("i4_g128_bf16", 1600, "rms"),
+                                        ("i4_g128_bf16", 2560, "rms"),
                                         ("u4_zp_g32_actorder_f16", 256, "rms"),
                                         ("u4_zp_g128_f16", 1024, "layer"),
                                         ("u4_zp_g32_actorder_f16", 256, "layer")])
 def test_x_norm_in_host_emulation(fmt, k, kind, tmp_path):
     """K 1600: 16 rows (51 KB) no longer fit the GEMV's shared memory, one row does; act-order:
-    always the workspace copy (normalized and permuted at once). RMSNorm and LayerNorm."""
+    always the workspace copy (normalized and permuted at once). RMSNorm and LayerNorm. The
+    GEMV variants' 128 threads take x in 16-byte packs, prefetching the norm's parameters
+    (NormPacks), up to K = 2048 (two packs a thread); K 2560 takes the scalar path."""
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=k, n=136, bits=bits, signed=signed, zero_point=zp, group=group,
                       act_order=ao, dtype=dtype, bias=bias)

@@ -206,6 +206,11 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue_w(j, j);
+  // x_norm in the kernel: the norm's scale (and bias) are constants too (NormPacks)
+  NormPacks<C, T::THREADS> norm_packs;
+  if constexpr (C::X_NORM != X_NORM_NONE) {
+    if (p.norm_in_kernel) norm_packs.load(p.norm_w, p.norm_b);
+  }
   wait_for_inputs<C::PDL>();
   if constexpr (C::X_NORM != X_NORM_NONE) {
     if (p.norm_in_kernel) {
@@ -214,9 +219,16 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
       // loop reads x from there. The sums' region is the reductions' scratch meanwhile.
       S* xn = reinterpret_cast<S*>(smem + T::NORM_OFFSET);
       const int rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
-      normalize_rows_cta<C, T::THREADS, T::M_TILE>(p.x + (long long)m0 * p.x_stride, p.x_stride,
-                                                   rows, p.norm_w, p.norm_b, xn, C::K_PAD,
-                                                   reinterpret_cast<float*>(smem));
+      const S* x0 = p.x + (long long)m0 * p.x_stride;
+      if (norm_packs.ok && NormPacks<C, T::THREADS>::aligned(x0) &&
+          p.x_stride % NormPacks<C, T::THREADS>::VEC == 0) {
+        normalize_rows_packs<C, T::THREADS, T::M_TILE>(x0, p.x_stride, rows, norm_packs, xn,
+                                                       C::K_PAD, reinterpret_cast<float*>(smem));
+      } else {
+        normalize_rows_cta<C, T::THREADS, T::M_TILE>(x0, p.x_stride, rows, p.norm_w, p.norm_b,
+                                                     xn, C::K_PAD,
+                                                     reinterpret_cast<float*>(smem));
+      }
 #pragma unroll
       for (int mf = 0; mf < M_FRAGS; ++mf)
         xrow[mf] = xn + (long long)(xok[mf] ? mf * 8 + g : 0) * C::K_PAD + q2;

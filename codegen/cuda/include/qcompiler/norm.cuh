@@ -26,16 +26,21 @@ struct RowStats {
   float mean, scale;
 };
 
+// Element v of a normalized row, with its column's scale w_k and bias b_k (0 without one).
+template <class C>
+__device__ __forceinline__ float normalized_value(float v, RowStats st, float w_k, float b_k) {
+  if constexpr (C::X_NORM == X_NORM_RMS) {
+    return v / st.scale * w_k;
+  } else {
+    return (v - st.mean) * st.scale * w_k + b_k;
+  }
+}
+
 // Element v (column k) of a normalized row; b is null for RMS (and a LayerNorm without bias).
 template <class C>
 __device__ __forceinline__ float normalized(float v, RowStats st, const typename C::scalar_t* w,
                                             const typename C::scalar_t* b, int k) {
-  if constexpr (C::X_NORM == X_NORM_RMS) {
-    return v / st.scale * to_float(w[k]);
-  } else {
-    const float y = (v - st.mean) * st.scale * to_float(w[k]);
-    return b ? y + to_float(b[k]) : y;
-  }
+  return normalized_value<C>(v, st, to_float(w[k]), b ? to_float(b[k]) : 0.0f);
 }
 
 // The statistics of a row of C::K elements from its sums over the row: sum(v) and sum(v^2)
@@ -140,6 +145,139 @@ __device__ __forceinline__ void normalize_rows_cta(const typename C::scalar_t* x
     for (int j = tid; j < out_stride; j += THREADS)
       out[(long long)r * out_stride + j] =
           from_float<S>(j < C::K ? normalized<C>(element(r, j), st[r], w, b, j) : 0.0f);
+  }
+  __syncthreads();
+}
+
+// The GEMV kernel's normalization, vectorized: a thread's 16-byte packs of the norm's scale
+// (and bias) are read with the kernel's first ring of weights, before it waits for its
+// inputs, so after the wait the rows cost one round trip to L2 (x), the sums' barriers and
+// passes over shared memory. The scalar path (normalize_rows_cta) read x, summed, then read
+// x again and the scale: two dependent round trips after the wait, on the critical path of
+// every projection (the 22-layer decode lost 9 % with it, codegen/cuda/NOTES.md "x_norm").
+// FITS: rows of whole packs, at most MAX_PACKS a thread (registers held across the wait);
+// else, or when x or the parameters are not 16-byte aligned, the scalar path runs.
+template <class C, int THREADS>
+struct NormPacks {
+  using S = typename C::scalar_t;
+  static constexpr int VEC = 16 / (int)sizeof(S);
+  static constexpr int MAX_PACKS = 2;
+  static constexpr int PACKS = (C::K / VEC + THREADS - 1) / THREADS;
+  static constexpr bool FITS = C::K % VEC == 0 && PACKS <= MAX_PACKS;
+  static constexpr int N = FITS ? PACKS : 1;
+  uint4 w[N], b[N];
+  bool ok;  // the vector path runs (set by load; x's alignment is checked by the caller)
+
+  // Column of element e of the thread's pack i.
+  __device__ __forceinline__ static int column(int i) {
+    return (i * THREADS + (int)threadIdx.x) * VEC;
+  }
+  __device__ __forceinline__ void load(const S* norm_w, const S* norm_b) {
+    ok = FITS && aligned(norm_w) && (norm_b == nullptr || aligned(norm_b));
+    if constexpr (FITS) {
+      if (!ok) return;
+#pragma unroll
+      for (int i = 0; i < PACKS; ++i) {
+        const int k = column(i);
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        w[i] = k < C::K ? __ldg(reinterpret_cast<const uint4*>(norm_w + k)) : zero;
+        b[i] = norm_b != nullptr && k < C::K
+                   ? __ldg(reinterpret_cast<const uint4*>(norm_b + k)) : zero;
+      }
+    }
+  }
+  __device__ __forceinline__ static bool aligned(const void* ptr) {
+    return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+  }
+};
+
+// Element j of a 16-byte pack of S, as float.
+template <class S>
+__device__ __forceinline__ float pack_element(const uint4& v, int j) {
+  return to_float(reinterpret_cast<const S*>(&v)[j]);
+}
+
+// normalize_rows_cta's work with the packs of `np` (np.ok, x rows 16-byte aligned): each
+// row's packs go into out as they are, with the row's sum (of squares); after the CTA's sums,
+// each pack is normalized in place in shared memory. Ends with a barrier.
+template <class C, int THREADS, int ROWS>
+__device__ __forceinline__ void normalize_rows_packs(const typename C::scalar_t* x,
+                                                     int x_stride, int rows,
+                                                     const NormPacks<C, THREADS>& np,
+                                                     typename C::scalar_t* out, int out_stride,
+                                                     float* scratch) {
+  using S = typename C::scalar_t;
+  using NP = NormPacks<C, THREADS>;
+  constexpr int VEC = NP::VEC;
+  float sums[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    sums[r] = 0.0f;
+    if (r < rows) {
+#pragma unroll
+      for (int i = 0; i < NP::N; ++i) {
+        const int k = NP::column(i);
+        if (k < C::K) {
+          const uint4 v = *reinterpret_cast<const uint4*>(x + (long long)r * x_stride + k);
+          *reinterpret_cast<uint4*>(out + (long long)r * out_stride + k) = v;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const float e = pack_element<S>(v, j);
+            sums[r] += C::X_NORM == X_NORM_RMS ? e * e : e;
+          }
+        }
+      }
+    }
+  }
+  cta_totals<THREADS, ROWS>(sums, scratch);
+  RowStats st[ROWS];
+  if constexpr (C::X_NORM == X_NORM_RMS) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) st[r] = {0.0f, rms_of<C>(sums[r])};
+  } else {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      st[r].mean = sums[r] / (float)C::K;
+      sums[r] = 0.0f;
+      if (r < rows) {
+#pragma unroll
+        for (int i = 0; i < NP::N; ++i) {
+          const int k = NP::column(i);
+          if (k < C::K) {
+            const uint4 v = *reinterpret_cast<const uint4*>(out + (long long)r * out_stride + k);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const float d = pack_element<S>(v, j) - st[r].mean;
+              sums[r] += d * d;
+            }
+          }
+        }
+      }
+    }
+    cta_totals<THREADS, ROWS>(sums, scratch);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) st[r].scale = inv_std_of<C>(sums[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (r >= rows) break;
+#pragma unroll
+    for (int i = 0; i < NP::N; ++i) {
+      const int k = NP::column(i);
+      if (k < C::K) {
+        uint4* at = reinterpret_cast<uint4*>(out + (long long)r * out_stride + k);
+        const uint4 v = *at;
+        __align__(16) S y[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          y[j] = from_float<S>(normalized_value<C>(pack_element<S>(v, j), st[r],
+                                                   pack_element<S>(np.w[i], j),
+                                                   pack_element<S>(np.b[i], j)));
+        *at = *reinterpret_cast<const uint4*>(y);
+      }
+    }
+    for (int j = C::K + (int)threadIdx.x; j < out_stride; j += THREADS)
+      out[(long long)r * out_stride + j] = from_float<S>(0.0f);
   }
   __syncthreads();
 }
