@@ -40,7 +40,7 @@ import numpy as np
 from qcompiler.errors import InputError
 from qcompiler.ir import Module, elem
 from qcompiler.ir.core import constant_value
-from qcompiler.plan.memory import MemoryPlans, slice_offset
+from qcompiler.plan.memory import MemoryPlans, itemsize_of, slice_offset
 from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
 from qcompiler.plan.shapes import ConstantCache, ShapeDependencies, resolve
 
@@ -474,7 +474,7 @@ class PlanExecutor:
         shape = now.resolved.shapes.get(b.name)
         # bytes before a slice
         skip = slice_offset(self.plan, b, now.resolved.shapes, now.slice_sizes)
-        skip_elems = skip // elem(b.dtype).np_dtype.itemsize
+        skip_elems = skip // itemsize_of(b.dtype)
         if root.kind == "arena":
             now.static[b.name] = self._arena_view(now.arena, now.mem, b, root, shape, skip)
             now.memory[b.name] = (id(now.arena), now.mem.offsets[root.name] + skip,

@@ -184,31 +184,52 @@ def inplace_pairs(plan: Plan, live: dict) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _itemsize(dtype: str) -> int:
+def itemsize_of(dtype: str) -> int:
     return elem(dtype).np_dtype.itemsize
 
 
 def nbytes(shape: tuple, dtype: str) -> int:
     # math.prod, not np.prod: called per view per new signature (a decode loop's every token)
-    return math.prod(shape) * _itemsize(dtype)
+    return math.prod(shape) * itemsize_of(dtype)
 
 
 def slice_offset(plan: Plan, view, shapes: dict, sizes: Optional[dict] = None) -> int:
     """Bytes from the start of its root to ``view`` (0 unless it is a slice: the bytes of the
-    buffers before it, at the concrete ``shapes``). ``sizes``: buffer -> bytes at these
-    shapes, filled and reused (the slices of one root share the buffers before them: the
-    22 layers' slices of a stacked KV cache sum 231 sizes, 22 distinct)."""
-    if not view.offset_of:
+    buffers before it, at the concrete ``shapes``). ``sizes``: a memo for these shapes,
+    filled and reused: buffer -> bytes, and tuple of buffers -> their total. The slices of
+    one root share the buffers before them (the 22 layers' slices of a stacked KV cache sum
+    231 sizes, 22 distinct), so each slice's total is the one before it plus one size."""
+    before = view.offset_of
+    if not before:
         return 0
     buffers = plan.buffers
     if sizes is None:
-        return sum(math.prod(shapes[n]) * _itemsize(buffers[n].dtype) for n in view.offset_of)
-    total = 0
-    for n in view.offset_of:
+        return sum(math.prod(shapes[n]) * itemsize_of(buffers[n].dtype) for n in before)
+    total = sizes.get(before)
+    if total is None:
+        *head, last = before
+        size = sizes.get(last)
+        if size is None:
+            size = sizes[last] = math.prod(shapes[last]) * itemsize_of(buffers[last].dtype)
+        total = sizes[before] = size + (_prefix_bytes(plan, tuple(head), shapes, sizes)
+                                        if head else 0)
+    return total
+
+
+def _prefix_bytes(plan: Plan, names: tuple, shapes: dict, sizes: dict) -> int:
+    """slice_offset's total for the buffers ``names`` (memoized in ``sizes``), iteratively:
+    the longest memoized prefix plus the sizes after it."""
+    k = len(names)
+    while k and names[:k] not in sizes:
+        k -= 1
+    total = sizes[names[:k]] if k else 0
+    for i in range(k, len(names)):
+        n = names[i]
         size = sizes.get(n)
         if size is None:
-            size = sizes[n] = math.prod(shapes[n]) * _itemsize(buffers[n].dtype)
+            size = sizes[n] = math.prod(shapes[n]) * itemsize_of(plan.buffers[n].dtype)
         total += size
+        sizes[names[:i + 1]] = total
     return total
 
 
