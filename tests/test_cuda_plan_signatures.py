@@ -225,15 +225,19 @@ def _rows(sig) -> list:
     return out
 
 
-def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode):
+@pytest.mark.parametrize("in_place", [False, True], ids=["rebuilt", "reshaped-in-place"])
+def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode, in_place):
     """A signature prepared from the last one (only the steps over a buffer that moved or
     changed shape built again, the table copied and patched, the concurrent runs formed again
     around the changed launches) has exactly the rows of one prepared from nothing, over a
     growing cache, a jump in length, inputs bound in place and not, more new tokens and back;
-    and a decode step rebuilds only the steps that read the cache length."""
+    and a decode step rebuilds only the steps that read the cache length. With the last
+    signature reshaped in place (``_reshape_last``: it ran at most once, uncaptured), a
+    cache one row longer takes that path, and its rows are those of a fresh one too."""
     module, feeds = llama_decode
     log = []
     runner = _llama_runner(module, log)
+    runner.reshape_in_place = in_place
     built = []
     original = CudaPlanRunner._step_launches
 
@@ -250,12 +254,23 @@ def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode):
         shapes = {n: a.shape for n, a in feeds(past, seq).items()}
         bound = {n: 0xB0000 + 0x1000 * i for i, n in enumerate(shapes)} if bind else None
         built.clear()
+        last = runner._layout.signature if runner._layout is not None else None
         incremental = runner._prepare(shapes, bound)
         rebuilt = list(built)
+        reshaped = incremental is last
         runner._layout = None
         scratch = runner._prepare(shapes, bound)
         assert _rows(incremental) == _rows(scratch), (past, seq)
         assert incremental.runs == scratch.runs
+        assert incremental.inputs == scratch.inputs and incremental.outputs == scratch.outputs
+        assert np.array_equal(incremental.host_block, scratch.host_block)
+        if in_place:
+            # a cache one row longer, unbound, within the shared buffers (at 9, 11 and 41
+            # they grow: new addresses): the last signature reshaped
+            if (past, seq, bind) == (10, 1, False):
+                assert reshaped and not rebuilt, (past, rebuilt)
+            continue
+        assert not reshaped
         if (past, seq, bind) in [(9, 1, False), (10, 1, False), (11, 1, False)]:
             # the cache appends (qkv_heads), attention and the cache casts: not the GEMVs
             assert 0 < len(rebuilt) < (len(built) - len(rebuilt)) // 2, (past, rebuilt)
@@ -272,10 +287,12 @@ def test_a_growing_cache_allocates_nothing_per_token(llama_decode):
     log = []
     runner = _llama_runner(module, log)
     runner({k: v for k, v in feeds(8).items()})
-    start, grown, allocating = runner.rt.mallocs, 0, 0
+    start, grown, allocating, reshaped = runner.rt.mallocs, 0, 0, 0
     for past in range(9, 73):
         before, slots, arenas = runner.rt.mallocs, dict(runner._slots), dict(runner._arenas)
+        last = runner.last_signature
         runner(feeds(past))
+        reshaped += runner.last_signature is last
         # every allocation is a shared buffer replaced by a larger one, or the arena of a
         # bucket met for the first time
         grown += sum(1 for n, (p, size) in runner._slots.items()
@@ -286,6 +303,8 @@ def test_a_growing_cache_allocates_nothing_per_token(llama_decode):
     assert runner.rt.mallocs - start == grown > 0
     # 64 tokens, the caches 8 -> 72 rows: their buffers (in and out) grow 1.25x at a time
     assert allocating <= 24, allocating
+    # every other token reshapes the last signature in place (_reshape_last)
+    assert reshaped >= 64 - allocating - 4, (reshaped, allocating)
     assert len(runner._signatures) <= CudaPlanRunner.MAX_SIGNATURES
     # replaced buffers: freed once no kept signature launches over them
     in_use = {p for s in runner._signatures.values() for p in s.slots.values()}

@@ -134,6 +134,31 @@ def concurrent_runs(launches: list, max_lanes: int = MAX_LANES, previous: Option
     return runs
 
 
+def _same_runs(old: list, new: list, runs: list, changed: dict) -> bool:
+    """Whether ``concurrent_runs`` of the launches ``new`` gives ``runs``, those of ``old``,
+    when the ``changed`` launches only grew: each byte range keeps its address and does not
+    shrink (else False: the caller forms the runs again). Ranges that overlapped still
+    overlap, so every conflict that ended a run still ends it; only a run of several
+    launches, one of them changed, must be checked again for a new conflict."""
+    for j in changed:
+        (r0, w0, s0), (r1, w1, s1) = old[j][1], new[j][1]
+        if s0 != s1 or len(r0) != len(r1) or len(w0) != len(w1):
+            return False
+        for a, b in zip(r0 + w0, r1 + w1):
+            if a[0] != b[0] or b[1] < a[1]:
+                return False
+    for start, n in enumerate(runs):
+        if n > 1 and any(start <= j < start + n for j in changed):
+            members = [new[k][1] for k in range(start, start + n)]
+            for a in range(n):
+                for b in range(a):
+                    (ra, wa, _), (rb, wb, _) = members[a], members[b]
+                    if any(_overlaps(w, x) for w in wa for x in rb + wb) or \
+                            any(_overlaps(w, x) for w in wb for x in ra):
+                        return False
+    return True
+
+
 def collective_world(node: Node) -> Optional[int]:
     """For a rank program's all_reduce (one operand: its own partial), the number of ranks the
     sum spans (1: a copy); None for any other node (the global view's all_reduce, with one
@@ -312,6 +337,8 @@ class _Layout:
         self.runs: list = []
         self.rows: list = []
         self.tables: list = []   # (QcStep table, launch indices) per segment
+        self.signature = None    # the signature prepared with it (_reshape_last)
+        self.first_launch: dict = {}  # step index -> the index of its first launch
 
 
 class _Signature:
@@ -393,6 +420,7 @@ class CudaPlanRunner:
         self._constants = ConstantCache()
         self._dependencies: Optional[ShapeDependencies] = None  # the plan's (_plan_index)
         self._reshaped_cache: dict = {}      # changed input dims -> buffers (_reshaped)
+        self._op_operands_cache: dict = {}   # step index -> _op_operands
         self._epilogue_in_kernel: dict = {}  # qmatmul node -> epilogue_in_kernel
         self._kernel_addresses: dict = {}    # qmatmul node -> its kernel's address
         self._op_addresses: dict = {}        # op kernel symbol -> its address
@@ -654,11 +682,106 @@ class CudaPlanRunner:
             moved = {n for n in self._reshaped(changed) if shape_of.get(n) != base.shape.get(n)}
             moved.update(n for n in self._direct if ptr.get(n) != base.ptr.get(n))
             rebuild = sorted({i for n in moved for i in self._steps_of.get(n, ())})
+            reshaped = self._reshape_last(base, sig, now, moved, rebuild, bound)
+            if reshaped is not None:
+                return reshaped
         for i in rebuild:
             entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
         self._layout = now
+        now.signature = sig
         self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
         return sig
+
+    def _reshape_last(self, base: _Layout, sig: _Signature, now: _Layout, moved: set,
+                      rebuild: list, bound: Optional[dict]) -> Optional[_Signature]:
+        """The last signature, made this one in place, when only the shapes of some op
+        launches differ: a generation loop's next token (the cache one row longer), whose
+        last signature ran once, uncaptured, and will not meet its shapes again.
+
+        Its launches keep their table rows and pointer arrays; each changed launch's shape
+        array is rewritten in place (the launcher reads it when it enqueues, so the last run
+        is not affected), and the signature is re-keyed under the new shapes. Everything
+        else must be as ``_prepare`` would build it, or this returns None and ``_prepare``
+        builds the signature as usual: no buffer moved (only shapes changed), the changed
+        steps are op launches with the same kernels and shape arrays of the same length, the
+        op workspace (the largest launch's) and the concurrent runs unchanged. Then the rows
+        are those of a signature prepared from nothing (test_cuda_plan_signatures.py), and
+        the host work per token is the shape resolve and the changed launches' shapes
+        (about half of a prepared signature's on the 22-layer decode step)."""
+        last = base.signature
+        if (not self.reshape_in_place or bound or last is None or last.bound
+                or last.uses > 1 or last.collectives
+                or any(item[0] == "launch" and item[3] is not None for item in last.program)
+                or any(now.ptr.get(n) != base.ptr.get(n) for n in self._direct)):
+            return None
+        plan, itemsize = self.plan, self._itemsizes
+        ptr, shape_of = now.ptr, now.shape
+        entries = dict(base.entries)
+        changed = {}  # launch index -> (new launch, flat shapes)
+        first_launch = base.first_launch
+        for i in rebuild:
+            operands = self._op_operands(i)
+            old = base.entries[i]
+            if operands is None or len(old[0]) != 1:
+                return None
+            symbol, names, outs = operands
+            (kind, fn, parr, sarr, _), (_, _, solo), label = old[0][0]
+            dims = [shape_of[n] for n in names + outs]
+            flat = [int(v) for d in dims for v in d] or [0]
+            if kind != "op" or len(flat) != len(sarr):
+                return None
+            ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat))
+
+            def span(n):  # as _step_launches takes it
+                if plan.buffers[n].kind == "weight" or n not in ptr:
+                    return (0, 0)
+                return (ptr[n], math.prod(shape_of[n]) * itemsize[n])
+            launch = ((kind, fn, parr, sarr, ws),
+                      ([span(n) for n in names], [span(n) for n in outs], solo), label)
+            entries[i] = ([launch], ws, 0)
+            changed[first_launch[i]] = (launch, flat)
+        op_ws = max((e[1] for e in entries.values()), default=0)
+        if op_ws != max((e[1] for e in base.entries.values()), default=0):
+            return None  # the workspace slots (and every op row's address) would change
+        launches = list(base.launches)
+        for j, (launch, _) in changed.items():
+            launches[j] = launch
+        if self.lanes and not _same_runs(base.launches, launches, base.runs, changed):
+            return None
+        # the same rows: the changed launches' shapes written into their arrays
+        rows = list(base.rows)
+        for j, (launch, flat) in changed.items():
+            sarr = launch[0][3]
+            sarr[:] = flat
+            rows[j] = (launch[0],) + rows[j][1:]
+        last.uses = 0  # a new signature: captured only if it runs twice as it is now
+        old_key = tuple(last.inputs[n][1] for n in plan.inputs)
+        if self._signatures.get(old_key) is last:
+            del self._signatures[old_key]
+            self._recent.pop((id(self._signatures), old_key), None)
+        last.inputs, last.outputs = sig.inputs, sig.outputs
+        last.host_block = sig.host_block
+        host = last.slots.get(HOST_VALUES)
+        if host is not None and self._host_owners.get(host) is last:
+            del self._host_owners[host]  # the new host values: copied by the next run
+        now.entries, now.launches, now.runs, now.rows = entries, launches, base.runs, rows
+        now.tables, now.first_launch, now.signature = base.tables, first_launch, last
+        self._layout = now
+        return last
+
+    def _op_operands(self, i: int) -> Optional[tuple]:
+        """(kernel symbol, operands, results) of plan step ``i`` when it is one op launch (no
+        qmatmul, copy or collective), else None; once per step."""
+        hit = self._op_operands_cache.get(i, False)
+        if hit is False:
+            step = self.plan.steps[i]
+            hit = None
+            if step.kind == "kernel" and step.op != "qmatmul" \
+                    and collective_world(self.nodes[step.node]) is None:
+                hit = (self.symbols[step.node], [n for n in step.inputs if n is not None],
+                       list(step.outputs))
+            self._op_operands_cache[i] = hit
+        return hit
 
     def _place_host_values(self, sig: _Signature, resolved, ptr: dict, shape_of: dict) -> None:
         """The signature's host values (shape functions' results the kernels read) packed
@@ -775,6 +898,10 @@ class CudaPlanRunner:
         the runs are formed again only around changed launches, and each table starts as a
         copy of the last one with only the rows that differ written."""
         launches = [launch for step in entries for launch in step[0]]
+        now.first_launch, at = {}, 0
+        for i, step in zip(self._launch_steps, entries):
+            now.first_launch[i] = at
+            at += len(step[0])
         op_ws = max((step[1] for step in entries), default=0)
         qmm_ws = max((step[2] for step in entries), default=0)
         access = [launch[1] for launch in launches]
@@ -1029,6 +1156,10 @@ class CudaPlanRunner:
     # Before it the launcher enqueues the table directly: about what a capture costs on the
     # host, without the instantiation, which a signature used once never repays.
     CAPTURE_AFTER_USES = 2
+    # A new signature whose only difference from the last one is some op launches' shapes is
+    # that one reshaped in place when it ran at most once (_reshape_last; QC_CUDA_RESHAPE=0:
+    # every signature gets tables of its own).
+    reshape_in_place = os.environ.get("QC_CUDA_RESHAPE", "1") != "0"
 
     def _touch(self, store: dict, key) -> None:
         """store[key] was used now; release the least recently used signatures past
