@@ -426,6 +426,13 @@ def llama(args, target, results):
             start = max(1, past + 1 - 3 * args.greedy)
             row["generation_ms_per_token"] = generation_ms_per_token(
                 m, cfg, layers, start, args.greedy, args.generation_profile)
+            if args.reshape_ab:  # the same loop with every token's signature prepared anew
+                m._run.reshape_in_place = False
+                row["generation_ms_per_token_no_reshape"] = generation_ms_per_token(
+                    m, cfg, layers, start - 2 * args.greedy, args.greedy)
+                m._run.reshape_in_place = True
+                print(f"  generation loop without reshaping in place: "
+                      f"{row['generation_ms_per_token_no_reshape']:.3f} ms per token")
             row["generation_ms_per_token_torch_fp16_eager"] = generation_ms_per_token(
                 half, cfg, layers, start, args.greedy)
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
@@ -597,6 +604,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generation-profile", action="store_true",
                     help="cProfile the generation loop's host work (ours; its timing then "
                          "includes the profiler)")
+    ap.add_argument("--reshape-ab", action="store_true",
+                    help="also time the generation loop with CudaPlanRunner.reshape_in_place "
+                         "off (every token's signature prepared anew)")
     ap.add_argument("--trace", action="store_true",
                     help="the graph replay's kernels and idle time, from the CUDA profiler")
     ap.add_argument("--compile-peers", choices=["none", "minilm", "all"], default="none",

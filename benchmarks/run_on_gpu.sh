@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -117,6 +117,20 @@ for step in "$@"; do
         timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/decode-$variant" \
           --skip-minilm --llama-layers 22 --greedy 8 --trace $flag > "$OUT/decode-$variant.log" 2>&1
         echo "== $variant: $(grep -E "ours|graph|greedy|FAIL" "$OUT/decode-$variant.log" | tr '\n' ' ' | cut -c1-300)"
+      done ;;
+    decode-loop)  # issue #12: the GPU tests of the x_norm GEMV and of the generation loop, then
+                  # the 22-layer decode (16 greedy tokens against torch) with its generation
+                  # loop timed with and without reshaping the last signature in place, then
+                  # with the RMSNorms in the projections (--x-norm)
+      timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_gpu.py" -k "norms_in_the_projections or fused_epilogues or generation_loop" \
+        2>&1 | tee "$OUT/loop-tests.log" | tail -4
+      for variant in plain x-norm; do
+        mkdir -p "$OUT/decode-$variant"
+        flag=$([ $variant = x-norm ] && echo --x-norm || echo --reshape-ab)
+        timeout 200 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/decode-$variant" \
+          --skip-minilm --llama-layers 22 --greedy 16 $flag > "$OUT/decode-$variant.log" 2>&1
+        echo "== $variant: $(grep -E "ours|graph|greedy|loop|FAIL" "$OUT/decode-$variant.log" | tr '\n' ' ' | cut -c1-500)"
       done ;;
     decode-ops)  # issue #12: decode attention alone, build/ab_base.tar's code against this tree
       install_base
