@@ -277,6 +277,29 @@ def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode, in_place
             assert "attention" in rebuilt and "qmatmul" not in rebuilt
 
 
+def test_reshaping_in_place_leaves_the_other_kept_signatures_as_they_were(llama_decode):
+    """Only launches built for the last signature are rewritten in place: the signature it was
+    prepared from shares the others' arrays. Over (40, 1 token) -> (40, 5) -> (41, 5) ->
+    (42, 5) the first keeps its rows; and a last signature whose launches to rewrite are not
+    all its own (here: marked shared) is not reshaped, and keeps its rows too."""
+    module, feeds = llama_decode
+    log = []
+    runner = _llama_runner(module, log)
+    runner._prepare({n: a.shape for n, a in feeds(60, 5).items()})  # shared buffers: room
+    shapes = lambda past, seq=1: {n: a.shape for n, a in feeds(past, seq).items()}  # noqa: E731
+    first = runner._prepare(shapes(40))
+    want = _rows(first)
+    second = runner._prepare(shapes(40, 5))
+    third = runner._prepare(shapes(41, 5))
+    fourth = runner._prepare(shapes(42, 5))
+    assert fourth is third and _rows(first) == want
+    before = _rows(fourth)
+    runner._layout.fresh = frozenset()  # as if every launch were shared with another
+    fifth = runner._prepare(shapes(43, 5))
+    assert fifth is not fourth and _rows(fourth) == before
+    assert second is not first
+
+
 def test_a_growing_cache_allocates_nothing_per_token(llama_decode):
     """A generation loop's signatures share the runner's input, output, workspace and
     host-value buffers: a token allocates device memory only when a cache outgrows its

@@ -338,6 +338,9 @@ class _Layout:
         self.rows: list = []
         self.tables: list = []   # (QcStep table, launch indices) per segment
         self.signature = None    # the signature prepared with it (_reshape_last)
+        # the launching steps whose launches (and their arrays) were built for that signature:
+        # the others' it shares with the signature it was prepared from
+        self.fresh: frozenset = frozenset()
         self.first_launch: dict = {}  # step index -> the index of its first launch
 
 
@@ -688,7 +691,7 @@ class CudaPlanRunner:
         for i in rebuild:
             entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
         self._layout = now
-        now.signature = sig
+        now.signature, now.fresh = sig, frozenset(rebuild)
         self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
         return sig
 
@@ -709,8 +712,10 @@ class CudaPlanRunner:
         the host work per token is the shape resolve and the changed launches' shapes
         (about half of a prepared signature's on the 22-layer decode step)."""
         last = base.signature
+        # (only arrays built for the last signature are rewritten: another kept signature,
+        # the one it was prepared from, may share the rest)
         if (not self.reshape_in_place or bound or last is None or last.bound
-                or last.uses > 1 or last.collectives
+                or last.uses > 1 or last.collectives or not base.fresh.issuperset(rebuild)
                 or any(item[0] == "launch" and item[3] is not None for item in last.program)
                 or any(now.ptr.get(n) != base.ptr.get(n) for n in self._direct)):
             return None
@@ -766,6 +771,7 @@ class CudaPlanRunner:
             del self._host_owners[host]  # the new host values: copied by the next run
         now.entries, now.launches, now.runs, now.rows = entries, launches, base.runs, rows
         now.tables, now.first_launch, now.signature = base.tables, first_launch, last
+        now.fresh = base.fresh
         self._layout = now
         return last
 
