@@ -724,6 +724,12 @@ class CudaPlanRunner:
         entries = dict(base.entries)
         changed = {}  # launch index -> (new launch, flat shapes)
         first_launch = base.first_launch
+        def span(n):  # as _step_launches takes it
+            if n in weights or n not in ptr:
+                return (0, 0)
+            return (ptr[n], math.prod(shape_of[n]) * itemsize[n])
+
+        weights = self.weights
         for i in rebuild:
             operands = self._op_operands(i)
             old = base.entries[i]
@@ -732,15 +738,10 @@ class CudaPlanRunner:
             symbol, names, outs = operands
             (kind, fn, parr, sarr, _), (_, _, solo), label = old[0][0]
             dims = [shape_of[n] for n in names + outs]
-            flat = [int(v) for d in dims for v in d] or [0]
+            flat = [v for d in dims for v in d] or [0]
             if kind != "op" or len(flat) != len(sarr):
                 return None
             ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat))
-
-            def span(n):  # as _step_launches takes it
-                if plan.buffers[n].kind == "weight" or n not in ptr:
-                    return (0, 0)
-                return (ptr[n], math.prod(shape_of[n]) * itemsize[n])
             launch = ((kind, fn, parr, sarr, ws),
                       ([span(n) for n in names], [span(n) for n in outs], solo), label)
             entries[i] = ([launch], ws, 0)
