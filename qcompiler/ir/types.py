@@ -6,6 +6,7 @@ parser reads back (``str(x)`` is that form).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -139,7 +140,12 @@ def elem(name: Union[str, ElementType]) -> ElementType:
 
 def elem_from_numpy(dtype: np.dtype) -> ElementType:
     """The element type whose storage is ``dtype`` (plain dtypes only: i8 → i8, not i4)."""
-    dtype = np.dtype(dtype)
+    return _elem_from_numpy(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _elem_from_numpy(dtype: np.dtype) -> ElementType:
+    # cached: the interpreter and the shape functions ask it per operand of every evaluation
     for et in ELEMENT_TYPES.values():
         if et.np_dtype == dtype and (et.bits >= 8 or et.kind in ("bool", "float")):
             if et.kind in ("nf4", "ternary"):
