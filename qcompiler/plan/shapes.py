@@ -285,8 +285,6 @@ def _resolve_node(plan: Plan, module: Module, node, constants: ConstantCache, me
                   dims: dict, shapes: dict, arrays: dict, host: dict) -> None:
     """``node``'s result shapes (and a host node's arrays) into ``shapes`` (``arrays``,
     ``host``), binding the symbols they have in ``dims``."""
-    from qcompiler.runtime.reference import OP_IMPLS
-
     if node.op == "constant":
         for r in node.results:
             arr = constants.constant_arrays.get(r.name)
@@ -296,6 +294,8 @@ def _resolve_node(plan: Plan, module: Module, node, constants: ConstantCache, me
             shapes[r.name] = tuple(arr.shape)
         return
     if plan.buffers[node.results[0].name].kind == "host":
+        from qcompiler.runtime.reference import OP_IMPLS  # (host nodes only: a few a call)
+
         _eval_host(node, module, shapes, arrays, host, dims, constants, OP_IMPLS, memo)
         return
     todo = []
