@@ -709,8 +709,9 @@ class CudaPlanRunner:
         steps are op launches with the same kernels and shape arrays of the same length, the
         op workspace (the largest launch's) and the concurrent runs unchanged. Then the rows
         are those of a signature prepared from nothing (test_cuda_plan_signatures.py), and
-        the host work per token is the shape resolve and the changed launches' shapes
-        (about half of a prepared signature's on the 22-layer decode step)."""
+        the host work per token is the shape resolve and the changed launches' shapes (a
+        third less than a signature prepared from the last one, on the 22-layer decode step;
+        codegen/cuda/NOTES.md)."""
         last = base.signature
         # (only arrays built for the last signature are rewritten: another kept signature,
         # the one it was prepared from, may share the rest)
@@ -723,13 +724,13 @@ class CudaPlanRunner:
         ptr, shape_of = now.ptr, now.shape
         entries = dict(base.entries)
         changed = {}  # launch index -> (new launch, flat shapes)
-        first_launch = base.first_launch
+        first_launch, weights = base.first_launch, self.weights
+
         def span(n):  # as _step_launches takes it
             if n in weights or n not in ptr:
                 return (0, 0)
             return (ptr[n], math.prod(shape_of[n]) * itemsize[n])
 
-        weights = self.weights
         for i in rebuild:
             operands = self._op_operands(i)
             old = base.entries[i]
