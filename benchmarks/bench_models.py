@@ -454,7 +454,8 @@ def main(argv=None) -> int:
                        "cores": len(os.sched_getaffinity(0))},
               "versions": {"qcompiler": qcompiler.__version__,
                            "onnxruntime": onnxruntime.__version__},
-              "target": a.target, "quick": a.quick, "argv": sys.argv[1:] if argv is None else list(argv),
+              "target": a.target, "quick": a.quick,
+              "argv": sys.argv[1:] if argv is None else list(argv),
               "peers": "onnxruntime CPU EP on the same MatMulNBits file (default graph "
                        "optimizations); calls alternating with qcompiler's",
               "rows": rows}
