@@ -17,7 +17,10 @@ attention op then reads k0 and v0 directly. kt may also be k transposed through 
 reshape (torch's ONNX export), and the scale split between q and kt (sqrt(scale) on each). A boolean mask becomes the additive
 ``where(keep, 0, -big)``, which adds exactly what the where selected (finite scores plus 0,
 or plus -big). A constant mask that is exactly the lower triangle aligned to the bottom right
-(key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask.
+(key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask, and
+so does one computed from the sequence length as exporters build it (``arange`` compared
+with itself transposed, ``_causal_condition``) where queries and keys are the same positions:
+the kernels then skip the hidden keys' tiles and read no mask.
 Intermediates must have no other use.
 """
 from __future__ import annotations
@@ -156,6 +159,63 @@ def _causal_constant(rw: Rewriter, mask: Value, keep: bool) -> bool:
     return bool(np.all(c[allowed] == 0) and np.all(c[~allowed] <= _HIDDEN))
 
 
+def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
+    """True when ``cond`` keeps key j for query i exactly when j <= i, computed the way
+    exporters build a causal mask from the sequence length (torch's ``arange`` compared with
+    itself transposed)::
+
+        r = range(start, stop, 1)                           [S]
+        cond = less_or_equal(unsqueeze(r, [0]), unsqueeze(r, [1]))    [S, S]
+               (or greater_or_equal with the operands swapped)
+
+    and the scores are [.., S, S] (queries and keys the same S positions, so j <= i is the
+    bottom-right-aligned causal limit j <= i + Skv - Sq)."""
+    node = producer_of(cond, "less_or_equal")
+    if node is not None:
+        j, i = node.operands
+    else:
+        node = producer_of(cond, "greater_or_equal")
+        if node is None:
+            return False
+        i, j = node.operands
+    uj, ui = producer_of(j, "unsqueeze"), producer_of(i, "unsqueeze")
+    if uj is None or ui is None or uj.operands[0] is not ui.operands[0]:
+        return False
+    if list(uj.attrs["axes"]) not in ([0], [-2]) or list(ui.attrs["axes"]) not in ([1], [-1]):
+        return False
+    rng = producer_of(uj.operands[0], "range")
+    if rng is None or rng.result.type.rank != 1:
+        return False
+    step = rw.const(rng.operands[2])
+    if step is None or np.asarray(step).size != 1 or np.asarray(step).reshape(()) != 1:
+        return False
+    n = rng.result.type.shape[0]
+    sq, skv = scores.type.shape[-2:]
+    return n == sq == skv and tuple(cond.type.shape[-2:]) == (n, n) \
+        and all(d == 1 for d in cond.type.shape[:-2])
+
+
+def _hides(fill: float, dtype) -> bool:
+    """Whether an additive fill hides a key: at or below -1e30, or in a narrow float mask the
+    lowest finite value of its type (torch's ``finfo(dtype).min``: f16 -65504, what an f32
+    -3.4e38 fill becomes under compute-dtype). The scores are float32 in the kernels and the
+    reference alike, so exp(score - 65504 - row max) is 0 unless a hidden key's score beat
+    the row's by over 65000, more than an f16 score can."""
+    return fill <= _HIDDEN or fill <= float(np.finfo(dtype.np_dtype).min)
+
+
+def _causal_computed(rw: Rewriter, mask: Value, scores: Value) -> bool:
+    """True when an additive mask is where(causal condition, 0, a fill that hides)."""
+    where = producer_of(mask, "where")
+    if where is None:
+        return False
+    cond, zero, fill = where.operands
+    kept, hidden = _scalar(rw, zero), _scalar(rw, fill)
+    return kept == 0 and hidden is not None and _hides(hidden, fill.type.dtype) \
+        and tuple(mask.type.shape[-2:]) == tuple(cond.type.shape[-2:]) \
+        and all(d == 1 for d in mask.type.shape[:-2]) and _causal_condition(rw, cond, scores)
+
+
 class FuseAttention(RewritePattern):
     op = "matmul"
 
@@ -226,7 +286,7 @@ class FuseAttention(RewritePattern):
         if add is not None:
             for s, m in (add.operands, add.operands[::-1]):
                 if _reaches_qk(rw, s) and rw.single_use(s) and m.type.dtype.is_float:
-                    if _causal_constant(rw, m, keep=False):
+                    if _causal_constant(rw, m, keep=False) or _causal_computed(rw, m, s):
                         return None, True, s
                     return m, False, s
             return None, False, None
@@ -237,7 +297,7 @@ class FuseAttention(RewritePattern):
             if hidden is None or hidden > _HIDDEN or not _reaches_qk(rw, s) \
                     or not rw.single_use(s):
                 return None, False, None
-            if _causal_constant(rw, keep, keep=True):
+            if _causal_constant(rw, keep, keep=True) or _causal_condition(rw, keep, s):
                 return None, True, s
             return (keep, fill), False, s
         return None, False, scores

@@ -732,6 +732,66 @@ def test_fuse_attention_on_sdpa_variants(kind, dtype):
         _same_outputs(base, fused, _random_inputs(base, RNG(seed)), rtol=tol, atol=tol)
 
 
+COMPUTED_CAUSAL = """module @m {
+  func @main(%q: tensor<[2, 4, s, 8], f32>, %k: tensor<[2, 4, @SKV@, 8], f32>, %v: tensor<[2, 4, @SKV@, 8], f32>) -> ("y": tensor<[2, 4, s, 8], f32>) {
+    %zero = constant() {value = dense<[0]>} : tensor<[], i64>
+    %step = constant() {value = dense<[@STEP@]>} : tensor<[], i64>
+    %keep = constant() {value = dense<[0.0]>} : tensor<[], f32>
+    %fill = constant() {value = dense<[@FILL@]>} : tensor<[], f32>
+    %scale = constant() {value = dense<[0.35]>} : tensor<[], f32>
+    %len = shape(%q) {end = 3, start = 2} : tensor<[1], i64>
+    %n = squeeze(%len) {axes = []} : tensor<[], i64>
+    %r = range(%zero, %n, %step) : tensor<[s], i64>
+    %j = unsqueeze(%r) {axes = [0]} : tensor<[1, s], i64>
+    %i = unsqueeze(%r) {axes = [1]} : tensor<[s, 1], i64>
+    %cond = @CMP@(%@A@, %@B@) : tensor<[s, s], bool>
+    %mask = where(%cond, %keep, %fill) : tensor<[s, s], f32>
+    %kt = transpose(%k) {perm = [0, 1, 3, 2]} : tensor<[2, 4, 8, @SKV@], f32>
+    %qk = matmul(%q, %kt) : tensor<[2, 4, s, @SKV@], f32>
+    %scaled = mul(%qk, %scale) : tensor<[2, 4, s, @SKV@], f32>
+    %masked = add(%scaled, %mask) : tensor<[2, 4, s, @SKV@], f32>
+    %p = softmax(%masked) {axis = -1} : tensor<[2, 4, s, @SKV@], f32>
+    %y = matmul(%p, %v) : tensor<[2, 4, s, 8], f32>
+    return %y
+  }
+}"""
+
+
+def _computed_causal(skv="s", step=1, fill="-3.4e+38", compare="less_or_equal"):
+    a, b = ("j", "i") if compare == "less_or_equal" else ("i", "j")
+    text = COMPUTED_CAUSAL
+    for key, value in (("@SKV@", skv), ("@STEP@", step), ("@FILL@", fill), ("@CMP@", compare),
+                       ("@A@", a), ("@B@", b)):
+        text = text.replace(key, str(value))
+    return _module(text)
+
+
+@pytest.mark.parametrize("compare", ["less_or_equal", "greater_or_equal"])
+def test_fuse_attention_turns_a_computed_causal_mask_into_causal(compare):
+    """The causal mask exporters compute from the sequence length (arange compared with itself
+    transposed, 0 where kept and -3.4e38 elsewhere) becomes causal = 1 without a mask, and its
+    nodes go; the outputs are the reference's at two lengths."""
+    m = _computed_causal(compare=compare)
+    fused = _passes(m, "fuse-attention,canonicalize")
+    (node,) = [n for n in fused.main.nodes if n.op == "attention"]
+    assert node.attrs["causal"] == 1 and node.arg("mask") is None
+    assert not {"range", "where", compare} & set(_ops(fused)), _ops(fused)
+    for seed, s in ((50, 5), (51, 9)):
+        _same_outputs(m, fused, _random_inputs(m, RNG(seed), {"s": s}), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["step 2", "fill -1", "keys longer"])
+def test_fuse_attention_keeps_masks_that_are_not_causal(change):
+    """A range of step 2, a fill that does not hide (-1), or keys that are not the queries'
+    positions (the mask then is not the causal limit): the mask stays an operand."""
+    m = {"step 2": lambda: _computed_causal(step=2),
+         "fill -1": lambda: _computed_causal(fill="-1.0"),
+         "keys longer": lambda: _computed_causal(skv="t")}[change]()
+    fused = _passes(m, "fuse-attention")
+    nodes = [n for n in fused.main.nodes if n.op == "attention"]
+    assert all(n.attrs["causal"] == 0 and n.arg("mask") is not None for n in nodes)
+
+
 @pytest.fixture(scope="module")
 def minilm_q4(tmp_path_factory):
     """all-MiniLM-L6-v2 as 4-bit MatMulNBits ONNX (the export takes ~20 s: once per module)."""
