@@ -19,8 +19,9 @@ reshape (torch's ONNX export), and the scale split between q and kt (sqrt(scale)
 or plus -big). A constant mask that is exactly the lower triangle aligned to the bottom right
 (key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask, and
 so does one computed from the sequence length as exporters build it (``arange`` compared
-with itself transposed, ``_causal_condition``) where queries and keys are the same positions:
-the kernels then skip the hidden keys' tiles and read no mask.
+with itself transposed, ``_causal_condition``) where queries and keys are the same positions,
+or over a KV cache from its length (``_causal_over_cache``): the kernels then skip the hidden
+keys' tiles and read no mask, and a decode step evaluates no mask on the host.
 Intermediates must have no other use.
 """
 from __future__ import annotations
@@ -195,6 +196,48 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
         and all(d == 1 for d in cond.type.shape[:-2])
 
 
+def _int_constant(rw: Rewriter, v: Value) -> Optional[int]:
+    """The value of a one-element integer constant, else None."""
+    c = rw.const(v)
+    if c is None or np.asarray(c).size != 1 or not np.issubdtype(np.asarray(c).dtype, np.integer):
+        return None
+    return int(np.asarray(c).reshape(()))
+
+
+def _causal_over_cache(rw: Rewriter, cond: Value, scores: Value) -> bool:
+    """True when ``cond`` keeps key j for query i exactly when j <= i + x, x = Skv - Sq: the
+    mask of a step over a KV cache of x positions, as exporters build it from the cache length
+    x (torch's ``cache_position``)::
+
+        r = range(0, x + Sq, 1)                                         [Skv]
+        cond = less_or_equal(unsqueeze(r, [0]), add([[0], .., [Sq - 1]], x))   [Sq, Skv]
+
+    with Sq static (a decode step: 1) and x a scalar."""
+    node = producer_of(cond, "less_or_equal")
+    if node is None:
+        return False
+    j, i = node.operands
+    uj, shifted = producer_of(j, "unsqueeze"), producer_of(i, "add")
+    if uj is None or shifted is None or list(uj.attrs["axes"]) not in ([0], [-2]):
+        return False
+    rng = producer_of(uj.operands[0], "range")
+    sq, skv = scores.type.shape[-2:]
+    if rng is None or not isinstance(sq, int) or rng.result.type.shape != (skv,) \
+            or _int_constant(rw, rng.operands[0]) != 0 or _int_constant(rw, rng.operands[2]) != 1:
+        return False
+    for rows, x in (shifted.operands, shifted.operands[::-1]):
+        c = rw.const(rows)
+        if c is not None and x.type.rank == 0 and np.asarray(c).shape == (sq, 1) \
+                and np.array_equal(np.asarray(c).reshape(-1), np.arange(sq)):
+            break
+    else:
+        return False
+    stop = producer_of(rng.operands[1], "add")  # x + Sq
+    return stop is not None and any(a is x and _int_constant(rw, b) == sq
+                                    for a, b in (stop.operands, stop.operands[::-1])) \
+        and tuple(cond.type.shape[-2:]) == (sq, skv) and all(d == 1 for d in cond.type.shape[:-2])
+
+
 def _hides(fill: float, dtype) -> bool:
     """Whether an additive fill hides a key: at or below -1e30, or in a narrow float mask the
     lowest finite value of its type (torch's ``finfo(dtype).min``: f16 -65504, what an f32
@@ -213,7 +256,8 @@ def _causal_computed(rw: Rewriter, mask: Value, scores: Value) -> bool:
     kept, hidden = _scalar(rw, zero), _scalar(rw, fill)
     return kept == 0 and hidden is not None and _hides(hidden, fill.type.dtype) \
         and tuple(mask.type.shape[-2:]) == tuple(cond.type.shape[-2:]) \
-        and all(d == 1 for d in mask.type.shape[:-2]) and _causal_condition(rw, cond, scores)
+        and all(d == 1 for d in mask.type.shape[:-2]) \
+        and (_causal_condition(rw, cond, scores) or _causal_over_cache(rw, cond, scores))
 
 
 class FuseAttention(RewritePattern):
@@ -297,7 +341,8 @@ class FuseAttention(RewritePattern):
             if hidden is None or hidden > _HIDDEN or not _reaches_qk(rw, s) \
                     or not rw.single_use(s):
                 return None, False, None
-            if _causal_constant(rw, keep, keep=True) or _causal_condition(rw, keep, s):
+            if _causal_constant(rw, keep, keep=True) or _causal_condition(rw, keep, s) \
+                    or _causal_over_cache(rw, keep, s):
                 return None, True, s
             return (keep, fill), False, s
         return None, False, scores

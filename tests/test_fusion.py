@@ -792,6 +792,49 @@ def test_fuse_attention_keeps_masks_that_are_not_causal(change):
     assert all(n.attrs["causal"] == 0 and n.arg("mask") is not None for n in nodes)
 
 
+OVER_CACHE = """module @m {
+  func @main(%q: tensor<[2, 4, 1, 8], f32>, %k: tensor<[2, 4, t, 8], f32>, %v: tensor<[2, 4, t, 8], f32>, %past: tensor<[1, p], f32>) -> ("y": tensor<[2, 4, 1, 8], f32>) {
+    %zero = constant() {value = dense<[0]>} : tensor<[], i64>
+    %one = constant() {value = dense<[1]>} : tensor<[], i64>
+    %rows = constant() {value = dense<[@ROW@]>} : tensor<[1, 1], i64>
+    %keep = constant() {value = dense<[0.0]>} : tensor<[], f32>
+    %fill = constant() {value = dense<[-3.4e+38]>} : tensor<[], f32>
+    %len = shape(%past) {end = 2, start = 1} : tensor<[1], i64>
+    %x = squeeze(%len) {axes = []} : tensor<[], i64>
+    %stop = add(%x, %one) : tensor<[], i64>
+    %r = range(%zero, %stop, %one) : tensor<[t], i64>
+    %j = unsqueeze(%r) {axes = [0]} : tensor<[1, t], i64>
+    %i = add(%rows, %x) : tensor<[1, 1], i64>
+    %cond = less_or_equal(%j, %i) : tensor<[1, t], bool>
+    %mask = where(%cond, %keep, %fill) : tensor<[1, t], f32>
+    %kt = transpose(%k) {perm = [0, 1, 3, 2]} : tensor<[2, 4, 8, t], f32>
+    %qk = matmul(%q, %kt) : tensor<[2, 4, 1, t], f32>
+    %masked = add(%qk, %mask) : tensor<[2, 4, 1, t], f32>
+    %p = softmax(%masked) {axis = -1} : tensor<[2, 4, 1, t], f32>
+    %y = matmul(%p, %v) : tensor<[2, 4, 1, 8], f32>
+    return %y
+  }
+}"""
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_fuse_attention_turns_a_decode_steps_cache_mask_into_causal(row):
+    """A decode step's mask from the cache length x (keys 0 .. x, the query at position x:
+    all kept) becomes causal = 1 without a mask (the keys up to i + Skv - Sq); with the query
+    row's position off by one (1 instead of 0) it is not that mask, and stays."""
+    m = _module(OVER_CACHE.replace("@ROW@", str(row)))
+    fused = _passes(m, "fuse-attention,canonicalize")
+    (node,) = [n for n in fused.main.nodes if n.op == "attention"]
+    if row:
+        assert node.attrs["causal"] == 0 and node.arg("mask") is not None
+        return
+    assert node.attrs["causal"] == 1 and node.arg("mask") is None
+    assert not {"range", "where", "less_or_equal"} & set(_ops(fused)), _ops(fused)
+    for seed, x in ((52, 4), (53, 11)):
+        feeds = _random_inputs(m, RNG(seed), {"t": x + 1, "p": x})
+        _same_outputs(m, fused, feeds, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def minilm_q4(tmp_path_factory):
     """all-MiniLM-L6-v2 as 4-bit MatMulNBits ONNX (the export takes ~20 s: once per module)."""
