@@ -429,7 +429,7 @@ def llama(args, target, results):
             if args.reshape_ab:  # the same loop with every token's signature prepared anew
                 m._run.reshape_in_place = False
                 row["generation_ms_per_token_no_reshape"] = generation_ms_per_token(
-                    m, cfg, layers, start - 2 * args.greedy, args.greedy)
+                    m, cfg, layers, max(1, start - 2 * args.greedy), args.greedy)
                 m._run.reshape_in_place = True
                 print(f"  generation loop without reshaping in place: "
                       f"{row['generation_ms_per_token_no_reshape']:.3f} ms per token")
