@@ -96,6 +96,39 @@ __device__ __forceinline__ void cta_totals(float (&v)[ROWS], float* scratch) {
   __syncthreads();  // scratch free again
 }
 
+// The statistics of rows [0, rows) (rows <= ROWS) into st, by the whole CTA: each_element(r, f)
+// calls f(v) for every element v of row r that this thread takes, once per pass (RMS: one pass
+// of squares; LAYER: the sum, then the squares about the mean). The sums meet in `scratch`
+// (cta_totals); every thread of the CTA calls it and gets every row's statistics.
+template <class C, int THREADS, int ROWS, class EachElement>
+__device__ __forceinline__ void cta_row_stats(int rows, float* scratch, EachElement each_element,
+                                              RowStats (&st)[ROWS]) {
+  float sums[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    sums[r] = 0.0f;
+    if (r < rows)
+      each_element(r, [&](float v) { sums[r] += C::X_NORM == X_NORM_RMS ? v * v : v; });
+  }
+  cta_totals<THREADS, ROWS>(sums, scratch);
+  if constexpr (C::X_NORM == X_NORM_RMS) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) st[r] = {0.0f, rms_of<C>(sums[r])};
+  } else {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float mean = sums[r] / (float)C::K;
+      st[r].mean = mean;
+      sums[r] = 0.0f;
+      if (r < rows)
+        each_element(r, [&](float v) { sums[r] += (v - mean) * (v - mean); });
+    }
+    cta_totals<THREADS, ROWS>(sums, scratch);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) st[r].scale = inv_std_of<C>(sums[r]);
+  }
+}
+
 // Rows [0, rows) of x (rows x_stride apart) normalized by the whole CTA (THREADS threads) into
 // out (rows out_stride apart, zero from column K on): each thread takes every THREADS-th
 // element of each row; the row sums meet in `scratch` (cta_totals). rows <= ROWS. Every
@@ -109,36 +142,10 @@ __device__ __forceinline__ void normalize_rows_cta(const typename C::scalar_t* x
   using S = typename C::scalar_t;
   const int tid = threadIdx.x;
   auto element = [&](int r, int k) { return to_float(x[(long long)r * x_stride + k]); };
-  float sums[ROWS];
   RowStats st[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    sums[r] = 0.0f;
-    if (r < rows)
-      for (int k = tid; k < C::K; k += THREADS) {
-        const float v = element(r, k);
-        sums[r] += C::X_NORM == X_NORM_RMS ? v * v : v;
-      }
-  }
-  cta_totals<THREADS, ROWS>(sums, scratch);
-  if constexpr (C::X_NORM == X_NORM_RMS) {
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) st[r] = {0.0f, rms_of<C>(sums[r])};
-  } else {
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      st[r].mean = sums[r] / (float)C::K;
-      sums[r] = 0.0f;
-      if (r < rows)
-        for (int k = tid; k < C::K; k += THREADS) {
-          const float d = element(r, k) - st[r].mean;
-          sums[r] += d * d;
-        }
-    }
-    cta_totals<THREADS, ROWS>(sums, scratch);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) st[r].scale = inv_std_of<C>(sums[r]);
-  }
+  cta_row_stats<C, THREADS, ROWS>(rows, scratch, [&](int r, auto f) {
+    for (int k = tid; k < C::K; k += THREADS) f(element(r, k));
+  }, st);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     if (r >= rows) break;
@@ -198,8 +205,8 @@ __device__ __forceinline__ float pack_element(const uint4& v, int j) {
 }
 
 // normalize_rows_cta's work with the packs of `np` (np.ok, x rows 16-byte aligned): each
-// row's packs go into out as they are, with the row's sum (of squares); after the CTA's sums,
-// each pack is normalized in place in shared memory. Ends with a barrier.
+// row's packs go into out as they are, the statistics are taken from there, and each pack is
+// normalized in place in shared memory. Ends with a barrier.
 template <class C, int THREADS, int ROWS>
 __device__ __forceinline__ void normalize_rows_packs(const typename C::scalar_t* x,
                                                      int x_stride, int rows,
@@ -209,55 +216,30 @@ __device__ __forceinline__ void normalize_rows_packs(const typename C::scalar_t*
   using S = typename C::scalar_t;
   using NP = NormPacks<C, THREADS>;
   constexpr int VEC = NP::VEC;
-  float sums[ROWS];
+  // the rows' packs into out as they are: one round trip to L2, then shared memory only
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    sums[r] = 0.0f;
-    if (r < rows) {
+    if (r >= rows) break;
 #pragma unroll
-      for (int i = 0; i < NP::N; ++i) {
-        const int k = NP::column(i);
-        if (k < C::K) {
-          const uint4 v = *reinterpret_cast<const uint4*>(x + (long long)r * x_stride + k);
-          *reinterpret_cast<uint4*>(out + (long long)r * out_stride + k) = v;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float e = pack_element<S>(v, j);
-            sums[r] += C::X_NORM == X_NORM_RMS ? e * e : e;
-          }
-        }
-      }
+    for (int i = 0; i < NP::N; ++i) {
+      const int k = NP::column(i);
+      if (k < C::K)
+        *reinterpret_cast<uint4*>(out + (long long)r * out_stride + k) =
+            *reinterpret_cast<const uint4*>(x + (long long)r * x_stride + k);
     }
   }
-  cta_totals<THREADS, ROWS>(sums, scratch);
   RowStats st[ROWS];
-  if constexpr (C::X_NORM == X_NORM_RMS) {
+  cta_row_stats<C, THREADS, ROWS>(rows, scratch, [&](int r, auto f) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) st[r] = {0.0f, rms_of<C>(sums[r])};
-  } else {
+    for (int i = 0; i < NP::N; ++i) {
+      const int k = NP::column(i);
+      if (k < C::K) {
+        const uint4 v = *reinterpret_cast<const uint4*>(out + (long long)r * out_stride + k);
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      st[r].mean = sums[r] / (float)C::K;
-      sums[r] = 0.0f;
-      if (r < rows) {
-#pragma unroll
-        for (int i = 0; i < NP::N; ++i) {
-          const int k = NP::column(i);
-          if (k < C::K) {
-            const uint4 v = *reinterpret_cast<const uint4*>(out + (long long)r * out_stride + k);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const float d = pack_element<S>(v, j) - st[r].mean;
-              sums[r] += d * d;
-            }
-          }
-        }
+        for (int j = 0; j < VEC; ++j) f(pack_element<S>(v, j));
       }
     }
-    cta_totals<THREADS, ROWS>(sums, scratch);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) st[r].scale = inv_std_of<C>(sums[r]);
-  }
+  }, st);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     if (r >= rows) break;
