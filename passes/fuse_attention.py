@@ -160,6 +160,14 @@ def _causal_constant(rw: Rewriter, mask: Value, keep: bool) -> bool:
     return bool(np.all(c[allowed] == 0) and np.all(c[~allowed] <= _HIDDEN))
 
 
+def _int_constant(rw: Rewriter, v: Value) -> Optional[int]:
+    """The value of a one-element integer constant, else None."""
+    c = rw.const(v)
+    if c is None or np.asarray(c).size != 1 or not np.issubdtype(np.asarray(c).dtype, np.integer):
+        return None
+    return int(np.asarray(c).reshape(()))
+
+
 def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
     """True when ``cond`` keeps key j for query i exactly when j <= i, computed the way
     exporters build a causal mask from the sequence length (torch's ``arange`` compared with
@@ -187,21 +195,12 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
     rng = producer_of(uj.operands[0], "range")
     if rng is None or rng.result.type.rank != 1:
         return False
-    step = rw.const(rng.operands[2])
-    if step is None or np.asarray(step).size != 1 or np.asarray(step).reshape(()) != 1:
+    if _int_constant(rw, rng.operands[2]) != 1:
         return False
     n = rng.result.type.shape[0]
     sq, skv = scores.type.shape[-2:]
     return n == sq == skv and tuple(cond.type.shape[-2:]) == (n, n) \
         and all(d == 1 for d in cond.type.shape[:-2])
-
-
-def _int_constant(rw: Rewriter, v: Value) -> Optional[int]:
-    """The value of a one-element integer constant, else None."""
-    c = rw.const(v)
-    if c is None or np.asarray(c).size != 1 or not np.issubdtype(np.asarray(c).dtype, np.integer):
-        return None
-    return int(np.asarray(c).reshape(()))
 
 
 def _causal_over_cache(rw: Rewriter, cond: Value, scores: Value) -> bool:

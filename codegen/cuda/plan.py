@@ -92,6 +92,14 @@ def _overlaps(a: tuple, b: tuple) -> bool:
     return a[1] > 0 and b[1] > 0 and a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
 
 
+def _conflict(a: tuple, b: tuple) -> bool:
+    """Whether two launches' accesses (reads, writes, solo) conflict: one writes a byte the
+    other reads or writes."""
+    (ra, wa, _), (rb, wb, _) = a, b
+    return any(_overlaps(w, x) for w in wa for x in rb + wb) or \
+        any(_overlaps(w, x) for w in wb for x in ra)
+
+
 def concurrent_runs(launches: list, max_lanes: int = MAX_LANES, previous: Optional[list] = None,
                     changed: Optional[list] = None) -> list:
     """For each launch, the length of the concurrent run that starts there (0: inside a run).
@@ -105,11 +113,6 @@ def concurrent_runs(launches: list, max_lanes: int = MAX_LANES, previous: Option
     says whether launch i differs. A run that starts where one started before, over launches
     none of which changed (the one that ended it included), is the same run; only the others
     are formed again (a decode step whose cache grew changes a few launches per layer)."""
-    def independent(i: int, j: int) -> bool:
-        (ri, wi, _), (rj, wj, _) = launches[i], launches[j]
-        return not (any(_overlaps(w, x) for w in wi for x in rj + wj)
-                    or any(_overlaps(w, x) for w in wj for x in ri))
-
     n = len(launches)
     before = None  # before[i]: how many launches before i changed
     if previous is not None and len(previous) == n:
@@ -127,7 +130,8 @@ def concurrent_runs(launches: list, max_lanes: int = MAX_LANES, previous: Option
         end = start + 1
         if not launches[start][2]:
             while (end < n and end - start < max_lanes and not launches[end][2]
-                   and all(independent(end, j) for j in range(start, end))):
+                   and not any(_conflict(launches[end], launches[j])
+                               for j in range(start, end))):
                 end += 1
         runs[start] = end - start
         start = end
@@ -150,12 +154,8 @@ def _same_runs(old: list, new: list, runs: list, changed: dict) -> bool:
     for start, n in enumerate(runs):
         if n > 1 and any(start <= j < start + n for j in changed):
             members = [new[k][1] for k in range(start, start + n)]
-            for a in range(n):
-                for b in range(a):
-                    (ra, wa, _), (rb, wb, _) = members[a], members[b]
-                    if any(_overlaps(w, x) for w in wa for x in rb + wb) or \
-                            any(_overlaps(w, x) for w in wb for x in ra):
-                        return False
+            if any(_conflict(members[a], members[b]) for a in range(n) for b in range(a)):
+                return False
     return True
 
 

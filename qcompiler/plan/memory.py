@@ -205,31 +205,18 @@ def slice_offset(plan: Plan, view, shapes: dict, sizes: Optional[dict] = None) -
     buffers = plan.buffers
     if sizes is None:
         return sum(math.prod(shapes[n]) * itemsize_of(buffers[n].dtype) for n in before)
-    total = sizes.get(before)
-    if total is None:
-        *head, last = before
-        size = sizes.get(last)
-        if size is None:
-            size = sizes[last] = math.prod(shapes[last]) * itemsize_of(buffers[last].dtype)
-        total = sizes[before] = size + (_prefix_bytes(plan, tuple(head), shapes, sizes)
-                                        if head else 0)
-    return total
-
-
-def _prefix_bytes(plan: Plan, names: tuple, shapes: dict, sizes: dict) -> int:
-    """slice_offset's total for the buffers ``names`` (memoized in ``sizes``), iteratively:
-    the longest memoized prefix plus the sizes after it."""
-    k = len(names)
-    while k and names[:k] not in sizes:
+    # the longest memoized prefix of `before`, then the sizes after it (each prefix kept)
+    k = len(before)
+    while k and before[:k] not in sizes:
         k -= 1
-    total = sizes[names[:k]] if k else 0
-    for i in range(k, len(names)):
-        n = names[i]
+    total = sizes[before[:k]] if k else 0
+    for i in range(k, len(before)):
+        n = before[i]
         size = sizes.get(n)
         if size is None:
-            size = sizes[n] = math.prod(shapes[n]) * itemsize_of(plan.buffers[n].dtype)
+            size = sizes[n] = math.prod(shapes[n]) * itemsize_of(buffers[n].dtype)
         total += size
-        sizes[names[:i + 1]] = total
+        sizes[before[:i + 1]] = total
     return total
 
 
