@@ -83,8 +83,9 @@ WGMMA_ACT8 = {"wgmma": 2, "gemv": 0, "m_frags": 8, "warps_n": 2, "warps_k": 2, "
               "stage_k": 128, "acc_scale": 0, "split_k": 1}
 WGMMA_ACT8_GOLDEN = {
     "u4_g128_zp_f16_wgmma_int8": ("u4_g128_zp_f16_int8", {**WGMMA_ACT8, "int8": 1}),
+    # FP8: each stage's fp32 sums promoted into fp32 ones (as the int8 group fold)
     "f8e4m3_perchannel_bias_f16_wgmma_fp8": ("f8e4m3_perchannel_bias_f16_fp8",
-                                             {**WGMMA_ACT8, "m_frags": 16, "fp8": 1}),
+                                             {**WGMMA_ACT8, "fp8": 1}),
     # 4-bit per-channel codes: the sums to the end, with each stage's A fragments computed
     # while the previous stage's wgmmas are in flight (the case ptxas once gave the same
     # registers: test_wgmma_kernels_keep_their_a_registers)
@@ -573,17 +574,21 @@ def test_wgmma_kernels_keep_their_a_registers(tmp_path):
     sources = {name: os.path.join(GOLDEN, f"{name}.cu")
                for name in ["u4_g128_zp_f16_wgmma"] + sorted(WGMMA_ACT8_GOLDEN)}
     # and every tile shape of the 8-bit-activation kernel (M 64/128/256, 1 or 2 warpgroups
-    # of 1 or 2 blocks) on group scales and on 4-bit per-channel codes
+    # of 1 or 2 blocks) on group scales, on 4-bit per-channel codes and on FP8
     sm90 = get_target("cuda-sm90")
-    for label, case in (("g128", INT8_GOLDEN["u4_g128_zp_f16_int8"]),
-                        ("perchannel", WGMMA_ACT8_CASES["u4_perchannel_zp_bias_bf16_int8"])):
+    for label, case, knob in (
+            ("g128", INT8_GOLDEN["u4_g128_zp_f16_int8"], "int8"),
+            ("perchannel", WGMMA_ACT8_CASES["u4_perchannel_zp_bias_bf16_int8"], "int8"),
+            ("fp8", INT8_GOLDEN["f8e4m3_perchannel_bias_f16_fp8"], "fp8")):
         _, _, node = bs.pack_case(case)
         key = kernel_key(node, 512)
-        variants = [v for v in ({**WGMMA_ACT8, "m_frags": mf, "warps_n": wn, "warps_k": wk}
+        variants = [v for v in ({**WGMMA_ACT8, "m_frags": mf, "warps_n": wn, "warps_k": wk,
+                                 knob: 1}
                                 for mf, wn, wk in ((4, 2, 1), (4, 4, 2), (8, 1, 1), (8, 2, 2),
                                                    (16, 2, 2), (16, 1, 1)))
-                    if tuning.check_config(sm90, key, {**v, "int8": 1}) is None]
-        bs.set_variants(node, [{**v, "int8": 1} for v in variants])
+                    if tuning.check_config(sm90, key, v) is None]
+        assert variants, label
+        bs.set_variants(node, variants)
         sources[f"act8_{label}"] = str(tmp_path / f"act8_{label}.cu")
         with open(sources[f"act8_{label}"], "w") as f:
             f.write(backend.render(backend.kernel_params(node, "cuda-sm90")))

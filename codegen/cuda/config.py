@@ -310,7 +310,8 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     mean as the block-split wgmma kernel's, with stages of 128 K rows (``stage_k`` = 128): the
     weights and permission of the 8-bit-activation kernel, int8 group scales of whole stages
     (a multiple of 128 rows; they are folded into fp32 sums every stage, so a warpgroup holds
-    s32 and fp32 sums: blocks a warpgroup x M tile <= 128), FP8 with per-channel scales."""
+    s32 and fp32 sums: blocks a warpgroup x M tile <= 128), FP8 with per-channel scales (its
+    sums promoted into fp32 ones every stage: the same register rule)."""
     from qcompiler.codegen.cuda.layout import K_ALIGN, pad_to
     from qcompiler.codegen.cuda.tuning import _bits, _group, _smem_limit, smem_bytes
 
@@ -336,8 +337,13 @@ def check_wgmma_act8(target, key: dict, config: dict) -> Optional[str]:
     k_pad = pad_to(key["k"], K_ALIGN)
     if k_pad % 128:
         return f"K padded to {k_pad} is not a multiple of the 128-row stages"
-    problem = _block_split_reason(config, 128, "s32 and fp32 sums in registers") if group \
-        else _block_split_reason(config, 256, "128 accumulators a thread")
+    # group scales and FP8 keep a stage's sums, the held ones and fp32 ones in registers
+    if group:
+        problem = _block_split_reason(config, 128, "s32 and fp32 sums in registers")
+    elif knob == "fp8":
+        problem = _block_split_reason(config, 128, "a stage's fp32 sums promoted into others")
+    else:
+        problem = _block_split_reason(config, 256, "128 accumulators a thread")
     if problem:
         return problem
     if not 2 <= config["stages"] <= 8:

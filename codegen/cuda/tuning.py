@@ -331,7 +331,10 @@ def act8_wgmma_default(target, key, knob: str) -> dict:
     # per-channel: 256-token tiles where they still give every SM a CTA of two blocks, else
     # 128 (twice the CTAs; reasoned from the g128 runs, where a small grid lost most: not
     # yet measured for per-channel weights)
-    m_frags = 16 if not group and math.ceil(m / 256) * math.ceil(n_blocks / 2) >= sms else 8
+    # FP8: 128 tokens always (each stage's sums are promoted into fp32 ones, as group scales
+    # fold them: three sets of sums in registers)
+    wide = not group and knob != "fp8"
+    m_frags = 16 if wide and math.ceil(m / 256) * math.ceil(n_blocks / 2) >= sms else 8
     cfg = {"gemv": 0, "wgmma": 2, "acc_scale": 0, "int8": int(knob == "int8"),
            "fp8": int(knob == "fp8"), "m_frags": m_frags, "warps_n": 2, "warps_k": 2,
            "stages": 4, "stage_k": 128}

@@ -4,7 +4,7 @@
 // Weights: #quant<f8e4m3fn, symmetric, per_channel(axis=1), scale=f16>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=0, codes=f8e4m3fn, container_bits=8, group=1024, interleave=h_k8_kodd, k=1024, k_pad=1024, n=320, n_pad=320, scale_at=epilogue, zero_const=0> (codegen/cuda/layout.py), 8-bit containers, K 1024 -> 1024,
 // N 320 -> 320. Unpack: fp8-e4m3-f16; scales applied in the epilogue; zero point: constant.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v4 (M <= 128: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1), v5 (M <= 512: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1), v6 (M <= 4096: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 1), v4 (M <= 128: wgmma, M tile 128, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1), v5 (M <= 512: wgmma, M tile 128, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1), v6 (M <= 4096: wgmma, M tile 128, N tile 128 split over 2 consumer warpgroups, 4 stages of 128 rows, FP8 e4m3 activations, split_k 1).
 //
 // Built for sm_90a (the variants above include the Hopper wgmma/TMA kernel, wgmma_act8.cuh).
 // The kernels are the static headers in codegen/cuda/include/qcompiler/ (copied to the
@@ -60,9 +60,9 @@ const qc::Variant VARIANTS[] = {
     {16, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v1
     {32, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v2
     {64, 1, 1, 1, 16, 4, 64, 0, 1, 0, 0, 0},  // v3
-    {128, 0, 16, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v4
-    {512, 0, 16, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v5
-    {4096, 0, 16, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v6
+    {128, 0, 8, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v4
+    {512, 0, 8, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v5
+    {4096, 0, 8, 2, 2, 4, 128, 0, 1, 2, 0, 1},  // v6
 };
 constexpr int N_VARIANTS = 7;
 
@@ -75,9 +75,9 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
   cudaError_t err = qc::make_params<Config>(v, x, y, w, scales, zeros, bias, perm, norm_w,
                                             norm_b, M, workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
-  if (v.wgmma == 2 && v.m_frags == 16 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 4 &&
+  if (v.wgmma == 2 && v.m_frags == 8 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 4 &&
       v.int8 == 0 && v.fp8 == 1)
-    return qc::launch_wgmma_act8<Config, 256, 1, 2, 4, true>(p, stream);
+    return qc::launch_wgmma_act8<Config, 128, 1, 2, 4, true>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
     return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
   return cudaErrorInvalidConfiguration;

@@ -28,9 +28,10 @@
 // as much issue per element as the MMA's own time, so it runs while the next stage's wgmmas
 // do: after each stage's wait its sums are held in other registers (Act8BlockSplit::held),
 // folded during the next stage (and two consumer warpgroups interleave besides). Per-channel
-// weight scales (one x scale a row): the s32 (int8) or fp32 (FP8) sums run over the whole K
-// range, and the end applies xs (and takes the zero point off once, in split 0); the weight
-// scale is the epilogue's, as for every kernel.
+// weight scales (one x scale a row): the int8 s32 sums run over the whole K range; FP8 sums
+// run a stage at a time and are added into fp32 ones as the int8 sums are folded (the FP8
+// tensor cores accumulate with fewer bits than fp32). The end applies xs (and takes the zero
+// point off once, in split 0); the weight scale is the epilogue's, as for every kernel.
 //
 // This file holds what differs from the 16-bit-x kernel: the mapping Act8BlockSplit (its
 // producer's copies, TMA map, main loop and store), run by wgmma.cuh's qmatmul_wgmma_kernel.
@@ -127,6 +128,27 @@ __device__ __forceinline__ void wgmma_rs_s8_fresh(int* d, const uint32_t* a, uin
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128 ", p;\n}\n"
                  : QC_W32(d, 0), QC_W32(d, 32)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+
+// The FP8 product into fresh fp32 sums (as wgmma_rs_s8_fresh). N in {64, 128}.
+#define QC_WF8(d, i) "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), \
+                     "=f"(d[i + 4]), "=f"(d[i + 5]), "=f"(d[i + 6]), "=f"(d[i + 7])
+#define QC_WF32(d, i) QC_WF8(d, i), QC_WF8(d, i + 8), QC_WF8(d, i + 16), QC_WF8(d, i + 24)
+template <int N>
+__device__ __forceinline__ void wgmma_rs_f8_fresh(float* d, const uint32_t* a, uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "fresh FP8 sums: N in {64, 128}");
+  if constexpr (N == 64)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N64
+                 ", p, 1, 1;\n}\n"
+                 : QC_WF32(d, 0)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  else
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N128
+                 ", p, 1, 1;\n}\n"
+                 : QC_WF32(d, 0), QC_WF32(d, 32)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
@@ -241,11 +263,16 @@ template <class C, class T, int BPW>
 struct Act8BlockSplit {
   static constexpr int NT = T::M_TILE;             // tokens per wgmma
   static constexpr bool FOLD = !T::X_PER_ROW;      // group scales: s32 sums folded each stage
+  // FP8: each stage's fp32 sums added into fp32 ones (the tensor cores' FP8 accumulation
+  // keeps fewer bits than fp32: over K = 4096 its error reached 1.4e-3 of the output's scale
+  // on an H100; DeepSeek-V3 promotes every 128 K rows the same way).
+  static constexpr bool PROMOTE = T::FP8;
+  static constexpr bool STAGE_SUMS = FOLD || PROMOTE;  // fresh sums a stage, held, then added
   using Sum = std::conditional_t<T::FP8, float, int>;
   static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "each warpgroup takes BPW blocks");
-  static_assert(BPW * NT <= (FOLD ? 128 : 256),
-                "accumulators a thread: at most 128 (folding: the s32 sums, the held ones and "
-                "the fp32 ones, 64 each)");
+  static_assert(BPW * NT <= (STAGE_SUMS ? 128 : 256),
+                "accumulators a thread: at most 128 (a stage's sums, the held ones and the fp32 "
+                "ones, 64 each)");
   __device__ static void produce(const CUtensorMap* x_map, const Params<typename C::scalar_t>& p,
                                  unsigned char* smem, uint64_t* full, uint64_t* empty,
                                  const WgmmaCta& cta) {
@@ -257,10 +284,11 @@ struct Act8BlockSplit {
   }
 
 
-  Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage, when folding)
-  // folding: the previous stage's sums as the float bits of 1.5 * 2^23 + sum (below)
-  uint32_t held[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];
-  float acc[FOLD ? BPW : 1][FOLD ? NT / 2 : 1];  // folded fp32 sums (group scales)
+  Sum part[BPW][NT / 2];                 // the wgmmas' sums (of a stage: STAGE_SUMS)
+  // The previous stage's sums: int8, the float bits of 1.5 * 2^23 + sum (below); FP8, the
+  // bits of -sum. Either way a real instruction writes them (see mainloop).
+  uint32_t held[STAGE_SUMS ? BPW : 1][STAGE_SUMS ? NT / 2 : 1];
+  float acc[STAGE_SUMS ? BPW : 1][STAGE_SUMS ? NT / 2 : 1];  // fp32 sums over the stages
 
   // This warp's A fragments of k32 step kk of block blk: the lane's bytes of k16 steps 2 kk
   // and 2 kk + 1 of n16 tile w (rows g, g + 8 of the m16: n8 halves 0 and 1).
@@ -331,6 +359,22 @@ struct Act8BlockSplit {
     }
   }
 
+  // FP8: the held sums of a stage into the fp32 ones (held = -sum, so acc - held is
+  // exactly acc + sum).
+  __device__ __forceinline__ void promote() {
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) acc[j][i] -= __uint_as_float(held[j][i]);
+  }
+
+  // The held sums of stage kt: folded with their scales (int8) or added (FP8).
+  __device__ __forceinline__ void retire(const unsigned char* base, int kt, int c, int w,
+                                         int lane) {
+    if constexpr (PROMOTE) promote();
+    else fold(base, (long long)kt * T::STAGE_K % C::GROUP == 0, c, w, lane);
+  }
+
   // Stage it's wgmmas into `sums` (this warp's A fragments loaded first: one shared-memory
   // latency a stage), committed as one group.
   __device__ __forceinline__ void issue_stage(const unsigned char* base, Sum (&sums)[BPW][NT / 2],
@@ -346,9 +390,13 @@ struct Act8BlockSplit {
       const uint64_t desc = smem_desc_sw128(base + kk * 32);
 #pragma unroll
       for (int j = 0; j < BPW; ++j) {
-        if constexpr (FOLD) {
-          if (kk == 0) wgmma_rs_s8_fresh<NT>(sums[j], a[kk][j], desc);  // a stage's own sums
-          else wgmma_rs_act8<NT, false>(sums[j], a[kk][j], desc, 1);
+        if constexpr (STAGE_SUMS) {
+          if (kk == 0) {  // a stage's own sums
+            if constexpr (T::FP8) wgmma_rs_f8_fresh<NT>(sums[j], a[kk][j], desc);
+            else wgmma_rs_s8_fresh<NT>(sums[j], a[kk][j], desc);
+          } else {
+            wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
+          }
         } else {
           wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
         }
@@ -375,22 +423,22 @@ struct Act8BlockSplit {
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) {
-        if constexpr (FOLD) acc[j][i] = 0.0f;  // (each stage's first wgmma writes fresh sums)
+        if constexpr (STAGE_SUMS) acc[j][i] = 0.0f;  // (a stage's first wgmma: fresh sums)
         else part[j][i] = 0;
       }
     auto stage_base = [&](int it) { return smem + (it % T::STAGES) * T::STAGE_BYTES; };
-    if constexpr (FOLD) {
-      // Stage it's wgmmas run while the warpgroup folds stage it - 1's held sums (then hands
-      // that stage's slot back), so the tensor cores and the fold's arithmetic overlap within
-      // the warpgroup too. Each step waits for all of its wgmmas and holds their sums at once:
-      // the fold never reads registers of a wgmma in flight (ptxas would serialize every
-      // wgmma, C7514, or wait before the fold, C7517).
+    if constexpr (STAGE_SUMS) {
+      // Stage it's wgmmas run while the warpgroup retires stage it - 1's held sums (then
+      // hands that stage's slot back), so the tensor cores and the fold's arithmetic overlap
+      // within the warpgroup too. Each step waits for all of its wgmmas and holds their sums
+      // at once: the fold never reads registers of a wgmma in flight (ptxas would serialize
+      // every wgmma, C7514, or wait before the fold, C7517). The hold is an add (int8) or a
+      // sign flip (FP8) so that ptxas cannot make it a plain copy and fold in place.
       for (int it = 0; it < n_kt; ++it) {
         mbar_wait(full + it % T::STAGES, (it / T::STAGES) & 1);
         issue_stage(stage_base(it), part, c, w, lane);
         if (it > 0) {
-          const int kt = kt_begin + it - 1;
-          fold(stage_base(it - 1), (long long)kt * T::STAGE_K % C::GROUP == 0, c, w, lane);
+          retire(stage_base(it - 1), kt_begin + it - 1, c, w, lane);
           __syncwarp();
           if (lane == 0) mbar_arrive(empty + (it - 1) % T::STAGES);
         }
@@ -398,14 +446,16 @@ struct Act8BlockSplit {
 #pragma unroll
         for (int j = 0; j < BPW; ++j)
 #pragma unroll
-          for (int i = 0; i < NT / 2; ++i)
-            asm volatile("add.s32 %0, %1, %2;\n"
-                         : "=r"(held[j][i]) : "r"(part[j][i]), "n"(MAGIC_BITS));
+          for (int i = 0; i < NT / 2; ++i) {
+            if constexpr (T::FP8)
+              asm volatile("xor.b32 %0, %1, 0x80000000;\n"
+                           : "=r"(held[j][i]) : "r"(__float_as_uint(part[j][i])));
+            else
+              asm volatile("add.s32 %0, %1, %2;\n"
+                           : "=r"(held[j][i]) : "r"(part[j][i]), "n"(MAGIC_BITS));
+          }
       }
-      if (n_kt > 0) {
-        const int kt = kt_begin + n_kt - 1;
-        fold(stage_base(n_kt - 1), (long long)kt * T::STAGE_K % C::GROUP == 0, c, w, lane);
-      }
+      if (n_kt > 0) retire(stage_base(n_kt - 1), kt_begin + n_kt - 1, c, w, lane);
 #pragma unroll
       for (int j = 0; j < BPW; ++j)
 #pragma unroll
@@ -455,7 +505,7 @@ struct Act8BlockSplit {
         } else {
           const bool row_ok = m0 + m < p.M;
           const float xs = row_ok ? p.xs[m0 + m] : 0.0f;
-          if constexpr (T::FP8) v = part[j][i] * xs;
+          if constexpr (T::FP8) v = acc[j][i] * xs;
           else v = row_ok ? (float)(part[j][i] - z[h] * p.xsum[m0 + m]) * xs : 0.0f;
         }
         red[m * T::RED_STRIDE + n] = v;
