@@ -295,6 +295,12 @@ def _make_graph() -> Graph:
           [g.arg([B, 2, "seq", 32], "f16"), g.arg([B, 2, 9, 32], "f16"),
            g.arg([B, 2, 9, 32], "f16")],
           [([B, 2, "seq", 32], "f16")], {"scale": 0.2, "causal": 1})  # rows with no key
+    # a prefill over a longer cache (Skv = 4 S + 3 > Sq): the tensor-core kernel's causal
+    # limit shifted by Skv - Sq, its tiles of unmasked scores and its partial last tile
+    g.add("attention", "attention",
+          [g.arg([B, 2, S, 64], "f16"), g.arg([B, 2, "kv", 64], "f16"),
+           g.arg([B, 2, "kv", 64], "f16")],
+          [([B, 2, S, 64], "f16")], {"scale": 0.125, "causal": 1})
     # [B, S, H, D] layouts (fold-attention-layout): tensor-core prefill, decode, warp prefill
     g.add("attention", "attention",
           [g.arg([B, S, 4, 64], "f16"), g.arg([B, S, 2, 64], "f16"), g.arg([B, S, 2, 64], "f16"),

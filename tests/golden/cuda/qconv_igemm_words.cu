@@ -10,7 +10,7 @@
 // a 3-stage cp.async ring of 64-byte K steps, fragments by ldmatrix; the tile and a K split
 // chosen per call by the pixel count. A rows load 4 channels (4 bytes) at a time (channels a multiple of 4, not of 16).
 // Epilogue: requantize: clamp(rne(f32(acc) * f32(s[m] / y_scale)) + y_zp, 110, 255)
-namespace qc_cu_qconv_267f9ab81545_ns {
+namespace qc_cu_qconv_d3085d6fe8a0_ns {
 using X = uint8_t;
 using Y = uint8_t;
 constexpr int H = 17, W = 17, C = 4, OH = 9, OW = 9, M = 16;
@@ -112,15 +112,11 @@ template <int BM_, int BN_, int WM_, int WN_> struct Tile {
   static_assert(SMEM >= BM * (BN + 16), "the epilogue's code tile fits in the ring");
 };
 
-// The asynchronous copies and the MMA. QC_HOST_EMULATION (tests/cuda_host/emulator/emulator.h) runs
-// this source on the host, a CTA's threads as fibers: a copy is then immediate and the MMA
-// is computed for the whole warp from its 32 lanes' fragments.
+// The 4- and 8-byte asynchronous copies (16-byte ones: qc_ops::cp_async16) and the MMA.
+// QC_HOST_EMULATION (tests/cuda_host/emulator/emulator.h) runs this source on the host, a
+// CTA's threads as fibers: a copy is then immediate and the MMA is computed for the whole
+// warp from its 32 lanes' fragments.
 #ifndef QC_HOST_EMULATION
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  const int n = valid ? 16 : 0;  // src-size 0: fill with zeros, read nothing
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
@@ -128,10 +124,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Four 8 x 16-byte matrices of shared memory into a warp's registers: lane l gives the
@@ -150,13 +142,8 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const unsigned (&a)[4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #else
-inline void cp_async16(void* smem, const void* gmem, bool valid) {
-  qc_emu::copy16(smem, gmem, valid);
-}
 inline void cp_async4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
 inline void cp_async8(void* smem, const void* gmem) { std::memcpy(smem, gmem, 8); }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
 inline void ldsm_x4(unsigned (&r)[4], const uint8_t* p) { qc_emu::ldmatrix_x4(r, p); }
 inline void mma_s8(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   qc_emu::mma_m16n8k32(d, a, b, true);
@@ -236,7 +223,7 @@ __device__ __forceinline__ void load_b(const Params& q, uint8_t* sb, int k0, int
     const int chunk = tid + i * T::THREADS, r = chunk / (BK / 16), kc = chunk % (BK / 16);
     const int k = k0 + kc * 16, n = n0 + r;
     const bool valid = n < M && k < KP;
-    cp_async16(sb + r * LD + kc * 16, q.w + (valid ? (int64_t)n * KP + k : 0), valid);
+    qc_ops::cp_async16(sb + r * LD + kc * 16, q.w + (valid ? (int64_t)n * KP + k : 0), valid);
   }
 }
 
@@ -292,17 +279,17 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nsteps) load_a<T>(q, sa + s * BM * LD, (k_first + s) * BK, rows, zp4);
-    cp_async_commit();
+    qc_ops::cp_async_commit();
   }
   for (int ks = 0; ks < nsteps; ++ks) {
-    cp_async_wait<STAGES - 2>();
+    qc_ops::cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage ks is in shared memory; slot (ks - 1) % STAGES is free again
     const int next = ks + STAGES - 1;
     if (next < nsteps) {
       load_a<T>(q, sa + (next % STAGES) * BM * LD, (k_first + next) * BK, rows, zp4);
       load_b<T>(q, sb + (next % STAGES) * BN * LD, (k_first + next) * BK, n0);
     }
-    cp_async_commit();
+    qc_ops::cp_async_commit();
     const uint8_t* A = sa + (ks % STAGES) * BM * LD + wm * WTM * LD;
     const uint8_t* B = sb + (ks % STAGES) * BN * LD + wn * WTN * LD;
 #pragma unroll
@@ -330,7 +317,7 @@ __global__ void __launch_bounds__(T::THREADS) qconv_igemm_kernel(Params q) {
         for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
     }
   }
-  cp_async_wait<0>();
+  qc_ops::cp_async_wait<0>();
 
   if (q.splits > 1) {
     // Each part adds its sums into the tile's accumulator in the workspace (atomic adds in
@@ -476,17 +463,17 @@ template <typename T> int launch_tile(Params q, const LaunchPlan& p, void* works
   return (int)cudaGetLastError();
 }
 
-}  // namespace qc_cu_qconv_267f9ab81545_ns
+}  // namespace qc_cu_qconv_d3085d6fe8a0_ns
 
-extern "C" int64_t qc_cu_qconv_267f9ab81545_workspace_bytes(const int64_t* shapes) {
+extern "C" int64_t qc_cu_qconv_d3085d6fe8a0_workspace_bytes(const int64_t* shapes) {
 
-  return qc_cu_qconv_267f9ab81545_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_267f9ab81545_ns::OH * qc_cu_qconv_267f9ab81545_ns::OW));
+  return qc_cu_qconv_d3085d6fe8a0_ns::workspace_bytes(shapes[0] * (int64_t)(qc_cu_qconv_d3085d6fe8a0_ns::OH * qc_cu_qconv_d3085d6fe8a0_ns::OW));
 
 }
 
-extern "C" int qc_cu_qconv_267f9ab81545(void* const* ptrs, const int64_t* shapes, void* workspace,
+extern "C" int qc_cu_qconv_d3085d6fe8a0(void* const* ptrs, const int64_t* shapes, void* workspace,
                             cudaStream_t stream) {
-  using namespace qc_cu_qconv_267f9ab81545_ns;
+  using namespace qc_cu_qconv_d3085d6fe8a0_ns;
   Params q;
   q.x = (const X*)ptrs[0];
   q.w = (const int8_t*)ptrs[1];

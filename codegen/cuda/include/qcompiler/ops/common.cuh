@@ -193,6 +193,28 @@ inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 b
 #endif
 }
 
+// ---- asynchronous copies global -> shared (cp.async, sm_80+) -----------------------------
+// 16 bytes, or 16 zeros where !valid (src-size 0: nothing is read). In host emulation a copy
+// is immediate (nothing is ever in flight).
+#ifndef QC_HOST_EMULATION
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+// Until at most N of this thread's committed groups are in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#else
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+  qc_emu::copy16(smem, gmem, valid);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+#endif
+
 // Decided at the first launch of the translation unit (one op library is one: its kernels are
 // built alike). `static`, not `inline`: an inline variable is one symbol for the whole process
 // (STB_GNU_UNIQUE), shared with another model's library that may be built for sm_80 only.
