@@ -389,6 +389,29 @@ def test_every_node_renders_and_duplicates_share_a_kernel():
         assert text.count(f'extern "C" int {symbol}(') == 1, symbol
 
 
+def test_layers_share_one_kernel_with_their_layer_at_launch():
+    """qkv_heads of different layers (the layer: a launch constant) are one kernel in the
+    library, each layer an entry point passing its own index."""
+    fn = Function("main")
+    qkv = fn.add_arg("qkv", tensor([1, 1, 3 * 64], "f16"))
+    past = [fn.add_arg(n, tensor([3, 1, 1, 5, 64], "f16")) for n in ("pk", "pv")]
+    nodes = [fn.make_node("qkv_heads", [qkv, None, None, None] + past,
+                          [tensor([1, 1, 1, 64], "f16"), tensor([1, 1, 6, 64], "f16"),
+                           tensor([1, 1, 6, 64], "f16")],
+                          {"num_heads": 1, "kv_heads": 1, "interleaved": 0,
+                           "rotary_embedding_dim": 0, "layer": layer},
+                          names=[f"q{i}", f"k{i}", f"v{i}"])
+             for i, layer in enumerate((0, 2, 2))]
+    names, text = library_source(nodes)
+    assert names["q0"].endswith("_0") and names["q1"].endswith("_2")
+    assert names["q1"] == names["q2"]  # the same node twice: one symbol
+    assert names["q0"][:-2] == names["q1"][:-2]  # one kernel
+    assert text.count("__global__ void qkv_heads_kernel") == 1
+    assert text.count(f'extern "C" int {names["q0"]}(') == 1
+    assert text.count(f'extern "C" int {names["q1"]}(') == 1
+    assert "const int64_t consts[] = {2LL};" in text
+
+
 def test_unsupported_nodes_name_node_and_op():
     fn = Function("main")
     a = fn.add_arg("a", tensor(["batch", 4], "f32"))

@@ -95,12 +95,41 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
         text = _quantize(node, module)
     elif node.op == "kv_concat":
         text = _render("kv_concat.cu.j2", node, x_type=c_type(node.operands[0].type.dtype, node),
-                       layer=int(node.attrs["layer"]), new_bshd=bool(node.attrs["new_bshd"]))
+                       new_bshd=bool(node.attrs["new_bshd"]))
     else:
         text = _attention(node)
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
     symbol = f"qc_cu_{node.op}_{digest}"
-    return symbol, text.replace(NAME, symbol)
+    text = text.replace(NAME, symbol)
+    consts = [int(node.attrs[a]) for a in LAUNCH_CONSTANTS.get(node.op, ())]
+    if not consts:
+        return symbol, text
+    return _bound_launcher(node, symbol, text, consts)
+
+
+# Attributes passed to a kernel's launcher at run time instead of being rendered into its
+# source (``{symbol}_run(..., consts)``), so that nodes differing only in them share one
+# kernel: a model's 22 layers of qkv_heads were 22 copies of one kernel.
+LAUNCH_CONSTANTS = {"qkv_heads": ("layer",), "kv_concat": ("layer",)}
+
+
+def _bound_launcher(node: Node, shared: str, text: str, consts: list) -> tuple[str, str]:
+    """(symbol, source) of a node whose kernel takes launch constants: the shared kernel
+    (guarded, so that a library or test pasting the sources of several such nodes defines it
+    once), then the node's own entry points, which call it with ``consts``."""
+    symbol = f"{shared}_{'_'.join(str(c) for c in consts)}"
+    names = ", ".join(f"{a} = {c}" for a, c in zip(LAUNCH_CONSTANTS[node.op], consts))
+    guard = f"QC_KERNEL_{shared.upper()}"
+    values = ", ".join(f"{c}LL" for c in consts)
+    return symbol, (
+        f"#ifndef {guard}\n#define {guard}\n{text}#endif  // {guard}\n\n"
+        f"// {node.op} with {names}: the launcher above, with these constants\n"
+        f'extern "C" int64_t {symbol}_workspace_bytes(const int64_t* shapes) {{\n'
+        f"  return {shared}_workspace_bytes(shapes);\n}}\n"
+        f'extern "C" int {symbol}(void* const* ptrs, const int64_t* shapes, void* workspace,\n'
+        f"                  cudaStream_t stream) {{\n"
+        f"  const int64_t consts[] = {{{values}}};\n"
+        f"  return {shared}_run(ptrs, shapes, workspace, stream, consts);\n}}\n")
 
 
 # ---- elementwise -------------------------------------------------------------------------------
@@ -370,7 +399,7 @@ def _qkv_heads(node: Node) -> str:
                    pos_rank=pos.type.rank if pos is not None else 0,
                    interleaved=bool(a["interleaved"]), round_each=ct == xt,
                    num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]),
-                   layer=int(a["layer"]), cache_rank=cos.type.rank if cos is not None else 0,
+                   cache_rank=cos.type.rank if cos is not None else 0,
                    has_past=node.arg("past_k") is not None,
                    rotary_dim=int(a["rotary_embedding_dim"] or 0))
 

@@ -34,7 +34,15 @@ def library_source(nodes: Iterable, module=None) -> tuple[dict, str]:
     with open(HEADER) as f:
         header = f.read()  # pasted into the main file (its include guard is harmless there)
     parts = [f"// qcompiler CUDA op kernels: {len(kernels)} kernels (generated)\n", header]
-    parts += [kernels[s] for s in sorted(kernels)]
+    shared: set = set()  # kernels with launch constants: each once, then every node's entries
+    for s in sorted(kernels):
+        text = kernels[s]
+        if text.startswith("#ifndef QC_KERNEL_"):
+            guard = text.split("\n", 1)[0].split()[1]
+            kernel, entries = text.split(f"#endif  // {guard}\n", 1)
+            text = entries if guard in shared else text
+            shared.add(guard)
+        parts.append(text)
     return names, "\n".join(parts)
 
 
