@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [fp8-check] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -156,6 +156,29 @@ for step in "$@"; do
         --only heuristic --out "$OUT" 2>&1 | grep -E "M=|wrote|rror" | tail -20
       timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm --skip-llama \
         --prefill 512 2>&1 | tee "$OUT/prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
+    prefill-ab)  # issue #12: the 8-layer prefill of 512 tokens, traced, on build/ab_base.tar's
+                 # code and on this tree (attention, qkv_heads, RMSNorm per launch)
+      install_base
+      for side in base new; do
+        site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
+        mkdir -p "$OUT/prefill-$side"
+        PYTHONPATH=$site timeout ${PREFILL_AB_TIMEOUT:-200} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+          --out "$OUT/prefill-$side" --skip-minilm --skip-llama --llama-layers 8 --prefill 512 --trace \
+          > "$OUT/prefill-$side.log" 2>&1
+        echo "== $side: $(grep -E "llama prefill 512:|logits|FAIL" "$OUT/prefill-$side.log" | tr '\n' ' ' | cut -c1-400)"
+        python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/prefill-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12
+      done ;;
+    fp8-check)  # issue #14: the wgmma kernels with 8-bit activations against their numpy models, then
+                # the FP8 heuristic beside cuBLAS fp16 and torch._scaled_mm (M 256, 1024, 4096)
+      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
+        -k "wgmma_int8 or wgmma_fp8" 2>&1 | tee "$OUT/act8-tests.log" | tail -4
+      timeout ${FP8_TIMEOUT:-250} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --fp8 --no-tiled \
+        --ms 256,1024,4096 --only heuristic --out "$OUT" 2>&1 | tee "$OUT/fp8-bench.log" \
+        | grep -E "M=|wrote|rror" | tail -40 ;;
+    ops-tests)  # the op kernels' and convolutions' GPU tests (attention, qkv_heads, qconv)
+      timeout 170 python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_conv.py" 2>&1 | tee "$OUT/ops-tests.log" \
+        | grep -E "FAILED|ERROR|passed|failed" | tail -20 ;;
     gemv-sweep)  # the GEMV heuristic against the best of a sweep, decode and large shapes, M 1 and 16
       python3 "$REPO/benchmarks/bench_cuda.py" --sweep --gemv-only --ms 1,16 --shapes \
         2048x2048,256x2048,11264x2048,2048x5632,32000x2048,4096x4096,28672x8192,8192x28672 \
