@@ -168,6 +168,42 @@ def _int_constant(rw: Rewriter, v: Value) -> Optional[int]:
     return int(np.asarray(c).reshape(()))
 
 
+def _range_lengths(rw: Rewriter, rng) -> tuple:
+    """The dims known to be the length of ``rng``: its type's, and for range(0, stop, 1)
+    the dim d of a tensor X when stop is gather(shape(X), k) with X's dim k the symbol d
+    (exporters take the sequence length from the input's shape: the range's own type then
+    has a fresh symbol)."""
+    own = rng.result.type.shape[0]
+    other = _stop_dim(rw, rng)
+    return (own,) if other is None else (own, other)
+
+
+def _stop_dim(rw: Rewriter, rng) -> object:
+    if _int_constant(rw, rng.operands[0]) != 0 or _int_constant(rw, rng.operands[2]) != 1:
+        return None
+    g = producer_of(rng.operands[1], "gather")
+    if g is None or g.attrs.get("axis", 0) != 0:
+        return None
+    shp, k = producer_of(g.operands[0], "shape"), _int_constant(rw, g.operands[1])
+    if shp is None or k is None:
+        return None
+    full = shp.operands[0].type.shape
+    dims = full[slice(shp.attrs.get("start", 0), shp.attrs.get("end", len(full)))]
+    return dims[k] if -len(dims) <= k < len(dims) else None
+
+
+def _same_range(rw: Rewriter, a: Value, b: Value) -> bool:
+    """True when ``a`` and ``b`` are one range, or two with the same constant start and step
+    and the same stop value (an exporter's two ``arange`` calls)."""
+    if a is b:
+        return True
+    ra, rb = producer_of(a, "range"), producer_of(b, "range")
+    if ra is None or rb is None or ra.operands[1] is not rb.operands[1]:
+        return False
+    return all(_int_constant(rw, x) is not None and _int_constant(rw, x) == _int_constant(rw, y)
+               for x, y in ((ra.operands[0], rb.operands[0]), (ra.operands[2], rb.operands[2])))
+
+
 def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
     """True when ``cond`` keeps key j for query i exactly when j <= i, computed the way
     exporters build a causal mask from the sequence length (torch's ``arange`` compared with
@@ -175,10 +211,12 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
 
         r = range(start, stop, 1)                           [S]
         cond = less_or_equal(unsqueeze(r, [0]), unsqueeze(r, [1]))    [S, S]
-               (or greater_or_equal with the operands swapped)
+               (or greater_or_equal with the operands swapped; r may be two ranges of the
+               same start, stop and step)
 
     and the scores are [.., S, S] (queries and keys the same S positions, so j <= i is the
-    bottom-right-aligned causal limit j <= i + Skv - Sq)."""
+    bottom-right-aligned causal limit j <= i + Skv - Sq). S is the ranges' static length or,
+    for range(0, shape(X)[k], 1), X's dim k (``_range_lengths``)."""
     node = producer_of(cond, "less_or_equal")
     if node is not None:
         j, i = node.operands
@@ -188,7 +226,7 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
             return False
         i, j = node.operands
     uj, ui = producer_of(j, "unsqueeze"), producer_of(i, "unsqueeze")
-    if uj is None or ui is None or uj.operands[0] is not ui.operands[0]:
+    if uj is None or ui is None or not _same_range(rw, uj.operands[0], ui.operands[0]):
         return False
     if list(uj.attrs["axes"]) not in ([0], [-2]) or list(ui.attrs["axes"]) not in ([1], [-1]):
         return False
@@ -197,9 +235,9 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
         return False
     if _int_constant(rw, rng.operands[2]) != 1:
         return False
-    n = rng.result.type.shape[0]
     sq, skv = scores.type.shape[-2:]
-    return n == sq == skv and tuple(cond.type.shape[-2:]) == (n, n) \
+    # (cond is [S, S] by construction: its two dims are the ranges')
+    return sq == skv and sq in _range_lengths(rw, rng) and cond.type.rank >= 2 \
         and all(d == 1 for d in cond.type.shape[:-2])
 
 

@@ -792,6 +792,51 @@ def test_fuse_attention_keeps_masks_that_are_not_causal(change):
     assert all(n.attrs["causal"] == 0 and n.arg("mask") is not None for n in nodes)
 
 
+TWO_RANGES = """module @m {
+  func @main(%q: tensor<[2, 4, s, 8], f32>, %k: tensor<[2, 4, s, 8], f32>, %v: tensor<[2, 4, s, 8], f32>, %ids: tensor<[2, @LEN@], i64>) -> ("y": tensor<[2, 4, s, 8], f32>) {
+    %zero = constant() {value = dense<[0]>} : tensor<[], i64>
+    %zero2 = constant() {value = dense<[0]>} : tensor<[], i64>
+    %one = constant() {value = dense<[1]>} : tensor<[], i64>
+    %one2 = constant() {value = dense<[1]>} : tensor<[], i64>
+    %dim = constant() {value = dense<[1]>} : tensor<[], i64>
+    %keep = constant() {value = dense<[0.0]>} : tensor<[], f32>
+    %fill = constant() {value = dense<[-3.4e+38]>} : tensor<[], f32>
+    %shape = shape(%ids) : tensor<[2], i64>
+    %n = gather(%shape, %dim) {axis = 0} : tensor<[], i64>
+    %r0 = range(%zero, %n, %one) : tensor<[u0], i64>
+    %i = unsqueeze(%r0) {axes = [1]} : tensor<[u0, 1], i64>
+    %r1 = range(%zero2, %n, %one2) : tensor<[u1], i64>
+    %j = unsqueeze(%r1) {axes = [0]} : tensor<[1, u1], i64>
+    %cond = less_or_equal(%j, %i) : tensor<[u0, u1], bool>
+    %mask = where(%cond, %keep, %fill) : tensor<[u0, u1], f32>
+    %kt = transpose(%k) {perm = [0, 1, 3, 2]} : tensor<[2, 4, 8, s], f32>
+    %qk = matmul(%q, %kt) : tensor<[2, 4, s, s], f32>
+    %masked = add(%qk, %mask) : tensor<[2, 4, s, s], f32>
+    %p = softmax(%masked) {axis = -1} : tensor<[2, 4, s, s], f32>
+    %y = matmul(%p, %v) : tensor<[2, 4, s, 8], f32>
+    return %y
+  }
+}"""
+
+
+@pytest.mark.parametrize("length", ["s", "t"])
+def test_fuse_attention_reads_the_length_of_two_ranges_from_a_shape(length):
+    """torch.onnx's Llama prefill: two aranges of the sequence length, taken from the input
+    ids' shape, each range typed with a fresh symbol. Where the ids' length is the queries'
+    s the mask is causal = 1 (the outputs the reference's at two lengths); where it is
+    another dim t, nothing proves the mask is causal and it stays."""
+    m = _module(TWO_RANGES.replace("@LEN@", length))
+    fused = _passes(m, "fuse-attention,canonicalize")
+    (node,) = [n for n in fused.main.nodes if n.op == "attention"]
+    if length == "t":
+        assert node.attrs["causal"] == 0 and node.arg("mask") is not None
+        return
+    assert node.attrs["causal"] == 1 and node.arg("mask") is None
+    assert not {"range", "where", "less_or_equal"} & set(_ops(fused)), _ops(fused)
+    for seed, n in ((52, 5), (53, 9)):
+        _same_outputs(m, fused, _random_inputs(m, RNG(seed), {"s": n}), rtol=1e-5, atol=1e-6)
+
+
 OVER_CACHE = """module @m {
   func @main(%q: tensor<[2, 4, 1, 8], f32>, %k: tensor<[2, 4, t, 8], f32>, %v: tensor<[2, 4, t, 8], f32>, %past: tensor<[1, p], f32>) -> ("y": tensor<[2, 4, 1, 8], f32>) {
     %zero = constant() {value = dense<[0]>} : tensor<[], i64>
