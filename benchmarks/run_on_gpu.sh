@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [fp8-check] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [l2-ab] [fp8-check] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -167,6 +167,17 @@ for step in "$@"; do
           > "$OUT/prefill-$side.log" 2>&1
         echo "== $side: $(grep -E "llama prefill 512:|logits|FAIL" "$OUT/prefill-$side.log" | tr '\n' ' ' | cut -c1-400)"
         python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/prefill-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12
+      done ;;
+    l2-ab)  # issue #12: the 22-layer decode (graph replay, traced) with the GEMV weights prefetched
+            # into L2 before each kernel's wait (QC_CUDA_L2_PREFETCH=1) and without, alternated
+      for round in 1 2; do
+        for pf in 0 1; do
+          mkdir -p "$OUT/l2-$pf-$round"
+          QC_CUDA_L2_PREFETCH=$pf timeout ${L2_AB_TIMEOUT:-150} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+            --out "$OUT/l2-$pf-$round" --skip-minilm --llama-layers 22 --greedy 4 --trace \
+            > "$OUT/l2-$pf-$round.log" 2>&1
+          echo "== prefetch=$pf round $round: $(grep -E "ours|greedy|FAIL|span" "$OUT/l2-$pf-$round.log" | tr '\n' ' ' | cut -c1-400)"
+        done
       done ;;
     fp8-check)  # issue #14: the wgmma kernels with 8-bit activations against their numpy models, then
                 # the FP8 heuristic beside cuBLAS fp16 and torch._scaled_mm (M 256, 1024, 4096)

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 #include <stddef.h>
+#include <stdlib.h>  // getenv
 
 #include "norm.cuh"
 #include "params.cuh"
@@ -238,6 +239,22 @@ __global__ void quantize_x_i8_kernel(const typename C::scalar_t* x, int8_t* xq, 
   }
 }
 
+// Whether the GEMV kernel prefetches its weights into L2 before its wait: QC_CUDA_L2_PREFETCH=1
+// (off by default until measured), for weights of at most 24 MB (half an H100's L2: more
+// would evict what the next kernels read).
+[[maybe_unused]] static bool l2_prefetch_requested() {
+  static const bool on = [] {
+    const char* env = getenv("QC_CUDA_L2_PREFETCH");
+    return env != nullptr && env[0] == '1';
+  }();
+  return on;
+}
+template <class C>
+bool l2_prefetch_weights() {
+  constexpr long long bytes = (long long)C::N_BLOCKS * (C::K_PAD / 16) * (C::CB / 4) * 512;
+  return bytes <= (24LL << 20) && l2_prefetch_requested();
+}
+
 // The launch parameters of variant v for a call with M rows, the workspace laid out as above;
 // with PREP_X the prepared copy of x is made first (on `stream`).
 template <class C>
@@ -272,6 +289,7 @@ cudaError_t make_params(const Variant& v, const void* x, void* y, const void* w,
   p.norm_w = static_cast<const S*>(norm_w);
   p.norm_b = static_cast<const S*>(norm_b);
   p.norm_in_kernel = norm_in_kernel<C>(v, M);
+  p.l2_prefetch = l2_prefetch_weights<C>();
   // x_norm elsewhere: x normalized into the workspace (normalize_x_kernel), one warp a row
   auto normalize_into = [&](S* xp, const int* order, int stride) -> cudaError_t {
     const int blocks = (int)((32LL * M + 255) / 256);

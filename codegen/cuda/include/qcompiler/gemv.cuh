@@ -206,6 +206,12 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 #pragma unroll
   for (int j = 0; j < DEPTH; ++j)
     if (j < n_steps) issue_w(j, j);
+  // The rest of this warp's weights into L2 meanwhile (make_params decides: small weights,
+  // QC_CUDA_L2_PREFETCH): one bulk prefetch a step, the steps spread over the lanes.
+  if (p.l2_prefetch) {
+    for (int s = DEPTH + lane; s < n_steps; s += 32)
+      prefetch_l2(wp - lane + s * W_STEP, WORDS * 512);
+  }
   // x_norm in the kernel: the norm's scale (and bias) are constants too (NormPacks)
   NormPacks<C, T::THREADS> norm_packs;
   if constexpr (C::X_NORM != X_NORM_NONE) {

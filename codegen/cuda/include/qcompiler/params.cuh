@@ -70,6 +70,9 @@ struct Params {
   const S* norm_w;
   const S* norm_b;
   bool norm_in_kernel;
+  // The GEMV kernel asks L2 for its weights past the first ring before it waits for the
+  // previous kernel (programmatic dependent launch: while that one still runs).
+  bool l2_prefetch;
 };
 
 }  // namespace qc
