@@ -58,6 +58,12 @@ def _offsets(values) -> list:
     return out
 
 
+# Attributes passed to a kernel's launcher at run time instead of being rendered into its
+# source (``{symbol}_run(..., consts)``), so that nodes differing only in them share one
+# kernel: a model's 22 layers of qkv_heads were 22 copies of one kernel.
+LAUNCH_CONSTANTS = {"qkv_heads": ("layer",), "kv_concat": ("layer",)}
+
+
 def _render(template: str, node: Node, **params) -> str:
     return _env.get_template(template).render(symbol=NAME, ns=f"{NAME}_ns",
                                               label=node.op, **params)
@@ -107,17 +113,11 @@ def kernel_source(node: Node, module=None) -> tuple[str, str]:
     return _bound_launcher(node, symbol, text, consts)
 
 
-# Attributes passed to a kernel's launcher at run time instead of being rendered into its
-# source (``{symbol}_run(..., consts)``), so that nodes differing only in them share one
-# kernel: a model's 22 layers of qkv_heads were 22 copies of one kernel.
-LAUNCH_CONSTANTS = {"qkv_heads": ("layer",), "kv_concat": ("layer",)}
-
-
 def _bound_launcher(node: Node, shared: str, text: str, consts: list) -> tuple[str, str]:
     """(symbol, source) of a node whose kernel takes launch constants: the shared kernel
     (guarded, so that a library or test pasting the sources of several such nodes defines it
     once), then the node's own entry points, which call it with ``consts``."""
-    symbol = f"{shared}_{'_'.join(str(c) for c in consts)}"
+    symbol = f"{shared}_{'_'.join(str(c).replace('-', 'm') for c in consts)}"
     names = ", ".join(f"{a} = {c}" for a, c in zip(LAUNCH_CONSTANTS[node.op], consts))
     guard = f"QC_KERNEL_{shared.upper()}"
     values = ", ".join(f"{c}LL" for c in consts)

@@ -39,8 +39,8 @@ def library_source(nodes: Iterable, module=None) -> tuple[dict, str]:
         text = kernels[s]
         if text.startswith("#ifndef QC_KERNEL_"):
             guard = text.split("\n", 1)[0].split()[1]
-            kernel, entries = text.split(f"#endif  // {guard}\n", 1)
-            text = entries if guard in shared else text
+            if guard in shared:  # the node's entry points only
+                text = text.split(f"#endif  // {guard}\n", 1)[1]
             shared.add(guard)
         parts.append(text)
     return names, "\n".join(parts)
