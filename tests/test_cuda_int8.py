@@ -294,6 +294,26 @@ def test_tile_takes_fp8_activations_on_fp8_weights_where_the_target_has_fp8_mma(
     assert "FP8 e4m3 weights" in check_knobs(get_target("cuda-sm90"), int4, cfg)
 
 
+def test_fp8_wgmma_tiles_hold_three_sets_of_sums():
+    """FP8 on the wgmma kernel promotes each 128-row stage's sums into fp32 ones (the FP8
+    tensor cores accumulate with fewer bits than fp32), so a warpgroup holds a stage's sums,
+    the held ones and the fp32 ones: blocks x M tile at most 128, as with int8 group scales.
+    Per-channel int8 keeps M tiles of 256 where its grid fills the GPU; FP8 takes 128."""
+    sm90 = get_target("cuda-sm90")
+    fp8 = kernel_key(_packed(cases.Case(k=1024, n=512, fp8=True, group=0)), 512)
+    cfg = {**WGMMA_ACT8, "int8": 0, "fp8": 1}
+    assert check_knobs(sm90, fp8, cfg) is None
+    problem = check_knobs(sm90, fp8, {**cfg, "m_frags": 16})
+    assert problem is not None and "promoted" in problem, problem
+    large = {"n": 14336, "k": 4096, "m": 4096}
+    fp8_cfg = tuning.fp8_default(sm90, {**kernel_key(_packed(cases.Case(
+        k=1024, n=512, fp8=True, group=0)), 4096), **large})
+    int8_cfg = tuning.int8_default(sm90, {**kernel_key(_packed(cases.Case(
+        k=1024, n=512, group=0, accuracy_level=4)), 4096), **large})
+    assert (fp8_cfg["wgmma"], fp8_cfg["m_frags"]) == (2, 8)
+    assert (int8_cfg["wgmma"], int8_cfg["m_frags"]) == (2, 16)
+
+
 def test_the_numpy_models_are_row_by_row():
     """bench_support.measure_config checks only the first and last rows of a large M against
     the references: each is computed row by row (int8 and FP8 quantize x per row), so a subset
