@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [l2-ab] [fp8-check] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [l2-ab] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -52,9 +52,11 @@ for step in "$@"; do
       timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
         -k "wgmma_int8 or wgmma_fp8" 2>&1 | tee "$OUT/act8-tests.log" | tail -15 ;;
     act8-int8|act8-fp8)  # issue #14: W4A8 / W8A8-FP8 on wgmma beside W4A16, the tiled int8 kernel, cuBLAS fp16/int8/FP8
+                         # (ACT8_ONLY=heuristic ACT8_MS=256,1024,4096: the heuristic's tiles alone)
       fmt=${step#act8-}
       timeout ${ACT8_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --$fmt --no-tiled \
-        --ms ${ACT8_MS:-256,4096} --only "heuristic,wgmma mf8 wn2 wk2 st4 sk1,wgmma mf4 wn4,wgmma mf8 wn1,wgmma mf16 wn2" \
+        --ms ${ACT8_MS:-256,4096} \
+        --only "${ACT8_ONLY:-heuristic,wgmma mf8 wn2 wk2 st4 sk1,wgmma mf4 wn4,wgmma mf8 wn1,wgmma mf16 wn2}" \
         --out "$OUT" 2>&1 | tee "$OUT/$fmt-bench.log" | grep -E "M=|wrote|rror" | tail -80 ;;
     cnn)  # issue #15: the CUDA conv kernel tests, then bench_cnn_gpu.py on gpu_cnn/ (made by --prepare
           # here): ours with a per-launch trace, torch eager and torch.compile (reduce-overhead; the
@@ -179,13 +181,6 @@ for step in "$@"; do
           echo "== prefetch=$pf round $round: $(grep -E "ours|greedy|FAIL|span" "$OUT/l2-$pf-$round.log" | tr '\n' ' ' | cut -c1-400)"
         done
       done ;;
-    fp8-check)  # issue #14: the wgmma kernels with 8-bit activations against their numpy models, then
-                # the FP8 heuristic beside cuBLAS fp16 and torch._scaled_mm (M 256, 1024, 4096)
-      timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_cuda_gpu.py" \
-        -k "wgmma_int8 or wgmma_fp8" 2>&1 | tee "$OUT/act8-tests.log" | tail -4
-      timeout ${FP8_TIMEOUT:-250} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --large --fp8 --no-tiled \
-        --ms 256,1024,4096 --only heuristic --out "$OUT" 2>&1 | tee "$OUT/fp8-bench.log" \
-        | grep -E "M=|wrote|rror" | tail -40 ;;
     ops-tests)  # the op kernels' and convolutions' GPU tests (attention, qkv_heads, qconv)
       timeout 170 python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" -m gpu \
         "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_conv.py" 2>&1 | tee "$OUT/ops-tests.log" \

@@ -179,6 +179,7 @@ def _range_lengths(rw: Rewriter, rng) -> tuple:
 
 
 def _stop_dim(rw: Rewriter, rng) -> object:
+    """X's dim k for range(0, gather(shape(X), k), 1), else None."""
     if _int_constant(rw, rng.operands[0]) != 0 or _int_constant(rw, rng.operands[2]) != 1:
         return None
     g = producer_of(rng.operands[1], "gather")
@@ -200,8 +201,11 @@ def _same_range(rw: Rewriter, a: Value, b: Value) -> bool:
     ra, rb = producer_of(a, "range"), producer_of(b, "range")
     if ra is None or rb is None or ra.operands[1] is not rb.operands[1]:
         return False
-    return all(_int_constant(rw, x) is not None and _int_constant(rw, x) == _int_constant(rw, y)
-               for x, y in ((ra.operands[0], rb.operands[0]), (ra.operands[2], rb.operands[2])))
+    for i in (0, 2):  # start, step
+        value = _int_constant(rw, ra.operands[i])
+        if value is None or value != _int_constant(rw, rb.operands[i]):
+            return False
+    return True
 
 
 def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:

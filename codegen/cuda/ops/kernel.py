@@ -62,6 +62,7 @@ def _offsets(values) -> list:
 # source (``{symbol}_run(..., consts)``), so that nodes differing only in them share one
 # kernel: a model's 22 layers of qkv_heads were 22 copies of one kernel.
 LAUNCH_CONSTANTS = {"qkv_heads": ("layer",), "kv_concat": ("layer",)}
+SHARED_GUARD = "QC_KERNEL_"  # the include guard's prefix of such a shared kernel's source
 
 
 def _render(template: str, node: Node, **params) -> str:
@@ -119,7 +120,7 @@ def _bound_launcher(node: Node, shared: str, text: str, consts: list) -> tuple[s
     once), then the node's own entry points, which call it with ``consts``."""
     symbol = f"{shared}_{'_'.join(str(c).replace('-', 'm') for c in consts)}"
     names = ", ".join(f"{a} = {c}" for a, c in zip(LAUNCH_CONSTANTS[node.op], consts))
-    guard = f"QC_KERNEL_{shared.upper()}"
+    guard = f"{SHARED_GUARD}{shared.upper()}"
     values = ", ".join(f"{c}LL" for c in consts)
     return symbol, (
         f"#ifndef {guard}\n#define {guard}\n{text}#endif  // {guard}\n\n"

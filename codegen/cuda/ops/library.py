@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from qcompiler.codegen.cuda.ops.common import CudaOpsError
-from qcompiler.codegen.cuda.ops.kernel import kernel_source
+from qcompiler.codegen.cuda.ops.kernel import SHARED_GUARD, kernel_source
 
 HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "include",
                       "qcompiler", "ops", "common.cuh")
@@ -37,7 +37,7 @@ def library_source(nodes: Iterable, module=None) -> tuple[dict, str]:
     shared: set = set()  # kernels with launch constants: each once, then every node's entries
     for s in sorted(kernels):
         text = kernels[s]
-        if text.startswith("#ifndef QC_KERNEL_"):
+        if text.startswith(f"#ifndef {SHARED_GUARD}"):
             guard = text.split("\n", 1)[0].split()[1]
             if guard in shared:  # the node's entry points only
                 text = text.split(f"#endif  // {guard}\n", 1)[1]

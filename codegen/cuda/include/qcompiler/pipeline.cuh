@@ -1,36 +1,31 @@
-// qcompiler CUDA kernels: asynchronous copies into shared memory (cp.async, sm_80+) and the
-// streaming global load of the weights. Static code, included by the generated .cu.
+// qcompiler CUDA kernels: asynchronous copies into shared memory (cp.async, sm_80+), the
+// streaming global load and the L2 prefetch of the weights. Static code, included by the
+// generated .cu.
 #ifndef QCOMPILER_PIPELINE_CUH
 #define QCOMPILER_PIPELINE_CUH
 
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "ops/common.cuh"  // cp_async16, cp_async_commit, cp_async_wait (zero-fill copies)
+
 namespace qc {
+
+// 16-byte global -> shared copies (src-size 0 fills zeros: rows past M, columns past K), the
+// commit and the wait: the op kernels' (ops/common.cuh).
+using qc_ops::cp_async16;
+using qc_ops::cp_async_commit;
+using qc_ops::cp_async_wait;
 
 #ifndef QC_HOST_EMULATION
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte global -> shared copy; src_bytes 0 fills zeros (rows past M, columns past K).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-
-// The same for the weight stream, which is read once: ask L2 to fetch 128-byte lines.
+// cp_async16 for the weight stream, which is read once: ask L2 to fetch 128-byte lines.
 __device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Wait until at most N_LEFT committed groups are still in flight.
-template <int N_LEFT>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" :: "n"(N_LEFT));
 }
 
 // The weight stream is read once: bypass L1 (it keeps x) and fetch 256-byte L2 lines.
@@ -53,12 +48,9 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, unsigned bytes) {
 }
 
 #else  // tests/cuda_host/emulator: copies are immediate, loads plain
-inline void cp_async16(void* dst, const void* src, bool valid) { qc_emu::copy16(dst, src, valid); }
 inline void cp_async16_stream(void* dst, const void* src, bool valid) {
   qc_emu::copy16(dst, src, valid);
 }
-inline void cp_async_commit() {}
-template <int N_LEFT> inline void cp_async_wait() {}
 inline uint4 ld_stream(const uint4* ptr) { return *ptr; }
 inline void prefetch_l2(const void*, unsigned) {}
 #endif

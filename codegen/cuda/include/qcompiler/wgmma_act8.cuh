@@ -54,10 +54,12 @@
 namespace qc {
 
 // ---- wgmma m64nNk32 with 8-bit operands ---------------------------------------------------
-// The accumulator operand lists for s32 sums ("+r"); the fp32 ones are wgmma.cuh's QC_D32.
-#define QC_R8(d, i) "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), \
-                    "+r"(d[i + 4]), "+r"(d[i + 5]), "+r"(d[i + 6]), "+r"(d[i + 7])
-#define QC_R32(d, i) QC_R8(d, i), QC_R8(d, i + 8), QC_R8(d, i + 16), QC_R8(d, i + 24)
+// Operand lists of 32 accumulators d[i] .. d[i + 31] with constraint c ("+r": s32 sums read
+// and written; "=r" / "=f": fresh s32 / fp32 sums). The fp32 "+f" ones are wgmma.cuh's QC_D32.
+#define QC_OUT8(c, d, i) c(d[i]), c(d[i + 1]), c(d[i + 2]), c(d[i + 3]), \
+                         c(d[i + 4]), c(d[i + 5]), c(d[i + 6]), c(d[i + 7])
+#define QC_OUT32(c, d, i) \
+  QC_OUT8(c, d, i), QC_OUT8(c, d, i + 8), QC_OUT8(c, d, i + 16), QC_OUT8(c, d, i + 24)
 
 // d[64 x N] (+)= a (registers: this warp's m16k32 fragment) * b (shared memory, N x k32);
 // accumulate == 0 overwrites d (wgmma's scale-d). int8: u8 weights x s8 codes -> s32; FP8:
@@ -80,7 +82,7 @@ __device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t 
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " QC_WGMMA_OPS_N64
                    ", p;\n}\n"
-                   : QC_R32(d, 0)
+                   : QC_OUT32("+r", d, 0)
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   } else if constexpr (N == 128) {
     if constexpr (FP8)
@@ -93,7 +95,7 @@ __device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t 
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128
                    ", p;\n}\n"
-                   : QC_R32(d, 0), QC_R32(d, 32)
+                   : QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32)
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   } else {
     if constexpr (FP8)
@@ -106,50 +108,40 @@ __device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t 
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
                    "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " QC_WGMMA_OPS_N256
                    ", p;\n}\n"
-                   : QC_R32(d, 0), QC_R32(d, 32), QC_R32(d, 64), QC_R32(d, 96)
+                   : QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32), QC_OUT32("+r", d, 64),
+                     QC_OUT32("+r", d, 96)
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
 }
 
-// The same int8 product into fresh sums: d = a * b, its accumulators outputs only, so that
-// their old values (read by other instructions meanwhile) are not its inputs. N in {64, 128}.
-#define QC_W8(d, i) "=r"(d[i]), "=r"(d[i + 1]), "=r"(d[i + 2]), "=r"(d[i + 3]), \
-                    "=r"(d[i + 4]), "=r"(d[i + 5]), "=r"(d[i + 6]), "=r"(d[i + 7])
-#define QC_W32(d, i) QC_W8(d, i), QC_W8(d, i + 8), QC_W8(d, i + 16), QC_W8(d, i + 24)
-template <int N>
-__device__ __forceinline__ void wgmma_rs_s8_fresh(int* d, const uint32_t* a, uint64_t desc_b) {
-  static_assert(N == 64 || N == 128, "fresh int8 sums: N in {64, 128}");
-  if constexpr (N == 64)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " QC_WGMMA_OPS_N64 ", p;\n}\n"
-                 : QC_W32(d, 0)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-  else
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128 ", p;\n}\n"
-                 : QC_W32(d, 0), QC_W32(d, 32)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
-
-// The FP8 product into fresh fp32 sums (as wgmma_rs_s8_fresh). N in {64, 128}.
-#define QC_WF8(d, i) "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), \
-                     "=f"(d[i + 4]), "=f"(d[i + 5]), "=f"(d[i + 6]), "=f"(d[i + 7])
-#define QC_WF32(d, i) QC_WF8(d, i), QC_WF8(d, i + 8), QC_WF8(d, i + 16), QC_WF8(d, i + 24)
-template <int N>
-__device__ __forceinline__ void wgmma_rs_f8_fresh(float* d, const uint32_t* a, uint64_t desc_b) {
-  static_assert(N == 64 || N == 128, "fresh FP8 sums: N in {64, 128}");
-  if constexpr (N == 64)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N64
-                 ", p, 1, 1;\n}\n"
-                 : QC_WF32(d, 0)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-  else
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N128
-                 ", p, 1, 1;\n}\n"
-                 : QC_WF32(d, 0), QC_WF32(d, 32)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+// The same product into fresh sums: d = a * b, its accumulators outputs only, so that their
+// old values (read by other instructions meanwhile) are not its inputs. N in {64, 128}.
+template <int N, bool FP8, class D>
+__device__ __forceinline__ void wgmma_rs_act8_fresh(D* d, const uint32_t* a, uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "fresh 8-bit sums: N in {64, 128}");
+  static_assert(std::is_same<D, std::conditional_t<FP8, float, int>>::value,
+                "FP8 sums are fp32, int8 sums s32");
+// SHAPE_TYPES, the operand list, what follows scale-d (FP8: the immediate scales of a and b),
+// then the outputs
+#define QC_FRESH_ASM(SHAPE_TYPES, OPS, TAIL, ...)                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned." SHAPE_TYPES " " OPS ", p" TAIL ";\n}\n"  \
+               : __VA_ARGS__                                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+  if constexpr (N == 64) {
+    if constexpr (FP8)
+      QC_FRESH_ASM("m64n64k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N64, ", 1, 1", QC_OUT32("=f", d, 0));
+    else
+      QC_FRESH_ASM("m64n64k32.s32.u8.s8", QC_WGMMA_OPS_N64, "", QC_OUT32("=r", d, 0));
+  } else {
+    if constexpr (FP8)
+      QC_FRESH_ASM("m64n128k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N128, ", 1, 1",
+                   QC_OUT32("=f", d, 0), QC_OUT32("=f", d, 32));
+    else
+      QC_FRESH_ASM("m64n128k32.s32.u8.s8", QC_WGMMA_OPS_N128, "", QC_OUT32("=r", d, 0),
+                   QC_OUT32("=r", d, 32));
+  }
+#undef QC_FRESH_ASM
 }
 
 // ---- the TMA map of x's codes (host side) ---------------------------------------------------
@@ -391,12 +383,8 @@ struct Act8BlockSplit {
 #pragma unroll
       for (int j = 0; j < BPW; ++j) {
         if constexpr (STAGE_SUMS) {
-          if (kk == 0) {  // a stage's own sums
-            if constexpr (T::FP8) wgmma_rs_f8_fresh<NT>(sums[j], a[kk][j], desc);
-            else wgmma_rs_s8_fresh<NT>(sums[j], a[kk][j], desc);
-          } else {
-            wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
-          }
+          if (kk == 0) wgmma_rs_act8_fresh<NT, T::FP8>(sums[j], a[kk][j], desc);  // a stage's own
+          else wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
         } else {
           wgmma_rs_act8<NT, T::FP8>(sums[j], a[kk][j], desc, 1);
         }
