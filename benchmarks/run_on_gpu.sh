@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-ab] [l2-ab] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -158,6 +158,10 @@ for step in "$@"; do
         --only heuristic --out "$OUT" 2>&1 | grep -E "M=|wrote|rror" | tail -20
       timeout 240 python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm --skip-llama \
         --prefill 512 2>&1 | tee "$OUT/prefill.log" | grep -iE "prefill|check|FAIL" | tail -8 ;;
+    prefill-peers)  # issue #12: the 22-layer prefill of 512 tokens beside torch eager and torch.compile
+      timeout ${PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
+        --skip-llama --prefill 512 --compile-peers all 2>&1 | tee "$OUT/prefill-peers.log" \
+        | grep -iE "prefill|check|FAIL" | tail -8 ;;
     prefill-ab)  # issue #12: the 8-layer prefill of 512 tokens, traced, on build/ab_base.tar's
                  # code and on this tree (attention, qkv_heads, RMSNorm per launch)
       install_base
@@ -172,7 +176,7 @@ for step in "$@"; do
       done ;;
     l2-ab)  # issue #12: the 22-layer decode (graph replay, traced) with the GEMV weights prefetched
             # into L2 before each kernel's wait (QC_CUDA_L2_PREFETCH=1) and without, alternated
-      for round in 1 2; do
+      for round in $(seq ${L2_AB_ROUNDS:-2}); do
         for pf in 0 1; do
           mkdir -p "$OUT/l2-$pf-$round"
           QC_CUDA_L2_PREFETCH=$pf timeout ${L2_AB_TIMEOUT:-150} python3 "$REPO/benchmarks/bench_models_gpu.py" \

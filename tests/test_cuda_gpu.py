@@ -170,7 +170,10 @@ def test_wgmma_fp8_activation_variants(tmp_path):
         pytest.skip("the wgmma kernel needs sm_90")
     case = cases.Case(k=1024, n=456, fp8=True, group=0, bias=True)
     variants = _act8_variants(case, "fp8")
-    assert len(variants) == len(WGMMA_ACT8_VARIANTS)
+    # FP8 holds three sets of sums a stage (its own, the held ones, the fp32 accumulators):
+    # M tiles of up to 128 tokens, so every variant but the 256-token one (m_frags 16)
+    assert [v["m_frags"] for v in variants] == [v["m_frags"] for v in WGMMA_ACT8_VARIANTS
+                                                if v["m_frags"] * 16 <= 128]
     built = bs.build_case(case, str(tmp_path), target="cuda-sm90", variants=variants)
     _check_against_model(built, len(variants), cases.fp8_model, cases.FP8_TOLERANCE["f16"])
 
