@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -222,6 +222,15 @@ for step in "$@"; do
         timeout 120 ncu --cache-control none --clock-control none --metrics "$M" \
           --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" $shape $cfgs > "$f" 2>&1
         echo "== $shape: $(grep -E "duration" "$f" | tr -s ' ' | tr '\n' ' ' | cut -c1-200)"
+      done ;;
+    wgmma-ncu)  # issue #14: Nsight Compute on the heuristic's sm_90a wgmma tiles, W4A16 and W8A8-FP8,
+                # at M = 256 on 4096^2 and M = 1024 on 14336x4096 (time, issue, stalls, DRAM)
+      M='gpu__time_duration.sum,smsp__inst_executed.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
+      for job in "4096 4096 256" "14336 4096 1024" "--fp8 4096 4096 256" "--fp8 14336 4096 1024"; do
+        f="$OUT/ncu-wgmma-$(echo $job | tr -d '-' | tr ' ' x).txt"
+        timeout ${NCU_TIMEOUT:-120} ncu --metrics "$M" --kernel-name regex:qmatmul \
+          python3 "$REPO/benchmarks/profile_cuda.py" $job heuristic > "$f" 2>&1
+        echo "== $job: $(grep -E "duration|gmma|issue_active|dram__" "$f" | tr -s ' ' | tr '\n' ' ' | cut -c1-300)"
       done ;;
     profile)
       ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \

@@ -20,7 +20,8 @@ or plus -big). A constant mask that is exactly the lower triangle aligned to the
 (key j hidden from query i when j > i + Skv - Sq) becomes ``causal = 1`` without a mask, and
 so does one computed from the sequence length as exporters build it (``arange`` compared
 with itself transposed, ``_causal_condition``) where queries and keys are the same positions,
-or over a KV cache from its length (``_causal_over_cache``): the kernels then skip the hidden
+or over a KV cache from its length (``_causal_over_cache``; with a dynamic number of new
+tokens, ``_causal_over_cache_of_any_length``): the kernels then skip the hidden
 keys' tiles and read no mask, and a decode step evaluates no mask on the host.
 Intermediates must have no other use.
 """
@@ -182,7 +183,12 @@ def _stop_dim(rw: Rewriter, rng) -> object:
     """X's dim k for range(0, gather(shape(X), k), 1), else None."""
     if _int_constant(rw, rng.operands[0]) != 0 or _int_constant(rw, rng.operands[2]) != 1:
         return None
-    g = producer_of(rng.operands[1], "gather")
+    return _shape_dim(rw, rng.operands[1])
+
+
+def _shape_dim(rw: Rewriter, v: Value) -> object:
+    """X's dim k when the scalar ``v`` is gather(shape(X), k), else None."""
+    g = producer_of(v, "gather")
     if g is None or g.attrs.get("axis", 0) != 0:
         return None
     shp, k = producer_of(g.operands[0], "shape"), _int_constant(rw, g.operands[1])
@@ -279,6 +285,59 @@ def _causal_over_cache(rw: Rewriter, cond: Value, scores: Value) -> bool:
         and tuple(cond.type.shape[-2:]) == (sq, skv) and all(d == 1 for d in cond.type.shape[:-2])
 
 
+def _causal_over_cache_of_any_length(rw: Rewriter, cond: Value, scores: Value) -> bool:
+    """``_causal_over_cache`` with the number of new tokens s a dim of the inputs, as
+    torch.onnx exports a decode step whose sequence length is dynamic::
+
+        r = range(0, x + s, 1)                                        [x + s]
+        cond = less_or_equal(unsqueeze(r, [0]), add(unsqueeze(range(0, s, 1), [1]), x))
+
+    s and x scalars read from shapes (s = gather(shape(input_ids), 1), x the cache's length
+    from past's shape), every range typed with a fresh symbol. Kept: j <= i + x. It is the
+    causal limit j <= i + Skv - Sq when Sq = s (the queries' dim is the one s reads) and
+    Skv = x + s: the keys' dim is a concat, along its axis, of a dim equal to x's and one
+    equal to s's (the cache and the new keys; ``_concat_parts``)."""
+    node = producer_of(cond, "less_or_equal")
+    if node is None:
+        return False
+    j, i = node.operands
+    uj, shifted = producer_of(j, "unsqueeze"), producer_of(i, "add")
+    if uj is None or shifted is None or list(uj.attrs["axes"]) not in ([0], [-2]):
+        return False
+    keys = producer_of(uj.operands[0], "range")
+    if keys is None or _int_constant(rw, keys.operands[0]) != 0 \
+            or _int_constant(rw, keys.operands[2]) != 1:
+        return False
+    sq, skv = scores.type.shape[-2:]
+    for rows, x in (shifted.operands, shifted.operands[::-1]):
+        ur = producer_of(rows, "unsqueeze")
+        queries = producer_of(ur.operands[0], "range") if ur is not None else None
+        if queries is None or list(ur.attrs["axes"]) not in ([1], [-1]) or x.type.rank != 0:
+            continue
+        s = queries.operands[1]
+        stop = producer_of(keys.operands[1], "add")  # x + s
+        x_dim, s_dim = _shape_dim(rw, x), _stop_dim(rw, queries)
+        if stop is None or {id(v) for v in stop.operands} != {id(x), id(s)} \
+                or x_dim is None or s_dim is None or s_dim != sq:
+            continue
+        return sorted(map(str, (x_dim, s_dim))) in _concat_parts(rw, skv)
+    return False
+
+
+def _concat_parts(rw: Rewriter, dim) -> list:
+    """For each concat in the function whose result has ``dim`` along its axis, the dims of
+    its two operands there (as sorted strings): what ``dim`` is known to be the sum of."""
+    parts = []
+    for n in rw.fn.nodes:
+        if n.op != "concat" or len(n.operands) != 2:
+            continue
+        shape = n.result.type.shape
+        axis = n.attrs.get("axis", 0) % len(shape) if shape else 0
+        if shape and shape[axis] == dim and not isinstance(dim, int):
+            parts.append(sorted(str(v.type.shape[axis]) for v in n.operands))
+    return parts
+
+
 def _hides(fill: float, dtype) -> bool:
     """Whether an additive fill hides a key: at or below -1e30, or in a narrow float mask the
     lowest finite value of its type (torch's ``finfo(dtype).min``: f16 -65504, what an f32
@@ -298,7 +357,8 @@ def _causal_computed(rw: Rewriter, mask: Value, scores: Value) -> bool:
     return kept == 0 and hidden is not None and _hides(hidden, fill.type.dtype) \
         and tuple(mask.type.shape[-2:]) == tuple(cond.type.shape[-2:]) \
         and all(d == 1 for d in mask.type.shape[:-2]) \
-        and (_causal_condition(rw, cond, scores) or _causal_over_cache(rw, cond, scores))
+        and (_causal_condition(rw, cond, scores) or _causal_over_cache(rw, cond, scores)
+             or _causal_over_cache_of_any_length(rw, cond, scores))
 
 
 class FuseAttention(RewritePattern):
@@ -383,7 +443,8 @@ class FuseAttention(RewritePattern):
                     or not rw.single_use(s):
                 return None, False, None
             if _causal_constant(rw, keep, keep=True) or _causal_condition(rw, keep, s) \
-                    or _causal_over_cache(rw, keep, s):
+                    or _causal_over_cache(rw, keep, s) \
+                    or _causal_over_cache_of_any_length(rw, keep, s):
                 return None, True, s
             return (keep, fill), False, s
         return None, False, scores

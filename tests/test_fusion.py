@@ -880,6 +880,59 @@ def test_fuse_attention_turns_a_decode_steps_cache_mask_into_causal(row):
         _same_outputs(m, fused, feeds, rtol=1e-5, atol=1e-6)
 
 
+OVER_CACHE_ANY_LENGTH = """module @m {
+  func @main(%q: tensor<[2, 4, s, 8], f32>, %past: tensor<[2, 4, p, 8], f32>, %new: tensor<[2, 4, s, 8], f32>, %v: tensor<[2, 4, t, 8], f32>, %ids: tensor<[2, @LEN@], i64>) -> ("y": tensor<[2, 4, s, 8], f32>) {
+    %zero = constant() {value = dense<[0]>} : tensor<[], i64>
+    %one = constant() {value = dense<[1]>} : tensor<[], i64>
+    %cache_axis = constant() {value = dense<[@AXIS@]>} : tensor<[], i64>
+    %keep = constant() {value = dense<[0.0]>} : tensor<[], f32>
+    %fill = constant() {value = dense<[-3.4e+38]>} : tensor<[], f32>
+    %k = concat(%past, %new) {axis = 2} : tensor<[2, 4, t, 8], f32>
+    %ids_shape = shape(%ids) : tensor<[2], i64>
+    %s = gather(%ids_shape, %one) {axis = 0} : tensor<[], i64>
+    %past_shape = shape(%past) : tensor<[4], i64>
+    %x = gather(%past_shape, %cache_axis) {axis = 0} : tensor<[], i64>
+    %stop = add(%x, %s) : tensor<[], i64>
+    %r = range(%zero, %stop, %one) : tensor<[u1], i64>
+    %j = unsqueeze(%r) {axes = [0]} : tensor<[1, u1], i64>
+    %rq = range(%zero, %s, %one) : tensor<[u0], i64>
+    %ri = unsqueeze(%rq) {axes = [1]} : tensor<[u0, 1], i64>
+    %i = add(%ri, %x) : tensor<[u0, 1], i64>
+    %cond = less_or_equal(%j, %i) : tensor<[u0, u1], bool>
+    %mask = where(%cond, %keep, %fill) : tensor<[u0, u1], f32>
+    %kt = transpose(%k) {perm = [0, 1, 3, 2]} : tensor<[2, 4, 8, t], f32>
+    %qk = matmul(%q, %kt) : tensor<[2, 4, s, t], f32>
+    %masked = add(%qk, %mask) : tensor<[2, 4, s, t], f32>
+    %p = softmax(%masked) {axis = -1} : tensor<[2, 4, s, t], f32>
+    %y = matmul(%p, %v) : tensor<[2, 4, s, 8], f32>
+    return %y
+  }
+}"""
+
+
+@pytest.mark.parametrize("case", ["decode", "tokens another dim", "length another dim"])
+def test_fuse_attention_turns_a_dynamic_length_steps_cache_mask_into_causal(case):
+    """torch.onnx's decode step with a dynamic sequence length: the queries' positions are
+    range(0, s) + x and the keys range(0, x + s), s read from the ids' shape and x from the
+    cache's, each range with a fresh symbol. The keys being concat(cache, new) proves their
+    count is x + s: causal = 1 without a mask, equal to the reference for one and for three
+    new tokens. Where s reads another dim than the queries' (w), or x another dim than the
+    cache's length (its batch), nothing proves it and the mask stays."""
+    length, axis = {"decode": ("s", 2), "tokens another dim": ("w", 2),
+                    "length another dim": ("s", 0)}[case]
+    m = _module(OVER_CACHE_ANY_LENGTH.replace("@LEN@", length).replace("@AXIS@", str(axis)))
+    fused = _passes(m, "fuse-attention,canonicalize")
+    (node,) = [n for n in fused.main.nodes if n.op == "attention"]
+    if case != "decode":
+        assert node.attrs["causal"] == 0 and node.arg("mask") is not None
+        return
+    assert node.attrs["causal"] == 1 and node.arg("mask") is None
+    assert not {"range", "where", "less_or_equal"} & set(_ops(fused)), _ops(fused)
+    for seed, (s, p) in ((54, (1, 6)), (55, (3, 9))):
+        feeds = _random_inputs(m, RNG(seed), {"s": s, "p": p, "t": p + s})
+        _same_outputs(m, fused, feeds, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def minilm_q4(tmp_path_factory):
     """all-MiniLM-L6-v2 as 4-bit MatMulNBits ONNX (the export takes ~20 s: once per module)."""
