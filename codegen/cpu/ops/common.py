@@ -6,6 +6,7 @@ that every buffer agrees on it), ``?`` is a fresh var of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from typing import Optional
@@ -141,11 +142,24 @@ def _attr_text(value) -> str:
 
 def kernel_key(node: Node, baked: dict) -> str:
     """Everything the kernel depends on: op, attributes, operand/result types and the
-    operand values baked into the code (``baked``: slice bounds)."""
+    operand values baked into the code (``baked``: slice bounds).
+
+    Symbolic dims are named by their first appearance (``$0``, ``$1`` ...): a symbol is one
+    int64 var of the kernel, bound from the buffers' shapes at each call, so which symbol it
+    is does not change the code. The layers of an exported decoder type the same dims with
+    fresh symbols each (``unk__2`` in one layer's attention, ``unk__12`` in the next): they
+    share one kernel instead of building one per layer."""
+    names: dict = {}
+
+    def type_text(t) -> str:
+        shape = tuple(d if isinstance(d, int) or d == "?" else names.setdefault(d, f"${len(names)}")
+                      for d in t.shape)
+        return str(dataclasses.replace(t, shape=shape))
+
     parts = [node.op,
              ",".join(f"{k}={_attr_text(node.attrs[k])}" for k in sorted(node.attrs)),
-             ";".join("none" if v is None else str(v.type) for v in node.operands),
-             ";".join(str(r.type) for r in node.results),
+             ";".join("none" if v is None else type_text(v.type) for v in node.operands),
+             ";".join(type_text(r.type) for r in node.results),
              _attr_text(baked)]
     return "|".join(parts)
 
