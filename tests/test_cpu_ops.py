@@ -808,6 +808,30 @@ def test_unsupported_op_names_node_and_op():
         primfunc_for(node)
 
 
+def test_nodes_differing_only_in_symbol_names_share_one_kernel(tmp_path):
+    """Exporters type each layer's dims with fresh symbols: the kernel key names symbols by
+    first appearance, so two adds over [s, t] and [u, w] build one kernel (which runs both, at
+    their own sizes), while one over [s, s] (both dims the same symbol) is another kernel."""
+    fn = Function("main")
+
+    def add(d0, d1, name):
+        x = fn.add_arg(f"x_{name}", tensor([d0, d1], "f32"))
+        y = fn.add_arg(f"y_{name}", tensor([d1], "f32"))
+        return fn.make_node("add", [x, y], [tensor([d0, d1], "f32")], names=[name])
+
+    nodes = [add("s", "t", "a"), add("u", "w", "b"), add("s", "s", "c")]
+    names = build_ops_library(nodes, "cpu", str(tmp_path / "shared.so"))
+    assert names["a"] == names["b"] != names["c"]
+    lib = OpsLibrary(str(tmp_path / "shared.so"))
+    rng = np.random.default_rng(6)
+    for node, (rows, cols) in zip(nodes[:2], ((5, 7), (9, 3))):
+        x = _aligned_copy(rng.standard_normal((rows, cols)).astype(np.float32))
+        y = _aligned_copy(rng.standard_normal(cols).astype(np.float32))
+        out = aligned_empty((rows, cols), np.float32)
+        lib[names[node.result.name]](x, y, out)
+        np.testing.assert_array_equal(out, OP_IMPLS["add"](node, [x, y], None)[0])
+
+
 def test_bound_call_and_avx2_target(tmp_path):
     """The AVX2 target (CI's Zen 3) builds 8-lane vectors; a bound call reuses its buffers."""
     fn = Function("main")
