@@ -14,6 +14,7 @@ pytest.importorskip("tvm")
 
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
+from qcompiler.codegen.cpu.ops.common import launch_constants  # noqa: E402
 from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
 from qcompiler.ir.core import Function, Module, constant_node  # noqa: E402
 from qcompiler.ir.types import elem, tensor  # noqa: E402
@@ -557,7 +558,8 @@ def _run(built, node, sizes, rng):
     for o in outs:
         o[...] = np.asarray(7, o.dtype) if o.dtype != np.bool_ else True
     kernel_args = [a for a, v in zip(args, node.operands) if v is not None]
-    lib[names[node.results[0].name]](*[_aligned_copy(a) for a in kernel_args], *outs)
+    lib[names[node.results[0].name]](*[_aligned_copy(a) for a in kernel_args], *outs,
+                                     *launch_constants(node))
     return outs, want
 
 
@@ -830,6 +832,28 @@ def test_nodes_differing_only_in_symbol_names_share_one_kernel(tmp_path):
         out = aligned_empty((rows, cols), np.float32)
         lib[names[node.result.name]](x, y, out)
         np.testing.assert_array_equal(out, OP_IMPLS["add"](node, [x, y], None)[0])
+
+
+def test_cache_appends_of_several_layers_share_one_kernel(tmp_path):
+    """kv_concat's layer is a launch constant: the appends of layers 0 and 2 of one stacked
+    cache are one kernel, and each call reads its own layer's rows (passing the other's
+    constant would read the wrong layer)."""
+    fn = Function("main")
+    past = fn.add_arg("past", tensor([3, 2, 2, 4, 5], "f32"))
+    new = fn.add_arg("new", tensor([2, 2, 1, 5], "f32"))
+    nodes = [fn.make_node("kv_concat", [past, new], [tensor([2, 2, 5, 5], "f32")],
+                          {"layer": layer, "new_bshd": 0}, names=[f"k{layer}"])
+             for layer in (0, 2)]
+    names = build_ops_library(nodes, "cpu", str(tmp_path / "kv.so"))
+    assert names["k0"] == names["k2"]
+    lib = OpsLibrary(str(tmp_path / "kv.so"))
+    rng = np.random.default_rng(7)
+    p = _aligned_copy(rng.standard_normal((3, 2, 2, 4, 5)).astype(np.float32))
+    n = _aligned_copy(rng.standard_normal((2, 2, 1, 5)).astype(np.float32))
+    for node in nodes:
+        out = aligned_empty((2, 2, 5, 5), np.float32)
+        lib[names[node.result.name]](p, n, out, *launch_constants(node))
+        np.testing.assert_array_equal(out, OP_IMPLS["kv_concat"](node, [p, n], None)[0])
 
 
 def test_bound_call_and_avx2_target(tmp_path):

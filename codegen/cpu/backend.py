@@ -32,6 +32,7 @@ import numpy as np
 from qcompiler.codegen import Backend
 from qcompiler.codegen.cpu.config import validate as validate_config
 from qcompiler.codegen.cpu.errors import CPUBackendError
+from qcompiler.codegen.cpu.ops.common import launch_constants
 from qcompiler.errors import ArtifactError, DeviceUnavailableError, HostFallbackError
 from qcompiler.ir.core import constant_value
 from qcompiler.ir.ops import qmatmul_epilogue_operands
@@ -434,21 +435,23 @@ def _build_ops_library(key: str, target, path: str) -> str:
 
 
 class OpKernelStep:
-    """A plan step run by one op-library kernel: (operands that are not none, results)."""
+    """A plan step run by one op-library kernel: (operands that are not none, results, then
+    the node's launch constants)."""
 
-    def __init__(self, lib, name: str):
-        self.lib, self.name = lib, name
+    def __init__(self, lib, name: str, constants: tuple = ()):
+        self.lib, self.name, self.constants = lib, name, tuple(constants)
         self.fn = lib.function(name)
 
     def __call__(self, args: list, outs: list) -> None:
         from qcompiler.codegen.cpu.ops.library import as_kernel_arg
 
         self.fn(*[as_kernel_arg(a) for a in args if a is not None],
-                *[as_kernel_arg(o) for o in outs])
+                *[as_kernel_arg(o) for o in outs], *self.constants)
 
     def bind(self, args: list, outs: list):
         """A no-argument call over buffers that stay put (arena views, weights, host values)."""
-        return self.lib.bind(self.name, [a for a in args if a is not None] + list(outs))
+        return self.lib.bind(self.name, [a for a in args if a is not None] + list(outs)
+                             + list(self.constants))
 
 
 class ResizeScalesCheck:
@@ -607,7 +610,7 @@ def _plan_runner(module, manifest: dict, out_dir: str, qmm_kernels: dict):
         if name not in nodes:
             raise ArtifactError(f"manifest.json: the op library names %{name}, which the "
                                 "module does not define")
-        impls[name] = OpKernelStep(lib, kernel_name)
+        impls[name] = OpKernelStep(lib, kernel_name, launch_constants(nodes[name]))
         if resize_reads_scales_at_run_time(nodes[name], module):
             impls[name] = ResizeScalesCheck(impls[name], nodes[name])
     if not plan.tail_roots:

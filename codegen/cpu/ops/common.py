@@ -140,9 +140,22 @@ def _attr_text(value) -> str:
     return repr(value) if not hasattr(value, "name") or isinstance(value, str) else str(value)
 
 
+# Attributes passed to a kernel at each call, after its results, instead of being compiled
+# into it, so that nodes differing only in them share one kernel (the layer index of a cache
+# append: a 22-layer decoder built 22 copies of its qkv_heads kernel). CUDA does the same
+# (codegen/cuda/ops/kernel.py).
+LAUNCH_CONSTANTS = {"qkv_heads": ("layer",), "kv_concat": ("layer",)}
+
+
+def launch_constants(node: Node) -> list:
+    """The values of ``node``'s launch constants, in the kernel's parameter order."""
+    return [int(node.attrs[a]) for a in LAUNCH_CONSTANTS.get(node.op, ())]
+
+
 def kernel_key(node: Node, baked: dict) -> str:
     """Everything the kernel depends on: op, attributes, operand/result types and the
-    operand values baked into the code (``baked``: slice bounds).
+    operand values baked into the code (``baked``: slice bounds); not the launch constants,
+    which each call passes.
 
     Symbolic dims are named by their first appearance (``$0``, ``$1`` ...): a symbol is one
     int64 var of the kernel, bound from the buffers' shapes at each call, so which symbol it
@@ -156,8 +169,10 @@ def kernel_key(node: Node, baked: dict) -> str:
                       for d in t.shape)
         return str(dataclasses.replace(t, shape=shape))
 
+    constants = LAUNCH_CONSTANTS.get(node.op, ())
     parts = [node.op,
-             ",".join(f"{k}={_attr_text(node.attrs[k])}" for k in sorted(node.attrs)),
+             ",".join(f"{k}={_attr_text(node.attrs[k])}" for k in sorted(node.attrs)
+                      if k not in constants),
              ";".join("none" if v is None else type_text(v.type) for v in node.operands),
              ";".join(type_text(r.type) for r in node.results),
              _attr_text(baked)]

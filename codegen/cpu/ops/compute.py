@@ -29,6 +29,9 @@ class Kernel:
     kind: str  # injective | rows | reduce | matmul | attention
     rows: int = 0  # rows kind: leading output dims that index one row (one iteration)
     baked: dict = field(default_factory=dict)
+    # scalar parameters after the results: the node's launch constants (ops/common.py
+    # LAUNCH_CONSTANTS), each call passing its node's values
+    params: list = field(default_factory=list)
     # injective kind: intermediate stages computed once into buffers of their own (their own
     # loop nests, before the results) instead of inlined into every use
     stages: list = field(default_factory=list)
@@ -495,7 +498,7 @@ def _kv_concat(ctx: _Ctx) -> Kernel:
     from tvm import tirx
 
     past, fresh = ctx.inputs
-    layer = tirx.IntImm("int64", ctx.node.attrs["layer"])
+    layer = tirx.Var("layer", "int64")  # a launch constant
     bshd = ctx.node.attrs["new_bshd"]
     cached = past.shape[3]
 
@@ -505,7 +508,8 @@ def _kv_concat(ctx: _Ctx) -> Kernel:
         new = fresh[(b, s, h, d)] if bshd else fresh[(b, h, s, d)]
         return tirx.if_then_else(t < cached, past[(layer, b, h, t, d)], new)
 
-    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective")
+    return Kernel(ctx.inputs, [_compute(ctx.out_shapes[0], fn, "out")], "injective",
+                  params=[layer])
 
 
 def _rotary_element(ctx: _Ctx, at, b, s, d, rd: int, ct, dtype):
@@ -561,7 +565,7 @@ def _qkv_heads(ctx: _Ctx) -> Kernel:
     dtype = dtype_of(qkv)
     ct = compute_dtype(dtype) if is_float_dtype(dtype) else dtype
     rotary = ctx.has(1)
-    layer = tirx.IntImm("int64", a["layer"])
+    layer = tirx.Var("layer", "int64")  # a launch constant
 
     def value(b, s, head, d, rotate: bool):
         """Element d of head ``head`` of token (b, s), rotated if asked."""
@@ -593,7 +597,7 @@ def _qkv_heads(ctx: _Ctx) -> Kernel:
     outs = [_compute(ctx.out_shapes[0], q_fn, "q"),
             _compute(ctx.out_shapes[1], kv_fn(heads, rotary, 4), "k"),
             _compute(ctx.out_shapes[2], kv_fn(heads + kv_heads, False, 5), "v")]
-    return Kernel(ctx.inputs, outs, "injective")
+    return Kernel(ctx.inputs, outs, "injective", params=[layer])
 
 
 @_builder("split")

@@ -1,9 +1,10 @@
 """``primfunc_for(node)``: the scheduled TensorIR kernel of one QIR node.
 
 Destination-passing: the function's parameters are the node's operands that are not ``none``
-(in order), then its results; it writes the results and returns nothing. Dims come from the
-types: a symbol is one int64 var shared by name (one kernel serves every size), ``?`` a var
-of its own.
+(in order), then its results, then its launch constants (``ops.common.LAUNCH_CONSTANTS``:
+int64 scalars, the same kernel serving nodes that differ only in them); it writes the results
+and returns nothing. Dims come from the types: a symbol is one int64 var shared by name (one
+kernel serves every size), ``?`` a var of its own.
 """
 from __future__ import annotations
 
@@ -89,6 +90,6 @@ def primfunc_for(node: Node, params: Optional[ScheduleParams] = None, module=Non
     name = kernel_name(node, kernel.baked)
     if name in known:
         return name, None
-    func = te.create_prim_func(kernel.inputs + kernel.outputs)
+    func = te.create_prim_func(kernel.inputs + kernel.outputs + kernel.params)
     func = schedule(func, kernel, params or default_params())
     return name, func.with_attr("global_symbol", name)
