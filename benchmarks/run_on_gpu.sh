@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -182,6 +182,13 @@ for step in "$@"; do
         > "$OUT/decode-nopdl.log" 2>&1
       echo "== no PDL: $(grep -E "ours|FAIL" "$OUT/decode-nopdl.log" | tr '\n' ' ' | cut -c1-300)"
       python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/decode-nopdl/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12 ;;
+    loop-profile)  # issue #12: a 22-layer generation loop of 32 tokens with its host time profiled
+                   # (cProfile's top functions: the shape resolve, the table, the launches)
+      mkdir -p "$OUT/loop-profile"
+      timeout ${LOOP_TIMEOUT:-170} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/loop-profile" \
+        --skip-minilm --llama-layers 22 --greedy 32 --generation-profile > "$OUT/loop-profile.log" 2>&1
+      grep -E "ours|greedy|generation|FAIL" "$OUT/loop-profile.log" | cut -c1-200 | head -8
+      grep -A22 "tottime" "$OUT/loop-profile.log" | cut -c1-150 | head -26 ;;
     l2-ab)  # issue #12: the 22-layer decode (graph replay, traced) with the GEMV weights prefetched
             # into L2 before each kernel's wait (QC_CUDA_L2_PREFETCH=1) and without, alternated
       for round in $(seq ${L2_AB_ROUNDS:-2}); do
