@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # The cnn steps read gpu_cnn/ (bench_cnn_gpu.py --prepare gpu_cnn; git-ignored): pass
@@ -221,6 +221,9 @@ for step in "$@"; do
       timeout 400 python3 "$REPO/benchmarks/bench_cuda.py" --sweep --every-frag --ms 16,64,256,512 \
         --shapes 1152x384,384x384,1536x384,384x1536,2048x2048 --out "$OUT" 2>&1 | tee "$OUT/minilm-gemm.log" \
         | grep -vE '^\{' | tail -14 ;;
+    minilm-peers)  # issue #12: the MiniLM-shaped encoder (1x16, 8x32) beside torch eager and torch.compile
+      timeout ${MINILM_TIMEOUT:-200} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-llama \
+        --compile-peers minilm 2>&1 | tee "$OUT/minilm-peers.log" | grep -E "^minilm|FAIL" | cut -c1-260 ;;
     minilm-trace)  # issue #12: the MiniLM-shaped encoder's graph replay, per kernel (trace) and
                    # per launch alone (profile)
       timeout 300 python3 "$REPO/benchmarks/bench_models_gpu.py" --skip-llama --trace --profile \
