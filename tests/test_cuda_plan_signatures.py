@@ -277,6 +277,40 @@ def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode, in_place
             assert "attention" in rebuilt and "qmatmul" not in rebuilt
 
 
+def test_a_reshaped_step_uploads_its_host_values_only_when_they_changed(llama_decode):
+    """Over a generation loop, the shared host-value buffer holds, at every run, the bytes of
+    the signature that runs (a model of the device memory fed by the recorded copies); a
+    step reshaped in place whose host values equal the last ones uploads nothing."""
+    from qcompiler.codegen.cuda.plan import HOST_VALUES
+
+    module, feeds = llama_decode
+    log = []
+    runner = _llama_runner(module, log)
+    device = {}  # destination address -> the bytes last copied there from the host
+
+    uploads = []
+
+    def copy(dst, src, nbytes, kind, stream):
+        if kind == 1:
+            device[dst] = ctypes.string_at(src, nbytes)
+            uploads.append(dst)
+        return 0
+
+    runner.launcher.qc_copy_async = copy
+    last, reshaped = None, 0
+    for past in range(8, 16):
+        uploads.clear()
+        runner(feeds(past))
+        sig = runner.last_signature
+        host = sig.slots[HOST_VALUES]
+        assert device[host] == sig.host_block.tobytes(), past
+        if sig is last:  # reshaped in place: its host values equal the last ones here
+            assert host not in uploads, past
+            reshaped += 1
+        last = sig
+    assert runner._host_names and reshaped >= 2
+
+
 def test_reshaping_in_place_leaves_the_other_kept_signatures_as_they_were(llama_decode):
     """Only launches built for the last signature are rewritten in place: the signature it was
     prepared from shares the others' arrays. Over (40, 1 token) -> (40, 5) -> (41, 5) ->
