@@ -251,6 +251,23 @@ def _causal_condition(rw: Rewriter, cond: Value, scores: Value) -> bool:
         and all(d == 1 for d in cond.type.shape[:-2])
 
 
+def _keys_against_shifted_rows(rw: Rewriter, cond: Value) -> tuple:
+    """(the keys' range, the add of the shifted query rows) when ``cond`` is
+    less_or_equal(unsqueeze(range(0, stop, 1), [0]), add(rows, x)), else (None, None)."""
+    node = producer_of(cond, "less_or_equal")
+    if node is None:
+        return None, None
+    j, i = node.operands
+    uj, shifted = producer_of(j, "unsqueeze"), producer_of(i, "add")
+    if uj is None or shifted is None or list(uj.attrs["axes"]) not in ([0], [-2]):
+        return None, None
+    keys = producer_of(uj.operands[0], "range")
+    if keys is None or _int_constant(rw, keys.operands[0]) != 0 \
+            or _int_constant(rw, keys.operands[2]) != 1:
+        return None, None
+    return keys, shifted
+
+
 def _causal_over_cache(rw: Rewriter, cond: Value, scores: Value) -> bool:
     """True when ``cond`` keeps key j for query i exactly when j <= i + x, x = Skv - Sq: the
     mask of a step over a KV cache of x positions, as exporters build it from the cache length
@@ -260,17 +277,9 @@ def _causal_over_cache(rw: Rewriter, cond: Value, scores: Value) -> bool:
         cond = less_or_equal(unsqueeze(r, [0]), add([[0], .., [Sq - 1]], x))   [Sq, Skv]
 
     with Sq static (a decode step: 1) and x a scalar."""
-    node = producer_of(cond, "less_or_equal")
-    if node is None:
-        return False
-    j, i = node.operands
-    uj, shifted = producer_of(j, "unsqueeze"), producer_of(i, "add")
-    if uj is None or shifted is None or list(uj.attrs["axes"]) not in ([0], [-2]):
-        return False
-    rng = producer_of(uj.operands[0], "range")
+    rng, shifted = _keys_against_shifted_rows(rw, cond)
     sq, skv = scores.type.shape[-2:]
-    if rng is None or not isinstance(sq, int) or rng.result.type.shape != (skv,) \
-            or _int_constant(rw, rng.operands[0]) != 0 or _int_constant(rw, rng.operands[2]) != 1:
+    if rng is None or not isinstance(sq, int) or rng.result.type.shape != (skv,):
         return False
     for rows, x in (shifted.operands, shifted.operands[::-1]):
         c = rw.const(rows)
@@ -297,16 +306,8 @@ def _causal_over_cache_of_any_length(rw: Rewriter, cond: Value, scores: Value) -
     causal limit j <= i + Skv - Sq when Sq = s (the queries' dim is the one s reads) and
     Skv = x + s: the keys' dim is a concat, along its axis, of a dim equal to x's and one
     equal to s's (the cache and the new keys; ``_concat_parts``)."""
-    node = producer_of(cond, "less_or_equal")
-    if node is None:
-        return False
-    j, i = node.operands
-    uj, shifted = producer_of(j, "unsqueeze"), producer_of(i, "add")
-    if uj is None or shifted is None or list(uj.attrs["axes"]) not in ([0], [-2]):
-        return False
-    keys = producer_of(uj.operands[0], "range")
-    if keys is None or _int_constant(rw, keys.operands[0]) != 0 \
-            or _int_constant(rw, keys.operands[2]) != 1:
+    keys, shifted = _keys_against_shifted_rows(rw, cond)
+    if keys is None:
         return False
     sq, skv = scores.type.shape[-2:]
     for rows, x in (shifted.operands, shifted.operands[::-1]):
