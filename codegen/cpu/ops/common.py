@@ -164,10 +164,11 @@ def kernel_key(node: Node, baked: dict) -> str:
     share one kernel instead of building one per layer."""
     names: dict = {}
 
+    def dim_text(d):
+        return d if isinstance(d, int) or d == "?" else names.setdefault(d, f"${len(names)}")
+
     def type_text(t) -> str:
-        shape = tuple(d if isinstance(d, int) or d == "?" else names.setdefault(d, f"${len(names)}")
-                      for d in t.shape)
-        return str(dataclasses.replace(t, shape=shape))
+        return str(dataclasses.replace(t, shape=tuple(dim_text(d) for d in t.shape)))
 
     constants = LAUNCH_CONSTANTS.get(node.op, ())
     parts = [node.op,
