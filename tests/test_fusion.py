@@ -1028,7 +1028,8 @@ def test_cpu_backend_runs_epilogues_and_fused_ops():
 def test_run_time_repeat_kv_is_read_as_shared_heads(tmp_path):
     """torch.onnx (dynamo=False) of the example Llama computes repeat_kv's expand shape at run
     time (symbolic r); the heads it reshapes to give r: attention reads the 2 kv heads once,
-    no expand is left, and the results are unchanged."""
+    no expand is left, and the results are unchanged. Its mask over the cache (a dynamic
+    number of new tokens) is causal = 1 without a mask operand."""
     pytest.importorskip("torch")
     import os
     import sys
@@ -1048,6 +1049,7 @@ def test_run_time_repeat_kv_is_read_as_shared_heads(tmp_path):
     ops = _ops(fused)
     assert ops["attention"] == 1 and "expand" not in ops
     node = next(n for n in fused.main.nodes if n.op == "attention")
+    assert node.attrs["causal"] == 1 and node.arg("mask") is None
     assert node.operands[1].type.shape[1] == cfg["kv_heads"]
     assert node.operands[0].type.shape[1] == cfg["heads"]
     for seed in (1, 2):
