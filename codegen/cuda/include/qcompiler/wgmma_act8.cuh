@@ -61,6 +61,16 @@ namespace qc {
 #define QC_OUT32(c, d, i) \
   QC_OUT8(c, d, i), QC_OUT8(c, d, i + 8), QC_OUT8(c, d, i + 16), QC_OUT8(c, d, i + 24)
 
+// One 8-bit wgmma (the body of wgmma_rs_act8 and wgmma_rs_act8_fresh): SHAPE_TYPES, the
+// operand list, SCALE_D what scale-d's predicate is set from (the accumulate operand's
+// number, or 0: fresh sums), TAIL what follows scale-d (FP8: the immediate scales of a and
+// b), SCALE_IN the accumulate operand (an immediate where scale-d is 0), then the outputs.
+#define QC_ACT8_ASM(SHAPE_TYPES, OPS, SCALE_D, TAIL, SCALE_IN, ...)                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                        \
+               "wgmma.mma_async.sync.aligned." SHAPE_TYPES " " OPS ", p" TAIL ";\n}\n"      \
+               : __VA_ARGS__                                                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), SCALE_IN)
+
 // d[64 x N] (+)= a (registers: this warp's m16k32 fragment) * b (shared memory, N x k32);
 // accumulate == 0 overwrites d (wgmma's scale-d). int8: u8 weights x s8 codes -> s32; FP8:
 // e4m3 x e4m3 -> fp32. N in {64, 128, 256} (tokens).
@@ -73,44 +83,27 @@ __device__ __forceinline__ void wgmma_rs_act8(D* d, const uint32_t* a, uint64_t 
   // Operands: the N / 2 accumulators, a0..a3, the descriptor, then scale-d (accumulate).
   if constexpr (N == 64) {
     if constexpr (FP8)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N64
-                   ", p, 1, 1;\n}\n"
-                   : QC_D32(d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n64k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N64, "%37", ", 1, 1",
+                  "r"(accumulate), QC_OUT32("+f", d, 0));
     else
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " QC_WGMMA_OPS_N64
-                   ", p;\n}\n"
-                   : QC_OUT32("+r", d, 0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n64k32.s32.u8.s8", QC_WGMMA_OPS_N64, "%37", "", "r"(accumulate),
+                  QC_OUT32("+r", d, 0));
   } else if constexpr (N == 128) {
     if constexpr (FP8)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N128
-                   ", p, 1, 1;\n}\n"
-                   : QC_D32(d, 0), QC_D32(d, 32)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n128k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N128, "%69", ", 1, 1",
+                  "r"(accumulate), QC_OUT32("+f", d, 0), QC_OUT32("+f", d, 32));
     else
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " QC_WGMMA_OPS_N128
-                   ", p;\n}\n"
-                   : QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n128k32.s32.u8.s8", QC_WGMMA_OPS_N128, "%69", "", "r"(accumulate),
+                  QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32));
   } else {
     if constexpr (FP8)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 " QC_WGMMA_OPS_N256
-                   ", p, 1, 1;\n}\n"
-                   : QC_D32(d, 0), QC_D32(d, 32), QC_D32(d, 64), QC_D32(d, 96)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n256k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N256, "%133", ", 1, 1",
+                  "r"(accumulate), QC_OUT32("+f", d, 0), QC_OUT32("+f", d, 32),
+                  QC_OUT32("+f", d, 64), QC_OUT32("+f", d, 96));
     else
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n256k32.s32.u8.s8 " QC_WGMMA_OPS_N256
-                   ", p;\n}\n"
-                   : QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32), QC_OUT32("+r", d, 64),
-                     QC_OUT32("+r", d, 96)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+      QC_ACT8_ASM("m64n256k32.s32.u8.s8", QC_WGMMA_OPS_N256, "%133", "", "r"(accumulate),
+                  QC_OUT32("+r", d, 0), QC_OUT32("+r", d, 32), QC_OUT32("+r", d, 64),
+                  QC_OUT32("+r", d, 96));
   }
 }
 
@@ -121,27 +114,21 @@ __device__ __forceinline__ void wgmma_rs_act8_fresh(D* d, const uint32_t* a, uin
   static_assert(N == 64 || N == 128, "fresh 8-bit sums: N in {64, 128}");
   static_assert(std::is_same<D, std::conditional_t<FP8, float, int>>::value,
                 "FP8 sums are fp32, int8 sums s32");
-// SHAPE_TYPES, the operand list, what follows scale-d (FP8: the immediate scales of a and b),
-// then the outputs
-#define QC_FRESH_ASM(SHAPE_TYPES, OPS, TAIL, ...)                                      \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                               \
-               "wgmma.mma_async.sync.aligned." SHAPE_TYPES " " OPS ", p" TAIL ";\n}\n"  \
-               : __VA_ARGS__                                                             \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
   if constexpr (N == 64) {
     if constexpr (FP8)
-      QC_FRESH_ASM("m64n64k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N64, ", 1, 1", QC_OUT32("=f", d, 0));
+      QC_ACT8_ASM("m64n64k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N64, "0", ", 1, 1", "n"(0),
+                  QC_OUT32("=f", d, 0));
     else
-      QC_FRESH_ASM("m64n64k32.s32.u8.s8", QC_WGMMA_OPS_N64, "", QC_OUT32("=r", d, 0));
+      QC_ACT8_ASM("m64n64k32.s32.u8.s8", QC_WGMMA_OPS_N64, "0", "", "n"(0),
+                  QC_OUT32("=r", d, 0));
   } else {
     if constexpr (FP8)
-      QC_FRESH_ASM("m64n128k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N128, ", 1, 1",
-                   QC_OUT32("=f", d, 0), QC_OUT32("=f", d, 32));
+      QC_ACT8_ASM("m64n128k32.f32.e4m3.e4m3", QC_WGMMA_OPS_N128, "0", ", 1, 1", "n"(0),
+                  QC_OUT32("=f", d, 0), QC_OUT32("=f", d, 32));
     else
-      QC_FRESH_ASM("m64n128k32.s32.u8.s8", QC_WGMMA_OPS_N128, "", QC_OUT32("=r", d, 0),
-                   QC_OUT32("=r", d, 32));
+      QC_ACT8_ASM("m64n128k32.s32.u8.s8", QC_WGMMA_OPS_N128, "0", "", "n"(0),
+                  QC_OUT32("=r", d, 0), QC_OUT32("=r", d, 32));
   }
-#undef QC_FRESH_ASM
 }
 
 // ---- the TMA map of x's codes (host side) ---------------------------------------------------
