@@ -3,6 +3,7 @@ as calling them from Python, the batching of a plan's bound steps, and a kernel'
 raised with its own message."""
 from __future__ import annotations
 
+import ctypes
 import gc
 
 import numpy as np
@@ -115,3 +116,36 @@ def test_batched_keeps_python_steps_in_place(tmp_path, monkeypatch, native_or_sk
     for call in out:
         call()
     assert seen == ["a", "b"]
+
+
+def test_a_new_signature_patches_the_tables_of_the_runs_it_changed(tmp_path, monkeypatch,
+                                                                   native_or_skip):
+    """``Batched.updated``: a changed call that stays native gets its entry rewritten in a
+    copy of its run's table (the earlier list keeps its own); a run without changes is the
+    same object; a call that stops being native batches the list again."""
+    model = _compile(tmp_path, monkeypatch, "1")
+    model.run({"x": np.ones((2, 64), np.float32)})
+    k = next(c for c in _prepared_calls() if isinstance(c, nc.NativeCalls)).calls[:4]
+    seen = []
+    py = lambda: seen.append("py")  # noqa: E731
+    source = [k[0], k[1], py, k[2], k[3]]
+    first = nc.Batched(source)
+    assert [type(c).__name__ for c in first.calls] == ["NativeCalls", "function", "NativeCalls"]
+    again = nc.KernelCall(k[1].fn, k[1].args)  # a new binding of the same kernel
+    second = first.updated([k[0], again, py, k[2], k[3]], [1])
+    assert second.calls[2] is first.calls[2] and second.calls[1] is py
+    run0, run1 = first.calls[0], second.calls[0]
+    assert run1 is not run0 and run1.calls == [k[0], again] and run0.calls == [k[0], k[1]]
+    assert ctypes.addressof(run1._table[1].args.contents) == ctypes.addressof(
+        again.entry().args.contents)
+    assert ctypes.addressof(run0._table[1].args.contents) == ctypes.addressof(
+        k[1].entry().args.contents)
+    for call in second.calls:
+        call()
+    assert seen == ["py"]
+    # nothing changed at the position: the same lists
+    assert first.updated(list(source), [1]) is first
+    # a Python call where a kernel was: batched again, in order
+    third = first.updated([k[0], py, py, k[2], k[3]], [1])
+    assert third.calls[0] is k[0] and third.calls[1] is py and third.calls[2] is py
+    assert isinstance(third.calls[3], nc.NativeCalls) and third.calls[3].calls == [k[2], k[3]]

@@ -237,3 +237,39 @@ def test_prepared_signatures_are_bounded(decode, monkeypatch):
         assert len(ex._prepared) <= 3
     # the last three distinct signatures, 6 kept as used before 9
     assert [s[1][1] for s in ex._prepared] == [6, 9, 5]
+
+
+@pytest.mark.parametrize("stage_bytes", [0, 1 << 16])
+def test_inputs_of_any_layout_reach_the_steps_aligned(decode, monkeypatch, stage_bytes):
+    """A non-contiguous or unaligned input gives the reference's results, and every step
+    reads it as a C-contiguous, 64-byte-aligned array (compiled kernels assume both): a small
+    input through its staged buffer, a large one (STAGE_BYTES = 0) through a copy made only
+    because it is unaligned."""
+    from qcompiler.plan import executor
+
+    monkeypatch.setattr(executor, "STAGE_BYTES", stage_bytes)
+    plan = lower(decode, {"p": [64]})
+    seen = []
+
+    def recording(step):
+        def impl(args, outs):
+            seen.extend(a for a in args if a is not None)
+            step(args, outs)
+        return impl
+
+    nodes = {n.results[0].name: n for n in decode.main.nodes if n.results}
+    impls = {s.node: recording(reference_step(nodes[s.node], decode)) for s in plan.steps
+             if s.kind == "kernel"}
+    ex = PlanExecutor(plan, decode, impls)
+    rng = np.random.default_rng(8)
+    wide = rng.standard_normal((1, 32)).astype(np.float32)
+    raw = np.empty(7 * 16 + 1, np.float32)
+    kv = raw[1:].reshape(1, 7, 16)  # 4 bytes past an allocation: never 64-byte aligned
+    kv[:] = rng.standard_normal((1, 7, 16))
+    feeds = {"x": wide[:, ::2], "kv": kv}
+    assert not feeds["x"].flags.c_contiguous and kv.ctypes.data % 64
+    got = ex.run(feeds)
+    np.testing.assert_allclose(got["y"], reference.run(decode, feeds)["y"], rtol=1e-5,
+                               atol=1e-5)
+    assert seen and all(a.flags.c_contiguous and a.ctypes.data % 64 == 0 for a in seen
+                        if isinstance(a, np.ndarray) and a.size)

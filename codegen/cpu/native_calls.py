@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import struct
 import subprocess
 import tempfile
 from typing import Optional
@@ -145,8 +146,8 @@ _UNKNOWN = object()
 class KernelCall:
     """``fn(*args)`` of a compiled kernel with its arguments wrapped once (a bound plan step).
     Its arguments never change, so whether it can be called from C, and its packed entry of
-    a table, are worked out once: a new signature of a decode loop rebuilds the tables of
-    every run its changed calls are in, from the entries of the calls that stay."""
+    a table, are worked out once: a new signature of a decode loop rewrites only the entries
+    of its changed calls, in copies of their runs' tables (``Batched.updated``)."""
 
     def __init__(self, fn, args):
         self.fn, self.args = fn, tuple(args)
@@ -167,8 +168,11 @@ class KernelCall:
         """Its entry of a ``NativeCalls`` table (the packed arguments kept here)."""
         if self._entry is None:
             packed = [_packed(a) for a in self.args]
-            self._packed_args = (_Any * max(len(packed), 1))(*[_Any(t, 0, v)
-                                                                 for t, v in packed])
+            # one struct.pack of every (type index, padding, value) rather than a ctypes
+            # structure per argument (a decode loop packs a few calls a token)
+            flat = [x for t, v in packed for x in (t, 0, v)] or [0, 0, 0]
+            self._packed_args = (_Any * max(len(packed), 1)).from_buffer_copy(
+                struct.pack("<" + "iIQ" * max(len(packed), 1), *flat))
             self._entry = _Call(self.fn.__chandle__(), self._packed_args, len(packed))
         return self._entry
 
@@ -201,12 +205,25 @@ def native_calls(call) -> Optional[list]:
 class NativeCalls:
     """A run of KernelCalls as one C call (``available()`` must be True)."""
 
-    def __init__(self, calls: list):
+    def __init__(self, calls: list, table=None):
         # self.calls keeps the KernelCalls, which keep their packed arguments and through
         # them the objects those name
         self.calls = list(calls)
-        self._table = (_Call * len(self.calls))(*[k.entry() for k in self.calls])
+        if table is None:
+            table = (_Call * len(self.calls))(*[k.entry() for k in self.calls])
+        self._table = table
         self._failed = ctypes.c_int64(-1)
+
+    def patched(self, replaced: dict) -> "NativeCalls":
+        """A new run with the KernelCalls at the indices of ``replaced`` ({index: call})
+        replaced: this table copied (one memmove) and those entries rewritten. This run is
+        left as it is (the call list of an earlier signature may still hold it)."""
+        calls = list(self.calls)
+        table = type(self._table).from_buffer_copy(self._table)
+        for i, k in replaced.items():
+            calls[i] = k
+            table[i] = k.entry()
+        return NativeCalls(calls, table)
 
     def __call__(self) -> None:
         rc = _lib.qc_run_calls(self._table, len(self.calls), ctypes.byref(self._failed))
@@ -217,35 +234,89 @@ class NativeCalls:
                                f"(code {rc}) and did not fail again from Python")
 
 
-def batched(calls: list, previous: Optional[dict] = None,
-            tables: Optional[dict] = None) -> list:
+class Batched:
+    """A plan's step calls in order (``source``) as ``calls``: each run of two or more
+    consecutive native-capable calls replaced by one ``NativeCalls`` (``calls`` is
+    ``source`` itself where ``available()`` is False).
+
+    ``updated(source, changed)`` gives the list of a new input signature from this one
+    (``changed``: the positions whose calls differ): a run whose changed calls stay native
+    with as many KernelCalls gets a copy of its table with their entries rewritten, and
+    every other run is kept; only when a call changes whether it can run from C is the list
+    batched again. A decode loop's new signature (one more KV position) changes a few calls
+    of a few hundred, and this keeps its work proportional to those."""
+
+    def __init__(self, source: list):
+        self.source = list(source)
+        # per segment: [first position, end position, its callable, per call of a run the
+        # index of its first KernelCall in the run's table (None for a lone call)]
+        self.segments: list = []
+        self._segment_of: list = []  # position -> index of its segment
+        if not available():
+            self.calls = self.source
+            return
+        start, kernels = None, []
+
+        def close(end: int) -> None:
+            if start is None:
+                return
+            if end - start > 1:
+                offsets = []
+                for call in self.source[start:end]:
+                    offsets.append(len(kernels))
+                    kernels.extend(native_calls(call))
+                self._add(start, end, NativeCalls(list(kernels)), offsets)
+                kernels.clear()
+            else:
+                self._add(start, end, self.source[start], None)
+
+        for pos, call in enumerate(self.source):
+            if native_calls(call) is not None:
+                if start is None:
+                    start = pos
+                continue
+            close(pos)
+            start = None
+            self._add(pos, pos + 1, call, None)
+        close(len(self.source))
+        self.calls = [seg[2] for seg in self.segments]
+
+    def _add(self, lo: int, hi: int, call, offsets) -> None:
+        self._segment_of.extend([len(self.segments)] * (hi - lo))
+        self.segments.append((lo, hi, call, offsets))
+
+    def updated(self, source: list, changed) -> "Batched":
+        if not available() or len(source) != len(self.source):
+            return Batched(source)
+        by_segment: dict = {}
+        for pos in changed:
+            if source[pos] is not self.source[pos]:
+                by_segment.setdefault(self._segment_of[pos], []).append(pos)
+        if not by_segment:
+            return self
+        segments = list(self.segments)
+        for si, positions in by_segment.items():
+            lo, hi, call, offsets = segments[si]
+            if offsets is None:  # a lone call: still lone only if its nativeness stays
+                if (native_calls(source[lo]) is None) != (native_calls(call) is None):
+                    return Batched(source)
+                segments[si] = (lo, hi, source[lo], None)
+                continue
+            replaced = {}
+            for pos in positions:
+                new, old = native_calls(source[pos]), native_calls(self.source[pos])
+                if new is None or len(new) != len(old):
+                    return Batched(source)
+                first = offsets[pos - lo]
+                replaced.update((first + j, k) for j, k in enumerate(new))
+            segments[si] = (lo, hi, call.patched(replaced), offsets)
+        out = Batched.__new__(Batched)
+        out.source, out.segments, out._segment_of = list(source), segments, self._segment_of
+        out.calls = [seg[2] for seg in segments]
+        return out
+
+
+def batched(calls: list) -> list:
     """``calls`` with each run of two or more consecutive native-capable calls replaced by
-    one ``NativeCalls`` (unchanged where ``available()`` is False). ``previous``: the
-    ``tables`` of an earlier call (key -> (the run's calls, its NativeCalls)), whose tables
-    serve the runs of the very same calls again; ``tables``: filled with this call's (a
-    decode loop's new signature keeps most runs of its last one)."""
-    if not available():
-        return calls
-    out, run = [], []
-
-    def flush():
-        if len(run) > 1:
-            key = tuple(id(c) for c in run)
-            kept = previous.get(key) if previous else None
-            if kept is None or any(a is not b for a, b in zip(kept[0], run)):
-                kept = (tuple(run), NativeCalls([k for c in run for k in native_calls(c)]))
-            if tables is not None:
-                tables[key] = kept
-            out.append(kept[1])
-        else:
-            out.extend(run)
-        run.clear()
-
-    for call in calls:
-        if native_calls(call) is not None:
-            run.append(call)
-        else:
-            flush()
-            out.append(call)
-    flush()
-    return out
+    one ``NativeCalls`` (unchanged where ``available()`` is False): ``Batched(calls).calls``."""
+    return Batched(calls).calls

@@ -172,12 +172,17 @@ class _Placement:
         self.dynamic_views: dict = {}  # view -> (root, shape, elements before it) per run
         self.steps: dict = {}          # step index -> (call, patches)
         self.slice_sizes: dict = {}    # buffer -> bytes at these shapes (slice_offset)
+        self.calls: Optional[list] = None  # per call step (``_call_steps``), its call
+        self.patches: dict = {}        # position in ``calls`` -> its step's patches
+        self.batched = None            # ``calls`` batched for the C loop (native_calls)
 
     def start_from(self, other: "_Placement") -> None:
         """Every buffer and step as ``other`` has it (then ``forget`` what changes)."""
         self.static, self.memory = dict(other.static), dict(other.memory)
         self.staged, self.fresh = dict(other.staged), dict(other.fresh)
         self.dynamic_views, self.steps = dict(other.dynamic_views), dict(other.steps)
+        self.calls = None if other.calls is None else list(other.calls)
+        self.patches, self.batched = dict(other.patches), other.batched
 
     def forget(self, name: str) -> None:
         for placed in (self.static, self.memory, self.staged, self.fresh, self.dynamic_views):
@@ -257,11 +262,16 @@ class PlanExecutor:
         # the steps that are calls (views and host values are placed, not called)
         self._call_steps = [i for i, st in enumerate(plan.steps)
                             if st.kind not in ("view", "host")]
-        self._batched: dict = {}  # the last signature's native call tables (batched)
+        self._call_position = {i: p for p, i in enumerate(self._call_steps)}
         mode = os.environ.get("QC_PROFILE")
         self._profile = _Profile(plan.function) if mode in ("1", "kernels") else None
         self._profile_kernels = mode == "kernels"
         values = {r.name: r for n in module.main.nodes for r in n.results}
+        # per input, its element type and numpy dtype (check_inputs, every run)
+        self._input_types = {}
+        for n in plan.inputs:
+            et = elem(plan.buffers[n].dtype)
+            self._input_types[n] = (et, et.np_dtype)
         self._weights = {}
         for b in plan.buffers.values():
             if b.kind != "weight":
@@ -272,34 +282,38 @@ class PlanExecutor:
 
     # -- inputs ----------------------------------------------------------------------------
     def check_inputs(self, inputs) -> dict:
-        """Contiguous arrays by input name; InputError naming the input for anything wrong."""
+        """Contiguous arrays by input name; InputError naming the input for anything wrong.
+        Inputs of at most ``STAGE_BYTES`` are returned as given (a run copies them into their
+        staged buffers); larger ones 64-byte aligned (a copy only where they are not)."""
         if not isinstance(inputs, dict):
             raise InputError(f"inputs must be a dict {{name: array}}, got {type(inputs).__name__}")
         names = self.plan.inputs
-        missing = [n for n in names if n not in inputs]
-        extra = [n for n in inputs if n not in names]
-        if missing or extra:
+        if len(inputs) != len(names) or any(n not in inputs for n in names):
+            missing = [n for n in names if n not in inputs]
+            extra = [n for n in inputs if n not in names]
             raise InputError(f"@{self.plan.function} inputs: missing {missing}, unknown {extra}")
         dims: dict = {}
         out = {}
         for name in names:
             b = self.plan.buffers[name]
-            want = f"tensor<[{', '.join(str(d) for d in b.shape)}], {b.dtype}>"
+            et, np_dtype = self._input_types[name]
             x = inputs[name]
+
+            def want() -> str:
+                return f"tensor<[{', '.join(str(d) for d in b.shape)}], {b.dtype}>"
             if not isinstance(x, np.ndarray):
                 try:
                     x = np.asarray(x)
                 except Exception as e:
-                    raise InputError(f"input %{name}: expected {want}, got "
+                    raise InputError(f"input %{name}: expected {want()}, got "
                                      f"{type(x).__name__} ({e})") from None
-            et = elem(b.dtype)
-            if x.dtype != et.np_dtype:
-                raise InputError(f"input %{name}: expected {want}, got dtype {x.dtype}")
+            if x.dtype != np_dtype:
+                raise InputError(f"input %{name}: expected {want()}, got dtype {x.dtype}")
             if x.ndim != len(b.shape):
-                raise InputError(f"input %{name}: expected {want}, got shape {x.shape}")
+                raise InputError(f"input %{name}: expected {want()}, got shape {x.shape}")
             for i, (d, n) in enumerate(zip(b.shape, x.shape)):
                 if isinstance(d, int) and d != n:
-                    raise InputError(f"input %{name}: expected {want}, got shape {x.shape}")
+                    raise InputError(f"input %{name}: expected {want()}, got shape {x.shape}")
                 if isinstance(d, str) and d != "?" and dims.setdefault(d, n) != n:
                     raise InputError(f"input %{name}: dim {i} is {d} = {dims[d]} in another "
                                      f"input, got {n} (shape {x.shape})")
@@ -307,7 +321,8 @@ class PlanExecutor:
                 lo, hi = et.int_range()
                 if x.min() < lo or x.max() > hi:
                     raise InputError(f"input %{name}: {b.dtype} codes must lie in [{lo}, {hi}]")
-            out[name] = aligned_array(x)  # a copy only when the caller's array is unaligned
+            # a copy only when a large input is unaligned (kernels read it in place)
+            out[name] = x if x.nbytes <= STAGE_BYTES else aligned_array(x)
         return out
 
     # -- running ---------------------------------------------------------------------------
@@ -396,15 +411,33 @@ class PlanExecutor:
         for index in steps:
             now.steps[index] = self._step_call(index, plan.steps[index], now)
         self._placement = now
-        calls = [now.steps[i][0] for i in self._call_steps]
-        patches = [p for i in self._call_steps for p in now.steps[i][1]]
-        if any(getattr(c, "native", None) for c in calls):
+        # the call list, the patches and the native tables: from the base's, at the positions
+        # of the steps called anew (a decode loop's token changes a few of a few hundred)
+        position = self._call_position
+        moved = [position[i] for i in steps]
+        if now.calls is None:
+            now.calls = [now.steps[i][0] for i in self._call_steps]
+            now.patches = {p: now.steps[i][1] for p, i in enumerate(self._call_steps)
+                           if now.steps[i][1]}
+        else:
+            for p in moved:
+                call, step_patches = now.steps[self._call_steps[p]]
+                now.calls[p] = call
+                if step_patches:
+                    now.patches[p] = step_patches
+                else:
+                    now.patches.pop(p, None)
+        patches = [x for p in sorted(now.patches) for x in now.patches[p]]
+        calls = now.calls
+        if now.batched is not None:
+            now.batched = now.batched.updated(calls, moved)
+            calls = now.batched.calls
+        elif any(getattr(c, "native", None) for c in calls):
             # runs of compiled CPU kernels: one call from Python each (not when profiling:
-            # the timed wrappers are not native); a run of the same calls as the last
-            # signature's keeps its table
-            from qcompiler.codegen.cpu.native_calls import batched
-            self._batched, previous = {}, self._batched
-            calls = batched(calls, previous, self._batched)
+            # the timed wrappers are not native)
+            from qcompiler.codegen.cpu.native_calls import Batched
+            now.batched = Batched(calls)
+            calls = now.batched.calls
         staged = now.staged
         staged_inputs = {n: staged[n] for n in plan.inputs if n in staged}
         staged_outputs = {n: a for n, a in staged.items() if n not in staged_inputs}

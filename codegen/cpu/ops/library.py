@@ -7,6 +7,7 @@ callable taking numpy arrays (operands, then results) that TVM wraps without cop
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
@@ -61,6 +62,19 @@ def _aligned(a: np.ndarray) -> bool:
     return a.ctypes.data % 64 == 0 and a.flags.c_contiguous
 
 
+def _tensor_if_aligned(a: np.ndarray):
+    """A tvm tensor viewing ``a`` when ``a`` is 64-byte aligned and C-contiguous, else None.
+    The address is read from the tensor: ``a.ctypes.data`` builds a ctypes object per access
+    (2.1 us on a Zen 4, against 0.5 us for the tensor and its ``data_ptr``), and a decode
+    loop wraps a few dozen arrays a token."""
+    import tvm_ffi
+
+    if not a.flags.c_contiguous:
+        return None
+    t = tvm_ffi.from_dlpack(a)
+    return t if t.data_ptr() % 64 == 0 else None
+
+
 class OpsLibrary:
     """The loaded library: ``lib[kernel_name](*operands, *results)``."""
 
@@ -70,6 +84,12 @@ class OpsLibrary:
 
         self.module = tvm.runtime.load_module(path)
         self._calls: dict = {}
+        self._functions: dict = {}
+        # arrays ``bind`` wrapped, by identity, least recently used first; an entry keeps its
+        # array, so the id is not reused while it is cached. A decode loop's new signature
+        # rebinds a few steps a token, and most of their arrays (weights, arena views that
+        # did not move) are the objects an earlier binding wrapped.
+        self._wrapped: OrderedDict = OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return self.module.implements_function(name) if hasattr(
@@ -80,10 +100,13 @@ class OpsLibrary:
 
     def function(self, name: str):
         """The raw TVM function (takes tvm tensors from ``wrap`` or numpy arrays)."""
-        try:
-            return self.module[name]
-        except Exception:
-            raise CPUBackendError(f"the op library has no kernel {name}") from None
+        fn = self._functions.get(name)
+        if fn is None:
+            try:
+                fn = self._functions[name] = self.module[name]
+            except Exception:
+                raise CPUBackendError(f"the op library has no kernel {name}") from None
+        return fn
 
     def __getitem__(self, name: str):
         """``call(*arrays)``: numpy operands then results, passed without copies.
@@ -107,7 +130,22 @@ class OpsLibrary:
         stay put, such as a plan's arena): the cheapest call from Python."""
         from qcompiler.codegen.cpu.native_calls import KernelCall
 
-        return KernelCall(self.function(name), [wrap(a) for a in arrays])
+        return KernelCall(self.function(name), [self._wrap_kept(a) for a in arrays])
+
+    WRAPPED_MAX = 4096  # arrays kept wrapped (``_wrapped``)
+
+    def _wrap_kept(self, a):
+        if not isinstance(a, np.ndarray):
+            return a
+        hit = self._wrapped.get(id(a))
+        if hit is not None:
+            self._wrapped.move_to_end(id(a))
+            return hit[1]
+        t = wrap(a)
+        self._wrapped[id(a)] = (a, t)
+        if len(self._wrapped) > self.WRAPPED_MAX:
+            self._wrapped.popitem(last=False)
+        return t
 
 
 def as_kernel_arg(a):
@@ -125,22 +163,23 @@ def wrap(a: np.ndarray):
     numpy's DLPack has no bool and no bfloat16: bool arrays go as uint8 (the kernels' bool
     buffers are uint8), bfloat16 ones as a uint16 tensor re-typed in place (aligned only).
     """
-    import tvm
-
     if not isinstance(a, np.ndarray):
         return a
     if a.size == 0:  # numpy's strides of a 0-size array are not "compact" to TVM: no data
+        import tvm
+
         return tvm.runtime.empty(a.shape, "uint8" if a.dtype == np.bool_ else str(a.dtype))
     if a.dtype == np.bool_ or a.dtype in NARROW_FLOATS:
         a = a.view(np.uint8)
     if a.dtype == BFLOAT16:
+        import tvm
+
         if not _aligned(a):
             raise CPUBackendError("bfloat16 arrays must be 64-byte aligned and contiguous to "
                                   "reach a CPU op kernel (codegen.cpu.runtime.aligned_empty)")
         return tvm.runtime.from_dlpack(a.view(np.uint16))._create_view(a.shape, "bfloat16")
-    if _aligned(a):
-        return tvm.runtime.from_dlpack(a)
-    return a
+    t = _tensor_if_aligned(a)
+    return a if t is None else t
 
 
 def aligned_like(shape, dtype) -> np.ndarray:
