@@ -29,6 +29,7 @@ PASSES: dict[str, object] = {
     "fuse-rmsnorm": "qcompiler.passes.fuse_rmsnorm:FuseRMSNormPass",
     "fuse-norm-qmatmul": "qcompiler.passes.fuse_norm_qmatmul:FuseNormQmatmulPass",
     "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGeluPass",
+    "unify-dims": "qcompiler.passes.unify_dims:UnifyDimsPass",
     "shard": "qcompiler.passes.shard:ShardPass",
     "fuse-epilogue": "qcompiler.passes.fuse_epilogue:FuseEpiloguePass",
     "fuse-elementwise": "qcompiler.passes.fuse_elementwise:FuseElementwisePass",

@@ -1,0 +1,186 @@
+"""unify-dims: one symbol per run-time dim that type inference proves the same.
+
+Exporters name every dim they cannot compute with a fresh symbol (``unk__7``), and the
+fusions keep the types they are given: a Llama decode step has an attention result
+``[batch, unk__7, H, D]`` whose inference gives ``[batch, seq, H, D]``, and 22 layers whose
+cache appends each return ``[batch, H, unk__n, D]`` for the same ``past + seq`` rows. Each
+such symbol is one more dim that the plan's shape functions must infer per input signature:
+a decode loop, whose signature changes every token, re-inferred ~90 nodes a token.
+
+After this pass:
+- a result dim held by a symbol where the op's inference gives another symbol is that
+  symbol, everywhere the first one appears (``unk__7`` is ``seq``);
+- nodes whose inference sees the same operand types, the same values of the operands it
+  reads and the same attributes it reads (a checked-only attribute such as a cache append's
+  ``layer`` aside) have the same result types: their symbols where inference gives ``?``
+  become the first such node's (the 22 cache appends share two symbols);
+- the function's argument symbols are never renamed (shape buckets and users name them),
+  and two of them proven equal stay two; ints are left to ``canonicalize``.
+
+Inference is a function of operand types, the operand values it reads and the attributes it
+reads, so both rules only name equal dims alike. Run it after the fusions, which make the
+ops whose inference knows more (attention, the cache appends).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.ir import Module
+from qcompiler.ir.core import constant_value
+from qcompiler.ir.ops import OPS, infer_types
+from qcompiler.pipeline import Pass, record_stat, register_pass
+
+
+class _Watched(list):
+    """Operand values handed to an inference, noting which it reads."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, i):
+        self.read.update(range(len(self))[i] if isinstance(i, slice) else [i % len(self)])
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        self.read.update(range(len(self)))
+        return super().__iter__()
+
+
+class _WatchedAttrs(dict):
+    """A node's attributes handed to an inference, noting which it reads."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, k):
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.read.add(k)
+        return super().__contains__(k)
+
+    def __iter__(self):
+        self.read.update(self.keys())
+        return super().__iter__()
+
+    def items(self):
+        self.read.update(self.keys())
+        return super().items()
+
+
+def _value_key(a) -> tuple:
+    a = np.asarray(a)
+    return (a.dtype.str, a.shape, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
+
+
+def _attr_key(v):
+    if isinstance(v, np.ndarray):
+        return _value_key(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_attr_key(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _attr_key(x)) for k, x in v.items()))
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return ("object", id(v))  # (a fused body: shared only by the nodes holding that object)
+
+
+class _Symbols:
+    """Union-find over dim symbols; a function argument's symbol is always its class's name."""
+
+    def __init__(self, fixed: set):
+        self.fixed = fixed
+        self.parent: dict = {}
+
+    def find(self, s):
+        if not isinstance(s, str) or s == "?":
+            return s
+        root = s
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while s != root:  # path compression
+            self.parent[s], s = root, self.parent[s]
+        return root
+
+    def union(self, a: str, b: str) -> bool:
+        """One class for ``a`` and ``b`` (False when they already were, or both are fixed)."""
+        a, b = self.find(a), self.find(b)
+        if a == b or (a in self.fixed and b in self.fixed):
+            return False
+        if a in self.fixed:
+            a, b = b, a
+        self.parent[a] = b  # b: fixed, or the symbol seen first
+        return True
+
+
+def unify(module: Module) -> int:
+    """Rename the symbols of ``module.main`` as the module docstring says; returns how many
+    symbols were merged into another."""
+    fn = module.main
+    fixed = {d for a in fn.args for d in a.type.shape if isinstance(d, str) and d != "?"}
+    symbols = _Symbols(fixed)
+    merged = 0
+    seen: dict = {}  # congruence key -> the first node's result shapes
+
+    def shape_of(v):
+        return tuple(symbols.find(d) for d in v.type.shape)
+
+    for node in fn.nodes:
+        if node.op == "constant" or node.op not in OPS or all(r.type.is_static
+                                                              for r in node.results):
+            continue
+        operands = [None if v is None else v.type.with_shape(shape_of(v))
+                    for v in node.operands]
+        consts = _Watched([constant_value(module, v) if v is not None and v.producer is not None
+                           and v.producer.op == "constant" else None for v in node.operands])
+        attrs = _WatchedAttrs(node.attrs)
+        try:
+            inferred = infer_types(node.op, operands, attrs, consts)
+        except Exception:  # the verifier names real errors; this only renames
+            continue
+        if not inferred or len(inferred) != len(node.results):
+            continue
+        checked = OPS[node.op].checked_attrs
+        read_attrs = sorted(k for k in attrs.read if k not in checked and k in node.attrs)
+        key = (node.op,
+               tuple(None if t is None else (t.shape, str(t.dtype)) for t in operands),
+               tuple((i, _value_key(consts[i])) for i in sorted(consts.read)
+                     if list.__getitem__(consts, i) is not None),
+               tuple((k, _attr_key(node.attrs[k])) for k in read_attrs))
+        first = seen.setdefault(key, [shape_of(r) for r in node.results])
+        for r, t, same in zip(node.results, inferred, first):
+            if t is None or t.rank != r.type.rank:
+                continue
+            for declared, got, other in zip(shape_of(r), t.shape, same):
+                if not isinstance(declared, str) or declared == "?":
+                    continue
+                if isinstance(got, str) and got != "?":
+                    merged += symbols.union(declared, got)
+                elif got == "?" and isinstance(other, str) and other != "?":
+                    merged += symbols.union(declared, other)
+    if merged:
+        for v in list(fn.args) + [r for n in fn.nodes for r in n.results]:
+            shape = shape_of(v)
+            if shape != tuple(v.type.shape):
+                v.type = v.type.with_shape(shape)
+    return merged
+
+
+@register_pass("unify-dims")
+@dataclass
+class UnifyDimsPass(Pass):
+    """Symbols that type inference proves equal become one (fewer dims to infer per run)."""
+
+    def run(self, module: Module) -> Module:
+        record_stat(module, self.name, merged=unify(module))
+        return module
