@@ -683,9 +683,11 @@ class CudaPlanRunner:
             entries = now.entries = dict(base.entries)
             changed = self._dependencies.changed(resolved.inputs, base.inputs)
             moved = {n for n in self._reshaped(changed) if shape_of.get(n) != base.shape.get(n)}
-            moved.update(n for n in self._direct if ptr.get(n) != base.ptr.get(n))
+            relocated = [n for n in self._direct if ptr.get(n) != base.ptr.get(n)]
+            moved.update(relocated)
             rebuild = sorted({i for n in moved for i in self._steps_of.get(n, ())})
-            reshaped = self._reshape_last(base, sig, now, moved, rebuild, bound)
+            reshaped = None if relocated else self._reshape_last(base, sig, now, moved,
+                                                                 rebuild, bound)
             if reshaped is not None:
                 return reshaped
         for i in rebuild:
@@ -717,8 +719,8 @@ class CudaPlanRunner:
         # the one it was prepared from, may share the rest)
         if (not self.reshape_in_place or bound or last is None or last.bound
                 or last.uses > 1 or last.collectives or not base.fresh.issuperset(rebuild)
-                or any(item[0] == "launch" and item[3] is not None for item in last.program)
-                or any(now.ptr.get(n) != base.ptr.get(n) for n in self._direct)):
+                or any(item[0] == "launch" and item[3] is not None for item in last.program)):
+            # (called only when no input, output or host value moved: ``_prepare``)
             return None
         plan, itemsize = self.plan, self._itemsizes
         ptr, shape_of = now.ptr, now.shape
@@ -747,9 +749,12 @@ class CudaPlanRunner:
                       ([span(n) for n in names], [span(n) for n in outs], solo), label)
             entries[i] = ([launch], ws, 0)
             changed[first_launch[i]] = (launch, flat)
-        op_ws = max((e[1] for e in entries.values()), default=0)
-        if op_ws != max((e[1] for e in base.entries.values()), default=0):
-            return None  # the workspace slots (and every op row's address) would change
+        # the op workspace is the largest launch's: unchanged when no rebuilt launch's is
+        # (else counted again over every step)
+        if any(entries[i][1] != base.entries[i][1] for i in rebuild):
+            op_ws = max((e[1] for e in entries.values()), default=0)
+            if op_ws != max((e[1] for e in base.entries.values()), default=0):
+                return None  # the workspace slots (and every op row's address) would change
         launches = list(base.launches)
         for j, (launch, _) in changed.items():
             launches[j] = launch
