@@ -282,9 +282,10 @@ class PlanExecutor:
 
     # -- inputs ----------------------------------------------------------------------------
     def check_inputs(self, inputs) -> dict:
-        """Contiguous arrays by input name; InputError naming the input for anything wrong.
-        Inputs of at most ``STAGE_BYTES`` are returned as given (a run copies them into their
-        staged buffers); larger ones 64-byte aligned (a copy only where they are not)."""
+        """The inputs by name; InputError naming the input for anything wrong. Inputs of
+        at most ``STAGE_BYTES`` are returned as given (a run copies them into their
+        staged buffers); larger ones contiguous and 64-byte aligned (a copy only where they
+        are not)."""
         if not isinstance(inputs, dict):
             raise InputError(f"inputs must be a dict {{name: array}}, got {type(inputs).__name__}")
         names = self.plan.inputs
