@@ -250,7 +250,9 @@ def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode, in_place
     sequence = [(8, 1, False), (9, 1, False), (10, 1, False), (11, 1, False), (40, 1, False),
                 (41, 1, False), (41, 1, True), (41, 1, False), (41, 5, False), (46, 1, False),
                 (12, 1, False)]
+    scratch = None
     for past, seq, bind in sequence:
+        previous = scratch
         shapes = {n: a.shape for n, a in feeds(past, seq).items()}
         bound = {n: 0xB0000 + 0x1000 * i for i, n in enumerate(shapes)} if bind else None
         built.clear()
@@ -275,6 +277,8 @@ def test_a_new_signature_is_the_one_prepared_from_scratch(llama_decode, in_place
             # the cache appends (qkv_heads), attention and the cache casts: not the GEMVs
             assert 0 < len(rebuilt) < (len(built) - len(rebuilt)) // 2, (past, rebuilt)
             assert "attention" in rebuilt and "qmatmul" not in rebuilt
+            # no host value reads the cache length: the last block serves as it is
+            assert incremental.host_block is previous.host_block, past
 
 
 def test_a_reshaped_step_uploads_its_host_values_only_when_they_changed(llama_decode):
