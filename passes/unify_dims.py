@@ -10,16 +10,21 @@ a decode loop, whose signature changes every token, re-inferred ~90 nodes a toke
 After this pass:
 - a result dim held by a symbol where the op's inference gives another symbol is that
   symbol, everywhere the first one appears (``unk__7`` is ``seq``);
-- nodes whose inference sees the same operand types, the same values of the operands it
-  reads and the same attributes it reads (a checked-only attribute such as a cache append's
-  ``layer`` aside) have the same result types: their symbols where inference gives ``?``
-  become the first such node's (the 22 cache appends share two symbols);
+- nodes whose inference sees the same operand types, the same operands it reads (equal
+  constants, or the very same computed value) and the same attributes it reads (a
+  checked-only attribute such as a cache append's ``layer`` aside) have the same result
+  types: their symbols where inference gives ``?`` become the first such node's (the 22
+  cache appends share one), when that ``?`` is a function of the shapes (inference gives
+  an int once the symbols have values: ``p + s``) or of the computed values it read; a
+  count that depends on data inference does not see (NonZero's) keeps its symbol;
 - the function's argument symbols are never renamed (shape buckets and users name them),
   and two of them proven equal stay two; ints are left to ``canonicalize``.
 
 Inference is a function of operand types, the operand values it reads and the attributes it
-reads, so both rules only name equal dims alike. Run it after the fusions, which make the
-ops whose inference knows more (attention, the cache appends).
+reads, so both rules only name equal dims alike (and the plan's shape functions still check
+every binding at run time: a symbol bound to two sizes is an error, never a wrong result).
+Run it after the fusions, which make the ops whose inference knows more (attention, the
+cache appends).
 """
 from __future__ import annotations
 
@@ -123,6 +128,27 @@ class _Symbols:
         return True
 
 
+def _sized_by_shapes(node, operands: list, consts: list, read_computed: bool) -> list:
+    """Per result of ``node``, per dim: whether inference computes it once the operands'
+    symbols have values (each symbol a distinct odd number): a dim such as a concat's ``p +
+    s``. A dim that stays unknown then depends on data: on computed values the inference
+    read (``read_computed``: a range's limit; then all True, those values are in the
+    congruence key) or on data it cannot see (a NonZero's count), which equal operand types
+    do not make equal: no congruence for it."""
+    if read_computed:
+        return [[True] * r.type.rank for r in node.results]
+    names: dict = {}
+    concrete = [None if t is None else t.with_shape(tuple(
+        names.setdefault(d, 5 + 2 * len(names)) if isinstance(d, str) else d
+        for d in t.shape)) for t in operands]
+    try:
+        inferred = infer_types(node.op, concrete, node.attrs, list(consts))
+    except Exception:  # (the values chosen may break an op's constraint: no congruence)
+        inferred = None
+    return [[isinstance(d, int) for d in t.shape] if t is not None else [False] * r.type.rank
+            for r, t in zip(node.results, inferred or [None] * len(node.results))]
+
+
 def unify(module: Module) -> int:
     """Rename the symbols of ``module.main`` as the module docstring says; returns how many
     symbols were merged into another."""
@@ -154,19 +180,28 @@ def unify(module: Module) -> int:
         read_attrs = sorted(k for k in attrs.read if k not in checked and k in node.attrs)
         key = (node.op,
                tuple(None if t is None else (t.shape, str(t.dtype)) for t in operands),
-               tuple((i, _value_key(consts[i])) for i in sorted(consts.read)
-                     if list.__getitem__(consts, i) is not None),
+               # an operand whose value the inference read: its value when it is a
+               # constant, else the value itself (the same SSA value: the same numbers)
+               tuple((i, ("value", node.operands[i].name) if c is None else _value_key(c))
+                     for i in sorted(consts.read)
+                     if (c := list.__getitem__(consts, i)) is not None
+                     or node.operands[i] is not None),
                tuple((k, _attr_key(node.attrs[k])) for k in read_attrs))
         first = seen.setdefault(key, [shape_of(r) for r in node.results])
-        for r, t, same in zip(node.results, inferred, first):
+        # a dim inference leaves unknown is the same for congruent nodes when it is a
+        # function of the shapes, or of computed values the inference read (in the key)
+        read_computed = any(list.__getitem__(consts, i) is None and node.operands[i] is not None
+                            for i in consts.read)
+        sized = _sized_by_shapes(node, operands, consts, read_computed)
+        for r, t, same, by_shapes in zip(node.results, inferred, first, sized):
             if t is None or t.rank != r.type.rank:
                 continue
-            for declared, got, other in zip(shape_of(r), t.shape, same):
+            for declared, got, other, known in zip(shape_of(r), t.shape, same, by_shapes):
                 if not isinstance(declared, str) or declared == "?":
                     continue
                 if isinstance(got, str) and got != "?":
                     merged += symbols.union(declared, got)
-                elif got == "?" and isinstance(other, str) and other != "?":
+                elif got == "?" and known and isinstance(other, str) and other != "?":
                     merged += symbols.union(declared, other)
     if merged:
         for v in list(fn.args) + [r for n in fn.nodes for r in n.results]:

@@ -166,7 +166,7 @@ def test_cuda_pipeline_option_and_the_step_table(llama):
 
     path = llama[0]
     pipeline = get_target("cuda-sm80").default_pipeline
-    assert "fuse-gate-up,fuse-norm-qmatmul{enable=0},reorder-weights" in pipeline
+    assert "fuse-gate-up,fuse-norm-qmatmul{enable=0},unify-dims,reorder-weights" in pipeline
     spec = "canonicalize,quantize-weights{bits=4,group=32}," + pipeline.replace(
         "fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
     def table(spec):

@@ -127,3 +127,45 @@ def test_a_llama_decode_step_infers_only_the_cache_length_per_token(tmp_path):
         unbound[name] = deps.affected(frozenset({past}))[1]
     # per cache (k, v) one symbol, whatever the number of layers
     assert len(unbound["unified"]) <= 2 < len(unbound["before"])
+
+
+def test_results_of_different_computed_values_keep_their_symbols():
+    """Two ranges over limits computed at run time (x's rows, and one more) have the same
+    operand types, but their inference reads the limits' values, which no constant holds:
+    they stay apart; a third range over the very same limit value shares the first's."""
+    src = """module @m {
+  func @main(%x: tensor<[n, 16], f32>) -> ("r1": tensor<[u1], i64>, "r2": tensor<[u2], i64>, "r3": tensor<[u3], i64>) {
+    %zero = constant() {value = 0} : tensor<[], i64>
+    %one = constant() {value = 1} : tensor<[], i64>
+    %s = shape(%x) {start = 0, end = 1} : tensor<[1], i64>
+    %rows = squeeze(%s) {axes = [0]} : tensor<[], i64>
+    %more = add(%rows, %one) : tensor<[], i64>
+    %r1 = range(%zero, %rows, %one) : tensor<[u1], i64>
+    %r2 = range(%zero, %more, %one) : tensor<[u2], i64>
+    %r3 = range(%zero, %rows, %one) : tensor<[u3], i64>
+    return %r1, %r2, %r3
+  }
+}
+"""
+    module = parse_module(src)
+    unify(module)
+    dims = _dims(module)
+    assert dims["r1"] == dims["r3"] != dims["r2"]
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    got = reference.run(module, {"x": x})
+    assert [len(got[k]) for k in ("r1", "r2", "r3")] == [5, 6, 5]
+
+
+def test_data_dependent_counts_keep_their_symbols():
+    """Two NonZero of inputs of one type: inference gives ``?`` for the counts whatever the
+    shapes (they depend on the data, which it does not read), so the two stay apart."""
+    module = parse_module("""module @m {
+  func @main(%x: tensor<[n, 4], f32>, %y: tensor<[n, 4], f32>) -> ("a": tensor<[2, u1], i64>, "b": tensor<[2, u2], i64>) {
+    %a = nonzero(%x) : tensor<[2, u1], i64>
+    %b = nonzero(%y) : tensor<[2, u2], i64>
+    return %a, %b
+  }
+}
+""")
+    assert unify(module) == 0
+    assert _dims(module) == {"a": (2, "u1"), "b": (2, "u2")}

@@ -739,14 +739,17 @@ class CudaPlanRunner:
             if operands is None or len(old[0]) != 1:
                 return None
             symbol, names, outs = operands
-            (kind, fn, parr, sarr, _), (_, _, solo), label = old[0][0]
+            (kind, fn, parr, sarr, _), (reads, writes, solo), label = old[0][0]
             dims = [shape_of[n] for n in names + outs]
             flat = [v for d in dims for v in d] or [0]
             if kind != "op" or len(flat) != len(sarr):
                 return None
             ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat))
+            # byte ranges: the last ones where the buffer kept its shape (no buffer moved)
             launch = ((kind, fn, parr, sarr, ws),
-                      ([span(n) for n in names], [span(n) for n in outs], solo), label)
+                      ([span(n) if n in moved else r for n, r in zip(names, reads)],
+                       [span(n) if n in moved else w for n, w in zip(outs, writes)], solo),
+                      label)
             entries[i] = ([launch], ws, 0)
             changed[first_launch[i]] = (launch, flat)
         # the op workspace is the largest launch's: unchanged when no rebuilt launch's is
