@@ -35,52 +35,8 @@ import numpy as np
 
 from qcompiler.ir import Module
 from qcompiler.ir.core import constant_value
-from qcompiler.ir.ops import OPS, infer_types
+from qcompiler.ir.ops import OPS, WatchedAttributes, WatchedOperands, infer_types
 from qcompiler.pipeline import Pass, record_stat, register_pass
-
-
-class _Watched(list):
-    """Operand values handed to an inference, noting which it reads."""
-
-    def __init__(self, items):
-        super().__init__(items)
-        self.read: set = set()
-
-    def __getitem__(self, i):
-        self.read.update(range(len(self))[i] if isinstance(i, slice) else [i % len(self)])
-        return super().__getitem__(i)
-
-    def __iter__(self):
-        self.read.update(range(len(self)))
-        return super().__iter__()
-
-
-class _WatchedAttrs(dict):
-    """A node's attributes handed to an inference, noting which it reads."""
-
-    def __init__(self, items):
-        super().__init__(items)
-        self.read: set = set()
-
-    def __getitem__(self, k):
-        self.read.add(k)
-        return super().__getitem__(k)
-
-    def get(self, k, default=None):
-        self.read.add(k)
-        return super().get(k, default)
-
-    def __contains__(self, k):
-        self.read.add(k)
-        return super().__contains__(k)
-
-    def __iter__(self):
-        self.read.update(self.keys())
-        return super().__iter__()
-
-    def items(self):
-        self.read.update(self.keys())
-        return super().items()
 
 
 def _value_key(a) -> tuple:
@@ -142,7 +98,7 @@ def _sized_by_shapes(node, operands: list, consts: list, read_computed: bool) ->
         names.setdefault(d, 5 + 2 * len(names)) if isinstance(d, str) else d
         for d in t.shape)) for t in operands]
     try:
-        inferred = infer_types(node.op, concrete, node.attrs, list(consts))
+        inferred = infer_types(node.op, concrete, node.attrs, consts)
     except Exception:  # (the values chosen may break an op's constraint: no congruence)
         inferred = None
     return [[isinstance(d, int) for d in t.shape] if t is not None else [False] * r.type.rank
@@ -167,9 +123,10 @@ def unify(module: Module) -> int:
             continue
         operands = [None if v is None else v.type.with_shape(shape_of(v))
                     for v in node.operands]
-        consts = _Watched([constant_value(module, v) if v is not None and v.producer is not None
-                           and v.producer.op == "constant" else None for v in node.operands])
-        attrs = _WatchedAttrs(node.attrs)
+        values = [constant_value(module, v) if v is not None and v.producer is not None
+                  and v.producer.op == "constant" else None for v in node.operands]
+        consts = WatchedOperands(values)
+        attrs = WatchedAttributes(node.attrs)
         try:
             inferred = infer_types(node.op, operands, attrs, consts)
         except Exception:  # the verifier names real errors; this only renames
@@ -184,15 +141,15 @@ def unify(module: Module) -> int:
                # constant, else the value itself (the same SSA value: the same numbers)
                tuple((i, ("value", node.operands[i].name) if c is None else _value_key(c))
                      for i in sorted(consts.read)
-                     if (c := list.__getitem__(consts, i)) is not None
+                     if (c := values[i]) is not None
                      or node.operands[i] is not None),
                tuple((k, _attr_key(node.attrs[k])) for k in read_attrs))
         first = seen.setdefault(key, [shape_of(r) for r in node.results])
         # a dim inference leaves unknown is the same for congruent nodes when it is a
         # function of the shapes, or of computed values the inference read (in the key)
-        read_computed = any(list.__getitem__(consts, i) is None and node.operands[i] is not None
+        read_computed = any(values[i] is None and node.operands[i] is not None
                             for i in consts.read)
-        sized = _sized_by_shapes(node, operands, consts, read_computed)
+        sized = _sized_by_shapes(node, operands, values, read_computed)
         for r, t, same, by_shapes in zip(node.results, inferred, first, sized):
             if t is None or t.rank != r.type.rank:
                 continue

@@ -1469,6 +1469,68 @@ def infer_types(op: str, types: list, attrs: dict, consts: list) -> Optional[lis
     return opdef.infer(types, attrs, consts)
 
 
+class WatchedOperands(list):
+    """The known operand arrays handed to a type inference, noting which ones it reads (the
+    plan's shape memo and ``unify-dims``: what an inference read is what its result depends
+    on)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, i):
+        self.read.update(range(len(self))[i] if isinstance(i, slice) else [i % len(self)])
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        self.read.update(range(len(self)))
+        return super().__iter__()
+
+
+class WatchedAttributes(dict):
+    """A node's attributes handed to a type inference, noting which ones it reads (any
+    iteration reads them all)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, k):
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.read.add(k)
+        return super().__contains__(k)
+
+    def __iter__(self):
+        self.read.update(super().keys())
+        return super().__iter__()
+
+    def keys(self):
+        self.read.update(super().keys())
+        return super().keys()
+
+    def items(self):
+        self.read.update(super().keys())
+        return super().items()
+
+    def values(self):
+        self.read.update(super().keys())
+        return super().values()
+
+    def copy(self):  # (dict's own copy and | would not go through the methods above)
+        self.read.update(super().keys())
+        return dict(super().items())
+
+    def __or__(self, other):
+        return self.copy() | other
+
+
 def elem_type(name) -> ElementType:
     return elem(name)
 

@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from qcompiler.ir import Module, TensorType, infer_types
-from qcompiler.ir.ops import OPS
+from qcompiler.ir.ops import OPS, WatchedAttributes, WatchedOperands
 from qcompiler.ir.core import constant_value
 from qcompiler.plan.plan import Plan, PlanError
 
@@ -372,66 +372,6 @@ def _eval_host(node, module, shapes, arrays, host, dims, constants, op_impls,
         shapes[r.name] = tuple(y.shape)
 
 
-class _WatchedOperands(list):
-    """The known operand arrays handed to a type inference, noting which ones it reads."""
-
-    def __init__(self, items):
-        super().__init__(items)
-        self.read: set = set()
-
-    def __getitem__(self, i):
-        self.read.update(range(len(self))[i] if isinstance(i, slice) else [i % len(self)])
-        return super().__getitem__(i)
-
-    def __iter__(self):
-        self.read.update(range(len(self)))
-        return super().__iter__()
-
-
-class _WatchedAttributes(dict):
-    """A node's attributes handed to a type inference, noting which ones it reads (any
-    iteration reads them all)."""
-
-    def __init__(self, items):
-        super().__init__(items)
-        self.read: set = set()
-
-    def __getitem__(self, k):
-        self.read.add(k)
-        return super().__getitem__(k)
-
-    def get(self, k, default=None):
-        self.read.add(k)
-        return super().get(k, default)
-
-    def __contains__(self, k):
-        self.read.add(k)
-        return super().__contains__(k)
-
-    def __iter__(self):
-        self.read.update(super().keys())
-        return super().__iter__()
-
-    def keys(self):
-        self.read.update(super().keys())
-        return super().keys()
-
-    def items(self):
-        self.read.update(super().keys())
-        return super().items()
-
-    def values(self):
-        self.read.update(super().keys())
-        return super().values()
-
-    def copy(self):  # (dict's own copy and | would not go through the methods above)
-        self.read.update(super().keys())
-        return dict(super().items())
-
-    def __or__(self, other):
-        return self.copy() | other
-
-
 _ABSENT = ("absent",)  # an attribute an inference looked for and the node does not have
 
 
@@ -470,7 +410,7 @@ def _infer(node, shapes, arrays, dims, todo, memo: _Memo) -> None:
         types = [None if v is None else TensorType(shapes[v.name], v.type.dtype, v.type.quant,
                                                    v.type.layout)
                  for v in node.operands]
-        watched, attrs = _WatchedOperands(consts), _WatchedAttributes(node.attrs)
+        watched, attrs = WatchedOperands(consts), WatchedAttributes(node.attrs)
         try:
             inferred = infer_types(node.op, types, attrs, watched)
         except Exception as e:
