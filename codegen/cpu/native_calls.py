@@ -129,11 +129,17 @@ def why_not() -> Optional[str]:
     return _why_not
 
 
+_tensor_type = None  # tvm_ffi.Tensor, imported on first use
+
+
 def _packed(arg) -> Optional[tuple]:
     """(type index, value) of an argument the C loop can pass as Python would, else None."""
-    import tvm_ffi
+    global _tensor_type
+    if _tensor_type is None:
+        import tvm_ffi
 
-    if isinstance(arg, tvm_ffi.Tensor):
+        _tensor_type = tvm_ffi.Tensor
+    if isinstance(arg, _tensor_type):
         return TYPE_TENSOR, arg.__chandle__()
     if isinstance(arg, int) and not isinstance(arg, bool) and -2 ** 63 <= arg < 2 ** 63:
         return TYPE_INT, arg & (2 ** 64 - 1)
@@ -152,6 +158,7 @@ class KernelCall:
     def __init__(self, fn, args):
         self.fn, self.args = fn, tuple(args)
         self._native = _UNKNOWN
+        self._packed = None  # per argument (type index, value), once ``native`` looked
         self._entry = None
 
     def __call__(self) -> None:
@@ -161,13 +168,18 @@ class KernelCall:
     def native(self) -> Optional[list]:
         """[self] when every argument is a tvm tensor or an integer, else None."""
         if self._native is _UNKNOWN:
-            self._native = [self] if all(_packed(a) is not None for a in self.args) else None
+            packed = [_packed(a) for a in self.args]
+            self._native = None if None in packed else [self]
+            self._packed = packed
         return self._native
 
     def entry(self) -> "_Call":
         """Its entry of a ``NativeCalls`` table (the packed arguments kept here)."""
         if self._entry is None:
-            packed = [_packed(a) for a in self.args]
+            if self.native is None:
+                raise ValueError("a kernel call with arguments other than tensors and "
+                                 "integers has no entry in a native table")
+            packed = self._packed
             # one struct.pack of every (type index, padding, value) rather than a ctypes
             # structure per argument (a decode loop packs a few calls a token)
             flat = [x for t, v in packed for x in (t, 0, v)] or [0, 0, 0]
