@@ -389,6 +389,33 @@ def test_every_node_renders_and_duplicates_share_a_kernel():
         assert text.count(f'extern "C" int {symbol}(') == 1, symbol
 
 
+def test_only_attention_and_qconv_size_a_workspace_from_the_shapes():
+    """Every op kernel but attention's and qconv's answers 0 for its workspace whatever the
+    shapes (its template's ``_workspace_bytes`` returns 0, directly or through the shared
+    kernel of a launch-constant entry point), which ``CudaOpsLibrary.workspace_bytes`` reads
+    from the symbol instead of calling the library (a decode loop asks per changed launch)."""
+    import re
+
+    from qcompiler.codegen.cuda.ops.kernel import SHAPE_WORKSPACE_OPS
+
+    g = _make_graph()
+    seen = set()
+    for node in _all_nodes(g):
+        symbol, text = kernel_source(node, g.module)
+        seen.add(node.op)
+        depends = node.op in SHAPE_WORKSPACE_OPS
+        assert CudaOpsLibrary.shape_workspace(symbol) == depends, (node.op, symbol)
+        if depends:
+            continue
+        shared = re.search(rf"{symbol}_workspace_bytes\(const int64_t\* shapes\) \{{\n"
+                           rf"  return (\w+)_workspace_bytes\(shapes\);", text)
+        base = shared.group(1) if shared else symbol
+        assert f"{base}_workspace_bytes(const int64_t* shapes) {{ return 0; }}" in text, \
+            (node.op, symbol)
+    assert {"attention", "qkv_heads", "add", "softmax", "concat"} <= seen
+    assert CudaOpsLibrary.shape_workspace("a_symbol_of_another_form")  # asked: unknown
+
+
 def test_layers_share_one_kernel_with_their_layer_at_launch():
     """qkv_heads of different layers (the layer: a launch constant) are one kernel in the
     library, each layer an entry point passing its own index."""

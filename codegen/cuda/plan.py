@@ -722,6 +722,8 @@ class CudaPlanRunner:
                 or any(item[0] == "launch" and item[3] is not None for item in last.program)):
             # (called only when no input, output or host value moved: ``_prepare``)
             return None
+        from qcompiler.codegen.cuda.ops.library import CudaOpsLibrary
+
         plan, itemsize = self.plan, self._itemsizes
         ptr, shape_of = now.ptr, now.shape
         entries = dict(base.entries)
@@ -744,7 +746,9 @@ class CudaPlanRunner:
             flat = [v for d in dims for v in d] or [0]
             if kind != "op" or len(flat) != len(sarr):
                 return None
-            ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat))
+            # (only attention's and qconv's depend on the shapes: no array, no call for the rest)
+            ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat)) \
+                if CudaOpsLibrary.shape_workspace(symbol) else 0
             # byte ranges: the last ones where the buffer kept its shape (no buffer moved)
             launch = ((kind, fn, parr, sarr, ws),
                       ([span(n) if n in moved else r for n, r in zip(names, reads)],

@@ -33,6 +33,11 @@ SUPPORTED_OPS = frozenset(ELEMENTWISE_OPS + FLAT_COPY_OPS + (
     "reduce_sum", "reduce_l2", "transpose", "concat", "split", "slice", "gather", "matmul",
     "attention", "rotary_embedding", "kv_concat", "qkv_heads", "qconv", "pool", "quantize",
     "dequantize", "conv", "pad"))
+# The ops whose kernels size their workspace from the run-time shapes (attention: the split-KV
+# partials; qconv: its split-K partials). Every other op's template answers 0 for any shape,
+# so a plan need not ask its library again when only shapes change (``CudaOpsLibrary``;
+# tests/test_cuda_ops.py checks the generated sources).
+SHAPE_WORKSPACE_OPS = frozenset({"attention", "qconv"})
 MAX_RANK = 8
 NAME = "__QC_SYMBOL__"  # the symbol's place while the source is hashed
 
@@ -729,4 +734,4 @@ def _attention(node: Node) -> str:
                    **{k2: tiles[k2] for k2 in ("warps", "rows", "bn", "kpad")})
 
 
-__all__ = ["kernel_source", "SUPPORTED_OPS", "node_label"]
+__all__ = ["kernel_source", "SUPPORTED_OPS", "SHAPE_WORKSPACE_OPS", "node_label"]

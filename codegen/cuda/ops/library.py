@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from typing import Iterable, Optional
 
 import numpy as np
@@ -88,6 +89,8 @@ def library_path(out_dir: str) -> str:
 
 
 c_void_p, c_int64 = ctypes.c_void_p, ctypes.c_int64
+# an op kernel's symbol (kernel_source): qc_cu_<op>_<12 hex digits>[_<launch constants>]
+_SYMBOL = re.compile(r"qc_cu_([a-z0-9_]+?)_[0-9a-f]{12}(?:_[0-9m_]+)?$")
 
 
 class CudaOpsLibrary:
@@ -119,13 +122,29 @@ class CudaOpsLibrary:
         return fns
 
     @staticmethod
+    def shape_workspace(symbol: str) -> bool:
+        """Whether ``symbol``'s workspace depends on the shapes (``SHAPE_WORKSPACE_OPS``); a
+        symbol not of the ``qc_cu_<op>_<digest>`` form is asked (True)."""
+        from qcompiler.codegen.cuda.ops.kernel import SHAPE_WORKSPACE_OPS, SUPPORTED_OPS
+
+        named = _SYMBOL.match(symbol)
+        if named is None:
+            return True
+        op = named.group(1)
+        return op in SHAPE_WORKSPACE_OPS or op not in SUPPORTED_OPS
+
+    @staticmethod
     def _arrays(ptrs: list, shapes: list):
         flat = [int(d) for s in shapes for d in s]
         return (c_void_p * len(ptrs))(*ptrs), (c_int64 * max(len(flat), 1))(*flat)
 
     def workspace_bytes(self, symbol: str, shapes: list, flat=None) -> int:
         """The workspace ``symbol`` needs for operands and results of ``shapes``; ``flat``:
-        those shapes already as the kernel's c_int64 array (a plan's table row has it)."""
+        those shapes already as the kernel's c_int64 array (a plan's table row has it). 0
+        without a call for a kernel whose op sizes no workspace from the shapes (the symbol
+        names its op: ``qc_cu_<op>_<digest>``)."""
+        if not self.shape_workspace(symbol):
+            return 0
         _, ws = self._fn(symbol)
         return int(ws(self._arrays([], shapes)[1] if flat is None else flat))
 
