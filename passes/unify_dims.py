@@ -136,7 +136,7 @@ def unify(module: Module) -> int:
         checked = OPS[node.op].checked_attrs
         read_attrs = sorted(k for k in attrs.read if k not in checked and k in node.attrs)
         key = (node.op,
-               tuple(None if t is None else (t.shape, str(t.dtype)) for t in operands),
+               tuple(None if t is None else str(t) for t in operands),  # + quant, layout
                # an operand whose value the inference read: its value when it is a
                # constant, else the value itself (the same SSA value: the same numbers)
                tuple((i, ("value", node.operands[i].name) if c is None else _value_key(c))

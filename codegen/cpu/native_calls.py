@@ -260,8 +260,8 @@ class Batched:
 
     def __init__(self, source: list):
         self.source = list(source)
-        # per segment: [first position, end position, its callable, per call of a run the
-        # index of its first KernelCall in the run's table (None for a lone call)]
+        # per segment: (first position, end position, its callable, per call of a run the
+        # index of its first KernelCall in the run's table, or None for a lone call)
         self.segments: list = []
         self._segment_of: list = []  # position -> index of its segment
         if not available():
