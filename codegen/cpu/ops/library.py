@@ -132,7 +132,10 @@ class OpsLibrary:
 
         return KernelCall(self.function(name), [self._wrap_kept(a) for a in arrays])
 
-    WRAPPED_MAX = 4096  # arrays kept wrapped (``_wrapped``)
+    # Arrays kept wrapped (``_wrapped``): a few tokens' worth of a 22-layer decode step's
+    # rebindings (~300 arrays a token). An entry keeps its array, and through it the arena it
+    # views, alive: a small bound keeps that to an arena or two past the executor's own.
+    WRAPPED_MAX = 1024
 
     def _wrap_kept(self, a):
         if not isinstance(a, np.ndarray):
