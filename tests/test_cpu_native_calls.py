@@ -149,3 +149,24 @@ def test_a_new_signature_patches_the_tables_of_the_runs_it_changed(tmp_path, mon
     third = first.updated([k[0], py, py, k[2], k[3]], [1])
     assert third.calls[0] is k[0] and third.calls[1] is py and third.calls[2] is py
     assert isinstance(third.calls[3], nc.NativeCalls) and third.calls[3].calls == [k[2], k[3]]
+
+
+def test_bind_wraps_an_array_once_and_keeps_a_bounded_few(tmp_path, monkeypatch):
+    """``OpsLibrary.bind`` wraps an array it has wrapped before with the same tensor (a decode
+    loop rebinds steps over the same weights and arena views every token), and keeps at most
+    ``WRAPPED_MAX`` arrays (each entry keeps its array's memory alive)."""
+    from qcompiler.plan.executor import aligned_empty
+
+    _compile(tmp_path, monkeypatch, "1")
+    lib = next(o for o in gc.get_objects() if type(o).__name__ == "OpsLibrary")
+    a = aligned_empty(256).view(np.float32)
+    first = lib._wrap_kept(a)
+    assert lib._wrap_kept(a) is first and first.data_ptr() == a.ctypes.data
+    monkeypatch.setattr(lib, "WRAPPED_MAX", 3)
+    others = [aligned_empty(256).view(np.float32) for _ in range(4)]
+    for o in others:
+        lib._wrap_kept(o)
+    assert len(lib._wrapped) <= 3 and id(a) not in lib._wrapped
+    assert lib._wrap_kept(a) is not first  # evicted: wrapped again
+    unaligned = aligned_empty(260)[4:].view(np.float32)
+    assert lib._wrap_kept(unaligned) is unaligned  # TVM reads it through DLPack as it is
