@@ -143,6 +143,7 @@ def cpu_loop(tokens: int, work: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from qcompiler.codegen.cpu.host import host_cpu
     from qcompiler.tuning.device import cpu_name
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
         rows.append(row)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     doc = {"benchmark": "bench_decode_host", "date": stamp.isoformat(timespec="seconds"),
-           "device": {"cpu": cpu_name(), "cores": os.cpu_count()},
+           "device": {"cpu": cpu_name(), "llvm_mcpu": host_cpu()["mcpu"],
+                      "isa": host_cpu().get("features"), "cores": os.cpu_count()},
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode-host-{stamp.strftime('%Y%m%d-%H%M')}.json")

@@ -159,6 +159,13 @@ def _same_runs(old: list, new: list, runs: list, changed: dict) -> bool:
     return True
 
 
+def _shape_workspace():
+    """``CudaOpsLibrary.shape_workspace`` (imported on first use, as the library itself)."""
+    from qcompiler.codegen.cuda.ops.library import CudaOpsLibrary
+
+    return CudaOpsLibrary.shape_workspace
+
+
 def collective_world(node: Node) -> Optional[int]:
     """For a rank program's all_reduce (one operand: its own partial), the number of ranks the
     sum spans (1: a copy); None for any other node (the global view's all_reduce, with one
@@ -722,9 +729,8 @@ class CudaPlanRunner:
                 or any(item[0] == "launch" and item[3] is not None for item in last.program)):
             # (called only when no input, output or host value moved: ``_prepare``)
             return None
-        from qcompiler.codegen.cuda.ops.library import CudaOpsLibrary
-
         plan, itemsize = self.plan, self._itemsizes
+        shape_workspace = _shape_workspace()
         ptr, shape_of = now.ptr, now.shape
         entries = dict(base.entries)
         changed = {}  # launch index -> (new launch, flat shapes)
@@ -748,7 +754,7 @@ class CudaPlanRunner:
                 return None
             # (only attention's and qconv's depend on the shapes: no array, no call for the rest)
             ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat)) \
-                if CudaOpsLibrary.shape_workspace(symbol) else 0
+                if shape_workspace(symbol) else 0
             # byte ranges: the last ones where the buffer kept its shape (no buffer moved)
             launch = ((kind, fn, parr, sarr, ws),
                       ([span(n) if n in moved else r for n, r in zip(names, reads)],

@@ -91,6 +91,7 @@ def library_path(out_dir: str) -> str:
 c_void_p, c_int64 = ctypes.c_void_p, ctypes.c_int64
 # an op kernel's symbol (kernel_source): qc_cu_<op>_<12 hex digits>[_<launch constants>]
 _SYMBOL = re.compile(r"qc_cu_([a-z0-9_]+?)_[0-9a-f]{12}(?:_[0-9m_]+)?$")
+_SHAPE_WORKSPACE: dict = {}  # symbol -> shape_workspace(symbol)
 
 
 class CudaOpsLibrary:
@@ -124,14 +125,16 @@ class CudaOpsLibrary:
     @staticmethod
     def shape_workspace(symbol: str) -> bool:
         """Whether ``symbol``'s workspace depends on the shapes (``SHAPE_WORKSPACE_OPS``); a
-        symbol not of the ``qc_cu_<op>_<digest>`` form is asked (True)."""
-        from qcompiler.codegen.cuda.ops.kernel import SHAPE_WORKSPACE_OPS, SUPPORTED_OPS
+        symbol not of the ``qc_cu_<op>_<digest>`` form is asked (True). Once per symbol."""
+        known = _SHAPE_WORKSPACE.get(symbol)
+        if known is None:
+            from qcompiler.codegen.cuda.ops.kernel import SHAPE_WORKSPACE_OPS, SUPPORTED_OPS
 
-        named = _SYMBOL.match(symbol)
-        if named is None:
-            return True
-        op = named.group(1)
-        return op in SHAPE_WORKSPACE_OPS or op not in SUPPORTED_OPS
+            named = _SYMBOL.match(symbol)
+            op = named.group(1) if named else None
+            known = _SHAPE_WORKSPACE[symbol] = (op is None or op in SHAPE_WORKSPACE_OPS
+                                                or op not in SUPPORTED_OPS)
+        return known
 
     @staticmethod
     def _arrays(ptrs: list, shapes: list):
