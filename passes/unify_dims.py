@@ -14,9 +14,9 @@ After this pass:
   constants, or the very same computed value) and the same attributes it reads (a
   checked-only attribute such as a cache append's ``layer`` aside) have the same result
   types: their symbols where inference gives ``?`` become the first such node's (the 22
-  cache appends share one per cache), when that ``?`` is a function of the shapes (inference gives
-  an int once the symbols have values: ``p + s``) or of the computed values it read; a
-  count that depends on data inference does not see (NonZero's) keeps its symbol;
+  cache appends share one per cache), when that ``?`` is a function of the shapes
+  (inference gives an int once the symbols have values: ``p + s``) or of the computed values
+  it read; a count that depends on data inference does not see (NonZero's) keeps its symbol;
 - the function's argument symbols are never renamed (shape buckets and users name them),
   and two of them proven equal stay two; ints are left to ``canonicalize``.
 
