@@ -183,6 +183,9 @@ def body_value(node: Node, text: str, operands: list, out_dtype: str):
     # one read per use would repeat its whole expression, and an expression with Lets of its
     # own (the GELUs') twice in one tree is ill-formed TIR. Boolean values are not bound
     # (TVM's vectorizer fails on a boolean Let); they are comparisons of bound values.
+    # Nor are bfloat16 values: TVM's bfloat16 legalization retypes a value but not its Let
+    # variable ("value.ty() == var->ty" fails at build), and a float32 variable cast back to
+    # bfloat16 inside the tree is refused too ("BF16 needs to be storage lowered first").
     lets = []
     for s in body.stmts:
         known = [dtype_of(env[a]) if isinstance(a, str) else None for a in s.args]
@@ -197,7 +200,7 @@ def body_value(node: Node, text: str, operands: list, out_dtype: str):
             elems[s.dst] = elem(s.attr)
         else:
             value = scalar.apply(s.op, s.attr, args, dtype)
-        if dtype_of(value) != "bool":
+        if dtype_of(value) not in ("bool", "bfloat16"):
             var = tirx.Var(s.dst, dtype_of(value))
             lets.append((var, value))
             value = var
