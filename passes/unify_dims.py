@@ -149,17 +149,20 @@ def unify(module: Module) -> int:
         # function of the shapes, or of computed values the inference read (in the key)
         read_computed = any(values[i] is None and node.operands[i] is not None
                             for i in consts.read)
-        sized = _sized_by_shapes(node, operands, values, read_computed)
-        for r, t, same, by_shapes in zip(node.results, inferred, first, sized):
+        sized = None  # _sized_by_shapes, inferred again only where a dim is left unknown
+        for k, (r, t, same) in enumerate(zip(node.results, inferred, first)):
             if t is None or t.rank != r.type.rank:
                 continue
-            for declared, got, other, known in zip(shape_of(r), t.shape, same, by_shapes):
+            for j, (declared, got, other) in enumerate(zip(shape_of(r), t.shape, same)):
                 if not isinstance(declared, str) or declared == "?":
                     continue
                 if isinstance(got, str) and got != "?":
                     merged += symbols.union(declared, got)
-                elif got == "?" and known and isinstance(other, str) and other != "?":
-                    merged += symbols.union(declared, other)
+                elif got == "?" and isinstance(other, str) and other != "?":
+                    if sized is None:
+                        sized = _sized_by_shapes(node, operands, values, read_computed)
+                    if sized[k][j]:
+                        merged += symbols.union(declared, other)
     if merged:
         for v in list(fn.args) + [r for n in fn.nodes for r in n.results]:
             shape = shape_of(v)

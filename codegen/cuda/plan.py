@@ -159,13 +159,6 @@ def _same_runs(old: list, new: list, runs: list, changed: dict) -> bool:
     return True
 
 
-def _shape_workspace():
-    """``CudaOpsLibrary.shape_workspace`` (imported on first use, as the library itself)."""
-    from qcompiler.codegen.cuda.ops.library import CudaOpsLibrary
-
-    return CudaOpsLibrary.shape_workspace
-
-
 def collective_world(node: Node) -> Optional[int]:
     """For a rank program's all_reduce (one operand: its own partial), the number of ranks the
     sum spans (1: a copy); None for any other node (the global view's all_reduce, with one
@@ -677,7 +670,10 @@ class CudaPlanRunner:
             sig.outputs[name] = (ptr[name], shape, dtypes[name])
         for name, (p, shape) in self.weights.items():
             ptr[name], shape_of[name] = p, shape
-        self._place_host_values(sig, resolved, ptr, shape_of, base)
+        # the input dims that differ from the last signature's (None: start from nothing)
+        changed = None if base is None else \
+            self._dependencies.changed(resolved.inputs, base.inputs)
+        self._place_host_values(sig, resolved, ptr, shape_of, base, changed)
         for name, root in self._other_views:
             if root in ptr:
                 ptr[name] = ptr[root]
@@ -688,7 +684,6 @@ class CudaPlanRunner:
             entries = now.entries = {}
         else:
             entries = now.entries = dict(base.entries)
-            changed = self._dependencies.changed(resolved.inputs, base.inputs)
             moved = {n for n in self._reshaped(changed) if shape_of.get(n) != base.shape.get(n)}
             relocated = [n for n in self._direct if ptr.get(n) != base.ptr.get(n)]
             moved.update(relocated)
@@ -730,7 +725,6 @@ class CudaPlanRunner:
             # (called only when no input, output or host value moved: ``_prepare``)
             return None
         plan, itemsize = self.plan, self._itemsizes
-        shape_workspace = _shape_workspace()
         ptr, shape_of = now.ptr, now.shape
         entries = dict(base.entries)
         changed = {}  # launch index -> (new launch, flat shapes)
@@ -752,9 +746,8 @@ class CudaPlanRunner:
             flat = [v for d in dims for v in d] or [0]
             if kind != "op" or len(flat) != len(sarr):
                 return None
-            # (only attention's and qconv's depend on the shapes: no array, no call for the rest)
-            ws = self.ops.workspace_bytes(symbol, dims, (ctypes.c_int64 * len(flat))(*flat)) \
-                if shape_workspace(symbol) else 0
+            # (the library answers 0 for ops whose workspace does not depend on the shapes)
+            ws = self.ops.workspace_bytes(symbol, dims)
             # byte ranges: the last ones where the buffer kept its shape (no buffer moved)
             launch = ((kind, fn, parr, sarr, ws),
                       ([span(n) if n in moved else r for n, r in zip(names, reads)],
@@ -815,20 +808,20 @@ class CudaPlanRunner:
         return hit
 
     def _place_host_values(self, sig: _Signature, resolved, ptr: dict, shape_of: dict,
-                           base: Optional[_Layout] = None) -> None:
+                           base: Optional[_Layout] = None,
+                           changed: Optional[frozenset] = None) -> None:
         """The signature's host values (shape functions' results the kernels read) packed
         into one block, at offsets that stay put unless a value outgrows its room (a power of
         two), uploaded by the run when the shared HOST_VALUES buffer holds another
-        signature's. When none of them depends on a dim that differs from ``base``'s (a
-        decode loop's next token: 154 values on the 22-layer step, none reading the cache
-        length), the base's block serves as it is (the same bytes; a block is never
-        written once made)."""
+        signature's. When none of them depends on a dim in ``changed`` (those that differ
+        from ``base``'s: a decode loop's next token, 154 values on the 22-layer step, none
+        reading the cache length), the base's block serves as it is (the same bytes; a
+        block is never written once made)."""
         if not self._host_names:
             return
         last = base.signature if base is not None else None
-        if last is not None and last.host_block is not None \
+        if last is not None and changed is not None and last.host_block is not None \
                 and HOST_VALUES in last.slots and self._host_offsets is not None:
-            changed = self._dependencies.changed(resolved.inputs, base.inputs)
             deps = self._buffer_deps
             if not any(deps[n] is None or deps[n] & changed for n in self._host_names) \
                     and self._slot(HOST_VALUES, self._host_bytes) == last.slots[HOST_VALUES]:

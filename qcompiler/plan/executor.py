@@ -102,6 +102,11 @@ def buffer_dependencies(plan: Plan, dependencies: ShapeDependencies) -> dict:
     return out
 
 
+def _declared(b) -> str:
+    """A plan buffer's type as the IR prints it (input errors)."""
+    return f"tensor<[{', '.join(str(d) for d in b.shape)}], {b.dtype}>"
+
+
 def reference_step(node, module: Module) -> StepImpl:
     """The default step: the reference op, its result copied into the planned output."""
     from qcompiler.runtime.reference import OP_IMPLS
@@ -299,9 +304,7 @@ class PlanExecutor:
             b = self.plan.buffers[name]
             et, np_dtype = self._input_types[name]
             x = inputs[name]
-
-            def want() -> str:
-                return f"tensor<[{', '.join(str(d) for d in b.shape)}], {b.dtype}>"
+            want = functools.partial(_declared, b)  # (its text only for an error)
             if not isinstance(x, np.ndarray):
                 try:
                     x = np.asarray(x)
