@@ -50,15 +50,17 @@ __host__ __device__ constexpr int x_group() { return C::SCALE_IN_EPILOGUE ? C::K
 
 __host__ __device__ inline int rows4(int M) { return (M + 3) / 4 * 4; }
 
-// x_norm (C::X_NORM): whether the GEMV kernel normalizes its rows itself, into shared memory
-// (at most GEMV_NORM_SMEM bytes of rows: an M tile of up to 16 rows of K_PAD elements), or x
-// is normalized into the workspace first (every other kernel, an act-order or padded x, rows
-// too long for shared memory).
+// x_norm (C::X_NORM): whether the GEMV kernel applies the norm itself (RMSNorm: x * g in the
+// loop, each row's 1 / rms on the sums at the end; LayerNorm: its rows normalized into shared
+// memory, at most GEMV_NORM_SMEM bytes of them: an M tile of up to 16 rows of K_PAD
+// elements), or x is normalized into the workspace first (every other kernel, an act-order
+// or padded x, LayerNorm rows too long for shared memory).
 template <class C>
 bool norm_in_kernel(const Variant& v, int M) {
   const int rows = M < m_tile(v) ? M : m_tile(v);
   return C::X_NORM != X_NORM_NONE && v.gemv && !C::PREP_X &&
-         (size_t)rows * C::K_PAD * sizeof(typename C::scalar_t) <= (size_t)GEMV_NORM_SMEM;
+         (C::X_NORM == X_NORM_RMS ||
+          (size_t)rows * C::K_PAD * sizeof(typename C::scalar_t) <= (size_t)GEMV_NORM_SMEM);
 }
 // Elements of the normalized copy of x: [M, K] for the 8-bit-activation quantizer (which
 // permutes and pads itself), [M, K_PAD] (permuted, padded) for the others.

@@ -34,8 +34,10 @@ struct GemvTile {
   static constexpr int N_TILE = 64 * WARPS_N;
   static constexpr int RED_BYTES = WARPS_K * M_TILE * N_TILE * 4;  // one tile per k warp
   static constexpr int SMEM_BYTES = RED_BYTES + 16;
-  // x_norm in the kernel: the tile's normalized rows of x (K_PAD elements each) follow
+  // x_norm in the kernel, after the sums: LayerNorm's normalized rows of x (K_PAD elements
+  // each), or RMSNorm's 1 / rms of each row of the tile (M_TILE floats)
   static constexpr int NORM_OFFSET = (SMEM_BYTES + 15) / 16 * 16;
+  static constexpr int RMS_SMEM_BYTES = NORM_OFFSET + M_TILE * 4;
   // Registers capped at 128 a thread (the ring is bounded by check_config): 16 warps per SM.
   static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
 };
@@ -70,6 +72,16 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   constexpr long long W_STEP = (long long)C::N_BLOCKS * WORDS * 32;  // uint4 between k16 steps
   constexpr int SCALE_ROWS = (C::K_PAD + C::GROUP - 1) / C::GROUP;
   constexpr bool GROUP_ROWS = !C::SCALE_IN_EPILOGUE || C::HAS_ZP;  // per-group scales or zeros
+  // x_norm = rms (fuse-norm-qmatmul) without a prepared copy of x: the row's 1 / rms is a
+  // scalar of the product, rmsnorm(x, g) W = (1 / rms(x)) ((x * g) W), so the loop multiplies
+  // x's fragments by g's (a constant, loaded with the weights) and the row's statistics are
+  // taken after the loop, off the critical path: the MMAs start as soon as x arrives, as in a
+  // kernel without the norm (normalizing the rows first, before the first MMA, made every
+  // projection slower than the separate norm launch saved: codegen/cuda/NOTES.md "x_norm").
+  // x * g is rounded to S (the reference rounds x / rms * g): it must fit S's range.
+  constexpr bool RMS_POST = C::X_NORM == X_NORM_RMS && !C::PREP_X;
+  // LayerNorm in the kernel: the CTA normalizes its rows into shared memory first
+  constexpr bool LAYER_IN_SMEM = C::X_NORM == X_NORM_LAYER;
 #ifndef QC_HOST_EMULATION
   extern __shared__ __align__(16) unsigned char smem[];
 #else
@@ -101,14 +113,23 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   }
   uint4 wbuf[DEPTH][WORDS];          // weights of the steps in flight
   uint32_t xbuf[DEPTH][M_FRAGS][2];  // x^T fragments (b0b1: k .. k+1, b2b3: k+8 ..) of row g
-  // The loads of step s of this warp's run: weights (constants), then x (the input).
+  uint32_t gbuf[RMS_POST ? DEPTH : 1][2];  // RMS_POST: the norm's scale at x's columns
+  const S* grow = RMS_POST ? p.norm_w + q2 : nullptr;
+  // The loads of step s of this warp's run: weights and the norm's scale (constants), then x
+  // (the input).
   auto issue_w = [&](int slot, int s) {
 #pragma unroll
     for (int j = 0; j < WORDS; ++j) wbuf[slot][j] = ld_stream(wp + s * W_STEP + j * 32);
+    if constexpr (RMS_POST) {
+      const int k = (begin + s) * 16;
+      const unsigned int* pg = reinterpret_cast<const unsigned int*>(grow + k);
+      gbuf[slot][0] = !K_TAIL || k < C::K ? __ldg(pg) : 0u;
+      gbuf[slot][1] = !K_TAIL || k + 8 < C::K ? __ldg(pg + 4) : 0u;
+    }
   };
-  // x_norm: the rows may sit in shared memory (normalized there), so a generic load
+  // LayerNorm in the kernel: the rows sit in shared memory (normalized there): a generic load
   auto load_x = [](const unsigned int* px) -> unsigned int {
-    if constexpr (C::X_NORM != X_NORM_NONE) return *px;
+    if constexpr (LAYER_IN_SMEM) return *px;
     else return __ldg(px);
   };
   auto issue_x = [&](int slot, int s) {
@@ -165,7 +186,16 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
       q[4 * i] = wbuf[j][i].x; q[4 * i + 1] = wbuf[j][i].y;
       q[4 * i + 2] = wbuf[j][i].z; q[4 * i + 3] = wbuf[j][i].w;
     }
-    const uint32_t (&xf)[M_FRAGS][2] = xbuf[j];
+    uint32_t xf[M_FRAGS][2];
+#pragma unroll
+    for (int mf = 0; mf < M_FRAGS; ++mf)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (RMS_POST)  // x * g (the row's 1 / rms multiplies the sums at the end)
+          xf[mf][h] = as_u32(__hmul2(as_pair<S2>(xbuf[j][mf][h]), as_pair<S2>(gbuf[j][h])));
+        else
+          xf[mf][h] = xbuf[j][mf][h];
+      }
     if constexpr (GROUP_ROWS) {
       if (s == next_group) {  // a new group: the first step, then every GROUP / 16 steps
         __align__(16) S sv[8];
@@ -212,13 +242,22 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
     for (int s = DEPTH + lane; s < n_steps; s += 32)
       prefetch_l2(wp - lane + s * W_STEP, WORDS * 512);
   }
-  // x_norm in the kernel: the norm's scale (and bias) are constants too (NormPacks)
+  // LayerNorm in the kernel: its scale and bias are constants too (NormPacks)
   NormPacks<C, T::THREADS> norm_packs;
-  if constexpr (C::X_NORM != X_NORM_NONE) {
+  if constexpr (LAYER_IN_SMEM) {
     if (p.norm_in_kernel) norm_packs.load(p.norm_w, p.norm_b);
   }
   wait_for_inputs<C::PDL>();
-  if constexpr (C::X_NORM != X_NORM_NONE) {
+  // RMS_POST: the tile's rows of x into L1 now, for the statistics after the loop (the loop
+  // reads only this CTA's K split of them)
+  const int tile_rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
+  if constexpr (RMS_POST) {
+    constexpr int LINE = 128 / (int)sizeof(S);  // elements a 128-byte line
+    constexpr int LINES = (C::K + LINE - 1) / LINE;
+    for (int i = tid; i < tile_rows * LINES; i += T::THREADS)
+      prefetch_l1(p.x + (long long)(m0 + i / LINES) * p.x_stride + (i % LINES) * LINE);
+  }
+  if constexpr (LAYER_IN_SMEM) {
     if (p.norm_in_kernel) {
       // fuse-norm-qmatmul: the tile's rows of x, normalized by the whole CTA into shared
       // memory after the sums' region (instead of a norm launch before this kernel); the
@@ -257,6 +296,33 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 
   allow_next_launch<C::PDL>();  // the next kernel may start and prefetch its weights meanwhile
 
+  // RMS_POST: each row's 1 / rms, from the whole CTA's sums of squares (the reductions'
+  // region is their scratch), into shared memory after the sums for the tile's end
+  float* inv_rms = reinterpret_cast<float*>(smem + T::NORM_OFFSET);
+  if constexpr (RMS_POST) {
+    RowStats st[T::M_TILE];
+    const S* x0 = p.x + (long long)m0 * p.x_stride;
+    constexpr int VEC = 16 / (int)sizeof(S);
+    const bool packs = C::K % VEC == 0 && p.x_stride % VEC == 0 &&
+                       (reinterpret_cast<uintptr_t>(x0) & 15) == 0;
+    cta_row_stats<C, T::THREADS, T::M_TILE>(tile_rows, reinterpret_cast<float*>(smem),
+                                            [&](int r, auto f) {
+      const S* row = x0 + (long long)r * p.x_stride;
+      if (packs) {
+        for (int k = tid * VEC; k < C::K; k += T::THREADS * VEC) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + k));
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) f(pack_element<S>(v, e));
+        }
+      } else {
+        for (int k = tid; k < C::K; k += T::THREADS) f(to_float(row[k]));
+      }
+    }, st);
+#pragma unroll
+    for (int r = 0; r < T::M_TILE; ++r)
+      if (tid == r) inv_rms[r] = 1.0f / st[r].scale;
+  }
+
   // Each k warp's tile to its own slice of shared memory ([wk][m][n]), then one barrier.
   float* red = reinterpret_cast<float*>(smem);
 #pragma unroll
@@ -276,6 +342,7 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
         float v = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS_K; ++w) v += red[w * T::M_TILE * T::N_TILE + i];  // fixed order
+        if constexpr (RMS_POST) v *= inv_rms[i / T::N_TILE];  // each K split's sum alike
         return v;
       });
 }
@@ -285,9 +352,12 @@ template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
 cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
   auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
-  // x_norm in the kernel: room for the tile's rows of x after the sums (GEMV_NORM_SMEM at most)
-  constexpr int MAX_SMEM =
-      C::X_NORM != X_NORM_NONE ? T::NORM_OFFSET + GEMV_NORM_SMEM : T::SMEM_BYTES;
+  // x_norm in the kernel: room after the sums for LayerNorm's rows of x (GEMV_NORM_SMEM at
+  // most) or RMSNorm's 1 / rms of each row
+  constexpr bool RMS_POST = C::X_NORM == X_NORM_RMS && !C::PREP_X;
+  constexpr int MAX_SMEM = C::X_NORM == X_NORM_LAYER ? T::NORM_OFFSET + GEMV_NORM_SMEM
+                           : RMS_POST               ? T::RMS_SMEM_BYTES
+                                                    : T::SMEM_BYTES;
   static bool smem_set = false;
   if (!smem_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -295,8 +365,8 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     smem_set = true;
   }
-  int smem = T::SMEM_BYTES;
-  if (C::X_NORM != X_NORM_NONE && p.norm_in_kernel) {
+  int smem = RMS_POST ? T::RMS_SMEM_BYTES : T::SMEM_BYTES;
+  if (C::X_NORM == X_NORM_LAYER && p.norm_in_kernel) {
     const int rows = p.M < T::M_TILE ? p.M : T::M_TILE;
     smem = T::NORM_OFFSET + rows * C::K_PAD * (int)sizeof(typename C::scalar_t);
   }

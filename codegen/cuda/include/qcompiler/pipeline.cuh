@@ -36,6 +36,11 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
   return v;
 }
 
+// Ask L1 for the 128-byte line at `ptr`, without waiting and without registers.
+__device__ __forceinline__ void prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];\n" :: "l"(ptr));
+}
+
 // Ask L2 for `bytes` (a multiple of 16) from `ptr` (16-byte aligned), without waiting and
 // without registers: one bulk prefetch on sm_90, one prefetch a 128-byte line before.
 __device__ __forceinline__ void prefetch_l2(const void* ptr, unsigned bytes) {
@@ -53,6 +58,7 @@ inline void cp_async16_stream(void* dst, const void* src, bool valid) {
 }
 inline uint4 ld_stream(const uint4* ptr) { return *ptr; }
 inline void prefetch_l2(const void*, unsigned) {}
+inline void prefetch_l1(const void*) {}
 #endif
 
 }  // namespace qc
