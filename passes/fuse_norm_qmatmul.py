@@ -47,6 +47,9 @@ def _per_k(v, k, dtype) -> bool:
 class FuseNormQmatmul(RewritePattern):
     op = "qmatmul"
 
+    def __init__(self, kinds=frozenset(NORM_KINDS.values())):
+        self.kinds = kinds  # the x_norm kinds to fuse ("rms", "layer")
+
     def rewrite(self, node, rw):
         a = node.attrs
         if a.get("act") != "float" or a.get("x_norm") or "config" in a:
@@ -63,6 +66,8 @@ class FuseNormQmatmul(RewritePattern):
         if not _per_k(scale, k, dtype) or (bias is not None and not _per_k(bias, k, dtype)):
             return False
         kind = NORM_KINDS[norm.op]
+        if kind not in self.kinds:
+            return False
         # the node keeps its name and result; the norm, now unread, goes with the dead nodes
         node.operands = [h] + list(node.operands[1:]) + [None] * (8 - len(node.operands)) \
             + [scale] + ([bias] if kind == "layer" else [])
@@ -77,13 +82,18 @@ class FuseNormQmatmul(RewritePattern):
 class FuseNormQmatmulPass(Pass):
     """rmsnorm / layernorm (last axis) read only by a qmatmul → the qmatmul's ``x_norm``."""
 
-    enable: int = 1  # 0: the pass does nothing (the CUDA pipelines list it so: it measured slower)
+    enable: int = 1  # 0: the pass does nothing
+    kinds: str = "rms+layer"  # the norms it fuses, "+"-separated: rms (rmsnorm), layer (layernorm)
 
     def __post_init__(self):
         if self.enable not in (0, 1):
             raise PassError(f"fuse-norm-qmatmul: enable={self.enable!r} (0 or 1)")
+        self._kinds = frozenset(k for k in str(self.kinds).split("+") if k)
+        unknown = self._kinds - set(NORM_KINDS.values())
+        if unknown or not self._kinds:
+            raise PassError(f"fuse-norm-qmatmul: kinds={self.kinds!r} (rms, layer or rms+layer)")
 
     def run(self, module: Module) -> Module:
-        fused = apply_patterns(module, [FuseNormQmatmul()]) if self.enable else 0
+        fused = apply_patterns(module, [FuseNormQmatmul(self._kinds)]) if self.enable else 0
         record_stat(module, self.name, norm_prologues=fused)
         return module

@@ -11,7 +11,7 @@ import pytest
 
 from qcompiler.driver.frontend import import_model
 from qcompiler.ir.ops import qmatmul_epilogue_operands, qmatmul_x_norm_scale
-from qcompiler.pipeline import PassManager
+from qcompiler.pipeline import PassError, PassManager
 from qcompiler.runtime.reference import run as ref_run
 from conftest import CUDA_PASSES_BEFORE_MERGES as BEFORE, small_llama_onnx
 
@@ -230,6 +230,16 @@ def test_a_layernorm_goes_in_as_x_norm_layer(bias):
     assert print_module(parse_module(print_module(fused))) == print_module(fused)
     two = PassManager.parse("fuse-norm-qmatmul").run(_layernorm_module(bias, readers=2))
     assert "layernorm" in [n.op for n in two.main.nodes]
+    rms_only = PassManager.parse("fuse-norm-qmatmul{kinds=rms}").run(_layernorm_module(bias))
+    assert "layernorm" in [n.op for n in rms_only.main.nodes]  # kinds=rms leaves LayerNorms
+
+
+def test_kinds_names_the_norms_it_fuses():
+    """kinds: "+"-separated rms / layer; anything else is refused with the option named."""
+    assert PassManager.parse("fuse-norm-qmatmul{kinds=rms+layer}").passes[0]._kinds == {"rms", "layer"}
+    for bad in ("foo", "rms+ln"):
+        with pytest.raises(PassError, match="kinds="):
+            PassManager.parse(f"fuse-norm-qmatmul{{kinds={bad}}}")
 
 
 def test_fuse_epilogue_after_the_norm_keeps_its_operands_last():
