@@ -14,17 +14,21 @@ which this pass rewrites to::
 
 (the scale, and layer's bias or none, are the qmatmul's last operands, after its
 epilogue's). At decode the norm is a one-row kernel whose launch costs more than its work;
-the CUDA GEMV kernel normalizes its rows itself (the CTA reads each row, reduces its
-statistics and keeps the normalized row in shared memory), and the other kernels (and an
-act-order or padded x) normalize x into their workspace first, permuted and padded in the
-same copy (one launch, as before). The result is the unfused graph's: the same f32
-statistics and formula, the normalized row rounded to x's type before the product.
+the CUDA GEMV kernel applies it itself: RMSNorm after the product, ``rmsnorm(x, g) W =
+(1 / rms(x)) ((x * g) W)`` (x * g in the loop, each row's statistics after it, off the
+critical path), LayerNorm before it (the CTA normalizes its rows into shared memory); the
+other kernels (and an act-order or padded x) normalize x into their workspace first,
+permuted and padded in the same copy (one launch, as before). The result is the unfused
+graph's within rounding: the same f32 statistics and formula (the GEMV's RMSNorm rounds
+x * g to x's type where the reference rounds the normalized row; x * g must fit the type).
 
 Conditions: the norm normalizes the last axis only, with a scale (and bias) [K] of x's
-type; its result is read by this qmatmul alone (as x); the qmatmul is ``act=float`` without
-``x_norm`` yet. Only backends that compute ``x_norm`` take it: the CUDA pipelines, opt-in
-with ``enable=1`` (on an H100's 22-layer decode it cost 9 %: codegen/cuda/NOTES.md); the CPU
-backend runs such a qmatmul on the reference, the HLS backend refuses it. A post-norm encoder (BERT) keeps its
+type, and is one of ``kinds``; its result is read by this qmatmul alone (as x); the qmatmul
+is ``act=float`` without ``x_norm`` yet. Only backends that compute ``x_norm`` take it: the
+CUDA pipelines, opt-in with ``enable=1`` (normalizing first, on an H100's 22-layer decode it
+cost 6-9 %; the RMSNorm after the product is correct on an H100 and not yet timed:
+codegen/cuda/NOTES.md); the CPU backend runs such a qmatmul on the reference, the HLS backend
+refuses it. A post-norm encoder (BERT) keeps its
 LayerNorms: their results are also the next residual.
 """
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_llama_decode_step_in_host_emulation(tmp_path, monkeypatch, int8, norm):
     tile{int8_min_m=1} gives every qmatmul the int8 kernel, with its fused epilogues; the
     expected values then run each qmatmul's product through the int8 kernel's numpy model.
     x_norm: fuse-norm-qmatmul{enable=1}, every RMSNorm inside its projection's kernel (the
-    GEMV's shared memory at M = 6, the int8 kernel's normalized copy)."""
+    GEMV's x * g and 1 / rms at M = 6, the int8 kernel's normalized copy)."""
     pytest.importorskip("torch")
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")

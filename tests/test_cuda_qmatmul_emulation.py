@@ -237,10 +237,12 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     assert far.returncode != 0
 
 
-# ---- x_norm (fuse-norm-qmatmul): x RMS-normalized by the kernel ------------------------------
-# GEMV variants normalize their rows into shared memory (up to 48 KB of rows), the others
-# (and a GEMV whose rows do not fit, or an act-order x) read a normalized copy that the call
-# writes into the workspace first; the int8 kernel quantizes that copy.
+# ---- x_norm (fuse-norm-qmatmul): x normalized by the kernel ------------------------------------
+# GEMV variants apply RMSNorm after the product (x * g in the loop, each row's 1 / rms on the
+# sums, every K split alike) and normalize LayerNorm's rows into shared memory (up to 48 KB
+# of rows); the others (and a LayerNorm GEMV whose rows do not fit, or an act-order x) read a
+# normalized copy that the call writes into the workspace first; the int8 kernel quantizes
+# that copy.
 NORM_VARIANTS = [
     {"m_max": 8, "gemv": 1, "m_frags": 1, "warps_n": 1, "warps_k": 4, "stages": 4,
      "stage_k": 64, "acc_scale": 0, "split_k": 2},
@@ -283,13 +285,16 @@ def _normed(case: cases.Case, seed: int = 0, epsilon: float = 1e-5, kind: str = 
                                         ("i4_g128_bf16", 1600, "rms"),
                                         ("i4_g128_bf16", 2560, "rms"),
                                         ("u4_zp_g32_actorder_f16", 256, "rms"),
+                                        ("u4_zp_g128_f16", 1000, "rms"),
                                         ("u4_zp_g128_f16", 1024, "layer"),
+                                        ("i4_g128_bf16", 1600, "layer"),
                                         ("u4_zp_g32_actorder_f16", 256, "layer")])
 def test_x_norm_in_host_emulation(fmt, k, kind, tmp_path):
-    """K 1600: 16 rows (51 KB) no longer fit the GEMV's shared memory, one row does; act-order:
-    always the workspace copy (normalized and permuted at once). RMSNorm and LayerNorm. The
-    GEMV variants' 128 threads take x in 16-byte packs, prefetching the norm's parameters
-    (NormPacks), up to K = 2048 (two packs a thread); K 2560 takes the scalar path."""
+    """RMSNorm: the GEMV variants (one with split_k 2: each split scales its own sums) take
+    the row statistics in 16-byte packs, any K (K 1000: steps past K read no scale). LayerNorm: K 1600's 16 rows (51 KB) no longer
+    fit the GEMV's shared memory, one row does; its 128 threads take x in 16-byte packs,
+    prefetching the norm's parameters (NormPacks), up to K = 2048 (two packs a thread).
+    act-order: always the workspace copy (normalized and permuted at once)."""
     bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
     case = cases.Case(k=k, n=136, bits=bits, signed=signed, zero_point=zp, group=group,
                       act_order=ao, dtype=dtype, bias=bias)

@@ -2,8 +2,10 @@
 // product (fuse-norm-qmatmul): RMSNorm, (x / sqrt(mean(x^2) + eps)) * w, or LayerNorm,
 // ((x - mean) * (1 / sqrt(var + eps))) * w + b, each with f32 statistics and the row rounded to
 // S, as the reference's rmsnorm and layernorm compute them (Config::X_NORM says which). The
-// GEMV kernel writes its rows into shared memory with normalize_rows_cta (gemv.cuh); the other
-// kernels read a copy that normalize_x_kernel writes into the workspace (dispatch.cuh).
+// GEMV kernel applies RMSNorm after its product (x * g in the loop, each row's 1 / rms from
+// cta_row_stats after it) and writes LayerNorm's rows into shared memory with
+// normalize_rows_packs / normalize_rows_cta (gemv.cuh); the other kernels read a copy that
+// normalize_x_kernel writes into the workspace (dispatch.cuh).
 // Static code, included by the generated .cu.
 #ifndef QCOMPILER_NORM_CUH
 #define QCOMPILER_NORM_CUH

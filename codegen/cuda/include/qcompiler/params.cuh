@@ -65,8 +65,9 @@ struct Params {
   const int* xsum;         // [x groups, xs_stride]: the sum of each row's group's int8 codes
   int xs_stride;           // M rounded up to 4 (16-byte rows of scales)
   // C::X_NORM: the normalization's scale [K] and (LayerNorm) bias [K] or null. norm_in_kernel:
-  // the GEMV kernel normalizes its rows into shared memory itself; otherwise x already is the
-  // normalized copy make_params wrote into the workspace.
+  // the GEMV kernel applies the norm itself (RMSNorm after the product, LayerNorm's rows into
+  // shared memory); otherwise x already is the normalized copy make_params wrote into the
+  // workspace.
   const S* norm_w;
   const S* norm_b;
   bool norm_in_kernel;
