@@ -28,8 +28,8 @@ is ``act=float`` without ``x_norm`` yet. Only backends that compute ``x_norm`` t
 CUDA pipelines, opt-in with ``enable=1`` (normalizing first, on an H100's 22-layer decode it
 cost 6-9 %; the RMSNorm after the product is correct on an H100 and not yet timed:
 codegen/cuda/NOTES.md); the CPU backend runs such a qmatmul on the reference, the HLS backend
-refuses it. A post-norm encoder (BERT) keeps its
-LayerNorms: their results are also the next residual.
+refuses it. A post-norm encoder (BERT) keeps its LayerNorms: their results are also the next
+residual.
 """
 from __future__ import annotations
 

@@ -539,9 +539,8 @@ def test_llama_with_norms_in_the_projections_matches_the_reference(tmp_path, mon
                                                                    device_plan):
     """fuse-norm-qmatmul{enable=1}: every RMSNorm inside its projection's kernel. A decode
     step (the GEMV multiplies x by the norm's scale and its sums by each row's 1 / rms), then
-    40 and 150 new tokens (the
-    tiled and wgmma kernels read a normalized copy), against the reference; no rmsnorm
-    launch is left in the plan."""
+    40 and 150 new tokens (the tiled and wgmma kernels read a normalized copy), against the
+    reference; no rmsnorm launch is left in the plan."""
     from qcompiler.runtime.reference import run as ref_run
 
     pytest.importorskip("torch")
