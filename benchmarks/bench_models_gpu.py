@@ -52,7 +52,9 @@ def pipeline(target: str, quantize: str = Q4, x_norm: bool = None) -> str:
         quantize = quantize.replace("quantize-weights{", "quantize-weights{accuracy_level=4,")
         spec = spec.replace(f"tile{{target={target}}}",
                             f"tile{{target={target},int8_min_m={INT8_MIN_M}}}")
-    if X_NORM if x_norm is None else x_norm:
+    if x_norm is None:
+        x_norm = X_NORM
+    if x_norm:
         spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
     return quantize + spec
 

@@ -40,6 +40,7 @@ import numpy as np
 from qcompiler.errors import InputError
 from qcompiler.ir import Module, elem
 from qcompiler.ir.core import constant_value
+from qcompiler.ir.types import tensor
 from qcompiler.plan.memory import MemoryPlans, itemsize_of, slice_offset
 from qcompiler.plan.plan import ARENA_ALIGN, MemoryPlan, Plan, PlanError
 from qcompiler.plan.shapes import ConstantCache, ShapeDependencies, resolve
@@ -104,7 +105,7 @@ def buffer_dependencies(plan: Plan, dependencies: ShapeDependencies) -> dict:
 
 def _declared(b) -> str:
     """A plan buffer's type as the IR prints it (input errors)."""
-    return f"tensor<[{', '.join(str(d) for d in b.shape)}], {b.dtype}>"
+    return str(tensor(list(b.shape), b.dtype))
 
 
 def reference_step(node, module: Module) -> StepImpl:

@@ -38,6 +38,9 @@ struct GemvTile {
   // each), or RMSNorm's 1 / rms of each row of the tile (M_TILE floats)
   static constexpr int NORM_OFFSET = (SMEM_BYTES + 15) / 16 * 16;
   static constexpr int RMS_SMEM_BYTES = NORM_OFFSET + M_TILE * 4;
+  // x_norm = rms without a prepared copy of x: applied after the product (the kernel's
+  // comment at RMS_POST)
+  static constexpr bool RMS_POST = C::X_NORM == X_NORM_RMS && !C::PREP_X;
   // Registers capped at 128 a thread (the ring is bounded by check_config): 16 warps per SM.
   static constexpr int MIN_BLOCKS = THREADS >= 512 ? 1 : 512 / THREADS;
 };
@@ -81,7 +84,7 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   // x * g is rounded to S (the reference rounds x / rms * g): it must fit S's range, and in
   // f16 a row whose x * g lie below the normal range (6.1e-5) keeps less precision than the
   // reference's normalized row (whose values are O(1)).
-  constexpr bool RMS_POST = C::X_NORM == X_NORM_RMS && !C::PREP_X;
+  constexpr bool RMS_POST = T::RMS_POST;
   // LayerNorm in the kernel: the CTA normalizes its rows into shared memory first
   constexpr bool LAYER_IN_SMEM = C::X_NORM == X_NORM_LAYER;
 #ifndef QC_HOST_EMULATION
@@ -250,9 +253,9 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
     if (p.norm_in_kernel) norm_packs.load(p.norm_w, p.norm_b);
   }
   wait_for_inputs<C::PDL>();
-  // RMS_POST: the tile's rows of x into L1 now, for the statistics after the loop (the loop
-  // reads only this CTA's K split of them)
-  const int tile_rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
+  const int tile_rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;  // the tile's rows of x
+  // RMS_POST: those rows into L1 now, for the statistics after the loop (the loop reads only
+  // this CTA's K split of them)
   if constexpr (RMS_POST) {
     constexpr int LINE = 128 / (int)sizeof(S);  // elements a 128-byte line
     constexpr int LINES = (C::K + LINE - 1) / LINE;
@@ -265,14 +268,13 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
       // memory after the sums' region (instead of a norm launch before this kernel); the
       // loop reads x from there. The sums' region is the reductions' scratch meanwhile.
       S* xn = reinterpret_cast<S*>(smem + T::NORM_OFFSET);
-      const int rows = p.M - m0 < T::M_TILE ? p.M - m0 : T::M_TILE;
       const S* x0 = p.x + (long long)m0 * p.x_stride;
       if (norm_packs.ok && NormPacks<C, T::THREADS>::aligned(x0) &&
           p.x_stride % NormPacks<C, T::THREADS>::VEC == 0) {
-        normalize_rows_packs<C, T::THREADS, T::M_TILE>(x0, p.x_stride, rows, norm_packs, xn,
+        normalize_rows_packs<C, T::THREADS, T::M_TILE>(x0, p.x_stride, tile_rows, norm_packs, xn,
                                                        C::K_PAD, reinterpret_cast<float*>(smem));
       } else {
-        normalize_rows_cta<C, T::THREADS, T::M_TILE>(x0, p.x_stride, rows, p.norm_w, p.norm_b,
+        normalize_rows_cta<C, T::THREADS, T::M_TILE>(x0, p.x_stride, tile_rows, p.norm_w, p.norm_b,
                                                      xn, C::K_PAD,
                                                      reinterpret_cast<float*>(smem));
       }
@@ -304,9 +306,9 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   if constexpr (RMS_POST) {
     RowStats st[T::M_TILE];
     const S* x0 = p.x + (long long)m0 * p.x_stride;
-    constexpr int VEC = 16 / (int)sizeof(S);
-    const bool packs = C::K % VEC == 0 && p.x_stride % VEC == 0 &&
-                       (reinterpret_cast<uintptr_t>(x0) & 15) == 0;
+    using NP = NormPacks<C, T::THREADS>;  // (its pack width and alignment test)
+    constexpr int VEC = NP::VEC;
+    const bool packs = C::K % VEC == 0 && p.x_stride % VEC == 0 && NP::aligned(x0);
     cta_row_stats<C, T::THREADS, T::M_TILE>(tile_rows, reinterpret_cast<float*>(smem),
                                             [&](int r, auto f) {
       const S* row = x0 + (long long)r * p.x_stride;
@@ -356,9 +358,8 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
   auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
   // x_norm in the kernel: room after the sums for LayerNorm's rows of x (GEMV_NORM_SMEM at
   // most) or RMSNorm's 1 / rms of each row
-  constexpr bool RMS_POST = C::X_NORM == X_NORM_RMS && !C::PREP_X;
   constexpr int MAX_SMEM = C::X_NORM == X_NORM_LAYER ? T::NORM_OFFSET + GEMV_NORM_SMEM
-                           : RMS_POST               ? T::RMS_SMEM_BYTES
+                           : T::RMS_POST            ? T::RMS_SMEM_BYTES
                                                     : T::SMEM_BYTES;
   static bool smem_set = false;
   if (!smem_set) {
@@ -367,7 +368,7 @@ cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     smem_set = true;
   }
-  int smem = RMS_POST ? T::RMS_SMEM_BYTES : T::SMEM_BYTES;
+  int smem = T::RMS_POST ? T::RMS_SMEM_BYTES : T::SMEM_BYTES;
   if (C::X_NORM == X_NORM_LAYER && p.norm_in_kernel) {
     const int rows = p.M < T::M_TILE ? p.M : T::M_TILE;
     smem = T::NORM_OFFSET + rows * C::K_PAD * (int)sizeof(typename C::scalar_t);
