@@ -66,13 +66,16 @@ def build_emulated(texts: list, out_dir) -> str:
         return compile_emulated(h.read() + "\n".join(texts), out_dir, "emulated")
 
 
-def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None) -> list:
+def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = None,
+                  pad: int = None) -> list:
     """Run ``symbol`` on host arrays: ``args`` the node's data operands, ``out_like`` (shape,
     dtype) of each result, filled with 0xFF bytes first (an unwritten element shows); every
     buffer ``guarded`` (an access far past its end faults). The
     workspace (``SYM_workspace_bytes``) is zeroed once, as the plan does; with ``first``
     (other operands of the same shapes) the kernel runs on those before, on the same
-    workspace: a split-K kernel must leave its counters at zero for the next call."""
+    workspace: a split-K kernel must leave its counters at zero for the next call. ``pad``:
+    the padding word of a cache laid out for a capacity (qkv_heads and attention read it
+    after their operands; null without)."""
     outs = [guarded(np.empty(shape, dtype)) for shape, dtype in out_like]
     fn = getattr(lib, symbol)
     fn.restype = ctypes.c_int
@@ -82,7 +85,9 @@ def call_emulated(lib, symbol: str, args: list, out_like: list, first: list = No
     for operands in ([first] if first is not None else []) + [args]:
         # (not ascontiguousarray: it makes a 0-d array 1-d, and the shapes come from these)
         arrays = [guarded(a) for a in map(np.asarray, operands)] + outs
-        ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        pad_word = None if pad is None else guarded(np.array([pad], np.int64))
+        ptrs = (ctypes.c_void_p * (len(arrays) + 1))(
+            *[a.ctypes.data for a in arrays], None if pad_word is None else pad_word.ctypes.data)
         dims = [int(d) for a in arrays for d in a.shape]
         shapes = (ctypes.c_int64 * max(len(dims), 1))(*dims)
         if workspace is None:

@@ -12,6 +12,10 @@ those buffers, concatenated in the same order (the ranks are baked into the kern
 symbolic dim is just an int64 here. The return value is a cudaError_t (0: launched).
 ``workspace``: ``SYM_workspace_bytes`` of scratch, zeroed by the caller when it is allocated;
 a kernel that keeps counters there (the grouped-query decode attention) leaves them at zero.
+``ptrs`` has one more slot after the results: null, or for the ops of ``PAD_AWARE_OPS`` the
+device address of an int64, the padding rows of a KV cache laid out for a capacity (a decode
+graph shared by every cache length up to it, ``codegen/cuda/plan.py``): their shapes then give
+the capacity, and the kernel reads only the rows before the padding.
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ import math
 from qcompiler.errors import QCompilerError
 from qcompiler.ir.core import Node
 from qcompiler.ir.types import ElementType
+
+# The ops whose kernels read a cache's padding word after their operands (see the ABI above):
+# qkv_heads (its past copy and where the new rows go) and decode attention (its keys).
+PAD_AWARE_OPS = frozenset({"qkv_heads", "attention"})
 
 # QIR storage dtype -> the C type of one element in device memory.
 C_TYPES = {

@@ -138,8 +138,10 @@ class CudaOpsLibrary:
 
     @staticmethod
     def _arrays(ptrs: list, shapes: list):
+        # (one null slot after the operands: the padding word that qkv_heads and attention
+        # read there, ``PAD_AWARE_OPS``, is absent)
         flat = [int(d) for s in shapes for d in s]
-        return (c_void_p * len(ptrs))(*ptrs), (c_int64 * max(len(flat), 1))(*flat)
+        return (c_void_p * (len(ptrs) + 1))(*ptrs, None), (c_int64 * max(len(flat), 1))(*flat)
 
     def workspace_bytes(self, symbol: str, shapes: list, flat=None) -> int:
         """The workspace ``symbol`` needs for operands and results of ``shapes``; ``flat``:
