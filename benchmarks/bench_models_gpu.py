@@ -457,6 +457,13 @@ def llama(args, target, results):
                 m._run.reshape_in_place = True
                 print(f"  generation loop without reshaping in place: "
                       f"{row['generation_ms_per_token_no_reshape']:.3f} ms per token")
+            if args.pad_ab:  # the same loop with every cache length its own signature
+                padding, m._run._padding = m._run._padding, None
+                row["generation_ms_per_token_exact"] = generation_ms_per_token(
+                    m, cfg, layers, max(1, start - 2 * args.greedy), args.greedy)
+                m._run._padding = padding
+                print(f"  generation loop without the capacity's graph (each length its own "
+                      f"signature): {row['generation_ms_per_token_exact']:.3f} ms per token")
             row["generation_ms_per_token_torch_fp16_eager"] = generation_ms_per_token(
                 half, cfg, layers, start, args.greedy)
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
@@ -628,6 +635,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generation-profile", action="store_true",
                     help="cProfile the generation loop's host work (ours; its timing then "
                          "includes the profiler)")
+    ap.add_argument("--pad-ab", action="store_true",
+                    help="also time the generation loop with every cache length its own "
+                         "signature (the runner's capacity padding off, cache_capacity.py)")
     ap.add_argument("--reshape-ab", action="store_true",
                     help="also time the generation loop with CudaPlanRunner.reshape_in_place "
                          "off (every token's signature prepared anew)")

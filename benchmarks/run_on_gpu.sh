@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [pad-loop] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -185,6 +185,13 @@ for step in "$@"; do
         > "$OUT/decode-nopdl.log" 2>&1
       echo "== no PDL: $(grep -E "ours|FAIL" "$OUT/decode-nopdl.log" | tr '\n' ' ' | cut -c1-300)"
       python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/decode-nopdl/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12 ;;
+    pad-loop)  # issue #12: the generation-loop GPU test (capacity padding on and off), then the
+               # 22-layer loop (32 greedy tokens against torch) with and without the capacity's graph
+      timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_gpu.py" -k "generation_loop" 2>&1 | tee "$OUT/loop-tests.log" | tail -4
+      timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
+        --llama-layers 22 --greedy 32 --pad-ab 2>&1 | tee "$OUT/pad-loop.log" \
+        | grep -E "ours|greedy|generation|FAIL|rror" | cut -c1-220 ;;
     decode-trace)  # issue #12: the 22-layer decode at context 512 (32 greedy tokens against torch), its
                    # graph replay per kernel (trace) and its generation loop unprofiled
       timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \

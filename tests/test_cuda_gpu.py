@@ -479,13 +479,22 @@ def test_llama_decode_plan_with_fused_epilogues_matches_the_reference(tmp_path, 
         assert np.abs(got[k] - want[k]).max() <= 3e-2 * scale, k
 
 
-def test_llama_generation_loop_matches_the_reference_at_every_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("padded", [True, False], ids=["capacity", "exact"])
+def test_llama_generation_loop_matches_the_reference_at_every_step(tmp_path, monkeypatch,
+                                                                    padded):
     """A generation loop on the device plan: each step's presents fed back as the next
-    step's caches, so every token is a new input signature, prepared from the last one over
-    the runner's shared buffers (which grow as the caches do); then a cache length seen before
-    (its graph captured and replayed), more new tokens, and torch CUDA tensors in and out.
-    Every step against the reference of the same module on the same inputs."""
+    step's caches. Padded (the default, codegen/cuda/cache_capacity.py): every length up to
+    the capacity (64) runs the capacity's signature, its graph captured at the second step and
+    replayed with the padding word, and the torch loop crosses into the next capacity.
+    Exact (QC_CUDA_PAD_CACHES=0): every token is a new input signature, prepared from the last
+    one over the runner's shared buffers (which grow as the caches do). Then a cache length
+    seen before (its graph captured and replayed), more new tokens (exact shapes either way),
+    and torch CUDA tensors in and out. Every step against the reference of the same module on
+    the same inputs."""
+    from qcompiler.codegen.cuda.plan import CudaPlanRunner
     from qcompiler.runtime.reference import run as ref_run
+
+    monkeypatch.setattr(CudaPlanRunner, "pad_caches", padded)
 
     torch = pytest.importorskip("torch")
     import sys
@@ -522,16 +531,18 @@ def test_llama_generation_loop_matches_the_reference_at_every_step(tmp_path, mon
             dm.llama_inputs(cfg, 2, 1, 6, 45, seed=9),):
         check(again, m.run(again))
     assert runner._signatures[tuple(a.shape for a in again.values())].uses == 1
-    shape40 = tuple(a.shape for a in dm.llama_inputs(cfg, 2, 1, 1, 40).values())
+    shape40 = tuple(a.shape for a in dm.llama_inputs(cfg, 2, 1, 1, 64 if padded else 40).values())
     assert runner._signatures[shape40].graph is not None  # captured at its second run
+    assert (runner._signatures[shape40].padding is not None) == padded
     step_feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda()
-                  for k, v in dm.llama_inputs(cfg, 2, 1, 1, 50, seed=10).items()}
-    for step in range(4):
+                  for k, v in dm.llama_inputs(cfg, 2, 1, 1, 62, seed=10).items()}
+    for step in range(4):  # (cache 62 to 65: a new capacity at 65)
         got = check(step_feeds, m.run(step_feeds))
         logits, present_k, present_v = got.values()
         step_feeds = {"input_ids": logits[:, -1:].argmax(-1),
-                      "position_ids": torch.full((1, 1), 51 + step, device="cuda"),
+                      "position_ids": torch.full((1, 1), 63 + step, device="cuda"),
                       "past_k": present_k, "past_v": present_v}
+    assert (runner.last_signature.padding is not None) == padded
 
 
 @pytest.mark.parametrize("device_plan", ["1", "0"])

@@ -90,3 +90,138 @@ def test_padded_cache_reads_only_its_rows(tmp_path, hq, hkv, d, valid, capacity)
                               [((B, 1, hq, d), f16)])
     if valid < capacity:
         assert np.isnan(unpadded.astype(np.float32)).any()
+
+
+# -- the runner: decode steps of every length up to a capacity share its signature ----------
+# (recorders of test_cuda_plan_signatures.py: no GPU; the GPU test of the generation loop,
+# test_cuda_gpu.py, checks the values)
+
+from qcompiler.codegen.cuda import cache_capacity  # noqa: E402
+from qcompiler.codegen.cuda.plan import CACHE_PADDING, CudaPlanRunner  # noqa: E402
+from test_cuda_plan_signatures import (_CopyLauncher, _llama_runner, _rows,  # noqa: E402,F401
+                                       llama_decode)
+
+
+class _RowsLauncher(_CopyLauncher):
+    """Also records 2-D copies and the values copied into the padding word."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.copies2d, self.words, self.word = [], [], None
+
+    def qc_copy_async(self, dst, src, nbytes, kind, stream):
+        if dst == self.word:
+            self.words.append(int(np.frombuffer(ctypes.string_at(src, 8), np.int64)[0]))
+        return super().qc_copy_async(dst, src, nbytes, kind, stream)
+
+    def qc_copy2d_async(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        self.copies2d.append((dpitch, spitch, width, height, kind))
+        return 0
+
+
+def _padded_runner(module, log):
+    runner = _llama_runner(module, log)
+    runner.launcher = _RowsLauncher(log)
+    runner.word = None
+    return runner
+
+
+def _reads_word(sig, word) -> dict:
+    """Per op of ``sig``'s launches, whether they read the padding word at ``word`` (the slot
+    after their operands, before the spare null)."""
+    out = {}
+    for label, (parr, _) in zip(sig.labels, sig.keep):
+        out.setdefault(label.split(" = ")[1], set()).add(len(parr) > 1 and parr[len(parr) - 2]
+                                                          == word)
+    return out
+
+
+def test_decode_steps_share_their_capacity_signature(llama_decode):
+    """A generation loop from a cache of 8 rows to 70: two signatures (capacities 64 and 128),
+    each prepared once, its table enqueued at its first run, its graph captured at the second
+    and replayed after; every token copies its padding (capacity - length) into the word, its
+    caches into the capacity's rows (2-D copies, a row per head) and its presents out without
+    the padding. Only qkv_heads and attention read the word."""
+    module, feeds = llama_decode
+    log = []
+    runner = _padded_runner(module, log)
+    prepared = []
+    original = runner._prepare
+
+    def counting(shapes, bound=None, padding=None):
+        prepared.append((shapes["past_k"][3], padding is not None))
+        return original(shapes, bound, padding)
+
+    runner._prepare = counting
+    f32 = 4
+    for past in range(8, 71):
+        before = len(runner.launcher.copies2d)
+        out = runner(feeds(past))
+        runner.launcher.word = runner.last_signature.slots[CACHE_PADDING]
+        capacity = 64 if past <= 64 else 128
+        assert [o.shape[3] for o in list(out.values())[1:]] == [past + 1] * 2, past
+        # past_k, past_v in (pitch: the capacity's rows), presents out (capacity + 1 rows)
+        rows = 2 * 1 * 2  # layers x batch x kv heads
+        assert runner.launcher.copies2d[before:] == [
+            (capacity * 32 * f32, past * 32 * f32, past * 32 * f32, rows, 1)] * 2 + [
+            ((past + 1) * 32 * f32, (capacity + 1) * 32 * f32, (past + 1) * 32 * f32, rows, 2)] * 2
+    assert prepared == [(64, True), (128, True)]
+    sigs = runner._signatures
+    assert set(sigs) == {tuple(cache_capacity.CachePadding.at(runner._padding, {
+        n: a.shape for n, a in feeds(8).items()}, c)[n] for n in runner.plan.inputs)
+        for c in (64, 128)}
+    assert all(s.padding is not None and s.graph is not None for s in sigs.values())
+    kinds = [e[0] for e in log if e[0] in ("launch", "graph")]
+    assert kinds == ["launch"] + ["graph"] * 56 + ["launch"] + ["graph"] * 5
+    # the words (the first run's word was copied before the test knew its address)
+    assert runner.launcher.words == [64 - p for p in range(9, 65)] + [128 - p for p in range(65, 71)]
+    reads = _reads_word(runner.last_signature, runner.last_signature.slots[CACHE_PADDING])
+    assert reads.pop("qkv_heads") == reads.pop("attention") == {True}
+    assert all(r == {False} for r in reads.values()), reads
+
+
+def test_other_steps_keep_their_exact_signatures(llama_decode, monkeypatch):
+    """A prefill over a cache (5 new tokens: attention is not a decode) runs with its exact
+    shapes and no padding word, and a decode step after it pads again: its rows are those of
+    a capacity's signature prepared from nothing. With the padding off (QC_CUDA_PAD_CACHES=0)
+    each length has its own signature."""
+    module, feeds = llama_decode
+    log = []
+    runner = _padded_runner(module, log)
+    runner(feeds(40, 5))
+    exact = runner.last_signature
+    assert exact.padding is None and tuple(a.shape for a in feeds(40, 5).values()) in \
+        runner._signatures
+    runner(feeds(45))
+    padded = runner.last_signature
+    word = padded.slots[CACHE_PADDING]
+    assert _reads_word(exact, word)["attention"] == {False}
+    assert padded.padding is not None and padded.padding.inputs == {"past_k": 3, "past_v": 3}
+    shapes = {n: a.shape for n, a in feeds(64).items()}
+    runner._layout = None
+    scratch = runner._prepare(shapes, padding=padded.padding)
+    assert _rows(padded) == _rows(scratch)
+    # a table prepared from the padded one for exact shapes: no padding word left in it
+    runner(feeds(45, 5))
+    assert _reads_word(runner.last_signature, word)["qkv_heads"] == {False}
+
+    monkeypatch.setattr(CudaPlanRunner, "pad_caches", False)
+    plain = _padded_runner(module, [])
+    for past in (45, 46):
+        plain(feeds(past))
+        assert plain.last_signature.padding is None
+    assert plain._padding is None and len(plain._signatures) == 2
+
+
+def test_the_cache_length_is_found_where_only_the_cache_reaches(llama_decode):
+    """The decode step's cache length (``past``) reaches casts, qkv_heads, attention and the
+    presents' concat only; the batch and the new tokens reach the GEMVs: not padded."""
+    module, feeds = llama_decode
+    runner = _padded_runner(module, [])
+    runner._plan_index()
+    padding = runner._padding
+    assert padding.dim == "past" and padding.input_axes == {"past_k": 3, "past_v": 3}
+    ops = {runner.plan.steps[i].op or runner.plan.steps[i].kind for i in padding.steps}
+    assert {"qkv_heads", "attention", "cast", "concat"} <= ops <= {
+        "qkv_heads", "attention", "cast", "concat", "copy"}
+    assert padding.capacity(1) == padding.capacity(64) == 64 and padding.capacity(65) == 128

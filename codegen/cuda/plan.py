@@ -65,7 +65,9 @@ from typing import Optional
 
 import numpy as np
 
+from qcompiler.codegen.cuda.cache_capacity import CachePadding
 from qcompiler.codegen.cuda.epilogue import epilogue_in_kernel
+from qcompiler.codegen.cuda.ops.common import PAD_AWARE_OPS
 from qcompiler.errors import InputError
 from qcompiler.ir import elem
 from qcompiler.ir.core import Node, Value, constant_value
@@ -85,6 +87,7 @@ MAX_LANES = 4  # templates/qc_plan.cu QC_MAX_LANES: launches that may run concur
 # The runner's shared device buffers that are not plan buffers (CudaPlanRunner._slot); the
 # brackets keep them apart from IR value names.
 HOST_VALUES, OP_WORKSPACE, QMM_WORKSPACE = "<host values>", "<op workspace>", "<qmatmul workspace>"
+CACHE_PADDING = "<cache padding>"  # the device word of a padded signature (cache_capacity.py)
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
@@ -342,6 +345,7 @@ class _Layout:
         # the others' it shares with the signature it was prepared from
         self.fresh: frozenset = frozenset()
         self.first_launch: dict = {}  # step index -> the index of its first launch
+        self.padded = False  # its pad-aware launches read the cache padding word
 
 
 class _Signature:
@@ -362,6 +366,8 @@ class _Signature:
         self.collectives: list = []  # (node, world) of the collective items
         self.bound: set = set()      # inputs read in place from the caller's device buffers
         self.arena_key: tuple = ()   # the memory plan whose arena its launches use
+        # a capacity's signature (cache_capacity.py): where the padding lies, else None
+        self.padding = None
 
     # A plan without collectives is one launch segment: its table, launch count and graph
     # (what benchmarks and tests replay directly); with collectives there is no single graph.
@@ -443,6 +449,10 @@ class CudaPlanRunner:
         # signature whose block it holds
         self._host_owners: dict = {}
         self._retired_slots: set = set()  # replaced shared buffers still in use (_slot)
+        # the plan's cache length, when its decode steps share a capacity's graph (_plan_index)
+        self._padding: Optional[CachePadding] = None
+        self._pad_ptr = 0            # the padding word's address while a padded table is built
+        self._pad_written = None     # (address, value) of the last padding word copied
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -481,6 +491,8 @@ class CudaPlanRunner:
         lib.qc_stream_create.argtypes = [ctypes.POINTER(P)]
         lib.qc_stream_synchronize.argtypes = [P]
         lib.qc_copy_async.argtypes = [P, P, ctypes.c_size_t, ctypes.c_int, P]
+        size = ctypes.c_size_t
+        lib.qc_copy2d_async.argtypes = [P, size, P, size, size, size, ctypes.c_int, P]
         lib.qc_event_create.argtypes = [ctypes.POINTER(P)]
         lib.qc_stream_wait.argtypes = [P, P, P]
         self.launcher = lib
@@ -611,6 +623,13 @@ class CudaPlanRunner:
         # the buffers whose address a signature sets (the others lie in the arena)
         self._direct = (list(plan.inputs) + list(self._output_sources) + self._host_names
                         + [n for n, _ in self._other_views])
+        # decode steps of every cache length up to a capacity share one signature
+        # (cache_capacity.py); the launcher of an artifact built before has no 2-D copy
+        self._pad_aware_steps = {i for i, s in enumerate(plan.steps)
+                                 if s.kind == "kernel" and s.op in PAD_AWARE_OPS}
+        self._padding = None
+        if self.pad_caches and hasattr(self.launcher, "qc_copy2d_async"):
+            self._padding = CachePadding.find(plan, self.module, self.nodes, self._buffer_deps)
 
     def _reshaped(self, changed: frozenset) -> list:
         """The buffers whose shape may differ when the input dims ``changed`` change (every
@@ -621,9 +640,12 @@ class CudaPlanRunner:
                 n for n, deps in self._buffer_deps.items() if deps is None or deps & changed]
         return hit
 
-    def _prepare(self, shapes: dict, bound: Optional[dict] = None) -> _Signature:
+    def _prepare(self, shapes: dict, bound: Optional[dict] = None,
+                 padding=None) -> _Signature:
         """The step table of one shape signature. ``bound``: input name -> the caller's device
-        pointer, read in place by the launches.
+        pointer, read in place by the launches. ``padding`` (a ``CacheLayout``): ``shapes``
+        are a capacity's, and the pad-aware launches read the padding word
+        (cache_capacity.py).
 
         It starts from the last signature's (``_Layout``): inputs, outputs, workspaces and
         host values lie in the runner's shared buffers (``_slot``) and intermediates in the
@@ -648,6 +670,10 @@ class CudaPlanRunner:
         sig = _Signature()
         sig.arena_key = mem.key()
         now = _Layout(mem.key(), arena, resolved.inputs)
+        now.padded, sig.padding = padding is not None, padding
+        self._pad_ptr = 0
+        if padding is not None:
+            self._pad_ptr = sig.slots[CACHE_PADDING] = self._slot(CACHE_PADDING, 8)
         shape_of = now.shape = dict(resolved.shapes)
         if base is not None:
             ptr = now.ptr = dict(base.ptr)
@@ -687,13 +713,20 @@ class CudaPlanRunner:
             moved = {n for n in self._reshaped(changed) if shape_of.get(n) != base.shape.get(n)}
             relocated = [n for n in self._direct if ptr.get(n) != base.ptr.get(n)]
             moved.update(relocated)
-            rebuild = sorted({i for n in moved for i in self._steps_of.get(n, ())})
+            rebuild = {i for n in moved for i in self._steps_of.get(n, ())}
+            if now.padded or base.padded:
+                # the pad-aware launches' pointers differ between padded and exact tables
+                if now.padded != base.padded:
+                    rebuild |= self._pad_aware_steps
+                relocated = True  # (no reshaping in place)
+            rebuild = sorted(rebuild)
             reshaped = None if relocated else self._reshape_last(base, sig, now, moved,
                                                                  rebuild, bound)
             if reshaped is not None:
                 return reshaped
         for i in rebuild:
             entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
+        self._pad_ptr = 0
         self._layout = now
         now.signature, now.fresh = sig, frozenset(rebuild)
         self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
@@ -875,10 +908,13 @@ class CudaPlanRunner:
             launches.append((("copy", None, *_row_arrays([ptr[src], ptr[dst]], []), nbytes),
                              ([span(src)], [span(dst)], True), label))
 
-        def op(symbol: str, names: list, outs: list, solo: bool = False) -> int:
+        def op(symbol: str, names: list, outs: list, solo: bool = False,
+               pad: bool = False) -> int:
             names = [n for n in names if n is not None]
             dims = [shape_of[n] for n in names + outs]
-            parr, sarr = _row_arrays([ptr[n] for n in names + outs], dims)
+            # (after the operands: the padding word a pad-aware kernel reads, or null)
+            padding = [self._pad_ptr] if pad and self._pad_ptr else []
+            parr, sarr = _row_arrays([ptr[n] for n in names + outs] + padding, dims)
             ws = self.ops.workspace_bytes(symbol, dims, sarr)
             fn = self._op_addresses.get(symbol)
             if fn is None:
@@ -905,7 +941,8 @@ class CudaPlanRunner:
                                  ([span(dst)], [span(dst)], True), label))
             return launches, 0, 0
         if step.op != "qmatmul":
-            return launches, op(self.symbols[step.node], step.inputs, step.outputs), 0
+            return launches, op(self.symbols[step.node], step.inputs, step.outputs,
+                                pad=step.op in PAD_AWARE_OPS), 0
         k = self.qmm.kernels[step.node]
         x, y = step.inputs[0], step.outputs[0]
         m = math.prod(shape_of[x][:-1])
@@ -1065,7 +1102,10 @@ class CudaPlanRunner:
                 _check_device_input(n, x, want)
             arrays[n] = x
         signature = tuple(tuple(arrays[n].shape) for n in plan.inputs)
-        sig = self._bound_signature(signature, arrays, on_device)
+        if self._dependencies is None:
+            self._plan_index()
+        padded = self._padded_signature(arrays) if self._padding is not None else None
+        sig = padded[0] if padded else self._bound_signature(signature, arrays, on_device)
         if sig is None:
             sig = self._signatures.get(signature)
             if sig is None:
@@ -1093,6 +1133,13 @@ class CudaPlanRunner:
         if torch_stream is not None:
             self._check(lib.qc_stream_wait(s, torch_stream, self._order_events[0]),
                         "ordering the plan after the caller's stream")
+        if padded:  # the padding rows of this cache length, for the pad-aware kernels
+            word = (sig.slots[CACHE_PADDING], padded[1])
+            if self._pad_written != word:
+                value = np.array([padded[1]], np.int64)
+                self._check(lib.qc_copy_async(word[0], value.ctypes.data, 8, 1, s),
+                            "copying the cache padding")
+                self._pad_written = word
         host = sig.slots.get(HOST_VALUES)
         if host is not None and self._host_owners.get(host) is not sig:
             # the shared host-value buffer holds another signature's: this one's, on the
@@ -1105,6 +1152,12 @@ class CudaPlanRunner:
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
             if not nbytes or n in sig.bound:  # (a bound input is read where it lies)
+                continue
+            if padded and n in sig.padding.inputs:  # each head's rows, then the padding
+                src = on_device[n] or arrays[n].ctypes.data
+                self._copy_rows(dptr, src, shape, sig.padding.inputs[n], padded[1],
+                                dtype.itemsize, 1 if on_device[n] is None else 3, into=True,
+                                what=f"copying input %{n}")
                 continue
             if on_device[n] is None:
                 self._check(lib.qc_copy_async(dptr, arrays[n].ctypes.data, nbytes, 1, s),
@@ -1129,21 +1182,27 @@ class CudaPlanRunner:
         results = {}
         for out, buf in plan.outputs.items():
             dptr, shape, dtype = sig.outputs[buf]
+            axis = sig.padding.outputs.get(buf) if padded else None
+            capacity = shape
+            if axis is not None:  # without the padding rows
+                shape = shape[:axis] + (shape[axis] - padded[1],) + shape[axis + 1:]
             nbytes = int(np.prod(shape)) * dtype.itemsize
             if torch_out:
                 import torch
 
                 t = torch.empty(shape, dtype=_torch_dtype(dtype), device="cuda")
-                if nbytes:
-                    self._check(lib.qc_copy_async(t.data_ptr(), dptr, nbytes, 3, s),
-                                f"copying output {out}")
+                dst, kind = t.data_ptr(), 3
                 results[out] = t
             else:
                 a = np.empty(shape, dtype)
-                if nbytes:
-                    self._check(lib.qc_copy_async(a.ctypes.data, dptr, nbytes, 2, s),
-                                f"copying output {out} to the host")
+                dst, kind = a.ctypes.data, 2
                 results[out] = a
+            what = f"copying output {out}" + ("" if torch_out else " to the host")
+            if axis is not None:
+                self._copy_rows(dptr, dst, capacity, axis, padded[1], dtype.itemsize, kind,
+                                into=False, what=what)
+            elif nbytes:
+                self._check(lib.qc_copy_async(dst, dptr, nbytes, kind, s), what)
         if torch_out and torch_stream is not None:
             self._check(lib.qc_stream_wait(torch_stream, s, self._order_events[1]),
                         "ordering the caller's stream after the plan")
@@ -1152,6 +1211,50 @@ class CudaPlanRunner:
         return results
 
     run = __call__
+
+    def _padded_signature(self, arrays: dict):
+        """(signature, padding rows) of a decode step run as its cache capacity's
+        (cache_capacity.py), or None: the exact shapes' signature serves."""
+        padding = self._padding
+        shapes = {n: tuple(arrays[n].shape) for n in self.plan.inputs}
+        length = padding.length(shapes)
+        if length is None:
+            return None
+        capacity = padding.capacity(length)
+        shapes = padding.at(shapes, capacity)
+        key = tuple(shapes[n] for n in self.plan.inputs)
+        sig = self._signatures.get(key)
+        if sig is None:
+            layout = padding.layout(
+                self.plan, self.nodes, shapes,
+                lambda s: dict(resolve(self.plan, self.module, s, self._constants,
+                                       self._dependencies).shapes),
+                self._output_sources)
+            if layout is None:
+                return None
+            sig = self._signatures[key] = self._prepare(shapes, padding=layout)
+        elif sig.padding is None:
+            return None  # (prepared for these exact shapes)
+        self._touch(self._signatures, key)
+        return sig, capacity - length
+
+    def _copy_rows(self, dptr: int, other: int, capacity: tuple, axis: int, pad: int,
+                   itemsize: int, kind: int, into: bool, what: str) -> None:
+        """Copy a buffer of ``capacity`` shape, padded on ``axis``, from (``into``) or to a
+        contiguous one without the ``pad`` padding rows at ``other``: one 2-D copy, a row per
+        index before the axis."""
+        inner = int(np.prod(capacity[axis + 1:])) * itemsize
+        rows = capacity[axis] - pad
+        height, width, pitch = int(np.prod(capacity[:axis])), rows * inner, capacity[axis] * inner
+        if not height or not width:
+            return
+        if into:
+            err = self.launcher.qc_copy2d_async(dptr, pitch, other, width, width, height, kind,
+                                                self.stream)
+        else:
+            err = self.launcher.qc_copy2d_async(other, width, dptr, pitch, width, height, kind,
+                                                self.stream)
+        self._check(err, what)
 
     # At most this many signatures per input shape read the caller's buffers in place; a
     # caller that moves between more stable buffers than that gets its inputs copied.
@@ -1200,6 +1303,9 @@ class CudaPlanRunner:
     # that one reshaped in place when it ran at most once (_reshape_last; QC_CUDA_RESHAPE=0:
     # every signature gets tables of its own).
     reshape_in_place = os.environ.get("QC_CUDA_RESHAPE", "1") != "0"
+    # Decode steps of every cache length up to a capacity share its signature and graph
+    # (cache_capacity.py; QC_CUDA_PAD_CACHES=0: each length its own signature).
+    pad_caches = os.environ.get("QC_CUDA_PAD_CACHES", "1") != "0"
 
     def _touch(self, store: dict, key) -> None:
         """store[key] was used now; release the least recently used signatures past

@@ -175,4 +175,11 @@ int qc_stream_wait(void* waiter, void* waited, void* event) {
 int qc_copy_async(void* dst, const void* src, size_t bytes, int kind, void* stream) {
   return (int)cudaMemcpyAsync(dst, src, bytes, (cudaMemcpyKind)kind, (cudaStream_t)stream);
 }
+// `height` rows of `width` bytes, `spitch` apart at src and `dpitch` apart at dst (a KV cache
+// into or out of buffers laid out for a capacity: codegen/cuda/cache_capacity.py)
+int qc_copy2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                    size_t height, int kind, void* stream) {
+  return (int)cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, (cudaMemcpyKind)kind,
+                                (cudaStream_t)stream);
+}
 }
