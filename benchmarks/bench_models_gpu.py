@@ -209,7 +209,7 @@ def trace_graph(runner, sig, label: str, reps: int = 10, top: int = 14) -> dict:
         for e in ks:
             d = e.time_range.end - e.time_range.start
             busy += d
-            key = e.name.split("(")[0].replace("void ", "")
+            key = _kernel_key(e.name)
             n, t = by_name.get(key, (0, 0.0))
             by_name[key] = (n + 1, t + d)
     span, busy = span / reps, busy / reps
@@ -217,10 +217,32 @@ def trace_graph(runner, sig, label: str, reps: int = 10, top: int = 14) -> dict:
           f"{busy:.1f} us, idle between kernels {span - busy:.1f} us")
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
     for name, (n, t) in rows[:top]:
-        print(f"    {name[:70]:<70} x{n // reps:<4} {t / reps:8.1f} us  {t / n:6.2f} us each")
+        print(f"    {name[:110]:<110} x{n // reps:<4} {t / reps:8.1f} us  {t / n:6.2f} us each")
+    # the last replay's kernels in order from its 10th (a decoder layer past the embedding):
+    # start and end relative to the first of them, in us (overlap shows as a start before
+    # the previous end)
+    ks = kernels[(reps - 1) * per:]
+    t0 = ks[min(10, per - 1)].time_range.start
+    timeline = [(_kernel_key(e.name)[:60], round(e.time_range.start - t0, 2),
+                 round(e.time_range.end - t0, 2)) for e in ks[10:30]]
+    for name, a, b in timeline:
+        print(f"      {a:8.2f} {b:8.2f}  {name}")
     return {"kernels": per, "span_us": round(span, 1), "busy_us": round(busy, 1),
             "by_kernel": [{"kernel": k, "launches": n // reps, "us": round(t / reps, 2)}
-                          for k, (n, t) in rows]}
+                          for k, (n, t) in rows], "timeline_us": timeline}
+
+
+def _kernel_key(name: str) -> str:
+    """A kernel's name without its argument list (template arguments kept: a GEMV config
+    per shape)."""
+    name = name.replace("void ", "")
+    if name.endswith(")"):
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                return name[:i]
+    return name
 
 
 def compiled_peer_ms(module, call, iters: int):
