@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [pad-loop] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [pad-loop] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -273,6 +273,17 @@ for step in "$@"; do
         --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 28672 8192 64 \
         0,4,4,2,3,128,0,1 0,2,2,2,4,128,0,1 >"$OUT/ncu-m64.txt" 2>&1
       echo "ncu: $(grep -c 'qmatmul' "$OUT/ncu-m1.txt") $(grep -c 'qmatmul' "$OUT/ncu-m64.txt") kernels profiled" ;;
+    decode-gemv-ncu)  # issue #12: Nsight Compute of the 22-layer decode's GEMV shapes alone (M = 1,
+                      # TinyLlama widths: gate/up pairs as 11264 columns, qkv, down, o; the tile
+                      # pass's configs): time, DRAM use, occupancy and why warps stall
+      M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread,sm__cycles_active.avg,gpc__cycles_elapsed.max'
+      for shape in "11264 2048" "2560 2048" "2048 5632" "2048 2048"; do
+        timeout 150 ncu --metrics "$M" --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" \
+          $shape 1 heuristic >>"$OUT/ncu-decode-gemv.txt" 2>&1
+      done
+      grep -E "qmatmul|stalled|duration|inst_executed|throughput|bytes_read|issue_active|warps_active|grid_size|block_size|registers|cycles" \
+        "$OUT/ncu-decode-gemv.txt" | awk '$NF+0 > 0.05 || /qmatmul|duration|inst|throughput|active|grid|block|regis|bytes|cycles/' \
+        | sed 's/smsp__average_warps_issue_stalled_//' | cut -c1-150 ;;
     stalls)
       M='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active'
       ncu --metrics "$M" --kernel-name regex:qmatmul python3 "$REPO/benchmarks/profile_cuda.py" 4096 4096 1 \
