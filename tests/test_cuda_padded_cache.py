@@ -122,7 +122,6 @@ class _RowsLauncher(_CopyLauncher):
 def _padded_runner(module, log):
     runner = _llama_runner(module, log)
     runner.launcher = _RowsLauncher(log)
-    runner.word = None
     return runner
 
 
@@ -225,3 +224,10 @@ def test_the_cache_length_is_found_where_only_the_cache_reaches(llama_decode):
     assert {"qkv_heads", "attention", "cast", "concat"} <= ops <= {
         "qkv_heads", "attention", "cast", "concat", "copy"}
     assert padding.capacity(1) == padding.capacity(64) == 64 and padding.capacity(65) == 128
+    # a model without a cache (the MLP example: its batch reaches the qmatmuls): none
+    from test_cuda_plan_signatures import _mlp_runner
+
+    mlp = _mlp_runner([])
+    mlp.launcher = _RowsLauncher([])
+    mlp._plan_index()
+    assert mlp._padding is None

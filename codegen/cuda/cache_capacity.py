@@ -121,8 +121,12 @@ class CachePadding:
         if c is not None and c >= 2:
             probes = [resolve(self.at(shapes, c - k)) for k in (0, 1, 2)]
             layout = self._layout(plan, nodes, probes, output_sources)
+        if len(self._layouts) >= self.MAX_LAYOUTS:  # (a prefill loop's many shapes)
+            self._layouts.clear()
         self._layouts[key] = layout
         return layout
+
+    MAX_LAYOUTS = 64  # capacity shapes whose layout (or refusal) is remembered
 
     def _layout(self, plan, nodes: dict, probes: list,
                 output_sources: dict) -> Optional[CacheLayout]:

@@ -34,7 +34,10 @@ parallel branches (``QC_CUDA_LANES=1`` turns this off). A run copies the inputs 
 their buffers (host to device for numpy, device to device for torch CUDA tensors and objects
 with ``__cuda_array_interface__``), launches the graph and returns the outputs (numpy, or
 torch CUDA tensors when the inputs were). A KV cache is an output fed back as an input: keep
-it as a torch CUDA tensor and it never leaves the device.
+it as a torch CUDA tensor and it never leaves the device. A decode step whose cache length
+reaches only casts, concats, copies, qkv_heads and attention runs as the step of its cache's
+capacity (``cache_capacity.py``): one signature and graph for every length up to it, the
+caches copied into and out of padded rows, a device word holding the padding.
 
 Collectives (tensor parallelism, issue #17): in a rank program an ``all_reduce`` with one
 operand (its own partial) and ``world`` > 1 is a **collective step**. Its launch is a device
@@ -714,14 +717,14 @@ class CudaPlanRunner:
             relocated = [n for n in self._direct if ptr.get(n) != base.ptr.get(n)]
             moved.update(relocated)
             rebuild = {i for n in moved for i in self._steps_of.get(n, ())}
-            if now.padded or base.padded:
+            if now.padded != base.padded:
                 # the pad-aware launches' pointers differ between padded and exact tables
-                if now.padded != base.padded:
-                    rebuild |= self._pad_aware_steps
-                relocated = True  # (no reshaping in place)
+                rebuild |= self._pad_aware_steps
             rebuild = sorted(rebuild)
-            reshaped = None if relocated else self._reshape_last(base, sig, now, moved,
-                                                                 rebuild, bound)
+            # (a padded signature serves many lengths: never reshaped, nor made from one)
+            in_place = not relocated and not now.padded and not base.padded
+            reshaped = None if not in_place else self._reshape_last(base, sig, now, moved,
+                                                                    rebuild, bound)
             if reshaped is not None:
                 return reshaped
         for i in rebuild:
