@@ -42,9 +42,10 @@ INT8_MIN_M = 0
 X_NORM = False
 
 
-def pipeline(target: str, quantize: str = Q4, x_norm: bool = None) -> str:
+def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
+             gemv_fill: bool = False) -> str:
     """The target's default pipeline after ``quantize``, with this run's changes (x_norm:
-    X_NORM unless given)."""
+    X_NORM unless given; gemv_fill: ``tile{gemv_fill=1}``)."""
     from qcompiler.targets import get_target
 
     spec = get_target(target).default_pipeline
@@ -56,6 +57,9 @@ def pipeline(target: str, quantize: str = Q4, x_norm: bool = None) -> str:
         x_norm = X_NORM
     if x_norm:
         spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
+    if gemv_fill:
+        assert f"tile{{target={target}" in spec
+        spec = spec.replace(f"tile{{target={target}", f"tile{{target={target},gemv_fill=1")
     return quantize + spec
 
 
@@ -430,19 +434,24 @@ def llama(args, target, results):
               f"per run() (graph replay {ms_graph}); launches {sig.n}, "
               f"{row['concurrent_runs']} concurrent runs; one stream: "
               f"{row.get('ours_graph_ms_one_stream')}")
-        if args.x_norm_ab:  # the same file again with the other fuse-norm-qmatmul setting
-            other = not X_NORM
-            m2 = qcompiler.compile(path, target=target, passes=pipeline(target, quantize, other),
+        # the same file again with the other fuse-norm-qmatmul setting, or the GEMV
+        # heuristic's gemv_fill
+        ab = "x_norm" if args.x_norm_ab else "gemv_fill" if args.gemv_fill_ab else None
+        if ab:
+            other = not X_NORM if ab == "x_norm" else True
+            passes2 = pipeline(target, quantize, other) if ab == "x_norm" else \
+                pipeline(target, quantize, gemv_fill=True)
+            m2 = qcompiler.compile(path, target=target, passes=passes2,
                                    buckets={"batch": [1], "seq": [1], "past": [past + 1]})
             ms2 = cuda_time_ms(lambda: m2.run(t), iters=50, warmup=5)
             sig2 = m2._run.last_signature
             ms2_graph = graph_time_ms(m2._run, sig2) if sig2.graph is not None else None
             ms_again = cuda_time_ms(lambda: m.run(t), iters=50, warmup=5)  # drift check
-            row["x_norm_ab"] = {"x_norm": other, "ours_run_ms": ms2, "ours_graph_ms": ms2_graph,
-                                "launches": sig2.n, "first_variant_run_ms_again": ms_again}
+            row[f"{ab}_ab"] = {ab: other, "ours_run_ms": ms2, "ours_graph_ms": ms2_graph,
+                               "launches": sig2.n, "first_variant_run_ms_again": ms_again}
             args.save(row)
-            print(f"  x_norm={other}: {ms2:.3f} ms per run() (graph replay {ms2_graph}); "
-                  f"launches {sig2.n}; x_norm={X_NORM} again {ms_again:.3f} ms")
+            print(f"  {ab}={other}: {ms2:.3f} ms per run() (graph replay {ms2_graph}); "
+                  f"launches {sig2.n}; the first variant again {ms_again:.3f} ms")
         half = model.half().cuda()
         th = {k: (v.half() if v.is_floating_point() else v) for k, v in t.items()}
         # The example builds its causal mask with Python floats (the default dtype, f32, as
@@ -459,12 +468,12 @@ def llama(args, target, results):
         # may release the fixed context's, CudaPlanRunner.MAX_SIGNATURES)
         row["profile"] = profile_steps(runner, sig, f"llama {name}") if args.profile else None
         row["trace"] = trace_graph(runner, sig, f"llama {name}") if args.trace else None
-        if args.x_norm_ab:  # its trace and greedy tokens (then its model goes)
+        if ab:  # its trace and greedy tokens (then its model goes)
             if args.trace:
-                row["x_norm_ab"]["trace"] = trace_graph(m2._run, sig2, f"llama {name} x_norm")
+                row[f"{ab}_ab"]["trace"] = trace_graph(m2._run, sig2, f"llama {name} {ab}")
             if args.greedy:
                 ok &= greedy_tokens(m2, half, cfg, layers, past + 1 - args.greedy, args.greedy,
-                                    row["x_norm_ab"])
+                                    row[f"{ab}_ab"])
             del m2, sig2
         if args.greedy:
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
@@ -675,6 +684,9 @@ def main(argv=None) -> int:
     ap.add_argument("--x-norm-ab", action="store_true",
                     help="also compile the Llama decode from the same file with the other "
                          "fuse-norm-qmatmul setting and time both in this process")
+    ap.add_argument("--gemv-fill-ab", action="store_true",
+                    help="the same with tile{gemv_fill=1} (the GEMV heuristic splitting K "
+                         "where that lowers the busiest SM's share)")
     a = ap.parse_args(argv)
     global INT8_MIN_M, X_NORM
     INT8_MIN_M = a.int8_min_m

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [pad-loop] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -185,6 +185,13 @@ for step in "$@"; do
         > "$OUT/decode-nopdl.log" 2>&1
       echo "== no PDL: $(grep -E "ours|FAIL" "$OUT/decode-nopdl.log" | tr '\n' ' ' | cut -c1-300)"
       python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/decode-nopdl/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12 ;;
+    fill-ab)  # issue #12: the 22-layer decode (traced, 8 greedy tokens against torch) with the tile
+              # pass's GEMV heuristic and with tile{gemv_fill=1}, both from one export in one
+              # process (~330 s; give the call >= 420 s)
+      mkdir -p "$OUT/fill-ab"
+      timeout ${FILL_AB_TIMEOUT:-400} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT/fill-ab" \
+        --skip-minilm --llama-layers 22 --greedy 8 --trace --gemv-fill-ab > "$OUT/fill-ab.log" 2>&1
+      grep -E "ours|gemv_fill|greedy|FAIL|trace llama" "$OUT/fill-ab.log" | cut -c1-200 ;;
     pad-loop)  # issue #12: the generation-loop GPU test (capacity padding on and off), then the
                # 22-layer loop (32 greedy tokens against torch) with and without the capacity's graph
       timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider --rootdir "$REPO" -m gpu \

@@ -19,6 +19,10 @@ on every qmatmul whose ``accuracy_level`` is 4 (MatMulNBits's permission; the CP
 (``config.int8_weight_reason``), unless a tuning-log record decides the bucket. Off by default
 until it has been measured on a GPU against the f16 kernels.
 
+``gemv_fill`` (default 0: off): the GEMV heuristic also splits K where that lowers the
+largest share of the grid one SM runs (``tuning.gemv_default``'s ``fill``: a decode's small
+projections leave most SMs idle); off until it has been timed in a decode graph.
+
 ``fp8_min_m`` (default 0: off): the same for FP8 e4m3 activations, on qmatmuls with FP8 e4m3
 weights on targets with FP8 MMA (sm_89, sm_90): W8A8-FP8, x quantized per row (per-channel
 weights) or group to e4m3 with scale max|x|/448. ONNX has no attribute that permits it: this
@@ -62,6 +66,7 @@ class TilePass(Pass):
     tuning_log: str = ""
     int8_min_m: int = 0
     fp8_min_m: int = 0
+    gemv_fill: int = 0
 
     def run(self, module: Module) -> Module:
         tgt = self.backend_target("cuda")
@@ -88,7 +93,7 @@ class TilePass(Pass):
                                                 check=_log_check(tgt, key))
                     source = "tuning-log" if chosen is not None else source
                 if chosen is None:
-                    chosen = tuning.default_config(tgt, key)
+                    chosen = tuning.default_config(tgt, key, bool(self.gemv_fill))
                     if self._takes_int8(node, key, m_max):
                         chosen = tuning.int8_default(tgt, key)
                         int8_buckets += 1

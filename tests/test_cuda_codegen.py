@@ -516,6 +516,33 @@ def test_prefill_bucket_configs():
                                         "w_scheme": g48})["wgmma"] == 0
 
 
+def test_gemv_fill_splits_where_the_busiest_sm_gains():
+    """tile{gemv_fill=1}: the GEMV heuristic also splits K where that lowers the share of the
+    grid the busiest SM runs (a CTA of 16 warps fills an SM): the decode's qkv (40 N blocks)
+    and o (32) GEMVs split, a gate/up pair of 88 blocks (176 CTAs would put two on 44 SMs)
+    and layers that already fill the GPU keep the default; every config passes the validator,
+    and the tile pass writes it with the option."""
+    sm90 = get_target("cuda-sm90")
+    s4 = str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())
+
+    def split(n, k, fill):
+        key = {"m": 1, "k": k, "n": n, "w_scheme": s4}
+        cfg = tuning.default_config(sm90, key, gemv_fill=fill)
+        assert cfg["gemv"] == 1 and tuning.check_config(sm90, key, cfg) is None, (n, k, cfg)
+        return cfg["split_k"]
+    assert (split(2560, 2048, False), split(2560, 2048, True)) == (1, 2)
+    assert (split(2048, 2048, False), split(2048, 2048, True)) == (1, 4)
+    for n, k in ((5632, 2048), (2048, 5632), (32000, 2048), (11264, 2048)):
+        assert split(n, k, True) == split(n, k, False), (n, k)
+
+    case = cases.Case(k=2048, n=2560, bits=4, signed=True, zero_point=False, group=128)
+    _, packed, _ = bs.pack_case(case)
+    for fill, want in ((0, 1), (1, 2)):
+        out = PassManager.parse(f"tile{{target=cuda-sm90,gemv_fill={fill}}}").run(packed.clone())
+        node = next(n for n in out.main.nodes if n.op == "qmatmul")
+        assert node.attrs["config"]["variants"]["m8"]["split_k"] == want
+
+
 def test_wgmma_source_and_archs():
     """A source with wgmma variants includes wgmma.cuh, instantiates launch_wgmma and is built
     for sm_90a alone; the others keep the target's arch."""

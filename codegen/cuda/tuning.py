@@ -130,7 +130,7 @@ def int8_permitted(key: dict) -> bool:
     return key.get("accuracy_level") == INT8_ACCURACY_LEVEL and int8_weight_reason(key) is None
 
 
-def default_config(target, key) -> dict:
+def default_config(target, key, gemv_fill: bool = False) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
     - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
@@ -152,7 +152,7 @@ def default_config(target, key) -> dict:
     m, k, n = key["m"], key["k"], key["n"]
     if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192) \
             or gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES:
-        return gemv_default(target, key)
+        return gemv_default(target, key, gemv_fill)
     # The wgmma kernel where its N tiles of 256 alone fill the GPU (measured on the H200,
     # benchmarks/results/cuda-20261203-0831.json: 1.31x / 1.61x cuBLAS at M = 64 / 128 on
     # 28672x8192).
@@ -390,7 +390,7 @@ def gemv_registers(config: dict, cb: int) -> int:
 GEMV_REGISTERS = 64
 
 
-def gemv_default(target, key) -> dict:
+def gemv_default(target, key, fill: bool = False) -> dict:
     """The GEMV kernel's config. Fitted to M = 1 sweeps on the H200 of the decode shapes of a
     1B model (K = 2048 or 5632, N from 256 to 32000; benchmarks/results/cuda-h200-20261203-1837
     .json) and to M = 16-512 sweeps on an H100 of an encoder's short-K layers and 2048^2
@@ -408,6 +408,13 @@ def gemv_default(target, key) -> dict:
       warps than the GPU has SMs, keeping at least 4 steps a warp and one wave at most: the
       fix-up costs about a microsecond, which pays only on long K or tiny grids;
     - 8 k16 steps in flight with 16 k warps and no split, else 4 (more warps hide the rest).
+
+    ``fill`` (``tile{gemv_fill=1}``, off until timed in a decode graph): then split K further
+    where that lowers the largest share of the grid one SM runs. A CTA of 16 warps fills an
+    SM's registers, so the rule above can leave most SMs idle: the 22-layer decode's qkv and
+    o GEMVs ran 40 and 32 CTAs on 132 SMs, each SM issue-bound for ~8,300 cycles (Nsight,
+    codegen/cuda/NOTES.md); split 2 halves each SM's share there, while 176 CTAs of a gate/up
+    pair share no better than its 88 (44 SMs would run two).
     """
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
@@ -438,6 +445,14 @@ def gemv_default(target, key) -> dict:
     while (split * 2 <= 16 and steps(split * 2) >= 4 and warps(split * 2) <= wave
            and (steps(split) > 8 or warps(split) < sms)):
         split *= 2
+    if fill:
+        def share(sp):  # of the grid's work, what the busiest SM runs
+            ctas = n_blocks * grid_tiles * sp
+            return math.ceil(ctas / sms) / ctas
+
+        while (split * 2 <= 16 and steps(split * 2) >= 2 and warps(split * 2) <= wave
+               and share(split * 2) < share(split)):
+            split *= 2
     cfg["split_k"] = split
     if cfg["warps_k"] < 16 or split > 1:
         cfg["stages"] = 4
