@@ -16,9 +16,12 @@ import pytest
 
 from cuda_emulation import build_emulated, call_emulated
 from qcompiler.codegen.cuda.ops import kernel_source
+from qcompiler.codegen.cuda.plan import CACHE_PADDING, CudaPlanRunner
 from qcompiler.ir.core import Function, Module
 from qcompiler.ir.types import tensor
 from qcompiler.runtime.reference import OP_IMPLS
+# (llama_decode: a module-scoped fixture, used by the runner's tests below)
+from test_cuda_plan_signatures import _CopyLauncher, _llama_runner, _rows, llama_decode  # noqa: F401
 
 L, B, LAYER = 2, 2, 1
 
@@ -96,11 +99,6 @@ def test_padded_cache_reads_only_its_rows(tmp_path, hq, hkv, d, valid, capacity)
 # (recorders of test_cuda_plan_signatures.py: no GPU; the GPU test of the generation loop,
 # test_cuda_gpu.py, checks the values)
 
-from qcompiler.codegen.cuda import cache_capacity  # noqa: E402
-from qcompiler.codegen.cuda.plan import CACHE_PADDING, CudaPlanRunner  # noqa: E402
-from test_cuda_plan_signatures import (_CopyLauncher, _llama_runner, _rows,  # noqa: E402,F401
-                                       llama_decode)
-
 
 class _RowsLauncher(_CopyLauncher):
     """Also records 2-D copies and the values copied into the padding word."""
@@ -166,9 +164,9 @@ def test_decode_steps_share_their_capacity_signature(llama_decode):
             ((past + 1) * 32 * f32, (capacity + 1) * 32 * f32, (past + 1) * 32 * f32, rows, 2)] * 2
     assert prepared == [(64, True), (128, True)]
     sigs = runner._signatures
-    assert set(sigs) == {tuple(cache_capacity.CachePadding.at(runner._padding, {
-        n: a.shape for n, a in feeds(8).items()}, c)[n] for n in runner.plan.inputs)
-        for c in (64, 128)}
+    shapes = {n: a.shape for n, a in feeds(8).items()}
+    assert set(sigs) == {tuple(runner._padding.at(shapes, c)[n] for n in runner.plan.inputs)
+                         for c in (64, 128)}
     assert all(s.padding is not None and s.graph is not None for s in sigs.values())
     kinds = [e[0] for e in log if e[0] in ("launch", "graph")]
     assert kinds == ["launch"] + ["graph"] * 56 + ["launch"] + ["graph"] * 5
