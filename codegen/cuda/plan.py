@@ -454,7 +454,6 @@ class CudaPlanRunner:
         self._retired_slots: set = set()  # replaced shared buffers still in use (_slot)
         # the plan's cache length, when its decode steps share a capacity's graph (_plan_index)
         self._padding: Optional[CachePadding] = None
-        self._pad_ptr = 0            # the padding word's address while a padded table is built
         self._pad_written = None     # (address, value) of the last padding word copied
 
     # -- loading ---------------------------------------------------------------------------
@@ -674,15 +673,16 @@ class CudaPlanRunner:
         sig.arena_key = mem.key()
         now = _Layout(mem.key(), arena, resolved.inputs)
         now.padded, sig.padding = padding is not None, padding
-        self._pad_ptr = 0
-        if padding is not None:
-            self._pad_ptr = sig.slots[CACHE_PADDING] = self._slot(CACHE_PADDING, 8)
         shape_of = now.shape = dict(resolved.shapes)
         if base is not None:
             ptr = now.ptr = dict(base.ptr)
         else:
             ptr = now.ptr = {n: arena + mem.offsets[self.plan.buffers[n].alias_of or n]
                              for n in self._arena_buffers}
+        # the padding word, which the pad-aware launches read after their operands
+        ptr.pop(CACHE_PADDING, None)
+        if padding is not None:
+            ptr[CACHE_PADDING] = sig.slots[CACHE_PADDING] = self._slot(CACHE_PADDING, 8)
         dtypes, itemsize = self._dtypes, self._itemsizes
 
         for name in plan.inputs:
@@ -729,7 +729,6 @@ class CudaPlanRunner:
                 return reshaped
         for i in rebuild:
             entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
-        self._pad_ptr = 0
         self._layout = now
         now.signature, now.fresh = sig, frozenset(rebuild)
         self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
@@ -916,7 +915,7 @@ class CudaPlanRunner:
             names = [n for n in names if n is not None]
             dims = [shape_of[n] for n in names + outs]
             # (after the operands: the padding word a pad-aware kernel reads, or null)
-            padding = [self._pad_ptr] if pad and self._pad_ptr else []
+            padding = [ptr[CACHE_PADDING]] if pad and CACHE_PADDING in ptr else []
             parr, sarr = _row_arrays([ptr[n] for n in names + outs] + padding, dims)
             ws = self.ops.workspace_bytes(symbol, dims, sarr)
             fn = self._op_addresses.get(symbol)
