@@ -85,9 +85,9 @@ def qconv_034069ec5bd06464(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
     for mm in range(32):
         with T.sblock("offset"):
             v_mm = T.axis.spatial(32, mm)
-            T.reads(in3[()], in5[v_mm], in6[v_mm], wsum[v_mm // 32, v_mm % 32 // 16, v_mm % 16])
+            T.reads(in3[()], in5[v_mm], in6[v_mm], wsum[0, v_mm // 16, v_mm % 16])
             T.writes(offset[v_mm])
-            offset[v_mm] = T.Cast("int32", in3[()]) * T.Cast("int32", in5[v_mm]) * 144 + in6[v_mm] - T.Cast("int32", in3[()]) * wsum[v_mm // 32, v_mm % 32 // 16, v_mm % 16]
+            offset[v_mm] = T.Cast("int32", in3[()]) * T.Cast("int32", in5[v_mm]) * 144 + in6[v_mm] - T.Cast("int32", in3[()]) * wsum[0, v_mm // 16, v_mm % 16]
     for mm in range(32):
         with T.sblock("scale"):
             v_mm = T.axis.spatial(32, mm)
@@ -95,27 +95,29 @@ def qconv_034069ec5bd06464(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
             T.writes(scale[v_mm])
             scale[v_mm] = in2[()] * in4[v_mm] / in7[()]
     for nn_mm_0_fused in T.parallel(1):
-        for yy, xx_0 in T.grid(8, 1):
+        for yy, xx_0 in T.grid(8, 2):
             for ax0_init in T.unroll(1):
                 for ax1_init in T.unroll(1):
                     for ax2_init in T.unroll(1):
-                        for ax3_init in T.unroll(8):
+                        for ax3_init in T.unroll(4):
                             for ax4_init in T.unroll(2):
                                 for ax5_init in T.vectorized(16):
                                     with T.sblock("sum_init"):
                                         v_nn, v_g = T.axis.remap("SS", [ax0_init, ax1_init])
                                         v_yy = T.axis.spatial(8, yy + ax2_init)
-                                        v_xx, v_mo, v_mi = T.axis.remap("SSS", [ax3_init, ax4_init, ax5_init])
+                                        v_xx = T.axis.spatial(8, xx_0 * 4 + ax3_init)
+                                        v_mo, v_mi = T.axis.remap("SS", [ax4_init, ax5_init])
                                         T.reads()
                                         T.writes(sum_global[v_nn, v_g, v_yy, v_xx, v_mo, v_mi])
                                         sum_global[v_nn, v_g, v_yy, v_xx, v_mo, v_mi] = 0
             for ax6, ax7, ax8, ax0, ax1, ax2 in T.grid(3, 3, 4, 1, 1, 1):
-                for ax3 in T.unroll(8):
+                for ax3 in T.unroll(4):
                     for ax4 in T.unroll(2):
                         with T.sblock("sum_update_o"):
                             v_nn_o, v_g_o = T.axis.remap("SS", [ax0, ax1])
                             v_yy_o = T.axis.spatial(8, yy + ax2)
-                            v_xx_o, v_mo_o = T.axis.remap("SS", [ax3, ax4])
+                            v_xx_o = T.axis.spatial(8, xx_0 * 4 + ax3)
+                            v_mo_o = T.axis.spatial(2, ax4)
                             v_mi_o = T.axis.spatial(1, 0)
                             v_ry_o, v_rx_o, v_rco_o = T.axis.remap("RRR", [ax6, ax7, ax8])
                             v_rci_o = T.axis.reduce(1, 0)
@@ -125,14 +127,14 @@ def qconv_034069ec5bd06464(in0: T.Buffer((1, 8, 8, 16), "uint8"), in1: T.Buffer(
                             B = T.match_buffer(wq[v_g_o, v_mo_o, v_ry_o, v_rx_o, v_rco_o, 0:16, 0:4], (16, 4), "int8", offset_factor=1)
                             C = T.match_buffer(sum_global[v_nn_o, v_g_o, v_yy_o, v_xx_o, v_mo_o, 0:16], (16,), "int32", offset_factor=1)
                             C[0:16] = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", C[T.Ramp(0, 1, 16)], T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", A[T.Ramp(0, 1, 4)]), 16)), B[0, T.Ramp(0, 1, 64)])
-            for xx_1 in T.unroll(8):
+            for xx_1 in T.unroll(4):
                 for mm_1_0 in range(1):
                     for mm_1_1 in T.vectorized(32):
                         with T.sblock("out"):
                             v_nn = T.axis.spatial(1, 0)
                             v_yy = T.axis.spatial(8, yy)
-                            v_xx = T.axis.spatial(8, xx_0 * 8 + xx_1)
+                            v_xx = T.axis.spatial(8, xx_0 * 4 + xx_1)
                             v_mm = T.axis.spatial(32, mm_1_0 * 32 + mm_1_1)
-                            T.reads(sum_global[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16], offset[v_mm], in5[v_mm], xsum[v_nn, v_mm // 32, v_yy, v_xx], scale[v_mm], in8[()])
+                            T.reads(sum_global[v_nn, 0, v_yy, v_xx, v_mm // 16, v_mm % 16], offset[v_mm], in5[v_mm], xsum[v_nn, 0, v_yy, v_xx], scale[v_mm], in8[()])
                             T.writes(out[v_nn, v_yy, v_xx, v_mm])
-                            out[v_nn, v_yy, v_xx, v_mm] = T.Cast("uint8", T.reinterpret("int32", T.min(T.max(T.Cast("float32", sum_global[v_nn, v_mm // 32, v_yy, v_xx, v_mm % 32 // 16, v_mm % 16] + offset[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, v_mm // 32, v_yy, v_xx]) * scale[v_mm], T.Cast("float32", 110 - T.Cast("int32", in8[()]))), T.Cast("float32", 255 - T.Cast("int32", in8[()]))) + T.float32(12582912.0)) + T.Cast("int32", in8[()]) - 1262485504)
+                            out[v_nn, v_yy, v_xx, v_mm] = T.Cast("uint8", T.reinterpret("int32", T.min(T.max(T.Cast("float32", sum_global[v_nn, 0, v_yy, v_xx, v_mm // 16, v_mm % 16] + offset[v_mm] - T.Cast("int32", in5[v_mm]) * xsum[v_nn, 0, v_yy, v_xx]) * scale[v_mm], T.Cast("float32", 110 - T.Cast("int32", in8[()]))), T.Cast("float32", 255 - T.Cast("int32", in8[()]))) + T.float32(12582912.0)) + T.Cast("int32", in8[()]) - 1262485504)
