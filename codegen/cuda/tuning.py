@@ -409,7 +409,8 @@ def gemv_default(target, key, fill: bool = False) -> dict:
       fix-up costs about a microsecond, which pays only on long K or tiny grids;
     - 8 k16 steps in flight with 16 k warps and no split, else 4 (more warps hide the rest).
 
-    ``fill`` (``tile{gemv_fill=1}``, off until timed in a decode graph): then split K further
+    ``fill`` (``tile{gemv_fill=1}``, off: no faster in the 22-layer decode graph on an H100,
+    0.941 against 0.926 ms, codegen/cuda/NOTES.md): then split K further
     where that lowers the largest share of the grid one SM runs. A CTA of 16 warps fills an
     SM's registers, so the rule above can leave most SMs idle: the 22-layer decode's qkv and
     o GEMVs ran 40 and 32 CTAs on 132 SMs, each SM issue-bound for ~8,300 cycles (Nsight,
