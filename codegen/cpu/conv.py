@@ -371,7 +371,8 @@ VNNI_ACCUMULATORS = 24
 # MobileNetV2 QOperator batch 8, processes alternated, 2026-12-07): 16 -> 96 at 112 x 112
 # 2.17 -> 1.72 ms, 24 -> 144 at 56 x 56 0.92 -> 0.68, 32 -> 192 at 28 x 28 0.34 -> 0.27, every
 # vnni layer faster, its conv steps 21.7 -> 19.8 ms; ResNet-18 unchanged (8.92 ms).
-STACK_ACCUMULATORS = 15
+TVM_STACK_LIMIT = 1024  # bytes: TVM's kMaxStackAlloca (a buffer must be below it)
+STACK_ACCUMULATORS = (TVM_STACK_LIMIT - 1) // (OC_BLOCK * 4)  # int32 zmm sums: 15
 
 
 def register_tile(ow: int, oc_blocks: int,
