@@ -368,11 +368,15 @@ VNNI_ACCUMULATORS = 24
 # TVMBackendAllocWorkspace per row, which LLVM cannot keep in registers: 24 sums (1.5 KiB)
 # were zeroed in memory, stored and read back by the epilogue for every tile. 15 zmm sums
 # (960 bytes) stay on the stack, and LLVM keeps them in registers. Measured (Zen 4, 1 thread,
-# MobileNetV2 QOperator batch 8, processes alternated, 2026-12-07): 16 -> 96 at 112 x 112
-# 2.17 -> 1.72 ms, 24 -> 144 at 56 x 56 0.92 -> 0.68, 32 -> 192 at 28 x 28 0.34 -> 0.27, every
-# vnni layer faster, its conv steps 21.7 -> 19.8 ms; ResNet-18 unchanged (8.92 ms).
+# benchmarks/ab_cnn_layers.py, 24 against 15 sums, processes alternated, 2026-12-07 13:37,
+# ab-cnn-layers-20261207-1337-*-znver4-t1.json): MobileNetV2 QOperator batch 8, 16 -> 96 at
+# 112 x 112 2.02 -> 1.78 ms, 24 -> 144 at 56 x 56 0.89 -> 0.69, its conv steps 22.3 -> 20.9.
+# Long windows keep the 24 sums: there the tile's memory round trip is a small part of its
+# work, and fewer sums cost more operand loads per vpdpbusd (ResNet-18 batch 1: its 3 x 3
+# layers of 2304 and 4608 codes 3-7 % slower with 15, those of 576 and 1152 even).
 TVM_STACK_LIMIT = 1024  # bytes: TVM's kMaxStackAlloca (a buffer must be below it)
 STACK_ACCUMULATORS = (TVM_STACK_LIMIT - 1) // (OC_BLOCK * 4)  # int32 zmm sums: 15
+STACK_TILE_MAX_WINDOW = 2048  # codes a window: at and above it, VNNI_ACCUMULATORS sums
 
 
 def register_tile(ow: int, oc_blocks: int,
@@ -1402,6 +1406,7 @@ def _vnni_sum(node, x, wt, xzp, wzp, dims, module=None, w_packed=None, flat=Fals
     image_bytes = hp * wp * cp
     return acc, {"ow": ow, "group": group, "xsum": xsum is not None, "flat": flat,
                  "nhwc": nhwc, "m": m, "channel_term": channel_term if nhwc else None,
+                 "window": cp * kh * kw,  # codes summed per output (padded channels)
                  "xq_direct": not px and not isinstance(xq, te.Tensor),
                  "weights_outer": weight_bytes > image_bytes, "mg": mg, "px": px,
                  "xq_const_pad": zp_const is not None, "padded_rows": padded_rows,
@@ -1562,7 +1567,8 @@ def _schedule_channel_lanes_fused(sch, out, extra: dict):
     register_conv_vnni_intrin(CONV_VNNI_STACK_INTRIN)
     blk = sch.get_sblock("sum")
     on, oy, ox, om = sch.get_loops(out)
-    cols, blocks = register_tile(extra["ow"], extra["mg"] // OC_BLOCK, STACK_ACCUMULATORS)
+    sums = STACK_ACCUMULATORS if extra["window"] < STACK_TILE_MAX_WINDOW else VNNI_ACCUMULATORS
+    cols, blocks = register_tile(extra["ow"], extra["mg"] // OC_BLOCK, sums)
     oxo, oxi = sch.split(ox, [None, cols])
     omo, omi = sch.split(om, [None, blocks * OC_BLOCK])
     if extra["weights_outer"]:
