@@ -1104,11 +1104,12 @@ def test_static_qmatmul_runs_as_a_1x1_qconv(tmp_path, m_, k_, n_, trans_b, per_c
     (32, 64, 3, 1, 1, 1, 1, 14),   # a dense 3 x 3
 ], ids=["1x1-16to96", "3x3-32to64"])
 def test_fused_channels_last_sums_stay_on_the_stack(conv):
-    """The fused channels-last kernel's tile of sums must be a stack array (TVM keeps one
-    below 1 KiB there, and LLVM then keeps it in registers): a larger tile, or one whose
-    buffer spans every channel, becomes a TVMBackendAllocWorkspace per row, zeroed, stored
-    and reloaded every tile (MobileNetV2's 16 -> 96 layer: 2.02 against 1.78 ms, ab_cnn_layers.py). Checked in
-    the LLVM IR of the built kernel (compiled only: any x86 host)."""
+    """The fused channels-last kernel's tile of sums must be a stack array where the window
+    is short (TVM keeps one below 1 KiB there, and LLVM then keeps it in registers): a larger
+    tile, or one whose buffer spans every channel, becomes a TVMBackendAllocWorkspace per
+    row, zeroed, stored and reloaded every tile (MobileNetV2's 16 -> 96 layer: 2.02 against
+    1.78 ms, ab_cnn_layers.py). Checked in the LLVM IR of the built kernel (compiled only:
+    any x86 host)."""
     import tvm
 
     from qcompiler.codegen.cpu.conv import (OC_BLOCK, STACK_ACCUMULATORS, TVM_STACK_LIMIT,
