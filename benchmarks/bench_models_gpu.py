@@ -495,6 +495,20 @@ def llama(args, target, results):
                 m._run._padding = padding
                 print(f"  generation loop without the capacity's graph (each length its own "
                       f"signature): {row['generation_ms_per_token_exact']:.3f} ms per token")
+            if args.session:  # the caches kept on the device (kv_state.py)
+                ok &= greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy,
+                                    row, session=True)
+                row["session_generation_ms_per_token"] = generation_ms_per_token(
+                    m, cfg, layers, start, args.greedy, session=True)
+                kept = m._run.last_signature  # (the session's: still kept, by its graph)
+                row["session_graph_ms"] = graph_time_ms(m._run, kept) \
+                    if kept.graph is not None else None
+                row["session_launches"] = kept.n
+                if args.trace:
+                    row["session_trace"] = trace_graph(m._run, kept, f"llama {name} session")
+                print(f"  decode session (the caches kept on the device): "
+                      f"{row['session_generation_ms_per_token']:.3f} ms per token; its graph "
+                      f"{row['session_graph_ms']} ms, {kept.n} launches")
             row["generation_ms_per_token_torch_fp16_eager"] = generation_ms_per_token(
                 half, cfg, layers, start, args.greedy)
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
@@ -552,10 +566,12 @@ def llama_prefill(args, target, results) -> bool:
     return ok
 
 
-def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bool:
+def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict,
+                  session: bool = False) -> bool:
     """``n`` greedy decode steps on both sides from the same random cache of ``past`` tokens
     (the caches each side returns are its next inputs; ours stay torch tensors on the device).
-    Records both token lists and, where they first differ, torch's top-2 logit margin there."""
+    Records both token lists and, where they first differ, torch's top-2 logit margin there.
+    ``session``: ours in a decode session (the caches kept on the device, kv_state.py)."""
     import torch
 
     import decoder_models as dm
@@ -563,10 +579,14 @@ def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bo
     feeds = dm.llama_inputs(cfg, layers, 1, 1, past, seed=2)
     ours_in = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
     theirs_in = {k: (v.half() if v.is_floating_point() else v) for k, v in ours_in.items()}
+    kept = None
+    if session:
+        kept = m.session()
+        kept.reset({"past_k": ours_in.pop("past_k"), "past_v": ours_in.pop("past_v")})
     ours, theirs, margins = [], [], []
     with torch.no_grad(), default_dtype(torch.float16):
         for step in range(n):
-            out = list(m.run(ours_in).values())
+            out = list((kept.step if kept else m.run)(ours_in).values())
             logits, k, v = half(*theirs_in.values())
             ours.append(int(out[0][0, -1].argmax()))
             theirs.append(int(logits[0, -1].argmax()))
@@ -575,29 +595,38 @@ def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict) -> bo
             pos = torch.tensor([[past + step + 1]], device="cuda")
             # each side continues from its own token: a divergence is not papered over
             ours_in = {"input_ids": torch.tensor([[ours[-1]]], device="cuda"),
-                       "position_ids": pos, "past_k": out[1], "past_v": out[2]}
+                       "position_ids": pos}
+            if not kept:
+                ours_in.update(past_k=out[1], past_v=out[2])
             theirs_in = {"input_ids": torch.tensor([[theirs[-1]]], device="cuda"),
                          "position_ids": pos, "past_k": k, "past_v": v}
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    print(f"  greedy {n} tokens from context {past}: {'same' if first is None else 'DIFFER'}")
+    print(f"  greedy {n} tokens from context {past}{' (decode session)' if session else ''}: "
+          f"{'same' if first is None else 'DIFFER'}")
     print(f"    ours:  {ours}\n    torch: {theirs}")
     if first is not None:
         print(f"    first difference at step {first}; torch's top-2 margin there "
               f"{margins[first]:.4g} (smallest margin over the run {min(margins):.4g})")
-    row["greedy"] = {"tokens": n, "context_start": past, "ours": ours, "torch_fp16": theirs,
-                     "first_difference": first, "min_top2_margin": min(margins)}
+    row["session_greedy" if session else "greedy"] = {
+        "tokens": n, "context_start": past, "ours": ours, "torch_fp16": theirs,
+        "first_difference": first, "min_top2_margin": min(margins)}
+    if kept:
+        kept.close()
     return first is None
 
 
 def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
-                            profile: bool = False) -> float:
+                            profile: bool = False, session: bool = False) -> float:
     """``n`` greedy steps from a random cache of ``past`` tokens as a generation loop runs
     them: the cache grows a token a step, so for ours every step is a new input signature
     (prepared from the last, captured at its second run, CudaPlanRunner.MAX_SIGNATURES kept),
     unlike the fixed-context timing above. The next token is chosen on the device (no host
     sync inside the loop). ``m``: our compiled model, or the torch fp16 module (the peer: its
     caches concatenated by torch ops a step). ``profile``: also print where the host time
-    goes (cProfile, the top functions by own time; the timing is then not the figure)."""
+    goes (cProfile, the top functions by own time; the timing is then not the figure).
+    ``session``: ours in a decode session (kv_state.py), given the cache once before the
+    clock starts; the loop passes only the token and its position. Its signature then is
+    ``m._run.last_signature``."""
     import time
 
     import torch
@@ -609,6 +638,10 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     inputs = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
     if not ours:
         inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+    kept = None
+    if session:
+        kept = m.session()
+        kept.reset({"past_k": inputs.pop("past_k"), "past_v": inputs.pop("past_v")})
     torch.cuda.synchronize()
     if profile:
         import cProfile
@@ -619,10 +652,14 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     start = time.perf_counter()
     with torch.no_grad(), default_dtype(torch.float16 if not ours else torch.float32):
         for step in range(n):
-            out = list(m.run(inputs).values()) if ours else list(m(*inputs.values()))
+            if kept:
+                out = list(kept.step(inputs).values())
+            else:
+                out = list(m.run(inputs).values()) if ours else list(m(*inputs.values()))
             inputs = {"input_ids": out[0][:, -1:].argmax(-1),
-                      "position_ids": torch.full((1, 1), past + step + 1, device="cuda"),
-                      "past_k": out[1], "past_v": out[2]}
+                      "position_ids": torch.full((1, 1), past + step + 1, device="cuda")}
+            if not kept:
+                inputs.update(past_k=out[1], past_v=out[2])
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     if profile:
@@ -666,6 +703,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generation-profile", action="store_true",
                     help="cProfile the generation loop's host work (ours; its timing then "
                          "includes the profiler)")
+    ap.add_argument("--session", action="store_true",
+                    help="with --greedy: also the decode session (the KV cache kept on the "
+                         "device): its greedy tokens, loop time, graph replay")
     ap.add_argument("--pad-ab", action="store_true",
                     help="also time the generation loop with every cache length its own "
                          "signature (the runner's capacity padding off, cache_capacity.py)")

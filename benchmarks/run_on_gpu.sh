@@ -199,6 +199,13 @@ for step in "$@"; do
       timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
         --llama-layers 22 --greedy 32 --pad-ab 2>&1 | tee "$OUT/pad-loop.log" \
         | grep -E "ours|greedy|generation|FAIL|rror" | cut -c1-220 ;;
+    session)  # issue #12: the decode session's GPU test (the KV cache kept on the device), then the
+              # 22-layer loop (32 greedy tokens against torch) with and without the session, traced
+      timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_gpu.py" -k "session or generation_loop" 2>&1 | tee "$OUT/session-tests.log" | tail -4
+      timeout ${DECODE_TIMEOUT:-360} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
+        --llama-layers 22 --greedy 32 --session --trace 2>&1 | tee "$OUT/session.log" \
+        | grep -E "ours|greedy|generation|session|FAIL|rror" | cut -c1-220 ;;
     decode-trace)  # issue #12: the 22-layer decode at context 512 (32 greedy tokens against torch), its
                    # graph replay per kernel (trace) and its generation loop unprofiled
       timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \

@@ -545,6 +545,66 @@ def test_llama_generation_loop_matches_the_reference_at_every_step(tmp_path, mon
     assert (runner.last_signature.padding is not None) == padded
 
 
+def test_llama_decode_session_matches_the_reference_at_every_step(tmp_path, monkeypatch):
+    """A decode session (codegen/cuda/kv_state.py): the caches given once, kept on the device
+    in the compute dtype and updated in place. Greedy steps from a cache of 60 rows to 70
+    (crossing the capacity of 64: the state laid out again), each step's logits against the
+    reference run on the caches the session holds (read back with ``state()``, which must
+    also equal the reference's presents of the step before); numpy in and out, then torch
+    CUDA tensors, and a reset with run()'s presents continues where run() stopped."""
+    from qcompiler.runtime.reference import run as ref_run
+
+    torch = pytest.importorskip("torch")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples"))
+    import decoder_models as dm
+
+    monkeypatch.setenv("QC_CUDA_PLAN", "1")
+    cfg = dict(vocab=256, hidden=256, heads=4, kv_heads=2, intermediate=384)
+    m, ref, feeds = _llama_decode_on_cuda_sm90(tmp_path, cfg, 60, 5)
+    session = m.session()
+    caches = {"past_k": feeds["past_k"], "past_v": feeds["past_v"]}
+    session.reset(caches)
+    token, names = feeds["input_ids"], list(m.output_names)
+    for step in range(10):
+        pos = np.array([[60 + step]], np.int64)
+        # the reference on the caches as the session holds them (f16 values, as f32)
+        held = session.state()
+        if step == 0:
+            for k, n in zip(("past_k", "past_v"), names[1:]):
+                np.testing.assert_allclose(held[n], caches[k], atol=1e-3 * np.abs(caches[k]).max())
+        want = ref_run(ref, {"input_ids": token, "position_ids": pos,
+                             "past_k": held[names[1]], "past_v": held[names[2]]})
+        got = session.step({"input_ids": token, "position_ids": pos})
+        assert list(got) == [names[0]]
+        scale = max(float(np.abs(want[names[0]]).max()), 1.0)
+        assert np.abs(got[names[0]] - want[names[0]]).max() <= 3e-2 * scale, step
+        after = session.state()
+        for n in names[1:]:
+            assert after[n].shape == want[n].shape
+            np.testing.assert_allclose(after[n], want[n], rtol=0, atol=3e-2 * max(
+                float(np.abs(want[n]).max()), 1.0))
+        token = got[names[0]][:, -1:].argmax(-1).astype(np.int64)
+    assert session.length == 70 and session.capacity == 128 and session.relayouts == 1
+    assert session._sig.graph is not None  # (captured at the capacity's second step)
+
+    # torch CUDA tensors in and out, from run()'s presents: the same logits as run()
+    tf = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda()
+          for k, v in dm.llama_inputs(cfg, 2, 1, 1, 30, seed=6).items()}
+    session.reset({"past_k": tf["past_k"], "past_v": tf["past_v"]})
+    by_run = m.run(tf)
+    by_session = session.step({"input_ids": tf["input_ids"], "position_ids": tf["position_ids"]})
+    assert isinstance(by_session[names[0]], torch.Tensor) and by_session[names[0]].is_cuda
+    torch.testing.assert_close(by_session[names[0]], by_run[names[0]], rtol=0, atol=2e-3)
+    held = session.state()
+    for n in names[1:]:
+        assert held[n].is_cuda and held[n].dtype == torch.float32
+        torch.testing.assert_close(held[n], by_run[n], rtol=0, atol=2e-3)
+    session.close()
+
+
 @pytest.mark.parametrize("device_plan", ["1", "0"])
 def test_llama_with_norms_in_the_projections_matches_the_reference(tmp_path, monkeypatch,
                                                                    device_plan):

@@ -371,6 +371,8 @@ class _Signature:
         self.arena_key: tuple = ()   # the memory plan whose arena its launches use
         # a capacity's signature (cache_capacity.py): where the padding lies, else None
         self.padding = None
+        # a decode session's (kv_state.py): the KV state it updates in place, else None
+        self.state = None
 
     # A plan without collectives is one launch segment: its table, launch count and graph
     # (what benchmarks and tests replay directly); with collectives there is no single graph.
@@ -455,6 +457,10 @@ class CudaPlanRunner:
         # the plan's cache length, when its decode steps share a capacity's graph (_plan_index)
         self._padding: Optional[CachePadding] = None
         self._pad_written = None     # (address, value) of the last padding word copied
+        # decode sessions (kv_state.py): the plan's state pairs (or why none) and the
+        # sessions' signatures, which the runner's shared buffers must outlive
+        self._kv_state: Optional[tuple] = None
+        self._state_signatures: list = []
 
     # -- loading ---------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -580,8 +586,7 @@ class CudaPlanRunner:
 
     def _free_slot_if_unused(self, ptr: int) -> None:
         """Free a replaced shared buffer once no kept signature launches over it."""
-        if any(ptr in sig.slots.values() for store in (self._signatures, self._bound)
-               for sig in store.values()):
+        if any(ptr in sig.slots.values() for sig in self._kept_signatures()):
             return
         # launches over it may still be in flight (a run returns before they finish)
         self._check(self.launcher.qc_stream_synchronize(self.stream), "freeing a buffer")
@@ -608,6 +613,10 @@ class CudaPlanRunner:
         self._arena_buffers = [n for n, r in roots.items() if r.kind == "arena"]
         # views of an input, output, weight or host value: placed after their roots
         self._other_views = [(n, r.name) for n, r in roots.items() if r.kind != "arena"]
+        self._views_of: dict = {}  # root buffer -> its views
+        for n, b in plan.buffers.items():
+            if b.kind == "view" and b.alias_of:
+                self._views_of.setdefault(b.alias_of, []).append(n)
         # per buffer, the steps that launch over it (rebuilt when it moves or changes shape)
         self._steps_of: dict = {}
         for i, step in enumerate(plan.steps):
@@ -643,11 +652,14 @@ class CudaPlanRunner:
         return hit
 
     def _prepare(self, shapes: dict, bound: Optional[dict] = None,
-                 padding=None) -> _Signature:
+                 padding=None, state=None) -> _Signature:
         """The step table of one shape signature. ``bound``: input name -> the caller's device
         pointer, read in place by the launches. ``padding`` (a ``CacheLayout``): ``shapes``
         are a capacity's, and the pad-aware launches read the padding word
-        (cache_capacity.py).
+        (cache_capacity.py). ``state`` (a ``kv_state.StateBinding``, with ``padding``): a
+        decode session's signature, its caches updated in place in the session's state
+        buffers (kv_state.py): prepared from nothing, and not what later signatures start
+        from.
 
         It starts from the last signature's (``_Layout``): inputs, outputs, workspaces and
         host values lie in the runner's shared buffers (``_slot``) and intermediates in the
@@ -666,13 +678,14 @@ class CudaPlanRunner:
         mem = self._plans.for_dims(resolved.dims)
         self._retired.discard(mem.key())  # a class that came back keeps its arena
         arena = self._arena(mem)
-        base = self._layout
+        base = self._layout if state is None else None
         if base is not None and (base.arena_key != mem.key() or base.arena != arena):
             base = None  # another arena: every intermediate moved
         sig = _Signature()
         sig.arena_key = mem.key()
         now = _Layout(mem.key(), arena, resolved.inputs)
-        now.padded, sig.padding = padding is not None, padding
+        now.padded, sig.padding, sig.state = padding is not None, padding, state
+        kept = state.kv if state is not None else None  # the caches the session keeps
         shape_of = now.shape = dict(resolved.shapes)
         if base is not None:
             ptr = now.ptr = dict(base.ptr)
@@ -687,6 +700,10 @@ class CudaPlanRunner:
 
         for name in plan.inputs:
             shape = tuple(shapes[name])
+            if kept is not None and name in kept.inputs:  # (in the state: never copied)
+                ptr[name] = 0
+                sig.inputs[name] = (0, shape, dtypes[name])
+                continue
             if bound and name in bound:
                 ptr[name] = bound[name]
                 sig.bound.add(name)
@@ -695,6 +712,10 @@ class CudaPlanRunner:
             sig.inputs[name] = (ptr[name], shape, dtypes[name])
         for name, src in self._output_sources.items():
             shape = shape_of[name] = tuple(resolved.shapes[src])
+            if kept is not None and name in kept.outputs:  # (read from the state on demand)
+                ptr[name] = 0
+                sig.outputs[name] = (0, shape, dtypes[name])
+                continue
             ptr[name] = sig.slots[name] = self._slot(name, math.prod(shape) * itemsize[name])
             sig.outputs[name] = (ptr[name], shape, dtypes[name])
         for name, (p, shape) in self.weights.items():
@@ -706,10 +727,14 @@ class CudaPlanRunner:
         for name, root in self._other_views:
             if root in ptr:
                 ptr[name] = ptr[root]
+        launch_steps = self._launch_steps
+        if state is not None:  # the layers' caches in the state; no casts or concats of them
+            state.place(ptr, shape_of, itemsize, self._views_of)
+            launch_steps = [i for i in launch_steps if i not in state.skipped]
 
         # the steps to build: all of them, or those over a buffer that moved or was reshaped
         if base is None:
-            rebuild = self._launch_steps
+            rebuild = launch_steps
             entries = now.entries = {}
         else:
             entries = now.entries = dict(base.entries)
@@ -729,9 +754,10 @@ class CudaPlanRunner:
                 return reshaped
         for i in rebuild:
             entries[i] = self._step_launches(plan.steps[i], ptr, shape_of)
-        self._layout = now
+        if state is None:
+            self._layout = now
         now.signature, now.fresh = sig, frozenset(rebuild)
-        self._tables(sig, [entries[i] for i in self._launch_steps], base, now)
+        self._tables(sig, launch_steps, [entries[i] for i in launch_steps], base, now)
         return sig
 
     def _reshape_last(self, base: _Layout, sig: _Signature, now: _Layout, moved: set,
@@ -901,8 +927,8 @@ class CudaPlanRunner:
         launches, op_ws, qmm_ws = [], 0, 0
 
         def span(name: str) -> tuple:  # (address, bytes) of a buffer; weights are read-only
-            if name is None or plan.buffers[name].kind == "weight" or name not in ptr:
-                return (0, 0)
+            if name is None or plan.buffers[name].kind == "weight" or not ptr.get(name):
+                return (0, 0)  # (null: a session's past, read in place)
             return (ptr[name], math.prod(shape_of[name]) * itemsize[name])
 
         def copy(src: str, dst: str):
@@ -969,16 +995,17 @@ class CudaPlanRunner:
             op_ws = op(self.symbols[step.node + EPILOGUE_SUFFIX], names, [y], solo=True)
         return launches, op_ws, qmm_ws
 
-    def _tables(self, sig: _Signature, entries: list, base: Optional[_Layout],
+    def _tables(self, sig: _Signature, steps: list, entries: list, base: Optional[_Layout],
                 now: _Layout) -> None:
         """``sig``'s program from its steps' launches: the concurrent runs, each launch's
         workspace slot, and one QcStep table per segment between collectives. With ``base``
         (the last signature's layout, whose unchanged launches are the same entry objects)
         the runs are formed again only around changed launches, and each table starts as a
-        copy of the last one with only the rows that differ written."""
+        copy of the last one with only the rows that differ written. ``steps``: the indices
+        of the launching steps whose ``entries`` these are."""
         launches = [launch for step in entries for launch in step[0]]
         now.first_launch, at = {}, 0
-        for i, step in zip(self._launch_steps, entries):
+        for i, step in zip(steps, entries):
             now.first_launch[i] = at
             at += len(step[0])
         op_ws = max((step[1] for step in entries), default=0)
@@ -1091,18 +1118,7 @@ class CudaPlanRunner:
         extra = [n for n in inputs if n not in plan.inputs]
         if missing or extra:
             raise InputError(f"@{plan.function} inputs: missing {missing}, unknown {extra}")
-        on_device = {n: _device_pointer(inputs[n]) for n in plan.inputs}
-        arrays = {}
-        for n in plan.inputs:
-            want = elem(plan.buffers[n].dtype).np_dtype
-            x = inputs[n]
-            if on_device[n] is None:
-                x = np.ascontiguousarray(x)
-                if x.dtype != want:
-                    raise InputError(f"input %{n}: expected {want}, got dtype {x.dtype}")
-            else:
-                _check_device_input(n, x, want)
-            arrays[n] = x
+        arrays, on_device = self._checked_inputs(inputs, plan.inputs)
         signature = tuple(tuple(arrays[n].shape) for n in plan.inputs)
         if self._dependencies is None:
             self._plan_index()
@@ -1114,6 +1130,37 @@ class CudaPlanRunner:
                 sig = self._signatures[signature] = self._prepare(
                     {n: tuple(arrays[n].shape) for n in plan.inputs})
             self._touch(self._signatures, signature)
+        return self._execute(sig, arrays, on_device, padded[1] if padded else None)
+
+    run = __call__
+
+    def _checked_inputs(self, inputs: dict, names: list) -> tuple:
+        """(arrays, device pointers) of the inputs ``names``: numpy arrays contiguous, device
+        tensors checked (contiguous, of the plan's dtype); a device pointer or None each."""
+        plan = self.plan
+        on_device = {n: _device_pointer(inputs[n]) for n in names}
+        arrays = {}
+        for n in names:
+            want = elem(plan.buffers[n].dtype).np_dtype
+            x = inputs[n]
+            if on_device[n] is None:
+                x = np.ascontiguousarray(x)
+                if x.dtype != want:
+                    raise InputError(f"input %{n}: expected {want}, got dtype {x.dtype}")
+            else:
+                _check_device_input(n, x, want)
+            arrays[n] = x
+        return arrays, on_device
+
+    def _execute(self, sig: _Signature, arrays: dict, on_device: dict,
+                 pad: Optional[int]) -> dict:
+        """Run ``sig`` on ``arrays``: inputs in, its graphs (or tables) and collectives, the
+        outputs out. ``pad``: the padding rows of a capacity's signature (else None). A
+        decode session's signature (``sig.state``) takes and returns only what is not its
+        state."""
+        plan = self.plan
+        padded = (sig, pad) if pad is not None else None
+        kept = sig.state.kv if sig.state is not None else None
         if sig.collectives:  # refused before any launch: a rank artifact loaded alone
             for node, world in sig.collectives:
                 communicator_for(node, world)
@@ -1124,8 +1171,8 @@ class CudaPlanRunner:
         # inputs read in place it is not the one _signatures keeps for the shapes
         self.last_signature = sig
         lib, s = self.launcher, self.stream
-        torch_inputs = [arrays[n] for n in plan.inputs if on_device[n] is not None
-                        and type(arrays[n]).__module__.startswith("torch")]
+        torch_inputs = [x for n, x in arrays.items() if on_device[n] is not None
+                        and type(x).__module__.startswith("torch")]
         # With torch CUDA tensors in, the caller's stream may still be writing them: our
         # stream waits for it on the device, and at the end the caller's stream waits for
         # ours (the outputs are torch tensors), so run() returns without blocking the host,
@@ -1151,6 +1198,8 @@ class CudaPlanRunner:
                         "copying the host values")
             self._host_owners[host] = sig
         for n in plan.inputs:
+            if kept is not None and n in kept.inputs:
+                continue  # (in the session's state)
             dptr, shape, dtype = sig.inputs[n]
             nbytes = int(np.prod(shape)) * dtype.itemsize
             if not nbytes or n in sig.bound:  # (a bound input is read where it lies)
@@ -1183,6 +1232,8 @@ class CudaPlanRunner:
         torch_out = any(v is not None for v in on_device.values()) and _torch_available()
         results = {}
         for out, buf in plan.outputs.items():
+            if kept is not None and buf in kept.outputs:
+                continue  # (the session's state: read on demand)
             dptr, shape, dtype = sig.outputs[buf]
             axis = sig.padding.outputs.get(buf) if padded else None
             capacity = shape
@@ -1211,8 +1262,6 @@ class CudaPlanRunner:
         else:
             self._check(lib.qc_stream_synchronize(s), "running the plan")
         return results
-
-    run = __call__
 
     def _padded_signature(self, arrays: dict):
         """(signature, padding rows) of a decode step run as its cache capacity's
@@ -1349,8 +1398,57 @@ class CudaPlanRunner:
     MAX_EXACT_PLANS = 4
 
     def _arena_in_use(self, key: tuple) -> bool:
-        return any(sig.arena_key == key for store in (self._signatures, self._bound)
-                   for sig in store.values())
+        return any(sig.arena_key == key for sig in self._kept_signatures())
+
+    def _kept_signatures(self):
+        """Every signature whose launches may still run: the plain and bound ones kept, and
+        the decode sessions'."""
+        for store in (self._signatures, self._bound):
+            yield from store.values()
+        yield from self._state_signatures
+
+    # -- decode sessions (kv_state.py) -----------------------------------------------------
+    def session(self):
+        """A decode session (``kv_state.DecodeSession``): the KV cache kept on the device
+        between steps, updated in place. Refused, with the reason, for a plan whose decode
+        step does not have that shape."""
+        from qcompiler.codegen.cuda.kv_state import DecodeSession, KvState
+
+        self.load_device()
+        if self._dependencies is None:
+            self._plan_index()
+        if self._kv_state is None:
+            self._kv_state = KvState.find(self.plan, self.nodes, self._padding)
+        kv, why = self._kv_state
+        if kv is None:
+            raise InputError(f"@{self.plan.function}: no decode session: {why}")
+        return DecodeSession(self, kv)
+
+    def _state_signature(self, shapes: dict, binding) -> _Signature:
+        """A decode session's signature for the capacity ``shapes`` (its caches' inputs at
+        the capacity) over its state buffers (``binding``)."""
+        layout = self._padding.layout(
+            self.plan, self.nodes, shapes,
+            lambda s: dict(resolve(self.plan, self.module, s, self._constants,
+                                   self._dependencies).shapes),
+            self._output_sources)
+        kv = binding.kv
+        if layout is None or any(layout.inputs.get(p.input) != 3 or
+                                 layout.outputs.get(p.output) != 3 or
+                                 any(layout.axes.get(b) != 2 for b in p.presents)
+                                 for p in kv.pairs):
+            shown = {n: shapes[n] for n in self.plan.inputs}
+            raise InputError(f"@{self.plan.function}: a decode session cannot run inputs of "
+                             f"shapes {shown} (a step of one new token is padded to its cache's "
+                             f"capacity; codegen/cuda/cache_capacity.py)")
+        sig = self._prepare(shapes, padding=layout, state=binding)
+        self._state_signatures.append(sig)
+        return sig
+
+    def _release_state_signature(self, sig: _Signature) -> None:
+        if sig in self._state_signatures:
+            self._state_signatures.remove(sig)
+            self._release(sig)
 
     def _retire_arena(self, mem) -> None:
         """MemoryPlans dropped ``mem``: free its arena now, or when the last kept signature

@@ -43,6 +43,17 @@ class CompiledModule:
             raise InputError("run() takes a dict {input name: array}")
         return self._run(inputs)
 
+    def session(self):
+        """A decode session: a KV-cache model's caches kept on the device between steps and
+        updated in place (``reset(caches)``, ``step(inputs)``, ``state()``; CUDA device
+        plans, ``codegen/cuda/kv_state.py``)."""
+        make = getattr(self._run, "session", None)
+        if make is None:
+            raise InputError(f"target {self.target}: decode sessions (the KV cache kept on "
+                             f"the device) need a CUDA device plan; run() takes the caches "
+                             f"as inputs on every target")
+        return make()
+
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         inputs = dict(zip(self.input_names, args))
         inputs.update(kwargs)
