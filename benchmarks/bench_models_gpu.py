@@ -479,8 +479,10 @@ def llama(args, target, results):
             same = greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy, row)
             # cache lengths the greedy check has not prepared yet (each is a new signature)
             start = max(1, past + 1 - 3 * args.greedy)
+            steady = {}
             row["generation_ms_per_token"] = generation_ms_per_token(
-                m, cfg, layers, start, args.greedy, args.generation_profile)
+                m, cfg, layers, start, args.greedy, args.generation_profile, steady=steady)
+            row["generation_ms_per_token_after_2"] = steady.get("ms_per_token")
             if args.reshape_ab:  # the same loop with every token's signature prepared anew
                 m._run.reshape_in_place = False
                 row["generation_ms_per_token_no_reshape"] = generation_ms_per_token(
@@ -498,8 +500,10 @@ def llama(args, target, results):
             if args.session:  # the caches kept on the device (kv_state.py)
                 ok &= greedy_tokens(m, half, cfg, layers, past + 1 - args.greedy, args.greedy,
                                     row, session=True)
+                steady = {}
                 row["session_generation_ms_per_token"] = generation_ms_per_token(
-                    m, cfg, layers, start, args.greedy, session=True)
+                    m, cfg, layers, start, args.greedy, session=True, steady=steady)
+                row["session_generation_ms_per_token_after_2"] = steady.get("ms_per_token")
                 kept = m._run.last_signature  # (the session's: still kept, by its graph)
                 row["session_graph_ms"] = graph_time_ms(m._run, kept) \
                     if kept.graph is not None else None
@@ -507,12 +511,14 @@ def llama(args, target, results):
                 if args.trace:
                     row["session_trace"] = trace_graph(m._run, kept, f"llama {name} session")
                 print(f"  decode session (the caches kept on the device): "
-                      f"{row['session_generation_ms_per_token']:.3f} ms per token; its graph "
+                      f"{row['session_generation_ms_per_token']:.3f} ms per token (after its "
+                      f"first two steps {steady.get('ms_per_token')}); its graph "
                       f"{row['session_graph_ms']} ms, {kept.n} launches")
             row["generation_ms_per_token_torch_fp16_eager"] = generation_ms_per_token(
                 half, cfg, layers, start, args.greedy)
             print(f"  a generation loop (cache growing a token a step, {args.greedy} steps): "
-                  f"{row['generation_ms_per_token']:.3f} ms per token; torch fp16 eager "
+                  f"{row['generation_ms_per_token']:.3f} ms per token (after its first two "
+                  f"steps {row['generation_ms_per_token_after_2']}); torch fp16 eager "
                   f"{row['generation_ms_per_token_torch_fp16_eager']:.3f}")
             ok &= same
     return ok
@@ -616,7 +622,8 @@ def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict,
 
 
 def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
-                            profile: bool = False, session: bool = False) -> float:
+                            profile: bool = False, session: bool = False,
+                            steady: dict = None) -> float:
     """``n`` greedy steps from a random cache of ``past`` tokens as a generation loop runs
     them: the cache grows a token a step, so for ours every step is a new input signature
     (prepared from the last, captured at its second run, CudaPlanRunner.MAX_SIGNATURES kept),
@@ -626,7 +633,9 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     goes (cProfile, the top functions by own time; the timing is then not the figure).
     ``session``: ours in a decode session (kv_state.py), given the cache once before the
     clock starts; the loop passes only the token and its position. Its signature then is
-    ``m._run.last_signature``."""
+    ``m._run.last_signature``. ``steady``: filled with ``ms_per_token`` over the steps after
+    the first two (a signature prepared at its first run and captured at its second: a long
+    generation pays that once per capacity of 64 tokens)."""
     import time
 
     import torch
@@ -652,6 +661,9 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     start = time.perf_counter()
     with torch.no_grad(), default_dtype(torch.float16 if not ours else torch.float32):
         for step in range(n):
+            if step == 2 and steady is not None:
+                torch.cuda.synchronize()
+                warm = time.perf_counter()
             if kept:
                 out = list(kept.step(inputs).values())
             else:
@@ -662,6 +674,8 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
                 inputs.update(past_k=out[1], past_v=out[2])
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if steady is not None and n > 2:
+        steady["ms_per_token"] = (time.perf_counter() - warm) / (n - 2) * 1e3
     if profile:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)

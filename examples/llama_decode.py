@@ -15,9 +15,12 @@ quantizer (block 32, symmetric):
 Both files are compiled for ``--target`` and run step by step: the argmax of the last logits is
 the next token, and the caches returned by one step are the next step's inputs. Each step has
 a new cache length, so each step is a new input signature for the plan (its shape functions
-and kernel bindings are prepared once per signature; nothing is compiled at run time). onnxruntime
-runs the same two files the same way; the script checks that both produce the same tokens and
-prints qcompiler's decode speed in tokens per second (and onnxruntime's, for reference).
+and kernel bindings are prepared once per signature; nothing is compiled at run time). On a
+CUDA target the decode steps run in a **decode session** instead (``CompiledModule.session()``,
+``codegen/cuda/kv_state.py``): the prefill's caches are given to it once and stay on the
+device, updated in place; each step passes only the token and its position. onnxruntime runs
+the same two files the same way; the script checks that both produce the same tokens and prints
+qcompiler's decode speed in tokens per second (and onnxruntime's, for reference).
 """
 from __future__ import annotations
 
@@ -54,13 +57,26 @@ def build_files(args, work: str) -> tuple[str, str, dict]:
     return files["prefill"], files["decode"], cfg
 
 
-def generate(prefill, decode, prompt: np.ndarray, new_tokens: int) -> tuple[list, float]:
+def generate(prefill, decode, prompt: np.ndarray, new_tokens: int,
+             session=None) -> tuple[list, float]:
     """Greedy tokens after ``prompt`` and the seconds the decode steps took. ``prefill`` and
-    ``decode`` map a feed dict to the list of outputs (logits, present_k, present_v)."""
+    ``decode`` map a feed dict to the list of outputs (logits, present_k, present_v).
+    ``session``: a decode session of the decode model, which then runs the decode steps with
+    the caches kept on the device (``decode`` unused)."""
     n = prompt.shape[1]
     logits, k, v = prefill({"input_ids": prompt,
                             "position_ids": np.arange(n, dtype=np.int64)[None]})
     tokens = [int(np.argmax(logits[0, -1]))]
+    if session is not None:  # the prefill's caches, given once
+        session.reset({"past_k": k, "past_v": v})
+        step = 0
+        start = time.perf_counter()
+        while len(tokens) < new_tokens:
+            logits, = session.step({"input_ids": np.array([[tokens[-1]]], np.int64),
+                                    "position_ids": np.array([[n + step]], np.int64)}).values()
+            tokens.append(int(np.argmax(logits[0, -1])))
+            step += 1
+        return tokens, time.perf_counter() - start
     # One step whose result is dropped: the first calls of a process (thread pool start-up,
     # first touch of the weights) are not what a long generation sees per token.
     decode({"input_ids": np.array([[tokens[-1]]], np.int64),
@@ -96,8 +112,10 @@ def main(argv=None) -> int:
 
     qc_prefill = qcompiler.compile(prefill_file, target=args.target)
     qc_decode = qcompiler.compile(decode_file, target=args.target)
+    # on a CUDA target the decode steps keep their caches on the device
+    session = qc_decode.session() if args.target.startswith("cuda") else None
     ours, qc_s = generate(lambda f: list(qc_prefill.run(f).values()),
-                          lambda f: list(qc_decode.run(f).values()), prompt, args.new)
+                          lambda f: list(qc_decode.run(f).values()), prompt, args.new, session)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
