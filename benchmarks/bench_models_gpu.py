@@ -43,9 +43,10 @@ X_NORM = False
 
 
 def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
-             gemv_fill: bool = False) -> str:
+             gemv_fill: bool = False, gemv_acc_scale: bool = False) -> str:
     """The target's default pipeline after ``quantize``, with this run's changes (x_norm:
-    X_NORM unless given; gemv_fill: ``tile{gemv_fill=1}``)."""
+    X_NORM unless given; gemv_fill: ``tile{gemv_fill=1}``; gemv_acc_scale:
+    ``tile{gemv_acc_scale=1}``)."""
     from qcompiler.targets import get_target
 
     spec = get_target(target).default_pipeline
@@ -57,9 +58,10 @@ def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
         x_norm = X_NORM
     if x_norm:
         spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
-    if gemv_fill:
-        assert f"tile{{target={target}" in spec
-        spec = spec.replace(f"tile{{target={target}", f"tile{{target={target},gemv_fill=1")
+    for option, on in (("gemv_fill", gemv_fill), ("gemv_acc_scale", gemv_acc_scale)):
+        if on:
+            assert f"tile{{target={target}" in spec
+            spec = spec.replace(f"tile{{target={target}", f"tile{{target={target},{option}=1")
     return quantize + spec
 
 
@@ -435,12 +437,14 @@ def llama(args, target, results):
               f"{row['concurrent_runs']} concurrent runs; one stream: "
               f"{row.get('ours_graph_ms_one_stream')}")
         # the same file again with the other fuse-norm-qmatmul setting, or the GEMV
-        # heuristic's gemv_fill
-        ab = "x_norm" if args.x_norm_ab else "gemv_fill" if args.gemv_fill_ab else None
+        # heuristic's gemv_fill or gemv_acc_scale
+        ab = "x_norm" if args.x_norm_ab else "gemv_fill" if args.gemv_fill_ab else \
+            "gemv_acc_scale" if args.gemv_acc_scale_ab else None
         if ab:
             other = not X_NORM if ab == "x_norm" else True
             passes2 = pipeline(target, quantize, other) if ab == "x_norm" else \
-                pipeline(target, quantize, gemv_fill=True)
+                pipeline(target, quantize, gemv_fill=ab == "gemv_fill",
+                         gemv_acc_scale=ab == "gemv_acc_scale")
             m2 = qcompiler.compile(path, target=target, passes=passes2,
                                    buckets={"batch": [1], "seq": [1], "past": [past + 1]})
             ms2 = cuda_time_ms(lambda: m2.run(t), iters=50, warmup=5)
@@ -741,6 +745,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-fill-ab", action="store_true",
                     help="the same with tile{gemv_fill=1} (the GEMV heuristic splitting K "
                          "where that lowers the busiest SM's share)")
+    ap.add_argument("--gemv-acc-scale-ab", action="store_true",
+                    help="the same with tile{gemv_acc_scale=1} (group scales on each GEMV "
+                         "warp's sums where its run keeps to one group)")
     a = ap.parse_args(argv)
     global INT8_MIN_M, X_NORM
     INT8_MIN_M = a.int8_min_m

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -199,6 +199,14 @@ for step in "$@"; do
       timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
         --llama-layers 22 --greedy 32 --pad-ab 2>&1 | tee "$OUT/pad-loop.log" \
         | grep -E "ours|greedy|generation|FAIL|rror" | cut -c1-220 ;;
+    acc-ab)  # issue #12: the 22-layer decode (traced, 8 greedy tokens against torch) with the GEMV's
+             # scales on each warp's sums (tile{gemv_acc_scale=1}) and without, one export, one process;
+             # then the acc_scale GEMV's emulation-checked variants on the GPU
+      timeout 100 python3 -m pytest -q -n 2 -p no:cacheprovider --rootdir "$REPO" -m gpu \
+        "$REPO/tests/test_cuda_gpu.py" -k "acc_scale" 2>&1 | tee "$OUT/acc-tests.log" | tail -3
+      timeout ${DECODE_TIMEOUT:-330} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" \
+        --skip-minilm --llama-layers 22 --greedy 8 --trace --gemv-acc-scale-ab > "$OUT/acc-ab.log" 2>&1
+      grep -E "ours|gemv_acc_scale|greedy|FAIL|trace llama" "$OUT/acc-ab.log" | cut -c1-200 ;;
     session)  # issue #12: the decode session's GPU test (the KV cache kept on the device), then the
               # 22-layer loop (32 greedy tokens against torch) with and without the session, traced
       timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider --rootdir "$REPO" -m gpu \

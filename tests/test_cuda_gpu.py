@@ -93,6 +93,21 @@ def test_every_variant(fmt, tmp_path):
             _check(kern, built, m, variant=i)
 
 
+@pytest.mark.parametrize("fmt", ["u4_zp_g128_f16", "i4_g128_bf16", "u8_zp_g64_bf16"])
+def test_gemv_acc_scale_variants(fmt, tmp_path):
+    """The GEMV kernel with each warp's group scales on its sums (acc_scale=1,
+    tile{gemv_acc_scale=1}): one group a warp, over 2 K splits, two M fragments."""
+    from test_cuda_qmatmul_emulation import _gemv_acc_scale_variants
+
+    case = _case(fmt, (1024, 512))
+    variants = [v for v in _gemv_acc_scale_variants(case.k, case.group) if v["gemv"]]
+    built = bs.build_case(case, str(tmp_path), variants=variants)
+    kern = bs.load_kernel(built)
+    for i, v in enumerate(variants):
+        for m in (1, 5, v["m_max"]):
+            _check(kern, built, m, variant=i)
+
+
 # int8 activations (tiled_i8.cuh) on the device: every format the int8 kernel takes, with the
 # permission of accuracy_level 4, against its numpy model (cases.int8_model) with its
 # tolerance; tile shapes, k warps, 64- and 128-row stages and split-K, at M tails.

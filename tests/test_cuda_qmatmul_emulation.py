@@ -237,6 +237,84 @@ def test_emulator_faults_past_the_launched_shared_memory(tmp_path):
     assert far.returncode != 0
 
 
+def _gemv_acc_scale_variants(k: int, group: int) -> list[dict]:
+    """GEMV variants with acc_scale (each warp's run one group): one group a warp without a
+    split, the same over 2 K splits, two M fragments, then a tiled variant for larger M."""
+    steps = k // 16 // (group // 16)  # groups: one per warp
+    return [
+        {"m_max": 8, "gemv": 1, "m_frags": 1, "warps_n": 1, "warps_k": steps, "stages": 4,
+         "stage_k": 64, "acc_scale": 1, "split_k": 1},
+        {"m_max": 16, "gemv": 1, "m_frags": 1, "warps_n": 1, "warps_k": steps // 2,
+         "stages": 4, "stage_k": 64, "acc_scale": 1, "split_k": 2},
+        {"m_max": 32, "gemv": 1, "m_frags": 2, "warps_n": 1, "warps_k": steps, "stages": 2,
+         "stage_k": 64, "acc_scale": 1, "split_k": 1},
+        {"m_max": 4096, "gemv": 0, "m_frags": 1, "warps_n": 1, "warps_k": 2, "stages": 2,
+         "stage_k": 64, "acc_scale": 0, "split_k": 1},
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["u4_zp_g128_f16", "i4_g128_bf16", "u8_zp_g64_bf16",
+                                 "u2_zp_g64_f16"])
+def test_gemv_scales_on_the_sums_in_host_emulation(fmt, tmp_path):
+    """acc_scale=1 on the GEMV kernel (tile{gemv_acc_scale=1}): the codes unpacked to their
+    exact integers and each warp's sums multiplied by its group's scales after its loop;
+    zero points, bf16, 8- and 2-bit codes, K split over CTAs, two M fragments, against the
+    reference (the scale must reach each accumulator's own column: a swapped half fails)."""
+    bits, signed, zp, group, ao, dtype, bias = FORMATS[fmt]
+    case = cases.Case(k=1024, n=200, bits=bits, signed=signed, zero_point=zp, group=group,
+                      act_order=ao, dtype=dtype, bias=bias)
+    variants = _gemv_acc_scale_variants(case.k, group)
+    for v in variants:
+        key = {"op": "qmatmul", "m": v["m_max"], "k": case.k, "n": case.n,
+               "w_scheme": str(case.scheme()), "act_order": False}
+        assert tuning.check_config(tuning_target(), key, v) is None, v
+    module, qmm = _emulated(case, tmp_path, variants)
+    for m in (1, 5, 16, 30):
+        x = cases.random_x(case, m, seed=m)
+        ref = cases.reference(module, x)
+        for i, v in enumerate(qmm.variants):
+            if m > v["m_max"] or not v["gemv"]:
+                continue
+            err = cases.rel_error(qmm.run(x, case.n, i), ref)
+            assert err <= cases.TOLERANCE[dtype], f"{fmt} M={m} variant {v}: rel error {err:.3g}"
+
+
+def tuning_target():
+    from qcompiler.targets import get_target
+
+    return get_target(TARGET)
+
+
+def test_gemv_scales_on_the_sums_only_where_a_run_keeps_to_one_group():
+    """The config check and the heuristic (tile{gemv_acc_scale=1}) take acc_scale on the GEMV
+    only where every warp's k16 steps lie in one group: K 2048 at group 128 with 16 k warps
+    (the 22-layer decode's 2048-row layers), not K 5632 split 4 (a warp's 5.5 steps cross
+    groups), not per-channel scales."""
+    from qcompiler.codegen.cuda.config import gemv_runs_in_one_group
+
+    assert gemv_runs_in_one_group(128, 1, 16, 8) and gemv_runs_in_one_group(128, 2, 8, 8)
+    assert not gemv_runs_in_one_group(352, 4, 16, 8) and not gemv_runs_in_one_group(128, 1, 8, 8)
+    tgt = tuning_target()
+    scheme = str(cases.Case(k=2048, n=2048, bits=4, signed=True, zero_point=False,
+                            group=128).scheme())
+    key = {"op": "qmatmul", "m": 1, "k": 2048, "n": 2048, "w_scheme": scheme,
+           "act_order": False, "act": "none", "x_dtype": "f16", "has_bias": False}
+    plain = tuning.default_config(tgt, key)
+    chosen = tuning.default_config(tgt, key, gemv_acc_scale=True)
+    assert plain["acc_scale"] == 0 and chosen["acc_scale"] == 1
+    assert {k: v for k, v in chosen.items() if k != "acc_scale"} == \
+        {k: v for k, v in plain.items() if k != "acc_scale"}
+    assert tuning.check_config(tgt, key, chosen) is None
+    crossing = dict(chosen, warps_k=8)  # 16 steps a warp: two groups
+    assert "crosses a group" in tuning.check_config(tgt, key, crossing)
+    down = dict(key, k=5632, n=2048)
+    assert tuning.default_config(tgt, down, gemv_acc_scale=True)["acc_scale"] == 0
+    channel = dict(key, w_scheme=str(cases.Case(k=2048, n=2048, bits=8, signed=True,
+                                                 zero_point=False, group=0).scheme()))
+    assert tuning.default_config(tgt, channel, gemv_acc_scale=True)["acc_scale"] == 0
+    assert "group scales" in tuning.check_config(tgt, channel, dict(chosen))
+
+
 # ---- x_norm (fuse-norm-qmatmul): x normalized by the kernel ------------------------------------
 # GEMV variants apply RMSNorm after the product (x * g in the loop, each row's 1 / rms on the
 # sums, every K split alike) and normalize LayerNorm's rows into shared memory (up to 48 KB

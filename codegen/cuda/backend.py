@@ -78,7 +78,7 @@ def kernel_params(node, target_name: str) -> dict:
                          "fp8": v.get("fp8", 0), "name": f"v{i}"})
     # One template instance per distinct kernel (split_k is a run-time value).
     instances = sorted({(v["gemv"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"])
-                        + ((0, 0, 0, 0) if v["gemv"]
+                        + ((0, v["acc_scale"], 0, 0) if v["gemv"]
                            else (v["stage_k"], v["acc_scale"], v["int8"], v["fp8"]))
                         for v in variants if not v["wgmma"]})
     wgmma_instances = sorted({(v["wgmma"], v["m_frags"], v["warps_n"], v["warps_k"], v["stages"],

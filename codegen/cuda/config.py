@@ -87,6 +87,20 @@ def knob_types(config: dict, knobs=KNOBS) -> Optional[str]:
     return None
 
 
+def gemv_runs_in_one_group(k_steps: int, split_k: int, warps_k: int, group_steps: int) -> bool:
+    """Whether every warp of the GEMV kernel runs k16 steps of one group only, with
+    ``k_steps`` split over ``split_k`` CTAs of ``warps_k`` k warps as the kernel divides them
+    (include/qcompiler/gemv.cuh ``gemv_runs_in_one_group``, the launcher's check): the
+    condition of its ``acc_scale`` (a warp's group scales on its sums after its loop)."""
+    for split in range(split_k):
+        cb, ce = split * k_steps // split_k, (split + 1) * k_steps // split_k
+        for wk in range(warps_k):
+            b, e = cb + (ce - cb) * wk // warps_k, cb + (ce - cb) * (wk + 1) // warps_k
+            if e > b and b // group_steps != (e - 1) // group_steps:
+                return False
+    return True
+
+
 def check_knobs(target, key: dict, config: dict) -> Optional[str]:
     """None if ``config`` is a valid kernel variant for ``key`` on ``target``, else why.
 
@@ -127,8 +141,19 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
         cb = 8 if _bits(key) > 4 else 4
         if config["m_frags"] not in (1, 2):
             return f"the GEMV kernel takes m_frags 1 or 2, not {config['m_frags']}"
-        if config["stage_k"] != 64 or config["acc_scale"] != 0:
-            return "the GEMV kernel does not use stage_k or acc_scale (they must be 64 and 0)"
+        if config["stage_k"] != 64:
+            return "the GEMV kernel does not use stage_k (it must be 64)"
+        if config["acc_scale"] not in (0, 1):
+            return f"acc_scale={config['acc_scale']} not in (0, 1)"
+        if config["acc_scale"]:
+            group = _group(key)
+            k_steps = pad_to(key["k"], K_ALIGN) // 16
+            if not group or key.get("act_order") or group % 16:
+                return "the GEMV kernel's acc_scale needs group scales (no act_order)"
+            if not gemv_runs_in_one_group(k_steps, config["split_k"], config["warps_k"],
+                                          group // 16):
+                return (f"acc_scale: a warp's run of k16 steps (split_k={config['split_k']}, "
+                        f"warps_k={config['warps_k']}) crosses a group of {group} rows")
         if gemv_registers(config, cb) > GEMV_REGISTERS:
             return (f"stages={config['stages']} needs {gemv_registers(config, cb)} registers for "
                     f"loads in flight and accumulators (at most {GEMV_REGISTERS})")
@@ -151,7 +176,7 @@ def check_knobs(target, key: dict, config: dict) -> Optional[str]:
         return f"group {group} and stage_k={config['stage_k']} do not nest"
     if config["acc_scale"] not in (0, 1):
         return f"acc_scale={config['acc_scale']} not in (0, 1)"
-    if config["acc_scale"] and (config["m_frags"] != 1 or not group):
+    if config["acc_scale"] and not config["gemv"] and (config["m_frags"] != 1 or not group):
         return "acc_scale needs an M tile of 16 (m_frags=1) and group scales"
     if not 1 <= config["split_k"] <= k_tiles:
         return f"split_k={config['split_k']} not in [1, {k_tiles}] (K has {k_tiles} tiles of 64)"

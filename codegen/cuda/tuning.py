@@ -130,7 +130,7 @@ def int8_permitted(key: dict) -> bool:
     return key.get("accuracy_level") == INT8_ACCURACY_LEVEL and int8_weight_reason(key) is None
 
 
-def default_config(target, key, gemv_fill: bool = False) -> dict:
+def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = False) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
     - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
@@ -152,7 +152,7 @@ def default_config(target, key, gemv_fill: bool = False) -> dict:
     m, k, n = key["m"], key["k"], key["n"]
     if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192) \
             or gemv_reread_bytes(key) < GEMV_MAX_REREAD_BYTES:
-        return gemv_default(target, key, gemv_fill)
+        return gemv_default(target, key, gemv_fill, gemv_acc_scale)
     # The wgmma kernel where its N tiles of 256 alone fill the GPU (measured on the H200,
     # benchmarks/results/cuda-20261203-0831.json: 1.31x / 1.61x cuBLAS at M = 64 / 128 on
     # 28672x8192).
@@ -390,7 +390,7 @@ def gemv_registers(config: dict, cb: int) -> int:
 GEMV_REGISTERS = 64
 
 
-def gemv_default(target, key, fill: bool = False) -> dict:
+def gemv_default(target, key, fill: bool = False, acc_scale: bool = False) -> dict:
     """The GEMV kernel's config. Fitted to M = 1 sweeps on the H200 of the decode shapes of a
     1B model (K = 2048 or 5632, N from 256 to 32000; benchmarks/results/cuda-h200-20261203-1837
     .json) and to M = 16-512 sweeps on an H100 of an encoder's short-K layers and 2048^2
@@ -416,6 +416,11 @@ def gemv_default(target, key, fill: bool = False) -> dict:
     o GEMVs ran 40 and 32 CTAs on 132 SMs, each SM issue-bound for ~8,300 cycles (Nsight,
     codegen/cuda/NOTES.md); split 2 halves each SM's share there, while 176 CTAs of a gate/up
     pair share no better than its 88 (44 SMs would run two).
+
+    ``acc_scale`` (``tile{gemv_acc_scale=1}``): the group scales on each warp's fp32 sums
+    after its loop instead of on every weight pair in it, where every warp's run lies in one
+    group (``config.gemv_runs_in_one_group``: the decode's K = 2048 layers at group 128, 16 k
+    warps of 8 steps). Off until timed in the decode graph.
     """
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)
@@ -466,6 +471,13 @@ def gemv_default(target, key, fill: bool = False) -> dict:
             cfg["stages"] = 4
         else:
             cfg["warps_k"] //= 2
+    if acc_scale:
+        from qcompiler.codegen.cuda.config import gemv_runs_in_one_group
+
+        group = _group(key)
+        if group and group % 16 == 0 and not key.get("act_order") and gemv_runs_in_one_group(
+                k_steps, split, cfg["warps_k"], group // 16):
+            cfg["acc_scale"] = 1
     return cfg
 
 

@@ -90,9 +90,11 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
   if (v.gemv == 0 && v.m_frags == 4 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 3 &&
       v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0 && v.fp8 == 0)
     return qc::launch_tiled<Config, 4, 2, 2, 3, 8, false>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 8)
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 8 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 1, 1, 16, 8>(p, stream);
   return cudaErrorInvalidConfiguration;
 }

@@ -76,9 +76,11 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
   if (v.gemv == 0 && v.m_frags == 2 && v.warps_n == 4 && v.warps_k == 2 && v.stages == 4 &&
       v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 1 && v.fp8 == 0)
     return qc::launch_tiled_i8<Config, 2, 4, 2, 4, 8, false>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 2, 1, 16, 4>(p, stream);
   return cudaErrorInvalidConfiguration;
 }

@@ -80,9 +80,11 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
   if (v.wgmma == 2 && v.m_frags == 16 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 4 &&
       v.int8 == 0 && v.fp8 == 0)
     return qc::launch_wgmma_block_split<Config, 256, 1, 2, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 2, 1, 16, 4>(p, stream);
   return cudaErrorInvalidConfiguration;
 }

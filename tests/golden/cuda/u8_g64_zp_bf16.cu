@@ -72,11 +72,14 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
   cudaError_t err = qc::make_params<Config>(v, x, y, w, scales, zeros, bias, perm, norm_w,
                                             norm_b, M, workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
-  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 4)
+  if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 4 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 1, 1, 4, 4>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 2)
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 2 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 2, 1, 2, 2>(p, stream);
-  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 2)
+  if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 2 &&
+      v.acc_scale == 0)
     return qc::launch_gemv<Config, 2, 1, 8, 2>(p, stream);
   return cudaErrorInvalidConfiguration;
 }

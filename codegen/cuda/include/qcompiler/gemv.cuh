@@ -62,7 +62,29 @@ __device__ __forceinline__ void allow_next_launch() {
   }
 }
 
-template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+// Whether every warp's run of k16 steps lies in one group of GROUP rows, for K_STEPS steps
+// split over `split_k` CTAs of `warps_k` k warps (the kernel's own division of the steps):
+// then a warp multiplies its sums by its group's scales once, after its loop (ACC_SCALE).
+// codegen/cuda/config.py gemv_runs_in_one_group is the same rule, for the config check.
+__host__ __device__ constexpr bool gemv_runs_in_one_group(int k_steps, int split_k, int warps_k,
+                                                         int group_steps) {
+  for (int split = 0; split < split_k; ++split) {
+    const int cb = (int)((long long)split * k_steps / split_k);
+    const int ce = (int)((long long)(split + 1) * k_steps / split_k);
+    for (int wk = 0; wk < warps_k; ++wk) {
+      const int b = cb + (ce - cb) * wk / warps_k, e = cb + (ce - cb) * (wk + 1) / warps_k;
+      if (e > b && b / group_steps != (e - 1) / group_steps) return false;
+    }
+  }
+  return true;
+}
+
+// ACC_SCALE (the acc_scale knob; group scales, every warp's run in one group: launch_gemv
+// checks): the weights are unpacked to their exact integers (c - z) and the warp's fp32 sums
+// are multiplied by its group's scales after the loop, instead of every weight pair by its
+// scale in the loop (two HMUL2 per 8 codes: ~16 of a k16 step's instructions, in a loop that
+// is issue-bound at small M; codegen/cuda/NOTES.md).
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH, bool ACC_SCALE = false>
 __global__ void __launch_bounds__(32 * WARPS_N * WARPS_K,
                                   (GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>::MIN_BLOCKS))
 qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
@@ -75,6 +97,7 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
   constexpr long long W_STEP = (long long)C::N_BLOCKS * WORDS * 32;  // uint4 between k16 steps
   constexpr int SCALE_ROWS = (C::K_PAD + C::GROUP - 1) / C::GROUP;
   constexpr bool GROUP_ROWS = !C::SCALE_IN_EPILOGUE || C::HAS_ZP;  // per-group scales or zeros
+  static_assert(!ACC_SCALE || !C::SCALE_IN_EPILOGUE, "ACC_SCALE: group scales only");
   // x_norm = rms (fuse-norm-qmatmul) without a prepared copy of x: the row's 1 / rms is a
   // scalar of the product, rmsnorm(x, g) W = (1 / rms(x)) ((x * g) W), so the loop multiplies
   // x's fragments by g's (a constant, loaded with the weights) and the row's statistics are
@@ -224,7 +247,7 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       uint32_t b[4];
-      U::template unpack_tile<!C::SCALE_IN_EPILOGUE>(q + t * WORDS, b, zo[t], s2[t]);
+      U::template unpack_tile<!C::SCALE_IN_EPILOGUE && !ACC_SCALE>(q + t * WORDS, b, zo[t], s2[t]);
       const uint32_t a[4] = {b[0], b[2], b[1], b[3]};  // B fragments of w -> A of w^T
 #pragma unroll
       for (int mf = 0; mf < M_FRAGS; ++mf) mma_16816<S>(acc[mf][t], a, xf[mf][0], xf[mf][1]);
@@ -300,6 +323,22 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 
   allow_next_launch<C::PDL>();  // the next kernel may start and prefetch its weights meanwhile
 
+  if constexpr (ACC_SCALE) {
+    // The run's one group: its scales (s2, as loaded at the run's first step) on the sums;
+    // acc[mf][t][0..1] are column 16t + g of the block (scale s2[t][0]), [2..3] 16t + g + 8.
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const float s_lo = to_float(s2[t][0].x), s_hi = to_float(s2[t][1].x);
+#pragma unroll
+      for (int mf = 0; mf < M_FRAGS; ++mf) {
+        acc[mf][t][0] *= s_lo;
+        acc[mf][t][1] *= s_lo;
+        acc[mf][t][2] *= s_hi;
+        acc[mf][t][3] *= s_hi;
+      }
+    }
+  }
+
   // RMS_POST: each row's 1 / rms, from the whole CTA's sums of squares (the reductions'
   // region is their scratch), into shared memory after the sums for the tile's end
   float* inv_rms = reinterpret_cast<float*>(smem + T::NORM_OFFSET);
@@ -352,10 +391,14 @@ qmatmul_gemv_kernel(const Params<typename C::scalar_t> p) {
 }
 
 // Launch the GEMV kernel for a call's parameters p (early, with PDL, where it may).
-template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH>
+template <class C, int M_FRAGS, int WARPS_N, int WARPS_K, int DEPTH, bool ACC_SCALE = false>
 cudaError_t launch_gemv(Params<typename C::scalar_t> p, cudaStream_t stream) {
   using T = GemvTile<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
-  auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH>;
+  auto kernel = qmatmul_gemv_kernel<C, M_FRAGS, WARPS_N, WARPS_K, DEPTH, ACC_SCALE>;
+  // (the config check allows ACC_SCALE only where this holds for the variant's split; a split
+  // the runtime lowered, splits(), must keep it too)
+  if (ACC_SCALE && !gemv_runs_in_one_group(C::K_PAD / 16, p.split_k, WARPS_K, C::GROUP / 16))
+    return cudaErrorInvalidConfiguration;
   // x_norm in the kernel: room after the sums for LayerNorm's rows of x (GEMV_NORM_SMEM at
   // most) or RMSNorm's 1 / rms of each row
   constexpr int MAX_SMEM = C::X_NORM == X_NORM_LAYER ? T::NORM_OFFSET + GEMV_NORM_SMEM
