@@ -212,6 +212,8 @@ def test_sessions_refuse_what_they_cannot_run(llama_decode):
         session.reset({"past_k": caches["past_k"]})
     with pytest.raises(InputError, match="one .L, B, Hkv, P, D. shape"):
         session.reset({"past_k": caches["past_k"], "past_v": caches["past_v"][:, :, :, :3]})
+    with pytest.raises(InputError, match=r"input %past_k is \[2, .*got \[3, 1, 2, 8, 32\]"):
+        session.reset({n: np.concatenate([a, a[:1]]) for n, a in caches.items()})
     session.reset(caches)
     with pytest.raises(InputError, match=r"unknown \['past_k'\].*the session's state"):
         session.step({**step, "past_k": caches["past_k"]})

@@ -200,7 +200,6 @@ class DecodeSession:
         self.kv = kv
         plan = runner.plan
         self.step_inputs = [n for n in plan.inputs if n not in kv.inputs]
-        self.step_outputs = {o: b for o, b in plan.outputs.items() if b not in kv.outputs}
         self.state_outputs = {o: b for o, b in plan.outputs.items() if b in kv.outputs}
         self.length = 0
         self.capacity = 0
@@ -233,6 +232,13 @@ class DecodeSession:
             raise InputError(f"session state: the caches must share one [L, B, Hkv, P, D] "
                              f"shape, got {sorted(shapes)}")
         shape = next(iter(shapes))
+        for arg in r.module.main.args:  # the model's static dims (layers, heads, head size)
+            if arg.name in self.kv.inputs:
+                want = arg.type.shape
+                if len(want) != 5 or any(isinstance(w, int) and w != d
+                                         for w, d in zip(want, shape)):
+                    raise InputError(f"session state: input %{arg.name} is {list(want)}, "
+                                     f"got {list(shape)}")
         self.close()
         self._shape, self.length = shape, shape[3]
         # a step of length P runs at the capacity C of P and writes row P of C + 1
