@@ -255,9 +255,7 @@ class DecodeSession:
         if type(a).__module__.startswith("torch") and a.is_cuda:
             import torch
 
-            from qcompiler.codegen.cuda.plan import _torch_dtype
-
-            t = a.to(_torch_dtype(want)).contiguous()
+            t = a.to(r.torch_dtype(want)).contiguous()
             torch.cuda.current_stream(t.device).synchronize()  # (our stream reads it next)
             src, kind, keep = t.data_ptr(), 3, t
         else:
@@ -309,14 +307,12 @@ class DecodeSession:
             if self._torch_io:
                 import torch
 
-                from qcompiler.codegen.cuda.plan import _torch_dtype
-
-                t = torch.empty(shape, dtype=_torch_dtype(elem(pair.dtype).np_dtype),
+                t = torch.empty(shape, dtype=r.torch_dtype(elem(pair.dtype).np_dtype),
                                 device="cuda")
                 self._copy2d(t.data_ptr(), self.length, self._buffers[pair.input][0],
                              self.capacity + 1, self.length, 3)
                 r._check(r.launcher.qc_stream_synchronize(r.stream), "reading the state")
-                out[oname] = t.to(_torch_dtype(want))
+                out[oname] = t.to(r.torch_dtype(want))
             else:
                 a = np.empty(shape, elem(pair.dtype).np_dtype)
                 self._copy2d(a.ctypes.data, self.length, self._buffers[pair.input][0],

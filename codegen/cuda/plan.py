@@ -1408,6 +1408,11 @@ class CudaPlanRunner:
         yield from self._state_signatures
 
     # -- decode sessions (kv_state.py) -----------------------------------------------------
+    @staticmethod
+    def torch_dtype(dtype):
+        """The torch dtype of a numpy dtype (a session's tensors in and out)."""
+        return _torch_dtype(dtype)
+
     def session(self):
         """A decode session (``kv_state.DecodeSession``): the KV cache kept on the device
         between steps, updated in place. Refused, with the reason, for a plan whose decode
