@@ -239,7 +239,7 @@ def test_sources_are_thin_and_include_the_headers():
     included = [line.split('"')[1] for line in text.splitlines() if line.startswith("#include \"")]
     assert set(included) <= set(nv.kernel_headers()) and "qcompiler/gemv.cuh" in included
     assert "using Unpack = qc::UnpackLop3MagicF16<scalar_t, HAS_ZP, ZLO2, ZHI2>;" in text
-    assert "qc::launch_gemv<Config, 1, 1, 16, 4>" in text
+    assert "qc::launch_gemv<Config, 1, 1, 16, 4, true>" in text  # (acc_scale: one group a warp)
 
 
 @pytest.mark.slow

@@ -114,7 +114,9 @@ def search_space(target, key) -> dict:
         "warps_k": [1, 2, 4, 8, 16] if gemv_permitted else [1, 2, 4],
         "stages": [2, 3, 4, 5, 6, 8],
         "stage_k": [64, 128],
-        "acc_scale": [0, 1] if m <= 16 and _group(key) else [0],
+        # (the tiled kernel's at up to 16 rows; the GEMV's wherever it runs: its runs of one
+        # group, config.gemv_runs_in_one_group, filter the combinations)
+        "acc_scale": [0, 1] if (m <= 16 or gemv_permitted) and _group(key) else [0],
         "split_k": list(range(1, 17)),
         # int8 activations where the model permits them (accuracy_level 4) and the kernel
         # takes the weights; its own rules (config.check_int8) filter the combinations.
@@ -130,7 +132,7 @@ def int8_permitted(key: dict) -> bool:
     return key.get("accuracy_level") == INT8_ACCURACY_LEVEL and int8_weight_reason(key) is None
 
 
-def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = False) -> dict:
+def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = True) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
     - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
@@ -390,7 +392,7 @@ def gemv_registers(config: dict, cb: int) -> int:
 GEMV_REGISTERS = 64
 
 
-def gemv_default(target, key, fill: bool = False, acc_scale: bool = False) -> dict:
+def gemv_default(target, key, fill: bool = False, acc_scale: bool = True) -> dict:
     """The GEMV kernel's config. Fitted to M = 1 sweeps on the H200 of the decode shapes of a
     1B model (K = 2048 or 5632, N from 256 to 32000; benchmarks/results/cuda-h200-20261203-1837
     .json) and to M = 16-512 sweeps on an H100 of an encoder's short-K layers and 2048^2
@@ -417,10 +419,11 @@ def gemv_default(target, key, fill: bool = False, acc_scale: bool = False) -> di
     codegen/cuda/NOTES.md); split 2 halves each SM's share there, while 176 CTAs of a gate/up
     pair share no better than its 88 (44 SMs would run two).
 
-    ``acc_scale`` (``tile{gemv_acc_scale=1}``): the group scales on each warp's fp32 sums
-    after its loop instead of on every weight pair in it, where every warp's run lies in one
-    group (``config.gemv_runs_in_one_group``: the decode's K = 2048 layers at group 128, 16 k
-    warps of 8 steps). Off until timed in the decode graph.
+    ``acc_scale`` (``tile{gemv_acc_scale=1}``, the default): the group scales on each warp's
+    fp32 sums after its loop instead of on every weight pair in it, where every warp's run
+    lies in one group (``config.gemv_runs_in_one_group``: the decode's K = 2048 layers at group
+    128, 16 k warps of 8 steps). The 8-layer decode graph on an H100: 0.352 -> 0.339 ms
+    (benchmarks/results/gpu-h100-20261207-1540/).
     """
     cb = 8 if _bits(key) > 4 else 4
     sms = _sm_count(target)

@@ -4,7 +4,7 @@
 // Weights: #quant<i4, symmetric, per_group(axis=0, block=128), scale=f16>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=8, codes=i4, container_bits=4, group=128, interleave=kodd_h_k8, k=512, k_pad=512, n=256, n_pad=256, scale_at=registers, zero_const=8> (codegen/cuda/layout.py), 4-bit containers, K 512 -> 512,
 // N 256 -> 256. Unpack: lop3-magic-f16; scales applied in the registers; zero point: constant.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, split_k 1), v4 (M <= 128: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, split_k 1), v5 (M <= 512: GEMV, m_frags 2, warps 1x8, 4 k16 steps in flight, split_k 1), v6 (M <= 4096: m_frags 4, warps 2x2, stages 3 of 128 rows, split_k 1).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v4 (M <= 128: GEMV, m_frags 1, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v5 (M <= 512: GEMV, m_frags 2, warps 1x8, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v6 (M <= 4096: m_frags 4, warps 2x2, stages 3 of 128 rows, split_k 1).
 //
 // The kernels are the static headers in codegen/cuda/include/qcompiler/ (copied to the
 // artifact's kernels/include/); this file sets what the passes decided and instantiates them.
@@ -64,12 +64,12 @@ struct Config {
 
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
-    {8, 1, 1, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v0
-    {16, 1, 1, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v1
-    {32, 1, 1, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v2
-    {64, 1, 1, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v3
-    {128, 1, 1, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v4
-    {512, 1, 2, 1, 8, 4, 64, 0, 1, 0, 0, 0},  // v5
+    {8, 1, 1, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v0
+    {16, 1, 1, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v1
+    {32, 1, 1, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v2
+    {64, 1, 1, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v3
+    {128, 1, 1, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v4
+    {512, 1, 2, 1, 8, 4, 64, 1, 1, 0, 0, 0},  // v5
     {4096, 0, 4, 2, 2, 3, 128, 0, 1, 0, 0, 0},  // v6
 };
 constexpr int N_VARIANTS = 7;
@@ -87,11 +87,11 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
       v.stage_k == 128 && v.acc_scale == 0 && v.int8 == 0 && v.fp8 == 0)
     return qc::launch_tiled<Config, 4, 2, 2, 3, 8, false>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 4 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 1, 1, 8, 4>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 1, 1, 8, 4, true>(p, stream);
   if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 4 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 2, 1, 8, 4>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 2, 1, 8, 4, true>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 

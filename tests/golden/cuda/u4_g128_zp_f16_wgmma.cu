@@ -4,7 +4,7 @@
 // Weights: #quant<u4, affine, per_group(axis=0, block=128), scale=f16, zp=u4>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=0, codes=u4, container_bits=4, group=128, interleave=kodd_h_k8, k=4096, k_pad=4096, n=4096, n_pad=4096, scale_at=registers, zero_const=-1> (codegen/cuda/layout.py), 4-bit containers, K 4096 -> 4096,
 // N 4096 -> 4096. Unpack: lop3-magic-f16; scales applied in the registers; zero point: registers.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, split_k 2), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 2), v2 (M <= 32: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 2), v3 (M <= 64: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, split_k 2), v4 (M <= 128: wgmma, M tile 128 split over 2 consumer warpgroups, N tile 256, 4 stages, split_k 2), v5 (M <= 512: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages, split_k 1), v6 (M <= 4096: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages, split_k 1).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x16, 4 k16 steps in flight, scales on fp32 sums, split_k 2), v1 (M <= 16: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, scales on fp32 sums, split_k 2), v2 (M <= 32: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, scales on fp32 sums, split_k 2), v3 (M <= 64: GEMV, m_frags 2, warps 1x16, 4 k16 steps in flight, scales on fp32 sums, split_k 2), v4 (M <= 128: wgmma, M tile 128 split over 2 consumer warpgroups, N tile 256, 4 stages, split_k 2), v5 (M <= 512: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages, split_k 1), v6 (M <= 4096: wgmma, M tile 256, N tile 128 split over 2 consumer warpgroups, 4 stages, split_k 1).
 //
 // Built for sm_90a (the variants above include the Hopper wgmma/TMA kernel, wgmma.cuh).
 // The kernels are the static headers in codegen/cuda/include/qcompiler/ (copied to the
@@ -55,10 +55,10 @@ struct Config {
 
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
-    {8, 1, 1, 1, 16, 4, 64, 0, 2, 0, 0, 0},  // v0
-    {16, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0, 0},  // v1
-    {32, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0, 0},  // v2
-    {64, 1, 2, 1, 16, 4, 64, 0, 2, 0, 0, 0},  // v3
+    {8, 1, 1, 1, 16, 4, 64, 1, 2, 0, 0, 0},  // v0
+    {16, 1, 2, 1, 16, 4, 64, 1, 2, 0, 0, 0},  // v1
+    {32, 1, 2, 1, 16, 4, 64, 1, 2, 0, 0, 0},  // v2
+    {64, 1, 2, 1, 16, 4, 64, 1, 2, 0, 0, 0},  // v3
     {128, 0, 8, 4, 2, 4, 64, 0, 2, 1, 0, 0},  // v4
     {512, 0, 16, 2, 2, 4, 64, 0, 1, 2, 0, 0},  // v5
     {4096, 0, 16, 2, 2, 4, 64, 0, 1, 2, 0, 0},  // v6
@@ -81,11 +81,11 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
       v.int8 == 0 && v.fp8 == 0)
     return qc::launch_wgmma_block_split<Config, 256, 1, 2, 4>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 1, 1, 16, 4>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 1, 1, 16, 4, true>(p, stream);
   if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 2, 1, 16, 4>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 2, 1, 16, 4, true>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 

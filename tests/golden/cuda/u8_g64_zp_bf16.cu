@@ -4,7 +4,7 @@
 // Weights: #quant<u8, affine, per_group(axis=0, block=64), scale=f16, zp=u8>
 // Layout: #layout<cuda_mma_b16, act_order=0, code_bias=0, codes=u8, container_bits=8, group=64, interleave=h_k8_kodd, k=200, k_pad=256, n=130, n_pad=192, scale_at=registers, zero_const=-1> (codegen/cuda/layout.py), 8-bit containers, K 200 -> 256,
 // N 130 -> 192. Unpack: shift-mask-f32; scales applied in the registers; zero point: registers.
-// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, split_k 1), v4 (M <= 128: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, split_k 1), v5 (M <= 512: GEMV, m_frags 2, warps 1x8, 2 k16 steps in flight, split_k 1), v6 (M <= 4096: GEMV, m_frags 2, warps 1x2, 2 k16 steps in flight, split_k 1).
+// Variants (M buckets): v0 (M <= 8: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v1 (M <= 16: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v2 (M <= 32: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v3 (M <= 64: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v4 (M <= 128: GEMV, m_frags 1, warps 1x4, 4 k16 steps in flight, scales on fp32 sums, split_k 1), v5 (M <= 512: GEMV, m_frags 2, warps 1x8, 2 k16 steps in flight, scales on fp32 sums, split_k 1), v6 (M <= 4096: GEMV, m_frags 2, warps 1x2, 2 k16 steps in flight, split_k 1).
 //
 // The kernels are the static headers in codegen/cuda/include/qcompiler/ (copied to the
 // artifact's kernels/include/); this file sets what the passes decided and instantiates them.
@@ -53,12 +53,12 @@ struct Config {
 
 // ---- decided by tile: one variant per M bucket -------------------------------------------
 const qc::Variant VARIANTS[] = {
-    {8, 1, 1, 1, 4, 4, 64, 0, 1, 0, 0, 0},  // v0
-    {16, 1, 1, 1, 4, 4, 64, 0, 1, 0, 0, 0},  // v1
-    {32, 1, 1, 1, 4, 4, 64, 0, 1, 0, 0, 0},  // v2
-    {64, 1, 1, 1, 4, 4, 64, 0, 1, 0, 0, 0},  // v3
-    {128, 1, 1, 1, 4, 4, 64, 0, 1, 0, 0, 0},  // v4
-    {512, 1, 2, 1, 8, 2, 64, 0, 1, 0, 0, 0},  // v5
+    {8, 1, 1, 1, 4, 4, 64, 1, 1, 0, 0, 0},  // v0
+    {16, 1, 1, 1, 4, 4, 64, 1, 1, 0, 0, 0},  // v1
+    {32, 1, 1, 1, 4, 4, 64, 1, 1, 0, 0, 0},  // v2
+    {64, 1, 1, 1, 4, 4, 64, 1, 1, 0, 0, 0},  // v3
+    {128, 1, 1, 1, 4, 4, 64, 1, 1, 0, 0, 0},  // v4
+    {512, 1, 2, 1, 8, 2, 64, 1, 1, 0, 0, 0},  // v5
     {4096, 1, 2, 1, 2, 2, 64, 0, 1, 0, 0, 0},  // v6
 };
 constexpr int N_VARIANTS = 7;
@@ -73,14 +73,14 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
                                             norm_b, M, workspace, stream, extras, p);
   if (err != cudaSuccess) return err;
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 4 && v.stages == 4 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 1, 1, 4, 4>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 1, 1, 4, 4, true>(p, stream);
   if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 2 && v.stages == 2 &&
       v.acc_scale == 0)
     return qc::launch_gemv<Config, 2, 1, 2, 2>(p, stream);
   if (v.gemv == 1 && v.m_frags == 2 && v.warps_n == 1 && v.warps_k == 8 && v.stages == 2 &&
-      v.acc_scale == 0)
-    return qc::launch_gemv<Config, 2, 1, 8, 2>(p, stream);
+      v.acc_scale == 1)
+    return qc::launch_gemv<Config, 2, 1, 8, 2, true>(p, stream);
   return cudaErrorInvalidConfiguration;
 }
 
