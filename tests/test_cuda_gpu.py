@@ -565,8 +565,9 @@ def test_llama_decode_session_matches_the_reference_at_every_step(tmp_path, monk
     in the compute dtype and updated in place. Greedy steps from a cache of 60 rows to 70
     (crossing the capacity of 64: the state laid out again), each step's logits against the
     reference run on the caches the session holds (read back with ``state()``, which must
-    also equal the reference's presents of the step before); numpy in and out, then torch
-    CUDA tensors, and a reset with run()'s presents continues where run() stopped."""
+    also equal the reference's presents of the step before), numpy in and out; then torch
+    CUDA tensors: a session reset with a run()'s caches gives that run()'s logits, and its
+    state() that run()'s presents."""
     from qcompiler.runtime.reference import run as ref_run
 
     torch = pytest.importorskip("torch")

@@ -37,7 +37,10 @@ torch CUDA tensors when the inputs were). A KV cache is an output fed back as an
 it as a torch CUDA tensor and it never leaves the device. A decode step whose cache length
 reaches only casts, concats, copies, qkv_heads and attention runs as the step of its cache's
 capacity (``cache_capacity.py``): one signature and graph for every length up to it, the
-caches copied into and out of padded rows, a device word holding the padding.
+caches copied into and out of padded rows, a device word holding the padding. A decode
+session (``session()``, ``kv_state.py``) keeps such a step's caches on the device as state
+instead: its signature writes each layer's new row in place and has no cast or concat of
+the caches, and nothing of them is copied per step.
 
 Collectives (tensor parallelism, issue #17): in a rank program an ``all_reduce`` with one
 operand (its own partial) and ``world`` > 1 is a **collective step**. Its launch is a device
