@@ -508,7 +508,7 @@ def llama(args, target, results):
                 row["session_generation_ms_per_token"] = generation_ms_per_token(
                     m, cfg, layers, start, args.greedy, session=True, steady=steady)
                 row["session_generation_ms_per_token_after_2"] = steady.get("ms_per_token")
-                kept = m._run.last_signature  # (the session's: still kept, by its graph)
+                kept = steady["session"]._sig  # (the session's, kept open by ``steady``)
                 row["session_graph_ms"] = graph_time_ms(m._run, kept) \
                     if kept.graph is not None else None
                 row["session_launches"] = kept.n
@@ -639,7 +639,8 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     clock starts; the loop passes only the token and its position. Its signature then is
     ``m._run.last_signature``. ``steady``: filled with ``ms_per_token`` over the steps after
     the first two (a signature prepared at its first run and captured at its second: a long
-    generation pays that once per capacity of 64 tokens)."""
+    generation pays that once per capacity of 64 tokens), and with the session (kept open:
+    a session closes when dropped)."""
     import time
 
     import torch
@@ -655,6 +656,8 @@ def generation_ms_per_token(m, cfg, layers: int, past: int, n: int,
     if session:
         kept = m.session()
         kept.reset({"past_k": inputs.pop("past_k"), "past_v": inputs.pop("past_v")})
+        if steady is not None:
+            steady["session"] = kept
     torch.cuda.synchronize()
     if profile:
         import cProfile

@@ -200,6 +200,17 @@ def test_a_session_and_run_share_the_runner(llama_decode):
     assert session._sig is mine and runner.last_signature is mine
     session.close()
     assert mine not in list(runner._kept_signatures()) and session._buffers == {}
+    # a session dropped without close() releases its signature and state too
+    other = runner.session()
+    other.reset(caches)
+    other.step(step)
+    theirs = other._sig
+    assert theirs in list(runner._kept_signatures())
+    del other
+    import gc
+
+    gc.collect()
+    assert theirs not in list(runner._kept_signatures())
 
 
 def test_sessions_refuse_what_they_cannot_run(llama_decode):

@@ -379,6 +379,15 @@ class DecodeSession:
         self._buffers = {}
         self._shape = None
 
+    def __del__(self):
+        # A session dropped without close(): its state and signature go with it (a server
+        # that opens a session per request must not keep every one's buffers). Errors are
+        # ignored: at interpreter exit the runtime may be gone before the session.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def __enter__(self):
         return self
 
