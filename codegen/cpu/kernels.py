@@ -1140,6 +1140,17 @@ _PMADDUBSW = {32: "llvm.x86.avx2.pmadd.ub.sw", 64: "llvm.x86.avx512.pmaddubs.w.5
 _PERMB = {32: "llvm.x86.avx512.permvar.qi.256", 64: "llvm.x86.avx512.permvar.qi.512"}
 
 
+def lut_table_bytes(ks: KernelShape) -> int:
+    """Bytes of one table as the prologue stores it: its 16 entries, once per 128-bit lane of
+    the kernel's index vectors where it looks them up with ``vpermb`` (``byte_permute``).
+    Broadcast from 16 bytes, the table is a splat LLVM can see through: it turned every
+    ``vpermb`` back into ``vpand`` + ``vpshufb`` (and the high nibble's shift into
+    ``gf2p8affineqb``), 9 instructions a vector of index bytes instead of 7 (perf annotate of
+    the 2-bit kernel, Zen 4, 2026-12-07). Loaded whole, the copies are opaque and ``vpermb``
+    stays; the tables of a K = 4096 row take 64 KB instead of 16."""
+    return ks.lanes if ks.byte_permute else LUT_TABLE_BYTES
+
+
 def lut_flush_steps(block: int, table_group: int) -> int:
     """Table groups summed in int16 before the sums go to float (see the overflow note)."""
     steps = block // table_group
@@ -1191,10 +1202,12 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         def single_sum(table, index):
             return f"T.Cast('int16x{H}', {lookup(lookup_half, table, index, H)})"
 
+    TB = lut_table_bytes(ks)
+
     def table_vector(j, lanes):  # the 16-byte table in every 128-bit lane
+        if TB >= lanes:  # (stored in every lane: one plain load)
+            return f"lut.vload([r, {j}, 0], 'int8x{lanes}')"
         v = f"lut.vload([r, {j}, 0], 'int8x{LUT_TABLE_BYTES}')"
-        if lanes == LUT_TABLE_BYTES:
-            return v
         copies = ", ".join([v] * (lanes // LUT_TABLE_BYTES))  # (one load: LLVM shares it)
         return f"T.Shuffle([{copies}], [{', '.join(str(i) for i in range(lanes))}])"
 
@@ -1216,7 +1229,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
         "    T.func_attr({'tirx.noalias': True})",
         "    m = T.int64()",
-        f"    lut = T.match_buffer(lut_h, (m, {J}, {LUT_TABLE_BYTES}), 'int8')",
+        f"    lut = T.match_buffer(lut_h, (m, {J}, {TB}), 'int8')",
         f"    ls = T.match_buffer(ls_h, (m, {G}), 'float32')",
         f"    xs = T.match_buffer(xs_h, (m, {G}), 'float32')",
         f"    w = T.match_buffer(w_h, ({TL}, {J}, {lut_weight_bytes(ks)}), 'uint8')",
@@ -1315,7 +1328,8 @@ def lut_schedule(ks: KernelShape, variant: dict):
 
 
 def _lut_tables_func(ks: KernelShape):
-    """The lut prologue: per row, the quantized tables ``[M, J, 16]``, their scale per weight
+    """The lut prologue: per row, the quantized tables ``[M, J, lut_table_bytes]`` (16
+    entries, repeated where the kernel loads every lane's copy), their scale per weight
     group, and the group sums of x, as
     ``runtime.lut_tables`` computes them (the same float32 operations)."""
     import tvm
@@ -1347,7 +1361,8 @@ def _lut_tables_func(ks: KernelShape):
             total = term if total is None else total + term
         return total * half
 
-    lut = te.compute((m, J, LUT_TABLE_BYTES), lambda i, j, c: tvm.tirx.nearbyint(
+    # (entry c reads bits 0 .. g-1 of c only: the copies of lut_table_bytes come out equal)
+    lut = te.compute((m, J, lut_table_bytes(ks)), lambda i, j, c: tvm.tirx.nearbyint(
         entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="lut")
     # x's group sums in up to 16 interleaved partial sums (vector lanes; the sum's order is
     # not the numpy model's either: xsum only needs float32 accuracy)

@@ -652,7 +652,8 @@ class _LutBuffers:
         bl = p.blocking
         self.x = aligned_empty((m, bl.k_pad), np.float32)
         self.x[:] = 0  # K padding stays zero
-        lut = aligned_empty((m, bl.k_pad // p.table_group, kernels.LUT_TABLE_BYTES), np.int8)
+        lut = aligned_empty((m, bl.k_pad // p.table_group,
+                             kernels.lut_table_bytes(p.kernel_shape())), np.int8)
         scale = aligned_empty((m, bl.groups), np.float32)
         xsum = aligned_empty((m, bl.groups), np.float32)
         self.y = aligned_empty((m, p.n_pad), np.float32)
