@@ -1142,12 +1142,12 @@ _PERMB = {32: "llvm.x86.avx512.permvar.qi.256", 64: "llvm.x86.avx512.permvar.qi.
 
 def lut_table_bytes(ks: KernelShape) -> int:
     """Bytes of one table as the prologue stores it: its 16 entries, once per 128-bit lane of
-    the kernel's index vectors where it looks them up with ``vpermb`` (``byte_permute``).
-    Broadcast from 16 bytes, the table is a splat LLVM can see through: it turned every
-    ``vpermb`` back into ``vpand`` + ``vpshufb`` (and the high nibble's shift into
-    ``gf2p8affineqb``), 9 instructions a vector of index bytes instead of 7 (perf annotate of
-    the 2-bit kernel, Zen 4, 2026-12-07). Loaded whole, the copies are opaque and ``vpermb``
-    stays; the tables of a K = 4096 row take 64 KB instead of 16."""
+    the kernel's index vectors where it looks them up with ``vpermb`` (``byte_permute``),
+    so the kernel loads a table with one plain 64-byte load instead of a
+    ``vbroadcasti32x4`` (a load and a shuffle, on the port ``vpermb`` needs). The tables of a
+    K = 4096 row take 64 KB instead of 16; the 2-bit 4096^2 kernel at M = 1 went 98.6 ->
+    93.3 us on a Zen 4 (bound calls, alternated, 2026-12-07). ``vpshufb`` (no VBMI) keeps the
+    16-byte tables: it reads each 128-bit lane's own copy of the broadcast."""
     return ks.lanes if ks.byte_permute else LUT_TABLE_BYTES
 
 
