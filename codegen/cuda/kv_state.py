@@ -282,43 +282,47 @@ class DecodeSession:
     def _grow(self, capacity: int) -> None:
         """Lay the state out for ``capacity``: new buffers, the rows copied (device to
         device), the old buffers and signature released."""
-        r = self.runner
         new = self._allocate(capacity)
         for name, (dst, _) in new.items():
             self._copy2d(dst, capacity + 1, self._buffers[name][0], self.capacity + 1,
                          self.length, 3)
         self.relayouts += 1
         self._drop_signature()
-        r._check(r.launcher.qc_stream_synchronize(r.stream), "growing the session's state")
-        for ptr, _ in self._buffers.values():
-            r.rt.free(ptr)
+        self._free_buffers("growing the session's state")  # (after the copies ran)
         self._buffers, self.capacity = new, capacity
+
+    def _free_buffers(self, what: str) -> None:
+        """Free the state buffers once the launches over them have finished."""
+        if self._buffers:
+            r = self.runner
+            r._check(r.launcher.qc_stream_synchronize(r.stream), what)
+            for ptr, _ in self._buffers.values():
+                r.rt.free(ptr)
+        self._buffers = {}
 
     def state(self) -> dict:
         """The caches as the model's present outputs ({output name: [L, B, Hkv, length, D]}),
         in the model's dtype: numpy, or torch CUDA tensors after torch inputs."""
         self._require_state()
         r = self.runner
+        shape = self._shape[:3] + (self.length, self._shape[4])
         out = {}
         for oname, buf in self.state_outputs.items():
             pair = self.kv.outputs[buf]
-            shape = self._shape[:3] + (self.length, self._shape[4])
-            want = r._dtypes[buf]
+            held = elem(pair.dtype).np_dtype  # the state's dtype; the model's is r._dtypes[buf]
             if self._torch_io:
                 import torch
 
-                t = torch.empty(shape, dtype=r.torch_dtype(elem(pair.dtype).np_dtype),
-                                device="cuda")
-                self._copy2d(t.data_ptr(), self.length, self._buffers[pair.input][0],
-                             self.capacity + 1, self.length, 3)
-                r._check(r.launcher.qc_stream_synchronize(r.stream), "reading the state")
-                out[oname] = t.to(r.torch_dtype(want))
+                a = torch.empty(shape, dtype=r.torch_dtype(held), device="cuda")
+                dst, kind = a.data_ptr(), 3
             else:
-                a = np.empty(shape, elem(pair.dtype).np_dtype)
-                self._copy2d(a.ctypes.data, self.length, self._buffers[pair.input][0],
-                             self.capacity + 1, self.length, 2)
-                r._check(r.launcher.qc_stream_synchronize(r.stream), "reading the state")
-                out[oname] = a.astype(want)
+                a = np.empty(shape, held)
+                dst, kind = a.ctypes.data, 2
+            self._copy2d(dst, self.length, self._buffers[pair.input][0], self.capacity + 1,
+                         self.length, kind)
+            r._check(r.launcher.qc_stream_synchronize(r.stream), "reading the state")
+            want = r._dtypes[buf]
+            out[oname] = a.to(r.torch_dtype(want)) if self._torch_io else a.astype(want)
         return out
 
     _torch_io = False  # the last step's inputs were torch tensors
@@ -371,12 +375,7 @@ class DecodeSession:
     def close(self) -> None:
         """Free the state and the session's signature (also when the session is reset)."""
         self._drop_signature()
-        if self._buffers:
-            r = self.runner
-            r._check(r.launcher.qc_stream_synchronize(r.stream), "closing the session")
-            for ptr, _ in self._buffers.values():
-                r.rt.free(ptr)
-        self._buffers = {}
+        self._free_buffers("closing the session")
         self._shape = None
 
     def __del__(self):

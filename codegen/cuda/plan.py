@@ -225,8 +225,7 @@ def build_plan(module, target, kdir: str) -> dict:
     """Build cuda_ops.so and qc_plan.so for ``module``'s plan; the manifest's ``cuda_plan``
     record. Raises CudaOpsError naming the first op without a CUDA kernel."""
     from qcompiler.codegen.cuda.build import build_cached
-    from qcompiler.codegen.cuda.ops.library import (LIBRARY_NAME, build_cuda_ops_library,
-                                                    library_source)
+    from qcompiler.codegen.cuda.ops.library import LIBRARY_NAME, build_cuda_ops_library
     from qcompiler.plan import lower_steps
 
     # The steps only: memory plans are the artifact's (its buckets, qcompiler.plan), and the
@@ -1162,7 +1161,7 @@ class CudaPlanRunner:
         decode session's signature (``sig.state``) takes and returns only what is not its
         state."""
         plan = self.plan
-        padded = (sig, pad) if pad is not None else None
+        padded = pad is not None
         kept = sig.state.kv if sig.state is not None else None
         if sig.collectives:  # refused before any launch: a rank artifact loaded alone
             for node, world in sig.collectives:
@@ -1186,9 +1185,9 @@ class CudaPlanRunner:
             self._check(lib.qc_stream_wait(s, torch_stream, self._order_events[0]),
                         "ordering the plan after the caller's stream")
         if padded:  # the padding rows of this cache length, for the pad-aware kernels
-            word = (sig.slots[CACHE_PADDING], padded[1])
+            word = (sig.slots[CACHE_PADDING], pad)
             if self._pad_written != word:
-                value = np.array([padded[1]], np.int64)
+                value = np.array([pad], np.int64)
                 self._check(lib.qc_copy_async(word[0], value.ctypes.data, 8, 1, s),
                             "copying the cache padding")
                 self._pad_written = word
@@ -1209,7 +1208,7 @@ class CudaPlanRunner:
                 continue
             if padded and n in sig.padding.inputs:  # each head's rows, then the padding
                 src = on_device[n] or arrays[n].ctypes.data
-                self._copy_rows(dptr, src, shape, sig.padding.inputs[n], padded[1],
+                self._copy_rows(dptr, src, shape, sig.padding.inputs[n], pad,
                                 dtype.itemsize, 1 if on_device[n] is None else 3, into=True,
                                 what=f"copying input %{n}")
                 continue
@@ -1241,7 +1240,7 @@ class CudaPlanRunner:
             axis = sig.padding.outputs.get(buf) if padded else None
             capacity = shape
             if axis is not None:  # without the padding rows
-                shape = shape[:axis] + (shape[axis] - padded[1],) + shape[axis + 1:]
+                shape = shape[:axis] + (shape[axis] - pad,) + shape[axis + 1:]
             nbytes = int(np.prod(shape)) * dtype.itemsize
             if torch_out:
                 import torch
@@ -1255,7 +1254,7 @@ class CudaPlanRunner:
                 results[out] = a
             what = f"copying output {out}" + ("" if torch_out else " to the host")
             if axis is not None:
-                self._copy_rows(dptr, dst, capacity, axis, padded[1], dtype.itemsize, kind,
+                self._copy_rows(dptr, dst, capacity, axis, pad, dtype.itemsize, kind,
                                 into=False, what=what)
             elif nbytes:
                 self._check(lib.qc_copy_async(dst, dptr, nbytes, kind, s), what)
@@ -1279,11 +1278,7 @@ class CudaPlanRunner:
         key = tuple(shapes[n] for n in self.plan.inputs)
         sig = self._signatures.get(key)
         if sig is None:
-            layout = padding.layout(
-                self.plan, self.nodes, shapes,
-                lambda s: dict(resolve(self.plan, self.module, s, self._constants,
-                                       self._dependencies).shapes),
-                self._output_sources)
+            layout = self._capacity_layout(shapes)
             if layout is None:
                 return None
             sig = self._signatures[key] = self._prepare(shapes, padding=layout)
@@ -1291,6 +1286,15 @@ class CudaPlanRunner:
             return None  # (prepared for these exact shapes)
         self._touch(self._signatures, key)
         return sig, capacity - length
+
+    def _capacity_layout(self, shapes: dict):
+        """The padding's layout for the capacity input ``shapes`` (``CachePadding.layout``,
+        over the plan's shape functions), or None where they cannot be padded."""
+        return self._padding.layout(
+            self.plan, self.nodes, shapes,
+            lambda s: dict(resolve(self.plan, self.module, s, self._constants,
+                                   self._dependencies).shapes),
+            self._output_sources)
 
     def _copy_rows(self, dptr: int, other: int, capacity: tuple, axis: int, pad: int,
                    itemsize: int, kind: int, into: bool, what: str) -> None:
@@ -1435,11 +1439,7 @@ class CudaPlanRunner:
     def _state_signature(self, shapes: dict, binding) -> _Signature:
         """A decode session's signature for the capacity ``shapes`` (its caches' inputs at
         the capacity) over its state buffers (``binding``)."""
-        layout = self._padding.layout(
-            self.plan, self.nodes, shapes,
-            lambda s: dict(resolve(self.plan, self.module, s, self._constants,
-                                   self._dependencies).shapes),
-            self._output_sources)
+        layout = self._capacity_layout(shapes)
         kv = binding.kv
         if layout is None or any(layout.inputs.get(p.input) != 3 or
                                  layout.outputs.get(p.output) != 3 or
