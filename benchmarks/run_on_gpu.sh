@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -176,6 +176,18 @@ for step in "$@"; do
           > "$OUT/prefill-$side.log" 2>&1
         echo "== $side: $(grep -E "llama prefill 512:|logits|FAIL" "$OUT/prefill-$side.log" | tr '\n' ' ' | cut -c1-400)"
         python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/prefill-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12
+      done ;;
+    pairs-ab)  # issue #12: the 22-layer decode (session graph, traced, 8 greedy tokens against torch) on
+               # build/ab_base.tar's code and on this tree, e.g. a tile-heuristic change (~230 s a side)
+      install_base
+      for side in base new; do
+        site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
+        mkdir -p "$OUT/decode-$side"
+        PYTHONPATH=$site timeout ${PAIRS_AB_TIMEOUT:-270} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+          --out "$OUT/decode-$side" --skip-minilm --llama-layers 22 --greedy 8 --session --trace \
+          > "$OUT/decode-$side.log" 2>&1
+        echo "== $side: $(grep -E "ours|session|greedy|FAIL" "$OUT/decode-$side.log" | tr '\n' ' ' | cut -c1-500)"
+        python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/decode-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('session_trace') for k in r['session_trace']['by_kernel']]" 2>&1 | head -10
       done ;;
     decode-nopdl)  # issue #12: the 22-layer decode traced without programmatic dependent launch
                    # (QC_CUDA_PDL=0): each kernel's own duration, none waiting for its predecessor

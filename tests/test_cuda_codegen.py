@@ -519,8 +519,8 @@ def test_prefill_bucket_configs():
 def test_gemv_fill_splits_where_the_busiest_sm_gains():
     """tile{gemv_fill=1}: the GEMV heuristic also splits K where that lowers the share of the
     grid the busiest SM runs (a CTA of 16 warps fills an SM): the decode's qkv (40 N blocks)
-    and o (32) GEMVs split, a gate/up pair of 88 blocks (176 CTAs would put two on 44 SMs)
-    and layers that already fill the GPU keep the default; every config passes the validator,
+    and o (32) GEMVs split, layers that already fill the GPU (a gate/up pair's 176 weight
+    blocks among them) keep the default; every config passes the validator,
     and the tile pass writes it with the option."""
     sm90 = get_target("cuda-sm90")
     s4 = str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())

@@ -70,3 +70,42 @@ def test_cpu_backend_refuses_a_paired_epilogue(llama, tmp_path):
     passes = "canonicalize,quantize-weights{bits=4,group=32}," + cpu[:at] + "fuse-gate-up," + cpu[at:]
     with pytest.raises(QCompilerError, match="column pairs"):
         qcompiler.compile_to_dir(path, "cpu", str(tmp_path / "out"), passes=passes)
+
+
+def test_a_paired_projection_is_keyed_by_its_weights_columns(llama):
+    """The tuning key (and so the tile heuristic and a tuning log) of the paired qmatmul counts
+    the weight's 2n interleaved columns, which the kernel's grid and bytes go with, and says
+    ``epilogue_pairs``: keyed by its n results, the 1B decode's gate/up kernel (11264 weight
+    columns) took a 5632-column layer's 16-warp CTAs, 176 of them for 132 SMs. The tuner
+    names the paired result under that key."""
+    from qcompiler.codegen.cuda import tuning
+    from qcompiler.targets import get_target
+    from qcompiler.tuning.key import describe, kernel_key
+    from qcompiler.tuning.tuner import looked_up_kernels
+
+    path, plain, _ = llama
+    fused = PassManager.parse("fuse-gate-up").run(plain.clone())
+    paired = next(n for n in fused.main.nodes if n.op == "qmatmul" and n.attrs.get("epilogue_pairs"))
+    key = kernel_key(paired, 1)
+    assert key["n"] == 2 * paired.result.type.shape[-1] == 384 and key["epilogue_pairs"] == 1
+    assert "pairs" in describe(key)
+    unpaired = [kernel_key(n, 1) for n in plain.main.nodes if n.op == "qmatmul"]
+    assert all("epilogue_pairs" not in k for k in unpaired)
+    # the tile pass's GEMV bucket is the heuristic's config at the weight's columns
+    sm90 = get_target("cuda-sm90")
+    tiled = PassManager.parse("reorder-weights,schedule-unpack,tile{target=cuda-sm90}").run(fused)
+    node = next(n for n in tiled.main.nodes if n.op == "qmatmul" and n.attrs.get("epilogue_pairs"))
+    want = tuning.default_config(sm90, kernel_key(node, 8))
+    got = node.attrs["config"]["variants"]["m8"]
+    assert {k: got[k] for k in tuning.KNOBS} == {k: want[k] for k in tuning.KNOBS}
+    # TinyLlama's gate/up pair at one row: the 11264-column config, not the 5632-column one
+    big = {**key, "m": 1, "k": 2048, "n": 11264}
+    assert tuning.default_config(sm90, big)["warps_k"] < \
+        tuning.default_config(sm90, {**big, "n": 5632})["warps_k"]
+    # the tuner's kernels name the paired result under its key
+    from qcompiler.driver.frontend import import_model as load
+
+    looked = looked_up_kernels(load(path), BEFORE + ",fuse-gate-up,reorder-weights,"
+                               "schedule-unpack,tile{target=cuda-sm90}", sm90, [1])
+    pairs = [names for k, names in looked if k.get("epilogue_pairs")]
+    assert pairs and all(names and all(n.startswith("gate_up") for n in names) for names in pairs)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import qcompiler
+import qcompiler.driver.api  # noqa: F401  (tests call qcompiler.driver.api.*)
 from qcompiler.errors import InputError
 from qcompiler.targets import get_target
 from qcompiler.tuning import log as tlog

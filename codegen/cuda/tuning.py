@@ -416,8 +416,10 @@ def gemv_default(target, key, fill: bool = False, acc_scale: bool = True) -> dic
     where that lowers the largest share of the grid one SM runs. A CTA of 16 warps fills an
     SM's registers, so the rule above can leave most SMs idle: the 22-layer decode's qkv and
     o GEMVs ran 40 and 32 CTAs on 132 SMs, each SM issue-bound for ~8,300 cycles (Nsight,
-    codegen/cuda/NOTES.md); split 2 halves each SM's share there, while 176 CTAs of a gate/up
-    pair share no better than its 88 (44 SMs would run two).
+    codegen/cuda/NOTES.md); split 2 halves each SM's share there.
+
+    ``key["n"]`` is the kernel's columns: for fuse-gate-up's pairs the weight's (twice the
+    result's; ``tuning.key.kernel_key``).
 
     ``acc_scale`` (``tile{gemv_acc_scale=1}``, the default): the group scales on each warp's
     fp32 sums after its loop instead of on every weight pair in it, where every warp's run

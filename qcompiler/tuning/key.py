@@ -25,9 +25,14 @@ def _node_name(node) -> str:
 def kernel_key(node, m: int) -> dict:
     """The tuning key of a ``qmatmul`` node at a concrete row count ``m``.
 
-    ``k`` is the reduction length (x's last dimension) and ``n`` the output columns (the
-    result's last dimension); both are logical sizes, the same before and after a pass packs
-    the weight into another layout.
+    ``k`` is the reduction length (x's last dimension) and ``n`` the columns the kernel
+    computes: the result's last dimension, except where ``fuse-gate-up`` paired the columns
+    (``epilogue_pairs``: the weight's 2n interleaved columns give n results), where it is the
+    weight's columns and the key says ``"epilogue_pairs": 1``. The grid, the weight bytes and
+    so every config decision go with the weight's columns: keyed by the result's, the 1B
+    decode's gate/up kernel (11264 columns) took the config of a 5632-column layer, 16-warp
+    CTAs for 88 blocks where 176 ran in 1.33 waves. Both are logical sizes, the same before
+    and after a pass packs the weight into another layout.
     """
     if node.op != "qmatmul":
         raise ValueError(f"kernel_key: only qmatmul nodes are tunable, not {node.op!r}")
@@ -40,8 +45,11 @@ def kernel_key(node, m: int) -> dict:
     logical = (w_type.shape[0], w_type.shape[1]) if w_type.layout is None else (
         w_type.layout.get("k"), w_type.layout.get("n"))
     k = x_type.shape[-1] if isinstance(x_type.shape[-1], int) else logical[0]
+    pairs = bool(node.attrs.get("epilogue_pairs"))
     n = node.results[0].type.shape[-1]
     n = n if isinstance(n, int) else logical[1]
+    if pairs:  # the weight's columns: twice the result's
+        n = logical[1] if isinstance(logical[1], int) else (2 * n if isinstance(n, int) else n)
     scheme = node.attrs["w_scheme"]
     bias = node.arg("bias")
     # The lowest precision of x the model permits (MatMulNBits's accuracy_level; 4: int8
@@ -59,6 +67,7 @@ def kernel_key(node, m: int) -> dict:
         "has_bias": bias is not None,
         "act_order": bool(scheme.act_order),
         **({"accuracy_level": int(level)} if level else {}),
+        **({"epilogue_pairs": 1} if pairs else {}),
     }
 
 
@@ -80,5 +89,6 @@ def describe(key: dict) -> str:
     gran = {"tensor": "pt", "channel": "pc"}.get(scheme.granularity, f"g{scheme.block_size}")
     extra = (" bias" if key.get("has_bias") else "")
     extra += " act_order" if key.get("act_order") else ""
+    extra += " pairs" if key.get("epilogue_pairs") else ""
     return (f"m={key['m']} k={key['k']} n={key['n']} {scheme.dtype.name} {gran} "
             f"x={key['x_dtype']} act={key['act']}{extra}")

@@ -138,7 +138,7 @@ def looked_up_kernels(model_module, spec: str, target, m=None) -> list[tuple[dic
     """
     from qcompiler.driver.frontend import run_pipeline
     from qcompiler.tuning import log as tlog
-    from qcompiler.tuning.key import key_id
+    from qcompiler.tuning.key import kernel_key, key_id
 
     spec = pipeline_with_tuning_log(spec, tuning_pass_of(target), os.devnull)
     with tlog.recording_lookups() as asked:
@@ -153,10 +153,17 @@ def looked_up_kernels(model_module, spec: str, target, m=None) -> list[tuple[dic
         for one in (m if isinstance(m, (list, tuple)) else [m]):
             chosen_m.add(next((x for x in looked_m if x >= one), looked_m[-1]))
         keys = [k for k in keys if k["m"] in chosen_m]
-    nodes = [n for n in module.main.nodes if n.op == "qmatmul"]
-    return [(key, [n.result.name for n in nodes
-                   if n.operands[0].type.shape[-1] == key["k"]
-                   and n.results[0].type.shape[-1] == key["n"]])
+    def shape_of(node):  # its K, its kernel's columns and whether they pair (None: dynamic)
+        try:
+            key = kernel_key(node, 1)
+        except ValueError:
+            return None
+        return {f: key.get(f) for f in ("k", "n", "epilogue_pairs")}
+
+    shapes = [(n.result.name, shape) for n in module.main.nodes
+              if n.op == "qmatmul" and (shape := shape_of(n)) is not None]
+    return [(key, [name for name, shape in shapes
+                   if all(shape[f] == key.get(f) for f in shape)])
             for key in keys]
 
 
