@@ -92,14 +92,8 @@ class QemuQmmKernel:
     def __init__(self, harness, library, p, variants, packed, workdir):
         self.harness, self.library, self.workdir = harness, library, workdir
         self.p, self.variants = p, variants
-        if p.numerics == "lut":  # as runtime.LutKernel reads them
-            self.w = np.ascontiguousarray(np.asarray(packed["w"]).view(np.uint8).reshape(
-                p.n_pad // p.n_tile, p.blocking.k_pad // p.table_group, -1))
-            self.s = np.ascontiguousarray(packed["s"], np.float32)
-            self.zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
-            self.factor = 1.0
-        else:
-            self.w, self.s, self.zc, self.factor = runtime.kernel_weights(p, packed)
+        # (the lut kernel's zc argument is the zero-point term's factors zt)
+        self.w, self.s, self.zc, self.factor = runtime.kernel_weights(p, packed)
         self.perm = packed.get("perm")
         self.calls = 0
         self.last = {}

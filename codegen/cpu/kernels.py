@@ -1101,10 +1101,13 @@ def build_module(ks: KernelShape, variants: list[dict]):
 # a group's lookups add up as integers. Then, exactly,
 #
 #     sum_{k in group} x[k] u[k, n] = sum_j sum_i 2^i L[j, idx_i[j, n]] + (2^b - 1)/2 xsum
-#     y[n] = sum_g s[g, n] (ls[g] ISUM[g, n] + ((2^b - 1)/2 - zc[g, n]) xsum[g])
+#     y[n] = sum_g s[g, n] ls[g] ISUM[g, n] + zt[g, n] xsum[g],  zt = s ((2^b - 1)/2 - zc)
 #
 # with ISUM the integer sum of the quantized lookups and xsum the float sum of x over the
-# group. The tables are the only rounding: the accuracy of int8 activations.
+# group. The tables are the only rounding: the accuracy of int8 activations. zt is computed
+# once when the kernel is loaded (``runtime.LutKernel``; the artifact keeps s and zc), so a
+# group's flush is two FMAs a vector of columns instead of converting and centring the zero
+# points there: 4096 x 4096 2-bit at M = 1 ~90 -> ~87 us of kernel on a Zen 4 (2026-12-07).
 #
 # The main loop per table group and 16 (AVX2) / 32 (AVX-512BW) columns: ``vpshufb`` looks up
 # the table (16 bytes, broadcast into every 128-bit lane as it is loaded: the tables of a row
@@ -1151,6 +1154,11 @@ def lut_table_bytes(ks: KernelShape) -> int:
     return ks.lanes if ks.byte_permute else LUT_TABLE_BYTES
 
 
+def lut_center(bits: int) -> float:
+    """(2^b - 1) / 2: the tables' signed half sums count each code from this centre."""
+    return ((1 << bits) - 1) / 2
+
+
 def lut_flush_steps(block: int, table_group: int) -> int:
     """Table groups summed in int16 before the sums go to float (see the overflow note)."""
     steps = block // table_group
@@ -1167,7 +1175,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     """The TVMScript of the lut kernel for ``ks`` and the variant's knobs (``k_unroll``: table
     groups unrolled in the inner loop). Arguments: tables ``[M, J, VB]`` int8, their scales and
     the group sums of x ``[M, G]`` float32, the codes ``[tiles, J, n_tile*b/2]`` u8, scales and
-    zero points ``[tiles, G, n_tile]``, y ``[M, N_pad]``. Rows are a symbolic M; the column
+    the zero-point factors zt ``[tiles, G, n_tile]`` float32, y ``[M, N_pad]``. Rows are a symbolic M; the column
     tiles run in parallel (no shared sums: results do not depend on the thread count)."""
     g, bits, nt, VB = ks.table_group, ks.bits, ks.n_tile, ks.lanes
     H, CV = VB // 2, nt // VB                       # int16 lanes; vectors of index bytes
@@ -1177,7 +1185,6 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     U = variant["k_unroll"]
     pairs, single = bits // 2, bits % 2
     sums = (pairs + single) * 2 * CV                 # int16 accumulators: (pair, vector, half)
-    center = ((1 << bits) - 1) / 2
     j = f"g * {SG} + f * {F} + jo * {U} + ji"
 
     def lookup(intrin, table, index, lanes):
@@ -1226,7 +1233,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     lines = [
         "@T.prim_func",
         "def lut_kernel(lut_h: T.handle, ls_h: T.handle, xs_h: T.handle, w_h: T.handle, "
-        "s_h: T.handle, zc_h: T.handle, y_h: T.handle):",
+        "s_h: T.handle, zt_h: T.handle, y_h: T.handle):",
         "    T.func_attr({'tirx.noalias': True})",
         "    m = T.int64()",
         f"    lut = T.match_buffer(lut_h, (m, {J}, {TB}), 'int8')",
@@ -1234,7 +1241,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"    xs = T.match_buffer(xs_h, (m, {G}), 'float32')",
         f"    w = T.match_buffer(w_h, ({TL}, {J}, {lut_weight_bytes(ks)}), 'uint8')",
         f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), 'float32')",
-        f"    zc = T.match_buffer(zc_h, ({TL}, {G}, {nt}), 'uint8')",
+        f"    zt = T.match_buffer(zt_h, ({TL}, {G}, {nt}), 'float32')",
         f"    y = T.match_buffer(y_h, (m, {TL * nt}), 'float32')",
         f"    for t in T.parallel({TL}):",
         "        for r in range(m):",
@@ -1276,18 +1283,17 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     cols = f"c * {VB} + h * {H}"
     scale = f"s.vload([t, g, {cols}], 'float32x{H}')"
     isum = f"T.broadcast(ls[r, g], {H}) * T.Cast('float32x{H}', {weighted})"
-    zterm = (f"T.broadcast(xs[r, g], {H}) * (T.broadcast(T.float32({center}), {H}) - "
-             f"T.Cast('float32x{H}', zc.vload([t, g, {cols}], 'uint8x{H}')))")
+    zterm = f"zt.vload([t, g, {cols}], 'float32x{H}') * T.broadcast(xs[r, g], {H})"
     if SG // F == 1:
         # one int16 run per weight group (blocks up to 344 rows at g = 4): the group's two
-        # terms in one update, s (ls ISUM + xs (center - zc)), as lut_model sums them. Two
-        # separate passes over the accumulators cost ~17 % of a 4096 x 4096 2-bit call at
-        # block 128 (the 16 zmm of float sums spilled around each; Zen 5, 2026-12-05).
+        # terms in one update, s ls ISUM + zt xs. Two separate passes over the accumulators
+        # cost ~17 % of a 4096 x 4096 2-bit call at block 128 (the 16 zmm of float sums
+        # spilled around each; Zen 5, 2026-12-05).
         lines += [
             f"                    for c in T.unroll({CV}):",
             "                        for h in T.unroll(2):",
             f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * "
-            f"({isum} + {zterm})",
+            f"{isum} + {zterm}",
         ]
     else:
         lines += [
@@ -1296,7 +1302,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
             f"                            yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * {isum}",
             f"                for c in T.unroll({CV}):",
             "                    for h in T.unroll(2):",
-            f"                        yacc[c * 2 + h] = yacc[c * 2 + h] + {scale} * {zterm}",
+            f"                        yacc[c * 2 + h] = yacc[c * 2 + h] + {zterm}",
         ]
     lines += [
         f"            for c in T.unroll({CV}):",

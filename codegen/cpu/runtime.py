@@ -278,9 +278,19 @@ def output_factor(scales: np.ndarray) -> float:
 
 
 def kernel_weights(p, packed: dict) -> tuple:
-    """(w, s, zc, output factor): the packed weights as the exact / int8 kernel's arguments
-    read them (numpy, contiguous), and the power of two its output is multiplied by. Shared by
-    ``QmmKernel`` and the Arm tests, which call the kernel under qemu without TVM."""
+    """(w, s, zc, output factor): the packed weights as the kernel's arguments read them
+    (numpy, contiguous), and the power of two its output is multiplied by. Shared by
+    ``QmmKernel``, ``LutKernel`` and the Arm tests, which call the kernel under qemu without
+    TVM. The lut kernel takes in zc's place the zero-point term's factors
+    ``zt = s (center - zc)`` (float32, ``kernels.py``'s lut section), computed here once."""
+    if p.numerics == "lut":
+        w = np.asarray(packed["w"]).view(np.uint8).reshape(
+            p.n_pad // p.n_tile, p.blocking.k_pad // p.table_group, -1)
+        s = np.ascontiguousarray(packed["s"], np.float32)
+        zc = np.asarray(packed["zc"]).astype(np.float32)
+        zt = s * (np.float32(kernels.lut_center(p.container_bits)) - zc)
+        # scales meet int32 sums times a table scale: no 2^cb factor
+        return np.ascontiguousarray(w), s, np.ascontiguousarray(zt), 1.0
     s = np.asarray(packed["s"], np.float64)
     # The IR stores the codes 2-D ([tiles, bytes of a tile]); the kernel reads them as
     # [tiles, k_pad/r, n_tile] words (exact) or [tiles, k_pad/4c, n_tile, 4] bytes (int8).
@@ -590,13 +600,8 @@ class LutKernel(QmmKernel):
         self.lib = tvm.runtime.load_module(lib_path)
         self.funcs = [self.lib[kernels.function_name(i)] for i in range(len(variants))]
         self.tables = self.lib[kernels.LUT_TABLES_FUNC]
-        bl = p.blocking
-        w = np.ascontiguousarray(np.asarray(packed["w"]).view(np.uint8).reshape(
-            p.n_pad // p.n_tile, bl.k_pad // p.table_group, -1))
-        s = np.ascontiguousarray(packed["s"], np.float32)
-        zc = np.ascontiguousarray(np.asarray(packed["zc"]).astype(np.uint8))
-        self.out_factor = 1.0  # scales meet int32 sums times a table scale: no 2^cb factor
-        self.weights = [tvm.runtime.tensor(a) for a in (w, s, zc)]
+        w, s, zt, self.out_factor = kernel_weights(p, packed)
+        self.weights = [tvm.runtime.tensor(a) for a in (w, s, zt)]
         self.perm = packed.get("perm")
         self._buffers: dict = {}
         self._chunks = [None] * len(variants)  # one row at a time: one call
