@@ -178,13 +178,14 @@ for step in "$@"; do
         python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/prefill-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -12
       done ;;
     pairs-ab)  # issue #12: the 22-layer decode (session graph, traced, 8 greedy tokens against torch) on
-               # build/ab_base.tar's code and on this tree, e.g. a tile-heuristic change (~230 s a side)
+               # build/ab_base.tar's code and on this tree, e.g. a tile-heuristic change (~230 s a
+               # side; PAIRS_AB_LAYERS=8 for ~90)
       install_base
       for side in base new; do
         site=$([ $side = base ] && echo /tmp/qc_base || echo /tmp/qc_site)
         mkdir -p "$OUT/decode-$side"
         PYTHONPATH=$site timeout ${PAIRS_AB_TIMEOUT:-270} python3 "$REPO/benchmarks/bench_models_gpu.py" \
-          --out "$OUT/decode-$side" --skip-minilm --llama-layers 22 --greedy 8 --session --trace \
+          --out "$OUT/decode-$side" --skip-minilm --llama-layers ${PAIRS_AB_LAYERS:-22} --greedy 8 --session --trace \
           > "$OUT/decode-$side.log" 2>&1
         echo "== $side: $(grep -E "ours|session|greedy|FAIL" "$OUT/decode-$side.log" | tr '\n' ' ' | cut -c1-500)"
         python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/decode-$side/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:60], k['launches'], k['us']) for r in d['results'] if r.get('session_trace') for k in r['session_trace']['by_kernel']]" 2>&1 | head -10
