@@ -85,7 +85,8 @@ def test_a_paired_projection_is_keyed_by_its_weights_columns(llama):
 
     path, plain, _ = llama
     fused = PassManager.parse("fuse-gate-up").run(plain.clone())
-    paired = next(n for n in fused.main.nodes if n.op == "qmatmul" and n.attrs.get("epilogue_pairs"))
+    paired = next(n for n in fused.main.nodes
+                  if n.op == "qmatmul" and n.attrs.get("epilogue_pairs"))
     key = kernel_key(paired, 1)
     assert key["n"] == 2 * paired.result.type.shape[-1] == 384 and key["epilogue_pairs"] == 1
     assert "pairs" in describe(key)

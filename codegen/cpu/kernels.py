@@ -1105,7 +1105,7 @@ def build_module(ks: KernelShape, variants: list[dict]):
 #
 # with ISUM the integer sum of the quantized lookups and xsum the float sum of x over the
 # group. The tables are the only rounding: the accuracy of int8 activations. zt is computed
-# once when the kernel is loaded (``runtime.LutKernel``; the artifact keeps s and zc), so a
+# once when the kernel is loaded (``runtime.kernel_weights``; the artifact keeps s and zc), so a
 # group's flush is two FMAs a vector of columns instead of converting and centring the zero
 # points there: 4096 x 4096 2-bit at M = 1 ~90 -> ~87 us of kernel on a Zen 4 (2026-12-07).
 #
@@ -1175,8 +1175,9 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     """The TVMScript of the lut kernel for ``ks`` and the variant's knobs (``k_unroll``: table
     groups unrolled in the inner loop). Arguments: tables ``[M, J, VB]`` int8, their scales and
     the group sums of x ``[M, G]`` float32, the codes ``[tiles, J, n_tile*b/2]`` u8, scales and
-    the zero-point factors zt ``[tiles, G, n_tile]`` float32, y ``[M, N_pad]``. Rows are a symbolic M; the column
-    tiles run in parallel (no shared sums: results do not depend on the thread count)."""
+    the zero-point factors zt ``[tiles, G, n_tile]`` float32, y ``[M, N_pad]``. Rows are a
+    symbolic M; the column tiles run in parallel (no shared sums: results do not depend on
+    the thread count)."""
     g, bits, nt, VB = ks.table_group, ks.bits, ks.n_tile, ks.lanes
     H, CV = VB // 2, nt // VB                       # int16 lanes; vectors of index bytes
     J, G, TL = ks.k_pad // g, ks.groups, ks.tiles

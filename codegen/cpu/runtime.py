@@ -704,7 +704,7 @@ def lut_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
         looked = sum(float(1 << i) * tables[r, j, idx[i]].astype(np.float64)
                      for i in range(bits))                    # [J, N]
         isum[r] = looked.reshape(bl.groups, per_group, p.n).sum(1)
-    center = ((1 << bits) - 1) / 2
+    center = kernels.lut_center(bits)
     return np.einsum("mgn,gn->mn", isum * tscale.astype(np.float64)[..., None]
                      + xsum.astype(np.float64)[..., None] * (center - zc.astype(np.float64)),
                      s.astype(np.float64))
