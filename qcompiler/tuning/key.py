@@ -47,9 +47,8 @@ def kernel_key(node, m: int) -> dict:
     k = x_type.shape[-1] if isinstance(x_type.shape[-1], int) else logical[0]
     pairs = bool(node.attrs.get("epilogue_pairs"))
     n = node.results[0].type.shape[-1]
-    n = n if isinstance(n, int) else logical[1]
-    if pairs:  # the weight's columns: twice the result's
-        n = logical[1] if isinstance(logical[1], int) else (2 * n if isinstance(n, int) else n)
+    if pairs or not isinstance(n, int):  # the weight's columns (pairs: twice the result's)
+        n = logical[1]
     scheme = node.attrs["w_scheme"]
     bias = node.arg("bias")
     # The lowest precision of x the model permits (MatMulNBits's accuracy_level; 4: int8
