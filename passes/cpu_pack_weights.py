@@ -10,9 +10,11 @@ qmatmul with ``config.impl = "tvm"`` the operands become new constants:
   ``codegen/cpu/layout.py`` describes the layouts);
   with act-order the rows are stored sorted by group (the runner permutes x's columns);
 - scales (operand 2): float32 ``[tiles, groups, n_tile]``, ``#layout<cpu_tiled, ...>``; with
-  ``scale_dtype=auto`` (the default) float16 for the int8 kernels on x86 where every scale is
-  0 or an f16 normal (a relative rounding of at most 2^-11, below the int8 activations' own;
-  the code layout then prints ``scale_dtype=f16``); ``scale_dtype=f32`` keeps float32;
+  ``scale_dtype=auto`` (the default) float16 for the int8 and lut kernels on x86 where every
+  scale is 0 or an f16 normal (a relative rounding of at most 2^-11, below the int8
+  activations' own; for lut the zero-point factors it computes at load, s times the codes'
+  centre minus zc, must be too; the code layout then prints ``scale_dtype=f16``);
+  ``scale_dtype=f32`` keeps float32;
 - zero points (operand 3, added for symmetric schemes too): the zero point in container units
   (``z - lo``; MatMulNBits' implied zero point included) as u8, ``#layout<cpu_tiled>``.
 
@@ -39,7 +41,7 @@ class CPUPackWeightsPass(Pass):
     """Pack the weights of each CPU qmatmul into its kernel's layout (shown as #layout<cpu_*>)."""
 
     target: str = "cpu"
-    scale_dtype: str = "auto"  # auto: f16 for x86 int8 kernels where the scales fit; f32
+    scale_dtype: str = "auto"  # auto: f16 for x86 int8 and lut kernels where they fit; f32
 
     def run(self, module: Module) -> Module:
         if self.scale_dtype not in ("auto", "f32"):

@@ -26,8 +26,10 @@ TARGETS = ["cpu-x86-avx2", "cpu",
                                        "cannot run here"))]
 
 
-def build_kernel(tmp_path, target_name, k, n, scheme, seed=0, table_group=None):
-    """A lut kernel with the heuristic's variants for M = 1, 2..16, > 16, on random weights."""
+def build_kernel(tmp_path, target_name, k, n, scheme, seed=0, table_group=None,
+                 scale_dtype="f32"):
+    """A lut kernel with the heuristic's variants for M = 1, 2..16, > 16, on random weights;
+    ``scale_dtype="auto"``: the scales stored as cpu-pack-weights stores them (f16 on x86)."""
     tgt = get_target(target_name)
     variants = []
     for m, max_m in SYMBOLIC_BUCKETS:
@@ -39,10 +41,10 @@ def build_kernel(tmp_path, target_name, k, n, scheme, seed=0, table_group=None):
                                 variants[0])
     wts = tuning.random_weights(p, np.random.default_rng(seed))
     stem = str(tmp_path / f"lut_{target_name}_{seed}")  # one path per library: dlopen caches
+    p, packed = runtime.store_scales(p, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]), scale_dtype)
     lib = runtime.build_library(p.kernel_shape(), variants, tgt, stem)
-    kern = runtime.QmmKernel(lib, p, variants, runtime.pack_weights(
-        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]))
-    return p, wts, kern
+    return p, wts, runtime.QmmKernel(lib, p, variants, packed)
 
 
 def table_error_bound(p, wts, x) -> np.ndarray:
@@ -62,9 +64,18 @@ def check_lut(p, wts, kern, x):
     model = runtime.numpy_model(p, x, wts["q"], wts["scale"], wts["zp"], wts["g_idx"])
     err = float(np.abs(got - model).max())
     assert err <= runtime.tolerance(p, model), f"max |kernel - lut model| = {err:.3g}"
-    exact = x.astype(np.float64) @ runtime.dequantized(p, wts["q"], wts["scale"], wts["zp"],
+    stored = wts["scale"].astype(p.scale_dtype).astype(np.float32)  # f16 scales: rounded
+    exact = x.astype(np.float64) @ runtime.dequantized(p, wts["q"], stored, wts["zp"],
                                                        wts["g_idx"])
     slack = runtime.tolerance(p, exact)
+    if p.scale_dtype == "float16":  # and the zero-point factors rounded to f16 (2^-11 rel.)
+        s, zc = layout.group_params(p.scheme, stored, wts["zp"], p.k, p.n, p.blocking.groups)
+        bl = p.blocking
+        xp = np.zeros((x.shape[0], bl.k_pad), np.float32)
+        xp[:, :p.k] = x
+        xsum = runtime.lut_tables(xp, p.table_group, bl.block)[2]
+        slack = slack + 2.0 ** -11 * np.abs(xsum).astype(np.float64) @ np.abs(
+            runtime.lut_zero_terms(p, s, zc)).astype(np.float64)
     assert np.all(np.abs(got - exact) <= table_error_bound(p, wts, x) + slack)
     # in practice the rounding errors cancel: the error of int8 activations (acc. level 4)
     assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
@@ -84,6 +95,45 @@ def test_lut_grid(tmp_path, target, bits, group, signed, zp):
     for m in (1, 3, 17):
         check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, k))
                   .astype(np.float32))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits,signed,zp", [(2, False, True), (3, True, False)])
+def test_lut_f16_scales(tmp_path, target, bits, signed, zp):
+    """Scales stored as cpu-pack-weights stores them on x86: f16, with the zero-point factors
+    zt = s (centre - zc) computed at load and stored as f16 beside them (the kernel converts
+    both as it loads them). The model rounds both as the kernel stores them."""
+    k, n = 300, 70
+    p, wts, kern = build_kernel(tmp_path, target, k, n, scheme_text(bits, 32, signed, zp),
+                                seed=bits, scale_dtype="auto")
+    assert p.scale_dtype == "float16" and p.kernel_shape().scale_dtype == "float16"
+    w, s, zt, _ = runtime.kernel_weights(p, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]))
+    assert s.dtype == zt.dtype == np.float16
+    for m in (1, 5):
+        check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, k))
+                  .astype(np.float32))
+
+
+def test_lut_keeps_f32_where_a_zero_point_factor_is_no_f16_normal():
+    """Scales that are f16 normals but whose zt = s (centre - zc) falls below them (here
+    s = 1e-4, zt = 5e-5 for codes centred at 1.5 and zero code 1): both stay float32; Arm's
+    lut kernels always take float32."""
+    scheme = scheme_text(2, 32, False, True)
+    lut4 = {"table_group": 4}
+    p = tuning.with_table_group(
+        tuning.problem(get_target("cpu"), key_for(1, 64, 64, scheme, "lut")), lut4)
+    q = np.ones((64, 64), np.uint8)
+    zp = np.ones((2, 64), np.uint8)
+    for value, f16 in ((1e-2, True), (1e-4, False)):
+        scale = np.full((2, 64), value, np.float32)
+        stored, _ = runtime.store_scales(p, runtime.pack_weights(p, q, scale, zp, None))
+        assert (stored.scale_dtype == "float16") == f16, value
+    arm = tuning.with_table_group(
+        tuning.problem(get_target("cpu-arm-neon"), key_for(1, 64, 64, scheme, "lut")), lut4)
+    scale = np.full((2, 64), 1e-2, np.float32)
+    assert runtime.store_scales(arm, runtime.pack_weights(arm, q, scale, zp, None))[0] \
+        .scale_dtype == "float32"
 
 
 def test_lut_table_group_2(tmp_path):

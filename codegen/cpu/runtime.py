@@ -112,19 +112,37 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
 
 
 def f16_scale_kernels(p) -> bool:
-    """Whether ``p``'s kernels take f16 scales where the scales fit: the x86 int8 ones."""
+    """Whether ``p``'s kernels take f16 scales where the scales fit: the x86 int8 and lut
+    ones (Arm keeps float32)."""
+    if p.numerics == "lut":
+        return p.lanes != layout.NEON_LUT_BYTES
     return p.numerics == "int8" and p.lanes in (layout.VNNI_LANES, layout.AVX2_INT8_LANES)
+
+
+def lut_zero_terms(p, s: np.ndarray, zc) -> np.ndarray:
+    """The lut kernel's zero-point factors ``zt = s (center - zc)`` (float32; ``kernels.py``'s
+    lut section) of the packed scales ``s`` and zero codes ``zc``."""
+    return (np.asarray(s, np.float32)
+            * (np.float32(kernels.lut_center(p.container_bits))
+               - np.asarray(zc).astype(np.float32)))
 
 
 def store_scales(p, packed: dict, scale_dtype: str = "auto") -> tuple:
     """(p, packed) with the scales as cpu-pack-weights stores them: float16 for the x86 int8
-    kernels where every scale is 0 or an f16 normal (``layout.f16_scales_fit``: a relative
-    rounding of at most 2^-11), with ``p.scale_dtype`` saying so; otherwise (other numerics,
-    Arm, scales out of range, ``scale_dtype="f32"``) both unchanged."""
-    if (scale_dtype == "auto" and f16_scale_kernels(p)
-            and layout.f16_scales_fit(packed["s"])):
-        return (dataclasses.replace(p, scale_dtype="float16"),
-                {**packed, "s": np.asarray(packed["s"]).astype(np.float16)})
+    and lut kernels where every scale is 0 or an f16 normal (``layout.f16_scales_fit``: a
+    relative rounding of at most 2^-11; for lut its zero-point factors ``lut_zero_terms``
+    too, which the kernel reads as f16 beside them), with ``p.scale_dtype`` saying so;
+    otherwise (exact numerics, Arm, scales out of range, ``scale_dtype="f32"``) both
+    unchanged."""
+    if scale_dtype != "auto" or not f16_scale_kernels(p):
+        return p, packed
+    s = np.asarray(packed["s"])
+    fits = layout.f16_scales_fit(s)
+    if fits and p.numerics == "lut":
+        # zt computed from the f16 scales, as kernel_weights computes it at load
+        fits = layout.f16_scales_fit(lut_zero_terms(p, s.astype(np.float16), packed["zc"]))
+    if fits:
+        return dataclasses.replace(p, scale_dtype="float16"), {**packed, "s": s.astype(np.float16)}
     return p, packed
 
 
@@ -282,15 +300,16 @@ def kernel_weights(p, packed: dict) -> tuple:
     (numpy, contiguous), and the power of two its output is multiplied by. Shared by
     ``QmmKernel``, ``LutKernel`` and the Arm tests, which call the kernel under qemu without
     TVM. The lut kernel takes in zc's place the zero-point term's factors
-    ``zt = s (center - zc)`` (float32, ``kernels.py``'s lut section), computed here once."""
+    ``zt = s (center - zc)`` (``lut_zero_terms``), computed here once, in the scales' type."""
     if p.numerics == "lut":
         w = np.asarray(packed["w"]).view(np.uint8).reshape(
             p.n_pad // p.n_tile, p.blocking.k_pad // p.table_group, -1)
-        s = np.ascontiguousarray(packed["s"], np.float32)
-        zc = np.asarray(packed["zc"]).astype(np.float32)
-        zt = s * (np.float32(kernels.lut_center(p.container_bits)) - zc)
-        # scales meet int32 sums times a table scale: no 2^cb factor
-        return np.ascontiguousarray(w), s, np.ascontiguousarray(zt), 1.0
+        dtype = np.float16 if p.scale_dtype == "float16" else np.float32
+        s = np.ascontiguousarray(packed["s"], dtype)
+        zt = lut_zero_terms(p, s, packed["zc"])
+        # scales meet int32 sums times a table scale: no 2^cb factor. f16: store_scales
+        # checked that every zt is an f16 normal or 0.
+        return np.ascontiguousarray(w), s, np.ascontiguousarray(zt, dtype), 1.0
     s = np.asarray(packed["s"], np.float64)
     # The IR stores the codes 2-D ([tiles, bytes of a tile]); the kernel reads them as
     # [tiles, k_pad/r, n_tile] words (exact) or [tiles, k_pad/4c, n_tile, 4] bytes (int8).
@@ -686,7 +705,8 @@ def lut_tables(x: np.ndarray, table_group: int, block: int):
 
 def lut_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
     """What the lut kernel computes, in float64: the quantized tables looked up with the
-    planes' indices, scaled per group, plus the centered zero-point term (``kernels.py``)."""
+    planes' indices, scaled per group, plus the centered zero-point term (``kernels.py``),
+    with the scales and zero-point factors as the kernel stores them (``p.scale_dtype``)."""
     bl, g, bits = p.blocking, p.table_group, p.container_bits
     perm = layout.act_order_permutation(g_idx, bl.block, p.k) if p.scheme.act_order else None
     m = x.shape[0]
@@ -704,7 +724,9 @@ def lut_model(p, x, q, scale, zp, g_idx) -> np.ndarray:
         looked = sum(float(1 << i) * tables[r, j, idx[i]].astype(np.float64)
                      for i in range(bits))                    # [J, N]
         isum[r] = looked.reshape(bl.groups, per_group, p.n).sum(1)
-    center = kernels.lut_center(bits)
-    return np.einsum("mgn,gn->mn", isum * tscale.astype(np.float64)[..., None]
-                     + xsum.astype(np.float64)[..., None] * (center - zc.astype(np.float64)),
-                     s.astype(np.float64))
+    stored = np.dtype(p.scale_dtype)
+    s = np.asarray(s, np.float32).astype(stored)
+    zt = lut_zero_terms(p, s, zc).astype(stored)                 # as kernel_weights does
+    return (np.einsum("mgn,gn->mn", isum * tscale.astype(np.float64)[..., None],
+                      s.astype(np.float64))
+            + xsum.astype(np.float64) @ zt.astype(np.float64))
