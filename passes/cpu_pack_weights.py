@@ -88,7 +88,9 @@ class CPUPackWeightsPass(Pass):
                 # scales stored as f16 (the kernels convert them as they load)
                 **({"scale_dtype": "f16"} if scale_f16 else {}),
                 **({"bits": scheme.bits, "table_group": p.table_group}
-                   if p.numerics == "lut" else {}))
+                   if p.numerics == "lut" else {}),
+                # the odd plane in quads of table groups (codegen/cpu/kernels.py)
+                **({"single_quads": 1} if p.single_quads else {}))
             # The stored elements are bytes now: u8 and the layout (which names the code type)
             # describe them, w_scheme stays the model's; the packing already applied scales
             # and zero points (in container units) into the tiled tables.

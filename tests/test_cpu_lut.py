@@ -136,6 +136,82 @@ def test_lut_keeps_f32_where_a_zero_point_factor_is_no_f16_normal():
         .scale_dtype == "float32"
 
 
+QUADS_HOST = tuning.target_cpu(get_target("cpu"))["vbmi"] and \
+    tuning.target_cpu(get_target("cpu"))["vnni"]
+needs_quads = pytest.mark.skipif(not QUADS_HOST, reason="this host lacks AVX-512 VBMI or VNNI: "
+                                                        "the odd plane in quads needs both")
+
+
+def test_pack_lut_quads_layout():
+    """single_quads: each quad of table groups is one row of the packed codes, the pairs'
+    bytes of its four groups as the plain layout has them, then 64-byte vectors of the odd
+    plane whose byte 4e + q holds group 4Q + q of column e (low nibble) and of 16 + e (high)."""
+    rng = np.random.default_rng(3)
+    bits, g, nt, J = 3, 4, 128, 8
+    u = rng.integers(0, 1 << bits, (J * g, 2 * nt), dtype=np.uint8)
+    idx = layout.lut_indices(u, bits, g)                      # [bits, J, N]
+    plain = layout.pack_lut(u, bits, g, nt, 64)
+    quads = layout.pack_lut(u, bits, g, nt, 64, quads=True)
+    assert quads.shape == plain.shape
+    rows = quads.reshape(2, J // 4, -1)                       # [tile, quad, bytes]
+    for t in range(2):
+        for q4 in range(J // 4):
+            row = rows[t, q4]
+            pair_bytes = plain[t, 4 * q4:4 * q4 + 4, :nt]     # pairs: nt bytes a group
+            np.testing.assert_array_equal(row[:4 * nt], pair_bytes.reshape(-1))
+            odd = row[4 * nt:].reshape(nt // 32, 16, 4)       # [vector, e, q]
+            for c in range(nt // 32):
+                col = t * nt + c * 32
+                want_low = idx[2, 4 * q4:4 * q4 + 4, col:col + 16].T
+                want_high = idx[2, 4 * q4:4 * q4 + 4, col + 16:col + 32].T
+                np.testing.assert_array_equal(odd[c] & 15, want_low)
+                np.testing.assert_array_equal(odd[c] >> 4, want_high)
+
+
+@needs_quads
+@pytest.mark.parametrize("bits,group,k_unroll", [(3, 128, 1), (3, 32, 2), (3, 128, 8),
+                                                 (1, 64, 4)])
+def test_lut_single_quads_kernels(tmp_path, bits, group, k_unroll):
+    """The odd plane in quads on this host (cpu: VBMI + VNNI), every k_unroll (below 4 the
+    kernel still takes whole quads); odd K and N; against the lut model."""
+    k, n = 300, 70
+    scheme = scheme_text(bits, group, False, True)
+    tgt = get_target("cpu")
+    variants = [{**tuning.default_config(tgt, key_for(m, k, n, scheme, "lut")),
+                 "k_unroll": k_unroll, "m": m, "max_m": max_m} for m, max_m in SYMBOLIC_BUCKETS]
+    p = tuning.with_table_group(tuning.problem(tgt, key_for(1, k, n, scheme, "lut")),
+                                variants[0])
+    assert p.single_quads and p.kernel_shape().single_quads
+    wts = tuning.random_weights(p, np.random.default_rng(bits))
+    lib = runtime.build_library(p.kernel_shape(), variants, tgt, str(tmp_path / "quads"))
+    kern = runtime.QmmKernel(lib, p, variants, runtime.pack_weights(
+        p, wts["q"], wts["scale"], wts["zp"], wts["g_idx"]))
+    for m in (1, 4):
+        check_lut(p, wts, kern, np.random.default_rng(m).standard_normal((m, k))
+                  .astype(np.float32))
+
+
+@needs_quads
+def test_lut_quads_only_where_the_int16_runs_hold_whole_quads(tmp_path):
+    """Block 24 at table group 4: int16 runs of 6 table groups, no whole quads: the odd plane
+    stays on half vectors (and the kernel is right); even bits never take quads; a layout
+    packed with quads is refused on a target without VBMI."""
+    tgt = get_target("cpu")
+    for bits, group, quads in ((3, 24, False), (3, 32, True), (2, 32, False)):
+        key = key_for(1, 96, 64, scheme_text(bits, group, False, True), "lut")
+        p = tuning.with_table_group(tuning.problem(tgt, key), {"table_group": 4})
+        assert p.single_quads == quads, (bits, group)
+    p, wts, kern = build_kernel(tmp_path, "cpu", 96, 64, scheme_text(3, 24, False, True))
+    assert not p.single_quads
+    check_lut(p, wts, kern, np.random.default_rng(0).standard_normal((2, 96)).astype(np.float32))
+    code_layout = layout.code_layout("lut", codes="u3", k=96, n=64, k_pad=96, block=32,
+                                     n_tile=128, container_bits=3, act_order=0, bits=3,
+                                     table_group=4, single_quads=1)
+    with pytest.raises(layout.Unsupported, match="single_quads.*cpu-x86-avx512"):
+        tuning.problem_from_layout(get_target("cpu-x86-avx512"), code_layout,
+                                   {"numerics": "lut", "lanes": 64})
+
+
 def test_lut_table_group_2(tmp_path):
     """The table_group knob at 2 (4-entry tables, twice the lookups): same checks."""
     p, wts, kern = build_kernel(tmp_path, "cpu-x86-avx2", 96, 40, scheme_text(3, 32, False, True),
@@ -171,19 +247,25 @@ def test_lut_flush_steps():
 def test_lut_tables_prologue_matches_numpy(tmp_path):
     """The compiled qmm_lut_tables equals runtime.lut_tables bit for bit (a zero group
     included)."""
-    p, wts, kern = build_kernel(tmp_path, "cpu", 256, 64, scheme_text(4, 32, False, True))
-    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32) * 5
-    x[1, :32] = 0
-    _, buf, _ = kern.prepare(x)
-    tables, tscale, xsum = runtime.lut_tables(x, 4, 32)
-    lut, got_scale, got_xsum = (a.numpy() for a in buf.args)
-    # (with vpermb lookups each table is stored once per 128-bit lane: kernels.lut_table_bytes)
-    copies = kernels.lut_table_bytes(p.kernel_shape()) // kernels.LUT_TABLE_BYTES
-    assert lut.shape == tables.shape[:2] + (16 * copies,)
-    np.testing.assert_array_equal(lut, np.tile(tables, (1, 1, copies)))
-    np.testing.assert_array_equal(got_scale, tscale)
-    np.testing.assert_allclose(got_xsum, xsum, rtol=1e-5, atol=1e-4)  # summation order
-    assert tscale[1, 0] == 1.0 and not tables[1, :8].any()
+    for bits in (4, 3):  # (3: on a VBMI + VNNI host, the tables a quad a row)
+        p, wts, kern = build_kernel(tmp_path, "cpu", 256, 64, scheme_text(bits, 32, False, True),
+                                    seed=bits)
+        x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32) * 5
+        x[1, :32] = 0
+        _, buf, _ = kern.prepare(x)
+        tables, tscale, xsum = runtime.lut_tables(x, 4, 32)
+        lut, got_scale, got_xsum = (a.numpy() for a in buf.args)
+        if p.single_quads:
+            assert lut.shape == (3, 16, 64)
+            lut = lut.reshape(3, 64, 16)
+        # (with vpermb lookups each table is stored once per 128-bit lane:
+        # kernels.lut_table_bytes)
+        copies = kernels.lut_table_bytes(p.kernel_shape()) // kernels.LUT_TABLE_BYTES
+        assert lut.shape == tables.shape[:2] + (16 * copies,)
+        np.testing.assert_array_equal(lut, np.tile(tables, (1, 1, copies)))
+        np.testing.assert_array_equal(got_scale, tscale)
+        np.testing.assert_allclose(got_xsum, xsum, rtol=1e-5, atol=1e-4)  # summation order
+        assert tscale[1, 0] == 1.0 and not tables[1, :8].any()
 
 
 def lut_assembly(target_name, bits):

@@ -75,6 +75,7 @@ class KernelShape:
     bits: int = 0         # lut: the codes' bits (one-bit planes)
     table_group: int = 0  # lut: activations per table (the index bits)
     byte_permute: bool = False  # lut: look tables up with vpermb (AVX-512 VBMI), not vpshufb
+    single_quads: bool = False  # lut: the odd plane in quads of table groups (vpermb, vpdpbusd)
     # the zero code (container units) of every group and column when they share one (the
     # packed layout's ``zero_code``): the fused int8 kernels use it as a constant instead of
     # reading the zc table; None: per group and column, read from zc
@@ -1122,6 +1123,19 @@ def build_module(ks: KernelShape, variants: list[dict]):
 # the widening in one instruction. An odd last plane is looked up on a half vector and widened
 # by ``vpmovsxbw``. Pair p's int16 sums get their weight 4^p when they are widened to int32.
 #
+# The odd plane in quads (``single_quads``: 1- and 3-bit codes on AVX-512 VBMI + VNNI targets,
+# where a weight group's int16 runs hold whole quads of table groups): four table groups'
+# odd-plane nibbles are interleaved per column, one ``vpermb`` of the four groups' tables (the
+# byte's position in its dword picking the table through index bits 4-5) looks up 64 of them
+# and ``vpdpbusd`` with ones adds each column's four into an int32 sum: 7 instructions for
+# 128 lookups where the half vectors take 14. The tables are then stored a quad a row (four
+# 16-byte tables, 64 bytes), which the pairs read by broadcasting their group's 16 bytes, and
+# the codes a quad a row too (the pairs' bytes of its four groups, then the odd plane's), so
+# that the kernel reads each as one stream. Zen 4, 1 thread, 4096^2 block 128, M = 1, kernel
+# alone, alternated (2026-12-07): 3-bit warm 0.155 -> 0.144 ms, cold 0.32 -> 0.30; 1-bit warm
+# 0.086 -> 0.074 (the whole call). A separate buffer for the quads' tables (beside the
+# pairs' 64-byte copies) had made the cold 3-bit call ~20 % slower: one more stream.
+#
 # int16 overflow: one step of a pair adds |L| + 2|L'| <= 3 * 127 = 381 (the single plane 127),
 # so ``LUT_INT16_STEPS`` = 86 table groups (86 * 381 = 32766) fit an int16 sum; a weight group
 # is flushed to float every ``lut_flush_steps`` table groups (the largest divisor of its table
@@ -1140,6 +1154,7 @@ def build_module(ks: KernelShape, variants: list[dict]):
 LUT_TABLES_FUNC = "qmm_lut_tables"
 LUT_INT16_STEPS = 86
 LUT_TABLE_BYTES = 16  # one vpshufb table: 16 int8 entries in a 128-bit lane
+LUT_QUAD = 4  # table groups whose odd plane one vpermb looks up (single_quads)
 
 _PSHUFB = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b",
            64: "llvm.x86.avx512.pshuf.b.512"}
@@ -1155,8 +1170,17 @@ def lut_table_bytes(ks: KernelShape) -> int:
     ``vbroadcasti32x4`` (a load and a shuffle, on the port ``vpermb`` needs). The tables of a
     K = 4096 row take 64 KB instead of 16; the 2-bit 4096^2 kernel at M = 1 went 98.6 ->
     93.3 us on a Zen 4 (bound calls, alternated, 2026-12-07). ``vpshufb`` (no VBMI) keeps the
-    16-byte tables: it reads each 128-bit lane's own copy of the broadcast."""
-    return ks.lanes if ks.byte_permute else LUT_TABLE_BYTES
+    16-byte tables: it reads each 128-bit lane's own copy of the broadcast, and so do the
+    pairs of a kernel with the odd plane in quads (their tables a quad a row:
+    ``lut_quad_row_bytes``)."""
+    if ks.byte_permute and not (ks.single_quads and ks.bits % 2):
+        return ks.lanes
+    return LUT_TABLE_BYTES
+
+
+def lut_quad_row_bytes(ks: KernelShape) -> int:
+    """single_quads: bytes of the tables of one quad of table groups (``_lut_tables_func``)."""
+    return LUT_QUAD * lut_table_bytes(ks)
 
 
 def lut_center(bits: int) -> float:
@@ -1189,9 +1213,12 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     J, G, TL = ks.k_pad // g, ks.groups, ks.tiles
     SG = ks.block // g                               # table groups per weight group
     F = lut_flush_steps(ks.block, g)
-    U = variant["k_unroll"]
     pairs, single = bits // 2, bits % 2
-    sums = (pairs + single) * 2 * CV                 # int16 accumulators: (pair, vector, half)
+    quads = ks.single_quads and single
+    # the odd plane in quads: the inner loop takes whole quads of table groups
+    U = max(variant["k_unroll"], LUT_QUAD) if quads else variant["k_unroll"]
+    sums = (pairs + (0 if quads else single)) * 2 * CV  # int16 sums: (pair, vector, half)
+    QV = nt // 32                                    # quads: vectors of 32 columns
     j = f"g * {SG} + f * {F} + jo * {U} + ji"
 
     def lookup(intrin, table, index, lanes):
@@ -1219,6 +1246,11 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     TB = lut_table_bytes(ks)
 
     def table_vector(j, lanes):  # the 16-byte table in every 128-bit lane
+        if quads:  # the quad's row of four tables: this group's, broadcast as it is loaded
+            v = (f"lut.vload([r, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {LUT_TABLE_BYTES}], "
+                 f"'int8x{LUT_TABLE_BYTES}')")
+            copies = ", ".join([v] * (lanes // LUT_TABLE_BYTES))
+            return f"T.Shuffle([{copies}], [{', '.join(str(i) for i in range(lanes))}])"
         if TB >= lanes:  # (stored in every lane: one plain load)
             return f"lut.vload([r, {j}, 0], 'int8x{lanes}')"
         v = f"lut.vload([r, {j}, 0], 'int8x{LUT_TABLE_BYTES}')"
@@ -1243,9 +1275,14 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         "s_h: T.handle, zt_h: T.handle, y_h: T.handle):",
         "    T.func_attr({'tirx.noalias': True})",
         "    m = T.int64()",
-        f"    lut = T.match_buffer(lut_h, (m, {J}, {TB}), 'int8')",
+        # (quads: a row of tables is a quad of table groups, read front to back)
+        f"    lut = T.match_buffer(lut_h, (m, {J // LUT_QUAD}, {lut_quad_row_bytes(ks)}), 'int8')"
+        if quads else f"    lut = T.match_buffer(lut_h, (m, {J}, {TB}), 'int8')",
         f"    ls = T.match_buffer(ls_h, (m, {G}), 'float32')",
         f"    xs = T.match_buffer(xs_h, (m, {G}), 'float32')",
+        # (quads: a row of w is a quad of table groups, read front to back)
+        f"    w = T.match_buffer(w_h, ({TL}, {J // LUT_QUAD}, {LUT_QUAD * lut_weight_bytes(ks)}), "
+        "'uint8')" if quads else
         f"    w = T.match_buffer(w_h, ({TL}, {J}, {lut_weight_bytes(ks)}), 'uint8')",
         f"    s = T.match_buffer(s_h, ({TL}, {G}, {nt}), '{ks.scale_dtype}')",
         f"    zt = T.match_buffer(zt_h, ({TL}, {G}, {nt}), '{ks.scale_dtype}')",
@@ -1253,28 +1290,60 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"    for t in T.parallel({TL}):",
         "        for r in range(m):",
         f"            yacc = T.alloc_local(({2 * CV},), 'float32x{H}')",
-        f"            acc = T.alloc_local(({sums},), 'int16x{H}')",
+        f"            acc = T.alloc_local(({max(sums, 1)},), 'int16x{H}')",
+    ] + ([f"            qacc = T.alloc_local(({2 * QV},), 'int32x16')"] if quads else []) + [
         f"            for c in T.unroll({2 * CV}):",
         f"                yacc[c] = T.broadcast(T.float32(0), {H})",
         f"            for g in range({G}):",
         f"                for f in range({SG // F}):",
         f"                    for i in T.unroll({sums}):",
         f"                        acc[i] = T.broadcast(T.int16(0), {H})",
+    ] + ([f"                    for i in T.unroll({2 * QV}):",
+          "                        qacc[i] = T.broadcast(T.int32(0), 16)"] if quads else []) + [
         f"                    for jo in range({F // U}):",
-        f"                        for ji in T.unroll({U}):",
-    ]
+    ] + ([f"                        for ji in T.unroll({U}):"] if sums else [])
+    # pair p's vector c of table group j (quads: in the quad's row, its groups one after another)
+    pair_at = (f"[t, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {pairs * nt} + (p * {CV} + c) * {VB}]"
+               if quads else f"[t, {j}, (p * {CV} + c) * {VB}]")
     if pairs:
         lines += [
             f"                            tab = {table_vector(j, VB)}",
             f"                            for p in T.unroll({pairs}):",
             f"                                for c in T.unroll({CV}):",
-            f"                                    v = w.vload([t, {j}, (p * {CV} + c) * {VB}], "
-            f"'uint8x{VB}')"]
+            f"                                    v = w.vload({pair_at}, 'uint8x{VB}')"]
         for half in (0, 1):
             a = f"acc[(p * {CV} + c) * 2 + {half}]"
             lines.append(f"                                    {a} = {a} + "
                          f"{pair_sum('tab', nibble('v', VB, half))}")
-    if single:
+    if quads:
+        # Four table groups' odd plane at once: a vector of 64 index bytes holds, per byte
+        # 4e + q, table group 4Q + q of column e (low nibble) and of column 16 + e (high
+        # nibble) of its 32 columns. The byte's position sets index bits 4-5 (q: the OR
+        # below, one vpternlogd with the mask), so one vpermb looks each byte up in its own
+        # group's table (the quad's row of four tables), and vpdpbusd with ones
+        # adds each column's four lookups into an int32 sum: 7 instructions a vector for 128
+        # lookups, where the half-vector path takes 7 for 64.
+        j0 = f"g * {SG} + f * {F} + jo * {U} + jq * {LUT_QUAD}"
+        pos = "T.reinterpret(T.broadcast(T.uint32(0x30201000), 16), dtype='uint8x64')"
+        low = "T.broadcast(T.uint8(15), 64)"
+        ones = "T.broadcast(T.int8(1), 64)"
+        high_bits = ("T.reinterpret(T.reinterpret(vq, dtype='uint16x32') >> "
+                     "T.broadcast(T.uint16(4), 32), dtype='uint8x64')")
+        lines += [
+            f"                        for jq in T.unroll({U // LUT_QUAD}):",
+            f"                            tabq = lut.vload([r, ({j0}) // {LUT_QUAD}, 0], "
+            "'int8x64')",
+            f"                            for c in T.unroll({QV}):",
+            f"                                vq = w.vload([t, ({j0}) // {LUT_QUAD}, "
+            f"{LUT_QUAD * pairs * nt} + c * 64], 'uint8x64')"]
+        for half, bits_ in ((0, "vq"), (1, high_bits)):
+            a = f"qacc[c * 2 + {half}]"
+            index = f"({bits_} & {low}) | {pos}"
+            lines.append(
+                f"                                {a} = T.call_llvm_pure_intrin("
+                f"T.llvm_lookup_intrinsic_id('llvm.x86.avx512.vpdpbusd.512'), {a}, {ones}, "
+                f"{lookup(_PERMB[64], 'tabq', index, 64)}, dtype='int32x16')")
+    elif single:
         lines += [
             f"                            tab_half = {table_vector(j, single_table)}",
             f"                            for c in T.unroll({CV}):",
@@ -1284,9 +1353,13 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
             a = f"acc[({pairs * CV} + c) * 2 + {half}]"
             lines.append(f"                                {a} = {a} + "
                          f"{single_sum('tab_half', nibble('v1', H, half))}")
-    weighted = " + ".join(
-        f"T.Cast('int32x{H}', acc[({q * CV} + c) * 2 + h])"
-        + (f" * T.broadcast({4 ** q}, {H})" if q else "") for q in range(pairs + single))
+    terms = [f"T.Cast('int32x{H}', acc[({q * CV} + c) * 2 + h])"
+             for q in range(pairs + (0 if quads else single))]
+    if quads:  # vector (c, h)'s 32 columns: quad vector 2c + h's two int32 sums
+        terms.append(f"T.Shuffle([qacc[(c * 2 + h) * 2], qacc[(c * 2 + h) * 2 + 1]], "
+                     f"[{', '.join(str(i) for i in range(32))}])")
+    weighted = " + ".join(t + (f" * T.broadcast({4 ** q}, {H})" if q else "")
+                          for q, t in enumerate(terms))
     cols = f"c * {VB} + h * {H}"
 
     def factors(buf):  # a vector of s or zt as float32 (f16 ones converted as they load)
@@ -1380,8 +1453,16 @@ def _lut_tables_func(ks: KernelShape):
         return total * half
 
     # (entry c reads bits 0 .. g-1 of c only: the copies of lut_table_bytes come out equal)
-    lut = te.compute((m, J, lut_table_bytes(ks)), lambda i, j, c: tvm.tirx.nearbyint(
-        entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="lut")
+    if ks.single_quads and ks.bits % 2:
+        # a row per quad of table groups, their four tables one after another: the odd
+        # plane's one vpermb reads the row, the pairs broadcast their group's 16 bytes
+        lut = te.compute((m, J // LUT_QUAD, lut_quad_row_bytes(ks)), lambda i, q, c:
+                         tvm.tirx.nearbyint(entry(i, q * LUT_QUAD + c // LUT_TABLE_BYTES, c)
+                                            * inv[i, (q * LUT_QUAD + c // LUT_TABLE_BYTES)
+                                                  // SG]).astype("int8"), name="lut")
+    else:
+        lut = te.compute((m, J, lut_table_bytes(ks)), lambda i, j, c: tvm.tirx.nearbyint(
+            entry(i, j, c) * inv[i, j // SG]).astype("int8"), name="lut")
     # x's group sums in up to 16 interleaved partial sums (vector lanes; the sum's order is
     # not the numpy model's either: xsum only needs float32 accuracy)
     L = math.gcd(B, 16)

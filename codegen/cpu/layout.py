@@ -258,7 +258,7 @@ def lut_indices(u: np.ndarray, bits: int, table_group: int) -> np.ndarray:
 
 
 def pack_lut(u: np.ndarray, bits: int, table_group: int, n_tile: int,
-             vector_bytes: int) -> np.ndarray:
+             vector_bytes: int, quads: bool = False) -> np.ndarray:
     """``[k_pad, n_pad]`` container codes -> the ``cpu_lut`` bytes ``[T, k_pad/g, n_tile*b/2]``.
 
     Per (tile, table group): for each pair of planes (2p, 2p+1) and each vector of
@@ -267,6 +267,12 @@ def pack_lut(u: np.ndarray, bits: int, table_group: int, n_tile: int,
     within a half, byte ``2e + q`` is column e's index of plane ``2p + q`` (the byte pair that
     one ``vpmaddubsw`` adds). An odd last plane follows: per vector, ``vector_bytes/2`` bytes,
     low nibble column e, high nibble column ``vector_bytes/2 + e`` of the vector.
+
+    ``quads`` (``single_quads``: vector_bytes 64): the bytes of four table groups 4Q..4Q+3
+    lie together, in the order the kernel reads them (one stream): their pairs' bytes as
+    above, group after group, then the odd last plane of the four in vectors of 64 bytes for
+    32 columns each, byte ``4e + q`` holding table group 4Q + q of column e (low nibble) and
+    of column 16 + e (high nibble). (The array keeps its ``[T, k_pad/g, n_tile*b/2]`` shape.)
     """
     idx = lut_indices(u, bits, table_group)
     _, J, n_pad = idx.shape
@@ -278,6 +284,14 @@ def pack_lut(u: np.ndarray, bits: int, table_group: int, n_tile: int,
         pair = pair.transpose(1, 2, 3, 4, 5, 0).reshape(J, tiles, vectors, 2, vector_bytes)
         nibbles = pair[:, :, :, 0] | (pair[:, :, :, 1] << 4)
         parts.append(nibbles.transpose(1, 0, 2, 3).reshape(tiles, J, vectors * vector_bytes))
+    if bits % 2 and quads:
+        last = idx[bits - 1].reshape(J // 4, 4, tiles, n_tile // 32, 2, 16)  # [Q, q, t, c, h, e]
+        nibbles = last[:, :, :, :, 0] | (last[:, :, :, :, 1] << 4)  # [Q, q, t, c, e]
+        quad = nibbles.transpose(2, 0, 3, 4, 1).reshape(tiles, J // 4, n_tile * 2)
+        pairs = (np.concatenate(parts, axis=-1) if parts
+                 else np.zeros((tiles, J, 0), np.uint8)).reshape(tiles, J // 4, -1)
+        return np.ascontiguousarray(np.concatenate([pairs, quad], axis=-1).reshape(
+            tiles, J, -1), np.uint8)
     if bits % 2:
         last = idx[bits - 1].reshape(J, tiles, vectors, 2, half)
         nibbles = last[:, :, :, 0] | (last[:, :, :, 1] << 4)

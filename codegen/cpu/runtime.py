@@ -97,7 +97,8 @@ def pack_weights(p, q: np.ndarray, scale: np.ndarray, zp: Optional[np.ndarray],
     u = layout.pad_to(layout.container_codes(scheme, q), (bl.k_pad, p.n_pad))
     cbits = p.container_bits
     if p.numerics == "lut":
-        w = layout.pack_lut(u, p.container_bits, p.table_group, p.n_tile, p.lanes)
+        w = layout.pack_lut(u, p.container_bits, p.table_group, p.n_tile, p.lanes,
+                            p.single_quads)
     elif p.numerics == "int8":
         w = layout.pack_vnni(u, p.n_tile, cbits)
     else:
@@ -302,8 +303,9 @@ def kernel_weights(p, packed: dict) -> tuple:
     TVM. The lut kernel takes in zc's place the zero-point term's factors
     ``zt = s (center - zc)`` (``lut_zero_terms``), computed here once, in the scales' type."""
     if p.numerics == "lut":
+        rows = p.blocking.k_pad // p.table_group  # table groups (quads: quads of them)
         w = np.asarray(packed["w"]).view(np.uint8).reshape(
-            p.n_pad // p.n_tile, p.blocking.k_pad // p.table_group, -1)
+            p.n_pad // p.n_tile, rows // kernels.LUT_QUAD if p.single_quads else rows, -1)
         dtype = np.float16 if p.scale_dtype == "float16" else np.float32
         s = np.ascontiguousarray(packed["s"], dtype)
         zt = lut_zero_terms(p, s, packed["zc"])
@@ -676,8 +678,9 @@ class _LutBuffers:
         bl = p.blocking
         self.x = aligned_empty((m, bl.k_pad), np.float32)
         self.x[:] = 0  # K padding stays zero
-        lut = aligned_empty((m, bl.k_pad // p.table_group,
-                             kernels.lut_table_bytes(p.kernel_shape())), np.int8)
+        J, ks = bl.k_pad // p.table_group, p.kernel_shape()
+        lut = aligned_empty((m, J // kernels.LUT_QUAD, kernels.lut_quad_row_bytes(ks))
+                            if p.single_quads else (m, J, kernels.lut_table_bytes(ks)), np.int8)
         scale = aligned_empty((m, bl.groups), np.float32)
         xsum = aligned_empty((m, bl.groups), np.float32)
         self.y = aligned_empty((m, p.n_pad), np.float32)

@@ -71,6 +71,13 @@ class Problem:
     zero_code: Optional[int] = None  # the packed layout's shared zero code (kernels.KernelShape)
     scale_dtype: str = "float32"  # the packed layout's scale type (kernels.KernelShape)
     byte_permute: bool = False  # lut on an AVX-512 VBMI target: vpermb lookups (kernels.py)
+    # lut, an odd number of planes on a VBMI + VNNI target: the last plane's index nibbles of
+    # four table groups interleaved per column and looked up in one vpermb of four tables
+    # (kernels.py's quads); quads_capable says the target and bits allow it, single_quads that
+    # the packed layout has it (with_table_group: the table group's flush runs must hold
+    # whole quads)
+    quads_capable: bool = False
+    single_quads: bool = False
 
     @property
     def n_pad(self) -> int:
@@ -83,7 +90,8 @@ class Problem:
             container_bits=self.container_bits, lanes=self.lanes,
             bits=self.container_bits if self.numerics == "lut" else 0,
             table_group=self.table_group, zero_code=self.zero_code,
-            scale_dtype=self.scale_dtype, byte_permute=self.byte_permute)
+            scale_dtype=self.scale_dtype, byte_permute=self.byte_permute,
+            single_quads=self.single_quads)
 
 
 # Column vectors per tile: independent accumulators that hide the FMA / vpdpbusd latency.
@@ -102,9 +110,10 @@ LUT_VECTORS_PER_TILE = 2
 LUT_VECTORS_PER_TILE_WIDE = 4
 
 
-def n_tile_for(numerics_mode: str, bits: int, lanes: int) -> int:
+def n_tile_for(numerics_mode: str, bits: int, lanes: int, quads: bool = False) -> int:
     if numerics_mode == "lut":
-        wide = lanes == 64 and bits <= 2
+        # (1-bit codes in quads keep 128 columns: their int32 sums take twice the registers)
+        wide = lanes == 64 and bits <= 2 and not quads
         return lanes * (LUT_VECTORS_PER_TILE_WIDE if wide else LUT_VECTORS_PER_TILE)
     return lanes * VECTORS_PER_TILE
 
@@ -136,26 +145,35 @@ def problem(target, key: dict) -> Problem:
         # bytes of one vector of table indices: vpshufb on ymm (AVX2) or zmm (AVX-512BW,
         # which every AVX-512 target here has); tbl on a NEON q register (16)
         lanes = cpu["vector_bits"] // 8
+    quads = numerics_mode == "lut" and cpu["vbmi"] and cpu["vnni"] and scheme.bits % 2 == 1
     return Problem(m=key["m"], k=key["k"], n=key["n"], scheme=scheme, numerics=numerics_mode,
-                   blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes),
+                   blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes, quads),
                    lanes=lanes, container_bits=scheme.bits if numerics_mode == "lut"
                    else layout.container_bits(scheme.bits),
-                   byte_permute=numerics_mode == "lut" and cpu["vbmi"])
+                   byte_permute=numerics_mode == "lut" and cpu["vbmi"], quads_capable=quads)
 
 
 def with_table_group(p: Problem, config: dict) -> Problem:
     """``p`` with the lut table group of a variant's (or a qmatmul config's first variant's)
-    knobs; other numerics unchanged."""
+    knobs, and with it whether the odd plane goes in quads (``single_quads``: on a target
+    that can, where the int16 runs of the table group hold whole quads); other numerics
+    unchanged."""
     if p.numerics != "lut":
         return p
     if "variants" in config:
         config = config["variants"]["v0"]
-    return dataclasses.replace(p, table_group=config["table_group"])
+    g = config["table_group"]
+    return dataclasses.replace(p, table_group=g, single_quads=p.quads_capable and (
+        kernels.lut_flush_steps(p.blocking.block, g) % kernels.LUT_QUAD == 0))
 
 
 def problem_from_layout(target, code_layout, config: dict) -> Problem:
     """The Problem of a packed qmatmul on ``target``, from its weight layout and its config."""
     block, k_pad = code_layout.get("block"), code_layout.get("k_pad")
+    cpu = target_cpu(target)
+    if code_layout.get("single_quads") and not (cpu["vbmi"] and cpu["vnni"]):
+        raise layout.Unsupported(f"a cpu_lut layout with single_quads (vpermb and vpdpbusd) "
+                                 f"on {target.name}, which lacks AVX-512 VBMI or VNNI")
     return Problem(m=1, k=code_layout.get("k"), n=code_layout.get("n"), scheme=None,
                    numerics=config["numerics"],
                    blocking=layout.Blocking(block, k_pad // block, k_pad),
@@ -164,7 +182,8 @@ def problem_from_layout(target, code_layout, config: dict) -> Problem:
                    table_group=code_layout.get("table_group") or 0,
                    zero_code=code_layout.get("zero_code"),
                    scale_dtype=layout.SCALE_DTYPES[code_layout.get("scale_dtype") or "f32"],
-                   byte_permute=config["numerics"] == "lut" and target_cpu(target)["vbmi"])
+                   byte_permute=config["numerics"] == "lut" and cpu["vbmi"],
+                   single_quads=bool(code_layout.get("single_quads")))
 
 
 def _group_order_fits(p: Problem) -> bool:
