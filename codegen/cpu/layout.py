@@ -19,7 +19,8 @@ run time, so padding adds exact zeros). Three code layouts:
 - ``cpu_lut`` (table lookups, ``kernels.py``'s lut section): the b bits of the codes as b
   one-bit planes, g = ``table_group`` consecutive rows of a plane forming one 4-bit table
   index per column, ``[N_pad/n_tile, k_pad/g, n_tile*b/2]`` bytes (``pack_lut``); the layout
-  prints ``bits`` and ``table_group``.
+  prints ``bits`` and ``table_group``, and ``single_quads=1`` where the odd plane of four
+  table groups is interleaved for one ``vpermb`` (AVX-512 VBMI + VNNI targets).
 - ``cpu_vnni`` (int8 activations, AVX-512 VNNI): ``[N_pad/n_tile, k_pad/(4c), n_tile, 4]``
   bytes; byte ``(kc, j, b)`` holds the row ``k = kc*4c + h*4 + b`` of column ``j`` at bit
   ``h*container_bits``: after a shift and a mask, each 64 bytes are the 16 columns x 4
@@ -28,7 +29,8 @@ run time, so padding adds exact zeros). Three code layouts:
   ``vpmaddubsw`` + ``vpmaddwd``; cpu-arm-dotprod with 16-column tiles: each 16 bytes are
   the 4 columns x 4 rows of one Arm ``sdot`` (``arm.py``).
 
-Scales (float32) and zero points (uint8, in container units) are
+Scales (float32, or float16 for the x86 int8 and lut kernels: ``scale_dtype=f16``) and zero
+points (uint8, in container units) are
 ``[N_pad/n_tile, groups, n_tile]`` (``cpu_tiled``): one contiguous vector per tile and group.
 For the int8 kernels on x86 the scales are stored as float16 where every one of them is an f16
 normal (``f16_scales_fit``; the code layout then prints ``scale_dtype=f16``): a relative
