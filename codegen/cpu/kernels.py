@@ -1202,8 +1202,10 @@ def lut_weight_bytes(ks: KernelShape) -> int:
 
 def lut_source(ks: KernelShape, variant: dict) -> str:
     """The TVMScript of the lut kernel for ``ks`` and the variant's knobs (``k_unroll``: table
-    groups unrolled in the inner loop). Arguments: tables ``[M, J, VB]`` int8, their scales and
-    the group sums of x ``[M, G]`` float32, the codes ``[tiles, J, n_tile*b/2]`` u8, scales and
+    groups unrolled in the inner loop; with the odd plane in quads at least 4). Arguments:
+    tables ``[M, J, lut_table_bytes]`` int8 (quads: ``[M, J/4, lut_quad_row_bytes]``), their
+    scales and the group sums of x ``[M, G]`` float32, the codes ``[tiles, J, n_tile*b/2]`` u8
+    (quads: ``[tiles, J/4, 4*n_tile*b/2]``), scales and
     the zero-point factors zt ``[tiles, G, n_tile]`` (``ks.scale_dtype``: float16 on x86 where
     both fit, converted as they load), y ``[M, N_pad]`` float32. Rows are a
     symbolic M; the column tiles run in parallel (no shared sums: results do not depend on
@@ -1303,8 +1305,8 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"                    for jo in range({F // U}):",
     ] + ([f"                        for ji in T.unroll({U}):"] if sums else [])
     # pair p's vector c of table group j (quads: in the quad's row, its groups one after another)
-    pair_at = (f"[t, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {pairs * nt} + (p * {CV} + c) * {VB}]"
-               if quads else f"[t, {j}, (p * {CV} + c) * {VB}]")
+    pair_at = (f"[t, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {pairs * nt} "
+               f"+ (p * {CV} + c) * {VB}]" if quads else f"[t, {j}, (p * {CV} + c) * {VB}]")
     if pairs:
         lines += [
             f"                            tab = {table_vector(j, VB)}",
