@@ -11,7 +11,8 @@ path's key is the contract's key unchanged). A config is one kernel variant's kn
 
 The lut path (``"numerics": "lut"``) has its own knobs: ``table_group`` (4 or 2 activations
 per table; it shapes the packed layout, so all variants of a node share it) and ``k_unroll``
-(table groups unrolled in the inner loop); its rows are computed one at a time.
+(table groups unrolled in the inner loop; a kernel with the odd plane in quads unrolls at
+least one quad, 4); its rows are computed one at a time.
 
 The column tile (``n_tile``) is not tuned: it is 4 vectors of columns (4 independent
 accumulators), fixed by the packed weight layout that all batch sizes share. The int8 path's
