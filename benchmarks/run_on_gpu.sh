@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -165,6 +165,14 @@ for step in "$@"; do
       timeout ${PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
         --skip-llama --prefill 512 --compile-peers all 2>&1 | tee "$OUT/prefill-peers.log" \
         | grep -iE "prefill|check|FAIL" | tail -8 ;;
+    prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
+                    # the 22-layer one took 4.43 ms against torch.compile's 2.99 on an H100 (stop 54)
+      mkdir -p "$OUT/prefill-trace"
+      timeout ${PREFILL_TRACE_TIMEOUT:-240} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+        --out "$OUT/prefill-trace" --skip-minilm --skip-llama --llama-layers 8 --prefill 512 --trace \
+        > "$OUT/prefill-trace.log" 2>&1
+      grep -E "llama prefill 512:|logits|FAIL" "$OUT/prefill-trace.log" | cut -c1-300
+      python3 -c "import json,glob; d=json.load(open(sorted(glob.glob('$OUT/prefill-trace/models-gpu-*.json'))[-1])); [print('  ', k['kernel'][:100], k['launches'], k['us']) for r in d['results'] if r.get('trace') for k in r['trace']['by_kernel']]" 2>&1 | head -16 ;;
     prefill-ab)  # issue #12: the 8-layer prefill of 512 tokens, traced, on build/ab_base.tar's
                  # code and on this tree (attention, qkv_heads, RMSNorm per launch)
       install_base
