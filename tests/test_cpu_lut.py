@@ -212,11 +212,13 @@ def test_lut_quads_only_where_the_int16_runs_hold_whole_quads(tmp_path):
                                    {"numerics": "lut", "lanes": 64})
 
 
-def test_lut_table_group_2(tmp_path):
-    """The table_group knob at 2 (4-entry tables, twice the lookups): same checks."""
-    p, wts, kern = build_kernel(tmp_path, "cpu-x86-avx2", 96, 40, scheme_text(3, 32, False, True),
+@pytest.mark.parametrize("target", ["cpu-x86-avx2", "cpu"])
+def test_lut_table_group_2(tmp_path, target):
+    """The table_group knob at 2 (4-entry tables, twice the lookups): same checks (on `cpu`
+    of a VBMI + VNNI host, the odd plane in quads of 4-entry tables)."""
+    p, wts, kern = build_kernel(tmp_path, target, 96, 40, scheme_text(3, 32, False, True),
                                 seed=7, table_group=2)
-    assert p.table_group == 2
+    assert p.table_group == 2 and p.single_quads == (target == "cpu" and QUADS_HOST)
     check_lut(p, wts, kern, np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32))
 
 
