@@ -315,19 +315,23 @@ def test_lut_avx512_without_vbmi_uses_vpshufb_on_zmm():
     assert "vpermb" not in asm
 
 
-def test_lut_end_to_end_pipeline(tmp_path):
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lut_end_to_end_pipeline(tmp_path, bits):
     """cpu-schedule{numerics=lut} + cpu-pack-weights: the cpu_lut layout with its parameters
-    is printed, the compiled module matches the reference; a config whose table_group
-    disagrees with the packed layout is refused."""
+    is printed (3-bit on a VBMI + VNNI host: single_quads, and f16 scales on x86), the
+    compiled module matches the reference; a config whose table_group disagrees with the
+    packed layout is refused."""
     from qcompiler.codegen.cpu.config import validate
     from qcompiler.errors import ConfigError
     from qcompiler.runtime.reference import run as reference_run
     from test_cpu_backend import compile_module, qmm_module
 
-    module = qmm_module(160, 48, 2, 32, batch=5, seed=3)
+    module = qmm_module(160, 48, bits, 32, batch=5, seed=3)
     compiled, out = compile_module(module, tmp_path, numerics="lut")
     text = open(f"{out}/module.qir").read()
-    assert "#layout<cpu_lut" in text and "bits=2" in text and "table_group=4" in text
+    assert "#layout<cpu_lut" in text and f"bits={bits}" in text and "table_group=4" in text
+    assert ("single_quads=1" in text) == (bits == 3 and QUADS_HOST)
+    assert "scale_dtype=f16" in text
     x = np.random.default_rng(9).standard_normal((5, 160)).astype(np.float32)
     got = compiled.run({"x": x})["y"]
     want = reference_run(module, {"x": x})["y"]
