@@ -12,39 +12,16 @@ import pytest
 
 pytest.importorskip("tvm")
 
+from op_graph import Graph  # noqa: E402
 from qcompiler.codegen.cpu.backend import CPUBackendError  # noqa: E402
 from qcompiler.codegen.cpu.ops import OpsLibrary, build_ops_library, primfunc_for  # noqa: E402
 from qcompiler.codegen.cpu.ops.common import launch_constants  # noqa: E402
 from qcompiler.codegen.cpu.runtime import aligned_empty  # noqa: E402
-from qcompiler.ir.core import Function, Module, constant_node  # noqa: E402
+from qcompiler.ir.core import Function  # noqa: E402
 from qcompiler.ir.types import elem, tensor  # noqa: E402
 from qcompiler.runtime.reference import OP_IMPLS  # noqa: E402
 
 SIZES = ({"batch": 7, "seq": 33}, {"batch": 13, "seq": 13})
-
-
-class Graph:
-    """Nodes to build, each with its own arguments, by test name."""
-
-    def __init__(self):
-        self.module = Module("ops")
-        self.fn = self.module.add_function(Function("main"))
-        self.nodes: dict = {}
-        self.low: dict = {}  # arg -> (lo, hi) for integer inputs
-
-    def arg(self, shape, dtype, low=None):
-        v = self.fn.add_arg(self.fn.fresh_name("a"), tensor(shape, dtype))
-        if low is not None:
-            self.low[v.name] = low
-        return v
-
-    def const(self, values, dtype="i64"):
-        return constant_node(self.fn, self.module, np.asarray(values, elem(dtype).np_dtype)).result
-
-    def add(self, key, op, operands, result_types, attrs=None):
-        node = self.fn.make_node(op, operands, [tensor(*t) for t in result_types], attrs)
-        self.nodes.setdefault(key, []).append(node)
-        return node
 
 
 def _make_graph() -> Graph:

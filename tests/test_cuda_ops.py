@@ -16,39 +16,16 @@ import numpy as np
 import pytest
 
 from cuda_gpu_util import gpu_reason
+from op_graph import Graph
 from qcompiler.codegen.cuda.build import find_nvcc
 from qcompiler.codegen.cuda.ops import (CudaOpsError, CudaOpsLibrary, build_cuda_ops_library,
                                         kernel_source, library_path, library_source)
 from qcompiler.codegen.cuda.ops.body import FLOAT_MATH_OPS
-from qcompiler.ir.core import Function, Module, constant_node, constant_value
+from qcompiler.ir.core import Function, constant_value
 from qcompiler.ir.types import elem, tensor
 from qcompiler.runtime.reference import OP_IMPLS
 
 SIZES = ({"batch": 7, "seq": 33}, {"batch": 3, "seq": 130})
-
-
-class Graph:
-    """Nodes to build, each with its own arguments, by test name."""
-
-    def __init__(self):
-        self.module = Module("ops")
-        self.fn = self.module.add_function(Function("main"))
-        self.nodes: dict = {}
-        self.low: dict = {}
-
-    def arg(self, shape, dtype, low=None):
-        v = self.fn.add_arg(self.fn.fresh_name("a"), tensor(shape, dtype))
-        if low is not None:
-            self.low[v.name] = low
-        return v
-
-    def const(self, values, dtype="i64"):
-        return constant_node(self.fn, self.module, np.asarray(values, elem(dtype).np_dtype)).result
-
-    def add(self, key, op, operands, result_types, attrs=None):
-        node = self.fn.make_node(op, operands, [tensor(*t) for t in result_types], attrs)
-        self.nodes.setdefault(key, []).append(node)
-        return node
 
 
 def _make_graph() -> Graph:
