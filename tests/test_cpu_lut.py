@@ -136,8 +136,7 @@ def test_lut_keeps_f32_where_a_zero_point_factor_is_no_f16_normal():
         .scale_dtype == "float32"
 
 
-QUADS_HOST = tuning.target_cpu(get_target("cpu"))["vbmi"] and \
-    tuning.target_cpu(get_target("cpu"))["vnni"]
+QUADS_HOST = tuning.lut_quads_target(tuning.target_cpu(get_target("cpu")))
 needs_quads = pytest.mark.skipif(not QUADS_HOST, reason="this host lacks AVX-512 VBMI or VNNI: "
                                                         "the odd plane in quads needs both")
 

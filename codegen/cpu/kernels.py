@@ -75,7 +75,8 @@ class KernelShape:
     bits: int = 0         # lut: the codes' bits (one-bit planes)
     table_group: int = 0  # lut: activations per table (the index bits)
     byte_permute: bool = False  # lut: look tables up with vpermb (AVX-512 VBMI), not vpshufb
-    single_quads: bool = False  # lut: the odd plane in quads of table groups (vpermb, vpdpbusd)
+    # lut: the odd plane (of 1 or 3 bits only) in quads of table groups (vpermb, vpdpbusd)
+    single_quads: bool = False
     # the zero code (container units) of every group and column when they share one (the
     # packed layout's ``zero_code``): the fused int8 kernels use it as a constant instead of
     # reading the zc table; None: per group and column, read from zc
@@ -1173,7 +1174,7 @@ def lut_table_bytes(ks: KernelShape) -> int:
     16-byte tables: it reads each 128-bit lane's own copy of the broadcast, and so do the
     pairs of a kernel with the odd plane in quads (their tables a quad a row:
     ``lut_quad_row_bytes``)."""
-    if ks.byte_permute and not (ks.single_quads and ks.bits % 2):
+    if ks.byte_permute and not ks.single_quads:
         return ks.lanes
     return LUT_TABLE_BYTES
 
@@ -1216,7 +1217,7 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     SG = ks.block // g                               # table groups per weight group
     F = lut_flush_steps(ks.block, g)
     pairs, single = bits // 2, bits % 2
-    quads = ks.single_quads and single
+    quads = ks.single_quads
     # the odd plane in quads: the inner loop takes whole quads of table groups
     U = max(variant["k_unroll"], LUT_QUAD) if quads else variant["k_unroll"]
     sums = (pairs + (0 if quads else single)) * 2 * CV  # int16 sums: (pair, vector, half)
@@ -1248,14 +1249,12 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
     TB = lut_table_bytes(ks)
 
     def table_vector(j, lanes):  # the 16-byte table in every 128-bit lane
-        if quads:  # the quad's row of four tables: this group's, broadcast as it is loaded
-            v = (f"lut.vload([r, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {LUT_TABLE_BYTES}], "
-                 f"'int8x{LUT_TABLE_BYTES}')")
-            copies = ", ".join([v] * (lanes // LUT_TABLE_BYTES))
-            return f"T.Shuffle([{copies}], [{', '.join(str(i) for i in range(lanes))}])"
         if TB >= lanes:  # (stored in every lane: one plain load)
             return f"lut.vload([r, {j}, 0], 'int8x{lanes}')"
-        v = f"lut.vload([r, {j}, 0], 'int8x{LUT_TABLE_BYTES}')"
+        # (quads: group j's 16 bytes in its quad's row of four tables)
+        at = (f"[r, ({j}) // {LUT_QUAD}, ({j}) % {LUT_QUAD} * {LUT_TABLE_BYTES}]" if quads
+              else f"[r, {j}, 0]")
+        v = f"lut.vload({at}, 'int8x{LUT_TABLE_BYTES}')"
         copies = ", ".join([v] * (lanes // LUT_TABLE_BYTES))  # (one load: LLVM shares it)
         return f"T.Shuffle([{copies}], [{', '.join(str(i) for i in range(lanes))}])"
 
@@ -1292,15 +1291,14 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"    for t in T.parallel({TL}):",
         "        for r in range(m):",
         f"            yacc = T.alloc_local(({2 * CV},), 'float32x{H}')",
-        f"            acc = T.alloc_local(({max(sums, 1)},), 'int16x{H}')",
-    ] + ([f"            qacc = T.alloc_local(({2 * QV},), 'int32x16')"] if quads else []) + [
+    ] + ([f"            acc = T.alloc_local(({sums},), 'int16x{H}')"] if sums else []) + (
+        [f"            qacc = T.alloc_local(({2 * QV},), 'int32x16')"] if quads else []) + [
         f"            for c in T.unroll({2 * CV}):",
         f"                yacc[c] = T.broadcast(T.float32(0), {H})",
         f"            for g in range({G}):",
         f"                for f in range({SG // F}):",
-        f"                    for i in T.unroll({sums}):",
-        f"                        acc[i] = T.broadcast(T.int16(0), {H})",
-    ] + ([f"                    for i in T.unroll({2 * QV}):",
+    ] + ([f"                    for i in T.unroll({sums}):",
+          f"                        acc[i] = T.broadcast(T.int16(0), {H})"] if sums else []) + ([f"                    for i in T.unroll({2 * QV}):",
           "                        qacc[i] = T.broadcast(T.int32(0), 16)"] if quads else []) + [
         f"                    for jo in range({F // U}):",
     ] + ([f"                        for ji in T.unroll({U}):"] if sums else [])
@@ -1455,7 +1453,7 @@ def _lut_tables_func(ks: KernelShape):
         return total * half
 
     # (entry c reads bits 0 .. g-1 of c only: the copies of lut_table_bytes come out equal)
-    if ks.single_quads and ks.bits % 2:
+    if ks.single_quads:
         # a row per quad of table groups, their four tables one after another: the odd
         # plane's one vpermb reads the row, the pairs broadcast their group's 16 bytes
         lut = te.compute((m, J // LUT_QUAD, lut_quad_row_bytes(ks)), lambda i, q, c:

@@ -146,12 +146,18 @@ def problem(target, key: dict) -> Problem:
         # bytes of one vector of table indices: vpshufb on ymm (AVX2) or zmm (AVX-512BW,
         # which every AVX-512 target here has); tbl on a NEON q register (16)
         lanes = cpu["vector_bits"] // 8
-    quads = numerics_mode == "lut" and cpu["vbmi"] and cpu["vnni"] and scheme.bits % 2 == 1
+    quads = numerics_mode == "lut" and lut_quads_target(cpu) and scheme.bits % 2 == 1
     return Problem(m=key["m"], k=key["k"], n=key["n"], scheme=scheme, numerics=numerics_mode,
                    blocking=bl, n_tile=n_tile_for(numerics_mode, scheme.bits, lanes, quads),
                    lanes=lanes, container_bits=scheme.bits if numerics_mode == "lut"
                    else layout.container_bits(scheme.bits),
                    byte_permute=numerics_mode == "lut" and cpu["vbmi"], quads_capable=quads)
+
+
+def lut_quads_target(cpu: dict) -> bool:
+    """Whether a target (``target_cpu``) can look the odd plane up in quads: ``vpermb``
+    (AVX-512 VBMI) and ``vpdpbusd`` (VNNI)."""
+    return cpu["vbmi"] and cpu["vnni"]
 
 
 def with_table_group(p: Problem, config: dict) -> Problem:
@@ -172,7 +178,7 @@ def problem_from_layout(target, code_layout, config: dict) -> Problem:
     """The Problem of a packed qmatmul on ``target``, from its weight layout and its config."""
     block, k_pad = code_layout.get("block"), code_layout.get("k_pad")
     cpu = target_cpu(target)
-    if code_layout.get("single_quads") and not (cpu["vbmi"] and cpu["vnni"]):
+    if code_layout.get("single_quads") and not lut_quads_target(cpu):
         raise layout.Unsupported(f"a cpu_lut layout with single_quads (vpermb and vpdpbusd) "
                                  f"on {target.name}, which lacks AVX-512 VBMI or VNNI")
     return Problem(m=1, k=code_layout.get("k"), n=code_layout.get("n"), scheme=None,
