@@ -1298,7 +1298,8 @@ def lut_source(ks: KernelShape, variant: dict) -> str:
         f"            for g in range({G}):",
         f"                for f in range({SG // F}):",
     ] + ([f"                    for i in T.unroll({sums}):",
-          f"                        acc[i] = T.broadcast(T.int16(0), {H})"] if sums else []) + ([f"                    for i in T.unroll({2 * QV}):",
+          f"                        acc[i] = T.broadcast(T.int16(0), {H})"] if sums else []) + (
+        [f"                    for i in T.unroll({2 * QV}):",
           "                        qacc[i] = T.broadcast(T.int32(0), 16)"] if quads else []) + [
         f"                    for jo in range({F // U}):",
     ] + ([f"                        for ji in T.unroll({U}):"] if sums else [])
