@@ -40,6 +40,8 @@ Q4_SYMMETRIC = "canonicalize,quantize-weights{bits=4,group=128,symmetric=true},"
 INT8_MIN_M = 0
 # --x-norm: fuse-norm-qmatmul{enable=1} (each RMSNorm inside its projection's kernel).
 X_NORM = False
+# --wgmma-stages N: tile{wgmma_stages=N} (the wgmma kernel's deepest TMA ring; 0: the default).
+WGMMA_STAGES = 0
 
 
 def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
@@ -58,10 +60,12 @@ def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
         x_norm = X_NORM
     if x_norm:
         spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
-    for option, on in (("gemv_fill", gemv_fill), ("gemv_acc_scale", gemv_acc_scale)):
-        if on:
+    for option, value in (("gemv_fill", int(gemv_fill)), ("gemv_acc_scale", int(gemv_acc_scale)),
+                          ("wgmma_stages", WGMMA_STAGES)):
+        if value:
             assert f"tile{{target={target}" in spec
-            spec = spec.replace(f"tile{{target={target}", f"tile{{target={target},{option}=1")
+            spec = spec.replace(f"tile{{target={target}",
+                                f"tile{{target={target},{option}={value}")
     return quantize + spec
 
 
@@ -559,6 +563,9 @@ def llama_prefill(args, target, results) -> bool:
         row["trace"] = trace_graph(runner, sig, f"llama prefill {seq}")
     results.append(row)
     args.save(row)
+    if args.wgmma_stages_ab:
+        row["wgmma_stages_ab"] = prefill_stages_ab(args, target, path, seq, t, out, m, ms_graph)
+        args.save(row)
     half = model.half().cuda()
     with torch.no_grad(), default_dtype(torch.float16):
         want = half(*t.values())
@@ -574,6 +581,36 @@ def llama_prefill(args, target, results) -> bool:
     print(f"llama prefill {seq}: ours {ms_ours:.3f} ms per run() (graph replay {ms_graph}); "
           f"launches {sig.n}; torch fp16 eager {ms_torch:.3f} ms, torch.compile {ms_compiled} ms")
     return ok
+
+
+def prefill_stages_ab(args, target, path, seq, t, out, m, ms_graph) -> dict:
+    """The prefill compiled again from the same file with ``tile{wgmma_stages=N}`` (the
+    wgmma kernel's ring up to N stages): its graph replay beside the first compile's (the
+    first timed again after it, for drift), its trace with ``--trace``, and whether its
+    logits equal the first's (the ring's depth does not change the arithmetic)."""
+    global WGMMA_STAGES
+    import numpy as np
+
+    import qcompiler
+
+    saved, WGMMA_STAGES = WGMMA_STAGES, args.wgmma_stages_ab
+    try:
+        m2 = qcompiler.compile(path, target=target, passes=pipeline(target, Q4_SYMMETRIC),
+                               buckets={"batch": [1], "seq": [seq]})
+    finally:
+        WGMMA_STAGES = saved
+    out2 = list(m2.run(t).values())[0]
+    sig2 = m2._run.last_signature
+    ms2 = graph_time_ms(m2._run, sig2) if sig2.graph is not None else None
+    again = graph_time_ms(m._run, m._run.last_signature)
+    same = bool(np.array_equal(out.float().cpu().numpy(), out2.float().cpu().numpy()))
+    ab = {"wgmma_stages": args.wgmma_stages_ab, "ours_graph_ms": ms2,
+          "first_graph_ms": ms_graph, "first_graph_ms_again": again, "logits_equal": same}
+    if args.trace and sig2.graph is not None:
+        ab["trace"] = trace_graph(m2._run, sig2, f"llama prefill {seq} st{args.wgmma_stages_ab}")
+    print(f"  wgmma_stages={args.wgmma_stages_ab}: graph replay {ms2} ms (first compile "
+          f"{ms_graph}, again {again}); logits equal to the first's: {same}")
+    return ab
 
 
 def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict,
@@ -698,7 +735,8 @@ def write_results(a, results: list, ok) -> dict:
 
     doc = {"device": torch.cuda.get_device_name(), "date_utc": STAMP, "torch": torch.__version__,
            "target": a.target, "checks_passed": None if ok is None else bool(ok),
-           "pipeline_changes": {"int8_min_m": INT8_MIN_M, "x_norm": X_NORM},
+           "pipeline_changes": {"int8_min_m": INT8_MIN_M, "x_norm": X_NORM,
+                                "wgmma_stages": WGMMA_STAGES},
            "results": results}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"models-gpu-{STAMP}.json"), "w") as f:
@@ -751,10 +789,17 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-acc-scale-ab", action="store_true",
                     help="the same with tile{gemv_acc_scale=1} (group scales on each GEMV "
                          "warp's sums where its run keeps to one group)")
+    ap.add_argument("--wgmma-stages-ab", type=int, default=0,
+                    help="also compile the prefill with tile{wgmma_stages=N} and time both "
+                         "graphs in this process")
+    ap.add_argument("--wgmma-stages", type=int, default=0,
+                    help="tile{wgmma_stages=N}: the wgmma kernel's deepest TMA ring (stages of "
+                         "64 K rows; 0: the heuristic's, 6)")
     a = ap.parse_args(argv)
-    global INT8_MIN_M, X_NORM
+    global INT8_MIN_M, X_NORM, WGMMA_STAGES
     INT8_MIN_M = a.int8_min_m
     X_NORM = a.x_norm
+    WGMMA_STAGES = a.wgmma_stages
     results = []
     ok = True
     a.save = lambda row: write_results(a, results, None)

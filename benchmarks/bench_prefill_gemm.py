@@ -63,7 +63,9 @@ def act8_candidates(target, key, knob: str) -> dict:
     return unique
 
 
-def candidates(target, key, tiled: bool = True) -> dict:
+def candidates(target, key, tiled: bool = True, deeper: tuple = ()) -> dict:
+    """The heuristic and hand-picked alternatives; ``deeper``: ring depths to add to each
+    block-split tile and to the heuristic (the deepest that fits, at most that many stages)."""
     from qcompiler.codegen.cuda import tuning
 
     base = {"gemv": 0, "acc_scale": 0, "wgmma": 0, "stage_k": 128}
@@ -86,10 +88,19 @@ def candidates(target, key, tiled: bool = True) -> dict:
             out[f"blocks m{m_tile} n{64 * blocks} c{consumers} sk{sk}"] = {
                 **wgmma, "wgmma": 2, "m_frags": m_tile // 16, "warps_n": blocks,
                 "warps_k": consumers, "split_k": sk}
+    for depth in deeper:
+        for name, c in list(out.items()):
+            if c.get("wgmma") == 2 and " st" not in name:
+                out[f"{name} st{depth}"] = {**c, "stages": depth}
+        out[f"heuristic st{depth}"] = tuning.default_config(target, key, wgmma_stages=depth)
     for c in out.values():
         while c.get("wgmma") and tuning.check_config(target, key, c) and c["stages"] > 2:
             c["stages"] -= 1
-    return {name: c for name, c in out.items() if tuning.check_config(target, key, c) is None}
+    unique = {}
+    for name, c in out.items():  # a depth that does not fit gives a config seen already
+        if tuning.check_config(target, key, c) is None and c not in unique.values():
+            unique[name] = c
+    return unique
 
 
 def cublas_us(m, n, k) -> float:
@@ -139,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to keep")
     ap.add_argument("--fp8", action="store_true",
                     help="FP8 e4m3 weights: our f16 and FP8-activation kernels, FP8 peers")
+    ap.add_argument("--stages", default="",
+                    help="comma-separated ring depths (e.g. 8,12) added to the block-split tiles "
+                         "and the heuristic (the deepest that fits, at most that many)")
     ap.add_argument("--shapes", default="", help="comma-separated NxK shapes instead of the set's")
     ap.add_argument("--perchannel", action="store_true",
                     help="4-bit weights with per-channel scales (W4A8: one x scale a row)")
@@ -162,7 +176,8 @@ def main(argv=None) -> int:
                    "w_scheme": FP8_SCHEME if a.fp8 else PERCHANNEL_SCHEME if a.perchannel
                    else SCHEME, "act": "float",
                    "x_dtype": "f16", "has_bias": False, **({"accuracy_level": 4} if a.int8 else {})}
-            configs = candidates(target, key, tiled=not a.no_tiled)
+            configs = candidates(target, key, tiled=not a.no_tiled,
+                                 deeper=tuple(int(v) for v in a.stages.split(",") if v))
             if a.int8:
                 configs.update(act8_candidates(target, key, "int8"))
             if a.fp8:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-stages] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -165,6 +165,19 @@ for step in "$@"; do
       timeout ${PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" --out "$OUT" --skip-minilm \
         --skip-llama --prefill 512 --compile-peers all 2>&1 | tee "$OUT/prefill-peers.log" \
         | grep -iE "prefill|check|FAIL" | tail -8 ;;
+    prefill-stages)  # issues #12, #14: the wgmma ring's depth at M = 512 (the heuristic's 6
+                     # against 8 and 12 stages, where they fit) on the 22-layer model's GEMM
+                     # shapes beside cuBLAS, then an 8-layer prefill of 512 tokens compiled
+                     # with each depth in one process, traced (~400 s in all)
+      timeout ${STAGES_GEMM_TIMEOUT:-220} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512 \
+        --stages 8,12 --shapes 2560x2048,2048x2048,11264x2048,2048x5632 \
+        --only "heuristic,m128 n128 c2 sk1,m128 n64 c1 sk1" --out "$OUT" 2>&1 \
+        | tee "$OUT/prefill-stages-gemm.log" | grep -E "M=|wrote|rror" | tail -60
+      mkdir -p "$OUT/prefill-stages"
+      timeout ${STAGES_PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+        --out "$OUT/prefill-stages" --skip-minilm --skip-llama --llama-layers ${STAGES_LAYERS:-8} \
+        --prefill 512 --trace --wgmma-stages-ab 12 > "$OUT/prefill-stages.log" 2>&1
+      grep -E "llama prefill 512|wgmma_stages=|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
                     # the 22-layer one took 4.43 ms against torch.compile's 2.99 on an H100 (stop 54)
       mkdir -p "$OUT/prefill-trace"

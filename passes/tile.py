@@ -30,6 +30,10 @@ weight pair by its scale in it (``acc_scale=1``, ``include/qcompiler/gemv.cuh``)
 instructions a k16 step in a loop that is issue-bound at small M. The 8-layer decode graph on
 an H100: 0.352 -> 0.339 ms (2026-12-07, ``benchmarks/results/gpu-h100-20261207-1540/``).
 
+``wgmma_stages`` (default 0: ``tuning.WGMMA_STAGES``, 6): the deepest TMA ring the wgmma
+kernel's heuristic gives a variant (the deepest that fits in shared memory, at most this many
+stages of 64 K rows, at most ``config.WGMMA_MAX_STAGES``).
+
 ``fp8_min_m`` (default 0: off): the same for FP8 e4m3 activations, on qmatmuls with FP8 e4m3
 weights on targets with FP8 MMA (sm_89, sm_90): W8A8-FP8, x quantized per row (per-channel
 weights) or group to e4m3 with scale max|x|/448. ONNX has no attribute that permits it: this
@@ -40,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler.codegen.cuda import tuning
-from qcompiler.codegen.cuda.config import fp8_weight_reason
+from qcompiler.codegen.cuda.config import WGMMA_MAX_STAGES, fp8_weight_reason
 from qcompiler.ir import Module
 from qcompiler.pipeline import Pass, PassError, record_stat, register_pass
 from qcompiler.tuning.key import kernel_key
@@ -75,9 +79,13 @@ class TilePass(Pass):
     fp8_min_m: int = 0
     gemv_fill: int = 0
     gemv_acc_scale: int = 1
+    wgmma_stages: int = 0
 
     def run(self, module: Module) -> Module:
         tgt = self.backend_target("cuda")
+        if not 0 <= self.wgmma_stages <= WGMMA_MAX_STAGES:
+            raise PassError(f"tile: wgmma_stages={self.wgmma_stages} not in [0, "
+                            f"{WGMMA_MAX_STAGES}] (0: the heuristic's)")
         device = None
         if self.tuning_log:
             from qcompiler.tuning.device import device_name
@@ -102,7 +110,8 @@ class TilePass(Pass):
                     source = "tuning-log" if chosen is not None else source
                 if chosen is None:
                     chosen = tuning.default_config(tgt, key, bool(self.gemv_fill),
-                                                   bool(self.gemv_acc_scale))
+                                                   bool(self.gemv_acc_scale),
+                                                   self.wgmma_stages)
                     if self._takes_int8(node, key, m_max):
                         chosen = tuning.int8_default(tgt, key)
                         int8_buckets += 1

@@ -448,7 +448,15 @@ def test_wgmma_selection_and_validation():
     assert "4-bit" in tuning.check_config(sm90, key8, WGMMA)
     assert "warps_n=2" in tuning.check_config(sm90, key4, {**WGMMA, "warps_n": 2})
     assert "consumer warpgroups" in tuning.check_config(sm90, key4, {**WGMMA, "m_frags": 4})
-    assert "stages=9" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 9})
+    # the wgmma ring goes deeper than the other kernels' (up to 12), where shared memory holds it
+    assert "stages=13" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 13})
+    assert "shared memory" in tuning.check_config(sm90, key4, {**WGMMA, "stages": 12})
+    narrow = {**WGMMA, "wgmma": 2, "m_frags": 8, "warps_n": 1, "warps_k": 1}
+    assert tuning.check_config(sm90, key4, {**narrow, "stages": 11}) is None
+    assert "shared memory" in tuning.check_config(sm90, key4, {**narrow, "stages": 12})
+    prefill = {**key4, "m": 512, "n": 2048, "k": 2048}
+    assert tuning.default_config(sm90, prefill)["stages"] == 6
+    assert tuning.default_config(sm90, prefill, wgmma_stages=12)["stages"] == 11
     assert "not an int" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": True})
     assert "not in (0, 1, 2)" in tuning.check_config(sm90, key4, {**WGMMA, "wgmma": 3})
     # The block split (wgmma=2): M tiles of 64-256, the blocks shared evenly by the warpgroups,

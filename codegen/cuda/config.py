@@ -34,6 +34,10 @@ KNOBS = ("gemv", "m_frags", "warps_n", "warps_k", "stages", "stage_k", "acc_scal
 # tiled kernel with int8 activations (tiled_i8.cuh; for qmatmuls whose accuracy_level is 4);
 # fp8=1 the same kernel with FP8 e4m3 activations (FP8 e4m3 weights, targets with FP8 MMA).
 OPTIONAL_KNOBS = {"wgmma": 0, "int8": 0, "fp8": 0}
+# The 16-bit wgmma kernel's TMA ring may be deeper than the other kernels' (at most 8 stages):
+# its stages are the only big user of the CTA's shared memory, and a narrow tile's stage
+# (M tile 128 x one n64 block: 19 KB) leaves room for 11.
+WGMMA_MAX_STAGES = 12
 INT8_ACCURACY_LEVEL = 4  # MatMulNBits's permission for int8 activations
 X_DTYPES = ("f16", "bf16")
 # Layout parameters the template prints as C++ numbers.
@@ -315,8 +319,8 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
         problem = _block_split_reason(config, 256, "128 accumulators a thread")
         if problem:
             return problem
-    if not 2 <= config["stages"] <= 8:
-        return f"stages={config['stages']} not in [2, 8]"
+    if not 2 <= config["stages"] <= WGMMA_MAX_STAGES:
+        return f"stages={config['stages']} not in [2, {WGMMA_MAX_STAGES}]"
     group = _group(key)
     if group and not (group % 64 == 0 or 64 % group == 0):
         return f"group {group} and the wgmma kernel's 64-row stages do not nest"

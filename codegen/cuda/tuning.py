@@ -112,7 +112,7 @@ def search_space(target, key) -> dict:
         # the block split's 1, 2 or 4).
         "warps_n": [w for w in (1, 2, 4, 8) if n_blocks % w == 0 or w <= 4 and wgmma],
         "warps_k": [1, 2, 4, 8, 16] if gemv_permitted else [1, 2, 4],
-        "stages": [2, 3, 4, 5, 6, 8],
+        "stages": [2, 3, 4, 5, 6, 8] + ([10, 12] if wgmma else []),
         "stage_k": [64, 128],
         # (the tiled kernel's at up to 16 rows; the GEMV's wherever it runs: its runs of one
         # group, config.gemv_runs_in_one_group, filter the combinations)
@@ -132,7 +132,8 @@ def int8_permitted(key: dict) -> bool:
     return key.get("accuracy_level") == INT8_ACCURACY_LEVEL and int8_weight_reason(key) is None
 
 
-def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = True) -> dict:
+def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = True,
+                   wgmma_stages: int = 0) -> dict:
     """The heuristic, fitted to sweeps on an H100 (benchmarks/bench_cuda.py --sweep):
 
     - the GEMV kernel (``gemv_default``) up to 16 rows, and for weights under 2^26 elements
@@ -149,7 +150,7 @@ def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = 
       (``wgmma_default``: its block-split mapping), else M tile 64 with 2x2 warps and no split
       (fitted at M = 512 on the H200).
     Stages of 64 rows when K (padded to 64) is not a multiple of 128 or the group does not
-    nest with 128.
+    nest with 128. ``wgmma_stages``: the wgmma kernel's deepest ring (0: ``WGMMA_STAGES``).
     """
     m, k, n = key["m"], key["k"], key["n"]
     if m <= 16 or n * k < 1 << 26 and (m <= 32 or m <= 64 and n <= 8192) \
@@ -168,7 +169,7 @@ def default_config(target, key, gemv_fill: bool = False, gemv_acc_scale: bool = 
     long_k = pad_to(k, K_ALIGN) >= 1024
     if "wgmma" in target.features and _bits(key) <= 4 and m > 32 and long_k \
             and (m > 128 or pad_to(n, N_ALIGN) // 256 >= 0.75 * _sm_count(target)):
-        cfg = wgmma_default(target, key)
+        cfg = wgmma_default(target, key, wgmma_stages or WGMMA_STAGES)
         if check_config(target, key, cfg) is None:  # e.g. a group that 64 rows do not nest
             return cfg
     sms = _sm_count(target)
@@ -261,7 +262,12 @@ def block_split_estimate_us(target, key, m_tile: int, blocks: int) -> float:
     return math.ceil(ctas / _sm_count(target)) * per_cta
 
 
-def wgmma_default(target, key) -> dict:
+# The wgmma kernel's ring: the deepest that fits in shared memory, at most this many stages of
+# 64 K rows (check_wgmma allows up to WGMMA_MAX_STAGES; tile{wgmma_stages=N} asks for more).
+WGMMA_STAGES = 6
+
+
+def wgmma_default(target, key, max_stages: int = WGMMA_STAGES) -> dict:
     """The wgmma kernel's config (cuda-sm90, 4-bit codes, M > 32 where the tiled kernel ran):
 
     - above 128 rows (prefill), the block-split mapping (``wgmma=2``): the tile of
@@ -272,7 +278,7 @@ def wgmma_default(target, key) -> dict:
       128) above 64 rows where M tiles of 128 still give ~0.6 CTAs per SM, else one (M tile
       64); K split 2 ways where the grid is at most half the SMs and each split keeps at
       least 32 stages of 64 rows;
-    - the deepest ring of stages that fits in shared memory, at most 6.
+    - the deepest ring of stages that fits in shared memory, at most ``max_stages``.
     """
     m = key["m"]
     sms = _sm_count(target)
@@ -280,7 +286,8 @@ def wgmma_default(target, key) -> dict:
         m_tile, blocks, consumers = min(
             BLOCK_SPLIT_TILES, key=lambda t: block_split_estimate_us(target, key, t[0], t[1]))
         cfg = {"wgmma": 2, "gemv": 0, "m_frags": m_tile // 16, "warps_n": blocks,
-               "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0, "split_k": 1}
+               "warps_k": consumers, "stages": max_stages, "stage_k": 64, "acc_scale": 0,
+               "split_k": 1}
     else:
         n_tiles = math.ceil(pad_to(key["n"], N_ALIGN) / 256)
         # M tiles of 128 only where they still give the grid ~0.6 CTAs per SM.
@@ -289,7 +296,7 @@ def wgmma_default(target, key) -> dict:
         stages_total = pad_to(key["k"], K_ALIGN) // 64
         split = 2 if 2 * ctas <= sms and stages_total // 2 >= 32 else 1
         cfg = {"wgmma": 1, "gemv": 0, "m_frags": 4 * consumers, "warps_n": 4,
-               "warps_k": consumers, "stages": 6, "stage_k": 64, "acc_scale": 0,
+               "warps_k": consumers, "stages": max_stages, "stage_k": 64, "acc_scale": 0,
                "split_k": split}
     while check_config(target, key, cfg) and cfg["stages"] > 2:
         cfg["stages"] -= 1
