@@ -30,6 +30,7 @@
 
 #include <type_traits>
 
+#include "ops/common.cuh"  // wait_for_previous_grid, launch_dependent (PDL)
 #include "params.cuh"
 #include "pipeline.cuh"  // smem_addr
 #include "scalar.cuh"
@@ -197,17 +198,32 @@ struct StageView {
 };
 
 // The producer's ring: for each of the CTA's stages, wait for its slot to be handed back
-// (from the STAGES-th on), announce the stage's bytes, and issue its copies: copy_stage(base,
-// kt, bar) (every copy completing on the full barrier bar).
-template <class T, class CopyStage>
+// (from the STAGES-th on), announce the stage's bytes, and issue its copies: the model's
+// constants, copy_constants(base, kt, bar) (weights, scales, zero points), and what earlier
+// kernels wrote, copy_activations(base, kt, bar) (x; every copy completing on the full
+// barrier bar). With PDL the kernel may start while the previous kernel of the stream still
+// runs (programmatic dependent launch): the first ring's constants are issued at once, and
+// its activations only after the wait for that kernel, so the weights' first trip from
+// memory overlaps the previous kernel's end.
+template <class T, bool PDL, class CopyConstants, class CopyActivations>
 __device__ __forceinline__ void produce_ring(unsigned char* smem, uint64_t* full, uint64_t* empty,
                                              int kt_begin, int n_kt, uint32_t stage_tx,
-                                             CopyStage copy_stage) {
-  for (int it = 0; it < n_kt; ++it) {
+                                             CopyConstants copy_constants,
+                                             CopyActivations copy_activations) {
+  const int first = PDL ? (n_kt < T::STAGES ? n_kt : T::STAGES) : 0;
+  for (int it = 0; it < first; ++it) {
+    mbar_expect_tx(full + it, stage_tx);
+    copy_constants(smem + it * T::STAGE_BYTES, kt_begin + it, full + it);
+  }
+  if constexpr (PDL) qc_ops::wait_for_previous_grid();
+  for (int it = 0; it < first; ++it)
+    copy_activations(smem + it * T::STAGE_BYTES, kt_begin + it, full + it);
+  for (int it = first; it < n_kt; ++it) {
     const int s = it % T::STAGES;
     if (it >= T::STAGES) mbar_wait(empty + s, ((it / T::STAGES) - 1) & 1);
     mbar_expect_tx(full + s, stage_tx);
-    copy_stage(smem + s * T::STAGE_BYTES, kt_begin + it, full + s);
+    copy_constants(smem + s * T::STAGE_BYTES, kt_begin + it, full + s);
+    copy_activations(smem + s * T::STAGE_BYTES, kt_begin + it, full + s);
   }
 }
 
@@ -222,9 +238,8 @@ __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
   const uint32_t w_bytes = n_valid * 512, row_bytes = n_valid * 128;
   const uint32_t stage_tx = T::X_BYTES + 4 * w_bytes +
                             T::SROWS * row_bytes * ((T::S_BYTES ? 1 : 0) + (T::Z_BYTES ? 1 : 0));
-  produce_ring<T>(smem, full, empty, kt_begin, n_kt, stage_tx,
-                  [&](unsigned char* base, int kt, uint64_t* bar) {
-    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
+  produce_ring<T, C::PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
+                          [&](unsigned char* base, int kt, uint64_t* bar) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
       bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
@@ -239,6 +254,8 @@ __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
         bulk_load(base + T::X_BYTES + T::W_BYTES + T::S_BYTES + r * T::ROW_BYTES,
                   p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, bar);
     }
+  }, [&](unsigned char* base, int kt, uint64_t* bar) {
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
   });
 }
 
@@ -516,6 +533,15 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   mapping.mainloop(smem, full, empty, cta, warp, lane);
+  if constexpr (C::PDL) {
+    // The end of the tile reads the epilogue's operands and writes y (perhaps over a buffer
+    // the previous kernel read): each consumer thread waits for that kernel itself (the
+    // producer's wait orders only its own reads; long done by now). Then the next kernel
+    // may launch: its blocks take SMs only as this grid's last ones leave (its own wait holds
+    // it until this grid has finished).
+    qc_ops::wait_for_previous_grid();
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  }
   // Every stage has been consumed (the producer's copies all landed): the pipeline's shared
   // memory becomes the CTA's fp32 tile [token][n].
   cta_sync<T::CONSUMER_THREADS>();
@@ -584,8 +610,12 @@ cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + T::N_BLOCKS_CTA - 1) / T::N_BLOCKS_CTA,
             p.split_k);
-  kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map, p);
-  return cudaGetLastError();
+  // Early (programmatic dependent launch) where the code waits for its inputs (C::PDL) and
+  // QC_CUDA_PDL is not 0 (ops/common.cuh).
+  static int early = -1;
+  if (early < 0) early = C::PDL && qc_ops::may_launch_early(kernel);
+  return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), T::SMEM_BYTES, stream,
+                                  early != 0, map, p);
 }
 
 // wgmma=1: CONSUMERS warpgroups of 64 tokens over an N tile of 256.

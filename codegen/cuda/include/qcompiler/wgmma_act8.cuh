@@ -216,9 +216,8 @@ __device__ __forceinline__ void act8_produce(const CUtensorMap* x_map,
   const uint32_t xs_bytes = T::XS_BYTES ? xs_count * 4 : 0;
   const uint32_t stage_tx = T::X_BYTES + 8 * w_bytes + (T::S_BYTES ? row_bytes : 0) +
                             (T::Z_BYTES ? row_bytes : 0) + 2 * xs_bytes;
-  produce_ring<T>(smem, full, empty, kt_begin, n_kt, stage_tx,
-                  [&](unsigned char* base, int kt, uint64_t* bar) {
-    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
+  produce_ring<T, C::PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
+                          [&](unsigned char* base, int kt, uint64_t* bar) {
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks)
       bulk_load(base + T::X_BYTES + ks * T::W_KS_BYTES,
@@ -230,7 +229,12 @@ __device__ __forceinline__ void act8_produce(const CUtensorMap* x_map,
       bulk_load(rows, p.scales + row * C::N_PAD + nb0 * 64, row_bytes, bar);
       if (T::Z_BYTES)
         bulk_load(rows + T::S_BYTES, p.zeros + row * C::N_PAD + nb0 * 64, row_bytes, bar);
-      unsigned char* xs = rows + T::S_BYTES + T::Z_BYTES;
+    }
+  }, [&](unsigned char* base, int kt, uint64_t* bar) {
+    tma_load_2d(base, x_map, kt * T::STAGE_K, m0, bar);  // rows past M: zeros
+    if constexpr (!T::X_PER_ROW) {  // x's scales and code sums: the quantize kernel's output
+      const long long row = (long long)kt * T::STAGE_K / C::GROUP;
+      unsigned char* xs = base + T::X_BYTES + T::W_BYTES + T::S_BYTES + T::Z_BYTES;
       bulk_load(xs, p.xs + row * p.xs_stride + m0, xs_bytes, bar);
       bulk_load(xs + T::M_TILE * 4, p.xsum + row * p.xs_stride + m0, xs_bytes, bar);
     }
