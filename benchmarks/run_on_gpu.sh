@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-stages] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [wgmma-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-stages] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -40,6 +40,10 @@ for step in "$@"; do
     gpu-tests)  # the single-GPU tests of every CUDA file: qmatmul variants, ops, convolutions
       timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" \
         -m gpu "$REPO/tests/test_cuda_gpu.py" "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_conv.py" 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40 ;;
+    wgmma-tests)  # the sm_90a wgmma kernels' GPU tests (16- and 8-bit activations) alone (~60 s)
+      timeout ${WGMMA_TESTS_TIMEOUT:-150} python3 -m pytest -q -n 12 -p no:cacheprovider --rootdir "$REPO" \
+        -m gpu "$REPO/tests/test_cuda_gpu.py" -k wgmma 2>&1 | tee "$OUT/wgmma-tests.log" \
+        | grep -E "FAILED|ERROR|passed|failed" | tail -20 ;;
     tests)
       python3 -m pytest -q -x -n 12 -p no:cacheprovider --rootdir "$REPO" \
         "$REPO/tests/test_cuda_gpu.py" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
