@@ -172,15 +172,16 @@ for step in "$@"; do
     prefill-stages)  # issues #12, #14: the wgmma ring's depth at M = 512 (the heuristic's 6
                      # against 8 and 12 stages, where they fit) on the 22-layer model's GEMM
                      # shapes beside cuBLAS, then an 8-layer prefill of 512 tokens compiled
-                     # with each depth in one process, traced (~400 s in all)
+                     # with each depth in one process, traced (~400 s in all; STAGES_LAYERS=22
+                     # STAGES_EXTRA="--compile-peers all": the 22-layer one beside torch.compile)
       timeout ${STAGES_GEMM_TIMEOUT:-220} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512 \
         --stages 8,12 --shapes 2560x2048,2048x2048,11264x2048,2048x5632 \
-        --only "heuristic,m128 n128 c2 sk1,m128 n64 c1 sk1" --out "$OUT" 2>&1 \
+        --only "${STAGES_GEMM_ONLY:-heuristic,m128 n128 c2 sk1,m128 n64 c1 sk1}" --out "$OUT" 2>&1 \
         | tee "$OUT/prefill-stages-gemm.log" | grep -E "M=|wrote|rror" | tail -60
       mkdir -p "$OUT/prefill-stages"
       timeout ${STAGES_PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" \
         --out "$OUT/prefill-stages" --skip-minilm --skip-llama --llama-layers ${STAGES_LAYERS:-8} \
-        --prefill 512 --trace --wgmma-stages-ab 12 > "$OUT/prefill-stages.log" 2>&1
+        --prefill 512 ${STAGES_EXTRA:---trace} --wgmma-stages-ab 12 > "$OUT/prefill-stages.log" 2>&1
       grep -E "llama prefill 512|wgmma_stages=|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
                     # the 22-layer one took 4.43 ms against torch.compile's 2.99 on an H100 (stop 54)
