@@ -40,8 +40,8 @@ Q4_SYMMETRIC = "canonicalize,quantize-weights{bits=4,group=128,symmetric=true},"
 INT8_MIN_M = 0
 # --x-norm: fuse-norm-qmatmul{enable=1} (each RMSNorm inside its projection's kernel).
 X_NORM = False
-# --wgmma-stages N: tile{wgmma_stages=N} (the wgmma kernel's deepest TMA ring; 0: the default).
-WGMMA_STAGES = 0
+# --tile-options: more options of the tile pass (e.g. "wgmma_stages=12,wgmma_pdl=1").
+TILE_OPTIONS = ""
 
 
 def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
@@ -60,12 +60,13 @@ def pipeline(target: str, quantize: str = Q4, x_norm: bool = None,
         x_norm = X_NORM
     if x_norm:
         spec = spec.replace("fuse-norm-qmatmul{enable=0}", "fuse-norm-qmatmul{enable=1}")
-    for option, value in (("gemv_fill", int(gemv_fill)), ("gemv_acc_scale", int(gemv_acc_scale)),
-                          ("wgmma_stages", WGMMA_STAGES)):
-        if value:
-            assert f"tile{{target={target}" in spec
-            spec = spec.replace(f"tile{{target={target}",
-                                f"tile{{target={target},{option}={value}")
+    options = [f"{o}=1" for o, on in (("gemv_fill", gemv_fill),
+                                      ("gemv_acc_scale", gemv_acc_scale)) if on]
+    options += [o for o in TILE_OPTIONS.split(",") if o]
+    if options:
+        assert f"tile{{target={target}" in spec
+        spec = spec.replace(f"tile{{target={target}",
+                            f"tile{{target={target},{','.join(options)}")
     return quantize + spec
 
 
@@ -563,8 +564,9 @@ def llama_prefill(args, target, results) -> bool:
         row["trace"] = trace_graph(runner, sig, f"llama prefill {seq}")
     results.append(row)
     args.save(row)
-    if args.wgmma_stages_ab:
-        row["wgmma_stages_ab"] = prefill_stages_ab(args, target, path, seq, t, out, m, ms_graph)
+    for options in args.prefill_ab:
+        row.setdefault("prefill_ab", []).append(
+            prefill_variant(args, target, path, seq, t, out, m, ms_graph, options))
         args.save(row)
     half = model.half().cuda()
     with torch.no_grad(), default_dtype(torch.float16):
@@ -583,33 +585,35 @@ def llama_prefill(args, target, results) -> bool:
     return ok
 
 
-def prefill_stages_ab(args, target, path, seq, t, out, m, ms_graph) -> dict:
-    """The prefill compiled again from the same file with ``tile{wgmma_stages=N}`` (the
-    wgmma kernel's ring up to N stages): its graph replay beside the first compile's (the
+def prefill_variant(args, target, path, seq, t, out, m, ms_graph, options: str) -> dict:
+    """The prefill compiled again from the same file with more tile-pass ``options`` (e.g.
+    ``wgmma_stages=12`` or ``wgmma_pdl=1``): its graph replay beside the first compile's (the
     first timed again after it, for drift), its trace with ``--trace``, and whether its
-    logits equal the first's (the ring's depth does not change the arithmetic)."""
-    global WGMMA_STAGES
+    logits equal the first's (neither option changes the arithmetic)."""
+    global TILE_OPTIONS
     import numpy as np
 
     import qcompiler
 
-    saved, WGMMA_STAGES = WGMMA_STAGES, args.wgmma_stages_ab
+    saved = TILE_OPTIONS
+    TILE_OPTIONS = ",".join(o for o in (saved, options) if o)
     try:
         m2 = qcompiler.compile(path, target=target, passes=pipeline(target, Q4_SYMMETRIC),
                                buckets={"batch": [1], "seq": [seq]})
     finally:
-        WGMMA_STAGES = saved
+        TILE_OPTIONS = saved
     out2 = list(m2.run(t).values())[0]
     sig2 = m2._run.last_signature
     ms2 = graph_time_ms(m2._run, sig2) if sig2.graph is not None else None
     again = graph_time_ms(m._run, m._run.last_signature)
     same = bool(np.array_equal(out.float().cpu().numpy(), out2.float().cpu().numpy()))
-    ab = {"wgmma_stages": args.wgmma_stages_ab, "ours_graph_ms": ms2,
-          "first_graph_ms": ms_graph, "first_graph_ms_again": again, "logits_equal": same}
+    ab = {"tile_options": options, "ours_graph_ms": ms2, "first_graph_ms": ms_graph,
+          "first_graph_ms_again": again, "logits_equal": same}
     if args.trace and sig2.graph is not None:
-        ab["trace"] = trace_graph(m2._run, sig2, f"llama prefill {seq} st{args.wgmma_stages_ab}")
-    print(f"  wgmma_stages={args.wgmma_stages_ab}: graph replay {ms2} ms (first compile "
-          f"{ms_graph}, again {again}); logits equal to the first's: {same}")
+        ab["trace"] = trace_graph(m2._run, sig2, f"llama prefill {seq} {options}")
+    print(f"  tile{{{options}}}: graph replay {ms2} ms (first compile {ms_graph}, again "
+          f"{again}); logits equal to the first's: {same}")
+    del m2, sig2
     return ab
 
 
@@ -736,7 +740,7 @@ def write_results(a, results: list, ok) -> dict:
     doc = {"device": torch.cuda.get_device_name(), "date_utc": STAMP, "torch": torch.__version__,
            "target": a.target, "checks_passed": None if ok is None else bool(ok),
            "pipeline_changes": {"int8_min_m": INT8_MIN_M, "x_norm": X_NORM,
-                                "wgmma_stages": WGMMA_STAGES},
+                                "tile_options": TILE_OPTIONS},
            "results": results}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"models-gpu-{STAMP}.json"), "w") as f:
@@ -789,17 +793,17 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-acc-scale-ab", action="store_true",
                     help="the same with tile{gemv_acc_scale=1} (group scales on each GEMV "
                          "warp's sums where its run keeps to one group)")
-    ap.add_argument("--wgmma-stages-ab", type=int, default=0,
-                    help="also compile the prefill with tile{wgmma_stages=N} and time both "
-                         "graphs in this process")
-    ap.add_argument("--wgmma-stages", type=int, default=0,
-                    help="tile{wgmma_stages=N}: the wgmma kernel's deepest TMA ring (stages of "
-                         "64 K rows; 0: the heuristic's, 6)")
+    ap.add_argument("--prefill-ab", action="append", default=[], metavar="OPTIONS",
+                    help="also compile the prefill with these tile-pass options (e.g. "
+                         "wgmma_stages=12 or wgmma_pdl=1; repeatable) and time each graph "
+                         "beside the first in this process")
+    ap.add_argument("--tile-options", default="",
+                    help="more tile-pass options for every compile (e.g. wgmma_stages=12)")
     a = ap.parse_args(argv)
-    global INT8_MIN_M, X_NORM, WGMMA_STAGES
+    global INT8_MIN_M, X_NORM, TILE_OPTIONS
     INT8_MIN_M = a.int8_min_m
     X_NORM = a.x_norm
-    WGMMA_STAGES = a.wgmma_stages
+    TILE_OPTIONS = a.tile_options
     results = []
     ok = True
     a.save = lambda row: write_results(a, results, None)

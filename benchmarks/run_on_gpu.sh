@@ -172,7 +172,8 @@ for step in "$@"; do
     prefill-stages)  # issues #12, #14: the wgmma ring's depth at M = 512 (the heuristic's 6
                      # against 8 and 12 stages, where they fit) on the 22-layer model's GEMM
                      # shapes beside cuBLAS, then an 8-layer prefill of 512 tokens compiled
-                     # with each depth in one process, traced (~400 s in all; STAGES_LAYERS=22
+                     # as is, with 12 stages, with the wgmma kernels' PDL and with both, in one
+                     # process, traced (~450 s in all; STAGES_LAYERS=22
                      # STAGES_EXTRA="--compile-peers all": the 22-layer one beside torch.compile)
       timeout ${STAGES_GEMM_TIMEOUT:-220} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512 \
         --stages 8,12 --shapes 2560x2048,2048x2048,11264x2048,2048x5632 \
@@ -181,8 +182,9 @@ for step in "$@"; do
       mkdir -p "$OUT/prefill-stages"
       timeout ${STAGES_PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" \
         --out "$OUT/prefill-stages" --skip-minilm --skip-llama --llama-layers ${STAGES_LAYERS:-8} \
-        --prefill 512 ${STAGES_EXTRA:---trace} --wgmma-stages-ab 12 > "$OUT/prefill-stages.log" 2>&1
-      grep -E "llama prefill 512|wgmma_stages=|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
+        --prefill 512 ${STAGES_EXTRA:---trace} --prefill-ab wgmma_stages=12 --prefill-ab wgmma_pdl=1 \
+        --prefill-ab wgmma_stages=12,wgmma_pdl=1 > "$OUT/prefill-stages.log" 2>&1
+      grep -E "llama prefill 512|tile\{|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
                     # the 22-layer one took 4.43 ms against torch.compile's 2.99 on an H100 (stop 54)
       mkdir -p "$OUT/prefill-trace"

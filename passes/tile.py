@@ -34,6 +34,11 @@ an H100: 0.352 -> 0.339 ms (2026-12-07, ``benchmarks/results/gpu-h100-20261207-1
 kernel's heuristic gives a variant (the deepest that fits in shared memory, at most this many
 stages of 64 K rows, at most ``config.WGMMA_MAX_STAGES``).
 
+``wgmma_pdl`` (default 0: off): the wgmma kernels (prefill) take programmatic dependent
+launch: a kernel may start before the previous one has finished, its producer issuing the
+first ring's weights before it waits for that kernel's output (``include/qcompiler/wgmma.cuh``,
+``produce_ring``). Written to the node's config (``wgmma_pdl``). Off until timed on a GPU.
+
 ``fp8_min_m`` (default 0: off): the same for FP8 e4m3 activations, on qmatmuls with FP8 e4m3
 weights on targets with FP8 MMA (sm_89, sm_90): W8A8-FP8, x quantized per row (per-channel
 weights) or group to e4m3 with scale max|x|/448. ONNX has no attribute that permits it: this
@@ -80,6 +85,7 @@ class TilePass(Pass):
     gemv_fill: int = 0
     gemv_acc_scale: int = 1
     wgmma_stages: int = 0
+    wgmma_pdl: int = 0
 
     def run(self, module: Module) -> Module:
         tgt = self.backend_target("cuda")
@@ -124,7 +130,8 @@ class TilePass(Pass):
                     "m_max": m_max, "source": source,
                     **{k: int(chosen[k]) for k in tuning.KNOBS},
                     **{k: int(chosen.get(k, d)) for k, d in tuning.OPTIONAL_KNOBS.items()}}
-            node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants}
+            node.attrs["config"] = {**cfg, "target": tgt.name, "variants": variants,
+                                    **({"wgmma_pdl": 1} if self.wgmma_pdl else {})}
             count += 1
         record_stat(module, self.name, tiled=count, int8_buckets=int8_buckets,
                     fp8_buckets=fp8_buckets)

@@ -395,6 +395,33 @@ def test_tile_falls_back_on_a_log_from_before_a_knob(tmp_path):
     assert variants["m16"]["source"] == "heuristic" and variants["m16"]["gemv"] == 1
 
 
+def test_tile_options_for_the_wgmma_kernels():
+    """tile{wgmma_stages=N} deepens the wgmma kernels' ring where shared memory holds it;
+    tile{wgmma_pdl=1} gives them programmatic dependent launch (a node config value the
+    source renders on sm_90 and the validator holds to 0 or 1)."""
+    from qcompiler.codegen.cuda.config import ConfigError, validate
+
+    module = cases.make_module(cases.Case(k=2048, n=2048, bits=4, zero_point=False, group=128))
+
+    def tiled(options):
+        spec = TILE_SPEC.replace("}", options + "}")
+        return next(n for n in PassManager.parse(spec).run(module).main.nodes
+                    if n.op == "qmatmul")
+
+    plain, deep = tiled(""), tiled(",wgmma_stages=12")
+    assert plain.attrs["config"]["variants"]["m512"]["stages"] == 6
+    assert deep.attrs["config"]["variants"]["m512"]["stages"] == 11  # 12 do not fit
+    assert "wgmma_pdl" not in plain.attrs["config"]
+    assert "WGMMA_PDL = false" in backend.render(backend.kernel_params(plain, "cuda-sm90"))
+    pdl = tiled(",wgmma_pdl=1")
+    assert pdl.attrs["config"]["wgmma_pdl"] == 1
+    assert "WGMMA_PDL = true" in backend.render(backend.kernel_params(pdl, "cuda-sm90"))
+    with pytest.raises(ConfigError, match="wgmma_pdl=2"):
+        validate({**pdl.attrs["config"], "wgmma_pdl": 2}, pdl)
+    with pytest.raises(PassError, match="wgmma_stages=13"):
+        tiled(",wgmma_stages=13")
+
+
 def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
     from qcompiler.driver.api import compile_to_dir
     from qcompiler.driver.artifact import file_sha256

@@ -111,6 +111,8 @@ def kernel_params(node, target_name: str) -> dict:
         # QC_CUDA_PDL=0 turns it off (to measure what it gains).
         "pdl": "pdl" in get_target(target_name).features
                and os.environ.get("QC_CUDA_PDL", "1") != "0",
+        # and of the wgmma kernels where the tile pass asked for it (tile{wgmma_pdl=1})
+        "wgmma_pdl": bool(cfg.get("wgmma_pdl", 0)),
         # fuse-norm-qmatmul: x's rows normalized in the kernel (or its prologue copy)
         **X_NORM_PARAMS[node.attrs.get("x_norm")],
         "x_norm_eps": _float_literal(node.attrs.get("x_norm_epsilon", 0.0)),

@@ -413,6 +413,8 @@ def validate(config, node, target=None) -> CudaConfig:
     unpack = _choice(config, "unpack", UNPACKS, where)
     scale_at = _choice(config, "scale_at", SCALE_AT, where)
     zero_at = _choice(config, "zero_at", ZERO_AT, where)
+    if config.get("wgmma_pdl", 0) not in (0, 1) or isinstance(config.get("wgmma_pdl"), bool):
+        raise ConfigError(f"{where}: wgmma_pdl={config.get('wgmma_pdl')!r} is not 0 or 1")
     x_dtype = node.operands[0].type.dtype.name
     if x_dtype not in X_DTYPES:
         raise ConfigError(f"{where}: the CUDA kernels take f16 or bf16 activations, not {x_dtype}")

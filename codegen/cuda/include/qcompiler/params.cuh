@@ -13,6 +13,7 @@
 //   float ZERO_CONST               the constant zero point (after the bias to unsigned)
 //   bool PREP_X                    x is permuted (act-order) or padded first
 //   bool PDL                       programmatic dependent launch of the GEMV kernel (sm_90)
+//   bool WGMMA_PDL                 the same for the wgmma kernels (tile{wgmma_pdl=1})
 //   int CODE_BITS                  bits of the model's codes (the int8 kernel's centring)
 //   int X_NORM, float X_NORM_EPS   x's rows are normalized first (qmatmul x_norm, fuse-norm-
 //                                  qmatmul; norm.cuh): X_NORM_NONE, X_NORM_RMS (rmsnorm(x,

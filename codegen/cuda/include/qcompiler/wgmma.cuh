@@ -238,7 +238,7 @@ __device__ __forceinline__ void wgmma_produce(const CUtensorMap* x_map,
   const uint32_t w_bytes = n_valid * 512, row_bytes = n_valid * 128;
   const uint32_t stage_tx = T::X_BYTES + 4 * w_bytes +
                             T::SROWS * row_bytes * ((T::S_BYTES ? 1 : 0) + (T::Z_BYTES ? 1 : 0));
-  produce_ring<T, C::PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
+  produce_ring<T, C::WGMMA_PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
                           [&](unsigned char* base, int kt, uint64_t* bar) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
@@ -533,7 +533,7 @@ qmatmul_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   mapping.mainloop(smem, full, empty, cta, warp, lane);
-  if constexpr (C::PDL) {
+  if constexpr (C::WGMMA_PDL) {
     // The end of the tile reads the epilogue's operands and writes y (perhaps over a buffer
     // the previous kernel read): each consumer thread waits for that kernel itself (the
     // producer's wait orders only its own reads; long done by now). Then the next kernel
@@ -610,10 +610,10 @@ cudaError_t launch_wgmma(Params<typename C::scalar_t> p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   dim3 grid((p.M + T::M_TILE - 1) / T::M_TILE, (C::N_BLOCKS + T::N_BLOCKS_CTA - 1) / T::N_BLOCKS_CTA,
             p.split_k);
-  // Early (programmatic dependent launch) where the code waits for its inputs (C::PDL) and
-  // QC_CUDA_PDL is not 0 (ops/common.cuh).
+  // Early (programmatic dependent launch) where the tile pass asked for it (C::WGMMA_PDL:
+  // the code then waits for its inputs) and QC_CUDA_PDL is not 0 (ops/common.cuh).
   static int early = -1;
-  if (early < 0) early = C::PDL && qc_ops::may_launch_early(kernel);
+  if (early < 0) early = C::WGMMA_PDL && qc_ops::may_launch_early(kernel);
   return qc_ops::launch_dependent(kernel, grid, dim3(T::THREADS), T::SMEM_BYTES, stream,
                                   early != 0, map, p);
 }

@@ -216,7 +216,7 @@ __device__ __forceinline__ void act8_produce(const CUtensorMap* x_map,
   const uint32_t xs_bytes = T::XS_BYTES ? xs_count * 4 : 0;
   const uint32_t stage_tx = T::X_BYTES + 8 * w_bytes + (T::S_BYTES ? row_bytes : 0) +
                             (T::Z_BYTES ? row_bytes : 0) + 2 * xs_bytes;
-  produce_ring<T, C::PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
+  produce_ring<T, C::WGMMA_PDL>(smem, full, empty, kt_begin, n_kt, stage_tx,
                           [&](unsigned char* base, int kt, uint64_t* bar) {
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks)
