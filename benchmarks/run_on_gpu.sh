@@ -182,7 +182,8 @@ for step in "$@"; do
       mkdir -p "$OUT/prefill-stages"
       timeout ${STAGES_PREFILL_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_models_gpu.py" \
         --out "$OUT/prefill-stages" --skip-minilm --skip-llama --llama-layers ${STAGES_LAYERS:-8} \
-        --prefill 512 ${STAGES_EXTRA:---trace} --prefill-ab wgmma_stages=12 --prefill-ab wgmma_pdl=1 \
+        --prefill 512 ${STAGES_EXTRA:---trace} --prefill-ab wgmma_stages=12 \
+        $([ -n "${STAGES_SKIP_PDL_ALONE:-}" ] || echo --prefill-ab wgmma_pdl=1) \
         --prefill-ab wgmma_stages=12,wgmma_pdl=1 > "$OUT/prefill-stages.log" 2>&1
       grep -E "llama prefill 512|tile\{|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
