@@ -83,7 +83,8 @@ def candidates(target, key, tiled: bool = True, deeper: tuple = ()) -> dict:
     # The block-split mapping (wgmma=2): (M tile, n64 blocks, consumer warpgroups, splits).
     for m_tile, blocks, consumers, splits in ((256, 2, 2, (1, 2, 4)), (128, 4, 2, (1, 2)),
                                               (128, 2, 2, (1, 2)), (256, 1, 1, (1, 2)),
-                                              (128, 1, 1, (1,))):
+                                              (128, 1, 1, (1,)), (128, 1, 2, (1,)),
+                                              (256, 1, 2, (1,))):
         for sk in splits:
             out[f"blocks m{m_tile} n{64 * blocks} c{consumers} sk{sk}"] = {
                 **wgmma, "wgmma": 2, "m_frags": m_tile // 16, "warps_n": blocks,

@@ -422,6 +422,21 @@ def test_tile_options_for_the_wgmma_kernels():
         tiled(",wgmma_stages=13")
 
 
+def test_block_split_token_halves_validation():
+    """Two consumer warpgroups may share one n64 block (each half of an M tile of 128 or 256)
+    on the 16-bit wgmma kernel; not on an M tile of 64, nor on the 8-bit-activation one."""
+    sm90 = get_target("cuda-sm90")
+    key = {"m": 512, "k": 2048, "n": 2048,
+           "w_scheme": str(GOLDEN_CASES["u4_g128_zp_f16"].scheme())}
+    halves = {**WGMMA_BLOCKS, "m_frags": 8, "warps_n": 1, "warps_k": 2}
+    assert tuning.check_config(sm90, key, halves) is None
+    assert tuning.check_config(sm90, key, {**halves, "m_frags": 16}) is None
+    assert "half an M tile" in tuning.check_config(sm90, key, {**halves, "m_frags": 4})
+    act8 = {**key, "accuracy_level": 4, "act": "float"}
+    assert "same number of n64 blocks" in tuning.check_config(
+        sm90, act8, {**halves, "int8": 1, "stage_k": 128, "stages": 4})
+
+
 def test_compile_writes_sources_and_libraries_without_a_gpu(tmp_path):
     from qcompiler.driver.api import compile_to_dir
     from qcompiler.driver.artifact import file_sha256
@@ -589,7 +604,7 @@ def test_wgmma_source_and_archs():
     text = backend.render(params)
     assert '#include "qcompiler/wgmma.cuh"' in text
     assert "qc::launch_wgmma_token_split<Config, 2, 4>" in text
-    assert "qc::launch_wgmma_block_split<Config, 256, 1, 2, 4>" in text
+    assert "qc::launch_wgmma_block_split<Config, 256, 2, 2, 4>" in text
     assert backend.target_archs(get_target("cuda-sm90"), params) == ["sm_90a"]
     _, _, node8 = bs.pack_case(GOLDEN_CASES["u8_g64_zp_bf16"])
     params8 = backend.kernel_params(node8, "cuda-sm90")

@@ -272,16 +272,23 @@ def _wgmma_target_reason(target, config: dict) -> Optional[str]:
     return None
 
 
-def _block_split_reason(config: dict, most: int, sums: str) -> Optional[str]:
+def _block_split_reason(config: dict, most: int, sums: str,
+                        token_halves: bool = False) -> Optional[str]:
     """The block split's tiles (``wgmma=2``, both wgmma kernels): 1 or 2 consumer warpgroups,
     M tiles of 64, 128 or 256 tokens (one wgmma's N), the same number of n64 blocks for each
     warpgroup, and blocks a warpgroup x M tile at most ``most`` (``sums``: what a thread holds
-    in registers for them)."""
+    in registers for them). ``token_halves`` (the 16-bit kernel): two warpgroups may also share
+    one block, each taking half of an M tile of 128 or 256 tokens."""
     consumers, blocks, m_tile = config["warps_k"], config["warps_n"], 16 * config["m_frags"]
     if consumers not in (1, 2) or m_tile not in (64, 128, 256):
         return (f"warps_k={consumers}, m_frags={config['m_frags']}: the block-split wgmma "
                 "kernel takes 1 or 2 consumer warpgroups (warps_k) and M tiles of 64, 128 "
                 "or 256 (m_frags 4, 8, 16)")
+    if token_halves and blocks == 1 and consumers == 2:
+        if m_tile == 64:
+            return (f"warps_n=1, warps_k=2, m_frags={config['m_frags']}: two warpgroups on one "
+                    "block take half an M tile each, of at least 64 tokens (m_frags 8 or 16)")
+        return None
     if blocks % consumers or blocks // consumers * m_tile > most:
         return (f"warps_n={blocks}, warps_k={consumers}, m_frags={config['m_frags']}: each "
                 "consumer warpgroup takes the same number of n64 blocks, and blocks per "
@@ -316,7 +323,8 @@ def check_wgmma(target, key: dict, config: dict) -> Optional[str]:
                     "kernel takes 1 or 2 consumer warpgroups (warps_k) of 64 tokens "
                     "(m_frags = 4 warps_k)")
     else:
-        problem = _block_split_reason(config, 256, "128 accumulators a thread")
+        problem = _block_split_reason(config, 256, "128 accumulators a thread",
+                                      token_halves=True)
         if problem:
             return problem
     if not 2 <= config["stages"] <= WGMMA_MAX_STAGES:

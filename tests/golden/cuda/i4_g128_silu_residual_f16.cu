@@ -56,7 +56,6 @@ struct Config {
   static constexpr uint32_t ZLO2 = 0x64086408u, ZHI2 = 0xd480d480u;
   static constexpr bool PREP_X = false;     // x is permuted (act-order) or padded first
   static constexpr bool PDL = true;        // programmatic dependent launch (sm_90 code)
-  static constexpr bool WGMMA_PDL = false;  // the same for the wgmma kernels (tile{wgmma_pdl=1})
   static constexpr int X_NORM = qc::X_NORM_NONE;  // x's rows normalized first (fuse-norm-qmatmul)
   static constexpr float X_NORM_EPS = 0.0f;
   // Scales: [4, N_PAD] (permuted) or [N_PAD] (epilogue); zero points [4, N_PAD].

@@ -80,7 +80,7 @@ cudaError_t run_variant(const qc::Variant& v, const void* x, void* y, const void
     return qc::launch_wgmma_token_split<Config, 2, 4>(p, stream);
   if (v.wgmma == 2 && v.m_frags == 16 && v.warps_n == 2 && v.warps_k == 2 && v.stages == 4 &&
       v.int8 == 0 && v.fp8 == 0)
-    return qc::launch_wgmma_block_split<Config, 256, 1, 2, 4>(p, stream);
+    return qc::launch_wgmma_block_split<Config, 256, 2, 2, 4>(p, stream);
   if (v.gemv == 1 && v.m_frags == 1 && v.warps_n == 1 && v.warps_k == 16 && v.stages == 4 &&
       v.acc_scale == 1)
     return qc::launch_gemv<Config, 1, 1, 16, 4, true>(p, stream);

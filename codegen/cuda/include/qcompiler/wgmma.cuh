@@ -398,18 +398,26 @@ struct TokenSplit : X16Stages<C, T> {
   }
 };
 
-// wgmma=2: the consumer warpgroups split the n64 blocks (BPW each); see above.
-template <class C, class T, int BPW>
+// wgmma=2: the consumer warpgroups split the n64 blocks (BPW each); see above. With TG > 1
+// (more warpgroups than blocks: one block, two warpgroups) they split the tokens instead,
+// NT = M_TILE / TG each, every one unpacking the same weights: an M tile of 128 on one n64
+// block then keeps two warpgroups on the SM, so that one unpacks while the other's wgmmas
+// run (a lone warpgroup's unpack and wgmmas take turns).
+template <class C, class T, int BPW, int TG = 1>
 struct BlockSplit : X16Stages<C, T> {
-  static constexpr int NT = T::M_TILE;  // tokens per wgmma: all of the CTA's
-  static_assert(T::N_BLOCKS_CTA == BPW * T::CONSUMERS, "BlockSplit's tile");
+  static constexpr int NT = T::M_TILE / TG;  // tokens per wgmma: the CTA's, or a TG-th of them
+  static_assert(T::N_BLOCKS_CTA * TG == BPW * T::CONSUMERS && T::CONSUMERS % TG == 0,
+                "BlockSplit's tile");
+  static_assert(NT == 64 || NT == 128 || NT == 256, "a wgmma's N: 64, 128 or 256 tokens");
   static_assert(BPW * NT <= 256, "at most 128 fp32 accumulators a thread");
   float acc[BPW][NT / 2];
 
   __device__ __forceinline__ void mainloop(unsigned char* smem, uint64_t* full, uint64_t* empty,
                                            const WgmmaCta& cta, int warp, int lane) {
     using S = typename C::scalar_t;
-    const int c = warp >> 2, w = warp & 3, g = lane >> 2, n_kt = cta.n_kt;
+    // warpgroup wg: token group wg % TG, blocks (wg / TG) BPW ..
+    const int wg = warp >> 2, c = wg / TG, tg = wg % TG, w = warp & 3, g = lane >> 2;
+    const int n_kt = cta.n_kt;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
@@ -452,7 +460,8 @@ struct BlockSplit : X16Stages<C, T> {
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        const uint64_t desc = smem_desc_sw128(v.base + ks * 32);
+        // x's rows of this token group: NT rows of 128 bytes (whole 8-row swizzle atoms)
+        const uint64_t desc = smem_desc_sw128(v.base + tg * NT * 128 + ks * 32);
 #pragma unroll
         for (int j = 0; j < BPW; ++j) wgmma_rs<S, NT>(acc[j], a[ks][j], desc);
       }
@@ -468,16 +477,18 @@ struct BlockSplit : X16Stages<C, T> {
       for (int i = 0; i < NT / 2; ++i) pin(acc[j][i]);
   }
 
-  // As TokenSplit's, with the m64's rows the four tiles of block c BPW + j (warp w: tile w).
+  // As TokenSplit's, with the m64's rows the four tiles of block c BPW + j (warp w: tile w)
+  // and the columns the tokens of token group tg.
   __device__ __forceinline__ void store(float* red, const Params<typename C::scalar_t>&,
                                         const WgmmaCta&, int warp, int lane) const {
-    const int c = warp >> 2, w = warp & 3, g = lane >> 2, q = lane & 3;
+    const int wg = warp >> 2, c = wg / TG, tg = wg % TG, w = warp & 3, g = lane >> 2,
+              q = lane & 3;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) {
         const int n = 64 * (c * BPW + j) + 16 * w + 8 * ((i >> 1) & 1) + g;
-        const int m = 8 * (i >> 2) + 2 * q + (i & 1);
+        const int m = tg * NT + 8 * (i >> 2) + 2 * q + (i & 1);
         red[m * T::RED_STRIDE + n] = acc[j][i];
       }
   }
@@ -625,11 +636,15 @@ cudaError_t launch_wgmma_token_split(Params<typename C::scalar_t> p, cudaStream_
   return launch_wgmma<C, T, TokenSplit<C, T>>(p, stream);
 }
 
-// wgmma=2: CONSUMERS warpgroups of BPW n64 blocks each over M tiles of M_TILE tokens.
-template <class C, int M_TILE, int BPW, int CONSUMERS, int STAGES>
+// wgmma=2: CONSUMERS warpgroups over M tiles of M_TILE tokens and BLOCKS n64 blocks: each
+// takes BLOCKS / CONSUMERS blocks and every token, or (two warpgroups, one block) half the
+// tokens of the block.
+template <class C, int M_TILE, int BLOCKS, int CONSUMERS, int STAGES>
 cudaError_t launch_wgmma_block_split(Params<typename C::scalar_t> p, cudaStream_t stream) {
-  using T = WgmmaTile<C, M_TILE, BPW * CONSUMERS, CONSUMERS, STAGES>;
-  return launch_wgmma<C, T, BlockSplit<C, T, BPW>>(p, stream);
+  constexpr int TG = CONSUMERS > BLOCKS ? CONSUMERS / BLOCKS : 1;  // token groups
+  constexpr int BPW = BLOCKS * TG / CONSUMERS;                     // blocks a warpgroup
+  using T = WgmmaTile<C, M_TILE, BLOCKS, CONSUMERS, STAGES>;
+  return launch_wgmma<C, T, BlockSplit<C, T, BPW, TG>>(p, stream);
 }
 
 }  // namespace qc
