@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run on the GPU machine (the device tool runs commands in a copy of this repository):
-#   bash benchmarks/run_on_gpu.sh [gpu-tests] [wgmma-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-stages] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
+#   bash benchmarks/run_on_gpu.sh [gpu-tests] [wgmma-tests] [tests] [wgmma-ncu] [int8] [act8-tests] [act8-int8] [act8-fp8] [cnn] [cnn-tiles] [cnn-dw] [whole] [sanitize] [models] [norm-ab] [fill-ab] [pad-loop] [session] [acc-ab] [decode-loop] [decode-trace] [decode-ops] [decode-ab] [pairs-ab] [minilm-gemm] [minilm-peers] [minilm-trace] [gemm-m256] [prefill] [prefill-peers] [prefill-stages] [prefill-halves] [prefill-trace] [prefill-ab] [l2-ab] [decode-nopdl] [loop-profile] [ops-tests] [gemv-sweep] [bench] [bench-nopdl] [bench-quick] [sweep-quick] [sweep-ms] [sweep-small] [sweep] [profile] [decode-gemv-ncu] [stalls] [tune]
 # Installs qcompiler without dependencies (the machine has numpy, jinja2, onnx, ml_dtypes,
 # networkx, safetensors, torch), then runs the chosen steps. Logs and JSON go to $OUT.
 # Steps that build the 22-layer TinyLlama-width model (l2-ab, decode-nopdl, loop-profile,
@@ -186,6 +186,18 @@ for step in "$@"; do
         $([ -n "${STAGES_SKIP_PDL_ALONE:-}" ] || echo --prefill-ab wgmma_pdl=1) \
         --prefill-ab wgmma_stages=12,wgmma_pdl=1 > "$OUT/prefill-stages.log" 2>&1
       grep -E "llama prefill 512|tile\{|logits|FAIL" "$OUT/prefill-stages.log" | cut -c1-300 ;;
+    prefill-halves)  # issues #12, #14 (stop 55's leads, ~300 s): the block split with two warpgroups
+                     # on one n64 block (blocks m128/m256 n64 c2) beside the heuristic and cuBLAS at
+                     # M = 512, then the 8-layer prefill with the wgmma kernels' PDL against without
+      timeout ${HALVES_GEMM_TIMEOUT:-150} python3 "$REPO/benchmarks/bench_prefill_gemm.py" --no-tiled --ms 512 \
+        --shapes 2560x2048,2048x2048,11264x2048,2048x5632 \
+        --only "heuristic,m128 n64 c2,m256 n64 c2,m128 n128 c2 sk1,m256 n128 c2 sk1" --out "$OUT" 2>&1 \
+        | tee "$OUT/prefill-halves-gemm.log" | grep -E "M=|wrote|rror" | tail -40
+      mkdir -p "$OUT/prefill-pdl"
+      timeout ${HALVES_PREFILL_TIMEOUT:-200} python3 "$REPO/benchmarks/bench_models_gpu.py" \
+        --out "$OUT/prefill-pdl" --skip-minilm --skip-llama --llama-layers ${HALVES_LAYERS:-8} \
+        --prefill 512 --prefill-ab wgmma_pdl=1 > "$OUT/prefill-pdl.log" 2>&1
+      grep -E "llama prefill 512|tile\{|logits|FAIL" "$OUT/prefill-pdl.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
                     # the 22-layer one took 4.43 ms against torch.compile's 2.99 on an H100 (stop 54)
       mkdir -p "$OUT/prefill-trace"
