@@ -388,7 +388,7 @@ def llama(args, target, results):
     ok = True
     for name, cfg, layers, past in (("small", dm.SMALL_LLAMA, 2, 8),
                                     ("tinyllama-width", dm.TINYLLAMA, args.llama_layers, 511)):
-        if name != "small" and args.skip_llama:
+        if name != "small" and args.skip_llama or name == "small" and args.skip_small:
             continue
         model = dm.llama(layers=layers, **cfg)
         quantize = Q4
@@ -758,6 +758,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-layers", type=int, default=22)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-small", action="store_true",
+                    help="leave out the 2-layer Llama's check against the reference (~30 s)")
     ap.add_argument("--greedy", type=int, default=32,
                     help="greedy decode steps compared with torch (0: none)")
     ap.add_argument("--profile", action="store_true", help="time each launch alone")

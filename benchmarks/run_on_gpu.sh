@@ -195,7 +195,7 @@ for step in "$@"; do
         | tee "$OUT/prefill-halves-gemm.log" | grep -E "M=|wrote|rror" | tail -40
       mkdir -p "$OUT/prefill-pdl"
       timeout ${HALVES_PREFILL_TIMEOUT:-200} python3 "$REPO/benchmarks/bench_models_gpu.py" \
-        --out "$OUT/prefill-pdl" --skip-minilm --skip-llama --llama-layers ${HALVES_LAYERS:-8} \
+        --out "$OUT/prefill-pdl" --skip-minilm --skip-llama --skip-small --llama-layers ${HALVES_LAYERS:-8} \
         --prefill 512 --prefill-ab wgmma_pdl=1 > "$OUT/prefill-pdl.log" 2>&1
       grep -E "llama prefill 512|tile\{|logits|FAIL" "$OUT/prefill-pdl.log" | cut -c1-300 ;;
     prefill-trace)  # issue #12: where an 8-layer prefill of 512 tokens goes, per kernel (~150 s):
