@@ -615,8 +615,7 @@ def prefill_variant(args, target, path, seq, t, out, m, ms_graph, options: str) 
         ab["trace"] = trace_graph(m2._run, sig2, f"llama prefill {seq} {options}")
     print(f"  tile{{{options}}}: graph replay {ms2} ms (first compile {ms_graph}, again "
           f"{again}); logits equal to the first's: {same}")
-    del m2, sig2
-    return ab
+    return ab  # (m2 and its device memory go with this frame)
 
 
 def greedy_tokens(m, half, cfg, layers: int, past: int, n: int, row: dict,
