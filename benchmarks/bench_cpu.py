@@ -58,21 +58,9 @@ def _set_threads(n: int) -> None:
 
 def llc_bytes() -> int:
     """The last-level cache size from sysfs (0 if unknown)."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return 0
-    for idx in entries:
-        try:
-            with open(os.path.join(base, idx, "size")) as f:
-                text = f.read().strip()
-            mult = {"K": 1024, "M": 1024 ** 2}.get(text[-1], 1)
-            best = max(best, int(text.rstrip("KM")) * mult)
-        except (OSError, ValueError, IndexError):
-            continue  # not a cache entry (e.g. uevent)
-    return best
+    from qcompiler.codegen.cpu.host import llc_bytes as host_llc_bytes
+
+    return host_llc_bytes()
 
 
 # --------------------------------------------------------------------------------------------

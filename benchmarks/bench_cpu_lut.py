@@ -11,6 +11,9 @@ copies beyond the last-level cache):
   and, labelled ``-avx2``, for ``cpu-x86-avx2`` (-mcpu=haswell: AVX2 code run on this host);
 - ``qc-exact4`` / ``qc-int8-4``: our 4-bit exact and int8 paths (host; ``qc-int8-4-avx2``:
   the AVX2 int8 path);
+- ``qc-lut2-streamed``: the 2-bit lut kernel with the lookup cpu-schedule gives a model whose
+  weights outgrow the last-level cache (``tuning.lut_byte_permute``: ``vpshufb`` on 16-byte
+  tables on VBMI hosts, where ``qc-lut2`` is the in-cache ``vpermb``); the cold row is its case;
 - ``qc-lut2-avx512`` (AVX-512 hosts): the 2-bit lut kernel for ``cpu-x86-avx512`` (Cascade
   Lake: ``vpshufb`` on zmm), beside the host row's ``vpermb`` where the host has AVX-512 VBMI;
 - ``qc-int8-2`` (and ``-avx2``): 2-bit codes through the int8 path (2-bit containers, four
@@ -52,9 +55,14 @@ def weights(bits, seed):
     return q, scale, zp
 
 
-def qc_kernel(target_name, bits, numerics, wts, workdir):
-    """(kernel factory over packed codes, packed, config) with the heuristic's M=1 config."""
+def qc_kernel(target_name, bits, numerics, wts, workdir, streamed=False):
+    """(kernel factory over packed codes, packed, config) with the heuristic's M=1 config;
+    ``streamed``: the lut lookup that cpu-schedule gives a model whose weights outgrow the
+    last-level cache (``tuning.lut_byte_permute``: vpshufb on VBMI hosts)."""
+    import dataclasses
+
     from qcompiler.codegen.cpu import runtime, tuning
+    from qcompiler.codegen.cpu.host import llc_bytes
     from qcompiler.targets import get_target
 
     target = get_target(target_name)
@@ -65,11 +73,15 @@ def qc_kernel(target_name, bits, numerics, wts, workdir):
         key["numerics"] = numerics
     config = tuning.default_config(target, key)
     p = tuning.with_table_group(tuning.problem(target, key), config)
+    if streamed:
+        p = dataclasses.replace(p, byte_permute=tuning.lut_byte_permute(
+            p, model_weight_bytes=2 * llc_bytes(), llc=llc_bytes()))
     variants = [{**config, "m": 1, "max_m": 0}]
     # packed as cpu-pack-weights packs them (the int8 kernels' scales f16 where they fit)
     p, packed = runtime.store_scales(p, runtime.pack_weights(p, *wts, None))
     lib = runtime.build_library(p.kernel_shape(), variants, target,
-                                os.path.join(workdir, f"k_{target_name}_{numerics}_{bits}"))
+                                os.path.join(workdir, f"k_{target_name}_{numerics}_{bits}"
+                                                      + ("_streamed" if streamed else "")))
     return (lambda pk: runtime.QmmKernel(lib, p, variants, pk)), packed, config
 
 
@@ -108,12 +120,16 @@ def main(argv=None) -> int:
             ("qc-lut2-avx2", "cpu-x86-avx2", 2, "lut"), ("qc-lut3-avx2", "cpu-x86-avx2", 3, "lut"),
             ("qc-lut4-avx2", "cpu-x86-avx2", 4, "lut"),
             ("qc-int8-4-avx2", "cpu-x86-avx2", 4, "int8")]
+    # the lookup a model gets whose weights outgrow the last-level cache (cold: vpshufb on
+    # VBMI hosts; the same kernel as qc-lut2 elsewhere)
+    plan.append(("qc-lut2-streamed", "cpu", 2, "lut"))
     if {"avx512f", "avx512bw", "avx512vl"} <= host_flags()[1]:
         # cpu-x86-avx512 (no VBMI): vpshufb on zmm, the lookup that vpermb replaces on
         # VBMI hosts (Ice Lake, Zen 4 and later): the A/B of the two in one run
         plan.append(("qc-lut2-avx512", "cpu-x86-avx512", 2, "lut"))
     for impl, target_name, bits, numerics in plan:
-        make, packed, config = qc_kernel(target_name, bits, numerics, wts[bits], work)
+        make, packed, config = qc_kernel(target_name, bits, numerics, wts[bits], work,
+                                         streamed=impl.endswith("-streamed"))
         kern = make(packed)
         subjects[impl] = {"fn": lambda kern=kern: kern(x), "bits": bits, "config": config,
                           "make": make, "packed": packed, "target": target_name}
@@ -180,7 +196,8 @@ def main(argv=None) -> int:
         for suffix, ours4 in (("", min((by[("qc-exact4", mode)], by[("qc-int8-4", mode)]),
                                        key=lambda r: r["median_ms"])),
                               ("-avx2", by[("qc-int8-4-avx2", mode)])):
-            for impl in [f"qc-lut{bits}{suffix}" for bits in (2, 3, 4)] + [f"qc-int8-2{suffix}"]:
+            for impl in [f"qc-lut{bits}{suffix}" for bits in (2, 3, 4)] + [f"qc-int8-2{suffix}"] \
+                    + (["qc-lut2-streamed"] if not suffix else []):
                 r = by[(impl, mode)]
                 ratios.append({
                     "impl": r["impl"], "mode": mode, "our_4bit": ours4["impl"],

@@ -15,6 +15,11 @@ activation sums quantized to int8 per row and group, the accuracy of int8 activa
 of ``codegen/cpu/tuning.py``; with ``numerics=auto`` the log also chooses between ``int8``
 and ``lut`` for an accuracy_level-4 qmatmul where it measured both, ``logged_numerics``).
 
+A lut qmatmul's config also says which lookup its kernel uses (``byte_permute``: 1 for
+``vpermb`` on AVX-512 VBMI targets while the model's quantized weights fit in the host's
+last-level cache, 0 for ``vpshufb`` where they outgrow it and a decode step streams them from
+memory: ``tuning.lut_byte_permute``, measured on a Zen 4).
+
 Each qmatmul's ``config`` gets ``impl = "tvm"``, ``numerics``, ``n_tile``, ``lanes`` and
 ``variants``: one kernel variant per batch-size range, chosen for a representative M (the
 static M if the batch is static, else 1, 16 and 128 for M = 1, 2..16 and larger), each with its
@@ -43,6 +48,19 @@ SYMBOLIC_BUCKETS = ((1, 1), (16, 16), (128, 0))
 # The M values keys are looked up at (read by the tuner: each M maps to the smallest bucket
 # that holds it, the largest serves every larger M).
 M_BUCKETS = tuple(m for m, _ in SYMBOLIC_BUCKETS)
+
+
+def model_weight_bytes(module: Module) -> int:
+    """The bytes of every qmatmul's codes at their bits (K x N x bits / 8): what a decode
+    step reads."""
+    total = 0
+    for node in module.main.nodes:
+        if node.op == "qmatmul":
+            k = node.operands[0].type.shape[-1]
+            n = node.results[0].type.shape[-1]
+            if isinstance(k, int) and isinstance(n, int):
+                total += k * n * node.attrs["w_scheme"].bits // 8
+    return total
 
 
 def batch_rows(node):
@@ -172,6 +190,11 @@ class CPUSchedulePass(Pass):
             device, replay = device_name(tgt), Replay(self.tuning_log)
         counts = {"tvm": 0, "reference": 0, "tuning_log": 0}
         by_numerics: dict = {}
+        # (lut lookups: whether the model's weights outgrow this host's last-level cache)
+        from qcompiler.codegen.cpu.host import llc_bytes
+
+        weight_bytes = model_weight_bytes(module)
+        llc = 0 if tgt.params.get("mcpu") else llc_bytes()
         for node in module.main.nodes:
             if node.op != "qmatmul":
                 continue
@@ -219,6 +242,9 @@ class CPUSchedulePass(Pass):
                 "source": "tuning-log" if any(v["source"] == "tuning-log" for v in variants)
                 else "heuristic",
                 "variants": {f"v{i}": v for i, v in enumerate(variants)}}
+            if numerics == "lut":
+                node.attrs["config"]["byte_permute"] = int(tuning.lut_byte_permute(
+                    tuning.with_table_group(p, variants[0]), weight_bytes, llc))
             counts["tvm"] += 1
             by_numerics[numerics] = by_numerics.get(numerics, 0) + 1
         record_stat(module, self.name, kernels=counts["tvm"], on_reference=counts["reference"],

@@ -344,6 +344,48 @@ def test_lut_end_to_end_pipeline(tmp_path, bits):
         validate(bad, node, get_target("cpu"))
 
 
+VBMI_HOST = tuning.problem(get_target("cpu"), key_for(
+    1, 256, 128, scheme_text(2, 32, False, True), "lut")).byte_permute
+
+
+def test_lut_lookup_follows_the_model_weights_against_the_llc(tmp_path, monkeypatch):
+    """cpu-schedule gives a lut kernel vpermb while the model's weights fit in the host's
+    last-level cache and vpshufb where they outgrow it (``tuning.lut_byte_permute``); the
+    config records it, the kernel looks up with it, and both match the reference."""
+    from qcompiler.codegen.cpu.config import validate
+    from qcompiler.errors import ConfigError
+    from qcompiler.passes import cpu_schedule
+    from qcompiler.runtime.reference import run as reference_run
+    from test_cpu_backend import compile_module, qmm_module
+
+    module = qmm_module(256, 128, 2, 32, batch=1, seed=5)
+    assert cpu_schedule.model_weight_bytes(module) == 256 * 128 * 2 // 8
+    x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
+    want = reference_run(module, {"x": x})["y"]
+    seen = {}
+    for llc in (1 << 30, 1024):  # a cache that holds the 8 KB of codes, one that does not
+        monkeypatch.setattr(host, "llc_bytes", lambda llc=llc: llc)
+        compiled, _ = compile_module(module, tmp_path / f"llc{llc}", numerics="lut")
+        node = next(n for n in compiled.module.main.nodes if n.op == "qmatmul")
+        seen[llc] = node.attrs["config"]["byte_permute"]
+        got = compiled.run({"x": x})["y"]
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert seen == {1 << 30: int(VBMI_HOST), 1024: 0}
+    p_small = tuning.lut_byte_permute(tuning.with_table_group(tuning.problem(
+        get_target("cpu"), key_for(1, 256, 128, scheme_text(2, 32, False, True), "lut")),
+        {"table_group": 4}), model_weight_bytes=8192, llc=0)
+    assert p_small == VBMI_HOST  # an unknown cache size keeps vpermb
+    cfg = node.attrs["config"]
+    with pytest.raises(ConfigError, match="byte_permute=2"):
+        validate({**cfg, "byte_permute": 2}, node, get_target("cpu"))
+    if not VBMI_HOST:  # vpermb asked of a target without VBMI
+        from qcompiler.codegen.cpu import layout as cpu_layout
+
+        with pytest.raises(cpu_layout.Unsupported, match="lacks AVX-512 VBMI"):
+            tuning.problem_from_layout(get_target("cpu"), node.arg("w").type.layout,
+                                       {**cfg, "byte_permute": 1})
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_lut_bind_writes_an_aligned_output_in_place(tmp_path, target):
     """A plan binds each kernel to its arena views once (``bind``). With N a whole number of

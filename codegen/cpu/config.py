@@ -79,6 +79,10 @@ def validate(config, node, target) -> CpuConfig:
     for knob in ("lanes", "n_tile"):
         if not is_int(config.get(knob)) or config[knob] < 1:
             raise ConfigError(f"{where}: config {knob}={config.get(knob)!r} is not a positive int")
+    if "byte_permute" in config and (not is_int(config["byte_permute"])
+                                     or config["byte_permute"] not in (0, 1)):
+        raise ConfigError(f"{where}: config byte_permute={config['byte_permute']!r} is not 0 "
+                          "or 1")
     try:
         p = tuning.problem(target, tuning.node_key(node, 1, numerics))
     except (InputError, layout.Unsupported) as e:

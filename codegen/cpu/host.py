@@ -177,6 +177,25 @@ def _valid_checker(fn):
     return valid
 
 
+def llc_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """This host's last-level cache in bytes: the largest cache sysfs lists for cpu0 (0 where
+    it lists none)."""
+    best = 0
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return 0
+    for idx in entries:
+        try:
+            with open(os.path.join(base, idx, "size")) as f:
+                text = f.read().strip()
+            mult = {"K": 1024, "M": 1024 ** 2}.get(text[-1], 1)
+            best = max(best, int(text.rstrip("KM")) * mult)
+        except (OSError, ValueError, IndexError):
+            continue  # not a cache entry (e.g. uevent)
+    return best
+
+
 def host_arch() -> str:
     """The machine this process runs on (``uname -m``: x86_64, aarch64 ...)."""
     return os.uname().machine

@@ -154,6 +154,23 @@ def problem(target, key: dict) -> Problem:
                    byte_permute=numerics_mode == "lut" and cpu["vbmi"], quads_capable=quads)
 
 
+# lut on AVX-512 VBMI targets: vpermb on 64-byte tables (one plain load a table, no masks)
+# while the weights come from the caches, vpshufb on 16-byte ones where they stream from
+# memory. Zen 4, 1 thread, 4096^2 2-bit block 128, M = 1, alternated (benchmarks/
+# ab_lut_lookup.py, ab-lut-lookup-20261208-0048-t1.json): vpermb 0.099 ms warm / 0.241 cold,
+# vpshufb 0.114 / 0.206-0.214 (the tables, 4x smaller, stay in L1 beside the streamed codes).
+# "Streams": the model's packed weights outgrow the last-level cache (so a decode step reads
+# them from memory); odd planes in quads need vpermb either way.
+def lut_byte_permute(p: Problem, model_weight_bytes: int, llc: int) -> bool:
+    """Whether a lut kernel (its Problem ``p``, with the table group applied) looks its tables
+    up with vpermb: on a VBMI target, unless the model's weights (``model_weight_bytes``)
+    outgrow the last-level cache (``llc`` bytes; 0: unknown, so vpermb) and no plane goes in
+    quads."""
+    if not p.byte_permute:
+        return False
+    return p.single_quads or not (llc and model_weight_bytes > llc)
+
+
 def lut_quads_target(cpu: dict) -> bool:
     """Whether a target (``target_cpu``) can look the odd plane up in quads: ``vpermb``
     (AVX-512 VBMI) and ``vpdpbusd`` (VNNI)."""
@@ -181,6 +198,12 @@ def problem_from_layout(target, code_layout, config: dict) -> Problem:
     if code_layout.get("single_quads") and not lut_quads_target(cpu):
         raise layout.Unsupported(f"a cpu_lut layout with single_quads (vpermb and vpdpbusd) "
                                  f"on {target.name}, which lacks AVX-512 VBMI or VNNI")
+    # lut: vpermb unless cpu-schedule chose vpshufb (config byte_permute=0: weights that
+    # stream from memory, lut_byte_permute)
+    byte_permute = config["numerics"] == "lut" and bool(config.get("byte_permute", cpu["vbmi"]))
+    if byte_permute and not cpu["vbmi"]:
+        raise layout.Unsupported(f"a lut config with vpermb lookups (byte_permute=1) on "
+                                 f"{target.name}, which lacks AVX-512 VBMI")
     return Problem(m=1, k=code_layout.get("k"), n=code_layout.get("n"), scheme=None,
                    numerics=config["numerics"],
                    blocking=layout.Blocking(block, k_pad // block, k_pad),
@@ -189,7 +212,7 @@ def problem_from_layout(target, code_layout, config: dict) -> Problem:
                    table_group=code_layout.get("table_group") or 0,
                    zero_code=code_layout.get("zero_code"),
                    scale_dtype=layout.SCALE_DTYPES[code_layout.get("scale_dtype") or "f32"],
-                   byte_permute=config["numerics"] == "lut" and cpu["vbmi"],
+                   byte_permute=byte_permute,
                    single_quads=bool(code_layout.get("single_quads")))
 
 
