@@ -371,6 +371,18 @@ def test_lut_lookup_follows_the_model_weights_against_the_llc(tmp_path, monkeypa
         got = compiled.run({"x": x})["y"]
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
     assert seen == {1 << 30: int(VBMI_HOST), 1024: 0}
+    # the rule alone, on any host: vpermb only where the target has it; odd planes in quads
+    # keep it whatever the weights; an unknown cache size keeps it
+    import dataclasses
+
+    base = tuning.with_table_group(tuning.problem(get_target("cpu"), key_for(
+        1, 256, 128, scheme_text(2, 32, False, True), "lut")), {"table_group": 4})
+    vbmi = dataclasses.replace(base, byte_permute=True, single_quads=False)
+    assert tuning.lut_byte_permute(vbmi, model_weight_bytes=10, llc=100)
+    assert not tuning.lut_byte_permute(vbmi, model_weight_bytes=1000, llc=100)
+    assert tuning.lut_byte_permute(vbmi, model_weight_bytes=1000, llc=0)
+    assert tuning.lut_byte_permute(dataclasses.replace(vbmi, single_quads=True), 1000, 100)
+    assert not tuning.lut_byte_permute(dataclasses.replace(vbmi, byte_permute=False), 10, 100)
     p_small = tuning.lut_byte_permute(tuning.with_table_group(tuning.problem(
         get_target("cpu"), key_for(1, 256, 128, scheme_text(2, 32, False, True), "lut")),
         {"table_group": 4}), model_weight_bytes=8192, llc=0)
