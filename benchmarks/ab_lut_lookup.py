@@ -7,8 +7,9 @@ rotated through copies beyond the last-level cache). Three builds of the same la
 
 - ``vpermb-host``: the ``cpu`` target as it compiles for this host (``vpermb`` on 64-byte
   tables, the heuristic's lookup on VBMI hosts);
-- ``vpshufb-host``: the same target and -mcpu with VBMI hidden from the lut path
-  (``vpshufb`` on 16-byte tables broadcast as loaded, and a mask before each lookup);
+- ``vpshufb-host``: the same target and -mcpu with the lookup cpu-schedule gives a model
+  whose weights outgrow the last-level cache (``bench_cpu_lut.qc_kernel(streamed=True)``:
+  ``vpshufb`` on 16-byte tables broadcast as loaded, and a mask before each lookup);
 - ``vpshufb-cascadelake``: the ``cpu-x86-avx512`` target (``vpshufb``, -mcpu=cascadelake).
 
 Each round times every build warm, then cold; the medians of the rounds are printed and
@@ -37,43 +38,34 @@ def main(argv=None) -> int:
     _set_threads(1)
     import numpy as np
 
-    from qcompiler.codegen.cpu import host, runtime, tuning
+    from qcompiler.codegen.cpu import host, runtime
+    from qcompiler.targets import get_target
     from qcompiler.tuning.device import cpu_name
 
-    if not host.target_cpu(__import__("qcompiler.targets", fromlist=["get_target"])
-                           .get_target("cpu"))["vbmi"]:
-        print("this host has no AVX-512 VBMI: the cpu target already uses vpshufb")
+    if not host.target_cpu(get_target("cpu"))["vbmi"] or not llc_bytes():
+        print("this host has no AVX-512 VBMI (or no known last-level cache): its lut kernels "
+              "have one lookup")
         return 0
     runtime.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="qc_ab_lut_")
     x = np.random.default_rng(1).standard_normal((1, lut.K)).astype(np.float32)
     wts = lut.weights(2, seed=2)
-    real = tuning.target_cpu
-
-    def without_vbmi(target):
-        return {**real(target), "vbmi": False}
-
+    copies = lut.cold_copies(lut.K * lut.N * 2 // 8)
     builds = {}
-    for name, target_name, hide in (("vpermb-host", "cpu", False), ("vpshufb-host", "cpu", True),
-                                    ("vpshufb-cascadelake", "cpu-x86-avx512", False)):
-        tuning.target_cpu = without_vbmi if hide else real
-        try:
-            os.makedirs(os.path.join(work, name))
-            make, packed, config = lut.qc_kernel(target_name, 2, "lut", wts,
-                                                 os.path.join(work, name))
-        finally:
-            tuning.target_cpu = real
-        copies = max(2, int(max(2 * llc_bytes(), 256 << 20) // (lut.K * lut.N * 2 // 8)))
+    for name, target_name, streamed in (("vpermb-host", "cpu", False),
+                                        ("vpshufb-host", "cpu", True),
+                                        ("vpshufb-cascadelake", "cpu-x86-avx512", False)):
+        make, packed, _ = lut.qc_kernel(target_name, 2, "lut", wts, work, streamed=streamed)
         cold = [make({**packed, "w": np.roll(packed["w"], i + 1, axis=1)}) for i in range(copies)]
-        builds[name] = (make(packed), cold, copies)
+        builds[name] = (make(packed), cold)
     times = {name: {"warm": [], "cold": []} for name in builds}
     for _ in range(args.rounds):
-        for name, (kern, cold, copies) in builds.items():
+        for name, (kern, cold) in builds.items():
             times[name]["warm"].append(
                 time_call(lambda: kern(x), 0.3, min_runs=3, warmup=3)["median_ms"])
             at = [0]
 
-            def cold_call(cold=cold, copies=copies, at=at):
+            def cold_call(cold=cold, at=at):
                 at[0] += 1
                 return cold[at[0] % copies](x)
             times[name]["cold"].append(time_call(cold_call, 0.5, min_runs=copies + 5,
@@ -91,7 +83,7 @@ def main(argv=None) -> int:
            "host_isa": sorted(f for f in hcpu["features"] if "avx512" in f or "vnni" in f),
            "date": date.isoformat(timespec="seconds"),
            "layer": "4096x4096 u2 block 128, M = 1, 1 thread",
-        "rounds": args.rounds, "rows": rows}
+           "rounds": args.rounds, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"ab-lut-lookup-{date:%Y%m%d-%H%M}-t1.json")
     with open(path, "w") as f:

@@ -55,6 +55,12 @@ def weights(bits, seed):
     return q, scale, zp
 
 
+def cold_copies(copy_bytes: int, cold_mib: int = 512) -> int:
+    """How many copies of a layer (``copy_bytes`` each) the cold rows rotate through: twice
+    the last-level cache and at least 256 MiB, at most ``cold_mib`` MiB (at least 2 copies)."""
+    return max(2, int(min(max(2 * llc_bytes(), 256 << 20), cold_mib << 20) // copy_bytes))
+
+
 def qc_kernel(target_name, bits, numerics, wts, workdir, streamed=False):
     """(kernel factory over packed codes, packed, config) with the heuristic's M=1 config;
     ``streamed``: the lut lookup that cpu-schedule gives a model whose weights outgrow the
@@ -164,8 +170,7 @@ def main(argv=None) -> int:
     for impl, subject in subjects.items():
         q, scale, zp = wts[subject["bits"]]
         copy_bytes = q.size * subject["bits"] // 8 + scale.nbytes + zp.size // 2
-        copies = max(2, int(min(max(2 * llc_bytes(), 256 << 20), args.cold_mib << 20)
-                            // copy_bytes))
+        copies = cold_copies(copy_bytes, args.cold_mib)
         objs = []
         for i in range(copies):
             if "make" in subject:
